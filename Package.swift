@@ -1,0 +1,152 @@
+// swift-tools-version:6.1
+// The mesh: one package, one folder per module (see DESIGN.md and each module's README.md).
+import PackageDescription
+
+let swiftSettings: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let nio: [Target.Dependency] = [
+    .product(name: "NIOCore", package: "swift-nio"),
+    .product(name: "NIOPosix", package: "swift-nio"),
+]
+
+let package = Package(
+    name: "edge-mesh",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "mesh-control", targets: ["mesh-control"]),
+        .executable(name: "mesh-agent", targets: ["mesh-agent"]),
+        .executable(name: "meshctl", targets: ["meshctl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.0.0"),
+    ],
+    targets: [
+        // System libraries (pkg-config; scripts/bootstrap installs the -dev packages).
+        .systemLibrary(
+            name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(
+            name: "CNetlink", pkgConfig: "libnl-route-3.0",
+            providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]),
+
+        // Shared vocabulary: model, names, config, wire types of the control API.
+        .target(
+            name: "MeshCore",
+            dependencies: [
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
+            ],
+            swiftSettings: swiftSettings),
+        // A thin, owning wrapper over libsqlite3: connections, statements, transactions, migrations.
+        .target(name: "MeshSQLite", dependencies: ["CSQLite"], swiftSettings: swiftSettings),
+        // HTTP/1.1 server and client over SwiftNIO: routing, limits, streaming, Prometheus, health.
+        .target(
+            name: "MeshHTTP",
+            dependencies: nio + [
+                "MeshCore",
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings),
+        // Typed client of the control API: CRUD, list + watch with resume.
+        .target(name: "MeshClient", dependencies: ["MeshCore", "MeshHTTP"], swiftSettings: swiftSettings),
+        // Control plane: store (SQLite; etcd later), watch hub, VIP allocation, REST + watch API.
+        .target(
+            name: "Control",
+            dependencies: nio + [
+                "MeshCore", "MeshSQLite", "MeshHTTP",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings),
+        // DNS: RFC 1035 codec (pure), service zone, UDP+TCP responder, upstream forwarder.
+        .target(
+            name: "DNS",
+            dependencies: nio + [
+                "MeshCore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings),
+        // Mesh agent: service table, mesh interface, L4/L7 proxy, load balancing, admin API.
+        .target(
+            name: "MeshAgent",
+            dependencies: nio + [
+                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "DNS",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings),
+        // meshctl's logic: resource names, manifests, printers (table/json/yaml), the all-in-one.
+        .target(
+            name: "MeshCtl",
+            dependencies: [
+                "MeshCore", "MeshClient", "Control", "MeshAgent",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Yams", package: "Yams"),
+            ],
+            swiftSettings: swiftSettings),
+
+        // Thin executables.
+        .executableTarget(
+            name: "mesh-control",
+            dependencies: [
+                "Control", "MeshCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings),
+        .executableTarget(
+            name: "mesh-agent",
+            dependencies: [
+                "MeshAgent", "MeshCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings),
+        .executableTarget(
+            name: "meshctl",
+            dependencies: [
+                "MeshCtl", "MeshCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings),
+
+        // Tests mirror the modules.
+        .testTarget(name: "MeshCoreTests", dependencies: ["MeshCore"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "MeshSQLiteTests", dependencies: ["MeshSQLite"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "MeshHTTPTests",
+            dependencies: nio + [
+                "MeshHTTP", .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings),
+        .testTarget(
+            name: "ControlTests",
+            dependencies: nio + ["Control", "MeshClient", "MeshCore", "MeshSQLite", "MeshHTTP"],
+            swiftSettings: swiftSettings),
+        .testTarget(
+            name: "DNSTests",
+            dependencies: nio + ["DNS", .product(name: "NIOEmbedded", package: "swift-nio")],
+            swiftSettings: swiftSettings),
+        .testTarget(
+            name: "MeshAgentTests", dependencies: nio + ["MeshAgent", "MeshClient", "Control"],
+            swiftSettings: swiftSettings),
+        .testTarget(
+            name: "EndToEndTests", dependencies: ["MeshCore", "MeshClient"],
+            swiftSettings: swiftSettings),
+    ]
+)

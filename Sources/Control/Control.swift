@@ -1,0 +1,1 @@
+// The Control module; see README.md.

@@ -1,0 +1,1 @@
+// The DNS module; see README.md.

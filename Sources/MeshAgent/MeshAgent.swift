@@ -1,0 +1,1 @@
+// The MeshAgent module; see README.md.

@@ -1,0 +1,1 @@
+// The MeshClient module; see README.md.

@@ -1,0 +1,1 @@
+// The MeshCtl module; see README.md.

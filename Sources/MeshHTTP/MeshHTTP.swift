@@ -1,0 +1,1 @@
+// The MeshHTTP module; see README.md.

@@ -1,0 +1,1 @@
+// The MeshSQLite module; see README.md.
