@@ -32,10 +32,15 @@ let package = Package(
     targets: [
         // System libraries (pkg-config; scripts/bootstrap installs the -dev packages).
         .systemLibrary(
-            name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
+            name: "CSQLite",
+            pkgConfig: "sqlite3",
+            providers: [.apt(["libsqlite3-dev"])]
+        ),
         .systemLibrary(
-            name: "CNetlink", pkgConfig: "libnl-route-3.0",
-            providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]),
+            name: "CNetlink",
+            pkgConfig: "libnl-route-3.0",
+            providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]
+        ),
 
         // Shared vocabulary: model, names, config, wire types of the control API.
         .target(
@@ -44,7 +49,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         // A thin, owning wrapper over libsqlite3: connections, statements, transactions, migrations.
         .target(name: "MeshSQLite", dependencies: ["CSQLite"], swiftSettings: swiftSettings),
         // HTTP/1.1 server and client over SwiftNIO: routing, limits, streaming, Prometheus, health.
@@ -58,7 +64,8 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         // Typed client of the control API: CRUD, list + watch with resume.
         .target(name: "MeshClient", dependencies: ["MeshCore", "MeshHTTP"], swiftSettings: swiftSettings),
         // Control plane: store (SQLite; etcd later), watch hub, VIP allocation, REST + watch API.
@@ -70,7 +77,8 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         // DNS: RFC 1035 codec (pure), service zone, UDP+TCP responder, upstream forwarder.
         .target(
             name: "DNS",
@@ -80,7 +88,8 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         // Mesh agent: service table, mesh interface, L4/L7 proxy, load balancing, admin API.
         .target(
             name: "MeshAgent",
@@ -90,7 +99,8 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         // meshctl's logic: resource names, manifests, printers (table/json/yaml), the all-in-one.
         .target(
             name: "MeshCtl",
@@ -99,7 +109,8 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Yams", package: "Yams"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
 
         // Thin executables.
         .executableTarget(
@@ -108,45 +119,58 @@ let package = Package(
                 "Control", "MeshCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "mesh-agent",
             dependencies: [
                 "MeshAgent", "MeshCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "meshctl",
             dependencies: [
                 "MeshCtl", "MeshCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
 
         // Tests mirror the modules.
         .testTarget(name: "MeshCoreTests", dependencies: ["MeshCore"], swiftSettings: swiftSettings),
         .testTarget(
-            name: "MeshSQLiteTests", dependencies: ["MeshSQLite"], swiftSettings: swiftSettings),
+            name: "MeshSQLiteTests",
+            dependencies: ["MeshSQLite"],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "MeshHTTPTests",
             dependencies: nio + [
                 "MeshHTTP", .product(name: "NIOEmbedded", package: "swift-nio"),
             ],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "ControlTests",
             dependencies: nio + ["Control", "MeshClient", "MeshCore", "MeshSQLite", "MeshHTTP"],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "DNSTests",
             dependencies: nio + ["DNS", .product(name: "NIOEmbedded", package: "swift-nio")],
-            swiftSettings: swiftSettings),
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
-            name: "MeshAgentTests", dependencies: nio + ["MeshAgent", "MeshClient", "Control"],
-            swiftSettings: swiftSettings),
+            name: "MeshAgentTests",
+            dependencies: nio + ["MeshAgent", "MeshClient", "Control"],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
-            name: "EndToEndTests", dependencies: ["MeshCore", "MeshClient"],
-            swiftSettings: swiftSettings),
+            name: "EndToEndTests",
+            dependencies: ["MeshCore", "MeshClient"],
+            swiftSettings: swiftSettings
+        ),
     ]
 )
