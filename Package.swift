@@ -138,8 +138,13 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
-        // Tests mirror the modules.
-        .testTarget(name: "MeshCoreTests", dependencies: ["MeshCore"], swiftSettings: swiftSettings),
+        // Tests mirror the modules; MeshTestSupport holds what several test targets share.
+        .target(name: "MeshTestSupport", path: "Tests/MeshTestSupport", swiftSettings: swiftSettings),
+        .testTarget(
+            name: "MeshCoreTests",
+            dependencies: ["MeshCore", "MeshTestSupport"],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "MeshSQLiteTests",
             dependencies: ["MeshSQLite"],
@@ -148,13 +153,17 @@ let package = Package(
         .testTarget(
             name: "MeshHTTPTests",
             dependencies: nio + [
-                "MeshHTTP", .product(name: "NIOEmbedded", package: "swift-nio"),
+                "MeshHTTP", "MeshTestSupport", .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "ControlTests",
-            dependencies: nio + ["Control", "MeshClient", "MeshCore", "MeshSQLite", "MeshHTTP"],
+            dependencies: nio + [
+                "Control", "MeshClient", "MeshCore", "MeshSQLite", "MeshHTTP", "MeshTestSupport",
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -1,1 +1,65 @@
-print("todo")
+import ArgumentParser
+import Control
+import Logging
+import MeshCore
+import MeshHTTP
+import ServiceLifecycle
+
+@main
+struct MeshControl: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mesh-control",
+        abstract: "The mesh's control plane: stores services, endpoints and nodes, and streams changes to agents.",
+        discussion: """
+            Serves the Kubernetes-style API of API.md (default http://127.0.0.1:7700) over an embedded SQLite \
+            store. Settings come from --config (YAML; every field has a default) and flags override them. \
+            SIGTERM or SIGINT drains requests and exits 0.
+            """,
+        version: ControlAPI.version
+    )
+
+    @Option(name: .long, help: "YAML config file (fields: listen, dataDir, serviceCIDRs, historyLimit, ...).")
+    var config: String?
+
+    @Option(name: .long, help: "API address, host:port.")
+    var listen: String?
+
+    @Option(name: .long, help: "Directory of the store (control.db).")
+    var dataDir: String?
+
+    @Option(name: .customLong("service-cidr"), help: "VIP range; repeat for IPv4 and IPv6.")
+    var serviceCIDRs: [String] = []
+
+    @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel: String?
+
+    func run() async throws {
+        var settings: ControlConfig
+        do {
+            settings = try ConfigFile.load(ControlConfig.self, path: self.config)
+            if let v = self.listen { settings.listen = v }
+            if let v = self.dataDir { settings.dataDir = v }
+            if !self.serviceCIDRs.isEmpty { settings.serviceCIDRs = self.serviceCIDRs }
+            if let v = self.logLevel { settings.logLevel = v }
+            try settings.validate()
+        } catch let e as ManifestError {
+            throw ArgumentParser.ValidationError(e.message)
+        }
+        MeshLogging.bootstrap(level: try LogLevels.parse(settings.logLevel))
+        let logger = Logger(label: "mesh-control")
+        let server = ControlServer(config: settings, logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: server)],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger
+            )
+        )
+        do {
+            try await group.run()
+        } catch {
+            logger.critical("mesh-control failed: \(error)")
+            throw ExitCode.failure
+        }
+    }
+}

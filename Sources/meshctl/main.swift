@@ -1,1 +1,251 @@
-print("todo")
+import ArgumentParser
+import Foundation
+import MeshClient
+import MeshCore
+import MeshCtl
+import MeshHTTP
+
+@main
+struct MeshCtlCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "meshctl",
+        abstract: "Run, inspect and change the edge mesh.",
+        discussion: """
+            Start an all-in-one mesh with `meshctl up`, then apply manifests and read them back:
+              meshctl apply -f examples/
+              meshctl get services -A
+              meshctl watch endpoints -n shop
+            The control plane is found at --server, $MESHCTL_SERVER, or http://127.0.0.1:7700.
+            """,
+        version: "0.1.0",
+        subcommands: [Up.self, Apply.self, Get.self, Delete.self, Watch.self, Version.self]
+    )
+}
+
+struct ServerOptions: ParsableArguments {
+    @Option(name: .long, help: "Control plane URL (default: $MESHCTL_SERVER or http://127.0.0.1:7700).")
+    var server: String?
+
+    func operations() throws -> Operations {
+        let url = self.server ?? ProcessInfo.processInfo.environment["MESHCTL_SERVER"] ?? "http://127.0.0.1:7700"
+        guard let endpoint = HTTPEndpoint(url: url) else {
+            throw ValidationError("--server \"\(url)\" is not a URL like http://127.0.0.1:7700")
+        }
+        return Operations(client: ControlClient(endpoint: endpoint))
+    }
+}
+
+extension OutputFormat: ExpressibleByArgument {}
+
+struct Up: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the whole mesh on this machine, on loopback, in the foreground (Ctrl-C stops it)."
+    )
+
+    @Option(name: .long, help: "Where the mesh keeps its files (default: the user's state folder).")
+    var dataDir: String?
+
+    @Option(name: .long, help: "Control API address.")
+    var listen: String = "127.0.0.1:7700"
+
+    @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel: String = "info"
+
+    func run() async throws {
+        var mesh = AllInOne()
+        if let d = self.dataDir { mesh.dataDir = d }
+        mesh.controlListen = self.listen
+        do {
+            mesh.logLevel = try LogLevels.parse(self.logLevel)
+            _ = try ListenAddress(self.listen, field: "--listen")
+        } catch let e as ManifestError {
+            throw ValidationError(e.message)
+        }
+        MeshLogging.bootstrap(level: mesh.logLevel)
+        do {
+            try await mesh.run()
+        } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            throw ExitCode.failure
+        }
+    }
+}
+
+struct Apply: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create or update objects from YAML or JSON manifests (several documents per file)."
+    )
+
+    @OptionGroup var server: ServerOptions
+
+    @Option(
+        name: [.short, .customLong("filename")],
+        help: "A file, a directory of *.yaml/*.yml/*.json, or - for stdin."
+    )
+    var files: [String]
+
+    @Option(name: .shortAndLong, help: "Print the stored objects as json instead of a line each.")
+    var output: String?
+
+    func run() async throws {
+        guard !self.files.isEmpty else { throw ValidationError("give at least one -f FILE") }
+        let ops = try self.server.operations()
+        let docs: [ManifestDocument]
+        do {
+            docs = try Manifests.load(self.files)
+        } catch {
+            throw ValidationError(ops.explain(error))
+        }
+        if docs.isEmpty { throw ValidationError("no objects in \(self.files.joined(separator: ", "))") }
+        if !(await ops.apply(docs, outputJSON: self.output == "json")) { throw ExitCode.failure }
+    }
+}
+
+struct Get: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show objects: meshctl get services [NAME] [-n NS | -A] [-o table|wide|json|yaml|name] [-l k=v]."
+    )
+
+    @OptionGroup var server: ServerOptions
+
+    @Argument(help: "services (svc), endpoints (ep) or nodes (no).")
+    var kind: String
+
+    @Argument(help: "One object's name; all when omitted.")
+    var name: String?
+
+    @Option(name: .shortAndLong, help: "Namespace (default: default).")
+    var namespace: String?
+
+    @Flag(name: [.customShort("A"), .customLong("all-namespaces")], help: "Every namespace.")
+    var allNamespaces = false
+
+    @Option(name: [.customShort("l"), .customLong("selector")], help: "Label selector, e.g. app=web,tier!=db.")
+    var selector: String?
+
+    @Option(name: .shortAndLong, help: "table, wide, json, yaml or name.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        let type = try Self.kindOrThrow(self.kind)
+        let ops = try self.server.operations()
+        let ok = await ops.get(
+            type,
+            name: self.name,
+            namespace: self.namespace,
+            allNamespaces: self.allNamespaces,
+            selector: self.selector,
+            format: self.output
+        )
+        if !ok { throw ExitCode.failure }
+    }
+
+    static func kindOrThrow(_ kind: String) throws -> ResourceType {
+        do {
+            return try Operations.kind(kind)
+        } catch let e as ManifestError {
+            throw ValidationError(e.message)
+        }
+    }
+}
+
+struct Delete: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Delete objects by name (meshctl delete svc web -n shop) or from manifests (-f)."
+    )
+
+    @OptionGroup var server: ServerOptions
+
+    @Argument(help: "KIND NAME... (omit with -f).")
+    var args: [String] = []
+
+    @Option(name: [.short, .customLong("filename")], help: "Delete the objects these manifests name.")
+    var files: [String] = []
+
+    @Option(name: .shortAndLong, help: "Namespace (default: default).")
+    var namespace: String?
+
+    @Flag(name: .long, help: "Succeed when an object is already gone.")
+    var ignoreNotFound = false
+
+    func run() async throws {
+        let ops = try self.server.operations()
+        if !self.files.isEmpty {
+            guard self.args.isEmpty else { throw ValidationError("give either -f FILE or KIND NAME, not both") }
+            let docs: [ManifestDocument]
+            do {
+                docs = try Manifests.load(self.files)
+            } catch {
+                throw ValidationError(ops.explain(error))
+            }
+            if !(await ops.delete(docs, ignoreNotFound: self.ignoreNotFound)) { throw ExitCode.failure }
+            return
+        }
+        guard self.args.count >= 2 else { throw ValidationError("give KIND and at least one NAME, or -f FILE") }
+        let type = try Get.kindOrThrow(self.args[0])
+        let ok = await ops.delete(
+            type,
+            names: Array(self.args.dropFirst()),
+            namespace: self.namespace,
+            ignoreNotFound: self.ignoreNotFound
+        )
+        if !ok { throw ExitCode.failure }
+    }
+}
+
+struct Watch: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print changes to objects as they happen (Ctrl-C stops)."
+    )
+
+    @OptionGroup var server: ServerOptions
+
+    @Argument(help: "services (svc), endpoints (ep) or nodes (no).")
+    var kind: String
+
+    @Option(name: .shortAndLong, help: "Namespace (default: default).")
+    var namespace: String?
+
+    @Flag(name: [.customShort("A"), .customLong("all-namespaces")], help: "Every namespace.")
+    var allNamespaces = false
+
+    @Option(name: [.customShort("l"), .customLong("selector")], help: "Label selector.")
+    var selector: String?
+
+    @Option(name: .shortAndLong, help: "table (a line per change), json (one event per line) or yaml.")
+    var output: OutputFormat = .table
+
+    @Option(name: .long, help: "Stop after this many changes (the current objects count as ADDED changes).")
+    var maxEvents: Int?
+
+    func run() async throws {
+        let type = try Get.kindOrThrow(self.kind)
+        let ops = try self.server.operations()
+        let ok = await ops.watch(
+            type,
+            namespace: self.namespace,
+            allNamespaces: self.allNamespaces,
+            selector: self.selector,
+            format: self.output,
+            maxEvents: self.maxEvents
+        )
+        if !ok { throw ExitCode.failure }
+    }
+}
+
+struct Version: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Print meshctl's version and the control plane's.")
+
+    @OptionGroup var server: ServerOptions
+
+    func run() async throws {
+        print("meshctl 0.1.0")
+        let ops = try self.server.operations()
+        do {
+            let body = try await ops.client.raw(.GET, "/version").body
+            print("control plane: \(String(buffer: body))")
+        } catch {
+            print("control plane: unreachable (\(ops.explain(error)))")
+        }
+    }
+}

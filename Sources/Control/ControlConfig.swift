@@ -1,0 +1,52 @@
+import MeshCore
+import MeshSQLite
+
+/// `mesh-control`'s configuration file (YAML); every field has a default, flags override it.
+public struct ControlConfig: Codable, Sendable, DefaultConstructible {
+    /// `host:port` of the API.
+    public var listen: String = "127.0.0.1:7700"
+    /// Where the store lives (`control.db`); default: the user's state folder.
+    public var dataDir: String = StatePaths.defaultDataDir() + "/control"
+    /// VIP ranges, at most one IPv4 and one IPv6. 127.0.0.0/8 ranges suit agents in loopback mode.
+    public var serviceCIDRs: [String] = ["127.77.0.0/16", "fd77::/112"]
+    /// Changes kept in memory and on disk so watchers can resume; older versions get 410 Gone.
+    public var historyLimit: Int = 10_000
+    /// How often idle watchers get a BOOKMARK with the latest resourceVersion.
+    public var bookmarkIntervalSeconds: Int = 10
+    /// Largest request body accepted (413 beyond).
+    public var maxBodyBytes: Int = 3 * 1024 * 1024
+    /// `full` fsyncs every commit; `normal` only at checkpoints.
+    public var durability: Durability = .full
+    /// trace, debug, info, notice, warning, error, critical.
+    public var logLevel: String = "info"
+
+    public init() {}
+
+    /// The parsed service CIDRs; throws naming the bad entry.
+    public func parsedCIDRs() throws -> [CIDR] {
+        var out: [CIDR] = []
+        for (i, text) in self.serviceCIDRs.enumerated() {
+            guard let c = CIDR(text) else {
+                throw ManifestError(
+                    "serviceCIDRs[\(i)]: \"\(text)\" is not a CIDR such as 127.77.0.0/16 (host bits must be zero)"
+                )
+            }
+            if out.contains(where: { $0.network.isIPv4 == c.network.isIPv4 }) {
+                throw ManifestError("serviceCIDRs[\(i)]: only one IPv4 and one IPv6 range may be given")
+            }
+            if c.hostBits < 2 { throw ManifestError("serviceCIDRs[\(i)]: \(text) is too small to hold VIPs") }
+            out.append(c)
+        }
+        return out
+    }
+
+    /// Checks every field; the error names the first bad one.
+    public func validate() throws {
+        _ = try ListenAddress(self.listen, field: "listen")
+        _ = try self.parsedCIDRs()
+        if self.historyLimit < 1 { throw ManifestError("historyLimit: must be at least 1") }
+        if self.bookmarkIntervalSeconds < 1 { throw ManifestError("bookmarkIntervalSeconds: must be at least 1") }
+        if self.maxBodyBytes < 1024 { throw ManifestError("maxBodyBytes: must be at least 1024") }
+        _ = try LogLevels.parse(self.logLevel)
+    }
+}

@@ -1,0 +1,119 @@
+import Logging
+import MeshCore
+import MeshHTTP
+import Metrics
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+
+/// `mesh-control` as one `Service`: locks the data directory, opens the store, serves the API
+/// and sends watch bookmarks until graceful shutdown, then drains and closes the store.
+public final class ControlServer: ServiceLifecycle.Service, Sendable {
+    public let config: ControlConfig
+    let logger: Logger
+    private let http: AsyncSlot<HTTPServer>
+
+    public init(config: ControlConfig, logger: Logger) {
+        self.config = config
+        self.logger = logger
+        self.http = AsyncSlot()
+    }
+
+    /// The API's address once it listens (useful with port 0).
+    public func localAddress() async throws -> SocketAddress {
+        try await self.http.value().localAddress()
+    }
+
+    public func run() async throws {
+        do {
+            try await self.serve()
+        } catch {
+            self.http.fail(error)
+            throw error
+        }
+    }
+
+    private func serve() async throws {
+        let config = self.config
+        try config.validate()
+        let listen = try ListenAddress(config.listen, field: "listen")
+        MeshMetrics.bootstrap()
+        try StatePaths.ensureDirectory(config.dataDir)
+        let lock = try DirectoryLock(directory: config.dataDir, name: "mesh-control")
+        defer { withExtendedLifetime(lock) {} }
+
+        var storeConfig = SQLiteStore.Configuration(path: config.dataDir + "/control.db")
+        storeConfig.durability = config.durability
+        storeConfig.hub.historyLimit = config.historyLimit
+        let store = try await SQLiteStore(configuration: storeConfig, logger: self.logger)
+        let cidrs = try config.parsedCIDRs()
+        let taken = try await store.reservations(prefix: "vip/").keys.compactMap { IPAddress($0.dropFirst(4)) }
+        let vips = VIPAllocator(cidrs: cidrs, used: taken)
+        self.logger.info(
+            "service VIPs from \(cidrs.map(\.description).joined(separator: ", ")): \(taken.count) allocated"
+        )
+
+        let api = ControlAPI(store: store, vips: vips, logger: self.logger)
+        var httpConfig = HTTPServerConfiguration()
+        httpConfig.host = listen.host
+        httpConfig.port = listen.port
+        httpConfig.maxBodyBytes = config.maxBodyBytes
+        httpConfig.renderError = ControlAPI.renderError
+        httpConfig.drainTimeout = .seconds(2)
+        let server = HTTPServer(configuration: httpConfig, responder: api, logger: self.logger)
+        self.http.set(server)
+
+        let interval = Duration.seconds(config.bookmarkIntervalSeconds)
+        let hub = store.hub
+        do {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await server.run() }
+                group.addTask {
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: interval)
+                        hub.sendBookmarks()
+                        Gauge(label: "mesh_control_watchers").record(hub.subscriberCount)
+                        Gauge(label: "mesh_control_resource_version").record(hub.currentResourceVersion)
+                    }
+                }
+                // The server returns after graceful shutdown (or fails); then stop the ticker.
+                try await group.next()
+                group.cancelAll()
+            }
+        } catch {
+            try? await store.close()
+            throw error
+        }
+        try await store.close()
+        self.logger.info("stopped; store closed at resourceVersion \(hub.currentResourceVersion)")
+    }
+}
+
+/// A value set once by one task and awaited by others.
+final class AsyncSlot<T: Sendable>: Sendable {
+    private let state = Mutex<(value: Result<T, any Error>?, waiters: [CheckedContinuation<T, any Error>])>((nil, []))
+
+    func set(_ value: T) { self.complete(.success(value)) }
+    func fail(_ error: any Error) { self.complete(.failure(error)) }
+
+    private func complete(_ result: Result<T, any Error>) {
+        let waiters = self.state.withLock { s -> [CheckedContinuation<T, any Error>] in
+            guard s.value == nil else { return [] }
+            s.value = result
+            defer { s.waiters = [] }
+            return s.waiters
+        }
+        for w in waiters { w.resume(with: result) }
+    }
+
+    func value() async throws -> T {
+        try await withCheckedThrowingContinuation { c in
+            let ready = self.state.withLock { s -> Result<T, any Error>? in
+                if let v = s.value { return v }
+                s.waiters.append(c)
+                return nil
+            }
+            if let r = ready { c.resume(with: r) }
+        }
+    }
+}

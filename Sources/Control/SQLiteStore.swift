@@ -1,0 +1,266 @@
+import Logging
+import MeshSQLite
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// The store on one SQLite file (WAL): objects, the change history that watches resume from,
+/// reservations (VIPs), and the global resourceVersion. Writes are serialised; each commits in
+/// one transaction and is then published to the watch hub in order.
+public final class SQLiteStore: Store {
+    public struct Configuration: Sendable {
+        public var path: String
+        public var durability: Durability = .full
+        public var hub = WatchHub.Configuration()
+
+        public init(path: String) {
+            self.path = path
+        }
+    }
+
+    static let migrations = [
+        """
+        CREATE TABLE objects (
+            resource TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+            rv INTEGER NOT NULL, labels TEXT NOT NULL, body BLOB NOT NULL,
+            PRIMARY KEY (resource, namespace, name)) WITHOUT ROWID;
+        CREATE TABLE events (
+            rv INTEGER PRIMARY KEY, type INTEGER NOT NULL,
+            resource TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+            labels TEXT NOT NULL, body BLOB NOT NULL);
+        CREATE TABLE reservations (token TEXT PRIMARY KEY, owner TEXT NOT NULL) WITHOUT ROWID;
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+        INSERT INTO meta (key, value) VALUES ('resourceVersion', 0)
+        """
+    ]
+
+    let db: SQLiteDatabase
+    public let hub: WatchHub
+    let pool: NIOThreadPool
+    let logger: Logger
+    /// Serialises commit + publish so watchers see versions in order.
+    private let writer = Mutex<Void>(())
+    private let writesSinceCompaction = Atomic<Int>(0)
+
+    /// Opens (creating when absent) the store at `configuration.path` and loads the watch history.
+    public init(configuration: Configuration, logger: Logger) async throws {
+        self.logger = logger
+        let pool = NIOThreadPool(numberOfThreads: 1)
+        pool.start()
+        self.pool = pool
+        let config = configuration
+        let (db, current, history) = try await pool.runIfActive {
+            let db = try SQLiteDatabase(path: config.path, durability: config.durability)
+            try db.migrate(SQLiteStore.migrations)
+            let current = try db.query("SELECT value FROM meta WHERE key = 'resourceVersion'").first?[0].int ?? 0
+            let rows = try db.query(
+                "SELECT rv, type, resource, namespace, name, labels, body FROM events WHERE rv > ? ORDER BY rv",
+                [.int(current - Int64(config.hub.historyLimit))]
+            )
+            return (db, current, try rows.map(SQLiteStore.event(from:)))
+        }
+        self.db = db
+        self.hub = WatchHub(current: current, history: history, configuration: config.hub)
+        logger.info(
+            "store \(config.path): resourceVersion \(current), \(history.count) changes of history",
+            metadata: ["durability": "\(config.durability.rawValue)"]
+        )
+    }
+
+    static func event(from row: [SQLValue]) throws -> StoreEvent {
+        guard let rv = row[0].int, let type = row[1].int.flatMap(StoreEvent.Kind.init(rawValue:)),
+            let resource = row[2].text, let ns = row[3].text, let name = row[4].text, let body = row[6].blob
+        else { throw StoreError.unavailable("corrupt event row") }
+        let key = ObjectKey(resource: resource, namespace: ns, name: name)
+        return StoreEvent(
+            kind: type,
+            object: StoredObject(
+                key: key,
+                resourceVersion: rv,
+                labels: Labels.decode(row[5].text ?? ""),
+                json: ByteBuffer(bytes: body)
+            )
+        )
+    }
+
+    static func object(from row: [SQLValue], resource: String) throws -> StoredObject {
+        guard let ns = row[0].text, let name = row[1].text, let rv = row[2].int, let body = row[4].blob else {
+            throw StoreError.unavailable("corrupt object row")
+        }
+        return StoredObject(
+            key: ObjectKey(resource: resource, namespace: ns, name: name),
+            resourceVersion: rv,
+            labels: Labels.decode(row[3].text ?? ""),
+            json: ByteBuffer(bytes: body)
+        )
+    }
+
+    public func currentResourceVersion() async throws -> Int64 {
+        self.hub.currentResourceVersion
+    }
+
+    public func get(_ key: ObjectKey) async throws -> StoredObject? {
+        let db = self.db
+        return try await self.pool.runIfActive {
+            try db.query(
+                "SELECT namespace, name, rv, labels, body FROM objects WHERE resource = ? AND namespace = ? AND name = ?",
+                [.text(key.resource), .text(key.namespace), .text(key.name)]
+            ).first.map { try SQLiteStore.object(from: $0, resource: key.resource) }
+        }
+    }
+
+    public func list(
+        resource: String,
+        namespace: String?
+    ) async throws -> (items: [StoredObject], resourceVersion: Int64) {
+        let db = self.db
+        return try await self.pool.runIfActive {
+            // One transaction: the objects and the version are one consistent snapshot.
+            try db.transaction { tx in
+                let rv = try tx.query("SELECT value FROM meta WHERE key = 'resourceVersion'").first?[0].int ?? 0
+                let rows: [[SQLValue]]
+                if let ns = namespace {
+                    rows = try tx.query(
+                        "SELECT namespace, name, rv, labels, body FROM objects WHERE resource = ? AND namespace = ? ORDER BY namespace, name",
+                        [.text(resource), .text(ns)]
+                    )
+                } else {
+                    rows = try tx.query(
+                        "SELECT namespace, name, rv, labels, body FROM objects WHERE resource = ? ORDER BY namespace, name",
+                        [.text(resource)]
+                    )
+                }
+                return (try rows.map { try SQLiteStore.object(from: $0, resource: resource) }, rv)
+            }
+        }
+    }
+
+    /// Every reservation token with its owner (to rebuild allocators at start-up).
+    public func reservations(prefix: String) async throws -> [String: String] {
+        let db = self.db
+        return try await self.pool.runIfActive {
+            var out: [String: String] = [:]
+            for row in try db.query(
+                "SELECT token, owner FROM reservations WHERE token >= ? AND token < ?",
+                [.text(prefix), .text(prefix + "\u{10FFFF}")]
+            ) {
+                if let t = row[0].text, let o = row[1].text { out[t] = o }
+            }
+            return out
+        }
+    }
+
+    public func commit(_ write: Write) async throws -> StoredObject {
+        let db = self.db
+        let hub = self.hub
+        let limit = Int64(hub.configuration.historyLimit)
+        let compact = self.writesSinceCompaction.add(1, ordering: .relaxed).newValue % 512 == 0
+        return try await self.pool.runIfActive {
+            try self.writer.withLock { _ in
+                let event = try db.transaction { tx in
+                    try SQLiteStore.apply(write, tx, compactBelow: compact ? limit : nil)
+                }
+                hub.publish(event)
+                return event.object
+            }
+        }
+    }
+
+    private static func apply(
+        _ write: Write,
+        _ tx: borrowing Transaction,
+        compactBelow limit: Int64?
+    ) throws -> StoreEvent {
+        let key = write.key
+        let keyParams: [SQLValue] = [.text(key.resource), .text(key.namespace), .text(key.name)]
+        let rv = (try tx.query("SELECT value FROM meta WHERE key = 'resourceVersion'").first?[0].int ?? 0) + 1
+        let existing = try tx.query(
+            "SELECT rv FROM objects WHERE resource = ? AND namespace = ? AND name = ?",
+            keyParams
+        ).first?[0].int
+        switch (write.expect, existing) {
+        case (.any, _): break
+        case (.absent, nil): break
+        case (.absent, .some): throw StoreError.alreadyExists(key)
+        case (.version(let want), let have): if want != have { throw StoreError.conflict(key, current: have) }
+        }
+        let owner = key.description
+        for token in write.reserve {
+            let holder = try tx.query("SELECT owner FROM reservations WHERE token = ?", [.text(token)]).first?[0].text
+            if let h = holder, h != owner { throw StoreError.reserved(token: token, owner: h) }
+            if holder == nil {
+                try tx.query("INSERT INTO reservations (token, owner) VALUES (?, ?)", [.text(token), .text(owner)])
+            }
+        }
+        for token in write.release {
+            try tx.query("DELETE FROM reservations WHERE token = ? AND owner = ?", [.text(token), .text(owner)])
+        }
+        let event: StoreEvent
+        switch write.operation {
+        case .put(let encode):
+            let (json, labels) = try encode(rv)
+            let labelText = Labels.encode(labels)
+            let body: [SQLValue] = keyParams + [.int(rv), .text(labelText), .blob(Array(json.readableBytesView))]
+            try tx.query(
+                "INSERT OR REPLACE INTO objects (resource, namespace, name, rv, labels, body) VALUES (?, ?, ?, ?, ?, ?)",
+                body
+            )
+            event = StoreEvent(
+                kind: existing == nil ? .added : .modified,
+                object: StoredObject(key: key, resourceVersion: rv, labels: labels, json: json)
+            )
+        case .delete(let encode):
+            guard existing != nil else { throw StoreError.notFound(key) }
+            let json = try encode(rv)
+            let labels =
+                try tx.query(
+                    "SELECT labels FROM objects WHERE resource = ? AND namespace = ? AND name = ?",
+                    keyParams
+                ).first?[0].text ?? ""
+            try tx.query("DELETE FROM objects WHERE resource = ? AND namespace = ? AND name = ?", keyParams)
+            try tx.query("DELETE FROM reservations WHERE owner = ?", [.text(owner)])
+            event = StoreEvent(
+                kind: .deleted,
+                object: StoredObject(key: key, resourceVersion: rv, labels: Labels.decode(labels), json: json)
+            )
+        }
+        try tx.query(
+            "INSERT INTO events (rv, type, resource, namespace, name, labels, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [.int(rv), .int(event.kind.rawValue)] + keyParams + [
+                .text(Labels.encode(event.object.labels)), .blob(Array(event.object.json.readableBytesView)),
+            ]
+        )
+        try tx.query("UPDATE meta SET value = ? WHERE key = 'resourceVersion'", [.int(rv)])
+        if let limit {
+            try tx.query("DELETE FROM events WHERE rv <= ?", [.int(rv - limit)])
+        }
+        return event
+    }
+
+    public func watch(after resourceVersion: Int64, filter: WatchFilter) throws -> WatchSubscription {
+        try self.hub.subscribe(after: resourceVersion, filter: filter)
+    }
+
+    public func close() async throws {
+        self.hub.closeAll()
+        let db = self.db
+        try? await self.pool.runIfActive { try db.checkpoint() }
+        try await self.pool.shutdownGracefully()
+    }
+}
+
+/// Labels as stored: `key=value` lines (neither may hold a newline; names forbid it).
+enum Labels {
+    static func encode(_ labels: [String: String]) -> String {
+        labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: "\n")
+    }
+
+    static func decode(_ text: String) -> [String: String] {
+        var out: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            let kv = line.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            out[String(kv[0])] = kv.count == 2 ? String(kv[1]) : ""
+        }
+        return out
+    }
+}

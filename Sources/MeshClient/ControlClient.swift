@@ -1,0 +1,168 @@
+import Foundation
+import MeshCore
+import MeshHTTP
+import NIOCore
+import NIOHTTP1
+
+/// The control API from a client's side: typed CRUD, raw JSON access for tools, and watch.
+/// API errors are thrown as the server's `Status`; transport failures as `HTTPClientError`.
+public struct ControlClient: Sendable {
+    public var http: HTTPClient
+
+    public init(endpoint: HTTPEndpoint) {
+        self.http = HTTPClient(endpoint: endpoint)
+    }
+
+    public var endpoint: HTTPEndpoint { self.http.endpoint }
+
+    /// `/apis/mesh.edge/v1/[namespaces/NS/]PLURAL[/NAME]`; a nil namespace of a namespaced kind means all.
+    public static func path(_ type: ResourceType, namespace: String?, name: String? = nil) -> String {
+        var p = "/apis/\(meshAPIVersion)"
+        if type.namespaced, let ns = namespace { p += "/namespaces/\(HTTPRequest.percentEncode(ns))" }
+        p += "/\(type.plural)"
+        if let n = name { p += "/\(HTTPRequest.percentEncode(n))" }
+        return p
+    }
+
+    static func query(_ items: [(String, String?)]) -> String {
+        let parts = items.compactMap { k, v in v.map { "\(k)=\(HTTPRequest.percentEncode($0))" } }
+        return parts.isEmpty ? "" : "?" + parts.joined(separator: "&")
+    }
+
+    // MARK: raw JSON
+
+    /// Sends a request and returns the body of a 2xx answer; throws the `Status` of any other.
+    public func raw(
+        _ method: HTTPMethod,
+        _ path: String,
+        body: ByteBuffer? = nil
+    ) async throws -> (status: HTTPResponseStatus, body: ByteBuffer) {
+        var headers = HTTPHeaders([("Accept", "application/json")])
+        if body != nil { headers.add(name: "Content-Type", value: "application/json") }
+        let response = try await self.http.send(method, path, headers: headers, body: body)
+        guard (200..<300).contains(response.status.code) else {
+            throw ControlClient.status(from: response.body, httpStatus: response.status)
+        }
+        return (response.status, response.body)
+    }
+
+    /// The `Status` an error response carries (or one made from its text).
+    public static func status(from body: ByteBuffer, httpStatus: HTTPResponseStatus) -> Status {
+        if let s = try? JSONDecoder().decode(Status.self, from: Data(body.readableBytesView)) { return s }
+        let text = String(buffer: body).trimmingCharacters(in: .whitespacesAndNewlines)
+        return Status(
+            code: Int(httpStatus.code),
+            reason: .internalError,
+            message: "HTTP \(httpStatus.code) \(httpStatus.reasonPhrase)"
+                + (text.isEmpty ? "" : ": \(text.prefix(300))")
+        )
+    }
+
+    // MARK: typed
+
+    static func decode<T: Decodable>(_ type: T.Type, _ body: ByteBuffer) throws -> T {
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(body.readableBytesView))
+        } catch let e as DecodingError {
+            throw HTTPClientError("unexpected answer from the control plane: \(DecodingError.describe(e))")
+        }
+    }
+
+    public func get<T: MeshObject>(_ type: T.Type, namespace: String? = nil, name: String) async throws -> T {
+        let path = Self.path(T.resource, namespace: namespace ?? (T.resource.namespaced ? "default" : nil), name: name)
+        return try Self.decode(T.self, try await self.raw(.GET, path).body)
+    }
+
+    /// Lists `T` in `namespace` (nil: all namespaces), optionally filtered by a label selector.
+    public func list<T: MeshObject>(
+        _ type: T.Type,
+        namespace: String? = nil,
+        labelSelector: String? = nil
+    ) async throws -> ObjectList<T> {
+        let path = Self.path(T.resource, namespace: namespace) + Self.query([("labelSelector", labelSelector)])
+        return try Self.decode(ObjectList<T>.self, try await self.raw(.GET, path).body)
+    }
+
+    /// Creates or replaces the object (PUT). With `metadata.resourceVersion` set, only if unchanged since.
+    @discardableResult
+    public func apply<T: MeshObject>(_ object: T) async throws -> (object: T, created: Bool) {
+        let ns = T.resource.namespaced ? (object.metadata.namespace ?? "default") : nil
+        let path = Self.path(T.resource, namespace: ns, name: object.metadata.name)
+        let body = ByteBuffer(bytes: try MeshJSON.encode(object))
+        let (status, answer) = try await self.raw(.PUT, path, body: body)
+        return (try Self.decode(T.self, answer), status == .created)
+    }
+
+    /// Creates the object (POST); fails with AlreadyExists when it exists.
+    @discardableResult
+    public func create<T: MeshObject>(_ object: T) async throws -> T {
+        let ns = T.resource.namespaced ? (object.metadata.namespace ?? "default") : nil
+        let body = ByteBuffer(bytes: try MeshJSON.encode(object))
+        return try Self.decode(T.self, try await self.raw(.POST, Self.path(T.resource, namespace: ns), body: body).body)
+    }
+
+    /// Deletes the object and returns its final state.
+    @discardableResult
+    public func delete<T: MeshObject>(_ type: T.Type, namespace: String? = nil, name: String) async throws -> T {
+        let path = Self.path(T.resource, namespace: namespace ?? (T.resource.namespaced ? "default" : nil), name: name)
+        return try Self.decode(T.self, try await self.raw(.DELETE, path).body)
+    }
+
+    // MARK: watch
+
+    /// Watches `type` after `resourceVersion` (nil: current objects first as ADDED), calling
+    /// `onEvent` for each decoded event until it returns false, the server ends the stream, or the
+    /// task is cancelled. A version too old to resume throws a `Status` with code 410.
+    public func watch<T: MeshObject>(
+        _ type: T.Type,
+        namespace: String? = nil,
+        after resourceVersion: Int64?,
+        labelSelector: String? = nil,
+        timeoutSeconds: Int? = nil,
+        onEvent: (WatchEvent<T>) async throws -> Bool
+    ) async throws {
+        try await self.watchLines(
+            T.resource,
+            namespace: namespace,
+            after: resourceVersion,
+            labelSelector: labelSelector,
+            timeoutSeconds: timeoutSeconds
+        ) { line in
+            let event: WatchEvent<T>
+            do {
+                event = try JSONDecoder().decode(WatchEvent<T>.self, from: Data(line.readableBytesView))
+            } catch let e as DecodingError {
+                throw HTTPClientError("malformed watch event from the control plane: \(DecodingError.describe(e))")
+            }
+            return try await onEvent(event)
+        }
+    }
+
+    /// Watches and hands each raw event line (JSON, no newline) to `onLine` until it returns false.
+    public func watchLines(
+        _ type: ResourceType,
+        namespace: String?,
+        after resourceVersion: Int64?,
+        labelSelector: String? = nil,
+        timeoutSeconds: Int? = nil,
+        onLine: (ByteBuffer) async throws -> Bool
+    ) async throws {
+        let path =
+            Self.path(type, namespace: namespace)
+            + Self.query([
+                ("watch", "true"), ("resourceVersion", resourceVersion.map(String.init)),
+                ("labelSelector", labelSelector),
+                ("timeoutSeconds", timeoutSeconds.map(String.init)),
+            ])
+        try await self.http.stream(.GET, path, headers: ["Accept": "application/json"]) { head, body in
+            guard head.status == .ok else {
+                let bytes = try await body.collect(upTo: 1 << 20)
+                throw ControlClient.status(from: bytes, httpStatus: head.status)
+            }
+            while !Task.isCancelled, let line = try await body.nextLine() {
+                if line.readableBytes == 0 { continue }
+                if try await !onLine(line) { return }
+            }
+        }
+    }
+}

@@ -1,1 +1,0 @@
-// The MeshClient module; see README.md.

@@ -1,0 +1,84 @@
+/// A host running the mesh agent. Cluster-scoped.
+public struct Node: MeshObject {
+    public static let resource = ResourceType(
+        kind: "Node",
+        plural: "nodes",
+        singular: "node",
+        shortNames: ["no"],
+        namespaced: false,
+        nameIsSubdomain: true
+    )
+
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "Node"
+    public var metadata: ObjectMeta
+    public var spec: NodeSpec
+    public var status: NodeStatus?
+
+    public init(metadata: ObjectMeta, spec: NodeSpec, status: NodeStatus? = nil) {
+        self.metadata = metadata
+        self.spec = spec
+        self.status = status
+    }
+
+    public func specErrors() -> [FieldError] {
+        var errs: [FieldError] = []
+        if let s = self.spec.site, let e = Names.dns1123LabelError(s) { errs.append(FieldError("spec.site", e)) }
+        for (i, a) in (self.spec.addresses ?? []).enumerated() where a.type != .hostname {
+            if IPAddress(a.address) == nil {
+                errs.append(
+                    FieldError("spec.addresses[\(i)].address", "must be an IP address for type \(a.type.rawValue)")
+                )
+            }
+        }
+        if let t = self.status?.lastHeartbeatTime, Timestamp.parse(t) == nil {
+            errs.append(FieldError("status.lastHeartbeatTime", "must be an RFC 3339 time such as 2026-01-02T15:04:05Z"))
+        }
+        return errs
+    }
+}
+
+public struct NodeSpec: Codable, Sendable, Equatable, Hashable {
+    /// The site (edge location) the node is in; endpoints on nodes of one site are preferred there.
+    public var site: String?
+    public var addresses: [NodeAddress]?
+
+    public init(site: String? = nil, addresses: [NodeAddress]? = nil) {
+        self.site = site
+        self.addresses = addresses
+    }
+}
+
+public struct NodeAddress: Codable, Sendable, Equatable, Hashable {
+    public var type: AddressType
+    public var address: String
+
+    public init(type: AddressType, address: String) {
+        self.type = type
+        self.address = address
+    }
+
+    public enum AddressType: String, StrictEnum {
+        case internalIP = "InternalIP"
+        case externalIP = "ExternalIP"
+        case hostname = "Hostname"
+    }
+}
+
+public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
+    public var phase: Phase?
+    public var lastHeartbeatTime: String?
+    public var message: String?
+
+    public init(phase: Phase? = nil, lastHeartbeatTime: String? = nil, message: String? = nil) {
+        self.phase = phase
+        self.lastHeartbeatTime = lastHeartbeatTime
+        self.message = message
+    }
+
+    public enum Phase: String, StrictEnum {
+        case ready = "Ready"
+        case notReady = "NotReady"
+        case unknown = "Unknown"
+    }
+}

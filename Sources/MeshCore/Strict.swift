@@ -1,0 +1,207 @@
+import Foundation
+import Yams
+
+/// Reading documents the way users expect from Kubernetes tools: YAML or JSON, several documents
+/// per file, and **strict**: a field the type does not know is an error naming it, never dropped.
+public enum Strict {
+    /// Parses one or more YAML documents (`---` separated; JSON is YAML too) into value trees.
+    /// Empty documents are skipped.
+    public static func documents(yaml text: String) throws -> [JSONValue] {
+        do {
+            var result: [JSONValue] = []
+            // The sequence stops at the first error and keeps it aside: check it, or a broken
+            // document would read as the end of the file.
+            var nodes = try Yams.compose_all(yaml: text)
+            while let node = nodes.next() {
+                result.append(try JSONValue(yaml: node))
+            }
+            if let error = nodes.error { throw error }
+            return result
+        } catch let error as YamlError {
+            throw ManifestError("malformed YAML: \(Strict.describe(error))")
+        }
+    }
+
+    /// Decodes `T` from a value tree, rejecting unknown fields and naming the path of any problem.
+    public static func decode<T: Codable>(_ type: T.Type, from value: JSONValue) throws -> T {
+        let decoded: T
+        do {
+            decoded = try JSONDecoder().decode(T.self, from: value.jsonData())
+        } catch let error as DecodingError {
+            throw ManifestError(DecodingError.describe(error))
+        }
+        let roundTrip = try JSONValue.parse(json: try MeshJSON.encode(decoded))
+        if let unknown = Strict.unknownFields(in: value, knownBy: roundTrip, path: "").first {
+            throw ManifestError("\(unknown): unknown field")
+        }
+        return decoded
+    }
+
+    /// Decodes `T` from JSON bytes, strictly.
+    public static func decode<T: Codable>(_ type: T.Type, json data: Data) throws -> T {
+        try Strict.decode(type, from: try JSONValue.parse(json: data))
+    }
+
+    /// Overlays `overrides` on `base`: objects merge member by member, anything else replaces.
+    public static func merge(_ base: JSONValue, _ overrides: JSONValue) -> JSONValue {
+        guard case .object(var members) = base, case .object(let over) = overrides else {
+            return overrides
+        }
+        for (key, value) in over {
+            if let i = members.firstIndex(where: { $0.0 == key }) {
+                members[i].1 = Strict.merge(members[i].1, value)
+            } else {
+                members.append((key, value))
+            }
+        }
+        return .object(members)
+    }
+
+    /// Members present (and not null) in `input` that `known` does not have, as paths.
+    static func unknownFields(in input: JSONValue, knownBy known: JSONValue, path: String) -> [String] {
+        switch (input, known) {
+        case (.object(let members), .object(let knownMembers)):
+            var found: [String] = []
+            for (key, value) in members {
+                if case .null = value { continue }
+                let child = path.isEmpty ? key : "\(path).\(key)"
+                guard let k = knownMembers.first(where: { $0.0 == key })?.1 else {
+                    found.append(child)
+                    continue
+                }
+                found += Strict.unknownFields(in: value, knownBy: k, path: child)
+            }
+            return found
+        case (.array(let items), .array(let knownItems)):
+            var found: [String] = []
+            for (i, item) in items.enumerated() where i < knownItems.count {
+                found += Strict.unknownFields(in: item, knownBy: knownItems[i], path: "\(path)[\(i)]")
+            }
+            return found
+        default:
+            return []
+        }
+    }
+
+    static func describe(_ error: YamlError) -> String {
+        switch error {
+        case .scanner(let context, let problem, let mark, _), .parser(let context, let problem, let mark, _),
+            .composer(let context, let problem, let mark, _):
+            let ctx = context.map { "\($0.text) " } ?? ""
+            return "line \(mark.line) column \(mark.column): \(ctx)\(problem)"
+        case .duplicatedKeysInMapping(let duplicates, _):
+            return "duplicate keys \(duplicates.joined(separator: ", "))"
+        default:
+            return "\(error)"
+        }
+    }
+}
+
+extension DecodingError {
+    /// A one-line message naming the field path: `spec.ports[0].port: expected a number`.
+    public static func describe(_ error: DecodingError) -> String {
+        func path(_ keys: [any CodingKey]) -> String {
+            var out = ""
+            for key in keys {
+                if let i = key.intValue {
+                    out += "[\(i)]"
+                } else {
+                    out += out.isEmpty ? key.stringValue : ".\(key.stringValue)"
+                }
+            }
+            return out.isEmpty ? "(document)" : out
+        }
+        func noun(_ type: Any.Type) -> String {
+            switch type {
+            case is String.Type: return "a string"
+            case is Bool.Type: return "true or false"
+            case is Int.Type, is Int64.Type, is UInt16.Type, is Double.Type, is UInt32.Type: return "a number"
+            case is [Any].Type: return "a list"
+            default:
+                let name = "\(type)"
+                if name.hasPrefix("Array") { return "a list" }
+                if name.hasPrefix("Dictionary") { return "an object" }
+                return "an object"
+            }
+        }
+        switch error {
+        case .keyNotFound(let key, let ctx):
+            return "\(path(ctx.codingPath + [key])): required field is missing"
+        case .typeMismatch(let type, let ctx):
+            return "\(path(ctx.codingPath)): expected \(noun(type))"
+        case .valueNotFound(let type, let ctx):
+            return "\(path(ctx.codingPath)): expected \(noun(type)), found null"
+        case .dataCorrupted(let ctx):
+            if ctx.codingPath.isEmpty, let underlying = ctx.underlyingError {
+                return "malformed JSON: \(underlying.localizedDescription)"
+            }
+            return "\(path(ctx.codingPath)): \(ctx.debugDescription)"
+        @unknown default:
+            return "\(error)"
+        }
+    }
+}
+
+extension JSONValue {
+    /// Converts a composed YAML node, honouring resolved tags (`"80"` stays a string, `80` is a number).
+    public init(yaml node: Yams.Node) throws {
+        switch node {
+        case .scalar(let scalar):
+            // Plain scalars come untagged: resolve them as YAML 1.1 core would; quoted ones are strings.
+            var tag = Tag.Name(rawValue: scalar.tag.rawValue)
+            if tag == .implicit { tag = Resolver.default.resolveTag(of: node) }
+            switch tag {
+            case .null: self = .null
+            case .bool: self = .bool(Bool.construct(from: scalar) ?? false)
+            case .int:
+                guard let i = Int.construct(from: scalar) else {
+                    throw ManifestError("\(JSONValue.at(node))integer \(scalar.string) is out of range")
+                }
+                self = .int(Int64(i))
+            case .float:
+                self = .double(Double.construct(from: scalar) ?? .nan)
+            default: self = .string(scalar.string)
+            }
+        case .sequence(let seq):
+            self = .array(try seq.map { try JSONValue(yaml: $0) })
+        case .mapping(let map):
+            var members: [(String, JSONValue)] = []
+            for (k, v) in map {
+                guard case .scalar(let key) = k else {
+                    throw ManifestError("\(JSONValue.at(k))mapping keys must be plain strings")
+                }
+                members.append((key.string, try JSONValue(yaml: v)))
+            }
+            self = .object(members)
+        case .alias:
+            throw ManifestError("\(JSONValue.at(node))YAML aliases are not supported")
+        }
+    }
+
+    private static func at(_ node: Yams.Node) -> String {
+        node.mark.map { "line \($0.line) column \($0.column): " } ?? ""
+    }
+}
+
+/// A string enumeration decoded strictly, with an error that lists the allowed values.
+public protocol StrictEnum: RawRepresentable, CaseIterable, Codable, Sendable where RawValue == String {}
+
+extension StrictEnum {
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        let raw = try container.decode(String.self)
+        guard let value = Self(rawValue: raw) else {
+            let allowed = Self.allCases.map(\.rawValue).joined(separator: ", ")
+            throw DecodingError.dataCorruptedError(
+                in: container,
+                debugDescription: "\"\(raw)\" is not one of \(allowed)"
+            )
+        }
+        self = value
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(self.rawValue)
+    }
+}

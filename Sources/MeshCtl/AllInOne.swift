@@ -1,0 +1,39 @@
+import Control
+import Logging
+import MeshCore
+import ServiceLifecycle
+
+/// `meshctl up`: the whole mesh on one machine, on loopback, in the foreground. Never touches the
+/// host's interfaces; data under the user's state folder unless told otherwise.
+public struct AllInOne: Sendable {
+    public var dataDir: String = StatePaths.defaultDataDir()
+    public var controlListen: String = "127.0.0.1:7700"
+    public var logLevel: Logger.Level = .info
+
+    public init() {}
+
+    /// The control plane's configuration for the all-in-one.
+    public var controlConfig: ControlConfig {
+        var c = ControlConfig()
+        c.listen = self.controlListen
+        c.dataDir = self.dataDir + "/control"
+        c.logLevel = self.logLevel.rawValue
+        return c
+    }
+
+    /// Runs every component until SIGINT or SIGTERM, then stops them cleanly.
+    public func run() async throws {
+        let logger = Logger(label: "meshctl-up")
+        let control = ControlServer(config: self.controlConfig, logger: Logger(label: "mesh-control"))
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: control)],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger
+            )
+        )
+        logger.info("all-in-one mesh starting: control API on http://\(self.controlListen), data in \(self.dataDir)")
+        try await group.run()
+        logger.info("all-in-one mesh stopped")
+    }
+}

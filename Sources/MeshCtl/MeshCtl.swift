@@ -1,1 +1,0 @@
-// The MeshCtl module; see README.md.

@@ -1,0 +1,239 @@
+import Foundation
+import MeshClient
+import MeshCore
+import MeshHTTP
+import NIOCore
+
+/// What meshctl does, apart from parsing flags: each operation writes what a person (or a
+/// program, with -o json) reads and returns whether everything succeeded.
+public struct Operations: Sendable {
+    public var client: ControlClient
+    let out: @Sendable (String) -> Void
+    let err: @Sendable (String) -> Void
+
+    public init(
+        client: ControlClient,
+        out: @escaping @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data($0.utf8)) },
+        err: @escaping @Sendable (String) -> Void = { FileHandle.standardError.write(Data($0.utf8)) }
+    ) {
+        self.client = client
+        self.out = out
+        self.err = err
+    }
+
+    /// The kind a user typed (`svc`, `services`, `Service`...), or an error listing the known ones.
+    public static func kind(_ name: String) throws -> ResourceType {
+        guard let entry = Registry.lookup(name) else {
+            let known = Registry.types.map { "\($0.plural) (\($0.shortNames.joined(separator: ", ")))" }.joined(
+                separator: ", "
+            )
+            throw ManifestError("unknown resource type \"\(name)\"; known: \(known)")
+        }
+        return entry.type
+    }
+
+    /// A one-line explanation of a failure, with a hint where one helps.
+    public func explain(_ error: any Error) -> String {
+        switch error {
+        case let s as Status:
+            return s.message
+        case let e as HTTPClientError where e.message.hasPrefix("cannot connect"):
+            return
+                "\(e.message)\nIs the control plane running? Start one with `meshctl up`, or point --server / MESHCTL_SERVER at it."
+        case let e as ManifestError:
+            return e.message
+        default:
+            return "\(error)"
+        }
+    }
+
+    // MARK: apply / delete -f
+
+    /// Creates or updates every object in the documents, in order. Continues past failures.
+    public func apply(_ docs: [ManifestDocument], outputJSON: Bool = false) async -> Bool {
+        var ok = true
+        for doc in docs {
+            do {
+                let object = try Self.check(doc)
+                let type = Swift.type(of: object).resource
+                let ns = type.namespaced ? (object.metadata.namespace ?? "default") : nil
+                let path = ControlClient.path(type, namespace: ns, name: object.metadata.name)
+                let body = ByteBuffer(bytes: try MeshJSON.encode(object))
+                let response = try await self.client.http.send(
+                    .PUT,
+                    path,
+                    headers: ["Content-Type": "application/json", "Accept": "application/json"],
+                    body: body
+                )
+                guard (200..<300).contains(response.status.code) else {
+                    throw ControlClient.status(from: response.body, httpStatus: response.status)
+                }
+                let result =
+                    response.status == .created
+                    ? "created"
+                    : response.headers.first(name: "X-Mesh-Result") == "unchanged" ? "unchanged" : "configured"
+                if outputJSON {
+                    self.out(Printer.json(try JSONValue.parse(json: Data(response.body.readableBytesView))))
+                } else {
+                    self.out("\(type.singular)/\(object.metadata.name) \(result)\n")
+                }
+            } catch {
+                ok = false
+                self.err("error: \(doc.source): \(self.explain(error))\n")
+            }
+        }
+        return ok
+    }
+
+    /// Deletes every object named in the documents.
+    public func delete(_ docs: [ManifestDocument], ignoreNotFound: Bool) async -> Bool {
+        var ok = true
+        for doc in docs {
+            do {
+                let object = try Self.check(doc)
+                let type = Swift.type(of: object).resource
+                ok =
+                    await self.delete(
+                        type,
+                        names: [object.metadata.name],
+                        namespace: object.metadata.namespace,
+                        ignoreNotFound: ignoreNotFound
+                    ) && ok
+            } catch {
+                ok = false
+                self.err("error: \(doc.source): \(self.explain(error))\n")
+            }
+        }
+        return ok
+    }
+
+    static func check(_ doc: ManifestDocument) throws -> any MeshObject {
+        do {
+            return try Registry.object(from: doc.value)
+        } catch let e as ValidationError {
+            throw ManifestError(e.description)
+        }
+    }
+
+    // MARK: get / delete by name
+
+    public func delete(_ type: ResourceType, names: [String], namespace: String?, ignoreNotFound: Bool) async -> Bool {
+        var ok = true
+        for name in names {
+            do {
+                let ns = type.namespaced ? (namespace ?? "default") : nil
+                _ = try await self.client.raw(.DELETE, ControlClient.path(type, namespace: ns, name: name))
+                self.out("\(type.singular) \"\(name)\" deleted\n")
+            } catch let s as Status where s.code == 404 && ignoreNotFound {
+                continue
+            } catch {
+                ok = false
+                self.err("error: \(self.explain(error))\n")
+            }
+        }
+        return ok
+    }
+
+    /// Prints one object or a list, in the chosen format.
+    public func get(
+        _ type: ResourceType,
+        name: String?,
+        namespace: String?,
+        allNamespaces: Bool,
+        selector: String?,
+        format: OutputFormat
+    ) async -> Bool {
+        do {
+            let ns = type.namespaced ? (allNamespaces ? nil : (namespace ?? "default")) : nil
+            var path = ControlClient.path(type, namespace: ns, name: name)
+            if name == nil, let sel = selector { path += "?labelSelector=" + HTTPRequest.percentEncode(sel) }
+            let body = try await self.client.raw(.GET, path).body
+            let value = try JSONValue.parse(json: Data(body.readableBytesView))
+            let items: [JSONValue] = name == nil ? (value["items"].map(Printer.list) ?? []) : [value]
+            switch format {
+            case .json: self.out(Printer.json(value))
+            case .yaml: self.out(Printer.yaml(value))
+            case .name:
+                for o in items { self.out("\(type.singular)/\(Printer.text(o["metadata"]?["name"]))\n") }
+            case .table, .wide:
+                if items.isEmpty {
+                    let where_ =
+                        type.namespaced
+                        ? (allNamespaces ? " in any namespace" : " in namespace \(ns ?? "default")") : ""
+                    self.err("No \(type.plural) found\(where_).\n")
+                } else {
+                    let (header, rows) = Printer.rows(
+                        type,
+                        items,
+                        allNamespaces: allNamespaces,
+                        wide: format == .wide,
+                        now: Int(Date().timeIntervalSince1970)
+                    )
+                    self.out(Printer.table(header, rows))
+                }
+            }
+            return true
+        } catch {
+            self.err("error: \(self.explain(error))\n")
+            return false
+        }
+    }
+
+    // MARK: watch
+
+    /// Prints each change as it happens (a line per event, or one JSON event per line) until
+    /// cancelled or `maxEvents` have been printed. Resumes across dropped connections.
+    public func watch(
+        _ type: ResourceType,
+        namespace: String?,
+        allNamespaces: Bool,
+        selector: String?,
+        format: OutputFormat,
+        maxEvents: Int? = nil
+    ) async -> Bool {
+        let ns = type.namespaced ? (allNamespaces ? nil : (namespace ?? "default")) : nil
+        var rv: Int64?
+        var printed = 0
+        var failures = 0
+        while !Task.isCancelled {
+            do {
+                try await self.client.watchLines(type, namespace: ns, after: rv, labelSelector: selector) { line in
+                    failures = 0
+                    let event = try JSONValue.parse(json: Data(line.readableBytesView))
+                    let kind = event["type"]?.stringValue ?? "?"
+                    let object = event["object"] ?? .null
+                    if let v = object["metadata"]?["resourceVersion"]?.stringValue.flatMap({ Int64($0) }) { rv = v }
+                    if kind == "BOOKMARK" { return true }
+                    if kind == "ERROR" {
+                        throw (try? Strict.decode(Status.self, from: object)) ?? Status.badRequest("watch error")
+                    }
+                    switch format {
+                    case .json: self.out(String(decoding: line.readableBytesView, as: UTF8.self) + "\n")
+                    case .yaml: self.out("---\n" + Printer.yaml(event))
+                    default:
+                        let name = Printer.text(object["metadata"]?["name"])
+                        let nsText = type.namespaced ? Printer.text(object["metadata"]?["namespace"]) + "/" : ""
+                        self.out(
+                            "\(kind.padding(toLength: 9, withPad: " ", startingAt: 0)) \(type.singular)/\(nsText)\(name)  resourceVersion=\(rv ?? 0)\n"
+                        )
+                    }
+                    printed += 1
+                    return maxEvents.map { printed < $0 } ?? true
+                }
+                if let m = maxEvents, printed >= m { return true }
+            } catch let s as Status where s.code == 410 {
+                self.err("watch: \(s.message)\n")
+                rv = nil
+            } catch {
+                if Task.isCancelled { return true }
+                failures += 1
+                if failures > 1 {
+                    self.err("error: \(self.explain(error))\n")
+                    return false
+                }
+                try? await Task.sleep(for: .milliseconds(500))
+            }
+        }
+        return true
+    }
+}

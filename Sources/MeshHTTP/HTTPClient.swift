@@ -1,0 +1,269 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+
+/// Where a server is: `http://host:port`.
+public struct HTTPEndpoint: Sendable, Hashable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    /// Parses `http://host:port`, `host:port` or `[v6]:port`; the scheme may be omitted.
+    public init?(url: String) {
+        var rest = Substring(url)
+        if rest.hasPrefix("http://") { rest = rest.dropFirst(7) }
+        if rest.hasSuffix("/") { rest = rest.dropLast() }
+        guard !rest.contains("/"), !rest.isEmpty else { return nil }
+        if rest.hasPrefix("[") {
+            guard let close = rest.firstIndex(of: "]") else { return nil }
+            self.host = String(rest[rest.index(after: rest.startIndex)..<close])
+            let after = rest[rest.index(after: close)...]
+            guard after.hasPrefix(":"), let p = Int(after.dropFirst()), (1...65535).contains(p) else { return nil }
+            self.port = p
+        } else if let colon = rest.lastIndex(of: ":") {
+            self.host = String(rest[..<colon])
+            guard let p = Int(rest[rest.index(after: colon)...]), (1...65535).contains(p) else { return nil }
+            self.port = p
+        } else {
+            self.host = String(rest)
+            self.port = 80
+        }
+        if self.host.isEmpty { return nil }
+    }
+
+    public var description: String {
+        self.host.contains(":") ? "http://[\(self.host)]:\(self.port)" : "http://\(self.host):\(self.port)"
+    }
+}
+
+/// A response read whole.
+public struct HTTPClientResponse: Sendable {
+    public var status: HTTPResponseStatus
+    public var headers: HTTPHeaders
+    public var body: ByteBuffer
+}
+
+/// Why a request got no response.
+public struct HTTPClientError: Error, Sendable, CustomStringConvertible {
+    public var message: String
+
+    public init(_ message: String) {
+        self.message = message
+    }
+
+    public var description: String { self.message }
+}
+
+/// A small HTTP/1.1 client over SwiftNIO for the control API: one connection per request, whole
+/// responses with a size bound, or a streamed body for watches.
+public struct HTTPClient: Sendable {
+    public var endpoint: HTTPEndpoint
+    public var connectTimeout: TimeAmount = .seconds(5)
+    /// Whole-request time limit for `send` (not for streams).
+    public var requestTimeout: TimeAmount = .seconds(30)
+    public var maxResponseBytes: Int = 256 * 1024 * 1024
+    let group: any EventLoopGroup
+
+    public init(endpoint: HTTPEndpoint, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+        self.endpoint = endpoint
+        self.group = group
+    }
+
+    typealias Connection = NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
+
+    private func connect() async throws -> Connection {
+        do {
+            return try await ClientBootstrap(group: self.group)
+                .connectTimeout(self.connectTimeout)
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .connect(host: self.endpoint.host, port: self.endpoint.port) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                        return try Connection(
+                            wrappingChannelSynchronously: channel,
+                            configuration: .init(
+                                inboundType: HTTPClientResponsePart.self,
+                                outboundType: HTTPClientRequestPart.self
+                            )
+                        )
+                    }
+                }
+        } catch {
+            throw HTTPClientError("cannot connect to \(self.endpoint): \(Self.describe(error))")
+        }
+    }
+
+    static func describe(_ error: any Error) -> String {
+        if let e = error as? IOError { return e.description }
+        if error is ChannelError { return "\(error)" }
+        return "\(error)"
+    }
+
+    private func head(_ method: HTTPMethod, _ path: String, _ headers: HTTPHeaders, bodyLength: Int?) -> HTTPRequestHead
+    {
+        var h = headers
+        h.replaceOrAdd(
+            name: "Host",
+            value: self.endpoint.host.contains(":")
+                ? "[\(self.endpoint.host)]:\(self.endpoint.port)" : "\(self.endpoint.host):\(self.endpoint.port)"
+        )
+        if let n = bodyLength { h.replaceOrAdd(name: "Content-Length", value: "\(n)") }
+        h.replaceOrAdd(name: "Connection", value: "close")
+        return HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: h)
+    }
+
+    /// Sends one request and reads the whole response.
+    public func send(
+        _ method: HTTPMethod,
+        _ path: String,
+        headers: HTTPHeaders = [:],
+        body: ByteBuffer? = nil
+    ) async throws -> HTTPClientResponse {
+        let connection = try await self.connect()
+        let channel = connection.channel
+        let timeout = self.requestTimeout
+        let timedOut = Flag()
+        let timer = channel.eventLoop.scheduleTask(in: timeout) {
+            timedOut.set()
+            channel.close(promise: nil)
+        }
+        defer { timer.cancel() }
+        let limit = self.maxResponseBytes
+        let endpoint = self.endpoint
+        let sentHead = self.head(method, path, headers, bodyLength: body?.readableBytes ?? (method == .GET ? nil : 0))
+        do {
+            return try await connection.executeThenClose { inbound, outbound in
+                var parts: [HTTPClientRequestPart] = [.head(sentHead)]
+                if let b = body { parts.append(.body(.byteBuffer(b))) }
+                parts.append(.end(nil))
+                try await outbound.write(contentsOf: parts)
+                var status: HTTPResponseStatus?
+                var headers = HTTPHeaders()
+                var collected = ByteBuffer()
+                for try await part in inbound {
+                    switch part {
+                    case .head(let h) where h.status.code >= 200:
+                        status = h.status
+                        headers = h.headers
+                    case .head:
+                        continue
+                    case .body(var chunk):
+                        guard collected.readableBytes + chunk.readableBytes <= limit else {
+                            throw HTTPClientError("response from \(endpoint) is larger than \(limit) bytes")
+                        }
+                        collected.writeBuffer(&chunk)
+                    case .end:
+                        guard let s = status else { throw HTTPClientError("response from \(endpoint) had no status") }
+                        return HTTPClientResponse(status: s, headers: headers, body: collected)
+                    }
+                }
+                throw HTTPClientError("\(endpoint) closed the connection before the response was complete")
+            }
+        } catch let error as HTTPClientError {
+            throw error
+        } catch {
+            if timedOut.isSet {
+                throw HTTPClientError("\(endpoint) did not answer within \(timeout.nanoseconds / 1_000_000_000)s")
+            }
+            throw HTTPClientError("request to \(endpoint) failed: \(Self.describe(error))")
+        }
+    }
+
+    /// Sends one request and hands the response head and its body chunks to `consume` as they arrive.
+    /// The connection closes when `consume` returns or throws.
+    public func stream<T: Sendable>(
+        _ method: HTTPMethod,
+        _ path: String,
+        headers: HTTPHeaders = [:],
+        consume: (HTTPResponseHead, inout ResponseBodyStream) async throws -> T
+    ) async throws -> T {
+        let connection = try await self.connect()
+        let sentHead = self.head(method, path, headers, bodyLength: nil)
+        let endpoint = self.endpoint
+        return try await connection.executeThenClose { inbound, outbound in
+            try await outbound.write(contentsOf: [.head(sentHead), .end(nil)])
+            var iterator = inbound.makeAsyncIterator()
+            while let part = try await iterator.next() {
+                if case .head(let h) = part, h.status.code >= 200 {
+                    var body = ResponseBodyStream(iterator: iterator)
+                    return try await consume(h, &body)
+                }
+            }
+            throw HTTPClientError("\(endpoint) closed the connection before sending a response")
+        }
+    }
+}
+
+/// The body chunks of a streamed response.
+public struct ResponseBodyStream {
+    var iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator
+    var pending = ByteBuffer()
+    var ended = false
+
+    init(iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator) {
+        self.iterator = iterator
+    }
+
+    /// The next chunk, or nil at the end of the body.
+    public mutating func nextChunk() async throws -> ByteBuffer? {
+        while !self.ended, let part = try await self.iterator.next() {
+            switch part {
+            case .body(let b): return b
+            case .end: self.ended = true
+            case .head: continue
+            }
+        }
+        return nil
+    }
+
+    /// The next newline-terminated line (without the newline), or nil at the end of the body.
+    /// A line longer than `maxLine` bytes is an error.
+    public mutating func nextLine(maxLine: Int = 64 * 1024 * 1024) async throws -> ByteBuffer? {
+        while true {
+            if let nl = self.pending.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) {
+                let length = nl - self.pending.readerIndex
+                let line = self.pending.readSlice(length: length)!
+                self.pending.moveReaderIndex(forwardBy: 1)
+                return line
+            }
+            guard self.pending.readableBytes <= maxLine else {
+                throw HTTPClientError("a streamed line is longer than \(maxLine) bytes")
+            }
+            guard var chunk = try await self.nextChunk() else {
+                if self.pending.readableBytes > 0 {
+                    defer { self.pending.clear() }
+                    return self.pending
+                }
+                return nil
+            }
+            self.pending.discardReadBytes()
+            self.pending.writeBuffer(&chunk)
+        }
+    }
+
+    /// The rest of the body, up to `limit` bytes.
+    public mutating func collect(upTo limit: Int) async throws -> ByteBuffer {
+        var out = self.pending
+        self.pending.clear()
+        while var chunk = try await self.nextChunk() {
+            guard out.readableBytes + chunk.readableBytes <= limit else {
+                throw HTTPClientError("response body is larger than \(limit) bytes")
+            }
+            out.writeBuffer(&chunk)
+        }
+        return out
+    }
+}
+
+/// A flag set once, readable from any thread.
+final class Flag: Sendable {
+    private let value = Atomic<Bool>(false)
+
+    func set() { self.value.store(true, ordering: .relaxed) }
+    var isSet: Bool { self.value.load(ordering: .relaxed) }
+}

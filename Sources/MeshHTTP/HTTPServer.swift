@@ -1,0 +1,325 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import ServiceLifecycle
+import Synchronization
+
+/// Where and how an HTTP server listens; every field has a default.
+public struct HTTPServerConfiguration: Sendable {
+    public var host: String = "127.0.0.1"
+    /// 0 picks a free port (see `HTTPServer.localAddress`).
+    public var port: Int = 0
+    /// Largest request body accepted; larger ones get 413.
+    public var maxBodyBytes: Int = 3 * 1024 * 1024
+    /// Largest request head (all header lines); larger ones get 431.
+    public var maxHeaderBytes: Int = 64 * 1024
+    /// How long a started request may pause before it gets 408.
+    public var requestTimeout: TimeAmount = .seconds(30)
+    /// How long a connection may sit with no request before it is closed.
+    public var idleTimeout: TimeAmount = .seconds(120)
+    /// Connections beyond this are answered 503 and closed.
+    public var maxConnections: Int = 8192
+    /// How long in-flight requests may finish after shutdown begins.
+    public var drainTimeout: TimeAmount = .seconds(5)
+    /// How the server's own errors (400, 408, 413, 431, 503) are written.
+    public var renderError: ErrorRenderer = { status, message in
+        ("text/plain; charset=utf-8", ByteBuffer(string: "\(status.code) \(status.reasonPhrase): \(message)\n"))
+    }
+
+    public init() {}
+}
+
+/// An HTTP/1.1 server over SwiftNIO: keep-alive, pipelining, limits, streaming responses, and
+/// structured shutdown as a swift-service-lifecycle `Service`.
+public final class HTTPServer: Service, Sendable {
+    public let configuration: HTTPServerConfiguration
+    let responder: any HTTPResponder
+    let logger: Logger
+    let group: any EventLoopGroup
+    private let bound: Mutex<BoundState>
+    private let ready = AsyncReadySignal()
+
+    private struct BoundState {
+        var address: SocketAddress?
+        var error: (any Error)?
+        var connections: [ObjectIdentifier: any Channel] = [:]
+        var draining = false
+    }
+
+    public init(
+        configuration: HTTPServerConfiguration,
+        responder: any HTTPResponder,
+        logger: Logger,
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) {
+        self.configuration = configuration
+        self.responder = responder
+        self.logger = logger
+        self.group = group
+        self.bound = Mutex(BoundState())
+    }
+
+    /// The address the server listens on, once `run()` has bound it; throws if binding failed.
+    public func localAddress() async throws -> SocketAddress {
+        await self.ready.wait()
+        return try self.bound.withLock { state in
+            if let e = state.error { throw e }
+            return state.address!
+        }
+    }
+
+    /// Open connections right now.
+    public var connectionCount: Int { self.bound.withLock { $0.connections.count } }
+
+    public func run() async throws {
+        let config = self.configuration
+        let server: NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>
+        do {
+            server = try await ServerBootstrap(group: self.group)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .serverChannelOption(.backlog, value: 256)
+                .serverChannelOption(.maxMessagesPerRead, value: 16)
+                .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .bind(host: config.host, port: config.port) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        var limits = NIOHTTPDecoderLimitConfiguration()
+                        limits.maxHeaderListSize = config.maxHeaderBytes
+                        limits.maxHeaderFieldSize = config.maxHeaderBytes
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline(
+                            withPipeliningAssistance: true,
+                            withErrorHandling: false,
+                            withEncoderConfiguration: .init(),
+                            withDecoderLimitConfiguration: limits
+                        )
+                        let guardHandler = ProtocolGuard(
+                            eventLoop: channel.eventLoop,
+                            requestTimeout: config.requestTimeout,
+                            idleTimeout: config.idleTimeout,
+                            render: config.renderError
+                        )
+                        try channel.pipeline.syncOperations.addHandler(guardHandler)
+                        return try NIOAsyncChannel(
+                            wrappingChannelSynchronously: channel,
+                            configuration: .init(
+                                inboundType: HTTPServerRequestPart.self,
+                                outboundType: HTTPServerResponsePart.self
+                            )
+                        )
+                    }
+                }
+        } catch {
+            self.bound.withLock { $0.error = error }
+            await self.ready.signal()
+            self.logger.error("cannot listen on \(config.host):\(config.port): \(error)")
+            throw error
+        }
+        let address = server.channel.localAddress
+        self.bound.withLock { $0.address = address }
+        await self.ready.signal()
+        self.logger.info("listening on http://\(address.map(hostPort) ?? "?")")
+
+        try await withGracefulShutdownHandler {
+            try await withThrowingDiscardingTaskGroup { group in
+                try await server.executeThenClose { inbound in
+                    for try await connection in inbound {
+                        group.addTask { await self.serve(connection) }
+                    }
+                }
+                // The listener is closed: give in-flight requests the drain time, then close the rest.
+                let open = self.bound.withLock { state in
+                    state.draining = true
+                    return Array(state.connections.values)
+                }
+                if !open.isEmpty {
+                    try? await Task.sleep(for: .nanoseconds(config.drainTimeout.nanoseconds))
+                    for channel in self.bound.withLock({ Array($0.connections.values) }) {
+                        channel.close(promise: nil)
+                    }
+                }
+            }
+        } onGracefulShutdown: {
+            self.logger.info("shutting down: no new connections")
+            server.channel.close(promise: nil)
+            // Idle connections and streams close now; requests being answered finish first.
+            for channel in self.bound.withLock({ state -> [any Channel] in
+                state.draining = true
+                return Array(state.connections.values)
+            }) {
+                channel.eventLoop.execute { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+            }
+        }
+    }
+
+    private func serve(_ connection: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>) async {
+        let channel = connection.channel
+        let id = ObjectIdentifier(channel)
+        let (admitted, draining) = self.bound.withLock { state -> (Bool, Bool) in
+            guard state.connections.count < self.configuration.maxConnections else { return (false, state.draining) }
+            state.connections[id] = channel
+            return (true, state.draining)
+        }
+        defer { self.bound.withLock { _ = $0.connections.removeValue(forKey: id) } }
+        let inputClosed: EventLoopFuture<Void>
+        do {
+            inputClosed = try await channel.pipeline.handler(type: ProtocolGuard.self).map {
+                $0.inputClosed.futureResult
+            }
+            .get()
+        } catch {
+            return
+        }
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                if !admitted || draining {
+                    try await self.writeError(
+                        outbound,
+                        .serviceUnavailable,
+                        "the server is at its connection limit or shutting down"
+                    )
+                    return
+                }
+                var parts = inbound.makeAsyncIterator()
+                while let part = try await parts.next() {
+                    guard case .head(let head) = part else { continue }
+                    guard let request = try await self.collect(head, &parts, outbound, remote: channel.remoteAddress)
+                    else { return }
+                    let response = await self.responder.respond(to: request)
+                    let keepAlive = head.isKeepAlive && !self.bound.withLock({ $0.draining })
+                    try await self.write(
+                        response,
+                        to: outbound,
+                        version: head.version,
+                        keepAlive: keepAlive,
+                        inputClosed: inputClosed,
+                        channel: channel
+                    )
+                    if !keepAlive { return }
+                }
+            }
+        } catch {
+            self.logger.debug("connection \(channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)")
+        }
+    }
+
+    /// Reads the body of the request that `head` starts, up to the limit. Nil: the connection is done.
+    private func collect(
+        _ head: HTTPRequestHead,
+        _ parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
+        _ outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
+        remote: SocketAddress?
+    ) async throws -> HTTPRequest? {
+        let limit = self.configuration.maxBodyBytes
+        if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }), length > limit {
+            try await self.writeError(
+                outbound,
+                .payloadTooLarge,
+                "request body of \(length) bytes is over the limit of \(limit)"
+            )
+            return nil
+        }
+        var body = ByteBuffer()
+        while let part = try await parts.next() {
+            switch part {
+            case .body(var chunk):
+                guard body.readableBytes + chunk.readableBytes <= limit else {
+                    try await self.writeError(
+                        outbound,
+                        .payloadTooLarge,
+                        "request body is over the limit of \(limit) bytes"
+                    )
+                    return nil
+                }
+                body.writeBuffer(&chunk)
+            case .end:
+                return HTTPRequest(
+                    method: head.method,
+                    uri: head.uri,
+                    headers: head.headers,
+                    body: body,
+                    remoteAddress: remote
+                )
+            case .head:
+                return nil
+            }
+        }
+        return nil
+    }
+
+    private func write(
+        _ response: HTTPResponse,
+        to outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
+        version: HTTPVersion,
+        keepAlive: Bool,
+        inputClosed: EventLoopFuture<Void>,
+        channel: any Channel
+    ) async throws {
+        var head = HTTPResponseHead(version: version, status: response.status, headers: response.headers)
+        if !keepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
+        switch response.body {
+        case .bytes(let bytes):
+            head.headers.replaceOrAdd(name: "Content-Length", value: "\(bytes.readableBytes)")
+            try await outbound.write(contentsOf: [.head(head), .body(.byteBuffer(bytes)), .end(nil)])
+        case .stream(let produce):
+            head.headers.remove(name: "Content-Length")
+            try await outbound.write(.head(head))
+            let writer = HTTPBodyWriter(clientClosed: inputClosed) { chunk in
+                try await outbound.write(.body(.byteBuffer(chunk)))
+            }
+            try await produce(writer)
+            try await outbound.write(.end(nil))
+        }
+    }
+
+    private func writeError(
+        _ outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
+        _ status: HTTPResponseStatus,
+        _ message: String
+    ) async throws {
+        let (contentType, body) = self.configuration.renderError(status, message)
+        let head = HTTPResponseHead(
+            version: .http1_1,
+            status: status,
+            headers: [
+                "Content-Type": contentType, "Content-Length": "\(body.readableBytes)", "Connection": "close",
+            ]
+        )
+        try await outbound.write(contentsOf: [.head(head), .body(.byteBuffer(body)), .end(nil)])
+    }
+}
+
+/// Sent down a connection's pipeline when the server begins to shut down.
+public struct ShutdownEvent: Sendable {}
+
+/// `host:port`, with brackets around IPv6 hosts.
+public func hostPort(_ address: SocketAddress) -> String {
+    let ip = address.ipAddress ?? "?"
+    let port = address.port ?? 0
+    return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
+}
+
+/// A one-shot signal many tasks can wait for.
+final class AsyncReadySignal: Sendable {
+    private let state = Mutex<(done: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+
+    func signal() async {
+        let waiters = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            s.done = true
+            defer { s.waiters = [] }
+            return s.waiters
+        }
+        for w in waiters { w.resume() }
+    }
+
+    func wait() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let resumeNow = self.state.withLock { s -> Bool in
+                if s.done { return true }
+                s.waiters.append(c)
+                return false
+            }
+            if resumeNow { c.resume() }
+        }
+    }
+}

@@ -1,1 +1,0 @@
-// The MeshHTTP module; see README.md.

@@ -1,1 +1,0 @@
-// The MeshSQLite module; see README.md.

@@ -1,0 +1,227 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A directory under /tmp removed when the value is released.
+public final class TempDir: Sendable {
+    public let path: String
+
+    public init(_ prefix: String = "mesh-test") {
+        let base = FileManager.default.temporaryDirectory.path + "/\(prefix)-\(getpid())-\(UUID().uuidString.prefix(8))"
+        try! FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        self.path = base
+    }
+
+    deinit {
+        try? FileManager.default.removeItem(atPath: self.path)
+    }
+}
+
+/// The folder that holds the package's built executables (beside the test bundle), or
+/// `$MESH_BIN_DIR` when set.
+public func binaryDirectory() -> String {
+    if let dir = ProcessInfo.processInfo.environment["MESH_BIN_DIR"], !dir.isEmpty { return dir }
+    let exe = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+    var dir = exe.deletingLastPathComponent()
+    // On Linux the test runner is `<bin>/<package>PackageTests.xctest`; elsewhere a bundle inside <bin>.
+    while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("meshctl").path), dir.path != "/" {
+        dir = dir.deletingLastPathComponent()
+    }
+    return dir.path
+}
+
+/// What a finished process printed and how it ended.
+public struct ProcessResult: Sendable {
+    public var status: Int32
+    public var stdout: String
+    public var stderr: String
+}
+
+/// A process the test started; killed on release if still running.
+public final class Subprocess: @unchecked Sendable {
+    // `process` and the pipes are only mutated in init; Foundation's Process is thread-safe for
+    // the calls made here (terminate, isRunning, waitUntilExit).
+    public let process = Process()
+    let outPipe = Pipe()
+    let errPipe = Pipe()
+    private let outBuffer = Buffer()
+    private let errBuffer = Buffer()
+
+    final class Buffer: @unchecked Sendable {
+        // Guarded by `lock`.
+        private var data = Data()
+        private let lock = NSLock()
+        func append(_ d: Data) { self.lock.withLock { self.data.append(d) } }
+        var text: String { self.lock.withLock { String(decoding: self.data, as: UTF8.self) } }
+    }
+
+    public init(_ path: String, _ arguments: [String], environment: [String: String] = [:], stdin: String? = nil) throws
+    {
+        self.process.executableURL = URL(fileURLWithPath: path)
+        self.process.arguments = arguments
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        self.process.environment = env
+        self.process.standardOutput = self.outPipe
+        self.process.standardError = self.errPipe
+        let inPipe = Pipe()
+        self.process.standardInput = inPipe
+        let ob = self.outBuffer
+        let eb = self.errBuffer
+        self.outPipe.fileHandleForReading.readabilityHandler = { h in ob.append(h.availableData) }
+        self.errPipe.fileHandleForReading.readabilityHandler = { h in eb.append(h.availableData) }
+        try self.process.run()
+        if let s = stdin { inPipe.fileHandleForWriting.write(Data(s.utf8)) }
+        try? inPipe.fileHandleForWriting.close()
+    }
+
+    public var stdout: String { self.outBuffer.text }
+    public var stderr: String { self.errBuffer.text }
+    public var pid: Int32 { self.process.processIdentifier }
+    public var isRunning: Bool { self.process.isRunning }
+
+    public func signal(_ sig: Int32) { kill(self.process.processIdentifier, sig) }
+
+    /// Waits up to `timeout` for the process to exit; kills it and returns nil when it does not.
+    public func wait(timeout: Duration = .seconds(30)) async -> ProcessResult? {
+        let deadline = ContinuousClock.now + timeout
+        while self.process.isRunning && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        if self.process.isRunning {
+            self.process.terminate()
+            return nil
+        }
+        self.process.waitUntilExit()
+        // Let the readability handlers drain.
+        try? await Task.sleep(for: .milliseconds(30))
+        return ProcessResult(status: self.process.terminationStatus, stdout: self.stdout, stderr: self.stderr)
+    }
+
+    deinit {
+        if self.process.isRunning {
+            kill(self.process.processIdentifier, SIGKILL)
+        }
+        self.outPipe.fileHandleForReading.readabilityHandler = nil
+        self.errPipe.fileHandleForReading.readabilityHandler = nil
+    }
+}
+
+/// Runs a command to completion (bounded by `timeout`).
+public func run(
+    _ path: String,
+    _ arguments: [String],
+    environment: [String: String] = [:],
+    stdin: String? = nil,
+    timeout: Duration = .seconds(60)
+) async throws -> ProcessResult {
+    let p = try Subprocess(path, arguments, environment: environment, stdin: stdin)
+    guard let r = await p.wait(timeout: timeout) else {
+        return ProcessResult(status: -1, stdout: p.stdout, stderr: p.stderr + "\n(killed after \(timeout))")
+    }
+    return r
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+public func eventually(
+    timeout: Duration = .seconds(10),
+    every: Duration = .milliseconds(20),
+    _ condition: () async throws -> Bool
+) async rethrows -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try? await Task.sleep(for: every)
+    }
+    return try await condition()
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for a test).
+public func freePort() -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
+    _ = withUnsafeMutablePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+    }
+    return Int(UInt16(bigEndian: addr.sin_port))
+}
+
+/// A blocking TCP client for sending exact bytes (garbage, half requests) and reading the reply.
+public final class RawSocket {
+    public let fd: Int32
+
+    public init(host: String = "127.0.0.1", port: Int, timeout: Int = 10) throws {
+        self.fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var tv = timeval(tv_sec: timeout, tv_usec: 0)
+        setsockopt(self.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr(host)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        if rc != 0 {
+            close(self.fd)
+            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .ECONNREFUSED)
+        }
+    }
+
+    deinit { close(self.fd) }
+
+    public func send(_ text: String) { self.send(Array(text.utf8)) }
+
+    public func send(_ bytes: [UInt8]) {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return }
+            off += n
+        }
+    }
+
+    /// Stops sending (the server sees end of input); reading still works.
+    public func shutdownWrite() { shutdown(self.fd, Int32(SHUT_WR)) }
+
+    /// Reads until the server closes or the timeout passes.
+    public func readAll() -> String {
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = recv(self.fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            out += buf[0..<n]
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// True when the server has closed the connection (read returns 0 within the timeout).
+    public func isClosedByPeer() -> Bool {
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = recv(self.fd, &buf, buf.count, 0)
+            if n == 0 { return true }
+            if n < 0 { return errno == ECONNRESET }
+        }
+    }
+}
+
+/// The resident set size of a process in bytes, from /proc (0 when unreadable).
+public func residentBytes(pid: Int32) -> Int {
+    guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return 0 }
+    for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+        let kb = line.split(separator: " ").compactMap { Int($0) }.first ?? 0
+        return kb * 1024
+    }
+    return 0
+}
