@@ -15,6 +15,10 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     public var bookmarkIntervalSeconds: Int = 10
     /// Largest request body accepted (413 beyond).
     public var maxBodyBytes: Int = 3 * 1024 * 1024
+    /// How long a client may pause in the middle of sending a request (408 after).
+    public var requestTimeoutSeconds: Int = 30
+    /// How long an idle keep-alive connection stays open.
+    public var idleTimeoutSeconds: Int = 120
     /// `full` fsyncs every commit; `normal` only at checkpoints.
     public var durability: Durability = .full
     /// trace, debug, info, notice, warning, error, critical.
@@ -46,6 +50,8 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
         _ = try self.parsedCIDRs()
         if self.historyLimit < 1 { throw ManifestError("historyLimit: must be at least 1") }
         if self.bookmarkIntervalSeconds < 1 { throw ManifestError("bookmarkIntervalSeconds: must be at least 1") }
+        if self.requestTimeoutSeconds < 1 { throw ManifestError("requestTimeoutSeconds: must be at least 1") }
+        if self.idleTimeoutSeconds < 1 { throw ManifestError("idleTimeoutSeconds: must be at least 1") }
         if self.maxBodyBytes < 1024 { throw ManifestError("maxBodyBytes: must be at least 1024") }
         _ = try LogLevels.parse(self.logLevel)
     }

@@ -60,6 +60,8 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         httpConfig.maxBodyBytes = config.maxBodyBytes
         httpConfig.renderError = ControlAPI.renderError
         httpConfig.drainTimeout = .seconds(2)
+        httpConfig.requestTimeout = .seconds(Int64(config.requestTimeoutSeconds))
+        httpConfig.idleTimeout = .seconds(Int64(config.idleTimeoutSeconds))
         let server = HTTPServer(configuration: httpConfig, responder: api, logger: self.logger)
         self.http.set(server)
 

@@ -49,6 +49,11 @@ public struct StoreEvent: Sendable {
     }
 
     public var kind: Kind
+    public init(kind: Kind, object: StoredObject) {
+        self.kind = kind
+        self.object = object
+    }
+
     /// The object after the change; for a deletion, its last state stamped with the deletion's version.
     public var object: StoredObject
     public var resourceVersion: Int64 { self.object.resourceVersion }

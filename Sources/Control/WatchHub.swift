@@ -248,3 +248,8 @@ public final class WatchSubscription: Sendable {
         }
     }
 }
+
+/// The watch line of a change, as the hub encodes it (for tools and tests).
+public enum WatchHubLine {
+    public static func of(_ event: StoreEvent) -> ByteBuffer { WatchHub.line(for: event) }
+}

@@ -205,6 +205,28 @@ public final class RawSocket {
         return String(decoding: out, as: UTF8.self)
     }
 
+    /// Reads one HTTP/1.1 response: its head, then a Content-Length body (or until close).
+    public func readFirstResponse() -> String {
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let text = String(decoding: out, as: UTF8.self)
+            if let headEnd = text.range(of: "\r\n\r\n") {
+                let head = text[..<headEnd.lowerBound].lowercased()
+                if let cl = head.split(separator: "\r\n").first(where: { $0.hasPrefix("content-length:") }),
+                    let n = Int(cl.dropFirst("content-length:".count).trimmingCharacters(in: .whitespaces))
+                {
+                    let bodyStart = text.utf8.distance(from: text.utf8.startIndex, to: headEnd.upperBound.samePosition(in: text.utf8)!)
+                    if out.count >= bodyStart + n { return String(decoding: out[..<(bodyStart + n)], as: UTF8.self) }
+                }
+            }
+            let n = recv(self.fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            out += buf[0..<n]
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
     /// True when the server has closed the connection (read returns 0 within the timeout).
     public func isClosedByPeer() -> Bool {
         var buf = [UInt8](repeating: 0, count: 4096)
@@ -224,4 +246,15 @@ public func residentBytes(pid: Int32) -> Int {
         return kb * 1024
     }
     return 0
+}
+
+/// Runs blocking work (raw sockets, waiting on processes) on its own thread, so it never holds
+/// one of the few threads Swift concurrency runs everything else on (servers under test included).
+public func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        let thread = Thread {
+            continuation.resume(with: Result { try body() })
+        }
+        thread.start()
+    }
 }
