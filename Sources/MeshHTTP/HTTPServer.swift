@@ -172,15 +172,18 @@ public final class HTTPServer: Service, Sendable {
         }
         do {
             try await connection.executeThenClose { inbound, outbound in
+                var parts = inbound.makeAsyncIterator()
                 if !admitted || draining {
-                    try await self.writeError(
-                        outbound,
-                        .serviceUnavailable,
-                        "the server is at its connection limit or shutting down"
-                    )
+                    // Answer the first request (HTTP has no way to answer before one), then close.
+                    if case .head = try await parts.next() {
+                        try await self.writeError(
+                            outbound,
+                            .serviceUnavailable,
+                            "the server is at its connection limit or shutting down"
+                        )
+                    }
                     return
                 }
-                var parts = inbound.makeAsyncIterator()
                 while let part = try await parts.next() {
                     guard case .head(let head) = part else { continue }
                     guard let request = try await self.collect(head, &parts, outbound, remote: channel.remoteAddress)

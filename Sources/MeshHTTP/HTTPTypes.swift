@@ -135,10 +135,18 @@ public struct HTTPBodyWriter: Sendable {
     /// Completes when the client closes its side of the connection (or the connection closes).
     public let clientClosed: EventLoopFuture<Void>
 
+    private let closedFlag: Flag
+
     public init(clientClosed: EventLoopFuture<Void>, write: @escaping @Sendable (ByteBuffer) async throws -> Void) {
         self.clientClosed = clientClosed
         self.writeChunk = write
+        let flag = Flag()
+        clientClosed.whenComplete { _ in flag.set() }
+        self.closedFlag = flag
     }
+
+    /// True once the client has closed (or the server is shutting down): stop streaming.
+    public var isClientClosed: Bool { self.closedFlag.isSet }
 
     /// Writes and flushes one chunk; waits while the client is not reading (back-pressure).
     public func write(_ buffer: ByteBuffer) async throws {

@@ -6,9 +6,10 @@ import MeshCore
 import MeshHTTP
 import MeshTestSupport
 import NIOCore
+import Testing
+
 import class ServiceLifecycle.ServiceGroup
 import struct ServiceLifecycle.ServiceGroupConfiguration
-import Testing
 
 /// A control plane on a free loopback port with its own data directory, for one test.
 final class RunningControl: Sendable {
@@ -46,8 +47,16 @@ final class RunningControl: Sendable {
     }
 }
 
-func service(_ name: String, ns: String = "shop", ports: [ServicePort] = [ServicePort(name: "http", port: 80, protocol: .http)], clusterIP: String? = nil) -> Service {
-    Service(metadata: ObjectMeta(name: name, namespace: ns, labels: ["app": name]), spec: ServiceSpec(ports: ports, clusterIP: clusterIP))
+func service(
+    _ name: String,
+    ns: String = "shop",
+    ports: [ServicePort] = [ServicePort(name: "http", port: 80, protocol: .http)],
+    clusterIP: String? = nil
+) -> Service {
+    Service(
+        metadata: ObjectMeta(name: name, namespace: ns, labels: ["app": name]),
+        spec: ServiceSpec(ports: ports, clusterIP: clusterIP)
+    )
 }
 
 @Suite struct APITests {
@@ -100,7 +109,9 @@ func service(_ name: String, ns: String = "shop", ports: [ServicePort] = [Servic
             let s = e as? Status
             return s?.code == 409 && s?.reason == .conflict && s?.message.contains("has been modified") == true
         }
-        await #expect { try await cp.client.create(service("web")) } throws: { ($0 as? Status)?.reason == .alreadyExists }
+        await #expect { try await cp.client.create(service("web")) } throws: {
+            ($0 as? Status)?.reason == .alreadyExists
+        }
         try await cp.stop()
     }
 
@@ -126,7 +137,8 @@ func service(_ name: String, ns: String = "shop", ports: [ServicePort] = [Servic
         let a = try await cp.client.apply(service("a", clusterIP: "127.77.1.1")).object
         #expect(a.spec.clusterIP == "127.77.1.1")
         await #expect { try await cp.client.apply(service("b", clusterIP: "127.77.1.1")) } throws: { e in
-            (e as? Status)?.code == 422 && (e as? Status)?.message.contains("already allocated to services/shop/a") == true
+            (e as? Status)?.code == 422
+                && (e as? Status)?.message.contains("already allocated to services/shop/a") == true
         }
         await #expect { try await cp.client.apply(service("c", clusterIP: "10.1.2.3")) } throws: { e in
             (e as? Status)?.details?.causes?.first?.field == "spec.clusterIP"

@@ -13,7 +13,11 @@ import Testing
     static let servicePath = "/apis/mesh.edge/v1/namespaces/shop/services/web"
 
     /// Sends raw bytes and returns the HTTP status code and the Status message of the answer.
-    func exchange(_ cp: RunningControl, _ request: String, halfClose: Bool = false) async throws -> (code: Int, message: String) {
+    func exchange(
+        _ cp: RunningControl,
+        _ request: String,
+        halfClose: Bool = false
+    ) async throws -> (code: Int, message: String) {
         let port = cp.port
         let reply = try await blocking {
             let socket = try RawSocket(port: port, timeout: 5)
@@ -27,7 +31,11 @@ import Testing
         return (code, status?.message ?? "<no Status body: \(reply.prefix(200))>")
     }
 
-    func put(_ body: String, path: String = BadInputTests.servicePath, contentType: String = "application/json") -> String {
+    func put(
+        _ body: String,
+        path: String = BadInputTests.servicePath,
+        contentType: String = "application/json"
+    ) -> String {
         "PUT \(path) HTTP/1.1\r\nHost: t\r\nContent-Type: \(contentType)\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
     }
 
@@ -36,7 +44,8 @@ import Testing
         #expect(try await cp.client.list(Service.self).items.map(\.metadata.name) == ["keep"])
     }
 
-    static let valid = #"{"apiVersion":"mesh.edge/v1","kind":"Service","metadata":{"name":"web"},"spec":{"ports":[{"port":80}]}}"#
+    static let valid =
+        #"{"apiVersion":"mesh.edge/v1","kind":"Service","metadata":{"name":"web"},"spec":{"ports":[{"port":80}]}}"#
 
     @Test func badBodiesGetClearErrorsAndChangeNothing() async throws {
         let cp = try await RunningControl()
@@ -46,21 +55,57 @@ import Testing
             ("malformed JSON", self.put(#"{"apiVersion": "mesh.edge/v1", "kind": "#), 400, "malformed JSON"),
             ("not an object", self.put("[1,2]"), 400, "must be a JSON object"),
             ("empty body", self.put(""), 400, "has no body"),
-            ("unknown field", self.put(Self.valid.replacingOccurrences(of: #""spec":{"#, with: #""spec":{"portz":1,"#)), 400, "spec.portz: unknown field"),
-            ("wrong type", self.put(Self.valid.replacingOccurrences(of: #""port":80"#, with: #""port":"80""#)), 400, "spec.ports[0].port: expected a number"),
-            ("invalid value", self.put(Self.valid.replacingOccurrences(of: #""port":80"#, with: #""port":0"#)), 422, "spec.ports[0].port: must be 1-65535"),
             (
-                "invalid name", self.put(Self.valid.replacingOccurrences(of: #""name":"web""#, with: #""name":"Web_1""#), path: "/apis/mesh.edge/v1/namespaces/shop/services/Web_1"), 422,
+                "unknown field",
+                self.put(Self.valid.replacingOccurrences(of: #""spec":{"#, with: #""spec":{"portz":1,"#)), 400,
+                "spec.portz: unknown field"
+            ),
+            (
+                "wrong type", self.put(Self.valid.replacingOccurrences(of: #""port":80"#, with: #""port":"80""#)), 400,
+                "spec.ports[0].port: expected a number"
+            ),
+            (
+                "invalid value", self.put(Self.valid.replacingOccurrences(of: #""port":80"#, with: #""port":0"#)), 422,
+                "spec.ports[0].port: must be 1-65535"
+            ),
+            (
+                "invalid name",
+                self.put(
+                    Self.valid.replacingOccurrences(of: #""name":"web""#, with: #""name":"Web_1""#),
+                    path: "/apis/mesh.edge/v1/namespaces/shop/services/Web_1"
+                ), 422,
                 "metadata.name: invalid character"
             ),
-            ("name mismatch", self.put(Self.valid, path: "/apis/mesh.edge/v1/namespaces/shop/services/other"), 400, "does not match the name in the URL"),
-            ("kind mismatch", self.put(Self.valid, path: "/apis/mesh.edge/v1/namespaces/shop/endpoints/web"), 400, "does not belong under /endpoints"),
-            ("unknown kind", self.put(Self.valid, path: "/apis/mesh.edge/v1/namespaces/shop/gadgets/web"), 404, "no resource \"gadgets\""),
-            ("bad namespace", self.put(Self.valid, path: "/apis/mesh.edge/v1/namespaces/Shop!/services/web"), 400, "namespace \"Shop!\" is invalid"),
+            (
+                "name mismatch", self.put(Self.valid, path: "/apis/mesh.edge/v1/namespaces/shop/services/other"), 400,
+                "does not match the name in the URL"
+            ),
+            (
+                "kind mismatch", self.put(Self.valid, path: "/apis/mesh.edge/v1/namespaces/shop/endpoints/web"), 400,
+                "does not belong under /endpoints"
+            ),
+            (
+                "unknown kind", self.put(Self.valid, path: "/apis/mesh.edge/v1/namespaces/shop/gadgets/web"), 404,
+                "no resource \"gadgets\""
+            ),
+            (
+                "bad namespace", self.put(Self.valid, path: "/apis/mesh.edge/v1/namespaces/Shop!/services/web"), 400,
+                "namespace \"Shop!\" is invalid"
+            ),
             ("not JSON", self.put("kind: Service", contentType: "application/yaml"), 415, "send JSON"),
-            ("bad method", "PATCH \(Self.servicePath) HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n", 405, "is not allowed here"),
-            ("bad selector", "GET /apis/mesh.edge/v1/services?labelSelector=a,,b HTTP/1.1\r\nHost: t\r\n\r\n", 400, "empty term"),
-            ("bad watch version", "GET /apis/mesh.edge/v1/services?watch=1&resourceVersion=-3 HTTP/1.1\r\nHost: t\r\n\r\n", 400, "not a decimal number"),
+            (
+                "bad method", "PATCH \(Self.servicePath) HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n", 405,
+                "is not allowed here"
+            ),
+            (
+                "bad selector", "GET /apis/mesh.edge/v1/services?labelSelector=a,,b HTTP/1.1\r\nHost: t\r\n\r\n", 400,
+                "empty term"
+            ),
+            (
+                "bad watch version",
+                "GET /apis/mesh.edge/v1/services?watch=1&resourceVersion=-3 HTTP/1.1\r\nHost: t\r\n\r\n", 400,
+                "not a decimal number"
+            ),
         ]
         for (what, request, code, message) in cases {
             let (got, text) = try await self.exchange(cp, request)
@@ -77,7 +122,9 @@ import Testing
         let rv = try await cp.rv()
         // Declared too large: refused from the header alone.
         var (code, message) = try await self.exchange(
-            cp, "PUT \(Self.servicePath) HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+            cp,
+            "PUT \(Self.servicePath) HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+        )
         #expect(code == 413)
         #expect(message.contains("over the limit of 4096"))
         // Chunked and growing past the limit.
@@ -86,7 +133,8 @@ import Testing
         (code, message) = try await self.exchange(
             cp,
             "PUT \(Self.servicePath) HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                + "\(hex)\r\n\(chunk)\r\n\(hex)\r\n\(chunk)\r\n0\r\n\r\n")
+                + "\(hex)\r\n\(chunk)\r\n\(hex)\r\n\(chunk)\r\n0\r\n\r\n"
+        )
         #expect(code == 413)
         try await self.expectUnchangedAndServing(cp, rv: rv)
         try await cp.stop()
@@ -96,7 +144,8 @@ import Testing
         let cp = try await RunningControl { $0.requestTimeoutSeconds = 1 }
         try await cp.client.apply(service("keep"))
         let rv = try await cp.rv()
-        let head = "PUT \(Self.servicePath) HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        let head =
+            "PUT \(Self.servicePath) HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         // The client ends its side in the middle of a chunk.
         var (code, message) = try await self.exchange(cp, head + "40\r\n{\"apiVersion\":", halfClose: true)
         #expect(code == 400)
@@ -111,8 +160,10 @@ import Testing
         #expect(message.contains("malformed HTTP request"))
         // Content-Length promises more than arrives before the client half-closes.
         (code, message) = try await self.exchange(
-            cp, "PUT \(Self.servicePath) HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"a\"",
-            halfClose: true)
+            cp,
+            "PUT \(Self.servicePath) HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"a\"",
+            halfClose: true
+        )
         #expect(code == 400)
         try await self.expectUnchangedAndServing(cp, rv: rv)
         try await cp.stop()
@@ -125,14 +176,19 @@ import Testing
         var (code, message) = try await self.exchange(cp, "\u{01}\u{02}GARBAGE \u{7f}\r\n\r\n")
         #expect(code == 400)
         #expect(message.contains("malformed HTTP request"))
-        (code, message) = try await self.exchange(cp, "GET / HTTP/1.1\r\nX-Big: \(String(repeating: "a", count: 100_000))\r\n\r\n")
+        (code, message) = try await self.exchange(
+            cp,
+            "GET / HTTP/1.1\r\nX-Big: \(String(repeating: "a", count: 100_000))\r\n\r\n"
+        )
         #expect(code == 431)
         #expect(message.contains("too large"))
         // Random bytes, many times over: the server answers or closes, and lives.
         var generator = SystemRandomNumberGenerator()
         let port = cp.port
         for _ in 0..<50 {
-            let junk = (0..<Int.random(in: 1...2000, using: &generator)).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            let junk = (0..<Int.random(in: 1...2000, using: &generator)).map { _ in
+                UInt8.random(in: 0...255, using: &generator)
+            }
             _ = try await blocking {
                 let socket = try RawSocket(port: port, timeout: 5)
                 socket.send(junk)

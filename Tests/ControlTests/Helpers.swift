@@ -11,7 +11,8 @@ let testLogger: Logger = {
     return l
 }()
 
-func openStore(_ dir: TempDir, historyLimit: Int = 10_000, durability: Durability = .normal) async throws -> SQLiteStore {
+func openStore(_ dir: TempDir, historyLimit: Int = 10_000, durability: Durability = .normal) async throws -> SQLiteStore
+{
     var c = SQLiteStore.Configuration(path: dir.path + "/control.db")
     c.durability = durability
     c.hub.historyLimit = historyLimit
@@ -40,14 +41,24 @@ func put(
 ) async throws -> StoredObject {
     try await store.commit(
         Write(
-            key: key(name, ns: ns, resource: resource), expect: expect,
-            operation: .put { rv in (body(name, rv, value: value), labels) }, reserve: reserve))
+            key: key(name, ns: ns, resource: resource),
+            expect: expect,
+            operation: .put { rv in (body(name, rv, value: value), labels) },
+            reserve: reserve
+        )
+    )
 }
 
 @discardableResult
-func remove(_ store: any Store, _ name: String, ns: String = "shop", resource: String = "services") async throws -> StoredObject {
+func remove(
+    _ store: any Store,
+    _ name: String,
+    ns: String = "shop",
+    resource: String = "services"
+) async throws -> StoredObject {
     try await store.commit(
-        Write(key: key(name, ns: ns, resource: resource), expect: .any, operation: .delete { rv in body(name, rv) }))
+        Write(key: key(name, ns: ns, resource: resource), expect: .any, operation: .delete { rv in body(name, rv) })
+    )
 }
 
 /// The resourceVersions in a chunk of watch lines (bookmarks excluded).

@@ -1,5 +1,6 @@
 import Control
 import Foundation
+import MeshCore
 import MeshSQLite
 import MeshTestSupport
 import NIOCore
@@ -34,8 +35,12 @@ import Testing
         try await put(store, "web", expect: .absent)
         await #expect(throws: StoreError.alreadyExists(key("web"))) { try await put(store, "web", expect: .absent) }
         try await put(store, "web", expect: .version(1))
-        await #expect(throws: StoreError.conflict(key("web"), current: 2)) { try await put(store, "web", expect: .version(1)) }
-        await #expect(throws: StoreError.conflict(key("nope"), current: nil)) { try await put(store, "nope", expect: .version(1)) }
+        await #expect(throws: StoreError.conflict(key("web"), current: 2)) {
+            try await put(store, "web", expect: .version(1))
+        }
+        await #expect(throws: StoreError.conflict(key("nope"), current: nil)) {
+            try await put(store, "nope", expect: .version(1))
+        }
         // A refused write changes nothing: no version is used up.
         #expect(try await store.currentResourceVersion() == 2)
         try await store.close()
@@ -67,7 +72,9 @@ import Testing
         #expect(items.map(\.key.name) == ["a", "b", "c"])
         #expect(rv == 5)
         let (all, _) = try await store.list(resource: "services", namespace: nil)
-        #expect(all.map(\.key.description) == ["services/other/x", "services/shop/a", "services/shop/b", "services/shop/c"])
+        #expect(
+            all.map(\.key.description) == ["services/other/x", "services/shop/a", "services/shop/b", "services/shop/c"]
+        )
         try await store.close()
     }
 
@@ -100,7 +107,12 @@ import Testing
         let store = try await openStore(dir)
         let sub = try store.watch(
             after: 0,
-            filter: WatchFilter(resource: "services", namespace: "shop", selector: try LabelSelector(parsing: "app=web")))
+            filter: WatchFilter(
+                resource: "services",
+                namespace: "shop",
+                selector: try LabelSelector(parsing: "app=web")
+            )
+        )
         try await put(store, "a", labels: ["app": "web"])  // 1: yes
         try await put(store, "b", labels: ["app": "db"])  // 2: no
         try await put(store, "c", ns: "other", labels: ["app": "web"])  // 3: no
@@ -114,7 +126,9 @@ import Testing
         let dir = TempDir()
         let store = try await openStore(dir, historyLimit: 10)
         for i in 0..<30 { try await put(store, "s\(i)") }
-        #expect(throws: StoreError.gone(requested: 5, oldest: 21)) { try store.watch(after: 5, filter: WatchFilter(resource: "services")) }
+        #expect(throws: StoreError.gone(requested: 5, oldest: 21)) {
+            try store.watch(after: 5, filter: WatchFilter(resource: "services"))
+        }
         #expect(throws: StoreError.tooNew(requested: 31, current: 30)) {
             try store.watch(after: 31, filter: WatchFilter(resource: "services"))
         }
@@ -168,8 +182,6 @@ import Testing
         withExtendedLifetime(lock) {}
     }
 }
-
-import MeshCore
 
 /// Holds the control plane's data-directory lock.
 struct DirectoryLockHolder {

@@ -5,7 +5,11 @@ import Testing
 @Suite struct LabelSelectorTests {
     @Test func parsesAndMatches() throws {
         let s = try LabelSelector(parsing: "app=web, tier!=db,canary,!legacy")
-        #expect(s.requirements == [.equals("app", "web"), .notEquals("tier", "db"), .exists("canary"), .notExists("legacy")])
+        #expect(
+            s.requirements == [
+                .equals("app", "web"), .notEquals("tier", "db"), .exists("canary"), .notExists("legacy"),
+            ]
+        )
         #expect(s.matches(["app": "web", "canary": ""]))
         #expect(!s.matches(["app": "web", "canary": "", "legacy": "1"]))
         #expect(!s.matches(["app": "web", "tier": "db", "canary": ""]))

@@ -5,7 +5,10 @@ import Testing
 
 @Suite struct WatchHubTests {
     func event(_ rv: Int64, _ name: String = "x", ns: String = "shop") -> StoreEvent {
-        StoreEvent(kind: .added, object: StoredObject(key: key(name, ns: ns), resourceVersion: rv, labels: [:], json: body(name, rv)))
+        StoreEvent(
+            kind: .added,
+            object: StoredObject(key: key(name, ns: ns), resourceVersion: rv, labels: [:], json: body(name, rv))
+        )
     }
 
     @Test func slowWatcherIsEndedAfterItsQueueFillsAndKeepsWhatWasQueued() async {
@@ -28,7 +31,11 @@ import Testing
         hub.publish(self.event(2, ns: "other"))
         hub.sendBookmarks()
         let chunk = String(buffer: (await sub.next(kind: "Service"))!)
-        #expect(chunk == #"{"type":"BOOKMARK","object":{"apiVersion":"mesh.edge/v1","kind":"Service","metadata":{"resourceVersion":"2"}}}"# + "\n")
+        #expect(
+            chunk
+                == #"{"type":"BOOKMARK","object":{"apiVersion":"mesh.edge/v1","kind":"Service","metadata":{"resourceVersion":"2"}}}"#
+                + "\n"
+        )
         hub.publish(self.event(3))
         hub.sendBookmarks()  // not idle: the event is still queued, no bookmark behind it
         #expect(versions(in: (await sub.next(kind: "Service"))!) == [3])
@@ -42,7 +49,9 @@ import Testing
         let hub = WatchHub(current: 0, configuration: config)
         for rv in 1...10 { hub.publish(self.event(Int64(rv))) }
         #expect(hub.oldestResumable == 7)
-        #expect(throws: StoreError.gone(requested: 6, oldest: 8)) { try hub.subscribe(after: 6, filter: WatchFilter(resource: "services")) }
+        #expect(throws: StoreError.gone(requested: 6, oldest: 8)) {
+            try hub.subscribe(after: 6, filter: WatchFilter(resource: "services"))
+        }
         #expect(throws: Never.self) { try hub.subscribe(after: 7, filter: WatchFilter(resource: "services")).cancel() }
     }
 

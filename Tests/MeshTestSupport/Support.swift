@@ -205,6 +205,13 @@ public final class RawSocket {
         return String(decoding: out, as: UTF8.self)
     }
 
+    /// Reads what one recv returns (waits up to the timeout for it).
+    public func readSome() -> String {
+        var buf = [UInt8](repeating: 0, count: 65536)
+        let n = recv(self.fd, &buf, buf.count, 0)
+        return String(decoding: buf[0..<max(0, n)], as: UTF8.self)
+    }
+
     /// Reads one HTTP/1.1 response: its head, then a Content-Length body (or until close).
     public func readFirstResponse() -> String {
         var out: [UInt8] = []
@@ -216,7 +223,10 @@ public final class RawSocket {
                 if let cl = head.split(separator: "\r\n").first(where: { $0.hasPrefix("content-length:") }),
                     let n = Int(cl.dropFirst("content-length:".count).trimmingCharacters(in: .whitespaces))
                 {
-                    let bodyStart = text.utf8.distance(from: text.utf8.startIndex, to: headEnd.upperBound.samePosition(in: text.utf8)!)
+                    let bodyStart = text.utf8.distance(
+                        from: text.utf8.startIndex,
+                        to: headEnd.upperBound.samePosition(in: text.utf8)!
+                    )
                     if out.count >= bodyStart + n { return String(decoding: out[..<(bodyStart + n)], as: UTF8.self) }
                 }
             }

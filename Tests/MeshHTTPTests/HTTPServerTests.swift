@@ -1,0 +1,170 @@
+import Logging
+import MeshHTTP
+import MeshTestSupport
+import NIOCore
+import NIOEmbedded
+import NIOHTTP1
+import Synchronization
+import Testing
+
+import class ServiceLifecycle.ServiceGroup
+
+/// Counts streams that are running, to prove they stop when their client goes away.
+final class StreamCounter: Sendable {
+    let running = Atomic<Int>(0)
+    let started = Atomic<Int>(0)
+}
+
+func startServer(
+    configure: (inout HTTPServerConfiguration) -> Void = { _ in },
+    counter: StreamCounter = StreamCounter()
+) async throws -> (HTTPServer, ServiceGroup, Task<Void, any Error>, Int) {
+    var config = HTTPServerConfiguration()
+    configure(&config)
+    var logger = Logger(label: "test")
+    logger.logLevel = .warning
+    let responder = ClosureResponder { request in
+        switch request.path {
+        case "/echo":
+            return HTTPResponse(status: .ok, body: .bytes(request.body))
+        case "/stream":
+            return HTTPResponse(status: .ok) {
+                .stream { writer in
+                    counter.running.add(1, ordering: .relaxed)
+                    counter.started.add(1, ordering: .relaxed)
+                    defer { counter.running.subtract(1, ordering: .relaxed) }
+                    var i = 0
+                    while !writer.isClientClosed, i < 10_000 {
+                        try await writer.write(ByteBuffer(string: "tick \(i)\n"))
+                        i += 1
+                        try await Task.sleep(for: .milliseconds(10))
+                    }
+                }
+            }
+        default:
+            return .text(.notFound, "no \(request.path)")
+        }
+    }
+    let server = HTTPServer(configuration: config, responder: responder, logger: logger)
+    let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: logger))
+    let task = Task { try await group.run() }
+    let port = try await server.localAddress().port!
+    return (server, group, task, port)
+}
+
+extension HTTPResponse {
+    init(status: HTTPResponseStatus, body: () -> Body) {
+        self.init(status: status, headers: [:], body: body())
+    }
+}
+
+@Suite struct HTTPServerTests {
+    @Test func keepAliveAndPipelinedRequestsOnOneConnection() async throws {
+        let (server, group, task, port) = try await startServer()
+        let replies = try await blocking {
+            let s = try RawSocket(port: port, timeout: 5)
+            s.send(
+                "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\none"
+                    + "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\ntwo"
+                    + "GET /missing HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            )
+            return s.readAll()
+        }
+        let statuses = replies.components(separatedBy: "HTTP/1.1 ").dropFirst().map { $0.prefix(3) }
+        #expect(statuses == ["200", "200", "404"])
+        #expect(replies.contains("\r\n\r\none") && replies.contains("\r\n\r\ntwo"))
+        #expect(await eventually { server.connectionCount == 0 })
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
+    @Test func streamsStopWhenTheirClientLeaves() async throws {
+        let counter = StreamCounter()
+        let (server, group, task, port) = try await startServer(counter: counter)
+        let head = try await blocking {
+            let s = try RawSocket(port: port, timeout: 5)
+            s.send("GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+            return s.readSome()
+        }  // the socket closes here
+        #expect(head.contains("transfer-encoding: chunked"))
+        #expect(counter.started.load(ordering: .relaxed) == 1)
+        #expect(await eventually { counter.running.load(ordering: .relaxed) == 0 })
+        #expect(await eventually { server.connectionCount == 0 })
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
+    @Test func shutdownEndsStreamsAndClosesIdleConnections() async throws {
+        let counter = StreamCounter()
+        let (server, group, task, port) = try await startServer(
+            configure: { $0.drainTimeout = .seconds(1) },
+            counter: counter
+        )
+        let reader = Task {
+            try await blocking {
+                let s = try RawSocket(port: port, timeout: 10)
+                s.send("GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+                return s.readAll()
+            }
+        }
+        #expect(await eventually { counter.running.load(ordering: .relaxed) == 1 })
+        let start = ContinuousClock.now
+        await group.triggerGracefulShutdown()
+        try await task.value
+        #expect(ContinuousClock.now - start < .seconds(5))
+        let body = try await reader.value
+        #expect(body.hasSuffix("0\r\n\r\n"), "the stream ends with the last chunk: \(body.suffix(40))")
+        #expect(counter.running.load(ordering: .relaxed) == 0)
+        #expect(server.connectionCount == 0)
+    }
+
+    @Test func connectionLimit() async throws {
+        let (server, group, task, port) = try await startServer(configure: { $0.maxConnections = 1 })
+        let first = try RawSocket(port: port)
+        #expect(await eventually { server.connectionCount == 1 })
+        let second = try await blocking {
+            let s = try RawSocket(port: port, timeout: 5)
+            s.send("GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+            return s.readAll()
+        }
+        #expect(second.hasPrefix("HTTP/1.1 503"))
+        withExtendedLifetime(first) {}
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
+    @Test func bindFailureIsReported() async throws {
+        let (_, group, task, port) = try await startServer()
+        var config = HTTPServerConfiguration()
+        config.port = port
+        let second = HTTPServer(
+            configuration: config,
+            responder: ClosureResponder { _ in .text(.ok, "") },
+            logger: Logger(label: "t")
+        )
+        let run = Task { try await second.run() }
+        await #expect(throws: (any Error).self) { try await second.localAddress() }
+        await #expect(throws: (any Error).self) { try await run.value }
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+}
+
+@Suite struct RequestParsingTests {
+    @Test func pathsAndQueriesAreDecoded() {
+        let r = HTTPRequest(method: .GET, uri: "/a%20b/c?watch=true&labelSelector=app%3Dweb%2Ctier&x=1+2&flag")
+        #expect(r.path == "/a b/c")
+        #expect(r.query == ["watch": "true", "labelSelector": "app=web,tier", "x": "1 2", "flag": ""])
+        #expect(HTTPRequest.percentDecode("%zz", plusIsSpace: false) == nil)
+        #expect(HTTPRequest.percentDecode("%ff", plusIsSpace: false) == nil)
+        #expect(HTTPRequest.percentEncode("a b/c=d") == "a%20b%2Fc%3Dd")
+    }
+
+    @Test func endpoints() {
+        #expect(HTTPEndpoint(url: "http://127.0.0.1:7700") == HTTPEndpoint(host: "127.0.0.1", port: 7700))
+        #expect(HTTPEndpoint(url: "[::1]:7700/") == HTTPEndpoint(host: "::1", port: 7700))
+        #expect(HTTPEndpoint(url: "http://127.0.0.1:0") == nil)
+        #expect(HTTPEndpoint(url: "https://x/y") == nil)
+        #expect(HTTPEndpoint(host: "::1", port: 1).description == "http://[::1]:1")
+    }
+}
