@@ -19,6 +19,11 @@ let package = Package(
         .executable(name: "mesh-control", targets: ["mesh-control"]),
         .executable(name: "mesh-agent", targets: ["mesh-agent"]),
         .executable(name: "meshctl", targets: ["meshctl"]),
+        // Libraries, for embedding and for the benchmarks in perf/ (a nested package).
+        .library(name: "MeshCore", targets: ["MeshCore"]),
+        .library(name: "MeshHTTP", targets: ["MeshHTTP"]),
+        .library(name: "MeshClient", targets: ["MeshClient"]),
+        .library(name: "Control", targets: ["Control"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -49,10 +54,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
             ],
+            exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
         // A thin, owning wrapper over libsqlite3: connections, statements, transactions, migrations.
-        .target(name: "MeshSQLite", dependencies: ["CSQLite"], swiftSettings: swiftSettings),
+        .target(
+            name: "MeshSQLite",
+            dependencies: ["CSQLite"],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // HTTP/1.1 server and client over SwiftNIO: routing, limits, streaming, Prometheus, health.
         .target(
             name: "MeshHTTP",
@@ -64,10 +75,16 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
+            exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
         // Typed client of the control API: CRUD, list + watch with resume.
-        .target(name: "MeshClient", dependencies: ["MeshCore", "MeshHTTP"], swiftSettings: swiftSettings),
+        .target(
+            name: "MeshClient",
+            dependencies: ["MeshCore", "MeshHTTP"],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Control plane: store (SQLite; etcd later), watch hub, VIP allocation, REST + watch API.
         .target(
             name: "Control",
@@ -77,6 +94,7 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
+            exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
         // DNS: RFC 1035 codec (pure), service zone, UDP+TCP responder, upstream forwarder.
@@ -88,6 +106,7 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
+            exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
         // Mesh agent: service table, mesh interface, L4/L7 proxy, load balancing, admin API.
@@ -99,6 +118,7 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
+            exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
         // meshctl's logic: resource names, manifests, printers (table/json/yaml), the all-in-one.
@@ -109,6 +129,7 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Yams", package: "Yams"),
             ],
+            exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
 
