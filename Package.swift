@@ -160,7 +160,16 @@ let package = Package(
         ),
 
         // Tests mirror the modules; MeshTestSupport holds what several test targets share.
-        .target(name: "MeshTestSupport", path: "Tests/MeshTestSupport", swiftSettings: swiftSettings),
+        .target(
+            name: "MeshTestSupport",
+            dependencies: [
+                "Control", "MeshClient", "MeshCore", "MeshHTTP",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Tests/MeshTestSupport",
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "MeshCoreTests",
             dependencies: ["MeshCore", "MeshTestSupport"],
@@ -194,7 +203,7 @@ let package = Package(
         ),
         .testTarget(
             name: "MeshAgentTests",
-            dependencies: nio + ["MeshAgent", "MeshClient", "Control"],
+            dependencies: nio + ["MeshAgent", "MeshClient", "Control", "MeshCore", "MeshTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

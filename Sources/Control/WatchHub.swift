@@ -114,6 +114,9 @@ public final class WatchHub: Sendable {
             for entry in kept[lo...] where filter.matches(entry.event.object) {
                 sub.enqueue(.line(entry.line), rv: entry.event.resourceVersion, maxPending: Int.max)
             }
+            // Then a bookmark: the watcher has everything up to now and knows it at once, even when
+            // nothing it watches changes for a long time.
+            sub.enqueue(.bookmark(s.current), rv: s.current, maxPending: Int.max)
             s.subscribers[id] = sub
             return sub
         }

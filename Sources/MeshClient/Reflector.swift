@@ -63,13 +63,13 @@ public struct Reflector<T: MeshObject>: Sendable {
                         throw HTTPClientError("list of \(kind) has no resourceVersion")
                     }
                     try await handle(.replaced(list.items, resourceVersion: listRV))
+                    if failures > 0 {
+                        self.logger.info("\(kind): connected to the control plane at \(self.client.endpoint) again")
+                        failures = 0
+                        delay = self.backoff.initial
+                    }
                     rv = listRV
                 }
-                if failures > 0 {
-                    self.logger.info("\(kind): connected to the control plane at \(self.client.endpoint) again")
-                }
-                failures = 0
-                delay = self.backoff.initial
                 try await self.client.watch(
                     T.self,
                     namespace: self.namespace,
@@ -77,6 +77,12 @@ public struct Reflector<T: MeshObject>: Sendable {
                     labelSelector: self.labelSelector,
                     timeoutSeconds: self.watchTimeoutSeconds
                 ) { event in
+                    // The stream works: the next failure starts a fresh backoff.
+                    if failures > 0 {
+                        self.logger.info("\(kind): connected to the control plane at \(self.client.endpoint) again")
+                        failures = 0
+                        delay = self.backoff.initial
+                    }
                     if case .error(let status) = event { throw status }
                     try await handle(.changed(event))
                     if let v = event.resourceVersion { rv = v }

@@ -11,42 +11,6 @@ import Testing
 import class ServiceLifecycle.ServiceGroup
 import struct ServiceLifecycle.ServiceGroupConfiguration
 
-/// A control plane on a free loopback port with its own data directory, for one test.
-final class RunningControl: Sendable {
-    let dir: TempDir
-    let server: ControlServer
-    let group: ServiceGroup
-    let task: Task<Void, any Error>
-    let client: ControlClient
-    let port: Int
-
-    init(dir: TempDir = TempDir(), configure: (inout ControlConfig) -> Void = { _ in }) async throws {
-        var config = ControlConfig()
-        config.listen = "127.0.0.1:0"
-        config.dataDir = dir.path
-        config.durability = .normal
-        configure(&config)
-        let server = ControlServer(config: config, logger: testLogger)
-        let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: testLogger))
-        self.dir = dir
-        self.server = server
-        self.group = group
-        self.task = Task { try await group.run() }
-        let address = try await server.localAddress()
-        self.port = address.port!
-        self.client = ControlClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: self.port))
-    }
-
-    func stop() async throws {
-        await self.group.triggerGracefulShutdown()
-        try await self.task.value
-    }
-
-    func rv() async throws -> Int64 {
-        Int64(try await self.client.list(Service.self).metadata.resourceVersion)!
-    }
-}
-
 func service(
     _ name: String,
     ns: String = "shop",

@@ -1,0 +1,162 @@
+import Foundation
+import Logging
+import MeshAgent
+import MeshClient
+import MeshCore
+import MeshTestSupport
+import Synchronization
+import Testing
+
+import class ServiceLifecycle.ServiceGroup
+
+/// Collects the snapshots a sync publishes.
+final class SnapshotLog: Sendable {
+    let all = Mutex<[ServiceSnapshot]>([])
+    var last: ServiceSnapshot? { self.all.withLock { $0.last } }
+    func add(_ s: ServiceSnapshot) { self.all.withLock { $0.append(s) } }
+}
+
+func mkService(_ name: String, ns: String = "shop") -> MeshCore.Service {
+    MeshCore.Service(
+        metadata: ObjectMeta(name: name, namespace: ns),
+        spec: ServiceSpec(ports: [ServicePort(name: "http", port: 80, protocol: .http)])
+    )
+}
+
+func mkEndpoints(_ name: String, ns: String = "shop", ips: [String]) -> Endpoints {
+    Endpoints(
+        metadata: ObjectMeta(name: name, namespace: ns),
+        spec: EndpointsSpec(
+            addresses: ips.map { EndpointAddress(ip: $0, ports: [EndpointPort(name: "http", port: 8080)]) }
+        )
+    )
+}
+
+/// A running sync against `client`, caching in `dir`.
+final class RunningSync: Sendable {
+    let sync: ServiceTableSync
+    let log = SnapshotLog()
+    let group: ServiceGroup
+    let task: Task<Void, any Error>
+
+    init(client: ControlClient, dir: TempDir) async throws {
+        var logger = Logger(label: "sync")
+        logger.logLevel = .critical
+        var config = ServiceTableSync.Configuration()
+        config.backoff.initial = .milliseconds(20)
+        config.backoff.maximum = .milliseconds(200)
+        let log = self.log
+        self.sync = ServiceTableSync(
+            client: client,
+            cache: try AgentCache(path: dir.path + "/agent.db"),
+            configuration: config,
+            logger: logger
+        ) { log.add($0) }
+        _ = try await self.sync.loadCache()
+        self.group = ServiceGroup(configuration: .init(services: [.init(service: self.sync)], logger: logger))
+        let group = self.group
+        self.task = Task { try await group.run() }
+    }
+
+    func stop() async throws {
+        await self.group.triggerGracefulShutdown()
+        try await self.task.value
+    }
+}
+
+@Suite struct ServiceTableTests {
+    @Test func followsTheControlPlaneAndPersists() async throws {
+        let cp = try await RunningControl()
+        try await cp.client.apply(mkService("web"))
+        try await cp.client.apply(mkEndpoints("web", ips: ["198.18.1.1"]))
+        let cacheDir = TempDir()
+        let running = try await RunningSync(client: cp.client, dir: cacheDir)
+        #expect(await eventually { running.log.last?.source == .control && running.log.last?.endpoints.count == 1 })
+        #expect(running.log.last?.services[ObjectName(namespace: "shop", name: "web")]?.spec.vip != nil)
+
+        try await cp.client.apply(mkEndpoints("web", ips: ["198.18.1.1", "198.18.1.2"]))
+        try await cp.client.apply(mkService("api"))
+        #expect(
+            await eventually {
+                running.log.last?.endpoints[ObjectName(namespace: "shop", name: "web")]?.spec.addresses.count == 2
+                    && running.log.last?.services.count == 2
+            }
+        )
+        try await cp.client.delete(MeshCore.Service.self, namespace: "shop", name: "api")
+        #expect(await eventually { running.log.last?.services.count == 1 })
+        try await running.stop()
+
+        // The cache holds the same table and the versions to resume from.
+        let cache = try AgentCache(path: cacheDir.path + "/agent.db")
+        let (services, svcRV) = try cache.load(MeshCore.Service.self)
+        let (endpoints, epRV) = try cache.load(Endpoints.self)
+        #expect(services.map(\.metadata.name) == ["web"])
+        #expect(endpoints.first?.spec.addresses.count == 2)
+        #expect(svcRV == (try await cp.rv()))
+        #expect(epRV != nil)
+        try await cp.stop()
+    }
+
+    @Test func servesFromTheCacheWhileTheControlPlaneIsDownThenCatchesUp() async throws {
+        let controlDir = TempDir()
+        var cp = try await RunningControl(dir: controlDir)
+        try await cp.client.apply(mkService("web"))
+        try await cp.client.apply(mkEndpoints("web", ips: ["198.18.1.1"]))
+        let cacheDir = TempDir()
+        var running = try await RunningSync(client: cp.client, dir: cacheDir)
+        #expect(await eventually { running.log.last?.source == .control && running.log.last?.endpoints.count == 1 })
+        try await running.stop()
+        let port = cp.port
+        try await cp.stop()
+
+        // Agent restarts with the control plane gone: the cache answers at once.
+        running = try await RunningSync(client: cp.client, dir: cacheDir)
+        let first = try #require(running.log.all.withLock { $0.first })
+        #expect(first.source == .cache)
+        #expect(first.services.keys.map(\.name) == ["web"])
+        #expect(first.endpoints.values.first?.spec.addresses.map(\.ip) == ["198.18.1.1"])
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(running.log.last?.source == .cache)
+
+        // The control plane comes back (same port) with a change: the agent resumes and catches up.
+        cp = try await RunningControl(dir: controlDir) { $0.listen = "127.0.0.1:\(port)" }
+        try await cp.client.apply(mkEndpoints("web", ips: ["198.18.1.9"]))
+        #expect(
+            await eventually(timeout: .seconds(15)) {
+                running.log.last?.source == .control
+                    && running.log.last?.endpoints.values.first?.spec.addresses.map(\.ip) == ["198.18.1.9"]
+            }
+        )
+        try await running.stop()
+        try await cp.stop()
+    }
+
+    @Test func aVersionTooOldToResumeListsAgain() async throws {
+        let controlDir = TempDir()
+        var cp = try await RunningControl(dir: controlDir) { $0.historyLimit = 3 }
+        try await cp.client.apply(mkService("web"))
+        let cacheDir = TempDir()
+        var running = try await RunningSync(client: cp.client, dir: cacheDir)
+        #expect(
+            await eventually { running.log.last?.source == .control && running.log.last?.services.count == 1 },
+            "\(running.log.all.withLock { $0.map { "\($0.source) \($0.services.count) \($0.servicesVersion ?? -1)/\($0.endpointsVersion ?? -1)" } })"
+        )
+        try await running.stop()
+        // While the agent is away, more changes than the history keeps.
+        for i in 0..<10 { try await cp.client.apply(mkService("s\(i)")) }
+        try await cp.client.delete(MeshCore.Service.self, namespace: "shop", name: "web")
+        running = try await RunningSync(client: cp.client, dir: cacheDir)
+        #expect(
+            await eventually {
+                running.log.last?.services.count == 10
+                    && running.log.last?.services[ObjectName(namespace: "shop", name: "web")] == nil
+            },
+            "\(running.log.all.withLock { $0.map { "\($0.source) \($0.services.count) \($0.servicesVersion ?? -1)/\($0.endpointsVersion ?? -1)" } })"
+        )
+        try await running.stop()
+        try await cp.stop()
+        _ = controlDir
+        cp = try await RunningControl()
+        try await cp.stop()
+    }
+}
