@@ -19,6 +19,7 @@ let package = Package(
         .executable(name: "mesh-control", targets: ["mesh-control"]),
         .executable(name: "mesh-agent", targets: ["mesh-agent"]),
         .executable(name: "meshctl", targets: ["meshctl"]),
+        .executable(name: "dns-bench-server", targets: ["dns-bench-server"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -134,6 +135,17 @@ let package = Package(
             dependencies: [
                 "MeshCtl", "MeshCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // A standalone DNS responder over generated names, for perf/dns and manual checks.
+        .executableTarget(
+            name: "dns-bench-server",
+            dependencies: nio + [
+                "DNS", "MeshCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings
         ),
