@@ -182,12 +182,16 @@ final class DNSForwarder: Sendable {
             return self.eventLoop.makeSucceededFuture(hit)
         }
         self.metrics.cacheMisses.increment()
-        let promise = self.eventLoop.makePromise(of: DNSMessage?.self)
         if s.waiters[key] != nil {
+            let promise = self.eventLoop.makePromise(of: DNSMessage?.self)
             s.waiters[key]!.append(promise)
             return promise.futureResult
         }
-        guard !s.closed, !s.upstreams.isEmpty else { return self.eventLoop.makeSucceededFuture(nil) }
+        guard !s.closed, !s.upstreams.isEmpty else {
+            self.metrics.upstreamFailures.increment()
+            return self.eventLoop.makeSucceededFuture(nil)
+        }
+        let promise = self.eventLoop.makePromise(of: DNSMessage?.self)
         s.waiters[key] = [promise]
         let start = s.nextStart
         s.nextStart = (s.nextStart + 1) % s.upstreams.count
