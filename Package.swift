@@ -149,6 +149,12 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // libFuzzer target for the DNS codec and answer path (scripts/fuzz-dns); a replayer otherwise.
+        .executableTarget(
+            name: "dns-fuzz",
+            dependencies: ["DNS"],
+            swiftSettings: swiftSettings
+        ),
 
         // Tests mirror the modules.
         .testTarget(name: "MeshCoreTests", dependencies: ["MeshCore"], swiftSettings: swiftSettings),
@@ -171,7 +177,13 @@ let package = Package(
         ),
         .testTarget(
             name: "DNSTests",
-            dependencies: nio + ["DNS", .product(name: "NIOEmbedded", package: "swift-nio")],
+            dependencies: nio + [
+                "DNS", "MeshCore",
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

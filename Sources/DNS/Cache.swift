@@ -17,7 +17,7 @@ struct DNSCacheKey: Hashable, Sendable {
 /// Positive answers live for their smallest TTL; negative ones (NXDOMAIN, NODATA) for the SOA's
 /// `min(TTL, MINIMUM)` (RFC 2308 §5); answers without an SOA, SERVFAIL and the like are not kept.
 /// Not thread-safe: owned by one event loop.
-struct DNSCache {
+final class DNSCache {
     struct Entry {
         var key: DNSCacheKey
         var message: DNSMessage
@@ -67,7 +67,7 @@ struct DNSCache {
 
     /// Stores `message` if it may be cached; returns whether it was.
     @discardableResult
-    mutating func insert(_ key: DNSCacheKey, _ message: DNSMessage, now: NIODeadline) -> Bool {
+    func insert(_ key: DNSCacheKey, _ message: DNSMessage, now: NIODeadline) -> Bool {
         guard let ttl = DNSCache.cacheTTL(message, maxTTL: self.maxTTL) else { return false }
         let expires = now + .seconds(Int64(ttl))
         if let i = self.index[key] {
@@ -93,7 +93,7 @@ struct DNSCache {
     }
 
     /// The cached answer with TTLs counted down, or nil when absent or expired.
-    mutating func lookup(_ key: DNSCacheKey, now: NIODeadline) -> DNSMessage? {
+    func lookup(_ key: DNSCacheKey, now: NIODeadline) -> DNSMessage? {
         guard let i = self.index[key] else { return nil }
         let e = self.entries[i]
         guard now < e.expires else {
@@ -115,19 +115,19 @@ struct DNSCache {
         return m
     }
 
-    private mutating func evictTail() {
+    private func evictTail() {
         guard self.tail >= 0 else { return }
         self.remove(self.tail)
     }
 
-    private mutating func remove(_ i: Int) {
+    private func remove(_ i: Int) {
         self.unlink(i)
         self.index[self.entries[i].key] = nil
         self.entries[i].message = DNSMessage()
         self.free.append(i)
     }
 
-    private mutating func unlink(_ i: Int) {
+    private func unlink(_ i: Int) {
         let p = self.entries[i].prev
         let n = self.entries[i].next
         if p >= 0 { self.entries[p].next = n } else { self.head = n }
@@ -136,7 +136,7 @@ struct DNSCache {
         self.entries[i].next = -1
     }
 
-    private mutating func linkFront(_ i: Int) {
+    private func linkFront(_ i: Int) {
         self.entries[i].prev = -1
         self.entries[i].next = self.head
         if self.head >= 0 { self.entries[self.head].prev = i }
@@ -144,7 +144,7 @@ struct DNSCache {
         if self.tail < 0 { self.tail = i }
     }
 
-    private mutating func moveToFront(_ i: Int) {
+    private func moveToFront(_ i: Int) {
         guard self.head != i else { return }
         self.unlink(i)
         self.linkFront(i)

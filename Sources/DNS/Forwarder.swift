@@ -386,7 +386,7 @@ final class ForwarderState {
     var channels: [NIOBSDSocket.ProtocolFamily: any Channel] = [:]
     var pending: [UInt16: PendingQuery] = [:]
     var waiters: [DNSCacheKey: [EventLoopPromise<DNSMessage?>]] = [:]
-    var cache: DNSCache
+    let cache: DNSCache
     var nextStart = 0
     var closed = false
 

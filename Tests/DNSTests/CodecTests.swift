@@ -37,7 +37,10 @@ struct CodecTests {
         #expect(m.header.recursionDesired && m.header.authenticData && !m.header.isResponse)
         #expect(m.questions == [DNSQuestion(name: name("WwW.ExAmple.TEST"), type: .a)])
         // 0x20 case is kept exactly.
-        #expect(m.questions[0].name.wire == [3] + Array("WwW".utf8) + [7] + Array("ExAmple".utf8) + [4] + Array("TEST".utf8) + [0])
+        #expect(
+            m.questions[0].name.wire == [3] + Array("WwW".utf8) + [7] + Array("ExAmple".utf8) + [4] + Array("TEST".utf8)
+                + [0]
+        )
         #expect(m.edns?.udpPayloadSize == 1232)
         #expect(m.edns?.options == [.init(code: 10, data: hex("f0eca0ef705a5fc3"))])
         #expect(try m.encode() == Captured.digQuery)
@@ -76,7 +79,15 @@ struct CodecTests {
     @Test("decodes an EDNS answer with MX and round-trips it")
     func ednsAnswer() throws {
         let m = try DNSMessage.decode(Captured.dnsmasqMXEDNS)
-        #expect(m.answers == [DNSRecord(name: name("example.test"), ttl: 0, data: .mx(preference: 10, exchange: name("mail.example.test")))])
+        #expect(
+            m.answers == [
+                DNSRecord(
+                    name: name("example.test"),
+                    ttl: 0,
+                    data: .mx(preference: 10, exchange: name("mail.example.test"))
+                )
+            ]
+        )
         #expect(m.edns == DNSEDNS(udpPayloadSize: 1232))
         #expect(m.additionals.isEmpty)
         #expect(try DNSMessage.decode(try m.encode()) == m)
@@ -86,7 +97,14 @@ struct CodecTests {
     func allTypesRoundTrip() throws {
         let owner = name("x.example")
         let soa = DNSSOA(
-            mname: name("ns.example"), rname: name("host.example"), serial: 7, refresh: 1, retry: 2, expire: 3, minimum: 4)
+            mname: name("ns.example"),
+            rname: name("host.example"),
+            serial: 7,
+            refresh: 1,
+            retry: 2,
+            expire: 3,
+            minimum: 4
+        )
         let m = DNSMessage(
             header: DNSHeader(id: 9, isResponse: true, recursionAvailable: true),
             questions: [DNSQuestion(name: owner, type: .any)],
@@ -110,7 +128,9 @@ struct CodecTests {
         // (RFC 2782: SRV targets are never compressed); every other occurrence is a pointer.
         let example = Array("example".utf8)
         var literal = 0
-        for i in 0..<(bytes.count - example.count) where Array(bytes[i..<(i + example.count)]) == example { literal += 1 }
+        for i in 0..<(bytes.count - example.count) where Array(bytes[i..<(i + example.count)]) == example {
+            literal += 1
+        }
         #expect(literal == 2)
     }
 
@@ -184,7 +204,9 @@ struct MaliciousInputTests {
     @Test("a pointer to itself or forwards is refused")
     func forwardPointers() {
         #expect(throws: DNSWireError.forwardPointer) { try DNSMessage.decode(msg([0xC0, 12, 0, 1, 0, 1])) }
-        #expect(throws: DNSWireError.forwardPointer) { try DNSMessage.decode(msg([0xC0, 20, 0, 1, 0, 1, 0, 0, 1, 97, 0])) }
+        #expect(throws: DNSWireError.forwardPointer) {
+            try DNSMessage.decode(msg([0xC0, 20, 0, 1, 0, 1, 0, 0, 1, 97, 0]))
+        }
         // Two names pointing at each other: one of them has to point forward.
         let answer: [UInt8] = [0xC0, 30, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0]
         #expect(throws: DNSWireError.forwardPointer) { try DNSMessage.decode(msg(an: 1, question + answer)) }

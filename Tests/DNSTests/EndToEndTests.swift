@@ -1,7 +1,9 @@
 import Foundation
 import MeshCore
+import MetricsTestKit
 import NIOCore
 import NIOPosix
+import Synchronization
 import Testing
 
 @testable import DNS
@@ -11,11 +13,16 @@ let kdigPath = which("kdig")
 
 /// The zone the upstream test instance serves (its own domain, so the mesh instance forwards to it).
 func upstreamInput() -> ZoneInput {
-    ZoneInput(domain: "remote.test", ttl: 60, negativeTTL: 15, services: [
-        DNSService(name: "api", namespace: "prod", clusterIPs: [ip("192.0.2.80")]),
-        DNSService(name: "cached", namespace: "prod", clusterIPs: [ip("192.0.2.81")]),
-        DNSService(name: "www", namespace: "org", clusterIPs: [ip("192.0.2.99")]),
-    ])
+    ZoneInput(
+        domain: "remote.test",
+        ttl: 60,
+        negativeTTL: 15,
+        services: [
+            DNSService(name: "api", namespace: "prod", clusterIPs: [ip("192.0.2.80")]),
+            DNSService(name: "cached", namespace: "prod", clusterIPs: [ip("192.0.2.81")]),
+            DNSService(name: "www", namespace: "org", clusterIPs: [ip("192.0.2.99")]),
+        ]
+    )
 }
 
 func meshInput() -> ZoneInput {
@@ -45,22 +52,40 @@ func status(_ output: String) -> String? {
     return String(output[r.upperBound...].prefix { $0 != "," && $0 != ";" && $0 != "\n" })
 }
 
-@Suite("End to end with real clients", .serialized, .enabled(if: digPath != nil, "dig is not installed (apt-get install dnsutils)"))
+@Suite(
+    "End to end with real clients",
+    .serialized,
+    .enabled(if: digPath != nil, "dig is not installed (apt-get install dnsutils)")
+)
 struct EndToEndTests {
     @Test("dig over UDP and TCP: A, AAAA, SRV, PTR, NXDOMAIN with SOA, NODATA, 0x20")
     func digRecords() async throws {
         let s = try await RunningServer.start(zone: meshInput())
         defer { Task { await s.stop() } }
         for tcp in [false, true] {
-            #expect(try digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == ["web.shop.svc.cluster.local. 30 IN A 10.96.0.10"])
-            #expect(try digAnswers(s.port, ["web.shop.svc.cluster.local", "AAAA"], tcp: tcp) == ["web.shop.svc.cluster.local. 30 IN AAAA fd00:96::10"])
+            #expect(
+                try digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == [
+                    "web.shop.svc.cluster.local. 30 IN A 10.96.0.10"
+                ]
+            )
+            #expect(
+                try digAnswers(s.port, ["web.shop.svc.cluster.local", "AAAA"], tcp: tcp) == [
+                    "web.shop.svc.cluster.local. 30 IN AAAA fd00:96::10"
+                ]
+            )
             #expect(
                 try digAnswers(s.port, ["_http._tcp.web.shop.svc.cluster.local", "SRV"], tcp: tcp)
                     == ["_http._tcp.web.shop.svc.cluster.local. 30 IN SRV 0 100 80 web.shop.svc.cluster.local."]
             )
-            #expect(try digAnswers(s.port, ["-x", "10.96.0.10"], tcp: tcp) == ["10.0.96.10.in-addr.arpa. 30 IN PTR web.shop.svc.cluster.local."])
             #expect(
-                try digAnswers(s.port, ["-x", "fd00:96::10"], tcp: tcp).first?.hasSuffix("IN PTR web.shop.svc.cluster.local.") == true
+                try digAnswers(s.port, ["-x", "10.96.0.10"], tcp: tcp) == [
+                    "10.0.96.10.in-addr.arpa. 30 IN PTR web.shop.svc.cluster.local."
+                ]
+            )
+            #expect(
+                try digAnswers(s.port, ["-x", "fd00:96::10"], tcp: tcp).first?.hasSuffix(
+                    "IN PTR web.shop.svc.cluster.local."
+                ) == true
             )
             let nx = try dig(s.port, ["nope.shop.svc.cluster.local", "A"], tcp: tcp)
             #expect(status(nx) == "NXDOMAIN")
@@ -91,11 +116,22 @@ struct EndToEndTests {
     @Test("forwarding: answered by the upstream, cached after the upstream stops, SERVFAIL when it is dead")
     func forwarding() async throws {
         let upstream = try await RunningServer.start(zone: upstreamInput())
-        let fwd = DNSForwardingConfiguration(upstreams: ["127.0.0.1:\(upstream.port)"], timeout: .milliseconds(300), attempts: 1)
+        let fwd = DNSForwardingConfiguration(
+            upstreams: ["127.0.0.1:\(upstream.port)"],
+            timeout: .milliseconds(300),
+            attempts: 1
+        )
         let s = try await RunningServer.start(zone: meshInput(), forwarding: fwd)
         defer { Task { await s.stop() } }
-        #expect(try digAnswers(s.port, ["api.prod.svc.remote.test", "A"]) == ["api.prod.svc.remote.test. 60 IN A 192.0.2.80"])
-        #expect(try digAnswers(s.port, ["api.prod.svc.remote.test", "A"], tcp: true).first?.hasSuffix("IN A 192.0.2.80") == true)
+        #expect(
+            try digAnswers(s.port, ["api.prod.svc.remote.test", "A"]) == [
+                "api.prod.svc.remote.test. 60 IN A 192.0.2.80"
+            ]
+        )
+        #expect(
+            try digAnswers(s.port, ["api.prod.svc.remote.test", "A"], tcp: true).first?.hasSuffix("IN A 192.0.2.80")
+                == true
+        )
         // 0x20 through the forwarder.
         #expect(try dig(s.port, ["ApI.pRoD.svc.remote.test", "A"]).contains(";ApI.pRoD.svc.remote.test."))
         // NXDOMAIN from upstream passes through with its SOA.
@@ -103,9 +139,16 @@ struct EndToEndTests {
         #expect(status(nx) == "NXDOMAIN" && nx.contains("hostmaster.remote.test."))
         // ExternalName pointing outside the zone: CNAME plus the upstream's answer.
         let ext = try digAnswers(s.port, ["ext2.shop.svc.cluster.local", "A"])
-        #expect(ext == ["ext2.shop.svc.cluster.local. 30 IN CNAME www.org.svc.remote.test.", "www.org.svc.remote.test. 60 IN A 192.0.2.99"])
+        #expect(
+            ext == [
+                "ext2.shop.svc.cluster.local. 30 IN CNAME www.org.svc.remote.test.",
+                "www.org.svc.remote.test. 60 IN A 192.0.2.99",
+            ]
+        )
         // Cache: resolve once, stop the upstream, resolve again.
-        #expect(try digAnswers(s.port, ["cached.prod.svc.remote.test", "A"]).first?.hasSuffix("IN A 192.0.2.81") == true)
+        #expect(
+            try digAnswers(s.port, ["cached.prod.svc.remote.test", "A"]).first?.hasSuffix("IN A 192.0.2.81") == true
+        )
         await upstream.stop()
         let again = try digAnswers(s.port, ["cached.prod.svc.remote.test", "A"])
         #expect(again.count == 1 && again.first?.hasSuffix("IN A 192.0.2.81") == true)
@@ -119,7 +162,10 @@ struct EndToEndTests {
     @Test("never forwards to itself: an upstream equal to our own address is skipped")
     func noSelfLoop() async throws {
         // Reserve a port, free it, and make the server listen there with itself as its only upstream.
-        let probe = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+        let probe = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(
+            host: "127.0.0.1",
+            port: 0
+        ).get()
         let port = probe.localAddress!.port!
         try await probe.close()
         let zones = DNSZoneStore()
@@ -127,7 +173,11 @@ struct EndToEndTests {
         let server = DNSServer(
             configuration: DNSServerConfiguration(
                 port: port,
-                forwarding: DNSForwardingConfiguration(upstreams: ["127.0.0.1:\(port)"], timeout: .milliseconds(200), attempts: 1)
+                forwarding: DNSForwardingConfiguration(
+                    upstreams: ["127.0.0.1:\(port)"],
+                    timeout: .milliseconds(200),
+                    attempts: 1
+                )
             ),
             zones: zones
         )
@@ -142,26 +192,41 @@ struct EndToEndTests {
         _ = try? await task.value
     }
 
-    @Test("kdig over UDP and TCP", .enabled(if: kdigPath != nil, "kdig is not installed (apt-get install knot-dnsutils)"))
+    @Test(
+        "kdig over UDP and TCP",
+        .enabled(if: kdigPath != nil, "kdig is not installed (apt-get install knot-dnsutils)")
+    )
     func kdig() async throws {
         let s = try await RunningServer.start(zone: meshInput())
         defer { Task { await s.stop() } }
         for extra in [[String](), ["+tcp"]] {
-            let out = try runCommand(kdigPath!, ["-p", String(s.port), "@127.0.0.1", "+time=2", "+retry=0"] + extra + ["_pg._tcp.db.shop.svc.cluster.local", "SRV"])
+            let out = try runCommand(
+                kdigPath!,
+                ["-p", String(s.port), "@127.0.0.1", "+time=2", "+retry=0"] + extra + [
+                    "_pg._tcp.db.shop.svc.cluster.local", "SRV",
+                ]
+            )
             #expect(out.contains("status: NOERROR"))
             #expect(out.contains("db-0.db.shop.svc.cluster.local."))
-            let nx = try runCommand(kdigPath!, ["-p", String(s.port), "@127.0.0.1", "+time=2", "+retry=0"] + extra + ["x.shop.svc.cluster.local", "A"])
+            let nx = try runCommand(
+                kdigPath!,
+                ["-p", String(s.port), "@127.0.0.1", "+time=2", "+retry=0"] + extra + ["x.shop.svc.cluster.local", "A"]
+            )
             #expect(nx.contains("status: NXDOMAIN"))
         }
         // kdig's default EDNS with a big headless answer: kdig retries over TCP on TC.
-        let big = try runCommand(kdigPath!, ["-p", String(s.port), "@127.0.0.1", "+time=2", "+retry=0", "many.shop.svc.cluster.local", "A"])
+        let big = try runCommand(
+            kdigPath!,
+            ["-p", String(s.port), "@127.0.0.1", "+time=2", "+retry=0", "many.shop.svc.cluster.local", "A"]
+        )
         #expect(big.contains("ANSWER: 120"))
         await s.stop()
     }
 
     @Test("garbage over UDP and TCP: FORMERR or dropped, and the server keeps answering")
     func garbage() async throws {
-        let s = try await RunningServer.start(zone: meshInput())
+        let metrics = TestMetrics()
+        let s = try await RunningServer.start(zone: meshInput(), metricsFactory: metrics)
         defer { Task { await s.stop() } }
         let group = MultiThreadedEventLoopGroup.singleton
         let collector = Collector()
@@ -181,23 +246,37 @@ struct EndToEndTests {
             sent += 1
         }
         // A well-formed header with a broken question gets FORMERR back.
-        try await client.writeAndFlush(AddressedEnvelope(remoteAddress: s.udp, data: ByteBuffer(bytes: hex("beef 0100 0001 0000 0000 0000 3f 61"))))
+        try await client.writeAndFlush(
+            AddressedEnvelope(remoteAddress: s.udp, data: ByteBuffer(bytes: hex("beef 0100 0001 0000 0000 0000 3f 61")))
+        )
         let deadline = ContinuousClock.now + .seconds(5)
-        while !collector.sawFormErr(id: 0xBEEF), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        while !collector.sawFormErr(id: 0xBEEF), ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+        }
         #expect(collector.sawFormErr(id: 0xBEEF))
         try await client.close()
 
         // TCP: garbage frames, then a length prefix promising more than is sent, then close.
-        for payload in [hex("0005 0102030405 0003 aabbcc"), hex("ffff 0102"), hex("000c 1234 0100 0005 0000 0000 0000")] {
+        for payload in [
+            hex("0005 0102030405 0003 aabbcc"), hex("ffff 0102"), hex("000c 1234 0100 0005 0000 0000 0000"),
+        ] {
             let ch = try await ClientBootstrap(group: group).connect(to: s.tcp).get()
             try await ch.writeAndFlush(ByteBuffer(bytes: payload))
             try await Task.sleep(for: .milliseconds(20))
             try await ch.close()
         }
         for tcp in [false, true] {
-            #expect(try digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == ["web.shop.svc.cluster.local. 30 IN A 10.96.0.10"])
+            #expect(
+                try digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == [
+                    "web.shop.svc.cluster.local. 30 IN A 10.96.0.10"
+                ]
+            )
         }
         #expect(sent == 500)
+        // Garbage was counted: the FORMERR one and the TCP frames at least.
+        let malformed = try metrics.expectCounter("dns_malformed_queries_total").totalValue
+        #expect(malformed >= 3)
+        #expect(try metrics.expectCounter("dns_queries_total", [("transport", "udp")]).totalValue >= 501)
         await s.stop()
     }
 
@@ -216,7 +295,10 @@ struct EndToEndTests {
             .connect(to: s.tcp).get()
         var all = ByteBuffer()
         for i in 0..<20 {
-            let q = DNSMessage(header: DNSHeader(id: UInt16(i)), questions: [DNSQuestion(name: name("web.shop.svc.cluster.local"), type: .a)])
+            let q = DNSMessage(
+                header: DNSHeader(id: UInt16(i)),
+                questions: [DNSQuestion(name: name("web.shop.svc.cluster.local"), type: .a)]
+            )
             let bytes = try q.encode()
             all.writeInteger(UInt16(bytes.count))
             all.writeBytes(bytes)
@@ -276,8 +358,6 @@ final class TCPCollector: ChannelInboundHandler, Sendable {
 
     var ids: [UInt16] { self.seen.all }
 }
-
-import Synchronization
 
 /// A list of message IDs behind a Mutex.
 final class NIOLockedIDs: Sendable {

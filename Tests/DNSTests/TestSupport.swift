@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import MeshCore
+import Metrics
 import NIOCore
 import NIOPosix
 import Testing
@@ -137,7 +138,8 @@ final class RunningServer: Sendable {
         zone: ZoneInput,
         forwarding: DNSForwardingConfiguration? = nil,
         maxTCPConnections: Int = 64,
-        tcpIdleTimeout: TimeAmount = .seconds(5)
+        tcpIdleTimeout: TimeAmount = .seconds(5),
+        metricsFactory: (any MetricsFactory)? = nil
     ) async throws -> RunningServer {
         let zones = DNSZoneStore()
         try zones.update(zone)
@@ -152,7 +154,8 @@ final class RunningServer: Sendable {
                 forwarding: forwarding
             ),
             zones: zones,
-            logger: logger
+            logger: logger,
+            metricsFactory: metricsFactory
         )
         let task = Task { try await server.run() }
         let addrs = try await server.listeningAddresses()

@@ -125,7 +125,9 @@ struct ZoneTests {
         let r = try ask(zone, "web.shop.svc.clusterset.local", .a)
         #expect(answers(r) == [.a(ip("10.96.0.10"))])
         let srv = try ask(zone, "_http._tcp.web.shop.svc.clusterset.local", .srv)
-        #expect(answers(srv) == [.srv(priority: 0, weight: 100, port: 80, target: name("web.shop.svc.clusterset.local"))])
+        #expect(
+            answers(srv) == [.srv(priority: 0, weight: 100, port: 80, target: name("web.shop.svc.clusterset.local"))]
+        )
         let notExported = try ask(zone, "internal.ops.svc.clusterset.local", .a)
         #expect(notExported.response?.rcode == .nxDomain)
         #expect(notExported.response?.authorities.first?.name == name("clusterset.local"))
@@ -183,7 +185,9 @@ struct ZoneTests {
         let tcp = try ask(z, "big.ns.svc.cluster.local", .a, tcp: true)
         #expect(tcp.response?.header.truncated == false && tcp.response?.answers.count == 300)
         // 60 fit in 1232 bytes with EDNS: not truncated.
-        let mid = try DNSZone(ZoneInput(services: [DNSService(name: "m", namespace: "ns", endpoints: Array(endpoints.prefix(60)))]))
+        let mid = try DNSZone(
+            ZoneInput(services: [DNSService(name: "m", namespace: "ns", endpoints: Array(endpoints.prefix(60)))])
+        )
         let fits = try ask(mid, "m.ns.svc.cluster.local", .a, edns: DNSEDNS(udpPayloadSize: 1232))
         #expect(fits.response?.header.truncated == false && fits.response?.answers.count == 60)
         #expect(try ask(mid, "m.ns.svc.cluster.local", .a).response?.header.truncated == true)
@@ -208,7 +212,9 @@ struct ZoneTests {
         let r = try askRaw(zone, response)
         #expect(r.response?.rcode == .formErr && r.response?.header.id == 0xABCD && r.malformed)
         // Two questions.
-        #expect(try askRaw(zone, hex("0001 0000 0002 0000 0000 0000 0000010001 0000010001")).response?.rcode == .formErr)
+        #expect(
+            try askRaw(zone, hex("0001 0000 0002 0000 0000 0000 0000010001 0000010001")).response?.rcode == .formErr
+        )
         // Opcode STATUS (2): not implemented.
         #expect(try askRaw(zone, hex("0001 1000 0000 0000 0000 0000")).response?.rcode == .notImp)
         // Class CHAOS is refused; AXFR is refused.
@@ -222,7 +228,11 @@ struct ZoneTests {
         // Version v: one headless service with 50 endpoints 10.v.0.i and a VIP service 10.v.1.1.
         @Sendable func input(_ v: UInt32) -> ZoneInput {
             ZoneInput(services: [
-                DNSService(name: "h", namespace: "ns", endpoints: (0..<50).map { DNSEndpoint(ip: .v4(0x0A00_0000 | v << 16 | UInt32($0))) }),
+                DNSService(
+                    name: "h",
+                    namespace: "ns",
+                    endpoints: (0..<50).map { DNSEndpoint(ip: .v4(0x0A00_0000 | v << 16 | UInt32($0))) }
+                ),
                 DNSService(name: "s", namespace: "ns", clusterIPs: [.v4(0x0A00_0000 | v << 16 | 0x0101)]),
             ])
         }
@@ -242,10 +252,12 @@ struct ZoneTests {
                     while !counters.doneFlag.load(ordering: .sequentiallyConsistent) && n < 200_000 {
                         n += 1
                         let r = try ask(store.zone, "h.ns.svc.cluster.local", .a, tcp: true)
-                        let versions = Set(r.response!.answers.compactMap { rec -> UInt32? in
-                            guard case .a(.v4(let v)) = rec.data else { return nil }
-                            return (v >> 16) & 0xFF
-                        })
+                        let versions = Set(
+                            r.response!.answers.compactMap { rec -> UInt32? in
+                                guard case .a(.v4(let v)) = rec.data else { return nil }
+                                return (v >> 16) & 0xFF
+                            }
+                        )
                         if versions.count != 1 || r.response!.answers.count != 50 {
                             counters.inconsistentCount.add(1, ordering: .relaxed)
                         }
@@ -265,11 +277,27 @@ struct ZoneTests {
     func scale() throws {
         var services: [DNSService] = []
         for i in 0..<9_000 {
-            services.append(DNSService(name: "s\(i)", namespace: "n\(i % 50)", clusterIPs: [.v4(0x0A60_0000 | UInt32(i))], ports: [DNSServicePort(name: "http", port: 80)]))
+            services.append(
+                DNSService(
+                    name: "s\(i)",
+                    namespace: "n\(i % 50)",
+                    clusterIPs: [.v4(0x0A60_0000 | UInt32(i))],
+                    ports: [DNSServicePort(name: "http", port: 80)]
+                )
+            )
         }
         for i in 0..<1_000 {
-            let eps = (0..<100).map { DNSEndpoint(ip: .v4(0x0B00_0000 | UInt32(i) << 8 | UInt32($0)), hostname: "p\($0)") }
-            services.append(DNSService(name: "h\(i)", namespace: "n\(i % 50)", ports: [DNSServicePort(name: "http", port: 80)], endpoints: eps))
+            let eps = (0..<100).map {
+                DNSEndpoint(ip: .v4(0x0B00_0000 | UInt32(i) << 8 | UInt32($0)), hostname: "p\($0)")
+            }
+            services.append(
+                DNSService(
+                    name: "h\(i)",
+                    namespace: "n\(i % 50)",
+                    ports: [DNSServicePort(name: "http", port: 80)],
+                    endpoints: eps
+                )
+            )
         }
         let clock = ContinuousClock()
         var zone: DNSZone? = nil
@@ -291,12 +319,18 @@ struct ZoneTests {
 
     @Test("invalid names are skipped and reported, the rest of the zone builds")
     func invalidNames() throws {
-        let z = try DNSZone(ZoneInput(services: [
-            DNSService(name: "bad.name", namespace: "ns", clusterIPs: [ip("10.0.0.1")]),
-            DNSService(name: "ok", namespace: "ns", clusterIPs: [ip("10.0.0.2")]),
-        ]))
+        let z = try DNSZone(
+            ZoneInput(services: [
+                DNSService(name: "bad.name", namespace: "ns", clusterIPs: [ip("10.0.0.1")]),
+                DNSService(name: "ok", namespace: "ns", clusterIPs: [ip("10.0.0.2")]),
+            ])
+        )
         #expect(z.problems.count == 1)
-        #expect(z.records(for: name("ok.ns.svc.cluster.local"), type: .a) == [DNSRecord(name: name("ok.ns.svc.cluster.local"), ttl: 30, data: .a(ip("10.0.0.2")))])
+        #expect(
+            z.records(for: name("ok.ns.svc.cluster.local"), type: .a) == [
+                DNSRecord(name: name("ok.ns.svc.cluster.local"), ttl: 30, data: .a(ip("10.0.0.2")))
+            ]
+        )
     }
 }
 
