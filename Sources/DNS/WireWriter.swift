@@ -1,7 +1,9 @@
 import MeshCore
 
 /// Appends a DNS message to a byte array, compressing names (RFC 1035 §4.1.4) against the names
-/// already written. Compression compares ASCII case-insensitively, as name comparison in DNS does.
+/// already written. Suffixes must match byte for byte (case included), so every name decodes with
+/// exactly the bytes it was written with: a 0x20-randomised question and an answer in another case
+/// each keep their own case.
 struct WireWriter {
     var bytes: [UInt8]
     /// Offsets of label starts already written (candidates for a pointer), and how many labels
@@ -127,7 +129,7 @@ struct WireWriter {
         }
     }
 
-    /// The offset of an earlier name equal (ignoring ASCII case) to `wire[from...]`.
+    /// The offset of an earlier name equal (byte for byte) to `wire[from...]`.
     private func findEntry(_ wire: [UInt8], from: Int, labels: Int) -> Int? {
         let firstLen = wire[from]
         for e in 0..<self.entryOffsets.count where Int(self.entryLabelCounts[e]) == labels {
@@ -149,7 +151,7 @@ struct WireWriter {
             }
             guard Int(wire[p]) == len else { return false }
             if len == 0 { return true }
-            for k in 1...len where asciiLower(wire[p + k]) != asciiLower(self.bytes[q + k]) {
+            for k in 1...len where wire[p + k] != self.bytes[q + k] {
                 return false
             }
             p += 1 + len

@@ -19,6 +19,24 @@ public func fuzzTestOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt
     DNSFuzzing.fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
     return 0
 }
+
+// libFuzzer's own driver entry (LLVM >= 11). Its arguments are three pointers and it returns an int,
+// which the Swift and C calling conventions pass alike on the platforms this runs on.
+@_silgen_name("LLVMFuzzerRunDriver")
+func llvmFuzzerRunDriver(
+    _ argc: UnsafeMutablePointer<CInt>,
+    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> CInt
+) -> CInt
+
+// Debug builds of SwiftPM executables on Linux link `main` to `<module>_main` (testable executables),
+// which hides libFuzzer's `main`: provide that symbol and start libFuzzer's driver from it.
+@_cdecl("dns_fuzz_main")
+public func dnsFuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
+    var count = argc
+    var vector = argv
+    return llvmFuzzerRunDriver(&count, &vector) { data, size in fuzzTestOneInput(data, size) }
+}
 #else
 @main
 enum DNSFuzzReplay {

@@ -159,6 +159,20 @@ struct CodecTests {
         #expect(!a.header.truncated && a.answers.count == 1 && a.additionals.isEmpty)
     }
 
+    @Test("round trip keeps every name's bytes exactly (fuzzer finding: case-insensitive compression)")
+    func roundTripKeepsCase() throws {
+        // Question `alias.example.teSt`, CNAME target `www.e\0\0\0ple.test`: compressing the target's
+        // `test` against the question's `teSt` would change its case.
+        let input = hex(
+            """
+            abcd8580000100020000000005616c696173076578616d706c6504746553740000010001c00c0005000100000000
+            0012037777770765000000706c65047465737400c03000010001000000000004c000020a
+            """
+        )
+        let m = try DNSMessage.decode(input)
+        #expect(try DNSMessage.decode(try m.encode()) == m)
+    }
+
     @Test("extended RCODE travels in the OPT record")
     func extendedRCode() throws {
         var m = DNSMessage(header: DNSHeader(id: 1, isResponse: true), edns: DNSEDNS())
