@@ -78,6 +78,11 @@ public final class DNSServer: Service {
         self.bound = eventLoopGroup.any().makePromise(of: [SocketAddress].self)
     }
 
+    deinit {
+        // A server that never ran must not leave its promise pending (NIO traps on leaked promises).
+        self.bound.fail(CancellationError())
+    }
+
     /// The UDP and TCP addresses once ``run()`` has bound them (waits until then; throws if binding failed).
     public func listeningAddresses() async throws -> (udp: SocketAddress, tcp: SocketAddress) {
         let a = try await self.bound.futureResult.get()
