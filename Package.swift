@@ -19,6 +19,7 @@ let package = Package(
         .executable(name: "mesh-control", targets: ["mesh-control"]),
         .executable(name: "mesh-agent", targets: ["mesh-agent"]),
         .executable(name: "meshctl", targets: ["meshctl"]),
+        .executable(name: "dns-bench-server", targets: ["dns-bench-server"]),
         // Libraries, for embedding and for the benchmarks in perf/ (a nested package).
         .library(name: "MeshCore", targets: ["MeshCore"]),
         .library(name: "MeshHTTP", targets: ["MeshHTTP"]),
@@ -158,6 +159,23 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // A standalone DNS responder over generated names, for perf/dns and manual checks.
+        .executableTarget(
+            name: "dns-bench-server",
+            dependencies: nio + [
+                "DNS", "MeshCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // libFuzzer target for the DNS codec and answer path (scripts/fuzz-dns); a replayer otherwise.
+        .executableTarget(
+            name: "dns-fuzz",
+            dependencies: ["DNS"],
+            swiftSettings: swiftSettings
+        ),
 
         // Tests mirror the modules; MeshTestSupport holds what several test targets share.
         .target(
@@ -198,7 +216,13 @@ let package = Package(
         ),
         .testTarget(
             name: "DNSTests",
-            dependencies: nio + ["DNS", .product(name: "NIOEmbedded", package: "swift-nio")],
+            dependencies: nio + [
+                "DNS", "MeshCore",
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -1,0 +1,553 @@
+import MeshCore
+
+/// A query that the zone does not answer and that goes to the upstream resolvers.
+struct ForwardRequest: Sendable {
+    var id: UInt16
+    /// The client's flags (RD, CD are echoed).
+    var flags: UInt16
+    /// The question as the client asked it (case kept).
+    var question: DNSQuestion
+    /// The client's EDNS record, if it sent one (sets the reply size limit and the DO echo).
+    var clientEDNS: DNSEDNS?
+    /// For an ExternalName service: the CNAME that heads the answer; upstream is asked for its target.
+    var cname: DNSRecord?
+
+    /// The question to send upstream.
+    var upstreamQuestion: DNSQuestion {
+        guard let cname, case .cname(let target) = cname.data else { return self.question }
+        return DNSQuestion(name: target, type: self.question.type, qclass: self.question.qclass)
+    }
+}
+
+/// What the responder does with one datagram or TCP message.
+enum QueryDisposition {
+    /// The response is in ``AnswerScratch/response``.
+    case reply
+    case forward(ForwardRequest)
+    /// Not answerable at all (shorter than a header, or itself a response).
+    case drop
+}
+
+/// Per-connection scratch space so answering from the zone allocates next to nothing.
+/// Used from one event loop only.
+final class AnswerScratch {
+    var qname: [UInt8] = []
+    var key: [UInt8] = []
+    var response: [UInt8] = []
+    var offsets: [UInt16] = []
+    var counts: [UInt8] = []
+    /// Set for inputs that were not a well-formed query (FORMERR or dropped).
+    var malformed = false
+    /// The response code of the last reply.
+    var rcode: DNSRCode = .noError
+
+    init() {
+        self.qname.reserveCapacity(256)
+        self.key.reserveCapacity(256)
+        self.response.reserveCapacity(1232)
+    }
+}
+
+/// Limits and switches of the answer path.
+struct AnswerPolicy: Sendable {
+    /// Largest UDP response we send, whatever the client offers (RFC 9715-style 1232 by default).
+    var maxUDPSize: Int = 1232
+    /// Whether names outside the zone are forwarded (otherwise they are REFUSED).
+    var forwarding: Bool = true
+}
+
+/// The pure answer path: bytes in, disposition (and response bytes) out. No I/O.
+enum Answerer {
+    static let inAddrArpa: [UInt8] = [7] + Array("in-addr".utf8) + [4] + Array("arpa".utf8) + [0]
+    static let ip6Arpa: [UInt8] = [3] + Array("ip6".utf8) + [4] + Array("arpa".utf8) + [0]
+
+    static func answer(
+        _ query: UnsafeRawBufferPointer,
+        zone: DNSZone,
+        overTCP: Bool,
+        policy: AnswerPolicy,
+        scratch: AnswerScratch
+    ) -> QueryDisposition {
+        scratch.malformed = false
+        scratch.rcode = .noError
+        guard query.count >= 12 else {
+            scratch.malformed = true
+            return .drop
+        }
+        let id = UInt16(query[0]) << 8 | UInt16(query[1])
+        let flags = UInt16(query[2]) << 8 | UInt16(query[3])
+        guard flags & 0x8000 == 0 else {
+            // A response sent to us: never answer it (no reflection loops).
+            scratch.malformed = true
+            return .drop
+        }
+        let opcode = (flags >> 11) & 0x0F
+        let qd = Int(UInt16(query[4]) << 8 | UInt16(query[5]))
+        let an = Int(UInt16(query[6]) << 8 | UInt16(query[7]))
+        let ns = Int(UInt16(query[8]) << 8 | UInt16(query[9]))
+        let ar = Int(UInt16(query[10]) << 8 | UInt16(query[11]))
+        guard opcode == 0 else {
+            headerOnly(id: id, flags: flags, rcode: .notImp, scratch: scratch)
+            return .reply
+        }
+        guard qd == 1 else {
+            scratch.malformed = true
+            headerOnly(id: id, flags: flags, rcode: .formErr, scratch: scratch)
+            return .reply
+        }
+        var r = WireReader(query, position: 12)
+        let qtype: DNSType
+        let qclass: UInt16
+        let questionEnd: Int
+        var edns: DNSEDNS? = nil
+        do {
+            try r.readName(into: &scratch.qname)
+            qtype = DNSType(try r.readU16())
+            qclass = try r.readU16()
+            questionEnd = r.position
+            guard (an + ns + ar) * 11 <= r.remaining else { throw DNSWireError.countExceedsMessage }
+            for _ in 0..<(an + ns) {
+                try r.skipName()
+                try r.skip(8)
+                try r.skip(Int(try r.readU16()))
+            }
+            for _ in 0..<ar {
+                let isRoot = r.position < query.count && query[r.position] == 0
+                try r.skipName()
+                let type = try r.readU16()
+                let rclass = try r.readU16()
+                let ttl = try r.readU32()
+                let rdlength = Int(try r.readU16())
+                let end = r.position + rdlength
+                guard end <= query.count else { throw DNSWireError.truncated }
+                if type == DNSType.opt.rawValue {
+                    guard isRoot, edns == nil else { throw DNSWireError.badOPT }
+                    // Options are not used; still check they are well-formed.
+                    var p = r.position
+                    while p < end {
+                        guard end - p >= 4 else { throw DNSWireError.badRData }
+                        p += 4 + (Int(query[p + 2]) << 8 | Int(query[p + 3]))
+                    }
+                    guard p == end else { throw DNSWireError.badRData }
+                    edns = DNSEDNS(
+                        udpPayloadSize: rclass,
+                        extendedRCode: UInt8(ttl >> 24),
+                        version: UInt8((ttl >> 16) & 0xFF),
+                        dnssecOK: ttl & 0x8000 != 0
+                    )
+                }
+                r.position = end
+            }
+        } catch {
+            scratch.malformed = true
+            headerOnly(id: id, flags: flags, rcode: .formErr, scratch: scratch)
+            return .reply
+        }
+        guard qtype != .opt else {
+            scratch.malformed = true
+            headerOnly(id: id, flags: flags, rcode: .formErr, scratch: scratch)
+            return .reply
+        }
+
+        // The lowercase key the zone is indexed by.
+        let qn = scratch.qname
+        scratch.key.removeAll(keepingCapacity: true)
+        for b in qn { scratch.key.append(asciiLower(b)) }
+        let key = scratch.key
+
+        var limit: Int
+        if overTCP {
+            limit = 65535
+        } else if let edns {
+            limit = min(max(512, Int(edns.udpPayloadSize)), max(512, policy.maxUDPSize))
+        } else {
+            limit = 512
+        }
+        var w = WireWriter(reusing: scratch.response, entryOffsets: scratch.offsets, entryLabelCounts: scratch.counts)
+        defer {
+            (scratch.response, scratch.offsets, scratch.counts) = w.takeStorage()
+        }
+        let optLength = edns == nil ? 0 : 11
+        limit -= optLength
+        var out = ResponseBuilder(
+            id: id,
+            flags: flags,
+            query: query,
+            questionEnd: questionEnd,
+            qname: qn,
+            edns: edns,
+            maxUDPSize: policy.maxUDPSize
+        )
+        out.recursionAvailable = policy.forwarding
+        out.begin(&w)
+
+        if let edns, edns.version != 0 {
+            out.finish(&w, rcode: .badVers, authoritative: false, limit: limit)
+            scratch.rcode = .badVers
+            return .reply
+        }
+        guard qclass == 1 || qclass == 255 else {
+            out.finish(&w, rcode: .refused, authoritative: false, limit: limit)
+            scratch.rcode = .refused
+            return .reply
+        }
+        guard qtype != .axfr && qtype != .ixfr else {
+            out.finish(&w, rcode: .refused, authoritative: false, limit: limit)
+            scratch.rcode = .refused
+            return .reply
+        }
+
+        // In one of our zones?
+        var apexIndex = -1
+        for (i, apex) in zone.apexes.enumerated() where isSuffix(apex.name, of: key) {
+            apexIndex = i
+            break
+        }
+        if apexIndex >= 0 {
+            let rcode: DNSRCode
+            if let node = zone.nodes[key] {
+                var node = node
+                var chain = 0
+                // Follow in-zone CNAMEs (ExternalName pointing at a service); out-of-zone: forward.
+                while let target = node.cname, qtype != .cname, qtype != .any {
+                    out.writeCNAME(&w, target: target, ttl: zone.ttl)
+                    chain += 1
+                    if let next = zone.nodes[target], chain < 8 {
+                        node = next
+                        out.currentOwner = target
+                        continue
+                    }
+                    if !zone.apexes.contains(where: { isSuffix($0.name, of: target) }) && policy.forwarding {
+                        let cname = DNSRecord(
+                            name: DNSName(uncheckedWire: qn),
+                            ttl: zone.ttl,
+                            data: .cname(DNSName(uncheckedWire: target))
+                        )
+                        return .forward(
+                            ForwardRequest(
+                                id: id,
+                                flags: flags,
+                                question: DNSQuestion(name: DNSName(uncheckedWire: qn), type: qtype, qclass: qclass),
+                                clientEDNS: edns,
+                                cname: cname
+                            )
+                        )
+                    }
+                    node = ZoneNode()
+                    break
+                }
+                let wrote = out.writeNode(&w, node: node, zone: zone, qtype: qtype)
+                if wrote == 0 && out.answerCount == 0 {
+                    out.writeSOA(&w, zone: zone, apex: apexIndex)
+                }
+                rcode = .noError
+                if out.answerCount > 0, qtype == .srv {
+                    out.writeSRVAdditionals(&w, node: node, zone: zone, limit: limit)
+                }
+            } else {
+                out.writeSOA(&w, zone: zone, apex: apexIndex)
+                rcode = .nxDomain
+            }
+            out.finish(&w, rcode: rcode, authoritative: true, limit: limit)
+            scratch.rcode = rcode
+            return .reply
+        }
+        // A search-list expansion such as `web.shop.svc.cluster.local.example.com`: cannot exist.
+        if containsInterior(zone.svcSuffix, in: key) {
+            out.finish(&w, rcode: .nxDomain, authoritative: false, limit: limit)
+            scratch.rcode = .nxDomain
+            return .reply
+        }
+        // Reverse names of our VIPs and endpoints; other reverse names fall through to upstream.
+        if qtype == .ptr || qtype == .any,
+            isSuffix(inAddrArpa, of: key) || isSuffix(ip6Arpa, of: key),
+            let node = zone.nodes[key], !node.ptr.isEmpty
+        {
+            _ = out.writeNode(&w, node: node, zone: zone, qtype: .ptr)
+            out.finish(&w, rcode: .noError, authoritative: true, limit: limit)
+            return .reply
+        }
+        guard policy.forwarding else {
+            out.finish(&w, rcode: .refused, authoritative: false, limit: limit)
+            scratch.rcode = .refused
+            return .reply
+        }
+        return .forward(
+            ForwardRequest(
+                id: id,
+                flags: flags,
+                question: DNSQuestion(name: DNSName(uncheckedWire: qn), type: qtype, qclass: qclass),
+                clientEDNS: edns
+            )
+        )
+    }
+
+    /// A reply with no sections: for FORMERR and NOTIMP.
+    static func headerOnly(id: UInt16, flags: UInt16, rcode: DNSRCode, scratch: AnswerScratch) {
+        scratch.rcode = rcode
+        scratch.response.removeAll(keepingCapacity: true)
+        let f = 0x8000 | (flags & 0x7900) | UInt16(rcode.rawValue & 0x0F)
+        scratch.response.append(contentsOf: [UInt8(id >> 8), UInt8(id & 0xFF), UInt8(f >> 8), UInt8(f & 0xFF)])
+        scratch.response.append(contentsOf: [0, 0, 0, 0, 0, 0, 0, 0])
+    }
+
+    /// True when `needle` minus its root byte starts at a label boundary of `key` and more labels follow.
+    static func containsInterior(_ needle: [UInt8], in key: [UInt8]) -> Bool {
+        let n = needle.count - 1
+        var p = 0
+        while p < key.count, key[p] != 0 {
+            if key.count - p > needle.count, key[p] == needle[0],
+                key[p..<(p + n)].elementsEqual(needle[0..<n])
+            {
+                return true
+            }
+            p += 1 + Int(key[p])
+        }
+        return false
+    }
+}
+
+/// Writes one response: header and echoed question first, then records, then the counts.
+struct ResponseBuilder {
+    let id: UInt16
+    let flags: UInt16
+    let query: UnsafeRawBufferPointer
+    let questionEnd: Int
+    let qname: [UInt8]
+    let edns: DNSEDNS?
+    let maxUDPSize: Int
+    var recursionAvailable = true
+    var answerCount = 0
+    var authorityCount = 0
+    var additionalCount = 0
+    /// Owner of the records being written when it is not the question name (after a CNAME).
+    var currentOwner: [UInt8]? = nil
+
+    init(
+        id: UInt16,
+        flags: UInt16,
+        query: UnsafeRawBufferPointer,
+        questionEnd: Int,
+        qname: [UInt8],
+        edns: DNSEDNS?,
+        maxUDPSize: Int
+    ) {
+        self.id = id
+        self.flags = flags
+        self.query = query
+        self.questionEnd = questionEnd
+        self.qname = qname
+        self.edns = edns
+        self.maxUDPSize = maxUDPSize
+    }
+
+    func begin(_ w: inout WireWriter) {
+        w.writeHeader(DNSHeader(id: self.id), qd: 1, an: 0, ns: 0, ar: 0)
+        // The question exactly as asked (0x20 case kept); it was read uncompressed.
+        w.bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: self.query[12..<self.questionEnd]))
+        w.registerName(self.qname, at: 12)
+    }
+
+    @inline(__always)
+    private func writeOwner(_ w: inout WireWriter) {
+        if let owner = self.currentOwner {
+            w.writeName(owner)
+        } else {
+            w.writeU16(0xC00C)
+        }
+    }
+
+    @inline(__always)
+    private func writeRRHead(_ w: inout WireWriter, type: DNSType, ttl: UInt32) {
+        self.writeOwner(&w)
+        w.writeU16(type.rawValue)
+        w.writeU16(1)
+        w.writeU32(ttl)
+    }
+
+    mutating func writeCNAME(_ w: inout WireWriter, target: [UInt8], ttl: UInt32) {
+        self.writeRRHead(&w, type: .cname, ttl: ttl)
+        let at = w.count
+        w.writeU16(0)
+        w.writeName(target)
+        w.setU16(UInt16(w.count - at - 2), at: at)
+        self.answerCount += 1
+    }
+
+    /// Writes the node's records of `qtype` as answers; returns how many.
+    mutating func writeNode(_ w: inout WireWriter, node: ZoneNode, zone: DNSZone, qtype: DNSType) -> Int {
+        let before = self.answerCount
+        let any = qtype == .any
+        let ttl = zone.ttl
+        if qtype == .a || any {
+            for v in node.v4 {
+                self.writeRRHead(&w, type: .a, ttl: ttl)
+                w.writeU16(4)
+                w.writeU32(v)
+                self.answerCount += 1
+            }
+        }
+        if qtype == .aaaa || any {
+            for v in node.v6 {
+                guard case .v6(let hi, let lo) = v else { continue }
+                self.writeRRHead(&w, type: .aaaa, ttl: ttl)
+                w.writeU16(16)
+                w.writeU32(UInt32(truncatingIfNeeded: hi >> 32))
+                w.writeU32(UInt32(truncatingIfNeeded: hi))
+                w.writeU32(UInt32(truncatingIfNeeded: lo >> 32))
+                w.writeU32(UInt32(truncatingIfNeeded: lo))
+                self.answerCount += 1
+            }
+        }
+        if qtype == .srv || any {
+            for s in node.srv {
+                self.writeRRHead(&w, type: .srv, ttl: ttl)
+                w.writeU16(UInt16(6 + s.target.count))
+                w.writeU16(s.priority)
+                w.writeU16(s.weight)
+                w.writeU16(s.port)
+                w.writeName(s.target, compress: false)
+                self.answerCount += 1
+            }
+        }
+        if qtype == .ptr || any {
+            for p in node.ptr {
+                self.writeRRHead(&w, type: .ptr, ttl: ttl)
+                let at = w.count
+                w.writeU16(0)
+                w.writeName(p)
+                w.setU16(UInt16(w.count - at - 2), at: at)
+                self.answerCount += 1
+            }
+        }
+        if qtype == .txt || any {
+            for t in node.txt {
+                self.writeRRHead(&w, type: .txt, ttl: ttl)
+                w.writeU16(UInt16(t.count))
+                w.bytes.append(contentsOf: t)
+                self.answerCount += 1
+            }
+        }
+        if let c = node.cname, qtype == .cname || any {
+            self.writeRRHead(&w, type: .cname, ttl: ttl)
+            let at = w.count
+            w.writeU16(0)
+            w.writeName(c)
+            w.setU16(UInt16(w.count - at - 2), at: at)
+            self.answerCount += 1
+        }
+        if node.apex >= 0 {
+            let apex = zone.apexes[node.apex]
+            if qtype == .soa || any {
+                self.writeRRHead(&w, type: .soa, ttl: ttl)
+                self.writeSOAData(&w, apex.soa)
+                self.answerCount += 1
+            }
+            if qtype == .ns || any {
+                self.writeRRHead(&w, type: .ns, ttl: ttl)
+                let at = w.count
+                w.writeU16(0)
+                w.writeName(apex.nameServer)
+                w.setU16(UInt16(w.count - at - 2), at: at)
+                self.answerCount += 1
+            }
+        }
+        return self.answerCount - before
+    }
+
+    private func writeSOAData(_ w: inout WireWriter, _ soa: DNSSOA) {
+        let at = w.count
+        w.writeU16(0)
+        w.writeName(soa.mname.wire)
+        w.writeName(soa.rname.wire)
+        w.writeU32(soa.serial)
+        w.writeU32(soa.refresh)
+        w.writeU32(soa.retry)
+        w.writeU32(soa.expire)
+        w.writeU32(soa.minimum)
+        w.setU16(UInt16(w.count - at - 2), at: at)
+    }
+
+    /// The apex SOA in the authority section, with the negative TTL (RFC 2308 §3).
+    mutating func writeSOA(_ w: inout WireWriter, zone: DNSZone, apex: Int) {
+        let a = zone.apexes[apex]
+        w.writeName(a.name)
+        w.writeU16(DNSType.soa.rawValue)
+        w.writeU16(1)
+        w.writeU32(min(zone.negativeTTL, a.soa.minimum))
+        self.writeSOAData(&w, a.soa)
+        self.authorityCount += 1
+    }
+
+    /// Addresses of in-zone SRV targets, as far as they fit (no TC for leaving them out).
+    mutating func writeSRVAdditionals(_ w: inout WireWriter, node: ZoneNode, zone: DNSZone, limit: Int) {
+        let mark = w.count
+        let markCount = self.additionalCount
+        var seen = 0
+        for s in node.srv {
+            guard let t = zone.nodes[s.target] else { continue }
+            seen += 1
+            if seen > 64 { break }
+            for v in t.v4 {
+                w.writeName(s.target)
+                w.writeU16(DNSType.a.rawValue)
+                w.writeU16(1)
+                w.writeU32(zone.ttl)
+                w.writeU16(4)
+                w.writeU32(v)
+                self.additionalCount += 1
+            }
+            for v in t.v6 {
+                guard case .v6(let hi, let lo) = v else { continue }
+                w.writeName(s.target)
+                w.writeU16(DNSType.aaaa.rawValue)
+                w.writeU16(1)
+                w.writeU32(zone.ttl)
+                w.writeU16(16)
+                w.writeU32(UInt32(truncatingIfNeeded: hi >> 32))
+                w.writeU32(UInt32(truncatingIfNeeded: hi))
+                w.writeU32(UInt32(truncatingIfNeeded: lo >> 32))
+                w.writeU32(UInt32(truncatingIfNeeded: lo))
+                self.additionalCount += 1
+            }
+            if w.count > limit {
+                w.truncate(to: mark)
+                self.additionalCount = markCount
+                return
+            }
+        }
+    }
+
+    /// Sets flags and counts, truncates (TC) when the sections do not fit, and appends the OPT record.
+    mutating func finish(_ w: inout WireWriter, rcode: DNSRCode, authoritative: Bool, limit: Int) {
+        var truncated = false
+        if w.count > limit {
+            w.truncate(to: self.questionEnd)
+            self.answerCount = 0
+            self.authorityCount = 0
+            self.additionalCount = 0
+            truncated = true
+        }
+        var f: UInt16 = 0x8000 | (self.flags & 0x7900) | (self.flags & 0x0010)
+        if self.recursionAvailable { f |= 0x0080 }
+        if authoritative { f |= 0x0400 }
+        if truncated { f |= 0x0200 }
+        f |= rcode.rawValue & 0x0F
+        w.setU16(f, at: 2)
+        w.setU16(UInt16(self.answerCount), at: 6)
+        w.setU16(UInt16(self.authorityCount), at: 8)
+        var ar = self.additionalCount
+        if let e = self.edns {
+            w.writeOPT(
+                DNSEDNS(
+                    udpPayloadSize: UInt16(clamping: self.maxUDPSize),
+                    extendedRCode: UInt8(truncatingIfNeeded: rcode.rawValue >> 4),
+                    version: 0,
+                    dnssecOK: e.dnssecOK
+                )
+            )
+            ar += 1
+        }
+        w.setU16(UInt16(ar), at: 10)
+    }
+}

@@ -1,0 +1,475 @@
+import Logging
+import MeshCore
+import NIOCore
+import NIOPosix
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The `nameserver` lines (and `options timeout:`/`attempts:`) of a resolv.conf file.
+public struct ResolvConf: Hashable, Sendable {
+    public var nameservers: [String] = []
+    public var timeoutSeconds: Int?
+    public var attempts: Int?
+
+    public init(nameservers: [String] = [], timeoutSeconds: Int? = nil, attempts: Int? = nil) {
+        self.nameservers = nameservers
+        self.timeoutSeconds = timeoutSeconds
+        self.attempts = attempts
+    }
+
+    /// Parses resolv.conf text; unknown lines and malformed addresses are skipped.
+    public init(parsing text: String) {
+        for rawLine in text.split(whereSeparator: { $0 == "\n" || $0 == "\r" }) {
+            let line = rawLine.prefix { $0 != "#" && $0 != ";" }
+            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            guard let keyword = fields.first else { continue }
+            switch keyword {
+            case "nameserver":
+                guard fields.count >= 2 else { continue }
+                // A link-local IPv6 server may carry a zone (`fe80::1%eth0`): not usable by address alone.
+                let addr = String(fields[1])
+                if !addr.contains("%"), IPAddress(addr) != nil { self.nameservers.append(addr) }
+            case "options":
+                for option in fields.dropFirst() {
+                    if option.hasPrefix("timeout:") { self.timeoutSeconds = Int(option.dropFirst(8)) }
+                    if option.hasPrefix("attempts:") { self.attempts = Int(option.dropFirst(9)) }
+                }
+            default:
+                continue
+            }
+        }
+    }
+
+    /// Reads and parses a file; a missing file gives no nameservers.
+    public static func load(path: String) -> ResolvConf {
+        guard let text = readSmallFile(path) else { return ResolvConf() }
+        return ResolvConf(parsing: text)
+    }
+}
+
+/// Parses `host`, `host:port`, `[v6]:port` or a bare IPv6 address into a socket address (port 53 default).
+func parseUpstream(_ text: String) -> SocketAddress? {
+    var host = text
+    var port = 53
+    if text.hasPrefix("[") {
+        guard let close = text.firstIndex(of: "]") else { return nil }
+        host = String(text[text.index(after: text.startIndex)..<close])
+        let rest = text[text.index(after: close)...]
+        if rest.hasPrefix(":") {
+            guard let p = Int(rest.dropFirst()) else { return nil }
+            port = p
+        } else if !rest.isEmpty {
+            return nil
+        }
+    } else if text.filter({ $0 == ":" }).count == 1, let colon = text.firstIndex(of: ":") {
+        host = String(text[..<colon])
+        guard let p = Int(text[text.index(after: colon)...]) else { return nil }
+        port = p
+    }
+    guard IPAddress(host) != nil, (0...65535).contains(port) else { return nil }
+    return try? SocketAddress(ipAddress: host, port: port)
+}
+
+private func readSmallFile(_ path: String) -> String? {
+    guard let f = fopen(path, "r") else { return nil }
+    defer { fclose(f) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = fread(&buf, 1, buf.count, f)
+        if n <= 0 { break }
+        out.append(contentsOf: buf[0..<n])
+        if out.count > 1 << 20 { break }
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+/// Sends questions to the upstream resolvers and caches their answers.
+///
+/// All state lives on one event loop (``eventLoop``): callers on other loops hop there. Query IDs
+/// are random and a response is only accepted from the upstream it was sent to, with the same ID and
+/// question; after a timeout (or SERVFAIL/REFUSED) the next upstream is tried; a truncated UDP answer
+/// is fetched again over TCP. Identical questions in flight share one upstream query.
+final class DNSForwarder: Sendable {
+    let eventLoop: any EventLoop
+    private let state: NIOLoopBoundBox<ForwarderState>
+    private let logger: Logger
+    private let metrics: DNSMetrics
+
+    init(
+        configuration: DNSForwardingConfiguration,
+        upstreams: [SocketAddress],
+        eventLoop: any EventLoop,
+        logger: Logger,
+        metrics: DNSMetrics
+    ) {
+        self.eventLoop = eventLoop
+        self.logger = logger
+        self.metrics = metrics
+        self.state = NIOLoopBoundBox.makeBoxSendingValue(
+            ForwarderState(configuration: configuration, upstreams: upstreams),
+            eventLoop: eventLoop
+        )
+    }
+
+    /// Opens the upstream UDP sockets (one per address family in use).
+    func start() async throws {
+        let families = try await self.eventLoop.submit { self.state.value.upstreams.map(\.protocol) }.get()
+        var channels: [(NIOBSDSocket.ProtocolFamily, any Channel)] = []
+        for family in [NIOBSDSocket.ProtocolFamily.inet, .inet6] where families.contains(family) {
+            let host = family == .inet ? "0.0.0.0" : "::"
+            let channel = try await DatagramBootstrap(group: self.eventLoop)
+                .channelInitializer { ch in
+                    ch.eventLoop.makeCompletedFuture {
+                        try ch.pipeline.syncOperations.addHandler(UpstreamUDPHandler(forwarder: self))
+                    }
+                }
+                .bind(host: host, port: 0)
+                .get()
+            channels.append((family, channel))
+        }
+        let opened = channels
+        try await self.eventLoop.submit {
+            for (family, channel) in opened { self.state.value.channels[family] = channel }
+        }.get()
+    }
+
+    /// Removes upstreams that are our own listening addresses (never forward to ourselves).
+    func exclude(_ own: [SocketAddress]) async throws {
+        let removed = try await self.eventLoop.submit { () -> [SocketAddress] in
+            let s = self.state.value
+            let before = s.upstreams
+            s.upstreams = before.filter { up in !own.contains { isSameEndpoint(up, $0) } }
+            return before.filter { !s.upstreams.contains($0) }
+        }.get()
+        for r in removed {
+            self.logger.warning("dns: upstream is our own listening address, skipped", metadata: ["upstream": "\(r)"])
+        }
+    }
+
+    func shutdown() async {
+        let channels = try? await self.eventLoop.submit { () -> [any Channel] in
+            let s = self.state.value
+            s.closed = true
+            for (_, p) in s.pending { p.timeout?.cancel() }
+            let waiting = s.pending.values.map(\.key)
+            s.pending.removeAll()
+            for key in waiting { s.complete(key, nil) }
+            return Array(s.channels.values)
+        }.get()
+        for c in channels ?? [] { try? await c.close() }
+    }
+
+    /// Resolves a question upstream (or from the cache). Succeeds with nil when every upstream failed.
+    func resolve(_ question: DNSQuestion) -> EventLoopFuture<DNSMessage?> {
+        if self.eventLoop.inEventLoop {
+            return self.resolveOnLoop(question)
+        }
+        return self.eventLoop.flatSubmit { self.resolveOnLoop(question) }
+    }
+
+    private func resolveOnLoop(_ question: DNSQuestion) -> EventLoopFuture<DNSMessage?> {
+        let s = self.state.value
+        let key = DNSCacheKey(question)
+        if let hit = s.cache.lookup(key, now: .now()) {
+            self.metrics.cacheHits.increment()
+            return self.eventLoop.makeSucceededFuture(hit)
+        }
+        self.metrics.cacheMisses.increment()
+        if s.waiters[key] != nil {
+            let promise = self.eventLoop.makePromise(of: DNSMessage?.self)
+            s.waiters[key]!.append(promise)
+            return promise.futureResult
+        }
+        guard !s.closed, !s.upstreams.isEmpty else {
+            self.metrics.upstreamFailures.increment()
+            return self.eventLoop.makeSucceededFuture(nil)
+        }
+        let promise = self.eventLoop.makePromise(of: DNSMessage?.self)
+        s.waiters[key] = [promise]
+        let start = s.nextStart
+        s.nextStart = (s.nextStart + 1) % s.upstreams.count
+        self.send(key: key, question: question, attempt: 0, start: start)
+        return promise.futureResult
+    }
+
+    private func send(key: DNSCacheKey, question: DNSQuestion, attempt: Int, start: Int) {
+        let s = self.state.value
+        let total = s.upstreams.count * max(1, s.configuration.attempts)
+        guard !s.closed, attempt < total, !s.upstreams.isEmpty else {
+            self.metrics.upstreamFailures.increment()
+            s.complete(key, nil)
+            return
+        }
+        let upstream = s.upstreams[(start + attempt) % s.upstreams.count]
+        guard let channel = s.channels[upstream.protocol] else {
+            self.send(key: key, question: question, attempt: attempt + 1, start: start)
+            return
+        }
+        var fresh = UInt16.random(in: 0...UInt16.max)
+        while s.pending[fresh] != nil { fresh = UInt16.random(in: 0...UInt16.max) }
+        let id = fresh
+        let query = DNSMessage(
+            header: DNSHeader(id: id, recursionDesired: true),
+            questions: [question],
+            edns: DNSEDNS(udpPayloadSize: 1232)
+        )
+        guard let bytes = try? query.encode() else {
+            s.complete(key, nil)
+            return
+        }
+        let timeout = self.eventLoop.scheduleTask(in: s.configuration.timeout) {
+            let s = self.state.value
+            guard let p = s.pending.removeValue(forKey: id) else { return }
+            self.metrics.upstreamTimeouts.increment()
+            self.send(key: p.key, question: p.question, attempt: p.attempt + 1, start: p.start)
+        }
+        s.pending[id] = PendingQuery(
+            key: key,
+            question: question,
+            upstream: upstream,
+            attempt: attempt,
+            start: start,
+            timeout: timeout
+        )
+        self.metrics.forwarded.increment()
+        let envelope = AddressedEnvelope(remoteAddress: upstream, data: channel.allocator.buffer(bytes: bytes))
+        channel.writeAndFlush(envelope, promise: nil)
+    }
+
+    /// A datagram from an upstream socket (on the loop).
+    func receive(_ envelope: AddressedEnvelope<ByteBuffer>) {
+        let s = self.state.value
+        guard let message = try? DNSMessage.decode(envelope.data.readableBytesView) else {
+            self.metrics.upstreamMismatched.increment()
+            return
+        }
+        guard message.header.isResponse, let p = s.pending[message.header.id],
+            isSameEndpoint(p.upstream, envelope.remoteAddress),
+            message.questions.count == 1,
+            message.questions[0].name.equalsIgnoringCase(p.question.name),
+            message.questions[0].type == p.question.type,
+            message.questions[0].qclass == p.question.qclass
+        else {
+            // Not an answer to anything we asked (late, spoofed or garbage): ignore it.
+            self.metrics.upstreamMismatched.increment()
+            return
+        }
+        s.pending[message.header.id] = nil
+        p.timeout?.cancel()
+        if message.header.truncated {
+            self.resolveOverTCP(p)
+            return
+        }
+        self.accept(message, for: p)
+    }
+
+    private func accept(_ message: DNSMessage, for p: PendingQuery) {
+        let s = self.state.value
+        switch message.rcode {
+        case .servFail, .refused, .notImp, .formErr:
+            self.send(key: p.key, question: p.question, attempt: p.attempt + 1, start: p.start)
+        default:
+            s.cache.insert(p.key, message, now: .now())
+            s.complete(p.key, message)
+        }
+    }
+
+    private func resolveOverTCP(_ p: PendingQuery) {
+        let s = self.state.value
+        let timeout = s.configuration.timeout
+        let id = UInt16.random(in: 0...UInt16.max)
+        let query = DNSMessage(header: DNSHeader(id: id, recursionDesired: true), questions: [p.question])
+        guard let bytes = try? query.encode() else {
+            self.send(key: p.key, question: p.question, attempt: p.attempt + 1, start: p.start)
+            return
+        }
+        let promise = self.eventLoop.makePromise(of: ByteBuffer.self)
+        ClientBootstrap(group: self.eventLoop)
+            .connectTimeout(timeout)
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(ByteToMessageHandler(DNSTCPFrameDecoder()))
+                    try ch.pipeline.syncOperations.addHandler(OneResponseHandler(promise: promise))
+                }
+            }
+            .connect(to: p.upstream)
+            .whenComplete { result in
+                switch result {
+                case .success(let ch):
+                    var out = ch.allocator.buffer(capacity: bytes.count + 2)
+                    out.writeInteger(UInt16(bytes.count))
+                    out.writeBytes(bytes)
+                    ch.writeAndFlush(out, promise: nil)
+                    let task = ch.eventLoop.scheduleTask(in: timeout) {
+                        promise.fail(ChannelError.connectTimeout(timeout))
+                    }
+                    promise.futureResult.whenComplete { _ in
+                        task.cancel()
+                        ch.close(promise: nil)
+                    }
+                case .failure(let error):
+                    promise.fail(error)
+                }
+            }
+        promise.futureResult.hop(to: self.eventLoop).whenComplete { result in
+            if case .success(let buffer) = result, let m = try? DNSMessage.decode(buffer.readableBytesView),
+                m.header.isResponse, m.header.id == id, m.questions.count == 1,
+                m.questions[0].name.equalsIgnoringCase(p.question.name), m.questions[0].type == p.question.type
+            {
+                self.accept(m, for: p)
+            } else {
+                self.metrics.upstreamTimeouts.increment()
+                self.send(key: p.key, question: p.question, attempt: p.attempt + 1, start: p.start)
+            }
+        }
+    }
+}
+
+/// Upstream resolver settings.
+public struct DNSForwardingConfiguration: Sendable {
+    /// Upstreams as `host`, `host:port` or `[v6]:port`; empty means the `nameserver` lines of
+    /// ``resolvConfPath``.
+    public var upstreams: [String]
+    public var resolvConfPath: String
+    /// How long to wait for one upstream before trying the next.
+    public var timeout: TimeAmount
+    /// Rounds over the upstream list before answering SERVFAIL.
+    public var attempts: Int
+    /// Cached answers kept at most (least recently used go first).
+    public var cacheCapacity: Int
+    /// Upper bound for any cached TTL (seconds).
+    public var maxCacheTTL: UInt32
+
+    public init(
+        upstreams: [String] = [],
+        resolvConfPath: String = "/etc/resolv.conf",
+        timeout: TimeAmount = .seconds(2),
+        attempts: Int = 2,
+        cacheCapacity: Int = 10_000,
+        maxCacheTTL: UInt32 = 3600
+    ) {
+        self.upstreams = upstreams
+        self.resolvConfPath = resolvConfPath
+        self.timeout = timeout
+        self.attempts = attempts
+        self.cacheCapacity = cacheCapacity
+        self.maxCacheTTL = maxCacheTTL
+    }
+
+    /// The upstream addresses this configuration names (from the list or from resolv.conf).
+    public func resolveUpstreams() -> [SocketAddress] {
+        let names = self.upstreams.isEmpty ? ResolvConf.load(path: self.resolvConfPath).nameservers : self.upstreams
+        return names.compactMap(parseUpstream)
+    }
+}
+
+struct PendingQuery {
+    var key: DNSCacheKey
+    var question: DNSQuestion
+    var upstream: SocketAddress
+    var attempt: Int
+    var start: Int
+    var timeout: Scheduled<Void>?
+}
+
+/// The forwarder's mutable state; only touched on the forwarder's event loop.
+final class ForwarderState {
+    let configuration: DNSForwardingConfiguration
+    var upstreams: [SocketAddress]
+    var channels: [NIOBSDSocket.ProtocolFamily: any Channel] = [:]
+    var pending: [UInt16: PendingQuery] = [:]
+    var waiters: [DNSCacheKey: [EventLoopPromise<DNSMessage?>]] = [:]
+    let cache: DNSCache
+    var nextStart = 0
+    var closed = false
+
+    init(configuration: DNSForwardingConfiguration, upstreams: [SocketAddress]) {
+        self.configuration = configuration
+        self.upstreams = upstreams
+        self.cache = DNSCache(capacity: configuration.cacheCapacity, maxTTL: configuration.maxCacheTTL)
+    }
+
+    func complete(_ key: DNSCacheKey, _ message: DNSMessage?) {
+        guard let ws = self.waiters.removeValue(forKey: key) else { return }
+        for w in ws { w.succeed(message) }
+    }
+}
+
+/// Same IP and port (a wildcard listener matches any loopback address on its port).
+func isSameEndpoint(_ a: SocketAddress, _ b: SocketAddress) -> Bool {
+    guard a.port == b.port, let ia = a.ipAddress, let ib = b.ipAddress,
+        let pa = IPAddress(ia), let pb = IPAddress(ib)
+    else { return false }
+    if pa == pb { return true }
+    let wildcard: (IPAddress) -> Bool = { $0 == .v4(0) || $0 == .v6(0, 0) }
+    return (wildcard(pa) && pb.isLoopback) || (wildcard(pb) && pa.isLoopback)
+}
+
+private final class UpstreamUDPHandler: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    let forwarder: DNSForwarder
+
+    init(forwarder: DNSForwarder) { self.forwarder = forwarder }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.forwarder.receive(Self.unwrapInboundIn(data))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // ICMP port unreachable and the like surface here; the timeout moves on to the next upstream.
+    }
+}
+
+/// Completes a promise with the first framed message of a TCP connection.
+private final class OneResponseHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let promise: EventLoopPromise<ByteBuffer>
+
+    init(promise: EventLoopPromise<ByteBuffer>) { self.promise = promise }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.promise.succeed(Self.unwrapInboundIn(data))
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.promise.fail(ChannelError.eof)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.promise.fail(error)
+        context.close(promise: nil)
+    }
+}
+
+/// Splits a TCP byte stream into DNS messages (RFC 1035 §4.2.2: a 2-byte length before each).
+struct DNSTCPFrameDecoder: ByteToMessageDecoder {
+    typealias InboundOut = ByteBuffer
+
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let length = buffer.getInteger(at: buffer.readerIndex, as: UInt16.self),
+            buffer.readableBytes >= 2 + Int(length)
+        else { return .needMoreData }
+        buffer.moveReaderIndex(forwardBy: 2)
+        let message = buffer.readSlice(length: Int(length))!
+        context.fireChannelRead(Self.wrapInboundOut(message))
+        return .continue
+    }
+
+    mutating func decodeLast(
+        context: ChannelHandlerContext,
+        buffer: inout ByteBuffer,
+        seenEOF: Bool
+    ) throws
+        -> DecodingState
+    {
+        while try self.decode(context: context, buffer: &buffer) == .continue {}
+        return .needMoreData
+    }
+}

@@ -1,0 +1,459 @@
+import Logging
+import Metrics
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Synchronization
+
+/// Where and how the responder listens. Every field has a default.
+public struct DNSServerConfiguration: Sendable {
+    /// Listen address (UDP and TCP on the same port).
+    public var host: String
+    /// Listen port; 0 picks a free port (the same one for UDP and TCP).
+    public var port: Int
+    /// Datagrams read per system call (recvmmsg).
+    public var udpReadBatch: Int
+    /// Largest UDP response sent, whatever size a client's EDNS offers.
+    public var maxUDPResponseSize: Int
+    /// A TCP connection that sends nothing for this long is closed.
+    public var tcpIdleTimeout: TimeAmount
+    /// Open TCP connections at most; further ones are closed at once.
+    public var maxTCPConnections: Int
+    /// Upstream forwarding for names outside the zone; nil answers them REFUSED.
+    public var forwarding: DNSForwardingConfiguration?
+
+    public init(
+        host: String = "127.0.0.1",
+        port: Int = 5353,
+        udpReadBatch: Int = 16,
+        maxUDPResponseSize: Int = 1232,
+        tcpIdleTimeout: TimeAmount = .seconds(10),
+        maxTCPConnections: Int = 256,
+        forwarding: DNSForwardingConfiguration? = DNSForwardingConfiguration()
+    ) {
+        self.host = host
+        self.port = port
+        self.udpReadBatch = udpReadBatch
+        self.maxUDPResponseSize = maxUDPResponseSize
+        self.tcpIdleTimeout = tcpIdleTimeout
+        self.maxTCPConnections = maxTCPConnections
+        self.forwarding = forwarding
+    }
+}
+
+/// The DNS responder as a swift-service-lifecycle `Service`: answers the service zone from a
+/// ``DNSZoneStore`` over UDP and TCP and forwards every other name upstream (cached).
+///
+/// ```swift
+/// let zones = DNSZoneStore()
+/// try zones.update(ZoneInput(services: services))        // again on every change
+/// let dns = DNSServer(configuration: .init(), zones: zones, logger: logger)
+/// let group = ServiceGroup(services: [dns], gracefulShutdownSignals: [.sigterm], logger: logger)
+/// try await group.run()
+/// ```
+public final class DNSServer: Service {
+    public let configuration: DNSServerConfiguration
+    public let zones: DNSZoneStore
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let metrics: DNSMetrics
+    private let bound: EventLoopPromise<[SocketAddress]>
+
+    /// - Parameters:
+    ///   - eventLoopGroup: the UDP socket and the forwarder live on one loop of it; TCP connections
+    ///     spread over all of them.
+    ///   - metricsFactory: where the counters go (default: the global `MetricsSystem`).
+    public init(
+        configuration: DNSServerConfiguration = DNSServerConfiguration(),
+        zones: DNSZoneStore,
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "mesh.dns"),
+        metricsFactory: (any MetricsFactory)? = nil
+    ) {
+        self.configuration = configuration
+        self.zones = zones
+        self.group = eventLoopGroup
+        self.logger = logger
+        self.metrics = DNSMetrics(factory: metricsFactory ?? MetricsSystem.factory)
+        self.bound = eventLoopGroup.any().makePromise(of: [SocketAddress].self)
+    }
+
+    deinit {
+        // A server that never ran must not leave its promise pending (NIO traps on leaked promises).
+        self.bound.fail(CancellationError())
+    }
+
+    /// The UDP and TCP addresses once ``run()`` has bound them (waits until then; throws if binding failed).
+    public func listeningAddresses() async throws -> (udp: SocketAddress, tcp: SocketAddress) {
+        let a = try await self.bound.futureResult.get()
+        return (a[0], a[1])
+    }
+
+    public func run() async throws {
+        let loop = self.group.next()
+        let policy = AnswerPolicy(
+            maxUDPSize: max(512, self.configuration.maxUDPResponseSize),
+            forwarding: self.configuration.forwarding != nil
+        )
+        var forwarder: DNSForwarder? = nil
+        let udp: any Channel
+        let tcp: any Channel
+        let connections = ConnectionRegistry(limit: self.configuration.maxTCPConnections)
+        do {
+            if let f = self.configuration.forwarding {
+                let upstreams = f.resolveUpstreams()
+                if upstreams.isEmpty {
+                    self.logger.warning("dns: no upstream resolvers; names outside the zone get SERVFAIL")
+                }
+                let fw = DNSForwarder(
+                    configuration: f,
+                    upstreams: upstreams,
+                    eventLoop: loop,
+                    logger: self.logger,
+                    metrics: self.metrics
+                )
+                try await fw.start()
+                forwarder = fw
+            }
+            (udp, tcp) = try await self.bind(loop: loop, policy: policy, forwarder: forwarder, connections: connections)
+            if let forwarder {
+                try await forwarder.exclude([udp.localAddress, tcp.localAddress].compactMap { $0 })
+            }
+        } catch {
+            self.bound.fail(error)
+            await forwarder?.shutdown()
+            throw error
+        }
+        let addresses = [udp.localAddress!, tcp.localAddress!]
+        self.logger.info(
+            "dns: listening",
+            metadata: ["udp": "\(addresses[0])", "tcp": "\(addresses[1])"]
+        )
+        self.bound.succeed(addresses)
+
+        await withGracefulShutdownHandler {
+            await withTaskCancellationHandler {
+                // Either channel closing (shutdown, or an error) ends the service.
+                try? await udp.closeFuture.get()
+                try? await tcp.closeFuture.get()
+            } onCancel: {
+                udp.close(promise: nil)
+                tcp.close(promise: nil)
+            }
+        } onGracefulShutdown: {
+            udp.close(promise: nil)
+            tcp.close(promise: nil)
+        }
+        udp.close(promise: nil)
+        tcp.close(promise: nil)
+        await connections.closeAll()
+        await forwarder?.shutdown()
+        self.logger.info("dns: stopped")
+    }
+
+    private func bind(
+        loop: any EventLoop,
+        policy: AnswerPolicy,
+        forwarder: DNSForwarder?,
+        connections: ConnectionRegistry
+    ) async throws -> (any Channel, any Channel) {
+        let batch = max(1, self.configuration.udpReadBatch)
+        let zones = self.zones
+        let metrics = self.metrics
+        let logger = self.logger
+        let idle = self.configuration.tcpIdleTimeout
+        // With port 0, UDP picks a port and TCP must get the same one: retry if TCP finds it taken.
+        var lastError: (any Error)? = nil
+        for _ in 0..<20 {
+            let udp = try await DatagramBootstrap(group: loop)
+                .channelOption(.socketOption(.so_reuseaddr), value: 1)
+                .channelOption(.datagramVectorReadMessageCount, value: batch)
+                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: batch * 4096))
+                .channelInitializer { ch in
+                    ch.eventLoop.makeCompletedFuture {
+                        try ch.pipeline.syncOperations.addHandler(
+                            DNSUDPHandler(
+                                zones: zones,
+                                policy: policy,
+                                forwarder: forwarder,
+                                metrics: metrics,
+                                logger: logger
+                            )
+                        )
+                    }
+                }
+                .bind(host: self.configuration.host, port: self.configuration.port)
+                .get()
+            let port = udp.localAddress?.port ?? self.configuration.port
+            do {
+                let tcp = try await ServerBootstrap(group: self.group)
+                    .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                    .serverChannelOption(.backlog, value: 256)
+                    .childChannelInitializer { ch in
+                        guard connections.admit(ch) else {
+                            metrics.tcpConnectionsRejected.increment()
+                            return ch.close()
+                        }
+                        return ch.eventLoop.makeCompletedFuture {
+                            let ops = ch.pipeline.syncOperations
+                            try ops.addHandler(IdleStateHandler(readTimeout: idle))
+                            try ops.addHandler(ByteToMessageHandler(DNSTCPFrameDecoder()))
+                            try ops.addHandler(
+                                DNSTCPHandler(
+                                    zones: zones,
+                                    policy: policy,
+                                    forwarder: forwarder,
+                                    metrics: metrics
+                                )
+                            )
+                        }
+                    }
+                    .bind(host: self.configuration.host, port: port)
+                    .get()
+                return (udp, tcp)
+            } catch {
+                lastError = error
+                try? await udp.close()
+                if self.configuration.port != 0 { throw error }
+            }
+        }
+        throw lastError ?? ChannelError.inappropriateOperationForState
+    }
+}
+
+/// Counts and remembers open TCP connections so the limit holds and shutdown can close them.
+/// Sendable: its state sits in a Mutex.
+final class ConnectionRegistry: Sendable {
+    private let state: Mutex<(open: [ObjectIdentifier: any Channel], closed: Bool)>
+    private let limit: Int
+
+    init(limit: Int) {
+        self.limit = max(1, limit)
+        self.state = Mutex(([:], false))
+    }
+
+    func admit(_ channel: any Channel) -> Bool {
+        let id = ObjectIdentifier(channel)
+        let ok = self.state.withLock { s -> Bool in
+            guard !s.closed, s.open.count < self.limit else { return false }
+            s.open[id] = channel
+            return true
+        }
+        if ok {
+            channel.closeFuture.whenComplete { _ in
+                self.state.withLock { _ = $0.open.removeValue(forKey: id) }
+            }
+        }
+        return ok
+    }
+
+    func closeAll() async {
+        let channels = self.state.withLock { s -> [any Channel] in
+            s.closed = true
+            return Array(s.open.values)
+        }
+        for c in channels { try? await c.close() }
+    }
+}
+
+extension Answerer {
+    /// The client's response for a forwarded question (`result` nil: SERVFAIL).
+    static func composeForwarded(
+        _ req: ForwardRequest,
+        result: DNSMessage?,
+        overTCP: Bool,
+        policy: AnswerPolicy
+    )
+        -> [UInt8]
+    {
+        var m = DNSMessage(
+            header: DNSHeader(
+                id: req.id,
+                isResponse: true,
+                opcode: 0,
+                recursionDesired: req.flags & 0x0100 != 0,
+                recursionAvailable: true,
+                checkingDisabled: req.flags & 0x0010 != 0
+            ),
+            questions: [req.question]
+        )
+        if let cname = req.cname { m.answers.append(cname) }
+        if let result {
+            m.answers += result.answers
+            m.authorities = result.authorities
+            m.additionals = result.additionals
+            m.header.rcodeLow = result.header.rcodeLow
+        } else {
+            m.header.rcodeLow = UInt8(DNSRCode.servFail.rawValue)
+        }
+        var limit = 65535
+        if let e = req.clientEDNS {
+            m.edns = DNSEDNS(udpPayloadSize: UInt16(clamping: policy.maxUDPSize), dnssecOK: e.dnssecOK)
+            if !overTCP { limit = min(max(512, Int(e.udpPayloadSize)), policy.maxUDPSize) }
+        } else if !overTCP {
+            limit = 512
+        }
+        if let bytes = try? m.encode(maxSize: limit) { return bytes }
+        // Upstream data we cannot re-encode: SERVFAIL rather than garbage.
+        m.answers = []
+        m.authorities = []
+        m.additionals = []
+        m.header.rcodeLow = UInt8(DNSRCode.servFail.rawValue)
+        return (try? m.encode(maxSize: limit)) ?? []
+    }
+}
+
+/// Answers UDP queries on the event loop; forwarded ones are written when the forwarder answers.
+final class DNSUDPHandler: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    typealias OutboundOut = AddressedEnvelope<ByteBuffer>
+
+    private let zones: DNSZoneStore
+    private let policy: AnswerPolicy
+    private let forwarder: DNSForwarder?
+    private let metrics: DNSMetrics
+    private let logger: Logger
+    private let scratch = AnswerScratch()
+    private var needsFlush = false
+
+    init(zones: DNSZoneStore, policy: AnswerPolicy, forwarder: DNSForwarder?, metrics: DNSMetrics, logger: Logger) {
+        self.zones = zones
+        self.policy = policy
+        self.forwarder = forwarder
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let envelope = Self.unwrapInboundIn(data)
+        self.metrics.queriesUDP.increment()
+        let zone = self.zones.zone
+        let scratch = self.scratch
+        let policy = self.policy
+        let disposition = envelope.data.withUnsafeReadableBytes {
+            Answerer.answer($0, zone: zone, overTCP: false, policy: policy, scratch: scratch)
+        }
+        if scratch.malformed { self.metrics.malformed.increment() }
+        switch disposition {
+        case .reply:
+            self.countReply()
+            let out = context.channel.allocator.buffer(bytes: scratch.response)
+            context.write(
+                Self.wrapOutboundOut(AddressedEnvelope(remoteAddress: envelope.remoteAddress, data: out)),
+                promise: nil
+            )
+            self.needsFlush = true
+        case .forward(let request):
+            guard let forwarder = self.forwarder else { return }
+            let channel = context.channel
+            let remote = envelope.remoteAddress
+            forwarder.resolve(request.upstreamQuestion).whenSuccess { result in
+                let bytes = Answerer.composeForwarded(request, result: result, overTCP: false, policy: policy)
+                guard !bytes.isEmpty else { return }
+                let out = channel.allocator.buffer(bytes: bytes)
+                channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: out), promise: nil)
+            }
+        case .drop:
+            break
+        }
+    }
+
+    private func countReply() {
+        let r = self.scratch.response
+        guard r.count >= 12 else { return }
+        if r[2] & 0x04 != 0 { self.metrics.answeredFromZone.increment() }
+        if r[2] & 0x02 != 0 { self.metrics.truncated.increment() }
+        if r[3] & 0x0F == 3 { self.metrics.nxDomain.increment() }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if self.needsFlush {
+            self.needsFlush = false
+            context.flush()
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // UDP errors (e.g. ICMP unreachable from a client that went away) do not end the listener.
+        self.logger.debug("dns: udp error", metadata: ["error": "\(error)"])
+    }
+}
+
+/// Answers framed TCP queries; pipelined queries are answered as they complete (RFC 7766).
+final class DNSTCPHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let zones: DNSZoneStore
+    private let policy: AnswerPolicy
+    private let forwarder: DNSForwarder?
+    private let metrics: DNSMetrics
+    private let scratch = AnswerScratch()
+    private var needsFlush = false
+
+    init(zones: DNSZoneStore, policy: AnswerPolicy, forwarder: DNSForwarder?, metrics: DNSMetrics) {
+        self.zones = zones
+        self.policy = policy
+        self.forwarder = forwarder
+        self.metrics = metrics
+    }
+
+    static func frame(_ bytes: [UInt8], allocator: ByteBufferAllocator) -> ByteBuffer {
+        var out = allocator.buffer(capacity: bytes.count + 2)
+        out.writeInteger(UInt16(truncatingIfNeeded: bytes.count))
+        out.writeBytes(bytes)
+        return out
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let message = Self.unwrapInboundIn(data)
+        self.metrics.queriesTCP.increment()
+        let zone = self.zones.zone
+        let scratch = self.scratch
+        let policy = self.policy
+        let disposition = message.withUnsafeReadableBytes {
+            Answerer.answer($0, zone: zone, overTCP: true, policy: policy, scratch: scratch)
+        }
+        if scratch.malformed { self.metrics.malformed.increment() }
+        switch disposition {
+        case .reply:
+            if scratch.response.count >= 12, scratch.response[2] & 0x04 != 0 {
+                self.metrics.answeredFromZone.increment()
+            }
+            context.write(
+                Self.wrapOutboundOut(Self.frame(scratch.response, allocator: context.channel.allocator)),
+                promise: nil
+            )
+            self.needsFlush = true
+        case .forward(let request):
+            guard let forwarder = self.forwarder else { return }
+            let channel = context.channel
+            forwarder.resolve(request.upstreamQuestion).whenSuccess { result in
+                let bytes = Answerer.composeForwarded(request, result: result, overTCP: true, policy: policy)
+                guard !bytes.isEmpty else { return }
+                channel.writeAndFlush(Self.frame(bytes, allocator: channel.allocator), promise: nil)
+            }
+        case .drop:
+            break
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if self.needsFlush {
+            self.needsFlush = false
+            context.flush()
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            context.close(promise: nil)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,64 @@
+// libFuzzer target for the DNS decoder and the responder's answer path.
+//
+// Built by scripts/fuzz-dns with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer provides `main` and
+// calls LLVMFuzzerTestOneInput. In a plain `swift build` this is a small replayer instead: it feeds
+// the files named on the command line (e.g. a crash artifact) through the same checks.
+@_spi(Fuzzing) import DNS
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+#if FUZZING
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzzTestOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
+    DNSFuzzing.fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
+    return 0
+}
+
+// libFuzzer's own driver entry (LLVM >= 11). Its arguments are three pointers and it returns an int,
+// which the Swift and C calling conventions pass alike on the platforms this runs on.
+@_silgen_name("LLVMFuzzerRunDriver")
+func llvmFuzzerRunDriver(
+    _ argc: UnsafeMutablePointer<CInt>,
+    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> CInt
+) -> CInt
+
+// Debug builds of SwiftPM executables on Linux link `main` to `<module>_main` (testable executables),
+// which hides libFuzzer's `main`: provide that symbol and start libFuzzer's driver from it.
+@_cdecl("dns_fuzz_main")
+public func dnsFuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
+    var count = argc
+    var vector = argv
+    return llvmFuzzerRunDriver(&count, &vector) { data, size in fuzzTestOneInput(data, size) }
+}
+#else
+@main
+enum DNSFuzzReplay {
+    static func main() {
+        var count = 0
+        for path in CommandLine.arguments.dropFirst() {
+            guard let f = fopen(path, "rb") else {
+                print("dns-fuzz: cannot open \(path)")
+                exit(2)
+            }
+            var bytes: [UInt8] = []
+            var buf = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let n = fread(&buf, 1, buf.count, f)
+                if n <= 0 { break }
+                bytes.append(contentsOf: buf[0..<n])
+            }
+            fclose(f)
+            bytes.withUnsafeBytes { DNSFuzzing.fuzzOne($0) }
+            count += 1
+        }
+        print("dns-fuzz: replayed \(count) input(s) without a failure")
+    }
+}
+#endif
