@@ -94,7 +94,8 @@ let package = Package(
         .target(
             name: "MeshAgent",
             dependencies: nio + [
-                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "DNS",
+                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "DNS", "CNetlink",
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -164,7 +165,14 @@ let package = Package(
         ),
         .testTarget(
             name: "MeshAgentTests",
-            dependencies: nio + ["MeshAgent", "MeshClient", "Control"],
+            dependencies: nio + [
+                "MeshAgent", "MeshClient", "Control", "MeshCore",
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(
