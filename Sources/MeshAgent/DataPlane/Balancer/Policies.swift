@@ -59,8 +59,8 @@ enum WeightedRandom {
 }
 
 /// Least request by the power of two choices: sample two distinct candidates by weight and take the one with
-/// fewer in-flight requests per unit of weight (ties go to the first sample, which keeps the weights when
-/// nothing is in flight). Avoids the herd effect of a global minimum and costs O(candidates) only for the
+/// fewer in-flight requests per unit of weight (ties, such as both idle, go to the first sample, so the
+/// weights show when nothing is in flight). Avoids the herd effect of a global minimum and costs O(candidates) only for the
 /// weighted sampling.
 enum PowerOfTwoChoices {
     static func pick<R: RandomNumberGenerator>(
@@ -83,9 +83,9 @@ enum PowerOfTwoChoices {
                 break
             }
         }
-        // (load+1)/weight compared without division.
-        let costA = (load(a) + 1) * weight(b)
-        let costB = (load(b) + 1) * weight(a)
+        // load/weight compared without division; equal (both idle, say) keeps the first, weighted sample.
+        let costA = load(a) * weight(b)
+        let costB = load(b) * weight(a)
         return costB < costA ? b : a
     }
 }
