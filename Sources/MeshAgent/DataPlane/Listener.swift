@@ -3,10 +3,6 @@ import MeshCore
 import NIOCore
 import NIOPosix
 
-/// Sent down every client connection of a listener that is going away: HTTP connections finish the
-/// request in flight and close; TCP connections ignore it (they drain until `drainTimeout`).
-struct DrainEvent: Sendable {}
-
 /// One bound VIP:port (TCP for `tcp` and `http` routes, UDP for `udp`) and the connections it accepted.
 final class Listener: Sendable {
     let handle: RouteHandle
@@ -76,11 +72,13 @@ final class Listener: Sendable {
         return Listener(handle: handle, channel: channel, connections: connections)
     }
 
-    /// Stops accepting (closes the bound socket) and asks the open connections to finish.
+    /// Stops accepting (closes the bound socket) and asks the open connections to finish: HTTP connections
+    /// answer the request in flight with `connection: close` and close (NIO's quiescing); TCP connections
+    /// carry on until they end or `drainTimeout` passes.
     func stopAccepting() async {
         try? await self.channel.close()
         for channel in self.connections.all {
-            channel.pipeline.fireUserInboundEventTriggered(DrainEvent())
+            channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
         }
     }
 
