@@ -369,6 +369,7 @@ final class TestHTTPConnection {
     struct Response: Sendable {
         var head: HTTPResponseHead
         var body: String
+        var bodyBytes: Int
         var status: Int { Int(self.head.status.code) }
         func header(_ name: String) -> String? { self.head.headers.first(name: name) }
     }
@@ -408,7 +409,8 @@ final class TestHTTPConnection {
         _ method: HTTPMethod = .GET,
         _ uri: String,
         headers: [(String, String)] = [],
-        body: String? = nil
+        body: String? = nil,
+        countBodyOnly: Bool = false
     ) async throws -> Response? {
         var h = HTTPHeaders(headers)
         if h["host"].isEmpty { h.add(name: "host", value: "test") }
@@ -418,15 +420,17 @@ final class TestHTTPConnection {
         try await self.outbound.write(.end(nil))
         var head: HTTPResponseHead?
         var collected = ByteBuffer()
+        var count = 0
         while let part = try await self.iterator.next() {
             switch part {
             case .head(let h):
                 head = h
             case .body(var b):
-                collected.writeBuffer(&b)
+                count += b.readableBytes
+                if !countBodyOnly { collected.writeBuffer(&b) }
             case .end:
                 guard let head else { return nil }
-                return Response(head: head, body: String(buffer: collected))
+                return Response(head: head, body: String(buffer: collected), bodyBytes: count)
             }
         }
         return nil
