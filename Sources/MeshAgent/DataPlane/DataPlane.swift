@@ -76,7 +76,7 @@ public actor DataPlane: Service {
     /// Sets up the bind mode (mesh interface or loopback), serves until graceful shutdown (or cancellation),
     /// then drains and closes everything, removing the mesh interface.
     public func run() async throws {
-        try self.resolveMode()
+        try await self.resolveMode()
         var cancelled = false
         do {
             try await gracefulShutdown()
@@ -93,7 +93,7 @@ public actor DataPlane: Service {
     /// other change has been applied by then.
     public func apply(_ table: RouteTable) async throws {
         guard !self.stopped else { throw DataPlaneError.shutDown }
-        try self.resolveMode()
+        try await self.resolveMode()
         var failures: [String] = []
 
         // Validate and index the table.
@@ -245,23 +245,21 @@ public actor DataPlane: Service {
 
     // MARK: helpers
 
-    private func resolveMode() throws {
+    private func resolveMode() async throws {
         guard self.mode == nil else { return }
         switch self.configuration.bindMode {
         case .loopback:
             self.mode = .loopback
         case .meshInterface(let name):
             do {
-                let interface = try MeshInterface.open(name: name, logger: self.logger)
-                try interface.reconcile(self.interfaceAddresses(for: []))
+                let interface = try await self.openInterface(name)
                 self.mode = .interface(interface)
             } catch {
                 throw DataPlaneError.interface("\(error)")
             }
         case .automatic(let name):
             do {
-                let interface = try MeshInterface.open(name: name, logger: self.logger)
-                try interface.reconcile(self.interfaceAddresses(for: []))
+                let interface = try await self.openInterface(name)
                 self.mode = .interface(interface)
             } catch {
                 self.logger.notice(
@@ -272,6 +270,17 @@ public actor DataPlane: Service {
             }
         }
         self.publish()
+    }
+
+    /// Opens the link from an event-loop thread, so that it is made in the event loops' network namespace
+    /// (where the listeners are bound), and puts the extra addresses on it, dropping stale ones.
+    private func openInterface(_ name: String) async throws -> MeshInterface {
+        let logger = self.logger
+        let interface = try await self.group.next().submit {
+            try MeshInterface.open(name: name, logger: logger)
+        }.get()
+        try interface.reconcile(self.interfaceAddresses(for: self.listeners.values.map { $0.handle.key.vip }))
+        return interface
     }
 
     /// The mesh interface's wanted addresses: the extra ones and every VIP not already local (loopback).

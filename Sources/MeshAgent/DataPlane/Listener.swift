@@ -24,8 +24,12 @@ final class Listener: Sendable {
         let address = try SocketAddress(ipAddress: key.vip.description, port: key.port)
         let connections = ChannelSet()
         let configuration = environment.configuration
+        // Sockets are created on an event-loop thread (not the caller's), so they live in the network
+        // namespace of the event loops.
+        let loop = group.next()
         if key.datagram {
-            let channel = try await DatagramBootstrap(group: group)
+            let channel = try await loop.flatSubmit {
+                DatagramBootstrap(group: loop)
                 .channelOption(.socketOption(.so_reuseaddr), value: 1)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
@@ -35,10 +39,11 @@ final class Listener: Sendable {
                     }
                 }
                 .bind(to: address)
-                .get()
+            }.get()
             return Listener(handle: handle, channel: channel, connections: connections)
         }
-        let channel = try await ServerBootstrap(group: group)
+        let channel = try await loop.flatSubmit {
+            ServerBootstrap(group: loop, childGroup: group)
             .serverChannelOption(.backlog, value: Int32(configuration.backlog))
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.maxMessagesPerRead, value: 16)
@@ -68,7 +73,7 @@ final class Listener: Sendable {
                 }
             }
             .bind(to: address)
-            .get()
+        }.get()
         return Listener(handle: handle, channel: channel, connections: connections)
     }
 

@@ -9,7 +9,7 @@ import Glibc
 import Musl
 #endif
 
-/// The dummy link (`mesh0`) holding the agent's DNS address and every service VIP, so that listeners bind
+/// The mesh link (`mesh0`, a dummy link) holding the agent's DNS address and every service VIP, so that listeners bind
 /// VIP:port directly and local apps reach VIPs without any NAT rule. Created over netlink (libnl-route-3),
 /// reused when it already exists (an agent restart), its addresses reconciled to the wanted set, and deleted
 /// by `destroy()`. Needs CAP_NET_ADMIN: without it `open` throws a `NetlinkError` whose
@@ -18,12 +18,16 @@ public final class MeshInterface: Sendable {
     public let name: String
     /// The kernel's interface index.
     public let index: Int32
+    /// The link kind: `dummy`, or `bridge` (a bridge without ports behaves the same for local addresses) on
+    /// kernels built without the dummy driver.
+    public let kind: String
     private let socket: Mutex<NetlinkSocket>
     private let logger: Logger
 
-    private init(name: String, index: Int32, socket: consuming sending NetlinkSocket, logger: Logger) {
+    private init(name: String, index: Int32, kind: String, socket: consuming sending NetlinkSocket, logger: Logger) {
         self.name = name
         self.index = index
+        self.kind = kind
         self.socket = Mutex(socket)
         self.logger = logger
     }
@@ -31,34 +35,43 @@ public final class MeshInterface: Sendable {
     /// Creates the dummy link `name` (or reuses an existing one) and brings it up.
     public static func open(name: String = "mesh0", logger: Logger) throws(NetlinkError) -> MeshInterface {
         let sock = try NetlinkSocket()
-        let (index, created) = try Self.ensureLink(sock, name)
+        let (index, kind, created) = try Self.ensureLink(sock, name, logger: logger)
         logger.info(
             "\(created ? "created" : "reusing") mesh interface",
-            metadata: ["interface": "\(name)", "index": "\(index)"]
+            metadata: ["interface": "\(name)", "index": "\(index)", "kind": "\(kind)"]
         )
-        return MeshInterface(name: name, index: index, socket: sock, logger: logger)
+        return MeshInterface(name: name, index: index, kind: kind, socket: sock, logger: logger)
     }
 
-    /// Finds or creates the dummy link and sets it up; returns its index and whether it was created.
-    private static func ensureLink(_ sock: NetlinkSocket, _ name: String) throws(NetlinkError) -> (Int32, Bool) {
+    /// Link kinds this code creates and is willing to reuse, in order of preference.
+    static let kinds = ["dummy", "bridge"]
+
+    /// Finds or creates the link and sets it up; returns its index, kind and whether it was created.
+    private static func ensureLink(
+        _ sock: NetlinkSocket,
+        _ name: String,
+        logger: Logger
+    ) throws(NetlinkError) -> (Int32, String, Bool) {
         var created = false
         var link = try Self.lookup(sock, name)
         if link == nil {
-            guard let newLink = rtnl_link_alloc() else { throw NetlinkError("rtnl_link_alloc", code: NLE_NOMEM) }
-            defer { rtnl_link_put(newLink) }
-            rtnl_link_set_name(newLink, name)
-            let rc0 = rtnl_link_set_type(newLink, "dummy")
-            guard rc0 == 0 else { throw NetlinkError("rtnl_link_set_type(dummy)", code: rc0) }
-            rtnl_link_set_flags(newLink, UInt32(Self.iffUp))
-            let rc = rtnl_link_add(sock.raw, newLink, NLM_F_CREATE | NLM_F_EXCL)
-            if rc < 0 && abs(rc) != NLE_EXIST { throw NetlinkError("create link \(name)", code: rc) }
-            created = rc == 0
+            for kind in Self.kinds {
+                let rc = try Self.create(sock, name, kind: kind)
+                if rc < 0 && abs(rc) == NLE_OPNOTSUPP && kind != Self.kinds.last {
+                    logger.notice("kernel has no \(kind) links, trying the next kind", metadata: ["interface": "\(name)"])
+                    continue
+                }
+                if rc < 0 && abs(rc) != NLE_EXIST { throw NetlinkError("create \(kind) link \(name)", code: rc) }
+                created = rc == 0
+                break
+            }
             link = try Self.lookup(sock, name)
         }
         guard let link else { throw NetlinkError("find link \(name)", code: NLE_OBJ_NOTFOUND) }
         defer { rtnl_link_put(link) }
-        if let type = rtnl_link_get_type(link).map({ String(cString: $0) }), type != "dummy" {
-            throw NetlinkError("link \(name) exists with type \(type), not dummy", code: NLE_EXIST)
+        let kind = rtnl_link_get_type(link).map { String(cString: $0) } ?? "?"
+        guard Self.kinds.contains(kind) else {
+            throw NetlinkError("link \(name) exists with kind \(kind), not one of \(Self.kinds)", code: NLE_EXIST)
         }
         let index = rtnl_link_get_ifindex(link)
         if rtnl_link_get_flags(link) & UInt32(Self.iffUp) == 0 {
@@ -68,7 +81,18 @@ public final class MeshInterface: Sendable {
             let rc = rtnl_link_change(sock.raw, link, change, 0)
             guard rc == 0 else { throw NetlinkError("set \(name) up", code: rc) }
         }
-        return (index, created)
+        return (index, kind, created)
+    }
+
+    /// RTM_NEWLINK for a link of `kind`, up; returns libnl's code.
+    private static func create(_ sock: NetlinkSocket, _ name: String, kind: String) throws(NetlinkError) -> Int32 {
+        guard let newLink = rtnl_link_alloc() else { throw NetlinkError("rtnl_link_alloc", code: NLE_NOMEM) }
+        defer { rtnl_link_put(newLink) }
+        rtnl_link_set_name(newLink, name)
+        let rc0 = rtnl_link_set_type(newLink, kind)
+        guard rc0 == 0 else { throw NetlinkError("rtnl_link_set_type(\(kind))", code: rc0) }
+        rtnl_link_set_flags(newLink, UInt32(Self.iffUp))
+        return rtnl_link_add(sock.raw, newLink, NLM_F_CREATE | NLM_F_EXCL)
     }
 
     /// The addresses on the link, without the IPv6 link-local one the kernel adds.
