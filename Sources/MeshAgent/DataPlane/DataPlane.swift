@@ -1,3 +1,4 @@
+import CoreMetrics
 import Logging
 import MeshCore
 import NIOCore
@@ -39,6 +40,7 @@ public actor DataPlane: Service {
     private nonisolated let counters = DataPlaneCounters()
     private nonisolated let environment: ProxyEnvironment
     private nonisolated let published = Mutex(Published())
+    private nonisolated let metricsFactory: any MetricsFactory
 
     private enum Mode {
         case loopback
@@ -55,14 +57,19 @@ public actor DataPlane: Service {
     private var failed: [ListenerKey: (route: Route, error: String)] = [:]
     private var stopped = false
 
+    /// - Parameters:
+    ///   - eventLoopGroup: where every proxied connection runs (both of its sides on one loop).
+    ///   - metricsFactory: the swift-metrics backend; `MetricsSystem.factory` (whatever was bootstrapped) when nil.
     public init(
         configuration: DataPlaneConfiguration = .init(),
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-        logger: Logger = Logger(label: "mesh.dataplane")
+        logger: Logger = Logger(label: "mesh.dataplane"),
+        metricsFactory: (any MetricsFactory)? = nil
     ) {
         self.configuration = configuration
         self.group = eventLoopGroup
         self.logger = logger
+        self.metricsFactory = metricsFactory ?? MetricsSystem.factory
         self.environment = ProxyEnvironment(
             configuration: configuration,
             counters: self.counters,
@@ -153,7 +160,12 @@ public actor DataPlane: Service {
                 self.failed[key] = (route, error)
                 continue
             }
-            let handle = RouteHandle(route: route, localSite: table.localSite, outlier: self.configuration.outlier)
+            let handle = RouteHandle(
+                route: route,
+                localSite: table.localSite,
+                outlier: self.configuration.outlier,
+                metricsFactory: self.metricsFactory
+            )
             do {
                 self.listeners[key] = try await Listener.bind(
                     handle: handle,

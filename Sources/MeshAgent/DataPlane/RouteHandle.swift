@@ -38,16 +38,20 @@ struct RouteMetrics: Sendable {
     let upstreamLatency: CoreMetrics.Timer
     private let errors: [Counter]
 
-    init(service: ServiceKey, listener: ListenerKey, proto: RouteProtocol) {
+    init(service: ServiceKey, listener: ListenerKey, proto: RouteProtocol, factory: any MetricsFactory) {
         let dims = [("service", service.description), ("listener", listener.description), ("proto", proto.rawValue)]
-        self.connections = Counter(label: "mesh_proxy_connections_total", dimensions: dims)
-        self.activeConnections = Meter(label: "mesh_proxy_active_connections", dimensions: dims)
-        self.requests = Counter(label: "mesh_proxy_requests_total", dimensions: dims)
-        self.bytesIn = Counter(label: "mesh_proxy_bytes_in_total", dimensions: dims)
-        self.bytesOut = Counter(label: "mesh_proxy_bytes_out_total", dimensions: dims)
-        self.upstreamLatency = CoreMetrics.Timer(label: "mesh_proxy_upstream_latency_seconds", dimensions: dims)
+        self.connections = Counter(label: "mesh_proxy_connections_total", dimensions: dims, factory: factory)
+        self.activeConnections = Meter(label: "mesh_proxy_active_connections", dimensions: dims, factory: factory)
+        self.requests = Counter(label: "mesh_proxy_requests_total", dimensions: dims, factory: factory)
+        self.bytesIn = Counter(label: "mesh_proxy_bytes_in_total", dimensions: dims, factory: factory)
+        self.bytesOut = Counter(label: "mesh_proxy_bytes_out_total", dimensions: dims, factory: factory)
+        self.upstreamLatency = CoreMetrics.Timer(
+            label: "mesh_proxy_upstream_latency_seconds",
+            dimensions: dims,
+            factory: factory
+        )
         self.errors = ErrorKind.allCases.map {
-            Counter(label: "mesh_proxy_errors_total", dimensions: dims + [("kind", $0.rawValue)])
+            Counter(label: "mesh_proxy_errors_total", dimensions: dims + [("kind", $0.rawValue)], factory: factory)
         }
     }
 
@@ -78,10 +82,15 @@ final class RouteHandle: Sendable {
 
     private let state: Mutex<State>
 
-    init(route: Route, localSite: String?, outlier: OutlierConfiguration) {
+    init(route: Route, localSite: String?, outlier: OutlierConfiguration, metricsFactory: any MetricsFactory) {
         self.key = route.listenerKey
         self.service = route.service
-        self.metrics = RouteMetrics(service: route.service, listener: route.listenerKey, proto: route.proto)
+        self.metrics = RouteMetrics(
+            service: route.service,
+            listener: route.listenerKey,
+            proto: route.proto,
+            factory: metricsFactory
+        )
         let balancer = LoadBalancer(
             backends: route.backends,
             policy: route.policy,
