@@ -123,7 +123,10 @@ public actor DataPlane: Service {
         for (key, listener) in self.listeners where wanted[key]?.service != listener.handle.service {
             await listener.stop(drain: self.configuration.drainTimeout)
             self.listeners[key] = nil
-            self.logger.info("route removed", metadata: ["listener": "\(key)", "service": "\(listener.handle.service)"])
+            self.logger.info(
+                "route removed",
+                metadata: ["listener": "\(key)", "service": "\(listener.handle.service)"]
+            )
         }
 
         // Changed backends or policy: swap the balancer in place.
@@ -211,7 +214,8 @@ public actor DataPlane: Service {
 
     /// Channels open right now, client side and upstream side together (pooled idle HTTP connections too).
     public nonisolated var openChannels: Int {
-        self.counters.downstreamChannels.load(ordering: .relaxed) + self.counters.upstreamChannels.load(ordering: .relaxed)
+        self.counters.downstreamChannels.load(ordering: .relaxed)
+            + self.counters.upstreamChannels.load(ordering: .relaxed)
     }
 
     /// Client-side channels open right now.

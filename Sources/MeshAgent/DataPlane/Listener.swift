@@ -30,49 +30,53 @@ final class Listener: Sendable {
         if key.datagram {
             let channel = try await loop.flatSubmit {
                 DatagramBootstrap(group: loop)
-                .channelOption(.socketOption(.so_reuseaddr), value: 1)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(
-                            UDPProxyHandler(handle: handle, environment: environment)
-                        )
+                    .channelOption(.socketOption(.so_reuseaddr), value: 1)
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(
+                                UDPProxyHandler(handle: handle, environment: environment)
+                            )
+                        }
                     }
-                }
-                .bind(to: address)
+                    .bind(to: address)
             }.get()
             return Listener(handle: handle, channel: channel, connections: connections)
         }
         let channel = try await loop.flatSubmit {
             ServerBootstrap(group: loop, childGroup: group)
-            .serverChannelOption(.backlog, value: Int32(configuration.backlog))
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(.maxMessagesPerRead, value: 16)
-            .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelOption(
-                .writeBufferWaterMark,
-                value: .init(low: configuration.writeBufferLowWaterMark, high: configuration.writeBufferHighWaterMark)
-            )
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    guard handle.stats.activeConnections.load(ordering: .relaxed)
-                        < configuration.maxConnectionsPerListener
-                    else {
-                        handle.metrics.error(.overflow)
-                        throw ProxyError.tooManyConnections
-                    }
-                    environment.counters.track(channel, upstream: false)
-                    connections.insert(channel)
-                    switch handle.proto {
-                    case .http:
-                        try HTTPProxy.initialize(channel: channel, handle: handle, environment: environment)
-                    case .tcp, .udp:
-                        try TCPProxy.initialize(channel: channel, handle: handle, environment: environment)
+                .serverChannelOption(.backlog, value: Int32(configuration.backlog))
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .serverChannelOption(.maxMessagesPerRead, value: 16)
+                .childChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+                .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .childChannelOption(
+                    .writeBufferWaterMark,
+                    value: .init(
+                        low: configuration.writeBufferLowWaterMark,
+                        high: configuration.writeBufferHighWaterMark
+                    )
+                )
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        guard
+                            handle.stats.activeConnections.load(ordering: .relaxed)
+                                < configuration.maxConnectionsPerListener
+                        else {
+                            handle.metrics.error(.overflow)
+                            throw ProxyError.tooManyConnections
+                        }
+                        environment.counters.track(channel, upstream: false)
+                        connections.insert(channel)
+                        switch handle.proto {
+                        case .http:
+                            try HTTPProxy.initialize(channel: channel, handle: handle, environment: environment)
+                        case .tcp, .udp:
+                            try TCPProxy.initialize(channel: channel, handle: handle, environment: environment)
+                        }
                     }
                 }
-            }
-            .bind(to: address)
+                .bind(to: address)
         }.get()
         return Listener(handle: handle, channel: channel, connections: connections)
     }

@@ -21,7 +21,9 @@ public struct HostAddressEvent: Sendable, Hashable, CustomStringConvertible {
     public var prefixLength: Int
     public var interfaceIndex: Int32
 
-    public var description: String { "\(self.kind.rawValue) \(self.address)/\(self.prefixLength) if\(self.interfaceIndex)" }
+    public var description: String {
+        "\(self.kind.rawValue) \(self.address)/\(self.prefixLength) if\(self.interfaceIndex)"
+    }
 }
 
 /// Watches the host's addresses over netlink (RTNLGRP_IPV4_IFADDR / RTNLGRP_IPV6_IFADDR) on a dedicated
@@ -107,7 +109,10 @@ public enum HostAddressWatcher {
                 if fds[0].revents != 0 {
                     let rc = nl_recvmsgs_default(sock.raw)
                     if rc < 0 && abs(rc) != NLE_AGAIN {
-                        logger.warning("host address watch stopped", metadata: ["error": "\(NetlinkError("recv", code: rc))"])
+                        logger.warning(
+                            "host address watch stopped",
+                            metadata: ["error": "\(NetlinkError("recv", code: rc))"]
+                        )
                         break
                     }
                 }

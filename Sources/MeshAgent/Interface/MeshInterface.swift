@@ -58,7 +58,10 @@ public final class MeshInterface: Sendable {
             for kind in Self.kinds {
                 let rc = try Self.create(sock, name, kind: kind)
                 if rc < 0 && abs(rc) == NLE_OPNOTSUPP && kind != Self.kinds.last {
-                    logger.notice("kernel has no \(kind) links, trying the next kind", metadata: ["interface": "\(name)"])
+                    logger.notice(
+                        "kernel has no \(kind) links, trying the next kind",
+                        metadata: ["interface": "\(name)"]
+                    )
                     continue
                 }
                 if rc < 0 && abs(rc) != NLE_EXIST { throw NetlinkError("create \(kind) link \(name)", code: rc) }

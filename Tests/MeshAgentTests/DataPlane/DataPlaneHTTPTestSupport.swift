@@ -148,7 +148,10 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case "big":
             self.bigRemaining = Int(parts.dropFirst().first ?? "0") ?? 0
             headers.add(name: "content-length", value: "\(self.bigRemaining)")
-            context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
+            context.write(
+                self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))),
+                promise: nil
+            )
             self.pumpBig(context: context)
         default:
             self.send(.ok, headers, body: self.name, context: context)
@@ -173,10 +176,18 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func send(_ status: HTTPResponseStatus, _ headers: HTTPHeaders, body: String, context: ChannelHandlerContext) {
+    private func send(
+        _ status: HTTPResponseStatus,
+        _ headers: HTTPHeaders,
+        body: String,
+        context: ChannelHandlerContext
+    ) {
         var headers = headers
         headers.add(name: "content-length", value: "\(body.utf8.count)")
-        context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+        context.write(
+            self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))),
+            promise: nil
+        )
         context.write(self.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
         context.writeAndFlush(self.wrapOutboundOut(.end(nil)), promise: nil)
     }

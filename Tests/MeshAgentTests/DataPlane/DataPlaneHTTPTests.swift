@@ -14,7 +14,9 @@ private func httpRoute(
     policy: BalancerPolicy = .roundRobin,
     _ backends: [Backend]
 ) -> RouteTable {
-    RouteTable(routes: [Route(service: service(name), vip: vip, port: port, proto: .http, policy: policy, backends: backends)])
+    RouteTable(routes: [
+        Route(service: service(name), vip: vip, port: port, proto: .http, policy: policy, backends: backends)
+    ])
 }
 
 @Suite("Data plane: HTTP/1.1 proxy over real sockets")
@@ -76,7 +78,9 @@ struct DataPlaneHTTPTests {
 
     @Test("consistent hash on a header sticks per key and moves only the removed backend's keys")
     func consistentHashHeader() async throws {
-        let servers = try await [TestServers.http("h0"), TestServers.http("h1"), TestServers.http("h2"), TestServers.http("h3")]
+        let servers = try await [
+            TestServers.http("h0"), TestServers.http("h1"), TestServers.http("h2"), TestServers.http("h3"),
+        ]
         defer { Task { for s in servers { await s.close() } } }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
@@ -110,7 +114,9 @@ struct DataPlaneHTTPTests {
             let picks = try await TestHTTPConnection.with(TestClient.vipAddress(vip, 8080)) { conn in
                 var seen: Set<String> = []
                 for _ in 0..<5 {
-                    let r = try #require(try await conn.request(.GET, "/", headers: [("cookie", "a=1; session=s-42; b=2")]))
+                    let r = try #require(
+                        try await conn.request(.GET, "/", headers: [("cookie", "a=1; session=s-42; b=2")])
+                    )
                     seen.insert(r.body)
                 }
                 return seen
@@ -125,7 +131,13 @@ struct DataPlaneHTTPTests {
         let fast1 = try await TestServers.http("fast-1")
         let fast2 = try await TestServers.http("fast-2")
         let slow = try await TestServers.http("slow", delay: .milliseconds(150), stats: slowStats)
-        defer { Task { await fast1.close(); await fast2.close(); await slow.close() } }
+        defer {
+            Task {
+                await fast1.close()
+                await fast2.close()
+                await slow.close()
+            }
+        }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
@@ -168,8 +180,20 @@ struct DataPlaneHTTPTests {
             try await dp.apply(
                 RouteTable(routes: [
                     Route(service: service("none"), vip: none, port: 8080, proto: .http, backends: []),
-                    Route(service: service("refused"), vip: refused, port: 8080, proto: .http, backends: [refusedA, refusedB]),
-                    Route(service: service("timeout"), vip: timeout, port: 8080, proto: .http, backends: [slow.backend()]),
+                    Route(
+                        service: service("refused"),
+                        vip: refused,
+                        port: 8080,
+                        proto: .http,
+                        backends: [refusedA, refusedB]
+                    ),
+                    Route(
+                        service: service("timeout"),
+                        vip: timeout,
+                        port: 8080,
+                        proto: .http,
+                        backends: [slow.backend()]
+                    ),
                 ])
             )
             let start = ContinuousClock.now
@@ -179,7 +203,9 @@ struct DataPlaneHTTPTests {
             let r502 = try #require(try await TestHTTPConnection.get(TestClient.vipAddress(refused, 8080), "/"))
             #expect(r502.status == 502 && r502.body.contains("connect"))
             #expect(ContinuousClock.now - start < .milliseconds(500))
-            let r504 = try #require(try await TestHTTPConnection.get(TestClient.vipAddress(timeout, 8080), "/slow/2000"))
+            let r504 = try #require(
+                try await TestHTTPConnection.get(TestClient.vipAddress(timeout, 8080), "/slow/2000")
+            )
             #expect(r504.status == 504 && r504.body.contains("timeout"))
             // Keep-alive survives an error answer to a complete request.
             let again = try await TestHTTPConnection.with(TestClient.vipAddress(none, 8080)) { conn in
@@ -194,7 +220,12 @@ struct DataPlaneHTTPTests {
         let resetStats = HTTPBackendStats()
         let resetter = try await TestServers.http("reset", resetEverything: true, stats: resetStats)
         let good = try await TestServers.http("good")
-        defer { Task { await resetter.close(); await good.close() } }
+        defer {
+            Task {
+                await resetter.close()
+                await good.close()
+            }
+        }
         var outlier = OutlierConfiguration()
         outlier.enabled = false
         try await withDataPlane(testConfiguration(outlier: outlier)) { dp in
@@ -210,7 +241,9 @@ struct DataPlaneHTTPTests {
             var statuses: [Int] = []
             for _ in 0..<2 {
                 let r = try await withTimeout(5) {
-                    try await TestHTTPConnection.with(address) { try await $0.request(.POST, "/", body: "payload")?.status }
+                    try await TestHTTPConnection.with(address) {
+                        try await $0.request(.POST, "/", body: "payload")?.status
+                    }
                 }
                 statuses.append(r ?? 0)
             }
@@ -300,7 +333,9 @@ struct DataPlaneHTTPTests {
                     try await outbound.write(ByteBuffer(string: request))
                     var text = ""
                     var iterator = inbound.makeAsyncIterator()
-                    while !text.contains("\r\n\r\n"), let chunk = try await iterator.next() { text += String(buffer: chunk) }
+                    while !text.contains("\r\n\r\n"), let chunk = try await iterator.next() {
+                        text += String(buffer: chunk)
+                    }
                     #expect(text.hasPrefix("HTTP/1.1 101"))
                     try await outbound.write(ByteBuffer(string: "frame-1|"))
                     try await outbound.write(ByteBuffer(string: "frame-2|"))
@@ -321,7 +356,9 @@ struct DataPlaneHTTPTests {
         try await withDataPlane { dp in
             let port = try TestAddresses.freeIPv6Port()
             try await dp.apply(httpRoute("v6", IPAddress("::1")!, port: port, [backend.backend()]))
-            let response = try #require(try await TestHTTPConnection.get(try SocketAddress(ipAddress: "::1", port: port), "/"))
+            let response = try #require(
+                try await TestHTTPConnection.get(try SocketAddress(ipAddress: "::1", port: port), "/")
+            )
             #expect(response.body == "v6" && response.header("x-seen-xff") == "::1")
         }
     }

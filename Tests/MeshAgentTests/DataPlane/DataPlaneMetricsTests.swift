@@ -14,15 +14,31 @@ struct DataPlaneMetricsTests {
         let metrics = TestMetrics()
         let tcpBackend = try await TestServers.echo()
         let httpBackend = try await TestServers.http("m")
-        defer { Task { await tcpBackend.close(); await httpBackend.close() } }
-        let dp = DataPlane(configuration: testConfiguration(), eventLoopGroup: testGroup, logger: testLogger, metricsFactory: metrics)
+        defer {
+            Task {
+                await tcpBackend.close()
+                await httpBackend.close()
+            }
+        }
+        let dp = DataPlane(
+            configuration: testConfiguration(),
+            eventLoopGroup: testGroup,
+            logger: testLogger,
+            metricsFactory: metrics
+        )
         let tcpVIP = TestAddresses.vip()
         let httpVIP = TestAddresses.vip()
         let emptyVIP = TestAddresses.vip()
         try await dp.apply(
             RouteTable(routes: [
                 Route(service: service("m-tcp"), vip: tcpVIP, port: 8080, backends: [tcpBackend.backend()]),
-                Route(service: service("m-http"), vip: httpVIP, port: 8080, proto: .http, backends: [httpBackend.backend()]),
+                Route(
+                    service: service("m-http"),
+                    vip: httpVIP,
+                    port: 8080,
+                    proto: .http,
+                    backends: [httpBackend.backend()]
+                ),
                 Route(service: service("m-none"), vip: emptyVIP, port: 8080, backends: []),
             ])
         )
@@ -69,19 +85,22 @@ struct DataPlaneMetricsTests {
                         service: service("snap"),
                         vip: vip,
                         port: 8080,
-                        policy: .leastRequest,
+                        policy: .roundRobin,
                         backends: [good.backend(weight: 2, site: "s1"), refused, notReady]
                     )
                 ])
             )
-            for _ in 0..<6 { _ = try await TestClient.exchange(TestClient.vipAddress(vip, 8080)) }
+            // Smooth round robin 2:1 makes every third first pick the refusing backend: 3 failures in 9.
+            for _ in 0..<9 { _ = try await TestClient.exchange(TestClient.vipAddress(vip, 8080)) }
             let route = try #require(dp.snapshot().routes.first)
-            #expect(route.namespace == "test" && route.service == "snap" && route.policy == "leastRequest")
+            #expect(route.namespace == "test" && route.service == "snap" && route.policy == "roundRobin")
             #expect(route.vip == vip.description && route.port == 8080 && route.listening && route.error == nil)
-            #expect(route.totalConnections == 6 && route.failures >= 3)
+            #expect(route.totalConnections == 9 && route.failures == 3)
             let byPort = Dictionary(uniqueKeysWithValues: route.backends.map { ($0.port, $0) })
-            #expect(byPort[good.port]?.healthy == true && byPort[good.port]?.weight == 2 && byPort[good.port]?.site == "s1")
-            #expect(byPort[good.port]?.total == 6)
+            #expect(
+                byPort[good.port]?.healthy == true && byPort[good.port]?.weight == 2 && byPort[good.port]?.site == "s1"
+            )
+            #expect(byPort[good.port]?.total == 9)
             #expect(byPort[refused.port]?.ejected == true && byPort[refused.port]?.ejectedForSeconds != nil)
             #expect(byPort[1]?.ready == false && byPort[1]?.healthy == false && byPort[1]?.total == 0)
             #expect(await eventually { dp.snapshot().routes.first?.activeConnections == 0 })
@@ -96,14 +115,18 @@ struct DataPlaneMetricsTests {
         let group = ServiceGroup(services: [dp], logger: testLogger)
         let running = Task { try await group.run() }
         let vip = TestAddresses.vip()
-        try await dp.apply(RouteTable(routes: [Route(service: service("svc"), vip: vip, port: 8080, backends: [backend.backend()])]))
+        try await dp.apply(
+            RouteTable(routes: [Route(service: service("svc"), vip: vip, port: 8080, backends: [backend.backend()])])
+        )
         let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), send: "up", halfClose: true)
         #expect(String(buffer: reply) == "up")
         await group.triggerGracefulShutdown()
         try await withTimeout(5) { try await running.value }
         #expect(dp.openChannels == 0)
         #expect(dp.snapshot().mode == "stopped" && dp.snapshot().routes.isEmpty)
-        await #expect(throws: (any Error).self) { _ = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), timeout: 2) }
+        await #expect(throws: (any Error).self) {
+            _ = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), timeout: 2)
+        }
         await #expect(throws: DataPlaneError.self) { try await dp.apply(RouteTable()) }
     }
 }

@@ -14,7 +14,9 @@ struct DataPlaneTCPTests {
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
-                RouteTable(routes: [Route(service: service("echo"), vip: vip, port: 8080, backends: [backend.backend()])])
+                RouteTable(routes: [
+                    Route(service: service("echo"), vip: vip, port: 8080, backends: [backend.backend()])
+                ])
             )
             let reply = try await TestClient.exchange(
                 TestClient.vipAddress(vip, 8080),
@@ -27,7 +29,11 @@ struct DataPlaneTCPTests {
             let route = try #require(snapshot.routes.first)
             #expect(route.listening && route.vip == vip.description && route.port == 8080 && route.proto == "tcp")
             #expect(route.totalConnections == 1)
-            #expect(await eventually { dp.snapshot().routes.first?.bytesIn == 10 && dp.snapshot().routes.first?.bytesOut == 10 })
+            #expect(
+                await eventually {
+                    dp.snapshot().routes.first?.bytesIn == 10 && dp.snapshot().routes.first?.bytesOut == 10
+                }
+            )
             #expect(await eventually { dp.openClientChannels == 0 })
         }
     }
@@ -45,7 +51,11 @@ struct DataPlaneTCPTests {
                     Route(service: service("v4to6"), vip: v4, port: 8080, backends: [backend.backend()]),
                 ])
             )
-            let a = try await TestClient.exchange(try SocketAddress(ipAddress: "::1", port: port), send: "six", halfClose: true)
+            let a = try await TestClient.exchange(
+                try SocketAddress(ipAddress: "::1", port: port),
+                send: "six",
+                halfClose: true
+            )
             #expect(String(buffer: a) == "six")
             let b = try await TestClient.exchange(TestClient.vipAddress(v4, 8080), send: "four", halfClose: true)
             #expect(String(buffer: b) == "four")
@@ -61,7 +71,9 @@ struct DataPlaneTCPTests {
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
-                RouteTable(routes: [Route(service: service("rr"), vip: vip, port: 8080, backends: servers.map { $0.backend() })])
+                RouteTable(routes: [
+                    Route(service: service("rr"), vip: vip, port: 8080, backends: servers.map { $0.backend() })
+                ])
             )
             var counts: [String: Int] = [:]
             for _ in 0..<30 {
@@ -92,7 +104,10 @@ struct DataPlaneTCPTests {
                 rr[String(buffer: try await TestClient.exchange(TestClient.vipAddress(vipRR, 8080))), default: 0] += 1
             }
             for _ in 0..<200 {
-                random[String(buffer: try await TestClient.exchange(TestClient.vipAddress(vipRandom, 8080))), default: 0] += 1
+                random[
+                    String(buffer: try await TestClient.exchange(TestClient.vipAddress(vipRandom, 8080))),
+                    default: 0
+                ] += 1
             }
             #expect(rr == ["heavy": 30, "light": 10])
             let share = Double(random["heavy", default: 0]) / 200
@@ -108,7 +123,9 @@ struct DataPlaneTCPTests {
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
-                RouteTable(routes: [Route(service: service("eject"), vip: vip, port: 8080, backends: [good.backend(), refused])])
+                RouteTable(routes: [
+                    Route(service: service("eject"), vip: vip, port: 8080, backends: [good.backend(), refused])
+                ])
             )
             // Every connection succeeds: a refused connect is retried on the next endpoint.
             for _ in 0..<8 {
@@ -133,7 +150,11 @@ struct DataPlaneTCPTests {
                     )
                 ])
             )
-            #expect(await eventually(3) { dp.snapshot().routes.first?.backends.first { $0.port == refused.port }?.healthy == true })
+            #expect(
+                await eventually(3) {
+                    dp.snapshot().routes.first?.backends.first { $0.port == refused.port }?.healthy == true
+                }
+            )
             let snapshot = try #require(dp.snapshot().routes.first?.backends.first { $0.port == refused.port })
             #expect(!snapshot.ejected && snapshot.ejections == 1)
         }
@@ -151,7 +172,9 @@ struct DataPlaneTCPTests {
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
-                RouteTable(routes: [Route(service: service("flaky"), vip: vip, port: 8080, backends: [good.backend(), flakyBackend])])
+                RouteTable(routes: [
+                    Route(service: service("flaky"), vip: vip, port: 8080, backends: [good.backend(), flakyBackend])
+                ])
             )
             for _ in 0..<6 { _ = try await TestClient.exchange(TestClient.vipAddress(vip, 8080)) }
             #expect(dp.snapshot().routes[0].backends.first { $0.port == flakyPort }?.ejected == true)
@@ -165,9 +188,13 @@ struct DataPlaneTCPTests {
                 .bind(host: "127.0.0.1", port: flakyPort)
                 .get()
             defer { Task { try? await reborn.close() } }
-            #expect(await eventually(3) { dp.snapshot().routes[0].backends.first { $0.port == flakyPort }?.healthy == true })
+            #expect(
+                await eventually(3) { dp.snapshot().routes[0].backends.first { $0.port == flakyPort }?.healthy == true }
+            )
             var seen: Set<String> = []
-            for _ in 0..<6 { seen.insert(String(buffer: try await TestClient.exchange(TestClient.vipAddress(vip, 8080)))) }
+            for _ in 0..<6 {
+                seen.insert(String(buffer: try await TestClient.exchange(TestClient.vipAddress(vip, 8080))))
+            }
             #expect(seen == ["good", "flaky"])
         }
     }
@@ -176,7 +203,12 @@ struct DataPlaneTCPTests {
     func locality() async throws {
         let local = try await TestServers.greeter("local")
         let remote = try await TestServers.greeter("remote")
-        defer { Task { await local.close(); await remote.close() } }
+        defer {
+            Task {
+                await local.close()
+                await remote.close()
+            }
+        }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             func table(localReady: Bool) -> RouteTable {
@@ -195,9 +227,13 @@ struct DataPlaneTCPTests {
                 )
             }
             try await dp.apply(table(localReady: true))
-            for _ in 0..<6 { #expect(String(buffer: try await TestClient.exchange(TestClient.vipAddress(vip, 8080))) == "local") }
+            for _ in 0..<6 {
+                #expect(String(buffer: try await TestClient.exchange(TestClient.vipAddress(vip, 8080))) == "local")
+            }
             try await dp.apply(table(localReady: false))
-            for _ in 0..<4 { #expect(String(buffer: try await TestClient.exchange(TestClient.vipAddress(vip, 8080))) == "remote") }
+            for _ in 0..<4 {
+                #expect(String(buffer: try await TestClient.exchange(TestClient.vipAddress(vip, 8080))) == "remote")
+            }
             try await dp.apply(table(localReady: true))
             #expect(String(buffer: try await TestClient.exchange(TestClient.vipAddress(vip, 8080))) == "local")
         }
@@ -210,7 +246,9 @@ struct DataPlaneTCPTests {
         defer { Task { await backend.close() } }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
-            try await dp.apply(RouteTable(routes: [Route(service: service("hc"), vip: vip, port: 8080, backends: [backend.backend()])]))
+            try await dp.apply(
+                RouteTable(routes: [Route(service: service("hc"), vip: vip, port: 8080, backends: [backend.backend()])])
+            )
             let request = String(repeating: "q", count: 100_000)
             let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), send: request, halfClose: true)
             let header = "got 100000\n"
@@ -226,7 +264,9 @@ struct DataPlaneTCPTests {
         let b = try await TestServers.refusedBackend()
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
-            try await dp.apply(RouteTable(routes: [Route(service: service("down"), vip: vip, port: 8080, backends: [a, b])]))
+            try await dp.apply(
+                RouteTable(routes: [Route(service: service("down"), vip: vip, port: 8080, backends: [a, b])])
+            )
             let start = ContinuousClock.now
             // EOF, or a reset since the proxy never read what the client sent: either way, closed, no data.
             do {
@@ -237,7 +277,9 @@ struct DataPlaneTCPTests {
             }
             #expect(ContinuousClock.now - start < .milliseconds(500))
             // No backend at all: closed at once too.
-            try await dp.apply(RouteTable(routes: [Route(service: service("down"), vip: vip, port: 8080, backends: [])]))
+            try await dp.apply(
+                RouteTable(routes: [Route(service: service("down"), vip: vip, port: 8080, backends: [])])
+            )
             let empty = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), timeout: 2)
             #expect(empty.readableBytes == 0)
             #expect(await eventually { dp.openClientChannels == 0 })
@@ -250,7 +292,11 @@ struct DataPlaneTCPTests {
         defer { Task { await backend.close() } }
         try await withDataPlane(testConfiguration(tcpIdleTimeout: .milliseconds(200))) { dp in
             let vip = TestAddresses.vip()
-            try await dp.apply(RouteTable(routes: [Route(service: service("idle"), vip: vip, port: 8080, backends: [backend.backend()])]))
+            try await dp.apply(
+                RouteTable(routes: [
+                    Route(service: service("idle"), vip: vip, port: 8080, backends: [backend.backend()])
+                ])
+            )
             let start = ContinuousClock.now
             let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), timeout: 3)
             let elapsed = ContinuousClock.now - start
@@ -264,11 +310,18 @@ struct DataPlaneTCPTests {
     func applySwapsAndDrains() async throws {
         let first = try await TestServers.echo(name: "first")
         let second = try await TestServers.greeter("second")
-        defer { Task { await first.close(); await second.close() } }
+        defer {
+            Task {
+                await first.close()
+                await second.close()
+            }
+        }
         try await withDataPlane(testConfiguration(drainTimeout: .seconds(5))) { dp in
             let vip = TestAddresses.vip()
             let address = TestClient.vipAddress(vip, 8080)
-            try await dp.apply(RouteTable(routes: [Route(service: service("swap"), vip: vip, port: 8080, backends: [first.backend()])]))
+            try await dp.apply(
+                RouteTable(routes: [Route(service: service("swap"), vip: vip, port: 8080, backends: [first.backend()])])
+            )
             // A long-lived connection through the first backend.
             let channel = try await ClientBootstrap(group: testGroup).connect(to: address) { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -282,7 +335,9 @@ struct DataPlaneTCPTests {
 
                 // New backends: new connections go there, the open one keeps working.
                 try await dp.apply(
-                    RouteTable(routes: [Route(service: service("swap"), vip: vip, port: 8080, backends: [second.backend()])])
+                    RouteTable(routes: [
+                        Route(service: service("swap"), vip: vip, port: 8080, backends: [second.backend()])
+                    ])
                 )
                 #expect(String(buffer: try await TestClient.exchange(address)) == "second")
                 try await outbound.write(ByteBuffer(string: "two"))
@@ -308,7 +363,12 @@ struct DataPlaneTCPTests {
             let table = RouteTable(routes: [
                 Route(service: service("ok"), vip: good, port: 8080, backends: [backend.backend()]),
                 // Not a local address in loopback mode.
-                Route(service: service("bad"), vip: IPAddress("192.0.2.10")!, port: 8080, backends: [backend.backend()]),
+                Route(
+                    service: service("bad"),
+                    vip: IPAddress("192.0.2.10")!,
+                    port: 8080,
+                    backends: [backend.backend()]
+                ),
             ])
             await #expect(throws: DataPlaneError.self) { try await dp.apply(table) }
             let snapshot = dp.snapshot()

@@ -254,7 +254,10 @@ final class ReplyOnEOFHandler: ChannelInboundHandler {
         var remaining = self.size
         let chunk = ByteBuffer(repeating: UInt8(ascii: "r"), count: 64 * 1024)
         while remaining > 0 {
-            context.write(self.wrapOutboundOut(chunk.getSlice(at: 0, length: min(remaining, chunk.readableBytes))!), promise: nil)
+            context.write(
+                self.wrapOutboundOut(chunk.getSlice(at: 0, length: min(remaining, chunk.readableBytes))!),
+                promise: nil
+            )
             remaining -= min(remaining, chunk.readableBytes)
         }
         context.writeAndFlush(self.wrapOutboundOut(ByteBuffer())).assumeIsolated().whenComplete { _ in

@@ -17,7 +17,10 @@ private final class UDPTestClient: Sendable {
     static func with<T: Sendable>(
         host: String = "127.0.0.1",
         closeAfter: Double = 5,
-        _ body: (NIOAsyncChannelInboundStream<AddressedEnvelope<ByteBuffer>>.AsyncIterator, NIOAsyncChannelOutboundWriter<AddressedEnvelope<ByteBuffer>>) async throws -> T
+        _ body: (
+            NIOAsyncChannelInboundStream<AddressedEnvelope<ByteBuffer>>.AsyncIterator,
+            NIOAsyncChannelOutboundWriter<AddressedEnvelope<ByteBuffer>>
+        ) async throws -> T
     ) async throws -> T {
         let channel = try await DatagramBootstrap(group: testGroup).bind(host: host, port: 0) { channel in
             channel.eventLoop.makeCompletedFuture {
@@ -36,7 +39,8 @@ private final class UDPTestClient: Sendable {
 }
 
 /// Sends `text` to `target` from a fresh socket and returns the reply and its source, or nil after `wait`.
-private func udpAsk(_ target: SocketAddress, _ text: String, wait: Double = 1) async throws -> (String, SocketAddress)? {
+private func udpAsk(_ target: SocketAddress, _ text: String, wait: Double = 1) async throws -> (String, SocketAddress)?
+{
     try await UDPTestClient.with(closeAfter: wait) { iterator, outbound in
         var iterator = iterator
         try await outbound.write(AddressedEnvelope(remoteAddress: target, data: ByteBuffer(string: text)))
@@ -51,11 +55,24 @@ struct DataPlaneUDPTests {
     func echo() async throws {
         let a = try await TestServers.udpEcho(name: "a")
         let b = try await TestServers.udpEcho(name: "b")
-        defer { Task { await a.close(); await b.close() } }
+        defer {
+            Task {
+                await a.close()
+                await b.close()
+            }
+        }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
-                RouteTable(routes: [Route(service: service("dns"), vip: vip, port: 5353, proto: .udp, backends: [a.backend(), b.backend()])])
+                RouteTable(routes: [
+                    Route(
+                        service: service("dns"),
+                        vip: vip,
+                        port: 5353,
+                        proto: .udp,
+                        backends: [a.backend(), b.backend()]
+                    )
+                ])
             )
             let target = TestClient.vipAddress(vip, 5353)
             let first = try #require(try await udpAsk(target, "q1"))
@@ -68,14 +85,19 @@ struct DataPlaneUDPTests {
                 var iterator = iterator
                 var replies: [String] = []
                 for i in 0..<5 {
-                    try await outbound.write(AddressedEnvelope(remoteAddress: target, data: ByteBuffer(string: "m\(i)")))
+                    try await outbound.write(
+                        AddressedEnvelope(remoteAddress: target, data: ByteBuffer(string: "m\(i)"))
+                    )
                     if let r = try await iterator.next() { replies.append(String(buffer: r.data)) }
                 }
                 return replies
             }
             #expect(Set(replies.map { $0.prefix(1) }).count == 1 && replies.count == 5)
             let route = try #require(dp.snapshot().routes.first)
-            #expect(route.proto == "udp" && route.totalConnections == 3 && route.bytesIn > 0 && route.bytesOut > route.bytesIn)
+            #expect(
+                route.proto == "udp" && route.totalConnections == 3 && route.bytesIn > 0
+                    && route.bytesOut > route.bytesIn
+            )
         }
     }
 
@@ -83,9 +105,15 @@ struct DataPlaneUDPTests {
     func flowExpiry() async throws {
         let echo = try await TestServers.udpEcho()
         defer { Task { await echo.close() } }
-        try await withDataPlane(testConfiguration(udp: .init(flowIdleTimeout: .milliseconds(150), maxFlowsPerListener: 16))) { dp in
+        try await withDataPlane(
+            testConfiguration(udp: .init(flowIdleTimeout: .milliseconds(150), maxFlowsPerListener: 16))
+        ) { dp in
             let vip = TestAddresses.vip()
-            try await dp.apply(RouteTable(routes: [Route(service: service("u"), vip: vip, port: 5353, proto: .udp, backends: [echo.backend()])]))
+            try await dp.apply(
+                RouteTable(routes: [
+                    Route(service: service("u"), vip: vip, port: 5353, proto: .udp, backends: [echo.backend()])
+                ])
+            )
             for i in 0..<3 { #expect(try await udpAsk(TestClient.vipAddress(vip, 5353), "x\(i)") != nil) }
             #expect(dp.snapshot().routes[0].activeConnections == 3)
             #expect(await eventually(2) { dp.snapshot().routes[0].activeConnections == 0 && dp.openChannels == 0 })
@@ -96,10 +124,16 @@ struct DataPlaneUDPTests {
     func flowBound() async throws {
         let echo = try await TestServers.udpEcho()
         defer { Task { await echo.close() } }
-        try await withDataPlane(testConfiguration(udp: .init(flowIdleTimeout: .milliseconds(400), maxFlowsPerListener: 2))) { dp in
+        try await withDataPlane(
+            testConfiguration(udp: .init(flowIdleTimeout: .milliseconds(400), maxFlowsPerListener: 2))
+        ) { dp in
             let vip = TestAddresses.vip()
             let target = TestClient.vipAddress(vip, 5353)
-            try await dp.apply(RouteTable(routes: [Route(service: service("u"), vip: vip, port: 5353, proto: .udp, backends: [echo.backend()])]))
+            try await dp.apply(
+                RouteTable(routes: [
+                    Route(service: service("u"), vip: vip, port: 5353, proto: .udp, backends: [echo.backend()])
+                ])
+            )
             #expect(try await udpAsk(target, "one") != nil)
             #expect(try await udpAsk(target, "two") != nil)
             #expect(try await udpAsk(target, "three", wait: 0.2) == nil)
@@ -115,10 +149,25 @@ struct DataPlaneUDPTests {
         defer { Task { await echo.close() } }
         try await withDataPlane { dp in
             let port = try TestAddresses.freeIPv6Port()
-            try await dp.apply(RouteTable(routes: [Route(service: service("u6"), vip: IPAddress("::1")!, port: port, proto: .udp, backends: [echo.backend()])]))
+            try await dp.apply(
+                RouteTable(routes: [
+                    Route(
+                        service: service("u6"),
+                        vip: IPAddress("::1")!,
+                        port: port,
+                        proto: .udp,
+                        backends: [echo.backend()]
+                    )
+                ])
+            )
             let reply = try await UDPTestClient.with(host: "::1") { iterator, outbound in
                 var iterator = iterator
-                try await outbound.write(AddressedEnvelope(remoteAddress: try SocketAddress(ipAddress: "::1", port: port), data: ByteBuffer(string: "hi")))
+                try await outbound.write(
+                    AddressedEnvelope(
+                        remoteAddress: try SocketAddress(ipAddress: "::1", port: port),
+                        data: ByteBuffer(string: "hi")
+                    )
+                )
                 return try await iterator.next().map { String(buffer: $0.data) }
             }
             #expect(reply == "six:hi")

@@ -78,9 +78,13 @@ struct InterfaceNetlinkTests {
     @Test("create, reconcile, reuse with stale addresses, destroy")
     func lifecycle() async throws {
         try await withNamespace { ns in
-            let interface = try await NetworkNamespace.run(ns) { try MeshInterface.open(name: "mesh0", logger: testLogger) }
+            let interface = try await NetworkNamespace.run(ns) {
+                try MeshInterface.open(name: "mesh0", logger: testLogger)
+            }
             #expect(try linkExists(ns))
-            let wanted: Set<IPAddress> = [IPAddress("169.254.96.16")!, IPAddress("198.18.7.1")!, IPAddress("2001:2::7")!]
+            let wanted: Set<IPAddress> = [
+                IPAddress("169.254.96.16")!, IPAddress("198.18.7.1")!, IPAddress("2001:2::7")!,
+            ]
             try interface.reconcile(wanted)
             #expect(try addresses(ns) == ["169.254.96.16", "198.18.7.1", "2001:2::7"])
             #expect(try interface.addresses() == wanted)
@@ -110,12 +114,17 @@ struct InterfaceNetlinkTests {
                 ServerBootstrap(group: group)
                     .childChannelOption(.allowRemoteHalfClosure, value: true)
                     .childChannelInitializer { channel in
-                        channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(EchoHandler()) }
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(EchoHandler())
+                        }
                     }
                     .bind(host: "127.0.0.1", port: 0)
             }.get()
             let port = backend.localAddress!.port!
-            let configuration = DataPlaneConfiguration(bindMode: .meshInterface(name: "mesh0"), drainTimeout: .milliseconds(100))
+            let configuration = DataPlaneConfiguration(
+                bindMode: .meshInterface(name: "mesh0"),
+                drainTimeout: .milliseconds(100)
+            )
             let dp = DataPlane(configuration: configuration, eventLoopGroup: group, logger: testLogger)
             let echo = Backend(ip: IPAddress("127.0.0.1")!, port: port)
             let v4 = IPAddress("198.18.42.1")!
@@ -193,7 +202,9 @@ struct InterfaceNetlinkTests {
         let backend = try await TestServers.echo()
         defer { Task { await backend.close() } }
         let vip = TestAddresses.vip()
-        try await dp.apply(RouteTable(routes: [Route(service: service("fb"), vip: vip, port: 8080, backends: [backend.backend()])]))
+        try await dp.apply(
+            RouteTable(routes: [Route(service: service("fb"), vip: vip, port: 8080, backends: [backend.backend()])])
+        )
         #expect(dp.snapshot().mode == "loopback")
         let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), send: "lo", halfClose: true)
         #expect(String(buffer: reply) == "lo")

@@ -398,7 +398,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Retries on another backend when allowed (connect failures always may; an upstream reset before any
     /// response only for idempotent requests whose body has not been sent), within the retry budget.
     private func retryOrFail(_ exchange: Exchange, status: HTTPResponseStatus, reason: String) {
-        let attemptsLeft = exchange.tried.count < max(self.environment.configuration.connectAttempts, 1 + self.configuration.maxRetries)
+        let attemptsLeft =
+            exchange.tried.count
+            < max(self.environment.configuration.connectAttempts, 1 + self.configuration.maxRetries)
         if attemptsLeft, exchange.retries < self.configuration.maxRetries, self.takeRetryBudget(exchange) {
             exchange.retries += 1
             self.handle.stats.retries.add(1, ordering: .relaxed)
@@ -428,8 +430,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func armResponseTimeout(_ exchange: Exchange) {
         guard let context = self.context, !exchange.responseHeadSent else { return }
         exchange.timeout?.cancel()
-        exchange.timeout = context.eventLoop.assumeIsolated().scheduleTask(in: self.configuration.upstreamResponseTimeout) {
-            guard case .active(let current) = self.state, current === exchange, !exchange.responseHeadSent else { return }
+        exchange.timeout = context.eventLoop.assumeIsolated().scheduleTask(
+            in: self.configuration.upstreamResponseTimeout
+        ) {
+            guard case .active(let current) = self.state, current === exchange, !exchange.responseHeadSent else {
+                return
+            }
             self.handle.metrics.error(.timeout)
             self.finishPick(exchange, .failure)
             if let upstream = exchange.upstream {
@@ -450,7 +456,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .head(let response):
             exchange.timeout?.cancel()
             exchange.timeout = nil
-            self.handle.metrics.upstreamLatency.recordNanoseconds((NIODeadline.now() - exchange.upstreamStarted).nanoseconds)
+            self.handle.metrics.upstreamLatency.recordNanoseconds(
+                (NIODeadline.now() - exchange.upstreamStarted).nanoseconds
+            )
             let failed = response.status.code >= 500 && self.environment.configuration.outlier.countHTTP5xx
             if let pick = exchange.pick { self.handle.report(pick.id, outcome: failed ? .failure : .success) }
             if exchange.isUpgrade && response.status == .switchingProtocols {
@@ -546,7 +554,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if let upstream = exchange.upstream {
             exchange.upstream = nil
             upstream.handler.owner = nil
-            if exchange.upstreamKeepAlive && exchange.requestSent, let pool = self.environment.pools.pool(for: context.eventLoop) {
+            if exchange.upstreamKeepAlive && exchange.requestSent,
+                let pool = self.environment.pools.pool(for: context.eventLoop)
+            {
                 pool.release(upstream)
             } else {
                 upstream.channel.close(promise: nil)

@@ -24,7 +24,8 @@ enum TCPProxy {
         channel.closeFuture.whenComplete { _ in handle.connectionClosed() }
 
         let hash: UInt64
-        if case .consistentHash = handle.policy, let ip = channel.remoteAddress.flatMap(IPAddress.init(socketAddress:)) {
+        if case .consistentHash = handle.policy, let ip = channel.remoteAddress.flatMap(IPAddress.init(socketAddress:))
+        {
             hash = StableHash.hash(ip)
         } else {
             hash = 0
