@@ -100,6 +100,7 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
+            exclude: ["DataPlane/README.md", "Interface/README.md"],
             swiftSettings: swiftSettings
         ),
         // meshctl's logic: resource names, manifests, printers (table/json/yaml), the all-in-one.

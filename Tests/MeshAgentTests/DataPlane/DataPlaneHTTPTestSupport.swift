@@ -16,7 +16,7 @@ final class HTTPBackendStats: Sendable {
 extension TestServers {
     /// A tiny HTTP/1.1 backend. Paths: `/` (200, body = name, echoes X-Forwarded-For / X-Request-Id in
     /// x-seen-* headers), `/slow/<ms>`, `/status/<code>`, `/big/<bytes>` (streamed), `/echo` (streams the
-    /// request body back), `/reset` (closes without answering); `Upgrade: websocket` switches to a byte echo.
+    /// request body back), `/reset` (closes without answering), `/early` (413 before reading the body); `Upgrade: websocket` switches to a byte echo.
     /// `delay` slows every answer down.
     static func http(
         _ name: String,
@@ -98,6 +98,12 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 context.close(promise: nil)
                 return
             }
+            if head.uri == "/early" {
+                var headers = HTTPHeaders()
+                headers.add(name: "x-backend", value: self.name)
+                self.send(.payloadTooLarge, headers, body: "too large", context: context)
+                return
+            }
             if head.uri == "/echo" {
                 self.echoing = true
                 var headers = HTTPHeaders()
@@ -111,7 +117,7 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             self.received += buffer.readableBytes
             if self.echoing { context.write(self.wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil) }
         case .end:
-            guard let head = self.head, !self.resetEverything else { return }
+            guard let head = self.head, !self.resetEverything, head.uri != "/early" else { return }
             if self.echoing {
                 self.echoing = false
                 context.writeAndFlush(self.wrapOutboundOut(.end(nil)), promise: nil)

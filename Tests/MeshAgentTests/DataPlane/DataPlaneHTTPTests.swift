@@ -292,6 +292,36 @@ struct DataPlaneHTTPTests {
         }
     }
 
+    @Test("a request body that stalls is cut off; an early answer to an unfinished upload ends both sides")
+    func stalledAndEarly() async throws {
+        let backend = try await TestServers.http("web")
+        defer { Task { await backend.close() } }
+        var http = HTTPConfiguration()
+        http.clientIdleTimeout = .milliseconds(300)
+        try await withDataPlane(testConfiguration(http: http)) { dp in
+            let vip = TestAddresses.vip()
+            try await dp.apply(httpRoute("stall", vip, [backend.backend()]))
+            let address = TestClient.vipAddress(vip, 8080)
+            // Promises 1000 bytes, sends 10, then nothing: closed after the idle time, without a response.
+            let start = ContinuousClock.now
+            let stalled = try await RawClient.send(
+                address,
+                Array("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789".utf8),
+                timeout: 5
+            )
+            #expect(stalled.isEmpty)
+            #expect(ContinuousClock.now - start >= .milliseconds(290))
+            // The backend answers 413 before reading the body; the client still uploading gets it, then a close.
+            let early = try await RawClient.send(
+                address,
+                Array("POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789".utf8),
+                timeout: 5
+            )
+            #expect(early.hasPrefix("HTTP/1.1 413"))
+            #expect(await eventually { dp.openClientChannels == 0 })
+        }
+    }
+
     @Test("bodies stream both ways: 4 MiB up and echoed back, 32 MiB down")
     func streaming() async throws {
         let backend = try await TestServers.http("stream")

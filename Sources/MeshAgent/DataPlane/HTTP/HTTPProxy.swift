@@ -94,7 +94,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var retries = 0
         var inRetryBudget = false
         var upstream: UpstreamConnection?
-        var timeout: Scheduled<Void>?
+        /// When the response head must have arrived (set once the request is sent).
+        var responseDeadline: NIODeadline?
         var upstreamStarted = NIODeadline.now()
         var connectTimedOut = false
         /// A 101 arrived for an upgrade request; the switch happens at its `.end` (the decoder's last part).
@@ -128,7 +129,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var context: ChannelHandlerContext?
     private var pendingRead = false
     private var upstreamNeedsFlush = false
-    private var idleTimer: Scheduled<Void>?
+    /// One timer per connection, re-armed every `tick` (a quarter of the shortest timeout): it checks the
+    /// deadlines below, so no timer is scheduled or cancelled per request.
+    private var timer: Scheduled<Void>?
+    /// Since when the connection has had no exchange (connect, or the end of the last response).
+    private var idleSince = NIODeadline.now()
+    /// The last bytes from the client (for a stalled request body).
+    private var lastClientRead = NIODeadline.now()
+    private var servedRequests = 0
     private var rng = FastRandom()
     private var clientIP: IPAddress?
 
@@ -147,16 +155,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         self.clientIP = context.channel.remoteAddress.flatMap(IPAddress.init(socketAddress:))
-        self.armIdleTimer(self.configuration.requestHeadTimeout)
+        self.armTimer()
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        self.idleTimer?.cancel()
+        self.timer?.cancel()
+        self.timer = nil
         self.context = nil
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        self.idleTimer?.cancel()
+        self.timer?.cancel()
+        self.timer = nil
         if case .active(let exchange) = self.state {
             self.state = .closed
             self.abandon(exchange)
@@ -208,6 +218,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = self.unwrapInboundIn(data)
+        self.lastClientRead = .now()
         switch (self.state, part) {
         case (.idle, .head(let head)):
             self.start(head, context: context)
@@ -225,14 +236,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 exchange.upstream!.handler.write(.end(trailers))
                 exchange.requestSent = true
                 self.upstreamNeedsFlush = true
-                self.armResponseTimeout(exchange)
+                exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
             }
             self.finishIfDone(exchange)
         case (.discarding, .body):
             break
         case (.discarding, .end):
-            self.state = .idle
-            self.armIdleTimer(self.configuration.clientIdleTimeout)
+            self.becomeIdle()
         case (.closed, _), (.upgraded, _):
             break
         default:
@@ -252,8 +262,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     // MARK: request
 
     private func start(_ requestHead: HTTPRequestHead, context: ChannelHandlerContext) {
-        self.idleTimer?.cancel()
-        self.idleTimer = nil
+        self.servedRequests += 1
         self.handle.stats.requests.add(1, ordering: .relaxed)
         self.handle.stats.activeRequests.add(1, ordering: .relaxed)
         self.handle.metrics.requests.increment()
@@ -304,13 +313,20 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         return self.clientIP.map { StableHash.hash($0) } ?? 0
     }
 
+    /// 128 random bits as 32 lowercase hex digits.
     private func newRequestID() -> String {
         let a = self.rng.next()
         let b = self.rng.next()
-        let hexA = String(a, radix: 16)
-        let hexB = String(b, radix: 16)
-        return String(repeating: "0", count: 16 - hexA.count) + hexA + String(repeating: "0", count: 16 - hexB.count)
-            + hexB
+        return String(unsafeUninitializedCapacity: 32) { buffer in
+            let digits: StaticString = "0123456789abcdef"
+            digits.withUTF8Buffer { hex in
+                for i in 0..<16 {
+                    buffer[i] = hex[Int(a >> (60 - 4 * UInt64(i)) & 0xf)]
+                    buffer[16 + i] = hex[Int(b >> (60 - 4 * UInt64(i)) & 0xf)]
+                }
+            }
+            return 32
+        }
     }
 
     /// Picks a backend and gets a connection to it (pooled or new).
@@ -389,7 +405,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if exchange.requestEnded {
             handler.write(.end(nil))
             exchange.requestSent = true
-            self.armResponseTimeout(exchange)
+            exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
         }
         handler.flush()
         self.resumeClientRead()
@@ -427,35 +443,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         return true
     }
 
-    private func armResponseTimeout(_ exchange: Exchange) {
-        guard let context = self.context, !exchange.responseHeadSent else { return }
-        exchange.timeout?.cancel()
-        exchange.timeout = context.eventLoop.assumeIsolated().scheduleTask(
-            in: self.configuration.upstreamResponseTimeout
-        ) {
-            guard case .active(let current) = self.state, current === exchange, !exchange.responseHeadSent else {
-                return
-            }
-            self.handle.metrics.error(.timeout)
-            self.finishPick(exchange, .failure)
-            if let upstream = exchange.upstream {
-                exchange.upstream = nil
-                upstream.handler.owner = nil
-                upstream.channel.close(promise: nil)
-            }
-            self.fail(exchange, .gatewayTimeout, "upstream response timeout")
-        }
-    }
-
     // MARK: response (called by UpstreamHTTPHandler)
 
     func upstreamRead(_ part: HTTPClientResponsePart, from connection: UpstreamConnection) {
         guard case .active(let exchange) = self.state, exchange.upstream === connection, let context = self.context
         else { return }
         switch part {
+        case .head(let response)
+        where (100..<200).contains(response.status.code) && response.status != .switchingProtocols:
+            // 100 Continue and friends: passed on, the final response follows.
+            context.writeAndFlush(self.wrapOutboundOut(.head(response)), promise: nil)
         case .head(let response):
-            exchange.timeout?.cancel()
-            exchange.timeout = nil
+            exchange.responseDeadline = nil
             self.handle.metrics.upstreamLatency.recordNanoseconds(
                 (NIODeadline.now() - exchange.upstreamStarted).nanoseconds
             )
@@ -491,9 +490,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
             exchange.responseEnded = true
             if !exchange.requestEnded {
-                // Answered before the request was fully sent: neither side can be reused.
-                exchange.keepAlive = false
-                exchange.upstreamKeepAlive = false
+                // Answered before the request was fully sent: neither side can be reused, and the rest of the
+                // request has nowhere to go. End both.
+                let done = context.writeAndFlush(self.wrapOutboundOut(.end(trailers)))
+                self.endAccounting(exchange)
+                self.finishPick(exchange, .neutral)
+                exchange.upstream = nil
+                connection.handler.owner = nil
+                connection.channel.close(promise: nil)
+                self.state = .closed
+                done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+                return
             }
             context.writeAndFlush(self.wrapOutboundOut(.end(trailers)), promise: nil)
             self.finishIfDone(exchange)
@@ -511,8 +518,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func upstreamClosed(_ connection: UpstreamConnection, error: (any Error)?) {
         guard case .active(let exchange) = self.state, exchange.upstream === connection else { return }
         exchange.upstream = nil
-        exchange.timeout?.cancel()
-        exchange.timeout = nil
+        exchange.responseDeadline = nil
         if exchange.responseEnded { return }
         self.finishPick(exchange, .failure)
         self.handle.metrics.error(.reset)
@@ -538,8 +544,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func endAccounting(_ exchange: Exchange) {
-        exchange.timeout?.cancel()
-        exchange.timeout = nil
+        exchange.responseDeadline = nil
         self.handle.stats.activeRequests.subtract(1, ordering: .relaxed)
         if exchange.inRetryBudget {
             exchange.inRetryBudget = false
@@ -562,9 +567,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 upstream.channel.close(promise: nil)
             }
         }
-        self.state = .idle
         if exchange.keepAlive {
-            self.armIdleTimer(self.configuration.clientIdleTimeout)
+            self.becomeIdle()
         } else {
             self.state = .closed
             context.close(promise: nil)
@@ -604,10 +608,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             self.state = .closed
             self.pendingRead = false
         } else if exchange.requestEnded {
-            self.state = .idle
-            self.armIdleTimer(self.configuration.clientIdleTimeout)
+            self.becomeIdle()
         } else {
             self.state = .discarding
+            self.idleSince = .now()
             self.resumeClientRead()
         }
     }
@@ -643,14 +647,53 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    private func armIdleTimer(_ timeout: TimeAmount) {
+    private func becomeIdle() {
+        self.state = .idle
+        self.idleSince = .now()
+    }
+
+    private func armTimer() {
         guard let context = self.context else { return }
-        self.idleTimer?.cancel()
-        self.idleTimer = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) {
-            guard case .idle = self.state else { return }
-            self.state = .closed
-            self.context?.close(promise: nil)
+        let c = self.configuration
+        let shortest = min(c.requestHeadTimeout, c.clientIdleTimeout, c.upstreamResponseTimeout)
+        let tick = TimeAmount.nanoseconds(max(shortest.nanoseconds / 4, TimeAmount.milliseconds(1).nanoseconds))
+        self.timer = context.eventLoop.assumeIsolated().scheduleTask(in: tick) { self.checkTimeouts() }
+    }
+
+    /// The connection timer: a request head too slow to come (or an idle keep-alive connection), a response
+    /// too slow to start (504), a request body that stalled.
+    private func checkTimeouts() {
+        guard let context = self.context else { return }
+        let now = NIODeadline.now()
+        let c = self.configuration
+        switch self.state {
+        case .idle, .discarding:
+            let limit = self.servedRequests == 0 ? c.requestHeadTimeout : c.clientIdleTimeout
+            if now - self.idleSince >= limit {
+                self.state = .closed
+                context.close(promise: nil)
+                return
+            }
+        case .active(let exchange):
+            if let deadline = exchange.responseDeadline, now >= deadline, !exchange.responseHeadSent {
+                self.handle.metrics.error(.timeout)
+                self.finishPick(exchange, .failure)
+                if let upstream = exchange.upstream {
+                    exchange.upstream = nil
+                    upstream.handler.owner = nil
+                    upstream.channel.close(promise: nil)
+                }
+                self.fail(exchange, .gatewayTimeout, "upstream response timeout")
+            } else if !exchange.requestEnded, now - self.lastClientRead >= c.clientIdleTimeout {
+                self.abandon(exchange)
+                self.state = .closed
+                context.close(promise: nil)
+                return
+            }
+        case .upgraded, .closed:
+            return
         }
+        self.armTimer()
     }
 
     // MARK: upgrade
