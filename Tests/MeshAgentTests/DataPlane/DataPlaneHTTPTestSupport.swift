@@ -80,6 +80,7 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var received = 0
     private var echoing = false
     private var bigRemaining = 0
+    private var pumping = false
 
     init(name: String, delay: TimeAmount, resetEverything: Bool, stats: HTTPBackendStats) {
         self.name = name
@@ -169,6 +170,10 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func pumpBig(context: ChannelHandlerContext) {
+        // A flush can drain the socket and fire a writability change right here: no re-entry.
+        guard !self.pumping else { return }
+        self.pumping = true
+        defer { self.pumping = false }
         let chunk = ByteBuffer(repeating: UInt8(ascii: "x"), count: 64 * 1024)
         while context.channel.isWritable && self.bigRemaining > 0 {
             let n = min(chunk.readableBytes, self.bigRemaining)
@@ -179,6 +184,10 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             context.writeAndFlush(self.wrapOutboundOut(.end(nil)), promise: nil)
         } else {
             context.flush()
+            // The flush may have made room without a writability change reaching us (we were pumping).
+            if context.channel.isWritable && self.bigRemaining > 0 {
+                context.eventLoop.assumeIsolated().execute { self.pumpBig(context: context) }
+            }
         }
     }
 

@@ -276,6 +276,7 @@ final class BulkSendHandler: ChannelInboundHandler {
     typealias OutboundOut = ByteBuffer
     let size: Int
     private var sent = 0
+    private var pumping = false
     private let chunk = ByteBuffer(repeating: UInt8(ascii: "b"), count: 64 * 1024)
 
     init(size: Int) { self.size = size }
@@ -289,6 +290,10 @@ final class BulkSendHandler: ChannelInboundHandler {
     }
 
     private func pump(context: ChannelHandlerContext) {
+        // A flush can drain the socket and fire a writability change right here: no re-entry.
+        guard !self.pumping, self.sent < self.size else { return }
+        self.pumping = true
+        defer { self.pumping = false }
         while context.channel.isWritable && self.sent < self.size {
             let n = min(self.chunk.readableBytes, self.size - self.sent)
             self.sent += n
@@ -301,6 +306,9 @@ final class BulkSendHandler: ChannelInboundHandler {
             }
         }
         context.flush()
+        if context.channel.isWritable && self.sent < self.size {
+            context.eventLoop.assumeIsolated().execute { self.pump(context: context) }
+        }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

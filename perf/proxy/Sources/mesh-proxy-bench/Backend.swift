@@ -52,6 +52,7 @@ final class BulkHandler: ChannelInboundHandler {
     let size: Int
     private var remaining = 0
     private var started = false
+    private var pumping = false
     private let chunk = ByteBuffer(repeating: UInt8(ascii: "b"), count: 256 * 1024)
 
     init(size: Int) { self.size = size }
@@ -68,6 +69,10 @@ final class BulkHandler: ChannelInboundHandler {
     }
 
     private func pump(context: ChannelHandlerContext) {
+        // A flush can drain the socket and fire a writability change right here: no re-entry.
+        guard !self.pumping, self.remaining > 0 else { return }
+        self.pumping = true
+        defer { self.pumping = false }
         while context.channel.isWritable && self.remaining > 0 {
             let n = min(self.remaining, self.chunk.readableBytes)
             self.remaining -= n
@@ -79,6 +84,9 @@ final class BulkHandler: ChannelInboundHandler {
             }
         } else {
             context.flush()
+            if context.channel.isWritable && self.remaining > 0 {
+                context.eventLoop.assumeIsolated().execute { self.pump(context: context) }
+            }
         }
     }
 
