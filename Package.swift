@@ -114,12 +114,13 @@ let package = Package(
         .target(
             name: "MeshAgent",
             dependencies: nio + [
-                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "DNS",
+                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "DNS", "CNetlink",
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            exclude: ["README.md"],
+            exclude: ["README.md", "DataPlane/README.md", "Interface/README.md"],
             swiftSettings: swiftSettings
         ),
         // meshctl's logic: resource names, manifests, printers (table/json/yaml), the all-in-one.
@@ -195,7 +196,7 @@ let package = Package(
         ),
         .testTarget(
             name: "MeshSQLiteTests",
-            dependencies: ["MeshSQLite"],
+            dependencies: ["MeshSQLite", "MeshTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
@@ -227,12 +228,20 @@ let package = Package(
         ),
         .testTarget(
             name: "MeshAgentTests",
-            dependencies: nio + ["MeshAgent", "MeshClient", "Control", "MeshCore", "MeshTestSupport"],
+            dependencies: nio + [
+                "MeshAgent", "MeshClient", "Control", "MeshCore", "MeshTestSupport",
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "EndToEndTests",
-            dependencies: ["MeshCore", "MeshClient"],
+            dependencies: ["MeshCore", "MeshClient", "MeshTestSupport"],
             swiftSettings: swiftSettings
         ),
     ]

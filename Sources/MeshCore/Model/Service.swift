@@ -28,7 +28,7 @@ public struct ServiceSpec: Codable, Sendable, Equatable, Hashable {
     public var clusterIP: String?
     /// Which family to allocate the VIP from when `clusterIP` is absent (default IPv4).
     public var ipFamily: IPFamily?
-    public var loadBalancer: LoadBalancer?
+    public var loadBalancer: LoadBalancerSpec?
     /// Also answered under `clusterset.local` (Kubernetes Multi-Cluster Services).
     public var exported: Bool?
 
@@ -36,7 +36,7 @@ public struct ServiceSpec: Codable, Sendable, Equatable, Hashable {
         ports: [ServicePort],
         clusterIP: String? = nil,
         ipFamily: IPFamily? = nil,
-        loadBalancer: LoadBalancer? = nil,
+        loadBalancer: LoadBalancerSpec? = nil,
         exported: Bool? = nil
     ) {
         self.ports = ports
@@ -129,7 +129,7 @@ public enum PortProtocol: String, StrictEnum {
     case http = "HTTP"
 }
 
-public struct LoadBalancer: Codable, Sendable, Equatable, Hashable {
+public struct LoadBalancerSpec: Codable, Sendable, Equatable, Hashable {
     public var policy: Policy
     /// What `consistentHash` hashes: exactly one of header, cookie or sourceIP.
     public var hashOn: HashOn?

@@ -1,0 +1,324 @@
+import CoreMetrics
+import Logging
+import MeshCore
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Synchronization
+
+/// Why `apply` did not take (all of) a table.
+public enum DataPlaneError: Error, CustomStringConvertible, Sendable {
+    /// These VIP:ports could not be served; every other change of the table was applied.
+    case listenersFailed([String])
+    /// The data plane has been shut down.
+    case shutDown
+    /// `bindMode: .meshInterface` and the link could not be set up.
+    case interface(String)
+
+    public var description: String {
+        switch self {
+        case .listenersFailed(let failures): return "listeners failed: \(failures.joined(separator: "; "))"
+        case .shutDown: return "the data plane is shut down"
+        case .interface(let reason): return "mesh interface: \(reason)"
+        }
+    }
+}
+
+/// The agent's data plane: one listener per route VIP:port, proxying TCP, UDP and HTTP/1.1 to the route's
+/// backends. A swift-service-lifecycle `Service`: `run()` serves until graceful shutdown, then drains.
+///
+/// `apply(_:)` reconciles the listeners with a new table; each change is atomic: a new VIP:port is bound
+/// (after its address is put on the mesh interface) or reported as failed, a VIP:port that is gone stops
+/// accepting and its connections drain, and a route whose backends or policy changed gets a new balancer
+/// swapped in without dropping a connection (per-backend health carries over by `ip:port`).
+///
+/// All proxying happens in event-loop handlers; nothing here runs per connection or per request.
+public actor DataPlane: ServiceLifecycle.Service {
+    public nonisolated let configuration: DataPlaneConfiguration
+    private nonisolated let group: any EventLoopGroup
+    private nonisolated let logger: Logger
+    private nonisolated let counters = DataPlaneCounters()
+    private nonisolated let environment: ProxyEnvironment
+    private nonisolated let published = Mutex(Published())
+    private nonisolated let metricsFactory: any MetricsFactory
+
+    private enum Mode {
+        case loopback
+        case interface(MeshInterface)
+    }
+
+    private struct Published {
+        var mode = "pending"
+        var routes: [ListenerKey: (handle: RouteHandle?, route: Route, error: String?)] = [:]
+    }
+
+    private var mode: Mode?
+    private var listeners: [ListenerKey: Listener] = [:]
+    private var failed: [ListenerKey: (route: Route, error: String)] = [:]
+    private var stopped = false
+
+    /// - Parameters:
+    ///   - eventLoopGroup: where every proxied connection runs (both of its sides on one loop).
+    ///   - metricsFactory: the swift-metrics backend; `MetricsSystem.factory` (whatever was bootstrapped) when nil.
+    public init(
+        configuration: DataPlaneConfiguration = .init(),
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "mesh.dataplane"),
+        metricsFactory: (any MetricsFactory)? = nil
+    ) {
+        self.configuration = configuration
+        self.group = eventLoopGroup
+        self.logger = logger
+        self.metricsFactory = metricsFactory ?? MetricsSystem.factory
+        self.environment = ProxyEnvironment(
+            configuration: configuration,
+            counters: self.counters,
+            logger: logger,
+            pools: HTTPUpstreamPools(group: eventLoopGroup, configuration: configuration, counters: self.counters)
+        )
+    }
+
+    // MARK: Service
+
+    /// Sets up the bind mode (mesh interface or loopback), serves until graceful shutdown (or cancellation),
+    /// then drains and closes everything, removing the mesh interface.
+    public func run() async throws {
+        try await self.resolveMode()
+        var cancelled = false
+        do {
+            try await gracefulShutdown()
+        } catch {
+            cancelled = true
+        }
+        await self.shutdown(drain: !cancelled)
+    }
+
+    // MARK: apply
+
+    /// Reconciles listeners with `table`. Throws `DataPlaneError.listenersFailed` naming the VIP:ports it
+    /// could not bind (they show in `snapshot()` with their error and are retried by the next `apply`); every
+    /// other change has been applied by then.
+    public func apply(_ table: RouteTable) async throws {
+        guard !self.stopped else { throw DataPlaneError.shutDown }
+        try await self.resolveMode()
+        var failures: [String] = []
+
+        // Validate and index the table.
+        var wanted: [ListenerKey: Route] = [:]
+        var invalid: [ListenerKey: (route: Route, error: String)] = [:]
+        for route in table.routes {
+            let key = route.listenerKey
+            if !(1...65_535).contains(route.port) {
+                invalid[key] = (route, "port \(route.port) out of range")
+            } else if let other = wanted[key] {
+                if other.service != route.service {
+                    invalid[key] = (route, "\(key) is already used by \(other.service)")
+                }
+            } else {
+                wanted[key] = route
+            }
+        }
+
+        // Gone (or taken over by another service): stop accepting, drain.
+        for (key, listener) in self.listeners where wanted[key]?.service != listener.handle.service {
+            await listener.stop(drain: self.configuration.drainTimeout)
+            self.listeners[key] = nil
+            self.logger.info(
+                "route removed",
+                metadata: ["listener": "\(key)", "service": "\(listener.handle.service)"]
+            )
+        }
+
+        // Changed backends or policy: swap the balancer in place.
+        for (key, route) in wanted {
+            guard let listener = self.listeners[key] else { continue }
+            if listener.handle.route != route {
+                listener.handle.update(route: route, localSite: table.localSite, outlier: self.configuration.outlier)
+                self.logger.debug("route updated", metadata: ["listener": "\(key)", "service": "\(route.service)"])
+            } else {
+                listener.handle.update(route: route, localSite: table.localSite, outlier: self.configuration.outlier)
+            }
+        }
+
+        // Addresses first (new VIPs must exist before binding), stale ones out.
+        var addressErrors: [IPAddress: String] = [:]
+        if case .interface(let interface) = self.mode {
+            let wantedAddresses = self.interfaceAddresses(for: wanted.values.map(\.vip))
+            do {
+                try interface.reconcile(wantedAddresses)
+            } catch {
+                for address in wantedAddresses { addressErrors[address] = "\(error)" }
+                // Per address, so one bad VIP does not hold back the others.
+                for address in wantedAddresses {
+                    do { try interface.add(address) } catch { continue }
+                    addressErrors[address] = nil
+                }
+            }
+        }
+
+        // New VIP:ports: bind.
+        self.failed = invalid
+        for (key, route) in wanted.sorted(by: { $0.key < $1.key }) where self.listeners[key] == nil {
+            if let error = addressErrors[route.vip] {
+                self.failed[key] = (route, error)
+                continue
+            }
+            let handle = RouteHandle(
+                route: route,
+                localSite: table.localSite,
+                outlier: self.configuration.outlier,
+                metricsFactory: self.metricsFactory
+            )
+            do {
+                self.listeners[key] = try await Listener.bind(
+                    handle: handle,
+                    environment: self.environment,
+                    group: self.group
+                )
+                self.logger.info(
+                    "route listening",
+                    metadata: ["listener": "\(key)", "service": "\(route.service)", "proto": "\(route.proto)"]
+                )
+            } catch {
+                var reason = "\(error)"
+                if case .loopback = self.mode, !route.vip.isLoopback {
+                    reason += " (loopback mode: VIPs must be inside 127.0.0.0/8 or ::1)"
+                }
+                self.failed[key] = (route, reason)
+            }
+        }
+        for (key, failure) in self.failed.sorted(by: { $0.key < $1.key }) {
+            failures.append("\(key) \(failure.route.service): \(failure.error)")
+            self.logger.warning(
+                "route not served",
+                metadata: ["listener": "\(key)", "service": "\(failure.route.service)", "error": "\(failure.error)"]
+            )
+        }
+        self.publish()
+        if !failures.isEmpty { throw DataPlaneError.listenersFailed(failures) }
+    }
+
+    // MARK: snapshot
+
+    /// Every route with its listener state, counters and backends' health. Callable from any thread.
+    public nonisolated func snapshot() -> DataPlaneSnapshot {
+        let published = self.published.withLock { ($0.mode, $0.routes) }
+        let routes = published.1.sorted { $0.key < $1.key }.map { _, entry in
+            if let handle = entry.handle {
+                return handle.snapshot(listening: true, error: nil)
+            }
+            return RouteSnapshot(route: entry.route, listening: false, error: entry.error, stats: nil, backends: [])
+        }
+        return DataPlaneSnapshot(mode: published.0, openChannels: self.openChannels, routes: routes)
+    }
+
+    /// Channels open right now, client side and upstream side together (pooled idle HTTP connections too).
+    public nonisolated var openChannels: Int {
+        self.counters.downstreamChannels.load(ordering: .relaxed)
+            + self.counters.upstreamChannels.load(ordering: .relaxed)
+    }
+
+    /// Client-side channels open right now.
+    public nonisolated var openClientChannels: Int { self.counters.downstreamChannels.load(ordering: .relaxed) }
+
+    /// The largest write backlog (bytes queued in NIO, not yet taken by the kernel) seen on any proxied
+    /// channel: back-pressure keeps it near the high water mark plus one read burst.
+    public nonisolated var bufferedBytesHighWater: Int { self.counters.bufferedHighWater.load(ordering: .relaxed) }
+
+    // MARK: shutdown
+
+    /// Stops every listener, lets connections finish for up to `drainTimeout` (when `drain`), closes the
+    /// rest and the pooled upstream connections, and removes the mesh interface. Idempotent.
+    public func shutdown(drain: Bool = true) async {
+        guard !self.stopped else { return }
+        self.stopped = true
+        let listeners = Array(self.listeners.values)
+        for listener in listeners { await listener.stopAccepting() }
+        if drain {
+            let deadline = NIODeadline.now() + self.configuration.drainTimeout
+            while listeners.contains(where: { $0.connections.count > 0 }), NIODeadline.now() < deadline {
+                try? await Task.sleep(for: .milliseconds(10))
+            }
+        }
+        for listener in listeners { listener.connections.closeAll() }
+        self.environment.pools.closeAll()
+        let deadline = NIODeadline.now() + .seconds(2)
+        while self.openChannels > 0, NIODeadline.now() < deadline {
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        self.listeners = [:]
+        self.failed = [:]
+        if case .interface(let interface) = self.mode {
+            do {
+                try interface.destroy()
+            } catch {
+                self.logger.error("could not remove mesh interface", metadata: ["error": "\(error)"])
+            }
+        }
+        self.publish()
+        self.logger.info("data plane stopped")
+    }
+
+    // MARK: helpers
+
+    private func resolveMode() async throws {
+        guard self.mode == nil else { return }
+        switch self.configuration.bindMode {
+        case .loopback:
+            self.mode = .loopback
+        case .meshInterface(let name):
+            do {
+                let interface = try await self.openInterface(name)
+                self.mode = .interface(interface)
+            } catch {
+                throw DataPlaneError.interface("\(error)")
+            }
+        case .automatic(let name):
+            do {
+                let interface = try await self.openInterface(name)
+                self.mode = .interface(interface)
+            } catch {
+                self.logger.notice(
+                    "loopback mode: cannot create the mesh interface (needs CAP_NET_ADMIN); VIPs must be inside 127.0.0.0/8",
+                    metadata: ["interface": "\(name)", "error": "\(error)"]
+                )
+                self.mode = .loopback
+            }
+        }
+        self.publish()
+    }
+
+    /// Opens the link from an event-loop thread, so that it is made in the event loops' network namespace
+    /// (where the listeners are bound), and puts the extra addresses on it, dropping stale ones.
+    private func openInterface(_ name: String) async throws -> MeshInterface {
+        let logger = self.logger
+        let interface = try await self.group.next().submit {
+            try MeshInterface.open(name: name, logger: logger)
+        }.get()
+        try interface.reconcile(self.interfaceAddresses(for: self.listeners.values.map { $0.handle.key.vip }))
+        return interface
+    }
+
+    /// The mesh interface's wanted addresses: the extra ones and every VIP not already local (loopback).
+    private func interfaceAddresses(for vips: [IPAddress]) -> Set<IPAddress> {
+        var set = Set(self.configuration.extraInterfaceAddresses.compactMap { IPAddress($0) })
+        for vip in vips where !vip.isLoopback { set.insert(vip) }
+        return set
+    }
+
+    private func publish() {
+        var routes: [ListenerKey: (handle: RouteHandle?, route: Route, error: String?)] = [:]
+        for (key, listener) in self.listeners { routes[key] = (listener.handle, listener.handle.route, nil) }
+        for (key, failure) in self.failed { routes[key] = (nil, failure.route, failure.error) }
+        let mode: String
+        switch self.mode {
+        case .none: mode = "pending"
+        case .loopback: mode = "loopback"
+        case .interface(let interface): mode = "meshInterface(\(interface.name))"
+        }
+        self.published.withLock {
+            $0.routes = routes
+            $0.mode = self.stopped ? "stopped" : mode
+        }
+    }
+}

@@ -1,0 +1,771 @@
+import Logging
+import MeshCore
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// The L7 HTTP/1.1 proxy for `http` routes.
+enum HTTPProxy {
+    /// Sets up one accepted client connection (inside the child channel initialiser, on its loop):
+    /// response encoder, request decoder with the header limits, NIO's pipelining helper, the 400/431
+    /// responder and the proxy handler.
+    static func initialize(channel: any Channel, handle: RouteHandle, environment: ProxyEnvironment) throws {
+        let configuration = environment.configuration.http
+        var limits = NIOHTTPDecoderLimitConfiguration()
+        limits.maxHeaderListSize = configuration.maxHeaderListSize
+        limits.maxHeaderFieldSize = configuration.maxHeaderFieldSize
+        let encoder = HTTPResponseEncoder()
+        let decoder = ByteToMessageHandler(
+            HTTPRequestDecoder(
+                leftOverBytesStrategy: .forwardBytes,
+                informationalResponseStrategy: .drop,
+                limitConfiguration: limits
+            )
+        )
+        let pipelining = HTTPServerPipelineHandler()
+        let errors = HTTPErrorResponder(metrics: handle.metrics)
+        let proxy = HTTPProxyHandler(
+            handle: handle,
+            environment: environment,
+            httpHandlers: [encoder, decoder, pipelining, errors]
+        )
+        let sync = channel.pipeline.syncOperations
+        try sync.addHandler(encoder)
+        try sync.addHandler(decoder)
+        try sync.addHandler(pipelining)
+        try sync.addHandler(errors)
+        try sync.addHandler(proxy)
+        handle.connectionOpened()
+        channel.closeFuture.whenComplete { _ in handle.connectionClosed() }
+    }
+
+    /// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded.
+    static let hopByHop: [String] = [
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authenticate",
+        "proxy-authorization",
+    ]
+
+    /// Removes hop-by-hop headers, including those the Connection header names.
+    static func stripHopByHop(_ headers: inout HTTPHeaders) {
+        let named = headers[canonicalForm: "connection"].map { $0.lowercased() }
+        for name in Self.hopByHop { headers.remove(name: name) }
+        for name in named where name != "close" && name != "keep-alive" { headers.remove(name: String(name)) }
+    }
+
+    static func isIdempotent(_ method: HTTPMethod) -> Bool {
+        switch method {
+        case .GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE: return true
+        default: return false
+        }
+    }
+}
+
+/// The client side of one HTTP connection: takes each request, picks a backend for it, borrows a pooled
+/// upstream connection of this event loop (or opens one), streams the request body up and the response
+/// body down with back-pressure both ways, retries what may be retried, and answers 502/503/504 itself.
+final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// One request/response exchange.
+    private final class Exchange {
+        var head: HTTPRequestHead
+        let method: HTTPMethod
+        let clientVersion: HTTPVersion
+        var keepAlive: Bool
+        let isUpgrade: Bool
+        let hash: UInt64
+        let started = NIODeadline.now()
+        var pendingBody: [ByteBuffer] = []
+        /// The client sent `.end`.
+        var requestEnded = false
+        /// `.end` went upstream.
+        var requestSent = false
+        var bodyBytesSent = false
+        var headSent = false
+        var responseHeadSent = false
+        var responseEnded = false
+        var upstreamKeepAlive = true
+        var tried: [BackendID] = []
+        var pick: Pick?
+        /// The current pick is still counted in flight by the balancer.
+        var pickInFlight = false
+        var retries = 0
+        var inRetryBudget = false
+        var upstream: UpstreamConnection?
+        /// When the response head must have arrived (set once the request is sent).
+        var responseDeadline: NIODeadline?
+        var upstreamStarted = NIODeadline.now()
+        var connectTimedOut = false
+        /// A 101 arrived for an upgrade request; the switch happens at its `.end` (the decoder's last part).
+        var upgradeResponse: HTTPResponseHead?
+
+        init(head: HTTPRequestHead, keepAlive: Bool, isUpgrade: Bool, hash: UInt64) {
+            self.head = head
+            self.method = head.method
+            self.clientVersion = head.version
+            self.keepAlive = keepAlive
+            self.isUpgrade = isUpgrade
+            self.hash = hash
+        }
+
+        var canStreamBody: Bool { self.upstream != nil && self.headSent }
+    }
+
+    private enum State {
+        case idle
+        case active(Exchange)
+        /// Answered before the request ended: the rest of its (small) body is read and dropped.
+        case discarding
+        case upgraded
+        case closed
+    }
+
+    private let handle: RouteHandle
+    private let environment: ProxyEnvironment
+    private let httpHandlers: [any RemovableChannelHandler]
+    private var state: State = .idle
+    private var context: ChannelHandlerContext?
+    private var pendingRead = false
+    private var upstreamNeedsFlush = false
+    /// One timer per connection, re-armed every `tick` (a quarter of the shortest timeout): it checks the
+    /// deadlines below, so no timer is scheduled or cancelled per request.
+    private var timer: Scheduled<Void>?
+    /// Since when the connection has had no exchange (connect, or the end of the last response).
+    private var idleSince = NIODeadline.now()
+    /// The last bytes from the client (for a stalled request body).
+    private var lastClientRead = NIODeadline.now()
+    private var servedRequests = 0
+    private var rng = FastRandom()
+    private var clientIP: IPAddress?
+
+    init(handle: RouteHandle, environment: ProxyEnvironment, httpHandlers: [any RemovableChannelHandler]) {
+        self.handle = handle
+        self.environment = environment
+        self.httpHandlers = httpHandlers
+    }
+
+    private var configuration: HTTPConfiguration { self.environment.configuration.http }
+
+    var clientIsWritable: Bool { self.context?.channel.isWritable ?? false }
+
+    // MARK: channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        self.clientIP = context.channel.remoteAddress.flatMap(IPAddress.init(socketAddress:))
+        self.armTimer()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.timer?.cancel()
+        self.timer = nil
+        self.context = nil
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.timer?.cancel()
+        self.timer = nil
+        if case .active(let exchange) = self.state {
+            self.state = .closed
+            self.abandon(exchange)
+        }
+        self.state = .closed
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // Parse errors were answered by HTTPErrorResponder; anything else (a reset) ends the connection.
+        context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            // The client is done sending. With nothing in flight, close; otherwise finish the exchange first.
+            switch self.state {
+            case .idle, .discarding: context.close(promise: nil)
+            case .active(let exchange): exchange.keepAlive = false
+            case .upgraded, .closed: break
+            }
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, case .active(let exchange) = self.state {
+            exchange.upstream?.handler.resumeRead()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if case .active(let exchange) = self.state, !exchange.requestEnded,
+            !(exchange.canStreamBody && exchange.upstream!.handler.isWritable)
+        {
+            self.pendingRead = true
+            return
+        }
+        context.read()
+    }
+
+    private func resumeClientRead() {
+        if self.pendingRead, let context = self.context {
+            self.pendingRead = false
+            context.read()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let part = self.unwrapInboundIn(data)
+        self.lastClientRead = .now()
+        switch (self.state, part) {
+        case (.idle, .head(let head)):
+            self.start(head, context: context)
+        case (.active(let exchange), .body(let buffer)):
+            if exchange.canStreamBody {
+                exchange.upstream!.handler.write(.body(.byteBuffer(buffer)))
+                exchange.bodyBytesSent = exchange.bodyBytesSent || buffer.readableBytes > 0
+                self.upstreamNeedsFlush = true
+            } else {
+                exchange.pendingBody.append(buffer)
+            }
+        case (.active(let exchange), .end(let trailers)):
+            exchange.requestEnded = true
+            if exchange.canStreamBody {
+                exchange.upstream!.handler.write(.end(trailers))
+                exchange.requestSent = true
+                self.upstreamNeedsFlush = true
+                exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
+            }
+            self.finishIfDone(exchange)
+        case (.discarding, .body):
+            break
+        case (.discarding, .end):
+            self.becomeIdle()
+        case (.closed, _), (.upgraded, _):
+            break
+        default:
+            // The pipelining helper delivers one request at a time; anything else is a bug: close.
+            context.close(promise: nil)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if self.upstreamNeedsFlush, case .active(let exchange) = self.state {
+            self.upstreamNeedsFlush = false
+            exchange.upstream?.handler.flush()
+        }
+        context.fireChannelReadComplete()
+    }
+
+    // MARK: request
+
+    private func start(_ requestHead: HTTPRequestHead, context: ChannelHandlerContext) {
+        self.servedRequests += 1
+        self.handle.stats.requests.add(1, ordering: .relaxed)
+        self.handle.stats.activeRequests.add(1, ordering: .relaxed)
+        self.handle.metrics.requests.increment()
+
+        let isUpgrade =
+            requestHead.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" }
+            && requestHead.headers.contains(name: "upgrade")
+        var head = requestHead
+        let upgradeValue = head.headers.first(name: "upgrade")
+        HTTPProxy.stripHopByHop(&head.headers)
+        if isUpgrade, let upgradeValue {
+            head.headers.add(name: "connection", value: "upgrade")
+            head.headers.add(name: "upgrade", value: upgradeValue)
+        }
+        head.version = .http1_1
+        if self.configuration.addForwardedFor, let ip = self.clientIP {
+            let existing = head.headers.first(name: "x-forwarded-for")
+            head.headers.replaceOrAdd(name: "x-forwarded-for", value: existing.map { "\($0), \(ip)" } ?? "\(ip)")
+        }
+        if self.configuration.addRequestID, !head.headers.contains(name: "x-request-id") {
+            head.headers.add(name: "x-request-id", value: self.newRequestID())
+        }
+        let exchange = Exchange(
+            head: head,
+            keepAlive: requestHead.isKeepAlive && !isUpgrade,
+            isUpgrade: isUpgrade,
+            hash: self.hashKey(requestHead)
+        )
+        self.state = .active(exchange)
+        self.dispatch(exchange)
+    }
+
+    private func hashKey(_ head: HTTPRequestHead) -> UInt64 {
+        guard case .consistentHash(let key) = self.handle.policy else { return 0 }
+        switch key {
+        case .header(let name):
+            if let value = head.headers.first(name: name) { return StableHash.hash(value) }
+        case .cookie(let name):
+            for header in head.headers[canonicalForm: "cookie"] {
+                for pair in header.split(separator: ";") {
+                    let kv = pair.split(separator: "=", maxSplits: 1)
+                    if kv.count == 2, kv[0].trimmingSpaces == name[...] { return StableHash.hash(kv[1].trimmingSpaces) }
+                }
+            }
+        case .sourceIP:
+            break
+        }
+        return self.clientIP.map { StableHash.hash($0) } ?? 0
+    }
+
+    /// 128 random bits as 32 lowercase hex digits.
+    private func newRequestID() -> String {
+        let a = self.rng.next()
+        let b = self.rng.next()
+        return String(unsafeUninitializedCapacity: 32) { buffer in
+            let digits: StaticString = "0123456789abcdef"
+            digits.withUTF8Buffer { hex in
+                for i in 0..<16 {
+                    buffer[i] = hex[Int(a >> (60 - 4 * UInt64(i)) & 0xf)]
+                    buffer[16 + i] = hex[Int(b >> (60 - 4 * UInt64(i)) & 0xf)]
+                }
+            }
+            return 32
+        }
+    }
+
+    /// Picks a backend and gets a connection to it (pooled or new).
+    private func dispatch(_ exchange: Exchange) {
+        guard let context = self.context else { return }
+        guard let pick = self.handle.pick(hash: exchange.hash, excluding: exchange.tried) else {
+            if exchange.tried.isEmpty {
+                self.handle.metrics.error(.noBackend)
+                self.fail(exchange, .serviceUnavailable, "no healthy upstream")
+            } else if exchange.connectTimedOut {
+                self.fail(exchange, .gatewayTimeout, "upstream connect timeout")
+            } else {
+                self.fail(exchange, .badGateway, "upstream connect error")
+            }
+            return
+        }
+        exchange.tried.append(pick.id)
+        exchange.pick = pick
+        exchange.pickInFlight = true
+        exchange.upstreamStarted = .now()
+        let loop = context.eventLoop
+        guard let pool = self.environment.pools.pool(for: loop) else {
+            self.fail(exchange, .serviceUnavailable, "no upstream pool")
+            return
+        }
+        if !exchange.isUpgrade, let connection = pool.takeIdle(pick.id) {
+            self.attach(exchange, connection)
+            return
+        }
+        guard pool.reserve(pick.id) else {
+            self.finishPick(exchange, .neutral)
+            self.handle.metrics.error(.overflow)
+            self.fail(exchange, .serviceUnavailable, "upstream connection limit")
+            return
+        }
+        pool.connect(to: pick.address, backend: pick.id, on: loop).assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let connection):
+                guard case .active(let current) = self.state, current === exchange, exchange.pick?.id == pick.id else {
+                    // The client left meanwhile: keep the connection for the next one.
+                    pool.release(connection)
+                    return
+                }
+                self.attach(exchange, connection)
+            case .failure(let error):
+                pool.forget(pick.id)
+                self.handle.metrics.error(.connectFailure)
+                self.finishPick(exchange, .failure)
+                if case .active(let current) = self.state, current === exchange {
+                    if let e = error as? ChannelError, case .connectTimeout = e { exchange.connectTimedOut = true }
+                    self.environment.logger.debug(
+                        "upstream connect failed",
+                        metadata: ["service": "\(self.handle.service)", "backend": "\(pick.id)", "error": "\(error)"]
+                    )
+                    self.retryOrFail(
+                        exchange,
+                        status: exchange.connectTimedOut ? .gatewayTimeout : .badGateway,
+                        reason: exchange.connectTimedOut ? "upstream connect timeout" : "upstream connect error"
+                    )
+                }
+            }
+        }
+    }
+
+    private func attach(_ exchange: Exchange, _ connection: UpstreamConnection) {
+        exchange.upstream = connection
+        connection.handler.owner = self
+        let handler = connection.handler
+        handler.write(.head(exchange.head))
+        exchange.headSent = true
+        for buffer in exchange.pendingBody {
+            handler.write(.body(.byteBuffer(buffer)))
+            exchange.bodyBytesSent = exchange.bodyBytesSent || buffer.readableBytes > 0
+        }
+        exchange.pendingBody = []
+        if exchange.requestEnded {
+            handler.write(.end(nil))
+            exchange.requestSent = true
+            exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
+        }
+        handler.flush()
+        self.resumeClientRead()
+    }
+
+    /// Retries on another backend when allowed (connect failures always may; an upstream reset before any
+    /// response only for idempotent requests whose body has not been sent), within the retry budget.
+    private func retryOrFail(_ exchange: Exchange, status: HTTPResponseStatus, reason: String) {
+        let attemptsLeft =
+            exchange.tried.count
+            < max(self.environment.configuration.connectAttempts, 1 + self.configuration.maxRetries)
+        if attemptsLeft, exchange.retries < self.configuration.maxRetries, self.takeRetryBudget(exchange) {
+            exchange.retries += 1
+            self.handle.stats.retries.add(1, ordering: .relaxed)
+            exchange.upstream = nil
+            exchange.headSent = false
+            exchange.requestSent = false
+            self.dispatch(exchange)
+        } else {
+            self.fail(exchange, status, reason)
+        }
+    }
+
+    private func takeRetryBudget(_ exchange: Exchange) -> Bool {
+        if exchange.inRetryBudget { return true }
+        let active = self.handle.stats.activeRequests.load(ordering: .relaxed)
+        let retrying = self.handle.stats.activeRetries.load(ordering: .relaxed)
+        let budget = max(
+            self.configuration.minRetryConcurrency,
+            Int(Double(active) * self.configuration.retryBudgetPercent / 100)
+        )
+        guard retrying < budget else { return false }
+        self.handle.stats.activeRetries.add(1, ordering: .relaxed)
+        exchange.inRetryBudget = true
+        return true
+    }
+
+    // MARK: response (called by UpstreamHTTPHandler)
+
+    func upstreamRead(_ part: HTTPClientResponsePart, from connection: UpstreamConnection) {
+        guard case .active(let exchange) = self.state, exchange.upstream === connection, let context = self.context
+        else { return }
+        switch part {
+        case .head(let response)
+        where (100..<200).contains(response.status.code) && response.status != .switchingProtocols:
+            // 100 Continue and friends: passed on, the final response follows.
+            context.writeAndFlush(self.wrapOutboundOut(.head(response)), promise: nil)
+        case .head(let response):
+            exchange.responseDeadline = nil
+            self.handle.metrics.upstreamLatency.recordNanoseconds(
+                (NIODeadline.now() - exchange.upstreamStarted).nanoseconds
+            )
+            let failed = response.status.code >= 500 && self.environment.configuration.outlier.countHTTP5xx
+            if let pick = exchange.pick { self.handle.report(pick.id, outcome: failed ? .failure : .success) }
+            if exchange.isUpgrade && response.status == .switchingProtocols {
+                exchange.upgradeResponse = response
+                return
+            }
+            var head = response
+            HTTPProxy.stripHopByHop(&head.headers)
+            exchange.upstreamKeepAlive = response.isKeepAlive
+            head.version = exchange.clientVersion
+            if exchange.clientVersion == .http1_0 {
+                if head.headers.contains(name: "transfer-encoding") {
+                    head.headers.remove(name: "transfer-encoding")
+                    exchange.keepAlive = false
+                }
+                if exchange.keepAlive { head.headers.replaceOrAdd(name: "connection", value: "keep-alive") }
+            }
+            if exchange.isUpgrade { exchange.keepAlive = false }
+            if !exchange.keepAlive { head.headers.replaceOrAdd(name: "connection", value: "close") }
+            if exchange.method == .HEAD { head.headers.remove(name: "transfer-encoding") }
+            exchange.responseHeadSent = true
+            context.write(self.wrapOutboundOut(.head(head)), promise: nil)
+        case .body(let buffer):
+            guard exchange.upgradeResponse == nil else { return }
+            context.write(self.wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        case .end(let trailers):
+            if let response = exchange.upgradeResponse {
+                self.upgrade(exchange, response: response, context: context)
+                return
+            }
+            exchange.responseEnded = true
+            if !exchange.requestEnded {
+                // Answered before the request was fully sent: neither side can be reused, and the rest of the
+                // request has nowhere to go. End both.
+                let done = context.writeAndFlush(self.wrapOutboundOut(.end(trailers)))
+                self.endAccounting(exchange)
+                self.finishPick(exchange, .neutral)
+                exchange.upstream = nil
+                connection.handler.owner = nil
+                connection.channel.close(promise: nil)
+                self.state = .closed
+                done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+                return
+            }
+            context.writeAndFlush(self.wrapOutboundOut(.end(trailers)), promise: nil)
+            self.finishIfDone(exchange)
+        }
+    }
+
+    func upstreamReadComplete() {
+        self.context?.flush()
+    }
+
+    func upstreamBecameWritable() {
+        self.resumeClientRead()
+    }
+
+    func upstreamClosed(_ connection: UpstreamConnection, error: (any Error)?) {
+        guard case .active(let exchange) = self.state, exchange.upstream === connection else { return }
+        exchange.upstream = nil
+        exchange.responseDeadline = nil
+        if exchange.responseEnded { return }
+        self.finishPick(exchange, .failure)
+        self.handle.metrics.error(.reset)
+        if exchange.responseHeadSent {
+            // Part of the response is out: all that can be done is to end the client connection too.
+            self.context?.close(promise: nil)
+            return
+        }
+        let retryable = HTTPProxy.isIdempotent(exchange.method) && !exchange.bodyBytesSent && !exchange.isUpgrade
+        if retryable {
+            self.retryOrFail(exchange, status: .badGateway, reason: "upstream connection reset")
+        } else {
+            self.fail(exchange, .badGateway, "upstream connection reset")
+        }
+    }
+
+    // MARK: endings
+
+    private func finishPick(_ exchange: Exchange, _ outcome: LoadBalancer.Outcome) {
+        guard exchange.pickInFlight, let pick = exchange.pick else { return }
+        exchange.pickInFlight = false
+        self.handle.finish(pick.id, outcome: outcome)
+    }
+
+    private func endAccounting(_ exchange: Exchange) {
+        exchange.responseDeadline = nil
+        self.handle.stats.activeRequests.subtract(1, ordering: .relaxed)
+        if exchange.inRetryBudget {
+            exchange.inRetryBudget = false
+            self.handle.stats.activeRetries.subtract(1, ordering: .relaxed)
+        }
+    }
+
+    private func finishIfDone(_ exchange: Exchange) {
+        guard exchange.requestEnded, exchange.responseEnded, let context = self.context else { return }
+        self.endAccounting(exchange)
+        self.finishPick(exchange, .neutral)
+        if let upstream = exchange.upstream {
+            exchange.upstream = nil
+            upstream.handler.owner = nil
+            if exchange.upstreamKeepAlive && exchange.requestSent,
+                let pool = self.environment.pools.pool(for: context.eventLoop)
+            {
+                pool.release(upstream)
+            } else {
+                upstream.channel.close(promise: nil)
+            }
+        }
+        if exchange.keepAlive {
+            self.becomeIdle()
+        } else {
+            self.state = .closed
+            context.close(promise: nil)
+        }
+    }
+
+    /// Answers the exchange with a short plain-text error (when no response has started) and ends it.
+    private func fail(_ exchange: Exchange, _ status: HTTPResponseStatus, _ reason: String) {
+        guard let context = self.context else { return }
+        self.endAccounting(exchange)
+        self.finishPick(exchange, .neutral)
+        if let upstream = exchange.upstream {
+            exchange.upstream = nil
+            upstream.handler.owner = nil
+            upstream.channel.close(promise: nil)
+        }
+        if exchange.responseHeadSent {
+            self.state = .closed
+            context.close(promise: nil)
+            return
+        }
+        // The rest of the request is read and dropped when it is small; a large one would cost more than a
+        // new connection: close instead.
+        let length = exchange.head.headers.first(name: "content-length").flatMap { Int($0) }
+        let smallRest = !exchange.head.headers.contains(name: "transfer-encoding") && (length ?? 0) <= 64 * 1024
+        let keepAlive = exchange.keepAlive && (exchange.requestEnded || smallRest)
+        exchange.responseHeadSent = true
+        exchange.responseEnded = true
+        Self.writeStatusResponse(
+            context: context,
+            status: status,
+            reason: reason,
+            keepAlive: keepAlive,
+            wrap: self.wrapOutboundOut
+        )
+        if !keepAlive {
+            self.state = .closed
+            self.pendingRead = false
+        } else if exchange.requestEnded {
+            self.becomeIdle()
+        } else {
+            self.state = .discarding
+            self.idleSince = .now()
+            self.resumeClientRead()
+        }
+    }
+
+    /// The client went away mid-exchange.
+    private func abandon(_ exchange: Exchange) {
+        self.endAccounting(exchange)
+        self.finishPick(exchange, .neutral)
+        if let upstream = exchange.upstream {
+            exchange.upstream = nil
+            upstream.handler.owner = nil
+            upstream.channel.close(promise: nil)
+        }
+    }
+
+    static func writeStatusResponse(
+        context: ChannelHandlerContext,
+        status: HTTPResponseStatus,
+        reason: String,
+        keepAlive: Bool,
+        wrap: (HTTPServerResponsePart) -> NIOAny
+    ) {
+        let body = ByteBuffer(string: "\(status.code) \(reason)\n")
+        var headers = HTTPHeaders()
+        headers.add(name: "content-type", value: "text/plain; charset=utf-8")
+        headers.add(name: "content-length", value: "\(body.readableBytes)")
+        headers.add(name: "connection", value: keepAlive ? "keep-alive" : "close")
+        context.write(wrap(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+        context.write(wrap(.body(.byteBuffer(body))), promise: nil)
+        let done = context.writeAndFlush(wrap(.end(nil)))
+        if !keepAlive {
+            done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        }
+    }
+
+    private func becomeIdle() {
+        self.state = .idle
+        self.idleSince = .now()
+    }
+
+    private func armTimer() {
+        guard let context = self.context else { return }
+        let c = self.configuration
+        let shortest = min(c.requestHeadTimeout, c.clientIdleTimeout, c.upstreamResponseTimeout)
+        let tick = TimeAmount.nanoseconds(max(shortest.nanoseconds / 4, TimeAmount.milliseconds(1).nanoseconds))
+        self.timer = context.eventLoop.assumeIsolated().scheduleTask(in: tick) { self.checkTimeouts() }
+    }
+
+    /// The connection timer: a request head too slow to come (or an idle keep-alive connection), a response
+    /// too slow to start (504), a request body that stalled.
+    private func checkTimeouts() {
+        guard let context = self.context else { return }
+        let now = NIODeadline.now()
+        let c = self.configuration
+        switch self.state {
+        case .idle, .discarding:
+            let limit = self.servedRequests == 0 ? c.requestHeadTimeout : c.clientIdleTimeout
+            if now - self.idleSince >= limit {
+                self.state = .closed
+                context.close(promise: nil)
+                return
+            }
+        case .active(let exchange):
+            if let deadline = exchange.responseDeadline, now >= deadline, !exchange.responseHeadSent {
+                self.handle.metrics.error(.timeout)
+                self.finishPick(exchange, .failure)
+                if let upstream = exchange.upstream {
+                    exchange.upstream = nil
+                    upstream.handler.owner = nil
+                    upstream.channel.close(promise: nil)
+                }
+                self.fail(exchange, .gatewayTimeout, "upstream response timeout")
+            } else if !exchange.requestEnded, now - self.lastClientRead >= c.clientIdleTimeout {
+                self.abandon(exchange)
+                self.state = .closed
+                context.close(promise: nil)
+                return
+            }
+        case .upgraded, .closed:
+            return
+        }
+        self.armTimer()
+    }
+
+    // MARK: upgrade
+
+    /// The backend accepted the upgrade: forward the 101, then turn both connections into a byte tunnel
+    /// (the TCP glue), leaving HTTP behind.
+    private func upgrade(_ exchange: Exchange, response: HTTPResponseHead, context: ChannelHandlerContext) {
+        guard let upstream = exchange.upstream else { return }
+        exchange.responseHeadSent = true
+        exchange.responseEnded = true
+        self.endAccounting(exchange)
+        var head = response
+        head.version = .http1_1
+        context.write(self.wrapOutboundOut(.head(head)), promise: nil)
+        context.writeAndFlush(self.wrapOutboundOut(.end(nil)), promise: nil)
+        self.state = .upgraded
+        exchange.upstream = nil
+        upstream.handler.owner = nil
+        self.environment.pools.pool(for: context.eventLoop)?.detach(upstream)
+
+        let meter = GlueMeter(handle: self.handle, counters: self.environment.counters)
+        let clientGlue = GlueHandler(side: .client, meter: meter)
+        let upstreamGlue = GlueHandler(side: .upstream, meter: meter)
+        let clientChannel = context.channel
+        let upstreamChannel = upstream.channel
+        if let pick = exchange.pick, exchange.pickInFlight {
+            // The tunnel keeps the backend busy until it closes.
+            exchange.pickInFlight = false
+            let handle = self.handle
+            upstreamChannel.closeFuture.whenComplete { _ in handle.finish(pick.id, outcome: .neutral) }
+        }
+        do {
+            try clientChannel.pipeline.syncOperations.addHandler(clientGlue)
+            try upstreamChannel.pipeline.syncOperations.addHandler(upstreamGlue)
+            GlueHandler.join(clientGlue, upstreamGlue)
+            let upstreamSync = upstreamChannel.pipeline.syncOperations
+            let upstreamHTTP: [any RemovableChannelHandler] = [
+                upstream.handler,
+                try upstreamSync.handler(type: HTTPRequestEncoder.self),
+                try upstreamSync.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self),
+            ]
+            for handler in upstreamHTTP { upstreamSync.removeHandler(handler, promise: nil) }
+            let clientSync = clientChannel.pipeline.syncOperations
+            clientSync.removeHandler(context: context, promise: nil)
+            for handler in self.httpHandlers.reversed() where !(handler is HTTPResponseEncoder) {
+                clientSync.removeHandler(handler, promise: nil)
+            }
+            if let encoder = self.httpHandlers.first(where: { $0 is HTTPResponseEncoder }) {
+                clientSync.removeHandler(encoder, promise: nil)
+            }
+        } catch {
+            self.environment.logger.debug("upgrade failed", metadata: ["error": "\(error)"])
+            clientChannel.close(promise: nil)
+            upstreamChannel.close(promise: nil)
+            return
+        }
+        IdleTimer.start(
+            on: clientChannel,
+            meter: meter,
+            timeout: self.environment.configuration.tcpIdleTimeout,
+            close: { clientGlue.close() }
+        )
+        clientChannel.read()
+        upstreamChannel.read()
+    }
+}
+
+extension Substring {
+    fileprivate var trimmingSpaces: Substring {
+        var s = self
+        while s.first == " " { s = s.dropFirst() }
+        while s.last == " " { s = s.dropLast() }
+        return s
+    }
+}

@@ -1,0 +1,265 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// Keep-alive upstream connections, one pool per event loop (a client connection only ever uses the pool of
+/// its own loop, so nothing here is shared between threads and no lock is taken on the request path).
+final class HTTPUpstreamPools: Sendable {
+    private let pools: [ObjectIdentifier: NIOLoopBoundBox<LoopPool>]
+    private let loops: [any EventLoop]
+
+    init(group: any EventLoopGroup, configuration: DataPlaneConfiguration, counters: DataPlaneCounters) {
+        var pools: [ObjectIdentifier: NIOLoopBoundBox<LoopPool>] = [:]
+        var loops: [any EventLoop] = []
+        for loop in group.makeIterator() {
+            loops.append(loop)
+            pools[ObjectIdentifier(loop)] = NIOLoopBoundBox.makeBoxSendingValue(
+                LoopPool(configuration: configuration, counters: counters),
+                eventLoop: loop
+            )
+        }
+        self.pools = pools
+        self.loops = loops
+    }
+
+    /// The pool of `loop`; call on that loop.
+    func pool(for loop: any EventLoop) -> LoopPool? {
+        self.pools[ObjectIdentifier(loop)]?.value
+    }
+
+    /// Closes every pooled connection and refuses to pool more (shutdown).
+    func closeAll() {
+        for loop in self.loops {
+            guard let box = self.pools[ObjectIdentifier(loop)] else { continue }
+            loop.execute { box.value.closeAll() }
+        }
+    }
+}
+
+/// One upstream HTTP/1.1 connection.
+final class UpstreamConnection {
+    let channel: any Channel
+    let handler: UpstreamHTTPHandler
+    let backend: BackendID
+    fileprivate var idleTimer: Scheduled<Void>?
+    fileprivate(set) var isIdle = false
+
+    init(channel: any Channel, handler: UpstreamHTTPHandler, backend: BackendID) {
+        self.channel = channel
+        self.handler = handler
+        self.backend = backend
+    }
+}
+
+/// The pool of one event loop: idle connections per backend (most recently used first) and a count of all
+/// connections per backend, bounded by `maxConnectionsPerBackend`.
+final class LoopPool {
+    private let configuration: DataPlaneConfiguration
+    private let counters: DataPlaneCounters
+    private var idle: [BackendID: [UpstreamConnection]] = [:]
+    private var total: [BackendID: Int] = [:]
+    private var closed = false
+
+    init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters) {
+        self.configuration = configuration
+        self.counters = counters
+    }
+
+    /// An idle, still open connection to `backend`, if any.
+    func takeIdle(_ backend: BackendID) -> UpstreamConnection? {
+        while var list = self.idle[backend], let connection = list.popLast() {
+            self.idle[backend] = list.isEmpty ? nil : list
+            connection.isIdle = false
+            connection.idleTimer?.cancel()
+            connection.idleTimer = nil
+            if connection.channel.isActive { return connection }
+        }
+        return nil
+    }
+
+    /// Whether one more connection to `backend` may be opened; if so, counts it.
+    func reserve(_ backend: BackendID) -> Bool {
+        guard !self.closed else { return false }
+        let n = self.total[backend, default: 0]
+        guard n < self.configuration.http.maxConnectionsPerBackend else { return false }
+        self.total[backend] = n + 1
+        return true
+    }
+
+    /// A reserved connection that did not come about (connect failed) or left the pool for good (closed,
+    /// upgraded to a tunnel).
+    func forget(_ backend: BackendID) {
+        let n = self.total[backend, default: 0] - 1
+        self.total[backend] = n > 0 ? n : nil
+    }
+
+    /// Opens a connection to `address`, counted against `backend` (the caller reserved it).
+    func connect(
+        to address: SocketAddress,
+        backend: BackendID,
+        on loop: any EventLoop
+    ) -> EventLoopFuture<UpstreamConnection> {
+        let configuration = self.configuration
+        let handler = UpstreamHTTPHandler()
+        let bound = NIOLoopBound(handler, eventLoop: loop)
+        return ClientBootstrap(group: loop)
+            .connectTimeout(configuration.connectTimeout)
+            .channelOption(
+                .writeBufferWaterMark,
+                value: .init(low: configuration.writeBufferLowWaterMark, high: configuration.writeBufferHighWaterMark)
+            )
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(HTTPRequestEncoder())
+                    try sync.addHandler(
+                        ByteToMessageHandler(
+                            HTTPResponseDecoder(
+                                leftOverBytesStrategy: .forwardBytes,
+                                informationalResponseStrategy: .forward
+                            )
+                        )
+                    )
+                    try sync.addHandler(bound.value)
+                }
+            }
+            .connect(to: address)
+            .assumeIsolated()
+            .map { channel in
+                self.counters.track(channel, upstream: true)
+                let connection = UpstreamConnection(channel: channel, handler: handler, backend: backend)
+                handler.connection = connection
+                handler.pool = self
+                return connection
+            }
+            .nonisolated()
+    }
+
+    /// Back into the pool after a complete exchange, or closed when the pool for it is full.
+    func release(_ connection: UpstreamConnection) {
+        connection.handler.owner = nil
+        guard !self.closed, connection.channel.isActive,
+            self.idle[connection.backend, default: []].count < self.configuration.http.maxIdleConnectionsPerBackend
+        else {
+            connection.channel.close(promise: nil)
+            return
+        }
+        connection.isIdle = true
+        self.idle[connection.backend, default: []].append(connection)
+        connection.idleTimer = connection.channel.eventLoop.assumeIsolated().scheduleTask(
+            in: self.configuration.http.upstreamIdleTimeout
+        ) {
+            connection.channel.close(promise: nil)
+        }
+    }
+
+    /// A connection closed: out of the idle list and the count.
+    func closed(_ connection: UpstreamConnection) {
+        connection.idleTimer?.cancel()
+        connection.idleTimer = nil
+        if connection.isIdle, var list = self.idle[connection.backend] {
+            list.removeAll { $0 === connection }
+            self.idle[connection.backend] = list.isEmpty ? nil : list
+        }
+        connection.isIdle = false
+        self.forget(connection.backend)
+    }
+
+    /// A connection taken out of HTTP use for good (upgraded to a tunnel): no longer counted here.
+    func detach(_ connection: UpstreamConnection) {
+        connection.handler.pool = nil
+        self.forget(connection.backend)
+    }
+
+    func closeAll() {
+        self.closed = true
+        let all = self.idle.values.flatMap { $0 }
+        self.idle = [:]
+        for connection in all { connection.channel.close(promise: nil) }
+    }
+}
+
+/// The last handler of an upstream connection: hands response parts to the client connection that owns the
+/// exchange, and holds reading while that client cannot take more.
+final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundIn = HTTPClientRequestPart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    /// The client-side handler whose request this connection carries; nil while idle in the pool.
+    var owner: HTTPProxyHandler?
+    weak var connection: UpstreamConnection?
+    var pool: LoopPool?
+    private var context: ChannelHandlerContext?
+    private var pendingRead = false
+    private(set) var lastError: (any Error)?
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func write(_ part: HTTPClientRequestPart) {
+        self.context?.write(self.wrapOutboundOut(part), promise: nil)
+    }
+
+    func flush() {
+        self.context?.flush()
+    }
+
+    var isWritable: Bool { self.context?.channel.isWritable ?? false }
+
+    func resumeRead() {
+        if self.pendingRead, let context = self.context {
+            self.pendingRead = false
+            context.read()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let owner = self.owner, let connection = self.connection else {
+            // A response nobody asked for (or after the exchange ended): the connection is unusable.
+            context.close(promise: nil)
+            return
+        }
+        owner.upstreamRead(self.unwrapInboundIn(data), from: connection)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.owner?.upstreamReadComplete()
+        context.fireChannelReadComplete()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let connection = self.connection {
+            self.pool?.closed(connection)
+            self.pool = nil
+            if let owner = self.owner {
+                self.owner = nil
+                owner.upstreamClosed(connection, error: self.lastError)
+            }
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.lastError = error
+        context.close(promise: nil)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { self.owner?.upstreamBecameWritable() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if let owner = self.owner, !owner.clientIsWritable {
+            self.pendingRead = true
+        } else {
+            context.read()
+        }
+    }
+}

@@ -1,0 +1,183 @@
+import CoreMetrics
+import MeshCore
+import NIOCore
+import Synchronization
+
+/// In-process counters of one route, read by `snapshot()`.
+final class RouteStats: Sendable {
+    let activeConnections = Atomic<Int>(0)
+    let totalConnections = Atomic<Int>(0)
+    let requests = Atomic<Int>(0)
+    let failures = Atomic<Int>(0)
+    let retries = Atomic<Int>(0)
+    /// Client to backend.
+    let bytesIn = Atomic<Int>(0)
+    /// Backend to client.
+    let bytesOut = Atomic<Int>(0)
+    /// HTTP requests and retries in flight (the retry budget is a share of the first).
+    let activeRequests = Atomic<Int>(0)
+    let activeRetries = Atomic<Int>(0)
+}
+
+/// The swift-metrics instruments of one route, labelled by service, listener and protocol.
+struct RouteMetrics: Sendable {
+    enum ErrorKind: String, CaseIterable, Sendable {
+        case connectFailure = "connect_failure"
+        case noBackend = "no_backend"
+        case timeout
+        case reset
+        case badRequest = "bad_request"
+        case overflow
+    }
+
+    let connections: Counter
+    let activeConnections: Meter
+    let requests: Counter
+    let bytesIn: Counter
+    let bytesOut: Counter
+    let upstreamLatency: CoreMetrics.Timer
+    private let errors: [Counter]
+
+    init(service: ServiceKey, listener: ListenerKey, proto: RouteProtocol, factory: any MetricsFactory) {
+        let dims = [("service", service.description), ("listener", listener.description), ("proto", proto.rawValue)]
+        self.connections = Counter(label: "mesh_proxy_connections_total", dimensions: dims, factory: factory)
+        self.activeConnections = Meter(label: "mesh_proxy_active_connections", dimensions: dims, factory: factory)
+        self.requests = Counter(label: "mesh_proxy_requests_total", dimensions: dims, factory: factory)
+        self.bytesIn = Counter(label: "mesh_proxy_bytes_in_total", dimensions: dims, factory: factory)
+        self.bytesOut = Counter(label: "mesh_proxy_bytes_out_total", dimensions: dims, factory: factory)
+        self.upstreamLatency = CoreMetrics.Timer(
+            label: "mesh_proxy_upstream_latency_seconds",
+            dimensions: dims,
+            factory: factory
+        )
+        self.errors = ErrorKind.allCases.map {
+            Counter(label: "mesh_proxy_errors_total", dimensions: dims + [("kind", $0.rawValue)], factory: factory)
+        }
+    }
+
+    func error(_ kind: ErrorKind) {
+        self.errors[ErrorKind.allCases.firstIndex(of: kind)!].increment()
+    }
+}
+
+/// A backend chosen for one connection or request.
+struct Pick: Sendable {
+    var id: BackendID
+    var address: SocketAddress
+}
+
+/// The live state of one listener's route: its balancer behind a mutex (event loops of every thread pick
+/// from it), counters and metrics. `apply` swaps the route and balancer in place, so connections that hold
+/// the handle keep working and report to the new balancer.
+final class RouteHandle: Sendable {
+    let key: ListenerKey
+    let service: ServiceKey
+    let stats = RouteStats()
+    let metrics: RouteMetrics
+
+    private struct State {
+        var route: Route
+        var balancer: LoadBalancer
+    }
+
+    private let state: Mutex<State>
+
+    init(route: Route, localSite: String?, outlier: OutlierConfiguration, metricsFactory: any MetricsFactory) {
+        self.key = route.listenerKey
+        self.service = route.service
+        self.metrics = RouteMetrics(
+            service: route.service,
+            listener: route.listenerKey,
+            proto: route.proto,
+            factory: metricsFactory
+        )
+        let balancer = LoadBalancer(
+            backends: route.backends,
+            policy: route.policy,
+            localSite: localSite,
+            outlier: outlier
+        )
+        self.state = Mutex(State(route: route, balancer: balancer))
+    }
+
+    /// Replaces backends and policy; per-backend health and in-flight counts carry over by `ip:port`.
+    func update(route: Route, localSite: String?, outlier: OutlierConfiguration) {
+        self.state.withLock { state in
+            let balancer = LoadBalancer(
+                backends: route.backends,
+                policy: route.policy,
+                localSite: localSite,
+                outlier: outlier,
+                previous: state.balancer
+            )
+            state = State(route: route, balancer: balancer)
+        }
+    }
+
+    var route: Route { self.state.withLock { $0.route } }
+
+    var proto: RouteProtocol { self.state.withLock { $0.route.proto } }
+
+    var policy: BalancerPolicy { self.state.withLock { $0.route.policy } }
+
+    func pick(hash: UInt64 = 0, excluding: [BackendID] = []) -> Pick? {
+        let now = NIODeadline.now()
+        return self.state.withLock { state -> Pick? in
+            guard let i = state.balancer.pick(hash: hash, excluding: excluding, now: now) else { return nil }
+            let slot = state.balancer.slot(i)
+            return slot.address.map { Pick(id: slot.id, address: $0) }
+        }
+    }
+
+    func finish(_ id: BackendID, outcome: LoadBalancer.Outcome) {
+        let now = NIODeadline.now()
+        self.state.withLock { $0.balancer.finish(id, outcome: outcome, now: now) }
+        if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
+    }
+
+    func report(_ id: BackendID, outcome: LoadBalancer.Outcome) {
+        let now = NIODeadline.now()
+        self.state.withLock { $0.balancer.report(id, outcome: outcome, now: now) }
+        if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
+    }
+
+    func connectionOpened() {
+        self.stats.activeConnections.add(1, ordering: .relaxed)
+        self.stats.totalConnections.add(1, ordering: .relaxed)
+        self.metrics.connections.increment()
+        self.metrics.activeConnections.increment()
+    }
+
+    func connectionClosed() {
+        self.stats.activeConnections.subtract(1, ordering: .relaxed)
+        self.metrics.activeConnections.decrement()
+    }
+
+    func countBytes(fromClient: Int, toClient: Int) {
+        if fromClient > 0 {
+            self.stats.bytesIn.add(fromClient, ordering: .relaxed)
+            self.metrics.bytesIn.increment(by: fromClient)
+        }
+        if toClient > 0 {
+            self.stats.bytesOut.add(toClient, ordering: .relaxed)
+            self.metrics.bytesOut.increment(by: toClient)
+        }
+    }
+
+    func snapshot(listening: Bool, error: String?) -> RouteSnapshot {
+        let now = NIODeadline.now()
+        let (route, slots) = self.state.withLock { state -> (Route, [LoadBalancer.Slot]) in
+            _ = state.balancer.eligible(now: now)  // lets due recoveries happen before reading
+            return (state.route, state.balancer.slots)
+        }
+        return RouteSnapshot(
+            route: route,
+            listening: listening,
+            error: error,
+            stats: self.stats,
+            backends: slots.map { BackendSnapshot(slot: $0, now: now) }
+        )
+    }
+}
+
+extension LoadBalancer.Outcome: Equatable {}

@@ -1,0 +1,172 @@
+import MeshCore
+
+// The data plane's input contract. The control plane's Service / Endpoints objects are mapped into these
+// plain values by the agent; nothing here knows about the control API.
+
+/// A service's identity: `namespace/name`.
+public struct ServiceKey: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public var namespace: String
+    public var name: String
+
+    public init(namespace: String, name: String) {
+        self.namespace = namespace
+        self.name = name
+    }
+
+    public var description: String { "\(self.namespace)/\(self.name)" }
+
+    public static func < (lhs: ServiceKey, rhs: ServiceKey) -> Bool {
+        (lhs.namespace, lhs.name) < (rhs.namespace, rhs.name)
+    }
+}
+
+/// How a VIP:port is proxied.
+public enum RouteProtocol: String, Sendable, Hashable, CaseIterable {
+    /// L4 TCP: one upstream connection per client connection, bytes spliced both ways.
+    case tcp
+    /// L4 UDP: one upstream flow per client address.
+    case udp
+    /// L7 HTTP/1.1: requests balanced one by one over pooled upstream connections.
+    case http
+
+    /// The socket type the listener binds (`http` listens on TCP).
+    var isDatagram: Bool { self == .udp }
+}
+
+/// Where a consistent-hash policy takes its key from.
+public enum HashKey: Sendable, Hashable {
+    /// The value of this request header (case-insensitive name). HTTP only.
+    case header(String)
+    /// The value of this cookie. HTTP only.
+    case cookie(String)
+    /// The client's IP address (all protocols).
+    case sourceIP
+}
+
+/// How a route picks a backend for each connection (L4) or request (HTTP).
+public enum BalancerPolicy: Sendable, Hashable, CustomStringConvertible {
+    /// Smooth weighted round robin (nginx's algorithm): exact distribution by weight.
+    case roundRobin
+    /// Weighted random.
+    case random
+    /// Power of two choices over in-flight requests divided by weight.
+    case leastRequest
+    /// Maglev consistent hashing on the key; a missing header or cookie falls back to the source IP.
+    case consistentHash(HashKey)
+
+    public var description: String {
+        switch self {
+        case .roundRobin: return "roundRobin"
+        case .random: return "random"
+        case .leastRequest: return "leastRequest"
+        case .consistentHash(.header(let h)): return "consistentHash(header:\(h))"
+        case .consistentHash(.cookie(let c)): return "consistentHash(cookie:\(c))"
+        case .consistentHash(.sourceIP): return "consistentHash(sourceIP)"
+        }
+    }
+}
+
+/// One endpoint of a service.
+public struct Backend: Sendable, Hashable {
+    public var ip: IPAddress
+    public var port: Int
+    /// The node the endpoint runs on, when known.
+    public var node: String?
+    /// The site (edge location) of that node; compared with `RouteTable.localSite` for locality.
+    public var site: String?
+    /// Relative weight, at least 1 (smaller values are treated as 1).
+    public var weight: Int
+    /// Whether the endpoint passes its readiness check; not-ready endpoints get no traffic.
+    public var ready: Bool
+
+    public init(
+        ip: IPAddress,
+        port: Int,
+        node: String? = nil,
+        site: String? = nil,
+        weight: Int = 1,
+        ready: Bool = true
+    ) {
+        self.ip = ip
+        self.port = port
+        self.node = node
+        self.site = site
+        self.weight = weight
+        self.ready = ready
+    }
+
+    /// The identity that per-backend state (health, in-flight counts) is kept under across table changes.
+    var id: BackendID { BackendID(ip: self.ip, port: self.port) }
+}
+
+/// `ip:port` of a backend: per-backend state survives a table change when this stays the same.
+public struct BackendID: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public var ip: IPAddress
+    public var port: Int
+
+    public init(ip: IPAddress, port: Int) {
+        self.ip = ip
+        self.port = port
+    }
+
+    public var description: String { self.ip.isIPv4 ? "\(self.ip):\(self.port)" : "[\(self.ip)]:\(self.port)" }
+
+    public static func < (lhs: BackendID, rhs: BackendID) -> Bool { (lhs.ip, lhs.port) < (rhs.ip, rhs.port) }
+}
+
+/// One VIP:port of one service and where its traffic goes.
+public struct Route: Sendable, Hashable {
+    public var service: ServiceKey
+    public var vip: IPAddress
+    public var port: Int
+    public var proto: RouteProtocol
+    public var policy: BalancerPolicy
+    public var backends: [Backend]
+
+    public init(
+        service: ServiceKey,
+        vip: IPAddress,
+        port: Int,
+        proto: RouteProtocol = .tcp,
+        policy: BalancerPolicy = .roundRobin,
+        backends: [Backend]
+    ) {
+        self.service = service
+        self.vip = vip
+        self.port = port
+        self.proto = proto
+        self.policy = policy
+        self.backends = backends
+    }
+
+    /// The listener this route needs: TCP and HTTP share the stream socket kind, UDP has its own.
+    var listenerKey: ListenerKey { ListenerKey(vip: self.vip, port: self.port, datagram: self.proto.isDatagram) }
+}
+
+/// Everything the data plane should serve: the whole table, applied at once by `DataPlane.apply`.
+public struct RouteTable: Sendable, Hashable {
+    public var routes: [Route]
+    /// This agent's site: backends of the same site are preferred while any of them is healthy.
+    public var localSite: String?
+
+    public init(routes: [Route] = [], localSite: String? = nil) {
+        self.routes = routes
+        self.localSite = localSite
+    }
+}
+
+/// One bound socket: VIP, port and socket kind.
+struct ListenerKey: Hashable, Sendable, Comparable, CustomStringConvertible {
+    var vip: IPAddress
+    var port: Int
+    var datagram: Bool
+
+    var description: String {
+        let host = self.vip.isIPv4 ? "\(self.vip)" : "[\(self.vip)]"
+        return "\(host):\(self.port)/\(self.datagram ? "udp" : "tcp")"
+    }
+
+    static func < (lhs: ListenerKey, rhs: ListenerKey) -> Bool {
+        (lhs.vip, lhs.port, lhs.datagram ? 1 : 0) < (rhs.vip, rhs.port, rhs.datagram ? 1 : 0)
+    }
+}

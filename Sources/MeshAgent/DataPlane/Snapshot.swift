@@ -1,0 +1,88 @@
+import MeshCore
+import NIOCore
+
+/// What `DataPlane.snapshot()` returns: every route's listener, counters and backends (for `/routes`).
+public struct DataPlaneSnapshot: Sendable, Hashable, Codable {
+    /// `loopback` or `meshInterface(<name>)`; `pending` before the first `apply` or `run`.
+    public var mode: String
+    /// Channels (client and upstream side) the data plane has open right now.
+    public var openChannels: Int
+    public var routes: [RouteSnapshot]
+}
+
+public struct RouteSnapshot: Sendable, Hashable, Codable {
+    public var namespace: String
+    public var service: String
+    public var vip: String
+    public var port: Int
+    public var proto: String
+    public var policy: String
+    /// Whether the listener is bound; false with `error` set when binding failed.
+    public var listening: Bool
+    public var error: String?
+    public var activeConnections: Int
+    public var totalConnections: Int
+    public var requests: Int
+    public var failures: Int
+    public var retries: Int
+    public var bytesIn: Int
+    public var bytesOut: Int
+    public var backends: [BackendSnapshot]
+
+    init(route: Route, listening: Bool, error: String?, stats: RouteStats?, backends: [BackendSnapshot]) {
+        self.namespace = route.service.namespace
+        self.service = route.service.name
+        self.vip = route.vip.description
+        self.port = route.port
+        self.proto = route.proto.rawValue
+        self.policy = route.policy.description
+        self.listening = listening
+        self.error = error
+        self.activeConnections = stats?.activeConnections.load(ordering: .relaxed) ?? 0
+        self.totalConnections = stats?.totalConnections.load(ordering: .relaxed) ?? 0
+        self.requests = stats?.requests.load(ordering: .relaxed) ?? 0
+        self.failures = stats?.failures.load(ordering: .relaxed) ?? 0
+        self.retries = stats?.retries.load(ordering: .relaxed) ?? 0
+        self.bytesIn = stats?.bytesIn.load(ordering: .relaxed) ?? 0
+        self.bytesOut = stats?.bytesOut.load(ordering: .relaxed) ?? 0
+        self.backends = backends
+    }
+}
+
+public struct BackendSnapshot: Sendable, Hashable, Codable {
+    public var ip: String
+    public var port: Int
+    public var node: String?
+    public var site: String?
+    public var weight: Int
+    public var ready: Bool
+    /// Ready and not ejected.
+    public var healthy: Bool
+    public var ejected: Bool
+    /// Seconds left in the current ejection.
+    public var ejectedForSeconds: Double?
+    public var ejections: Int
+    public var consecutiveFailures: Int
+    /// Connections (L4) or requests (HTTP) on it now.
+    public var active: Int
+    /// Connections or requests sent to it so far.
+    public var total: Int
+    public var failures: Int
+
+    init(slot: LoadBalancer.Slot, now: NIODeadline) {
+        self.ip = slot.backend.ip.description
+        self.port = slot.backend.port
+        self.node = slot.backend.node
+        self.site = slot.backend.site
+        self.weight = slot.weight
+        self.ready = slot.backend.ready
+        self.healthy = slot.usable
+        self.ejected = slot.outlier.isEjected
+        self.ejectedForSeconds = slot.outlier.ejectedUntil.map { Double(($0 - now).nanoseconds) / 1e9 }
+        self.ejections = slot.outlier.ejections
+        self.consecutiveFailures = slot.outlier.consecutiveFailures
+        self.active = slot.inFlight
+        self.total = slot.picks
+        self.failures = slot.failures
+    }
+}

@@ -1,0 +1,174 @@
+import NIOCore
+
+/// One side of two channels spliced together on the same event loop. What one side reads is written to the
+/// other and flushed at the end of each read burst; while the other side is not writable (its write buffer
+/// is above the high water mark) this side stops reading, and it resumes when the other side becomes
+/// writable again, so the bytes held per connection stay bounded by the water marks. An EOF on one side
+/// becomes a half-close (`shutdown(SHUT_WR)`, after the pending writes) on the other; NIO closes a channel
+/// fully once both of its directions are shut. Any error or close tears both down.
+final class GlueHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum Side {
+        case client
+        case upstream
+    }
+
+    let side: Side
+    private let meter: GlueMeter
+    private var partner: GlueHandler?
+    private var context: ChannelHandlerContext?
+    /// The channel asked to read while the partner could not take more (or was not there yet).
+    private var pendingRead = false
+    private(set) var closed = false
+    private var unreportedBytes = 0
+
+    init(side: Side, meter: GlueMeter) {
+        self.side = side
+        self.meter = meter
+    }
+
+    /// Joins the pair; reads held while the partner was missing start now.
+    static func join(_ a: GlueHandler, _ b: GlueHandler) {
+        a.partner = b
+        b.partner = a
+        a.partnerBecameWritable()
+        b.partnerBecameWritable()
+    }
+
+    // MARK: called by the partner
+
+    private func partnerWrite(_ data: NIOAny) {
+        self.context?.write(data, promise: nil)
+    }
+
+    private func partnerFlush() {
+        guard let context = self.context else { return }
+        context.flush()
+        if let buffered = try? context.channel.syncOptions?.getOption(.bufferedWritableBytes) {
+            self.meter.counters.noteBuffered(buffered)
+        }
+    }
+
+    private func partnerWriteEOF() {
+        self.context?.close(mode: .output, promise: nil)
+    }
+
+    private func partnerClosed() {
+        self.partner = nil
+        self.context?.close(promise: nil)
+    }
+
+    private func partnerBecameWritable() {
+        if self.pendingRead, let context = self.context {
+            self.pendingRead = false
+            context.read()
+        }
+    }
+
+    private var isWritable: Bool { self.context?.channel.isWritable ?? false }
+
+    /// Closes this side (and, through channelInactive, the partner).
+    func close() {
+        self.context?.close(promise: nil)
+    }
+
+    // MARK: ChannelDuplexHandler
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.closed = true
+        self.context = nil
+        self.partner = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.unreportedBytes &+= self.unwrapInboundIn(data).readableBytes
+        self.partner?.partnerWrite(data)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.partner?.partnerFlush()
+        self.meter.activity = .now()
+        self.reportBytes()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.closed = true
+        self.reportBytes()
+        if let partner = self.partner {
+            self.partner = nil
+            partner.partnerClosed()
+        }
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            self.partner?.partnerWriteEOF()
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.meter.error(error, side: self.side)
+        context.close(promise: nil)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            self.partner?.partnerBecameWritable()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if let partner = self.partner, partner.isWritable {
+            context.read()
+        } else {
+            self.pendingRead = true
+        }
+    }
+
+    private func reportBytes() {
+        guard self.unreportedBytes > 0 else { return }
+        switch self.side {
+        case .client: self.meter.handle.countBytes(fromClient: self.unreportedBytes, toClient: 0)
+        case .upstream: self.meter.handle.countBytes(fromClient: 0, toClient: self.unreportedBytes)
+        }
+        self.unreportedBytes = 0
+    }
+}
+
+/// What the two glue handlers of one connection share: the route's counters and the last activity (for the
+/// idle timeout). Lives on the connection's event loop.
+final class GlueMeter {
+    let handle: RouteHandle
+    let counters: DataPlaneCounters
+    var activity: NIODeadline = .now()
+    private var errorReported = false
+
+    init(handle: RouteHandle, counters: DataPlaneCounters) {
+        self.handle = handle
+        self.counters = counters
+    }
+
+    func error(_ error: any Error, side: GlueHandler.Side) {
+        guard !self.errorReported else { return }
+        self.errorReported = true
+        if let e = error as? IOError, e.errnoCode == ECONNRESET || e.errnoCode == EPIPE {
+            self.handle.metrics.error(.reset)
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif

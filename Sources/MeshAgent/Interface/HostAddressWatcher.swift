@@ -1,0 +1,175 @@
+import CNetlink
+import Logging
+import MeshCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// An address appearing on or leaving one of the host's interfaces.
+public struct HostAddressEvent: Sendable, Hashable, CustomStringConvertible {
+    public enum Kind: String, Sendable, Hashable {
+        case added
+        case removed
+    }
+
+    public var kind: Kind
+    public var address: IPAddress
+    public var prefixLength: Int
+    public var interfaceIndex: Int32
+
+    public var description: String {
+        "\(self.kind.rawValue) \(self.address)/\(self.prefixLength) if\(self.interfaceIndex)"
+    }
+}
+
+/// Watches the host's addresses over netlink (RTNLGRP_IPV4_IFADDR / RTNLGRP_IPV6_IFADDR) on a dedicated
+/// thread. The stream starts with an `added` event per address present, then follows changes; it finishes
+/// when the consumer stops iterating (or on a netlink error).
+public enum HostAddressWatcher {
+    public static func events(logger: Logger) throws(NetlinkError) -> AsyncStream<HostAddressEvent> {
+        let sock = try NetlinkSocket()
+        nl_socket_disable_seq_check(sock.raw)
+        for group in [RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR] {
+            let rc = nl_socket_add_membership(sock.raw, Int32(group.rawValue))
+            guard rc == 0 else { throw NetlinkError("subscribe to address changes", code: rc) }
+        }
+        _ = nl_socket_set_nonblocking(sock.raw)
+        // The snapshot comes after subscribing so that nothing falls in between (duplicates may).
+        let initial = try MeshInterface.addresses(sock: try NetlinkSocket())
+        var pipeFDs: [Int32] = [-1, -1]
+        guard pipe(&pipeFDs) == 0 else { throw NetlinkError("pipe", code: NLE_FAILURE) }
+        let (stream, continuation) = AsyncStream.makeStream(of: HostAddressEvent.self)
+        for event in initial { continuation.yield(event) }
+        let stop = pipeFDs[1]
+        continuation.onTermination = { _ in
+            var one: UInt8 = 1
+            _ = write(stop, &one, 1)
+        }
+        let reader = WatchLoop(socket: sock, wake: pipeFDs[0], stopWriter: stop, continuation: continuation)
+        DedicatedThread.start(name: "mesh-netlink-watch") { reader.run(logger: logger) }
+        return stream
+    }
+
+    /// Owns the watch socket on its thread.
+    private final class WatchLoop: Sendable {
+        /// Held by the dedicated thread for as long as it runs (its only user).
+        let socket: Mutex<NetlinkSocket>
+        let wake: Int32
+        let stopWriter: Int32
+        let continuation: AsyncStream<HostAddressEvent>.Continuation
+
+        init(
+            socket: consuming sending NetlinkSocket,
+            wake: Int32,
+            stopWriter: Int32,
+            continuation: AsyncStream<HostAddressEvent>.Continuation
+        ) {
+            self.socket = Mutex(socket)
+            self.wake = wake
+            self.stopWriter = stopWriter
+            self.continuation = continuation
+        }
+
+        func run(logger: Logger) {
+            self.socket.withLock { sock in self.loop(sock, logger: logger) }
+            close(self.wake)
+            close(self.stopWriter)
+            self.continuation.finish()
+        }
+
+        private func loop(_ sock: NetlinkSocket, logger: Logger) {
+            let context = Unmanaged.passUnretained(self).toOpaque()
+            nl_socket_modify_cb(
+                sock.raw,
+                NL_CB_VALID,
+                NL_CB_CUSTOM,
+                { msg, arg in
+                    guard let msg, let arg else { return Int32(NL_OK.rawValue) }
+                    let loop = Unmanaged<WatchLoop>.fromOpaque(arg).takeUnretainedValue()
+                    if let event = HostAddressWatcher.parse(msg) { loop.continuation.yield(event) }
+                    return Int32(NL_OK.rawValue)
+                },
+                context
+            )
+            var fds = [
+                pollfd(fd: sock.fileDescriptor, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: self.wake, events: Int16(POLLIN), revents: 0),
+            ]
+            while true {
+                let n = poll(&fds, 2, -1)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    break
+                }
+                if fds[1].revents != 0 { break }
+                if fds[0].revents != 0 {
+                    let rc = nl_recvmsgs_default(sock.raw)
+                    if rc < 0 && abs(rc) != NLE_AGAIN {
+                        logger.warning(
+                            "host address watch stopped",
+                            metadata: ["error": "\(NetlinkError("recv", code: rc))"]
+                        )
+                        break
+                    }
+                }
+            }
+        }
+    }
+
+    fileprivate static func parse(_ msg: OpaquePointer) -> HostAddressEvent? {
+        guard let header = nlmsg_hdr(msg) else { return nil }
+        let type = Int32(header.pointee.nlmsg_type)
+        let kind: HostAddressEvent.Kind
+        switch type {
+        case Int32(RTM_NEWADDR): kind = .added
+        case Int32(RTM_DELADDR): kind = .removed
+        default: return nil
+        }
+        guard let data = nlmsg_data(header) else { return nil }
+        let ifa = data.assumingMemoryBound(to: ifaddrmsg.self).pointee
+        let headerLength = Int32(MemoryLayout<ifaddrmsg>.size)
+        let attribute =
+            nlmsg_find_attr(header, headerLength, Int32(IFA_LOCAL))
+            ?? nlmsg_find_attr(header, headerLength, Int32(IFA_ADDRESS))
+        guard let attribute, let payload = nla_data(attribute) else { return nil }
+        let bytes = UnsafeRawBufferPointer(start: payload, count: Int(nla_len(attribute)))
+        guard let address = IPAddress(bytes: bytes) else { return nil }
+        return HostAddressEvent(
+            kind: kind,
+            address: address,
+            prefixLength: Int(ifa.ifa_prefixlen),
+            interfaceIndex: Int32(bitPattern: ifa.ifa_index)
+        )
+    }
+}
+
+extension MeshInterface {
+    /// Every address of the namespace, as `added` events.
+    static func addresses(sock: NetlinkSocket) throws(NetlinkError) -> [HostAddressEvent] {
+        var cache: OpaquePointer?
+        let rc = rtnl_addr_alloc_cache(sock.raw, &cache)
+        guard rc == 0, let cache else { throw NetlinkError("list addresses", code: rc) }
+        defer { nl_cache_free(cache) }
+        var result: [HostAddressEvent] = []
+        var object = nl_cache_get_first(cache)
+        while let obj = object {
+            let addr = obj
+            if let local = rtnl_addr_get_local(addr), let ip = IPAddress(netlink: local) {
+                result.append(
+                    HostAddressEvent(
+                        kind: .added,
+                        address: ip,
+                        prefixLength: Int(rtnl_addr_get_prefixlen(addr)),
+                        interfaceIndex: rtnl_addr_get_ifindex(addr)
+                    )
+                )
+            }
+            object = nl_cache_get_next(obj)
+        }
+        return result
+    }
+}

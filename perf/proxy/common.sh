@@ -1,0 +1,72 @@
+# Shared by perf/proxy/bulk and perf/proxy/latency (sourced). Builds the bench tool, starts processes that
+# are stopped on exit (by their PIDs), and cleans up the namespaces a run created.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+OUT="$ROOT/perf/out/proxy"
+mkdir -p "$OUT"
+PIDS=()
+NAMESPACES=()
+
+cleanup() {
+  for pid in "${PIDS[@]:-}"; do [[ -n "$pid" ]] && kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]:-}"; do [[ -n "$pid" ]] && wait "$pid" 2>/dev/null || true; done
+  for ns in "${NAMESPACES[@]:-}"; do [[ -n "$ns" ]] && ip netns del "$ns" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+need_haproxy() {
+  if ! command -v haproxy >/dev/null; then "$ROOT/scripts/bootstrap" --perf; fi
+}
+
+build_bench() {
+  (cd "$HERE" && swift build -c release --product mesh-proxy-bench 2>&1 | grep -E "error|warning: .*swift" || true)
+  BIN="$HERE/.build/release/mesh-proxy-bench"
+  [[ -x "$BIN" ]] || { echo "build failed" >&2; exit 1; }
+}
+
+# start LOGNAME CMD...: runs CMD in the background, output to $OUT/LOGNAME.log; its PID in $LAST_PID.
+start() {
+  local name=$1; shift
+  "$@" >"$OUT/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# wait_port [NETNS] HOST PORT: until something accepts there (10 s).
+wait_port() {
+  local ns="" host port
+  if [[ $# -eq 3 ]]; then ns=$1; shift; fi
+  host=$1; port=$2
+  for _ in $(seq 1 200); do
+    if [[ -n "$ns" ]]; then
+      ip netns exec "$ns" bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null && return 0
+    else
+      bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null && return 0
+    fi
+    sleep 0.05
+  done
+  echo "nothing listens on $host:$port" >&2; exit 1
+}
+
+# haproxy_config FILE MODE LISTEN BACKEND: one frontend, one server, one thread (as our proxy).
+haproxy_config() {
+  cat >"$1" <<CFG
+global
+  nbthread 1
+  maxconn 1000
+defaults
+  mode $2
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend f
+  bind $3
+  default_backend b
+backend b
+  server s1 $4
+CFG
+}
+
+# The PID of the process a `ip netns exec ... CMD` wrapper became (exec replaces it, so the same PID).
