@@ -1,5 +1,6 @@
 import Control
 import Logging
+import MeshAgent
 import MeshCore
 import ServiceLifecycle
 
@@ -8,6 +9,10 @@ import ServiceLifecycle
 public struct AllInOne: Sendable {
     public var dataDir: String = StatePaths.defaultDataDir()
     public var controlListen: String = "127.0.0.1:7700"
+    public var dnsListen: String = "127.0.0.1:5353"
+    public var adminListen: String = "127.0.0.1:7780"
+    /// Start an agent beside the control plane (off: control plane only).
+    public var withAgent = true
     public var logLevel: Logger.Level = .info
 
     public init() {}
@@ -21,18 +26,32 @@ public struct AllInOne: Sendable {
         return c
     }
 
+    /// The agent's configuration for the all-in-one: loopback mode, talking to the local control plane.
+    public var agentConfig: AgentConfig {
+        var c = AgentConfig()
+        c.controlServer = "http://\(self.controlListen)"
+        c.dataDir = self.dataDir + "/agent"
+        c.dnsListen = self.dnsListen
+        c.adminListen = self.adminListen
+        c.interfaceMode = .loopback
+        c.logLevel = self.logLevel.rawValue
+        return c
+    }
+
     /// Runs every component until SIGINT or SIGTERM, then stops them cleanly.
     public func run() async throws {
         let logger = Logger(label: "meshctl-up")
         let control = ControlServer(config: self.controlConfig, logger: Logger(label: "mesh-control"))
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: control)]
+        if self.withAgent {
+            services.append(.init(service: AgentServer(config: self.agentConfig, logger: Logger(label: "mesh-agent"))))
+        }
         let group = ServiceGroup(
-            configuration: .init(
-                services: [.init(service: control)],
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger
-            )
+            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         )
-        logger.info("all-in-one mesh starting: control API on http://\(self.controlListen), data in \(self.dataDir)")
+        logger.info(
+            "all-in-one mesh starting: control API on http://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), data in \(self.dataDir)"
+        )
         try await group.run()
         logger.info("all-in-one mesh stopped")
     }

@@ -3,6 +3,10 @@ import NIOHTTP1
 import NIOPosix
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Where a server is: `http://host:port`.
 public struct HTTPEndpoint: Sendable, Hashable, CustomStringConvertible {
     public var host: String
@@ -98,10 +102,20 @@ public struct HTTPClient: Sendable {
         }
     }
 
+    /// A short reason: "connection refused", "timed out", not NIO's nested error dump.
     static func describe(_ error: any Error) -> String {
-        if let e = error as? IOError { return e.description }
-        if error is ChannelError { return "\(error)" }
-        return "\(error)"
+        switch error {
+        case let e as NIOConnectionError:
+            if let first = e.connectionErrors.first { return Self.describe(first.error) }
+            if let dns = e.dnsAError ?? e.dnsAAAAError { return "cannot resolve \(e.host): \(dns)" }
+            return "cannot connect to \(e.host):\(e.port)"
+        case let e as IOError:
+            return String(cString: strerror(e.errnoCode)).lowercased()
+        case ChannelError.connectTimeout:
+            return "timed out"
+        default:
+            return "\(error)"
+        }
     }
 
     private func head(_ method: HTTPMethod, _ path: String, _ headers: HTTPHeaders, bodyLength: Int?) -> HTTPRequestHead

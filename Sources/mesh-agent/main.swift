@@ -1,14 +1,86 @@
 import ArgumentParser
+import Logging
+import MeshAgent
+import MeshCore
+import ServiceLifecycle
 
 @main
-struct MeshAgentCommand: ParsableCommand {
+struct MeshAgentCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mesh-agent",
-        abstract:
-            "The per-host mesh agent: DNS for service names, L4/L7 proxy, peer links. (Lands with the agent issue.)"
+        abstract: "The per-host mesh agent: answers service names, proxies to endpoints, keeps working offline.",
+        discussion: """
+            Syncs services and endpoints from the control plane (cached in <data-dir>/agent.db, served from \
+            there while the control plane is away), answers <service>.<namespace>.svc.<domain> on DNS and \
+            proxies each service VIP:port to its endpoints (L4 TCP/UDP, L7 HTTP). Admin API: /routes, \
+            /metrics, /healthz, /readyz. Settings come from --config (YAML); flags override them.
+            """,
+        version: "0.1.0"
     )
 
-    func run() throws {
-        throw CleanExit.message("mesh-agent: the agent's data plane is not built yet; see the open agent issue.")
+    @Option(name: .long, help: "YAML config file (fields: controlServer, nodeName, site, dnsListen, ...).")
+    var config: String?
+
+    @Option(name: .long, help: "Control plane URL.")
+    var server: String?
+
+    @Option(name: .long, help: "This node's name.")
+    var nodeName: String?
+
+    @Option(name: .long, help: "This node's site (its endpoints are preferred).")
+    var site: String?
+
+    @Option(name: .long, help: "Directory of the agent's cache.")
+    var dataDir: String?
+
+    @Option(name: .long, help: "DNS address, host:port.")
+    var dnsListen: String?
+
+    @Option(name: .long, help: "Admin API address, host:port.")
+    var adminListen: String?
+
+    @Option(name: .long, help: "loopback, meshInterface or auto.")
+    var interfaceMode: String?
+
+    @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel: String?
+
+    func run() async throws {
+        var settings: AgentConfig
+        do {
+            settings = try ConfigFile.load(AgentConfig.self, path: self.config)
+            if let v = self.server { settings.controlServer = v }
+            if let v = self.nodeName { settings.nodeName = v }
+            if let v = self.site { settings.site = v }
+            if let v = self.dataDir { settings.dataDir = v }
+            if let v = self.dnsListen { settings.dnsListen = v }
+            if let v = self.adminListen { settings.adminListen = v }
+            if let v = self.interfaceMode {
+                guard let mode = AgentConfig.InterfaceMode(rawValue: v) else {
+                    throw ManifestError("--interface-mode: \"\(v)\" is not one of loopback, meshInterface, auto")
+                }
+                settings.interfaceMode = mode
+            }
+            if let v = self.logLevel { settings.logLevel = v }
+            try settings.validate()
+        } catch let e as ManifestError {
+            throw ArgumentParser.ValidationError(e.message)
+        }
+        MeshLogging.bootstrap(level: try LogLevels.parse(settings.logLevel))
+        let logger = Logger(label: "mesh-agent")
+        let agent = AgentServer(config: settings, logger: logger)
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: agent)],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger
+            )
+        )
+        do {
+            try await group.run()
+        } catch {
+            logger.critical("mesh-agent failed: \(error)")
+            throw ExitCode.failure
+        }
     }
 }

@@ -48,6 +48,15 @@ struct Up: AsyncParsableCommand {
     @Option(name: .long, help: "Control API address.")
     var listen: String = "127.0.0.1:7700"
 
+    @Option(name: .long, help: "The agent's DNS address.")
+    var dnsListen: String = "127.0.0.1:5353"
+
+    @Option(name: .long, help: "The agent's admin API address.")
+    var adminListen: String = "127.0.0.1:7780"
+
+    @Flag(name: .long, help: "Run the control plane only, no agent.")
+    var noAgent = false
+
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
@@ -55,9 +64,14 @@ struct Up: AsyncParsableCommand {
         var mesh = AllInOne()
         if let d = self.dataDir { mesh.dataDir = d }
         mesh.controlListen = self.listen
+        mesh.dnsListen = self.dnsListen
+        mesh.adminListen = self.adminListen
+        mesh.withAgent = !self.noAgent
         do {
             mesh.logLevel = try LogLevels.parse(self.logLevel)
             _ = try ListenAddress(self.listen, field: "--listen")
+            _ = try ListenAddress(self.dnsListen, field: "--dns-listen")
+            _ = try ListenAddress(self.adminListen, field: "--admin-listen")
         } catch let e as ManifestError {
             throw ValidationError(e.message)
         }

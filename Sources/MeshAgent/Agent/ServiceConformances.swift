@@ -2,3 +2,4 @@
 import ServiceLifecycle
 
 extension ServiceTableSync: ServiceLifecycle.Service {}
+extension AgentServer: ServiceLifecycle.Service {}

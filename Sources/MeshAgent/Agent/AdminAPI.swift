@@ -1,0 +1,72 @@
+import Foundation
+import MeshCore
+import MeshHTTP
+import NIOCore
+
+/// The agent's admin API on 127.0.0.1:7780: `/routes` (every service's VIP, policy and backends
+/// with health and counters, and where the table came from), `/metrics`, `/healthz`, `/readyz`.
+struct AdminAPI: HTTPResponder {
+    let config: AgentConfig
+    let applier: SnapshotApplier
+    let dataPlane: DataPlane
+    let sync: ServiceTableSync
+    let health: HealthEndpoints
+
+    init(config: AgentConfig, applier: SnapshotApplier, dataPlane: DataPlane, sync: ServiceTableSync) {
+        self.config = config
+        self.applier = applier
+        self.dataPlane = dataPlane
+        self.sync = sync
+        self.health = HealthEndpoints { [applier] in
+            guard let s = applier.state.withLock({ $0 }) else { return (false, "no service table yet") }
+            if s.source == ServiceSnapshot.Source.cache.rawValue {
+                return (true, "serving \(s.services) services from the cache; the control plane has not answered")
+            }
+            return (true, "serving \(s.services) services (\(s.versions))")
+        }
+    }
+
+    /// What `/routes` returns.
+    struct Routes: Encodable {
+        var node: String
+        var site: String?
+        var table: Table
+        var dataPlane: DataPlaneSnapshot
+
+        struct Table: Encodable {
+            var source: String
+            var services: Int
+            var routes: Int
+            var versions: String
+            var error: String?
+        }
+    }
+
+    func respond(to request: HTTPRequest) async -> HTTPResponse {
+        if let r = self.health.respond(to: request) { return r }
+        guard request.method == .GET else { return .text(.methodNotAllowed, "only GET here") }
+        switch request.path {
+        case "/routes":
+            let s = self.applier.state.withLock { $0 }
+            let routes = Routes(
+                node: self.config.nodeName,
+                site: self.config.site,
+                table: .init(
+                    source: s?.source ?? "none",
+                    services: s?.services ?? 0,
+                    routes: s?.routes ?? 0,
+                    versions: s?.versions ?? "-",
+                    error: s?.error
+                ),
+                dataPlane: self.dataPlane.snapshot()
+            )
+            do {
+                return .json(.ok, ByteBuffer(bytes: try MeshJSON.encode(routes)))
+            } catch {
+                return .text(.internalServerError, "cannot encode the routes: \(error)")
+            }
+        default:
+            return .text(.notFound, "no \(request.path) here: try /routes, /metrics, /healthz or /readyz")
+        }
+    }
+}

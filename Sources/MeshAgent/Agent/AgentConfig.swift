@@ -1,0 +1,69 @@
+import Foundation
+import MeshCore
+
+/// `mesh-agent`'s configuration file (YAML); every field has a default, flags override it.
+public struct AgentConfig: Codable, Sendable, DefaultConstructible {
+    /// The control plane's API.
+    public var controlServer: String = "http://127.0.0.1:7700"
+    /// This node's name (default: the host name).
+    public var nodeName: String = AgentConfig.hostName()
+    /// This node's site: endpoints of the same site are preferred.
+    public var site: String?
+    /// Where the agent keeps its cache of the service table (`agent.db`).
+    public var dataDir: String = StatePaths.defaultDataDir() + "/agent"
+    /// The cluster domain answered by the DNS responder.
+    public var domain: String = "cluster.local"
+    /// Where DNS listens. In mesh-interface mode the usual choice is 169.254.96.16:53.
+    public var dnsListen: String = "127.0.0.1:5353"
+    /// Upstream resolvers for other names (`host`, `host:port`); empty: /etc/resolv.conf.
+    public var upstreams: [String] = []
+    /// The admin API (`/routes`, `/metrics`, `/healthz`, `/readyz`).
+    public var adminListen: String = "127.0.0.1:7780"
+    /// `loopback` (VIPs bound in 127.0.0.0/8, touches no interface), `meshInterface` (a dummy link
+    /// holding the VIPs, needs CAP_NET_ADMIN), or `auto` (the interface when allowed, else loopback).
+    public var interfaceMode: InterfaceMode = .loopback
+    /// The mesh interface's name.
+    public var interfaceName: String = "mesh0"
+    /// trace, debug, info, notice, warning, error, critical.
+    public var logLevel: String = "info"
+
+    public enum InterfaceMode: String, StrictEnum {
+        case loopback
+        case meshInterface
+        case auto
+    }
+
+    public init() {}
+
+    static func hostName() -> String {
+        let name = ProcessInfo.processInfo.hostName.lowercased()
+        return Names.dns1123SubdomainError(name) == nil ? name : "node"
+    }
+
+    /// Checks every field; the error names the first bad one.
+    public func validate() throws {
+        guard HTTPEndpointText.isValid(self.controlServer) else {
+            throw ManifestError("controlServer: \"\(self.controlServer)\" is not a URL like http://127.0.0.1:7700")
+        }
+        if let e = Names.dns1123SubdomainError(self.nodeName) { throw ManifestError("nodeName: \(e)") }
+        if let s = self.site, let e = Names.dns1123LabelError(s) { throw ManifestError("site: \(e)") }
+        if let e = Names.dns1123SubdomainError(self.domain) { throw ManifestError("domain: \(e)") }
+        _ = try ListenAddress(self.dnsListen, field: "dnsListen")
+        _ = try ListenAddress(self.adminListen, field: "adminListen")
+        if self.interfaceName.isEmpty || self.interfaceName.utf8.count > 15 {
+            throw ManifestError("interfaceName: must be 1-15 characters")
+        }
+        _ = try LogLevels.parse(self.logLevel)
+    }
+}
+
+/// URL checks without depending on the HTTP module here.
+enum HTTPEndpointText {
+    static func isValid(_ url: String) -> Bool {
+        let rest = url.hasPrefix("http://") ? String(url.dropFirst(7)) : url
+        guard let colon = rest.lastIndex(of: ":"),
+            let port = Int(rest[rest.index(after: colon)...].prefix { $0 != "/" })
+        else { return false }
+        return (1...65535).contains(port) && colon > rest.startIndex
+    }
+}

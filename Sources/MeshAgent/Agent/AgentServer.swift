@@ -1,0 +1,192 @@
+import DNS
+import Foundation
+import Logging
+import MeshClient
+import MeshCore
+import MeshHTTP
+import NIOCore
+import Synchronization
+
+/// Applies each new service table to the DNS zone and the data plane, one at a time, in order.
+actor SnapshotApplier {
+    let zones: DNSZoneStore
+    let dataPlane: DataPlane
+    let domain: String
+    let site: String?
+    let logger: Logger
+    private(set) var applied: ServiceSnapshot?
+    private(set) var lastError: String?
+    nonisolated let state = Mutex<(source: String, services: Int, routes: Int, versions: String, error: String?)?>(nil)
+
+    init(zones: DNSZoneStore, dataPlane: DataPlane, domain: String, site: String?, logger: Logger) {
+        self.zones = zones
+        self.dataPlane = dataPlane
+        self.domain = domain
+        self.site = site
+        self.logger = logger
+    }
+
+    func apply(_ snapshot: ServiceSnapshot) async {
+        var error: String?
+        do {
+            let zone = try self.zones.update(AgentMapping.zoneInput(snapshot, domain: self.domain))
+            for problem in zone.problems { self.logger.warning("dns: \(problem)") }
+        } catch {
+            self.logger.error("dns: the new zone could not be built, the previous one stays: \(error)")
+        }
+        let table = AgentMapping.routeTable(snapshot, localSite: self.site)
+        do {
+            try await self.dataPlane.apply(table)
+        } catch let e {
+            // Every other route is in place; the failed ones show in /routes with their error.
+            error = "\(e)"
+            self.logger.warning("proxy: \(e)")
+        }
+        self.applied = snapshot
+        let versions =
+            "services@\(snapshot.servicesVersion.map(String.init) ?? "-") endpoints@\(snapshot.endpointsVersion.map(String.init) ?? "-")"
+        self.state.withLock {
+            $0 = (snapshot.source.rawValue, snapshot.services.count, table.routes.count, versions, error)
+        }
+        self.logger.debug(
+            "applied \(snapshot.services.count) services, \(table.routes.count) routes (\(versions), from \(snapshot.source.rawValue))"
+        )
+    }
+}
+
+/// `mesh-agent` as one `Service`: the service table (cache + sync), the DNS responder, the data
+/// plane and the admin API, started together and stopped together.
+public final class AgentServer: Sendable {
+    public let config: AgentConfig
+    let logger: Logger
+    private let admin = AsyncValue<HTTPServer>()
+    private let dns = AsyncValue<DNSServer>()
+
+    public init(config: AgentConfig, logger: Logger) {
+        self.config = config
+        self.logger = logger
+    }
+
+    /// The admin API's address once it listens.
+    public func adminAddress() async throws -> SocketAddress { try await self.admin.value().localAddress() }
+
+    /// The DNS responder's UDP address once it listens.
+    public func dnsAddress() async throws -> SocketAddress { try await self.dns.value().listeningAddresses().udp }
+
+    public func run() async throws {
+        do {
+            try await self.serve()
+        } catch {
+            self.admin.fail(error)
+            self.dns.fail(error)
+            throw error
+        }
+    }
+
+    private func serve() async throws {
+        let config = self.config
+        try config.validate()
+        MeshMetrics.bootstrap()
+        try StatePaths.ensureDirectory(config.dataDir)
+        let lock = try DirectoryLock(directory: config.dataDir, name: "mesh-agent")
+        defer { withExtendedLifetime(lock) {} }
+        guard let endpoint = HTTPEndpoint(url: config.controlServer) else {
+            throw ManifestError("controlServer: \"\(config.controlServer)\" is not a URL like http://127.0.0.1:7700")
+        }
+        let dnsListen = try ListenAddress(config.dnsListen, field: "dnsListen")
+        let adminListen = try ListenAddress(config.adminListen, field: "adminListen")
+
+        var dpConfig = DataPlaneConfiguration()
+        switch config.interfaceMode {
+        case .loopback: dpConfig.bindMode = .loopback
+        case .meshInterface: dpConfig.bindMode = .meshInterface(name: config.interfaceName)
+        case .auto: dpConfig.bindMode = .automatic(name: config.interfaceName)
+        }
+        if let ip = IPAddress(dnsListen.host), !ip.isLoopback {
+            dpConfig.extraInterfaceAddresses = [ip.description]
+        } else {
+            dpConfig.extraInterfaceAddresses = []
+        }
+        let dataPlane = DataPlane(configuration: dpConfig, logger: self.logger)
+        let zones = DNSZoneStore()
+        let applier = SnapshotApplier(
+            zones: zones,
+            dataPlane: dataPlane,
+            domain: config.domain,
+            site: config.site,
+            logger: self.logger
+        )
+        let cache = try AgentCache(path: config.dataDir + "/agent.db")
+        let sync = ServiceTableSync(client: ControlClient(endpoint: endpoint), cache: cache, logger: self.logger) {
+            await applier.apply($0)
+        }
+        // Serve what the cache holds before anything listens: the agent answers at once, offline too.
+        // This also brings up the mesh interface, where the DNS address lives in that mode.
+        _ = try await sync.loadCache()
+
+        let dns = DNSServer(
+            configuration: DNSServerConfiguration(
+                host: dnsListen.host,
+                port: dnsListen.port,
+                forwarding: DNSForwardingConfiguration(upstreams: config.upstreams)
+            ),
+            zones: zones,
+            logger: self.logger
+        )
+        self.dns.set(dns)
+        var adminConfig = HTTPServerConfiguration()
+        adminConfig.host = adminListen.host
+        adminConfig.port = adminListen.port
+        adminConfig.drainTimeout = .seconds(1)
+        let adminAPI = AdminAPI(config: config, applier: applier, dataPlane: dataPlane, sync: sync)
+        let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
+        self.admin.set(admin)
+
+        self.logger.info(
+            "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on http://\(adminListen), \(config.interfaceMode.rawValue) mode"
+        )
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await dataPlane.run() }
+            group.addTask { try await dns.run() }
+            group.addTask { try await admin.run() }
+            group.addTask { try await sync.run() }
+            // All return on graceful shutdown; the first failure stops the rest.
+            do {
+                try await group.waitForAll()
+            } catch {
+                group.cancelAll()
+                throw error
+            }
+        }
+        self.logger.info("agent stopped")
+    }
+}
+
+/// A value set once and awaited by others (or a failure).
+final class AsyncValue<T: Sendable>: Sendable {
+    private let state = Mutex<(value: Result<T, any Error>?, waiters: [CheckedContinuation<T, any Error>])>((nil, []))
+
+    func set(_ value: T) { self.complete(.success(value)) }
+    func fail(_ error: any Error) { self.complete(.failure(error)) }
+
+    private func complete(_ result: Result<T, any Error>) {
+        let waiters = self.state.withLock { s -> [CheckedContinuation<T, any Error>] in
+            guard s.value == nil else { return [] }
+            s.value = result
+            defer { s.waiters = [] }
+            return s.waiters
+        }
+        for w in waiters { w.resume(with: result) }
+    }
+
+    func value() async throws -> T {
+        try await withCheckedThrowingContinuation { c in
+            let ready = self.state.withLock { s -> Result<T, any Error>? in
+                if let v = s.value { return v }
+                s.waiters.append(c)
+                return nil
+            }
+            if let r = ready { c.resume(with: r) }
+        }
+    }
+}

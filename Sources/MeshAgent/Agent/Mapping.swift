@@ -1,0 +1,107 @@
+import DNS
+import MeshCore
+
+/// Turns the service table into what DNS and the data plane serve. Pure functions: the same
+/// snapshot always gives the same zone and routes.
+public enum AgentMapping {
+    /// The DNS zone of the table.
+    public static func zoneInput(_ snapshot: ServiceSnapshot, domain: String) -> ZoneInput {
+        var services: [DNSService] = []
+        services.reserveCapacity(snapshot.services.count)
+        for (name, service) in snapshot.services.sorted(by: { $0.key < $1.key }) {
+            let endpoints = snapshot.endpoints[name]?.spec.addresses ?? []
+            services.append(
+                DNSService(
+                    name: name.name,
+                    namespace: name.namespace,
+                    clusterIPs: service.spec.vip.map { [$0] } ?? [],
+                    ports: service.spec.ports.map {
+                        DNSServicePort(
+                            name: $0.name ?? "",
+                            port: UInt16($0.port),
+                            protocol: $0.protocol == .udp ? .udp : .tcp
+                        )
+                    },
+                    exported: service.spec.exported ?? false,
+                    endpoints: endpoints.compactMap { a in
+                        a.address.map { DNSEndpoint(ip: $0, hostname: a.hostname, ready: a.isReady) }
+                    }
+                )
+            )
+        }
+        return ZoneInput(domain: domain, services: services)
+    }
+
+    /// The proxy routes of the table: one per VIP and port, with the endpoints' matching ports.
+    public static func routeTable(_ snapshot: ServiceSnapshot, localSite: String?) -> RouteTable {
+        var routes: [Route] = []
+        for (name, service) in snapshot.services.sorted(by: { $0.key < $1.key }) {
+            guard let vip = service.spec.vip else { continue }  // headless: DNS only
+            let addresses = snapshot.endpoints[name]?.spec.addresses ?? []
+            for port in service.spec.ports {
+                let backends = addresses.compactMap { a -> Backend? in
+                    guard let ip = a.address,
+                        let target = Self.targetPort(port, of: a, servicePorts: service.spec.ports.count)
+                    else {
+                        return nil
+                    }
+                    return Backend(
+                        ip: ip,
+                        port: target,
+                        node: a.node,
+                        site: a.site,
+                        weight: a.effectiveWeight,
+                        ready: a.isReady
+                    )
+                }
+                routes.append(
+                    Route(
+                        service: ServiceKey(namespace: name.namespace, name: name.name),
+                        vip: vip,
+                        port: port.port,
+                        proto: Self.proto(port.protocol),
+                        policy: Self.policy(service.spec.loadBalancer, port: port),
+                        backends: backends
+                    )
+                )
+            }
+        }
+        return RouteTable(routes: routes, localSite: localSite)
+    }
+
+    /// The endpoint's port for a service port: the one of the same name; for an unnamed port of a
+    /// single-port service, the endpoint's only (or unnamed) port; else `targetPort` or the port itself.
+    static func targetPort(_ port: ServicePort, of address: EndpointAddress, servicePorts: Int) -> Int? {
+        if let name = port.name, let match = address.ports.first(where: { $0.name == name }) { return match.port }
+        if port.name == nil || servicePorts == 1 {
+            if let unnamed = address.ports.first(where: { $0.name == nil }) { return unnamed.port }
+            if address.ports.count == 1 { return address.ports[0].port }
+        }
+        if let t = port.targetPort { return t }
+        return nil
+    }
+
+    static func proto(_ p: PortProtocol) -> RouteProtocol {
+        switch p {
+        case .tcp: return .tcp
+        case .udp: return .udp
+        case .http: return .http
+        }
+    }
+
+    /// The data plane's policy; header and cookie hashing apply to HTTP ports, others hash the source IP.
+    static func policy(_ spec: LoadBalancerSpec?, port: ServicePort) -> BalancerPolicy {
+        guard let spec else { return .roundRobin }
+        switch spec.policy {
+        case .roundRobin: return .roundRobin
+        case .random: return .random
+        case .leastRequest: return .leastRequest
+        case .consistentHash:
+            if port.protocol == .http {
+                if let h = spec.hashOn?.header { return .consistentHash(.header(h)) }
+                if let c = spec.hashOn?.cookie { return .consistentHash(.cookie(c)) }
+            }
+            return .consistentHash(.sourceIP)
+        }
+    }
+}

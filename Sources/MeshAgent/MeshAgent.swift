@@ -1,1 +1,0 @@
-// The MeshAgent module; see README.md.
