@@ -237,3 +237,82 @@ public struct Operations: Sendable {
         return true
     }
 }
+
+/// `meshctl routes`: what an agent is serving right now, from its admin API.
+public struct RoutesView: Sendable {
+    public var agent: HTTPEndpoint
+    let out: @Sendable (String) -> Void
+    let err: @Sendable (String) -> Void
+
+    public init(
+        agent: HTTPEndpoint,
+        out: @escaping @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data($0.utf8)) },
+        err: @escaping @Sendable (String) -> Void = { FileHandle.standardError.write(Data($0.utf8)) }
+    ) {
+        self.agent = agent
+        self.out = out
+        self.err = err
+    }
+
+    public func show(format: OutputFormat) async -> Bool {
+        let response: HTTPClientResponse
+        do {
+            response = try await HTTPClient(endpoint: self.agent).send(.GET, "/routes")
+            guard response.status == .ok else { throw HTTPClientError("the agent answered \(response.status.code)") }
+        } catch {
+            self.err(
+                "error: cannot read routes from the agent at \(self.agent): \(error)\nIs a mesh-agent (or `meshctl up`) running? Point --agent at its admin API.\n"
+            )
+            return false
+        }
+        guard let value = try? JSONValue.parse(json: Data(response.body.readableBytesView)) else {
+            self.err("error: the agent's /routes answer is not JSON\n")
+            return false
+        }
+        switch format {
+        case .json:
+            self.out(Printer.json(value))
+        case .yaml:
+            self.out(Printer.yaml(value))
+        default:
+            let table = value["table"]
+            self.out(
+                "node \(Printer.text(value["node"])), site \(Printer.text(value["site"]).isEmpty ? "-" : Printer.text(value["site"])); "
+                    + "table from \(Printer.text(table?["source"])) (\(Printer.text(table?["versions"]))); "
+                    + "mode \(Printer.text(value["dataPlane"]?["mode"]))\n"
+            )
+            var rows: [[String]] = []
+            for r in Printer.list(value["dataPlane"]?["routes"] ?? .null) {
+                let backends = Printer.list(r["backends"] ?? .null)
+                let healthy = backends.filter { Printer.text($0["healthy"]) == "true" }.count
+                let vip = Printer.text(r["vip"])
+                var row = [
+                    "\(Printer.text(r["namespace"]))/\(Printer.text(r["service"]))",
+                    (vip.contains(":") ? "[\(vip)]" : vip) + ":" + Printer.text(r["port"]),
+                    Printer.text(r["proto"]), Printer.text(r["policy"]),
+                    "\(healthy)/\(backends.count)", Printer.text(r["activeConnections"]), Printer.text(r["requests"]),
+                    Printer.text(r["failures"]),
+                    Printer.text(r["listening"]) == "true" ? "yes" : "no: " + Printer.text(r["error"]),
+                ]
+                if format == .wide {
+                    row.append(
+                        backends.map { b in
+                            let ip = Printer.text(b["ip"])
+                            let state =
+                                Printer.text(b["healthy"]) == "true"
+                                ? "" : (Printer.text(b["ejected"]) == "true" ? "(ejected)" : "(down)")
+                            return (ip.contains(":") ? "[\(ip)]" : ip) + ":" + Printer.text(b["port"]) + state
+                        }.joined(separator: ",")
+                    )
+                }
+                rows.append(row)
+            }
+            var header = [
+                "SERVICE", "VIP:PORT", "PROTO", "POLICY", "HEALTHY", "ACTIVE", "REQUESTS", "FAILURES", "LISTENING",
+            ]
+            if format == .wide { header.append("BACKENDS") }
+            self.out(rows.isEmpty ? "no routes\n" : Printer.table(header, rows))
+        }
+        return true
+    }
+}

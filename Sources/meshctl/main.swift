@@ -18,7 +18,7 @@ struct MeshCtlCommand: AsyncParsableCommand {
             The control plane is found at --server, $MESHCTL_SERVER, or http://127.0.0.1:7700.
             """,
         version: "0.1.0",
-        subcommands: [Up.self, Apply.self, Get.self, Delete.self, Watch.self, Version.self]
+        subcommands: [Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Version.self]
     )
 }
 
@@ -244,6 +244,24 @@ struct Watch: AsyncParsableCommand {
             maxEvents: self.maxEvents
         )
         if !ok { throw ExitCode.failure }
+    }
+}
+
+struct Routes: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show what an agent is serving: every VIP:port, its policy, backends, health and counters."
+    )
+
+    @Option(name: .long, help: "The agent's admin API (default: $MESHCTL_AGENT or http://127.0.0.1:7780).")
+    var agent: String?
+
+    @Option(name: .shortAndLong, help: "table, wide (with backends), json or yaml.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
+        guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
+        if !(await RoutesView(agent: endpoint).show(format: self.output)) { throw ExitCode.failure }
     }
 }
 

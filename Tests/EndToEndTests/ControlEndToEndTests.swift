@@ -153,18 +153,42 @@ import Testing
 
     @Test func meshctlUpRunsTheMeshAndStopsOnCtrlC() async throws {
         let dir = TempDir()
-        let port = freePort()
-        let up = try Subprocess(self.bin + "/meshctl", ["up", "--data-dir", dir.path, "--listen", "127.0.0.1:\(port)"])
+        let (port, dnsPort, adminPort) = (freePort(), freePort(), freePort())
+        let up = try Subprocess(
+            self.bin + "/meshctl",
+            [
+                "up", "--data-dir", dir.path, "--listen", "127.0.0.1:\(port)", "--dns-listen", "127.0.0.1:\(dnsPort)",
+                "--admin-listen", "127.0.0.1:\(adminPort)",
+            ]
+        )
         let client = HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port))
         #expect(
             await eventually(timeout: .seconds(20)) { (try? await client.send(.GET, "/readyz").status) == .ok },
             "\(up.stderr)"
         )
-        let r = try await self.meshctl(["apply", "-f", Self.examples + "/nodes.yaml"], server: port)
+        let r = try await self.meshctl(["apply", "-f", Self.examples], server: port)
         #expect(r.status == 0)
         #expect(FileManager.default.fileExists(atPath: dir.path + "/control/control.db"))
+        // The agent picks the services up: its routes list them, and DNS answers their names.
+        var routes = ProcessResult(status: -1, stdout: "", stderr: "")
+        let listed = await eventually {
+            routes =
+                (try? await run(self.bin + "/meshctl", ["routes", "--agent", "http://127.0.0.1:\(adminPort)"]))
+                ?? routes
+            return routes.stdout.contains("shop/web") && routes.stdout.contains("infra/cache")
+        }
+        #expect(listed, "\(routes.stdout)\(routes.stderr)")
+        #expect(routes.stdout.contains("table from control"))
+        if FileManager.default.isExecutableFile(atPath: "/usr/bin/dig") {
+            let dig = try await run(
+                "/usr/bin/dig",
+                ["+short", "@127.0.0.1", "-p", "\(dnsPort)", "web.shop.svc.cluster.local"]
+            )
+            #expect(IPAddress(String(dig.stdout.filter { !$0.isWhitespace })) != nil, "\(dig.stdout)")
+        }
+        #expect(FileManager.default.fileExists(atPath: dir.path + "/agent/agent.db"))
         up.signal(SIGINT)
-        let exit = try #require(await up.wait(timeout: .seconds(10)))
+        let exit = try #require(await up.wait(timeout: .seconds(15)))
         #expect(exit.status == 0, "\(exit.stderr)")
         #expect(exit.stderr.contains("all-in-one mesh stopped"))
     }
