@@ -171,6 +171,12 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // libFuzzer target for the control plane's parsers (scripts/fuzz api); a replayer otherwise.
+        .executableTarget(
+            name: "api-fuzz",
+            dependencies: ["Control"],
+            swiftSettings: swiftSettings
+        ),
         // libFuzzer target for the DNS codec and answer path (scripts/fuzz-dns); a replayer otherwise.
         .executableTarget(
             name: "dns-fuzz",
