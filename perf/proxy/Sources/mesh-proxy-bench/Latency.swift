@@ -111,7 +111,7 @@ struct LatencyCommand: ParsableCommand {
         if !self.sutPid.isEmpty, measured > 0 {
             let perRequest =
                 Double(cpuAfter - cpuBefore) / Double(sysconf(Int32(_SC_CLK_TCK))) * 1e6 / Double(measured)
-            line += ", SUT cpu \(format(perRequest, 1)) us/req"
+            line += ", cpu \(format(perRequest, 1)) us/req (SUT)"
         }
         print(line)
     }
