@@ -19,7 +19,7 @@ private func httpRoute(
     ])
 }
 
-@Suite("Data plane: HTTP/1.1 proxy over real sockets")
+@Suite("Data plane: HTTP/1.1 proxy over real sockets", .timeLimit(.minutes(1)))
 struct DataPlaneHTTPTests {
     @Test("GET through a VIP: body, X-Forwarded-For added, X-Request-Id added or kept")
     func basic() async throws {

@@ -72,7 +72,8 @@ private func namespacedGroup(_ namespace: String) async throws -> MultiThreadedE
 
 @Suite(
     "Mesh interface over netlink (in a private network namespace)",
-    .enabled(if: canUseNamespaces, "needs root and `ip netns` (iproute2); skipped otherwise")
+    .enabled(if: canUseNamespaces, "needs root and `ip netns` (iproute2); skipped otherwise"),
+    .timeLimit(.minutes(1))
 )
 struct InterfaceNetlinkTests {
     @Test("create, reconcile, reuse with stale addresses, destroy")
