@@ -55,6 +55,8 @@ public actor DataPlane: ServiceLifecycle.Service {
     private var mode: Mode?
     private var listeners: [ListenerKey: Listener] = [:]
     private var failed: [ListenerKey: (route: Route, error: String)] = [:]
+    /// Removed listeners whose connections still drain: their VIPs stay on the mesh interface until then.
+    private var draining: [(vip: IPAddress, connections: ChannelSet, until: NIODeadline)] = []
     private var stopped = false
 
     /// - Parameters:
@@ -123,6 +125,9 @@ public actor DataPlane: ServiceLifecycle.Service {
         for (key, listener) in self.listeners where wanted[key]?.service != listener.handle.service {
             await listener.stop(drain: self.configuration.drainTimeout)
             self.listeners[key] = nil
+            if listener.connections.count > 0, case .interface = self.mode {
+                self.keepDraining(vip: key.vip, connections: listener.connections)
+            }
             self.logger.info(
                 "route removed",
                 metadata: ["listener": "\(key)", "service": "\(listener.handle.service)"]
@@ -303,7 +308,34 @@ public actor DataPlane: ServiceLifecycle.Service {
     private func interfaceAddresses(for vips: [IPAddress]) -> Set<IPAddress> {
         var set = Set(self.configuration.extraInterfaceAddresses.compactMap { IPAddress($0) })
         for vip in vips where !vip.isLoopback { set.insert(vip) }
+        let now = NIODeadline.now()
+        for entry in self.draining where entry.connections.count > 0 && now < entry.until && !entry.vip.isLoopback {
+            set.insert(entry.vip)
+        }
         return set
+    }
+
+    /// Keeps `vip` on the interface while `connections` drain (at most `drainTimeout`), then drops it unless
+    /// a route uses it again.
+    private func keepDraining(vip: IPAddress, connections: ChannelSet) {
+        let drain = self.configuration.drainTimeout
+        self.draining.append((vip, connections, NIODeadline.now() + drain))
+        Task {
+            try? await Task.sleep(for: .nanoseconds(drain.nanoseconds + 50_000_000))
+            self.pruneDraining()
+        }
+    }
+
+    private func pruneDraining() {
+        let now = NIODeadline.now()
+        self.draining.removeAll { $0.connections.count == 0 || now >= $0.until }
+        guard !self.stopped, case .interface(let interface) = self.mode else { return }
+        let vips = self.listeners.keys.map(\.vip) + self.failed.values.map(\.route.vip)
+        do {
+            try interface.reconcile(self.interfaceAddresses(for: vips))
+        } catch {
+            self.logger.warning("mesh interface addresses", metadata: ["error": "\(error)"])
+        }
     }
 
     private func publish() {

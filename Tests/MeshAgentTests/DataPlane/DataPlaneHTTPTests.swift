@@ -19,7 +19,7 @@ private func httpRoute(
     ])
 }
 
-@Suite("Data plane: HTTP/1.1 proxy over real sockets")
+@Suite("Data plane: HTTP/1.1 proxy over real sockets", .timeLimit(.minutes(1)))
 struct DataPlaneHTTPTests {
     @Test("GET through a VIP: body, X-Forwarded-For added, X-Request-Id added or kept")
     func basic() async throws {
@@ -377,6 +377,19 @@ struct DataPlaneHTTPTests {
             #expect(echoed == "frame-1|frame-2|")
             #expect(await eventually { dp.openClientChannels == 0 })
         }
+    }
+
+    @Test("hop-by-hop headers are stripped, with those the Connection header names")
+    func hopByHop() {
+        var headers = HTTPHeaders([
+            ("Host", "x"), ("Connection", "close, X-Private"), ("Keep-Alive", "5"), ("X-Private", "1"),
+            ("TE", "trailers"), ("Proxy-Authorization", "secret"), ("X-Keep", "y"),
+        ])
+        HTTPProxy.stripHopByHop(&headers)
+        #expect(headers.map { $0.name } == ["Host", "X-Keep"])
+        var plain = HTTPHeaders([("Host", "x"), ("Accept", "*/*")])
+        HTTPProxy.stripHopByHop(&plain)
+        #expect(plain.map { $0.name } == ["Host", "Accept"])
     }
 
     @Test("IPv6: an HTTP route on ::1 to an IPv6 backend")

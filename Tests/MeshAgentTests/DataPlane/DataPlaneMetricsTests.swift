@@ -7,7 +7,7 @@ import Testing
 
 @testable import MeshAgent
 
-@Suite("Data plane: metrics, snapshot, service lifecycle")
+@Suite("Data plane: metrics, snapshot, service lifecycle", .timeLimit(.minutes(1)))
 struct DataPlaneMetricsTests {
     @Test("swift-metrics counters, meter and timer are labelled by service")
     func metrics() async throws {

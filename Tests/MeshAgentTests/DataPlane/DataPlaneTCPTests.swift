@@ -5,7 +5,7 @@ import Testing
 
 @testable import MeshAgent
 
-@Suite("Data plane: TCP proxy over real sockets")
+@Suite("Data plane: TCP proxy over real sockets", .timeLimit(.minutes(1)))
 struct DataPlaneTCPTests {
     @Test("TCP echo through an IPv4 VIP in 127.0.0.0/8")
     func echoIPv4() async throws {

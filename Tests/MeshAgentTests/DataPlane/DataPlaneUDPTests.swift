@@ -49,7 +49,7 @@ private func udpAsk(_ target: SocketAddress, _ text: String, wait: Double = 1) a
     }
 }
 
-@Suite("Data plane: UDP proxy over real sockets")
+@Suite("Data plane: UDP proxy over real sockets", .timeLimit(.minutes(1)))
 struct DataPlaneUDPTests {
     @Test("UDP echo through a VIP: the reply comes from VIP:port; flows per client, round robin")
     func echo() async throws {

@@ -72,7 +72,8 @@ private func namespacedGroup(_ namespace: String) async throws -> MultiThreadedE
 
 @Suite(
     "Mesh interface over netlink (in a private network namespace)",
-    .enabled(if: canUseNamespaces, "needs root and `ip netns` (iproute2); skipped otherwise")
+    .enabled(if: canUseNamespaces, "needs root and `ip netns` (iproute2); skipped otherwise"),
+    .timeLimit(.minutes(1))
 )
 struct InterfaceNetlinkTests {
     @Test("create, reconcile, reuse with stale addresses, destroy")
@@ -123,7 +124,7 @@ struct InterfaceNetlinkTests {
             let port = backend.localAddress!.port!
             let configuration = DataPlaneConfiguration(
                 bindMode: .meshInterface(name: "mesh0"),
-                drainTimeout: .milliseconds(100)
+                drainTimeout: .seconds(1)
             )
             let dp = DataPlane(configuration: configuration, eventLoopGroup: group, logger: testLogger)
             let echo = Backend(ip: IPAddress("127.0.0.1")!, port: port)
@@ -160,9 +161,17 @@ struct InterfaceNetlinkTests {
             }
             #expect(dp.snapshot().routes.first { $0.service == "a" }?.totalConnections == 1)
 
-            // A route goes: its VIP leaves mesh0.
+            // A connection that stays open on the first VIP.
+            let loop = group.next()
+            let held = try await loop.flatSubmit {
+                ClientBootstrap(group: loop).connect(to: try! SocketAddress(ipAddress: v4.description, port: 80))
+            }.get()
+
+            // Routes go: their VIPs leave mesh0, except the one whose connection drains, until it has drained.
             try await dp.apply(RouteTable(routes: [Route(service: service("b"), vip: v6, port: 80, backends: [echo])]))
-            #expect(try addresses(ns) == ["169.254.96.16", "2001:2::42"])
+            #expect(try addresses(ns) == ["169.254.96.16", "2001:2::42", "198.18.42.1"])
+            try await held.close()
+            #expect(await eventually(4) { (try? addresses(ns)) == ["169.254.96.16", "2001:2::42"] })
 
             await dp.shutdown()
             #expect(try !linkExists(ns))

@@ -45,11 +45,28 @@ enum HTTPProxy {
         "proxy-authorization",
     ]
 
-    /// Removes hop-by-hop headers, including those the Connection header names.
+    /// Removes hop-by-hop headers, including those the Connection header names. One pass to find out
+    /// whether there is anything to remove (usually not), removals only then.
     static func stripHopByHop(_ headers: inout HTTPHeaders) {
+        var found = false
+        for (name, _) in headers where Self.isHopByHop(name) {
+            found = true
+            break
+        }
+        guard found else { return }
         let named = headers[canonicalForm: "connection"].map { $0.lowercased() }
         for name in Self.hopByHop { headers.remove(name: name) }
         for name in named where name != "close" && name != "keep-alive" { headers.remove(name: String(name)) }
+    }
+
+    private static func isHopByHop(_ name: String) -> Bool {
+        // Cheap length filter before the case-insensitive comparison.
+        switch name.utf8.count {
+        case 2, 7, 10, 16, 18, 19:
+            return Self.hopByHop.contains { $0.utf8.count == name.utf8.count && $0.caseInsensitiveEquals(name) }
+        default:
+            return false
+        }
     }
 
     static func isIdempotent(_ method: HTTPMethod) -> Bool {
@@ -758,6 +775,19 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         )
         clientChannel.read()
         upstreamChannel.read()
+    }
+}
+
+extension String {
+    /// ASCII case-insensitive equality.
+    fileprivate func caseInsensitiveEquals(_ other: String) -> Bool {
+        guard self.utf8.count == other.utf8.count else { return false }
+        for (a, b) in zip(self.utf8, other.utf8) where a != b {
+            let la = (65...90).contains(a) ? a + 32 : a
+            let lb = (65...90).contains(b) ? b + 32 : b
+            if la != lb { return false }
+        }
+        return true
     }
 }
 

@@ -33,6 +33,11 @@ struct LatencyCommand: ParsableCommand {
     @Option(parsing: .upToNextOption, help: "PIDs whose CPU time per request to report (the system under test).")
     var sutPid: [Int32] = []
     @Option(help: "Label printed with the results.") var label = "target"
+    @Option(
+        parsing: .upToNextOption,
+        help: "PIDs that belong to the benchmark: other processes' CPU during the measurement is reported as noise."
+    )
+    var ignore: [Int32] = []
 
     func run() throws {
         let request: [UInt8]
@@ -60,7 +65,12 @@ struct LatencyCommand: ParsableCommand {
         var buffer = [UInt8](repeating: 0, count: 64 * 1024)
         let start = monotonicNanoseconds()
         let giveUp = start + UInt64((self.warmup + self.duration + 10) * 1e9)
-        if warmupCount == 0 { cpuBefore = cpuTicks(self.sutPid) }
+        var othersBefore: [Int32: UInt64] = [:]
+        var measuredFrom = start
+        if warmupCount == 0 {
+            cpuBefore = cpuTicks(self.sutPid)
+            othersBefore = QuietCommand.othersTicks(ignoring: self.ignore + self.sutPid)
+        }
 
         func send(_ c: Int, _ item: (intended: UInt64, index: Int)) {
             conns[c].outstanding = item
@@ -93,7 +103,11 @@ struct LatencyCommand: ParsableCommand {
                         _ = histogram.record(latency)
                         measured += 1
                     }
-                    if completed == warmupCount { cpuBefore = cpuTicks(self.sutPid) }
+                    if completed == warmupCount {
+                        cpuBefore = cpuTicks(self.sutPid)
+                        othersBefore = QuietCommand.othersTicks(ignoring: self.ignore + self.sutPid)
+                        measuredFrom = monotonicNanoseconds()
+                    }
                     conns[c].outstanding = nil
                     if conns[c].head < conns[c].queue.count {
                         let next = conns[c].queue[conns[c].head]
@@ -104,6 +118,11 @@ struct LatencyCommand: ParsableCommand {
             }
         }
         let cpuAfter = cpuTicks(self.sutPid)
+        let othersAfter = QuietCommand.othersTicks(ignoring: self.ignore + self.sutPid)
+        var othersUsed: UInt64 = 0
+        for (pid, ticks) in othersAfter { othersUsed += ticks - min(ticks, othersBefore[pid] ?? ticks) }
+        let window = Double(monotonicNanoseconds() - measuredFrom) / 1e9
+        let noise = Double(othersUsed) / Double(sysconf(Int32(_SC_CLK_TCK))) / max(window, 0.001)
         func us(_ p: Double) -> String { format(Double(histogram.valueAtPercentile(p)) / 1000, 1) }
         var line =
             "latency \(self.label) \(self.mode) @\(self.rate)/s x\(self.connections): n \(measured), p50 \(us(50)) us,"
@@ -111,8 +130,9 @@ struct LatencyCommand: ParsableCommand {
         if !self.sutPid.isEmpty, measured > 0 {
             let perRequest =
                 Double(cpuAfter - cpuBefore) / Double(sysconf(Int32(_SC_CLK_TCK))) * 1e6 / Double(measured)
-            line += ", SUT cpu \(format(perRequest, 1)) us/req"
+            line += ", cpu \(format(perRequest, 1)) us/req (SUT)"
         }
+        line += ", noise \(format(noise, 3)) cores"
         print(line)
     }
 
