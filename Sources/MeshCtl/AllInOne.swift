@@ -44,7 +44,8 @@ public struct AllInOne: Sendable {
         let control = ControlServer(config: self.controlConfig, logger: Logger(label: "mesh-control"))
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: control)]
         if self.withAgent {
-            services.append(.init(service: AgentServer(config: self.agentConfig, logger: Logger(label: "mesh-agent"))))
+            let agent = AgentServer(config: self.agentConfig, logger: Logger(label: "mesh-agent"))
+            services.append(.init(service: StartAfter(control, agent)))
         }
         let group = ServiceGroup(
             configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
@@ -54,5 +55,23 @@ public struct AllInOne: Sendable {
         )
         try await group.run()
         logger.info("all-in-one mesh stopped")
+    }
+}
+
+/// Runs `service` once the control plane listens, so the all-in-one agent's first connection
+/// succeeds (no start-up race, no retry noise in the log).
+struct StartAfter: ServiceLifecycle.Service {
+    let control: ControlServer
+    let service: any ServiceLifecycle.Service
+
+    init(_ control: ControlServer, _ service: any ServiceLifecycle.Service) {
+        self.control = control
+        self.service = service
+    }
+
+    func run() async throws {
+        // When the control plane fails to start, ServiceGroup stops everything anyway.
+        _ = try? await self.control.localAddress()
+        try await self.service.run()
     }
 }

@@ -161,29 +161,39 @@ struct EndToEndTests {
 
     @Test("never forwards to itself: an upstream equal to our own address is skipped")
     func noSelfLoop() async throws {
-        // Reserve a port, free it, and make the server listen there with itself as its only upstream.
-        let probe = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(
-            host: "127.0.0.1",
-            port: 0
-        ).get()
-        let port = probe.localAddress!.port!
-        try await probe.close()
+        // Reserve a port, free it, and make the server listen there (UDP and TCP) with itself as its
+        // only upstream. Another socket may grab the TCP side of a freed port meanwhile: try again.
         let zones = DNSZoneStore()
         try zones.update(meshInput())
-        let server = DNSServer(
-            configuration: DNSServerConfiguration(
-                port: port,
-                forwarding: DNSForwardingConfiguration(
-                    upstreams: ["127.0.0.1:\(port)"],
-                    timeout: .milliseconds(200),
-                    attempts: 1
-                )
-            ),
-            zones: zones
-        )
-        let task = Task { try await server.run() }
+        var started: (port: Int, task: Task<Void, any Error>)?
+        for _ in 0..<5 where started == nil {
+            let probe = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(
+                host: "127.0.0.1",
+                port: 0
+            ).get()
+            let port = probe.localAddress!.port!
+            try await probe.close()
+            let server = DNSServer(
+                configuration: DNSServerConfiguration(
+                    port: port,
+                    forwarding: DNSForwardingConfiguration(
+                        upstreams: ["127.0.0.1:\(port)"],
+                        timeout: .milliseconds(200),
+                        attempts: 1
+                    )
+                ),
+                zones: zones
+            )
+            let task = Task { try await server.run() }
+            if (try? await server.listeningAddresses()) != nil {
+                started = (port, task)
+            } else {
+                task.cancel()
+                _ = try? await task.value
+            }
+        }
+        let (port, task) = try #require(started)
         defer { task.cancel() }
-        _ = try await server.listeningAddresses()
         let out = try dig(port, ["example.invalid", "A"])
         #expect(status(out) == "SERVFAIL")
         // Still serving the zone.

@@ -41,7 +41,7 @@ func withTimeout<T: Sendable>(
 }
 
 /// Polls `condition` every 5 ms until it holds or `seconds` pass; returns whether it held.
-func eventually(_ seconds: Double = 3, _ condition: () async -> Bool) async -> Bool {
+func eventually(_ seconds: Double = 10, _ condition: () async -> Bool) async -> Bool {
     let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
     while ContinuousClock.now < deadline {
         if await condition() { return true }
