@@ -25,6 +25,8 @@ let package = Package(
         .library(name: "MeshHTTP", targets: ["MeshHTTP"]),
         .library(name: "MeshClient", targets: ["MeshClient"]),
         .library(name: "Control", targets: ["Control"]),
+        .library(name: "DNS", targets: ["DNS"]),
+        .library(name: "MeshAgent", targets: ["MeshAgent"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
