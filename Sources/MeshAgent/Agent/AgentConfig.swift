@@ -13,8 +13,9 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     public var dataDir: String = StatePaths.defaultDataDir() + "/agent"
     /// The cluster domain answered by the DNS responder.
     public var domain: String = "cluster.local"
-    /// Where DNS listens. In mesh-interface mode the usual choice is 169.254.96.16:53.
-    public var dnsListen: String = "127.0.0.1:5353"
+    /// Where DNS listens; `auto`: 169.254.96.16:53 on the mesh interface when the agent has one,
+    /// else 127.0.0.1:5353.
+    public var dnsListen: String = "auto"
     /// Upstream resolvers for other names (`host`, `host:port`); empty: /etc/resolv.conf.
     public var upstreams: [String] = []
     /// The admin API (`/routes`, `/metrics`, `/healthz`, `/readyz`).
@@ -35,6 +36,10 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
 
     public init() {}
 
+    /// The DNS address on the mesh interface (the anchor's too), and the fallback on loopback.
+    public static let meshDNSAddress = ListenAddress(host: "169.254.96.16", port: 53)
+    public static let loopbackDNSAddress = ListenAddress(host: "127.0.0.1", port: 5353)
+
     static func hostName() -> String {
         let name = ProcessInfo.processInfo.hostName.lowercased()
         return Names.dns1123SubdomainError(name) == nil ? name : "node"
@@ -48,7 +53,7 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
         if let e = Names.dns1123SubdomainError(self.nodeName) { throw ManifestError("nodeName: \(e)") }
         if let s = self.site, let e = Names.dns1123LabelError(s) { throw ManifestError("site: \(e)") }
         if let e = Names.dns1123SubdomainError(self.domain) { throw ManifestError("domain: \(e)") }
-        _ = try ListenAddress(self.dnsListen, field: "dnsListen")
+        if self.dnsListen != "auto" { _ = try ListenAddress(self.dnsListen, field: "dnsListen") }
         _ = try ListenAddress(self.adminListen, field: "adminListen")
         if self.interfaceName.isEmpty || self.interfaceName.utf8.count > 15 {
             throw ManifestError("interfaceName: must be 1-15 characters")

@@ -93,7 +93,7 @@ public final class AgentServer: Sendable {
         guard let endpoint = HTTPEndpoint(url: config.controlServer) else {
             throw ManifestError("controlServer: \"\(config.controlServer)\" is not a URL like http://127.0.0.1:7700")
         }
-        let dnsListen = try ListenAddress(config.dnsListen, field: "dnsListen")
+        let fixedDNS = config.dnsListen == "auto" ? nil : try ListenAddress(config.dnsListen, field: "dnsListen")
         let adminListen = try ListenAddress(config.adminListen, field: "adminListen")
 
         var dpConfig = DataPlaneConfiguration()
@@ -102,11 +102,11 @@ public final class AgentServer: Sendable {
         case .meshInterface: dpConfig.bindMode = .meshInterface(name: config.interfaceName)
         case .auto: dpConfig.bindMode = .automatic(name: config.interfaceName)
         }
-        if let ip = IPAddress(dnsListen.host), !ip.isLoopback {
-            dpConfig.extraInterfaceAddresses = [ip.description]
-        } else {
-            dpConfig.extraInterfaceAddresses = []
-        }
+        // The DNS address lives on the mesh interface (when there is one), beside the VIPs.
+        let dnsOnInterface =
+            fixedDNS.flatMap { IPAddress($0.host) }.map { $0.isLoopback ? nil : $0 }
+            ?? IPAddress(AgentConfig.meshDNSAddress.host)
+        dpConfig.extraInterfaceAddresses = dnsOnInterface.map { [$0.description] } ?? []
         let dataPlane = DataPlane(configuration: dpConfig, logger: self.logger)
         let zones = DNSZoneStore()
         let applier = SnapshotApplier(
@@ -123,6 +123,8 @@ public final class AgentServer: Sendable {
         // Serve what the cache holds before anything listens: the agent answers at once, offline too.
         // This also brings up the mesh interface, where the DNS address lives in that mode.
         _ = try await sync.loadCache()
+        let onInterface = dataPlane.snapshot().mode.hasPrefix("meshInterface")
+        let dnsListen = fixedDNS ?? (onInterface ? AgentConfig.meshDNSAddress : AgentConfig.loopbackDNSAddress)
 
         let dns = DNSServer(
             configuration: DNSServerConfiguration(
