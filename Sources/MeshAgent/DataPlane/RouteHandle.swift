@@ -73,10 +73,12 @@ final class RouteHandle: Sendable {
     let key: ListenerKey
     let service: ServiceKey
     let stats = RouteStats()
-    let metrics: RouteMetrics
+    private let lazyMetrics: Mutex<RouteMetrics?>
+    private let metricsFactory: any MetricsFactory
 
     private struct State {
         var route: Route
+        var localSite: String?
         var balancer: LoadBalancer
     }
 
@@ -85,24 +87,39 @@ final class RouteHandle: Sendable {
     init(route: Route, localSite: String?, outlier: OutlierConfiguration, metricsFactory: any MetricsFactory) {
         self.key = route.listenerKey
         self.service = route.service
-        self.metrics = RouteMetrics(
-            service: route.service,
-            listener: route.listenerKey,
-            proto: route.proto,
-            factory: metricsFactory
-        )
+        self.metricsFactory = metricsFactory
+        self.lazyMetrics = Mutex(nil)
         let balancer = LoadBalancer(
             backends: route.backends,
             policy: route.policy,
             localSite: localSite,
             outlier: outlier
         )
-        self.state = Mutex(State(route: route, balancer: balancer))
+        self.state = Mutex(State(route: route, localSite: localSite, balancer: balancer))
+    }
+
+    /// The route's instruments, made on first use: an agent serves every service of the mesh but
+    /// its apps use few, and registering a dozen labelled series per route up front cost ~35 KB
+    /// and (in swift-prometheus) time that grows with the number already registered.
+    var metrics: RouteMetrics {
+        self.lazyMetrics.withLock { metrics in
+            if let m = metrics { return m }
+            let m = RouteMetrics(
+                service: self.service,
+                listener: self.key,
+                proto: self.proto,
+                factory: self.metricsFactory
+            )
+            metrics = m
+            return m
+        }
     }
 
     /// Replaces backends and policy; per-backend health and in-flight counts carry over by `ip:port`.
+    /// An unchanged route keeps its balancer as it is.
     func update(route: Route, localSite: String?, outlier: OutlierConfiguration) {
         self.state.withLock { state in
+            if state.route == route && state.localSite == localSite { return }
             let balancer = LoadBalancer(
                 backends: route.backends,
                 policy: route.policy,
@@ -110,7 +127,7 @@ final class RouteHandle: Sendable {
                 outlier: outlier,
                 previous: state.balancer
             )
-            state = State(route: route, balancer: balancer)
+            state = State(route: route, localSite: localSite, balancer: balancer)
         }
     }
 

@@ -182,15 +182,22 @@ public final class ServiceTableSync: Sendable {
     }
 
     private func publishLoop() async {
+        let clock = ContinuousClock()
+        var lastApply = Duration.zero
         while await self.wake.wait() {
-            // Let a burst settle, then publish once.
-            try? await Task.sleep(for: self.configuration.coalesce)
+            // Let a burst settle, then publish once. Waiting at least as long as the last apply took
+            // keeps a large table under a stream of changes from spending all its time rebuilding.
+            try? await Task.sleep(for: max(self.configuration.coalesce, lastApply))
             let snap = self.state.withLock { s -> ServiceSnapshot? in
                 guard s.dirty else { return nil }
                 s.dirty = false
                 return s.snapshot
             }
-            if let snap { await self.onSnapshot(snap) }
+            if let snap {
+                let start = clock.now
+                await self.onSnapshot(snap)
+                lastApply = min(clock.now - start, .seconds(5))
+            }
         }
     }
 }
