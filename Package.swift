@@ -141,7 +141,7 @@ let package = Package(
         .executableTarget(
             name: "mesh-control",
             dependencies: [
-                "Control", "MeshCore",
+                "Control", "MeshCore", "MeshHTTP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
@@ -149,7 +149,7 @@ let package = Package(
         .executableTarget(
             name: "mesh-agent",
             dependencies: [
-                "MeshAgent", "MeshCore",
+                "MeshAgent", "MeshCore", "MeshHTTP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
@@ -173,16 +173,11 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
-        // libFuzzer target for the control plane's parsers (scripts/fuzz api); a replayer otherwise.
+        // libFuzzer target for the DNS codec and answer path and the control plane's parsers
+        // (scripts/fuzz dns|api); a replayer in a plain build.
         .executableTarget(
-            name: "api-fuzz",
-            dependencies: ["Control"],
-            swiftSettings: swiftSettings
-        ),
-        // libFuzzer target for the DNS codec and answer path (scripts/fuzz-dns); a replayer otherwise.
-        .executableTarget(
-            name: "dns-fuzz",
-            dependencies: ["DNS"],
+            name: "mesh-fuzz",
+            dependencies: ["DNS", "Control"],
             swiftSettings: swiftSettings
         ),
 

@@ -4,19 +4,18 @@ import MeshHTTP
 import Metrics
 import NIOCore
 import ServiceLifecycle
-import Synchronization
 
 /// `mesh-control` as one `Service`: locks the data directory, opens the store, serves the API
 /// and sends watch bookmarks until graceful shutdown, then drains and closes the store.
 public final class ControlServer: ServiceLifecycle.Service, Sendable {
     public let config: ControlConfig
     let logger: Logger
-    private let http: AsyncSlot<HTTPServer>
+    private let http: AsyncOnce<HTTPServer>
 
     public init(config: ControlConfig, logger: Logger) {
         self.config = config
         self.logger = logger
-        self.http = AsyncSlot()
+        self.http = AsyncOnce()
     }
 
     /// The API's address once it listens (useful with port 0).
@@ -88,34 +87,5 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         }
         try await store.close()
         self.logger.info("stopped; store closed at resourceVersion \(hub.currentResourceVersion)")
-    }
-}
-
-/// A value set once by one task and awaited by others.
-final class AsyncSlot<T: Sendable>: Sendable {
-    private let state = Mutex<(value: Result<T, any Error>?, waiters: [CheckedContinuation<T, any Error>])>((nil, []))
-
-    func set(_ value: T) { self.complete(.success(value)) }
-    func fail(_ error: any Error) { self.complete(.failure(error)) }
-
-    private func complete(_ result: Result<T, any Error>) {
-        let waiters = self.state.withLock { s -> [CheckedContinuation<T, any Error>] in
-            guard s.value == nil else { return [] }
-            s.value = result
-            defer { s.waiters = [] }
-            return s.waiters
-        }
-        for w in waiters { w.resume(with: result) }
-    }
-
-    func value() async throws -> T {
-        try await withCheckedThrowingContinuation { c in
-            let ready = self.state.withLock { s -> Result<T, any Error>? in
-                if let v = s.value { return v }
-                s.waiters.append(c)
-                return nil
-            }
-            if let r = ready { c.resume(with: r) }
-        }
     }
 }

@@ -2,7 +2,7 @@ import Foundation
 import MeshCore
 import MeshHTTP
 
-/// The control plane's parsers, for the libFuzzer target `api-fuzz` (scripts/fuzz api): request
+/// The control plane's parsers, for the libFuzzer target `mesh-fuzz` (scripts/fuzz api): request
 /// bodies (JSON), manifests (YAML), label selectors, request targets, times, addresses and config
 /// files. Each must return or throw its typed error for any input, never crash or hang.
 @_spi(Fuzzing)

@@ -1,4 +1,4 @@
-/// Entry points for the libFuzzer target (Sources/dns-fuzz). Not part of the module's API.
+/// Entry points for the libFuzzer target (Sources/mesh-fuzz, MESH_FUZZ_TARGET=dns). Not part of the module's API.
 @_spi(Fuzzing)
 public enum DNSFuzzing {
     /// A zone with every record shape, built once.

@@ -2,6 +2,7 @@ import Control
 import Logging
 import MeshAgent
 import MeshCore
+import MeshHTTP
 import ServiceLifecycle
 
 /// `meshctl up`: the whole mesh on one machine, on loopback, in the foreground. Never touches the
@@ -42,18 +43,15 @@ public struct AllInOne: Sendable {
     public func run() async throws {
         let logger = Logger(label: "meshctl-up")
         let control = ControlServer(config: self.controlConfig, logger: Logger(label: "mesh-control"))
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: control)]
+        var services: [any ServiceLifecycle.Service] = [control]
         if self.withAgent {
             let agent = AgentServer(config: self.agentConfig, logger: Logger(label: "mesh-agent"))
-            services.append(.init(service: StartAfter(control, agent)))
+            services.append(StartAfter(control, agent))
         }
-        let group = ServiceGroup(
-            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
-        )
         logger.info(
             "all-in-one mesh starting: control API on http://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), data in \(self.dataDir)"
         )
-        try await group.run()
+        guard await Daemon.run(services, name: "meshctl up", logger: logger) else { throw AllInOneFailed() }
         logger.info("all-in-one mesh stopped")
     }
 }
@@ -74,4 +72,9 @@ struct StartAfter: ServiceLifecycle.Service {
         _ = try? await self.control.localAddress()
         try await self.service.run()
     }
+}
+
+/// The all-in-one stopped because a component failed (the log says which and why).
+public struct AllInOneFailed: Error, CustomStringConvertible {
+    public var description: String { "a component of the mesh failed; see the log above" }
 }

@@ -1,4 +1,5 @@
 import Logging
+import MeshCore
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -32,17 +33,15 @@ public struct HTTPServerConfiguration: Sendable {
 
 /// An HTTP/1.1 server over SwiftNIO: keep-alive, pipelining, limits, streaming responses, and
 /// structured shutdown as a swift-service-lifecycle `Service`.
-public final class HTTPServer: Service, Sendable {
+public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     public let configuration: HTTPServerConfiguration
     let responder: any HTTPResponder
     let logger: Logger
     let group: any EventLoopGroup
     private let bound: Mutex<BoundState>
-    private let ready = AsyncReadySignal()
+    private let listening = AsyncOnce<SocketAddress>()
 
     private struct BoundState {
-        var address: SocketAddress?
-        var error: (any Error)?
         var connections: [ObjectIdentifier: any Channel] = [:]
         var draining = false
     }
@@ -62,11 +61,7 @@ public final class HTTPServer: Service, Sendable {
 
     /// The address the server listens on, once `run()` has bound it; throws if binding failed.
     public func localAddress() async throws -> SocketAddress {
-        await self.ready.wait()
-        return try self.bound.withLock { state in
-            if let e = state.error { throw e }
-            return state.address!
-        }
+        try await self.listening.value()
     }
 
     /// Open connections right now.
@@ -110,14 +105,16 @@ public final class HTTPServer: Service, Sendable {
                     }
                 }
         } catch {
-            self.bound.withLock { $0.error = error }
-            await self.ready.signal()
+            self.listening.fail(error)
             self.logger.error("cannot listen on \(config.host):\(config.port): \(error)")
             throw error
         }
         let address = server.channel.localAddress
-        self.bound.withLock { $0.address = address }
-        await self.ready.signal()
+        if let address {
+            self.listening.set(address)
+        } else {
+            self.listening.fail(ChannelError.inappropriateOperationForState)
+        }
         self.logger.info("listening on http://\(address.map(hostPort) ?? "?")")
 
         try await withGracefulShutdownHandler {
@@ -300,29 +297,4 @@ public func hostPort(_ address: SocketAddress) -> String {
     let ip = address.ipAddress ?? "?"
     let port = address.port ?? 0
     return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
-}
-
-/// A one-shot signal many tasks can wait for.
-final class AsyncReadySignal: Sendable {
-    private let state = Mutex<(done: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
-
-    func signal() async {
-        let waiters = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
-            s.done = true
-            defer { s.waiters = [] }
-            return s.waiters
-        }
-        for w in waiters { w.resume() }
-    }
-
-    func wait() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let resumeNow = self.state.withLock { s -> Bool in
-                if s.done { return true }
-                s.waiters.append(c)
-                return false
-            }
-            if resumeNow { c.resume() }
-        }
-    }
 }

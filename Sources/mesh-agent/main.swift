@@ -2,7 +2,7 @@ import ArgumentParser
 import Logging
 import MeshAgent
 import MeshCore
-import ServiceLifecycle
+import MeshHTTP
 
 @main
 struct MeshAgentCommand: AsyncParsableCommand {
@@ -69,18 +69,6 @@ struct MeshAgentCommand: AsyncParsableCommand {
         MeshLogging.bootstrap(level: try LogLevels.parse(settings.logLevel))
         let logger = Logger(label: "mesh-agent")
         let agent = AgentServer(config: settings, logger: logger)
-        let group = ServiceGroup(
-            configuration: .init(
-                services: [.init(service: agent)],
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger
-            )
-        )
-        do {
-            try await group.run()
-        } catch {
-            logger.critical("mesh-agent failed: \(error)")
-            throw ExitCode.failure
-        }
+        if !(await Daemon.run([agent], name: "mesh-agent", logger: logger)) { throw ExitCode.failure }
     }
 }

@@ -3,7 +3,6 @@ import Control
 import Logging
 import MeshCore
 import MeshHTTP
-import ServiceLifecycle
 
 @main
 struct MeshControl: AsyncParsableCommand {
@@ -48,18 +47,6 @@ struct MeshControl: AsyncParsableCommand {
         MeshLogging.bootstrap(level: try LogLevels.parse(settings.logLevel))
         let logger = Logger(label: "mesh-control")
         let server = ControlServer(config: settings, logger: logger)
-        let group = ServiceGroup(
-            configuration: .init(
-                services: [.init(service: server)],
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger
-            )
-        )
-        do {
-            try await group.run()
-        } catch {
-            logger.critical("mesh-control failed: \(error)")
-            throw ExitCode.failure
-        }
+        if !(await Daemon.run([server], name: "mesh-control", logger: logger)) { throw ExitCode.failure }
     }
 }

@@ -72,13 +72,13 @@ final class RunningSync: Sendable {
         let cacheDir = TempDir()
         let running = try await RunningSync(client: cp.client, dir: cacheDir)
         #expect(await eventually { running.log.last?.source == .control && running.log.last?.endpoints.count == 1 })
-        #expect(running.log.last?.services[ObjectName(namespace: "shop", name: "web")]?.spec.vip != nil)
+        #expect(running.log.last?.services[ServiceKey(namespace: "shop", name: "web")]?.spec.vip != nil)
 
         try await cp.client.apply(mkEndpoints("web", ips: ["198.18.1.1", "198.18.1.2"]))
         try await cp.client.apply(mkService("api"))
         #expect(
             await eventually {
-                running.log.last?.endpoints[ObjectName(namespace: "shop", name: "web")]?.spec.addresses.count == 2
+                running.log.last?.endpoints[ServiceKey(namespace: "shop", name: "web")]?.spec.addresses.count == 2
                     && running.log.last?.services.count == 2
             }
         )
@@ -149,7 +149,7 @@ final class RunningSync: Sendable {
         #expect(
             await eventually {
                 running.log.last?.services.count == 10
-                    && running.log.last?.services[ObjectName(namespace: "shop", name: "web")] == nil
+                    && running.log.last?.services[ServiceKey(namespace: "shop", name: "web")] == nil
             },
             "\(running.log.all.withLock { $0.map { "\($0.source) \($0.services.count) \($0.servicesVersion ?? -1)/\($0.endpointsVersion ?? -1)" } })"
         )

@@ -72,8 +72,8 @@ actor SnapshotApplier {
 public final class AgentServer: Sendable {
     public let config: AgentConfig
     let logger: Logger
-    private let admin = AsyncValue<HTTPServer>()
-    private let dns = AsyncValue<DNSServer>()
+    private let admin = AsyncOnce<HTTPServer>()
+    private let dns = AsyncOnce<DNSServer>()
 
     public init(config: AgentConfig, logger: Logger) {
         self.config = config
@@ -174,35 +174,6 @@ public final class AgentServer: Sendable {
             }
         }
         self.logger.info("agent stopped")
-    }
-}
-
-/// A value set once and awaited by others (or a failure).
-final class AsyncValue<T: Sendable>: Sendable {
-    private let state = Mutex<(value: Result<T, any Error>?, waiters: [CheckedContinuation<T, any Error>])>((nil, []))
-
-    func set(_ value: T) { self.complete(.success(value)) }
-    func fail(_ error: any Error) { self.complete(.failure(error)) }
-
-    private func complete(_ result: Result<T, any Error>) {
-        let waiters = self.state.withLock { s -> [CheckedContinuation<T, any Error>] in
-            guard s.value == nil else { return [] }
-            s.value = result
-            defer { s.waiters = [] }
-            return s.waiters
-        }
-        for w in waiters { w.resume(with: result) }
-    }
-
-    func value() async throws -> T {
-        try await withCheckedThrowingContinuation { c in
-            let ready = self.state.withLock { s -> Result<T, any Error>? in
-                if let v = s.value { return v }
-                s.waiters.append(c)
-                return nil
-            }
-            if let r = ready { c.resume(with: r) }
-        }
     }
 }
 

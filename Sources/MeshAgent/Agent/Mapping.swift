@@ -56,7 +56,7 @@ public enum AgentMapping {
                 }
                 routes.append(
                     Route(
-                        service: ServiceKey(namespace: name.namespace, name: name.name),
+                        service: name,
                         vip: vip,
                         port: port.port,
                         proto: Self.proto(port.protocol),

@@ -5,23 +5,11 @@ import Synchronization
 
 import func ServiceLifecycle.cancelWhenGracefulShutdown
 
-/// `namespace/name` of a namespaced object.
-public struct ObjectName: Sendable, Hashable, Comparable, CustomStringConvertible {
-    public var namespace: String
-    public var name: String
-
-    public init(namespace: String, name: String) {
-        self.namespace = namespace
-        self.name = name
-    }
-
+extension ServiceKey {
+    /// The key of a namespaced object of the control plane.
     public init(_ object: some MeshObject) {
         self.init(namespace: object.effectiveNamespace, name: object.metadata.name)
     }
-
-    public var description: String { "\(self.namespace)/\(self.name)" }
-
-    public static func < (a: ObjectName, b: ObjectName) -> Bool { (a.namespace, a.name) < (b.namespace, b.name) }
 }
 
 /// What the agent knows about services at one moment: an immutable value handed to the DNS zone
@@ -34,8 +22,8 @@ public struct ServiceSnapshot: Sendable, Equatable {
         case control
     }
 
-    public var services: [ObjectName: Service] = [:]
-    public var endpoints: [ObjectName: Endpoints] = [:]
+    public var services: [ServiceKey: Service] = [:]
+    public var endpoints: [ServiceKey: Endpoints] = [:]
     public var servicesVersion: Int64?
     public var endpointsVersion: Int64?
     public var source: Source = .cache
@@ -90,8 +78,8 @@ public final class ServiceTableSync: Sendable {
         let (services, svcRV) = try self.cache.load(Service.self)
         let (endpoints, epRV) = try self.cache.load(Endpoints.self)
         var snap = ServiceSnapshot()
-        snap.services = Dictionary(services.map { (ObjectName($0), $0) }, uniquingKeysWith: { _, b in b })
-        snap.endpoints = Dictionary(endpoints.map { (ObjectName($0), $0) }, uniquingKeysWith: { _, b in b })
+        snap.services = Dictionary(services.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
+        snap.endpoints = Dictionary(endpoints.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
         snap.servicesVersion = svcRV
         snap.endpointsVersion = epRV
         snap.source = .cache
@@ -145,10 +133,10 @@ public final class ServiceTableSync: Sendable {
             case .replaced(let items, let rv):
                 // Decide by the kind, not by casting the list: an empty [Endpoints] casts to [Service].
                 if T.self == Service.self, let services = items as? [Service] {
-                    snap.services = Dictionary(services.map { (ObjectName($0), $0) }, uniquingKeysWith: { _, b in b })
+                    snap.services = Dictionary(services.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
                     snap.servicesVersion = rv
                 } else if T.self == Endpoints.self, let endpoints = items as? [Endpoints] {
-                    snap.endpoints = Dictionary(endpoints.map { (ObjectName($0), $0) }, uniquingKeysWith: { _, b in b })
+                    snap.endpoints = Dictionary(endpoints.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
                     snap.endpointsVersion = rv
                 }
                 s.synced.insert(kind)
@@ -167,12 +155,12 @@ public final class ServiceTableSync: Sendable {
         switch event {
         case .added(let o), .modified(let o):
             if let s = o as? Service {
-                snap.services[ObjectName(s)] = s
+                snap.services[ServiceKey(s)] = s
             } else if let e = o as? Endpoints {
-                snap.endpoints[ObjectName(e)] = e
+                snap.endpoints[ServiceKey(e)] = e
             }
         case .deleted(let o):
-            if o is Service { snap.services[ObjectName(o)] = nil } else { snap.endpoints[ObjectName(o)] = nil }
+            if o is Service { snap.services[ServiceKey(o)] = nil } else { snap.endpoints[ServiceKey(o)] = nil }
         case .bookmark, .error:
             break
         }

@@ -1,8 +1,11 @@
-// libFuzzer target for the DNS decoder and the responder's answer path.
+// libFuzzer target for the mesh's parsers. `MESH_FUZZ_TARGET` picks what is fuzzed:
+// - `dns`: the DNS decoder and the responder's answer path (DNS/Fuzzing.swift);
+// - `api`: the control plane's parsers: bodies, manifests, selectors, config files (Control/Fuzzing.swift).
 //
-// Built by scripts/fuzz-dns with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer provides `main` and
-// calls LLVMFuzzerTestOneInput. In a plain `swift build` this is a small replayer instead: it feeds
-// the files named on the command line (e.g. a crash artifact) through the same checks.
+// Built by `scripts/fuzz TARGET` with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer's driver runs.
+// In a plain `swift build` this is a small replayer: it feeds the files named on the command line
+// (e.g. a crash artifact) through the same checks.
+@_spi(Fuzzing) import Control
 @_spi(Fuzzing) import DNS
 
 #if canImport(Glibc)
@@ -13,10 +16,17 @@ import Musl
 import Darwin
 #endif
 
+/// Whether the API parsers are the target (read once; DNS otherwise).
+let fuzzingAPI: Bool = getenv("MESH_FUZZ_TARGET").map { String(cString: $0) } == "api"
+
+func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
+    if fuzzingAPI { APIFuzzing.fuzzOne(bytes) } else { DNSFuzzing.fuzzOne(bytes) }
+}
+
 #if FUZZING
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzTestOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
-    DNSFuzzing.fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
+    fuzzOne(UnsafeRawBufferPointer(start: data, count: size))
     return 0
 }
 
@@ -31,20 +41,20 @@ func llvmFuzzerRunDriver(
 
 // Debug builds of SwiftPM executables on Linux link `main` to `<module>_main` (testable executables),
 // which hides libFuzzer's `main`: provide that symbol and start libFuzzer's driver from it.
-@_cdecl("dns_fuzz_main")
-public func dnsFuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
+@_cdecl("mesh_fuzz_main")
+public func meshFuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
     var count = argc
     var vector = argv
     return llvmFuzzerRunDriver(&count, &vector) { data, size in fuzzTestOneInput(data, size) }
 }
 #else
 @main
-enum DNSFuzzReplay {
+enum FuzzReplay {
     static func main() {
         var count = 0
         for path in CommandLine.arguments.dropFirst() {
             guard let f = fopen(path, "rb") else {
-                print("dns-fuzz: cannot open \(path)")
+                print("mesh-fuzz: cannot open \(path)")
                 exit(2)
             }
             var bytes: [UInt8] = []
@@ -55,10 +65,10 @@ enum DNSFuzzReplay {
                 bytes.append(contentsOf: buf[0..<n])
             }
             fclose(f)
-            bytes.withUnsafeBytes { DNSFuzzing.fuzzOne($0) }
+            bytes.withUnsafeBytes { fuzzOne($0) }
             count += 1
         }
-        print("dns-fuzz: replayed \(count) input(s) without a failure")
+        print("mesh-fuzz: replayed \(count) input(s) without a failure")
     }
 }
 #endif
