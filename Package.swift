@@ -35,7 +35,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
-        .package(url: "https://github.com/jpsim/Yams.git", from: "6.0.0"),
     ],
     targets: [
         // System libraries (pkg-config; scripts/bootstrap installs the -dev packages).
@@ -44,6 +43,7 @@ let package = Package(
             pkgConfig: "sqlite3",
             providers: [.apt(["libsqlite3-dev"])]
         ),
+        .systemLibrary(name: "CYAML", pkgConfig: "yaml-0.1", providers: [.apt(["libyaml-dev"])]),
         .systemLibrary(
             name: "CNetlink",
             pkgConfig: "libnl-route-3.0",
@@ -54,8 +54,8 @@ let package = Package(
         .target(
             name: "MeshCore",
             dependencies: [
+                "CYAML",
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "Yams", package: "Yams"),
             ],
             exclude: ["README.md"],
             swiftSettings: swiftSettings
@@ -131,7 +131,6 @@ let package = Package(
             dependencies: [
                 "MeshCore", "MeshClient", "Control", "MeshAgent",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "Yams", package: "Yams"),
             ],
             exclude: ["README.md"],
             swiftSettings: swiftSettings

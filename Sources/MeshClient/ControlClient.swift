@@ -1,8 +1,13 @@
-import Foundation
 import MeshCore
 import MeshHTTP
 import NIOCore
 import NIOHTTP1
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// The control API from a client's side: typed CRUD, raw JSON access for tools, and watch.
 /// API errors are thrown as the server's `Status`; transport failures as `HTTPClientError`.
@@ -49,7 +54,7 @@ public struct ControlClient: Sendable {
     /// The `Status` an error response carries (or one made from its text).
     public static func status(from body: ByteBuffer, httpStatus: HTTPResponseStatus) -> Status {
         if let s = try? JSONDecoder().decode(Status.self, from: Data(body.readableBytesView)) { return s }
-        let text = String(buffer: body).trimmingCharacters(in: .whitespacesAndNewlines)
+        let text = String(String(buffer: body).drop { $0.isWhitespace }.reversed().drop { $0.isWhitespace }.reversed())
         return Status(
             code: Int(httpStatus.code),
             reason: .internalError,

@@ -1,4 +1,15 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// Daemon configuration files: YAML, every field defaulted, unknown fields rejected by name.
 public enum ConfigFile {
@@ -10,7 +21,7 @@ public enum ConfigFile {
         do {
             text = try String(contentsOfFile: path, encoding: .utf8)
         } catch {
-            throw ManifestError("\(path): cannot read the config file: \(error.localizedDescription)")
+            throw ManifestError("\(path): cannot read the config file: \(ConfigFile.reason(error))")
         }
         do {
             return try ConfigFile.decode(T.self, yaml: text)
@@ -30,6 +41,17 @@ public enum ConfigFile {
             throw ManifestError("the config must be a mapping of settings, not a \(doc.typeName)")
         }
         return try Strict.decode(T.self, from: Strict.merge(defaults, doc))
+    }
+}
+
+extension ConfigFile {
+    /// A short reason for a file-system error: the system's message when there is one.
+    static func reason(_ error: any Error) -> String {
+        if let posix = error as? POSIXError { return String(cString: strerror(posix.code.rawValue)) }
+        if let cocoa = error as? CocoaError, let underlying = cocoa.underlying as? POSIXError {
+            return String(cString: strerror(underlying.code.rawValue))
+        }
+        return "\(error)"
     }
 }
 
@@ -58,7 +80,7 @@ public enum StatePaths {
                 attributes: [.posixPermissions: 0o700]
             )
         } catch {
-            throw ManifestError("cannot create the data directory \(dir): \(error.localizedDescription)")
+            throw ManifestError("cannot create the data directory \(dir): \(ConfigFile.reason(error))")
         }
     }
 }
@@ -80,7 +102,7 @@ public final class DirectoryLock: Sendable {
             close(fd)
             let pid =
                 n > 0
-                ? String(decoding: buf[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : "?"
+                ? String(decoding: buf[0..<n], as: UTF8.self).filter { !$0.isWhitespace } : "?"
             throw ManifestError(
                 "\(directory) is in use by another \(name) (pid \(pid)); stop it or choose another data directory"
             )

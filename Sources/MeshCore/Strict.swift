@@ -1,5 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
-import Yams
+#endif
 
 /// Reading documents the way users expect from Kubernetes tools: YAML or JSON, several documents
 /// per file, and **strict**: a field the type does not know is an error naming it, never dropped.
@@ -7,19 +10,7 @@ public enum Strict {
     /// Parses one or more YAML documents (`---` separated; JSON is YAML too) into value trees.
     /// Empty documents are skipped.
     public static func documents(yaml text: String) throws -> [JSONValue] {
-        do {
-            var result: [JSONValue] = []
-            // The sequence stops at the first error and keeps it aside: check it, or a broken
-            // document would read as the end of the file.
-            var nodes = try Yams.compose_all(yaml: text)
-            while let node = nodes.next() {
-                result.append(try JSONValue(yaml: node))
-            }
-            if let error = nodes.error { throw error }
-            return result
-        } catch let error as YamlError {
-            throw ManifestError("malformed YAML: \(Strict.describe(error))")
-        }
+        try YAML.parse(text)
     }
 
     /// Decodes `T` from a value tree, rejecting unknown fields and naming the path of any problem.
@@ -82,19 +73,6 @@ public enum Strict {
             return []
         }
     }
-
-    static func describe(_ error: YamlError) -> String {
-        switch error {
-        case .scanner(let context, let problem, let mark, _), .parser(let context, let problem, let mark, _),
-            .composer(let context, let problem, let mark, _):
-            let ctx = context.map { "\($0.text) " } ?? ""
-            return "line \(mark.line) column \(mark.column): \(ctx)\(problem)"
-        case .duplicatedKeysInMapping(let duplicates, _):
-            return "duplicate keys \(duplicates.joined(separator: ", "))"
-        default:
-            return "\(error)"
-        }
-    }
 }
 
 extension DecodingError {
@@ -133,53 +111,12 @@ extension DecodingError {
             return "\(path(ctx.codingPath)): expected \(noun(type)), found null"
         case .dataCorrupted(let ctx):
             if ctx.codingPath.isEmpty, let underlying = ctx.underlyingError {
-                return "malformed JSON: \(underlying.localizedDescription)"
+                return "malformed JSON: \(String(describing: underlying))"
             }
             return "\(path(ctx.codingPath)): \(ctx.debugDescription)"
         @unknown default:
             return "\(error)"
         }
-    }
-}
-
-extension JSONValue {
-    /// Converts a composed YAML node, honouring resolved tags (`"80"` stays a string, `80` is a number).
-    public init(yaml node: Yams.Node) throws {
-        switch node {
-        case .scalar(let scalar):
-            // Plain scalars come untagged: resolve them as YAML 1.1 core would; quoted ones are strings.
-            var tag = Tag.Name(rawValue: scalar.tag.rawValue)
-            if tag == .implicit { tag = Resolver.default.resolveTag(of: node) }
-            switch tag {
-            case .null: self = .null
-            case .bool: self = .bool(Bool.construct(from: scalar) ?? false)
-            case .int:
-                guard let i = Int.construct(from: scalar) else {
-                    throw ManifestError("\(JSONValue.at(node))integer \(scalar.string) is out of range")
-                }
-                self = .int(Int64(i))
-            case .float:
-                self = .double(Double.construct(from: scalar) ?? .nan)
-            default: self = .string(scalar.string)
-            }
-        case .sequence(let seq):
-            self = .array(try seq.map { try JSONValue(yaml: $0) })
-        case .mapping(let map):
-            var members: [(String, JSONValue)] = []
-            for (k, v) in map {
-                guard case .scalar(let key) = k else {
-                    throw ManifestError("\(JSONValue.at(k))mapping keys must be plain strings")
-                }
-                members.append((key.string, try JSONValue(yaml: v)))
-            }
-            self = .object(members)
-        case .alias:
-            throw ManifestError("\(JSONValue.at(node))YAML aliases are not supported")
-        }
-    }
-
-    private static func at(_ node: Yams.Node) -> String {
-        node.mark.map { "line \($0.line) column \($0.column): " } ?? ""
     }
 }
 

@@ -1,6 +1,5 @@
 import Foundation
 import MeshCore
-import Yams
 
 /// Output formats of `meshctl get` and `meshctl watch`.
 public enum OutputFormat: String, CaseIterable, Sendable {
@@ -186,22 +185,6 @@ public enum Printer {
 
     /// YAML, block style, members in their order; strings that would read back as another type are quoted.
     public static func yaml(_ v: JSONValue) -> String {
-        (try? Yams.serialize(node: self.node(v), indent: 2, sortKeys: false)) ?? "\n"
-    }
-
-    static func node(_ v: JSONValue) -> Yams.Node {
-        switch v {
-        case .null: return Yams.Node("null", Tag(.null))
-        case .bool(let b): return Yams.Node(b ? "true" : "false", Tag(.bool))
-        case .int(let i): return Yams.Node(String(i), Tag(.int))
-        case .double(let d): return Yams.Node(String(d), Tag(.float))
-        case .string(let s):
-            let plain = Yams.Node(s, Tag(.implicit))
-            let resolved = Resolver.default.resolveTag(of: plain)
-            let needsQuotes = resolved != .str || s.isEmpty || s.contains(": ") || s.hasPrefix(" ")
-            return Yams.Node(s, Tag(.str), needsQuotes ? .doubleQuoted : .plain)
-        case .array(let a): return Yams.Node(a.map(self.node))
-        case .object(let o): return Yams.Node(o.map { (Yams.Node($0.0), self.node($0.1)) })
-        }
+        YAML.emit(v)
     }
 }

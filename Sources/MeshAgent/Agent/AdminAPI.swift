@@ -1,7 +1,12 @@
-import Foundation
 import MeshCore
 import MeshHTTP
 import NIOCore
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// The agent's admin API on 127.0.0.1:7780: `/routes` (every service's VIP, policy and backends
 /// with health and counters, and where the table came from), `/metrics`, `/healthz`, `/readyz`.

@@ -1,5 +1,10 @@
-import Foundation
 import MeshCore
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// `mesh-agent`'s configuration file (YAML); every field has a default, flags override it.
 public struct AgentConfig: Codable, Sendable, DefaultConstructible {

@@ -1,11 +1,16 @@
 import DNS
-import Foundation
 import Logging
 import MeshClient
 import MeshCore
 import MeshHTTP
 import NIOCore
 import Synchronization
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// Applies each new service table to the DNS zone and the data plane, one at a time, in order.
 actor SnapshotApplier {

@@ -1,6 +1,11 @@
-import Foundation
 import MeshCore
 import MeshSQLite
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// The agent's copy of what it last saw from the control plane, in one SQLite file, so the site
 /// keeps resolving and proxying while the control plane is unreachable, also across agent restarts.
