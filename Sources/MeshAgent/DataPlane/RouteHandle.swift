@@ -79,7 +79,30 @@ final class RouteHandle: Sendable {
     private struct State {
         var route: Route
         var localSite: String?
-        var balancer: LoadBalancer
+        var outlier: OutlierConfiguration
+        /// Built on the first pick: most routes of a large mesh never carry traffic through a given
+        /// agent, and a balancer costs ~0.5 KB per backend (slots, socket addresses, index).
+        var built: LoadBalancer?
+
+        /// The balancer, built now if it was not.
+        mutating func balancer() -> LoadBalancer {
+            if let b = self.built { return b }
+            let b = LoadBalancer(
+                backends: self.route.backends,
+                policy: self.route.policy,
+                localSite: self.localSite,
+                outlier: self.outlier
+            )
+            self.built = b
+            return b
+        }
+
+        mutating func withBalancer<T>(_ body: (inout LoadBalancer) -> T) -> T {
+            var b = self.balancer()
+            self.built = nil  // keep the value unique while it changes
+            defer { self.built = b }
+            return body(&b)
+        }
     }
 
     private let state: Mutex<State>
@@ -89,13 +112,7 @@ final class RouteHandle: Sendable {
         self.service = route.service
         self.metricsFactory = metricsFactory
         self.lazyMetrics = Mutex(nil)
-        let balancer = LoadBalancer(
-            backends: route.backends,
-            policy: route.policy,
-            localSite: localSite,
-            outlier: outlier
-        )
-        self.state = Mutex(State(route: route, localSite: localSite, balancer: balancer))
+        self.state = Mutex(State(route: route, localSite: localSite, outlier: outlier, built: nil))
     }
 
     /// The route's instruments, made on first use: an agent serves every service of the mesh but
@@ -120,14 +137,17 @@ final class RouteHandle: Sendable {
     func update(route: Route, localSite: String?, outlier: OutlierConfiguration) {
         self.state.withLock { state in
             if state.route == route && state.localSite == localSite { return }
-            let balancer = LoadBalancer(
-                backends: route.backends,
-                policy: route.policy,
-                localSite: localSite,
-                outlier: outlier,
-                previous: state.balancer
-            )
-            state = State(route: route, localSite: localSite, balancer: balancer)
+            // A balancer that was never built has no health to carry over: build it on first use.
+            let balancer = state.built.map {
+                LoadBalancer(
+                    backends: route.backends,
+                    policy: route.policy,
+                    localSite: localSite,
+                    outlier: outlier,
+                    previous: $0
+                )
+            }
+            state = State(route: route, localSite: localSite, outlier: outlier, built: balancer)
         }
     }
 
@@ -140,21 +160,23 @@ final class RouteHandle: Sendable {
     func pick(hash: UInt64 = 0, excluding: [BackendID] = []) -> Pick? {
         let now = NIODeadline.now()
         return self.state.withLock { state -> Pick? in
-            guard let i = state.balancer.pick(hash: hash, excluding: excluding, now: now) else { return nil }
-            let slot = state.balancer.slot(i)
-            return slot.address.map { Pick(id: slot.id, address: $0) }
+            state.withBalancer { balancer -> Pick? in
+                guard let i = balancer.pick(hash: hash, excluding: excluding, now: now) else { return nil }
+                let slot = balancer.slot(i)
+                return slot.address.map { Pick(id: slot.id, address: $0) }
+            }
         }
     }
 
     func finish(_ id: BackendID, outcome: LoadBalancer.Outcome) {
         let now = NIODeadline.now()
-        self.state.withLock { $0.balancer.finish(id, outcome: outcome, now: now) }
+        self.state.withLock { $0.withBalancer { $0.finish(id, outcome: outcome, now: now) } }
         if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
     }
 
     func report(_ id: BackendID, outcome: LoadBalancer.Outcome) {
         let now = NIODeadline.now()
-        self.state.withLock { $0.balancer.report(id, outcome: outcome, now: now) }
+        self.state.withLock { $0.withBalancer { $0.report(id, outcome: outcome, now: now) } }
         if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
     }
 
@@ -184,8 +206,21 @@ final class RouteHandle: Sendable {
     func snapshot(listening: Bool, error: String?) -> RouteSnapshot {
         let now = NIODeadline.now()
         let (route, slots) = self.state.withLock { state -> (Route, [LoadBalancer.Slot]) in
-            _ = state.balancer.eligible(now: now)  // lets due recoveries happen before reading
-            return (state.route, state.balancer.slots)
+            let route = state.route
+            guard state.built != nil else {
+                // Never used: its fresh state, without keeping a balancer for it.
+                let fresh = LoadBalancer(
+                    backends: route.backends,
+                    policy: route.policy,
+                    localSite: state.localSite,
+                    outlier: state.outlier
+                )
+                return (route, fresh.slots)
+            }
+            return state.withBalancer { balancer in
+                _ = balancer.eligible(now: now)  // lets due recoveries happen before reading
+                return (route, balancer.slots)
+            }
         }
         return RouteSnapshot(
             route: route,
