@@ -74,7 +74,16 @@ struct DataPlaneMetricsTests {
         let good = try await TestServers.greeter("good")
         defer { Task { await good.close() } }
         let refused = try await TestServers.refusedBackend()
-        try await withDataPlane { dp in
+        // An ejection that outlasts the nine connections even on a machine loaded by other work.
+        let config = testConfiguration(
+            outlier: .init(
+                consecutiveFailures: 3,
+                baseEjectionTime: .seconds(30),
+                maxEjectionTime: .seconds(60),
+                maxEjectionPercent: 10
+            )
+        )
+        try await withDataPlane(config) { dp in
             let vip = TestAddresses.vip()
             var notReady = good.backend()
             notReady.port = 1

@@ -85,7 +85,7 @@ func testConfiguration(
         maxEjectionTime: .seconds(2),
         maxEjectionPercent: 10
     ),
-    udp: UDPConfiguration = .init(flowIdleTimeout: .milliseconds(300), maxFlowsPerListener: 64),
+    udp: UDPConfiguration = .init(flowIdleTimeout: .seconds(5), maxFlowsPerListener: 64),
     http: HTTPConfiguration = .init(),
     drainTimeout: TimeAmount = .milliseconds(200)
 ) -> DataPlaneConfiguration {

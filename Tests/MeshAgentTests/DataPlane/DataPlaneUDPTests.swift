@@ -108,7 +108,7 @@ struct DataPlaneUDPTests {
         try await withDataPlane(
             // Timers long enough that a loaded machine (the whole suite runs in parallel) never expires a
             // flow before the test has made all three.
-            testConfiguration(udp: .init(flowIdleTimeout: .seconds(2), maxFlowsPerListener: 16))
+            testConfiguration(udp: .init(flowIdleTimeout: .seconds(6), maxFlowsPerListener: 16))
         ) { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
@@ -118,7 +118,7 @@ struct DataPlaneUDPTests {
             )
             for i in 0..<3 { #expect(try await udpAsk(TestClient.vipAddress(vip, 5353), "x\(i)") != nil) }
             #expect(dp.snapshot().routes[0].activeConnections == 3)
-            #expect(await eventually(8) { dp.snapshot().routes[0].activeConnections == 0 && dp.openChannels == 0 })
+            #expect(await eventually(20) { dp.snapshot().routes[0].activeConnections == 0 && dp.openChannels == 0 })
         }
     }
 
@@ -127,7 +127,7 @@ struct DataPlaneUDPTests {
         let echo = try await TestServers.udpEcho()
         defer { Task { await echo.close() } }
         try await withDataPlane(
-            testConfiguration(udp: .init(flowIdleTimeout: .seconds(3), maxFlowsPerListener: 2))
+            testConfiguration(udp: .init(flowIdleTimeout: .seconds(6), maxFlowsPerListener: 2))
         ) { dp in
             let vip = TestAddresses.vip()
             let target = TestClient.vipAddress(vip, 5353)
@@ -140,7 +140,7 @@ struct DataPlaneUDPTests {
             #expect(try await udpAsk(target, "two") != nil)
             #expect(try await udpAsk(target, "three", wait: 0.2) == nil)
             #expect(dp.snapshot().routes[0].activeConnections == 2)
-            #expect(await eventually(10) { dp.snapshot().routes[0].activeConnections == 0 })
+            #expect(await eventually(20) { dp.snapshot().routes[0].activeConnections == 0 })
             #expect(try await udpAsk(target, "four") != nil)
         }
     }
