@@ -1,7 +1,7 @@
 import ArgumentParser
 import Logging
+import MeshAgent
 import MeshCore
-import MeshDataPlane
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
