@@ -107,6 +107,12 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
         wait_until(lambda: get(cport, "/readyz")[0] == 200, 30, "mesh-control")
         results["binary_mb_mesh_agent"] = round(os.path.getsize(f"{bin_dir}/mesh-agent") / 1e6, 1)
         results["binary_mb_mesh_control"] = round(os.path.getsize(f"{bin_dir}/mesh-control") / 1e6, 1)
+        # What ships: without the debug info and symbol tables a release build carries.
+        for name in ("mesh-agent", "mesh-control"):
+            stripped = os.path.join(work, name + ".stripped")
+            if subprocess.run(["strip", "-o", stripped, f"{bin_dir}/{name}"], capture_output=True).returncode == 0:
+                results[f"binary_mb_{name.replace('-', '_')}_stripped"] = round(os.path.getsize(stripped) / 1e6, 1)
+                os.remove(stripped)
 
         t0 = time.time()
         agent = start_agent()
@@ -203,8 +209,10 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
 
 
 LABELS = {
-    "binary_mb_mesh_agent": "binary size mesh-agent (MB, static Swift runtime)",
-    "binary_mb_mesh_control": "binary size mesh-control (MB)",
+    "binary_mb_mesh_agent": "binary size mesh-agent (MB, static Swift runtime, with debug info)",
+    "binary_mb_mesh_control": "binary size mesh-control (MB, with debug info)",
+    "binary_mb_mesh_agent_stripped": "binary size mesh-agent stripped (MB)",
+    "binary_mb_mesh_control_stripped": "binary size mesh-control stripped (MB)",
     "startup_empty_s": "agent start-up to ready, empty table (s)",
     "rss_idle_mb": "agent RSS idle, empty table (MB)",
     "objects_written": "objects written (services + endpoints)",
