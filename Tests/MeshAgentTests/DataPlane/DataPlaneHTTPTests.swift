@@ -130,7 +130,7 @@ struct DataPlaneHTTPTests {
         let slowStats = HTTPBackendStats()
         let fast1 = try await TestServers.http("fast-1")
         let fast2 = try await TestServers.http("fast-2")
-        let slow = try await TestServers.http("slow", delay: .milliseconds(150), stats: slowStats)
+        let slow = try await TestServers.http("slow", delay: .milliseconds(300), stats: slowStats)
         defer {
             Task {
                 await fast1.close()
