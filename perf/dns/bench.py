@@ -101,7 +101,11 @@ def dnsperf(port, qfile, duration, rate=None, pin=True):
     }
 
 
-def quiet_wait(limit_core, seconds=3, tries=10):
+QUIET_TRIES = [10]
+
+
+def quiet_wait(limit_core, seconds=3, tries=None):
+    tries = QUIET_TRIES[0] if tries is None else tries
     for _ in range(tries):
         b = all_cpu()
         time.sleep(seconds)
@@ -137,8 +141,9 @@ def measure(server, port, qfile, duration, rate, noise, retries, quiet_seconds=3
 
 
 def benchmark(ours_bin, duration=10, rate=20000, names_count=1000, noise=0.05, retries=2, quiet_seconds=3,
-              pin=True, log=sys.stderr):
+              pin=True, log=sys.stderr, quiet_timeout=30):
     """Runs the three servers one after the other; returns {"servers": {name: {"max": .., "rate": ..}}, ...}."""
+    QUIET_TRIES[0] = max(1, int(quiet_timeout / quiet_seconds)) if quiet_seconds > 0 else 1
     cpu_srv = ["taskset", "-c", "1"] if pin else []
     tmp = tempfile.mkdtemp(prefix="dns-perf-")
     names = [f"svc{i}.bench.svc.cluster.local" for i in range(names_count)]
