@@ -26,6 +26,7 @@ let package = Package(
             dependencies: [
                 .product(name: "MeshAgent", package: "edge-mesh"),
                 .product(name: "MeshCore", package: "edge-mesh"),
+                .product(name: "MeshHTTP", package: "edge-mesh"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
