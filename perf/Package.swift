@@ -1,7 +1,11 @@
 // swift-tools-version:6.1
-// Benchmarks, kept out of the main package so `swift test` never builds them. Run them through
-// the scripts beside this file (perf/control-watch, ...), which build in release mode.
+// Benchmarks: one nested package, kept out of the main package so that `swift test` never builds them.
+// It depends on the root package's library products (MeshAgent, MeshClient, ...), so it always measures
+// the working tree. Run the benchmarks through `perf/run` (see README.md beside this file), which builds
+// in release mode.
 import PackageDescription
+
+let swiftSettings: [SwiftSetting] = [.swiftLanguageMode(.v6)]
 
 let package = Package(
     name: "mesh-perf",
@@ -10,8 +14,30 @@ let package = Package(
         .package(name: "edge-mesh", path: ".."),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
+        // Data-plane benchmarks: our proxy (the MeshAgent library's DataPlane with one route), test
+        // backends, the open-loop load generator, a bulk-transfer client and the quiet check.
+        .executableTarget(
+            name: "mesh-proxy-bench",
+            dependencies: [
+                .product(name: "MeshAgent", package: "edge-mesh"),
+                .product(name: "MeshCore", package: "edge-mesh"),
+                .product(name: "MeshHTTP", package: "edge-mesh"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
+            path: "Sources/ProxyBench",
+            swiftSettings: swiftSettings
+        ),
+        // Watch fan-out of the control plane (perf/control-watch).
         .executableTarget(
             name: "control-watch-bench",
             dependencies: [
@@ -22,7 +48,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Sources/ControlWatch",
-            swiftSettings: [.swiftLanguageMode(.v6)]
-        )
+            swiftSettings: swiftSettings
+        ),
     ]
 )

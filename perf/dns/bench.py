@@ -80,8 +80,8 @@ def wait_ready(port, name, timeout=10):
     return False
 
 
-def dnsperf(port, qfile, duration, rate=None):
-    cmd = ["taskset", "-c", "0", "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", qfile,
+def dnsperf(port, qfile, duration, rate=None, pin=True):
+    cmd = (["taskset", "-c", "0"] if pin else []) + ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", qfile,
            "-l", str(duration), "-c", "4", "-T", "1", "-q", "100"]
     if rate:
         cmd += ["-Q", str(rate)]
@@ -101,7 +101,11 @@ def dnsperf(port, qfile, duration, rate=None):
     }
 
 
-def quiet_wait(limit_core, seconds=3, tries=10):
+QUIET_TRIES = [10]
+
+
+def quiet_wait(limit_core, seconds=3, tries=None):
+    tries = QUIET_TRIES[0] if tries is None else tries
     for _ in range(tries):
         b = all_cpu()
         time.sleep(seconds)
@@ -111,15 +115,16 @@ def quiet_wait(limit_core, seconds=3, tries=10):
     return used
 
 
-def measure(server, port, qfile, duration, rate, noise, retries):
+def measure(server, port, qfile, duration, rate, noise, retries, quiet_seconds=3, pin=True):
     results = {}
     for phase, r in (("max", None), ("rate", rate)):
         for attempt in range(retries + 1):
-            quiet_wait(noise)
+            if quiet_seconds > 0:
+                quiet_wait(noise, quiet_seconds)
             before_all = all_cpu()
             s0 = cpu_seconds(server.pid)
             t0 = time.time()
-            res = dnsperf(port, qfile, duration, r)
+            res = dnsperf(port, qfile, duration, r, pin)
             wall = time.time() - t0
             s1 = cpu_seconds(server.pid)
             after_all = all_cpu()
@@ -129,34 +134,20 @@ def measure(server, port, qfile, duration, rate, noise, retries):
             res["server_cores"] = (s1 - s0) / wall
             res["others_cores"] = other
             res["noisy"] = other > noise
-            if not res["noisy"]:
+            if not res["noisy"] or quiet_seconds <= 0:
                 break
         results[phase] = res
     return results
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--rate", type=int, default=20000)
-    ap.add_argument("--names", type=int, default=1000)
-    ap.add_argument("--noise", type=float, default=0.05, help="other processes' CPU (cores) that makes a run noisy")
-    ap.add_argument("--retries", type=int, default=2)
-    ap.add_argument("--skip-build", action="store_true")
-    args = ap.parse_args()
-
-    for tool in ("dnsperf", "unbound", "dnsmasq", "taskset"):
-        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
-            subprocess.run([os.path.join(ROOT, "scripts", "bootstrap"), "--perf"], check=True)
-            break
-    if not args.skip_build:
-        subprocess.run(["swift", "build", "-c", "release", "--product", "dns-bench-server"], cwd=ROOT, check=True,
-                       stdout=sys.stderr)
-    ours_bin = os.path.join(ROOT, ".build", "release", "dns-bench-server")
-
+def benchmark(ours_bin, duration=10, rate=20000, names_count=1000, noise=0.05, retries=2, quiet_seconds=3,
+              pin=True, log=sys.stderr, quiet_timeout=30):
+    """Runs the three servers one after the other; returns {"servers": {name: {"max": .., "rate": ..}}, ...}."""
+    QUIET_TRIES[0] = max(1, int(quiet_timeout / quiet_seconds)) if quiet_seconds > 0 else 1
+    cpu_srv = ["taskset", "-c", "1"] if pin else []
     tmp = tempfile.mkdtemp(prefix="dns-perf-")
-    names = [f"svc{i}.bench.svc.cluster.local" for i in range(args.names)]
-    addrs = [f"10.96.{(i >> 8) & 255}.{i & 255}" for i in range(args.names)]
+    names = [f"svc{i}.bench.svc.cluster.local" for i in range(names_count)]
+    addrs = [f"10.96.{(i >> 8) & 255}.{i & 255}" for i in range(names_count)]
     qfile = os.path.join(tmp, "queries.txt")
     with open(qfile, "w") as f:
         for n in names:
@@ -168,8 +159,8 @@ def main():
 
     servers = []
     p_ours = free_port()
-    servers.append(("ours", p_ours, ["taskset", "-c", "1", ours_bin, "--host", "127.0.0.1", "--port", str(p_ours),
-                                     "--names", str(args.names), "--threads", "1"]))
+    servers.append(("ours", p_ours, cpu_srv + [ours_bin, "--host", "127.0.0.1", "--port", str(p_ours),
+                                              "--names", str(names_count), "--threads", "1"]))
     p_unbound = free_port()
     conf = os.path.join(tmp, "unbound.conf")
     with open(conf, "w") as f:
@@ -194,61 +185,130 @@ def main():
         for n, a in zip(names, addrs):
             f.write(f'  local-data: "{n}. 30 IN A {a}"\n')
         f.write("remote-control:\n  control-enable: no\n")
-    servers.append(("unbound", p_unbound, ["taskset", "-c", "1", "unbound", "-d", "-c", conf]))
+    servers.append(("unbound", p_unbound, cpu_srv + ["unbound", "-d", "-c", conf]))
     p_dnsmasq = free_port()
-    servers.append(("dnsmasq", p_dnsmasq, ["taskset", "-c", "1", "dnsmasq", "--keep-in-foreground", "--no-resolv",
-                                           "--no-hosts", f"--addn-hosts={hosts}", f"--port={p_dnsmasq}",
-                                           "--listen-address=127.0.0.1", "--bind-interfaces", "--pid-file=",
-                                           "--local-ttl=30", "--cache-size=10000", "--user=root",
-                                           "--local=/cluster.local/"]))
+    servers.append(("dnsmasq", p_dnsmasq, cpu_srv + ["dnsmasq", "--keep-in-foreground", "--no-resolv",
+                                                     "--no-hosts", f"--addn-hosts={hosts}", f"--port={p_dnsmasq}",
+                                                     "--listen-address=127.0.0.1", "--bind-interfaces", "--pid-file=",
+                                                     "--local-ttl=30", "--cache-size=10000", "--user=root",
+                                                     "--local=/cluster.local/"]))
 
     results = {}
-    versions = {}
-    for name, port, cmd in servers:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            if not wait_ready(port, names[0]):
-                print(f"{name}: did not answer on port {port}", file=sys.stderr)
+    try:
+        for name, port, cmd in servers:
+            if not shutil.which(cmd[len(cpu_srv)]) and not os.path.exists(cmd[len(cpu_srv)]):
+                print(f"dns: {name}: {cmd[len(cpu_srv)]} not installed, skipped", file=log)
                 continue
-            results[name] = measure(proc, port, qfile, args.duration, args.rate, args.noise, args.retries)
-        finally:
-            proc.send_signal(signal.SIGTERM)
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                if not wait_ready(port, names[0]):
+                    print(f"dns: {name} did not answer on port {port}", file=log)
+                    continue
+                results[name] = measure(proc, port, qfile, duration, rate, noise, retries, quiet_seconds, pin)
+                results[name]["rss_mb"] = rss_mb(proc.pid)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    versions = {}
     for tool, vcmd in (("unbound", ["unbound", "-V"]), ("dnsmasq", ["dnsmasq", "--version"]),
                        ("dnsperf", ["dnsperf", "-h"])):
-        out = subprocess.run(vcmd, capture_output=True, text=True)
-        m = re.search(r"(\d+\.\d+(\.\d+)?)", out.stdout + out.stderr)
-        versions[tool] = m.group(1) if m else "?"
+        try:
+            out = subprocess.run(vcmd, capture_output=True, text=True)
+            m = re.search(r"(\d+\.\d+(\.\d+)?)", out.stdout + out.stderr)
+            versions[tool] = m.group(1) if m else "?"
+        except OSError:
+            versions[tool] = "not installed"
+    for r in results.values():
+        for phase in r.values():
+            if isinstance(phase, dict):
+                phase.pop("raw", None)
+    return {"names": names_count, "duration": duration, "rate": rate, "versions": versions, "servers": results}
 
-    print(f"DNS perf: {args.names} A names, server on CPU 1, dnsperf -c 4 -T 1 -q 100 on CPU 0, "
-          f"{args.duration} s per phase; unbound {versions['unbound']}, dnsmasq {versions['dnsmasq']}")
+
+def rss_mb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def report(res, out=sys.stdout):
+    """Prints the table and the ratios of a benchmark() result."""
+    results, rate = res["servers"], res["rate"]
+    v = res["versions"]
+    print(f"DNS perf: {res['names']} A names, server on CPU 1, dnsperf -c 4 -T 1 -q 100 on CPU 0, "
+          f"{res['duration']} s per phase; unbound {v.get('unbound')}, dnsmasq {v.get('dnsmasq')}", file=out)
     hdr = f"{'server':8} {'max qps':>10} {'avg ms':>8} {'CPU-us/q':>9} {'srv cores':>9} {'lost':>6} | " \
-          f"{'@' + str(args.rate) + ' qps avg ms':>18} {'sd ms':>7} {'CPU-us/q':>9} | {'others':>6}"
-    print(hdr)
-    print("-" * len(hdr))
-    for name, _, _ in servers:
+          f"{'@' + str(rate) + ' qps avg ms':>18} {'sd ms':>7} {'CPU-us/q':>9} | {'RSS MB':>6} {'others':>6}"
+    print(hdr, file=out)
+    print("-" * len(hdr), file=out)
+    for name in ("ours", "unbound", "dnsmasq"):
         if name not in results:
-            print(f"{name:8} (no result)")
+            print(f"{name:8} (no result)", file=out)
             continue
         m, r = results[name]["max"], results[name]["rate"]
         flag = " noisy" if m["noisy"] or r["noisy"] else ""
         ok = "" if m["noerror"] and r["noerror"] else " (non-NOERROR answers!)"
         print(f"{name:8} {m['qps']:10.0f} {m['avg_ms']:8.3f} {m['cpu_us_per_query']:9.2f} {m['server_cores']:9.2f} "
               f"{int(m['lost']):6d} | {r['avg_ms']:18.3f} {r['stddev_ms']:7.3f} {r['cpu_us_per_query']:9.2f} | "
-              f"{max(m['others_cores'], r['others_cores']):6.3f}{flag}{ok}")
+              f"{results[name].get('rss_mb') or 0:6.1f} {max(m['others_cores'], r['others_cores']):6.3f}{flag}{ok}",
+              file=out)
+    for line in ratio_lines(res):
+        print(line, file=out)
+
+
+def ratio_lines(res):
+    results, rate = res["servers"], res["rate"]
+    lines = []
     if "ours" in results:
         o = results["ours"]
         for peer in ("unbound", "dnsmasq"):
             if peer in results:
                 p = results[peer]
-                print(f"ours/{peer}: max qps x{o['max']['qps'] / p['max']['qps']:.2f}, "
-                      f"CPU-us/query at max x{o['max']['cpu_us_per_query'] / p['max']['cpu_us_per_query']:.2f}, "
-                      f"avg latency at {args.rate} qps x{o['rate']['avg_ms'] / p['rate']['avg_ms']:.2f}, "
-                      f"CPU-us/query at {args.rate} qps x{o['rate']['cpu_us_per_query'] / p['rate']['cpu_us_per_query']:.2f}")
-    shutil.rmtree(tmp, ignore_errors=True)
+                lines.append(
+                    f"ours/{peer}: max qps x{ratio(o['max']['qps'], p['max']['qps'])}, "
+                    f"CPU-us/query at max x{ratio(o['max']['cpu_us_per_query'], p['max']['cpu_us_per_query'])}, "
+                    f"avg latency at {rate} qps x{ratio(o['rate']['avg_ms'], p['rate']['avg_ms'])}, "
+                    f"CPU-us/query at {rate} qps x{ratio(o['rate']['cpu_us_per_query'], p['rate']['cpu_us_per_query'])}")
+    return lines
+
+
+def ratio(a, b):
+    try:
+        return f"{a / b:.2f}"
+    except (ZeroDivisionError, TypeError):
+        return "nan"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rate", type=int, default=20000)
+    ap.add_argument("--names", type=int, default=1000)
+    ap.add_argument("--noise", type=float, default=0.05, help="other processes' CPU (cores) that makes a run noisy")
+    ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--skip-build", action="store_true")
+    args = ap.parse_args()
+
+    for tool in ("dnsperf", "unbound", "dnsmasq", "taskset"):
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            subprocess.run([os.path.join(ROOT, "scripts", "bootstrap"), "--perf"], check=True)
+            break
+    if not args.skip_build:
+        subprocess.run(["swift", "build", "-c", "release", "--product", "dns-bench-server"], cwd=ROOT, check=True,
+                       stdout=sys.stderr)
+    ours_bin = os.path.join(ROOT, ".build", "release", "dns-bench-server")
+    res = benchmark(ours_bin, args.duration, args.rate, args.names, args.noise, args.retries)
+    report(res)
 
 
 if __name__ == "__main__":

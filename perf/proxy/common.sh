@@ -1,4 +1,4 @@
-# Shared by perf/proxy/bulk and perf/proxy/latency (sourced). Builds the bench tool, starts processes that
+# Shared by perf/proxy/bulk (sourced). Builds the bench tool, starts processes that
 # are stopped on exit (by their PIDs), and cleans up the namespaces a run created.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,8 +20,9 @@ need_haproxy() {
 }
 
 build_bench() {
-  (cd "$HERE" && swift build -c release --product mesh-proxy-bench 2>&1 | grep -E "error|warning: .*swift" || true)
-  BIN="$HERE/.build/release/mesh-proxy-bench"
+  (swift build -c release --static-swift-stdlib --package-path "$ROOT/perf" --product mesh-proxy-bench 2>&1 \
+    | grep -E "error|warning: .*swift" || true)
+  BIN="$ROOT/perf/.build/release/mesh-proxy-bench"
   [[ -x "$BIN" ]] || { echo "build failed" >&2; exit 1; }
 }
 

@@ -7,7 +7,8 @@ import Synchronization
 final class DataPlaneCounters: Sendable {
     let downstreamChannels = Atomic<Int>(0)
     let upstreamChannels = Atomic<Int>(0)
-    /// Largest `bufferedWritableBytes` seen on a proxied channel right after a flush.
+    /// Largest `bufferedWritableBytes` seen on a proxied channel right after a flush that left it over the high
+    /// water mark (not writable).
     let bufferedHighWater = Atomic<Int>(0)
 
     /// Counts `channel` until it closes.

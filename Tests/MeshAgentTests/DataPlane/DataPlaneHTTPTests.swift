@@ -278,6 +278,45 @@ struct DataPlaneHTTPTests {
         }
     }
 
+    @Test("pipelined requests are answered in order, one at a time; garbage behind them gets 400 after them")
+    func pipelining() async throws {
+        let backend = try await TestServers.http("web")
+        defer { Task { await backend.close() } }
+        try await withDataPlane { dp in
+            let vip = TestAddresses.vip()
+            try await dp.apply(httpRoute("pipe", vip, [backend.backend()]))
+            let address = TestClient.vipAddress(vip, 8080)
+            let two = "GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            let answered = try await RawClient.send(address, Array(two.utf8))
+            #expect(answered.components(separatedBy: "HTTP/1.1 200").count == 3)
+            #expect(answered.lowercased().contains("connection: close"))
+            let withGarbage =
+                "GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n\u{01}\u{02}NOT HTTP\r\n\r\n"
+            let text = try await RawClient.send(address, Array(withGarbage.utf8))
+            // Status lines in order (a body is not followed by a line break: split on the version).
+            let statuses = text.components(separatedBy: "HTTP/1.1 ").dropFirst().map { String($0.prefix(3)) }
+            #expect(statuses == ["200", "200", "400"])
+            #expect(await eventually { dp.openClientChannels == 0 })
+        }
+    }
+
+    @Test("a removed route finishes the request in flight with connection: close, then closes")
+    func drainAnswersInFlightRequest() async throws {
+        let backend = try await TestServers.http("slow", delay: .milliseconds(400))
+        defer { Task { await backend.close() } }
+        try await withDataPlane(testConfiguration(drainTimeout: .seconds(5))) { dp in
+            let vip = TestAddresses.vip()
+            try await dp.apply(httpRoute("drain", vip, [backend.backend()]))
+            let address = TestClient.vipAddress(vip, 8080)
+            async let response = TestHTTPConnection.get(address, "/")
+            #expect(await eventually { dp.openClientChannels == 1 && dp.openChannels == 2 })
+            try await dp.apply(RouteTable(routes: []))
+            let r = try #require(try await response)
+            #expect(r.status == 200 && r.header("connection") == "close")
+            #expect(await eventually { dp.openClientChannels == 0 })
+        }
+    }
+
     @Test("a client that connects and never sends is closed by the request head timeout")
     func silentClient() async throws {
         let backend = try await TestServers.http("web")

@@ -7,8 +7,10 @@ import NIOPosix
 /// The L7 HTTP/1.1 proxy for `http` routes.
 enum HTTPProxy {
     /// Sets up one accepted client connection (inside the child channel initialiser, on its loop):
-    /// response encoder, request decoder with the header limits, NIO's pipelining helper, the 400/431
-    /// responder and the proxy handler.
+    /// response encoder, request decoder with the header limits, and the proxy handler, which also answers
+    /// parse errors (400/431), holds pipelined requests back until the one in flight is answered, and
+    /// quiesces. Three handlers only: every handler between the codec and the proxy costs a hop (and a
+    /// dynamic cast of the boxed message) for every part of every request and response.
     static func initialize(channel: any Channel, handle: RouteHandle, environment: ProxyEnvironment) throws {
         let configuration = environment.configuration.http
         var limits = NIOHTTPDecoderLimitConfiguration()
@@ -22,18 +24,14 @@ enum HTTPProxy {
                 limitConfiguration: limits
             )
         )
-        let pipelining = HTTPServerPipelineHandler()
-        let errors = HTTPErrorResponder(metrics: handle.metrics)
         let proxy = HTTPProxyHandler(
             handle: handle,
             environment: environment,
-            httpHandlers: [encoder, decoder, pipelining, errors]
+            httpHandlers: [encoder, decoder]
         )
         let sync = channel.pipeline.syncOperations
         try sync.addHandler(encoder)
         try sync.addHandler(decoder)
-        try sync.addHandler(pipelining)
-        try sync.addHandler(errors)
         try sync.addHandler(proxy)
         handle.connectionOpened()
         channel.closeFuture.whenComplete { _ in handle.connectionClosed() }
@@ -59,14 +57,30 @@ enum HTTPProxy {
         for name in named where name != "close" && name != "keep-alive" { headers.remove(name: String(name)) }
     }
 
-    private static func isHopByHop(_ name: String) -> Bool {
+    static func isHopByHop(_ name: String) -> Bool {
         // Cheap length filter before the case-insensitive comparison.
         switch name.utf8.count {
         case 2, 7, 10, 16, 18, 19:
-            return Self.hopByHop.contains { $0.utf8.count == name.utf8.count && $0.caseInsensitiveEquals(name) }
+            return Self.hopByHop.contains { $0.utf8.count == name.utf8.count && $0.asciiCaseInsensitiveEquals(name) }
         default:
             return false
         }
+    }
+
+    /// Whether a comma-separated header value holds `token` (ASCII case-insensitive, spaces trimmed).
+    static func listContainsToken(_ value: String, _ token: String) -> Bool {
+        for item in value.utf8.split(separator: UInt8(ascii: ",")) {
+            var element = item[...]
+            let blank = { (byte: UInt8) in byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") }
+            while let first = element.first, blank(first) { element = element.dropFirst() }
+            while let last = element.last, blank(last) { element = element.dropLast() }
+            if element.count == token.utf8.count,
+                zip(element, token.utf8).allSatisfy({ asciiLower($0) == asciiLower($1) })
+            {
+                return true
+            }
+        }
+        return false
     }
 
     static func isIdempotent(_ method: HTTPMethod) -> Bool {
@@ -93,7 +107,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var keepAlive: Bool
         let isUpgrade: Bool
         let hash: UInt64
-        let started = NIODeadline.now()
         var pendingBody: [ByteBuffer] = []
         /// The client sent `.end`.
         var requestEnded = false
@@ -104,7 +117,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var responseHeadSent = false
         var responseEnded = false
         var upstreamKeepAlive = true
-        var tried: [BackendID] = []
+        /// The backends tried so far: the first inline (no allocation for a request that is not retried).
+        var firstTried: BackendID?
+        var moreTried: [BackendID] = []
         var pick: Pick?
         /// The current pick is still counted in flight by the balancer.
         var pickInFlight = false
@@ -113,7 +128,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var upstream: UpstreamConnection?
         /// When the response head must have arrived (set once the request is sent).
         var responseDeadline: NIODeadline?
-        var upstreamStarted = NIODeadline.now()
+        var upstreamStarted = NIODeadline.uptimeNanoseconds(0)
         var connectTimedOut = false
         /// A 101 arrived for an upgrade request; the switch happens at its `.end` (the decoder's last part).
         var upgradeResponse: HTTPResponseHead?
@@ -128,6 +143,25 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
 
         var canStreamBody: Bool { self.upstream != nil && self.headSent }
+
+        var triedCount: Int { (self.firstTried == nil ? 0 : 1) + self.moreTried.count }
+
+        var tried: [BackendID] {
+            guard let first = self.firstTried else { return [] }
+            return [first] + self.moreTried
+        }
+
+        func noteTried(_ id: BackendID) {
+            if self.firstTried == nil { self.firstTried = id } else { self.moreTried.append(id) }
+        }
+    }
+
+    /// What arrived from the client behind a request still in flight (pipelining), replayed in order once it
+    /// is answered.
+    private enum Queued {
+        case part(HTTPServerRequestPart)
+        case inputClosed
+        case error(any Error)
     }
 
     private enum State {
@@ -156,6 +190,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var servedRequests = 0
     private var rng = FastRandom()
     private var clientIP: IPAddress?
+    /// The client IP as text, for X-Forwarded-For (made once per connection).
+    private var clientIPText: String?
+    /// Pipelined requests (and a half-close or parse error behind them); reads are held while there are any.
+    private var queued: [Queued] = []
+    private var replaying = false
+    /// Asked to finish (a route removed, shutdown): the exchange in flight is answered with
+    /// `connection: close`, then the connection closes.
+    private var quiescing = false
 
     init(handle: RouteHandle, environment: ProxyEnvironment, httpHandlers: [any RemovableChannelHandler]) {
         self.handle = handle
@@ -172,6 +214,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         self.clientIP = context.channel.remoteAddress.flatMap(IPAddress.init(socketAddress:))
+        self.clientIPText = self.clientIP.map { "\($0)" }
         self.armTimer()
     }
 
@@ -189,24 +232,91 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             self.abandon(exchange)
         }
         self.state = .closed
+        self.queued.removeAll()
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // Parse errors were answered by HTTPErrorResponder; anything else (a reset) ends the connection.
-        context.close(promise: nil)
+        guard error is HTTPParserError else {
+            // A reset or the like: the connection is over.
+            context.close(promise: nil)
+            return
+        }
+        if !self.queued.isEmpty {
+            self.queued.append(.error(error))
+            return
+        }
+        if case .active(let exchange) = self.state, exchange.requestEnded {
+            // Garbage behind a request in flight (pipelined): answered once that request is.
+            self.queued.append(.error(error))
+            return
+        }
+        self.answerParseError(error, context: context)
+    }
+
+    /// 431 when the head is over the size limits, 400 otherwise, always with `connection: close`, then closes;
+    /// if a response is already under way it just closes.
+    private func answerParseError(_ error: any Error, context: ChannelHandlerContext) {
+        self.handle.metrics.error(.badRequest)
+        self.queued.removeAll()
+        self.pendingRead = false
+        var responseUnderWay = false
+        if case .active(let exchange) = self.state {
+            responseUnderWay = exchange.responseHeadSent && !exchange.responseEnded
+            self.state = .closed
+            self.abandon(exchange)
+        }
+        self.state = .closed
+        guard !responseUnderWay, let parserError = error as? HTTPParserError else {
+            context.close(promise: nil)
+            return
+        }
+        let status: HTTPResponseStatus = parserError == .headerOverflow ? .requestHeaderFieldsTooLarge : .badRequest
+        Self.writeStatusResponse(
+            context: context,
+            status: status,
+            reason: status == .badRequest ? "bad request: \(parserError)" : "request header fields too large",
+            keepAlive: false,
+            wrap: self.wrapOutboundOut
+        )
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, event == .inputClosed {
-            // The client is done sending. With nothing in flight, close; otherwise finish the exchange first.
-            switch self.state {
-            case .idle, .discarding: context.close(promise: nil)
-            case .active(let exchange): exchange.keepAlive = false
-            case .upgraded, .closed: break
+            if self.queued.isEmpty {
+                self.inputClosed(context: context)
+            } else {
+                self.queued.append(.inputClosed)
             }
+        } else if event is ChannelShouldQuiesceEvent {
+            self.quiesce(context: context)
+            return
         }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// The client is done sending. With nothing in flight, close; otherwise finish the exchange first.
+    private func inputClosed(context: ChannelHandlerContext) {
+        switch self.state {
+        case .idle, .discarding: context.close(promise: nil)
+        case .active(let exchange): exchange.keepAlive = false
+        case .upgraded, .closed: break
+        }
+    }
+
+    /// Finish the request in flight (its response says `connection: close`), drop pipelined ones, close.
+    private func quiesce(context: ChannelHandlerContext) {
+        self.quiescing = true
+        self.queued.removeAll()
+        switch self.state {
+        case .idle:
+            self.state = .closed
+            context.close(promise: nil)
+        case .active(let exchange):
+            exchange.keepAlive = false
+        case .discarding, .upgraded, .closed:
+            break
+        }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -217,6 +327,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func read(context: ChannelHandlerContext) {
+        if !self.queued.isEmpty {
+            // Pipelined requests wait: read no more until they are taken.
+            self.pendingRead = true
+            return
+        }
         if case .active(let exchange) = self.state, !exchange.requestEnded,
             !(exchange.canStreamBody && exchange.upstream!.handler.isWritable)
         {
@@ -235,7 +350,14 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = self.unwrapInboundIn(data)
-        self.lastClientRead = .now()
+        guard self.queued.isEmpty else {
+            self.queued.append(.part(part))
+            return
+        }
+        self.handle(part, context: context)
+    }
+
+    private func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
         switch (self.state, part) {
         case (.idle, .head(let head)):
             self.start(head, context: context)
@@ -260,15 +382,46 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             break
         case (.discarding, .end):
             self.becomeIdle()
+        case (.active, .head):
+            // The client pipelined the next request: it waits until this one is answered.
+            self.queued.append(.part(part))
         case (.closed, _), (.upgraded, _):
             break
         default:
-            // The pipelining helper delivers one request at a time; anything else is a bug: close.
+            // The decoder delivers head, body..., end: anything else is a bug: close.
             context.close(promise: nil)
         }
     }
 
+    /// Takes what was queued behind the exchange that just ended, in order, until another exchange is in
+    /// flight; then lets the client's reads go on.
+    private func replayQueued() {
+        guard !self.replaying, let context = self.context else { return }
+        self.replaying = true
+        defer { self.replaying = false }
+        while let next = self.queued.first {
+            switch (self.state, next) {
+            case (.closed, _), (.upgraded, _):
+                self.queued.removeAll()
+                return
+            case (.active, .part(.head)), (.active, .error), (.discarding, .part(.head)), (.discarding, .error):
+                return
+            case (_, .part(let part)):
+                self.queued.removeFirst()
+                self.handle(part, context: context)
+            case (_, .inputClosed):
+                self.queued.removeFirst()
+                self.inputClosed(context: context)
+            case (_, .error(let error)):
+                self.queued.removeFirst()
+                self.answerParseError(error, context: context)
+            }
+        }
+        self.resumeClientRead()
+    }
+
     func channelReadComplete(context: ChannelHandlerContext) {
+        self.lastClientRead = .now()
         if self.upstreamNeedsFlush, case .active(let exchange) = self.state {
             self.upstreamNeedsFlush = false
             exchange.upstream?.handler.flush()
@@ -284,22 +437,44 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.handle.stats.activeRequests.add(1, ordering: .relaxed)
         self.handle.metrics.requests.increment()
 
-        let isUpgrade =
-            requestHead.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" }
-            && requestHead.headers.contains(name: "upgrade")
+        // One pass over the headers for everything the proxy looks at (usually none of them is there).
+        var connectionUpgrade = false
+        var upgradeValue: String?
+        var hopByHop = false
+        var forwardedFor: String?
+        var hasRequestID = false
+        for (name, value) in requestHead.headers {
+            switch name.utf8.count {
+            case 7 where upgradeValue == nil && name.asciiCaseInsensitiveEquals("upgrade"):
+                upgradeValue = value
+                hopByHop = true
+            case 10 where name.asciiCaseInsensitiveEquals("connection"):
+                hopByHop = true
+                connectionUpgrade = connectionUpgrade || HTTPProxy.listContainsToken(value, "upgrade")
+            case 12 where !hasRequestID && name.asciiCaseInsensitiveEquals("x-request-id"):
+                hasRequestID = true
+            case 15 where forwardedFor == nil && name.asciiCaseInsensitiveEquals("x-forwarded-for"):
+                forwardedFor = value
+            default:
+                hopByHop = hopByHop || HTTPProxy.isHopByHop(name)
+            }
+        }
+        let isUpgrade = connectionUpgrade && upgradeValue != nil
         var head = requestHead
-        let upgradeValue = head.headers.first(name: "upgrade")
-        HTTPProxy.stripHopByHop(&head.headers)
+        if hopByHop { HTTPProxy.stripHopByHop(&head.headers) }
         if isUpgrade, let upgradeValue {
             head.headers.add(name: "connection", value: "upgrade")
             head.headers.add(name: "upgrade", value: upgradeValue)
         }
         head.version = .http1_1
-        if self.configuration.addForwardedFor, let ip = self.clientIP {
-            let existing = head.headers.first(name: "x-forwarded-for")
-            head.headers.replaceOrAdd(name: "x-forwarded-for", value: existing.map { "\($0), \(ip)" } ?? "\(ip)")
+        if self.configuration.addForwardedFor, let ip = self.clientIPText {
+            if let forwardedFor {
+                head.headers.replaceOrAdd(name: "x-forwarded-for", value: "\(forwardedFor), \(ip)")
+            } else {
+                head.headers.add(name: "x-forwarded-for", value: ip)
+            }
         }
-        if self.configuration.addRequestID, !head.headers.contains(name: "x-request-id") {
+        if self.configuration.addRequestID, !hasRequestID {
             head.headers.add(name: "x-request-id", value: self.newRequestID())
         }
         let exchange = Exchange(
@@ -350,7 +525,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func dispatch(_ exchange: Exchange) {
         guard let context = self.context else { return }
         guard let pick = self.handle.pick(hash: exchange.hash, excluding: exchange.tried) else {
-            if exchange.tried.isEmpty {
+            if exchange.firstTried == nil {
                 self.handle.metrics.error(.noBackend)
                 self.fail(exchange, .serviceUnavailable, "no healthy upstream")
             } else if exchange.connectTimedOut {
@@ -360,7 +535,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
             return
         }
-        exchange.tried.append(pick.id)
+        exchange.noteTried(pick.id)
         exchange.pick = pick
         exchange.pickInFlight = true
         exchange.upstreamStarted = .now()
@@ -432,7 +607,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// response only for idempotent requests whose body has not been sent), within the retry budget.
     private func retryOrFail(_ exchange: Exchange, status: HTTPResponseStatus, reason: String) {
         let attemptsLeft =
-            exchange.tried.count
+            exchange.triedCount
             < max(self.environment.configuration.connectAttempts, 1 + self.configuration.maxRetries)
         if attemptsLeft, exchange.retries < self.configuration.maxRetries, self.takeRetryBudget(exchange) {
             exchange.retries += 1
@@ -667,6 +842,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func becomeIdle() {
         self.state = .idle
         self.idleSince = .now()
+        if self.quiescing {
+            self.state = .closed
+            self.context?.close(promise: nil)
+            return
+        }
+        if !self.queued.isEmpty { self.replayQueued() }
     }
 
     private func armTimer() {
@@ -778,14 +959,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 }
 
+@inline(__always)
+private func asciiLower(_ byte: UInt8) -> UInt8 {
+    byte &- 65 < 26 ? byte | 0x20 : byte
+}
+
 extension String {
     /// ASCII case-insensitive equality.
-    fileprivate func caseInsensitiveEquals(_ other: String) -> Bool {
+    fileprivate func asciiCaseInsensitiveEquals(_ other: String) -> Bool {
         guard self.utf8.count == other.utf8.count else { return false }
         for (a, b) in zip(self.utf8, other.utf8) where a != b {
-            let la = (65...90).contains(a) ? a + 32 : a
-            let lb = (65...90).contains(b) ? b + 32 : b
-            if la != lb { return false }
+            if asciiLower(a) != asciiLower(b) { return false }
         }
         return true
     }

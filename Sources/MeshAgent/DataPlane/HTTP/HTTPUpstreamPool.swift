@@ -41,7 +41,8 @@ final class UpstreamConnection {
     let channel: any Channel
     let handler: UpstreamHTTPHandler
     let backend: BackendID
-    fileprivate var idleTimer: Scheduled<Void>?
+    /// When it went back into the pool (the pool's sweep closes it after `upstreamIdleTimeout`).
+    fileprivate var idleSince = NIODeadline.uptimeNanoseconds(0)
     fileprivate(set) var isIdle = false
 
     init(channel: any Channel, handler: UpstreamHTTPHandler, backend: BackendID) {
@@ -52,13 +53,16 @@ final class UpstreamConnection {
 }
 
 /// The pool of one event loop: idle connections per backend (most recently used first) and a count of all
-/// connections per backend, bounded by `maxConnectionsPerBackend`.
+/// connections per backend, bounded by `maxConnectionsPerBackend`. Idle connections are closed after
+/// `upstreamIdleTimeout` by one sweep timer per pool (ticking at a quarter of the timeout while anything is
+/// idle), not by a timer per connection that every request would schedule and cancel.
 final class LoopPool {
     private let configuration: DataPlaneConfiguration
     private let counters: DataPlaneCounters
     private var idle: [BackendID: [UpstreamConnection]] = [:]
     private var total: [BackendID: Int] = [:]
     private var closed = false
+    private var sweep: Scheduled<Void>?
 
     init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters) {
         self.configuration = configuration
@@ -67,11 +71,9 @@ final class LoopPool {
 
     /// An idle, still open connection to `backend`, if any.
     func takeIdle(_ backend: BackendID) -> UpstreamConnection? {
-        while var list = self.idle[backend], let connection = list.popLast() {
-            self.idle[backend] = list.isEmpty ? nil : list
+        // Popped in place (no copy of the list); an emptied list stays, for the next release.
+        while let connection = self.idle[backend]?.popLast() {
             connection.isIdle = false
-            connection.idleTimer?.cancel()
-            connection.idleTimer = nil
             if connection.channel.isActive { return connection }
         }
         return nil
@@ -145,18 +147,40 @@ final class LoopPool {
             return
         }
         connection.isIdle = true
+        connection.idleSince = .now()
         self.idle[connection.backend, default: []].append(connection)
-        connection.idleTimer = connection.channel.eventLoop.assumeIsolated().scheduleTask(
-            in: self.configuration.http.upstreamIdleTimeout
-        ) {
-            connection.channel.close(promise: nil)
+        if self.sweep == nil { self.armSweep(on: connection.channel.eventLoop) }
+    }
+
+    private func armSweep(on loop: any EventLoop) {
+        let timeout = self.configuration.http.upstreamIdleTimeout.nanoseconds
+        let tick = TimeAmount.nanoseconds(max(timeout / 4, TimeAmount.milliseconds(1).nanoseconds))
+        self.sweep = loop.assumeIsolated().scheduleTask(in: tick) {
+            self.sweep = nil
+            self.sweepIdle(on: loop)
         }
+    }
+
+    /// Closes the connections idle for longer than `upstreamIdleTimeout`; re-arms while any stay idle.
+    private func sweepIdle(on loop: any EventLoop) {
+        guard !self.closed else { return }
+        let now = NIODeadline.now()
+        let timeout = self.configuration.http.upstreamIdleTimeout
+        var stillIdle = false
+        for (_, list) in self.idle {
+            for connection in list {
+                if now - connection.idleSince >= timeout {
+                    connection.channel.close(promise: nil)
+                } else {
+                    stillIdle = true
+                }
+            }
+        }
+        if stillIdle { self.armSweep(on: loop) }
     }
 
     /// A connection closed: out of the idle list and the count.
     func closed(_ connection: UpstreamConnection) {
-        connection.idleTimer?.cancel()
-        connection.idleTimer = nil
         if connection.isIdle, var list = self.idle[connection.backend] {
             list.removeAll { $0 === connection }
             self.idle[connection.backend] = list.isEmpty ? nil : list
@@ -173,6 +197,8 @@ final class LoopPool {
 
     func closeAll() {
         self.closed = true
+        self.sweep?.cancel()
+        self.sweep = nil
         let all = self.idle.values.flatMap { $0 }
         self.idle = [:]
         for connection in all { connection.channel.close(promise: nil) }

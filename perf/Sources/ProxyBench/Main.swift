@@ -1,7 +1,8 @@
 import ArgumentParser
 import Logging
+import MeshAgent
 import MeshCore
-import MeshDataPlane
+import MeshHTTP
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
@@ -47,8 +48,16 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(help: "Backend host:port (repeatable).") var backend: [HostPort]
     @Flag(help: "L7 HTTP/1.1 instead of L4 TCP.") var http = false
     @Option(help: "Event-loop threads.") var threads = 1
+    @Option(help: "prometheus (as mesh-agent: every route's counters and timer in a Prometheus registry) | none.")
+    var metrics: MetricsBackend = .prometheus
+
+    enum MetricsBackend: String, ExpressibleByArgument {
+        case prometheus
+        case none
+    }
 
     func run() async throws {
+        if self.metrics == .prometheus { MeshMetrics.bootstrap() }
         var logger = Logger(label: "bench.proxy")
         logger.logLevel = .warning
         let group = MultiThreadedEventLoopGroup(numberOfThreads: self.threads)
