@@ -19,6 +19,7 @@ let package = Package(
         .executable(name: "mesh-control", targets: ["mesh-control"]),
         .executable(name: "mesh-agent", targets: ["mesh-agent"]),
         .executable(name: "meshctl", targets: ["meshctl"]),
+        .executable(name: "mesh-relay", targets: ["mesh-relay"]),
         .executable(name: "dns-bench-server", targets: ["dns-bench-server"]),
         // Libraries, for embedding and for the benchmarks in perf/ (a nested package).
         .library(name: "MeshCore", targets: ["MeshCore"]),
@@ -26,6 +27,7 @@ let package = Package(
         .library(name: "MeshClient", targets: ["MeshClient"]),
         .library(name: "Control", targets: ["Control"]),
         .library(name: "DNS", targets: ["DNS"]),
+        .library(name: "Relay", targets: ["Relay"]),
         .library(name: "MeshAgent", targets: ["MeshAgent"]),
     ],
     dependencies: [
@@ -112,6 +114,18 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
+        // Reaching a peer: STUN binding server (relay circuits, punching, TLS and mux come later).
+        .target(
+            name: "Relay",
+            dependencies: nio + [
+                "MeshCore", "MeshHTTP",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Mesh agent: service table, mesh interface, L4/L7 proxy, load balancing, admin API.
         .target(
             name: "MeshAgent",
@@ -154,6 +168,14 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .executableTarget(
+            name: "mesh-relay",
+            dependencies: [
+                "Relay", "MeshCore", "MeshHTTP",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
             name: "meshctl",
             dependencies: [
                 "MeshCtl", "MeshCore",
@@ -172,11 +194,11 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
-        // libFuzzer target for the DNS codec and answer path and the control plane's parsers
-        // (scripts/fuzz dns|api); a replayer in a plain build.
+        // libFuzzer target for the DNS codec and answer path, the control plane's parsers and the
+        // STUN codec and responder (scripts/fuzz dns|api|stun); a replayer in a plain build.
         .executableTarget(
             name: "mesh-fuzz",
-            dependencies: ["DNS", "Control"],
+            dependencies: ["DNS", "Control", "Relay"],
             swiftSettings: swiftSettings
         ),
 
@@ -222,6 +244,16 @@ let package = Package(
             dependencies: nio + [
                 "DNS", "MeshCore",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "RelayTests",
+            dependencies: nio + [
+                "Relay", "MeshCore", "MeshTestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),

@@ -1,12 +1,14 @@
 // libFuzzer target for the mesh's parsers. `MESH_FUZZ_TARGET` picks what is fuzzed:
 // - `dns`: the DNS decoder and the responder's answer path (DNS/Fuzzing.swift);
-// - `api`: the control plane's parsers: bodies, manifests, selectors, config files (Control/Fuzzing.swift).
+// - `api`: the control plane's parsers: bodies, manifests, selectors, config files (Control/Fuzzing.swift);
+// - `stun`: the STUN codec, stream framer and Binding responder (Relay/STUN/Fuzzing.swift).
 //
 // Built by `scripts/fuzz TARGET` with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer's driver runs.
 // In a plain `swift build` this is a small replayer: it feeds the files named on the command line
 // (e.g. a crash artifact) through the same checks.
 @_spi(Fuzzing) import Control
 @_spi(Fuzzing) import DNS
+@_spi(Fuzzing) import Relay
 
 #if canImport(Glibc)
 import Glibc
@@ -16,11 +18,15 @@ import Musl
 import Darwin
 #endif
 
-/// Whether the API parsers are the target (read once; DNS otherwise).
-let fuzzingAPI: Bool = getenv("MESH_FUZZ_TARGET").map { String(cString: $0) } == "api"
+/// The target, read once (DNS unless `api` or `stun`).
+let fuzzTarget: String = getenv("MESH_FUZZ_TARGET").map { String(cString: $0) } ?? "dns"
 
 func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
-    if fuzzingAPI { APIFuzzing.fuzzOne(bytes) } else { DNSFuzzing.fuzzOne(bytes) }
+    switch fuzzTarget {
+    case "api": APIFuzzing.fuzzOne(bytes)
+    case "stun": STUNFuzzing.fuzzOne(bytes)
+    default: DNSFuzzing.fuzzOne(bytes)
+    }
 }
 
 #if FUZZING
