@@ -140,8 +140,9 @@ public final class STUNServer: ServiceLifecycle.Service, Sendable {
         // With port 0, UDP picks a port and TCP must get the same one: retry if TCP finds it taken.
         var lastError: (any Error)? = nil
         for _ in 0..<20 {
+            // No SO_REUSEADDR: on Linux it would let a second server bind the same UDP port and
+            // share (steal) its datagrams.
             let udp = try await DatagramBootstrap(group: self.group)
-                .channelOption(.socketOption(.so_reuseaddr), value: 1)
                 .channelOption(.datagramVectorReadMessageCount, value: batch)
                 .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: batch * 2048))
                 .channelInitializer { ch in
@@ -345,8 +346,11 @@ final class STUNTCPHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // The stream is not STUN (or a message is too large): nothing after it can be framed.
+        // The stream is not STUN (or a message is too large): nothing after it can be framed. Send
+        // the answers to the messages before it, then close.
         self.metrics.tcpGarbage.increment()
+        self.needsFlush = false
+        context.flush()
         context.close(promise: nil)
     }
 }
