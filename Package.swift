@@ -253,7 +253,7 @@ let package = Package(
         .testTarget(
             name: "RelayTests",
             dependencies: nio + [
-                "Relay", "MeshCore", "MeshTestSupport",
+                "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),

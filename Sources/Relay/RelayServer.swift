@@ -51,7 +51,8 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
         let admin = HTTPServer(
             configuration: adminConfig,
             responder: ClosureResponder { request in
-                health.respond(to: request) ?? .text(.notFound, "no \(request.path) here: try /metrics, /healthz or /readyz")
+                health.respond(to: request)
+                    ?? .text(.notFound, "no \(request.path) here: try /metrics, /healthz or /readyz")
             },
             logger: self.logger
         )

@@ -193,7 +193,7 @@ import Testing
         #expect(exit.stderr.contains("all-in-one mesh stopped"))
     }
 
-    @Test(arguments: ["mesh-control", "meshctl", "mesh-agent"])
+    @Test(arguments: ["mesh-control", "meshctl", "mesh-agent", "mesh-relay"])
     func everyExecutableHasHelp(_ name: String) async throws {
         let r = try await run(self.bin + "/" + name, ["--help"])
         #expect(r.status == 0)

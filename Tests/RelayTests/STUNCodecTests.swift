@@ -91,7 +91,10 @@ func message(_ attributes: String, type: String = "0001", length: Int? = nil) ->
     @Test("RFC 5769 sample IPv6 response: XOR-MAPPED-ADDRESS [2001:db8:1234:5678:11:2233:4455:6677]:32853")
     func sampleIPv6Response() throws {
         let m = try STUNMessage.decode(rfc5769IPv6Response)
-        #expect(m.first(STUNAttributeType.xorMappedAddress) == .xorMappedAddress(addr("2001:db8:1234:5678:11:2233:4455:6677", 32853)))
+        #expect(
+            m.first(STUNAttributeType.xorMappedAddress)
+                == .xorMappedAddress(addr("2001:db8:1234:5678:11:2233:4455:6677", 32853))
+        )
         #expect(
             toHex(try m.encode())
                 == "010100482112a442b7e7a701bc34d686fa87dfae8022000b7465737420766563746f7200002000140002a147"
@@ -182,7 +185,10 @@ func message(_ attributes: String, type: String = "0001", length: Int? = nil) ->
             type: .bindingRequest,
             cookie: 0x0102_0304,
             transactionID: testID,
-            attributes: [.changeRequest(changeIP: true, changePort: true), .sourceAddress(addr("10.0.0.1", 1)), .changedAddress(addr("10.0.0.2", 2))]
+            attributes: [
+                .changeRequest(changeIP: true, changePort: true), .sourceAddress(addr("10.0.0.1", 1)),
+                .changedAddress(addr("10.0.0.2", 2)),
+            ]
         )
         let bytes = try change.encode()
         #expect(
@@ -212,7 +218,10 @@ func message(_ attributes: String, type: String = "0001", length: Int? = nil) ->
         let bytes = try m.encode()
         #expect(bytes.count % 4 == 0)
         #expect(try STUNMessage.decode(bytes) == m)
-        #expect(bytes.withUnsafeBytes { try? STUNMessage.frameLength(UnsafeRawBufferPointer(rebasing: $0[0..<4])) } == bytes.count)
+        #expect(
+            bytes.withUnsafeBytes { try? STUNMessage.frameLength(UnsafeRawBufferPointer(rebasing: $0[0..<4])) }
+                == bytes.count
+        )
     }
 
     @Test("attributes after MESSAGE-INTEGRITY are ignored, except MESSAGE-INTEGRITY-SHA256 and FINGERPRINT")
@@ -249,9 +258,18 @@ func message(_ attributes: String, type: String = "0001", length: Int? = nil) ->
         ("second attribute overruns", message("8022000461626364" + "8022000c61626364"), .attributeOverrun, 28),
         ("FINGERPRINT of 8 bytes", message("802800080000000000000000"), .badAttributeLength, 20),
         ("FINGERPRINT of 0 bytes", message("80280000"), .badAttributeLength, 20),
-        ("MESSAGE-INTEGRITY of 16 bytes", message("00080010" + String(repeating: "00", count: 16)), .badAttributeLength, 20),
-        ("MESSAGE-INTEGRITY-SHA256 of 12", message("001c000c" + String(repeating: "00", count: 12)), .badAttributeLength, 20),
-        ("MESSAGE-INTEGRITY-SHA256 of 36", message("001c0024" + String(repeating: "00", count: 36)), .badAttributeLength, 20),
+        (
+            "MESSAGE-INTEGRITY of 16 bytes", message("00080010" + String(repeating: "00", count: 16)),
+            .badAttributeLength, 20
+        ),
+        (
+            "MESSAGE-INTEGRITY-SHA256 of 12", message("001c000c" + String(repeating: "00", count: 12)),
+            .badAttributeLength, 20
+        ),
+        (
+            "MESSAGE-INTEGRITY-SHA256 of 36", message("001c0024" + String(repeating: "00", count: 36)),
+            .badAttributeLength, 20
+        ),
         ("CHANGE-REQUEST of 2 bytes", message("0003000200000000"), .badAttributeLength, 20),
         ("XOR-MAPPED-ADDRESS IPv4 of 12 bytes", message("0020000c0001a147e112a64300000000"), .badAttributeLength, 20),
         ("MAPPED-ADDRESS IPv6 family in 8 bytes", message("00010008000212347f000001"), .badAttributeLength, 20),
@@ -259,7 +277,10 @@ func message(_ attributes: String, type: String = "0001", length: Int? = nil) ->
         ("UNKNOWN-ATTRIBUTES of 3 bytes", message("000a000300270000"), .badAttributeLength, 20),
         ("ERROR-CODE of 2 bytes", message("0009000200000000"), .badAttributeLength, 20),
         ("address family 3", message("00010008000312347f000001"), .badAddressFamily, 20),
-        ("address family 0, after SOFTWARE", message("8022000461626364" + "002000080000a147e112a643"), .badAddressFamily, 28),
+        (
+            "address family 0, after SOFTWARE", message("8022000461626364" + "002000080000a147e112a643"),
+            .badAddressFamily, 28
+        ),
         ("ERROR-CODE class 7", message("0009000400000700"), .badErrorCode, 20),
         ("ERROR-CODE class 2", message("0009000400000263"), .badErrorCode, 20),
         ("ERROR-CODE number 100", message("0009000400000464"), .badErrorCode, 20),
@@ -278,7 +299,10 @@ func message(_ attributes: String, type: String = "0001", length: Int? = nil) ->
         // Header length covers the trailing attribute, and the FINGERPRINT is right for it.
         var bytes = message("80220004616263648028000400000000" + "8022000461626364")
         let crc = CRC32.checksum(Array(bytes[0..<28])) ^ 0x5354_554E
-        bytes.replaceSubrange(32..<36, with: [UInt8(crc >> 24), UInt8(crc >> 16 & 0xFF), UInt8(crc >> 8 & 0xFF), UInt8(crc & 0xFF)])
+        bytes.replaceSubrange(
+            32..<36,
+            with: [UInt8(crc >> 24), UInt8(crc >> 16 & 0xFF), UInt8(crc >> 8 & 0xFF), UInt8(crc & 0xFF)]
+        )
         #expect(throws: STUNWireError(.attributeAfterFingerprint, at: 36, "")) { try STUNMessage.decode(bytes) }
     }
 
@@ -312,7 +336,9 @@ func message(_ attributes: String, type: String = "0001", length: Int? = nil) ->
     @Test("stream framing: needs 4 bytes, then knows the whole length; refuses non-STUN starts")
     func framing() throws {
         func frame(_ b: [UInt8]) throws(STUNWireError) -> Int? {
-            let r = b.withUnsafeBytes { raw in Result { () throws(STUNWireError) -> Int? in try STUNMessage.frameLength(raw) } }
+            let r = b.withUnsafeBytes { raw in
+                Result { () throws(STUNWireError) -> Int? in try STUNMessage.frameLength(raw) }
+            }
             return try r.get()
         }
         #expect(try frame([0, 1, 0]) == nil)

@@ -69,7 +69,8 @@ import Testing
         )
         #expect(
             toHex(self.respond(message("7fff0000" + "00240004000000017fff0000"), software: nil).bytes)
-                == "011100242112a442000102030405060708090a0b" + "0009001500000414556e6b6e6f776e20417474726962757465000000"
+                == "011100242112a442000102030405060708090a0b"
+                + "0009001500000414556e6b6e6f776e20417474726962757465000000"
                 + "000a00047fff0024"
         )
         #expect(self.respond(message("80290008" + "0000000000000001" + "c0010000")).outcome == .binding(classic: false))
@@ -77,7 +78,9 @@ import Testing
         let withCredentials = try STUNMessage(
             type: .bindingRequest,
             transactionID: testID,
-            attributes: [.other(type: 0x0006, value: Array("user".utf8)), .messageIntegrity(Array(repeating: 1, count: 20))]
+            attributes: [
+                .other(type: 0x0006, value: Array("user".utf8)), .messageIntegrity(Array(repeating: 1, count: 20)),
+            ]
         ).encode()
         #expect(self.respond(withCredentials).outcome == .binding(classic: false))
     }
@@ -87,7 +90,9 @@ import Testing
         let change = message("0003000400000006")
         let r = self.respond(change, software: nil)
         #expect(r.outcome == .error(code: 420))
-        #expect(try STUNMessage.decode(r.bytes).first(STUNAttributeType.unknownAttributes) == .unknownAttributes([0x0003]))
+        #expect(
+            try STUNMessage.decode(r.bytes).first(STUNAttributeType.unknownAttributes) == .unknownAttributes([0x0003])
+        )
         // coturn's -f probe: RESPONSE-PORT and CHANGE-REQUEST, both listed.
         let probe = message("00270004d3010000" + "0003000400000006")
         #expect(
@@ -109,7 +114,10 @@ import Testing
         #expect(allocate.outcome == .error(code: 400))
         let m = try STUNMessage.decode(allocate.bytes)
         #expect(m.type.rawValue == 0x0113)
-        #expect(m.first(STUNAttributeType.errorCode) == .errorCode(STUNErrorCode(code: 400, reason: "Bad Request: only Binding is served here")))
+        #expect(
+            m.first(STUNAttributeType.errorCode)
+                == .errorCode(STUNErrorCode(code: 400, reason: "Bad Request: only Binding is served here"))
+        )
         for type in ["0011", "0101", "0111", "0016"] {
             #expect(self.respond(message("", type: type)) == STUNResponse(outcome: .dropped(.notRequest), bytes: []))
         }
@@ -127,7 +135,10 @@ import Testing
             #expect(r.outcome == .error(code: 400))
             let m = try STUNMessage.decode(r.bytes)
             #expect(m.type == .bindingError && m.transactionID == testID)
-            #expect(m.first(STUNAttributeType.errorCode) == .errorCode(STUNErrorCode(code: 400, reason: "Bad Request: \(code)")))
+            #expect(
+                m.first(STUNAttributeType.errorCode)
+                    == .errorCode(STUNErrorCode(code: 400, reason: "Bad Request: \(code)"))
+            )
         }
         // The same in an RFC 3489 request: 400, no SOFTWARE, the cookie echoed.
         var classic = message("00010008000312347f000001")
@@ -136,7 +147,10 @@ import Testing
         #expect(m.cookie == 0x5512_a442 && m.attributes.count == 1)
     }
 
-    @Test("anything that is not a STUN message is dropped", arguments: STUNCodecTests.malformed.filter { $0.2.isFraming })
+    @Test(
+        "anything that is not a STUN message is dropped",
+        arguments: STUNCodecTests.malformed.filter { $0.2.isFraming }
+    )
     func garbage(_ name: String, _ bytes: [UInt8], _ code: STUNWireError.Code, _ offset: Int) {
         #expect(self.respond(bytes) == STUNResponse(outcome: .dropped(.notSTUN), bytes: []))
     }

@@ -57,7 +57,9 @@ func udpExchange(
         }
     let local = channel.channel.localAddress!
     let got = try await channel.executeThenClose { inbound, outbound in
-        for d in datagrams { try await outbound.write(AddressedEnvelope(remoteAddress: server, data: ByteBuffer(bytes: d))) }
+        for d in datagrams {
+            try await outbound.write(AddressedEnvelope(remoteAddress: server, data: ByteBuffer(bytes: d)))
+        }
         var out: [[UInt8]] = []
         for try await envelope in inbound {
             out.append(Array(buffer: envelope.data))
@@ -131,8 +133,11 @@ func tcpExchange(
             hex("80e0000100000002deadbeef"), corrupted,
             Array(repeating: 0, count: 1472),
         ]
-        let indication = try STUNMessage(type: STUNMessageType(method: .binding, class: .indication), transactionID: .random())
-            .encode()
+        let indication = try STUNMessage(
+            type: STUNMessageType(method: .binding, class: .indication),
+            transactionID: .random()
+        )
+        .encode()
         let id = STUNTransactionID.random()
         // Datagrams from one socket are handled in order: when the answer to the last arrives, the
         // rest has been looked at.

@@ -43,7 +43,8 @@ public enum STUNFuzzing {
                 else { fatalError("the answer does not match the request") }
                 guard r.bytes.count <= 256 else { fatalError("answer of \(r.bytes.count) bytes") }
                 if case .binding = r.outcome {
-                    let mapped = reply.attributes.contains(.xorMappedAddress(source))
+                    let mapped =
+                        reply.attributes.contains(.xorMappedAddress(source))
                         || reply.attributes.contains(.mappedAddress(source))
                     guard mapped else { fatalError("a binding answer without the source address") }
                 }

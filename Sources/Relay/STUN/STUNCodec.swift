@@ -184,7 +184,11 @@ private func decodeAttribute(
         return .software(try decodeText(value, at: offset, what: "SOFTWARE"))
     case STUNAttributeType.errorCode:
         guard value.count >= 4 else {
-            throw STUNWireError(.badAttributeLength, at: offset, "ERROR-CODE needs at least 4 bytes, not \(value.count)")
+            throw STUNWireError(
+                .badAttributeLength,
+                at: offset,
+                "ERROR-CODE needs at least 4 bytes, not \(value.count)"
+            )
         }
         let errorClass = Int(value[2] & 0x07)
         let number = Int(value[3])

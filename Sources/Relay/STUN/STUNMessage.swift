@@ -82,7 +82,9 @@ public struct STUNTransactionID: Hashable, Sendable, CustomStringConvertible {
             + (0..<8).map { UInt8(truncatingIfNeeded: self.low >> (56 - 8 * $0)) }
     }
 
-    public var description: String { self.bytes.map { $0 < 16 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+    public var description: String {
+        self.bytes.map { $0 < 16 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+    }
 }
 
 /// An IP address and port as STUN carries them (MAPPED-ADDRESS and friends).

@@ -424,7 +424,8 @@ struct STUNMetrics: Sendable {
     func count(_ outcome: STUNResponse.Outcome) {
         switch outcome {
         case .binding(let classic): (classic ? self.bindingRFC3489 : self.bindingRFC5389).increment()
-        case .error(let code): (code == STUNErrorCode.unknownAttribute ? self.unknownAttribute : self.badRequest).increment()
+        case .error(let code):
+            (code == STUNErrorCode.unknownAttribute ? self.unknownAttribute : self.badRequest).increment()
         case .dropped(let reason): self.dropped[reason]?.increment()
         }
     }
