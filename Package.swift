@@ -143,7 +143,7 @@ let package = Package(
         .target(
             name: "MeshCtl",
             dependencies: [
-                "MeshCore", "MeshClient", "Control", "MeshAgent",
+                "MeshCore", "MeshClient", "Control", "MeshAgent", "MeshHTTP", "Relay",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             exclude: ["README.md"],

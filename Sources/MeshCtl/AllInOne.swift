@@ -3,6 +3,7 @@ import Logging
 import MeshAgent
 import MeshCore
 import MeshHTTP
+import Relay
 import ServiceLifecycle
 
 /// `meshctl up`: the whole mesh on one machine, on loopback, in the foreground. Never touches the
@@ -12,6 +13,8 @@ public struct AllInOne: Sendable {
     public var controlListen: String = "127.0.0.1:7700"
     public var dnsListen: String = "127.0.0.1:5353"
     public var adminListen: String = "127.0.0.1:7780"
+    /// The STUN binding server (UDP and TCP), as `mesh-relay` runs it.
+    public var stunListen: String = "127.0.0.1:3478"
     /// Start an agent beside the control plane (off: control plane only).
     public var withAgent = true
     public var logLevel: Logger.Level = .info
@@ -42,14 +45,19 @@ public struct AllInOne: Sendable {
     /// Runs every component until SIGINT or SIGTERM, then stops them cleanly.
     public func run() async throws {
         let logger = Logger(label: "meshctl-up")
+        MeshMetrics.bootstrap()  // before the STUN server makes its counters
         let control = ControlServer(config: self.controlConfig, logger: Logger(label: "mesh-control"))
-        var services: [any ServiceLifecycle.Service] = [control]
+        let stun = STUNServer(
+            configuration: STUNServerConfiguration(listen: [try ListenAddress(self.stunListen, field: "stunListen")]),
+            logger: Logger(label: "mesh-relay")
+        )
+        var services: [any ServiceLifecycle.Service] = [control, stun]
         if self.withAgent {
             let agent = AgentServer(config: self.agentConfig, logger: Logger(label: "mesh-agent"))
             services.append(StartAfter(control, agent))
         }
         logger.info(
-            "all-in-one mesh starting: control API on http://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), data in \(self.dataDir)"
+            "all-in-one mesh starting: control API on http://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), STUN on \(self.stunListen), data in \(self.dataDir)"
         )
         guard await Daemon.run(services, name: "meshctl up", logger: logger) else { throw AllInOneFailed() }
         logger.info("all-in-one mesh stopped")

@@ -54,6 +54,9 @@ struct Up: AsyncParsableCommand {
     @Option(name: .long, help: "The agent's admin API address.")
     var adminListen: String = "127.0.0.1:7780"
 
+    @Option(name: .long, help: "The STUN server's address (UDP and TCP).")
+    var stunListen: String = "127.0.0.1:3478"
+
     @Flag(name: .long, help: "Run the control plane only, no agent.")
     var noAgent = false
 
@@ -66,12 +69,14 @@ struct Up: AsyncParsableCommand {
         mesh.controlListen = self.listen
         mesh.dnsListen = self.dnsListen
         mesh.adminListen = self.adminListen
+        mesh.stunListen = self.stunListen
         mesh.withAgent = !self.noAgent
         do {
             mesh.logLevel = try LogLevels.parse(self.logLevel)
             _ = try ListenAddress(self.listen, field: "--listen")
             _ = try ListenAddress(self.dnsListen, field: "--dns-listen")
             _ = try ListenAddress(self.adminListen, field: "--admin-listen")
+            _ = try ListenAddress(self.stunListen, field: "--stun-listen")
         } catch let e as ManifestError {
             throw ValidationError(e.message)
         }

@@ -153,12 +153,12 @@ import Testing
 
     @Test func meshctlUpRunsTheMeshAndStopsOnCtrlC() async throws {
         let dir = TempDir()
-        let (port, dnsPort, adminPort) = (freePort(), freePort(), freePort())
+        let (port, dnsPort, adminPort, stunPort) = (freePort(), freePort(), freePort(), freePort())
         let up = try Subprocess(
             self.bin + "/meshctl",
             [
                 "up", "--data-dir", dir.path, "--listen", "127.0.0.1:\(port)", "--dns-listen", "127.0.0.1:\(dnsPort)",
-                "--admin-listen", "127.0.0.1:\(adminPort)",
+                "--admin-listen", "127.0.0.1:\(adminPort)", "--stun-listen", "127.0.0.1:\(stunPort)",
             ]
         )
         let client = HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port))
@@ -187,6 +187,17 @@ import Testing
             #expect(IPAddress(String(dig.stdout.filter { !$0.isWhitespace })) != nil, "\(dig.stdout)")
         }
         #expect(FileManager.default.fileExists(atPath: dir.path + "/agent/agent.db"))
+        // The STUN server answers (over TCP here): a Binding success with the request's cookie and id.
+        let request: [UInt8] = [0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42] + Array(repeating: 7, count: 12)
+        let answer = try await blocking { () -> [UInt8] in
+            let stun = try RawSocket(port: stunPort)
+            stun.send(request)
+            var buffer = [UInt8](repeating: 0, count: 512)
+            let n = recv(stun.fd, &buffer, buffer.count, 0)
+            return Array(buffer[0..<max(0, n)])
+        }
+        #expect(answer.count > 20, "\(up.stderr)")
+        #expect(answer.prefix(2) == [1, 1] && answer.dropFirst(4).prefix(16) == request.dropFirst(4).prefix(16))
         up.signal(SIGINT)
         let exit = try #require(await up.wait(timeout: .seconds(15)))
         #expect(exit.status == 0, "\(exit.stderr)")
