@@ -176,8 +176,10 @@ struct LatencyCommand: ParsableCommand {
         var othersUsed: UInt64 = 0
         for (pid, ticks) in othersAfter { othersUsed += ticks - min(ticks, othersBefore[pid] ?? ticks) }
         // The closed loop's window ends when the time is up (responses after it are not counted).
-        let window = Double((closedLoop ? measureUntil : end) - measuredFrom) / 1e9
-        let cpuWindow = Double(end - measuredFrom) / 1e9
+        // On a starved machine the warm-up can end after the deadline: the window is then empty, not negative.
+        let windowEnd = closedLoop ? measureUntil : end
+        let window = Double(windowEnd - min(windowEnd, measuredFrom)) / 1e9
+        let cpuWindow = Double(end - min(end, measuredFrom)) / 1e9
         let hz = Double(sysconf(Int32(_SC_CLK_TCK)))
         let noise = Double(othersUsed) / hz / max(cpuWindow, 0.001)
         let achieved = Double(measured) / max(window, 0.001)
