@@ -119,7 +119,9 @@ public struct CertificateAuthority: Sendable {
     public var hash: String { Self.hash(of: self.certificate) }
 
     public static func hash(of certificate: Certificate) -> String {
-        let digest = SHA256.hash(data: Array(certificate.publicKey.subjectPublicKeyInfoBytes))
+        // The DER SubjectPublicKeyInfo (what `openssl pkey -pubin -outform der` prints).
+        let spki = (try? certificate.publicKey.serializeAsPEM().derBytes) ?? []
+        let digest = SHA256.hash(data: spki)
         return "sha256:" + digest.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
     }
 
