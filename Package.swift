@@ -265,7 +265,7 @@ let package = Package(
         ),
         .testTarget(
             name: "EndToEndTests",
-            dependencies: ["MeshCore", "MeshClient", "MeshTestSupport"],
+            dependencies: ["MeshCore", "MeshClient", "MeshTestSupport", "MeshIdentity", "MeshHTTP"],
             swiftSettings: swiftSettings
         ),
     ]
