@@ -23,6 +23,7 @@ let package = Package(
         // Libraries, for embedding and for the benchmarks in perf/ (a nested package).
         .library(name: "MeshCore", targets: ["MeshCore"]),
         .library(name: "MeshHTTP", targets: ["MeshHTTP"]),
+        .library(name: "MeshIdentity", targets: ["MeshIdentity"]),
         .library(name: "MeshClient", targets: ["MeshClient"]),
         .library(name: "Control", targets: ["Control"]),
         .library(name: "DNS", targets: ["DNS"]),

@@ -121,7 +121,12 @@ public struct HTTPClient: Sendable {
 
     typealias Connection = NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
 
-    private func connect() async throws -> Connection {
+    private func connect() async throws -> (Connection, TLSErrorRecorder) {
+        let recorder = TLSErrorRecorder()
+        return (try await self.connect(recorder), recorder)
+    }
+
+    private func connect(_ recorder: TLSErrorRecorder) async throws -> Connection {
         if self.endpoint.tls && self.tls == nil {
             throw HTTPClientError("cannot connect to \(self.endpoint): no TLS settings (CA certificate) for https")
         }
@@ -147,6 +152,7 @@ public struct HTTPClient: Sendable {
                                 handler = try NIOSSLClientHandler(context: tls.context, serverHostname: hostname)
                             }
                             try channel.pipeline.syncOperations.addHandler(handler)
+                            try channel.pipeline.syncOperations.addHandler(recorder)
                         }
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         return try Connection(
@@ -216,7 +222,7 @@ public struct HTTPClient: Sendable {
         headers: HTTPHeaders = [:],
         body: ByteBuffer? = nil
     ) async throws -> HTTPClientResponse {
-        let connection = try await self.connect()
+        let (connection, recorder) = try await self.connect()
         let channel = connection.channel
         let timeout = self.requestTimeout
         let timedOut = Flag()
@@ -259,6 +265,9 @@ public struct HTTPClient: Sendable {
         } catch let error as HTTPClientError {
             throw error
         } catch {
+            if let tls = recorder.error {
+                throw HTTPClientError("request to \(endpoint) failed: \(Self.describe(tls))")
+            }
             if timedOut.isSet {
                 throw HTTPClientError("\(endpoint) did not answer within \(timeout.nanoseconds / 1_000_000_000)s")
             }
@@ -274,10 +283,23 @@ public struct HTTPClient: Sendable {
         headers: HTTPHeaders = [:],
         consume: (HTTPResponseHead, inout ResponseBodyStream) async throws -> T
     ) async throws -> T {
-        let connection = try await self.connect()
+        let (connection, recorder) = try await self.connect()
         let sentHead = self.head(method, path, headers, bodyLength: nil)
         let endpoint = self.endpoint
-        return try await connection.executeThenClose { inbound, outbound in
+        do {
+            return try await Self.exchange(connection, sentHead, endpoint, consume)
+        } catch let error where recorder.error != nil && !(error is HTTPClientError) {
+            throw HTTPClientError("request to \(endpoint) failed: \(Self.describe(recorder.error!))")
+        }
+    }
+
+    private static func exchange<T: Sendable>(
+        _ connection: Connection,
+        _ sentHead: HTTPRequestHead,
+        _ endpoint: HTTPEndpoint,
+        _ consume: (HTTPResponseHead, inout ResponseBodyStream) async throws -> T
+    ) async throws -> T {
+        try await connection.executeThenClose { inbound, outbound in
             try await outbound.write(contentsOf: [.head(sentHead), .end(nil)])
             var iterator = inbound.makeAsyncIterator()
             while let part = try await iterator.next() {
@@ -288,6 +310,22 @@ public struct HTTPClient: Sendable {
             }
             throw HTTPClientError("\(endpoint) closed the connection before sending a response")
         }
+    }
+}
+
+/// Keeps the first TLS error of a connection: a failed handshake can surface to the caller as a
+/// write on a closed channel, and the TLS reason is the one worth reporting.
+final class TLSErrorRecorder: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    private let first = Mutex<(any Error)?>(nil)
+
+    var error: (any Error)? { self.first.withLock { $0 } }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if error is NIOSSLError || error is BoringSSLError {
+            self.first.withLock { if $0 == nil { $0 = error } }
+        }
+        context.fireErrorCaught(error)
     }
 }
 

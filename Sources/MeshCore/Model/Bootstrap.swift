@@ -1,4 +1,4 @@
-/// Wire types of node enrolment (API.md "Security"): join tokens and the join exchange.
+/// Wire types of node enrolment (README "Security"): join tokens and the join exchange.
 
 /// A join token as listed (`GET /apis/mesh.edge/v1/bootstraptokens`): never its secret.
 public struct BootstrapToken: Codable, Sendable, Equatable {
