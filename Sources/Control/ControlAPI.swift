@@ -128,7 +128,9 @@ public final class ControlAPI: HTTPResponder {
                 let created = try await self.tokens.create(wanted, caHash: ca.hash)
                 return (.json(.created, Self.encode(created)), "create", resource)
             case (.GET, ""):
-                return (.json(.ok, Self.encode(BootstrapTokenList(items: try await self.tokens.list()))), "list", resource)
+                return (
+                    .json(.ok, Self.encode(BootstrapTokenList(items: try await self.tokens.list()))), "list", resource
+                )
             case (.DELETE, .some(let id)) where !id.isEmpty:
                 return (.json(.ok, Self.encode(try await self.tokens.delete(id))), "delete", resource)
             default:

@@ -1,8 +1,8 @@
 import Control
 import Logging
 import MeshAgent
-import MeshCore
 import MeshClient
+import MeshCore
 import MeshHTTP
 import MeshIdentity
 import NIOCore

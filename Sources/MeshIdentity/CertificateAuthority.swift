@@ -160,7 +160,9 @@ public struct CertificateAuthority: Sendable {
                 Critical(KeyUsage(digitalSignature: true))
                 eku
                 SubjectAlternativeNames(names)
-                AuthorityKeyIdentifier(keyIdentifier: try self.certificate.extensions.subjectKeyIdentifier?.keyIdentifier)
+                AuthorityKeyIdentifier(
+                    keyIdentifier: try self.certificate.extensions.subjectKeyIdentifier?.keyIdentifier
+                )
             },
             issuerPrivateKey: self.key
         )

@@ -101,7 +101,11 @@ public enum MeshTLS {
 
     /// The client side: trusts only the mesh CA, checks the server's name or IP, and presents a
     /// client certificate when given one.
-    public static func clientContext(caPEM: String, key: String? = nil, certificate: String? = nil) throws
+    public static func clientContext(
+        caPEM: String,
+        key: String? = nil,
+        certificate: String? = nil
+    ) throws
         -> NIOSSLContext
     {
         var config = TLSConfiguration.makeClientConfiguration()

@@ -333,7 +333,10 @@ struct TokenCreate: AsyncParsableCommand {
 }
 
 struct TokenList: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "list", abstract: "List join tokens (never their secrets).")
+    static let configuration = CommandConfiguration(
+        commandName: "list",
+        abstract: "List join tokens (never their secrets)."
+    )
 
     @OptionGroup var server: ServerOptions
 

@@ -52,7 +52,9 @@ import Testing
     @Test func withoutAClientCertificateOnlyProbesAndJoinAnswer() async throws {
         let cp = try await RunningControl()
         let anonymous = try cp.client(nil)
-        for path in ["/apis/mesh.edge/v1/services", "/apis/mesh.edge/v1/namespaces/shop/services/web", "/version", "/metrics"] {
+        for path in [
+            "/apis/mesh.edge/v1/services", "/apis/mesh.edge/v1/namespaces/shop/services/web", "/version", "/metrics",
+        ] {
             let (code, status) = try await self.attempt(anonymous, .GET, path)
             #expect(code == 401, "\(path)")
             #expect(status?.reason == .unauthorized && status?.message.contains("client certificate") == true)
@@ -77,7 +79,11 @@ import Testing
         let other = try CertificateAuthority.create()
         let stranger = try other.issueCredential(identity: .admin("admin"), serverAuth: false, clientAuth: true)
         // A client certificate from another CA: the server refuses the handshake.
-        let context = try MeshTLS.clientContext(caPEM: cp.pki.caPEM, key: stranger.keyPEM, certificate: stranger.certificatePEM)
+        let context = try MeshTLS.clientContext(
+            caPEM: cp.pki.caPEM,
+            key: stranger.keyPEM,
+            certificate: stranger.certificatePEM
+        )
         let client = ControlClient(endpoint: cp.endpoint, tls: HTTPClientTLS(context: context))
         await #expect(throws: HTTPClientError.self) { _ = try await client.list(Service.self) }
         // A client that trusts another CA refuses the server.
@@ -153,7 +159,12 @@ import Testing
             #expect(try await client.apply(self.node(name)).created)
         }
         let usedUp = await #expect(throws: IdentityError.self) {
-            _ = try await NodeEnrolment.join(server: cp.endpoint, nodeName: "edge-3", token: token.token, caHash: token.caCertHash)
+            _ = try await NodeEnrolment.join(
+                server: cp.endpoint,
+                nodeName: "edge-3",
+                token: token.token,
+                caHash: token.caCertHash
+            )
         }
         #expect(usedUp?.message.contains("used up") == true)
         // Listing shows no secrets; deleting makes the token unknown.
@@ -164,7 +175,12 @@ import Testing
         let id = String(token.token.prefix(6))
         _ = try await cp.client.raw(.DELETE, ControlAPI.tokensPath + "/" + id)
         let unknown = await #expect(throws: IdentityError.self) {
-            _ = try await NodeEnrolment.join(server: cp.endpoint, nodeName: "edge-3", token: token.token, caHash: token.caCertHash)
+            _ = try await NodeEnrolment.join(
+                server: cp.endpoint,
+                nodeName: "edge-3",
+                token: token.token,
+                caHash: token.caCertHash
+            )
         }
         #expect(unknown?.message.contains("unknown") == true)
         try await cp.stop()
@@ -176,7 +192,9 @@ import Testing
         let token = try await cp.token(usages: 1)
         let csr = try NodeKey().csrPEM(nodeName: "edge-1")
         func join(_ token: String, _ csr: String, extra: String = "") async throws -> (Int, Status?) {
-            let body = try JSONSerialization.data(withJSONObject: ["apiVersion": "mesh.edge/v1", "kind": "JoinRequest", "token": token, "csr": csr])
+            let body = try JSONSerialization.data(withJSONObject: [
+                "apiVersion": "mesh.edge/v1", "kind": "JoinRequest", "token": token, "csr": csr,
+            ])
             var text = String(decoding: body, as: UTF8.self)
             if !extra.isEmpty { text = String(text.dropLast()) + "," + extra + "}" }
             return try await self.attempt(anonymous, .POST, ControlAPI.joinPath, text)
@@ -191,7 +209,10 @@ import Testing
         #expect(code == 400 && status?.message.contains("token") == true)
         (code, status) = try await join(token.token, csr, extra: #""admin":true"#)
         #expect(code == 400 && status?.message.contains("admin: unknown field") == true)
-        (code, status) = try await join(token.token, "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+        (code, status) = try await join(
+            token.token,
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+        )
         #expect(code == 400 && status?.message.contains("csr") == true)
         (code, status) = try await join(token.token, try NodeKey().csrPEM(nodeName: "Bad_Name"))
         #expect(code == 400 && status?.message.contains("Bad_Name") == true)
@@ -213,11 +234,21 @@ import Testing
         let token = try await cp.token(usages: 1)
         let other = try CertificateAuthority.create()
         let error = await #expect(throws: IdentityError.self) {
-            _ = try await NodeEnrolment.join(server: cp.endpoint, nodeName: "edge-1", token: token.token, caHash: other.hash)
+            _ = try await NodeEnrolment.join(
+                server: cp.endpoint,
+                nodeName: "edge-1",
+                token: token.token,
+                caHash: other.hash
+            )
         }
         #expect(error?.message.contains("does not match --ca-cert-hash") == true)
         // Nothing was spent: the right hash still joins.
-        _ = try await NodeEnrolment.join(server: cp.endpoint, nodeName: "edge-1", token: token.token, caHash: token.caCertHash)
+        _ = try await NodeEnrolment.join(
+            server: cp.endpoint,
+            nodeName: "edge-1",
+            token: token.token,
+            caHash: token.caCertHash
+        )
         try await cp.stop()
     }
 

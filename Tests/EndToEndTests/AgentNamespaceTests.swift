@@ -65,7 +65,9 @@ struct AgentNamespaceTests {
                 (try? await self.inNS(
                     ns,
                     "/usr/bin/env",
-                    env.map { "\($0)=\($1)" } + [self.bin + "/meshctl", "token", "create", "--usages", "1", "-o", "json"]
+                    env.map { "\($0)=\($1)" } + [
+                        self.bin + "/meshctl", "token", "create", "--usages", "1", "-o", "json",
+                    ]
                 )) ?? created
             return created.status == 0
         }

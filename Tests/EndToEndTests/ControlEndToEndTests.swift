@@ -225,7 +225,11 @@ import Testing
         let dir = TempDir()
         let port = freePort()
         let control = try await self.startControl(dir, port: port)
-        let created = try await self.meshctl(["token", "create", "--ttl", "10m", "--usages", "1", "-o", "json"], server: port, dir: dir)
+        let created = try await self.meshctl(
+            ["token", "create", "--ttl", "10m", "--usages", "1", "-o", "json"],
+            server: port,
+            dir: dir
+        )
         #expect(created.status == 0, "\(created.stderr)")
         let token = try JSONDecoder().decode(BootstrapTokenSecret.self, from: Data(created.stdout.utf8))
         let text = try await self.meshctl(["token", "create", "--description", "spare"], server: port, dir: dir)
@@ -250,7 +254,12 @@ import Testing
         #expect(refused.stderr.contains("does not match --ca-cert-hash"), "\(refused.stderr)")
         // The right one: the agent joins, stores its key (0600), certificate and CA, and syncs.
         let good = try agent("edge-y", hash: token.caCertHash, token: token.token)
-        #expect(await eventually(timeout: .seconds(20)) { FileManager.default.fileExists(atPath: dir.path + "/edge-y/pki/node.crt") }, "\(good.stderr)")
+        #expect(
+            await eventually(timeout: .seconds(20)) {
+                FileManager.default.fileExists(atPath: dir.path + "/edge-y/pki/node.crt")
+            },
+            "\(good.stderr)"
+        )
         #expect(PEMFiles.mode(dir.path + "/edge-y/pki/node.key") == 0o600)
         // The token had one usage: a second node is refused with a clear message.
         let late = try agent("edge-z", hash: token.caCertHash, token: token.token)
@@ -276,12 +285,19 @@ import Testing
         let listed = try await self.meshctl(["token", "list"], server: port, dir: dir)
         #expect(listed.stdout.contains(String(token.token.prefix(6))) && listed.stdout.contains("spare"))
         #expect(!listed.stdout.contains(token.token))
-        let deleted = try await self.meshctl(["token", "delete", String(token.token.prefix(6))], server: port, dir: dir)
+        let deleted = try await self.meshctl(
+            ["token", "delete", String(token.token.prefix(6))],
+            server: port,
+            dir: dir
+        )
         #expect(deleted.status == 0 && deleted.stdout.contains("deleted"))
         // Without credentials meshctl gets a 401 it explains.
         let anonymous = try await run(
             self.bin + "/meshctl",
-            ["get", "svc", "--server", "https://127.0.0.1:\(port)", "--certificate-authority", dir.path + "/pki/ca.crt"],
+            [
+                "get", "svc", "--server", "https://127.0.0.1:\(port)", "--certificate-authority",
+                dir.path + "/pki/ca.crt",
+            ],
             environment: Self.isolated(dir)
         )
         #expect(anonymous.status != 0 && anonymous.stderr.contains("client certificate"), "\(anonymous.stderr)")

@@ -7,13 +7,13 @@ import MeshIdentity
 import NIOCore
 import NIOSSL
 
+import class ServiceLifecycle.ServiceGroup
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-
-import class ServiceLifecycle.ServiceGroup
 
 let quietLogger: Logger = {
     var l = Logger(label: "test")

@@ -55,7 +55,9 @@ public final class TLSRawSocket: @unchecked Sendable {
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: nil))
+                    try channel.pipeline.syncOperations.addHandler(
+                        NIOSSLClientHandler(context: tls, serverHostname: nil)
+                    )
                     try channel.pipeline.syncOperations.addHandler(inbox)
                 }
             }
@@ -77,7 +79,7 @@ public final class TLSRawSocket: @unchecked Sendable {
     }
 
     /// Waits until `ready` holds for the inbox or the timeout passes; returns what `take` makes of it.
-    private func wait<T>(until ready: (Inbox) -> Bool, _ take: (Inbox) -> T) -> T {
+    private func wait<T>(until ready: (Inbox) -> Bool, take: (Inbox) -> T) -> T {
         let deadline = Date(timeIntervalSinceNow: self.timeout)
         self.inbox.condition.lock()
         defer { self.inbox.condition.unlock() }
@@ -85,20 +87,19 @@ public final class TLSRawSocket: @unchecked Sendable {
         return take(self.inbox)
     }
 
+    private static func takeAll(_ inbox: Inbox) -> String {
+        defer { inbox.data.removeAll() }
+        return String(decoding: inbox.data, as: UTF8.self)
+    }
+
     /// Reads until the server closes or the timeout passes.
     public func readAll() -> String {
-        self.wait(until: { $0.closed }) { inbox in
-            defer { inbox.data.removeAll() }
-            return String(decoding: inbox.data, as: UTF8.self)
-        }
+        self.wait(until: { $0.closed }, take: Self.takeAll)
     }
 
     /// Reads whatever has arrived (waits up to the timeout for something).
     public func readSome() -> String {
-        self.wait(until: { !$0.data.isEmpty || $0.closed }) { inbox in
-            defer { inbox.data.removeAll() }
-            return String(decoding: inbox.data, as: UTF8.self)
-        }
+        self.wait(until: { !$0.data.isEmpty || $0.closed }, take: Self.takeAll)
     }
 
     /// Reads one HTTP/1.1 response: its head, then a Content-Length body (or until close).
@@ -116,15 +117,18 @@ public final class TLSRawSocket: @unchecked Sendable {
             )
             return out.count >= bodyStart + n ? bodyStart + n : nil
         }
-        return self.wait(until: { $0.closed || complete($0.data) != nil }) { inbox in
-            let end = complete(inbox.data) ?? inbox.data.count
-            defer { inbox.data.removeFirst(end) }
-            return String(decoding: inbox.data[..<end], as: UTF8.self)
-        }
+        return self.wait(
+            until: { $0.closed || complete($0.data) != nil },
+            take: { inbox in
+                let end = complete(inbox.data) ?? inbox.data.count
+                defer { inbox.data.removeFirst(end) }
+                return String(decoding: inbox.data[..<end], as: UTF8.self)
+            }
+        )
     }
 
     /// True when the server has closed the connection within the timeout.
     public func isClosedByPeer() -> Bool {
-        self.wait(until: { $0.closed }) { $0.closed }
+        self.wait(until: { $0.closed }, take: { $0.closed })
     }
 }

@@ -155,7 +155,11 @@ public final class AgentServer: Sendable {
             logger: self.logger
         )
         let cache = try AgentCache(path: config.dataDir + "/agent.db")
-        let sync = ServiceTableSync(client: ControlClient(endpoint: endpoint, tls: controlTLS), cache: cache, logger: self.logger) {
+        let sync = ServiceTableSync(
+            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            cache: cache,
+            logger: self.logger
+        ) {
             await applier.apply($0)
         }
         // Serve what the cache holds before anything listens: the agent answers at once, offline too.
