@@ -75,6 +75,11 @@ public struct LoadedCredentials: Sendable {
 
 /// TLS settings of the mesh: TLS 1.3 only, ECDSA P-256 certificates from the mesh CA.
 public enum MeshTLS {
+    /// How long a client waits for the server's close_notify when it closes. A client closes once it
+    /// has what it wanted (or gives up on a watch), so it need not wait for long: the default (5 s)
+    /// held up an agent's shutdown while a server with half-closure kept its side of a watch open.
+    static let clientShutdownTimeout: TimeAmount = .milliseconds(200)
+
     static func nioKey(_ pem: String) throws -> NIOSSLPrivateKey {
         try NIOSSLPrivateKey(bytes: Array(pem.utf8), format: .pem)
     }
@@ -113,6 +118,7 @@ public enum MeshTLS {
         config.maximumTLSVersion = .tlsv13
         config.certificateVerification = .fullVerification
         config.trustRoots = .certificates(try nioCertificates(caPEM))
+        config.shutdownTimeout = Self.clientShutdownTimeout
         if let key, let certificate {
             config.certificateChain = try nioCertificates(certificate).map { .certificate($0) }
             config.privateKey = .privateKey(try nioKey(key))
@@ -133,6 +139,7 @@ public enum MeshTLS {
         config.maximumTLSVersion = .tlsv13
         // Not `.none`: the custom verification callback runs only when verification is on.
         config.certificateVerification = .noHostnameVerification
+        config.shutdownTimeout = Self.clientShutdownTimeout
         return try NIOSSLContext(configuration: config)
     }
 
