@@ -24,6 +24,7 @@ let package = Package(
         // Libraries, for embedding and for the benchmarks in perf/ (a nested package).
         .library(name: "MeshCore", targets: ["MeshCore"]),
         .library(name: "MeshHTTP", targets: ["MeshHTTP"]),
+        .library(name: "MeshIdentity", targets: ["MeshIdentity"]),
         .library(name: "MeshClient", targets: ["MeshClient"]),
         .library(name: "Control", targets: ["Control"]),
         .library(name: "DNS", targets: ["DNS"]),
@@ -37,6 +38,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.0"),
+        .package(url: "https://github.com/apple/swift-asn1.git", from: "1.3.0"),
     ],
     targets: [
         // System libraries (pkg-config; scripts/bootstrap installs the -dev packages).
@@ -62,6 +67,19 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
+        // Identity: keys, certificates, the CA's signing, URI-SAN identities, TLS configurations from files.
+        .target(
+            name: "MeshIdentity",
+            dependencies: [
+                "MeshCore",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // A thin, owning wrapper over libsqlite3: connections, statements, transactions, migrations.
         .target(
             name: "MeshSQLite",
@@ -75,6 +93,7 @@ let package = Package(
             dependencies: nio + [
                 "MeshCore",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -86,7 +105,7 @@ let package = Package(
         // Typed client of the control API: CRUD, list + watch with resume.
         .target(
             name: "MeshClient",
-            dependencies: ["MeshCore", "MeshHTTP"],
+            dependencies: ["MeshCore", "MeshHTTP", "MeshIdentity", .product(name: "Logging", package: "swift-log")],
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
@@ -94,7 +113,9 @@ let package = Package(
         .target(
             name: "Control",
             dependencies: nio + [
-                "MeshCore", "MeshSQLite", "MeshHTTP",
+                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshIdentity",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -130,7 +151,7 @@ let package = Package(
         .target(
             name: "MeshAgent",
             dependencies: nio + [
-                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "DNS", "CNetlink",
+                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -143,7 +164,7 @@ let package = Package(
         .target(
             name: "MeshCtl",
             dependencies: [
-                "MeshCore", "MeshClient", "Control", "MeshAgent", "MeshHTTP", "Relay",
+                "MeshCore", "MeshClient", "Control", "MeshAgent", "MeshIdentity", "MeshHTTP", "Relay",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             exclude: ["README.md"],
@@ -206,7 +227,8 @@ let package = Package(
         .target(
             name: "MeshTestSupport",
             dependencies: [
-                "Control", "MeshClient", "MeshCore", "MeshHTTP",
+                "Control", "MeshClient", "MeshCore", "MeshHTTP", "MeshIdentity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
@@ -234,7 +256,8 @@ let package = Package(
         .testTarget(
             name: "ControlTests",
             dependencies: nio + [
-                "Control", "MeshClient", "MeshCore", "MeshSQLite", "MeshHTTP", "MeshTestSupport",
+                "Control", "MeshClient", "MeshCore", "MeshSQLite", "MeshHTTP", "MeshTestSupport", "MeshIdentity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
@@ -275,7 +298,7 @@ let package = Package(
         ),
         .testTarget(
             name: "EndToEndTests",
-            dependencies: ["MeshCore", "MeshClient", "MeshTestSupport"],
+            dependencies: ["MeshCore", "MeshClient", "MeshTestSupport", "MeshIdentity", "MeshHTTP"],
             swiftSettings: swiftSettings
         ),
     ]

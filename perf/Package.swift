@@ -44,6 +44,7 @@ let package = Package(
                 .product(name: "MeshClient", package: "edge-mesh"),
                 .product(name: "MeshCore", package: "edge-mesh"),
                 .product(name: "MeshHTTP", package: "edge-mesh"),
+                .product(name: "MeshIdentity", package: "edge-mesh"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],

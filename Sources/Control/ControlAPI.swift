@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import MeshCore
 import MeshHTTP
+import MeshIdentity
 import Metrics
 import NIOCore
 import NIOHTTP1
@@ -13,17 +14,30 @@ public final class ControlAPI: HTTPResponder {
     let vips: VIPAllocator
     let logger: Logger
     let health: HealthEndpoints
+    let ca: CertificateAuthority?
+    let caPEM: String
+    let tokens: BootstrapTokenStore
     public static let version = "0.1.0"
+    /// Where nodes enrol (no client certificate needed).
+    public static let joinPath = "/apis/mesh.edge/v1/join"
+    /// Join tokens (admin only).
+    public static let tokensPath = "/apis/mesh.edge/v1/bootstraptokens"
 
+    /// `ca`: the CA that signs joining nodes' CSRs (nil: joins are refused with 503).
     public init(
         store: any Store,
         vips: VIPAllocator,
         logger: Logger,
+        ca: CertificateAuthority? = nil,
+        caPEM: String = "",
         isReady: @escaping @Sendable () -> (Bool, String) = { (true, "ok") }
     ) {
         self.store = store
         self.vips = vips
         self.logger = logger
+        self.ca = ca
+        self.caPEM = caPEM
+        self.tokens = BootstrapTokenStore(store: store)
         self.health = HealthEndpoints(isReady: isReady)
     }
 
@@ -50,9 +64,26 @@ public final class ControlAPI: HTTPResponder {
     }
 
     public func respond(to request: HTTPRequest) async -> HTTPResponse {
+        if case .deny(let status) = Authorization.decide(request) {
+            Counter(
+                label: "mesh_control_requests_total",
+                dimensions: [("verb", "denied"), ("resource", ""), ("code", "\(status.code)")]
+            )
+            .increment()
+            self.logger.debug(
+                "\(request.method) \(request.uri) from \(request.peerIdentity ?? "anonymous") -> \(status.code)"
+            )
+            return Self.respond(status)
+        }
         if let r = self.health.respond(to: request) { return r }
         let start = ContinuousClock.now
-        let (response, verb, resource) = await self.route(request)
+        let routed: (HTTPResponse, String, String)
+        if let security = await self.routeSecurity(request) {
+            routed = security
+        } else {
+            routed = await self.route(request)
+        }
+        let (response, verb, resource) = routed
         let code = Int(response.status.code)
         Counter(
             label: "mesh_control_requests_total",
@@ -69,6 +100,107 @@ public final class ControlAPI: HTTPResponder {
             self.logger.debug("\(request.method) \(request.uri) -> \(code)")
         }
         return response
+    }
+
+    // MARK: join and tokens
+
+    /// The join and token paths; nil for any other path.
+    private func routeSecurity(_ request: HTTPRequest) async -> (HTTPResponse, String, String)? {
+        let path = request.path
+        let tokenID: String?
+        if path == Self.joinPath {
+            tokenID = nil
+        } else if path == Self.tokensPath || path == Self.tokensPath + "/" {
+            tokenID = ""
+        } else if path.hasPrefix(Self.tokensPath + "/") {
+            tokenID = String(path.dropFirst(Self.tokensPath.count + 1))
+        } else {
+            return nil
+        }
+        let resource = tokenID == nil ? "join" : BootstrapTokenStore.resource
+        do {
+            switch (request.method, tokenID) {
+            case (.POST, nil):
+                return (try await self.join(request), "create", resource)
+            case (.POST, ""):
+                guard let ca = self.ca else { throw Self.noCA }
+                let wanted = try Self.decodeStrict(BootstrapTokenRequest.self, request)
+                let created = try await self.tokens.create(wanted, caHash: ca.hash)
+                return (.json(.created, Self.encode(created)), "create", resource)
+            case (.GET, ""):
+                return (
+                    .json(.ok, Self.encode(BootstrapTokenList(items: try await self.tokens.list()))), "list", resource
+                )
+            case (.DELETE, .some(let id)) where !id.isEmpty:
+                return (.json(.ok, Self.encode(try await self.tokens.delete(id))), "delete", resource)
+            default:
+                let allowed = tokenID == nil ? "POST" : (tokenID!.isEmpty ? "GET, POST" : "DELETE")
+                var r = Self.respond(
+                    Status(
+                        code: 405,
+                        reason: .methodNotAllowed,
+                        message: "\(request.method) is not allowed here (allowed: \(allowed))"
+                    )
+                )
+                r.headers.add(name: "Allow", value: allowed)
+                return (r, "unknown", resource)
+            }
+        } catch let status as Status {
+            return (Self.respond(status), Self.verb(request, name: tokenID), resource)
+        } catch let e as StoreError {
+            let status = Status(code: 503, reason: .serviceUnavailable, message: e.description)
+            return (Self.respond(status), Self.verb(request, name: tokenID), resource)
+        } catch {
+            self.logger.error("\(request.method) \(request.uri) failed: \(error)")
+            let status = Status(code: 500, reason: .internalError, message: "internal error: \(error)")
+            return (Self.respond(status), Self.verb(request, name: tokenID), resource)
+        }
+    }
+
+    static let noCA = Status(
+        code: 503,
+        reason: .serviceUnavailable,
+        message: "this control plane has no certificate authority, so it cannot enrol nodes"
+    )
+
+    /// Enrols a node: checks and takes a usage of the token, then signs the CSR for the node's name.
+    private func join(_ request: HTTPRequest) async throws -> HTTPResponse {
+        guard let ca = self.ca else { throw Self.noCA }
+        let join = try Self.decodeStrict(JoinRequest.self, request)
+        // Check the CSR before spending a usage of the token on it.
+        do {
+            _ = try ca.signNodeCSR(pem: join.csr)
+        } catch let e as IdentityError {
+            throw Status.badRequest(e.message)
+        }
+        try await self.tokens.consume(join.token)
+        let (name, certificate) = try ca.signNodeCSR(pem: join.csr)
+        self.logger.notice("node \(name) joined with token \(join.token.prefix(6))")
+        let answer = JoinResponse(
+            nodeName: name,
+            certificate: try certificate.serializeAsPEM().pemString,
+            caCertificate: self.caPEM
+        )
+        return .json(.ok, Self.encode(answer))
+    }
+
+    /// A JSON body decoded strictly (unknown fields, wrong kind or apiVersion are 400s).
+    static func decodeStrict<T: Codable>(_ type: T.Type, _ request: HTTPRequest) throws -> T {
+        if let type = request.headers.first(name: "content-type"), !type.lowercased().hasPrefix("application/json") {
+            throw Status(
+                code: 415,
+                reason: .unsupportedMediaType,
+                message: "send JSON (Content-Type: application/json), not \(type)"
+            )
+        }
+        guard request.body.readableBytes > 0 else {
+            throw Status.badRequest("the request has no body: send it as JSON")
+        }
+        do {
+            return try SecurityPayloads.decode(T.self, json: Data(request.body.readableBytesView))
+        } catch let e as ManifestError {
+            throw Status.badRequest(e.message)
+        }
     }
 
     // MARK: routing

@@ -19,6 +19,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     public var requestTimeoutSeconds: Int = 30
     /// How long an idle keep-alive connection stays open.
     public var idleTimeoutSeconds: Int = 120
+    /// Extra names and IP addresses in the API's serving certificate, beside 127.0.0.1, ::1,
+    /// localhost and the listen address (the names agents and meshctl dial).
+    public var certSANs: [String] = []
     /// `full` fsyncs every commit; `normal` only at checkpoints.
     public var durability: Durability = .full
     /// trace, debug, info, notice, warning, error, critical.
@@ -53,6 +56,10 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
         if self.requestTimeoutSeconds < 1 { throw ManifestError("requestTimeoutSeconds: must be at least 1") }
         if self.idleTimeoutSeconds < 1 { throw ManifestError("idleTimeoutSeconds: must be at least 1") }
         if self.maxBodyBytes < 1024 { throw ManifestError("maxBodyBytes: must be at least 1024") }
+        for (i, san) in self.certSANs.enumerated()
+        where IPAddress(san) == nil && Names.dns1123SubdomainError(san) != nil {
+            throw ManifestError("certSANs[\(i)]: \"\(san)\" is neither an IP address nor a DNS name")
+        }
         _ = try LogLevels.parse(self.logLevel)
     }
 }

@@ -1,6 +1,7 @@
 import Logging
 import MeshCore
 import MeshHTTP
+import MeshIdentity
 import Metrics
 import NIOCore
 import ServiceLifecycle
@@ -11,11 +12,18 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
     public let config: ControlConfig
     let logger: Logger
     private let http: AsyncOnce<HTTPServer>
+    private let pkiReady: AsyncOnce<ControlPKI>
 
     public init(config: ControlConfig, logger: Logger) {
         self.config = config
         self.logger = logger
         self.http = AsyncOnce()
+        self.pkiReady = AsyncOnce()
+    }
+
+    /// The CA and credentials, once the server has made or loaded them.
+    public func pki() async throws -> ControlPKI {
+        try await self.pkiReady.value()
     }
 
     /// The API's address once it listens (useful with port 0).
@@ -28,6 +36,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
             try await self.serve()
         } catch {
             self.http.fail(error)
+            self.pkiReady.fail(error)
             throw error
         }
     }
@@ -40,6 +49,21 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         try StatePaths.ensureDirectory(config.dataDir)
         let lock = try DirectoryLock(directory: config.dataDir, name: "mesh-control")
         defer { withExtendedLifetime(lock) {} }
+        let pki: ControlPKI
+        do {
+            pki = try ControlPKI.bootstrap(
+                dataDir: config.dataDir,
+                listen: listen,
+                extraSANs: config.certSANs,
+                logger: self.logger
+            )
+        } catch let e as IdentityError {
+            throw ManifestError(e.message)
+        }
+        self.pkiReady.set(pki)
+        self.logger.info(
+            "CA hash \(pki.ca.hash); admin credentials for meshctl in \(pki.adminConfigPath)"
+        )
 
         var storeConfig = SQLiteStore.Configuration(path: config.dataDir + "/control.db")
         storeConfig.durability = config.durability
@@ -52,7 +76,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
             "service VIPs from \(cidrs.map(\.description).joined(separator: ", ")): \(taken.count) allocated"
         )
 
-        let api = ControlAPI(store: store, vips: vips, logger: self.logger)
+        let api = ControlAPI(store: store, vips: vips, logger: self.logger, ca: pki.ca, caPEM: pki.caPEM)
         var httpConfig = HTTPServerConfiguration()
         httpConfig.host = listen.host
         httpConfig.port = listen.port
@@ -61,6 +85,9 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         httpConfig.drainTimeout = .seconds(2)
         httpConfig.requestTimeout = .seconds(Int64(config.requestTimeoutSeconds))
         httpConfig.idleTimeout = .seconds(Int64(config.idleTimeoutSeconds))
+        httpConfig.tls = HTTPServerTLS(context: try MeshTLS.serverContext(pki.serving)) { certificate in
+            MeshTLS.identity(of: certificate)?.uri
+        }
         let server = HTTPServer(configuration: httpConfig, responder: api, logger: self.logger)
         self.http.set(server)
 

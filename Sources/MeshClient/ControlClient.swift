@@ -14,8 +14,9 @@ import Foundation
 public struct ControlClient: Sendable {
     public var http: HTTPClient
 
-    public init(endpoint: HTTPEndpoint) {
-        self.http = HTTPClient(endpoint: endpoint)
+    /// `tls` is required for an `https` endpoint (the control API is HTTPS only).
+    public init(endpoint: HTTPEndpoint, tls: HTTPClientTLS? = nil) {
+        self.http = HTTPClient(endpoint: endpoint, tls: tls)
     }
 
     public var endpoint: HTTPEndpoint { self.http.endpoint }

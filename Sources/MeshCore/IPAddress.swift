@@ -64,6 +64,14 @@ public enum IPAddress: Hashable, Sendable, Comparable, CustomStringConvertible {
         }
     }
 
+    /// True for 0.0.0.0 and ::.
+    public var isUnspecified: Bool {
+        switch self {
+        case .v4(let v): return v == 0
+        case .v6(let hi, let lo): return hi == 0 && lo == 0
+        }
+    }
+
     /// True for 127.0.0.0/8 and ::1.
     public var isLoopback: Bool {
         switch self {

@@ -1,10 +1,19 @@
 import Control
 import Logging
 import MeshAgent
+import MeshClient
 import MeshCore
 import MeshHTTP
+import MeshIdentity
+import NIOCore
 import Relay
 import ServiceLifecycle
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// `meshctl up`: the whole mesh on one machine, on loopback, in the foreground. Never touches the
 /// host's interfaces; data under the user's state folder unless told otherwise.
@@ -18,6 +27,8 @@ public struct AllInOne: Sendable {
     /// Start an agent beside the control plane (off: control plane only).
     public var withAgent = true
     public var logLevel: Logger.Level = .info
+    /// Where the admin credentials for meshctl are written (nil: not written).
+    public var clientConfigPath: String? = ClientConfig.defaultPath()
 
     public init() {}
 
@@ -33,7 +44,7 @@ public struct AllInOne: Sendable {
     /// The agent's configuration for the all-in-one: loopback mode, talking to the local control plane.
     public var agentConfig: AgentConfig {
         var c = AgentConfig()
-        c.controlServer = "http://\(self.controlListen)"
+        c.controlServer = "https://\(self.controlListen)"
         c.dataDir = self.dataDir + "/agent"
         c.dnsListen = self.dnsListen
         c.adminListen = self.adminListen
@@ -53,32 +64,75 @@ public struct AllInOne: Sendable {
         )
         var services: [any ServiceLifecycle.Service] = [control, stun]
         if self.withAgent {
-            let agent = AgentServer(config: self.agentConfig, logger: Logger(label: "mesh-agent"))
-            services.append(StartAfter(control, agent))
+            services.append(EnrolledAgent(control: control, mesh: self, logger: logger))
+        } else {
+            services.append(AdminConfigWriter(control: control, mesh: self, logger: logger))
         }
         logger.info(
-            "all-in-one mesh starting: control API on http://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), STUN on \(self.stunListen), data in \(self.dataDir)"
+            "all-in-one mesh starting: control API on https://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), STUN on \(self.stunListen), data in \(self.dataDir)"
         )
         guard await Daemon.run(services, name: "meshctl up", logger: logger) else { throw AllInOneFailed() }
         logger.info("all-in-one mesh stopped")
     }
 }
 
-/// Runs `service` once the control plane listens, so the all-in-one agent's first connection
-/// succeeds (no start-up race, no retry noise in the log).
-struct StartAfter: ServiceLifecycle.Service {
-    let control: ControlServer
-    let service: any ServiceLifecycle.Service
-
-    init(_ control: ControlServer, _ service: any ServiceLifecycle.Service) {
-        self.control = control
-        self.service = service
+extension AllInOne {
+    /// Once the control plane has its CA: writes the admin meshconfig where meshctl looks by default.
+    func writeClientConfig(_ pki: ControlPKI, logger: Logger) throws {
+        guard let path = self.clientConfigPath else { return }
+        let listen = try ListenAddress(self.controlListen, field: "--listen")
+        let server = HTTPSURL.make(host: ControlPKI.clientHost(listen.host), port: listen.port)
+        try ClientConfig(server: server, files: pki.admin).write(to: path)
+        logger.info("admin credentials for meshctl written to \(path)")
     }
+
+    /// A one-use join token for the all-in-one's own agent, made through the API as admin.
+    func makeJoinToken(_ pki: ControlPKI) async throws -> BootstrapTokenSecret {
+        let listen = try ListenAddress(self.controlListen, field: "--listen")
+        let endpoint = HTTPEndpoint(host: ControlPKI.clientHost(listen.host), port: listen.port, tls: true)
+        let admin = try pki.admin.load()
+        let client = ControlClient(endpoint: endpoint, tls: HTTPClientTLS(context: try MeshTLS.clientContext(admin)))
+        let request = BootstrapTokenRequest(ttlSeconds: 600, usages: 1, description: "meshctl up: its own agent")
+        let body = try await client.raw(
+            .POST,
+            "/apis/\(meshAPIVersion)/bootstraptokens",
+            body: ByteBuffer(bytes: try MeshJSON.encode(request))
+        ).body
+        return try JSONDecoder().decode(BootstrapTokenSecret.self, from: Data(body.readableBytesView))
+    }
+}
+
+/// The all-in-one's agent: starts once the control plane listens (no start-up race), joining with a
+/// token of its own on first start; later starts reuse the agent's certificate.
+struct EnrolledAgent: ServiceLifecycle.Service {
+    let control: ControlServer
+    let mesh: AllInOne
+    let logger: Logger
 
     func run() async throws {
         // When the control plane fails to start, ServiceGroup stops everything anyway.
-        _ = try? await self.control.localAddress()
-        try await self.service.run()
+        guard (try? await self.control.localAddress()) != nil, let pki = try? await self.control.pki() else { return }
+        try self.mesh.writeClientConfig(pki, logger: self.logger)
+        var config = self.mesh.agentConfig
+        if !NodeEnrolment.files(stateDir: config.dataDir).allExist {
+            let token = try await self.mesh.makeJoinToken(pki)
+            config.joinToken = token.token
+            config.caCertHash = token.caCertHash
+        }
+        try await AgentServer(config: config, logger: Logger(label: "mesh-agent")).run()
+    }
+}
+
+/// Without an agent: only writes the admin meshconfig once the control plane is up.
+struct AdminConfigWriter: ServiceLifecycle.Service {
+    let control: ControlServer
+    let mesh: AllInOne
+    let logger: Logger
+
+    func run() async throws {
+        guard (try? await self.control.localAddress()) != nil, let pki = try? await self.control.pki() else { return }
+        try self.mesh.writeClientConfig(pki, logger: self.logger)
+        try? await gracefulShutdown()
     }
 }
 

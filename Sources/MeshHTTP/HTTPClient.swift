@@ -1,26 +1,38 @@
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import Synchronization
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Where a server is: `http://host:port`.
+/// Where a server is: `http://host:port` or `https://host:port`.
 public struct HTTPEndpoint: Sendable, Hashable, CustomStringConvertible {
     public var host: String
     public var port: Int
+    /// HTTPS: the client needs `HTTPClientTLS` settings.
+    public var tls: Bool
 
-    public init(host: String, port: Int) {
+    public init(host: String, port: Int, tls: Bool = false) {
         self.host = host
         self.port = port
+        self.tls = tls
     }
 
-    /// Parses `http://host:port`, `host:port` or `[v6]:port`; the scheme may be omitted.
-    public init?(url: String) {
+    /// Parses `http://host:port`, `https://host:port`, `host:port` or `[v6]:port`; without a
+    /// scheme, `defaultTLS` decides.
+    public init?(url: String, defaultTLS: Bool = false) {
         var rest = Substring(url)
-        if rest.hasPrefix("http://") { rest = rest.dropFirst(7) }
+        self.tls = defaultTLS
+        if rest.hasPrefix("http://") {
+            rest = rest.dropFirst(7)
+            self.tls = false
+        } else if rest.hasPrefix("https://") {
+            rest = rest.dropFirst(8)
+            self.tls = true
+        }
         if rest.hasSuffix("/") { rest = rest.dropLast() }
         guard !rest.contains("/"), !rest.isEmpty else { return nil }
         if rest.hasPrefix("[") {
@@ -35,13 +47,15 @@ public struct HTTPEndpoint: Sendable, Hashable, CustomStringConvertible {
             self.port = p
         } else {
             self.host = String(rest)
-            self.port = 80
+            self.port = self.tls ? 443 : 80
         }
         if self.host.isEmpty { return nil }
     }
 
     public var description: String {
-        self.host.contains(":") ? "http://[\(self.host)]:\(self.port)" : "http://\(self.host):\(self.port)"
+        let scheme = self.tls ? "https" : "http"
+        return self.host.contains(":")
+            ? "\(scheme)://[\(self.host)]:\(self.port)" : "\(scheme)://\(self.host):\(self.port)"
     }
 }
 
@@ -63,6 +77,26 @@ public struct HTTPClientError: Error, Sendable, CustomStringConvertible {
     public var description: String { self.message }
 }
 
+/// How an HTTPS client checks the server and proves who it is.
+public struct HTTPClientTLS: Sendable {
+    public var context: NIOSSLContext
+    /// The name to check the server's certificate against (and send as SNI); nil: the endpoint's
+    /// host when it is a name; an IP address is checked against the certificate's IP SANs.
+    public var serverHostname: String?
+    /// Replaces the usual chain verification (pinning a CA by its hash before it is trusted).
+    public var verify: (@Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResult>) -> Void)?
+
+    public init(
+        context: NIOSSLContext,
+        serverHostname: String? = nil,
+        verify: (@Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResult>) -> Void)? = nil
+    ) {
+        self.context = context
+        self.serverHostname = serverHostname
+        self.verify = verify
+    }
+}
+
 /// A small HTTP/1.1 client over SwiftNIO for the control API: one connection per request, whole
 /// responses with a size bound, or a streamed body for watches.
 public struct HTTPClient: Sendable {
@@ -71,22 +105,55 @@ public struct HTTPClient: Sendable {
     /// Whole-request time limit for `send` (not for streams).
     public var requestTimeout: TimeAmount = .seconds(30)
     public var maxResponseBytes: Int = 256 * 1024 * 1024
+    /// TLS settings, required for an `https` endpoint.
+    public var tls: HTTPClientTLS?
     let group: any EventLoopGroup
 
-    public init(endpoint: HTTPEndpoint, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+    public init(
+        endpoint: HTTPEndpoint,
+        tls: HTTPClientTLS? = nil,
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) {
         self.endpoint = endpoint
+        self.tls = tls
         self.group = group
     }
 
     typealias Connection = NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
 
-    private func connect() async throws -> Connection {
+    private func connect() async throws -> (Connection, TLSErrorRecorder) {
+        let recorder = TLSErrorRecorder()
+        return (try await self.connect(recorder), recorder)
+    }
+
+    private func connect(_ recorder: TLSErrorRecorder) async throws -> Connection {
+        if self.endpoint.tls && self.tls == nil {
+            throw HTTPClientError("cannot connect to \(self.endpoint): no TLS settings (CA certificate) for https")
+        }
+        let tls = self.endpoint.tls ? self.tls : nil
+        let hostname =
+            tls?.serverHostname
+            ?? ((try? SocketAddress(ipAddress: self.endpoint.host, port: 0)) == nil ? self.endpoint.host : nil)
         do {
             return try await ClientBootstrap(group: self.group)
                 .connectTimeout(self.connectTimeout)
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .connect(host: self.endpoint.host, port: self.endpoint.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if let tls {
+                            let handler: NIOSSLClientHandler
+                            if let verify = tls.verify {
+                                handler = try NIOSSLClientHandler(
+                                    context: tls.context,
+                                    serverHostname: hostname,
+                                    customVerificationCallback: verify
+                                )
+                            } else {
+                                handler = try NIOSSLClientHandler(context: tls.context, serverHostname: hostname)
+                            }
+                            try channel.pipeline.syncOperations.addHandler(handler)
+                            try channel.pipeline.syncOperations.addHandler(recorder)
+                        }
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         return try Connection(
                             wrappingChannelSynchronously: channel,
@@ -113,6 +180,23 @@ public struct HTTPClient: Sendable {
             return String(cString: strerror(e.errnoCode)).lowercased()
         case ChannelError.connectTimeout:
             return "timed out"
+        case NIOSSLError.handshakeFailed(let e):
+            return "TLS handshake failed (\(Self.describe(boringSSL: e)))"
+        case let e as BoringSSLError:
+            return "TLS failed (\(Self.describe(boringSSL: e)))"
+        case let e as NIOSSLExtraError:
+            return "TLS failed (\(e))"
+        default:
+            return "\(error)"
+        }
+    }
+
+    /// BoringSSL's reason strings (e.g. "CERTIFICATE_VERIFY_FAILED", "TLSV1_ALERT_UNKNOWN_CA").
+    static func describe(boringSSL error: BoringSSLError) -> String {
+        switch error {
+        case .sslError(let stack), .unknownError(let stack):
+            let reasons = stack.map { "\($0)" }
+            return reasons.isEmpty ? "\(error)" : reasons.joined(separator: "; ")
         default:
             return "\(error)"
         }
@@ -138,7 +222,7 @@ public struct HTTPClient: Sendable {
         headers: HTTPHeaders = [:],
         body: ByteBuffer? = nil
     ) async throws -> HTTPClientResponse {
-        let connection = try await self.connect()
+        let (connection, recorder) = try await self.connect()
         let channel = connection.channel
         let timeout = self.requestTimeout
         let timedOut = Flag()
@@ -181,6 +265,9 @@ public struct HTTPClient: Sendable {
         } catch let error as HTTPClientError {
             throw error
         } catch {
+            if let tls = recorder.error {
+                throw HTTPClientError("request to \(endpoint) failed: \(Self.describe(tls))")
+            }
             if timedOut.isSet {
                 throw HTTPClientError("\(endpoint) did not answer within \(timeout.nanoseconds / 1_000_000_000)s")
             }
@@ -196,10 +283,23 @@ public struct HTTPClient: Sendable {
         headers: HTTPHeaders = [:],
         consume: (HTTPResponseHead, inout ResponseBodyStream) async throws -> T
     ) async throws -> T {
-        let connection = try await self.connect()
+        let (connection, recorder) = try await self.connect()
         let sentHead = self.head(method, path, headers, bodyLength: nil)
         let endpoint = self.endpoint
-        return try await connection.executeThenClose { inbound, outbound in
+        do {
+            return try await Self.exchange(connection, sentHead, endpoint, consume)
+        } catch let error where recorder.error != nil && !(error is HTTPClientError) {
+            throw HTTPClientError("request to \(endpoint) failed: \(Self.describe(recorder.error!))")
+        }
+    }
+
+    private static func exchange<T: Sendable>(
+        _ connection: Connection,
+        _ sentHead: HTTPRequestHead,
+        _ endpoint: HTTPEndpoint,
+        _ consume: (HTTPResponseHead, inout ResponseBodyStream) async throws -> T
+    ) async throws -> T {
+        try await connection.executeThenClose { inbound, outbound in
             try await outbound.write(contentsOf: [.head(sentHead), .end(nil)])
             var iterator = inbound.makeAsyncIterator()
             while let part = try await iterator.next() {
@@ -210,6 +310,22 @@ public struct HTTPClient: Sendable {
             }
             throw HTTPClientError("\(endpoint) closed the connection before sending a response")
         }
+    }
+}
+
+/// Keeps the first TLS error of a connection: a failed handshake can surface to the caller as a
+/// write on a closed channel, and the TLS reason is the one worth reporting.
+final class TLSErrorRecorder: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    private let first = Mutex<(any Error)?>(nil)
+
+    var error: (any Error)? { self.first.withLock { $0 } }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if error is NIOSSLError || error is BoringSSLError {
+            self.first.withLock { if $0 == nil { $0 = error } }
+        }
+        context.fireErrorCaught(error)
     }
 }
 

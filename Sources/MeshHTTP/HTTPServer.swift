@@ -3,6 +3,7 @@ import MeshCore
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import ServiceLifecycle
 import Synchronization
 
@@ -28,7 +29,22 @@ public struct HTTPServerConfiguration: Sendable {
         ("text/plain; charset=utf-8", ByteBuffer(string: "\(status.code) \(status.reasonPhrase): \(message)\n"))
     }
 
+    /// Serve HTTPS with this context (nil: plain HTTP).
+    public var tls: HTTPServerTLS?
+
     public init() {}
+}
+
+/// HTTPS: the TLS context, and how a verified client certificate becomes the identity requests carry.
+public struct HTTPServerTLS: Sendable {
+    public var context: NIOSSLContext
+    /// The client's identity from its (already verified) certificate; nil: anonymous.
+    public var identify: @Sendable (NIOSSLCertificate) -> String?
+
+    public init(context: NIOSSLContext, identify: @escaping @Sendable (NIOSSLCertificate) -> String?) {
+        self.context = context
+        self.identify = identify
+    }
 }
 
 /// An HTTP/1.1 server over SwiftNIO: keep-alive, pipelining, limits, streaming responses, and
@@ -79,6 +95,9 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                 .bind(host: config.host, port: config.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if let tls = config.tls {
+                            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
+                        }
                         var limits = NIOHTTPDecoderLimitConfiguration()
                         limits.maxHeaderListSize = config.maxHeaderBytes
                         limits.maxHeaderFieldSize = config.maxHeaderBytes
@@ -115,7 +134,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         } else {
             self.listening.fail(ChannelError.inappropriateOperationForState)
         }
-        self.logger.info("listening on http://\(address.map(hostPort) ?? "?")")
+        self.logger.info("listening on \(config.tls == nil ? "http" : "https")://\(address.map(hostPort) ?? "?")")
 
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
@@ -181,10 +200,14 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                     }
                     return
                 }
+                var peer: String??
                 while let part = try await parts.next() {
                     guard case .head(let head) = part else { continue }
-                    guard let request = try await self.collect(head, &parts, outbound, remote: channel.remoteAddress)
+                    // A request arrives after the handshake: the client's certificate is known by now.
+                    if peer == nil { peer = .some(try await self.peerIdentity(channel)) }
+                    guard var request = try await self.collect(head, &parts, outbound, remote: channel.remoteAddress)
                     else { return }
+                    request.peerIdentity = peer ?? nil
                     let response = await self.responder.respond(to: request)
                     let keepAlive = head.isKeepAlive && !self.bound.withLock({ $0.draining })
                     try await self.write(
@@ -201,6 +224,13 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         } catch {
             self.logger.debug("connection \(channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)")
         }
+    }
+
+    /// The identity of the client's verified certificate (nil: plain HTTP or no certificate).
+    private func peerIdentity(_ channel: any Channel) async throws -> String? {
+        guard let tls = self.configuration.tls else { return nil }
+        guard let certificate = try await channel.nioSSL_peerCertificate().get() else { return nil }
+        return tls.identify(certificate)
     }
 
     /// Reads the body of the request that `head` starts, up to the limit. Nil: the connection is done.

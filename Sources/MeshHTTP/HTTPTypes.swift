@@ -13,6 +13,9 @@ public struct HTTPRequest: Sendable {
     public var headers: HTTPHeaders
     public var body: ByteBuffer
     public var remoteAddress: SocketAddress?
+    /// Who the client is, from its verified TLS certificate (see `HTTPServerTLS.identify`); nil when
+    /// it sent none or the server speaks plain HTTP.
+    public var peerIdentity: String?
 
     public init(
         method: HTTPMethod,

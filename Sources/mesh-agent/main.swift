@@ -10,6 +10,8 @@ struct MeshAgentCommand: AsyncParsableCommand {
         commandName: "mesh-agent",
         abstract: "The per-host mesh agent: answers service names, proxies to endpoints, keeps working offline.",
         discussion: """
+            On first start, enrols with --join-token and --ca-cert-hash (both from `meshctl token create`): a key \
+            and certificate are kept in <data-dir>/pki and reused after. \
             Syncs services and endpoints from the control plane (cached in <data-dir>/agent.db, served from \
             there while the control plane is away), answers <service>.<namespace>.svc.<domain> on DNS and \
             proxies each service VIP:port to its endpoints (L4 TCP/UDP, L7 HTTP). Admin API: /routes, \
@@ -18,11 +20,17 @@ struct MeshAgentCommand: AsyncParsableCommand {
         version: "0.1.0"
     )
 
-    @Option(name: .long, help: "YAML config file (fields: controlServer, nodeName, site, dnsListen, ...).")
+    @Option(name: .long, help: "YAML config file (fields: controlServer, joinToken, caCertHash, nodeName, site, ...).")
     var config: String?
 
-    @Option(name: .long, help: "Control plane URL.")
+    @Option(name: .long, help: "Control plane URL (https://host:port).")
     var server: String?
+
+    @Option(name: .long, help: "Join token (meshctl token create), used once when this node has no certificate.")
+    var joinToken: String?
+
+    @Option(name: .long, help: "sha256:<hex> of the control plane's CA public key; the join trusts only that CA.")
+    var caCertHash: String?
 
     @Option(name: .long, help: "This node's name.")
     var nodeName: String?
@@ -50,6 +58,8 @@ struct MeshAgentCommand: AsyncParsableCommand {
         do {
             settings = try ConfigFile.load(AgentConfig.self, path: self.config)
             if let v = self.server { settings.controlServer = v }
+            if let v = self.joinToken { settings.joinToken = v }
+            if let v = self.caCertHash { settings.caCertHash = v }
             if let v = self.nodeName { settings.nodeName = v }
             if let v = self.site { settings.site = v }
             if let v = self.dataDir { settings.dataDir = v }

@@ -10,8 +10,9 @@ struct MeshControl: AsyncParsableCommand {
         commandName: "mesh-control",
         abstract: "The mesh's control plane: stores services, endpoints and nodes, and streams changes to agents.",
         discussion: """
-            Serves the Kubernetes-style API of API.md (default http://127.0.0.1:7700) over an embedded SQLite \
-            store. Settings come from --config (YAML; every field has a default) and flags override them. \
+            Serves the Kubernetes-style API of API.md (default https://127.0.0.1:7700, TLS 1.3 with client \
+            certificates) over an embedded SQLite store. On first start it creates the mesh CA in <data-dir>/pki, \
+            its serving certificate and an admin certificate for meshctl (<data-dir>/admin.meshconfig). Settings come from --config (YAML; every field has a default) and flags override them. \
             SIGTERM or SIGINT drains requests and exits 0.
             """,
         version: ControlAPI.version
@@ -29,6 +30,9 @@ struct MeshControl: AsyncParsableCommand {
     @Option(name: .customLong("service-cidr"), help: "VIP range; repeat for IPv4 and IPv6.")
     var serviceCIDRs: [String] = []
 
+    @Option(name: .customLong("cert-san"), help: "Extra name or IP in the API's certificate; repeat for more.")
+    var certSANs: [String] = []
+
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String?
 
@@ -39,6 +43,7 @@ struct MeshControl: AsyncParsableCommand {
             if let v = self.listen { settings.listen = v }
             if let v = self.dataDir { settings.dataDir = v }
             if !self.serviceCIDRs.isEmpty { settings.serviceCIDRs = self.serviceCIDRs }
+            if !self.certSANs.isEmpty { settings.certSANs = self.certSANs }
             if let v = self.logLevel { settings.logLevel = v }
             try settings.validate()
         } catch let e as ManifestError {

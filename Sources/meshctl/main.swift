@@ -15,23 +15,51 @@ struct MeshCtlCommand: AsyncParsableCommand {
               meshctl apply -f examples/
               meshctl get services -A
               meshctl watch endpoints -n shop
-            The control plane is found at --server, $MESHCTL_SERVER, or http://127.0.0.1:7700.
+            The control plane is found at --server, $MESHCTL_SERVER, the meshconfig file's server, or \
+            https://127.0.0.1:7700. Credentials (TLS client certificate, CA) come from the meshconfig file: \
+            --meshconfig, $MESHCONFIG, ~/.config/edge-mesh/meshconfig.yaml (written by `meshctl up`), or the \
+            admin.meshconfig of a control plane in the default data directory; flags override each file.
+            Enrol a node: `meshctl token create` prints the mesh-agent command line that joins it.
             """,
         version: "0.1.0",
-        subcommands: [Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Version.self]
+        subcommands: [
+            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Token.self, Version.self,
+        ]
     )
 }
 
 struct ServerOptions: ParsableArguments {
-    @Option(name: .long, help: "Control plane URL (default: $MESHCTL_SERVER or http://127.0.0.1:7700).")
+    @Option(
+        name: .long,
+        help: "Control plane URL (default: $MESHCTL_SERVER, the meshconfig's, or https://127.0.0.1:7700)."
+    )
     var server: String?
 
+    @Option(name: .long, help: "meshconfig file (default: $MESHCONFIG or ~/.config/edge-mesh/meshconfig.yaml).")
+    var meshconfig: String?
+
+    @Option(name: .long, help: "CA certificate (PEM) that the control plane's certificate must chain to.")
+    var certificateAuthority: String?
+
+    @Option(name: .long, help: "Client certificate (PEM).")
+    var clientCertificate: String?
+
+    @Option(name: .long, help: "Client private key (PEM).")
+    var clientKey: String?
+
     func operations() throws -> Operations {
-        let url = self.server ?? ProcessInfo.processInfo.environment["MESHCTL_SERVER"] ?? "http://127.0.0.1:7700"
-        guard let endpoint = HTTPEndpoint(url: url) else {
-            throw ValidationError("--server \"\(url)\" is not a URL like http://127.0.0.1:7700")
+        let settings = ClientSettings(
+            server: self.server,
+            meshconfig: self.meshconfig,
+            certificateAuthority: self.certificateAuthority,
+            clientCertificate: self.clientCertificate,
+            clientKey: self.clientKey
+        )
+        do {
+            return Operations(client: try settings.client())
+        } catch let e as ManifestError {
+            throw ValidationError(e.message)
         }
-        return Operations(client: ControlClient(endpoint: endpoint))
     }
 }
 
@@ -267,6 +295,75 @@ struct Routes: AsyncParsableCommand {
         let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
         guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
         if !(await RoutesView(agent: endpoint).show(format: self.output)) { throw ExitCode.failure }
+    }
+}
+
+struct Token: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Join tokens that enrol nodes: create, list, delete.",
+        subcommands: [TokenCreate.self, TokenList.self, TokenDelete.self]
+    )
+}
+
+struct TokenCreate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "create",
+        abstract: "Create a join token; prints it, the CA hash and the mesh-agent command that joins a node."
+    )
+
+    @OptionGroup var server: ServerOptions
+
+    @Option(name: .long, help: "How long it is valid: 90s, 30m, 24h, 7d (default 24h).")
+    var ttl: String = "24h"
+
+    @Option(name: .long, help: "How many nodes may join with it (default: unlimited until it expires).")
+    var usages: Int?
+
+    @Option(name: .long, help: "A note shown by `meshctl token list`.")
+    var description: String?
+
+    @Option(name: .shortAndLong, help: "text or json.")
+    var output: String = "text"
+
+    func run() async throws {
+        guard let seconds = Durations.seconds(self.ttl), seconds > 0 else {
+            throw ValidationError("--ttl \"\(self.ttl)\" is not a duration such as 30m, 24h or 7d")
+        }
+        if let u = self.usages, u < 1 { throw ValidationError("--usages must be at least 1") }
+        let ops = try self.server.operations()
+        guard let token = await ops.createToken(ttlSeconds: seconds, usages: self.usages, description: self.description)
+        else { throw ExitCode.failure }
+        ops.printToken(token, json: self.output == "json")
+    }
+}
+
+struct TokenList: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "list",
+        abstract: "List join tokens (never their secrets)."
+    )
+
+    @OptionGroup var server: ServerOptions
+
+    @Option(name: .shortAndLong, help: "table or json.")
+    var output: String = "table"
+
+    func run() async throws {
+        if !(try await self.server.operations().listTokens(json: self.output == "json")) { throw ExitCode.failure }
+    }
+}
+
+struct TokenDelete: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "delete", abstract: "Delete join tokens by id.")
+
+    @OptionGroup var server: ServerOptions
+
+    @Argument(help: "Token ids (or whole tokens).")
+    var ids: [String]
+
+    func run() async throws {
+        guard !self.ids.isEmpty else { throw ValidationError("give at least one token id") }
+        if !(try await self.server.operations().deleteTokens(self.ids)) { throw ExitCode.failure }
     }
 }
 

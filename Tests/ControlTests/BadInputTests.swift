@@ -19,8 +19,9 @@ import Testing
         halfClose: Bool = false
     ) async throws -> (code: Int, message: String) {
         let port = cp.port
+        let tls = try cp.adminTLS()
         let reply = try await blocking {
-            let socket = try RawSocket(port: port, timeout: 5)
+            let socket = try TLSRawSocket(port: port, timeout: 5, tls: tls)
             socket.send(request)
             if halfClose { socket.shutdownWrite() }
             return socket.readFirstResponse()
@@ -185,12 +186,13 @@ import Testing
         // Random bytes, many times over: the server answers or closes, and lives.
         var generator = SystemRandomNumberGenerator()
         let port = cp.port
+        let tls = try cp.adminTLS()
         for _ in 0..<50 {
             let junk = (0..<Int.random(in: 1...2000, using: &generator)).map { _ in
                 UInt8.random(in: 0...255, using: &generator)
             }
             _ = try await blocking {
-                let socket = try RawSocket(port: port, timeout: 5)
+                let socket = try TLSRawSocket(port: port, timeout: 5, tls: tls)
                 socket.send(junk)
                 socket.shutdownWrite()
                 return socket.readAll()
@@ -203,11 +205,12 @@ import Testing
     @Test func idleAndSilentConnectionsAreClosed() async throws {
         let cp = try await RunningControl { $0.idleTimeoutSeconds = 1 }
         let port = cp.port
+        let tls = try cp.adminTLS()
         let start = ContinuousClock.now
         let closed = try await blocking {
-            let silent = try RawSocket(port: port)
+            let silent = try TLSRawSocket(port: port, tls: tls)
             // A slow-loris client that never finishes its head.
-            let dribbler = try RawSocket(port: port)
+            let dribbler = try TLSRawSocket(port: port, tls: tls)
             dribbler.send("GET /healthz HTTP/1.1\r\nX-A: ")
             return (silent.isClosedByPeer(), dribbler.isClosedByPeer())
         }

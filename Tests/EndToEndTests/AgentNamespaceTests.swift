@@ -1,4 +1,5 @@
 import Foundation
+import MeshCore
 import MeshTestSupport
 import Testing
 
@@ -39,6 +40,12 @@ struct AgentNamespaceTests {
         }
         _ = try await self.ip(["-n", ns, "link", "set", "lo", "up"])
         let dir = TempDir()
+        // A backend inside the namespace (started first: it takes a while to listen).
+        let backend = try Subprocess(
+            "/usr/sbin/ip",
+            ["netns", "exec", ns, "python3", "-m", "http.server", "18080", "--bind", "127.0.0.1"]
+        )
+        defer { backend.signal(SIGKILL) }
         let control = try Subprocess(
             "/usr/sbin/ip",
             [
@@ -48,21 +55,34 @@ struct AgentNamespaceTests {
             ]
         )
         defer { control.signal(SIGKILL) }
+        // meshctl uses the admin credentials mesh-control wrote; a join token enrols the agent.
+        let env = [
+            "MESHCONFIG": dir.path + "/control/admin.meshconfig", "XDG_CONFIG_HOME": dir.path + "/xdg-config",
+        ]
+        var created = ProcessResult(status: -1, stdout: "", stderr: "")
+        let controlUp = await eventually(timeout: .seconds(20)) {
+            created =
+                (try? await self.inNS(
+                    ns,
+                    "/usr/bin/env",
+                    env.map { "\($0)=\($1)" } + [
+                        self.bin + "/meshctl", "token", "create", "--usages", "1", "-o", "json",
+                    ]
+                )) ?? created
+            return created.status == 0
+        }
+        #expect(controlUp, "\(created.stderr)\n\(control.stderr)")
+        let token = try JSONDecoder().decode(BootstrapTokenSecret.self, from: Data(created.stdout.utf8))
         let agent = try Subprocess(
             "/usr/sbin/ip",
             [
-                "netns", "exec", ns, self.bin + "/mesh-agent", "--server", "http://127.0.0.1:7700", "--data-dir",
+                "netns", "exec", ns, self.bin + "/mesh-agent", "--server", "https://127.0.0.1:7700", "--data-dir",
                 dir.path + "/agent",
                 "--interface-mode", "meshInterface", "--node-name", "ns-node",
+                "--join-token", token.token, "--ca-cert-hash", token.caCertHash,
             ]
         )
         defer { agent.signal(SIGKILL) }
-        // A backend inside the namespace.
-        let backend = try Subprocess(
-            "/usr/sbin/ip",
-            ["netns", "exec", ns, "python3", "-m", "http.server", "18080", "--bind", "127.0.0.1"]
-        )
-        defer { backend.signal(SIGKILL) }
 
         let manifest = """
             apiVersion: mesh.edge/v1
@@ -78,7 +98,12 @@ struct AgentNamespaceTests {
         var applied = ProcessResult(status: -1, stdout: "", stderr: "")
         let up = await eventually(timeout: .seconds(20)) {
             applied =
-                (try? await self.inNS(ns, self.bin + "/meshctl", ["apply", "-f", "-"], stdin: manifest)) ?? applied
+                (try? await self.inNS(
+                    ns,
+                    "/usr/bin/env",
+                    env.map { "\($0)=\($1)" } + [self.bin + "/meshctl", "apply", "-f", "-"],
+                    stdin: manifest
+                )) ?? applied
             return applied.status == 0
         }
         #expect(up, "\(applied.stderr)\n\(control.stderr)")
@@ -101,15 +126,25 @@ struct AgentNamespaceTests {
             dig.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "198.18.100.1",
             "\(dig.stdout)\(dig.stderr)"
         )
-        let curl = try await self.inNS(
-            ns,
-            "/usr/bin/curl",
-            ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "http://198.18.100.1/"]
-        )
-        #expect(curl.stdout == "200", "\(curl.stdout)\(curl.stderr)")
+        // (The backend may still be starting: python takes its time.)
+        var curl = ProcessResult(status: -1, stdout: "", stderr: "")
+        let proxied = await eventually(timeout: .seconds(15), every: .milliseconds(200)) {
+            curl =
+                (try? await self.inNS(
+                    ns,
+                    "/usr/bin/curl",
+                    ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "http://198.18.100.1/"]
+                )) ?? curl
+            return curl.stdout == "200"
+        }
+        #expect(proxied, "\(curl.stdout)\(curl.stderr)")
 
         // Deleting the service takes its VIP off mesh0.
-        let deleted = try await self.inNS(ns, self.bin + "/meshctl", ["delete", "svc", "web", "-n", "shop"])
+        let deleted = try await self.inNS(
+            ns,
+            "/usr/bin/env",
+            env.map { "\($0)=\($1)" } + [self.bin + "/meshctl", "delete", "svc", "web", "-n", "shop"]
+        )
         #expect(deleted.status == 0)
         let gone = await eventually(timeout: .seconds(30)) {
             addrs = (try? await self.ip(["-n", ns, "addr", "show", "mesh0"]).stdout) ?? ""

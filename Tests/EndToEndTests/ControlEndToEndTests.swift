@@ -2,6 +2,7 @@ import Foundation
 import MeshClient
 import MeshCore
 import MeshHTTP
+import MeshIdentity
 import MeshTestSupport
 import Testing
 
@@ -13,22 +14,45 @@ import Testing
     )
     .standardized.path
 
-    func meshctl(_ args: [String], server: Int, stdin: String? = nil) async throws -> ProcessResult {
+    /// meshctl with the admin meshconfig that mesh-control wrote in `dir` (its user's own config
+    /// folders pointed at empty ones, so nothing of the machine's user leaks in).
+    func meshctl(_ args: [String], server: Int, dir: TempDir, stdin: String? = nil) async throws -> ProcessResult {
         try await run(
             self.bin + "/meshctl",
             args,
-            environment: ["MESHCTL_SERVER": "http://127.0.0.1:\(server)"],
+            environment: Self.isolated(dir).merging([
+                "MESHCTL_SERVER": "https://127.0.0.1:\(server)", "MESHCONFIG": dir.path + "/admin.meshconfig",
+            ]) { $1 },
             stdin: stdin
         )
+    }
+
+    /// XDG folders inside `dir`, so defaults never touch the real user's.
+    static func isolated(_ dir: TempDir) -> [String: String] {
+        ["XDG_CONFIG_HOME": dir.path + "/xdg-config", "XDG_STATE_HOME": dir.path + "/xdg-state"]
+    }
+
+    /// Polls `/readyz` over TLS (no client certificate needed) once the CA file exists.
+    static func ready(port: Int, ca: String) async -> Bool {
+        await eventually(timeout: .seconds(20)) {
+            guard let pem = try? String(contentsOfFile: ca, encoding: .utf8),
+                let context = try? MeshTLS.clientContext(caPEM: pem)
+            else { return false }
+            let client = HTTPClient(
+                endpoint: HTTPEndpoint(host: "127.0.0.1", port: port, tls: true),
+                tls: HTTPClientTLS(context: context)
+            )
+            return (try? await client.send(.GET, "/readyz").status) == .ok
+        }
     }
 
     func startControl(_ dir: TempDir, port: Int, extra: [String] = []) async throws -> Subprocess {
         let p = try Subprocess(
             self.bin + "/mesh-control",
-            ["--listen", "127.0.0.1:\(port)", "--data-dir", dir.path] + extra
+            ["--listen", "127.0.0.1:\(port)", "--data-dir", dir.path] + extra,
+            environment: Self.isolated(dir)
         )
-        let client = HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port))
-        let up = await eventually(timeout: .seconds(20)) { (try? await client.send(.GET, "/readyz").status) == .ok }
+        let up = await Self.ready(port: port, ca: dir.path + "/pki/ca.crt")
         #expect(up, "mesh-control did not come up: \(p.stderr)")
         return p
     }
@@ -38,12 +62,12 @@ import Testing
         let port = freePort()
         let control = try await self.startControl(dir, port: port)
 
-        let applied = try await self.meshctl(["apply", "-f", Self.examples], server: port)
+        let applied = try await self.meshctl(["apply", "-f", Self.examples], server: port, dir: dir)
         #expect(applied.status == 0, "\(applied.stderr)")
         #expect(applied.stdout.contains("service/web created"))
         #expect(applied.stdout.contains("node/edge-a1 created"))
 
-        let got = try await self.meshctl(["get", "services", "-A", "-o", "json"], server: port)
+        let got = try await self.meshctl(["get", "services", "-A", "-o", "json"], server: port, dir: dir)
         #expect(got.status == 0)
         let list = try JSONDecoder().decode(ObjectList<Service>.self, from: Data(got.stdout.utf8))
         #expect(
@@ -54,20 +78,20 @@ import Testing
         #expect(list.items.first { $0.metadata.name == "web" }?.spec.vip != nil)
         #expect(list.items.first { $0.metadata.name == "db" }?.spec.isHeadless == true)
 
-        let table = try await self.meshctl(["get", "svc", "-n", "shop"], server: port)
+        let table = try await self.meshctl(["get", "svc", "-n", "shop"], server: port, dir: dir)
         let lines = table.stdout.split(separator: "\n")
         #expect(lines.first?.hasPrefix("NAME   VIP") == true)
         #expect(lines.count == 4)
 
         // Applying again changes nothing.
-        let again = try await self.meshctl(["apply", "-f", Self.examples], server: port)
+        let again = try await self.meshctl(["apply", "-f", Self.examples], server: port, dir: dir)
         #expect(again.stdout.split(separator: "\n").allSatisfy { $0.hasSuffix("unchanged") })
 
         // A watcher sees the current endpoints, then the change.
         let watcher = try Subprocess(
             self.bin + "/meshctl",
             ["watch", "endpoints", "-n", "shop", "-o", "json", "--max-events", "4"],
-            environment: ["MESHCTL_SERVER": "http://127.0.0.1:\(port)"]
+            environment: ["MESHCTL_SERVER": "https://127.0.0.1:\(port)", "MESHCONFIG": dir.path + "/admin.meshconfig"]
         )
         #expect(await eventually { watcher.stdout.split(separator: "\n").count >= 3 })
         let change = """
@@ -78,7 +102,7 @@ import Testing
               addresses:
               - {ip: 198.18.7.7, ports: [{name: http, port: 8081}], site: a}
             """
-        let changed = try await self.meshctl(["apply", "-f", "-"], server: port, stdin: change)
+        let changed = try await self.meshctl(["apply", "-f", "-"], server: port, dir: dir, stdin: change)
         #expect(changed.stdout == "endpoints/web configured\n")
         let result = try #require(await watcher.wait(timeout: .seconds(10)))
         #expect(result.status == 0)
@@ -103,7 +127,7 @@ import Testing
             atomically: true,
             encoding: .utf8
         )
-        var r = try await self.meshctl(["apply", "-f", bad], server: port)
+        var r = try await self.meshctl(["apply", "-f", bad], server: port, dir: dir)
         #expect(r.status != 0)
         #expect(r.stderr.contains("bad.yaml: malformed YAML: line"))
 
@@ -113,21 +137,21 @@ import Testing
                 atomically: true,
                 encoding: .utf8
             )
-        r = try await self.meshctl(["apply", "-f", bad], server: port)
+        r = try await self.meshctl(["apply", "-f", bad], server: port, dir: dir)
         #expect(r.stderr.contains("spec.ports[0].colour: unknown field"))
 
-        r = try await self.meshctl(["get", "gadgets"], server: port)
+        r = try await self.meshctl(["get", "gadgets"], server: port, dir: dir)
         #expect(r.status != 0)
         #expect(r.stderr.contains("unknown resource type \"gadgets\""))
 
-        r = try await self.meshctl(["get", "svc", "nope", "-n", "shop"], server: port)
+        r = try await self.meshctl(["get", "svc", "nope", "-n", "shop"], server: port, dir: dir)
         #expect(r.status == 1)
         #expect(r.stderr.contains("service \"nope\" not found in namespace \"shop\""))
 
-        r = try await self.meshctl(["get", "svc", "-A"], server: port)
+        r = try await self.meshctl(["get", "svc", "-A"], server: port, dir: dir)
         #expect(r.stderr.contains("No services found"))
 
-        r = try await self.meshctl(["get", "svc"], server: freePort())
+        r = try await self.meshctl(["get", "svc"], server: freePort(), dir: dir)
         #expect(r.status == 1)
         #expect(r.stderr.contains("Is the control plane running?"))
 
@@ -159,15 +183,19 @@ import Testing
             [
                 "up", "--data-dir", dir.path, "--listen", "127.0.0.1:\(port)", "--dns-listen", "127.0.0.1:\(dnsPort)",
                 "--admin-listen", "127.0.0.1:\(adminPort)", "--stun-listen", "127.0.0.1:\(stunPort)",
-            ]
+            ],
+            environment: Self.isolated(dir)
         )
-        let client = HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port))
-        #expect(
-            await eventually(timeout: .seconds(20)) { (try? await client.send(.GET, "/readyz").status) == .ok },
-            "\(up.stderr)"
-        )
-        let r = try await self.meshctl(["apply", "-f", Self.examples], server: port)
-        #expect(r.status == 0)
+        #expect(await Self.ready(port: port, ca: dir.path + "/control/pki/ca.crt"), "\(up.stderr)")
+        // Plain meshctl (no flags, no MESHCTL_SERVER) finds the admin credentials meshctl up wrote.
+        let config = dir.path + "/xdg-config/edge-mesh/meshconfig.yaml"
+        #expect(await eventually { FileManager.default.fileExists(atPath: config) })
+        let r = try await run(self.bin + "/meshctl", ["apply", "-f", Self.examples], environment: Self.isolated(dir))
+        #expect(r.status == 0, "\(r.stderr)")
+        let nodes = try await run(self.bin + "/meshctl", ["get", "nodes"], environment: Self.isolated(dir))
+        #expect(nodes.stdout.contains("edge-a1"), "\(nodes.stderr)")
+        // Its agent joined with a one-use token and holds a node certificate.
+        #expect(FileManager.default.fileExists(atPath: dir.path + "/agent/pki/node.crt"))
         #expect(FileManager.default.fileExists(atPath: dir.path + "/control/control.db"))
         // The agent picks the services up: its routes list them, and DNS answers their names.
         var routes = ProcessResult(status: -1, stdout: "", stderr: "")
@@ -202,6 +230,90 @@ import Testing
         let exit = try #require(await up.wait(timeout: .seconds(15)))
         #expect(exit.status == 0, "\(exit.stderr)")
         #expect(exit.stderr.contains("all-in-one mesh stopped"))
+    }
+
+    @Test func agentsJoinWithATokenAndTheCAHash() async throws {
+        let dir = TempDir()
+        let port = freePort()
+        let control = try await self.startControl(dir, port: port)
+        let created = try await self.meshctl(
+            ["token", "create", "--ttl", "10m", "--usages", "1", "-o", "json"],
+            server: port,
+            dir: dir
+        )
+        #expect(created.status == 0, "\(created.stderr)")
+        let token = try JSONDecoder().decode(BootstrapTokenSecret.self, from: Data(created.stdout.utf8))
+        let text = try await self.meshctl(["token", "create", "--description", "spare"], server: port, dir: dir)
+        #expect(text.stdout.contains("join a node:   mesh-agent --server https://127.0.0.1:\(port) --join-token "))
+        #expect(text.stdout.contains("ca-cert-hash:  \(token.caCertHash)"))
+
+        func agent(_ name: String, hash: String, token: String) throws -> Subprocess {
+            try Subprocess(
+                self.bin + "/mesh-agent",
+                [
+                    "--server", "https://127.0.0.1:\(port)", "--data-dir", dir.path + "/" + name, "--node-name", name,
+                    "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())",
+                    "--join-token", token, "--ca-cert-hash", hash,
+                ],
+                environment: Self.isolated(dir)
+            )
+        }
+        // A wrong CA hash: the agent refuses to join and exits non-zero; the token is not spent.
+        let wrong = try agent("edge-x", hash: "sha256:" + String(repeating: "ab", count: 32), token: token.token)
+        let refused = try #require(await wrong.wait(timeout: .seconds(20)))
+        #expect(refused.status != 0)
+        #expect(refused.stderr.contains("does not match --ca-cert-hash"), "\(refused.stderr)")
+        // The right one: the agent joins, stores its key (0600), certificate and CA, and syncs.
+        let good = try agent("edge-y", hash: token.caCertHash, token: token.token)
+        #expect(
+            await eventually(timeout: .seconds(20)) {
+                FileManager.default.fileExists(atPath: dir.path + "/edge-y/pki/node.crt")
+            },
+            "\(good.stderr)"
+        )
+        #expect(PEMFiles.mode(dir.path + "/edge-y/pki/node.key") == 0o600)
+        // The token had one usage: a second node is refused with a clear message.
+        let late = try agent("edge-z", hash: token.caCertHash, token: token.token)
+        let lateExit = try #require(await late.wait(timeout: .seconds(20)))
+        #expect(lateExit.status != 0)
+        #expect(lateExit.stderr.contains("used up"), "\(lateExit.stderr)")
+        // The agent restarts without token flags: it reuses its certificate.
+        good.signal(SIGTERM)
+        #expect(await good.wait(timeout: .seconds(15))?.status == 0)
+        let again = try Subprocess(
+            self.bin + "/mesh-agent",
+            [
+                "--server", "https://127.0.0.1:\(port)", "--data-dir", dir.path + "/edge-y", "--node-name", "edge-y",
+                "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())",
+            ],
+            environment: Self.isolated(dir)
+        )
+        try await Task.sleep(for: .seconds(1))
+        #expect(again.isRunning, "\(again.stderr)")
+        again.signal(SIGTERM)
+        #expect(await again.wait(timeout: .seconds(15))?.status == 0)
+        // Tokens are listed without secrets, and deleted by id.
+        let listed = try await self.meshctl(["token", "list"], server: port, dir: dir)
+        #expect(listed.stdout.contains(String(token.token.prefix(6))) && listed.stdout.contains("spare"))
+        #expect(!listed.stdout.contains(token.token))
+        let deleted = try await self.meshctl(
+            ["token", "delete", String(token.token.prefix(6))],
+            server: port,
+            dir: dir
+        )
+        #expect(deleted.status == 0 && deleted.stdout.contains("deleted"))
+        // Without credentials meshctl gets a 401 it explains.
+        let anonymous = try await run(
+            self.bin + "/meshctl",
+            [
+                "get", "svc", "--server", "https://127.0.0.1:\(port)", "--certificate-authority",
+                dir.path + "/pki/ca.crt",
+            ],
+            environment: Self.isolated(dir)
+        )
+        #expect(anonymous.status != 0 && anonymous.stderr.contains("client certificate"), "\(anonymous.stderr)")
+        control.signal(SIGTERM)
+        #expect(await control.wait(timeout: .seconds(10))?.status == 0)
     }
 
     @Test(arguments: ["mesh-control", "meshctl", "mesh-agent", "mesh-relay"])

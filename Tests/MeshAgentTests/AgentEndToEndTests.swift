@@ -18,9 +18,11 @@ final class RunningAgent: Sendable {
     let dnsPort: Int
     let admin: HTTPClient
 
-    init(control: String, dataDir: String) async throws {
+    init(control: String, dataDir: String, join: BootstrapTokenSecret? = nil) async throws {
         var config = AgentConfig()
         config.controlServer = control
+        config.joinToken = join?.token
+        config.caCertHash = join?.caCertHash
         config.dataDir = dataDir
         config.dnsListen = "127.0.0.1:0"
         config.adminListen = "127.0.0.1:0"
@@ -100,7 +102,7 @@ struct AgentEndToEndTests {
         let vip = try #require(svc.spec.clusterIP)
 
         let agentDir = TempDir()
-        var agent = try await RunningAgent(control: "http://127.0.0.1:\(cp.port)", dataDir: agentDir.path)
+        var agent = try await RunningAgent(control: cp.url, dataDir: agentDir.path, join: try await cp.token(usages: 1))
         #expect(
             await MeshTestSupport.eventually(timeout: .seconds(10)) {
                 (try? await agent.dig("echo.shop.svc.cluster.local")) == [vip]
@@ -130,7 +132,7 @@ struct AgentEndToEndTests {
 
         // The agent restarts while the control plane is still away: it serves from its cache.
         try await agent.stop()
-        agent = try await RunningAgent(control: "http://127.0.0.1:\(cp.port)", dataDir: agentDir.path)
+        agent = try await RunningAgent(control: cp.url, dataDir: agentDir.path)
         #expect(try await agent.dig("echo.shop.svc.cluster.local") == [vip])
         #expect(await MeshTestSupport.eventually { (try? await echo(vip, 7007, "from cache")) == "from cache" })
         let ready = try await agent.admin.send(.GET, "/readyz")
@@ -156,9 +158,10 @@ struct AgentEndToEndTests {
 
     @Test func aSecondAgentOnTheSameDataDirectoryIsRefused() async throws {
         let dir = TempDir()
-        let agent = try await RunningAgent(control: "http://127.0.0.1:9", dataDir: dir.path)
+        try seedNodeCredentials(stateDir: dir.path, nodeName: "edge-test")
+        let agent = try await RunningAgent(control: "https://127.0.0.1:9", dataDir: dir.path)
         await #expect(throws: (any Error).self) {
-            _ = try await RunningAgent(control: "http://127.0.0.1:9", dataDir: dir.path)
+            _ = try await RunningAgent(control: "https://127.0.0.1:9", dataDir: dir.path)
         }
         try await agent.stop()
     }

@@ -165,6 +165,10 @@ extension HTTPResponse {
         #expect(HTTPEndpoint(url: "[::1]:7700/") == HTTPEndpoint(host: "::1", port: 7700))
         #expect(HTTPEndpoint(url: "http://127.0.0.1:0") == nil)
         #expect(HTTPEndpoint(url: "https://x/y") == nil)
+        #expect(HTTPEndpoint(url: "https://[::1]:7700") == HTTPEndpoint(host: "::1", port: 7700, tls: true))
+        #expect(HTTPEndpoint(url: "127.0.0.1:7700", defaultTLS: true)?.tls == true)
+        #expect(HTTPEndpoint(url: "https://mesh.example")?.port == 443)
+        #expect(HTTPEndpoint(host: "::1", port: 1, tls: true).description == "https://[::1]:1")
         #expect(HTTPEndpoint(host: "::1", port: 1).description == "http://[::1]:1")
     }
 }

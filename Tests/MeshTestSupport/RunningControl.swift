@@ -3,8 +3,17 @@ import Logging
 import MeshClient
 import MeshCore
 import MeshHTTP
+import MeshIdentity
+import NIOCore
+import NIOSSL
 
 import class ServiceLifecycle.ServiceGroup
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 let quietLogger: Logger = {
     var l = Logger(label: "test")
@@ -18,8 +27,10 @@ public final class RunningControl: Sendable {
     public let server: ControlServer
     public let group: ServiceGroup
     public let task: Task<Void, any Error>
+    /// A client with the admin certificate.
     public let client: ControlClient
     public let port: Int
+    public let pki: ControlPKI
 
     public init(dir: TempDir = TempDir(), configure: (inout ControlConfig) -> Void = { _ in }) async throws {
         var config = ControlConfig()
@@ -35,7 +46,45 @@ public final class RunningControl: Sendable {
         self.task = Task { try await group.run() }
         let address = try await server.localAddress()
         self.port = address.port!
-        self.client = ControlClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: self.port))
+        self.pki = try await server.pki()
+        self.client = try ControlClient(
+            endpoint: HTTPEndpoint(host: "127.0.0.1", port: address.port!, tls: true),
+            tls: HTTPClientTLS(context: MeshTLS.clientContext(self.pki.admin.load()))
+        )
+    }
+
+    public var endpoint: HTTPEndpoint { HTTPEndpoint(host: "127.0.0.1", port: self.port, tls: true) }
+    public var url: String { "https://127.0.0.1:\(self.port)" }
+
+    /// A client presenting `credentials` (nil: no client certificate), trusting the mesh CA.
+    public func client(_ credentials: IssuedCredential?) throws -> ControlClient {
+        let context = try MeshTLS.clientContext(
+            caPEM: self.pki.caPEM,
+            key: credentials?.keyPEM,
+            certificate: credentials?.certificatePEM
+        )
+        return ControlClient(endpoint: self.endpoint, tls: HTTPClientTLS(context: context))
+    }
+
+    /// A TLS client context with the admin certificate (for raw-byte tests).
+    public func adminTLS() throws -> NIOSSLContext {
+        try MeshTLS.clientContext(self.pki.admin.load())
+    }
+
+    /// A fresh credential for `identity`, issued by this control plane's CA.
+    public func issue(_ identity: MeshIdentity) throws -> IssuedCredential {
+        try self.pki.ca.issueCredential(identity: identity, serverAuth: false, clientAuth: true)
+    }
+
+    /// A join token made through the API as admin.
+    public func token(usages: Int? = nil, ttlSeconds: Int? = nil) async throws -> BootstrapTokenSecret {
+        let request = BootstrapTokenRequest(ttlSeconds: ttlSeconds, usages: usages)
+        let body = try await self.client.raw(
+            .POST,
+            "/apis/mesh.edge/v1/bootstraptokens",
+            body: ByteBuffer(bytes: try MeshJSON.encode(request))
+        ).body
+        return try JSONDecoder().decode(BootstrapTokenSecret.self, from: Data(body.readableBytesView))
     }
 
     public func stop() async throws {
@@ -46,4 +95,16 @@ public final class RunningControl: Sendable {
     public func rv() async throws -> Int64 {
         Int64(try await self.client.list(Service.self).metadata.resourceVersion)!
     }
+}
+
+/// Writes node credentials from a throwaway CA into `<stateDir>/pki`, for agents that must start
+/// without a control plane (they never reach one in such tests).
+public func seedNodeCredentials(stateDir: String, nodeName: String) throws {
+    let ca = try CertificateAuthority.create()
+    let issued = try ca.issueCredential(identity: .node(nodeName), serverAuth: true, clientAuth: true)
+    try NodeEnrolment.files(stateDir: stateDir).write(
+        keyPEM: issued.keyPEM,
+        certificatePEM: issued.certificatePEM,
+        caPEM: try ca.certificatePEM()
+    )
 }

@@ -8,7 +8,7 @@ Used by perf/run (which builds the binaries); standalone:
 Prints a table and writes JSON. Bounded: at most 20,000 services and 200,000 endpoints; every wait has a
 deadline.
 """
-import argparse, http.client, json, os, signal, socket, subprocess, sys, tempfile, threading, time
+import argparse, http.client, json, os, signal, socket, ssl, subprocess, sys, tempfile, threading, time
 
 
 def rss_kb(pid):
@@ -45,8 +45,22 @@ def wait_until(pred, timeout, what):
     raise RuntimeError(f"footprint: timed out after {timeout}s waiting for {what}")
 
 
+# The control API is HTTPS with client certificates: the admin credentials mesh-control wrote.
+CONTROL_PKI = {}
+
+
+def connect(port, timeout=30):
+    """A connection to 127.0.0.1:port: HTTPS with the admin certificate when it is the control API."""
+    pki = CONTROL_PKI.get(port)
+    if pki is None:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    ctx = ssl.create_default_context(cafile=f"{pki}/ca.crt")
+    ctx.load_cert_chain(f"{pki}/admin.crt", f"{pki}/admin.key")
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ctx)
+
+
 def get(port, path):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c = connect(port)
     c.request("GET", path)
     r = c.getresponse()
     body = r.read()
@@ -60,7 +74,7 @@ def put_many(port, objects, workers=4):
     errors = []
 
     def run(chunk):
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c = connect(port, timeout=60)
         for path, body in chunk:
             c.request("PUT", path, body=body, headers={"Content-Type": "application/json"})
             r = c.getresponse()
@@ -91,12 +105,14 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
         f.write(f"listen: 127.0.0.1:{cport}\ndataDir: {work}/control\nserviceCIDRs: [127.64.0.0/10]\n"
                 f"durability: normal\nlogLevel: warning\n")
     procs = []
+    CONTROL_PKI[cport] = f"{work}/control/pki"
+    join = []
 
     def start_agent():
-        p = subprocess.Popen(cpu1 + [f"{bin_dir}/mesh-agent", "--server", f"http://127.0.0.1:{cport}",
+        p = subprocess.Popen(cpu1 + [f"{bin_dir}/mesh-agent", "--server", f"https://127.0.0.1:{cport}",
                                      "--data-dir", f"{work}/agent", "--dns-listen", f"127.0.0.1:{dport}",
                                      "--admin-listen", f"127.0.0.1:{aport}", "--node-name", "bench", "--site", "a",
-                                     "--log-level", "error"])
+                                     "--log-level", "error"] + join)
         procs.append(p)
         return p
 
@@ -104,7 +120,16 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
     try:
         control = subprocess.Popen([f"{bin_dir}/mesh-control", "--config", f"{work}/control.yaml"])
         procs.append(control)
-        wait_until(lambda: get(cport, "/readyz")[0] == 200, 30, "mesh-control")
+        wait_until(lambda: os.path.exists(f"{work}/control/admin.meshconfig") and get(cport, "/readyz")[0] == 200,
+                   30, "mesh-control")
+        # A one-use join token enrols the agent (later starts reuse its certificate).
+        c = connect(cport)
+        c.request("POST", "/apis/mesh.edge/v1/bootstraptokens",
+                  body=json.dumps({"apiVersion": "mesh.edge/v1", "kind": "BootstrapTokenRequest", "usages": 1}),
+                  headers={"Content-Type": "application/json"})
+        token = json.loads(c.getresponse().read())
+        c.close()
+        join += ["--join-token", token["token"], "--ca-cert-hash", token["caCertHash"]]
         results["binary_mb_mesh_agent"] = round(os.path.getsize(f"{bin_dir}/mesh-agent") / 1e6, 1)
         results["binary_mb_mesh_control"] = round(os.path.getsize(f"{bin_dir}/mesh-control") / 1e6, 1)
         # What ships: without the debug info and symbol tables a release build carries.

@@ -8,8 +8,12 @@ import Foundation
 
 /// `mesh-agent`'s configuration file (YAML); every field has a default, flags override it.
 public struct AgentConfig: Codable, Sendable, DefaultConstructible {
-    /// The control plane's API.
-    public var controlServer: String = "http://127.0.0.1:7700"
+    /// The control plane's API (HTTPS, mutual TLS with the node's certificate).
+    public var controlServer: String = "https://127.0.0.1:7700"
+    /// A join token (`meshctl token create`), used once when the node has no certificate yet.
+    public var joinToken: String?
+    /// `sha256:<hex>` of the control plane CA's public key: the join trusts only that CA.
+    public var caCertHash: String?
     /// This node's name (default: the host name).
     public var nodeName: String = AgentConfig.hostName()
     /// This node's site: endpoints of the same site are preferred.
@@ -53,7 +57,21 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// Checks every field; the error names the first bad one.
     public func validate() throws {
         guard HTTPEndpointText.isValid(self.controlServer) else {
-            throw ManifestError("controlServer: \"\(self.controlServer)\" is not a URL like http://127.0.0.1:7700")
+            throw ManifestError("controlServer: \"\(self.controlServer)\" is not a URL like https://127.0.0.1:7700")
+        }
+        if let t = self.joinToken, JoinTokens.parse(t) == nil {
+            throw ManifestError("joinToken: must look like abcdef.0123456789abcdef (6 and 16 of a-z, 0-9)")
+        }
+        if let h = self.caCertHash {
+            let hex = h.lowercased().hasPrefix("sha256:") ? h.dropFirst(7) : ""
+            guard hex.count == 64, hex.allSatisfy(\.isHexDigit) else {
+                throw ManifestError("caCertHash: must be sha256: followed by 64 hex digits")
+            }
+        }
+        if (self.joinToken == nil) != (self.caCertHash == nil) {
+            throw ManifestError(
+                "joinToken and caCertHash go together: the hash is how the node knows it joins the right control plane"
+            )
         }
         if let e = Names.dns1123SubdomainError(self.nodeName) { throw ManifestError("nodeName: \(e)") }
         if let s = self.site, let e = Names.dns1123LabelError(s) { throw ManifestError("site: \(e)") }
@@ -70,7 +88,9 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
 /// URL checks without depending on the HTTP module here.
 enum HTTPEndpointText {
     static func isValid(_ url: String) -> Bool {
-        let rest = url.hasPrefix("http://") ? String(url.dropFirst(7)) : url
+        let rest =
+            url.hasPrefix("http://")
+            ? String(url.dropFirst(7)) : url.hasPrefix("https://") ? String(url.dropFirst(8)) : url
         guard let colon = rest.lastIndex(of: ":"),
             let port = Int(rest[rest.index(after: colon)...].prefix { $0 != "/" })
         else { return false }

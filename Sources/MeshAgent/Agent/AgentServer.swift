@@ -3,6 +3,7 @@ import Logging
 import MeshClient
 import MeshCore
 import MeshHTTP
+import MeshIdentity
 import NIOCore
 import Synchronization
 
@@ -108,9 +109,28 @@ public final class AgentServer: Sendable {
         try StatePaths.ensureDirectory(config.dataDir)
         let lock = try DirectoryLock(directory: config.dataDir, name: "mesh-agent")
         defer { withExtendedLifetime(lock) {} }
-        guard let endpoint = HTTPEndpoint(url: config.controlServer) else {
-            throw ManifestError("controlServer: \"\(config.controlServer)\" is not a URL like http://127.0.0.1:7700")
+        guard let endpoint = HTTPEndpoint(url: config.controlServer, defaultTLS: true) else {
+            throw ManifestError("controlServer: \"\(config.controlServer)\" is not a URL like https://127.0.0.1:7700")
         }
+        guard endpoint.tls else {
+            throw ManifestError(
+                "controlServer: \(config.controlServer): the control API is HTTPS only (mutual TLS); use https://"
+            )
+        }
+        let credentials: LoadedCredentials
+        do {
+            credentials = try await NodeEnrolment.credentials(
+                stateDir: config.dataDir,
+                server: endpoint,
+                nodeName: config.nodeName,
+                token: config.joinToken,
+                caHash: config.caCertHash,
+                logger: self.logger
+            )
+        } catch let e as IdentityError {
+            throw ManifestError(e.message)
+        }
+        let controlTLS = HTTPClientTLS(context: try MeshTLS.clientContext(credentials))
         let fixedDNS = config.dnsListen == "auto" ? nil : try ListenAddress(config.dnsListen, field: "dnsListen")
         let adminListen = try ListenAddress(config.adminListen, field: "adminListen")
 
@@ -135,7 +155,11 @@ public final class AgentServer: Sendable {
             logger: self.logger
         )
         let cache = try AgentCache(path: config.dataDir + "/agent.db")
-        let sync = ServiceTableSync(client: ControlClient(endpoint: endpoint), cache: cache, logger: self.logger) {
+        let sync = ServiceTableSync(
+            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            cache: cache,
+            logger: self.logger
+        ) {
             await applier.apply($0)
         }
         // Serve what the cache holds before anything listens: the agent answers at once, offline too.

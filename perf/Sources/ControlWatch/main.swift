@@ -3,6 +3,7 @@ import Foundation
 import MeshClient
 import MeshCore
 import MeshHTTP
+import MeshIdentity
 import NIOCore
 
 /// Fan-out delay of the control plane's watch: N watchers on endpoints, a burst of M updates, the
@@ -14,7 +15,8 @@ struct ControlWatchBench: AsyncParsableCommand {
         abstract: "Measure watch fan-out delay of a running mesh-control (see perf/control-watch)."
     )
 
-    @Option(help: "Control plane URL.") var server = "http://127.0.0.1:7701"
+    @Option(help: "Control plane URL.") var server = "https://127.0.0.1:7701"
+    @Option(help: "mesh-control's pki folder (ca.crt, admin.crt, admin.key).") var pki: String
     @Option(help: "PID of mesh-control, for its RSS.") var pid: Int32 = 0
     @Option(help: "Concurrent watchers (at most 20000).") var watchers = 1000
     @Option(help: "Endpoint updates in the burst (at most 100000).") var updates = 200
@@ -26,8 +28,11 @@ struct ControlWatchBench: AsyncParsableCommand {
         guard (1...20_000).contains(self.watchers), (1...100_000).contains(self.updates) else {
             throw ValidationError("watchers must be 1-20000 and updates 1-100000")
         }
-        guard let endpoint = HTTPEndpoint(url: self.server) else { throw ValidationError("bad --server") }
-        let client = ControlClient(endpoint: endpoint)
+        guard let endpoint = HTTPEndpoint(url: self.server, defaultTLS: true) else {
+            throw ValidationError("bad --server")
+        }
+        let admin = try CredentialFiles(directory: self.pki, name: "admin").load()
+        let client = ControlClient(endpoint: endpoint, tls: HTTPClientTLS(context: try MeshTLS.clientContext(admin)))
         let ns = "bench"
         // One Endpoints object per writer, updated in turn.
         for w in 0..<self.writers { try await client.apply(Self.endpoints(ns, w, sent: 0)) }

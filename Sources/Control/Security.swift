@@ -1,0 +1,253 @@
+import Crypto
+import Logging
+import MeshCore
+import MeshHTTP
+import MeshIdentity
+import NIOCore
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Who may do what on the control API (API.md "Security"): the identity is the `mesh://` URI SAN of
+/// the client's verified certificate.
+/// - no certificate: only `/healthz`, `/readyz` and `POST .../join`; anything else is 401;
+/// - `mesh://admin/*`: everything;
+/// - `mesh://node/<name>`: get, list and watch services, endpoints and nodes, discovery and
+///   `/version`; update (PUT) only its own Node, `/apis/mesh.edge/v1/nodes/<name>`;
+/// - any other identity: 403.
+public enum Authorization {
+    public enum Decision: Equatable, Sendable {
+        case allow
+        case deny(Status)
+    }
+
+    /// Paths anyone may use, with or without a certificate.
+    static func isPublic(_ request: HTTPRequest) -> Bool {
+        switch request.path {
+        case "/healthz", "/readyz": return true
+        case ControlAPI.joinPath: return true
+        default: return false
+        }
+    }
+
+    public static func decide(_ request: HTTPRequest) -> Decision {
+        if Self.isPublic(request) { return .allow }
+        guard let text = request.peerIdentity else {
+            return .deny(
+                Status(
+                    code: 401,
+                    reason: .unauthorized,
+                    message:
+                        "this API needs a client certificate issued by the mesh CA (meshctl finds the admin one in its meshconfig; agents join with a token)"
+                )
+            )
+        }
+        let identity = MeshIdentity(uri: text)
+        switch identity {
+        case .admin:
+            return .allow
+        case .node(let name):
+            if Self.nodeMay(request, node: name) { return .allow }
+            return .deny(Self.forbidden(text, request))
+        case .control, nil:
+            return .deny(Self.forbidden(text, request))
+        }
+    }
+
+    static func nodeMay(_ request: HTTPRequest, node: String) -> Bool {
+        let segments = request.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
+        if request.method == .GET && (segments == ["version"] || segments == ["apis", "mesh.edge", "v1"]) {
+            return true
+        }
+        guard segments.count >= 4, segments[0] == "apis", segments[1] == "mesh.edge", segments[2] == "v1" else {
+            return false
+        }
+        var rest = Array(segments.dropFirst(3))
+        if rest[0] == "namespaces", rest.count >= 3 { rest.removeFirst(2) }
+        let readable: Set<String> = ["services", "endpoints", "nodes"]
+        switch request.method {
+        case .GET:
+            return readable.contains(rest[0]) && rest.count <= 2
+        case .PUT:
+            return segments.count == 5 && segments[3] == "nodes" && segments[4] == node
+        default:
+            return false
+        }
+    }
+
+    static func forbidden(_ identity: String, _ request: HTTPRequest) -> Status {
+        Status(
+            code: 403,
+            reason: .forbidden,
+            message: "\(identity) may not \(request.method) \(request.path)"
+        )
+    }
+}
+
+/// Join tokens in the store (resource `bootstraptokens`, cluster-scoped, named by id): the secret
+/// only as a SHA-256 hash, an expiry, and the usages left. Used by the API's token and join paths.
+struct BootstrapTokenStore: Sendable {
+    let store: any Store
+    static let resource = "bootstraptokens"
+    static let defaultTTL = 86400
+
+    /// What the store holds for one token.
+    struct Record: Codable, Sendable {
+        var id: String
+        var secretSHA256: String
+        var description: String?
+        var expires: String
+        var usagesLeft: Int?
+        var creationTimestamp: String
+
+        var listed: BootstrapToken {
+            BootstrapToken(
+                id: self.id,
+                description: self.description,
+                expires: self.expires,
+                usagesLeft: self.usagesLeft,
+                creationTimestamp: self.creationTimestamp
+            )
+        }
+    }
+
+    static func key(_ id: String) -> ObjectKey { ObjectKey(resource: Self.resource, namespace: "", name: id) }
+
+    static func hash(_ secret: String) -> String {
+        SHA256.hash(data: Array(secret.utf8)).map { b in (b < 16 ? "0" : "") + String(b, radix: 16) }.joined()
+    }
+
+    func create(_ request: BootstrapTokenRequest, caHash: String) async throws -> BootstrapTokenSecret {
+        let ttl = request.ttlSeconds ?? Self.defaultTTL
+        guard ttl > 0, ttl <= 10 * 365 * 86400 else {
+            throw Status.badRequest("ttlSeconds: must be between 1 and 315360000 (10 years)")
+        }
+        if let u = request.usages, u < 1 { throw Status.badRequest("usages: must be at least 1") }
+        if let d = request.description, d.utf8.count > 256 {
+            throw Status.badRequest("description: must be at most 256 bytes")
+        }
+        for _ in 0..<8 {
+            let (id, secret) = JoinTokens.generate()
+            let now = Int(Date().timeIntervalSince1970)
+            let record = Record(
+                id: id,
+                secretSHA256: Self.hash(secret),
+                description: request.description,
+                expires: Timestamp.format(secondsSinceEpoch: now + ttl),
+                usagesLeft: request.usages,
+                creationTimestamp: Timestamp.format(secondsSinceEpoch: now)
+            )
+            let json = ByteBuffer(bytes: try MeshJSON.encode(record))
+            do {
+                _ = try await self.store.commit(
+                    Write(key: Self.key(id), expect: .absent, operation: .put { _ in (json, [:]) })
+                )
+            } catch StoreError.alreadyExists, StoreError.conflict {
+                continue
+            }
+            return BootstrapTokenSecret(
+                token: "\(id).\(secret)",
+                caCertHash: caHash,
+                expires: record.expires,
+                usagesLeft: record.usagesLeft
+            )
+        }
+        throw Status(code: 500, reason: .internalError, message: "could not pick an unused token id")
+    }
+
+    func list() async throws -> [BootstrapToken] {
+        let (items, _) = try await self.store.list(resource: Self.resource, namespace: "")
+        return try items.map { try Self.decode($0).listed }.sorted { $0.id < $1.id }
+    }
+
+    func delete(_ id: String) async throws -> BootstrapToken {
+        for _ in 0..<16 {
+            guard let stored = try await self.store.get(Self.key(id)) else {
+                throw Status(
+                    code: 404,
+                    reason: .notFound,
+                    message: "bootstraptoken \"\(id)\" not found",
+                    details: .init(name: id, kind: Self.resource)
+                )
+            }
+            let json = stored.json
+            do {
+                _ = try await self.store.commit(
+                    Write(key: Self.key(id), expect: .version(stored.resourceVersion), operation: .delete { _ in json })
+                )
+                return try Self.decode(stored).listed
+            } catch StoreError.conflict {
+                continue
+            }
+        }
+        throw Status.conflict("bootstraptoken \(id) is changing too fast to delete; retry")
+    }
+
+    static func decode(_ stored: StoredObject) throws -> Record {
+        try JSONDecoder().decode(Record.self, from: Data(stored.json.readableBytesView))
+    }
+
+    static func unauthorized(_ message: String) -> Status {
+        Status(code: 401, reason: .unauthorized, message: message)
+    }
+
+    /// Checks the token and takes one usage (atomically: a token with one usage admits one join).
+    func consume(_ token: String) async throws {
+        guard let (id, secret) = JoinTokens.parse(token) else {
+            throw Status.badRequest("token: must look like abcdef.0123456789abcdef (6 and 16 of a-z, 0-9)")
+        }
+        for _ in 0..<16 {
+            guard let stored = try await self.store.get(Self.key(id)) else {
+                throw Self.unauthorized("join token \(id) is unknown (deleted, or never created here)")
+            }
+            var record = try Self.decode(stored)
+            let given = Array(Self.hash(secret).utf8)
+            let kept = Array(record.secretSHA256.utf8)
+            var diff: UInt8 = given.count == kept.count ? 0 : 1
+            for (a, b) in zip(given, kept) { diff |= a ^ b }
+            guard diff == 0 else { throw Self.unauthorized("join token \(id): the secret is wrong") }
+            if let expiry = Timestamp.parse(record.expires), expiry <= Int(Date().timeIntervalSince1970) {
+                throw Self.unauthorized("join token \(id) expired at \(record.expires)")
+            }
+            if let left = record.usagesLeft {
+                guard left > 0 else { throw Self.unauthorized("join token \(id) is used up") }
+                record.usagesLeft = left - 1
+            }
+            let json = ByteBuffer(bytes: try MeshJSON.encode(record))
+            do {
+                _ = try await self.store.commit(
+                    Write(
+                        key: Self.key(id),
+                        expect: .version(stored.resourceVersion),
+                        operation: .put { _ in (json, [:]) }
+                    )
+                )
+                return
+            } catch StoreError.conflict {
+                continue
+            }
+        }
+        throw Status.conflict("join token \(id) is being used concurrently; retry")
+    }
+}
+
+/// Strict decoding of the join and token payloads, shared by the API and the fuzzer.
+public enum SecurityPayloads {
+    public static func decode<T: Codable>(_ type: T.Type, json data: Data) throws -> T {
+        let value = try JSONValue.parse(json: data)
+        guard case .object = value else {
+            throw ManifestError("the body must be a JSON object, not a \(value.typeName)")
+        }
+        let expectedKind = "\(T.self)"
+        if let kind = value["kind"]?.stringValue, kind != expectedKind {
+            throw ManifestError("kind \"\(kind)\" does not belong here (expected \(expectedKind))")
+        }
+        if let v = value["apiVersion"]?.stringValue, v != meshAPIVersion {
+            throw ManifestError("apiVersion \"\(v)\" is not served here (expected \(meshAPIVersion))")
+        }
+        return try Strict.decode(T.self, from: value)
+    }
+}

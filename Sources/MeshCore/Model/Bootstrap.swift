@@ -1,0 +1,122 @@
+/// Wire types of node enrolment (README "Security"): join tokens and the join exchange.
+
+/// A join token as listed (`GET /apis/mesh.edge/v1/bootstraptokens`): never its secret.
+public struct BootstrapToken: Codable, Sendable, Equatable {
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "BootstrapToken"
+    /// The token's id (the part before the dot).
+    public var id: String
+    public var description: String?
+    /// RFC 3339 time after which the token is refused.
+    public var expires: String
+    /// Joins still allowed; nil: unlimited until it expires.
+    public var usagesLeft: Int?
+    public var creationTimestamp: String
+
+    public init(id: String, description: String?, expires: String, usagesLeft: Int?, creationTimestamp: String) {
+        self.id = id
+        self.description = description
+        self.expires = expires
+        self.usagesLeft = usagesLeft
+        self.creationTimestamp = creationTimestamp
+    }
+}
+
+/// `GET /apis/mesh.edge/v1/bootstraptokens`.
+public struct BootstrapTokenList: Codable, Sendable {
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "BootstrapTokenList"
+    public var items: [BootstrapToken]
+
+    public init(items: [BootstrapToken]) {
+        self.items = items
+    }
+}
+
+/// `POST /apis/mesh.edge/v1/bootstraptokens`: what to create.
+public struct BootstrapTokenRequest: Codable, Sendable, Equatable {
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "BootstrapTokenRequest"
+    /// Lifetime in seconds (default 24 h).
+    public var ttlSeconds: Int?
+    /// How many joins it allows (default: unlimited until it expires).
+    public var usages: Int?
+    public var description: String?
+
+    public init(ttlSeconds: Int? = nil, usages: Int? = nil, description: String? = nil) {
+        self.ttlSeconds = ttlSeconds
+        self.usages = usages
+        self.description = description
+    }
+}
+
+/// The answer to a token creation: the whole token, shown once, and the CA hash a joining node pins.
+public struct BootstrapTokenSecret: Codable, Sendable, Equatable {
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "BootstrapTokenSecret"
+    /// `<id>.<secret>`.
+    public var token: String
+    /// `sha256:<hex>` of the CA's SubjectPublicKeyInfo.
+    public var caCertHash: String
+    public var expires: String
+    public var usagesLeft: Int?
+
+    public init(token: String, caCertHash: String, expires: String, usagesLeft: Int?) {
+        self.token = token
+        self.caCertHash = caCertHash
+        self.expires = expires
+        self.usagesLeft = usagesLeft
+    }
+}
+
+/// `POST /apis/mesh.edge/v1/join` (no client certificate needed): a token and a PEM CSR whose
+/// common name is the node's name.
+public struct JoinRequest: Codable, Sendable, Equatable {
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "JoinRequest"
+    public var token: String
+    public var csr: String
+
+    public init(token: String, csr: String) {
+        self.token = token
+        self.csr = csr
+    }
+}
+
+/// The join's answer: the node's certificate and the CA certificate (PEM).
+public struct JoinResponse: Codable, Sendable, Equatable {
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "JoinResponse"
+    public var nodeName: String
+    public var certificate: String
+    public var caCertificate: String
+
+    public init(nodeName: String, certificate: String, caCertificate: String) {
+        self.nodeName = nodeName
+        self.certificate = certificate
+        self.caCertificate = caCertificate
+    }
+}
+
+/// Join tokens: `<id>.<secret>`, id `[a-z0-9]{6}`, secret `[a-z0-9]{16}` (as kubeadm's).
+public enum JoinTokens {
+    public static let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789")
+
+    /// Splits a token into id and secret; nil when it is not of the form.
+    public static func parse(_ token: String) -> (id: String, secret: String)? {
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 2, parts[0].count == 6, parts[1].count == 16,
+            (parts[0] + parts[1]).allSatisfy({ Self.alphabet.contains($0) })
+        else { return nil }
+        return (String(parts[0]), String(parts[1]))
+    }
+
+    /// A fresh random token.
+    public static func generate() -> (id: String, secret: String) {
+        var rng = SystemRandomNumberGenerator()
+        func random(_ n: Int) -> String {
+            String((0..<n).map { _ in Self.alphabet[Int(rng.next(upperBound: UInt32(Self.alphabet.count)))] })
+        }
+        return (random(6), random(16))
+    }
+}

@@ -1,0 +1,195 @@
+import MeshCore
+import NIOCore
+import NIOSSL
+import X509
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Where one component's credentials live: its private key, its certificate and the CA it trusts.
+public struct CredentialFiles: Sendable, Hashable, Codable {
+    public var key: String
+    public var certificate: String
+    public var ca: String
+
+    public init(key: String, certificate: String, ca: String) {
+        self.key = key
+        self.certificate = certificate
+        self.ca = ca
+    }
+
+    /// `<dir>/<name>.key`, `<dir>/<name>.crt` and `<dir>/ca.crt`.
+    public init(directory dir: String, name: String) {
+        self.init(key: "\(dir)/\(name).key", certificate: "\(dir)/\(name).crt", ca: "\(dir)/ca.crt")
+    }
+
+    public var allExist: Bool {
+        PEMFiles.exists(self.key) && PEMFiles.exists(self.certificate) && PEMFiles.exists(self.ca)
+    }
+
+    /// Writes a key (0600), its certificate and the CA certificate.
+    public func write(keyPEM: String, certificatePEM: String, caPEM: String) throws {
+        try PEMFiles.write(keyPEM, to: self.key, mode: 0o600)
+        try PEMFiles.write(certificatePEM, to: self.certificate, mode: 0o644)
+        try PEMFiles.write(caPEM, to: self.ca, mode: 0o644)
+    }
+
+    /// The three files read and parsed; errors name the file that is missing, unreadable or corrupt,
+    /// or say that the certificate does not belong to the key or to the CA.
+    public func load() throws -> LoadedCredentials {
+        let keyPEM = try PEMFiles.read(self.key, what: "private key")
+        let certPEM = try PEMFiles.read(self.certificate, what: "certificate")
+        let caPEM = try PEMFiles.read(self.ca, what: "CA certificate")
+        let key = try CertificateAuthority.loadKey(self.key, what: "private key")
+        let cert = try CertificateAuthority.loadCertificate(self.certificate, what: "certificate")
+        let ca = try CertificateAuthority.loadCertificate(self.ca, what: "CA certificate")
+        guard cert.publicKey == key.publicKey else {
+            throw IdentityError("the certificate \(self.certificate) does not belong to the key \(self.key)")
+        }
+        guard cert.issuer == ca.subject, ca.publicKey.isValidSignature(cert.signature, for: cert) else {
+            throw IdentityError("the certificate \(self.certificate) was not issued by the CA in \(self.ca)")
+        }
+        return LoadedCredentials(
+            keyPEM: keyPEM,
+            certificatePEM: certPEM,
+            caPEM: caPEM,
+            certificate: cert,
+            caCertificate: ca
+        )
+    }
+}
+
+/// Credentials read from files (or received on join), ready to build TLS contexts.
+public struct LoadedCredentials: Sendable {
+    public var keyPEM: String
+    public var certificatePEM: String
+    public var caPEM: String
+    public var certificate: Certificate
+    public var caCertificate: Certificate
+
+    public var identity: MeshIdentity? { meshIdentity(of: self.certificate) }
+}
+
+/// TLS settings of the mesh: TLS 1.3 only, ECDSA P-256 certificates from the mesh CA.
+public enum MeshTLS {
+    /// How long a client waits for the server's close_notify when it closes. A client closes once it
+    /// has what it wanted (or gives up on a watch), so it need not wait for long: the default (5 s)
+    /// held up an agent's shutdown while a server with half-closure kept its side of a watch open.
+    static let clientShutdownTimeout: TimeAmount = .milliseconds(200)
+
+    static func nioKey(_ pem: String) throws -> NIOSSLPrivateKey {
+        try NIOSSLPrivateKey(bytes: Array(pem.utf8), format: .pem)
+    }
+
+    static func nioCertificates(_ pem: String) throws -> [NIOSSLCertificate] {
+        try NIOSSLCertificate.fromPEMBytes(Array(pem.utf8))
+    }
+
+    /// The server side: presents its certificate and the CA (so pinning clients see it), asks every
+    /// client for a certificate and verifies one when given. Clients without one still connect (the
+    /// join endpoint and probes need that); the application decides what they may do.
+    public static func serverContext(_ credentials: LoadedCredentials) throws -> NIOSSLContext {
+        let chain = try nioCertificates(credentials.certificatePEM) + nioCertificates(credentials.caPEM)
+        var config = TLSConfiguration.makeServerConfiguration(
+            certificateChain: chain.map { .certificate($0) },
+            privateKey: .privateKey(try nioKey(credentials.keyPEM))
+        )
+        config.minimumTLSVersion = .tlsv13
+        config.maximumTLSVersion = .tlsv13
+        config.certificateVerification = .optionalVerification
+        config.trustRoots = .certificates(try nioCertificates(credentials.caPEM))
+        return try NIOSSLContext(configuration: config)
+    }
+
+    /// The client side: trusts only the mesh CA, checks the server's name or IP, and presents a
+    /// client certificate when given one.
+    public static func clientContext(
+        caPEM: String,
+        key: String? = nil,
+        certificate: String? = nil
+    ) throws
+        -> NIOSSLContext
+    {
+        var config = TLSConfiguration.makeClientConfiguration()
+        config.minimumTLSVersion = .tlsv13
+        config.maximumTLSVersion = .tlsv13
+        config.certificateVerification = .fullVerification
+        config.trustRoots = .certificates(try nioCertificates(caPEM))
+        config.shutdownTimeout = Self.clientShutdownTimeout
+        if let key, let certificate {
+            config.certificateChain = try nioCertificates(certificate).map { .certificate($0) }
+            config.privateKey = .privateKey(try nioKey(key))
+        }
+        return try NIOSSLContext(configuration: config)
+    }
+
+    public static func clientContext(_ credentials: LoadedCredentials) throws -> NIOSSLContext {
+        try clientContext(caPEM: credentials.caPEM, key: credentials.keyPEM, certificate: credentials.certificatePEM)
+    }
+
+    /// A client context for joining: no client certificate, and the server is trusted only when it
+    /// presents a chain whose CA has the pinned `sha256:` SubjectPublicKeyInfo hash and that CA
+    /// signed the server's certificate (see `pinnedVerifier`).
+    public static func joinContext() throws -> NIOSSLContext {
+        var config = TLSConfiguration.makeClientConfiguration()
+        config.minimumTLSVersion = .tlsv13
+        config.maximumTLSVersion = .tlsv13
+        // Not `.none`: the custom verification callback runs only when verification is on.
+        config.certificateVerification = .noHostnameVerification
+        config.shutdownTimeout = Self.clientShutdownTimeout
+        return try NIOSSLContext(configuration: config)
+    }
+
+    /// Verifies a server's chain against a pinned CA hash: one certificate of the chain is a CA
+    /// with that hash, and it signed the leaf, which is valid now.
+    public static func pinnedVerifier(
+        caHash: String
+    ) -> @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResult>) -> Void {
+        let wanted = caHash.lowercased()
+        return { chain, promise in
+            promise.succeed(Self.verify(chain: chain, pinned: wanted) ? .certificateVerified : .failed)
+        }
+    }
+
+    static func verify(chain: [NIOSSLCertificate], pinned: String) -> Bool {
+        let parsed = chain.compactMap { c in (try? c.toDERBytes()).flatMap { try? Certificate(derEncoded: $0) } }
+        guard parsed.count == chain.count, let leaf = parsed.first else { return false }
+        guard let ca = parsed.first(where: { CertificateAuthority.hash(of: $0) == pinned && isCA($0) }) else {
+            return false
+        }
+        return CertificateAuthority.verify(leaf, issuedBy: ca) && CertificateAuthority.verify(ca, issuedBy: ca)
+    }
+
+    static func isCA(_ certificate: Certificate) -> Bool {
+        guard case .isCertificateAuthority = try? certificate.extensions.basicConstraints else { return false }
+        return true
+    }
+
+    /// The `sha256:` hash of a PEM CA certificate.
+    public static func caHash(pem: String) throws -> String {
+        do {
+            return CertificateAuthority.hash(of: try Certificate(pemEncoded: pem))
+        } catch {
+            throw IdentityError("the CA certificate does not parse: \(error)")
+        }
+    }
+
+    /// Is `text` a CA hash as `meshctl token create` prints it (`sha256:` and 64 hex digits)?
+    public static func isValidCAHash(_ text: String) -> Bool {
+        let t = text.lowercased()
+        guard t.hasPrefix("sha256:") else { return false }
+        let hex = t.dropFirst(7)
+        return hex.count == 64 && hex.allSatisfy { $0.isHexDigit }
+    }
+
+    /// The identity in a peer's (already verified) certificate.
+    public static func identity(of certificate: NIOSSLCertificate) -> MeshIdentity? {
+        guard let der = try? certificate.toDERBytes(), let parsed = try? Certificate(derEncoded: der) else {
+            return nil
+        }
+        return meshIdentity(of: parsed)
+    }
+}

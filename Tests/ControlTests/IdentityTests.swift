@@ -1,0 +1,43 @@
+import MeshCore
+import MeshIdentity
+import Testing
+
+/// The identity scheme and what the CA is willing to sign.
+@Suite struct IdentityTests {
+    @Test func identityURIsParseOnlyWhenWellFormed() {
+        #expect(MeshIdentity(uri: "mesh://node/edge-a1") == .node("edge-a1"))
+        #expect(MeshIdentity(uri: "mesh://admin/admin") == .admin("admin"))
+        #expect(MeshIdentity.node("edge-a1").uri == "mesh://node/edge-a1")
+        for bad in [
+            "mesh://node/", "mesh://node/Edge_A", "mesh://root/x", "spiffe://node/x", "mesh://node/a/b", "mesh://node",
+        ] {
+            #expect(MeshIdentity(uri: bad) == nil, "\(bad)")
+        }
+    }
+
+    @Test func aCSRYieldsOnlyANodeIdentity() throws {
+        let ca = try CertificateAuthority.create()
+        let (name, certificate) = try ca.signNodeCSR(pem: try NodeKey().csrPEM(nodeName: "edge-a1"))
+        #expect(name == "edge-a1")
+        #expect(meshIdentity(of: certificate) == .node("edge-a1"))
+        #expect(ca.issued(certificate))
+        // A CSR whose name would read as another identity is refused, not signed.
+        #expect(throws: IdentityError.self) {
+            _ = try ca.signNodeCSR(pem: try NodeKey().csrPEM(nodeName: "mesh://admin/x"))
+        }
+        #expect(throws: IdentityError.self) { _ = try ca.signNodeCSR(pem: "not a csr") }
+        // Another CA's certificates are not ours.
+        #expect(!(try CertificateAuthority.create()).issued(certificate))
+    }
+
+    @Test func caHashesAreRecognised() throws {
+        let ca = try CertificateAuthority.create()
+        #expect(MeshTLS.isValidCAHash(ca.hash))
+        #expect(try MeshTLS.caHash(pem: ca.certificatePEM()) == ca.hash)
+        #expect(!MeshTLS.isValidCAHash("sha256:abc"))
+        #expect(!MeshTLS.isValidCAHash("md5:" + String(repeating: "a", count: 64)))
+        #expect(JoinTokens.parse("abcdef.0123456789abcdef")! == ("abcdef", "0123456789abcdef"))
+        #expect(JoinTokens.parse("ABCDEF.0123456789abcdef") == nil)
+        #expect(JoinTokens.parse("abcdef0123456789abcdef") == nil)
+    }
+}
