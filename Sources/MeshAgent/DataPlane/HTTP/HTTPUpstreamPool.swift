@@ -141,15 +141,23 @@ final class LoopPool {
     func release(_ connection: UpstreamConnection) {
         connection.handler.owner = nil
         guard !self.closed, connection.channel.isActive,
-            self.idle[connection.backend, default: []].count < self.configuration.http.maxIdleConnectionsPerBackend
+            Self.append(connection, to: &self.idle[connection.backend, default: []], max: self.maxIdle)
         else {
             connection.channel.close(promise: nil)
             return
         }
         connection.isIdle = true
         connection.idleSince = .now()
-        self.idle[connection.backend, default: []].append(connection)
         if self.sweep == nil { self.armSweep(on: connection.channel.eventLoop) }
+    }
+
+    private var maxIdle: Int { self.configuration.http.maxIdleConnectionsPerBackend }
+
+    /// Appends when the list has room (one dictionary look-up for the check and the append).
+    private static func append(_ connection: UpstreamConnection, to list: inout [UpstreamConnection], max: Int) -> Bool {
+        guard list.count < max else { return false }
+        list.append(connection)
+        return true
     }
 
     private func armSweep(on loop: any EventLoop) {
