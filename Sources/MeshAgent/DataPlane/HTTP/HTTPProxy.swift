@@ -373,39 +373,55 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.handle(part, context: context)
     }
 
+    /// (Nested switches rather than one over a (state, part) tuple: the tuple copied both, head included.)
     private func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
-        switch (self.state, part) {
-        case (.idle, .head(let head)):
-            self.start(head, context: context)
-        case (.active(let exchange), .body(let buffer)):
-            if exchange.canStreamBody {
-                exchange.upstream!.handler.write(.body(.byteBuffer(buffer)))
-                exchange.bodyBytesSent = exchange.bodyBytesSent || buffer.readableBytes > 0
-                self.upstreamNeedsFlush = true
-            } else {
-                exchange.pendingBody.append(buffer)
+        switch part {
+        case .head(let head):
+            switch self.state {
+            case .idle:
+                self.start(head, context: context)
+            case .active:
+                // The client pipelined the next request: it waits until this one is answered.
+                self.queued.append(.part(part))
+            case .closed, .upgraded:
+                break
+            case .discarding:
+                // The decoder delivers head, body..., end: anything else is a bug: close.
+                context.close(promise: nil)
             }
-        case (.active(let exchange), .end(let trailers)):
-            exchange.requestEnded = true
-            if exchange.canStreamBody {
-                exchange.upstream!.handler.write(.end(trailers))
-                exchange.requestSent = true
-                self.upstreamNeedsFlush = true
-                exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
+        case .body(let buffer):
+            switch self.state {
+            case .active(let exchange):
+                if exchange.canStreamBody {
+                    exchange.upstream!.handler.write(.body(.byteBuffer(buffer)))
+                    exchange.bodyBytesSent = exchange.bodyBytesSent || buffer.readableBytes > 0
+                    self.upstreamNeedsFlush = true
+                } else {
+                    exchange.pendingBody.append(buffer)
+                }
+            case .discarding, .closed, .upgraded:
+                break
+            case .idle:
+                context.close(promise: nil)
             }
-            self.finishIfDone(exchange)
-        case (.discarding, .body):
-            break
-        case (.discarding, .end):
-            self.becomeIdle()
-        case (.active, .head):
-            // The client pipelined the next request: it waits until this one is answered.
-            self.queued.append(.part(part))
-        case (.closed, _), (.upgraded, _):
-            break
-        default:
-            // The decoder delivers head, body..., end: anything else is a bug: close.
-            context.close(promise: nil)
+        case .end(let trailers):
+            switch self.state {
+            case .active(let exchange):
+                exchange.requestEnded = true
+                if exchange.canStreamBody {
+                    exchange.upstream!.handler.write(.end(trailers))
+                    exchange.requestSent = true
+                    self.upstreamNeedsFlush = true
+                    exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
+                }
+                self.finishIfDone(exchange)
+            case .discarding:
+                self.becomeIdle()
+            case .closed, .upgraded:
+                break
+            case .idle:
+                context.close(promise: nil)
+            }
         }
     }
 

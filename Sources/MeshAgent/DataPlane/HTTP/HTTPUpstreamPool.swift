@@ -41,8 +41,8 @@ final class UpstreamConnection {
     let channel: any Channel
     let handler: UpstreamHTTPHandler
     let backend: BackendID
-    /// When it went back into the pool (the pool's sweep closes it after `upstreamIdleTimeout`).
-    fileprivate var idleSince = NIODeadline.uptimeNanoseconds(0)
+    /// The pool's sweep count when it went back into the pool (the sweep closes it after `upstreamIdleTimeout`).
+    fileprivate var idleTick = 0
     fileprivate(set) var isIdle = false
 
     init(channel: any Channel, handler: UpstreamHTTPHandler, backend: BackendID) {
@@ -55,7 +55,9 @@ final class UpstreamConnection {
 /// The pool of one event loop: idle connections per backend (most recently used first) and a count of all
 /// connections per backend, bounded by `maxConnectionsPerBackend`. Idle connections are closed after
 /// `upstreamIdleTimeout` by one sweep timer per pool (ticking at a quarter of the timeout while anything is
-/// idle), not by a timer per connection that every request would schedule and cancel.
+/// idle), not by a timer per connection that every request would schedule and cancel. A release notes the
+/// sweep's count rather than the time (no clock read per request): a connection is closed at the fifth sweep
+/// after its release, when it has been idle for more than the timeout and at most a tick longer.
 final class LoopPool {
     private let configuration: DataPlaneConfiguration
     private let counters: DataPlaneCounters
@@ -63,6 +65,7 @@ final class LoopPool {
     private var total: [BackendID: Int] = [:]
     private var closed = false
     private var sweep: Scheduled<Void>?
+    private var sweeps = 0
 
     init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters) {
         self.configuration = configuration
@@ -147,14 +150,15 @@ final class LoopPool {
             return
         }
         connection.isIdle = true
-        connection.idleSince = .now()
+        connection.idleTick = self.sweeps
         if self.sweep == nil { self.armSweep(on: connection.channel.eventLoop) }
     }
 
     private var maxIdle: Int { self.configuration.http.maxIdleConnectionsPerBackend }
 
     /// Appends when the list has room (one dictionary look-up for the check and the append).
-    private static func append(_ connection: UpstreamConnection, to list: inout [UpstreamConnection], max: Int) -> Bool {
+    private static func append(_ connection: UpstreamConnection, to list: inout [UpstreamConnection], max: Int) -> Bool
+    {
         guard list.count < max else { return false }
         list.append(connection)
         return true
@@ -169,15 +173,15 @@ final class LoopPool {
         }
     }
 
-    /// Closes the connections idle for longer than `upstreamIdleTimeout`; re-arms while any stay idle.
+    /// Closes the connections idle for longer than `upstreamIdleTimeout` (five ticks of a quarter of it since
+    /// their release); re-arms while any stay idle.
     private func sweepIdle(on loop: any EventLoop) {
         guard !self.closed else { return }
-        let now = NIODeadline.now()
-        let timeout = self.configuration.http.upstreamIdleTimeout
+        self.sweeps += 1
         var stillIdle = false
         for (_, list) in self.idle {
             for connection in list {
-                if now - connection.idleSince >= timeout {
+                if self.sweeps - connection.idleTick >= 5 {
                     connection.channel.close(promise: nil)
                 } else {
                     stillIdle = true
