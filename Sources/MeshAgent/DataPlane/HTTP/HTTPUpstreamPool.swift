@@ -61,7 +61,9 @@ final class UpstreamConnection {
 final class LoopPool {
     private let configuration: DataPlaneConfiguration
     private let counters: DataPlaneCounters
-    private var idle: [BackendID: [UpstreamConnection]] = [:]
+    /// Idle connections per backend, each list a class: taking and returning a connection is one look-up
+    /// and no in-place dictionary mutation (whose generic accessor cost more than the look-up).
+    private var idle: [BackendID: IdleList] = [:]
     private var total: [BackendID: Int] = [:]
     private var closed = false
     private var sweep: Scheduled<Void>?
@@ -75,7 +77,8 @@ final class LoopPool {
     /// An idle, still open connection to `backend`, if any.
     func takeIdle(_ backend: BackendID) -> UpstreamConnection? {
         // Popped in place (no copy of the list); an emptied list stays, for the next release.
-        while let connection = self.idle[backend]?.popLast() {
+        guard let list = self.idle[backend] else { return nil }
+        while let connection = list.connections.popLast() {
             connection.isIdle = false
             if connection.channel.isActive { return connection }
         }
@@ -144,7 +147,7 @@ final class LoopPool {
     func release(_ connection: UpstreamConnection) {
         connection.handler.owner = nil
         guard !self.closed, connection.channel.isActive,
-            Self.append(connection, to: &self.idle[connection.backend, default: []], max: self.maxIdle)
+            self.idleList(for: connection.backend).append(connection, max: self.maxIdle)
         else {
             connection.channel.close(promise: nil)
             return
@@ -156,12 +159,11 @@ final class LoopPool {
 
     private var maxIdle: Int { self.configuration.http.maxIdleConnectionsPerBackend }
 
-    /// Appends when the list has room (one dictionary look-up for the check and the append).
-    private static func append(_ connection: UpstreamConnection, to list: inout [UpstreamConnection], max: Int) -> Bool
-    {
-        guard list.count < max else { return false }
-        list.append(connection)
-        return true
+    private func idleList(for backend: BackendID) -> IdleList {
+        if let list = self.idle[backend] { return list }
+        let list = IdleList()
+        self.idle[backend] = list
+        return list
     }
 
     private func armSweep(on loop: any EventLoop) {
@@ -180,7 +182,7 @@ final class LoopPool {
         self.sweeps += 1
         var stillIdle = false
         for (_, list) in self.idle {
-            for connection in list {
+            for connection in list.connections {
                 if self.sweeps - connection.idleTick >= 5 {
                     connection.channel.close(promise: nil)
                 } else {
@@ -193,9 +195,9 @@ final class LoopPool {
 
     /// A connection closed: out of the idle list and the count.
     func closed(_ connection: UpstreamConnection) {
-        if connection.isIdle, var list = self.idle[connection.backend] {
-            list.removeAll { $0 === connection }
-            self.idle[connection.backend] = list.isEmpty ? nil : list
+        if connection.isIdle, let list = self.idle[connection.backend] {
+            list.connections.removeAll { $0 === connection }
+            if list.connections.isEmpty { self.idle[connection.backend] = nil }
         }
         connection.isIdle = false
         self.forget(connection.backend)
@@ -211,9 +213,21 @@ final class LoopPool {
         self.closed = true
         self.sweep?.cancel()
         self.sweep = nil
-        let all = self.idle.values.flatMap { $0 }
+        let all = self.idle.values.flatMap { $0.connections }
         self.idle = [:]
         for connection in all { connection.channel.close(promise: nil) }
+    }
+}
+
+/// The idle connections of one backend in a pool, most recently used last.
+private final class IdleList {
+    var connections: [UpstreamConnection] = []
+
+    /// Appends when the list has room.
+    func append(_ connection: UpstreamConnection, max: Int) -> Bool {
+        guard self.connections.count < max else { return false }
+        self.connections.append(connection)
+        return true
     }
 }
 
