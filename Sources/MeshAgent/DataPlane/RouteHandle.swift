@@ -19,8 +19,9 @@ final class RouteStats: Sendable {
     let activeRetries = Atomic<Int>(0)
 }
 
-/// The swift-metrics instruments of one route, labelled by service, listener and protocol.
-struct RouteMetrics: Sendable {
+/// The swift-metrics instruments of one route, labelled by service, listener and protocol. A class, so that
+/// handing it out (connections keep a reference) is one retain rather than a copy of a dozen references.
+final class RouteMetrics: Sendable {
     enum ErrorKind: String, CaseIterable, Sendable {
         case connectFailure = "connect_failure"
         case noBackend = "no_backend"
@@ -57,6 +58,12 @@ struct RouteMetrics: Sendable {
 
     func error(_ kind: ErrorKind) {
         self.errors[ErrorKind.allCases.firstIndex(of: kind)!].increment()
+    }
+
+    /// Bytes proxied in each direction (called once per read burst, not per message).
+    func countBytes(fromClient: Int, toClient: Int) {
+        if fromClient > 0 { self.bytesIn.increment(by: fromClient) }
+        if toClient > 0 { self.bytesOut.increment(by: toClient) }
     }
 }
 
@@ -97,15 +104,16 @@ final class RouteHandle: Sendable {
             return b
         }
 
+        /// Runs `body` on the balancer in place (built first if it was not).
         mutating func withBalancer<T>(_ body: (inout LoadBalancer) -> T) -> T {
-            var b = self.balancer()
-            self.built = nil  // keep the value unique while it changes
-            defer { self.built = b }
-            return body(&b)
+            if self.built == nil { _ = self.balancer() }
+            return body(&self.built!)
         }
     }
 
     private let state: Mutex<State>
+    /// Whether the policy is consistent hashing (requests then need a hash key), readable without the lock.
+    private let consistentHash: Atomic<Bool>
 
     init(route: Route, localSite: String?, outlier: OutlierConfiguration, metricsFactory: any MetricsFactory) {
         self.key = route.listenerKey
@@ -113,7 +121,16 @@ final class RouteHandle: Sendable {
         self.metricsFactory = metricsFactory
         self.lazyMetrics = Mutex(nil)
         self.state = Mutex(State(route: route, localSite: localSite, outlier: outlier, built: nil))
+        self.consistentHash = Atomic(Self.isConsistentHash(route.policy))
     }
+
+    private static func isConsistentHash(_ policy: BalancerPolicy) -> Bool {
+        if case .consistentHash = policy { return true }
+        return false
+    }
+
+    /// The policy hashes a key of each request or connection (consistent hashing); no lock taken.
+    var hashesRequests: Bool { self.consistentHash.load(ordering: .relaxed) }
 
     /// The route's instruments, made on first use: an agent serves every service of the mesh but
     /// its apps use few, and registering a dozen labelled series per route up front cost ~35 KB
@@ -148,6 +165,7 @@ final class RouteHandle: Sendable {
                 )
             }
             state = State(route: route, localSite: localSite, outlier: outlier, built: balancer)
+            self.consistentHash.store(Self.isConsistentHash(route.policy), ordering: .relaxed)
         }
     }
 
@@ -169,15 +187,20 @@ final class RouteHandle: Sendable {
     }
 
     func finish(_ id: BackendID, outcome: LoadBalancer.Outcome) {
-        let now = NIODeadline.now()
+        let now = Self.now(for: outcome)
         self.state.withLock { $0.withBalancer { $0.finish(id, outcome: outcome, now: now) } }
         if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
     }
 
     func report(_ id: BackendID, outcome: LoadBalancer.Outcome) {
-        let now = NIODeadline.now()
+        let now = Self.now(for: outcome)
         self.state.withLock { $0.withBalancer { $0.report(id, outcome: outcome, now: now) } }
         if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
+    }
+
+    /// The time a finish or report needs: only a failure (which may eject) reads the clock.
+    private static func now(for outcome: LoadBalancer.Outcome) -> NIODeadline {
+        outcome == .failure ? .now() : .uptimeNanoseconds(0)
     }
 
     func connectionOpened() {
@@ -193,14 +216,14 @@ final class RouteHandle: Sendable {
     }
 
     func countBytes(fromClient: Int, toClient: Int) {
-        if fromClient > 0 {
-            self.stats.bytesIn.add(fromClient, ordering: .relaxed)
-            self.metrics.bytesIn.increment(by: fromClient)
-        }
-        if toClient > 0 {
-            self.stats.bytesOut.add(toClient, ordering: .relaxed)
-            self.metrics.bytesOut.increment(by: toClient)
-        }
+        self.countStats(fromClient: fromClient, toClient: toClient)
+        self.metrics.countBytes(fromClient: fromClient, toClient: toClient)
+    }
+
+    /// The in-process byte counters only (callers that hold the instruments count those themselves).
+    func countStats(fromClient: Int, toClient: Int) {
+        if fromClient > 0 { self.stats.bytesIn.add(fromClient, ordering: .relaxed) }
+        if toClient > 0 { self.stats.bytesOut.add(toClient, ordering: .relaxed) }
     }
 
     func snapshot(listening: Bool, error: String?) -> RouteSnapshot {

@@ -123,6 +123,9 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var pick: Pick?
         /// The current pick is still counted in flight by the balancer.
         var pickInFlight = false
+        /// The response head reported success; told to the balancer with the end of the pick (one lock, not
+        /// two, per request).
+        var successPending = false
         var retries = 0
         var inRetryBudget = false
         var upstream: UpstreamConnection?
@@ -183,11 +186,23 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// One timer per connection, re-armed every `tick` (a quarter of the shortest timeout): it checks the
     /// deadlines below, so no timer is scheduled or cancelled per request.
     private var timer: Scheduled<Void>?
-    /// Since when the connection has had no exchange (connect, or the end of the last response).
+    /// Since when the connection has had no exchange (connect, or the end of the last response), as seen by
+    /// the connection timer: the end of an exchange only counts (`exchangesEnded`), and the timer's next tick
+    /// takes the time, so a request costs no clock read for it.
     private var idleSince = NIODeadline.now()
-    /// The last bytes from the client (for a stalled request body).
+    private var exchangesEnded = 0
+    private var exchangesEndedSeen = 0
+    /// The last bytes from the client (for a stalled request body), as seen by the timer: reads are counted,
+    /// the timer's tick takes the time when the count moved.
     private var lastClientRead = NIODeadline.now()
+    private var clientReads = 0
+    private var clientReadsSeen = 0
     private var servedRequests = 0
+    /// Response parts were written to the client and not flushed yet.
+    private var clientNeedsFlush = false
+    /// The route's instruments and this loop's upstream pool, looked up once per connection.
+    private lazy var metrics: RouteMetrics = self.handle.metrics
+    private var pool: LoopPool?
     private var rng = FastRandom()
     private var clientIP: IPAddress?
     /// The client IP as text, for X-Forwarded-For (made once per connection).
@@ -213,6 +228,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        self.pool = self.environment.pools.pool(for: context.eventLoop)
         self.clientIP = context.channel.remoteAddress.flatMap(IPAddress.init(socketAddress:))
         self.clientIPText = self.clientIP.map { "\($0)" }
         self.armTimer()
@@ -257,7 +273,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// 431 when the head is over the size limits, 400 otherwise, always with `connection: close`, then closes;
     /// if a response is already under way it just closes.
     private func answerParseError(_ error: any Error, context: ChannelHandlerContext) {
-        self.handle.metrics.error(.badRequest)
+        self.metrics.error(.badRequest)
         self.queued.removeAll()
         self.pendingRead = false
         var responseUnderWay = false
@@ -357,39 +373,55 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.handle(part, context: context)
     }
 
+    /// (Nested switches rather than one over a (state, part) tuple: the tuple copied both, head included.)
     private func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
-        switch (self.state, part) {
-        case (.idle, .head(let head)):
-            self.start(head, context: context)
-        case (.active(let exchange), .body(let buffer)):
-            if exchange.canStreamBody {
-                exchange.upstream!.handler.write(.body(.byteBuffer(buffer)))
-                exchange.bodyBytesSent = exchange.bodyBytesSent || buffer.readableBytes > 0
-                self.upstreamNeedsFlush = true
-            } else {
-                exchange.pendingBody.append(buffer)
+        switch part {
+        case .head(let head):
+            switch self.state {
+            case .idle:
+                self.start(head, context: context)
+            case .active:
+                // The client pipelined the next request: it waits until this one is answered.
+                self.queued.append(.part(part))
+            case .closed, .upgraded:
+                break
+            case .discarding:
+                // The decoder delivers head, body..., end: anything else is a bug: close.
+                context.close(promise: nil)
             }
-        case (.active(let exchange), .end(let trailers)):
-            exchange.requestEnded = true
-            if exchange.canStreamBody {
-                exchange.upstream!.handler.write(.end(trailers))
-                exchange.requestSent = true
-                self.upstreamNeedsFlush = true
-                exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
+        case .body(let buffer):
+            switch self.state {
+            case .active(let exchange):
+                if exchange.canStreamBody {
+                    exchange.upstream!.handler.write(.body(.byteBuffer(buffer)))
+                    exchange.bodyBytesSent = exchange.bodyBytesSent || buffer.readableBytes > 0
+                    self.upstreamNeedsFlush = true
+                } else {
+                    exchange.pendingBody.append(buffer)
+                }
+            case .discarding, .closed, .upgraded:
+                break
+            case .idle:
+                context.close(promise: nil)
             }
-            self.finishIfDone(exchange)
-        case (.discarding, .body):
-            break
-        case (.discarding, .end):
-            self.becomeIdle()
-        case (.active, .head):
-            // The client pipelined the next request: it waits until this one is answered.
-            self.queued.append(.part(part))
-        case (.closed, _), (.upgraded, _):
-            break
-        default:
-            // The decoder delivers head, body..., end: anything else is a bug: close.
-            context.close(promise: nil)
+        case .end(let trailers):
+            switch self.state {
+            case .active(let exchange):
+                exchange.requestEnded = true
+                if exchange.canStreamBody {
+                    exchange.upstream!.handler.write(.end(trailers))
+                    exchange.requestSent = true
+                    self.upstreamNeedsFlush = true
+                    exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
+                }
+                self.finishIfDone(exchange)
+            case .discarding:
+                self.becomeIdle()
+            case .closed, .upgraded:
+                break
+            case .idle:
+                context.close(promise: nil)
+            }
         }
     }
 
@@ -421,7 +453,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        self.lastClientRead = .now()
+        self.clientReads &+= 1
         if self.upstreamNeedsFlush, case .active(let exchange) = self.state {
             self.upstreamNeedsFlush = false
             exchange.upstream?.handler.flush()
@@ -435,7 +467,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.servedRequests += 1
         self.handle.stats.requests.add(1, ordering: .relaxed)
         self.handle.stats.activeRequests.add(1, ordering: .relaxed)
-        self.handle.metrics.requests.increment()
+        self.metrics.requests.increment()
 
         // One pass over the headers for everything the proxy looks at (usually none of them is there).
         var connectionUpgrade = false
@@ -466,7 +498,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             head.headers.add(name: "connection", value: "upgrade")
             head.headers.add(name: "upgrade", value: upgradeValue)
         }
-        head.version = .http1_1
+        // (Set only when it differs: the head's method, URI and version share a copy-on-write box.)
+        if head.version != .http1_1 { head.version = .http1_1 }
         if self.configuration.addForwardedFor, let ip = self.clientIPText {
             if let forwardedFor {
                 head.headers.replaceOrAdd(name: "x-forwarded-for", value: "\(forwardedFor), \(ip)")
@@ -488,7 +521,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func hashKey(_ head: HTTPRequestHead) -> UInt64 {
-        guard case .consistentHash(let key) = self.handle.policy else { return 0 }
+        guard self.handle.hashesRequests, case .consistentHash(let key) = self.handle.policy else { return 0 }
         switch key {
         case .header(let name):
             if let value = head.headers.first(name: name) { return StableHash.hash(value) }
@@ -526,7 +559,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard let context = self.context else { return }
         guard let pick = self.handle.pick(hash: exchange.hash, excluding: exchange.tried) else {
             if exchange.firstTried == nil {
-                self.handle.metrics.error(.noBackend)
+                self.metrics.error(.noBackend)
                 self.fail(exchange, .serviceUnavailable, "no healthy upstream")
             } else if exchange.connectTimedOut {
                 self.fail(exchange, .gatewayTimeout, "upstream connect timeout")
@@ -540,17 +573,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange.pickInFlight = true
         exchange.upstreamStarted = .now()
         let loop = context.eventLoop
-        guard let pool = self.environment.pools.pool(for: loop) else {
+        guard let pool = self.pool else {
             self.fail(exchange, .serviceUnavailable, "no upstream pool")
             return
         }
         if !exchange.isUpgrade, let connection = pool.takeIdle(pick.id) {
-            self.attach(exchange, connection)
+            self.attach(exchange, connection, now: exchange.upstreamStarted)
             return
         }
         guard pool.reserve(pick.id) else {
             self.finishPick(exchange, .neutral)
-            self.handle.metrics.error(.overflow)
+            self.metrics.error(.overflow)
             self.fail(exchange, .serviceUnavailable, "upstream connection limit")
             return
         }
@@ -562,10 +595,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                     pool.release(connection)
                     return
                 }
-                self.attach(exchange, connection)
+                self.attach(exchange, connection, now: nil)
             case .failure(let error):
                 pool.forget(pick.id)
-                self.handle.metrics.error(.connectFailure)
+                self.metrics.error(.connectFailure)
                 self.finishPick(exchange, .failure)
                 if case .active(let current) = self.state, current === exchange {
                     if let e = error as? ChannelError, case .connectTimeout = e { exchange.connectTimedOut = true }
@@ -583,7 +616,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    private func attach(_ exchange: Exchange, _ connection: UpstreamConnection) {
+    /// `now`: the time, when the caller just took it.
+    private func attach(_ exchange: Exchange, _ connection: UpstreamConnection, now: NIODeadline?) {
         exchange.upstream = connection
         connection.handler.owner = self
         let handler = connection.handler
@@ -597,7 +631,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if exchange.requestEnded {
             handler.write(.end(nil))
             exchange.requestSent = true
-            exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
+            exchange.responseDeadline = (now ?? .now()) + self.configuration.upstreamResponseTimeout
         }
         handler.flush()
         self.resumeClientRead()
@@ -647,11 +681,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             context.writeAndFlush(self.wrapOutboundOut(.head(response)), promise: nil)
         case .head(let response):
             exchange.responseDeadline = nil
-            self.handle.metrics.upstreamLatency.recordNanoseconds(
+            self.metrics.upstreamLatency.recordNanoseconds(
                 (NIODeadline.now() - exchange.upstreamStarted).nanoseconds
             )
             let failed = response.status.code >= 500 && self.environment.configuration.outlier.countHTTP5xx
-            if let pick = exchange.pick { self.handle.report(pick.id, outcome: failed ? .failure : .success) }
+            if let pick = exchange.pick {
+                if failed || exchange.isUpgrade || !exchange.pickInFlight {
+                    self.handle.report(pick.id, outcome: failed ? .failure : .success)
+                } else {
+                    exchange.successPending = true
+                }
+            }
             if exchange.isUpgrade && response.status == .switchingProtocols {
                 exchange.upgradeResponse = response
                 return
@@ -659,7 +699,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             var head = response
             HTTPProxy.stripHopByHop(&head.headers)
             exchange.upstreamKeepAlive = response.isKeepAlive
-            head.version = exchange.clientVersion
+            if head.version != exchange.clientVersion { head.version = exchange.clientVersion }
             if exchange.clientVersion == .http1_0 {
                 if head.headers.contains(name: "transfer-encoding") {
                     head.headers.remove(name: "transfer-encoding")
@@ -672,9 +712,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if exchange.method == .HEAD { head.headers.remove(name: "transfer-encoding") }
             exchange.responseHeadSent = true
             context.write(self.wrapOutboundOut(.head(head)), promise: nil)
+            self.clientNeedsFlush = true
         case .body(let buffer):
             guard exchange.upgradeResponse == nil else { return }
             context.write(self.wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+            self.clientNeedsFlush = true
         case .end(let trailers):
             if let response = exchange.upgradeResponse {
                 self.upgrade(exchange, response: response, context: context)
@@ -684,6 +726,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if !exchange.requestEnded {
                 // Answered before the request was fully sent: neither side can be reused, and the rest of the
                 // request has nowhere to go. End both.
+                self.clientNeedsFlush = false
                 let done = context.writeAndFlush(self.wrapOutboundOut(.end(trailers)))
                 self.endAccounting(exchange)
                 self.finishPick(exchange, .neutral)
@@ -694,12 +737,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
                 return
             }
+            self.clientNeedsFlush = false
             context.writeAndFlush(self.wrapOutboundOut(.end(trailers)), promise: nil)
             self.finishIfDone(exchange)
         }
     }
 
+    /// The end of an upstream read burst: what it wrote to the client goes out now (a response that ended
+    /// in it was flushed with its end already).
     func upstreamReadComplete() {
+        guard self.clientNeedsFlush else { return }
+        self.clientNeedsFlush = false
         self.context?.flush()
     }
 
@@ -713,7 +761,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange.responseDeadline = nil
         if exchange.responseEnded { return }
         self.finishPick(exchange, .failure)
-        self.handle.metrics.error(.reset)
+        self.metrics.error(.reset)
         if exchange.responseHeadSent {
             // Part of the response is out: all that can be done is to end the client connection too.
             self.context?.close(promise: nil)
@@ -732,6 +780,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func finishPick(_ exchange: Exchange, _ outcome: LoadBalancer.Outcome) {
         guard exchange.pickInFlight, let pick = exchange.pick else { return }
         exchange.pickInFlight = false
+        if exchange.successPending {
+            exchange.successPending = false
+            if outcome == .neutral {
+                // The usual end of an exchange: the head's success and the end in one call.
+                self.handle.finish(pick.id, outcome: .success)
+                return
+            }
+            self.handle.report(pick.id, outcome: .success)
+        }
         self.handle.finish(pick.id, outcome: outcome)
     }
 
@@ -752,7 +809,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             exchange.upstream = nil
             upstream.handler.owner = nil
             if exchange.upstreamKeepAlive && exchange.requestSent,
-                let pool = self.environment.pools.pool(for: context.eventLoop)
+                let pool = self.pool
             {
                 pool.release(upstream)
             } else {
@@ -841,7 +898,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private func becomeIdle() {
         self.state = .idle
-        self.idleSince = .now()
+        self.exchangesEnded &+= 1
         if self.quiescing {
             self.state = .closed
             self.context?.close(promise: nil)
@@ -864,6 +921,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard let context = self.context else { return }
         let now = NIODeadline.now()
         let c = self.configuration
+        // What happened since the last tick, timed now (at most a tick late: the timeouts are several ticks).
+        if self.exchangesEnded != self.exchangesEndedSeen {
+            self.exchangesEndedSeen = self.exchangesEnded
+            self.idleSince = now
+        }
+        if self.clientReads != self.clientReadsSeen {
+            self.clientReadsSeen = self.clientReads
+            self.lastClientRead = now
+        }
         switch self.state {
         case .idle, .discarding:
             let limit = self.servedRequests == 0 ? c.requestHeadTimeout : c.clientIdleTimeout
@@ -874,7 +940,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
         case .active(let exchange):
             if let deadline = exchange.responseDeadline, now >= deadline, !exchange.responseHeadSent {
-                self.handle.metrics.error(.timeout)
+                self.metrics.error(.timeout)
                 self.finishPick(exchange, .failure)
                 if let upstream = exchange.upstream {
                     exchange.upstream = nil
@@ -910,7 +976,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.state = .upgraded
         exchange.upstream = nil
         upstream.handler.owner = nil
-        self.environment.pools.pool(for: context.eventLoop)?.detach(upstream)
+        self.pool?.detach(upstream)
 
         let meter = GlueMeter(handle: self.handle, counters: self.environment.counters)
         let clientGlue = GlueHandler(side: .client, meter: meter)

@@ -41,8 +41,8 @@ final class UpstreamConnection {
     let channel: any Channel
     let handler: UpstreamHTTPHandler
     let backend: BackendID
-    /// When it went back into the pool (the pool's sweep closes it after `upstreamIdleTimeout`).
-    fileprivate var idleSince = NIODeadline.uptimeNanoseconds(0)
+    /// The pool's sweep count when it went back into the pool (the sweep closes it after `upstreamIdleTimeout`).
+    fileprivate var idleTick = 0
     fileprivate(set) var isIdle = false
 
     init(channel: any Channel, handler: UpstreamHTTPHandler, backend: BackendID) {
@@ -55,14 +55,19 @@ final class UpstreamConnection {
 /// The pool of one event loop: idle connections per backend (most recently used first) and a count of all
 /// connections per backend, bounded by `maxConnectionsPerBackend`. Idle connections are closed after
 /// `upstreamIdleTimeout` by one sweep timer per pool (ticking at a quarter of the timeout while anything is
-/// idle), not by a timer per connection that every request would schedule and cancel.
+/// idle), not by a timer per connection that every request would schedule and cancel. A release notes the
+/// sweep's count rather than the time (no clock read per request): a connection is closed at the fifth sweep
+/// after its release, when it has been idle for more than the timeout and at most a tick longer.
 final class LoopPool {
     private let configuration: DataPlaneConfiguration
     private let counters: DataPlaneCounters
-    private var idle: [BackendID: [UpstreamConnection]] = [:]
+    /// Idle connections per backend, each list a class: taking and returning a connection is one look-up
+    /// and no in-place dictionary mutation (whose generic accessor cost more than the look-up).
+    private var idle: [BackendID: IdleList] = [:]
     private var total: [BackendID: Int] = [:]
     private var closed = false
     private var sweep: Scheduled<Void>?
+    private var sweeps = 0
 
     init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters) {
         self.configuration = configuration
@@ -72,7 +77,8 @@ final class LoopPool {
     /// An idle, still open connection to `backend`, if any.
     func takeIdle(_ backend: BackendID) -> UpstreamConnection? {
         // Popped in place (no copy of the list); an emptied list stays, for the next release.
-        while let connection = self.idle[backend]?.popLast() {
+        guard let list = self.idle[backend] else { return nil }
+        while let connection = list.connections.popLast() {
             connection.isIdle = false
             if connection.channel.isActive { return connection }
         }
@@ -141,15 +147,23 @@ final class LoopPool {
     func release(_ connection: UpstreamConnection) {
         connection.handler.owner = nil
         guard !self.closed, connection.channel.isActive,
-            self.idle[connection.backend, default: []].count < self.configuration.http.maxIdleConnectionsPerBackend
+            self.idleList(for: connection.backend).append(connection, max: self.maxIdle)
         else {
             connection.channel.close(promise: nil)
             return
         }
         connection.isIdle = true
-        connection.idleSince = .now()
-        self.idle[connection.backend, default: []].append(connection)
+        connection.idleTick = self.sweeps
         if self.sweep == nil { self.armSweep(on: connection.channel.eventLoop) }
+    }
+
+    private var maxIdle: Int { self.configuration.http.maxIdleConnectionsPerBackend }
+
+    private func idleList(for backend: BackendID) -> IdleList {
+        if let list = self.idle[backend] { return list }
+        let list = IdleList()
+        self.idle[backend] = list
+        return list
     }
 
     private func armSweep(on loop: any EventLoop) {
@@ -161,15 +175,15 @@ final class LoopPool {
         }
     }
 
-    /// Closes the connections idle for longer than `upstreamIdleTimeout`; re-arms while any stay idle.
+    /// Closes the connections idle for longer than `upstreamIdleTimeout` (five ticks of a quarter of it since
+    /// their release); re-arms while any stay idle.
     private func sweepIdle(on loop: any EventLoop) {
         guard !self.closed else { return }
-        let now = NIODeadline.now()
-        let timeout = self.configuration.http.upstreamIdleTimeout
+        self.sweeps += 1
         var stillIdle = false
         for (_, list) in self.idle {
-            for connection in list {
-                if now - connection.idleSince >= timeout {
+            for connection in list.connections {
+                if self.sweeps - connection.idleTick >= 5 {
                     connection.channel.close(promise: nil)
                 } else {
                     stillIdle = true
@@ -181,9 +195,9 @@ final class LoopPool {
 
     /// A connection closed: out of the idle list and the count.
     func closed(_ connection: UpstreamConnection) {
-        if connection.isIdle, var list = self.idle[connection.backend] {
-            list.removeAll { $0 === connection }
-            self.idle[connection.backend] = list.isEmpty ? nil : list
+        if connection.isIdle, let list = self.idle[connection.backend] {
+            list.connections.removeAll { $0 === connection }
+            if list.connections.isEmpty { self.idle[connection.backend] = nil }
         }
         connection.isIdle = false
         self.forget(connection.backend)
@@ -199,9 +213,21 @@ final class LoopPool {
         self.closed = true
         self.sweep?.cancel()
         self.sweep = nil
-        let all = self.idle.values.flatMap { $0 }
+        let all = self.idle.values.flatMap { $0.connections }
         self.idle = [:]
         for connection in all { connection.channel.close(promise: nil) }
+    }
+}
+
+/// The idle connections of one backend in a pool, most recently used last.
+private final class IdleList {
+    var connections: [UpstreamConnection] = []
+
+    /// Appends when the list has room.
+    func append(_ connection: UpstreamConnection, max: Int) -> Bool {
+        guard self.connections.count < max else { return false }
+        self.connections.append(connection)
+        return true
     }
 }
 

@@ -48,8 +48,9 @@ final class GlueHandler: ChannelDuplexHandler {
         guard let context = self.context else { return }
         context.flush()
         // The backlog matters (and is recorded for the tests' bound) once it is over the high water mark; an
-        // option lookup after every flush cost more than the flush's own bookkeeping.
-        if !context.channel.isWritable,
+        // option lookup after every flush cost more than the flush's own bookkeeping. NIO reports the crossing
+        // (channelWritabilityChanged) from inside the write, so `writable` is current here.
+        if !self.writable,
             let buffered = try? context.channel.syncOptions?.getOption(.bufferedWritableBytes)
         {
             self.meter.counters.noteBuffered(buffered)
@@ -72,7 +73,10 @@ final class GlueHandler: ChannelDuplexHandler {
         }
     }
 
-    private var isWritable: Bool { self.context?.channel.isWritable ?? false }
+    /// The channel's writability as NIO last reported it (channelWritabilityChanged), kept here so the read
+    /// path does not ask the channel (an existential call and an atomic load) for every read.
+    private var writable = true
+    private var isWritable: Bool { self.writable && self.context != nil }
 
     /// Closes this side (and, through channelInactive, the partner).
     func close() {
@@ -83,6 +87,7 @@ final class GlueHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        self.writable = context.channel.isWritable
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -98,7 +103,7 @@ final class GlueHandler: ChannelDuplexHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         self.partner?.partnerFlush()
-        self.meter.activity = .now()
+        self.meter.reads &+= 1
         self.reportBytes()
     }
 
@@ -125,7 +130,8 @@ final class GlueHandler: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
+        self.writable = context.channel.isWritable
+        if self.writable {
             self.partner?.partnerBecameWritable()
         }
         context.fireChannelWritabilityChanged()
@@ -142,24 +148,33 @@ final class GlueHandler: ChannelDuplexHandler {
     private func reportBytes() {
         guard self.unreportedBytes > 0 else { return }
         switch self.side {
-        case .client: self.meter.handle.countBytes(fromClient: self.unreportedBytes, toClient: 0)
-        case .upstream: self.meter.handle.countBytes(fromClient: 0, toClient: self.unreportedBytes)
+        case .client: self.meter.countBytes(fromClient: self.unreportedBytes, toClient: 0)
+        case .upstream: self.meter.countBytes(fromClient: 0, toClient: self.unreportedBytes)
         }
         self.unreportedBytes = 0
     }
 }
 
-/// What the two glue handlers of one connection share: the route's counters and the last activity (for the
-/// idle timeout). Lives on the connection's event loop.
+/// What the two glue handlers of one connection share: the route's counters and instruments, and a count of
+/// read bursts (activity, for the idle timer: a counter, so a read costs no clock read). Lives on the
+/// connection's event loop.
 final class GlueMeter {
     let handle: RouteHandle
     let counters: DataPlaneCounters
-    var activity: NIODeadline = .now()
+    /// Read bursts on either side so far.
+    var reads: UInt64 = 0
     private var errorReported = false
+    /// The route's instruments, fetched once per connection (not under the route's lock per read).
+    private lazy var metrics: RouteMetrics = self.handle.metrics
 
     init(handle: RouteHandle, counters: DataPlaneCounters) {
         self.handle = handle
         self.counters = counters
+    }
+
+    func countBytes(fromClient: Int, toClient: Int) {
+        self.handle.countStats(fromClient: fromClient, toClient: toClient)
+        self.metrics.countBytes(fromClient: fromClient, toClient: toClient)
     }
 
     func error(_ error: any Error, side: GlueHandler.Side) {

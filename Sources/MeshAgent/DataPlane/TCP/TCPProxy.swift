@@ -130,31 +130,45 @@ enum TCPProxy {
     }
 }
 
-/// Closes a connection after `timeout` without activity (checked when the timer fires, re-armed from the
-/// last activity), so there is one timer per connection rather than one per read.
+/// Closes a connection after `timeout` without activity. One timer per connection, ticking every eighth of
+/// the timeout, compares the connection's read count with the last tick's: reads cost no clock read and no
+/// timer, and a quiet connection closes between `timeout` and `timeout` plus a tick after its last read.
 enum IdleTimer {
     static func start(on channel: any Channel, meter: GlueMeter, timeout: TimeAmount, close: @escaping () -> Void) {
         let loop = channel.eventLoop.assumeIsolated()
+        let tick = TimeAmount.nanoseconds(max(timeout.nanoseconds / 8, TimeAmount.milliseconds(1).nanoseconds))
+        let box = State(reads: meter.reads, quietSince: .now())
         func arm(at deadline: NIODeadline) -> Scheduled<Void> {
             loop.scheduleTask(deadline: deadline) {
-                let idle = NIODeadline.now() - meter.activity
-                if idle >= timeout {
+                let now = NIODeadline.now()
+                if meter.reads != box.reads {
+                    // Active since the last tick: quiet from now on at the earliest.
+                    box.reads = meter.reads
+                    box.quietSince = now
+                } else if now - box.quietSince >= timeout {
+                    box.scheduled = nil
                     close()
-                } else {
-                    box.scheduled = arm(at: meter.activity + timeout)
+                    return
                 }
+                box.scheduled = arm(at: min(now + tick, box.quietSince + timeout))
             }
         }
-        let box = ScheduledBox()
-        box.scheduled = arm(at: .now() + timeout)
+        box.scheduled = arm(at: box.quietSince + min(tick, timeout))
         channel.closeFuture.assumeIsolated().whenComplete { _ in
             box.scheduled?.cancel()
             box.scheduled = nil
         }
     }
 
-    private final class ScheduledBox {
+    private final class State {
         var scheduled: Scheduled<Void>?
+        var reads: UInt64
+        var quietSince: NIODeadline
+
+        init(reads: UInt64, quietSince: NIODeadline) {
+            self.reads = reads
+            self.quietSince = quietSince
+        }
     }
 }
 
