@@ -105,8 +105,10 @@ struct DataPlaneHTTPTests {
             let moved = keys.filter { before[$0] != after[$0] }
             let mustMove = keys.filter { before[$0] == "h3" }
             #expect(Set(mustMove).isSubset(of: Set(moved)))
-            // Besides the removed backend's ~1/4, at most a few keys move.
-            #expect(moved.count - mustMove.count <= 4, "moved \(moved.count), of which \(mustMove.count) had to")
+            // Besides the removed backend's ~1/4, only a few keys move: Maglev disturbs a few percent of the table
+            // (the exact share is checked over many keys in BalancerTests); 80 keys through a real proxy are a
+            // small sample of it, so allow 10%.
+            #expect(moved.count - mustMove.count <= 8, "moved \(moved.count), of which \(mustMove.count) had to")
 
             // Cookie keys work the same way.
             let cookiePolicy = BalancerPolicy.consistentHash(.cookie("session"))
