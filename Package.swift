@@ -125,9 +125,15 @@ let package = Package(
         ),
         // DNS: RFC 1035 codec (pure), service zone, UDP+TCP responder, upstream forwarder.
         .target(
+            name: "MeshNIO",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "DNS",
             dependencies: nio + [
-                "MeshCore",
+                "MeshCore", "MeshNIO",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -139,7 +145,7 @@ let package = Package(
         .target(
             name: "Relay",
             dependencies: nio + [
-                "MeshCore", "MeshHTTP",
+                "MeshCore", "MeshHTTP", "MeshNIO",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -265,7 +271,7 @@ let package = Package(
         .testTarget(
             name: "DNSTests",
             dependencies: nio + [
-                "DNS", "MeshCore",
+                "DNS", "MeshCore", "MeshTestSupport",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

@@ -1,4 +1,5 @@
 import Logging
+import MeshNIO
 import Metrics
 import NIOCore
 import NIOPosix
@@ -162,31 +163,30 @@ public final class DNSServer: Service {
         let metrics = self.metrics
         let logger = self.logger
         let idle = self.configuration.tcpIdleTimeout
-        // With port 0, UDP picks a port and TCP must get the same one: retry if TCP finds it taken.
-        var lastError: (any Error)? = nil
-        for _ in 0..<20 {
-            let udp = try await DatagramBootstrap(group: loop)
-                .channelOption(.socketOption(.so_reuseaddr), value: 1)
-                .channelOption(.datagramVectorReadMessageCount, value: batch)
-                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: batch * 4096))
-                .channelInitializer { ch in
-                    ch.eventLoop.makeCompletedFuture {
-                        try ch.pipeline.syncOperations.addHandler(
-                            DNSUDPHandler(
-                                zones: zones,
-                                policy: policy,
-                                forwarder: forwarder,
-                                metrics: metrics,
-                                logger: logger
+        let bound = try await bindUDPAndTCP(
+            port: self.configuration.port,
+            udp: { port in
+                try await DatagramBootstrap(group: loop)
+                    .channelOption(.datagramVectorReadMessageCount, value: batch)
+                    .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: batch * 4096))
+                    .channelInitializer { ch in
+                        ch.eventLoop.makeCompletedFuture {
+                            try ch.pipeline.syncOperations.addHandler(
+                                DNSUDPHandler(
+                                    zones: zones,
+                                    policy: policy,
+                                    forwarder: forwarder,
+                                    metrics: metrics,
+                                    logger: logger
+                                )
                             )
-                        )
+                        }
                     }
-                }
-                .bind(host: self.configuration.host, port: self.configuration.port)
-                .get()
-            let port = udp.localAddress?.port ?? self.configuration.port
-            do {
-                let tcp = try await ServerBootstrap(group: self.group)
+                    .bind(host: self.configuration.host, port: port)
+                    .get()
+            },
+            tcp: { port in
+                try await ServerBootstrap(group: self.group)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelOption(.backlog, value: 256)
                     .childChannelInitializer { ch in
@@ -210,49 +210,9 @@ public final class DNSServer: Service {
                     }
                     .bind(host: self.configuration.host, port: port)
                     .get()
-                return (udp, tcp)
-            } catch {
-                lastError = error
-                try? await udp.close()
-                if self.configuration.port != 0 { throw error }
             }
-        }
-        throw lastError ?? ChannelError.inappropriateOperationForState
-    }
-}
-
-/// Counts and remembers open TCP connections so the limit holds and shutdown can close them.
-/// Sendable: its state sits in a Mutex.
-final class ConnectionRegistry: Sendable {
-    private let state: Mutex<(open: [ObjectIdentifier: any Channel], closed: Bool)>
-    private let limit: Int
-
-    init(limit: Int) {
-        self.limit = max(1, limit)
-        self.state = Mutex(([:], false))
-    }
-
-    func admit(_ channel: any Channel) -> Bool {
-        let id = ObjectIdentifier(channel)
-        let ok = self.state.withLock { s -> Bool in
-            guard !s.closed, s.open.count < self.limit else { return false }
-            s.open[id] = channel
-            return true
-        }
-        if ok {
-            channel.closeFuture.whenComplete { _ in
-                self.state.withLock { _ = $0.open.removeValue(forKey: id) }
-            }
-        }
-        return ok
-    }
-
-    func closeAll() async {
-        let channels = self.state.withLock { s -> [any Channel] in
-            s.closed = true
-            return Array(s.open.values)
-        }
-        for c in channels { try? await c.close() }
+        )
+        return (bound.udp, bound.tcp)
     }
 }
 

@@ -1,5 +1,6 @@
 import Foundation
 import MeshCore
+import MeshTestSupport
 import MetricsTestKit
 import NIOCore
 import NIOPosix

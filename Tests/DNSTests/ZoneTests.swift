@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import Synchronization
 import Testing
 

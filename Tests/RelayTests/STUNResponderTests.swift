@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import Testing
 
 @testable import Relay

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import MetricsTestKit
 import NIOCore
 import NIOPosix

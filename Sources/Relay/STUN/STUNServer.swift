@@ -1,5 +1,6 @@
 import Logging
 import MeshCore
+import MeshNIO
 import Metrics
 import NIOCore
 import NIOPosix
@@ -86,7 +87,7 @@ public final class STUNServer: ServiceLifecycle.Service, Sendable {
     public var isListening: Bool { self.listening.withLock { $0 } }
 
     public func run() async throws {
-        let connections = TCPConnections(limit: self.configuration.maxTCPConnections)
+        let connections = ConnectionRegistry(limit: self.configuration.maxTCPConnections)
         var channels: [any Channel] = []
         var listeners: [STUNListener] = []
         do {
@@ -131,18 +132,14 @@ public final class STUNServer: ServiceLifecycle.Service, Sendable {
 
     private func bind(
         _ address: ListenAddress,
-        connections: TCPConnections
+        connections: ConnectionRegistry
     ) async throws -> (any Channel, (any Channel)?) {
         let config = self.configuration
         let batch = max(1, config.udpReadBatch)
         let metrics = self.metrics
         let logger = self.logger
-        // With port 0, UDP picks a port and TCP must get the same one: retry if TCP finds it taken.
-        var lastError: (any Error)? = nil
-        for _ in 0..<20 {
-            // No SO_REUSEADDR: on Linux it would let a second server bind the same UDP port and
-            // share (steal) its datagrams.
-            let udp = try await DatagramBootstrap(group: self.group)
+        @Sendable func udp(_ port: Int) async throws -> any Channel {
+            try await DatagramBootstrap(group: self.group)
                 .channelOption(.datagramVectorReadMessageCount, value: batch)
                 .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: batch * 2048))
                 .channelInitializer { ch in
@@ -152,12 +149,15 @@ public final class STUNServer: ServiceLifecycle.Service, Sendable {
                         )
                     }
                 }
-                .bind(host: address.host, port: address.port)
+                .bind(host: address.host, port: port)
                 .get()
-            guard config.tcp else { return (udp, nil) }
-            let port = udp.localAddress?.port ?? address.port
-            do {
-                let tcp = try await ServerBootstrap(group: self.group)
+        }
+        guard config.tcp else { return (try await udp(address.port), nil) }
+        let bound = try await bindUDPAndTCP(
+            port: address.port,
+            udp: udp,
+            tcp: { port in
+                try await ServerBootstrap(group: self.group)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelOption(.backlog, value: 256)
                     .childChannelInitializer { ch in
@@ -177,14 +177,9 @@ public final class STUNServer: ServiceLifecycle.Service, Sendable {
                     }
                     .bind(host: address.host, port: port)
                     .get()
-                return (udp, tcp)
-            } catch {
-                lastError = error
-                try? await udp.close()
-                if address.port != 0 { throw error }
             }
-        }
-        throw lastError ?? ChannelError.inappropriateOperationForState
+        )
+        return (bound.udp, bound.tcp)
     }
 }
 
@@ -352,41 +347,6 @@ final class STUNTCPHandler: ChannelInboundHandler {
         self.needsFlush = false
         context.flush()
         context.close(promise: nil)
-    }
-}
-
-/// Counts and remembers open TCP connections so the limit holds and shutdown can close them.
-/// Sendable: its state sits in a Mutex.
-final class TCPConnections: Sendable {
-    private let state: Mutex<(open: [ObjectIdentifier: any Channel], closed: Bool)>
-    private let limit: Int
-
-    init(limit: Int) {
-        self.limit = max(1, limit)
-        self.state = Mutex(([:], false))
-    }
-
-    func admit(_ channel: any Channel) -> Bool {
-        let id = ObjectIdentifier(channel)
-        let ok = self.state.withLock { s -> Bool in
-            guard !s.closed, s.open.count < self.limit else { return false }
-            s.open[id] = channel
-            return true
-        }
-        if ok {
-            channel.closeFuture.whenComplete { _ in
-                self.state.withLock { _ = $0.open.removeValue(forKey: id) }
-            }
-        }
-        return ok
-    }
-
-    func closeAll() async {
-        let channels = self.state.withLock { s -> [any Channel] in
-            s.closed = true
-            return Array(s.open.values)
-        }
-        for c in channels { try? await c.close() }
     }
 }
 
