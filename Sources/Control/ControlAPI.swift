@@ -184,8 +184,8 @@ public final class ControlAPI: HTTPResponder {
         return .json(.ok, Self.encode(answer))
     }
 
-    /// A JSON body decoded strictly (unknown fields, wrong kind or apiVersion are 400s).
-    static func decodeStrict<T: Codable>(_ type: T.Type, _ request: HTTPRequest) throws -> T {
+    /// The request's body, which must be JSON (415 for another content type, 400 when empty).
+    static func jsonBody(_ request: HTTPRequest, what: String) throws -> Data {
         if let type = request.headers.first(name: "content-type"), !type.lowercased().hasPrefix("application/json") {
             throw Status(
                 code: 415,
@@ -194,10 +194,16 @@ public final class ControlAPI: HTTPResponder {
             )
         }
         guard request.body.readableBytes > 0 else {
-            throw Status.badRequest("the request has no body: send it as JSON")
+            throw Status.badRequest("the request has no body: send \(what) as JSON")
         }
+        return Data(request.body.readableBytesView)
+    }
+
+    /// A JSON body decoded strictly (unknown fields, wrong kind or apiVersion are 400s).
+    static func decodeStrict<T: Codable>(_ type: T.Type, _ request: HTTPRequest) throws -> T {
+        let body = try Self.jsonBody(request, what: "it")
         do {
-            return try SecurityPayloads.decode(T.self, json: Data(request.body.readableBytesView))
+            return try SecurityPayloads.decode(T.self, json: body)
         } catch let e as ManifestError {
             throw Status.badRequest(e.message)
         }
@@ -471,18 +477,9 @@ public final class ControlAPI: HTTPResponder {
     // MARK: writes
 
     private func decodeBody(_ entry: Registry.Entry, _ request: HTTPRequest) throws -> any MeshObject {
-        if let type = request.headers.first(name: "content-type"), !type.lowercased().hasPrefix("application/json") {
-            throw Status(
-                code: 415,
-                reason: .unsupportedMediaType,
-                message: "send JSON (Content-Type: application/json), not \(type)"
-            )
-        }
-        guard request.body.readableBytes > 0 else {
-            throw Status.badRequest("the request has no body: send the object as JSON")
-        }
+        let body = try Self.jsonBody(request, what: "the object")
         do {
-            let value = try JSONValue.parse(json: Data(request.body.readableBytesView))
+            let value = try JSONValue.parse(json: body)
             guard case .object = value else {
                 throw ManifestError("the body must be a JSON object, not a \(value.typeName)")
             }
