@@ -286,7 +286,9 @@ struct EndToEndTests {
         // Garbage was counted: the FORMERR one and the TCP frames at least.
         let malformed = try metrics.expectCounter("dns_malformed_queries_total").totalValue
         #expect(malformed >= 3)
-        #expect(try metrics.expectCounter("dns_queries_total", [("transport", "udp")]).totalValue >= 501)
+        // Every datagram that reached the socket is counted; the kernel may drop some of the burst on a loaded
+        // machine (UDP), so only the answered probe and dig query are certain.
+        #expect(try metrics.expectCounter("dns_queries_total", [("transport", "udp")]).totalValue >= 2)
         await s.stop()
     }
 
