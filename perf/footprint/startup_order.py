@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Regenerates Sources/mesh-agent/link/startup.order: the functions mesh-agent runs from exec until it is
+ready and idle (first), then those it runs serving a few services (DNS, HTTP through a VIP, the admin API,
+a watch update), so that the release link (lld --symbol-ordering-file) puts them next to each other and the
+idle agent maps ~1.5 MB of its text instead of ~10 MB (see Sources/mesh-agent/link/README.md).
+
+  perf/footprint/startup_order.py [--bin perf/.build/release] [--out Sources/mesh-agent/link/startup.order]
+
+Runs a release mesh-agent (debug info stripped: valgrind 3.19 cannot read DWARF 5) under valgrind's
+callgrind against a real mesh-control on loopback, dumps the profile once the agent is ready and idle and
+again after the traffic, and maps every executed instruction to the symbol of its function (callgrind's own
+function names miss some). Needs valgrind (apt-get install valgrind). Bounded: every wait has a deadline,
+all traffic stays on 127.0.0.1.
+"""
+import argparse, bisect, glob, http.client, http.server, json, os, re, shutil, signal, socket, struct
+import subprocess, sys, tempfile, threading, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_until(pred, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"startup_order: timed out after {timeout}s waiting for {what}")
+
+
+def request(port, method, path, body=None, host="127.0.0.1"):
+    c = http.client.HTTPConnection(host, port, timeout=30)
+    c.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, data
+
+
+def dns_query(port, name, qtype, tcp=False):
+    q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    for label in name.rstrip(".").split("."):
+        q += bytes([len(label)]) + label.encode()
+    q += b"\0" + struct.pack(">HH", qtype, 1)
+    if tcp:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(struct.pack(">H", len(q)) + q)
+        s.recv(4096)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(10)
+        s.sendto(q, ("127.0.0.1", port))
+        s.recv(4096)
+    s.close()
+
+
+class Backend(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"x" * 100
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def executed_functions(path, obj_suffix, syms, starts, names):
+    """Symbols of the functions of `obj_suffix` that ran in the callgrind dump `path` (--dump-instr=yes):
+    callgrind's function names that are symbols of the binary, plus the function holding each executed
+    instruction (positions: absolute 0x..., relative +n/-n or *, per the callgrind format)."""
+    obs, found, cur, last = {}, set(), None, 0
+    for line in open(path, errors="replace"):
+        line = line.rstrip("\n")
+        if not line or line.startswith("calls="):
+            continue
+        if line[0].isalpha():
+            m = re.match(r"(c?ob)=\((\d+)\)(?: (.*))?$", line)
+            if m:
+                if m.group(3):
+                    obs[m.group(2)] = m.group(3)
+                if m.group(1) == "ob":
+                    cur = obs.get(m.group(2), "")
+                continue
+            m = re.match(r"c?fn=\(\d+\) (.*)$", line)
+            if m:
+                name = re.sub(r"'\d+$", "", m.group(1))
+                if name in names:
+                    found.add(name)
+            continue
+        tok = line.split(" ", 1)[0]
+        if tok.startswith("0x"):
+            last = int(tok, 16)
+        elif tok[0] in "+-":
+            last += int(tok)
+        elif tok != "*":
+            continue
+        if cur and cur.endswith(obj_suffix):
+            i = bisect.bisect_right(starts, last) - 1
+            if i >= 0 and syms[i][0] <= last < syms[i][0] + max(syms[i][1], 1):
+                found.add(syms[i][2])
+    return found
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", default=os.path.join(ROOT, "perf", ".build", "release"),
+                    help="folder with release mesh-agent and mesh-control")
+    ap.add_argument("--out", default=os.path.join(ROOT, "Sources", "mesh-agent", "link", "startup.order"))
+    a = ap.parse_args()
+    if not shutil.which("valgrind"):
+        raise SystemExit("startup_order: valgrind is not installed (apt-get install valgrind)")
+    work = tempfile.mkdtemp(prefix="mesh-order-")
+    agent_bin = os.path.join(work, "mesh-agent")
+    subprocess.run(["strip", "-g", "-o", agent_bin, os.path.join(a.bin, "mesh-agent")], check=True)
+    syms = []
+    for line in subprocess.run(["nm", "-n", "-S", "--defined-only", agent_bin], capture_output=True,
+                               text=True, check=True).stdout.splitlines():
+        p = line.split()
+        if len(p) == 4 and p[2] in "tTwW":
+            syms.append((int(p[0], 16), int(p[1], 16), p[3]))
+    starts = [s[0] for s in syms]
+    names = {s[2] for s in syms}
+    cport, aport, dport = free_port(), free_port(), free_port()
+    with open(f"{work}/control.yaml", "w") as f:
+        f.write(f"listen: 127.0.0.1:{cport}\ndataDir: {work}/control\nserviceCIDRs: [127.64.0.0/10]\n"
+                f"durability: normal\nlogLevel: warning\n")
+    procs = []
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    try:
+        control = subprocess.Popen([os.path.join(a.bin, "mesh-control"), "--config", f"{work}/control.yaml"])
+        procs.append(control)
+        wait_until(lambda: request(cport, "GET", "/readyz")[0] == 200, 30, "mesh-control")
+        out = f"{work}/callgrind.out"
+        agent = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--demangle=no",
+                                  "--dump-instr=yes", agent_bin, "--server", f"http://127.0.0.1:{cport}",
+                                  "--data-dir", f"{work}/agent", "--dns-listen", f"127.0.0.1:{dport}",
+                                  "--admin-listen", f"127.0.0.1:{aport}", "--node-name", "order", "--site", "a",
+                                  "--log-level", "error"], stderr=subprocess.DEVNULL)
+        procs.append(agent)
+        wait_until(lambda: request(aport, "GET", "/readyz")[0] == 200, 300, "mesh-agent ready (under valgrind)")
+        time.sleep(2)
+        subprocess.run(["callgrind_control", "--dump=idle", str(agent.pid)], check=True, capture_output=True)
+
+        # Serving: a few services through their whole life, names, HTTP through a VIP, the admin API.
+        bport = backend.server_address[1]
+        for i in range(20):
+            svc = {"apiVersion": "mesh.edge/v1", "kind": "Service", "metadata": {"name": f"s{i}", "namespace": "ns"},
+                   "spec": {"ports": [{"name": "http", "port": 80, "protocol": "HTTP"},
+                                      {"name": "tcp", "port": 81, "protocol": "TCP"}]}}
+            eps = {"apiVersion": "mesh.edge/v1", "kind": "Endpoints", "metadata": {"name": f"s{i}", "namespace": "ns"},
+                   "spec": {"addresses": [{"ip": "127.0.0.1", "ports": [{"name": "http", "port": bport},
+                                                                         {"name": "tcp", "port": bport}],
+                                           "site": "a"}]}}
+            request(cport, "PUT", f"/apis/mesh.edge/v1/namespaces/ns/services/s{i}", json.dumps(svc))
+            request(cport, "PUT", f"/apis/mesh.edge/v1/namespaces/ns/endpoints/s{i}", json.dumps(eps))
+
+        def listening():
+            r = json.loads(request(aport, "GET", "/routes")[1])
+            return sum(1 for x in r["dataPlane"]["routes"] if x["listening"]) >= 40
+        wait_until(listening, 300, "routes listening")
+        vip = json.loads(request(cport, "GET", "/apis/mesh.edge/v1/namespaces/ns/services/s0")[1])["spec"]["clusterIP"]
+        for _ in range(20):
+            request(80, "GET", "/", host=vip)
+            c = socket.create_connection((vip, 81), timeout=10)
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            c.recv(4096)
+            c.close()
+            dns_query(dport, "s1.ns.svc.cluster.local", 1)
+            dns_query(dport, "_http._tcp.s1.ns.svc.cluster.local", 33)
+            dns_query(dport, "s1.ns.svc.cluster.local", 1, tcp=True)
+            dns_query(dport, "nothing.ns.svc.cluster.local", 28)
+        for path in ("/routes", "/metrics", "/healthz", "/readyz"):
+            request(aport, "GET", path)
+        request(cport, "DELETE", "/apis/mesh.edge/v1/namespaces/ns/services/s19")
+        time.sleep(2)
+        subprocess.run(["callgrind_control", "--dump=serving", str(agent.pid)], check=True, capture_output=True)
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(120)
+        dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
+        if len(dumps) < 2:
+            raise SystemExit(f"startup_order: expected two callgrind dumps, found {dumps}")
+        idle = executed_functions(dumps[0], "mesh-agent", syms, starts, names)
+        serving = executed_functions(dumps[1], "mesh-agent", syms, starts, names) - idle
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        backend.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    with open(a.out, "w") as f:
+        f.write("# mesh-agent start-up order (lld --symbol-ordering-file), generated by "
+                "perf/footprint/startup_order.py.\n# Functions run from exec until ready and idle, then "
+                "those run serving a few services. Stale names are ignored by the linker.\n")
+        f.write("\n".join(sorted(idle)) + "\n# serving\n" + "\n".join(sorted(serving)) + "\n")
+    print(f"startup_order: {len(idle)} start-up functions, {len(serving)} more serving -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
