@@ -74,15 +74,15 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
             }
         }
         let setup = ContinuousClock.now - setupStart
-        print("set-up: \(count) nodes registered and Ready in \(setup)")
+        print("set-up: \(count) nodes registered\(mode == "beat" ? " and Ready" : "") in \(setup)")
         let rssConnected = Self.rss(self.pid)
 
         // One watcher on nodes counts the events the beats cause.
         let rv = Int64(try await base.list(Node.self, labelSelector: "bench=node-heartbeat").metadata.resourceVersion)!
-        let events = Atomic<Int>(0)
+        let events = Tally()
         let watcher = Task {
             try? await base.watch(Node.self, after: rv) { event in
-                if case .modified = event { events.add(1, ordering: .relaxed) }
+                if case .modified = event { events.add() }
                 return true
             }
         }
@@ -93,7 +93,7 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
         let rounds = max(1, Int(self.duration / self.interval))
         let cpuBefore = Self.cpuSeconds(self.pid)
         let windowStart = ContinuousClock.now
-        let failures = Atomic<Int>(0)
+        let failures = Tally()
         let results = try await withThrowingTaskGroup(of: [Int64].self) { group -> [[Int64]] in
             for i in 0..<count {
                 let offset = intervalNanos * Int64(i) / Int64(count)
@@ -115,7 +115,7 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
                             }
                             latencies.append(Self.nanos(ContinuousClock.now - t0))
                         } catch {
-                            failures.add(1, ordering: .relaxed)
+                            failures.add()
                         }
                     }
                     return latencies
@@ -146,7 +146,7 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
             ("interval per node (s)", String(format: "%g", self.interval)),
             ("offered beats/s", String(format: "%.0f", Double(count) / self.interval)),
             ("set-up: register + first beat (s)", String(format: "%.1f", Double(Self.nanos(setup)) / 1e9)),
-            ("beats answered", "\(beats)"), ("beats failed", "\(failures.load(ordering: .relaxed))"),
+            ("beats answered", "\(beats)"), ("beats failed", "\(failures.value)"),
             ("window (s)", String(format: "%.1f", seconds)),
             ("sustained beats/s", String(format: "%.0f", Double(beats) / seconds)),
             ("latency p50 (ms)", String(format: "%.2f", pct(0.50))),
@@ -154,7 +154,7 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
             ("latency max (ms)", String(format: "%.2f", latencies.isEmpty ? .nan : Double(latencies.last!) / 1e6)),
             ("control CPU (cores)", String(format: "%.2f", cpu / seconds)),
             ("control CPU per beat (us)", String(format: "%.1f", beats == 0 ? .nan : cpu / Double(beats) * 1e6)),
-            ("MODIFIED events seen by a watcher", "\(events.load(ordering: .relaxed))"),
+            ("MODIFIED events seen by a watcher", "\(events.value)"),
             ("control RSS idle (MiB)", String(format: "%.1f", Double(rssIdle) / 1_048_576)),
             ("control RSS, nodes connected (MiB)", String(format: "%.1f", Double(rssConnected) / 1_048_576)),
             ("control RSS at end (MiB)", String(format: "%.1f", Double(rssEnd) / 1_048_576)),
@@ -166,7 +166,7 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
                 to: URL(fileURLWithPath: path)
             )
         }
-        if failures.load(ordering: .relaxed) > 0 { throw ExitCode(2) }
+        if failures.value > 0 { throw ExitCode(2) }
     }
 
     static func nanos(_ d: Duration) -> Int64 {
@@ -192,4 +192,11 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
         }
         return 0
     }
+}
+
+/// A counter tasks share.
+final class Tally: Sendable {
+    private let count = Atomic<Int>(0)
+    func add() { self.count.add(1, ordering: .relaxed) }
+    var value: Int { self.count.load(ordering: .relaxed) }
 }
