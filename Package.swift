@@ -52,6 +52,7 @@ let package = Package(
         .library(name: "DNS", targets: ["DNS"]),
         .library(name: "Relay", targets: ["Relay"]),
         .library(name: "MeshAgent", targets: ["MeshAgent"]),
+        .library(name: "NodeAgent", targets: ["NodeAgent"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
@@ -175,11 +176,22 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
+        // Node agent: node registration and heartbeat (workloads, twins, mapper API, outbox later).
+        .target(
+            name: "NodeAgent",
+            dependencies: [
+                "MeshCore", "MeshClient", "MeshHTTP",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Mesh agent: service table, mesh interface, L4/L7 proxy, load balancing, admin API.
         .target(
             name: "MeshAgent",
             dependencies: nio + [
-                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink",
+                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink", "NodeAgent",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -322,6 +334,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "NodeAgentTests",
+            dependencies: [
+                "NodeAgent", "MeshAgent", "MeshClient", "Control", "MeshCore", "MeshHTTP", "MeshIdentity",
+                "MeshTestSupport",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings

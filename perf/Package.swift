@@ -51,5 +51,19 @@ let package = Package(
             path: "Sources/ControlWatch",
             swiftSettings: swiftSettings
         ),
+        // Node heartbeats against the control plane (perf/node-heartbeat).
+        .executableTarget(
+            name: "node-heartbeat-bench",
+            dependencies: [
+                .product(name: "MeshClient", package: "edge-mesh"),
+                .product(name: "MeshCore", package: "edge-mesh"),
+                .product(name: "MeshHTTP", package: "edge-mesh"),
+                .product(name: "MeshIdentity", package: "edge-mesh"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Sources/NodeHeartbeat",
+            swiftSettings: swiftSettings
+        ),
     ]
 )

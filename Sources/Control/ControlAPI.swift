@@ -17,6 +17,8 @@ public final class ControlAPI: HTTPResponder {
     let ca: CertificateAuthority?
     let caPEM: String
     let tokens: BootstrapTokenStore
+    /// Node liveness (heartbeats); nil: heartbeats are refused with 503 and Node status is kept as written.
+    let lifecycle: NodeLifecycle?
     public static let version = "0.1.0"
     /// Where nodes enrol (no client certificate needed).
     public static let joinPath = "/apis/mesh.edge/v1/join"
@@ -30,8 +32,10 @@ public final class ControlAPI: HTTPResponder {
         logger: Logger,
         ca: CertificateAuthority? = nil,
         caPEM: String = "",
+        lifecycle: NodeLifecycle? = nil,
         isReady: @escaping @Sendable () -> (Bool, String) = { (true, "ok") }
     ) {
+        self.lifecycle = lifecycle
         self.store = store
         self.vips = vips
         self.logger = logger
@@ -255,6 +259,11 @@ public final class ControlAPI: HTTPResponder {
             )
         }
         let name = rest.count >= 2 ? rest[1] : nil
+        if rest.count == 3, rest[2] == "heartbeat", type.plural == Node.resource.plural, let node = name {
+            return (
+                await self.heartbeat(request, node: node), request.method == .POST ? "heartbeat" : "unknown", "nodes"
+            )
+        }
         if rest.count > 2 {
             return (
                 Self.respond(Status(code: 404, reason: .notFound, message: "no such path \(request.path)")), "unknown",
@@ -349,6 +358,77 @@ public final class ControlAPI: HTTPResponder {
         }
     }
 
+    // MARK: node heartbeats
+
+    private func heartbeat(_ request: HTTPRequest, node: String) async -> HTTPResponse {
+        guard request.method == .POST else {
+            var r = Self.respond(
+                Status(
+                    code: 405,
+                    reason: .methodNotAllowed,
+                    message: "\(request.method) is not allowed here (allowed: POST)"
+                )
+            )
+            r.headers.add(name: "Allow", value: "POST")
+            return r
+        }
+        guard let lifecycle = self.lifecycle else {
+            return Self.respond(
+                Status(
+                    code: 503,
+                    reason: .serviceUnavailable,
+                    message: "this control plane does not track node heartbeats"
+                )
+            )
+        }
+        do {
+            return .json(.ok, Self.encode(try await lifecycle.beat(node)))
+        } catch let status as Status {
+            return Self.respond(status)
+        } catch let e as StoreError {
+            return Self.respond(self.status(for: e, Node.resource))
+        } catch {
+            self.logger.error("heartbeat of \(node) failed: \(error)")
+            return Self.respond(Status(code: 500, reason: .internalError, message: "internal error: \(error)"))
+        }
+    }
+
+    /// A stored Node's JSON with `status.lastHeartbeatTime` from memory when that is newer: beats
+    /// are not written to the object, so reads show the live time (watch events carry the time of
+    /// the last phase change).
+    private func withLiveHeartbeat(_ stored: StoredObject) -> ByteBuffer {
+        guard stored.key.resource == Node.resource.plural, let lifecycle = self.lifecycle,
+            let millis = lifecycle.lastBeat(stored.key.name),
+            var node = try? JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView))
+        else { return stored.json }
+        let live = NodeLifecycle.format(millis)
+        let kept = node.status?.lastHeartbeatTime.flatMap(Timestamp.parse) ?? 0
+        guard Int(millis / 1000) > kept else { return stored.json }
+        var status = node.status ?? NodeStatus()
+        status.lastHeartbeatTime = live
+        node.status = status
+        return Self.encode(node)
+    }
+
+    /// The status a Node gets when written through the API: the control plane owns it, so the
+    /// body's status is ignored; a node writing itself counts as a heartbeat (Ready).
+    private func nodeStatus(_ node: Node, existing: Node?, writer: String?) -> (NodeStatus?, beat: Bool) {
+        let selfWrite: Bool
+        if case .node(let n) = writer.flatMap({ MeshIdentity(uri: $0) }), n == node.metadata.name {
+            selfWrite = true
+        } else {
+            selfWrite = false
+        }
+        guard self.lifecycle != nil else { return (node.status, false) }
+        if selfWrite {
+            if let s = existing?.status, s.phase == .ready { return (s, true) }
+            let now = Timestamp.now()
+            return (NodeStatus(phase: .ready, lastHeartbeatTime: now, message: "heartbeating since \(now)"), true)
+        }
+        if let e = existing { return (e.status, false) }
+        return (NodeStatus(phase: .unknown, message: "waiting for the node's first heartbeat"), false)
+    }
+
     // MARK: reads
 
     private func discovery() -> HTTPResponse {
@@ -391,7 +471,7 @@ public final class ControlAPI: HTTPResponder {
         guard let object = try await self.store.get(key) else {
             throw Status.notFound(entry.type, name, namespace: namespace)
         }
-        return .json(.ok, object.json)
+        return .json(.ok, self.withLiveHeartbeat(object))
     }
 
     private func list(_ entry: Registry.Entry, namespace: String?, _ request: HTTPRequest) async throws -> HTTPResponse
@@ -404,9 +484,11 @@ public final class ControlAPI: HTTPResponder {
             "{\"apiVersion\":\"\(meshAPIVersion)\",\"kind\":\"\(entry.type.listKind)\",\"metadata\":{\"resourceVersion\":\"\(rv)\"},\"items\":["
         )
         var first = true
+        let live = entry.type.plural == Node.resource.plural && self.lifecycle != nil
         for var item in items where selector?.matches(item.labels) ?? true {
             if !first { body.writeString(",") }
             first = false
+            if live { item.json = self.withLiveHeartbeat(item) }
             body.writeBuffer(&item.json)
         }
         body.writeString("]}")
@@ -506,14 +588,21 @@ public final class ControlAPI: HTTPResponder {
         createOnly: Bool
     ) async throws -> HTTPResponse {
         let object = try self.decodeBody(entry, request)
-        return try await self.save(object, namespace: namespace, urlName: urlName, createOnly: createOnly)
+        return try await self.save(
+            object,
+            namespace: namespace,
+            urlName: urlName,
+            createOnly: createOnly,
+            writer: request.peerIdentity
+        )
     }
 
     private func save<T: MeshObject>(
         _ input: T,
         namespace: String?,
         urlName: String?,
-        createOnly: Bool
+        createOnly: Bool,
+        writer: String?
     ) async throws -> HTTPResponse {
         var object = input
         let type = T.resource
@@ -560,11 +649,19 @@ public final class ControlAPI: HTTPResponder {
                 if let ip = vip { reserve.append(VIPAllocator.token(ip)) }
                 prepared = service as! T
             }
+            var beat = false
+            if var node = prepared as? Node {
+                (node.status, beat) = self.nodeStatus(node, existing: existing as? Node, writer: writer)
+                prepared = node as! T
+            }
             if let e = existing, let stored = existingStored {
                 // Writing what is already there changes nothing: no new version, no watch event.
                 var same = prepared
                 same.metadata.resourceVersion = e.metadata.resourceVersion
                 if same == e {
+                    if let node = same as? Node {
+                        self.lifecycle?.observed(node.metadata.name, phase: node.status?.phase, beat: beat)
+                    }
                     var r = HTTPResponse.json(.ok, stored.json)
                     r.headers.add(name: "X-Mesh-Result", value: "unchanged")
                     return r
@@ -584,6 +681,9 @@ public final class ControlAPI: HTTPResponder {
             do {
                 let stored = try await self.store.commit(write)
                 if let ip = vip { self.vips.markUsed(ip) }
+                if let node = final as? Node {
+                    self.lifecycle?.observed(node.metadata.name, phase: node.status?.phase, beat: beat)
+                }
                 return .json(existingStored == nil ? .created : .ok, stored.json)
             } catch StoreError.conflict(_, let current) where wanted == nil {
                 self.logger.debug(
@@ -679,6 +779,7 @@ public final class ControlAPI: HTTPResponder {
             do {
                 let final = try await self.store.commit(write)
                 if let service = object as? Service, let ip = service.spec.vip { self.vips.markFree(ip) }
+                if object is Node { self.lifecycle?.deleted(name) }
                 return .json(.ok, final.json)
             } catch StoreError.conflict {
                 continue

@@ -19,6 +19,15 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     public var requestTimeoutSeconds: Int = 30
     /// How long an idle keep-alive connection stays open.
     public var idleTimeoutSeconds: Int = 120
+    /// Connections the API holds at once (503 beyond). Each agent keeps about three: its heartbeat
+    /// and two watches.
+    public var maxConnections: Int = 8192
+    /// A node that sent no heartbeat for this long is marked NotReady (agents beat every 20 s by
+    /// default: three beats, so two lost ones on a weak link are not an outage).
+    public var nodeGracePeriodSeconds: Double = 60
+    /// After a start, how long nodes already registered have to send their first beat before they
+    /// can be marked NotReady (agents retry with a backoff capped at their beat interval).
+    public var nodeStartupGracePeriodSeconds: Double = 60
     /// Extra names and IP addresses in the API's serving certificate, beside 127.0.0.1, ::1,
     /// localhost and the listen address (the names agents and meshctl dial).
     public var certSANs: [String] = []
@@ -55,6 +64,11 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
         if self.bookmarkIntervalSeconds < 1 { throw ManifestError("bookmarkIntervalSeconds: must be at least 1") }
         if self.requestTimeoutSeconds < 1 { throw ManifestError("requestTimeoutSeconds: must be at least 1") }
         if self.idleTimeoutSeconds < 1 { throw ManifestError("idleTimeoutSeconds: must be at least 1") }
+        if self.maxConnections < 16 { throw ManifestError("maxConnections: must be at least 16") }
+        if !(self.nodeGracePeriodSeconds >= 0.1) { throw ManifestError("nodeGracePeriodSeconds: must be at least 0.1") }
+        if !(self.nodeStartupGracePeriodSeconds >= 0) {
+            throw ManifestError("nodeStartupGracePeriodSeconds: must not be negative")
+        }
         if self.maxBodyBytes < 1024 { throw ManifestError("maxBodyBytes: must be at least 1024") }
         for (i, san) in self.certSANs.enumerated()
         where IPAddress(san) == nil && Names.dns1123SubdomainError(san) != nil {

@@ -76,11 +76,29 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
             "service VIPs from \(cidrs.map(\.description).joined(separator: ", ")): \(taken.count) allocated"
         )
 
-        let api = ControlAPI(store: store, vips: vips, logger: self.logger, ca: pki.ca, caPEM: pki.caPEM)
+        var lifecycleConfig = NodeLifecycle.Configuration()
+        lifecycleConfig.gracePeriod = .milliseconds(Int64(config.nodeGracePeriodSeconds * 1000))
+        lifecycleConfig.startupGracePeriod = .milliseconds(Int64(config.nodeStartupGracePeriodSeconds * 1000))
+        let lifecycle = NodeLifecycle(store: store, configuration: lifecycleConfig, logger: self.logger)
+        do {
+            try await lifecycle.load()
+        } catch {
+            try? await store.close()
+            throw error
+        }
+        let api = ControlAPI(
+            store: store,
+            vips: vips,
+            logger: self.logger,
+            ca: pki.ca,
+            caPEM: pki.caPEM,
+            lifecycle: lifecycle
+        )
         var httpConfig = HTTPServerConfiguration()
         httpConfig.host = listen.host
         httpConfig.port = listen.port
         httpConfig.maxBodyBytes = config.maxBodyBytes
+        httpConfig.maxConnections = config.maxConnections
         httpConfig.renderError = ControlAPI.renderError
         httpConfig.drainTimeout = .seconds(2)
         httpConfig.requestTimeout = .seconds(Int64(config.requestTimeoutSeconds))
@@ -104,9 +122,19 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
                         Gauge(label: "mesh_control_resource_version").record(hub.currentResourceVersion)
                     }
                 }
-                // The server returns after graceful shutdown (or fails); then stop the ticker.
-                try await group.next()
+                let lifecycleTask = Task { await lifecycle.run() }
+                // The server returns after graceful shutdown (or fails); then stop the ticker, and
+                // the lifecycle loop, which saves the heartbeat times a last time.
+                do {
+                    try await group.next()
+                } catch {
+                    lifecycleTask.cancel()
+                    await lifecycleTask.value
+                    throw error
+                }
                 group.cancelAll()
+                lifecycleTask.cancel()
+                await lifecycleTask.value
             }
         } catch {
             try? await store.close()

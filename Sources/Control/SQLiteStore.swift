@@ -31,7 +31,9 @@ public final class SQLiteStore: Store {
         CREATE TABLE reservations (token TEXT PRIMARY KEY, owner TEXT NOT NULL) WITHOUT ROWID;
         CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
         INSERT INTO meta (key, value) VALUES ('resourceVersion', 0)
-        """
+        """,
+        // Node heartbeats, persisted coarsely beside the objects: no versions, no events.
+        "CREATE TABLE heartbeats (name TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID",
     ]
 
     let db: SQLiteDatabase
@@ -235,6 +237,40 @@ public final class SQLiteStore: Store {
             try tx.query("DELETE FROM events WHERE rv <= ?", [.int(rv - limit)])
         }
         return event
+    }
+
+    public func loadHeartbeats() async throws -> [String: Int64] {
+        let db = self.db
+        return try await self.pool.runIfActive {
+            var out: [String: Int64] = [:]
+            for row in try db.query("SELECT name, at FROM heartbeats") {
+                if let n = row[0].text, let at = row[1].int { out[n] = at }
+            }
+            return out
+        }
+    }
+
+    public func saveHeartbeats(_ beats: [String: Int64], forget: [String]) async throws {
+        guard !beats.isEmpty || !forget.isEmpty else { return }
+        let db = self.db
+        let rows = Array(beats)
+        try await self.pool.runIfActive {
+            // One transaction (one fsync at most) for the whole batch, 500 rows per statement.
+            try db.transaction { tx in
+                var i = 0
+                while i < rows.count {
+                    let chunk = rows[i..<min(rows.count, i + 500)]
+                    let sql =
+                        "INSERT OR REPLACE INTO heartbeats (name, at) VALUES "
+                        + Array(repeating: "(?, ?)", count: chunk.count).joined(separator: ", ")
+                    try tx.query(sql, chunk.flatMap { [SQLValue.text($0.key), .int($0.value)] })
+                    i += chunk.count
+                }
+                for name in forget {
+                    try tx.query("DELETE FROM heartbeats WHERE name = ?", [.text(name)])
+                }
+            }
+        }
     }
 
     public func watch(after resourceVersion: Int64, filter: WatchFilter) throws -> WatchSubscription {

@@ -16,7 +16,8 @@ import Foundation
 /// - no certificate: only `/healthz`, `/readyz` and `POST .../join`; anything else is 401;
 /// - `mesh://admin/*`: everything;
 /// - `mesh://node/<name>`: get, list and watch services, endpoints and nodes, discovery and
-///   `/version`; update (PUT) only its own Node, `/apis/mesh.edge/v1/nodes/<name>`;
+///   `/version`; update (PUT) only its own Node, `/apis/mesh.edge/v1/nodes/<name>`, and send its
+///   own heartbeat, `POST /apis/mesh.edge/v1/nodes/<name>/heartbeat`;
 /// - any other identity: 403.
 public enum Authorization {
     public enum Decision: Equatable, Sendable {
@@ -73,6 +74,8 @@ public enum Authorization {
             return readable.contains(rest[0]) && rest.count <= 2
         case .PUT:
             return segments.count == 5 && segments[3] == "nodes" && segments[4] == node
+        case .POST:
+            return segments.count == 6 && segments[3] == "nodes" && segments[4] == node && segments[5] == "heartbeat"
         default:
             return false
         }

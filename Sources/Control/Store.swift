@@ -162,4 +162,10 @@ public protocol Store: Sendable {
     func watch(after resourceVersion: Int64, filter: WatchFilter) throws -> WatchSubscription
     /// Releases files and connections.
     func close() async throws
+
+    /// The node heartbeat times last saved (node name → milliseconds since the epoch). A side
+    /// table: no resourceVersion, no watch event (see `NodeLifecycle`).
+    func loadHeartbeats() async throws -> [String: Int64]
+    /// Saves heartbeat times in one batch and forgets those of deleted nodes.
+    func saveHeartbeats(_ beats: [String: Int64], forget: [String]) async throws
 }

@@ -13,6 +13,9 @@ import Foundation
 /// API errors are thrown as the server's `Status`; transport failures as `HTTPClientError`.
 public struct ControlClient: Sendable {
     public var http: HTTPClient
+    /// When set, `raw` (and so every typed call but `watch`) goes over this one kept-alive
+    /// connection instead of a connection per request; see `keepingAlive()`.
+    public var session: HTTPKeepAliveClient?
 
     /// `tls` is required for an `https` endpoint (the control API is HTTPS only).
     public init(endpoint: HTTPEndpoint, tls: HTTPClientTLS? = nil) {
@@ -20,6 +23,15 @@ public struct ControlClient: Sendable {
     }
 
     public var endpoint: HTTPEndpoint { self.http.endpoint }
+
+    /// This client with its requests (not its watches) on one kept-alive connection: for a caller
+    /// that talks to the control plane every few seconds forever (a node's heartbeat), where a TLS
+    /// handshake per request would cost both sides more than the request itself.
+    public func keepingAlive() -> ControlClient {
+        var c = self
+        c.session = HTTPKeepAliveClient(self.http)
+        return c
+    }
 
     /// `/apis/mesh.edge/v1/[namespaces/NS/]PLURAL[/NAME]`; a nil namespace of a namespaced kind means all.
     public static func path(_ type: ResourceType, namespace: String?, name: String? = nil) -> String {
@@ -45,7 +57,12 @@ public struct ControlClient: Sendable {
     ) async throws -> (status: HTTPResponseStatus, body: ByteBuffer) {
         var headers = HTTPHeaders([("Accept", "application/json")])
         if body != nil { headers.add(name: "Content-Type", value: "application/json") }
-        let response = try await self.http.send(method, path, headers: headers, body: body)
+        let response: HTTPClientResponse
+        if let session = self.session {
+            response = try await session.send(method, path, headers: headers, body: body)
+        } else {
+            response = try await self.http.send(method, path, headers: headers, body: body)
+        }
         guard (200..<300).contains(response.status.code) else {
             throw ControlClient.status(from: response.body, httpStatus: response.status)
         }
@@ -112,6 +129,16 @@ public struct ControlClient: Sendable {
     public func delete<T: MeshObject>(_ type: T.Type, namespace: String? = nil, name: String) async throws -> T {
         let path = Self.path(T.resource, namespace: namespace ?? (T.resource.namespaced ? "default" : nil), name: name)
         return try Self.decode(T.self, try await self.raw(.DELETE, path).body)
+    }
+
+    // MARK: nodes
+
+    /// Tells the control plane this node is alive (`POST /apis/mesh.edge/v1/nodes/NAME/heartbeat`).
+    /// A node that is not registered gets a 404 `Status`; another node's name a 403.
+    @discardableResult
+    public func heartbeat(node name: String) async throws -> NodeHeartbeat {
+        let path = Self.path(Node.resource, namespace: nil, name: name) + "/heartbeat"
+        return try Self.decode(NodeHeartbeat.self, try await self.raw(.POST, path).body)
     }
 
     // MARK: watch

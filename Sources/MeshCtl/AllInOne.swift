@@ -49,6 +49,8 @@ public struct AllInOne: Sendable {
         c.dnsListen = self.dnsListen
         c.adminListen = self.adminListen
         c.interfaceMode = .loopback
+        // Its node is reached on the loopback it serves on, nothing else of the host.
+        c.nodeAddresses = ["127.0.0.1"]
         c.logLevel = self.logLevel.rawValue
         return c
     }

@@ -92,19 +92,20 @@ public enum Printer {
                 rows.append(row)
             }
         case "nodes":
-            header = ["NAME", "SITE", "STATUS", "ADDRESSES", "LAST HEARTBEAT", "AGE"]
+            // LAST-SEEN: the age of the last heartbeat (the control plane serves it live from memory).
+            header = ["NAME", "STATUS", "SITE", "ADDRESSES", "LAST-SEEN", "AGE"]
             for o in items {
                 let addrs =
                     (o["spec"]?["addresses"]).map(Self.list)?.map { Self.text($0["address"]) }.joined(separator: ",")
                     ?? ""
                 let phase = Self.text(o["status"]?["phase"])
-                let hb = o["status"]?["lastHeartbeatTime"]?.stringValue.flatMap(Timestamp.parse).map {
-                    Self.duration(now - $0) + " ago"
+                let seen = o["status"]?["lastHeartbeatTime"]?.stringValue.flatMap(Timestamp.parse).map {
+                    Self.duration(now - $0)
                 }
+                let site = Self.text(o["spec"]?["site"])
                 rows.append([
-                    Self.text(o["metadata"]?["name"]),
-                    Self.text(o["spec"]?["site"]).isEmpty ? "<none>" : Self.text(o["spec"]?["site"]),
-                    phase.isEmpty ? "Unknown" : phase, addrs.isEmpty ? "<none>" : addrs, hb ?? "<never>",
+                    Self.text(o["metadata"]?["name"]), phase.isEmpty ? "Unknown" : phase,
+                    site.isEmpty ? "<none>" : site, addrs.isEmpty ? "<none>" : addrs, seen ?? "<never>",
                     Self.age(o, now: now),
                 ])
             }

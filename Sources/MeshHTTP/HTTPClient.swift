@@ -121,7 +121,7 @@ public struct HTTPClient: Sendable {
 
     typealias Connection = NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
 
-    private func connect() async throws -> (Connection, TLSErrorRecorder) {
+    func connect() async throws -> (Connection, TLSErrorRecorder) {
         let recorder = TLSErrorRecorder()
         return (try await self.connect(recorder), recorder)
     }
@@ -202,8 +202,13 @@ public struct HTTPClient: Sendable {
         }
     }
 
-    private func head(_ method: HTTPMethod, _ path: String, _ headers: HTTPHeaders, bodyLength: Int?) -> HTTPRequestHead
-    {
+    func head(
+        _ method: HTTPMethod,
+        _ path: String,
+        _ headers: HTTPHeaders,
+        bodyLength: Int?,
+        keepAlive: Bool = false
+    ) -> HTTPRequestHead {
         var h = headers
         h.replaceOrAdd(
             name: "Host",
@@ -211,7 +216,7 @@ public struct HTTPClient: Sendable {
                 ? "[\(self.endpoint.host)]:\(self.endpoint.port)" : "\(self.endpoint.host):\(self.endpoint.port)"
         )
         if let n = bodyLength { h.replaceOrAdd(name: "Content-Length", value: "\(n)") }
-        h.replaceOrAdd(name: "Connection", value: "close")
+        if !keepAlive { h.replaceOrAdd(name: "Connection", value: "close") }
         return HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: h)
     }
 

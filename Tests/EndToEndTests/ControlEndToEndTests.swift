@@ -192,8 +192,37 @@ import Testing
         #expect(await eventually { FileManager.default.fileExists(atPath: config) })
         let r = try await run(self.bin + "/meshctl", ["apply", "-f", Self.examples], environment: Self.isolated(dir))
         #expect(r.status == 0, "\(r.stderr)")
-        let nodes = try await run(self.bin + "/meshctl", ["get", "nodes"], environment: Self.isolated(dir))
-        #expect(nodes.stdout.contains("edge-a1"), "\(nodes.stderr)")
+        // Its own node registered itself and is Ready, seen a moment ago, on the loopback it serves
+        // on; the example nodes have no agent, so no heartbeat yet.
+        var nodes = ProcessResult(status: -1, stdout: "", stderr: "")
+        let ready = await eventually(timeout: .seconds(20)) {
+            nodes = (try? await run(self.bin + "/meshctl", ["get", "nodes"], environment: Self.isolated(dir))) ?? nodes
+            return nodes.stdout.split(separator: "\n").contains { line in
+                let cells = line.split(separator: " ", omittingEmptySubsequences: true)
+                return cells.count == 6 && cells[1] == "Ready" && cells[3] == "127.0.0.1" && cells[4].hasSuffix("s")
+            }
+        }
+        #expect(ready, "\(nodes.stdout)\(nodes.stderr)")
+        let lines = nodes.stdout.split(separator: "\n")
+        #expect(lines.first?.hasPrefix("NAME") == true && lines.first?.contains("STATUS") == true)
+        #expect(lines.contains { $0.hasPrefix("edge-a1") && $0.contains("Unknown") && $0.contains("<never>") })
+        // The columns line up: every row's STATUS starts where the header's does.
+        let column = lines.first.flatMap { $0.range(of: "STATUS") }.map {
+            lines.first!.distance(from: lines.first!.startIndex, to: $0.lowerBound)
+        }
+        for line in lines.dropFirst() {
+            let cells = line.split(separator: " ", omittingEmptySubsequences: true)
+            let at = line.range(of: " " + cells[1] + " ").map {
+                line.distance(from: line.startIndex, to: $0.lowerBound) + 1
+            }
+            #expect(at == column, "\(nodes.stdout)")
+        }
+        let json = try await run(
+            self.bin + "/meshctl",
+            ["get", "nodes", "-o", "json"],
+            environment: Self.isolated(dir)
+        )
+        #expect(json.stdout.contains("\"phase\": \"Ready\"") && json.stdout.contains("\"lastHeartbeatTime\""))
         // Its agent joined with a one-use token and holds a node certificate.
         #expect(FileManager.default.fileExists(atPath: dir.path + "/agent/pki/node.crt"))
         #expect(FileManager.default.fileExists(atPath: dir.path + "/control/control.db"))

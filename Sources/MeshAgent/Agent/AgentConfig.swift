@@ -18,6 +18,12 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     public var nodeName: String = AgentConfig.hostName()
     /// This node's site: endpoints of the same site are preferred.
     public var site: String?
+    /// Labels the node agent sets on this node's Node (others' labels are kept).
+    public var nodeLabels: [String: String] = [:]
+    /// Addresses advertised in the Node (default: the host's non-loopback, non-link-local ones).
+    public var nodeAddresses: [String]?
+    /// Seconds between the node agent's heartbeats (20: 100,000 nodes send 5,000 beats/s).
+    public var heartbeatIntervalSeconds: Double = 20
     /// Where the agent keeps its cache of the service table (`agent.db`).
     public var dataDir: String = StatePaths.defaultDataDir() + "/agent"
     /// The cluster domain answered by the DNS responder.
@@ -75,6 +81,16 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
         }
         if let e = Names.dns1123SubdomainError(self.nodeName) { throw ManifestError("nodeName: \(e)") }
         if let s = self.site, let e = Names.dns1123LabelError(s) { throw ManifestError("site: \(e)") }
+        let node = Node(metadata: ObjectMeta(name: self.nodeName, labels: self.nodeLabels), spec: NodeSpec())
+        if let e = node.validationErrors().first(where: { $0.path.hasPrefix("metadata.labels") }) {
+            throw ManifestError("nodeLabels\(e.path.dropFirst("metadata.labels".count)): \(e.message)")
+        }
+        for (i, a) in (self.nodeAddresses ?? []).enumerated() where IPAddress(a) == nil {
+            throw ManifestError("nodeAddresses[\(i)]: \"\(a)\" is not an IP address")
+        }
+        if !(self.heartbeatIntervalSeconds >= 0.05 && self.heartbeatIntervalSeconds <= 3600) {
+            throw ManifestError("heartbeatIntervalSeconds: must be between 0.05 and 3600")
+        }
         if let e = Names.dns1123SubdomainError(self.domain) { throw ManifestError("domain: \(e)") }
         if self.dnsListen != "auto" { _ = try ListenAddress(self.dnsListen, field: "dnsListen") }
         _ = try ListenAddress(self.adminListen, field: "adminListen")

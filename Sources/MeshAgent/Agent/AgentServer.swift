@@ -5,6 +5,7 @@ import MeshCore
 import MeshHTTP
 import MeshIdentity
 import NIOCore
+import NodeAgent
 import Synchronization
 
 #if canImport(FoundationEssentials)
@@ -80,6 +81,7 @@ public final class AgentServer: Sendable {
     let logger: Logger
     private let admin = AsyncOnce<HTTPServer>()
     private let dns = AsyncOnce<DNSServer>()
+    private let nodeAgent = AsyncOnce<NodeAgent>()
 
     public init(config: AgentConfig, logger: Logger) {
         self.config = config
@@ -92,12 +94,16 @@ public final class AgentServer: Sendable {
     /// The DNS responder's UDP address once it listens.
     public func dnsAddress() async throws -> SocketAddress { try await self.dns.value().listeningAddresses().udp }
 
+    /// The node agent (registration and heartbeats) once the agent runs.
+    public func node() async throws -> NodeAgent { try await self.nodeAgent.value() }
+
     public func run() async throws {
         do {
             try await self.serve()
         } catch {
             self.admin.fail(error)
             self.dns.fail(error)
+            self.nodeAgent.fail(error)
             throw error
         }
     }
@@ -186,6 +192,18 @@ public final class AgentServer: Sendable {
         let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
         self.admin.set(admin)
 
+        var nodeConfig = NodeAgentConfiguration(nodeName: config.nodeName, site: config.site)
+        nodeConfig.labels = config.nodeLabels
+        nodeConfig.addresses = config.nodeAddresses
+        nodeConfig.excludedInterfaces = [config.interfaceName]
+        nodeConfig.heartbeatInterval = .milliseconds(Int64(config.heartbeatIntervalSeconds * 1000))
+        let nodeAgent = NodeAgent(
+            configuration: nodeConfig,
+            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            logger: self.logger
+        )
+        self.nodeAgent.set(nodeAgent)
+
         self.logger.info(
             "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on http://\(adminListen), \(config.interfaceMode.rawValue) mode"
         )
@@ -194,6 +212,8 @@ public final class AgentServer: Sendable {
             group.addTask { try await dns.run() }
             group.addTask { try await admin.run() }
             group.addTask { try await sync.run() }
+            // The node agent never fails: it retries on its own, whatever the control plane does.
+            group.addTask { await nodeAgent.run() }
             // All return on graceful shutdown; the first failure stops the rest.
             do {
                 try await group.waitForAll()

@@ -82,3 +82,24 @@ public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
         case unknown = "Unknown"
     }
 }
+
+/// The answer to a node's heartbeat (`POST /apis/mesh.edge/v1/nodes/NAME/heartbeat`, no body).
+/// A heartbeat is kept in the control plane's memory: it writes the Node only when its phase changes.
+public struct NodeHeartbeat: Codable, Sendable, Equatable {
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "NodeHeartbeat"
+    public var nodeName: String
+    /// When the control plane took the beat (RFC 3339, UTC).
+    public var time: String
+    /// The node's phase after this beat (Ready).
+    public var phase: NodeStatus.Phase
+    /// How long the control plane waits for the next beat before it marks the node NotReady.
+    public var gracePeriodSeconds: Double
+
+    public init(nodeName: String, time: String, phase: NodeStatus.Phase, gracePeriodSeconds: Double) {
+        self.nodeName = nodeName
+        self.time = time
+        self.phase = phase
+        self.gracePeriodSeconds = gracePeriodSeconds
+    }
+}

@@ -1,0 +1,350 @@
+import Logging
+import MeshCore
+import Metrics
+import NIOCore
+import Synchronization
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Node liveness, kept cheap at scale (README "Node heartbeats and liveness").
+///
+/// A heartbeat only touches memory: the node's last beat (monotonic and wall clock). The Node
+/// object is written, and so a MODIFIED event reaches watchers, only when its phase changes:
+/// Ready on the first beat after NotReady/Unknown, NotReady once no beat came for the grace
+/// period. Beat times reach the store in batches (`heartbeats` side table, no version, no event)
+/// every `flushInterval` and at shutdown, so "since when" survives a restart. After a start, every
+/// known node gets `startupGracePeriod` before it can be marked NotReady: agents need a moment
+/// to find the control plane again, and it must not flip the whole fleet at once.
+public final class NodeLifecycle: Sendable {
+    public struct Configuration: Sendable {
+        /// No heartbeat for this long: NotReady.
+        public var gracePeriod: Duration = .seconds(60)
+        /// After the control plane starts, how long nodes it already knows have to send a beat.
+        public var startupGracePeriod: Duration = .seconds(60)
+        /// How often beat times are saved to the store.
+        public var flushInterval: Duration = .seconds(60)
+
+        public init() {}
+
+        /// How often the loop looks for silent nodes: a quarter of the grace, between 50 ms and 5 s.
+        var checkInterval: Duration {
+            min(.seconds(5), max(.milliseconds(50), self.gracePeriod / 4))
+        }
+    }
+
+    struct Entry {
+        var phase: NodeStatus.Phase?
+        /// The instant the grace is counted from (last beat, creation, or this process's start).
+        var watchFrom: ContinuousClock.Instant
+        var allowance: Duration
+        /// The last beat this process took (ms since the epoch), or the one saved before a restart.
+        var lastBeatMillis: Int64?
+        var dirty = false
+        /// A status write for this node is in flight: beats and the loop leave it alone.
+        var writing = false
+    }
+
+    struct State {
+        var nodes: [String: Entry] = [:]
+        var forgotten: Set<String> = []
+    }
+
+    public let configuration: Configuration
+    let store: any Store
+    let logger: Logger
+    let startedAt: ContinuousClock.Instant
+    let startedAtMillis: Int64
+    private let state = Mutex(State())
+
+    public init(store: any Store, configuration: Configuration, logger: Logger) {
+        self.store = store
+        self.configuration = configuration
+        self.logger = logger
+        self.startedAt = .now
+        self.startedAtMillis = Self.nowMillis()
+    }
+
+    static func nowMillis() -> Int64 { Int64((Date().timeIntervalSince1970 * 1000).rounded()) }
+
+    static func format(_ millis: Int64) -> String { Timestamp.format(secondsSinceEpoch: Int(millis / 1000)) }
+
+    static func seconds(_ d: Duration) -> Double {
+        let (s, atto) = d.components
+        return Double(s) + Double(atto) / 1e18
+    }
+
+    static func describe(_ d: Duration) -> String {
+        let s = Self.seconds(d)
+        return s == s.rounded() ? "\(Int(s))s" : "\(s)s"
+    }
+
+    /// Loads every node's phase and its last saved beat. Call once, before serving.
+    public func load() async throws {
+        let (items, _) = try await self.store.list(resource: Node.resource.plural, namespace: "")
+        let saved = try await self.store.loadHeartbeats()
+        var nodes: [String: Entry] = [:]
+        for item in items {
+            let node = try? JSONDecoder().decode(Node.self, from: Data(item.json.readableBytesView))
+            nodes[item.key.name] = Entry(
+                phase: node?.status?.phase,
+                watchFrom: self.startedAt,
+                allowance: self.configuration.startupGracePeriod,
+                lastBeatMillis: saved[item.key.name]
+                    ?? node?.status?.lastHeartbeatTime.flatMap(Timestamp.parse).map { Int64($0) * 1000 }
+            )
+        }
+        let forgotten = Set(saved.keys).subtracting(nodes.keys)
+        self.state.withLock {
+            $0.nodes = nodes
+            $0.forgotten = forgotten
+        }
+        let ready = nodes.values.filter { $0.phase == .ready }.count
+        self.logger.info(
+            "node lifecycle: \(nodes.count) nodes (\(ready) Ready); grace \(Self.describe(self.configuration.gracePeriod)), \(Self.describe(self.configuration.startupGracePeriod)) after this start"
+        )
+    }
+
+    // MARK: what the API tells it
+
+    /// The last beat of `name` this control plane knows (ms since the epoch).
+    func lastBeat(_ name: String) -> Int64? {
+        self.state.withLock { $0.nodes[name]?.lastBeatMillis }
+    }
+
+    /// Records a beat in memory. Returns the phase the node is in and whether it must be written Ready.
+    func record(_ name: String, now: ContinuousClock.Instant, millis: Int64) -> (known: Bool, transition: Bool) {
+        self.state.withLock { s in
+            guard var e = s.nodes[name] else { return (false, false) }
+            e.watchFrom = now
+            e.allowance = self.configuration.gracePeriod
+            e.lastBeatMillis = millis
+            e.dirty = true
+            let transition = e.phase != .ready && !e.writing
+            if transition { e.writing = true }
+            s.nodes[name] = e
+            return (true, transition)
+        }
+    }
+
+    /// A Node was created or replaced through the API with this phase (a node registering itself
+    /// counts as a beat: `beat` is true).
+    func observed(_ name: String, phase: NodeStatus.Phase?, beat: Bool) {
+        let now = ContinuousClock.now
+        self.state.withLock { s in
+            s.forgotten.remove(name)
+            var e =
+                s.nodes[name]
+                ?? Entry(phase: nil, watchFrom: now, allowance: self.configuration.gracePeriod)
+            e.phase = phase
+            if beat {
+                e.watchFrom = now
+                e.allowance = self.configuration.gracePeriod
+                e.lastBeatMillis = Self.nowMillis()
+                e.dirty = true
+            }
+            s.nodes[name] = e
+        }
+    }
+
+    /// A Node was deleted.
+    func deleted(_ name: String) {
+        self.state.withLock { s in
+            s.nodes[name] = nil
+            s.forgotten.insert(name)
+        }
+    }
+
+    /// Whether a node of that name is known (in memory, else in the store).
+    private func ensureKnown(_ name: String) async throws -> Bool {
+        if self.state.withLock({ $0.nodes[name] != nil }) { return true }
+        let key = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
+        guard let stored = try await self.store.get(key) else { return false }
+        let node = try? JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView))
+        let now = ContinuousClock.now
+        self.state.withLock { s in
+            if s.nodes[name] == nil {
+                s.nodes[name] = Entry(
+                    phase: node?.status?.phase,
+                    watchFrom: now,
+                    allowance: self.configuration.gracePeriod
+                )
+            }
+        }
+        return true
+    }
+
+    /// Takes a heartbeat of `name`: memory only, unless the node was not Ready (then one status write).
+    /// Throws a 404 `Status` for a node that is not registered.
+    public func beat(_ name: String) async throws -> NodeHeartbeat {
+        let now = ContinuousClock.now
+        let millis = Self.nowMillis()
+        var (known, transition) = self.record(name, now: now, millis: millis)
+        if !known {
+            guard try await self.ensureKnown(name) else {
+                throw Status(
+                    code: 404,
+                    reason: .notFound,
+                    message: "node \"\(name)\" is not registered: PUT /apis/mesh.edge/v1/nodes/\(name) first",
+                    details: .init(name: name, kind: Node.resource.plural)
+                )
+            }
+            (known, transition) = self.record(name, now: now, millis: millis)
+        }
+        Counter(label: "mesh_control_node_heartbeats_total").increment()
+        if transition {
+            let time = Self.format(millis)
+            do {
+                let written = try await self.writeStatus(name) { _ in
+                    NodeStatus(phase: .ready, lastHeartbeatTime: time, message: "heartbeating since \(time)")
+                }
+                self.finishWrite(name, phase: written == nil ? nil : .ready, gone: written == nil)
+                if written != nil { self.logger.info("node \(name) is Ready") }
+            } catch {
+                self.finishWrite(name, phase: nil, gone: false)
+                throw error
+            }
+        }
+        return NodeHeartbeat(
+            nodeName: name,
+            time: Self.format(millis),
+            phase: .ready,
+            gracePeriodSeconds: Self.seconds(self.configuration.gracePeriod)
+        )
+    }
+
+    private func finishWrite(_ name: String, phase: NodeStatus.Phase?, gone: Bool) {
+        self.state.withLock { s in
+            if gone {
+                s.nodes[name] = nil
+                return
+            }
+            guard var e = s.nodes[name] else { return }
+            e.writing = false
+            if let p = phase { e.phase = p }
+            s.nodes[name] = e
+        }
+    }
+
+    /// Rewrites the stored Node's status (conditional on its version, retried on conflict). Returns
+    /// the node as written (unchanged when `change` changes nothing), nil when it no longer exists.
+    func writeStatus(_ name: String, _ change: @Sendable (NodeStatus?) -> NodeStatus?) async throws -> Node? {
+        let key = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
+        for _ in 0..<16 {
+            guard let stored = try await self.store.get(key) else { return nil }
+            let node = try JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView))
+            let status = change(node.status)
+            if status == node.status { return node }
+            var updated = node
+            updated.status = status
+            let final = updated
+            do {
+                let written = try await self.store.commit(
+                    Write(
+                        key: key,
+                        expect: .version(stored.resourceVersion),
+                        operation: .put { rv in
+                            var o = final
+                            o.metadata.resourceVersion = String(rv)
+                            return (ControlAPI.encode(o), o.metadata.labels ?? [:])
+                        }
+                    )
+                )
+                var out = final
+                out.metadata.resourceVersion = String(written.resourceVersion)
+                return out
+            } catch StoreError.conflict {
+                continue
+            }
+        }
+        throw Status.conflict("node \(name) is changing too fast to update its status; retry")
+    }
+
+    // MARK: the loop
+
+    /// Marks silent nodes NotReady and saves beat times, until cancelled; then saves them once more.
+    public func run() async {
+        var lastFlush = ContinuousClock.now
+        while !Task.isCancelled {
+            try? await Task.sleep(for: self.configuration.checkInterval)
+            if Task.isCancelled { break }
+            await self.markSilentNodes()
+            if ContinuousClock.now - lastFlush >= self.configuration.flushInterval {
+                lastFlush = .now
+                await self.flush()
+            }
+        }
+        // The last save runs outside this (cancelled) task so that the store takes it.
+        await Task { await self.flush() }.value
+    }
+
+    /// One pass: every node past its grace that is not NotReady yet is written NotReady.
+    func markSilentNodes() async {
+        let now = ContinuousClock.now
+        let expired = self.state.withLock { s -> [(String, Int64?)] in
+            var out: [(String, Int64?)] = []
+            for (name, var e) in s.nodes where e.phase != .notReady && !e.writing && now - e.watchFrom > e.allowance {
+                e.writing = true
+                s.nodes[name] = e
+                out.append((name, e.lastBeatMillis))
+            }
+            var counts: [NodeStatus.Phase: Int] = [:]
+            for e in s.nodes.values { counts[e.phase ?? .unknown, default: 0] += 1 }
+            for phase in [NodeStatus.Phase.ready, .notReady, .unknown] {
+                Gauge(label: "mesh_control_nodes", dimensions: [("phase", phase.rawValue)]).record(counts[phase] ?? 0)
+            }
+            return out
+        }
+        for (name, last) in expired {
+            let grace = Self.describe(self.configuration.gracePeriod)
+            let message =
+                last.map { "no heartbeat since \(Self.format($0)) (grace period \(grace))" }
+                ?? "no heartbeat received yet (grace period \(grace))"
+            let lastTime = last.map(Self.format)
+            do {
+                let written = try await self.writeStatus(name) { old in
+                    // A beat that came in meanwhile wins: nothing to write.
+                    if self.state.withLock({ s in s.nodes[name].map { $0.watchFrom > now } ?? false }) { return old }
+                    return NodeStatus(
+                        phase: .notReady,
+                        lastHeartbeatTime: lastTime ?? old?.lastHeartbeatTime,
+                        message: message
+                    )
+                }
+                let marked = written?.status?.phase == .notReady
+                self.finishWrite(name, phase: marked ? .notReady : nil, gone: written == nil)
+                if marked { self.logger.notice("node \(name) is NotReady: \(message)") }
+            } catch {
+                self.finishWrite(name, phase: nil, gone: false)
+                self.logger.warning("node \(name): could not mark it NotReady: \(error)")
+            }
+        }
+    }
+
+    /// Saves the beat times taken since the last flush, in one batch.
+    public func flush() async {
+        let (beats, forget) = self.state.withLock { s -> ([String: Int64], [String]) in
+            var out: [String: Int64] = [:]
+            for (name, var e) in s.nodes where e.dirty {
+                e.dirty = false
+                s.nodes[name] = e
+                if let m = e.lastBeatMillis { out[name] = m }
+            }
+            defer { s.forgotten.removeAll() }
+            return (out, Array(s.forgotten))
+        }
+        do {
+            try await self.store.saveHeartbeats(beats, forget: forget)
+        } catch {
+            // Only "since when" after a restart depends on it; the next flush tries again.
+            self.state.withLock { s in
+                for name in beats.keys { s.nodes[name]?.dirty = true }
+                s.forgotten.formUnion(forget)
+            }
+            self.logger.warning("could not save \(beats.count) heartbeat times: \(error)")
+        }
+    }
+}

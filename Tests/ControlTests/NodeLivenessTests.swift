@@ -1,0 +1,173 @@
+import Control
+import Foundation
+import MeshClient
+import MeshCore
+import MeshHTTP
+import MeshIdentity
+import MeshTestSupport
+import NIOCore
+import Testing
+
+/// Node heartbeats and liveness in the control plane, over real sockets with real SQLite files:
+/// beats stay in memory, the Node is written (one MODIFIED event) only when its phase changes,
+/// silent nodes turn NotReady after the grace, restarts give every node a grace of its own.
+@Suite struct NodeLivenessTests {
+    func node(_ name: String, status: NodeStatus? = nil) -> Node {
+        Node(metadata: ObjectMeta(name: name), spec: NodeSpec(site: "a"), status: status)
+    }
+
+    func phase(_ cp: RunningControl, _ name: String) async throws -> NodeStatus? {
+        try await cp.client.get(Node.self, name: name).status
+    }
+
+    @Test func beatsKeepANodeReadyWithoutWritesAndSilenceMakesItNotReady() async throws {
+        let cp = try await RunningControl { $0.nodeGracePeriodSeconds = 1 }
+        let edge = try cp.client(try cp.issue(.node("edge-a")))
+        // A node registering itself counts as a beat: it is created Ready.
+        let created = try await edge.apply(self.node("edge-a")).object
+        #expect(created.status?.phase == .ready)
+        let rv = Int64(created.metadata.resourceVersion!)!
+        let watch = NodeWatch(cp.client, after: rv)
+        // Beats for longer than the grace: Ready throughout, no new version, no watch event.
+        for _ in 0..<12 {
+            let beat = try await edge.heartbeat(node: "edge-a")
+            #expect(beat.phase == .ready && beat.gracePeriodSeconds == 1)
+            try await Task.sleep(for: .milliseconds(150))
+        }
+        let during = try await cp.client.get(Node.self, name: "edge-a")
+        #expect(during.status?.phase == .ready)
+        #expect(during.metadata.resourceVersion == created.metadata.resourceVersion)
+        #expect(try await cp.rv() == rv)
+        // Reads show the live heartbeat time (not written to the object).
+        let live = try #require(during.status?.lastHeartbeatTime.flatMap(Timestamp.parse))
+        #expect(live >= Int(Date().timeIntervalSince1970) - 1)
+        #expect(watch.changes.isEmpty)
+
+        // Silence: NotReady after the grace, saying since when, with one MODIFIED event.
+        let silentSince = Int(Date().timeIntervalSince1970)
+        #expect(
+            try await eventually(timeout: .seconds(10)) { try await self.phase(cp, "edge-a")?.phase == .notReady }
+        )
+        let down = try #require(try await self.phase(cp, "edge-a"))
+        #expect(down.message?.contains("no heartbeat since") == true, "\(down)")
+        #expect(down.message?.contains("grace period 1s") == true)
+        #expect(abs((down.lastHeartbeatTime.flatMap(Timestamp.parse) ?? 0) - silentSince) <= 2)
+        #expect(await eventually { watch.changes.count == 1 })
+        #expect(watch.changes.first?.type == "MODIFIED" && watch.changes.first?.phase == .notReady)
+
+        // The next beat: Ready again, one more MODIFIED event.
+        try await edge.heartbeat(node: "edge-a")
+        #expect(try await self.phase(cp, "edge-a")?.phase == .ready)
+        #expect(await eventually { watch.changes.count == 2 })
+        #expect(watch.changes.last?.type == "MODIFIED" && watch.changes.last?.phase == .ready)
+        // And beats after it write nothing again.
+        let readyRV = try await cp.rv()
+        for _ in 0..<3 { try await edge.heartbeat(node: "edge-a") }
+        #expect(try await cp.rv() == readyRV)
+        #expect(watch.changes.count == 2)
+        watch.stop()
+        try await cp.stop()
+    }
+
+    @Test func aNodeBeatsOnlyForItselfAndOnlyOnceRegistered() async throws {
+        let cp = try await RunningControl()
+        let edgeA = try cp.client(try cp.issue(.node("edge-a")))
+        try await cp.client.apply(self.node("edge-b"))
+        // Another node's heartbeat: 403 with a Status naming who may not do what.
+        let forbidden = await #expect(throws: Status.self) { try await edgeA.heartbeat(node: "edge-b") }
+        #expect(forbidden?.code == 403 && forbidden?.reason == .forbidden)
+        #expect(forbidden?.message.contains("mesh://node/edge-a may not POST") == true)
+        // Its own, before it registered: 404 saying to register.
+        let missing = await #expect(throws: Status.self) { try await edgeA.heartbeat(node: "edge-a") }
+        #expect(missing?.code == 404 && missing?.message.contains("not registered") == true)
+        // Without a certificate: 401.
+        let anonymous = try cp.client(nil)
+        let unauthenticated = await #expect(throws: Status.self) { try await anonymous.heartbeat(node: "edge-a") }
+        #expect(unauthenticated?.code == 401)
+        // Only POST.
+        let wrongVerb = await #expect(throws: Status.self) {
+            _ = try await cp.client.raw(.GET, "/apis/mesh.edge/v1/nodes/edge-b/heartbeat")
+        }
+        #expect(wrongVerb?.code == 405)
+        // edge-b was never beaten for by anyone but could be by the admin.
+        #expect(try await cp.client.heartbeat(node: "edge-b").phase == .ready)
+        try await cp.stop()
+    }
+
+    @Test func theControlPlaneOwnsNodeStatus() async throws {
+        let cp = try await RunningControl()
+        // An admin's Node with a made-up status: the status is the control plane's to set.
+        let stored = try await cp.client.apply(
+            self.node("edge-c", status: NodeStatus(phase: .ready, lastHeartbeatTime: "2020-01-01T00:00:00Z"))
+        ).object
+        #expect(stored.status?.phase == .unknown)
+        #expect(stored.status?.message == "waiting for the node's first heartbeat")
+        // The node's own spec update keeps its status as the control plane set it.
+        let edge = try cp.client(try cp.issue(.node("edge-c")))
+        try await edge.heartbeat(node: "edge-c")
+        var changed = try await edge.get(Node.self, name: "edge-c")
+        changed.spec.site = "b"
+        changed.status = NodeStatus(phase: .notReady)
+        let updated = try await edge.apply(changed).object
+        #expect(updated.spec.site == "b" && updated.status?.phase == .ready)
+        // Deleted: its heartbeats are 404 again.
+        try await cp.client.delete(Node.self, name: "edge-c")
+        let gone = await #expect(throws: Status.self) { try await edge.heartbeat(node: "edge-c") }
+        #expect(gone?.code == 404)
+        try await cp.stop()
+    }
+
+    @Test func aRestartGivesEveryNodeAGraceBeforeItCanBeMarkedNotReady() async throws {
+        let dir = TempDir()
+        let configure: @Sendable (inout ControlConfig) -> Void = {
+            $0.nodeGracePeriodSeconds = 1
+            $0.nodeStartupGracePeriodSeconds = 4
+        }
+        let cp = try await RunningControl(dir: dir) { $0.nodeGracePeriodSeconds = 30 }
+        let port = cp.port
+        let a = try cp.client(try cp.issue(.node("edge-a")))
+        let b = try cp.client(try cp.issue(.node("edge-b")))
+        try await a.apply(self.node("edge-a"))
+        try await b.apply(self.node("edge-b"))
+        // A second later than its registration, so the time saved at shutdown is told apart.
+        try await Task.sleep(for: .milliseconds(1100))
+        try await b.heartbeat(node: "edge-b")
+        let lastBeatOfB = try #require(try await self.phase(cp, "edge-b")?.lastHeartbeatTime)
+        try await cp.stop()
+
+        // The control plane is back on the same files: both nodes are still Ready, and stay so
+        // past the normal grace while agents find it again.
+        let started = ContinuousClock.now
+        let cp2 = try await RunningControl(dir: dir) {
+            configure(&$0)
+            $0.listen = "127.0.0.1:\(port)"
+        }
+        let rv = try await cp2.rv()
+        let watch = NodeWatch(cp2.client, after: rv)
+        #expect(try await self.phase(cp2, "edge-a")?.phase == .ready)
+        #expect(try await self.phase(cp2, "edge-b")?.phase == .ready)
+        // edge-a beats again; edge-b stays silent.
+        let beating = Task {
+            while !Task.isCancelled {
+                _ = try? await a.heartbeat(node: "edge-a")
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+        }
+        try await Task.sleep(for: .milliseconds(1800))
+        if ContinuousClock.now - started < .seconds(4) {
+            #expect(try await self.phase(cp2, "edge-b")?.phase == .ready, "flipped within the start-up grace")
+        }
+        // Past the start-up grace, edge-b is NotReady since its last beat before the restart
+        // (saved at shutdown); edge-a never flipped.
+        #expect(
+            try await eventually(timeout: .seconds(15)) { try await self.phase(cp2, "edge-b")?.phase == .notReady }
+        )
+        let b2 = try #require(try await self.phase(cp2, "edge-b"))
+        #expect(b2.message == "no heartbeat since \(lastBeatOfB) (grace period 1s)", "\(b2)")
+        #expect(try await self.phase(cp2, "edge-a")?.phase == .ready)
+        #expect(watch.changes.map(\.name) == ["edge-b"])
+        beating.cancel()
+        watch.stop()
+        try await cp2.stop()
+    }
+}

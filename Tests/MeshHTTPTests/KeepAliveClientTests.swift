@@ -1,0 +1,47 @@
+import Logging
+import MeshHTTP
+import NIOCore
+import Testing
+
+import class ServiceLifecycle.ServiceGroup
+
+/// `HTTPKeepAliveClient` against a real server: one connection for many requests, and a new one,
+/// transparently, after the server closed the idle one.
+@Suite struct KeepAliveClientTests {
+    /// A server answering each request with the client's port (which tells connections apart).
+    func start(idle: TimeAmount) async throws -> (ServiceGroup, Task<Void, any Error>, Int) {
+        var config = HTTPServerConfiguration()
+        config.idleTimeout = idle
+        var logger = Logger(label: "test")
+        logger.logLevel = .warning
+        let server = HTTPServer(
+            configuration: config,
+            responder: ClosureResponder { request in .text(.ok, "\(request.remoteAddress?.port ?? 0)") },
+            logger: logger
+        )
+        let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: logger))
+        let task = Task { try await group.run() }
+        return (group, task, try await server.localAddress().port!)
+    }
+
+    @Test func requestsShareOneConnectionAndSurviveTheServerClosingIt() async throws {
+        let (group, task, port) = try await self.start(idle: .milliseconds(300))
+        let client = HTTPKeepAliveClient(HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port)))
+        var ports: Set<String> = []
+        for _ in 0..<20 {
+            let r = try await client.send(.POST, "/beat")
+            #expect(r.status == .ok)
+            ports.insert(String(buffer: r.body))
+        }
+        #expect(ports.count == 1)
+        // The server closes the idle connection; the next request opens another, without an error.
+        try await Task.sleep(for: .milliseconds(800))
+        let after = try await client.send(.GET, "/beat")
+        #expect(after.status == .ok && !ports.contains(String(buffer: after.body)))
+        client.close()
+        await group.triggerGracefulShutdown()
+        try await task.value
+        // Nobody listens: a clear error, not a hang.
+        await #expect(throws: HTTPClientError.self) { _ = try await client.send(.GET, "/beat") }
+    }
+}
