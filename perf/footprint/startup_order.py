@@ -15,6 +15,9 @@ all traffic stays on 127.0.0.1.
 import argparse, bisect, glob, http.client, http.server, json, os, re, shutil, signal, socket, struct
 import subprocess, sys, tempfile, threading, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import footprint  # noqa: E402  (the control API's HTTPS with the admin certificate)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -39,7 +42,8 @@ def wait_until(pred, timeout, what):
 
 
 def request(port, method, path, body=None, host="127.0.0.1"):
-    c = http.client.HTTPConnection(host, port, timeout=30)
+    # The control API is HTTPS with the admin certificate (footprint.CONTROL_PKI), the rest plain HTTP.
+    c = footprint.connect(port) if host == "127.0.0.1" else http.client.HTTPConnection(host, port, timeout=30)
     c.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
     r = c.getresponse()
     data = r.read()
@@ -118,6 +122,7 @@ def main():
     ap.add_argument("--bin", default=os.path.join(ROOT, "perf", ".build", "release"),
                     help="folder with release mesh-agent and mesh-control")
     ap.add_argument("--out", default=os.path.join(ROOT, "Sources", "mesh-agent", "link", "startup.order"))
+    ap.add_argument("--idle-seconds", type=float, default=25, help="idle time profiled after ready")
     a = ap.parse_args()
     if not shutil.which("valgrind"):
         raise SystemExit("startup_order: valgrind is not installed (apt-get install valgrind)")
@@ -140,18 +145,25 @@ def main():
     backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     try:
+        footprint.CONTROL_PKI[cport] = f"{work}/control/pki"
         control = subprocess.Popen([os.path.join(a.bin, "mesh-control"), "--config", f"{work}/control.yaml"])
         procs.append(control)
-        wait_until(lambda: request(cport, "GET", "/readyz")[0] == 200, 30, "mesh-control")
+        wait_until(lambda: os.path.exists(f"{work}/control/admin.meshconfig")
+                   and request(cport, "GET", "/readyz")[0] == 200, 30, "mesh-control")
+        # The agent joins with a one-use token (TLS with a client certificate from then on), as it ships.
+        token = json.loads(request(cport, "POST", "/apis/mesh.edge/v1/bootstraptokens", json.dumps(
+            {"apiVersion": "mesh.edge/v1", "kind": "BootstrapTokenRequest", "usages": 1}))[1])
         out = f"{work}/callgrind.out"
         agent = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--demangle=no",
-                                  "--dump-instr=yes", agent_bin, "--server", f"http://127.0.0.1:{cport}",
+                                  "--dump-instr=yes", agent_bin, "--server", f"https://127.0.0.1:{cport}",
                                   "--data-dir", f"{work}/agent", "--dns-listen", f"127.0.0.1:{dport}",
                                   "--admin-listen", f"127.0.0.1:{aport}", "--node-name", "order", "--site", "a",
-                                  "--log-level", "error"], stderr=subprocess.DEVNULL)
+                                  "--log-level", "error", "--join-token", token["token"],
+                                  "--ca-cert-hash", token["caCertHash"]], stderr=subprocess.DEVNULL)
         procs.append(agent)
         wait_until(lambda: request(aport, "GET", "/readyz")[0] == 200, 300, "mesh-agent ready (under valgrind)")
-        time.sleep(2)
+        # Idle includes the node agent's first heartbeat (every 20 s +- 10% over its kept-alive TLS connection).
+        time.sleep(a.idle_seconds)
         subprocess.run(["callgrind_control", "--dump=idle", str(agent.pid)], check=True, capture_output=True)
 
         # Serving: a few services through their whole life, names, HTTP through a VIP, the admin API.
