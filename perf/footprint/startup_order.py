@@ -117,12 +117,73 @@ def executed_functions(path, obj_suffix, syms, starts, names):
     return found
 
 
+def native_faults(agent_args, join, work, aport, syms, starts, procs):
+    """Functions of the linked agent whose instruction fetches page-faulted when run natively: a join start
+    and a restart with its certificate, each until ready and idle."""
+    found = set()
+    # vaddr - file offset of the executable segment (lld: one page apart).
+    delta = 0
+    for line in subprocess.run(["readelf", "-lW", agent_args[0]], capture_output=True, text=True).stdout.splitlines():
+        p = line.split()
+        if p[:1] == ["LOAD"] and "E" in p[-2]:
+            delta = int(p[2], 16) - int(p[1], 16)
+    for n, extra in enumerate((join, [])):
+        data = f"{work}/faults{n}.data"
+        perf = subprocess.Popen(["perf", "record", "-q", "-e", "page-faults", "-c", "1", "-d", "-k", "CLOCK_MONOTONIC",
+                                 "-o", data]
+                                + agent_args + extra, stderr=subprocess.DEVNULL)
+        procs.append(perf)
+        wait_until(lambda: request(aport, "GET", "/readyz")[0] == 200, 60, "mesh-agent ready (under perf)")
+        time.sleep(25)
+        idle_end = time.clock_gettime(time.CLOCK_MONOTONIC)  # not the shutdown that follows
+        for pid in subprocess.run(["pgrep", "-P", str(perf.pid)], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), signal.SIGTERM)
+        perf.wait(60)
+        # Faults on instruction fetch: data address == instruction address.
+        lines = subprocess.run(["perf", "script", "-i", data, "-F", "time,addr,ip,dso", "--show-mmap-events"],
+                               capture_output=True, text=True).stdout.splitlines()
+        base = None
+        for line in lines:
+            m = re.search(r"PERF_RECORD_MMAP2? \d+/\d+: \[0x([0-9a-f]+)\(0x[0-9a-f]+\) @ (0x[0-9a-f]+|0) .*\]: "
+                          r"r-xp .*/mesh-agent$", line)
+            if m:
+                base = int(m.group(1), 16) - int(m.group(2), 16) - delta
+                continue
+            p = line.split()  # time: addr (its dso) ip (its dso)
+            if base is None or len(p) != 5 or "PERF_RECORD" in line or not p[4].endswith("mesh-agent)"):
+                continue
+            addr, ip = int(p[1], 16), int(p[3], 16)
+            if addr == ip and float(p[0].rstrip(":")) < idle_end:
+                va = addr - base
+                i = bisect.bisect_right(starts, va) - 1
+                if i >= 0 and syms[i][0] <= va < syms[i][0] + max(syms[i][1], 1):
+                    found.add(syms[i][2])
+    return found
+
+
+def merge_order(path, faults):
+    """Adds `faults` not listed yet to the start-up part (before `# serving`) of the order file."""
+    lines = open(path).read().splitlines()
+    at = lines.index("# serving")
+    listed = set(x for x in lines if not x.startswith("#"))
+    new = sorted(faults - listed)
+    lines[at:at] = new
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"startup_order: {len(new)} functions added to the start-up part of {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default=os.path.join(ROOT, "perf", ".build", "release"),
                     help="folder with release mesh-agent and mesh-control")
     ap.add_argument("--out", default=os.path.join(ROOT, "Sources", "mesh-agent", "link", "startup.order"))
     ap.add_argument("--idle-seconds", type=float, default=25, help="idle time profiled after ready")
+    ap.add_argument("--native-faults", action="store_true",
+                    help="instead: run the linked agent natively under `perf record -e page-faults` (join, idle, "
+                         "restart, idle) and add the functions whose first instruction fetch faulted that --out "
+                         "does not list yet to its start-up part (code valgrind cannot run: BoringSSL's AVX-512 "
+                         "and ADX paths); relink and repeat until it adds next to nothing")
     a = ap.parse_args()
     if not shutil.which("valgrind"):
         raise SystemExit("startup_order: valgrind is not installed (apt-get install valgrind)")
@@ -154,12 +215,15 @@ def main():
         token = json.loads(request(cport, "POST", "/apis/mesh.edge/v1/bootstraptokens", json.dumps(
             {"apiVersion": "mesh.edge/v1", "kind": "BootstrapTokenRequest", "usages": 1}))[1])
         out = f"{work}/callgrind.out"
+        agent_args = [agent_bin, "--server", f"https://127.0.0.1:{cport}", "--data-dir", f"{work}/agent",
+                      "--dns-listen", f"127.0.0.1:{dport}", "--admin-listen", f"127.0.0.1:{aport}",
+                      "--node-name", "order", "--site", "a", "--log-level", "error"]
+        join = ["--join-token", token["token"], "--ca-cert-hash", token["caCertHash"]]
+        if a.native_faults:
+            merge_order(a.out, native_faults(agent_args, join, work, aport, syms, starts, procs))
+            return
         agent = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--demangle=no",
-                                  "--dump-instr=yes", agent_bin, "--server", f"https://127.0.0.1:{cport}",
-                                  "--data-dir", f"{work}/agent", "--dns-listen", f"127.0.0.1:{dport}",
-                                  "--admin-listen", f"127.0.0.1:{aport}", "--node-name", "order", "--site", "a",
-                                  "--log-level", "error", "--join-token", token["token"],
-                                  "--ca-cert-hash", token["caCertHash"]], stderr=subprocess.DEVNULL)
+                                  "--dump-instr=yes"] + agent_args + join, stderr=subprocess.DEVNULL)
         procs.append(agent)
         wait_until(lambda: request(aport, "GET", "/readyz")[0] == 200, 300, "mesh-agent ready (under valgrind)")
         # Idle includes the node agent's first heartbeat (every 20 s +- 10% over its kept-alive TLS connection).
@@ -199,13 +263,36 @@ def main():
         request(cport, "DELETE", "/apis/mesh.edge/v1/namespaces/ns/services/s19")
         time.sleep(2)
         subprocess.run(["callgrind_control", "--dump=serving", str(agent.pid)], check=True, capture_output=True)
+        # Empty the table (and the agent's cache) for the restart below.
+        for i in range(19):
+            request(cport, "DELETE", f"/apis/mesh.edge/v1/namespaces/ns/services/s{i}")
+            request(cport, "DELETE", f"/apis/mesh.edge/v1/namespaces/ns/endpoints/s{i}")
+        request(cport, "DELETE", "/apis/mesh.edge/v1/namespaces/ns/endpoints/s19")
+        wait_until(lambda: not json.loads(request(aport, "GET", "/routes")[1])["dataPlane"]["routes"], 120,
+                   "an empty table")
         agent.send_signal(signal.SIGTERM)
         agent.wait(120)
         dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
         if len(dumps) < 2:
             raise SystemExit(f"startup_order: expected two callgrind dumps, found {dumps}")
         idle = executed_functions(dumps[0], "mesh-agent", syms, starts, names)
-        serving = executed_functions(dumps[1], "mesh-agent", syms, starts, names) - idle
+        serving = executed_functions(dumps[1], "mesh-agent", syms, starts, names)
+
+        # Every later start: enrolled (its certificate loaded and checked instead of a join); empty table.
+        out2 = f"{work}/callgrind2.out"
+        agent = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out2}", "--demangle=no",
+                                  "--dump-instr=yes"] + agent_args, stderr=subprocess.DEVNULL)
+        procs.append(agent)
+        wait_until(lambda: request(aport, "GET", "/readyz")[0] == 200, 300, "mesh-agent restart (under valgrind)")
+        time.sleep(a.idle_seconds)
+        subprocess.run(["callgrind_control", "--dump=restart", str(agent.pid)], check=True, capture_output=True)
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(120)
+        dumps = sorted(glob.glob(out2 + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
+        if not dumps:
+            raise SystemExit("startup_order: no callgrind dump of the restart")
+        idle |= executed_functions(dumps[0], "mesh-agent", syms, starts, names)
+        serving -= idle
     finally:
         for p in procs:
             if p.poll() is None:
