@@ -12,12 +12,15 @@ let swiftSettings: [SwiftSetting] = [
 
 /// mesh-agent's release link on Linux (Sources/mesh-agent/link/README.md): lld, with the functions that
 /// start-up and an idle agent run first (`startup.order`, `sections.ld`), relative relocations packed
-/// (DT_RELR, glibc >= 2.36) and no symbol table exported to the dynamic linker. Together they keep the
-/// idle agent's resident set small: most of it is pages of this binary.
+/// (DT_RELR, glibc >= 2.36), no symbol table exported to the dynamic linker, and libstdc++ linked
+/// statically: `link/static-libstdc++/libstdc++.a` is a symlink to Debian 12's GCC 12 archive, found
+/// by `-lstdc++` before the shared library (a dangling link, on another GCC, falls back to the shared one).
+/// Together they keep the idle agent's resident set small: most of it is pages of this binary.
 let agentLink = Context.packageDirectory + "/Sources/mesh-agent/link"
 let agentLinkerSettings: [LinkerSetting] = [
     .unsafeFlags(
         [
+            "-L\(agentLink)/static-libstdc++",
             "-use-ld=lld",
             "-Xlinker", "--symbol-ordering-file=\(agentLink)/startup.order",
             "-Xlinker", "--no-warn-symbol-ordering",
