@@ -2,14 +2,17 @@
 """Regenerates Sources/mesh-agent/link/startup.order: the functions mesh-agent runs from exec until it is
 ready and idle (first), then those it runs serving a few services (DNS, HTTP through a VIP, the admin API,
 a watch update), so that the release link (lld --symbol-ordering-file) puts them next to each other and the
-idle agent maps ~1.5 MB of its text instead of ~10 MB (see Sources/mesh-agent/link/README.md).
+idle agent maps ~5 MB of its text instead of ~12 MB (see Sources/mesh-agent/link/README.md).
 
   perf/footprint/startup_order.py [--bin perf/.build/release] [--out Sources/mesh-agent/link/startup.order]
+  perf/footprint/startup_order.py --native-faults     # after relinking: add what valgrind could not run
 
 Runs a release mesh-agent (debug info stripped: valgrind 3.19 cannot read DWARF 5) under valgrind's
-callgrind against a real mesh-control on loopback, dumps the profile once the agent is ready and idle and
-again after the traffic, and maps every executed instruction to the symbol of its function (callgrind's own
-function names miss some). Needs valgrind (apt-get install valgrind). Bounded: every wait has a deadline,
+callgrind against a real mesh-control on loopback (the agent joins with a token, HTTPS with client
+certificates), dumps the profile once the agent is ready and idle (one heartbeat) and again after the
+traffic, then restarts it with its certificate and an empty table and profiles that start-up and idle too;
+maps every executed instruction to the symbol of its function (callgrind's own function names miss some).
+Needs valgrind (apt-get install valgrind); --native-faults needs perf. Bounded: every wait has a deadline,
 all traffic stays on 127.0.0.1.
 """
 import argparse, bisect, glob, http.client, http.server, json, os, re, shutil, signal, socket, struct
