@@ -245,27 +245,8 @@ public struct HTTPClient: Sendable {
                 if let b = body { parts.append(.body(.byteBuffer(b))) }
                 parts.append(.end(nil))
                 try await outbound.write(contentsOf: parts)
-                var status: HTTPResponseStatus?
-                var headers = HTTPHeaders()
-                var collected = ByteBuffer()
-                for try await part in inbound {
-                    switch part {
-                    case .head(let h) where h.status.code >= 200:
-                        status = h.status
-                        headers = h.headers
-                    case .head:
-                        continue
-                    case .body(var chunk):
-                        guard collected.readableBytes + chunk.readableBytes <= limit else {
-                            throw HTTPClientError("response from \(endpoint) is larger than \(limit) bytes")
-                        }
-                        collected.writeBuffer(&chunk)
-                    case .end:
-                        guard let s = status else { throw HTTPClientError("response from \(endpoint) had no status") }
-                        return HTTPClientResponse(status: s, headers: headers, body: collected)
-                    }
-                }
-                throw HTTPClientError("\(endpoint) closed the connection before the response was complete")
+                var responses = inbound.makeAsyncIterator()
+                return try await Self.readResponse(&responses, endpoint: endpoint, limit: limit)
             }
         } catch let error as HTTPClientError {
             throw error
@@ -401,4 +382,35 @@ final class Flag: Sendable {
 
     func set() { self.value.store(true, ordering: .relaxed) }
     var isSet: Bool { self.value.load(ordering: .relaxed) }
+}
+
+extension HTTPClient {
+    /// Reads one whole response (skipping 1xx heads) with its body bounded by `limit`.
+    static func readResponse(
+        _ responses: inout NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator,
+        endpoint: HTTPEndpoint,
+        limit: Int
+    ) async throws -> HTTPClientResponse {
+        var status: HTTPResponseStatus?
+        var headers = HTTPHeaders()
+        var collected = ByteBuffer()
+        while let part = try await responses.next() {
+            switch part {
+            case .head(let h) where h.status.code >= 200:
+                status = h.status
+                headers = h.headers
+            case .head:
+                continue
+            case .body(var chunk):
+                guard collected.readableBytes + chunk.readableBytes <= limit else {
+                    throw HTTPClientError("response from \(endpoint) is larger than \(limit) bytes")
+                }
+                collected.writeBuffer(&chunk)
+            case .end:
+                guard let s = status else { throw HTTPClientError("response from \(endpoint) had no status") }
+                return HTTPClientResponse(status: s, headers: headers, body: collected)
+            }
+        }
+        throw HTTPClientError("\(endpoint) closed the connection before the response was complete")
+    }
 }

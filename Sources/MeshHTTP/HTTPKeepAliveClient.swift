@@ -151,7 +151,7 @@ public final class HTTPKeepAliveClient: Sendable {
                             if let b = current.body { parts.append(.body(.byteBuffer(b))) }
                             parts.append(.end(nil))
                             try await outbound.write(contentsOf: parts)
-                            response = try await Worker.read(&responses, endpoint: endpoint, limit: limit)
+                            response = try await HTTPClient.readResponse(&responses, endpoint: endpoint, limit: limit)
                         } catch {
                             let reason: any Error
                             if let tls = recorder.error {
@@ -186,34 +186,6 @@ public final class HTTPKeepAliveClient: Sendable {
                 self.open.store(false, ordering: .releasing)
                 job?.answer.resume(throwing: Failure(error: error, reused: served > 0))
             }
-        }
-
-        private static func read(
-            _ responses: inout NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator,
-            endpoint: HTTPEndpoint,
-            limit: Int
-        ) async throws -> HTTPClientResponse {
-            var status: HTTPResponseStatus?
-            var headers = HTTPHeaders()
-            var collected = ByteBuffer()
-            while let part = try await responses.next() {
-                switch part {
-                case .head(let h) where h.status.code >= 200:
-                    status = h.status
-                    headers = h.headers
-                case .head:
-                    continue
-                case .body(var chunk):
-                    guard collected.readableBytes + chunk.readableBytes <= limit else {
-                        throw HTTPClientError("response from \(endpoint) is larger than \(limit) bytes")
-                    }
-                    collected.writeBuffer(&chunk)
-                case .end:
-                    guard let s = status else { throw HTTPClientError("response from \(endpoint) had no status") }
-                    return HTTPClientResponse(status: s, headers: headers, body: collected)
-                }
-            }
-            throw HTTPClientError("\(endpoint) closed the connection before the response was complete")
         }
     }
 }
