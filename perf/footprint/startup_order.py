@@ -24,24 +24,9 @@ import footprint  # noqa: E402  (the control API's HTTPS with the admin certific
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if pred():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"startup_order: timed out after {timeout}s waiting for {what}")
+# free_port and wait_until are footprint's (its timeout raises RuntimeError naming what it waited for).
+free_port = footprint.free_port
+wait_until = footprint.wait_until
 
 
 def request(port, method, path, body=None, host="127.0.0.1"):
