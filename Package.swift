@@ -77,6 +77,8 @@ let package = Package(
             providers: [.apt(["libsqlite3-dev"])]
         ),
         .systemLibrary(name: "CYAML", pkgConfig: "yaml-0.1", providers: [.apt(["libyaml-dev"])]),
+        // Headers only (no library): epoll and eventfd, which Glibc does not export, for the TCP relay.
+        .systemLibrary(name: "CEpoll"),
         .systemLibrary(
             name: "CNetlink",
             pkgConfig: "libnl-route-3.0",
@@ -194,7 +196,8 @@ let package = Package(
         .target(
             name: "MeshAgent",
             dependencies: nio + [
-                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink", "NodeAgent",
+                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink", "CEpoll",
+                "NodeAgent",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

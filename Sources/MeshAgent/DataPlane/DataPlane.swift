@@ -32,7 +32,8 @@ public enum DataPlaneError: Error, CustomStringConvertible, Sendable {
 /// accepting and its connections drain, and a route whose backends or policy changed gets a new balancer
 /// swapped in without dropping a connection (per-backend health carries over by `ip:port`).
 ///
-/// All proxying happens in event-loop handlers; nothing here runs per connection or per request.
+/// All proxying happens on event loops (NIO handlers for HTTP and UDP, the relay loops for TCP); nothing here
+/// runs per connection or per request.
 public actor DataPlane: ServiceLifecycle.Service {
     public nonisolated let configuration: DataPlaneConfiguration
     private nonisolated let group: any EventLoopGroup
@@ -56,7 +57,7 @@ public actor DataPlane: ServiceLifecycle.Service {
     private var listeners: [ListenerKey: Listener] = [:]
     private var failed: [ListenerKey: (route: Route, error: String)] = [:]
     /// Removed listeners whose connections still drain: their VIPs stay on the mesh interface until then.
-    private var draining: [(vip: IPAddress, connections: ChannelSet, until: NIODeadline)] = []
+    private var draining: [(vip: IPAddress, listener: Listener, until: NIODeadline)] = []
     private var stopped = false
 
     /// - Parameters:
@@ -76,7 +77,8 @@ public actor DataPlane: ServiceLifecycle.Service {
             configuration: configuration,
             counters: self.counters,
             logger: logger,
-            pools: HTTPUpstreamPools(group: eventLoopGroup, configuration: configuration, counters: self.counters)
+            pools: HTTPUpstreamPools(group: eventLoopGroup, configuration: configuration, counters: self.counters),
+            relay: RelayEngine(configuration: configuration, counters: self.counters, logger: logger)
         )
     }
 
@@ -125,8 +127,8 @@ public actor DataPlane: ServiceLifecycle.Service {
         for (key, listener) in self.listeners where wanted[key]?.service != listener.handle.service {
             await listener.stop(drain: self.configuration.drainTimeout)
             self.listeners[key] = nil
-            if listener.connections.count > 0, case .interface = self.mode {
-                self.keepDraining(vip: key.vip, connections: listener.connections)
+            if listener.openConnections > 0, case .interface = self.mode {
+                self.keepDraining(vip: key.vip, listener: listener)
             }
             self.logger.info(
                 "route removed",
@@ -226,8 +228,9 @@ public actor DataPlane: ServiceLifecycle.Service {
     /// Client-side channels open right now.
     public nonisolated var openClientChannels: Int { self.counters.downstreamChannels.load(ordering: .relaxed) }
 
-    /// The largest write backlog (bytes queued in NIO, not yet taken by the kernel) seen on any proxied
-    /// channel: back-pressure keeps it near the high water mark plus one read burst.
+    /// The largest write backlog (bytes read from one side and not yet taken by the other side's kernel buffer)
+    /// seen on any proxied connection: at most one 64 KiB read on the TCP relay; near the high water mark plus
+    /// one read burst on NIO channels (HTTP upgrades).
     public nonisolated var bufferedBytesHighWater: Int { self.counters.bufferedHighWater.load(ordering: .relaxed) }
 
     // MARK: shutdown
@@ -241,16 +244,17 @@ public actor DataPlane: ServiceLifecycle.Service {
         for listener in listeners { await listener.stopAccepting() }
         if drain {
             let deadline = NIODeadline.now() + self.configuration.drainTimeout
-            while listeners.contains(where: { $0.connections.count > 0 }), NIODeadline.now() < deadline {
+            while listeners.contains(where: { $0.openConnections > 0 }), NIODeadline.now() < deadline {
                 try? await Task.sleep(for: .milliseconds(10))
             }
         }
-        for listener in listeners { listener.connections.closeAll() }
+        for listener in listeners { await listener.closeAll() }
         self.environment.pools.closeAll()
         let deadline = NIODeadline.now() + .seconds(2)
         while self.openChannels > 0, NIODeadline.now() < deadline {
             try? await Task.sleep(for: .milliseconds(5))
         }
+        await self.environment.relay.shutdown()
         self.listeners = [:]
         self.failed = [:]
         if case .interface(let interface) = self.mode {
@@ -309,7 +313,8 @@ public actor DataPlane: ServiceLifecycle.Service {
         var set = Set(self.configuration.extraInterfaceAddresses.compactMap { IPAddress($0) })
         for vip in vips where !vip.isLoopback { set.insert(vip) }
         let now = NIODeadline.now()
-        for entry in self.draining where entry.connections.count > 0 && now < entry.until && !entry.vip.isLoopback {
+        for entry in self.draining
+        where entry.listener.openConnections > 0 && now < entry.until && !entry.vip.isLoopback {
             set.insert(entry.vip)
         }
         return set
@@ -317,9 +322,9 @@ public actor DataPlane: ServiceLifecycle.Service {
 
     /// Keeps `vip` on the interface while `connections` drain (at most `drainTimeout`), then drops it unless
     /// a route uses it again.
-    private func keepDraining(vip: IPAddress, connections: ChannelSet) {
+    private func keepDraining(vip: IPAddress, listener: Listener) {
         let drain = self.configuration.drainTimeout
-        self.draining.append((vip, connections, NIODeadline.now() + drain))
+        self.draining.append((vip, listener, NIODeadline.now() + drain))
         Task {
             try? await Task.sleep(for: .nanoseconds(drain.nanoseconds + 50_000_000))
             self.pruneDraining()
@@ -328,7 +333,7 @@ public actor DataPlane: ServiceLifecycle.Service {
 
     private func pruneDraining() {
         let now = NIODeadline.now()
-        self.draining.removeAll { $0.connections.count == 0 || now >= $0.until }
+        self.draining.removeAll { $0.listener.openConnections == 0 || now >= $0.until }
         guard !self.stopped, case .interface(let interface) = self.mode else { return }
         let vips = self.listeners.keys.map(\.vip) + self.failed.values.map(\.route.vip)
         do {

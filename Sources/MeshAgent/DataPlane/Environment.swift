@@ -7,8 +7,8 @@ import Synchronization
 final class DataPlaneCounters: Sendable {
     let downstreamChannels = Atomic<Int>(0)
     let upstreamChannels = Atomic<Int>(0)
-    /// Largest `bufferedWritableBytes` seen on a proxied channel right after a flush that left it over the high
-    /// water mark (not writable).
+    /// Largest backlog seen: bytes the TCP relay held back for a side that could not take them, or NIO's
+    /// `bufferedWritableBytes` right after a flush that left a glued channel over the high water mark.
     let bufferedHighWater = Atomic<Int>(0)
 
     /// Counts `channel` until it closes.
@@ -70,4 +70,5 @@ struct ProxyEnvironment: Sendable {
     let counters: DataPlaneCounters
     let logger: Logger
     let pools: HTTPUpstreamPools
+    let relay: RelayEngine
 }

@@ -3,16 +3,20 @@ import MeshCore
 import NIOCore
 import NIOPosix
 
-/// One bound VIP:port (TCP for `tcp` and `http` routes, UDP for `udp`) and the connections it accepted.
+/// One bound VIP:port and the connections it accepted: TCP routes on the relay loops (`RelayListener`), HTTP
+/// routes on a NIO server channel, UDP routes on a NIO datagram channel.
 final class Listener: Sendable {
     let handle: RouteHandle
-    let channel: any Channel
-    let connections: ChannelSet
+    private let kind: Kind
 
-    private init(handle: RouteHandle, channel: any Channel, connections: ChannelSet) {
+    private enum Kind: Sendable {
+        case channel(any Channel, ChannelSet)
+        case relay(RelayListener)
+    }
+
+    private init(handle: RouteHandle, kind: Kind) {
         self.handle = handle
-        self.channel = channel
-        self.connections = connections
+        self.kind = kind
     }
 
     static func bind(
@@ -22,8 +26,18 @@ final class Listener: Sendable {
     ) async throws -> Listener {
         let key = handle.key
         let address = try SocketAddress(ipAddress: key.vip.description, port: key.port)
-        let connections = ChannelSet()
         let configuration = environment.configuration
+        if handle.proto == .tcp {
+            let relay = try await RelayListener.bind(
+                handle: handle,
+                address: address,
+                backlog: configuration.backlog,
+                loops: try await environment.relay.loops(on: group),
+                group: group
+            )
+            return Listener(handle: handle, kind: .relay(relay))
+        }
+        let connections = ChannelSet()
         // Sockets are created on an event-loop thread (not the caller's), so they live in the network
         // namespace of the event loops.
         let loop = group.next()
@@ -40,7 +54,7 @@ final class Listener: Sendable {
                     }
                     .bind(to: address)
             }.get()
-            return Listener(handle: handle, channel: channel, connections: connections)
+            return Listener(handle: handle, kind: .channel(channel, connections))
         }
         let channel = try await loop.flatSubmit {
             ServerBootstrap(group: loop, childGroup: group)
@@ -68,34 +82,52 @@ final class Listener: Sendable {
                         }
                         environment.counters.track(channel, upstream: false)
                         connections.insert(channel)
-                        switch handle.proto {
-                        case .http:
-                            try HTTPProxy.initialize(channel: channel, handle: handle, environment: environment)
-                        case .tcp, .udp:
-                            try TCPProxy.initialize(channel: channel, handle: handle, environment: environment)
-                        }
+                        try HTTPProxy.initialize(channel: channel, handle: handle, environment: environment)
                     }
                 }
                 .bind(to: address)
         }.get()
-        return Listener(handle: handle, channel: channel, connections: connections)
+        return Listener(handle: handle, kind: .channel(channel, connections))
+    }
+
+    /// Connections open right now (client side).
+    var openConnections: Int {
+        switch self.kind {
+        case .channel(_, let connections): return connections.count
+        case .relay(let relay): return relay.openConnections
+        }
     }
 
     /// Stops accepting (closes the bound socket) and asks the open connections to finish: HTTP connections
     /// answer the request in flight with `connection: close` and close (NIO's quiescing); TCP connections
     /// carry on until they end or `drainTimeout` passes.
     func stopAccepting() async {
-        try? await self.channel.close()
-        for channel in self.connections.all {
-            channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+        switch self.kind {
+        case .channel(let channel, let connections):
+            try? await channel.close()
+            for channel in connections.all {
+                channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
+            }
+        case .relay(let relay):
+            await relay.stopAccepting()
+        }
+    }
+
+    /// Closes every connection still open.
+    func closeAll() async {
+        switch self.kind {
+        case .channel(_, let connections): connections.closeAll()
+        case .relay(let relay): await relay.closeAll()
         }
     }
 
     /// Stops accepting, and closes whatever is still open after `drain`, without waiting for it.
     func stop(drain: TimeAmount) async {
         await self.stopAccepting()
-        guard self.connections.count > 0 else { return }
-        let connections = self.connections
-        self.channel.eventLoop.scheduleTask(in: drain) { connections.closeAll() }
+        guard self.openConnections > 0 else { return }
+        Task {
+            try? await Task.sleep(for: .nanoseconds(drain.nanoseconds))
+            await self.closeAll()
+        }
     }
 }

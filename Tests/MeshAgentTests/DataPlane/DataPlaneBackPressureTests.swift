@@ -69,7 +69,7 @@ struct DataPlaneBackPressureTests {
     }()
 
     @Test(
-        "1 GiB from a fast backend to a slow reader: RSS grows < 64 MiB, proxy backlog <= 2 MiB",
+        "1 GiB from a fast backend to a slow reader: RSS grows < 64 MiB, the relay holds at most one 64 KiB read",
         .timeLimit(.minutes(2))
     )
     func bulkToSlowReader() async throws {
@@ -117,10 +117,10 @@ struct DataPlaneBackPressureTests {
             #expect(received == size)
             #expect(growth < 64 * 1024 * 1024, "RSS grew by \(growth / 1024) KiB")
             let backlog = dp.bufferedBytesHighWater
-            // High water mark (256 KiB) plus the read bursts already under way when it is crossed (4 reads of up to
-            // 64 KiB each): ~0.5 MiB nominal, up to ~1.2 MiB seen under parallel load. Independent of the size sent.
-            #expect(backlog <= 2 * 1024 * 1024, "proxy write backlog reached \(backlog) bytes")
-            #expect(backlog >= 64 * 1024, "the slow reader should have pushed back (backlog \(backlog))")
+            // The relay holds what the slow side did not take of one read (at most its 64 KiB buffer) and reads
+            // no more from the fast side until that is gone. Independent of the size sent.
+            #expect(backlog <= 64 * 1024, "proxy write backlog reached \(backlog) bytes")
+            #expect(backlog > 0, "the slow reader should have pushed back (backlog \(backlog))")
             print(
                 "back-pressure: \(size) bytes in \(elapsed), RSS growth \(growth / 1024) KiB,"
                     + " proxy backlog high water \(backlog) bytes"

@@ -1,6 +1,7 @@
 import NIOCore
 
-/// One side of two channels spliced together on the same event loop. What one side reads is written to the
+/// One side of two NIO channels spliced together on the same event loop (an HTTP connection after an upgrade;
+/// plain TCP routes use the relay loops instead). What one side reads is written to the
 /// other and flushed at the end of each read burst; while the other side is not writable (its write buffer
 /// is above the high water mark) this side stops reading, and it resumes when the other side becomes
 /// writable again, so the bytes held per connection stay bounded by the water marks. An EOF on one side
@@ -191,3 +192,44 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+/// Closes a connection after `timeout` without activity. One timer per connection, ticking every eighth of
+/// the timeout, compares the connection's read count with the last tick's: reads cost no clock read and no
+/// timer, and a quiet connection closes between `timeout` and `timeout` plus a tick after its last read.
+enum IdleTimer {
+    static func start(on channel: any Channel, meter: GlueMeter, timeout: TimeAmount, close: @escaping () -> Void) {
+        let loop = channel.eventLoop.assumeIsolated()
+        let tick = TimeAmount.nanoseconds(max(timeout.nanoseconds / 8, TimeAmount.milliseconds(1).nanoseconds))
+        let box = State(reads: meter.reads, quietSince: .now())
+        func arm(at deadline: NIODeadline) -> Scheduled<Void> {
+            loop.scheduleTask(deadline: deadline) {
+                let now = NIODeadline.now()
+                if meter.reads != box.reads {
+                    // Active since the last tick: quiet from now on at the earliest.
+                    box.reads = meter.reads
+                    box.quietSince = now
+                } else if now - box.quietSince >= timeout {
+                    box.scheduled = nil
+                    close()
+                    return
+                }
+                box.scheduled = arm(at: min(now + tick, box.quietSince + timeout))
+            }
+        }
+        box.scheduled = arm(at: box.quietSince + min(tick, timeout))
+        channel.closeFuture.assumeIsolated().whenComplete { _ in
+            box.scheduled?.cancel()
+            box.scheduled = nil
+        }
+    }
+
+    private final class State {
+        var scheduled: Scheduled<Void>?
+        var reads: UInt64
+        var quietSince: NIODeadline
+
+        init(reads: UInt64, quietSince: NIODeadline) {
+            self.reads = reads
+            self.quietSince = quietSince
+        }
+    }
+}

@@ -1,0 +1,399 @@
+import CEpoll
+import Logging
+import MeshCore
+import NIOCore
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// One socket of a relayed connection. Its epoll token is this object; what it reads goes to `peer`.
+final class RelaySide: RelayPollable {
+    unowned(unsafe) let connection: RelayConnection
+    let isClient: Bool
+    var fd: Int32 = -1
+    /// An edge said there is input (or an EOF or error) not read yet.
+    var readable = false
+    /// The peer shut down or the socket failed: read until EAGAIN or EOF, a short read proves nothing.
+    var closing = false
+    /// Input ended (EOF read).
+    var eof = false
+    /// Its write side is shut down (after the peer's EOF and what was pending for it).
+    var shut = false
+    /// Bytes read from the peer that this socket has not taken yet (at most one read's worth).
+    var pending: UnsafeMutableRawBufferPointer?
+    var pendingStart = 0
+
+    init(connection: RelayConnection, isClient: Bool) {
+        self.connection = connection
+        self.isClient = isClient
+    }
+
+    override func ready(_ events: UInt32, tag _: UInt64) {
+        self.connection.ready(self, events)
+    }
+
+    func dropPending() {
+        self.pending?.deallocate()
+        self.pending = nil
+        self.pendingStart = 0
+    }
+}
+
+/// A proxied TCP connection: the accepted client socket and its upstream socket, both on one relay loop.
+///
+/// Bytes move in bursts: on an edge, read into the loop's buffer and send to the other socket at once; a
+/// short read means the socket is drained (a new edge comes with new data), so a 64-byte request costs one
+/// `recv` and one `send`. When the other socket cannot take everything, the rest is copied aside and this
+/// side is not read again until it has gone (back-pressure: at most 64 KiB held per direction). An EOF on
+/// one side becomes `shutdown(SHUT_WR)` on the other once its pending bytes are written; the connection
+/// closes when both directions have ended, on any error, on the idle timeout, or when its route's drain ends.
+final class RelayConnection {
+    unowned(unsafe) let loop: RelayLoop
+    let listener: RelayListener
+    private(set) var client: RelaySide!
+    private(set) var upstream: RelaySide!
+    private let metrics: RouteMetrics
+    private let hash: UInt64
+
+    private enum State {
+        case connecting
+        case open
+        case closed
+    }
+
+    private var state = State.connecting
+    private var tried: [BackendID] = []
+    private var backend: BackendID?
+    private var connectStarted: UInt64 = 0
+    private(set) var connectDeadline: UInt64 = .max
+    private var errorReported = false
+    /// Read bursts so far, and the count and time at the last idle sweep that saw a change.
+    private var activity: UInt64 = 0
+    private var sweptActivity: UInt64 = 0
+    private var quietSince: UInt64
+
+    var isConnecting: Bool { self.state == .connecting }
+
+    init(loop: RelayLoop, listener: RelayListener, clientFD: Int32, hash: UInt64) {
+        self.loop = loop
+        self.listener = listener
+        self.metrics = listener.handle.metrics
+        self.hash = hash
+        self.quietSince = loop.now
+        self.client = RelaySide(connection: self, isClient: true)
+        self.upstream = RelaySide(connection: self, isClient: false)
+        self.client.fd = clientFD
+    }
+
+    /// Registers the client socket and starts connecting upstream.
+    func start() {
+        let handle = self.listener.handle
+        self.loop.adopt(self)
+        self.listener.opened()
+        handle.connectionOpened()
+        self.loop.counters.downstreamChannels.add(1, ordering: .relaxed)
+        do {
+            try self.loop.register(self.client.fd, self.client, tag: 0, events: RelayEvents.stream)
+        } catch {
+            self.loop.logger.warning("relay: cannot watch an accepted socket", metadata: ["error": "\(error)"])
+            self.close()
+            return
+        }
+        self.attempt()
+    }
+
+    // MARK: connecting
+
+    /// Tries backends one after another (up to `connectAttempts`) until one accepts.
+    private func attempt() {
+        let handle = self.listener.handle
+        guard self.state == .connecting else { return }
+        guard let pick = handle.pick(hash: self.hash, excluding: self.tried) else {
+            self.metrics.error(self.tried.isEmpty ? .noBackend : .connectFailure)
+            self.loop.logger.debug(
+                "no backend for connection",
+                metadata: ["service": "\(handle.service)", "tried": "\(self.tried.count)"]
+            )
+            self.close()
+            return
+        }
+        self.tried.append(pick.id)
+        self.backend = pick.id
+        self.connectStarted = RelayLoop.monotonic()
+        let fd: Int32
+        do {
+            fd = try RelaySocket.connect(to: pick.address)
+        } catch {
+            self.connectFailed(error)
+            return
+        }
+        self.upstream.fd = fd
+        self.loop.counters.upstreamChannels.add(1, ordering: .relaxed)
+        do {
+            try self.loop.register(fd, self.upstream, tag: 0, events: RelayEvents.stream)
+        } catch {
+            self.connectFailed(error)
+            return
+        }
+        self.connectDeadline =
+            self.connectStarted &+ UInt64(max(self.loop.configuration.connectTimeout.nanoseconds, 0))
+        self.loop.connectStarted(self)
+    }
+
+    private func connectFailed(_ error: any Error) {
+        let handle = self.listener.handle
+        if let id = self.backend {
+            handle.finish(id, outcome: .failure)
+            self.backend = nil
+        }
+        self.metrics.error(.connectFailure)
+        self.loop.logger.debug(
+            "upstream connect failed",
+            metadata: [
+                "service": "\(handle.service)", "backend": "\(self.tried.last.map { "\($0)" } ?? "-")",
+                "error": "\(error)",
+            ]
+        )
+        self.closeUpstreamSocket()
+        self.upstream.readable = false
+        self.upstream.closing = false
+        if self.tried.count < self.loop.configuration.connectAttempts {
+            self.attempt()
+        } else {
+            self.close()
+        }
+    }
+
+    func connectTimedOut() {
+        guard self.state == .connecting, self.upstream.fd >= 0 else { return }
+        self.connectFailed(RelayLoop.Failure.system("connect", ETIMEDOUT))
+    }
+
+    private func connected() {
+        let handle = self.listener.handle
+        self.state = .open
+        self.connectDeadline = .max
+        let elapsed = RelayLoop.monotonic() &- self.connectStarted
+        self.metrics.upstreamLatency.recordNanoseconds(Int64(clamping: elapsed))
+        if let id = self.backend { handle.report(id, outcome: .success) }
+        // Input that arrived while connecting, either way (server-first protocols too).
+        self.pump(from: self.client, to: self.upstream)
+        if self.state == .open { self.pump(from: self.upstream, to: self.client) }
+    }
+
+    private func closeUpstreamSocket() {
+        guard self.upstream.fd >= 0 else { return }
+        Glibc.close(self.upstream.fd)
+        self.upstream.fd = -1
+        self.loop.counters.upstreamChannels.subtract(1, ordering: .relaxed)
+    }
+
+    // MARK: events
+
+    func ready(_ side: RelaySide, _ events: UInt32) {
+        switch self.state {
+        case .closed:
+            return
+        case .connecting:
+            if side.isClient {
+                if events & (RelayEvents.input | RelayEvents.closing) != 0 { side.readable = true }
+                if events & RelayEvents.closing != 0 { side.closing = true }
+                return
+            }
+            guard events & (RelayEvents.output | RelayEvents.error | RelayEvents.hangUp) != 0 else { return }
+            var code: Int32 = 0
+            var length = socklen_t(MemoryLayout<Int32>.size)
+            let rc = getsockopt(side.fd, SOL_SOCKET, SO_ERROR, &code, &length)
+            if rc != 0 { code = errno }
+            if code != 0 {
+                self.connectFailed(RelayLoop.Failure.system("connect", code))
+                return
+            }
+            if events & (RelayEvents.input | RelayEvents.closing) != 0 { side.readable = true }
+            if events & RelayEvents.closing != 0 { side.closing = true }
+            self.connected()
+        case .open:
+            if events & (RelayEvents.input | RelayEvents.closing) != 0 { side.readable = true }
+            if events & RelayEvents.closing != 0 { side.closing = true }
+            if events & RelayEvents.output != 0, side.pending != nil {
+                guard self.flushPending(side) else { return }
+                // Drained: what the peer held back can flow again.
+                self.pump(from: side.peer(self), to: side)
+                guard self.state == .open else { return }
+            }
+            if side.readable { self.pump(from: side, to: side.peer(self)) }
+        }
+    }
+
+    /// Continues a pump that stopped at its per-event bound.
+    func resume() {
+        guard self.state == .open else { return }
+        if self.client.readable { self.pump(from: self.client, to: self.upstream) }
+        if self.state == .open, self.upstream.readable { self.pump(from: self.upstream, to: self.client) }
+    }
+
+    // MARK: moving bytes
+
+    /// Reads from `source` and sends to `target` until `source` is drained, `target` pushes back, or 16 full
+    /// reads have been moved (then the loop comes back to it after the other ready sockets).
+    private func pump(from source: RelaySide, to target: RelaySide) {
+        guard target.pending == nil, !source.eof else { return }
+        let buffer = self.loop.scratch
+        let base = buffer.baseAddress!
+        var moved = 0
+        var bursts = 0
+        while source.readable {
+            let n = recv(source.fd, base, buffer.count, 0)
+            if n > 0 {
+                moved &+= n
+                if n < buffer.count && !source.closing { source.readable = false }
+                let sent = send(target.fd, base, n, Int32(MSG_NOSIGNAL))
+                if sent == n {
+                    bursts &+= 1
+                    if bursts == 16 && source.readable {
+                        self.loop.runAgain(self)
+                        break
+                    }
+                    continue
+                }
+                if sent < 0 {
+                    let code = errno
+                    guard code == EAGAIN || code == EWOULDBLOCK || code == EINTR else {
+                        self.count(moved, fromClient: source.isClient)
+                        self.fail(code)
+                        return
+                    }
+                    self.hold(base, n, for: target)
+                } else {
+                    self.hold(base + sent, n - sent, for: target)
+                }
+                break
+            } else if n == 0 {
+                source.readable = false
+                source.eof = true
+                if target.pending == nil { self.shutWrite(target) }
+                break
+            } else {
+                let code = errno
+                if code == EAGAIN || code == EWOULDBLOCK {
+                    source.readable = false
+                    break
+                }
+                if code == EINTR { continue }
+                self.count(moved, fromClient: source.isClient)
+                self.fail(code)
+                return
+            }
+        }
+        if moved > 0 { self.count(moved, fromClient: source.isClient) }
+        if self.client.eof && self.upstream.eof && self.client.shut && self.upstream.shut { self.close() }
+    }
+
+    private func count(_ bytes: Int, fromClient: Bool) {
+        guard bytes > 0 else { return }
+        self.activity &+= 1
+        let handle = self.listener.handle
+        if fromClient {
+            handle.countStats(fromClient: bytes, toClient: 0)
+            self.metrics.countBytes(fromClient: bytes, toClient: 0)
+        } else {
+            handle.countStats(fromClient: 0, toClient: bytes)
+            self.metrics.countBytes(fromClient: 0, toClient: bytes)
+        }
+    }
+
+    /// Keeps `count` bytes for `side` until it is writable again.
+    private func hold(_ bytes: UnsafeMutableRawPointer, _ count: Int, for side: RelaySide) {
+        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 1)
+        copy.copyMemory(from: UnsafeRawBufferPointer(start: bytes, count: count))
+        side.pending = copy
+        side.pendingStart = 0
+        self.loop.counters.noteBuffered(count)
+    }
+
+    /// Writes what is pending for `side`; true when nothing is left.
+    private func flushPending(_ side: RelaySide) -> Bool {
+        guard let pending = side.pending else { return true }
+        while side.pendingStart < pending.count {
+            let sent = send(
+                side.fd,
+                pending.baseAddress! + side.pendingStart,
+                pending.count - side.pendingStart,
+                Int32(MSG_NOSIGNAL)
+            )
+            if sent < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                if code == EAGAIN || code == EWOULDBLOCK { return false }
+                self.fail(code)
+                return false
+            }
+            side.pendingStart += sent
+        }
+        side.dropPending()
+        if side.peer(self).eof { self.shutWrite(side) }
+        if self.client.eof && self.upstream.eof && self.client.shut && self.upstream.shut {
+            self.close()
+            return false
+        }
+        return true
+    }
+
+    private func shutWrite(_ side: RelaySide) {
+        guard !side.shut else { return }
+        side.shut = true
+        _ = shutdown(side.fd, Int32(SHUT_WR))
+    }
+
+    private func fail(_ code: Int32) {
+        if !self.errorReported, code == ECONNRESET || code == EPIPE {
+            self.errorReported = true
+            self.metrics.error(.reset)
+        }
+        self.close()
+    }
+
+    // MARK: closing
+
+    /// True when the connection has been quiet for `timeout` (compared at sweeps, see `RelayLoop`).
+    func checkIdle(now: UInt64, timeout: UInt64) -> Bool {
+        if self.activity != self.sweptActivity {
+            self.sweptActivity = self.activity
+            self.quietSince = now
+            return false
+        }
+        return now &- self.quietSince >= timeout
+    }
+
+    /// Closes both sockets and settles the counters. Idempotent.
+    func close() {
+        guard self.state != .closed else { return }
+        let wasOpen = self.state == .open
+        self.state = .closed
+        let handle = self.listener.handle
+        if self.client.fd >= 0 {
+            Glibc.close(self.client.fd)
+            self.client.fd = -1
+        }
+        self.closeUpstreamSocket()
+        self.client.dropPending()
+        self.upstream.dropPending()
+        if wasOpen, let id = self.backend { handle.finish(id, outcome: .neutral) }
+        self.backend = nil
+        handle.connectionClosed()
+        self.listener.closed()
+        self.loop.counters.downstreamChannels.subtract(1, ordering: .relaxed)
+        self.loop.retire(self)
+    }
+}
+
+extension RelaySide {
+    /// The other socket of the connection.
+    @inline(__always)
+    func peer(_ connection: RelayConnection) -> RelaySide {
+        self.isClient ? connection.upstream : connection.client
+    }
+}

@@ -1,0 +1,315 @@
+import CEpoll
+import Logging
+import MeshCore
+import NIOCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The relay loops of one data plane, one per event loop of its group, started on first use (an agent with
+/// no TCP route runs no relay thread).
+final class RelayEngine: Sendable {
+    private let configuration: DataPlaneConfiguration
+    private let counters: DataPlaneCounters
+    private let logger: Logger
+    private let state = Mutex<[RelayLoop]?>(nil)
+
+    init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters, logger: Logger) {
+        self.configuration = configuration
+        self.counters = counters
+        self.logger = logger
+    }
+
+    /// The loops, starting them first if needed. Each is started from one of `group`'s event-loop threads,
+    /// so it lives in that thread's network namespace.
+    func loops(on group: any EventLoopGroup) async throws -> [RelayLoop] {
+        if let loops = self.state.withLock({ $0 }) { return loops }
+        var started: [RelayLoop] = []
+        for eventLoop in group.makeIterator() {
+            let configuration = self.configuration
+            let counters = self.counters
+            let logger = self.logger
+            started.append(
+                try await eventLoop.submit {
+                    try RelayLoop.start(configuration: configuration, counters: counters, logger: logger)
+                }.get()
+            )
+        }
+        let (loops, extra) = self.state.withLock { state -> ([RelayLoop], [RelayLoop]) in
+            if let existing = state { return (existing, started) }
+            state = started
+            return (started, [])
+        }
+        for loop in extra { loop.stop() }
+        return loops
+    }
+
+    /// Stops every loop (closing what is still open) and waits up to 2 s for the threads to finish.
+    func shutdown() async {
+        guard
+            let loops = self.state.withLock({ state -> [RelayLoop]? in
+                defer { state = nil }
+                return state
+            })
+        else { return }
+        for loop in loops { loop.stop() }
+        let deadline = ContinuousClock.now + .seconds(2)
+        while loops.contains(where: { !$0.hasStopped }), ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(2))
+        }
+    }
+}
+
+/// A TCP route's listening socket, watched by every relay loop of the data plane (EPOLLEXCLUSIVE: one loop
+/// is woken per connection), and the count of its open connections.
+final class RelayListener: Sendable {
+    let handle: RouteHandle
+    let fd: Int32
+    private let loops: [RelayLoop]
+    private let acceptors: [RelayAcceptor.Box]
+    private let open = Atomic<Int>(0)
+
+    /// Binds and listens on `address` from a thread of `group` (its network namespace), and starts
+    /// accepting on `loops`.
+    static func bind(
+        handle: RouteHandle,
+        address: SocketAddress,
+        backlog: Int,
+        loops: [RelayLoop],
+        group: any EventLoopGroup
+    ) async throws -> RelayListener {
+        let fd = try await group.next().submit { try RelaySocket.listen(on: address, backlog: backlog) }.get()
+        let listener = RelayListener(handle: handle, fd: fd, loops: loops)
+        try await listener.start()
+        return listener
+    }
+
+    private init(handle: RouteHandle, fd: Int32, loops: [RelayLoop]) {
+        self.handle = handle
+        self.fd = fd
+        self.loops = loops
+        self.acceptors = loops.map { _ in RelayAcceptor.Box() }
+    }
+
+    private func start() async throws {
+        for (loop, box) in zip(self.loops, self.acceptors) {
+            try await Self.onLoop(loop) {
+                let acceptor = RelayAcceptor(listener: self, loop: loop)
+                try loop.register(
+                    self.fd,
+                    acceptor,
+                    tag: 0,
+                    events: RelayEvents.input | RelayEvents.exclusive
+                )
+                box.set(acceptor)
+            }
+        }
+    }
+
+    /// Open connections accepted here.
+    var openConnections: Int { self.open.load(ordering: .relaxed) }
+
+    func opened() { self.open.add(1, ordering: .relaxed) }
+    func closed() { self.open.subtract(1, ordering: .relaxed) }
+
+    /// Stops accepting and closes the listening socket; open connections carry on.
+    func stopAccepting() async {
+        for (loop, box) in zip(self.loops, self.acceptors) {
+            try? await Self.onLoop(loop) {
+                guard let acceptor = box.take() else { return }
+                acceptor.detached = true
+                loop.deregister(self.fd)
+            }
+        }
+        Glibc.close(self.fd)
+    }
+
+    /// Closes every open connection accepted here.
+    func closeAll() async {
+        for loop in self.loops {
+            try? await Self.onLoop(loop) { loop.closeAll(of: self) }
+        }
+    }
+
+    /// Runs `body` on `loop`'s thread and waits for it.
+    private static func onLoop(_ loop: RelayLoop, _ body: @escaping @Sendable () throws -> Void) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let queued = loop.execute { continuation.resume(with: Result { try body() }) }
+            if !queued { continuation.resume(throwing: RelayLoop.Failure.system("relay loop stopped", ESHUTDOWN)) }
+        }
+    }
+}
+
+/// A listening socket as seen by one relay loop.
+final class RelayAcceptor: RelayPollable {
+    /// Holds a loop's acceptor for the listener (set and taken on that loop's thread only).
+    final class Box: @unchecked Sendable {
+        private var acceptor: RelayAcceptor?
+        func set(_ acceptor: RelayAcceptor) { self.acceptor = acceptor }
+        func take() -> RelayAcceptor? {
+            defer { self.acceptor = nil }
+            return self.acceptor
+        }
+    }
+
+    let listener: RelayListener
+    unowned(unsafe) let loop: RelayLoop
+    var detached = false
+    var fd: Int32 { self.listener.fd }
+    private var lastWarning: UInt64 = 0
+
+    init(listener: RelayListener, loop: RelayLoop) {
+        self.listener = listener
+        self.loop = loop
+    }
+
+    /// Accepts up to 16 connections per wake-up (level-triggered: more wake the loop again).
+    override func ready(_ events: UInt32, tag _: UInt64) {
+        guard !self.detached else { return }
+        let handle = self.listener.handle
+        let configuration = self.loop.configuration
+        for _ in 0..<16 {
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let fd = withUnsafeMutablePointer(to: &storage) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    mesh_accept4(self.fd, $0, &length, Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue))
+                }
+            }
+            if fd < 0 {
+                let code = errno
+                switch code {
+                case EAGAIN, EWOULDBLOCK:
+                    return
+                case EINTR, ECONNABORTED, EPROTO:
+                    continue
+                default:
+                    // Out of descriptors or memory: level-triggered, so stop watching for 100 ms rather than spin.
+                    if self.loop.now &- self.lastWarning > 10_000_000_000 || self.lastWarning == 0 {
+                        self.lastWarning = self.loop.now
+                        self.loop.logger.warning(
+                            "relay: accept failed, pausing the listener for 100 ms",
+                            metadata: ["listener": "\(handle.key)", "errno": "\(code)"]
+                        )
+                    }
+                    self.loop.pause(self, for: 100_000_000)
+                    return
+                }
+            }
+            guard handle.stats.activeConnections.load(ordering: .relaxed) < configuration.maxConnectionsPerListener
+            else {
+                handle.metrics.error(.overflow)
+                Glibc.close(fd)
+                continue
+            }
+            var one: Int32 = 1
+            _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            var hash: UInt64 = 0
+            if handle.hashesRequests, let ip = RelaySocket.ip(of: storage) {
+                hash = StableHash.hash(ip)
+            }
+            RelayConnection(loop: self.loop, listener: self.listener, clientFD: fd, hash: hash).start()
+        }
+    }
+}
+
+/// The socket calls the relay makes, with errors that say what failed.
+enum RelaySocket {
+    static func listen(on address: SocketAddress, backlog: Int) throws -> Int32 {
+        let family: Int32
+        switch address {
+        case .v4: family = AF_INET
+        case .v6: family = AF_INET6
+        case .unixDomainSocket: throw RelayLoop.Failure.system("listen on a unix socket", EAFNOSUPPORT)
+        }
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw RelayLoop.Failure.system("socket", errno) }
+        var one: Int32 = 1
+        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        let rc = Self.withSockAddr(address) { Glibc.bind(fd, $0, $1) }
+        guard rc == 0 else {
+            let code = errno
+            Glibc.close(fd)
+            throw RelayLoop.Failure.system("bind \(address)", code)
+        }
+        guard Glibc.listen(fd, Int32(clamping: backlog)) == 0 else {
+            let code = errno
+            Glibc.close(fd)
+            throw RelayLoop.Failure.system("listen \(address)", code)
+        }
+        return fd
+    }
+
+    /// A non-blocking socket connecting to `address` (the connect is under way or done when it returns).
+    static func connect(to address: SocketAddress) throws -> Int32 {
+        let family: Int32
+        switch address {
+        case .v4: family = AF_INET
+        case .v6: family = AF_INET6
+        case .unixDomainSocket: throw RelayLoop.Failure.system("connect to a unix socket", EAFNOSUPPORT)
+        }
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw RelayLoop.Failure.system("socket", errno) }
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        let rc = Self.withSockAddr(address) { Glibc.connect(fd, $0, $1) }
+        if rc != 0 {
+            let code = errno
+            guard code == EINPROGRESS || code == EINTR else {
+                Glibc.close(fd)
+                throw RelayLoop.Failure.system("connect \(address)", code)
+            }
+        }
+        return fd
+    }
+
+    static func withSockAddr<T>(
+        _ address: SocketAddress,
+        _ body: (UnsafePointer<sockaddr>, socklen_t) -> T
+    ) -> T {
+        switch address {
+        case .v4(let a):
+            var storage = a.address
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    body($0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+        case .v6(let a):
+            var storage = a.address
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    body($0, socklen_t(MemoryLayout<sockaddr_in6>.size))
+                }
+            }
+        case .unixDomainSocket:
+            preconditionFailure("unix sockets are refused before")
+        }
+    }
+
+    /// The IP address of an accepted peer.
+    static func ip(of storage: sockaddr_storage) -> IPAddress? {
+        var storage = storage
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) {
+                    IPAddress.v4(UInt32(bigEndian: $0.pointee.sin_addr.s_addr))
+                }
+            }
+        case AF_INET6:
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { pointer -> IPAddress? in
+                    var address = pointer.pointee.sin6_addr
+                    return withUnsafeBytes(of: &address) { IPAddress(bytes: Array($0)) }
+                }
+            }
+        default:
+            return nil
+        }
+    }
+}

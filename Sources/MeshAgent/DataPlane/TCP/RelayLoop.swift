@@ -1,0 +1,343 @@
+import CEpoll
+import Logging
+import NIOCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Something registered with a relay loop's epoll set. Its epoll token is the object's address with a tag
+/// in the low bits (objects are 16-byte aligned), so an event costs no look-up.
+class RelayPollable {
+    /// Called on the loop's thread with the epoll events and the tag the object was registered with.
+    func ready(_ events: UInt32, tag: UInt64) {}
+}
+
+/// One thread running an epoll loop for the L4 TCP relay: it accepts on the listeners registered with it,
+/// connects upstream, and moves bytes between the two sockets of each connection with one `recv` and one
+/// `send` per burst into a shared 64 KiB buffer. There is no per-message object, no pipeline and no
+/// promise on this path; a connection costs two sockets, one small object per side, and at most one read's
+/// worth of bytes held while the receiving side cannot take them.
+///
+/// Thread model: everything but `execute(_:)` and `stop()` runs on the loop's own thread. Other threads hand
+/// work over with `execute(_:)` (a mutex-protected queue plus an eventfd wake-up).
+final class RelayLoop: @unchecked Sendable {
+    enum Failure: Error, CustomStringConvertible {
+        case system(String, Int32)
+
+        var description: String {
+            switch self {
+            case .system(let call, let code): return "\(call): \(String(cString: strerror(code))) (errno \(code))"
+            }
+        }
+    }
+
+    let configuration: DataPlaneConfiguration
+    let counters: DataPlaneCounters
+    let logger: Logger
+    private let epoll: Int32
+    private let wakeFD: Int32
+    private let inbox = Mutex<Inbox>(Inbox())
+
+    private struct Inbox {
+        var tasks: [@Sendable () -> Void] = []
+        var stopping = false
+        var stopped = false
+        var signalled = false
+    }
+
+    // MARK: loop-thread state
+
+    /// The buffer every relay of this loop reads into (64 KiB).
+    let scratch: UnsafeMutableRawBufferPointer
+    /// Open connections, owned here (epoll holds only unretained tokens).
+    private var live: [ObjectIdentifier: RelayConnection] = [:]
+    /// Connections closed during the current batch of events: kept alive until the batch is done, since a
+    /// later event in the same batch may name them.
+    private var retired: [RelayConnection] = []
+    /// Connections whose pump stopped at its per-event bound with bytes still to read.
+    private var again: [RelayConnection] = []
+    /// Connections waiting for their upstream connect, checked against their deadline.
+    private var connecting: [RelayConnection] = []
+    private var nextConnectDeadline = UInt64.max
+    /// Idle sweep: every eighth of the idle timeout, every connection's activity count is compared with the
+    /// previous sweep's; reads cost no clock read.
+    private let sweepInterval: UInt64
+    private var nextSweep: UInt64
+    /// Acceptors paused after EMFILE/ENFILE, with the time to resume them.
+    private var paused: [(acceptor: RelayAcceptor, until: UInt64)] = []
+    private(set) var now: UInt64
+
+    private init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters, logger: Logger) throws {
+        self.configuration = configuration
+        self.counters = counters
+        self.logger = logger
+        let epoll = epoll_create1(Int32(EPOLL_CLOEXEC))
+        guard epoll >= 0 else { throw Failure.system("epoll_create1", errno) }
+        let wake = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        guard wake >= 0 else {
+            let code = errno
+            close(epoll)
+            throw Failure.system("eventfd", code)
+        }
+        var event = epoll_event()
+        event.events = RelayEvents.input
+        event.data.u64 = 0
+        guard epoll_ctl(epoll, EPOLL_CTL_ADD, wake, &event) == 0 else {
+            let code = errno
+            close(epoll)
+            close(wake)
+            throw Failure.system("epoll_ctl", code)
+        }
+        self.epoll = epoll
+        self.wakeFD = wake
+        self.scratch = .allocate(byteCount: 64 * 1024, alignment: 16)
+        let timeout = UInt64(max(configuration.tcpIdleTimeout.nanoseconds, 1_000_000))
+        self.sweepInterval = max(timeout / 8, 1_000_000)
+        self.now = RelayLoop.monotonic()
+        self.nextSweep = self.now &+ self.sweepInterval
+    }
+
+    deinit {
+        self.scratch.deallocate()
+    }
+
+    /// Starts a loop on a new thread. The thread is created by the calling thread, so it is in the calling
+    /// thread's network namespace: call it from the event loop whose namespace the relay must use.
+    static func start(
+        configuration: DataPlaneConfiguration,
+        counters: DataPlaneCounters,
+        logger: Logger
+    ) throws
+        -> RelayLoop
+    {
+        let loop = try RelayLoop(configuration: configuration, counters: counters, logger: logger)
+        DedicatedThread.start(name: "mesh-relay") { loop.run() }
+        return loop
+    }
+
+    static func monotonic() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+    }
+
+    // MARK: any thread
+
+    /// Runs `task` on the loop's thread. Returns false (and drops the task) once the loop has stopped.
+    @discardableResult
+    func execute(_ task: @escaping @Sendable () -> Void) -> Bool {
+        let signal = self.inbox.withLock { inbox -> Bool? in
+            guard !inbox.stopping else { return nil }
+            inbox.tasks.append(task)
+            defer { inbox.signalled = true }
+            return !inbox.signalled
+        }
+        guard let signal else { return false }
+        if signal {
+            var one: UInt64 = 1
+            _ = write(self.wakeFD, &one, 8)
+        }
+        return true
+    }
+
+    /// Asks the loop to close every connection and exit; returns at once.
+    func stop() {
+        let wasRunning = self.inbox.withLock { inbox -> Bool in
+            defer { inbox.stopping = true }
+            return !inbox.stopping
+        }
+        guard wasRunning else { return }
+        var one: UInt64 = 1
+        _ = write(self.wakeFD, &one, 8)
+    }
+
+    /// Whether the loop thread has finished (after `stop()`).
+    var hasStopped: Bool { self.inbox.withLock { $0.stopped } }
+
+    // MARK: loop thread
+
+    private func run() {
+        let capacity: Int32 = 64
+        let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: Int(capacity))
+        defer { events.deallocate() }
+        while true {
+            let timeout = self.again.isEmpty ? self.timeoutMilliseconds() : 0
+            let count = epoll_wait(self.epoll, events, capacity, timeout)
+            if count < 0 {
+                guard errno == EINTR else {
+                    self.logger.critical("relay loop: epoll_wait failed", metadata: ["errno": "\(errno)"])
+                    break
+                }
+                continue
+            }
+            self.now = RelayLoop.monotonic()
+            var wake = false
+            for i in 0..<Int(count) {
+                let token = events[i].data.u64
+                if token == 0 {
+                    wake = true
+                    continue
+                }
+                let address = UInt(token & ~RelayToken.tagMask)
+                let object = Unmanaged<RelayPollable>.fromOpaque(UnsafeRawPointer(bitPattern: address)!)
+                    .takeUnretainedValue()
+                object.ready(events[i].events, tag: token & RelayToken.tagMask)
+            }
+            if !self.again.isEmpty {
+                let pending = self.again
+                self.again = []
+                for connection in pending { connection.resume() }
+            }
+            if wake, self.runTasks() { break }
+            if self.now >= self.nextConnectDeadline { self.expireConnects() }
+            if self.now >= self.nextSweep { self.sweep() }
+            if !self.paused.isEmpty { self.resumeAcceptors() }
+            self.retired.removeAll(keepingCapacity: true)
+        }
+        for connection in Array(self.live.values) { connection.close() }
+        self.retired.removeAll()
+        close(self.epoll)
+        close(self.wakeFD)
+        self.inbox.withLock { $0.stopped = true }
+    }
+
+    /// Runs queued tasks; true when the loop must stop.
+    private func runTasks() -> Bool {
+        var value: UInt64 = 0
+        _ = read(self.wakeFD, &value, 8)
+        let (tasks, stopping) = self.inbox.withLock { inbox -> ([@Sendable () -> Void], Bool) in
+            let tasks = inbox.tasks
+            inbox.tasks = []
+            inbox.signalled = false
+            return (tasks, inbox.stopping)
+        }
+        for task in tasks { task() }
+        return stopping
+    }
+
+    private func timeoutMilliseconds() -> Int32 {
+        var deadline = min(self.nextSweep, self.nextConnectDeadline)
+        for entry in self.paused { deadline = min(deadline, entry.until) }
+        let now = RelayLoop.monotonic()
+        guard deadline > now else { return 0 }
+        let ms = (deadline - now + 999_999) / 1_000_000
+        return Int32(min(ms, 60_000))
+    }
+
+    // MARK: registration (loop thread)
+
+    /// Adds `fd` to the epoll set with `events`; the token is `object`'s address plus `tag`.
+    func register(_ fd: Int32, _ object: RelayPollable, tag: UInt64, events: UInt32) throws {
+        var event = epoll_event()
+        event.events = events
+        event.data.u64 = RelayToken.make(object, tag: tag)
+        guard epoll_ctl(self.epoll, EPOLL_CTL_ADD, fd, &event) == 0 else {
+            throw Failure.system("epoll_ctl(ADD)", errno)
+        }
+    }
+
+    func deregister(_ fd: Int32) {
+        var event = epoll_event()
+        _ = epoll_ctl(self.epoll, EPOLL_CTL_DEL, fd, &event)
+    }
+
+    func adopt(_ connection: RelayConnection) {
+        self.live[ObjectIdentifier(connection)] = connection
+    }
+
+    func retire(_ connection: RelayConnection) {
+        if let removed = self.live.removeValue(forKey: ObjectIdentifier(connection)) {
+            self.retired.append(removed)
+        }
+    }
+
+    func runAgain(_ connection: RelayConnection) {
+        self.again.append(connection)
+    }
+
+    func connectStarted(_ connection: RelayConnection) {
+        self.connecting.append(connection)
+        self.nextConnectDeadline = min(self.nextConnectDeadline, connection.connectDeadline)
+    }
+
+    func pause(_ acceptor: RelayAcceptor, for nanoseconds: UInt64) {
+        self.deregister(acceptor.fd)
+        self.paused.append((acceptor, self.now &+ nanoseconds))
+    }
+
+    /// Closes every connection accepted for `listener` on this loop.
+    func closeAll(of listener: RelayListener) {
+        for connection in Array(self.live.values) where connection.listener === listener {
+            connection.close()
+        }
+    }
+
+    private func expireConnects() {
+        var next = UInt64.max
+        let now = self.now
+        var expired: [RelayConnection] = []
+        self.connecting.removeAll { connection in
+            guard connection.isConnecting else { return true }
+            if connection.connectDeadline <= now {
+                expired.append(connection)
+                return true
+            }
+            next = min(next, connection.connectDeadline)
+            return false
+        }
+        self.nextConnectDeadline = next
+        for connection in expired { connection.connectTimedOut() }
+    }
+
+    private func sweep() {
+        let timeout = UInt64(max(self.configuration.tcpIdleTimeout.nanoseconds, 1_000_000))
+        let now = self.now
+        var quiet: [RelayConnection] = []
+        for connection in self.live.values where connection.checkIdle(now: now, timeout: timeout) {
+            quiet.append(connection)
+        }
+        for connection in quiet { connection.close() }
+        self.nextSweep = now &+ self.sweepInterval
+    }
+
+    private func resumeAcceptors() {
+        let now = self.now
+        var resumed: [RelayAcceptor] = []
+        self.paused.removeAll { entry in
+            guard entry.until <= now else { return false }
+            resumed.append(entry.acceptor)
+            return true
+        }
+        for acceptor in resumed where !acceptor.detached {
+            try? self.register(acceptor.fd, acceptor, tag: 0, events: RelayEvents.input | RelayEvents.exclusive)
+        }
+    }
+}
+
+/// epoll event bits as `UInt32`.
+enum RelayEvents {
+    static let input = UInt32(EPOLLIN.rawValue)
+    static let output = UInt32(EPOLLOUT.rawValue)
+    static let readHangUp = UInt32(EPOLLRDHUP.rawValue)
+    static let hangUp = UInt32(EPOLLHUP.rawValue)
+    static let error = UInt32(EPOLLERR.rawValue)
+    static let edge = UInt32(EPOLLET.rawValue)
+    static let exclusive = UInt32(EPOLLEXCLUSIVE.rawValue)
+    /// A connection socket: readable, writable, peer shut down, edge-triggered (registered once, never
+    /// modified: no `epoll_ctl` per request).
+    static let stream = input | output | readHangUp | edge
+    /// End of input or an error: the read that follows must not stop at a short read.
+    static let closing = readHangUp | hangUp | error
+}
+
+enum RelayToken {
+    static let tagMask: UInt64 = 0xF
+
+    static func make(_ object: RelayPollable, tag: UInt64) -> UInt64 {
+        UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque())) | tag
+    }
+}
