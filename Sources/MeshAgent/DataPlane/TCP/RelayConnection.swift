@@ -219,9 +219,9 @@ final class RelayConnection {
             if events & (RelayEvents.input | RelayEvents.closing) != 0 { side.readable = true }
             if events & RelayEvents.closing != 0 { side.closing = true }
             if events & RelayEvents.output != 0, side.pending != nil {
-                guard self.flushPending(side) else { return }
-                // Drained: what the peer held back can flow again.
-                self.pump(from: side.peer(self), to: side)
+                // Drained: what the peer held back can flow again. Not drained: this side's own input still
+                // flows the other way below (a client that writes before it reads must not stall).
+                if self.flushPending(side) { self.pump(from: side.peer(self), to: side) }
                 guard self.state == .open else { return }
             }
             if side.readable { self.pump(from: side, to: side.peer(self)) }
