@@ -19,6 +19,8 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
+        // What the benchmarks share (process figures from /proc).
+        .target(name: "PerfSupport", path: "Sources/PerfSupport", swiftSettings: swiftSettings),
         // Data-plane benchmarks: our proxy (the MeshAgent library's DataPlane with one route), test
         // backends, the open-loop load generator, a bulk-transfer client and the quiet check.
         .executableTarget(
@@ -47,6 +49,7 @@ let package = Package(
                 .product(name: "MeshIdentity", package: "edge-mesh"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "PerfSupport",
             ],
             path: "Sources/ControlWatch",
             swiftSettings: swiftSettings
@@ -61,6 +64,7 @@ let package = Package(
                 .product(name: "MeshIdentity", package: "edge-mesh"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "PerfSupport",
             ],
             path: "Sources/NodeHeartbeat",
             swiftSettings: swiftSettings

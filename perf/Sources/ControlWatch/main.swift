@@ -5,6 +5,7 @@ import MeshCore
 import MeshHTTP
 import MeshIdentity
 import NIOCore
+import PerfSupport
 
 /// Fan-out delay of the control plane's watch: N watchers on endpoints, a burst of M updates, the
 /// delay from each update's send to its arrival at each watcher; and the server's memory.
@@ -37,7 +38,7 @@ struct ControlWatchBench: AsyncParsableCommand {
         // One Endpoints object per writer, updated in turn.
         for w in 0..<self.writers { try await client.apply(Self.endpoints(ns, w, sent: 0)) }
         let start = Int64(try await client.list(Endpoints.self, namespace: ns).metadata.resourceVersion)!
-        let rssBefore = Self.rss(self.pid)
+        let rssBefore = ProcessStats.rss(self.pid)
         let expected = self.updates
         let clock = ContinuousClock.now
 
@@ -74,7 +75,7 @@ struct ControlWatchBench: AsyncParsableCommand {
                 try await writersGroup.waitForAll()
             }
             print("burst of \(expected) updates written in \(ContinuousClock.now - writeStart)")
-            let peak = Self.rss(pid)
+            let peak = ProcessStats.rss(pid)
             // A deadline in the group: its sentinel result cancels the watchers still waiting.
             group.addTask {
                 try? await Task.sleep(for: .seconds(timeout))
@@ -98,7 +99,7 @@ struct ControlWatchBench: AsyncParsableCommand {
             guard !delays.isEmpty else { return .nan }
             return Double(delays[min(delays.count - 1, Int(Double(delays.count) * p))]) / 1e6
         }
-        let rssAfter = Self.rss(self.pid)
+        let rssAfter = ProcessStats.rss(self.pid)
         let elapsed = ContinuousClock.now - clock
         let figures: [(String, String)] = [
             ("watchers", "\(self.watchers)"), ("updates", "\(expected)"),
@@ -150,11 +151,4 @@ struct ControlWatchBench: AsyncParsableCommand {
         return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
     }
 
-    static func rss(_ pid: Int32) -> Int {
-        guard pid > 0, let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return 0 }
-        for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
-            return (line.split(separator: " ").compactMap { Int($0) }.first ?? 0) * 1024
-        }
-        return 0
-    }
 }

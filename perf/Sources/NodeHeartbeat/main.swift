@@ -5,6 +5,7 @@ import MeshCore
 import MeshHTTP
 import MeshIdentity
 import NIOCore
+import PerfSupport
 import Synchronization
 
 /// N simulated nodes heartbeating against a running mesh-control, each on its own kept-alive TLS
@@ -43,7 +44,7 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
         let base = ControlClient(endpoint: endpoint, tls: HTTPClientTLS(context: try MeshTLS.clientContext(admin)))
         let count = self.nodes
         let names = (0..<count).map { String(format: "sim-%05d", $0) }
-        let rssIdle = Self.rss(self.pid)
+        let rssIdle = ProcessStats.rss(self.pid)
 
         // Set-up: register every node (as the admin, so it is Unknown) and beat once (Ready): two
         // store writes per node, the cost of a fleet coming online.
@@ -75,7 +76,7 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
         }
         let setup = ContinuousClock.now - setupStart
         print("set-up: \(count) nodes registered\(mode == "beat" ? " and Ready" : "") in \(setup)")
-        let rssConnected = Self.rss(self.pid)
+        let rssConnected = ProcessStats.rss(self.pid)
 
         // One watcher on nodes counts the events the beats cause.
         let rv = Int64(try await base.list(Node.self, labelSelector: "bench=node-heartbeat").metadata.resourceVersion)!
@@ -127,7 +128,7 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
         }
         let window = ContinuousClock.now - windowStart
         let cpuAfter = Self.cpuSeconds(self.pid)
-        let rssEnd = Self.rss(self.pid)
+        let rssEnd = ProcessStats.rss(self.pid)
         try await Task.sleep(for: .milliseconds(300))
         watcher.cancel()
         for s in sessions { s.session?.close() }
@@ -185,13 +186,6 @@ struct NodeHeartbeatBench: AsyncParsableCommand {
         return (u + s) / Double(sysconf(Int32(_SC_CLK_TCK)))
     }
 
-    static func rss(_ pid: Int32) -> Int {
-        guard pid > 0, let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return 0 }
-        for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
-            return (line.split(separator: " ").compactMap { Int($0) }.first ?? 0) * 1024
-        }
-        return 0
-    }
 }
 
 /// A counter tasks share.
