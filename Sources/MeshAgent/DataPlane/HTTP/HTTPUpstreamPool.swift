@@ -108,7 +108,7 @@ final class LoopPool {
         on loop: any EventLoop
     ) -> EventLoopFuture<UpstreamConnection> {
         let configuration = self.configuration
-        let handler = UpstreamHTTPHandler()
+        let handler = UpstreamHTTPHandler(decoder: HTTPDecodingHandler())
         let bound = NIOLoopBound(handler, eventLoop: loop)
         return ClientBootstrap(group: loop)
             .connectTimeout(configuration.connectTimeout)
@@ -118,16 +118,9 @@ final class LoopPool {
             )
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    // The response decoder (llhttp) and the handler; requests go out as bytes (`HTTPWire`).
                     let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(HTTPRequestEncoder())
-                    try sync.addHandler(
-                        ByteToMessageHandler(
-                            HTTPResponseDecoder(
-                                leftOverBytesStrategy: .forwardBytes,
-                                informationalResponseStrategy: .forward
-                            )
-                        )
-                    )
+                    try sync.addHandler(bound.value.decoder)
                     try sync.addHandler(bound.value)
                 }
             }
@@ -231,12 +224,18 @@ private final class IdleList {
     }
 }
 
-/// The last handler of an upstream connection: hands response parts to the client connection that owns the
-/// exchange, and holds reading while that client cannot take more.
+/// The last handler of an upstream connection: sends requests (serialised heads, framed bodies), hands
+/// response parts to the client connection that owns the exchange, and holds reading while that client cannot
+/// take more.
 final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPClientResponsePart
-    typealias OutboundIn = HTTPClientRequestPart
-    typealias OutboundOut = HTTPClientRequestPart
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// The response decoder in front of this handler.
+    let decoder: HTTPDecodingHandler
+    /// Request bytes not written yet (a head and what follows it in the same burst go out as one).
+    private var out = HTTPOutbox()
 
     /// The client-side handler whose request this connection carries; nil while idle in the pool.
     var owner: HTTPProxyHandler?
@@ -246,6 +245,10 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var pendingRead = false
     private(set) var lastError: (any Error)?
 
+    init(decoder: HTTPDecodingHandler) {
+        self.decoder = decoder
+    }
+
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
     }
@@ -254,12 +257,31 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.context = nil
     }
 
-    func write(_ part: HTTPClientRequestPart) {
-        self.context?.write(self.wrapOutboundOut(part), promise: nil)
+    /// A serialised request head for a request with `head`'s method (the decoder expects its response).
+    func sendHead(_ bytes: ByteBuffer, for head: HTTPRequestHead) {
+        guard let context = self.context else { return }
+        self.decoder.expectResponse(to: head)
+        self.out.queue(bytes, context: context)
     }
 
+    func sendBody(_ bytes: ByteBuffer, chunked: Bool) {
+        guard let context = self.context else { return }
+        if chunked {
+            self.out.queueChunk(bytes, context: context)
+        } else {
+            self.out.queue(bytes, context: context)
+        }
+    }
+
+    func sendEnd(trailers: HTTPHeaders?, chunked: Bool) {
+        guard chunked, let context = self.context else { return }
+        self.out.queueLastChunk(trailers: trailers, context: context)
+    }
+
+    /// Writes what was sent and flushes.
     func flush() {
-        self.context?.flush()
+        guard let context = self.context else { return }
+        self.out.flush(context: context)
     }
 
     var isWritable: Bool { self.context?.channel.isWritable ?? false }
