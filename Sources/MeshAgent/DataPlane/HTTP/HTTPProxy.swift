@@ -74,6 +74,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let isUpgrade: Bool
         let hash: UInt64
         var pendingBody: [ByteBuffer] = []
+        /// The request's trailers, when it ended before it could be sent.
+        var pendingTrailers: HTTPHeaders?
         /// The client sent `.end`.
         var requestEnded = false
         /// `.end` went upstream.
@@ -389,6 +391,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                     exchange.requestSent = true
                     self.flushUpstreamSoon(upstream)
                     exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
+                } else {
+                    exchange.pendingTrailers = trailers
                 }
                 self.finishIfDone(exchange)
             case .discarding:
@@ -597,7 +601,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         exchange.pendingBody = []
         if exchange.requestEnded {
-            handler.sendEnd(trailers: nil, chunked: exchange.chunkedRequest)
+            handler.sendEnd(trailers: exchange.pendingTrailers, chunked: exchange.chunkedRequest)
             exchange.requestSent = true
             exchange.responseDeadline = (now ?? .now()) + self.configuration.upstreamResponseTimeout
         }
