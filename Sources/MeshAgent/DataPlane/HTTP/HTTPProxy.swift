@@ -469,17 +469,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var chunked = false
         for (name, value) in requestHead.headers {
             switch name.utf8.count {
-            case 7 where upgradeValue == nil && name.asciiCaseInsensitiveEquals("upgrade"):
+            case 7 where upgradeValue == nil && name.equalsLowercased("upgrade"):
                 upgradeValue = value
                 hopByHop = true
-            case 10 where name.asciiCaseInsensitiveEquals("connection"):
+            case 10 where name.equalsLowercased("connection"):
                 hopByHop = true
                 connectionUpgrade = connectionUpgrade || HTTPProxy.listContainsToken(value, "upgrade")
-            case 12 where !hasRequestID && name.asciiCaseInsensitiveEquals("x-request-id"):
+            case 12 where !hasRequestID && name.equalsLowercased("x-request-id"):
                 hasRequestID = true
-            case 15 where forwardedFor == nil && name.asciiCaseInsensitiveEquals("x-forwarded-for"):
+            case 15 where forwardedFor == nil && name.equalsLowercased("x-forwarded-for"):
                 forwardedFor = value
-            case 17 where name.asciiCaseInsensitiveEquals("transfer-encoding"):
+            case 17 where name.equalsLowercased("transfer-encoding"):
                 chunked = true
             default:
                 hopByHop = hopByHop || HTTPWire.isHopByHopName(name)
@@ -725,11 +725,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange: Exchange,
         allocator: ByteBufferAllocator
     ) -> ByteBuffer {
-        var edits = HTTPWire.ResponseEdits(hopByHop: HTTPWire.HopByHop(response.headers))
+        let scan = HTTPWire.ResponseScan(response.headers)
+        var edits = HTTPWire.ResponseEdits(hopByHop: scan.hopByHop)
         let http10 = exchange.clientVersion == .http1_0
         var framing = HTTPWire.Framing.raw
-        switch HTTPWire.responseBody(status: response.status, requestMethod: exchange.method, headers: response.headers)
-        {
+        switch HTTPWire.responseBody(status: response.status, requestMethod: exchange.method, scan: scan) {
         case .none:
             // (A response to HEAD, or a 304, may say how a full body would be framed: Transfer-Encoding is left
             // out all the same, as NIO's encoder did; Content-Length stays.)

@@ -33,18 +33,24 @@ enum HTTPWire {
 
         /// Scans `headers` for hop-by-hop ones.
         init(_ headers: HTTPHeaders) {
-            for (name, value) in headers {
-                switch name.utf8.count {
-                case 10 where name.asciiCaseInsensitiveEquals("connection"):
-                    self.present = true
-                    Self.collectNamed(value, into: &self.named)
-                default:
-                    if !self.present && HTTPWire.isHopByHopName(name) { self.present = true }
-                }
-            }
+            for (name, value) in headers { self.note(name, value) }
         }
 
         init() {}
+
+        /// Takes one header into account.
+        @inline(__always)
+        mutating func note(_ name: String, _ value: String) {
+            switch name.utf8.count {
+            case 10 where name.equalsLowercased("connection"):
+                self.present = true
+                Self.collectNamed(value, into: &self.named)
+            case 2, 7, 10, 16, 18, 19:
+                if !self.present && HTTPWire.isHopByHopName(name) { self.present = true }
+            default:
+                break
+            }
+        }
 
         /// Whether a header called `name` is left out.
         func drops(_ name: String) -> Bool {
@@ -68,20 +74,17 @@ enum HTTPWire {
         }
     }
 
-    static let hopByHopNames: [String] = [
-        "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authenticate",
-        "proxy-authorization",
-    ]
-
+    /// connection, keep-alive, proxy-connection, te, trailer, upgrade, proxy-authenticate,
+    /// proxy-authorization (by length first).
     static func isHopByHopName(_ name: String) -> Bool {
-        // Cheap length filter before the case-insensitive comparison.
         switch name.utf8.count {
-        case 2, 7, 10, 16, 18, 19:
-            return Self.hopByHopNames.contains {
-                $0.utf8.count == name.utf8.count && $0.asciiCaseInsensitiveEquals(name)
-            }
-        default:
-            return false
+        case 2: return name.equalsLowercased("te")
+        case 7: return name.equalsLowercased("trailer") || name.equalsLowercased("upgrade")
+        case 10: return name.equalsLowercased("connection") || name.equalsLowercased("keep-alive")
+        case 16: return name.equalsLowercased("proxy-connection")
+        case 18: return name.equalsLowercased("proxy-authenticate")
+        case 19: return name.equalsLowercased("proxy-authorization")
+        default: return false
         }
     }
 
@@ -126,7 +129,7 @@ enum HTTPWire {
         let replacesForwardedFor = edits.forwardedFor != nil && edits.priorForwardedFor != nil
         for (name, value) in head.headers {
             if edits.hopByHop.drops(name) { continue }
-            if replacesForwardedFor && name.utf8.count == 15 && name.asciiCaseInsensitiveEquals("x-forwarded-for") {
+            if replacesForwardedFor && name.equalsLowercased("x-forwarded-for") {
                 continue
             }
             sink.putHeader(name, value)
@@ -196,11 +199,7 @@ enum HTTPWire {
         Self.emitStatusLine(version: version, status: status, into: &sink)
         for (name, value) in headers {
             if edits.hopByHop.drops(name) { continue }
-            if edits.dropTransferEncoding && name.utf8.count == 17
-                && name.asciiCaseInsensitiveEquals("transfer-encoding")
-            {
-                continue
-            }
+            if edits.dropTransferEncoding && name.equalsLowercased("transfer-encoding") { continue }
             sink.putHeader(name, value)
         }
         switch edits.connectionClose {
@@ -305,25 +304,40 @@ enum HTTPWire {
     static func responseBody(status: HTTPResponseStatus, requestMethod: HTTPMethod, headers: HTTPHeaders)
         -> ResponseBody
     {
+        Self.responseBody(status: status, requestMethod: requestMethod, scan: ResponseScan(headers))
+    }
+
+    static func responseBody(status: HTTPResponseStatus, requestMethod: HTTPMethod, scan: ResponseScan)
+        -> ResponseBody
+    {
         let code = status.code
         if requestMethod == .HEAD || requestMethod == .CONNECT || (100..<200).contains(code) || code == 204
             || code == 304
         {
             return .none
         }
-        var transferEncoding: String?
-        var contentLength = false
-        for (name, value) in headers {
-            switch name.utf8.count {
-            case 17 where name.asciiCaseInsensitiveEquals("transfer-encoding"): transferEncoding = value
-            case 14 where name.asciiCaseInsensitiveEquals("content-length"): contentLength = true
-            default: break
-            }
-        }
-        if let transferEncoding {
+        if let transferEncoding = scan.transferEncoding {
             return Self.finalCodingIsChunked(transferEncoding) ? .chunked : .untilClose(transferCoded: true)
         }
-        return contentLength ? .contentLength : .untilClose(transferCoded: false)
+        return scan.contentLength ? .contentLength : .untilClose(transferCoded: false)
+    }
+
+    /// One pass over a response's headers for what the proxy needs to know of them.
+    struct ResponseScan {
+        var hopByHop = HopByHop.none
+        /// The last Transfer-Encoding value.
+        var transferEncoding: String?
+        var contentLength = false
+
+        init(_ headers: HTTPHeaders) {
+            for (name, value) in headers {
+                switch name.utf8.count {
+                case 17 where name.equalsLowercased("transfer-encoding"): self.transferEncoding = value
+                case 14 where name.equalsLowercased("content-length"): self.contentLength = true
+                default: self.hopByHop.note(name, value)
+                }
+            }
+        }
     }
 
     /// Whether the last coding a Transfer-Encoding value lists is `chunked`.
@@ -331,7 +345,7 @@ enum HTTPWire {
         guard let last = value.utf8.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false).last,
             let token = Self.trimmed(last)
         else { return false }
-        return token.count == 7 && zip(token, "chunked".utf8).allSatisfy { asciiLower($0) == $1 }
+        return String(Substring(token)).equalsLowercased("chunked")
     }
 
     /// `bytes` without spaces and tabs at either end; nil when nothing is left.
@@ -351,6 +365,8 @@ protocol ByteSink {
     mutating func put(_ string: String)
     mutating func put(_ string: StaticString)
     mutating func put(_ byte: UInt8)
+    /// 16 lowercase hex digits.
+    mutating func putHex(_ value: UInt64)
 }
 
 extension ByteSink {
@@ -361,10 +377,6 @@ extension ByteSink {
         self.put("\r\n" as StaticString)
     }
 
-    /// 16 lowercase hex digits.
-    mutating func putHex(_ value: UInt64) {
-        for i in 0..<16 { self.put(hexDigit(UInt8(truncatingIfNeeded: value >> (60 - 4 * UInt64(i))) & 0xf)) }
-    }
 
     mutating func putDecimal(_ value: Int) {
         precondition(value >= 0)
@@ -387,6 +399,7 @@ struct CountingSink: ByteSink {
     mutating func put(_ string: String) { self.count += string.utf8.count }
     mutating func put(_ string: StaticString) { self.count += string.utf8CodeUnitCount }
     mutating func put(_ byte: UInt8) { self.count += 1 }
+    mutating func putHex(_ value: UInt64) { self.count += 16 }
 }
 
 /// Writes into memory reserved for a counted number of bytes; traps rather than write past it.
@@ -430,6 +443,15 @@ struct PointerSink: ByteSink {
         self.next.storeBytes(of: byte, as: UInt8.self)
         self.next += 1
     }
+
+    mutating func putHex(_ value: UInt64) {
+        precondition(self.remaining >= 16)
+        for i in 0..<16 {
+            let nibble = UInt8(truncatingIfNeeded: value >> (60 - 4 * UInt64(i))) & 0xf
+            self.next.storeBytes(of: hexDigit(nibble), toByteOffset: i, as: UInt8.self)
+        }
+        self.next += 16
+    }
 }
 
 extension ByteBuffer {
@@ -452,11 +474,30 @@ func asciiLower(_ byte: UInt8) -> UInt8 {
 extension String {
     /// ASCII case-insensitive equality.
     func asciiCaseInsensitiveEquals(_ other: String) -> Bool {
-        guard self.utf8.count == other.utf8.count else { return false }
-        for (a, b) in zip(self.utf8, other.utf8) where a != b {
-            if asciiLower(a) != asciiLower(b) { return false }
+        let count = self.utf8.count
+        guard other.utf8.count == count else { return false }
+        let equal = self.utf8.withContiguousStorageIfAvailable { a in
+            other.utf8.withContiguousStorageIfAvailable { b in
+                for i in 0..<count where a[i] != b[i] && asciiLower(a[i]) != asciiLower(b[i]) { return false }
+                return true
+            }
         }
-        return true
+        if let equal = equal ?? nil { return equal }
+        return zip(self.utf8, other.utf8).allSatisfy { asciiLower($0) == asciiLower($1) }
+    }
+
+    /// ASCII case-insensitive equality with `lowercase` (lowercase ASCII).
+    @inline(__always)
+    func equalsLowercased(_ lowercase: StaticString) -> Bool {
+        let count = lowercase.utf8CodeUnitCount
+        guard self.utf8.count == count else { return false }
+        let other = lowercase.utf8Start
+        let equal = self.utf8.withContiguousStorageIfAvailable { bytes in
+            for i in 0..<count where asciiLower(bytes[i]) != other[i] { return false }
+            return true
+        }
+        if let equal { return equal }
+        return zip(self.utf8, UnsafeBufferPointer(start: other, count: count)).allSatisfy { asciiLower($0) == $1 }
     }
 }
 
