@@ -566,10 +566,14 @@ struct HTTPOutbox {
 
     /// Writes what is pending and flushes what was written, if anything.
     mutating func flush(context: ChannelHandlerContext) {
-        self.write(context: context)
-        guard self.unflushed else { return }
+        let unflushed = self.unflushed
         self.unflushed = false
-        context.flush()
+        if let buffer = self.pending.take() {
+            // (One pipeline traversal for both.)
+            context.writeAndFlush(NIOAny(buffer), promise: nil)
+        } else if unflushed {
+            context.flush()
+        }
     }
 
     /// Bytes were queued or written and not flushed yet.
