@@ -112,7 +112,8 @@ struct DataPlaneHTTPFramingTests {
                 address,
                 Array(
                     ("GET /plain HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
-                        + "GET /continue HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /close/eof HTTP/1.0\r\n\r\n").utf8
+                        + "GET /continue HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /close/eof HTTP/1.0\r\n\r\n")
+                        .utf8
                 )
             )
             #expect(

@@ -141,7 +141,9 @@ struct HTTPWireTests {
 
     @Test("chunk-size lines in hex, the last chunk with and without trailers")
     func chunks() {
-        for (count, line) in [(1, "1\r\n"), (15, "f\r\n"), (255, "ff\r\n"), (4096, "1000\r\n"), (0xab_cdef, "abcdef\r\n")] {
+        for (count, line) in [
+            (1, "1\r\n"), (15, "f\r\n"), (255, "ff\r\n"), (4096, "1000\r\n"), (0xab_cdef, "abcdef\r\n"),
+        ] {
             var buffer = self.allocator.buffer(capacity: 0)
             HTTPWire.writeChunkHeader(count, into: &buffer)
             #expect(String(buffer: buffer) == line)
@@ -155,9 +157,11 @@ struct HTTPWireTests {
 
     @Test("response bodies are delimited as llhttp reads them")
     func responseBodies() {
-        func body(_ status: HTTPResponseStatus, _ method: HTTPMethod = .GET, _ headers: [(String, String)] = [])
-            -> HTTPWire.ResponseBody
-        {
+        func body(
+            _ status: HTTPResponseStatus,
+            _ method: HTTPMethod = .GET,
+            _ headers: [(String, String)] = []
+        ) -> HTTPWire.ResponseBody {
             HTTPWire.responseBody(status: status, requestMethod: method, headers: HTTPHeaders(headers))
         }
         #expect(body(.ok, .HEAD, [("content-length", "5")]) == .none)
@@ -167,7 +171,10 @@ struct HTTPWireTests {
         #expect(body(.continue) == .none)
         #expect(body(.ok, .GET, [("Content-Length", "7")]) == .contentLength)
         #expect(body(.ok, .GET, [("Transfer-Encoding", "gzip, Chunked ")]) == .chunked)
-        #expect(body(.ok, .GET, [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "gzip")]) == .untilClose(transferCoded: true))
+        #expect(
+            body(.ok, .GET, [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "gzip")])
+                == .untilClose(transferCoded: true)
+        )
         #expect(body(.ok, .GET, [("Transfer-Encoding", "chunked, gzip")]) == .untilClose(transferCoded: true))
         #expect(body(.ok, .POST) == .untilClose(transferCoded: false))
         #expect(HTTPWire.finalCodingIsChunked("chunked"))

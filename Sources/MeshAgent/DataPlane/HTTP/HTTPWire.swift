@@ -301,15 +301,19 @@ enum HTTPWire {
     /// How the body of a response with `status` and `headers` to a `requestMethod` request is delimited, as
     /// llhttp reads it (RFC 9112 6.3): the last Transfer-Encoding value first (chunked when that is its final
     /// coding, otherwise until the connection closes), then Content-Length, else until the connection closes.
-    static func responseBody(status: HTTPResponseStatus, requestMethod: HTTPMethod, headers: HTTPHeaders)
-        -> ResponseBody
-    {
+    static func responseBody(
+        status: HTTPResponseStatus,
+        requestMethod: HTTPMethod,
+        headers: HTTPHeaders
+    ) -> ResponseBody {
         Self.responseBody(status: status, requestMethod: requestMethod, scan: ResponseScan(headers))
     }
 
-    static func responseBody(status: HTTPResponseStatus, requestMethod: HTTPMethod, scan: ResponseScan)
-        -> ResponseBody
-    {
+    static func responseBody(
+        status: HTTPResponseStatus,
+        requestMethod: HTTPMethod,
+        scan: ResponseScan
+    ) -> ResponseBody {
         let code = status.code
         if requestMethod == .HEAD || requestMethod == .CONNECT || (100..<200).contains(code) || code == 204
             || code == 304
@@ -376,7 +380,6 @@ extension ByteSink {
         self.put(value)
         self.put("\r\n" as StaticString)
     }
-
 
     mutating func putDecimal(_ value: Int) {
         precondition(value >= 0)
