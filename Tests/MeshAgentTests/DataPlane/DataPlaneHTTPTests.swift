@@ -423,19 +423,6 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("hop-by-hop headers are stripped, with those the Connection header names")
-    func hopByHop() {
-        var headers = HTTPHeaders([
-            ("Host", "x"), ("Connection", "close, X-Private"), ("Keep-Alive", "5"), ("X-Private", "1"),
-            ("TE", "trailers"), ("Proxy-Authorization", "secret"), ("X-Keep", "y"),
-        ])
-        HTTPProxy.stripHopByHop(&headers)
-        #expect(headers.map { $0.name } == ["Host", "X-Keep"])
-        var plain = HTTPHeaders([("Host", "x"), ("Accept", "*/*")])
-        HTTPProxy.stripHopByHop(&plain)
-        #expect(plain.map { $0.name } == ["Host", "Accept"])
-    }
-
     @Test("IPv6: an HTTP route on ::1 to an IPv6 backend")
     func ipv6() async throws {
         let backend = try await TestServers.http("v6", host: "::1")

@@ -6,65 +6,23 @@ import NIOPosix
 
 /// The L7 HTTP/1.1 proxy for `http` routes.
 enum HTTPProxy {
-    /// Sets up one accepted client connection (inside the child channel initialiser, on its loop):
-    /// response encoder, request decoder with the header limits, and the proxy handler, which also answers
-    /// parse errors (400/431), holds pipelined requests back until the one in flight is answered, and
-    /// quiesces. Three handlers only: every handler between the codec and the proxy costs a hop (and a
-    /// dynamic cast of the boxed message) for every part of every request and response.
+    /// Sets up one accepted client connection (inside the child channel initialiser, on its loop): the
+    /// request decoder (llhttp) with the header limits, and the proxy handler, which writes responses as bytes
+    /// it serialises itself (`HTTPWire`), answers parse errors (400/431), holds pipelined requests back until
+    /// the one in flight is answered, and quiesces. Two handlers only: every handler between the socket and
+    /// the proxy costs a hop (and a dynamic cast of the boxed message) for every part of every message.
     static func initialize(channel: any Channel, handle: RouteHandle, environment: ProxyEnvironment) throws {
         let configuration = environment.configuration.http
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderListSize = configuration.maxHeaderListSize
         limits.maxHeaderFieldSize = configuration.maxHeaderFieldSize
-        let encoder = HTTPResponseEncoder()
-        let decoder = ByteToMessageHandler(
-            HTTPRequestDecoder(
-                leftOverBytesStrategy: .forwardBytes,
-                informationalResponseStrategy: .drop,
-                limitConfiguration: limits
-            )
-        )
-        let proxy = HTTPProxyHandler(
-            handle: handle,
-            environment: environment,
-            httpHandlers: [encoder, decoder]
-        )
+        let decoder = HTTPDecodingHandler(requestLimits: limits)
+        let proxy = HTTPProxyHandler(handle: handle, environment: environment, decoder: decoder)
         let sync = channel.pipeline.syncOperations
-        try sync.addHandler(encoder)
         try sync.addHandler(decoder)
         try sync.addHandler(proxy)
         handle.connectionOpened()
         channel.closeFuture.whenComplete { _ in handle.connectionClosed() }
-    }
-
-    /// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded.
-    static let hopByHop: [String] = [
-        "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authenticate",
-        "proxy-authorization",
-    ]
-
-    /// Removes hop-by-hop headers, including those the Connection header names. One pass to find out
-    /// whether there is anything to remove (usually not), removals only then.
-    static func stripHopByHop(_ headers: inout HTTPHeaders) {
-        var found = false
-        for (name, _) in headers where Self.isHopByHop(name) {
-            found = true
-            break
-        }
-        guard found else { return }
-        let named = headers[canonicalForm: "connection"].map { $0.lowercased() }
-        for name in Self.hopByHop { headers.remove(name: name) }
-        for name in named where name != "close" && name != "keep-alive" { headers.remove(name: String(name)) }
-    }
-
-    static func isHopByHop(_ name: String) -> Bool {
-        // Cheap length filter before the case-insensitive comparison.
-        switch name.utf8.count {
-        case 2, 7, 10, 16, 18, 19:
-            return Self.hopByHop.contains { $0.utf8.count == name.utf8.count && $0.asciiCaseInsensitiveEquals(name) }
-        default:
-            return false
-        }
     }
 
     /// Whether a comma-separated header value holds `token` (ASCII case-insensitive, spaces trimmed).
@@ -96,18 +54,28 @@ enum HTTPProxy {
 /// body down with back-pressure both ways, retries what may be retried, and answers 502/503/504 itself.
 final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundIn = HTTPServerResponsePart
-    typealias OutboundOut = HTTPServerResponsePart
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     /// One request/response exchange.
     private final class Exchange {
-        var head: HTTPRequestHead
+        /// The request head as the client sent it.
+        let head: HTTPRequestHead
+        /// The request head as it goes upstream (serialised once, sent again on a retry).
+        let upstreamHead: ByteBuffer
+        /// The request body goes up chunked (as it came: llhttp takes a request with Transfer-Encoding only
+        /// when its final coding is chunked); otherwise as it came, by Content-Length, or there is none.
+        let chunkedRequest: Bool
+        /// How the response body goes to the client.
+        var responseFraming = HTTPWire.Framing.raw
         let method: HTTPMethod
         let clientVersion: HTTPVersion
         var keepAlive: Bool
         let isUpgrade: Bool
         let hash: UInt64
         var pendingBody: [ByteBuffer] = []
+        /// The request's trailers, when it ended before it could be sent.
+        var pendingTrailers: HTTPHeaders?
         /// The client sent `.end`.
         var requestEnded = false
         /// `.end` went upstream.
@@ -136,8 +104,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         /// A 101 arrived for an upgrade request; the switch happens at its `.end` (the decoder's last part).
         var upgradeResponse: HTTPResponseHead?
 
-        init(head: HTTPRequestHead, keepAlive: Bool, isUpgrade: Bool, hash: UInt64) {
+        init(
+            head: HTTPRequestHead,
+            upstreamHead: ByteBuffer,
+            chunkedRequest: Bool,
+            keepAlive: Bool,
+            isUpgrade: Bool,
+            hash: UInt64
+        ) {
             self.head = head
+            self.upstreamHead = upstreamHead
+            self.chunkedRequest = chunkedRequest
             self.method = head.method
             self.clientVersion = head.version
             self.keepAlive = keepAlive
@@ -178,7 +155,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private let handle: RouteHandle
     private let environment: ProxyEnvironment
-    private let httpHandlers: [any RemovableChannelHandler]
+    private let decoder: HTTPDecodingHandler
     private var state: State = .idle
     private var context: ChannelHandlerContext?
     private var pendingRead = false
@@ -198,8 +175,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var clientReads = 0
     private var clientReadsSeen = 0
     private var servedRequests = 0
-    /// Response parts were written to the client and not flushed yet.
-    private var clientNeedsFlush = false
+    /// Response bytes for the client (a head, the body and the end behind it go out as one write).
+    private var clientOut = HTTPOutbox()
     /// The route's instruments and this loop's upstream pool, looked up once per connection.
     private lazy var metrics: RouteMetrics = self.handle.metrics
     private var pool: LoopPool?
@@ -214,10 +191,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// `connection: close`, then the connection closes.
     private var quiescing = false
 
-    init(handle: RouteHandle, environment: ProxyEnvironment, httpHandlers: [any RemovableChannelHandler]) {
+    init(handle: RouteHandle, environment: ProxyEnvironment, decoder: HTTPDecodingHandler) {
         self.handle = handle
         self.environment = environment
-        self.httpHandlers = httpHandlers
+        self.decoder = decoder
     }
 
     private var configuration: HTTPConfiguration { self.environment.configuration.http }
@@ -292,8 +269,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             context: context,
             status: status,
             reason: status == .badRequest ? "bad request: \(parserError)" : "request header fields too large",
-            keepAlive: false,
-            wrap: self.wrapOutboundOut
+            keepAlive: false
         )
     }
 
@@ -393,9 +369,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             switch self.state {
             case .active(let exchange):
                 if exchange.canStreamBody {
-                    exchange.upstream!.handler.write(.body(.byteBuffer(buffer)))
+                    let upstream = exchange.upstream!.handler
+                    upstream.sendBody(buffer, chunked: exchange.chunkedRequest)
                     exchange.bodyBytesSent = exchange.bodyBytesSent || buffer.readableBytes > 0
-                    self.upstreamNeedsFlush = true
+                    self.flushUpstreamSoon(upstream)
                 } else {
                     exchange.pendingBody.append(buffer)
                 }
@@ -409,10 +386,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             case .active(let exchange):
                 exchange.requestEnded = true
                 if exchange.canStreamBody {
-                    exchange.upstream!.handler.write(.end(trailers))
+                    let upstream = exchange.upstream!.handler
+                    upstream.sendEnd(trailers: trailers, chunked: exchange.chunkedRequest)
                     exchange.requestSent = true
-                    self.upstreamNeedsFlush = true
+                    self.flushUpstreamSoon(upstream)
                     exchange.responseDeadline = .now() + self.configuration.upstreamResponseTimeout
+                } else {
+                    exchange.pendingTrailers = trailers
                 }
                 self.finishIfDone(exchange)
             case .discarding:
@@ -454,11 +434,22 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         self.clientReads &+= 1
-        if self.upstreamNeedsFlush, case .active(let exchange) = self.state {
+        if self.upstreamNeedsFlush {
             self.upstreamNeedsFlush = false
-            exchange.upstream?.handler.flush()
+            if case .active(let exchange) = self.state { exchange.upstream?.handler.flush() }
         }
         context.fireChannelReadComplete()
+    }
+
+    /// What was just sent upstream goes out at the end of the client's read burst when a part it brought
+    /// caused it (once for the head, body and end the burst brought), at once otherwise (a connection that
+    /// just opened, a pipelined request replayed when the response before it ended).
+    private func flushUpstreamSoon(_ upstream: UpstreamHTTPHandler) {
+        if self.decoder.isDecodingRead {
+            self.upstreamNeedsFlush = true
+        } else {
+            upstream.flush()
+        }
     }
 
     // MARK: request
@@ -475,43 +466,40 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var hopByHop = false
         var forwardedFor: String?
         var hasRequestID = false
+        var chunked = false
         for (name, value) in requestHead.headers {
             switch name.utf8.count {
-            case 7 where upgradeValue == nil && name.asciiCaseInsensitiveEquals("upgrade"):
+            case 7 where upgradeValue == nil && name.equalsLowercased("upgrade"):
                 upgradeValue = value
                 hopByHop = true
-            case 10 where name.asciiCaseInsensitiveEquals("connection"):
+            case 10 where name.equalsLowercased("connection"):
                 hopByHop = true
                 connectionUpgrade = connectionUpgrade || HTTPProxy.listContainsToken(value, "upgrade")
-            case 12 where !hasRequestID && name.asciiCaseInsensitiveEquals("x-request-id"):
+            case 12 where !hasRequestID && name.equalsLowercased("x-request-id"):
                 hasRequestID = true
-            case 15 where forwardedFor == nil && name.asciiCaseInsensitiveEquals("x-forwarded-for"):
+            case 15 where forwardedFor == nil && name.equalsLowercased("x-forwarded-for"):
                 forwardedFor = value
+            case 17 where name.equalsLowercased("transfer-encoding"):
+                chunked = true
             default:
-                hopByHop = hopByHop || HTTPProxy.isHopByHop(name)
+                hopByHop = hopByHop || HTTPWire.isHopByHopName(name)
             }
         }
         let isUpgrade = connectionUpgrade && upgradeValue != nil
-        var head = requestHead
-        if hopByHop { HTTPProxy.stripHopByHop(&head.headers) }
-        if isUpgrade, let upgradeValue {
-            head.headers.add(name: "connection", value: "upgrade")
-            head.headers.add(name: "upgrade", value: upgradeValue)
-        }
-        // (Set only when it differs: the head's method, URI and version share a copy-on-write box.)
-        if head.version != .http1_1 { head.version = .http1_1 }
+        // The head goes upstream as HTTP/1.1, without hop-by-hop headers, with the upgrade's own, the client's
+        // address in X-Forwarded-For and a request id added: serialised here, once.
+        var edits = HTTPWire.RequestEdits()
+        if hopByHop { edits.hopByHop = HTTPWire.HopByHop(requestHead.headers) }
+        if isUpgrade { edits.upgrade = upgradeValue }
         if self.configuration.addForwardedFor, let ip = self.clientIPText {
-            if let forwardedFor {
-                head.headers.replaceOrAdd(name: "x-forwarded-for", value: "\(forwardedFor), \(ip)")
-            } else {
-                head.headers.add(name: "x-forwarded-for", value: ip)
-            }
+            edits.forwardedFor = ip
+            edits.priorForwardedFor = forwardedFor
         }
-        if self.configuration.addRequestID, !hasRequestID {
-            head.headers.add(name: "x-request-id", value: self.newRequestID())
-        }
+        if self.configuration.addRequestID, !hasRequestID { edits.requestID = (self.rng.next(), self.rng.next()) }
         let exchange = Exchange(
-            head: head,
+            head: requestHead,
+            upstreamHead: HTTPWire.requestHead(requestHead, edits: edits, allocator: context.channel.allocator),
+            chunkedRequest: chunked,
             keepAlive: requestHead.isKeepAlive && !isUpgrade,
             isUpgrade: isUpgrade,
             hash: self.hashKey(requestHead)
@@ -536,22 +524,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             break
         }
         return self.clientIP.map { StableHash.hash($0) } ?? 0
-    }
-
-    /// 128 random bits as 32 lowercase hex digits.
-    private func newRequestID() -> String {
-        let a = self.rng.next()
-        let b = self.rng.next()
-        return String(unsafeUninitializedCapacity: 32) { buffer in
-            let digits: StaticString = "0123456789abcdef"
-            digits.withUTF8Buffer { hex in
-                for i in 0..<16 {
-                    buffer[i] = hex[Int(a >> (60 - 4 * UInt64(i)) & 0xf)]
-                    buffer[16 + i] = hex[Int(b >> (60 - 4 * UInt64(i)) & 0xf)]
-                }
-            }
-            return 32
-        }
     }
 
     /// Picks a backend and gets a connection to it (pooled or new).
@@ -621,19 +593,19 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange.upstream = connection
         connection.handler.owner = self
         let handler = connection.handler
-        handler.write(.head(exchange.head))
+        handler.sendHead(exchange.upstreamHead, for: exchange.head)
         exchange.headSent = true
         for buffer in exchange.pendingBody {
-            handler.write(.body(.byteBuffer(buffer)))
+            handler.sendBody(buffer, chunked: exchange.chunkedRequest)
             exchange.bodyBytesSent = exchange.bodyBytesSent || buffer.readableBytes > 0
         }
         exchange.pendingBody = []
         if exchange.requestEnded {
-            handler.write(.end(nil))
+            handler.sendEnd(trailers: exchange.pendingTrailers, chunked: exchange.chunkedRequest)
             exchange.requestSent = true
             exchange.responseDeadline = (now ?? .now()) + self.configuration.upstreamResponseTimeout
         }
-        handler.flush()
+        self.flushUpstreamSoon(handler)
         self.resumeClientRead()
     }
 
@@ -677,8 +649,16 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         switch part {
         case .head(let response)
         where (100..<200).contains(response.status.code) && response.status != .switchingProtocols:
-            // 100 Continue and friends: passed on, the final response follows.
-            context.writeAndFlush(self.wrapOutboundOut(.head(response)), promise: nil)
+            // 100 Continue and friends: passed on (not to an HTTP/1.0 client), the final response follows.
+            guard exchange.clientVersion != .http1_0 else { return }
+            let head = HTTPWire.responseHead(
+                version: .http1_1,
+                status: response.status,
+                headers: response.headers,
+                edits: HTTPWire.ResponseEdits(),
+                allocator: context.channel.allocator
+            )
+            context.writeAndFlush(NIOAny(head), promise: nil)
         case .head(let response):
             exchange.responseDeadline = nil
             self.metrics.upstreamLatency.recordNanoseconds(
@@ -696,38 +676,31 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 exchange.upgradeResponse = response
                 return
             }
-            var head = response
-            HTTPProxy.stripHopByHop(&head.headers)
             exchange.upstreamKeepAlive = response.isKeepAlive
-            if head.version != exchange.clientVersion { head.version = exchange.clientVersion }
-            if exchange.clientVersion == .http1_0 {
-                if head.headers.contains(name: "transfer-encoding") {
-                    head.headers.remove(name: "transfer-encoding")
-                    exchange.keepAlive = false
-                }
-                if exchange.keepAlive { head.headers.replaceOrAdd(name: "connection", value: "keep-alive") }
-            }
-            if exchange.isUpgrade { exchange.keepAlive = false }
-            if !exchange.keepAlive { head.headers.replaceOrAdd(name: "connection", value: "close") }
-            if exchange.method == .HEAD { head.headers.remove(name: "transfer-encoding") }
+            let head = self.clientResponseHead(response, exchange: exchange, allocator: context.channel.allocator)
             exchange.responseHeadSent = true
-            context.write(self.wrapOutboundOut(.head(head)), promise: nil)
-            self.clientNeedsFlush = true
+            self.clientOut.queue(head, context: context)
         case .body(let buffer):
             guard exchange.upgradeResponse == nil else { return }
-            context.write(self.wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
-            self.clientNeedsFlush = true
+            switch exchange.responseFraming {
+            case .raw: self.clientOut.queue(buffer, context: context)
+            case .chunked: self.clientOut.queueChunk(buffer, context: context)
+            case .none: break
+            }
         case .end(let trailers):
             if let response = exchange.upgradeResponse {
                 self.upgrade(exchange, response: response, context: context)
                 return
             }
             exchange.responseEnded = true
+            if exchange.responseFraming == .chunked {
+                self.clientOut.queueLastChunk(trailers: trailers, context: context)
+            }
             if !exchange.requestEnded {
                 // Answered before the request was fully sent: neither side can be reused, and the rest of the
                 // request has nowhere to go. End both.
-                self.clientNeedsFlush = false
-                let done = context.writeAndFlush(self.wrapOutboundOut(.end(trailers)))
+                self.clientOut.write(context: context)
+                let done = context.writeAndFlush(NIOAny(context.channel.allocator.buffer(capacity: 0)))
                 self.endAccounting(exchange)
                 self.finishPick(exchange, .neutral)
                 exchange.upstream = nil
@@ -737,18 +710,72 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
                 return
             }
-            self.clientNeedsFlush = false
-            context.writeAndFlush(self.wrapOutboundOut(.end(trailers)), promise: nil)
+            self.clientOut.flush(context: context)
             self.finishIfDone(exchange)
         }
     }
 
-    /// The end of an upstream read burst: what it wrote to the client goes out now (a response that ended
-    /// in it was flushed with its end already).
+    /// The final response head as it goes to the client, and how its body will follow
+    /// (`exchange.responseFraming`): in the client's HTTP version, without hop-by-hop headers, with
+    /// `connection: close` when the client connection ends after it; a body delimited by the end of the
+    /// upstream connection is chunked for an HTTP/1.1 client (which keeps its connection), an HTTP/1.0
+    /// client gets bodies unchunked and the connection closed behind them.
+    private func clientResponseHead(
+        _ response: HTTPResponseHead,
+        exchange: Exchange,
+        allocator: ByteBufferAllocator
+    ) -> ByteBuffer {
+        let scan = HTTPWire.ResponseScan(response.headers)
+        var edits = HTTPWire.ResponseEdits(hopByHop: scan.hopByHop)
+        let http10 = exchange.clientVersion == .http1_0
+        var framing = HTTPWire.Framing.raw
+        switch HTTPWire.responseBody(status: response.status, requestMethod: exchange.method, scan: scan) {
+        case .none:
+            // (A response to HEAD, or a 304, may say how a full body would be framed: Transfer-Encoding is left
+            // out all the same, as NIO's encoder did; Content-Length stays.)
+            framing = .none
+            edits.dropTransferEncoding = true
+        case .contentLength:
+            edits.dropTransferEncoding = http10
+        case .chunked:
+            if http10 {
+                edits.dropTransferEncoding = true
+                exchange.keepAlive = false
+            } else {
+                framing = .chunked
+            }
+        case .untilClose(let transferCoded):
+            if http10 || transferCoded {
+                // (An HTTP/1.1 client gets the codings as they are, and the end of the connection as their end.)
+                edits.dropTransferEncoding = http10
+                exchange.keepAlive = false
+            } else {
+                framing = .chunked
+                edits.addChunked = true
+            }
+        }
+        exchange.responseFraming = framing
+        if exchange.isUpgrade { exchange.keepAlive = false }
+        if !exchange.keepAlive {
+            edits.connectionClose = true
+        } else if http10 {
+            edits.connectionClose = false
+        }
+        return HTTPWire.responseHead(
+            version: http10 ? .http1_0 : .http1_1,
+            status: response.status,
+            headers: response.headers,
+            edits: edits,
+            allocator: allocator,
+            reserving: framing == .none ? 0 : 512
+        )
+    }
+
+    /// The end of an upstream read burst: what it brought for the client goes out now (a response that ended
+    /// in it went out with its end already).
     func upstreamReadComplete() {
-        guard self.clientNeedsFlush else { return }
-        self.clientNeedsFlush = false
-        self.context?.flush()
+        guard let context = self.context, self.clientOut.needsFlush else { return }
+        self.clientOut.flush(context: context)
     }
 
     func upstreamBecameWritable() {
@@ -846,13 +873,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let keepAlive = exchange.keepAlive && (exchange.requestEnded || smallRest)
         exchange.responseHeadSent = true
         exchange.responseEnded = true
-        Self.writeStatusResponse(
-            context: context,
-            status: status,
-            reason: reason,
-            keepAlive: keepAlive,
-            wrap: self.wrapOutboundOut
-        )
+        Self.writeStatusResponse(context: context, status: status, reason: reason, keepAlive: keepAlive)
         if !keepAlive {
             self.state = .closed
             self.pendingRead = false
@@ -880,17 +901,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context: ChannelHandlerContext,
         status: HTTPResponseStatus,
         reason: String,
-        keepAlive: Bool,
-        wrap: (HTTPServerResponsePart) -> NIOAny
+        keepAlive: Bool
     ) {
-        let body = ByteBuffer(string: "\(status.code) \(reason)\n")
-        var headers = HTTPHeaders()
-        headers.add(name: "content-type", value: "text/plain; charset=utf-8")
-        headers.add(name: "content-length", value: "\(body.readableBytes)")
-        headers.add(name: "connection", value: keepAlive ? "keep-alive" : "close")
-        context.write(wrap(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
-        context.write(wrap(.body(.byteBuffer(body))), promise: nil)
-        let done = context.writeAndFlush(wrap(.end(nil)))
+        let response = HTTPWire.statusResponse(
+            status: status,
+            text: "\(status.code) \(reason)\n",
+            keepAlive: keepAlive,
+            allocator: context.channel.allocator
+        )
+        let done = context.writeAndFlush(NIOAny(response))
         if !keepAlive {
             done.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
         }
@@ -969,10 +988,15 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange.responseHeadSent = true
         exchange.responseEnded = true
         self.endAccounting(exchange)
-        var head = response
-        head.version = .http1_1
-        context.write(self.wrapOutboundOut(.head(head)), promise: nil)
-        context.writeAndFlush(self.wrapOutboundOut(.end(nil)), promise: nil)
+        // The 101 as it came (its Connection and Upgrade headers are the point of it).
+        let head = HTTPWire.responseHead(
+            version: .http1_1,
+            status: response.status,
+            headers: response.headers,
+            edits: HTTPWire.ResponseEdits(),
+            allocator: context.channel.allocator
+        )
+        context.writeAndFlush(NIOAny(head), promise: nil)
         self.state = .upgraded
         exchange.upstream = nil
         upstream.handler.owner = nil
@@ -993,21 +1017,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             try clientChannel.pipeline.syncOperations.addHandler(clientGlue)
             try upstreamChannel.pipeline.syncOperations.addHandler(upstreamGlue)
             GlueHandler.join(clientGlue, upstreamGlue)
+            // The decoders go last: bytes behind the upgrade they hold go to the glue.
             let upstreamSync = upstreamChannel.pipeline.syncOperations
-            let upstreamHTTP: [any RemovableChannelHandler] = [
-                upstream.handler,
-                try upstreamSync.handler(type: HTTPRequestEncoder.self),
-                try upstreamSync.handler(type: ByteToMessageHandler<HTTPResponseDecoder>.self),
-            ]
-            for handler in upstreamHTTP { upstreamSync.removeHandler(handler, promise: nil) }
+            upstreamSync.removeHandler(upstream.handler, promise: nil)
+            upstreamSync.removeHandler(upstream.handler.decoder, promise: nil)
             let clientSync = clientChannel.pipeline.syncOperations
             clientSync.removeHandler(context: context, promise: nil)
-            for handler in self.httpHandlers.reversed() where !(handler is HTTPResponseEncoder) {
-                clientSync.removeHandler(handler, promise: nil)
-            }
-            if let encoder = self.httpHandlers.first(where: { $0 is HTTPResponseEncoder }) {
-                clientSync.removeHandler(encoder, promise: nil)
-            }
+            clientSync.removeHandler(self.decoder, promise: nil)
         } catch {
             self.environment.logger.debug("upgrade failed", metadata: ["error": "\(error)"])
             clientChannel.close(promise: nil)
@@ -1022,22 +1038,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         )
         clientChannel.read()
         upstreamChannel.read()
-    }
-}
-
-@inline(__always)
-private func asciiLower(_ byte: UInt8) -> UInt8 {
-    byte &- 65 < 26 ? byte | 0x20 : byte
-}
-
-extension String {
-    /// ASCII case-insensitive equality.
-    fileprivate func asciiCaseInsensitiveEquals(_ other: String) -> Bool {
-        guard self.utf8.count == other.utf8.count else { return false }
-        for (a, b) in zip(self.utf8, other.utf8) where a != b {
-            if asciiLower(a) != asciiLower(b) { return false }
-        }
-        return true
     }
 }
 

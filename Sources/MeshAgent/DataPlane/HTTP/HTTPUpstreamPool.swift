@@ -44,6 +44,8 @@ final class UpstreamConnection {
     /// The pool's sweep count when it went back into the pool (the sweep closes it after `upstreamIdleTimeout`).
     fileprivate var idleTick = 0
     fileprivate(set) var isIdle = false
+    /// The pool's list for `backend`, remembered (no hashing of the backend per release).
+    fileprivate var idleList: IdleList?
 
     init(channel: any Channel, handler: UpstreamHTTPHandler, backend: BackendID) {
         self.channel = channel
@@ -64,6 +66,9 @@ final class LoopPool {
     /// Idle connections per backend, each list a class: taking and returning a connection is one look-up
     /// and no in-place dictionary mutation (whose generic accessor cost more than the look-up).
     private var idle: [BackendID: IdleList] = [:]
+    /// The list last looked up: a request usually goes to the backend the one before went to, and comparing
+    /// a backend costs far less than hashing it.
+    private var recent: IdleList?
     private var total: [BackendID: Int] = [:]
     private var closed = false
     private var sweep: Scheduled<Void>?
@@ -77,7 +82,7 @@ final class LoopPool {
     /// An idle, still open connection to `backend`, if any.
     func takeIdle(_ backend: BackendID) -> UpstreamConnection? {
         // Popped in place (no copy of the list); an emptied list stays, for the next release.
-        guard let list = self.idle[backend] else { return nil }
+        guard let list = self.lookUp(backend) else { return nil }
         while let connection = list.connections.popLast() {
             connection.isIdle = false
             if connection.channel.isActive { return connection }
@@ -108,7 +113,7 @@ final class LoopPool {
         on loop: any EventLoop
     ) -> EventLoopFuture<UpstreamConnection> {
         let configuration = self.configuration
-        let handler = UpstreamHTTPHandler()
+        let handler = UpstreamHTTPHandler(decoder: HTTPDecodingHandler())
         let bound = NIOLoopBound(handler, eventLoop: loop)
         return ClientBootstrap(group: loop)
             .connectTimeout(configuration.connectTimeout)
@@ -118,16 +123,9 @@ final class LoopPool {
             )
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    // The response decoder (llhttp) and the handler; requests go out as bytes (`HTTPWire`).
                     let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(HTTPRequestEncoder())
-                    try sync.addHandler(
-                        ByteToMessageHandler(
-                            HTTPResponseDecoder(
-                                leftOverBytesStrategy: .forwardBytes,
-                                informationalResponseStrategy: .forward
-                            )
-                        )
-                    )
+                    try sync.addHandler(bound.value.decoder)
                     try sync.addHandler(bound.value)
                 }
             }
@@ -146,9 +144,18 @@ final class LoopPool {
     /// Back into the pool after a complete exchange, or closed when the pool for it is full.
     func release(_ connection: UpstreamConnection) {
         connection.handler.owner = nil
-        guard !self.closed, connection.channel.isActive,
-            self.idleList(for: connection.backend).append(connection, max: self.maxIdle)
-        else {
+        guard !self.closed, connection.channel.isActive else {
+            connection.channel.close(promise: nil)
+            return
+        }
+        let list: IdleList
+        if let known = connection.idleList, known.inPool {
+            list = known
+        } else {
+            list = self.idleList(for: connection.backend)
+            connection.idleList = list
+        }
+        guard list.append(connection, max: self.maxIdle) else {
             connection.channel.close(promise: nil)
             return
         }
@@ -159,10 +166,18 @@ final class LoopPool {
 
     private var maxIdle: Int { self.configuration.http.maxIdleConnectionsPerBackend }
 
+    private func lookUp(_ backend: BackendID) -> IdleList? {
+        if let recent = self.recent, recent.backend == backend { return recent }
+        guard let list = self.idle[backend] else { return nil }
+        self.recent = list
+        return list
+    }
+
     private func idleList(for backend: BackendID) -> IdleList {
-        if let list = self.idle[backend] { return list }
-        let list = IdleList()
+        if let list = self.lookUp(backend) { return list }
+        let list = IdleList(backend: backend)
         self.idle[backend] = list
+        self.recent = list
         return list
     }
 
@@ -195,9 +210,13 @@ final class LoopPool {
 
     /// A connection closed: out of the idle list and the count.
     func closed(_ connection: UpstreamConnection) {
-        if connection.isIdle, let list = self.idle[connection.backend] {
+        if connection.isIdle, let list = self.lookUp(connection.backend) {
             list.connections.removeAll { $0 === connection }
-            if list.connections.isEmpty { self.idle[connection.backend] = nil }
+            if list.connections.isEmpty {
+                list.inPool = false
+                self.idle[connection.backend] = nil
+                if self.recent === list { self.recent = nil }
+            }
         }
         connection.isIdle = false
         self.forget(connection.backend)
@@ -214,14 +233,23 @@ final class LoopPool {
         self.sweep?.cancel()
         self.sweep = nil
         let all = self.idle.values.flatMap { $0.connections }
+        for list in self.idle.values { list.inPool = false }
         self.idle = [:]
+        self.recent = nil
         for connection in all { connection.channel.close(promise: nil) }
     }
 }
 
 /// The idle connections of one backend in a pool, most recently used last.
 private final class IdleList {
+    let backend: BackendID
     var connections: [UpstreamConnection] = []
+    /// Still the pool's list for `backend` (an emptied list leaves the pool when a connection closes).
+    var inPool = true
+
+    init(backend: BackendID) {
+        self.backend = backend
+    }
 
     /// Appends when the list has room.
     func append(_ connection: UpstreamConnection, max: Int) -> Bool {
@@ -231,12 +259,18 @@ private final class IdleList {
     }
 }
 
-/// The last handler of an upstream connection: hands response parts to the client connection that owns the
-/// exchange, and holds reading while that client cannot take more.
+/// The last handler of an upstream connection: sends requests (serialised heads, framed bodies), hands
+/// response parts to the client connection that owns the exchange, and holds reading while that client cannot
+/// take more.
 final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPClientResponsePart
-    typealias OutboundIn = HTTPClientRequestPart
-    typealias OutboundOut = HTTPClientRequestPart
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// The response decoder in front of this handler.
+    let decoder: HTTPDecodingHandler
+    /// Request bytes not written yet (a head and what follows it in the same burst go out as one).
+    private var out = HTTPOutbox()
 
     /// The client-side handler whose request this connection carries; nil while idle in the pool.
     var owner: HTTPProxyHandler?
@@ -246,6 +280,10 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var pendingRead = false
     private(set) var lastError: (any Error)?
 
+    init(decoder: HTTPDecodingHandler) {
+        self.decoder = decoder
+    }
+
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
     }
@@ -254,12 +292,31 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.context = nil
     }
 
-    func write(_ part: HTTPClientRequestPart) {
-        self.context?.write(self.wrapOutboundOut(part), promise: nil)
+    /// A serialised request head for a request with `head`'s method (the decoder expects its response).
+    func sendHead(_ bytes: ByteBuffer, for head: HTTPRequestHead) {
+        guard let context = self.context else { return }
+        self.decoder.expectResponse(to: head)
+        self.out.queue(bytes, context: context)
     }
 
+    func sendBody(_ bytes: ByteBuffer, chunked: Bool) {
+        guard let context = self.context else { return }
+        if chunked {
+            self.out.queueChunk(bytes, context: context)
+        } else {
+            self.out.queue(bytes, context: context)
+        }
+    }
+
+    func sendEnd(trailers: HTTPHeaders?, chunked: Bool) {
+        guard chunked, let context = self.context else { return }
+        self.out.queueLastChunk(trailers: trailers, context: context)
+    }
+
+    /// Writes what was sent and flushes.
     func flush() {
-        self.context?.flush()
+        guard let context = self.context else { return }
+        self.out.flush(context: context)
     }
 
     var isWritable: Bool { self.context?.channel.isWritable ?? false }
