@@ -77,8 +77,8 @@ let package = Package(
             providers: [.apt(["libsqlite3-dev"])]
         ),
         .systemLibrary(name: "CYAML", pkgConfig: "yaml-0.1", providers: [.apt(["libyaml-dev"])]),
-        // Headers only (no library): epoll and eventfd, which Glibc does not export, for the TCP relay.
-        .systemLibrary(name: "CEpoll"),
+        // Headers only (no library): Linux calls Glibc does not export to Swift (epoll, eventfd, accept4, thread names).
+        .systemLibrary(name: "CLinux"),
         .systemLibrary(
             name: "CNetlink",
             pkgConfig: "libnl-route-3.0",
@@ -196,7 +196,7 @@ let package = Package(
         .target(
             name: "MeshAgent",
             dependencies: nio + [
-                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink", "CEpoll",
+                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink", "CLinux",
                 "NodeAgent",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -225,6 +225,9 @@ public actor DataPlane: ServiceLifecycle.Service {
             + self.counters.upstreamChannels.load(ordering: .relaxed)
     }
 
+    /// TCP relay threads running (they start with the first TCP route).
+    nonisolated var relayThreads: Int { self.environment.relay.runningLoops }
+
     /// Client-side channels open right now.
     public nonisolated var openClientChannels: Int { self.counters.downstreamChannels.load(ordering: .relaxed) }
 

@@ -1,3 +1,4 @@
+import CLinux
 import CNetlink
 
 #if canImport(Glibc)
@@ -14,8 +15,14 @@ enum DedicatedThread {
         init(_ run: @escaping @Sendable () -> Void) { self.run = run }
     }
 
-    static func start(name _: String, _ body: @escaping @Sendable () -> Void) {
-        let box = Unmanaged.passRetained(Body(body)).toOpaque()
+    /// Starts `body` on a new detached thread named `name` (as `ps -L` and `top -H` show it).
+    static func start(name: String, _ body: @escaping @Sendable () -> Void) {
+        let box = Unmanaged.passRetained(
+            Body({
+                mesh_set_thread_name(name)
+                body()
+            })
+        ).toOpaque()
         var thread = pthread_t()
         let rc = pthread_create(
             &thread,

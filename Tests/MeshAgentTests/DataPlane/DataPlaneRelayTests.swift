@@ -76,8 +76,55 @@ private struct BlockingClient {
     func close() { Glibc.close(self.fd) }
 }
 
+/// The names of this process's threads (/proc/self/task/*/comm).
+private func threadNames() -> [String] {
+    guard let dir = opendir("/proc/self/task") else { return [] }
+    defer { closedir(dir) }
+    var names: [String] = []
+    while let entry = readdir(dir) {
+        let tid = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        guard !tid.hasPrefix("."), let file = fopen("/proc/self/task/\(tid)/comm", "r") else { continue }
+        var line = [CChar](repeating: 0, count: 64)
+        if fgets(&line, Int32(line.count), file) != nil {
+            names.append(
+                String(decoding: line.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            )
+        }
+        fclose(file)
+    }
+    return names
+}
+
 @Suite("Data plane: TCP relay loops", .timeLimit(.minutes(1)))
 struct DataPlaneRelayTests {
+    @Test("relay threads: one per event loop, named mesh-relay-N, from the first TCP route to shutdown")
+    func threadsStartLazilyAndAreNamed() async throws {
+        let backend = try await TestServers.echo()
+        defer { Task { await backend.close() } }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let dataPlane = DataPlane(configuration: testConfiguration(), eventLoopGroup: group, logger: testLogger)
+        let vip = TestAddresses.vip()
+        try await dataPlane.apply(
+            RouteTable(routes: [
+                Route(service: service("udp-only"), vip: vip, port: 8081, proto: .udp, backends: [backend.backend()])
+            ])
+        )
+        #expect(dataPlane.relayThreads == 0, "no relay thread without a TCP route")
+        try await dataPlane.apply(
+            RouteTable(routes: [
+                Route(service: service("named"), vip: vip, port: 8080, backends: [backend.backend()])
+            ])
+        )
+        #expect(dataPlane.relayThreads == 2)
+        let names = threadNames()
+        #expect(names.contains("mesh-relay-0") && names.contains("mesh-relay-1"), "threads: \(names)")
+        let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), send: "hi", halfClose: true)
+        #expect(String(buffer: reply) == "hi")
+        await dataPlane.shutdown(drain: false)
+        #expect(dataPlane.relayThreads == 0, "relay threads must exit at shutdown")
+        try await group.shutdownGracefully()
+    }
+
     @Test("8 connections echo 4 MiB each both ways at once: every byte arrives, in order, and all close")
     func bulkEchoIntegrity() async throws {
         let backend = try await TestServers.echo()

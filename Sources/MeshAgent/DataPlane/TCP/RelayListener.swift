@@ -1,4 +1,4 @@
-import CEpoll
+import CLinux
 import Logging
 import MeshCore
 import NIOCore
@@ -29,13 +29,18 @@ final class RelayEngine: Sendable {
     func loops(on group: any EventLoopGroup) async throws -> [RelayLoop] {
         if let loops = self.state.withLock({ $0 }) { return loops }
         var started: [RelayLoop] = []
-        for eventLoop in group.makeIterator() {
+        for (index, eventLoop) in group.makeIterator().enumerated() {
             let configuration = self.configuration
             let counters = self.counters
             let logger = self.logger
             started.append(
                 try await eventLoop.submit {
-                    try RelayLoop.start(configuration: configuration, counters: counters, logger: logger)
+                    try RelayLoop.start(
+                        index: index,
+                        configuration: configuration,
+                        counters: counters,
+                        logger: logger
+                    )
                 }.get()
             )
         }
@@ -47,6 +52,9 @@ final class RelayEngine: Sendable {
         for loop in extra { loop.stop() }
         return loops
     }
+
+    /// Relay threads running (0 until the first TCP route, and after `shutdown()` once they have exited).
+    var runningLoops: Int { self.state.withLock { $0?.count(where: { !$0.hasStopped }) ?? 0 } }
 
     /// Stops every loop (closing what is still open) and waits up to 2 s for the threads to finish.
     func shutdown() async {

@@ -1,4 +1,4 @@
-import CEpoll
+import CLinux
 import Logging
 import NIOCore
 import Synchronization
@@ -108,14 +108,13 @@ final class RelayLoop: @unchecked Sendable {
     /// Starts a loop on a new thread. The thread is created by the calling thread, so it is in the calling
     /// thread's network namespace: call it from the event loop whose namespace the relay must use.
     static func start(
+        index: Int,
         configuration: DataPlaneConfiguration,
         counters: DataPlaneCounters,
         logger: Logger
-    ) throws
-        -> RelayLoop
-    {
+    ) throws -> RelayLoop {
         let loop = try RelayLoop(configuration: configuration, counters: counters, logger: logger)
-        DedicatedThread.start(name: "mesh-relay") { loop.run() }
+        DedicatedThread.start(name: "mesh-relay-\(index)") { loop.run() }
         return loop
     }
 

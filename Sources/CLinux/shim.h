@@ -1,0 +1,22 @@
+/* Linux calls that Glibc's Swift module does not export (GNU extensions, epoll). Headers only: no library. */
+#include <pthread.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+
+/* GNU extensions, declared here because Glibc's module is built without _GNU_SOURCE. */
+extern int accept4(int fd, struct sockaddr *address, socklen_t *length, int flags);
+extern int pthread_setname_np(pthread_t thread, const char *name);
+
+static inline int mesh_accept4(int fd, struct sockaddr *address, socklen_t *length, int flags) {
+    return accept4(fd, address, length, flags);
+}
+
+/* Names the calling thread (15 bytes at most; longer names are cut), as ps -L and top -H show it. */
+static inline void mesh_set_thread_name(const char *name) {
+    char cut[16];
+    int i = 0;
+    for (; i < 15 && name[i] != 0; i++) cut[i] = name[i];
+    cut[i] = 0;
+    pthread_setname_np(pthread_self(), cut);
+}
