@@ -64,6 +64,19 @@ private struct BlockingClient {
         }
     }
 
+    /// Sends `count` pattern bytes and reads as many back: true when they all came back unchanged.
+    func echoes(count: Int, seed: Int) throws -> Bool {
+        try self.sendPattern(count: count, seed: seed)
+        var buffer = [UInt8](repeating: 0, count: count)
+        var got = 0
+        while got < count {
+            let n = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress! + got, count - got, 0) }
+            guard n > 0 else { return false }
+            got += n
+        }
+        return buffer.indices.allSatisfy { buffer[$0] == Self.pattern($0, seed: seed) }
+    }
+
     func shutdownWrite() { _ = shutdown(self.fd, Int32(SHUT_WR)) }
 
     /// Closes with a reset (SO_LINGER 0) rather than a FIN.
@@ -93,6 +106,24 @@ private func threadNames() -> [String] {
         fclose(file)
     }
     return names
+}
+
+/// A data plane with one TCP route (service `name`, a fresh VIP, port 8080) to a fresh echo backend; `body`
+/// gets the data plane and the VIP's address.
+private func withEchoRoute<T: Sendable>(
+    _ name: String,
+    _ configuration: DataPlaneConfiguration = testConfiguration(),
+    _ body: (DataPlane, SocketAddress) async throws -> T
+) async throws -> T {
+    let backend = try await TestServers.echo()
+    defer { Task { await backend.close() } }
+    return try await withDataPlane(configuration) { dp in
+        let vip = TestAddresses.vip()
+        try await dp.apply(
+            RouteTable(routes: [Route(service: service(name), vip: vip, port: 8080, backends: [backend.backend()])])
+        )
+        return try await body(dp, TestClient.vipAddress(vip, 8080))
+    }
 }
 
 @Suite("Data plane: TCP relay loops", .timeLimit(.minutes(1)))
@@ -127,16 +158,7 @@ struct DataPlaneRelayTests {
 
     @Test("8 connections echo 4 MiB each both ways at once: every byte arrives, in order, and all close")
     func bulkEchoIntegrity() async throws {
-        let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
-        try await withDataPlane { dp in
-            let vip = TestAddresses.vip()
-            try await dp.apply(
-                RouteTable(routes: [
-                    Route(service: service("bulk-echo"), vip: vip, port: 8080, backends: [backend.backend()])
-                ])
-            )
-            let address = TestClient.vipAddress(vip, 8080)
+        try await withEchoRoute("bulk-echo") { dp, address in
             let size = 4 * 1024 * 1024
             let results = try await withThrowingTaskGroup(of: (Int, Bool).self) { group in
                 for seed in 0..<8 {
@@ -178,27 +200,10 @@ struct DataPlaneRelayTests {
 
     @Test("a client reset tears down both sides")
     func clientReset() async throws {
-        let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
-        try await withDataPlane { dp in
-            let vip = TestAddresses.vip()
-            try await dp.apply(
-                RouteTable(routes: [
-                    Route(service: service("reset"), vip: vip, port: 8080, backends: [backend.backend()])
-                ])
-            )
-            let address = TestClient.vipAddress(vip, 8080)
+        try await withEchoRoute("reset") { dp, address in
             try await DedicatedThread.run(name: "relay-test") {
                 let client = try BlockingClient.connect(address)
-                try client.sendPattern(count: 1000, seed: 1)
-                var buffer = [UInt8](repeating: 0, count: 1000)
-                var got = 0
-                while got < 1000 {
-                    let n = buffer.withUnsafeMutableBytes { recv(client.fd, $0.baseAddress! + got, 1000 - got, 0) }
-                    guard n > 0 else { break }
-                    got += n
-                }
-                try #require(got == 1000)
+                try #require(try client.echoes(count: 1000, seed: 1))
                 client.reset()
             }
             #expect(await eventually { dp.openChannels == 0 }, "the upstream side must close too")
@@ -207,18 +212,9 @@ struct DataPlaneRelayTests {
 
     @Test("beyond maxConnectionsPerListener a new connection is closed at once; the open ones keep working")
     func connectionLimit() async throws {
-        let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
         var configuration = testConfiguration()
         configuration.maxConnectionsPerListener = 2
-        try await withDataPlane(configuration) { dp in
-            let vip = TestAddresses.vip()
-            try await dp.apply(
-                RouteTable(routes: [
-                    Route(service: service("limit"), vip: vip, port: 8080, backends: [backend.backend()])
-                ])
-            )
-            let address = TestClient.vipAddress(vip, 8080)
+        try await withEchoRoute("limit", configuration) { dp, address in
             try await DedicatedThread.run(name: "relay-test") {
                 let a = try BlockingClient.connect(address)
                 let b = try BlockingClient.connect(address)
@@ -226,17 +222,7 @@ struct DataPlaneRelayTests {
                     a.close()
                     b.close()
                 }
-                for client in [a, b] {
-                    try client.sendPattern(count: 10, seed: 2)
-                    var buffer = [UInt8](repeating: 0, count: 10)
-                    var got = 0
-                    while got < 10 {
-                        let n = buffer.withUnsafeMutableBytes { recv(client.fd, $0.baseAddress! + got, 10 - got, 0) }
-                        guard n > 0 else { break }
-                        got += n
-                    }
-                    try #require(got == 10)
-                }
+                for client in [a, b] { try #require(try client.echoes(count: 10, seed: 2)) }
                 // The third is accepted by the kernel and closed by the relay: EOF (or a reset), no echo.
                 let c = try BlockingClient.connect(address)
                 defer { c.close() }
@@ -251,16 +237,7 @@ struct DataPlaneRelayTests {
 
     @Test("a removed route's open connection is closed when drainTimeout ends")
     func drainDeadline() async throws {
-        let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
-        try await withDataPlane(testConfiguration(drainTimeout: .milliseconds(300))) { dp in
-            let vip = TestAddresses.vip()
-            try await dp.apply(
-                RouteTable(routes: [
-                    Route(service: service("drain"), vip: vip, port: 8080, backends: [backend.backend()])
-                ])
-            )
-            let address = TestClient.vipAddress(vip, 8080)
+        try await withEchoRoute("drain", testConfiguration(drainTimeout: .milliseconds(300))) { dp, address in
             let client = try await DedicatedThread.run(name: "relay-test") {
                 let client = try BlockingClient.connect(address)
                 try client.sendPattern(count: 10, seed: 3)

@@ -227,17 +227,23 @@ final class RelayAcceptor: RelayPollable {
 
 /// The socket calls the relay makes, with errors that say what failed.
 enum RelaySocket {
-    static func listen(on address: SocketAddress, backlog: Int) throws -> Int32 {
+    /// A non-blocking TCP socket of `address`'s family with `option` (level, name) set to 1.
+    private static func stream(for address: SocketAddress, _ what: String, option: (Int32, Int32)) throws -> Int32 {
         let family: Int32
         switch address {
         case .v4: family = AF_INET
         case .v6: family = AF_INET6
-        case .unixDomainSocket: throw RelayLoop.Failure.system("listen on a unix socket", EAFNOSUPPORT)
+        case .unixDomainSocket: throw RelayLoop.Failure.system("\(what) a unix socket", EAFNOSUPPORT)
         }
         let fd = socket(family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw RelayLoop.Failure.system("socket", errno) }
         var one: Int32 = 1
-        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        _ = setsockopt(fd, option.0, option.1, &one, socklen_t(MemoryLayout<Int32>.size))
+        return fd
+    }
+
+    static func listen(on address: SocketAddress, backlog: Int) throws -> Int32 {
+        let fd = try Self.stream(for: address, "listen on", option: (SOL_SOCKET, SO_REUSEADDR))
         let rc = Self.withSockAddr(address) { Glibc.bind(fd, $0, $1) }
         guard rc == 0 else {
             let code = errno
@@ -254,16 +260,7 @@ enum RelaySocket {
 
     /// A non-blocking socket connecting to `address` (the connect is under way or done when it returns).
     static func connect(to address: SocketAddress) throws -> Int32 {
-        let family: Int32
-        switch address {
-        case .v4: family = AF_INET
-        case .v6: family = AF_INET6
-        case .unixDomainSocket: throw RelayLoop.Failure.system("connect to a unix socket", EAFNOSUPPORT)
-        }
-        let fd = socket(family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw RelayLoop.Failure.system("socket", errno) }
-        var one: Int32 = 1
-        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        let fd = try Self.stream(for: address, "connect to", option: (Int32(IPPROTO_TCP), TCP_NODELAY))
         let rc = Self.withSockAddr(address) { Glibc.connect(fd, $0, $1) }
         if rc != 0 {
             let code = errno
