@@ -92,13 +92,13 @@ struct LatencyCommand: ParsableCommand {
         let measureUntil = start + UInt64((self.warmup + self.duration) * 1e9)
         let giveUp = measureUntil + 10_000_000_000
         var measuring = false
-        var cpuBefore: UInt64 = 0
+        var cpuBefore: [UInt64: UInt64] = [:]
         var selfBefore = 0.0
         var othersBefore: [Int32: UInt64] = [:]
         var measuredFrom = start
         func beginMeasuring() {
             measuring = true
-            cpuBefore = cpuNanoseconds(self.sutPid)
+            cpuBefore = threadCPUNanoseconds(self.sutPid)
             othersBefore = QuietCommand.othersTicks(ignoring: self.ignore + self.sutPid)
             selfBefore = ownCPUSeconds()
             measuredFrom = monotonicNanoseconds()
@@ -170,7 +170,7 @@ struct LatencyCommand: ParsableCommand {
             }
         }
         let end = monotonicNanoseconds()
-        let cpuAfter = cpuNanoseconds(self.sutPid)
+        let cpuUsed = cpuNanosecondsSince(cpuBefore, self.sutPid)
         let selfAfter = ownCPUSeconds()
         let othersAfter = QuietCommand.othersTicks(ignoring: self.ignore + self.sutPid)
         var othersUsed: UInt64 = 0
@@ -184,7 +184,7 @@ struct LatencyCommand: ParsableCommand {
         let noise = Double(othersUsed) / hz / max(cpuWindow, 0.001)
         let achieved = Double(measured) / max(window, 0.001)
         let sutCPU =
-            measured > 0 && !self.sutPid.isEmpty ? Double(cpuAfter - cpuBefore) / 1000 / Double(measured) : nil
+            measured > 0 && !self.sutPid.isEmpty ? Double(cpuUsed) / 1000 / Double(measured) : nil
         let generatorCPU = measured > 0 ? (selfAfter - selfBefore) * 1e6 / Double(measured) : 0
         func us(_ p: Double) -> Double { Double(histogram.valueAtPercentile(p)) / 1000 }
         let rateText = closedLoop ? "max" : "\(self.rate)"
@@ -362,10 +362,10 @@ func cpuTicks(_ pids: [Int32]) -> UInt64 {
     return total
 }
 
-/// CPU time of the PIDs in nanoseconds: the sum over their threads of /proc/PID/task/TID/schedstat (time on
-/// a CPU, nanosecond resolution, where /proc/PID/stat counts 10 ms ticks).
-func cpuNanoseconds(_ pids: [Int32]) -> UInt64 {
-    var total: UInt64 = 0
+/// CPU time of each thread of the PIDs in nanoseconds (/proc/PID/task/TID/schedstat: time on a CPU, nanosecond
+/// resolution, where /proc/PID/stat counts 10 ms ticks), keyed by PID << 32 | TID.
+func threadCPUNanoseconds(_ pids: [Int32]) -> [UInt64: UInt64] {
+    var times: [UInt64: UInt64] = [:]
     for pid in pids {
         guard let dir = opendir("/proc/\(pid)/task") else { continue }
         defer { closedir(dir) }
@@ -373,11 +373,22 @@ func cpuNanoseconds(_ pids: [Int32]) -> UInt64 {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
                 String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
             }
-            guard Int32(name) != nil, let file = fopen("/proc/\(pid)/task/\(name)/schedstat", "r") else { continue }
+            guard let tid = UInt32(name), let file = fopen("/proc/\(pid)/task/\(name)/schedstat", "r") else { continue }
             var ns: UInt64 = 0
-            if readFirstNumber(file, &ns) { total += ns }
+            if readFirstNumber(file, &ns) { times[UInt64(UInt32(bitPattern: pid)) << 32 | UInt64(tid)] = ns }
             fclose(file)
         }
+    }
+    return times
+}
+
+/// CPU time the PIDs' threads used since `before` (from `threadCPUNanoseconds`): per thread, so a thread that
+/// exits in between (an idle pool thread) takes its time out of neither side; a new thread counts from zero.
+func cpuNanosecondsSince(_ before: [UInt64: UInt64], _ pids: [Int32]) -> UInt64 {
+    var total: UInt64 = 0
+    for (thread, now) in threadCPUNanoseconds(pids) {
+        let then = before[thread] ?? 0
+        total += now - min(now, then)
     }
     return total
 }
