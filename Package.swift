@@ -70,18 +70,17 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-asn1.git", from: "1.3.0"),
     ],
     targets: [
-        // System libraries (pkg-config; scripts/bootstrap installs the -dev packages).
+        // System libraries (pkg-config; scripts/bootstrap installs the -dev packages) and C shims.
         .systemLibrary(
             name: "CSQLite",
             pkgConfig: "sqlite3",
             providers: [.apt(["libsqlite3-dev"])]
         ),
         .systemLibrary(name: "CYAML", pkgConfig: "yaml-0.1", providers: [.apt(["libyaml-dev"])]),
-        .systemLibrary(
-            name: "CNetlink",
-            pkgConfig: "libnl-route-3.0",
-            providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]
-        ),
+        // libnl-3 / libnl-route-3 for the mesh interface, loaded with dlopen on first use (not linked: an
+        // agent in loopback mode maps none of it). Its headers (libnl-3-dev, libnl-route-3-dev) only check
+        // the shim's types at compile time; at run time the mesh interface needs libnl-route-3-200.
+        .target(name: "CNetlink", cSettings: [.unsafeFlags(["-isystem", "/usr/include/libnl3"])]),
 
         // Shared vocabulary: model, names, config, wire types of the control API.
         .target(
