@@ -14,7 +14,8 @@ let swiftSettings: [SwiftSetting] = [
 /// start-up and an idle agent run first (`startup.order`, `sections.ld`), relative relocations packed
 /// (DT_RELR, glibc >= 2.36), no symbol table exported to the dynamic linker, and libstdc++ linked
 /// statically: `link/static-libstdc++/libstdc++.a` is a symlink to Debian 12's GCC 12 archive, found
-/// by `-lstdc++` before the shared library (a dangling link, on another GCC, falls back to the shared one).
+/// by `-lstdc++` before the shared library (a dangling link, on another GCC, falls back to the shared one);
+/// not position-independent (`-no-pie`: nothing to relocate at start, at the cost of the executable's ASLR).
 /// Together they keep the idle agent's resident set small: most of it is pages of this binary.
 let agentLink = Context.packageDirectory + "/Sources/mesh-agent/link"
 let agentLinkerSettings: [LinkerSetting] = [
@@ -27,6 +28,7 @@ let agentLinkerSettings: [LinkerSetting] = [
             "-Xlinker", "-T", "-Xlinker", "\(agentLink)/sections.ld",
             "-Xlinker", "-z", "-Xlinker", "pack-relative-relocs",
             "-Xlinker", "--no-export-dynamic",
+            "-Xclang-linker", "-no-pie",
         ],
         .when(platforms: [.linux], configuration: .release)
     )
