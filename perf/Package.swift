@@ -2,7 +2,8 @@
 // Benchmarks: one nested package, kept out of the main package so that `swift test` never builds them.
 // It depends on the root package's library products (MeshAgent, MeshClient, ...), so it always measures
 // the working tree. Run the benchmarks through `perf/run` (see README.md beside this file), which builds
-// in release mode.
+// in release mode. SwiftPM caches the root package's manifest here until this file changes: after a change of
+// ../Package.swift that matters to these builds (e.g. CNetlink, a C target since the libnl dlopen), edit or touch it.
 import PackageDescription
 
 let swiftSettings: [SwiftSetting] = [.swiftLanguageMode(.v6)]

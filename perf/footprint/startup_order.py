@@ -6,6 +6,7 @@ idle agent maps ~5 MB of its text instead of ~12 MB (see Sources/mesh-agent/link
 
   perf/footprint/startup_order.py [--bin perf/.build/release] [--out Sources/mesh-agent/link/startup.order]
   perf/footprint/startup_order.py --native-faults     # after relinking: add what valgrind could not run
+                                                      # and a restart with the control plane down
 
 Runs a release mesh-agent (debug info stripped: valgrind 3.19 cannot read DWARF 5) under valgrind's
 callgrind against a real mesh-control on loopback (the agent joins with a token, HTTPS with client
@@ -105,9 +106,30 @@ def executed_functions(path, obj_suffix, syms, starts, names):
     return found
 
 
-def native_faults(agent_args, join, work, aport, syms, starts, procs):
-    """Functions of the linked agent whose instruction fetches page-faulted when run natively: a join start
-    and a restart with its certificate, each until ready and idle."""
+def put_service(cport, name, bport):
+    """Service `name` in namespace ns: HTTP on port 80 and TCP on 81, one endpoint (the backend at bport)."""
+    svc = {"apiVersion": "mesh.edge/v1", "kind": "Service", "metadata": {"name": name, "namespace": "ns"},
+           "spec": {"ports": [{"name": "http", "port": 80, "protocol": "HTTP"},
+                              {"name": "tcp", "port": 81, "protocol": "TCP"}]}}
+    eps = {"apiVersion": "mesh.edge/v1", "kind": "Endpoints", "metadata": {"name": name, "namespace": "ns"},
+           "spec": {"addresses": [{"ip": "127.0.0.1", "ports": [{"name": "http", "port": bport},
+                                                                 {"name": "tcp", "port": bport}],
+                                   "site": "a"}]}}
+    request(cport, "PUT", f"/apis/mesh.edge/v1/namespaces/ns/services/{name}", json.dumps(svc))
+    request(cport, "PUT", f"/apis/mesh.edge/v1/namespaces/ns/endpoints/{name}", json.dumps(eps))
+
+
+def routes_listening(aport, n):
+    r = json.loads(request(aport, "GET", "/routes")[1])
+    return sum(1 for x in r["dataPlane"]["routes"] if x["listening"]) >= n
+
+
+def native_faults(agent_args, join, work, aport, syms, starts, procs, control, cport, bport):
+    """Functions of the linked agent whose instruction fetches page-faulted when run natively: a join start,
+    a restart with its certificate, each until ready and idle; then, with one HTTP service in its table
+    (added after the second idle, not profiled), a restart from its cache with the control plane down, until
+    the route listens and idle (what footprint.py measures as "RSS after that restart": the cache loaded,
+    a listener, connects to the control plane refused and retried)."""
     found = set()
     # vaddr - file offset of the executable segment (lld: one page apart).
     delta = 0
@@ -115,15 +137,23 @@ def native_faults(agent_args, join, work, aport, syms, starts, procs):
         p = line.split()
         if p[:1] == ["LOAD"] and "E" in p[-2]:
             delta = int(p[2], 16) - int(p[1], 16)
-    for n, extra in enumerate((join, [])):
+    for n, extra in enumerate((join, [], [])):
+        if n == 2:
+            control.send_signal(signal.SIGTERM)
+            control.wait(30)
         data = f"{work}/faults{n}.data"
         perf = subprocess.Popen(["perf", "record", "-q", "-e", "page-faults", "-c", "1", "-d", "-k", "CLOCK_MONOTONIC",
                                  "-o", data]
                                 + agent_args + extra, stderr=subprocess.DEVNULL)
         procs.append(perf)
         wait_until(lambda: request(aport, "GET", "/readyz")[0] == 200, 60, "mesh-agent ready (under perf)")
+        if n == 2:
+            wait_until(lambda: routes_listening(aport, 1), 60, "the route from the cache (under perf)")
         time.sleep(25)
-        idle_end = time.clock_gettime(time.CLOCK_MONOTONIC)  # not the shutdown that follows
+        idle_end = time.clock_gettime(time.CLOCK_MONOTONIC)  # not what follows
+        if n == 1:
+            put_service(cport, "s0", bport)
+            wait_until(lambda: routes_listening(aport, 1), 60, "the route (under perf)")
         for pid in subprocess.run(["pgrep", "-P", str(perf.pid)], capture_output=True, text=True).stdout.split():
             os.kill(int(pid), signal.SIGTERM)
         perf.wait(60)
@@ -208,7 +238,8 @@ def main():
                       "--node-name", "order", "--site", "a", "--log-level", "error"]
         join = ["--join-token", token["token"], "--ca-cert-hash", token["caCertHash"]]
         if a.native_faults:
-            merge_order(a.out, native_faults(agent_args, join, work, aport, syms, starts, procs))
+            merge_order(a.out, native_faults(agent_args, join, work, aport, syms, starts, procs, control, cport,
+                                             backend.server_address[1]))
             return
         agent = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--demangle=no",
                                   "--dump-instr=yes"] + agent_args + join, stderr=subprocess.DEVNULL)
@@ -221,20 +252,8 @@ def main():
         # Serving: a few services through their whole life, names, HTTP through a VIP, the admin API.
         bport = backend.server_address[1]
         for i in range(20):
-            svc = {"apiVersion": "mesh.edge/v1", "kind": "Service", "metadata": {"name": f"s{i}", "namespace": "ns"},
-                   "spec": {"ports": [{"name": "http", "port": 80, "protocol": "HTTP"},
-                                      {"name": "tcp", "port": 81, "protocol": "TCP"}]}}
-            eps = {"apiVersion": "mesh.edge/v1", "kind": "Endpoints", "metadata": {"name": f"s{i}", "namespace": "ns"},
-                   "spec": {"addresses": [{"ip": "127.0.0.1", "ports": [{"name": "http", "port": bport},
-                                                                         {"name": "tcp", "port": bport}],
-                                           "site": "a"}]}}
-            request(cport, "PUT", f"/apis/mesh.edge/v1/namespaces/ns/services/s{i}", json.dumps(svc))
-            request(cport, "PUT", f"/apis/mesh.edge/v1/namespaces/ns/endpoints/s{i}", json.dumps(eps))
-
-        def listening():
-            r = json.loads(request(aport, "GET", "/routes")[1])
-            return sum(1 for x in r["dataPlane"]["routes"] if x["listening"]) >= 40
-        wait_until(listening, 300, "routes listening")
+            put_service(cport, f"s{i}", bport)
+        wait_until(lambda: routes_listening(aport, 40), 300, "routes listening")
         vip = json.loads(request(cport, "GET", "/apis/mesh.edge/v1/namespaces/ns/services/s0")[1])["spec"]["clusterIP"]
         for _ in range(20):
             request(80, "GET", "/", host=vip)

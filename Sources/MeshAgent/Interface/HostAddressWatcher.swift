@@ -32,16 +32,16 @@ public struct HostAddressEvent: Sendable, Hashable, CustomStringConvertible {
 public enum HostAddressWatcher {
     public static func events(logger: Logger) throws(NetlinkError) -> AsyncStream<HostAddressEvent> {
         let sock = try NetlinkSocket()
-        nl_socket_disable_seq_check(sock.raw)
+        mesh_nl_socket_disable_seq_check(sock.raw)
         for group in [RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR] {
-            let rc = nl_socket_add_membership(sock.raw, Int32(group.rawValue))
+            let rc = mesh_nl_socket_add_membership(sock.raw, Int32(group.rawValue))
             guard rc == 0 else { throw NetlinkError("subscribe to address changes", code: rc) }
         }
-        _ = nl_socket_set_nonblocking(sock.raw)
+        _ = mesh_nl_socket_set_nonblocking(sock.raw)
         // The snapshot comes after subscribing so that nothing falls in between (duplicates may).
         let initial = try MeshInterface.addresses(sock: try NetlinkSocket())
         var pipeFDs: [Int32] = [-1, -1]
-        guard pipe(&pipeFDs) == 0 else { throw NetlinkError("pipe", code: NLE_FAILURE) }
+        guard pipe(&pipeFDs) == 0 else { throw NetlinkError("pipe", code: MESH_NLE_FAILURE) }
         let (stream, continuation) = AsyncStream.makeStream(of: HostAddressEvent.self)
         for event in initial { continuation.yield(event) }
         let stop = pipeFDs[1]
@@ -83,15 +83,15 @@ public enum HostAddressWatcher {
 
         private func loop(_ sock: NetlinkSocket, logger: Logger) {
             let context = Unmanaged.passUnretained(self).toOpaque()
-            nl_socket_modify_cb(
+            mesh_nl_socket_modify_cb(
                 sock.raw,
-                NL_CB_VALID,
-                NL_CB_CUSTOM,
+                MESH_NL_CB_VALID,
+                MESH_NL_CB_CUSTOM,
                 { msg, arg in
-                    guard let msg, let arg else { return Int32(NL_OK.rawValue) }
+                    guard let msg, let arg else { return MESH_NL_OK }
                     let loop = Unmanaged<WatchLoop>.fromOpaque(arg).takeUnretainedValue()
                     if let event = HostAddressWatcher.parse(msg) { loop.continuation.yield(event) }
-                    return Int32(NL_OK.rawValue)
+                    return MESH_NL_OK
                 },
                 context
             )
@@ -107,8 +107,8 @@ public enum HostAddressWatcher {
                 }
                 if fds[1].revents != 0 { break }
                 if fds[0].revents != 0 {
-                    let rc = nl_recvmsgs_default(sock.raw)
-                    if rc < 0 && abs(rc) != NLE_AGAIN {
+                    let rc = mesh_nl_recvmsgs_default(sock.raw)
+                    if rc < 0 && abs(rc) != MESH_NLE_AGAIN {
                         logger.warning(
                             "host address watch stopped",
                             metadata: ["error": "\(NetlinkError("recv", code: rc))"]
@@ -121,7 +121,7 @@ public enum HostAddressWatcher {
     }
 
     fileprivate static func parse(_ msg: OpaquePointer) -> HostAddressEvent? {
-        guard let header = nlmsg_hdr(msg) else { return nil }
+        guard let header = mesh_nlmsg_hdr(msg) else { return nil }
         let type = Int32(header.pointee.nlmsg_type)
         let kind: HostAddressEvent.Kind
         switch type {
@@ -129,14 +129,14 @@ public enum HostAddressWatcher {
         case Int32(RTM_DELADDR): kind = .removed
         default: return nil
         }
-        guard let data = nlmsg_data(header) else { return nil }
+        guard let data = mesh_nlmsg_data(header) else { return nil }
         let ifa = data.assumingMemoryBound(to: ifaddrmsg.self).pointee
         let headerLength = Int32(MemoryLayout<ifaddrmsg>.size)
         let attribute =
-            nlmsg_find_attr(header, headerLength, Int32(IFA_LOCAL))
-            ?? nlmsg_find_attr(header, headerLength, Int32(IFA_ADDRESS))
-        guard let attribute, let payload = nla_data(attribute) else { return nil }
-        let bytes = UnsafeRawBufferPointer(start: payload, count: Int(nla_len(attribute)))
+            mesh_nlmsg_find_attr(header, headerLength, Int32(IFA_LOCAL))
+            ?? mesh_nlmsg_find_attr(header, headerLength, Int32(IFA_ADDRESS))
+        guard let attribute, let payload = mesh_nla_data(attribute) else { return nil }
+        let bytes = UnsafeRawBufferPointer(start: payload, count: Int(mesh_nla_len(attribute)))
         guard let address = IPAddress(bytes: bytes) else { return nil }
         return HostAddressEvent(
             kind: kind,
@@ -151,24 +151,24 @@ extension MeshInterface {
     /// Every address of the namespace, as `added` events.
     static func addresses(sock: NetlinkSocket) throws(NetlinkError) -> [HostAddressEvent] {
         var cache: OpaquePointer?
-        let rc = rtnl_addr_alloc_cache(sock.raw, &cache)
+        let rc = mesh_rtnl_addr_alloc_cache(sock.raw, &cache)
         guard rc == 0, let cache else { throw NetlinkError("list addresses", code: rc) }
-        defer { nl_cache_free(cache) }
+        defer { mesh_nl_cache_free(cache) }
         var result: [HostAddressEvent] = []
-        var object = nl_cache_get_first(cache)
+        var object = mesh_nl_cache_get_first(cache)
         while let obj = object {
             let addr = obj
-            if let local = rtnl_addr_get_local(addr), let ip = IPAddress(netlink: local) {
+            if let local = mesh_rtnl_addr_get_local(addr), let ip = IPAddress(netlink: local) {
                 result.append(
                     HostAddressEvent(
                         kind: .added,
                         address: ip,
-                        prefixLength: Int(rtnl_addr_get_prefixlen(addr)),
-                        interfaceIndex: rtnl_addr_get_ifindex(addr)
+                        prefixLength: Int(mesh_rtnl_addr_get_prefixlen(addr)),
+                        interfaceIndex: mesh_rtnl_addr_get_ifindex(addr)
                     )
                 )
             }
-            object = nl_cache_get_next(obj)
+            object = mesh_nl_cache_get_next(obj)
         }
         return result
     }

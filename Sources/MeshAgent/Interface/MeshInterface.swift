@@ -57,31 +57,33 @@ public final class MeshInterface: Sendable {
         if link == nil {
             for kind in Self.kinds {
                 let rc = try Self.create(sock, name, kind: kind)
-                if rc < 0 && abs(rc) == NLE_OPNOTSUPP && kind != Self.kinds.last {
+                if rc < 0 && abs(rc) == MESH_NLE_OPNOTSUPP && kind != Self.kinds.last {
                     logger.notice(
                         "kernel has no \(kind) links, trying the next kind",
                         metadata: ["interface": "\(name)"]
                     )
                     continue
                 }
-                if rc < 0 && abs(rc) != NLE_EXIST { throw NetlinkError("create \(kind) link \(name)", code: rc) }
+                if rc < 0 && abs(rc) != MESH_NLE_EXIST { throw NetlinkError("create \(kind) link \(name)", code: rc) }
                 created = rc == 0
                 break
             }
             link = try Self.lookup(sock, name)
         }
-        guard let link else { throw NetlinkError("find link \(name)", code: NLE_OBJ_NOTFOUND) }
-        defer { rtnl_link_put(link) }
-        let kind = rtnl_link_get_type(link).map { String(cString: $0) } ?? "?"
+        guard let link else { throw NetlinkError("find link \(name)", code: MESH_NLE_OBJ_NOTFOUND) }
+        defer { mesh_rtnl_link_put(link) }
+        let kind = mesh_rtnl_link_get_type(link).map { String(cString: $0) } ?? "?"
         guard Self.kinds.contains(kind) else {
-            throw NetlinkError("link \(name) exists with kind \(kind), not one of \(Self.kinds)", code: NLE_EXIST)
+            throw NetlinkError("link \(name) exists with kind \(kind), not one of \(Self.kinds)", code: MESH_NLE_EXIST)
         }
-        let index = rtnl_link_get_ifindex(link)
-        if rtnl_link_get_flags(link) & UInt32(Self.iffUp) == 0 {
-            guard let change = rtnl_link_alloc() else { throw NetlinkError("rtnl_link_alloc", code: NLE_NOMEM) }
-            defer { rtnl_link_put(change) }
-            rtnl_link_set_flags(change, UInt32(Self.iffUp))
-            let rc = rtnl_link_change(sock.raw, link, change, 0)
+        let index = mesh_rtnl_link_get_ifindex(link)
+        if mesh_rtnl_link_get_flags(link) & UInt32(Self.iffUp) == 0 {
+            guard let change = mesh_rtnl_link_alloc() else {
+                throw NetlinkError("rtnl_link_alloc", code: MESH_NLE_NOMEM)
+            }
+            defer { mesh_rtnl_link_put(change) }
+            mesh_rtnl_link_set_flags(change, UInt32(Self.iffUp))
+            let rc = mesh_rtnl_link_change(sock.raw, link, change, 0)
             guard rc == 0 else { throw NetlinkError("set \(name) up", code: rc) }
         }
         return (index, kind, created)
@@ -89,13 +91,13 @@ public final class MeshInterface: Sendable {
 
     /// RTM_NEWLINK for a link of `kind`, up; returns libnl's code.
     private static func create(_ sock: NetlinkSocket, _ name: String, kind: String) throws(NetlinkError) -> Int32 {
-        guard let newLink = rtnl_link_alloc() else { throw NetlinkError("rtnl_link_alloc", code: NLE_NOMEM) }
-        defer { rtnl_link_put(newLink) }
-        rtnl_link_set_name(newLink, name)
-        let rc0 = rtnl_link_set_type(newLink, kind)
-        guard rc0 == 0 else { throw NetlinkError("rtnl_link_set_type(\(kind))", code: rc0) }
-        rtnl_link_set_flags(newLink, UInt32(Self.iffUp))
-        return rtnl_link_add(sock.raw, newLink, NLM_F_CREATE | NLM_F_EXCL)
+        guard let newLink = mesh_rtnl_link_alloc() else { throw NetlinkError("rtnl_link_alloc", code: MESH_NLE_NOMEM) }
+        defer { mesh_rtnl_link_put(newLink) }
+        mesh_rtnl_link_set_name(newLink, name)
+        let rc0 = mesh_rtnl_link_set_type(newLink, kind)
+        guard rc0 == 0 else { throw NetlinkError("mesh_rtnl_link_set_type(\(kind))", code: rc0) }
+        mesh_rtnl_link_set_flags(newLink, UInt32(Self.iffUp))
+        return mesh_rtnl_link_add(sock.raw, newLink, NLM_F_CREATE | NLM_F_EXCL)
     }
 
     /// The addresses on the link, without the IPv6 link-local one the kernel adds.
@@ -143,9 +145,9 @@ public final class MeshInterface: Sendable {
     public func destroy() throws(NetlinkError) {
         try self.socket.withLock { sock throws(NetlinkError) in
             guard let link = try Self.lookup(sock, self.name) else { return }
-            defer { rtnl_link_put(link) }
-            let rc = rtnl_link_delete(sock.raw, link)
-            if rc < 0 && abs(rc) != NLE_OBJ_NOTFOUND && abs(rc) != NLE_NODEV {
+            defer { mesh_rtnl_link_put(link) }
+            let rc = mesh_rtnl_link_delete(sock.raw, link)
+            if rc < 0 && abs(rc) != MESH_NLE_OBJ_NOTFOUND && abs(rc) != MESH_NLE_NODEV {
                 throw NetlinkError("delete link \(self.name)", code: rc)
             }
             self.logger.info("removed mesh interface", metadata: ["interface": "\(self.name)"])
@@ -159,29 +161,29 @@ public final class MeshInterface: Sendable {
     /// The link named `name`, with a reference the caller puts; nil when there is none.
     private static func lookup(_ sock: NetlinkSocket, _ name: String) throws(NetlinkError) -> OpaquePointer? {
         var link: OpaquePointer?
-        let rc = rtnl_link_get_kernel(sock.raw, 0, name, &link)
+        let rc = mesh_rtnl_link_get_kernel(sock.raw, 0, name, &link)
         if rc == 0 { return link }
-        if abs(rc) == NLE_OBJ_NOTFOUND || abs(rc) == NLE_NODEV { return nil }
+        if abs(rc) == MESH_NLE_OBJ_NOTFOUND || abs(rc) == MESH_NLE_NODEV { return nil }
         throw NetlinkError("get link \(name)", code: rc)
     }
 
     static func addresses(_ sock: NetlinkSocket, index: Int32?) throws(NetlinkError) -> Set<IPAddress> {
         var cache: OpaquePointer?
-        let rc = rtnl_addr_alloc_cache(sock.raw, &cache)
+        let rc = mesh_rtnl_addr_alloc_cache(sock.raw, &cache)
         guard rc == 0, let cache else { throw NetlinkError("list addresses", code: rc) }
-        defer { nl_cache_free(cache) }
+        defer { mesh_nl_cache_free(cache) }
         var result: Set<IPAddress> = []
-        var object = nl_cache_get_first(cache)
+        var object = mesh_nl_cache_get_first(cache)
         while let obj = object {
             let addr = obj
-            if index == nil || rtnl_addr_get_ifindex(addr) == index!,
-                let local = rtnl_addr_get_local(addr),
+            if index == nil || mesh_rtnl_addr_get_ifindex(addr) == index!,
+                let local = mesh_rtnl_addr_get_local(addr),
                 let ip = IPAddress(netlink: local),
                 !ip.isIPv6LinkLocal
             {
                 result.insert(ip)
             }
-            object = nl_cache_get_next(obj)
+            object = mesh_nl_cache_get_next(obj)
         }
         return result
     }
@@ -192,20 +194,20 @@ public final class MeshInterface: Sendable {
         _ address: IPAddress,
         add: Bool
     ) throws(NetlinkError) {
-        guard let addr = rtnl_addr_alloc() else { throw NetlinkError("rtnl_addr_alloc", code: NLE_NOMEM) }
-        defer { rtnl_addr_put(addr) }
+        guard let addr = mesh_rtnl_addr_alloc() else { throw NetlinkError("rtnl_addr_alloc", code: MESH_NLE_NOMEM) }
+        defer { mesh_rtnl_addr_put(addr) }
         let local = try NetlinkAddress(address)
-        rtnl_addr_set_ifindex(addr, index)
-        let rc0 = rtnl_addr_set_local(addr, local.raw)
+        mesh_rtnl_addr_set_ifindex(addr, index)
+        let rc0 = mesh_rtnl_addr_set_local(addr, local.raw)
         guard rc0 == 0 else { throw NetlinkError("rtnl_addr_set_local", code: rc0) }
-        rtnl_addr_set_prefixlen(addr, Int32(address.bitWidth))
+        mesh_rtnl_addr_set_prefixlen(addr, Int32(address.bitWidth))
         if add {
-            if address.isIPv6 { rtnl_addr_set_flags(addr, UInt32(IFA_F_NODAD)) }
-            let rc = rtnl_addr_add(sock.raw, addr, 0)
-            if rc < 0 && abs(rc) != NLE_EXIST { throw NetlinkError("add \(address)", code: rc) }
+            if address.isIPv6 { mesh_rtnl_addr_set_flags(addr, UInt32(IFA_F_NODAD)) }
+            let rc = mesh_rtnl_addr_add(sock.raw, addr, 0)
+            if rc < 0 && abs(rc) != MESH_NLE_EXIST { throw NetlinkError("add \(address)", code: rc) }
         } else {
-            let rc = rtnl_addr_delete(sock.raw, addr, 0)
-            if rc < 0 && abs(rc) != NLE_OBJ_NOTFOUND && abs(rc) != NLE_NOADDR {
+            let rc = mesh_rtnl_addr_delete(sock.raw, addr, 0)
+            if rc < 0 && abs(rc) != MESH_NLE_OBJ_NOTFOUND && abs(rc) != MESH_NLE_NOADDR {
                 throw NetlinkError("remove \(address)", code: rc)
             }
         }
