@@ -71,6 +71,10 @@ final class RouteMetrics: Sendable {
 struct Pick: Sendable {
     var id: BackendID
     var address: SocketAddress
+    /// The backend's slot in the balancer that chose it, valid while that balancer is the route's
+    /// (`generation` unchanged): finishing by slot spares hashing `id` under the route's lock.
+    var slot: Int
+    var generation: UInt64
 }
 
 /// The live state of one listener's route: its balancer behind a mutex (event loops of every thread pick
@@ -90,6 +94,8 @@ final class RouteHandle: Sendable {
         /// Built on the first pick: most routes of a large mesh never carry traffic through a given
         /// agent, and a balancer costs ~0.5 KB per backend (slots, socket addresses, index).
         var built: LoadBalancer?
+        /// Counts balancers replaced by `update`: a pick's slot index is valid while this is unchanged.
+        var generation: UInt64 = 0
 
         /// The balancer, built now if it was not.
         mutating func balancer() -> LoadBalancer {
@@ -164,7 +170,13 @@ final class RouteHandle: Sendable {
                     previous: $0
                 )
             }
-            state = State(route: route, localSite: localSite, outlier: outlier, built: balancer)
+            state = State(
+                route: route,
+                localSite: localSite,
+                outlier: outlier,
+                built: balancer,
+                generation: state.generation &+ 1
+            )
             self.consistentHash.store(Self.isConsistentHash(route.policy), ordering: .relaxed)
         }
     }
@@ -178,12 +190,39 @@ final class RouteHandle: Sendable {
     func pick(hash: UInt64 = 0, excluding: [BackendID] = []) -> Pick? {
         let now = NIODeadline.now()
         return self.state.withLock { state -> Pick? in
-            state.withBalancer { balancer -> Pick? in
+            let generation = state.generation
+            return state.withBalancer { balancer -> Pick? in
                 guard let i = balancer.pick(hash: hash, excluding: excluding, now: now) else { return nil }
                 let slot = balancer.slot(i)
-                return slot.address.map { Pick(id: slot.id, address: $0) }
+                return slot.address.map { Pick(id: slot.id, address: $0, slot: i, generation: generation) }
             }
         }
+    }
+
+    /// `finish(pick.id, ...)`, by the pick's slot index when the balancer that chose it is still the route's.
+    func finish(_ pick: Pick, outcome: LoadBalancer.Outcome) {
+        let now = Self.now(for: outcome)
+        self.state.withLock { state in
+            if state.generation == pick.generation, state.built != nil {
+                state.built!.finish(slot: pick.slot, outcome: outcome, now: now)
+            } else {
+                state.withBalancer { $0.finish(pick.id, outcome: outcome, now: now) }
+            }
+        }
+        if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
+    }
+
+    /// `report(pick.id, ...)`, by the pick's slot index when the balancer that chose it is still the route's.
+    func report(_ pick: Pick, outcome: LoadBalancer.Outcome) {
+        let now = Self.now(for: outcome)
+        self.state.withLock { state in
+            if state.generation == pick.generation, state.built != nil {
+                state.built!.report(slot: pick.slot, outcome: outcome, now: now)
+            } else {
+                state.withBalancer { $0.report(pick.id, outcome: outcome, now: now) }
+            }
+        }
+        if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
     }
 
     func finish(_ id: BackendID, outcome: LoadBalancer.Outcome) {

@@ -467,8 +467,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var forwardedFor: String?
         var hasRequestID = false
         var chunked = false
+        var headerBytes = 0
         for (name, value) in requestHead.headers {
-            switch name.utf8.count {
+            let nameBytes = name.utf8.count
+            headerBytes += HTTPWire.headerLineBytes(nameBytes: nameBytes, valueBytes: value.utf8.count)
+            switch nameBytes {
             case 7 where upgradeValue == nil && name.equalsLowercased("upgrade"):
                 upgradeValue = value
                 hopByHop = true
@@ -498,7 +501,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if self.configuration.addRequestID, !hasRequestID { edits.requestID = (self.rng.next(), self.rng.next()) }
         let exchange = Exchange(
             head: requestHead,
-            upstreamHead: HTTPWire.requestHead(requestHead, edits: edits, allocator: context.channel.allocator),
+            upstreamHead: HTTPWire.requestHead(
+                requestHead,
+                edits: edits,
+                headerBytes: headerBytes,
+                allocator: context.channel.allocator
+            ),
             chunkedRequest: chunked,
             keepAlive: requestHead.isKeepAlive && !isUpgrade,
             isUpgrade: isUpgrade,
@@ -667,7 +675,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             let failed = response.status.code >= 500 && self.environment.configuration.outlier.countHTTP5xx
             if let pick = exchange.pick {
                 if failed || exchange.isUpgrade || !exchange.pickInFlight {
-                    self.handle.report(pick.id, outcome: failed ? .failure : .success)
+                    self.handle.report(pick, outcome: failed ? .failure : .success)
                 } else {
                     exchange.successPending = true
                 }
@@ -766,6 +774,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             status: response.status,
             headers: response.headers,
             edits: edits,
+            scan: scan,
             allocator: allocator,
             reserving: framing == .none ? 0 : 512
         )
@@ -811,12 +820,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             exchange.successPending = false
             if outcome == .neutral {
                 // The usual end of an exchange: the head's success and the end in one call.
-                self.handle.finish(pick.id, outcome: .success)
+                self.handle.finish(pick, outcome: .success)
                 return
             }
-            self.handle.report(pick.id, outcome: .success)
+            self.handle.report(pick, outcome: .success)
         }
-        self.handle.finish(pick.id, outcome: outcome)
+        self.handle.finish(pick, outcome: outcome)
     }
 
     private func endAccounting(_ exchange: Exchange) {
@@ -1011,7 +1020,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             // The tunnel keeps the backend busy until it closes.
             exchange.pickInFlight = false
             let handle = self.handle
-            upstreamChannel.closeFuture.whenComplete { _ in handle.finish(pick.id, outcome: .neutral) }
+            upstreamChannel.closeFuture.whenComplete { _ in handle.finish(pick, outcome: .neutral) }
         }
         do {
             try clientChannel.pipeline.syncOperations.addHandler(clientGlue)
