@@ -94,8 +94,25 @@ final class RouteHandle: Sendable {
         /// Built on the first pick: most routes of a large mesh never carry traffic through a given
         /// agent, and a balancer costs ~0.5 KB per backend (slots, socket addresses, index).
         var built: LoadBalancer?
+        /// `built != nil`, without copying the balancer for the comparison (a retain and release per field).
+        var isBuilt: Bool
         /// Counts balancers replaced by `update`: a pick's slot index is valid while this is unchanged.
         var generation: UInt64 = 0
+
+        init(
+            route: Route,
+            localSite: String?,
+            outlier: OutlierConfiguration,
+            built: LoadBalancer?,
+            generation: UInt64 = 0
+        ) {
+            self.route = route
+            self.localSite = localSite
+            self.outlier = outlier
+            self.built = built
+            self.isBuilt = built != nil
+            self.generation = generation
+        }
 
         /// The balancer, built now if it was not.
         mutating func balancer() -> LoadBalancer {
@@ -107,12 +124,13 @@ final class RouteHandle: Sendable {
                 outlier: self.outlier
             )
             self.built = b
+            self.isBuilt = true
             return b
         }
 
         /// Runs `body` on the balancer in place (built first if it was not).
         mutating func withBalancer<T>(_ body: (inout LoadBalancer) -> T) -> T {
-            if self.built == nil { _ = self.balancer() }
+            if !self.isBuilt { _ = self.balancer() }
             return body(&self.built!)
         }
     }
@@ -203,7 +221,7 @@ final class RouteHandle: Sendable {
     func finish(_ pick: Pick, outcome: LoadBalancer.Outcome) {
         let now = Self.now(for: outcome)
         self.state.withLock { state in
-            if state.generation == pick.generation, state.built != nil {
+            if state.generation == pick.generation, state.isBuilt {
                 state.built!.finish(slot: pick.slot, outcome: outcome, now: now)
             } else {
                 state.withBalancer { $0.finish(pick.id, outcome: outcome, now: now) }
@@ -216,7 +234,7 @@ final class RouteHandle: Sendable {
     func report(_ pick: Pick, outcome: LoadBalancer.Outcome) {
         let now = Self.now(for: outcome)
         self.state.withLock { state in
-            if state.generation == pick.generation, state.built != nil {
+            if state.generation == pick.generation, state.isBuilt {
                 state.built!.report(slot: pick.slot, outcome: outcome, now: now)
             } else {
                 state.withBalancer { $0.report(pick.id, outcome: outcome, now: now) }
@@ -269,7 +287,7 @@ final class RouteHandle: Sendable {
         let now = NIODeadline.now()
         let (route, slots) = self.state.withLock { state -> (Route, [LoadBalancer.Slot]) in
             let route = state.route
-            guard state.built != nil else {
+            guard state.isBuilt else {
                 // Never used: its fresh state, without keeping a balancer for it.
                 let fresh = LoadBalancer(
                     backends: route.backends,

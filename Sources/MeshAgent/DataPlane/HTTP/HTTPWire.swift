@@ -115,16 +115,17 @@ enum HTTPWire {
         allocator: ByteBufferAllocator
     ) -> ByteBuffer {
         var counter = CountingSink()
+        let method = head.method.rawValue  // (made anew on each call)
         if let headerBytes, !edits.hopByHop.present, edits.priorForwardedFor == nil || edits.forwardedFor == nil {
             // Every header goes up as it came: only the lines around them need counting.
-            Self.emitRequestHead(head, edits: edits, headers: false, into: &counter)
+            Self.emitRequestHead(head, method: method, edits: edits, headers: false, into: &counter)
             counter.count += headerBytes
         } else {
-            Self.emitRequestHead(head, edits: edits, headers: true, into: &counter)
+            Self.emitRequestHead(head, method: method, edits: edits, headers: true, into: &counter)
         }
         var buffer = allocator.buffer(capacity: counter.count)
         buffer.writeEmitted(count: counter.count) {
-            Self.emitRequestHead(head, edits: edits, headers: true, into: &$0)
+            Self.emitRequestHead(head, method: method, edits: edits, headers: true, into: &$0)
         }
         return buffer
     }
@@ -135,11 +136,12 @@ enum HTTPWire {
 
     private static func emitRequestHead<Sink: ByteSink>(
         _ head: HTTPRequestHead,
+        method: String,
         edits: RequestEdits,
         headers: Bool,
         into sink: inout Sink
     ) {
-        sink.put(head.method.rawValue)
+        sink.put(method)
         sink.put(UInt8(ascii: " "))
         sink.put(head.uri)
         sink.put(" HTTP/1.1\r\n" as StaticString)
@@ -364,10 +366,13 @@ enum HTTPWire {
         requestMethod: HTTPMethod,
         scan: ResponseScan
     ) -> ResponseBody {
+        // (Matched by case: `HTTPMethod`'s `==` compares `rawValue` strings.)
+        switch requestMethod {
+        case .HEAD, .CONNECT: return .none
+        default: break
+        }
         let code = status.code
-        if requestMethod == .HEAD || requestMethod == .CONNECT || (100..<200).contains(code) || code == 204
-            || code == 304
-        {
+        if (100..<200).contains(code) || code == 204 || code == 304 {
             return .none
         }
         if let transferEncoding = scan.transferEncoding {
