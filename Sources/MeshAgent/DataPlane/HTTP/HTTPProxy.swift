@@ -180,6 +180,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// The route's instruments and this loop's upstream pool, looked up once per connection.
     private lazy var metrics: RouteMetrics = self.handle.metrics
     private var pool: LoopPool?
+    /// The channel's allocator, taken once (`context.channel.allocator` is an existential call per use).
+    private var allocator = ByteBufferAllocator()
     private var rng = FastRandom()
     private var clientIP: IPAddress?
     /// The client IP as text, for X-Forwarded-For (made once per connection).
@@ -206,6 +208,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         self.pool = self.environment.pools.pool(for: context.eventLoop)
+        self.allocator = context.channel.allocator
         self.clientIP = context.channel.remoteAddress.flatMap(IPAddress.init(socketAddress:))
         self.clientIPText = self.clientIP.map { "\($0)" }
         self.armTimer()
@@ -505,7 +508,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 requestHead,
                 edits: edits,
                 headerBytes: headerBytes,
-                allocator: context.channel.allocator
+                allocator: self.allocator
             ),
             chunkedRequest: chunked,
             keepAlive: requestHead.isKeepAlive && !isUpgrade,
@@ -685,7 +688,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 return
             }
             exchange.upstreamKeepAlive = response.isKeepAlive
-            let head = self.clientResponseHead(response, exchange: exchange, allocator: context.channel.allocator)
+            let head = self.clientResponseHead(response, exchange: exchange, allocator: self.allocator)
             exchange.responseHeadSent = true
             self.clientOut.queue(head, context: context)
         case .body(let buffer):

@@ -278,7 +278,15 @@ enum HTTPWire {
             sink.putDecimal(version.minor)
             sink.put(UInt8(ascii: " "))
         }
-        sink.putDecimal(Int(status.code))
+        let code = Int(status.code)
+        if (100...999).contains(code) {
+            // (Every status code has three digits: no division loop.)
+            sink.put(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code / 100))
+            sink.put(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code / 10 % 10))
+            sink.put(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code % 10))
+        } else {
+            sink.putDecimal(code)
+        }
         sink.put(UInt8(ascii: " "))
         sink.put(status.reasonPhrase)
         sink.put("\r\n" as StaticString)
