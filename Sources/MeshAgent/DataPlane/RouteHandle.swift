@@ -71,6 +71,10 @@ final class RouteMetrics: Sendable {
 struct Pick: Sendable {
     var id: BackendID
     var address: SocketAddress
+    /// The backend's slot in the balancer that chose it, valid while that balancer is the route's
+    /// (`generation` unchanged): finishing by slot spares hashing `id` under the route's lock.
+    var slot: Int
+    var generation: UInt64
 }
 
 /// The live state of one listener's route: its balancer behind a mutex (event loops of every thread pick
@@ -90,6 +94,25 @@ final class RouteHandle: Sendable {
         /// Built on the first pick: most routes of a large mesh never carry traffic through a given
         /// agent, and a balancer costs ~0.5 KB per backend (slots, socket addresses, index).
         var built: LoadBalancer?
+        /// `built != nil`, without copying the balancer for the comparison (a retain and release per field).
+        var isBuilt: Bool
+        /// Counts balancers replaced by `update`: a pick's slot index is valid while this is unchanged.
+        var generation: UInt64 = 0
+
+        init(
+            route: Route,
+            localSite: String?,
+            outlier: OutlierConfiguration,
+            built: LoadBalancer?,
+            generation: UInt64 = 0
+        ) {
+            self.route = route
+            self.localSite = localSite
+            self.outlier = outlier
+            self.built = built
+            self.isBuilt = built != nil
+            self.generation = generation
+        }
 
         /// The balancer, built now if it was not.
         mutating func balancer() -> LoadBalancer {
@@ -101,12 +124,13 @@ final class RouteHandle: Sendable {
                 outlier: self.outlier
             )
             self.built = b
+            self.isBuilt = true
             return b
         }
 
         /// Runs `body` on the balancer in place (built first if it was not).
         mutating func withBalancer<T>(_ body: (inout LoadBalancer) -> T) -> T {
-            if self.built == nil { _ = self.balancer() }
+            if !self.isBuilt { _ = self.balancer() }
             return body(&self.built!)
         }
     }
@@ -164,7 +188,13 @@ final class RouteHandle: Sendable {
                     previous: $0
                 )
             }
-            state = State(route: route, localSite: localSite, outlier: outlier, built: balancer)
+            state = State(
+                route: route,
+                localSite: localSite,
+                outlier: outlier,
+                built: balancer,
+                generation: state.generation &+ 1
+            )
             self.consistentHash.store(Self.isConsistentHash(route.policy), ordering: .relaxed)
         }
     }
@@ -178,12 +208,39 @@ final class RouteHandle: Sendable {
     func pick(hash: UInt64 = 0, excluding: [BackendID] = []) -> Pick? {
         let now = NIODeadline.now()
         return self.state.withLock { state -> Pick? in
-            state.withBalancer { balancer -> Pick? in
+            let generation = state.generation
+            return state.withBalancer { balancer -> Pick? in
                 guard let i = balancer.pick(hash: hash, excluding: excluding, now: now) else { return nil }
                 let slot = balancer.slot(i)
-                return slot.address.map { Pick(id: slot.id, address: $0) }
+                return slot.address.map { Pick(id: slot.id, address: $0, slot: i, generation: generation) }
             }
         }
+    }
+
+    /// `finish(pick.id, ...)`, by the pick's slot index when the balancer that chose it is still the route's.
+    func finish(_ pick: Pick, outcome: LoadBalancer.Outcome) {
+        let now = Self.now(for: outcome)
+        self.state.withLock { state in
+            if state.generation == pick.generation, state.isBuilt {
+                state.built!.finish(slot: pick.slot, outcome: outcome, now: now)
+            } else {
+                state.withBalancer { $0.finish(pick.id, outcome: outcome, now: now) }
+            }
+        }
+        if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
+    }
+
+    /// `report(pick.id, ...)`, by the pick's slot index when the balancer that chose it is still the route's.
+    func report(_ pick: Pick, outcome: LoadBalancer.Outcome) {
+        let now = Self.now(for: outcome)
+        self.state.withLock { state in
+            if state.generation == pick.generation, state.isBuilt {
+                state.built!.report(slot: pick.slot, outcome: outcome, now: now)
+            } else {
+                state.withBalancer { $0.report(pick.id, outcome: outcome, now: now) }
+            }
+        }
+        if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
     }
 
     func finish(_ id: BackendID, outcome: LoadBalancer.Outcome) {
@@ -230,7 +287,7 @@ final class RouteHandle: Sendable {
         let now = NIODeadline.now()
         let (route, slots) = self.state.withLock { state -> (Route, [LoadBalancer.Slot]) in
             let route = state.route
-            guard state.built != nil else {
+            guard state.isBuilt else {
                 // Never used: its fresh state, without keeping a balancer for it.
                 let fresh = LoadBalancer(
                     backends: route.backends,

@@ -1,3 +1,4 @@
+import CoreMetrics
 import MeshCore
 import NIOCore
 import Testing
@@ -253,5 +254,72 @@ struct MaglevTests {
         for hash in self.keyHashes(2000) {
             #expect(a.slot(a.pick(hash: hash, now: t0)!).id == b.slot(b.pick(hash: hash, now: t0)!).id)
         }
+    }
+}
+
+@Suite("Route handle: finishing a pick by its slot")
+struct RouteHandleFinishTests {
+    private func route(_ list: [Backend]) -> Route {
+        Route(service: ServiceKey(namespace: "test", name: "svc"), vip: .v4(0x0A63_0001), port: 80, backends: list)
+    }
+
+    private func handle(_ list: [Backend]) -> RouteHandle {
+        RouteHandle(
+            route: self.route(list),
+            localSite: nil,
+            outlier: .init(consecutiveFailures: 1, maxEjectionPercent: 100),
+            metricsFactory: NOOPMetricsHandler.instance
+        )
+    }
+
+    /// Active requests and failures per backend `ip:port`, from the handle's snapshot.
+    private func counts(_ handle: RouteHandle) -> [String: (active: Int, failures: Int)] {
+        var out: [String: (active: Int, failures: Int)] = [:]
+        for b in handle.snapshot(listening: true, error: nil).backends {
+            out["\(b.ip):\(b.port)"] = (b.active, b.failures)
+        }
+        return out
+    }
+
+    @Test("finish and report land on the picked backend")
+    func sameBalancer() throws {
+        let list = backends(3)
+        let handle = self.handle(list)
+        let pick = try #require(handle.pick())
+        #expect(self.counts(handle)[pick.id.description]?.active == 1)
+        handle.report(pick, outcome: .success)
+        handle.finish(pick, outcome: .failure)
+        let after = self.counts(handle)
+        #expect(after[pick.id.description]?.active == 0)
+        #expect(after[pick.id.description]?.failures == 1)
+        #expect(after.values.map { $0.failures }.reduce(0, +) == 1)
+    }
+
+    @Test("a pick finished after the balancer was swapped lands on its backend, not on its old slot index")
+    func afterSwap() throws {
+        let list = backends(3)
+        let handle = self.handle(list)
+        let pick = try #require(handle.pick())
+        let other = try #require(handle.pick())
+        // Reordered, with a backend in front: every slot index now names another backend.
+        let reordered = [backends(4)[3]] + list.reversed()
+        handle.update(route: self.route(reordered), localSite: nil, outlier: .init())
+        handle.finish(pick, outcome: .failure)
+        var after = self.counts(handle)
+        #expect(after[pick.id.description]?.active == 0)
+        #expect(after[pick.id.description]?.failures == 1)
+        #expect(after[other.id.description]?.active == 1)
+        #expect(after.values.map { $0.failures }.reduce(0, +) == 1)
+        // A backend removed meanwhile: finishing its pick changes nothing (and does not trap).
+        handle.update(route: self.route(list.filter { $0.id != other.id }), localSite: nil, outlier: .init())
+        handle.finish(other, outcome: .failure)
+        after = self.counts(handle)
+        #expect(after[other.id.description] == nil)
+        #expect(after.values.map { $0.active }.reduce(0, +) == 0)
+        #expect(after.values.map { $0.failures }.reduce(0, +) == 1)
+        // Picks of the current balancer finish by slot again.
+        let fresh = try #require(handle.pick())
+        handle.finish(fresh, outcome: .success)
+        #expect(self.counts(handle).values.map { $0.active }.reduce(0, +) == 0)
     }
 }

@@ -118,6 +118,59 @@ struct HTTPWireTests {
         #expect(String(buffer: other) == "HTTP/1.2 599 \r\n\r\n")
     }
 
+    @Test("heads sized from the scan's count of header bytes equal heads counted in full")
+    func headsSizedFromScan() {
+        let headers = HTTPHeaders([
+            ("Host", "x"), ("X-Keep", "ünïcode"), ("X-Empty", ""), ("Content-Length", "3"),
+            ("Transfer-Encoding", "gzip, chunked"), ("transfer-encoding", "chunked"), ("X-Forwarded-For", "198.18.0.9"),
+        ])
+        let headerBytes = headers.reduce(0) {
+            $0 + HTTPWire.headerLineBytes(nameBytes: $1.name.utf8.count, valueBytes: $1.value.utf8.count)
+        }
+        let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/ü?q", headers: headers)
+        var editsList: [HTTPWire.RequestEdits] = [.init()]
+        var edits = HTTPWire.RequestEdits()
+        edits.forwardedFor = "::1"
+        edits.requestID = (1, 2)
+        editsList.append(edits)
+        edits.priorForwardedFor = "198.18.0.9"  // X-Forwarded-For replaced: counted in full
+        editsList.append(edits)
+        edits.hopByHop = HTTPWire.HopByHop(HTTPHeaders([("Connection", "X-Keep")]))
+        editsList.append(edits)
+        for edits in editsList {
+            let sized = HTTPWire.requestHead(head, edits: edits, headerBytes: headerBytes, allocator: self.allocator)
+            #expect(sized == HTTPWire.requestHead(head, edits: edits, allocator: self.allocator))
+        }
+        let scan = HTTPWire.ResponseScan(headers)
+        #expect(scan.headerBytes == headerBytes)
+        for dropTransferEncoding in [false, true] {
+            for connectionClose in [nil, true, false] {
+                let edits = HTTPWire.ResponseEdits(
+                    dropTransferEncoding: dropTransferEncoding,
+                    connectionClose: connectionClose,
+                    addChunked: dropTransferEncoding
+                )
+                let sized = HTTPWire.responseHead(
+                    version: .http1_1,
+                    status: .ok,
+                    headers: headers,
+                    edits: edits,
+                    scan: scan,
+                    allocator: self.allocator
+                )
+                let counted = HTTPWire.responseHead(
+                    version: .http1_1,
+                    status: .ok,
+                    headers: headers,
+                    edits: edits,
+                    allocator: self.allocator
+                )
+                #expect(sized == counted)
+                #expect(String(buffer: sized).contains("gzip") == !dropTransferEncoding)
+            }
+        }
+    }
+
     @Test("the proxy's own answers: a complete plain-text response")
     func statusResponse() {
         let close = HTTPWire.statusResponse(

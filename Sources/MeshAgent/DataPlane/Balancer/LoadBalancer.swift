@@ -142,13 +142,24 @@ struct LoadBalancer: Sendable {
     /// The connection or request on `id` is over: no longer in flight; `outcome` feeds outlier detection.
     mutating func finish(_ id: BackendID, outcome: Outcome, now: NIODeadline) {
         guard let i = self.index[id] else { return }  // removed from the route meanwhile
+        self.finish(slot: i, outcome: outcome, now: now)
+    }
+
+    /// `finish` by the slot index `pick` returned (no hashing of the `BackendID`). The index is valid only
+    /// for this balancer: one that replaced it (`init(previous:)`) may order its slots differently.
+    mutating func finish(slot i: Int, outcome: Outcome, now: NIODeadline) {
         self.slots[i].inFlight = max(0, self.slots[i].inFlight - 1)
-        self.report(id, outcome: outcome, now: now)
+        self.report(slot: i, outcome: outcome, now: now)
     }
 
     /// A health signal without ending the use (a TCP connect succeeded, a response head arrived).
     mutating func report(_ id: BackendID, outcome: Outcome, now: NIODeadline) {
         guard let i = self.index[id] else { return }
+        self.report(slot: i, outcome: outcome, now: now)
+    }
+
+    /// `report` by the slot index `pick` returned (valid for this balancer only, as for `finish(slot:)`).
+    mutating func report(slot i: Int, outcome: Outcome, now: NIODeadline) {
         switch outcome {
         case .neutral:
             return

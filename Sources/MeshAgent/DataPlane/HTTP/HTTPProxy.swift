@@ -180,6 +180,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// The route's instruments and this loop's upstream pool, looked up once per connection.
     private lazy var metrics: RouteMetrics = self.handle.metrics
     private var pool: LoopPool?
+    /// The channel's allocator, taken once (`context.channel.allocator` is an existential call per use).
+    private var allocator = ByteBufferAllocator()
     private var rng = FastRandom()
     private var clientIP: IPAddress?
     /// The client IP as text, for X-Forwarded-For (made once per connection).
@@ -206,6 +208,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         self.pool = self.environment.pools.pool(for: context.eventLoop)
+        self.allocator = context.channel.allocator
         self.clientIP = context.channel.remoteAddress.flatMap(IPAddress.init(socketAddress:))
         self.clientIPText = self.clientIP.map { "\($0)" }
         self.armTimer()
@@ -467,8 +470,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var forwardedFor: String?
         var hasRequestID = false
         var chunked = false
+        var headerBytes = 0
         for (name, value) in requestHead.headers {
-            switch name.utf8.count {
+            let nameBytes = name.utf8.count
+            headerBytes += HTTPWire.headerLineBytes(nameBytes: nameBytes, valueBytes: value.utf8.count)
+            switch nameBytes {
             case 7 where upgradeValue == nil && name.equalsLowercased("upgrade"):
                 upgradeValue = value
                 hopByHop = true
@@ -498,7 +504,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if self.configuration.addRequestID, !hasRequestID { edits.requestID = (self.rng.next(), self.rng.next()) }
         let exchange = Exchange(
             head: requestHead,
-            upstreamHead: HTTPWire.requestHead(requestHead, edits: edits, allocator: context.channel.allocator),
+            upstreamHead: HTTPWire.requestHead(
+                requestHead,
+                edits: edits,
+                headerBytes: headerBytes,
+                allocator: self.allocator
+            ),
             chunkedRequest: chunked,
             keepAlive: requestHead.isKeepAlive && !isUpgrade,
             isUpgrade: isUpgrade,
@@ -667,7 +678,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             let failed = response.status.code >= 500 && self.environment.configuration.outlier.countHTTP5xx
             if let pick = exchange.pick {
                 if failed || exchange.isUpgrade || !exchange.pickInFlight {
-                    self.handle.report(pick.id, outcome: failed ? .failure : .success)
+                    self.handle.report(pick, outcome: failed ? .failure : .success)
                 } else {
                     exchange.successPending = true
                 }
@@ -677,7 +688,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 return
             }
             exchange.upstreamKeepAlive = response.isKeepAlive
-            let head = self.clientResponseHead(response, exchange: exchange, allocator: context.channel.allocator)
+            let head = self.clientResponseHead(response, exchange: exchange, allocator: self.allocator)
             exchange.responseHeadSent = true
             self.clientOut.queue(head, context: context)
         case .body(let buffer):
@@ -766,6 +777,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             status: response.status,
             headers: response.headers,
             edits: edits,
+            scan: scan,
             allocator: allocator,
             reserving: framing == .none ? 0 : 512
         )
@@ -811,12 +823,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             exchange.successPending = false
             if outcome == .neutral {
                 // The usual end of an exchange: the head's success and the end in one call.
-                self.handle.finish(pick.id, outcome: .success)
+                self.handle.finish(pick, outcome: .success)
                 return
             }
-            self.handle.report(pick.id, outcome: .success)
+            self.handle.report(pick, outcome: .success)
         }
-        self.handle.finish(pick.id, outcome: outcome)
+        self.handle.finish(pick, outcome: outcome)
     }
 
     private func endAccounting(_ exchange: Exchange) {
@@ -1011,7 +1023,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             // The tunnel keeps the backend busy until it closes.
             exchange.pickInFlight = false
             let handle = self.handle
-            upstreamChannel.closeFuture.whenComplete { _ in handle.finish(pick.id, outcome: .neutral) }
+            upstreamChannel.closeFuture.whenComplete { _ in handle.finish(pick, outcome: .neutral) }
         }
         do {
             try clientChannel.pipeline.syncOperations.addHandler(clientGlue)

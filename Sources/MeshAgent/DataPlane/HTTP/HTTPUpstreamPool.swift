@@ -253,8 +253,17 @@ private final class IdleList {
 
     /// Appends when the list has room.
     func append(_ connection: UpstreamConnection, max: Int) -> Bool {
-        guard self.connections.count < max else { return false }
-        self.connections.append(connection)
+        // (One access to the property for the check and the append: each is checked for exclusivity.)
+        Self.append(connection, to: &self.connections, max: max)
+    }
+
+    private static func append(
+        _ connection: UpstreamConnection,
+        to connections: inout [UpstreamConnection],
+        max: Int
+    ) -> Bool {
+        guard connections.count < max else { return false }
+        connections.append(connection)
         return true
     }
 }

@@ -8,6 +8,8 @@ import NIOHTTP1
 ///
 /// A head is emitted twice by the same code: once to count its bytes, once into memory reserved for exactly
 /// that many (one capacity check and a `memcpy` per string rather than a checked `ByteBuffer` write each).
+/// When the caller's scan of the headers counted their bytes and none is left out, only the lines around
+/// them are counted.
 enum HTTPWire {
     /// How a message body goes on the wire.
     enum Framing: Equatable {
@@ -104,35 +106,54 @@ enum HTTPWire {
         var requestID: (UInt64, UInt64)?
     }
 
-    /// `head` as an HTTP/1.1 request with `edits` applied.
+    /// `head` as an HTTP/1.1 request with `edits` applied. `headerBytes`: the bytes of `head.headers` as
+    /// header lines (`headerLineBytes` summed), when the caller's scan counted them.
     static func requestHead(
         _ head: HTTPRequestHead,
         edits: RequestEdits,
+        headerBytes: Int? = nil,
         allocator: ByteBufferAllocator
     ) -> ByteBuffer {
         var counter = CountingSink()
-        Self.emitRequestHead(head, edits: edits, into: &counter)
+        let method = head.method.rawValue  // (made anew on each call)
+        if let headerBytes, !edits.hopByHop.present, edits.priorForwardedFor == nil || edits.forwardedFor == nil {
+            // Every header goes up as it came: only the lines around them need counting.
+            Self.emitRequestHead(head, method: method, edits: edits, headers: false, into: &counter)
+            counter.count += headerBytes
+        } else {
+            Self.emitRequestHead(head, method: method, edits: edits, headers: true, into: &counter)
+        }
         var buffer = allocator.buffer(capacity: counter.count)
-        buffer.writeEmitted(count: counter.count) { Self.emitRequestHead(head, edits: edits, into: &$0) }
+        buffer.writeEmitted(count: counter.count) {
+            Self.emitRequestHead(head, method: method, edits: edits, headers: true, into: &$0)
+        }
         return buffer
     }
 
+    /// The bytes of the header line `name: value\r\n`.
+    @inline(__always)
+    static func headerLineBytes(nameBytes: Int, valueBytes: Int) -> Int { nameBytes + valueBytes + 4 }
+
     private static func emitRequestHead<Sink: ByteSink>(
         _ head: HTTPRequestHead,
+        method: String,
         edits: RequestEdits,
+        headers: Bool,
         into sink: inout Sink
     ) {
-        sink.put(head.method.rawValue)
+        sink.put(method)
         sink.put(UInt8(ascii: " "))
         sink.put(head.uri)
         sink.put(" HTTP/1.1\r\n" as StaticString)
-        let replacesForwardedFor = edits.forwardedFor != nil && edits.priorForwardedFor != nil
-        for (name, value) in head.headers {
-            if edits.hopByHop.drops(name) { continue }
-            if replacesForwardedFor && name.equalsLowercased("x-forwarded-for") {
-                continue
+        if headers {
+            let replacesForwardedFor = edits.forwardedFor != nil && edits.priorForwardedFor != nil
+            for (name, value) in head.headers {
+                if edits.hopByHop.drops(name) { continue }
+                if replacesForwardedFor && name.equalsLowercased("x-forwarded-for") {
+                    continue
+                }
+                sink.putHeader(name, value)
             }
-            sink.putHeader(name, value)
         }
         if let upgrade = edits.upgrade {
             sink.put("connection: upgrade\r\nupgrade: " as StaticString)
@@ -171,20 +192,48 @@ enum HTTPWire {
     }
 
     /// A response head with `version`'s status line and `headers` with `edits` applied, in a buffer with room
-    /// for `reserving` more bytes (a small body behind it).
+    /// for `reserving` more bytes (a small body behind it). `scan`: the headers' scan, which counted their
+    /// bytes (then only the lines around them are counted, unless a hop-by-hop header is left out).
     static func responseHead(
         version: HTTPVersion,
         status: HTTPResponseStatus,
         headers: HTTPHeaders,
         edits: ResponseEdits,
+        scan: ResponseScan? = nil,
         allocator: ByteBufferAllocator,
         reserving extra: Int = 0
     ) -> ByteBuffer {
         var counter = CountingSink()
-        Self.emitResponseHead(version: version, status: status, headers: headers, edits: edits, into: &counter)
+        if let scan, !edits.hopByHop.present {
+            Self.emitResponseHead(
+                version: version,
+                status: status,
+                headers: headers,
+                edits: edits,
+                headers: false,
+                into: &counter
+            )
+            counter.count += scan.headerBytes - (edits.dropTransferEncoding ? scan.transferEncodingBytes : 0)
+        } else {
+            Self.emitResponseHead(
+                version: version,
+                status: status,
+                headers: headers,
+                edits: edits,
+                headers: true,
+                into: &counter
+            )
+        }
         var buffer = allocator.buffer(capacity: counter.count + extra)
         buffer.writeEmitted(count: counter.count) {
-            Self.emitResponseHead(version: version, status: status, headers: headers, edits: edits, into: &$0)
+            Self.emitResponseHead(
+                version: version,
+                status: status,
+                headers: headers,
+                edits: edits,
+                headers: true,
+                into: &$0
+            )
         }
         return buffer
     }
@@ -194,13 +243,16 @@ enum HTTPWire {
         status: HTTPResponseStatus,
         headers: HTTPHeaders,
         edits: ResponseEdits,
+        headers emitHeaders: Bool,
         into sink: inout Sink
     ) {
         Self.emitStatusLine(version: version, status: status, into: &sink)
-        for (name, value) in headers {
-            if edits.hopByHop.drops(name) { continue }
-            if edits.dropTransferEncoding && name.equalsLowercased("transfer-encoding") { continue }
-            sink.putHeader(name, value)
+        if emitHeaders {
+            for (name, value) in headers {
+                if edits.hopByHop.drops(name) { continue }
+                if edits.dropTransferEncoding && name.equalsLowercased("transfer-encoding") { continue }
+                sink.putHeader(name, value)
+            }
         }
         switch edits.connectionClose {
         case true?: sink.put("connection: close\r\n" as StaticString)
@@ -226,7 +278,15 @@ enum HTTPWire {
             sink.putDecimal(version.minor)
             sink.put(UInt8(ascii: " "))
         }
-        sink.putDecimal(Int(status.code))
+        let code = Int(status.code)
+        if (100...999).contains(code) {
+            // (Every status code has three digits: no division loop.)
+            sink.put(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code / 100))
+            sink.put(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code / 10 % 10))
+            sink.put(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code % 10))
+        } else {
+            sink.putDecimal(code)
+        }
         sink.put(UInt8(ascii: " "))
         sink.put(status.reasonPhrase)
         sink.put("\r\n" as StaticString)
@@ -314,10 +374,13 @@ enum HTTPWire {
         requestMethod: HTTPMethod,
         scan: ResponseScan
     ) -> ResponseBody {
+        // (Matched by case: `HTTPMethod`'s `==` compares `rawValue` strings.)
+        switch requestMethod {
+        case .HEAD, .CONNECT: return .none
+        default: break
+        }
         let code = status.code
-        if requestMethod == .HEAD || requestMethod == .CONNECT || (100..<200).contains(code) || code == 204
-            || code == 304
-        {
+        if (100..<200).contains(code) || code == 204 || code == 304 {
             return .none
         }
         if let transferEncoding = scan.transferEncoding {
@@ -332,11 +395,19 @@ enum HTTPWire {
         /// The last Transfer-Encoding value.
         var transferEncoding: String?
         var contentLength = false
+        /// The bytes of all headers as header lines, and of the Transfer-Encoding ones.
+        var headerBytes = 0
+        var transferEncodingBytes = 0
 
         init(_ headers: HTTPHeaders) {
             for (name, value) in headers {
-                switch name.utf8.count {
-                case 17 where name.equalsLowercased("transfer-encoding"): self.transferEncoding = value
+                let nameBytes = name.utf8.count
+                let lineBytes = HTTPWire.headerLineBytes(nameBytes: nameBytes, valueBytes: value.utf8.count)
+                self.headerBytes += lineBytes
+                switch nameBytes {
+                case 17 where name.equalsLowercased("transfer-encoding"):
+                    self.transferEncoding = value
+                    self.transferEncodingBytes += lineBytes
                 case 14 where name.equalsLowercased("content-length"): self.contentLength = true
                 default: self.hopByHop.note(name, value)
                 }

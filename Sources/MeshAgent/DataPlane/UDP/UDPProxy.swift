@@ -145,7 +145,7 @@ final class UDPProxyHandler: ChannelInboundHandler {
         flow.lastActivity = .now()
         if !flow.answered {
             flow.answered = true
-            self.handle.report(flow.pick.id, outcome: .success)
+            self.handle.report(flow.pick, outcome: .success)
         }
         self.handle.countBytes(fromClient: 0, toClient: datagram.readableBytes)
         guard context.channel.isWritable else {
@@ -171,7 +171,7 @@ final class UDPProxyHandler: ChannelInboundHandler {
         flow.channel?.close(promise: nil)
         flow.channel = nil
         flow.pending = []
-        self.handle.finish(flow.pick.id, outcome: outcome)
+        self.handle.finish(flow.pick, outcome: outcome)
         self.handle.connectionClosed()
     }
 
