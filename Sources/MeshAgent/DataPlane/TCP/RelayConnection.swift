@@ -186,7 +186,7 @@ final class RelayConnection {
 
     private func closeUpstreamSocket() {
         guard self.upstream.fd >= 0 else { return }
-        Glibc.close(self.upstream.fd)
+        self.loop.closeSocket(self.upstream.fd)
         self.upstream.fd = -1
         self.loop.counters.upstreamChannels.subtract(1, ordering: .relaxed)
     }
@@ -375,7 +375,7 @@ final class RelayConnection {
         self.state = .closed
         let handle = self.listener.handle
         if self.client.fd >= 0 {
-            Glibc.close(self.client.fd)
+            self.loop.closeSocket(self.client.fd)
             self.client.fd = -1
         }
         self.closeUpstreamSocket()

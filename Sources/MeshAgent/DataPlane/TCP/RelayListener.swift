@@ -80,6 +80,7 @@ final class RelayListener: Sendable {
     private let loops: [RelayLoop]
     private let acceptors: [RelayAcceptor.Box]
     private let open = Atomic<Int>(0)
+    private let stopped = Atomic<Bool>(false)
 
     /// Binds and listens on `address` from a thread of `group` (its network namespace), and starts
     /// accepting on `loops`.
@@ -92,7 +93,13 @@ final class RelayListener: Sendable {
     ) async throws -> RelayListener {
         let fd = try await group.next().submit { try RelaySocket.listen(on: address, backlog: backlog) }.get()
         let listener = RelayListener(handle: handle, fd: fd, loops: loops)
-        try await listener.start()
+        do {
+            try await listener.start()
+        } catch {
+            // Loops that registered it forget it before the socket closes.
+            await listener.stopAccepting()
+            throw error
+        }
         return listener
     }
 
@@ -124,8 +131,9 @@ final class RelayListener: Sendable {
     func opened() { self.open.add(1, ordering: .relaxed) }
     func closed() { self.open.subtract(1, ordering: .relaxed) }
 
-    /// Stops accepting and closes the listening socket; open connections carry on.
+    /// Stops accepting and closes the listening socket; open connections carry on. Idempotent.
     func stopAccepting() async {
+        guard !self.stopped.exchange(true, ordering: .relaxed) else { return }
         for (loop, box) in zip(self.loops, self.acceptors) {
             try? await Self.onLoop(loop) {
                 guard let acceptor = box.take() else { return }

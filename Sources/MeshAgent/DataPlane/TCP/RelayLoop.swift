@@ -244,6 +244,15 @@ final class RelayLoop: @unchecked Sendable {
         _ = epoll_ctl(self.epoll, EPOLL_CTL_DEL, fd, &event)
     }
 
+    /// Takes a registered socket out of the epoll set, then closes it. Closing alone is not enough: epoll
+    /// forgets a socket only when every descriptor of it is closed, and a process forked at that moment
+    /// (posix_spawn, before its exec closes the CLOEXEC ones) still holds one, so a later event would name a
+    /// connection that is gone.
+    func closeSocket(_ fd: Int32) {
+        self.deregister(fd)
+        close(fd)
+    }
+
     func adopt(_ connection: RelayConnection) {
         self.live[ObjectIdentifier(connection)] = connection
     }
