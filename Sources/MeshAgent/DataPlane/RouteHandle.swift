@@ -219,25 +219,35 @@ final class RouteHandle: Sendable {
 
     /// `finish(pick.id, ...)`, by the pick's slot index when the balancer that chose it is still the route's.
     func finish(_ pick: Pick, outcome: LoadBalancer.Outcome) {
-        let now = Self.now(for: outcome)
-        self.state.withLock { state in
-            if state.generation == pick.generation, state.isBuilt {
-                state.built!.finish(slot: pick.slot, outcome: outcome, now: now)
-            } else {
-                state.withBalancer { $0.finish(pick.id, outcome: outcome, now: now) }
-            }
+        self.settle(pick, outcome) {
+            $0.finish(slot: $1, outcome: outcome, now: $2)
+        } byID: {
+            $0.finish($1, outcome: outcome, now: $2)
         }
-        if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }
     }
 
     /// `report(pick.id, ...)`, by the pick's slot index when the balancer that chose it is still the route's.
     func report(_ pick: Pick, outcome: LoadBalancer.Outcome) {
+        self.settle(pick, outcome) {
+            $0.report(slot: $1, outcome: outcome, now: $2)
+        } byID: {
+            $0.report($1, outcome: outcome, now: $2)
+        }
+    }
+
+    /// Applies an outcome to the pick's backend: by slot when the pick's balancer is current, else by ID.
+    private func settle(
+        _ pick: Pick,
+        _ outcome: LoadBalancer.Outcome,
+        bySlot: (inout LoadBalancer, Int, NIODeadline) -> Void,
+        byID: (inout LoadBalancer, BackendID, NIODeadline) -> Void
+    ) {
         let now = Self.now(for: outcome)
         self.state.withLock { state in
             if state.generation == pick.generation, state.isBuilt {
-                state.built!.report(slot: pick.slot, outcome: outcome, now: now)
+                bySlot(&state.built!, pick.slot, now)
             } else {
-                state.withBalancer { $0.report(pick.id, outcome: outcome, now: now) }
+                state.withBalancer { byID(&$0, pick.id, now) }
             }
         }
         if outcome == .failure { self.stats.failures.add(1, ordering: .relaxed) }

@@ -304,7 +304,9 @@ struct DataPlaneHTTPTests {
 
     @Test("a removed route finishes the request in flight with connection: close, then closes")
     func drainAnswersInFlightRequest() async throws {
-        let backend = try await TestServers.http("slow", delay: .milliseconds(400))
+        // The route must be removed while the backend still holds the response: 2 s leaves room for a loaded
+        // CI machine between the request arriving and the removal (400 ms was not always enough).
+        let backend = try await TestServers.http("slow", delay: .seconds(2))
         defer { Task { await backend.close() } }
         try await withDataPlane(testConfiguration(drainTimeout: .seconds(5))) { dp in
             let vip = TestAddresses.vip()

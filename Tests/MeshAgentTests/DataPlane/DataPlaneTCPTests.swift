@@ -141,7 +141,8 @@ struct DataPlaneTCPTests {
             // Every connection succeeds: a refused connect is retried on the next endpoint.
             for _ in 0..<8 {
                 let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080))
-                #expect(String(buffer: reply) == "good")
+                // On a failure, the backends' state says which attempt went wrong.
+                #expect(String(buffer: reply) == "good", "backends: \(dp.snapshot().routes.first?.backends ?? [])")
             }
             let ejected = try #require(dp.snapshot().routes.first?.backends.first { $0.port == refused.port })
             #expect(ejected.ejected && !ejected.healthy && ejected.failures >= 3)

@@ -662,14 +662,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         where (100..<200).contains(response.status.code) && response.status != .switchingProtocols:
             // 100 Continue and friends: passed on (not to an HTTP/1.0 client), the final response follows.
             guard exchange.clientVersion != .http1_0 else { return }
-            let head = HTTPWire.responseHead(
-                version: .http1_1,
-                status: response.status,
-                headers: response.headers,
-                edits: HTTPWire.ResponseEdits(),
-                allocator: context.channel.allocator
-            )
-            context.writeAndFlush(NIOAny(head), promise: nil)
+            Self.writeUnedited(response, context: context)
         case .head(let response):
             exchange.responseDeadline = nil
             self.metrics.upstreamLatency.recordNanoseconds(
@@ -909,6 +902,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
+    /// Writes a response head to the client as the backend sent it (a 1xx, or the 101 of an upgrade).
+    private static func writeUnedited(_ response: HTTPResponseHead, context: ChannelHandlerContext) {
+        let head = HTTPWire.responseHead(
+            version: .http1_1,
+            status: response.status,
+            headers: response.headers,
+            edits: HTTPWire.ResponseEdits(),
+            allocator: context.channel.allocator
+        )
+        context.writeAndFlush(NIOAny(head), promise: nil)
+    }
+
     static func writeStatusResponse(
         context: ChannelHandlerContext,
         status: HTTPResponseStatus,
@@ -1001,14 +1006,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange.responseEnded = true
         self.endAccounting(exchange)
         // The 101 as it came (its Connection and Upgrade headers are the point of it).
-        let head = HTTPWire.responseHead(
-            version: .http1_1,
-            status: response.status,
-            headers: response.headers,
-            edits: HTTPWire.ResponseEdits(),
-            allocator: context.channel.allocator
-        )
-        context.writeAndFlush(NIOAny(head), promise: nil)
+        Self.writeUnedited(response, context: context)
         self.state = .upgraded
         exchange.upstream = nil
         upstream.handler.owner = nil
