@@ -170,12 +170,27 @@ enum TestServers {
         try await Self.tcp(host: host, name: name) { GreeterHandler(name: name) }
     }
 
-    /// A port on `host` where nothing listens (connections are refused).
+    /// A port on `host` where nothing listens (connections are refused) for the rest of the test run: a
+    /// socket stays bound to it without listening, so no other test's server can take the port (a port merely
+    /// released can be, and then a connection there was accepted instead of refused).
     static func refusedBackend(host: String = "127.0.0.1") async throws -> Backend {
-        let probe = try await ServerBootstrap(group: testGroup).bind(host: host, port: 0).get()
-        let port = probe.localAddress!.port!
-        try await probe.close()
-        return Backend(ip: IPAddress(host)!, port: port, node: "refused")
+        let ip = try #require(IPAddress(host))
+        let family: Int32 = ip.isIPv4 ? AF_INET : AF_INET6
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        try #require(fd >= 0)
+        let address = try SocketAddress(ipAddress: host, port: 0)
+        try #require(RelaySocket.withSockAddr(address) { Glibc.bind(fd, $0, $1) } == 0, "bind: errno \(errno)")
+        var bound = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        _ = withUnsafeMutablePointer(to: &bound) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        let port = withUnsafeBytes(of: &bound) { raw in
+            // sin_port and sin6_port sit at the same offset, in network order.
+            Int(UInt16(bigEndian: raw.load(fromByteOffset: 2, as: UInt16.self)))
+        }
+        // The descriptor is kept open on purpose until the test process ends.
+        return Backend(ip: ip, port: port, node: "refused")
     }
 
     /// UDP echo.
