@@ -88,12 +88,12 @@ struct AgentNamespaceTests {
             apiVersion: mesh.edge/v1
             kind: Service
             metadata: {name: web, namespace: shop}
-            spec: {ports: [{name: http, port: 80, protocol: HTTP}]}
+            spec: {ports: [{name: http, port: 80, protocol: HTTP}, {name: raw, port: 81, protocol: TCP}]}
             ---
             apiVersion: mesh.edge/v1
             kind: Endpoints
             metadata: {name: web, namespace: shop}
-            spec: {addresses: [{ip: 127.0.0.1, ports: [{name: http, port: 18080}]}]}
+            spec: {addresses: [{ip: 127.0.0.1, ports: [{name: http, port: 18080}, {name: raw, port: 18080}]}]}
             """
         var applied = ProcessResult(status: -1, stdout: "", stderr: "")
         let up = await eventually(timeout: .seconds(20)) {
@@ -138,6 +138,13 @@ struct AgentNamespaceTests {
             return curl.stdout == "200"
         }
         #expect(proxied, "\(curl.stdout)\(curl.stderr)")
+        // The TCP port of the same service goes through the L4 relay to the same backend.
+        let relayed = try await self.inNS(
+            ns,
+            "/usr/bin/curl",
+            ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "http://198.18.100.1:81/"]
+        )
+        #expect(relayed.stdout == "200", "\(relayed.stdout)\(relayed.stderr)\n\(agent.stderr)")
 
         // Deleting the service takes its VIP off mesh0.
         let deleted = try await self.inNS(
