@@ -2,7 +2,6 @@ import MeshCore
 import NIOCore
 
 enum ProxyError: Error {
-    case noHealthyBackend
     case tooManyConnections
 }
 

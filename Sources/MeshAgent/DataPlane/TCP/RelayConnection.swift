@@ -31,7 +31,7 @@ final class RelaySide: RelayPollable {
         self.isClient = isClient
     }
 
-    override func ready(_ events: UInt32, tag _: UInt64) {
+    override func ready(_ events: UInt32) {
         self.connection.ready(self, events)
     }
 
@@ -66,7 +66,8 @@ final class RelayConnection {
 
     private var state = State.connecting
     private var tried: [BackendID] = []
-    private var backend: BackendID?
+    /// The backend being connected to or in use (finished by its balancer slot, see `RouteHandle.finish`).
+    private var pick: Pick?
     private var connectStarted: UInt64 = 0
     private(set) var connectDeadline: UInt64 = .max
     private var errorReported = false
@@ -96,7 +97,7 @@ final class RelayConnection {
         handle.connectionOpened()
         self.loop.counters.downstreamChannels.add(1, ordering: .relaxed)
         do {
-            try self.loop.register(self.client.fd, self.client, tag: 0, events: RelayEvents.stream)
+            try self.loop.register(self.client.fd, self.client, events: RelayEvents.stream)
         } catch {
             self.loop.logger.warning("relay: cannot watch an accepted socket", metadata: ["error": "\(error)"])
             self.close()
@@ -121,7 +122,7 @@ final class RelayConnection {
             return
         }
         self.tried.append(pick.id)
-        self.backend = pick.id
+        self.pick = pick
         self.connectStarted = RelayLoop.monotonic()
         let fd: Int32
         do {
@@ -133,7 +134,7 @@ final class RelayConnection {
         self.upstream.fd = fd
         self.loop.counters.upstreamChannels.add(1, ordering: .relaxed)
         do {
-            try self.loop.register(fd, self.upstream, tag: 0, events: RelayEvents.stream)
+            try self.loop.register(fd, self.upstream, events: RelayEvents.stream)
         } catch {
             self.connectFailed(error)
             return
@@ -145,9 +146,9 @@ final class RelayConnection {
 
     private func connectFailed(_ error: any Error) {
         let handle = self.listener.handle
-        if let id = self.backend {
-            handle.finish(id, outcome: .failure)
-            self.backend = nil
+        if let pick = self.pick {
+            handle.finish(pick, outcome: .failure)
+            self.pick = nil
         }
         self.metrics.error(.connectFailure)
         self.loop.logger.debug(
@@ -178,7 +179,7 @@ final class RelayConnection {
         self.connectDeadline = .max
         let elapsed = RelayLoop.monotonic() &- self.connectStarted
         self.metrics.upstreamLatency.recordNanoseconds(Int64(clamping: elapsed))
-        if let id = self.backend { handle.report(id, outcome: .success) }
+        if let pick = self.pick { handle.report(pick, outcome: .success) }
         // Input that arrived while connecting, either way (server-first protocols too).
         self.pump(from: self.client, to: self.upstream)
         if self.state == .open { self.pump(from: self.upstream, to: self.client) }
@@ -244,6 +245,7 @@ final class RelayConnection {
         let buffer = self.loop.scratch
         let base = buffer.baseAddress!
         var moved = 0
+        defer { self.count(moved, fromClient: source.isClient) }
         var bursts = 0
         while source.readable {
             let n = recv(source.fd, base, buffer.count, 0)
@@ -262,7 +264,6 @@ final class RelayConnection {
                 if sent < 0 {
                     let code = errno
                     guard code == EAGAIN || code == EWOULDBLOCK || code == EINTR else {
-                        self.count(moved, fromClient: source.isClient)
                         self.fail(code)
                         return
                     }
@@ -283,13 +284,16 @@ final class RelayConnection {
                     break
                 }
                 if code == EINTR { continue }
-                self.count(moved, fromClient: source.isClient)
                 self.fail(code)
                 return
             }
         }
-        if moved > 0 { self.count(moved, fromClient: source.isClient) }
-        if self.client.eof && self.upstream.eof && self.client.shut && self.upstream.shut { self.close() }
+        if self.bothDirectionsEnded { self.close() }
+    }
+
+    /// Both sides sent their EOF and both were passed on: nothing more can flow.
+    private var bothDirectionsEnded: Bool {
+        self.client.eof && self.upstream.eof && self.client.shut && self.upstream.shut
     }
 
     private func count(_ bytes: Int, fromClient: Bool) {
@@ -335,7 +339,7 @@ final class RelayConnection {
         }
         side.dropPending()
         if side.peer(self).eof { self.shutWrite(side) }
-        if self.client.eof && self.upstream.eof && self.client.shut && self.upstream.shut {
+        if self.bothDirectionsEnded {
             self.close()
             return false
         }
@@ -381,8 +385,8 @@ final class RelayConnection {
         self.closeUpstreamSocket()
         self.client.dropPending()
         self.upstream.dropPending()
-        if wasOpen, let id = self.backend { handle.finish(id, outcome: .neutral) }
-        self.backend = nil
+        if wasOpen, let pick = self.pick { handle.finish(pick, outcome: .neutral) }
+        self.pick = nil
         handle.connectionClosed()
         self.listener.closed()
         self.loop.counters.downstreamChannels.subtract(1, ordering: .relaxed)

@@ -117,7 +117,6 @@ final class RelayListener: Sendable {
                 try loop.register(
                     self.fd,
                     acceptor,
-                    tag: 0,
                     events: RelayEvents.input | RelayEvents.exclusive
                 )
                 box.set(acceptor)
@@ -184,7 +183,7 @@ final class RelayAcceptor: RelayPollable {
     }
 
     /// Accepts up to 16 connections per wake-up (level-triggered: more wake the loop again).
-    override func ready(_ events: UInt32, tag _: UInt64) {
+    override func ready(_ events: UInt32) {
         guard !self.detached else { return }
         let handle = self.listener.handle
         let configuration = self.loop.configuration

@@ -9,11 +9,11 @@ import Glibc
 import Musl
 #endif
 
-/// Something registered with a relay loop's epoll set. Its epoll token is the object's address with a tag
-/// in the low bits (objects are 16-byte aligned), so an event costs no look-up.
+/// Something registered with a relay loop's epoll set. Its epoll token is the object's address, so an event
+/// costs no look-up.
 class RelayPollable {
-    /// Called on the loop's thread with the epoll events and the tag the object was registered with.
-    func ready(_ events: UInt32, tag: UInt64) {}
+    /// Called on the loop's thread with the epoll events.
+    func ready(_ events: UInt32) {}
 }
 
 /// One thread running an epoll loop for the L4 TCP relay: it accepts on the listeners registered with it,
@@ -181,10 +181,9 @@ final class RelayLoop: @unchecked Sendable {
                     wake = true
                     continue
                 }
-                let address = UInt(token & ~RelayToken.tagMask)
-                let object = Unmanaged<RelayPollable>.fromOpaque(UnsafeRawPointer(bitPattern: address)!)
+                let object = Unmanaged<RelayPollable>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!)
                     .takeUnretainedValue()
-                object.ready(events[i].events, tag: token & RelayToken.tagMask)
+                object.ready(events[i].events)
             }
             if !self.again.isEmpty {
                 let pending = self.again
@@ -221,7 +220,8 @@ final class RelayLoop: @unchecked Sendable {
     private func timeoutMilliseconds() -> Int32 {
         var deadline = min(self.nextSweep, self.nextConnectDeadline)
         for entry in self.paused { deadline = min(deadline, entry.until) }
-        let now = RelayLoop.monotonic()
+        // The time of this wake-up: at most one batch of work old, against deadlines kept in milliseconds.
+        let now = self.now
         guard deadline > now else { return 0 }
         let ms = (deadline - now + 999_999) / 1_000_000
         return Int32(min(ms, 60_000))
@@ -229,11 +229,11 @@ final class RelayLoop: @unchecked Sendable {
 
     // MARK: registration (loop thread)
 
-    /// Adds `fd` to the epoll set with `events`; the token is `object`'s address plus `tag`.
-    func register(_ fd: Int32, _ object: RelayPollable, tag: UInt64, events: UInt32) throws {
+    /// Adds `fd` to the epoll set with `events`; the token is `object`'s address (never 0: that is the wake-up).
+    func register(_ fd: Int32, _ object: RelayPollable, events: UInt32) throws {
         var event = epoll_event()
         event.events = events
-        event.data.u64 = RelayToken.make(object, tag: tag)
+        event.data.u64 = UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque()))
         guard epoll_ctl(self.epoll, EPOLL_CTL_ADD, fd, &event) == 0 else {
             throw Failure.system("epoll_ctl(ADD)", errno)
         }
@@ -321,7 +321,7 @@ final class RelayLoop: @unchecked Sendable {
             return true
         }
         for acceptor in resumed where !acceptor.detached {
-            try? self.register(acceptor.fd, acceptor, tag: 0, events: RelayEvents.input | RelayEvents.exclusive)
+            try? self.register(acceptor.fd, acceptor, events: RelayEvents.input | RelayEvents.exclusive)
         }
     }
 }
@@ -340,12 +340,4 @@ enum RelayEvents {
     static let stream = input | output | readHangUp | edge
     /// End of input or an error: the read that follows must not stop at a short read.
     static let closing = readHangUp | hangUp | error
-}
-
-enum RelayToken {
-    static let tagMask: UInt64 = 0xF
-
-    static func make(_ object: RelayPollable, tag: UInt64) -> UInt64 {
-        UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque())) | tag
-    }
 }
