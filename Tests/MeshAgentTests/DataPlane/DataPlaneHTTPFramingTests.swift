@@ -36,18 +36,7 @@ struct DataPlaneHTTPFramingTests {
         http.addRequestID = false
         try await withDataPlane(testConfiguration(http: http)) { dp in
             let vip = TestAddresses.vip()
-            try await dp.apply(
-                RouteTable(routes: [
-                    Route(
-                        service: service("framing"),
-                        vip: vip,
-                        port: 8080,
-                        proto: .http,
-                        policy: .roundRobin,
-                        backends: [server.backend()]
-                    )
-                ])
-            )
+            try await dp.apply(httpRoute("framing", vip, [server.backend()]))
             try await body(TestClient.vipAddress(vip, 8080), backend)
             #expect(await eventually { dp.openClientChannels == 0 })
         }

@@ -7,7 +7,8 @@ import Testing
 
 @testable import MeshAgent
 
-private func httpRoute(
+/// A table with one HTTP route of service `name` on `vip:port` to `backends`.
+func httpRoute(
     _ name: String,
     _ vip: IPAddress,
     port: Int = 8080,
