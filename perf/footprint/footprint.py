@@ -45,6 +45,17 @@ def wait_until(pred, timeout, what):
     raise RuntimeError(f"footprint: timed out after {timeout}s waiting for {what}")
 
 
+def stop_all(procs, grace):
+    """SIGTERM every process still running, then SIGKILL those not gone after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 # The control API is HTTPS with client certificates: the admin credentials mesh-control wrote.
 CONTROL_PKI = {}
 
@@ -222,13 +233,7 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
         results["startup_from_cache_s"] = round(time.time() - t0, 2)
         results["rss_after_restart_from_cache_mb"] = round(rss_kb(agent.pid) / 1024, 1)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_all(procs, 10)
         subprocess.run(["rm", "-rf", work])
     return results
 

@@ -25,7 +25,7 @@ import footprint  # noqa: E402  (the control API's HTTPS with the admin certific
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-# free_port and wait_until are footprint's (its timeout raises RuntimeError naming what it waited for).
+# free_port, wait_until and stop_all are footprint's (its timeout raises RuntimeError naming what it waited for).
 free_port = footprint.free_port
 wait_until = footprint.wait_until
 
@@ -301,13 +301,7 @@ def main():
         idle |= executed_functions(dumps[0], "mesh-agent", syms, starts, names)
         serving -= idle
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        footprint.stop_all(procs, 30)
         backend.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     with open(a.out, "w") as f:
