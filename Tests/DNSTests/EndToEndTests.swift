@@ -35,15 +35,15 @@ func meshInput() -> ZoneInput {
 }
 
 /// Runs dig (UDP unless `tcp`) against the server and returns its output.
-func dig(_ port: Int, _ args: [String], tcp: Bool = false) throws -> String {
+func dig(_ port: Int, _ args: [String], tcp: Bool = false) async throws -> String {
     var a = ["-p", String(port), "@127.0.0.1", "+time=2", "+tries=1"]
     if tcp { a.append("+tcp") }
-    return try runCommand(digPath!, a + args)
+    return try await runCommand(digPath!, a + args)
 }
 
 /// The answer section lines of dig output (`+noall +answer`), whitespace-normalised.
-func digAnswers(_ port: Int, _ args: [String], tcp: Bool = false) throws -> [String] {
-    try dig(port, ["+noall", "+answer"] + args, tcp: tcp).split(separator: "\n").map {
+func digAnswers(_ port: Int, _ args: [String], tcp: Bool = false) async throws -> [String] {
+    try await dig(port, ["+noall", "+answer"] + args, tcp: tcp).split(separator: "\n").map {
         $0.split(whereSeparator: { $0 == " " || $0 == "\t" }).joined(separator: " ")
     }
 }
@@ -65,37 +65,37 @@ struct EndToEndTests {
         defer { Task { await s.stop() } }
         for tcp in [false, true] {
             #expect(
-                try digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == [
+                try await digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == [
                     "web.shop.svc.cluster.local. 30 IN A 10.96.0.10"
                 ]
             )
             #expect(
-                try digAnswers(s.port, ["web.shop.svc.cluster.local", "AAAA"], tcp: tcp) == [
+                try await digAnswers(s.port, ["web.shop.svc.cluster.local", "AAAA"], tcp: tcp) == [
                     "web.shop.svc.cluster.local. 30 IN AAAA fd00:96::10"
                 ]
             )
             #expect(
-                try digAnswers(s.port, ["_http._tcp.web.shop.svc.cluster.local", "SRV"], tcp: tcp)
+                try await digAnswers(s.port, ["_http._tcp.web.shop.svc.cluster.local", "SRV"], tcp: tcp)
                     == ["_http._tcp.web.shop.svc.cluster.local. 30 IN SRV 0 100 80 web.shop.svc.cluster.local."]
             )
             #expect(
-                try digAnswers(s.port, ["-x", "10.96.0.10"], tcp: tcp) == [
+                try await digAnswers(s.port, ["-x", "10.96.0.10"], tcp: tcp) == [
                     "10.0.96.10.in-addr.arpa. 30 IN PTR web.shop.svc.cluster.local."
                 ]
             )
             #expect(
-                try digAnswers(s.port, ["-x", "fd00:96::10"], tcp: tcp).first?.hasSuffix(
+                try await digAnswers(s.port, ["-x", "fd00:96::10"], tcp: tcp).first?.hasSuffix(
                     "IN PTR web.shop.svc.cluster.local."
                 ) == true
             )
-            let nx = try dig(s.port, ["nope.shop.svc.cluster.local", "A"], tcp: tcp)
+            let nx = try await dig(s.port, ["nope.shop.svc.cluster.local", "A"], tcp: tcp)
             #expect(status(nx) == "NXDOMAIN")
             #expect(nx.contains("ns.dns.cluster.local. hostmaster.cluster.local."))
-            let nodata = try dig(s.port, ["internal.ops.svc.cluster.local", "AAAA"], tcp: tcp)
+            let nodata = try await dig(s.port, ["internal.ops.svc.cluster.local", "AAAA"], tcp: tcp)
             #expect(status(nodata) == "NOERROR")
             #expect(nodata.contains("ANSWER: 0") && nodata.contains("AUTHORITY: 1"))
             // 0x20: the question comes back in the client's case.
-            let mixed = try dig(s.port, ["WeB.ShOp.SvC.cLuStEr.LoCaL", "A"], tcp: tcp)
+            let mixed = try await dig(s.port, ["WeB.ShOp.SvC.cLuStEr.LoCaL", "A"], tcp: tcp)
             #expect(mixed.contains(";WeB.ShOp.SvC.cLuStEr.LoCaL."))
             #expect(mixed.contains("10.96.0.10"))
         }
@@ -106,10 +106,10 @@ struct EndToEndTests {
     func truncatedRetry() async throws {
         let s = try await RunningServer.start(zone: meshInput())
         defer { Task { await s.stop() } }
-        let out = try dig(s.port, ["many.shop.svc.cluster.local", "A"])
+        let out = try await dig(s.port, ["many.shop.svc.cluster.local", "A"])
         #expect(out.contains("Truncated, retrying in TCP mode"))
         #expect(out.contains("ANSWER: 120"))
-        let ignoreTC = try dig(s.port, ["+ignore", "many.shop.svc.cluster.local", "A"])
+        let ignoreTC = try await dig(s.port, ["+ignore", "many.shop.svc.cluster.local", "A"])
         #expect(ignoreTC.contains(" tc") && ignoreTC.contains("ANSWER: 0"))
         await s.stop()
     }
@@ -125,21 +125,23 @@ struct EndToEndTests {
         let s = try await RunningServer.start(zone: meshInput(), forwarding: fwd)
         defer { Task { await s.stop() } }
         #expect(
-            try digAnswers(s.port, ["api.prod.svc.remote.test", "A"]) == [
+            try await digAnswers(s.port, ["api.prod.svc.remote.test", "A"]) == [
                 "api.prod.svc.remote.test. 60 IN A 192.0.2.80"
             ]
         )
         #expect(
-            try digAnswers(s.port, ["api.prod.svc.remote.test", "A"], tcp: true).first?.hasSuffix("IN A 192.0.2.80")
+            try await digAnswers(s.port, ["api.prod.svc.remote.test", "A"], tcp: true).first?.hasSuffix(
+                "IN A 192.0.2.80"
+            )
                 == true
         )
         // 0x20 through the forwarder.
-        #expect(try dig(s.port, ["ApI.pRoD.svc.remote.test", "A"]).contains(";ApI.pRoD.svc.remote.test."))
+        #expect(try await dig(s.port, ["ApI.pRoD.svc.remote.test", "A"]).contains(";ApI.pRoD.svc.remote.test."))
         // NXDOMAIN from upstream passes through with its SOA.
-        let nx = try dig(s.port, ["nope.prod.svc.remote.test", "A"])
+        let nx = try await dig(s.port, ["nope.prod.svc.remote.test", "A"])
         #expect(status(nx) == "NXDOMAIN" && nx.contains("hostmaster.remote.test."))
         // ExternalName pointing outside the zone: CNAME plus the upstream's answer.
-        let ext = try digAnswers(s.port, ["ext2.shop.svc.cluster.local", "A"])
+        let ext = try await digAnswers(s.port, ["ext2.shop.svc.cluster.local", "A"])
         #expect(
             ext == [
                 "ext2.shop.svc.cluster.local. 30 IN CNAME www.org.svc.remote.test.",
@@ -148,15 +150,16 @@ struct EndToEndTests {
         )
         // Cache: resolve once, stop the upstream, resolve again.
         #expect(
-            try digAnswers(s.port, ["cached.prod.svc.remote.test", "A"]).first?.hasSuffix("IN A 192.0.2.81") == true
+            try await digAnswers(s.port, ["cached.prod.svc.remote.test", "A"]).first?.hasSuffix("IN A 192.0.2.81")
+                == true
         )
         await upstream.stop()
-        let again = try digAnswers(s.port, ["cached.prod.svc.remote.test", "A"])
+        let again = try await digAnswers(s.port, ["cached.prod.svc.remote.test", "A"])
         #expect(again.count == 1 && again.first?.hasSuffix("IN A 192.0.2.81") == true)
         // The negative answer is cached too.
-        #expect(status(try dig(s.port, ["nope.prod.svc.remote.test", "A"])) == "NXDOMAIN")
+        #expect(status(try await dig(s.port, ["nope.prod.svc.remote.test", "A"])) == "NXDOMAIN")
         // Not cached and the upstream is gone: SERVFAIL.
-        #expect(status(try dig(s.port, ["api.prod.svc.remote.test", "AAAA"])) == "SERVFAIL")
+        #expect(status(try await dig(s.port, ["api.prod.svc.remote.test", "AAAA"])) == "SERVFAIL")
         await s.stop()
     }
 
@@ -195,10 +198,10 @@ struct EndToEndTests {
         }
         let (port, task) = try #require(started)
         defer { task.cancel() }
-        let out = try dig(port, ["example.invalid", "A"])
+        let out = try await dig(port, ["example.invalid", "A"])
         #expect(status(out) == "SERVFAIL")
         // Still serving the zone.
-        #expect(try digAnswers(port, ["web.shop.svc.cluster.local", "A"]).count == 1)
+        #expect(try await digAnswers(port, ["web.shop.svc.cluster.local", "A"]).count == 1)
         task.cancel()
         _ = try? await task.value
     }
@@ -211,7 +214,7 @@ struct EndToEndTests {
         let s = try await RunningServer.start(zone: meshInput())
         defer { Task { await s.stop() } }
         for extra in [[String](), ["+tcp"]] {
-            let out = try runCommand(
+            let out = try await runCommand(
                 kdigPath!,
                 ["-p", String(s.port), "@127.0.0.1", "+time=2", "+retry=0"] + extra + [
                     "_pg._tcp.db.shop.svc.cluster.local", "SRV",
@@ -219,14 +222,14 @@ struct EndToEndTests {
             )
             #expect(out.contains("status: NOERROR"))
             #expect(out.contains("db-0.db.shop.svc.cluster.local."))
-            let nx = try runCommand(
+            let nx = try await runCommand(
                 kdigPath!,
                 ["-p", String(s.port), "@127.0.0.1", "+time=2", "+retry=0"] + extra + ["x.shop.svc.cluster.local", "A"]
             )
             #expect(nx.contains("status: NXDOMAIN"))
         }
         // kdig's default EDNS with a big headless answer: kdig retries over TCP on TC.
-        let big = try runCommand(
+        let big = try await runCommand(
             kdigPath!,
             ["-p", String(s.port), "@127.0.0.1", "+time=2", "+retry=0", "many.shop.svc.cluster.local", "A"]
         )
@@ -277,7 +280,7 @@ struct EndToEndTests {
         }
         for tcp in [false, true] {
             #expect(
-                try digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == [
+                try await digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == [
                     "web.shop.svc.cluster.local. 30 IN A 10.96.0.10"
                 ]
             )

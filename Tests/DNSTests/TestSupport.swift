@@ -150,30 +150,12 @@ final class RunningServer: Sendable {
     }
 }
 
-/// Runs a command with a deadline and returns its standard output.
-func runCommand(_ path: String, _ args: [String], timeout: TimeInterval = 15) throws -> String {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: path)
-    p.arguments = args
-    let out = Pipe()
-    p.standardOutput = out
-    p.standardError = out
-    try p.run()
-    let deadline = Date().addingTimeInterval(timeout)
-    var data = Data()
-    let handle = out.fileHandleForReading
-    // Read until EOF (the child exits) or the deadline.
-    while true {
-        let chunk = handle.availableData
-        if chunk.isEmpty { break }
-        data.append(chunk)
-        if Date() > deadline {
-            p.terminate()
-            break
-        }
-    }
-    p.waitUntilExit()
-    return String(decoding: data, as: UTF8.self)
+/// Runs a command with a deadline and returns its standard output and error. Asynchronous (MeshTestSupport's
+/// `run`): a blocking read here held one of the cooperative pool's threads (two on this machine) for as long
+/// as the command ran, and starved the other tests' tasks.
+func runCommand(_ path: String, _ args: [String], timeout: Duration = .seconds(15)) async throws -> String {
+    let result = try await run(path, args, timeout: timeout)
+    return result.stdout + result.stderr
 }
 
 func which(_ tool: String) -> String? {
