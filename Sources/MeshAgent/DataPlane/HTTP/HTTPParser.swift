@@ -1,0 +1,868 @@
+import NIOCore
+import NIOHTTP1
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Why bytes are not an HTTP/1.1 message (RFC 9112), or are one over the proxy's size limits.
+enum HTTPParseError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// A CR not followed by LF, or an LF without its CR.
+    case invalidLineEnding
+    case invalidMethod
+    case invalidTarget
+    /// Not `HTTP/1.0` or `HTTP/1.1`.
+    case unsupportedVersion
+    case invalidStatus
+    case invalidFieldName
+    case invalidFieldValue
+    /// Whitespace between a field name and its colon (RFC 9112 5.1: rejected, it smuggles).
+    case spaceBeforeColon
+    /// A field line continued on the next line (obs-fold, RFC 9112 5.2).
+    case obsoleteLineFolding
+    case invalidContentLength
+    /// Several Content-Length values that differ.
+    case conflictingContentLength
+    /// Both Transfer-Encoding and Content-Length (RFC 9112 6.3: a smuggling attempt, rejected).
+    case contentLengthWithTransferEncoding
+    /// A request whose last transfer coding is not chunked (its length cannot be known).
+    case unsupportedTransferCoding
+    case invalidChunkSize
+    /// Chunk data not followed by CRLF, or a bad chunk extension.
+    case invalidChunk
+    /// The head (start line and fields) or the trailer section is over the limit.
+    case headTooLarge
+    /// One field line is over the limit.
+    case fieldTooLarge
+    /// The connection ended inside a message.
+    case incompleteMessage
+
+    /// 431 rather than 400.
+    var isTooLarge: Bool { self == .headTooLarge || self == .fieldTooLarge }
+
+    var description: String {
+        switch self {
+        case .invalidLineEnding: return "invalid line ending (CRLF expected)"
+        case .invalidMethod: return "invalid method"
+        case .invalidTarget: return "invalid request target"
+        case .unsupportedVersion: return "unsupported HTTP version"
+        case .invalidStatus: return "invalid status line"
+        case .invalidFieldName: return "invalid header name"
+        case .invalidFieldValue: return "invalid header value"
+        case .spaceBeforeColon: return "whitespace before a header's colon"
+        case .obsoleteLineFolding: return "obsolete header line folding"
+        case .invalidContentLength: return "invalid content-length"
+        case .conflictingContentLength: return "conflicting content-length values"
+        case .contentLengthWithTransferEncoding: return "both content-length and transfer-encoding"
+        case .unsupportedTransferCoding: return "request transfer-encoding does not end with chunked"
+        case .invalidChunkSize: return "invalid chunk size"
+        case .invalidChunk: return "invalid chunk"
+        case .headTooLarge: return "header section too large"
+        case .fieldTooLarge: return "header field too large"
+        case .incompleteMessage: return "connection ended inside a message"
+        }
+    }
+}
+
+/// A parsed HTTP/1.x head: its bytes as they came, and where the parts are in them. Nothing is copied into
+/// strings; names and values are byte ranges of `bytes`, compared and written out as bytes.
+final class HTTPHead {
+    /// A field line: the name, and the value without the whitespace around it (offsets in `bytes`).
+    struct Field {
+        let name: Range<Int>
+        let value: Range<Int>
+
+        /// The bytes of the line `name: value\r\n` as the proxy writes it.
+        var lineBytes: Int { self.name.count + self.value.count + 4 }
+    }
+
+    /// How the body of the message is delimited (RFC 9112 6.3).
+    enum Body: Equatable {
+        case none
+        case length(Int)
+        case chunked
+        /// Until the connection closes (responses only); `transferCoded`: by a Transfer-Encoding whose last
+        /// coding is not chunked.
+        case untilClose(transferCoded: Bool)
+    }
+
+    /// The head from its first byte to the end of the blank line.
+    let bytes: ByteBuffer
+    let isRequest: Bool
+    /// The request method (for a response: the method of the request it answers).
+    let method: HTTPMethod
+    /// The request target, or the status line's reason phrase.
+    let target: Range<Int>
+    let version: HTTPVersion
+    /// The status code (0 for a request).
+    let status: Int
+    let fields: [Field]
+    /// The bytes of all field lines as `Field.lineBytes` counts them.
+    let fieldBytes: Int
+    let body: Body
+    /// The message has a Transfer-Encoding field (and the bytes of its lines).
+    let transferEncodingBytes: Int
+    let hasTransferEncoding: Bool
+    /// Tokens of the Connection field(s).
+    let connectionClose: Bool
+    let connectionKeepAlive: Bool
+    let connectionUpgrade: Bool
+    /// Connection lists a token other than close, keep-alive and upgrade (a field name to drop).
+    let connectionNamesOthers: Bool
+    /// The index of the first Upgrade field.
+    let upgradeField: Int?
+    /// A hop-by-hop field (RFC 9110 7.6.1) is present, Connection included.
+    let hasHopByHop: Bool
+
+    fileprivate init(
+        bytes: ByteBuffer,
+        isRequest: Bool,
+        method: HTTPMethod,
+        target: Range<Int>,
+        version: HTTPVersion,
+        status: Int,
+        scan: FieldScan,
+        body: Body
+    ) {
+        self.bytes = bytes
+        self.isRequest = isRequest
+        self.method = method
+        self.target = target
+        self.version = version
+        self.status = status
+        self.fields = scan.fields
+        self.fieldBytes = scan.fieldBytes
+        self.body = body
+        self.hasTransferEncoding = scan.transferEncoding != nil
+        self.transferEncodingBytes = scan.transferEncodingBytes
+        self.connectionClose = scan.connectionClose
+        self.connectionKeepAlive = scan.connectionKeepAlive
+        self.connectionUpgrade = scan.connectionUpgrade
+        self.connectionNamesOthers = scan.connectionNamesOthers
+        self.upgradeField = scan.upgradeField
+        self.hasHopByHop = scan.hasHopByHop
+    }
+
+    /// Whether the connection may carry another message after this one (RFC 9112 9.3).
+    var isKeepAlive: Bool {
+        if self.connectionClose { return false }
+        return self.version.minor >= 1 || self.connectionKeepAlive
+    }
+
+    /// An upgrade request (`Connection: upgrade` and an Upgrade field).
+    var isUpgradeRequest: Bool { self.isRequest && self.connectionUpgrade && self.upgradeField != nil }
+
+    /// The request target (or reason phrase) as a string.
+    var uri: String { self.string(self.target) }
+
+    func string(_ range: Range<Int>) -> String {
+        self.bytes.getString(at: self.bytes.readerIndex + range.lowerBound, length: range.count) ?? ""
+    }
+
+    func name(_ index: Int) -> String { self.string(self.fields[index].name) }
+    func value(_ index: Int) -> String { self.string(self.fields[index].value) }
+
+    /// Whether field `index` is called `lowercase` (ASCII case-insensitive).
+    func field(_ index: Int, is lowercase: StaticString) -> Bool {
+        let range = self.fields[index].name
+        guard range.count == lowercase.utf8CodeUnitCount else { return false }
+        return self.bytes.withUnsafeReadableBytes { raw in
+            HTTPBytes.equalsLowercased(raw, range, lowercase.utf8Start)
+        }
+    }
+
+    /// Whether field `index` is called `name` (ASCII case-insensitive).
+    func field(_ index: Int, isNamed name: String) -> Bool {
+        let range = self.fields[index].name
+        guard range.count == name.utf8.count else { return false }
+        return self.bytes.withUnsafeReadableBytes { raw in
+            zip(raw[range], name.utf8).allSatisfy { asciiLower($0) == asciiLower($1) }
+        }
+    }
+
+    /// The value of the first field called `name`.
+    func first(name: String) -> String? {
+        for index in self.fields.indices where self.field(index, isNamed: name) { return self.value(index) }
+        return nil
+    }
+
+    /// The values of the fields called `name`, in order.
+    func values(name: String) -> [String] {
+        self.fields.indices.filter { self.field($0, isNamed: name) }.map { self.value($0) }
+    }
+
+    /// Every field as strings (tests, logs).
+    var headers: [(name: String, value: String)] {
+        self.fields.indices.map { (self.name($0), self.value($0)) }
+    }
+}
+
+/// Byte helpers of the parser and the serialiser.
+enum HTTPBytes {
+    static let cr = UInt8(ascii: "\r")
+    static let lf = UInt8(ascii: "\n")
+    static let space = UInt8(ascii: " ")
+    static let tab = UInt8(ascii: "\t")
+    static let colon = UInt8(ascii: ":")
+
+    /// tchar (RFC 9110 5.6.2), the characters of a token (method, field name): `!#$%&'*+-.^_`|~`, digits and
+    /// letters, as a bitmap of the bytes 0-63 and 64-127.
+    @inline(__always)
+    static func isToken(_ byte: UInt8) -> Bool {
+        switch byte {
+        case 0..<64: return (0x03ff_6cfa_0000_0000 as UInt64) >> byte & 1 == 1
+        case 64..<128: return (0x57ff_ffff_c7ff_fffe as UInt64) >> (byte - 64) & 1 == 1
+        default: return false
+        }
+    }
+
+    /// A byte allowed in a field value or reason phrase: VCHAR, obs-text, SP, HTAB.
+    @inline(__always)
+    static func isFieldByte(_ byte: UInt8) -> Bool { byte >= 0x20 ? byte != 0x7f : byte == Self.tab }
+
+    @inline(__always)
+    static func isBlank(_ byte: UInt8) -> Bool { byte == Self.space || byte == Self.tab }
+
+    static func equalsLowercased(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>, _ lower: UnsafePointer<UInt8>)
+        -> Bool
+    {
+        var i = 0
+        for offset in range {
+            if asciiLower(raw[offset]) != lower[i] { return false }
+            i += 1
+        }
+        return true
+    }
+
+    /// The offset of the first `byte` in `raw[from..<raw.count]`.
+    @inline(__always)
+    static func find(_ byte: UInt8, in raw: UnsafeRawBufferPointer, from: Int) -> Int? {
+        guard from < raw.count, let base = raw.baseAddress else { return nil }
+        guard let hit = memchr(base + from, Int32(byte), raw.count - from) else { return nil }
+        return UnsafeRawPointer(hit) - base
+    }
+}
+
+/// What one pass over a head's field lines found.
+fileprivate struct FieldScan {
+    var fields: [HTTPHead.Field] = []
+    var fieldBytes = 0
+    var contentLength: Int?
+    var transferEncoding: Range<Int>?
+    var transferEncodingBytes = 0
+    var transferEncodingChunked = false
+    var chunkedCount = 0
+    var connectionClose = false
+    var connectionKeepAlive = false
+    var connectionUpgrade = false
+    var connectionNamesOthers = false
+    var upgradeField: Int?
+    var hasHopByHop = false
+}
+
+/// One part of a message as the parser delivers it.
+enum HTTPPart {
+    case head(HTTPHead)
+    /// Body bytes (for a chunked body, the chunk data without its framing).
+    case body(ByteBuffer)
+    /// The end of the message, with the trailer section's field lines (each with its CRLF) if it had any.
+    case end(ByteBuffer?)
+}
+
+/// An incremental HTTP/1.1 parser (RFC 9112) for one direction of one connection: bytes in, message parts
+/// out. Strict where a proxy must be (a message it and the next hop could frame differently is rejected:
+/// bare CR or LF, whitespace before a colon, obs-fold, Content-Length with Transfer-Encoding, conflicting
+/// Content-Length values, a request whose last coding is not chunked), lenient where RFC 9112 says so
+/// (empty lines before a request line, a missing reason phrase).
+///
+/// Heads are found line by line as bytes arrive (each byte is looked at once while the head is incomplete),
+/// then parsed in one pass into an `HTTPHead` that refers to the head's own bytes. Bodies are delivered as
+/// slices of what was read, never copied.
+struct HTTPParser {
+    enum Kind {
+        case request
+        case response
+    }
+
+    struct Limits {
+        /// The head (start line and all field lines) at most, in bytes.
+        var headBytes: Int
+        /// One field line at most, in bytes.
+        var fieldBytes: Int
+
+        init(headBytes: Int = 64 * 1024 + 8 * 1024, fieldBytes: Int = 16 * 1024) {
+            self.headBytes = headBytes
+            self.fieldBytes = fieldBytes
+        }
+    }
+
+    private enum State {
+        /// Waiting for (the rest of) a head; `scanned`: bytes already seen to be complete lines.
+        case head(scanned: Int)
+        case length(remaining: Int)
+        /// A chunk-size line next.
+        case chunkSize
+        case chunkData(remaining: Int)
+        /// The CRLF after chunk data.
+        case chunkEnd
+        /// The trailer section; `scanned` as for a head.
+        case trailers(scanned: Int)
+        case untilClose
+        /// After an upgrade (or CONNECT): what follows is not HTTP; bytes are left in the buffer.
+        case paused
+        case failed
+    }
+
+    let kind: Kind
+    let limits: Limits
+    private var state = State.head(scanned: 0)
+    /// The method of the request the next response answers (responses only).
+    private var expectedMethod = HTTPMethod.GET
+    /// The message in progress ends in an upgrade (its bytes after it are not HTTP).
+    private var pauseAfterMessage = false
+
+    init(kind: Kind, limits: Limits = Limits()) {
+        self.kind = kind
+        self.limits = limits
+    }
+
+    /// A response parser: the next response answers a `method` request (HEAD responses have no body).
+    mutating func expectResponse(to method: HTTPMethod) {
+        self.expectedMethod = method
+    }
+
+    /// Between messages (nothing of one read yet, or a head begun).
+    var isBetweenMessages: Bool {
+        if case .head(let scanned) = self.state { return scanned == 0 }
+        return false
+    }
+
+    /// After an upgrade: the bytes left in the buffer are the new protocol's.
+    var isPaused: Bool {
+        if case .paused = self.state { return true }
+        return false
+    }
+
+    /// Delivers the parts in `buffer` to `emit`, consuming their bytes; bytes of an incomplete head, chunk-size
+    /// line or trailer section stay in `buffer` for the next call (with more appended). Throws on the first
+    /// malformed byte; the parser is then finished.
+    mutating func parse(_ buffer: inout ByteBuffer, _ emit: (HTTPPart) -> Void) throws {
+        do {
+            try self.run(&buffer, emit)
+        } catch {
+            self.state = .failed
+            throw error
+        }
+    }
+
+    /// The end of input: ends a body delimited by it, or throws when a message was cut off.
+    mutating func finish(_ buffer: inout ByteBuffer, _ emit: (HTTPPart) -> Void) throws {
+        try self.parse(&buffer, emit)
+        switch self.state {
+        case .untilClose:
+            self.state = .failed
+            emit(.end(nil))
+        case .head(let scanned) where scanned == 0 && buffer.readableBytes == 0:
+            self.state = .failed
+        case .paused, .failed:
+            self.state = .failed
+        default:
+            self.state = .failed
+            throw HTTPParseError.incompleteMessage
+        }
+    }
+
+    private mutating func run(_ buffer: inout ByteBuffer, _ emit: (HTTPPart) -> Void) throws {
+        while buffer.readableBytes > 0 {
+            switch self.state {
+            case .head(let scanned):
+                guard let head = try self.readHead(&buffer, scanned: scanned) else { return }
+                emit(.head(head))
+                self.startBody(of: head, emit)
+            case .length(let remaining):
+                let count = min(remaining, buffer.readableBytes)
+                emit(.body(buffer.readSlice(length: count)!))
+                if count == remaining {
+                    self.endMessage(nil, emit)
+                } else {
+                    self.state = .length(remaining: remaining - count)
+                }
+            case .chunkSize:
+                guard let size = try Self.readChunkSize(&buffer) else { return }
+                self.state = size == 0 ? .trailers(scanned: 0) : .chunkData(remaining: size)
+            case .chunkData(let remaining):
+                let count = min(remaining, buffer.readableBytes)
+                emit(.body(buffer.readSlice(length: count)!))
+                self.state = count == remaining ? .chunkEnd : .chunkData(remaining: remaining - count)
+            case .chunkEnd:
+                guard buffer.readableBytes >= 2 else {
+                    if buffer.readableBytes == 1, buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) != HTTPBytes.cr {
+                        throw HTTPParseError.invalidChunk
+                    }
+                    return
+                }
+                guard buffer.readInteger(endianness: .big, as: UInt16.self) == 0x0d0a else { throw HTTPParseError.invalidChunk }
+                self.state = .chunkSize
+            case .trailers(let scanned):
+                guard let trailers = try self.readTrailers(&buffer, scanned: scanned) else { return }
+                self.endMessage(trailers.readableBytes == 0 ? nil : trailers, emit)
+            case .untilClose:
+                emit(.body(buffer.readSlice(length: buffer.readableBytes)!))
+            case .paused, .failed:
+                return
+            }
+        }
+    }
+
+    private mutating func startBody(of head: HTTPHead, _ emit: (HTTPPart) -> Void) {
+        if head.isRequest {
+            self.pauseAfterMessage = head.isUpgradeRequest
+            if case .CONNECT = head.method {
+                self.state = .paused
+                return
+            }
+        } else {
+            let code = head.status
+            if code == 101 || (code / 100 == 2 && Self.isConnect(head.method)) {
+                emit(.end(nil))
+                self.state = .paused
+                return
+            }
+            if code < 200 {
+                // An interim response: the final one follows.
+                emit(.end(nil))
+                self.state = .head(scanned: 0)
+                return
+            }
+        }
+        switch head.body {
+        case .none: self.endMessage(nil, emit)
+        case .length(let count):
+            if count == 0 { self.endMessage(nil, emit) } else { self.state = .length(remaining: count) }
+        case .chunked: self.state = .chunkSize
+        case .untilClose: self.state = .untilClose
+        }
+    }
+
+    private static func isConnect(_ method: HTTPMethod) -> Bool {
+        if case .CONNECT = method { return true }
+        return false
+    }
+
+    private mutating func endMessage(_ trailers: ByteBuffer?, _ emit: (HTTPPart) -> Void) {
+        self.state = self.pauseAfterMessage ? .paused : .head(scanned: 0)
+        self.pauseAfterMessage = false
+        emit(.end(trailers))
+    }
+
+    // MARK: heads
+
+    /// The head at the front of `buffer` once its blank line is in; nil while it is not.
+    private mutating func readHead(_ buffer: inout ByteBuffer, scanned: Int) throws -> HTTPHead? {
+        if scanned == 0 {
+            // Empty lines before a request line are ignored (RFC 9112 2.2).
+            while buffer.readableBytes >= 2,
+                buffer.getInteger(at: buffer.readerIndex, endianness: .big, as: UInt16.self) == 0x0d0a
+            {
+                buffer.moveReaderIndex(forwardBy: 2)
+            }
+            if buffer.readableBytes == 1, buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) == HTTPBytes.cr {
+                return nil
+            }
+        }
+        let limits = self.limits
+        let end = try buffer.withUnsafeReadableBytes { raw throws -> Int? in
+            try Self.findEndOfSection(raw, from: scanned, limits: limits, isHead: true)
+        }
+        guard let end else {
+            self.state = .head(scanned: Self.completeLines(buffer, from: scanned))
+            return nil
+        }
+        let bytes = buffer.readSlice(length: end)!
+        self.state = .head(scanned: 0)
+        return try self.parseHead(bytes)
+    }
+
+    /// The offset of the first byte of the last complete line at or after `from` (where a later scan resumes).
+    private static func completeLines(_ buffer: ByteBuffer, from: Int) -> Int {
+        buffer.withUnsafeReadableBytes { raw in
+            var resume = from
+            var position = from
+            while let lf = HTTPBytes.find(HTTPBytes.lf, in: raw, from: position) {
+                position = lf + 1
+                resume = position
+            }
+            return resume
+        }
+    }
+
+    /// The offset just past the blank line ending the section (head or trailers) that starts at 0, checking
+    /// the lines from `from` on: CRLF endings, no obs-fold, the line and section limits. Nil when the blank
+    /// line has not arrived.
+    private static func findEndOfSection(
+        _ raw: UnsafeRawBufferPointer,
+        from: Int,
+        limits: Limits,
+        isHead: Bool
+    ) throws -> Int? {
+        var lineStart = from
+        while let lf = HTTPBytes.find(HTTPBytes.lf, in: raw, from: lineStart) {
+            guard lf > lineStart, raw[lf - 1] == HTTPBytes.cr else { throw HTTPParseError.invalidLineEnding }
+            if lf - 1 == lineStart { return lf + 1 }  // the blank line
+            if lineStart > 0, HTTPBytes.isBlank(raw[lineStart]) { throw HTTPParseError.obsoleteLineFolding }
+            if lf - lineStart > limits.fieldBytes { throw lineStart == 0 && isHead ? HTTPParseError.headTooLarge : HTTPParseError.fieldTooLarge }
+            if lf + 1 > limits.headBytes { throw HTTPParseError.headTooLarge }
+            lineStart = lf + 1
+        }
+        if raw.count - lineStart > limits.fieldBytes { throw lineStart == 0 && isHead ? HTTPParseError.headTooLarge : HTTPParseError.fieldTooLarge }
+        if raw.count > limits.headBytes { throw HTTPParseError.headTooLarge }
+        return nil
+    }
+
+    private func parseHead(_ bytes: ByteBuffer) throws -> HTTPHead {
+        let isRequest = self.kind == .request
+        return try bytes.withUnsafeReadableBytes { raw throws -> HTTPHead in
+            let lineEnd = HTTPBytes.find(HTTPBytes.lf, in: raw, from: 0)! - 1
+            var method = self.expectedMethod
+            var target = 0..<0
+            var version = HTTPVersion.http1_1
+            var status = 0
+            if isRequest {
+                guard let space = HTTPBytes.find(HTTPBytes.space, in: raw, from: 0), space < lineEnd, space > 0 else {
+                    throw HTTPParseError.invalidMethod
+                }
+                for i in 0..<space where !HTTPBytes.isToken(raw[i]) { throw HTTPParseError.invalidMethod }
+                method = Self.method(raw, 0..<space)
+                let targetStart = space + 1
+                var targetEnd = targetStart
+                while targetEnd < lineEnd, raw[targetEnd] > 0x20, raw[targetEnd] != 0x7f { targetEnd += 1 }
+                guard targetEnd > targetStart, targetEnd < lineEnd, raw[targetEnd] == HTTPBytes.space else {
+                    throw HTTPParseError.invalidTarget
+                }
+                target = targetStart..<targetEnd
+                guard lineEnd - (targetEnd + 1) == 8 else { throw HTTPParseError.unsupportedVersion }
+                version = try Self.version(raw, targetEnd + 1)
+            } else {
+                guard lineEnd >= 12 else { throw HTTPParseError.invalidStatus }
+                version = try Self.version(raw, 0)
+                guard raw[8] == HTTPBytes.space else { throw HTTPParseError.invalidStatus }
+                for i in 9..<12 {
+                    let digit = raw[i] &- UInt8(ascii: "0")
+                    guard digit < 10 else { throw HTTPParseError.invalidStatus }
+                    status = status * 10 + Int(digit)
+                }
+                guard status >= 100 else { throw HTTPParseError.invalidStatus }
+                if lineEnd > 12 {
+                    guard raw[12] == HTTPBytes.space else { throw HTTPParseError.invalidStatus }
+                    for i in 13..<lineEnd where !HTTPBytes.isFieldByte(raw[i]) { throw HTTPParseError.invalidStatus }
+                    target = 13..<lineEnd
+                } else {
+                    target = 12..<12
+                }
+            }
+            var scan = FieldScan()
+            try Self.scanFields(raw, from: lineEnd + 2, end: raw.count - 2, into: &scan)
+            let body = try Self.body(
+                scan: scan,
+                isRequest: isRequest,
+                method: method,
+                status: status,
+                raw: raw
+            )
+            return HTTPHead(
+                bytes: bytes,
+                isRequest: isRequest,
+                method: method,
+                target: target,
+                version: version,
+                status: status,
+                scan: scan,
+                body: body
+            )
+        }
+    }
+
+    private static func version(_ raw: UnsafeRawBufferPointer, _ at: Int) throws -> HTTPVersion {
+        // "HTTP/1.x"
+        guard at + 8 <= raw.count,
+            raw.loadUnaligned(fromByteOffset: at, as: UInt32.self) == UInt32(bigEndian: 0x4854_5450),
+            raw.loadUnaligned(fromByteOffset: at + 4, as: UInt16.self) == UInt16(bigEndian: 0x2f31),
+            raw[at + 6] == UInt8(ascii: ".")
+        else { throw HTTPParseError.unsupportedVersion }
+        switch raw[at + 7] {
+        case UInt8(ascii: "1"): return .http1_1
+        case UInt8(ascii: "0"): return .http1_0
+        default: throw HTTPParseError.unsupportedVersion
+        }
+    }
+
+    private static func method(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>) -> HTTPMethod {
+        @inline(__always) func equals(_ literal: StaticString) -> Bool {
+            literal.utf8CodeUnitCount == range.count
+                && memcmp(raw.baseAddress! + range.lowerBound, literal.utf8Start, range.count) == 0
+        }
+        switch range.count {
+        case 3:
+            if equals("GET") { return .GET }
+            if equals("PUT") { return .PUT }
+        case 4:
+            if equals("POST") { return .POST }
+            if equals("HEAD") { return .HEAD }
+        case 5:
+            if equals("PATCH") { return .PATCH }
+            if equals("TRACE") { return .TRACE }
+        case 6:
+            if equals("DELETE") { return .DELETE }
+        case 7:
+            if equals("OPTIONS") { return .OPTIONS }
+            if equals("CONNECT") { return .CONNECT }
+        default:
+            break
+        }
+        return HTTPMethod(rawValue: String(decoding: raw[range], as: UTF8.self))
+    }
+
+    /// Field lines from `from` up to `end` (the blank line): each `name: value` with a token name and a
+    /// valid value, noting what the proxy looks at.
+    private static func scanFields(
+        _ raw: UnsafeRawBufferPointer,
+        from: Int,
+        end: Int,
+        into scan: inout FieldScan
+    ) throws {
+        var lineStart = from
+        while lineStart < end {
+            let lf = HTTPBytes.find(HTTPBytes.lf, in: raw, from: lineStart)!
+            let lineEnd = lf - 1
+            guard let colon = HTTPBytes.find(HTTPBytes.colon, in: raw, from: lineStart), colon < lineEnd else {
+                throw HTTPParseError.invalidFieldName
+            }
+            guard colon > lineStart else { throw HTTPParseError.invalidFieldName }
+            for i in lineStart..<colon where !HTTPBytes.isToken(raw[i]) {
+                throw HTTPBytes.isBlank(raw[i]) ? HTTPParseError.spaceBeforeColon : HTTPParseError.invalidFieldName
+            }
+            var valueStart = colon + 1
+            var valueEnd = lineEnd
+            for i in valueStart..<valueEnd where !HTTPBytes.isFieldByte(raw[i]) { throw HTTPParseError.invalidFieldValue }
+            while valueStart < valueEnd, HTTPBytes.isBlank(raw[valueStart]) { valueStart += 1 }
+            while valueEnd > valueStart, HTTPBytes.isBlank(raw[valueEnd - 1]) { valueEnd -= 1 }
+            let field = HTTPHead.Field(name: lineStart..<colon, value: valueStart..<valueEnd)
+            scan.fieldBytes += field.lineBytes
+            try Self.note(field, index: scan.fields.count, raw, into: &scan)
+            scan.fields.append(field)
+            lineStart = lf + 1
+        }
+    }
+
+    /// Takes the fields the proxy and the framing care about into account (by length first).
+    private static func note(
+        _ field: HTTPHead.Field,
+        index: Int,
+        _ raw: UnsafeRawBufferPointer,
+        into scan: inout FieldScan
+    ) throws {
+        @inline(__always) func named(_ lower: StaticString) -> Bool {
+            HTTPBytes.equalsLowercased(raw, field.name, lower.utf8Start)
+        }
+        switch field.name.count {
+        case 2:
+            if named("te") { scan.hasHopByHop = true }
+        case 7:
+            if named("upgrade") {
+                scan.hasHopByHop = true
+                if scan.upgradeField == nil { scan.upgradeField = index }
+            } else if named("trailer") {
+                scan.hasHopByHop = true
+            }
+        case 10:
+            if named("connection") {
+                scan.hasHopByHop = true
+                Self.connectionTokens(raw, field.value, into: &scan)
+            } else if named("keep-alive") {
+                scan.hasHopByHop = true
+            }
+        case 14:
+            if named("content-length") { try Self.contentLength(raw, field.value, into: &scan) }
+        case 16:
+            if named("proxy-connection") { scan.hasHopByHop = true }
+        case 17:
+            if named("transfer-encoding") {
+                scan.transferEncoding = field.value
+                scan.transferEncodingBytes += field.lineBytes
+                Self.transferCodings(raw, field.value, into: &scan)
+            }
+        case 18:
+            if named("proxy-authenticate") { scan.hasHopByHop = true }
+        case 19:
+            if named("proxy-authorization") { scan.hasHopByHop = true }
+        default:
+            break
+        }
+    }
+
+    /// Calls `body` with each non-empty element of a comma-separated list (spaces trimmed).
+    static func forEachListElement(
+        _ raw: UnsafeRawBufferPointer,
+        _ range: Range<Int>,
+        _ body: (Range<Int>) throws -> Void
+    ) rethrows {
+        var start = range.lowerBound
+        while start <= range.upperBound {
+            var end = start
+            while end < range.upperBound, raw[end] != UInt8(ascii: ",") { end += 1 }
+            var a = start
+            var b = end
+            while a < b, HTTPBytes.isBlank(raw[a]) { a += 1 }
+            while b > a, HTTPBytes.isBlank(raw[b - 1]) { b -= 1 }
+            if b > a { try body(a..<b) }
+            start = end + 1
+        }
+    }
+
+    private static func connectionTokens(_ raw: UnsafeRawBufferPointer, _ value: Range<Int>, into scan: inout FieldScan) {
+        Self.forEachListElement(raw, value) { token in
+            switch token.count {
+            case 5 where HTTPBytes.equalsLowercased(raw, token, ("close" as StaticString).utf8Start):
+                scan.connectionClose = true
+            case 7 where HTTPBytes.equalsLowercased(raw, token, ("upgrade" as StaticString).utf8Start):
+                scan.connectionUpgrade = true
+            case 10 where HTTPBytes.equalsLowercased(raw, token, ("keep-alive" as StaticString).utf8Start):
+                scan.connectionKeepAlive = true
+            default:
+                scan.connectionNamesOthers = true
+            }
+        }
+    }
+
+    private static func contentLength(
+        _ raw: UnsafeRawBufferPointer,
+        _ value: Range<Int>,
+        into scan: inout FieldScan
+    ) throws {
+        // A list of identical values is one value (RFC 9112 6.3, 5.).
+        var any = false
+        try Self.forEachListElement(raw, value) { (element: Range<Int>) throws in
+            any = true
+            guard element.count <= 18 else { throw HTTPParseError.invalidContentLength }
+            var length = 0
+            for i in element {
+                let digit = raw[i] &- UInt8(ascii: "0")
+                guard digit < 10 else { throw HTTPParseError.invalidContentLength }
+                length = length * 10 + Int(digit)
+            }
+            if let previous = scan.contentLength, previous != length { throw HTTPParseError.conflictingContentLength }
+            scan.contentLength = length
+        }
+        guard any else { throw HTTPParseError.invalidContentLength }
+    }
+
+    private static func transferCodings(_ raw: UnsafeRawBufferPointer, _ value: Range<Int>, into scan: inout FieldScan)
+    {
+        var last: Range<Int>?
+        Self.forEachListElement(raw, value) { coding in
+            last = coding
+            if coding.count == 7, HTTPBytes.equalsLowercased(raw, coding, ("chunked" as StaticString).utf8Start) {
+                scan.chunkedCount += 1
+            }
+        }
+        if let last {
+            scan.transferEncodingChunked =
+                last.count == 7 && HTTPBytes.equalsLowercased(raw, last, ("chunked" as StaticString).utf8Start)
+        } else {
+            scan.transferEncodingChunked = false
+        }
+    }
+
+    /// How the body is delimited (RFC 9112 6.3).
+    private static func body(
+        scan: FieldScan,
+        isRequest: Bool,
+        method: HTTPMethod,
+        status: Int,
+        raw: UnsafeRawBufferPointer
+    ) throws -> HTTPHead.Body {
+        if scan.transferEncoding != nil {
+            if scan.contentLength != nil { throw HTTPParseError.contentLengthWithTransferEncoding }
+        }
+        if !isRequest {
+            switch method {
+            case .HEAD, .CONNECT: return .none
+            default: break
+            }
+            if status < 200 || status == 204 || status == 304 { return .none }
+        }
+        if scan.transferEncoding != nil {
+            if scan.transferEncodingChunked && scan.chunkedCount == 1 { return .chunked }
+            if isRequest { throw HTTPParseError.unsupportedTransferCoding }
+            return .untilClose(transferCoded: true)
+        }
+        if let length = scan.contentLength { return .length(length) }
+        return isRequest ? .none : .untilClose(transferCoded: false)
+    }
+
+    // MARK: chunked bodies
+
+    /// A chunk-size line (`hex [; extensions] CRLF`) at the front of `buffer`, consumed; nil while it is incomplete.
+    private static func readChunkSize(_ buffer: inout ByteBuffer) throws -> Int? {
+        let result = try buffer.withUnsafeReadableBytes { raw throws -> (size: Int, length: Int)? in
+            guard let lf = HTTPBytes.find(HTTPBytes.lf, in: raw, from: 0) else {
+                if raw.count > 4096 { throw HTTPParseError.invalidChunkSize }
+                // Fail early on what cannot start a chunk-size line.
+                if let first = raw.first, Self.hexValue(first) == nil { throw HTTPParseError.invalidChunkSize }
+                return nil
+            }
+            guard lf > 0, raw[lf - 1] == HTTPBytes.cr else { throw HTTPParseError.invalidLineEnding }
+            let lineEnd = lf - 1
+            var size = 0
+            var i = 0
+            while i < lineEnd, let digit = Self.hexValue(raw[i]) {
+                guard i < 15 else { throw HTTPParseError.invalidChunkSize }
+                size = size << 4 | Int(digit)
+                i += 1
+            }
+            guard i > 0 else { throw HTTPParseError.invalidChunkSize }
+            if i < lineEnd {
+                // chunk-ext: BWS ";" ... (names and values are not interpreted, only checked for bad bytes).
+                var j = i
+                while j < lineEnd, HTTPBytes.isBlank(raw[j]) { j += 1 }
+                guard j < lineEnd, raw[j] == UInt8(ascii: ";") else { throw HTTPParseError.invalidChunkSize }
+                for k in j..<lineEnd where !HTTPBytes.isFieldByte(raw[k]) { throw HTTPParseError.invalidChunk }
+            }
+            return (size, lf + 1)
+        }
+        guard let result else { return nil }
+        buffer.moveReaderIndex(forwardBy: result.length)
+        return result.size
+    }
+
+    @inline(__always)
+    private static func hexValue(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
+        default: return nil
+        }
+    }
+
+    /// The trailer section (field lines up to a blank line), consumed; its field lines without the blank line.
+    private mutating func readTrailers(_ buffer: inout ByteBuffer, scanned: Int) throws -> ByteBuffer? {
+        let limits = self.limits
+        let end = try buffer.withUnsafeReadableBytes { raw throws -> Int? in
+            try Self.findEndOfSection(raw, from: scanned, limits: limits, isHead: false)
+        }
+        guard let end else {
+            self.state = .trailers(scanned: Self.completeLines(buffer, from: scanned))
+            return nil
+        }
+        let section = buffer.readSlice(length: end)!
+        let lines = section.getSlice(at: section.readerIndex, length: end - 2)!
+        var scan = FieldScan()
+        try lines.withUnsafeReadableBytes { raw throws in
+            try Self.scanFields(raw, from: 0, end: raw.count, into: &scan)
+        }
+        return lines
+    }
+}
