@@ -1,24 +1,23 @@
 import NIOCore
 import NIOHTTP1
 
-/// Runs NIO's HTTP/1 decoder (llhttp) over a connection's bytes and passes the message parts it produces to the
-/// next handler: what `ByteToMessageHandler` does for it, for this one decoder, without its generic machinery
-/// (whose methods run unspecialised, with type metadata look-ups on every read) and without observing outbound
-/// writes. A response decoder must know the method of the request each response answers (HEAD responses
-/// have no body): the proxy tells it with `expectResponse(to:)` when it sends a request.
+/// What an `HTTPDecodingHandler` hands its parts to: the handler right behind it, called directly (no
+/// pipeline traversal, no boxing of the part in `NIOAny`, no dynamic cast per part).
+protocol HTTPPartReceiver: AnyObject {
+    func receive(_ part: HTTPPart)
+}
+
+/// Runs our HTTP/1.1 parser (`HTTPParser`) over a connection's bytes and hands the message parts it produces
+/// to the receiver behind it. A response decoder must know the method of the request each response answers
+/// (HEAD responses have no body): the proxy tells it with `expectResponse(to:)` when it sends a request.
 ///
-/// As `ByteToMessageHandler`: bytes the parser has not consumed yet (a head split over reads) are kept for the
-/// next read; the end of input (half-close, close) is given to the decoder as EOF, after the read in progress
-/// if it arrives during one; an error is passed on once and the bytes after it dropped; removal (after an
-/// upgrade) waits for the current read, then hands the bytes the parser left to the next handler.
+/// Bytes the parser has not consumed yet (a head split over reads) are kept for the next read; the end of
+/// input (half-close, close) is given to the parser, after the read in progress if it arrives during one; an
+/// error is passed on (`fireErrorCaught`) once and the bytes after it dropped; removal (after an upgrade)
+/// waits for the current read, then hands the bytes the parser left to the next handler.
 final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
-
-    private enum Decoder {
-        case request(HTTPRequestDecoder)
-        case response(HTTPResponseDecoder)
-    }
 
     private enum State {
         case active
@@ -26,7 +25,9 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
         case done
     }
 
-    private let decoder: Decoder
+    private var parser: HTTPParser
+    /// Set by the handler behind this one when it is added; cleared on removal (it holds this handler too).
+    var receiver: (any HTTPPartReceiver)?
     private var state = State.active
     /// Bytes not consumed by the parser yet, or that arrived while it was busy.
     private var held: ByteBuffer?
@@ -35,46 +36,27 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
     private var removing = false
 
     /// A request decoder (the client side).
-    init(requestLimits: NIOHTTPDecoderLimitConfiguration) {
-        self.decoder = .request(
-            HTTPRequestDecoder(
-                leftOverBytesStrategy: .forwardBytes,
-                informationalResponseStrategy: .drop,
-                limitConfiguration: requestLimits
-            )
-        )
+    init(requestLimits: HTTPParser.Limits) {
+        self.parser = HTTPParser(kind: .request, limits: requestLimits)
     }
 
     /// A response decoder (the upstream side).
     init() {
-        self.decoder = .response(
-            HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .forward)
-        )
+        self.parser = HTTPParser(kind: .response)
     }
 
     /// Parts come from a read of the connection (its `channelReadComplete` follows), not from its end.
     var isDecodingRead: Bool { self.decoding }
 
-    /// The response decoder: a request with `head`'s method was sent, its response comes next in order.
-    func expectResponse(to head: HTTPRequestHead) {
-        guard case .response(let decoder) = self.decoder else { return }
-        decoder.write(data: .head(head))
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        switch self.decoder {
-        case .request(let decoder): decoder.decoderAdded(context: context)
-        case .response(let decoder): decoder.decoderAdded(context: context)
-        }
+    /// The response decoder: a request with `method` was sent, its response comes next.
+    func expectResponse(to method: HTTPMethod) {
+        self.parser.expectResponse(to: method)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.state = .done
         self.held = nil
-        switch self.decoder {
-        case .request(let decoder): decoder.decoderRemoved(context: context)
-        case .response(let decoder): decoder.decoderRemoved(context: context)
-        }
+        self.receiver = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -84,22 +66,23 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
             held.writeBuffer(&buffer)
             buffer = held
         }
-        guard !self.decoding, !self.removing else {
-            // Re-entered, or on the way out: kept for later.
+        guard !self.decoding, !self.removing, !self.parser.isPaused else {
+            // Re-entered, on the way out, or after an upgrade: kept for later.
             self.held = buffer
             return
         }
         self.decoding = true
         while true {
             do {
-                try self.decode(context: context, buffer: &buffer)
+                try self.parse(&buffer)
             } catch {
                 self.decoding = false
                 self.fail(error, context: context)
                 return
             }
             // More bytes that came in meanwhile (re-entrantly) go after what is left of these.
-            guard case .active = self.state, !self.removing, var more = self.held.take() else { break }
+            guard case .active = self.state, !self.removing, !self.parser.isPaused, var more = self.held.take()
+            else { break }
             buffer.writeBuffer(&more)
         }
         self.decoding = false
@@ -138,10 +121,12 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
 
     // MARK: decoding
 
-    private func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws {
-        switch self.decoder {
-        case .request(let decoder): _ = try decoder.decode(context: context, buffer: &buffer)
-        case .response(let decoder): _ = try decoder.decode(context: context, buffer: &buffer)
+    /// Hands the parts in `buffer` to the receiver, one at a time (the parser is not being accessed while the
+    /// receiver runs: it may tell it what response to expect next).
+    @inline(__always)
+    private func parse(_ buffer: inout ByteBuffer) throws {
+        while let receiver = self.receiver, let part = try self.parser.next(&buffer) {
+            receiver.receive(part)
         }
     }
 
@@ -154,16 +139,20 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
         }
     }
 
-    /// The decoder's last call: what is held, then EOF (`seenEOF`) or the leftover bytes passed on (removal).
+    /// The last call: what is held is parsed, then the end of input (`seenEOF`), or the bytes left (after an
+    /// upgrade) go to the next handler (removal).
     private func decodeLast(context: ChannelHandlerContext, seenEOF: Bool) {
         guard case .active = self.state else { return }
         self.state = .done
         var buffer = self.held.take() ?? context.channel.allocator.buffer(capacity: 0)
         do {
-            switch self.decoder {
-            case .request(let decoder): _ = try decoder.decodeLast(context: context, buffer: &buffer, seenEOF: seenEOF)
-            case .response(let decoder):
-                _ = try decoder.decodeLast(context: context, buffer: &buffer, seenEOF: seenEOF)
+            if seenEOF {
+                try self.parse(&buffer)
+                try self.parser.finish(&buffer)
+                try self.parse(&buffer)
+            } else {
+                if !self.parser.isPaused { try self.parse(&buffer) }
+                if buffer.readableBytes > 0 { context.fireChannelRead(NIOAny(buffer)) }
             }
         } catch {
             context.fireErrorCaught(error)

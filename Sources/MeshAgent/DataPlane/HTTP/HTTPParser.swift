@@ -111,8 +111,10 @@ final class HTTPHead {
     let connectionUpgrade: Bool
     /// Connection lists a token other than close, keep-alive and upgrade (a field name to drop).
     let connectionNamesOthers: Bool
-    /// The index of the first Upgrade field.
+    /// The index of the first Upgrade, X-Request-Id and X-Forwarded-For field.
     let upgradeField: Int?
+    let requestIDField: Int?
+    let forwardedForField: Int?
     /// A hop-by-hop field (RFC 9110 7.6.1) is present, Connection included.
     let hasHopByHop: Bool
 
@@ -142,6 +144,8 @@ final class HTTPHead {
         self.connectionUpgrade = scan.connectionUpgrade
         self.connectionNamesOthers = scan.connectionNamesOthers
         self.upgradeField = scan.upgradeField
+        self.requestIDField = scan.requestIDField
+        self.forwardedForField = scan.forwardedForField
         self.hasHopByHop = scan.hasHopByHop
     }
 
@@ -225,7 +229,11 @@ enum HTTPBytes {
     @inline(__always)
     static func isBlank(_ byte: UInt8) -> Bool { byte == Self.space || byte == Self.tab }
 
-    static func equalsLowercased(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>, _ lower: UnsafePointer<UInt8>)
+    static func equalsLowercased(
+        _ raw: UnsafeRawBufferPointer,
+        _ range: Range<Int>,
+        _ lower: UnsafePointer<UInt8>
+    )
         -> Bool
     {
         var i = 0
@@ -246,7 +254,7 @@ enum HTTPBytes {
 }
 
 /// What one pass over a head's field lines found.
-fileprivate struct FieldScan {
+private struct FieldScan {
     var fields: [HTTPHead.Field] = []
     var fieldBytes = 0
     var contentLength: Int?
@@ -259,6 +267,8 @@ fileprivate struct FieldScan {
     var connectionUpgrade = false
     var connectionNamesOthers = false
     var upgradeField: Int?
+    var requestIDField: Int?
+    var forwardedForField: Int?
     var hasHopByHop = false
 }
 
@@ -345,25 +355,38 @@ struct HTTPParser {
         return false
     }
 
-    /// Delivers the parts in `buffer` to `emit`, consuming their bytes; bytes of an incomplete head, chunk-size
-    /// line or trailer section stay in `buffer` for the next call (with more appended). Throws on the first
-    /// malformed byte; the parser is then finished.
-    mutating func parse(_ buffer: inout ByteBuffer, _ emit: (HTTPPart) -> Void) throws {
+    /// The next part in `buffer`, consuming its bytes; nil when more bytes are needed (those of an incomplete
+    /// head, chunk-size line or trailer section stay in `buffer` for the next call, with more appended).
+    /// Throws on the first malformed byte; the parser is then finished. One part at a time, so that the code
+    /// handling a part may use the parser again (`expectResponse`) before the next one is parsed.
+    mutating func next(_ buffer: inout ByteBuffer) throws -> HTTPPart? {
+        if let part = self.ready.take() {
+            self.ready = self.readyNext.take()
+            return part
+        }
         do {
-            try self.run(&buffer, emit)
+            try self.run(&buffer)
         } catch {
             self.state = .failed
             throw error
         }
+        let part = self.ready.take()
+        self.ready = self.readyNext.take()
+        return part
     }
 
-    /// The end of input: ends a body delimited by it, or throws when a message was cut off.
-    mutating func finish(_ buffer: inout ByteBuffer, _ emit: (HTTPPart) -> Void) throws {
-        try self.parse(&buffer, emit)
+    /// Every part in `buffer`, to `emit` (see `next`).
+    mutating func parse(_ buffer: inout ByteBuffer, _ emit: (HTTPPart) -> Void) throws {
+        while let part = try self.next(&buffer) { emit(part) }
+    }
+
+    /// The end of input: ends a body delimited by it (one more `.end` from `next`), or throws when a message
+    /// was cut off. Call after `next` returned nil.
+    mutating func finish(_ buffer: inout ByteBuffer) throws {
         switch self.state {
         case .untilClose:
             self.state = .failed
-            emit(.end(nil))
+            self.push(.end(nil))
         case .head(let scanned) where scanned == 0 && buffer.readableBytes == 0:
             self.state = .failed
         case .paused, .failed:
@@ -374,18 +397,33 @@ struct HTTPParser {
         }
     }
 
-    private mutating func run(_ buffer: inout ByteBuffer, _ emit: (HTTPPart) -> Void) throws {
-        while buffer.readableBytes > 0 {
+    /// `parse`, then `finish` and the part it may add.
+    mutating func finish(_ buffer: inout ByteBuffer, _ emit: (HTTPPart) -> Void) throws {
+        try self.parse(&buffer, emit)
+        try self.finish(&buffer)
+        while let part = try self.next(&buffer) { emit(part) }
+    }
+
+    /// Parts produced and not returned yet (a step produces at most two: a head and the end of its empty body).
+    private var ready: HTTPPart?
+    private var readyNext: HTTPPart?
+
+    private mutating func push(_ part: HTTPPart) {
+        if self.ready == nil { self.ready = part } else { self.readyNext = part }
+    }
+
+    private mutating func run(_ buffer: inout ByteBuffer) throws {
+        while self.ready == nil, buffer.readableBytes > 0 {
             switch self.state {
             case .head(let scanned):
                 guard let head = try self.readHead(&buffer, scanned: scanned) else { return }
-                emit(.head(head))
-                self.startBody(of: head, emit)
+                self.push(.head(head))
+                self.startBody(of: head)
             case .length(let remaining):
                 let count = min(remaining, buffer.readableBytes)
-                emit(.body(buffer.readSlice(length: count)!))
+                self.push(.body(buffer.readSlice(length: count)!))
                 if count == remaining {
-                    self.endMessage(nil, emit)
+                    self.endMessage(nil)
                 } else {
                     self.state = .length(remaining: remaining - count)
                 }
@@ -394,29 +432,33 @@ struct HTTPParser {
                 self.state = size == 0 ? .trailers(scanned: 0) : .chunkData(remaining: size)
             case .chunkData(let remaining):
                 let count = min(remaining, buffer.readableBytes)
-                emit(.body(buffer.readSlice(length: count)!))
+                self.push(.body(buffer.readSlice(length: count)!))
                 self.state = count == remaining ? .chunkEnd : .chunkData(remaining: remaining - count)
             case .chunkEnd:
                 guard buffer.readableBytes >= 2 else {
-                    if buffer.readableBytes == 1, buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) != HTTPBytes.cr {
+                    if buffer.readableBytes == 1,
+                        buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) != HTTPBytes.cr
+                    {
                         throw HTTPParseError.invalidChunk
                     }
                     return
                 }
-                guard buffer.readInteger(endianness: .big, as: UInt16.self) == 0x0d0a else { throw HTTPParseError.invalidChunk }
+                guard buffer.readInteger(endianness: .big, as: UInt16.self) == 0x0d0a else {
+                    throw HTTPParseError.invalidChunk
+                }
                 self.state = .chunkSize
             case .trailers(let scanned):
                 guard let trailers = try self.readTrailers(&buffer, scanned: scanned) else { return }
-                self.endMessage(trailers.readableBytes == 0 ? nil : trailers, emit)
+                self.endMessage(trailers.readableBytes == 0 ? nil : trailers)
             case .untilClose:
-                emit(.body(buffer.readSlice(length: buffer.readableBytes)!))
+                self.push(.body(buffer.readSlice(length: buffer.readableBytes)!))
             case .paused, .failed:
                 return
             }
         }
     }
 
-    private mutating func startBody(of head: HTTPHead, _ emit: (HTTPPart) -> Void) {
+    private mutating func startBody(of head: HTTPHead) {
         if head.isRequest {
             self.pauseAfterMessage = head.isUpgradeRequest
             if case .CONNECT = head.method {
@@ -426,21 +468,21 @@ struct HTTPParser {
         } else {
             let code = head.status
             if code == 101 || (code / 100 == 2 && Self.isConnect(head.method)) {
-                emit(.end(nil))
+                self.push(.end(nil))
                 self.state = .paused
                 return
             }
             if code < 200 {
                 // An interim response: the final one follows.
-                emit(.end(nil))
+                self.push(.end(nil))
                 self.state = .head(scanned: 0)
                 return
             }
         }
         switch head.body {
-        case .none: self.endMessage(nil, emit)
+        case .none: self.endMessage(nil)
         case .length(let count):
-            if count == 0 { self.endMessage(nil, emit) } else { self.state = .length(remaining: count) }
+            if count == 0 { self.endMessage(nil) } else { self.state = .length(remaining: count) }
         case .chunked: self.state = .chunkSize
         case .untilClose: self.state = .untilClose
         }
@@ -451,10 +493,10 @@ struct HTTPParser {
         return false
     }
 
-    private mutating func endMessage(_ trailers: ByteBuffer?, _ emit: (HTTPPart) -> Void) {
+    private mutating func endMessage(_ trailers: ByteBuffer?) {
         self.state = self.pauseAfterMessage ? .paused : .head(scanned: 0)
         self.pauseAfterMessage = false
-        emit(.end(trailers))
+        self.push(.end(trailers))
     }
 
     // MARK: heads
@@ -512,11 +554,15 @@ struct HTTPParser {
             guard lf > lineStart, raw[lf - 1] == HTTPBytes.cr else { throw HTTPParseError.invalidLineEnding }
             if lf - 1 == lineStart { return lf + 1 }  // the blank line
             if lineStart > 0, HTTPBytes.isBlank(raw[lineStart]) { throw HTTPParseError.obsoleteLineFolding }
-            if lf - lineStart > limits.fieldBytes { throw lineStart == 0 && isHead ? HTTPParseError.headTooLarge : HTTPParseError.fieldTooLarge }
+            if lf - lineStart > limits.fieldBytes {
+                throw lineStart == 0 && isHead ? HTTPParseError.headTooLarge : HTTPParseError.fieldTooLarge
+            }
             if lf + 1 > limits.headBytes { throw HTTPParseError.headTooLarge }
             lineStart = lf + 1
         }
-        if raw.count - lineStart > limits.fieldBytes { throw lineStart == 0 && isHead ? HTTPParseError.headTooLarge : HTTPParseError.fieldTooLarge }
+        if raw.count - lineStart > limits.fieldBytes {
+            throw lineStart == 0 && isHead ? HTTPParseError.headTooLarge : HTTPParseError.fieldTooLarge
+        }
         if raw.count > limits.headBytes { throw HTTPParseError.headTooLarge }
         return nil
     }
@@ -645,7 +691,9 @@ struct HTTPParser {
             }
             var valueStart = colon + 1
             var valueEnd = lineEnd
-            for i in valueStart..<valueEnd where !HTTPBytes.isFieldByte(raw[i]) { throw HTTPParseError.invalidFieldValue }
+            for i in valueStart..<valueEnd where !HTTPBytes.isFieldByte(raw[i]) {
+                throw HTTPParseError.invalidFieldValue
+            }
             while valueStart < valueEnd, HTTPBytes.isBlank(raw[valueStart]) { valueStart += 1 }
             while valueEnd > valueStart, HTTPBytes.isBlank(raw[valueEnd - 1]) { valueEnd -= 1 }
             let field = HTTPHead.Field(name: lineStart..<colon, value: valueStart..<valueEnd)
@@ -683,8 +731,12 @@ struct HTTPParser {
             } else if named("keep-alive") {
                 scan.hasHopByHop = true
             }
+        case 12:
+            if scan.requestIDField == nil, named("x-request-id") { scan.requestIDField = index }
         case 14:
             if named("content-length") { try Self.contentLength(raw, field.value, into: &scan) }
+        case 15:
+            if scan.forwardedForField == nil, named("x-forwarded-for") { scan.forwardedForField = index }
         case 16:
             if named("proxy-connection") { scan.hasHopByHop = true }
         case 17:
@@ -721,7 +773,8 @@ struct HTTPParser {
         }
     }
 
-    private static func connectionTokens(_ raw: UnsafeRawBufferPointer, _ value: Range<Int>, into scan: inout FieldScan) {
+    private static func connectionTokens(_ raw: UnsafeRawBufferPointer, _ value: Range<Int>, into scan: inout FieldScan)
+    {
         Self.forEachListElement(raw, value) { token in
             switch token.count {
             case 5 where HTTPBytes.equalsLowercased(raw, token, ("close" as StaticString).utf8Start):

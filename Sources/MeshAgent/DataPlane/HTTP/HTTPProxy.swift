@@ -7,38 +7,25 @@ import NIOPosix
 /// The L7 HTTP/1.1 proxy for `http` routes.
 enum HTTPProxy {
     /// Sets up one accepted client connection (inside the child channel initialiser, on its loop): the
-    /// request decoder (llhttp) with the header limits, and the proxy handler, which writes responses as bytes
+    /// request decoder (`HTTPParser`) with the header limits, and the proxy handler, which writes responses as bytes
     /// it serialises itself (`HTTPWire`), answers parse errors (400/431), holds pipelined requests back until
     /// the one in flight is answered, and quiesces. Two handlers only: every handler between the socket and
     /// the proxy costs a hop (and a dynamic cast of the boxed message) for every part of every message.
     static func initialize(channel: any Channel, handle: RouteHandle, environment: ProxyEnvironment) throws {
         let configuration = environment.configuration.http
-        var limits = NIOHTTPDecoderLimitConfiguration()
-        limits.maxHeaderListSize = configuration.maxHeaderListSize
-        limits.maxHeaderFieldSize = configuration.maxHeaderFieldSize
-        let decoder = HTTPDecodingHandler(requestLimits: limits)
+        let decoder = HTTPDecodingHandler(
+            requestLimits: HTTPParser.Limits(
+                headBytes: configuration.maxHeaderListSize,
+                fieldBytes: configuration.maxHeaderFieldSize
+            )
+        )
         let proxy = HTTPProxyHandler(handle: handle, environment: environment, decoder: decoder)
+        decoder.receiver = proxy
         let sync = channel.pipeline.syncOperations
         try sync.addHandler(decoder)
         try sync.addHandler(proxy)
         handle.connectionOpened()
         channel.closeFuture.whenComplete { _ in handle.connectionClosed() }
-    }
-
-    /// Whether a comma-separated header value holds `token` (ASCII case-insensitive, spaces trimmed).
-    static func listContainsToken(_ value: String, _ token: String) -> Bool {
-        for item in value.utf8.split(separator: UInt8(ascii: ",")) {
-            var element = item[...]
-            let blank = { (byte: UInt8) in byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") }
-            while let first = element.first, blank(first) { element = element.dropFirst() }
-            while let last = element.last, blank(last) { element = element.dropLast() }
-            if element.count == token.utf8.count,
-                zip(element, token.utf8).allSatisfy({ asciiLower($0) == asciiLower($1) })
-            {
-                return true
-            }
-        }
-        return false
     }
 
     static func isIdempotent(_ method: HTTPMethod) -> Bool {
@@ -52,19 +39,20 @@ enum HTTPProxy {
 /// The client side of one HTTP connection: takes each request, picks a backend for it, borrows a pooled
 /// upstream connection of this event loop (or opens one), streams the request body up and the response
 /// body down with back-pressure both ways, retries what may be retried, and answers 502/503/504 itself.
-final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPServerRequestPart
+final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, HTTPPartReceiver {
+    /// (Parts come from the decoder by direct call, `receive(_:)`; bytes only after an upgrade, for the glue.)
+    typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     /// One request/response exchange.
     private final class Exchange {
         /// The request head as the client sent it.
-        let head: HTTPRequestHead
+        let head: HTTPHead
         /// The request head as it goes upstream (serialised once, sent again on a retry).
         let upstreamHead: ByteBuffer
-        /// The request body goes up chunked (as it came: llhttp takes a request with Transfer-Encoding only
-        /// when its final coding is chunked); otherwise as it came, by Content-Length, or there is none.
+        /// The request body goes up chunked (as it came: the parser takes a request with Transfer-Encoding
+        /// only when its final coding is chunked); otherwise as it came, by Content-Length, or there is none.
         let chunkedRequest: Bool
         /// How the response body goes to the client.
         var responseFraming = HTTPWire.Framing.raw
@@ -75,7 +63,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let hash: UInt64
         var pendingBody: [ByteBuffer] = []
         /// The request's trailers, when it ended before it could be sent.
-        var pendingTrailers: HTTPHeaders?
+        var pendingTrailers: ByteBuffer?
         /// The client sent `.end`.
         var requestEnded = false
         /// `.end` went upstream.
@@ -102,10 +90,10 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var upstreamStarted = NIODeadline.uptimeNanoseconds(0)
         var connectTimedOut = false
         /// A 101 arrived for an upgrade request; the switch happens at its `.end` (the decoder's last part).
-        var upgradeResponse: HTTPResponseHead?
+        var upgradeResponse: HTTPHead?
 
         init(
-            head: HTTPRequestHead,
+            head: HTTPHead,
             upstreamHead: ByteBuffer,
             chunkedRequest: Bool,
             keepAlive: Bool,
@@ -139,7 +127,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// What arrived from the client behind a request still in flight (pipelining), replayed in order once it
     /// is answered.
     private enum Queued {
-        case part(HTTPServerRequestPart)
+        case part(HTTPPart)
         case inputClosed
         case error(any Error)
     }
@@ -233,7 +221,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        guard error is HTTPParserError else {
+        guard error is HTTPParseError else {
             // A reset or the like: the connection is over.
             context.close(promise: nil)
             return
@@ -263,11 +251,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             self.abandon(exchange)
         }
         self.state = .closed
-        guard !responseUnderWay, let parserError = error as? HTTPParserError else {
+        guard !responseUnderWay, let parserError = error as? HTTPParseError else {
             context.close(promise: nil)
             return
         }
-        let status: HTTPResponseStatus = parserError == .headerOverflow ? .requestHeaderFieldsTooLarge : .badRequest
+        let status: HTTPResponseStatus = parserError.isTooLarge ? .requestHeaderFieldsTooLarge : .badRequest
         Self.writeStatusResponse(
             context: context,
             status: status,
@@ -344,7 +332,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let part = self.unwrapInboundIn(data)
+        context.fireChannelRead(data)
+    }
+
+    /// A part of a request, from the decoder.
+    func receive(_ part: HTTPPart) {
+        guard let context = self.context else { return }
         guard self.queued.isEmpty else {
             self.queued.append(.part(part))
             return
@@ -353,7 +346,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     /// (Nested switches rather than one over a (state, part) tuple: the tuple copied both, head included.)
-    private func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+    private func handle(_ part: HTTPPart, context: ChannelHandlerContext) {
         switch part {
         case .head(let head):
             switch self.state {
@@ -457,60 +450,42 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     // MARK: request
 
-    private func start(_ requestHead: HTTPRequestHead, context: ChannelHandlerContext) {
+    private func start(_ requestHead: HTTPHead, context: ChannelHandlerContext) {
+        if case .CONNECT = requestHead.method {
+            // A tunnel request: not what a service route is for (and what follows it is not HTTP).
+            self.metrics.error(.badRequest)
+            self.state = .closed
+            Self.writeStatusResponse(
+                context: context,
+                status: .notImplemented,
+                reason: "CONNECT is not supported",
+                keepAlive: false
+            )
+            return
+        }
         self.servedRequests += 1
         self.handle.stats.requests.add(1, ordering: .relaxed)
         self.handle.stats.activeRequests.add(1, ordering: .relaxed)
         self.metrics.requests.increment()
 
-        // One pass over the headers for everything the proxy looks at (usually none of them is there).
-        var connectionUpgrade = false
-        var upgradeValue: String?
-        var hopByHop = false
-        var forwardedFor: String?
-        var hasRequestID = false
-        var chunked = false
-        var headerBytes = 0
-        for (name, value) in requestHead.headers {
-            let nameBytes = name.utf8.count
-            headerBytes += HTTPWire.headerLineBytes(nameBytes: nameBytes, valueBytes: value.utf8.count)
-            switch nameBytes {
-            case 7 where upgradeValue == nil && name.equalsLowercased("upgrade"):
-                upgradeValue = value
-                hopByHop = true
-            case 10 where name.equalsLowercased("connection"):
-                hopByHop = true
-                connectionUpgrade = connectionUpgrade || HTTPProxy.listContainsToken(value, "upgrade")
-            case 12 where !hasRequestID && name.equalsLowercased("x-request-id"):
-                hasRequestID = true
-            case 15 where forwardedFor == nil && name.equalsLowercased("x-forwarded-for"):
-                forwardedFor = value
-            case 17 where name.equalsLowercased("transfer-encoding"):
-                chunked = true
-            default:
-                hopByHop = hopByHop || HTTPWire.isHopByHopName(name)
-            }
-        }
-        let isUpgrade = connectionUpgrade && upgradeValue != nil
-        // The head goes upstream as HTTP/1.1, without hop-by-hop headers, with the upgrade's own, the client's
-        // address in X-Forwarded-For and a request id added: serialised here, once.
+        // The parser noted every field the proxy looks at. The head goes upstream as HTTP/1.1, without
+        // hop-by-hop fields, with the upgrade's own, the client's address in X-Forwarded-For and a request id
+        // added: serialised here, once.
+        let isUpgrade = requestHead.isUpgradeRequest
         var edits = HTTPWire.RequestEdits()
-        if hopByHop { edits.hopByHop = HTTPWire.HopByHop(requestHead.headers) }
-        if isUpgrade { edits.upgrade = upgradeValue }
+        if requestHead.hasHopByHop { edits.hopByHop = HTTPWire.HopByHop(requestHead) }
+        if isUpgrade { edits.upgrade = requestHead.upgradeField }
         if self.configuration.addForwardedFor, let ip = self.clientIPText {
             edits.forwardedFor = ip
-            edits.priorForwardedFor = forwardedFor
+            edits.priorForwardedFor = requestHead.forwardedForField
         }
-        if self.configuration.addRequestID, !hasRequestID { edits.requestID = (self.rng.next(), self.rng.next()) }
+        if self.configuration.addRequestID, requestHead.requestIDField == nil {
+            edits.requestID = (self.rng.next(), self.rng.next())
+        }
         let exchange = Exchange(
             head: requestHead,
-            upstreamHead: HTTPWire.requestHead(
-                requestHead,
-                edits: edits,
-                headerBytes: headerBytes,
-                allocator: self.allocator
-            ),
-            chunkedRequest: chunked,
+            upstreamHead: HTTPWire.requestHead(requestHead, edits: edits, allocator: self.allocator),
+            chunkedRequest: requestHead.body == .chunked,
             keepAlive: requestHead.isKeepAlive && !isUpgrade,
             isUpgrade: isUpgrade,
             hash: self.hashKey(requestHead)
@@ -519,13 +494,13 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.dispatch(exchange)
     }
 
-    private func hashKey(_ head: HTTPRequestHead) -> UInt64 {
+    private func hashKey(_ head: HTTPHead) -> UInt64 {
         guard self.handle.hashesRequests, case .consistentHash(let key) = self.handle.policy else { return 0 }
         switch key {
         case .header(let name):
-            if let value = head.headers.first(name: name) { return StableHash.hash(value) }
+            if let value = head.first(name: name) { return StableHash.hash(value) }
         case .cookie(let name):
-            for header in head.headers[canonicalForm: "cookie"] {
+            for header in head.values(name: "cookie") {
                 for pair in header.split(separator: ";") {
                     let kv = pair.split(separator: "=", maxSplits: 1)
                     if kv.count == 2, kv[0].trimmingSpaces == name[...] { return StableHash.hash(kv[1].trimmingSpaces) }
@@ -604,7 +579,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange.upstream = connection
         connection.handler.owner = self
         let handler = connection.handler
-        handler.sendHead(exchange.upstreamHead, for: exchange.head)
+        handler.sendHead(exchange.upstreamHead, method: exchange.method)
         exchange.headSent = true
         for buffer in exchange.pendingBody {
             handler.sendBody(buffer, chunked: exchange.chunkedRequest)
@@ -654,12 +629,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     // MARK: response (called by UpstreamHTTPHandler)
 
-    func upstreamRead(_ part: HTTPClientResponsePart, from connection: UpstreamConnection) {
+    func upstreamRead(_ part: HTTPPart, from connection: UpstreamConnection) {
         guard case .active(let exchange) = self.state, exchange.upstream === connection, let context = self.context
         else { return }
         switch part {
-        case .head(let response)
-        where (100..<200).contains(response.status.code) && response.status != .switchingProtocols:
+        case .head(let response) where response.status < 200 && response.status != 101:
             // 100 Continue and friends: passed on (not to an HTTP/1.0 client), the final response follows.
             guard exchange.clientVersion != .http1_0 else { return }
             Self.writeUnedited(response, context: context)
@@ -668,7 +642,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             self.metrics.upstreamLatency.recordNanoseconds(
                 (NIODeadline.now() - exchange.upstreamStarted).nanoseconds
             )
-            let failed = response.status.code >= 500 && self.environment.configuration.outlier.countHTTP5xx
+            let failed = response.status >= 500 && self.environment.configuration.outlier.countHTTP5xx
             if let pick = exchange.pick {
                 if failed || exchange.isUpgrade || !exchange.pickInFlight {
                     self.handle.report(pick, outcome: failed ? .failure : .success)
@@ -676,7 +650,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
                     exchange.successPending = true
                 }
             }
-            if exchange.isUpgrade && response.status == .switchingProtocols {
+            if exchange.isUpgrade && response.status == 101 {
                 exchange.upgradeResponse = response
                 return
             }
@@ -685,13 +659,17 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
             exchange.responseHeadSent = true
             self.clientOut.queue(head, context: context)
         case .body(let buffer):
-            guard exchange.upgradeResponse == nil else { return }
+            guard exchange.upgradeResponse == nil, exchange.responseHeadSent else { return }
             switch exchange.responseFraming {
             case .raw: self.clientOut.queue(buffer, context: context)
             case .chunked: self.clientOut.queueChunk(buffer, context: context)
             case .none: break
             }
         case .end(let trailers):
+            guard exchange.responseHeadSent || exchange.upgradeResponse != nil else {
+                // The end of an interim (1xx) response: the final one follows.
+                return
+            }
             if let response = exchange.upgradeResponse {
                 self.upgrade(exchange, response: response, context: context)
                 return
@@ -725,21 +703,20 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// upstream connection is chunked for an HTTP/1.1 client (which keeps its connection), an HTTP/1.0
     /// client gets bodies unchunked and the connection closed behind them.
     private func clientResponseHead(
-        _ response: HTTPResponseHead,
+        _ response: HTTPHead,
         exchange: Exchange,
         allocator: ByteBufferAllocator
     ) -> ByteBuffer {
-        let scan = HTTPWire.ResponseScan(response.headers)
-        var edits = HTTPWire.ResponseEdits(hopByHop: scan.hopByHop)
+        var edits = HTTPWire.ResponseEdits(hopByHop: HTTPWire.HopByHop(response))
         let http10 = exchange.clientVersion == .http1_0
         var framing = HTTPWire.Framing.raw
-        switch HTTPWire.responseBody(status: response.status, requestMethod: exchange.method, scan: scan) {
+        switch response.body {
         case .none:
             // (A response to HEAD, or a 304, may say how a full body would be framed: Transfer-Encoding is left
-            // out all the same, as NIO's encoder did; Content-Length stays.)
+            // out all the same; Content-Length stays.)
             framing = .none
             edits.dropTransferEncoding = true
-        case .contentLength:
+        case .length:
             edits.dropTransferEncoding = http10
         case .chunked:
             if http10 {
@@ -767,10 +744,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         return HTTPWire.responseHead(
             version: http10 ? .http1_0 : .http1_1,
-            status: response.status,
-            headers: response.headers,
+            response,
             edits: edits,
-            scan: scan,
             allocator: allocator,
             reserving: framing == .none ? 0 : 512
         )
@@ -873,8 +848,12 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         // The rest of the request is read and dropped when it is small; a large one would cost more than a
         // new connection: close instead.
-        let length = exchange.head.headers.first(name: "content-length").flatMap { Int($0) }
-        let smallRest = !exchange.head.headers.contains(name: "transfer-encoding") && (length ?? 0) <= 64 * 1024
+        let smallRest: Bool
+        switch exchange.head.body {
+        case .none: smallRest = true
+        case .length(let length): smallRest = length <= 64 * 1024
+        case .chunked, .untilClose: smallRest = false
+        }
         let keepAlive = exchange.keepAlive && (exchange.requestEnded || smallRest)
         exchange.responseHeadSent = true
         exchange.responseEnded = true
@@ -903,15 +882,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     /// Writes a response head to the client as the backend sent it (a 1xx, or the 101 of an upgrade).
-    private static func writeUnedited(_ response: HTTPResponseHead, context: ChannelHandlerContext) {
-        let head = HTTPWire.responseHead(
-            version: .http1_1,
-            status: response.status,
-            headers: response.headers,
-            edits: HTTPWire.ResponseEdits(),
-            allocator: context.channel.allocator
-        )
-        context.writeAndFlush(NIOAny(head), promise: nil)
+    private static func writeUnedited(_ response: HTTPHead, context: ChannelHandlerContext) {
+        context.writeAndFlush(NIOAny(response.bytes), promise: nil)
     }
 
     static func writeStatusResponse(
@@ -1000,7 +972,7 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// The backend accepted the upgrade: forward the 101, then turn both connections into a byte tunnel
     /// (the TCP glue), leaving HTTP behind.
-    private func upgrade(_ exchange: Exchange, response: HTTPResponseHead, context: ChannelHandlerContext) {
+    private func upgrade(_ exchange: Exchange, response: HTTPHead, context: ChannelHandlerContext) {
         guard let upstream = exchange.upstream else { return }
         exchange.responseHeadSent = true
         exchange.responseEnded = true

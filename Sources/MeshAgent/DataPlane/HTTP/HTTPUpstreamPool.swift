@@ -114,6 +114,7 @@ final class LoopPool {
     ) -> EventLoopFuture<UpstreamConnection> {
         let configuration = self.configuration
         let handler = UpstreamHTTPHandler(decoder: HTTPDecodingHandler())
+        handler.decoder.receiver = handler
         let bound = NIOLoopBound(handler, eventLoop: loop)
         return ClientBootstrap(group: loop)
             .connectTimeout(configuration.connectTimeout)
@@ -123,7 +124,7 @@ final class LoopPool {
             )
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    // The response decoder (llhttp) and the handler; requests go out as bytes (`HTTPWire`).
+                    // The response decoder (`HTTPParser`) and the handler; requests go out as bytes (`HTTPWire`).
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(bound.value.decoder)
                     try sync.addHandler(bound.value)
@@ -271,8 +272,9 @@ private final class IdleList {
 /// The last handler of an upstream connection: sends requests (serialised heads, framed bodies), hands
 /// response parts to the client connection that owns the exchange, and holds reading while that client cannot
 /// take more.
-final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPClientResponsePart
+final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler, HTTPPartReceiver {
+    /// (Parts come from the decoder by direct call, `receive(_:)`; bytes only after an upgrade, for the glue.)
+    typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -301,10 +303,10 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.context = nil
     }
 
-    /// A serialised request head for a request with `head`'s method (the decoder expects its response).
-    func sendHead(_ bytes: ByteBuffer, for head: HTTPRequestHead) {
+    /// A serialised request head for a request with `method` (the decoder expects its response).
+    func sendHead(_ bytes: ByteBuffer, method: HTTPMethod) {
         guard let context = self.context else { return }
-        self.decoder.expectResponse(to: head)
+        self.decoder.expectResponse(to: method)
         self.out.queue(bytes, context: context)
     }
 
@@ -317,7 +319,7 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    func sendEnd(trailers: HTTPHeaders?, chunked: Bool) {
+    func sendEnd(trailers: ByteBuffer?, chunked: Bool) {
         guard chunked, let context = self.context else { return }
         self.out.queueLastChunk(trailers: trailers, context: context)
     }
@@ -338,12 +340,17 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        context.fireChannelRead(data)
+    }
+
+    /// A part of a response, from the decoder.
+    func receive(_ part: HTTPPart) {
         guard let owner = self.owner, let connection = self.connection else {
             // A response nobody asked for (or after the exchange ended): the connection is unusable.
-            context.close(promise: nil)
+            self.context?.close(promise: nil)
             return
         }
-        owner.upstreamRead(self.unwrapInboundIn(data), from: connection)
+        owner.upstreamRead(part, from: connection)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {

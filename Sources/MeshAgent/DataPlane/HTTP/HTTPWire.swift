@@ -1,15 +1,14 @@
 import NIOCore
 import NIOHTTP1
 
-/// HTTP/1.1 serialisation for the proxy: request and response heads written straight into one buffer (no NIO
-/// encoder in the pipelines), with the proxy's edits applied on the way (hop-by-hop headers left out,
-/// X-Forwarded-For / X-Request-Id / Connection / Transfer-Encoding added) instead of mutating `HTTPHeaders`
-/// first, and body framing (chunks). Parsing stays with NIO's decoders (llhttp).
+/// HTTP/1.1 serialisation for the proxy: request and response heads written straight into one buffer from the
+/// bytes of the parsed head (`HTTPHead`: names and values are copied as they came, never made into strings),
+/// with the proxy's edits applied on the way (hop-by-hop fields left out, X-Forwarded-For / X-Request-Id /
+/// Connection / Transfer-Encoding added), and body framing (chunks).
 ///
 /// A head is emitted twice by the same code: once to count its bytes, once into memory reserved for exactly
-/// that many (one capacity check and a `memcpy` per string rather than a checked `ByteBuffer` write each).
-/// When the caller's scan of the headers counted their bytes and none is left out, only the lines around
-/// them are counted.
+/// that many (one capacity check and a `memcpy` per field rather than a checked `ByteBuffer` write each).
+/// When no field is left out, only the lines around the fields are counted (the parser counted theirs).
 enum HTTPWire {
     /// How a message body goes on the wire.
     enum Framing: Equatable {
@@ -22,70 +21,65 @@ enum HTTPWire {
         case chunked
     }
 
-    /// The hop-by-hop headers of a message (RFC 9110 7.6.1) and those its Connection header names: never
-    /// forwarded. Framing headers (Content-Length, Transfer-Encoding) are never dropped for being named in
+    /// The hop-by-hop fields of a message (RFC 9110 7.6.1) and those its Connection field names: never
+    /// forwarded. Framing fields (Content-Length, Transfer-Encoding) are never dropped for being named in
     /// Connection: the body is framed by them.
     struct HopByHop {
-        /// The message has any hop-by-hop header (usually not: then nothing is compared per header).
+        /// The message has any hop-by-hop field (usually not: then nothing is compared per field).
         var present = false
-        /// Header names the Connection header lists (lowercased), other than close / keep-alive.
-        var named: [String] = []
+        /// Field names the Connection field lists (ranges of the head's bytes), other than close / keep-alive.
+        var named: [Range<Int>] = []
 
         static let none = HopByHop()
 
-        /// Scans `headers` for hop-by-hop ones.
-        init(_ headers: HTTPHeaders) {
-            for (name, value) in headers { self.note(name, value) }
-        }
-
         init() {}
 
-        /// Takes one header into account.
-        @inline(__always)
-        mutating func note(_ name: String, _ value: String) {
-            switch name.utf8.count {
-            case 10 where name.equalsLowercased("connection"):
-                self.present = true
-                Self.collectNamed(value, into: &self.named)
-            case 2, 7, 10, 16, 18, 19:
-                if !self.present && HTTPWire.isHopByHopName(name) { self.present = true }
-            default:
-                break
-            }
-        }
-
-        /// Whether a header called `name` is left out.
-        func drops(_ name: String) -> Bool {
-            guard self.present else { return false }
-            if HTTPWire.isHopByHopName(name) { return true }
-            for other in self.named where other.utf8.count == name.utf8.count {
-                if other.asciiCaseInsensitiveEquals(name) { return true }
-            }
-            return false
-        }
-
-        private static func collectNamed(_ value: String, into named: inout [String]) {
-            for item in value.utf8.split(separator: UInt8(ascii: ",")) {
-                guard let token = HTTPWire.trimmed(item) else { continue }
-                let name = String(decoding: token.map(asciiLower), as: UTF8.self)
-                switch name {
-                case "close", "keep-alive", "content-length", "transfer-encoding": continue
-                default: named.append(name)
+        /// The hop-by-hop fields of `head`.
+        init(_ head: HTTPHead) {
+            guard head.hasHopByHop else { return }
+            self.present = true
+            guard head.connectionNamesOthers else { return }
+            head.bytes.withUnsafeReadableBytes { raw in
+                for index in head.fields.indices where head.field(index, is: "connection") {
+                    HTTPParser.forEachListElement(raw, head.fields[index].value) { token in
+                        for skip in ["close", "keep-alive", "upgrade", "content-length", "transfer-encoding"]
+                        where Self.equal(raw, token, skip) {
+                            return
+                        }
+                        self.named.append(token)
+                    }
                 }
             }
+        }
+
+        private static func equal(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>, _ lower: String) -> Bool {
+            range.count == lower.utf8.count && zip(raw[range], lower.utf8).allSatisfy { asciiLower($0) == $1 }
+        }
+
+        /// Whether the field called `name` (a range of `raw`, the head's bytes) is left out.
+        func drops(_ raw: UnsafeRawBufferPointer, _ name: Range<Int>) -> Bool {
+            guard self.present else { return false }
+            if HTTPWire.isHopByHopName(raw, name) { return true }
+            for other in self.named where other.count == name.count {
+                if zip(raw[other], raw[name]).allSatisfy({ asciiLower($0) == asciiLower($1) }) { return true }
+            }
+            return false
         }
     }
 
     /// connection, keep-alive, proxy-connection, te, trailer, upgrade, proxy-authenticate,
     /// proxy-authorization (by length first).
-    static func isHopByHopName(_ name: String) -> Bool {
-        switch name.utf8.count {
-        case 2: return name.equalsLowercased("te")
-        case 7: return name.equalsLowercased("trailer") || name.equalsLowercased("upgrade")
-        case 10: return name.equalsLowercased("connection") || name.equalsLowercased("keep-alive")
-        case 16: return name.equalsLowercased("proxy-connection")
-        case 18: return name.equalsLowercased("proxy-authenticate")
-        case 19: return name.equalsLowercased("proxy-authorization")
+    static func isHopByHopName(_ raw: UnsafeRawBufferPointer, _ name: Range<Int>) -> Bool {
+        @inline(__always) func named(_ lower: StaticString) -> Bool {
+            HTTPBytes.equalsLowercased(raw, name, lower.utf8Start)
+        }
+        switch name.count {
+        case 2: return named("te")
+        case 7: return named("trailer") || named("upgrade")
+        case 10: return named("connection") || named("keep-alive")
+        case 16: return named("proxy-connection")
+        case 18: return named("proxy-authenticate")
+        case 19: return named("proxy-authorization")
         default: return false
         }
     }
@@ -95,75 +89,68 @@ enum HTTPWire {
     /// What the proxy changes in a request head on its way upstream.
     struct RequestEdits {
         var hopByHop = HopByHop.none
-        /// An upgrade request: `connection: upgrade` and `upgrade: <value>` go up again.
-        var upgrade: String?
-        /// The client's address, appended to X-Forwarded-For (nil: the header is left alone).
+        /// An upgrade request: `connection: upgrade` and `upgrade: <value of this field>` go up again.
+        var upgrade: Int?
+        /// The client's address, appended to X-Forwarded-For (nil: the field is left alone).
         var forwardedFor: String?
-        /// The first X-Forwarded-For value the client sent (the header is then replaced by one with the
+        /// The first X-Forwarded-For field the client sent (the field is then replaced by one with the
         /// client's address appended).
-        var priorForwardedFor: String?
+        var priorForwardedFor: Int?
         /// A new request id (128 bits), when the client sent no X-Request-Id.
         var requestID: (UInt64, UInt64)?
     }
 
-    /// `head` as an HTTP/1.1 request with `edits` applied. `headerBytes`: the bytes of `head.headers` as
-    /// header lines (`headerLineBytes` summed), when the caller's scan counted them.
-    static func requestHead(
-        _ head: HTTPRequestHead,
-        edits: RequestEdits,
-        headerBytes: Int? = nil,
-        allocator: ByteBufferAllocator
-    ) -> ByteBuffer {
-        var counter = CountingSink()
-        let method = head.method.rawValue  // (made anew on each call)
-        if let headerBytes, !edits.hopByHop.present, edits.priorForwardedFor == nil || edits.forwardedFor == nil {
-            // Every header goes up as it came: only the lines around them need counting.
-            Self.emitRequestHead(head, method: method, edits: edits, headers: false, into: &counter)
-            counter.count += headerBytes
-        } else {
-            Self.emitRequestHead(head, method: method, edits: edits, headers: true, into: &counter)
+    /// `head` as an HTTP/1.1 request with `edits` applied.
+    static func requestHead(_ head: HTTPHead, edits: RequestEdits, allocator: ByteBufferAllocator) -> ByteBuffer {
+        head.bytes.withUnsafeReadableBytes { raw in
+            var counter = CountingSink()
+            let replaces = edits.forwardedFor != nil && edits.priorForwardedFor != nil
+            if !edits.hopByHop.present && !replaces {
+                // Every field goes up as it came: only the lines around them need counting.
+                Self.emitRequestHead(head, raw, edits: edits, fields: false, into: &counter)
+                counter.count += head.fieldBytes
+            } else {
+                Self.emitRequestHead(head, raw, edits: edits, fields: true, into: &counter)
+            }
+            var buffer = allocator.buffer(capacity: counter.count)
+            buffer.writeEmitted(count: counter.count) {
+                Self.emitRequestHead(head, raw, edits: edits, fields: true, into: &$0)
+            }
+            return buffer
         }
-        var buffer = allocator.buffer(capacity: counter.count)
-        buffer.writeEmitted(count: counter.count) {
-            Self.emitRequestHead(head, method: method, edits: edits, headers: true, into: &$0)
-        }
-        return buffer
     }
 
-    /// The bytes of the header line `name: value\r\n`.
-    @inline(__always)
-    static func headerLineBytes(nameBytes: Int, valueBytes: Int) -> Int { nameBytes + valueBytes + 4 }
-
     private static func emitRequestHead<Sink: ByteSink>(
-        _ head: HTTPRequestHead,
-        method: String,
+        _ head: HTTPHead,
+        _ raw: UnsafeRawBufferPointer,
         edits: RequestEdits,
-        headers: Bool,
+        fields: Bool,
         into sink: inout Sink
     ) {
-        sink.put(method)
-        sink.put(UInt8(ascii: " "))
-        sink.put(head.uri)
+        // The method and target as they came (the start line up to the version).
+        sink.put(raw, 0..<head.target.upperBound)
         sink.put(" HTTP/1.1\r\n" as StaticString)
-        if headers {
-            let replacesForwardedFor = edits.forwardedFor != nil && edits.priorForwardedFor != nil
-            for (name, value) in head.headers {
-                if edits.hopByHop.drops(name) { continue }
-                if replacesForwardedFor && name.equalsLowercased("x-forwarded-for") {
+        if fields {
+            let replaces = edits.forwardedFor != nil && edits.priorForwardedFor != nil
+            for field in head.fields {
+                if edits.hopByHop.drops(raw, field.name) { continue }
+                if replaces && field.name.count == 15
+                    && HTTPBytes.equalsLowercased(raw, field.name, ("x-forwarded-for" as StaticString).utf8Start)
+                {
                     continue
                 }
-                sink.putHeader(name, value)
+                sink.putField(raw, field)
             }
         }
         if let upgrade = edits.upgrade {
             sink.put("connection: upgrade\r\nupgrade: " as StaticString)
-            sink.put(upgrade)
+            sink.put(raw, head.fields[upgrade].value)
             sink.put("\r\n" as StaticString)
         }
         if let address = edits.forwardedFor {
             sink.put("x-forwarded-for: " as StaticString)
             if let prior = edits.priorForwardedFor {
-                sink.put(prior)
+                sink.put(raw, head.fields[prior].value)
                 sink.put(", " as StaticString)
             }
             sink.put(address)
@@ -191,67 +178,54 @@ enum HTTPWire {
         var addChunked = false
     }
 
-    /// A response head with `version`'s status line and `headers` with `edits` applied, in a buffer with room
-    /// for `reserving` more bytes (a small body behind it). `scan`: the headers' scan, which counted their
-    /// bytes (then only the lines around them are counted, unless a hop-by-hop header is left out).
+    /// The response `head` with `version`'s status line (the status and reason phrase as they came) and its
+    /// fields with `edits` applied, in a buffer with room for `reserving` more bytes (a small body behind it).
     static func responseHead(
         version: HTTPVersion,
-        status: HTTPResponseStatus,
-        headers: HTTPHeaders,
+        _ head: HTTPHead,
         edits: ResponseEdits,
-        scan: ResponseScan? = nil,
         allocator: ByteBufferAllocator,
         reserving extra: Int = 0
     ) -> ByteBuffer {
-        var counter = CountingSink()
-        if let scan, !edits.hopByHop.present {
-            Self.emitResponseHead(
-                version: version,
-                status: status,
-                headers: headers,
-                edits: edits,
-                headers: false,
-                into: &counter
-            )
-            counter.count += scan.headerBytes - (edits.dropTransferEncoding ? scan.transferEncodingBytes : 0)
-        } else {
-            Self.emitResponseHead(
-                version: version,
-                status: status,
-                headers: headers,
-                edits: edits,
-                headers: true,
-                into: &counter
-            )
+        head.bytes.withUnsafeReadableBytes { raw in
+            var counter = CountingSink()
+            if !edits.hopByHop.present {
+                Self.emitResponseHead(version: version, head, raw, edits: edits, fields: false, into: &counter)
+                counter.count += head.fieldBytes - (edits.dropTransferEncoding ? head.transferEncodingBytes : 0)
+            } else {
+                Self.emitResponseHead(version: version, head, raw, edits: edits, fields: true, into: &counter)
+            }
+            var buffer = allocator.buffer(capacity: counter.count + extra)
+            buffer.writeEmitted(count: counter.count) {
+                Self.emitResponseHead(version: version, head, raw, edits: edits, fields: true, into: &$0)
+            }
+            return buffer
         }
-        var buffer = allocator.buffer(capacity: counter.count + extra)
-        buffer.writeEmitted(count: counter.count) {
-            Self.emitResponseHead(
-                version: version,
-                status: status,
-                headers: headers,
-                edits: edits,
-                headers: true,
-                into: &$0
-            )
-        }
-        return buffer
     }
 
     private static func emitResponseHead<Sink: ByteSink>(
         version: HTTPVersion,
-        status: HTTPResponseStatus,
-        headers: HTTPHeaders,
+        _ head: HTTPHead,
+        _ raw: UnsafeRawBufferPointer,
         edits: ResponseEdits,
-        headers emitHeaders: Bool,
+        fields: Bool,
         into sink: inout Sink
     ) {
-        Self.emitStatusLine(version: version, status: status, into: &sink)
-        if emitHeaders {
-            for (name, value) in headers {
-                if edits.hopByHop.drops(name) { continue }
-                if edits.dropTransferEncoding && name.equalsLowercased("transfer-encoding") { continue }
-                sink.putHeader(name, value)
+        sink.put(version.minor == 0 ? "HTTP/1.0 " as StaticString : "HTTP/1.1 " as StaticString)
+        // The status code and reason phrase as they came (`HTTP/1.x ` is 9 bytes, the code 3).
+        sink.put(raw, 9..<12)
+        sink.put(UInt8(ascii: " "))
+        sink.put(raw, head.target)
+        sink.put("\r\n" as StaticString)
+        if fields {
+            for field in head.fields {
+                if edits.hopByHop.drops(raw, field.name) { continue }
+                if edits.dropTransferEncoding && field.name.count == 17
+                    && HTTPBytes.equalsLowercased(raw, field.name, ("transfer-encoding" as StaticString).utf8Start)
+                {
+                    continue
+                }
+                sink.putField(raw, field)
             }
         }
         switch edits.connectionClose {
@@ -263,35 +237,6 @@ enum HTTPWire {
         sink.put("\r\n" as StaticString)
     }
 
-    private static func emitStatusLine<Sink: ByteSink>(
-        version: HTTPVersion,
-        status: HTTPResponseStatus,
-        into sink: inout Sink
-    ) {
-        switch (version.major, version.minor) {
-        case (1, 1): sink.put("HTTP/1.1 " as StaticString)
-        case (1, 0): sink.put("HTTP/1.0 " as StaticString)
-        default:
-            sink.put("HTTP/" as StaticString)
-            sink.putDecimal(version.major)
-            sink.put(UInt8(ascii: "."))
-            sink.putDecimal(version.minor)
-            sink.put(UInt8(ascii: " "))
-        }
-        let code = Int(status.code)
-        if (100...999).contains(code) {
-            // (Every status code has three digits: no division loop.)
-            sink.put(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code / 100))
-            sink.put(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code / 10 % 10))
-            sink.put(UInt8(ascii: "0") + UInt8(truncatingIfNeeded: code % 10))
-        } else {
-            sink.putDecimal(code)
-        }
-        sink.put(UInt8(ascii: " "))
-        sink.put(status.reasonPhrase)
-        sink.put("\r\n" as StaticString)
-    }
-
     /// A complete response with a short plain-text body (the proxy's own answers: 4xx/5xx).
     static func statusResponse(
         status: HTTPResponseStatus,
@@ -299,17 +244,14 @@ enum HTTPWire {
         keepAlive: Bool,
         allocator: ByteBufferAllocator
     ) -> ByteBuffer {
-        var headers = HTTPHeaders()
-        headers.add(name: "content-type", value: "text/plain; charset=utf-8")
-        headers.add(name: "content-length", value: String(text.utf8.count))
-        var buffer = Self.responseHead(
-            version: .http1_1,
-            status: status,
-            headers: headers,
-            edits: ResponseEdits(connectionClose: !keepAlive),
-            allocator: allocator,
-            reserving: text.utf8.count
-        )
+        var buffer = allocator.buffer(capacity: 128 + text.utf8.count)
+        buffer.writeStaticString("HTTP/1.1 ")
+        buffer.writeString(String(status.code))
+        buffer.writeStaticString(" ")
+        buffer.writeString(status.reasonPhrase)
+        buffer.writeStaticString("\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ")
+        buffer.writeString(String(text.utf8.count))
+        buffer.writeStaticString(keepAlive ? "\r\nconnection: keep-alive\r\n\r\n" : "\r\nconnection: close\r\n\r\n")
         buffer.writeString(text)
         return buffer
     }
@@ -328,108 +270,16 @@ enum HTTPWire {
         }
     }
 
-    /// The last chunk and the trailer section that ends a chunked body.
-    static func writeLastChunk(trailers: HTTPHeaders?, into buffer: inout ByteBuffer) {
-        guard let trailers, !trailers.isEmpty else {
+    /// The last chunk and the trailer section (field lines as they came, each with its CRLF) that end a
+    /// chunked body.
+    static func writeLastChunk(trailers: ByteBuffer?, into buffer: inout ByteBuffer) {
+        guard var trailers, trailers.readableBytes > 0 else {
             buffer.writeStaticString("0\r\n\r\n")
             return
         }
-        var counter = CountingSink()
-        Self.emitLastChunk(trailers, into: &counter)
-        buffer.writeEmitted(count: counter.count) { Self.emitLastChunk(trailers, into: &$0) }
-    }
-
-    private static func emitLastChunk<Sink: ByteSink>(_ trailers: HTTPHeaders, into sink: inout Sink) {
-        sink.put("0\r\n" as StaticString)
-        for (name, value) in trailers { sink.putHeader(name, value) }
-        sink.put("\r\n" as StaticString)
-    }
-
-    // MARK: message framing
-
-    /// How a response's body is delimited.
-    enum ResponseBody: Equatable {
-        /// None (a response to HEAD or CONNECT, 1xx, 204, 304).
-        case none
-        case contentLength
-        case chunked
-        /// Until the connection closes; `transferCoded`: with a Transfer-Encoding whose final coding is not
-        /// chunked.
-        case untilClose(transferCoded: Bool)
-    }
-
-    /// How the body of a response with `status` and `headers` to a `requestMethod` request is delimited, as
-    /// llhttp reads it (RFC 9112 6.3): the last Transfer-Encoding value first (chunked when that is its final
-    /// coding, otherwise until the connection closes), then Content-Length, else until the connection closes.
-    static func responseBody(
-        status: HTTPResponseStatus,
-        requestMethod: HTTPMethod,
-        headers: HTTPHeaders
-    ) -> ResponseBody {
-        Self.responseBody(status: status, requestMethod: requestMethod, scan: ResponseScan(headers))
-    }
-
-    static func responseBody(
-        status: HTTPResponseStatus,
-        requestMethod: HTTPMethod,
-        scan: ResponseScan
-    ) -> ResponseBody {
-        // (Matched by case: `HTTPMethod`'s `==` compares `rawValue` strings.)
-        switch requestMethod {
-        case .HEAD, .CONNECT: return .none
-        default: break
-        }
-        let code = status.code
-        if (100..<200).contains(code) || code == 204 || code == 304 {
-            return .none
-        }
-        if let transferEncoding = scan.transferEncoding {
-            return Self.finalCodingIsChunked(transferEncoding) ? .chunked : .untilClose(transferCoded: true)
-        }
-        return scan.contentLength ? .contentLength : .untilClose(transferCoded: false)
-    }
-
-    /// One pass over a response's headers for what the proxy needs to know of them.
-    struct ResponseScan {
-        var hopByHop = HopByHop.none
-        /// The last Transfer-Encoding value.
-        var transferEncoding: String?
-        var contentLength = false
-        /// The bytes of all headers as header lines, and of the Transfer-Encoding ones.
-        var headerBytes = 0
-        var transferEncodingBytes = 0
-
-        init(_ headers: HTTPHeaders) {
-            for (name, value) in headers {
-                let nameBytes = name.utf8.count
-                let lineBytes = HTTPWire.headerLineBytes(nameBytes: nameBytes, valueBytes: value.utf8.count)
-                self.headerBytes += lineBytes
-                switch nameBytes {
-                case 17 where name.equalsLowercased("transfer-encoding"):
-                    self.transferEncoding = value
-                    self.transferEncodingBytes += lineBytes
-                case 14 where name.equalsLowercased("content-length"): self.contentLength = true
-                default: self.hopByHop.note(name, value)
-                }
-            }
-        }
-    }
-
-    /// Whether the last coding a Transfer-Encoding value lists is `chunked`.
-    static func finalCodingIsChunked(_ value: String) -> Bool {
-        guard let last = value.utf8.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false).last,
-            let token = Self.trimmed(last)
-        else { return false }
-        return String(Substring(token)).equalsLowercased("chunked")
-    }
-
-    /// `bytes` without spaces and tabs at either end; nil when nothing is left.
-    static func trimmed(_ bytes: Substring.UTF8View) -> Substring.UTF8View? {
-        var element = bytes
-        let blank = { (byte: UInt8) in byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") }
-        while let first = element.first, blank(first) { element = element.dropFirst() }
-        while let last = element.last, blank(last) { element = element.dropLast() }
-        return element.isEmpty ? nil : element
+        buffer.writeStaticString("0\r\n")
+        buffer.writeBuffer(&trailers)
+        buffer.writeStaticString("\r\n")
     }
 }
 
@@ -437,6 +287,7 @@ enum HTTPWire {
 
 /// Where `HTTPWire` emits bytes: counted first, then written.
 protocol ByteSink {
+    mutating func put(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>)
     mutating func put(_ string: String)
     mutating func put(_ string: StaticString)
     mutating func put(_ byte: UInt8)
@@ -445,21 +296,13 @@ protocol ByteSink {
 }
 
 extension ByteSink {
-    mutating func putHeader(_ name: String, _ value: String) {
-        self.put(name)
+    /// The field line `name: value\r\n`, from the head's bytes.
+    @inline(__always)
+    mutating func putField(_ raw: UnsafeRawBufferPointer, _ field: HTTPHead.Field) {
+        self.put(raw, field.name)
         self.put(": " as StaticString)
-        self.put(value)
+        self.put(raw, field.value)
         self.put("\r\n" as StaticString)
-    }
-
-    mutating func putDecimal(_ value: Int) {
-        precondition(value >= 0)
-        var divisor = 1
-        while value / divisor >= 10 { divisor *= 10 }
-        while divisor > 0 {
-            self.put(UInt8(ascii: "0") + UInt8(value / divisor % 10))
-            divisor /= 10
-        }
     }
 }
 
@@ -470,6 +313,7 @@ private func hexDigit(_ nibble: UInt8) -> UInt8 {
 
 struct CountingSink: ByteSink {
     var count = 0
+    mutating func put(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>) { self.count += range.count }
     mutating func put(_ string: String) { self.count += string.utf8.count }
     mutating func put(_ string: StaticString) { self.count += string.utf8CodeUnitCount }
     mutating func put(_ byte: UInt8) { self.count += 1 }
@@ -488,6 +332,12 @@ struct PointerSink: ByteSink {
     }
 
     var remaining: Int { self.end - self.next }
+
+    mutating func put(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>) {
+        precondition(range.count <= self.remaining && range.upperBound <= raw.count)
+        if range.count > 0 { self.next.copyMemory(from: raw.baseAddress! + range.lowerBound, byteCount: range.count) }
+        self.next += range.count
+    }
 
     mutating func put(_ string: String) {
         let count = string.utf8.count
@@ -545,36 +395,6 @@ func asciiLower(_ byte: UInt8) -> UInt8 {
     byte &- 65 < 26 ? byte | 0x20 : byte
 }
 
-extension String {
-    /// ASCII case-insensitive equality.
-    func asciiCaseInsensitiveEquals(_ other: String) -> Bool {
-        let count = self.utf8.count
-        guard other.utf8.count == count else { return false }
-        let equal = self.utf8.withContiguousStorageIfAvailable { a in
-            other.utf8.withContiguousStorageIfAvailable { b in
-                for i in 0..<count where a[i] != b[i] && asciiLower(a[i]) != asciiLower(b[i]) { return false }
-                return true
-            }
-        }
-        if let equal = equal ?? nil { return equal }
-        return zip(self.utf8, other.utf8).allSatisfy { asciiLower($0) == asciiLower($1) }
-    }
-
-    /// ASCII case-insensitive equality with `lowercase` (lowercase ASCII).
-    @inline(__always)
-    func equalsLowercased(_ lowercase: StaticString) -> Bool {
-        let count = lowercase.utf8CodeUnitCount
-        guard self.utf8.count == count else { return false }
-        let other = lowercase.utf8Start
-        let equal = self.utf8.withContiguousStorageIfAvailable { bytes in
-            for i in 0..<count where asciiLower(bytes[i]) != other[i] { return false }
-            return true
-        }
-        if let equal { return equal }
-        return zip(self.utf8, UnsafeBufferPointer(start: other, count: count)).allSatisfy { asciiLower($0) == $1 }
-    }
-}
-
 /// The bytes bound for one connection, gathered into one buffer while they are small (a head with the body
 /// and the end behind it: one write, one pipeline traversal and one `iovec`, instead of one per part), written
 /// in order. Large bodies are written as they are, never copied.
@@ -626,7 +446,7 @@ struct HTTPOutbox {
     }
 
     /// Queues the end of a chunked body.
-    mutating func queueLastChunk(trailers: HTTPHeaders?, context: ChannelHandlerContext) {
+    mutating func queueLastChunk(trailers: ByteBuffer?, context: ChannelHandlerContext) {
         var buffer = self.takeSmallPending(context: context) ?? context.channel.allocator.buffer(capacity: 32)
         HTTPWire.writeLastChunk(trailers: trailers, into: &buffer)
         self.pending = buffer
