@@ -609,6 +609,8 @@ struct HTTPParser {
                 }
             }
             var scan = FieldScan()
+            // (One allocation for most heads, rather than one per doubling.)
+            scan.fields.reserveCapacity(12)
             try Self.scanFields(raw, from: lineEnd + 2, end: raw.count - 2, into: &scan)
             let body = try Self.body(
                 scan: scan,
