@@ -5,6 +5,8 @@ import NIOHTTP1
 /// pipeline traversal, no boxing of the part in `NIOAny`, no dynamic cast per part).
 protocol HTTPPartReceiver: AnyObject {
     func receive(_ part: HTTPPart)
+    /// The end of a read burst (`channelReadComplete`, not passed on down the pipeline while HTTP is spoken).
+    func readComplete()
 }
 
 /// Runs our HTTP/1.1 parser (`HTTPParser`) over a connection's bytes and hands the message parts it produces
@@ -93,6 +95,15 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
         if self.eofPending {
             self.eofPending = false
             self.decodeLast(context: context, seenEOF: true)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if case .active = self.state, !self.removing, let receiver = self.receiver {
+            // (One call instead of two pipeline hops per read: to the receiver, and from it to the tail.)
+            receiver.readComplete()
+        } else {
+            context.fireChannelReadComplete()
         }
     }
 

@@ -39,11 +39,11 @@ enum HTTPProxy {
 /// The client side of one HTTP connection: takes each request, picks a backend for it, borrows a pooled
 /// upstream connection of this event loop (or opens one), streams the request body up and the response
 /// body down with back-pressure both ways, retries what may be retried, and answers 502/503/504 itself.
-final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, HTTPPartReceiver {
+final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HTTPPartReceiver {
     /// (Parts come from the decoder by direct call, `receive(_:)`; bytes only after an upgrade, for the glue.)
+    /// Inbound only: NIO's outbound operations (every autoRead `read()`, writes) pass it by, no hop each;
+    /// reading is held back by turning autoRead off (`updateReading`).
     typealias InboundIn = ByteBuffer
-    typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
 
     /// One request/response exchange.
     private final class Exchange {
@@ -146,7 +146,8 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, HTT
     private let decoder: HTTPDecodingHandler
     private var state: State = .idle
     private var context: ChannelHandlerContext?
-    private var pendingRead = false
+    /// autoRead is off: the client is not read while `mayRead` is false.
+    private var readingPaused = false
     private var upstreamNeedsFlush = false
     /// One timer per connection, re-armed every `tick` (a quarter of the shortest timeout): it checks the
     /// deadlines below, so no timer is scheduled or cancelled per request.
@@ -243,7 +244,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, HTT
     private func answerParseError(_ error: any Error, context: ChannelHandlerContext) {
         self.metrics.error(.badRequest)
         self.queued.removeAll()
-        self.pendingRead = false
         var responseUnderWay = false
         if case .active(let exchange) = self.state {
             responseUnderWay = exchange.responseHeadSent && !exchange.responseEnded
@@ -309,26 +309,30 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, HTT
         context.fireChannelWritabilityChanged()
     }
 
-    func read(context: ChannelHandlerContext) {
-        if !self.queued.isEmpty {
-            // Pipelined requests wait: read no more until they are taken.
-            self.pendingRead = true
-            return
-        }
+    /// Whether the client may be read: not while pipelined requests wait (they are taken one at a time), nor
+    /// while a request body has nowhere to go (no upstream yet, or it pushes back).
+    private var mayRead: Bool {
+        if !self.queued.isEmpty { return false }
         if case .active(let exchange) = self.state, !exchange.requestEnded,
             !(exchange.canStreamBody && exchange.upstream!.handler.isWritable)
         {
-            self.pendingRead = true
-            return
+            return false
         }
-        context.read()
+        return true
+    }
+
+    /// Turns autoRead off or on to match `mayRead`: at the end of each read burst (before NIO would read
+    /// again), and when something that held reading back has changed. A change costs an `epoll_ctl`; the usual
+    /// request changes nothing.
+    private func updateReading() {
+        let pause = !self.mayRead
+        guard pause != self.readingPaused, let context = self.context else { return }
+        self.readingPaused = pause
+        try? context.channel.syncOptions?.setOption(.autoRead, value: !pause)
     }
 
     private func resumeClientRead() {
-        if self.pendingRead, let context = self.context {
-            self.pendingRead = false
-            context.read()
-        }
+        self.updateReading()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -429,12 +433,18 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, HTT
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        self.readComplete()
+        context.fireChannelReadComplete()
+    }
+
+    /// The end of a client read burst (from the decoder).
+    func readComplete() {
         self.clientReads &+= 1
         if self.upstreamNeedsFlush {
             self.upstreamNeedsFlush = false
             if case .active(let exchange) = self.state { exchange.upstream?.handler.flush() }
         }
-        context.fireChannelReadComplete()
+        self.updateReading()
     }
 
     /// What was just sent upstream goes out at the end of the client's read burst when a part it brought
@@ -860,7 +870,6 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, HTT
         Self.writeStatusResponse(context: context, status: status, reason: reason, keepAlive: keepAlive)
         if !keepAlive {
             self.state = .closed
-            self.pendingRead = false
         } else if exchange.requestEnded {
             self.becomeIdle()
         } else {
@@ -980,6 +989,11 @@ final class HTTPProxyHandler: ChannelDuplexHandler, RemovableChannelHandler, HTT
         // The 101 as it came (its Connection and Upgrade headers are the point of it).
         Self.writeUnedited(response, context: context)
         self.state = .upgraded
+        if self.readingPaused {
+            // The tunnel reads as it likes (autoRead on, as the glue expects).
+            self.readingPaused = false
+            try? context.channel.syncOptions?.setOption(.autoRead, value: true)
+        }
         exchange.upstream = nil
         upstream.handler.owner = nil
         self.pool?.detach(upstream)

@@ -272,11 +272,10 @@ private final class IdleList {
 /// The last handler of an upstream connection: sends requests (serialised heads, framed bodies), hands
 /// response parts to the client connection that owns the exchange, and holds reading while that client cannot
 /// take more.
-final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler, HTTPPartReceiver {
+final class UpstreamHTTPHandler: ChannelInboundHandler, RemovableChannelHandler, HTTPPartReceiver {
     /// (Parts come from the decoder by direct call, `receive(_:)`; bytes only after an upgrade, for the glue.)
+    /// Inbound only, as `HTTPProxyHandler`: reading is held back by turning autoRead off.
     typealias InboundIn = ByteBuffer
-    typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
 
     /// The response decoder in front of this handler.
     let decoder: HTTPDecodingHandler
@@ -284,11 +283,14 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler, 
     private var out = HTTPOutbox()
 
     /// The client-side handler whose request this connection carries; nil while idle in the pool.
-    var owner: HTTPProxyHandler?
+    var owner: HTTPProxyHandler? {
+        didSet { if self.readingPaused { self.updateReading() } }
+    }
     weak var connection: UpstreamConnection?
     var pool: LoopPool?
     private var context: ChannelHandlerContext?
-    private var pendingRead = false
+    /// autoRead is off: the response is not read while its client cannot take more.
+    private var readingPaused = false
     private(set) var lastError: (any Error)?
 
     init(decoder: HTTPDecodingHandler) {
@@ -333,10 +335,15 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler, 
     var isWritable: Bool { self.context?.channel.isWritable ?? false }
 
     func resumeRead() {
-        if self.pendingRead, let context = self.context {
-            self.pendingRead = false
-            context.read()
-        }
+        self.updateReading()
+    }
+
+    /// Turns autoRead off while the owner's client cannot take more, on otherwise (see `HTTPProxyHandler`).
+    private func updateReading() {
+        let pause = self.owner.map { !$0.clientIsWritable } ?? false
+        guard pause != self.readingPaused, let context = self.context else { return }
+        self.readingPaused = pause
+        try? context.channel.syncOptions?.setOption(.autoRead, value: !pause)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -354,8 +361,14 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler, 
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        self.owner?.upstreamReadComplete()
+        self.readComplete()
         context.fireChannelReadComplete()
+    }
+
+    /// The end of an upstream read burst (from the decoder).
+    func readComplete() {
+        self.owner?.upstreamReadComplete()
+        self.updateReading()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -380,11 +393,4 @@ final class UpstreamHTTPHandler: ChannelDuplexHandler, RemovableChannelHandler, 
         context.fireChannelWritabilityChanged()
     }
 
-    func read(context: ChannelHandlerContext) {
-        if let owner = self.owner, !owner.clientIsWritable {
-            self.pendingRead = true
-        } else {
-            context.read()
-        }
-    }
 }
