@@ -5,7 +5,7 @@ import NIOHTTP1
 @_spi(Fuzzing)
 public enum HTTPFuzzing {
     /// Small limits, so that the fuzzer reaches them (and the lines around them) with small inputs.
-    static let limits = HTTPParser.Limits(headBytes: 600, fieldBytes: 200)
+    static let limits = HTTPParser.Limits(headBytes: 160, fieldBytes: 64)
 
     /// Feeds one input to `HTTPParser` as requests and as responses, all at once and byte by byte, then
     /// ends the input, and traps (so the fuzzer reports it) when an invariant breaks:
