@@ -267,7 +267,7 @@ let package = Package(
         // STUN codec and responder (scripts/fuzz dns|api|stun); a replayer in a plain build.
         .executableTarget(
             name: "mesh-fuzz",
-            dependencies: ["DNS", "Control", "Relay"],
+            dependencies: ["DNS", "Control", "Relay", "MeshAgent"],
             swiftSettings: swiftSettings
         ),
 

@@ -1,13 +1,16 @@
 // libFuzzer target for the mesh's parsers. `MESH_FUZZ_TARGET` picks what is fuzzed:
 // - `dns`: the DNS decoder and the responder's answer path (DNS/Fuzzing.swift);
 // - `api`: the control plane's parsers: bodies, manifests, selectors, config files (Control/Fuzzing.swift);
-// - `stun`: the STUN codec, stream framer and Binding responder (Relay/STUN/Fuzzing.swift).
+// - `stun`: the STUN codec, stream framer and Binding responder (Relay/STUN/Fuzzing.swift);
+// - `http`: the proxy's HTTP/1.1 parser, requests and responses, at once and byte by byte
+//   (MeshAgent/DataPlane/HTTP/Fuzzing.swift).
 //
 // Built by `scripts/fuzz TARGET` with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer's driver runs.
 // In a plain `swift build` this is a small replayer: it feeds the files named on the command line
 // (e.g. a crash artifact) through the same checks.
 @_spi(Fuzzing) import Control
 @_spi(Fuzzing) import DNS
+@_spi(Fuzzing) import MeshAgent
 @_spi(Fuzzing) import Relay
 
 #if canImport(Glibc)
@@ -18,13 +21,14 @@ import Musl
 import Darwin
 #endif
 
-/// The target, read once (DNS unless `api` or `stun`).
+/// The target, read once (DNS unless `api`, `stun` or `http`).
 let fuzzTarget: String = getenv("MESH_FUZZ_TARGET").map { String(cString: $0) } ?? "dns"
 
 func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
     switch fuzzTarget {
     case "api": APIFuzzing.fuzzOne(bytes)
     case "stun": STUNFuzzing.fuzzOne(bytes)
+    case "http": HTTPFuzzing.fuzzOne(bytes)
     default: DNSFuzzing.fuzzOne(bytes)
     }
 }

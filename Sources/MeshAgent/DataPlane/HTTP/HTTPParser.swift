@@ -524,7 +524,23 @@ struct HTTPParser {
         }
         let bytes = buffer.readSlice(length: end)!
         self.state = .head(scanned: 0)
-        return try self.parseHead(bytes)
+        do {
+            return try self.parseHead(bytes)
+        } catch {
+            throw Self.hasBareCR(bytes) ? HTTPParseError.invalidLineEnding : error
+        }
+    }
+
+    /// Whether `bytes` has a CR not followed by LF (which makes the line it is in invalid as something else).
+    private static func hasBareCR(_ bytes: ByteBuffer) -> Bool {
+        bytes.withUnsafeReadableBytes { raw in
+            var from = 0
+            while let cr = HTTPBytes.find(HTTPBytes.cr, in: raw, from: from) {
+                if cr + 1 == raw.count || raw[cr + 1] != HTTPBytes.lf { return true }
+                from = cr + 1
+            }
+            return false
+        }
     }
 
     /// The offset of the first byte of the last complete line at or after `from` (where a later scan resumes).
@@ -563,7 +579,10 @@ struct HTTPParser {
         if raw.count - lineStart > limits.fieldBytes {
             throw lineStart == 0 && isHead ? HTTPParseError.headTooLarge : HTTPParseError.fieldTooLarge
         }
-        if raw.count > limits.headBytes { throw HTTPParseError.headTooLarge }
+        // (A CR alone may begin the blank line, which the limit does not count, as when the head came at once.)
+        if raw.count > limits.headBytes, raw.count - lineStart != 1 || raw[lineStart] != HTTPBytes.cr {
+            throw HTTPParseError.headTooLarge
+        }
         return nil
     }
 
@@ -843,7 +862,8 @@ struct HTTPParser {
         }
         if !isRequest {
             switch method {
-            case .HEAD, .CONNECT: return .none
+            case .HEAD: return .none
+            case .CONNECT where status / 100 == 2: return .none
             default: break
             }
             if status < 200 || status == 204 || status == 304 { return .none }
@@ -915,8 +935,12 @@ struct HTTPParser {
         let section = buffer.readSlice(length: end)!
         let lines = section.getSlice(at: section.readerIndex, length: end - 2)!
         var scan = FieldScan()
-        try lines.withUnsafeReadableBytes { raw throws in
-            try Self.scanFields(raw, from: 0, end: raw.count, into: &scan)
+        do {
+            try lines.withUnsafeReadableBytes { raw throws in
+                try Self.scanFields(raw, from: 0, end: raw.count, into: &scan)
+            }
+        } catch {
+            throw Self.hasBareCR(lines) ? HTTPParseError.invalidLineEnding : error
         }
         return lines
     }
