@@ -514,18 +514,37 @@ struct HTTPParser {
                 return nil
             }
         }
+        switch try self.readSection(&buffer, scanned: scanned, isHead: true) {
+        case .incomplete(let resume):
+            self.state = .head(scanned: resume)
+            return nil
+        case .complete(let bytes):
+            self.state = .head(scanned: 0)
+            return try Self.blamingBareCR(bytes) { try self.parseHead(bytes) }
+        }
+    }
+
+    private enum Section {
+        case complete(ByteBuffer)
+        /// The blank line has not arrived; the next look resumes at this offset.
+        case incomplete(resume: Int)
+    }
+
+    /// The section (a head, or a trailer section) at the front of `buffer` up to its blank line, consumed.
+    private func readSection(_ buffer: inout ByteBuffer, scanned: Int, isHead: Bool) throws -> Section {
         let limits = self.limits
         let end = try buffer.withUnsafeReadableBytes { raw throws -> Int? in
-            try Self.findEndOfSection(raw, from: scanned, limits: limits, isHead: true)
+            try Self.findEndOfSection(raw, from: scanned, limits: limits, isHead: isHead)
         }
-        guard let end else {
-            self.state = .head(scanned: Self.completeLines(buffer, from: scanned))
-            return nil
-        }
-        let bytes = buffer.readSlice(length: end)!
-        self.state = .head(scanned: 0)
+        guard let end else { return .incomplete(resume: Self.completeLines(buffer, from: scanned)) }
+        return .complete(buffer.readSlice(length: end)!)
+    }
+
+    /// `parse(bytes)`, its error reported as `.invalidLineEnding` when `bytes` has a bare CR (which makes the
+    /// line it is in invalid as something else).
+    private static func blamingBareCR<T>(_ bytes: ByteBuffer, _ parse: () throws -> T) throws -> T {
         do {
-            return try self.parseHead(bytes)
+            return try parse()
         } catch {
             throw Self.hasBareCR(bytes) ? HTTPParseError.invalidLineEnding : error
         }
@@ -924,23 +943,20 @@ struct HTTPParser {
 
     /// The trailer section (field lines up to a blank line), consumed; its field lines without the blank line.
     private mutating func readTrailers(_ buffer: inout ByteBuffer, scanned: Int) throws -> ByteBuffer? {
-        let limits = self.limits
-        let end = try buffer.withUnsafeReadableBytes { raw throws -> Int? in
-            try Self.findEndOfSection(raw, from: scanned, limits: limits, isHead: false)
-        }
-        guard let end else {
-            self.state = .trailers(scanned: Self.completeLines(buffer, from: scanned))
+        let section: ByteBuffer
+        switch try self.readSection(&buffer, scanned: scanned, isHead: false) {
+        case .incomplete(let resume):
+            self.state = .trailers(scanned: resume)
             return nil
+        case .complete(let bytes):
+            section = bytes
         }
-        let section = buffer.readSlice(length: end)!
-        let lines = section.getSlice(at: section.readerIndex, length: end - 2)!
+        let lines = section.getSlice(at: section.readerIndex, length: section.readableBytes - 2)!
         var scan = FieldScan()
-        do {
+        try Self.blamingBareCR(lines) {
             try lines.withUnsafeReadableBytes { raw throws in
                 try Self.scanFields(raw, from: 0, end: raw.count, into: &scan)
             }
-        } catch {
-            throw Self.hasBareCR(lines) ? HTTPParseError.invalidLineEnding : error
         }
         return lines
     }
