@@ -93,9 +93,10 @@ public struct UDPConfiguration: Sendable {
 
 /// The L7 HTTP/1.1 proxy.
 public struct HTTPConfiguration: Sendable {
-    /// Total size of a request's header names and values; larger requests get 431.
+    /// Size of a request head in bytes (the request line and header lines with their CRLFs); larger heads get
+    /// 431. Also the limit of a chunked request body's trailer section.
     public var maxHeaderListSize: Int
-    /// Size of one header field; larger ones get 431.
+    /// Size of one header line (or the request line) in bytes with its CRLF; longer ones get 431.
     public var maxHeaderFieldSize: Int
     /// A client has this long to send a complete request head once it started one (or opened the connection).
     public var requestHeadTimeout: TimeAmount

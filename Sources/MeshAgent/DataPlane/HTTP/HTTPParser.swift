@@ -297,9 +297,10 @@ struct HTTPParser {
     }
 
     struct Limits {
-        /// The head (start line and all field lines) at most, in bytes.
+        /// The head (start line and all field lines, with their CRLFs; the blank line not counted) at most, in
+        /// bytes. Also the trailer section's limit.
         var headBytes: Int
-        /// One field line at most, in bytes.
+        /// One line (a field line, or the start line) at most, in bytes with its CRLF.
         var fieldBytes: Int
 
         init(headBytes: Int = 64 * 1024 + 8 * 1024, fieldBytes: Int = 16 * 1024) {
@@ -589,13 +590,13 @@ struct HTTPParser {
             guard lf > lineStart, raw[lf - 1] == HTTPBytes.cr else { throw HTTPParseError.invalidLineEnding }
             if lf - 1 == lineStart { return lf + 1 }  // the blank line
             if lineStart > 0, HTTPBytes.isBlank(raw[lineStart]) { throw HTTPParseError.obsoleteLineFolding }
-            if lf - lineStart > limits.fieldBytes {
+            if lf + 1 - lineStart > limits.fieldBytes {
                 throw lineStart == 0 && isHead ? HTTPParseError.headTooLarge : HTTPParseError.fieldTooLarge
             }
             if lf + 1 > limits.headBytes { throw HTTPParseError.headTooLarge }
             lineStart = lf + 1
         }
-        if raw.count - lineStart > limits.fieldBytes {
+        if raw.count - lineStart >= limits.fieldBytes {
             throw lineStart == 0 && isHead ? HTTPParseError.headTooLarge : HTTPParseError.fieldTooLarge
         }
         // (A CR alone may begin the blank line, which the limit does not count, as when the head came at once.)
