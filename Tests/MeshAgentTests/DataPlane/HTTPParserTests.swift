@@ -610,9 +610,18 @@ struct HTTPParserTests {
             let feed = try Feed.all(text, step: step, limits: limits)
             #expect(feed.heads.count == 1 && feed.heads[0].fields.count == 2)
         }
-        // One byte more is too large, in the line or in the head.
+        // One byte more is too large, in the line or in the head, fed at once or byte by byte.
         #expect(throws: HTTPParseError.fieldTooLarge) {
             try Feed.all(Self.requestLine + "A: x" + line + "\r\n", limits: limits)
+        }
+        for step in [1000, 1] {
+            #expect(throws: HTTPParseError.fieldTooLarge) {
+                // 33 bytes with its CRLF.
+                try Feed.all(Self.requestLine + "A: xx" + line.dropFirst(4) + "\r\n", step: step, limits: limits)
+            }
+            #expect(throws: HTTPParseError.fieldTooLarge) {
+                try Feed.all(Self.requestLine + "A: xxx" + line.dropFirst(4) + "\r\n", step: step, limits: limits)
+            }
         }
         #expect(throws: HTTPParseError.headTooLarge) {
             try Feed.all(
