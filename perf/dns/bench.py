@@ -8,8 +8,10 @@ is pinned to CPU 1, and dnsperf runs on CPU 0 (PERF-NOTES: fair-run method). For
   - rate: dnsperf capped at --rate qps (-Q): average latency and CPU-us/query below saturation.
 Other processes' CPU during each run is measured (per-process /proc/PID/stat); a run where they used
 more than --noise cores is repeated (up to --retries times) and the last one is reported with a flag.
+With --reps N the three servers run side by side (idle ones cost nothing) and are measured in turn N times;
+each figure is the median over the N rounds (a single round swings ~10% between runs on this VM).
 
-  perf/dns/bench.py [--duration 10] [--rate 20000] [--names 1000] [--skip-build]
+  perf/dns/bench.py [--duration 10] [--rate 20000] [--names 1000] [--reps 3] [--skip-build]
 Needs: scripts/bootstrap --perf (unbound, dnsperf), dnsmasq, taskset.
 """
 import argparse, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
@@ -140,9 +142,30 @@ def measure(server, port, qfile, duration, rate, noise, retries, quiet_seconds=3
     return results
 
 
+def combine(runs):
+    """One phase's result from its rounds: numbers are medians, `noerror` holds if it held in every round,
+    `noisy` if any round was; `qps_runs` keeps every round's queries/s."""
+    out = {}
+    for key, first in runs[0].items():
+        values = [r[key] for r in runs]
+        if key == "noerror":
+            out[key] = all(values)
+        elif key == "noisy":
+            out[key] = any(values)
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            ordered = sorted(values)
+            n = len(ordered)
+            out[key] = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        else:
+            out[key] = first
+    out["qps_runs"] = [r.get("qps") for r in runs]
+    return out
+
+
 def benchmark(ours_bin, duration=10, rate=20000, names_count=1000, noise=0.05, retries=2, quiet_seconds=3,
-              pin=True, log=sys.stderr, quiet_timeout=30):
-    """Runs the three servers one after the other; returns {"servers": {name: {"max": .., "rate": ..}}, ...}."""
+              pin=True, log=sys.stderr, quiet_timeout=30, reps=1):
+    """Runs the three servers side by side and measures them in turn, `reps` rounds (medians); returns
+    {"servers": {name: {"max": .., "rate": .., "rss_mb": ..}}, ...}."""
     QUIET_TRIES[0] = max(1, int(quiet_timeout / quiet_seconds)) if quiet_seconds > 0 else 1
     cpu_srv = ["taskset", "-c", "1"] if pin else []
     tmp = tempfile.mkdtemp(prefix="dns-perf-")
@@ -194,25 +217,36 @@ def benchmark(ours_bin, duration=10, rate=20000, names_count=1000, noise=0.05, r
                                                      "--local=/cluster.local/"]))
 
     results = {}
+    running = []  # (name, port, process)
     try:
         for name, port, cmd in servers:
             if not shutil.which(cmd[len(cpu_srv)]) and not os.path.exists(cmd[len(cpu_srv)]):
                 print(f"dns: {name}: {cmd[len(cpu_srv)]} not installed, skipped", file=log)
                 continue
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                if not wait_ready(port, names[0]):
-                    print(f"dns: {name} did not answer on port {port}", file=log)
-                    continue
-                results[name] = measure(proc, port, qfile, duration, rate, noise, retries, quiet_seconds, pin)
-                results[name]["rss_mb"] = rss_mb(proc.pid)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            running.append((name, port, proc))
+            if not wait_ready(port, names[0]):
+                print(f"dns: {name} did not answer on port {port}", file=log)
+                running.pop()
+                proc.kill()
+        rounds = {name: [] for name, _, _ in running}
+        for round_ in range(max(1, reps)):
+            for name, port, proc in running:
+                r = measure(proc, port, qfile, duration, rate, noise, retries, quiet_seconds, pin)
+                print(f"dns: {name} round {round_ + 1}/{max(1, reps)}: {r['max']['qps']:.0f} qps max, "
+                      f"{r['max']['cpu_us_per_query']:.2f} CPU-us/query", file=log)
+                rounds[name].append(r)
+        for name, port, proc in running:
+            runs = rounds[name]
+            results[name] = {"max": combine([r["max"] for r in runs]), "rate": combine([r["rate"] for r in runs]),
+                             "rss_mb": rss_mb(proc.pid)}
     finally:
+        for _, _, proc in running:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     versions = {}
     for tool, vcmd in (("unbound", ["unbound", "-V"]), ("dnsmasq", ["dnsmasq", "--version"]),
@@ -227,7 +261,8 @@ def benchmark(ours_bin, duration=10, rate=20000, names_count=1000, noise=0.05, r
         for phase in r.values():
             if isinstance(phase, dict):
                 phase.pop("raw", None)
-    return {"names": names_count, "duration": duration, "rate": rate, "versions": versions, "servers": results}
+    return {"names": names_count, "duration": duration, "rate": rate, "reps": max(1, reps), "versions": versions,
+            "servers": results}
 
 
 def rss_mb(pid):
@@ -296,6 +331,7 @@ def main():
     ap.add_argument("--names", type=int, default=1000)
     ap.add_argument("--noise", type=float, default=0.05, help="other processes' CPU (cores) that makes a run noisy")
     ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3, help="rounds over the three servers (medians are reported)")
     ap.add_argument("--skip-build", action="store_true")
     args = ap.parse_args()
 
@@ -307,7 +343,7 @@ def main():
         subprocess.run(["swift", "build", "-c", "release", "--product", "dns-bench-server"], cwd=ROOT, check=True,
                        stdout=sys.stderr)
     ours_bin = os.path.join(ROOT, ".build", "release", "dns-bench-server")
-    res = benchmark(ours_bin, args.duration, args.rate, args.names, args.noise, args.retries)
+    res = benchmark(ours_bin, args.duration, args.rate, args.names, args.noise, args.retries, reps=args.reps)
     report(res)
 
 
