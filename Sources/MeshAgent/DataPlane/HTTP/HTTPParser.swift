@@ -180,10 +180,7 @@ final class HTTPHead {
     /// Whether field `index` is called `name` (ASCII case-insensitive).
     func field(_ index: Int, isNamed name: String) -> Bool {
         let range = self.fields[index].name
-        guard range.count == name.utf8.count else { return false }
-        return self.bytes.withUnsafeReadableBytes { raw in
-            zip(raw[range], name.utf8).allSatisfy { asciiLower($0) == asciiLower($1) }
-        }
+        return self.bytes.withUnsafeReadableBytes { raw in HTTPBytes.equalsIgnoringCase(raw, range, name) }
     }
 
     /// The value of the first field called `name`.
@@ -242,6 +239,11 @@ enum HTTPBytes {
             i += 1
         }
         return true
+    }
+
+    /// Whether `raw[range]` is `text`, ASCII case-insensitively.
+    static func equalsIgnoringCase(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>, _ text: String) -> Bool {
+        range.count == text.utf8.count && zip(raw[range], text.utf8).allSatisfy { asciiLower($0) == asciiLower($1) }
     }
 
     /// The offset of the first `byte` in `raw[from..<raw.count]`.

@@ -331,10 +331,6 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
         try? context.channel.syncOptions?.setOption(.autoRead, value: !pause)
     }
 
-    private func resumeClientRead() {
-        self.updateReading()
-    }
-
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         context.fireChannelRead(data)
     }
@@ -429,7 +425,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
                 self.answerParseError(error, context: context)
             }
         }
-        self.resumeClientRead()
+        self.updateReading()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -602,7 +598,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
             exchange.responseDeadline = (now ?? .now()) + self.configuration.upstreamResponseTimeout
         }
         self.flushUpstreamSoon(handler)
-        self.resumeClientRead()
+        self.updateReading()
     }
 
     /// Retries on another backend when allowed (connect failures always may; an upstream reset before any
@@ -769,7 +765,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
     }
 
     func upstreamBecameWritable() {
-        self.resumeClientRead()
+        self.updateReading()
     }
 
     func upstreamClosed(_ connection: UpstreamConnection, error: (any Error)?) {
@@ -875,7 +871,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
         } else {
             self.state = .discarding
             self.idleSince = .now()
-            self.resumeClientRead()
+            self.updateReading()
         }
     }
 

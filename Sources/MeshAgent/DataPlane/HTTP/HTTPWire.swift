@@ -43,17 +43,13 @@ enum HTTPWire {
                 for index in head.fields.indices where head.field(index, is: "connection") {
                     HTTPParser.forEachListElement(raw, head.fields[index].value) { token in
                         for skip in ["close", "keep-alive", "upgrade", "content-length", "transfer-encoding"]
-                        where Self.equal(raw, token, skip) {
+                        where HTTPBytes.equalsIgnoringCase(raw, token, skip) {
                             return
                         }
                         self.named.append(token)
                     }
                 }
             }
-        }
-
-        private static func equal(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>, _ lower: String) -> Bool {
-            range.count == lower.utf8.count && zip(raw[range], lower.utf8).allSatisfy { asciiLower($0) == $1 }
         }
 
         /// Whether the field called `name` (a range of `raw`, the head's bytes) is left out.
