@@ -7,7 +7,7 @@ import Metrics
 import NIOCore
 import NIOHTTP1
 
-/// The control plane's REST + watch API (API.md): Kubernetes paths, objects, watch events and
+/// The control plane's REST + watch API (docs/API.md): Kubernetes paths, objects, watch events and
 /// Status errors, over any `Store`.
 public final class ControlAPI: HTTPResponder {
     let store: any Store

@@ -11,7 +11,7 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// Who may do what on the control API (API.md "Security"): the identity is the `mesh://` URI SAN of
+/// Who may do what on the control API (docs/API.md "Who may do what"): the identity is the `mesh://` URI SAN of
 /// the client's verified certificate.
 /// - no certificate: only `/healthz`, `/readyz` and `POST .../join`; anything else is 401;
 /// - `mesh://admin/*`: everything;

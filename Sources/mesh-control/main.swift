@@ -10,7 +10,7 @@ struct MeshControl: AsyncParsableCommand {
         commandName: "mesh-control",
         abstract: "The mesh's control plane: stores services, endpoints and nodes, and streams changes to agents.",
         discussion: """
-            Serves the Kubernetes-style API of API.md (default https://127.0.0.1:7700, TLS 1.3 with client \
+            Serves the Kubernetes-style API of docs/API.md (default https://127.0.0.1:7700, TLS 1.3 with client \
             certificates) over an embedded SQLite store. On first start it creates the mesh CA in <data-dir>/pki, \
             its serving certificate and an admin certificate for meshctl (<data-dir>/admin.meshconfig). Settings come from --config (YAML; every field has a default) and flags override them. \
             SIGTERM or SIGINT drains requests and exits 0.
