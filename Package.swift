@@ -5,23 +5,24 @@ import PackageDescription
 let swiftSettings: [SwiftSetting] = [
     .swiftLanguageMode(.v6),
     .enableUpcomingFeature("ExistentialAny"),
-    // One ELF section per function in release builds, so that the linker can lay out the functions
-    // mesh-agent runs at start-up next to each other (see Sources/mesh-agent/link/README.md).
-    .unsafeFlags(["-Xfrontend", "-function-sections"], .when(platforms: [.linux], configuration: .release)),
+    // No unsafe flags on library targets, so that the library products stay usable as a dependency. The
+    // release build of mesh-agent passes `-function-sections` on the command line instead (for every module,
+    // dependencies too: Sources/mesh-agent/link/README.md).
 ]
 
 /// mesh-agent's release link on Linux (Sources/mesh-agent/link/README.md): lld, with the functions that
 /// start-up and an idle agent run first (`startup.order`, `sections.ld`), relative relocations packed
-/// (DT_RELR, glibc >= 2.36), no symbol table exported to the dynamic linker, and libstdc++ linked
-/// statically: `link/static-libstdc++/libstdc++.a` is a symlink to Debian 12's GCC 12 archive, found
-/// by `-lstdc++` before the shared library (a dangling link, on another GCC, falls back to the shared one).
+/// (DT_RELR, glibc >= 2.36) and no symbol table exported to the dynamic linker. Optional: libstdc++ linked
+/// statically when `scripts/static-libstdc++` has put a link to the compiler's own `libstdc++.a` in
+/// `.build/static-libstdc++` (perf/run does); that folder is searched first by `-lstdc++`, and when it is
+/// missing the linker ignores it and takes the shared library.
 /// The executable stays position-independent (ASLR): `-no-pie` was measured at ~0.2 MB less and not adopted.
 /// Together they keep the idle agent's resident set small: most of it is pages of this binary.
 let agentLink = Context.packageDirectory + "/Sources/mesh-agent/link"
 let agentLinkerSettings: [LinkerSetting] = [
     .unsafeFlags(
         [
-            "-L\(agentLink)/static-libstdc++",
+            "-L\(Context.packageDirectory)/.build/static-libstdc++",
             "-use-ld=lld",
             "-Xlinker", "--symbol-ordering-file=\(agentLink)/startup.order",
             "-Xlinker", "--no-warn-symbol-ordering",
@@ -38,6 +39,8 @@ let nio: [Target.Dependency] = [
     .product(name: "NIOPosix", package: "swift-nio"),
 ]
 
+// Linux only: the data plane runs on epoll and splice, the mesh interface on netlink. The macOS line is
+// a deployment target for the manifest's sake, not a claim that it builds there.
 let package = Package(
     name: "edge-mesh",
     platforms: [.macOS(.v15)],
@@ -81,9 +84,10 @@ let package = Package(
         // Headers only (no library): Linux calls Glibc does not export to Swift (epoll, eventfd, accept4, thread names).
         .systemLibrary(name: "CLinux"),
         // libnl-3 / libnl-route-3 for the mesh interface, loaded with dlopen on first use (not linked: an
-        // agent in loopback mode maps none of it). Its headers (libnl-3-dev, libnl-route-3-dev) only check
-        // the shim's types at compile time; at run time the mesh interface needs libnl-route-3-200.
-        .target(name: "CNetlink", cSettings: [.unsafeFlags(["-isystem", "/usr/include/libnl3"])]),
+        // agent in loopback mode maps none of it). Building needs no libnl headers: the shim declares what it
+        // calls, and LibnlABITests checks that against libnl's headers (found with pkg-config). At run time
+        // the mesh interface needs libnl-route-3-200.
+        .target(name: "CNetlink"),
 
         // Shared vocabulary: model, names, config, wire types of the control API.
         .target(

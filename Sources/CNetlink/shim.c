@@ -1,6 +1,7 @@
 // libnl-3 / libnl-route-3 through dlopen (see include/CNetlink.h). The idle agent (loopback bind mode) never
 // calls mesh_nl_load, so neither library is mapped: ~0.5 MB of resident pages and their relocation at every
-// start (perf/README.md). libnl's headers are used here only to check types and constants at compile time.
+// start (perf/README.md). Building needs no libnl headers: the ABI check compiles this file against them
+// (-DMESH_CHECK_LIBNL_ABI with pkg-config's flags) and asserts every pointer type and constant.
 #include "CNetlink.h"
 
 #include <dlfcn.h>
@@ -9,6 +10,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#ifdef MESH_CHECK_LIBNL_ABI
+// Only for the ABI check (Tests/MeshAgentTests/Interface/LibnlABITests.swift compiles this file with
+// `pkg-config --cflags libnl-route-3.0`): the build itself needs no libnl headers.
 #include <netlink/addr.h>
 #include <netlink/attr.h>
 #include <netlink/cache.h>
@@ -19,6 +23,7 @@
 #include <netlink/route/addr.h>
 #include <netlink/route/link.h>
 #include <netlink/socket.h>
+#endif
 
 /// libnl's soname (stable since libnl 3.2, 2011); loading it loads libnl-3.so.200, its dependency.
 #define MESH_LIBNL_ROUTE "libnl-route-3.so.200"
@@ -75,13 +80,18 @@
     SAME(rtnl_addr_set_local)                                                                              \
     SAME(rtnl_addr_get_local)
 
-#define MESH_POINTER(name) static __typeof__(&name) p_##name;
+// Each pointer has the type of its mesh_ wrapper: libnl's own type, but for the enums nl_socket_modify_cb
+// takes, which are ints here (the same ABI).
+#define MESH_POINTER(name) static __typeof__(&mesh_##name) p_##name;
+MESH_NL_FUNCTIONS(MESH_POINTER, MESH_POINTER)
+
+#ifdef MESH_CHECK_LIBNL_ABI
 #define MESH_SAME_TYPE(name)                                                                               \
-    MESH_POINTER(name)                                                                                     \
     _Static_assert(__builtin_types_compatible_p(__typeof__(&mesh_##name), __typeof__(&name)),              \
                    "mesh_" #name " must have libnl's type");
-MESH_NL_FUNCTIONS(MESH_SAME_TYPE, MESH_POINTER)
-
+#define MESH_NO_CHECK(name)
+MESH_NL_FUNCTIONS(MESH_SAME_TYPE, MESH_NO_CHECK)
+_Static_assert(sizeof(enum nl_cb_type) == sizeof(int) && sizeof(enum nl_cb_kind) == sizeof(int), "enums are ints");
 _Static_assert(MESH_NLE_FAILURE == NLE_FAILURE && MESH_NLE_AGAIN == NLE_AGAIN && MESH_NLE_NOMEM == NLE_NOMEM
                    && MESH_NLE_EXIST == NLE_EXIST && MESH_NLE_OPNOTSUPP == NLE_OPNOTSUPP
                    && MESH_NLE_OBJ_NOTFOUND == NLE_OBJ_NOTFOUND && MESH_NLE_NOADDR == NLE_NOADDR
@@ -90,6 +100,7 @@ _Static_assert(MESH_NLE_FAILURE == NLE_FAILURE && MESH_NLE_AGAIN == NLE_AGAIN &&
 _Static_assert(MESH_NL_OK == NL_OK && MESH_NL_CB_VALID == NL_CB_VALID && MESH_NL_CB_CUSTOM == NL_CB_CUSTOM,
                "libnl callback constants");
 _Static_assert(__builtin_types_compatible_p(mesh_nl_recvmsg_msg_cb_t, nl_recvmsg_msg_cb_t), "callback type");
+#endif
 
 static pthread_once_t load_once = PTHREAD_ONCE_INIT;
 static int load_status = -1;
@@ -137,7 +148,7 @@ void mesh_nl_socket_disable_seq_check(struct nl_sock *sk) { p_nl_socket_disable_
 int mesh_nl_socket_add_membership(struct nl_sock *sk, int group) { return p_nl_socket_add_membership(sk, group); }
 int mesh_nl_socket_set_nonblocking(const struct nl_sock *sk) { return p_nl_socket_set_nonblocking(sk); }
 int mesh_nl_socket_modify_cb(struct nl_sock *sk, int type, int kind, mesh_nl_recvmsg_msg_cb_t func, void *arg) {
-    return p_nl_socket_modify_cb(sk, (enum nl_cb_type)type, (enum nl_cb_kind)kind, func, arg);
+    return p_nl_socket_modify_cb(sk, type, kind, func, arg);
 }
 int mesh_nl_recvmsgs_default(struct nl_sock *sk) { return p_nl_recvmsgs_default(sk); }
 
