@@ -359,6 +359,18 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "MeshClientTests",
+            dependencies: [
+                "MeshClient", "MeshCore", "MeshTestSupport", .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "MeshCtlTests",
+            dependencies: ["MeshCtl", "MeshCore", "MeshTestSupport"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "EndToEndTests",
             dependencies: ["MeshCore", "MeshClient", "MeshTestSupport", "MeshIdentity", "MeshHTTP"],
             swiftSettings: swiftSettings
