@@ -70,83 +70,20 @@ enum Answerer {
     ) -> QueryDisposition {
         scratch.malformed = false
         scratch.rcode = .noError
-        guard query.count >= 12 else {
+        let head: DNSQueryHead
+        switch DNSQueryHead.parse(query, name: &scratch.qname) {
+        case .notAQuery:
             scratch.malformed = true
             return .drop
-        }
-        let id = UInt16(query[0]) << 8 | UInt16(query[1])
-        let flags = UInt16(query[2]) << 8 | UInt16(query[3])
-        guard flags & 0x8000 == 0 else {
-            // A response sent to us: never answer it (no reflection loops).
-            scratch.malformed = true
-            return .drop
-        }
-        let opcode = (flags >> 11) & 0x0F
-        let qd = Int(UInt16(query[4]) << 8 | UInt16(query[5]))
-        let an = Int(UInt16(query[6]) << 8 | UInt16(query[7]))
-        let ns = Int(UInt16(query[8]) << 8 | UInt16(query[9]))
-        let ar = Int(UInt16(query[10]) << 8 | UInt16(query[11]))
-        guard opcode == 0 else {
+        case .notImplemented(let id, let flags):
             headerOnly(id: id, flags: flags, rcode: .notImp, scratch: scratch)
             return .reply
-        }
-        guard qd == 1 else {
+        case .malformed(let id, let flags):
             scratch.malformed = true
             headerOnly(id: id, flags: flags, rcode: .formErr, scratch: scratch)
             return .reply
-        }
-        var r = WireReader(query, position: 12)
-        let qtype: DNSType
-        let qclass: UInt16
-        let questionEnd: Int
-        var edns: DNSEDNS? = nil
-        do {
-            try r.readName(into: &scratch.qname)
-            qtype = DNSType(try r.readU16())
-            qclass = try r.readU16()
-            questionEnd = r.position
-            guard (an + ns + ar) * 11 <= r.remaining else { throw DNSWireError.countExceedsMessage }
-            for _ in 0..<(an + ns) {
-                try r.skipName()
-                try r.skip(8)
-                try r.skip(Int(try r.readU16()))
-            }
-            for _ in 0..<ar {
-                let isRoot = r.position < query.count && query[r.position] == 0
-                try r.skipName()
-                let type = try r.readU16()
-                let rclass = try r.readU16()
-                let ttl = try r.readU32()
-                let rdlength = Int(try r.readU16())
-                let end = r.position + rdlength
-                guard end <= query.count else { throw DNSWireError.truncated }
-                if type == DNSType.opt.rawValue {
-                    guard isRoot, edns == nil else { throw DNSWireError.badOPT }
-                    // Options are not used; still check they are well-formed.
-                    var p = r.position
-                    while p < end {
-                        guard end - p >= 4 else { throw DNSWireError.badRData }
-                        p += 4 + (Int(query[p + 2]) << 8 | Int(query[p + 3]))
-                    }
-                    guard p == end else { throw DNSWireError.badRData }
-                    edns = DNSEDNS(
-                        udpPayloadSize: rclass,
-                        extendedRCode: UInt8(ttl >> 24),
-                        version: UInt8((ttl >> 16) & 0xFF),
-                        dnssecOK: ttl & 0x8000 != 0
-                    )
-                }
-                r.position = end
-            }
-        } catch {
-            scratch.malformed = true
-            headerOnly(id: id, flags: flags, rcode: .formErr, scratch: scratch)
-            return .reply
-        }
-        guard qtype != .opt else {
-            scratch.malformed = true
-            headerOnly(id: id, flags: flags, rcode: .formErr, scratch: scratch)
-            return .reply
+        case .query(let parsed):
+            head = parsed
         }
 
         // The lowercase key the zone is indexed by.
@@ -155,7 +92,63 @@ enum Answerer {
         for b in qn { scratch.key.append(asciiLower(b)) }
         let key = scratch.key
 
-        var limit: Int
+        let limit = Self.responseLimit(head.edns, overTCP: overTCP, policy: policy)
+        var w = WireWriter(reusing: scratch.response, entryOffsets: scratch.offsets, entryLabelCounts: scratch.counts)
+        defer {
+            (scratch.response, scratch.offsets, scratch.counts) = w.takeStorage()
+        }
+        var out = ResponseBuilder(
+            id: head.id,
+            flags: head.flags,
+            query: query,
+            questionEnd: head.questionEnd,
+            qname: qn,
+            edns: head.edns,
+            maxUDPSize: policy.maxUDPSize
+        )
+        out.recursionAvailable = policy.forwarding
+        out.begin(&w)
+
+        /// Finishes a reply without records.
+        func reply(_ rcode: DNSRCode, authoritative: Bool = false) -> QueryDisposition {
+            out.finish(&w, rcode: rcode, authoritative: authoritative, limit: limit)
+            scratch.rcode = rcode
+            return .reply
+        }
+
+        if let rcode = Self.refusal(head) { return reply(rcode) }
+        // In one of our zones?
+        if let apex = zone.apexes.firstIndex(where: { isSuffix($0.name, of: key) }) {
+            return Self.answerInZone(
+                head,
+                key: key,
+                apex: apex,
+                zone: zone,
+                policy: policy,
+                limit: limit,
+                &out,
+                &w,
+                scratch
+            )
+        }
+        // A search-list expansion such as `web.shop.svc.cluster.local.example.com`: cannot exist.
+        if containsInterior(zone.svcSuffix, in: key) { return reply(.nxDomain) }
+        // Reverse names of our VIPs and endpoints; other reverse names fall through to upstream.
+        if head.qtype == .ptr || head.qtype == .any,
+            isSuffix(inAddrArpa, of: key) || isSuffix(ip6Arpa, of: key),
+            let node = zone.nodes[key], !node.ptr.isEmpty
+        {
+            _ = out.writeNode(&w, node: node, zone: zone, qtype: .ptr)
+            return reply(.noError, authoritative: true)
+        }
+        guard policy.forwarding else { return reply(.refused) }
+        return .forward(Self.forwardRequest(head, name: qn))
+    }
+
+    /// The largest response this client may get, less room for our OPT record: 64 KiB over TCP; over UDP
+    /// the client's EDNS size within 512...`maxUDPSize`, or 512 without EDNS.
+    static func responseLimit(_ edns: DNSEDNS?, overTCP: Bool, policy: AnswerPolicy) -> Int {
+        let limit: Int
         if overTCP {
             limit = 65535
         } else if let edns {
@@ -163,122 +156,77 @@ enum Answerer {
         } else {
             limit = 512
         }
-        var w = WireWriter(reusing: scratch.response, entryOffsets: scratch.offsets, entryLabelCounts: scratch.counts)
-        defer {
-            (scratch.response, scratch.offsets, scratch.counts) = w.takeStorage()
-        }
-        let optLength = edns == nil ? 0 : 11
-        limit -= optLength
-        var out = ResponseBuilder(
-            id: id,
-            flags: flags,
-            query: query,
-            questionEnd: questionEnd,
-            qname: qn,
-            edns: edns,
-            maxUDPSize: policy.maxUDPSize
-        )
-        out.recursionAvailable = policy.forwarding
-        out.begin(&w)
+        return limit - (edns == nil ? 0 : 11)
+    }
 
-        if let edns, edns.version != 0 {
-            out.finish(&w, rcode: .badVers, authoritative: false, limit: limit)
-            scratch.rcode = .badVers
-            return .reply
-        }
-        guard qclass == 1 || qclass == 255 else {
-            out.finish(&w, rcode: .refused, authoritative: false, limit: limit)
-            scratch.rcode = .refused
-            return .reply
-        }
-        guard qtype != .axfr && qtype != .ixfr else {
-            out.finish(&w, rcode: .refused, authoritative: false, limit: limit)
-            scratch.rcode = .refused
-            return .reply
-        }
+    /// Queries refused before looking at any name: an EDNS version we do not speak (BADVERS), a class
+    /// other than IN or ANY, and zone transfers (REFUSED).
+    static func refusal(_ head: DNSQueryHead) -> DNSRCode? {
+        if let edns = head.edns, edns.version != 0 { return .badVers }
+        guard head.qclass == 1 || head.qclass == 255 else { return .refused }
+        guard head.qtype != .axfr && head.qtype != .ixfr else { return .refused }
+        return nil
+    }
 
-        // In one of our zones?
-        var apexIndex = -1
-        for (i, apex) in zone.apexes.enumerated() where isSuffix(apex.name, of: key) {
-            apexIndex = i
-            break
-        }
-        if apexIndex >= 0 {
-            let rcode: DNSRCode
-            if let node = zone.nodes[key] {
-                var node = node
-                var chain = 0
-                // Follow in-zone CNAMEs (ExternalName pointing at a service); out-of-zone: forward.
-                while let target = node.cname, qtype != .cname, qtype != .any {
-                    out.writeCNAME(&w, target: target, ttl: zone.ttl)
-                    chain += 1
-                    if let next = zone.nodes[target], chain < 8 {
-                        node = next
-                        out.currentOwner = target
-                        continue
-                    }
-                    if !zone.apexes.contains(where: { isSuffix($0.name, of: target) }) && policy.forwarding {
-                        let cname = DNSRecord(
-                            name: DNSName(uncheckedWire: qn),
-                            ttl: zone.ttl,
-                            data: .cname(DNSName(uncheckedWire: target))
-                        )
-                        return .forward(
-                            ForwardRequest(
-                                id: id,
-                                flags: flags,
-                                question: DNSQuestion(name: DNSName(uncheckedWire: qn), type: qtype, qclass: qclass),
-                                clientEDNS: edns,
-                                cname: cname
-                            )
-                        )
-                    }
-                    node = ZoneNode()
-                    break
-                }
-                let wrote = out.writeNode(&w, node: node, zone: zone, qtype: qtype)
-                if wrote == 0 && out.answerCount == 0 {
-                    out.writeSOA(&w, zone: zone, apex: apexIndex)
-                }
-                rcode = .noError
-                if out.answerCount > 0, qtype == .srv {
-                    out.writeSRVAdditionals(&w, node: node, zone: zone, limit: limit)
-                }
-            } else {
-                out.writeSOA(&w, zone: zone, apex: apexIndex)
-                rcode = .nxDomain
-            }
-            out.finish(&w, rcode: rcode, authoritative: true, limit: limit)
-            scratch.rcode = rcode
-            return .reply
-        }
-        // A search-list expansion such as `web.shop.svc.cluster.local.example.com`: cannot exist.
-        if containsInterior(zone.svcSuffix, in: key) {
-            out.finish(&w, rcode: .nxDomain, authoritative: false, limit: limit)
+    /// A name under one of our apexes: its records (following in-zone CNAMEs; an ExternalName pointing
+    /// out of the zone is forwarded with its CNAME heading the answer), NODATA with the SOA, or NXDOMAIN.
+    static func answerInZone(
+        _ head: DNSQueryHead,
+        key: [UInt8],
+        apex: Int,
+        zone: DNSZone,
+        policy: AnswerPolicy,
+        limit: Int,
+        _ out: inout ResponseBuilder,
+        _ w: inout WireWriter,
+        _ scratch: AnswerScratch
+    ) -> QueryDisposition {
+        let qtype = head.qtype
+        guard var node = zone.nodes[key] else {
+            out.writeSOA(&w, zone: zone, apex: apex)
+            out.finish(&w, rcode: .nxDomain, authoritative: true, limit: limit)
             scratch.rcode = .nxDomain
             return .reply
         }
-        // Reverse names of our VIPs and endpoints; other reverse names fall through to upstream.
-        if qtype == .ptr || qtype == .any,
-            isSuffix(inAddrArpa, of: key) || isSuffix(ip6Arpa, of: key),
-            let node = zone.nodes[key], !node.ptr.isEmpty
-        {
-            _ = out.writeNode(&w, node: node, zone: zone, qtype: .ptr)
-            out.finish(&w, rcode: .noError, authoritative: true, limit: limit)
-            return .reply
+        var chain = 0
+        while let target = node.cname, qtype != .cname, qtype != .any {
+            out.writeCNAME(&w, target: target, ttl: zone.ttl)
+            chain += 1
+            if let next = zone.nodes[target], chain < 8 {
+                node = next
+                out.currentOwner = target
+                continue
+            }
+            if !zone.apexes.contains(where: { isSuffix($0.name, of: target) }) && policy.forwarding {
+                let qn = scratch.qname
+                var request = Self.forwardRequest(head, name: qn)
+                request.cname = DNSRecord(
+                    name: DNSName(uncheckedWire: qn),
+                    ttl: zone.ttl,
+                    data: .cname(DNSName(uncheckedWire: target))
+                )
+                return .forward(request)
+            }
+            node = ZoneNode()
+            break
         }
-        guard policy.forwarding else {
-            out.finish(&w, rcode: .refused, authoritative: false, limit: limit)
-            scratch.rcode = .refused
-            return .reply
+        let wrote = out.writeNode(&w, node: node, zone: zone, qtype: qtype)
+        if wrote == 0 && out.answerCount == 0 {
+            out.writeSOA(&w, zone: zone, apex: apex)
         }
-        return .forward(
-            ForwardRequest(
-                id: id,
-                flags: flags,
-                question: DNSQuestion(name: DNSName(uncheckedWire: qn), type: qtype, qclass: qclass),
-                clientEDNS: edns
-            )
+        if out.answerCount > 0, qtype == .srv {
+            out.writeSRVAdditionals(&w, node: node, zone: zone, limit: limit)
+        }
+        out.finish(&w, rcode: .noError, authoritative: true, limit: limit)
+        return .reply
+    }
+
+    static func forwardRequest(_ head: DNSQueryHead, name: [UInt8]) -> ForwardRequest {
+        ForwardRequest(
+            id: head.id,
+            flags: head.flags,
+            question: DNSQuestion(name: DNSName(uncheckedWire: name), type: head.qtype, qclass: head.qclass),
+            clientEDNS: head.edns
         )
     }
 

@@ -154,12 +154,10 @@ extension DNSMessage {
 
     static func decode(from r: inout WireReader) throws(DNSWireError) -> DNSMessage {
         var msg = DNSMessage()
-        msg.header.id = try r.readU16()
-        msg.header.flags = try r.readU16()
-        let qd = Int(try r.readU16())
-        let an = Int(try r.readU16())
-        let ns = Int(try r.readU16())
-        let ar = Int(try r.readU16())
+        let (id, flags, counts) = try DNSWireCounts.read(&r)
+        msg.header.id = id
+        msg.header.flags = flags
+        let (qd, an, ns, ar) = (counts.questions, counts.answers, counts.authorities, counts.additionals)
         // A question takes at least 5 bytes, a record at least 11: refuse impossible counts before
         // reserving anything for them.
         guard qd * 5 + (an + ns + ar) * 11 <= r.remaining else { throw .countExceedsMessage }
@@ -197,37 +195,13 @@ extension DNSMessage {
             let end = r.position + rdlength
             if type == .opt {
                 guard let edns, edns.pointee == nil, name.wire == [0] else { throw .badOPT }
-                edns.pointee = try decodeOPT(&r, udpSize: rclass, ttl: ttl, end: end)
+                edns.pointee = try DNSEDNS.read(&r, rclass: rclass, ttl: ttl, end: end, keepOptions: true)
                 continue
             }
             let data = try decodeRData(&r, type: type, end: end)
             out.append(DNSRecord(name: name, type: type, rclass: rclass, ttl: ttl, data: data))
         }
         return out
-    }
-
-    private static func decodeOPT(
-        _ r: inout WireReader,
-        udpSize: UInt16,
-        ttl: UInt32,
-        end: Int
-    )
-        throws(DNSWireError) -> DNSEDNS
-    {
-        var e = DNSEDNS(
-            udpPayloadSize: udpSize,
-            extendedRCode: UInt8(ttl >> 24),
-            version: UInt8((ttl >> 16) & 0xFF),
-            dnssecOK: ttl & 0x8000 != 0
-        )
-        while r.position < end {
-            guard end - r.position >= 4 else { throw .badRData }
-            let code = try r.readU16()
-            let len = Int(try r.readU16())
-            guard r.position + len <= end else { throw .badRData }
-            e.options.append(.init(code: code, data: try r.readBytes(len)))
-        }
-        return e
     }
 
     private static func decodeRData(_ r: inout WireReader, type: DNSType, end: Int) throws(DNSWireError) -> DNSRData {
