@@ -133,7 +133,10 @@ let package = Package(
         // Typed client of the control API: CRUD, list + watch with resume.
         .target(
             name: "MeshClient",
-            dependencies: ["MeshCore", "MeshHTTP", "MeshIdentity", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "MeshCore", "MeshHTTP", "MeshIdentity", .product(name: "Logging", package: "swift-log"),
+                .product(name: "X509", package: "swift-certificates"),
+            ],
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
@@ -307,6 +310,7 @@ let package = Package(
                 "Control", "MeshClient", "MeshCore", "MeshSQLite", "MeshHTTP", "MeshTestSupport", "MeshIdentity",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "X509", package: "swift-certificates"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -356,7 +360,10 @@ let package = Package(
         ),
         .testTarget(
             name: "EndToEndTests",
-            dependencies: ["MeshCore", "MeshClient", "MeshTestSupport", "MeshIdentity", "MeshHTTP"],
+            dependencies: [
+                "MeshCore", "MeshClient", "MeshTestSupport", "MeshIdentity", "MeshHTTP",
+                .product(name: "X509", package: "swift-certificates"),
+            ],
             swiftSettings: swiftSettings
         ),
     ]

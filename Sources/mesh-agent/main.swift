@@ -74,6 +74,9 @@ struct MeshAgentCommand: AsyncParsableCommand {
     var logLevel: String?
 
     func run() async throws {
+        // A bad setting (a malformed --join-token or --ca-cert-hash included) is an error of the run,
+        // exit 1 as README says, not a usage error (64): ArgumentParser prints an error that is not
+        // its own as "Error: <description>" and exits with EXIT_FAILURE.
         var settings: AgentConfig
         do {
             settings = try ConfigFile.load(AgentConfig.self, path: self.config)
@@ -93,8 +96,6 @@ struct MeshAgentCommand: AsyncParsableCommand {
             }
             if let v = self.logLevel { settings.logLevel = v }
             try settings.validate()
-        } catch let e as ManifestError {
-            throw ArgumentParser.ValidationError(e.message)
         }
         MeshLogging.bootstrap(level: try LogLevels.parse(settings.logLevel))
         let logger = Logger(label: "mesh-agent")
