@@ -75,7 +75,8 @@ struct NodeCredentials: Sendable {
         var done: [RevokedCertificate] = []
         for _ in 0..<16 {
             let stored = try await self.store.get(Self.issuedKey(node))
-            var record = try stored.map { try JSONDecoder().decode(Issued.self, from: Data($0.json.readableBytesView)) }
+            var record =
+                try stored.map { try JSONDecoder().decode(Issued.self, from: Data($0.json.readableBytesView)) }
                 ?? Issued(node: node, certificates: [])
             let now = Int(Date().timeIntervalSince1970)
             record.certificates.removeAll { (Timestamp.parse($0.notAfter) ?? 0) <= now }
@@ -211,7 +212,9 @@ extension ControlAPI {
         } catch let status as Status {
             return (Self.respond(status), verb, resource)
         } catch let e as StoreError {
-            return (Self.respond(Status(code: 503, reason: .serviceUnavailable, message: e.description)), verb, resource)
+            return (
+                Self.respond(Status(code: 503, reason: .serviceUnavailable, message: e.description)), verb, resource
+            )
         } catch {
             self.logger.error("\(request.method) \(request.uri) failed: \(error)")
             return (

@@ -62,7 +62,9 @@ public final class CertificateRenewer: Sendable {
         try self.files.write(keyPEM: try key.keyPEM(), certificatePEM: answer.certificate, caPEM: old.caPEM)
         let loaded = try self.files.load()
         guard loaded.identity == .node(self.nodeName) else {
-            throw IdentityError("the renewed certificate is for \(loaded.identity?.uri ?? "no identity"), not node \(self.nodeName)")
+            throw IdentityError(
+                "the renewed certificate is for \(loaded.identity?.uri ?? "no identity"), not node \(self.nodeName)"
+            )
         }
         try self.tls.use(key: loaded.keyPEM, certificate: loaded.certificatePEM)
         self.current.withLock { $0 = loaded }

@@ -45,7 +45,9 @@ extension Operations {
             return
         }
         let uses = token.usagesLeft.map { "\($0)" } ?? "unlimited"
-        let node = token.nodeName.map { "node:          \($0) (this token joins only this name, also when its Node exists)\n" } ?? ""
+        let node =
+            token.nodeName.map { "node:          \($0) (this token joins only this name, also when its Node exists)\n" }
+            ?? ""
         let nameFlag = token.nodeName.map { " --node-name \($0)" } ?? ""
         self.out(
             """

@@ -132,7 +132,10 @@ public final class PeerVerifier: Sendable {
                 return .failure(Refusal(.untrusted, "the server's chain holds no CA with hash \(pinned)"))
             }
         }
-        guard let ca = cas.first(where: { leaf.issuer == $0.subject && $0.publicKey.isValidSignature(leaf.signature, for: leaf) })
+        guard
+            let ca = cas.first(where: {
+                leaf.issuer == $0.subject && $0.publicKey.isValidSignature(leaf.signature, for: leaf)
+            })
         else {
             return .failure(Refusal(.untrusted, "the server's certificate was not issued by the mesh CA"))
         }
@@ -155,12 +158,17 @@ public final class PeerVerifier: Sendable {
         }
         guard let eku = try? leaf.extensions.extendedKeyUsage, eku.contains(.serverAuth) else {
             return .failure(
-                Refusal(.wrongIdentity, "the server's certificate (\(identity!.uri)) is not for serving (no serverAuth)")
+                Refusal(
+                    .wrongIdentity,
+                    "the server's certificate (\(identity!.uri)) is not for serving (no serverAuth)"
+                )
             )
         }
         let serial = MeshTLS.serialHex(leaf.serialNumber)
         if let revoked = self.revoked, revoked.contains(serial) {
-            return .failure(Refusal(.revoked, "the server's certificate (\(identity!.uri), serial \(serial)) is revoked"))
+            return .failure(
+                Refusal(.revoked, "the server's certificate (\(identity!.uri), serial \(serial)) is revoked")
+            )
         }
         return .success(identity!)
     }
@@ -207,7 +215,10 @@ extension MeshTLS {
         }
         guard !cas.isEmpty else { throw IdentityError("the CA file holds no certificate") }
         let verifier = PeerVerifier(expected: expect, trust: .certificates(cas), revoked: revoked)
-        return MeshClientTLS(context: try Self.makeClientContext(key: key, certificate: certificate), verifier: verifier)
+        return MeshClientTLS(
+            context: try Self.makeClientContext(key: key, certificate: certificate),
+            verifier: verifier
+        )
     }
 
     /// `client(caPEM:expect:...)` with loaded credentials (their CA, key and certificate).

@@ -104,8 +104,9 @@ public enum MeshTLS {
         return try NIOSSLContext(configuration: config)
     }
 
-    /// The client side: trusts only the mesh CA, checks the server's name or IP, and presents a
-    /// client certificate when given one.
+    /// A bare client context: trusts only the mesh CA, checks the server's name or IP, and presents
+    /// a client certificate when given one. It does *not* check the server's mesh identity: mesh
+    /// clients use `MeshTLS.client(...)` (PeerVerification.swift); this is for raw TLS tests.
     public static func clientContext(
         caPEM: String,
         key: String? = nil,

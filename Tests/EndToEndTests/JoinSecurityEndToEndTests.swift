@@ -69,7 +69,11 @@ import X509
     }
 
     func token(_ dir: TempDir, port: Int, _ extra: [String] = []) async throws -> BootstrapTokenSecret {
-        let created = try await self.meshctl(["token", "create", "--ttl", "10m", "-o", "json"] + extra, port: port, dir: dir)
+        let created = try await self.meshctl(
+            ["token", "create", "--ttl", "10m", "-o", "json"] + extra,
+            port: port,
+            dir: dir
+        )
         #expect(created.status == 0, "\(created.stderr)")
         return try JSONDecoder().decode(BootstrapTokenSecret.self, from: Data(created.stdout.utf8))
     }

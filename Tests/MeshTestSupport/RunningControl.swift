@@ -80,7 +80,11 @@ public final class RunningControl: Sendable {
     }
 
     /// A join token made through the API as admin (bound to `node` when given).
-    public func token(usages: Int? = nil, ttlSeconds: Int? = nil, node: String? = nil) async throws
+    public func token(
+        usages: Int? = nil,
+        ttlSeconds: Int? = nil,
+        node: String? = nil
+    ) async throws
         -> BootstrapTokenSecret
     {
         let request = BootstrapTokenRequest(ttlSeconds: ttlSeconds, usages: usages, nodeName: node)
