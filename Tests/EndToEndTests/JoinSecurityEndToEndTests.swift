@@ -91,7 +91,7 @@ import X509
         let token = try await self.token(dir, port: port, ["--usages", "3"])
         let real = try self.agent(dir, port: port, name: "n1", site: "a", state: dir.path + "/a", token: token)
         #expect(
-            await eventually(timeout: .seconds(20)) {
+            try await eventually(timeout: .seconds(20)) {
                 try await self.getNode(dir, port: port, "n1")?.status?.phase == .ready
             },
             "\(real.stderr)"
@@ -208,7 +208,7 @@ import X509
         let restart = Int(Date().timeIntervalSince1970)
         control = try await self.startControl(dir, port: port, yaml: "nodeCertificateValiditySeconds: 6\n")
         #expect(
-            await eventually(timeout: .seconds(20)) {
+            try await eventually(timeout: .seconds(20)) {
                 let beat = try await self.getNode(dir, port: port, "n1")?.status?.lastHeartbeatTime
                 return (beat.flatMap(Timestamp.parse) ?? 0) > restart
             },

@@ -125,7 +125,11 @@ public final class FakeControlPlane: Sendable {
     public let group: ServiceGroup
     public let task: Task<Void, any Error>
     public let port: Int
-    private let seen = Mutex<[String]>([])
+    private let seen = Seen()
+
+    final class Seen: Sendable {
+        let list = Mutex<[String]>([])
+    }
 
     /// `credential` is the certificate and key it serves with; `caPEM` is sent along as its chain.
     public init(credential: IssuedCredential, caPEM: String, dir: TempDir = TempDir()) async throws {
@@ -138,7 +142,7 @@ public final class FakeControlPlane: Sendable {
         config.tls = HTTPServerTLS(context: try MeshTLS.serverContext(try files.load())) { _ in nil }
         let seen = self.seen
         let responder = ClosureResponder { request in
-            seen.withLock { $0.append("\(request.method) \(request.uri) \(String(buffer: request.body))") }
+            seen.list.withLock { $0.append("\(request.method) \(request.uri) \(String(buffer: request.body))") }
             return .text(.ok, "{}")
         }
         let server = HTTPServer(configuration: config, responder: responder, logger: quietLogger)
@@ -151,7 +155,7 @@ public final class FakeControlPlane: Sendable {
 
     public var endpoint: HTTPEndpoint { HTTPEndpoint(host: "127.0.0.1", port: self.port, tls: true) }
     /// Every request received: method, target and body.
-    public var requests: [String] { self.seen.withLock { $0 } }
+    public var requests: [String] { self.seen.list.withLock { $0 } }
 
     public func stop() async throws {
         await self.group.triggerGracefulShutdown()
