@@ -524,6 +524,7 @@ public final class ControlAPI: HTTPResponder {
         }
         let kind = entry.type.kind
         let logger = self.logger
+        let credentials = self.credentials
         let (firstLines, limit) = (initial, timeout)
         Gauge(label: "mesh_control_watchers").record(self.watcherCount)
         return HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"]) {
@@ -539,6 +540,14 @@ public final class ControlAPI: HTTPResponder {
                 defer { timer?.cancel() }
                 if firstLines.readableBytes > 0 { try await writer.write(firstLines) }
                 while let chunk = await subscription.next(kind: kind) {
+                    // A certificate revoked while it watches: the stream ends at the next event or
+                    // bookmark, and the client's next request is refused.
+                    if credentials.denial(request) != nil {
+                        logger.notice(
+                            "ended a watch on \(filter.resource) by \(request.peerIdentity ?? "?"): its certificate is revoked"
+                        )
+                        return
+                    }
                     try await writer.write(chunk)
                 }
                 if subscription.overflowed {

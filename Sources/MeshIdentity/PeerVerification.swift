@@ -139,6 +139,9 @@ public final class PeerVerifier: Sendable {
         else {
             return .failure(Refusal(.untrusted, "the server's certificate was not issued by the mesh CA"))
         }
+        guard ca.notValidBefore <= now, now < ca.notValidAfter else {
+            return .failure(Refusal(.untrusted, "the mesh CA certificate is not valid now (until \(ca.notValidAfter))"))
+        }
         guard CertificateAuthority.verify(leaf, issuedBy: ca, now: now) else {
             return .failure(
                 Refusal(

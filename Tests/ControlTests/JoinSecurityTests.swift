@@ -7,12 +7,24 @@ import MeshHTTP
 import MeshIdentity
 import MeshTestSupport
 import NIOCore
+import Synchronization
 import Testing
 import X509
 
 /// Who may join as which node, certificate revocation and renewal, and the server identity every
 /// client requires (issue 11): a real control plane over TLS on loopback, real files.
 @Suite struct JoinSecurityTests {
+    static let quiet: Logger = {
+        var l = Logger(label: "test")
+        l.logLevel = .warning
+        return l
+    }()
+
+    final class Ended: Sendable {
+        let value = Atomic<Bool>(false)
+        var isSet: Bool { self.value.load(ordering: .acquiring) }
+    }
+
     /// Joins `name` with `token`: the node's credential and a client presenting it.
     func join(
         _ cp: RunningControl,
@@ -162,11 +174,18 @@ import X509
 
     @Test func aRevokedNodeIsRefusedAndTheListReachesPeersAndRelays() async throws {
         let dir = TempDir()
-        var cp = try await RunningControl(dir: dir)
+        var cp = try await RunningControl(dir: dir) { $0.bookmarkIntervalSeconds = 1 }
         let token = try await cp.token(usages: 2)
         let (n1, n1Credential) = try await self.join(cp, "n1", token)
         let (n2, n2Credential) = try await self.join(cp, "n2", token)
         try await n1.apply(self.node("n1", site: "a"))
+        // A watch n1 opened before its revocation.
+        let watchEnded = Ended()
+        let watching = Task {
+            try? await n1.watch(Service.self, after: nil) { _ in true }
+            watchEnded.value.store(true, ordering: .releasing)
+        }
+        #expect(!watchEnded.isSet)
         // A node may not revoke another.
         let denied = await #expect(throws: Status.self) {
             _ = try await n2.raw(.POST, "/apis/mesh.edge/v1/nodes/n1/revoke")
@@ -178,6 +197,9 @@ import X509
         #expect(revoked.items.map(\.serial) == [try self.serial(n1Credential)])
         #expect(revoked.items.first?.identity == "mesh://node/n1")
         let refused = await #expect(throws: Status.self) { _ = try await n1.list(Service.self) }
+        // Its open watch ends at the next bookmark.
+        #expect(await eventually(timeout: .seconds(10)) { watchEnded.isSet })
+        watching.cancel()
         #expect(refused?.code == 401)
         #expect(refused?.message.contains("mesh://node/n1") == true && refused?.message.contains("is revoked") == true)
         // Peers and relays fetch the list; the verifier hook refuses the serial on a link to n1.
@@ -227,7 +249,7 @@ import X509
             nodeName: "n1",
             token: token.token,
             caHash: token.caCertHash,
-            logger: Logger(label: "test")
+            logger: Self.quiet
         )
         let before = loaded.certificate
         #expect(abs(before.notValidAfter.timeIntervalSinceNow - 3600) < 120)
@@ -238,7 +260,7 @@ import X509
             nodeName: "n1",
             tls: tls,
             endpoint: cp.endpoint,
-            logger: Logger(label: "test")
+            logger: Self.quiet
         )
         // Not due for 40 minutes.
         #expect(MeshTLS.renewalTime(of: before).timeIntervalSinceNow > 2000)
