@@ -137,7 +137,10 @@ let package = Package(
         // Typed client of the control API: CRUD, list + watch with resume.
         .target(
             name: "MeshClient",
-            dependencies: ["MeshCore", "MeshHTTP", "MeshIdentity", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "MeshCore", "MeshHTTP", "MeshIdentity", .product(name: "Logging", package: "swift-log"),
+                .product(name: "X509", package: "swift-certificates"),
+            ],
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
@@ -311,6 +314,7 @@ let package = Package(
                 "Control", "MeshClient", "MeshCore", "MeshSQLite", "MeshHTTP", "MeshTestSupport", "MeshIdentity",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "X509", package: "swift-certificates"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -372,7 +376,10 @@ let package = Package(
         ),
         .testTarget(
             name: "EndToEndTests",
-            dependencies: ["MeshCore", "MeshClient", "MeshTestSupport", "MeshIdentity", "MeshHTTP"],
+            dependencies: [
+                "MeshCore", "MeshClient", "MeshTestSupport", "MeshIdentity", "MeshHTTP",
+                .product(name: "X509", package: "swift-certificates"),
+            ],
             swiftSettings: swiftSettings
         ),
     ]

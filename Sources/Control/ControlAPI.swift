@@ -17,6 +17,8 @@ public final class ControlAPI: HTTPResponder {
     let ca: CertificateAuthority?
     let caPEM: String
     let tokens: BootstrapTokenStore
+    /// Issued node certificates, the revocation list, renewal (`NodeCredentials`).
+    let credentials: NodeCredentials
     /// Node liveness (heartbeats); nil: heartbeats are refused with 503 and Node status is kept as written.
     let lifecycle: NodeLifecycle?
     public static let version = "0.1.0"
@@ -33,6 +35,7 @@ public final class ControlAPI: HTTPResponder {
         ca: CertificateAuthority? = nil,
         caPEM: String = "",
         lifecycle: NodeLifecycle? = nil,
+        nodeCertificateValidity: TimeInterval = CertificateAuthority.leafValidity,
         isReady: @escaping @Sendable () -> (Bool, String) = { (true, "ok") }
     ) {
         self.lifecycle = lifecycle
@@ -42,6 +45,7 @@ public final class ControlAPI: HTTPResponder {
         self.ca = ca
         self.caPEM = caPEM
         self.tokens = BootstrapTokenStore(store: store)
+        self.credentials = NodeCredentials(store: store, revoked: RevokedSerials(), validity: nodeCertificateValidity)
         self.health = HealthEndpoints(isReady: isReady)
     }
 
@@ -67,8 +71,19 @@ public final class ControlAPI: HTTPResponder {
         .json(HTTPResponseStatus(statusCode: status.code), encode(status))
     }
 
+    /// Reads the revocation list (call once before serving).
+    public func loadRevocations() async throws {
+        try await self.credentials.load()
+    }
+
     public func respond(to request: HTTPRequest) async -> HTTPResponse {
-        if case .deny(let status) = Authorization.decide(request) {
+        let verdict: Authorization.Decision
+        if !Authorization.isPublic(request), let revoked = self.credentials.denial(request) {
+            verdict = .deny(revoked)
+        } else {
+            verdict = Authorization.decide(request)
+        }
+        if case .deny(let status) = verdict {
             Counter(
                 label: "mesh_control_requests_total",
                 dimensions: [("verb", "denied"), ("resource", ""), ("code", "\(status.code)")]
@@ -84,6 +99,8 @@ public final class ControlAPI: HTTPResponder {
         let routed: (HTTPResponse, String, String)
         if let security = await self.routeSecurity(request) {
             routed = security
+        } else if let credentials = await self.routeCredentials(request) {
+            routed = credentials
         } else {
             routed = await self.route(request)
         }
@@ -166,27 +183,6 @@ public final class ControlAPI: HTTPResponder {
         reason: .serviceUnavailable,
         message: "this control plane has no certificate authority, so it cannot enrol nodes"
     )
-
-    /// Enrols a node: checks and takes a usage of the token, then signs the CSR for the node's name.
-    private func join(_ request: HTTPRequest) async throws -> HTTPResponse {
-        guard let ca = self.ca else { throw Self.noCA }
-        let join = try Self.decodeStrict(JoinRequest.self, request)
-        // Check the CSR before spending a usage of the token on it.
-        do {
-            _ = try ca.signNodeCSR(pem: join.csr)
-        } catch let e as IdentityError {
-            throw Status.badRequest(e.message)
-        }
-        try await self.tokens.consume(join.token)
-        let (name, certificate) = try ca.signNodeCSR(pem: join.csr)
-        self.logger.notice("node \(name) joined with token \(join.token.prefix(6))")
-        let answer = JoinResponse(
-            nodeName: name,
-            certificate: try certificate.serializeAsPEM().pemString,
-            caCertificate: self.caPEM
-        )
-        return .json(.ok, Self.encode(answer))
-    }
 
     /// The request's body, which must be JSON (415 for another content type, 400 when empty).
     static func jsonBody(_ request: HTTPRequest, what: String) throws -> Data {
@@ -528,6 +524,7 @@ public final class ControlAPI: HTTPResponder {
         }
         let kind = entry.type.kind
         let logger = self.logger
+        let credentials = self.credentials
         let (firstLines, limit) = (initial, timeout)
         Gauge(label: "mesh_control_watchers").record(self.watcherCount)
         return HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"]) {
@@ -543,6 +540,14 @@ public final class ControlAPI: HTTPResponder {
                 defer { timer?.cancel() }
                 if firstLines.readableBytes > 0 { try await writer.write(firstLines) }
                 while let chunk = await subscription.next(kind: kind) {
+                    // A certificate revoked while it watches: the stream ends at the next event or
+                    // bookmark, and the client's next request is refused.
+                    if credentials.denial(request) != nil {
+                        logger.notice(
+                            "ended a watch on \(filter.resource) by \(request.peerIdentity ?? "?"): its certificate is revoked"
+                        )
+                        return
+                    }
                     try await writer.write(chunk)
                 }
                 if subscription.overflowed {
@@ -597,7 +602,7 @@ public final class ControlAPI: HTTPResponder {
         )
     }
 
-    private func save<T: MeshObject>(
+    func save<T: MeshObject>(
         _ input: T,
         namespace: String?,
         urlName: String?,

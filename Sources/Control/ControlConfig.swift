@@ -31,6 +31,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     /// Extra names and IP addresses in the API's serving certificate, beside 127.0.0.1, ::1,
     /// localhost and the listen address (the names agents and meshctl dial).
     public var certSANs: [String] = []
+    /// Lifetime of the node certificates the join and the renewal issue (agents renew at two
+    /// thirds of it, without a token). Default one year.
+    public var nodeCertificateValiditySeconds: Double = 365 * 86400
     /// `full` fsyncs every commit; `normal` only at checkpoints.
     public var durability: Durability = .full
     /// trace, debug, info, notice, warning, error, critical.
@@ -68,6 +71,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
         if !(self.nodeGracePeriodSeconds >= 0.1) { throw ManifestError("nodeGracePeriodSeconds: must be at least 0.1") }
         if !(self.nodeStartupGracePeriodSeconds >= 0) {
             throw ManifestError("nodeStartupGracePeriodSeconds: must not be negative")
+        }
+        if !(self.nodeCertificateValiditySeconds >= 2 && self.nodeCertificateValiditySeconds <= 10 * 365 * 86400) {
+            throw ManifestError("nodeCertificateValiditySeconds: must be between 2 and 315360000 (10 years)")
         }
         if self.maxBodyBytes < 1024 { throw ManifestError("maxBodyBytes: must be at least 1024") }
         for (i, san) in self.certSANs.enumerated()

@@ -92,8 +92,15 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
             logger: self.logger,
             ca: pki.ca,
             caPEM: pki.caPEM,
-            lifecycle: lifecycle
+            lifecycle: lifecycle,
+            nodeCertificateValidity: config.nodeCertificateValiditySeconds
         )
+        do {
+            try await api.loadRevocations()
+        } catch {
+            try? await store.close()
+            throw error
+        }
         var httpConfig = HTTPServerConfiguration()
         httpConfig.host = listen.host
         httpConfig.port = listen.port

@@ -18,9 +18,10 @@ public enum APIFuzzing {
                 _ = try? Registry.object(from: value)
                 _ = value.jsonData()
             }
-            // The join and token payloads go through the same strict decoding.
+            // The join, token and renewal payloads go through the same strict decoding.
             _ = try? SecurityPayloads.decode(JoinRequest.self, json: rest)
             _ = try? SecurityPayloads.decode(BootstrapTokenRequest.self, json: rest)
+            _ = try? SecurityPayloads.decode(CertificateRenewalRequest.self, json: rest)
             if let text = String(data: rest, encoding: .utf8) { _ = JoinTokens.parse(text) }
         case 1:
             // A manifest file as meshctl reads it.

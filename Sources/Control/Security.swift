@@ -16,9 +16,12 @@ import Foundation
 /// - no certificate: only `/healthz`, `/readyz` and `POST .../join`; anything else is 401;
 /// - `mesh://admin/*`: everything;
 /// - `mesh://node/<name>`: get, list and watch services, endpoints and nodes, discovery and
-///   `/version`; update (PUT) only its own Node, `/apis/mesh.edge/v1/nodes/<name>`, and send its
-///   own heartbeat, `POST /apis/mesh.edge/v1/nodes/<name>/heartbeat`;
+///   `/version`, the revocation list; update (PUT) only its own Node, `/apis/mesh.edge/v1/nodes/<name>`,
+///   send its own heartbeat, `POST /apis/mesh.edge/v1/nodes/<name>/heartbeat`, and renew its own
+///   certificate, `POST /apis/mesh.edge/v1/nodes/<name>/certificate`;
+/// - `mesh://relay/<name>`: `/version` and the revocation list;
 /// - any other identity: 403.
+/// A revoked client certificate is refused before any of this (`NodeCredentials`).
 public enum Authorization {
     public enum Decision: Equatable, Sendable {
         case allow
@@ -53,6 +56,11 @@ public enum Authorization {
         case .node(let name):
             if Self.nodeMay(request, node: name) { return .allow }
             return .deny(Self.forbidden(text, request))
+        case .relay:
+            if request.method == .GET, request.path == "/version" || request.path == NodeCredentials.revokedPath {
+                return .allow
+            }
+            return .deny(Self.forbidden(text, request))
         case .control, nil:
             return .deny(Self.forbidden(text, request))
         }
@@ -68,14 +76,15 @@ public enum Authorization {
         }
         var rest = Array(segments.dropFirst(3))
         if rest[0] == "namespaces", rest.count >= 3 { rest.removeFirst(2) }
-        let readable: Set<String> = ["services", "endpoints", "nodes"]
+        let readable: Set<String> = ["services", "endpoints", "nodes", NodeCredentials.revokedResource]
         switch request.method {
         case .GET:
             return readable.contains(rest[0]) && rest.count <= 2
         case .PUT:
             return segments.count == 5 && segments[3] == "nodes" && segments[4] == node
         case .POST:
-            return segments.count == 6 && segments[3] == "nodes" && segments[4] == node && segments[5] == "heartbeat"
+            return segments.count == 6 && segments[3] == "nodes" && segments[4] == node
+                && (segments[5] == "heartbeat" || segments[5] == "certificate")
         default:
             return false
         }
@@ -105,6 +114,8 @@ struct BootstrapTokenStore: Sendable {
         var expires: String
         var usagesLeft: Int?
         var creationTimestamp: String
+        /// The one node name this token joins (and may re-join); nil: any name not taken.
+        var nodeName: String?
 
         var listed: BootstrapToken {
             BootstrapToken(
@@ -112,7 +123,8 @@ struct BootstrapTokenStore: Sendable {
                 description: self.description,
                 expires: self.expires,
                 usagesLeft: self.usagesLeft,
-                creationTimestamp: self.creationTimestamp
+                creationTimestamp: self.creationTimestamp,
+                nodeName: self.nodeName
             )
         }
     }
@@ -132,6 +144,9 @@ struct BootstrapTokenStore: Sendable {
         if let d = request.description, d.utf8.count > 256 {
             throw Status.badRequest("description: must be at most 256 bytes")
         }
+        if let n = request.nodeName, let e = Names.dns1123SubdomainError(n) {
+            throw Status.badRequest("nodeName: \"\(n)\" is invalid: \(e)")
+        }
         for _ in 0..<8 {
             let (id, secret) = JoinTokens.generate()
             let now = Int(Date().timeIntervalSince1970)
@@ -141,7 +156,8 @@ struct BootstrapTokenStore: Sendable {
                 description: request.description,
                 expires: Timestamp.format(secondsSinceEpoch: now + ttl),
                 usagesLeft: request.usages,
-                creationTimestamp: Timestamp.format(secondsSinceEpoch: now)
+                creationTimestamp: Timestamp.format(secondsSinceEpoch: now),
+                nodeName: request.nodeName
             )
             let json = ByteBuffer(bytes: try MeshJSON.encode(record))
             do {
@@ -155,7 +171,8 @@ struct BootstrapTokenStore: Sendable {
                 token: "\(id).\(secret)",
                 caCertHash: caHash,
                 expires: record.expires,
-                usagesLeft: record.usagesLeft
+                usagesLeft: record.usagesLeft,
+                nodeName: record.nodeName
             )
         }
         throw Status(code: 500, reason: .internalError, message: "could not pick an unused token id")
@@ -193,12 +210,26 @@ struct BootstrapTokenStore: Sendable {
         try JSONDecoder().decode(Record.self, from: Data(stored.json.readableBytesView))
     }
 
+    /// The answer to a join for a name a Node already has, with the two ways to re-join it.
+    static func nameTaken(_ name: String) -> Status {
+        Status(
+            code: 409,
+            reason: .alreadyExists,
+            message:
+                "node \"\(name)\" already exists, and a join token cannot take over an existing node. To re-join \(name) (say, after its disk was wiped): delete it first (meshctl delete node \(name)), or join with a token bound to it (meshctl token create --node \(name)); otherwise choose another --node-name",
+            details: .init(name: name, kind: Node.resource.plural)
+        )
+    }
+
     static func unauthorized(_ message: String) -> Status {
         Status(code: 401, reason: .unauthorized, message: message)
     }
 
-    /// Checks the token and takes one usage (atomically: a token with one usage admits one join).
-    func consume(_ token: String) async throws {
+    /// Checks the token for a join of `nodeName` and takes one usage (atomically: a token with one
+    /// usage admits one join). A token bound to a name joins only that name; `nameTaken` (a Node of
+    /// that name exists) is refused unless the token is bound to that name: a token holder cannot
+    /// take over a node that is there.
+    func consume(_ token: String, nodeName: String, nameTaken: Bool) async throws {
         guard let (id, secret) = JoinTokens.parse(token) else {
             throw Status.badRequest("token: must look like abcdef.0123456789abcdef (6 and 16 of a-z, 0-9)")
         }
@@ -219,6 +250,14 @@ struct BootstrapTokenStore: Sendable {
                 guard left > 0 else { throw Self.unauthorized("join token \(id) is used up") }
                 record.usagesLeft = left - 1
             }
+            if let bound = record.nodeName, bound != nodeName {
+                throw Status(
+                    code: 403,
+                    reason: .forbidden,
+                    message: "join token \(id) is bound to node \(bound); it cannot join \(nodeName)"
+                )
+            }
+            if nameTaken && record.nodeName == nil { throw Self.nameTaken(nodeName) }
             let json = ByteBuffer(bytes: try MeshJSON.encode(record))
             do {
                 _ = try await self.store.commit(

@@ -67,15 +67,22 @@ public enum NodeEnrolment {
         guard server.tls else { throw IdentityError("joining needs an https:// control plane URL, not \(server)") }
         let key = NodeKey()
         let request = JoinRequest(token: token, csr: try key.csrPEM(nodeName: nodeName))
-        let tls = HTTPClientTLS(context: try MeshTLS.joinContext(), verify: MeshTLS.pinnedVerifier(caHash: caHash))
-        let client = ControlClient(endpoint: server, tls: tls)
+        // The token goes only to a server whose chain holds the pinned CA *and* whose certificate
+        // is the control plane's: a node's certificate from the same CA does not qualify.
+        let tls = try MeshTLS.join(caHash: caHash, expect: .controlPlane)
+        let client = ControlClient(endpoint: server, mesh: tls)
         let body: ByteBuffer
         do {
             let json = ByteBuffer(bytes: try MeshJSON.encode(request))
             body = try await client.raw(.POST, "/apis/\(meshAPIVersion)/join", body: json).body
         } catch let e as HTTPClientError where e.message.contains("TLS handshake failed") {
+            if let refusal = tls.verifier.lastRefusal, refusal.kind != .untrusted {
+                throw IdentityError(
+                    "cannot join via \(server): it is not the mesh control plane: \(refusal.message); the join token was not sent"
+                )
+            }
             throw IdentityError(
-                "cannot join via \(server): its CA does not match --ca-cert-hash \(caHash) (or it is not the mesh control plane): \(e.message)"
+                "cannot join via \(server): its CA does not match --ca-cert-hash \(caHash) (or it is not the mesh control plane): \(e.message); the join token was not sent"
             )
         } catch let status as Status {
             throw IdentityError("the control plane refused the join: \(status.message)")

@@ -88,13 +88,19 @@ extension AllInOne {
         logger.info("admin credentials for meshctl written to \(path)")
     }
 
-    /// A one-use join token for the all-in-one's own agent, made through the API as admin.
-    func makeJoinToken(_ pki: ControlPKI) async throws -> BootstrapTokenSecret {
+    /// A one-use join token for the all-in-one's own agent, made through the API as admin, bound to
+    /// the agent's node name (so a wiped agent directory re-joins as the same node).
+    func makeJoinToken(_ pki: ControlPKI, nodeName: String) async throws -> BootstrapTokenSecret {
         let listen = try ListenAddress(self.controlListen, field: "--listen")
         let endpoint = HTTPEndpoint(host: ControlPKI.clientHost(listen.host), port: listen.port, tls: true)
         let admin = try pki.admin.load()
-        let client = ControlClient(endpoint: endpoint, tls: HTTPClientTLS(context: try MeshTLS.clientContext(admin)))
-        let request = BootstrapTokenRequest(ttlSeconds: 600, usages: 1, description: "meshctl up: its own agent")
+        let client = try ControlClient(endpoint: endpoint, credentials: admin)
+        let request = BootstrapTokenRequest(
+            ttlSeconds: 600,
+            usages: 1,
+            description: "meshctl up: its own agent",
+            nodeName: nodeName
+        )
         let body = try await client.raw(
             .POST,
             "/apis/\(meshAPIVersion)/bootstraptokens",
@@ -117,7 +123,7 @@ struct EnrolledAgent: ServiceLifecycle.Service {
         try self.mesh.writeClientConfig(pki, logger: self.logger)
         var config = self.mesh.agentConfig
         if !NodeEnrolment.files(stateDir: config.dataDir).allExist {
-            let token = try await self.mesh.makeJoinToken(pki)
+            let token = try await self.mesh.makeJoinToken(pki, nodeName: config.nodeName)
             config.joinToken = token.token
             config.caCertHash = token.caCertHash
         }

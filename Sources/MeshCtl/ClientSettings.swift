@@ -74,8 +74,9 @@ public struct ClientSettings: Sendable {
             let caPEM = try PEMFiles.read(ca, what: "CA certificate")
             let keyPEM = try key.map { try PEMFiles.read($0, what: "client key") }
             let certPEM = try cert.map { try PEMFiles.read($0, what: "client certificate") }
-            let context = try MeshTLS.clientContext(caPEM: caPEM, key: keyPEM, certificate: certPEM)
-            return ControlClient(endpoint: endpoint, tls: HTTPClientTLS(context: context))
+            // The server must be the control plane (mesh://control/...), not any holder of a mesh certificate.
+            let tls = try MeshTLS.client(caPEM: caPEM, expect: .controlPlane, key: keyPEM, certificate: certPEM)
+            return ControlClient(endpoint: endpoint, mesh: tls)
         } catch let e as IdentityError {
             throw ManifestError(e.message)
         } catch {

@@ -16,10 +16,16 @@ extension Operations {
     public func createToken(
         ttlSeconds: Int?,
         usages: Int?,
-        description: String?
+        description: String?,
+        nodeName: String? = nil
     ) async -> BootstrapTokenSecret? {
         do {
-            let request = BootstrapTokenRequest(ttlSeconds: ttlSeconds, usages: usages, description: description)
+            let request = BootstrapTokenRequest(
+                ttlSeconds: ttlSeconds,
+                usages: usages,
+                description: description,
+                nodeName: nodeName
+            )
             let body = try await self.client.raw(
                 .POST,
                 Self.tokensPath,
@@ -39,13 +45,17 @@ extension Operations {
             return
         }
         let uses = token.usagesLeft.map { "\($0)" } ?? "unlimited"
+        let node =
+            token.nodeName.map { "node:          \($0) (this token joins only this name, also when its Node exists)\n" }
+            ?? ""
+        let nameFlag = token.nodeName.map { " --node-name \($0)" } ?? ""
         self.out(
             """
             token:         \(token.token)
             ca-cert-hash:  \(token.caCertHash)
             expires:       \(token.expires)
             usages:        \(uses)
-            join a node:   mesh-agent --server \(self.client.endpoint) --join-token \(token.token) --ca-cert-hash \(token.caCertHash)
+            \(node)join a node:   mesh-agent --server \(self.client.endpoint) --join-token \(token.token) --ca-cert-hash \(token.caCertHash)\(nameFlag)
 
             """
         )
@@ -60,9 +70,12 @@ extension Operations {
                 self.out(String(decoding: try MeshJSON.encode(list), as: UTF8.self) + "\n")
                 return true
             }
-            var rows = [["ID", "EXPIRES", "USAGES LEFT", "DESCRIPTION"]]
+            var rows = [["ID", "EXPIRES", "USAGES LEFT", "NODE", "DESCRIPTION"]]
             for t in list.items {
-                rows.append([t.id, t.expires, t.usagesLeft.map { "\($0)" } ?? "unlimited", t.description ?? ""])
+                rows.append([
+                    t.id, t.expires, t.usagesLeft.map { "\($0)" } ?? "unlimited", t.nodeName ?? "<any>",
+                    t.description ?? "",
+                ])
             }
             self.out(Self.align(rows))
             return true

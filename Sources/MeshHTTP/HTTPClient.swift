@@ -79,22 +79,40 @@ public struct HTTPClientError: Error, Sendable, CustomStringConvertible {
 
 /// How an HTTPS client checks the server and proves who it is.
 public struct HTTPClientTLS: Sendable {
-    public var context: NIOSSLContext
+    /// The context for the next connection and its generation: a context that can be replaced
+    /// (a renewed client certificate) gives a new generation, and a kept-alive connection made
+    /// with an older one is replaced before its next request.
+    public var provider: @Sendable () -> (context: NIOSSLContext, generation: UInt64)
     /// The name to check the server's certificate against (and send as SNI); nil: the endpoint's
     /// host when it is a name; an IP address is checked against the certificate's IP SANs.
     public var serverHostname: String?
-    /// Replaces the usual chain verification (pinning a CA by its hash before it is trusted).
+    /// Replaces the usual chain verification (the mesh's identity check, CA pinning).
     public var verify: (@Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResult>) -> Void)?
+    /// Why `verify` last refused a server, added to the error of a failed handshake.
+    public var verificationFailure: (@Sendable () -> String?)?
 
     public init(
         context: NIOSSLContext,
         serverHostname: String? = nil,
         verify: (@Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResult>) -> Void)? = nil
     ) {
-        self.context = context
+        self.provider = { (context, 0) }
         self.serverHostname = serverHostname
         self.verify = verify
     }
+
+    public init(
+        provider: @escaping @Sendable () -> (context: NIOSSLContext, generation: UInt64),
+        verify: @escaping @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResult>) -> Void,
+        verificationFailure: (@Sendable () -> String?)? = nil
+    ) {
+        self.provider = provider
+        self.verify = verify
+        self.verificationFailure = verificationFailure
+    }
+
+    /// The context of the next connection.
+    public var context: NIOSSLContext { self.provider().context }
 }
 
 /// A small HTTP/1.1 client over SwiftNIO for the control API: one connection per request, whole
@@ -122,7 +140,7 @@ public struct HTTPClient: Sendable {
     typealias Connection = NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
 
     func connect() async throws -> (Connection, TLSErrorRecorder) {
-        let recorder = TLSErrorRecorder()
+        let recorder = TLSErrorRecorder(verificationFailure: self.endpoint.tls ? self.tls?.verificationFailure : nil)
         return (try await self.connect(recorder), recorder)
     }
 
@@ -142,14 +160,15 @@ public struct HTTPClient: Sendable {
                     channel.eventLoop.makeCompletedFuture {
                         if let tls {
                             let handler: NIOSSLClientHandler
+                            let context = tls.context
                             if let verify = tls.verify {
                                 handler = try NIOSSLClientHandler(
-                                    context: tls.context,
+                                    context: context,
                                     serverHostname: hostname,
                                     customVerificationCallback: verify
                                 )
                             } else {
-                                handler = try NIOSSLClientHandler(context: tls.context, serverHostname: hostname)
+                                handler = try NIOSSLClientHandler(context: context, serverHostname: hostname)
                             }
                             try channel.pipeline.syncOperations.addHandler(handler)
                             try channel.pipeline.syncOperations.addHandler(recorder)
@@ -251,8 +270,8 @@ public struct HTTPClient: Sendable {
         } catch let error as HTTPClientError {
             throw error
         } catch {
-            if let tls = recorder.error {
-                throw HTTPClientError("request to \(endpoint) failed: \(Self.describe(tls))")
+            if let tls = recorder.reason {
+                throw HTTPClientError("request to \(endpoint) failed: \(tls)")
             }
             if timedOut.isSet {
                 throw HTTPClientError("\(endpoint) did not answer within \(timeout.nanoseconds / 1_000_000_000)s")
@@ -275,7 +294,7 @@ public struct HTTPClient: Sendable {
         do {
             return try await Self.exchange(connection, sentHead, endpoint, consume)
         } catch let error where recorder.error != nil && !(error is HTTPClientError) {
-            throw HTTPClientError("request to \(endpoint) failed: \(Self.describe(recorder.error!))")
+            throw HTTPClientError("request to \(endpoint) failed: \(recorder.reason!)")
         }
     }
 
@@ -304,8 +323,21 @@ public struct HTTPClient: Sendable {
 final class TLSErrorRecorder: ChannelInboundHandler, Sendable {
     typealias InboundIn = ByteBuffer
     private let first = Mutex<(any Error)?>(nil)
+    private let verificationFailure: (@Sendable () -> String?)?
+
+    init(verificationFailure: (@Sendable () -> String?)? = nil) {
+        self.verificationFailure = verificationFailure
+    }
 
     var error: (any Error)? { self.first.withLock { $0 } }
+
+    /// The TLS error in words; for a refused server certificate, with the verifier's reason.
+    var reason: String? {
+        guard let error = self.error else { return nil }
+        var text = HTTPClient.describe(error)
+        if case NIOSSLError.handshakeFailed = error, let why = self.verificationFailure?() { text += ": \(why)" }
+        return text
+    }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if error is NIOSSLError || error is BoringSSLError {

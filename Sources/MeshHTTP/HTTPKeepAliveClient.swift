@@ -57,12 +57,16 @@ public final class HTTPKeepAliveClient: Sendable {
     }
 
     private func worker() -> Worker {
-        self.current.withLock { w in
-            if let existing = w, existing.isOpen { return existing }
-            let fresh = Worker(client: self.base)
-            w = fresh
-            return fresh
+        let generation = self.base.tls?.provider().generation ?? 0
+        let (worker, replaced) = self.current.withLock { w -> (Worker, Worker?) in
+            if let existing = w, existing.isOpen, existing.generation == generation { return (existing, nil) }
+            // A new TLS context (a renewed client certificate): the next request goes over a new connection.
+            let fresh = Worker(client: self.base, generation: generation)
+            defer { w = fresh }
+            return (fresh, w)
         }
+        replaced?.stop()
+        return worker
     }
 
     /// Why a request failed, and whether it went over a connection that had served one before.
@@ -80,10 +84,13 @@ public final class HTTPKeepAliveClient: Sendable {
     /// Owns one connection on its own task; takes jobs in order until the connection ends.
     final class Worker: Sendable {
         let jobs: AsyncStream<Job>.Continuation
+        /// The generation of the TLS context its connection was made with.
+        let generation: UInt64
         private let open = Atomic<Bool>(true)
         private let task: Mutex<Task<Void, Never>?>
 
-        init(client: HTTPClient) {
+        init(client: HTTPClient, generation: UInt64) {
+            self.generation = generation
             let (stream, continuation) = AsyncStream.makeStream(of: Job.self)
             self.jobs = continuation
             self.task = Mutex(nil)
@@ -154,8 +161,8 @@ public final class HTTPKeepAliveClient: Sendable {
                             response = try await HTTPClient.readResponse(&responses, endpoint: endpoint, limit: limit)
                         } catch {
                             let reason: any Error
-                            if let tls = recorder.error {
-                                reason = HTTPClientError("request to \(endpoint) failed: \(HTTPClient.describe(tls))")
+                            if let tls = recorder.reason {
+                                reason = HTTPClientError("request to \(endpoint) failed: \(tls)")
                             } else if timedOut.isSet {
                                 reason = HTTPClientError(
                                     "\(endpoint) did not answer within \(timeout.nanoseconds / 1_000_000_000)s"

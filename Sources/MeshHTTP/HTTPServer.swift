@@ -200,14 +200,15 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                     }
                     return
                 }
-                var peer: String??
+                var peer: (identity: String?, certificate: NIOSSLCertificate?)?
                 while let part = try await parts.next() {
                     guard case .head(let head) = part else { continue }
                     // A request arrives after the handshake: the client's certificate is known by now.
-                    if peer == nil { peer = .some(try await self.peerIdentity(channel)) }
+                    if peer == nil { peer = try await self.peerIdentity(channel) }
                     guard var request = try await self.collect(head, &parts, outbound, remote: channel.remoteAddress)
                     else { return }
-                    request.peerIdentity = peer ?? nil
+                    request.peerIdentity = peer?.identity
+                    request.peerCertificate = peer?.certificate
                     let response = await self.responder.respond(to: request)
                     let keepAlive = head.isKeepAlive && !self.bound.withLock({ $0.draining })
                     try await self.write(
@@ -226,11 +227,11 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         }
     }
 
-    /// The identity of the client's verified certificate (nil: plain HTTP or no certificate).
-    private func peerIdentity(_ channel: any Channel) async throws -> String? {
-        guard let tls = self.configuration.tls else { return nil }
-        guard let certificate = try await channel.nioSSL_peerCertificate().get() else { return nil }
-        return tls.identify(certificate)
+    /// The identity of the client's verified certificate, and the certificate (nil: plain HTTP or none).
+    private func peerIdentity(_ channel: any Channel) async throws -> (String?, NIOSSLCertificate?) {
+        guard let tls = self.configuration.tls else { return (nil, nil) }
+        guard let certificate = try await channel.nioSSL_peerCertificate().get() else { return (nil, nil) }
+        return (tls.identify(certificate), certificate)
     }
 
     /// Reads the body of the request that `head` starts, up to the limit. Nil: the connection is done.

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 
 /// A whole request: head and body (collected up to the server's limit).
 public struct HTTPRequest: Sendable {
@@ -16,6 +17,8 @@ public struct HTTPRequest: Sendable {
     /// Who the client is, from its verified TLS certificate (see `HTTPServerTLS.identify`); nil when
     /// it sent none or the server speaks plain HTTP.
     public var peerIdentity: String?
+    /// The client's verified TLS certificate (nil: none), for checks beyond the identity (revocation).
+    public var peerCertificate: NIOSSLCertificate?
 
     public init(
         method: HTTPMethod,

@@ -194,7 +194,10 @@ public struct CertificateAuthority: Sendable {
     /// Signs a node's CSR. The node name is the CSR's common name and must be a DNS-1123 subdomain;
     /// the certificate carries only `mesh://node/<name>` (whatever else the CSR asks for), so a CSR
     /// can never yield an admin or control-plane identity.
-    public func signNodeCSR(pem: String) throws -> (nodeName: String, certificate: Certificate) {
+    public func signNodeCSR(
+        pem: String,
+        validity: TimeInterval = CertificateAuthority.leafValidity
+    ) throws -> (nodeName: String, certificate: Certificate) {
         let csr: CertificateSigningRequest
         do {
             csr = try CertificateSigningRequest(pemEncoded: pem)
@@ -217,7 +220,8 @@ public struct CertificateAuthority: Sendable {
             identity: .node(name),
             publicKey: csr.publicKey,
             serverAuth: true,
-            clientAuth: true
+            clientAuth: true,
+            validity: validity
         )
         return (name, certificate)
     }

@@ -3,11 +3,13 @@ import MeshCore
 /// Who a certificate speaks for: the identity is a URI in the certificate's subjectAltName.
 ///
 /// Scheme: `mesh://<role>/<name>`, with role `admin` (operators, meshctl), `node` (an enrolled agent,
-/// name = the node's DNS-1123 name) or `control` (the control plane's serving certificate).
+/// name = the node's DNS-1123 name), `control` (the control plane's serving certificate) or `relay`
+/// (a relay's serving certificate).
 public enum MeshIdentity: Sendable, Hashable, CustomStringConvertible {
     case admin(String)
     case node(String)
     case control(String)
+    case relay(String)
 
     public static let scheme = "mesh://"
 
@@ -17,12 +19,13 @@ public enum MeshIdentity: Sendable, Hashable, CustomStringConvertible {
         case .admin(let n): return "\(Self.scheme)admin/\(n)"
         case .node(let n): return "\(Self.scheme)node/\(n)"
         case .control(let n): return "\(Self.scheme)control/\(n)"
+        case .relay(let n): return "\(Self.scheme)relay/\(n)"
         }
     }
 
     public var name: String {
         switch self {
-        case .admin(let n), .node(let n), .control(let n): return n
+        case .admin(let n), .node(let n), .control(let n), .relay(let n): return n
         }
     }
 
@@ -40,6 +43,7 @@ public enum MeshIdentity: Sendable, Hashable, CustomStringConvertible {
         case "admin": self = .admin(name)
         case "node": self = .node(name)
         case "control": self = .control(name)
+        case "relay": self = .relay(name)
         default: return nil
         }
     }

@@ -104,8 +104,9 @@ public enum MeshTLS {
         return try NIOSSLContext(configuration: config)
     }
 
-    /// The client side: trusts only the mesh CA, checks the server's name or IP, and presents a
-    /// client certificate when given one.
+    /// A bare client context: trusts only the mesh CA, checks the server's name or IP, and presents
+    /// a client certificate when given one. It does *not* check the server's mesh identity: mesh
+    /// clients use `MeshTLS.client(...)` (PeerVerification.swift); this is for raw TLS tests.
     public static func clientContext(
         caPEM: String,
         key: String? = nil,
@@ -128,39 +129,6 @@ public enum MeshTLS {
 
     public static func clientContext(_ credentials: LoadedCredentials) throws -> NIOSSLContext {
         try clientContext(caPEM: credentials.caPEM, key: credentials.keyPEM, certificate: credentials.certificatePEM)
-    }
-
-    /// A client context for joining: no client certificate, and the server is trusted only when it
-    /// presents a chain whose CA has the pinned `sha256:` SubjectPublicKeyInfo hash and that CA
-    /// signed the server's certificate (see `pinnedVerifier`).
-    public static func joinContext() throws -> NIOSSLContext {
-        var config = TLSConfiguration.makeClientConfiguration()
-        config.minimumTLSVersion = .tlsv13
-        config.maximumTLSVersion = .tlsv13
-        // Not `.none`: the custom verification callback runs only when verification is on.
-        config.certificateVerification = .noHostnameVerification
-        config.shutdownTimeout = Self.clientShutdownTimeout
-        return try NIOSSLContext(configuration: config)
-    }
-
-    /// Verifies a server's chain against a pinned CA hash: one certificate of the chain is a CA
-    /// with that hash, and it signed the leaf, which is valid now.
-    public static func pinnedVerifier(
-        caHash: String
-    ) -> @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResult>) -> Void {
-        let wanted = caHash.lowercased()
-        return { chain, promise in
-            promise.succeed(Self.verify(chain: chain, pinned: wanted) ? .certificateVerified : .failed)
-        }
-    }
-
-    static func verify(chain: [NIOSSLCertificate], pinned: String) -> Bool {
-        let parsed = chain.compactMap { c in (try? c.toDERBytes()).flatMap { try? Certificate(derEncoded: $0) } }
-        guard parsed.count == chain.count, let leaf = parsed.first else { return false }
-        guard let ca = parsed.first(where: { CertificateAuthority.hash(of: $0) == pinned && isCA($0) }) else {
-            return false
-        }
-        return CertificateAuthority.verify(leaf, issuedBy: ca) && CertificateAuthority.verify(ca, issuedBy: ca)
     }
 
     static func isCA(_ certificate: Certificate) -> Bool {

@@ -74,28 +74,26 @@ struct MeshAgentCommand: AsyncParsableCommand {
     var logLevel: String?
 
     func run() async throws {
-        var settings: AgentConfig
-        do {
-            settings = try ConfigFile.load(AgentConfig.self, path: self.config)
-            if let v = self.server { settings.controlServer = v }
-            if let v = self.joinToken { settings.joinToken = v }
-            if let v = self.caCertHash { settings.caCertHash = v }
-            if let v = self.nodeName { settings.nodeName = v }
-            if let v = self.site { settings.site = v }
-            if let v = self.dataDir { settings.dataDir = v }
-            if let v = self.dnsListen { settings.dnsListen = v }
-            if let v = self.adminListen { settings.adminListen = v }
-            if let v = self.interfaceMode {
-                guard let mode = AgentConfig.InterfaceMode(rawValue: v) else {
-                    throw ManifestError("--interface-mode: \"\(v)\" is not one of loopback, meshInterface, auto")
-                }
-                settings.interfaceMode = mode
+        // A bad setting (a malformed --join-token or --ca-cert-hash included) is an error of the run,
+        // exit 1 as README says, not a usage error (64): ArgumentParser prints an error that is not
+        // its own as "Error: <description>" and exits with EXIT_FAILURE.
+        var settings = try ConfigFile.load(AgentConfig.self, path: self.config)
+        if let v = self.server { settings.controlServer = v }
+        if let v = self.joinToken { settings.joinToken = v }
+        if let v = self.caCertHash { settings.caCertHash = v }
+        if let v = self.nodeName { settings.nodeName = v }
+        if let v = self.site { settings.site = v }
+        if let v = self.dataDir { settings.dataDir = v }
+        if let v = self.dnsListen { settings.dnsListen = v }
+        if let v = self.adminListen { settings.adminListen = v }
+        if let v = self.interfaceMode {
+            guard let mode = AgentConfig.InterfaceMode(rawValue: v) else {
+                throw ManifestError("--interface-mode: \"\(v)\" is not one of loopback, meshInterface, auto")
             }
-            if let v = self.logLevel { settings.logLevel = v }
-            try settings.validate()
-        } catch let e as ManifestError {
-            throw ArgumentParser.ValidationError(e.message)
+            settings.interfaceMode = mode
         }
+        if let v = self.logLevel { settings.logLevel = v }
+        try settings.validate()
         MeshLogging.bootstrap(level: try LogLevels.parse(settings.logLevel))
         let logger = Logger(label: "mesh-agent")
         let agent = AgentServer(config: settings, logger: logger)

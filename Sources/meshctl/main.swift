@@ -23,7 +23,8 @@ struct MeshCtlCommand: AsyncParsableCommand {
             """,
         version: "0.1.0",
         subcommands: [
-            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Token.self, Version.self,
+            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Token.self, Revoke.self,
+            Version.self,
         ]
     )
 }
@@ -322,6 +323,13 @@ struct TokenCreate: AsyncParsableCommand {
     @Option(name: .long, help: "A note shown by `meshctl token list`.")
     var description: String?
 
+    @Option(
+        name: .long,
+        help:
+            "Bind the token to this node name: it joins only that name, also when the Node exists (re-joining a node whose disk was wiped)."
+    )
+    var node: String?
+
     @Option(name: .shortAndLong, help: "text or json.")
     var output: String = "text"
 
@@ -330,8 +338,17 @@ struct TokenCreate: AsyncParsableCommand {
             throw ValidationError("--ttl \"\(self.ttl)\" is not a duration such as 30m, 24h or 7d")
         }
         if let u = self.usages, u < 1 { throw ValidationError("--usages must be at least 1") }
+        if let n = self.node, let e = Names.dns1123SubdomainError(n) {
+            throw ValidationError("--node \"\(n)\": \(e)")
+        }
         let ops = try self.server.operations()
-        guard let token = await ops.createToken(ttlSeconds: seconds, usages: self.usages, description: self.description)
+        guard
+            let token = await ops.createToken(
+                ttlSeconds: seconds,
+                usages: self.usages,
+                description: self.description,
+                nodeName: self.node
+            )
         else { throw ExitCode.failure }
         ops.printToken(token, json: self.output == "json")
     }
@@ -364,6 +381,55 @@ struct TokenDelete: AsyncParsableCommand {
     func run() async throws {
         guard !self.ids.isEmpty else { throw ValidationError("give at least one token id") }
         if !(try await self.server.operations().deleteTokens(self.ids)) { throw ExitCode.failure }
+    }
+}
+
+struct Revoke: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Revoke node certificates (the control plane refuses them; links and relays fetch the list).",
+        discussion: """
+            `meshctl revoke node NAME` revokes every certificate NAME was issued by its join and renewals. \
+            Its Node stays, so a token cannot take the name over; to let the node back in, delete the Node \
+            (meshctl delete node NAME) and join it again, or join it with a token bound to the name \
+            (meshctl token create --node NAME).
+            """,
+        subcommands: [RevokeNode.self, RevokeList.self]
+    )
+}
+
+struct RevokeNode: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "node", abstract: "Revoke nodes' certificates.")
+
+    @OptionGroup var server: ServerOptions
+
+    @Argument(help: "Node names.")
+    var names: [String]
+
+    @Option(name: .long, help: "Revoke only the certificate with this serial (hex, as `meshctl revoke list` shows).")
+    var serial: String?
+
+    @Option(name: .shortAndLong, help: "text or json.")
+    var output: String = "text"
+
+    func run() async throws {
+        guard !self.names.isEmpty else { throw ValidationError("give at least one node name") }
+        let ops = try self.server.operations()
+        if !(await ops.revokeNodes(self.names, serial: self.serial, json: self.output == "json")) {
+            throw ExitCode.failure
+        }
+    }
+}
+
+struct RevokeList: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "Show the revocation list.")
+
+    @OptionGroup var server: ServerOptions
+
+    @Option(name: .shortAndLong, help: "table or json.")
+    var output: String = "table"
+
+    func run() async throws {
+        if !(try await self.server.operations().listRevoked(json: self.output == "json")) { throw ExitCode.failure }
     }
 }
 

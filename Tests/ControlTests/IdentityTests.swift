@@ -8,11 +8,26 @@ import Testing
         #expect(MeshIdentity(uri: "mesh://node/edge-a1") == .node("edge-a1"))
         #expect(MeshIdentity(uri: "mesh://admin/admin") == .admin("admin"))
         #expect(MeshIdentity.node("edge-a1").uri == "mesh://node/edge-a1")
+        #expect(MeshIdentity(uri: "mesh://relay/r1") == .relay("r1"))
+        #expect(MeshIdentity.relay("r1").uri == "mesh://relay/r1")
         for bad in [
             "mesh://node/", "mesh://node/Edge_A", "mesh://root/x", "spiffe://node/x", "mesh://node/a/b", "mesh://node",
         ] {
             #expect(MeshIdentity(uri: bad) == nil, "\(bad)")
         }
+    }
+
+    @Test func whatEachExpectedPeerAccepts() {
+        #expect(ExpectedPeer.controlPlane.accepts(.control("mesh-control")))
+        for other: MeshIdentity? in [.node("control"), .admin("admin"), .relay("r"), nil] {
+            #expect(!ExpectedPeer.controlPlane.accepts(other), "\(String(describing: other))")
+        }
+        #expect(ExpectedPeer.exactly(.node("b")).accepts(.node("b")))
+        #expect(!ExpectedPeer.exactly(.node("b")).accepts(.node("a")))
+        #expect(!ExpectedPeer.exactly(.relay("b")).accepts(.node("b")))
+        // Serials as the revocation list writes them: lowercase hex, no DER sign byte.
+        #expect(MeshTLS.serialHex(bytes: [0x00, 0x8f, 0x0a]) == "8f0a")
+        #expect(MeshTLS.serialHex(bytes: [0x7f]) == "7f")
     }
 
     @Test func aCSRYieldsOnlyANodeIdentity() throws {

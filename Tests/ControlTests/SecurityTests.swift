@@ -154,9 +154,10 @@ import Testing
                 caHash: token.caCertHash
             )
             #expect(answer.nodeName == name)
-            // The new certificate is a node identity the API accepts.
+            // The join registered the Node; the new certificate is a node identity the API accepts.
+            #expect(try await cp.client.get(Node.self, name: name).status?.phase == .unknown)
             let client = try cp.client(IssuedCredential(keyPEM: key, certificatePEM: answer.certificate))
-            #expect(try await client.apply(self.node(name)).created)
+            #expect(try await client.apply(self.node(name)).object.spec.site == "a")
         }
         let usedUp = await #expect(throws: IdentityError.self) {
             _ = try await NodeEnrolment.join(

@@ -6,6 +6,7 @@ import MeshHTTP
 import MeshIdentity
 import NIOCore
 import NIOSSL
+import Synchronization
 
 import class ServiceLifecycle.ServiceGroup
 
@@ -49,21 +50,23 @@ public final class RunningControl: Sendable {
         self.pki = try await server.pki()
         self.client = try ControlClient(
             endpoint: HTTPEndpoint(host: "127.0.0.1", port: address.port!, tls: true),
-            tls: HTTPClientTLS(context: MeshTLS.clientContext(self.pki.admin.load()))
+            credentials: self.pki.admin.load()
         )
     }
 
     public var endpoint: HTTPEndpoint { HTTPEndpoint(host: "127.0.0.1", port: self.port, tls: true) }
     public var url: String { "https://127.0.0.1:\(self.port)" }
 
-    /// A client presenting `credentials` (nil: no client certificate), trusting the mesh CA.
+    /// A client presenting `credentials` (nil: no client certificate), trusting the mesh CA and
+    /// requiring the control plane's identity of the server.
     public func client(_ credentials: IssuedCredential?) throws -> ControlClient {
-        let context = try MeshTLS.clientContext(
+        let tls = try MeshTLS.client(
             caPEM: self.pki.caPEM,
+            expect: .controlPlane,
             key: credentials?.keyPEM,
             certificate: credentials?.certificatePEM
         )
-        return ControlClient(endpoint: self.endpoint, tls: HTTPClientTLS(context: context))
+        return ControlClient(endpoint: self.endpoint, mesh: tls)
     }
 
     /// A TLS client context with the admin certificate (for raw-byte tests).
@@ -76,9 +79,15 @@ public final class RunningControl: Sendable {
         try self.pki.ca.issueCredential(identity: identity, serverAuth: false, clientAuth: true)
     }
 
-    /// A join token made through the API as admin.
-    public func token(usages: Int? = nil, ttlSeconds: Int? = nil) async throws -> BootstrapTokenSecret {
-        let request = BootstrapTokenRequest(ttlSeconds: ttlSeconds, usages: usages)
+    /// A join token made through the API as admin (bound to `node` when given).
+    public func token(
+        usages: Int? = nil,
+        ttlSeconds: Int? = nil,
+        node: String? = nil
+    ) async throws
+        -> BootstrapTokenSecret
+    {
+        let request = BootstrapTokenRequest(ttlSeconds: ttlSeconds, usages: usages, nodeName: node)
         let body = try await self.client.raw(
             .POST,
             "/apis/mesh.edge/v1/bootstraptokens",
@@ -107,4 +116,49 @@ public func seedNodeCredentials(stateDir: String, nodeName: String) throws {
         certificatePEM: issued.certificatePEM,
         caPEM: try ca.certificatePEM()
     )
+}
+
+/// A TLS server that is *not* the control plane but holds a certificate of the mesh CA (a node's,
+/// say): it counts every request it receives, to show a client never sent one.
+public final class FakeControlPlane: Sendable {
+    public let server: HTTPServer
+    public let group: ServiceGroup
+    public let task: Task<Void, any Error>
+    public let port: Int
+    private let seen = Seen()
+
+    final class Seen: Sendable {
+        let list = Mutex<[String]>([])
+    }
+
+    /// `credential` is the certificate and key it serves with; `caPEM` is sent along as its chain.
+    public init(credential: IssuedCredential, caPEM: String, dir: TempDir = TempDir()) async throws {
+        let files = CredentialFiles(directory: dir.path, name: "fake")
+        try files.write(keyPEM: credential.keyPEM, certificatePEM: credential.certificatePEM, caPEM: caPEM)
+        var config = HTTPServerConfiguration()
+        config.host = "127.0.0.1"
+        config.port = 0
+        config.drainTimeout = .milliseconds(200)
+        config.tls = HTTPServerTLS(context: try MeshTLS.serverContext(try files.load())) { _ in nil }
+        let seen = self.seen
+        let responder = ClosureResponder { request in
+            seen.list.withLock { $0.append("\(request.method) \(request.uri) \(String(buffer: request.body))") }
+            return .text(.ok, "{}")
+        }
+        let server = HTTPServer(configuration: config, responder: responder, logger: quietLogger)
+        let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: quietLogger))
+        self.server = server
+        self.group = group
+        self.task = Task { try await group.run() }
+        self.port = try await server.localAddress().port!
+    }
+
+    public var endpoint: HTTPEndpoint { HTTPEndpoint(host: "127.0.0.1", port: self.port, tls: true) }
+    /// Every request received: method, target and body.
+    public var requests: [String] { self.seen.list.withLock { $0 } }
+
+    public func stop() async throws {
+        await self.group.triggerGracefulShutdown()
+        try await self.task.value
+    }
 }

@@ -6,6 +6,7 @@ import MeshHTTP
 import MeshIdentity
 import NIOCore
 import NodeAgent
+import ServiceLifecycle
 import Synchronization
 
 #if canImport(FoundationEssentials)
@@ -136,7 +137,18 @@ public final class AgentServer: Sendable {
         } catch let e as IdentityError {
             throw ManifestError(e.message)
         }
-        let controlTLS = HTTPClientTLS(context: try MeshTLS.clientContext(credentials))
+        // Every connection to the control plane requires mesh://control/... of the server, and
+        // presents the node's current certificate, which the renewer replaces before it expires.
+        let controlMesh = try MeshTLS.client(credentials, expect: .controlPlane)
+        let controlTLS = HTTPClientTLS(mesh: controlMesh)
+        let renewer = CertificateRenewer(
+            credentials: credentials,
+            files: NodeEnrolment.files(stateDir: config.dataDir),
+            nodeName: config.nodeName,
+            tls: controlMesh,
+            endpoint: endpoint,
+            logger: self.logger
+        )
         let fixedDNS = config.dnsListen == "auto" ? nil : try ListenAddress(config.dnsListen, field: "dnsListen")
         let adminListen = try ListenAddress(config.adminListen, field: "adminListen")
 
@@ -214,6 +226,7 @@ public final class AgentServer: Sendable {
             group.addTask { try await sync.run() }
             // The node agent never fails: it retries on its own, whatever the control plane does.
             group.addTask { await nodeAgent.run() }
+            group.addTask { await cancelWhenGracefulShutdown { await renewer.run() } }
             // All return on graceful shutdown; the first failure stops the rest.
             do {
                 try await group.waitForAll()

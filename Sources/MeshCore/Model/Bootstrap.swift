@@ -12,13 +12,24 @@ public struct BootstrapToken: Codable, Sendable, Equatable {
     /// Joins still allowed; nil: unlimited until it expires.
     public var usagesLeft: Int?
     public var creationTimestamp: String
+    /// The one node name the token may join (and may re-join while a Node of that name exists);
+    /// nil: any name not taken yet.
+    public var nodeName: String?
 
-    public init(id: String, description: String?, expires: String, usagesLeft: Int?, creationTimestamp: String) {
+    public init(
+        id: String,
+        description: String?,
+        expires: String,
+        usagesLeft: Int?,
+        creationTimestamp: String,
+        nodeName: String? = nil
+    ) {
         self.id = id
         self.description = description
         self.expires = expires
         self.usagesLeft = usagesLeft
         self.creationTimestamp = creationTimestamp
+        self.nodeName = nodeName
     }
 }
 
@@ -42,11 +53,14 @@ public struct BootstrapTokenRequest: Codable, Sendable, Equatable {
     /// How many joins it allows (default: unlimited until it expires).
     public var usages: Int?
     public var description: String?
+    /// Binds the token to this node name (see `BootstrapToken.nodeName`).
+    public var nodeName: String?
 
-    public init(ttlSeconds: Int? = nil, usages: Int? = nil, description: String? = nil) {
+    public init(ttlSeconds: Int? = nil, usages: Int? = nil, description: String? = nil, nodeName: String? = nil) {
         self.ttlSeconds = ttlSeconds
         self.usages = usages
         self.description = description
+        self.nodeName = nodeName
     }
 }
 
@@ -60,12 +74,15 @@ public struct BootstrapTokenSecret: Codable, Sendable, Equatable {
     public var caCertHash: String
     public var expires: String
     public var usagesLeft: Int?
+    /// The node name it is bound to, if any.
+    public var nodeName: String?
 
-    public init(token: String, caCertHash: String, expires: String, usagesLeft: Int?) {
+    public init(token: String, caCertHash: String, expires: String, usagesLeft: Int?, nodeName: String? = nil) {
         self.token = token
         self.caCertHash = caCertHash
         self.expires = expires
         self.usagesLeft = usagesLeft
+        self.nodeName = nodeName
     }
 }
 
@@ -83,7 +100,7 @@ public struct JoinRequest: Codable, Sendable, Equatable {
     }
 }
 
-/// The join's answer: the node's certificate and the CA certificate (PEM).
+/// The join's answer, and the renewal's: the node's certificate and the CA certificate (PEM).
 public struct JoinResponse: Codable, Sendable, Equatable {
     public var apiVersion: String = meshAPIVersion
     public var kind: String = "JoinResponse"
@@ -95,6 +112,50 @@ public struct JoinResponse: Codable, Sendable, Equatable {
         self.nodeName = nodeName
         self.certificate = certificate
         self.caCertificate = caCertificate
+    }
+}
+
+/// `POST /apis/mesh.edge/v1/nodes/NAME/certificate`, by the node NAME itself over its current
+/// certificate: a CSR for the same name; the answer is a `JoinResponse` with the new certificate.
+public struct CertificateRenewalRequest: Codable, Sendable, Equatable {
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "CertificateRenewalRequest"
+    public var csr: String
+
+    public init(csr: String) {
+        self.csr = csr
+    }
+}
+
+/// One revoked certificate: refused by the control plane, and by links and relays that fetch the list.
+public struct RevokedCertificate: Codable, Sendable, Equatable {
+    /// The serial, lowercase hex without separators.
+    public var serial: String
+    /// The identity the certificate carried (`mesh://node/NAME`).
+    public var identity: String
+    public var revokedAt: String
+    /// When the certificate expires anyway (after that, the entry can be dropped).
+    public var notAfter: String
+    public var reason: String?
+
+    public init(serial: String, identity: String, revokedAt: String, notAfter: String, reason: String?) {
+        self.serial = serial
+        self.identity = identity
+        self.revokedAt = revokedAt
+        self.notAfter = notAfter
+        self.reason = reason
+    }
+}
+
+/// `GET /apis/mesh.edge/v1/revokedcertificates` (admin and nodes), and the answer of
+/// `POST /apis/mesh.edge/v1/nodes/NAME/revoke` (admin: the certificates it revoked).
+public struct RevokedCertificateList: Codable, Sendable, Equatable {
+    public var apiVersion: String = meshAPIVersion
+    public var kind: String = "RevokedCertificateList"
+    public var items: [RevokedCertificate]
+
+    public init(items: [RevokedCertificate]) {
+        self.items = items
     }
 }
 

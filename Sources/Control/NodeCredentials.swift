@@ -1,0 +1,313 @@
+import Logging
+import MeshCore
+import MeshHTTP
+import MeshIdentity
+import NIOCore
+import X509
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Node certificates from the join on: which serials each node was issued (resource
+/// `nodecertificates`, one record per node, written at join and renewal), the revocation list
+/// (resource `revokedcertificates`, one entry per serial, mirrored in memory as `revoked`) and
+/// its enforcement on every request that presents a client certificate.
+///
+/// Rules (README "Security"):
+/// - a join for a name that has a Node is refused unless the token is bound to that name; a join
+///   creates the Node (phase Unknown until the agent's first beat), so the name is taken at once;
+/// - a join revokes the certificates issued earlier to that name: after a re-join (a wiped disk,
+///   or a takeover the operator allowed) the old key is worthless;
+/// - `POST .../nodes/NAME/revoke` (admin) revokes every certificate of NAME still valid (with
+///   `?serial=HEX`, only that one);
+/// - `POST .../nodes/NAME/certificate` (NAME itself, over its current certificate) renews: a new
+///   certificate for the same name only; the old one stays valid until it expires.
+struct NodeCredentials: Sendable {
+    static let issuedResource = "nodecertificates"
+    static let revokedResource = "revokedcertificates"
+    static let revokedPath = "/apis/mesh.edge/v1/revokedcertificates"
+
+    let store: any Store
+    let revoked: RevokedSerials
+    /// The lifetime of the node certificates the join and the renewal issue.
+    let validity: TimeInterval
+
+    struct Issued: Codable, Sendable {
+        var node: String
+        var certificates: [Entry]
+    }
+
+    struct Entry: Codable, Sendable, Equatable {
+        var serial: String
+        var notAfter: String
+    }
+
+    static func issuedKey(_ node: String) -> ObjectKey {
+        ObjectKey(resource: Self.issuedResource, namespace: "", name: node)
+    }
+
+    static func revokedKey(_ serial: String) -> ObjectKey {
+        ObjectKey(resource: Self.revokedResource, namespace: "", name: serial)
+    }
+
+    /// Reads the revocation list into memory (at start).
+    func load() async throws {
+        self.revoked.replace(with: Set(try await self.list().map(\.serial)))
+    }
+
+    func list() async throws -> [RevokedCertificate] {
+        let (items, _) = try await self.store.list(resource: Self.revokedResource, namespace: "")
+        return try items.map {
+            try JSONDecoder().decode(RevokedCertificate.self, from: Data($0.json.readableBytesView))
+        }.sorted { ($0.revokedAt, $0.serial) < ($1.revokedAt, $1.serial) }
+    }
+
+    /// Records a certificate issued to `node`; with `supersede`, first revokes the ones issued to
+    /// it before (still valid). Returns what it revoked.
+    func record(_ certificate: Certificate, node: String, supersede: Bool) async throws -> [RevokedCertificate] {
+        let entry = Entry(
+            serial: MeshTLS.serialHex(certificate.serialNumber),
+            notAfter: Timestamp.format(secondsSinceEpoch: Int(certificate.notValidAfter.timeIntervalSince1970))
+        )
+        var done: [RevokedCertificate] = []
+        for _ in 0..<16 {
+            let stored = try await self.store.get(Self.issuedKey(node))
+            var record =
+                try stored.map { try JSONDecoder().decode(Issued.self, from: Data($0.json.readableBytesView)) }
+                ?? Issued(node: node, certificates: [])
+            let now = Int(Date().timeIntervalSince1970)
+            record.certificates.removeAll { (Timestamp.parse($0.notAfter) ?? 0) <= now }
+            if supersede {
+                done = try await self.revoke(record.certificates, node: node, reason: "superseded by a new join")
+                record.certificates = []
+            }
+            record.certificates.append(entry)
+            let json = ByteBuffer(bytes: try MeshJSON.encode(record))
+            do {
+                _ = try await self.store.commit(
+                    Write(
+                        key: Self.issuedKey(node),
+                        expect: stored.map { .version($0.resourceVersion) } ?? .absent,
+                        operation: .put { _ in (json, [:]) }
+                    )
+                )
+                return done
+            } catch StoreError.conflict, StoreError.alreadyExists {
+                continue
+            }
+        }
+        throw Status.conflict("the certificates of node \(node) are changing too fast; retry")
+    }
+
+    /// Revokes every certificate issued to `node` that is still valid (only `serial`, when given).
+    func revoke(node: String, serial: String? = nil, reason: String?) async throws -> [RevokedCertificate] {
+        guard let stored = try await self.store.get(Self.issuedKey(node)) else {
+            throw Status(
+                code: 404,
+                reason: .notFound,
+                message: "no certificate was issued to node \"\(node)\" by a join or a renewal here",
+                details: .init(name: node, kind: Node.resource.plural)
+            )
+        }
+        let record = try JSONDecoder().decode(Issued.self, from: Data(stored.json.readableBytesView))
+        let now = Int(Date().timeIntervalSince1970)
+        var valid = record.certificates.filter { (Timestamp.parse($0.notAfter) ?? 0) > now }
+        if let serial {
+            let wanted = serial.lowercased()
+            valid = valid.filter { $0.serial == wanted }
+            if valid.isEmpty && !self.revoked.contains(wanted) {
+                throw Status(
+                    code: 404,
+                    reason: .notFound,
+                    message: "node \"\(node)\" holds no valid certificate with serial \(serial)",
+                    details: .init(name: node, kind: Node.resource.plural)
+                )
+            }
+        }
+        return try await self.revoke(valid, node: node, reason: reason ?? "revoked by an administrator")
+    }
+
+    private func revoke(_ entries: [Entry], node: String, reason: String) async throws -> [RevokedCertificate] {
+        var done: [RevokedCertificate] = []
+        for e in entries where !self.revoked.contains(e.serial) {
+            let item = RevokedCertificate(
+                serial: e.serial,
+                identity: MeshIdentity.node(node).uri,
+                revokedAt: Timestamp.now(),
+                notAfter: e.notAfter,
+                reason: reason
+            )
+            let json = ByteBuffer(bytes: try MeshJSON.encode(item))
+            _ = try await self.store.commit(
+                Write(key: Self.revokedKey(e.serial), expect: .any, operation: .put { _ in (json, [:]) })
+            )
+            self.revoked.insert(e.serial)
+            done.append(item)
+        }
+        return done
+    }
+
+    /// The refusal of a request whose client certificate is revoked (nil: not revoked, or none).
+    func denial(_ request: HTTPRequest) -> Status? {
+        guard let certificate = request.peerCertificate else { return nil }
+        let serial = MeshTLS.serialHex(bytes: certificate.serialNumber)
+        guard self.revoked.contains(serial) else { return nil }
+        let who = request.peerIdentity ?? "this client"
+        var fix = ""
+        if case .node(let name) = request.peerIdentity.flatMap({ MeshIdentity(uri: $0) }) {
+            fix =
+                ": the node must join again (meshctl delete node \(name), or a token bound to it: meshctl token create --node \(name))"
+        }
+        return Status(
+            code: 401,
+            reason: .unauthorized,
+            message: "the client certificate of \(who) (serial \(serial)) is revoked\(fix)"
+        )
+    }
+}
+
+extension ControlAPI {
+    /// The revocation list, node revocation and certificate renewal paths; nil for any other.
+    func routeCredentials(_ request: HTTPRequest) async -> (HTTPResponse, String, String)? {
+        let segments = request.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
+        let resource: String
+        let verb: String
+        let handler: () async throws -> HTTPResponse
+        if request.path == NodeCredentials.revokedPath {
+            resource = NodeCredentials.revokedResource
+            verb = "list"
+            handler = {
+                guard request.method == .GET else { throw Self.notAllowed(request, allowed: "GET") }
+                return .json(.ok, Self.encode(RevokedCertificateList(items: try await self.credentials.list())))
+            }
+        } else if segments.count == 6, segments[0...3] == ["apis", "mesh.edge", "v1", "nodes"],
+            segments[5] == "revoke" || segments[5] == "certificate"
+        {
+            let node = segments[4]
+            resource = "nodes"
+            verb = segments[5] == "revoke" ? "revoke" : "renew"
+            handler = {
+                guard request.method == .POST else { throw Self.notAllowed(request, allowed: "POST") }
+                if verb == "revoke" {
+                    let revoked = try await self.credentials.revoke(
+                        node: node,
+                        serial: request.query["serial"],
+                        reason: nil
+                    )
+                    self.logger.notice(
+                        "revoked \(revoked.count) certificate(s) of node \(node) (by \(request.peerIdentity ?? "?"))"
+                    )
+                    return .json(.ok, Self.encode(RevokedCertificateList(items: revoked)))
+                }
+                return try await self.renew(request, node: node)
+            }
+        } else {
+            return nil
+        }
+        do {
+            return (try await handler(), verb, resource)
+        } catch let status as Status {
+            return (Self.respond(status), verb, resource)
+        } catch let e as StoreError {
+            return (
+                Self.respond(Status(code: 503, reason: .serviceUnavailable, message: e.description)), verb, resource
+            )
+        } catch {
+            self.logger.error("\(request.method) \(request.uri) failed: \(error)")
+            return (
+                Self.respond(Status(code: 500, reason: .internalError, message: "internal error: \(error)")), verb,
+                resource
+            )
+        }
+    }
+
+    static func notAllowed(_ request: HTTPRequest, allowed: String) -> Status {
+        Status(
+            code: 405,
+            reason: .methodNotAllowed,
+            message: "\(request.method) is not allowed here (allowed: \(allowed))"
+        )
+    }
+
+    /// Enrols a node: checks the CSR, then the token (bound name, name not taken, one usage taken
+    /// atomically), creates the Node when it is new, and signs the node identity; certificates
+    /// issued to that name before are revoked.
+    func join(_ request: HTTPRequest) async throws -> HTTPResponse {
+        guard let ca = self.ca else { throw Self.noCA }
+        let join = try Self.decodeStrict(JoinRequest.self, request)
+        // Check the CSR before spending a usage of the token on it.
+        let name: String
+        do {
+            name = try ca.signNodeCSR(pem: join.csr).nodeName
+        } catch let e as IdentityError {
+            throw Status.badRequest(e.message)
+        }
+        let nodeKey = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
+        let taken = try await self.store.get(nodeKey) != nil
+        try await self.tokens.consume(join.token, nodeName: name, nameTaken: taken)
+        if !taken {
+            do {
+                _ = try await self.save(
+                    Node(metadata: ObjectMeta(name: name), spec: NodeSpec()),
+                    namespace: nil,
+                    urlName: name,
+                    createOnly: true,
+                    writer: MeshIdentity.control("mesh-control").uri
+                )
+            } catch StoreError.alreadyExists {
+                throw BootstrapTokenStore.nameTaken(name)
+            }
+        }
+        let (_, certificate) = try ca.signNodeCSR(pem: join.csr, validity: self.credentials.validity)
+        let superseded = try await self.credentials.record(certificate, node: name, supersede: true)
+        self.logger.notice(
+            "node \(name) joined with token \(join.token.prefix(6))\(taken ? " (re-join with a token bound to it)" : "")\(superseded.isEmpty ? "" : "; revoked its \(superseded.count) earlier certificate(s)")"
+        )
+        let answer = JoinResponse(
+            nodeName: name,
+            certificate: try certificate.serializeAsPEM().pemString,
+            caCertificate: self.caPEM
+        )
+        return .json(.ok, Self.encode(answer))
+    }
+
+    /// Renews a node's certificate: only the node itself, over its current (valid, unrevoked)
+    /// certificate, and only for its own name.
+    func renew(_ request: HTTPRequest, node: String) async throws -> HTTPResponse {
+        guard let ca = self.ca else { throw Self.noCA }
+        guard case .node(let caller) = request.peerIdentity.flatMap({ MeshIdentity(uri: $0) }), caller == node else {
+            throw Status(
+                code: 403,
+                reason: .forbidden,
+                message: "only mesh://node/\(node) itself may renew its certificate (a new node joins with a token)"
+            )
+        }
+        let renewal = try Self.decodeStrict(CertificateRenewalRequest.self, request)
+        let signed: (nodeName: String, certificate: Certificate)
+        do {
+            signed = try ca.signNodeCSR(pem: renewal.csr, validity: self.credentials.validity)
+        } catch let e as IdentityError {
+            throw Status.badRequest(e.message)
+        }
+        guard signed.nodeName == node else {
+            throw Status(
+                code: 403,
+                reason: .forbidden,
+                message: "a renewal keeps the identity: mesh://node/\(node) may not ask for \(signed.nodeName)"
+            )
+        }
+        _ = try await self.credentials.record(signed.certificate, node: node, supersede: false)
+        self.logger.info(
+            "renewed the certificate of node \(node): serial \(MeshTLS.serialHex(signed.certificate.serialNumber)), valid until \(signed.certificate.notValidAfter)"
+        )
+        let answer = JoinResponse(
+            nodeName: node,
+            certificate: try signed.certificate.serializeAsPEM().pemString,
+            caCertificate: self.caPEM
+        )
+        return .json(.ok, Self.encode(answer))
+    }
+}
