@@ -178,7 +178,11 @@ public final class AgentServer: Sendable {
             configuration: DNSServerConfiguration(
                 host: dnsListen.host,
                 port: dnsListen.port,
-                forwarding: DNSForwardingConfiguration(upstreams: config.upstreams)
+                forwarding: DNSForwardingConfiguration(
+                    upstreams: config.upstreams,
+                    maxCacheTTL: UInt32(config.dnsMaxCacheTTLSeconds),
+                    caseRandomization: config.dnsCaseRandomization
+                )
             ),
             zones: zones,
             logger: self.logger
