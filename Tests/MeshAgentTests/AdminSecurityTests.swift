@@ -23,7 +23,9 @@ import Testing
         try seedNodeCredentials(stateDir: dir.path, nodeName: "edge-test")
         let agent = try await RunningAgent(control: "https://127.0.0.1:9", dataDir: dir.path)
         let port = try await agent.agent.adminAddress().port!
-        for evil in ["evil.example", "evil.example:\(port)", "127.0.0.1.evil.example", "localhost.evil.example:\(port)"] {
+        for evil in [
+            "evil.example", "evil.example:\(port)", "127.0.0.1.evil.example", "localhost.evil.example:\(port)",
+        ] {
             let r = try await self.request(port: port, host: evil)
             #expect(r.hasPrefix("HTTP/1.1 403"), "Host \(evil): \(r)")
             #expect(r.contains("is not a loopback name or address"), "Host \(evil): \(r)")
@@ -77,7 +79,10 @@ import Testing
 
     @Test func theDNSCacheCapIsAnAgentSettingWithLimits() throws {
         #expect(AgentConfig().dnsMaxCacheTTLSeconds == 300 && AgentConfig().dnsCaseRandomization)
-        let config = try ConfigFile.decode(AgentConfig.self, yaml: "dnsMaxCacheTTLSeconds: 60\ndnsCaseRandomization: false\n")
+        let config = try ConfigFile.decode(
+            AgentConfig.self,
+            yaml: "dnsMaxCacheTTLSeconds: 60\ndnsCaseRandomization: false\n"
+        )
         #expect(config.dnsMaxCacheTTLSeconds == 60 && !config.dnsCaseRandomization)
         for bad in [0, 86401] {
             var c = AgentConfig()
