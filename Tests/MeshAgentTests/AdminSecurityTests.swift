@@ -1,5 +1,6 @@
 import Foundation
 import MeshCore
+import MeshIdentity
 import MeshTestSupport
 import Testing
 
@@ -39,6 +40,45 @@ import Testing
         try await agent.stop()
     }
 
+    /// With `adminAllowRemote`: TLS only, and only admin certificates of the mesh CA get answers.
+    @Test func remoteAdminIsMutualTLSForAdminsOnly() async throws {
+        let dir = TempDir()
+        let ca = try seedNodeCredentials(stateDir: dir.path, nodeName: "edge-test")
+        let agent = try await RunningAgent(control: "https://127.0.0.1:9", dataDir: dir.path) {
+            $0.adminAllowRemote = true
+        }
+        let port = try await agent.agent.adminAddress().port!
+        func get(_ identity: MeshIdentity?, host: String = "evil.example") async throws -> String {
+            let tls = try meshClientContext(ca, identity: identity)
+            return try await blocking {
+                let s = try TLSRawSocket(port: port, timeout: 5, tls: tls)
+                s.send("GET /routes HTTP/1.1\r\nHost: \(host)\r\nConnection: close\r\n\r\n")
+                return s.readFirstResponse()
+            }
+        }
+        // An admin of the mesh: answered (the Host does not matter over mutual TLS).
+        let admin = try await get(.admin("ops"))
+        #expect(admin.hasPrefix("HTTP/1.1 200") && admin.contains("\"node\":\"edge-test\""), "\(admin)")
+        // A node's certificate: 403; no certificate: 401.
+        let node = try await get(.node("other"))
+        #expect(node.hasPrefix("HTTP/1.1 403") && node.contains("admin certificates"), "\(node)")
+        let anonymous = try await get(nil)
+        #expect(anonymous.hasPrefix("HTTP/1.1 401") && anonymous.contains("client certificate"), "\(anonymous)")
+        // Plain HTTP gets no answer.
+        let plain = try await self.request(port: port, host: "127.0.0.1")
+        #expect(!plain.contains("HTTP/1.1 200"))
+        // Another CA's admin cannot even finish the handshake.
+        let stranger = try CertificateAuthority.create()
+        let foreign = try meshClientContext(stranger, identity: .admin("ops"))
+        let refused = try await blocking {
+            let s = try TLSRawSocket(port: port, timeout: 5, tls: foreign)
+            s.send("GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return s.readFirstResponse()
+        }
+        #expect(!refused.contains("HTTP/1.1 200"))
+        try await agent.stop()
+    }
+
     @Test func hostHeaderParsing() {
         #expect(AdminHostCheck.refusal(hostHeaders: []) == nil)
         #expect(AdminHostCheck.refusal(hostHeaders: ["127.0.0.1:7780"]) == nil)
@@ -64,6 +104,11 @@ import Testing
             config.adminListen = listen
             #expect(throws: Never.self) { try config.validate() }
         }
+        // Asked for explicitly: then served over mutual TLS (remoteAdminIsMutualTLSForAdminsOnly).
+        var remote = AgentConfig()
+        remote.adminListen = "0.0.0.0:7780"
+        remote.adminAllowRemote = true
+        #expect(throws: Never.self) { try remote.validate() }
     }
 
     @Test func theAgentBinaryRefusesAnAdminListenOf0000() async throws {
@@ -74,7 +119,7 @@ import Testing
         )
         #expect(r.status != 0)
         #expect(r.stderr.contains("adminListen: \"0.0.0.0:7780\" is not a loopback address"), "\(r.stderr)")
-        #expect(r.stderr.contains("not supported yet"))
+        #expect(r.stderr.contains("unless adminAllowRemote: true"))
     }
 
     @Test func theDNSCacheCapIsAnAgentSettingWithLimits() throws {

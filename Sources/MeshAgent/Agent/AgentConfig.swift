@@ -39,9 +39,12 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// Randomise the case of names sent upstream (DNS 0x20) and require it echoed; turn off only
     /// for an upstream that does not keep the case of questions.
     public var dnsCaseRandomization: Bool = true
-    /// The admin API (`/routes`, `/metrics`, `/healthz`, `/readyz`): loopback only (it has no
-    /// authentication), and it answers only requests whose `Host` is a loopback name or address.
+    /// The admin API (`/routes`, `/metrics`, `/healthz`, `/readyz`): loopback only, plain HTTP, and
+    /// it answers only requests whose `Host` is a loopback name or address; see ``adminAllowRemote``.
     public var adminListen: String = "127.0.0.1:7780"
+    /// Serve the admin API on any address, but only over TLS (the node's certificate) and only to
+    /// clients presenting an admin certificate of the mesh CA (`mesh://admin/...`).
+    public var adminAllowRemote: Bool = false
     /// `loopback` (VIPs bound in 127.0.0.0/8, touches no interface), `meshInterface` (a dummy link
     /// holding the VIPs, needs CAP_NET_ADMIN), or `auto` (the interface when allowed, else loopback).
     public var interfaceMode: InterfaceMode = .loopback
@@ -104,9 +107,9 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
             throw ManifestError("dnsMaxCacheTTLSeconds: must be between 1 and 86400 (default 300)")
         }
         let admin = try ListenAddress(self.adminListen, field: "adminListen")
-        guard AdminHostCheck.isLoopback(host: admin.host) else {
+        guard AdminHostCheck.isLoopback(host: admin.host) || self.adminAllowRemote else {
             throw ManifestError(
-                "adminListen: \"\(self.adminListen)\" is not a loopback address; the admin API has no authentication, so it listens on 127.0.0.1, ::1 or localhost only (remote admin over mutual TLS is not supported yet)"
+                "adminListen: \"\(self.adminListen)\" is not a loopback address; the admin API listens on 127.0.0.1, ::1 or localhost only, unless adminAllowRemote: true, which serves it over mutual TLS to admin certificates of the mesh CA only"
             )
         }
         if self.interfaceName.isEmpty || self.interfaceName.utf8.count > 15 {
