@@ -305,6 +305,21 @@ struct ForwarderSecurityTests {
         await upstream.stop()
     }
 
+    @Test("upstream queries in flight (a socket each) are bounded; beyond the bound: SERVFAIL at once")
+    func inFlightQueriesAreBounded() async throws {
+        let (upstream, channel) = try await TestUpstream.start(.silent)
+        let (fw, metrics) = try await makeForwarder(to: channel.localAddress!) { $0.maxUpstreamQueries = 2 }
+        let waiting = (0..<2).map { fw.resolve(DNSQuestion(name: try! DNSName("slow\($0).example"), type: .a)) }
+        #expect(await eventually { upstream.queries.count == 2 })
+        let refused = try await fw.resolve(DNSQuestion(name: try DNSName("third.example"), type: .a)).get()
+        #expect(refused == nil)
+        #expect(try metrics.expectCounter("dns_upstream_failures_total").totalValue == 1)
+        #expect(upstream.queries.count == 2)
+        await fw.shutdown()
+        for w in waiting { #expect(try await w.get() == nil) }
+        await upstream.close(channel)
+    }
+
     @Test("randomised case keeps every non-letter byte and the name's meaning")
     func randomisedCaseShape() throws {
         let n = try DNSName("a-1.B_2.example.COM")
