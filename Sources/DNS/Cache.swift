@@ -16,6 +16,7 @@ struct DNSCacheKey: Hashable, Sendable {
 /// A size-bounded, TTL-respecting cache of upstream answers with least-recently-used eviction.
 /// Positive answers live for their smallest TTL; negative ones (NXDOMAIN, NODATA) for the SOA's
 /// `min(TTL, MINIMUM)` (RFC 2308 §5); answers without an SOA, SERVFAIL and the like are not kept.
+/// Every TTL, stored and handed out, is capped at ``maxTTL``.
 /// Not thread-safe: owned by one event loop.
 final class DNSCache {
     struct Entry {
@@ -37,7 +38,7 @@ final class DNSCache {
     /// Least recently used.
     private var tail = -1
 
-    init(capacity: Int, maxTTL: UInt32 = 3600) {
+    init(capacity: Int, maxTTL: UInt32 = 300) {
         self.capacity = max(1, capacity)
         self.maxTTL = maxTTL
     }
@@ -65,11 +66,22 @@ final class DNSCache {
         return nil
     }
 
-    /// Stores `message` if it may be cached; returns whether it was.
+    /// `m` with every record's TTL at most `cap`: no record leaves the forwarder with a longer
+    /// one, so clients that cache in turn keep it no longer than we do.
+    static func capping(_ m: DNSMessage, at cap: UInt32) -> DNSMessage {
+        var m = m
+        for k in m.answers.indices { m.answers[k].ttl = min(m.answers[k].ttl, cap) }
+        for k in m.authorities.indices { m.authorities[k].ttl = min(m.authorities[k].ttl, cap) }
+        for k in m.additionals.indices { m.additionals[k].ttl = min(m.additionals[k].ttl, cap) }
+        return m
+    }
+
+    /// Stores `message` (TTLs capped at ``maxTTL``) if it may be cached; returns whether it was.
     @discardableResult
     func insert(_ key: DNSCacheKey, _ message: DNSMessage, now: NIODeadline) -> Bool {
         guard let ttl = DNSCache.cacheTTL(message, maxTTL: self.maxTTL) else { return false }
         let expires = now + .seconds(Int64(ttl))
+        let message = DNSCache.capping(message, at: self.maxTTL)
         if let i = self.index[key] {
             self.entries[i].message = message
             self.entries[i].stored = now

@@ -92,10 +92,15 @@ private func readSmallFile(_ path: String) -> String? {
 
 /// Sends questions to the upstream resolvers and caches their answers.
 ///
-/// All state lives on one event loop (``eventLoop``): callers on other loops hop there. Query IDs
-/// are random and a response is only accepted from the upstream it was sent to, with the same ID and
-/// question; after a timeout (or SERVFAIL/REFUSED) the next upstream is tried; a truncated UDP answer
-/// is fetched again over TCP. Identical questions in flight share one upstream query.
+/// All state lives on one event loop (``eventLoop``): callers on other loops hop there. Each upstream
+/// query goes out on a fresh UDP socket connected to that upstream, so the kernel picks a random
+/// source port and the local address that faces the upstream, and drops datagrams from any other
+/// address or port. The query carries a random ID and, unless turned off, the question name in
+/// randomised case (DNS 0x20); a response is only accepted when it comes from the upstream's exact
+/// address and port with the same ID and the same question, byte for byte (so the same case).
+/// Anything else is dropped and counted in `dns_upstream_mismatched_responses_total`. After a
+/// timeout (or SERVFAIL/REFUSED) the next upstream is tried; a truncated UDP answer is fetched again
+/// over TCP, with the same checks. Identical questions in flight share one upstream query.
 final class DNSForwarder: Sendable {
     let eventLoop: any EventLoop
     private let state: NIOLoopBoundBox<ForwarderState>
@@ -118,27 +123,8 @@ final class DNSForwarder: Sendable {
         )
     }
 
-    /// Opens the upstream UDP sockets (one per address family in use).
-    func start() async throws {
-        let families = try await self.eventLoop.submit { self.state.value.upstreams.map(\.protocol) }.get()
-        var channels: [(NIOBSDSocket.ProtocolFamily, any Channel)] = []
-        for family in [NIOBSDSocket.ProtocolFamily.inet, .inet6] where families.contains(family) {
-            let host = family == .inet ? "0.0.0.0" : "::"
-            let channel = try await DatagramBootstrap(group: self.eventLoop)
-                .channelInitializer { ch in
-                    ch.eventLoop.makeCompletedFuture {
-                        try ch.pipeline.syncOperations.addHandler(UpstreamUDPHandler(forwarder: self))
-                    }
-                }
-                .bind(host: host, port: 0)
-                .get()
-            channels.append((family, channel))
-        }
-        let opened = channels
-        try await self.eventLoop.submit {
-            for (family, channel) in opened { self.state.value.channels[family] = channel }
-        }.get()
-    }
+    /// Nothing to open up front: every upstream query has a socket of its own.
+    func start() async throws {}
 
     /// Removes upstreams that are our own listening addresses (never forward to ourselves).
     func exclude(_ own: [SocketAddress]) async throws {
@@ -159,9 +145,10 @@ final class DNSForwarder: Sendable {
             s.closed = true
             for (_, p) in s.pending { p.timeout?.cancel() }
             let waiting = s.pending.values.map(\.key)
+            let open = s.pending.values.compactMap(\.channel)
             s.pending.removeAll()
             for key in waiting { s.complete(key, nil) }
-            return Array(s.channels.values)
+            return open
         }.get()
         for c in channels ?? [] { try? await c.close() }
     }
@@ -172,6 +159,11 @@ final class DNSForwarder: Sendable {
             return self.resolveOnLoop(question)
         }
         return self.eventLoop.flatSubmit { self.resolveOnLoop(question) }
+    }
+
+    /// The local addresses of the upstream sockets open right now (for tests).
+    func openSocketAddresses() -> EventLoopFuture<[SocketAddress]> {
+        self.eventLoop.submit { self.state.value.pending.values.compactMap { $0.channel?.localAddress } }
     }
 
     private func resolveOnLoop(_ question: DNSQuestion) -> EventLoopFuture<DNSMessage?> {
@@ -187,7 +179,7 @@ final class DNSForwarder: Sendable {
             s.waiters[key]!.append(promise)
             return promise.futureResult
         }
-        guard !s.closed, !s.upstreams.isEmpty else {
+        guard !s.closed, !s.upstreams.isEmpty, s.pending.count < s.configuration.maxUpstreamQueries else {
             self.metrics.upstreamFailures.increment()
             return self.eventLoop.makeSucceededFuture(nil)
         }
@@ -199,6 +191,7 @@ final class DNSForwarder: Sendable {
         return promise.futureResult
     }
 
+    /// Sends attempt `attempt` of a question on a socket of its own.
     private func send(key: DNSCacheKey, question: DNSQuestion, attempt: Int, start: Int) {
         let s = self.state.value
         let total = s.upstreams.count * max(1, s.configuration.attempts)
@@ -208,66 +201,112 @@ final class DNSForwarder: Sendable {
             return
         }
         let upstream = s.upstreams[(start + attempt) % s.upstreams.count]
-        guard let channel = s.channels[upstream.protocol] else {
-            self.send(key: key, question: question, attempt: attempt + 1, start: start)
-            return
-        }
-        var fresh = UInt16.random(in: 0...UInt16.max)
-        while s.pending[fresh] != nil { fresh = UInt16.random(in: 0...UInt16.max) }
-        let id = fresh
+        let id = UInt16.random(in: 0...UInt16.max)
+        let sent = DNSQuestion(
+            name: s.configuration.caseRandomization ? randomisedCase(question.name) : question.name,
+            type: question.type,
+            qclass: question.qclass
+        )
         let query = DNSMessage(
             header: DNSHeader(id: id, recursionDesired: true),
-            questions: [question],
+            questions: [sent],
             edns: DNSEDNS(udpPayloadSize: 1232)
         )
         guard let bytes = try? query.encode() else {
             s.complete(key, nil)
             return
         }
+        let token = s.nextToken
+        s.nextToken &+= 1
         let timeout = self.eventLoop.scheduleTask(in: s.configuration.timeout) {
-            let s = self.state.value
-            guard let p = s.pending.removeValue(forKey: id) else { return }
+            guard let p = self.finish(token) else { return }
             self.metrics.upstreamTimeouts.increment()
             self.send(key: p.key, question: p.question, attempt: p.attempt + 1, start: p.start)
         }
-        s.pending[id] = PendingQuery(
+        s.pending[token] = PendingQuery(
             key: key,
             question: question,
+            sent: sent,
+            id: id,
             upstream: upstream,
             attempt: attempt,
             start: start,
             timeout: timeout
         )
         self.metrics.forwarded.increment()
-        let envelope = AddressedEnvelope(remoteAddress: upstream, data: channel.allocator.buffer(bytes: bytes))
-        channel.writeAndFlush(envelope, promise: nil)
+        // connect(): the kernel binds a random port on the address that routes to the upstream.
+        DatagramBootstrap(group: self.eventLoop)
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(UpstreamUDPHandler(forwarder: self, token: token))
+                }
+            }
+            .connect(to: upstream)
+            .whenComplete { result in
+                let s = self.state.value
+                switch result {
+                case .success(let channel):
+                    guard s.pending[token] != nil else {
+                        // Timed out or shut down while connecting.
+                        channel.close(promise: nil)
+                        return
+                    }
+                    s.pending[token]!.channel = channel
+                    channel.writeAndFlush(channel.allocator.buffer(bytes: bytes), promise: nil)
+                case .failure(let error):
+                    guard let p = self.finish(token) else { return }
+                    self.logger.debug(
+                        "dns: cannot open a socket to the upstream",
+                        metadata: ["upstream": "\(upstream)", "error": "\(error)"]
+                    )
+                    self.send(key: p.key, question: p.question, attempt: p.attempt + 1, start: p.start)
+                }
+            }
     }
 
-    /// A datagram from an upstream socket (on the loop).
-    func receive(_ envelope: AddressedEnvelope<ByteBuffer>) {
-        let s = self.state.value
-        guard let message = try? DNSMessage.decode(envelope.data.readableBytesView) else {
-            self.metrics.upstreamMismatched.increment()
-            return
-        }
-        guard message.header.isResponse, let p = s.pending[message.header.id],
-            isSameEndpoint(p.upstream, envelope.remoteAddress),
-            message.questions.count == 1,
-            message.questions[0].name.equalsIgnoringCase(p.question.name),
-            message.questions[0].type == p.question.type,
-            message.questions[0].qclass == p.question.qclass
-        else {
-            // Not an answer to anything we asked (late, spoofed or garbage): ignore it.
-            self.metrics.upstreamMismatched.increment()
-            return
-        }
-        s.pending[message.header.id] = nil
+    /// Ends an upstream query: forgets it, cancels its timeout and closes its socket.
+    private func finish(_ token: Int) -> PendingQuery? {
+        guard let p = self.state.value.pending.removeValue(forKey: token) else { return nil }
         p.timeout?.cancel()
+        p.channel?.close(promise: nil)
+        return p
+    }
+
+    /// A datagram on the socket of upstream query `token` (on the loop).
+    func receive(token: Int, _ envelope: AddressedEnvelope<ByteBuffer>) {
+        let s = self.state.value
+        guard let p = s.pending[token], let message = try? DNSMessage.decode(envelope.data.readableBytesView) else {
+            self.metrics.upstreamMismatched.increment()
+            return
+        }
+        guard isExactEndpoint(p.upstream, envelope.remoteAddress), Self.answers(message, id: p.id, p.sent) else {
+            // Not the answer to what we asked (late, forged or garbage): drop it, keep waiting.
+            self.metrics.upstreamMismatched.increment()
+            if s.configuration.caseRandomization, !s.warnedAboutCase, message.questions.count == 1,
+                message.header.id == p.id, message.questions[0].name != p.sent.name,
+                message.questions[0].name.equalsIgnoringCase(p.sent.name)
+            {
+                s.warnedAboutCase = true
+                self.logger.warning(
+                    "dns: an answer's question came back in another case than sent (0x20) and was dropped; if this upstream does not keep the case of questions, set dnsCaseRandomization: false",
+                    metadata: ["upstream": "\(p.upstream)"]
+                )
+            }
+            return
+        }
+        _ = self.finish(token)
         if message.header.truncated {
             self.resolveOverTCP(p)
             return
         }
         self.accept(message, for: p)
+    }
+
+    /// Whether `m` is a response with `id` to exactly `question` (name bytes, type and class).
+    static func answers(_ m: DNSMessage, id: UInt16, _ question: DNSQuestion) -> Bool {
+        m.header.isResponse && m.header.id == id && m.questions.count == 1
+            && m.questions[0].name.wire == question.name.wire && m.questions[0].type == question.type
+            && m.questions[0].qclass == question.qclass
     }
 
     private func accept(_ message: DNSMessage, for p: PendingQuery) {
@@ -276,8 +315,11 @@ final class DNSForwarder: Sendable {
         case .servFail, .refused, .notImp, .formErr:
             self.send(key: p.key, question: p.question, attempt: p.attempt + 1, start: p.start)
         default:
-            s.cache.insert(p.key, message, now: .now())
-            s.complete(p.key, message)
+            // Back to the case the question was asked in (0x20 randomised it on the way out), and
+            // no TTL above the maximum.
+            let m = DNSCache.capping(restoringCase(message, of: p.question.name), at: s.configuration.maxCacheTTL)
+            s.cache.insert(p.key, m, now: .now())
+            s.complete(p.key, m)
         }
     }
 
@@ -285,7 +327,7 @@ final class DNSForwarder: Sendable {
         let s = self.state.value
         let timeout = s.configuration.timeout
         let id = UInt16.random(in: 0...UInt16.max)
-        let query = DNSMessage(header: DNSHeader(id: id, recursionDesired: true), questions: [p.question])
+        let query = DNSMessage(header: DNSHeader(id: id, recursionDesired: true), questions: [p.sent])
         guard let bytes = try? query.encode() else {
             self.send(key: p.key, question: p.question, attempt: p.attempt + 1, start: p.start)
             return
@@ -320,16 +362,49 @@ final class DNSForwarder: Sendable {
             }
         promise.futureResult.hop(to: self.eventLoop).whenComplete { result in
             if case .success(let buffer) = result, let m = try? DNSMessage.decode(buffer.readableBytesView),
-                m.header.isResponse, m.header.id == id, m.questions.count == 1,
-                m.questions[0].name.equalsIgnoringCase(p.question.name), m.questions[0].type == p.question.type
+                Self.answers(m, id: id, p.sent)
             {
                 self.accept(m, for: p)
             } else {
+                if case .success = result { self.metrics.upstreamMismatched.increment() }
                 self.metrics.upstreamTimeouts.increment()
                 self.send(key: p.key, question: p.question, attempt: p.attempt + 1, start: p.start)
             }
         }
     }
+}
+
+/// The name with each ASCII letter's case chosen at random (DNS 0x20, draft-vixie-dnsext-dns0x20):
+/// an off-path forger must also guess the case of every letter. Length bytes are at most 63, below
+/// `A`, so only label bytes change.
+func randomisedCase(_ name: DNSName) -> DNSName {
+    var wire = name.wire
+    var bits = UInt64.random(in: 0...UInt64.max)
+    var left = 64
+    for i in wire.indices where (wire[i] | 0x20) &- 0x61 < 26 {
+        if left == 0 {
+            bits = UInt64.random(in: 0...UInt64.max)
+            left = 64
+        }
+        wire[i] = bits & 1 == 1 ? wire[i] & ~0x20 : wire[i] | 0x20
+        bits >>= 1
+        left -= 1
+    }
+    return DNSName(uncheckedWire: wire)
+}
+
+/// `m` with every record owned by `name` (in any case) owned by `name` as given.
+func restoringCase(_ m: DNSMessage, of name: DNSName) -> DNSMessage {
+    var m = m
+    for i in m.questions.indices where m.questions[i].name.equalsIgnoringCase(name) { m.questions[i].name = name }
+    for i in m.answers.indices where m.answers[i].name.equalsIgnoringCase(name) { m.answers[i].name = name }
+    for i in m.authorities.indices where m.authorities[i].name.equalsIgnoringCase(name) {
+        m.authorities[i].name = name
+    }
+    for i in m.additionals.indices where m.additionals[i].name.equalsIgnoringCase(name) {
+        m.additionals[i].name = name
+    }
+    return m
 }
 
 /// Upstream resolver settings.
@@ -344,8 +419,14 @@ public struct DNSForwardingConfiguration: Sendable {
     public var attempts: Int
     /// Cached answers kept at most (least recently used go first).
     public var cacheCapacity: Int
-    /// Upper bound for any cached TTL (seconds).
+    /// Upper bound for any cached TTL (seconds), and for the TTLs handed out from the cache: a
+    /// forged answer that got in anyway lives at most this long.
     public var maxCacheTTL: UInt32
+    /// Randomise the case of question names sent upstream (DNS 0x20) and require it echoed.
+    /// Turn off only for an upstream that does not keep the case of questions.
+    public var caseRandomization: Bool
+    /// Upstream queries (each one a socket) in flight at most; further questions get SERVFAIL.
+    public var maxUpstreamQueries: Int
 
     public init(
         upstreams: [String] = [],
@@ -353,7 +434,9 @@ public struct DNSForwardingConfiguration: Sendable {
         timeout: TimeAmount = .seconds(2),
         attempts: Int = 2,
         cacheCapacity: Int = 10_000,
-        maxCacheTTL: UInt32 = 3600
+        maxCacheTTL: UInt32 = 300,
+        caseRandomization: Bool = true,
+        maxUpstreamQueries: Int = 1024
     ) {
         self.upstreams = upstreams
         self.resolvConfPath = resolvConfPath
@@ -361,6 +444,8 @@ public struct DNSForwardingConfiguration: Sendable {
         self.attempts = attempts
         self.cacheCapacity = cacheCapacity
         self.maxCacheTTL = maxCacheTTL
+        self.caseRandomization = caseRandomization
+        self.maxUpstreamQueries = maxUpstreamQueries
     }
 
     /// The upstream addresses this configuration names (from the list or from resolv.conf).
@@ -370,25 +455,34 @@ public struct DNSForwardingConfiguration: Sendable {
     }
 }
 
+/// One upstream query in flight: its own socket, ID and (case-randomised) question.
 struct PendingQuery {
     var key: DNSCacheKey
+    /// The question as asked of us.
     var question: DNSQuestion
+    /// The question as sent upstream (0x20 case); the answer must echo it byte for byte.
+    var sent: DNSQuestion
+    var id: UInt16
     var upstream: SocketAddress
     var attempt: Int
     var start: Int
     var timeout: Scheduled<Void>?
+    /// The connected UDP socket, once open.
+    var channel: (any Channel)? = nil
 }
 
 /// The forwarder's mutable state; only touched on the forwarder's event loop.
 final class ForwarderState {
     let configuration: DNSForwardingConfiguration
     var upstreams: [SocketAddress]
-    var channels: [NIOBSDSocket.ProtocolFamily: any Channel] = [:]
-    var pending: [UInt16: PendingQuery] = [:]
+    /// Upstream queries in flight, by a token of their own (IDs alone may repeat across sockets).
+    var pending: [Int: PendingQuery] = [:]
+    var nextToken = 0
     var waiters: [DNSCacheKey: [EventLoopPromise<DNSMessage?>]] = [:]
     let cache: DNSCache
     var nextStart = 0
     var closed = false
+    var warnedAboutCase = false
 
     init(configuration: DNSForwardingConfiguration, upstreams: [SocketAddress]) {
         self.configuration = configuration
@@ -412,14 +506,25 @@ func isSameEndpoint(_ a: SocketAddress, _ b: SocketAddress) -> Bool {
     return (wildcard(pa) && pb.isLoopback) || (wildcard(pb) && pa.isLoopback)
 }
 
+/// Exactly the same IP and port: where an upstream's answer must come from.
+func isExactEndpoint(_ a: SocketAddress, _ b: SocketAddress) -> Bool {
+    guard a.port == b.port, let ia = a.ipAddress, let ib = b.ipAddress, let pa = IPAddress(ia) else { return false }
+    return pa == IPAddress(ib)
+}
+
+/// Hands the datagrams of one upstream query's socket to the forwarder.
 private final class UpstreamUDPHandler: ChannelInboundHandler {
     typealias InboundIn = AddressedEnvelope<ByteBuffer>
     let forwarder: DNSForwarder
+    let token: Int
 
-    init(forwarder: DNSForwarder) { self.forwarder = forwarder }
+    init(forwarder: DNSForwarder, token: Int) {
+        self.forwarder = forwarder
+        self.token = token
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.forwarder.receive(Self.unwrapInboundIn(data))
+        self.forwarder.receive(token: self.token, Self.unwrapInboundIn(data))
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

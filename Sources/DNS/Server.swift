@@ -238,7 +238,9 @@ extension Answerer {
             questions: [req.question]
         )
         if let cname = req.cname { m.answers.append(cname) }
-        if let result {
+        if var result {
+            // The cache is shared by clients asking in any case: each gets its own case back.
+            result = restoringCase(result, of: req.upstreamQuestion.name)
             m.answers += result.answers
             m.authorities = result.authorities
             m.additionals = result.additionals

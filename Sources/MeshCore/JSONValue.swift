@@ -73,11 +73,42 @@ public enum JSONValue: Sendable, Hashable {
 extension JSONValue: Decodable {
     /// Parses JSON text. Throws `ManifestError` with a readable message when it is not JSON.
     public static func parse(json data: Data) throws -> JSONValue {
+        guard JSONValue.depth(of: data) <= Strict.maxDepth else { throw Strict.tooDeep("malformed JSON") }
         do {
             return try JSONDecoder().decode(JSONValue.self, from: data)
         } catch let error as DecodingError {
             throw ManifestError("malformed JSON: \(DecodingError.describe(error))")
         }
+    }
+
+    /// The deepest nesting of `[` and `{` in JSON text (brackets inside strings do not count); one
+    /// pass, no recursion, so it is safe on any input.
+    static func depth(of data: Data) -> Int {
+        var depth = 0
+        var deepest = 0
+        var inString = false
+        var escaped = false
+        for b in data {
+            if inString {
+                if escaped {
+                    escaped = false
+                } else if b == UInt8(ascii: "\\") {
+                    escaped = true
+                } else if b == UInt8(ascii: "\"") {
+                    inString = false
+                }
+                continue
+            }
+            switch b {
+            case UInt8(ascii: "\""): inString = true
+            case UInt8(ascii: "["), UInt8(ascii: "{"):
+                depth += 1
+                deepest = max(deepest, depth)
+            case UInt8(ascii: "]"), UInt8(ascii: "}"): depth -= 1
+            default: break
+            }
+        }
+        return deepest
     }
 
     public init(from decoder: any Decoder) throws {

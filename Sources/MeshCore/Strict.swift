@@ -7,6 +7,16 @@ import Foundation
 /// Reading documents the way users expect from Kubernetes tools: YAML or JSON, several documents
 /// per file, and **strict**: a field the type does not know is an error naming it, never dropped.
 public enum Strict {
+    /// How deeply lists and objects may nest in a YAML or JSON document (meshctl, daemons' config
+    /// files and the control API all parse through here, so they share it). Decoding, comparing and
+    /// freeing a tree recurse once per level, on task stacks of a few hundred KiB; 10,000 levels
+    /// crashed meshctl. Kubernetes objects nest a dozen levels or so.
+    public static let maxDepth = 100
+
+    static func tooDeep(_ what: String) -> ManifestError {
+        ManifestError("\(what): lists and objects nest deeper than \(Strict.maxDepth) levels")
+    }
+
     /// Parses one or more YAML documents (`---` separated; JSON is YAML too) into value trees.
     /// Empty documents are skipped.
     public static func documents(yaml text: String) throws -> [JSONValue] {

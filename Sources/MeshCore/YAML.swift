@@ -53,8 +53,10 @@ public enum YAML {
                 self.documents.append(self.current ?? .null)
                 self.current = nil
             case YAML_SEQUENCE_START_EVENT:
+                guard self.stack.count < Strict.maxDepth else { throw Strict.tooDeep("line \(line) column \(column)") }
                 self.stack.append(.sequence([]))
             case YAML_MAPPING_START_EVENT:
+                guard self.stack.count < Strict.maxDepth else { throw Strict.tooDeep("line \(line) column \(column)") }
                 self.stack.append(.mapping([], key: nil, keys: []))
             case YAML_SEQUENCE_END_EVENT:
                 guard case .sequence(let items) = self.stack.popLast() else { throw at("unbalanced sequence") }

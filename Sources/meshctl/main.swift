@@ -142,7 +142,9 @@ struct Apply: AsyncParsableCommand {
         do {
             docs = try Manifests.load(self.files)
         } catch {
-            throw ValidationError(ops.explain(error))
+            // A bad file is not a usage error: its message, exit 1.
+            FileHandle.standardError.write(Data("error: \(ops.explain(error))\n".utf8))
+            throw ExitCode.failure
         }
         if docs.isEmpty { throw ValidationError("no objects in \(self.files.joined(separator: ", "))") }
         if !(await ops.apply(docs, outputJSON: self.output == "json")) { throw ExitCode.failure }
@@ -224,7 +226,9 @@ struct Delete: AsyncParsableCommand {
             do {
                 docs = try Manifests.load(self.files)
             } catch {
-                throw ValidationError(ops.explain(error))
+                // A bad file is not a usage error: its message, exit 1.
+                FileHandle.standardError.write(Data("error: \(ops.explain(error))\n".utf8))
+                throw ExitCode.failure
             }
             if !(await ops.delete(docs, ignoreNotFound: self.ignoreNotFound)) { throw ExitCode.failure }
             return

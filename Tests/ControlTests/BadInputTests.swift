@@ -55,6 +55,13 @@ import Testing
         let cases: [(String, String, Int, String)] = [
             ("malformed JSON", self.put(#"{"apiVersion": "mesh.edge/v1", "kind": "#), 400, "malformed JSON"),
             ("not an object", self.put("[1,2]"), 400, "must be a JSON object"),
+            (
+                "nested 10,000 deep (the limit meshctl shares)",
+                self.put(
+                    #"{"apiVersion":"mesh.edge/v1","kind":"Service","spec":"#
+                        + String(repeating: #"{"a":"#, count: 10_000) + "1" + String(repeating: "}", count: 10_001)
+                ), 400, "malformed JSON: lists and objects nest deeper than 100 levels"
+            ),
             ("empty body", self.put(""), 400, "has no body"),
             (
                 "unknown field",

@@ -194,7 +194,8 @@ struct ForwarderTests {
         try await fw.start()
         let result = try await fw.resolve(DNSQuestion(name: name("spoof.example"), type: .a)).get()
         #expect(result?.answers.first?.data == .a(ip("192.0.2.42")))
-        #expect(try metrics.factory.expectCounter("dns_upstream_mismatched_responses_total").totalValue == 3)
+        // The one from another port never reaches us: the upstream socket is connected.
+        #expect(try metrics.factory.expectCounter("dns_upstream_mismatched_responses_total").totalValue == 2)
         await fw.shutdown()
         try await upstream.close()
         try await spoofer.close()

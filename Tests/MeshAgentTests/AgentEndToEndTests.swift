@@ -18,7 +18,12 @@ final class RunningAgent: Sendable {
     let dnsPort: Int
     let admin: HTTPClient
 
-    init(control: String, dataDir: String, join: BootstrapTokenSecret? = nil) async throws {
+    init(
+        control: String,
+        dataDir: String,
+        join: BootstrapTokenSecret? = nil,
+        configure: (inout AgentConfig) -> Void = { _ in }
+    ) async throws {
         var config = AgentConfig()
         config.controlServer = control
         config.joinToken = join?.token
@@ -29,6 +34,7 @@ final class RunningAgent: Sendable {
         config.nodeName = "edge-test"
         config.site = "a"
         config.upstreams = ["127.0.0.1:9"]  // never reached by these tests
+        configure(&config)
         var logger = Logger(label: "agent")
         logger.logLevel = .critical
         self.agent = AgentServer(config: config, logger: logger)

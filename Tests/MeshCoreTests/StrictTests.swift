@@ -75,3 +75,50 @@ import Testing
         #expect(merged["e"] == .bool(true))
     }
 }
+
+/// YAML and JSON nested beyond `Strict.maxDepth` are refused with a clear error before any
+/// recursion (meshctl crashed with exit 139 on 10,000 levels); up to the limit they work, on a
+/// task's stack.
+@Suite struct NestingDepthTests {
+    static func flowYAML(_ depth: Int) -> String {
+        String(repeating: "[", count: depth) + "1" + String(repeating: "]", count: depth)
+    }
+    static func blockYAML(_ depth: Int) -> String { String(repeating: "- ", count: depth) + "1\n" }
+    static func objectsJSON(_ depth: Int) -> String {
+        String(repeating: "{\"a\":", count: depth) + "1" + String(repeating: "}", count: depth)
+    }
+
+    @Test func deepYAMLIsRefusedWithAClearMessage() throws {
+        for text in [Self.flowYAML(10_000), Self.blockYAML(10_000), Self.flowYAML(Strict.maxDepth + 1)] {
+            #expect {
+                _ = try Strict.documents(yaml: text)
+            } throws: { e in
+                (e as? ManifestError)?.message.contains("nest deeper than \(Strict.maxDepth) levels") == true
+            }
+        }
+    }
+
+    @Test func deepJSONIsRefusedWithAClearMessage() throws {
+        let deep = [Self.objectsJSON(10_000), Self.flowYAML(10_000), Self.objectsJSON(Strict.maxDepth + 1)]
+        for text in deep {
+            #expect {
+                _ = try JSONValue.parse(json: Data(text.utf8))
+            } throws: { e in
+                (e as? ManifestError)?.message == "malformed JSON: lists and objects nest deeper than 100 levels"
+            }
+        }
+    }
+
+    @Test func nestingUpToTheLimitWorks() throws {
+        let n = Strict.maxDepth
+        let yaml = try Strict.documents(yaml: Self.flowYAML(n))
+        let block = try Strict.documents(yaml: Self.blockYAML(n))
+        let json = try JSONValue.parse(json: Data(Self.objectsJSON(n).utf8))
+        #expect(yaml == block)
+        #expect(try JSONValue.parse(json: yaml[0].jsonData()) == yaml[0])
+        #expect(json.jsonData() == Data(Self.objectsJSON(n).utf8))
+        // Brackets inside strings do not nest.
+        let text = "{\"s\":\"" + String(repeating: "[{", count: 500) + "\\\"]\"}"
+        #expect(try JSONValue.parse(json: Data(text.utf8))["s"]?.stringValue?.count == 1002)
+    }
+}

@@ -108,7 +108,9 @@ public final class RunningControl: Sendable {
 
 /// Writes node credentials from a throwaway CA into `<stateDir>/pki`, for agents that must start
 /// without a control plane (they never reach one in such tests).
-public func seedNodeCredentials(stateDir: String, nodeName: String) throws {
+/// Returns the CA, for tests that need other identities of the same mesh.
+@discardableResult
+public func seedNodeCredentials(stateDir: String, nodeName: String) throws -> CertificateAuthority {
     let ca = try CertificateAuthority.create()
     let issued = try ca.issueCredential(identity: .node(nodeName), serverAuth: true, clientAuth: true)
     try NodeEnrolment.files(stateDir: stateDir).write(
@@ -116,6 +118,25 @@ public func seedNodeCredentials(stateDir: String, nodeName: String) throws {
         certificatePEM: issued.certificatePEM,
         caPEM: try ca.certificatePEM()
     )
+    return ca
+}
+
+/// A TLS 1.3 client context that trusts `ca` and presents a fresh certificate of `identity` from it
+/// (none when nil), without checking the server's name or address: a node's certificate names
+/// neither, only `mesh://node/NAME`.
+public func meshClientContext(_ ca: CertificateAuthority, identity: MeshIdentity?) throws -> NIOSSLContext {
+    var config = TLSConfiguration.makeClientConfiguration()
+    config.minimumTLSVersion = .tlsv13
+    config.certificateVerification = .noHostnameVerification
+    config.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(try ca.certificatePEM().utf8)))
+    if let identity {
+        let issued = try ca.issueCredential(identity: identity, serverAuth: false, clientAuth: true)
+        config.certificateChain = try NIOSSLCertificate.fromPEMBytes(Array(issued.certificatePEM.utf8)).map {
+            .certificate($0)
+        }
+        config.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(issued.keyPEM.utf8), format: .pem))
+    }
+    return try NIOSSLContext(configuration: config)
 }
 
 /// A TLS server that is *not* the control plane but holds a certificate of the mesh CA (a node's,

@@ -10,6 +10,8 @@ import Foundation
 
 /// The agent's admin API on 127.0.0.1:7780: `/routes` (every service's VIP, policy and backends
 /// with health and counters, and where the table came from), `/metrics`, `/healthz`, `/readyz`.
+/// Requests whose `Host` is not a loopback name or address get 403 (``AdminHostCheck``); with
+/// `adminAllowRemote` (mutual TLS), requests without an admin certificate of the mesh CA do.
 struct AdminAPI: HTTPResponder {
     let config: AgentConfig
     let applier: SnapshotApplier
@@ -48,6 +50,14 @@ struct AdminAPI: HTTPResponder {
     }
 
     func respond(to request: HTTPRequest) async -> HTTPResponse {
+        if self.config.adminAllowRemote {
+            // Over mutual TLS (a DNS-rebinding page cannot present an admin's certificate).
+            if let why = AdminHostCheck.refusal(peerIdentity: request.peerIdentity) {
+                return .text(request.peerIdentity == nil ? .unauthorized : .forbidden, why)
+            }
+        } else if let why = AdminHostCheck.refusal(hostHeaders: request.headers["host"]) {
+            return .text(.forbidden, why)
+        }
         if let r = self.health.respond(to: request) { return r }
         guard request.method == .GET else { return .text(.methodNotAllowed, "only GET here") }
         switch request.path {

@@ -33,8 +33,18 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     public var dnsListen: String = "auto"
     /// Upstream resolvers for other names (`host`, `host:port`); empty: /etc/resolv.conf.
     public var upstreams: [String] = []
-    /// The admin API (`/routes`, `/metrics`, `/healthz`, `/readyz`).
+    /// Longest time (seconds, 1-86400) a forwarded answer is cached, and the largest TTL handed
+    /// to clients for one: a forged answer that got in anyway is gone after this long.
+    public var dnsMaxCacheTTLSeconds: Int = 300
+    /// Randomise the case of names sent upstream (DNS 0x20) and require it echoed; turn off only
+    /// for an upstream that does not keep the case of questions.
+    public var dnsCaseRandomization: Bool = true
+    /// The admin API (`/routes`, `/metrics`, `/healthz`, `/readyz`): loopback only, plain HTTP, and
+    /// it answers only requests whose `Host` is a loopback name or address; see ``adminAllowRemote``.
     public var adminListen: String = "127.0.0.1:7780"
+    /// Serve the admin API on any address, but only over TLS (the node's certificate) and only to
+    /// clients presenting an admin certificate of the mesh CA (`mesh://admin/...`).
+    public var adminAllowRemote: Bool = false
     /// `loopback` (VIPs bound in 127.0.0.0/8, touches no interface), `meshInterface` (a dummy link
     /// holding the VIPs, needs CAP_NET_ADMIN), or `auto` (the interface when allowed, else loopback).
     public var interfaceMode: InterfaceMode = .loopback
@@ -93,7 +103,15 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
         }
         if let e = Names.dns1123SubdomainError(self.domain) { throw ManifestError("domain: \(e)") }
         if self.dnsListen != "auto" { _ = try ListenAddress(self.dnsListen, field: "dnsListen") }
-        _ = try ListenAddress(self.adminListen, field: "adminListen")
+        if !(1...86400).contains(self.dnsMaxCacheTTLSeconds) {
+            throw ManifestError("dnsMaxCacheTTLSeconds: must be between 1 and 86400 (default 300)")
+        }
+        let admin = try ListenAddress(self.adminListen, field: "adminListen")
+        guard AdminHostCheck.isLoopback(host: admin.host) || self.adminAllowRemote else {
+            throw ManifestError(
+                "adminListen: \"\(self.adminListen)\" is not a loopback address; the admin API listens on 127.0.0.1, ::1 or localhost only, unless adminAllowRemote: true, which serves it over mutual TLS to admin certificates of the mesh CA only"
+            )
+        }
         if self.interfaceName.isEmpty || self.interfaceName.utf8.count > 15 {
             throw ManifestError("interfaceName: must be 1-15 characters")
         }

@@ -190,7 +190,11 @@ public final class AgentServer: Sendable {
             configuration: DNSServerConfiguration(
                 host: dnsListen.host,
                 port: dnsListen.port,
-                forwarding: DNSForwardingConfiguration(upstreams: config.upstreams)
+                forwarding: DNSForwardingConfiguration(
+                    upstreams: config.upstreams,
+                    maxCacheTTL: UInt32(config.dnsMaxCacheTTLSeconds),
+                    caseRandomization: config.dnsCaseRandomization
+                )
             ),
             zones: zones,
             logger: self.logger
@@ -200,6 +204,12 @@ public final class AgentServer: Sendable {
         adminConfig.host = adminListen.host
         adminConfig.port = adminListen.port
         adminConfig.drainTimeout = .seconds(1)
+        if config.adminAllowRemote {
+            // Mutual TLS with the node's certificate; AdminAPI admits admin identities only.
+            adminConfig.tls = HTTPServerTLS(context: try MeshTLS.serverContext(credentials)) { certificate in
+                MeshTLS.identity(of: certificate)?.uri
+            }
+        }
         let adminAPI = AdminAPI(config: config, applier: applier, dataPlane: dataPlane, sync: sync)
         let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
         self.admin.set(admin)
@@ -217,7 +227,7 @@ public final class AgentServer: Sendable {
         self.nodeAgent.set(nodeAgent)
 
         self.logger.info(
-            "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on http://\(adminListen), \(config.interfaceMode.rawValue) mode"
+            "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on \(config.adminAllowRemote ? "https" : "http")://\(adminListen), \(config.interfaceMode.rawValue) mode"
         )
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await dataPlane.run() }
