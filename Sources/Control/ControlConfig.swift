@@ -77,7 +77,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
         if self.requestTimeoutSeconds < 1 { throw ManifestError("requestTimeoutSeconds: must be at least 1") }
         if self.idleTimeoutSeconds < 1 { throw ManifestError("idleTimeoutSeconds: must be at least 1") }
         if self.maxConnections < 16 { throw ManifestError("maxConnections: must be at least 16") }
-        if self.historyMaxBytes < 1024 * 1024 { throw ManifestError("historyMaxBytes: must be at least 1048576 (1 MiB)") }
+        if self.historyMaxBytes < 1024 * 1024 {
+            throw ManifestError("historyMaxBytes: must be at least 1048576 (1 MiB)")
+        }
         if !(self.tlsHandshakeTimeoutSeconds >= 0.1) {
             throw ManifestError("tlsHandshakeTimeoutSeconds: must be at least 0.1")
         }
@@ -87,7 +89,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
         ] {
             if !(rate >= 0) || !rate.isFinite { throw ManifestError("\(field): must be 0 (no limit) or more") }
             if rate > 0 && burst < 1 {
-                throw ManifestError("\(field == "writesPerSecond" ? "writeBurst" : "adminWriteBurst"): must be at least 1")
+                throw ManifestError(
+                    "\(field == "writesPerSecond" ? "writeBurst" : "adminWriteBurst"): must be at least 1"
+                )
             }
         }
         if !(self.nodeGracePeriodSeconds >= 0.1) { throw ManifestError("nodeGracePeriodSeconds: must be at least 0.1") }

@@ -63,6 +63,7 @@ public final class WatchHub: Sendable {
                 self.head = 0
             }
         }
+    }
 
     private let state: Mutex<State>
     let configuration: Configuration

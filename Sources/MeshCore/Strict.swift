@@ -56,7 +56,12 @@ public enum Strict {
 
     /// The same, counting in `probes` the member lookups made: one per member of `input`, so the
     /// check is linear (a scan of `known` per member made 10,000 labels cost 50 million compares).
-    static func unknownFields(in input: JSONValue, knownBy known: JSONValue, path: String, probes: inout Int)
+    static func unknownFields(
+        in input: JSONValue,
+        knownBy known: JSONValue,
+        path: String,
+        probes: inout Int
+    )
         -> [String]
     {
         switch (input, known) {

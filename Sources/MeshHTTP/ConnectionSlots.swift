@@ -72,12 +72,21 @@ final class ConnectionSlots: Sendable {
 
         /// Takes the slot of the oldest connection in `stage`: removes it and returns its channel.
         mutating func evictOldest(_ stage: Stage) -> (any Channel)? {
-            let slots = self.slots
             let id: ObjectIdentifier?
             switch stage {
-            case .handshaking: id = self.handshaking.popFirst { slots[$0]?.stage == .handshaking }
-            case .anonymous: id = self.anonymous.popFirst { slots[$0]?.stage == .anonymous }
-            case .authenticated: id = nil
+            case .handshaking:
+                // Moved out and back, so the lookup below does not overlap the queue's mutation.
+                var queue = self.handshaking
+                self.handshaking = Queue()
+                id = queue.popFirst { self.slots[$0]?.stage == .handshaking }
+                self.handshaking = queue
+            case .anonymous:
+                var queue = self.anonymous
+                self.anonymous = Queue()
+                id = queue.popFirst { self.slots[$0]?.stage == .anonymous }
+                self.anonymous = queue
+            case .authenticated:
+                id = nil
             }
             guard let id, let slot = self.slots.removeValue(forKey: id) else { return nil }
             self.evicted += 1
@@ -125,7 +134,7 @@ final class ConnectionSlots: Sendable {
             }
             s.slots[id] = Slot(channel: channel, stage: .handshaking)
             s.handshaking.append(id)
-            var warn: (Int, String)?
+            var warn: (evicted: Int, stage: String)?
             if victim != nil {
                 let now = ContinuousClock.now
                 if s.lastWarning.map({ now - $0 >= .seconds(10) }) ?? true {
@@ -191,7 +200,7 @@ final class ConnectionSlots: Sendable {
 /// Per connection, first in its pipeline (after the TLS handler): closes a connection that has not
 /// finished its TLS handshake within the deadline, and tells the slots when it has.
 final class HandshakeWatch: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = NIOAny
+    typealias InboundIn = ByteBuffer
 
     private let slots: ConnectionSlots
     private let deadline: TimeAmount?
@@ -272,8 +281,9 @@ final class AcceptBackoff: ChannelDuplexHandler, RemovableChannelHandler {
     private let logger: Logger
     private var pausedUntil: NIODeadline?
     private var scheduled: Scheduled<Void>?
-    /// The current episode: when it started and how many accepts failed in it.
-    private var episode: (start: NIODeadline, failures: Int, evicted: Int)?
+    /// The current episode: when it started, its last failure, how many accepts failed in it and
+    /// how many handshakes were closed. It ends at the first accept a second after its last failure.
+    private var episode: (start: NIODeadline, last: NIODeadline, failures: Int, evicted: Int)?
 
     init(slots: ConnectionSlots, logger: Logger) {
         self.slots = slots
@@ -295,8 +305,8 @@ final class AcceptBackoff: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if let e = self.episode {
-            let seconds = Double((NIODeadline.now() - e.start).nanoseconds) / 1e9
+        if let e = self.episode, NIODeadline.now() - e.last >= .seconds(1) {
+            let seconds = Double((e.last - e.start).nanoseconds) / 1e9
             self.logger.notice(
                 "accepting connections again after \(e.failures) failed accept(s) over \(String(format1: seconds)) s (\(e.evicted) unfinished handshake(s) closed)"
             )
@@ -314,11 +324,12 @@ final class AcceptBackoff: ChannelDuplexHandler, RemovableChannelHandler {
         if var e = self.episode {
             e.failures += 1
             e.evicted += evicted
+            e.last = .now()
             self.episode = e
         } else {
-            self.episode = (.now(), 1, evicted)
+            self.episode = (.now(), .now(), 1, evicted)
             var limit = rlimit()
-            getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
             let what: String
             switch io.errnoCode {
             case EMFILE: what = "the process is out of file descriptors (EMFILE, limit \(limit.rlim_cur))"

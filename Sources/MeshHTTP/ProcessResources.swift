@@ -32,14 +32,14 @@ public enum ProcessResources {
     /// Sets the soft RLIMIT_NOFILE to the hard limit: (old soft, new soft).
     public static func raiseOpenFileLimit() -> Result<(UInt64, UInt64), LimitError> {
         var limit = rlimit()
-        let resource = Int32(RLIMIT_NOFILE.rawValue)
-        guard getrlimit(__rlimit_resource_t(UInt32(resource)), &limit) == 0 else {
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        guard getrlimit(resource, &limit) == 0 else {
             return .failure(LimitError("getrlimit failed (errno \(errno))"))
         }
         let old = UInt64(limit.rlim_cur)
         guard limit.rlim_cur < limit.rlim_max else { return .success((old, old)) }
         limit.rlim_cur = limit.rlim_max
-        guard setrlimit(__rlimit_resource_t(UInt32(resource)), &limit) == 0 else {
+        guard setrlimit(resource, &limit) == 0 else {
             return .failure(LimitError("setrlimit to \(limit.rlim_max) failed (errno \(errno))"))
         }
         return .success((old, UInt64(limit.rlim_max)))

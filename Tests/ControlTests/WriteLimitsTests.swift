@@ -61,7 +61,12 @@ import Testing
                     key: key("big"),
                     expect: .any,
                     operation: .put { rv in
-                        (ByteBuffer(string: #"{"metadata":{"name":"big","resourceVersion":"\#(rv)"},"i":\#(i),"p":"\#(pad)"}"#), [:])
+                        (
+                            ByteBuffer(
+                                string:
+                                    #"{"metadata":{"name":"big","resourceVersion":"\#(rv)"},"i":\#(i),"p":"\#(pad)"}"#
+                            ), [:]
+                        )
                     }
                 )
             )

@@ -105,7 +105,8 @@ import Testing
     @Test func idleSocketsDoNotLockTheAdminOut() async throws {
         let cp = try await self.start(["maxConnections: 200"])
         // 200 TCP connections that never start a handshake: every slot.
-        let idle = try await blocking { try (0..<200).map { _ in try RawSocket(port: cp.port, timeout: 30) } }
+        let idle = try await blocking { try idleSockets(port: cp.port, count: 200) }
+        defer { for fd in idle { close(fd) } }
         #expect(idle.count == 200)
         let admin = try cp.admin
         let started = ContinuousClock.now
@@ -117,7 +118,6 @@ import Testing
             await eventually { cp.process.stderr.contains("at the connection limit (200): closed") },
             "\(cp.process.stderr)"
         )
-        withExtendedLifetime(idle) {}
         await cp.stop()
     }
 
@@ -142,7 +142,8 @@ import Testing
             prefix: ["/usr/bin/prlimit", "--nofile=64:64", "--"]
         )
         let pid = cp.process.pid
-        let idle = try await blocking { try (0..<80).map { _ in try RawSocket(port: cp.port, timeout: 30) } }
+        let idle = try await blocking { try idleSockets(port: cp.port, count: 80) }
+        defer { for fd in idle { close(fd) } }
         #expect(await eventually { cp.process.stderr.contains("out of file descriptors (EMFILE") })
         // No spinning: little CPU over two seconds of exhaustion.
         let before = cpuTicks(pid)
@@ -154,7 +155,6 @@ import Testing
         #expect(await eventually(timeout: .seconds(10)) { (try? await admin.list(Node.self)) != nil })
         let text = cp.process.stderr
         #expect(text.components(separatedBy: "cannot accept connections").count - 1 <= 2, "\(text)")
-        withExtendedLifetime(idle) {}
         await cp.stop()
     }
 
@@ -218,9 +218,16 @@ import Testing
             "edge-a",
             annotations: [key: String(repeating: "x", count: MetadataLimits.maxAnnotationBytes - key.utf8.count + 1)]
         )
-        let (code, _, status) = try await self.put(client, node: "edge-a", body: ByteBuffer(bytes: try MeshJSON.encode(over)))
+        let (code, _, status) = try await self.put(
+            client,
+            node: "edge-a",
+            body: ByteBuffer(bytes: try MeshJSON.encode(over))
+        )
         #expect(code == 422)
-        #expect(status?.message.contains("metadata.annotations: must hold at most 256 KiB") == true, "\(String(describing: status))")
+        #expect(
+            status?.message.contains("metadata.annotations: must hold at most 256 KiB") == true,
+            "\(String(describing: status))"
+        )
         // 20,000 labels: refused after counting them, with one cause.
         let labels = Dictionary(uniqueKeysWithValues: (0..<20_000).map { ("k\($0)", "v") })
         let started = ContinuousClock.now
@@ -233,11 +240,6 @@ import Testing
         #expect(status2?.details?.causes?.count == 1)
         #expect(status2?.message.contains("must have at most 64 labels (has 20000)") == true)
         print("20,000 labels refused in \(ContinuousClock.now - started)")
-        // A body over maxBodyBytes: 413 before it is read.
-        let huge = ByteBuffer(repeating: UInt8(ascii: " "), count: 4 * 1024 * 1024)
-        let (code3, _, status3) = try await self.put(client, node: "edge-a", body: huge)
-        #expect(code3 == 413)
-        #expect(status3?.message.contains("over the limit") == true)
         // Nothing was stored.
         await #expect(throws: Status.self) { _ = try await cp.admin.get(Node.self, name: "edge-a") }
         await cp.stop()
@@ -268,6 +270,30 @@ import Testing
         #expect(try await noisy.get(Node.self, name: "edge-noisy").metadata.name == "edge-noisy")
         await cp.stop()
     }
+}
+
+/// `count` TCP connections to 127.0.0.1:`port` that send nothing (their descriptors; the caller closes them).
+func idleSockets(port: Int, count: Int) throws -> [Int32] {
+    var fds: [Int32] = []
+    for _ in 0..<count {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        if rc != 0 {
+            close(fd)
+            for f in fds { close(f) }
+            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .ECONNREFUSED)
+        }
+        fds.append(fd)
+    }
+    return fds
 }
 
 /// Sum of user and system CPU time of a process, in clock ticks (/proc/PID/stat fields 14 and 15).

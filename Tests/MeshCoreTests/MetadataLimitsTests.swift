@@ -32,7 +32,10 @@ import Testing
         #expect(unknown.isEmpty)
         #expect(probes >= 20_000 && probes <= 20_000 + 16, "\(probes) lookups")
         // And it still finds an unknown member among many.
-        guard case .object(var members) = doc else { Issue.record("not an object"); return }
+        guard case .object(var members) = doc else {
+            Issue.record("not an object")
+            return
+        }
         members.append(("extra", .string("x")))
         #expect(Strict.unknownFields(in: .object(members), knownBy: doc, path: "") == ["extra"])
     }
@@ -84,9 +87,13 @@ import Testing
         #expect(self.node(annotations: full).validationErrors().isEmpty)
         let over = [key: String(repeating: "x", count: 256 * 1024 - key.utf8.count + 1)]
         #expect(self.node(annotations: over).validationErrors().map(\.path) == ["metadata.annotations"])
-        #expect(throws: ValidationError.self) { _ = try Registry.object(from: try self.document(self.node(annotations: over))) }
+        #expect(throws: ValidationError.self) {
+            _ = try Registry.object(from: try self.document(self.node(annotations: over)))
+        }
         // Annotation keys are qualified names too.
-        #expect(self.node(annotations: ["bad key": "v"]).validationErrors().map(\.path) == ["metadata.annotations[bad key]"])
+        #expect(
+            self.node(annotations: ["bad key": "v"]).validationErrors().map(\.path) == ["metadata.annotations[bad key]"]
+        )
     }
 
     @Test func manyBadLabelsAreSummedUpNotListed() {

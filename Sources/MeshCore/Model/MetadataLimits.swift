@@ -47,7 +47,9 @@ public enum MetadataLimits {
             } else {
                 var found: [FieldError] = []
                 for k in annotations.keys.sorted() {
-                    if let e = Names.labelKeyError(k) { found.append(FieldError("metadata.annotations[\(k)]", "key \(e)")) }
+                    if let e = Names.labelKeyError(k) {
+                        found.append(FieldError("metadata.annotations[\(k)]", "key \(e)"))
+                    }
                 }
                 errs += Self.capped(found, path: "metadata.annotations")
             }
