@@ -4,7 +4,8 @@ import MeshIdentity
 import NIOHTTP1
 import Synchronization
 
-/// A token bucket per client identity for writes (every method but GET and HEAD), so that one node
+/// A token bucket per client identity for writes (every method but GET and HEAD; heartbeats are not
+/// counted), so that one node
 /// cannot stall the others: a bucket holds `burst` writes and refills at `perSecond`. A write that
 /// finds its bucket empty is answered 429 with `Retry-After` and a Status saying when to retry.
 ///
@@ -84,9 +85,10 @@ public final class WriteRateLimiter: Sendable {
         }
     }
 
-    /// Whether `request` counts as a write for the limiter.
+    /// Whether `request` counts as a write for the limiter: every method but GET and HEAD, except
+    /// heartbeats, which touch only memory (NodeLifecycle) and come every 20 s from an agent.
     static func isWrite(_ request: HTTPRequest) -> Bool {
-        request.method != .GET && request.method != .HEAD
+        request.method != .GET && request.method != .HEAD && !request.path.hasSuffix("/heartbeat")
     }
 
     /// The 429 answer for a write refused after `wait`: `Retry-After` in whole seconds (at least 1)
