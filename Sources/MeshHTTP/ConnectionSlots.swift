@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NIOSSL
+import NIOTLS
 import Synchronization
 
 #if canImport(Glibc)
