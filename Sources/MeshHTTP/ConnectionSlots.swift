@@ -124,7 +124,7 @@ final class ConnectionSlots: Sendable {
             s -> (Admission, (any Channel)?, (evicted: Int, stage: String)?) in
             if s.draining { return (.refused, nil, nil) }
             var victim: (any Channel)?
-            var stage = "without a TLS handshake"
+            var stage = self.evictAnonymous ? "without a TLS handshake" : "that had sent nothing"
             if s.slots.count >= self.limit {
                 victim = s.evictOldest(.handshaking)
                 if victim == nil && self.evictAnonymous {

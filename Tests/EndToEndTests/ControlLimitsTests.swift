@@ -105,9 +105,14 @@ import Testing
     @Test func idleSocketsDoNotLockTheAdminOut() async throws {
         let cp = try await self.start(["maxConnections: 200"])
         // 200 TCP connections that never start a handshake: every slot.
+        let before = socketCount(cp.process.pid)
         let idle = try await blocking { try idleSockets(port: cp.port, count: 200) }
         defer { for fd in idle { close(fd) } }
-        #expect(idle.count == 200)
+        // Wait until the process holds them all (accepted, each in a slot).
+        #expect(
+            await eventually { socketCount(cp.process.pid) >= before + 200 },
+            "\(before) then \(socketCount(cp.process.pid))"
+        )
         let admin = try cp.admin
         let started = ContinuousClock.now
         let nodes = try await admin.list(Node.self)
@@ -294,6 +299,19 @@ func idleSockets(port: Int, count: Int) throws -> [Int32] {
         fds.append(fd)
     }
     return fds
+}
+
+/// Sockets the process has open (its descriptors that link to `socket:[...]`).
+func socketCount(_ pid: Int32) -> Int {
+    let dir = "/proc/\(pid)/fd"
+    let fds = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+    var buffer = [CChar](repeating: 0, count: 64)
+    return fds.filter { fd in
+        let n = readlink("\(dir)/\(fd)", &buffer, buffer.count - 1)
+        return n > 0
+            && String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self).hasPrefix("socket:")
+    }
+    .count
 }
 
 /// Sum of user and system CPU time of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
