@@ -1,5 +1,6 @@
 import Control
 import Foundation
+import MeshCore
 import MeshTestSupport
 import NIOCore
 import Testing
@@ -80,6 +81,22 @@ import Testing
         try await reopened.close()
         let size = fileSize(dir.path + "/control.db")
         #expect(size < 8 * 1024 * 1024, "control.db is \(size) bytes")
+    }
+
+    @Test func theNewSettingsAreChecked() {
+        var c = ControlConfig()
+        #expect(throws: Never.self) { try c.validate() }
+        c.writesPerSecond = -1
+        #expect(throws: ManifestError("writesPerSecond: must be 0 (no limit) or more")) { try c.validate() }
+        c = ControlConfig()
+        c.writeBurst = 0
+        #expect(throws: ManifestError("writeBurst: must be at least 1")) { try c.validate() }
+        c = ControlConfig()
+        c.historyMaxBytes = 1000
+        #expect(throws: ManifestError("historyMaxBytes: must be at least 1048576 (1 MiB)")) { try c.validate() }
+        c = ControlConfig()
+        c.tlsHandshakeTimeoutSeconds = 0
+        #expect(throws: ManifestError("tlsHandshakeTimeoutSeconds: must be at least 0.1")) { try c.validate() }
     }
 
     @Test func writesAreLimitedPerIdentityAndTheAdminIsNot() throws {

@@ -152,11 +152,20 @@ import Testing
         try await Task.sleep(for: .seconds(2))
         let used = cpuTicks(pid) - before
         #expect(used < 60, "mesh-control used \(used) ticks of CPU in 2 s")
+        print("out of descriptors: \(used) ticks of CPU in 2 s")
         // The admin still gets through: unfinished handshakes are closed to free descriptors.
         let admin = try cp.admin
         #expect(await eventually(timeout: .seconds(10)) { (try? await admin.list(Node.self)) != nil })
         let text = cp.process.stderr
         #expect(text.components(separatedBy: "cannot accept connections").count - 1 <= 2, "\(text)")
+        await cp.stop()
+    }
+
+    @Test func theOpenFilesLimitIsRaisedToTheHardLimit() async throws {
+        let cp = try await self.start([], prefix: ["/usr/bin/prlimit", "--nofile=256:4096", "--"])
+        let limits = try String(contentsOfFile: "/proc/\(cp.process.pid)/limits", encoding: .utf8)
+        let line = limits.split(separator: "\n").first { $0.hasPrefix("Max open files") } ?? ""
+        #expect(line.split(separator: " ").compactMap { Int($0) } == [4096, 4096], "\(line)")
         await cp.stop()
     }
 
