@@ -255,6 +255,18 @@ import Testing
         #expect(status2?.details?.causes?.count == 1)
         #expect(status2?.message.contains("must have at most 64 labels (has 20000)") == true)
         print("20,000 labels refused in \(ContinuousClock.now - started)")
+        // Two such PUTs at once (from two nodes) do not stall the admin: its get answers meanwhile.
+        let big = ByteBuffer(bytes: try MeshJSON.encode(self.node("edge-a", labels: labels)))
+        let clients = [client, try cp.node("edge-b")]
+        async let first = self.put(clients[0], node: "edge-a", body: big)
+        async let second = self.put(clients[1], node: "edge-b", body: big)
+        let admin = try cp.admin
+        let asked = ContinuousClock.now
+        _ = try await admin.list(Node.self)
+        let answered = ContinuousClock.now - asked
+        #expect(answered < .seconds(2), "the admin's list took \(answered) beside two PUTs of 20,000 labels")
+        #expect(try await first.0 == 422)
+        #expect(try await second.0 == 422)
         // Nothing was stored.
         await #expect(throws: Status.self) { _ = try await cp.admin.get(Node.self, name: "edge-a") }
         await cp.stop()
