@@ -123,8 +123,9 @@ let package = Package(
         .target(
             name: "MeshHTTP",
             dependencies: nio + [
-                "MeshCore",
+                "MeshCore", "CLinux",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

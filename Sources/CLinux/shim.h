@@ -20,3 +20,12 @@ static inline void mesh_set_thread_name(const char *name) {
     cut[i] = 0;
     pthread_setname_np(pthread_self(), cut);
 }
+
+/* glibc's allocator: return freed memory to the system, and fix the mmap threshold. */
+#include <malloc.h>
+
+static inline int mesh_malloc_trim(void) { return malloc_trim(0); }
+
+/* Allocations of `bytes` and more get their own mapping, given back to the system when freed
+   (glibc otherwise raises the threshold as large blocks are freed, and keeps them in its heap). */
+static inline int mesh_set_mmap_threshold(int bytes) { return mallopt(M_MMAP_THRESHOLD, bytes); }

@@ -21,6 +21,8 @@ public final class ControlAPI: HTTPResponder {
     let credentials: NodeCredentials
     /// Node liveness (heartbeats); nil: heartbeats are refused with 503 and Node status is kept as written.
     let lifecycle: NodeLifecycle?
+    /// Per-identity write limits (nil: none).
+    let limiter: WriteRateLimiter?
     public static let version = "0.1.0"
     /// Where nodes enrol (no client certificate needed).
     public static let joinPath = "/apis/mesh.edge/v1/join"
@@ -36,9 +38,11 @@ public final class ControlAPI: HTTPResponder {
         caPEM: String = "",
         lifecycle: NodeLifecycle? = nil,
         nodeCertificateValidity: TimeInterval = CertificateAuthority.leafValidity,
+        limiter: WriteRateLimiter? = nil,
         isReady: @escaping @Sendable () -> (Bool, String) = { (true, "ok") }
     ) {
         self.lifecycle = lifecycle
+        self.limiter = limiter
         self.store = store
         self.vips = vips
         self.logger = logger
@@ -95,6 +99,17 @@ public final class ControlAPI: HTTPResponder {
             return Self.respond(status)
         }
         if let r = self.health.respond(to: request) { return r }
+        if let limiter = self.limiter, let identity = request.peerIdentity, WriteRateLimiter.isWrite(request),
+            let wait = limiter.take(identity)
+        {
+            Counter(
+                label: "mesh_control_requests_total",
+                dimensions: [("verb", "throttled"), ("resource", ""), ("code", "429")]
+            )
+            .increment()
+            self.logger.debug("\(request.method) \(request.uri) from \(identity) -> 429 (write rate limit)")
+            return limiter.refusal(identity: identity, wait: wait)
+        }
         let start = ContinuousClock.now
         let routed: (HTTPResponse, String, String)
         if let security = await self.routeSecurity(request) {

@@ -11,6 +11,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     public var serviceCIDRs: [String] = ["127.77.0.0/16", "fd77::/112"]
     /// Changes kept in memory and on disk so watchers can resume; older versions get 410 Gone.
     public var historyLimit: Int = 10_000
+    /// The same history bounded by bytes (of watch lines in memory; the `events` table on disk is
+    /// trimmed to match): 32 MiB holds 10,000 changes of objects up to ~3 KiB, or 128 of 256 KiB.
+    public var historyMaxBytes: Int = 32 * 1024 * 1024
     /// How often idle watchers get a BOOKMARK with the latest resourceVersion.
     public var bookmarkIntervalSeconds: Int = 10
     /// Largest request body accepted (413 beyond).
@@ -22,6 +25,15 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     /// Connections the API holds at once (503 beyond). Each agent keeps about three: its heartbeat
     /// and two watches.
     public var maxConnections: Int = 8192
+    /// How long a new connection has to complete its TLS handshake before it is closed.
+    public var tlsHandshakeTimeoutSeconds: Double = 5
+    /// Writes (PUT, POST, DELETE) per second each node (any identity but the admin's) may make, in
+    /// a token bucket of `writeBurst`; beyond, 429 with Retry-After. 0: no limit.
+    public var writesPerSecond: Double = 10
+    public var writeBurst: Int = 50
+    /// The admin's write limit; 0 (the default): none, so bulk applies and benchmarks run freely.
+    public var adminWritesPerSecond: Double = 0
+    public var adminWriteBurst: Int = 1000
     /// A node that sent no heartbeat for this long is marked NotReady (agents beat every 20 s by
     /// default: three beats, so two lost ones on a weak link are not an outage).
     public var nodeGracePeriodSeconds: Double = 60
@@ -68,6 +80,23 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
         if self.requestTimeoutSeconds < 1 { throw ManifestError("requestTimeoutSeconds: must be at least 1") }
         if self.idleTimeoutSeconds < 1 { throw ManifestError("idleTimeoutSeconds: must be at least 1") }
         if self.maxConnections < 16 { throw ManifestError("maxConnections: must be at least 16") }
+        if self.historyMaxBytes < 1024 * 1024 {
+            throw ManifestError("historyMaxBytes: must be at least 1048576 (1 MiB)")
+        }
+        if !(self.tlsHandshakeTimeoutSeconds >= 0.1) {
+            throw ManifestError("tlsHandshakeTimeoutSeconds: must be at least 0.1")
+        }
+        for (field, rate, burst) in [
+            ("writesPerSecond", self.writesPerSecond, self.writeBurst),
+            ("adminWritesPerSecond", self.adminWritesPerSecond, self.adminWriteBurst),
+        ] {
+            if !(rate >= 0) || !rate.isFinite { throw ManifestError("\(field): must be 0 (no limit) or more") }
+            if rate > 0 && burst < 1 {
+                throw ManifestError(
+                    "\(field == "writesPerSecond" ? "writeBurst" : "adminWriteBurst"): must be at least 1"
+                )
+            }
+        }
         if !(self.nodeGracePeriodSeconds >= 0.1) { throw ManifestError("nodeGracePeriodSeconds: must be at least 0.1") }
         if !(self.nodeStartupGracePeriodSeconds >= 0) {
             throw ManifestError("nodeStartupGracePeriodSeconds: must not be negative")

@@ -68,6 +68,8 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         var storeConfig = SQLiteStore.Configuration(path: config.dataDir + "/control.db")
         storeConfig.durability = config.durability
         storeConfig.hub.historyLimit = config.historyLimit
+        storeConfig.hub.historyMaxBytes = config.historyMaxBytes
+        storeConfig.hub.maxPendingBytes = config.historyMaxBytes
         let store = try await SQLiteStore(configuration: storeConfig, logger: self.logger)
         let cidrs = try config.parsedCIDRs()
         let taken = try await store.reservations(prefix: "vip/").keys.compactMap { IPAddress($0.dropFirst(4)) }
@@ -93,7 +95,11 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
             ca: pki.ca,
             caPEM: pki.caPEM,
             lifecycle: lifecycle,
-            nodeCertificateValidity: config.nodeCertificateValiditySeconds
+            nodeCertificateValidity: config.nodeCertificateValiditySeconds,
+            limiter: WriteRateLimiter(
+                node: .init(perSecond: config.writesPerSecond, burst: config.writeBurst),
+                admin: .init(perSecond: config.adminWritesPerSecond, burst: config.adminWriteBurst)
+            )
         )
         do {
             try await api.loadRevocations()
@@ -110,6 +116,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         httpConfig.drainTimeout = .seconds(2)
         httpConfig.requestTimeout = .seconds(Int64(config.requestTimeoutSeconds))
         httpConfig.idleTimeout = .seconds(Int64(config.idleTimeoutSeconds))
+        httpConfig.handshakeTimeout = .milliseconds(Int64(config.tlsHandshakeTimeoutSeconds * 1000))
         httpConfig.tls = HTTPServerTLS(context: try MeshTLS.serverContext(pki.serving)) { certificate in
             MeshTLS.identity(of: certificate)?.uri
         }

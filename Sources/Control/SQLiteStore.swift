@@ -40,9 +40,24 @@ public final class SQLiteStore: Store {
     public let hub: WatchHub
     let pool: NIOThreadPool
     let logger: Logger
-    /// Serialises commit + publish so watchers see versions in order.
-    private let writer = Mutex<Void>(())
-    private let writesSinceCompaction = Atomic<Int>(0)
+    /// Serialises commit + publish so watchers see versions in order; counts what was written since
+    /// the history on disk was last compacted.
+    private let writer = Mutex<Compaction>(Compaction())
+
+    /// When to trim the `events` table: every 512 writes, or once an eighth of the history's byte
+    /// limit was written, so the file stays near the in-memory history in size.
+    struct Compaction {
+        var writes = 0
+        var bytes = 0
+
+        mutating func due(afterWriting size: Int, maxBytes: Int) -> Bool {
+            self.writes += 1
+            self.bytes += size
+            guard self.writes >= 512 || self.bytes >= max(1, maxBytes / 8) else { return false }
+            self = Compaction()
+            return true
+        }
+    }
 
     /// Opens (creating when absent) the store at `configuration.path` and loads the watch history.
     public init(configuration: Configuration, logger: Logger) async throws {
@@ -156,11 +171,17 @@ public final class SQLiteStore: Store {
         let db = self.db
         let hub = self.hub
         let limit = Int64(hub.configuration.historyLimit)
-        let compact = self.writesSinceCompaction.add(1, ordering: .relaxed).newValue % 512 == 0
+        let maxBytes = hub.configuration.historyMaxBytes
         return try await self.pool.runIfActive {
-            try self.writer.withLock { _ in
+            try self.writer.withLock { compaction in
                 let event = try db.transaction { tx in
-                    try SQLiteStore.apply(write, tx, compactBelow: compact ? limit : nil)
+                    let event = try SQLiteStore.apply(write, tx)
+                    if compaction.due(afterWriting: event.object.json.readableBytes, maxBytes: maxBytes) {
+                        // What the hub no longer keeps (by count or by bytes) cannot be resumed from.
+                        let cutoff = max(event.resourceVersion - limit + 1, hub.oldestKeptVersion ?? 0)
+                        try tx.query("DELETE FROM events WHERE rv < ?", [.int(cutoff)])
+                    }
+                    return event
                 }
                 hub.publish(event)
                 return event.object
@@ -168,11 +189,7 @@ public final class SQLiteStore: Store {
         }
     }
 
-    private static func apply(
-        _ write: Write,
-        _ tx: borrowing Transaction,
-        compactBelow limit: Int64?
-    ) throws -> StoreEvent {
+    private static func apply(_ write: Write, _ tx: borrowing Transaction) throws -> StoreEvent {
         let key = write.key
         let keyParams: [SQLValue] = [.text(key.resource), .text(key.namespace), .text(key.name)]
         let rv = (try tx.query("SELECT value FROM meta WHERE key = 'resourceVersion'").first?[0].int ?? 0) + 1
@@ -233,9 +250,6 @@ public final class SQLiteStore: Store {
             ]
         )
         try tx.query("UPDATE meta SET value = ? WHERE key = 'resourceVersion'", [.int(rv)])
-        if let limit {
-            try tx.query("DELETE FROM events WHERE rv <= ?", [.int(rv - limit)])
-        }
         return event
     }
 

@@ -12,26 +12,57 @@ public final class WatchHub: Sendable {
     public struct Configuration: Sendable {
         /// Changes kept for resuming watches; older versions get 410 Gone.
         public var historyLimit: Int = 10_000
+        /// Bytes of watch lines the history keeps at most (the newest change is always kept), so
+        /// that large objects written often cannot make the history hold gigabytes.
+        public var historyMaxBytes: Int = 32 * 1024 * 1024
         /// Lines a watcher may have undelivered before it is ended.
         public var maxPending: Int = 20_000
+        /// Bytes a watcher may have undelivered before it is ended (it resumes from its last version).
+        public var maxPendingBytes: Int = 32 * 1024 * 1024
 
         public init() {}
     }
 
     struct Entry: Sendable {
+        /// The change without its JSON (the line holds it; filters need only key and labels).
         var event: StoreEvent
         /// `{"type":...,"object":...}\n`, encoded once.
         var line: ByteBuffer
+
+        init(_ event: StoreEvent) {
+            self.line = WatchHub.line(for: event)
+            self.event = event
+            self.event.object.json = ByteBuffer()
+        }
     }
 
     private struct State {
         var history: [Entry] = []
         var head = 0
+        /// Bytes of the lines in `history[head...]`.
+        var keptBytes = 0
         var current: Int64
         var nextID = 0
         var subscribers: [Int: WatchSubscription] = [:]
 
         var kept: ArraySlice<Entry> { self.history[self.head...] }
+
+        /// Drops the oldest kept entries while over either limit; the newest stays.
+        mutating func trim(_ c: Configuration) {
+            while self.history.count - self.head > 1
+                && (self.history.count - self.head > c.historyLimit || self.keptBytes > c.historyMaxBytes)
+            {
+                self.keptBytes -= self.history[self.head].line.readableBytes
+                // Release the line now: the dropped prefix stays in the array until it is compacted.
+                self.history[self.head].line = ByteBuffer()
+                self.head += 1
+            }
+            // Compact the array once the dropped prefix is as large as what is kept.
+            if self.head > 1024 && self.head * 2 > self.history.count {
+                self.history.removeFirst(self.head)
+                self.head = 0
+            }
+        }
     }
 
     private let state: Mutex<State>
@@ -40,8 +71,11 @@ public final class WatchHub: Sendable {
     /// A hub whose history starts with `history` (oldest first) and whose latest version is `current`.
     public init(current: Int64, history: [StoreEvent] = [], configuration: Configuration = .init()) {
         self.configuration = configuration
-        let entries = history.suffix(configuration.historyLimit).map { Entry(event: $0, line: WatchHub.line(for: $0)) }
-        self.state = Mutex(State(history: Array(entries), current: current))
+        let entries = history.suffix(configuration.historyLimit).map(Entry.init)
+        var state = State(history: Array(entries), current: current)
+        state.keptBytes = entries.reduce(0) { $0 + $1.line.readableBytes }
+        state.trim(configuration)
+        self.state = Mutex(state)
     }
 
     /// The watch line of an event.
@@ -72,22 +106,31 @@ public final class WatchHub: Sendable {
 
     public var subscriberCount: Int { self.state.withLock { $0.subscribers.count } }
 
+    /// Changes and bytes of watch lines the history holds now.
+    public var historySize: (changes: Int, bytes: Int) {
+        self.state.withLock { ($0.history.count - $0.head, $0.keptBytes) }
+    }
+
+    /// The resourceVersion of the oldest change kept (nil: none kept).
+    var oldestKeptVersion: Int64? { self.state.withLock { $0.kept.first?.event.resourceVersion } }
+
     /// Records a committed change and hands it to every matching watcher. Callers publish in
     /// resourceVersion order.
     public func publish(_ event: StoreEvent) {
-        let entry = Entry(event: event, line: WatchHub.line(for: event))
+        let entry = Entry(event)
         self.state.withLock { s in
             precondition(event.resourceVersion > s.current, "events must be published in order")
             s.current = event.resourceVersion
             s.history.append(entry)
-            if s.history.count - s.head > self.configuration.historyLimit { s.head += 1 }
-            // Compact the array once the dropped prefix is as large as what is kept.
-            if s.head > 1024 && s.head * 2 > s.history.count {
-                s.history.removeFirst(s.head)
-                s.head = 0
-            }
+            s.keptBytes += entry.line.readableBytes
+            s.trim(self.configuration)
             for sub in s.subscribers.values where sub.filter.matches(event.object) {
-                sub.enqueue(.line(entry.line), rv: event.resourceVersion, maxPending: self.configuration.maxPending)
+                sub.enqueue(
+                    .line(entry.line),
+                    rv: event.resourceVersion,
+                    maxPending: self.configuration.maxPending,
+                    maxBytes: self.configuration.maxPendingBytes
+                )
             }
         }
     }
@@ -112,11 +155,11 @@ public final class WatchHub: Sendable {
                 if kept[mid].event.resourceVersion <= rv { lo = mid + 1 } else { hi = mid }
             }
             for entry in kept[lo...] where filter.matches(entry.event.object) {
-                sub.enqueue(.line(entry.line), rv: entry.event.resourceVersion, maxPending: Int.max)
+                sub.enqueue(.line(entry.line), rv: entry.event.resourceVersion, maxPending: Int.max, maxBytes: Int.max)
             }
             // Then a bookmark: the watcher has everything up to now and knows it at once, even when
             // nothing it watches changes for a long time.
-            sub.enqueue(.bookmark(s.current), rv: s.current, maxPending: Int.max)
+            sub.enqueue(.bookmark(s.current), rv: s.current, maxPending: Int.max, maxBytes: Int.max)
             s.subscribers[id] = sub
             return sub
         }
@@ -154,6 +197,7 @@ public final class WatchSubscription: Sendable {
 
     private struct State {
         var pending: [Item] = []
+        var pendingBytes = 0
         var lastQueued: Int64
         var ended = false
         var waiter: CheckedContinuation<Void, Never>?
@@ -175,14 +219,17 @@ public final class WatchSubscription: Sendable {
     /// True when the watch was ended because its client did not keep up.
     public var overflowed: Bool { self.state.withLock { $0.overflowed } }
 
-    func enqueue(_ item: Item, rv: Int64, maxPending: Int) {
+    func enqueue(_ item: Item, rv: Int64, maxPending: Int, maxBytes: Int) {
+        let size: Int
+        if case .line(let b) = item { size = b.readableBytes } else { size = 0 }
         let waiter = self.state.withLock { s -> CheckedContinuation<Void, Never>? in
             guard !s.ended else { return nil }
-            if s.pending.count >= maxPending {
+            if s.pending.count >= maxPending || (s.pendingBytes > 0 && s.pendingBytes + size > maxBytes) {
                 s.ended = true
                 s.overflowed = true
             } else {
                 s.pending.append(item)
+                s.pendingBytes += size
                 s.lastQueued = rv
             }
             defer { s.waiter = nil }
@@ -219,7 +266,10 @@ public final class WatchSubscription: Sendable {
         while true {
             let taken = self.state.withLock { s -> [Item]? in
                 if !s.pending.isEmpty {
-                    defer { s.pending.removeAll(keepingCapacity: true) }
+                    defer {
+                        s.pending.removeAll(keepingCapacity: true)
+                        s.pendingBytes = 0
+                    }
                     return s.pending
                 }
                 return s.ended ? [] : nil

@@ -20,8 +20,12 @@ public struct HTTPServerConfiguration: Sendable {
     public var requestTimeout: TimeAmount = .seconds(30)
     /// How long a connection may sit with no request before it is closed.
     public var idleTimeout: TimeAmount = .seconds(120)
-    /// Connections beyond this are answered 503 and closed.
+    /// Connections held at once. At the limit a new connection takes the slot of the oldest one
+    /// that has not finished its TLS handshake (plain HTTP: sent nothing yet), else of the oldest
+    /// TLS connection without a client certificate; when all hold certificates it gets 503.
     public var maxConnections: Int = 8192
+    /// How long a new connection has to finish its TLS handshake before it is closed (HTTPS only).
+    public var handshakeTimeout: TimeAmount = .seconds(10)
     /// How long in-flight requests may finish after shutdown begins.
     public var drainTimeout: TimeAmount = .seconds(5)
     /// How the server's own errors (400, 408, 413, 431, 503) are written.
@@ -54,13 +58,8 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     let responder: any HTTPResponder
     let logger: Logger
     let group: any EventLoopGroup
-    private let bound: Mutex<BoundState>
+    private let slots: ConnectionSlots
     private let listening = AsyncOnce<SocketAddress>()
-
-    private struct BoundState {
-        var connections: [ObjectIdentifier: any Channel] = [:]
-        var draining = false
-    }
 
     public init(
         configuration: HTTPServerConfiguration,
@@ -72,7 +71,11 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         self.responder = responder
         self.logger = logger
         self.group = group
-        self.bound = Mutex(BoundState())
+        self.slots = ConnectionSlots(
+            limit: configuration.maxConnections,
+            evictAnonymous: configuration.tls != nil,
+            logger: logger
+        )
     }
 
     /// The address the server listens on, once `run()` has bound it; throws if binding failed.
@@ -81,13 +84,23 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     }
 
     /// Open connections right now.
-    public var connectionCount: Int { self.bound.withLock { $0.connections.count } }
+    public var connectionCount: Int { self.slots.count }
+
+    /// Connections closed to make room for new ones (see `maxConnections`).
+    public var evictedConnections: Int { self.slots.evictions }
 
     public func run() async throws {
         let config = self.configuration
         let server: NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>
+        let slots = self.slots
+        let logger = self.logger
         do {
             server = try await ServerBootstrap(group: self.group)
+                .serverChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(AcceptBackoff(slots: slots, logger: logger))
+                    }
+                }
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .serverChannelOption(.backlog, value: 256)
                 .serverChannelOption(.maxMessagesPerRead, value: 16)
@@ -95,9 +108,19 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                 .bind(host: config.host, port: config.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        // A slot first (closing the oldest unfinished handshake at the limit); a
+                        // connection without one is answered 503 after its first request.
+                        _ = slots.admit(channel)
                         if let tls = config.tls {
                             try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
                         }
+                        try channel.pipeline.syncOperations.addHandler(
+                            HandshakeWatch(
+                                slots: slots,
+                                deadline: config.tls == nil ? nil : config.handshakeTimeout,
+                                tls: config.tls != nil
+                            )
+                        )
                         var limits = NIOHTTPDecoderLimitConfiguration()
                         limits.maxHeaderListSize = config.maxHeaderBytes
                         limits.maxHeaderFieldSize = config.maxHeaderBytes
@@ -144,13 +167,10 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                     }
                 }
                 // The listener is closed: give in-flight requests the drain time, then close the rest.
-                let open = self.bound.withLock { state in
-                    state.draining = true
-                    return Array(state.connections.values)
-                }
+                let open = self.slots.drain()
                 if !open.isEmpty {
                     try? await Task.sleep(for: .nanoseconds(config.drainTimeout.nanoseconds))
-                    for channel in self.bound.withLock({ Array($0.connections.values) }) {
+                    for channel in self.slots.open {
                         channel.close(promise: nil)
                     }
                 }
@@ -159,10 +179,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
             self.logger.info("shutting down: no new connections")
             server.channel.close(promise: nil)
             // Idle connections and streams close now; requests being answered finish first.
-            for channel in self.bound.withLock({ state -> [any Channel] in
-                state.draining = true
-                return Array(state.connections.values)
-            }) {
+            for channel in self.slots.drain() {
                 channel.eventLoop.execute { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
             }
         }
@@ -170,13 +187,8 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
 
     private func serve(_ connection: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>) async {
         let channel = connection.channel
-        let id = ObjectIdentifier(channel)
-        let (admitted, draining) = self.bound.withLock { state -> (Bool, Bool) in
-            guard state.connections.count < self.configuration.maxConnections else { return (false, state.draining) }
-            state.connections[id] = channel
-            return (true, state.draining)
-        }
-        defer { self.bound.withLock { _ = $0.connections.removeValue(forKey: id) } }
+        let admitted = self.slots.contains(channel)
+        let draining = self.slots.isDraining
         let inputClosed: EventLoopFuture<Void>
         do {
             inputClosed = try await channel.pipeline.handler(type: ProtocolGuard.self).map {
@@ -205,26 +217,53 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                     guard case .head(let head) = part else { continue }
                     // A request arrives after the handshake: the client's certificate is known by now.
                     if peer == nil { peer = try await self.peerIdentity(channel) }
-                    guard var request = try await self.collect(head, &parts, outbound, remote: channel.remoteAddress)
+                    guard
+                        let (bodyBytes, keepAlive) = try await self.handle(
+                            head,
+                            &parts,
+                            outbound,
+                            peer: peer,
+                            inputClosed: inputClosed,
+                            channel: channel
+                        )
                     else { return }
-                    request.peerIdentity = peer?.identity
-                    request.peerCertificate = peer?.certificate
-                    let response = await self.responder.respond(to: request)
-                    let keepAlive = head.isKeepAlive && !self.bound.withLock({ $0.draining })
-                    try await self.write(
-                        response,
-                        to: outbound,
-                        version: head.version,
-                        keepAlive: keepAlive,
-                        inputClosed: inputClosed,
-                        channel: channel
-                    )
+                    // The body and the response are released by now: give large ones back to the system.
+                    if bodyBytes >= ProcessResources.largeBody { ProcessResources.releaseFreeMemory() }
                     if !keepAlive { return }
                 }
             }
         } catch {
             self.logger.debug("connection \(channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)")
         }
+    }
+
+    /// Reads one request and answers it: the size of its body and whether the connection stays open
+    /// (nil: the connection is done).
+    private func handle(
+        _ head: HTTPRequestHead,
+        _ parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
+        _ outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
+        peer: (identity: String?, certificate: NIOSSLCertificate?)?,
+        inputClosed: EventLoopFuture<Void>,
+        channel: any Channel
+    ) async throws -> (Int, Bool)? {
+        guard var request = try await self.collect(head, &parts, outbound, remote: channel.remoteAddress) else {
+            return nil
+        }
+        request.peerIdentity = peer?.identity
+        request.peerCertificate = peer?.certificate
+        let size = request.body.readableBytes
+        let response = await self.responder.respond(to: request)
+        let keepAlive = head.isKeepAlive && !self.slots.isDraining
+        try await self.write(
+            response,
+            to: outbound,
+            version: head.version,
+            keepAlive: keepAlive,
+            inputClosed: inputClosed,
+            channel: channel
+        )
+        return (size, keepAlive)
     }
 
     /// The identity of the client's verified certificate, and the certificate (nil: plain HTTP or none).
@@ -251,6 +290,10 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
             return nil
         }
         var body = ByteBuffer()
+        // One allocation of the announced size, not a doubling series up to the limit.
+        if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }), length > 0 {
+            body.reserveCapacity(length)
+        }
         while let part = try await parts.next() {
             switch part {
             case .body(var chunk):

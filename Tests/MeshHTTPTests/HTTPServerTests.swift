@@ -120,7 +120,13 @@ extension HTTPResponse {
 
     @Test func connectionLimit() async throws {
         let (server, group, task, port) = try await startServer(configure: { $0.maxConnections = 1 })
-        let first = try RawSocket(port: port)
+        // A connection that has sent a request keeps its slot.
+        let first = try await blocking {
+            let s = try RawSocket(port: port, timeout: 5)
+            s.send("GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+            _ = s.readFirstResponse()
+            return SendableSocket(s)
+        }
         #expect(await eventually { server.connectionCount == 1 })
         let second = try await blocking {
             let s = try RawSocket(port: port, timeout: 5)
@@ -129,6 +135,23 @@ extension HTTPResponse {
         }
         #expect(second.hasPrefix("HTTP/1.1 503"))
         withExtendedLifetime(first) {}
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
+    @Test func aSilentConnectionGivesItsSlotToANewOne() async throws {
+        let (server, group, task, port) = try await startServer(configure: { $0.maxConnections = 1 })
+        // Connected, but not a byte sent: the first to go when the slots are full.
+        let silent = SendableSocket(try RawSocket(port: port))
+        #expect(await eventually { server.connectionCount == 1 })
+        let answer = try await blocking {
+            let s = try RawSocket(port: port, timeout: 5)
+            s.send("GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            return s.readAll()
+        }
+        #expect(answer.hasPrefix("HTTP/1.1 200"), "\(answer)")
+        #expect(server.evictedConnections == 1)
+        #expect(try await blocking { silent.socket.isClosedByPeer() })
         await group.triggerGracefulShutdown()
         try await task.value
     }
@@ -171,4 +194,10 @@ extension HTTPResponse {
         #expect(HTTPEndpoint(host: "::1", port: 1, tls: true).description == "https://[::1]:1")
         #expect(HTTPEndpoint(host: "::1", port: 1).description == "http://[::1]:1")
     }
+}
+
+/// A socket handed to a blocking thread and back (only one thread uses it at a time).
+final class SendableSocket: @unchecked Sendable {
+    let socket: RawSocket
+    init(_ socket: RawSocket) { self.socket = socket }
 }

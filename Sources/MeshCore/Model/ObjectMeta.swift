@@ -43,14 +43,7 @@ public struct ObjectMeta: Codable, Sendable, Equatable, Hashable {
         if let rv = self.resourceVersion, !rv.isEmpty, Int64(rv) == nil || Int64(rv)! < 0 {
             errs.append(FieldError("metadata.resourceVersion", "must be a decimal number"))
         }
-        for (k, v) in (self.labels ?? [:]).sorted(by: { $0.key < $1.key }) {
-            if let e = Names.labelKeyError(k) { errs.append(FieldError("metadata.labels[\(k)]", "key \(e)")) }
-            if let e = Names.labelValueError(v) { errs.append(FieldError("metadata.labels[\(k)]", "value \(e)")) }
-        }
-        let annotationBytes = (self.annotations ?? [:]).reduce(0) { $0 + $1.key.utf8.count + $1.value.utf8.count }
-        if annotationBytes > 256 * 1024 {
-            errs.append(FieldError("metadata.annotations", "must hold at most 256 KiB in all"))
-        }
+        errs += MetadataLimits.errors(labels: self.labels, annotations: self.annotations)
         return errs
     }
 }

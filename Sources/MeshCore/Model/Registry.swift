@@ -19,7 +19,11 @@ public enum Registry {
     ]
 
     static func entry<T: MeshObject>(_ t: T.Type) -> Entry {
-        Entry(type: T.resource) { try Strict.decode(T.self, from: $0) }
+        Entry(type: T.resource) {
+            // Counts first: an oversized label or annotation map is refused before it is decoded.
+            try MetadataLimits.precheck($0, kind: T.resource.kind)
+            return try Strict.decode(T.self, from: $0)
+        }
     }
 
     public static var types: [ResourceType] { entries.map(\.type) }

@@ -48,11 +48,14 @@ public struct Status: Codable, Sendable, Equatable, Error, CustomStringConvertib
         public var name: String?
         public var kind: String?
         public var causes: [Cause]?
+        /// With 429: when to try again (the response's `Retry-After` says the same).
+        public var retryAfterSeconds: Int?
 
-        public init(name: String? = nil, kind: String? = nil, causes: [Cause]? = nil) {
+        public init(name: String? = nil, kind: String? = nil, causes: [Cause]? = nil, retryAfterSeconds: Int? = nil) {
             self.name = name
             self.kind = kind
             self.causes = causes
+            self.retryAfterSeconds = retryAfterSeconds
         }
     }
 
