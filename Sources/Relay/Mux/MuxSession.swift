@@ -56,7 +56,7 @@ public struct MuxSession: Sendable {
         self.onLoop { self.channel.eventLoop.makeSucceededFuture($0.stats) }
     }
 
-    private func onLoop<T>(_ body: @escaping (MuxSessionHandler) -> EventLoopFuture<T>) -> EventLoopFuture<T> {
+    private func onLoop<T: Sendable>(_ body: @escaping @Sendable (MuxSessionHandler) -> EventLoopFuture<T>) -> EventLoopFuture<T> {
         let loop = self.channel.eventLoop
         if loop.inEventLoop { return body(self.handler.value) }
         let handler = self.handler

@@ -256,7 +256,7 @@ final class MuxStreamChannel: Channel, ChannelCore, @unchecked Sendable {
             return
         }
         guard let bytes = self.tryUnwrapData(data, as: ByteBuffer.self) else {
-            promise?.fail(ChannelError.writeDataUnsupported)
+            promise?.fail(ChannelError.operationUnsupported)
             return
         }
         self.unflushed.append((bytes, promise))

@@ -11,8 +11,8 @@ import Testing
     func openAndWrite() throws {
         let (channel, session) = try EmbeddedChannel.muxSession(.client, inbound: nil)
         let log = StreamLog()
-        let s1 = try session.openStream (recording(log)).wait()
-        let s3 = try session.openStream (bare).wait()
+        let s1 = try session.openStream(recording(log)).wait()
+        let s3 = try session.openStream(bare).wait()
         #expect(
             try channel.outboundFrames() == [
                 .windowUpdate(stream: 1, flags: .syn, delta: 0), .windowUpdate(stream: 3, flags: .syn, delta: 0),
@@ -111,9 +111,9 @@ import Testing
     func goAway() throws {
         let accepted = AcceptedStreams()
         let (channel, session) = try EmbeddedChannel.muxSession(.client, inbound: accepted.initializer)
-        let s1 = try session.openStream (bare).wait()
+        let s1 = try session.openStream(bare).wait()
         try channel.send(.goAway(.normal))
-        #expect(throws: MuxError.goneAway) { try session.openStream (bare).wait() }
+        #expect(throws: MuxError.goneAway) { try session.openStream(bare).wait() }
         try s1.writeAndFlush(ByteBuffer(string: "still")).wait()
         _ = try channel.outboundFrames()
         #expect(try session.stats().wait().goAwayReceived == .normal)
@@ -157,7 +157,7 @@ import Testing
     @Test("a writer sends no more than the peer's window, in frames of maxFrameSize, and goes on after its update")
     func sendWindow() throws {
         let (channel, session) = try EmbeddedChannel.muxSession(.client, inbound: nil)
-        let s1 = try session.openStream (bare).wait()
+        let s1 = try session.openStream(bare).wait()
         _ = try channel.outboundFrames()
         let done = s1.writeAndFlush(payload(300_000))
         s1.close(mode: .output, promise: nil)
@@ -177,9 +177,9 @@ import Testing
     @Test("close before the peer's FIN resets the stream; the peer's RST fails ours")
     func resets() throws {
         let (channel, session) = try EmbeddedChannel.muxSession(.client, inbound: nil)
-        let s1 = try session.openStream (bare).wait()
+        let s1 = try session.openStream(bare).wait()
         let log = StreamLog()
-        let s3 = try session.openStream (recording(log)).wait()
+        _ = try session.openStream(recording(log)).wait()
         _ = try channel.outboundFrames()
         try s1.close().wait()
         #expect(try channel.outboundFrames() == [.windowUpdate(stream: 1, flags: .rst, delta: 0)])

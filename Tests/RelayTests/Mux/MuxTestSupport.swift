@@ -18,7 +18,7 @@ final class StreamLog: @unchecked Sendable {
     var events: [String] { self.lock.withLock { self._events } }
     var errors: [any Error] { self.lock.withLock { self._errors } }
 
-    func append(_ b: ByteBuffer) { self.lock.withLock { self._bytes.writeImmutableBuffer(b) } }
+    func append(_ b: ByteBuffer) { self.lock.withLock { _ = self._bytes.writeImmutableBuffer(b) } }
     func event(_ e: String) { self.lock.withLock { self._events.append(e) } }
     func error(_ e: any Error) { self.lock.withLock { self._errors.append(e) } }
 }
