@@ -399,11 +399,23 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
         self.logger.warning("mux: cut off \(self.peerName): \(violation.rawValue)")
         self.localGoAway = true
         self.stats.goAwaySent = .protocolError
-        self.send(.goAway(.protocolError))
-        self.flushIfNeeded()
         self.shutDown(.protocolViolation(violation))
-        context.close(promise: nil)
+        // Close once the Go Away is written (a close now would drop it with the queued bytes), or after
+        // `cutOffGrace` if the peer does not read.
+        let written = context.eventLoop.makePromise(of: Void.self)
+        self.send(.goAway(.protocolError), promise: written)
+        self.needsFlush = false
+        context.flush()
+        let channel = context.channel
+        let timer = context.eventLoop.scheduleTask(in: Self.cutOffGrace) { channel.close(promise: nil) }
+        written.futureResult.whenComplete { _ in
+            timer.cancel()
+            channel.close(promise: nil)
+        }
     }
+
+    /// How long a cut-off peer has to take the Go Away before the connection is closed anyway.
+    static let cutOffGrace = TimeAmount.seconds(2)
 
     /// Fails every stream and ping; no frame is handled after.
     private func shutDown(_ error: MuxError) {

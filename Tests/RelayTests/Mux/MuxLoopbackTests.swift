@@ -183,17 +183,20 @@ struct SeededGenerator: RandomNumberGenerator {
 
     @Test("a reader that does not read stalls only its own stream; the others complete")
     func slowReaderStallsOnlyItsStream() async throws {
-        let counts = NIOLockedValueBox<[UInt32: EventLoopFuture<Int>]>([:])
-        let slow = NIOLockedValueBox<(any Channel)?>(nil)
+        // What the server read on each stream (ids 1, 3...41), and the slow stream once accepted.
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        var promises: [UInt32: EventLoopPromise<Int>] = [:]
+        for id in stride(from: UInt32(1), through: 41, by: 2) { promises[id] = loop.makePromise() }
+        let counts = promises
+        let slow = loop.makePromise(of: (any Channel).self)
         let pair = try await MuxPair.make(serverInbound: { channel in
             let id = (channel as! MuxStreamChannel).streamID
-            let done = channel.eventLoop.makePromise(of: Int.self)
-            counts.withLockedValue { $0[id] = done.futureResult }
+            let done = counts[id]!
             return channel.eventLoop.makeCompletedFuture {
                 try channel.syncOptions!.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
                 if id == 1 {
                     try channel.syncOptions!.setOption(ChannelOptions.autoRead, value: false)
-                    slow.withLockedValue { $0 = channel }
+                    slow.succeed(channel)
                 }
                 try channel.pipeline.syncOperations.addHandler(CountingHandler(done))
             }
@@ -216,8 +219,7 @@ struct SeededGenerator: RandomNumberGenerator {
         }
         // Streams 3...41 complete: the server read all of each.
         for id in stride(from: UInt32(3), through: 41, by: 2) {
-            let f = try #require(counts.withLockedValue { $0[id] })
-            #expect(try await f.get() == size)
+            #expect(try await counts[id]!.futureResult.get() == size)
         }
         // Stream 1 is stalled: its writer has used the whole window and waits.
         let first = clientStreams[0]
@@ -229,10 +231,8 @@ struct SeededGenerator: RandomNumberGenerator {
         #expect(stalled.1 == size - Int(YamuxDefaults.initialWindow))
         #expect(!written[0].withLockedValue { $0 })
         // Reading again lets it finish.
-        let slowChannel = try #require(slow.withLockedValue { $0 })
-        try await slowChannel.setOption(ChannelOptions.autoRead, value: true).get()
-        let f1 = try #require(counts.withLockedValue { $0[1] })
-        #expect(try await f1.get() == size)
+        try await slow.futureResult.get().setOption(ChannelOptions.autoRead, value: true).get()
+        #expect(try await counts[1]!.futureResult.get() == size)
         #expect(written[0].withLockedValue { $0 })
         await pair.close()
     }
