@@ -59,7 +59,10 @@ public enum MuxFuzzing {
                 let before = pending
                 do {
                     guard let frame = try YamuxFrame.decode(from: &pending, maxPayload: 4096) else { break }
-                    let consumed = before.getSlice(at: before.readerIndex, length: before.readableBytes - pending.readableBytes)
+                    let consumed = before.getSlice(
+                        at: before.readerIndex,
+                        length: before.readableBytes - pending.readableBytes
+                    )
                     guard (try? frame.encoded()) == consumed else { fatalError("a yamux frame re-encodes differently") }
                     guard frame.payloadSize <= 4096 else { fatalError("a frame over its limit") }
                     frames.append(frame)

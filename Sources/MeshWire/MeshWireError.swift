@@ -8,7 +8,7 @@ public struct MeshWireError: Error, Hashable, Sendable, CustomStringConvertible 
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         enum Backing: String, Hashable, Sendable {
             case unsupportedVersion, unknownFrameType, unknownFlags, conflictingFlags, streamFrameOnSession
-            case sessionFrameOnStream, badPingFlags, flagsNotAllowed, unknownGoAwayCode, frameTooLarge
+            case sessionFrameOnStream, badPingFlags, flagsNotAllowed, unknownGoAway, frameTooLarge
             case truncated, unknownProtocol, badAddressFamily, badName, headerTooLarge, unknownReplyStatus
             case badReason, datagramTooLarge, unencodable
         }
@@ -31,7 +31,7 @@ public struct MeshWireError: Error, Hashable, Sendable, CustomStringConvertible 
         /// Flags on a Go Away frame, which takes none.
         public static let flagsNotAllowed = Code(backing: .flagsNotAllowed)
         /// A Go Away code other than normal (0), protocol error (1) and internal error (2).
-        public static let unknownGoAwayCode = Code(backing: .unknownGoAwayCode)
+        public static let unknownGoAway = Code(backing: .unknownGoAway)
         /// A Data frame longer than the receiver allows.
         public static let frameTooLarge = Code(backing: .frameTooLarge)
         /// The bytes end inside a message (at the end of a stream: nothing more will come).
@@ -120,8 +120,8 @@ public struct MeshWireError: Error, Hashable, Sendable, CustomStringConvertible 
         MeshWireError(.flagsNotAllowed, "go away with flags 0x\(String(f, radix: 16))", file: file, line: line)
     }
     @inline(never)
-    public static func unknownGoAwayCode(_ c: UInt32, file: String = #fileID, line: UInt = #line) -> MeshWireError {
-        MeshWireError(.unknownGoAwayCode, "go away code \(c) (0-2 are defined)", file: file, line: line)
+    public static func unknownGoAway(_ c: UInt32, file: String = #fileID, line: UInt = #line) -> MeshWireError {
+        MeshWireError(.unknownGoAway, "go away code \(c) (0-2 are defined)", file: file, line: line)
     }
     @inline(never)
     public static func frameTooLarge(

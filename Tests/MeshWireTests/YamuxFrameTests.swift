@@ -82,7 +82,7 @@ func decodeAll(_ s: String, maxPayload: Int = 1024) throws(MeshWireError) -> [Ya
         ("00 02 0003 00000000 00000000", .badPingFlags),
         ("00 02 0004 00000000 00000000", .badPingFlags),
         ("00 03 0001 00000000 00000000", .flagsNotAllowed),
-        ("00 03 0000 00000000 00000003", .unknownGoAwayCode),
+        ("00 03 0000 00000000 00000003", .unknownGoAway),
         ("00 00 0000 00000001 00000401", .frameTooLarge),
         ("00 00 0000 00000001 ffffffff", .frameTooLarge),
     ]
@@ -105,7 +105,7 @@ func decodeAll(_ s: String, maxPayload: Int = 1024) throws(MeshWireError) -> [Ya
             _ = try YamuxFrame.decode(from: &b, maxPayload: 0)
             Issue.record("decoded")
         } catch {
-            #expect(error.description == "MeshWireError.unknownGoAwayCode: go away code 9 (0-2 are defined)")
+            #expect(error.description == "MeshWireError.unknownGoAway: go away code 9 (0-2 are defined)")
         }
     }
 
@@ -125,6 +125,8 @@ func decodeAll(_ s: String, maxPayload: Int = 1024) throws(MeshWireError) -> [Ya
     func descriptions() {
         #expect(YamuxFlags([.syn, .fin]).description == "SYN|FIN")
         #expect(YamuxFlags().description == "-")
-        #expect(YamuxFrame.windowUpdate(stream: 3, flags: .ack, delta: 5).description == "WINDOW_UPDATE stream 3 [ACK] +5")
+        #expect(
+            YamuxFrame.windowUpdate(stream: 3, flags: .ack, delta: 5).description == "WINDOW_UPDATE stream 3 [ACK] +5"
+        )
     }
 }

@@ -18,7 +18,10 @@ public enum DatagramFraming {
     /// Reads one datagram from the front of `buffer`: nil (nothing consumed) until it is whole. A receiver
     /// may set a lower `limit` (say, its UDP socket's): a longer frame throws `datagramTooLarge` as soon as
     /// its length is there.
-    public static func decode(from buffer: inout ByteBuffer, limit: Int = maxDatagram) throws(MeshWireError) -> ByteBuffer? {
+    public static func decode(
+        from buffer: inout ByteBuffer,
+        limit: Int = maxDatagram
+    ) throws(MeshWireError) -> ByteBuffer? {
         guard let n = buffer.getInteger(at: buffer.readerIndex, as: UInt16.self) else { return nil }
         guard Int(n) <= limit else { throw .datagramTooLarge(Int(n), limit: limit) }
         guard let datagram = buffer.getSlice(at: buffer.readerIndex + 2, length: Int(n)) else { return nil }

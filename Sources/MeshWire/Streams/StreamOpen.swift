@@ -113,7 +113,10 @@ public struct StreamTarget: Hashable, Sendable, CustomStringConvertible {
 
     private static func decodeBody(_ body: inout ByteBuffer) throws(MeshWireError) -> StreamTarget {
         let short = MeshWireError.headerTooLarge("stream-open header shorter than its fields")
-        guard let (version, proto, servicePort, family) = body.readMultipleIntegers(as: (UInt8, UInt8, UInt16, UInt8).self)
+        guard
+            let (version, proto, servicePort, family) = body.readMultipleIntegers(
+                as: (UInt8, UInt8, UInt16, UInt8).self
+            )
         else { throw short }
         guard version == Self.version else {
             throw .unsupportedVersion(version, of: "stream-open header", expected: Self.version)

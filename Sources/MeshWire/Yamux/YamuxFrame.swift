@@ -156,7 +156,7 @@ public enum YamuxFrame: Hashable, Sendable {
         case .goAway:
             guard stream == 0 else { throw .sessionFrameOnStream(rawType, stream: stream) }
             guard flags.isEmpty else { throw .flagsNotAllowed(rawFlags) }
-            guard let code = YamuxGoAwayCode(rawValue: length) else { throw .unknownGoAwayCode(length) }
+            guard let code = YamuxGoAwayCode(rawValue: length) else { throw .unknownGoAway(length) }
             frame = .goAway(code)
         }
         buffer.moveReaderIndex(forwardBy: Self.headerSize + frame.payloadSize)

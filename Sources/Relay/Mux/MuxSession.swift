@@ -56,7 +56,9 @@ public struct MuxSession: Sendable {
         self.onLoop { self.channel.eventLoop.makeSucceededFuture($0.stats) }
     }
 
-    private func onLoop<T: Sendable>(_ body: @escaping @Sendable (MuxSessionHandler) -> EventLoopFuture<T>) -> EventLoopFuture<T> {
+    private func onLoop<T: Sendable>(
+        _ body: @escaping @Sendable (MuxSessionHandler) -> EventLoopFuture<T>
+    ) -> EventLoopFuture<T> {
         let loop = self.channel.eventLoop
         if loop.inEventLoop { return body(self.handler.value) }
         let handler = self.handler
@@ -243,7 +245,9 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
         guard let context = self.context, !self.closed else {
             return self.eventLoopForFailure.makeFailedFuture(MuxError.sessionClosed)
         }
-        guard !self.localGoAway, !self.remoteGoAway else { return context.eventLoop.makeFailedFuture(MuxError.goneAway) }
+        guard !self.localGoAway, !self.remoteGoAway else {
+            return context.eventLoop.makeFailedFuture(MuxError.goneAway)
+        }
         guard self.streams.count < self.configuration.maxStreams else {
             return context.eventLoop.makeFailedFuture(MuxError.tooManyStreams(limit: self.configuration.maxStreams))
         }
@@ -452,7 +456,9 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
             context.write(self.wrapOutboundOut(header), promise: nil)
             context.write(self.wrapOutboundOut(payload), promise: promise)
         default:
-            do { try frame.encode(into: &header) } catch { preconditionFailure("the session built an invalid frame: \(error)") }
+            do { try frame.encode(into: &header) } catch {
+                preconditionFailure("the session built an invalid frame: \(error)")
+            }
             context.write(self.wrapOutboundOut(header), promise: promise)
         }
         self.needsFlush = true

@@ -168,7 +168,10 @@ final class MuxStreamChannel: Channel, ChannelCore, @unchecked Sendable {
 
     /// The peer reset the stream, or the session ended: fail and close.
     func fail(_ error: MuxError) {
-        guard self.isOpen else { return }
+        guard self.isOpen else {
+            self.failFlushed(error)  // closed by its user and still draining: those bytes will not go
+            return
+        }
         if self.isActive { self.pipeline.syncOperations.fireErrorCaught(error) }
         self.closeForUser(error: error)
     }

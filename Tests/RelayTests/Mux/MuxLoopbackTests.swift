@@ -43,7 +43,11 @@ struct MuxPair {
                 }
             }
             .connect(to: listener.localAddress!).get()
-        return MuxPair(listener: listener, client: try await connected.futureResult.get(), server: try await accepted.futureResult.get())
+        return MuxPair(
+            listener: listener,
+            client: try await connected.futureResult.get(),
+            server: try await accepted.futureResult.get()
+        )
     }
 
     func close() async {
@@ -118,7 +122,9 @@ final class CountingHandler: ChannelInboundHandler {
     private var count = 0
     init(_ done: EventLoopPromise<Int>) { self.done = done }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { self.count += self.unwrapInboundIn(data).readableBytes }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.count += self.unwrapInboundIn(data).readableBytes
+    }
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event as? ChannelEvent == .inputClosed {
             self.done.succeed(self.count)
@@ -212,7 +218,9 @@ struct SeededGenerator: RandomNumberGenerator {
             let s = try await pair.client.openStream { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.syncOptions!.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-                    try channel.pipeline.syncOperations.addHandler(SendAndCollect(payload: data, done: done, written: w))
+                    try channel.pipeline.syncOperations.addHandler(
+                        SendAndCollect(payload: data, done: done, written: w)
+                    )
                 }
             }.get()
             clientStreams.append(s)

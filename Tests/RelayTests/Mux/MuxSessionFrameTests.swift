@@ -67,7 +67,10 @@ import Testing
     func refusals() throws {
         let accepted = AcceptedStreams()
         let (channel, session) = try EmbeddedChannel.muxSession(.server, maxStreams: 1, inbound: accepted.initializer)
-        try channel.send(.windowUpdate(stream: 1, flags: .syn, delta: 0), .windowUpdate(stream: 3, flags: .syn, delta: 0))
+        try channel.send(
+            .windowUpdate(stream: 1, flags: .syn, delta: 0),
+            .windowUpdate(stream: 3, flags: .syn, delta: 0)
+        )
         #expect(
             try channel.outboundFrames() == [
                 .windowUpdate(stream: 1, flags: .ack, delta: 0), .windowUpdate(stream: 3, flags: .rst, delta: 0),
@@ -132,7 +135,9 @@ import Testing
         try channel.send(.data(stream: 1, flags: [], payload: payload(62_144)))  // exactly 256 KiB
         #expect(channel.isActive)
         try channel.send(.data(stream: 1, flags: [], payload: payload(1)))
-        #expect(try channel.outboundFrames() == [.windowUpdate(stream: 1, flags: .ack, delta: 0), .goAway(.protocolError)])
+        #expect(
+            try channel.outboundFrames() == [.windowUpdate(stream: 1, flags: .ack, delta: 0), .goAway(.protocolError)]
+        )
         #expect(!channel.isActive)
         #expect(accepted.logs[0].errors.first as? MuxError == .protocolViolation(.windowOverrun))
         #expect(try session.stats().wait().protocolErrors == [.windowOverrun: 1])
@@ -163,13 +168,20 @@ import Testing
         s1.close(mode: .output, promise: nil)
         var frames = try channel.outboundFrames()
         #expect(frames.count == 16)
-        #expect(frames.allSatisfy { if case .data(1, let f, let p) = $0 { f.isEmpty && p.readableBytes == 16_384 } else { false } })
+        #expect(
+            frames.allSatisfy {
+                if case .data(1, let f, let p) = $0 { f.isEmpty && p.readableBytes == 16_384 } else { false }
+            }
+        )
         #expect(!isDone(done))
         #expect(!s1.isWritable)  // 300,000 queued, over the high water mark
         try channel.send(.windowUpdate(stream: 1, flags: .ack, delta: 100_000))
         frames = try channel.outboundFrames()
         #expect(frames.count == 3)
-        #expect(frames.last == .data(stream: 1, flags: .fin, payload: payload(300_000).getSlice(at: 294_912, length: 5_088)!))
+        #expect(
+            frames.last
+                == .data(stream: 1, flags: .fin, payload: payload(300_000).getSlice(at: 294_912, length: 5_088)!)
+        )
         #expect(isDone(done))
         #expect(s1.isWritable)
     }
@@ -196,7 +208,10 @@ import Testing
             (["00 00 0000 00000009 00000001 00"], MuxViolation.unknownStream),  // never opened
             (["00 01 0001 00000002 00000000"], .badStreamID),  // a server may not receive even ids
             (["00 01 0001 00000003 00000000", "00 01 0001 00000001 00000000"], .badStreamID),  // ids go up
-            (["00 01 0001 00000001 00000000", "00 01 0004 00000001 00000000", "00 00 0000 00000001 00000001 00"], .dataAfterFin),
+            (
+                ["00 01 0001 00000001 00000000", "00 01 0004 00000001 00000000", "00 00 0000 00000001 00000001 00"],
+                .dataAfterFin
+            ),
             (["00 01 0001 00000001 00000000", "00 01 0000 00000001 ffffffff"], .windowOverflow),
             (["07 00 0000 00000001 00000000"], .malformedFrame),
             (["00 00 0000 00000001 00040001"], .malformedFrame),  // longer than any window

@@ -86,7 +86,9 @@ final class AcceptedStreams: @unchecked Sendable {
 extension ByteBuffer {
     init(hexString: String) {
         let digits = Array(hexString.filter { !$0.isWhitespace })
-        self.init(bytes: stride(from: 0, to: digits.count, by: 2).map { UInt8(String(digits[$0...$0 + 1]), radix: 16)! })
+        self.init(
+            bytes: stride(from: 0, to: digits.count, by: 2).map { UInt8(String(digits[$0...$0 + 1]), radix: 16)! }
+        )
     }
 }
 
