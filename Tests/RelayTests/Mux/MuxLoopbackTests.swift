@@ -82,19 +82,18 @@ final class SendAndCollect: ChannelInboundHandler {
     typealias OutboundOut = ByteBuffer
     let payload: ByteBuffer
     let done: EventLoopPromise<ByteBuffer>
-    let written: NIOLockedValueBox<Bool>
+    let written: EventLoopPromise<Void>?
     private var got = ByteBuffer()
     private var finished = false
 
-    init(payload: ByteBuffer, done: EventLoopPromise<ByteBuffer>, written: NIOLockedValueBox<Bool> = .init(false)) {
+    init(payload: ByteBuffer, done: EventLoopPromise<ByteBuffer>, written: EventLoopPromise<Void>? = nil) {
         self.payload = payload
         self.done = done
         self.written = written
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        let written = self.written
-        context.writeAndFlush(self.wrapOutboundOut(self.payload)).whenSuccess { written.withLockedValue { $0 = true } }
+        context.writeAndFlush(self.wrapOutboundOut(self.payload), promise: self.written)
         context.close(mode: .output, promise: nil)
         context.fireChannelActive()
     }
@@ -209,11 +208,11 @@ struct SeededGenerator: RandomNumberGenerator {
         })
         let size = 1 << 20
         let data = payload(size)
-        var written: [NIOLockedValueBox<Bool>] = []
+        var written: [EventLoopFuture<Void>] = []
         var clientStreams: [any Channel] = []
         for _ in 0..<21 {
-            let w = NIOLockedValueBox(false)
-            written.append(w)
+            let w = pair.client.channel.eventLoop.makePromise(of: Void.self)
+            written.append(w.futureResult)
             let done = pair.client.channel.eventLoop.makePromise(of: ByteBuffer.self)
             let s = try await pair.client.openStream { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -231,17 +230,18 @@ struct SeededGenerator: RandomNumberGenerator {
         }
         // Stream 1 is stalled: its writer has used the whole window and waits.
         let first = clientStreams[0]
+        let firstWritten = written[0]
         let stalled = try await first.eventLoop.submit {
             let s = first as! MuxStreamChannel
-            return (s.sendWindow, s.queuedBytes)
+            return (s.sendWindow, s.queuedBytes, isDone(firstWritten))  // on the loop: isDone is exact
         }.get()
         #expect(stalled.0 == 0)
         #expect(stalled.1 == size - Int(YamuxDefaults.initialWindow))
-        #expect(!written[0].withLockedValue { $0 })
+        #expect(!stalled.2)
         // Reading again lets it finish.
         try await slow.futureResult.get().setOption(ChannelOptions.autoRead, value: true).get()
         #expect(try await counts[1]!.futureResult.get() == size)
-        #expect(written[0].withLockedValue { $0 })
+        try await written[0].get()
         await pair.close()
     }
 
