@@ -186,6 +186,44 @@ import Testing
         #expect(s1.isWritable)
     }
 
+    @Test("without half-closure the peer's FIN closes the stream gracefully: FIN back, no RST")
+    func finWithoutHalfClosure() throws {
+        let accepted = AcceptedStreams(halfClosure: false)
+        let (channel, session) = try EmbeddedChannel.muxSession(.server, inbound: accepted.initializer)
+        try channel.send(.data(stream: 1, flags: [.syn, .fin], payload: ByteBuffer(string: "x")))
+        #expect(
+            try channel.outboundFrames() == [
+                .windowUpdate(stream: 1, flags: .ack, delta: 0), .data(stream: 1, flags: .fin, payload: ByteBuffer()),
+            ]
+        )
+        #expect(accepted.logs[0].bytes == ByteBuffer(string: "x"))
+        #expect(accepted.logs[0].events == ["active", "inactive"])
+        #expect(try session.stats().wait().openStreams == 0)
+    }
+
+    @Test("while the session's channel is unwritable streams queue; they send when it is writable again")
+    func parentWritability() throws {
+        let (channel, session) = try EmbeddedChannel.muxSession(.client, inbound: nil)
+        let s1 = try session.openStream(bare).wait()
+        let s3 = try session.openStream(bare).wait()
+        _ = try channel.outboundFrames()
+        channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
+        let w1 = s1.writeAndFlush(ByteBuffer(string: "one"))
+        let w3 = s3.writeAndFlush(ByteBuffer(string: "three"))
+        #expect(try channel.outboundFrames() == [])
+        #expect(!isDone(w1) && !isDone(w3))
+        channel.isWritable = true
+        channel.pipeline.fireChannelWritabilityChanged()
+        #expect(
+            try channel.outboundFrames() == [
+                .data(stream: 1, flags: [], payload: ByteBuffer(string: "one")),
+                .data(stream: 3, flags: [], payload: ByteBuffer(string: "three")),
+            ]
+        )
+        #expect(isDone(w1) && isDone(w3))
+    }
+
     @Test("close before the peer's FIN resets the stream; the peer's RST fails ours")
     func resets() throws {
         let (channel, session) = try EmbeddedChannel.muxSession(.client, inbound: nil)
