@@ -63,7 +63,7 @@ import Testing
         #expect(accepted.logs[0].bytes == ByteBuffer(string: "x"))
     }
 
-    @Test("SYN over maxStreams, without an acceptor or after our Go Away: refused with RST and counted")
+    @Test("SYN over maxStreams, without an acceptor or after Go Away: RST, counted; opens over the limit fail")
     func refusals() throws {
         let accepted = AcceptedStreams()
         let (channel, session) = try EmbeddedChannel.muxSession(.server, maxStreams: 1, inbound: accepted.initializer)
@@ -90,9 +90,12 @@ import Testing
         #expect(try session.stats().wait().streamsRefused == 2)
         #expect(channel.isActive)
 
-        let (plain, _) = try EmbeddedChannel.muxSession(.client, inbound: nil)
+        let (plain, client) = try EmbeddedChannel.muxSession(.client, maxStreams: 1, inbound: nil)
         try plain.send(.windowUpdate(stream: 2, flags: .syn, delta: 0))
         #expect(try plain.outboundFrames() == [.windowUpdate(stream: 2, flags: .rst, delta: 0)])
+        // Our own opens count against the same limit.
+        _ = try client.openStream(bare).wait()
+        #expect(throws: MuxError.tooManyStreams(limit: 1)) { try client.openStream(bare).wait() }
     }
 
     @Test("pings: answered with ACK and the same opaque value; ours give the round trip")
