@@ -177,16 +177,24 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
-        // Reaching a peer: STUN binding server (relay circuits, punching, TLS and mux come later).
+        // Pure wire codecs, no I/O (NIOCore's ByteBuffer at most): yamux frames, the stream-open header,
+        // datagrams in a stream; fuzzers and codec tests link no daemon.
+        .target(
+            name: "MeshWire",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
+        // Reaching a peer: STUN binding server, the stream multiplexer (relay circuits, punching, TLS later).
         .target(
             name: "Relay",
             dependencies: nio + [
-                "MeshCore", "MeshHTTP", "MeshNIO",
+                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            exclude: ["README.md"],
+            exclude: ["README.md", "Mux/README.md"],
             swiftSettings: swiftSettings
         ),
         // Node agent: node registration and heartbeat (workloads, twins, mapper API, outbox later).
@@ -275,7 +283,7 @@ let package = Package(
         // STUN codec and responder (scripts/fuzz dns|api|stun); a replayer in a plain build.
         .executableTarget(
             name: "mesh-fuzz",
-            dependencies: ["DNS", "Control", "Relay", "MeshAgent"],
+            dependencies: ["DNS", "Control", "Relay", "MeshAgent", "MeshWire"],
             swiftSettings: swiftSettings
         ),
 
@@ -331,9 +339,20 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "MeshWireTests",
+            dependencies: [
+                "MeshWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "RelayTests",
             dependencies: nio + [
-                "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport",
+                "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport", "MeshWire",
+                .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),

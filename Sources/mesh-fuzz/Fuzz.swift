@@ -3,7 +3,9 @@
 // - `api`: the control plane's parsers: bodies, manifests, selectors, config files (Control/Fuzzing.swift);
 // - `stun`: the STUN codec, stream framer and Binding responder (Relay/STUN/Fuzzing.swift);
 // - `http`: the proxy's HTTP/1.1 parser, requests and responses, at once and byte by byte
-//   (MeshAgent/DataPlane/HTTP/Fuzzing.swift).
+//   (MeshAgent/DataPlane/HTTP/Fuzzing.swift);
+// - `mux`: the yamux frame codec (whole and in pieces), the stream-open header and reply, datagram
+//   framing (MeshWire/Fuzzing.swift).
 //
 // Built by `scripts/fuzz TARGET` with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer's driver runs.
 // In a plain `swift build` this is a small replayer: it feeds the files named on the command line
@@ -11,6 +13,7 @@
 @_spi(Fuzzing) import Control
 @_spi(Fuzzing) import DNS
 @_spi(Fuzzing) import MeshAgent
+@_spi(Fuzzing) import MeshWire
 @_spi(Fuzzing) import Relay
 
 #if canImport(Glibc)
@@ -21,7 +24,7 @@ import Musl
 import Darwin
 #endif
 
-/// The target, read once (DNS unless `api`, `stun` or `http`).
+/// The target, read once (DNS unless `api`, `stun`, `http` or `mux`).
 let fuzzTarget: String = getenv("MESH_FUZZ_TARGET").map { String(cString: $0) } ?? "dns"
 
 func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
@@ -29,6 +32,7 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
     case "api": APIFuzzing.fuzzOne(bytes)
     case "stun": STUNFuzzing.fuzzOne(bytes)
     case "http": HTTPFuzzing.fuzzOne(bytes)
+    case "mux": MuxFuzzing.fuzzOne(bytes)
     default: DNSFuzzing.fuzzOne(bytes)
     }
 }
