@@ -23,6 +23,8 @@ public final class ControlAPI: HTTPResponder {
     let lifecycle: NodeLifecycle?
     /// Per-identity write limits (nil: none).
     let limiter: WriteRateLimiter?
+    /// Writes objects with the control plane's policies (VIPs, Node status).
+    let writer: ObjectWriter
     public static let version = "0.1.0"
     /// Where nodes enrol (no client certificate needed).
     public static let joinPath = "/apis/mesh.edge/v1/join"
@@ -51,6 +53,7 @@ public final class ControlAPI: HTTPResponder {
         self.tokens = BootstrapTokenStore(store: store)
         self.credentials = NodeCredentials(store: store, revoked: RevokedSerials(), validity: nodeCertificateValidity)
         self.health = HealthEndpoints(isReady: isReady)
+        self.writer = ObjectWriter(store: store, vips: vips, lifecycle: lifecycle, logger: logger)
     }
 
     /// Renders the server's own errors (malformed requests, limits, timeouts) as Status objects.
@@ -112,12 +115,15 @@ public final class ControlAPI: HTTPResponder {
         }
         let start = ContinuousClock.now
         let routed: (HTTPResponse, String, String)
-        if let security = await self.routeSecurity(request) {
-            routed = security
-        } else if let credentials = await self.routeCredentials(request) {
+        if let credentials = await self.routeCredentials(request) {
             routed = credentials
         } else {
-            routed = await self.route(request)
+            switch APIRoute.parse(request.path) {
+            case .failure(let miss):
+                routed = (Self.respond(miss.status), "unknown", miss.resource)
+            case .success(let route):
+                routed = await self.answer(request, route)
+            }
         }
         let (response, verb, resource) = routed
         let code = Int(response.status.code)
@@ -138,59 +144,89 @@ public final class ControlAPI: HTTPResponder {
         return response
     }
 
-    // MARK: join and tokens
+    // MARK: routes
 
-    /// The join and token paths; nil for any other path.
-    private func routeSecurity(_ request: HTTPRequest) async -> (HTTPResponse, String, String)? {
-        let path = request.path
-        let tokenID: String?
-        if path == Self.joinPath {
-            tokenID = nil
-        } else if path == Self.tokensPath || path == Self.tokensPath + "/" {
-            tokenID = ""
-        } else if path.hasPrefix(Self.tokensPath + "/") {
-            tokenID = String(path.dropFirst(Self.tokensPath.count + 1))
-        } else {
-            return nil
-        }
-        let resource = tokenID == nil ? "join" : BootstrapTokenStore.resource
+    /// Answers one routed request: its response, its Kubernetes verb and resource (for metrics). Every
+    /// error becomes a Status here, in one place.
+    private func answer(_ request: HTTPRequest, _ route: APIRoute) async -> (HTTPResponse, String, String) {
+        let resource = route.resourceLabel
         do {
-            switch (request.method, tokenID) {
-            case (.POST, nil):
-                return (try await self.join(request), "create", resource)
-            case (.POST, ""):
-                guard let ca = self.ca else { throw Self.noCA }
-                let wanted = try Self.decodeStrict(BootstrapTokenRequest.self, request)
-                let created = try await self.tokens.create(wanted, caHash: ca.hash)
-                return (.json(.created, Self.encode(created)), "create", resource)
-            case (.GET, ""):
-                return (
-                    .json(.ok, Self.encode(BootstrapTokenList(items: try await self.tokens.list()))), "list", resource
-                )
-            case (.DELETE, .some(let id)) where !id.isEmpty:
-                return (.json(.ok, Self.encode(try await self.tokens.delete(id))), "delete", resource)
-            default:
-                let allowed = tokenID == nil ? "POST" : (tokenID!.isEmpty ? "GET, POST" : "DELETE")
-                var r = Self.respond(
-                    Status(
-                        code: 405,
-                        reason: .methodNotAllowed,
-                        message: "\(request.method) is not allowed here (allowed: \(allowed))"
-                    )
-                )
-                r.headers.add(name: "Allow", value: allowed)
-                return (r, "unknown", resource)
-            }
+            let (response, verb) = try await self.handle(request, route)
+            return (response, verb, resource)
+        } catch let status as Status where status.code == 405 {
+            var r = Self.respond(status)
+            r.headers.add(name: "Allow", value: Self.allowed(route))
+            return (r, "unknown", resource)
         } catch let status as Status {
-            return (Self.respond(status), Self.verb(request, name: tokenID), resource)
+            return (Self.respond(status), Self.verb(request, name: route.name), resource)
         } catch let e as StoreError {
-            let status = Status(code: 503, reason: .serviceUnavailable, message: e.description)
-            return (Self.respond(status), Self.verb(request, name: tokenID), resource)
+            let type = Registry.byPlural(resource)?.type
+            return (Self.respond(Self.status(for: e, type)), Self.verb(request, name: route.name), resource)
         } catch {
             self.logger.error("\(request.method) \(request.uri) failed: \(error)")
             let status = Status(code: 500, reason: .internalError, message: "internal error: \(error)")
-            return (Self.respond(status), Self.verb(request, name: tokenID), resource)
+            return (Self.respond(status), Self.verb(request, name: route.name), resource)
         }
+    }
+
+    private func handle(_ request: HTTPRequest, _ route: APIRoute) async throws -> (HTTPResponse, String) {
+        switch (route, request.method) {
+        case (.version, .GET):
+            return (.json(.ok, Self.encode(["version": Self.version, "apiVersion": meshAPIVersion])), "get")
+        case (.discovery, .GET):
+            return (self.discovery(), "get")
+        case (.join, .POST):
+            return (try await self.join(request), "create")
+        case (.tokens(nil), .POST), (.tokens(""), .POST):
+            guard let ca = self.ca else { throw Self.noCA }
+            let wanted = try Self.decodeStrict(BootstrapTokenRequest.self, request)
+            return (.json(.created, Self.encode(try await self.tokens.create(wanted, caHash: ca.hash))), "create")
+        case (.tokens(nil), .GET), (.tokens(""), .GET):
+            return (.json(.ok, Self.encode(BootstrapTokenList(items: try await self.tokens.list()))), "list")
+        case (.tokens(.some(let id)), .DELETE) where !id.isEmpty:
+            return (.json(.ok, Self.encode(try await self.tokens.delete(id))), "delete")
+        case (.heartbeat(let node), .POST):
+            return (try await self.heartbeat(node), "heartbeat")
+        case (.collection(let resource, let namespace), .GET):
+            let entry = Registry.byPlural(resource)!
+            if ["true", "1"].contains(request.query["watch"] ?? "") {
+                return (try await self.watch(entry, namespace: namespace, request), "watch")
+            }
+            return (try await self.list(entry, namespace: namespace, request), "list")
+        case (.object(let resource, let namespace, let name), .GET):
+            return (try await self.get(Registry.byPlural(resource)!, namespace: namespace, name: name), "get")
+        case (.collection(let resource, let namespace), .POST):
+            let kind = try Self.served(resource)
+            return (try await self.save(kind, request, namespace: namespace, urlName: nil, createOnly: true), "create")
+        case (.object(let resource, let namespace, let name), .PUT):
+            let kind = try Self.served(resource)
+            return (
+                try await self.save(kind, request, namespace: namespace, urlName: name, createOnly: false), "update"
+            )
+        case (.object(let resource, let namespace, let name), .DELETE):
+            return (try await self.writer.delete(try Self.served(resource), namespace: namespace, name: name), "delete")
+        default:
+            throw Self.notAllowed(request, allowed: Self.allowed(route))
+        }
+    }
+
+    /// The methods a route takes, for 405 and its `Allow` header.
+    static func allowed(_ route: APIRoute) -> String {
+        switch route {
+        case .version, .discovery: return "GET"
+        case .join, .heartbeat: return "POST"
+        case .tokens(let id): return (id ?? "").isEmpty ? "GET, POST" : "DELETE"
+        case .collection: return "GET, POST"
+        case .object: return "GET, PUT, DELETE"
+        }
+    }
+
+    /// The policy of a kind the API writes (every kind in the registry has one).
+    static func served(_ resource: String) throws -> any ControlManaged.Type {
+        guard let kind = ObjectWriter.served[resource] else {
+            throw Status(code: 405, reason: .methodNotAllowed, message: "\(resource) cannot be written here")
+        }
+        return kind
     }
 
     static let noCA = Status(
@@ -224,117 +260,6 @@ public final class ControlAPI: HTTPResponder {
         }
     }
 
-    // MARK: routing
-
-    private func route(_ request: HTTPRequest) async -> (HTTPResponse, String, String) {
-        let segments = request.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
-        if segments == ["version"] {
-            return (
-                .json(.ok, ControlAPI.encode(["version": ControlAPI.version, "apiVersion": meshAPIVersion])), "get", ""
-            )
-        }
-        guard segments.count >= 3, segments[0] == "apis", segments[1] == "mesh.edge", segments[2] == "v1" else {
-            let status = Status(
-                code: 404,
-                reason: .notFound,
-                message: "no such path \(request.path): the API is under /apis/mesh.edge/v1"
-            )
-            return (Self.respond(status), "unknown", "")
-        }
-        var rest = Array(segments.dropFirst(3))
-        if rest.isEmpty {
-            return (self.discovery(), "get", "")
-        }
-        var namespace: String?
-        if rest[0] == "namespaces", rest.count >= 3 {
-            namespace = rest[1]
-            rest.removeFirst(2)
-        }
-        guard let entry = Registry.byPlural(rest[0]) else {
-            let status = Status(
-                code: 404,
-                reason: .notFound,
-                message:
-                    "the server has no resource \"\(rest[0])\" (it has \(Registry.types.map(\.plural).joined(separator: ", ")))"
-            )
-            return (Self.respond(status), "unknown", rest[0])
-        }
-        let type = entry.type
-        if let ns = namespace, let e = Names.dns1123LabelError(ns) {
-            return (Self.respond(.badRequest("namespace \"\(ns)\" is invalid: \(e)")), "unknown", type.plural)
-        }
-        if namespace != nil && !type.namespaced {
-            return (
-                Self.respond(.badRequest("\(type.plural) are not namespaced: use /apis/mesh.edge/v1/\(type.plural)")),
-                "unknown", type.plural
-            )
-        }
-        let name = rest.count >= 2 ? rest[1] : nil
-        if rest.count == 3, rest[2] == "heartbeat", type.plural == Node.resource.plural, let node = name {
-            return (
-                await self.heartbeat(request, node: node), request.method == .POST ? "heartbeat" : "unknown", "nodes"
-            )
-        }
-        if rest.count > 2 {
-            return (
-                Self.respond(Status(code: 404, reason: .notFound, message: "no such path \(request.path)")), "unknown",
-                type.plural
-            )
-        }
-        if name != nil && type.namespaced && namespace == nil {
-            return (
-                Self.respond(
-                    .badRequest(
-                        "\(type.plural) are namespaced: use /apis/mesh.edge/v1/namespaces/{namespace}/\(type.plural)/\(name!)"
-                    )
-                ),
-                "unknown", type.plural
-            )
-        }
-        let ns = type.namespaced ? namespace : ""
-        do {
-            switch (request.method, name) {
-            case (.GET, nil):
-                if ["true", "1"].contains(request.query["watch"] ?? "") {
-                    return (try await self.watch(entry, namespace: ns, request), "watch", type.plural)
-                }
-                return (try await self.list(entry, namespace: ns, request), "list", type.plural)
-            case (.GET, .some(let n)):
-                return (try await self.get(entry, namespace: ns!, name: n), "get", type.plural)
-            case (.PUT, .some(let n)):
-                return (
-                    try await self.save(entry, namespace: ns, urlName: n, request, createOnly: false), "update",
-                    type.plural
-                )
-            case (.POST, nil):
-                return (
-                    try await self.save(entry, namespace: ns, urlName: nil, request, createOnly: true), "create",
-                    type.plural
-                )
-            case (.DELETE, .some(let n)):
-                return (try await self.delete(entry, namespace: ns!, name: n), "delete", type.plural)
-            default:
-                let allowed = name == nil ? "GET, POST" : "GET, PUT, DELETE"
-                let status = Status(
-                    code: 405,
-                    reason: .methodNotAllowed,
-                    message: "\(request.method) is not allowed here (allowed: \(allowed))"
-                )
-                var r = Self.respond(status)
-                r.headers.add(name: "Allow", value: allowed)
-                return (r, "unknown", type.plural)
-            }
-        } catch let status as Status {
-            return (Self.respond(status), Self.verb(request, name: name), type.plural)
-        } catch let e as StoreError {
-            return (Self.respond(self.status(for: e, type)), Self.verb(request, name: name), type.plural)
-        } catch {
-            self.logger.error("\(request.method) \(request.uri) failed: \(error)")
-            let status = Status(code: 500, reason: .internalError, message: "internal error: \(error)")
-            return (Self.respond(status), Self.verb(request, name: name), type.plural)
-        }
-    }
-
     /// The Kubernetes verb of a request, for metrics.
     static func verb(_ request: HTTPRequest, name: String?) -> String {
         switch (request.method, name) {
@@ -347,7 +272,10 @@ public final class ControlAPI: HTTPResponder {
         }
     }
 
-    private func status(for error: StoreError, _ type: ResourceType) -> Status {
+    static func status(for error: StoreError, _ known: ResourceType?) -> Status {
+        guard let type = known else {
+            return Status(code: 503, reason: .serviceUnavailable, message: error.description)
+        }
         switch error {
         case .notFound(let k): return .notFound(type, k.name, namespace: k.namespace)
         case .alreadyExists(let k):
@@ -371,37 +299,15 @@ public final class ControlAPI: HTTPResponder {
 
     // MARK: node heartbeats
 
-    private func heartbeat(_ request: HTTPRequest, node: String) async -> HTTPResponse {
-        guard request.method == .POST else {
-            var r = Self.respond(
-                Status(
-                    code: 405,
-                    reason: .methodNotAllowed,
-                    message: "\(request.method) is not allowed here (allowed: POST)"
-                )
-            )
-            r.headers.add(name: "Allow", value: "POST")
-            return r
-        }
+    private func heartbeat(_ node: String) async throws -> HTTPResponse {
         guard let lifecycle = self.lifecycle else {
-            return Self.respond(
-                Status(
-                    code: 503,
-                    reason: .serviceUnavailable,
-                    message: "this control plane does not track node heartbeats"
-                )
+            throw Status(
+                code: 503,
+                reason: .serviceUnavailable,
+                message: "this control plane does not track node heartbeats"
             )
         }
-        do {
-            return .json(.ok, Self.encode(try await lifecycle.beat(node)))
-        } catch let status as Status {
-            return Self.respond(status)
-        } catch let e as StoreError {
-            return Self.respond(self.status(for: e, Node.resource))
-        } catch {
-            self.logger.error("heartbeat of \(node) failed: \(error)")
-            return Self.respond(Status(code: 500, reason: .internalError, message: "internal error: \(error)"))
-        }
+        return .json(.ok, Self.encode(try await lifecycle.beat(node)))
     }
 
     /// A stored Node's JSON with `status.lastHeartbeatTime` from memory when that is newer: beats
@@ -419,25 +325,6 @@ public final class ControlAPI: HTTPResponder {
         status.lastHeartbeatTime = live
         node.status = status
         return Self.encode(node)
-    }
-
-    /// The status a Node gets when written through the API: the control plane owns it, so the
-    /// body's status is ignored; a node writing itself counts as a heartbeat (Ready).
-    private func nodeStatus(_ node: Node, existing: Node?, writer: String?) -> (NodeStatus?, beat: Bool) {
-        let selfWrite: Bool
-        if case .node(let n) = writer.flatMap({ MeshIdentity(uri: $0) }), n == node.metadata.name {
-            selfWrite = true
-        } else {
-            selfWrite = false
-        }
-        guard self.lifecycle != nil else { return (node.status, false) }
-        if selfWrite {
-            if let s = existing?.status, s.phase == .ready { return (s, true) }
-            let now = Timestamp.now()
-            return (NodeStatus(phase: .ready, lastHeartbeatTime: now, message: "heartbeating since \(now)"), true)
-        }
-        if let e = existing { return (e.status, false) }
-        return (NodeStatus(phase: .unknown, message: "waiting for the node's first heartbeat"), false)
     }
 
     // MARK: reads
@@ -578,37 +465,33 @@ public final class ControlAPI: HTTPResponder {
 
     // MARK: writes
 
-    private func decodeBody(_ entry: Registry.Entry, _ request: HTTPRequest) throws -> any MeshObject {
+    /// A request's body decoded as the kind `T` and written.
+    private func save<T: ControlManaged>(
+        _ kind: T.Type,
+        _ request: HTTPRequest,
+        namespace: String?,
+        urlName: String?,
+        createOnly: Bool
+    ) async throws -> HTTPResponse {
         let body = try Self.jsonBody(request, what: "the object")
+        let object: T
         do {
             let value = try JSONValue.parse(json: body)
             guard case .object = value else {
                 throw ManifestError("the body must be a JSON object, not a \(value.typeName)")
             }
-            if let kind = value["kind"]?.stringValue, kind != entry.type.kind {
+            if let k = value["kind"]?.stringValue, k != T.resource.kind {
                 throw ManifestError(
-                    "kind \"\(kind)\" does not belong under /\(entry.type.plural) (expected \(entry.type.kind))"
+                    "kind \"\(k)\" does not belong under /\(T.resource.plural) (expected \(T.resource.kind))"
                 )
             }
-            let object = try entry.decode(value)
-            try object.validate()
-            return object
+            object = try ObjectWriter.decode(T.self, value)
         } catch let e as ManifestError {
             throw Status.badRequest(e.message)
         } catch let e as ValidationError {
             throw Status.invalid(e)
         }
-    }
-
-    private func save(
-        _ entry: Registry.Entry,
-        namespace: String?,
-        urlName: String?,
-        _ request: HTTPRequest,
-        createOnly: Bool
-    ) async throws -> HTTPResponse {
-        let object = try self.decodeBody(entry, request)
-        return try await self.save(
+        return try await self.writer.save(
             object,
             namespace: namespace,
             urlName: urlName,
@@ -617,201 +500,21 @@ public final class ControlAPI: HTTPResponder {
         )
     }
 
-    func save<T: MeshObject>(
+    /// Writes `input` as `writer` (the join creates Nodes through it).
+    func save<T: ControlManaged>(
         _ input: T,
         namespace: String?,
         urlName: String?,
         createOnly: Bool,
         writer: String?
     ) async throws -> HTTPResponse {
-        var object = input
-        let type = T.resource
-        if let n = urlName, n != object.metadata.name {
-            throw Status.badRequest(
-                "metadata.name \"\(object.metadata.name)\" does not match the name in the URL (\"\(n)\")"
-            )
-        }
-        if type.namespaced {
-            let ns = namespace ?? object.metadata.namespace ?? "default"
-            if let bodyNS = object.metadata.namespace, bodyNS != ns {
-                throw Status.badRequest(
-                    "metadata.namespace \"\(bodyNS)\" does not match the namespace in the URL (\"\(ns)\")"
-                )
-            }
-            object.metadata.namespace = ns
-        } else {
-            object.metadata.namespace = nil
-        }
-        let key = ObjectKey(resource: type.plural, namespace: object.effectiveNamespace, name: object.metadata.name)
-        let wanted = object.metadata.version
-        var proposed = Set<IPAddress>()
-        for _ in 0..<16 {
-            let existingStored = try await self.store.get(key)
-            if createOnly, existingStored != nil { throw StoreError.alreadyExists(key) }
-            let expect: Precondition
-            if let w = wanted {
-                guard let e = existingStored else { throw StoreError.conflict(key, current: nil) }
-                guard e.resourceVersion == w else { throw StoreError.conflict(key, current: e.resourceVersion) }
-                expect = .version(w)
-            } else {
-                expect = existingStored.map { .version($0.resourceVersion) } ?? .absent
-            }
-            let existing = try existingStored.map {
-                try JSONDecoder().decode(T.self, from: Data($0.json.readableBytesView))
-            }
-            var prepared = object
-            prepared.metadata.uid = existing?.metadata.uid ?? UUID().uuidString.lowercased()
-            prepared.metadata.creationTimestamp = existing?.metadata.creationTimestamp ?? Timestamp.now()
-            var reserve: [String] = []
-            var vip: IPAddress?
-            if var service = prepared as? Service {
-                vip = try self.assignVIP(&service, existing: existing as? Service, proposed: &proposed)
-                if let ip = vip { reserve.append(VIPAllocator.token(ip)) }
-                prepared = service as! T
-            }
-            var beat = false
-            if var node = prepared as? Node {
-                (node.status, beat) = self.nodeStatus(node, existing: existing as? Node, writer: writer)
-                prepared = node as! T
-            }
-            if let e = existing, let stored = existingStored {
-                // Writing what is already there changes nothing: no new version, no watch event.
-                var same = prepared
-                same.metadata.resourceVersion = e.metadata.resourceVersion
-                if same == e {
-                    if let node = same as? Node {
-                        self.lifecycle?.observed(node.metadata.name, phase: node.status?.phase, beat: beat)
-                    }
-                    var r = HTTPResponse.json(.ok, stored.json)
-                    r.headers.add(name: "X-Mesh-Result", value: "unchanged")
-                    return r
-                }
-            }
-            let final = prepared
-            let write = Write(
-                key: key,
-                expect: expect,
-                operation: .put { rv in
-                    var o = final
-                    o.metadata.resourceVersion = String(rv)
-                    return (ControlAPI.encode(o), o.metadata.labels ?? [:])
-                },
-                reserve: reserve
-            )
-            do {
-                let stored = try await self.store.commit(write)
-                if let ip = vip { self.vips.markUsed(ip) }
-                if let node = final as? Node {
-                    self.lifecycle?.observed(node.metadata.name, phase: node.status?.phase, beat: beat)
-                }
-                return .json(existingStored == nil ? .created : .ok, stored.json)
-            } catch StoreError.conflict(_, let current) where wanted == nil {
-                self.logger.debug(
-                    "\(key) changed under an unconditional write (now \(current.map(String.init) ?? "gone")); retrying"
-                )
-                continue
-            } catch StoreError.reserved(let token, let owner) where vip != nil && token == VIPAllocator.token(vip!) {
-                if input is Service, (input as! Service).spec.clusterIP != nil {
-                    throw Status.invalid(
-                        ValidationError(
-                            kind: type.kind,
-                            name: object.metadata.name,
-                            fields: [FieldError("spec.clusterIP", "\(vip!) is already allocated to \(owner)")]
-                        )
-                    )
-                }
-                self.vips.markUsed(vip!)
-                continue
-            }
-        }
-        throw Status(code: 409, reason: .conflict, message: "\(key) is changing too fast to write; retry")
-    }
-
-    /// Keeps, checks or allocates the service's VIP. Returns the VIP to reserve, if any.
-    private func assignVIP(
-        _ service: inout Service,
-        existing: Service?,
-        proposed: inout Set<IPAddress>
-    ) throws -> IPAddress? {
-        let name = service.metadata.name
-        let invalid = { (message: String) -> Status in
-            Status.invalid(
-                ValidationError(kind: "Service", name: name, fields: [FieldError("spec.clusterIP", message)])
-            )
-        }
-        if let old = existing {
-            guard let requested = service.spec.clusterIP else {
-                service.spec.clusterIP = old.spec.clusterIP
-                service.spec.ipFamily = old.spec.ipFamily
-                return old.spec.vip
-            }
-            if requested != old.spec.clusterIP {
-                throw invalid(
-                    "field is immutable: it is \(old.spec.clusterIP ?? "unset"); delete and recreate the service to change it"
-                )
-            }
-            if service.spec.ipFamily == nil { service.spec.ipFamily = old.spec.ipFamily }
-            return old.spec.vip
-        }
-        if service.spec.isHeadless { return nil }
-        if let ip = service.spec.vip {
-            if let why = self.vips.rejection(of: ip) { throw invalid(why) }
-            service.spec.ipFamily = ip.isIPv4 ? .ipv4 : .ipv6
-            return ip
-        }
-        let family = service.spec.ipFamily ?? .ipv4
-        guard self.vips.cidr(for: family) != nil else {
-            throw Status.invalid(
-                ValidationError(
-                    kind: "Service",
-                    name: service.metadata.name,
-                    fields: [FieldError("spec.ipFamily", "no service CIDR of family \(family.rawValue) is configured")]
-                )
-            )
-        }
-        guard let ip = self.vips.propose(family: family) else {
-            throw Status(
-                code: 500,
-                reason: .internalError,
-                message:
-                    "no free VIP left in \(self.vips.cidr(for: family)!): delete unused services or widen serviceCIDRs"
-            )
-        }
-        proposed.insert(ip)
-        service.spec.clusterIP = ip.description
-        service.spec.ipFamily = family
-        return ip
-    }
-
-    private func delete(_ entry: Registry.Entry, namespace: String, name: String) async throws -> HTTPResponse {
-        let key = ObjectKey(resource: entry.type.plural, namespace: namespace, name: name)
-        for _ in 0..<16 {
-            guard let existing = try await self.store.get(key) else {
-                throw Status.notFound(entry.type, name, namespace: namespace)
-            }
-            let value = try JSONValue.parse(json: Data(existing.json.readableBytesView))
-            let object = try entry.decode(value)
-            let write = Write(
-                key: key,
-                expect: .version(existing.resourceVersion),
-                operation: .delete { rv in Self.stamp(object, rv) }
-            )
-            do {
-                let final = try await self.store.commit(write)
-                if let service = object as? Service, let ip = service.spec.vip { self.vips.markFree(ip) }
-                if object is Node { self.lifecycle?.deleted(name) }
-                return .json(.ok, final.json)
-            } catch StoreError.conflict {
-                continue
-            }
-        }
-        throw Status(code: 409, reason: .conflict, message: "\(key) is changing too fast to delete; retry")
-    }
-
-    private static func stamp<T: MeshObject>(_ object: T, _ rv: Int64) -> ByteBuffer {
-        var o = object
-        o.metadata.resourceVersion = String(rv)
-        return ControlAPI.encode(o)
+        try await self.writer.save(
+            input,
+            namespace: namespace,
+            urlName: urlName,
+            createOnly: createOnly,
+            writer: writer
+        )
     }
 }
 

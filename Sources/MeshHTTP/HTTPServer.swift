@@ -94,6 +94,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         let server: NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>
         let slots = self.slots
         let logger = self.logger
+        let accepted = AcceptedConnections()
         do {
             server = try await ServerBootstrap(group: self.group)
                 .serverChannelInitializer { channel in
@@ -137,13 +138,15 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                             render: config.renderError
                         )
                         try channel.pipeline.syncOperations.addHandler(guardHandler)
-                        return try NIOAsyncChannel(
+                        let connection = try NIOAsyncChannel(
                             wrappingChannelSynchronously: channel,
                             configuration: .init(
                                 inboundType: HTTPServerRequestPart.self,
                                 outboundType: HTTPServerResponsePart.self
                             )
                         )
+                        accepted.hold(connection)
+                        return connection
                     }
                 }
         } catch {
@@ -163,8 +166,14 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
             try await withThrowingDiscardingTaskGroup { group in
                 try await server.executeThenClose { inbound in
                     for try await connection in inbound {
+                        accepted.delivered(connection)
                         group.addTask { await self.serve(connection) }
                     }
+                }
+                // Connections accepted while the listener closed never reached the loop: close them
+                // properly (a dropped one would trap on its unfinished writer).
+                for connection in accepted.close() {
+                    group.addTask { try? await connection.executeThenClose { _, _ in } }
                 }
                 // The listener is closed: give in-flight requests the drain time, then close the rest.
                 let open = self.slots.drain()
@@ -371,4 +380,35 @@ public func hostPort(_ address: SocketAddress) -> String {
     let ip = address.ipAddress ?? "?"
     let port = address.port ?? 0
     return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
+}
+
+/// The connections the listener accepted that its accept loop has not taken yet. A connection accepted
+/// while the listener closes is never delivered to the loop, and NIO traps when such a connection's
+/// writer is dropped unfinished: this holds each until the loop takes it, and hands the rest to be
+/// closed once the loop has ended (later ones are closed at once).
+final class AcceptedConnections: Sendable {
+    typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
+    private let state = Mutex<(held: [ObjectIdentifier: Connection], closed: Bool)>(([:], false))
+
+    func hold(_ connection: Connection) {
+        let late = self.state.withLock { s -> Bool in
+            if s.closed { return true }
+            s.held[ObjectIdentifier(connection.channel)] = connection
+            return false
+        }
+        if late { Task { try? await connection.executeThenClose { _, _ in } } }
+    }
+
+    func delivered(_ connection: Connection) {
+        _ = self.state.withLock { $0.held.removeValue(forKey: ObjectIdentifier(connection.channel)) }
+    }
+
+    /// Stops holding: returns the connections never delivered.
+    func close() -> [Connection] {
+        self.state.withLock { s in
+            s.closed = true
+            defer { s.held = [:] }
+            return Array(s.held.values)
+        }
+    }
 }

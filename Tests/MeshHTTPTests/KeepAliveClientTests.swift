@@ -30,12 +30,19 @@ import class ServiceLifecycle.ServiceGroup
         let (group, task, port) = try await self.start(idle: .seconds(1))
         let client = HTTPKeepAliveClient(HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port)))
         var ports: Set<String> = []
+        // A machine too busy to send the next request within the idle timeout lets the server close the
+        // connection in between: each such gap may cost one more connection, and nothing else may.
+        var slowGaps = 0
+        var last = ContinuousClock.now
         for _ in 0..<20 {
             let r = try await client.send(.POST, "/beat")
+            // From the previous answer to this one: the longest the connection can have been idle.
+            if ContinuousClock.now - last >= .milliseconds(900) { slowGaps += 1 }
+            last = ContinuousClock.now
             #expect(r.status == .ok)
             ports.insert(String(buffer: r.body))
         }
-        #expect(ports.count == 1)
+        #expect(ports.count <= 1 + slowGaps, "\(ports.count) connections with \(slowGaps) gaps over the idle timeout")
         // The server closes the idle connection; the next request opens another, without an error.
         try await Task.sleep(for: .milliseconds(2_500))
         let after = try await client.send(.GET, "/beat")
