@@ -3,7 +3,10 @@
 // - `api`: the control plane's parsers: bodies, manifests, selectors, config files (Control/Fuzzing.swift);
 // - `stun`: the STUN codec, stream framer and Binding responder (Relay/STUN/Fuzzing.swift);
 // - `http`: the proxy's HTTP/1.1 parser, requests and responses, at once and byte by byte
-//   (MeshAgent/DataPlane/HTTP/Fuzzing.swift).
+//   (MeshAgent/DataPlane/HTTP/Fuzzing.swift);
+// - `http-desync`: one pooled upstream connection fed a backend's bytes in reads, requests sent only when
+//   the connection would go back to its pool: no byte read before a request reaches its response
+//   (MeshAgent/DataPlane/HTTP/DesyncFuzzing.swift).
 //
 // Built by `scripts/fuzz TARGET` with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer's driver runs.
 // In a plain `swift build` this is a small replayer: it feeds the files named on the command line
@@ -29,6 +32,7 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
     case "api": APIFuzzing.fuzzOne(bytes)
     case "stun": STUNFuzzing.fuzzOne(bytes)
     case "http": HTTPFuzzing.fuzzOne(bytes)
+    case "http-desync": HTTPDesyncFuzzing.fuzzOne(bytes)
     default: DNSFuzzing.fuzzOne(bytes)
     }
 }

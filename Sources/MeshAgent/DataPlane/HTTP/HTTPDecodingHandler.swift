@@ -13,6 +13,12 @@ protocol HTTPPartReceiver: AnyObject {
 /// to the receiver behind it. A response decoder must know the method of the request each response answers
 /// (HEAD responses have no body): the proxy tells it with `expectResponse(to:)` when it sends a request.
 ///
+/// A response decoder takes exactly one response per request: it parses nothing behind the end of a final
+/// response until the next `expectResponse(to:)`, and bytes that come when no response is expected are an
+/// error (`unexpectedData`: the connection is closed, never handed to another client). At the end of a
+/// response it notes whether the bytes read so far ended exactly there (`endedAtBoundary`): only then may the
+/// connection carry another request.
+///
 /// Bytes the parser has not consumed yet (a head split over reads) are kept for the next read; the end of
 /// input (half-close, close) is given to the parser, after the read in progress if it arrives during one; an
 /// error is passed on (`fireErrorCaught`) once and the bytes after it dropped; removal (after an upgrade)
@@ -36,15 +42,24 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
     private var decoding = false
     private var eofPending = false
     private var removing = false
+    /// A response decoder: the parser's kind, kept here (read per part).
+    private let decodesResponses: Bool
+    /// One response per request (response decoders).
+    private var discipline = HTTPResponseDiscipline()
+
+    /// The last final response ended exactly at the end of the bytes read, with the parser not paused.
+    var endedAtBoundary: Bool { self.discipline.endedAtBoundary }
 
     /// A request decoder (the client side).
     init(requestLimits: HTTPParser.Limits) {
         self.parser = HTTPParser(kind: .request, limits: requestLimits)
+        self.decodesResponses = false
     }
 
     /// A response decoder (the upstream side).
     init() {
         self.parser = HTTPParser(kind: .response)
+        self.decodesResponses = true
     }
 
     /// Parts come from a read of the connection (its `channelReadComplete` follows), not from its end.
@@ -53,6 +68,7 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// The response decoder: a request with `method` was sent, its response comes next.
     func expectResponse(to method: HTTPMethod) {
         self.parser.expectResponse(to: method)
+        self.discipline.expect()
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -136,7 +152,15 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// receiver runs: it may tell it what response to expect next).
     @inline(__always)
     private func parse(_ buffer: inout ByteBuffer) throws {
-        while let receiver = self.receiver, let part = try self.parser.next(&buffer) {
+        guard self.decodesResponses else {
+            while let receiver = self.receiver, let part = try self.parser.next(&buffer) {
+                receiver.receive(part)
+            }
+            return
+        }
+        while let receiver = self.receiver,
+            let part = try self.discipline.next(&self.parser, &buffer, held: self.held?.readableBytes ?? 0)
+        {
             receiver.receive(part)
         }
     }
@@ -174,5 +198,46 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
         self.state = .done
         self.held = nil
         context.fireErrorCaught(error)
+    }
+}
+
+/// The response side's rule, one response per request, apart from the channel (fuzzed by
+/// `HTTPDesyncFuzzing`): parts come only while a response is expected (`expect()`, when a request was sent);
+/// after the end of a final response nothing is parsed until the next request, and bytes that arrive while
+/// none is expected are an error. At that end it notes whether the bytes read so far ended exactly there.
+struct HTTPResponseDiscipline {
+    /// A request was sent and its final response has not ended.
+    private(set) var awaiting = false
+    /// The response in progress is a final one (not 1xx): its end ends the exchange.
+    private var finalResponse = false
+    /// The last final response ended exactly at the end of the bytes read, with the parser not paused.
+    private(set) var endedAtBoundary = false
+
+    mutating func expect() {
+        self.awaiting = true
+        self.endedAtBoundary = false
+    }
+
+    /// The next part of the expected response in `buffer` (`held`: more bytes read behind it, not in
+    /// `buffer` yet); nil when more bytes are needed or no response is expected.
+    @inline(__always)
+    mutating func next(_ parser: inout HTTPParser, _ buffer: inout ByteBuffer, held: Int) throws -> HTTPPart? {
+        guard self.awaiting else {
+            // (After a 101 the bytes behind it are the new protocol's: left for the tunnel.)
+            if buffer.readableBytes > 0 && !parser.isPaused { throw HTTPParseError.unexpectedData }
+            return nil
+        }
+        guard let part = try parser.next(&buffer) else { return nil }
+        switch part {
+        case .head(let head):
+            self.finalResponse = head.status >= 200 || head.status == 101
+        case .end where self.finalResponse:
+            self.finalResponse = false
+            self.awaiting = false
+            self.endedAtBoundary = buffer.readableBytes == 0 && held == 0 && !parser.isPaused
+        case .body, .end:
+            break
+        }
+        return part
     }
 }

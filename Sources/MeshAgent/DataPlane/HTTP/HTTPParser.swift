@@ -25,9 +25,12 @@ enum HTTPParseError: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidContentLength
     /// Several Content-Length values that differ.
     case conflictingContentLength
+    /// A request's Content-Length other than one field line of one plain number (`5, 5`, `,5`, `0005`, two
+    /// lines): read differently by different servers, rejected as nginx does.
+    case ambiguousContentLength
     /// Both Transfer-Encoding and Content-Length (RFC 9112 6.3: a smuggling attempt, rejected).
     case contentLengthWithTransferEncoding
-    /// A request whose last transfer coding is not chunked (its length cannot be known).
+    /// A request whose Transfer-Encoding is other than one field line `chunked` (501, as nginx).
     case unsupportedTransferCoding
     case invalidChunkSize
     /// Chunk data not followed by CRLF, or a bad chunk extension.
@@ -38,6 +41,8 @@ enum HTTPParseError: Error, Equatable, Sendable, CustomStringConvertible {
     case fieldTooLarge
     /// The connection ended inside a message.
     case incompleteMessage
+    /// Bytes from the upstream when no response was expected (after the end of the last one).
+    case unexpectedData
 
     /// 431 rather than 400.
     var isTooLarge: Bool { self == .headTooLarge || self == .fieldTooLarge }
@@ -55,13 +60,15 @@ enum HTTPParseError: Error, Equatable, Sendable, CustomStringConvertible {
         case .obsoleteLineFolding: return "obsolete header line folding"
         case .invalidContentLength: return "invalid content-length"
         case .conflictingContentLength: return "conflicting content-length values"
+        case .ambiguousContentLength: return "content-length not one plain number"
         case .contentLengthWithTransferEncoding: return "both content-length and transfer-encoding"
-        case .unsupportedTransferCoding: return "request transfer-encoding does not end with chunked"
+        case .unsupportedTransferCoding: return "request transfer-encoding other than one 'chunked'"
         case .invalidChunkSize: return "invalid chunk size"
         case .invalidChunk: return "invalid chunk"
         case .headTooLarge: return "header section too large"
         case .fieldTooLarge: return "header field too large"
         case .incompleteMessage: return "connection ended inside a message"
+        case .unexpectedData: return "bytes after the end of the response"
         }
     }
 }
@@ -115,6 +122,17 @@ final class HTTPHead {
     let upgradeField: Int?
     let requestIDField: Int?
     let forwardedForField: Int?
+    /// The first Host field and how many there are.
+    let hostField: Int?
+    let hostCount: Int
+    /// A Forwarded or X-Real-IP field is present (client-set forwarding claims).
+    let hasForwardedClaims: Bool
+    /// The Content-Length lines are one line with one plain number (no list, no leading zero), or there are
+    /// none; and the bytes of those lines.
+    let contentLengthCanonical: Bool
+    let contentLengthBytes: Int
+    /// The Content-Length value, when there is one.
+    let contentLength: Int?
     /// A hop-by-hop field (RFC 9110 7.6.1) is present, Connection included.
     let hasHopByHop: Bool
 
@@ -146,6 +164,12 @@ final class HTTPHead {
         self.upgradeField = scan.upgradeField
         self.requestIDField = scan.requestIDField
         self.forwardedForField = scan.forwardedForField
+        self.hostField = scan.hostField
+        self.hostCount = scan.hostCount
+        self.hasForwardedClaims = scan.hasForwardedClaims
+        self.contentLengthCanonical = scan.contentLengthLines <= 1 && scan.contentLengthPlain
+        self.contentLengthBytes = scan.contentLengthBytes
+        self.contentLength = scan.contentLength
         self.hasHopByHop = scan.hasHopByHop
     }
 
@@ -260,7 +284,11 @@ private struct FieldScan {
     var fields: [HTTPHead.Field] = []
     var fieldBytes = 0
     var contentLength: Int?
+    var contentLengthLines = 0
+    var contentLengthPlain = true
+    var contentLengthBytes = 0
     var transferEncoding: Range<Int>?
+    var transferEncodingLines = 0
     var transferEncodingBytes = 0
     var transferEncodingChunked = false
     var chunkedCount = 0
@@ -271,6 +299,9 @@ private struct FieldScan {
     var upgradeField: Int?
     var requestIDField: Int?
     var forwardedForField: Int?
+    var hostField: Int?
+    var hostCount = 0
+    var hasForwardedClaims = false
     var hasHopByHop = false
 }
 
@@ -760,6 +791,13 @@ struct HTTPParser {
         switch field.name.count {
         case 2:
             if named("te") { scan.hasHopByHop = true }
+        case 4:
+            if named("host") {
+                if scan.hostField == nil { scan.hostField = index }
+                scan.hostCount += 1
+            }
+        case 9:
+            if named("forwarded") || named("x-real-ip") { scan.hasForwardedClaims = true }
         case 7:
             if named("upgrade") {
                 scan.hasHopByHop = true
@@ -777,7 +815,11 @@ struct HTTPParser {
         case 12:
             if scan.requestIDField == nil, named("x-request-id") { scan.requestIDField = index }
         case 14:
-            if named("content-length") { try Self.contentLength(raw, field.value, into: &scan) }
+            if named("content-length") {
+                scan.contentLengthLines += 1
+                scan.contentLengthBytes += field.lineBytes
+                try Self.contentLength(raw, field.value, into: &scan)
+            }
         case 15:
             if scan.forwardedForField == nil, named("x-forwarded-for") { scan.forwardedForField = index }
         case 16:
@@ -785,6 +827,7 @@ struct HTTPParser {
         case 17:
             if named("transfer-encoding") {
                 scan.transferEncoding = field.value
+                scan.transferEncodingLines += 1
                 scan.transferEncodingBytes += field.lineBytes
                 Self.transferCodings(raw, field.value, into: &scan)
             }
@@ -837,7 +880,12 @@ struct HTTPParser {
         _ value: Range<Int>,
         into scan: inout FieldScan
     ) throws {
-        // A list of identical values is one value (RFC 9112 6.3, 5.).
+        // A list of identical values is one value (RFC 9112 6.3, 5.); only a plain number is canonical.
+        if value.isEmpty || value.count > 18 || (value.count > 1 && raw[value.lowerBound] == UInt8(ascii: "0")) {
+            scan.contentLengthPlain = false
+        } else {
+            for i in value where raw[i] &- UInt8(ascii: "0") >= 10 { scan.contentLengthPlain = false }
+        }
         var any = false
         try Self.forEachListElement(raw, value) { (element: Range<Int>) throws in
             any = true
@@ -871,6 +919,11 @@ struct HTTPParser {
         }
     }
 
+    /// Whether the Transfer-Encoding value `value` is the one coding `chunked` (spaces around it allowed).
+    private static func isOnlyChunked(_ raw: UnsafeRawBufferPointer, _ value: Range<Int>) -> Bool {
+        value.count == 7 && HTTPBytes.equalsLowercased(raw, value, ("chunked" as StaticString).utf8Start)
+    }
+
     /// How the body is delimited (RFC 9112 6.3).
     private static func body(
         scan: FieldScan,
@@ -881,6 +934,14 @@ struct HTTPParser {
     ) throws -> HTTPHead.Body {
         if scan.transferEncoding != nil {
             if scan.contentLength != nil { throw HTTPParseError.contentLengthWithTransferEncoding }
+            if isRequest {
+                // One line, one coding: chunked (nginx answers anything else 501).
+                guard scan.transferEncodingLines == 1, scan.chunkedCount == 1, scan.transferEncodingChunked,
+                    Self.isOnlyChunked(raw, scan.transferEncoding!)
+                else { throw HTTPParseError.unsupportedTransferCoding }
+            }
+        } else if isRequest, scan.contentLength != nil, scan.contentLengthLines > 1 || !scan.contentLengthPlain {
+            throw HTTPParseError.ambiguousContentLength
         }
         if !isRequest {
             switch method {

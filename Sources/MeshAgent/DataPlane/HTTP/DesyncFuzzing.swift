@@ -1,0 +1,94 @@
+import NIOCore
+import NIOHTTP1
+
+/// Entry point for the libFuzzer target `http-desync` (Sources/mesh-fuzz): one pooled upstream connection
+/// as the proxy uses it, without a socket. Not part of the module's API.
+@_spi(Fuzzing)
+public enum HTTPDesyncFuzzing {
+    /// The input is a backend's byte stream cut into reads (the first byte picks the cut lengths, the
+    /// second the methods of the requests). Requests are sent one after the other, each only once the
+    /// exchange before it would give the connection back to its pool (`HTTPExchange.upstreamReturnsToPool`:
+    /// its response ended exactly at the end of what was read, keep-alive); the decoder's response
+    /// discipline (`HTTPResponseDiscipline`) and the parser frame the reads. Traps when:
+    /// - a part is delivered while no request is waiting for one, or after the final end of a response;
+    /// - any byte of a response comes from a read made before its request was sent (a byte meant for
+    ///   someone else: what desyncs clients);
+    /// - a connection is pooled while bytes are left or the parser is paused.
+    public static func fuzzOne(_ input: UnsafeRawBufferPointer) {
+        if let violation = Self.check(Array(input)).violation { fatalError(violation) }
+    }
+
+    /// The check of `fuzzOne`: the violation found, if any, and how many requests the connection carried.
+    static func check(_ bytes: [UInt8]) -> (violation: String?, requests: Int) {
+        guard bytes.count >= 2 else { return (nil, 0) }
+        let cut = Int(bytes[0] % 61) + 1
+        let methods: [HTTPMethod] = [.GET, .HEAD, .POST, .GET]
+        let stream = bytes[2...]
+        var parser = HTTPParser(kind: .response)
+        var discipline = HTTPResponseDiscipline()
+        var buffer = ByteBuffer()
+        // Bytes read so far, and how many of them had been read when the request in flight was sent.
+        var read = 0
+        var sentAt = 0
+        var request = 0
+        func send() {
+            parser.expectResponse(to: methods[(Int(bytes[1]) >> (2 * (request % 4))) & 3])
+            discipline.expect()
+            sentAt = read
+            request += 1
+        }
+        send()
+        var exchange = Exchange()
+        var offset = stream.startIndex
+        while offset < stream.endIndex {
+            let end = min(offset + cut + (offset % 7), stream.endIndex)
+            buffer.writeBytes(stream[offset..<end])
+            read += end - offset
+            offset = end
+            while true {
+                let consumedBefore = read - buffer.readableBytes
+                let part: HTTPPart?
+                do {
+                    part = try discipline.next(&parser, &buffer, held: 0)
+                } catch {
+                    return (nil, request)  // the connection closes: nobody gets anything more from it
+                }
+                guard let part else { break }
+                guard consumedBefore >= sentAt else {
+                    return ("request \(request) got bytes read before it was sent", request)
+                }
+                guard !exchange.ended else { return ("a part after the end of response \(request)", request) }
+                exchange.take(part)
+                if exchange.ended {
+                    // Closed, not pooled, unless it ended cleanly.
+                    guard exchange.reusable, discipline.endedAtBoundary else { return (nil, request) }
+                    guard buffer.readableBytes == 0, !parser.isPaused else {
+                        return ("pooled with \(buffer.readableBytes) bytes left or paused", request)
+                    }
+                    exchange = Exchange()
+                    send()
+                }
+            }
+        }
+        return (nil, request)
+    }
+
+    /// What the proxy's exchange tracks of one response here: its final head's keep-alive, its end.
+    struct Exchange {
+        var final = false
+        var ended = false
+        var reusable = true
+
+        mutating func take(_ part: HTTPPart) {
+            switch part {
+            case .head(let head):
+                self.final = head.status >= 200 || head.status == 101
+                if head.status == 101 || !head.isKeepAlive { self.reusable = false }
+            case .end:
+                if self.final { self.ended = true }
+            case .body:
+                break
+            }
+        }
+    }
+}
