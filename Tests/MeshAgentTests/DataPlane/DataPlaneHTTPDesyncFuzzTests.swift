@@ -38,7 +38,8 @@ struct DataPlaneHTTPDesyncFuzzTests {
         case .noContentWithBytes: return "HTTP/1.1 204 No Content\r\nX-Id: \(own)\r\n\r\n" + hostile
         case .longerThanLength: return length + hostile
         case .notModifiedWithBody: return "HTTP/1.1 304 Not Modified\r\nX-Id: \(own)\r\n\r\n" + hostile
-        case .unsolicited101: return "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n" + hostile
+        case .unsolicited101:
+            return "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n" + hostile
         case .malformed: return "HTTP/1.1 2x0 OK\r\nX-Id: \(own)\r\n\r\n" + hostile
         case .chunkedWithBytes: return chunked + hostile
         }
@@ -83,9 +84,15 @@ struct DataPlaneHTTPDesyncFuzzTests {
                 for (own, text) in received {
                     var searchFrom = text.startIndex
                     for i in 0..<(2 * rounds) {
-                        #expect(!text.contains("X\(i)X"), "round \(round): \(own) got hostile X\(i)X: \(text.debugDescription)")
+                        #expect(
+                            !text.contains("X\(i)X"),
+                            "round \(round): \(own) got hostile X\(i)X: \(text.debugDescription)"
+                        )
                         if !own.contains(i) {
-                            #expect(!text.contains("M\(i)M"), "round \(round): \(own) got M\(i)M: \(text.debugDescription)")
+                            #expect(
+                                !text.contains("M\(i)M"),
+                                "round \(round): \(own) got M\(i)M: \(text.debugDescription)"
+                            )
                         }
                     }
                     for i in own {

@@ -37,7 +37,8 @@ struct DataPlaneHTTPSmugglingTests {
     static let responses: [String: String] = [
         "/victim": victimResponse,
         "/plain": "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-        "/204-trailing": "HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 302 Found\r\nLocation: http://evil.example/\r\nX-Pad: ",
+        "/204-trailing":
+            "HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 302 Found\r\nLocation: http://evil.example/\r\nX-Pad: ",
         "/long-body": "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + forged,
         "/304-body": "HTTP/1.1 304 Not Modified\r\n\r\n" + forged,
         "/101": "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: evil\r\n\r\n" + forged,
@@ -118,10 +119,12 @@ struct DataPlaneHTTPSmugglingTests {
         ),
         Case(
             name: "Connection: Host, X-Request-Id, Authorization, Cookie",
-            request: "GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close, Host, X-Request-Id, Authorization, Cookie\r\n"
+            request:
+                "GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close, Host, X-Request-Id, Authorization, Cookie\r\n"
                 + "X-Request-Id: r\r\nAuthorization: a\r\nCookie: c=1\r\n\r\n",
             client: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok",
-            backend: "GET /plain HTTP/1.1\r\nHost: x\r\nX-Request-Id: r\r\nAuthorization: a\r\nCookie: c=1\r\n\(xff)\r\n"
+            backend:
+                "GET /plain HTTP/1.1\r\nHost: x\r\nX-Request-Id: r\r\nAuthorization: a\r\nCookie: c=1\r\n\(xff)\r\n"
         ),
         Case(
             name: "missing Host",
@@ -203,7 +206,10 @@ struct DataPlaneHTTPSmugglingTests {
                 let sent = String(backend.received.utf8.dropFirst(before))!
                 let next = try await RawClient.send(address, Array(Self.victimRequest.utf8))
                 let afterVictim = String(backend.received.utf8.dropFirst(before))!
-                #expect(c.exact ? got == c.client : got.hasPrefix(c.client), "\(c.name): client got \(got.debugDescription)")
+                #expect(
+                    c.exact ? got == c.client : got.hasPrefix(c.client),
+                    "\(c.name): client got \(got.debugDescription)"
+                )
                 #expect(sent == (c.backend ?? ""), "\(c.name): backend got \(sent.debugDescription)")
                 #expect(next == Self.victimReceived, "\(c.name): next client got \(next.debugDescription)")
                 #expect(afterVictim.hasSuffix("GET /victim HTTP/1.1\r\nHost: x\r\n\(Self.xff)\r\n"), "\(c.name)")
@@ -220,7 +226,10 @@ struct DataPlaneHTTPSmugglingTests {
         try await withSingleLoopProxy(Self.responses) { address, backend in
             for _ in 0..<3 { _ = try await RawClient.send(address, Array(Self.victimRequest.utf8)) }
             #expect(backend.connections == 1)
-            _ = try await RawClient.send(address, Array("GET /long-body HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+            _ = try await RawClient.send(
+                address,
+                Array("GET /long-body HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8)
+            )
             #expect(try await RawClient.send(address, Array(Self.victimRequest.utf8)) == Self.victimReceived)
             #expect(backend.connections == 2)
             // Pipelined behind a response with bytes left over: the second request waits for a clean connection.

@@ -158,7 +158,8 @@ struct HTTPExchangeTests {
         let ws = try self.admit("GET / HTTP/1.1\r\nHost: s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
         #expect(ws.plan?.isUpgrade == true)
         #expect(ws.upstream?.contains("connection: upgrade\r\nupgrade: websocket\r\n") == true)
-        let h2c = "GET / HTTP/1.1\r\nHost: s\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\n"
+        let h2c =
+            "GET / HTTP/1.1\r\nHost: s\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\n"
         let refused = try self.admit(h2c)
         #expect(refused.plan?.isUpgrade == false)
         #expect(refused.plan?.keepAlive == false)
@@ -220,7 +221,9 @@ struct HTTPExchangeTests {
         #expect(chunked.requestEnd(trailers: nil, now: .now(), responseTimeout: .seconds(1)) == .send)
 
         // Over the buffer by its Content-Length: dispatched at once.
-        #expect(try self.exchange("POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 9\r\n\r\n", settings: settings).dispatched)
+        #expect(
+            try self.exchange("POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 9\r\n\r\n", settings: settings).dispatched
+        )
     }
 
     /// An exchange whose GET went up whole on a connection.
@@ -234,7 +237,11 @@ struct HTTPExchangeTests {
     @Test("the upstream connection is pooled only when its response ended exactly at the end of the bytes read")
     func boundary() throws {
         var clean = try self.sentGET()
-        guard case .forward = clean.responseHead(try self.response("HTTP/1.1 204 No Content\r\n\r\n"), allocator: self.allocator)
+        guard
+            case .forward = clean.responseHead(
+                try self.response("HTTP/1.1 204 No Content\r\n\r\n"),
+                allocator: self.allocator
+            )
         else { throw TestTimeout(what: "forward") }
         #expect(clean.responseEnd(atBoundary: true) == .finish(lastChunk: false))
         #expect(clean.isDone && clean.upstreamReturnsToPool)
@@ -245,7 +252,10 @@ struct HTTPExchangeTests {
         #expect(leftover.isDone && !leftover.upstreamReturnsToPool)
 
         var closing = try self.sentGET()
-        _ = closing.responseHead(try self.response("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"), allocator: self.allocator)
+        _ = closing.responseHead(
+            try self.response("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"),
+            allocator: self.allocator
+        )
         _ = closing.responseEnd(atBoundary: true)
         #expect(!closing.upstreamReturnsToPool)
 
@@ -261,7 +271,9 @@ struct HTTPExchangeTests {
     @Test("an unsolicited 101 is refused (502), its connection not reused; a solicited one awaits the switch")
     func unsolicited101() throws {
         var exchange = try self.sentGET()
-        let switching = try self.response("HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\nConnection: upgrade\r\n\r\n")
+        let switching = try self.response(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\nConnection: upgrade\r\n\r\n"
+        )
         guard case .refuse(let reason) = exchange.responseHead(switching, allocator: self.allocator) else {
             Issue.record("101 forwarded")
             return
@@ -269,7 +281,9 @@ struct HTTPExchangeTests {
         #expect(reason.contains("101"))
         #expect(!exchange.upstreamReturnsToPool)
 
-        var upgrade = try self.exchange("GET / HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+        var upgrade = try self.exchange(
+            "GET / HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
         _ = upgrade.requestEnd(trailers: nil, now: .now(), responseTimeout: .seconds(1))
         _ = upgrade.attach(self.connection(), now: .now(), responseTimeout: .seconds(1))
         guard case .awaitUpgrade = upgrade.responseHead(switching, allocator: self.allocator) else {
@@ -282,7 +296,9 @@ struct HTTPExchangeTests {
     @Test("1xx loses its hop-by-hop and Connection-named fields; final heads get one canonical Content-Length")
     func responseEdits() throws {
         var exchange = try self.sentGET()
-        let interim = try self.response("HTTP/1.1 103 Early Hints\r\nConnection: X-Secret\r\nX-Secret: s\r\nLink: </a>\r\n\r\n")
+        let interim = try self.response(
+            "HTTP/1.1 103 Early Hints\r\nConnection: X-Secret\r\nX-Secret: s\r\nLink: </a>\r\n\r\n"
+        )
         guard case .interim(let bytes?) = exchange.responseHead(interim, allocator: self.allocator) else {
             Issue.record("1xx not passed")
             return
@@ -311,7 +327,10 @@ struct HTTPExchangeTests {
         _ = post.attach(self.connection(), now: .now(), responseTimeout: .seconds(1))
         #expect(post.upstreamClosed(error: nil) == .fail(.badGateway, "upstream connection reset"))
         var started = try self.sentGET()
-        _ = started.responseHead(try self.response("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"), allocator: self.allocator)
+        _ = started.responseHead(
+            try self.response("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"),
+            allocator: self.allocator
+        )
         #expect(started.upstreamClosed(error: nil) == .closeClient)
     }
 
@@ -332,7 +351,10 @@ struct HTTPExchangeTests {
         }
         #expect(check(.milliseconds(900)) == nil)
         #expect(check(.seconds(1)) == .response)
-        _ = exchange.responseHead(try self.response("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"), allocator: self.allocator)
+        _ = exchange.responseHead(
+            try self.response("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"),
+            allocator: self.allocator
+        )
         #expect(check(.seconds(2)) == nil)
         #expect(check(.seconds(3)) == .responseBody)
 
@@ -379,7 +401,11 @@ struct HTTPExchangeTests {
         var carriedThree = 0
         for _ in 0..<3000 {
             var input: [UInt8] = [UInt8.random(in: 0...255, using: &rng), UInt8.random(in: 0...255, using: &rng)]
-            for _ in 0..<Int.random(in: 1...6, using: &rng) { input += fragments.randomElement(using: &rng)! }
+            for _ in 0..<Int.random(in: 1...6, using: &rng) {
+                input += fragments.randomElement(using: &rng)!
+                // Mostly a segment per response (the backend answers once per request), sometimes two at once.
+                if Int.random(in: 0..<4, using: &rng) > 0 { input.append(0xFF) }
+            }
             let result = HTTPDesyncFuzzing.check(input)
             #expect(result.violation == nil, "\(String(decoding: input.dropFirst(2), as: UTF8.self).debugDescription)")
             if result.requests >= 3 { carriedThree += 1 }

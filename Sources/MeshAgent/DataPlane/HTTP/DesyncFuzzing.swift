@@ -5,11 +5,13 @@ import NIOHTTP1
 /// as the proxy uses it, without a socket. Not part of the module's API.
 @_spi(Fuzzing)
 public enum HTTPDesyncFuzzing {
-    /// The input is a backend's byte stream cut into reads (the first byte picks the cut lengths, the
-    /// second the methods of the requests). Requests are sent one after the other, each only once the
-    /// exchange before it would give the connection back to its pool (`HTTPExchange.upstreamReturnsToPool`:
-    /// its response ended exactly at the end of what was read, keep-alive); the decoder's response
-    /// discipline (`HTTPResponseDiscipline`) and the parser frame the reads. Traps when:
+    /// The input is a backend's byte stream: after two bytes (the first picks the lengths of the reads,
+    /// the second the methods of the requests), segments separated by 0xFF, each what the backend writes
+    /// while one request is in flight, read in pieces. A request is sent at the end of a segment, and
+    /// only when the exchange before it would give the connection back to its pool
+    /// (`HTTPExchange.upstreamReturnsToPool`: its response ended exactly at the end of what was read, both
+    /// keep-alive); the decoder's response discipline (`HTTPResponseDiscipline`) and the parser frame the
+    /// reads. Traps when:
     /// - a part is delivered while no request is waiting for one, or after the final end of a response;
     /// - any byte of a response comes from a read made before its request was sent (a byte meant for
     ///   someone else: what desyncs clients);
@@ -23,7 +25,6 @@ public enum HTTPDesyncFuzzing {
         guard bytes.count >= 2 else { return (nil, 0) }
         let cut = Int(bytes[0] % 61) + 1
         let methods: [HTTPMethod] = [.GET, .HEAD, .POST, .GET]
-        let stream = bytes[2...]
         var parser = HTTPParser(kind: .response)
         var discipline = HTTPResponseDiscipline()
         var buffer = ByteBuffer()
@@ -39,34 +40,41 @@ public enum HTTPDesyncFuzzing {
         }
         send()
         var exchange = Exchange()
-        var offset = stream.startIndex
-        while offset < stream.endIndex {
-            let end = min(offset + cut + (offset % 7), stream.endIndex)
-            buffer.writeBytes(stream[offset..<end])
-            read += end - offset
-            offset = end
-            while true {
-                let consumedBefore = read - buffer.readableBytes
-                let part: HTTPPart?
-                do {
-                    part = try discipline.next(&parser, &buffer, held: 0)
-                } catch {
-                    return (nil, request)  // the connection closes: nobody gets anything more from it
-                }
-                guard let part else { break }
-                guard consumedBefore >= sentAt else {
-                    return ("request \(request) got bytes read before it was sent", request)
-                }
-                guard !exchange.ended else { return ("a part after the end of response \(request)", request) }
-                exchange.take(part)
-                if exchange.ended {
-                    // Closed, not pooled, unless it ended cleanly.
-                    guard exchange.reusable, discipline.endedAtBoundary else { return (nil, request) }
-                    guard buffer.readableBytes == 0, !parser.isPaused else {
-                        return ("pooled with \(buffer.readableBytes) bytes left or paused", request)
+        for segment in bytes[2...].split(separator: 0xFF, omittingEmptySubsequences: false) {
+            if exchange.ended {
+                // The one before ended cleanly, and nothing came behind it: the connection is reused.
+                exchange = Exchange()
+                send()
+            }
+            var offset = segment.startIndex
+            while offset < segment.endIndex {
+                let end = min(offset + cut + (offset % 7), segment.endIndex)
+                buffer.writeBytes(segment[offset..<end])
+                read += end - offset
+                offset = end
+                while true {
+                    let consumedBefore = read - buffer.readableBytes
+                    let part: HTTPPart?
+                    do {
+                        part = try discipline.next(&parser, &buffer, held: 0)
+                    } catch {
+                        return (nil, request)  // the connection closes: nobody gets anything more from it
                     }
-                    exchange = Exchange()
-                    send()
+                    guard let part else { break }
+                    guard consumedBefore >= sentAt else {
+                        return ("request \(request) got bytes read before it was sent", request)
+                    }
+                    guard !exchange.ended else {
+                        return ("a part after the end of response \(request)", request)
+                    }
+                    exchange.take(part)
+                    if exchange.ended {
+                        // Closed, not pooled, unless it ended cleanly.
+                        guard exchange.reusable, discipline.endedAtBoundary else { return (nil, request) }
+                        guard buffer.readableBytes == 0, !parser.isPaused else {
+                            return ("pooled with \(buffer.readableBytes) bytes left or paused", request)
+                        }
+                    }
                 }
             }
         }

@@ -127,7 +127,11 @@ struct HTTPExchange {
     }
 
     /// The end of the request from the client.
-    mutating func requestEnd(trailers: ByteBuffer?, now: @autoclosure () -> NIODeadline, responseTimeout: TimeAmount)
+    mutating func requestEnd(
+        trailers: ByteBuffer?,
+        now: @autoclosure () -> NIODeadline,
+        responseTimeout: TimeAmount
+    )
         -> EndAction
     {
         self.requestEnded = true

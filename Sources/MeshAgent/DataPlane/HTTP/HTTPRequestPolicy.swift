@@ -83,8 +83,13 @@ enum HTTPRequestPolicy {
                 if settings.trustedHops > 0 {
                     // The nearest proxy appended to the last line.
                     let last =
-                        head.fields.indices.last(where: { $0 >= first && head.field($0, is: "x-forwarded-for") }) ?? first
-                    plan.edits.priorForwardedFor = Self.lastElements(head, head.fields[last].value, settings.trustedHops)
+                        head.fields.indices.last(where: { $0 >= first && head.field($0, is: "x-forwarded-for") })
+                        ?? first
+                    plan.edits.priorForwardedFor = Self.lastElements(
+                        head,
+                        head.fields[last].value,
+                        settings.trustedHops
+                    )
                 }
             }
         }
@@ -105,7 +110,9 @@ enum HTTPRequestPolicy {
             let target = head.target
             if let authority = Self.absoluteAuthority(raw, target) {
                 // http://authority/path?query: the authority is the Host, the rest the target.
-                if HTTPBytes.find(UInt8(ascii: "@"), in: raw, from: authority.lowerBound).map({ $0 < authority.upperBound })
+                if HTTPBytes.find(UInt8(ascii: "@"), in: raw, from: authority.lowerBound).map({
+                    $0 < authority.upperBound
+                })
                     ?? false
                 {
                     return "userinfo in the request target"
@@ -138,8 +145,9 @@ enum HTTPRequestPolicy {
             let c = asciiLower(raw[i])
             let schemeByte =
                 (c >= UInt8(ascii: "a") && c <= UInt8(ascii: "z"))
-                || (i > first && (c &- UInt8(ascii: "0") < 10 || c == UInt8(ascii: "+") || c == UInt8(ascii: "-")
-                    || c == UInt8(ascii: ".")))
+                || (i > first
+                    && (c &- UInt8(ascii: "0") < 10 || c == UInt8(ascii: "+") || c == UInt8(ascii: "-")
+                        || c == UInt8(ascii: ".")))
             guard schemeByte else { return nil }
             i += 1
         }

@@ -190,7 +190,11 @@ enum HTTPWire {
     }
 
     /// Whether a request field the proxy replaces is left out: X-Forwarded-For, Forwarded, X-Real-IP, Host.
-    private static func dropsForwarding(_ raw: UnsafeRawBufferPointer, _ name: Range<Int>, _ edits: RequestEdits)
+    private static func dropsForwarding(
+        _ raw: UnsafeRawBufferPointer,
+        _ name: Range<Int>,
+        _ edits: RequestEdits
+    )
         -> Bool
     {
         @inline(__always) func named(_ lower: StaticString) -> Bool {
