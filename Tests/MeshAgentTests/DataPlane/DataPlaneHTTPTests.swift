@@ -43,9 +43,28 @@ struct DataPlaneHTTPTests {
                 )
             )
             #expect(second.header("x-seen-request-id") == "abc-123")
-            #expect(second.header("x-seen-xff") == "198.18.0.9, 127.0.0.1")
+            // No trusted hops (the default): the client's X-Forwarded-For is replaced, not appended to.
+            #expect(second.header("x-seen-xff") == "127.0.0.1")
             let route = try #require(dp.snapshot().routes.first)
             #expect(route.proto == "http" && route.requests == 2)
+        }
+    }
+
+    @Test("trusted hops: the last N addresses of X-Forwarded-For are kept, the client's appended")
+    func trustedHops() async throws {
+        let backend = try await TestServers.http("web-1")
+        defer { Task { await backend.close() } }
+        try await withDataPlane(testConfiguration(http: HTTPConfiguration(trustedForwardingHops: 1))) { dp in
+            let vip = TestAddresses.vip()
+            try await dp.apply(httpRoute("web", vip, [backend.backend()]))
+            let response = try #require(
+                try await TestHTTPConnection.get(
+                    TestClient.vipAddress(vip, 8080),
+                    "/",
+                    headers: [("x-forwarded-for", "6.6.6.6, 198.18.0.9")]
+                )
+            )
+            #expect(response.header("x-seen-xff") == "198.18.0.9, 127.0.0.1")
         }
     }
 
