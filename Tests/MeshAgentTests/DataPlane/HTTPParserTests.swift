@@ -195,7 +195,7 @@ struct HTTPParserTests {
         #expect(!(try Feed.all("GET / HTTP/1.1\r\nX-\(line)\r\n\r\n").heads[0].hasHopByHop))
     }
 
-    @Test("Content-Length: a list of one value, repeated fields of one value: one length in a response, 400 in a request")
+    @Test("Content-Length: a list of one value, or repeated fields: one length in a response, 400 in a request")
     func contentLengthLists() throws {
         for fields in ["Content-Length: 3, 3", "Content-Length: 3\r\ncontent-length: 003", "Content-Length: 3,"] {
             let feed = try Feed.all("HTTP/1.1 200 OK\r\n\(fields)\r\n\r\nabc", kind: .response)
