@@ -198,7 +198,7 @@ struct HTTPExchangeTests {
     func bufferedBody() throws {
         var settings = HTTPRequestPolicy.Settings()
         settings.requestBufferSize = 8
-        var exchange = try self.exchange("POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 6\r\n\r\n", settings: settings)
+        let exchange = try self.exchange("POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 6\r\n\r\n", settings: settings)
         #expect(!exchange.dispatched)
         #expect(exchange.requestBody(ByteBuffer(string: "abc"), bufferLimit: 8) == .hold)
         #expect(exchange.requestBody(ByteBuffer(string: "def"), bufferLimit: 8) == .hold)
@@ -209,7 +209,7 @@ struct HTTPExchangeTests {
         #expect(exchange.requestEnded && exchange.bodyBytesSent)
 
         // Chunked: buffered until it outgrows the buffer, then dispatched and streamed.
-        var chunked = try self.exchange(
+        let chunked = try self.exchange(
             "POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n",
             settings: settings
         )
@@ -228,7 +228,7 @@ struct HTTPExchangeTests {
 
     /// An exchange whose GET went up whole on a connection.
     private func sentGET() throws -> HTTPExchange {
-        var exchange = try self.exchange("GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+        let exchange = try self.exchange("GET / HTTP/1.1\r\nHost: s\r\n\r\n")
         #expect(exchange.requestEnd(trailers: nil, now: .now(), responseTimeout: .seconds(1)) == .hold)
         _ = exchange.attach(self.connection(), now: .now(), responseTimeout: .seconds(1))
         return exchange
@@ -236,7 +236,7 @@ struct HTTPExchangeTests {
 
     @Test("the upstream connection is pooled only when its response ended exactly at the end of the bytes read")
     func boundary() throws {
-        var clean = try self.sentGET()
+        let clean = try self.sentGET()
         guard
             case .forward = clean.responseHead(
                 try self.response("HTTP/1.1 204 No Content\r\n\r\n"),
@@ -246,12 +246,12 @@ struct HTTPExchangeTests {
         #expect(clean.responseEnd(atBoundary: true) == .finish(lastChunk: false))
         #expect(clean.isDone && clean.upstreamReturnsToPool)
 
-        var leftover = try self.sentGET()
+        let leftover = try self.sentGET()
         _ = leftover.responseHead(try self.response("HTTP/1.1 204 No Content\r\n\r\n"), allocator: self.allocator)
         #expect(leftover.responseEnd(atBoundary: false) == .finish(lastChunk: false))
         #expect(leftover.isDone && !leftover.upstreamReturnsToPool)
 
-        var closing = try self.sentGET()
+        let closing = try self.sentGET()
         _ = closing.responseHead(
             try self.response("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"),
             allocator: self.allocator
@@ -259,7 +259,7 @@ struct HTTPExchangeTests {
         _ = closing.responseEnd(atBoundary: true)
         #expect(!closing.upstreamReturnsToPool)
 
-        var faulty = try self.sentGET()
+        let faulty = try self.sentGET()
         _ = faulty.responseHead(
             try self.response("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"),
             allocator: self.allocator
@@ -270,7 +270,7 @@ struct HTTPExchangeTests {
 
     @Test("an unsolicited 101 is refused (502), its connection not reused; a solicited one awaits the switch")
     func unsolicited101() throws {
-        var exchange = try self.sentGET()
+        let exchange = try self.sentGET()
         let switching = try self.response(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\nConnection: upgrade\r\n\r\n"
         )
@@ -281,7 +281,7 @@ struct HTTPExchangeTests {
         #expect(reason.contains("101"))
         #expect(!exchange.upstreamReturnsToPool)
 
-        var upgrade = try self.exchange(
+        let upgrade = try self.exchange(
             "GET / HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
         )
         _ = upgrade.requestEnd(trailers: nil, now: .now(), responseTimeout: .seconds(1))
@@ -295,7 +295,7 @@ struct HTTPExchangeTests {
 
     @Test("1xx loses its hop-by-hop and Connection-named fields; final heads get one canonical Content-Length")
     func responseEdits() throws {
-        var exchange = try self.sentGET()
+        let exchange = try self.sentGET()
         let interim = try self.response(
             "HTTP/1.1 103 Early Hints\r\nConnection: X-Secret\r\nX-Secret: s\r\nLink: </a>\r\n\r\n"
         )
@@ -314,19 +314,19 @@ struct HTTPExchangeTests {
 
     @Test("an upstream that closes: a malformed response is 502 and never retried; a reset GET is retried")
     func upstreamClosed() throws {
-        var malformed = try self.sentGET()
+        let malformed = try self.sentGET()
         #expect(
             malformed.upstreamClosed(error: HTTPParseError.invalidStatus)
                 == .fail(.badGateway, "invalid upstream response: invalid status line")
         )
-        var reset = try self.sentGET()
+        let reset = try self.sentGET()
         #expect(reset.upstreamClosed(error: nil) == .retry(.badGateway, "upstream connection reset"))
         #expect(reset.mayRetry(connectAttempts: 3, maxRetries: 2))
-        var post = try self.exchange("POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 1\r\n\r\n")
+        let post = try self.exchange("POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 1\r\n\r\n")
         _ = post.requestBody(ByteBuffer(string: "x"), bufferLimit: 0)
         _ = post.attach(self.connection(), now: .now(), responseTimeout: .seconds(1))
         #expect(post.upstreamClosed(error: nil) == .fail(.badGateway, "upstream connection reset"))
-        var started = try self.sentGET()
+        let started = try self.sentGET()
         _ = started.responseHead(
             try self.response("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"),
             allocator: self.allocator
@@ -337,7 +337,7 @@ struct HTTPExchangeTests {
     @Test("timeouts: response head (504), stalled request body, stalled response body")
     func timeouts() throws {
         let t0 = NIODeadline.now()
-        var exchange = try self.exchange("GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+        let exchange = try self.exchange("GET / HTTP/1.1\r\nHost: s\r\n\r\n")
         _ = exchange.requestEnd(trailers: nil, now: t0, responseTimeout: .seconds(1))
         _ = exchange.attach(self.connection(), now: t0, responseTimeout: .seconds(1))
         func check(_ at: TimeAmount) -> HTTPExchange.Timeout? {
@@ -358,7 +358,7 @@ struct HTTPExchangeTests {
         #expect(check(.seconds(2)) == nil)
         #expect(check(.seconds(3)) == .responseBody)
 
-        var body = try self.exchange("POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 100000\r\n\r\n")
+        let body = try self.exchange("POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 100000\r\n\r\n")
         _ = body.attach(self.connection(), now: t0, responseTimeout: .seconds(1))
         #expect(
             body.timeout(
