@@ -10,7 +10,7 @@ public enum HTTPDesyncFuzzing {
     /// while one request is in flight, read in pieces. A request is sent at the end of a segment, and
     /// only when the exchange before it would give the connection back to its pool
     /// (`HTTPExchange.upstreamReturnsToPool`: its response ended exactly at the end of what was read, both
-    /// keep-alive); the decoder's response discipline (`HTTPResponseDiscipline`) and the parser frame the
+    /// keep-alive); the parser's one-response-per-request rule (`HTTPParser.nextResponsePart`) frames the
     /// reads. Traps when:
     /// - a part is delivered while no request is waiting for one, or after the final end of a response;
     /// - any byte of a response comes from a read made before its request was sent (a byte meant for
@@ -26,7 +26,6 @@ public enum HTTPDesyncFuzzing {
         let cut = Int(bytes[0] % 61) + 1
         let methods: [HTTPMethod] = [.GET, .HEAD, .POST, .GET]
         var parser = HTTPParser(kind: .response)
-        var discipline = HTTPResponseDiscipline()
         var buffer = ByteBuffer()
         // Bytes read so far, and how many of them had been read when the request in flight was sent.
         var read = 0
@@ -34,7 +33,6 @@ public enum HTTPDesyncFuzzing {
         var request = 0
         func send() {
             parser.expectResponse(to: methods[(Int(bytes[1]) >> (2 * (request % 4))) & 3])
-            discipline.expect()
             sentAt = read
             request += 1
         }
@@ -56,7 +54,7 @@ public enum HTTPDesyncFuzzing {
                     let consumedBefore = read - buffer.readableBytes
                     let part: HTTPPart?
                     do {
-                        part = try discipline.next(&parser, &buffer, held: 0)
+                        part = try parser.nextResponsePart(&buffer, held: 0)
                     } catch {
                         return (nil, request)  // the connection closes: nobody gets anything more from it
                     }
@@ -70,7 +68,7 @@ public enum HTTPDesyncFuzzing {
                     exchange.take(part)
                     if exchange.ended {
                         // Closed, not pooled, unless it ended cleanly.
-                        guard exchange.reusable, discipline.endedAtBoundary else { return (nil, request) }
+                        guard exchange.reusable, parser.endedAtBoundary else { return (nil, request) }
                         guard buffer.readableBytes == 0, !parser.isPaused else {
                             return ("pooled with \(buffer.readableBytes) bytes left or paused", request)
                         }

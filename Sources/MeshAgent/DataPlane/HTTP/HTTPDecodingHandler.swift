@@ -44,11 +44,8 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
     private var removing = false
     /// A response decoder: the parser's kind, kept here (read per part).
     private let decodesResponses: Bool
-    /// One response per request (response decoders).
-    private var discipline = HTTPResponseDiscipline()
-
     /// The last final response ended exactly at the end of the bytes read, with the parser not paused.
-    var endedAtBoundary: Bool { self.discipline.endedAtBoundary }
+    var endedAtBoundary: Bool { self.parser.endedAtBoundary }
 
     /// A request decoder (the client side).
     init(requestLimits: HTTPParser.Limits) {
@@ -68,7 +65,6 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// The response decoder: a request with `method` was sent, its response comes next.
     func expectResponse(to method: HTTPMethod) {
         self.parser.expectResponse(to: method)
-        self.discipline.expect()
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -159,7 +155,7 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
             return
         }
         while let receiver = self.receiver,
-            let part = try self.discipline.next(&self.parser, &buffer, held: self.held?.readableBytes ?? 0)
+            let part = try self.parser.nextResponsePart(&buffer, held: self.held?.readableBytes ?? 0)
         {
             receiver.receive(part)
         }
@@ -201,43 +197,3 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
     }
 }
 
-/// The response side's rule, one response per request, apart from the channel (fuzzed by
-/// `HTTPDesyncFuzzing`): parts come only while a response is expected (`expect()`, when a request was sent);
-/// after the end of a final response nothing is parsed until the next request, and bytes that arrive while
-/// none is expected are an error. At that end it notes whether the bytes read so far ended exactly there.
-struct HTTPResponseDiscipline {
-    /// A request was sent and its final response has not ended.
-    private(set) var awaiting = false
-    /// The response in progress is a final one (not 1xx): its end ends the exchange.
-    private var finalResponse = false
-    /// The last final response ended exactly at the end of the bytes read, with the parser not paused.
-    private(set) var endedAtBoundary = false
-
-    mutating func expect() {
-        self.awaiting = true
-        self.endedAtBoundary = false
-    }
-
-    /// The next part of the expected response in `buffer` (`held`: more bytes read behind it, not in
-    /// `buffer` yet); nil when more bytes are needed or no response is expected.
-    @inline(__always)
-    mutating func next(_ parser: inout HTTPParser, _ buffer: inout ByteBuffer, held: Int) throws -> HTTPPart? {
-        guard self.awaiting else {
-            // (After a 101 the bytes behind it are the new protocol's: left for the tunnel.)
-            if buffer.readableBytes > 0 && !parser.isPaused { throw HTTPParseError.unexpectedData }
-            return nil
-        }
-        guard let part = try parser.next(&buffer) else { return nil }
-        switch part {
-        case .head(let head):
-            self.finalResponse = head.status >= 200 || head.status == 101
-        case .end where self.finalResponse:
-            self.finalResponse = false
-            self.awaiting = false
-            self.endedAtBoundary = buffer.readableBytes == 0 && held == 0 && !parser.isPaused
-        case .body, .end:
-            break
-        }
-        return part
-    }
-}

@@ -69,6 +69,42 @@ struct HTTPParser {
     /// A response parser: the next response answers a `method` request (HEAD responses have no body).
     mutating func expectResponse(to method: HTTPMethod) {
         self.expectedMethod = method
+        self.awaitingResponse = true
+        self.endedAtBoundary = false
+    }
+
+    // One response per request (`nextResponsePart`): a request was sent and its final response has not
+    // ended; the response in progress is a final one (not 1xx); the last final response ended exactly at the
+    // end of the bytes read, with the parser not paused.
+    private(set) var awaitingResponse = false
+    private var finalResponse = false
+    private(set) var endedAtBoundary = false
+
+    /// The response side's rule, one response per request (the proxy's upstream decoder; fuzzed by
+    /// `HTTPDesyncFuzzing`): the next part of the expected response in `buffer` (`held`: bytes read behind
+    /// it, not in `buffer` yet); nil when more bytes are needed or no response is expected. After the end of
+    /// a final response nothing is parsed until the next `expectResponse`, and bytes that arrive while none is
+    /// expected are `unexpectedData`. At that end it notes whether the bytes read so far ended exactly there
+    /// (`endedAtBoundary`).
+    @inline(__always)
+    mutating func nextResponsePart(_ buffer: inout ByteBuffer, held: Int) throws -> HTTPPart? {
+        guard self.awaitingResponse else {
+            // (After a 101 the bytes behind it are the new protocol's: left for the tunnel.)
+            if buffer.readableBytes > 0 && !self.isPaused { throw HTTPParseError.unexpectedData }
+            return nil
+        }
+        guard let part = try self.next(&buffer) else { return nil }
+        switch part {
+        case .head(let head):
+            self.finalResponse = head.status >= 200 || head.status == 101
+        case .end where self.finalResponse:
+            self.finalResponse = false
+            self.awaitingResponse = false
+            self.endedAtBoundary = buffer.readableBytes == 0 && held == 0 && !self.isPaused
+        case .body, .end:
+            break
+        }
+        return part
     }
 
     /// Between messages (nothing of one read yet, or a head begun).

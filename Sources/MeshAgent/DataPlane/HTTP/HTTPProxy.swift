@@ -410,15 +410,17 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
             self.reject(.notImplemented, "CONNECT is not supported", context: context)
             return
         }
-        let decision = HTTPRequestPolicy.admit(
+        var plan = HTTPRequestPolicy.Plan(keepAlive: requestHead.isKeepAlive)
+        let refusal = HTTPRequestPolicy.admit(
             requestHead,
             settings: self.settings,
             clientAddress: self.clientIPText,
             fallbackHost: Self.hostText(context.channel.localAddress),
-            upgradeProtocols: { self.handle.upgradeProtocols }
+            upgradeProtocols: { self.handle.upgradeProtocols },
+            into: &plan
         )
-        guard case .forward(var plan) = decision else {
-            if case .reject(let status, let reason) = decision { self.reject(status, reason, context: context) }
+        if let refusal {
+            self.reject(.badRequest, refusal, context: context)
             return
         }
         self.servedRequests += 1

@@ -63,8 +63,30 @@ enum HTTPRequestPolicy {
         upgradeProtocols: () -> Set<String>? = { nil }
     ) -> Decision {
         var plan = Plan(keepAlive: head.isKeepAlive)
+        let refusal = Self.admit(
+            head,
+            settings: settings,
+            clientAddress: clientAddress,
+            fallbackHost: fallbackHost(),
+            upgradeProtocols: upgradeProtocols,
+            into: &plan
+        )
+        if let refusal { return .reject(.badRequest, refusal) }
+        return .forward(plan)
+    }
+
+    /// `admit`, building the plan in place (`plan`: `Plan(keepAlive: head.isKeepAlive)`; no copy of it per
+    /// request); the reason of a refusal (400), or nil.
+    static func admit(
+        _ head: HTTPHead,
+        settings: Settings,
+        clientAddress: String?,
+        fallbackHost: @autoclosure () -> String,
+        upgradeProtocols: () -> Set<String>?,
+        into plan: inout Plan
+    ) -> String? {
         if head.hasHopByHop { plan.edits.hopByHop = HTTPWire.HopByHop(head) }
-        if let error = Self.target(head, into: &plan.edits) { return .reject(.badRequest, error) }
+        if let error = Self.target(head, into: &plan.edits) { return error }
         if head.isUpgradeRequest {
             plan.keepAlive = false
             if Self.upgradeAllowed(head, upgradeProtocols() ?? settings.upgradeProtocols) {
@@ -100,7 +122,7 @@ enum HTTPRequestPolicy {
         case .chunked: plan.bufferBody = !plan.isUpgrade && settings.requestBufferSize > 0
         case .untilClose: break
         }
-        return .forward(plan)
+        return nil
     }
 
     /// The Host and target rules; an error's reason, or nil when the request may go up.
