@@ -7,13 +7,15 @@ extension HTTPProxyHandler {
     // MARK: response
 
     func upstreamRead(_ part: HTTPPart, from connection: UpstreamConnection) {
-        guard self.state == .active, self.exchange!.upstream === connection, let context = self.context else { return }
+        guard self.state == .active, let exchange = self.exchange, exchange.upstream === connection,
+            let context = self.context
+        else { return }
         switch part {
         case .head(let response):
-            if response.status >= 200 || (response.status == 101 && self.exchange!.isUpgrade) {
-                self.noteFinalHead(response)
+            if response.status >= 200 || (response.status == 101 && exchange.isUpgrade) {
+                self.noteFinalHead(response, exchange)
             }
-            switch self.exchange!.responseHead(response, allocator: self.allocator) {
+            switch exchange.responseHead(response, allocator: self.allocator) {
             case .interim(let bytes):
                 if let bytes { context.writeAndFlush(NIOAny(bytes), promise: nil) }
             case .awaitUpgrade:
@@ -27,13 +29,13 @@ extension HTTPProxyHandler {
                 self.clientOut.queue(head, context: context)
             }
         case .body(let buffer):
-            switch self.exchange!.responseBodyFraming() {
+            switch exchange.responseBodyFraming() {
             case .raw?: self.clientOut.queue(buffer, context: context)
             case .chunked?: self.clientOut.queueChunk(buffer, context: context)
             case .none?, nil: break
             }
         case .end(let trailers):
-            switch self.exchange!.responseEnd(atBoundary: connection.handler.decoder.endedAtBoundary) {
+            switch exchange.responseEnd(atBoundary: connection.handler.decoder.endedAtBoundary) {
             case .interim:
                 break
             case .upgrade:
@@ -60,14 +62,14 @@ extension HTTPProxyHandler {
 
     /// A final response head arrived: its latency, and its outcome for the balancer (a success is told with
     /// the end of the pick: one lock, not two, per request).
-    private func noteFinalHead(_ response: HTTPHead) {
-        self.metrics.upstreamLatency.recordNanoseconds((NIODeadline.now() - self.exchange!.upstreamStarted).nanoseconds)
-        guard let pick = self.exchange!.pick else { return }
+    private func noteFinalHead(_ response: HTTPHead, _ exchange: HTTPExchange) {
+        self.metrics.upstreamLatency.recordNanoseconds((NIODeadline.now() - exchange.upstreamStarted).nanoseconds)
+        guard let pick = exchange.pick else { return }
         let failed = response.status >= 500 && self.environment.configuration.outlier.countHTTP5xx
-        if failed || self.exchange!.isUpgrade || !self.exchange!.pickInFlight {
+        if failed || exchange.isUpgrade || !exchange.pickInFlight {
             self.handle.report(pick, outcome: failed ? .failure : .success)
         } else {
-            self.exchange!.successPending = true
+            exchange.successPending = true
         }
     }
 
@@ -110,10 +112,11 @@ extension HTTPProxyHandler {
     // MARK: endings
 
     func finishPick(_ outcome: LoadBalancer.Outcome) {
-        guard self.exchange!.pickInFlight, let pick = self.exchange!.pick else { return }
-        self.exchange!.pickInFlight = false
-        if self.exchange!.successPending {
-            self.exchange!.successPending = false
+        let exchange = self.exchange!
+        guard exchange.pickInFlight, let pick = exchange.pick else { return }
+        exchange.pickInFlight = false
+        if exchange.successPending {
+            exchange.successPending = false
             if outcome == .neutral {
                 // The usual end of an exchange: the head's success and the end in one call.
                 self.handle.finish(pick, outcome: .success)
@@ -143,19 +146,21 @@ extension HTTPProxyHandler {
     /// Ends the exchange when both its request and its response have: the upstream connection goes back to
     /// the pool only when the exchange says it is clean (`HTTPExchange.upstreamReturnsToPool`).
     func finishIfDone() {
-        guard self.state == .active, self.exchange!.isDone, let context = self.context else { return }
+        guard self.state == .active, let exchange = self.exchange, exchange.isDone, let context = self.context else {
+            return
+        }
         self.endAccounting()
         self.finishPick(.neutral)
-        if let upstream = self.exchange!.upstream {
-            self.exchange!.upstream = nil
+        if let upstream = exchange.upstream {
+            exchange.upstream = nil
             upstream.handler.owner = nil
-            if self.exchange!.upstreamReturnsToPool, let pool = self.pool {
+            if exchange.upstreamReturnsToPool, let pool = self.pool {
                 pool.release(upstream)
             } else {
                 upstream.channel.close(promise: nil)
             }
         }
-        if self.exchange!.keepAlive {
+        if exchange.keepAlive {
             self.becomeIdle()
         } else {
             self.state = .closed

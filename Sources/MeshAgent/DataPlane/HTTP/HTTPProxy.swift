@@ -254,12 +254,9 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
     /// before dispatch is read on (the buffer is bounded: past it the request is dispatched).
     private var mayRead: Bool {
         if !self.queued.isEmpty { return false }
-        if self.state == .active, !self.exchange!.requestEnded, self.exchange!.dispatched,
-            !(self.exchange!.canStreamBody && self.exchange!.upstream!.handler.isWritable)
-        {
-            return false
-        }
-        return true
+        guard self.state == .active, let exchange = self.exchange else { return true }
+        return exchange.requestEnded || !exchange.dispatched
+            || (exchange.canStreamBody && exchange.upstream!.handler.isWritable)
     }
 
     /// Turns autoRead off or on to match `mayRead`: at the end of each read burst (before NIO would read
@@ -305,10 +302,11 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
         case .body(let buffer):
             switch self.state {
             case .active:
-                switch self.exchange!.requestBody(buffer, bufferLimit: self.settings.requestBufferSize) {
+                let exchange = self.exchange!
+                switch exchange.requestBody(buffer, bufferLimit: self.settings.requestBufferSize) {
                 case .send:
-                    let upstream = self.exchange!.upstream!.handler
-                    upstream.sendBody(buffer, chunked: self.exchange!.chunkedRequest)
+                    let upstream = exchange.upstream!.handler
+                    upstream.sendBody(buffer, chunked: exchange.chunkedRequest)
                     self.flushUpstreamSoon(upstream)
                 case .hold:
                     break
@@ -323,15 +321,16 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
         case .end(let trailers):
             switch self.state {
             case .active:
-                let action = self.exchange!.requestEnd(
+                let exchange = self.exchange!
+                let action = exchange.requestEnd(
                     trailers: trailers,
                     now: .now(),
                     responseTimeout: self.configuration.upstreamResponseTimeout
                 )
                 switch action {
                 case .send:
-                    let upstream = self.exchange!.upstream!.handler
-                    upstream.sendEnd(trailers: trailers, chunked: self.exchange!.chunkedRequest)
+                    let upstream = exchange.upstream!.handler
+                    upstream.sendEnd(trailers: trailers, chunked: exchange.chunkedRequest)
                     self.flushUpstreamSoon(upstream)
                 case .hold:
                     break
@@ -469,28 +468,29 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
     /// Picks a backend and gets a connection to it (pooled or new).
     func dispatch() {
         guard let context = self.context, self.state == .active else { return }
-        guard let pick = self.handle.pick(hash: self.exchange!.hash, excluding: self.exchange!.tried) else {
-            if self.exchange!.triedCount == 0 {
+        let exchange = self.exchange!
+        guard let pick = self.handle.pick(hash: exchange.hash, excluding: exchange.tried) else {
+            if exchange.triedCount == 0 {
                 self.metrics.error(.noBackend)
                 self.fail(.serviceUnavailable, "no healthy upstream")
-            } else if self.exchange!.connectTimedOut {
+            } else if exchange.connectTimedOut {
                 self.fail(.gatewayTimeout, "upstream connect timeout")
             } else {
                 self.fail(.badGateway, "upstream connect error")
             }
             return
         }
-        self.exchange!.noteTried(pick.id)
-        self.exchange!.pick = pick
-        self.exchange!.pickInFlight = true
+        exchange.noteTried(pick.id)
+        exchange.pick = pick
+        exchange.pickInFlight = true
         let started = NIODeadline.now()
-        self.exchange!.upstreamStarted = started
+        exchange.upstreamStarted = started
         let loop = context.eventLoop
         guard let pool = self.pool else {
             self.fail(.serviceUnavailable, "no upstream pool")
             return
         }
-        if !self.exchange!.isUpgrade, let connection = pool.takeIdle(pick.id) {
+        if !exchange.isUpgrade, let connection = pool.takeIdle(pick.id) {
             self.attach(connection, now: started)
             return
         }
@@ -500,7 +500,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
             self.fail(.serviceUnavailable, "upstream connection limit")
             return
         }
-        let id = self.exchange!.id
+        let id = exchange.id
         pool.connect(to: pick.address, backend: pick.id, on: loop).assumeIsolated().whenComplete { result in
             let current = self.state == .active && self.exchange!.id == id && self.exchange!.pick?.id == pick.id
             switch result {
@@ -534,13 +534,14 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
     private func attach(_ connection: UpstreamConnection, now: NIODeadline?) {
         connection.handler.owner = self
         let handler = connection.handler
-        handler.sendHead(self.exchange!.upstreamHead, method: self.exchange!.method)
-        let sending = self.exchange!.attach(
+        let exchange = self.exchange!
+        handler.sendHead(exchange.upstreamHead, method: exchange.method)
+        let sending = exchange.attach(
             connection,
             now: now ?? .now(),
             responseTimeout: self.configuration.upstreamResponseTimeout
         )
-        let chunked = self.exchange!.chunkedRequest
+        let chunked = exchange.chunkedRequest
         for buffer in sending.body { handler.sendBody(buffer, chunked: chunked) }
         if sending.end { handler.sendEnd(trailers: sending.trailers, chunked: chunked) }
         self.flushUpstreamSoon(handler)
