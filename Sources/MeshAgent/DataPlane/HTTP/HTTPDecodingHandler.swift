@@ -196,4 +196,3 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
         context.fireErrorCaught(error)
     }
 }
-
