@@ -221,6 +221,23 @@ struct DataPlaneHTTPSmugglingTests {
         if getenv("SMUGGLING_TRANSCRIPT") != nil { print(transcript) }
     }
 
+    @Test("a response body that stalls is cut off after responseBodyTimeout; the next client is not affected")
+    func stalledResponseBody() async throws {
+        var responses = Self.responses
+        responses["/stall"] = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345"
+        var http = HTTPConfiguration(addRequestID: false)
+        http.responseBodyTimeout = .milliseconds(300)
+        try await withSingleLoopProxy(responses, http: http) { address, _ in
+            let got = try await RawClient.send(
+                address,
+                Array("GET /stall HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
+                timeout: 20
+            )
+            #expect(got == "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nconnection: close\r\n\r\n12345")
+            #expect(try await RawClient.send(address, Array(Self.victimRequest.utf8)) == Self.victimReceived)
+        }
+    }
+
     @Test("a clean response keeps its upstream connection; a response with bytes behind it loses it")
     func poolingOnlyAtBoundary() async throws {
         try await withSingleLoopProxy(Self.responses) { address, backend in
