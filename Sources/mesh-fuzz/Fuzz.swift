@@ -4,6 +4,9 @@
 // - `stun`: the STUN codec, stream framer and Binding responder (Relay/STUN/Fuzzing.swift);
 // - `http`: the proxy's HTTP/1.1 parser, requests and responses, at once and byte by byte
 //   (MeshAgent/DataPlane/HTTP/Fuzzing.swift);
+// - `http-desync`: one pooled upstream connection fed a backend's bytes in reads, requests sent only when
+//   the connection would go back to its pool: no byte read before a request reaches its response
+//   (MeshAgent/DataPlane/HTTP/DesyncFuzzing.swift);
 // - `mux`: the yamux frame codec (whole and in pieces), the stream-open header and reply, datagram
 //   framing (MeshWire/Fuzzing.swift).
 //
@@ -33,6 +36,7 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
     case "stun": STUNFuzzing.fuzzOne(bytes)
     case "http": HTTPFuzzing.fuzzOne(bytes)
     case "mux": MuxFuzzing.fuzzOne(bytes)
+    case "http-desync": HTTPDesyncFuzzing.fuzzOne(bytes)
     default: DNSFuzzing.fuzzOne(bytes)
     }
 }

@@ -120,6 +120,21 @@ public struct HTTPConfiguration: Sendable {
     public var addForwardedFor: Bool
     /// Add `X-Request-Id` when the request has none.
     public var addRequestID: Bool
+    /// How many proxies in front of the data plane are trusted to set `X-Forwarded-For` and `Forwarded`.
+    /// 0 (the default): a client's X-Forwarded-For, Forwarded and X-Real-IP are dropped and X-Forwarded-For is
+    /// the client's address alone. N > 0: the last N addresses of the client's X-Forwarded-For are kept (those
+    /// the trusted proxies added; anything before them could be forged) and the client's address appended;
+    /// Forwarded and X-Real-IP pass.
+    public var trustedForwardingHops: Int
+    /// Protocols a client may upgrade to (`Upgrade:` tokens, lowercase) on routes that do not set their own:
+    /// WebSocket by default; `h2c` only when asked for (it would carry requests past the proxy's parser).
+    public var upgradeProtocols: Set<String>
+    /// Request bodies up to this size (Content-Length, or chunked until they exceed it) are read whole before
+    /// a backend is picked and an upstream connection taken: a slow client then holds no upstream connection.
+    /// Larger bodies are streamed as they come.
+    public var requestBufferSize: Int
+    /// A response body with no bytes from the upstream for this long is cut off (both connections closed).
+    public var responseBodyTimeout: TimeAmount
 
     public init(
         maxHeaderListSize: Int = 64 * 1024,
@@ -134,7 +149,11 @@ public struct HTTPConfiguration: Sendable {
         retryBudgetPercent: Double = 20,
         minRetryConcurrency: Int = 3,
         addForwardedFor: Bool = true,
-        addRequestID: Bool = true
+        addRequestID: Bool = true,
+        trustedForwardingHops: Int = 0,
+        upgradeProtocols: Set<String> = ["websocket"],
+        requestBufferSize: Int = 64 * 1024,
+        responseBodyTimeout: TimeAmount = .seconds(60)
     ) {
         self.maxHeaderListSize = maxHeaderListSize
         self.maxHeaderFieldSize = maxHeaderFieldSize
@@ -149,6 +168,10 @@ public struct HTTPConfiguration: Sendable {
         self.minRetryConcurrency = minRetryConcurrency
         self.addForwardedFor = addForwardedFor
         self.addRequestID = addRequestID
+        self.trustedForwardingHops = max(0, trustedForwardingHops)
+        self.upgradeProtocols = Set(upgradeProtocols.map { $0.lowercased() })
+        self.requestBufferSize = max(0, requestBufferSize)
+        self.responseBodyTimeout = responseBodyTimeout
     }
 }
 

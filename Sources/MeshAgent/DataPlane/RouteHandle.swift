@@ -205,6 +205,9 @@ final class RouteHandle: Sendable {
 
     var policy: BalancerPolicy { self.state.withLock { $0.route.policy } }
 
+    /// The route's own upgrade protocols, if it has any (looked up per upgrade request only).
+    var upgradeProtocols: Set<String>? { self.state.withLock { $0.route.upgradeProtocols } }
+
     func pick(hash: UInt64 = 0, excluding: [BackendID] = []) -> Pick? {
         let now = NIODeadline.now()
         return self.state.withLock { state -> Pick? in

@@ -122,6 +122,10 @@ public struct Route: Sendable, Hashable {
     public var proto: RouteProtocol
     public var policy: BalancerPolicy
     public var backends: [Backend]
+    /// HTTP only: the protocols a client may upgrade to (`Upgrade:` tokens, case-insensitive, e.g.
+    /// `websocket`, `h2c`); nil: the data plane's `HTTPConfiguration.upgradeProtocols`. Other upgrade requests
+    /// go up as plain requests, without their Upgrade field.
+    public var upgradeProtocols: Set<String>?
 
     public init(
         service: ServiceKey,
@@ -129,7 +133,8 @@ public struct Route: Sendable, Hashable {
         port: Int,
         proto: RouteProtocol = .tcp,
         policy: BalancerPolicy = .roundRobin,
-        backends: [Backend]
+        backends: [Backend],
+        upgradeProtocols: Set<String>? = nil
     ) {
         self.service = service
         self.vip = vip
@@ -137,6 +142,7 @@ public struct Route: Sendable, Hashable {
         self.proto = proto
         self.policy = policy
         self.backends = backends
+        self.upgradeProtocols = upgradeProtocols.map { Set($0.map { $0.lowercased() }) }
     }
 
     /// The listener this route needs: TCP and HTTP share the stream socket kind, UDP has its own.

@@ -43,9 +43,28 @@ struct DataPlaneHTTPTests {
                 )
             )
             #expect(second.header("x-seen-request-id") == "abc-123")
-            #expect(second.header("x-seen-xff") == "198.18.0.9, 127.0.0.1")
+            // No trusted hops (the default): the client's X-Forwarded-For is replaced, not appended to.
+            #expect(second.header("x-seen-xff") == "127.0.0.1")
             let route = try #require(dp.snapshot().routes.first)
             #expect(route.proto == "http" && route.requests == 2)
+        }
+    }
+
+    @Test("trusted hops: the last N addresses of X-Forwarded-For are kept, the client's appended")
+    func trustedHops() async throws {
+        let backend = try await TestServers.http("web-1")
+        defer { Task { await backend.close() } }
+        try await withDataPlane(testConfiguration(http: HTTPConfiguration(trustedForwardingHops: 1))) { dp in
+            let vip = TestAddresses.vip()
+            try await dp.apply(httpRoute("web", vip, [backend.backend()]))
+            let response = try #require(
+                try await TestHTTPConnection.get(
+                    TestClient.vipAddress(vip, 8080),
+                    "/",
+                    headers: [("x-forwarded-for", "6.6.6.6, 198.18.0.9")]
+                )
+            )
+            #expect(response.header("x-seen-xff") == "198.18.0.9, 127.0.0.1")
         }
     }
 
@@ -437,6 +456,36 @@ struct DataPlaneHTTPTests {
                 try await TestHTTPConnection.get(try SocketAddress(ipAddress: "::1", port: port), "/")
             )
             #expect(response.body == "v6" && response.header("x-seen-xff") == "::1")
+        }
+    }
+
+    @Test("slow request bodies hold no upstream connection: small ones are read whole before a backend is picked")
+    func slowBodiesBuffered() async throws {
+        let stats = HTTPBackendStats()
+        let backend = try await TestServers.http("web-1", stats: stats)
+        defer { Task { await backend.close() } }
+        try await withDataPlane { dp in
+            let vip = TestAddresses.vip()
+            try await dp.apply(httpRoute("web", vip, [backend.backend()]))
+            let address = TestClient.vipAddress(vip, 8080)
+            // Ten clients send a head and half of a 10-byte body, then stall.
+            var slow: [any Channel] = []
+            for _ in 0..<10 {
+                let channel = try await ClientBootstrap(group: testGroup).connect(to: address).get()
+                try await channel.writeAndFlush(
+                    ByteBuffer(string: "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+                ).get()
+                slow.append(channel)
+            }
+            // A request sent after them is answered: the proxy has taken their bytes by now...
+            let fast = try #require(try await TestHTTPConnection.get(address, "/"))
+            #expect(fast.status == 200)
+            // ...and opened one upstream connection, for it alone.
+            #expect(stats.connections.load(ordering: .relaxed) == 1)
+            // A stalled body that completes goes up whole.
+            try await slow[0].writeAndFlush(ByteBuffer(string: "67890")).get()
+            #expect(await eventually { stats.requests.load(ordering: .relaxed) == 2 })
+            for channel in slow { try? await channel.close() }
         }
     }
 }

@@ -32,7 +32,8 @@ struct HTTPWireTests {
         var edits = HTTPWire.RequestEdits()
         edits.hopByHop = HTTPWire.HopByHop(head)
         edits.forwardedFor = "127.0.0.1"
-        edits.priorForwardedFor = head.forwardedForField
+        edits.dropForwardedFor = true
+        edits.priorForwardedFor = head.fields[head.forwardedForField!].value
         edits.requestID = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210)
         let bytes = HTTPWire.requestHead(head, edits: edits, allocator: self.allocator)
         #expect(
@@ -126,7 +127,8 @@ struct HTTPWireTests {
                 + "X-Forwarded-For: 198.18.0.9\r\nx-forwarded-for: ::1\r\n"
                 + "x-request-id: 00000000000000010000000000000002\r\n\r\n"
         )
-        edits.priorForwardedFor = request.forwardedForField  // replaced: counted field by field
+        edits.dropForwardedFor = true  // replaced: counted field by field
+        edits.priorForwardedFor = request.fields[request.forwardedForField!].value
         let replaced = String(buffer: HTTPWire.requestHead(request, edits: edits, allocator: self.allocator))
         #expect(replaced.contains("x-forwarded-for: 198.18.0.9, ::1\r\n") && !replaced.contains("X-Forwarded-For"))
 

@@ -13,6 +13,12 @@ protocol HTTPPartReceiver: AnyObject {
 /// to the receiver behind it. A response decoder must know the method of the request each response answers
 /// (HEAD responses have no body): the proxy tells it with `expectResponse(to:)` when it sends a request.
 ///
+/// A response decoder takes exactly one response per request: it parses nothing behind the end of a final
+/// response until the next `expectResponse(to:)`, and bytes that come when no response is expected are an
+/// error (`unexpectedData`: the connection is closed, never handed to another client). At the end of a
+/// response it notes whether the bytes read so far ended exactly there (`endedAtBoundary`): only then may the
+/// connection carry another request.
+///
 /// Bytes the parser has not consumed yet (a head split over reads) are kept for the next read; the end of
 /// input (half-close, close) is given to the parser, after the read in progress if it arrives during one; an
 /// error is passed on (`fireErrorCaught`) once and the bytes after it dropped; removal (after an upgrade)
@@ -36,15 +42,21 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
     private var decoding = false
     private var eofPending = false
     private var removing = false
+    /// A response decoder: the parser's kind, kept here (read per part).
+    private let decodesResponses: Bool
+    /// The last final response ended exactly at the end of the bytes read, with the parser not paused.
+    var endedAtBoundary: Bool { self.parser.endedAtBoundary }
 
     /// A request decoder (the client side).
     init(requestLimits: HTTPParser.Limits) {
         self.parser = HTTPParser(kind: .request, limits: requestLimits)
+        self.decodesResponses = false
     }
 
     /// A response decoder (the upstream side).
     init() {
         self.parser = HTTPParser(kind: .response)
+        self.decodesResponses = true
     }
 
     /// Parts come from a read of the connection (its `channelReadComplete` follows), not from its end.
@@ -136,7 +148,15 @@ final class HTTPDecodingHandler: ChannelInboundHandler, RemovableChannelHandler 
     /// receiver runs: it may tell it what response to expect next).
     @inline(__always)
     private func parse(_ buffer: inout ByteBuffer) throws {
-        while let receiver = self.receiver, let part = try self.parser.next(&buffer) {
+        guard self.decodesResponses else {
+            while let receiver = self.receiver, let part = try self.parser.next(&buffer) {
+                receiver.receive(part)
+            }
+            return
+        }
+        while let receiver = self.receiver,
+            let part = try self.parser.nextResponsePart(&buffer, held: self.held?.readableBytes ?? 0)
+        {
             receiver.receive(part)
         }
     }

@@ -7,286 +7,11 @@ import Glibc
 import Musl
 #endif
 
-/// Why bytes are not an HTTP/1.1 message (RFC 9112), or are one over the proxy's size limits.
-enum HTTPParseError: Error, Equatable, Sendable, CustomStringConvertible {
-    /// A CR not followed by LF, or an LF without its CR.
-    case invalidLineEnding
-    case invalidMethod
-    case invalidTarget
-    /// Not `HTTP/1.0` or `HTTP/1.1`.
-    case unsupportedVersion
-    case invalidStatus
-    case invalidFieldName
-    case invalidFieldValue
-    /// Whitespace between a field name and its colon (RFC 9112 5.1: rejected, it smuggles).
-    case spaceBeforeColon
-    /// A field line continued on the next line (obs-fold, RFC 9112 5.2).
-    case obsoleteLineFolding
-    case invalidContentLength
-    /// Several Content-Length values that differ.
-    case conflictingContentLength
-    /// Both Transfer-Encoding and Content-Length (RFC 9112 6.3: a smuggling attempt, rejected).
-    case contentLengthWithTransferEncoding
-    /// A request whose last transfer coding is not chunked (its length cannot be known).
-    case unsupportedTransferCoding
-    case invalidChunkSize
-    /// Chunk data not followed by CRLF, or a bad chunk extension.
-    case invalidChunk
-    /// The head (start line and fields) or the trailer section is over the limit.
-    case headTooLarge
-    /// One field line is over the limit.
-    case fieldTooLarge
-    /// The connection ended inside a message.
-    case incompleteMessage
-
-    /// 431 rather than 400.
-    var isTooLarge: Bool { self == .headTooLarge || self == .fieldTooLarge }
-
-    var description: String {
-        switch self {
-        case .invalidLineEnding: return "invalid line ending (CRLF expected)"
-        case .invalidMethod: return "invalid method"
-        case .invalidTarget: return "invalid request target"
-        case .unsupportedVersion: return "unsupported HTTP version"
-        case .invalidStatus: return "invalid status line"
-        case .invalidFieldName: return "invalid header name"
-        case .invalidFieldValue: return "invalid header value"
-        case .spaceBeforeColon: return "whitespace before a header's colon"
-        case .obsoleteLineFolding: return "obsolete header line folding"
-        case .invalidContentLength: return "invalid content-length"
-        case .conflictingContentLength: return "conflicting content-length values"
-        case .contentLengthWithTransferEncoding: return "both content-length and transfer-encoding"
-        case .unsupportedTransferCoding: return "request transfer-encoding does not end with chunked"
-        case .invalidChunkSize: return "invalid chunk size"
-        case .invalidChunk: return "invalid chunk"
-        case .headTooLarge: return "header section too large"
-        case .fieldTooLarge: return "header field too large"
-        case .incompleteMessage: return "connection ended inside a message"
-        }
-    }
-}
-
-/// A parsed HTTP/1.x head: its bytes as they came, and where the parts are in them. Nothing is copied into
-/// strings; names and values are byte ranges of `bytes`, compared and written out as bytes.
-final class HTTPHead {
-    /// A field line: the name, and the value without the whitespace around it (offsets in `bytes`).
-    struct Field {
-        let name: Range<Int>
-        let value: Range<Int>
-
-        /// The bytes of the line `name: value\r\n` as the proxy writes it.
-        var lineBytes: Int { self.name.count + self.value.count + 4 }
-    }
-
-    /// How the body of the message is delimited (RFC 9112 6.3).
-    enum Body: Equatable {
-        case none
-        case length(Int)
-        case chunked
-        /// Until the connection closes (responses only); `transferCoded`: by a Transfer-Encoding whose last
-        /// coding is not chunked.
-        case untilClose(transferCoded: Bool)
-    }
-
-    /// The head from its first byte to the end of the blank line.
-    let bytes: ByteBuffer
-    let isRequest: Bool
-    /// The request method (for a response: the method of the request it answers).
-    let method: HTTPMethod
-    /// The request target, or the status line's reason phrase.
-    let target: Range<Int>
-    let version: HTTPVersion
-    /// The status code (0 for a request).
-    let status: Int
-    let fields: [Field]
-    /// The bytes of all field lines as `Field.lineBytes` counts them.
-    let fieldBytes: Int
-    let body: Body
-    /// The message has a Transfer-Encoding field (and the bytes of its lines).
-    let transferEncodingBytes: Int
-    let hasTransferEncoding: Bool
-    /// Tokens of the Connection field(s).
-    let connectionClose: Bool
-    let connectionKeepAlive: Bool
-    let connectionUpgrade: Bool
-    /// Connection lists a token other than close, keep-alive and upgrade (a field name to drop).
-    let connectionNamesOthers: Bool
-    /// The index of the first Upgrade, X-Request-Id and X-Forwarded-For field.
-    let upgradeField: Int?
-    let requestIDField: Int?
-    let forwardedForField: Int?
-    /// A hop-by-hop field (RFC 9110 7.6.1) is present, Connection included.
-    let hasHopByHop: Bool
-
-    fileprivate init(
-        bytes: ByteBuffer,
-        isRequest: Bool,
-        method: HTTPMethod,
-        target: Range<Int>,
-        version: HTTPVersion,
-        status: Int,
-        scan: FieldScan,
-        body: Body
-    ) {
-        self.bytes = bytes
-        self.isRequest = isRequest
-        self.method = method
-        self.target = target
-        self.version = version
-        self.status = status
-        self.fields = scan.fields
-        self.fieldBytes = scan.fieldBytes
-        self.body = body
-        self.hasTransferEncoding = scan.transferEncoding != nil
-        self.transferEncodingBytes = scan.transferEncodingBytes
-        self.connectionClose = scan.connectionClose
-        self.connectionKeepAlive = scan.connectionKeepAlive
-        self.connectionUpgrade = scan.connectionUpgrade
-        self.connectionNamesOthers = scan.connectionNamesOthers
-        self.upgradeField = scan.upgradeField
-        self.requestIDField = scan.requestIDField
-        self.forwardedForField = scan.forwardedForField
-        self.hasHopByHop = scan.hasHopByHop
-    }
-
-    /// Whether the connection may carry another message after this one (RFC 9112 9.3).
-    var isKeepAlive: Bool {
-        if self.connectionClose { return false }
-        return self.version.minor >= 1 || self.connectionKeepAlive
-    }
-
-    /// An upgrade request (`Connection: upgrade` and an Upgrade field).
-    var isUpgradeRequest: Bool { self.isRequest && self.connectionUpgrade && self.upgradeField != nil }
-
-    /// The request target (or reason phrase) as a string.
-    var uri: String { self.string(self.target) }
-
-    func string(_ range: Range<Int>) -> String {
-        self.bytes.getString(at: self.bytes.readerIndex + range.lowerBound, length: range.count) ?? ""
-    }
-
-    func name(_ index: Int) -> String { self.string(self.fields[index].name) }
-    func value(_ index: Int) -> String { self.string(self.fields[index].value) }
-
-    /// Whether field `index` is called `lowercase` (ASCII case-insensitive).
-    func field(_ index: Int, is lowercase: StaticString) -> Bool {
-        let range = self.fields[index].name
-        guard range.count == lowercase.utf8CodeUnitCount else { return false }
-        return self.bytes.withUnsafeReadableBytes { raw in
-            HTTPBytes.equalsLowercased(raw, range, lowercase.utf8Start)
-        }
-    }
-
-    /// Whether field `index` is called `name` (ASCII case-insensitive).
-    func field(_ index: Int, isNamed name: String) -> Bool {
-        let range = self.fields[index].name
-        return self.bytes.withUnsafeReadableBytes { raw in HTTPBytes.equalsIgnoringCase(raw, range, name) }
-    }
-
-    /// The value of the first field called `name`.
-    func first(name: String) -> String? {
-        for index in self.fields.indices where self.field(index, isNamed: name) { return self.value(index) }
-        return nil
-    }
-
-    /// The values of the fields called `name`, in order.
-    func values(name: String) -> [String] {
-        self.fields.indices.filter { self.field($0, isNamed: name) }.map { self.value($0) }
-    }
-
-    /// Every field as strings (tests, logs).
-    var headers: [(name: String, value: String)] {
-        self.fields.indices.map { (self.name($0), self.value($0)) }
-    }
-}
-
-/// Byte helpers of the parser and the serialiser.
-enum HTTPBytes {
-    static let cr = UInt8(ascii: "\r")
-    static let lf = UInt8(ascii: "\n")
-    static let space = UInt8(ascii: " ")
-    static let tab = UInt8(ascii: "\t")
-    static let colon = UInt8(ascii: ":")
-
-    /// tchar (RFC 9110 5.6.2), the characters of a token (method, field name): `!#$%&'*+-.^_`|~`, digits and
-    /// letters, as a bitmap of the bytes 0-63 and 64-127.
-    @inline(__always)
-    static func isToken(_ byte: UInt8) -> Bool {
-        switch byte {
-        case 0..<64: return (0x03ff_6cfa_0000_0000 as UInt64) >> byte & 1 == 1
-        case 64..<128: return (0x57ff_ffff_c7ff_fffe as UInt64) >> (byte - 64) & 1 == 1
-        default: return false
-        }
-    }
-
-    /// A byte allowed in a field value or reason phrase: VCHAR, obs-text, SP, HTAB.
-    @inline(__always)
-    static func isFieldByte(_ byte: UInt8) -> Bool { byte >= 0x20 ? byte != 0x7f : byte == Self.tab }
-
-    @inline(__always)
-    static func isBlank(_ byte: UInt8) -> Bool { byte == Self.space || byte == Self.tab }
-
-    static func equalsLowercased(
-        _ raw: UnsafeRawBufferPointer,
-        _ range: Range<Int>,
-        _ lower: UnsafePointer<UInt8>
-    )
-        -> Bool
-    {
-        var i = 0
-        for offset in range {
-            if asciiLower(raw[offset]) != lower[i] { return false }
-            i += 1
-        }
-        return true
-    }
-
-    /// Whether `raw[range]` is `text`, ASCII case-insensitively.
-    static func equalsIgnoringCase(_ raw: UnsafeRawBufferPointer, _ range: Range<Int>, _ text: String) -> Bool {
-        range.count == text.utf8.count && zip(raw[range], text.utf8).allSatisfy { asciiLower($0) == asciiLower($1) }
-    }
-
-    /// The offset of the first `byte` in `raw[from..<raw.count]`.
-    @inline(__always)
-    static func find(_ byte: UInt8, in raw: UnsafeRawBufferPointer, from: Int) -> Int? {
-        guard from < raw.count, let base = raw.baseAddress else { return nil }
-        guard let hit = memchr(base + from, Int32(byte), raw.count - from) else { return nil }
-        return UnsafeRawPointer(hit) - base
-    }
-}
-
-/// What one pass over a head's field lines found.
-private struct FieldScan {
-    var fields: [HTTPHead.Field] = []
-    var fieldBytes = 0
-    var contentLength: Int?
-    var transferEncoding: Range<Int>?
-    var transferEncodingBytes = 0
-    var transferEncodingChunked = false
-    var chunkedCount = 0
-    var connectionClose = false
-    var connectionKeepAlive = false
-    var connectionUpgrade = false
-    var connectionNamesOthers = false
-    var upgradeField: Int?
-    var requestIDField: Int?
-    var forwardedForField: Int?
-    var hasHopByHop = false
-}
-
-/// One part of a message as the parser delivers it.
-enum HTTPPart {
-    case head(HTTPHead)
-    /// Body bytes (for a chunked body, the chunk data without its framing).
-    case body(ByteBuffer)
-    /// The end of the message, with the trailer section's field lines (each with its CRLF) if it had any.
-    case end(ByteBuffer?)
-}
-
 /// An incremental HTTP/1.1 parser (RFC 9112) for one direction of one connection: bytes in, message parts
 /// out. Strict where a proxy must be (a message it and the next hop could frame differently is rejected:
 /// bare CR or LF, whitespace before a colon, obs-fold, Content-Length with Transfer-Encoding, conflicting
-/// Content-Length values, a request whose last coding is not chunked), lenient where RFC 9112 says so
+/// Content-Length values; in a request, a Content-Length other than one plain number or a Transfer-Encoding
+/// other than one `chunked`), lenient where RFC 9112 says so
 /// (empty lines before a request line, a missing reason phrase).
 ///
 /// Heads are found line by line as bytes arrive (each byte is looked at once while the head is incomplete),
@@ -344,6 +69,42 @@ struct HTTPParser {
     /// A response parser: the next response answers a `method` request (HEAD responses have no body).
     mutating func expectResponse(to method: HTTPMethod) {
         self.expectedMethod = method
+        self.awaitingResponse = true
+        self.endedAtBoundary = false
+    }
+
+    // One response per request (`nextResponsePart`): a request was sent and its final response has not
+    // ended; the response in progress is a final one (not 1xx); the last final response ended exactly at the
+    // end of the bytes read, with the parser not paused.
+    private(set) var awaitingResponse = false
+    private var finalResponse = false
+    private(set) var endedAtBoundary = false
+
+    /// The response side's rule, one response per request (the proxy's upstream decoder; fuzzed by
+    /// `HTTPDesyncFuzzing`): the next part of the expected response in `buffer` (`held`: bytes read behind
+    /// it, not in `buffer` yet); nil when more bytes are needed or no response is expected. After the end of
+    /// a final response nothing is parsed until the next `expectResponse`, and bytes that arrive while none is
+    /// expected are `unexpectedData`. At that end it notes whether the bytes read so far ended exactly there
+    /// (`endedAtBoundary`).
+    @inline(__always)
+    mutating func nextResponsePart(_ buffer: inout ByteBuffer, held: Int) throws -> HTTPPart? {
+        guard self.awaitingResponse else {
+            // (After a 101 the bytes behind it are the new protocol's: left for the tunnel.)
+            if buffer.readableBytes > 0 && !self.isPaused { throw HTTPParseError.unexpectedData }
+            return nil
+        }
+        guard let part = try self.next(&buffer) else { return nil }
+        switch part {
+        case .head(let head):
+            self.finalResponse = head.status >= 200 || head.status == 101
+        case .end where self.finalResponse:
+            self.finalResponse = false
+            self.awaitingResponse = false
+            self.endedAtBoundary = buffer.readableBytes == 0 && held == 0 && !self.isPaused
+        case .body, .end:
+            break
+        }
+        return part
     }
 
     /// Between messages (nothing of one read yet, or a head begun).
@@ -760,6 +521,13 @@ struct HTTPParser {
         switch field.name.count {
         case 2:
             if named("te") { scan.hasHopByHop = true }
+        case 4:
+            if named("host") {
+                if scan.hostField == nil { scan.hostField = index }
+                scan.hostCount += 1
+            }
+        case 9:
+            if named("forwarded") || named("x-real-ip") { scan.hasForwardedClaims = true }
         case 7:
             if named("upgrade") {
                 scan.hasHopByHop = true
@@ -777,7 +545,11 @@ struct HTTPParser {
         case 12:
             if scan.requestIDField == nil, named("x-request-id") { scan.requestIDField = index }
         case 14:
-            if named("content-length") { try Self.contentLength(raw, field.value, into: &scan) }
+            if named("content-length") {
+                scan.contentLengthLines += 1
+                scan.contentLengthBytes += field.lineBytes
+                try Self.contentLength(raw, field.value, into: &scan)
+            }
         case 15:
             if scan.forwardedForField == nil, named("x-forwarded-for") { scan.forwardedForField = index }
         case 16:
@@ -785,6 +557,7 @@ struct HTTPParser {
         case 17:
             if named("transfer-encoding") {
                 scan.transferEncoding = field.value
+                scan.transferEncodingLines += 1
                 scan.transferEncodingBytes += field.lineBytes
                 Self.transferCodings(raw, field.value, into: &scan)
             }
@@ -837,7 +610,12 @@ struct HTTPParser {
         _ value: Range<Int>,
         into scan: inout FieldScan
     ) throws {
-        // A list of identical values is one value (RFC 9112 6.3, 5.).
+        // A list of identical values is one value (RFC 9112 6.3, 5.); only a plain number is canonical.
+        if value.isEmpty || value.count > 18 || (value.count > 1 && raw[value.lowerBound] == UInt8(ascii: "0")) {
+            scan.contentLengthPlain = false
+        } else {
+            for i in value where raw[i] &- UInt8(ascii: "0") >= 10 { scan.contentLengthPlain = false }
+        }
         var any = false
         try Self.forEachListElement(raw, value) { (element: Range<Int>) throws in
             any = true
@@ -871,6 +649,11 @@ struct HTTPParser {
         }
     }
 
+    /// Whether the Transfer-Encoding value `value` is the one coding `chunked` (spaces around it allowed).
+    private static func isOnlyChunked(_ raw: UnsafeRawBufferPointer, _ value: Range<Int>) -> Bool {
+        value.count == 7 && HTTPBytes.equalsLowercased(raw, value, ("chunked" as StaticString).utf8Start)
+    }
+
     /// How the body is delimited (RFC 9112 6.3).
     private static func body(
         scan: FieldScan,
@@ -881,6 +664,14 @@ struct HTTPParser {
     ) throws -> HTTPHead.Body {
         if scan.transferEncoding != nil {
             if scan.contentLength != nil { throw HTTPParseError.contentLengthWithTransferEncoding }
+            if isRequest {
+                // One line, one coding: chunked (nginx answers anything else 501).
+                guard scan.transferEncodingLines == 1, scan.chunkedCount == 1, scan.transferEncodingChunked,
+                    Self.isOnlyChunked(raw, scan.transferEncoding!)
+                else { throw HTTPParseError.unsupportedTransferCoding }
+            }
+        } else if isRequest, scan.contentLength != nil, scan.contentLengthLines > 1 || !scan.contentLengthPlain {
+            throw HTTPParseError.ambiguousContentLength
         }
         if !isRequest {
             switch method {

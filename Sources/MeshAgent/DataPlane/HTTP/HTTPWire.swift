@@ -22,8 +22,10 @@ enum HTTPWire {
     }
 
     /// The hop-by-hop fields of a message (RFC 9110 7.6.1) and those its Connection field names: never
-    /// forwarded. Framing fields (Content-Length, Transfer-Encoding) are never dropped for being named in
-    /// Connection: the body is framed by them.
+    /// forwarded. A Connection token can name only a field that may be hop-by-hop: never one that frames the
+    /// body (Content-Length, Transfer-Encoding), says who is asked and who asks (Host, Authorization, Cookie),
+    /// nor one the proxy sets itself (X-Forwarded-For, Forwarded, X-Real-IP, X-Request-Id); those tokens are
+    /// ignored.
     struct HopByHop {
         /// The message has any hop-by-hop field (usually not: then nothing is compared per field).
         var present = false
@@ -42,15 +44,18 @@ enum HTTPWire {
             head.bytes.withUnsafeReadableBytes { raw in
                 for index in head.fields.indices where head.field(index, is: "connection") {
                     HTTPParser.forEachListElement(raw, head.fields[index].value) { token in
-                        for skip in ["close", "keep-alive", "upgrade", "content-length", "transfer-encoding"]
-                        where HTTPBytes.equalsIgnoringCase(raw, token, skip) {
-                            return
-                        }
+                        for skip in Self.neverNamed where HTTPBytes.equalsIgnoringCase(raw, token, skip) { return }
                         self.named.append(token)
                     }
                 }
             }
         }
+
+        /// Connection tokens that name no field to drop (options, and fields that are never hop-by-hop).
+        static let neverNamed = [
+            "close", "keep-alive", "upgrade", "content-length", "transfer-encoding", "host", "authorization",
+            "cookie", "x-forwarded-for", "forwarded", "x-real-ip", "x-request-id",
+        ]
 
         /// Whether the field called `name` (a range of `raw`, the head's bytes) is left out.
         func drops(_ raw: UnsafeRawBufferPointer, _ name: Range<Int>) -> Bool {
@@ -87,21 +92,35 @@ enum HTTPWire {
         var hopByHop = HopByHop.none
         /// An upgrade request: `connection: upgrade` and `upgrade: <value of this field>` go up again.
         var upgrade: Int?
-        /// The client's address, appended to X-Forwarded-For (nil: the field is left alone).
+        /// The client's address, as the value of X-Forwarded-For (nil: the field is left alone).
         var forwardedFor: String?
-        /// The first X-Forwarded-For field the client sent (the field is then replaced by one with the
-        /// client's address appended).
-        var priorForwardedFor: Int?
+        /// The client's X-Forwarded-For fields are left out (`forwardedFor` replaces them)...
+        var dropForwardedFor = false
+        /// ...and this part of the first one (the trusted hops' addresses) goes before the client's address.
+        var priorForwardedFor: Range<Int>?
+        /// Leave out Forwarded and X-Real-IP (claims of a client that is not a trusted proxy).
+        var dropForwardingClaims = false
+        /// The target in origin form (a range of the head: the path and query of an absolute-form target;
+        /// empty: `/`), replacing the target as sent.
+        var target: Range<Int>?
+        /// The Host: a range of the head (the authority of an absolute-form target), replacing every Host
+        /// field; or text added to a request without one (HTTP/1.0).
+        var host: Range<Int>?
+        var hostText: String?
         /// A new request id (128 bits), when the client sent no X-Request-Id.
         var requestID: (UInt64, UInt64)?
+
+        /// Some field the client sent is left out (every field must then be looked at).
+        var dropsFields: Bool {
+            self.hopByHop.present || self.dropForwardedFor || self.dropForwardingClaims || self.host != nil
+        }
     }
 
     /// `head` as an HTTP/1.1 request with `edits` applied.
     static func requestHead(_ head: HTTPHead, edits: RequestEdits, allocator: ByteBufferAllocator) -> ByteBuffer {
         head.bytes.withUnsafeReadableBytes { raw in
             var counter = CountingSink()
-            let replaces = edits.forwardedFor != nil && edits.priorForwardedFor != nil
-            if !edits.hopByHop.present && !replaces {
+            if !edits.dropsFields {
                 // Every field goes up as it came: only the lines around them need counting.
                 Self.emitRequestHead(head, raw, edits: edits, fields: false, into: &counter)
                 counter.count += head.fieldBytes
@@ -123,18 +142,27 @@ enum HTTPWire {
         fields: Bool,
         into sink: inout Sink
     ) {
-        // The method and target as they came (the start line up to the version).
-        sink.put(raw, 0..<head.target.upperBound)
+        // The method and target as they came (the start line up to the version), or the target in origin form.
+        if let target = edits.target {
+            sink.put(raw, 0..<head.target.lowerBound)
+            if target.isEmpty { sink.put(UInt8(ascii: "/")) } else { sink.put(raw, target) }
+        } else {
+            sink.put(raw, 0..<head.target.upperBound)
+        }
         sink.put(" HTTP/1.1\r\n" as StaticString)
+        if let host = edits.host {
+            sink.put("host: " as StaticString)
+            sink.put(raw, host)
+            sink.put("\r\n" as StaticString)
+        } else if let host = edits.hostText {
+            sink.put("host: " as StaticString)
+            sink.put(host)
+            sink.put("\r\n" as StaticString)
+        }
         if fields {
-            let replaces = edits.forwardedFor != nil && edits.priorForwardedFor != nil
             for field in head.fields {
                 if edits.hopByHop.drops(raw, field.name) { continue }
-                if replaces && field.name.count == 15
-                    && HTTPBytes.equalsLowercased(raw, field.name, ("x-forwarded-for" as StaticString).utf8Start)
-                {
-                    continue
-                }
+                if edits.dropsFields && Self.dropsForwarding(raw, field.name, edits) { continue }
                 sink.putField(raw, field)
             }
         }
@@ -145,8 +173,8 @@ enum HTTPWire {
         }
         if let address = edits.forwardedFor {
             sink.put("x-forwarded-for: " as StaticString)
-            if let prior = edits.priorForwardedFor {
-                sink.put(raw, head.fields[prior].value)
+            if let prior = edits.priorForwardedFor, !prior.isEmpty {
+                sink.put(raw, prior)
                 sink.put(", " as StaticString)
             }
             sink.put(address)
@@ -161,6 +189,25 @@ enum HTTPWire {
         sink.put("\r\n" as StaticString)
     }
 
+    /// Whether a request field the proxy replaces is left out: X-Forwarded-For, Forwarded, X-Real-IP, Host.
+    private static func dropsForwarding(
+        _ raw: UnsafeRawBufferPointer,
+        _ name: Range<Int>,
+        _ edits: RequestEdits
+    )
+        -> Bool
+    {
+        @inline(__always) func named(_ lower: StaticString) -> Bool {
+            HTTPBytes.equalsLowercased(raw, name, lower.utf8Start)
+        }
+        switch name.count {
+        case 4: return edits.host != nil && named("host")
+        case 9: return edits.dropForwardingClaims && (named("forwarded") || named("x-real-ip"))
+        case 15: return edits.dropForwardedFor && named("x-forwarded-for")
+        default: return false
+        }
+    }
+
     // MARK: response heads
 
     /// What the proxy changes in a response head on its way to the client.
@@ -172,6 +219,9 @@ enum HTTPWire {
         var connectionClose: Bool?
         /// Add `transfer-encoding: chunked` (the body was delimited by the end of the upstream connection).
         var addChunked = false
+        /// Replace the Content-Length lines (a list of equal values, leading zeros, several lines) by one
+        /// `content-length` line with this value.
+        var contentLength: Int?
     }
 
     /// The response `head` with `version`'s status line (the status and reason phrase as they came) and its
@@ -188,6 +238,7 @@ enum HTTPWire {
             if !edits.hopByHop.present {
                 Self.emitResponseHead(version: version, head, raw, edits: edits, fields: false, into: &counter)
                 counter.count += head.fieldBytes - (edits.dropTransferEncoding ? head.transferEncodingBytes : 0)
+                counter.count -= edits.contentLength != nil ? head.contentLengthBytes : 0
             } else {
                 Self.emitResponseHead(version: version, head, raw, edits: edits, fields: true, into: &counter)
             }
@@ -221,8 +272,18 @@ enum HTTPWire {
                 {
                     continue
                 }
+                if edits.contentLength != nil && field.name.count == 14
+                    && HTTPBytes.equalsLowercased(raw, field.name, ("content-length" as StaticString).utf8Start)
+                {
+                    continue
+                }
                 sink.putField(raw, field)
             }
+        }
+        if let length = edits.contentLength {
+            sink.put("content-length: " as StaticString)
+            sink.put(String(length))
+            sink.put("\r\n" as StaticString)
         }
         switch edits.connectionClose {
         case true?: sink.put("connection: close\r\n" as StaticString)
