@@ -160,3 +160,23 @@ final class RunningSync: Sendable {
         try await cp.stop()
     }
 }
+
+/// How Services and Endpoints become proxy routes.
+@Suite struct MappingTests {
+    @Test func aServiceUpgradePolicyReachesItsRoutes() throws {
+        var snapshot = ServiceSnapshot()
+        let key = ServiceKey(namespace: "shop", name: "web")
+        var spec = ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "127.77.0.9")
+        spec.upgradeProtocols = ["WebSocket", "h2c"]
+        snapshot.services[key] = Service(metadata: ObjectMeta(name: "web", namespace: "shop"), spec: spec)
+        let other = ServiceKey(namespace: "shop", name: "api")
+        snapshot.services[other] = Service(
+            metadata: ObjectMeta(name: "api", namespace: "shop"),
+            spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "127.77.0.10")
+        )
+        let routes = AgentMapping.routeTable(snapshot, localSite: nil).routes
+        #expect(routes.first { $0.service == key }?.upgradeProtocols == ["websocket", "h2c"])
+        // No policy of its own: the data plane's default applies.
+        #expect(routes.first { $0.service == other }?.upgradeProtocols == nil)
+    }
+}

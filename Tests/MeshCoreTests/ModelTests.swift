@@ -54,6 +54,27 @@ import Testing
         #expect(errs.contains("spec.loadBalancer.hashOn: applies only to policy consistentHash"))
     }
 
+    @Test func upgradeProtocolsAreShortTokens() throws {
+        let base = """
+            apiVersion: mesh.edge/v1
+            kind: Service
+            metadata: {name: web}
+            spec:
+              ports: [{port: 80, protocol: HTTP}]
+            """
+        #expect(self.fields(base + "\n  upgradeProtocols: [websocket, h2c]").isEmpty)
+        #expect(self.fields(base + "\n  upgradeProtocols: []").isEmpty)
+        #expect(
+            self.fields(base + "\n  upgradeProtocols: [websocket, \"h2c, x\"]").first?.hasPrefix(
+                "spec.upgradeProtocols[1]: must be a protocol name"
+            ) == true
+        )
+        #expect(
+            self.fields(base + "\n  upgradeProtocols: [a, b, c, d, e, f, g, h, i]")
+                .contains("spec.upgradeProtocols: must list at most 8 protocols")
+        )
+    }
+
     @Test func consistentHashNeedsExactlyOneKey() {
         let base = """
             apiVersion: mesh.edge/v1

@@ -61,7 +61,8 @@ public enum AgentMapping {
                         port: port.port,
                         proto: Self.proto(port.protocol),
                         policy: Self.policy(service.spec.loadBalancer, port: port),
-                        backends: backends
+                        backends: backends,
+                        upgradeProtocols: service.spec.upgradeProtocols.map(Set.init)
                     )
                 )
             }

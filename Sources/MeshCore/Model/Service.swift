@@ -31,19 +31,24 @@ public struct ServiceSpec: Codable, Sendable, Equatable, Hashable {
     public var loadBalancer: LoadBalancerSpec?
     /// Also answered under `clusterset.local` (Kubernetes Multi-Cluster Services).
     public var exported: Bool?
+    /// The `Upgrade` protocols the L7 proxy lets through on this service's HTTP ports (`websocket`, `h2c`,
+    /// ...); absent: the agent's default (`websocket` only). An empty list allows none.
+    public var upgradeProtocols: [String]?
 
     public init(
         ports: [ServicePort],
         clusterIP: String? = nil,
         ipFamily: IPFamily? = nil,
         loadBalancer: LoadBalancerSpec? = nil,
-        exported: Bool? = nil
+        exported: Bool? = nil,
+        upgradeProtocols: [String]? = nil
     ) {
         self.ports = ports
         self.clusterIP = clusterIP
         self.ipFamily = ipFamily
         self.loadBalancer = loadBalancer
         self.exported = exported
+        self.upgradeProtocols = upgradeProtocols
     }
 
     public static let headless = "None"
@@ -87,7 +92,27 @@ public struct ServiceSpec: Codable, Sendable, Equatable, Hashable {
             }
         }
         if let lb = self.loadBalancer { errs += lb.errors(ports: self.ports) }
+        if let upgrades = self.upgradeProtocols {
+            if upgrades.count > 8 { errs.append(FieldError("spec.upgradeProtocols", "must list at most 8 protocols")) }
+            for (i, name) in upgrades.enumerated() where !Self.isUpgradeToken(name) {
+                errs.append(
+                    FieldError(
+                        "spec.upgradeProtocols[\(i)]",
+                        "must be a protocol name of 1-32 letters, digits, '-', '.' or '_' (like websocket or h2c)"
+                    )
+                )
+            }
+        }
         return errs
+    }
+
+    /// An `Upgrade` protocol name without its version: an RFC 9110 token, kept short and simple.
+    static func isUpgradeToken(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.count <= 32
+            && name.utf8.allSatisfy { b in
+                (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2D
+                    || b == 0x2E || b == 0x5F
+            }
     }
 }
 
