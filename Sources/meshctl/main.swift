@@ -330,10 +330,22 @@ struct TokenCreate: AsyncParsableCommand {
     )
     var node: String?
 
+    @Option(
+        name: .long,
+        help: "Make it a relay token: it enrols only the relay of this name (mesh-relay --name NAME), and no node."
+    )
+    var relay: String?
+
     @Option(name: .shortAndLong, help: "text or json.")
     var output: String = "text"
 
     func run() async throws {
+        if self.node != nil && self.relay != nil {
+            throw ValidationError("--node and --relay: a token enrols either a node or a relay")
+        }
+        if let r = self.relay, let e = Names.dns1123SubdomainError(r) {
+            throw ValidationError("--relay \"\(r)\": \(e)")
+        }
         guard let seconds = Durations.seconds(self.ttl), seconds > 0 else {
             throw ValidationError("--ttl \"\(self.ttl)\" is not a duration such as 30m, 24h or 7d")
         }
@@ -347,7 +359,8 @@ struct TokenCreate: AsyncParsableCommand {
                 ttlSeconds: seconds,
                 usages: self.usages,
                 description: self.description,
-                nodeName: self.node
+                nodeName: self.node,
+                relayName: self.relay
             )
         else { throw ExitCode.failure }
         ops.printToken(token, json: self.output == "json")
