@@ -180,7 +180,7 @@ let package = Package(
         .target(
             name: "Relay",
             dependencies: nio + [
-                "MeshCore", "MeshHTTP", "MeshNIO",
+                "MeshCore", "MeshHTTP", "MeshNIO", "MeshClient", "MeshIdentity",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -332,7 +332,8 @@ let package = Package(
         .testTarget(
             name: "RelayTests",
             dependencies: nio + [
-                "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport",
+                "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport", "MeshClient", "MeshIdentity",
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),

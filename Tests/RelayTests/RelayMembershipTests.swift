@@ -1,0 +1,125 @@
+import Foundation
+import Logging
+import MeshClient
+import MeshCore
+import MeshHTTP
+import MeshIdentity
+import MeshTestSupport
+import Relay
+import ServiceLifecycle
+import Testing
+
+/// A relay enrols with a relay token and publishes its Relay (issue 13, item 1): an in-process
+/// control plane and relay over TLS on loopback, real files.
+@Suite("relay membership", .timeLimit(.minutes(2)))
+struct RelayMembershipTests {
+    static let quiet: Logger = {
+        var l = Logger(label: "relay-test")
+        l.logLevel = .critical
+        return l
+    }()
+
+    func config(_ cp: RunningControl, dir: TempDir, token: BootstrapTokenSecret?) -> RelayConfig {
+        var c = RelayConfig()
+        c.stunListen = ["127.0.0.1:0"]
+        c.adminListen = "127.0.0.1:0"
+        c.controlServer = cp.url
+        c.joinToken = token?.token
+        c.caCertHash = token?.caCertHash
+        c.name = "r1"
+        c.site = "cloud"
+        c.listen = "127.0.0.1:7800"
+        c.dataDir = dir.path
+        c.statusIntervalSeconds = 1
+        return c
+    }
+
+    /// Runs a relay until `body` returns, then stops it gracefully.
+    func withRelay(_ config: RelayConfig, _ body: (RelayServer) async throws -> Void) async throws {
+        let relay = RelayServer(config: config, logger: Self.quiet)
+        let group = ServiceGroup(configuration: .init(services: [.init(service: relay)], logger: Self.quiet))
+        let task = Task { try await group.run() }
+        do {
+            try await body(relay)
+        } catch {
+            await group.triggerGracefulShutdown()
+            _ = try? await task.value
+            throw error
+        }
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
+    @Test func aRelayEnrolsPublishesItselfDrainsOnStopAndRestartsWithoutAToken() async throws {
+        let cp = try await RunningControl()
+        let dir = TempDir()
+        let token = try await cp.token(usages: 1, relay: "r1")
+        try await self.withRelay(self.config(cp, dir: dir, token: token)) { relay in
+            let published = await eventually(timeout: .seconds(20)) {
+                (try? await cp.client.get(Relay.self, name: "r1"))?.status?.phase == .ready
+            }
+            #expect(published)
+            let r1 = try await cp.client.get(Relay.self, name: "r1")
+            #expect(r1.spec == RelaySpec(site: "cloud", addresses: ["127.0.0.1:7800"], stunAddresses: []))
+            let credentials = try await relay.membership()!.credentials()
+            #expect(credentials.identity == .relay("r1"))
+            // It keeps its status fresh.
+            let first = r1.metadata.resourceVersion
+            #expect(
+                await eventually(timeout: .seconds(20)) {
+                    (try? await cp.client.get(Relay.self, name: "r1"))?.metadata.resourceVersion != first
+                }
+            )
+            let admin = try await relay.adminAddress()
+            let ready = try await HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: admin.port!))
+                .send(.GET, "/readyz")
+            #expect(ready.status == .ok)
+        }
+        #expect(try await cp.client.get(Relay.self, name: "r1").status?.phase == .draining)
+        #expect(FileManager.default.fileExists(atPath: dir.path + "/pki/relay.crt"))
+        // The token had one usage: the restart reuses the certificate in the data directory.
+        try await self.withRelay(self.config(cp, dir: dir, token: nil)) { _ in
+            let again = await eventually(timeout: .seconds(20)) {
+                (try? await cp.client.get(Relay.self, name: "r1"))?.status?.phase == .ready
+            }
+            #expect(again)
+        }
+        try await cp.stop()
+    }
+
+    @Test func aNodeTokenDoesNotEnrolARelayAndTheRelayStopsSayingWhy() async throws {
+        let cp = try await RunningControl()
+        let dir = TempDir()
+        let token = try await cp.token(usages: 1)
+        let relay = RelayServer(config: self.config(cp, dir: dir, token: token), logger: Self.quiet)
+        let error = await #expect(throws: IdentityError.self) { try await relay.run() }
+        #expect(error?.message.contains("enrols nodes, not relays") == true, "\(error!)")
+        #expect(error?.message.contains("meshctl token create --relay r1") == true)
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/pki/relay.key"))
+        try await cp.stop()
+    }
+
+    @Test func membershipSettingsAreChecked() throws {
+        var c = RelayConfig()
+        #expect(try c.membership() == nil)
+        c.controlServer = "https://127.0.0.1:7700"
+        c.listen = "0.0.0.0:7800"
+        #expect(throws: ManifestError.self) { try c.validate() }
+        c.advertise = ["198.18.0.10:7800"]
+        c.name = "r1"
+        try c.validate()
+        #expect(try c.membership()?.spec.addresses == ["198.18.0.10:7800"])
+        c.advertise = ["relay.example:7800"]
+        let bad = #expect(throws: ManifestError.self) { try c.validate() }
+        #expect(bad?.message.hasPrefix("advertise[0]") == true, "\(bad!)")
+        c.advertise = nil
+        c.listen = "127.0.0.1:7800"
+        c.joinToken = "abcdef.0123456789abcdef"
+        let alone = #expect(throws: ManifestError.self) { try c.validate() }
+        #expect(alone?.message.contains("go together") == true)
+        c.controlServer = "http://127.0.0.1:7700"
+        c.joinToken = nil
+        let plain = #expect(throws: ManifestError.self) { try c.validate() }
+        #expect(plain?.message.contains("HTTPS only") == true)
+    }
+}
