@@ -181,6 +181,9 @@ let package = Package(
             name: "Relay",
             dependencies: nio + [
                 "MeshCore", "MeshHTTP", "MeshNIO", "MeshClient", "MeshIdentity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -333,6 +336,8 @@ let package = Package(
             name: "RelayTests",
             dependencies: nio + [
                 "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport", "MeshClient", "MeshIdentity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
