@@ -13,6 +13,7 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
     private let admin = AsyncOnce<HTTPServer>()
     private let stun = AsyncOnce<STUNServer>()
     private let member = AsyncOnce<RelayMembership?>()
+    private let sessionServer = AsyncOnce<RelaySessionServer?>()
 
     public init(config: RelayConfig, logger: Logger) {
         self.config = config
@@ -25,6 +26,9 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
     /// The admin endpoint's address once it listens.
     public func adminAddress() async throws -> SocketAddress { try await self.admin.value().localAddress() }
 
+    /// The session listener (nil: a relay without a control plane serves no sessions).
+    public func sessions() async throws -> RelaySessionServer? { try await self.sessionServer.value() }
+
     /// The membership (nil: a relay without a control plane).
     public func membership() async throws -> RelayMembership? { try await self.member.value() }
 
@@ -35,6 +39,7 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
             self.admin.fail(error)
             self.stun.fail(error)
             self.member.fail(error)
+            self.sessionServer.fail(error)
             throw error
         }
     }
@@ -50,7 +55,22 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
         self.member.set(membership)
         // A relay with a control plane serves nothing until it holds its certificate: a refused
         // join stops it here, with the control plane's reason.
-        if let membership { _ = try await membership.enrol() }
+        var sessions: RelaySessionServer?
+        if let membership {
+            let credentials = try await membership.enrol()
+            let server = try RelaySessionServer(
+                configuration: RelaySessionConfiguration(
+                    listen: try ListenAddress(config.listen, field: "listen"),
+                    relayName: config.name
+                ),
+                credentials: credentials,
+                revoked: membership.revoked,
+                logger: self.logger
+            )
+            membership.reportSessions { server.sessions }
+            sessions = server
+        }
+        self.sessionServer.set(sessions)
         var adminConfig = HTTPServerConfiguration()
         adminConfig.host = adminListen.host
         adminConfig.port = adminListen.port
@@ -76,6 +96,7 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
             group.addTask { try await stun.run() }
             group.addTask { try await admin.run() }
             if let membership { group.addTask { try await membership.run() } }
+            if let sessions { group.addTask { try await sessions.run() } }
             do {
                 try await group.waitForAll()
             } catch {

@@ -19,7 +19,12 @@ struct RelayMembershipTests {
         return l
     }()
 
-    func config(_ cp: RunningControl, dir: TempDir, token: BootstrapTokenSecret?) -> RelayConfig {
+    func config(
+        _ cp: RunningControl,
+        dir: TempDir,
+        token: BootstrapTokenSecret?,
+        port: Int = freePort()
+    ) -> RelayConfig {
         var c = RelayConfig()
         c.stunListen = ["127.0.0.1:0"]
         c.adminListen = "127.0.0.1:0"
@@ -28,7 +33,7 @@ struct RelayMembershipTests {
         c.caCertHash = token?.caCertHash
         c.name = "r1"
         c.site = "cloud"
-        c.listen = "127.0.0.1:7800"
+        c.listen = "127.0.0.1:\(port)"
         c.dataDir = dir.path
         c.statusIntervalSeconds = 1
         return c
@@ -54,13 +59,14 @@ struct RelayMembershipTests {
         let cp = try await RunningControl()
         let dir = TempDir()
         let token = try await cp.token(usages: 1, relay: "r1")
-        try await self.withRelay(self.config(cp, dir: dir, token: token)) { relay in
+        let port = freePort()
+        try await self.withRelay(self.config(cp, dir: dir, token: token, port: port)) { relay in
             let published = await eventually(timeout: .seconds(20)) {
                 (try? await cp.client.get(Relay.self, name: "r1"))?.status?.phase == .ready
             }
             #expect(published)
             let r1 = try await cp.client.get(Relay.self, name: "r1")
-            #expect(r1.spec == RelaySpec(site: "cloud", addresses: ["127.0.0.1:7800"], stunAddresses: []))
+            #expect(r1.spec == RelaySpec(site: "cloud", addresses: ["127.0.0.1:\(port)"], stunAddresses: []))
             let credentials = try await relay.membership()!.credentials()
             #expect(credentials.identity == .relay("r1"))
             // It keeps its status fresh.
@@ -70,6 +76,20 @@ struct RelayMembershipTests {
                     (try? await cp.client.get(Relay.self, name: "r1"))?.metadata.resourceVersion != first
                 }
             )
+            // A node of the same mesh opens a session on the advertised address; the status counts it.
+            let node = try cp.pki.ca.issueCredential(identity: .node("a"), serverAuth: true, clientAuth: true)
+            let files = CredentialFiles(directory: dir.path + "/node-a", name: "node")
+            try FileManager.default.createDirectory(atPath: dir.path + "/node-a", withIntermediateDirectories: true)
+            try files.write(keyPEM: node.keyPEM, certificatePEM: node.certificatePEM, caPEM: cp.pki.caPEM)
+            let session = try await RelaySessionServerTests().connect(port, as: try files.load())
+            try await session.send(.hello(version: 1, node: "a"))
+            #expect(await session.next() == .welcome(relay: "r1", keepaliveSeconds: 15))
+            #expect(
+                await eventually(timeout: .seconds(20)) {
+                    (try? await cp.client.get(Relay.self, name: "r1"))?.status?.sessions == 1
+                }
+            )
+            try await session.channel.close()
             let admin = try await relay.adminAddress()
             let ready = try await HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: admin.port!))
                 .send(.GET, "/readyz")

@@ -6,6 +6,12 @@ import MeshIdentity
 import ServiceLifecycle
 import Synchronization
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
 /// What a relay needs to be a member of the mesh: where the control plane is, how to join it the
 /// first time, and what to publish in its Relay.
 public struct RelayMembershipConfiguration: Sendable {
@@ -50,8 +56,10 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
     let logger: Logger
     private let loaded = AsyncOnce<LoadedCredentials>()
     private let published = Atomic<Int>(0)
-    /// Sessions open now, reported in the status (set by the session listener).
-    public let sessions = Atomic<Int>(0)
+    private let sessionCount = Mutex<(@Sendable () -> Int)?>(nil)
+    /// The revocation list, fetched from the control plane with every status write; the session
+    /// listener refuses these serials.
+    public let revoked = RevokedSerials()
 
     public init(configuration: RelayMembershipConfiguration, logger: Logger) {
         self.configuration = configuration
@@ -60,6 +68,11 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
 
     /// The relay's key, certificate and CA once enrolled (for its session listener).
     public func credentials() async throws -> LoadedCredentials { try await self.loaded.value() }
+
+    /// Where the status's `sessions` comes from (the session listener).
+    public func reportSessions(_ count: @escaping @Sendable () -> Int) {
+        self.sessionCount.withLock { $0 = count }
+    }
 
     /// How many times the Relay was written (for tests and /metrics).
     public var publications: Int { self.published.load(ordering: .relaxed) }
@@ -119,7 +132,7 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
             status: RelayStatus(
                 phase: phase,
                 lastUpdateTime: Timestamp.now(),
-                sessions: self.sessions.load(ordering: .relaxed)
+                sessions: self.sessionCount.withLock { $0 }?() ?? 0
             )
         )
     }
@@ -131,6 +144,9 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
         while !Task.isCancelled {
             do {
                 try await client.apply(self.relay(phase: .ready))
+                let listed = try await client.raw(.GET, "/apis/\(meshAPIVersion)/revokedcertificates").body
+                let list = try JSONDecoder().decode(RevokedCertificateList.self, from: Data(listed.readableBytesView))
+                self.revoked.replace(with: Set(list.items.map(\.serial)))
                 if self.published.add(1, ordering: .relaxed).newValue == 1 || failing {
                     self.logger.notice(
                         "relay \(c.name): published at \(c.spec.addresses.joined(separator: ", "))\(c.spec.site.map { " (site \($0))" } ?? "")"

@@ -6,6 +6,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import NIOTLS
+import ServiceLifecycle
 import Synchronization
 import X509
 
@@ -187,12 +188,22 @@ public final class RelaySessionServer: Sendable {
         return channel.localAddress!
     }
 
+    /// Stops listening and closes the control sessions (agents re-home); spliced circuits end
+    /// with the process.
     public func stop() async {
         let channel = self.channel.withLock { c in
             defer { c = nil }
             return c
         }
         try? await channel?.close()
+        for session in self.hub.state.withLock({ Array($0.sessions.values) }) { session.close(promise: nil) }
+    }
+
+    /// Serves until graceful shutdown (or cancellation), then stops.
+    public func run() async throws {
+        _ = try await self.start()
+        try? await gracefulShutdown()
+        await self.stop()
     }
 }
 
