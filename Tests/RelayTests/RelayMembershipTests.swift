@@ -143,3 +143,77 @@ struct RelayMembershipTests {
         #expect(plain?.message.contains("HTTPS only") == true)
     }
 }
+
+/// `mesh-relay` as the issue's acceptance checks run it, against a real control plane.
+@Suite("mesh-relay joins as a process", .timeLimit(.minutes(2)))
+struct RelayProcessTests {
+    @Test func theIssuesCommandLineEnrolsPublishesAndServesSessions() async throws {
+        let cp = try await RunningControl()
+        let dir = TempDir()
+        let token = try await cp.token(usages: 1, relay: "r1")
+        let (listen, stun, admin) = (freePort(), freePort(), freePort())
+        let p = try Subprocess(
+            binaryDirectory() + "/mesh-relay",
+            [
+                "--server", cp.url, "--join-token", token.token, "--ca-cert-hash", token.caCertHash,
+                "--name", "r1", "--listen", "127.0.0.1:\(listen)", "--stun-listen", "127.0.0.1:\(stun)",
+                "--data-dir", dir.path, "--admin-listen", "127.0.0.1:\(admin)",
+            ]
+        )
+        let published = await eventually(timeout: .seconds(30)) {
+            (try? await cp.client.get(Relay.self, name: "r1"))?.status?.phase == .ready
+        }
+        #expect(published, "\(p.stderr)")
+        let relay = try await cp.client.get(Relay.self, name: "r1")
+        #expect(relay.spec.addresses == ["127.0.0.1:\(listen)"] && relay.spec.stunAddresses == ["127.0.0.1:\(stun)"])
+        // A node session on the published address.
+        let node = try cp.pki.ca.issueCredential(identity: .node("a"), serverAuth: true, clientAuth: true)
+        let files = CredentialFiles(directory: dir.path + "/node-a", name: "node")
+        try FileManager.default.createDirectory(atPath: dir.path + "/node-a", withIntermediateDirectories: true)
+        try files.write(keyPEM: node.keyPEM, certificatePEM: node.certificatePEM, caPEM: cp.pki.caPEM)
+        let session = try await RelaySessionServerTests().connect(listen, as: try files.load())
+        try await session.send(.hello(version: 1, node: "a"))
+        #expect(await session.next() == .welcome(relay: "r1", keepaliveSeconds: 15))
+        let metrics = try await HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: admin)).send(
+            .GET,
+            "/metrics"
+        )
+        #expect(String(buffer: metrics.body).contains("relay_sessions_total 1"), "\(String(buffer: metrics.body))")
+        p.signal(SIGTERM)
+        let exit = await p.wait(timeout: .seconds(15))
+        #expect(exit?.status == 0, "\(exit?.stderr ?? "")")
+        #expect(await session.closedByRelay())
+        #expect(try await cp.client.get(Relay.self, name: "r1").status?.phase == .draining)
+        // A second start with the used-up token still works: the certificate is in the data dir.
+        let again = try Subprocess(
+            binaryDirectory() + "/mesh-relay",
+            [
+                "--server", cp.url, "--join-token", token.token, "--ca-cert-hash", token.caCertHash,
+                "--name", "r1", "--listen", "127.0.0.1:\(listen)", "--stun-listen", "127.0.0.1:\(stun)",
+                "--data-dir", dir.path, "--admin-listen", "127.0.0.1:\(admin)",
+            ]
+        )
+        #expect(
+            await eventually(timeout: .seconds(30)) {
+                (try? await cp.client.get(Relay.self, name: "r1"))?.status?.phase == .ready
+            },
+            "\(again.stderr)"
+        )
+        again.signal(SIGTERM)
+        #expect(await again.wait(timeout: .seconds(15))?.status == 0)
+        // A node token: mesh-relay exits 1 saying why.
+        let nodeToken = try await cp.token(usages: 1)
+        let refused = try await run(
+            binaryDirectory() + "/mesh-relay",
+            [
+                "--server", cp.url, "--join-token", nodeToken.token, "--ca-cert-hash", nodeToken.caCertHash,
+                "--name", "r2", "--listen", "127.0.0.1:\(freePort())", "--stun-listen", "127.0.0.1:\(freePort())",
+                "--data-dir", TempDir().path, "--admin-listen", "127.0.0.1:\(freePort())",
+            ],
+            timeout: .seconds(30)
+        )
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("enrols nodes, not relays"), "\(refused.stderr)")
+        try await cp.stop()
+    }
+}
