@@ -86,6 +86,12 @@ struct Up: AsyncParsableCommand {
     @Option(name: .long, help: "The STUN server's address (UDP and TCP).")
     var stunListen: String = "127.0.0.1:3478"
 
+    @Option(name: .long, help: "The relay's session address (relay circuits).")
+    var relayListen: String = "127.0.0.1:7800"
+
+    @Option(name: .long, help: "The relay's admin address (/metrics, /healthz, /readyz).")
+    var relayAdminListen: String = "127.0.0.1:7801"
+
     @Flag(name: .long, help: "Run the control plane only, no agent.")
     var noAgent = false
 
@@ -99,6 +105,8 @@ struct Up: AsyncParsableCommand {
         mesh.dnsListen = self.dnsListen
         mesh.adminListen = self.adminListen
         mesh.stunListen = self.stunListen
+        mesh.relayListen = self.relayListen
+        mesh.relayAdminListen = self.relayAdminListen
         mesh.withAgent = !self.noAgent
         do {
             mesh.logLevel = try LogLevels.parse(self.logLevel)
@@ -106,6 +114,8 @@ struct Up: AsyncParsableCommand {
             _ = try ListenAddress(self.dnsListen, field: "--dns-listen")
             _ = try ListenAddress(self.adminListen, field: "--admin-listen")
             _ = try ListenAddress(self.stunListen, field: "--stun-listen")
+            _ = try ListenAddress(self.relayListen, field: "--relay-listen")
+            _ = try ListenAddress(self.relayAdminListen, field: "--relay-admin-listen")
         } catch let e as ManifestError {
             throw ValidationError(e.message)
         }
