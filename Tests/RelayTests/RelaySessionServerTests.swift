@@ -311,9 +311,18 @@ struct RelaySessionServerTests {
             return
         }
         #expect(t.contains("truncated"), "\(t)")
+        // A requester that floods before its circuit is ready is cut off.
+        _ = try await self.session(port, pki, "b")
+        let flood = try await self.connect(port, as: credentials)
+        try await flood.send(.connect(node: "b"))
+        try? await flood.send([UInt8](repeating: 0x17, count: 70_000))
+        #expect(
+            await flood.next()
+                == .refused(.badMessage, message: "over 65536 bytes sent before the circuit was ready")
+        )
         // Still serving.
         _ = try await self.session(port, pki, "a")
-        #expect(await eventually { server.sessions == 1 })
+        #expect(await eventually { server.sessions == 2 })
         await server.stop()
     }
 }

@@ -220,6 +220,9 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         case closing
     }
 
+    /// Bytes a connection may send before its circuit is spliced.
+    static let maxBuffered = 64 << 10
+
     let server: RelaySessionServer
     var role = Role.handshaking
     var node = ""
@@ -281,6 +284,12 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = self.unwrapInboundIn(data)
         self.buffer += bytes.readBytes(length: bytes.readableBytes) ?? []
+        // A half that waits for its circuit may send ahead (its link's first bytes), within bounds.
+        if self.buffer.count > Self.maxBuffered {
+            RelaySessionMetrics.count("relay_messages_malformed_total")
+            self.refuse(context, .badMessage, "over \(Self.maxBuffered) bytes sent before the circuit was ready")
+            return
+        }
         if case .handshaking = self.role { return }
         self.drain(context)
     }
