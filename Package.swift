@@ -189,7 +189,10 @@ let package = Package(
         .target(
             name: "Relay",
             dependencies: nio + [
-                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire",
+                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire", "MeshClient", "MeshIdentity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -351,8 +354,11 @@ let package = Package(
         .testTarget(
             name: "RelayTests",
             dependencies: nio + [
-                "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport", "MeshWire",
+                "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport", "MeshWire", "MeshClient", "MeshIdentity",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),

@@ -27,6 +27,8 @@ import Foundation
 ///   certificate for the same name only; the old one stays valid until it expires.
 struct NodeCredentials: Sendable {
     static let issuedResource = "nodecertificates"
+    /// The same records for relays (`mesh://relay/NAME`), which join with relay tokens.
+    static let relayIssuedResource = "relaycertificates"
     static let revokedResource = "revokedcertificates"
     static let revokedPath = "/apis/mesh.edge/v1/revokedcertificates"
 
@@ -45,8 +47,12 @@ struct NodeCredentials: Sendable {
         var notAfter: String
     }
 
-    static func issuedKey(_ node: String) -> ObjectKey {
-        ObjectKey(resource: Self.issuedResource, namespace: "", name: node)
+    static func issuedKey(_ node: String, role: JoinRole = .node) -> ObjectKey {
+        ObjectKey(resource: role == .relay ? Self.relayIssuedResource : Self.issuedResource, namespace: "", name: node)
+    }
+
+    static func identity(_ name: String, role: JoinRole) -> MeshIdentity {
+        role == .relay ? .relay(name) : .node(name)
     }
 
     static func revokedKey(_ serial: String) -> ObjectKey {
@@ -65,23 +71,32 @@ struct NodeCredentials: Sendable {
         }.sorted { ($0.revokedAt, $0.serial) < ($1.revokedAt, $1.serial) }
     }
 
-    /// Records a certificate issued to `node`; with `supersede`, first revokes the ones issued to
-    /// it before (still valid). Returns what it revoked.
-    func record(_ certificate: Certificate, node: String, supersede: Bool) async throws -> [RevokedCertificate] {
+    /// Records a certificate issued to `node` (a relay's name for `role` relay); with `supersede`,
+    /// first revokes the ones issued to it before (still valid). Returns what it revoked.
+    func record(
+        _ certificate: Certificate,
+        node: String,
+        role: JoinRole = .node,
+        supersede: Bool
+    ) async throws -> [RevokedCertificate] {
         let entry = Entry(
             serial: MeshTLS.serialHex(certificate.serialNumber),
             notAfter: Timestamp.format(secondsSinceEpoch: Int(certificate.notValidAfter.timeIntervalSince1970))
         )
         var done: [RevokedCertificate] = []
         for _ in 0..<16 {
-            let stored = try await self.store.get(Self.issuedKey(node))
+            let stored = try await self.store.get(Self.issuedKey(node, role: role))
             var record =
                 try stored.map { try JSONDecoder().decode(Issued.self, from: Data($0.json.readableBytesView)) }
                 ?? Issued(node: node, certificates: [])
             let now = Int(Date().timeIntervalSince1970)
             record.certificates.removeAll { (Timestamp.parse($0.notAfter) ?? 0) <= now }
             if supersede {
-                done = try await self.revoke(record.certificates, node: node, reason: "superseded by a new join")
+                done = try await self.revoke(
+                    record.certificates,
+                    identity: Self.identity(node, role: role),
+                    reason: "superseded by a new join"
+                )
                 record.certificates = []
             }
             record.certificates.append(entry)
@@ -89,7 +104,7 @@ struct NodeCredentials: Sendable {
             do {
                 _ = try await self.store.commit(
                     Write(
-                        key: Self.issuedKey(node),
+                        key: Self.issuedKey(node, role: role),
                         expect: stored.map { .version($0.resourceVersion) } ?? .absent,
                         operation: .put { _ in (json, [:]) }
                     )
@@ -99,7 +114,7 @@ struct NodeCredentials: Sendable {
                 continue
             }
         }
-        throw Status.conflict("the certificates of node \(node) are changing too fast; retry")
+        throw Status.conflict("the certificates of \(Self.identity(node, role: role)) are changing too fast; retry")
     }
 
     /// Revokes every certificate issued to `node` that is still valid (only `serial`, when given).
@@ -127,15 +142,19 @@ struct NodeCredentials: Sendable {
                 )
             }
         }
-        return try await self.revoke(valid, node: node, reason: reason ?? "revoked by an administrator")
+        return try await self.revoke(valid, identity: .node(node), reason: reason ?? "revoked by an administrator")
     }
 
-    private func revoke(_ entries: [Entry], node: String, reason: String) async throws -> [RevokedCertificate] {
+    private func revoke(
+        _ entries: [Entry],
+        identity: MeshIdentity,
+        reason: String
+    ) async throws -> [RevokedCertificate] {
         var done: [RevokedCertificate] = []
         for e in entries where !self.revoked.contains(e.serial) {
             let item = RevokedCertificate(
                 serial: e.serial,
-                identity: MeshIdentity.node(node).uri,
+                identity: identity.uri,
                 revokedAt: Timestamp.now(),
                 notAfter: e.notAfter,
                 reason: reason
@@ -238,13 +257,15 @@ extension ControlAPI {
     func join(_ request: HTTPRequest) async throws -> HTTPResponse {
         guard let ca = self.ca else { throw Self.noCA }
         let join = try Self.decodeStrict(JoinRequest.self, request)
+        let role = join.role ?? .node
         // Check the CSR before spending a usage of the token on it.
         let name: String
         do {
-            name = try ca.signNodeCSR(pem: join.csr).nodeName
+            name = try ca.signCSR(pem: join.csr, role: role).nodeName
         } catch let e as IdentityError {
             throw Status.badRequest(e.message)
         }
+        if role == .relay { return try await self.joinRelay(join, name: name, ca: ca) }
         let nodeKey = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
         let taken = try await self.store.get(nodeKey) != nil
         try await self.tokens.consume(join.token, nodeName: name, nameTaken: taken)
@@ -265,6 +286,24 @@ extension ControlAPI {
         let superseded = try await self.credentials.record(certificate, node: name, supersede: true)
         self.logger.notice(
             "node \(name) joined with token \(join.token.prefix(6))\(taken ? " (re-join with a token bound to it)" : "")\(superseded.isEmpty ? "" : "; revoked its \(superseded.count) earlier certificate(s)")"
+        )
+        let answer = JoinResponse(
+            nodeName: name,
+            certificate: try certificate.serializeAsPEM().pemString,
+            caCertificate: self.caPEM
+        )
+        return .json(.ok, Self.encode(answer))
+    }
+
+    /// Enrols a relay: only with a relay token for its name (`meshctl token create --relay NAME`);
+    /// the CA signs `mesh://relay/NAME`, and certificates issued to that relay before are revoked.
+    /// No object is created: the relay writes its Relay itself once it serves.
+    func joinRelay(_ join: JoinRequest, name: String, ca: CertificateAuthority) async throws -> HTTPResponse {
+        try await self.tokens.consume(join.token, nodeName: name, nameTaken: false, role: .relay)
+        let (_, certificate) = try ca.signCSR(pem: join.csr, role: .relay, validity: self.credentials.validity)
+        let superseded = try await self.credentials.record(certificate, node: name, role: .relay, supersede: true)
+        self.logger.notice(
+            "relay \(name) joined with token \(join.token.prefix(6))\(superseded.isEmpty ? "" : "; revoked its \(superseded.count) earlier certificate(s)")"
         )
         let answer = JoinResponse(
             nodeName: name,

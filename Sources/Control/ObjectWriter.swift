@@ -48,6 +48,7 @@ extension ControlManaged {
 }
 
 extension Endpoints: ControlManaged {}
+extension Relay: ControlManaged {}
 
 extension Service: ControlManaged {
     static func prepare(
@@ -126,6 +127,7 @@ struct ObjectWriter: Sendable {
         Service.resource.plural: Service.self,
         Endpoints.resource.plural: Endpoints.self,
         Node.resource.plural: Node.self,
+        Relay.resource.plural: Relay.self,
     ]
 
     /// Decodes a document as `T` (metadata limits counted first, strictly, then validated).

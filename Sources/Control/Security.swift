@@ -19,7 +19,9 @@ import Foundation
 ///   `/version`, the revocation list; update (PUT) only its own Node, `/apis/mesh.edge/v1/nodes/<name>`,
 ///   send its own heartbeat, `POST /apis/mesh.edge/v1/nodes/<name>/heartbeat`, and renew its own
 ///   certificate, `POST /apis/mesh.edge/v1/nodes/<name>/certificate`;
-/// - `mesh://relay/<name>`: `/version` and the revocation list;
+/// - `mesh://node/<name>` may also get, list and watch relays;
+/// - `mesh://relay/<name>`: `/version`, the revocation list, get, list and watch relays and nodes,
+///   and update (PUT) only its own Relay, `/apis/mesh.edge/v1/relays/<name>`;
 /// - any other identity: 403.
 /// A revoked client certificate is refused before any of this (`NodeCredentials`).
 public enum Authorization {
@@ -56,10 +58,8 @@ public enum Authorization {
         case .node(let name):
             if Self.nodeMay(request, node: name) { return .allow }
             return .deny(Self.forbidden(text, request))
-        case .relay:
-            if request.method == .GET, request.path == "/version" || request.path == NodeCredentials.revokedPath {
-                return .allow
-            }
+        case .relay(let name):
+            if Self.relayMay(request, relay: name) { return .allow }
             return .deny(Self.forbidden(text, request))
         case .control, nil:
             return .deny(Self.forbidden(text, request))
@@ -76,7 +76,9 @@ public enum Authorization {
         }
         var rest = Array(segments.dropFirst(3))
         if rest[0] == "namespaces", rest.count >= 3 { rest.removeFirst(2) }
-        let readable: Set<String> = ["services", "endpoints", "nodes", NodeCredentials.revokedResource]
+        let readable: Set<String> = [
+            "services", "endpoints", "nodes", Relay.resource.plural, NodeCredentials.revokedResource,
+        ]
         switch request.method {
         case .GET:
             return readable.contains(rest[0]) && rest.count <= 2
@@ -85,6 +87,22 @@ public enum Authorization {
         case .POST:
             return segments.count == 6 && segments[3] == "nodes" && segments[4] == node
                 && (segments[5] == "heartbeat" || segments[5] == "certificate")
+        default:
+            return false
+        }
+    }
+
+    static func relayMay(_ request: HTTPRequest, relay: String) -> Bool {
+        let segments = request.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
+        switch request.method {
+        case .GET:
+            if segments == ["version"] || segments == ["apis", "mesh.edge", "v1"] { return true }
+            guard segments.count == 4 || segments.count == 5, segments[0...2] == ["apis", "mesh.edge", "v1"] else {
+                return false
+            }
+            return [Relay.resource.plural, Node.resource.plural, NodeCredentials.revokedResource].contains(segments[3])
+        case .PUT:
+            return segments == ["apis", "mesh.edge", "v1", Relay.resource.plural, relay]
         default:
             return false
         }
@@ -116,6 +134,8 @@ struct BootstrapTokenStore: Sendable {
         var creationTimestamp: String
         /// The one node name this token joins (and may re-join); nil: any name not taken.
         var nodeName: String?
+        /// A relay token: the one relay it enrols (and no node).
+        var relayName: String?
 
         var listed: BootstrapToken {
             BootstrapToken(
@@ -124,7 +144,8 @@ struct BootstrapTokenStore: Sendable {
                 expires: self.expires,
                 usagesLeft: self.usagesLeft,
                 creationTimestamp: self.creationTimestamp,
-                nodeName: self.nodeName
+                nodeName: self.nodeName,
+                relayName: self.relayName
             )
         }
     }
@@ -147,6 +168,12 @@ struct BootstrapTokenStore: Sendable {
         if let n = request.nodeName, let e = Names.dns1123SubdomainError(n) {
             throw Status.badRequest("nodeName: \"\(n)\" is invalid: \(e)")
         }
+        if let r = request.relayName, let e = Names.dns1123SubdomainError(r) {
+            throw Status.badRequest("relayName: \"\(r)\" is invalid: \(e)")
+        }
+        if request.relayName != nil && request.nodeName != nil {
+            throw Status.badRequest("nodeName and relayName: a token enrols either a node or a relay, not both")
+        }
         for _ in 0..<8 {
             let (id, secret) = JoinTokens.generate()
             let now = Int(Date().timeIntervalSince1970)
@@ -157,7 +184,8 @@ struct BootstrapTokenStore: Sendable {
                 expires: Timestamp.format(secondsSinceEpoch: now + ttl),
                 usagesLeft: request.usages,
                 creationTimestamp: Timestamp.format(secondsSinceEpoch: now),
-                nodeName: request.nodeName
+                nodeName: request.nodeName,
+                relayName: request.relayName
             )
             let json = ByteBuffer(bytes: try MeshJSON.encode(record))
             do {
@@ -172,7 +200,8 @@ struct BootstrapTokenStore: Sendable {
                 caCertHash: caHash,
                 expires: record.expires,
                 usagesLeft: record.usagesLeft,
-                nodeName: record.nodeName
+                nodeName: record.nodeName,
+                relayName: record.relayName
             )
         }
         throw Status(code: 500, reason: .internalError, message: "could not pick an unused token id")
@@ -228,8 +257,9 @@ struct BootstrapTokenStore: Sendable {
     /// Checks the token for a join of `nodeName` and takes one usage (atomically: a token with one
     /// usage admits one join). A token bound to a name joins only that name; `nameTaken` (a Node of
     /// that name exists) is refused unless the token is bound to that name: a token holder cannot
-    /// take over a node that is there.
-    func consume(_ token: String, nodeName: String, nameTaken: Bool) async throws {
+    /// take over a node that is there. A relay token (`relayName`) enrols only that relay, with
+    /// `role` relay; a node token never enrols a relay.
+    func consume(_ token: String, nodeName: String, nameTaken: Bool, role: JoinRole = .node) async throws {
         guard let (id, secret) = JoinTokens.parse(token) else {
             throw Status.badRequest("token: must look like abcdef.0123456789abcdef (6 and 16 of a-z, 0-9)")
         }
@@ -249,6 +279,29 @@ struct BootstrapTokenStore: Sendable {
             if let left = record.usagesLeft {
                 guard left > 0 else { throw Self.unauthorized("join token \(id) is used up") }
                 record.usagesLeft = left - 1
+            }
+            switch (role, record.relayName) {
+            case (.relay, nil):
+                throw Status(
+                    code: 403,
+                    reason: .forbidden,
+                    message:
+                        "join token \(id) enrols nodes, not relays: a relay joins with a relay token (meshctl token create --relay \(nodeName))"
+                )
+            case (.relay, let bound?) where bound != nodeName:
+                throw Status(
+                    code: 403,
+                    reason: .forbidden,
+                    message: "join token \(id) enrols relay \(bound); it cannot enrol relay \(nodeName)"
+                )
+            case (.node, let bound?):
+                throw Status(
+                    code: 403,
+                    reason: .forbidden,
+                    message: "join token \(id) enrols relay \(bound) only; a node joins with a node token"
+                )
+            default:
+                break
             }
             if let bound = record.nodeName, bound != nodeName {
                 throw Status(

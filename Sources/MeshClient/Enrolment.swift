@@ -14,39 +14,49 @@ import Foundation
 /// (`kubeadm join` style): a fresh P-256 key, a CSR sent with the token over TLS to a control plane
 /// whose CA is pinned by its hash, and the key (0600), certificate and CA stored for later starts.
 public enum NodeEnrolment {
-    /// `<stateDir>/pki/node.key`, `node.crt`, `ca.crt`.
-    public static func files(stateDir: String) -> CredentialFiles {
-        CredentialFiles(directory: stateDir + "/pki", name: "node")
+    /// `<stateDir>/pki/node.key`, `node.crt`, `ca.crt` (`relay.key`, `relay.crt` for a relay).
+    public static func files(stateDir: String, role: JoinRole = .node) -> CredentialFiles {
+        CredentialFiles(directory: stateDir + "/pki", name: role.rawValue)
     }
 
     /// The node's credentials from `stateDir`, or, when it has none yet, from a join with `token`,
-    /// trusting the control plane only if its CA has `caHash`.
+    /// trusting the control plane only if its CA has `caHash`. With `role` relay, the same for a
+    /// relay (`mesh://relay/NAME`, a relay token).
     public static func credentials(
         stateDir: String,
         server: HTTPEndpoint,
         nodeName: String,
         token: String?,
         caHash: String?,
+        role: JoinRole = .node,
         logger: Logger
     ) async throws -> LoadedCredentials {
-        let files = Self.files(stateDir: stateDir)
+        let files = Self.files(stateDir: stateDir, role: role)
+        let wanted: MeshIdentity = role == .relay ? .relay(nodeName) : .node(nodeName)
         if files.allExist || PEMFiles.exists(files.key) {
             let loaded = try files.load()
-            guard loaded.identity == .node(nodeName) else {
+            guard loaded.identity == wanted else {
                 throw IdentityError(
-                    "the certificate \(files.certificate) is for \(loaded.identity?.uri ?? "no mesh identity"), not node \(nodeName): use that node name, or remove \(stateDir)/pki and join again"
+                    "the certificate \(files.certificate) is for \(loaded.identity?.uri ?? "no mesh identity"), not \(role.rawValue) \(nodeName): use that name, or remove \(stateDir)/pki and join again"
                 )
             }
             return loaded
         }
         guard let token, let caHash else {
+            let create = role == .relay ? "meshctl token create --relay \(nodeName)" : "meshctl token create"
             throw IdentityError(
-                "this node has no credentials yet (\(files.certificate)): join the mesh with --join-token TOKEN --ca-cert-hash sha256:HEX (meshctl token create prints both)"
+                "this \(role.rawValue) has no credentials yet (\(files.certificate)): join the mesh with --join-token TOKEN --ca-cert-hash sha256:HEX (\(create) prints both)"
             )
         }
-        let (key, answer) = try await Self.join(server: server, nodeName: nodeName, token: token, caHash: caHash)
+        let (key, answer) = try await Self.join(
+            server: server,
+            nodeName: nodeName,
+            token: token,
+            caHash: caHash,
+            role: role
+        )
         try files.write(keyPEM: key, certificatePEM: answer.certificate, caPEM: answer.caCertificate)
-        logger.notice("joined the mesh as node \(answer.nodeName); credentials in \(stateDir)/pki")
+        logger.notice("joined the mesh as \(wanted); credentials in \(stateDir)/pki")
         return try files.load()
     }
 
@@ -55,7 +65,8 @@ public enum NodeEnrolment {
         server: HTTPEndpoint,
         nodeName: String,
         token: String,
-        caHash: String
+        caHash: String,
+        role: JoinRole = .node
     ) async throws -> (keyPEM: String, answer: JoinResponse) {
         guard MeshTLS.isValidCAHash(caHash) else {
             throw IdentityError("--ca-cert-hash: \"\(caHash)\" is not sha256: followed by 64 hex digits")
@@ -63,10 +74,16 @@ public enum NodeEnrolment {
         guard JoinTokens.parse(token) != nil else {
             throw IdentityError("--join-token: must look like abcdef.0123456789abcdef (6 and 16 of a-z, 0-9)")
         }
-        if let e = Names.dns1123SubdomainError(nodeName) { throw IdentityError("node name \"\(nodeName)\": \(e)") }
+        if let e = Names.dns1123SubdomainError(nodeName) {
+            throw IdentityError("\(role.rawValue) name \"\(nodeName)\": \(e)")
+        }
         guard server.tls else { throw IdentityError("joining needs an https:// control plane URL, not \(server)") }
         let key = NodeKey()
-        let request = JoinRequest(token: token, csr: try key.csrPEM(nodeName: nodeName))
+        let request = JoinRequest(
+            token: token,
+            csr: try key.csrPEM(nodeName: nodeName),
+            role: role == .relay ? .relay : nil
+        )
         // The token goes only to a server whose chain holds the pinned CA *and* whose certificate
         // is the control plane's: a node's certificate from the same CA does not qualify.
         let tls = try MeshTLS.join(caHash: caHash, expect: .controlPlane)

@@ -24,6 +24,10 @@ public struct AllInOne: Sendable {
     public var adminListen: String = "127.0.0.1:7780"
     /// The STUN binding server (UDP and TCP), as `mesh-relay` runs it.
     public var stunListen: String = "127.0.0.1:3478"
+    /// The relay's sessions (7800/tcp) and its admin endpoint (`/metrics`): the relay proper runs
+    /// too, enrolled as `mesh://relay/local` with a relay token of its own.
+    public var relayListen: String = "127.0.0.1:7800"
+    public var relayAdminListen: String = "127.0.0.1:7801"
     /// Start an agent beside the control plane (off: control plane only).
     public var withAgent = true
     public var logLevel: Logger.Level = .info
@@ -55,23 +59,35 @@ public struct AllInOne: Sendable {
         return c
     }
 
+    /// The relay's configuration for the all-in-one: STUN and sessions on loopback, joined to the
+    /// local control plane.
+    public var relayConfig: RelayConfig {
+        var c = RelayConfig()
+        c.controlServer = "https://\(self.controlListen)"
+        c.name = "local"
+        c.stunListen = [self.stunListen]
+        c.listen = self.relayListen
+        c.adminListen = self.relayAdminListen
+        c.dataDir = self.dataDir + "/relay"
+        c.logLevel = self.logLevel.rawValue
+        return c
+    }
+
     /// Runs every component until SIGINT or SIGTERM, then stops them cleanly.
     public func run() async throws {
         let logger = Logger(label: "meshctl-up")
         MeshMetrics.bootstrap()  // before the STUN server makes its counters
         let control = ControlServer(config: self.controlConfig, logger: Logger(label: "mesh-control"))
-        let stun = STUNServer(
-            configuration: STUNServerConfiguration(listen: [try ListenAddress(self.stunListen, field: "stunListen")]),
-            logger: Logger(label: "mesh-relay")
-        )
-        var services: [any ServiceLifecycle.Service] = [control, stun]
+        var services: [any ServiceLifecycle.Service] = [
+            control, EnrolledRelay(control: control, mesh: self, logger: logger),
+        ]
         if self.withAgent {
             services.append(EnrolledAgent(control: control, mesh: self, logger: logger))
         } else {
             services.append(AdminConfigWriter(control: control, mesh: self, logger: logger))
         }
         logger.info(
-            "all-in-one mesh starting: control API on https://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), STUN on \(self.stunListen), data in \(self.dataDir)"
+            "all-in-one mesh starting: control API on https://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), STUN on \(self.stunListen), relay sessions on \(self.relayListen), data in \(self.dataDir)"
         )
         guard await Daemon.run(services, name: "meshctl up", logger: logger) else { throw AllInOneFailed() }
         logger.info("all-in-one mesh stopped")
@@ -90,7 +106,12 @@ extension AllInOne {
 
     /// A one-use join token for the all-in-one's own agent, made through the API as admin, bound to
     /// the agent's node name (so a wiped agent directory re-joins as the same node).
-    func makeJoinToken(_ pki: ControlPKI, nodeName: String) async throws -> BootstrapTokenSecret {
+    /// With `relayName`, a one-use relay token for the all-in-one's relay instead.
+    func makeJoinToken(
+        _ pki: ControlPKI,
+        nodeName: String?,
+        relayName: String? = nil
+    ) async throws -> BootstrapTokenSecret {
         let listen = try ListenAddress(self.controlListen, field: "--listen")
         let endpoint = HTTPEndpoint(host: ControlPKI.clientHost(listen.host), port: listen.port, tls: true)
         let admin = try pki.admin.load()
@@ -98,8 +119,9 @@ extension AllInOne {
         let request = BootstrapTokenRequest(
             ttlSeconds: 600,
             usages: 1,
-            description: "meshctl up: its own agent",
-            nodeName: nodeName
+            description: relayName == nil ? "meshctl up: its own agent" : "meshctl up: its own relay",
+            nodeName: nodeName,
+            relayName: relayName
         )
         let body = try await client.raw(
             .POST,
@@ -128,6 +150,25 @@ struct EnrolledAgent: ServiceLifecycle.Service {
             config.caCertHash = token.caCertHash
         }
         try await AgentServer(config: config, logger: Logger(label: "mesh-agent")).run()
+    }
+}
+
+/// The all-in-one's relay: starts once the control plane listens, joining with a relay token of its
+/// own on first start; later starts reuse its certificate.
+struct EnrolledRelay: ServiceLifecycle.Service {
+    let control: ControlServer
+    let mesh: AllInOne
+    let logger: Logger
+
+    func run() async throws {
+        guard (try? await self.control.localAddress()) != nil, let pki = try? await self.control.pki() else { return }
+        var config = self.mesh.relayConfig
+        if !NodeEnrolment.files(stateDir: config.dataDir, role: .relay).allExist {
+            let token = try await self.mesh.makeJoinToken(pki, nodeName: nil, relayName: config.name)
+            config.joinToken = token.token
+            config.caCertHash = token.caCertHash
+        }
+        try await RelayServer(config: config, logger: Logger(label: "mesh-relay")).run()
     }
 }
 

@@ -109,6 +109,23 @@ public enum Printer {
                     Self.age(o, now: now),
                 ])
             }
+        case "relays":
+            // UPDATED: the age of the relay's last status write (every 30 s while it runs).
+            header = ["NAME", "STATUS", "SITE", "ADDRESSES", "SESSIONS", "UPDATED", "AGE"]
+            for o in items {
+                let addrs = (o["spec"]?["addresses"]).map(Self.list)?.map { Self.text($0) }.joined(separator: ",") ?? ""
+                let phase = Self.text(o["status"]?["phase"])
+                let updated = o["status"]?["lastUpdateTime"]?.stringValue.flatMap(Timestamp.parse).map {
+                    Self.duration(now - $0)
+                }
+                let site = Self.text(o["spec"]?["site"])
+                let sessions = Self.text(o["status"]?["sessions"])
+                rows.append([
+                    Self.text(o["metadata"]?["name"]), phase.isEmpty ? "Unknown" : phase,
+                    site.isEmpty ? "<none>" : site, addrs.isEmpty ? "<none>" : addrs,
+                    sessions.isEmpty ? "0" : sessions, updated ?? "<never>", Self.age(o, now: now),
+                ])
+            }
         default:
             header = ["NAME", "AGE"]
             rows = items.map { [Self.text($0["metadata"]?["name"]), Self.age($0, now: now)] }

@@ -17,14 +17,16 @@ extension Operations {
         ttlSeconds: Int?,
         usages: Int?,
         description: String?,
-        nodeName: String? = nil
+        nodeName: String? = nil,
+        relayName: String? = nil
     ) async -> BootstrapTokenSecret? {
         do {
             let request = BootstrapTokenRequest(
                 ttlSeconds: ttlSeconds,
                 usages: usages,
                 description: description,
-                nodeName: nodeName
+                nodeName: nodeName,
+                relayName: relayName
             )
             let body = try await self.client.raw(
                 .POST,
@@ -45,6 +47,20 @@ extension Operations {
             return
         }
         let uses = token.usagesLeft.map { "\($0)" } ?? "unlimited"
+        if let relay = token.relayName {
+            self.out(
+                """
+                token:         \(token.token)
+                ca-cert-hash:  \(token.caCertHash)
+                expires:       \(token.expires)
+                usages:        \(uses)
+                relay:         \(relay) (this token enrols only this relay, and no node)
+                join a relay:  mesh-relay --server \(self.client.endpoint) --join-token \(token.token) --ca-cert-hash \(token.caCertHash) --name \(relay) --listen IP:7800
+
+                """
+            )
+            return
+        }
         let node =
             token.nodeName.map { "node:          \($0) (this token joins only this name, also when its Node exists)\n" }
             ?? ""
@@ -72,9 +88,9 @@ extension Operations {
             }
             var rows = [["ID", "EXPIRES", "USAGES LEFT", "NODE", "DESCRIPTION"]]
             for t in list.items {
+                let bound = t.relayName.map { "relay/\($0)" } ?? t.nodeName ?? "<any>"
                 rows.append([
-                    t.id, t.expires, t.usagesLeft.map { "\($0)" } ?? "unlimited", t.nodeName ?? "<any>",
-                    t.description ?? "",
+                    t.id, t.expires, t.usagesLeft.map { "\($0)" } ?? "unlimited", bound, t.description ?? "",
                 ])
             }
             self.out(Self.align(rows))

@@ -198,6 +198,17 @@ public struct CertificateAuthority: Sendable {
         pem: String,
         validity: TimeInterval = CertificateAuthority.leafValidity
     ) throws -> (nodeName: String, certificate: Certificate) {
+        try self.signCSR(pem: pem, role: .node, validity: validity)
+    }
+
+    /// Signs a CSR for a node or a relay: the name is the CSR's common name (a DNS-1123 subdomain),
+    /// the certificate carries only `mesh://node/<name>` or `mesh://relay/<name>` (whatever else the
+    /// CSR asks for), for serving and as a client.
+    public func signCSR(
+        pem: String,
+        role: JoinRole,
+        validity: TimeInterval = CertificateAuthority.leafValidity
+    ) throws -> (nodeName: String, certificate: Certificate) {
         let csr: CertificateSigningRequest
         do {
             csr = try CertificateSigningRequest(pemEncoded: pem)
@@ -211,13 +222,13 @@ public struct CertificateAuthority: Sendable {
             rdn.filter { $0.type == .RDNAttributeType.commonName }.compactMap { String($0.value) }
         }
         guard names.count == 1, let name = names.first else {
-            throw IdentityError("csr: the subject must hold exactly one common name, the node's name")
+            throw IdentityError("csr: the subject must hold exactly one common name, the \(role.rawValue)'s name")
         }
         if let e = Names.dns1123SubdomainError(name) {
-            throw IdentityError("csr: the node name \"\(name)\" is invalid: \(e)")
+            throw IdentityError("csr: the \(role.rawValue) name \"\(name)\" is invalid: \(e)")
         }
         let certificate = try self.issue(
-            identity: .node(name),
+            identity: role == .relay ? .relay(name) : .node(name),
             publicKey: csr.publicKey,
             serverAuth: true,
             clientAuth: true,

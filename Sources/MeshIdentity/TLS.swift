@@ -92,6 +92,15 @@ public enum MeshTLS {
     /// client for a certificate and verifies one when given. Clients without one still connect (the
     /// join endpoint and probes need that); the application decides what they may do.
     public static func serverContext(_ credentials: LoadedCredentials) throws -> NIOSSLContext {
+        try Self.serverContext(credentials, requireClientCertificate: false)
+    }
+
+    /// `serverContext`, and with `requireClientCertificate` a handshake without a client certificate
+    /// of the mesh CA fails (relay sessions, links): the application then checks the identity in it.
+    public static func serverContext(
+        _ credentials: LoadedCredentials,
+        requireClientCertificate: Bool
+    ) throws -> NIOSSLContext {
         let chain = try nioCertificates(credentials.certificatePEM) + nioCertificates(credentials.caPEM)
         var config = TLSConfiguration.makeServerConfiguration(
             certificateChain: chain.map { .certificate($0) },
@@ -99,7 +108,7 @@ public enum MeshTLS {
         )
         config.minimumTLSVersion = .tlsv13
         config.maximumTLSVersion = .tlsv13
-        config.certificateVerification = .optionalVerification
+        config.certificateVerification = requireClientCertificate ? .noHostnameVerification : .optionalVerification
         config.trustRoots = .certificates(try nioCertificates(credentials.caPEM))
         return try NIOSSLContext(configuration: config)
     }

@@ -4,13 +4,16 @@ import MeshHTTP
 import NIOCore
 import ServiceLifecycle
 
-/// `mesh-relay` as one `Service`: the STUN server and the admin endpoint (`/metrics`, `/healthz`,
-/// `/readyz`), started together and stopped together.
+/// `mesh-relay` as one `Service`: the STUN server, the admin endpoint (`/metrics`, `/healthz`,
+/// `/readyz`) and, with `controlServer` set, its membership (enrolment and its published Relay),
+/// started together and stopped together.
 public final class RelayServer: ServiceLifecycle.Service, Sendable {
     public let config: RelayConfig
     let logger: Logger
     private let admin = AsyncOnce<HTTPServer>()
     private let stun = AsyncOnce<STUNServer>()
+    private let member = AsyncOnce<RelayMembership?>()
+    private let sessionServer = AsyncOnce<RelaySessionServer?>()
 
     public init(config: RelayConfig, logger: Logger) {
         self.config = config
@@ -23,12 +26,20 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
     /// The admin endpoint's address once it listens.
     public func adminAddress() async throws -> SocketAddress { try await self.admin.value().localAddress() }
 
+    /// The session listener (nil: a relay without a control plane serves no sessions).
+    public func sessions() async throws -> RelaySessionServer? { try await self.sessionServer.value() }
+
+    /// The membership (nil: a relay without a control plane).
+    public func membership() async throws -> RelayMembership? { try await self.member.value() }
+
     public func run() async throws {
         do {
             try await self.serve()
         } catch {
             self.admin.fail(error)
             self.stun.fail(error)
+            self.member.fail(error)
+            self.sessionServer.fail(error)
             throw error
         }
     }
@@ -40,13 +51,36 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
         let adminListen = try ListenAddress(config.adminListen, field: "adminListen")
         let stun = STUNServer(configuration: try config.stunConfiguration(), logger: self.logger)
         self.stun.set(stun)
+        let membership = try config.membership().map { RelayMembership(configuration: $0, logger: self.logger) }
+        self.member.set(membership)
+        // A relay with a control plane serves nothing until it holds its certificate: a refused
+        // join stops it here, with the control plane's reason.
+        var sessions: RelaySessionServer?
+        if let membership {
+            let credentials = try await membership.enrol()
+            let server = try RelaySessionServer(
+                configuration: RelaySessionConfiguration(
+                    listen: try ListenAddress(config.listen, field: "listen"),
+                    relayName: config.name
+                ),
+                credentials: credentials,
+                revoked: membership.revoked,
+                logger: self.logger
+            )
+            membership.reportSessions { server.sessions }
+            sessions = server
+        }
+        self.sessionServer.set(sessions)
         var adminConfig = HTTPServerConfiguration()
         adminConfig.host = adminListen.host
         adminConfig.port = adminListen.port
         adminConfig.drainTimeout = .seconds(1)
         let health = HealthEndpoints {
-            // Ready once every STUN socket is bound (a failed bind stops the process anyway).
-            stun.isListening ? (true, "stun listening") : (false, "stun not listening yet")
+            // Ready once every STUN socket is bound (a failed bind stops the process anyway) and
+            // the Relay is published (when it has a control plane).
+            if !stun.isListening { return (false, "stun not listening yet") }
+            if let m = membership, m.publications == 0 { return (false, "relay not published yet") }
+            return (true, membership == nil ? "stun listening" : "stun listening, relay published")
         }
         let admin = HTTPServer(
             configuration: adminConfig,
@@ -61,6 +95,8 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await stun.run() }
             group.addTask { try await admin.run() }
+            if let membership { group.addTask { try await membership.run() } }
+            if let sessions { group.addTask { try await sessions.run() } }
             do {
                 try await group.waitForAll()
             } catch {

@@ -2,6 +2,7 @@
 // - `dns`: the DNS decoder and the responder's answer path (DNS/Fuzzing.swift);
 // - `api`: the control plane's parsers: bodies, manifests, selectors, config files (Control/Fuzzing.swift);
 // - `stun`: the STUN codec, stream framer and Binding responder (Relay/STUN/Fuzzing.swift);
+// - `relay`: the relay session messages (Relay/Session/Fuzzing.swift);
 // - `http`: the proxy's HTTP/1.1 parser, requests and responses, at once and byte by byte
 //   (MeshAgent/DataPlane/HTTP/Fuzzing.swift);
 // - `http-desync`: one pooled upstream connection fed a backend's bytes in reads, requests sent only when
@@ -34,6 +35,7 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
     switch fuzzTarget {
     case "api": APIFuzzing.fuzzOne(bytes)
     case "stun": STUNFuzzing.fuzzOne(bytes)
+    case "relay": RelaySessionFuzzing.fuzzOne(bytes)
     case "http": HTTPFuzzing.fuzzOne(bytes)
     case "mux": MuxFuzzing.fuzzOne(bytes)
     case "http-desync": HTTPDesyncFuzzing.fuzzOne(bytes)

@@ -12,8 +12,10 @@ struct MeshRelay: AsyncParsableCommand {
         discussion: """
             Answers STUN Binding requests over UDP and TCP (default 127.0.0.1:3478; RFC 5389/8489 clients get \
             XOR-MAPPED-ADDRESS, RFC 3489 clients MAPPED-ADDRESS) and serves /metrics, /healthz and /readyz on \
-            the admin address (default 127.0.0.1:7801). Relayed circuits and hole-punch coordination come \
-            later. Settings come from --config (YAML; every field has a default) and flags override them. \
+            the admin address (default 127.0.0.1:7801). With --server it enrols with a relay token \
+            (meshctl token create --relay NAME; identity mesh://relay/NAME) and publishes its Relay, with \
+            the --advertise addresses of its relay sessions. Relayed circuits and hole-punch coordination \
+            come later. Settings come from --config (YAML; every field has a default) and flags override them. \
             SIGTERM or SIGINT stops it and it exits 0.
             """,
         version: "0.1.0"
@@ -34,6 +36,30 @@ struct MeshRelay: AsyncParsableCommand {
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String?
 
+    @Option(name: .long, help: "The control plane, https://IP:7700: enrol and publish this relay's Relay.")
+    var server: String?
+
+    @Option(name: .customLong("join-token"), help: "A relay token (meshctl token create --relay NAME), used once.")
+    var joinToken: String?
+
+    @Option(name: .customLong("ca-cert-hash"), help: "sha256:HEX of the control plane's CA (printed with the token).")
+    var caCertHash: String?
+
+    @Option(name: .long, help: "The relay's name; its identity is mesh://relay/NAME (default: the host name).")
+    var name: String?
+
+    @Option(name: .long, help: "The site it runs at.")
+    var site: String?
+
+    @Option(name: .long, help: "Relay sessions, host:port (default 127.0.0.1:7800).")
+    var listen: String?
+
+    @Option(name: .long, help: "Where agents reach --listen, IP:port; repeat for several (default: --listen).")
+    var advertise: [String] = []
+
+    @Option(name: .customLong("data-dir"), help: "Where its key and certificate are kept (pki/).")
+    var dataDir: String?
+
     func run() async throws {
         var settings: RelayConfig
         do {
@@ -42,6 +68,14 @@ struct MeshRelay: AsyncParsableCommand {
             if let v = self.stunTCP { settings.stunTCP = v }
             if let v = self.adminListen { settings.adminListen = v }
             if let v = self.logLevel { settings.logLevel = v }
+            if let v = self.server { settings.controlServer = v }
+            if let v = self.joinToken { settings.joinToken = v }
+            if let v = self.caCertHash { settings.caCertHash = v }
+            if let v = self.name { settings.name = v }
+            if let v = self.site { settings.site = v }
+            if let v = self.listen { settings.listen = v }
+            if !self.advertise.isEmpty { settings.advertise = self.advertise }
+            if let v = self.dataDir { settings.dataDir = v }
             try settings.validate()
         } catch let e as ManifestError {
             throw ArgumentParser.ValidationError(e.message)

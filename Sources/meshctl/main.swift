@@ -86,6 +86,12 @@ struct Up: AsyncParsableCommand {
     @Option(name: .long, help: "The STUN server's address (UDP and TCP).")
     var stunListen: String = "127.0.0.1:3478"
 
+    @Option(name: .long, help: "The relay's session address (relay circuits).")
+    var relayListen: String = "127.0.0.1:7800"
+
+    @Option(name: .long, help: "The relay's admin address (/metrics, /healthz, /readyz).")
+    var relayAdminListen: String = "127.0.0.1:7801"
+
     @Flag(name: .long, help: "Run the control plane only, no agent.")
     var noAgent = false
 
@@ -99,6 +105,8 @@ struct Up: AsyncParsableCommand {
         mesh.dnsListen = self.dnsListen
         mesh.adminListen = self.adminListen
         mesh.stunListen = self.stunListen
+        mesh.relayListen = self.relayListen
+        mesh.relayAdminListen = self.relayAdminListen
         mesh.withAgent = !self.noAgent
         do {
             mesh.logLevel = try LogLevels.parse(self.logLevel)
@@ -106,6 +114,8 @@ struct Up: AsyncParsableCommand {
             _ = try ListenAddress(self.dnsListen, field: "--dns-listen")
             _ = try ListenAddress(self.adminListen, field: "--admin-listen")
             _ = try ListenAddress(self.stunListen, field: "--stun-listen")
+            _ = try ListenAddress(self.relayListen, field: "--relay-listen")
+            _ = try ListenAddress(self.relayAdminListen, field: "--relay-admin-listen")
         } catch let e as ManifestError {
             throw ValidationError(e.message)
         }
@@ -334,10 +344,22 @@ struct TokenCreate: AsyncParsableCommand {
     )
     var node: String?
 
+    @Option(
+        name: .long,
+        help: "Make it a relay token: it enrols only the relay of this name (mesh-relay --name NAME), and no node."
+    )
+    var relay: String?
+
     @Option(name: .shortAndLong, help: "text or json.")
     var output: String = "text"
 
     func run() async throws {
+        if self.node != nil && self.relay != nil {
+            throw ValidationError("--node and --relay: a token enrols either a node or a relay")
+        }
+        if let r = self.relay, let e = Names.dns1123SubdomainError(r) {
+            throw ValidationError("--relay \"\(r)\": \(e)")
+        }
         guard let seconds = Durations.seconds(self.ttl), seconds > 0 else {
             throw ValidationError("--ttl \"\(self.ttl)\" is not a duration such as 30m, 24h or 7d")
         }
@@ -351,7 +373,8 @@ struct TokenCreate: AsyncParsableCommand {
                 ttlSeconds: seconds,
                 usages: self.usages,
                 description: self.description,
-                nodeName: self.node
+                nodeName: self.node,
+                relayName: self.relay
             )
         else { throw ExitCode.failure }
         ops.printToken(token, json: self.output == "json")

@@ -178,11 +178,13 @@ import Testing
     @Test func meshctlUpRunsTheMeshAndStopsOnCtrlC() async throws {
         let dir = TempDir()
         let (port, dnsPort, adminPort, stunPort) = (freePort(), freePort(), freePort(), freePort())
+        let (relayPort, relayAdminPort) = (freePort(), freePort())
         let up = try Subprocess(
             self.bin + "/meshctl",
             [
                 "up", "--data-dir", dir.path, "--listen", "127.0.0.1:\(port)", "--dns-listen", "127.0.0.1:\(dnsPort)",
                 "--admin-listen", "127.0.0.1:\(adminPort)", "--stun-listen", "127.0.0.1:\(stunPort)",
+                "--relay-listen", "127.0.0.1:\(relayPort)", "--relay-admin-listen", "127.0.0.1:\(relayAdminPort)",
             ],
             environment: Self.isolated(dir)
         )
@@ -223,6 +225,17 @@ import Testing
             environment: Self.isolated(dir)
         )
         #expect(json.stdout.contains("\"phase\": \"Ready\"") && json.stdout.contains("\"lastHeartbeatTime\""))
+        // Its relay joined with a relay token of its own and publishes its session address.
+        var relays = ProcessResult(status: -1, stdout: "", stderr: "")
+        let relayReady = await eventually(timeout: .seconds(20)) {
+            relays =
+                (try? await run(self.bin + "/meshctl", ["get", "relays"], environment: Self.isolated(dir))) ?? relays
+            return relays.stdout.split(separator: "\n").contains { line in
+                line.hasPrefix("local ") && line.contains("Ready") && line.contains("127.0.0.1:\(relayPort)")
+            }
+        }
+        #expect(relayReady, "\(relays.stdout)\(relays.stderr)")
+        #expect(FileManager.default.fileExists(atPath: dir.path + "/relay/pki/relay.crt"))
         // Its agent joined with a one-use token and holds a node certificate.
         #expect(FileManager.default.fileExists(atPath: dir.path + "/agent/pki/node.crt"))
         #expect(FileManager.default.fileExists(atPath: dir.path + "/control/control.db"))

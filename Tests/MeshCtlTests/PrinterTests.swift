@@ -86,6 +86,26 @@ import Testing
         )
     }
 
+    @Test func relaysTableShowsAddressesSessionsAndTheLastUpdate() throws {
+        let items = try self.objects(
+            """
+            [{"metadata": {"name": "r1", "creationTimestamp": "\(Self.created)"},
+              "spec": {"site": "cloud", "addresses": ["198.18.0.10:7800", "[2001:db8::1]:7800"]},
+              "status": {"phase": "Ready", "lastUpdateTime": "2026-12-03T10:04:30Z", "sessions": 12}},
+             {"metadata": {"name": "r2", "creationTimestamp": "\(Self.created)"}, "spec": {"addresses": []}}]
+            """
+        )
+        let (header, rows) = Printer.rows(Relay.resource, items, allNamespaces: true, wide: false, now: Self.now)
+        #expect(
+            Printer.table(header, rows) == """
+                NAME   STATUS    SITE     ADDRESSES                             SESSIONS   UPDATED   AGE
+                r1     Ready     cloud    198.18.0.10:7800,[2001:db8::1]:7800   12         30s       5m
+                r2     Unknown   <none>   <none>                                0          <never>   5m
+
+                """
+        )
+    }
+
     @Test func agesAreKubectlShort() {
         #expect(
             [0, 119, 120, 7199, 7200, 172_799, 172_800, -5].map(Printer.duration) == [

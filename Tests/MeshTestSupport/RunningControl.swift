@@ -83,11 +83,12 @@ public final class RunningControl: Sendable {
     public func token(
         usages: Int? = nil,
         ttlSeconds: Int? = nil,
-        node: String? = nil
+        node: String? = nil,
+        relay: String? = nil
     ) async throws
         -> BootstrapTokenSecret
     {
-        let request = BootstrapTokenRequest(ttlSeconds: ttlSeconds, usages: usages, nodeName: node)
+        let request = BootstrapTokenRequest(ttlSeconds: ttlSeconds, usages: usages, nodeName: node, relayName: relay)
         let body = try await self.client.raw(
             .POST,
             "/apis/mesh.edge/v1/bootstraptokens",

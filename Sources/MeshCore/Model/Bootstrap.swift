@@ -15,6 +15,8 @@ public struct BootstrapToken: Codable, Sendable, Equatable {
     /// The one node name the token may join (and may re-join while a Node of that name exists);
     /// nil: any name not taken yet.
     public var nodeName: String?
+    /// A relay token: it enrols only the relay of this name (`mesh://relay/NAME`), and no node.
+    public var relayName: String?
 
     public init(
         id: String,
@@ -22,7 +24,8 @@ public struct BootstrapToken: Codable, Sendable, Equatable {
         expires: String,
         usagesLeft: Int?,
         creationTimestamp: String,
-        nodeName: String? = nil
+        nodeName: String? = nil,
+        relayName: String? = nil
     ) {
         self.id = id
         self.description = description
@@ -30,6 +33,7 @@ public struct BootstrapToken: Codable, Sendable, Equatable {
         self.usagesLeft = usagesLeft
         self.creationTimestamp = creationTimestamp
         self.nodeName = nodeName
+        self.relayName = relayName
     }
 }
 
@@ -55,12 +59,21 @@ public struct BootstrapTokenRequest: Codable, Sendable, Equatable {
     public var description: String?
     /// Binds the token to this node name (see `BootstrapToken.nodeName`).
     public var nodeName: String?
+    /// Makes it a relay token for this relay name (see `BootstrapToken.relayName`); not with `nodeName`.
+    public var relayName: String?
 
-    public init(ttlSeconds: Int? = nil, usages: Int? = nil, description: String? = nil, nodeName: String? = nil) {
+    public init(
+        ttlSeconds: Int? = nil,
+        usages: Int? = nil,
+        description: String? = nil,
+        nodeName: String? = nil,
+        relayName: String? = nil
+    ) {
         self.ttlSeconds = ttlSeconds
         self.usages = usages
         self.description = description
         self.nodeName = nodeName
+        self.relayName = relayName
     }
 }
 
@@ -76,34 +89,56 @@ public struct BootstrapTokenSecret: Codable, Sendable, Equatable {
     public var usagesLeft: Int?
     /// The node name it is bound to, if any.
     public var nodeName: String?
+    /// The relay it enrols, for a relay token.
+    public var relayName: String?
 
-    public init(token: String, caCertHash: String, expires: String, usagesLeft: Int?, nodeName: String? = nil) {
+    public init(
+        token: String,
+        caCertHash: String,
+        expires: String,
+        usagesLeft: Int?,
+        nodeName: String? = nil,
+        relayName: String? = nil
+    ) {
         self.token = token
         self.caCertHash = caCertHash
         self.expires = expires
         self.usagesLeft = usagesLeft
         self.nodeName = nodeName
+        self.relayName = relayName
     }
 }
 
 /// `POST /apis/mesh.edge/v1/join` (no client certificate needed): a token and a PEM CSR whose
-/// common name is the node's name.
+/// common name is the node's (or the relay's) name.
 public struct JoinRequest: Codable, Sendable, Equatable {
     public var apiVersion: String = meshAPIVersion
     public var kind: String = "JoinRequest"
     public var token: String
     public var csr: String
+    /// What joins: a node (the default) or a relay (only with a relay token for that name).
+    public var role: JoinRole?
 
-    public init(token: String, csr: String) {
+    public init(token: String, csr: String, role: JoinRole? = nil) {
         self.token = token
         self.csr = csr
+        self.role = role
     }
+}
+
+/// Who a join enrols, and so which identity the CA signs.
+public enum JoinRole: String, StrictEnum {
+    /// An agent: `mesh://node/NAME`.
+    case node
+    /// A relay: `mesh://relay/NAME`.
+    case relay
 }
 
 /// The join's answer, and the renewal's: the node's certificate and the CA certificate (PEM).
 public struct JoinResponse: Codable, Sendable, Equatable {
     public var apiVersion: String = meshAPIVersion
     public var kind: String = "JoinResponse"
+    /// The name the certificate is for (a relay's name, for a relay join).
     public var nodeName: String
     public var certificate: String
     public var caCertificate: String

@@ -16,6 +16,7 @@ public enum Registry {
         entry(Service.self),
         entry(Endpoints.self),
         entry(Node.self),
+        entry(Relay.self),
     ]
 
     static func entry<T: MeshObject>(_ t: T.Type) -> Entry {

@@ -1,0 +1,158 @@
+import MeshCore
+
+extension RelaySessionMessage {
+    /// The frame's bytes. Throws `unencodable` for a name that is not a DNS-1123 subdomain or a
+    /// message over `maxPayload` bytes.
+    public func encode() throws(RelaySessionWireError) -> [UInt8] {
+        var payload: [UInt8] = []
+        switch self {
+        case .hello(let version, let node):
+            payload.append(version)
+            try Self.put(name: node, into: &payload)
+        case .welcome(let relay, let keepalive):
+            try Self.put(name: relay, into: &payload)
+            Self.put(keepalive, into: &payload)
+        case .ping(let value), .pong(let value):
+            Self.put(value, into: &payload)
+        case .connect(let node):
+            try Self.put(name: node, into: &payload)
+        case .open(let circuit, let from):
+            Self.put(circuit, into: &payload)
+            try Self.put(name: from, into: &payload)
+        case .accept(let circuit), .ready(let circuit):
+            Self.put(circuit, into: &payload)
+        case .refused(let reason, let message):
+            payload.append(reason.code)
+            let text = Array(message.utf8)
+            guard text.count <= Self.maxPayload - 3 else {
+                throw RelaySessionWireError(
+                    .unencodable,
+                    at: 0,
+                    "a refusal's text is over \(Self.maxPayload - 3) bytes"
+                )
+            }
+            Self.put(UInt16(text.count), into: &payload)
+            payload += text
+        }
+        guard payload.count <= Self.maxPayload else {
+            throw RelaySessionWireError(
+                .unencodable,
+                at: 0,
+                "a payload of \(payload.count) bytes is over \(Self.maxPayload)"
+            )
+        }
+        return [self.kind.rawValue, UInt8(payload.count >> 8), UInt8(payload.count & 0xFF)] + payload
+    }
+
+    /// Decodes the frame at the start of `bytes`: the message and the frame's length, or nil when
+    /// `bytes` holds only part of a frame (read more). Bytes after the frame are not looked at.
+    public static func decode(_ bytes: [UInt8]) throws(RelaySessionWireError) -> (message: Self, length: Int)? {
+        guard let first = bytes.first else { return nil }
+        guard let kind = Kind(rawValue: first) else {
+            throw RelaySessionWireError(
+                .unknownType,
+                at: 0,
+                "type 0x\(String(first, radix: 16)) is no relay session message"
+            )
+        }
+        guard bytes.count >= Self.headerSize else { return nil }
+        let length = Int(bytes[1]) << 8 | Int(bytes[2])
+        guard length <= Self.maxPayload else {
+            throw RelaySessionWireError(.tooLong, at: 1, "a payload of \(length) bytes is over \(Self.maxPayload)")
+        }
+        guard bytes.count >= Self.headerSize + length else { return nil }
+        var r = Reader(bytes: bytes, at: Self.headerSize, end: Self.headerSize + length)
+        let message: Self
+        switch kind {
+        case .hello:
+            let version = try r.byte()
+            message = .hello(version: version, node: try r.name())
+        case .welcome:
+            let relay = try r.name()
+            message = .welcome(relay: relay, keepaliveSeconds: try r.u16())
+        case .ping: message = .ping(try r.u64())
+        case .pong: message = .pong(try r.u64())
+        case .connect: message = .connect(node: try r.name())
+        case .open:
+            let circuit = try r.u64()
+            message = .open(circuit: circuit, from: try r.name())
+        case .accept: message = .accept(circuit: try r.u64())
+        case .ready: message = .ready(circuit: try r.u64())
+        case .refused:
+            let code = try r.byte()
+            message = .refused(RelayRefusal(code: code), message: try r.text())
+        }
+        guard r.at == r.end else {
+            throw RelaySessionWireError(
+                .trailingBytes,
+                at: r.at,
+                "\(r.end - r.at) byte(s) after the last field of \(kind)"
+            )
+        }
+        return (message, r.end)
+    }
+
+    static func put(name: String, into payload: inout [UInt8]) throws(RelaySessionWireError) {
+        if let e = Names.dns1123SubdomainError(name) {
+            throw RelaySessionWireError(.unencodable, at: 0, "name \"\(name)\" \(e)")
+        }
+        payload.append(UInt8(name.utf8.count))
+        payload += Array(name.utf8)
+    }
+
+    static func put(_ v: UInt16, into payload: inout [UInt8]) {
+        payload += [UInt8(v >> 8), UInt8(v & 0xFF)]
+    }
+
+    static func put(_ v: UInt64, into payload: inout [UInt8]) {
+        for shift in stride(from: 56, through: 0, by: -8) { payload.append(UInt8((v >> UInt64(shift)) & 0xFF)) }
+    }
+
+    struct Reader {
+        let bytes: [UInt8]
+        var at: Int
+        let end: Int
+
+        mutating func take(_ n: Int, _ what: String) throws(RelaySessionWireError) -> ArraySlice<UInt8> {
+            guard self.end - self.at >= n else {
+                throw RelaySessionWireError(.truncated, at: self.at, "the payload ends inside \(what)")
+            }
+            defer { self.at += n }
+            return self.bytes[self.at..<self.at + n]
+        }
+
+        mutating func byte() throws(RelaySessionWireError) -> UInt8 { try self.take(1, "a byte field").first! }
+
+        mutating func u16() throws(RelaySessionWireError) -> UInt16 {
+            try self.take(2, "a 2-byte field").reduce(0) { $0 << 8 | UInt16($1) }
+        }
+
+        mutating func u64() throws(RelaySessionWireError) -> UInt64 {
+            try self.take(8, "an 8-byte field").reduce(0) { $0 << 8 | UInt64($1) }
+        }
+
+        mutating func name() throws(RelaySessionWireError) -> String {
+            let start = self.at
+            let count = Int(try self.take(1, "a name's length").first!)
+            let raw = try self.take(count, "a name")
+            guard let name = String(validating: raw, as: UTF8.self), Names.dns1123SubdomainError(name) == nil else {
+                throw RelaySessionWireError(
+                    .badName,
+                    at: start,
+                    "a name must be a DNS-1123 subdomain (a-z, 0-9, - and .)"
+                )
+            }
+            return name
+        }
+
+        mutating func text() throws(RelaySessionWireError) -> String {
+            let start = self.at
+            let count = Int(try self.u16())
+            let raw = try self.take(count, "a text")
+            guard let text = String(validating: raw, as: UTF8.self) else {
+                throw RelaySessionWireError(.badText, at: start, "a text that is not UTF-8")
+            }
+            return text
+        }
+    }
+}
