@@ -32,7 +32,7 @@ public enum DataPlaneError: Error, CustomStringConvertible, Sendable {
 /// accepting and its connections drain, and a route whose backends or policy changed gets a new balancer
 /// swapped in without dropping a connection (per-backend health carries over by `ip:port`).
 ///
-/// All proxying happens on event loops (NIO handlers for HTTP and UDP, the relay loops for TCP); nothing here
+/// All proxying happens on event loops (NIO handlers for HTTP and UDP, the splice loops for TCP); nothing here
 /// runs per connection or per request.
 public actor DataPlane: ServiceLifecycle.Service {
     public nonisolated let configuration: DataPlaneConfiguration
@@ -78,7 +78,7 @@ public actor DataPlane: ServiceLifecycle.Service {
             counters: self.counters,
             logger: logger,
             pools: HTTPUpstreamPools(group: eventLoopGroup, configuration: configuration, counters: self.counters),
-            relay: RelayEngine(configuration: configuration, counters: self.counters, logger: logger)
+            splice: SpliceEngine(configuration: configuration, counters: self.counters, logger: logger)
         )
     }
 
@@ -225,14 +225,14 @@ public actor DataPlane: ServiceLifecycle.Service {
             + self.counters.upstreamChannels.load(ordering: .relaxed)
     }
 
-    /// TCP relay threads running (they start with the first TCP route).
-    nonisolated var relayThreads: Int { self.environment.relay.runningLoops }
+    /// TCP splice threads running (they start with the first TCP route).
+    nonisolated var spliceThreads: Int { self.environment.splice.runningLoops }
 
     /// Client-side channels open right now.
     public nonisolated var openClientChannels: Int { self.counters.downstreamChannels.load(ordering: .relaxed) }
 
     /// The largest write backlog (bytes read from one side and not yet taken by the other side's kernel buffer)
-    /// seen on any proxied connection: at most one 64 KiB read on the TCP relay; near the high water mark plus
+    /// seen on any proxied connection: at most one 64 KiB read on the TCP splice; near the high water mark plus
     /// one read burst on NIO channels (HTTP upgrades).
     public nonisolated var bufferedBytesHighWater: Int { self.counters.bufferedHighWater.load(ordering: .relaxed) }
 
@@ -257,7 +257,7 @@ public actor DataPlane: ServiceLifecycle.Service {
         while self.openChannels > 0, NIODeadline.now() < deadline {
             try? await Task.sleep(for: .milliseconds(5))
         }
-        await self.environment.relay.shutdown()
+        await self.environment.splice.shutdown()
         self.listeners = [:]
         self.failed = [:]
         if case .interface(let interface) = self.mode {

@@ -7,7 +7,7 @@ import Synchronization
 final class DataPlaneCounters: Sendable {
     let downstreamChannels = Atomic<Int>(0)
     let upstreamChannels = Atomic<Int>(0)
-    /// Largest backlog seen: bytes the TCP relay held back for a side that could not take them, or NIO's
+    /// Largest backlog seen: bytes the TCP splice held back for a side that could not take them, or NIO's
     /// `bufferedWritableBytes` right after a flush that left a glued channel over the high water mark.
     let bufferedHighWater = Atomic<Int>(0)
 
@@ -70,5 +70,5 @@ struct ProxyEnvironment: Sendable {
     let counters: DataPlaneCounters
     let logger: Logger
     let pools: HTTPUpstreamPools
-    let relay: RelayEngine
+    let splice: SpliceEngine
 }

@@ -3,7 +3,7 @@ import MeshCore
 import NIOCore
 import NIOPosix
 
-/// One bound VIP:port and the connections it accepted: TCP routes on the relay loops (`RelayListener`), HTTP
+/// One bound VIP:port and the connections it accepted: TCP routes on the splice loops (`SpliceListener`), HTTP
 /// routes on a NIO server channel, UDP routes on a NIO datagram channel.
 final class Listener: Sendable {
     let handle: RouteHandle
@@ -11,7 +11,7 @@ final class Listener: Sendable {
 
     private enum Kind: Sendable {
         case channel(any Channel, ChannelSet)
-        case relay(RelayListener)
+        case splice(SpliceListener)
     }
 
     private init(handle: RouteHandle, kind: Kind) {
@@ -28,14 +28,14 @@ final class Listener: Sendable {
         let address = try SocketAddress(ipAddress: key.vip.description, port: key.port)
         let configuration = environment.configuration
         if handle.proto == .tcp {
-            let relay = try await RelayListener.bind(
+            let splice = try await SpliceListener.bind(
                 handle: handle,
                 address: address,
                 backlog: configuration.backlog,
-                loops: try await environment.relay.loops(on: group),
+                loops: try await environment.splice.loops(on: group),
                 group: group
             )
-            return Listener(handle: handle, kind: .relay(relay))
+            return Listener(handle: handle, kind: .splice(splice))
         }
         let connections = ChannelSet()
         // Sockets are created on an event-loop thread (not the caller's), so they live in the network
@@ -94,7 +94,7 @@ final class Listener: Sendable {
     var openConnections: Int {
         switch self.kind {
         case .channel(_, let connections): return connections.count
-        case .relay(let relay): return relay.openConnections
+        case .splice(let splice): return splice.openConnections
         }
     }
 
@@ -108,8 +108,8 @@ final class Listener: Sendable {
             for channel in connections.all {
                 channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
             }
-        case .relay(let relay):
-            await relay.stopAccepting()
+        case .splice(let splice):
+            await splice.stopAccepting()
         }
     }
 
@@ -117,7 +117,7 @@ final class Listener: Sendable {
     func closeAll() async {
         switch self.kind {
         case .channel(_, let connections): connections.closeAll()
-        case .relay(let relay): await relay.closeAll()
+        case .splice(let splice): await splice.closeAll()
         }
     }
 

@@ -179,7 +179,7 @@ enum TestServers {
         let fd = socket(family, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
         try #require(fd >= 0)
         let address = try SocketAddress(ipAddress: host, port: 0)
-        try #require(RelaySocket.withSockAddr(address) { Glibc.bind(fd, $0, $1) } == 0, "bind: errno \(errno)")
+        try #require(SpliceSocket.withSockAddr(address) { Glibc.bind(fd, $0, $1) } == 0, "bind: errno \(errno)")
         var bound = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         _ = withUnsafeMutablePointer(to: &bound) {

@@ -1,7 +1,7 @@
 import NIOCore
 
 /// One side of two NIO channels spliced together on the same event loop: an HTTP connection after an upgrade
-/// (`HTTPUpgradeTunnel.swift`; plain TCP routes use the relay loops, TCP/). What one side reads is written to the
+/// (`HTTPUpgradeTunnel.swift`; plain TCP routes use the splice loops, TCP/). What one side reads is written to the
 /// other and flushed at the end of each read burst; while the other side is not writable (its write buffer
 /// is above the high water mark) this side stops reading, and it resumes when the other side becomes
 /// writable again, so the bytes held per connection stay bounded by the water marks. An EOF on one side

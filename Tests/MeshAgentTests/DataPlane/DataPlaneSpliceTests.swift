@@ -22,11 +22,11 @@ private struct BlockingClient {
         var timeout = timeval(tv_sec: 10, tv_usec: 0)
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        let rc = RelaySocket.withSockAddr(address) { Glibc.connect(fd, $0, $1) }
+        let rc = SpliceSocket.withSockAddr(address) { Glibc.connect(fd, $0, $1) }
         if rc != 0 {
             let code = errno
             Glibc.close(fd)
-            throw RelayLoop.Failure.system("connect", code)
+            throw SpliceLoop.Failure.system("connect", code)
         }
         return BlockingClient(fd: fd)
     }
@@ -43,7 +43,7 @@ private struct BlockingClient {
             var done = 0
             while done < n {
                 let sent = buffer.withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress! + done, n - done, 0) }
-                if sent < 0 { throw RelayLoop.Failure.system("send", errno) }
+                if sent < 0 { throw SpliceLoop.Failure.system("send", errno) }
                 done += sent
             }
             offset += n
@@ -57,7 +57,7 @@ private struct BlockingClient {
         var intact = true
         while true {
             let n = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress!, $0.count, 0) }
-            if n < 0 { throw RelayLoop.Failure.system("recv", errno) }
+            if n < 0 { throw SpliceLoop.Failure.system("recv", errno) }
             if n == 0 { return (total, intact) }
             for i in 0..<n where buffer[i] != Self.pattern(total + i, seed: seed) { intact = false }
             total += n
@@ -126,9 +126,9 @@ private func withEchoRoute<T: Sendable>(
     }
 }
 
-@Suite("Data plane: TCP relay loops", .timeLimit(.minutes(1)))
-struct DataPlaneRelayTests {
-    @Test("relay threads: one per event loop, named mesh-relay-N, from the first TCP route to shutdown")
+@Suite("Data plane: TCP splice loops", .timeLimit(.minutes(1)))
+struct DataPlaneSpliceTests {
+    @Test("splice threads: one per event loop, named mesh-splice-N, from the first TCP route to shutdown")
     func threadsStartLazilyAndAreNamed() async throws {
         let backend = try await TestServers.echo()
         defer { Task { await backend.close() } }
@@ -140,19 +140,19 @@ struct DataPlaneRelayTests {
                 Route(service: service("udp-only"), vip: vip, port: 8081, proto: .udp, backends: [backend.backend()])
             ])
         )
-        #expect(dataPlane.relayThreads == 0, "no relay thread without a TCP route")
+        #expect(dataPlane.spliceThreads == 0, "no splice thread without a TCP route")
         try await dataPlane.apply(
             RouteTable(routes: [
                 Route(service: service("named"), vip: vip, port: 8080, backends: [backend.backend()])
             ])
         )
-        #expect(dataPlane.relayThreads == 2)
+        #expect(dataPlane.spliceThreads == 2)
         let names = threadNames()
-        #expect(names.contains("mesh-relay-0") && names.contains("mesh-relay-1"), "threads: \(names)")
+        #expect(names.contains("mesh-splice-0") && names.contains("mesh-splice-1"), "threads: \(names)")
         let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), send: "hi", halfClose: true)
         #expect(String(buffer: reply) == "hi")
         await dataPlane.shutdown(drain: false)
-        #expect(dataPlane.relayThreads == 0, "relay threads must exit at shutdown")
+        #expect(dataPlane.spliceThreads == 0, "splice threads must exit at shutdown")
         try await group.shutdownGracefully()
     }
 

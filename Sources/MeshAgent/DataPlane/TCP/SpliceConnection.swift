@@ -9,9 +9,9 @@ import Glibc
 import Musl
 #endif
 
-/// One socket of a relayed connection. Its epoll token is this object; what it reads goes to `peer`.
-final class RelaySide: RelayPollable {
-    unowned(unsafe) let connection: RelayConnection
+/// One socket of a spliced connection. Its epoll token is this object; what it reads goes to `peer`.
+final class SpliceSide: SplicePollable {
+    unowned(unsafe) let connection: SpliceConnection
     let isClient: Bool
     var fd: Int32 = -1
     /// An edge said there is input (or an EOF or error) not read yet.
@@ -26,7 +26,7 @@ final class RelaySide: RelayPollable {
     var pending: UnsafeMutableRawBufferPointer?
     var pendingStart = 0
 
-    init(connection: RelayConnection, isClient: Bool) {
+    init(connection: SpliceConnection, isClient: Bool) {
         self.connection = connection
         self.isClient = isClient
     }
@@ -42,7 +42,7 @@ final class RelaySide: RelayPollable {
     }
 }
 
-/// A proxied TCP connection: the accepted client socket and its upstream socket, both on one relay loop.
+/// A proxied TCP connection: the accepted client socket and its upstream socket, both on one splice loop.
 ///
 /// Bytes move in bursts: on an edge, read into the loop's buffer and send to the other socket at once; a
 /// short read means the socket is drained (a new edge comes with new data), so a 64-byte request costs one
@@ -50,11 +50,11 @@ final class RelaySide: RelayPollable {
 /// side is not read again until it has gone (back-pressure: at most 64 KiB held per direction). An EOF on
 /// one side becomes `shutdown(SHUT_WR)` on the other once its pending bytes are written; the connection
 /// closes when both directions have ended, on any error, on the idle timeout, or when its route's drain ends.
-final class RelayConnection {
-    unowned(unsafe) let loop: RelayLoop
-    let listener: RelayListener
-    private(set) var client: RelaySide!
-    private(set) var upstream: RelaySide!
+final class SpliceConnection {
+    unowned(unsafe) let loop: SpliceLoop
+    let listener: SpliceListener
+    private(set) var client: SpliceSide!
+    private(set) var upstream: SpliceSide!
     private let metrics: RouteMetrics
     private let hash: UInt64
 
@@ -78,14 +78,14 @@ final class RelayConnection {
 
     var isConnecting: Bool { self.state == .connecting }
 
-    init(loop: RelayLoop, listener: RelayListener, clientFD: Int32, hash: UInt64) {
+    init(loop: SpliceLoop, listener: SpliceListener, clientFD: Int32, hash: UInt64) {
         self.loop = loop
         self.listener = listener
         self.metrics = listener.handle.metrics
         self.hash = hash
         self.quietSince = loop.now
-        self.client = RelaySide(connection: self, isClient: true)
-        self.upstream = RelaySide(connection: self, isClient: false)
+        self.client = SpliceSide(connection: self, isClient: true)
+        self.upstream = SpliceSide(connection: self, isClient: false)
         self.client.fd = clientFD
     }
 
@@ -97,9 +97,9 @@ final class RelayConnection {
         handle.connectionOpened()
         self.loop.counters.downstreamChannels.add(1, ordering: .relaxed)
         do {
-            try self.loop.register(self.client.fd, self.client, events: RelayEvents.stream)
+            try self.loop.register(self.client.fd, self.client, events: SpliceEvents.stream)
         } catch {
-            self.loop.logger.warning("relay: cannot watch an accepted socket", metadata: ["error": "\(error)"])
+            self.loop.logger.warning("splice: cannot watch an accepted socket", metadata: ["error": "\(error)"])
             self.close()
             return
         }
@@ -123,10 +123,10 @@ final class RelayConnection {
         }
         self.tried.append(pick.id)
         self.pick = pick
-        self.connectStarted = RelayLoop.monotonic()
+        self.connectStarted = SpliceLoop.monotonic()
         let fd: Int32
         do {
-            fd = try RelaySocket.connect(to: pick.address)
+            fd = try SpliceSocket.connect(to: pick.address)
         } catch {
             self.connectFailed(error)
             return
@@ -134,7 +134,7 @@ final class RelayConnection {
         self.upstream.fd = fd
         self.loop.counters.upstreamChannels.add(1, ordering: .relaxed)
         do {
-            try self.loop.register(fd, self.upstream, events: RelayEvents.stream)
+            try self.loop.register(fd, self.upstream, events: SpliceEvents.stream)
         } catch {
             self.connectFailed(error)
             return
@@ -170,14 +170,14 @@ final class RelayConnection {
 
     func connectTimedOut() {
         guard self.state == .connecting, self.upstream.fd >= 0 else { return }
-        self.connectFailed(RelayLoop.Failure.system("connect", ETIMEDOUT))
+        self.connectFailed(SpliceLoop.Failure.system("connect", ETIMEDOUT))
     }
 
     private func connected() {
         let handle = self.listener.handle
         self.state = .open
         self.connectDeadline = .max
-        let elapsed = RelayLoop.monotonic() &- self.connectStarted
+        let elapsed = SpliceLoop.monotonic() &- self.connectStarted
         self.metrics.upstreamLatency.recordNanoseconds(Int64(clamping: elapsed))
         if let pick = self.pick { handle.report(pick, outcome: .success) }
         // Input that arrived while connecting, either way (server-first protocols too).
@@ -194,32 +194,32 @@ final class RelayConnection {
 
     // MARK: events
 
-    func ready(_ side: RelaySide, _ events: UInt32) {
+    func ready(_ side: SpliceSide, _ events: UInt32) {
         switch self.state {
         case .closed:
             return
         case .connecting:
             if side.isClient {
-                if events & (RelayEvents.input | RelayEvents.closing) != 0 { side.readable = true }
-                if events & RelayEvents.closing != 0 { side.closing = true }
+                if events & (SpliceEvents.input | SpliceEvents.closing) != 0 { side.readable = true }
+                if events & SpliceEvents.closing != 0 { side.closing = true }
                 return
             }
-            guard events & (RelayEvents.output | RelayEvents.error | RelayEvents.hangUp) != 0 else { return }
+            guard events & (SpliceEvents.output | SpliceEvents.error | SpliceEvents.hangUp) != 0 else { return }
             var code: Int32 = 0
             var length = socklen_t(MemoryLayout<Int32>.size)
             let rc = getsockopt(side.fd, SOL_SOCKET, SO_ERROR, &code, &length)
             if rc != 0 { code = errno }
             if code != 0 {
-                self.connectFailed(RelayLoop.Failure.system("connect", code))
+                self.connectFailed(SpliceLoop.Failure.system("connect", code))
                 return
             }
-            if events & (RelayEvents.input | RelayEvents.closing) != 0 { side.readable = true }
-            if events & RelayEvents.closing != 0 { side.closing = true }
+            if events & (SpliceEvents.input | SpliceEvents.closing) != 0 { side.readable = true }
+            if events & SpliceEvents.closing != 0 { side.closing = true }
             self.connected()
         case .open:
-            if events & (RelayEvents.input | RelayEvents.closing) != 0 { side.readable = true }
-            if events & RelayEvents.closing != 0 { side.closing = true }
-            if events & RelayEvents.output != 0, side.pending != nil {
+            if events & (SpliceEvents.input | SpliceEvents.closing) != 0 { side.readable = true }
+            if events & SpliceEvents.closing != 0 { side.closing = true }
+            if events & SpliceEvents.output != 0, side.pending != nil {
                 // Drained: what the peer held back can flow again. Not drained: this side's own input still
                 // flows the other way below (a client that writes before it reads must not stall).
                 if self.flushPending(side) { self.pump(from: side.peer(self), to: side) }
@@ -240,7 +240,7 @@ final class RelayConnection {
 
     /// Reads from `source` and sends to `target` until `source` is drained, `target` pushes back, or 16 full
     /// reads have been moved (then the loop comes back to it after the other ready sockets).
-    private func pump(from source: RelaySide, to target: RelaySide) {
+    private func pump(from source: SpliceSide, to target: SpliceSide) {
         guard target.pending == nil, !source.eof else { return }
         let buffer = self.loop.scratch
         let base = buffer.baseAddress!
@@ -310,7 +310,7 @@ final class RelayConnection {
     }
 
     /// Keeps `count` bytes for `side` until it is writable again.
-    private func hold(_ bytes: UnsafeMutableRawPointer, _ count: Int, for side: RelaySide) {
+    private func hold(_ bytes: UnsafeMutableRawPointer, _ count: Int, for side: SpliceSide) {
         let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 1)
         copy.copyMemory(from: UnsafeRawBufferPointer(start: bytes, count: count))
         side.pending = copy
@@ -319,7 +319,7 @@ final class RelayConnection {
     }
 
     /// Writes what is pending for `side`; true when nothing is left.
-    private func flushPending(_ side: RelaySide) -> Bool {
+    private func flushPending(_ side: SpliceSide) -> Bool {
         guard let pending = side.pending else { return true }
         while side.pendingStart < pending.count {
             let sent = send(
@@ -346,7 +346,7 @@ final class RelayConnection {
         return true
     }
 
-    private func shutWrite(_ side: RelaySide) {
+    private func shutWrite(_ side: SpliceSide) {
         guard !side.shut else { return }
         side.shut = true
         _ = shutdown(side.fd, Int32(SHUT_WR))
@@ -362,7 +362,7 @@ final class RelayConnection {
 
     // MARK: closing
 
-    /// True when the connection has been quiet for `timeout` (compared at sweeps, see `RelayLoop`).
+    /// True when the connection has been quiet for `timeout` (compared at sweeps, see `SpliceLoop`).
     func checkIdle(now: UInt64, timeout: UInt64) -> Bool {
         if self.activity != self.sweptActivity {
             self.sweptActivity = self.activity
@@ -394,10 +394,10 @@ final class RelayConnection {
     }
 }
 
-extension RelaySide {
+extension SpliceSide {
     /// The other socket of the connection.
     @inline(__always)
-    func peer(_ connection: RelayConnection) -> RelaySide {
+    func peer(_ connection: SpliceConnection) -> SpliceSide {
         self.isClient ? connection.upstream : connection.client
     }
 }

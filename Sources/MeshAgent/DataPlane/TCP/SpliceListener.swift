@@ -10,13 +10,13 @@ import Glibc
 import Musl
 #endif
 
-/// The relay loops of one data plane, one per event loop of its group, started on first use (an agent with
-/// no TCP route runs no relay thread).
-final class RelayEngine: Sendable {
+/// The splice loops of one data plane, one per event loop of its group, started on first use (an agent with
+/// no TCP route runs no splice thread).
+final class SpliceEngine: Sendable {
     private let configuration: DataPlaneConfiguration
     private let counters: DataPlaneCounters
     private let logger: Logger
-    private let state = Mutex<[RelayLoop]?>(nil)
+    private let state = Mutex<[SpliceLoop]?>(nil)
 
     init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters, logger: Logger) {
         self.configuration = configuration
@@ -26,16 +26,16 @@ final class RelayEngine: Sendable {
 
     /// The loops, starting them first if needed. Each is started from one of `group`'s event-loop threads,
     /// so it lives in that thread's network namespace.
-    func loops(on group: any EventLoopGroup) async throws -> [RelayLoop] {
+    func loops(on group: any EventLoopGroup) async throws -> [SpliceLoop] {
         if let loops = self.state.withLock({ $0 }) { return loops }
-        var started: [RelayLoop] = []
+        var started: [SpliceLoop] = []
         for (index, eventLoop) in group.makeIterator().enumerated() {
             let configuration = self.configuration
             let counters = self.counters
             let logger = self.logger
             started.append(
                 try await eventLoop.submit {
-                    try RelayLoop.start(
+                    try SpliceLoop.start(
                         index: index,
                         configuration: configuration,
                         counters: counters,
@@ -44,7 +44,7 @@ final class RelayEngine: Sendable {
                 }.get()
             )
         }
-        let (loops, extra) = self.state.withLock { state -> ([RelayLoop], [RelayLoop]) in
+        let (loops, extra) = self.state.withLock { state -> ([SpliceLoop], [SpliceLoop]) in
             if let existing = state { return (existing, started) }
             state = started
             return (started, [])
@@ -53,13 +53,13 @@ final class RelayEngine: Sendable {
         return loops
     }
 
-    /// Relay threads running (0 until the first TCP route, and after `shutdown()` once they have exited).
+    /// Splice threads running (0 until the first TCP route, and after `shutdown()` once they have exited).
     var runningLoops: Int { self.state.withLock { $0?.count(where: { !$0.hasStopped }) ?? 0 } }
 
     /// Stops every loop (closing what is still open) and waits up to 2 s for the threads to finish.
     func shutdown() async {
         guard
-            let loops = self.state.withLock({ state -> [RelayLoop]? in
+            let loops = self.state.withLock({ state -> [SpliceLoop]? in
                 defer { state = nil }
                 return state
             })
@@ -72,13 +72,13 @@ final class RelayEngine: Sendable {
     }
 }
 
-/// A TCP route's listening socket, watched by every relay loop of the data plane (EPOLLEXCLUSIVE: one loop
+/// A TCP route's listening socket, watched by every splice loop of the data plane (EPOLLEXCLUSIVE: one loop
 /// is woken per connection), and the count of its open connections.
-final class RelayListener: Sendable {
+final class SpliceListener: Sendable {
     let handle: RouteHandle
     let fd: Int32
-    private let loops: [RelayLoop]
-    private let acceptors: [RelayAcceptor.Box]
+    private let loops: [SpliceLoop]
+    private let acceptors: [SpliceAcceptor.Box]
     private let open = Atomic<Int>(0)
     private let stopped = Atomic<Bool>(false)
 
@@ -88,11 +88,11 @@ final class RelayListener: Sendable {
         handle: RouteHandle,
         address: SocketAddress,
         backlog: Int,
-        loops: [RelayLoop],
+        loops: [SpliceLoop],
         group: any EventLoopGroup
-    ) async throws -> RelayListener {
-        let fd = try await group.next().submit { try RelaySocket.listen(on: address, backlog: backlog) }.get()
-        let listener = RelayListener(handle: handle, fd: fd, loops: loops)
+    ) async throws -> SpliceListener {
+        let fd = try await group.next().submit { try SpliceSocket.listen(on: address, backlog: backlog) }.get()
+        let listener = SpliceListener(handle: handle, fd: fd, loops: loops)
         do {
             try await listener.start()
         } catch {
@@ -103,21 +103,21 @@ final class RelayListener: Sendable {
         return listener
     }
 
-    private init(handle: RouteHandle, fd: Int32, loops: [RelayLoop]) {
+    private init(handle: RouteHandle, fd: Int32, loops: [SpliceLoop]) {
         self.handle = handle
         self.fd = fd
         self.loops = loops
-        self.acceptors = loops.map { _ in RelayAcceptor.Box() }
+        self.acceptors = loops.map { _ in SpliceAcceptor.Box() }
     }
 
     private func start() async throws {
         for (loop, box) in zip(self.loops, self.acceptors) {
             try await Self.onLoop(loop) {
-                let acceptor = RelayAcceptor(listener: self, loop: loop)
+                let acceptor = SpliceAcceptor(listener: self, loop: loop)
                 try loop.register(
                     self.fd,
                     acceptor,
-                    events: RelayEvents.input | RelayEvents.exclusive
+                    events: SpliceEvents.input | SpliceEvents.exclusive
                 )
                 box.set(acceptor)
             }
@@ -151,33 +151,33 @@ final class RelayListener: Sendable {
     }
 
     /// Runs `body` on `loop`'s thread and waits for it.
-    private static func onLoop(_ loop: RelayLoop, _ body: @escaping @Sendable () throws -> Void) async throws {
+    private static func onLoop(_ loop: SpliceLoop, _ body: @escaping @Sendable () throws -> Void) async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let queued = loop.execute { continuation.resume(with: Result { try body() }) }
-            if !queued { continuation.resume(throwing: RelayLoop.Failure.system("relay loop stopped", ESHUTDOWN)) }
+            if !queued { continuation.resume(throwing: SpliceLoop.Failure.system("splice loop stopped", ESHUTDOWN)) }
         }
     }
 }
 
-/// A listening socket as seen by one relay loop.
-final class RelayAcceptor: RelayPollable {
+/// A listening socket as seen by one splice loop.
+final class SpliceAcceptor: SplicePollable {
     /// Holds a loop's acceptor for the listener (set and taken on that loop's thread only).
     final class Box: @unchecked Sendable {
-        private var acceptor: RelayAcceptor?
-        func set(_ acceptor: RelayAcceptor) { self.acceptor = acceptor }
-        func take() -> RelayAcceptor? {
+        private var acceptor: SpliceAcceptor?
+        func set(_ acceptor: SpliceAcceptor) { self.acceptor = acceptor }
+        func take() -> SpliceAcceptor? {
             defer { self.acceptor = nil }
             return self.acceptor
         }
     }
 
-    let listener: RelayListener
-    unowned(unsafe) let loop: RelayLoop
+    let listener: SpliceListener
+    unowned(unsafe) let loop: SpliceLoop
     var detached = false
     var fd: Int32 { self.listener.fd }
     private var lastWarning: UInt64 = 0
 
-    init(listener: RelayListener, loop: RelayLoop) {
+    init(listener: SpliceListener, loop: SpliceLoop) {
         self.listener = listener
         self.loop = loop
     }
@@ -207,7 +207,7 @@ final class RelayAcceptor: RelayPollable {
                     if self.loop.now &- self.lastWarning > 10_000_000_000 || self.lastWarning == 0 {
                         self.lastWarning = self.loop.now
                         self.loop.logger.warning(
-                            "relay: accept failed, pausing the listener for 100 ms",
+                            "splice: accept failed, pausing the listener for 100 ms",
                             metadata: ["listener": "\(handle.key)", "errno": "\(code)"]
                         )
                     }
@@ -224,26 +224,26 @@ final class RelayAcceptor: RelayPollable {
             var one: Int32 = 1
             _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             var hash: UInt64 = 0
-            if handle.hashesRequests, let ip = RelaySocket.ip(of: storage) {
+            if handle.hashesRequests, let ip = SpliceSocket.ip(of: storage) {
                 hash = StableHash.hash(ip)
             }
-            RelayConnection(loop: self.loop, listener: self.listener, clientFD: fd, hash: hash).start()
+            SpliceConnection(loop: self.loop, listener: self.listener, clientFD: fd, hash: hash).start()
         }
     }
 }
 
-/// The socket calls the relay makes, with errors that say what failed.
-enum RelaySocket {
+/// The socket calls the splice makes, with errors that say what failed.
+enum SpliceSocket {
     /// A non-blocking TCP socket of `address`'s family with `option` (level, name) set to 1.
     private static func stream(for address: SocketAddress, _ what: String, option: (Int32, Int32)) throws -> Int32 {
         let family: Int32
         switch address {
         case .v4: family = AF_INET
         case .v6: family = AF_INET6
-        case .unixDomainSocket: throw RelayLoop.Failure.system("\(what) a unix socket", EAFNOSUPPORT)
+        case .unixDomainSocket: throw SpliceLoop.Failure.system("\(what) a unix socket", EAFNOSUPPORT)
         }
         let fd = socket(family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw RelayLoop.Failure.system("socket", errno) }
+        guard fd >= 0 else { throw SpliceLoop.Failure.system("socket", errno) }
         var one: Int32 = 1
         _ = setsockopt(fd, option.0, option.1, &one, socklen_t(MemoryLayout<Int32>.size))
         return fd
@@ -255,12 +255,12 @@ enum RelaySocket {
         guard rc == 0 else {
             let code = errno
             Glibc.close(fd)
-            throw RelayLoop.Failure.system("bind \(address)", code)
+            throw SpliceLoop.Failure.system("bind \(address)", code)
         }
         guard Glibc.listen(fd, Int32(clamping: backlog)) == 0 else {
             let code = errno
             Glibc.close(fd)
-            throw RelayLoop.Failure.system("listen \(address)", code)
+            throw SpliceLoop.Failure.system("listen \(address)", code)
         }
         return fd
     }
@@ -273,7 +273,7 @@ enum RelaySocket {
             let code = errno
             guard code == EINPROGRESS || code == EINTR else {
                 Glibc.close(fd)
-                throw RelayLoop.Failure.system("connect \(address)", code)
+                throw SpliceLoop.Failure.system("connect \(address)", code)
             }
         }
         return fd

@@ -9,14 +9,14 @@ import Glibc
 import Musl
 #endif
 
-/// Something registered with a relay loop's epoll set. Its epoll token is the object's address, so an event
+/// Something registered with a splice loop's epoll set. Its epoll token is the object's address, so an event
 /// costs no look-up.
-class RelayPollable {
+class SplicePollable {
     /// Called on the loop's thread with the epoll events.
     func ready(_ events: UInt32) {}
 }
 
-/// One thread running an epoll loop for the L4 TCP relay: it accepts on the listeners registered with it,
+/// One thread running an epoll loop for the L4 TCP splice: it accepts on the listeners registered with it,
 /// connects upstream, and moves bytes between the two sockets of each connection with one `recv` and one
 /// `send` per burst into a shared 64 KiB buffer. There is no per-message object, no pipeline and no
 /// promise on this path; a connection costs two sockets, one small object per side, and at most one read's
@@ -24,7 +24,7 @@ class RelayPollable {
 ///
 /// Thread model: everything but `execute(_:)` and `stop()` runs on the loop's own thread. Other threads hand
 /// work over with `execute(_:)` (a mutex-protected queue plus an eventfd wake-up).
-final class RelayLoop: @unchecked Sendable {
+final class SpliceLoop: @unchecked Sendable {
     enum Failure: Error, CustomStringConvertible {
         case system(String, Int32)
 
@@ -51,24 +51,24 @@ final class RelayLoop: @unchecked Sendable {
 
     // MARK: loop-thread state
 
-    /// The buffer every relay of this loop reads into (64 KiB).
+    /// The buffer every splice of this loop reads into (64 KiB).
     let scratch: UnsafeMutableRawBufferPointer
     /// Open connections, owned here (epoll holds only unretained tokens).
-    private var live: [ObjectIdentifier: RelayConnection] = [:]
+    private var live: [ObjectIdentifier: SpliceConnection] = [:]
     /// Connections closed during the current batch of events: kept alive until the batch is done, since a
     /// later event in the same batch may name them.
-    private var retired: [RelayConnection] = []
+    private var retired: [SpliceConnection] = []
     /// Connections whose pump stopped at its per-event bound with bytes still to read.
-    private var again: [RelayConnection] = []
+    private var again: [SpliceConnection] = []
     /// Connections waiting for their upstream connect, checked against their deadline.
-    private var connecting: [RelayConnection] = []
+    private var connecting: [SpliceConnection] = []
     private var nextConnectDeadline = UInt64.max
     /// Idle sweep: every eighth of the idle timeout, every connection's activity count is compared with the
     /// previous sweep's; reads cost no clock read.
     private let sweepInterval: UInt64
     private var nextSweep: UInt64
     /// Acceptors paused after EMFILE/ENFILE, with the time to resume them.
-    private var paused: [(acceptor: RelayAcceptor, until: UInt64)] = []
+    private var paused: [(acceptor: SpliceAcceptor, until: UInt64)] = []
     private(set) var now: UInt64
 
     private init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters, logger: Logger) throws {
@@ -84,7 +84,7 @@ final class RelayLoop: @unchecked Sendable {
             throw Failure.system("eventfd", code)
         }
         var event = epoll_event()
-        event.events = RelayEvents.input
+        event.events = SpliceEvents.input
         event.data.u64 = 0
         guard epoll_ctl(epoll, EPOLL_CTL_ADD, wake, &event) == 0 else {
             let code = errno
@@ -97,7 +97,7 @@ final class RelayLoop: @unchecked Sendable {
         self.scratch = .allocate(byteCount: 64 * 1024, alignment: 16)
         let timeout = UInt64(max(configuration.tcpIdleTimeout.nanoseconds, 1_000_000))
         self.sweepInterval = max(timeout / 8, 1_000_000)
-        self.now = RelayLoop.monotonic()
+        self.now = SpliceLoop.monotonic()
         self.nextSweep = self.now &+ self.sweepInterval
     }
 
@@ -106,15 +106,15 @@ final class RelayLoop: @unchecked Sendable {
     }
 
     /// Starts a loop on a new thread. The thread is created by the calling thread, so it is in the calling
-    /// thread's network namespace: call it from the event loop whose namespace the relay must use.
+    /// thread's network namespace: call it from the event loop whose namespace the splice must use.
     static func start(
         index: Int,
         configuration: DataPlaneConfiguration,
         counters: DataPlaneCounters,
         logger: Logger
-    ) throws -> RelayLoop {
-        let loop = try RelayLoop(configuration: configuration, counters: counters, logger: logger)
-        DedicatedThread.start(name: "mesh-relay-\(index)") { loop.run() }
+    ) throws -> SpliceLoop {
+        let loop = try SpliceLoop(configuration: configuration, counters: counters, logger: logger)
+        DedicatedThread.start(name: "mesh-splice-\(index)") { loop.run() }
         return loop
     }
 
@@ -168,12 +168,12 @@ final class RelayLoop: @unchecked Sendable {
             let count = epoll_wait(self.epoll, events, capacity, timeout)
             if count < 0 {
                 guard errno == EINTR else {
-                    self.logger.critical("relay loop: epoll_wait failed", metadata: ["errno": "\(errno)"])
+                    self.logger.critical("splice loop: epoll_wait failed", metadata: ["errno": "\(errno)"])
                     break
                 }
                 continue
             }
-            self.now = RelayLoop.monotonic()
+            self.now = SpliceLoop.monotonic()
             var wake = false
             for i in 0..<Int(count) {
                 let token = events[i].data.u64
@@ -181,7 +181,7 @@ final class RelayLoop: @unchecked Sendable {
                     wake = true
                     continue
                 }
-                let object = Unmanaged<RelayPollable>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!)
+                let object = Unmanaged<SplicePollable>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!)
                     .takeUnretainedValue()
                 object.ready(events[i].events)
             }
@@ -230,7 +230,7 @@ final class RelayLoop: @unchecked Sendable {
     // MARK: registration (loop thread)
 
     /// Adds `fd` to the epoll set with `events`; the token is `object`'s address (never 0: that is the wake-up).
-    func register(_ fd: Int32, _ object: RelayPollable, events: UInt32) throws {
+    func register(_ fd: Int32, _ object: SplicePollable, events: UInt32) throws {
         var event = epoll_event()
         event.events = events
         event.data.u64 = UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque()))
@@ -253,32 +253,32 @@ final class RelayLoop: @unchecked Sendable {
         close(fd)
     }
 
-    func adopt(_ connection: RelayConnection) {
+    func adopt(_ connection: SpliceConnection) {
         self.live[ObjectIdentifier(connection)] = connection
     }
 
-    func retire(_ connection: RelayConnection) {
+    func retire(_ connection: SpliceConnection) {
         if let removed = self.live.removeValue(forKey: ObjectIdentifier(connection)) {
             self.retired.append(removed)
         }
     }
 
-    func runAgain(_ connection: RelayConnection) {
+    func runAgain(_ connection: SpliceConnection) {
         self.again.append(connection)
     }
 
-    func connectStarted(_ connection: RelayConnection) {
+    func connectStarted(_ connection: SpliceConnection) {
         self.connecting.append(connection)
         self.nextConnectDeadline = min(self.nextConnectDeadline, connection.connectDeadline)
     }
 
-    func pause(_ acceptor: RelayAcceptor, for nanoseconds: UInt64) {
+    func pause(_ acceptor: SpliceAcceptor, for nanoseconds: UInt64) {
         self.deregister(acceptor.fd)
         self.paused.append((acceptor, self.now &+ nanoseconds))
     }
 
     /// Closes every connection accepted for `listener` on this loop.
-    func closeAll(of listener: RelayListener) {
+    func closeAll(of listener: SpliceListener) {
         for connection in Array(self.live.values) where connection.listener === listener {
             connection.close()
         }
@@ -287,7 +287,7 @@ final class RelayLoop: @unchecked Sendable {
     private func expireConnects() {
         var next = UInt64.max
         let now = self.now
-        var expired: [RelayConnection] = []
+        var expired: [SpliceConnection] = []
         self.connecting.removeAll { connection in
             guard connection.isConnecting else { return true }
             if connection.connectDeadline <= now {
@@ -304,7 +304,7 @@ final class RelayLoop: @unchecked Sendable {
     private func sweep() {
         let timeout = UInt64(max(self.configuration.tcpIdleTimeout.nanoseconds, 1_000_000))
         let now = self.now
-        var quiet: [RelayConnection] = []
+        var quiet: [SpliceConnection] = []
         for connection in self.live.values where connection.checkIdle(now: now, timeout: timeout) {
             quiet.append(connection)
         }
@@ -314,20 +314,20 @@ final class RelayLoop: @unchecked Sendable {
 
     private func resumeAcceptors() {
         let now = self.now
-        var resumed: [RelayAcceptor] = []
+        var resumed: [SpliceAcceptor] = []
         self.paused.removeAll { entry in
             guard entry.until <= now else { return false }
             resumed.append(entry.acceptor)
             return true
         }
         for acceptor in resumed where !acceptor.detached {
-            try? self.register(acceptor.fd, acceptor, events: RelayEvents.input | RelayEvents.exclusive)
+            try? self.register(acceptor.fd, acceptor, events: SpliceEvents.input | SpliceEvents.exclusive)
         }
     }
 }
 
 /// epoll event bits as `UInt32`.
-enum RelayEvents {
+enum SpliceEvents {
     static let input = UInt32(EPOLLIN.rawValue)
     static let output = UInt32(EPOLLOUT.rawValue)
     static let readHangUp = UInt32(EPOLLRDHUP.rawValue)
