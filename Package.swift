@@ -189,12 +189,14 @@ let package = Package(
         .target(
             name: "Relay",
             dependencies: nio + [
-                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire",
+                "MeshCore", "MeshHTTP", "MeshIdentity", "MeshNIO", "MeshWire",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            exclude: ["README.md", "Mux/README.md"],
+            exclude: ["README.md", "Mux/README.md", "Link/README.md"],
             swiftSettings: swiftSettings
         ),
         // Node agent: node registration and heartbeat (workloads, twins, mapper API, outbox later).
@@ -351,7 +353,7 @@ let package = Package(
         .testTarget(
             name: "RelayTests",
             dependencies: nio + [
-                "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport", "MeshWire",
+                "Relay", "MeshCore", "MeshHTTP", "MeshIdentity", "MeshTestSupport", "MeshWire",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

@@ -1,0 +1,322 @@
+import Logging
+import MeshWire
+import NIOCore
+import NIOPosix
+
+/// Decides whether this node serves a stream's target (the agent's service table). nil accepts; a refusal
+/// is sent back to the peer, which surfaces it as ``LinkError/refused(_:)``. `from` is the peer's node.
+public typealias LinkTargetCheck = @Sendable (_ target: StreamTarget, _ from: String) -> StreamRefusal?
+
+/// The sending side of a stream: writes the ``StreamTarget`` header when the stream becomes active, holds
+/// the peer's bytes until its ``StreamOpenReply``, then gets out of the way (bytes after the reply go on
+/// to the handlers behind it). A refusal fails `reply` and closes the stream.
+final class StreamOpenSender: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let header: ByteBuffer
+    private let reply: EventLoopPromise<Void>
+    private var buffer = ByteBuffer()
+    private var done = false
+
+    init(target: StreamTarget, reply: EventLoopPromise<Void>) throws {
+        var header = ByteBuffer()
+        try target.encode(into: &header)
+        self.header = header
+        self.reply = reply
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.writeAndFlush(self.wrapOutboundOut(self.header), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !self.done else {
+            context.fireChannelRead(data)
+            return
+        }
+        var bytes = self.unwrapInboundIn(data)
+        self.buffer.writeBuffer(&bytes)
+        let decoded: StreamOpenReply?
+        do {
+            decoded = try StreamOpenReply.decode(from: &self.buffer)
+        } catch {
+            self.finish(.failure(LinkError.refused(StreamRefusal(.malformedHeader, "a malformed reply: \(error)"))))
+            context.close(promise: nil)
+            return
+        }
+        switch decoded {
+        case nil:
+            return
+        case .accepted:
+            self.finish(.success(()))
+            let rest = self.buffer
+            self.buffer = ByteBuffer()
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            if rest.readableBytes > 0 {
+                context.fireChannelRead(NIOAny(rest))
+                context.fireChannelReadComplete()
+            }
+        case .refused(let refusal):
+            self.finish(.failure(LinkError.refused(refusal)))
+            context.close(promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.finish(.failure(LinkError.closedBeforeReply))
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if !self.done {
+            self.finish(.failure(LinkError.closedBeforeReply))
+            context.close(promise: nil)
+            return
+        }
+        context.fireErrorCaught(error)
+    }
+
+    private func finish(_ result: Result<Void, any Error>) {
+        guard !self.done else { return }
+        self.done = true
+        self.reply.completeWith(result)
+    }
+}
+
+/// The receiving side of a stream the peer opened: reads the ``StreamTarget`` header, asks `check`, dials
+/// the endpoint locally over TCP and splices the stream to it after answering `accepted`; otherwise
+/// answers `refused` with the reason and ends the stream.
+final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let peer: String
+    private let check: LinkTargetCheck
+    private let connectTimeout: TimeAmount
+    private let onRefused: @Sendable (StreamRefusal) -> Void
+    private let logger: Logger
+    private var buffer = ByteBuffer()
+    private var target: StreamTarget?
+    private var finished = false
+
+    init(
+        peer: String,
+        check: @escaping LinkTargetCheck,
+        connectTimeout: TimeAmount,
+        logger: Logger,
+        onRefused: @escaping @Sendable (StreamRefusal) -> Void
+    ) {
+        self.peer = peer
+        self.check = check
+        self.connectTimeout = connectTimeout
+        self.logger = logger
+        self.onRefused = onRefused
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = self.unwrapInboundIn(data)
+        self.buffer.writeBuffer(&bytes)
+        guard self.target == nil, !self.finished else { return }  // dialing: hold the bytes
+        let target: StreamTarget
+        do {
+            guard let t = try StreamTarget.decode(from: &self.buffer) else { return }
+            target = t
+        } catch {
+            self.refuse(context, StreamRefusal(.malformedHeader, "malformed stream-open header: \(error)"))
+            return
+        }
+        self.target = target
+        if let refusal = self.check(target, self.peer) {
+            self.refuse(context, refusal)
+            return
+        }
+        guard target.transport == .tcp else {
+            self.refuse(context, StreamRefusal(.unknownService, "UDP streams are not served by this node yet"))
+            return
+        }
+        let address: SocketAddress
+        do {
+            address = try SocketAddress(ipAddress: target.endpoint.description, port: Int(target.endpointPort))
+        } catch {
+            self.refuse(context, StreamRefusal(.malformedHeader, "bad endpoint address \(target.endpoint)"))
+            return
+        }
+        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        let stream = context.channel
+        ClientBootstrap(group: context.eventLoop)
+            .connectTimeout(self.connectTimeout)
+            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .connect(to: address)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let local):
+                    self.spliced(context, stream: stream, local: local)
+                case .failure(let error):
+                    self.refuse(context, StreamRefusal(.dialFailed, "\(target.endpoint):\(target.endpointPort): \(error)"))
+                }
+            }
+    }
+
+    private func spliced(_ context: ChannelHandlerContext, stream: any Channel, local: any Channel) {
+        guard stream.isActive else {
+            local.close(promise: nil)
+            return
+        }
+        var reply = ByteBuffer()
+        StreamOpenReply.accepted.encode(into: &reply)
+        context.writeAndFlush(self.wrapOutboundOut(reply), promise: nil)
+        let rest = self.buffer
+        self.buffer = ByteBuffer()
+        self.finished = true
+        do {
+            let (a, b) = SpliceHandler.pair()
+            try local.pipeline.syncOperations.addHandler(b)
+            try stream.pipeline.syncOperations.addHandler(a)
+            if rest.readableBytes > 0 {
+                local.writeAndFlush(rest, promise: nil)
+            }
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            _ = stream.setOption(ChannelOptions.autoRead, value: true)
+        } catch {
+            local.close(promise: nil)
+            stream.close(promise: nil)
+        }
+    }
+
+    private func refuse(_ context: ChannelHandlerContext, _ refusal: StreamRefusal) {
+        guard !self.finished else { return }
+        self.finished = true
+        self.onRefused(refusal)
+        self.logger.info(
+            "refused a stream",
+            metadata: [
+                "peer": "\(self.peer)", "target": "\(self.target.map { "\($0)" } ?? "-")",
+                "reason": "\(refusal.reason)",
+            ]
+        )
+        var reply = ByteBuffer()
+        StreamOpenReply.refused(refusal).encode(into: &reply)
+        let channel = context.channel
+        context.writeAndFlush(self.wrapOutboundOut(reply)).whenComplete { _ in
+            channel.close(mode: .output, promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.finished = true
+        context.fireChannelInactive()
+    }
+}
+
+/// Joins two channels of the same event loop byte for byte, with back-pressure (a side reads only while
+/// the other is writable) and half-close (one side's end of input ends the other's output). Set
+/// `allowRemoteHalfClosure` on both channels for half-close; without it, one side closing closes both.
+public final class SpliceHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    public typealias InboundIn = ByteBuffer
+    public typealias OutboundIn = ByteBuffer
+    public typealias OutboundOut = ByteBuffer
+
+    private var partner: SpliceHandler?
+    private var context: ChannelHandlerContext?
+    private var pendingRead = false
+
+    private init() {}
+
+    /// Two handlers, one for each channel.
+    public static func pair() -> (SpliceHandler, SpliceHandler) {
+        let a = SpliceHandler()
+        let b = SpliceHandler()
+        a.partner = b
+        b.partner = a
+        return (a, b)
+    }
+
+    /// Splices `a` and `b` (same event loop; call on it).
+    public static func splice(_ a: any Channel, _ b: any Channel) throws {
+        precondition(a.eventLoop === b.eventLoop, "a splice joins channels of one event loop")
+        let (x, y) = Self.pair()
+        try a.pipeline.syncOperations.addHandler(x)
+        try b.pipeline.syncOperations.addHandler(y)
+    }
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        self.partner = nil
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.partner?.partnerWrite(data)
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        self.partner?.partnerFlush()
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        self.partner?.partnerClose()
+        context.fireChannelInactive()
+    }
+
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, e == .inputClosed {
+            self.partner?.partnerCloseOutput()
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            self.partner?.partnerBecameWritable()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    public func read(context: ChannelHandlerContext) {
+        if self.partner?.partnerWritable ?? false {
+            context.read()
+        } else {
+            self.pendingRead = true
+        }
+    }
+
+    private func partnerWrite(_ data: NIOAny) {
+        self.context?.write(data, promise: nil)
+    }
+
+    private func partnerFlush() {
+        self.context?.flush()
+    }
+
+    private func partnerClose() {
+        self.context?.close(promise: nil)
+    }
+
+    private func partnerCloseOutput() {
+        guard let context = self.context else { return }
+        context.flush()
+        let channel = context.channel
+        context.close(mode: .output).whenFailure { _ in channel.close(promise: nil) }
+    }
+
+    private var partnerWritable: Bool {
+        self.context?.channel.isWritable ?? false
+    }
+
+    private func partnerBecameWritable() {
+        if self.pendingRead {
+            self.pendingRead = false
+            self.context?.read()
+        }
+    }
+}
