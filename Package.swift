@@ -355,6 +355,7 @@ let package = Package(
             dependencies: nio + [
                 "Relay", "MeshCore", "MeshHTTP", "MeshIdentity", "MeshTestSupport", "MeshWire",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),

@@ -69,7 +69,9 @@ public final class ClientVerifier: Sendable {
         guard ca.notValidBefore <= now, now < ca.notValidAfter,
             CertificateAuthority.verify(leaf, issuedBy: ca, now: now)
         else {
-            return .failure(PeerVerifier.Refusal(.untrusted, "the client's certificate (or the mesh CA) is not valid now"))
+            return .failure(
+                PeerVerifier.Refusal(.untrusted, "the client's certificate (or the mesh CA) is not valid now")
+            )
         }
         guard let identity = meshIdentity(of: leaf), self.accepts(identity) else {
             let got = meshIdentity(of: leaf)?.uri ?? "no mesh identity"

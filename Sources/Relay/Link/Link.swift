@@ -114,6 +114,7 @@ public final class Link: Sendable, CustomStringConvertible {
         var idle: Scheduled<Void>?
         var pinger: RepeatedTask?
         var retired = false
+        var graceOver = false
     }
 
     public var channel: any Channel { self.session.channel }
@@ -176,12 +177,18 @@ public final class Link: Sendable, CustomStringConvertible {
         case .dialer(let expect):
             let verifier = tls.dialerVerifier(expect: .node(expect))
             try ops.addHandler(
-                NIOSSLClientHandler(context: tls.clientContext, serverHostname: nil, customVerificationCallback: verifier.callback)
+                NIOSSLClientHandler(
+                    context: tls.clientContext,
+                    serverHostname: nil,
+                    customVerificationCallback: verifier.callback
+                )
             )
             refusal = { verifier.lastRefusal?.message }
         case .acceptor:
             let verifier = tls.acceptorVerifier()
-            try ops.addHandler(NIOSSLServerHandler(context: tls.serverContext, customVerificationCallback: verifier.callback))
+            try ops.addHandler(
+                NIOSSLServerHandler(context: tls.serverContext, customVerificationCallback: verifier.callback)
+            )
             refusal = { verifier.lastRefusal?.message }
         }
         let handshake = LinkHandshakeHandler(promise: promise, refusal: refusal) { context in
@@ -261,7 +268,7 @@ public final class Link: Sendable, CustomStringConvertible {
         let closeNow = self.state.withLock { s -> Bool in
             s.streams -= 1
             guard s.streams == 0 else { return false }
-            if s.retired { return true }
+            if s.retired { return s.graceOver }
             self.armIdle(&s)
             return false
         }
@@ -297,14 +304,22 @@ public final class Link: Sendable, CustomStringConvertible {
     /// Streams open on this link (ours and the peer's).
     public var openStreams: Int { self.state.withLock { $0.streams } }
 
-    /// No new streams (Go Away to the peer); closes once the open ones are done.
-    public func retire() {
-        let closeNow = self.state.withLock { s -> Bool in
-            s.retired = true
-            return s.streams == 0
+    /// No new streams (Go Away to the peer); closes once the open ones are done, and not before `grace`
+    /// (the peer may still be waiting for the first ping's answer that proves the link up).
+    public func retire(grace: TimeAmount = .seconds(1)) {
+        let first = self.state.withLock { s -> Bool in
+            defer { s.retired = true }
+            return !s.retired
         }
+        guard first else { return }
         _ = self.session.goAway()
-        if closeNow { self.close() }
+        self.channel.eventLoop.scheduleTask(in: grace) { [self] in
+            let closeNow = self.state.withLock { s -> Bool in
+                s.graceOver = true
+                return s.streams == 0
+            }
+            if closeNow { self.close() }
+        }
     }
 
     /// Closes the link (Go Away, then the transport).
@@ -344,7 +359,27 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
         do {
             let link = try self.up(context)
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-            self.promise.succeed(link)
+            guard case .dialer = link.role else {
+                self.promise.succeed(link)
+                return
+            }
+            // In TLS 1.3 the client's handshake ends before the server has checked the client's
+            // certificate: a first ping answered proves the peer accepted this node.
+            let promise = self.promise
+            let channel = context.channel
+            link.session.ping().whenComplete { result in
+                switch result {
+                case .success:
+                    promise.succeed(link)
+                case .failure(let error):
+                    promise.fail(
+                        LinkError.handshakeFailed(
+                            "the peer closed the link after the handshake (it refused this node's certificate?): \(error)"
+                        )
+                    )
+                    channel.close(promise: nil)
+                }
+            }
         } catch {
             self.promise.fail(error)
             context.close(promise: nil)

@@ -31,7 +31,10 @@ public final class LinkListener: Service, Sendable {
             }
             .bind(to: self.address).get()
         self.bound.withLock { $0 = channel }
-        manager.logger.info("listening for links", metadata: ["address": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
+        manager.logger.info(
+            "listening for links",
+            metadata: ["address": "\(channel.localAddress.map { "\($0)" } ?? "?")"]
+        )
         guard let local = channel.localAddress else { throw LinkError.shutDown }
         return local
     }

@@ -101,8 +101,12 @@ public final class LinkManager: Sendable {
                 )
                 throw LinkError.refused(refusal)
             } catch {
-                // The link lost a tie-break (or died) under us: one more try on the current one.
-                if attempt == 1, !link.isUsable { continue }
+                // The link lost a tie-break (the peer sent Go Away) or died under us: one more try on
+                // the current link (or a new one).
+                if attempt == 1 {
+                    if let mux = try? await link.session.stats().get(), mux.goAwayReceived != nil { link.retire() }
+                    if !link.isUsable { continue }
+                }
                 throw error
             }
         }
@@ -154,8 +158,7 @@ public final class LinkManager: Sendable {
         case .wait(let f): return try await f.get()
         case .dial(let promise):
             do {
-                let dialed = try await self.dialDirect(node)
-                self.adopt(dialed)
+                let dialed = try await self.dialDirect(node)  // in the table already (establish)
                 // The peer's own dial may have won the tie-break: use the current link.
                 let current = self.state.withLock { $0.links[node] } ?? dialed
                 promise.succeed(current)
@@ -183,7 +186,9 @@ public final class LinkManager: Sendable {
                     .connectTimeout(self.configuration.connectTimeout)
                     .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
                     .channelInitializer { channel in
-                        box.withLockedValue { $0 = self.establish(over: channel, role: .dialer(expect: node), path: .direct) }
+                        box.withLockedValue {
+                            $0 = self.establish(over: channel, role: .dialer(expect: node), path: .direct)
+                        }
                         return channel.eventLoop.makeSucceededVoidFuture()
                     }
                     .connect(to: address).get()
@@ -203,7 +208,8 @@ public final class LinkManager: Sendable {
     }
 
     /// Sets up a link on a connected transport (a dialed TCP connection, an accepted one, a relay
-    /// circuit). Call before the channel reads anything; the link joins the table once it is up.
+    /// circuit handed over by the relay client: `path: .relayed(relay)`). Call before the channel reads
+    /// anything; the link joins the table once it is up (with the tie-break against one already there).
     public func establish(over channel: any Channel, role: LinkRole, path: LinkPath) -> EventLoopFuture<Link> {
         let future = Link.establish(
             over: channel,
@@ -229,15 +235,15 @@ public final class LinkManager: Sendable {
                 stream.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
             }
         }
-        if case .acceptor = role {
-            future.whenComplete { result in
-                switch result {
-                case .success(let link): self.adopt(link)
-                case .failure(let error):
-                    self.state.withLock { $0.handshakesRefused += 1 }
-                    Counter(label: "link_handshakes_failed_total").increment()
-                    self.logger.warning("refused an incoming link", metadata: ["reason": "\(error)"])
-                }
+        future.whenComplete { result in
+            switch result {
+            case .success(let link):
+                self.adopt(link)
+            case .failure(let error):
+                guard case .acceptor = role else { return }  // a dialer's caller gets the error
+                self.state.withLock { $0.handshakesRefused += 1 }
+                Counter(label: "link_handshakes_failed_total").increment()
+                self.logger.warning("refused an incoming link", metadata: ["reason": "\(error)"])
             }
         }
         return future
@@ -270,7 +276,10 @@ public final class LinkManager: Sendable {
             if shutDown {
                 retire.close()
             } else {
-                self.logger.info("two links to one peer: keeping the one dialed by the smaller name", metadata: ["peer": "\(link.peer)", "retired": "\(retire)"])
+                self.logger.info(
+                    "two links to one peer: keeping the one dialed by the smaller name",
+                    metadata: ["peer": "\(link.peer)", "retired": "\(retire)"]
+                )
                 retire.retire()
             }
         }

@@ -100,6 +100,7 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
     private var buffer = ByteBuffer()
     private var target: StreamTarget?
     private var finished = false
+    private var inputClosed = false
 
     init(
         peer: String,
@@ -155,7 +156,10 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
                 case .success(let local):
                     self.spliced(context, stream: stream, local: local)
                 case .failure(let error):
-                    self.refuse(context, StreamRefusal(.dialFailed, "\(target.endpoint):\(target.endpointPort): \(error)"))
+                    self.refuse(
+                        context,
+                        StreamRefusal(.dialFailed, "\(target.endpoint):\(target.endpointPort): \(error)")
+                    )
                 }
             }
     }
@@ -177,6 +181,9 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
             try stream.pipeline.syncOperations.addHandler(a)
             if rest.readableBytes > 0 {
                 local.writeAndFlush(rest, promise: nil)
+            }
+            if self.inputClosed {  // the peer's FIN came while dialing
+                local.close(mode: .output, promise: nil)
             }
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
             _ = stream.setOption(ChannelOptions.autoRead, value: true)
@@ -203,6 +210,15 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
         context.writeAndFlush(self.wrapOutboundOut(reply)).whenComplete { _ in
             channel.close(mode: .output, promise: nil)
         }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, e == .inputClosed {
+            self.inputClosed = true
+            if self.target == nil { context.close(promise: nil) }  // FIN before a whole header
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
