@@ -94,7 +94,10 @@ public final class LinkManager: Sendable {
                 return try await self.open(on: link, target, initializer)
             } catch LinkError.refused(let refusal) {
                 self.state.withLock { $0.refusedReceived[refusal.code.rawValue, default: 0] += 1 }
-                Counter(label: "link_streams_refused_total", dimensions: [("side", "sender")]).increment()
+                Counter(
+                    label: "link_streams_refused_total",
+                    dimensions: [("side", "sender"), ("code", "\(refusal.code.rawValue)")]
+                ).increment()
                 self.logger.warning(
                     "stream refused by the peer",
                     metadata: ["peer": "\(node)", "target": "\(target)", "reason": "\(refusal.reason)"]
@@ -228,7 +231,10 @@ public final class LinkManager: Sendable {
                         logger: self.logger
                     ) { refusal in
                         self.state.withLock { $0.refusedSent[refusal.code.rawValue, default: 0] += 1 }
-                        Counter(label: "link_streams_refused_total", dimensions: [("side", "receiver")]).increment()
+                        Counter(
+                            label: "link_streams_refused_total",
+                            dimensions: [("side", "receiver"), ("code", "\(refusal.code.rawValue)")]
+                        ).increment()
                     }
                 )
             }.flatMap {

@@ -332,4 +332,17 @@ struct LinkTests {
         try await circuit.close()
         try await backend.close()
     }
+
+    @Test("a connection that never completes the handshake is closed after the handshake timeout")
+    func handshakeTimeout() async throws {
+        let ca = try CertificateAuthority.create()
+        var configuration = LinkConfiguration()
+        configuration.handshakeTimeout = .milliseconds(200)
+        let b = try await LinkNode.make("b", ca: ca, book: AddressBook(), configuration: configuration)
+        let silent = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(to: b.address).get()
+        #expect(await eventually { !silent.isActive })
+        #expect(await eventually { b.manager.handshakesRefused == 1 })
+        await b.stop()
+    }
 }
