@@ -115,6 +115,37 @@ public final class LinkManager: Sendable {
         }
     }
 
+    /// Splices a connected socket (a proxied client's TCP connection, handed over by the data plane) to a
+    /// new stream to `target` at `node`: the socket joins the link's event loop, bytes and half-close flow
+    /// both ways until either side ends. On a refusal (or any failure) the socket is *not* taken: the
+    /// caller still owns it and closes it.
+    public func splice(socket: NIOBSDSocket.Handle, to node: String, open target: StreamTarget) async throws {
+        let stream = try await self.stream(to: node, open: target) { stream in
+            stream.eventLoop.makeCompletedFuture {
+                try stream.syncOptions!.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                try stream.pipeline.syncOperations.addHandler(HoldHandler())
+            }
+        }
+        let client: any Channel
+        do {
+            client = try await ClientBootstrap(group: stream.eventLoop)
+                .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                .withConnectedSocket(socket).get()
+        } catch {
+            stream.close(promise: nil)
+            throw error
+        }
+        try await stream.eventLoop.submit {
+            let (a, b) = SpliceHandler.pair()
+            try client.pipeline.syncOperations.addHandler(b)
+            try stream.pipeline.syncOperations.addHandler(a)
+            // The bytes (and FIN) that came between the reply and now go on to the splice.
+            let hold = try stream.pipeline.syncOperations.context(handlerType: HoldHandler.self)
+            stream.pipeline.syncOperations.removeHandler(context: hold, promise: nil)
+            if !stream.isActive { client.close(promise: nil) }
+        }.get()
+    }
+
     private func open(
         on link: Link,
         _ target: StreamTarget,

@@ -336,3 +336,33 @@ public final class SpliceHandler: ChannelDuplexHandler, RemovableChannelHandler 
         }
     }
 }
+
+/// Holds a stream's bytes (and its end of input) until a splice is in place behind it; removing it
+/// hands them on.
+final class HoldHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    private var held: [NIOAny] = []
+    private var inputClosed = false
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.held.append(data)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, e == .inputClosed {
+            self.inputClosed = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func removeHandler(context: ChannelHandlerContext, removalToken: ChannelHandlerContext.RemovalToken) {
+        let held = self.held
+        self.held = []
+        for data in held { context.fireChannelRead(data) }
+        if !held.isEmpty { context.fireChannelReadComplete() }
+        if self.inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        context.leavePipeline(removalToken: removalToken)
+    }
+}

@@ -9,6 +9,10 @@ import X509
 
 @testable import Relay
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Where the test's nodes listen for links (the agent will take it from the Node objects).
 final class AddressBook: Sendable {
     private let book = Mutex<[String: [SocketAddress]]>([:])
@@ -344,5 +348,50 @@ struct LinkTests {
         #expect(await eventually { !silent.isActive })
         #expect(await eventually { b.manager.handshakesRefused == 1 })
         await b.stop()
+    }
+
+    @Test("a connected client socket handed over is spliced to a stream: bytes and FIN both ways")
+    func spliceHandedOverSocket() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        var fds: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        let app = fds[1]
+        try await a.manager.splice(socket: fds[0], to: "b", open: webTarget(port: port))
+        var rng = SeededGenerator(state: 7)
+        let payload = (0..<200_000).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        // Write on one thread while another reads (the echo's windows are smaller than the payload).
+        async let wrote: Void = blocking {
+            payload.withUnsafeBytes { raw in
+                var off = 0
+                while off < raw.count {
+                    let n = write(app, raw.baseAddress! + off, raw.count - off)
+                    if n <= 0 { break }
+                    off += n
+                }
+            }
+            shutdown(app, Int32(SHUT_WR))
+        }
+        let back = try await blocking { () -> [UInt8] in
+            var got: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let n = read(app, &chunk, chunk.count)
+                if n <= 0 { break }
+                got += chunk[0..<n]
+            }
+            return got
+        }
+        try await wrote
+        close(app)
+        #expect(back == payload)
+        #expect(await eventually { a.manager.currentLink(to: "b")?.openStreams == 0 })
+        await a.stop()
+        await b.stop()
+        try await backend.close()
     }
 }
