@@ -6,7 +6,7 @@ import Synchronization
 
 /// Accepts links on the link port (7900 by default): each TCP connection becomes an acceptor link of the
 /// manager. A swift-service-lifecycle `Service`: `run()` binds (unless `bind()` was called) and serves
-/// until graceful shutdown.
+/// until graceful shutdown, then shuts the manager down.
 public final class LinkListener: Service, Sendable {
     public let manager: LinkManager
     public let address: SocketAddress
@@ -39,10 +39,13 @@ public final class LinkListener: Service, Sendable {
         return local
     }
 
+    /// Serves until graceful shutdown, then stops accepting and closes the manager's links (Go Away,
+    /// then the transports), so a ServiceGroup ends links with the agent.
     public func run() async throws {
         try await self.bind()
         try? await gracefulShutdown()
         try await self.close()
+        await self.manager.shutdown()
     }
 
     /// Stops accepting (established links stay: `manager.shutdown()` ends them).

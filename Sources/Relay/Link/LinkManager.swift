@@ -14,7 +14,7 @@ import Foundation
 #endif
 
 /// One link as `/peers` shows it.
-public struct LinkStats: Sendable, Hashable {
+public struct LinkStats: Sendable, Hashable, Codable {
     public var node: String
     /// `direct` or `relayed`.
     public var path: String
