@@ -133,10 +133,6 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
             self.refuse(context, refusal)
             return
         }
-        guard target.transport == .tcp else {
-            self.refuse(context, StreamRefusal(.unknownService, "UDP streams are not served by this node yet"))
-            return
-        }
         let address: SocketAddress
         do {
             address = try SocketAddress(ipAddress: target.endpoint.description, port: Int(target.endpointPort))
@@ -146,6 +142,10 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
         }
         context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
         let stream = context.channel
+        if target.transport == .udp {
+            self.dialUDP(context, stream: stream, address: address)
+            return
+        }
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(self.connectTimeout)
             .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
@@ -160,6 +160,44 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
                         context,
                         StreamRefusal(.dialFailed, "\(target.endpoint):\(target.endpointPort): \(error)")
                     )
+                }
+            }
+    }
+
+    /// A UDP flow: a connected UDP socket to the endpoint; the stream carries its datagrams framed.
+    private func dialUDP(_ context: ChannelHandlerContext, stream: any Channel, address: SocketAddress) {
+        DatagramBootstrap(group: context.eventLoop)
+            .connect(to: address)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let socket):
+                    guard stream.isActive else {
+                        socket.close(promise: nil)
+                        return
+                    }
+                    var reply = ByteBuffer()
+                    StreamOpenReply.accepted.encode(into: &reply)
+                    context.writeAndFlush(self.wrapOutboundOut(reply), promise: nil)
+                    let rest = self.buffer
+                    self.buffer = ByteBuffer()
+                    self.finished = true
+                    do {
+                        let flow = DatagramStreamHandler(socket: socket)
+                        try socket.pipeline.syncOperations.addHandler(DatagramSocketHandler(stream: stream))
+                        try stream.pipeline.syncOperations.addHandler(flow)
+                        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+                        if rest.readableBytes > 0 {
+                            stream.pipeline.fireChannelRead(rest)
+                        }
+                        if self.inputClosed { stream.close(promise: nil) }
+                        _ = stream.setOption(ChannelOptions.autoRead, value: true)
+                    } catch {
+                        socket.close(promise: nil)
+                        stream.close(promise: nil)
+                    }
+                case .failure(let error):
+                    self.refuse(context, StreamRefusal(.dialFailed, "udp \(address): \(error)"))
                 }
             }
     }
@@ -364,5 +402,86 @@ final class HoldHandler: ChannelInboundHandler, RemovableChannelHandler {
         if !held.isEmpty { context.fireChannelReadComplete() }
         if self.inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
         context.leavePipeline(removalToken: removalToken)
+    }
+}
+
+/// On a UDP flow's stream: deframes datagrams (`DatagramFraming`) and sends each on the connected UDP
+/// socket; the stream's end closes the socket. A malformed frame ends the stream.
+final class DatagramStreamHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let socket: any Channel
+    private var buffer = ByteBuffer()
+
+    init(socket: any Channel) {
+        self.socket = socket
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = self.unwrapInboundIn(data)
+        self.buffer.writeBuffer(&bytes)
+        do {
+            while let datagram = try DatagramFraming.decode(from: &self.buffer) {
+                self.socket.write(datagram, promise: nil)
+            }
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        self.buffer.discardReadBytes()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.socket.flush()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, e == .inputClosed {
+            context.close(promise: nil)  // the sender ended the flow
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.socket.close(promise: nil)
+        context.fireChannelInactive()
+    }
+}
+
+/// On a UDP flow's socket: frames each datagram from the endpoint onto the stream. Datagrams beyond what
+/// the stream can take (not writable) are dropped, as a congested UDP path drops them.
+final class DatagramSocketHandler: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+
+    private let stream: any Channel
+
+    init(stream: any Channel) {
+        self.stream = stream
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let envelope = self.unwrapInboundIn(data)
+        guard self.stream.isWritable else { return }
+        var framed = ByteBuffer()
+        do {
+            try DatagramFraming.encode(envelope.data, into: &framed)
+        } catch {
+            return
+        }
+        self.stream.write(framed, promise: nil)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.stream.flush()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.stream.close(promise: nil)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // ECONNREFUSED from an ICMP port unreachable: the endpoint is not listening (yet); keep the flow.
     }
 }

@@ -394,4 +394,59 @@ struct LinkTests {
         await b.stop()
         try await backend.close()
     }
+
+    @Test("a UDP flow: datagrams framed in a stream reach a local UDP endpoint and its answers come back")
+    func udpFlow() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(UDPEcho()) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let port = backend.localAddress!.port!
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        var target = webTarget(port: port)
+        target.transport = .udp
+        let log = StreamLog()
+        let stream = try await a.manager.stream(to: "b", open: target) { stream in
+            stream.eventLoop.makeCompletedFuture {
+                try stream.pipeline.syncOperations.addHandler(RecordingHandler(log))
+            }
+        }
+        var framed = ByteBuffer()
+        for d in ["one", "two", "", String(repeating: "x", count: 1200)] {
+            try DatagramFraming.encode(ByteBuffer(string: d), into: &framed)
+        }
+        try await stream.writeAndFlush(framed)
+        let sent = ["one", "two", "", String(repeating: "x", count: 1200)]
+        var got: [String] = []
+        let arrived = await eventually {
+            var bytes = log.bytes
+            got = []
+            while let d = try? DatagramFraming.decode(from: &bytes) { got.append(String(buffer: d)) }
+            return got.count == sent.count
+        }
+        #expect(arrived)
+        #expect(got.sorted() == sent.sorted())  // UDP: the order may differ, not the datagrams
+        try await stream.close()
+        #expect(await eventually { b.manager.currentLink(to: "a")?.openStreams == 0 })
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+}
+
+/// Echoes each datagram to its sender.
+final class UDPEcho: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    typealias OutboundOut = AddressedEnvelope<ByteBuffer>
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let e = self.unwrapInboundIn(data)
+        context.writeAndFlush(
+            self.wrapOutboundOut(AddressedEnvelope(remoteAddress: e.remoteAddress, data: e.data)),
+            promise: nil
+        )
+    }
 }
