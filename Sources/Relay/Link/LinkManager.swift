@@ -126,24 +126,27 @@ public final class LinkManager: Sendable {
                 try stream.pipeline.syncOperations.addHandler(HoldHandler())
             }
         }
-        let client: any Channel
         do {
-            client = try await ClientBootstrap(group: stream.eventLoop)
+            // Everything on the stream's event loop, in the socket's initializer: the splice is in place
+            // before the socket reads anything.
+            _ = try await ClientBootstrap(group: stream.eventLoop)
                 .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                .channelInitializer { client in
+                    client.eventLoop.makeCompletedFuture {
+                        let (a, b) = SpliceHandler.pair()
+                        try client.pipeline.syncOperations.addHandler(b)
+                        try stream.pipeline.syncOperations.addHandler(a)
+                        // What came between the reply and now goes on to the splice.
+                        let hold = try stream.pipeline.syncOperations.context(handlerType: HoldHandler.self)
+                        stream.pipeline.syncOperations.removeHandler(context: hold, promise: nil)
+                        if !stream.isActive { client.close(promise: nil) }
+                    }
+                }
                 .withConnectedSocket(socket).get()
         } catch {
             stream.close(promise: nil)
             throw error
         }
-        try await stream.eventLoop.submit {
-            let (a, b) = SpliceHandler.pair()
-            try client.pipeline.syncOperations.addHandler(b)
-            try stream.pipeline.syncOperations.addHandler(a)
-            // The bytes (and FIN) that came between the reply and now go on to the splice.
-            let hold = try stream.pipeline.syncOperations.context(handlerType: HoldHandler.self)
-            stream.pipeline.syncOperations.removeHandler(context: hold, promise: nil)
-            if !stream.isActive { client.close(promise: nil) }
-        }.get()
     }
 
     private func open(

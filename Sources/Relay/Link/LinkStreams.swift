@@ -149,6 +149,10 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(self.connectTimeout)
             .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .channelInitializer { local in
+                // Holds what the endpoint sends first (a server-speaks-first protocol) until the splice.
+                local.eventLoop.makeCompletedFuture { try local.pipeline.syncOperations.addHandler(HoldHandler()) }
+            }
             .connect(to: address)
             .assumeIsolated()
             .whenComplete { result in
@@ -224,6 +228,9 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
                 local.close(mode: .output, promise: nil)
             }
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            let hold = try local.pipeline.syncOperations.context(handlerType: HoldHandler.self)
+            local.pipeline.syncOperations.removeHandler(context: hold, promise: nil)
+            if !local.isActive { stream.close(promise: nil) }
             _ = stream.setOption(ChannelOptions.autoRead, value: true)
         } catch {
             local.close(promise: nil)
@@ -375,8 +382,8 @@ public final class SpliceHandler: ChannelDuplexHandler, RemovableChannelHandler 
     }
 }
 
-/// Holds a stream's bytes (and its end of input) until a splice is in place behind it; removing it
-/// hands them on.
+/// Holds a channel's bytes (and its end of input) until a splice is in place behind it; removing it
+/// hands them on. Added when the channel is set up, so that nothing it reads before the splice is lost.
 final class HoldHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
 

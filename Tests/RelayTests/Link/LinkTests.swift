@@ -450,3 +450,46 @@ final class UDPEcho: ChannelInboundHandler {
         )
     }
 }
+
+/// A server that speaks first: a greeting, then its FIN.
+final class Greeter: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    func channelActive(context: ChannelHandlerContext) {
+        context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(string: "220 ready\r\n")), promise: nil)
+        context.close(mode: .output, promise: nil)
+        context.fireChannelActive()
+    }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event as? ChannelEvent == .inputClosed { context.close(promise: nil) }
+    }
+}
+
+extension LinkTests {
+    @Test("an endpoint that speaks first (a greeting on connect) loses nothing before the splice")
+    func serverSpeaksFirst() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Greeter()) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        for _ in 0..<10 {
+            let got = try await echoThrough(
+                a.manager,
+                to: "b",
+                target: webTarget(port: backend.localAddress!.port!),
+                payload: ByteBuffer(string: "QUIT\r\n")
+            )
+            #expect(String(buffer: got) == "220 ready\r\n")
+        }
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+}
