@@ -1,0 +1,155 @@
+import MeshCore
+import NIOCore
+import NIOSSL
+import Synchronization
+import X509
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// The check an accepting side runs on the *client's* certificate chain, when the client must hold a
+/// mesh certificate (a peer link, a relay session): signed by a trusted mesh CA and valid now, an
+/// identity `accepts` allows (for a link: any `mesh://node/...`), EKU clientAuth, not revoked.
+/// NIOSSL's custom verification callback on the server handler; it replaces BoringSSL's checks.
+public final class ClientVerifier: Sendable {
+    public let trust: [Certificate]
+    public let revoked: RevokedSerials?
+    /// What is required, for messages: "a node (mesh://node/...)".
+    public let wanted: String
+    private let accepts: @Sendable (MeshIdentity) -> Bool
+    private let failure = Mutex<PeerVerifier.Refusal?>(nil)
+
+    public init(
+        trust: [Certificate],
+        wanted: String,
+        revoked: RevokedSerials? = nil,
+        accepts: @escaping @Sendable (MeshIdentity) -> Bool
+    ) {
+        self.trust = trust
+        self.wanted = wanted
+        self.revoked = revoked
+        self.accepts = accepts
+    }
+
+    /// Why the last refused chain was refused (nil: none refused yet).
+    public var lastRefusal: PeerVerifier.Refusal? { self.failure.withLock { $0 } }
+
+    /// The callback for `NIOSSLServerHandler(context:customVerificationCallback:)`.
+    public var callback: @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResult>) -> Void {
+        { chain, promise in
+            let parsed = chain.compactMap { c in (try? c.toDERBytes()).flatMap { try? Certificate(derEncoded: $0) } }
+            let result: Result<MeshIdentity, PeerVerifier.Refusal> =
+                parsed.count == chain.count
+                ? self.verify(parsed)
+                : .failure(PeerVerifier.Refusal(.untrusted, "the client's certificate chain does not parse"))
+            switch result {
+            case .success: promise.succeed(.certificateVerified)
+            case .failure(let reason):
+                self.failure.withLock { $0 = reason }
+                promise.succeed(.failed)
+            }
+        }
+    }
+
+    /// Checks a presented chain (leaf first); the identity of the leaf when it passes.
+    public func verify(_ chain: [Certificate], now: Date = Date()) -> Result<MeshIdentity, PeerVerifier.Refusal> {
+        guard let leaf = chain.first else {
+            return .failure(PeerVerifier.Refusal(.untrusted, "the client sent no certificate"))
+        }
+        guard
+            let ca = self.trust.first(where: {
+                leaf.issuer == $0.subject && $0.publicKey.isValidSignature(leaf.signature, for: leaf)
+            })
+        else {
+            return .failure(PeerVerifier.Refusal(.untrusted, "the client's certificate was not issued by the mesh CA"))
+        }
+        guard ca.notValidBefore <= now, now < ca.notValidAfter,
+            CertificateAuthority.verify(leaf, issuedBy: ca, now: now)
+        else {
+            return .failure(
+                PeerVerifier.Refusal(.untrusted, "the client's certificate (or the mesh CA) is not valid now")
+            )
+        }
+        guard let identity = meshIdentity(of: leaf), self.accepts(identity) else {
+            let got = meshIdentity(of: leaf)?.uri ?? "no mesh identity"
+            return .failure(PeerVerifier.Refusal(.wrongIdentity, "the client presented \(got), not \(self.wanted)"))
+        }
+        guard let eku = try? leaf.extensions.extendedKeyUsage, eku.contains(.clientAuth) else {
+            return .failure(
+                PeerVerifier.Refusal(.wrongIdentity, "the client's certificate (\(identity)) has no clientAuth usage")
+            )
+        }
+        let serial = MeshTLS.serialHex(leaf.serialNumber)
+        if let revoked = self.revoked, revoked.contains(serial) {
+            return .failure(
+                PeerVerifier.Refusal(.revoked, "the client's certificate (\(identity), serial \(serial)) is revoked")
+            )
+        }
+        return .success(identity)
+    }
+}
+
+/// TLS settings of a peer link between two nodes (mutual TLS 1.3, both certificates from the mesh CA):
+/// a client context presenting this node's certificate, a server context that *requires* one, and the
+/// verifiers: the dialer requires exactly the node it meant, the acceptor any `mesh://node/...`.
+public final class MeshLinkTLS: Sendable {
+    public let identity: MeshIdentity
+    public let trust: [Certificate]
+    public let revoked: RevokedSerials?
+    public let clientContext: NIOSSLContext
+    public let serverContext: NIOSSLContext
+
+    public convenience init(_ credentials: LoadedCredentials, revoked: RevokedSerials? = nil) throws {
+        try self.init(
+            keyPEM: credentials.keyPEM,
+            certificatePEM: credentials.certificatePEM,
+            caPEM: credentials.caPEM,
+            revoked: revoked
+        )
+    }
+
+    public init(keyPEM: String, certificatePEM: String, caPEM: String, revoked: RevokedSerials? = nil) throws {
+        let leaf: Certificate
+        do {
+            leaf = try Certificate(pemEncoded: certificatePEM)
+        } catch {
+            throw IdentityError("the link certificate does not parse: \(error)")
+        }
+        guard let identity = meshIdentity(of: leaf) else {
+            throw IdentityError("the link certificate carries no mesh:// identity")
+        }
+        self.identity = identity
+        self.revoked = revoked
+        let cas = try MeshTLS.nioCertificates(caPEM).map { try Certificate(derEncoded: try $0.toDERBytes()) }
+        guard !cas.isEmpty else { throw IdentityError("the CA file holds no certificate") }
+        self.trust = cas
+        self.clientContext = try MeshTLS.makeClientContext(key: keyPEM, certificate: certificatePEM)
+        let chain = try MeshTLS.nioCertificates(certificatePEM)
+        var config = TLSConfiguration.makeServerConfiguration(
+            certificateChain: chain.map { .certificate($0) },
+            privateKey: .privateKey(try MeshTLS.nioKey(keyPEM))
+        )
+        config.minimumTLSVersion = .tlsv13
+        config.maximumTLSVersion = .tlsv13
+        // Required (a client without a certificate fails the handshake); the callback does the checks.
+        config.certificateVerification = .noHostnameVerification
+        config.trustRoots = .certificates(try MeshTLS.nioCertificates(caPEM))
+        self.serverContext = try NIOSSLContext(configuration: config)
+    }
+
+    /// The dialer's check: the server is exactly `peer`.
+    public func dialerVerifier(expect peer: MeshIdentity) -> PeerVerifier {
+        PeerVerifier(expected: .exactly(peer), trust: .certificates(self.trust), revoked: self.revoked)
+    }
+
+    /// The acceptor's check: the client is a node (`mesh://node/...`).
+    public func acceptorVerifier() -> ClientVerifier {
+        ClientVerifier(trust: self.trust, wanted: "a node (mesh://node/...)", revoked: self.revoked) {
+            if case .node = $0 { return true }
+            return false
+        }
+    }
+}

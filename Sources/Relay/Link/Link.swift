@@ -1,0 +1,409 @@
+import Logging
+import MeshIdentity
+import MeshWire
+import NIOCore
+import NIOSSL
+import NIOTLS
+import Synchronization
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Which end of a link this node is.
+public enum LinkRole: Sendable, Hashable {
+    /// This node opened the transport and requires the other end to be exactly `mesh://node/<expect>`.
+    case dialer(expect: String)
+    /// The other node opened it; its identity comes from its certificate (any `mesh://node/...`).
+    case acceptor
+}
+
+/// How a link's bytes travel (`/peers` shows it).
+public enum LinkPath: Sendable, Hashable, CustomStringConvertible {
+    /// A TCP connection between the two nodes.
+    case direct
+    /// A circuit spliced by a relay (its name).
+    case relayed(String)
+
+    public var description: String {
+        switch self {
+        case .direct: return "direct"
+        case .relayed: return "relayed"
+        }
+    }
+
+    public var relay: String? {
+        if case .relayed(let r) = self { return r }
+        return nil
+    }
+}
+
+/// Settings of links (``Link``, ``LinkManager``).
+public struct LinkConfiguration: Sendable {
+    /// The multiplexer's settings (its role is set per link: the dialer is the yamux client).
+    public var mux = MuxConfiguration(role: .client)
+    /// A link whose TLS handshake has not completed by then is closed.
+    public var handshakeTimeout: TimeAmount = .seconds(10)
+    /// How long a link with no open stream stays up.
+    public var idleTimeout: TimeAmount = .seconds(60)
+    /// TCP connect timeout per address when dialing.
+    public var connectTimeout: TimeAmount = .seconds(5)
+    /// How often each link pings (RTT for `/peers`); the first ping goes out when the link is up.
+    public var pingInterval: TimeAmount = .seconds(15)
+    /// How long the receiving side waits for a local endpoint to accept a connection.
+    public var localConnectTimeout: TimeAmount = .seconds(5)
+
+    /// The link port's default.
+    public static let defaultPort = 7900
+
+    public init() {}
+}
+
+/// Why a link or a stream over it failed.
+public enum LinkError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The TLS handshake failed; the reason says why (a refused certificate names the identity seen).
+    case handshakeFailed(String)
+    /// The handshake did not complete within `handshakeTimeout`.
+    case handshakeTimedOut
+    /// The transport closed before the link was up.
+    case closedDuringHandshake
+    /// No address of the node could be dialed (each address's failure).
+    case unreachable(node: String, String)
+    /// The receiving node refused the stream.
+    case refused(StreamRefusal)
+    /// The stream or link closed before the receiving node answered.
+    case closedBeforeReply
+    /// The manager is shut down.
+    case shutDown
+
+    public var description: String {
+        switch self {
+        case .handshakeFailed(let why): return "link handshake failed: \(why)"
+        case .handshakeTimedOut: return "link handshake timed out"
+        case .closedDuringHandshake: return "the link's transport closed during the handshake"
+        case .unreachable(let node, let why): return "node \(node) is unreachable: \(why)"
+        case .refused(let r): return "stream \(r)"
+        case .closedBeforeReply: return "the stream closed before the peer answered its open header"
+        case .shutDown: return "the link manager is shut down"
+        }
+    }
+}
+
+/// One link between this node and a peer node: a TLS 1.3 connection with mutual mesh certificates over a
+/// transport (a TCP connection, a relay circuit: any connected channel), carrying one ``MuxSession``.
+///
+/// A link counts its streams: when none is open for `idleTimeout` it closes itself. ``retire()`` makes it
+/// refuse new streams (Go Away) and close once its streams are done.
+public final class Link: Sendable, CustomStringConvertible {
+    /// The peer's node name.
+    public let peer: String
+    /// The node that dialed the link (this node or the peer): the tie-break keeps the link dialed by the
+    /// lexically smaller node name.
+    public let dialer: String
+    public let role: LinkRole
+    public let path: LinkPath
+    public let session: MuxSession
+    public let since: Date
+    let idleTimeout: TimeAmount
+    private let state = Mutex(State())
+
+    private struct State {
+        var streams = 0
+        var idle: Scheduled<Void>?
+        var pinger: RepeatedTask?
+        var retired = false
+        var graceOver = false
+    }
+
+    public var channel: any Channel { self.session.channel }
+    public var description: String { "link to \(self.peer) (\(self.path), dialed by \(self.dialer))" }
+
+    /// Up, and not retired: new streams may use it.
+    public var isUsable: Bool {
+        self.channel.isActive && !self.state.withLock { $0.retired }
+    }
+
+    init(peer: String, dialer: String, role: LinkRole, path: LinkPath, session: MuxSession, idleTimeout: TimeAmount) {
+        self.peer = peer
+        self.dialer = dialer
+        self.role = role
+        self.path = path
+        self.session = session
+        self.since = Date()
+        self.idleTimeout = idleTimeout
+    }
+
+    /// Sets up a link on a connected channel that has not read anything yet (call from its initializer, or
+    /// before handing it over): the TLS handler of `role`, then, once the handshake has verified the peer,
+    /// the multiplexer. The future gives the link when it is up. `inbound` sets up each stream the peer
+    /// opens (after the link has counted it).
+    public static func establish(
+        over channel: any Channel,
+        role: LinkRole,
+        path: LinkPath = .direct,
+        tls: MeshLinkTLS,
+        configuration: LinkConfiguration = LinkConfiguration(),
+        logger: Logger = Logger(label: "mesh.link"),
+        inbound: @escaping @Sendable (Link, any Channel) -> EventLoopFuture<Void>
+    ) -> EventLoopFuture<Link> {
+        let loop = channel.eventLoop
+        if loop.inEventLoop {
+            return loop.makeCompletedFuture {
+                try Self.prepare(channel, role, path, tls, configuration, logger, inbound)
+            }.flatMap { $0 }
+        }
+        return loop.flatSubmit {
+            loop.makeCompletedFuture {
+                try Self.prepare(channel, role, path, tls, configuration, logger, inbound)
+            }.flatMap { $0 }
+        }
+    }
+
+    private static func prepare(
+        _ channel: any Channel,
+        _ role: LinkRole,
+        _ path: LinkPath,
+        _ tls: MeshLinkTLS,
+        _ configuration: LinkConfiguration,
+        _ logger: Logger,
+        _ inbound: @escaping @Sendable (Link, any Channel) -> EventLoopFuture<Void>
+    ) throws -> EventLoopFuture<Link> {
+        let promise = channel.eventLoop.makePromise(of: Link.self)
+        let ops = channel.pipeline.syncOperations
+        let refusal: @Sendable () -> String?
+        switch role {
+        case .dialer(let expect):
+            let verifier = tls.dialerVerifier(expect: .node(expect))
+            try ops.addHandler(
+                NIOSSLClientHandler(
+                    context: tls.clientContext,
+                    serverHostname: nil,
+                    customVerificationCallback: verifier.callback
+                )
+            )
+            refusal = { verifier.lastRefusal?.message }
+        case .acceptor:
+            let verifier = tls.acceptorVerifier()
+            try ops.addHandler(
+                NIOSSLServerHandler(context: tls.serverContext, customVerificationCallback: verifier.callback)
+            )
+            refusal = { verifier.lastRefusal?.message }
+        }
+        let handshake = LinkHandshakeHandler(promise: promise, refusal: refusal) { context in
+            try Self.up(context, role, path, tls, configuration, logger, promise.futureResult, inbound)
+        }
+        try ops.addHandler(handshake)
+        let timeout = channel.eventLoop.scheduleTask(in: configuration.handshakeTimeout) {
+            promise.fail(LinkError.handshakeTimedOut)
+            channel.close(promise: nil)
+        }
+        promise.futureResult.whenComplete { _ in timeout.cancel() }
+        return promise.futureResult
+    }
+
+    /// The handshake is done: learn the peer, swap the handshake handler for the multiplexer.
+    private static func up(
+        _ context: ChannelHandlerContext,
+        _ role: LinkRole,
+        _ path: LinkPath,
+        _ tls: MeshLinkTLS,
+        _ configuration: LinkConfiguration,
+        _ logger: Logger,
+        _ future: EventLoopFuture<Link>,
+        _ inbound: @escaping @Sendable (Link, any Channel) -> EventLoopFuture<Void>
+    ) throws -> Link {
+        let channel = context.channel
+        let local = tls.identity.name
+        let peer: String
+        let dialer: String
+        var mux = configuration.mux
+        switch role {
+        case .dialer(let expect):
+            peer = expect
+            dialer = local
+            mux.role = .client
+        case .acceptor:
+            let cert = try channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
+            guard let cert, case .node(let name)? = MeshTLS.identity(of: cert) else {
+                throw LinkError.handshakeFailed("the client's certificate names no node")
+            }
+            peer = name
+            dialer = name
+            mux.role = .server
+        }
+        var streamLogger = logger
+        streamLogger[metadataKey: "peer"] = "\(peer)"
+        let session = try MuxSession.install(on: channel, configuration: mux, logger: streamLogger) { stream in
+            future.flatMap { link in
+                link.track(stream)
+                return inbound(link, stream)
+            }
+        }
+        let link = Link(
+            peer: peer,
+            dialer: dialer,
+            role: role,
+            path: path,
+            session: session,
+            idleTimeout: configuration.idleTimeout
+        )
+        link.startTimers(pingInterval: configuration.pingInterval)
+        channel.closeFuture.whenComplete { _ in link.stopTimers() }
+        return link
+    }
+
+    /// Counts a stream (ours or the peer's) until it closes.
+    func track(_ stream: any Channel) {
+        self.state.withLock {
+            $0.streams += 1
+            $0.idle?.cancel()
+            $0.idle = nil
+        }
+        stream.closeFuture.whenComplete { _ in self.streamClosed() }
+    }
+
+    private func streamClosed() {
+        let closeNow = self.state.withLock { s -> Bool in
+            s.streams -= 1
+            guard s.streams == 0 else { return false }
+            if s.retired { return s.graceOver }
+            self.armIdle(&s)
+            return false
+        }
+        if closeNow { self.close() }
+    }
+
+    private func armIdle(_ s: inout State) {
+        s.idle?.cancel()
+        let timeout = self.idleTimeout
+        s.idle = self.channel.eventLoop.scheduleTask(in: timeout) { [self] in
+            let idle = self.state.withLock { $0.streams == 0 }
+            if idle { self.close() }
+        }
+    }
+
+    private func startTimers(pingInterval: TimeAmount) {
+        let session = self.session
+        self.state.withLock { s in
+            self.armIdle(&s)
+            s.pinger = self.channel.eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: pingInterval) { _ in
+                _ = session.ping()
+            }
+        }
+    }
+
+    private func stopTimers() {
+        self.state.withLock {
+            $0.idle?.cancel()
+            $0.pinger?.cancel()
+        }
+    }
+
+    /// Streams open on this link (ours and the peer's).
+    public var openStreams: Int { self.state.withLock { $0.streams } }
+
+    /// No new streams (Go Away to the peer); closes once the open ones are done, and not before `grace`
+    /// (the peer may still be waiting for the first ping's answer that proves the link up).
+    public func retire(grace: TimeAmount = .seconds(1)) {
+        let first = self.state.withLock { s -> Bool in
+            defer { s.retired = true }
+            return !s.retired
+        }
+        guard first else { return }
+        _ = self.session.goAway()
+        self.channel.eventLoop.scheduleTask(in: grace) { [self] in
+            let closeNow = self.state.withLock { s -> Bool in
+                s.graceOver = true
+                return s.streams == 0
+            }
+            if closeNow { self.close() }
+        }
+    }
+
+    /// Closes the link (Go Away, then the transport).
+    public func close() {
+        self.state.withLock { $0.retired = true }
+        let channel = self.channel
+        self.session.goAway().whenComplete { _ in channel.close(promise: nil) }
+    }
+}
+
+/// Waits for the TLS handshake, then hands over to the multiplexer (`up`). A handshake failure fails the
+/// link's promise with the verifier's reason when there is one.
+final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let promise: EventLoopPromise<Link>
+    private let refusal: @Sendable () -> String?
+    private let up: (ChannelHandlerContext) throws -> Link
+    private var done = false
+
+    init(
+        promise: EventLoopPromise<Link>,
+        refusal: @escaping @Sendable () -> String?,
+        up: @escaping (ChannelHandlerContext) throws -> Link
+    ) {
+        self.promise = promise
+        self.refusal = refusal
+        self.up = up
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard !self.done, case TLSUserEvent.handshakeCompleted = event else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        self.done = true
+        do {
+            let link = try self.up(context)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            guard case .dialer = link.role else {
+                self.promise.succeed(link)
+                return
+            }
+            // In TLS 1.3 the client's handshake ends before the server has checked the client's
+            // certificate: a first ping answered proves the peer accepted this node.
+            let promise = self.promise
+            let channel = context.channel
+            link.session.ping().whenComplete { result in
+                switch result {
+                case .success:
+                    promise.succeed(link)
+                case .failure(let error):
+                    promise.fail(
+                        LinkError.handshakeFailed(
+                            "the peer closed the link after the handshake (it refused this node's certificate?): \(error)"
+                        )
+                    )
+                    channel.close(promise: nil)
+                }
+            }
+        } catch {
+            self.promise.fail(error)
+            context.close(promise: nil)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if !self.done {
+            self.done = true
+            let reason = self.refusal() ?? "\(error)"
+            self.promise.fail(LinkError.handshakeFailed(reason))
+        }
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if !self.done {
+            self.done = true
+            if let reason = self.refusal() {
+                self.promise.fail(LinkError.handshakeFailed(reason))
+            } else {
+                self.promise.fail(LinkError.closedDuringHandshake)
+            }
+        }
+        context.fireChannelInactive()
+    }
+}

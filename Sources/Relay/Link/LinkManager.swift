@@ -1,0 +1,387 @@
+import Logging
+import MeshIdentity
+import MeshWire
+import Metrics
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import Synchronization
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// One link as `/peers` shows it.
+public struct LinkStats: Sendable, Hashable, Codable {
+    public var node: String
+    /// `direct` or `relayed`.
+    public var path: String
+    public var relay: String?
+    /// The last mux ping's round trip (nil until one came back).
+    public var rttMicros: Int64?
+    public var streams: Int
+    public var bytesSent: UInt64
+    public var bytesReceived: UInt64
+    public var since: Date
+    /// The node that dialed it.
+    public var dialer: String
+}
+
+/// The links of one node: at most one per peer node, dialed on first use, kept while streams are open
+/// plus an idle timeout, dropped when the peer leaves.
+///
+/// When both nodes dial each other at once, each ends up with two links for a moment; both keep the one
+/// dialed by the lexically smaller node name and retire the other (Go Away, closed when its streams are
+/// done), so both sides agree on the survivor without a message.
+public final class LinkManager: Sendable {
+    /// A node's link addresses (its advertised addresses on its link port), in the order to try them.
+    public typealias AddressResolver = @Sendable (_ node: String) async throws -> [SocketAddress]
+
+    public let localNode: String
+    public let tls: MeshLinkTLS
+    public let configuration: LinkConfiguration
+    let group: any EventLoopGroup
+    let resolve: AddressResolver
+    let check: LinkTargetCheck
+    let logger: Logger
+    private let state = Mutex(State())
+
+    private struct State {
+        var links: [String: Link] = [:]
+        /// Every link that is up, the current and the retiring ones (keyed by its channel).
+        var all: [ObjectIdentifier: Link] = [:]
+        var dialing: [String: EventLoopFuture<Link>] = [:]
+        var refusedSent: [UInt8: Int] = [:]
+        var refusedReceived: [UInt8: Int] = [:]
+        var handshakesRefused = 0
+        var shutDown = false
+    }
+
+    public init(
+        tls: MeshLinkTLS,
+        group: any EventLoopGroup,
+        configuration: LinkConfiguration = LinkConfiguration(),
+        logger: Logger = Logger(label: "mesh.link"),
+        resolve: @escaping AddressResolver,
+        check: @escaping LinkTargetCheck
+    ) {
+        self.localNode = tls.identity.name
+        self.tls = tls
+        self.group = group
+        self.configuration = configuration
+        self.logger = logger
+        self.resolve = resolve
+        self.check = check
+    }
+
+    // MARK: streams
+
+    /// Opens a stream to `target` at `node`, over the link to it (dialed if there is none). Returns once
+    /// the node accepted: the stream's pipeline then holds `initializer`'s handlers, which get the
+    /// endpoint's bytes. A refusal throws ``LinkError/refused(_:)`` (and is counted).
+    public func stream(
+        to node: String,
+        open target: StreamTarget,
+        initializer: MuxStreamInitializer? = nil
+    ) async throws -> any Channel {
+        var attempt = 0
+        while true {
+            attempt += 1
+            let link = try await self.link(to: node)
+            do {
+                return try await self.open(on: link, target, initializer)
+            } catch LinkError.refused(let refusal) {
+                self.state.withLock { $0.refusedReceived[refusal.code.rawValue, default: 0] += 1 }
+                Counter(
+                    label: "link_streams_refused_total",
+                    dimensions: [("side", "sender"), ("code", "\(refusal.code.rawValue)")]
+                ).increment()
+                self.logger.warning(
+                    "stream refused by the peer",
+                    metadata: ["peer": "\(node)", "target": "\(target)", "reason": "\(refusal.reason)"]
+                )
+                throw LinkError.refused(refusal)
+            } catch {
+                // The link lost a tie-break (the peer sent Go Away) or died under us: one more try on
+                // the current link (or a new one).
+                if attempt == 1 {
+                    if let mux = try? await link.session.stats().get(), mux.goAwayReceived != nil { link.retire() }
+                    if !link.isUsable { continue }
+                }
+                throw error
+            }
+        }
+    }
+
+    /// Splices a connected socket (a proxied client's TCP connection, handed over by the data plane) to a
+    /// new stream to `target` at `node`: the socket joins the link's event loop, bytes and half-close flow
+    /// both ways until either side ends. On a refusal (or any failure) the socket is *not* taken: the
+    /// caller still owns it and closes it.
+    public func splice(socket: NIOBSDSocket.Handle, to node: String, open target: StreamTarget) async throws {
+        let stream = try await self.stream(to: node, open: target) { stream in
+            stream.eventLoop.makeCompletedFuture {
+                try stream.syncOptions!.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                try stream.pipeline.syncOperations.addHandler(HoldHandler())
+            }
+        }
+        do {
+            // Everything on the stream's event loop, in the socket's initializer: the splice is in place
+            // before the socket reads anything.
+            _ = try await ClientBootstrap(group: stream.eventLoop)
+                .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                .channelInitializer { client in
+                    client.eventLoop.makeCompletedFuture {
+                        let (a, b) = StreamSpliceHandler.pair()
+                        try client.pipeline.syncOperations.addHandler(b)
+                        try stream.pipeline.syncOperations.addHandler(a)
+                        // What came between the reply and now goes on to the splice.
+                        let hold = try stream.pipeline.syncOperations.context(handlerType: HoldHandler.self)
+                        stream.pipeline.syncOperations.removeHandler(context: hold, promise: nil)
+                        if !stream.isActive { client.close(promise: nil) }
+                    }
+                }
+                .withConnectedSocket(socket).get()
+        } catch {
+            stream.close(promise: nil)
+            throw error
+        }
+    }
+
+    private func open(
+        on link: Link,
+        _ target: StreamTarget,
+        _ initializer: MuxStreamInitializer?
+    ) async throws -> any Channel {
+        let reply = link.channel.eventLoop.makePromise(of: Void.self)
+        let stream: any Channel
+        do {
+            stream = try await link.session.openStream { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    try stream.pipeline.syncOperations.addHandler(StreamOpenSender(target: target, reply: reply))
+                    link.track(stream)
+                }.flatMap {
+                    initializer?(stream) ?? stream.eventLoop.makeSucceededVoidFuture()
+                }
+            }.get()
+        } catch {
+            reply.fail(error)
+            throw error
+        }
+        try await reply.futureResult.get()
+        return stream
+    }
+
+    // MARK: links
+
+    /// The link to `node`: the current one, the one being dialed, or a new dial.
+    public func link(to node: String) async throws -> Link {
+        enum Step {
+            case have(Link)
+            case wait(EventLoopFuture<Link>)
+            case dial(EventLoopPromise<Link>)
+        }
+        let step = try self.state.withLock { s throws(LinkError) -> Step in
+            guard !s.shutDown else { throw LinkError.shutDown }
+            if let l = s.links[node], l.isUsable { return .have(l) }
+            if let f = s.dialing[node] { return .wait(f) }
+            let p = self.group.next().makePromise(of: Link.self)
+            s.dialing[node] = p.futureResult
+            return .dial(p)
+        }
+        switch step {
+        case .have(let l): return l
+        case .wait(let f): return try await f.get()
+        case .dial(let promise):
+            do {
+                let dialed = try await self.dialDirect(node)  // in the table already (establish)
+                // The peer's own dial may have won the tie-break: use the current link.
+                let current = self.state.withLock { $0.links[node] } ?? dialed
+                promise.succeed(current)
+            } catch {
+                if let current = self.state.withLock({ $0.links[node] }), current.isUsable {
+                    promise.succeed(current)
+                } else {
+                    promise.fail(error)
+                }
+            }
+            self.state.withLock { _ = $0.dialing.removeValue(forKey: node) }
+            return try await promise.futureResult.get()
+        }
+    }
+
+    /// Dials `node` at each of its addresses in turn (TCP, then the link's TLS).
+    private func dialDirect(_ node: String) async throws -> Link {
+        let addresses = try await self.resolve(node)
+        guard !addresses.isEmpty else { throw LinkError.unreachable(node: node, "it advertises no address") }
+        var failures: [String] = []
+        for address in addresses {
+            let box = NIOLockedValueBox<EventLoopFuture<Link>?>(nil)
+            do {
+                let channel = try await ClientBootstrap(group: self.group)
+                    .connectTimeout(self.configuration.connectTimeout)
+                    .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+                    .channelInitializer { channel in
+                        box.withLockedValue {
+                            $0 = self.establish(over: channel, role: .dialer(expect: node), path: .direct)
+                        }
+                        return channel.eventLoop.makeSucceededVoidFuture()
+                    }
+                    .connect(to: address).get()
+                guard let future = box.withLockedValue({ $0 }) else {
+                    channel.close(promise: nil)
+                    throw LinkError.closedDuringHandshake
+                }
+                return try await future.get()
+            } catch let error as LinkError where error != .closedDuringHandshake {
+                if case .handshakeFailed = error { throw error }  // the wrong peer: do not try elsewhere
+                failures.append("\(address): \(error)")
+            } catch {
+                failures.append("\(address): \(error)")
+            }
+        }
+        throw LinkError.unreachable(node: node, failures.joined(separator: "; "))
+    }
+
+    /// Sets up a link on a connected transport (a dialed TCP connection, an accepted one, a relay
+    /// circuit handed over by the relay client: `path: .relayed(relay)`). Call before the channel reads
+    /// anything; the link joins the table once it is up (with the tie-break against one already there).
+    public func establish(over channel: any Channel, role: LinkRole, path: LinkPath) -> EventLoopFuture<Link> {
+        let future = Link.establish(
+            over: channel,
+            role: role,
+            path: path,
+            tls: self.tls,
+            configuration: self.configuration,
+            logger: self.logger
+        ) { [self] link, stream in
+            stream.eventLoop.makeCompletedFuture {
+                try stream.pipeline.syncOperations.addHandler(
+                    StreamOpenReceiver(
+                        peer: link.peer,
+                        check: self.check,
+                        connectTimeout: self.configuration.localConnectTimeout,
+                        logger: self.logger
+                    ) { refusal in
+                        self.state.withLock { $0.refusedSent[refusal.code.rawValue, default: 0] += 1 }
+                        Counter(
+                            label: "link_streams_refused_total",
+                            dimensions: [("side", "receiver"), ("code", "\(refusal.code.rawValue)")]
+                        ).increment()
+                    }
+                )
+            }.flatMap {
+                stream.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            }
+        }
+        future.whenComplete { result in
+            switch result {
+            case .success(let link):
+                self.adopt(link)
+            case .failure(let error):
+                guard case .acceptor = role else { return }  // a dialer's caller gets the error
+                self.state.withLock { $0.handshakesRefused += 1 }
+                Counter(label: "link_handshakes_failed_total").increment()
+                self.logger.warning("refused an incoming link", metadata: ["reason": "\(error)"])
+            }
+        }
+        return future
+    }
+
+    /// Puts an established link in the table, applying the tie-break against a link already there.
+    func adopt(_ link: Link) {
+        let key = ObjectIdentifier(link.channel)
+        let (retire, shutDown) = self.state.withLock { s -> (Link?, Bool) in
+            if s.shutDown { return (link, true) }
+            s.all[key] = link
+            guard let existing = s.links[link.peer], existing.isUsable else {
+                s.links[link.peer] = link
+                return (nil, false)
+            }
+            let winner = min(self.localNode, link.peer)
+            if existing.dialer == winner && link.dialer != winner {
+                return (link, false)
+            }
+            s.links[link.peer] = link
+            return (existing, false)
+        }
+        link.channel.closeFuture.whenComplete { _ in
+            self.state.withLock { s in
+                s.all.removeValue(forKey: key)
+                if s.links[link.peer] === link { s.links.removeValue(forKey: link.peer) }
+            }
+        }
+        if let retire {
+            if shutDown {
+                retire.close()
+            } else {
+                self.logger.info(
+                    "two links to one peer: keeping the one dialed by the smaller name",
+                    metadata: ["peer": "\(link.peer)", "retired": "\(retire)"]
+                )
+                retire.retire()
+            }
+        }
+    }
+
+    /// The peer left the mesh (or the route table): its links close.
+    public func peerLeft(_ node: String) {
+        let links = self.state.withLock { s in
+            s.links.removeValue(forKey: node)
+            return s.all.values.filter { $0.peer == node }
+        }
+        for l in links { l.close() }
+    }
+
+    /// Closes every link; later calls fail with ``LinkError/shutDown``.
+    public func shutdown() async {
+        let links = self.state.withLock { s in
+            s.shutDown = true
+            s.links = [:]
+            return Array(s.all.values)
+        }
+        for l in links { l.close() }
+        for l in links { try? await l.channel.closeFuture.get() }
+    }
+
+    // MARK: inspection
+
+    /// The current link to `node`, if one is up.
+    public func currentLink(to node: String) -> Link? {
+        self.state.withLock { $0.links[node] }
+    }
+
+    /// Every link that is up, current and retiring.
+    public var allLinks: [Link] { self.state.withLock { Array($0.all.values) } }
+
+    /// Streams this node refused, by refusal code.
+    public var refusedSent: [UInt8: Int] { self.state.withLock { $0.refusedSent } }
+    /// Streams peers refused to this node, by refusal code.
+    public var refusedReceived: [UInt8: Int] { self.state.withLock { $0.refusedReceived } }
+    /// Incoming links whose handshake failed (a certificate refused, a timeout).
+    public var handshakesRefused: Int { self.state.withLock { $0.handshakesRefused } }
+
+    /// One row per current link, for `/peers`.
+    public func stats() async -> [LinkStats] {
+        let links = self.state.withLock { Array($0.links.values) }
+        var rows: [LinkStats] = []
+        for link in links {
+            guard let mux = try? await link.session.stats().get() else { continue }
+            rows.append(
+                LinkStats(
+                    node: link.peer,
+                    path: link.path.description,
+                    relay: link.path.relay,
+                    rttMicros: mux.lastRTT.map { $0.nanoseconds / 1000 },
+                    streams: mux.openStreams,
+                    bytesSent: mux.dataBytesSent,
+                    bytesReceived: mux.dataBytesReceived,
+                    since: link.since,
+                    dialer: link.dialer
+                )
+            )
+        }
+        return rows.sorted { $0.node < $1.node }
+    }
+}

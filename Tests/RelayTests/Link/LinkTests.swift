@@ -1,0 +1,495 @@
+import MeshIdentity
+import MeshTestSupport
+import MeshWire
+import NIOCore
+import NIOPosix
+import Synchronization
+import Testing
+import X509
+
+@testable import Relay
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where the test's nodes listen for links (the agent will take it from the Node objects).
+final class AddressBook: Sendable {
+    private let book = Mutex<[String: [SocketAddress]]>([:])
+    func set(_ node: String, _ addresses: [SocketAddress]) { self.book.withLock { $0[node] = addresses } }
+    func addresses(_ node: String) -> [SocketAddress] { self.book.withLock { $0[node] ?? [] } }
+}
+
+/// A node of the test: its manager and its link listener on 127.0.0.1, port 0.
+struct LinkNode {
+    let manager: LinkManager
+    let listener: LinkListener
+    let address: SocketAddress
+
+    static func make(
+        _ name: String,
+        ca: CertificateAuthority,
+        identity: MeshIdentity? = nil,
+        book: AddressBook,
+        configuration: LinkConfiguration = LinkConfiguration(),
+        issued: IssuedCredential? = nil,
+        revoked: RevokedSerials? = nil,
+        check: @escaping LinkTargetCheck = { _, _ in nil }
+    ) async throws -> LinkNode {
+        let issued =
+            try issued ?? ca.issueCredential(identity: identity ?? .node(name), serverAuth: true, clientAuth: true)
+        let tls = try MeshLinkTLS(
+            keyPEM: issued.keyPEM,
+            certificatePEM: issued.certificatePEM,
+            caPEM: try ca.certificatePEM(),
+            revoked: revoked
+        )
+        let manager = LinkManager(
+            tls: tls,
+            group: MultiThreadedEventLoopGroup.singleton,
+            configuration: configuration,
+            resolve: { book.addresses($0) },
+            check: check
+        )
+        let listener = LinkListener(manager: manager, address: try SocketAddress(ipAddress: "127.0.0.1", port: 0))
+        let address = try await listener.bind()
+        book.set(name, [address])
+        return LinkNode(manager: manager, listener: listener, address: address)
+    }
+
+    func stop() async {
+        try? await self.listener.close()
+        await self.manager.shutdown()
+    }
+}
+
+/// A TCP echo server on 127.0.0.1 (the endpoint a stream reaches).
+func startEchoBackend() async throws -> any Channel {
+    try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+        .childChannelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(EchoHandler()) }
+        }
+        .bind(host: "127.0.0.1", port: 0).get()
+}
+
+func webTarget(port: Int) -> StreamTarget {
+    StreamTarget(
+        namespace: "shop",
+        service: "web",
+        servicePort: 80,
+        endpoint: .v4(0x7F00_0001),
+        endpointPort: UInt16(port),
+        transport: .tcp
+    )
+}
+
+/// Sends `payload` and FIN through a stream to `node`, returns what came back before the peer's FIN.
+func echoThrough(
+    _ manager: LinkManager,
+    to node: String,
+    target: StreamTarget,
+    payload: ByteBuffer
+) async throws
+    -> ByteBuffer
+{
+    let done = MultiThreadedEventLoopGroup.singleton.next().makePromise(of: ByteBuffer.self)
+    _ = try await manager.stream(to: node, open: target) { stream in
+        stream.eventLoop.makeCompletedFuture {
+            try stream.syncOptions!.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            try stream.pipeline.syncOperations.addHandler(SendAndCollect(payload: payload, done: done))
+        }
+    }
+    return try await done.futureResult.get()
+}
+
+@Suite("LinkTests", .serialized)
+struct LinkTests {
+    @Test("a TCP echo through a stream over a link reaches the local backend; /peers counts it")
+    func echoThroughLink() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book) { target, from in
+            target.endpointPort == UInt16(port) && from == "a" ? nil : StreamRefusal(.notLocalEndpoint, "not here")
+        }
+        var rng = SeededGenerator(state: 13)
+        let payload = ByteBuffer(bytes: (0..<300_000).map { _ in UInt8.random(in: 0...255, using: &rng) })
+        let back = try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: payload)
+        #expect(back == payload)
+        // A second stream reuses the link.
+        let small = ByteBuffer(string: "hello, b")
+        #expect(try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: small) == small)
+        #expect(a.manager.allLinks.count == 1)
+        #expect(b.manager.currentLink(to: "a")?.dialer == "a")
+        #expect(await eventually { await a.manager.stats().first?.rttMicros != nil })
+        let row = try #require(await a.manager.stats().first)
+        #expect(row.node == "b")
+        #expect(row.path == "direct")
+        #expect(row.bytesSent >= UInt64(payload.readableBytes + small.readableBytes))
+        #expect(row.bytesReceived >= UInt64(payload.readableBytes + small.readableBytes))
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+
+    @Test("a dialer expecting node b that reaches a server holding a's certificate is refused")
+    func wrongIdentityRefused() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let impostor = try await LinkNode.make("a", ca: ca, book: book)
+        let c = try await LinkNode.make("c", ca: ca, book: book)
+        book.set("b", [impostor.address])  // b's address leads to a
+        await #expect {
+            _ = try await c.manager.link(to: "b")
+        } throws: { error in
+            guard case LinkError.handshakeFailed(let why) = error else { return false }
+            return why.contains("mesh://node/a") && why.contains("mesh://node/b")
+        }
+        #expect(c.manager.allLinks.isEmpty)
+        #expect(impostor.manager.allLinks.isEmpty)
+        await impostor.stop()
+        await c.stop()
+    }
+
+    @Test("a certificate of another CA is refused on either end")
+    func otherCARefused() async throws {
+        let ca = try CertificateAuthority.create()
+        let other = try CertificateAuthority.create(commonName: "another CA")
+        let book = AddressBook()
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        let strangerBook = AddressBook()
+        strangerBook.set("b", [b.address])
+        let stranger = try await LinkNode.make("s", ca: other, book: strangerBook)
+        // The stranger dials b: b refuses its certificate (and the stranger refuses b's).
+        await #expect(throws: LinkError.self) { _ = try await stranger.manager.link(to: "b") }
+        #expect(await eventually { b.manager.handshakesRefused >= 1 })
+        #expect(b.manager.allLinks.isEmpty)
+        // b dials a node of another CA: refused by b's dialer check.
+        book.set("x", [stranger.address])
+        await #expect {
+            _ = try await b.manager.link(to: "x")
+        } throws: { error in
+            guard case LinkError.handshakeFailed(let why) = error else { return false }
+            return why.contains("not issued by the mesh CA")
+        }
+        #expect(b.manager.allLinks.isEmpty)
+        await b.stop()
+        await stranger.stop()
+    }
+
+    @Test("a client certificate that is not mesh://node/... is refused by the acceptor")
+    func nonNodeClientRefused() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        let admin = try await LinkNode.make("ops", ca: ca, identity: .relay("ops"), book: book)
+        await #expect {
+            _ = try await admin.manager.link(to: "b")
+        } throws: { error in
+            guard case LinkError.handshakeFailed(let why) = error else { return false }
+            return why.contains("refused this node's certificate")
+        }
+        #expect(await eventually { b.manager.handshakesRefused >= 1 })
+        #expect(b.manager.allLinks.isEmpty)
+        await b.stop()
+        await admin.stop()
+    }
+
+    @Test("a stream to a target the receiver does not serve is refused with the reason, and counted")
+    func unservedTargetRefused() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book) { target, _ in
+            StreamRefusal(.notLocalEndpoint, "\(target.endpoint):\(target.endpointPort) is not an endpoint of node b")
+        }
+        await #expect {
+            _ = try await echoThrough(
+                a.manager,
+                to: "b",
+                target: webTarget(port: port),
+                payload: ByteBuffer(string: "x")
+            )
+        } throws: { error in
+            guard case LinkError.refused(let r) = error else { return false }
+            return r.code == .notLocalEndpoint && r.reason == "127.0.0.1:\(port) is not an endpoint of node b"
+        }
+        #expect(a.manager.refusedReceived[StreamRefusal.Code.notLocalEndpoint.rawValue] == 1)
+        #expect(b.manager.refusedSent[StreamRefusal.Code.notLocalEndpoint.rawValue] == 1)
+        // The link stays, and the refused stream is gone on both sides.
+        #expect(a.manager.currentLink(to: "b")?.isUsable == true)
+        #expect(await eventually { a.manager.currentLink(to: "b")?.openStreams == 0 })
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+
+    @Test("both nodes dialing at once end with exactly one link, the one a (the smaller name) dialed")
+    func simultaneousDial() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        for round in 0..<5 {
+            async let fromA = a.manager.link(to: "b")
+            async let fromB = b.manager.link(to: "a")
+            _ = try await (fromA, fromB)
+            let settled = await eventually {
+                a.manager.allLinks.count == 1 && b.manager.allLinks.count == 1
+                    && a.manager.currentLink(to: "b")?.dialer == "a" && b.manager.currentLink(to: "a")?.dialer == "a"
+            }
+            #expect(settled, "round \(round): a has \(a.manager.allLinks), b has \(b.manager.allLinks)")
+            // The survivor carries streams both ways.
+            let x = ByteBuffer(string: "round \(round)")
+            #expect(try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: x) == x)
+            #expect(try await echoThrough(b.manager, to: "a", target: webTarget(port: port), payload: x) == x)
+            a.manager.peerLeft("b")
+            b.manager.peerLeft("a")
+            #expect(await eventually { a.manager.allLinks.isEmpty && b.manager.allLinks.isEmpty })
+        }
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+
+    @Test("a link stays while a stream is open and closes after the idle timeout")
+    func idleLinkCloses() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        var configuration = LinkConfiguration()
+        configuration.idleTimeout = .milliseconds(300)
+        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
+        let b = try await LinkNode.make("b", ca: ca, book: book)  // b's own timeout: 60 s
+        let stream = try await a.manager.stream(to: "b", open: webTarget(port: port))
+        let link = try #require(a.manager.currentLink(to: "b"))
+        #expect(link.openStreams == 1)
+        try await Task.sleep(for: .milliseconds(900))  // three idle timeouts: an open stream keeps it
+        #expect(link.isUsable)
+        try await stream.close()
+        #expect(await eventually { a.manager.allLinks.isEmpty && b.manager.allLinks.isEmpty })
+        #expect(!link.channel.isActive)
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+
+    @Test("a revoked node certificate is refused by the acceptor")
+    func revokedRefused() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let issuedA = try ca.issueCredential(identity: .node("a"), serverAuth: true, clientAuth: true)
+        let serial = MeshTLS.serialHex(try Certificate(pemEncoded: issuedA.certificatePEM).serialNumber)
+        let revoked = RevokedSerials()
+        let b = try await LinkNode.make("b", ca: ca, book: book, revoked: revoked)
+        let a = try await LinkNode.make("a", ca: ca, book: book, issued: issuedA)
+        // Not revoked yet: the link comes up.
+        _ = try await a.manager.link(to: "b")
+        a.manager.peerLeft("b")
+        #expect(await eventually { b.manager.allLinks.isEmpty })
+        revoked.insert(serial)
+        await #expect(throws: LinkError.self) { _ = try await a.manager.link(to: "b") }
+        #expect(await eventually { b.manager.handshakesRefused == 1 })
+        #expect(b.manager.allLinks.isEmpty)
+        await a.stop()
+        await b.stop()
+    }
+
+    @Test("a link over a handed-over transport (as a relay circuit is) carries streams and shows as relayed")
+    func linkOverHandedOverChannel() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()  // no addresses: nothing may be dialed
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        book.set("a", [])
+        book.set("b", [])
+        // Stand-in for a circuit: a connected socket pair whose ends are handed to the two managers.
+        let accepted = MultiThreadedEventLoopGroup.singleton.next().makePromise(of: Link.self)
+        let circuit = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                b.manager.establish(over: channel, role: .acceptor, path: .relayed("r1")).cascade(to: accepted)
+                return channel.eventLoop.makeSucceededVoidFuture()
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let end = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(to: circuit.localAddress!).get()
+        let link = try await a.manager.establish(over: end, role: .dialer(expect: "b"), path: .relayed("r1")).get()
+        #expect(try await accepted.futureResult.get().peer == "a")
+        #expect(a.manager.currentLink(to: "b") === link)
+        let x = ByteBuffer(string: "over a circuit")
+        #expect(try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: x) == x)
+        let row = try #require(await a.manager.stats().first)
+        #expect(row.path == "relayed")
+        #expect(row.relay == "r1")
+        await a.stop()
+        await b.stop()
+        try await circuit.close()
+        try await backend.close()
+    }
+
+    @Test("a connection that never completes the handshake is closed after the handshake timeout")
+    func handshakeTimeout() async throws {
+        let ca = try CertificateAuthority.create()
+        var configuration = LinkConfiguration()
+        configuration.handshakeTimeout = .milliseconds(200)
+        let b = try await LinkNode.make("b", ca: ca, book: AddressBook(), configuration: configuration)
+        let silent = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(to: b.address).get()
+        #expect(await eventually { !silent.isActive })
+        #expect(await eventually { b.manager.handshakesRefused == 1 })
+        await b.stop()
+    }
+
+    @Test("a connected client socket handed over is spliced to a stream: bytes and FIN both ways")
+    func spliceHandedOverSocket() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        var fds: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        let app = fds[1]
+        try await a.manager.splice(socket: fds[0], to: "b", open: webTarget(port: port))
+        var rng = SeededGenerator(state: 7)
+        let payload = (0..<200_000).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        // Write on one thread while another reads (the echo's windows are smaller than the payload).
+        async let wrote: Void = blocking {
+            payload.withUnsafeBytes { raw in
+                var off = 0
+                while off < raw.count {
+                    let n = write(app, raw.baseAddress! + off, raw.count - off)
+                    if n <= 0 { break }
+                    off += n
+                }
+            }
+            shutdown(app, Int32(SHUT_WR))
+        }
+        let back = try await blocking { () -> [UInt8] in
+            var got: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let n = read(app, &chunk, chunk.count)
+                if n <= 0 { break }
+                got += chunk[0..<n]
+            }
+            return got
+        }
+        try await wrote
+        close(app)
+        #expect(back == payload)
+        #expect(await eventually { a.manager.currentLink(to: "b")?.openStreams == 0 })
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+
+    @Test("a UDP flow: datagrams framed in a stream reach a local UDP endpoint and its answers come back")
+    func udpFlow() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(UDPEcho()) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let port = backend.localAddress!.port!
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        var target = webTarget(port: port)
+        target.transport = .udp
+        let log = StreamLog()
+        let stream = try await a.manager.stream(to: "b", open: target) { stream in
+            stream.eventLoop.makeCompletedFuture {
+                try stream.pipeline.syncOperations.addHandler(RecordingHandler(log))
+            }
+        }
+        var framed = ByteBuffer()
+        for d in ["one", "two", "", String(repeating: "x", count: 1200)] {
+            try DatagramFraming.encode(ByteBuffer(string: d), into: &framed)
+        }
+        try await stream.writeAndFlush(framed)
+        let sent = ["one", "two", "", String(repeating: "x", count: 1200)]
+        var got: [String] = []
+        let arrived = await eventually {
+            var bytes = log.bytes
+            got = []
+            while let d = try? DatagramFraming.decode(from: &bytes) { got.append(String(buffer: d)) }
+            return got.count == sent.count
+        }
+        #expect(arrived)
+        #expect(got.sorted() == sent.sorted())  // UDP: the order may differ, not the datagrams
+        try await stream.close()
+        #expect(await eventually { b.manager.currentLink(to: "a")?.openStreams == 0 })
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+}
+
+/// Echoes each datagram to its sender.
+final class UDPEcho: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    typealias OutboundOut = AddressedEnvelope<ByteBuffer>
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let e = self.unwrapInboundIn(data)
+        context.writeAndFlush(
+            self.wrapOutboundOut(AddressedEnvelope(remoteAddress: e.remoteAddress, data: e.data)),
+            promise: nil
+        )
+    }
+}
+
+/// A server that speaks first: a greeting, then its FIN.
+final class Greeter: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    func channelActive(context: ChannelHandlerContext) {
+        context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(string: "220 ready\r\n")), promise: nil)
+        context.close(mode: .output, promise: nil)
+        context.fireChannelActive()
+    }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event as? ChannelEvent == .inputClosed { context.close(promise: nil) }
+    }
+}
+
+extension LinkTests {
+    @Test("an endpoint that speaks first (a greeting on connect) loses nothing before the splice")
+    func serverSpeaksFirst() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Greeter()) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        for _ in 0..<10 {
+            let got = try await echoThrough(
+                a.manager,
+                to: "b",
+                target: webTarget(port: backend.localAddress!.port!),
+                payload: ByteBuffer(string: "QUIT\r\n")
+            )
+            #expect(String(buffer: got) == "220 ready\r\n")
+        }
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+}
