@@ -500,22 +500,6 @@ public final class ControlAPI: HTTPResponder {
         )
     }
 
-    /// Writes `input` as `writer` (the join creates Nodes through it).
-    func save<T: ControlManaged>(
-        _ input: T,
-        namespace: String?,
-        urlName: String?,
-        createOnly: Bool,
-        writer: String?
-    ) async throws -> HTTPResponse {
-        try await self.writer.save(
-            input,
-            namespace: namespace,
-            urlName: urlName,
-            createOnly: createOnly,
-            writer: writer
-        )
-    }
 }
 
 extension HTTPResponse {

@@ -271,7 +271,7 @@ extension ControlAPI {
         try await self.tokens.consume(join.token, nodeName: name, nameTaken: taken)
         if !taken {
             do {
-                _ = try await self.save(
+                _ = try await self.writer.save(
                     Node(metadata: ObjectMeta(name: name), spec: NodeSpec()),
                     namespace: nil,
                     urlName: name,
