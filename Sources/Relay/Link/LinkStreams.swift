@@ -176,16 +176,7 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
             .whenComplete { result in
                 switch result {
                 case .success(let socket):
-                    guard stream.isActive else {
-                        socket.close(promise: nil)
-                        return
-                    }
-                    var reply = ByteBuffer()
-                    StreamOpenReply.accepted.encode(into: &reply)
-                    context.writeAndFlush(self.wrapOutboundOut(reply), promise: nil)
-                    let rest = self.buffer
-                    self.buffer = ByteBuffer()
-                    self.finished = true
+                    guard let rest = self.accept(context, stream: stream, local: socket) else { return }
                     do {
                         let flow = DatagramStreamHandler(socket: socket)
                         try socket.pipeline.syncOperations.addHandler(DatagramSocketHandler(stream: stream))
@@ -206,10 +197,12 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
             }
     }
 
-    private func spliced(_ context: ChannelHandlerContext, stream: any Channel, local: any Channel) {
+    /// The local side is up: answers the stream `accepted` and returns the bytes read ahead of it, or nil
+    /// (and closes `local`) when the stream went away meanwhile.
+    private func accept(_ context: ChannelHandlerContext, stream: any Channel, local: any Channel) -> ByteBuffer? {
         guard stream.isActive else {
             local.close(promise: nil)
-            return
+            return nil
         }
         var reply = ByteBuffer()
         StreamOpenReply.accepted.encode(into: &reply)
@@ -217,6 +210,11 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
         let rest = self.buffer
         self.buffer = ByteBuffer()
         self.finished = true
+        return rest
+    }
+
+    private func spliced(_ context: ChannelHandlerContext, stream: any Channel, local: any Channel) {
+        guard let rest = self.accept(context, stream: stream, local: local) else { return }
         do {
             let (a, b) = StreamSpliceHandler.pair()
             try local.pipeline.syncOperations.addHandler(b)
