@@ -13,6 +13,8 @@ public struct NodeAgentConfiguration: Sendable {
     public var labels: [String: String] = [:]
     /// Addresses to advertise instead of the host's (the all-in-one: the loopback it serves on).
     public var addresses: [String]?
+    /// The port where this node's agent accepts peer links (`spec.linkPort`); nil: none.
+    public var linkPort: Int?
     /// Interfaces whose addresses are never advertised (the mesh interface holds service VIPs).
     public var excludedInterfaces: Set<String> = []
     /// Time between beats (each is jittered by ±10% so a fleet started together spreads out).
@@ -71,7 +73,7 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
         let c = self.configuration
         let addresses =
             c.addresses.flatMap(HostAddresses.fixed) ?? HostAddresses.current(excludingInterfaces: c.excludedInterfaces)
-        return (c.labels, NodeSpec(site: c.site, addresses: addresses.isEmpty ? nil : addresses))
+        return (c.labels, NodeSpec(site: c.site, addresses: addresses.isEmpty ? nil : addresses, linkPort: c.linkPort))
     }
 
     private func loop() async {

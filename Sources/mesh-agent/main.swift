@@ -34,7 +34,8 @@ struct MeshAgentCommand: AsyncParsableCommand {
             and certificate are kept in <data-dir>/pki and reused after. \
             Syncs services and endpoints from the control plane (cached in <data-dir>/agent.db, served from \
             there while the control plane is away), answers <service>.<namespace>.svc.<domain> on DNS and \
-            proxies each service VIP:port to its endpoints (L4 TCP/UDP, L7 HTTP). Admin API: /routes, \
+            proxies each service VIP:port to its endpoints (L4 TCP/UDP, L7 HTTP); endpoints at other sites are \
+            reached over peer links (mutual TLS, --link-listen, or through a relay). Admin API: /routes, /peers, \
             /metrics, /healthz, /readyz. Settings come from --config (YAML); flags override them.
             """,
         version: "0.1.0"
@@ -67,6 +68,9 @@ struct MeshAgentCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Admin API address, host:port.")
     var adminListen: String?
 
+    @Option(name: .long, help: "Peer-link address, host:port (default 0.0.0.0:7900), or off.")
+    var linkListen: String?
+
     @Option(name: .long, help: "loopback, meshInterface or auto.")
     var interfaceMode: String?
 
@@ -86,6 +90,7 @@ struct MeshAgentCommand: AsyncParsableCommand {
         if let v = self.dataDir { settings.dataDir = v }
         if let v = self.dnsListen { settings.dnsListen = v }
         if let v = self.adminListen { settings.adminListen = v }
+        if let v = self.linkListen { settings.linkListen = v }
         if let v = self.interfaceMode {
             guard let mode = AgentConfig.InterfaceMode(rawValue: v) else {
                 throw ManifestError("--interface-mode: \"\(v)\" is not one of loopback, meshInterface, auto")

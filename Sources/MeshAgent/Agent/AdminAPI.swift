@@ -1,6 +1,7 @@
 import MeshCore
 import MeshHTTP
 import NIOCore
+import Relay
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -9,7 +10,7 @@ import Foundation
 #endif
 
 /// The agent's admin API on 127.0.0.1:7780: `/routes` (every service's VIP, policy and backends
-/// with health and counters, and where the table came from), `/metrics`, `/healthz`, `/readyz`.
+/// with health and counters, and where the table came from), `/peers` (the peer links), `/metrics`, `/healthz`, `/readyz`.
 /// Requests whose `Host` is not a loopback name or address get 403 (``AdminHostCheck``); with
 /// `adminAllowRemote` (mutual TLS), requests without an admin certificate of the mesh CA do.
 struct AdminAPI: HTTPResponder {
@@ -17,10 +18,18 @@ struct AdminAPI: HTTPResponder {
     let applier: SnapshotApplier
     let dataPlane: DataPlane
     let sync: ServiceTableSync
+    let links: LinkManager
     let health: HealthEndpoints
 
-    init(config: AgentConfig, applier: SnapshotApplier, dataPlane: DataPlane, sync: ServiceTableSync) {
+    init(
+        config: AgentConfig,
+        applier: SnapshotApplier,
+        dataPlane: DataPlane,
+        sync: ServiceTableSync,
+        links: LinkManager
+    ) {
         self.config = config
+        self.links = links
         self.applier = applier
         self.dataPlane = dataPlane
         self.sync = sync
@@ -80,8 +89,22 @@ struct AdminAPI: HTTPResponder {
             } catch {
                 return .text(.internalServerError, "cannot encode the routes: \(error)")
             }
+        case "/peers":
+            let nodes = self.applier.current.value.nodes
+            let rows = await self.links.stats().map { PeerRow($0, site: nodes[$0.node]?.spec.site) }
+            let list = PeerList(
+                node: self.config.nodeName,
+                site: self.config.site,
+                linkListen: self.config.linkListen,
+                items: rows
+            )
+            do {
+                return .json(.ok, ByteBuffer(bytes: try MeshJSON.encode(list)))
+            } catch {
+                return .text(.internalServerError, "cannot encode the peers: \(error)")
+            }
         default:
-            return .text(.notFound, "no \(request.path) here: try /routes, /metrics, /healthz or /readyz")
+            return .text(.notFound, "no \(request.path) here: try /routes, /peers, /metrics, /healthz or /readyz")
         }
     }
 }

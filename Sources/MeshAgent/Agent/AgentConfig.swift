@@ -45,6 +45,10 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// Serve the admin API on any address, but only over TLS (the node's certificate) and only to
     /// clients presenting an admin certificate of the mesh CA (`mesh://admin/...`).
     public var adminAllowRemote: Bool = false
+    /// Where this agent accepts peer links from agents of other sites (mutual TLS 1.3, node certificates of
+    /// the mesh CA only), host:port; the port is advertised in its Node (`spec.linkPort`). `off`: none, so
+    /// other sites reach this node through a relay only.
+    public var linkListen: String = "0.0.0.0:7900"
     /// `loopback` (VIPs bound in 127.0.0.0/8, touches no interface), `meshInterface` (a dummy link
     /// holding the VIPs, needs CAP_NET_ADMIN), or `auto` (the interface when allowed, else loopback).
     public var interfaceMode: InterfaceMode = .loopback
@@ -112,6 +116,7 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
                 "adminListen: \"\(self.adminListen)\" is not a loopback address; the admin API listens on 127.0.0.1, ::1 or localhost only, unless adminAllowRemote: true, which serves it over mutual TLS to admin certificates of the mesh CA only"
             )
         }
+        if self.linkListen != "off" { _ = try ListenAddress(self.linkListen, field: "linkListen") }
         if self.interfaceName.isEmpty || self.interfaceName.utf8.count > 15 {
             throw ManifestError("interfaceName: must be 1-15 characters")
         }

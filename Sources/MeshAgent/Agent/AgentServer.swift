@@ -5,7 +5,9 @@ import MeshCore
 import MeshHTTP
 import MeshIdentity
 import NIOCore
+import NIOPosix
 import NodeAgent
+import Relay
 import ServiceLifecycle
 import Synchronization
 
@@ -21,16 +23,29 @@ actor SnapshotApplier {
     let dataPlane: DataPlane
     let domain: String
     let site: String?
+    let node: String
     let logger: Logger
+    /// The table last applied, for the peer links.
+    nonisolated let current: CurrentTable
     private(set) var applied: ServiceSnapshot?
     private(set) var lastError: String?
     nonisolated let state = Mutex<(source: String, services: Int, routes: Int, versions: String, error: String?)?>(nil)
 
-    init(zones: DNSZoneStore, dataPlane: DataPlane, domain: String, site: String?, logger: Logger) {
+    init(
+        zones: DNSZoneStore,
+        dataPlane: DataPlane,
+        domain: String,
+        site: String?,
+        node: String,
+        logger: Logger,
+        current: CurrentTable = CurrentTable()
+    ) {
+        self.current = current
         self.zones = zones
         self.dataPlane = dataPlane
         self.domain = domain
         self.site = site
+        self.node = node
         self.logger = logger
     }
 
@@ -45,7 +60,7 @@ actor SnapshotApplier {
             self.logger.error("dns: the new zone could not be built, the previous one stays: \(error)")
         }
         let zoneDone = clock.now
-        let table = AgentMapping.routeTable(snapshot, localSite: self.site)
+        let table = AgentMapping.routeTable(snapshot, localSite: self.site, localNode: self.node)
         let mapped = clock.now
         do {
             try await self.dataPlane.apply(table)
@@ -64,6 +79,7 @@ actor SnapshotApplier {
         _ = glibcMallocTrim(0)
         #endif
         self.applied = snapshot
+        self.current.set(snapshot)
         let versions =
             "services@\(snapshot.servicesVersion.map(String.init) ?? "-") endpoints@\(snapshot.endpointsVersion.map(String.init) ?? "-")"
         self.state.withLock {
@@ -97,6 +113,12 @@ public final class AgentServer: Sendable {
 
     /// The node agent (registration and heartbeats) once the agent runs.
     public func node() async throws -> NodeAgent { try await self.nodeAgent.value() }
+
+    private func linkLogger() -> Logger {
+        var logger = Logger(label: "mesh.link")
+        logger.logLevel = self.logger.logLevel
+        return logger
+    }
 
     public func run() async throws {
         do {
@@ -163,14 +185,47 @@ public final class AgentServer: Sendable {
             fixedDNS.flatMap { IPAddress($0.host) }.map { $0.isLoopback ? nil : $0 }
             ?? IPAddress(AgentConfig.meshDNSAddress.host)
         dpConfig.extraInterfaceAddresses = dnsOnInterface.map { [$0.description] } ?? []
-        let dataPlane = DataPlane(configuration: dpConfig, logger: self.logger)
+
+        // Peer links: endpoints of nodes at other sites are reached over them (`Reach.peer`), and this
+        // node's own endpoints are offered to other sites through them.
+        let current = CurrentTable()
+        let nodeName = config.nodeName
+        let links = LinkManager(
+            tls: try MeshLinkTLS(credentials),
+            group: MultiThreadedEventLoopGroup.singleton,
+            logger: self.linkLogger(),
+            resolve: { node in PeerDirectory.linkAddresses(of: node, in: current.value) },
+            check: { target, peer in PeerDirectory.check(target, from: peer, localNode: nodeName, in: current.value) }
+        )
+        let linkListener: LinkListener?
+        var linkPort: Int?
+        if config.linkListen != "off" {
+            let address = try ListenAddress(config.linkListen, field: "linkListen")
+            let listener = LinkListener(
+                manager: links,
+                address: try SocketAddress.makeAddressResolvingHost(address.host, port: address.port)
+            )
+            do {
+                linkPort = try await listener.bind().port
+            } catch {
+                throw ManifestError(
+                    "linkListen: cannot listen for peer links on \(config.linkListen): \(error) (choose another with --link-listen, or off)"
+                )
+            }
+            linkListener = listener
+        } else {
+            linkListener = nil
+        }
+        let dataPlane = DataPlane(configuration: dpConfig, logger: self.logger, peers: LinkPeerStreams(links: links))
         let zones = DNSZoneStore()
         let applier = SnapshotApplier(
             zones: zones,
             dataPlane: dataPlane,
             domain: config.domain,
             site: config.site,
-            logger: self.logger
+            node: config.nodeName,
+            logger: self.logger,
+            current: current
         )
         let cache = try AgentCache(path: config.dataDir + "/agent.db")
         let sync = ServiceTableSync(
@@ -210,7 +265,7 @@ public final class AgentServer: Sendable {
                 MeshTLS.identity(of: certificate)?.uri
             }
         }
-        let adminAPI = AdminAPI(config: config, applier: applier, dataPlane: dataPlane, sync: sync)
+        let adminAPI = AdminAPI(config: config, applier: applier, dataPlane: dataPlane, sync: sync, links: links)
         let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
         self.admin.set(admin)
 
@@ -218,6 +273,7 @@ public final class AgentServer: Sendable {
         nodeConfig.labels = config.nodeLabels
         nodeConfig.addresses = config.nodeAddresses
         nodeConfig.excludedInterfaces = [config.interfaceName]
+        nodeConfig.linkPort = linkPort
         nodeConfig.heartbeatInterval = .milliseconds(Int64(config.heartbeatIntervalSeconds * 1000))
         let nodeAgent = NodeAgent(
             configuration: nodeConfig,
@@ -227,26 +283,38 @@ public final class AgentServer: Sendable {
         self.nodeAgent.set(nodeAgent)
 
         self.logger.info(
-            "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on \(config.adminAllowRemote ? "https" : "http")://\(adminListen), \(config.interfaceMode.rawValue) mode"
+            "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on \(config.adminAllowRemote ? "https" : "http")://\(adminListen), links on \(linkPort.map { "port \($0)" } ?? "none (relay only)"), \(config.interfaceMode.rawValue) mode"
         )
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { try await dataPlane.run() }
-            group.addTask { try await dns.run() }
-            group.addTask { try await admin.run() }
-            group.addTask { try await sync.run() }
-            // The node agent never fails: it retries on its own, whatever the control plane does.
-            group.addTask { await nodeAgent.run() }
-            group.addTask { await cancelWhenGracefulShutdown { await renewer.run() } }
-            // All return on graceful shutdown; the first failure stops the rest.
-            do {
-                try await group.waitForAll()
-            } catch {
-                group.cancelAll()
-                throw error
-            }
+        // One group; graceful shutdown runs in reverse order: the admin API and the node agent first, then
+        // the table sync and DNS, then the data plane (which drains its connections, some of them streams
+        // over links), and the links last. The first failure stops the rest.
+        var services: [any ServiceLifecycle.Service] = []
+        if let linkListener { services.append(linkListener) }
+        services += [dataPlane, dns, sync, nodeAgent, RunUntilShutdown { await renewer.run() }, admin]
+        let group = ServiceGroup(
+            configuration: .init(
+                services: services.map { .init(service: $0) },
+                gracefulShutdownSignals: [],
+                logger: self.logger
+            )
+        )
+        try await withTaskCancellationOrGracefulShutdownHandler {
+            try await group.run()
+        } onCancelOrGracefulShutdown: {
+            Task { await group.triggerGracefulShutdown() }
         }
+        if linkListener == nil { await links.shutdown() }
         self.logger.info("agent stopped")
     }
+}
+
+/// A loop with no graceful shutdown of its own, as a `Service`: cancelled when the group shuts down.
+struct RunUntilShutdown: ServiceLifecycle.Service {
+    let body: @Sendable () async -> Void
+
+    init(_ body: @escaping @Sendable () async -> Void) { self.body = body }
+
+    func run() async { await cancelWhenGracefulShutdown { await self.body() } }
 }
 
 #if canImport(Glibc)

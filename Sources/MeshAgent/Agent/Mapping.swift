@@ -32,8 +32,27 @@ public enum AgentMapping {
         return ZoneInput(domain: domain, services: services)
     }
 
+    /// How an endpoint is reached from this agent: over a peer link only when its node is a registered node
+    /// of another site; an endpoint with no node, a node the control plane does not know, a node without a
+    /// site, this agent's own node or a node of its own site is dialed directly, as on one LAN.
+    public static func reach(
+        of address: EndpointAddress,
+        nodes: [String: Node],
+        localNode: String?,
+        localSite: String?
+    ) -> Reach {
+        guard let name = address.node, name != localNode, let node = nodes[name], let site = node.spec.site,
+            site != localSite
+        else { return .direct }
+        return .peer(name)
+    }
+
     /// The proxy routes of the table: one per VIP and port, with the endpoints' matching ports.
-    public static func routeTable(_ snapshot: ServiceSnapshot, localSite: String?) -> RouteTable {
+    public static func routeTable(
+        _ snapshot: ServiceSnapshot,
+        localSite: String?,
+        localNode: String? = nil
+    ) -> RouteTable {
         var routes: [Route] = []
         for (name, service) in snapshot.services.sorted(by: { $0.key < $1.key }) {
             guard let vip = service.spec.vip else { continue }  // headless: DNS only
@@ -45,13 +64,15 @@ public enum AgentMapping {
                     else {
                         return nil
                     }
+                    let node = a.node.flatMap { snapshot.nodes[$0] }
                     return Backend(
                         ip: ip,
                         port: target,
                         node: a.node,
-                        site: a.site,
+                        site: a.site ?? node?.spec.site,
                         weight: a.effectiveWeight,
-                        ready: a.isReady
+                        ready: a.isReady,
+                        reach: Self.reach(of: a, nodes: snapshot.nodes, localNode: localNode, localSite: localSite)
                     )
                 }
                 routes.append(

@@ -63,11 +63,14 @@ public actor DataPlane: ServiceLifecycle.Service {
     /// - Parameters:
     ///   - eventLoopGroup: where every proxied connection runs (both of its sides on one loop).
     ///   - metricsFactory: the swift-metrics backend; `MetricsSystem.factory` (whatever was bootstrapped) when nil.
+    ///   - peers: the peer links that carry traffic to backends at other sites (`Reach.peer`); nil: such
+    ///     backends fail to connect.
     public init(
         configuration: DataPlaneConfiguration = .init(),
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         logger: Logger = Logger(label: "mesh.dataplane"),
-        metricsFactory: (any MetricsFactory)? = nil
+        metricsFactory: (any MetricsFactory)? = nil,
+        peers: (any PeerStreams)? = nil
     ) {
         self.configuration = configuration
         self.group = eventLoopGroup
@@ -78,7 +81,8 @@ public actor DataPlane: ServiceLifecycle.Service {
             counters: self.counters,
             logger: logger,
             pools: HTTPUpstreamPools(group: eventLoopGroup, configuration: configuration, counters: self.counters),
-            splice: SpliceEngine(configuration: configuration, counters: self.counters, logger: logger)
+            splice: SpliceEngine(configuration: configuration, counters: self.counters, logger: logger),
+            upstreams: Upstreams(peers: peers)
         )
     }
 

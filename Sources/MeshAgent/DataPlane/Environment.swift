@@ -71,4 +71,6 @@ struct ProxyEnvironment: Sendable {
     let logger: Logger
     let pools: HTTPUpstreamPools
     let splice: SpliceEngine
+    /// How backends are reached: sockets, or streams over peer links.
+    let upstreams: Upstreams
 }

@@ -33,7 +33,8 @@ final class Listener: Sendable {
                 address: address,
                 backlog: configuration.backlog,
                 loops: try await environment.splice.loops(on: group),
-                group: group
+                group: group,
+                upstreams: environment.upstreams
             )
             return Listener(handle: handle, kind: .splice(splice))
         }

@@ -78,6 +78,9 @@ public struct Backend: Sendable, Hashable {
     public var weight: Int
     /// Whether the endpoint passes its readiness check; not-ready endpoints get no traffic.
     public var ready: Bool
+    /// How the agent reaches it: a socket to `ip:port` (`.direct`), or a stream over the peer link to the
+    /// node that serves it (`.peer(node)`, an endpoint of a node at another site).
+    public var reach: Reach
 
     public init(
         ip: IPAddress,
@@ -85,7 +88,8 @@ public struct Backend: Sendable, Hashable {
         node: String? = nil,
         site: String? = nil,
         weight: Int = 1,
-        ready: Bool = true
+        ready: Bool = true,
+        reach: Reach = .direct
     ) {
         self.ip = ip
         self.port = port
@@ -93,25 +97,58 @@ public struct Backend: Sendable, Hashable {
         self.site = site
         self.weight = weight
         self.ready = ready
+        self.reach = reach
     }
 
     /// The identity that per-backend state (health, in-flight counts) is kept under across table changes.
-    var id: BackendID { BackendID(ip: self.ip, port: self.port) }
+    var id: BackendID { BackendID(ip: self.ip, port: self.port, via: self.reach.peer) }
 }
 
-/// `ip:port` of a backend: per-backend state survives a table change when this stays the same.
+/// How the data plane reaches a backend. Decided when the route table is built (`AgentMapping`), from the
+/// endpoint's node and site: only an endpoint of a registered node at another site goes over a link.
+public enum Reach: Sendable, Hashable, CustomStringConvertible {
+    /// A socket to the backend's address.
+    case direct
+    /// A stream over the peer link to this node, which dials the backend on its side.
+    case peer(String)
+
+    /// The peer node, for `.peer`.
+    public var peer: String? {
+        if case .peer(let node) = self { return node }
+        return nil
+    }
+
+    public var description: String {
+        switch self {
+        case .direct: return "direct"
+        case .peer(let node): return "link to \(node)"
+        }
+    }
+}
+
+/// `ip:port` of a backend (and the peer node it is reached through, if any): per-backend state survives a
+/// table change when this stays the same. Two sites may use the same private address; `via` keeps them
+/// apart.
 public struct BackendID: Sendable, Hashable, Comparable, CustomStringConvertible {
     public var ip: IPAddress
     public var port: Int
+    /// The peer node whose link carries the traffic; nil: dialed directly.
+    public var via: String?
 
-    public init(ip: IPAddress, port: Int) {
+    public init(ip: IPAddress, port: Int, via: String? = nil) {
         self.ip = ip
         self.port = port
+        self.via = via
     }
 
-    public var description: String { self.ip.isIPv4 ? "\(self.ip):\(self.port)" : "[\(self.ip)]:\(self.port)" }
+    public var description: String {
+        let address = self.ip.isIPv4 ? "\(self.ip):\(self.port)" : "[\(self.ip)]:\(self.port)"
+        return self.via.map { "\(address) via \($0)" } ?? address
+    }
 
-    public static func < (lhs: BackendID, rhs: BackendID) -> Bool { (lhs.ip, lhs.port) < (rhs.ip, rhs.port) }
+    public static func < (lhs: BackendID, rhs: BackendID) -> Bool {
+        (lhs.ip, lhs.port, lhs.via ?? "") < (rhs.ip, rhs.port, rhs.via ?? "")
+    }
 }
 
 /// One VIP:port of one service and where its traffic goes.

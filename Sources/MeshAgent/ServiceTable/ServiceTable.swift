@@ -24,11 +24,66 @@ public struct ServiceSnapshot: Sendable, Equatable {
 
     public var services: [ServiceKey: Service] = [:]
     public var endpoints: [ServiceKey: Endpoints] = [:]
+    /// The registered nodes by name: an endpoint's node and its site say how it is reached (`Reach`),
+    /// its addresses and link port where its peer link is dialed.
+    public var nodes: [String: Node] = [:]
+    /// The relays by name: where this agent opens its relay session.
+    public var relays: [String: Relay] = [:]
     public var servicesVersion: Int64?
     public var endpointsVersion: Int64?
+    public var nodesVersion: Int64?
+    public var relaysVersion: Int64?
     public var source: Source = .cache
 
     public init() {}
+}
+
+/// A kind the agent keeps in its table: how a full list and one watch event fold into the snapshot.
+protocol SnapshotMember: MeshObject {
+    static var version: WritableKeyPath<ServiceSnapshot, Int64?> { get }
+    static func replace(_ items: [Self], in snapshot: inout ServiceSnapshot)
+    /// Puts `object` in (`present`) or takes it out of the snapshot.
+    func fold(into snapshot: inout ServiceSnapshot, present: Bool)
+}
+
+extension Service: SnapshotMember {
+    static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.servicesVersion }
+    static func replace(_ items: [Service], in snapshot: inout ServiceSnapshot) {
+        snapshot.services = Dictionary(items.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
+    }
+    func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
+        snapshot.services[ServiceKey(self)] = present ? self : nil
+    }
+}
+
+extension Endpoints: SnapshotMember {
+    static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.endpointsVersion }
+    static func replace(_ items: [Endpoints], in snapshot: inout ServiceSnapshot) {
+        snapshot.endpoints = Dictionary(items.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
+    }
+    func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
+        snapshot.endpoints[ServiceKey(self)] = present ? self : nil
+    }
+}
+
+extension Node: SnapshotMember {
+    static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.nodesVersion }
+    static func replace(_ items: [Node], in snapshot: inout ServiceSnapshot) {
+        snapshot.nodes = Dictionary(items.map { ($0.metadata.name, $0) }, uniquingKeysWith: { _, b in b })
+    }
+    func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
+        snapshot.nodes[self.metadata.name] = present ? self : nil
+    }
+}
+
+extension Relay: SnapshotMember {
+    static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.relaysVersion }
+    static func replace(_ items: [Relay], in snapshot: inout ServiceSnapshot) {
+        snapshot.relays = Dictionary(items.map { ($0.metadata.name, $0) }, uniquingKeysWith: { _, b in b })
+    }
+    func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
+        snapshot.relays[self.metadata.name] = present ? self : nil
+    }
 }
 
 /// Keeps the agent's service table in sync with the control plane and on disk.
@@ -75,23 +130,34 @@ public final class ServiceTableSync: Sendable {
     /// Loads the cache and publishes it (when it holds anything). Called by `run()`; callable
     /// earlier so the agent answers from the cache before it binds anything else.
     public func loadCache() async throws -> ServiceSnapshot {
-        let (services, svcRV) = try self.cache.load(Service.self)
-        let (endpoints, epRV) = try self.cache.load(Endpoints.self)
         var snap = ServiceSnapshot()
-        snap.services = Dictionary(services.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
-        snap.endpoints = Dictionary(endpoints.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
-        snap.servicesVersion = svcRV
-        snap.endpointsVersion = epRV
+        let (services, svcRV) = try self.loadCached(Service.self, into: &snap)
+        let (endpoints, epRV) = try self.loadCached(Endpoints.self, into: &snap)
+        _ = try self.loadCached(Node.self, into: &snap)
+        _ = try self.loadCached(Relay.self, into: &snap)
         snap.source = .cache
         self.state.withLock { $0.snapshot = snap }
         if svcRV != nil || epRV != nil {
             self.logger.info(
-                "serving \(services.count) services and \(endpoints.count) endpoints from the cache (resourceVersion \(svcRV ?? 0)/\(epRV ?? 0)) until the control plane answers"
+                "serving \(services) services and \(endpoints) endpoints from the cache (resourceVersion \(svcRV ?? 0)/\(epRV ?? 0)) until the control plane answers"
             )
         }
         await self.onSnapshot(snap)
         return snap
     }
+
+    private func loadCached<T: SnapshotMember>(
+        _ type: T.Type,
+        into snap: inout ServiceSnapshot
+    ) throws -> (count: Int, version: Int64?) {
+        let (items, rv) = try self.cache.load(T.self)
+        T.replace(items, in: &snap)
+        snap[keyPath: T.version] = rv
+        return (items.count, rv)
+    }
+
+    /// The kinds the table follows; the snapshot is `.control` once each has been listed.
+    static let kinds = 4
 
     public func run() async throws {
         let cached = self.state.withLock { $0.snapshot }
@@ -102,6 +168,8 @@ public final class ServiceTableSync: Sendable {
                 await withTaskGroup(of: Void.self) { group in
                     group.addTask { await self.reflect(MeshCore.Service.self, from: cached.servicesVersion) }
                     group.addTask { await self.reflect(Endpoints.self, from: cached.endpointsVersion) }
+                    group.addTask { await self.reflect(Node.self, from: cached.nodesVersion) }
+                    group.addTask { await self.reflect(Relay.self, from: cached.relaysVersion) }
                     group.addTask { await self.publishLoop() }
                     await group.waitForAll()
                 }
@@ -111,7 +179,7 @@ public final class ServiceTableSync: Sendable {
         }
     }
 
-    private func reflect<T: MeshObject>(_ type: T.Type, from rv: Int64?) async {
+    private func reflect<T: SnapshotMember>(_ type: T.Type, from rv: Int64?) async {
         var reflector = Reflector<T>(client: self.client, logger: self.logger)
         reflector.backoff.initial = self.configuration.backoff.initial
         reflector.backoff.maximum = self.configuration.backoff.maximum
@@ -121,7 +189,7 @@ public final class ServiceTableSync: Sendable {
     }
 
     /// Persists an update, then folds it into the table and schedules a publish.
-    func apply<T: MeshObject>(_ update: ReflectorUpdate<T>) throws {
+    func apply<T: SnapshotMember>(_ update: ReflectorUpdate<T>) throws {
         switch update {
         case .replaced(let items, let rv): try self.cache.replace(items, resourceVersion: rv)
         case .changed(let event): try self.cache.apply(event)
@@ -131,42 +199,26 @@ public final class ServiceTableSync: Sendable {
             var snap = s.snapshot
             switch update {
             case .replaced(let items, let rv):
-                // Decide by the kind, not by casting the list: an empty [Endpoints] casts to [Service].
-                if T.self == Service.self, let services = items as? [Service] {
-                    snap.services = Dictionary(services.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
-                    snap.servicesVersion = rv
-                } else if T.self == Endpoints.self, let endpoints = items as? [Endpoints] {
-                    snap.endpoints = Dictionary(endpoints.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
-                    snap.endpointsVersion = rv
-                }
-                s.synced.insert(kind)
+                T.replace(items, in: &snap)
+                snap[keyPath: T.version] = rv
             case .changed(let event):
                 Self.fold(event, into: &snap)
-                s.synced.insert(kind)
             }
-            if s.synced.count == 2 { snap.source = .control }
+            s.synced.insert(kind)
+            if s.synced.count == Self.kinds { snap.source = .control }
             s.snapshot = snap
             s.dirty = true
         }
         self.wake.signal()
     }
 
-    static func fold<T: MeshObject>(_ event: WatchEvent<T>, into snap: inout ServiceSnapshot) {
+    static func fold<T: SnapshotMember>(_ event: WatchEvent<T>, into snap: inout ServiceSnapshot) {
         switch event {
-        case .added(let o), .modified(let o):
-            if let s = o as? Service {
-                snap.services[ServiceKey(s)] = s
-            } else if let e = o as? Endpoints {
-                snap.endpoints[ServiceKey(e)] = e
-            }
-        case .deleted(let o):
-            if o is Service { snap.services[ServiceKey(o)] = nil } else { snap.endpoints[ServiceKey(o)] = nil }
-        case .bookmark, .error:
-            break
+        case .added(let o), .modified(let o): o.fold(into: &snap, present: true)
+        case .deleted(let o): o.fold(into: &snap, present: false)
+        case .bookmark, .error: break
         }
-        if let rv = event.resourceVersion {
-            if T.self == Service.self { snap.servicesVersion = rv } else { snap.endpointsVersion = rv }
-        }
+        if let rv = event.resourceVersion { snap[keyPath: T.version] = rv }
     }
 
     private func publishLoop() async {

@@ -31,6 +31,9 @@ public struct Node: MeshObject {
                 )
             }
         }
+        if let p = self.spec.linkPort, !(1...65_535).contains(p) {
+            errs.append(FieldError("spec.linkPort", "must be a port number from 1 to 65535"))
+        }
         if let t = self.status?.lastHeartbeatTime, Timestamp.parse(t) == nil {
             errs.append(FieldError("status.lastHeartbeatTime", "must be an RFC 3339 time such as 2026-01-02T15:04:05Z"))
         }
@@ -42,10 +45,14 @@ public struct NodeSpec: Codable, Sendable, Equatable, Hashable {
     /// The site (edge location) the node is in; endpoints on nodes of one site are preferred there.
     public var site: String?
     public var addresses: [NodeAddress]?
+    /// The TCP port where the node's agent accepts peer links (mutual TLS 1.3), on each of `addresses`;
+    /// nil: it accepts none, so other sites reach it only through a relay.
+    public var linkPort: Int?
 
-    public init(site: String? = nil, addresses: [NodeAddress]? = nil) {
+    public init(site: String? = nil, addresses: [NodeAddress]? = nil, linkPort: Int? = nil) {
         self.site = site
         self.addresses = addresses
+        self.linkPort = linkPort
     }
 }
 

@@ -501,7 +501,13 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
             return
         }
         let id = exchange.id
-        pool.connect(to: pick.address, backend: pick.id, on: loop).assumeIsolated().whenComplete { result in
+        pool.connect(
+            to: pick,
+            service: self.handle.service,
+            servicePort: self.handle.key.port,
+            on: loop,
+            upstreams: self.environment.upstreams
+        ).assumeIsolated().whenComplete { result in
             let current = self.state == .active && self.exchange!.id == id && self.exchange!.pick?.id == pick.id
             switch result {
             case .success(let connection):

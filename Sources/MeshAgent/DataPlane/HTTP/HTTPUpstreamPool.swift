@@ -106,40 +106,42 @@ final class LoopPool {
         self.total[backend] = n > 0 ? n : nil
     }
 
-    /// Opens a connection to `address`, counted against `backend` (the caller reserved it).
+    /// Opens a connection to `pick` (a socket, or a stream over the peer link: `Upstreams`), counted against
+    /// its backend (the caller reserved it).
     func connect(
-        to address: SocketAddress,
-        backend: BackendID,
-        on loop: any EventLoop
+        to pick: Pick,
+        service: ServiceKey,
+        servicePort: Int,
+        on loop: any EventLoop,
+        upstreams: Upstreams
     ) -> EventLoopFuture<UpstreamConnection> {
-        let configuration = self.configuration
         let handler = UpstreamHTTPHandler(decoder: HTTPDecodingHandler())
         handler.decoder.receiver = handler
         let bound = NIOLoopBound(handler, eventLoop: loop)
-        return ClientBootstrap(group: loop)
-            .connectTimeout(configuration.connectTimeout)
-            .channelOption(
-                .writeBufferWaterMark,
-                value: .init(low: configuration.writeBufferLowWaterMark, high: configuration.writeBufferHighWaterMark)
-            )
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    // The response decoder (`HTTPParser`) and the handler; requests go out as bytes (`HTTPWire`).
-                    let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(bound.value.decoder)
-                    try sync.addHandler(bound.value)
-                }
+        let backend = pick.id
+        return upstreams.connectStream(
+            to: pick,
+            service: service,
+            servicePort: servicePort,
+            on: loop,
+            configuration: self.configuration
+        ) { channel in
+            channel.eventLoop.makeCompletedFuture {
+                // The response decoder (`HTTPParser`) and the handler; requests go out as bytes (`HTTPWire`).
+                let sync = channel.pipeline.syncOperations
+                try sync.addHandler(bound.value.decoder)
+                try sync.addHandler(bound.value)
             }
-            .connect(to: address)
-            .assumeIsolated()
-            .map { channel in
-                self.counters.track(channel, upstream: true)
-                let connection = UpstreamConnection(channel: channel, handler: handler, backend: backend)
-                handler.connection = connection
-                handler.pool = self
-                return connection
-            }
-            .nonisolated()
+        }
+        .assumeIsolated()
+        .map { channel in
+            self.counters.track(channel, upstream: true)
+            let connection = UpstreamConnection(channel: channel, handler: handler, backend: backend)
+            handler.connection = connection
+            handler.pool = self
+            return connection
+        }
+        .nonisolated()
     }
 
     /// Back into the pool after a complete exchange, or closed when the pool for it is full.

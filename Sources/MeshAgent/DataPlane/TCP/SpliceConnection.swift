@@ -78,11 +78,12 @@ final class SpliceConnection {
 
     var isConnecting: Bool { self.state == .connecting }
 
-    init(loop: SpliceLoop, listener: SpliceListener, clientFD: Int32, hash: UInt64) {
+    init(loop: SpliceLoop, listener: SpliceListener, clientFD: Int32, hash: UInt64, tried: [BackendID] = []) {
         self.loop = loop
         self.listener = listener
         self.metrics = listener.handle.metrics
         self.hash = hash
+        self.tried = tried
         self.quietSince = loop.now
         self.client = SpliceSide(connection: self, isClient: true)
         self.upstream = SpliceSide(connection: self, isClient: false)
@@ -122,6 +123,10 @@ final class SpliceConnection {
             return
         }
         self.tried.append(pick.id)
+        if pick.id.via != nil {
+            self.handOver(pick)
+            return
+        }
         self.pick = pick
         self.connectStarted = SpliceLoop.monotonic()
         let fd: Int32
@@ -142,6 +147,48 @@ final class SpliceConnection {
         self.connectDeadline =
             self.connectStarted &+ UInt64(max(self.loop.configuration.connectTimeout.nanoseconds, 0))
         self.loop.connectStarted(self)
+    }
+
+    /// A backend at another site: the client's socket (not read yet) leaves this loop for the peer link,
+    /// which registers it with NIO on the link's event loop and splices it to a stream (`Upstreams.splice`).
+    /// This connection object ends here; the link counts the stream's bytes (`/peers`). When the link refuses
+    /// or cannot be reached before it took the socket, the socket comes back to this loop for the next
+    /// backend (up to `connectAttempts`), as a failed connect does.
+    private func handOver(_ pick: Pick) {
+        let handle = self.listener.handle
+        let listener = self.listener
+        let loop = self.loop
+        let fd = self.client.fd
+        let hash = self.hash
+        let tried = self.tried
+        let attempts = loop.configuration.connectAttempts
+        let upstreams = listener.upstreams
+        loop.deregister(fd)
+        self.client.fd = -1
+        self.close()
+        let started = SpliceLoop.monotonic()
+        Task {
+            do {
+                try await upstreams.splice(client: fd, service: handle.service, servicePort: handle.key.port, pick: pick)
+                handle.metrics.upstreamLatency.recordNanoseconds(Int64(clamping: SpliceLoop.monotonic() &- started))
+                handle.finish(pick, outcome: .success)
+            } catch {
+                handle.finish(pick, outcome: .failure)
+                handle.metrics.error(.connectFailure)
+                loop.logger.debug(
+                    "peer stream failed",
+                    metadata: ["service": "\(handle.service)", "backend": "\(pick.id)", "error": "\(error)"]
+                )
+                let queued = loop.execute {
+                    if tried.count < attempts {
+                        SpliceConnection(loop: loop, listener: listener, clientFD: fd, hash: hash, tried: tried).start()
+                    } else {
+                        Glibc.close(fd)
+                    }
+                }
+                if !queued { Glibc.close(fd) }
+            }
+        }
     }
 
     private func connectFailed(_ error: any Error) {

@@ -77,6 +77,8 @@ final class SpliceEngine: Sendable {
 final class SpliceListener: Sendable {
     let handle: RouteHandle
     let fd: Int32
+    /// Where a backend at another site is reached (the peer links).
+    let upstreams: Upstreams
     private let loops: [SpliceLoop]
     private let acceptors: [SpliceAcceptor.Box]
     private let open = Atomic<Int>(0)
@@ -89,10 +91,11 @@ final class SpliceListener: Sendable {
         address: SocketAddress,
         backlog: Int,
         loops: [SpliceLoop],
-        group: any EventLoopGroup
+        group: any EventLoopGroup,
+        upstreams: Upstreams
     ) async throws -> SpliceListener {
         let fd = try await group.next().submit { try SpliceSocket.listen(on: address, backlog: backlog) }.get()
-        let listener = SpliceListener(handle: handle, fd: fd, loops: loops)
+        let listener = SpliceListener(handle: handle, fd: fd, loops: loops, upstreams: upstreams)
         do {
             try await listener.start()
         } catch {
@@ -103,9 +106,10 @@ final class SpliceListener: Sendable {
         return listener
     }
 
-    private init(handle: RouteHandle, fd: Int32, loops: [SpliceLoop]) {
+    private init(handle: RouteHandle, fd: Int32, loops: [SpliceLoop], upstreams: Upstreams) {
         self.handle = handle
         self.fd = fd
+        self.upstreams = upstreams
         self.loops = loops
         self.acceptors = loops.map { _ in SpliceAcceptor.Box() }
     }

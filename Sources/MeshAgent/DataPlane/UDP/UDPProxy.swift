@@ -5,7 +5,7 @@ import NIOPosix
 
 /// The L4 UDP proxy, as the handler of the datagram channel bound to VIP:port. Each client address gets a
 /// flow: a connected UDP socket towards one backend (chosen when the flow starts), created on this channel's
-/// event loop. Datagrams from the client go out on the flow's socket; datagrams the backend sends back go to
+/// event loop, or a stream over the peer link for a backend at another site (`Upstreams.openFlow`). Datagrams from the client go out on the flow's socket; datagrams the backend sends back go to
 /// the client from the VIP:port socket, so the client sees the address it talked to. Flows end after
 /// `flowIdleTimeout` without traffic; beyond `maxFlowsPerListener`, datagrams of new clients are dropped.
 final class UDPProxyHandler: ChannelInboundHandler {
@@ -94,37 +94,38 @@ final class UDPProxyHandler: ChannelInboundHandler {
         self.handle.metrics.requests.increment()
 
         let loop = context.eventLoop
-        let upstream = NIOLoopBound(UDPUpstreamHandler(parent: self, flow: flow), eventLoop: loop)
-        DatagramBootstrap(group: loop)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(upstream.value)
+        let bound = NIOLoopBound((proxy: self, flow: flow), eventLoop: loop)
+        self.environment.upstreams.openFlow(
+            to: pick,
+            service: self.handle.service,
+            servicePort: self.handle.key.port,
+            on: loop,
+            received: { datagram in bound.value.proxy.reply(datagram, flow: bound.value.flow) },
+            failed: { error in bound.value.proxy.upstreamFailed(bound.value.flow, error: error) }
+        )
+        .assumeIsolated()
+        .whenComplete { result in
+            switch result {
+            case .success(let channel):
+                self.environment.counters.track(channel, upstream: true)
+                if flow.closed {
+                    channel.close(promise: nil)
+                    return
                 }
+                flow.channel = channel
+                let pending = flow.pending
+                flow.pending = []
+                for datagram in pending { channel.write(datagram, promise: nil) }
+                channel.flush()
+            case .failure(let error):
+                self.environment.logger.debug(
+                    "udp upstream failed",
+                    metadata: ["backend": "\(pick.id)", "error": "\(error)"]
+                )
+                self.handle.metrics.error(.connectFailure)
+                self.end(flow, outcome: .failure)
             }
-            .connect(to: pick.address)
-            .assumeIsolated()
-            .whenComplete { result in
-                switch result {
-                case .success(let channel):
-                    self.environment.counters.track(channel, upstream: true)
-                    if flow.closed {
-                        channel.close(promise: nil)
-                        return
-                    }
-                    flow.channel = channel
-                    let pending = flow.pending
-                    flow.pending = []
-                    for datagram in pending { channel.write(datagram, promise: nil) }
-                    channel.flush()
-                case .failure(let error):
-                    self.environment.logger.debug(
-                        "udp upstream socket failed",
-                        metadata: ["backend": "\(pick.id)", "error": "\(error)"]
-                    )
-                    self.handle.metrics.error(.connectFailure)
-                    self.end(flow, outcome: .failure)
-                }
-            }
+        }
     }
 
     private func send(_ datagram: ByteBuffer, on flow: Flow) {
@@ -158,8 +159,9 @@ final class UDPProxyHandler: ChannelInboundHandler {
         )
     }
 
-    /// The backend's socket failed (an ICMP port unreachable shows up as ECONNREFUSED).
+    /// The backend's socket failed (an ICMP port unreachable shows up as ECONNREFUSED), or its stream ended.
     fileprivate func upstreamFailed(_ flow: Flow, error: any Error) {
+        guard !flow.closed else { return }
         self.handle.metrics.error(.connectFailure)
         self.end(flow, outcome: .failure)
     }
@@ -191,27 +193,4 @@ final class UDPProxyHandler: ChannelInboundHandler {
 
     /// Flows open now (tests).
     var flowCount: Int { self.flows.count }
-}
-
-/// The handler of one flow's connected upstream socket.
-private final class UDPUpstreamHandler: ChannelInboundHandler {
-    typealias InboundIn = AddressedEnvelope<ByteBuffer>
-
-    private weak var parent: UDPProxyHandler?
-    private let flow: UDPProxyHandler.Flow
-    private var succeeded = false
-
-    init(parent: UDPProxyHandler, flow: UDPProxyHandler.Flow) {
-        self.parent = parent
-        self.flow = flow
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.parent?.reply(self.unwrapInboundIn(data).data, flow: self.flow)
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        self.parent?.upstreamFailed(self.flow, error: error)
-        context.close(promise: nil)
-    }
 }

@@ -1,0 +1,115 @@
+import MeshCore
+import MeshWire
+import NIOCore
+import Relay
+import Synchronization
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// The table the agent serves now, shared with the peer links: whom to dial (a node's addresses and link
+/// port) and which incoming streams to accept (endpoints this node serves).
+final class CurrentTable: Sendable {
+    private let snapshot = Mutex(ServiceSnapshot())
+
+    var value: ServiceSnapshot { self.snapshot.withLock { $0 } }
+
+    func set(_ snapshot: ServiceSnapshot) { self.snapshot.withLock { $0 = snapshot } }
+}
+
+/// The data plane's streams to other sites, over the agent's `LinkManager`.
+struct LinkPeerStreams: PeerStreams {
+    let links: LinkManager
+
+    func splice(socket: NIOBSDSocket.Handle, to node: String, open target: StreamTarget) async throws {
+        try await self.links.splice(socket: socket, to: node, open: target)
+    }
+
+    func stream(
+        to node: String,
+        open target: StreamTarget,
+        initializer: @escaping @Sendable (any Channel) -> EventLoopFuture<Void>
+    ) async throws -> any Channel {
+        try await self.links.stream(to: node, open: target, initializer: initializer)
+    }
+}
+
+/// What the agent's links need from its service table. Pure functions of the snapshot.
+enum PeerDirectory {
+    /// Where `node`'s agent accepts links: each of its registered IP addresses on its link port, internal
+    /// addresses first. None when it registered no link port (it is reached through a relay only).
+    static func linkAddresses(of node: String, in snapshot: ServiceSnapshot) -> [SocketAddress] {
+        guard let n = snapshot.nodes[node], let port = n.spec.linkPort else { return [] }
+        let addresses = (n.spec.addresses ?? []).filter { $0.type != .hostname }
+        let ordered = addresses.filter { $0.type == .internalIP } + addresses.filter { $0.type != .internalIP }
+        return ordered.compactMap { try? SocketAddress(ipAddress: $0.address, port: port) }
+    }
+
+    /// Whether a stream from `peer` for `target` may be accepted by `localNode`: the target must be an
+    /// endpoint address and port of the named service that this node serves, per the table. Anything else
+    /// is refused with the reason, which the sender logs and counts.
+    static func check(
+        _ target: StreamTarget,
+        from peer: String,
+        localNode: String,
+        in snapshot: ServiceSnapshot
+    ) -> StreamRefusal? {
+        let key = ServiceKey(namespace: target.namespace, name: target.service)
+        guard snapshot.services[key] != nil, let endpoints = snapshot.endpoints[key] else {
+            return StreamRefusal(.unknownService, "no service \(key) at node \(localNode)")
+        }
+        let ip = target.endpoint.ipAddress
+        let port = Int(target.endpointPort)
+        let served = endpoints.spec.addresses.contains { a in
+            a.node == localNode && a.address == ip && a.ports.contains { $0.port == port }
+        }
+        guard served else {
+            return StreamRefusal(
+                .notLocalEndpoint,
+                "\(target.endpoint):\(port) is not an endpoint of \(key) served by node \(localNode)"
+            )
+        }
+        return nil
+    }
+}
+
+/// One row of `GET /peers` and `meshctl peers`: a link's figures with the peer's site.
+struct PeerRow: Codable, Sendable, Equatable {
+    var node: String
+    var site: String?
+    /// `direct` or `relayed`.
+    var path: String
+    var relay: String?
+    var rttMicros: Int64?
+    var streams: Int
+    var bytesSent: UInt64
+    var bytesReceived: UInt64
+    var since: String
+    /// The node that dialed the link.
+    var dialer: String
+
+    init(_ stats: LinkStats, site: String?) {
+        self.node = stats.node
+        self.site = site
+        self.path = stats.path
+        self.relay = stats.relay
+        self.rttMicros = stats.rttMicros
+        self.streams = stats.streams
+        self.bytesSent = stats.bytesSent
+        self.bytesReceived = stats.bytesReceived
+        self.since = Timestamp.format(secondsSinceEpoch: Int(stats.since.timeIntervalSince1970))
+        self.dialer = stats.dialer
+    }
+}
+
+/// The body of `GET /peers`.
+struct PeerList: Codable, Sendable {
+    var node: String
+    var site: String?
+    /// Where this agent accepts links (`off`: it does not).
+    var linkListen: String
+    var items: [PeerRow]
+}
