@@ -368,7 +368,7 @@ let package = Package(
         .testTarget(
             name: "MeshAgentTests",
             dependencies: nio + [
-                "MeshAgent", "MeshClient", "Control", "MeshCore", "MeshIdentity", "MeshTestSupport",
+                "MeshAgent", "MeshClient", "Control", "MeshCore", "MeshIdentity", "MeshTestSupport", "MeshWire", "Relay",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

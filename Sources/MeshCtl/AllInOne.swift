@@ -22,6 +22,7 @@ public struct AllInOne: Sendable {
     public var controlListen: String = "127.0.0.1:7700"
     public var dnsListen: String = "127.0.0.1:5353"
     public var adminListen: String = "127.0.0.1:7780"
+    public var linkListen: String = "127.0.0.1:7900"
     /// The STUN binding server (UDP and TCP), as `mesh-relay` runs it.
     public var stunListen: String = "127.0.0.1:3478"
     /// The relay's sessions (7800/tcp) and its admin endpoint (`/metrics`): the relay proper runs
@@ -52,6 +53,7 @@ public struct AllInOne: Sendable {
         c.dataDir = self.dataDir + "/agent"
         c.dnsListen = self.dnsListen
         c.adminListen = self.adminListen
+        c.linkListen = self.linkListen
         c.interfaceMode = .loopback
         // Its node is reached on the loopback it serves on, nothing else of the host.
         c.nodeAddresses = ["127.0.0.1"]
@@ -87,7 +89,7 @@ public struct AllInOne: Sendable {
             services.append(AdminConfigWriter(control: control, mesh: self, logger: logger))
         }
         logger.info(
-            "all-in-one mesh starting: control API on https://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), STUN on \(self.stunListen), relay sessions on \(self.relayListen), data in \(self.dataDir)"
+            "all-in-one mesh starting: control API on https://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), peer links on \(self.linkListen), STUN on \(self.stunListen), relay sessions on \(self.relayListen), data in \(self.dataDir)"
         )
         guard await Daemon.run(services, name: "meshctl up", logger: logger) else { throw AllInOneFailed() }
         logger.info("all-in-one mesh stopped")

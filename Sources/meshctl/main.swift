@@ -83,6 +83,9 @@ struct Up: AsyncParsableCommand {
     @Option(name: .long, help: "The agent's admin API address.")
     var adminListen: String = "127.0.0.1:7780"
 
+    @Option(name: .long, help: "The agent's peer-link address (links from agents of other sites), or off.")
+    var linkListen: String = "127.0.0.1:7900"
+
     @Option(name: .long, help: "The STUN server's address (UDP and TCP).")
     var stunListen: String = "127.0.0.1:3478"
 
@@ -104,6 +107,7 @@ struct Up: AsyncParsableCommand {
         mesh.controlListen = self.listen
         mesh.dnsListen = self.dnsListen
         mesh.adminListen = self.adminListen
+        mesh.linkListen = self.linkListen
         mesh.stunListen = self.stunListen
         mesh.relayListen = self.relayListen
         mesh.relayAdminListen = self.relayAdminListen
@@ -113,6 +117,7 @@ struct Up: AsyncParsableCommand {
             _ = try ListenAddress(self.listen, field: "--listen")
             _ = try ListenAddress(self.dnsListen, field: "--dns-listen")
             _ = try ListenAddress(self.adminListen, field: "--admin-listen")
+            if self.linkListen != "off" { _ = try ListenAddress(self.linkListen, field: "--link-listen") }
             _ = try ListenAddress(self.stunListen, field: "--stun-listen")
             _ = try ListenAddress(self.relayListen, field: "--relay-listen")
             _ = try ListenAddress(self.relayAdminListen, field: "--relay-admin-listen")

@@ -185,6 +185,7 @@ import Testing
                 "up", "--data-dir", dir.path, "--listen", "127.0.0.1:\(port)", "--dns-listen", "127.0.0.1:\(dnsPort)",
                 "--admin-listen", "127.0.0.1:\(adminPort)", "--stun-listen", "127.0.0.1:\(stunPort)",
                 "--relay-listen", "127.0.0.1:\(relayPort)", "--relay-admin-listen", "127.0.0.1:\(relayAdminPort)",
+                "--link-listen", "127.0.0.1:0",
             ],
             environment: Self.isolated(dir)
         )
@@ -294,7 +295,7 @@ import Testing
                 self.bin + "/mesh-agent",
                 [
                     "--server", "https://127.0.0.1:\(port)", "--data-dir", dir.path + "/" + name, "--node-name", name,
-                    "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())",
+                    "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())", "--link-listen", "127.0.0.1:0",
                     "--join-token", token, "--ca-cert-hash", hash,
                 ],
                 environment: Self.isolated(dir)
@@ -326,7 +327,7 @@ import Testing
             self.bin + "/mesh-agent",
             [
                 "--server", "https://127.0.0.1:\(port)", "--data-dir", dir.path + "/edge-y", "--node-name", "edge-y",
-                "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())",
+                "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())", "--link-listen", "127.0.0.1:0",
             ],
             environment: Self.isolated(dir)
         )

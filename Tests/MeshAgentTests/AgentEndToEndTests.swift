@@ -30,6 +30,7 @@ final class RunningAgent: Sendable {
         config.caCertHash = join?.caCertHash
         config.dataDir = dataDir
         config.dnsListen = "127.0.0.1:0"
+        config.linkListen = "127.0.0.1:0"
         config.adminListen = "127.0.0.1:0"
         config.nodeName = "edge-test"
         config.site = "a"

@@ -135,6 +135,7 @@ final class RunningNodeAgent: Sendable {
         let agentDir = TempDir()
         config.dataDir = agentDir.path
         config.dnsListen = "127.0.0.1:0"
+        config.linkListen = "127.0.0.1:0"
         config.adminListen = "127.0.0.1:0"
         config.nodeName = "edge-3"
         config.nodeAddresses = ["127.0.0.1"]

@@ -66,7 +66,9 @@ struct Upstreams: Sendable {
 
     private func peerStreams(for node: String) throws -> any PeerStreams {
         guard let peers = self.peers else {
-            throw PeerUnavailable(description: "backend is at node \(node) of another site, and this agent has no peer links")
+            throw PeerUnavailable(
+                description: "backend is at node \(node) of another site, and this agent has no peer links"
+            )
         }
         return peers
     }
@@ -307,7 +309,8 @@ extension WireIPAddress {
         switch self {
         case .v4(let a): return IPAddress(bytes: (0..<4).map { UInt8(truncatingIfNeeded: a >> (24 - 8 * $0)) })!
         case .v6(let hi, let lo):
-            let bytes = (0..<8).map { UInt8(truncatingIfNeeded: hi >> (56 - 8 * UInt64($0))) }
+            let bytes =
+                (0..<8).map { UInt8(truncatingIfNeeded: hi >> (56 - 8 * UInt64($0))) }
                 + (0..<8).map { UInt8(truncatingIfNeeded: lo >> (56 - 8 * UInt64($0))) }
             return IPAddress(bytes: bytes)!
         }

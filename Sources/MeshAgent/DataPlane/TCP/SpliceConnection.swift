@@ -169,7 +169,12 @@ final class SpliceConnection {
         let started = SpliceLoop.monotonic()
         Task {
             do {
-                try await upstreams.splice(client: fd, service: handle.service, servicePort: handle.key.port, pick: pick)
+                try await upstreams.splice(
+                    client: fd,
+                    service: handle.service,
+                    servicePort: handle.key.port,
+                    pick: pick
+                )
                 handle.metrics.upstreamLatency.recordNanoseconds(Int64(clamping: SpliceLoop.monotonic() &- started))
                 handle.finish(pick, outcome: .success)
             } catch {
