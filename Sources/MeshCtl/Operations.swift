@@ -238,6 +238,105 @@ public struct Operations: Sendable {
     }
 }
 
+/// Reads one document from an agent's admin API (`meshctl routes`, `meshctl peers`); on failure prints
+/// what went wrong and how to point `--agent` elsewhere, and returns nil.
+struct AgentDocument: Sendable {
+    var agent: HTTPEndpoint
+    let err: @Sendable (String) -> Void
+
+    func fetch(_ path: String, what: String) async -> JSONValue? {
+        let response: HTTPClientResponse
+        do {
+            response = try await HTTPClient(endpoint: self.agent).send(.GET, path)
+            guard response.status == .ok else {
+                throw HTTPClientError(
+                    "the agent answered \(response.status.code) \(String(buffer: response.body).prefix(200))"
+                )
+            }
+        } catch {
+            self.err(
+                "error: cannot read \(what) from the agent at \(self.agent): \(error)\nIs a mesh-agent (or `meshctl up`) running? Point --agent at its admin API.\n"
+            )
+            return nil
+        }
+        guard let value = try? JSONValue.parse(json: Data(response.body.readableBytesView)) else {
+            self.err("error: the agent's \(path) answer is not JSON\n")
+            return nil
+        }
+        return value
+    }
+}
+
+/// `meshctl peers`: the agent's peer links, one row per remote node (path, relay, RTT, streams, bytes).
+public struct PeersView: Sendable {
+    public var agent: HTTPEndpoint
+    let out: @Sendable (String) -> Void
+    let err: @Sendable (String) -> Void
+
+    public init(
+        agent: HTTPEndpoint,
+        out: @escaping @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data($0.utf8)) },
+        err: @escaping @Sendable (String) -> Void = { FileHandle.standardError.write(Data($0.utf8)) }
+    ) {
+        self.agent = agent
+        self.out = out
+        self.err = err
+    }
+
+    public func show(format: OutputFormat) async -> Bool {
+        guard let value = await AgentDocument(agent: self.agent, err: self.err).fetch("/peers", what: "peers") else {
+            return false
+        }
+        switch format {
+        case .json: self.out(Printer.json(value))
+        case .yaml: self.out(Printer.yaml(value))
+        default: self.out(Self.table(value, wide: format == .wide))
+        }
+        return true
+    }
+
+    /// The table: `<none>` rather than a blank cell; RTT in ms, bytes in IEC units; fits 100 columns.
+    static func table(_ value: JSONValue, wide: Bool) -> String {
+        func cell(_ v: JSONValue?) -> String {
+            let t = Printer.text(v)
+            return t.isEmpty ? "<none>" : t
+        }
+        var rows: [[String]] = []
+        for p in Printer.list(value["items"] ?? .null) {
+            let rtt: String
+            if case .int(let micros) = p["rttMicros"] ?? .null {
+                rtt = micros < 10_000 ? String(format: "%.2fms", Double(micros) / 1000) : "\(micros / 1000)ms"
+            } else {
+                rtt = "<none>"
+            }
+            var row = [
+                cell(p["node"]), cell(p["site"]), cell(p["path"]), cell(p["relay"]), rtt, cell(p["streams"]),
+                Self.bytes(p["bytesSent"]), Self.bytes(p["bytesReceived"]), cell(p["since"]),
+            ]
+            if wide { row.append(cell(p["dialer"])) }
+            rows.append(row)
+        }
+        var header = ["NODE", "SITE", "PATH", "RELAY", "RTT", "STREAMS", "SENT", "RECEIVED", "SINCE"]
+        if wide { header.append("DIALER") }
+        let site = Printer.text(value["site"])
+        let heading =
+            "node \(cell(value["node"])), site \(site.isEmpty ? "<none>" : site), links on \(cell(value["linkListen"]))\n"
+        return heading + (rows.isEmpty ? "no peer links\n" : Printer.table(header, rows))
+    }
+
+    static func bytes(_ v: JSONValue?) -> String {
+        guard case .int(let n) = v ?? .null else { return "<none>" }
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(n)
+        var unit = 0
+        while value >= 1024, unit < units.count - 1 {
+            value /= 1024
+            unit += 1
+        }
+        return unit == 0 ? "\(n)B" : String(format: "%.1f%@", value, units[unit])
+    }
+}
+
 /// `meshctl routes`: what an agent is serving right now, from its admin API.
 public struct RoutesView: Sendable {
     public var agent: HTTPEndpoint
@@ -255,18 +354,7 @@ public struct RoutesView: Sendable {
     }
 
     public func show(format: OutputFormat) async -> Bool {
-        let response: HTTPClientResponse
-        do {
-            response = try await HTTPClient(endpoint: self.agent).send(.GET, "/routes")
-            guard response.status == .ok else { throw HTTPClientError("the agent answered \(response.status.code)") }
-        } catch {
-            self.err(
-                "error: cannot read routes from the agent at \(self.agent): \(error)\nIs a mesh-agent (or `meshctl up`) running? Point --agent at its admin API.\n"
-            )
-            return false
-        }
-        guard let value = try? JSONValue.parse(json: Data(response.body.readableBytesView)) else {
-            self.err("error: the agent's /routes answer is not JSON\n")
+        guard let value = await AgentDocument(agent: self.agent, err: self.err).fetch("/routes", what: "routes") else {
             return false
         }
         switch format {

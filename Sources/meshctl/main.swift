@@ -23,7 +23,7 @@ struct MeshCtlCommand: AsyncParsableCommand {
             """,
         version: "0.1.0",
         subcommands: [
-            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Token.self, Revoke.self,
+            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Peers.self, Token.self, Revoke.self,
             Version.self,
         ]
     )
@@ -315,6 +315,24 @@ struct Routes: AsyncParsableCommand {
         let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
         guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
         if !(await RoutesView(agent: endpoint).show(format: self.output)) { throw ExitCode.failure }
+    }
+}
+
+struct Peers: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show an agent's peer links: per remote node its site, path (direct or relayed), relay, RTT, streams and bytes."
+    )
+
+    @Option(name: .long, help: "The agent's admin API (default: $MESHCTL_AGENT or http://127.0.0.1:7780).")
+    var agent: String?
+
+    @Option(name: .shortAndLong, help: "table, wide (with the dialer), json or yaml.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
+        guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
+        if !(await PeersView(agent: endpoint).show(format: self.output)) { throw ExitCode.failure }
     }
 }
 

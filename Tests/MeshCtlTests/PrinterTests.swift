@@ -106,6 +106,31 @@ import Testing
         )
     }
 
+    @Test func peersTableShowsPathRelayRTTAndBytes() throws {
+        let value = try JSONValue.parse(
+            json: Data(
+                """
+                {"node": "a", "site": "a", "linkListen": "0.0.0.0:7900", "items": [
+                  {"node": "b", "site": "b", "path": "direct", "rttMicros": 840, "streams": 2,
+                   "bytesSent": 1536, "bytesReceived": 104857600, "since": "2026-12-03T10:00:00Z", "dialer": "a"},
+                  {"node": "c", "path": "relayed", "relay": "r1", "rttMicros": 41000, "streams": 0,
+                   "bytesSent": 0, "bytesReceived": 12, "since": "2026-12-03T10:01:00Z", "dialer": "c"}]}
+                """.utf8
+            )
+        )
+        #expect(
+            PeersView.table(value, wide: false) == """
+                node a, site a, links on 0.0.0.0:7900
+                NODE   SITE     PATH      RELAY    RTT      STREAMS   SENT     RECEIVED   SINCE
+                b      b        direct    <none>   0.84ms   2         1.5KiB   100.0MiB   2026-12-03T10:00:00Z
+                c      <none>   relayed   r1       41ms     0         0B       12B        2026-12-03T10:01:00Z
+
+                """
+        )
+        #expect(PeersView.table(try JSONValue.parse(json: Data(#"{"node": "a", "items": []}"#.utf8)), wide: true)
+            == "node a, site <none>, links on <none>\nno peer links\n")
+    }
+
     @Test func agesAreKubectlShort() {
         #expect(
             [0, 119, 120, 7199, 7200, 172_799, 172_800, -5].map(Printer.duration) == [
