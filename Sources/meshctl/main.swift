@@ -320,7 +320,8 @@ struct Routes: AsyncParsableCommand {
 
 struct Peers: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show an agent's peer links: per remote node its site, path (direct or relayed), relay, RTT, streams and bytes."
+        abstract:
+            "Show an agent's peer links: per remote node its site, path (direct or relayed), relay, RTT, streams and bytes."
     )
 
     @Option(name: .long, help: "The agent's admin API (default: $MESHCTL_AGENT or http://127.0.0.1:7780).")

@@ -127,8 +127,10 @@ import Testing
 
                 """
         )
-        #expect(PeersView.table(try JSONValue.parse(json: Data(#"{"node": "a", "items": []}"#.utf8)), wide: true)
-            == "node a, site <none>, links on <none>\nno peer links\n")
+        #expect(
+            PeersView.table(try JSONValue.parse(json: Data(#"{"node": "a", "items": []}"#.utf8)), wide: true)
+                == "node a, site <none>, links on <none>\nno peer links\n"
+        )
     }
 
     @Test func agesAreKubectlShort() {
