@@ -1,0 +1,123 @@
+import Foundation
+import MeshTestSupport
+import Testing
+
+/// The mission, with the real binaries in network namespaces (`scripts/netlab` builds two sites behind
+/// gateways of the given kinds and a cloud; `scripts/netlab-mesh` runs the control plane, two relays, an
+/// agent per site and site B's backends): an app at site A reaches `web.shop.svc.cluster.local`, served at
+/// site B, by name, over a peer link (direct where B can be dialed, through a relay otherwise).
+@Suite(
+    .serialized,
+    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)")
+)
+struct CrossSiteTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().path
+    let bin = binaryDirectory()
+
+    func script(_ name: String, _ args: [String]) async throws -> ProcessResult {
+        try await run(Self.root + "/scripts/" + name, args, timeout: .seconds(180))
+    }
+
+    /// Runs `command` in host `host` of lab `prefix`.
+    func inHost(_ prefix: String, _ host: String, _ command: [String], timeout: Int = 60) async throws -> ProcessResult
+    {
+        try await run("/usr/sbin/ip", ["netns", "exec", "\(prefix)-\(host)"] + command, timeout: .seconds(timeout))
+    }
+
+    /// A lab of `siteA` x `siteB` with the mesh running in it, torn down after `body`.
+    func withLab(_ siteA: String, _ siteB: String, _ body: (String, String) async throws -> Void) async throws {
+        let prefix = "x\(getpid() % 10_000)\(Int.random(in: 0..<10))"
+        let up = try await self.script("netlab", ["up", "--site-a", siteA, "--site-b", siteB, "--prefix", prefix])
+        try #require(up.status == 0, "netlab up: \(up.stderr)")
+        let mesh = try await self.script("netlab-mesh", ["start", "--prefix", prefix, "--bin", self.bin])
+        do {
+            try #require(mesh.status == 0, "netlab-mesh start: \(mesh.stderr)\(Self.logs(prefix))")
+            let dir = "/run/netlab-\(prefix)-mesh"
+            try await body(prefix, dir)
+        } catch {
+            Issue.record("logs:\n\(Self.logs(prefix))")
+            _ = try? await self.script("netlab", ["down", "--prefix", prefix])
+            throw error
+        }
+        let down = try await self.script("netlab", ["down", "--prefix", prefix])
+        #expect(down.status == 0, "netlab down: \(down.stderr)")
+    }
+
+    /// The tail of every log of the lab's mesh, for a failure's message.
+    static func logs(_ prefix: String) -> String {
+        let dir = "/run/netlab-\(prefix)-mesh/logs"
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        return names.sorted().map { name in
+            let text = (try? String(contentsOfFile: dir + "/" + name, encoding: .utf8)) ?? ""
+            return "--- \(name)\n" + text.split(separator: "\n").suffix(15).joined(separator: "\n")
+        }.joined(separator: "\n")
+    }
+
+    @Test(
+        "curl by name from site A to site B; 100 MiB intact over L4 and L7; UDP echo; the path in meshctl peers",
+        arguments: [("public", "public", "direct")]
+    )
+    func aServiceAtAnotherSiteByName(siteA: String, siteB: String, path: String) async throws {
+        try await self.withLab(siteA, siteB) { prefix, dir in
+            // The app at site A resolves through the agent (/etc/netns/P-a/resolv.conf) and gets B's page.
+            var curl = ProcessResult(status: -1, stdout: "", stderr: "")
+            let served = await eventually(timeout: .seconds(30), every: .milliseconds(250)) {
+                curl =
+                    (try? await self.inHost(
+                        prefix,
+                        "a",
+                        ["curl", "-s", "-m", "10", "-w", " %{http_code}", "http://web.shop.svc.cluster.local/"]
+                    )) ?? curl
+                return curl.stdout == "hello from site b\n 200"
+            }
+            #expect(served, "curl: \(curl.stdout) \(curl.stderr)")
+
+            // 100 MiB over the L4 route (port 81) and the L7 route (port 80), checked by SHA-256.
+            let sha = try String(contentsOfFile: dir + "/web/big.bin.sha256", encoding: .utf8)
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+            for port in [81, 80] {
+                let got = try await self.inHost(
+                    prefix,
+                    "a",
+                    ["sh", "-c", "curl -s -m 150 http://web.shop.svc.cluster.local:\(port)/big.bin | sha256sum"],
+                    timeout: 160
+                )
+                #expect(got.stdout.hasPrefix(sha), "port \(port): \(got.stdout)\(got.stderr)")
+            }
+
+            // A UDP echo at B, by name.
+            let udp = try await self.inHost(
+                prefix,
+                "a",
+                [
+                    "python3", "-c",
+                    """
+                    import socket
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+                    ip = socket.gethostbyname("echo.shop.svc.cluster.local")
+                    for i in range(3):
+                        s.sendto(b"ping%d" % i, (ip, 9053)); print(s.recvfrom(100)[0].decode())
+                    """,
+                ]
+            )
+            #expect(udp.stdout == "echo:ping0\necho:ping1\necho:ping2\n", "\(udp.stdout)\(udp.stderr)")
+
+            // The operator's view from A: one link to b, on the expected path.
+            let peers = try await self.inHost(
+                prefix,
+                "a",
+                [self.bin + "/meshctl", "peers", "--agent", "127.0.0.1:7780", "-o", "json"]
+            )
+            #expect(peers.status == 0, "\(peers.stderr)")
+            let doc = try JSONSerialization.jsonObject(with: Data(peers.stdout.utf8)) as? [String: Any]
+            let items = doc?["items"] as? [[String: Any]] ?? []
+            #expect(items.count == 1, "\(peers.stdout)")
+            let b = items.first ?? [:]
+            #expect(b["node"] as? String == "b" && b["site"] as? String == "b")
+            #expect(b["path"] as? String == path, "\(peers.stdout)")
+            #expect((b["bytesReceived"] as? Int ?? 0) > 200 * 1024 * 1024, "\(peers.stdout)")
+            #expect(b["rttMicros"] is Int)
+        }
+    }
+}
