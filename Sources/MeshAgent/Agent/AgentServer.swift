@@ -190,8 +190,15 @@ public final class AgentServer: Sendable {
         // node's own endpoints are offered to other sites through them.
         let current = CurrentTable()
         let nodeName = config.nodeName
+        let revocations = RevocationSync(
+            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            revoked: RevokedSerials(),
+            path: config.dataDir + "/revoked.json",
+            logger: self.logger
+        )
+        revocations.loadKept()
         let links = LinkManager(
-            tls: try MeshLinkTLS(credentials),
+            tls: try MeshLinkTLS(credentials, revoked: revocations.revoked),
             group: MultiThreadedEventLoopGroup.singleton,
             logger: self.linkLogger(),
             resolve: { node in PeerDirectory.linkAddresses(of: node, in: current.value) },
@@ -290,7 +297,7 @@ public final class AgentServer: Sendable {
         // over links), and the links last. The first failure stops the rest.
         var services: [any ServiceLifecycle.Service] = []
         if let linkListener { services.append(linkListener) }
-        services += [dataPlane, dns, sync, nodeAgent, RunUntilShutdown { await renewer.run() }, admin]
+        services += [dataPlane, dns, sync, nodeAgent, revocations, RunUntilShutdown { await renewer.run() }, admin]
         let group = ServiceGroup(
             configuration: .init(
                 services: services.map { .init(service: $0) },
