@@ -118,6 +118,36 @@ struct CrossSiteTests {
             #expect(b["path"] as? String == path, "\(peers.stdout)")
             #expect((b["bytesReceived"] as? Int ?? 0) > 200 * 1024 * 1024, "\(peers.stdout)")
             #expect(b["rttMicros"] is Int)
+
+            // The control plane goes away and comes back: the link and the service stay as they were.
+            let killed = try await self.script("netlab-mesh", ["kill", "control", "--prefix", prefix])
+            #expect(killed.status == 0, "\(killed.stderr)")
+            let offline = try await self.inHost(
+                prefix,
+                "a",
+                ["curl", "-s", "-m", "10", "http://web.shop.svc.cluster.local/"]
+            )
+            #expect(offline.stdout == "hello from site b\n", "control plane down: \(offline.stdout)\(offline.stderr)")
+            let restarted = try await self.script("netlab-mesh", ["restart-control", "--prefix", prefix])
+            #expect(restarted.status == 0, "\(restarted.stderr)")
+            let again = try await self.inHost(
+                prefix,
+                "a",
+                ["curl", "-s", "-m", "10", "http://web.shop.svc.cluster.local/"]
+            )
+            #expect(again.stdout == "hello from site b\n", "control plane back: \(again.stdout)\(again.stderr)")
+            let after = try await self.inHost(
+                prefix,
+                "a",
+                [self.bin + "/meshctl", "peers", "--agent", "127.0.0.1:7780", "-o", "json"]
+            )
+            let afterItems =
+                (try? JSONSerialization.jsonObject(with: Data(after.stdout.utf8)) as? [String: Any])?["items"]
+                as? [[String: Any]] ?? []
+            #expect(
+                afterItems.first?["since"] as? String == b["since"] as? String,
+                "the link was replaced: \(after.stdout)"
+            )
         }
     }
 }
