@@ -27,6 +27,8 @@ actor SnapshotApplier {
     let logger: Logger
     /// The table last applied, for the peer links.
     nonisolated let current: CurrentTable
+    /// Called with each node that left the table (its peer link closes).
+    nonisolated let peerLeft: @Sendable (String) -> Void
     private(set) var applied: ServiceSnapshot?
     private(set) var lastError: String?
     nonisolated let state = Mutex<(source: String, services: Int, routes: Int, versions: String, error: String?)?>(nil)
@@ -38,9 +40,11 @@ actor SnapshotApplier {
         site: String?,
         node: String,
         logger: Logger,
-        current: CurrentTable = CurrentTable()
+        current: CurrentTable = CurrentTable(),
+        peerLeft: @escaping @Sendable (String) -> Void = { _ in }
     ) {
         self.current = current
+        self.peerLeft = peerLeft
         self.zones = zones
         self.dataPlane = dataPlane
         self.domain = domain
@@ -78,6 +82,10 @@ actor SnapshotApplier {
         #if canImport(Glibc)
         _ = glibcMallocTrim(0)
         #endif
+        // Nodes that left the table: their links close now rather than at their idle timeout.
+        if let previous = self.applied {
+            for gone in previous.nodes.keys where snapshot.nodes[gone] == nil { self.peerLeft(gone) }
+        }
         self.applied = snapshot
         self.current.set(snapshot)
         let versions =
@@ -232,7 +240,8 @@ public final class AgentServer: Sendable {
             site: config.site,
             node: config.nodeName,
             logger: self.logger,
-            current: current
+            current: current,
+            peerLeft: { links.peerLeft($0) }
         )
         let cache = try AgentCache(path: config.dataDir + "/agent.db")
         let sync = ServiceTableSync(
