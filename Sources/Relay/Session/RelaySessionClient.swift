@@ -20,10 +20,11 @@ public struct RelaySessionClientConfiguration: Sendable {
     public var connectTimeout: TimeAmount = .seconds(3)
     /// A relay must answer `hello` (after connect and TLS) within this.
     public var welcomeTimeout: TimeAmount = .seconds(5)
-    /// The client pings at the welcome's keepalive, but at least this often.
-    public var maxPingInterval: TimeAmount = .seconds(5)
+    /// The client pings at the welcome's keepalive, but at least this often: with `pongTimeout`, a
+    /// relay that went silent (no FIN: a host or path down) is noticed within 4 s.
+    public var maxPingInterval: TimeAmount = .seconds(2)
     /// A ping not answered within this ends the session (re-home).
-    public var pongTimeout: TimeAmount = .seconds(3)
+    public var pongTimeout: TimeAmount = .seconds(2)
     /// `circuit(to:)` and an accepted circuit must see `ready` within this (the relay's own accept
     /// timeout is 10 s).
     public var circuitTimeout: TimeAmount = .seconds(15)
