@@ -6,6 +6,7 @@ import MeshTestSupport
 import MeshWire
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Synchronization
 import Testing
 
@@ -65,6 +66,69 @@ struct TestRelay {
     func kill() async throws { try await self.group.shutdownGracefully() }
 }
 
+/// A stand-in relay that welcomes, answers pings until `silence()`, then says nothing more (as a
+/// relay behind a dead path does: no FIN, no RST).
+struct MuteRelay {
+    let channel: any Channel
+    let muted: Muted
+    let name: String
+
+    final class Muted: Sendable {
+        let value = Mutex(false)
+    }
+
+    final class Handler: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        typealias OutboundOut = ByteBuffer
+        let name: String
+        let muted: Muted
+        var buffer: [UInt8] = []
+        init(name: String, muted: Muted) {
+            self.name = name
+            self.muted = muted
+        }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            var bytes = self.unwrapInboundIn(data)
+            self.buffer += bytes.readBytes(length: bytes.readableBytes) ?? []
+            while let (message, length) = try? RelaySessionMessage.decode(self.buffer) {
+                self.buffer.removeFirst(length)
+                if self.muted.value.withLock({ $0 }) { continue }
+                let answer: RelaySessionMessage
+                switch message {
+                case .hello: answer = .welcome(relay: self.name, keepaliveSeconds: 15)
+                case .ping(let v): answer = .pong(v)
+                default: continue
+                }
+                context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(bytes: try! answer.encode())), promise: nil)
+            }
+        }
+    }
+
+    static func start(_ name: String, _ pki: RelaySessionServerTests.PKI) async throws -> MuteRelay {
+        let tls = try MeshTLS.serverContext(try pki.credentials(.relay(name)), requireClientCertificate: true)
+        let muted = Muted()
+        let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { child in
+                child.eventLoop.makeCompletedFuture {
+                    try child.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+                    try child.pipeline.syncOperations.addHandler(Handler(name: name, muted: muted))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        return MuteRelay(channel: channel, muted: muted, name: name)
+    }
+
+    func silence() { self.muted.value.withLock { $0 = true } }
+
+    var object: Relay {
+        Relay(
+            metadata: ObjectMeta(name: self.name),
+            spec: RelaySpec(addresses: ["127.0.0.1:\(self.channel.localAddress!.port!)"]),
+            status: RelayStatus(phase: .ready)
+        )
+    }
+}
+
 /// A node of the test with its link manager and its relay client running.
 struct RelayedNode {
     let node: LinkNode
@@ -76,12 +140,13 @@ struct RelayedNode {
         ca: CertificateAuthority,
         book: AddressBook,
         relays: RelayBook,
-        configuration: LinkConfiguration = LinkConfiguration()
+        configuration: LinkConfiguration = LinkConfiguration(),
+        client settings: RelaySessionClientConfiguration? = nil
     ) async throws -> RelayedNode {
         let node = try await LinkNode.make(name, ca: ca, book: book, configuration: configuration)
         var logger = Logger(label: "relay-client-\(name)")
         logger.logLevel = .critical
-        var settings = RelaySessionClientConfiguration()
+        var settings = settings ?? RelaySessionClientConfiguration()
         settings.maxBackoff = .seconds(1)
         let client = RelaySessionClient(
             node: name,
@@ -330,6 +395,67 @@ struct RelaySessionClientTests {
         await b.stop()
         try await r2.kill()
         try await backend.close()
+    }
+
+    @Test("both nodes dialing each other over the relay at once end with one link, the one a dialed")
+    func simultaneousRelayedDial() async throws {
+        let pki = try RelaySessionServerTests.PKI()
+        let relay = try await TestRelay.start("r1", pki)
+        let relays = RelayBook()
+        relays.set([relay.object])
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        let a = try await RelayedNode.make("a", ca: pki.ca, book: book, relays: relays)
+        let b = try await RelayedNode.make("b", ca: pki.ca, book: book, relays: relays)
+        book.set("a", [])
+        book.set("b", [])
+        #expect(await eventually { a.client.home == "r1" && b.client.home == "r1" })
+        for round in 0..<3 {
+            async let fromA = a.manager.link(to: "b")
+            async let fromB = b.manager.link(to: "a")
+            _ = try await (fromA, fromB)
+            let settled = await eventually {
+                a.manager.allLinks.count == 1 && b.manager.allLinks.count == 1
+                    && a.manager.currentLink(to: "b")?.dialer == "a" && b.manager.currentLink(to: "a")?.dialer == "a"
+            }
+            #expect(settled, "round \(round): a has \(a.manager.allLinks), b has \(b.manager.allLinks)")
+            let x = ByteBuffer(string: "round \(round)")
+            #expect(try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: x) == x)
+            #expect(try await echoThrough(b.manager, to: "a", target: webTarget(port: port), payload: x) == x)
+            #expect(a.manager.currentLink(to: "b")?.path == .relayed("r1"))
+            a.manager.peerLeft("b")
+            b.manager.peerLeft("a")
+            #expect(await eventually { a.manager.allLinks.isEmpty && b.manager.allLinks.isEmpty })
+        }
+        await a.stop()
+        await b.stop()
+        try await relay.kill()
+        try await backend.close()
+    }
+
+    @Test("a home relay that goes silent (no FIN) is left for another within the ping timeout")
+    func silentRelayIsLeft() async throws {
+        let pki = try RelaySessionServerTests.PKI()
+        let mute = try await MuteRelay.start("r1", pki)
+        let r2 = try await TestRelay.start("r2", pki)
+        let relays = RelayBook()
+        relays.set([mute.object])
+        var settings = RelaySessionClientConfiguration()
+        settings.maxPingInterval = .seconds(1)
+        settings.pongTimeout = .seconds(1)
+        let a = try await RelayedNode.make("a", ca: pki.ca, book: AddressBook(), relays: relays, client: settings)
+        #expect(await eventually { a.client.home == "r1" })
+        relays.set([mute.object, r2.object])
+        let silent = ContinuousClock.now
+        mute.silence()
+        #expect(await eventually(timeout: .seconds(10)) { a.client.home == "r2" })
+        let took = ContinuousClock.now - silent
+        #expect(took < .seconds(5), "left the silent relay after \(took)")
+        #expect(a.client.status.lastError?.contains("did not answer a ping") == true, "\(a.client.status)")
+        await a.stop()
+        try await mute.channel.close()
+        try await r2.kill()
     }
 
     @Test("a relay of another CA, or one presenting another relay's name, is refused by the client")
