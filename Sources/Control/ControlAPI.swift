@@ -186,7 +186,7 @@ public final class ControlAPI: HTTPResponder {
         case (.tokens(.some(let id)), .DELETE) where !id.isEmpty:
             return (.json(.ok, Self.encode(try await self.tokens.delete(id))), "delete")
         case (.heartbeat(let node), .POST):
-            return (try await self.heartbeat(node), "heartbeat")
+            return (try await self.heartbeat(node, request), "heartbeat")
         case (.collection(let resource, let namespace), .GET):
             let entry = Registry.byPlural(resource)!
             if ["true", "1"].contains(request.query["watch"] ?? "") {
@@ -299,7 +299,7 @@ public final class ControlAPI: HTTPResponder {
 
     // MARK: node heartbeats
 
-    private func heartbeat(_ node: String) async throws -> HTTPResponse {
+    private func heartbeat(_ node: String, _ request: HTTPRequest) async throws -> HTTPResponse {
         guard let lifecycle = self.lifecycle else {
             throw Status(
                 code: 503,
@@ -307,7 +307,14 @@ public final class ControlAPI: HTTPResponder {
                 message: "this control plane does not track node heartbeats"
             )
         }
-        return .json(.ok, Self.encode(try await lifecycle.beat(node)))
+        // An empty body reports nothing; a JSON body reports the node's relay.
+        var report: NodeHeartbeatReport?
+        if request.body.readableBytes > 0 {
+            let r = try Self.decodeStrict(NodeHeartbeatReport.self, request)
+            if let e = r.error { throw Status.badRequest("the heartbeat's report: \(e)") }
+            report = r
+        }
+        return .json(.ok, Self.encode(try await lifecycle.beat(node, report: report)))
     }
 
     /// A stored Node's JSON with `status.lastHeartbeatTime` from memory when that is newer: beats

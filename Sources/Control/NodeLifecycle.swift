@@ -46,6 +46,9 @@ public final class NodeLifecycle: Sendable {
         var dirty = false
         /// A status write for this node is in flight: beats and the loop leave it alone.
         var writing = false
+        /// The relay last written to its status by a beat (`relayKnown`: since this process knows).
+        var relay: String?
+        var relayKnown = false
     }
 
     struct State {
@@ -140,6 +143,7 @@ public final class NodeLifecycle: Sendable {
                 s.nodes[name]
                 ?? Entry(phase: nil, watchFrom: now, allowance: self.configuration.gracePeriod)
             e.phase = phase
+            e.relayKnown = false  // the Node was rewritten: compare the next report with the store
             if beat {
                 e.watchFrom = now
                 e.allowance = self.configuration.gracePeriod
@@ -177,9 +181,10 @@ public final class NodeLifecycle: Sendable {
         return true
     }
 
-    /// Takes a heartbeat of `name`: memory only, unless the node was not Ready (then one status write).
-    /// Throws a 404 `Status` for a node that is not registered.
-    public func beat(_ name: String) async throws -> NodeHeartbeat {
+    /// Takes a heartbeat of `name`: memory only, unless the node was not Ready or its `report` changes
+    /// the status (its relay): then one status write. Throws a 404 `Status` for a node that is not
+    /// registered.
+    public func beat(_ name: String, report: NodeHeartbeatReport? = nil) async throws -> NodeHeartbeat {
         let now = ContinuousClock.now
         let millis = Self.nowMillis()
         var (known, transition) = self.record(name, now: now, millis: millis)
@@ -198,14 +203,32 @@ public final class NodeLifecycle: Sendable {
         if transition {
             let time = Self.format(millis)
             do {
-                let written = try await self.writeStatus(name) { _ in
-                    NodeStatus(phase: .ready, lastHeartbeatTime: time, message: "heartbeating since \(time)")
+                let written = try await self.writeStatus(name) { old in
+                    NodeStatus(
+                        phase: .ready,
+                        lastHeartbeatTime: time,
+                        message: "heartbeating since \(time)",
+                        relay: report.map { $0.relay } ?? old?.relay
+                    )
                 }
                 self.finishWrite(name, phase: written == nil ? nil : .ready, gone: written == nil)
-                if written != nil { self.logger.info("node \(name) is Ready") }
+                if let written {
+                    self.logger.info("node \(name) is Ready")
+                    if report != nil { self.relayWritten(name, written.status?.relay) }
+                }
             } catch {
                 self.finishWrite(name, phase: nil, gone: false)
                 throw error
+            }
+        } else if let report, self.relayChanges(name, report.relay) {
+            let written = try await self.writeStatus(name) { old in
+                guard var status = old else { return old }
+                status.relay = report.relay
+                return status
+            }
+            if let written {
+                self.relayWritten(name, written.status?.relay)
+                self.logger.info("node \(name) is homed on relay \(report.relay ?? "(none)")")
             }
         }
         return NodeHeartbeat(
@@ -214,6 +237,21 @@ public final class NodeLifecycle: Sendable {
             phase: .ready,
             gracePeriodSeconds: Self.seconds(self.configuration.gracePeriod)
         )
+    }
+
+    /// Whether `relay` differs from what this process last wrote for `name` (or it does not know).
+    private func relayChanges(_ name: String, _ relay: String?) -> Bool {
+        self.state.withLock { s in
+            guard let e = s.nodes[name] else { return false }
+            return !e.relayKnown || e.relay != relay
+        }
+    }
+
+    private func relayWritten(_ name: String, _ relay: String?) {
+        self.state.withLock { s in
+            s.nodes[name]?.relay = relay
+            s.nodes[name]?.relayKnown = true
+        }
     }
 
     private func finishWrite(_ name: String, phase: NodeStatus.Phase?, gone: Bool) {
@@ -311,7 +349,8 @@ public final class NodeLifecycle: Sendable {
                     return NodeStatus(
                         phase: .notReady,
                         lastHeartbeatTime: lastTime ?? old?.lastHeartbeatTime,
-                        message: message
+                        message: message,
+                        relay: old?.relay
                     )
                 }
                 let marked = written?.status?.phase == .notReady

@@ -315,7 +315,14 @@ struct ObjectWriter: Sendable {
         if selfWrite {
             if let s = existing?.status, s.phase == .ready { return (s, true) }
             let now = Timestamp.now()
-            return (NodeStatus(phase: .ready, lastHeartbeatTime: now, message: "heartbeating since \(now)"), true)
+            return (
+                NodeStatus(
+                    phase: .ready,
+                    lastHeartbeatTime: now,
+                    message: "heartbeating since \(now)",
+                    relay: existing?.status?.relay
+                ), true
+            )
         }
         if let e = existing { return (e.status, false) }
         return (NodeStatus(phase: .unknown, message: "waiting for the node's first heartbeat"), false)

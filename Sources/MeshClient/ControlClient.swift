@@ -135,10 +135,16 @@ public struct ControlClient: Sendable {
 
     /// Tells the control plane this node is alive (`POST /apis/mesh.edge/v1/nodes/NAME/heartbeat`).
     /// A node that is not registered gets a 404 `Status`; another node's name a 403.
+    /// With a `report` (the node's relay), the body carries it; the control plane writes the Node
+    /// only when it changes.
     @discardableResult
-    public func heartbeat(node name: String) async throws -> NodeHeartbeat {
+    public func heartbeat(node name: String, report: NodeHeartbeatReport? = nil) async throws -> NodeHeartbeat {
         let path = Self.path(Node.resource, namespace: nil, name: name) + "/heartbeat"
-        return try Self.decode(NodeHeartbeat.self, try await self.raw(.POST, path).body)
+        guard let report else { return try Self.decode(NodeHeartbeat.self, try await self.raw(.POST, path).body) }
+        return try Self.decode(
+            NodeHeartbeat.self,
+            try await self.raw(.POST, path, body: ByteBuffer(bytes: try MeshJSON.encode(report))).body
+        )
     }
 
     // MARK: watch

@@ -21,6 +21,9 @@ public struct NodeAgentConfiguration: Sendable {
     public var heartbeatInterval: Duration = .seconds(20)
     /// First retry delay while the control plane is unreachable; it doubles up to `heartbeatInterval`.
     public var initialBackoff: Duration = .seconds(1)
+    /// When set, each beat reports the node's home relay (`RelaySessionClient.home`) in its body; the
+    /// control plane writes it to the Node's `status.relay` when it changes.
+    public var relay: (@Sendable () -> String?)?
 
     public init(nodeName: String, site: String? = nil) {
         self.nodeName = nodeName
@@ -91,7 +94,10 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                     registered = want
                 }
                 do {
-                    try await self.client.heartbeat(node: name)
+                    try await self.client.heartbeat(
+                        node: name,
+                        report: self.configuration.relay.map { NodeHeartbeatReport(relay: $0()) }
+                    )
                 } catch let status as Status where status.code == 404 {
                     // Deleted while this agent runs: register again at once.
                     self.logger.notice("node agent: node \(name) is not registered any more; registering it again")

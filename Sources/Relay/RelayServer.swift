@@ -58,11 +58,14 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
         var sessions: RelaySessionServer?
         if let membership {
             let credentials = try await membership.enrol()
+            var sessionConfig = RelaySessionConfiguration(
+                listen: try ListenAddress(config.listen, field: "listen"),
+                relayName: config.name
+            )
+            // A node homed on another relay is reached through it (its Node's status.relay).
+            sessionConfig.locate = { node in await membership.locate(node) }
             let server = try RelaySessionServer(
-                configuration: RelaySessionConfiguration(
-                    listen: try ListenAddress(config.listen, field: "listen"),
-                    relayName: config.name
-                ),
+                configuration: sessionConfig,
                 credentials: credentials,
                 revoked: membership.revoked,
                 logger: self.logger

@@ -69,6 +69,44 @@ import Testing
         try await cp.stop()
     }
 
+    @Test func aBeatReportsTheHomeRelayWrittenOnlyWhenItChanges() async throws {
+        let cp = try await RunningControl()
+        let edge = try cp.client(try cp.issue(.node("edge-a")))
+        let created = try await edge.apply(self.node("edge-a")).object
+        #expect(created.status?.relay == nil)
+        // The first report writes status.relay (keeping the phase), once.
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1"))
+        let homed = try #require(try await self.phase(cp, "edge-a"))
+        #expect(homed.relay == "r1" && homed.phase == .ready)
+        let rv = try await cp.rv()
+        // The same relay again, or an empty body: no write.
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1"))
+        try await edge.heartbeat(node: "edge-a")
+        #expect(try await cp.rv() == rv)
+        #expect(try await self.phase(cp, "edge-a")?.relay == "r1")
+        // A re-home: one write.
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r2"))
+        #expect(try await self.phase(cp, "edge-a")?.relay == "r2")
+        #expect(try await cp.rv() == rv + 1)
+        // No relay any more ({}): cleared.
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: nil))
+        #expect(try await self.phase(cp, "edge-a")?.relay == nil)
+        // A bad name, or an unknown field: 400 saying why.
+        let bad = await #expect(throws: Status.self) {
+            try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "R_1"))
+        }
+        #expect(bad?.code == 400 && bad?.message.contains("relay \"R_1\"") == true)
+        let unknown = await #expect(throws: Status.self) {
+            _ = try await edge.raw(
+                .POST,
+                "/apis/mesh.edge/v1/nodes/edge-a/heartbeat",
+                body: ByteBuffer(string: #"{"relay":"r1","extra":1}"#)
+            )
+        }
+        #expect(unknown?.code == 400)
+        try await cp.stop()
+    }
+
     @Test func aNodeBeatsOnlyForItselfAndOnlyOnceRegistered() async throws {
         let cp = try await RunningControl()
         let edgeA = try cp.client(try cp.issue(.node("edge-a")))

@@ -5,6 +5,7 @@ import MeshCore
 import MeshHTTP
 import MeshIdentity
 import MeshTestSupport
+import NIOCore
 import Relay
 import ServiceLifecycle
 import Testing
@@ -103,6 +104,34 @@ struct RelayMembershipTests {
                 (try? await cp.client.get(Relay.self, name: "r1"))?.status?.phase == .ready
             }
             #expect(again)
+        }
+        try await cp.stop()
+    }
+
+    @Test func theRelayLocatesANodesHomeRelayFromItsNodeStatus() async throws {
+        let cp = try await RunningControl()
+        let dir = TempDir()
+        let token = try await cp.token(usages: 1, relay: "r1")
+        // Another relay, r2, and nodes homed on r2, on r1, and on none (their heartbeats say so).
+        try await cp.client.apply(
+            Relay(
+                metadata: ObjectMeta(name: "r2"),
+                spec: RelaySpec(addresses: ["127.0.0.1:7899"]),
+                status: RelayStatus(phase: .ready)
+            )
+        )
+        for (name, home) in [("b", "r2"), ("c", "r1"), ("d", nil)] as [(String, String?)] {
+            let node = try cp.client(try cp.issue(.node(name)))
+            try await node.apply(Node(metadata: ObjectMeta(name: name), spec: NodeSpec(site: name)))
+            try await node.heartbeat(node: name, report: NodeHeartbeatReport(relay: home))
+        }
+        try await self.withRelay(self.config(cp, dir: dir, token: token)) { relay in
+            let membership = try #require(try await relay.membership())
+            let want = RelayLocation(relay: "r2", addresses: [try SocketAddress(ipAddress: "127.0.0.1", port: 7899)])
+            #expect(await eventually(timeout: .seconds(20)) { await membership.locate("b") == want })
+            #expect(await membership.locate("c") == nil)  // this relay itself
+            #expect(await membership.locate("d") == nil)  // homed nowhere
+            #expect(await membership.locate("nobody") == nil)
         }
         try await cp.stop()
     }

@@ -15,6 +15,7 @@ struct RelaySessionCodecTests {
         (.open(circuit: 7, from: "a.b"), "11000c" + "0000000000000007" + "03612e62"),
         (.accept(circuit: 0x10), "120008" + "0000000000000010"),
         (.ready(circuit: 1), "130008" + "0000000000000001"),
+        (.forward(from: "a", to: "edge-b1"), "14000a" + "0161" + "07656467652d6231"),
         (.refused(.nodeOffline, message: "b: no session"), "1f0010" + "01" + "000d" + "623a206e6f2073657373696f6e"),
         (.refused(.other(200), message: ""), "1f0003" + "c8" + "0000"),
     ]
@@ -53,6 +54,9 @@ struct RelaySessionCodecTests {
         ("10000100", .badName, 3),  // empty name
         ("1000020141", .badName, 3),  // "A": upper case
         ("10000201ff", .badName, 3),  // not UTF-8
+        ("1400020161", .truncated, 5),  // forward without its target
+        ("14000401610141", .badName, 5),  // forward to "A"
+        ("1400050161016200", .trailingBytes, 7),
         ("1f0004" + "01" + "0001" + "ff", .badText, 4),
         ("1f0003" + "01" + "0002", .truncated, 6),
     ]

@@ -215,11 +215,22 @@ struct RelaySessionServerTests {
         try? await stranger.send(.hello(version: 1, node: "a"))
         #expect(await stranger.closedByRelay())
         #expect(stranger.received.message() == nil)
-        // A relay certificate of the right CA: a session needs a node.
+        // A relay certificate of the right CA: it may only forward, a session needs a node.
         let relay = try await self.connect(port, as: try pki.credentials(.relay("r2")))
+        try await relay.send(.hello(version: 1, node: "r2"))
         let refused = await relay.next()
-        #expect(refused == .refused(.forbidden, message: "this relay serves nodes: presented mesh://relay/r2"))
+        #expect(refused == .refused(.forbidden, message: "mesh://relay/r2 may only forward circuits (it sent hello)"))
         #expect(await relay.closedByRelay())
+        // This relay's own identity is no client of it.
+        let itself = try await self.connect(port, as: try pki.credentials(.relay("r1")))
+        #expect(
+            await itself.next()
+                == .refused(.forbidden, message: "this relay serves nodes and other relays: presented mesh://relay/r1")
+        )
+        // A node may not forward.
+        let node = try await self.connect(port, as: try pki.credentials(.node("a")))
+        try await node.send(.forward(from: "a", to: "b"))
+        #expect(await node.next() == .refused(.badMessage, message: "forward is not allowed here"))
         // A client that expects another relay name does not talk to this one.
         // And the listener still serves nodes.
         _ = try await self.session(port, pki, "a")

@@ -76,11 +76,15 @@ public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
     public var phase: Phase?
     public var lastHeartbeatTime: String?
     public var message: String?
+    /// The node's home relay (its agent keeps a session there; relays forward circuits to it there),
+    /// as its heartbeat last reported it. Nil: none, or not reported.
+    public var relay: String?
 
-    public init(phase: Phase? = nil, lastHeartbeatTime: String? = nil, message: String? = nil) {
+    public init(phase: Phase? = nil, lastHeartbeatTime: String? = nil, message: String? = nil, relay: String? = nil) {
         self.phase = phase
         self.lastHeartbeatTime = lastHeartbeatTime
         self.message = message
+        self.relay = relay
     }
 
     public enum Phase: String, StrictEnum {
@@ -90,7 +94,24 @@ public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
     }
 }
 
-/// The answer to a node's heartbeat (`POST /apis/mesh.edge/v1/nodes/NAME/heartbeat`, no body).
+/// What a node may report with its heartbeat (the optional JSON body of `POST .../nodes/NAME/heartbeat`;
+/// an empty body reports nothing). The control plane writes the Node only when a value changes.
+public struct NodeHeartbeatReport: Codable, Sendable, Equatable {
+    /// The node's home relay; nil (or absent) when it has none.
+    public var relay: String?
+
+    public init(relay: String?) {
+        self.relay = relay
+    }
+
+    /// Why the report is not valid (nil: it is).
+    public var error: String? {
+        guard let r = self.relay, let e = Names.dns1123SubdomainError(r) else { return nil }
+        return "relay \"\(r)\" \(e)"
+    }
+}
+
+/// The answer to a node's heartbeat (`POST /apis/mesh.edge/v1/nodes/NAME/heartbeat`, optional body).
 /// A heartbeat is kept in the control plane's memory: it writes the Node only when its phase changes.
 public struct NodeHeartbeat: Codable, Sendable, Equatable {
     public var apiVersion: String = meshAPIVersion

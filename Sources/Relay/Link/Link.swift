@@ -52,6 +52,9 @@ public struct LinkConfiguration: Sendable {
     public var connectTimeout: TimeAmount = .seconds(5)
     /// How often each link pings (RTT for `/peers`); the first ping goes out when the link is up.
     public var pingInterval: TimeAmount = .seconds(15)
+    /// With a relay client: how long a direct dial runs alone before the relayed one starts too (at
+    /// once when the direct dial fails or the node advertises no link address).
+    public var relayDelay: TimeAmount = .milliseconds(300)
     /// How long the receiving side waits for a local endpoint to accept a connection.
     public var localConnectTimeout: TimeAmount = .seconds(5)
 

@@ -38,6 +38,9 @@ public struct LinkStats: Sendable, Hashable, Codable {
 public final class LinkManager: Sendable {
     /// A node's link addresses (its advertised addresses on its link port), in the order to try them.
     public typealias AddressResolver = @Sendable (_ node: String) async throws -> [SocketAddress]
+    /// A relay circuit to a node (``RelaySessionClient/circuit(to:)``): a connected channel that has read
+    /// nothing of the link yet, and the relay's name.
+    public typealias CircuitDialer = @Sendable (_ node: String) async throws -> (channel: any Channel, relay: String)
 
     public let localNode: String
     public let tls: MeshLinkTLS
@@ -46,6 +49,7 @@ public final class LinkManager: Sendable {
     let resolve: AddressResolver
     let check: LinkTargetCheck
     let logger: Logger
+    private let circuits: Mutex<CircuitDialer?>
     private let state = Mutex(State())
 
     private struct State {
@@ -65,8 +69,10 @@ public final class LinkManager: Sendable {
         configuration: LinkConfiguration = LinkConfiguration(),
         logger: Logger = Logger(label: "mesh.link"),
         resolve: @escaping AddressResolver,
-        check: @escaping LinkTargetCheck
+        check: @escaping LinkTargetCheck,
+        circuits: CircuitDialer? = nil
     ) {
+        self.circuits = Mutex(circuits)
         self.localNode = tls.identity.name
         self.tls = tls
         self.group = group
@@ -74,6 +80,11 @@ public final class LinkManager: Sendable {
         self.logger = logger
         self.resolve = resolve
         self.check = check
+    }
+
+    /// Lets `link(to:)` reach nodes through a relay too (set once the relay client exists).
+    public func setCircuitDialer(_ dialer: @escaping CircuitDialer) {
+        self.circuits.withLock { $0 = dialer }
     }
 
     // MARK: streams
@@ -195,7 +206,7 @@ public final class LinkManager: Sendable {
         case .wait(let f): return try await f.get()
         case .dial(let promise):
             do {
-                let dialed = try await self.dialDirect(node)  // in the table already (establish)
+                let dialed = try await self.dial(node)  // in the table already (establish)
                 // The peer's own dial may have won the tie-break: use the current link.
                 let current = self.state.withLock { $0.links[node] } ?? dialed
                 promise.succeed(current)
@@ -211,20 +222,102 @@ public final class LinkManager: Sendable {
         }
     }
 
-    /// Dials `node` at each of its addresses in turn (TCP, then the link's TLS).
-    private func dialDirect(_ node: String) async throws -> Link {
-        let addresses = try await self.resolve(node)
+    /// Dials `node`: directly, and (with a circuit dialer) through the relay as well, the relayed dial
+    /// starting after `relayDelay`, or at once when the direct one fails or the node advertises no
+    /// address. The first link up wins; the other attempt is closed (a TCP connect under way included).
+    private func dial(_ node: String) async throws -> Link {
+        guard let circuits = self.circuits.withLock({ $0 }) else {
+            return try await self.dialDirect(node, addresses: try await self.resolve(node), race: DirectDial?.none)
+        }
+        let errors = NIOLockedValueBox<[String]>([])
+        let addresses: [SocketAddress]
+        do {
+            addresses = try await self.resolve(node)
+        } catch {
+            errors.withLockedValue { $0.append("its addresses: \(error)") }
+            addresses = []
+        }
+        let loop = self.group.next()
+        let race = Race<Link>(count: 2) { $0.close() }
+        let relayGo = loop.makePromise(of: Void.self)
+        let direct = DirectDial(race: race)
+        let link = await withCheckedContinuation { continuation in
+            race.start(continuation)
+            if addresses.isEmpty {
+                errors.withLockedValue { $0.append("it advertises no link address") }
+                relayGo.succeed()
+                race.offer(Link?.none)
+            } else {
+                loop.scheduleTask(in: self.configuration.relayDelay) { relayGo.succeed() }
+                Task {
+                    do {
+                        _ = try await self.dialDirect(node, addresses: addresses, race: direct)
+                    } catch {
+                        errors.withLockedValue { $0.append("direct: \(error)") }
+                        relayGo.succeed()
+                        race.offer(Link?.none)
+                    }
+                }
+            }
+            Task {
+                try? await relayGo.futureResult.get()
+                guard !race.isDone else {
+                    race.offer(Link?.none)
+                    return
+                }
+                do {
+                    let (channel, relay) = try await circuits(node)
+                    guard !race.isDone else {
+                        channel.close(promise: nil)
+                        race.offer(Link?.none)
+                        return
+                    }
+                    _ = try await self.establish(
+                        over: channel,
+                        role: .dialer(expect: node),
+                        path: .relayed(relay),
+                        claim: { race.offer($0) }
+                    ).get()
+                } catch {
+                    errors.withLockedValue { $0.append("relayed: \(error)") }
+                    race.offer(Link?.none)
+                }
+            }
+        }
+        relayGo.succeed()
+        if let link {
+            if case .relayed = link.path { direct.cancel() }
+            return link
+        }
+        throw LinkError.unreachable(node: node, errors.withLockedValue { $0.joined(separator: "; ") })
+    }
+
+    /// Dials `node` at each of its addresses in turn (TCP, then the link's TLS). In a race, a link up
+    /// claims the win before it joins the table, and the dial stops once the race is decided.
+    private func dialDirect(
+        _ node: String,
+        addresses: [SocketAddress],
+        race: DirectDial?
+    ) async throws -> Link {
         guard !addresses.isEmpty else { throw LinkError.unreachable(node: node, "it advertises no address") }
+        let claim: (@Sendable (Link) -> Bool)? = race.map { $0.claim }
         var failures: [String] = []
         for address in addresses {
+            if let race, race.race.isDone { break }
             let box = NIOLockedValueBox<EventLoopFuture<Link>?>(nil)
             do {
                 let channel = try await ClientBootstrap(group: self.group)
                     .connectTimeout(self.configuration.connectTimeout)
                     .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
                     .channelInitializer { channel in
+                        race?.connecting(channel)
                         box.withLockedValue {
-                            $0 = self.establish(over: channel, role: .dialer(expect: node), path: .direct)
+                            $0 = self.establish(
+                                over: channel,
+                                role: .dialer(expect: node),
+                                path: .direct,
+                                claim: claim
+                            )
                         }
                         return channel.eventLoop.makeSucceededVoidFuture()
                     }
@@ -248,6 +341,16 @@ public final class LinkManager: Sendable {
     /// circuit handed over by the relay client: `path: .relayed(relay)`). Call before the channel reads
     /// anything; the link joins the table once it is up (with the tie-break against one already there).
     public func establish(over channel: any Channel, role: LinkRole, path: LinkPath) -> EventLoopFuture<Link> {
+        self.establish(over: channel, role: role, path: path, claim: nil)
+    }
+
+    /// `claim`: a dial in a race; a link up that lost it is closed, not adopted.
+    func establish(
+        over channel: any Channel,
+        role: LinkRole,
+        path: LinkPath,
+        claim: (@Sendable (Link) -> Bool)?
+    ) -> EventLoopFuture<Link> {
         let future = Link.establish(
             over: channel,
             role: role,
@@ -278,6 +381,7 @@ public final class LinkManager: Sendable {
         future.whenComplete { result in
             switch result {
             case .success(let link):
+                if let claim, !claim(link) { return }  // lost the race: closed by it
                 self.adopt(link)
             case .failure(let error):
                 guard case .acceptor = role else { return }  // a dialer's caller gets the error
@@ -383,5 +487,31 @@ public final class LinkManager: Sendable {
             )
         }
         return rows.sorted { $0.node < $1.node }
+    }
+}
+
+/// The direct side of a dial race: the race, and the TCP connection under way (closed when the
+/// relayed dial wins, so a connect to a silent address ends at once).
+final class DirectDial: Sendable {
+    let race: Race<Link>
+    private let channel = Mutex<(any Channel)?>(nil)
+
+    init(race: Race<Link>) {
+        self.race = race
+    }
+
+    /// Offers a link up to the race: true when it won.
+    var claim: @Sendable (Link) -> Bool {
+        let race = self.race
+        return { link in race.offer(link) }
+    }
+
+    func connecting(_ channel: any Channel) {
+        self.channel.withLock { $0 = channel }
+        if self.race.isDone { channel.close(promise: nil) }
+    }
+
+    func cancel() {
+        self.channel.withLock { $0 }?.close(promise: nil)
     }
 }

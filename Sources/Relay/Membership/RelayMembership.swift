@@ -60,6 +60,8 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
     /// The revocation list, fetched from the control plane with every status write; the session
     /// listener refuses these serials.
     public let revoked = RevokedSerials()
+    /// The control plane client while `run` runs (for `locate`).
+    private let client = Mutex<ControlClient?>(nil)
 
     public init(configuration: RelayMembershipConfiguration, logger: Logger) {
         self.configuration = configuration
@@ -108,9 +110,11 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
             endpoint: c.server,
             mesh: try MeshTLS.client(credentials, expect: .controlPlane)
         ).keepingAlive()
+        self.client.withLock { $0 = client }
         await cancelWhenGracefulShutdown {
             await self.loop(client)
         }
+        self.client.withLock { $0 = nil }
         // Tell agents to re-home before the sessions go (bounded: a dead control plane does not hold the exit).
         let draining = self.relay(phase: .draining)
         let task = Task { try await client.apply(draining) }
@@ -123,6 +127,23 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
         }
         deadline.cancel()
         client.session?.close()
+    }
+
+    /// Where `node` is homed, for forwarding a circuit (the session listener's `locate`): its Node's
+    /// `status.relay` (what its heartbeat reported), and that Relay's session addresses. Nil when the
+    /// control plane is not reachable, the node reports no relay or this one, or the relay is unknown.
+    public func locate(_ node: String) async -> RelayLocation? {
+        guard let client = self.client.withLock({ $0 }) else { return nil }
+        do {
+            let found = try await client.get(Node.self, name: node)
+            guard let name = found.status?.relay, name != self.configuration.name else { return nil }
+            let relay = try await client.get(Relay.self, name: name)
+            let addresses = RelaySessionClient.addresses(of: relay)
+            return addresses.isEmpty ? nil : RelayLocation(relay: name, addresses: addresses)
+        } catch {
+            self.logger.info("relay \(self.configuration.name): cannot locate node \(node): \(error)")
+            return nil
+        }
     }
 
     func relay(phase: RelayStatus.Phase) -> Relay {

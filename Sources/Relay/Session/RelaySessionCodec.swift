@@ -21,6 +21,9 @@ extension RelaySessionMessage {
             try Self.put(name: from, into: &payload)
         case .accept(let circuit), .ready(let circuit):
             Self.put(circuit, into: &payload)
+        case .forward(let from, let to):
+            try Self.put(name: from, into: &payload)
+            try Self.put(name: to, into: &payload)
         case .refused(let reason, let message):
             payload.append(reason.code)
             let text = Array(message.utf8)
@@ -78,6 +81,9 @@ extension RelaySessionMessage {
             message = .open(circuit: circuit, from: try r.name())
         case .accept: message = .accept(circuit: try r.u64())
         case .ready: message = .ready(circuit: try r.u64())
+        case .forward:
+            let from = try r.name()
+            message = .forward(from: from, to: try r.name())
         case .refused:
             let code = try r.byte()
             message = .refused(RelayRefusal(code: code), message: try r.text())

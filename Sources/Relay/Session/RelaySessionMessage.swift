@@ -6,7 +6,8 @@
 /// 2-byte length and UTF-8. A connection starts with one message and then either stays a control
 /// session (`hello` ... `ping`/`pong`, `open`) or becomes one half of a circuit (`connect` or
 /// `accept`, answered by `ready` or `refused`), after which the bytes are no longer framed: the
-/// relay splices them to the other half as they are.
+/// relay splices them to the other half as they are. A relay asks another relay for a circuit to a
+/// node homed there with `forward`.
 public enum RelaySessionMessage: Sendable, Hashable {
     /// Agent → relay, first on its control session: the protocol version and its node name (which
     /// must be the certificate's `mesh://node/NAME`).
@@ -23,6 +24,10 @@ public enum RelaySessionMessage: Sendable, Hashable {
     case open(circuit: UInt64, from: String)
     /// Agent → relay, first on a new connection: the other half of `circuit`.
     case accept(circuit: UInt64)
+    /// Relay → relay, first on a new connection (the caller's certificate is `mesh://relay/...`): a
+    /// circuit from node `from`, which has a session at the calling relay, to node `to`, homed on
+    /// this one. Answered as `connect` is (`ready` or `refused`); then the two relays splice.
+    case forward(from: String, to: String)
     /// Relay → both halves: the circuit is spliced; raw bytes follow.
     case ready(circuit: UInt64)
     /// Relay → agent: no (a circuit, a hello, a malformed message), and why; the relay closes.
@@ -44,6 +49,7 @@ public enum RelaySessionMessage: Sendable, Hashable {
         case open = 0x11
         case accept = 0x12
         case ready = 0x13
+        case forward = 0x14
         case refused = 0x1F
     }
 
@@ -57,6 +63,7 @@ public enum RelaySessionMessage: Sendable, Hashable {
         case .open: return .open
         case .accept: return .accept
         case .ready: return .ready
+        case .forward: return .forward
         case .refused: return .refused
         }
     }

@@ -27,10 +27,27 @@ public struct RelaySessionConfiguration: Sendable {
     public var maxCircuitsPerNode: Int = 64
     /// A spliced circuit with no byte either way for this long is closed.
     public var circuitIdleTimeout: TimeAmount = .seconds(300)
+    /// Where a node without a session here is homed (its Node's `status.relay` and that relay's
+    /// addresses, from the control plane). With it, `connect` to such a node is forwarded to that
+    /// relay (`forward`); without it, refused `nodeOffline`.
+    public var locate: (@Sendable (_ node: String) async -> RelayLocation?)?
+    /// TCP connect timeout per address when forwarding to another relay.
+    public var forwardConnectTimeout: TimeAmount = .seconds(3)
 
     public init(listen: ListenAddress, relayName: String) {
         self.listen = listen
         self.relayName = relayName
+    }
+}
+
+/// Another relay, as `locate` finds it: its name and session addresses.
+public struct RelayLocation: Sendable, Hashable {
+    public var relay: String
+    public var addresses: [SocketAddress]
+
+    public init(relay: String, addresses: [SocketAddress]) {
+        self.relay = relay
+        self.addresses = addresses
     }
 }
 
@@ -97,6 +114,18 @@ final class RelayHub: Sendable {
         }
     }
 
+    /// Counts a forwarded circuit against both nodes' limits; the refusal text when one is at it.
+    func reserve(from: String, to: String) -> String? {
+        self.state.withLock { s in
+            for n in [from, to] where s.circuits[n, default: 0] >= self.maxCircuitsPerNode {
+                return "node \(n) is at its limit of \(self.maxCircuitsPerNode) circuits here"
+            }
+            s.circuits[from, default: 0] += 1
+            s.circuits[to, default: 0] += 1
+            return nil
+        }
+    }
+
     /// The pending circuit `id` for its target `node`, taken (nil: none such for that node).
     func take(_ id: UInt64, by node: String) -> Pending? {
         self.state.withLock { s in
@@ -145,6 +174,8 @@ public final class RelaySessionServer: Sendable {
     let revoked: RevokedSerials
     let logger: Logger
     let group: any EventLoopGroup
+    /// This relay's certificate as a client of other relays (forwarding); nil when it cannot be one.
+    let relayTLS: MeshLinkTLS?
     private let channel = Mutex<(any Channel)?>(nil)
 
     public init(
@@ -157,6 +188,7 @@ public final class RelaySessionServer: Sendable {
         self.configuration = configuration
         self.hub = RelayHub(maxCircuitsPerNode: configuration.maxCircuitsPerNode)
         self.tls = try MeshTLS.serverContext(credentials, requireClientCertificate: true)
+        self.relayTLS = try? MeshLinkTLS(credentials, revoked: revoked)
         self.revoked = revoked
         self.group = group
         self.logger = logger
@@ -199,6 +231,81 @@ public final class RelaySessionServer: Sendable {
         for session in self.hub.state.withLock({ Array($0.sessions.values) }) { session.close(promise: nil) }
     }
 
+    /// Why a forward failed: the refusal for the requesting node.
+    struct ForwardRefusal: Error {
+        let reason: RelayRefusal
+        let text: String
+    }
+
+    /// Dials the relay `to` is homed on (as this relay, mutual TLS, expecting exactly that relay) and
+    /// asks it for the circuit; the connection once it answered `ready`, with the circuit id.
+    func dialForward(from: String, to: String, offline: String) async throws -> (any Channel, UInt64) {
+        guard let locate = self.configuration.locate, let tls = self.relayTLS else {
+            throw ForwardRefusal(reason: .nodeOffline, text: offline)
+        }
+        guard let location = await locate(to), location.relay != self.configuration.relayName else {
+            throw ForwardRefusal(reason: .nodeOffline, text: "\(offline), nor at any other relay")
+        }
+        var failures: [String] = []
+        for address in location.addresses {
+            let verifier = tls.dialerVerifier(expect: .relay(location.relay))
+            let ready = self.group.next().makePromise(of: UInt64.self)
+            let channel: any Channel
+            do {
+                channel = try await ClientBootstrap(group: self.group)
+                    .connectTimeout(self.configuration.forwardConnectTimeout)
+                    .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(
+                                NIOSSLClientHandler(
+                                    context: tls.clientContext,
+                                    serverHostname: nil,
+                                    customVerificationCallback: verifier.callback
+                                )
+                            )
+                            try channel.pipeline.syncOperations.addHandler(
+                                RelayCircuitHandler(ready: ready, onReady: nil) { verifier.lastRefusal?.message }
+                            )
+                        }
+                    }
+                    .connect(to: address).get()
+            } catch {
+                ready.fail(error)
+                failures.append("\(address): \(error)")
+                continue
+            }
+            let timeout = channel.eventLoop.scheduleTask(in: self.configuration.acceptTimeout + .seconds(5)) {
+                ready.fail(RelayClientError(relay: location.relay, .timedOut("waiting for ready")))
+                channel.close(promise: nil)
+            }
+            if let frame = try? RelaySessionMessage.forward(from: from, to: to).encode() {
+                channel.writeAndFlush(ByteBuffer(bytes: frame), promise: nil)
+            }
+            do {
+                let circuit = try await ready.futureResult.get()
+                timeout.cancel()
+                return (channel, circuit)
+            } catch let error as RelayClientError {
+                timeout.cancel()
+                channel.close(promise: nil)
+                if case .refused(let code, let text) = error.kind {
+                    throw ForwardRefusal(reason: code, text: "via relay \(location.relay): \(text)")
+                }
+                failures.append("\(address): \(error.detail)")
+            } catch {
+                timeout.cancel()
+                channel.close(promise: nil)
+                failures.append("\(address): \(error)")
+            }
+        }
+        throw ForwardRefusal(
+            reason: .nodeOffline,
+            text: "node \(to) is homed on relay \(location.relay), which could not be reached: "
+                + (failures.isEmpty ? "it has no address" : failures.joined(separator: "; "))
+        )
+    }
+
     /// Serves until graceful shutdown (or cancellation), then stops.
     public func run() async throws {
         _ = try await self.start()
@@ -217,6 +324,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         case first
         case control(String)
         case waiting(circuit: UInt64, from: String, to: String)
+        case forwarding(from: String, to: String)
         case closing
     }
 
@@ -226,6 +334,8 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
     let server: RelaySessionServer
     var role = Role.handshaking
     var node = ""
+    /// Set when the client is another relay (it may only `forward`).
+    var peerRelay: String?
     var buffer: [UInt8] = []
     var timer: Scheduled<Void>?
     var lastMessage = NIODeadline.now()
@@ -255,18 +365,26 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
             let certificate = (try? context.pipeline.syncOperations.nioSSL_peerCertificate()) ?? nil
             let parsed = certificate.flatMap { c in (try? c.toDERBytes()).flatMap { try? Certificate(derEncoded: $0) } }
             let identity = parsed.flatMap(meshIdentity(of:))
-            guard let parsed, case .node(let name)? = identity else {
+            let name: String
+            switch identity {
+            case .node(let n)? where parsed != nil:
+                name = n
+            case .relay(let r)? where parsed != nil && r != self.server.configuration.relayName:
+                // Another relay: it may only forward circuits to nodes homed here.
+                name = r
+                self.peerRelay = r
+            default:
                 RelaySessionMetrics.count("relay_connections_refused_total", [("reason", "identity")])
                 self.refuse(
                     context,
                     .forbidden,
-                    "this relay serves nodes: presented \(identity?.uri ?? "no mesh identity")"
+                    "this relay serves nodes and other relays: presented \(identity?.uri ?? "no mesh identity")"
                 )
                 return
             }
-            if self.server.revoked.contains(MeshTLS.serialHex(parsed.serialNumber)) {
+            if let parsed, self.server.revoked.contains(MeshTLS.serialHex(parsed.serialNumber)) {
                 RelaySessionMetrics.count("relay_connections_refused_total", [("reason", "revoked")])
-                self.refuse(context, .forbidden, "the certificate of mesh://node/\(name) is revoked")
+                self.refuse(context, .forbidden, "the certificate of \(identity!.uri) is revoked")
                 return
             }
             self.node = name
@@ -298,7 +416,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
     func drain(_ context: ChannelHandlerContext) {
         while !self.buffer.isEmpty {
             switch self.role {
-            case .waiting, .closing, .handshaking: return
+            case .waiting, .forwarding, .closing, .handshaking: return
             case .first, .control: break
             }
             let decoded: (message: RelaySessionMessage, length: Int)?
@@ -318,6 +436,19 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
 
     func handle(_ context: ChannelHandlerContext, _ message: RelaySessionMessage) {
         let config = self.server.configuration
+        if let relay = self.peerRelay {
+            guard case (.first, .forward(let from, let to)) = (self.role, message) else {
+                RelaySessionMetrics.count("relay_messages_malformed_total")
+                self.refuse(
+                    context,
+                    .forbidden,
+                    "mesh://relay/\(relay) may only forward circuits (it sent \(message.kind))"
+                )
+                return
+            }
+            self.request(context, from: from, to: to, via: relay)
+            return
+        }
         switch (self.role, message) {
         case (.first, .hello(let version, let name)):
             guard version == RelaySessionMessage.version else {
@@ -341,26 +472,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         case (.control, .pong):
             break
         case (.first, .connect(let target)):
-            self.timer?.cancel()
-            switch self.server.hub.request(from: self.node, to: target, requester: context.channel) {
-            case .refused(let reason, let text):
-                RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "\(reason)")])
-                self.refuse(context, reason, text)
-            case .open(let circuit, let session):
-                self.role = .waiting(circuit: circuit, from: self.node, to: target)
-                if let frame = try? RelaySessionMessage.open(circuit: circuit, from: self.node).encode() {
-                    session.writeAndFlush(ByteBuffer(bytes: frame), promise: nil)
-                }
-                let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-                let hub = self.server.hub
-                self.timer = context.eventLoop.scheduleTask(in: config.acceptTimeout) {
-                    guard hub.cancel(circuit) else { return }
-                    RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "timeout")])
-                    let context = bound.value
-                    (try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self))?
-                        .refuse(context, .timeout, "node \(target) did not accept the circuit in time")
-                }
-            }
+            self.request(context, from: self.node, to: target, via: nil)
         case (.first, .accept(let circuit)):
             self.timer?.cancel()
             guard let pending = self.server.hub.take(circuit, by: self.node) else {
@@ -394,6 +506,90 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         }
     }
 
+    /// A circuit from `from` to `to` (asked by `from` itself, or forwarded by the relay `via`): `open`
+    /// to `to`'s session and wait for its `accept`; when `to` has no session here, forward it to the
+    /// relay it is homed on (not a forwarded one: one hop at most).
+    func request(_ context: ChannelHandlerContext, from: String, to target: String, via: String?) {
+        let config = self.server.configuration
+        self.timer?.cancel()
+        switch self.server.hub.request(from: from, to: target, requester: context.channel) {
+        case .refused(.nodeOffline, let text) where via == nil && config.locate != nil:
+            self.forward(context, from: from, to: target, offline: text)
+        case .refused(let reason, let text):
+            RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "\(reason)")])
+            self.refuse(context, reason, text)
+        case .open(let circuit, let session):
+            self.role = .waiting(circuit: circuit, from: from, to: target)
+            if let frame = try? RelaySessionMessage.open(circuit: circuit, from: from).encode() {
+                session.writeAndFlush(ByteBuffer(bytes: frame), promise: nil)
+            }
+            let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            let hub = self.server.hub
+            self.timer = context.eventLoop.scheduleTask(in: config.acceptTimeout) {
+                guard hub.cancel(circuit) else { return }
+                RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "timeout")])
+                let context = bound.value
+                (try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self))?
+                    .refuse(context, .timeout, "node \(target) did not accept the circuit in time")
+            }
+        }
+    }
+
+    /// `to` is homed on another relay: ask that one (`dialForward`), then splice this connection with
+    /// the relay's. The bytes this node sends meanwhile are held (within `maxBuffered`).
+    func forward(_ context: ChannelHandlerContext, from: String, to: String, offline: String) {
+        let hub = self.server.hub
+        if let limit = hub.reserve(from: from, to: to) {
+            RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "limit")])
+            self.refuse(context, .limit, limit)
+            return
+        }
+        self.role = .forwarding(from: from, to: to)
+        let server = self.server
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(context, eventLoop: loop)
+        let dialed = loop.makePromise(of: (any Channel, UInt64).self)
+        dialed.completeWithTask { try await server.dialForward(from: from, to: to, offline: offline) }
+        dialed.futureResult.hop(to: loop).whenComplete { result in
+            let context = bound.value
+            guard let handler = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self),
+                case .forwarding = handler.role, context.channel.isActive
+            else {
+                // The node went away meanwhile (its circuit count was released then).
+                if case .success(let (other, _)) = result { other.close(promise: nil) }
+                return
+            }
+            switch result {
+            case .success(let (other, circuit)):
+                RelaySessionMetrics.count("relay_circuits_forwarded_total")
+                let me = context.channel
+                let idle = server.configuration.circuitIdleTimeout
+                // The other relay's half: splice it back to this node, then let go of the bytes it
+                // held since its `ready`.
+                other.eventLoop.execute {
+                    do {
+                        let ops = other.pipeline.syncOperations
+                        try ops.addHandler(SpliceHandler(partner: me, idleTimeout: idle, onEnd: nil))
+                        let held = try ops.context(handlerType: RelayCircuitHandler.self)
+                        try ops.handler(type: RelayCircuitHandler.self).leave(held)
+                    } catch {
+                        other.close(promise: nil)
+                    }
+                }
+                handler.spliceNow(
+                    context,
+                    SpliceEvent(partner: other, circuit: circuit, from: from, to: to, owner: true)
+                )
+            case .failure(let error):
+                let refusal =
+                    error as? RelaySessionServer.ForwardRefusal
+                    ?? .init(reason: .nodeOffline, text: "forwarding failed: \(error)")
+                RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "\(refusal.reason)")])
+                handler.refuse(context, refusal.reason, refusal.text)
+            }
+        }
+    }
+
     func scheduleIdleCheck(_ context: ChannelHandlerContext) {
         let idle = self.server.configuration.sessionIdleTimeout
         let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
@@ -424,7 +620,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         self.spliceNow(context, event)
     }
 
-    private func spliceNow(_ context: ChannelHandlerContext, _ event: SpliceEvent) {
+    func spliceNow(_ context: ChannelHandlerContext, _ event: SpliceEvent) {
         self.role = .closing
         self.send(context, .ready(circuit: event.circuit))
         let leftover = self.buffer
@@ -448,6 +644,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         switch self.role {
         case .control(let name): self.server.hub.unregister(name, context.channel)
         case .waiting(let circuit, _, _): _ = self.server.hub.cancel(circuit)
+        case .forwarding(let from, let to): self.server.hub.ended(from: from, to: to)
         default: break
         }
         self.role = .closing
@@ -471,10 +668,11 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
     func refuse(_ context: ChannelHandlerContext, _ reason: RelayRefusal, _ text: String) {
         if case .control(let name) = self.role { self.server.hub.unregister(name, context.channel) }
         if case .waiting(let circuit, _, _) = self.role { _ = self.server.hub.cancel(circuit) }
+        if case .forwarding(let from, let to) = self.role { self.server.hub.ended(from: from, to: to) }
         self.role = .closing
         self.timer?.cancel()
         self.server.logger.info(
-            "relay session from \(self.node.isEmpty ? "?" : "mesh://node/\(self.node)") refused (\(reason)): \(text)"
+            "relay session from \(self.peerRelay.map { "mesh://relay/\($0)" } ?? (self.node.isEmpty ? "?" : "mesh://node/\(self.node)")) refused (\(reason)): \(text)"
         )
         let frame =
             (try? RelaySessionMessage.refused(reason, message: String(text.prefix(512))).encode())

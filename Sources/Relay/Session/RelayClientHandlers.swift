@@ -1,0 +1,253 @@
+import NIOCore
+
+/// What an agent's control session with its relay reports, after the `welcome`.
+enum RelayControlEvent: Sendable {
+    /// Node `from` asks for circuit `circuit`: open a new connection and `accept` it.
+    case open(circuit: UInt64, from: String)
+    /// The session ended (the reason, for people).
+    case closed(String)
+}
+
+/// The agent's end of a control session (behind the outer TLS): sends `hello` is the caller's job;
+/// this waits for `welcome`, answers the relay's pings, pings it every `pingInterval` (at most the
+/// welcome's keepalive) and closes the session when a ping is not answered within `pongTimeout`.
+/// `open` requests go to `events`.
+final class RelayControlHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let welcome: EventLoopPromise<(relay: String, keepaliveSeconds: UInt16)>
+    let events: AsyncStream<RelayControlEvent>.Continuation
+    let maxPingInterval: TimeAmount
+    let pongTimeout: TimeAmount
+    let tlsRefusal: @Sendable () -> String?
+    var buffer: [UInt8] = []
+    var welcomed = false
+    var lastRead = NIODeadline.now()
+    var pinger: RepeatedTask?
+    var reason: String?
+    var nextPing: UInt64 = 1
+
+    init(
+        welcome: EventLoopPromise<(relay: String, keepaliveSeconds: UInt16)>,
+        events: AsyncStream<RelayControlEvent>.Continuation,
+        maxPingInterval: TimeAmount,
+        pongTimeout: TimeAmount,
+        tlsRefusal: @escaping @Sendable () -> String?
+    ) {
+        self.welcome = welcome
+        self.events = events
+        self.maxPingInterval = maxPingInterval
+        self.pongTimeout = pongTimeout
+        self.tlsRefusal = tlsRefusal
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = self.unwrapInboundIn(data)
+        self.buffer += bytes.readBytes(length: bytes.readableBytes) ?? []
+        self.lastRead = .now()
+        while !self.buffer.isEmpty, context.channel.isActive {
+            let decoded: (message: RelaySessionMessage, length: Int)?
+            do {
+                decoded = try RelaySessionMessage.decode(self.buffer)
+            } catch {
+                self.end(context, "the relay sent a malformed message: \(error)")
+                return
+            }
+            guard let (message, length) = decoded else { return }
+            self.buffer.removeFirst(length)
+            self.handle(context, message)
+        }
+    }
+
+    private func handle(_ context: ChannelHandlerContext, _ message: RelaySessionMessage) {
+        switch (self.welcomed, message) {
+        case (false, .welcome(let relay, let keepalive)):
+            self.welcomed = true
+            self.welcome.succeed((relay, keepalive))
+            self.startPinging(context, keepalive: keepalive)
+        case (_, .ping(let value)):
+            if let frame = try? RelaySessionMessage.pong(value).encode() {
+                context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(bytes: frame)), promise: nil)
+            }
+        case (true, .pong):
+            break
+        case (true, .open(let circuit, let from)):
+            self.events.yield(.open(circuit: circuit, from: from))
+        case (_, .refused(let code, let text)):
+            self.end(context, "the relay refused the session (\(code)): \(text)")
+        default:
+            self.end(context, "the relay sent \(message.kind) where it is not allowed")
+        }
+    }
+
+    private func startPinging(_ context: ChannelHandlerContext, keepalive: UInt16) {
+        let asked = TimeAmount.seconds(Int64(max(keepalive, 1)))
+        let interval = min(asked, self.maxPingInterval)
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        self.pinger = context.eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in
+            let (handler, context) = bound.value
+            handler.ping(context)
+        }
+    }
+
+    private func ping(_ context: ChannelHandlerContext) {
+        guard context.channel.isActive, let frame = try? RelaySessionMessage.ping(self.nextPing).encode() else {
+            return
+        }
+        self.nextPing &+= 1
+        let sent = NIODeadline.now()
+        context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(bytes: frame)), promise: nil)
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let timeout = self.pongTimeout
+        context.eventLoop.scheduleTask(in: timeout) {
+            let (handler, context) = bound.value
+            if handler.lastRead < sent {
+                handler.end(context, "the relay did not answer a ping within \(timeout.nanoseconds / 1_000_000) ms")
+            }
+        }
+    }
+
+    /// Records why, then closes (channelInactive reports it).
+    func end(_ context: ChannelHandlerContext, _ why: String) {
+        if self.reason == nil { self.reason = why }
+        context.close(promise: nil)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.end(context, self.tlsRefusal() ?? "\(error)")
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.pinger?.cancel()
+        let why = self.reason ?? self.tlsRefusal() ?? "the relay closed the session"
+        self.welcome.fail(RelayClientError.closed(why))
+        self.events.yield(.closed(why))
+        self.events.finish()
+        context.fireChannelInactive()
+    }
+}
+
+/// One half of a circuit on the agent's side (behind the outer TLS): the caller writes `connect` or
+/// `accept`; this waits for `ready` (or `refused`). From `ready` on, the bytes are the link's: they
+/// are held here until the link's handlers are in place, then handed on in order. The handler leaves
+/// the pipeline right after `onReady` (which installs the link synchronously) or, without one, on the
+/// first outbound write (the link's TLS ClientHello: its handlers are in place by then).
+final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum State {
+        case waiting
+        case ready
+        /// Leaving on the next tick (the link's first write).
+        case leaving
+        case removing
+    }
+
+    let ready: EventLoopPromise<UInt64>
+    let onReady: (@Sendable (any Channel) -> Void)?
+    let tlsRefusal: @Sendable () -> String?
+    var state = State.waiting
+    var buffer: [UInt8] = []
+    var held: [ByteBuffer] = []
+
+    init(
+        ready: EventLoopPromise<UInt64>,
+        onReady: (@Sendable (any Channel) -> Void)?,
+        tlsRefusal: @escaping @Sendable () -> String?
+    ) {
+        self.ready = ready
+        self.onReady = onReady
+        self.tlsRefusal = tlsRefusal
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = self.unwrapInboundIn(data)
+        guard case .waiting = self.state else {
+            self.held.append(bytes)
+            return
+        }
+        self.buffer += bytes.readBytes(length: bytes.readableBytes) ?? []
+        let decoded: (message: RelaySessionMessage, length: Int)?
+        do {
+            decoded = try RelaySessionMessage.decode(self.buffer)
+        } catch {
+            self.fail(context, RelayClientError.protocolError("the relay sent a malformed message: \(error)"))
+            return
+        }
+        guard let (message, length) = decoded else { return }
+        switch message {
+        case .ready(let circuit):
+            self.state = .ready
+            if self.buffer.count > length { self.held.append(ByteBuffer(bytes: self.buffer[length...])) }
+            self.buffer = []
+            self.ready.succeed(circuit)
+            if let onReady = self.onReady {
+                onReady(context.channel)
+                self.leave(context)
+            }
+        case .refused(let code, let text):
+            self.fail(context, RelayClientError.refused(code, text))
+        default:
+            self.fail(context, RelayClientError.protocolError("the relay sent \(message.kind) instead of ready"))
+        }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        context.write(data, promise: promise)
+        if case .ready = self.state {
+            // The link's TLS speaks: its handlers sit behind this one. Leave on the next tick, not
+            // inside the write that is under way.
+            self.state = .leaving
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            context.eventLoop.execute {
+                let (handler, context) = bound.value
+                handler.leave(context)
+            }
+        }
+    }
+
+    /// Leaves the pipeline, handing on the bytes held since `ready` (once; on the event loop).
+    func leave(_ context: ChannelHandlerContext) {
+        switch self.state {
+        case .ready, .leaving:
+            self.state = .removing
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        case .waiting, .removing:
+            break
+        }
+    }
+
+    func removeHandler(context: ChannelHandlerContext, removalToken: ChannelHandlerContext.RemovalToken) {
+        let held = self.held
+        self.held = []
+        for bytes in held { context.fireChannelRead(self.wrapInboundOut(bytes)) }
+        if !held.isEmpty { context.fireChannelReadComplete() }
+        context.leavePipeline(removalToken: removalToken)
+    }
+
+    private func fail(_ context: ChannelHandlerContext, _ error: RelayClientError) {
+        self.state = .removing
+        self.ready.fail(error)
+        context.close(promise: nil)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if case .waiting = self.state {
+            self.fail(context, RelayClientError.closed(self.tlsRefusal() ?? "\(error)"))
+        } else {
+            context.fireErrorCaught(error)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if case .waiting = self.state {
+            self.state = .removing
+            self.ready.fail(RelayClientError.closed(self.tlsRefusal() ?? "the relay closed the connection"))
+        }
+        context.fireChannelInactive()
+    }
+}

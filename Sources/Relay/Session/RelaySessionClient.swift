@@ -1,0 +1,583 @@
+import Logging
+import MeshCore
+import MeshIdentity
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import NIOSSL
+import ServiceLifecycle
+import Synchronization
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Settings of an agent's relay client (``RelaySessionClient``).
+public struct RelaySessionClientConfiguration: Sendable {
+    /// TCP connect timeout per relay address.
+    public var connectTimeout: TimeAmount = .seconds(3)
+    /// A relay must answer `hello` (after connect and TLS) within this.
+    public var welcomeTimeout: TimeAmount = .seconds(5)
+    /// The client pings at the welcome's keepalive, but at least this often: with `pongTimeout`, a
+    /// relay that went silent (no FIN: a host or path down) is noticed within 4 s.
+    public var maxPingInterval: TimeAmount = .seconds(2)
+    /// A ping not answered within this ends the session (re-home).
+    public var pongTimeout: TimeAmount = .seconds(2)
+    /// `circuit(to:)` and an accepted circuit must see `ready` within this (the relay's own accept
+    /// timeout is 10 s).
+    public var circuitTimeout: TimeAmount = .seconds(15)
+    /// `circuit(to:)` with no home relay waits this long for one (a re-home under way).
+    public var homeWait: TimeAmount = .seconds(5)
+    /// When every relay failed: wait this long before the next round, doubling up to `maxBackoff`, each
+    /// wait drawn uniformly from its upper half (jitter).
+    public var minBackoff: Duration = .milliseconds(250)
+    public var maxBackoff: Duration = .seconds(10)
+    /// At most this many relays are raced for the home (in name order).
+    public var maxRelaysRaced = 8
+
+    public init() {}
+}
+
+/// Why the relay client could not give a circuit (or keep a session). `relay` names the relay when
+/// one was involved.
+public struct RelayClientError: Error, Sendable, Hashable, CustomStringConvertible {
+    public enum Kind: Sendable, Hashable {
+        /// No relay session is up (none known, none reachable).
+        case noHome
+        /// The relay said no: its code and text.
+        case refused(RelayRefusal, String)
+        /// The connection closed (a refused certificate names what the relay presented).
+        case closed(String)
+        /// The relay sent something out of place.
+        case protocolError(String)
+        /// No answer in time.
+        case timedOut(String)
+        /// No address of the relay could be reached.
+        case unreachable(String)
+    }
+
+    public var relay: String?
+    public var kind: Kind
+
+    public init(relay: String?, _ kind: Kind) {
+        self.relay = relay
+        self.kind = kind
+    }
+
+    static func refused(_ code: RelayRefusal, _ text: String) -> Self { Self(relay: nil, .refused(code, text)) }
+    static func closed(_ why: String) -> Self { Self(relay: nil, .closed(why)) }
+    static func protocolError(_ why: String) -> Self { Self(relay: nil, .protocolError(why)) }
+
+    func at(_ relay: String) -> Self { Self(relay: relay, self.kind) }
+
+    public var description: String {
+        let at = self.relay.map { "relay \($0)" } ?? "relay"
+        switch self.kind {
+        case .noHome: return "no relay session is up (no relay known or reachable)"
+        case .refused(let code, let text): return "\(at) refused (\(code), code \(code.code)): \(text)"
+        case .unreachable(let why): return "\(at) is unreachable: \(why)"
+        default: return "\(at): \(self.detail)"
+        }
+    }
+
+    /// The reason without the relay's name.
+    public var detail: String {
+        switch self.kind {
+        case .noHome: return "no relay session is up"
+        case .refused(let code, let text): return "refused (\(code)): \(text)"
+        case .closed(let why), .protocolError(let why), .unreachable(let why): return why
+        case .timedOut(let what): return "\(what) timed out"
+        }
+    }
+}
+
+/// The relay client's state, for `/peers` and `meshctl status`.
+public struct RelayClientStatus: Sendable, Hashable, Codable {
+    /// The home relay (nil while there is none).
+    public var home: String?
+    /// Its address the session uses.
+    public var address: String?
+    /// Since when the session is up.
+    public var since: Date?
+    /// The home's measured RTT: TCP connect + TLS handshake + hello/welcome (the race's winner).
+    public var rttMicros: Int64?
+    /// Sessions established so far (1 + re-homes).
+    public var sessions = 0
+    /// Why the last session ended or the last round failed.
+    public var lastError: String?
+    public var circuitsDialed = 0
+    public var circuitsAccepted = 0
+    public var circuitsFailed = 0
+
+    public init() {}
+}
+
+/// An agent's client of the relays (issue 13, items 1-2): keeps one control session with its home
+/// relay, re-homes when it dies, accepts circuits other nodes ask for (handing them to the
+/// ``LinkManager`` as acceptor links) and dials circuits to nodes for the link manager.
+///
+/// Home relay: every `Ready` relay (at most `maxRelaysRaced`) is dialed at once; the first whose
+/// session is up (TCP connect + TLS 1.3 + hello/welcome) wins: that is the lowest RTT, measured on
+/// the connection that becomes the session. The others are closed. When the session dies, the next
+/// round starts at once without the dead relay; when a round finds none, rounds repeat with backoff
+/// and jitter.
+public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
+    public let node: String
+    public let configuration: RelaySessionClientConfiguration
+    let tls: MeshLinkTLS
+    let links: LinkManager
+    let relays: @Sendable () async -> [Relay]
+    let group: any EventLoopGroup
+    let logger: Logger
+    private let state = Mutex(State())
+
+    struct Home: Sendable {
+        let relay: String
+        let address: SocketAddress
+        let channel: any Channel
+    }
+
+    private struct State {
+        var home: Home?
+        var status = RelayClientStatus()
+        var waiters: [Int: CheckedContinuation<Home?, Never>] = [:]
+        var nextWaiter = 0
+    }
+
+    /// - Parameters:
+    ///   - node: this node's name (its certificate's `mesh://node/NAME`).
+    ///   - tls: this node's credentials (`MeshLinkTLS`, mesh CA); nil: the link manager's.
+    ///   - links: accepted circuits become links here (`establish(over:role:.acceptor,path:.relayed)`).
+    ///   - relays: the relays this node sees (from the control plane); read again at each re-home.
+    public init(
+        node: String,
+        tls: MeshLinkTLS? = nil,
+        links: LinkManager,
+        relays: @escaping @Sendable () async -> [Relay],
+        configuration: RelaySessionClientConfiguration = RelaySessionClientConfiguration(),
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "mesh.relay-client")
+    ) {
+        self.node = node
+        self.tls = tls ?? links.tls
+        self.links = links
+        self.relays = relays
+        self.configuration = configuration
+        self.group = group
+        self.logger = logger
+    }
+
+    /// The current home relay's name.
+    public var home: String? { self.state.withLock { $0.home?.relay } }
+
+    /// The client's state now.
+    public var status: RelayClientStatus { self.state.withLock { $0.status } }
+
+    // MARK: the session loop
+
+    /// Keeps a home session until graceful shutdown or cancellation.
+    public func run() async throws {
+        await cancelWhenGracefulShutdown {
+            await self.loop()
+        }
+    }
+
+    private func loop() async {
+        var backoff = self.configuration.minBackoff
+        var avoid: String?
+        await withDiscardingTaskGroup { tasks in
+            while !Task.isCancelled {
+                let all = await self.relays()
+                    .filter { $0.status?.phase == .ready }
+                    .sorted { $0.metadata.name < $1.metadata.name }
+                var candidates = all.filter { $0.metadata.name != avoid }
+                if candidates.isEmpty { candidates = all }
+                candidates = Array(candidates.prefix(self.configuration.maxRelaysRaced))
+                guard let session = await self.race(candidates) else {
+                    if avoid != nil {
+                        avoid = nil
+                        if all.count > candidates.count { continue }  // the dead relay may be back
+                    }
+                    if candidates.isEmpty {
+                        self.state.withLock { $0.status.lastError = "no Ready relay is known" }
+                    }
+                    let wait = backoff * Double.random(in: 0.5...1.0)
+                    backoff = min(backoff * 2, self.configuration.maxBackoff)
+                    try? await Task.sleep(for: wait)
+                    continue
+                }
+                backoff = self.configuration.minBackoff
+                self.adoptHome(session)
+                for await event in session.events {
+                    switch event {
+                    case .open(let circuit, let from):
+                        tasks.addTask { await self.accept(circuit, from: from, at: session.home) }
+                    case .closed(let why):
+                        self.logger.warning(
+                            "relay session ended",
+                            metadata: ["relay": "\(session.home.relay)", "reason": "\(why)"]
+                        )
+                        self.state.withLock { $0.status.lastError = "\(session.home.relay): \(why)" }
+                    }
+                }
+                session.home.channel.close(promise: nil)
+                self.state.withLock { s in
+                    if s.home?.channel === session.home.channel {
+                        s.home = nil
+                        s.status.home = nil
+                        s.status.address = nil
+                        s.status.since = nil
+                        s.status.rttMicros = nil
+                    }
+                }
+                avoid = session.home.relay
+            }
+        }
+        let home = self.state.withLock { s in
+            defer { s.home = nil }
+            return s.home
+        }
+        try? await home?.channel.close()
+    }
+
+    private func adoptHome(_ session: ControlSession) {
+        let waiters = self.state.withLock { s in
+            s.home = session.home
+            s.status.home = session.home.relay
+            s.status.address = "\(session.home.address)"
+            s.status.since = Date()
+            s.status.rttMicros =
+                Int64(session.rtt.components.seconds * 1_000_000)
+                + session.rtt.components.attoseconds / 1_000_000_000_000
+            s.status.sessions += 1
+            defer { s.waiters = [:] }
+            return Array(s.waiters.values)
+        }
+        for w in waiters { w.resume(returning: session.home) }
+        self.logger.info(
+            "home relay",
+            metadata: [
+                "relay": "\(session.home.relay)", "address": "\(session.home.address)", "rtt": "\(session.rtt)",
+            ]
+        )
+    }
+
+    /// A control session, welcomed.
+    struct ControlSession: Sendable {
+        let home: Home
+        let events: AsyncStream<RelayControlEvent>
+        let rtt: Duration
+    }
+
+    /// Dials every candidate at once; the first session welcomed wins, the others are closed.
+    private func race(_ candidates: [Relay]) async -> ControlSession? {
+        guard !candidates.isEmpty else { return nil }
+        let race = Race<ControlSession>(count: candidates.count) { $0.home.channel.close(promise: nil) }
+        let errors = NIOLockedValueBox<[String]>([])
+        let session = await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                race.start(continuation)
+                for relay in candidates {
+                    Task {
+                        do {
+                            race.offer(try await self.openSession(relay))
+                        } catch {
+                            errors.withLockedValue { $0.append("\(error)") }
+                            race.offer(ControlSession?.none)
+                        }
+                    }
+                }
+            }
+        } onCancel: {
+            race.cancel()
+        }
+        if session == nil {
+            let why = errors.withLockedValue { $0.joined(separator: "; ") }
+            if !why.isEmpty {
+                self.state.withLock { $0.status.lastError = why }
+                self.logger.warning("no relay session could be opened", metadata: ["errors": "\(why)"])
+            }
+        }
+        return session
+    }
+
+    /// Connect + TLS + hello/welcome with one relay (its addresses in turn).
+    private func openSession(_ relay: Relay) async throws -> ControlSession {
+        let name = relay.metadata.name
+        let addresses = Self.addresses(of: relay)
+        guard !addresses.isEmpty else {
+            throw RelayClientError(relay: name, .unreachable("it advertises no usable address"))
+        }
+        var failures: [String] = []
+        for address in addresses {
+            let start = ContinuousClock.now
+            let (stream, continuation) = AsyncStream.makeStream(of: RelayControlEvent.self)
+            let welcome = self.group.next().makePromise(of: (relay: String, keepaliveSeconds: UInt16).self)
+            let config = self.configuration
+            do {
+                let channel = try await self.connect(name, address) { channel, refusal in
+                    try channel.pipeline.syncOperations.addHandler(
+                        RelayControlHandler(
+                            welcome: welcome,
+                            events: continuation,
+                            maxPingInterval: config.maxPingInterval,
+                            pongTimeout: config.pongTimeout,
+                            tlsRefusal: refusal
+                        )
+                    )
+                }
+                let timeout = channel.eventLoop.scheduleTask(in: config.welcomeTimeout) {
+                    welcome.fail(RelayClientError(relay: name, .timedOut("the welcome")))
+                    channel.close(promise: nil)
+                }
+                channel.writeAndFlush(
+                    ByteBuffer(
+                        bytes: try RelaySessionMessage.hello(version: RelaySessionMessage.version, node: self.node)
+                            .encode()
+                    ),
+                    promise: nil
+                )
+                do {
+                    let (welcomed, _) = try await welcome.futureResult.get()
+                    timeout.cancel()
+                    guard welcomed == name else {
+                        channel.close(promise: nil)
+                        throw RelayClientError(relay: name, .protocolError("it welcomed as \(welcomed)"))
+                    }
+                } catch {
+                    timeout.cancel()
+                    channel.close(promise: nil)
+                    throw error
+                }
+                let rtt = ContinuousClock.now - start
+                return ControlSession(
+                    home: Home(relay: name, address: address, channel: channel),
+                    events: stream,
+                    rtt: rtt
+                )
+            } catch let error as RelayClientError {
+                welcome.fail(error)
+                continuation.finish()
+                if case .refused = error.kind { throw error.at(name) }
+                failures.append("\(address): \(error.detail)")
+            } catch {
+                welcome.fail(error)
+                continuation.finish()
+                failures.append("\(address): \(error)")
+            }
+        }
+        throw RelayClientError(relay: name, .unreachable(failures.joined(separator: "; ")))
+    }
+
+    /// The relay's session addresses (`IP:port`, `[IPv6]:port`), in its order.
+    static func addresses(of relay: Relay) -> [SocketAddress] {
+        relay.spec.addresses.compactMap { text in
+            guard let split = text.lastIndex(of: ":"), let port = Int(text[text.index(after: split)...]) else {
+                return nil
+            }
+            var host = String(text[..<split])
+            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            return try? SocketAddress(ipAddress: host, port: port)
+        }
+    }
+
+    /// A TCP connection to `address` with the outer TLS (this node's certificate; the server must be
+    /// exactly `mesh://relay/<relay>` of the mesh CA), and `handlers` behind it.
+    private func connect(
+        _ relay: String,
+        _ address: SocketAddress,
+        handlers: @escaping @Sendable (any Channel, @escaping @Sendable () -> String?) throws -> Void
+    ) async throws -> any Channel {
+        let verifier = self.tls.dialerVerifier(expect: .relay(relay))
+        let context = self.tls.clientContext
+        let refusal: @Sendable () -> String? = { verifier.lastRefusal?.message }
+        do {
+            return try await ClientBootstrap(group: self.group)
+                .connectTimeout(self.configuration.connectTimeout)
+                .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            NIOSSLClientHandler(
+                                context: context,
+                                serverHostname: nil,
+                                customVerificationCallback: verifier.callback
+                            )
+                        )
+                        try handlers(channel, refusal)
+                    }
+                }
+                .connect(to: address).get()
+        } catch {
+            throw RelayClientError(relay: relay, .unreachable("\(address): \(error)"))
+        }
+    }
+
+    // MARK: circuits
+
+    /// A circuit to `node` through the home relay: `connect(node)`, then `ready`. The channel is
+    /// ready for `Link.establish(role: .dialer(expect: node), path: .relayed(relay))` (or
+    /// `LinkManager.establish`); it has read nothing of the link's yet. A refusal throws
+    /// ``RelayClientError`` with the relay's code and text.
+    public func circuit(to node: String) async throws -> (channel: any Channel, relay: String) {
+        guard let home = await self.waitForHome() else { throw RelayClientError(relay: nil, .noHome) }
+        do {
+            let channel = try await self.halfCircuit(.connect(node: node), at: home, onReady: nil)
+            self.state.withLock { $0.status.circuitsDialed += 1 }
+            return (channel, home.relay)
+        } catch {
+            self.state.withLock { $0.status.circuitsFailed += 1 }
+            self.logger.warning(
+                "no circuit",
+                metadata: ["node": "\(node)", "relay": "\(home.relay)", "error": "\(error)"]
+            )
+            throw error
+        }
+    }
+
+    /// A circuit the relay asked this node to accept: a new connection, `accept`, then at `ready` the
+    /// link's acceptor handlers go in (before anything else is read).
+    private func accept(_ circuit: UInt64, from: String, at home: Home) async {
+        let links = self.links
+        let relay = home.relay
+        do {
+            _ = try await self.halfCircuit(.accept(circuit: circuit), at: home) { channel in
+                _ = links.establish(over: channel, role: .acceptor, path: .relayed(relay))
+            }
+            self.state.withLock { $0.status.circuitsAccepted += 1 }
+        } catch {
+            self.state.withLock { $0.status.circuitsFailed += 1 }
+            self.logger.warning(
+                "could not accept a circuit",
+                metadata: ["from": "\(from)", "relay": "\(relay)", "circuit": "\(circuit)", "error": "\(error)"]
+            )
+        }
+    }
+
+    private func halfCircuit(
+        _ first: RelaySessionMessage,
+        at home: Home,
+        onReady: (@Sendable (any Channel) -> Void)?
+    ) async throws -> any Channel {
+        let ready = self.group.next().makePromise(of: UInt64.self)
+        let channel: any Channel
+        do {
+            channel = try await self.connect(home.relay, home.address) { channel, refusal in
+                try channel.pipeline.syncOperations.addHandler(
+                    RelayCircuitHandler(ready: ready, onReady: onReady, tlsRefusal: refusal)
+                )
+            }
+        } catch {
+            ready.fail(error)
+            throw error
+        }
+        let relay = home.relay
+        let timeout = channel.eventLoop.scheduleTask(in: self.configuration.circuitTimeout) {
+            ready.fail(RelayClientError(relay: relay, .timedOut("waiting for ready")))
+            channel.close(promise: nil)
+        }
+        channel.writeAndFlush(ByteBuffer(bytes: try first.encode()), promise: nil)
+        do {
+            _ = try await ready.futureResult.get()
+            timeout.cancel()
+            return channel
+        } catch let error as RelayClientError {
+            timeout.cancel()
+            channel.close(promise: nil)
+            throw error.at(relay)
+        } catch {
+            timeout.cancel()
+            channel.close(promise: nil)
+            throw error
+        }
+    }
+
+    /// The home now, or the next one within `homeWait`.
+    private func waitForHome() async -> Home? {
+        enum Step {
+            case have(Home)
+            case wait(Int)
+        }
+        let loop = self.group.next()
+        let wait = self.configuration.homeWait
+        return await withCheckedContinuation { continuation in
+            let step = self.state.withLock { s -> Step in
+                if let h = s.home { return .have(h) }
+                let id = s.nextWaiter
+                s.nextWaiter += 1
+                s.waiters[id] = continuation
+                return .wait(id)
+            }
+            switch step {
+            case .have(let h):
+                continuation.resume(returning: h)
+            case .wait(let id):
+                loop.scheduleTask(in: wait) {
+                    self.state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
+                }
+            }
+        }
+    }
+}
+
+/// First-wins among `count` attempts: the first value offered resumes the waiter; later values (and
+/// every value after a cancel) are discarded with `discard`; all nil resumes with nil.
+final class Race<Value: Sendable>: Sendable {
+    private struct State {
+        var continuation: CheckedContinuation<Value?, Never>?
+        var remaining: Int
+        var done = false
+    }
+
+    private let state: Mutex<State>
+    private let discard: @Sendable (Value) -> Void
+
+    init(count: Int, discard: @escaping @Sendable (Value) -> Void) {
+        self.state = Mutex(State(remaining: count))
+        self.discard = discard
+    }
+
+    /// A winner is known (or the race was cancelled).
+    var isDone: Bool { self.state.withLock { $0.done } }
+
+    func start(_ continuation: CheckedContinuation<Value?, Never>) {
+        let resumeNow = self.state.withLock { s -> Bool in
+            if s.done { return true }
+            s.continuation = continuation
+            return false
+        }
+        if resumeNow { continuation.resume(returning: nil) }
+    }
+
+    /// True when `value` won.
+    @discardableResult
+    func offer(_ value: Value?) -> Bool {
+        let (winner, continuation) = self.state.withLock { s -> (Bool, CheckedContinuation<Value?, Never>?) in
+            s.remaining -= 1
+            if s.done { return (false, nil) }
+            if value != nil || s.remaining == 0 {
+                s.done = true
+                defer { s.continuation = nil }
+                return (value != nil, s.continuation)
+            }
+            return (false, nil)
+        }
+        if let continuation {
+            continuation.resume(returning: winner ? value : nil)
+        } else if let value {
+            self.discard(value)
+        }
+        return winner
+    }
+
+    func cancel() {
+        let continuation = self.state.withLock { s -> CheckedContinuation<Value?, Never>? in
+            s.done = true
+            defer { s.continuation = nil }
+            return s.continuation
+        }
+        continuation?.resume(returning: nil)
+    }
+}
