@@ -93,10 +93,11 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                     try await self.register(want)
                     registered = want
                 }
+                let relay = self.configuration.relay?()
                 do {
                     try await self.client.heartbeat(
                         node: name,
-                        report: self.configuration.relay.map { NodeHeartbeatReport(relay: $0()) }
+                        report: self.configuration.relay.map { _ in NodeHeartbeatReport(relay: relay) }
                     )
                 } catch let status as Status where status.code == 404 {
                     // Deleted while this agent runs: register again at once.
@@ -118,7 +119,7 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                     $0.failures = 0
                     $0.lastError = nil
                 }
-                try await Task.sleep(for: Self.jittered(interval))
+                try await self.sleep(Self.jittered(interval), unlessRelayChangesFrom: relay)
             } catch is CancellationError {
                 return
             } catch {
@@ -141,6 +142,18 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                 try? await Task.sleep(for: .nanoseconds(Int64.random(in: 0...max(1, Self.nanos(delay)))))
                 delay = min(delay * 2, interval)
             }
+        }
+    }
+
+    /// Sleeps until the next beat, or until the home relay differs from the one last reported: other
+    /// agents' relays find this node through its Node's `status.relay`, so a re-home is reported within a
+    /// second, not at the next beat (a read of the hook each second costs nothing).
+    private func sleep(_ duration: Duration, unlessRelayChangesFrom reported: String?) async throws {
+        guard let relay = self.configuration.relay else { return try await Task.sleep(for: duration) }
+        let deadline = ContinuousClock.now + duration
+        while ContinuousClock.now < deadline {
+            try await Task.sleep(for: min(.seconds(1), deadline - ContinuousClock.now))
+            if relay() != reported { return }
         }
     }
 

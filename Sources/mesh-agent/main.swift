@@ -71,6 +71,9 @@ struct MeshAgentCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Peer-link address, host:port (default 0.0.0.0:7900), or off.")
     var linkListen: String?
 
+    @Option(name: .long, help: "A relay this agent may home on (repeat, in order of preference); default: any Ready relay.")
+    var relay: [String] = []
+
     @Option(name: .long, help: "loopback, meshInterface or auto.")
     var interfaceMode: String?
 
@@ -91,6 +94,7 @@ struct MeshAgentCommand: AsyncParsableCommand {
         if let v = self.dnsListen { settings.dnsListen = v }
         if let v = self.adminListen { settings.adminListen = v }
         if let v = self.linkListen { settings.linkListen = v }
+        if !self.relay.isEmpty { settings.relays = self.relay }
         if let v = self.interfaceMode {
             guard let mode = AgentConfig.InterfaceMode(rawValue: v) else {
                 throw ManifestError("--interface-mode: \"\(v)\" is not one of loopback, meshInterface, auto")

@@ -26,11 +26,19 @@ struct CrossSiteTests {
     }
 
     /// A lab of `siteA` x `siteB` with the mesh running in it, torn down after `body`.
-    func withLab(_ siteA: String, _ siteB: String, _ body: (String, String) async throws -> Void) async throws {
+    func withLab(
+        _ siteA: String,
+        _ siteB: String,
+        splitRelays: Bool = false,
+        _ body: (String, String) async throws -> Void
+    ) async throws {
         let prefix = "x\(getpid() % 10_000)\(Int.random(in: 0..<10))"
         let up = try await self.script("netlab", ["up", "--site-a", siteA, "--site-b", siteB, "--prefix", prefix])
         try #require(up.status == 0, "netlab up: \(up.stderr)")
-        let mesh = try await self.script("netlab-mesh", ["start", "--prefix", prefix, "--bin", self.bin])
+        let mesh = try await self.script(
+            "netlab-mesh",
+            ["start", "--prefix", prefix, "--bin", self.bin] + (splitRelays ? ["--split-relays"] : [])
+        )
         do {
             try #require(mesh.status == 0, "netlab-mesh start: \(mesh.stderr)\(Self.logs(prefix))")
             let dir = "/run/netlab-\(prefix)-mesh"
@@ -42,6 +50,115 @@ struct CrossSiteTests {
         }
         let down = try await self.script("netlab", ["down", "--prefix", prefix])
         #expect(down.status == 0, "netlab down: \(down.stderr)")
+    }
+
+    /// The agent's `/peers` document at `host` (`meshctl peers -o json`).
+    func peersDocument(_ prefix: String, _ host: String) async throws -> [String: Any]? {
+        let r = try await self.inHost(
+            prefix,
+            host,
+            [self.bin + "/meshctl", "peers", "--agent", "127.0.0.1:7780", "-o", "json"]
+        )
+        return try? JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+    }
+
+    /// `curl -s` of `url` at site A (until it answers `expect`, within `timeout`).
+    func curlUntil(_ prefix: String, _ url: String, expect: String, timeout: Duration = .seconds(30)) async -> String {
+        var last = ""
+        _ = await eventually(timeout: timeout, every: .milliseconds(250)) {
+            let r = try? await self.inHost(prefix, "a", ["curl", "-s", "-m", "5", url])
+            last = (r?.stdout ?? "") + (r?.stderr ?? "")
+            return r?.stdout == expect
+        }
+        return last
+    }
+
+    @Test("a relay killed under relayed links: agents re-home within 5 s, new requests work, open streams end")
+    func relayFailover() async throws {
+        try await self.withLab("masq", "masq") { prefix, dir in
+            let page = "hello from site b\n"
+            let first = await self.curlUntil(prefix, "http://web.shop.svc.cluster.local/", expect: page)
+            #expect(first == page)
+            let home = try #require((try await self.peersDocument(prefix, "a"))?["relay"] as? [String: Any])
+            let dead = try #require(home["home"] as? String)
+            let other = dead == "r1" ? "r2" : "r1"
+            // A slow download holds a stream on the circuit through the relay about to die.
+            let slow = try Subprocess(
+                "/usr/sbin/ip",
+                [
+                    "netns", "exec", "\(prefix)-a", "curl", "-s", "-o", "/dev/null", "--limit-rate", "1M", "-m", "60",
+                    "-w", "%{http_code} %{size_download}", "http://web.shop.svc.cluster.local:81/big.bin",
+                ]
+            )
+            #expect(
+                await eventually(timeout: .seconds(10)) {
+                    let items = (try? await self.peersDocument(prefix, "a"))?["items"] as? [[String: Any]]
+                    return (items?.first?["streams"] as? Int ?? 0) > 0
+                }
+            )
+            let killed = try await self.script("netlab-mesh", ["kill", dead, "--prefix", prefix])
+            #expect(killed.status == 0)
+            let clock = ContinuousClock()
+            let start = clock.now
+            let rehomed = await eventually(timeout: .seconds(5), every: .milliseconds(100)) {
+                let relay = (try? await self.peersDocument(prefix, "a"))?["relay"] as? [String: Any]
+                return relay?["home"] as? String == other
+            }
+            #expect(rehomed, "a did not re-home to \(other) within 5 s")
+            let took = clock.now - start
+            // The stream on the dead circuit ends (curl exits with a partial transfer), it does not hang
+            // until curl's own 60 s limit.
+            let ended = await slow.wait(timeout: .seconds(20))
+            #expect(ended != nil && ended?.status != 0, "the download did not end: \(String(describing: ended))")
+            slow.signal(SIGKILL)
+            // New requests get through the other relay.
+            let after = await self.curlUntil(prefix, "http://web.shop.svc.cluster.local/", expect: page)
+            #expect(after == page, "after \(dead) died: \(after)")
+            let items = (try? await self.peersDocument(prefix, "a"))?["items"] as? [[String: Any]]
+            #expect(items?.first?["relay"] as? String == other)
+            print("re-homed from \(dead) to \(other) in \(took)")
+        }
+    }
+
+    @Test("the relay never sees the link's plaintext: a marker sent through a relayed link is not in a capture")
+    func theRelayCannotReadTheLink() async throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/tcpdump") else {
+            Issue.record("tcpdump is missing (scripts/bootstrap installs it)")
+            return
+        }
+        try await self.withLab("masq", "masq") { prefix, dir in
+            let page = "hello from site b\n"
+            #expect(await self.curlUntil(prefix, "http://web.shop.svc.cluster.local/", expect: page) == page)
+            let pcap = dir + "/relay.pcap"
+            let capture = try Subprocess(
+                "/usr/sbin/ip",
+                [
+                    "netns", "exec", "\(prefix)-cloud", "tcpdump", "-i", "wan", "-U", "-s", "0", "-w", pcap,
+                    "tcp port 7800",
+                ]
+            )
+            #expect(await eventually(timeout: .seconds(10)) { capture.stderr.contains("listening on") })
+            let marker = "MARKER-\(UInt64.random(in: 1..<UInt64.max))"
+            for _ in 0..<3 {
+                let r = try await self.inHost(
+                    prefix,
+                    "a",
+                    ["curl", "-s", "-H", "X-Marker: \(marker)", "http://web.shop.svc.cluster.local/?q=\(marker)"]
+                )
+                #expect(r.stdout == page)
+            }
+            // Give tcpdump a moment to write what it saw (-U: per packet), then stop it.
+            let captured = await eventually(timeout: .seconds(5)) {
+                ((try? FileManager.default.attributesOfItem(atPath: pcap)[.size] as? Int) ?? 0) > 2_000
+            }
+            capture.signal(SIGINT)
+            _ = await capture.wait(timeout: .seconds(5))
+            #expect(captured, "the capture holds no relay traffic: \(capture.stderr)")
+            let bytes = try Data(contentsOf: URL(fileURLWithPath: pcap))
+            #expect(bytes.count > 2_000)
+            #expect(bytes.range(of: Data(marker.utf8)) == nil, "the marker crossed the relay in the clear")
+            #expect(bytes.range(of: Data("hello from site b".utf8)) == nil, "the page crossed the relay in the clear")
+        }
     }
 
     /// The tail of every log of the lab's mesh, for a failure's message.
@@ -56,10 +173,13 @@ struct CrossSiteTests {
 
     @Test(
         "curl by name from site A to site B; 100 MiB intact over L4 and L7; UDP echo; the path in meshctl peers",
-        arguments: [("public", "public", "direct")]
+        arguments: [
+            ("public", "public", "direct", false), ("masq", "masq", "relayed", false),
+            ("masq", "firewall", "relayed", true), ("firewall", "firewall", "relayed", false),
+        ]
     )
-    func aServiceAtAnotherSiteByName(siteA: String, siteB: String, path: String) async throws {
-        try await self.withLab(siteA, siteB) { prefix, dir in
+    func aServiceAtAnotherSiteByName(siteA: String, siteB: String, path: String, splitRelays: Bool) async throws {
+        try await self.withLab(siteA, siteB, splitRelays: splitRelays) { prefix, dir in
             // The app at site A resolves through the agent (/etc/netns/P-a/resolv.conf) and gets B's page.
             var curl = ProcessResult(status: -1, stdout: "", stderr: "")
             let served = await eventually(timeout: .seconds(30), every: .milliseconds(250)) {
@@ -118,6 +238,16 @@ struct CrossSiteTests {
             #expect(b["path"] as? String == path, "\(peers.stdout)")
             #expect((b["bytesReceived"] as? Int ?? 0) > 200 * 1024 * 1024, "\(peers.stdout)")
             #expect(b["rttMicros"] is Int)
+            if path == "relayed" {
+                #expect(b["relay"] is String, "\(peers.stdout)")
+            }
+            if splitRelays {
+                // a homes on r1 and b on r2: the circuit was forwarded relay to relay.
+                let relay = doc?["relay"] as? [String: Any]
+                #expect(relay?["home"] as? String == "r1", "\(peers.stdout)")
+                let bStatus = try await self.peersDocument(prefix, "b")
+                #expect((bStatus?["relay"] as? [String: Any])?["home"] as? String == "r2")
+            }
 
             // The control plane goes away and comes back: the link and the service stay as they were.
             let killed = try await self.script("netlab-mesh", ["kill", "control", "--prefix", prefix])

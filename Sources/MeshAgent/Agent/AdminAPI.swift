@@ -19,6 +19,7 @@ struct AdminAPI: HTTPResponder {
     let dataPlane: DataPlane
     let sync: ServiceTableSync
     let links: LinkManager
+    let relay: RelaySessionClient
     let health: HealthEndpoints
 
     init(
@@ -26,10 +27,12 @@ struct AdminAPI: HTTPResponder {
         applier: SnapshotApplier,
         dataPlane: DataPlane,
         sync: ServiceTableSync,
-        links: LinkManager
+        links: LinkManager,
+        relay: RelaySessionClient
     ) {
         self.config = config
         self.links = links
+        self.relay = relay
         self.applier = applier
         self.dataPlane = dataPlane
         self.sync = sync
@@ -96,6 +99,7 @@ struct AdminAPI: HTTPResponder {
                 node: self.config.nodeName,
                 site: self.config.site,
                 linkListen: self.config.linkListen,
+                relay: self.relay.status,
                 items: rows
             )
             do {

@@ -49,6 +49,9 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// the mesh CA only), host:port; the port is advertised in its Node (`spec.linkPort`). `off`: none, so
     /// other sites reach this node through a relay only.
     public var linkListen: String = "0.0.0.0:7900"
+    /// The relays this agent may open its relay session with, by name, in order of preference; nil or empty:
+    /// every Ready relay, the home being the first whose session comes up.
+    public var relays: [String]?
     /// `loopback` (VIPs bound in 127.0.0.0/8, touches no interface), `meshInterface` (a dummy link
     /// holding the VIPs, needs CAP_NET_ADMIN), or `auto` (the interface when allowed, else loopback).
     public var interfaceMode: InterfaceMode = .loopback
@@ -117,6 +120,9 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
             )
         }
         if self.linkListen != "off" { _ = try ListenAddress(self.linkListen, field: "linkListen") }
+        for (i, r) in (self.relays ?? []).enumerated() {
+            if let e = Names.dns1123SubdomainError(r) { throw ManifestError("relays[\(i)]: \(e)") }
+        }
         if self.interfaceName.isEmpty || self.interfaceName.utf8.count > 15 {
             throw ManifestError("interfaceName: must be 1-15 characters")
         }

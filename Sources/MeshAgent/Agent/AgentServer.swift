@@ -128,6 +128,12 @@ public final class AgentServer: Sendable {
         return logger
     }
 
+    private func relayLogger() -> Logger {
+        var logger = Logger(label: "mesh.relay-client")
+        logger.logLevel = self.logger.logLevel
+        return logger
+    }
+
     public func run() async throws {
         do {
             try await self.serve()
@@ -231,6 +237,15 @@ public final class AgentServer: Sendable {
         } else {
             linkListener = nil
         }
+        // The relay session: circuits to nodes that cannot be dialed, and from nodes that cannot dial here.
+        let preferred = config.relays
+        let relayClient = RelaySessionClient(
+            node: config.nodeName,
+            links: links,
+            relays: { PeerDirectory.relays(in: current.value, preferred: preferred) },
+            logger: self.relayLogger()
+        )
+        links.setCircuitDialer { node in try await relayClient.circuit(to: node) }
         let dataPlane = DataPlane(configuration: dpConfig, logger: self.logger, peers: LinkPeerStreams(links: links))
         let zones = DNSZoneStore()
         let applier = SnapshotApplier(
@@ -281,7 +296,14 @@ public final class AgentServer: Sendable {
                 MeshTLS.identity(of: certificate)?.uri
             }
         }
-        let adminAPI = AdminAPI(config: config, applier: applier, dataPlane: dataPlane, sync: sync, links: links)
+        let adminAPI = AdminAPI(
+            config: config,
+            applier: applier,
+            dataPlane: dataPlane,
+            sync: sync,
+            links: links,
+            relay: relayClient
+        )
         let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
         self.admin.set(admin)
 
@@ -290,6 +312,7 @@ public final class AgentServer: Sendable {
         nodeConfig.addresses = config.nodeAddresses
         nodeConfig.excludedInterfaces = [config.interfaceName]
         nodeConfig.linkPort = linkPort
+        nodeConfig.relay = { relayClient.home }
         nodeConfig.heartbeatInterval = .milliseconds(Int64(config.heartbeatIntervalSeconds * 1000))
         let nodeAgent = NodeAgent(
             configuration: nodeConfig,
@@ -306,7 +329,9 @@ public final class AgentServer: Sendable {
         // over links), and the links last. The first failure stops the rest.
         var services: [any ServiceLifecycle.Service] = []
         if let linkListener { services.append(linkListener) }
-        services += [dataPlane, dns, sync, nodeAgent, revocations, RunUntilShutdown { await renewer.run() }, admin]
+        services += [
+            dataPlane, dns, sync, relayClient, nodeAgent, revocations, RunUntilShutdown { await renewer.run() }, admin,
+        ]
         let group = ServiceGroup(
             configuration: .init(
                 services: services.map { .init(service: $0) },

@@ -48,6 +48,14 @@ enum PeerDirectory {
         return ordered.compactMap { try? SocketAddress(ipAddress: $0.address, port: port) }
     }
 
+    /// The relays this agent may home on: the Ready ones of the table, or only those named in `preferred`
+    /// (the agent's `relays` setting), in that order.
+    static func relays(in snapshot: ServiceSnapshot, preferred: [String]?) -> [Relay] {
+        let ready = snapshot.relays.values.filter { ($0.status?.phase ?? .ready) == .ready }
+        guard let preferred, !preferred.isEmpty else { return ready.sorted { $0.metadata.name < $1.metadata.name } }
+        return preferred.compactMap { name in ready.first { $0.metadata.name == name } }
+    }
+
     /// Whether a stream from `peer` for `target` may be accepted by `localNode`: the target must be an
     /// endpoint address and port of the named service that this node serves, per the table. Anything else
     /// is refused with the reason, which the sender logs and counts.
@@ -111,5 +119,7 @@ struct PeerList: Codable, Sendable {
     var site: String?
     /// Where this agent accepts links (`off`: it does not).
     var linkListen: String
+    /// Its relay session: the home relay, its address, RTT, since when, circuits.
+    var relay: RelayClientStatus
     var items: [PeerRow]
 }
