@@ -71,7 +71,10 @@ struct MeshAgentCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Peer-link address, host:port (default 0.0.0.0:7900), or off.")
     var linkListen: String?
 
-    @Option(name: .long, help: "A relay this agent may home on (repeat, in order of preference); default: any Ready relay.")
+    @Option(
+        name: .long,
+        help: "A relay this agent may home on (repeat, in order of preference); default: any Ready relay."
+    )
     var relay: [String] = []
 
     @Option(name: .long, help: "loopback, meshInterface or auto.")
