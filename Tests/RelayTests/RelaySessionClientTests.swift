@@ -30,6 +30,8 @@ struct TestRelay {
     let group: MultiThreadedEventLoopGroup
     let port: Int
     let name: String
+    /// Its certificate's serial (hex).
+    let serial: String
 
     static func start(
         _ name: String,
@@ -45,14 +47,21 @@ struct TestRelay {
             relayName: name
         )
         configuration.locate = locate
+        let credentials = try pki.credentials(identity ?? .relay(name))
         let server = try RelaySessionServer(
             configuration: configuration,
-            credentials: try pki.credentials(identity ?? .relay(name)),
+            credentials: credentials,
             group: group,
             logger: logger
         )
         let address = try await server.start()
-        return TestRelay(server: server, group: group, port: address.port!, name: name)
+        return TestRelay(
+            server: server,
+            group: group,
+            port: address.port!,
+            name: name,
+            serial: MeshTLS.serialHex(credentials.certificate.serialNumber)
+        )
     }
 
     var object: Relay {
@@ -141,9 +150,10 @@ struct RelayedNode {
         book: AddressBook,
         relays: RelayBook,
         configuration: LinkConfiguration = LinkConfiguration(),
-        client settings: RelaySessionClientConfiguration? = nil
+        client settings: RelaySessionClientConfiguration? = nil,
+        revoked: RevokedSerials? = nil
     ) async throws -> RelayedNode {
-        let node = try await LinkNode.make(name, ca: ca, book: book, configuration: configuration)
+        let node = try await LinkNode.make(name, ca: ca, book: book, configuration: configuration, revoked: revoked)
         var logger = Logger(label: "relay-client-\(name)")
         logger.logLevel = .critical
         var settings = settings ?? RelaySessionClientConfiguration()
@@ -458,7 +468,7 @@ struct RelaySessionClientTests {
         try await r2.kill()
     }
 
-    @Test("a relay of another CA, or one presenting another relay's name, is refused by the client")
+    @Test("a relay of another CA, presenting another relay's name, or revoked, is refused by the client")
     func foreignRelayRefused() async throws {
         let pki = try RelaySessionServerTests.PKI()
         let other = try RelaySessionServerTests.PKI()
@@ -481,5 +491,20 @@ struct RelaySessionClientTests {
         await a.stop()
         try await foreign.kill()
         try await impostor.kill()
+
+        // A revoked relay certificate (meshctl revoke relay): refused once the list has its serial.
+        let revokedRelay = try await TestRelay.start("r3", pki)
+        relays.set([revokedRelay.object])
+        let b = try await RelayedNode.make(
+            "b",
+            ca: pki.ca,
+            book: AddressBook(),
+            relays: relays,
+            revoked: RevokedSerials([revokedRelay.serial])
+        )
+        #expect(await eventually { b.client.status.lastError?.contains("is revoked") == true })
+        #expect(b.client.home == nil)
+        await b.stop()
+        try await revokedRelay.kill()
     }
 }
