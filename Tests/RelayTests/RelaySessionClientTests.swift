@@ -5,6 +5,7 @@ import MeshIdentity
 import MeshTestSupport
 import MeshWire
 import NIOCore
+import NIOEmbedded
 import NIOPosix
 import NIOSSL
 import Synchronization
@@ -506,5 +507,75 @@ struct RelaySessionClientTests {
         #expect(b.client.home == nil)
         await b.stop()
         try await revokedRelay.kill()
+    }
+}
+
+/// The circuit half's handler on an EmbeddedChannel: bytes that arrive with or after `ready` reach
+/// the link's handlers whole and in order, whichever way the handler leaves the pipeline.
+@Suite("RelayCircuitHandler")
+struct RelayCircuitHandlerTests {
+    final class Collect: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        var bytes: [UInt8] = []
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            var b = self.unwrapInboundIn(data)
+            self.bytes += b.readBytes(length: b.readableBytes) ?? []
+        }
+    }
+
+    @Test("acceptor: bytes read with ready are handed to the link installed at ready, then the rest")
+    func acceptorKeepsBytesReadWithReady() throws {
+        let channel = EmbeddedChannel()
+        let ready = channel.eventLoop.makePromise(of: UInt64.self)
+        let collect = Collect()
+        let installed = NIOLoopBound(collect, eventLoop: channel.eventLoop)
+        let handler = RelayCircuitHandler(
+            ready: ready,
+            onReady: { ch in try! ch.pipeline.syncOperations.addHandler(installed.value) },
+            tlsRefusal: { nil }
+        )
+        try channel.pipeline.syncOperations.addHandler(handler)
+        // The frame arrives in two pieces, the second with the link's first bytes behind it.
+        let frame = try RelaySessionMessage.ready(circuit: 9).encode()
+        try channel.writeInbound(ByteBuffer(bytes: frame.prefix(4)))
+        #expect(collect.bytes.isEmpty)
+        try channel.writeInbound(ByteBuffer(bytes: Array(frame.dropFirst(4)) + [1, 2, 3]))
+        #expect(try ready.futureResult.wait() == 9)
+        try channel.writeInbound(ByteBuffer(bytes: [4, 5]))
+        #expect(collect.bytes == [1, 2, 3, 4, 5])
+        #expect((try? channel.pipeline.syncOperations.handler(type: RelayCircuitHandler.self)) == nil)
+        _ = try channel.finish()
+    }
+
+    @Test("dialer: bytes after ready are held until the link's first write, then handed on in order")
+    func dialerHoldsBytesUntilTheLinkSpeaks() throws {
+        let channel = EmbeddedChannel()
+        let ready = channel.eventLoop.makePromise(of: UInt64.self)
+        try channel.pipeline.syncOperations.addHandler(
+            RelayCircuitHandler(ready: ready, onReady: nil, tlsRefusal: { nil })
+        )
+        try channel.writeInbound(ByteBuffer(bytes: try RelaySessionMessage.ready(circuit: 3).encode() + [7]))
+        #expect(try ready.futureResult.wait() == 3)
+        try channel.writeInbound(ByteBuffer(bytes: [8]))
+        #expect(try channel.readInbound(as: ByteBuffer.self) == nil)  // held, not lost at the tail
+        let collect = Collect()
+        try channel.pipeline.syncOperations.addHandler(collect)
+        try channel.writeOutbound(ByteBuffer(bytes: [0x16]))  // the link's ClientHello
+        channel.embeddedEventLoop.run()
+        #expect(collect.bytes == [7, 8])
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == ByteBuffer(bytes: [0x16]))
+        _ = try channel.finish()
+    }
+
+    @Test("refused: the promise fails with the relay's code and text")
+    func refusedFailsWithCodeAndText() throws {
+        let channel = EmbeddedChannel()
+        let ready = channel.eventLoop.makePromise(of: UInt64.self)
+        try channel.pipeline.syncOperations.addHandler(
+            RelayCircuitHandler(ready: ready, onReady: nil, tlsRefusal: { nil })
+        )
+        try channel.writeInbound(ByteBuffer(bytes: try RelaySessionMessage.refused(.limit, message: "full").encode()))
+        #expect(throws: RelayClientError.refused(.limit, "full")) { try ready.futureResult.wait() }
+        #expect(!channel.isActive)
     }
 }
