@@ -340,7 +340,11 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
                     promise: nil
                 )
                 do {
-                    let (welcomed, _) = try await welcome.futureResult.get()
+                    let (welcomed, _) = try await withTaskCancellationHandler {
+                        try await welcome.futureResult.get()
+                    } onCancel: {
+                        channel.close(promise: nil)
+                    }
                     timeout.cancel()
                     guard welcomed == name else {
                         channel.close(promise: nil)
@@ -480,7 +484,12 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
         }
         channel.writeAndFlush(ByteBuffer(bytes: try first.encode()), promise: nil)
         do {
-            _ = try await ready.futureResult.get()
+            // Shutting down: closing the connection fails `ready` at once.
+            _ = try await withTaskCancellationHandler {
+                try await ready.futureResult.get()
+            } onCancel: {
+                channel.close(promise: nil)
+            }
             timeout.cancel()
             return channel
         } catch let error as RelayClientError {
@@ -502,22 +511,32 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
         }
         let loop = self.group.next()
         let wait = self.configuration.homeWait
-        return await withCheckedContinuation { continuation in
-            let step = self.state.withLock { s -> Step in
-                if let h = s.home { return .have(h) }
-                let id = s.nextWaiter
-                s.nextWaiter += 1
-                s.waiters[id] = continuation
-                return .wait(id)
-            }
-            switch step {
-            case .have(let h):
-                continuation.resume(returning: h)
-            case .wait(let id):
-                loop.scheduleTask(in: wait) {
-                    self.state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
+        let waiter = self.state.withLock { s in
+            defer { s.nextWaiter += 1 }
+            return s.nextWaiter
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let step = self.state.withLock { s -> Step in
+                    if let h = s.home { return .have(h) }
+                    s.waiters[waiter] = continuation
+                    return .wait(waiter)
+                }
+                switch step {
+                case .have(let h):
+                    continuation.resume(returning: h)
+                case .wait(let id):
+                    loop.scheduleTask(in: wait) {
+                        self.state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
+                    }
+                    // Cancelled before the waiter was registered: the handler found nothing to resume.
+                    if Task.isCancelled {
+                        self.state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
+                    }
                 }
             }
+        } onCancel: {
+            self.state.withLock { $0.waiters.removeValue(forKey: waiter) }?.resume(returning: nil)
         }
     }
 }
