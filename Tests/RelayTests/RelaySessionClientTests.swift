@@ -385,6 +385,8 @@ struct RelaySessionClientTests {
         book.set("b", [])
         #expect(await eventually { a.client.home == "r1" && b.client.home == "r1" })
         relays.set([r1.object, r2.object])
+        let homes = Mutex<[String?]>([])
+        a.client.onHomeChange { home in homes.withLock { $0.append(home) } }
 
         // A stream left open on the circuit through r1.
         let open = try await a.manager.stream(to: "b", open: webTarget(port: port))
@@ -397,6 +399,7 @@ struct RelaySessionClientTests {
         let rehomed = ContinuousClock.now - killed
         #expect(rehomed < .seconds(5), "re-homed after \(rehomed)")
         #expect(a.client.status.sessions == 2)
+        #expect(homes.withLock { $0 } == [nil, "r2"])
 
         let x = ByteBuffer(string: "after the re-home")
         #expect(try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: x) == x)

@@ -141,6 +141,7 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
 
     private struct State {
         var home: Home?
+        var homeChanged: [@Sendable (String?) -> Void] = []
         var status = RelayClientStatus()
         var waiters: [Int: CheckedContinuation<Home?, Never>] = [:]
         var nextWaiter = 0
@@ -174,6 +175,12 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
 
     /// The client's state now.
     public var status: RelayClientStatus { self.state.withLock { $0.status } }
+
+    /// Called with the new home (nil: the session ended) each time it changes, e.g. to beat at once so
+    /// the Node's `status.relay` (which relays forward by) follows a re-home without waiting.
+    public func onHomeChange(_ changed: @escaping @Sendable (String?) -> Void) {
+        self.state.withLock { $0.homeChanged.append(changed) }
+    }
 
     // MARK: the session loop
 
@@ -223,15 +230,16 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
                     }
                 }
                 session.home.channel.close(promise: nil)
-                self.state.withLock { s in
-                    if s.home?.channel === session.home.channel {
-                        s.home = nil
-                        s.status.home = nil
-                        s.status.address = nil
-                        s.status.since = nil
-                        s.status.rttMicros = nil
-                    }
+                let listeners = self.state.withLock { s -> [@Sendable (String?) -> Void] in
+                    guard s.home?.channel === session.home.channel else { return [] }
+                    s.home = nil
+                    s.status.home = nil
+                    s.status.address = nil
+                    s.status.since = nil
+                    s.status.rttMicros = nil
+                    return s.homeChanged
                 }
+                for changed in listeners { changed(nil) }
                 avoid = session.home.relay
             }
         }
@@ -243,7 +251,7 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
     }
 
     private func adoptHome(_ session: ControlSession) {
-        let waiters = self.state.withLock { s in
+        let (waiters, listeners) = self.state.withLock { s in
             s.home = session.home
             s.status.home = session.home.relay
             s.status.address = "\(session.home.address)"
@@ -253,9 +261,10 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
                 + session.rtt.components.attoseconds / 1_000_000_000_000
             s.status.sessions += 1
             defer { s.waiters = [:] }
-            return Array(s.waiters.values)
+            return (Array(s.waiters.values), s.homeChanged)
         }
         for w in waiters { w.resume(returning: session.home) }
+        for changed in listeners { changed(session.home.relay) }
         self.logger.info(
             "home relay",
             metadata: [
