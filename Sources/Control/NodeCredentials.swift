@@ -118,13 +118,19 @@ struct NodeCredentials: Sendable {
     }
 
     /// Revokes every certificate issued to `node` that is still valid (only `serial`, when given).
-    func revoke(node: String, serial: String? = nil, reason: String?) async throws -> [RevokedCertificate] {
-        guard let stored = try await self.store.get(Self.issuedKey(node)) else {
+    func revoke(
+        node: String,
+        role: JoinRole = .node,
+        serial: String? = nil,
+        reason: String?
+    ) async throws -> [RevokedCertificate] {
+        let kind = role == .relay ? Relay.resource.plural : Node.resource.plural
+        guard let stored = try await self.store.get(Self.issuedKey(node, role: role)) else {
             throw Status(
                 code: 404,
                 reason: .notFound,
-                message: "no certificate was issued to node \"\(node)\" by a join or a renewal here",
-                details: .init(name: node, kind: Node.resource.plural)
+                message: "no certificate was issued to \(role.rawValue) \"\(node)\" by a join or a renewal here",
+                details: .init(name: node, kind: kind)
             )
         }
         let record = try JSONDecoder().decode(Issued.self, from: Data(stored.json.readableBytesView))
@@ -137,12 +143,16 @@ struct NodeCredentials: Sendable {
                 throw Status(
                     code: 404,
                     reason: .notFound,
-                    message: "node \"\(node)\" holds no valid certificate with serial \(serial)",
-                    details: .init(name: node, kind: Node.resource.plural)
+                    message: "\(role.rawValue) \"\(node)\" holds no valid certificate with serial \(serial)",
+                    details: .init(name: node, kind: kind)
                 )
             }
         }
-        return try await self.revoke(valid, identity: .node(node), reason: reason ?? "revoked by an administrator")
+        return try await self.revoke(
+            valid,
+            identity: Self.identity(node, role: role),
+            reason: reason ?? "revoked by an administrator"
+        )
     }
 
     private func revoke(
@@ -202,26 +212,29 @@ extension ControlAPI {
                 guard request.method == .GET else { throw Self.notAllowed(request, allowed: "GET") }
                 return .json(.ok, Self.encode(RevokedCertificateList(items: try await self.credentials.list())))
             }
-        } else if segments.count == 6, segments[0...3] == ["apis", "mesh.edge", "v1", "nodes"],
+        } else if segments.count == 6, segments[0...2] == ["apis", "mesh.edge", "v1"],
+            segments[3] == "nodes" || segments[3] == Relay.resource.plural,
             segments[5] == "revoke" || segments[5] == "certificate"
         {
             let node = segments[4]
-            resource = "nodes"
+            let role: JoinRole = segments[3] == "nodes" ? .node : .relay
+            resource = segments[3]
             verb = segments[5] == "revoke" ? "revoke" : "renew"
             handler = {
                 guard request.method == .POST else { throw Self.notAllowed(request, allowed: "POST") }
                 if verb == "revoke" {
                     let revoked = try await self.credentials.revoke(
                         node: node,
+                        role: role,
                         serial: request.query["serial"],
                         reason: nil
                     )
                     self.logger.notice(
-                        "revoked \(revoked.count) certificate(s) of node \(node) (by \(request.peerIdentity ?? "?"))"
+                        "revoked \(revoked.count) certificate(s) of \(role.rawValue) \(node) (by \(request.peerIdentity ?? "?"))"
                     )
                     return .json(.ok, Self.encode(RevokedCertificateList(items: revoked)))
                 }
-                return try await self.renew(request, node: node)
+                return try await self.renew(request, node: node, role: role)
             }
         } else {
             return nil
@@ -313,21 +326,23 @@ extension ControlAPI {
         return .json(.ok, Self.encode(answer))
     }
 
-    /// Renews a node's certificate: only the node itself, over its current (valid, unrevoked)
-    /// certificate, and only for its own name.
-    func renew(_ request: HTTPRequest, node: String) async throws -> HTTPResponse {
+    /// Renews a node's (or a relay's) certificate: only the node (relay) itself, over its current
+    /// (valid, unrevoked) certificate, and only for its own name.
+    func renew(_ request: HTTPRequest, node: String, role: JoinRole = .node) async throws -> HTTPResponse {
         guard let ca = self.ca else { throw Self.noCA }
-        guard case .node(let caller) = request.peerIdentity.flatMap({ MeshIdentity(uri: $0) }), caller == node else {
+        let identity = NodeCredentials.identity(node, role: role)
+        guard request.peerIdentity.flatMap({ MeshIdentity(uri: $0) }) == identity else {
             throw Status(
                 code: 403,
                 reason: .forbidden,
-                message: "only mesh://node/\(node) itself may renew its certificate (a new node joins with a token)"
+                message:
+                    "only \(identity.uri) itself may renew its certificate (a new \(role.rawValue) joins with a token)"
             )
         }
         let renewal = try Self.decodeStrict(CertificateRenewalRequest.self, request)
         let signed: (nodeName: String, certificate: Certificate)
         do {
-            signed = try ca.signNodeCSR(pem: renewal.csr, validity: self.credentials.validity)
+            signed = try ca.signCSR(pem: renewal.csr, role: role, validity: self.credentials.validity)
         } catch let e as IdentityError {
             throw Status.badRequest(e.message)
         }
@@ -335,12 +350,12 @@ extension ControlAPI {
             throw Status(
                 code: 403,
                 reason: .forbidden,
-                message: "a renewal keeps the identity: mesh://node/\(node) may not ask for \(signed.nodeName)"
+                message: "a renewal keeps the identity: \(identity.uri) may not ask for \(signed.nodeName)"
             )
         }
-        _ = try await self.credentials.record(signed.certificate, node: node, supersede: false)
+        _ = try await self.credentials.record(signed.certificate, node: node, role: role, supersede: false)
         self.logger.info(
-            "renewed the certificate of node \(node): serial \(MeshTLS.serialHex(signed.certificate.serialNumber)), valid until \(signed.certificate.notValidAfter)"
+            "renewed the certificate of \(role.rawValue) \(node): serial \(MeshTLS.serialHex(signed.certificate.serialNumber)), valid until \(signed.certificate.notValidAfter)"
         )
         let answer = JoinResponse(
             nodeName: node,

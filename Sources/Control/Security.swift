@@ -103,6 +103,8 @@ public enum Authorization {
             return [Relay.resource.plural, Node.resource.plural, NodeCredentials.revokedResource].contains(segments[3])
         case .PUT:
             return segments == ["apis", "mesh.edge", "v1", Relay.resource.plural, relay]
+        case .POST:
+            return segments == ["apis", "mesh.edge", "v1", Relay.resource.plural, relay, "certificate"]
         default:
             return false
         }

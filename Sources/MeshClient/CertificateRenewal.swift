@@ -20,9 +20,12 @@ import Foundation
 public final class CertificateRenewer: Sendable {
     public let files: CredentialFiles
     public let nodeName: String
+    /// A node's certificate, or a relay's (`mesh://relay/NAME`, renewed at `relays/NAME/certificate`).
+    public let role: JoinRole
     public let tls: MeshClientTLS
     let client: ControlClient
     let logger: Logger
+    let onRenew: (@Sendable (LoadedCredentials) -> Void)?
     private let current: Mutex<LoadedCredentials>
     /// Renewals done so far (tests, admin API).
     private let renewals = Atomic<Int>(0)
@@ -33,10 +36,14 @@ public final class CertificateRenewer: Sendable {
         nodeName: String,
         tls: MeshClientTLS,
         endpoint: HTTPEndpoint,
-        logger: Logger
+        role: JoinRole = .node,
+        logger: Logger,
+        onRenew: (@Sendable (LoadedCredentials) -> Void)? = nil
     ) {
+        self.onRenew = onRenew
         self.files = files
         self.nodeName = nodeName
+        self.role = role
         self.tls = tls
         self.client = ControlClient(endpoint: endpoint, mesh: tls)
         self.logger = logger
@@ -52,7 +59,8 @@ public final class CertificateRenewer: Sendable {
     public func renew() async throws -> LoadedCredentials {
         let key = NodeKey()
         let request = CertificateRenewalRequest(csr: try key.csrPEM(nodeName: self.nodeName))
-        let path = ControlClient.path(Node.resource, namespace: nil, name: self.nodeName) + "/certificate"
+        let resource = self.role == .relay ? Relay.resource : Node.resource
+        let path = ControlClient.path(resource, namespace: nil, name: self.nodeName) + "/certificate"
         let body = try await self.client.raw(.POST, path, body: ByteBuffer(bytes: try MeshJSON.encode(request))).body
         let answer = try ControlClient.decode(JoinResponse.self, body)
         let old = self.current.withLock { $0 }
@@ -61,16 +69,18 @@ public final class CertificateRenewer: Sendable {
         }
         try self.files.write(keyPEM: try key.keyPEM(), certificatePEM: answer.certificate, caPEM: old.caPEM)
         let loaded = try self.files.load()
-        guard loaded.identity == .node(self.nodeName) else {
+        let wanted: MeshIdentity = self.role == .relay ? .relay(self.nodeName) : .node(self.nodeName)
+        guard loaded.identity == wanted else {
             throw IdentityError(
-                "the renewed certificate is for \(loaded.identity?.uri ?? "no identity"), not node \(self.nodeName)"
+                "the renewed certificate is for \(loaded.identity?.uri ?? "no identity"), not \(wanted.uri)"
             )
         }
         try self.tls.use(key: loaded.keyPEM, certificate: loaded.certificatePEM)
         self.current.withLock { $0 = loaded }
         self.renewals.add(1, ordering: .relaxed)
+        self.onRenew?(loaded)
         self.logger.notice(
-            "renewed this node's certificate: serial \(MeshTLS.serialHex(loaded.certificate.serialNumber)), valid until \(loaded.certificate.notValidAfter)"
+            "renewed this \(self.role.rawValue)'s certificate: serial \(MeshTLS.serialHex(loaded.certificate.serialNumber)), valid until \(loaded.certificate.notValidAfter)"
         )
         return loaded
     }
@@ -106,7 +116,7 @@ public final class CertificateRenewer: Sendable {
                 let level: Logger.Level = failures == 1 ? .warning : .debug
                 self.logger.log(
                     level: level,
-                    "cannot renew this node's certificate (valid until \(cert.notValidAfter)): \(error); retrying"
+                    "cannot renew this \(self.role.rawValue)'s certificate (valid until \(cert.notValidAfter)): \(error); retrying"
                 )
             }
         }

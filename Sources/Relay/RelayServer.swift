@@ -71,6 +71,13 @@ public final class RelayServer: ServiceLifecycle.Service, Sendable {
                 logger: self.logger
             )
             membership.reportSessions { server.sessions }
+            membership.onRenewal { [logger = self.logger] renewed in
+                do {
+                    try server.use(renewed)
+                } catch {
+                    logger.error("relay sessions: cannot use the renewed certificate: \(error)")
+                }
+            }
             sessions = server
         }
         self.sessionServer.set(sessions)

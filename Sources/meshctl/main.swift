@@ -437,14 +437,17 @@ struct TokenDelete: AsyncParsableCommand {
 
 struct Revoke: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Revoke node certificates (the control plane refuses them; links and relays fetch the list).",
+        abstract:
+            "Revoke node or relay certificates (the control plane refuses them; links, agents and relays fetch the list).",
         discussion: """
             `meshctl revoke node NAME` revokes every certificate NAME was issued by its join and renewals. \
             Its Node stays, so a token cannot take the name over; to let the node back in, delete the Node \
             (meshctl delete node NAME) and join it again, or join it with a token bound to the name \
-            (meshctl token create --node NAME).
+            (meshctl token create --node NAME). `meshctl revoke relay NAME` does the same for a relay: agents \
+            refuse its certificate once they fetched the list; it joins again with a new relay token \
+            (meshctl token create --relay NAME).
             """,
-        subcommands: [RevokeNode.self, RevokeList.self]
+        subcommands: [RevokeNode.self, RevokeRelay.self, RevokeList.self]
     )
 }
 
@@ -466,6 +469,29 @@ struct RevokeNode: AsyncParsableCommand {
         guard !self.names.isEmpty else { throw ValidationError("give at least one node name") }
         let ops = try self.server.operations()
         if !(await ops.revokeNodes(self.names, serial: self.serial, json: self.output == "json")) {
+            throw ExitCode.failure
+        }
+    }
+}
+
+struct RevokeRelay: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "relay", abstract: "Revoke relays' certificates.")
+
+    @OptionGroup var server: ServerOptions
+
+    @Argument(help: "Relay names.")
+    var names: [String]
+
+    @Option(name: .long, help: "Revoke only the certificate with this serial (hex, as `meshctl revoke list` shows).")
+    var serial: String?
+
+    @Option(name: .shortAndLong, help: "text or json.")
+    var output: String = "text"
+
+    func run() async throws {
+        guard !self.names.isEmpty else { throw ValidationError("give at least one relay name") }
+        let ops = try self.server.operations()
+        if !(await ops.revokeRelays(self.names, serial: self.serial, json: self.output == "json")) {
             throw ExitCode.failure
         }
     }

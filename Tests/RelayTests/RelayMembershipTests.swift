@@ -6,6 +6,7 @@ import MeshHTTP
 import MeshIdentity
 import MeshTestSupport
 import NIOCore
+import NIOSSL
 import Relay
 import ServiceLifecycle
 import Testing
@@ -132,6 +133,67 @@ struct RelayMembershipTests {
             #expect(await membership.locate("c") == nil)  // this relay itself
             #expect(await membership.locate("d") == nil)  // homed nowhere
             #expect(await membership.locate("nobody") == nil)
+        }
+        try await cp.stop()
+    }
+
+    @Test func aRelayRenewsItsCertificateServesWithItAndCanBeRevoked() async throws {
+        let cp = try await RunningControl()
+        let dir = TempDir()
+        let token = try await cp.token(usages: 1, relay: "r1")
+        let port = freePort()
+        try await self.withRelay(self.config(cp, dir: dir, token: token, port: port)) { relay in
+            let membership = try #require(try await relay.membership())
+            let first = try await membership.credentials()
+            #expect(
+                await eventually(timeout: .seconds(20)) {
+                    (try? await cp.client.get(Relay.self, name: "r1"))?.status?.phase == .ready
+                }
+            )
+            // Renewal over the current certificate: a new serial, the same identity, on disk.
+            let renewed = try await membership.renewNow()
+            #expect(renewed.identity == .relay("r1"))
+            #expect(renewed.certificate.serialNumber != first.certificate.serialNumber)
+            let onDisk = try NodeEnrolment.files(stateDir: dir.path, role: .relay).load()
+            #expect(onDisk.certificate.serialNumber == renewed.certificate.serialNumber)
+            // The session listener presents the new certificate to the next node.
+            let node = try cp.pki.ca.issueCredential(identity: .node("a"), serverAuth: true, clientAuth: true)
+            let files = CredentialFiles(directory: dir.path + "/node-a", name: "node")
+            try FileManager.default.createDirectory(atPath: dir.path + "/node-a", withIntermediateDirectories: true)
+            try files.write(keyPEM: node.keyPEM, certificatePEM: node.certificatePEM, caPEM: cp.pki.caPEM)
+            let session = try await RelaySessionServerTests().connect(port, as: try files.load())
+            try await session.send(.hello(version: 1, node: "a"))
+            #expect(await session.next() == .welcome(relay: "r1", keepaliveSeconds: 15))
+            let served = try await session.channel.eventLoop.submit {
+                try session.channel.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate
+            }.get()
+            let servedSerial = try #require(served).serialNumber
+            #expect(MeshTLS.serialHex(bytes: servedSerial) == MeshTLS.serialHex(renewed.certificate.serialNumber))
+            try await session.channel.close()
+            // A node may not renew a relay's certificate.
+            let other = try cp.client(try cp.issue(.node("a")))
+            let denied = await #expect(throws: Status.self) {
+                _ = try await other.raw(
+                    .POST,
+                    "/apis/mesh.edge/v1/relays/r1/certificate",
+                    body: ByteBuffer(string: "{}")
+                )
+            }
+            #expect(denied?.code == 403)
+            // The admin revokes the relay: both certificates are on the list as mesh://relay/r1.
+            let body = try await cp.client.raw(.POST, "/apis/mesh.edge/v1/relays/r1/revoke").body
+            let list = try JSONDecoder().decode(RevokedCertificateList.self, from: Data(body.readableBytesView))
+            #expect(
+                Set(list.items.map(\.serial)) == [
+                    MeshTLS.serialHex(first.certificate.serialNumber),
+                    MeshTLS.serialHex(renewed.certificate.serialNumber),
+                ]
+            )
+            #expect(list.items.allSatisfy { $0.identity == "mesh://relay/r1" })
+            let unknown = await #expect(throws: Status.self) {
+                _ = try await cp.client.raw(.POST, "/apis/mesh.edge/v1/relays/r9/revoke")
+            }
+            #expect(unknown?.code == 404 && unknown?.message.contains("relay \"r9\"") == true)
         }
         try await cp.stop()
     }

@@ -5,6 +5,7 @@ import MeshIdentity
 import MeshTestSupport
 import MeshWire
 import NIOCore
+import NIOEmbedded
 import NIOPosix
 import NIOSSL
 import Synchronization
@@ -30,6 +31,8 @@ struct TestRelay {
     let group: MultiThreadedEventLoopGroup
     let port: Int
     let name: String
+    /// Its certificate's serial (hex).
+    let serial: String
 
     static func start(
         _ name: String,
@@ -45,14 +48,21 @@ struct TestRelay {
             relayName: name
         )
         configuration.locate = locate
+        let credentials = try pki.credentials(identity ?? .relay(name))
         let server = try RelaySessionServer(
             configuration: configuration,
-            credentials: try pki.credentials(identity ?? .relay(name)),
+            credentials: credentials,
             group: group,
             logger: logger
         )
         let address = try await server.start()
-        return TestRelay(server: server, group: group, port: address.port!, name: name)
+        return TestRelay(
+            server: server,
+            group: group,
+            port: address.port!,
+            name: name,
+            serial: MeshTLS.serialHex(credentials.certificate.serialNumber)
+        )
     }
 
     var object: Relay {
@@ -141,9 +151,10 @@ struct RelayedNode {
         book: AddressBook,
         relays: RelayBook,
         configuration: LinkConfiguration = LinkConfiguration(),
-        client settings: RelaySessionClientConfiguration? = nil
+        client settings: RelaySessionClientConfiguration? = nil,
+        revoked: RevokedSerials? = nil
     ) async throws -> RelayedNode {
-        let node = try await LinkNode.make(name, ca: ca, book: book, configuration: configuration)
+        let node = try await LinkNode.make(name, ca: ca, book: book, configuration: configuration, revoked: revoked)
         var logger = Logger(label: "relay-client-\(name)")
         logger.logLevel = .critical
         var settings = settings ?? RelaySessionClientConfiguration()
@@ -374,6 +385,8 @@ struct RelaySessionClientTests {
         book.set("b", [])
         #expect(await eventually { a.client.home == "r1" && b.client.home == "r1" })
         relays.set([r1.object, r2.object])
+        let homes = Mutex<[String?]>([])
+        a.client.onHomeChange { home in homes.withLock { $0.append(home) } }
 
         // A stream left open on the circuit through r1.
         let open = try await a.manager.stream(to: "b", open: webTarget(port: port))
@@ -386,6 +399,7 @@ struct RelaySessionClientTests {
         let rehomed = ContinuousClock.now - killed
         #expect(rehomed < .seconds(5), "re-homed after \(rehomed)")
         #expect(a.client.status.sessions == 2)
+        #expect(homes.withLock { $0 } == [nil, "r2"])
 
         let x = ByteBuffer(string: "after the re-home")
         #expect(try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: x) == x)
@@ -458,7 +472,7 @@ struct RelaySessionClientTests {
         try await r2.kill()
     }
 
-    @Test("a relay of another CA, or one presenting another relay's name, is refused by the client")
+    @Test("a relay of another CA, presenting another relay's name, or revoked, is refused by the client")
     func foreignRelayRefused() async throws {
         let pki = try RelaySessionServerTests.PKI()
         let other = try RelaySessionServerTests.PKI()
@@ -481,5 +495,90 @@ struct RelaySessionClientTests {
         await a.stop()
         try await foreign.kill()
         try await impostor.kill()
+
+        // A revoked relay certificate (meshctl revoke relay): refused once the list has its serial.
+        let revokedRelay = try await TestRelay.start("r3", pki)
+        relays.set([revokedRelay.object])
+        let b = try await RelayedNode.make(
+            "b",
+            ca: pki.ca,
+            book: AddressBook(),
+            relays: relays,
+            revoked: RevokedSerials([revokedRelay.serial])
+        )
+        #expect(await eventually { b.client.status.lastError?.contains("is revoked") == true })
+        #expect(b.client.home == nil)
+        await b.stop()
+        try await revokedRelay.kill()
+    }
+}
+
+/// The circuit half's handler on an EmbeddedChannel: bytes that arrive with or after `ready` reach
+/// the link's handlers whole and in order, whichever way the handler leaves the pipeline.
+@Suite("RelayCircuitHandler")
+struct RelayCircuitHandlerTests {
+    final class Collect: ChannelInboundHandler {
+        typealias InboundIn = ByteBuffer
+        var bytes: [UInt8] = []
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            var b = self.unwrapInboundIn(data)
+            self.bytes += b.readBytes(length: b.readableBytes) ?? []
+        }
+    }
+
+    @Test("acceptor: bytes read with ready are handed to the link installed at ready, then the rest")
+    func acceptorKeepsBytesReadWithReady() throws {
+        let channel = EmbeddedChannel()
+        let ready = channel.eventLoop.makePromise(of: UInt64.self)
+        let collect = Collect()
+        let installed = NIOLoopBound(collect, eventLoop: channel.eventLoop)
+        let handler = RelayCircuitHandler(
+            ready: ready,
+            onReady: { ch in try! ch.pipeline.syncOperations.addHandler(installed.value) },
+            tlsRefusal: { nil }
+        )
+        try channel.pipeline.syncOperations.addHandler(handler)
+        // The frame arrives in two pieces, the second with the link's first bytes behind it.
+        let frame = try RelaySessionMessage.ready(circuit: 9).encode()
+        try channel.writeInbound(ByteBuffer(bytes: frame.prefix(4)))
+        #expect(collect.bytes.isEmpty)
+        try channel.writeInbound(ByteBuffer(bytes: Array(frame.dropFirst(4)) + [1, 2, 3]))
+        #expect(try ready.futureResult.wait() == 9)
+        try channel.writeInbound(ByteBuffer(bytes: [4, 5]))
+        #expect(collect.bytes == [1, 2, 3, 4, 5])
+        #expect((try? channel.pipeline.syncOperations.handler(type: RelayCircuitHandler.self)) == nil)
+        _ = try channel.finish()
+    }
+
+    @Test("dialer: bytes after ready are held until the link's first write, then handed on in order")
+    func dialerHoldsBytesUntilTheLinkSpeaks() throws {
+        let channel = EmbeddedChannel()
+        let ready = channel.eventLoop.makePromise(of: UInt64.self)
+        try channel.pipeline.syncOperations.addHandler(
+            RelayCircuitHandler(ready: ready, onReady: nil, tlsRefusal: { nil })
+        )
+        try channel.writeInbound(ByteBuffer(bytes: try RelaySessionMessage.ready(circuit: 3).encode() + [7]))
+        #expect(try ready.futureResult.wait() == 3)
+        try channel.writeInbound(ByteBuffer(bytes: [8]))
+        #expect(try channel.readInbound(as: ByteBuffer.self) == nil)  // held, not lost at the tail
+        let collect = Collect()
+        try channel.pipeline.syncOperations.addHandler(collect)
+        try channel.writeOutbound(ByteBuffer(bytes: [0x16]))  // the link's ClientHello
+        channel.embeddedEventLoop.run()
+        #expect(collect.bytes == [7, 8])
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == ByteBuffer(bytes: [0x16]))
+        _ = try channel.finish()
+    }
+
+    @Test("refused: the promise fails with the relay's code and text")
+    func refusedFailsWithCodeAndText() throws {
+        let channel = EmbeddedChannel()
+        let ready = channel.eventLoop.makePromise(of: UInt64.self)
+        try channel.pipeline.syncOperations.addHandler(
+            RelayCircuitHandler(ready: ready, onReady: nil, tlsRefusal: { nil })
+        )
+        try channel.writeInbound(ByteBuffer(bytes: try RelaySessionMessage.refused(.limit, message: "full").encode()))
+        #expect(throws: RelayClientError.refused(.limit, "full")) { try ready.futureResult.wait() }
+        #expect(!channel.isActive)
     }
 }

@@ -1,7 +1,7 @@
 import MeshTestSupport
 import Testing
 
-@testable import Relay
+@_spi(Fuzzing) @testable import Relay
 
 /// The relay session messages byte for byte, and every malformed frame with its error.
 @Suite("Relay session codec")
@@ -80,5 +80,22 @@ struct RelaySessionCodecTests {
             (try? RelaySessionMessage.refused(.limit, message: String(repeating: "x", count: 1021)).encode())?.count
                 == 1027
         )
+    }
+
+    /// The fuzz target's invariants (`scripts/fuzz relay`) on seeded mutations of every golden frame,
+    /// the forward included: a bounded smoke run inside the test suite (the entry traps on a break).
+    @Test func fuzzInvariantsHoldOnMutatedFrames() {
+        var rng = SeededGenerator(state: 0x5EED)
+        for (_, wire) in Self.golden {
+            let frame = hex(wire)
+            for _ in 0..<500 {
+                var bytes = frame + (try! RelaySessionMessage.ping(7).encode())
+                for _ in 0..<Int.random(in: 1...3, using: &rng) {
+                    let at = Int.random(in: 0..<bytes.count, using: &rng)
+                    bytes[at] = UInt8.random(in: 0...255, using: &rng)
+                }
+                bytes.withUnsafeBytes { RelaySessionFuzzing.fuzzOne($0) }
+            }
+        }
     }
 }

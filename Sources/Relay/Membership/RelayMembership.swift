@@ -62,6 +62,9 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
     public let revoked = RevokedSerials()
     /// The control plane client while `run` runs (for `locate`).
     private let client = Mutex<ControlClient?>(nil)
+    /// Told the new credentials after each renewal (the session listener).
+    private let renewed = Mutex<[@Sendable (LoadedCredentials) -> Void]>([])
+    private let renewer = Mutex<CertificateRenewer?>(nil)
 
     public init(configuration: RelayMembershipConfiguration, logger: Logger) {
         self.configuration = configuration
@@ -74,6 +77,20 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
     /// Where the status's `sessions` comes from (the session listener).
     public func reportSessions(_ count: @escaping @Sendable () -> Int) {
         self.sessionCount.withLock { $0 = count }
+    }
+
+    /// Called with the renewed key and certificate after each renewal.
+    public func onRenewal(_ use: @escaping @Sendable (LoadedCredentials) -> Void) {
+        self.renewed.withLock { $0.append(use) }
+    }
+
+    /// Renews the relay's certificate now (tests; `run` renews at two thirds of its lifetime).
+    @discardableResult
+    public func renewNow() async throws -> LoadedCredentials {
+        guard let renewer = self.renewer.withLock({ $0 }) else {
+            throw IdentityError("the relay's membership is not running")
+        }
+        return try await renewer.renew()
     }
 
     /// How many times the Relay was written (for tests and /metrics).
@@ -106,15 +123,32 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
     public func run() async throws {
         let c = self.configuration
         let credentials = try await self.enrol()
-        let client = ControlClient(
+        let mesh = try MeshTLS.client(credentials, expect: .controlPlane)
+        let client = ControlClient(endpoint: c.server, mesh: mesh).keepingAlive()
+        // At two thirds of its lifetime the certificate is renewed over the current one (as a
+        // node's is); later connections, the session listener's included, use the new one.
+        let renewer = CertificateRenewer(
+            credentials: credentials,
+            files: NodeEnrolment.files(stateDir: c.dataDir, role: .relay),
+            nodeName: c.name,
+            tls: mesh,
             endpoint: c.server,
-            mesh: try MeshTLS.client(credentials, expect: .controlPlane)
-        ).keepingAlive()
+            role: .relay,
+            logger: self.logger
+        ) { renewed in
+            for use in self.renewed.withLock({ $0 }) { use(renewed) }
+        }
         self.client.withLock { $0 = client }
+        self.renewer.withLock { $0 = renewer }
         await cancelWhenGracefulShutdown {
-            await self.loop(client)
+            await withDiscardingTaskGroup { group in
+                group.addTask { await renewer.run() }
+                await self.loop(client)
+                group.cancelAll()
+            }
         }
         self.client.withLock { $0 = nil }
+        self.renewer.withLock { $0 = nil }
         // Tell agents to re-home before the sessions go (bounded: a dead control plane does not hold the exit).
         let draining = self.relay(phase: .draining)
         let task = Task { try await client.apply(draining) }

@@ -141,6 +141,7 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
 
     private struct State {
         var home: Home?
+        var homeChanged: [@Sendable (String?) -> Void] = []
         var status = RelayClientStatus()
         var waiters: [Int: CheckedContinuation<Home?, Never>] = [:]
         var nextWaiter = 0
@@ -174,6 +175,12 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
 
     /// The client's state now.
     public var status: RelayClientStatus { self.state.withLock { $0.status } }
+
+    /// Called with the new home (nil: the session ended) each time it changes, e.g. to beat at once so
+    /// the Node's `status.relay` (which relays forward by) follows a re-home without waiting.
+    public func onHomeChange(_ changed: @escaping @Sendable (String?) -> Void) {
+        self.state.withLock { $0.homeChanged.append(changed) }
+    }
 
     // MARK: the session loop
 
@@ -223,15 +230,16 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
                     }
                 }
                 session.home.channel.close(promise: nil)
-                self.state.withLock { s in
-                    if s.home?.channel === session.home.channel {
-                        s.home = nil
-                        s.status.home = nil
-                        s.status.address = nil
-                        s.status.since = nil
-                        s.status.rttMicros = nil
-                    }
+                let listeners = self.state.withLock { s -> [@Sendable (String?) -> Void] in
+                    guard s.home?.channel === session.home.channel else { return [] }
+                    s.home = nil
+                    s.status.home = nil
+                    s.status.address = nil
+                    s.status.since = nil
+                    s.status.rttMicros = nil
+                    return s.homeChanged
                 }
+                for changed in listeners { changed(nil) }
                 avoid = session.home.relay
             }
         }
@@ -243,7 +251,7 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
     }
 
     private func adoptHome(_ session: ControlSession) {
-        let waiters = self.state.withLock { s in
+        let (waiters, listeners) = self.state.withLock { s in
             s.home = session.home
             s.status.home = session.home.relay
             s.status.address = "\(session.home.address)"
@@ -253,9 +261,10 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
                 + session.rtt.components.attoseconds / 1_000_000_000_000
             s.status.sessions += 1
             defer { s.waiters = [:] }
-            return Array(s.waiters.values)
+            return (Array(s.waiters.values), s.homeChanged)
         }
         for w in waiters { w.resume(returning: session.home) }
+        for changed in listeners { changed(session.home.relay) }
         self.logger.info(
             "home relay",
             metadata: [
@@ -340,7 +349,11 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
                     promise: nil
                 )
                 do {
-                    let (welcomed, _) = try await welcome.futureResult.get()
+                    let (welcomed, _) = try await withTaskCancellationHandler {
+                        try await welcome.futureResult.get()
+                    } onCancel: {
+                        channel.close(promise: nil)
+                    }
                     timeout.cancel()
                     guard welcomed == name else {
                         channel.close(promise: nil)
@@ -480,7 +493,12 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
         }
         channel.writeAndFlush(ByteBuffer(bytes: try first.encode()), promise: nil)
         do {
-            _ = try await ready.futureResult.get()
+            // Shutting down: closing the connection fails `ready` at once.
+            _ = try await withTaskCancellationHandler {
+                try await ready.futureResult.get()
+            } onCancel: {
+                channel.close(promise: nil)
+            }
             timeout.cancel()
             return channel
         } catch let error as RelayClientError {
@@ -502,22 +520,32 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
         }
         let loop = self.group.next()
         let wait = self.configuration.homeWait
-        return await withCheckedContinuation { continuation in
-            let step = self.state.withLock { s -> Step in
-                if let h = s.home { return .have(h) }
-                let id = s.nextWaiter
-                s.nextWaiter += 1
-                s.waiters[id] = continuation
-                return .wait(id)
-            }
-            switch step {
-            case .have(let h):
-                continuation.resume(returning: h)
-            case .wait(let id):
-                loop.scheduleTask(in: wait) {
-                    self.state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
+        let waiter = self.state.withLock { s in
+            defer { s.nextWaiter += 1 }
+            return s.nextWaiter
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let step = self.state.withLock { s -> Step in
+                    if let h = s.home { return .have(h) }
+                    s.waiters[waiter] = continuation
+                    return .wait(waiter)
+                }
+                switch step {
+                case .have(let h):
+                    continuation.resume(returning: h)
+                case .wait(let id):
+                    loop.scheduleTask(in: wait) {
+                        self.state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
+                    }
+                    // Cancelled before the waiter was registered: the handler found nothing to resume.
+                    if Task.isCancelled {
+                        self.state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
+                    }
                 }
             }
+        } onCancel: {
+            self.state.withLock { $0.waiters.removeValue(forKey: waiter) }?.resume(returning: nil)
         }
     }
 }

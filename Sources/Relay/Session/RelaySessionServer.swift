@@ -170,12 +170,14 @@ enum RelaySessionMetrics {
 public final class RelaySessionServer: Sendable {
     public let configuration: RelaySessionConfiguration
     let hub: RelayHub
-    let tls: NIOSSLContext
+    /// The listener's TLS context (replaced when the relay's certificate is renewed: `use`).
+    private let tls: Mutex<NIOSSLContext>
     let revoked: RevokedSerials
     let logger: Logger
     let group: any EventLoopGroup
     /// This relay's certificate as a client of other relays (forwarding); nil when it cannot be one.
-    let relayTLS: MeshLinkTLS?
+    private let relayClientTLS: Mutex<MeshLinkTLS?>
+    var relayTLS: MeshLinkTLS? { self.relayClientTLS.withLock { $0 } }
     private let channel = Mutex<(any Channel)?>(nil)
 
     public init(
@@ -187,8 +189,8 @@ public final class RelaySessionServer: Sendable {
     ) throws {
         self.configuration = configuration
         self.hub = RelayHub(maxCircuitsPerNode: configuration.maxCircuitsPerNode)
-        self.tls = try MeshTLS.serverContext(credentials, requireClientCertificate: true)
-        self.relayTLS = try? MeshLinkTLS(credentials, revoked: revoked)
+        self.tls = Mutex(try MeshTLS.serverContext(credentials, requireClientCertificate: true))
+        self.relayClientTLS = Mutex(try? MeshLinkTLS(credentials, revoked: revoked))
         self.revoked = revoked
         self.group = group
         self.logger = logger
@@ -197,9 +199,16 @@ public final class RelaySessionServer: Sendable {
     /// Node sessions open now.
     public var sessions: Int { self.hub.sessionCount }
 
+    /// Serves later connections (and forwards) with renewed credentials; open ones keep theirs.
+    public func use(_ credentials: LoadedCredentials) throws {
+        let context = try MeshTLS.serverContext(credentials, requireClientCertificate: true)
+        let client = try MeshLinkTLS(credentials, revoked: self.revoked)
+        self.tls.withLock { $0 = context }
+        self.relayClientTLS.withLock { $0 = client }
+    }
+
     /// Binds and serves; returns the bound address.
     public func start() async throws -> SocketAddress {
-        let tls = self.tls
         let channel = try await ServerBootstrap(group: self.group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -207,6 +216,7 @@ public final class RelaySessionServer: Sendable {
             .childChannelOption(.allowRemoteHalfClosure, value: false)
             .childChannelInitializer { child in
                 child.eventLoop.makeCompletedFuture {
+                    let tls = self.tls.withLock { $0 }
                     try child.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
                     try child.pipeline.syncOperations.addHandler(RelaySessionHandler(server: self))
                 }
