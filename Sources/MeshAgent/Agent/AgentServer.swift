@@ -177,13 +177,16 @@ public final class AgentServer: Sendable {
         // presents the node's current certificate, which the renewer replaces before it expires.
         let controlMesh = try MeshTLS.client(credentials, expect: .controlPlane)
         let controlTLS = HTTPClientTLS(mesh: controlMesh)
+        // A renewed certificate also goes to the peer links (set below, once they exist).
+        let linksForRenewal = LinkManagerSlot()
         let renewer = CertificateRenewer(
             credentials: credentials,
             files: NodeEnrolment.files(stateDir: config.dataDir),
             nodeName: config.nodeName,
             tls: controlMesh,
             endpoint: endpoint,
-            logger: self.logger
+            logger: self.logger,
+            onRenew: { renewed in linksForRenewal.renewed(renewed) }
         )
         let fixedDNS = config.dnsListen == "auto" ? nil : try ListenAddress(config.dnsListen, field: "dnsListen")
         let adminListen = try ListenAddress(config.adminListen, field: "adminListen")
@@ -218,6 +221,7 @@ public final class AgentServer: Sendable {
             resolve: { node in PeerDirectory.linkAddresses(of: node, in: current.value) },
             check: { target, peer in PeerDirectory.check(target, from: peer, localNode: nodeName, in: current.value) }
         )
+        linksForRenewal.set(links)
         let linkListener: LinkListener?
         var linkPort: Int?
         if config.linkListen != "off" {
@@ -346,6 +350,23 @@ public final class AgentServer: Sendable {
         }
         if linkListener == nil { await links.shutdown() }
         self.logger.info("agent stopped")
+    }
+}
+
+/// The agent's link manager for the certificate renewer, which exists first: a renewed certificate
+/// becomes the links' (new links and relay sessions use it; links that are up keep theirs).
+final class LinkManagerSlot: Sendable {
+    private let links = Mutex<LinkManager?>(nil)
+
+    func set(_ links: LinkManager) { self.links.withLock { $0 = links } }
+
+    func renewed(_ credentials: LoadedCredentials) {
+        guard let links = self.links.withLock({ $0 }) else { return }
+        do {
+            links.replaceTLS(try MeshLinkTLS(credentials, revoked: links.tls.revoked))
+        } catch {
+            Logger(label: "mesh.link").error("the renewed certificate cannot serve links (\(error)); links keep the previous one")
+        }
     }
 }
 

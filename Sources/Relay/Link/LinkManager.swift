@@ -43,7 +43,9 @@ public final class LinkManager: Sendable {
     public typealias CircuitDialer = @Sendable (_ node: String) async throws -> (channel: any Channel, relay: String)
 
     public let localNode: String
-    public let tls: MeshLinkTLS
+    /// This node's credentials for new links (replaced after a certificate renewal: `replaceTLS`).
+    public var tls: MeshLinkTLS { self.currentTLS.withLock { $0 } }
+    private let currentTLS: Mutex<MeshLinkTLS>
     public let configuration: LinkConfiguration
     let group: any EventLoopGroup
     let resolve: AddressResolver
@@ -74,12 +76,18 @@ public final class LinkManager: Sendable {
     ) {
         self.circuits = Mutex(circuits)
         self.localNode = tls.identity.name
-        self.tls = tls
+        self.currentTLS = Mutex(tls)
         self.group = group
         self.configuration = configuration
         self.logger = logger
         self.resolve = resolve
         self.check = check
+    }
+
+    /// New links (and relay sessions) use `tls` from now on: the node's renewed certificate. Links that are
+    /// up keep the one they were made with until they close.
+    public func replaceTLS(_ tls: MeshLinkTLS) {
+        self.currentTLS.withLock { $0 = tls }
     }
 
     /// Lets `link(to:)` reach nodes through a relay too (set once the relay client exists).

@@ -126,7 +126,9 @@ public struct RelayClientStatus: Sendable, Hashable, Codable {
 public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
     public let node: String
     public let configuration: RelaySessionClientConfiguration
-    let tls: MeshLinkTLS
+    /// The credentials given at init, else the link manager's current ones (renewed certificates included).
+    let fixedTLS: MeshLinkTLS?
+    var tls: MeshLinkTLS { self.fixedTLS ?? self.links.tls }
     let links: LinkManager
     let relays: @Sendable () async -> [Relay]
     let group: any EventLoopGroup
@@ -162,7 +164,7 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
         logger: Logger = Logger(label: "mesh.relay-client")
     ) {
         self.node = node
-        self.tls = tls ?? links.tls
+        self.fixedTLS = tls
         self.links = links
         self.relays = relays
         self.configuration = configuration

@@ -303,6 +303,33 @@ struct LinkTests {
         await b.stop()
     }
 
+    @Test("after a renewal (replaceTLS) new links present the new certificate; the old one may then be revoked")
+    func renewedCertificateServesNewLinks() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let old = try ca.issueCredential(identity: .node("a"), serverAuth: true, clientAuth: true)
+        let revoked = RevokedSerials()
+        let b = try await LinkNode.make("b", ca: ca, book: book, revoked: revoked)
+        let a = try await LinkNode.make("a", ca: ca, book: book, issued: old)
+        _ = try await a.manager.link(to: "b")
+        a.manager.peerLeft("b")
+        #expect(await eventually { b.manager.allLinks.isEmpty })
+        let renewed = try ca.issueCredential(identity: .node("a"), serverAuth: true, clientAuth: true)
+        a.manager.replaceTLS(
+            try MeshLinkTLS(
+                keyPEM: renewed.keyPEM,
+                certificatePEM: renewed.certificatePEM,
+                caPEM: try ca.certificatePEM()
+            )
+        )
+        revoked.insert(MeshTLS.serialHex(try Certificate(pemEncoded: old.certificatePEM).serialNumber))
+        _ = try await a.manager.link(to: "b")
+        #expect(b.manager.handshakesRefused == 0)
+        #expect(b.manager.currentLink(to: "a") != nil)
+        await a.stop()
+        await b.stop()
+    }
+
     @Test("a link over a handed-over transport (as a relay circuit is) carries streams and shows as relayed")
     func linkOverHandedOverChannel() async throws {
         let ca = try CertificateAuthority.create()
