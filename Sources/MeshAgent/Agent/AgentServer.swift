@@ -365,7 +365,9 @@ final class LinkManagerSlot: Sendable {
         do {
             links.replaceTLS(try MeshLinkTLS(credentials, revoked: links.tls.revoked))
         } catch {
-            Logger(label: "mesh.link").error("the renewed certificate cannot serve links (\(error)); links keep the previous one")
+            Logger(label: "mesh.link").error(
+                "the renewed certificate cannot serve links (\(error)); links keep the previous one"
+            )
         }
     }
 }
