@@ -267,8 +267,9 @@ struct AgentDocument: Sendable {
     }
 }
 
-/// `meshctl peers`: the agent's peer links, one row per remote node (path, relay, RTT, streams, bytes).
-public struct PeersView: Sendable {
+/// What `meshctl routes` and `meshctl peers` show: documents of an agent's admin API, as tables, JSON or
+/// YAML.
+public struct AgentView: Sendable {
     public var agent: HTTPEndpoint
     let out: @Sendable (String) -> Void
     let err: @Sendable (String) -> Void
@@ -283,18 +284,31 @@ public struct PeersView: Sendable {
         self.err = err
     }
 
-    public func show(format: OutputFormat) async -> Bool {
+    /// `meshctl peers`: the agent's peer links, one row per remote node (path, relay, RTT, streams, bytes).
+    public func peers(format: OutputFormat) async -> Bool {
         guard let value = await AgentDocument(agent: self.agent, err: self.err).fetch("/peers", what: "peers") else {
             return false
         }
         switch format {
         case .json: self.out(Printer.json(value))
         case .yaml: self.out(Printer.yaml(value))
-        default: self.out(Self.table(value, wide: format == .wide))
+        default: self.out(PeersView.table(value, wide: format == .wide))
         }
         return true
     }
 
+    /// `meshctl routes`: what an agent is serving right now.
+    public func routes(format: OutputFormat) async -> Bool {
+        guard let value = await AgentDocument(agent: self.agent, err: self.err).fetch("/routes", what: "routes") else {
+            return false
+        }
+        RoutesView.show(value, format: format, out: self.out)
+        return true
+    }
+}
+
+/// `meshctl peers` as a table.
+enum PeersView {
     /// The table: `<none>` rather than a blank cell; RTT in ms, bytes in IEC units; fits 100 columns.
     static func table(_ value: JSONValue, wide: Bool) -> String {
         func cell(_ v: JSONValue?) -> String {
@@ -337,34 +351,17 @@ public struct PeersView: Sendable {
     }
 }
 
-/// `meshctl routes`: what an agent is serving right now, from its admin API.
-public struct RoutesView: Sendable {
-    public var agent: HTTPEndpoint
-    let out: @Sendable (String) -> Void
-    let err: @Sendable (String) -> Void
-
-    public init(
-        agent: HTTPEndpoint,
-        out: @escaping @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data($0.utf8)) },
-        err: @escaping @Sendable (String) -> Void = { FileHandle.standardError.write(Data($0.utf8)) }
-    ) {
-        self.agent = agent
-        self.out = out
-        self.err = err
-    }
-
-    public func show(format: OutputFormat) async -> Bool {
-        guard let value = await AgentDocument(agent: self.agent, err: self.err).fetch("/routes", what: "routes") else {
-            return false
-        }
+/// `meshctl routes` as a table.
+enum RoutesView {
+    static func show(_ value: JSONValue, format: OutputFormat, out: @Sendable (String) -> Void) {
         switch format {
         case .json:
-            self.out(Printer.json(value))
+            out(Printer.json(value))
         case .yaml:
-            self.out(Printer.yaml(value))
+            out(Printer.yaml(value))
         default:
             let table = value["table"]
-            self.out(
+            out(
                 "node \(Printer.text(value["node"])), site \(Printer.text(value["site"]).isEmpty ? "-" : Printer.text(value["site"])); "
                     + "table from \(Printer.text(table?["source"])) (\(Printer.text(table?["versions"]))); "
                     + "mode \(Printer.text(value["dataPlane"]?["mode"]))\n"
@@ -399,8 +396,7 @@ public struct RoutesView: Sendable {
                 "SERVICE", "VIP:PORT", "PROTO", "POLICY", "HEALTHY", "ACTIVE", "REQUESTS", "FAILURES", "LISTENING",
             ]
             if format == .wide { header.append("BACKENDS") }
-            self.out(rows.isEmpty ? "no routes\n" : Printer.table(header, rows))
+            out(rows.isEmpty ? "no routes\n" : Printer.table(header, rows))
         }
-        return true
     }
 }

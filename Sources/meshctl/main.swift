@@ -314,7 +314,7 @@ struct Routes: AsyncParsableCommand {
     func run() async throws {
         let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
         guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
-        if !(await RoutesView(agent: endpoint).show(format: self.output)) { throw ExitCode.failure }
+        if !(await AgentView(agent: endpoint).routes(format: self.output)) { throw ExitCode.failure }
     }
 }
 
@@ -333,7 +333,7 @@ struct Peers: AsyncParsableCommand {
     func run() async throws {
         let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
         guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
-        if !(await PeersView(agent: endpoint).show(format: self.output)) { throw ExitCode.failure }
+        if !(await AgentView(agent: endpoint).peers(format: self.output)) { throw ExitCode.failure }
     }
 }
 

@@ -64,6 +64,22 @@ struct Upstreams: Sendable {
         )
     }
 
+    /// The peer streams and the stream header for a peer pick, or why there are none.
+    private func peerRoute(
+        _ node: String,
+        service: ServiceKey,
+        servicePort: Int,
+        pick: Pick,
+        transport: StreamProtocol
+    ) throws -> (peers: any PeerStreams, target: StreamTarget) {
+        let peers = try self.peerStreams(for: node)
+        guard let target = Self.target(service: service, servicePort: servicePort, pick: pick, transport: transport)
+        else {
+            throw PeerUnavailable(description: "backend \(pick.id) has no address a stream header can name")
+        }
+        return (peers, target)
+    }
+
     private func peerStreams(for node: String) throws -> any PeerStreams {
         guard let peers = self.peers else {
             throw PeerUnavailable(
@@ -77,10 +93,13 @@ struct Upstreams: Sendable {
     /// the pick's node. Throws (the socket stays the caller's) when the node refused or cannot be reached.
     func splice(client fd: Int32, service: ServiceKey, servicePort: Int, pick: Pick) async throws {
         guard let node = pick.id.via else { throw PeerUnavailable(description: "not a peer backend") }
-        let peers = try self.peerStreams(for: node)
-        guard let target = Self.target(service: service, servicePort: servicePort, pick: pick, transport: .tcp) else {
-            throw PeerUnavailable(description: "backend \(pick.id) has no address a stream header can name")
-        }
+        let (peers, target) = try self.peerRoute(
+            node,
+            service: service,
+            servicePort: servicePort,
+            pick: pick,
+            transport: .tcp
+        )
         try await peers.splice(socket: fd, to: node, open: target)
     }
 
@@ -106,24 +125,16 @@ struct Upstreams: Sendable {
                 .connect(to: pick.address)
         }
         let promise = loop.makePromise(of: (any Channel).self)
-        let peers: any PeerStreams
-        do {
-            peers = try self.peerStreams(for: node)
-        } catch {
-            promise.fail(error)
-            return promise.futureResult
-        }
-        guard let target = Self.target(service: service, servicePort: servicePort, pick: pick, transport: .tcp) else {
-            promise.fail(PeerUnavailable(description: "backend \(pick.id) has no address a stream header can name"))
-            return promise.futureResult
-        }
+        let route: (peers: any PeerStreams, target: StreamTarget)
         let pair: (Int32, Int32)
         do {
+            route = try self.peerRoute(node, service: service, servicePort: servicePort, pick: pick, transport: .tcp)
             pair = try Self.socketPair()
         } catch {
             promise.fail(error)
             return promise.futureResult
         }
+        let (peers, target) = route
         Task {
             do {
                 try await peers.splice(socket: pair.1, to: node, open: target)
@@ -170,14 +181,17 @@ struct Upstreams: Sendable {
         }
         let promise = loop.makePromise(of: (any Channel).self)
         let peers: any PeerStreams
+        let target: StreamTarget
         do {
-            peers = try self.peerStreams(for: node)
+            (peers, target) = try self.peerRoute(
+                node,
+                service: service,
+                servicePort: servicePort,
+                pick: pick,
+                transport: .udp
+            )
         } catch {
             promise.fail(error)
-            return promise.futureResult
-        }
-        guard let target = Self.target(service: service, servicePort: servicePort, pick: pick, transport: .udp) else {
-            promise.fail(PeerUnavailable(description: "backend \(pick.id) has no address a stream header can name"))
             return promise.futureResult
         }
         Task {
