@@ -24,6 +24,8 @@ final class DNSCache {
         var message: DNSMessage
         var stored: NIODeadline
         var expires: NIODeadline
+        /// The upstream resolver that gave this answer (for `meshctl dns`).
+        var upstream: SocketAddress?
         var prev: Int
         var next: Int
     }
@@ -78,7 +80,12 @@ final class DNSCache {
 
     /// Stores `message` (TTLs capped at ``maxTTL``) if it may be cached; returns whether it was.
     @discardableResult
-    func insert(_ key: DNSCacheKey, _ message: DNSMessage, now: NIODeadline) -> Bool {
+    func insert(
+        _ key: DNSCacheKey,
+        _ message: DNSMessage,
+        now: NIODeadline,
+        from upstream: SocketAddress? = nil
+    ) -> Bool {
         guard let ttl = DNSCache.cacheTTL(message, maxTTL: self.maxTTL) else { return false }
         let expires = now + .seconds(Int64(ttl))
         let message = DNSCache.capping(message, at: self.maxTTL)
@@ -86,11 +93,20 @@ final class DNSCache {
             self.entries[i].message = message
             self.entries[i].stored = now
             self.entries[i].expires = expires
+            self.entries[i].upstream = upstream
             self.moveToFront(i)
             return true
         }
         if self.index.count >= self.capacity { self.evictTail() }
-        let entry = Entry(key: key, message: message, stored: now, expires: expires, prev: -1, next: -1)
+        let entry = Entry(
+            key: key,
+            message: message,
+            stored: now,
+            expires: expires,
+            upstream: upstream,
+            prev: -1,
+            next: -1
+        )
         let i: Int
         if let f = self.free.popLast() {
             self.entries[f] = entry
@@ -102,6 +118,13 @@ final class DNSCache {
         self.index[key] = i
         self.linkFront(i)
         return true
+    }
+
+    /// Where a cached answer came from and how long it has left, without touching the LRU order.
+    func provenance(_ key: DNSCacheKey, now: NIODeadline) -> (secondsLeft: Int, upstream: SocketAddress?)? {
+        guard let i = self.index[key], now < self.entries[i].expires else { return nil }
+        let e = self.entries[i]
+        return (Int((e.expires - now).nanoseconds / 1_000_000_000), e.upstream)
     }
 
     /// The cached answer with TTLs counted down, or nil when absent or expired.

@@ -161,6 +161,23 @@ final class DNSForwarder: Sendable {
         return self.eventLoop.flatSubmit { self.resolveOnLoop(question) }
     }
 
+    /// Like ``resolve(_:)``, and also where the answer came from: the cache (with its seconds left) when it
+    /// was there before asking, otherwise the upstream that answered.
+    func resolveExplained(_ question: DNSQuestion) -> EventLoopFuture<(DNSMessage?, ForwardedSource)> {
+        self.eventLoop.flatSubmit {
+            let key = DNSCacheKey(question)
+            if let cached = self.state.value.cache.provenance(key, now: .now()) {
+                return self.resolveOnLoop(question).map {
+                    ($0, .cache(secondsLeft: cached.secondsLeft, upstream: cached.upstream))
+                }
+            }
+            return self.resolveOnLoop(question).map { message in
+                let answered = self.state.value.cache.provenance(key, now: .now())?.upstream
+                return (message, message == nil ? .failed : .upstream(answered))
+            }
+        }
+    }
+
     /// The local addresses of the upstream sockets open right now (for tests).
     func openSocketAddresses() -> EventLoopFuture<[SocketAddress]> {
         self.eventLoop.submit { self.state.value.pending.values.compactMap { $0.channel?.localAddress } }
@@ -318,7 +335,7 @@ final class DNSForwarder: Sendable {
             // Back to the case the question was asked in (0x20 randomised it on the way out), and
             // no TTL above the maximum.
             let m = DNSCache.capping(restoringCase(message, of: p.question.name), at: s.configuration.maxCacheTTL)
-            s.cache.insert(p.key, m, now: .now())
+            s.cache.insert(p.key, m, now: .now(), from: p.upstream)
             s.complete(p.key, m)
         }
     }
@@ -469,6 +486,15 @@ struct PendingQuery {
     var timeout: Scheduled<Void>?
     /// The connected UDP socket, once open.
     var channel: (any Channel)? = nil
+}
+
+/// Where a forwarded answer came from.
+enum ForwardedSource: Sendable {
+    case cache(secondsLeft: Int, upstream: SocketAddress?)
+    /// Asked now; the upstream that answered when the answer could be cached.
+    case upstream(SocketAddress?)
+    /// Every upstream failed (the client gets SERVFAIL).
+    case failed
 }
 
 /// The forwarder's mutable state; only touched on the forwarder's event loop.

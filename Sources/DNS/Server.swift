@@ -59,6 +59,8 @@ public final class DNSServer: Service {
     private let logger: Logger
     private let metrics: DNSMetrics
     private let bound: EventLoopPromise<[SocketAddress]>
+    /// The answer policy and forwarder while ``run()`` serves (``explain(name:type:)`` uses them).
+    let serving = Mutex<(policy: AnswerPolicy, forwarder: DNSForwarder?)?>(nil)
 
     /// - Parameters:
     ///   - eventLoopGroup: the UDP socket and the forwarder live on one loop of it; TCP connections
@@ -130,6 +132,7 @@ public final class DNSServer: Service {
             "dns: listening",
             metadata: ["udp": "\(addresses[0])", "tcp": "\(addresses[1])"]
         )
+        self.serving.withLock { $0 = (policy, forwarder) }
         self.bound.succeed(addresses)
 
         await withGracefulShutdownHandler {
@@ -147,6 +150,7 @@ public final class DNSServer: Service {
         }
         udp.close(promise: nil)
         tcp.close(promise: nil)
+        self.serving.withLock { $0 = nil }
         await connections.closeAll()
         await forwarder?.shutdown()
         self.logger.info("dns: stopped")

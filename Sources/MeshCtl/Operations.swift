@@ -248,6 +248,11 @@ struct AgentDocument: Sendable {
         let response: HTTPClientResponse
         do {
             response = try await HTTPClient(endpoint: self.agent).send(.GET, path)
+            if response.status == .badRequest || response.status == .notFound {
+                // The agent understood and says what is wrong with the question.
+                self.err("error: \(String(buffer: response.body))\n")
+                return nil
+            }
             guard response.status == .ok else {
                 throw HTTPClientError(
                     "the agent answered \(response.status.code) \(String(buffer: response.body).prefix(200))"

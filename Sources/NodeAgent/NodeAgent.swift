@@ -5,6 +5,12 @@ import MeshHTTP
 import ServiceLifecycle
 import Synchronization
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
 /// What the node agent registers and how often it beats.
 public struct NodeAgentConfiguration: Sendable {
     public var nodeName: String
@@ -42,6 +48,10 @@ public struct NodeAgentState: Sendable, Equatable {
     /// Consecutive failed attempts (0: connected).
     public var failures = 0
     public var lastError: String?
+    /// When the control plane last took a beat.
+    public var lastContact: Date?
+    /// When the current outage began (nil while the control plane answers).
+    public var offlineSince: Date?
 }
 
 /// The node agent's first part: registers this host's Node with the control plane and keeps it
@@ -118,6 +128,8 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                     $0.heartbeats += 1
                     $0.failures = 0
                     $0.lastError = nil
+                    $0.lastContact = Date()
+                    $0.offlineSince = nil
                 }
                 try await self.sleep(Self.jittered(interval), unlessRelayChangesFrom: relay)
             } catch is CancellationError {
@@ -128,6 +140,7 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                 self.state.withLock {
                     $0.failures = failures
                     $0.lastError = "\(error)"
+                    if $0.offlineSince == nil { $0.offlineSince = Date() }
                 }
                 if outageStart == nil {
                     outageStart = .now

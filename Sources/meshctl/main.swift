@@ -21,10 +21,10 @@ struct MeshCtlCommand: AsyncParsableCommand {
             admin.meshconfig of a control plane in the default data directory; flags override each file.
             Enrol a node: `meshctl token create` prints the mesh-agent command line that joins it.
             """,
-        version: "0.1.0",
+        version: MeshRelease.version,
         subcommands: [
-            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Peers.self, Token.self, Revoke.self,
-            Version.self,
+            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Status.self, Route.self, Routes.self, Peers.self,
+            DNSLookup.self, Token.self, Revoke.self, Version.self,
         ]
     )
 }
@@ -300,21 +300,100 @@ struct Watch: AsyncParsableCommand {
     }
 }
 
+/// `--agent` of the commands that ask an agent's admin API.
+struct AgentOptions: ParsableArguments {
+    @Option(name: .long, help: "The agent's admin API (default: $MESHCTL_AGENT or http://127.0.0.1:7780).")
+    var agent: String?
+
+    func view() throws -> AgentView {
+        let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
+        guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
+        return AgentView(agent: endpoint)
+    }
+}
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract:
+            "Show this node's agent: its control-plane connection and table version, whether it is offline and since when, its relay session, NAT, interface mode, version and certificate."
+    )
+
+    @OptionGroup var agent: AgentOptions
+
+    @Option(name: .shortAndLong, help: "table, json or yaml.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        if !(try await self.agent.view().status(format: self.output)) { throw ExitCode.failure }
+    }
+}
+
+struct Route: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract:
+            "Show where traffic for a service goes from this node: per endpoint its node, site, weight, health, path (local, direct, punched or relayed), relay, link RTT and counters.",
+        discussion: """
+            NAME is SERVICE.NAMESPACE or the service's name in DNS (web.shop.svc.cluster.local).
+            With --key, also which endpoint a consistent-hash policy picks for that key: the header's or \
+            cookie's value for HTTP routes hashing one, otherwise a client IP address.
+            """
+    )
+
+    @Argument(help: "SERVICE.NAMESPACE or the service's DNS name.")
+    var name: String
+
+    @Option(name: .long, help: "Show which endpoint the policy would pick for this key.")
+    var key: String?
+
+    @OptionGroup var agent: AgentOptions
+
+    @Option(name: .shortAndLong, help: "table, json or yaml.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        if !(try await self.agent.view().route(name: self.name, key: self.key, format: self.output)) {
+            throw ExitCode.failure
+        }
+    }
+}
+
+struct DNSLookup: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dns",
+        abstract:
+            "Look a name up through the agent's DNS, and say where the answer came from: the mesh zone, the cache (with the TTL left) or which upstream."
+    )
+
+    @Argument(help: "The name to look up.")
+    var name: String
+
+    @Argument(help: "The record type (A, AAAA, SRV, PTR, TXT, CNAME, MX, NS, SOA, ANY or a number).")
+    var type: String = "A"
+
+    @OptionGroup var agent: AgentOptions
+
+    @Option(name: .shortAndLong, help: "table, json or yaml.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        if !(try await self.agent.view().dns(name: self.name, type: self.type, format: self.output)) {
+            throw ExitCode.failure
+        }
+    }
+}
+
 struct Routes: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show what an agent is serving: every VIP:port, its policy, backends, health and counters."
     )
 
-    @Option(name: .long, help: "The agent's admin API (default: $MESHCTL_AGENT or http://127.0.0.1:7780).")
-    var agent: String?
+    @OptionGroup var agent: AgentOptions
 
     @Option(name: .shortAndLong, help: "table, wide (with backends), json or yaml.")
     var output: OutputFormat = .table
 
     func run() async throws {
-        let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
-        guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
-        if !(await AgentView(agent: endpoint).routes(format: self.output)) { throw ExitCode.failure }
+        if !(try await self.agent.view().routes(format: self.output)) { throw ExitCode.failure }
     }
 }
 
@@ -324,16 +403,13 @@ struct Peers: AsyncParsableCommand {
             "Show an agent's peer links: per remote node its site, path (direct or relayed), relay, RTT, streams and bytes."
     )
 
-    @Option(name: .long, help: "The agent's admin API (default: $MESHCTL_AGENT or http://127.0.0.1:7780).")
-    var agent: String?
+    @OptionGroup var agent: AgentOptions
 
     @Option(name: .shortAndLong, help: "table, wide (with the dialer), json or yaml.")
     var output: OutputFormat = .table
 
     func run() async throws {
-        let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
-        guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
-        if !(await AgentView(agent: endpoint).peers(format: self.output)) { throw ExitCode.failure }
+        if !(try await self.agent.view().peers(format: self.output)) { throw ExitCode.failure }
     }
 }
 
@@ -516,7 +592,7 @@ struct Version: AsyncParsableCommand {
     @OptionGroup var server: ServerOptions
 
     func run() async throws {
-        print("meshctl 0.1.0")
+        print("meshctl \(MeshRelease.version)")
         let ops = try self.server.operations()
         do {
             let body = try await ops.client.raw(.GET, "/version").body

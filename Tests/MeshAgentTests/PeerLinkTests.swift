@@ -248,6 +248,15 @@ struct ReachMappingTests {
         #expect(reach(nil) == .direct)  // no node: as today
         #expect(reach("ghost") == .direct)  // a node the control plane does not know
         #expect(reach("nosite") == .direct)
+        // An agent without a site of its own (the all-in-one) dials everything directly.
+        #expect(
+            AgentMapping.reach(
+                of: EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "b"),
+                nodes: nodes,
+                localNode: "vm",
+                localSite: nil
+            ) == .direct
+        )
     }
 
     @Test func theRouteTableCarriesReachAndKeepsSamePrivateAddressesOfTwoSitesApart() throws {

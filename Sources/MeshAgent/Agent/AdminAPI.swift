@@ -9,8 +9,10 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// The agent's admin API on 127.0.0.1:7780: `/routes` (every service's VIP, policy and backends
-/// with health and counters, and where the table came from), `/peers` (the peer links), `/metrics`, `/healthz`, `/readyz`.
+/// The agent's admin API on 127.0.0.1:7780: `/status` (this agent: control plane, relay, interface,
+/// certificate), `/routes` (every service's VIP, policy and backends with health and counters, and where the
+/// table came from), `/route?name=SVC.NS[&key=K]` (one service's endpoints with their paths), `/peers` (the
+/// peer links), `/dns?name=NAME[&type=T]` (an answer and its source), `/metrics`, `/healthz`, `/readyz`.
 /// Requests whose `Host` is not a loopback name or address get 403 (``AdminHostCheck``); with
 /// `adminAllowRemote` (mutual TLS), requests without an admin certificate of the mesh CA do.
 struct AdminAPI: HTTPResponder {
@@ -20,6 +22,7 @@ struct AdminAPI: HTTPResponder {
     let sync: ServiceTableSync
     let links: LinkManager
     let relay: RelaySessionClient
+    let inspection: AgentInspection
     let health: HealthEndpoints
 
     init(
@@ -28,8 +31,10 @@ struct AdminAPI: HTTPResponder {
         dataPlane: DataPlane,
         sync: ServiceTableSync,
         links: LinkManager,
-        relay: RelaySessionClient
+        relay: RelaySessionClient,
+        inspection: AgentInspection
     ) {
+        self.inspection = inspection
         self.config = config
         self.links = links
         self.relay = relay
@@ -61,6 +66,14 @@ struct AdminAPI: HTTPResponder {
         }
     }
 
+    static func json(_ value: some Encodable, what: String) -> HTTPResponse {
+        do {
+            return .json(.ok, ByteBuffer(bytes: try MeshJSON.encode(value)))
+        } catch {
+            return .text(.internalServerError, "cannot encode \(what): \(error)")
+        }
+    }
+
     func respond(to request: HTTPRequest) async -> HTTPResponse {
         if self.config.adminAllowRemote {
             // Over mutual TLS (a DNS-rebinding page cannot present an admin's certificate).
@@ -87,11 +100,7 @@ struct AdminAPI: HTTPResponder {
                 ),
                 dataPlane: self.dataPlane.snapshot()
             )
-            do {
-                return .json(.ok, ByteBuffer(bytes: try MeshJSON.encode(routes)))
-            } catch {
-                return .text(.internalServerError, "cannot encode the routes: \(error)")
-            }
+            return Self.json(routes, what: "the routes")
         case "/peers":
             let nodes = self.applier.current.value.nodes
             let rows = await self.links.stats().map { PeerRow($0, site: nodes[$0.node]?.spec.site) }
@@ -102,13 +111,37 @@ struct AdminAPI: HTTPResponder {
                 relay: self.relay.status,
                 items: rows
             )
-            do {
-                return .json(.ok, ByteBuffer(bytes: try MeshJSON.encode(list)))
-            } catch {
-                return .text(.internalServerError, "cannot encode the peers: \(error)")
+            return Self.json(list, what: "the peers")
+        case "/status":
+            let status = await self.inspection.status(
+                applier: self.applier,
+                dataPlane: self.dataPlane,
+                relay: self.relay.status
+            )
+            return Self.json(status, what: "the status")
+        case "/route":
+            let links = await self.links.stats()
+            switch self.inspection.route(
+                name: request.query["name"] ?? "",
+                key: request.query["key"],
+                dataPlane: self.dataPlane,
+                links: links
+            ) {
+            case .found(let view): return Self.json(view, what: "the route")
+            case .badRequest(let why): return .text(.badRequest, why)
+            case .notFound(let why): return .text(.notFound, why)
+            }
+        case "/dns":
+            switch await self.inspection.dns(name: request.query["name"], type: request.query["type"]) {
+            case .found(let answer): return Self.json(answer, what: "the answer")
+            case .badRequest(let why): return .text(.badRequest, why)
+            case .failed(let why): return .text(.serviceUnavailable, why)
             }
         default:
-            return .text(.notFound, "no \(request.path) here: try /routes, /peers, /metrics, /healthz or /readyz")
+            return .text(
+                .notFound,
+                "no \(request.path) here: try /status, /routes, /route?name=SVC.NS, /peers, /dns?name=NAME, /metrics, /healthz or /readyz"
+            )
         }
     }
 }

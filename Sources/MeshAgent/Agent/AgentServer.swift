@@ -300,16 +300,6 @@ public final class AgentServer: Sendable {
                 MeshTLS.identity(of: certificate)?.uri
             }
         }
-        let adminAPI = AdminAPI(
-            config: config,
-            applier: applier,
-            dataPlane: dataPlane,
-            sync: sync,
-            links: links,
-            relay: relayClient
-        )
-        let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
-        self.admin.set(admin)
 
         var nodeConfig = NodeAgentConfiguration(nodeName: config.nodeName, site: config.site)
         nodeConfig.labels = config.nodeLabels
@@ -324,6 +314,28 @@ public final class AgentServer: Sendable {
             logger: self.logger
         )
         self.nodeAgent.set(nodeAgent)
+        let inspection = AgentInspection(
+            config: config,
+            started: Date(),
+            dns: dns,
+            node: nodeAgent,
+            certificate: {
+                let c = renewer.certificate
+                return (meshIdentity(of: c)?.uri ?? "\(c.subject)", c.notValidAfter)
+            },
+            renewals: { renewer.renewalCount }
+        )
+        let adminAPI = AdminAPI(
+            config: config,
+            applier: applier,
+            dataPlane: dataPlane,
+            sync: sync,
+            links: links,
+            relay: relayClient,
+            inspection: inspection
+        )
+        let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
+        self.admin.set(admin)
 
         self.logger.info(
             "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on \(config.adminAllowRemote ? "https" : "http")://\(adminListen), links on \(linkPort.map { "port \($0)" } ?? "none (relay only)"), \(config.interfaceMode.rawValue) mode"

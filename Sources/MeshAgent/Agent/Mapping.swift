@@ -34,15 +34,17 @@ public enum AgentMapping {
 
     /// How an endpoint is reached from this agent: over a peer link only when its node is a registered node
     /// of another site; an endpoint with no node, a node the control plane does not know, a node without a
-    /// site, this agent's own node or a node of its own site is dialed directly, as on one LAN.
+    /// site, this agent's own node or a node of its own site is dialed directly, as on one LAN. An agent that
+    /// is given no site of its own (`site:` unset, as `meshctl up` runs it) is a one-site mesh: it dials
+    /// every endpoint directly.
     public static func reach(
         of address: EndpointAddress,
         nodes: [String: Node],
         localNode: String?,
         localSite: String?
     ) -> Reach {
-        guard let name = address.node, name != localNode, let node = nodes[name], let site = node.spec.site,
-            site != localSite
+        guard let localSite, let name = address.node, name != localNode, let node = nodes[name],
+            let site = node.spec.site, site != localSite
         else { return .direct }
         return .peer(name)
     }

@@ -223,6 +223,43 @@ public actor DataPlane: ServiceLifecycle.Service {
         return DataPlaneSnapshot(mode: published.0, openChannels: self.openChannels, routes: routes)
     }
 
+    /// The backend (`ip:port`, and the peer node it is reached through) that a connection or request with
+    /// consistent-hash key `key` would get now on each of the service's routes, by listener. For HTTP routes
+    /// hashing a header or cookie, `key` is its value; otherwise the client's IP address. Routes whose policy
+    /// does not hash are left out (their picks do not depend on a key).
+    public nonisolated func wouldPick(namespace: String, service: String, key: String) throws -> [RoutePick] {
+        let handles = self.published.withLock { $0.routes.values.compactMap(\.handle) }
+        var picks: [RoutePick] = []
+        for handle in handles where handle.service.namespace == namespace && handle.service.name == service {
+            let route = handle.route
+            guard case .consistentHash(let hashKey) = route.policy else { continue }
+            let hash: UInt64
+            switch (route.proto, hashKey) {
+            case (.http, .header), (.http, .cookie):
+                hash = StableHash.hash(key)
+            default:
+                guard let ip = IPAddress(key) else {
+                    throw RoutePickError(
+                        description:
+                            "\(route.service) port \(route.port) hashes the client's address (\(route.policy)): give an IP address as the key, not \"\(key)\""
+                    )
+                }
+                hash = StableHash.hash(ip)
+            }
+            let id = handle.wouldPick(hash: hash)
+            picks.append(
+                RoutePick(
+                    port: route.port,
+                    proto: route.proto.rawValue,
+                    policy: route.policy.description,
+                    backend: id.map { "\($0.ip):\($0.port)" },
+                    via: id?.via
+                )
+            )
+        }
+        return picks.sorted { $0.port < $1.port }
+    }
+
     /// Channels open right now, client side and upstream side together (pooled idle HTTP connections too).
     public nonisolated var openChannels: Int {
         self.counters.downstreamChannels.load(ordering: .relaxed)

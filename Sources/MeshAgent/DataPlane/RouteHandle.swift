@@ -220,6 +220,17 @@ final class RouteHandle: Sendable {
         }
     }
 
+    /// The backend `pick(hash:)` would choose now, without counting a pick (a copy of the balancer picks).
+    func wouldPick(hash: UInt64) -> BackendID? {
+        let now = NIODeadline.now()
+        return self.state.withLock { state -> BackendID? in
+            state.withBalancer { balancer -> BackendID? in
+                var copy = balancer
+                return copy.pick(hash: hash, now: now).map { copy.slot($0).id }
+            }
+        }
+    }
+
     /// `finish(pick.id, ...)`, by the pick's slot index when the balancer that chose it is still the route's.
     func finish(_ pick: Pick, outcome: LoadBalancer.Outcome) {
         self.settle(pick, outcome) {

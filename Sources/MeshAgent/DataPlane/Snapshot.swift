@@ -54,6 +54,8 @@ public struct BackendSnapshot: Sendable, Hashable, Codable {
     public var port: Int
     public var node: String?
     public var site: String?
+    /// The peer node whose link carries this backend's traffic; nil: dialed directly.
+    public var via: String?
     public var weight: Int
     public var ready: Bool
     /// Ready and not ejected.
@@ -74,6 +76,7 @@ public struct BackendSnapshot: Sendable, Hashable, Codable {
         self.port = slot.backend.port
         self.node = slot.backend.node
         self.site = slot.backend.site
+        self.via = slot.id.via
         self.weight = slot.weight
         self.ready = slot.backend.ready
         self.healthy = slot.usable
@@ -85,4 +88,18 @@ public struct BackendSnapshot: Sendable, Hashable, Codable {
         self.total = slot.picks
         self.failures = slot.failures
     }
+}
+
+/// Which backend a key would get on one route (`DataPlane.wouldPick`).
+public struct RoutePick: Sendable, Hashable, Codable {
+    public var port: Int
+    public var proto: String
+    public var policy: String
+    /// `ip:port`; nil when no backend is usable.
+    public var backend: String?
+    public var via: String?
+}
+
+public struct RoutePickError: Error, CustomStringConvertible {
+    public var description: String
 }

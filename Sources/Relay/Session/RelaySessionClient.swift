@@ -112,6 +112,42 @@ public struct RelayClientStatus: Sendable, Hashable, Codable {
     public var circuitsFailed = 0
 
     public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case home, address, since, rttMicros, sessions, lastError, circuitsDialed, circuitsAccepted, circuitsFailed
+    }
+
+    /// `since` as an RFC 3339 time (`2026-12-03T10:00:00Z`), like every other time the admin API shows.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encodeIfPresent(self.home, forKey: .home)
+        try c.encodeIfPresent(self.address, forKey: .address)
+        try c.encodeIfPresent(
+            self.since.map { Timestamp.format(secondsSinceEpoch: Int($0.timeIntervalSince1970)) },
+            forKey: .since
+        )
+        try c.encodeIfPresent(self.rttMicros, forKey: .rttMicros)
+        try c.encode(self.sessions, forKey: .sessions)
+        try c.encodeIfPresent(self.lastError, forKey: .lastError)
+        try c.encode(self.circuitsDialed, forKey: .circuitsDialed)
+        try c.encode(self.circuitsAccepted, forKey: .circuitsAccepted)
+        try c.encode(self.circuitsFailed, forKey: .circuitsFailed)
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.home = try c.decodeIfPresent(String.self, forKey: .home)
+        self.address = try c.decodeIfPresent(String.self, forKey: .address)
+        self.since = try c.decodeIfPresent(String.self, forKey: .since).flatMap(Timestamp.parse).map {
+            Date(timeIntervalSince1970: TimeInterval($0))
+        }
+        self.rttMicros = try c.decodeIfPresent(Int64.self, forKey: .rttMicros)
+        self.sessions = try c.decode(Int.self, forKey: .sessions)
+        self.lastError = try c.decodeIfPresent(String.self, forKey: .lastError)
+        self.circuitsDialed = try c.decode(Int.self, forKey: .circuitsDialed)
+        self.circuitsAccepted = try c.decode(Int.self, forKey: .circuitsAccepted)
+        self.circuitsFailed = try c.decode(Int.self, forKey: .circuitsFailed)
+    }
 }
 
 /// An agent's client of the relays (issue 13, items 1-2): keeps one control session with its home
@@ -256,7 +292,11 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
         let (waiters, listeners) = self.state.withLock { s in
             s.home = session.home
             s.status.home = session.home.relay
-            s.status.address = "\(session.home.address)"
+            s.status.address =
+                session.home.address.ipAddress.map { ip in
+                    let port = session.home.address.port ?? 0
+                    return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
+                } ?? "\(session.home.address)"
             s.status.since = Date()
             s.status.rttMicros =
                 Int64(session.rtt.components.seconds * 1_000_000)
