@@ -6,6 +6,7 @@ import MeshCore
 import MeshTestSupport
 import NodeAgent
 import Synchronization
+import Testing
 
 /// mosquitto (Debian's) on a free loopback port with its own config, killed when released.
 final class Mosquitto: Sendable {
@@ -55,7 +56,11 @@ final class Mosquitto: Sendable {
 final class MQTTRecorder: Sendable {
     let client: MQTTClient
     let task: Task<Void, Never>
-    private let received = Mutex<[MQTTPublish]>([])
+    private let received = Received()
+
+    final class Received: Sendable {
+        let list = Mutex<[MQTTPublish]>([])
+    }
 
     init(port: Int, filters: [String], clientID: String = "test-\(UUID().uuidString.prefix(8))") async throws {
         var c = MQTTClientConfiguration(host: "127.0.0.1", port: port, clientID: clientID)
@@ -64,13 +69,13 @@ final class MQTTRecorder: Sendable {
         let client = MQTTClient(configuration: c, logger: Logger(label: "test-mqtt"))
         self.client = client
         let received = self.received
-        self.task = Task { await client.run { p in received.withLock { $0.append(p) } } }
+        self.task = Task { await client.run { p in received.list.withLock { $0.append(p) } } }
         #expect(await eventually { client.isConnected })
         // The SUBACK is not awaited by the client: give the broker a moment to take the subscription.
         try await Task.sleep(for: .milliseconds(200))
     }
 
-    var messages: [MQTTPublish] { self.received.withLock { $0 } }
+    var messages: [MQTTPublish] { self.received.list.withLock { $0 } }
 
     func on(_ suffix: String) -> [JSONValue] {
         self.messages.filter { $0.topic.hasSuffix(suffix) }.compactMap { try? JSONValue.parse(json: Data($0.payload)) }

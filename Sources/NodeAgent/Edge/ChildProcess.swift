@@ -16,8 +16,7 @@ struct ChildProcess: Sendable {
         command: String,
         args: [String],
         environment: [String: String],
-        logPath: String,
-        directory: String? = nil
+        logPath: String
     ) throws -> ChildProcess {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -25,7 +24,6 @@ struct ChildProcess: Sendable {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o640)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        if let directory { posix_spawn_file_actions_addchdir_np(&actions, directory) }
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }

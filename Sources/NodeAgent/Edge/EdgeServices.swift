@@ -11,6 +11,12 @@ import Synchronization
 import Glibc
 #endif
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
 /// What the node agent's edge part does and where it keeps things.
 public struct EdgeConfiguration: Sendable {
     public var nodeName: String
@@ -49,7 +55,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
     public let mqtt: MQTTClient?
     private let wake: AsyncStream<Void>.Continuation
     private let wakeups: AsyncStream<Void>
-    private let counters = Mutex(Counters())
+    private let tally = Mutex(Counters())
 
     public struct Counters: Sendable, Equatable {
         /// Outbox messages the control plane answered (applied, duplicate or rejected).
@@ -92,7 +98,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
         }
     }
 
-    public var counters: Counters { self.counters.withLock { $0 } }
+    public var counters: Counters { self.tally.withLock { $0 } }
 
     static func hostPort(_ text: String) throws -> (String, Int) {
         guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
@@ -249,7 +255,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
                 for r in rejected {
                     self.logger.warning("edge: the control plane refused report \(r.id): \(r.message ?? "no reason given")")
                 }
-                self.counters.withLock {
+                self.tally.withLock {
                     $0.sent += results.results.count
                     $0.rejectedByControl += rejected.count
                 }
@@ -264,7 +270,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
                     self.logger.warning("edge: cannot send \(batch.count) reports: \(error); they stay in the outbox and are sent again")
                     failing = true
                 }
-                self.counters.withLock { $0.lastError = "\(error)" }
+                self.tally.withLock { $0.lastError = "\(error)" }
                 try? await Task.sleep(for: .nanoseconds(Int64.random(in: 0...max(1, NodeAgent.nanos(delay)))))
                 delay = min(delay * 2, self.configuration.maxBackoff)
             }
@@ -319,7 +325,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
             delta: delta
         )
         await self.send(device, TwinTopics.delta, message)
-        self.counters.withLock { $0.deltas += 1 }
+        self.tally.withLock { $0.deltas += 1 }
     }
 
     func publishAllDeltas() async {
@@ -354,7 +360,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
             }
             switch outcome {
             case .accepted(let twins):
-                self.counters.withLock { $0.accepted += 1 }
+                self.tally.withLock { $0.accepted += 1 }
                 self.wake.yield()
                 await self.send(
                     device,
@@ -381,7 +387,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
     }
 
     func refuse(_ device: String, eventID: String, code: Int, _ reason: String, topic: String = TwinTopics.updateResult) async {
-        self.counters.withLock {
+        self.tally.withLock {
             $0.refused += 1
             $0.lastError = reason
         }

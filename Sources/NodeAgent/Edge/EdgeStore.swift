@@ -1,6 +1,10 @@
 import MeshCore
 import MeshSQLite
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -250,7 +254,7 @@ public final class EdgeStore: Sendable {
             }
             if let e = p.error(value) { return .rejected("\(property): \(e)") }
         }
-        let when = Timestamp.format(secondsSinceEpoch: Int(timestamp > 0 ? timestamp / 1000 : Int64(time(nil))))
+        let when = Timestamp.format(secondsSinceEpoch: Int(timestamp > 0 ? timestamp / 1000 : Int64(Glibc.time(nil))))
         return try self.db.transaction { tx in
             if !eventID.isEmpty {
                 let seen = try tx.query(
