@@ -203,8 +203,8 @@ let package = Package(
         // Node agent: node registration and heartbeat (workloads, twins, mapper API, outbox later).
         .target(
             name: "NodeAgent",
-            dependencies: [
-                "MeshCore", "MeshClient", "MeshHTTP",
+            dependencies: nio + [
+                "MeshCore", "MeshClient", "MeshHTTP", "MeshSQLite",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],

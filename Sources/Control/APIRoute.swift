@@ -11,6 +11,8 @@ enum APIRoute: Equatable, Sendable {
     /// Join tokens; `id` nil: the collection.
     case tokens(id: String?)
     case heartbeat(node: String)
+    /// A node's outbox batch (`NodeReports`).
+    case reports(node: String)
     /// A list (or watch) or a create. `namespace` nil: every namespace; "" for a cluster-scoped kind.
     case collection(resource: String, namespace: String?)
     /// One object. `namespace` is "" for a cluster-scoped kind.
@@ -30,7 +32,7 @@ enum APIRoute: Equatable, Sendable {
         case .version, .discovery: return ""
         case .join: return "join"
         case .tokens: return BootstrapTokenStore.resource
-        case .heartbeat: return Node.resource.plural
+        case .heartbeat, .reports: return Node.resource.plural
         case .collection(let r, _), .object(let r, _, _): return r
         }
     }
@@ -77,6 +79,9 @@ enum APIRoute: Equatable, Sendable {
         }
         if rest.count == 3, rest[2] == "heartbeat", type.plural == Node.resource.plural {
             return .success(.heartbeat(node: rest[1]))
+        }
+        if rest.count == 3, rest[2] == "reports", type.plural == Node.resource.plural {
+            return .success(.reports(node: rest[1]))
         }
         if rest.count > 2 { return Self.miss(404, .notFound, "no such path \(path)", type.plural) }
         guard rest.count == 2 else {

@@ -187,6 +187,8 @@ public final class ControlAPI: HTTPResponder {
             return (.json(.ok, Self.encode(try await self.tokens.delete(id))), "delete")
         case (.heartbeat(let node), .POST):
             return (try await self.heartbeat(node, request), "heartbeat")
+        case (.reports(let node), .POST):
+            return (try await self.reports(node, request), "create")
         case (.collection(let resource, let namespace), .GET):
             let entry = Registry.byPlural(resource)!
             if ["true", "1"].contains(request.query["watch"] ?? "") {
@@ -214,7 +216,7 @@ public final class ControlAPI: HTTPResponder {
     static func allowed(_ route: APIRoute) -> String {
         switch route {
         case .version, .discovery: return "GET"
-        case .join, .heartbeat: return "POST"
+        case .join, .heartbeat, .reports: return "POST"
         case .tokens(let id): return (id ?? "").isEmpty ? "GET, POST" : "DELETE"
         case .collection: return "GET, POST"
         case .object: return "GET, PUT, DELETE"
@@ -498,6 +500,7 @@ public final class ControlAPI: HTTPResponder {
         } catch let e as ValidationError {
             throw Status.invalid(e)
         }
+        if let device = object as? Device { try await self.writer.checkAgainstModel(device, namespace: namespace ?? "default") }
         return try await self.writer.save(
             object,
             namespace: namespace,

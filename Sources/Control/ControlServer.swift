@@ -137,6 +137,9 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
                     }
                 }
                 let lifecycleTask = Task { await lifecycle.run() }
+                // Workloads: assignment to nodes and their services' endpoints (WorkloadController).
+                let workloads = WorkloadController(writer: api.writer, logger: self.logger)
+                group.addTask { await workloads.run() }
                 // The server returns after graceful shutdown (or fails); then stop the ticker, and
                 // the lifecycle loop, which saves the heartbeat times a last time.
                 do {

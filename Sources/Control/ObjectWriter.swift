@@ -128,6 +128,9 @@ struct ObjectWriter: Sendable {
         Endpoints.resource.plural: Endpoints.self,
         Node.resource.plural: Node.self,
         Relay.resource.plural: Relay.self,
+        Workload.resource.plural: Workload.self,
+        DeviceModel.resource.plural: DeviceModel.self,
+        Device.resource.plural: Device.self,
     ]
 
     /// Decodes a document as `T` (metadata limits counted first, strictly, then validated).

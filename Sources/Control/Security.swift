@@ -78,6 +78,7 @@ public enum Authorization {
         if rest[0] == "namespaces", rest.count >= 3 { rest.removeFirst(2) }
         let readable: Set<String> = [
             "services", "endpoints", "nodes", Relay.resource.plural, NodeCredentials.revokedResource,
+            Workload.resource.plural, Device.resource.plural, DeviceModel.resource.plural,
         ]
         switch request.method {
         case .GET:
@@ -86,7 +87,7 @@ public enum Authorization {
             return segments.count == 5 && segments[3] == "nodes" && segments[4] == node
         case .POST:
             return segments.count == 6 && segments[3] == "nodes" && segments[4] == node
-                && (segments[5] == "heartbeat" || segments[5] == "certificate")
+                && (segments[5] == "heartbeat" || segments[5] == "certificate" || segments[5] == "reports")
         default:
             return false
         }

@@ -59,6 +59,10 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     public var interfaceName: String = "mesh0"
     /// trace, debug, info, notice, warning, error, critical.
     public var logLevel: String = "info"
+    /// The MQTT broker device mappers use (KubeEdge's twin topics), `host:port`; nil: no mapper API.
+    public var mqttBroker: String?
+    /// Start mosquitto on `mqttBroker` (a loopback address) as the agent's child.
+    public var mqttStartBroker: Bool = false
 
     public enum InterfaceMode: String, StrictEnum {
         case loopback
@@ -127,6 +131,14 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
             throw ManifestError("interfaceName: must be 1-15 characters")
         }
         _ = try LogLevels.parse(self.logLevel)
+        if let b = self.mqttBroker {
+            guard let colon = b.lastIndex(of: ":"), let port = Int(b[b.index(after: colon)...]), (1...65535).contains(port) else {
+                throw ManifestError("mqttBroker: \"\(b)\" must be host:port, like 127.0.0.1:1883")
+            }
+        }
+        if self.mqttStartBroker && self.mqttBroker == nil {
+            throw ManifestError("mqttStartBroker: needs mqttBroker (the loopback address to start it on)")
+        }
     }
 }
 

@@ -107,6 +107,7 @@ public final class AgentServer: Sendable {
     private let admin = AsyncOnce<HTTPServer>()
     private let dns = AsyncOnce<DNSServer>()
     private let nodeAgent = AsyncOnce<NodeAgent>()
+    private let edge = AsyncOnce<EdgeServices>()
 
     public init(config: AgentConfig, logger: Logger) {
         self.config = config
@@ -121,6 +122,9 @@ public final class AgentServer: Sendable {
 
     /// The node agent (registration and heartbeats) once the agent runs.
     public func node() async throws -> NodeAgent { try await self.nodeAgent.value() }
+
+    /// The node agent's edge part (workloads, twins, the mapper API) once the agent runs.
+    public func edgeServices() async throws -> EdgeServices { try await self.edge.value() }
 
     private func linkLogger() -> Logger {
         var logger = Logger(label: "mesh.link")
@@ -141,6 +145,7 @@ public final class AgentServer: Sendable {
             self.admin.fail(error)
             self.dns.fail(error)
             self.nodeAgent.fail(error)
+            self.edge.fail(error)
             throw error
         }
     }
@@ -336,6 +341,16 @@ public final class AgentServer: Sendable {
         )
         let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
         self.admin.set(admin)
+        // EdgeServices: workloads, device twins and the mapper API (NodeAgent README).
+        var edgeConfig = EdgeConfiguration(nodeName: config.nodeName, dataDir: config.dataDir)
+        edgeConfig.mqttBroker = config.mqttBroker
+        edgeConfig.mqttStartBroker = config.mqttStartBroker
+        let edge = try EdgeServices(
+            configuration: edgeConfig,
+            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            logger: self.logger
+        )
+        self.edge.set(edge)
 
         self.logger.info(
             "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on \(config.adminAllowRemote ? "https" : "http")://\(adminListen), links on \(linkPort.map { "port \($0)" } ?? "none (relay only)"), \(config.interfaceMode.rawValue) mode"
@@ -346,7 +361,7 @@ public final class AgentServer: Sendable {
         var services: [any ServiceLifecycle.Service] = []
         if let linkListener { services.append(linkListener) }
         services += [
-            dataPlane, dns, sync, relayClient, nodeAgent, revocations, RunUntilShutdown { await renewer.run() }, admin,
+            dataPlane, dns, sync, relayClient, nodeAgent, edge, revocations, RunUntilShutdown { await renewer.run() }, admin,
         ]
         let group = ServiceGroup(
             configuration: .init(

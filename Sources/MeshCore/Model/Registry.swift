@@ -17,6 +17,9 @@ public enum Registry {
         entry(Endpoints.self),
         entry(Node.self),
         entry(Relay.self),
+        entry(Workload.self),
+        entry(DeviceModel.self),
+        entry(Device.self),
     ]
 
     static func entry<T: MeshObject>(_ t: T.Type) -> Entry {
