@@ -708,7 +708,7 @@ def main():
     a.duration = a.duration or (3.0 if a.quick else 10.0)
     a.reps = a.reps or (1 if a.quick else 3)
     a.quiet_window = a.quiet_window if a.quiet_window is not None else 1.0
-    a.quiet_timeout = a.quiet_timeout if a.quiet_timeout is not None else (3.0 if a.quick else 20.0)
+    a.quiet_timeout = a.quiet_timeout if a.quiet_timeout is not None else (3.0 if a.quick else 5.0)
     a.systems = [s for s in a.systems.split(",") if s]
     a.systems_bulk = a.systems
     a.systems_latency = [s for s in LATENCY_SYSTEMS if s in a.systems or (s.startswith("mesh") and "mesh" in a.systems)]
