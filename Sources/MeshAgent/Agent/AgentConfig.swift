@@ -52,6 +52,10 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// The relays this agent may open its relay session with, by name, in order of preference; nil or empty:
     /// every Ready relay, the home being the first whose session comes up.
     public var relays: [String]?
+    /// The receive window (KiB) each stream on a peer link grants its sender: the most a stream buffers
+    /// unread, and how far a bulk transfer runs ahead of its window updates. 256 (yamux's default) to 16384;
+    /// see LinkWindow.swift.
+    public var linkStreamWindowKiB: Int = AgentConfig.defaultLinkStreamWindowKiB
     /// `loopback` (VIPs bound in 127.0.0.0/8, touches no interface), `meshInterface` (a dummy link
     /// holding the VIPs, needs CAP_NET_ADMIN), or `auto` (the interface when allowed, else loopback).
     public var interfaceMode: InterfaceMode = .loopback
@@ -124,6 +128,7 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
             )
         }
         if self.linkListen != "off" { _ = try ListenAddress(self.linkListen, field: "linkListen") }
+        try self.validateLinkStreamWindow()
         for (i, r) in (self.relays ?? []).enumerated() {
             if let e = Names.dns1123SubdomainError(r) { throw ManifestError("relays[\(i)]: \(e)") }
         }

@@ -222,6 +222,7 @@ public final class AgentServer: Sendable {
         let links = LinkManager(
             tls: try MeshLinkTLS(credentials, revoked: revocations.revoked),
             group: MultiThreadedEventLoopGroup.singleton,
+            configuration: config.linkConfiguration(),
             logger: self.linkLogger(),
             resolve: { node in PeerDirectory.linkAddresses(of: node, in: current.value) },
             check: { target, peer in PeerDirectory.check(target, from: peer, localNode: nodeName, in: current.value) }
