@@ -1,4 +1,5 @@
 import MeshCore
+import MeshHTTP
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -192,5 +193,199 @@ enum InspectTables {
 extension String {
     fileprivate func leftPadded(to width: Int) -> String {
         String(repeating: "0", count: max(0, width - self.count)) + self
+    }
+}
+
+// MARK: trace
+
+/// What `meshctl trace` asks and does, in order: the route (which port, which policy), the name through the
+/// agent's DNS, one real request to the VIP carrying `x-mesh-trace`, and what the agent's proxy saw of it.
+struct TraceTarget: Equatable {
+    var host: String
+    var port: Int?
+    var path: String
+
+    /// `NAME`, `NAME:PORT`, `http://NAME[:PORT][/PATH]`.
+    init?(_ text: String) {
+        var rest = Substring(text)
+        if rest.hasPrefix("https://") { return nil }
+        if rest.hasPrefix("http://") { rest = rest.dropFirst(7) }
+        let slash = rest.firstIndex(of: "/")
+        let authority = slash.map { rest[..<$0] } ?? rest
+        self.path = slash.map { String(rest[$0...]) } ?? "/"
+        if let colon = authority.lastIndex(of: ":") {
+            guard let p = Int(authority[authority.index(after: colon)...]), (1...65535).contains(p) else { return nil }
+            self.port = p
+            self.host = String(authority[..<colon])
+        } else {
+            self.port = nil
+            self.host = String(authority)
+        }
+        guard !self.host.isEmpty else { return nil }
+    }
+}
+
+extension AgentView {
+    /// `meshctl trace URL|NAME`.
+    public func trace(_ text: String, format: OutputFormat) async -> Bool {
+        guard let target = TraceTarget(text) else {
+            self.err("error: \"\(text)\" is not a service name or an http:// URL (https is end to end: the mesh cannot see into it)\n")
+            return false
+        }
+        let document = AgentDocument(agent: self.agent, err: self.err)
+        // The route: which service, which port, which policy.
+        guard
+            let route = await document.fetch(
+                InspectTables.path("/route", [("name", target.host)]),
+                what: "the route of \(target.host)"
+            )
+        else { return false }
+        let ports = Printer.list(route["ports"] ?? .null)
+        let port: JSONValue
+        if let wanted = target.port {
+            guard let p = ports.first(where: { InspectTables.int($0["port"]) == wanted }) else {
+                self.err("error: \(target.host) has no port \(wanted) (ports: \(ports.map { InspectTables.cell($0["port"]) }.joined(separator: ", ")))\n")
+                return false
+            }
+            port = p
+        } else {
+            guard let p = ports.first(where: { Printer.text($0["proto"]) == "http" }) else {
+                self.err("error: \(target.host) has no HTTP port; trace follows HTTP requests (meshctl route \(target.host) shows where its connections go)\n")
+                return false
+            }
+            port = p
+        }
+        guard Printer.text(port["proto"]) == "http" else {
+            self.err("error: port \(InspectTables.cell(port["port"])) of \(target.host) is \(InspectTables.cell(port["proto"])); trace follows HTTP requests (meshctl route \(target.host) shows where its connections go)\n")
+            return false
+        }
+        let portNumber = InspectTables.int(port["port"]) ?? 80
+        let fqdn = Printer.text(route["fqdn"])
+        // The name, through the agent's DNS.
+        let clock = ContinuousClock()
+        let dnsStart = clock.now
+        guard let dns = await document.fetch(InspectTables.path("/dns", [("name", fqdn), ("type", "A")]), what: "the address of \(fqdn)")
+        else { return false }
+        let dnsTime = clock.now - dnsStart
+        guard
+            let vip = Printer.list(dns["answers"] ?? .null).compactMap({ a -> String? in
+                let parts = Printer.text(a).split(separator: " ")
+                return parts.count >= 5 && parts[3] == "A" ? String(parts[4]) : nil
+            }).first
+        else {
+            self.err("error: \(fqdn) has no address in the agent's DNS (\(InspectTables.cell(dns["rcode"])))\n")
+            return false
+        }
+        // One real request, marked.
+        let id = (0..<4).map { _ in String(UInt32.random(in: 0...UInt32.max), radix: 16) }.joined()
+        let requestStart = clock.now
+        var status: Int?
+        var failure: String?
+        do {
+            let response = try await HTTPClient(endpoint: HTTPEndpoint(host: vip, port: portNumber)).send(
+                .GET,
+                target.path,
+                headers: ["Host": portNumber == 80 ? fqdn : "\(fqdn):\(portNumber)", "x-mesh-trace": id]
+            )
+            status = Int(response.status.code)
+        } catch {
+            failure = "\(error)"
+        }
+        let requestTime = clock.now - requestStart
+        // What the agent saw (recorded when the exchange ended: at most a moment after the response).
+        var seen: JSONValue?
+        for attempt in 0..<20 {
+            let response = try? await HTTPClient(endpoint: self.agent).send(
+                .GET,
+                InspectTables.path("/trace", [("id", id)])
+            )
+            if let response, response.status == .ok {
+                seen = try? JSONValue.parse(json: Data(response.body.readableBytesView))
+                break
+            }
+            if attempt < 19 { try? await Task.sleep(for: .milliseconds(50)) }
+        }
+        func micros(_ d: Duration) -> Int64 { d.components.seconds * 1_000_000 + d.components.attoseconds / 1_000_000_000_000 }
+        var fields: [(String, JSONValue)] = [
+            ("id", .string(id)),
+            ("url", .string("http://\(fqdn):\(portNumber)\(target.path)")),
+            (
+                "dns",
+                .object([
+                    ("name", .string(fqdn)), ("address", .string(vip)),
+                    ("source", dns["source"] ?? .null), ("detail", dns["detail"] ?? .null),
+                    ("micros", .int(micros(dnsTime))),
+                ])
+            ),
+            (
+                "client",
+                .object([
+                    ("status", status.map { .int(Int64($0)) } ?? .null), ("error", failure.map(JSONValue.string) ?? .null),
+                    ("micros", .int(micros(requestTime))),
+                ])
+            ),
+            ("proxy", seen ?? .null),
+        ]
+        if seen == nil {
+            fields.append(("note", .string("the agent recorded no trace for this request (it did not reach the proxy)")))
+        }
+        let value = JSONValue.object(fields)
+        switch format {
+        case .json: self.out(Printer.json(value))
+        case .yaml: self.out(Printer.yaml(value))
+        default: self.out(InspectTables.trace(value))
+        }
+        return status != nil
+    }
+}
+
+extension InspectTables {
+    static func ms(_ v: JSONValue?) -> String {
+        guard let m = int(v) else { return "<none>" }
+        return String(format: "%.2fms", Double(m) / 1000)
+    }
+
+    /// The steps of a trace, one per line, with timings.
+    static func trace(_ v: JSONValue) -> String {
+        let dns = v["dns"] ?? .null
+        let client = v["client"] ?? .null
+        let proxy = v["proxy"] ?? .null
+        var rows: [[String]] = [
+            [
+                "dns", "\(cell(dns["name"])) -> \(cell(dns["address"])) from \(cell(dns["source"])): \(cell(dns["detail"]))",
+                ms(dns["micros"]),
+            ]
+        ]
+        if proxy != .null {
+            rows.append([
+                "route",
+                "\(cell(proxy["service"])).\(cell(proxy["namespace"])) \(cell(proxy["vip"])):\(cell(proxy["port"])), \(cell(proxy["choice"]))",
+                "",
+            ])
+            for a in Printer.list(proxy["attempts"] ?? .null) {
+                var where_ = "\(cell(a["backend"]))"
+                if !Printer.text(a["node"]).isEmpty { where_ += " on \(cell(a["node"]))" }
+                if !Printer.text(a["site"]).isEmpty { where_ += " (site \(cell(a["site"])))" }
+                var path = cell(a["path"])
+                if !Printer.text(a["relay"]).isEmpty { path += " via relay \(cell(a["relay"]))" }
+                if int(a["rttMicros"]) != nil { path += ", link RTT \(rtt(a["rttMicros"]))" }
+                var how = Printer.text(a["connection"]) == "pooled" ? "pooled connection" : "new connection"
+                if int(a["connectMicros"]) != nil { how += " in \(ms(a["connectMicros"]))" }
+                if !Printer.text(a["error"]).isEmpty { how += ": FAILED \(cell(a["error"]))" }
+                rows.append(["endpoint", "\(where_), path \(path), \(how)", "+" + ms(a["startMicros"])])
+            }
+            if int(proxy["firstByteMicros"]) != nil {
+                rows.append(["first byte", "from the endpoint", ms(proxy["firstByteMicros"])])
+            }
+            var response = "status \(cell(proxy["status"]))"
+            if !Printer.text(proxy["error"]).isEmpty { response += " from the proxy: \(cell(proxy["error"]))" }
+            rows.append(["response", response, ms(proxy["totalMicros"])])
+        } else {
+            rows.append(["proxy", cell(v["note"]), ""])
+        }
+        var seen = "status \(cell(client["status"]))"
+        if !Printer.text(client["error"]).isEmpty { seen = "FAILED: \(cell(client["error"]))" }
+        rows.append(["client", "\(seen) (the whole request as meshctl saw it)", ms(client["micros"])])
+        return "trace \(cell(v["id"])): GET \(cell(v["url"]))\n" + Printer.table(["STEP", "WHAT", "TIME"], rows)
     }
 }

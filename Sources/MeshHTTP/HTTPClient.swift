@@ -229,11 +229,13 @@ public struct HTTPClient: Sendable {
         keepAlive: Bool = false
     ) -> HTTPRequestHead {
         var h = headers
-        h.replaceOrAdd(
-            name: "Host",
-            value: self.endpoint.host.contains(":")
-                ? "[\(self.endpoint.host)]:\(self.endpoint.port)" : "\(self.endpoint.host):\(self.endpoint.port)"
-        )
+        if !h.contains(name: "Host") {  // the caller's Host wins (a name, sent to an address)
+            h.add(
+                name: "Host",
+                value: self.endpoint.host.contains(":")
+                    ? "[\(self.endpoint.host)]:\(self.endpoint.port)" : "\(self.endpoint.host):\(self.endpoint.port)"
+            )
+        }
         if let n = bodyLength { h.replaceOrAdd(name: "Content-Length", value: "\(n)") }
         if !keepAlive { h.replaceOrAdd(name: "Connection", value: "close") }
         return HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: h)

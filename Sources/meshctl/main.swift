@@ -24,7 +24,7 @@ struct MeshCtlCommand: AsyncParsableCommand {
         version: MeshRelease.version,
         subcommands: [
             Up.self, Apply.self, Get.self, Delete.self, Watch.self, Status.self, Route.self, Routes.self, Peers.self,
-            DNSLookup.self, Token.self, Revoke.self, Version.self,
+            DNSLookup.self, Trace.self, Token.self, Revoke.self, Version.self,
         ]
     )
 }
@@ -354,6 +354,30 @@ struct Route: AsyncParsableCommand {
         if !(try await self.agent.view().route(name: self.name, key: self.key, format: self.output)) {
             throw ExitCode.failure
         }
+    }
+}
+
+struct Trace: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract:
+            "Send one real HTTP request to a service through this node's agent, and show each step with its timing: DNS and the VIP, the policy's choice and why, the endpoint, its path over the links, the connection, the first byte and the response.",
+        discussion: """
+            TARGET is a service's name (web.shop, web.shop.svc.cluster.local, NAME:PORT) or an http:// URL
+            with a path. The request carries an x-mesh-trace header; the agent's proxy records what it did
+            with it. Only HTTP routes are traced: `meshctl route` shows where TCP and UDP connections go.
+            """
+    )
+
+    @Argument(help: "The service (NAME.NAMESPACE[:PORT], its DNS name, or an http:// URL).")
+    var target: String
+
+    @OptionGroup var agent: AgentOptions
+
+    @Option(name: .shortAndLong, help: "table, json or yaml.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        if !(try await self.agent.view().trace(self.target, format: self.output)) { throw ExitCode.failure }
     }
 }
 

@@ -241,6 +241,33 @@ struct CrossSiteTests {
             if path == "relayed" {
                 #expect(b["relay"] is String, "\(peers.stdout)")
             }
+            // meshctl route: B's endpoint of web, reached over the link on the same path, counters moved.
+            let route = try await self.inHost(
+                prefix,
+                "a",
+                [self.bin + "/meshctl", "route", "web.shop", "--agent", "127.0.0.1:7780", "-o", "json"]
+            )
+            #expect(route.status == 0, "\(route.stderr)")
+            let routeDoc = try JSONSerialization.jsonObject(with: Data(route.stdout.utf8)) as? [String: Any]
+            let endpoints = routeDoc?["endpoints"] as? [[String: Any]] ?? []
+            #expect(!endpoints.isEmpty, "\(route.stdout)")
+            for e in endpoints {
+                #expect(e["node"] as? String == "b" && e["via"] as? String == "b", "\(route.stdout)")
+                #expect(e["path"] as? String == path, "\(route.stdout)")
+                #expect(e["rttMicros"] is Int, "\(route.stdout)")
+            }
+            #expect(endpoints.contains { ($0["total"] as? Int ?? 0) > 0 }, "\(route.stdout)")
+            // meshctl status: connected, with its home relay.
+            let status = try await self.inHost(
+                prefix,
+                "a",
+                [self.bin + "/meshctl", "status", "--agent", "127.0.0.1:7780", "-o", "json"]
+            )
+            let statusDoc = try JSONSerialization.jsonObject(with: Data(status.stdout.utf8)) as? [String: Any]
+            #expect((statusDoc?["control"] as? [String: Any])?["state"] as? String == "connected", "\(status.stdout)")
+            #expect(statusDoc?["site"] as? String == "a", "\(status.stdout)")
+            #expect((statusDoc?["relay"] as? [String: Any])?["home"] is String, "\(status.stdout)")
+
             if splitRelays {
                 // a homes on r1 and b on r2: the circuit was forwarded relay to relay.
                 let relay = doc?["relay"] as? [String: Any]

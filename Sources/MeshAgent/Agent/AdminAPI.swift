@@ -131,6 +131,18 @@ struct AdminAPI: HTTPResponder {
             case .badRequest(let why): return .text(.badRequest, why)
             case .notFound(let why): return .text(.notFound, why)
             }
+        case "/trace":
+            guard let id = request.query["id"], !id.isEmpty else {
+                return .text(.badRequest, "give the trace id: /trace?id=ID (the x-mesh-trace value a request carried)")
+            }
+            let links = await self.links.stats()
+            guard let trace = self.inspection.trace(id: id, dataPlane: self.dataPlane, links: links) else {
+                return .text(
+                    .notFound,
+                    "no traced request with id \(id) (yet): only HTTP routes trace, and the exchange must have ended"
+                )
+            }
+            return Self.json(trace, what: "the trace")
         case "/dns":
             switch await self.inspection.dns(name: request.query["name"], type: request.query["type"]) {
             case .found(let answer): return Self.json(answer, what: "the answer")

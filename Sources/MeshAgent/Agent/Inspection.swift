@@ -272,6 +272,23 @@ struct AgentInspection: Sendable {
         return .found(view)
     }
 
+    // MARK: trace
+
+    /// The body of `GET /trace?id=ID`: what the proxy saw of the request that carried `x-mesh-trace: ID`,
+    /// with each attempt's peer link as it is now.
+    func trace(id: String, dataPlane: DataPlane, links: [LinkStats]) -> RequestTrace? {
+        guard var trace = dataPlane.trace(id) else { return nil }
+        let byNode = Dictionary(links.map { ($0.node, $0) }, uniquingKeysWith: { a, _ in a })
+        for i in trace.attempts.indices {
+            guard let via = trace.attempts[i].via else { continue }
+            let link = byNode[via]
+            trace.attempts[i].path = link?.path ?? "no link"
+            trace.attempts[i].relay = link?.relay
+            trace.attempts[i].rttMicros = link?.rttMicros
+        }
+        return trace
+    }
+
     // MARK: dns
 
     enum DNSAnswer {

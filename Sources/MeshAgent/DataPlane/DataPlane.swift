@@ -82,7 +82,8 @@ public actor DataPlane: ServiceLifecycle.Service {
             logger: logger,
             pools: HTTPUpstreamPools(group: eventLoopGroup, configuration: configuration, counters: self.counters),
             splice: SpliceEngine(configuration: configuration, counters: self.counters, logger: logger),
-            upstreams: Upstreams(peers: peers)
+            upstreams: Upstreams(peers: peers),
+            traces: TraceLog()
         )
     }
 
@@ -259,6 +260,9 @@ public actor DataPlane: ServiceLifecycle.Service {
         }
         return picks.sorted { $0.port < $1.port }
     }
+
+    /// What the HTTP proxy saw of the request that carried `x-mesh-trace: id`, once it ended.
+    public nonisolated func trace(_ id: String) -> RequestTrace? { self.environment.traces.trace(id) }
 
     /// Channels open right now, client side and upstream side together (pooled idle HTTP connections too).
     public nonisolated var openChannels: Int {

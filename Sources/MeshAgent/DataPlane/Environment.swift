@@ -73,4 +73,6 @@ struct ProxyEnvironment: Sendable {
     let splice: SpliceEngine
     /// How backends are reached: sockets, or streams over peer links.
     let upstreams: Upstreams
+    /// Requests traced with `x-mesh-trace` (`meshctl trace`).
+    let traces: TraceLog
 }

@@ -220,6 +220,9 @@ final class RouteHandle: Sendable {
         }
     }
 
+    /// The route's backend with this id (for traces).
+    func backend(_ id: BackendID) -> Backend? { self.route.backends.first { $0.id == id } }
+
     /// The backend `pick(hash:)` would choose now, without counting a pick (a copy of the balancer picks).
     func wouldPick(hash: UInt64) -> BackendID? {
         let now = NIODeadline.now()

@@ -63,6 +63,8 @@ final class HTTPExchange {
     private(set) var responseDeadline: NIODeadline?
     var upstreamStarted = NIODeadline.uptimeNanoseconds(0)
     var connectTimedOut = false
+    /// What `meshctl trace` sees of this request; nil unless it carries `x-mesh-trace`.
+    var trace: TraceRecording?
     /// A 101 arrived for an upgrade request; the switch happens at its `.end` (the decoder's last part).
     private(set) var upgradeResponse: HTTPHead?
 

@@ -55,6 +55,8 @@ final class HTTPHead {
     /// The index of the first Upgrade, X-Request-Id and X-Forwarded-For field.
     let upgradeField: Int?
     let requestIDField: Int?
+    /// The first `x-mesh-trace` field (`meshctl trace`).
+    let traceField: Int?
     let forwardedForField: Int?
     /// The first Host field and how many there are.
     let hostField: Int?
@@ -97,6 +99,7 @@ final class HTTPHead {
         self.connectionNamesOthers = scan.connectionNamesOthers
         self.upgradeField = scan.upgradeField
         self.requestIDField = scan.requestIDField
+        self.traceField = scan.traceField
         self.forwardedForField = scan.forwardedForField
         self.hostField = scan.hostField
         self.hostCount = scan.hostCount
@@ -232,6 +235,8 @@ struct FieldScan {
     var connectionNamesOthers = false
     var upgradeField: Int?
     var requestIDField: Int?
+    /// `x-mesh-trace`: `meshctl trace` asks the proxy to record what it does with this request.
+    var traceField: Int?
     var forwardedForField: Int?
     var hostField: Int?
     var hostCount = 0

@@ -543,7 +543,11 @@ struct HTTPParser {
                 scan.hasHopByHop = true
             }
         case 12:
-            if scan.requestIDField == nil, named("x-request-id") { scan.requestIDField = index }
+            if scan.requestIDField == nil, named("x-request-id") {
+                scan.requestIDField = index
+            } else if scan.traceField == nil, named("x-mesh-trace") {
+                scan.traceField = index
+            }
         case 14:
             if named("content-length") {
                 scan.contentLengthLines += 1

@@ -63,7 +63,9 @@ extension HTTPProxyHandler {
     /// A final response head arrived: its latency, and its outcome for the balancer (a success is told with
     /// the end of the pick: one lock, not two, per request).
     private func noteFinalHead(_ response: HTTPHead, _ exchange: HTTPExchange) {
-        self.metrics.upstreamLatency.recordNanoseconds((NIODeadline.now() - exchange.upstreamStarted).nanoseconds)
+        let now = NIODeadline.now()
+        self.metrics.upstreamLatency.recordNanoseconds((now - exchange.upstreamStarted).nanoseconds)
+        exchange.trace?.firstByte(status: response.status, now: now)
         guard let pick = exchange.pick else { return }
         let failed = response.status >= 500 && self.environment.configuration.outlier.countHTTP5xx
         if failed || exchange.isUpgrade || !exchange.pickInFlight {
@@ -95,6 +97,7 @@ extension HTTPProxyHandler {
             self.metrics.error(.reset)
             self.context?.close(promise: nil)
         case .retry(let status, let reason):
+            self.exchange!.trace?.attemptFailed(reason)
             self.finishPick(.failure)
             self.metrics.error(.reset)
             self.retryOrFail(status: status, reason: reason)
@@ -129,6 +132,10 @@ extension HTTPProxyHandler {
 
     func endAccounting() {
         self.handle.stats.activeRequests.subtract(1, ordering: .relaxed)
+        if let trace = self.exchange!.trace {
+            self.exchange!.trace = nil
+            self.environment.traces.record(trace.finish(now: .now()))
+        }
         if self.exchange!.inRetryBudget {
             self.exchange!.inRetryBudget = false
             self.retryBudget.give(self.handle.stats)
@@ -172,6 +179,7 @@ extension HTTPProxyHandler {
     /// Answers the exchange with a short plain-text error (when no response has started) and ends it.
     func fail(_ status: HTTPResponseStatus, _ reason: String) {
         guard let context = self.context, self.state == .active else { return }
+        self.exchange!.trace?.failed(status: Int(status.code), reason: reason)
         self.endAccounting()
         self.finishPick(.neutral)
         self.closeUpstream()

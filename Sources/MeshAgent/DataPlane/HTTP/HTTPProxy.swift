@@ -105,7 +105,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
     private var rng = FastRandom()
     private var clientIP: IPAddress?
     /// The client IP as text, for X-Forwarded-For (made once per connection).
-    private var clientIPText: String?
+    private(set) var clientIPText: String?
     /// What the request policy needs of the configuration, and the retry budget (taken once).
     let settings: HTTPRequestPolicy.Settings
     let retryBudget: HTTPRetryBudget
@@ -439,6 +439,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
             plan: plan,
             hash: self.hashKey(requestHead)
         )
+        if requestHead.traceField != nil { self.exchange!.trace = self.traceRecording(requestHead) }
         self.state = .active
         if self.exchange!.dispatched { self.dispatch() }
     }
@@ -490,7 +491,11 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
             self.fail(.serviceUnavailable, "no upstream pool")
             return
         }
-        if !exchange.isUpgrade, let connection = pool.takeIdle(pick.id) {
+        let idle = exchange.isUpgrade ? nil : pool.takeIdle(pick.id)
+        if let trace = exchange.trace {
+            trace.attempt(self.handle.backend(pick.id), id: pick.id, pooled: idle != nil, now: started)
+        }
+        if let connection = idle {
             self.attach(connection, now: started)
             return
         }
@@ -516,9 +521,11 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
                     pool.release(connection)
                     return
                 }
+                self.exchange!.trace?.connected(now: .now())
                 self.attach(connection, now: nil)
             case .failure(let error):
                 pool.forget(pick.id)
+                if current { self.exchange!.trace?.attemptFailed("connect: \(error)") }
                 self.metrics.error(.connectFailure)
                 guard current else { return }
                 self.finishPick(.failure)
