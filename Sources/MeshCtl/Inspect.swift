@@ -205,6 +205,12 @@ struct TraceTarget: Equatable {
     var port: Int?
     var path: String
 
+    init(host: String, port: Int?, path: String) {
+        self.host = host
+        self.port = port
+        self.path = path
+    }
+
     /// `NAME`, `NAME:PORT`, `http://NAME[:PORT][/PATH]`.
     init?(_ text: String) {
         var rest = Substring(text)
@@ -229,7 +235,9 @@ extension AgentView {
     /// `meshctl trace URL|NAME`.
     public func trace(_ text: String, format: OutputFormat) async -> Bool {
         guard let target = TraceTarget(text) else {
-            self.err("error: \"\(text)\" is not a service name or an http:// URL (https is end to end: the mesh cannot see into it)\n")
+            self.err(
+                "error: \"\(text)\" is not a service name or an http:// URL (https is end to end: the mesh cannot see into it)\n"
+            )
             return false
         }
         let document = AgentDocument(agent: self.agent, err: self.err)
@@ -244,19 +252,25 @@ extension AgentView {
         let port: JSONValue
         if let wanted = target.port {
             guard let p = ports.first(where: { InspectTables.int($0["port"]) == wanted }) else {
-                self.err("error: \(target.host) has no port \(wanted) (ports: \(ports.map { InspectTables.cell($0["port"]) }.joined(separator: ", ")))\n")
+                self.err(
+                    "error: \(target.host) has no port \(wanted) (ports: \(ports.map { InspectTables.cell($0["port"]) }.joined(separator: ", ")))\n"
+                )
                 return false
             }
             port = p
         } else {
             guard let p = ports.first(where: { Printer.text($0["proto"]) == "http" }) else {
-                self.err("error: \(target.host) has no HTTP port; trace follows HTTP requests (meshctl route \(target.host) shows where its connections go)\n")
+                self.err(
+                    "error: \(target.host) has no HTTP port; trace follows HTTP requests (meshctl route \(target.host) shows where its connections go)\n"
+                )
                 return false
             }
             port = p
         }
         guard Printer.text(port["proto"]) == "http" else {
-            self.err("error: port \(InspectTables.cell(port["port"])) of \(target.host) is \(InspectTables.cell(port["proto"])); trace follows HTTP requests (meshctl route \(target.host) shows where its connections go)\n")
+            self.err(
+                "error: port \(InspectTables.cell(port["port"])) of \(target.host) is \(InspectTables.cell(port["proto"])); trace follows HTTP requests (meshctl route \(target.host) shows where its connections go)\n"
+            )
             return false
         }
         let portNumber = InspectTables.int(port["port"]) ?? 80
@@ -264,7 +278,11 @@ extension AgentView {
         // The name, through the agent's DNS.
         let clock = ContinuousClock()
         let dnsStart = clock.now
-        guard let dns = await document.fetch(InspectTables.path("/dns", [("name", fqdn), ("type", "A")]), what: "the address of \(fqdn)")
+        guard
+            let dns = await document.fetch(
+                InspectTables.path("/dns", [("name", fqdn), ("type", "A")]),
+                what: "the address of \(fqdn)"
+            )
         else { return false }
         let dnsTime = clock.now - dnsStart
         guard
@@ -305,7 +323,9 @@ extension AgentView {
             }
             if attempt < 19 { try? await Task.sleep(for: .milliseconds(50)) }
         }
-        func micros(_ d: Duration) -> Int64 { d.components.seconds * 1_000_000 + d.components.attoseconds / 1_000_000_000_000 }
+        func micros(_ d: Duration) -> Int64 {
+            d.components.seconds * 1_000_000 + d.components.attoseconds / 1_000_000_000_000
+        }
         var fields: [(String, JSONValue)] = [
             ("id", .string(id)),
             ("url", .string("http://\(fqdn):\(portNumber)\(target.path)")),
@@ -320,14 +340,17 @@ extension AgentView {
             (
                 "client",
                 .object([
-                    ("status", status.map { .int(Int64($0)) } ?? .null), ("error", failure.map(JSONValue.string) ?? .null),
+                    ("status", status.map { .int(Int64($0)) } ?? .null),
+                    ("error", failure.map(JSONValue.string) ?? .null),
                     ("micros", .int(micros(requestTime))),
                 ])
             ),
             ("proxy", seen ?? .null),
         ]
         if seen == nil {
-            fields.append(("note", .string("the agent recorded no trace for this request (it did not reach the proxy)")))
+            fields.append(
+                ("note", .string("the agent recorded no trace for this request (it did not reach the proxy)"))
+            )
         }
         let value = JSONValue.object(fields)
         switch format {
@@ -345,47 +368,40 @@ extension InspectTables {
         return String(format: "%.2fms", Double(m) / 1000)
     }
 
-    /// The steps of a trace, one per line, with timings.
+    /// The steps of a trace, one per line, with timings (the long descriptions last, so that the table fits
+    /// 100 columns).
     static func trace(_ v: JSONValue) -> String {
         let dns = v["dns"] ?? .null
         let client = v["client"] ?? .null
         let proxy = v["proxy"] ?? .null
-        var rows: [[String]] = [
-            [
-                "dns", "\(cell(dns["name"])) -> \(cell(dns["address"])) from \(cell(dns["source"])): \(cell(dns["detail"]))",
-                ms(dns["micros"]),
-            ]
-        ]
+        var rows: [[String]] = [["dns", ms(dns["micros"]), "\(cell(dns["address"])): \(cell(dns["detail"]))"]]
         if proxy != .null {
-            rows.append([
-                "route",
-                "\(cell(proxy["service"])).\(cell(proxy["namespace"])) \(cell(proxy["vip"])):\(cell(proxy["port"])), \(cell(proxy["choice"]))",
-                "",
-            ])
+            rows.append(["route", "-", "\(cell(proxy["vip"])):\(cell(proxy["port"])), \(cell(proxy["choice"]))"])
             for a in Printer.list(proxy["attempts"] ?? .null) {
-                var where_ = "\(cell(a["backend"]))"
-                if !Printer.text(a["node"]).isEmpty { where_ += " on \(cell(a["node"]))" }
-                if !Printer.text(a["site"]).isEmpty { where_ += " (site \(cell(a["site"])))" }
+                var endpoint = "\(cell(a["backend"]))"
+                if !Printer.text(a["node"]).isEmpty { endpoint += " on \(cell(a["node"]))" }
+                if !Printer.text(a["site"]).isEmpty { endpoint += " (site \(cell(a["site"])))" }
+                endpoint += Printer.text(a["connection"]) == "pooled" ? ", pooled connection" : ", new connection"
+                if int(a["connectMicros"]) != nil { endpoint += " in \(ms(a["connectMicros"]))" }
+                rows.append(["endpoint", "+" + ms(a["startMicros"]), endpoint])
                 var path = cell(a["path"])
                 if !Printer.text(a["relay"]).isEmpty { path += " via relay \(cell(a["relay"]))" }
                 if int(a["rttMicros"]) != nil { path += ", link RTT \(rtt(a["rttMicros"]))" }
-                var how = Printer.text(a["connection"]) == "pooled" ? "pooled connection" : "new connection"
-                if int(a["connectMicros"]) != nil { how += " in \(ms(a["connectMicros"]))" }
-                if !Printer.text(a["error"]).isEmpty { how += ": FAILED \(cell(a["error"]))" }
-                rows.append(["endpoint", "\(where_), path \(path), \(how)", "+" + ms(a["startMicros"])])
+                rows.append(["path", "-", path])
+                if !Printer.text(a["error"]).isEmpty { rows.append(["failed", "-", cell(a["error"])]) }
             }
             if int(proxy["firstByteMicros"]) != nil {
-                rows.append(["first byte", "from the endpoint", ms(proxy["firstByteMicros"])])
+                rows.append(["first byte", ms(proxy["firstByteMicros"]), "from the endpoint"])
             }
             var response = "status \(cell(proxy["status"]))"
             if !Printer.text(proxy["error"]).isEmpty { response += " from the proxy: \(cell(proxy["error"]))" }
-            rows.append(["response", response, ms(proxy["totalMicros"])])
+            rows.append(["response", ms(proxy["totalMicros"]), response])
         } else {
-            rows.append(["proxy", cell(v["note"]), ""])
+            rows.append(["proxy", "-", cell(v["note"])])
         }
         var seen = "status \(cell(client["status"]))"
         if !Printer.text(client["error"]).isEmpty { seen = "FAILED: \(cell(client["error"]))" }
-        rows.append(["client", "\(seen) (the whole request as meshctl saw it)", ms(client["micros"])])
-        return "trace \(cell(v["id"])): GET \(cell(v["url"]))\n" + Printer.table(["STEP", "WHAT", "TIME"], rows)
+        rows.append(["client", ms(client["micros"]), "\(seen) (the whole request as meshctl saw it)"])
+        return "trace \(cell(v["id"])): GET \(cell(v["url"]))\n" + Printer.table(["STEP", "TIME", "WHAT"], rows)
     }
 }

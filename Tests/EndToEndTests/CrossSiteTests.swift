@@ -257,6 +257,19 @@ struct CrossSiteTests {
                 #expect(e["rttMicros"] is Int, "\(route.stdout)")
             }
             #expect(endpoints.contains { ($0["total"] as? Int ?? 0) > 0 }, "\(route.stdout)")
+            // meshctl trace: one request by name, the endpoint at b over the link on the same path.
+            let trace = try await self.inHost(
+                prefix,
+                "a",
+                [self.bin + "/meshctl", "trace", "web.shop", "--agent", "127.0.0.1:7780", "-o", "json"]
+            )
+            #expect(trace.status == 0, "\(trace.stderr)")
+            let traceDoc = try JSONSerialization.jsonObject(with: Data(trace.stdout.utf8)) as? [String: Any]
+            let proxy = traceDoc?["proxy"] as? [String: Any]
+            let used = (proxy?["attempts"] as? [[String: Any]])?.last
+            #expect(used?["via"] as? String == "b" && used?["path"] as? String == path, "\(trace.stdout)")
+            #expect(proxy?["status"] as? Int == 200, "\(trace.stdout)")
+            #expect((traceDoc?["dns"] as? [String: Any])?["source"] as? String == "zone", "\(trace.stdout)")
             // meshctl status: connected, with its home relay.
             let status = try await self.inHost(
                 prefix,

@@ -152,3 +152,51 @@ import Testing
         )
     }
 }
+
+@Suite struct TraceTableTests {
+    @Test func targets() {
+        #expect(TraceTarget("web.shop") == TraceTarget(host: "web.shop", port: nil, path: "/"))
+        #expect(TraceTarget("web.shop:8080") == TraceTarget(host: "web.shop", port: 8080, path: "/"))
+        #expect(
+            TraceTarget("http://web.shop.svc.cluster.local/a/b?c=1")
+                == TraceTarget(host: "web.shop.svc.cluster.local", port: nil, path: "/a/b?c=1")
+        )
+        #expect(TraceTarget("https://web.shop/") == nil)
+        #expect(TraceTarget("web.shop:0") == nil)
+        #expect(TraceTarget("http:///x") == nil)
+    }
+
+    @Test func stepsWithTimings() throws {
+        let v = try JSONValue.parse(
+            json: Data(
+                """
+                {"id": "t1", "url": "http://web.shop.svc.cluster.local:80/",
+                 "dns": {"name": "web.shop.svc.cluster.local", "address": "10.96.0.10", "source": "zone",
+                   "detail": "the mesh zone (authoritative)", "micros": 410},
+                 "client": {"status": 200, "micros": 9000},
+                 "proxy": {"service": "web", "namespace": "shop", "vip": "10.96.0.10", "port": 80,
+                   "choice": "roundRobin: the next endpoint in weighted turn", "status": 200,
+                   "firstByteMicros": 7100, "totalMicros": 7400,
+                   "attempts": [
+                     {"backend": "10.1.0.7:8080", "node": "b1", "site": "b", "via": "b1", "path": "relayed",
+                      "relay": "r1", "rttMicros": 3100, "connection": "new", "startMicros": 20,
+                      "connectMicros": 3500}]}}
+                """.utf8
+            )
+        )
+        #expect(
+            InspectTables.trace(v) == """
+                trace t1: GET http://web.shop.svc.cluster.local:80/
+                STEP         TIME      WHAT
+                dns          0.41ms    10.96.0.10: the mesh zone (authoritative)
+                route        -         10.96.0.10:80, roundRobin: the next endpoint in weighted turn
+                endpoint     +0.02ms   10.1.0.7:8080 on b1 (site b), new connection in 3.50ms
+                path         -         relayed via relay r1, link RTT 3.10ms
+                first byte   7.10ms    from the endpoint
+                response     7.40ms    status 200
+                client       9.00ms    status 200 (the whole request as meshctl saw it)
+
+                """
+        )
+    }
+}
