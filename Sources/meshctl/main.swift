@@ -23,8 +23,8 @@ struct MeshCtlCommand: AsyncParsableCommand {
             """,
         version: "0.1.0",
         subcommands: [
-            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Peers.self, Token.self, Revoke.self,
-            Version.self,
+            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Routes.self, Peers.self, Ping.self, Token.self,
+            Revoke.self, Version.self,
         ]
     )
 }
@@ -321,19 +321,54 @@ struct Routes: AsyncParsableCommand {
 struct Peers: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract:
-            "Show an agent's peer links: per remote node its site, path (direct or relayed), relay, RTT, streams and bytes."
+            "Show an agent's peer links: per remote node its site, path (direct, punched or relayed), relay, RTT, streams, bytes, and why a link is not direct."
     )
 
     @Option(name: .long, help: "The agent's admin API (default: $MESHCTL_AGENT or http://127.0.0.1:7780).")
     var agent: String?
 
-    @Option(name: .shortAndLong, help: "table, wide (with the dialer), json or yaml.")
+    @Option(name: .shortAndLong, help: "table, wide (with the dialer, NAT types, upgrades, fallbacks), json or yaml.")
     var output: OutputFormat = .table
 
     func run() async throws {
         let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
         guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
         if !(await AgentView(agent: endpoint).peers(format: self.output)) { throw ExitCode.failure }
+    }
+}
+
+struct Ping: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract:
+            "Probe the link to a node from an agent, like `tailscale ping`: each probe's path and RTT, until a direct (or punched) path is in use or the count runs out."
+    )
+
+    @Argument(help: "The node to probe.")
+    var node: String
+
+    @Option(name: .shortAndLong, help: "At most this many probes (1-100).")
+    var count: Int = 10
+
+    @Option(name: .long, help: "Milliseconds between probes.")
+    var intervalMillis: Int = 500
+
+    @Option(name: .long, help: "The agent's admin API (default: $MESHCTL_AGENT or http://127.0.0.1:7780).")
+    var agent: String?
+
+    @Option(name: .shortAndLong, help: "table, json or yaml.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
+        guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
+        guard (1...100).contains(self.count) else { throw ValidationError("--count must be 1-100") }
+        let ok = await AgentView(agent: endpoint).ping(
+            node: self.node,
+            count: self.count,
+            intervalMillis: self.intervalMillis,
+            format: self.output
+        )
+        if !ok { throw ExitCode.failure }
     }
 }
 

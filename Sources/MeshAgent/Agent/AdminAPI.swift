@@ -21,6 +21,8 @@ struct AdminAPI: HTTPResponder {
     let links: LinkManager
     let relay: RelaySessionClient
     let health: HealthEndpoints
+    /// Direct paths through NATs (nil without a link port).
+    let direct: DirectPaths?
 
     init(
         config: AgentConfig,
@@ -28,8 +30,10 @@ struct AdminAPI: HTTPResponder {
         dataPlane: DataPlane,
         sync: ServiceTableSync,
         links: LinkManager,
-        relay: RelaySessionClient
+        relay: RelaySessionClient,
+        direct: DirectPaths? = nil
     ) {
+        self.direct = direct
         self.config = config
         self.links = links
         self.relay = relay
@@ -94,12 +98,16 @@ struct AdminAPI: HTTPResponder {
             }
         case "/peers":
             let nodes = self.applier.current.value.nodes
-            let rows = await self.links.stats().map { PeerRow($0, site: nodes[$0.node]?.spec.site) }
+            let punch = self.direct?.coordinator
+            let rows = await self.links.stats().map {
+                PeerRow($0, site: nodes[$0.node]?.spec.site, punch: punch?.stats(for: $0.node))
+            }
             let list = PeerList(
                 node: self.config.nodeName,
                 site: self.config.site,
                 linkListen: self.config.linkListen,
                 relay: self.relay.status,
+                nat: self.direct?.discovery.report.map(NATStatus.init),
                 items: rows
             )
             do {
@@ -107,8 +115,27 @@ struct AdminAPI: HTTPResponder {
             } catch {
                 return .text(.internalServerError, "cannot encode the peers: \(error)")
             }
+        case "/ping":
+            guard let node = request.query["node"], Names.dns1123SubdomainError(node) == nil else {
+                return .text(.badRequest, "ping needs ?node=NAME (a node name)")
+            }
+            let count = request.query["count"].flatMap { Int($0) } ?? 10
+            let interval = request.query["intervalMillis"].flatMap { Int64($0) } ?? 500
+            let result = await PeerPing(links: self.links).run(
+                node: node,
+                count: count,
+                interval: .milliseconds(max(10, min(interval, 10_000)))
+            )
+            do {
+                return .json(.ok, ByteBuffer(bytes: try MeshJSON.encode(result)))
+            } catch {
+                return .text(.internalServerError, "cannot encode the probes: \(error)")
+            }
         default:
-            return .text(.notFound, "no \(request.path) here: try /routes, /peers, /metrics, /healthz or /readyz")
+            return .text(
+                .notFound,
+                "no \(request.path) here: try /routes, /peers, /ping, /metrics, /healthz or /readyz"
+            )
         }
     }
 }
