@@ -313,6 +313,7 @@ public final class PunchCoordinator: Sendable {
                 localPort: mode == .offererDials ? 0 : port,
                 targets: targets,
                 start: startAt,
+                goesFirst: stagger > .zero && !answererFirst,
                 configuration: attempts
             )
             guard let channel = outcome.channel else {
@@ -432,6 +433,7 @@ public final class PunchCoordinator: Sendable {
                     localPort: start.mode == .answererDials ? 0 : port,
                     targets: targets,
                     start: at,
+                    goesFirst: start.staggerMillis > 0 && start.answererFirst,
                     configuration: attempts
                 )
                 guard let channel = outcome.channel else {

@@ -14,8 +14,10 @@ public struct SimultaneousOpenConfiguration: Sendable {
     public var attempts: [TimeAmount] = [.zero, .milliseconds(250), .milliseconds(750), .milliseconds(1750)]
     /// How long one attempt's connect may take (its SYN retransmitted by the kernel meanwhile).
     public var connectTimeout: TimeAmount = .seconds(3)
-    /// The TTL of each attempt's first SYN: enough to leave this host's own NAT and (on a path of a few
-    /// hops) not reach the peer's, which might answer it with a RST; then `normalTTL`. 0: no low-TTL SYN.
+    /// The TTL of the first attempt's SYN on the side that goes first: enough to leave this host's own
+    /// NAT and (on a path of a few hops) not reach the peer's, which might answer it with a RST; then
+    /// `normalTTL`. Never on the side that goes second: its SYN must reach the peer (a low-TTL SYN that
+    /// dies at the peer's gateway comes back as an ICMP time-exceeded, which aborts the connect). 0: off.
     public var lowTTL: Int = 2
     public var normalTTL: Int = 64
 
@@ -48,6 +50,7 @@ public enum SimultaneousOpen {
         localPort: Int,
         targets: [SocketAddress],
         start: NIODeadline,
+        goesFirst: Bool = false,
         configuration: SimultaneousOpenConfiguration = SimultaneousOpenConfiguration()
     ) async -> Outcome {
         let loop = group.next()
@@ -78,7 +81,10 @@ public enum SimultaneousOpen {
                 result.succeed(nil)
             }
         }
-        for offset in configuration.attempts {
+        for (index, offset) in configuration.attempts.enumerated() {
+            var adjusted = configuration
+            if !goesFirst || index > 0 { adjusted.lowTTL = 0 }
+            let settings = adjusted
             for target in targets {
                 loop.scheduleTask(deadline: start + offset) {
                     if tally.withLock({ $0.done }) {
@@ -89,7 +95,7 @@ public enum SimultaneousOpen {
                         group: loop,
                         localPort: localPort,
                         target: target,
-                        configuration: configuration
+                        configuration: settings
                     ).whenComplete { r in
                         switch r {
                         case .success(let channel):
