@@ -138,13 +138,13 @@ struct NATMatrixTests {
         #expect(probes.last?["path"] as? String == path, "meshctl ping: \(ping.stdout) \(ping.stderr)")
         #expect(probes.last?["rttMicros"] is Int, "meshctl ping: \(ping.stdout)")
         let upgrade = row["upgradeMillis"] as? Int
+        // The first byte never waits for a punch: the first stream takes the relayed link as soon as it is
+        // up, punching runs beside it (a successful punch takes a start delay, a STUN round trip and a TLS
+        // handshake more; a failed one, seconds).
+        #expect(firstByte < 0.5, "first byte \(firstByte) s")
         if path != "relayed" {
-            let upgrade = try #require(upgrade, "no upgrade time: \(row)")
-            // The first byte came before the upgrade: it did not wait for the punch.
-            #expect(firstByte * 1000 < Double(upgrade), "first byte \(firstByte) s, upgrade \(upgrade) ms")
+            #expect(upgrade != nil, "no upgrade time: \(row)")
             #expect((row["upgrades"] as? Int ?? 0) >= 1, "\(row)")
-        } else {
-            #expect(firstByte < 1.0, "first byte \(firstByte) s")
         }
         let nats = "\(row["localNAT"] as? String ?? "-") / \(row["peerNAT"] as? String ?? "-")"
         Self.report(
@@ -211,6 +211,7 @@ struct PunchedLinkTests {
         try await self.withLab([]) { prefix, dir in
             // 1 GiB of zeros (sparse) at B, and its digest.
             let file = dir + "/web/huge.bin"
+            #expect(FileManager.default.createFile(atPath: file, contents: nil))
             #expect(truncate(file, 1 << 30) == 0)
             let expected = try await run("/usr/bin/sha256sum", [file], timeout: .seconds(120)).stdout.prefix(64)
             // The first request of the link: relayed.
