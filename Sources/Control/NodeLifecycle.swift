@@ -49,6 +49,8 @@ public final class NodeLifecycle: Sendable {
         /// The relay last written to its status by a beat (`relayKnown`: since this process knows).
         var relay: String?
         var relayKnown = false
+        /// The candidates last written by a beat (known when `relayKnown` is).
+        var candidates: NodeCandidates?
     }
 
     struct State {
@@ -208,26 +210,30 @@ public final class NodeLifecycle: Sendable {
                         phase: .ready,
                         lastHeartbeatTime: time,
                         message: "heartbeating since \(time)",
-                        relay: report.map { $0.relay } ?? old?.relay
+                        relay: report.map { $0.relay } ?? old?.relay,
+                        candidates: report?.candidates ?? old?.candidates
                     )
                 }
                 self.finishWrite(name, phase: written == nil ? nil : .ready, gone: written == nil)
                 if let written {
                     self.logger.info("node \(name) is Ready")
-                    if report != nil { self.relayWritten(name, written.status?.relay) }
+                    if report != nil {
+                        self.relayWritten(name, written.status?.relay, written.status?.candidates)
+                    }
                 }
             } catch {
                 self.finishWrite(name, phase: nil, gone: false)
                 throw error
             }
-        } else if let report, self.relayChanges(name, report.relay) {
+        } else if let report, self.relayChanges(name, report.relay, report.candidates) {
             let written = try await self.writeStatus(name) { old in
                 guard var status = old else { return old }
                 status.relay = report.relay
+                if let c = report.candidates { status.candidates = c }
                 return status
             }
             if let written {
-                self.relayWritten(name, written.status?.relay)
+                self.relayWritten(name, written.status?.relay, written.status?.candidates)
                 self.logger.info("node \(name) is homed on relay \(report.relay ?? "(none)")")
             }
         }
@@ -240,16 +246,18 @@ public final class NodeLifecycle: Sendable {
     }
 
     /// Whether `relay` differs from what this process last wrote for `name` (or it does not know).
-    private func relayChanges(_ name: String, _ relay: String?) -> Bool {
+    /// Or, when the report has candidates, they differ from those last written.
+    private func relayChanges(_ name: String, _ relay: String?, _ candidates: NodeCandidates?) -> Bool {
         self.state.withLock { s in
             guard let e = s.nodes[name] else { return false }
-            return !e.relayKnown || e.relay != relay
+            return !e.relayKnown || e.relay != relay || (candidates != nil && e.candidates != candidates)
         }
     }
 
-    private func relayWritten(_ name: String, _ relay: String?) {
+    private func relayWritten(_ name: String, _ relay: String?, _ candidates: NodeCandidates?) {
         self.state.withLock { s in
             s.nodes[name]?.relay = relay
+            s.nodes[name]?.candidates = candidates
             s.nodes[name]?.relayKnown = true
         }
     }

@@ -323,7 +323,8 @@ struct ObjectWriter: Sendable {
                     phase: .ready,
                     lastHeartbeatTime: now,
                     message: "heartbeating since \(now)",
-                    relay: existing?.status?.relay
+                    relay: existing?.status?.relay,
+                    candidates: existing?.status?.candidates
                 ), true
             )
         }

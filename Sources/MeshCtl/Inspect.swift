@@ -127,7 +127,7 @@ enum InspectTables {
                 "from \(cell(control["table"])), \(cell(control["resourceVersions"])), \(cell(control["services"])) services, \(cell(control["routes"])) routes"
             ),
             ("RELAY", relayText),
-            ("NAT", Printer.text(v["nat"]).isEmpty ? "<none> (not measured)" : cell(v["nat"])),
+            ("NAT", nat(v["nat"])),
             (
                 "INTERFACE",
                 "\(cell(interface["mode"])), DNS on \(cell(interface["dns"])), links on \(cell(interface["linkListen"]))"
@@ -138,6 +138,14 @@ enum InspectTables {
 
     /// A heading per service port (policy, listener, counters), then its endpoints: address, node, site,
     /// weight, health, path (with the relay of a relayed link), link RTT, active, total and failed.
+    /// `endpointIndependent (TCP), endpointIndependent (UDP), seen as 198.18.0.2:7900`.
+    static func nat(_ v: JSONValue?) -> String {
+        guard let v, v != .null else { return "<none> (not measured)" }
+        var text = "\(cell(v["mapping"])) (TCP), \(cell(v["udpMapping"])) (UDP)"
+        if !Printer.text(v["reflexive"]).isEmpty { text += ", seen as \(cell(v["reflexive"]))" }
+        return text
+    }
+
     static func route(_ v: JSONValue) -> String {
         var out = "service \(cell(v["service"])).\(cell(v["namespace"])) (\(cell(v["fqdn"]))), VIP \(cell(v["vip"]))\n"
         let endpoints = Printer.list(v["endpoints"] ?? .null)

@@ -302,6 +302,37 @@ public struct AgentView: Sendable {
         return true
     }
 
+    /// `meshctl ping NODE`: each probe's path and RTT; fails when no probe got an answer.
+    public func ping(node: String, count: Int, intervalMillis: Int, format: OutputFormat) async -> Bool {
+        let path = "/ping?node=\(node)&count=\(count)&intervalMillis=\(intervalMillis)"
+        guard let value = await AgentDocument(agent: self.agent, err: self.err).fetch(path, what: "ping") else {
+            return false
+        }
+        switch format {
+        case .json: self.out(Printer.json(value))
+        case .yaml: self.out(Printer.yaml(value))
+        default:
+            var lines = ""
+            for p in Printer.list(value["probes"] ?? .null) {
+                let seq = Printer.text(p["seq"])
+                if case .string(let e) = p["error"] ?? .null {
+                    lines += "probe \(seq): no answer: \(e)\n"
+                    continue
+                }
+                var rtt = "?"
+                if case .int(let micros) = p["rttMicros"] ?? .null {
+                    rtt = String(format: "%.2fms", Double(micros) / 1000)
+                }
+                let via = Printer.text(p["relay"])
+                lines +=
+                    "pong from \(node) via \(Printer.text(p["path"]))\(via.isEmpty ? "" : " (relay \(via))") in \(rtt)\n"
+            }
+            if case .bool(false) = value["direct"] ?? .null { lines += "direct connection not established\n" }
+            self.out(lines)
+        }
+        return Printer.list(value["probes"] ?? .null).contains { ($0["error"] ?? .null) == .null }
+    }
+
     /// `meshctl routes`: what an agent is serving right now.
     public func routes(format: OutputFormat) async -> Bool {
         guard let value = await AgentDocument(agent: self.agent, err: self.err).fetch("/routes", what: "routes") else {
@@ -321,6 +352,7 @@ enum PeersView {
             return t.isEmpty ? "<none>" : t
         }
         var rows: [[String]] = []
+        var reasons: [String] = []
         for p in Printer.list(value["items"] ?? .null) {
             let rtt: String
             if case .int(let micros) = p["rttMicros"] ?? .null {
@@ -332,15 +364,29 @@ enum PeersView {
                 cell(p["node"]), cell(p["site"]), cell(p["path"]), cell(p["relay"]), rtt, cell(p["streams"]),
                 Self.bytes(p["bytesSent"]), Self.bytes(p["bytesReceived"]), cell(p["since"]),
             ]
-            if wide { row.append(cell(p["dialer"])) }
+            if wide {
+                var upgrade = "<none>"
+                if case .int(let ms) = p["upgradeMillis"] ?? .null { upgrade = "\(ms)ms" }
+                row += [
+                    cell(p["dialer"]), "\(cell(p["localNAT"]))/\(cell(p["peerNAT"]))", cell(p["upgrades"]),
+                    cell(p["fallbacks"]), upgrade,
+                ]
+            }
             rows.append(row)
+            if case .string(let why) = p["reason"] ?? .null { reasons.append("\(cell(p["node"])): not direct: \(why)") }
         }
         var header = ["NODE", "SITE", "PATH", "RELAY", "RTT", "STREAMS", "SENT", "RECEIVED", "SINCE"]
-        if wide { header.append("DIALER") }
+        if wide { header += ["DIALER", "NAT (OWN/PEER)", "UPGRADES", "FALLBACKS", "TIME TO UPGRADE"] }
         let site = Printer.text(value["site"])
-        let heading =
+        var heading =
             "node \(cell(value["node"])), site \(site.isEmpty ? "<none>" : site), links on \(cell(value["linkListen"]))\n"
-        return heading + (rows.isEmpty ? "no peer links\n" : Printer.table(header, rows))
+        if let nat = value["nat"], nat != .null {
+            let reflexive = Printer.text(nat["reflexive"])
+            heading +=
+                "NAT: \(cell(nat["mapping"])) (tcp), \(cell(nat["udpMapping"])) (udp), reflexive \(reflexive.isEmpty ? "<none>" : reflexive)\n"
+        }
+        let why = reasons.isEmpty ? "" : reasons.joined(separator: "\n") + "\n"
+        return heading + (rows.isEmpty ? "no peer links\n" : Printer.table(header, rows)) + why
     }
 
     static func bytes(_ v: JSONValue?) -> String {

@@ -30,6 +30,9 @@ public struct NodeAgentConfiguration: Sendable {
     /// When set, each beat reports the node's home relay (`RelaySessionClient.home`) in its body; the
     /// control plane writes it to the Node's `status.relay` when it changes.
     public var relay: (@Sendable () -> String?)?
+    /// When set (with `relay`), each beat reports the node's hole-punch candidates too (its NAT
+    /// discovery); the control plane writes them to the Node's `status.candidates` when they change.
+    public var candidates: (@Sendable () -> NodeCandidates?)?
 
     public init(nodeName: String, site: String? = nil) {
         self.nodeName = nodeName
@@ -104,10 +107,13 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                     registered = want
                 }
                 let relay = self.configuration.relay?()
+                let candidates = self.configuration.candidates?()
                 do {
                     try await self.client.heartbeat(
                         node: name,
-                        report: self.configuration.relay.map { _ in NodeHeartbeatReport(relay: relay) }
+                        report: self.configuration.relay.map { _ in
+                            NodeHeartbeatReport(relay: relay, candidates: candidates)
+                        }
                     )
                 } catch let status as Status where status.code == 404 {
                     // Deleted while this agent runs: register again at once.
@@ -131,7 +137,7 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                     $0.lastContact = Date()
                     $0.offlineSince = nil
                 }
-                try await self.sleep(Self.jittered(interval), unlessRelayChangesFrom: relay)
+                try await self.sleep(Self.jittered(interval), unlessRelayChangesFrom: relay, candidates)
             } catch is CancellationError {
                 return
             } catch {
@@ -161,13 +167,25 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
     /// Sleeps until the next beat, or until the home relay differs from the one last reported: other
     /// agents' relays find this node through its Node's `status.relay`, so a re-home is reported within a
     /// second, not at the next beat (a read of the hook each second costs nothing).
-    private func sleep(_ duration: Duration, unlessRelayChangesFrom reported: String?) async throws {
+    private func sleep(
+        _ duration: Duration,
+        unlessRelayChangesFrom reported: String?,
+        _ reportedCandidates: NodeCandidates?
+    ) async throws {
         guard let relay = self.configuration.relay else { return try await Task.sleep(for: duration) }
         let deadline = ContinuousClock.now + duration
         while ContinuousClock.now < deadline {
             try await Task.sleep(for: min(.seconds(1), deadline - ContinuousClock.now))
             if relay() != reported { return }
+            if let c = self.configuration.candidates, Self.candidatesMoved(c(), from: reportedCandidates) { return }
         }
+    }
+
+    /// New candidates worth a beat now: another reflexive address or mapping (not just a new time).
+    static func candidatesMoved(_ now: NodeCandidates?, from reported: NodeCandidates?) -> Bool {
+        guard let now else { return false }
+        return now.reflexive != reported?.reflexive || now.mapping != reported?.mapping
+            || now.local != reported?.local
     }
 
     /// Creates the Node, or updates its spec and labels (keeping labels others set), with a

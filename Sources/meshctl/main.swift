@@ -24,7 +24,7 @@ struct MeshCtlCommand: AsyncParsableCommand {
         version: MeshRelease.version,
         subcommands: [
             Up.self, Apply.self, Get.self, Delete.self, Watch.self, Status.self, Route.self, Routes.self, Peers.self,
-            DNSLookup.self, Trace.self, Token.self, Revoke.self, Version.self,
+            Ping.self, DNSLookup.self, Trace.self, Token.self, Revoke.self, Version.self,
         ]
     )
 }
@@ -424,16 +424,48 @@ struct Routes: AsyncParsableCommand {
 struct Peers: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract:
-            "Show an agent's peer links: per remote node its site, path (direct or relayed), relay, RTT, streams and bytes."
+            "Show an agent's peer links: per remote node its site, path (direct, punched or relayed), relay, RTT, streams, bytes, and why a link is not direct."
     )
 
     @OptionGroup var agent: AgentOptions
 
-    @Option(name: .shortAndLong, help: "table, wide (with the dialer), json or yaml.")
+    @Option(name: .shortAndLong, help: "table, wide (with the dialer, NAT types, upgrades, fallbacks), json or yaml.")
     var output: OutputFormat = .table
 
     func run() async throws {
         if !(try await self.agent.view().peers(format: self.output)) { throw ExitCode.failure }
+    }
+}
+
+struct Ping: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract:
+            "Probe the link to a node from an agent, like `tailscale ping`: each probe's path and RTT, until a direct (or punched) path is in use or the count runs out."
+    )
+
+    @Argument(help: "The node to probe.")
+    var node: String
+
+    @Option(name: .shortAndLong, help: "At most this many probes (1-100).")
+    var count: Int = 10
+
+    @Option(name: .long, help: "Milliseconds between probes.")
+    var intervalMillis: Int = 500
+
+    @OptionGroup var agent: AgentOptions
+
+    @Option(name: .shortAndLong, help: "table, json or yaml.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        guard (1...100).contains(self.count) else { throw ValidationError("--count must be 1-100") }
+        let ok = try await self.agent.view().ping(
+            node: self.node,
+            count: self.count,
+            intervalMillis: self.intervalMillis,
+            format: self.output
+        )
+        if !ok { throw ExitCode.failure }
     }
 }
 

@@ -30,6 +30,7 @@ struct CrossSiteTests {
         _ siteA: String,
         _ siteB: String,
         splitRelays: Bool = false,
+        noPunch: Bool = false,
         _ body: (String, String) async throws -> Void
     ) async throws {
         let prefix = "x\(getpid() % 10_000)\(Int.random(in: 0..<10))"
@@ -38,6 +39,7 @@ struct CrossSiteTests {
         let mesh = try await self.script(
             "netlab-mesh",
             ["start", "--prefix", prefix, "--bin", self.bin] + (splitRelays ? ["--split-relays"] : [])
+                + (noPunch ? ["--no-punch"] : [])
         )
         do {
             try #require(mesh.status == 0, "netlab-mesh start: \(mesh.stderr)\(Self.logs(prefix))")
@@ -75,7 +77,8 @@ struct CrossSiteTests {
 
     @Test("a relay killed under relayed links: agents re-home within 5 s, new requests work, open streams end")
     func relayFailover() async throws {
-        try await self.withLab("masq", "masq") { prefix, dir in
+        // No hole punching: the links must stay relayed for the relay's death to matter.
+        try await self.withLab("masq", "masq", noPunch: true) { prefix, dir in
             let page = "hello from site b\n"
             let first = await self.curlUntil(prefix, "http://web.shop.svc.cluster.local/", expect: page)
             #expect(first == page)
@@ -126,7 +129,7 @@ struct CrossSiteTests {
             Issue.record("tcpdump is missing (scripts/bootstrap installs it)")
             return
         }
-        try await self.withLab("masq", "masq") { prefix, dir in
+        try await self.withLab("masq", "masq", noPunch: true) { prefix, dir in
             let page = "hello from site b\n"
             #expect(await self.curlUntil(prefix, "http://web.shop.svc.cluster.local/", expect: page) == page)
             let pcap = dir + "/relay.pcap"
@@ -174,7 +177,7 @@ struct CrossSiteTests {
     @Test(
         "curl by name from site A to site B; 100 MiB intact over L4 and L7; UDP echo; the path in meshctl peers",
         arguments: [
-            ("public", "public", "direct", false), ("masq", "masq", "relayed", false),
+            ("public", "public", "direct", false), ("masq", "masq", "punched", false),
             ("masq", "firewall", "relayed", true), ("firewall", "firewall", "relayed", false),
         ]
     )
@@ -192,6 +195,14 @@ struct CrossSiteTests {
                 return curl.stdout == "hello from site b\n 200"
             }
             #expect(served, "curl: \(curl.stdout) \(curl.stderr)")
+            // Relay first, then upgrade (where the NATs allow it): the transfers below run on the final path.
+            #expect(
+                await eventually(timeout: .seconds(30), every: .milliseconds(250)) {
+                    let items = (try? await self.peersDocument(prefix, "a"))?["items"] as? [[String: Any]]
+                    return items?.first?["path"] as? String == path
+                },
+                "the link to b never went \(path)"
+            )
 
             // 100 MiB over the L4 route (port 81) and the L7 route (port 80), checked by SHA-256.
             let sha = try String(contentsOfFile: dir + "/web/big.bin.sha256", encoding: .utf8)

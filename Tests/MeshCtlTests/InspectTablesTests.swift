@@ -64,6 +64,14 @@ import Testing
         #expect(out.contains("CERTIFICATE   <none>\n"))
     }
 
+    @Test func natLine() throws {
+        let v = try self.parse(
+            #"{"mapping": "endpointIndependent", "udpMapping": "random", "reflexive": "198.18.0.2:7900"}"#
+        )
+        #expect(InspectTables.nat(v) == "endpointIndependent (TCP), random (UDP), seen as 198.18.0.2:7900")
+        #expect(InspectTables.nat(nil) == "<none> (not measured)")
+    }
+
     @Test func routeWithPathsAndAKey() throws {
         let v = try self.parse(
             """

@@ -1,3 +1,4 @@
+import MeshCore
 import MeshTestSupport
 import Testing
 
@@ -18,6 +19,34 @@ struct RelaySessionCodecTests {
         (.forward(from: "a", to: "edge-b1"), "14000a" + "0161" + "07656467652d6231"),
         (.refused(.nodeOffline, message: "b: no session"), "1f0010" + "01" + "000d" + "623a206e6f2073657373696f6e"),
         (.refused(.other(200), message: ""), "1f0003" + "c8" + "0000"),
+        (
+            .punchOffer(
+                PunchCandidates(
+                    id: 1,
+                    mapping: .portPreserving,
+                    candidates: [PunchCandidate(kind: .reflexive, ip: IPAddress("198.18.0.21")!, port: 7900)]
+                )
+            ),
+            "200012" + "0000000000000001" + "02" + "01" + "0204c6120015" + "1edc"
+        ),
+        (
+            .punchAnswer(PunchCandidates(id: 2, mapping: .unknown, candidates: [])),
+            "21000a" + "0000000000000002" + "0000"
+        ),
+        (
+            .punchStart(
+                PunchStart(
+                    id: 3,
+                    mode: .answererDials,
+                    delayMillis: 1,
+                    rttMicros: 2,
+                    staggerMillis: 0,
+                    answererFirst: false
+                )
+            ),
+            "220012" + "0000000000000003" + "03" + "0001" + "00000002" + "0000" + "00"
+        ),
+        (.punchResult(id: 4, ok: true, message: "up"), "23000d" + "0000000000000004" + "01" + "0002" + "7570"),
     ]
 
     @Test(arguments: 0..<Self.golden.count)

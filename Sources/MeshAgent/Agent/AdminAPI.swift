@@ -24,6 +24,8 @@ struct AdminAPI: HTTPResponder {
     let relay: RelaySessionClient
     let inspection: AgentInspection
     let health: HealthEndpoints
+    /// Direct paths through NATs (nil without a link port).
+    let direct: DirectPaths?
 
     init(
         config: AgentConfig,
@@ -32,9 +34,11 @@ struct AdminAPI: HTTPResponder {
         sync: ServiceTableSync,
         links: LinkManager,
         relay: RelaySessionClient,
-        inspection: AgentInspection
+        inspection: AgentInspection,
+        direct: DirectPaths? = nil
     ) {
         self.inspection = inspection
+        self.direct = direct
         self.config = config
         self.links = links
         self.relay = relay
@@ -103,12 +107,16 @@ struct AdminAPI: HTTPResponder {
             return Self.json(routes, what: "the routes")
         case "/peers":
             let nodes = self.applier.current.value.nodes
-            let rows = await self.links.stats().map { PeerRow($0, site: nodes[$0.node]?.spec.site) }
+            let punch = self.direct?.coordinator
+            let rows = await self.links.stats().map {
+                PeerRow($0, site: nodes[$0.node]?.spec.site, punch: punch?.stats(for: $0.node))
+            }
             let list = PeerList(
                 node: self.config.nodeName,
                 site: self.config.site,
                 linkListen: self.config.linkListen,
                 relay: self.relay.status,
+                nat: self.direct?.discovery.report.map(NATStatus.init),
                 items: rows
             )
             return Self.json(list, what: "the peers")
@@ -116,7 +124,8 @@ struct AdminAPI: HTTPResponder {
             let status = await self.inspection.status(
                 applier: self.applier,
                 dataPlane: self.dataPlane,
-                relay: self.relay.status
+                relay: self.relay.status,
+                nat: self.direct?.discovery.report.map(NATStatus.init)
             )
             return Self.json(status, what: "the status")
         case "/route":
@@ -149,10 +158,22 @@ struct AdminAPI: HTTPResponder {
             case .badRequest(let why): return .text(.badRequest, why)
             case .failed(let why): return .text(.serviceUnavailable, why)
             }
+        case "/ping":
+            guard let node = request.query["node"], Names.dns1123SubdomainError(node) == nil else {
+                return .text(.badRequest, "ping needs ?node=NAME (a node name)")
+            }
+            let count = request.query["count"].flatMap { Int($0) } ?? 10
+            let interval = request.query["intervalMillis"].flatMap { Int64($0) } ?? 500
+            let result = await PeerPing(links: self.links).run(
+                node: node,
+                count: count,
+                interval: .milliseconds(max(10, min(interval, 10_000)))
+            )
+            return Self.json(result, what: "the probes")
         default:
             return .text(
                 .notFound,
-                "no \(request.path) here: try /status, /routes, /route?name=SVC.NS, /peers, /dns?name=NAME, /metrics, /healthz or /readyz"
+                "no \(request.path) here: try /status, /routes, /route?name=SVC.NS, /peers, /ping, /dns?name=NAME, /trace?id=ID, /metrics, /healthz or /readyz"
             )
         }
     }

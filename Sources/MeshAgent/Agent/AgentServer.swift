@@ -256,6 +256,10 @@ public final class AgentServer: Sendable {
             logger: self.relayLogger()
         )
         links.setCircuitDialer { node in try await relayClient.circuit(to: node) }
+        // Relay first, then upgrade: NAT discovery from the link port and hole punching (Relay/Punch).
+        let direct = linkPort.map {
+            DirectPaths(links: links, linkPort: $0, nodeName: nodeName, current: current, logger: self.relayLogger())
+        }
         let dataPlane = DataPlane(configuration: dpConfig, logger: self.logger, peers: LinkPeerStreams(links: links))
         let zones = DNSZoneStore()
         let applier = SnapshotApplier(
@@ -313,6 +317,7 @@ public final class AgentServer: Sendable {
         nodeConfig.excludedInterfaces = [config.interfaceName]
         nodeConfig.linkPort = linkPort
         nodeConfig.relay = { relayClient.home }
+        nodeConfig.candidates = { direct?.candidates }
         nodeConfig.heartbeatInterval = .milliseconds(Int64(config.heartbeatIntervalSeconds * 1000))
         let nodeAgent = NodeAgent(
             configuration: nodeConfig,
@@ -338,7 +343,8 @@ public final class AgentServer: Sendable {
             sync: sync,
             links: links,
             relay: relayClient,
-            inspection: inspection
+            inspection: inspection,
+            direct: direct
         )
         let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
         self.admin.set(admin)
@@ -361,8 +367,10 @@ public final class AgentServer: Sendable {
         // over links), and the links last. The first failure stops the rest.
         var services: [any ServiceLifecycle.Service] = []
         if let linkListener { services.append(linkListener) }
+        if let direct { services.append(direct) }
         services += [
-            dataPlane, dns, sync, relayClient, nodeAgent, edge, revocations, RunUntilShutdown { await renewer.run() }, admin,
+            dataPlane, dns, sync, relayClient, nodeAgent, edge, revocations, RunUntilShutdown { await renewer.run() },
+            admin,
         ]
         let group = ServiceGroup(
             configuration: .init(

@@ -31,8 +31,8 @@ struct AgentInspection: Sendable {
         var uptimeSeconds: Int
         var control: Control
         var relay: RelayClientStatus
-        /// This node's NAT as seen from the relay's STUN server (nil until direct paths measure it).
-        var nat: String?
+        /// This node's NAT as the relays' STUN servers see it (nil until measured, or without a link port).
+        var nat: NATStatus?
         var interface: Interface
         var certificate: CertificateStatus?
 
@@ -72,6 +72,7 @@ struct AgentInspection: Sendable {
         applier: SnapshotApplier,
         dataPlane: DataPlane,
         relay: RelayClientStatus,
+        nat: NATStatus?,
         now: Date = Date()
     ) async
         -> Status
@@ -107,7 +108,7 @@ struct AgentInspection: Sendable {
                 routes: table?.routes ?? 0
             ),
             relay: relay,
-            nat: nil,
+            nat: nat,
             interface: .init(
                 mode: dataPlane.snapshot().mode,
                 dns: dnsAddress ?? "not listening",

@@ -88,7 +88,7 @@ enum PeerDirectory {
 struct PeerRow: Codable, Sendable, Equatable {
     var node: String
     var site: String?
-    /// `direct` or `relayed`.
+    /// `direct`, `punched` or `relayed`.
     var path: String
     var relay: String?
     var rttMicros: Int64?
@@ -98,8 +98,19 @@ struct PeerRow: Codable, Sendable, Equatable {
     var since: String
     /// The node that dialed the link.
     var dialer: String
+    /// Why the link is not direct (`peer mapping random`, `punch failed ...`); nil when it is.
+    var reason: String?
+    /// This node's and the peer's NAT mappings (`portPreserving`, `random`, ...), as last exchanged.
+    var localNAT: String?
+    var peerNAT: String?
+    /// Relayed links made direct, direct ones lost back to a relay, punch rounds.
+    var upgrades: Int?
+    var fallbacks: Int?
+    var punchAttempts: Int?
+    /// From the relayed link up to the direct one, for the last upgrade.
+    var upgradeMillis: Int?
 
-    init(_ stats: LinkStats, site: String?) {
+    init(_ stats: LinkStats, site: String?, punch: PunchPeerStats? = nil) {
         self.node = stats.node
         self.site = site
         self.path = stats.path
@@ -110,6 +121,15 @@ struct PeerRow: Codable, Sendable, Equatable {
         self.bytesReceived = stats.bytesReceived
         self.since = Timestamp.format(secondsSinceEpoch: Int(stats.since.timeIntervalSince1970))
         self.dialer = stats.dialer
+        if let punch {
+            self.reason = stats.path == "relayed" ? punch.reason : nil
+            self.localNAT = punch.localMapping
+            self.peerNAT = punch.peerMapping
+            self.upgrades = punch.upgrades
+            self.fallbacks = punch.fallbacks
+            self.punchAttempts = punch.attempts
+            self.upgradeMillis = punch.upgradeMillis
+        }
     }
 }
 
@@ -121,5 +141,22 @@ struct PeerList: Codable, Sendable {
     var linkListen: String
     /// Its relay session: the home relay, its address, RTT, since when, circuits.
     var relay: RelayClientStatus
+    /// This node's NAT discovery: the link port's TCP mapping, its UDP mapping, the reflexive address.
+    var nat: NATStatus?
     var items: [PeerRow]
+}
+
+/// `/peers`' `nat`.
+struct NATStatus: Codable, Sendable, Equatable {
+    var mapping: String
+    var udpMapping: String
+    var reflexive: String?
+    var errors: [String]?
+
+    init(_ report: NATReport) {
+        self.mapping = report.mapping.description
+        self.udpMapping = report.udpMapping.description
+        self.reflexive = report.reflexive.map { "\($0)" }
+        self.errors = report.errors.isEmpty ? nil : report.errors
+    }
 }

@@ -79,12 +79,22 @@ public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
     /// The node's home relay (its agent keeps a session there; relays forward circuits to it there),
     /// as its heartbeat last reported it. Nil: none, or not reported.
     public var relay: String?
+    /// Where the node's agent can be reached for a hole punch (its NAT discovery), as its heartbeat last
+    /// reported it. Nil: not reported.
+    public var candidates: NodeCandidates?
 
-    public init(phase: Phase? = nil, lastHeartbeatTime: String? = nil, message: String? = nil, relay: String? = nil) {
+    public init(
+        phase: Phase? = nil,
+        lastHeartbeatTime: String? = nil,
+        message: String? = nil,
+        relay: String? = nil,
+        candidates: NodeCandidates? = nil
+    ) {
         self.phase = phase
         self.lastHeartbeatTime = lastHeartbeatTime
         self.message = message
         self.relay = relay
+        self.candidates = candidates
     }
 
     public enum Phase: String, StrictEnum {
@@ -99,15 +109,58 @@ public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
 public struct NodeHeartbeatReport: Codable, Sendable, Equatable {
     /// The node's home relay; nil (or absent) when it has none.
     public var relay: String?
+    /// The node's hole-punch candidates; nil (or absent): not reported (the status keeps what it had).
+    public var candidates: NodeCandidates?
 
-    public init(relay: String?) {
+    public init(relay: String?, candidates: NodeCandidates? = nil) {
         self.relay = relay
+        self.candidates = candidates
     }
 
     /// Why the report is not valid (nil: it is).
     public var error: String? {
-        guard let r = self.relay, let e = Names.dns1123SubdomainError(r) else { return nil }
-        return "relay \"\(r)\" \(e)"
+        if let r = self.relay, let e = Names.dns1123SubdomainError(r) { return "relay \"\(r)\" \(e)" }
+        return self.candidates?.error
+    }
+}
+
+/// A node's candidates for a direct path (its agent's NAT discovery, `Relay/Punch`): its own addresses,
+/// the reflexive address and port its NAT maps its link port to, as the relays' STUN servers saw it, and
+/// the kind of mapping.
+public struct NodeCandidates: Codable, Sendable, Equatable, Hashable {
+    /// The host's own addresses with the link port (`IP:PORT`, `[IPv6]:PORT`).
+    public var local: [String]?
+    /// The link port as the relays' STUN servers saw it (`IP:PORT`); nil: no STUN server answered.
+    public var reflexive: String?
+    /// `none` (no NAT: the reflexive address is the host's own), `endpointIndependent` (one mapping for
+    /// every destination; `portPreserving` when it keeps the port too), `endpointDependent`, `random`,
+    /// `unknown`.
+    public var mapping: String?
+    /// When the discovery ran (RFC 3339).
+    public var updateTime: String?
+
+    public init(local: [String]? = nil, reflexive: String? = nil, mapping: String? = nil, updateTime: String? = nil) {
+        self.local = local
+        self.reflexive = reflexive
+        self.mapping = mapping
+        self.updateTime = updateTime
+    }
+
+    /// The mappings a report may name.
+    public static let mappings: Set<String> = [
+        "none", "endpointIndependent", "portPreserving", "endpointDependent", "random", "unknown",
+    ]
+
+    /// Why the candidates are not valid (nil: they are).
+    public var error: String? {
+        if let m = self.mapping, !Self.mappings.contains(m) {
+            return "candidates.mapping \"\(m)\" is not one of \(Self.mappings.sorted().joined(separator: ", "))"
+        }
+        if (self.local?.count ?? 0) > 16 { return "candidates.local: at most 16 addresses" }
+        for a in (self.local ?? []) + (self.reflexive.map { [$0] } ?? []) where a.utf8.count > 64 {
+            return "candidates: an address of \(a.utf8.count) bytes (at most 64)"
+        }
+        return nil
     }
 }
 

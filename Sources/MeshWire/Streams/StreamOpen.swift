@@ -62,6 +62,17 @@ public struct StreamTarget: Hashable, Sendable, CustomStringConvertible {
         self.transport = transport
     }
 
+    /// The link's own control stream (hole-punch coordination, `Relay/Punch`): no service has this
+    /// name (`_link` is not a DNS-1123 label), so no table can serve it by mistake.
+    public static let linkControl = StreamTarget(
+        namespace: "_link",
+        service: "control",
+        servicePort: 0,
+        endpoint: .v4(0),
+        endpointPort: 0,
+        transport: .tcp
+    )
+
     /// The header's version.
     public static let version: UInt8 = 1
     /// The largest `length` accepted (the largest valid header is 531 bytes).

@@ -26,13 +26,20 @@ public enum LinkPath: Sendable, Hashable, CustomStringConvertible {
     case direct
     /// A circuit spliced by a relay (its name).
     case relayed(String)
+    /// A TCP connection made by a hole punch (simultaneous open through both NATs, coordinated over a
+    /// relayed link).
+    case punched
 
     public var description: String {
         switch self {
         case .direct: return "direct"
         case .relayed: return "relayed"
+        case .punched: return "punched"
         }
     }
+
+    /// Whether the bytes go straight between the two nodes (direct or punched), not through a relay.
+    public var isDirect: Bool { self.relay == nil }
 
     public var relay: String? {
         if case .relayed(let r) = self { return r }
@@ -118,6 +125,7 @@ public final class Link: Sendable, CustomStringConvertible {
         var pinger: RepeatedTask?
         var retired = false
         var graceOver = false
+        var closedIdle = false
     }
 
     public var channel: any Channel { self.session.channel }
@@ -282,7 +290,10 @@ public final class Link: Sendable, CustomStringConvertible {
         s.idle?.cancel()
         let timeout = self.idleTimeout
         s.idle = self.channel.eventLoop.scheduleTask(in: timeout) { [self] in
-            let idle = self.state.withLock { $0.streams == 0 }
+            let idle = self.state.withLock { s -> Bool in
+                if s.streams == 0 { s.closedIdle = true }
+                return s.streams == 0
+            }
             if idle { self.close() }
         }
     }
@@ -306,6 +317,12 @@ public final class Link: Sendable, CustomStringConvertible {
 
     /// Streams open on this link (ours and the peer's).
     public var openStreams: Int { self.state.withLock { $0.streams } }
+
+    /// Whether it was retired (a tie-break, an upgrade, a close) rather than lost.
+    public var wasRetired: Bool { self.state.withLock { $0.retired } }
+
+    /// Whether it closed because no stream was open for the idle timeout.
+    public var closedForIdle: Bool { self.state.withLock { $0.closedIdle } }
 
     /// No new streams (Go Away to the peer); closes once the open ones are done, and not before `grace`
     /// (the peer may still be waiting for the first ping's answer that proves the link up).

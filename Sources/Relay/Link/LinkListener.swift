@@ -24,6 +24,8 @@ public final class LinkListener: Service, Sendable {
         let manager = self.manager
         let channel = try await ServerBootstrap(group: manager.group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            // Punches and STUN requests leave from the link port too (Relay/Punch).
+            .serverChannelOption(SimultaneousOpen.reusePort, value: 1)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 _ = manager.establish(over: channel, role: .acceptor, path: .direct)

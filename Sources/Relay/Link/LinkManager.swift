@@ -16,7 +16,7 @@ import Foundation
 /// One link as `/peers` shows it.
 public struct LinkStats: Sendable, Hashable, Codable {
     public var node: String
-    /// `direct` or `relayed`.
+    /// `direct`, `punched` or `relayed`.
     public var path: String
     public var relay: String?
     /// The last mux ping's round trip (nil until one came back).
@@ -47,12 +47,29 @@ public final class LinkManager: Sendable {
     public var tls: MeshLinkTLS { self.currentTLS.withLock { $0 } }
     private let currentTLS: Mutex<MeshLinkTLS>
     public let configuration: LinkConfiguration
-    let group: any EventLoopGroup
+    public let group: any EventLoopGroup
     let resolve: AddressResolver
     let check: LinkTargetCheck
     let logger: Logger
     private let circuits: Mutex<CircuitDialer?>
     private let state = Mutex(State())
+    private let hooks = Mutex(Hooks())
+
+    /// A link came up and joined the table (`replaced`: the link it took over from, when it upgraded a
+    /// relayed one), or a link that was up closed.
+    public enum Event: Sendable {
+        case up(Link, replaced: Link?)
+        case down(Link)
+    }
+
+    /// Handles a link's control stream (target ``StreamTarget/linkControl``) that the peer opened: the
+    /// stream (accepted, header gone, reading paused), the peer, and bytes already read after the header.
+    public typealias ControlHandler = @Sendable (_ stream: any Channel, _ peer: String, _ rest: ByteBuffer) -> Void
+
+    private struct Hooks {
+        var observer: (@Sendable (Event) -> Void)?
+        var control: ControlHandler?
+    }
 
     private struct State {
         var links: [String: Link] = [:]
@@ -88,6 +105,22 @@ public final class LinkManager: Sendable {
     /// up keep the one they were made with until they close.
     public func replaceTLS(_ tls: MeshLinkTLS) {
         self.currentTLS.withLock { $0 = tls }
+    }
+
+    /// Tells `observer` of every link that comes up or goes down (the punch coordinator).
+    public func setObserver(_ observer: @escaping @Sendable (Event) -> Void) {
+        self.hooks.withLock { $0.observer = observer }
+    }
+
+    /// Takes the control streams peers open (the punch coordinator); without one they are refused.
+    public func setControlHandler(_ handler: @escaping ControlHandler) {
+        self.hooks.withLock { $0.control = handler }
+    }
+
+    /// Opens a control stream on `link` (not any link to its peer: the one given), with
+    /// `initializer`'s handlers in place once the peer accepted it.
+    public func openControl(on link: Link, initializer: MuxStreamInitializer? = nil) async throws -> any Channel {
+        try await self.open(on: link, .linkControl, initializer)
     }
 
     /// Lets `link(to:)` reach nodes through a relay too (set once the relay client exists).
@@ -373,7 +406,8 @@ public final class LinkManager: Sendable {
                         peer: link.peer,
                         check: self.check,
                         connectTimeout: self.configuration.localConnectTimeout,
-                        logger: self.logger
+                        logger: self.logger,
+                        control: self.hooks.withLock { $0.control }
                     ) { refusal in
                         self.state.withLock { $0.refusedSent[refusal.code.rawValue, default: 0] += 1 }
                         Counter(
@@ -401,40 +435,53 @@ public final class LinkManager: Sendable {
         return future
     }
 
-    /// Puts an established link in the table, applying the tie-break against a link already there.
+    /// Puts an established link in the table, applying the tie-break against a link already there: a
+    /// link whose bytes go straight (direct, punched) beats a relayed one (the upgrade: new streams take
+    /// it, the relayed link's open streams finish on the circuit, then it closes); between two of a kind
+    /// the one dialed by the smaller node name wins.
     func adopt(_ link: Link) {
         let key = ObjectIdentifier(link.channel)
-        let (retire, shutDown) = self.state.withLock { s -> (Link?, Bool) in
-            if s.shutDown { return (link, true) }
+        let (retire, shutDown, upgraded) = self.state.withLock { s -> (Link?, Bool, Bool) in
+            if s.shutDown { return (link, true, false) }
             s.all[key] = link
             guard let existing = s.links[link.peer], existing.isUsable else {
                 s.links[link.peer] = link
-                return (nil, false)
+                return (nil, false, false)
+            }
+            if existing.path.isDirect != link.path.isDirect {
+                if existing.path.isDirect { return (link, false, false) }
+                s.links[link.peer] = link
+                return (existing, false, true)
             }
             let winner = min(self.localNode, link.peer)
             if existing.dialer == winner && link.dialer != winner {
-                return (link, false)
+                return (link, false, false)
             }
             s.links[link.peer] = link
-            return (existing, false)
+            return (existing, false, false)
         }
+        let observer = self.hooks.withLock { $0.observer }
         link.channel.closeFuture.whenComplete { _ in
             self.state.withLock { s in
                 s.all.removeValue(forKey: key)
                 if s.links[link.peer] === link { s.links.removeValue(forKey: link.peer) }
             }
+            if !shutDown { observer?(.down(link)) }
         }
         if let retire {
             if shutDown {
                 retire.close()
             } else {
                 self.logger.info(
-                    "two links to one peer: keeping the one dialed by the smaller name",
+                    upgraded
+                        ? "upgraded a relayed link: new streams go \(link.path), open ones finish on the circuit"
+                        : "two links to one peer: keeping the one dialed by the smaller name",
                     metadata: ["peer": "\(link.peer)", "retired": "\(retire)"]
                 )
                 retire.retire()
             }
         }
+        if !shutDown, retire !== link { observer?(.up(link, replaced: upgraded ? retire : nil)) }
     }
 
     /// The peer left the mesh (or the route table): its links close.
@@ -478,6 +525,7 @@ public final class LinkManager: Sendable {
     public func stats() async -> [LinkStats] {
         let links = self.state.withLock { Array($0.links.values) }
         var rows: [LinkStats] = []
+        // A peer whose link is being replaced by an upgrade shows its current link.
         for link in links {
             guard let mux = try? await link.session.stats().get() else { continue }
             rows.append(

@@ -97,6 +97,7 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
     private let connectTimeout: TimeAmount
     private let onRefused: @Sendable (StreamRefusal) -> Void
     private let logger: Logger
+    private let control: LinkManager.ControlHandler?
     private var buffer = ByteBuffer()
     private var target: StreamTarget?
     private var finished = false
@@ -107,12 +108,14 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
         check: @escaping LinkTargetCheck,
         connectTimeout: TimeAmount,
         logger: Logger,
+        control: LinkManager.ControlHandler? = nil,
         onRefused: @escaping @Sendable (StreamRefusal) -> Void
     ) {
         self.peer = peer
         self.check = check
         self.connectTimeout = connectTimeout
         self.logger = logger
+        self.control = control
         self.onRefused = onRefused
     }
 
@@ -129,6 +132,19 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         self.target = target
+        if target == .linkControl, let control = self.control {
+            // The link's own control stream (hole punching): accepted here, handed over as it is.
+            var reply = ByteBuffer()
+            StreamOpenReply.accepted.encode(into: &reply)
+            context.writeAndFlush(self.wrapOutboundOut(reply), promise: nil)
+            let rest = self.buffer
+            self.buffer = ByteBuffer()
+            self.finished = true
+            let stream = context.channel
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            control(stream, self.peer, rest)
+            return
+        }
         if let refusal = self.check(target, self.peer) {
             self.refuse(context, refusal)
             return

@@ -36,6 +36,29 @@ extension RelaySessionMessage {
             }
             Self.put(UInt16(text.count), into: &payload)
             payload += text
+        case .punchOffer(let c), .punchAnswer(let c):
+            try Self.put(c, into: &payload)
+        case .punchStart(let s):
+            Self.put(s.id, into: &payload)
+            payload.append(s.mode.rawValue)
+            Self.put(s.delayMillis, into: &payload)
+            Self.put(UInt16(s.rttMicros >> 16), into: &payload)
+            Self.put(UInt16(s.rttMicros & 0xFFFF), into: &payload)
+            Self.put(s.staggerMillis, into: &payload)
+            payload.append(s.answererFirst ? 1 : 0)
+        case .punchResult(let id, let ok, let message):
+            Self.put(id, into: &payload)
+            payload.append(ok ? 1 : 0)
+            let text = Array(message.utf8)
+            guard text.count <= Self.maxPayload - 11 else {
+                throw RelaySessionWireError(
+                    .unencodable,
+                    at: 0,
+                    "a punch result's text is over \(Self.maxPayload - 11) bytes"
+                )
+            }
+            Self.put(UInt16(text.count), into: &payload)
+            payload += text
         }
         guard payload.count <= Self.maxPayload else {
             throw RelaySessionWireError(
@@ -87,6 +110,32 @@ extension RelaySessionMessage {
         case .refused:
             let code = try r.byte()
             message = .refused(RelayRefusal(code: code), message: try r.text())
+        case .punchOffer: message = .punchOffer(try r.candidates())
+        case .punchAnswer: message = .punchAnswer(try r.candidates())
+        case .punchStart:
+            let id = try r.u64()
+            let at = r.at
+            guard let mode = PunchStart.Mode(rawValue: try r.byte()) else {
+                throw RelaySessionWireError(.badValue, at: at, "punch mode \(bytes[at]) (1-3)")
+            }
+            let delay = try r.u16()
+            let rtt = UInt32(try r.u16()) << 16 | UInt32(try r.u16())
+            let stagger = try r.u16()
+            let first = try r.flag("who goes first")
+            message = .punchStart(
+                PunchStart(
+                    id: id,
+                    mode: mode,
+                    delayMillis: delay,
+                    rttMicros: rtt,
+                    staggerMillis: stagger,
+                    answererFirst: first
+                )
+            )
+        case .punchResult:
+            let id = try r.u64()
+            let ok = try r.flag("ok")
+            message = .punchResult(id: id, ok: ok, message: try r.text())
         }
         guard r.at == r.end else {
             throw RelaySessionWireError(
@@ -104,6 +153,26 @@ extension RelaySessionMessage {
         }
         payload.append(UInt8(name.utf8.count))
         payload += Array(name.utf8)
+    }
+
+    /// id (8), mapping (1), count (1), then each: kind (1), family (1: 4 or 6), address (4 or 16), port (2).
+    static func put(_ c: PunchCandidates, into payload: inout [UInt8]) throws(RelaySessionWireError) {
+        guard c.candidates.count <= PunchCandidates.maxCandidates else {
+            throw RelaySessionWireError(
+                .unencodable,
+                at: 0,
+                "\(c.candidates.count) punch candidates (at most \(PunchCandidates.maxCandidates))"
+            )
+        }
+        Self.put(c.id, into: &payload)
+        payload.append(c.mapping.rawValue)
+        payload.append(UInt8(c.candidates.count))
+        for candidate in c.candidates {
+            payload.append(candidate.kind.rawValue)
+            payload.append(candidate.ip.isIPv4 ? 4 : 6)
+            payload += candidate.ip.bytes
+            Self.put(candidate.port, into: &payload)
+        }
     }
 
     static func put(_ v: UInt16, into payload: inout [UInt8]) {
@@ -149,6 +218,50 @@ extension RelaySessionMessage {
                 )
             }
             return name
+        }
+
+        mutating func flag(_ what: String) throws(RelaySessionWireError) -> Bool {
+            let at = self.at
+            switch try self.byte() {
+            case 0: return false
+            case 1: return true
+            case let b: throw RelaySessionWireError(.badValue, at: at, "\(what): \(b) (0 or 1)")
+            }
+        }
+
+        mutating func candidates() throws(RelaySessionWireError) -> PunchCandidates {
+            let id = try self.u64()
+            let mappingAt = self.at
+            let rawMapping = try self.byte()
+            guard let mapping = NATMapping(rawValue: rawMapping) else {
+                throw RelaySessionWireError(.badValue, at: mappingAt, "NAT mapping \(rawMapping) (0-5)")
+            }
+            let countAt = self.at
+            let count = Int(try self.byte())
+            guard count <= PunchCandidates.maxCandidates else {
+                throw RelaySessionWireError(
+                    .badValue,
+                    at: countAt,
+                    "\(count) punch candidates (at most \(PunchCandidates.maxCandidates))"
+                )
+            }
+            var list: [PunchCandidate] = []
+            for _ in 0..<count {
+                let kindAt = self.at
+                let rawKind = try self.byte()
+                guard let kind = PunchCandidate.Kind(rawValue: rawKind) else {
+                    throw RelaySessionWireError(.badValue, at: kindAt, "candidate kind \(rawKind) (1 or 2)")
+                }
+                let familyAt = self.at
+                let family = try self.byte()
+                guard family == 4 || family == 6 else {
+                    throw RelaySessionWireError(.badValue, at: familyAt, "address family \(family) (4 or 6)")
+                }
+                let raw = try self.take(family == 4 ? 4 : 16, "an address")
+                let ip = IPAddress(bytes: raw)!
+                list.append(PunchCandidate(kind: kind, ip: ip, port: try self.u16()))
+            }
+            return PunchCandidates(id: id, mapping: mapping, candidates: list)
         }
 
         mutating func text() throws(RelaySessionWireError) -> String {

@@ -1,3 +1,5 @@
+import MeshCore
+
 /// The messages agents and relays exchange on 7800/tcp, inside the outer TLS 1.3 (README "Relay
 /// sessions"). Pure values and a pure codec, no I/O.
 ///
@@ -32,6 +34,16 @@ public enum RelaySessionMessage: Sendable, Hashable {
     case ready(circuit: UInt64)
     /// Relay → agent: no (a circuit, a hello, a malformed message), and why; the relay closes.
     case refused(RelayRefusal, message: String)
+    /// Hole punching, agent to agent on a relayed link's punch stream (never to a relay: it refuses them
+    /// as `badMessage`). The link's dialer offers its NAT mapping and candidates...
+    case punchOffer(PunchCandidates)
+    /// ...the other end answers with its own (the offerer measures the round trip through the relay)...
+    case punchAnswer(PunchCandidates)
+    /// ...the offerer says how and when: both start `delayMillis` after the offerer sent this, the
+    /// answerer subtracting half of `rttMicros` (the one-way time through the relay)...
+    case punchStart(PunchStart)
+    /// ...and either end says how it went (`ok`), or why there was no punch.
+    case punchResult(id: UInt64, ok: Bool, message: String)
 
     /// The protocol version this codec speaks.
     public static let version: UInt8 = 1
@@ -51,6 +63,10 @@ public enum RelaySessionMessage: Sendable, Hashable {
         case ready = 0x13
         case forward = 0x14
         case refused = 0x1F
+        case punchOffer = 0x20
+        case punchAnswer = 0x21
+        case punchStart = 0x22
+        case punchResult = 0x23
     }
 
     public var kind: Kind {
@@ -65,7 +81,127 @@ public enum RelaySessionMessage: Sendable, Hashable {
         case .ready: return .ready
         case .forward: return .forward
         case .refused: return .refused
+        case .punchOffer: return .punchOffer
+        case .punchAnswer: return .punchAnswer
+        case .punchStart: return .punchStart
+        case .punchResult: return .punchResult
         }
+    }
+}
+
+/// A NAT's mapping as a punch sees it (one byte on the wire; NodeCandidates' `mapping` names it).
+public enum NATMapping: UInt8, Sendable, Hashable, Codable, CaseIterable, CustomStringConvertible {
+    /// No STUN server answered, or too few to tell.
+    case unknown = 0
+    /// No NAT: the STUN servers saw the host's own address and port.
+    case none = 1
+    /// Endpoint-independent and the port kept: the easiest NAT to punch.
+    case portPreserving = 2
+    /// Endpoint-independent: one mapping for every destination (predictable from a STUN answer).
+    case endpointIndependent = 3
+    /// A mapping per destination, but from a small range (not predictable enough to punch here).
+    case endpointDependent = 4
+    /// A random port per destination (MASQUERADE --random-fully, symmetric NATs): no punch can work.
+    case random = 5
+
+    public var description: String {
+        switch self {
+        case .unknown: return "unknown"
+        case .none: return "none"
+        case .portPreserving: return "portPreserving"
+        case .endpointIndependent: return "endpointIndependent"
+        case .endpointDependent: return "endpointDependent"
+        case .random: return "random"
+        }
+    }
+
+    public init?(name: String) {
+        guard let m = Self.allCases.first(where: { $0.description == name }) else { return nil }
+        self = m
+    }
+
+    /// Whether a STUN answer predicts the mapping a punch will get.
+    public var isPredictable: Bool { self == .none || self == .portPreserving || self == .endpointIndependent }
+}
+
+/// One address a punch may aim at.
+public struct PunchCandidate: Sendable, Hashable, CustomStringConvertible {
+    public enum Kind: UInt8, Sendable, Hashable {
+        /// One of the host's own addresses.
+        case host = 1
+        /// The address and port the NAT maps the link port to (from STUN).
+        case reflexive = 2
+    }
+
+    public var kind: Kind
+    public var ip: IPAddress
+    public var port: UInt16
+
+    public init(kind: Kind, ip: IPAddress, port: UInt16) {
+        self.kind = kind
+        self.ip = ip
+        self.port = port
+    }
+
+    public var description: String {
+        let host = self.ip.isIPv4 ? "\(self.ip)" : "[\(self.ip)]"
+        return "\(self.kind == .host ? "host" : "reflexive") \(host):\(self.port)"
+    }
+}
+
+/// An offer's or answer's body: the punch's id (the offerer's), the sender's mapping and candidates.
+public struct PunchCandidates: Sendable, Hashable {
+    public var id: UInt64
+    public var mapping: NATMapping
+    public var candidates: [PunchCandidate]
+
+    public init(id: UInt64, mapping: NATMapping, candidates: [PunchCandidate]) {
+        self.id = id
+        self.mapping = mapping
+        self.candidates = candidates
+    }
+
+    /// At most this many candidates travel.
+    public static let maxCandidates = 16
+}
+
+/// The offerer's go: how, when, and who sends first.
+public struct PunchStart: Sendable, Hashable {
+    public enum Mode: UInt8, Sendable, Hashable {
+        /// Both connect from their link ports at once (TCP simultaneous open).
+        case simultaneousOpen = 1
+        /// Only the offerer dials (the answerer has no NAT); the answerer's listener takes it.
+        case offererDials = 2
+        /// Only the answerer dials (the offerer has no NAT).
+        case answererDials = 3
+    }
+
+    public var id: UInt64
+    public var mode: Mode
+    /// From the offerer's sending of this message to the first SYN of whoever goes first.
+    public var delayMillis: UInt16
+    /// The round trip the offerer measured through the relay (offer to answer).
+    public var rttMicros: UInt32
+    /// The second side starts this much later (a NAT that answers an early SYN with a RST must have sent
+    /// its own first): 0 for both at once.
+    public var staggerMillis: UInt16
+    /// Who goes first when `staggerMillis` > 0: the answerer (true) or the offerer.
+    public var answererFirst: Bool
+
+    public init(
+        id: UInt64,
+        mode: Mode,
+        delayMillis: UInt16,
+        rttMicros: UInt32,
+        staggerMillis: UInt16,
+        answererFirst: Bool
+    ) {
+        self.id = id
+        self.mode = mode
+        self.delayMillis = delayMillis
+        self.rttMicros = rttMicros
+        self.staggerMillis = staggerMillis
+        self.answererFirst = answererFirst
     }
 }
 
@@ -132,6 +268,8 @@ public struct RelaySessionWireError: Error, Hashable, Sendable, CustomStringConv
         case badText
         /// A message that cannot be encoded (a field too long for its length prefix).
         case unencodable
+        /// A value outside its field's range (a punch mapping, candidate kind, address family or mode).
+        case badValue
     }
 
     public let code: Code
