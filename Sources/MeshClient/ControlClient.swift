@@ -79,11 +79,26 @@ public struct ControlClient: Sendable {
     ) async throws -> (status: HTTPResponseStatus, body: ByteBuffer) {
         var headers = HTTPHeaders([("Accept", "application/json")])
         if body != nil { headers.add(name: "Content-Type", value: "application/json") }
-        let response: HTTPClientResponse
-        if let session = self.session {
-            response = try await session.send(method, path, headers: headers, body: body)
-        } else {
-            response = try await self.http.send(method, path, headers: headers, body: body)
+        var response: HTTPClientResponse
+        do {
+            if let session = self.session {
+                response = try await session.send(method, path, headers: headers, body: body)
+            } else {
+                response = try await self.http.send(method, path, headers: headers, body: body)
+            }
+        } catch let error as HTTPClientError where !self.alternates.isEmpty {
+            // This replica cannot be reached: the others in turn (a connection each).
+            var answered: HTTPClientResponse?
+            for alternate in self.alternates {
+                var http = self.http
+                http.endpoint = alternate
+                if let r = try? await http.send(method, path, headers: headers, body: body) {
+                    answered = r
+                    break
+                }
+            }
+            guard let answered else { throw error }
+            response = answered
         }
         guard (200..<300).contains(response.status.code) else {
             throw ControlClient.status(from: response.body, httpStatus: response.status)
