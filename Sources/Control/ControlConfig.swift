@@ -64,6 +64,10 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     public var etcdKeyFile: String = ""
     /// This replica's name among the others (default: host name and listen address).
     public var replicaName: String = ""
+    /// Large connection buffers (NIOSSL's 48 KiB per TLS connection) on pages of their own, so idle
+    /// agents' connections keep only what they touch resident (MeshHTTP `LeanAllocator`). false: the
+    /// malloc heap, as before (for comparison in perf/scale).
+    public var leanConnectionBuffers: Bool = true
 
     public init() {}
 

@@ -121,6 +121,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         httpConfig.port = listen.port
         httpConfig.maxBodyBytes = config.maxBodyBytes
         httpConfig.maxConnections = config.maxConnections
+        httpConfig.leanBuffers = config.leanConnectionBuffers
         httpConfig.renderError = ControlAPI.renderError
         httpConfig.drainTimeout = .seconds(2)
         httpConfig.requestTimeout = .seconds(Int64(config.requestTimeoutSeconds))

@@ -89,7 +89,7 @@ struct Sim: AsyncParsableCommand {
                         do {
                             try await c.apply(node)
                             return
-                        } catch where attempt < 4 {
+                        } catch  where attempt < 4 {
                             try await Task.sleep(for: .milliseconds(200))
                         }
                     }
@@ -140,7 +140,8 @@ struct Sim: AsyncParsableCommand {
                         var k: Int64 = 0
                         while !Task.isCancelled {
                             for i in stride(from: lane, to: count, by: min(64, count)) {
-                                let due = start + .nanoseconds(k * intervalNanos + intervalNanos * Int64(i) / Int64(count))
+                                let due =
+                                    start + .nanoseconds(k * intervalNanos + intervalNanos * Int64(i) / Int64(count))
                                 try? await Task.sleep(until: due, clock: .continuous)
                                 if Task.isCancelled { return }
                                 let c = pool[(firstIndex + i) % endpoints.count][lane % pool[0].count]
@@ -219,6 +220,7 @@ struct Drive: AsyncParsableCommand {
     @Option(help: "Seconds of beats only, measured for CPU.") var window = 40.0
     @Option(help: "Service changes whose delay to every agent is measured.") var changes = 5
     @Option(help: "Write the figures as JSON to this file.") var json: String?
+    @Option(help: "mesh-control's leanConnectionBuffers (false: the malloc heap, the baseline).") var lean = true
 
     final class Child: @unchecked Sendable {
         // Set once in init; Process and the pipe handles are used from one task at a time.
@@ -263,7 +265,9 @@ struct Drive: AsyncParsableCommand {
                 if let l = self.lines.withLock({ ls -> String? in
                     guard let i = ls.firstIndex(where: { $0.hasPrefix(prefix) }) else { return nil }
                     return ls.remove(at: i)
-                }) { return l }
+                }) {
+                    return l
+                }
                 if !self.process.isRunning { throw ValidationError("a simulator exited") }
                 try await Task.sleep(for: .milliseconds(50))
             }
@@ -272,7 +276,8 @@ struct Drive: AsyncParsableCommand {
     }
 
     func run() async throws {
-        guard (1...15_000).contains(self.nodes), (1...5).contains(self.replicas), (1...8).contains(self.processes) else {
+        guard (1...15_000).contains(self.nodes), (1...5).contains(self.replicas), (1...8).contains(self.processes)
+        else {
             throw ValidationError("nodes 1-15000, replicas 1-5, processes 1-8")
         }
         let ports = (0..<self.replicas).map { 21000 + Int.random(in: 0..<4000) * 5 + $0 }
@@ -287,6 +292,7 @@ struct Drive: AsyncParsableCommand {
         store: etcd
         etcdEndpoints: [\(self.etcd)]
         logLevel: warning
+        leanConnectionBuffers: \(self.lean)
 
         """.write(toFile: config, atomically: true, encoding: .utf8)
         func startReplica(_ r: Int) throws -> Child {
@@ -308,7 +314,10 @@ struct Drive: AsyncParsableCommand {
         let (admin, _) = try adminClient(pki, urls)
         let rssBase = replicas.map { ProcessStats.rss($0.process.processIdentifier) }
         _ = try? await admin.create(
-            Service(metadata: ObjectMeta(name: "probe", namespace: "default"), spec: ServiceSpec(ports: [ServicePort(port: 80)]))
+            Service(
+                metadata: ObjectMeta(name: "probe", namespace: "default"),
+                spec: ServiceSpec(ports: [ServicePort(port: 80)])
+            )
         )
 
         // The simulators.
@@ -405,11 +414,17 @@ struct Drive: AsyncParsableCommand {
         let rssDelta = zip(rssConnected, rssBase).map { $0 - $1 }.reduce(0, +)
         let cpu = zip(cpu1, cpu0).map { $0 - $1 }.reduce(0, +)
         let figures: [(String, String)] = [
-            ("replicas", "\(self.replicas)"), ("agents", "\(self.nodes)"),
+            ("replicas", "\(self.replicas)"), ("agents", "\(self.nodes)"), ("lean connection buffers", "\(self.lean)"),
             ("simulator processes", "\(sims.count)"),
             ("set-up (s)", String(format: "%.1f", Double(setup.components.seconds))),
-            ("control RSS before agents (MiB, all replicas)", String(format: "%.1f", Double(rssBase.reduce(0, +)) / 1_048_576)),
-            ("control RSS agents connected (MiB, all replicas)", String(format: "%.1f", Double(rssConnected.reduce(0, +)) / 1_048_576)),
+            (
+                "control RSS before agents (MiB, all replicas)",
+                String(format: "%.1f", Double(rssBase.reduce(0, +)) / 1_048_576)
+            ),
+            (
+                "control RSS agents connected (MiB, all replicas)",
+                String(format: "%.1f", Double(rssConnected.reduce(0, +)) / 1_048_576)
+            ),
             ("control memory per agent (KiB)", String(format: "%.1f", Double(rssDelta) / n / 1024)),
             ("control RSS per 1,000 agents (MiB)", String(format: "%.1f", Double(rssDelta) / n * 1000 / 1_048_576)),
             ("heartbeats/s sustained", String(format: "%.0f", Double(beats1 - beats0) / elapsed)),
@@ -418,13 +433,19 @@ struct Drive: AsyncParsableCommand {
             ("control CPU per 1,000 agents (cores)", String(format: "%.4f", cpu / elapsed / n * 1000)),
             ("change delay to all p50 (ms)", String(format: "%.1f", pct(delays, 0.50))),
             ("change delay to all p99 (ms)", String(format: "%.1f", pct(delays, 0.99))),
-            ("change delay to the last agent, per change (ms)", perChangeMax.map { String(format: "%.0f", $0) }.joined(separator: " ")),
+            (
+                "change delay to the last agent, per change (ms)",
+                perChangeMax.map { String(format: "%.0f", $0) }.joined(separator: " ")
+            ),
             ("change events missed", "\(missing)"),
             ("agents that relisted", "\(relisted)"),
             ("agents resumed after restart of replica 0", "\(reconnects.count)"),
             ("resume after restart p50 (ms)", String(format: "%.0f", pct(reconnects, 0.50))),
             ("resume after restart p99 (ms)", String(format: "%.0f", pct(reconnects, 0.99))),
-            ("resume after restart, all (ms)", String(format: "%.0f", reconnects.last.map { Double($0) / 1e6 } ?? .nan)),
+            (
+                "resume after restart, all (ms)",
+                String(format: "%.0f", reconnects.last.map { Double($0) / 1e6 } ?? .nan)
+            ),
         ]
         for (k, v) in figures { print(k.padding(toLength: 50, withPad: " ", startingAt: 0) + v) }
         if let path = self.json {
