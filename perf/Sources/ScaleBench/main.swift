@@ -343,8 +343,8 @@ struct Drive: AsyncParsableCommand {
         let setup = ContinuousClock.now - setupStart
         print("set-up: \(self.nodes) agents registered, listed and watching in \(setup)")
 
-        // Idle but beating: memory and CPU.
-        try await Task.sleep(for: .seconds(3))
+        // Idle but beating: memory and CPU, once every node's first beat (its Ready write) is past.
+        try await Task.sleep(for: .seconds(self.interval + 3))
         let rssConnected = replicas.map { ProcessStats.rss($0.process.processIdentifier) }
         let cpu0 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
         let beats0 = try await self.beats(sims)
