@@ -150,6 +150,8 @@ let package = Package(
             name: "Control",
             dependencies: nio + [
                 "MeshCore", "MeshSQLite", "MeshHTTP", "MeshIdentity",
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),

@@ -70,5 +70,21 @@ let package = Package(
             path: "Sources/NodeHeartbeat",
             swiftSettings: swiftSettings
         ),
+        // N simulated agents against mesh-control replicas over etcd (perf/scale).
+        .executableTarget(
+            name: "scale-bench",
+            dependencies: [
+                .product(name: "MeshClient", package: "edge-mesh"),
+                .product(name: "MeshCore", package: "edge-mesh"),
+                .product(name: "MeshHTTP", package: "edge-mesh"),
+                .product(name: "MeshIdentity", package: "edge-mesh"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "PerfSupport",
+            ],
+            path: "Sources/ScaleBench",
+            swiftSettings: swiftSettings
+        ),
     ]
 )

@@ -419,12 +419,12 @@ public final class ControlAPI: HTTPResponder {
                 var line = WatchHub.line(for: StoreEvent(kind: .added, object: item))
                 initial.writeBuffer(&line)
             }
-            subscription = try self.store.watch(after: rv, filter: filter)
+            subscription = try await self.store.watch(after: rv, filter: filter)
         } else {
             guard let rv = Int64(param), rv >= 0 else {
                 throw Status.badRequest("resourceVersion \"\(param)\" is not a decimal number")
             }
-            subscription = try self.store.watch(after: rv, filter: filter)
+            subscription = try await self.store.watch(after: rv, filter: filter)
         }
         var timeout: Duration?
         if let t = request.query["timeoutSeconds"] {
@@ -470,7 +470,9 @@ public final class ControlAPI: HTTPResponder {
         }
     }
 
-    var watcherCount: Int { (self.store as? SQLiteStore)?.hub.subscriberCount ?? 0 }
+    var watcherCount: Int {
+        (self.store as? SQLiteStore)?.hub.subscriberCount ?? (self.store as? EtcdStore)?.hub.subscriberCount ?? 0
+    }
 
     // MARK: writes
 

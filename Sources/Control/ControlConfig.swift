@@ -50,6 +50,24 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     public var durability: Durability = .full
     /// trace, debug, info, notice, warning, error, critical.
     public var logLevel: String = "info"
+    /// Where objects live: `sqlite` (`control.db` in `dataDir`, one machine) or `etcd` (several
+    /// replicas over one etcd cluster: `etcdEndpoints`; README "Replicas on etcd").
+    public var store: String = "sqlite"
+    /// etcd members, `http://host:port` or `https://host:port` (then `etcdCAFile` is needed).
+    public var etcdEndpoints: [String] = []
+    /// The key prefix of this mesh in etcd; its replicas share it.
+    public var etcdPrefix: String = "/mesh/"
+    /// TLS to etcd: the CA that signed etcd's certificate, and a client certificate and key when etcd
+    /// asks for one (`--client-cert-auth`). PEM files.
+    public var etcdCAFile: String = ""
+    public var etcdCertFile: String = ""
+    public var etcdKeyFile: String = ""
+    /// This replica's name among the others (default: host name and listen address).
+    public var replicaName: String = ""
+    /// Large connection buffers (NIOSSL's 48 KiB per TLS connection) on pages of their own, so idle
+    /// agents' connections keep only what they touch resident (MeshHTTP `LeanAllocator`). false: the
+    /// malloc heap, as before (for comparison in perf/scale).
+    public var leanConnectionBuffers: Bool = true
 
     public init() {}
 
@@ -110,5 +128,28 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
             throw ManifestError("certSANs[\(i)]: \"\(san)\" is neither an IP address nor a DNS name")
         }
         _ = try LogLevels.parse(self.logLevel)
+        switch self.store {
+        case "sqlite": break
+        case "etcd":
+            if self.etcdEndpoints.isEmpty {
+                throw ManifestError("etcdEndpoints: at least one etcd URL is needed with store etcd")
+            }
+            for (i, e) in self.etcdEndpoints.enumerated() {
+                guard e.hasPrefix("http://") || e.hasPrefix("https://") else {
+                    throw ManifestError("etcdEndpoints[\(i)]: \"\(e)\" is not a URL such as http://127.0.0.1:2379")
+                }
+                if e.hasPrefix("https://") && self.etcdCAFile.isEmpty {
+                    throw ManifestError("etcdCAFile: needed for the https endpoint \(e)")
+                }
+            }
+            if !self.etcdPrefix.hasPrefix("/") || !self.etcdPrefix.hasSuffix("/") {
+                throw ManifestError("etcdPrefix: must start and end with / (such as /mesh/)")
+            }
+            if self.etcdCertFile.isEmpty != self.etcdKeyFile.isEmpty {
+                throw ManifestError("etcdCertFile and etcdKeyFile: give both or neither")
+            }
+        default:
+            throw ManifestError("store: \"\(self.store)\" is neither sqlite nor etcd")
+        }
     }
 }

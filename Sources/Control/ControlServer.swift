@@ -4,7 +4,12 @@ import MeshHTTP
 import MeshIdentity
 import Metrics
 import NIOCore
+import NIOSSL
 import ServiceLifecycle
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `mesh-control` as one `Service`: locks the data directory, opens the store, serves the API
 /// and sends watch bookmarks until graceful shutdown, then drains and closes the store.
@@ -49,8 +54,14 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         try StatePaths.ensureDirectory(config.dataDir)
         let lock = try DirectoryLock(directory: config.dataDir, name: "mesh-control")
         defer { withExtendedLifetime(lock) {} }
+        let (store, hub) = try await Self.openStore(config, logger: self.logger)
         let pki: ControlPKI
         do {
+            if let etcd = store as? EtcdStore {
+                let dir = config.dataDir + "/pki"
+                try StatePaths.ensureDirectory(dir)
+                try await etcd.shareCA(directory: dir)
+            }
             pki = try ControlPKI.bootstrap(
                 dataDir: config.dataDir,
                 listen: listen,
@@ -58,19 +69,17 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
                 logger: self.logger
             )
         } catch let e as IdentityError {
+            try? await store.close()
             throw ManifestError(e.message)
+        } catch {
+            try? await store.close()
+            throw error
         }
         self.pkiReady.set(pki)
         self.logger.info(
             "CA hash \(pki.ca.hash); admin credentials for meshctl in \(pki.adminConfigPath)"
         )
 
-        var storeConfig = SQLiteStore.Configuration(path: config.dataDir + "/control.db")
-        storeConfig.durability = config.durability
-        storeConfig.hub.historyLimit = config.historyLimit
-        storeConfig.hub.historyMaxBytes = config.historyMaxBytes
-        storeConfig.hub.maxPendingBytes = config.historyMaxBytes
-        let store = try await SQLiteStore(configuration: storeConfig, logger: self.logger)
         let cidrs = try config.parsedCIDRs()
         let taken = try await store.reservations(prefix: "vip/").keys.compactMap { IPAddress($0.dropFirst(4)) }
         let vips = VIPAllocator(cidrs: cidrs, used: taken)
@@ -112,6 +121,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         httpConfig.port = listen.port
         httpConfig.maxBodyBytes = config.maxBodyBytes
         httpConfig.maxConnections = config.maxConnections
+        httpConfig.leanBuffers = config.leanConnectionBuffers
         httpConfig.renderError = ControlAPI.renderError
         httpConfig.drainTimeout = .seconds(2)
         httpConfig.requestTimeout = .seconds(Int64(config.requestTimeoutSeconds))
@@ -124,7 +134,6 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         self.http.set(server)
 
         let interval = Duration.seconds(config.bookmarkIntervalSeconds)
-        let hub = store.hub
         do {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await server.run() }
@@ -159,5 +168,53 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         }
         try await store.close()
         self.logger.info("stopped; store closed at resourceVersion \(hub.currentResourceVersion)")
+    }
+
+    /// The store the configuration names, and the hub its watchers use.
+    static func openStore(_ config: ControlConfig, logger: Logger) async throws -> (any Store, WatchHub) {
+        var hubConfig = WatchHub.Configuration()
+        hubConfig.historyLimit = config.historyLimit
+        hubConfig.historyMaxBytes = config.historyMaxBytes
+        hubConfig.maxPendingBytes = config.historyMaxBytes
+        if config.store == "etcd" {
+            var c = EtcdStore.Configuration(
+                endpoints: config.etcdEndpoints,
+                replica: config.replicaName.isEmpty ? Self.defaultReplicaName(config.listen) : config.replicaName
+            )
+            c.prefix = config.etcdPrefix
+            c.hub = hubConfig
+            c.client.tls = try Self.etcdTLS(config)
+            let store = try await EtcdStore(configuration: c, logger: logger)
+            return (store, store.hub)
+        }
+        var storeConfig = SQLiteStore.Configuration(path: config.dataDir + "/control.db")
+        storeConfig.durability = config.durability
+        storeConfig.hub = hubConfig
+        let store = try await SQLiteStore(configuration: storeConfig, logger: logger)
+        return (store, store.hub)
+    }
+
+    /// TLS to etcd when a CA file is configured: etcd's CA, and the client certificate when given.
+    static func etcdTLS(_ config: ControlConfig) throws -> HTTPClientTLS? {
+        guard !config.etcdCAFile.isEmpty else { return nil }
+        var tls = TLSConfiguration.makeClientConfiguration()
+        do {
+            tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(config.etcdCAFile))
+            if !config.etcdCertFile.isEmpty {
+                tls.certificateChain = try NIOSSLCertificate.fromPEMFile(config.etcdCertFile).map { .certificate($0) }
+                tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: config.etcdKeyFile, format: .pem))
+            }
+            return HTTPClientTLS(context: try NIOSSLContext(configuration: tls))
+        } catch {
+            throw ManifestError("etcd TLS (etcdCAFile, etcdCertFile, etcdKeyFile): \(error)")
+        }
+    }
+
+    static func defaultReplicaName(_ listen: String) -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        let host =
+            gethostname(&buffer, buffer.count) == 0
+            ? String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "control"
+        return "\(host)-\(listen)"
     }
 }

@@ -55,6 +55,9 @@ struct NodeCredentials: Sendable {
         role == .relay ? .relay(name) : .node(name)
     }
 
+    /// The reservation a certificate serial takes in the store (owned by the node's record).
+    static func serialToken(_ serial: String) -> String { "serial/\(serial)" }
+
     static func revokedKey(_ serial: String) -> ObjectKey {
         ObjectKey(resource: Self.revokedResource, namespace: "", name: serial)
     }
@@ -106,7 +109,9 @@ struct NodeCredentials: Sendable {
                     Write(
                         key: Self.issuedKey(node, role: role),
                         expect: stored.map { .version($0.resourceVersion) } ?? .absent,
-                        operation: .put { _ in (json, [:]) }
+                        operation: .put { _ in (json, [:]) },
+                        // The store makes serials unique across replicas that sign at once.
+                        reserve: [Self.serialToken(entry.serial)]
                     )
                 )
                 return done

@@ -27,6 +27,8 @@ public final class NodeLifecycle: Sendable {
         public var startupGracePeriod: Duration = .seconds(60)
         /// How often beat times are saved to the store.
         public var flushInterval: Duration = .seconds(60)
+        /// With replicas (an etcd store): how often the beats taken here are shared with the others.
+        public var shareInterval: Duration = .seconds(1)
 
         public init() {}
 
@@ -56,6 +58,10 @@ public final class NodeLifecycle: Sendable {
     struct State {
         var nodes: [String: Entry] = [:]
         var forgotten: Set<String> = []
+        /// Beats taken here since they were last shared with the other replicas (shared stores only).
+        var toShare: [String: Int64] = [:]
+        /// The version `load()` listed the nodes at (phases are followed from there when shared).
+        var listedAt: Int64 = 0
     }
 
     public let configuration: Configuration
@@ -63,7 +69,9 @@ public final class NodeLifecycle: Sendable {
     let logger: Logger
     let startedAt: ContinuousClock.Instant
     let startedAtMillis: Int64
-    private let state = Mutex(State())
+    let state = Mutex(State())
+    /// The store is shared by replicas (etcd): beats are shared, node phases followed (NodeLifecycleSharing).
+    let shared: EtcdStore?
 
     public init(store: any Store, configuration: Configuration, logger: Logger) {
         self.store = store
@@ -71,6 +79,7 @@ public final class NodeLifecycle: Sendable {
         self.logger = logger
         self.startedAt = .now
         self.startedAtMillis = Self.nowMillis()
+        self.shared = store as? EtcdStore
     }
 
     static func nowMillis() -> Int64 { Int64((Date().timeIntervalSince1970 * 1000).rounded()) }
@@ -89,7 +98,7 @@ public final class NodeLifecycle: Sendable {
 
     /// Loads every node's phase and its last saved beat. Call once, before serving.
     public func load() async throws {
-        let (items, _) = try await self.store.list(resource: Node.resource.plural, namespace: "")
+        let (items, listedAt) = try await self.store.list(resource: Node.resource.plural, namespace: "")
         let saved = try await self.store.loadHeartbeats()
         var nodes: [String: Entry] = [:]
         for item in items {
@@ -106,6 +115,7 @@ public final class NodeLifecycle: Sendable {
         self.state.withLock {
             $0.nodes = nodes
             $0.forgotten = forgotten
+            $0.listedAt = listedAt
         }
         let ready = nodes.values.filter { $0.phase == .ready }.count
         self.logger.info(
@@ -128,6 +138,7 @@ public final class NodeLifecycle: Sendable {
             e.allowance = self.configuration.gracePeriod
             e.lastBeatMillis = millis
             e.dirty = true
+            if self.shared != nil { s.toShare[name] = millis }
             let transition = e.phase != .ready && !e.writing
             if transition { e.writing = true }
             s.nodes[name] = e
@@ -151,6 +162,7 @@ public final class NodeLifecycle: Sendable {
                 e.allowance = self.configuration.gracePeriod
                 e.lastBeatMillis = Self.nowMillis()
                 e.dirty = true
+                if self.shared != nil { s.toShare[name] = e.lastBeatMillis }
             }
             s.nodes[name] = e
         }
@@ -313,6 +325,8 @@ public final class NodeLifecycle: Sendable {
 
     /// Marks silent nodes NotReady and saves beat times, until cancelled; then saves them once more.
     public func run() async {
+        let sharing = self.shared.map { store in Task { await self.share(store) } }
+        defer { sharing?.cancel() }
         var lastFlush = ContinuousClock.now
         while !Task.isCancelled {
             try? await Task.sleep(for: self.configuration.checkInterval)

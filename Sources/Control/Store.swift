@@ -149,7 +149,7 @@ public struct WatchFilter: Sendable {
 }
 
 /// The control plane's storage: versioned objects, atomic conditional writes, list and watch.
-/// Implementations: `SQLiteStore` (one machine); an etcd-backed one for replicas.
+/// Implementations: `SQLiteStore` (one machine); `EtcdStore` (replicas over one etcd).
 public protocol Store: Sendable {
     /// The version of the latest write.
     func currentResourceVersion() async throws -> Int64
@@ -159,7 +159,9 @@ public protocol Store: Sendable {
     /// Commits `write` atomically and returns the object as written (for a delete, its final state).
     func commit(_ write: Write) async throws -> StoredObject
     /// Every change after `resourceVersion` matching `filter`, then live changes, in order.
-    func watch(after resourceVersion: Int64, filter: WatchFilter) throws -> WatchSubscription
+    func watch(after resourceVersion: Int64, filter: WatchFilter) async throws -> WatchSubscription
+    /// Every reservation token starting with `prefix`, with its owner (to rebuild allocators at start-up).
+    func reservations(prefix: String) async throws -> [String: String]
     /// Releases files and connections.
     func close() async throws
 

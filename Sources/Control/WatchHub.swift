@@ -135,6 +135,28 @@ public final class WatchHub: Sendable {
         }
     }
 
+    /// Moves the latest version to `rv` without a change to publish (writes that watchers do not see,
+    /// such as an etcd store's side keys): watches may then start after it.
+    public func advance(to rv: Int64) {
+        self.state.withLock { s in
+            if rv > s.current { s.current = rv }
+        }
+    }
+
+    /// Ends every watch and forgets the history: the store's state jumped to `current` (an etcd store
+    /// that fell behind the compaction and listed again). Watchers resume, or relist on 410.
+    public func reset(current: Int64) {
+        let subs = self.state.withLock { s -> [WatchSubscription] in
+            defer { s.subscribers.removeAll() }
+            s.history.removeAll()
+            s.head = 0
+            s.keptBytes = 0
+            s.current = max(s.current, current)
+            return Array(s.subscribers.values)
+        }
+        for sub in subs { sub.cancel() }
+    }
+
     /// Starts a watch after `rv`: every kept change after it that matches, then live changes.
     public func subscribe(after rv: Int64, filter: WatchFilter) throws(StoreError) -> WatchSubscription {
         try self.state.withLock { s throws(StoreError) -> WatchSubscription in

@@ -24,6 +24,28 @@ public struct ControlClient: Sendable {
 
     public var endpoint: HTTPEndpoint { self.http.endpoint }
 
+    /// Other replicas of the control plane (their URLs), tried in turn by `failingOver()` when this
+    /// one cannot be reached. Empty: one control plane (or one address behind a load balancer).
+    public var alternates: [HTTPEndpoint] = []
+
+    /// A client of every replica in `endpoints`, talking to the first until it fails over.
+    public init(endpoints: [HTTPEndpoint], tls: HTTPClientTLS? = nil) {
+        precondition(!endpoints.isEmpty, "a control client needs at least one endpoint")
+        self.init(endpoint: endpoints[0], tls: tls)
+        self.alternates = Array(endpoints.dropFirst())
+    }
+
+    /// The same client on the next replica (the current one goes last), or nil with no alternates.
+    /// A kept-alive session moves too.
+    public func failingOver() -> ControlClient? {
+        guard let next = self.alternates.first else { return nil }
+        var c = self
+        c.alternates = Array(self.alternates.dropFirst()) + [self.http.endpoint]
+        c.http.endpoint = next
+        if self.session != nil { c.session = HTTPKeepAliveClient(c.http) }
+        return c
+    }
+
     /// This client with its requests (not its watches) on one kept-alive connection: for a caller
     /// that talks to the control plane every few seconds forever (a node's heartbeat), where a TLS
     /// handshake per request would cost both sides more than the request itself.
@@ -57,11 +79,26 @@ public struct ControlClient: Sendable {
     ) async throws -> (status: HTTPResponseStatus, body: ByteBuffer) {
         var headers = HTTPHeaders([("Accept", "application/json")])
         if body != nil { headers.add(name: "Content-Type", value: "application/json") }
-        let response: HTTPClientResponse
-        if let session = self.session {
-            response = try await session.send(method, path, headers: headers, body: body)
-        } else {
-            response = try await self.http.send(method, path, headers: headers, body: body)
+        var response: HTTPClientResponse
+        do {
+            if let session = self.session {
+                response = try await session.send(method, path, headers: headers, body: body)
+            } else {
+                response = try await self.http.send(method, path, headers: headers, body: body)
+            }
+        } catch let error as HTTPClientError where !self.alternates.isEmpty {
+            // This replica cannot be reached: the others in turn (a connection each).
+            var answered: HTTPClientResponse?
+            for alternate in self.alternates {
+                var http = self.http
+                http.endpoint = alternate
+                if let r = try? await http.send(method, path, headers: headers, body: body) {
+                    answered = r
+                    break
+                }
+            }
+            guard let answered else { throw error }
+            response = answered
         }
         guard (200..<300).contains(response.status.code) else {
             throw ControlClient.status(from: response.body, httpStatus: response.status)

@@ -50,11 +50,15 @@ public struct Reflector<T: MeshObject>: Sendable {
         var rv = resourceVersion
         var delay = self.backoff.initial
         var failures = 0
+        // Several replicas: a failure moves to the next one and resumes there from `rv` (no relist).
+        var client = self.client
+        // Only the consumer failing, or a version that is gone, lists again; a broken connection resumes.
+        var handlerFailed = false
         let kind = T.resource.plural
         while !Task.isCancelled {
             do {
                 if rv == nil {
-                    let list = try await self.client.list(
+                    let list = try await client.list(
                         T.self,
                         namespace: self.namespace,
                         labelSelector: self.labelSelector
@@ -62,15 +66,20 @@ public struct Reflector<T: MeshObject>: Sendable {
                     guard let listRV = Int64(list.metadata.resourceVersion) else {
                         throw HTTPClientError("list of \(kind) has no resourceVersion")
                     }
-                    try await handle(.replaced(list.items, resourceVersion: listRV))
+                    do {
+                        try await handle(.replaced(list.items, resourceVersion: listRV))
+                    } catch {
+                        handlerFailed = true
+                        throw error
+                    }
                     if failures > 0 {
-                        self.logger.info("\(kind): connected to the control plane at \(self.client.endpoint) again")
+                        self.logger.info("\(kind): connected to the control plane at \(client.endpoint) again")
                         failures = 0
                         delay = self.backoff.initial
                     }
                     rv = listRV
                 }
-                try await self.client.watch(
+                try await client.watch(
                     T.self,
                     namespace: self.namespace,
                     after: rv,
@@ -79,12 +88,17 @@ public struct Reflector<T: MeshObject>: Sendable {
                 ) { event in
                     // The stream works: the next failure starts a fresh backoff.
                     if failures > 0 {
-                        self.logger.info("\(kind): connected to the control plane at \(self.client.endpoint) again")
+                        self.logger.info("\(kind): connected to the control plane at \(client.endpoint) again")
                         failures = 0
                         delay = self.backoff.initial
                     }
                     if case .error(let status) = event { throw status }
-                    try await handle(.changed(event))
+                    do {
+                        try await handle(.changed(event))
+                    } catch {
+                        handlerFailed = true
+                        throw error
+                    }
                     if let v = event.resourceVersion { rv = v }
                     return true
                 }
@@ -96,13 +110,25 @@ public struct Reflector<T: MeshObject>: Sendable {
             } catch {
                 if Task.isCancelled { return }
                 failures += 1
+                if handlerFailed {
+                    handlerFailed = false
+                    rv = nil
+                }
+                if let next = client.failingOver(), (error as? Status).map({ $0.code >= 500 }) ?? true {
+                    // Another replica: try it at once the first time round, then back off as usual.
+                    self.logger.log(
+                        level: failures == 1 ? .notice : .debug,
+                        "\(kind): \(error); resuming on \(next.endpoint) after resourceVersion \(rv.map(String.init) ?? "-")"
+                    )
+                    client = next
+                    if failures <= client.alternates.count { continue }
+                }
                 let level: Logger.Level = failures == 1 ? .warning : .debug
                 self.logger.log(level: level, "\(kind): \(error); retrying in \(delay) (attempt \(failures))")
                 // Full jitter: sleep a random part of the current delay, then double it.
                 let jittered = Duration.nanoseconds(Int64.random(in: 0...max(1, delay.nanoseconds)))
                 try? await Task.sleep(for: jittered)
                 delay = min(delay * 2, self.backoff.maximum)
-                if !(error is Status) && !(error is HTTPClientError) { rv = nil }
             }
         }
     }

@@ -288,13 +288,14 @@ public struct HTTPClient: Sendable {
         _ method: HTTPMethod,
         _ path: String,
         headers: HTTPHeaders = [:],
+        body: ByteBuffer? = nil,
         consume: (HTTPResponseHead, inout ResponseBodyStream) async throws -> T
     ) async throws -> T {
         let (connection, recorder) = try await self.connect()
-        let sentHead = self.head(method, path, headers, bodyLength: nil)
+        let sentHead = self.head(method, path, headers, bodyLength: body?.readableBytes)
         let endpoint = self.endpoint
         do {
-            return try await Self.exchange(connection, sentHead, endpoint, consume)
+            return try await Self.exchange(connection, sentHead, body, endpoint, consume)
         } catch let error where recorder.error != nil && !(error is HTTPClientError) {
             throw HTTPClientError("request to \(endpoint) failed: \(recorder.reason!)")
         }
@@ -303,11 +304,14 @@ public struct HTTPClient: Sendable {
     private static func exchange<T: Sendable>(
         _ connection: Connection,
         _ sentHead: HTTPRequestHead,
+        _ body: ByteBuffer?,
         _ endpoint: HTTPEndpoint,
         _ consume: (HTTPResponseHead, inout ResponseBodyStream) async throws -> T
     ) async throws -> T {
         try await connection.executeThenClose { inbound, outbound in
-            try await outbound.write(contentsOf: [.head(sentHead), .end(nil)])
+            try await outbound.write(
+                contentsOf: [.head(sentHead)] + (body.map { [.body(.byteBuffer($0))] } ?? []) + [.end(nil)]
+            )
             var iterator = inbound.makeAsyncIterator()
             while let part = try await iterator.next() {
                 if case .head(let h) = part, h.status.code >= 200 {

@@ -26,6 +26,9 @@ public struct HTTPServerConfiguration: Sendable {
     public var maxConnections: Int = 8192
     /// How long a new connection has to finish its TLS handshake before it is closed (HTTPS only).
     public var handshakeTimeout: TimeAmount = .seconds(10)
+    /// Connections' large buffers (NIOSSL's 32 + 16 KiB per TLS connection) on pages of their own,
+    /// so an idle connection keeps only what it touched resident (`LeanAllocator`).
+    public var leanBuffers = true
     /// How long in-flight requests may finish after shutdown begins.
     public var drainTimeout: TimeAmount = .seconds(5)
     /// How the server's own errors (400, 408, 413, 431, 503) are written.
@@ -107,6 +110,10 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                 .serverChannelOption(.maxMessagesPerRead, value: 16)
                 .childChannelOption(.allowRemoteHalfClosure, value: true)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelOption(
+                    .allocator,
+                    value: config.leanBuffers ? LeanAllocator.allocator : ByteBufferAllocator()
+                )
                 .bind(host: config.host, port: config.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         // A slot first (closing the oldest unfinished handshake at the limit); a

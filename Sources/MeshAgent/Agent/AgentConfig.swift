@@ -10,6 +10,9 @@ import Foundation
 public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// The control plane's API (HTTPS, mutual TLS with the node's certificate).
     public var controlServer: String = "https://127.0.0.1:7700"
+    /// Other replicas of the control plane (URLs): watches fail over to them and resume from their
+    /// last resourceVersion, requests try them when `controlServer` cannot be reached.
+    public var controlServerAlternates: [String] = []
     /// A join token (`meshctl token create`), used once when the node has no certificate yet.
     public var joinToken: String?
     /// `sha256:<hex>` of the control plane CA's public key: the join trusts only that CA.
@@ -87,6 +90,9 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
 
     /// Checks every field; the error names the first bad one.
     public func validate() throws {
+        for (i, url) in self.controlServerAlternates.enumerated() where !HTTPEndpointText.isValid(url) {
+            throw ManifestError("controlServerAlternates[\(i)]: \"\(url)\" is not a URL like https://127.0.0.1:7700")
+        }
         guard HTTPEndpointText.isValid(self.controlServer) else {
             throw ManifestError("controlServer: \"\(self.controlServer)\" is not a URL like https://127.0.0.1:7700")
         }

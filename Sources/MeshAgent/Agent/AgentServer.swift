@@ -182,6 +182,8 @@ public final class AgentServer: Sendable {
         // presents the node's current certificate, which the renewer replaces before it expires.
         let controlMesh = try MeshTLS.client(credentials, expect: .controlPlane)
         let controlTLS = HTTPClientTLS(mesh: controlMesh)
+        let controlEndpoints =
+            [endpoint] + config.controlServerAlternates.compactMap { HTTPEndpoint(url: $0, defaultTLS: true) }
         // A renewed certificate also goes to the peer links (set below, once they exist).
         let linksForRenewal = LinkManagerSlot()
         let renewer = CertificateRenewer(
@@ -213,7 +215,7 @@ public final class AgentServer: Sendable {
         let current = CurrentTable()
         let nodeName = config.nodeName
         let revocations = RevocationSync(
-            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            client: ControlClient(endpoints: controlEndpoints, tls: controlTLS),
             revoked: RevokedSerials(),
             path: config.dataDir + "/revoked.json",
             logger: self.logger
@@ -274,7 +276,7 @@ public final class AgentServer: Sendable {
         )
         let cache = try AgentCache(path: config.dataDir + "/agent.db")
         let sync = ServiceTableSync(
-            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            client: ControlClient(endpoints: controlEndpoints, tls: controlTLS),
             cache: cache,
             logger: self.logger
         ) {
@@ -321,7 +323,7 @@ public final class AgentServer: Sendable {
         nodeConfig.heartbeatInterval = .milliseconds(Int64(config.heartbeatIntervalSeconds * 1000))
         let nodeAgent = NodeAgent(
             configuration: nodeConfig,
-            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            client: ControlClient(endpoints: controlEndpoints, tls: controlTLS),
             logger: self.logger
         )
         self.nodeAgent.set(nodeAgent)

@@ -10,4 +10,14 @@ public enum ProcessStats {
         }
         return 0
     }
+
+    /// utime + stime of process `pid` in seconds (from /proc/PID/stat; 0 when it cannot be read).
+    public static func cpuSeconds(_ pid: Int32) -> Double {
+        guard pid > 0, let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = text.lastIndex(of: ")")
+        else { return 0 }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        guard fields.count > 12, let u = Double(fields[11]), let s = Double(fields[12]) else { return 0 }
+        return (u + s) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
 }

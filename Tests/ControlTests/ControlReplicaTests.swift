@@ -1,0 +1,187 @@
+import Control
+import Foundation
+import Logging
+import MeshClient
+import MeshCore
+import MeshHTTP
+import MeshIdentity
+import MeshTestSupport
+import Synchronization
+import Testing
+
+/// Several `mesh-control` replicas over one real etcd: shared liveness, unique VIPs under racing
+/// writers, and watchers that fail over to another replica without relisting.
+@Suite(.serialized) struct ControlReplicaTests {
+    static func replicas(
+        _ n: Int,
+        etcd: EtcdCluster,
+        configure: (inout ControlConfig) -> Void = { _ in }
+    )
+        async throws -> [RunningControl]
+    {
+        var out: [RunningControl] = []
+        for i in 0..<n {
+            out.append(
+                try await RunningControl { c in
+                    c.store = "etcd"
+                    c.etcdEndpoints = etcd.endpoints
+                    c.etcdPrefix = "/replicas/"
+                    c.replicaName = "r\(i)"
+                    configure(&c)
+                }
+            )
+        }
+        return out
+    }
+
+    func node(_ name: String) -> Node {
+        Node(metadata: ObjectMeta(name: name), spec: NodeSpec(site: "a"))
+    }
+
+    @Test func replicasShareOneCAAndVIPsStayUniqueUnderRacingWriters() async throws {
+        let etcd = try await EtcdCluster.start()
+        defer { etcd.stop() }
+        let cps = try await Self.replicas(3, etcd: etcd)
+        #expect(Set(cps.map(\.pki.caPEM)).count == 1)
+        // 3 replicas × 20 services at once, each replica proposing from its own cursor.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (r, cp) in cps.enumerated() {
+                for i in 0..<20 {
+                    group.addTask { _ = try await cp.client.create(service("s\(r)-\(i)")) }
+                }
+            }
+            try await group.waitForAll()
+        }
+        for cp in cps {
+            let items = try await cp.client.list(Service.self).items
+            #expect(items.count == 60)
+            let vips = items.compactMap(\.spec.clusterIP)
+            #expect(vips.count == 60)
+            #expect(Set(vips).count == 60, "every VIP once")
+        }
+        for cp in cps { try await cp.stop() }
+    }
+
+    @Test func anyReplicaTakesABeatAndAllAgreeOnReadyAndNotReady() async throws {
+        let etcd = try await EtcdCluster.start()
+        defer { etcd.stop() }
+        let cps = try await Self.replicas(3, etcd: etcd) { c in
+            c.nodeGracePeriodSeconds = 1.5
+            c.nodeStartupGracePeriodSeconds = 0
+        }
+        let created = try await cps[0].client.create(self.node("edge-a"))
+        #expect(created.status?.phase == .unknown)
+        let watch = NodeWatch(cps[2].client, after: Int64(created.metadata.resourceVersion!)!)
+        // A beat on replica 1: Ready, seen by every replica.
+        try await cps[1].client.heartbeat(node: "edge-a")
+        for cp in cps {
+            #expect(
+                try await eventually { try await cp.client.get(Node.self, name: "edge-a").status?.phase == .ready }
+            )
+        }
+        // Beats only on replica 2, for three graces: replicas 0 and 1 hear of them through etcd and
+        // none marks the node NotReady.
+        let until = ContinuousClock.now + .seconds(4.5)
+        while ContinuousClock.now < until {
+            try await cps[2].client.heartbeat(node: "edge-a")
+            try await Task.sleep(for: .milliseconds(300))
+        }
+        for cp in cps { #expect(try await cp.client.get(Node.self, name: "edge-a").status?.phase == .ready) }
+        // Silence: NotReady everywhere, written once (one MODIFIED event), though all three saw it.
+        for cp in cps {
+            #expect(
+                try await eventually(timeout: .seconds(15)) {
+                    try await cp.client.get(Node.self, name: "edge-a").status?.phase == .notReady
+                }
+            )
+        }
+        try await Task.sleep(for: .seconds(1))  // room for a duplicate write to show up, if any
+        #expect(watch.changes.map(\.phase) == [.ready, .notReady])
+        watch.stop()
+        for cp in cps { try await cp.stop() }
+    }
+
+    @Test func aReplicaStoppedUnder1000WatchersTheyAllResumeOnAnotherWithoutRelisting() async throws {
+        let etcd = try await EtcdCluster.start()
+        defer { etcd.stop() }
+        let cps = try await Self.replicas(2, etcd: etcd)
+        let (a, b) = (cps[0], cps[1])
+        try await b.client.create(service("before"))
+        let watchers = 1000
+        let log = WatcherLog(watchers)
+        var logger = Logger(label: "watchers")
+        logger.logLevel = .error
+        let tls = try HTTPClientTLS(mesh: MeshTLS.client(a.pki.admin.load(), expect: .controlPlane))
+        let client = ControlClient(endpoints: [a.endpoint, b.endpoint], tls: tls)
+        var tasks: [Task<Void, Never>] = []
+        for w in 0..<watchers {
+            var reflector = Reflector<Service>(client: client, logger: logger)
+            reflector.backoff.initial = .milliseconds(50)
+            tasks.append(
+                Task {
+                    await reflector.run(from: nil) { update in log.record(w, update) }
+                }
+            )
+        }
+        defer { for t in tasks { t.cancel() } }
+        // Every watcher listed once (on replica a) and is watching.
+        #expect(await eventually(timeout: .seconds(120), every: .milliseconds(100)) { log.listed == watchers })
+        var expected: [Int64] = []
+        for i in 0..<5 {
+            expected.append(Int64(try await b.client.create(service("x\(i)")).metadata.resourceVersion!)!)
+        }
+        #expect(
+            await eventually(timeout: .seconds(120), every: .milliseconds(100)) { log.allSaw(expected) },
+            "\(log.summary(expected))"
+        )
+        // Replica a goes away (its watch streams end); changes keep coming through b.
+        try await a.stop()
+        for i in 5..<10 {
+            expected.append(Int64(try await b.client.create(service("x\(i)")).metadata.resourceVersion!)!)
+        }
+        #expect(
+            await eventually(timeout: .seconds(120), every: .milliseconds(100)) { log.allSaw(expected) },
+            "\(log.summary(expected))"
+        )
+        // None missed an event (each saw exactly these, in order) and none listed again.
+        #expect(log.exactly(expected))
+        #expect(log.listed == watchers)
+        #expect(log.maxLists == 1)
+        try await b.stop()
+    }
+}
+
+/// What each of many reflectors saw: how often it listed, and the versions of the changes.
+final class WatcherLog: Sendable {
+    struct Entry {
+        var lists = 0
+        var changes: [Int64] = []
+    }
+    private let state: Mutex<[Entry]>
+
+    init(_ n: Int) { self.state = Mutex(Array(repeating: Entry(), count: n)) }
+
+    func record(_ w: Int, _ update: ReflectorUpdate<Service>) {
+        self.state.withLock { s in
+            switch update {
+            case .replaced: s[w].lists += 1
+            case .changed(.added(let o)), .changed(.modified(let o)), .changed(.deleted(let o)):
+                if let v = o.metadata.version { s[w].changes.append(v) }
+            case .changed: break
+            }
+        }
+    }
+
+    var listed: Int { self.state.withLock { $0.filter { $0.lists > 0 }.count } }
+    var maxLists: Int { self.state.withLock { $0.map(\.lists).max() ?? 0 } }
+    func allSaw(_ rvs: [Int64]) -> Bool {
+        self.state.withLock { s in s.allSatisfy { $0.changes.count >= rvs.count } }
+    }
+    func exactly(_ rvs: [Int64]) -> Bool { self.state.withLock { s in s.allSatisfy { $0.changes == rvs } } }
+    func summary(_ rvs: [Int64]) -> String {
+        self.state.withLock { s in
+            let behind = s.filter { $0.changes.count < rvs.count }.count
+            return "\(behind) of \(s.count) watchers behind; first: \(s.first.map { "\($0.changes)" } ?? "-")"
+        }
+    }
+}

@@ -1,0 +1,483 @@
+import ArgumentParser
+import Foundation
+import Logging
+import MeshClient
+import MeshCore
+import MeshHTTP
+import MeshIdentity
+import NIOCore
+import PerfSupport
+import Synchronization
+
+/// perf/scale: N simulated agents against 1 or more mesh-control replicas over one etcd.
+///
+/// `drive` starts the replicas, then `sim` processes that each simulate a slice of the agents:
+/// every agent holds its own TLS connection with a watch on Services (a `Reflector`, as the agent's
+/// sync does, failing over between the replicas), and beats every `interval` seconds (the beats of
+/// one process share a few kept-alive connections: this machine allows 20,000 descriptors per process).
+/// The driver measures the replicas' RSS before and after the agents connect, their CPU while the
+/// agents only beat, the delay of one Service change reaching every agent, and the time for all
+/// agents of a killed replica to resume after it restarts.
+@main
+struct ScaleBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "scale-bench",
+        abstract: "Simulate N agents against mesh-control replicas (see perf/scale).",
+        subcommands: [Drive.self, Sim.self]
+    )
+}
+
+/// Wall-clock nanoseconds (shared by the processes of one machine).
+func wallNanos() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+}
+
+func adminClient(_ pki: String, _ urls: [String]) throws -> (ControlClient, HTTPClientTLS) {
+    let admin = try CredentialFiles(directory: pki, name: "admin").load()
+    let tls = HTTPClientTLS(context: try MeshTLS.clientContext(admin))
+    let endpoints = urls.compactMap { HTTPEndpoint(url: $0, defaultTLS: true) }
+    return (ControlClient(endpoints: endpoints, tls: tls), tls)
+}
+
+// MARK: sim
+
+struct Sim: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Simulate agents first..<first+count.")
+
+    @Option(help: "Replica URLs, comma-separated.") var servers: String
+    @Option(help: "A replica's pki folder (the admin credentials).") var pki: String
+    @Option var first = 0
+    @Option var count = 1000
+    @Option(help: "Seconds between one agent's beats.") var interval = 20.0
+    @Option(help: "Kept-alive connections for this process's beats, per replica.") var beatConnections = 8
+    @Option(help: "Concurrent registrations.") var concurrency = 32
+
+    final class Agent: Sendable {
+        struct State {
+            var lists = 0
+            var events: [(Int64, Int64)] = []
+            var bookmarks: [Int64] = []
+        }
+        let state = Mutex(State())
+    }
+
+    func run() async throws {
+        let urls = self.servers.split(separator: ",").map(String.init)
+        let (admin, tls) = try adminClient(self.pki, urls)
+        let endpoints = urls.compactMap { HTTPEndpoint(url: $0, defaultTLS: true) }
+        var logger = Logger(label: "sim")
+        logger.logLevel = .critical
+        let names = (self.first..<self.first + self.count).map { String(format: "sim-%05d", $0) }
+        // Register every node (as the admin: Unknown until its first beat).
+        let pool = (0..<endpoints.count).map { r in
+            (0..<self.beatConnections).map { _ in
+                ControlClient(endpoints: Array(endpoints[r...] + endpoints[..<r]), tls: tls).keepingAlive()
+            }
+        }
+        let firstIndex = self.first
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            var next = 0
+            func add() {
+                let i = next
+                next += 1
+                group.addTask {
+                    let node = Node(metadata: ObjectMeta(name: names[i]), spec: NodeSpec(site: "s\(i % 100)"))
+                    let c = pool[(firstIndex + i) % endpoints.count][i % pool[0].count]
+                    for attempt in 0..<5 {
+                        do {
+                            try await c.apply(node)
+                            return
+                        } catch  where attempt < 4 {
+                            try await Task.sleep(for: .milliseconds(200))
+                        }
+                    }
+                }
+            }
+            for _ in 0..<min(self.concurrency, names.count) { add() }
+            while try await group.next() != nil { if next < names.count { add() } }
+        }
+        _ = admin
+        // Agents: a watch each, on their own connection, spread over the replicas.
+        let agents = names.map { _ in Agent() }
+        var tasks: [Task<Void, Never>] = []
+        for (i, agent) in agents.enumerated() {
+            let r = (firstIndex + i) % endpoints.count
+            var reflector = Reflector<Service>(
+                client: ControlClient(endpoints: Array(endpoints[r...] + endpoints[..<r]), tls: tls),
+                logger: logger
+            )
+            reflector.backoff.initial = .milliseconds(100)
+            reflector.backoff.maximum = .seconds(2)
+            reflector.watchTimeoutSeconds = 3600
+            tasks.append(
+                Task {
+                    await reflector.run(from: nil) { update in
+                        let now = wallNanos()
+                        agent.state.withLock { s in
+                            switch update {
+                            case .replaced: s.lists += 1
+                            case .changed(.bookmark): s.bookmarks.append(now)
+                            case .changed(let e):
+                                if let rv = e.resourceVersion { s.events.append((rv, now)) }
+                            }
+                        }
+                    }
+                }
+            )
+        }
+        // Beats: each agent every `interval`, from its own offset, over the pool.
+        let beatsOK = Atomic<Int>(0)
+        let beatsFailed = Atomic<Int>(0)
+        let intervalNanos = Int64(self.interval * 1e9)
+        let start = ContinuousClock.now
+        let count = names.count
+        let beater = Task {
+            await withTaskGroup(of: Void.self) { group in
+                for lane in 0..<min(64, count) {
+                    group.addTask {
+                        var k: Int64 = 0
+                        while !Task.isCancelled {
+                            for i in stride(from: lane, to: count, by: min(64, count)) {
+                                let due =
+                                    start + .nanoseconds(k * intervalNanos + intervalNanos * Int64(i) / Int64(count))
+                                try? await Task.sleep(until: due, clock: .continuous)
+                                if Task.isCancelled { return }
+                                let c = pool[(firstIndex + i) % endpoints.count][lane % pool[0].count]
+                                do {
+                                    try await c.heartbeat(node: names[i])
+                                    beatsOK.add(1, ordering: .relaxed)
+                                } catch {
+                                    beatsFailed.add(1, ordering: .relaxed)
+                                }
+                            }
+                            k += 1
+                        }
+                    }
+                }
+            }
+        }
+        // Ready once every agent has listed.
+        while agents.contains(where: { $0.state.withLock { $0.lists == 0 } }) {
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        print("ready", terminator: "\n")
+        fflush(stdout)
+        // Commands from the driver, one per line.
+        while let line = readLine() {
+            let words = line.split(separator: " ")
+            switch words.first {
+            case "stats":
+                print("stats \(beatsOK.load(ordering: .relaxed)) \(beatsFailed.load(ordering: .relaxed))")
+            case "report":
+                // report <killNanos> <rv>...: per rv the receive times, lists, bookmarks after the kill.
+                let kill = Int64(words[1]) ?? 0
+                let rvs = Set(words.dropFirst(2).compactMap { Int64($0) })
+                var events: [String: [Int64]] = [:]
+                var lists: [Int] = []
+                var reconnects: [Int64] = []
+                for a in agents {
+                    a.state.withLock { s in
+                        lists.append(s.lists)
+                        for (rv, t) in s.events where rvs.contains(rv) { events[String(rv), default: []].append(t) }
+                        if let b = s.bookmarks.first(where: { $0 > kill }) { reconnects.append(b - kill) }
+                    }
+                }
+                let obj: [String: Any] = [
+                    "events": events, "lists": lists, "reconnects": reconnects,
+                    "beatsOK": beatsOK.load(ordering: .relaxed), "beatsFailed": beatsFailed.load(ordering: .relaxed),
+                ]
+                let data = try JSONSerialization.data(withJSONObject: obj)
+                print("report " + String(decoding: data, as: UTF8.self))
+            case "quit":
+                beater.cancel()
+                for t in tasks { t.cancel() }
+                return
+            default:
+                break
+            }
+            fflush(stdout)
+        }
+        beater.cancel()
+        for t in tasks { t.cancel() }
+    }
+}
+
+// MARK: drive
+
+struct Drive: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Start replicas and simulators, measure.")
+
+    @Option(help: "mesh-control binary.") var control: String
+    @Option(help: "This binary (for the simulators).") var sim: String
+    @Option(help: "etcd client URL.") var etcd: String
+    @Option(help: "Working folder (replica data directories, logs).") var work: String
+    @Option var replicas = 1
+    @Option(help: "Simulated agents (at most 15000).") var nodes = 10_000
+    @Option(help: "Simulator processes.") var processes = 3
+    @Option(help: "Seconds between one agent's beats.") var interval = 20.0
+    @Option(help: "Seconds of beats only, measured for CPU.") var window = 40.0
+    @Option(help: "Service changes whose delay to every agent is measured.") var changes = 5
+    @Option(help: "Write the figures as JSON to this file.") var json: String?
+    @Option(help: "mesh-control's leanConnectionBuffers (false: the malloc heap, the baseline).") var lean = true
+
+    final class Child: @unchecked Sendable {
+        // Set once in init; Process and the pipe handles are used from one task at a time.
+        let process = Process()
+        let input = Pipe()
+        let output = Pipe()
+        private let lines = Mutex<[String]>([])
+        private let partial = Mutex<String>("")
+
+        init(_ path: String, _ args: [String], log: String?) throws {
+            self.process.executableURL = URL(fileURLWithPath: path)
+            self.process.arguments = args
+            self.process.standardInput = self.input
+            if let log {
+                FileManager.default.createFile(atPath: log, contents: nil)
+                self.process.standardOutput = FileHandle(forWritingAtPath: log)
+                self.process.standardError = FileHandle(forWritingAtPath: log)
+            } else {
+                self.process.standardOutput = self.output
+                self.process.standardError = FileHandle.nullDevice
+                self.output.fileHandleForReading.readabilityHandler = { [weak self] h in
+                    guard let self else { return }
+                    let text = String(decoding: h.availableData, as: UTF8.self)
+                    let complete = self.partial.withLock { p -> [String] in
+                        p += text
+                        var parts = p.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+                        p = parts.removeLast()
+                        return parts
+                    }
+                    self.lines.withLock { $0 += complete }
+                }
+            }
+            try self.process.run()
+        }
+
+        func send(_ line: String) { self.input.fileHandleForWriting.write(Data((line + "\n").utf8)) }
+
+        /// Waits for a line starting with `prefix` (bounded).
+        func expect(_ prefix: String, timeout: Duration) async throws -> String {
+            let deadline = ContinuousClock.now + timeout
+            while ContinuousClock.now < deadline {
+                if let l = self.lines.withLock({ ls -> String? in
+                    guard let i = ls.firstIndex(where: { $0.hasPrefix(prefix) }) else { return nil }
+                    return ls.remove(at: i)
+                }) {
+                    return l
+                }
+                if !self.process.isRunning { throw ValidationError("a simulator exited") }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            throw ValidationError("no \(prefix) within \(timeout)")
+        }
+    }
+
+    func run() async throws {
+        guard (1...15_000).contains(self.nodes), (1...5).contains(self.replicas), (1...8).contains(self.processes)
+        else {
+            throw ValidationError("nodes 1-15000, replicas 1-5, processes 1-8")
+        }
+        let ports = (0..<self.replicas).map { 21000 + Int.random(in: 0..<4000) * 5 + $0 }
+        let urls = ports.map { "https://127.0.0.1:\($0)" }
+        let config = self.work + "/control.yaml"
+        try """
+        maxConnections: 16000
+        nodeGracePeriodSeconds: 600
+        nodeStartupGracePeriodSeconds: 600
+        bookmarkIntervalSeconds: 3600
+        idleTimeoutSeconds: 3600
+        store: etcd
+        etcdEndpoints: [\(self.etcd)]
+        logLevel: warning
+        leanConnectionBuffers: \(self.lean)
+
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+        func startReplica(_ r: Int) throws -> Child {
+            try Child(
+                self.control,
+                [
+                    "--config", config, "--listen", "127.0.0.1:\(ports[r])", "--data-dir", self.work + "/r\(r)",
+                    "--replica-name", "r\(r)",
+                ],
+                log: self.work + "/r\(r).log"
+            )
+        }
+        var replicas: [Child] = []
+        for r in 0..<self.replicas {
+            replicas.append(try startReplica(r))
+            try await self.waitReady(r, urls[r])
+        }
+        let pki = self.work + "/r0/pki"
+        let (admin, _) = try adminClient(pki, urls)
+        let rssBase = replicas.map { ProcessStats.rss($0.process.processIdentifier) }
+        _ = try? await admin.create(
+            Service(
+                metadata: ObjectMeta(name: "probe", namespace: "default"),
+                spec: ServiceSpec(ports: [ServicePort(port: 80)])
+            )
+        )
+
+        // The simulators.
+        let setupStart = ContinuousClock.now
+        var sims: [Child] = []
+        let per = (self.nodes + self.processes - 1) / self.processes
+        for p in 0..<self.processes {
+            let first = p * per
+            let count = min(per, self.nodes - first)
+            guard count > 0 else { break }
+            sims.append(
+                try Child(
+                    self.sim,
+                    [
+                        "sim", "--servers", urls.joined(separator: ","), "--pki", pki, "--first", "\(first)",
+                        "--count", "\(count)", "--interval", "\(self.interval)",
+                    ],
+                    log: nil
+                )
+            )
+        }
+        for s in sims { _ = try await s.expect("ready", timeout: .seconds(900)) }
+        let setup = ContinuousClock.now - setupStart
+        print("set-up: \(self.nodes) agents registered, listed and watching in \(setup)")
+
+        // Idle but beating: memory and CPU, once every node's first beat (its Ready write) is past.
+        try await Task.sleep(for: .seconds(self.interval + 3))
+        let rssConnected = replicas.map { ProcessStats.rss($0.process.processIdentifier) }
+        let cpu0 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
+        let beats0 = try await self.beats(sims)
+        let w0 = ContinuousClock.now
+        try await Task.sleep(for: .seconds(self.window))
+        let elapsed = Double((ContinuousClock.now - w0).components.seconds)
+        let cpu1 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
+        let beats1 = try await self.beats(sims)
+
+        // Changes: one Service update at a time, its delay to every agent.
+        var changeRVs: [Int64] = []
+        var changeStart: [Int64: Int64] = [:]
+        for k in 0..<self.changes {
+            var svc = try await admin.get(Service.self, namespace: "default", name: "probe")
+            svc.metadata.labels = ["change": "\(k)"]
+            let t0 = wallNanos()
+            let written = try await admin.apply(svc).object
+            let rv = Int64(written.metadata.resourceVersion!)!
+            changeRVs.append(rv)
+            changeStart[rv] = t0
+            try await Task.sleep(for: .seconds(3))
+        }
+
+        // Restart replica 0: SIGKILL, then start again at once.
+        let killAt = wallNanos()
+        replicas[0].process.terminate()
+        kill(replicas[0].process.processIdentifier, SIGKILL)
+        replicas[0].process.waitUntilExit()
+        replicas[0] = try startReplica(0)
+        try await self.waitReady(0, urls[0])
+        try await Task.sleep(for: .seconds(self.replicas == 1 ? 15 : 8))
+
+        var delays: [Int64] = []
+        var perChangeMax: [Double] = []
+        var reconnects: [Int64] = []
+        var relisted = 0
+        var missing = 0
+        var beatsFailed = 0
+        var perChange: [Int64: [Int64]] = [:]
+        for s in sims {
+            s.send("report \(killAt) " + changeRVs.map(String.init).joined(separator: " "))
+            let line = try await s.expect("report ", timeout: .seconds(120))
+            let obj = try JSONSerialization.jsonObject(with: Data(line.dropFirst(7).utf8)) as! [String: Any]
+            for (rv, times) in obj["events"] as! [String: [Int64]] {
+                perChange[Int64(rv)!, default: []] += times
+            }
+            relisted += (obj["lists"] as! [Int]).filter { $0 > 1 }.count
+            reconnects += obj["reconnects"] as! [Int64]
+            beatsFailed += obj["beatsFailed"] as! Int
+        }
+        for rv in changeRVs {
+            let times = perChange[rv] ?? []
+            missing += self.nodes - times.count
+            let d = times.map { $0 - changeStart[rv]! }
+            delays += d
+            perChangeMax.append(Double(d.max() ?? 0) / 1e6)
+        }
+        delays.sort()
+        reconnects.sort()
+        func pct(_ a: [Int64], _ p: Double) -> Double {
+            a.isEmpty ? .nan : Double(a[min(a.count - 1, Int(Double(a.count) * p))]) / 1e6
+        }
+        for s in sims { s.send("quit") }
+        for r in replicas { r.process.terminate() }
+
+        let n = Double(self.nodes)
+        let rssDelta = zip(rssConnected, rssBase).map { $0 - $1 }.reduce(0, +)
+        let cpu = zip(cpu1, cpu0).map { $0 - $1 }.reduce(0, +)
+        let figures: [(String, String)] = [
+            ("replicas", "\(self.replicas)"), ("agents", "\(self.nodes)"), ("lean connection buffers", "\(self.lean)"),
+            ("simulator processes", "\(sims.count)"),
+            ("set-up (s)", String(format: "%.1f", Double(setup.components.seconds))),
+            (
+                "control RSS before agents (MiB, all replicas)",
+                String(format: "%.1f", Double(rssBase.reduce(0, +)) / 1_048_576)
+            ),
+            (
+                "control RSS agents connected (MiB, all replicas)",
+                String(format: "%.1f", Double(rssConnected.reduce(0, +)) / 1_048_576)
+            ),
+            ("control memory per agent (KiB)", String(format: "%.1f", Double(rssDelta) / n / 1024)),
+            ("control RSS per 1,000 agents (MiB)", String(format: "%.1f", Double(rssDelta) / n * 1000 / 1_048_576)),
+            ("heartbeats/s sustained", String(format: "%.0f", Double(beats1 - beats0) / elapsed)),
+            ("heartbeats failed", "\(beatsFailed)"),
+            ("control CPU while beating (cores, all replicas)", String(format: "%.3f", cpu / elapsed)),
+            ("control CPU per 1,000 agents (cores)", String(format: "%.4f", cpu / elapsed / n * 1000)),
+            ("change delay to all p50 (ms)", String(format: "%.1f", pct(delays, 0.50))),
+            ("change delay to all p99 (ms)", String(format: "%.1f", pct(delays, 0.99))),
+            (
+                "change delay to the last agent, per change (ms)",
+                perChangeMax.map { String(format: "%.0f", $0) }.joined(separator: " ")
+            ),
+            ("change events missed", "\(missing)"),
+            ("agents that relisted", "\(relisted)"),
+            ("agents resumed after restart of replica 0", "\(reconnects.count)"),
+            ("resume after restart p50 (ms)", String(format: "%.0f", pct(reconnects, 0.50))),
+            ("resume after restart p99 (ms)", String(format: "%.0f", pct(reconnects, 0.99))),
+            (
+                "resume after restart, all (ms)",
+                String(format: "%.0f", reconnects.last.map { Double($0) / 1e6 } ?? .nan)
+            ),
+        ]
+        for (k, v) in figures { print(k.padding(toLength: 50, withPad: " ", startingAt: 0) + v) }
+        if let path = self.json {
+            let obj = Dictionary(uniqueKeysWithValues: figures)
+            try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys]).write(
+                to: URL(fileURLWithPath: path)
+            )
+        }
+    }
+
+    func beats(_ sims: [Child]) async throws -> Int {
+        var total = 0
+        for s in sims {
+            s.send("stats")
+            let line = try await s.expect("stats ", timeout: .seconds(30))
+            total += Int(line.split(separator: " ")[1]) ?? 0
+        }
+        return total
+    }
+
+    func waitReady(_ r: Int, _ url: String) async throws {
+        let pki = self.work + "/r\(r)/pki"
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline {
+            if FileManager.default.fileExists(atPath: pki + "/admin.key"),
+                let (c, _) = try? adminClient(pki, [url]),
+                (try? await c.raw(.GET, "/readyz")) != nil
+            {
+                return
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw ValidationError("replica \(r) did not become ready (log: \(self.work)/r\(r).log)")
+    }
+}
