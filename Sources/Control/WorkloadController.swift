@@ -46,7 +46,7 @@ final class WorkloadController: Sendable {
                     while !Task.isCancelled {
                         do {
                             let rv = try await store.currentResourceVersion()
-                            let sub = try store.watch(after: rv, filter: WatchFilter(resource: resource))
+                            let sub = try await store.watch(after: rv, filter: WatchFilter(resource: resource))
                             await withTaskCancellationHandler {
                                 while await sub.next(kind: resource) != nil { signal.yield() }
                             } onCancel: {
