@@ -53,6 +53,8 @@ public final class NodeLifecycle: Sendable {
         var relayKnown = false
         /// The candidates last written by a beat (known when `relayKnown` is).
         var candidates: NodeCandidates?
+        /// The links last written by a beat (known when `relayKnown` is).
+        var links: [NodeLink]?
     }
 
     struct State {
@@ -223,29 +225,36 @@ public final class NodeLifecycle: Sendable {
                         lastHeartbeatTime: time,
                         message: "heartbeating since \(time)",
                         relay: report.map { $0.relay } ?? old?.relay,
-                        candidates: report?.candidates ?? old?.candidates
+                        candidates: report?.candidates ?? old?.candidates,
+                        links: report?.links ?? old?.links
                     )
                 }
                 self.finishWrite(name, phase: written == nil ? nil : .ready, gone: written == nil)
                 if let written {
                     self.logger.info("node \(name) is Ready")
                     if report != nil {
-                        self.relayWritten(name, written.status?.relay, written.status?.candidates)
+                        self.relayWritten(
+                            name,
+                            written.status?.relay,
+                            written.status?.candidates,
+                            written.status?.links
+                        )
                     }
                 }
             } catch {
                 self.finishWrite(name, phase: nil, gone: false)
                 throw error
             }
-        } else if let report, self.relayChanges(name, report.relay, report.candidates) {
+        } else if let report, self.relayChanges(name, report.relay, report.candidates, report.links) {
             let written = try await self.writeStatus(name) { old in
                 guard var status = old else { return old }
                 status.relay = report.relay
                 if let c = report.candidates { status.candidates = c }
+                if let l = report.links { status.links = l }
                 return status
             }
             if let written {
-                self.relayWritten(name, written.status?.relay, written.status?.candidates)
+                self.relayWritten(name, written.status?.relay, written.status?.candidates, written.status?.links)
                 self.logger.info("node \(name) is homed on relay \(report.relay ?? "(none)")")
             }
         }
@@ -258,18 +267,25 @@ public final class NodeLifecycle: Sendable {
     }
 
     /// Whether `relay` differs from what this process last wrote for `name` (or it does not know).
-    /// Or, when the report has candidates, they differ from those last written.
-    private func relayChanges(_ name: String, _ relay: String?, _ candidates: NodeCandidates?) -> Bool {
+    /// Or, when the report has candidates or links, they differ from those last written.
+    private func relayChanges(
+        _ name: String,
+        _ relay: String?,
+        _ candidates: NodeCandidates?,
+        _ links: [NodeLink]?
+    ) -> Bool {
         self.state.withLock { s in
             guard let e = s.nodes[name] else { return false }
             return !e.relayKnown || e.relay != relay || (candidates != nil && e.candidates != candidates)
+                || (links != nil && e.links != links)
         }
     }
 
-    private func relayWritten(_ name: String, _ relay: String?, _ candidates: NodeCandidates?) {
+    private func relayWritten(_ name: String, _ relay: String?, _ candidates: NodeCandidates?, _ links: [NodeLink]?) {
         self.state.withLock { s in
             s.nodes[name]?.relay = relay
             s.nodes[name]?.candidates = candidates
+            s.nodes[name]?.links = links
             s.nodes[name]?.relayKnown = true
         }
     }

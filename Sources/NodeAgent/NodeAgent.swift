@@ -33,6 +33,9 @@ public struct NodeAgentConfiguration: Sendable {
     /// When set (with `relay`), each beat reports the node's hole-punch candidates too (its NAT
     /// discovery); the control plane writes them to the Node's `status.candidates` when they change.
     public var candidates: (@Sendable () -> NodeCandidates?)?
+    /// When set (with `relay`), each beat reports the node's peer links too (peer, path, rounded RTT); the
+    /// control plane writes them to the Node's `status.links` when they change (`meshctl dashboard`).
+    public var links: (@Sendable () async -> [NodeLink])?
 
     public init(nodeName: String, site: String? = nil) {
         self.nodeName = nodeName
@@ -108,11 +111,12 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                 }
                 let relay = self.configuration.relay?()
                 let candidates = self.configuration.candidates?()
+                let links = await self.configuration.links?()
                 do {
                     try await self.client.heartbeat(
                         node: name,
                         report: self.configuration.relay.map { _ in
-                            NodeHeartbeatReport(relay: relay, candidates: candidates)
+                            NodeHeartbeatReport(relay: relay, candidates: candidates, links: links)
                         }
                     )
                 } catch let status as Status where status.code == 404 {

@@ -107,6 +107,46 @@ import Testing
         try await cp.stop()
     }
 
+    @Test func aBeatReportsTheLinksWrittenOnlyWhenTheyChange() async throws {
+        let cp = try await RunningControl()
+        let edge = try cp.client(try cp.issue(.node("edge-a")))
+        try await edge.apply(self.node("edge-a"))
+        let relayed = [NodeLink(peer: "edge-b", path: "relayed", relay: "r1", rttMillis: 20)]
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1", links: relayed))
+        #expect(try await self.phase(cp, "edge-a")?.links == relayed)
+        let rv = try await cp.rv()
+        // The same links, or a report without links (kept): no write.
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1", links: relayed))
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1"))
+        #expect(try await cp.rv() == rv)
+        #expect(try await self.phase(cp, "edge-a")?.links == relayed)
+        // The link went direct: one write.
+        let direct = [NodeLink(peer: "edge-b", path: "direct", rttMillis: 5)]
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1", links: direct))
+        #expect(try await self.phase(cp, "edge-a")?.links == direct)
+        #expect(try await cp.rv() == rv + 1)
+        // A bad path: 400 saying which link and why.
+        let bad = await #expect(throws: Status.self) {
+            try await edge.heartbeat(
+                node: "edge-a",
+                report: NodeHeartbeatReport(relay: "r1", links: [NodeLink(peer: "edge-b", path: "teleported")])
+            )
+        }
+        #expect(bad?.code == 400 && bad?.message.contains("links[0]: path \"teleported\"") == true)
+        try await cp.stop()
+    }
+
+    @Test func linkRTTsAreRoundedToSteps() {
+        #expect(NodeLink.roundedRTT(micros: nil) == nil)
+        #expect(NodeLink.roundedRTT(micros: 100) == 1)
+        #expect(NodeLink.roundedRTT(micros: 1_600) == 2)
+        #expect(NodeLink.roundedRTT(micros: 3_400) == 2)
+        #expect(NodeLink.roundedRTT(micros: 3_600) == 5)
+        #expect(NodeLink.roundedRTT(micros: 41_000) == 50)
+        #expect(NodeLink.roundedRTT(micros: 140_000) == 100)
+        #expect(NodeLink.roundedRTT(micros: 160_000) == 200)
+    }
+
     @Test func aNodeBeatsOnlyForItselfAndOnlyOnceRegistered() async throws {
         let cp = try await RunningControl()
         let edgeA = try cp.client(try cp.issue(.node("edge-a")))

@@ -320,6 +320,16 @@ public final class AgentServer: Sendable {
         nodeConfig.linkPort = linkPort
         nodeConfig.relay = { relayClient.home }
         nodeConfig.candidates = { direct?.candidates }
+        nodeConfig.links = {
+            await links.stats().map {
+                NodeLink(
+                    peer: $0.node,
+                    path: $0.path,
+                    relay: $0.relay,
+                    rttMillis: NodeLink.roundedRTT(micros: $0.rttMicros)
+                )
+            }.sorted { $0.peer < $1.peer }
+        }
         nodeConfig.heartbeatInterval = .milliseconds(Int64(config.heartbeatIntervalSeconds * 1000))
         let nodeAgent = NodeAgent(
             configuration: nodeConfig,

@@ -82,19 +82,24 @@ public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
     /// Where the node's agent can be reached for a hole punch (its NAT discovery), as its heartbeat last
     /// reported it. Nil: not reported.
     public var candidates: NodeCandidates?
+    /// The node's peer links as its heartbeat last reported them (the control plane's picture of the mesh:
+    /// `meshctl dashboard`). Nil: not reported.
+    public var links: [NodeLink]?
 
     public init(
         phase: Phase? = nil,
         lastHeartbeatTime: String? = nil,
         message: String? = nil,
         relay: String? = nil,
-        candidates: NodeCandidates? = nil
+        candidates: NodeCandidates? = nil,
+        links: [NodeLink]? = nil
     ) {
         self.phase = phase
         self.lastHeartbeatTime = lastHeartbeatTime
         self.message = message
         self.relay = relay
         self.candidates = candidates
+        self.links = links
     }
 
     public enum Phase: String, StrictEnum {
@@ -111,15 +116,24 @@ public struct NodeHeartbeatReport: Codable, Sendable, Equatable {
     public var relay: String?
     /// The node's hole-punch candidates; nil (or absent): not reported (the status keeps what it had).
     public var candidates: NodeCandidates?
+    /// The node's peer links; nil (or absent): not reported (the status keeps what it had).
+    public var links: [NodeLink]?
 
-    public init(relay: String?, candidates: NodeCandidates? = nil) {
+    public init(relay: String?, candidates: NodeCandidates? = nil, links: [NodeLink]? = nil) {
         self.relay = relay
         self.candidates = candidates
+        self.links = links
     }
 
     /// Why the report is not valid (nil: it is).
     public var error: String? {
         if let r = self.relay, let e = Names.dns1123SubdomainError(r) { return "relay \"\(r)\" \(e)" }
+        if let links = self.links {
+            if links.count > NodeLink.maxPerNode { return "links: at most \(NodeLink.maxPerNode) may be reported" }
+            for (i, l) in links.enumerated() {
+                if let e = l.error { return "links[\(i)]: \(e)" }
+            }
+        }
         return self.candidates?.error
     }
 }
@@ -182,5 +196,52 @@ public struct NodeHeartbeat: Codable, Sendable, Equatable {
         self.time = time
         self.phase = phase
         self.gracePeriodSeconds = gracePeriodSeconds
+    }
+}
+
+/// One peer link of a node, as its agent reports it with its heartbeats.
+public struct NodeLink: Codable, Sendable, Equatable, Hashable {
+    /// The node at the other end.
+    public var peer: String
+    /// `direct`, `punched` or `relayed`.
+    public var path: String
+    /// The relay of a relayed link.
+    public var relay: String?
+    /// The link's round trip rounded to 1, 2 or 5 times a power of ten milliseconds (at least 1), so that
+    /// jitter does not rewrite the Node on every beat.
+    public var rttMillis: Int?
+
+    public static let maxPerNode = 1000
+    public static let paths: Set<String> = ["direct", "punched", "relayed"]
+
+    public init(peer: String, path: String, relay: String? = nil, rttMillis: Int? = nil) {
+        self.peer = peer
+        self.path = path
+        self.relay = relay
+        self.rttMillis = rttMillis
+    }
+
+    /// A measured RTT in microseconds, rounded to the nearest step of 1, 2, 5, 10, 20, 50... ms.
+    public static func roundedRTT(micros: Int64?) -> Int? {
+        guard let micros, micros >= 0 else { return nil }
+        let ms = Double(micros) / 1000
+        var best = 1
+        var step = 1
+        while step <= 1_000_000 {
+            for m in [1, 2, 5] where abs(Double(step * m) - ms) < abs(Double(best) - ms) { best = step * m }
+            step *= 10
+        }
+        return best
+    }
+
+    /// Why this link is not valid (nil: it is).
+    public var error: String? {
+        if let e = Names.dns1123SubdomainError(self.peer) { return "peer \"\(self.peer)\" \(e)" }
+        guard Self.paths.contains(self.path) else {
+            return "path \"\(self.path)\" must be direct, punched or relayed"
+        }
+        if let r = self.relay, let e = Names.dns1123SubdomainError(r) { return "relay \"\(r)\" \(e)" }
+        if let rtt = self.rttMillis, rtt < 0 { return "rttMillis must not be negative" }
+        return nil
     }
 }

@@ -48,15 +48,17 @@ struct DataPlaneTraceTests {
             let total = try #require(t.totalMicros)
             #expect(first > 0 && first <= total)
 
-            // The same key again: the same endpoint, now on a pooled connection.
-            _ = try await TestHTTPConnection.get(
-                TestClient.vipAddress(vip, 8080),
-                "/",
-                headers: [("x-user", "alice"), ("x-mesh-trace", "t-2")]
-            )
-            #expect(await eventually { dp.trace("t-2") != nil })
+            // The same key twice on one client connection (one event loop, one pool): the same endpoint, and
+            // the second time on the pooled upstream connection the first one left.
+            try await TestHTTPConnection.with(TestClient.vipAddress(vip, 8080)) { conn in
+                _ = try await conn.request(.GET, "/", headers: [("x-user", "alice"), ("x-mesh-trace", "t-2")])
+                _ = try await conn.request(.GET, "/", headers: [("x-user", "alice"), ("x-mesh-trace", "t-3")])
+            }
+            #expect(await eventually { dp.trace("t-3") != nil })
             #expect(dp.trace("t-2")?.attempts.map(\.backend) == t.attempts.map(\.backend))
-            #expect(dp.trace("t-2")?.attempts.first?.connection == "pooled")
+            #expect(dp.trace("t-3")?.attempts.map(\.backend) == t.attempts.map(\.backend))
+            #expect(dp.trace("t-3")?.attempts.first?.connection == "pooled")
+            #expect(dp.trace("t-3")?.attempts.first?.connectMicros == nil)
 
             // A request without the field leaves nothing behind.
             _ = try await TestHTTPConnection.get(TestClient.vipAddress(vip, 8080), "/", headers: [("x-user", "bob")])
