@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import MeshCore
+import MeshIdentity
 import MeshTestSupport
 import MeshWire
 import NIOCore
@@ -413,5 +414,30 @@ struct PunchHandlerTests {
         try garbage.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\n"))
         #expect(throws: STUNClientError.self) { try failed.futureResult.wait() }
         #expect(!garbage.isActive)
+    }
+}
+
+@Suite("LinkPortSharingTests")
+struct LinkPortSharingTests {
+    @Test("the link listener shares its port with punches and STUN (SO_REUSEPORT), but not with another listener")
+    func aSecondListenerOnTheLinkPortFails() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let first = try await LinkNode.make("a", ca: ca, book: book)
+        let port = try #require(first.address.port)
+        let second = LinkListener(
+            manager: first.manager,
+            address: try SocketAddress(ipAddress: "127.0.0.1", port: port)
+        )
+        await #expect(throws: (any Error).self) { try await second.bind() }
+        // A STUN request can still leave from it.
+        let stun = try await RunningSTUN.start(hosts: ["127.0.0.1"])
+        let binding = try await STUNClient(group: MultiThreadedEventLoopGroup.singleton).bindingTCP(
+            server: try #require(stun.listeners.first?.tcp),
+            local: try SocketAddress(ipAddress: "127.0.0.1", port: port)
+        )
+        #expect(binding.mapped.port == UInt16(port))
+        await stun.stop()
+        await first.stop()
     }
 }
