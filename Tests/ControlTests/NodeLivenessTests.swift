@@ -147,6 +147,42 @@ import Testing
         #expect(NodeLink.roundedRTT(micros: 160_000) == 200)
     }
 
+    @Test func aBeatReportsHolePunchCandidatesWrittenOnlyWhenTheyChange() async throws {
+        let cp = try await RunningControl()
+        let edge = try cp.client(try cp.issue(.node("edge-a")))
+        _ = try await edge.apply(self.node("edge-a")).object
+        let found = NodeCandidates(
+            local: ["198.19.1.2:7900"],
+            reflexive: "198.18.0.21:7900",
+            mapping: "portPreserving",
+            updateTime: "2026-12-04T10:00:00Z"
+        )
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1", candidates: found))
+        let status = try #require(try await self.phase(cp, "edge-a"))
+        #expect(status.candidates == found && status.relay == "r1")
+        let rv = try await cp.rv()
+        // The same again, or a report without candidates (not reported: kept): no write.
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1", candidates: found))
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1"))
+        #expect(try await cp.rv() == rv)
+        #expect(try await self.phase(cp, "edge-a")?.candidates == found)
+        // The mapping changed: one write.
+        var moved = found
+        moved.mapping = "random"
+        moved.reflexive = "198.18.0.21:40123"
+        try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1", candidates: moved))
+        #expect(try await self.phase(cp, "edge-a")?.candidates == moved)
+        #expect(try await cp.rv() == rv + 1)
+        // A mapping no agent sends: 400 saying why.
+        var bad = found
+        bad.mapping = "fullCone"
+        let refused = await #expect(throws: Status.self) {
+            try await edge.heartbeat(node: "edge-a", report: NodeHeartbeatReport(relay: "r1", candidates: bad))
+        }
+        #expect(refused?.code == 400 && refused?.message.contains("fullCone") == true)
+        try await cp.stop()
+    }
+
     @Test func aNodeBeatsOnlyForItselfAndOnlyOnceRegistered() async throws {
         let cp = try await RunningControl()
         let edgeA = try cp.client(try cp.issue(.node("edge-a")))

@@ -149,7 +149,8 @@ struct NATMatrixTests {
         let nats = "\(row["localNAT"] as? String ?? "-") / \(row["peerNAT"] as? String ?? "-")"
         Self.report(
             "| \(siteA) × \(siteB) | \(path) | \(Int((firstByte * 1000).rounded())) ms | "
-                + "\(upgrade.map { "\($0) ms" } ?? "-") | \(nats) | \(row["reason"] as? String ?? "-") |"
+                + "\(upgrade.map { "\($0) ms" } ?? "-") | \(row["punchAttempts"] as? Int ?? 0) | \(nats) | "
+                + "\(row["reason"] as? String ?? "-") |"
         )
     }
 }

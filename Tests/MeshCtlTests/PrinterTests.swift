@@ -133,6 +133,39 @@ import Testing
         )
     }
 
+    @Test func peersTableShowsNATPunchedPathsAndWhyNotDirect() throws {
+        let value = try JSONValue.parse(
+            json: Data(
+                """
+                {"node": "a", "site": "a", "linkListen": "0.0.0.0:7900",
+                 "nat": {"mapping": "portPreserving", "udpMapping": "portPreserving", "reflexive": "198.18.0.21:7900"},
+                 "items": [
+                  {"node": "b", "site": "b", "path": "punched", "rttMicros": 840, "streams": 1, "bytesSent": 10,
+                   "bytesReceived": 20, "since": "2026-12-03T10:00:00Z", "dialer": "a", "localNAT": "portPreserving",
+                   "peerNAT": "portPreserving", "upgrades": 1, "fallbacks": 0, "upgradeMillis": 223},
+                  {"node": "c", "site": "c", "path": "relayed", "relay": "r1", "rttMicros": 2000, "streams": 0,
+                   "bytesSent": 0, "bytesReceived": 0, "since": "2026-12-03T10:01:00Z", "dialer": "a",
+                   "reason": "peer mapping random", "localNAT": "portPreserving", "peerNAT": "random",
+                   "upgrades": 0, "fallbacks": 0}]}
+                """.utf8
+            )
+        )
+        #expect(
+            PeersView.table(value, wide: false) == """
+                node a, site a, links on 0.0.0.0:7900
+                NAT: portPreserving (tcp), portPreserving (udp), reflexive 198.18.0.21:7900
+                NODE   SITE   PATH      RELAY    RTT      STREAMS   SENT   RECEIVED   SINCE
+                b      b      punched   <none>   0.84ms   1         10B    20B        2026-12-03T10:00:00Z
+                c      c      relayed   r1       2.00ms   0         0B     0B         2026-12-03T10:01:00Z
+                c: not direct: peer mapping random
+
+                """
+        )
+        let wide = PeersView.table(value, wide: true)
+        #expect(wide.contains("NAT (OWN/PEER)") && wide.contains("TIME TO UPGRADE"), "\(wide)")
+        #expect(wide.contains("portPreserving/random") && wide.contains("223ms"), "\(wide)")
+    }
+
     @Test func agesAreKubectlShort() {
         #expect(
             [0, 119, 120, 7199, 7200, 172_799, 172_800, -5].map(Printer.duration) == [

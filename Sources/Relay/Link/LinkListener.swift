@@ -22,6 +22,14 @@ public final class LinkListener: Service, Sendable {
     public func bind() async throws -> SocketAddress {
         if let channel = self.bound.withLock({ $0 }), let a = channel.localAddress { return a }
         let manager = self.manager
+        // SO_REUSEPORT (below) would let a second agent share the port without a word: first make sure
+        // nothing else listens there.
+        if self.address.port != 0 {
+            let probe = try await ServerBootstrap(group: manager.group)
+                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+                .bind(to: self.address).get()
+            try await probe.close()
+        }
         let channel = try await ServerBootstrap(group: manager.group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             // Punches and STUN requests leave from the link port too (Relay/Punch).

@@ -1,9 +1,11 @@
 import Foundation
 import Logging
 import MeshCore
+import MeshIdentity
 import MeshTestSupport
 import MeshWire
 import NIOCore
+import NIOEmbedded
 import NIOPosix
 import Synchronization
 import Testing
@@ -337,5 +339,105 @@ struct PunchUpgradeTests {
         await stunB.stop()
         try await relay.kill()
         try await backend.close()
+    }
+}
+
+@Suite("PunchHandlerTests")
+struct PunchHandlerTests {
+    @Test(
+        "PunchStreamHandler on an EmbeddedChannel: frames in pieces arrive whole and in order; garbage ends the stream"
+    )
+    func punchStreamFrames() async throws {
+        let inbox = PunchInbox()
+        let channel = EmbeddedChannel(handler: PunchStreamHandler(inbox: inbox))
+        let start = RelaySessionMessage.punchStart(
+            PunchStart(
+                id: 5,
+                mode: .simultaneousOpen,
+                delayMillis: 60,
+                rttMicros: 900,
+                staggerMillis: 120,
+                answererFirst: false
+            )
+        )
+        let bytes = try PunchCodecTests().offer.encode() + (try start.encode())
+        // One byte at a time, then the rest.
+        for b in bytes.prefix(7) { try channel.writeInbound(ByteBuffer(bytes: [b])) }
+        try channel.writeInbound(ByteBuffer(bytes: bytes.dropFirst(7)))
+        #expect(await inbox.next(within: .seconds(1)) == PunchCodecTests().offer)
+        #expect(await inbox.next(within: .seconds(1)) == start)
+        // Nothing more: the wait times out with nil.
+        #expect(await inbox.next(within: .milliseconds(50)) == nil)
+        // A type no session knows: the inbox closes and so does the stream.
+        try channel.writeInbound(ByteBuffer(bytes: [0x7E, 0, 0]))
+        #expect(await inbox.next(within: .seconds(1)) == nil)
+        #expect(!channel.isActive)
+    }
+
+    @Test("STUNAnswerHandler on an EmbeddedChannel: an answer in pieces, another transaction skipped, not-STUN fails")
+    func stunAnswerFraming() throws {
+        let loop = EmbeddedEventLoop()
+        let id = STUNTransactionID.random()
+        let answer = loop.makePromise(of: STUNMessage.self)
+        let channel = EmbeddedChannel(
+            handler: STUNAnswerHandler(transaction: id, server: "s", answer: answer),
+            loop: loop
+        )
+        let mapped = STUNAddress(ip: IPAddress("198.18.0.21")!, port: 7900)
+        let other = try STUNMessage(
+            type: .bindingSuccess,
+            transactionID: .random(),
+            attributes: [.xorMappedAddress(mapped)]
+        )
+        .encode()
+        let mine = try STUNMessage(type: .bindingSuccess, transactionID: id, attributes: [.xorMappedAddress(mapped)])
+            .encode()
+        let wire = other + mine
+        try channel.writeInbound(ByteBuffer(bytes: wire.prefix(25)))
+        try channel.writeInbound(ByteBuffer(bytes: wire.dropFirst(25)))
+        let got = try answer.futureResult.wait()
+        #expect(got.transactionID == id)
+        let binding = try STUNClient.binding(
+            got,
+            server: try SocketAddress(ipAddress: "127.0.0.1", port: 1),
+            transport: .tcp,
+            local: nil,
+            start: .now
+        )
+        #expect(binding.mapped == mapped)
+
+        let failed = loop.makePromise(of: STUNMessage.self)
+        let garbage = EmbeddedChannel(
+            handler: STUNAnswerHandler(transaction: id, server: "s", answer: failed),
+            loop: loop
+        )
+        try garbage.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\n"))
+        #expect(throws: STUNClientError.self) { try failed.futureResult.wait() }
+        #expect(!garbage.isActive)
+    }
+}
+
+@Suite("LinkPortSharingTests")
+struct LinkPortSharingTests {
+    @Test("the link listener shares its port with punches and STUN (SO_REUSEPORT), but not with another listener")
+    func aSecondListenerOnTheLinkPortFails() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let first = try await LinkNode.make("a", ca: ca, book: book)
+        let port = try #require(first.address.port)
+        let second = LinkListener(
+            manager: first.manager,
+            address: try SocketAddress(ipAddress: "127.0.0.1", port: port)
+        )
+        await #expect(throws: (any Error).self) { try await second.bind() }
+        // A STUN request can still leave from it.
+        let stun = try await RunningSTUN.start(hosts: ["127.0.0.1"])
+        let binding = try await STUNClient(group: MultiThreadedEventLoopGroup.singleton).bindingTCP(
+            server: try #require(stun.listeners.first?.tcp),
+            local: try SocketAddress(ipAddress: "127.0.0.1", port: port)
+        )
+        #expect(binding.mapped.port == UInt16(port))
+        await stun.stop()
+        await first.stop()
     }
 }
