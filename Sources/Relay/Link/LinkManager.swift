@@ -178,6 +178,17 @@ public final class LinkManager: Sendable {
                 try stream.pipeline.syncOperations.addHandler(HoldHandler())
             }
         }
+        // NIO gets a duplicate of the socket. Once handed over, NIO closes what it holds whenever the
+        // channel fails (an initializer that throws, a registration that fails), so giving it the caller's
+        // descriptor would let a failure close it under the caller, who closes it again: a double close,
+        // which closes whatever socket took the number meanwhile (seen as EBADF in another server's bind).
+        // With a duplicate the caller's socket is untouched on failure, and given up here on success.
+        let copy = dup(socket)
+        guard copy >= 0 else {
+            let code = errno
+            stream.close(promise: nil)
+            throw IOError(errnoCode: code, reason: "dup of the socket to splice")
+        }
         do {
             // Everything on the stream's event loop, in the socket's initializer: the splice is in place
             // before the socket reads anything.
@@ -194,11 +205,12 @@ public final class LinkManager: Sendable {
                         if !stream.isActive { client.close(promise: nil) }
                     }
                 }
-                .withConnectedSocket(socket).get()
+                .withConnectedSocket(copy).get()
         } catch {
             stream.close(promise: nil)
             throw error
         }
+        close(socket)
     }
 
     private func open(
