@@ -57,7 +57,7 @@ import Testing
         )
         // Its port is an endpoint of the service web, with this node's name, ready.
         #expect(
-            try await eventually {
+            await eventually {
                 let e = try? await cp.client.get(Endpoints.self, name: "web")
                 return e?.spec.addresses
                     == [

@@ -1,6 +1,7 @@
 import MeshCore
 import MeshHTTP
 import NIOCore
+import NodeAgent
 import Relay
 
 #if canImport(FoundationEssentials)
@@ -20,6 +21,8 @@ struct AdminAPI: HTTPResponder {
     let sync: ServiceTableSync
     let links: LinkManager
     let relay: RelaySessionClient
+    /// Workloads' logs and status, twins (`EdgeServices.adminResponse`).
+    let edge: EdgeServices?
     let health: HealthEndpoints
 
     init(
@@ -28,8 +31,10 @@ struct AdminAPI: HTTPResponder {
         dataPlane: DataPlane,
         sync: ServiceTableSync,
         links: LinkManager,
-        relay: RelaySessionClient
+        relay: RelaySessionClient,
+        edge: EdgeServices? = nil
     ) {
+        self.edge = edge
         self.config = config
         self.links = links
         self.relay = relay
@@ -108,6 +113,7 @@ struct AdminAPI: HTTPResponder {
                 return .text(.internalServerError, "cannot encode the peers: \(error)")
             }
         default:
+            if let edge = self.edge, let r = edge.adminResponse(path: request.path, query: request.query) { return r }
             return .text(.notFound, "no \(request.path) here: try /routes, /peers, /metrics, /healthz or /readyz")
         }
     }

@@ -305,13 +305,24 @@ public final class AgentServer: Sendable {
                 MeshTLS.identity(of: certificate)?.uri
             }
         }
+        // EdgeServices: workloads, device twins and the mapper API (NodeAgent README).
+        var edgeConfig = EdgeConfiguration(nodeName: config.nodeName, dataDir: config.dataDir)
+        edgeConfig.mqttBroker = config.mqttBroker
+        edgeConfig.mqttStartBroker = config.mqttStartBroker
+        let edge = try EdgeServices(
+            configuration: edgeConfig,
+            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            logger: self.logger
+        )
+        self.edge.set(edge)
         let adminAPI = AdminAPI(
             config: config,
             applier: applier,
             dataPlane: dataPlane,
             sync: sync,
             links: links,
-            relay: relayClient
+            relay: relayClient,
+            edge: edge
         )
         let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
         self.admin.set(admin)
@@ -329,16 +340,6 @@ public final class AgentServer: Sendable {
             logger: self.logger
         )
         self.nodeAgent.set(nodeAgent)
-        // EdgeServices: workloads, device twins and the mapper API (NodeAgent README).
-        var edgeConfig = EdgeConfiguration(nodeName: config.nodeName, dataDir: config.dataDir)
-        edgeConfig.mqttBroker = config.mqttBroker
-        edgeConfig.mqttStartBroker = config.mqttStartBroker
-        let edge = try EdgeServices(
-            configuration: edgeConfig,
-            client: ControlClient(endpoint: endpoint, tls: controlTLS),
-            logger: self.logger
-        )
-        self.edge.set(edge)
 
         self.logger.info(
             "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on \(config.adminAllowRemote ? "https" : "http")://\(adminListen), links on \(linkPort.map { "port \($0)" } ?? "none (relay only)"), \(config.interfaceMode.rawValue) mode"
