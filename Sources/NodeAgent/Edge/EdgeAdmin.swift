@@ -85,11 +85,13 @@ extension EdgeServices {
         guard self.supervisor.snapshot["\(ns)/\(name)"] != nil else {
             return .text(.notFound, "workload \(ns)/\(name) does not run on node \(node)")
         }
-        guard let text = Self.tail(self.supervisor.logPath(namespace: ns, name: name), lines: query["tail"].flatMap { Int($0) })
-        else {
-            return .text(.ok, "")
-        }
-        return .text(.ok, text)
+        let text = Self.tail(self.supervisor.logPath(namespace: ns, name: name), lines: query["tail"].flatMap { Int($0) })
+        // The log as it is (`.text` would add a newline).
+        return HTTPResponse(
+            status: .ok,
+            headers: ["Content-Type": "text/plain; charset=utf-8"],
+            body: .bytes(ByteBuffer(string: text ?? ""))
+        )
     }
 
     static func json(_ value: some Encodable) -> HTTPResponse {
@@ -116,7 +118,8 @@ extension EdgeServices {
         if let count = lines, count >= 0 {
             var kept = text.split(separator: "\n", omittingEmptySubsequences: false)
             if kept.last == "" { kept.removeLast() }
-            text = kept.suffix(count).joined(separator: "\n") + (kept.isEmpty ? "" : "\n")
+            let last = kept.suffix(count)
+            text = last.isEmpty ? "" : last.joined(separator: "\n") + "\n"
         }
         return text
     }
