@@ -98,6 +98,12 @@ struct Up: AsyncParsableCommand {
     @Flag(name: .long, help: "Run the control plane only, no agent.")
     var noAgent = false
 
+    @Option(name: .long, help: "The agent's node name (default: the host name).")
+    var nodeName: String?
+
+    @Option(name: .long, help: "Where the agent starts mosquitto for device mappers (when installed), or off.")
+    var mqttListen: String = "127.0.0.1:1883"
+
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
@@ -112,6 +118,8 @@ struct Up: AsyncParsableCommand {
         mesh.relayListen = self.relayListen
         mesh.relayAdminListen = self.relayAdminListen
         mesh.withAgent = !self.noAgent
+        mesh.nodeName = self.nodeName
+        mesh.mqttListen = self.mqttListen == "off" ? nil : self.mqttListen
         do {
             mesh.logLevel = try LogLevels.parse(self.logLevel)
             _ = try ListenAddress(self.listen, field: "--listen")
@@ -121,6 +129,10 @@ struct Up: AsyncParsableCommand {
             _ = try ListenAddress(self.stunListen, field: "--stun-listen")
             _ = try ListenAddress(self.relayListen, field: "--relay-listen")
             _ = try ListenAddress(self.relayAdminListen, field: "--relay-admin-listen")
+            if self.mqttListen != "off" { _ = try ListenAddress(self.mqttListen, field: "--mqtt-listen") }
+            if let n = self.nodeName, let e = Names.dns1123SubdomainError(n) {
+                throw ManifestError("--node-name: \(e)")
+            }
         } catch let e as ManifestError {
             throw ValidationError(e.message)
         }

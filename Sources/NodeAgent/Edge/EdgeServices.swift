@@ -170,7 +170,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
             let p = try ChildProcess.spawn(
                 command: self.configuration.mosquittoPath,
                 args: ["-c", conf],
-                environment: ["PATH": ProcessEnvironment.path],
+                environment: ["PATH": ProcessEnvironment.path + ":/usr/sbin:/sbin"],
                 logPath: self.configuration.dataDir + "/mosquitto.log"
             )
             self.logger.info("edge: started mosquitto (pid \(p.pid)) on \(broker) for device mappers")
