@@ -298,7 +298,7 @@ let package = Package(
         // STUN codec and responder (scripts/fuzz dns|api|stun); a replayer in a plain build.
         .executableTarget(
             name: "mesh-fuzz",
-            dependencies: ["DNS", "Control", "Relay", "MeshAgent", "MeshWire"],
+            dependencies: ["DNS", "Control", "Relay", "MeshAgent", "MeshWire", "NodeAgent"],
             swiftSettings: swiftSettings
         ),
 
