@@ -189,7 +189,9 @@ final class WorkloadController: Sendable {
             }
             let existing = try JSONDecoder().decode(Endpoints.self, from: Data(stored.json.readableBytesView))
             guard existing.metadata.annotations?[Self.managedKey] == Self.managedValue else {
-                self.logger.debug("workloads: endpoints \(key.namespace)/\(key.name) are not managed by workloads; left alone")
+                self.logger.debug(
+                    "workloads: endpoints \(key.namespace)/\(key.name) are not managed by workloads; left alone"
+                )
                 continue
             }
             guard existing.spec.addresses != addresses else { continue }

@@ -109,7 +109,9 @@ public struct AllInOne: Sendable {
         }
         if self.withAgent, let mqtt = self.mqttListen {
             if AllInOne.mosquittoInstalled {
-                logger.info("device mapper API: the agent starts mosquitto on \(mqtt) (KubeEdge's $hw/events/device/+/twin/... topics)")
+                logger.info(
+                    "device mapper API: the agent starts mosquitto on \(mqtt) (KubeEdge's $hw/events/device/+/twin/... topics)"
+                )
             } else {
                 logger.notice(
                     "device mapper API off: mosquitto is not installed (apt-get install mosquitto); workloads and twins set from the cloud still work"

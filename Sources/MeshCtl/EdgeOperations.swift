@@ -117,7 +117,8 @@ extension Operations {
     public func twinGet(device: String, namespace: String?, format: OutputFormat) async -> Bool {
         do {
             let ns = namespace ?? "default"
-            let body = try await self.client.raw(.GET, ControlClient.path(Device.resource, namespace: ns, name: device)).body
+            let body = try await self.client.raw(.GET, ControlClient.path(Device.resource, namespace: ns, name: device))
+                .body
             let view = TwinView(try JSONValue.parse(json: Data(body.readableBytesView)))
             switch format {
             case .json, .yaml:

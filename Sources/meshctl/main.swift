@@ -185,7 +185,9 @@ struct Get: AsyncParsableCommand {
 
     @OptionGroup var server: ServerOptions
 
-    @Argument(help: "services (svc), endpoints (ep), nodes (no), relays, workloads (wl), devices (dev) or devicemodels (dm).")
+    @Argument(
+        help: "services (svc), endpoints (ep), nodes (no), relays, workloads (wl), devices (dev) or devicemodels (dm)."
+    )
     var kind: String
 
     @Argument(help: "One object's name; all when omitted.")
@@ -279,7 +281,9 @@ struct Watch: AsyncParsableCommand {
 
     @OptionGroup var server: ServerOptions
 
-    @Argument(help: "services (svc), endpoints (ep), nodes (no), relays, workloads (wl), devices (dev) or devicemodels (dm).")
+    @Argument(
+        help: "services (svc), endpoints (ep), nodes (no), relays, workloads (wl), devices (dev) or devicemodels (dm)."
+    )
     var kind: String
 
     @Option(name: .shortAndLong, help: "Namespace (default: default).")
@@ -540,7 +544,6 @@ struct Version: AsyncParsableCommand {
 }
 
 // MARK: edge: twins and workload logs
-
 
 struct Twin: AsyncParsableCommand {
     static let configuration = CommandConfiguration(

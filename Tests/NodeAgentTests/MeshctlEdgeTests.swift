@@ -64,7 +64,10 @@ import class ServiceLifecycle.ServiceGroup
         #expect(twin.status == 0, "\(twin.stderr)")
         #expect(twin.stdout.contains("device default/thermo-m on node edge-m1: not converged"), "\(twin.stdout)")
         let mapper = try await MQTTRecorder(port: broker.port, filters: [])
-        try await mapper.publish(TwinTopics.prefix + "thermo-m" + TwinTopics.update, Thermostat.update("m1", ["target": "21"]))
+        try await mapper.publish(
+            TwinTopics.prefix + "thermo-m" + TwinTopics.update,
+            Thermostat.update("m1", ["target": "21"])
+        )
         #expect(
             try await eventually {
                 try await cp.client.get(Device.self, name: "thermo-m").twin("target")?.reported == "21"
@@ -93,7 +96,9 @@ import class ServiceLifecycle.ServiceGroup
             edge.edge.adminResponse(path: request.path, query: request.query) ?? .text(.notFound, "no")
         }
         let server = HTTPServer(configuration: config, responder: responder, logger: Logger(label: "admin"))
-        let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: Logger(label: "admin")))
+        let group = ServiceGroup(
+            configuration: .init(services: [.init(service: server)], logger: Logger(label: "admin"))
+        )
         let task = Task { try await group.run() }
         let admin = "http://127.0.0.1:\(try await server.localAddress().port!)"
         var logs = ProcessResult(status: -1, stdout: "", stderr: "")

@@ -9,7 +9,8 @@ import Testing
 /// The control plane's side of the outbox: each message applied at most once, bad ones refused with
 /// the reason, all through the real API and store.
 @Suite struct NodeReportsTests {
-    static func post(_ client: ControlClient, node: String, _ batch: NodeReportBatch) async throws -> [NodeReportResult] {
+    static func post(_ client: ControlClient, node: String, _ batch: NodeReportBatch) async throws -> [NodeReportResult]
+    {
         let body = try await client.raw(
             .POST,
             "/apis/mesh.edge/v1/nodes/\(node)/reports",
@@ -57,7 +58,11 @@ import Testing
         await #expect(throws: Status.self) { _ = try await Self.post(node, node: "edge-other", batch) }
         // A malformed batch is a 400 naming the problem.
         do {
-            _ = try await node.raw(.POST, "/apis/mesh.edge/v1/nodes/edge-r1/reports", body: ByteBuffer(string: "{\"epoch\":\"e\",\"reports\":[{\"id\":\"x\"}]}"))
+            _ = try await node.raw(
+                .POST,
+                "/apis/mesh.edge/v1/nodes/edge-r1/reports",
+                body: ByteBuffer(string: "{\"epoch\":\"e\",\"reports\":[{\"id\":\"x\"}]}")
+            )
             Issue.record("a malformed batch was accepted")
         } catch let s as Status {
             #expect(s.code == 400)

@@ -26,7 +26,10 @@ struct WorkloadMeshTests {
         #expect(await eventually { worker.agent.snapshot.heartbeats >= 1 })
         let port = freePort()
         let svc = try await cp.client.apply(
-            Service(metadata: ObjectMeta(name: "hello"), spec: ServiceSpec(ports: [ServicePort(name: "http", port: 8080)]))
+            Service(
+                metadata: ObjectMeta(name: "hello"),
+                spec: ServiceSpec(ports: [ServicePort(name: "http", port: 8080)])
+            )
         ).object
         let vip = try #require(svc.spec.clusterIP)
         var workload = WorkloadTests.httpWorkload("hello", port: port, node: "edge-worker")
@@ -68,7 +71,9 @@ struct WorkloadMeshTests {
                 return s.readAll()
             }) ?? ""
         }
-        #expect(await eventually(timeout: .seconds(15)) { (try? await dig("hello.default.svc.cluster.local")) == [vip] })
+        #expect(
+            await eventually(timeout: .seconds(15)) { (try? await dig("hello.default.svc.cluster.local")) == [vip] }
+        )
         // By name, through the agent's proxy, to the workload's process.
         #expect(await eventually(timeout: .seconds(20)) { await get().contains("200 OK") })
         #expect(edge.edge.supervisor.snapshot["default/hello"]?.phase == .running)

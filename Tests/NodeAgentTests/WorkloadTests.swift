@@ -104,7 +104,9 @@ import Testing
         await edge.stop()
         await other.stop()
         // A graceful stop stops the process group too.
-        #expect(await eventually { !ChildProcessProbe.alive(Int32(edge.edge.supervisor.snapshot["default/web"]?.pid ?? 0)) })
+        #expect(
+            await eventually { !ChildProcessProbe.alive(Int32(edge.edge.supervisor.snapshot["default/web"]?.pid ?? 0)) }
+        )
         try await cp.stop()
     }
 
@@ -138,7 +140,10 @@ import Testing
         try await cp.client.apply(
             Workload(
                 metadata: ObjectMeta(name: "ghost"),
-                spec: WorkloadSpec(command: "/nonexistent/ghost-daemon", nodeSelector: WorkloadNodeSelector(nodeNames: ["edge-w4"]))
+                spec: WorkloadSpec(
+                    command: "/nonexistent/ghost-daemon",
+                    nodeSelector: WorkloadNodeSelector(nodeNames: ["edge-w4"])
+                )
             )
         )
         let dir = TempDir("edge")
@@ -147,7 +152,8 @@ import Testing
             try await eventually {
                 let w = try await cp.client.get(Workload.self, name: "ghost")
                 let i = w.status?.instances?.first
-                return i?.phase == .failed && (i?.message ?? "").contains("command not found: /nonexistent/ghost-daemon")
+                return i?.phase == .failed
+                    && (i?.message ?? "").contains("command not found: /nonexistent/ghost-daemon")
             }
         )
         // A workload that is not valid is refused with the field.

@@ -350,7 +350,8 @@ public final class AgentServer: Sendable {
         var services: [any ServiceLifecycle.Service] = []
         if let linkListener { services.append(linkListener) }
         services += [
-            dataPlane, dns, sync, relayClient, nodeAgent, edge, revocations, RunUntilShutdown { await renewer.run() }, admin,
+            dataPlane, dns, sync, relayClient, nodeAgent, edge, revocations, RunUntilShutdown { await renewer.run() },
+            admin,
         ]
         let group = ServiceGroup(
             configuration: .init(

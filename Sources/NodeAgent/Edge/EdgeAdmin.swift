@@ -85,7 +85,10 @@ extension EdgeServices {
         guard self.supervisor.snapshot["\(ns)/\(name)"] != nil else {
             return .text(.notFound, "workload \(ns)/\(name) does not run on node \(node)")
         }
-        let text = Self.tail(self.supervisor.logPath(namespace: ns, name: name), lines: query["tail"].flatMap { Int($0) })
+        let text = Self.tail(
+            self.supervisor.logPath(namespace: ns, name: name),
+            lines: query["tail"].flatMap { Int($0) }
+        )
         // The log as it is (`.text` would add a newline).
         return HTTPResponse(
             status: .ok,

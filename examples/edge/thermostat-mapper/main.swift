@@ -39,7 +39,8 @@ struct ThermostatMapper: AsyncParsableCommand {
         guard self.interval >= 0 && self.interval <= 3600 else {
             throw ValidationError("--interval must be between 0 (as fast as it can: benchmarks) and 3600 seconds")
         }
-        guard let colon = self.broker.lastIndex(of: ":"), Int(self.broker[self.broker.index(after: colon)...]) != nil else {
+        guard let colon = self.broker.lastIndex(of: ":"), Int(self.broker[self.broker.index(after: colon)...]) != nil
+        else {
             throw ValidationError("--broker must be host:port")
         }
     }
@@ -92,7 +93,12 @@ struct ThermostatMapper: AsyncParsableCommand {
         let runner = Task { [client, state, topic, start, logger] in
             await client.run(
                 onConnect: {
-                    try? await client.publish(topic: topic + TwinTopics.get, payload: TwinPayloads.encode(TwinBaseMessage(eventID: "get-\(start)", timestamp: EdgeClock.millis())))
+                    try? await client.publish(
+                        topic: topic + TwinTopics.get,
+                        payload: TwinPayloads.encode(
+                            TwinBaseMessage(eventID: "get-\(start)", timestamp: EdgeClock.millis())
+                        )
+                    )
                 },
                 onPublish: { p in
                     guard let body = try? TwinPayloads.decode(DeviceTwinDelta.self, p.payload) else {
