@@ -52,6 +52,9 @@ final class WorkloadController: Sendable {
                             } onCancel: {
                                 sub.cancel()
                             }
+                            // Ended (fell behind, or the store closes): watch again from the current version.
+                            signal.yield()
+                            try? await Task.sleep(for: .milliseconds(50))
                         } catch {
                             try? await Task.sleep(for: .milliseconds(200))
                         }
