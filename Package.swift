@@ -50,6 +50,7 @@ let package = Package(
         .executable(name: "meshctl", targets: ["meshctl"]),
         .executable(name: "mesh-relay", targets: ["mesh-relay"]),
         .executable(name: "dns-bench-server", targets: ["dns-bench-server"]),
+        .executable(name: "thermostat-mapper", targets: ["thermostat-mapper"]),
         // Libraries, for embedding and for the benchmarks in perf/ (a nested package).
         .library(name: "MeshCore", targets: ["MeshCore"]),
         .library(name: "MeshHTTP", targets: ["MeshHTTP"]),
@@ -273,6 +274,17 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // examples/edge: a simulated thermostat speaking KubeEdge's twin topics (the `meshctl up` demo's mapper).
+        .executableTarget(
+            name: "thermostat-mapper",
+            dependencies: [
+                "NodeAgent",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "examples/edge/thermostat-mapper",
+            swiftSettings: swiftSettings
+        ),
         // A standalone DNS responder over generated names, for perf/dns and manual checks.
         .executableTarget(
             name: "dns-bench-server",
@@ -288,7 +300,7 @@ let package = Package(
         // STUN codec and responder (scripts/fuzz dns|api|stun); a replayer in a plain build.
         .executableTarget(
             name: "mesh-fuzz",
-            dependencies: ["DNS", "Control", "Relay", "MeshAgent", "MeshWire"],
+            dependencies: ["DNS", "Control", "Relay", "MeshAgent", "MeshWire", "NodeAgent"],
             swiftSettings: swiftSettings
         ),
 

@@ -502,7 +502,9 @@ public final class ControlAPI: HTTPResponder {
         } catch let e as ValidationError {
             throw Status.invalid(e)
         }
-        if let device = object as? Device { try await self.writer.checkAgainstModel(device, namespace: namespace ?? "default") }
+        if let device = object as? Device {
+            try await self.writer.checkAgainstModel(device, namespace: namespace ?? "default")
+        }
         return try await self.writer.save(
             object,
             namespace: namespace,

@@ -110,7 +110,9 @@ extension ObjectWriter {
         let model = try JSONDecoder().decode(DeviceModel.self, from: Data(stored.json.readableBytesView))
         let errors = device.errors(against: model)
         if !errors.isEmpty {
-            throw Status.invalid(ValidationError(kind: Device.resource.kind, name: device.metadata.name, fields: errors))
+            throw Status.invalid(
+                ValidationError(kind: Device.resource.kind, name: device.metadata.name, fields: errors)
+            )
         }
     }
 }

@@ -43,7 +43,11 @@ struct NodeReports: Sendable {
         return NodeReportResults(results: results)
     }
 
-    private func model(_ namespace: String, _ name: String, _ cache: inout [String: DeviceModel]) async throws
+    private func model(
+        _ namespace: String,
+        _ name: String,
+        _ cache: inout [String: DeviceModel]
+    ) async throws
         -> DeviceModel?
     {
         if let m = cache["\(namespace)/\(name)"] { return m }
@@ -152,7 +156,11 @@ struct NodeReports: Sendable {
             return true
         }
         if updated == nil {
-            return NodeReportResult(id: id, result: .rejected, message: "unknown workload \(report.namespace)/\(report.name)")
+            return NodeReportResult(
+                id: id,
+                result: .rejected,
+                message: "unknown workload \(report.namespace)/\(report.name)"
+            )
         }
         return NodeReportResult(id: id, result: .applied)
     }

@@ -1,6 +1,7 @@
 import Logging
 import MeshCore
 import NIOCore
+import Synchronization
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -48,10 +49,16 @@ final class WorkloadController: Sendable {
                             let rv = try await store.currentResourceVersion()
                             let sub = try await store.watch(after: rv, filter: WatchFilter(resource: resource))
                             await withTaskCancellationHandler {
-                                while await sub.next(kind: resource) != nil { signal.yield() }
+                                // Bookmarks (idle watchers get one every few seconds) change nothing.
+                                while let chunk = await sub.next(kind: resource) {
+                                    if Self.hasChange(chunk) { signal.yield() }
+                                }
                             } onCancel: {
                                 sub.cancel()
                             }
+                            // Ended (fell behind, or the store closes): watch again from the current version.
+                            signal.yield()
+                            try? await Task.sleep(for: .milliseconds(50))
                         } catch {
                             try? await Task.sleep(for: .milliseconds(200))
                         }
@@ -70,6 +77,8 @@ final class WorkloadController: Sendable {
                     if Task.isCancelled { return }
                     do {
                         try await self.reconcile()
+                        // Coalesce a burst of changes (a fleet coming online) into a few passes.
+                        try? await Task.sleep(for: .milliseconds(100))
                     } catch {
                         if Task.isCancelled { return }
                         self.logger.warning("workloads: reconcile failed: \(error); retrying")
@@ -94,11 +103,23 @@ final class WorkloadController: Sendable {
         }
     }
 
+    /// Whether a watch chunk holds a change (not only bookmarks).
+    static func hasChange(_ chunk: ByteBuffer) -> Bool {
+        let text = String(buffer: chunk)
+        return text.contains("\"ADDED\"") || text.contains("\"MODIFIED\"") || text.contains("\"DELETED\"")
+            || text.contains("\"ERROR\"")
+    }
+
+    /// Whether Endpoints this controller wrote may exist (true until a pass found none): with no
+    /// workloads and none of those, a pass reads nothing more than the workloads.
+    private let mayHaveManaged = Mutex(true)
+
     /// One pass: assignments, then endpoints.
     func reconcile() async throws {
+        var workloads = try await self.list(Workload.self)
+        if workloads.isEmpty && !self.mayHaveManaged.withLock({ $0 }) { return }
         let nodes = try await self.list(Node.self)
         let byName = Dictionary(nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { a, _ in a })
-        var workloads = try await self.list(Workload.self)
         for (i, w) in workloads.enumerated() {
             let before = Set(w.status?.nodes ?? [])
             let assigned = nodes.filter { n in
@@ -165,11 +186,14 @@ final class WorkloadController: Sendable {
     private func reconcileEndpoints(_ workloads: [Workload], nodes: [String: Node]) async throws {
         var wanted = Self.desiredEndpoints(workloads, nodes: nodes)
         // Endpoints this controller wrote before whose workloads are gone: emptied.
+        var managed = 0
         for e in try await self.list(Endpoints.self)
         where e.metadata.annotations?[Self.managedKey] == Self.managedValue {
+            managed += 1
             let key = ServiceKey(namespace: e.effectiveNamespace, name: e.metadata.name)
             if wanted[key] == nil { wanted[key] = [] }
         }
+        self.mayHaveManaged.withLock { $0 = managed > 0 || !wanted.isEmpty }
         for (key, addresses) in wanted {
             let storeKey = ObjectKey(resource: Endpoints.resource.plural, namespace: key.namespace, name: key.name)
             guard let stored = try await self.writer.store.get(storeKey) else {
@@ -189,7 +213,9 @@ final class WorkloadController: Sendable {
             }
             let existing = try JSONDecoder().decode(Endpoints.self, from: Data(stored.json.readableBytesView))
             guard existing.metadata.annotations?[Self.managedKey] == Self.managedValue else {
-                self.logger.debug("workloads: endpoints \(key.namespace)/\(key.name) are not managed by workloads; left alone")
+                self.logger.debug(
+                    "workloads: endpoints \(key.namespace)/\(key.name) are not managed by workloads; left alone"
+                )
                 continue
             }
             guard existing.spec.addresses != addresses else { continue }

@@ -9,6 +9,10 @@ import NIOCore
 import Relay
 import ServiceLifecycle
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -31,6 +35,11 @@ public struct AllInOne: Sendable {
     public var relayAdminListen: String = "127.0.0.1:7801"
     /// Start an agent beside the control plane (off: control plane only).
     public var withAgent = true
+    /// The agent's node name (nil: the host name).
+    public var nodeName: String?
+    /// Where mosquitto listens for device mappers (KubeEdge's twin topics), started by the agent when
+    /// mosquitto is installed; nil: no mapper API.
+    public var mqttListen: String? = "127.0.0.1:1883"
     public var logLevel: Logger.Level = .info
     /// Where the admin credentials for meshctl are written (nil: not written).
     public var clientConfigPath: String? = ClientConfig.defaultPath()
@@ -58,6 +67,11 @@ public struct AllInOne: Sendable {
         // Its node is reached on the loopback it serves on, nothing else of the host.
         c.nodeAddresses = ["127.0.0.1"]
         c.logLevel = self.logLevel.rawValue
+        if let n = self.nodeName { c.nodeName = n }
+        if let mqtt = self.mqttListen, AllInOne.mosquittoInstalled {
+            c.mqttBroker = mqtt
+            c.mqttStartBroker = true
+        }
         return c
     }
 
@@ -87,6 +101,22 @@ public struct AllInOne: Sendable {
             services.append(EnrolledAgent(control: control, mesh: self, logger: logger))
         } else {
             services.append(AdminConfigWriter(control: control, mesh: self, logger: logger))
+        }
+        // Workloads find the mesh's own programs (examples/edge's thermostat-mapper) beside meshctl.
+        let here = String(CommandLine.arguments[0].reversed().drop { $0 != "/" }.reversed().dropLast())
+        if !here.isEmpty {
+            setenv("PATH", here + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"), 1)
+        }
+        if self.withAgent, let mqtt = self.mqttListen {
+            if AllInOne.mosquittoInstalled {
+                logger.info(
+                    "device mapper API: the agent starts mosquitto on \(mqtt) (KubeEdge's $hw/events/device/+/twin/... topics)"
+                )
+            } else {
+                logger.notice(
+                    "device mapper API off: mosquitto is not installed (apt-get install mosquitto); workloads and twins set from the cloud still work"
+                )
+            }
         }
         logger.info(
             "all-in-one mesh starting: control API on https://\(self.controlListen), DNS on \(self.dnsListen), agent admin on http://\(self.adminListen), peer links on \(self.linkListen), STUN on \(self.stunListen), relay sessions on \(self.relayListen), data in \(self.dataDir)"
@@ -184,6 +214,14 @@ struct AdminConfigWriter: ServiceLifecycle.Service {
         guard (try? await self.control.localAddress()) != nil, let pki = try? await self.control.pki() else { return }
         try self.mesh.writeClientConfig(pki, logger: self.logger)
         try? await gracefulShutdown()
+    }
+}
+
+extension AllInOne {
+    /// Whether Debian's mosquitto is installed (in PATH, or in /usr/sbin where Debian puts it).
+    public static var mosquittoInstalled: Bool {
+        let path = (ProcessInfo.processInfo.environment["PATH"] ?? "") + ":/usr/sbin:/sbin"
+        return path.split(separator: ":").contains { access("\($0)/mosquitto", X_OK) == 0 }
     }
 }
 

@@ -127,8 +127,12 @@ public enum Printer {
                 ])
             }
         default:
-            header = ["NAME", "AGE"]
-            rows = items.map { [Self.text($0["metadata"]?["name"]), Self.age($0, now: now)] }
+            if let edge = EdgeTables.rows(type.plural, items, now: now) {
+                (header, rows) = edge
+            } else {
+                header = ["NAME", "AGE"]
+                rows = items.map { [Self.text($0["metadata"]?["name"]), Self.age($0, now: now)] }
+            }
         }
         if allNamespaces && type.namespaced {
             header.insert("NAMESPACE", at: 0)

@@ -9,7 +9,8 @@
 //   the connection would go back to its pool: no byte read before a request reaches its response
 //   (MeshAgent/DataPlane/HTTP/DesyncFuzzing.swift);
 // - `mux`: the yamux frame codec (whole and in pieces), the stream-open header and reply, datagram
-//   framing (MeshWire/Fuzzing.swift).
+//   framing (MeshWire/Fuzzing.swift);
+// - `mqtt`: the MQTT 3.1.1 codec (round trips) and KubeEdge's twin payload decoders (NodeAgent/MQTT/MQTTFuzz.swift).
 //
 // Built by `scripts/fuzz TARGET` with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer's driver runs.
 // In a plain `swift build` this is a small replayer: it feeds the files named on the command line
@@ -18,6 +19,7 @@
 @_spi(Fuzzing) import DNS
 @_spi(Fuzzing) import MeshAgent
 @_spi(Fuzzing) import MeshWire
+import NodeAgent
 @_spi(Fuzzing) import Relay
 
 #if canImport(Glibc)
@@ -39,6 +41,7 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
     case "http": HTTPFuzzing.fuzzOne(bytes)
     case "mux": MuxFuzzing.fuzzOne(bytes)
     case "http-desync": HTTPDesyncFuzzing.fuzzOne(bytes)
+    case "mqtt": MQTTFuzz.check(Array(bytes))
     default: DNSFuzzing.fuzzOne(bytes)
     }
 }

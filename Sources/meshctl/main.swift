@@ -24,7 +24,7 @@ struct MeshCtlCommand: AsyncParsableCommand {
         version: MeshRelease.version,
         subcommands: [
             Up.self, Apply.self, Get.self, Delete.self, Watch.self, Status.self, Route.self, Routes.self, Peers.self,
-            Ping.self, DNSLookup.self, Trace.self, Token.self, Revoke.self, Version.self,
+            Ping.self, DNSLookup.self, Trace.self, Twin.self, Logs.self, Token.self, Revoke.self, Version.self,
         ]
     )
 }
@@ -98,6 +98,12 @@ struct Up: AsyncParsableCommand {
     @Flag(name: .long, help: "Run the control plane only, no agent.")
     var noAgent = false
 
+    @Option(name: .long, help: "The agent's node name (default: the host name).")
+    var nodeName: String?
+
+    @Option(name: .long, help: "Where the agent starts mosquitto for device mappers (when installed), or off.")
+    var mqttListen: String = "127.0.0.1:1883"
+
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
@@ -112,6 +118,8 @@ struct Up: AsyncParsableCommand {
         mesh.relayListen = self.relayListen
         mesh.relayAdminListen = self.relayAdminListen
         mesh.withAgent = !self.noAgent
+        mesh.nodeName = self.nodeName
+        mesh.mqttListen = self.mqttListen == "off" ? nil : self.mqttListen
         do {
             mesh.logLevel = try LogLevels.parse(self.logLevel)
             _ = try ListenAddress(self.listen, field: "--listen")
@@ -121,6 +129,10 @@ struct Up: AsyncParsableCommand {
             _ = try ListenAddress(self.stunListen, field: "--stun-listen")
             _ = try ListenAddress(self.relayListen, field: "--relay-listen")
             _ = try ListenAddress(self.relayAdminListen, field: "--relay-admin-listen")
+            if self.mqttListen != "off" { _ = try ListenAddress(self.mqttListen, field: "--mqtt-listen") }
+            if let n = self.nodeName, let e = Names.dns1123SubdomainError(n) {
+                throw ManifestError("--node-name: \(e)")
+            }
         } catch let e as ManifestError {
             throw ValidationError(e.message)
         }
@@ -173,7 +185,9 @@ struct Get: AsyncParsableCommand {
 
     @OptionGroup var server: ServerOptions
 
-    @Argument(help: "services (svc), endpoints (ep) or nodes (no).")
+    @Argument(
+        help: "services (svc), endpoints (ep), nodes (no), relays, workloads (wl), devices (dev) or devicemodels (dm)."
+    )
     var kind: String
 
     @Argument(help: "One object's name; all when omitted.")
@@ -267,7 +281,9 @@ struct Watch: AsyncParsableCommand {
 
     @OptionGroup var server: ServerOptions
 
-    @Argument(help: "services (svc), endpoints (ep) or nodes (no).")
+    @Argument(
+        help: "services (svc), endpoints (ep), nodes (no), relays, workloads (wl), devices (dev) or devicemodels (dm)."
+    )
     var kind: String
 
     @Option(name: .shortAndLong, help: "Namespace (default: default).")
@@ -656,5 +672,101 @@ struct Version: AsyncParsableCommand {
         } catch {
             print("control plane: unreachable (\(ops.explain(error)))")
         }
+    }
+}
+
+// MARK: edge: twins and workload logs
+
+struct Twin: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Device twins: desired values (the cloud's) against reported ones (the device's).",
+        subcommands: [TwinGet.self, TwinSet.self]
+    )
+}
+
+struct TwinGet: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "get",
+        abstract: "Show a device's twins: desired against reported, with versions, and whether they converged."
+    )
+
+    @OptionGroup var server: ServerOptions
+
+    @Argument(help: "The device's name.")
+    var device: String
+
+    @Option(name: .shortAndLong, help: "Namespace (default: default).")
+    var namespace: String?
+
+    @Option(name: .shortAndLong, help: "table, json or yaml.")
+    var output: OutputFormat = .table
+
+    func run() async throws {
+        let ok = try await self.server.operations().twinGet(
+            device: self.device,
+            namespace: self.namespace,
+            format: self.output
+        )
+        if !ok { throw ExitCode.failure }
+    }
+}
+
+struct TwinSet: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "set",
+        abstract: "Set desired values: meshctl twin set thermo-1 target=22.5 mode=heat (checked against the model)."
+    )
+
+    @OptionGroup var server: ServerOptions
+
+    @Argument(help: "The device's name.")
+    var device: String
+
+    @Argument(help: "PROPERTY=VALUE, one or more.")
+    var values: [String]
+
+    @Option(name: .shortAndLong, help: "Namespace (default: default).")
+    var namespace: String?
+
+    func run() async throws {
+        let ok = try await self.server.operations().twinSet(
+            device: self.device,
+            namespace: self.namespace,
+            assignments: self.values
+        )
+        if !ok { throw ExitCode.failure }
+    }
+}
+
+struct Logs: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print a workload's log from the agent of the node that runs it (its admin API)."
+    )
+
+    @Argument(help: "The workload's name.")
+    var workload: String
+
+    @Option(name: .shortAndLong, help: "Namespace (default: default).")
+    var namespace: String?
+
+    @Option(name: .long, help: "The node whose log to show; the agent at --agent must be that node's.")
+    var node: String?
+
+    @Option(name: .long, help: "Only the last N lines.")
+    var tail: Int?
+
+    @Option(name: .long, help: "The agent's admin API (default: $MESHCTL_AGENT or http://127.0.0.1:7780).")
+    var agent: String?
+
+    func run() async throws {
+        let url = self.agent ?? ProcessInfo.processInfo.environment["MESHCTL_AGENT"] ?? "http://127.0.0.1:7780"
+        guard let endpoint = HTTPEndpoint(url: url) else { throw ValidationError("--agent \"\(url)\" is not a URL") }
+        let ok = await AgentView(agent: endpoint).logs(
+            workload: self.workload,
+            namespace: self.namespace,
+            node: self.node,
+            tail: self.tail
+        )
+        if !ok { throw ExitCode.failure }
     }
 }

@@ -18,7 +18,8 @@ final class Mosquitto: Sendable {
         let dir = TempDir("mosquitto")
         let port = freePort()
         let conf = dir.path + "/mosquitto.conf"
-        try "listener \(port) 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nqueue_qos0_messages true\npersistence false\n"
+        try
+            "listener \(port) 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nqueue_qos0_messages true\npersistence false\n"
             .write(toFile: conf, atomically: true, encoding: .utf8)
         guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/mosquitto") else {
             throw MosquittoMissing()
@@ -129,7 +130,14 @@ enum Thermostat {
     static let model = DeviceModel(
         metadata: ObjectMeta(name: "thermostat"),
         spec: DeviceModelSpec(properties: [
-            DeviceProperty(name: "temperature", type: .float, minimum: -40, maximum: 125, unit: "°C", accessMode: .readOnly),
+            DeviceProperty(
+                name: "temperature",
+                type: .float,
+                minimum: -40,
+                maximum: 125,
+                unit: "°C",
+                accessMode: .readOnly
+            ),
             DeviceProperty(name: "target", type: .float, minimum: 5, maximum: 35, unit: "°C"),
             DeviceProperty(name: "mode", type: .string, enum: ["heat", "cool", "off"]),
         ])
@@ -148,7 +156,9 @@ enum Thermostat {
     }
 
     static func update(_ event: String, _ values: [String: String]) -> String {
-        let twin = values.keys.sorted().map { "\"\($0)\":{\"actual\":{\"value\":\"\(values[$0]!)\"},\"metadata\":{\"type\":\"Updated\"}}" }
+        let twin = values.keys.sorted().map {
+            "\"\($0)\":{\"actual\":{\"value\":\"\(values[$0]!)\"},\"metadata\":{\"type\":\"Updated\"}}"
+        }
         return "{\"event_id\":\"\(event)\",\"timestamp\":1700000000000,\"twin\":{\(twin.joined(separator: ","))}}"
     }
 }

@@ -27,14 +27,25 @@ import Testing
         let packets: [MQTTPacket] = [
             .connack(sessionPresent: true, returnCode: 0),
             .publish(MQTTPublish(topic: "a/b", payload: Array("hi".utf8))),
-            .publish(MQTTPublish(topic: "$hw/events/device/x/twin/update", payload: [0, 1, 2], qos: 1, retain: true, dup: true, packetID: 7)),
+            .publish(
+                MQTTPublish(
+                    topic: "$hw/events/device/x/twin/update",
+                    payload: [0, 1, 2],
+                    qos: 1,
+                    retain: true,
+                    dup: true,
+                    packetID: 7
+                )
+            ),
             .puback(packetID: 7),
             .subscribe(packetID: 1, filters: [MQTTSubscription(filter: "$hw/events/device/+/twin/update", qos: 1)]),
             .suback(packetID: 1, returnCodes: [1]),
             .unsubscribe(packetID: 2, filters: ["a/#"]),
             .unsuback(packetID: 2),
             .pingreq, .pingresp, .disconnect,
-            .connect(MQTTConnect(clientID: "node", cleanSession: true, keepAliveSeconds: 5, username: "u", password: [9, 9])),
+            .connect(
+                MQTTConnect(clientID: "node", cleanSession: true, keepAliveSeconds: 5, username: "u", password: [9, 9])
+            ),
         ]
         for p in packets {
             let bytes = MQTTCodec.encode(p)
@@ -107,7 +118,9 @@ import Testing
             """
         let update = try TwinPayloads.decode(DeviceTwinUpdate.self, Array(text.utf8))
         #expect(update.eventID == "")
-        #expect(TwinPayloads.reported(update).map { "\($0.property)=\($0.value)" } == ["humidity=40", "temperature=21.50"])
+        #expect(
+            TwinPayloads.reported(update).map { "\($0.property)=\($0.value)" } == ["humidity=40", "temperature=21.50"]
+        )
         #expect(update.twin["temperature"]?.actual?.metadata?.timestamp == 1_700_000_000_000)
         // Without event_id and timestamp (Go's zero values left out by some mappers).
         let bare = try TwinPayloads.decode(DeviceTwinUpdate.self, Array("{\"twin\":{}}".utf8))
@@ -122,7 +135,9 @@ import Testing
         let delta = DeviceTwinDelta(
             eventID: "d1",
             timestamp: 5,
-            twin: ["target": MsgTwin(expected: TwinValue(value: "23"), expectedVersion: TwinVersion(cloud: 2, edge: 0))],
+            twin: [
+                "target": MsgTwin(expected: TwinValue(value: "23"), expectedVersion: TwinVersion(cloud: 2, edge: 0))
+            ],
             delta: ["target": "23"]
         )
         #expect(
@@ -153,8 +168,21 @@ import Testing
     @Test func seededMutationsNeverCrashTheDecoders() {
         var rng = SplitMix(seed: 16)
         let golden: [[UInt8]] = [
-            MQTTCodec.encode(.publish(MQTTPublish(topic: "$hw/events/device/x/twin/update", payload: Array(#"{"event_id":"a","twin":{"t":{"actual":{"value":"1"}}}}"#.utf8), qos: 1, packetID: 3))),
-            MQTTCodec.encode(.connect(MQTTConnect(clientID: "c", cleanSession: true, keepAliveSeconds: 1, username: "u", password: [1]))),
+            MQTTCodec.encode(
+                .publish(
+                    MQTTPublish(
+                        topic: "$hw/events/device/x/twin/update",
+                        payload: Array(#"{"event_id":"a","twin":{"t":{"actual":{"value":"1"}}}}"#.utf8),
+                        qos: 1,
+                        packetID: 3
+                    )
+                )
+            ),
+            MQTTCodec.encode(
+                .connect(
+                    MQTTConnect(clientID: "c", cleanSession: true, keepAliveSeconds: 1, username: "u", password: [1])
+                )
+            ),
             MQTTCodec.encode(.subscribe(packetID: 1, filters: [MQTTSubscription(filter: "a/+", qos: 1)])),
             MQTTCodec.encode(.suback(packetID: 1, returnCodes: [0, 1, 0x80])),
         ]

@@ -57,7 +57,7 @@ import Testing
         )
         // Its port is an endpoint of the service web, with this node's name, ready.
         #expect(
-            try await eventually {
+            await eventually {
                 let e = try? await cp.client.get(Endpoints.self, name: "web")
                 return e?.spec.addresses
                     == [
@@ -104,7 +104,9 @@ import Testing
         await edge.stop()
         await other.stop()
         // A graceful stop stops the process group too.
-        #expect(await eventually { !ChildProcessProbe.alive(Int32(edge.edge.supervisor.snapshot["default/web"]?.pid ?? 0)) })
+        #expect(
+            await eventually { !ChildProcessProbe.alive(Int32(edge.edge.supervisor.snapshot["default/web"]?.pid ?? 0)) }
+        )
         try await cp.stop()
     }
 
@@ -127,7 +129,7 @@ import Testing
         #expect(await eventually(timeout: .seconds(15)) { Self.get(port).contains("200 OK") })
         #expect(again.edge.supervisor.snapshot["default/api"]?.phase == .running)
         // Its status waits in the outbox for the control plane.
-        #expect(try again.edge.store.outboxCount() >= 1)
+        #expect(await eventually { ((try? again.edge.store.outboxCount()) ?? 0) >= 1 })
         await again.stop()
     }
 
@@ -138,7 +140,10 @@ import Testing
         try await cp.client.apply(
             Workload(
                 metadata: ObjectMeta(name: "ghost"),
-                spec: WorkloadSpec(command: "/nonexistent/ghost-daemon", nodeSelector: WorkloadNodeSelector(nodeNames: ["edge-w4"]))
+                spec: WorkloadSpec(
+                    command: "/nonexistent/ghost-daemon",
+                    nodeSelector: WorkloadNodeSelector(nodeNames: ["edge-w4"])
+                )
             )
         )
         let dir = TempDir("edge")
@@ -147,7 +152,8 @@ import Testing
             try await eventually {
                 let w = try await cp.client.get(Workload.self, name: "ghost")
                 let i = w.status?.instances?.first
-                return i?.phase == .failed && (i?.message ?? "").contains("command not found: /nonexistent/ghost-daemon")
+                return i?.phase == .failed
+                    && (i?.message ?? "").contains("command not found: /nonexistent/ghost-daemon")
             }
         )
         // A workload that is not valid is refused with the field.

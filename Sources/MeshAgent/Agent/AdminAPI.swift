@@ -1,6 +1,7 @@
 import MeshCore
 import MeshHTTP
 import NIOCore
+import NodeAgent
 import Relay
 
 #if canImport(FoundationEssentials)
@@ -23,6 +24,8 @@ struct AdminAPI: HTTPResponder {
     let links: LinkManager
     let relay: RelaySessionClient
     let inspection: AgentInspection
+    /// Workloads' logs and status, twins (`EdgeServices.adminResponse`).
+    let edge: EdgeServices?
     let health: HealthEndpoints
     /// Direct paths through NATs (nil without a link port).
     let direct: DirectPaths?
@@ -35,10 +38,12 @@ struct AdminAPI: HTTPResponder {
         links: LinkManager,
         relay: RelaySessionClient,
         inspection: AgentInspection,
-        direct: DirectPaths? = nil
+        direct: DirectPaths? = nil,
+        edge: EdgeServices? = nil
     ) {
         self.inspection = inspection
         self.direct = direct
+        self.edge = edge
         self.config = config
         self.links = links
         self.relay = relay
@@ -171,9 +176,10 @@ struct AdminAPI: HTTPResponder {
             )
             return Self.json(result, what: "the probes")
         default:
+            if let edge = self.edge, let r = edge.adminResponse(path: request.path, query: request.query) { return r }
             return .text(
                 .notFound,
-                "no \(request.path) here: try /status, /routes, /route?name=SVC.NS, /peers, /ping, /dns?name=NAME, /trace?id=ID, /metrics, /healthz or /readyz"
+                "no \(request.path) here: try /status, /routes, /route?name=SVC.NS, /peers, /ping, /dns?name=NAME, /trace?id=ID, /workloads, /twins, /metrics, /healthz or /readyz"
             )
         }
     }

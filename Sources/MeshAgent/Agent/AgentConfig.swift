@@ -143,7 +143,9 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
         }
         _ = try LogLevels.parse(self.logLevel)
         if let b = self.mqttBroker {
-            guard let colon = b.lastIndex(of: ":"), let port = Int(b[b.index(after: colon)...]), (1...65535).contains(port) else {
+            guard let colon = b.lastIndex(of: ":"), let port = Int(b[b.index(after: colon)...]),
+                (1...65535).contains(port)
+            else {
                 throw ManifestError("mqttBroker: \"\(b)\" must be host:port, like 127.0.0.1:1883")
             }
         }

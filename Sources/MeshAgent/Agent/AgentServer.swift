@@ -337,6 +337,16 @@ public final class AgentServer: Sendable {
             logger: self.logger
         )
         self.nodeAgent.set(nodeAgent)
+        // EdgeServices: workloads, device twins and the mapper API (NodeAgent README).
+        var edgeConfig = EdgeConfiguration(nodeName: config.nodeName, dataDir: config.dataDir)
+        edgeConfig.mqttBroker = config.mqttBroker
+        edgeConfig.mqttStartBroker = config.mqttStartBroker
+        let edge = try EdgeServices(
+            configuration: edgeConfig,
+            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+            logger: self.logger
+        )
+        self.edge.set(edge)
         let inspection = AgentInspection(
             config: config,
             started: Date(),
@@ -356,20 +366,11 @@ public final class AgentServer: Sendable {
             links: links,
             relay: relayClient,
             inspection: inspection,
-            direct: direct
+            direct: direct,
+            edge: edge
         )
         let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
         self.admin.set(admin)
-        // EdgeServices: workloads, device twins and the mapper API (NodeAgent README).
-        var edgeConfig = EdgeConfiguration(nodeName: config.nodeName, dataDir: config.dataDir)
-        edgeConfig.mqttBroker = config.mqttBroker
-        edgeConfig.mqttStartBroker = config.mqttStartBroker
-        let edge = try EdgeServices(
-            configuration: edgeConfig,
-            client: ControlClient(endpoint: endpoint, tls: controlTLS),
-            logger: self.logger
-        )
-        self.edge.set(edge)
 
         self.logger.info(
             "agent \(config.nodeName)\(config.site.map { " (site \($0))" } ?? ""): control plane \(endpoint), DNS on \(dnsListen), admin on \(config.adminAllowRemote ? "https" : "http")://\(adminListen), links on \(linkPort.map { "port \($0)" } ?? "none (relay only)"), \(config.interfaceMode.rawValue) mode"

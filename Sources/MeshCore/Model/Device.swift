@@ -24,7 +24,9 @@ public struct DeviceModel: MeshObject {
 
     public func specErrors() -> [FieldError] {
         var errs: [FieldError] = []
-        if self.spec.properties.isEmpty { errs.append(FieldError("spec.properties", "must have at least one property")) }
+        if self.spec.properties.isEmpty {
+            errs.append(FieldError("spec.properties", "must have at least one property"))
+        }
         if self.spec.properties.count > Self.maxProperties {
             errs.append(FieldError("spec.properties", "must hold at most \(Self.maxProperties) properties"))
         }

@@ -56,7 +56,9 @@ struct ChildProcess: Sendable {
         }
         guard rc == 0 else {
             let why = String(cString: strerror(rc))
-            throw SpawnError(description: rc == ENOENT ? "command not found: \(command)" : "cannot start \(command): \(why)")
+            throw SpawnError(
+                description: rc == ENOENT ? "command not found: \(command)" : "cannot start \(command): \(why)"
+            )
         }
         return ChildProcess(pid: pid)
     }

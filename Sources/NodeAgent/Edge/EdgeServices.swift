@@ -170,7 +170,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
             let p = try ChildProcess.spawn(
                 command: self.configuration.mosquittoPath,
                 args: ["-c", conf],
-                environment: ["PATH": ProcessEnvironment.path],
+                environment: ["PATH": ProcessEnvironment.path + ":/usr/sbin:/sbin"],
                 logPath: self.configuration.dataDir + "/mosquitto.log"
             )
             self.logger.info("edge: started mosquitto (pid \(p.pid)) on \(broker) for device mappers")
@@ -192,7 +192,10 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
         await reflector.run(from: nil) { update in
             switch update {
             case .replaced(let all, _):
-                items = Dictionary(all.map { ("\($0.effectiveNamespace)/\($0.metadata.name)", $0) }, uniquingKeysWith: { a, _ in a })
+                items = Dictionary(
+                    all.map { ("\($0.effectiveNamespace)/\($0.metadata.name)", $0) },
+                    uniquingKeysWith: { a, _ in a }
+                )
             case .changed(.added(let o)), .changed(.modified(let o)):
                 items["\(o.effectiveNamespace)/\(o.metadata.name)"] = o
             case .changed(.deleted(let o)):
@@ -209,7 +212,8 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
         await self.reflect(Workload.self) { all in
             let mine = all.filter { ($0.status?.nodes ?? []).contains(me) }
             let before = try self.store.workloads()
-            let changed = before.map(\.spec) != mine.map(\.spec) || before.map(\.metadata.name) != mine.map(\.metadata.name)
+            let changed =
+                before.map(\.spec) != mine.map(\.spec) || before.map(\.metadata.name) != mine.map(\.metadata.name)
             try self.store.setWorkloads(mine)
             if changed { await self.supervisor.update(mine) }
         }
@@ -247,13 +251,17 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
                 continue
             }
             do {
-                let body = ByteBuffer(bytes: try MeshJSON.encode(NodeReportBatch(epoch: self.store.epoch, reports: batch)))
+                let body = ByteBuffer(
+                    bytes: try MeshJSON.encode(NodeReportBatch(epoch: self.store.epoch, reports: batch))
+                )
                 let answer = try await self.client.raw(.POST, path, body: body).body
                 let results = try JSONDecoder().decode(NodeReportResults.self, from: Data(answer.readableBytesView))
                 try self.store.answered(results.results, sent: batch)
                 let rejected = results.results.filter { $0.result == .rejected }
                 for r in rejected {
-                    self.logger.warning("edge: the control plane refused report \(r.id): \(r.message ?? "no reason given")")
+                    self.logger.warning(
+                        "edge: the control plane refused report \(r.id): \(r.message ?? "no reason given")"
+                    )
                 }
                 self.tally.withLock {
                     $0.sent += results.results.count
@@ -267,7 +275,9 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
             } catch {
                 if Task.isCancelled { return }
                 if !failing {
-                    self.logger.warning("edge: cannot send \(batch.count) reports: \(error); they stay in the outbox and are sent again")
+                    self.logger.warning(
+                        "edge: cannot send \(batch.count) reports: \(error); they stay in the outbox and are sent again"
+                    )
                     failing = true
                 }
                 self.tally.withLock { $0.lastError = "\(error)" }
@@ -370,12 +380,23 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
             case .duplicate:
                 self.logger.debug("edge: event \(update.eventID) of \(device) was taken before")
             case .rejected(let why):
-                await self.refuse(device, eventID: update.eventID, code: why.hasPrefix("unknown device") ? 404 : 400, why)
+                await self.refuse(
+                    device,
+                    eventID: update.eventID,
+                    code: why.hasPrefix("unknown device") ? 404 : 400,
+                    why
+                )
             }
         case .get(let device):
             let eventID = (try? TwinPayloads.decode(TwinBaseMessage.self, p.payload))?.eventID ?? ""
             guard (try? self.store.device(device)) ?? nil != nil, let twins = try? self.store.twins(device) else {
-                await self.refuse(device, eventID: eventID, code: 404, "unknown device \"\(device)\"", topic: TwinTopics.getResult)
+                await self.refuse(
+                    device,
+                    eventID: eventID,
+                    code: 404,
+                    "unknown device \"\(device)\"",
+                    topic: TwinTopics.getResult
+                )
                 return
             }
             await self.send(
@@ -386,12 +407,22 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
         }
     }
 
-    func refuse(_ device: String, eventID: String, code: Int, _ reason: String, topic: String = TwinTopics.updateResult) async {
+    func refuse(
+        _ device: String,
+        eventID: String,
+        code: Int,
+        _ reason: String,
+        topic: String = TwinTopics.updateResult
+    ) async {
         self.tally.withLock {
             $0.refused += 1
             $0.lastError = reason
         }
         self.logger.warning("edge: refused a message of device \(device): \(reason)")
-        await self.send(device, topic, DeviceTwinResult(eventID: eventID, timestamp: Self.millis(), twin: nil, code: code, reason: reason))
+        await self.send(
+            device,
+            topic,
+            DeviceTwinResult(eventID: eventID, timestamp: Self.millis(), twin: nil, code: code, reason: reason)
+        )
     }
 }

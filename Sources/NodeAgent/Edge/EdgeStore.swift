@@ -90,7 +90,9 @@ public final class EdgeStore: Sendable {
     }
 
     public func workloads() throws -> [Workload] {
-        try self.db.query("SELECT json FROM workloads ORDER BY ns, name").map { try Self.decode(Workload.self, $0[0].text) }
+        try self.db.query("SELECT json FROM workloads ORDER BY ns, name").map {
+            try Self.decode(Workload.self, $0[0].text)
+        }
     }
 
     /// The process group a workload's process leads (nil: none running).
@@ -262,14 +264,18 @@ public final class EdgeStore: Sendable {
                     [.text(twinID), .text(eventID)]
                 )
                 if !seen.isEmpty { return .duplicate }
-                let seq = (try tx.query("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE twin_id = ?", [.text(twinID)])
-                    .first?[0].int) ?? 1
+                let seq =
+                    (try tx.query("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE twin_id = ?", [.text(twinID)])
+                        .first?[0].int) ?? 1
                 try tx.query(
                     "INSERT INTO events(twin_id, event_id, seq) VALUES(?, ?, ?)",
                     [.text(twinID), .text(eventID), .int(seq)]
                 )
                 if seq % 100 == 0 {
-                    try tx.query("DELETE FROM events WHERE twin_id = ? AND seq <= ?", [.text(twinID), .int(seq - 1000)])
+                    try tx.query(
+                        "DELETE FROM events WHERE twin_id = ? AND seq <= ?",
+                        [.text(twinID), .int(seq - 1000)]
+                    )
                 }
             }
             for (property, value) in values {
@@ -294,7 +300,10 @@ public final class EdgeStore: Sendable {
                     version: version,
                     time: when
                 )
-                try tx.query("INSERT INTO outbox(json) VALUES(?)", [.text(try Self.json(NodeReport(id: 0, twin: report)))])
+                try tx.query(
+                    "INSERT INTO outbox(json) VALUES(?)",
+                    [.text(try Self.json(NodeReport(id: 0, twin: report)))]
+                )
             }
             let rows = try tx.query(
                 """
@@ -321,7 +330,10 @@ public final class EdgeStore: Sendable {
     // MARK: outbox
 
     public func enqueue(_ workload: WorkloadReport) throws {
-        try self.db.query("INSERT INTO outbox(json) VALUES(?)", [.text(try Self.json(NodeReport(id: 0, workload: workload)))])
+        try self.db.query(
+            "INSERT INTO outbox(json) VALUES(?)",
+            [.text(try Self.json(NodeReport(id: 0, workload: workload)))]
+        )
     }
 
     /// The oldest messages, in id order.

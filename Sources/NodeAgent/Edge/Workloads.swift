@@ -242,12 +242,16 @@ public final class WorkloadSupervisor: Sendable {
     /// written between the copy and the truncate are lost; a pipe through the agent would avoid that.
     func rotateLogs() {
         let c = self.configuration
-        let paths = self.instances.withLock { $0.values.map { self.logPath(namespace: $0.workload.effectiveNamespace, name: $0.workload.metadata.name) } }
+        let paths = self.instances.withLock {
+            $0.values.map { self.logPath(namespace: $0.workload.effectiveNamespace, name: $0.workload.metadata.name) }
+        }
         for path in paths {
             var st = stat()
             guard stat(path, &st) == 0, Int(st.st_size) > c.maxLogBytes else { continue }
             if c.keptLogFiles > 0 {
-                for n in stride(from: c.keptLogFiles - 1, through: 1, by: -1) { _ = rename("\(path).\(n)", "\(path).\(n + 1)") }
+                for n in stride(from: c.keptLogFiles - 1, through: 1, by: -1) {
+                    _ = rename("\(path).\(n)", "\(path).\(n + 1)")
+                }
                 Self.copy(path, to: "\(path).1")
             }
             _ = truncate(path, 0)

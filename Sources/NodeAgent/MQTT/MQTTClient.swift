@@ -99,7 +99,9 @@ public final class MQTTClient: Sendable {
             throw MQTTCodecError("not connected to the broker at \(self.configuration.host):\(self.configuration.port)")
         }
         let id: UInt16? = qos > 0 ? self.nextPacketID() : nil
-        try await w.write(.publish(MQTTPublish(topic: topic, payload: payload, qos: min(qos, 1), retain: retain, packetID: id)))
+        try await w.write(
+            .publish(MQTTPublish(topic: topic, payload: payload, qos: min(qos, 1), retain: retain, packetID: id))
+        )
     }
 
     /// Connects and serves until cancelled. `onConnect` runs after each subscription is in place.
@@ -160,7 +162,11 @@ public final class MQTTClient: Sendable {
         try await channel.executeThenClose { inbound, outbound in
             try await outbound.write(
                 .connect(
-                    MQTTConnect(clientID: c.clientID, cleanSession: c.cleanSession, keepAliveSeconds: c.keepAliveSeconds)
+                    MQTTConnect(
+                        clientID: c.clientID,
+                        cleanSession: c.cleanSession,
+                        keepAliveSeconds: c.keepAliveSeconds
+                    )
                 )
             )
             var packets = inbound.makeAsyncIterator()

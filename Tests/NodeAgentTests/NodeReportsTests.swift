@@ -1,0 +1,72 @@
+import Control
+import Foundation
+import MeshClient
+import MeshCore
+import MeshTestSupport
+import NIOCore
+import Testing
+
+/// The control plane's side of the outbox: each message applied at most once, bad ones refused with
+/// the reason, all through the real API and store.
+@Suite struct NodeReportsTests {
+    static func post(_ client: ControlClient, node: String, _ batch: NodeReportBatch) async throws -> [NodeReportResult]
+    {
+        let body = try await client.raw(
+            .POST,
+            "/apis/mesh.edge/v1/nodes/\(node)/reports",
+            body: ByteBuffer(bytes: try MeshJSON.encode(batch))
+        ).body
+        return try JSONDecoder().decode(NodeReportResults.self, from: Data(body.readableBytesView)).results
+    }
+
+    static func twin(_ device: String, _ property: String, _ value: String, _ version: Int64) -> TwinReport {
+        TwinReport(namespace: "default", device: device, property: property, value: value, version: version, time: nil)
+    }
+
+    @Test func aBatchSentTwiceIsAppliedOnceAndBadReportsAreRefusedWithTheReason() async throws {
+        let cp = try await RunningControl()
+        try await cp.client.apply(Thermostat.model)
+        try await cp.client.apply(Thermostat.device("t1", node: "edge-r1"))
+        try await cp.client.apply(Thermostat.device("t2", node: "edge-other"))
+        let node = try cp.client(try cp.issue(.node("edge-r1")))
+        let batch = NodeReportBatch(
+            epoch: "e1",
+            reports: [
+                NodeReport(id: 1, twin: Self.twin("t1", "temperature", "20.0", 1)),
+                NodeReport(id: 2, twin: Self.twin("t1", "temperature", "20.5", 2)),
+                NodeReport(id: 3, twin: Self.twin("t1", "temperature", "900", 3)),
+                NodeReport(id: 4, twin: Self.twin("ghost", "temperature", "1", 1)),
+                NodeReport(id: 5, twin: Self.twin("t2", "temperature", "1", 1)),
+                NodeReport(id: 6, twin: Self.twin("t1", "color", "red", 1)),
+            ]
+        )
+        let first = try await Self.post(node, node: "edge-r1", batch)
+        #expect(first.map(\.result) == [.applied, .applied, .rejected, .rejected, .rejected, .rejected])
+        #expect(first[2].message == "temperature: 900 is above the maximum 125 °C")
+        #expect(first[3].message == "unknown device default/ghost")
+        #expect(first[4].message == "device t2 belongs to node edge-other, not edge-r1")
+        #expect(first[5].message?.contains("no property \"color\"") == true)
+        let rv = try await cp.rv()
+        // The answer was lost; the node sends the same batch again: nothing is applied twice.
+        let again = try await Self.post(node, node: "edge-r1", batch)
+        #expect(again.prefix(2).map(\.result) == [.duplicate, .duplicate])
+        #expect(try await cp.rv() == rv)
+        let d = try await cp.client.get(Device.self, name: "t1")
+        #expect(d.twin("temperature")?.reported == "20.5" && d.twin("temperature")?.reportedVersion == 2)
+        #expect(d.status?.lastReport == ReportMark(node: "edge-r1", epoch: "e1", id: 2))
+        // A node reports only for itself.
+        await #expect(throws: Status.self) { _ = try await Self.post(node, node: "edge-other", batch) }
+        // A malformed batch is a 400 naming the problem.
+        do {
+            _ = try await node.raw(
+                .POST,
+                "/apis/mesh.edge/v1/nodes/edge-r1/reports",
+                body: ByteBuffer(string: "{\"epoch\":\"e\",\"reports\":[{\"id\":\"x\"}]}")
+            )
+            Issue.record("a malformed batch was accepted")
+        } catch let s as Status {
+            #expect(s.code == 400)
+        }
+        try await cp.stop()
+    }
+}
