@@ -538,6 +538,9 @@ def report_lines(results, heading="#"):
          f"backend on the cloud host (the firewall sites cannot reach each other without a relay). 'load' is the "
          f"1-minute load average when the measurement started; 'noise' other processes' CPU (cores) during it "
          f"(this machine was shared with other builds).", ""]
+    for mg in results.get("merged", []):
+        L += [f"Merged with the run of {mg['date']} (`{mg['command']}`, commit {mg['machine'].get('commit', '?')}): "
+              "rows it gave carry its date.", ""]
     L += [f"{heading}# Throughput and CPU per GiB", "",
           "| path | shaping | plain Gbit/s | mesh Gbit/s | mesh / plain | Nebula Gbit/s | Nebula / plain | "
           "mesh CPU s/GiB (agent A + agent B + relay) | Nebula CPU s/GiB (A + B + lighthouse) | load | noise |",
@@ -742,12 +745,15 @@ def main():
     ap.add_argument("--bin-dir", default=os.path.join(PERF, ".build", "release"))
     ap.add_argument("--out", default=os.path.join(PERF, "out", "links"))
     ap.add_argument("--publish", action="store_true", help="also write perf/links/RESULTS.md and perf/plots/links-*")
-    ap.add_argument("--render", metavar="RESULTS_JSON", help="only write the report again from a results.json")
+    ap.add_argument("--render", metavar="RESULTS_JSON", help="only write the report again from a results.json "
+                                                            "(with --merge, --publish: into --out and perf/)")
+    ap.add_argument("--merge", action="append", default=[], metavar="RESULTS_JSON",
+                    help="also take another run's measurements that this one lacks (each row keeps its load)")
     a = ap.parse_args()
     if a.render:
         with open(a.render) as f:
             results = json.load(f)
-        print("\n".join(report_lines(results)))
+        finish(a, results, measured=False)
         return
     if os.geteuid() != 0:
         raise SystemExit("perf/links: needs root (network namespaces)")
@@ -807,6 +813,42 @@ def main():
             shutil.rmtree(tmp, ignore_errors=True)
     signal.signal(signal.SIGTERM, old)
     results["elapsed_s"] = round(time.time() - t0, 1)
+    finish(a, results, measured=True)
+
+
+def merge(results, old):
+    """Takes into `results` every measurement of `old` (another run's results.json) that it lacks, by path,
+    shaping, kind and system: e.g. the latency of a run made when the machine was quiet, beside the bulk
+    figures of another. Each row keeps its own load and noise."""
+    for path, shapes in old.get("runs", {}).items():
+        for shape, r in shapes.items():
+            mine = results["runs"].setdefault(path, {}).setdefault(shape, {"bulk": {}, "latency": {}})
+            for kind in ("bulk", "latency"):
+                for system, row in r.get(kind, {}).items():
+                    if system not in mine.setdefault(kind, {}):
+                        mine[kind][system] = dict(row, run=old["date"])
+            if "link_path" not in mine and "link_path" in r:
+                mine["link_path"] = r["link_path"]
+            mine.setdefault("failures", []).extend(f"({old['date']}) {x}" for x in r.get("failures", []))
+    results.setdefault("merged", []).append({"date": old["date"], "command": old["settings"]["command"],
+                                             "machine": old.get("machine", {})})
+    for m in old.get("merged", []):
+        results["merged"].append(m)
+    # Latency rows from another run: what they add is against that run's plain TCP.
+    for path, shapes in results["runs"].items():
+        for shape, r in shapes.items():
+            plain = r["latency"].get("plain")
+            for system, row in r["latency"].items():
+                if plain and system != "plain" and row.get("run") == plain.get("run"):
+                    row["added_p50"] = round(row["p50"] - plain["p50"], 1)
+                    row["added_p90"] = round(row["p90"] - plain["p90"], 1)
+
+
+def finish(a, results, measured):
+    for path in a.merge:
+        with open(path) as f:
+            merge(results, json.load(f))
+    os.makedirs(a.out, exist_ok=True)
     results["plots"] = plots(results, os.path.join(a.out, "plots"))
     results["targets"] = targets(results)
     with open(os.path.join(a.out, "results.json"), "w") as f:
@@ -823,7 +865,8 @@ def main():
         splice_section(os.path.join(PERF, "RESULTS.md"),
                        [LINKS_BEGIN] + report_lines(results, heading="##") + [LINKS_END])
     print("\n".join(lines))
-    log(f"perf/links: {results['elapsed_s']:.0f} s; {a.out}/results.json, {a.out}/RESULTS.md")
+    if measured:
+        log(f"perf/links: {results['elapsed_s']:.0f} s; {a.out}/results.json, {a.out}/RESULTS.md")
 
 
 if __name__ == "__main__":
