@@ -540,7 +540,7 @@ def report_lines(results, heading="#"):
          f"{st['duration']} s measured after {st['warmup']} s; generator on CPU 0, everything else pinned to CPU 1. "
          + (f"Every lab process and client at nice {st['nice']} (each system alike), so that other processes "
             f"(builds) on this shared machine yield the CPU to them. " if st.get("nice") is not None else "") +
-         f"Medians of {st['reps']} repetition(s), systems interleaved. Plain TCP on the relayed path goes to a "
+         f"Medians of {st['reps']} repetition(s) (of an even count, the lower middle one), systems interleaved. Plain TCP on the relayed path goes to a "
          f"backend on the cloud host (the firewall sites cannot reach each other without a relay). 'load' is the "
          f"1-minute load average when the measurement started; 'noise' other processes' CPU (cores) during it "
          f"(this machine was shared with other builds).", ""]
@@ -665,6 +665,7 @@ plot '{dat}' using 2:xtic(1) title 'plain TCP', '' using 3 title 'mesh link', ''
         made.append(png)
     png = os.path.join(outdir, "links-cpu.png")
     if gnuplot(common + f"""set output '{png}'
+set key top left
 set title 'CPU seconds per GiB transferred (mesh: both agents + relay; Nebula: both hosts + lighthouse)'
 set ylabel 'CPU s / GiB'
 plot '{dat}' using 5:xtic(1) title 'mesh link', '' using 6 title 'Nebula 1.6'
