@@ -647,6 +647,14 @@ def plots(results, outdir):
             vals = [b.get(x, {}).get("gbps") for x in BULK_SYSTEMS]
             cpus = [b.get(x, {}).get("cpu_total_s_per_gib") for x in ("mesh", "nebula")]
             f.write(f'"{p} {s}" ' + " ".join("NaN" if v is None else str(v) for v in vals + cpus) + "\n")
+    def bars(columns):
+        """The plot clause for the columns with at least one value (gnuplot refuses an empty histogram)."""
+        with open(dat) as f:
+            rows = [line.rsplit('"', 1)[1].split() for line in f]
+        keep = [(c, t) for c, t in columns if any(r[c - 2] != "NaN" for r in rows)]
+        return ", ".join((f"'{dat}' using {c}:xtic(1)" if i == 0 else f"'' using {c}") + f" title '{t}'"
+                         for i, (c, t) in enumerate(keep))
+
     common = """set terminal pngcairo size 900,480 font ',10'
 set style data histograms
 set style histogram clustered gap 1
@@ -660,7 +668,7 @@ set yrange [0:*]
     if gnuplot(common + f"""set output '{png}'
 set title 'Bulk download B -> A ({results['settings']['size'] / GIB:g} GiB): Gbit/s (median)'
 set ylabel 'Gbit/s'
-plot '{dat}' using 2:xtic(1) title 'plain TCP', '' using 3 title 'mesh link', '' using 4 title 'Nebula 1.6'
+plot {bars([(2, 'plain TCP'), (3, 'mesh link'), (4, 'Nebula 1.6')])}
 """):
         made.append(png)
     png = os.path.join(outdir, "links-cpu.png")
@@ -668,7 +676,7 @@ plot '{dat}' using 2:xtic(1) title 'plain TCP', '' using 3 title 'mesh link', ''
 set key top left
 set title 'CPU seconds per GiB transferred (mesh: both agents + relay; Nebula: both hosts + lighthouse)'
 set ylabel 'CPU s / GiB'
-plot '{dat}' using 5:xtic(1) title 'mesh link', '' using 6 title 'Nebula 1.6'
+plot {bars([(5, 'mesh link'), (6, 'Nebula 1.6')])}
 """):
         made.append(png)
     os.remove(dat)
