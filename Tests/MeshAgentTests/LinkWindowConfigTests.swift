@@ -29,7 +29,7 @@ struct LinkWindowConfigTests {
         #expect(links.relayDelay == defaults.relayDelay)
     }
 
-    @Test("the largest window is accepted", arguments: [256, 4096, 16384])
+    @Test("windows from 256 KiB to 16 MiB are accepted", arguments: [256, 4096, 16384])
     func bounds(kib: Int) throws {
         var config = AgentConfig()
         config.linkStreamWindowKiB = kib
