@@ -67,7 +67,11 @@ public final class EtcdStore: Store {
         self.logger = logger
         self.client = try EtcdClient(configuration: configuration.client)
         self.root = Array(configuration.prefix.utf8)
-        let (revision, cache, count) = try await Self.load(self.client, root: self.root)
+        let (revision, cache, count) = try await Self.load(
+            self.client,
+            root: self.root,
+            history: configuration.hub.historyLimit
+        )
         self.hub = WatchHub(current: revision, configuration: configuration.hub)
         self.state = Mutex(State(objects: cache, revision: revision))
         logger.info(
@@ -242,16 +246,34 @@ public final class EtcdStore: Store {
     /// Every object under the prefix, at one revision.
     static func load(
         _ client: EtcdClient,
-        root: [UInt8]
+        root: [UInt8],
+        history: Int = 0
     ) async throws -> (revision: Int64, objects: [String: [ObjectKey: StoredObject]], count: Int) {
         let objects = root + Array("o/".utf8)
-        let r = try await client.range(objects, end: EtcdClient.prefixEnd(objects))
+        var r: RangeResponse?
+        var revision: Int64 = 0
+        if history > 0 {
+            // Start `history` revisions back (when etcd still has them), so that the watch replays them
+            // into the hub: clients resume from versions before this replica started (a restart of
+            // the only replica included) instead of getting 410 and listing again.
+            let current = try await client.revision()
+            let from = current - Int64(history)
+            if from > 0, let past = try? await client.range(objects, end: EtcdClient.prefixEnd(objects), revision: from)
+            {
+                r = past
+                revision = from
+            }
+        }
+        if r == nil {
+            r = try await client.range(objects, end: EtcdClient.prefixEnd(objects))
+            revision = r?.header?.revision?.value ?? 0
+        }
         var cache: [String: [ObjectKey: StoredObject]] = [:]
-        for kv in r.kvs ?? [] {
+        for kv in r?.kvs ?? [] {
             guard let key = Self.objectKey(kv.key.bytes, root: root) else { continue }
             cache[key.resource, default: [:]][key] = try Self.object(key, kv.value?.bytes ?? [], at: kv.mod)
         }
-        return (r.header?.revision?.value ?? 0, cache, r.kvs?.count ?? 0)
+        return (revision, cache, r?.kvs?.count ?? 0)
     }
 
     /// Waits until the cache has reached `revision`; false after `catchUpTimeout`.

@@ -128,8 +128,8 @@ struct Sim: AsyncParsableCommand {
             )
         }
         // Beats: each agent every `interval`, from its own offset, over the pool.
-        let beatsOK = Atomic<Int>(0)
-        let beatsFailed = Atomic<Int>(0)
+        let beatsOK = Counter()
+        let beatsFailed = Counter()
         let intervalNanos = Int64(self.interval * 1e9)
         let start = ContinuousClock.now
         let count = names.count
@@ -147,9 +147,9 @@ struct Sim: AsyncParsableCommand {
                                 let c = pool[(firstIndex + i) % endpoints.count][lane % pool[0].count]
                                 do {
                                     try await c.heartbeat(node: names[i])
-                                    beatsOK.add(1, ordering: .relaxed)
+                                    beatsOK.add()
                                 } catch {
-                                    beatsFailed.add(1, ordering: .relaxed)
+                                    beatsFailed.add()
                                 }
                             }
                             k += 1
@@ -163,13 +163,13 @@ struct Sim: AsyncParsableCommand {
             try await Task.sleep(for: .milliseconds(100))
         }
         print("ready", terminator: "\n")
-        fflush(stdout)
+        fflush(nil)
         // Commands from the driver, one per line.
         while let line = readLine() {
             let words = line.split(separator: " ")
             switch words.first {
             case "stats":
-                print("stats \(beatsOK.load(ordering: .relaxed)) \(beatsFailed.load(ordering: .relaxed))")
+                print("stats \(beatsOK.value) \(beatsFailed.value)")
             case "report":
                 // report <killNanos> <rv>...: per rv the receive times, lists, bookmarks after the kill.
                 let kill = Int64(words[1]) ?? 0
@@ -186,7 +186,7 @@ struct Sim: AsyncParsableCommand {
                 }
                 let obj: [String: Any] = [
                     "events": events, "lists": lists, "reconnects": reconnects,
-                    "beatsOK": beatsOK.load(ordering: .relaxed), "beatsFailed": beatsFailed.load(ordering: .relaxed),
+                    "beatsOK": beatsOK.value, "beatsFailed": beatsFailed.value,
                 ]
                 let data = try JSONSerialization.data(withJSONObject: obj)
                 print("report " + String(decoding: data, as: UTF8.self))
@@ -197,7 +197,7 @@ struct Sim: AsyncParsableCommand {
             default:
                 break
             }
-            fflush(stdout)
+            fflush(nil)
         }
         beater.cancel()
         for t in tasks { t.cancel() }
@@ -235,7 +235,7 @@ struct Drive: AsyncParsableCommand {
             self.process.arguments = args
             self.process.standardInput = self.input
             if let log {
-                FileManager.default.createFile(atPath: log, contents: nil)
+                _ = FileManager.default.createFile(atPath: log, contents: nil)
                 self.process.standardOutput = FileHandle(forWritingAtPath: log)
                 self.process.standardError = FileHandle(forWritingAtPath: log)
             } else {
@@ -480,4 +480,11 @@ struct Drive: AsyncParsableCommand {
         }
         throw ValidationError("replica \(r) did not become ready (log: \(self.work)/r\(r).log)")
     }
+}
+
+/// A counter tasks share.
+final class Counter: Sendable {
+    private let count = Atomic<Int>(0)
+    func add() { self.count.add(1, ordering: .relaxed) }
+    var value: Int { self.count.load(ordering: .relaxed) }
 }
