@@ -411,7 +411,12 @@ let package = Package(
         ),
         .testTarget(
             name: "MeshCtlTests",
-            dependencies: ["MeshCtl", "MeshCore", "MeshTestSupport"],
+            dependencies: [
+                "MeshCtl", "MeshCore", "MeshTestSupport", "MeshClient", "MeshHTTP",
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -24,7 +24,9 @@ struct MeshCtlCommand: AsyncParsableCommand {
         version: MeshRelease.version,
         subcommands: [
             Up.self, Apply.self, Get.self, Delete.self, Watch.self, Status.self, Route.self, Routes.self, Peers.self,
-            Ping.self, DNSLookup.self, Trace.self, Twin.self, Logs.self, Token.self, Revoke.self, Version.self,
+            Up.self, Apply.self, Get.self, Delete.self, Watch.self, Status.self, Route.self, Routes.self, Peers.self,
+            Ping.self, DNSLookup.self, Trace.self, DashboardCommand.self, Twin.self, Logs.self, Token.self, Revoke.self,
+            Version.self,
         ]
     )
 }
@@ -370,6 +372,34 @@ struct Route: AsyncParsableCommand {
         if !(try await self.agent.view().route(name: self.name, key: self.key, format: self.output)) {
             throw ExitCode.failure
         }
+    }
+}
+
+struct DashboardCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dashboard",
+        abstract:
+            "Serve a live page of the mesh on 127.0.0.1: sites and their nodes (Ready or NotReady, last seen), relays, the links between nodes coloured by path with their RTT, and services with their endpoints per site.",
+        discussion: """
+            meshctl follows the control plane with the admin credentials (like `kubectl proxy`) and the page
+            asks meshctl; every asset is served by meshctl itself. Open the printed URL in a browser.
+            """
+    )
+
+    @OptionGroup var server: ServerOptions
+
+    @Option(name: .long, help: "Where the page is served (a loopback address; port 0 picks a free one).")
+    var listen: String = "127.0.0.1:7781"
+
+    func run() async throws {
+        let ops = try self.server.operations()
+        let ok = await Dashboard.serve(
+            client: ops.client,
+            listen: self.listen,
+            out: { FileHandle.standardOutput.write(Data($0.utf8)) },
+            err: { FileHandle.standardError.write(Data($0.utf8)) }
+        )
+        if !ok { throw ExitCode.failure }
     }
 }
 
