@@ -218,7 +218,8 @@ let package = Package(
         .target(
             name: "MeshAgent",
             dependencies: nio + [
-                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink", "CLinux", "MeshWire", "Relay",
+                "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink", "CLinux",
+                "MeshWire", "Relay",
                 "NodeAgent",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -382,7 +383,8 @@ let package = Package(
         .testTarget(
             name: "MeshAgentTests",
             dependencies: nio + [
-                "MeshAgent", "MeshClient", "Control", "MeshCore", "MeshIdentity", "MeshTestSupport", "MeshWire", "Relay",
+                "MeshAgent", "MeshClient", "Control", "MeshCore", "MeshIdentity", "MeshTestSupport", "MeshWire",
+                "Relay",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
