@@ -11,19 +11,7 @@ import Testing
     .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)")
 )
 struct CrossSiteTests {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent().path
-    let bin = binaryDirectory()
-
-    func script(_ name: String, _ args: [String]) async throws -> ProcessResult {
-        try await run(Self.root + "/scripts/" + name, args, timeout: .seconds(180))
-    }
-
-    /// Runs `command` in host `host` of lab `prefix`.
-    func inHost(_ prefix: String, _ host: String, _ command: [String], timeout: Int = 60) async throws -> ProcessResult
-    {
-        try await run("/usr/sbin/ip", ["netns", "exec", "\(prefix)-\(host)"] + command, timeout: .seconds(timeout))
-    }
+    let lab = TwoSiteLab()
 
     /// A lab of `siteA` x `siteB` with the mesh running in it, torn down after `body`.
     func withLab(
@@ -33,42 +21,20 @@ struct CrossSiteTests {
         noPunch: Bool = false,
         _ body: (String, String) async throws -> Void
     ) async throws {
-        let prefix = "x\(getpid() % 10_000)\(Int.random(in: 0..<10))"
-        let up = try await self.script("netlab", ["up", "--site-a", siteA, "--site-b", siteB, "--prefix", prefix])
-        try #require(up.status == 0, "netlab up: \(up.stderr)")
-        let mesh = try await self.script(
-            "netlab-mesh",
-            ["start", "--prefix", prefix, "--bin", self.bin] + (splitRelays ? ["--split-relays"] : [])
-                + (noPunch ? ["--no-punch"] : [])
+        try await self.lab.with(
+            siteA,
+            siteB,
+            letter: "x",
+            meshOptions: (splitRelays ? ["--split-relays"] : []) + (noPunch ? ["--no-punch"] : []),
+            body
         )
-        do {
-            try #require(mesh.status == 0, "netlab-mesh start: \(mesh.stderr)\(Self.logs(prefix))")
-            let dir = "/run/netlab-\(prefix)-mesh"
-            try await body(prefix, dir)
-        } catch {
-            Issue.record("logs:\n\(Self.logs(prefix))")
-            _ = try? await self.script("netlab", ["down", "--prefix", prefix])
-            throw error
-        }
-        let down = try await self.script("netlab", ["down", "--prefix", prefix])
-        #expect(down.status == 0, "netlab down: \(down.stderr)")
-    }
-
-    /// The agent's `/peers` document at `host` (`meshctl peers -o json`).
-    func peersDocument(_ prefix: String, _ host: String) async throws -> [String: Any]? {
-        let r = try await self.inHost(
-            prefix,
-            host,
-            [self.bin + "/meshctl", "peers", "--agent", "127.0.0.1:7780", "-o", "json"]
-        )
-        return try? JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
     }
 
     /// `curl -s` of `url` at site A (until it answers `expect`, within `timeout`).
     func curlUntil(_ prefix: String, _ url: String, expect: String, timeout: Duration = .seconds(30)) async -> String {
         var last = ""
         _ = await eventually(timeout: timeout, every: .milliseconds(250)) {
-            let r = try? await self.inHost(prefix, "a", ["curl", "-s", "-m", "5", url])
+            let r = try? await self.lab.inHost(prefix, "a", ["curl", "-s", "-m", "5", url])
             last = (r?.stdout ?? "") + (r?.stderr ?? "")
             return r?.stdout == expect
         }
@@ -82,7 +48,7 @@ struct CrossSiteTests {
             let page = "hello from site b\n"
             let first = await self.curlUntil(prefix, "http://web.shop.svc.cluster.local/", expect: page)
             #expect(first == page)
-            let home = try #require((try await self.peersDocument(prefix, "a"))?["relay"] as? [String: Any])
+            let home = try #require((await self.lab.peers(prefix, "a"))?["relay"] as? [String: Any])
             let dead = try #require(home["home"] as? String)
             let other = dead == "r1" ? "r2" : "r1"
             // A slow download holds a stream on the circuit through the relay about to die.
@@ -95,16 +61,16 @@ struct CrossSiteTests {
             )
             #expect(
                 await eventually(timeout: .seconds(10)) {
-                    let items = (try? await self.peersDocument(prefix, "a"))?["items"] as? [[String: Any]]
+                    let items = (await self.lab.peers(prefix, "a"))?["items"] as? [[String: Any]]
                     return (items?.first?["streams"] as? Int ?? 0) > 0
                 }
             )
-            let killed = try await self.script("netlab-mesh", ["kill", dead, "--prefix", prefix])
+            let killed = try await self.lab.script("netlab-mesh", ["kill", dead, "--prefix", prefix])
             #expect(killed.status == 0)
             let clock = ContinuousClock()
             let start = clock.now
             let rehomed = await eventually(timeout: .seconds(5), every: .milliseconds(100)) {
-                let relay = (try? await self.peersDocument(prefix, "a"))?["relay"] as? [String: Any]
+                let relay = (await self.lab.peers(prefix, "a"))?["relay"] as? [String: Any]
                 return relay?["home"] as? String == other
             }
             #expect(rehomed, "a did not re-home to \(other) within 5 s")
@@ -117,7 +83,7 @@ struct CrossSiteTests {
             // New requests get through the other relay.
             let after = await self.curlUntil(prefix, "http://web.shop.svc.cluster.local/", expect: page)
             #expect(after == page, "after \(dead) died: \(after)")
-            let items = (try? await self.peersDocument(prefix, "a"))?["items"] as? [[String: Any]]
+            let items = (await self.lab.peers(prefix, "a"))?["items"] as? [[String: Any]]
             #expect(items?.first?["relay"] as? String == other)
             print("re-homed from \(dead) to \(other) in \(took)")
         }
@@ -143,7 +109,7 @@ struct CrossSiteTests {
             #expect(await eventually(timeout: .seconds(10)) { capture.stderr.contains("listening on") })
             let marker = "MARKER-\(UInt64.random(in: 1..<UInt64.max))"
             for _ in 0..<3 {
-                let r = try await self.inHost(
+                let r = try await self.lab.inHost(
                     prefix,
                     "a",
                     ["curl", "-s", "-H", "X-Marker: \(marker)", "http://web.shop.svc.cluster.local/?q=\(marker)"]
@@ -165,14 +131,6 @@ struct CrossSiteTests {
     }
 
     /// The tail of every log of the lab's mesh, for a failure's message.
-    static func logs(_ prefix: String) -> String {
-        let dir = "/run/netlab-\(prefix)-mesh/logs"
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
-        return names.sorted().map { name in
-            let text = (try? String(contentsOfFile: dir + "/" + name, encoding: .utf8)) ?? ""
-            return "--- \(name)\n" + text.split(separator: "\n").suffix(15).joined(separator: "\n")
-        }.joined(separator: "\n")
-    }
 
     @Test(
         "curl by name from site A to site B; 100 MiB intact over L4 and L7; UDP echo; the path in meshctl peers",
@@ -187,7 +145,7 @@ struct CrossSiteTests {
             var curl = ProcessResult(status: -1, stdout: "", stderr: "")
             let served = await eventually(timeout: .seconds(30), every: .milliseconds(250)) {
                 curl =
-                    (try? await self.inHost(
+                    (try? await self.lab.inHost(
                         prefix,
                         "a",
                         ["curl", "-s", "-m", "10", "-w", " %{http_code}", "http://web.shop.svc.cluster.local/"]
@@ -198,7 +156,7 @@ struct CrossSiteTests {
             // Relay first, then upgrade (where the NATs allow it): the transfers below run on the final path.
             #expect(
                 await eventually(timeout: .seconds(30), every: .milliseconds(250)) {
-                    let items = (try? await self.peersDocument(prefix, "a"))?["items"] as? [[String: Any]]
+                    let items = (await self.lab.peers(prefix, "a"))?["items"] as? [[String: Any]]
                     return items?.first?["path"] as? String == path
                 },
                 "the link to b never went \(path)"
@@ -208,7 +166,7 @@ struct CrossSiteTests {
             let sha = try String(contentsOfFile: dir + "/web/big.bin.sha256", encoding: .utf8)
                 .trimmingCharacters(in: .whitespacesAndNewlines)
             for port in [81, 80] {
-                let got = try await self.inHost(
+                let got = try await self.lab.inHost(
                     prefix,
                     "a",
                     ["sh", "-c", "curl -s -m 150 http://web.shop.svc.cluster.local:\(port)/big.bin | sha256sum"],
@@ -218,7 +176,7 @@ struct CrossSiteTests {
             }
 
             // A UDP echo at B, by name.
-            let udp = try await self.inHost(
+            let udp = try await self.lab.inHost(
                 prefix,
                 "a",
                 [
@@ -235,10 +193,10 @@ struct CrossSiteTests {
             #expect(udp.stdout == "echo:ping0\necho:ping1\necho:ping2\n", "\(udp.stdout)\(udp.stderr)")
 
             // The operator's view from A: one link to b, on the expected path.
-            let peers = try await self.inHost(
+            let peers = try await self.lab.inHost(
                 prefix,
                 "a",
-                [self.bin + "/meshctl", "peers", "--agent", "127.0.0.1:7780", "-o", "json"]
+                [self.lab.bin + "/meshctl", "peers", "--agent", "127.0.0.1:7780", "-o", "json"]
             )
             #expect(peers.status == 0, "\(peers.stderr)")
             let doc = try JSONSerialization.jsonObject(with: Data(peers.stdout.utf8)) as? [String: Any]
@@ -253,10 +211,10 @@ struct CrossSiteTests {
                 #expect(b["relay"] is String, "\(peers.stdout)")
             }
             // meshctl route: B's endpoint of web, reached over the link on the same path, counters moved.
-            let route = try await self.inHost(
+            let route = try await self.lab.inHost(
                 prefix,
                 "a",
-                [self.bin + "/meshctl", "route", "web.shop", "--agent", "127.0.0.1:7780", "-o", "json"]
+                [self.lab.bin + "/meshctl", "route", "web.shop", "--agent", "127.0.0.1:7780", "-o", "json"]
             )
             #expect(route.status == 0, "\(route.stderr)")
             let routeDoc = try JSONSerialization.jsonObject(with: Data(route.stdout.utf8)) as? [String: Any]
@@ -269,10 +227,10 @@ struct CrossSiteTests {
             }
             #expect(endpoints.contains { ($0["total"] as? Int ?? 0) > 0 }, "\(route.stdout)")
             // meshctl trace: one request by name, the endpoint at b over the link on the same path.
-            let trace = try await self.inHost(
+            let trace = try await self.lab.inHost(
                 prefix,
                 "a",
-                [self.bin + "/meshctl", "trace", "web.shop", "--agent", "127.0.0.1:7780", "-o", "json"]
+                [self.lab.bin + "/meshctl", "trace", "web.shop", "--agent", "127.0.0.1:7780", "-o", "json"]
             )
             #expect(trace.status == 0, "\(trace.stderr)")
             let traceDoc = try JSONSerialization.jsonObject(with: Data(trace.stdout.utf8)) as? [String: Any]
@@ -282,10 +240,10 @@ struct CrossSiteTests {
             #expect(proxy?["status"] as? Int == 200, "\(trace.stdout)")
             #expect((traceDoc?["dns"] as? [String: Any])?["source"] as? String == "zone", "\(trace.stdout)")
             // meshctl status: connected, with its home relay.
-            let status = try await self.inHost(
+            let status = try await self.lab.inHost(
                 prefix,
                 "a",
-                [self.bin + "/meshctl", "status", "--agent", "127.0.0.1:7780", "-o", "json"]
+                [self.lab.bin + "/meshctl", "status", "--agent", "127.0.0.1:7780", "-o", "json"]
             )
             let statusDoc = try JSONSerialization.jsonObject(with: Data(status.stdout.utf8)) as? [String: Any]
             #expect((statusDoc?["control"] as? [String: Any])?["state"] as? String == "connected", "\(status.stdout)")
@@ -296,31 +254,31 @@ struct CrossSiteTests {
                 // a homes on r1 and b on r2: the circuit was forwarded relay to relay.
                 let relay = doc?["relay"] as? [String: Any]
                 #expect(relay?["home"] as? String == "r1", "\(peers.stdout)")
-                let bStatus = try await self.peersDocument(prefix, "b")
+                let bStatus = await self.lab.peers(prefix, "b")
                 #expect((bStatus?["relay"] as? [String: Any])?["home"] as? String == "r2")
             }
 
             // The control plane goes away and comes back: the link and the service stay as they were.
-            let killed = try await self.script("netlab-mesh", ["kill", "control", "--prefix", prefix])
+            let killed = try await self.lab.script("netlab-mesh", ["kill", "control", "--prefix", prefix])
             #expect(killed.status == 0, "\(killed.stderr)")
-            let offline = try await self.inHost(
+            let offline = try await self.lab.inHost(
                 prefix,
                 "a",
                 ["curl", "-s", "-m", "10", "http://web.shop.svc.cluster.local/"]
             )
             #expect(offline.stdout == "hello from site b\n", "control plane down: \(offline.stdout)\(offline.stderr)")
-            let restarted = try await self.script("netlab-mesh", ["restart-control", "--prefix", prefix])
+            let restarted = try await self.lab.script("netlab-mesh", ["restart-control", "--prefix", prefix])
             #expect(restarted.status == 0, "\(restarted.stderr)")
-            let again = try await self.inHost(
+            let again = try await self.lab.inHost(
                 prefix,
                 "a",
                 ["curl", "-s", "-m", "10", "http://web.shop.svc.cluster.local/"]
             )
             #expect(again.stdout == "hello from site b\n", "control plane back: \(again.stdout)\(again.stderr)")
-            let after = try await self.inHost(
+            let after = try await self.lab.inHost(
                 prefix,
                 "a",
-                [self.bin + "/meshctl", "peers", "--agent", "127.0.0.1:7780", "-o", "json"]
+                [self.lab.bin + "/meshctl", "peers", "--agent", "127.0.0.1:7780", "-o", "json"]
             )
             let afterItems =
                 (try? JSONSerialization.jsonObject(with: Data(after.stdout.utf8)) as? [String: Any])?["items"]

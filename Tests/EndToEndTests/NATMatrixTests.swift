@@ -12,31 +12,7 @@ import Testing
     .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)")
 )
 struct NATMatrixTests {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent().path
-    let bin = binaryDirectory()
-
-    func script(_ name: String, _ args: [String]) async throws -> ProcessResult {
-        try await run(Self.root + "/scripts/" + name, args, timeout: .seconds(180))
-    }
-
-    func inHost(_ prefix: String, _ host: String, _ command: [String], timeout: Int = 60) async throws -> ProcessResult
-    {
-        try await run("/usr/sbin/ip", ["netns", "exec", "\(prefix)-\(host)"] + command, timeout: .seconds(timeout))
-    }
-
-    func peers(_ prefix: String, _ host: String) async -> [String: Any]? {
-        guard
-            let r = try? await self.inHost(
-                prefix,
-                host,
-                [self.bin + "/meshctl", "peers", "--agent", "127.0.0.1:7780", "-o", "json"]
-            )
-        else { return nil }
-        return try? JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
-    }
-
-    func row(_ doc: [String: Any]?) -> [String: Any] { (doc?["items"] as? [[String: Any]])?.first ?? [:] }
+    let lab = TwoSiteLab()
 
     /// One pairing's line of the matrix (printed, and appended to `$NAT_MATRIX_OUT` when set).
     static func report(_ line: String) {
@@ -64,20 +40,9 @@ struct NATMatrixTests {
         ] as [(String, String, String, String?)]
     )
     func pairing(siteA: String, siteB: String, path: String, reason: String?) async throws {
-        let prefix = "m\(getpid() % 10_000)\(Int.random(in: 0..<10))"
-        let up = try await self.script("netlab", ["up", "--site-a", siteA, "--site-b", siteB, "--prefix", prefix])
-        try #require(up.status == 0, "netlab up: \(up.stderr)")
-        do {
-            let mesh = try await self.script("netlab-mesh", ["start", "--prefix", prefix, "--bin", self.bin])
-            try #require(mesh.status == 0, "netlab-mesh start: \(mesh.stderr)")
+        try await self.lab.with(siteA, siteB, letter: "m") { prefix, _ in
             try await self.check(prefix, siteA, siteB, path: path, reason: reason)
-        } catch {
-            Issue.record("logs:\n\(CrossSiteTests.logs(prefix))")
-            _ = try? await self.script("netlab", ["down", "--prefix", prefix])
-            throw error
         }
-        let down = try await self.script("netlab", ["down", "--prefix", prefix])
-        #expect(down.status == 0, "netlab down: \(down.stderr)")
     }
 
     func check(_ prefix: String, _ siteA: String, _ siteB: String, path: String, reason: String?) async throws {
@@ -87,15 +52,15 @@ struct NATMatrixTests {
         // about the link, not about an agent still starting.
         #expect(
             await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
-                let a = (await self.peers(prefix, "a"))?["nat"] as? [String: Any]
-                let b = (await self.peers(prefix, "b"))?["nat"] as? [String: Any]
+                let a = (await self.lab.peers(prefix, "a"))?["nat"] as? [String: Any]
+                let b = (await self.lab.peers(prefix, "b"))?["nat"] as? [String: Any]
                 return a?["mapping"] as? String != nil && a?["mapping"] as? String != "unknown"
                     && b?["mapping"] as? String != nil && b?["mapping"] as? String != "unknown"
             },
             "NAT discovery did not finish"
         )
         // The first request: over whatever link is up first (the relay, in every pairing but public x public).
-        let first = try await self.inHost(
+        let first = try await self.lab.inHost(
             prefix,
             "a",
             ["curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code} %{time_starttransfer}", url]
@@ -106,31 +71,31 @@ struct NATMatrixTests {
         // The final path.
         var doc: [String: Any]?
         let settled = await eventually(timeout: .seconds(40), every: .milliseconds(250)) {
-            doc = await self.peers(prefix, "a")
-            return self.row(doc)["path"] as? String == path
+            doc = await self.lab.peers(prefix, "a")
+            return self.lab.row(doc)["path"] as? String == path
         }
-        #expect(settled, "a's link to b: \(self.row(doc))")
+        #expect(settled, "a's link to b: \(self.lab.row(doc))")
         if path == "relayed" {
             // Give punching its first round, then the reason must be there.
             let explained = await eventually(timeout: .seconds(15), every: .milliseconds(250)) {
-                doc = await self.peers(prefix, "a")
-                return (self.row(doc)["reason"] as? String)?.contains(reason ?? "") == true
+                doc = await self.lab.peers(prefix, "a")
+                return (self.lab.row(doc)["reason"] as? String)?.contains(reason ?? "") == true
             }
-            #expect(explained, "no reason containing \(reason ?? "-"): \(self.row(doc))")
-            #expect(self.row(doc)["path"] as? String == "relayed", "\(self.row(doc))")
+            #expect(explained, "no reason containing \(reason ?? "-"): \(self.lab.row(doc))")
+            #expect(self.lab.row(doc)["path"] as? String == "relayed", "\(self.lab.row(doc))")
         }
         // Every request succeeds, on the final path.
         for i in 0..<5 {
-            let r = try await self.inHost(prefix, "a", ["curl", "-s", "-m", "10", url])
+            let r = try await self.lab.inHost(prefix, "a", ["curl", "-s", "-m", "10", url])
             #expect(r.stdout == page, "request \(i): \(r.stdout) \(r.stderr)")
         }
-        let row = self.row(await self.peers(prefix, "a"))
+        let row = self.lab.row(await self.lab.peers(prefix, "a"))
         #expect(row["path"] as? String == path, "\(row)")
         // meshctl ping: the path of each probe, ending on the final path.
-        let ping = try await self.inHost(
+        let ping = try await self.lab.inHost(
             prefix,
             "a",
-            [self.bin + "/meshctl", "ping", "b", "--count", "3", "--agent", "127.0.0.1:7780", "-o", "json"]
+            [self.lab.bin + "/meshctl", "ping", "b", "--count", "3", "--agent", "127.0.0.1:7780", "-o", "json"]
         )
         let probes =
             (try? JSONSerialization.jsonObject(with: Data(ping.stdout.utf8)) as? [String: Any])?["probes"]
@@ -163,35 +128,19 @@ struct NATMatrixTests {
     .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)")
 )
 struct PunchedLinkTests {
-    let matrix = NATMatrixTests()
+    let lab = TwoSiteLab()
 
     func withLab(_ extra: [String], _ body: (String, String) async throws -> Void) async throws {
-        let prefix = "u\(getpid() % 10_000)\(Int.random(in: 0..<10))"
-        let up = try await self.matrix.script(
-            "netlab",
-            ["up", "--site-a", "masq", "--site-b", "masq", "--prefix", prefix]
-        )
-        try #require(up.status == 0, "netlab up: \(up.stderr)")
-        do {
-            let mesh = try await self.matrix.script(
-                "netlab-mesh",
-                ["start", "--prefix", prefix, "--bin", self.matrix.bin] + extra
-            )
-            try #require(mesh.status == 0, "netlab-mesh start: \(mesh.stderr)")
+        try await self.lab.with("masq", "masq", letter: "u", meshOptions: extra) { prefix, dir in
             #expect(
                 await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
-                    let a = (await self.matrix.peers(prefix, "a"))?["nat"] as? [String: Any]
-                    let b = (await self.matrix.peers(prefix, "b"))?["nat"] as? [String: Any]
+                    let a = (await self.lab.peers(prefix, "a"))?["nat"] as? [String: Any]
+                    let b = (await self.lab.peers(prefix, "b"))?["nat"] as? [String: Any]
                     return a?["mapping"] as? String == "portPreserving" && b?["mapping"] as? String == "portPreserving"
                 }
             )
-            try await body(prefix, "/run/netlab-\(prefix)-mesh")
-        } catch {
-            Issue.record("logs:\n\(CrossSiteTests.logs(prefix))")
-            _ = try? await self.matrix.script("netlab", ["down", "--prefix", prefix])
-            throw error
+            try await body(prefix, dir)
         }
-        _ = try await self.matrix.script("netlab", ["down", "--prefix", prefix])
     }
 
     /// `curl URL | sha256sum` at site A, in the background.
@@ -204,7 +153,7 @@ struct PunchedLinkTests {
     }
 
     func path(_ prefix: String) async -> String? {
-        self.matrix.row(await self.matrix.peers(prefix, "a"))["path"] as? String
+        self.lab.row(await self.lab.peers(prefix, "a"))["path"] as? String
     }
 
     @Test("1 GiB that starts relayed carries on while the link upgrades; new streams after it go punched")
@@ -225,18 +174,18 @@ struct PunchedLinkTests {
                 "no upgrade during the transfer"
             )
             #expect(big.isRunning, "the transfer ended before the upgrade: measure with a slower one")
-            let before = self.matrix.row(await self.matrix.peers(prefix, "a"))
+            let before = self.lab.row(await self.lab.peers(prefix, "a"))
             let sentBefore = before["bytesReceived"] as? Int ?? 0
             // New requests go over the punched link (its counters grow; the relayed one is not its row).
             for _ in 0..<3 {
-                let r = try await self.matrix.inHost(
+                let r = try await self.lab.inHost(
                     prefix,
                     "a",
                     ["curl", "-s", "-m", "10", "http://web.shop.svc.cluster.local/"]
                 )
                 #expect(r.stdout == "hello from site b\n")
             }
-            let after = self.matrix.row(await self.matrix.peers(prefix, "a"))
+            let after = self.lab.row(await self.lab.peers(prefix, "a"))
             #expect(after["path"] as? String == "punched")
             #expect((after["bytesReceived"] as? Int ?? 0) > sentBefore, "\(after)")
             #expect((after["upgrades"] as? Int ?? 0) == 1, "\(after)")
@@ -244,7 +193,7 @@ struct PunchedLinkTests {
             let done = await big.wait(timeout: .seconds(300))
             #expect(done?.stdout.hasPrefix(String(expected)) == true, "1 GiB: \(String(describing: done))")
             // Its bytes went over the circuit, not the punched link.
-            let final = self.matrix.row(await self.matrix.peers(prefix, "a"))
+            let final = self.lab.row(await self.lab.peers(prefix, "a"))
             #expect((final["bytesReceived"] as? Int ?? 0) < 1 << 29, "\(final)")
             print("1 GiB across the upgrade: upgrade in \(after["upgradeMillis"] ?? "-") ms")
         }
@@ -256,7 +205,7 @@ struct PunchedLinkTests {
     func relayKilledUnderAPunchedLink() async throws {
         try await self.withLab(["--one-relay", "--agent-env", "MESH_PUNCH_KEEPALIVE_SECONDS=1"]) { prefix, dir in
             let page = "hello from site b\n"
-            let first = try await self.matrix.inHost(
+            let first = try await self.lab.inHost(
                 prefix,
                 "a",
                 ["curl", "-s", "-m", "10", "http://web.shop.svc.cluster.local/"]
@@ -273,24 +222,24 @@ struct PunchedLinkTests {
             let big = try self.download(prefix, "http://web.shop.svc.cluster.local:81/big.bin", rate: "20M")
             #expect(
                 await eventually(timeout: .seconds(10)) {
-                    (self.matrix.row(await self.matrix.peers(prefix, "a"))["streams"] as? Int ?? 0) > 0
+                    (self.lab.row(await self.lab.peers(prefix, "a"))["streams"] as? Int ?? 0) > 0
                 }
             )
-            let killed = try await self.matrix.script("netlab-mesh", ["kill", "r1", "--prefix", prefix])
+            let killed = try await self.lab.script("netlab-mesh", ["kill", "r1", "--prefix", prefix])
             #expect(killed.status == 0)
             let done = await big.wait(timeout: .seconds(120))
             #expect(done?.stdout.hasPrefix(sha) == true, "100 MiB under a dead relay: \(String(describing: done))")
             #expect(await self.path(prefix) == "punched")
             // The relay comes back; then the direct path is cut: the punched link's keepalive fails and new
             // streams go back to the relay.
-            let restarted = try await self.matrix.script("netlab-mesh", ["restart-relay", "r1", "--prefix", prefix])
+            let restarted = try await self.lab.script("netlab-mesh", ["restart-relay", "r1", "--prefix", prefix])
             #expect(restarted.status == 0, "\(restarted.stderr)")
             #expect(
                 await eventually(timeout: .seconds(20), every: .milliseconds(250)) {
-                    ((await self.matrix.peers(prefix, "a"))?["relay"] as? [String: Any])?["home"] as? String == "r1"
+                    ((await self.lab.peers(prefix, "a"))?["relay"] as? [String: Any])?["home"] as? String == "r1"
                 }
             )
-            let cut = try await self.matrix.inHost(
+            let cut = try await self.lab.inHost(
                 prefix,
                 "gw-a",
                 ["iptables", "-I", "FORWARD", "-d", "198.18.0.22", "-j", "DROP"]
@@ -300,19 +249,19 @@ struct PunchedLinkTests {
             var row: [String: Any] = [:]
             #expect(
                 await eventually(timeout: .seconds(20), every: .milliseconds(100)) {
-                    row = self.matrix.row(await self.matrix.peers(prefix, "a"))
+                    row = self.lab.row(await self.lab.peers(prefix, "a"))
                     return row["path"] as? String == "relayed"
                 },
                 "no fallback: \(row)"
             )
             let fellBackIn = ContinuousClock.now - cutAt
-            let again = try await self.matrix.inHost(
+            let again = try await self.lab.inHost(
                 prefix,
                 "a",
                 ["curl", "-s", "-m", "10", "http://web.shop.svc.cluster.local/"]
             )
             #expect(again.stdout == page, "after the fallback: \(again.stdout) \(again.stderr)")
-            row = self.matrix.row(await self.matrix.peers(prefix, "a"))
+            row = self.lab.row(await self.lab.peers(prefix, "a"))
             #expect((row["fallbacks"] as? Int ?? 0) >= 1, "\(row)")
             print("punched link cut: relayed again after \(fellBackIn)")
         }
