@@ -124,7 +124,7 @@ let package = Package(
         .target(
             name: "MeshHTTP",
             dependencies: nio + [
-                "MeshCore", "CLinux",
+                "MeshCore", "MeshNIO", "CLinux",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

@@ -1,3 +1,4 @@
+import MeshNIO
 import NIOCore
 
 /// One name looked up the way a client's query would be answered, and where the answer came from:
@@ -148,21 +149,16 @@ extension DNSServer {
             case .cache(let left, let upstream):
                 var e = try explanation(out, .cache, "the forwarder's cache, \(left) s left\(via)")
                 e.ttlLeft = left
-                e.upstream = upstream.map(Self.text)
+                e.upstream = upstream.map(hostPort)
                 return e
             case .upstream(let upstream):
-                let from = upstream.map { "upstream \(Self.text($0))" } ?? "upstream (an answer that is not cached)"
+                let from = upstream.map { "upstream \(hostPort($0))" } ?? "upstream (an answer that is not cached)"
                 var e = try explanation(out, .upstream, from + via)
-                e.upstream = upstream.map(Self.text)
+                e.upstream = upstream.map(hostPort)
                 return e
             case .failed:
                 return try explanation(out, .agent, "every upstream resolver failed or timed out (SERVFAIL)\(via)")
             }
         }
-    }
-
-    private static func text(_ address: SocketAddress) -> String {
-        guard let ip = address.ipAddress, let port = address.port else { return "\(address)" }
-        return address.protocol == .inet6 ? "[\(ip)]:\(port)" : "\(ip):\(port)"
     }
 }

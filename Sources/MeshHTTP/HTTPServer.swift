@@ -1,5 +1,6 @@
 import Logging
 import MeshCore
+import MeshNIO
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -381,13 +382,6 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
 
 /// Sent down a connection's pipeline when the server begins to shut down.
 public struct ShutdownEvent: Sendable {}
-
-/// `host:port`, with brackets around IPv6 hosts.
-public func hostPort(_ address: SocketAddress) -> String {
-    let ip = address.ipAddress ?? "?"
-    let port = address.port ?? 0
-    return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
-}
 
 /// The connections the listener accepted that its accept loop has not taken yet. A connection accepted
 /// while the listener closes is never delivered to the loop, and NIO traps when such a connection's

@@ -237,7 +237,7 @@ struct AgentInspection: Sendable {
                 view.endpoints.append(
                     .init(
                         port: route.port,
-                        address: b.ip.contains(":") ? "[\(b.ip)]:\(b.port)" : "\(b.ip):\(b.port)",
+                        address: ListenAddress(host: b.ip, port: b.port).description,
                         node: b.node,
                         site: b.site,
                         weight: b.weight,

@@ -1,6 +1,7 @@
 import Logging
 import MeshCore
 import MeshIdentity
+import MeshNIO
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -292,11 +293,7 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
         let (waiters, listeners) = self.state.withLock { s in
             s.home = session.home
             s.status.home = session.home.relay
-            s.status.address =
-                session.home.address.ipAddress.map { ip in
-                    let port = session.home.address.port ?? 0
-                    return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
-                } ?? "\(session.home.address)"
+            s.status.address = hostPort(session.home.address)
             s.status.since = Date()
             s.status.rttMicros =
                 Int64(session.rtt.components.seconds * 1_000_000)
