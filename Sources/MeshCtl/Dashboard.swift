@@ -1,4 +1,5 @@
 import Logging
+import MeshAgent
 import MeshClient
 import MeshCore
 import MeshHTTP
@@ -66,7 +67,7 @@ public final class Dashboard: ServiceLifecycle.Service, Sendable {
         }
     }
 
-    private static func follow<T: MeshObject>(
+    private static func follow<T: SnapshotMember>(
         _ type: T.Type,
         _ client: ControlClient,
         _ logger: Logger,
@@ -82,65 +83,24 @@ public final class Dashboard: ServiceLifecycle.Service, Sendable {
 final class MeshPicture: Sendable {
     struct State {
         var version = 0
-        var nodes: [String: Node] = [:]
-        var relays: [String: MeshCore.Relay] = [:]
-        var services: [String: MeshCore.Service] = [:]
-        var endpoints: [String: Endpoints] = [:]
+        /// The agent's own table type: the same four kinds, folded the same way.
+        var table = ServiceSnapshot()
         var synced: Set<String> = []
         var waiters: [(after: Int, continuation: CheckedContinuation<Void, Never>)] = []
     }
 
     private let state = Mutex(State())
 
-    static func key(_ meta: ObjectMeta) -> String { (meta.namespace.map { $0 + "/" } ?? "") + meta.name }
-
-    func apply<T: MeshObject>(_ update: ReflectorUpdate<T>) {
+    func apply<T: SnapshotMember>(_ update: ReflectorUpdate<T>) {
+        if case .changed(let event) = update {
+            switch event {
+            case .bookmark, .error: return
+            case .added, .modified, .deleted: break
+            }
+        }
         let ready = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
-            func replace<U>(_ items: [T], _ path: WritableKeyPath<State, [String: U]>) {
-                s[keyPath: path] = Dictionary(
-                    items.compactMap { o in (o as? U).map { (Self.key(o.metadata), $0) } },
-                    uniquingKeysWith: { _, b in b }
-                )
-            }
-            func change<U>(_ o: T, present: Bool, _ path: WritableKeyPath<State, [String: U]>) {
-                s[keyPath: path][Self.key(o.metadata)] = present ? o as? U : nil
-            }
-            func dispatch(_ items: [T]?, _ one: T?, present: Bool) {
-                switch T.self {
-                case is Node.Type:
-                    if let items { replace(items, \.nodes) } else if let one { change(one, present: present, \.nodes) }
-                case is MeshCore.Relay.Type:
-                    if let items {
-                        replace(items, \.relays)
-                    } else if let one {
-                        change(one, present: present, \.relays)
-                    }
-                case is MeshCore.Service.Type:
-                    if let items {
-                        replace(items, \.services)
-                    } else if let one {
-                        change(one, present: present, \.services)
-                    }
-                case is Endpoints.Type:
-                    if let items {
-                        replace(items, \.endpoints)
-                    } else if let one {
-                        change(one, present: present, \.endpoints)
-                    }
-                default: break
-                }
-            }
-            switch update {
-            case .replaced(let items, _):
-                dispatch(items, nil, present: true)
-                s.synced.insert(T.resource.plural)
-            case .changed(let event):
-                switch event {
-                case .added(let o), .modified(let o): dispatch(nil, o, present: true)
-                case .deleted(let o): dispatch(nil, o, present: false)
-                case .bookmark, .error: return []
-                }
-            }
+            s.table.apply(update)
+            if case .replaced = update { s.synced.insert(T.resource.plural) }
             s.version += 1
             let version = s.version
             let due = s.waiters.filter { $0.after < version }.map(\.continuation)
@@ -233,7 +193,7 @@ struct MeshView: Codable, Sendable, Equatable {
         self.version = s.version
         self.synced = s.synced.count == 4
         var bySite: [String: [NodeView]] = [:]
-        for node in s.nodes.values {
+        for node in s.table.nodes.values {
             let site = node.spec.site ?? "-"
             bySite[site, default: []].append(
                 NodeView(
@@ -245,7 +205,7 @@ struct MeshView: Codable, Sendable, Equatable {
             )
         }
         self.sites = bySite.keys.sorted().map { Site(name: $0, nodes: bySite[$0]!.sorted { $0.name < $1.name }) }
-        self.relays = s.relays.values.map {
+        self.relays = s.table.relays.values.map {
             RelayView(
                 name: $0.metadata.name,
                 phase: $0.status?.phase?.rawValue ?? "Unknown",
@@ -254,7 +214,7 @@ struct MeshView: Codable, Sendable, Equatable {
         }.sorted { $0.name < $1.name }
         // A link is reported by both ends: one entry per pair, the lexically smaller node first.
         var links: [String: LinkView] = [:]
-        for node in s.nodes.values {
+        for node in s.table.nodes.values {
             for l in node.status?.links ?? [] {
                 let (a, b) = node.metadata.name < l.peer ? (node.metadata.name, l.peer) : (l.peer, node.metadata.name)
                 let key = a + "|" + b
@@ -264,10 +224,9 @@ struct MeshView: Codable, Sendable, Equatable {
             }
         }
         self.links = links.keys.sorted().map { links[$0]! }
-        self.services = s.services.values.map { svc in
+        self.services = s.table.services.map { key, svc in
             var perSite: [String: Int] = [:]
-            let key = MeshPicture.key(svc.metadata)
-            for a in s.endpoints[key]?.spec.addresses ?? [] { perSite[a.site ?? "-", default: 0] += 1 }
+            for a in s.table.endpoints[key]?.spec.addresses ?? [] { perSite[a.site ?? "-", default: 0] += 1 }
             return ServiceView(
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace ?? "default",

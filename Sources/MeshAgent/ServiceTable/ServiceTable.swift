@@ -39,7 +39,7 @@ public struct ServiceSnapshot: Sendable, Equatable {
 }
 
 /// A kind the agent keeps in its table: how a full list and one watch event fold into the snapshot.
-protocol SnapshotMember: MeshObject {
+public protocol SnapshotMember: MeshObject {
     static var version: WritableKeyPath<ServiceSnapshot, Int64?> { get }
     static func replace(_ items: [Self], in snapshot: inout ServiceSnapshot)
     /// Puts `object` in (`present`) or takes it out of the snapshot.
@@ -47,42 +47,61 @@ protocol SnapshotMember: MeshObject {
 }
 
 extension Service: SnapshotMember {
-    static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.servicesVersion }
-    static func replace(_ items: [Service], in snapshot: inout ServiceSnapshot) {
+    public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.servicesVersion }
+    public static func replace(_ items: [Service], in snapshot: inout ServiceSnapshot) {
         snapshot.services = Dictionary(items.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
     }
-    func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
+    public func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
         snapshot.services[ServiceKey(self)] = present ? self : nil
     }
 }
 
 extension Endpoints: SnapshotMember {
-    static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.endpointsVersion }
-    static func replace(_ items: [Endpoints], in snapshot: inout ServiceSnapshot) {
+    public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.endpointsVersion }
+    public static func replace(_ items: [Endpoints], in snapshot: inout ServiceSnapshot) {
         snapshot.endpoints = Dictionary(items.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
     }
-    func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
+    public func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
         snapshot.endpoints[ServiceKey(self)] = present ? self : nil
     }
 }
 
 extension Node: SnapshotMember {
-    static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.nodesVersion }
-    static func replace(_ items: [Node], in snapshot: inout ServiceSnapshot) {
+    public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.nodesVersion }
+    public static func replace(_ items: [Node], in snapshot: inout ServiceSnapshot) {
         snapshot.nodes = Dictionary(items.map { ($0.metadata.name, $0) }, uniquingKeysWith: { _, b in b })
     }
-    func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
+    public func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
         snapshot.nodes[self.metadata.name] = present ? self : nil
     }
 }
 
 extension Relay: SnapshotMember {
-    static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.relaysVersion }
-    static func replace(_ items: [Relay], in snapshot: inout ServiceSnapshot) {
+    public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.relaysVersion }
+    public static func replace(_ items: [Relay], in snapshot: inout ServiceSnapshot) {
         snapshot.relays = Dictionary(items.map { ($0.metadata.name, $0) }, uniquingKeysWith: { _, b in b })
     }
-    func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
+    public func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
         snapshot.relays[self.metadata.name] = present ? self : nil
+    }
+}
+
+extension ServiceSnapshot {
+    /// Folds one reflector update into the table: a full list replaces the kind's objects, a watch event
+    /// puts one in or takes it out; either moves the kind's version.
+    public mutating func apply<T: SnapshotMember>(_ update: ReflectorUpdate<T>) {
+        switch update {
+        case .replaced(let items, let rv):
+            T.replace(items, in: &self)
+            self[keyPath: T.version] = rv
+        case .changed(let event):
+            switch event {
+            case .added(let o), .modified(let o): o.fold(into: &self, present: true)
+            case .deleted(let o): o.fold(into: &self, present: false)
+            case .bookmark, .error: break
+            }
+            if let rv = event.resourceVersion { self[keyPath: T.version] = rv }
+        }
     }
 }
 
@@ -197,28 +216,13 @@ public final class ServiceTableSync: Sendable {
         let kind = T.resource.plural
         self.state.withLock { s in
             var snap = s.snapshot
-            switch update {
-            case .replaced(let items, let rv):
-                T.replace(items, in: &snap)
-                snap[keyPath: T.version] = rv
-            case .changed(let event):
-                Self.fold(event, into: &snap)
-            }
+            snap.apply(update)
             s.synced.insert(kind)
             if s.synced.count == Self.kinds { snap.source = .control }
             s.snapshot = snap
             s.dirty = true
         }
         self.wake.signal()
-    }
-
-    static func fold<T: SnapshotMember>(_ event: WatchEvent<T>, into snap: inout ServiceSnapshot) {
-        switch event {
-        case .added(let o), .modified(let o): o.fold(into: &snap, present: true)
-        case .deleted(let o): o.fold(into: &snap, present: false)
-        case .bookmark, .error: break
-        }
-        if let rv = event.resourceVersion { snap[keyPath: T.version] = rv }
     }
 
     private func publishLoop() async {
