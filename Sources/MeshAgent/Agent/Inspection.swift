@@ -208,7 +208,7 @@ struct AgentInspection: Sendable {
                 "no service \(service).\(namespace) in this agent's table (meshctl get services -n \(namespace) lists them)"
             )
         }
-        let byNode = Dictionary(links.map { ($0.node, $0) }, uniquingKeysWith: { a, _ in a })
+        let byNode = Self.byNode(links)
         var view = RouteView(
             service: service,
             namespace: namespace,
@@ -245,7 +245,7 @@ struct AgentInspection: Sendable {
                         healthy: b.healthy,
                         ejected: b.ejected,
                         ejectedForSeconds: b.ejectedForSeconds,
-                        path: b.via == nil ? "local" : (link?.path ?? "no link"),
+                        path: Self.path(via: b.via, link),
                         via: b.via,
                         relay: link?.relay,
                         rttMicros: link?.rttMicros,
@@ -273,17 +273,27 @@ struct AgentInspection: Sendable {
         return .found(view)
     }
 
+    /// The links by peer node.
+    static func byNode(_ links: [LinkStats]) -> [String: LinkStats] {
+        Dictionary(links.map { ($0.node, $0) }, uniquingKeysWith: { a, _ in a })
+    }
+
+    /// How an endpoint is reached: `local` (dialed at its address), its peer link's path, or `no link`.
+    static func path(via: String?, _ link: LinkStats?) -> String {
+        via == nil ? "local" : (link?.path ?? "no link")
+    }
+
     // MARK: trace
 
     /// The body of `GET /trace?id=ID`: what the proxy saw of the request that carried `x-mesh-trace: ID`,
     /// with each attempt's peer link as it is now.
     func trace(id: String, dataPlane: DataPlane, links: [LinkStats]) -> RequestTrace? {
         guard var trace = dataPlane.trace(id) else { return nil }
-        let byNode = Dictionary(links.map { ($0.node, $0) }, uniquingKeysWith: { a, _ in a })
+        let byNode = Self.byNode(links)
         for i in trace.attempts.indices {
             guard let via = trace.attempts[i].via else { continue }
             let link = byNode[via]
-            trace.attempts[i].path = link?.path ?? "no link"
+            trace.attempts[i].path = Self.path(via: via, link)
             trace.attempts[i].relay = link?.relay
             trace.attempts[i].rttMicros = link?.rttMicros
         }
