@@ -82,7 +82,11 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
 
         let cidrs = try config.parsedCIDRs()
         let taken = try await store.reservations(prefix: "vip/").keys.compactMap { IPAddress($0.dropFirst(4)) }
-        let vips = VIPAllocator(cidrs: cidrs, used: taken)
+        let vips = VIPAllocator(
+            cidrs: cidrs,
+            used: taken,
+            start: config.store == "etcd" ? VIPAllocator.start(replica: config.replicaName) : 0
+        )
         self.logger.info(
             "service VIPs from \(cidrs.map(\.description).joined(separator: ", ")): \(taken.count) allocated"
         )

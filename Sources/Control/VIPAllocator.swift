@@ -11,9 +11,22 @@ public final class VIPAllocator: Sendable {
     public let cidrs: [CIDR]
     private let state: Mutex<(used: Set<IPAddress>, cursor: [CIDR: UInt64])>
 
-    public init(cidrs: [CIDR], used: some Sequence<IPAddress> = []) {
+    /// - Parameter start: where the cursors begin, as an offset into each CIDR (modulo its size). Replicas of
+    ///   one control plane start at different places, so that writers racing on different replicas rarely
+    ///   propose the same address (each such collision costs the loser a retry).
+    public init(cidrs: [CIDR], used: some Sequence<IPAddress> = [], start: UInt64 = 0) {
         self.cidrs = cidrs
-        self.state = Mutex((Set(used), [:]))
+        let cursors =
+            start == 0 ? [:] : Dictionary(cidrs.map { ($0, start % Self.size($0)) }, uniquingKeysWith: { a, _ in a })
+        self.state = Mutex((Set(used), cursors))
+    }
+
+    /// A replica's starting offset: FNV-1a of its name (0, the first address on, for a single control plane).
+    public static func start(replica name: String) -> UInt64 {
+        guard !name.isEmpty else { return 0 }
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in name.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
+        return h
     }
 
     public static func token(_ ip: IPAddress) -> String { "vip/\(ip)" }
