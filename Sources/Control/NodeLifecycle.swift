@@ -232,20 +232,13 @@ public final class NodeLifecycle: Sendable {
                 self.finishWrite(name, phase: written == nil ? nil : .ready, gone: written == nil)
                 if let written {
                     self.logger.info("node \(name) is Ready")
-                    if report != nil {
-                        self.relayWritten(
-                            name,
-                            written.status?.relay,
-                            written.status?.candidates,
-                            written.status?.links
-                        )
-                    }
+                    if report != nil { self.reportWritten(name, written.status) }
                 }
             } catch {
                 self.finishWrite(name, phase: nil, gone: false)
                 throw error
             }
-        } else if let report, self.relayChanges(name, report.relay, report.candidates, report.links) {
+        } else if let report, let relayMoved = self.reportChanges(name, report) {
             let written = try await self.writeStatus(name) { old in
                 guard var status = old else { return old }
                 status.relay = report.relay
@@ -254,8 +247,8 @@ public final class NodeLifecycle: Sendable {
                 return status
             }
             if let written {
-                self.relayWritten(name, written.status?.relay, written.status?.candidates, written.status?.links)
-                self.logger.info("node \(name) is homed on relay \(report.relay ?? "(none)")")
+                self.reportWritten(name, written.status)
+                if relayMoved { self.logger.info("node \(name) is homed on relay \(report.relay ?? "(none)")") }
             }
         }
         return NodeHeartbeat(
@@ -266,26 +259,25 @@ public final class NodeLifecycle: Sendable {
         )
     }
 
-    /// Whether `relay` differs from what this process last wrote for `name` (or it does not know).
-    /// Or, when the report has candidates or links, they differ from those last written.
-    private func relayChanges(
-        _ name: String,
-        _ relay: String?,
-        _ candidates: NodeCandidates?,
-        _ links: [NodeLink]?
-    ) -> Bool {
+    /// Whether `report` changes what this process last wrote for `name` (or it does not know): its relay,
+    /// and its candidates or links when it has them. Nil: nothing to write; otherwise whether the relay moved.
+    private func reportChanges(_ name: String, _ report: NodeHeartbeatReport) -> Bool? {
         self.state.withLock { s in
-            guard let e = s.nodes[name] else { return false }
-            return !e.relayKnown || e.relay != relay || (candidates != nil && e.candidates != candidates)
-                || (links != nil && e.links != links)
+            guard let e = s.nodes[name] else { return nil }
+            let relayMoved = !e.relayKnown || e.relay != report.relay
+            let changed =
+                relayMoved || (report.candidates != nil && e.candidates != report.candidates)
+                || (report.links != nil && e.links != report.links)
+            return changed ? relayMoved : nil
         }
     }
 
-    private func relayWritten(_ name: String, _ relay: String?, _ candidates: NodeCandidates?, _ links: [NodeLink]?) {
+    /// What a beat's write left in `name`'s status, to compare the next reports with.
+    private func reportWritten(_ name: String, _ status: NodeStatus?) {
         self.state.withLock { s in
-            s.nodes[name]?.relay = relay
-            s.nodes[name]?.candidates = candidates
-            s.nodes[name]?.links = links
+            s.nodes[name]?.relay = status?.relay
+            s.nodes[name]?.candidates = status?.candidates
+            s.nodes[name]?.links = status?.links
             s.nodes[name]?.relayKnown = true
         }
     }
