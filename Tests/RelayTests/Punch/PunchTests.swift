@@ -312,6 +312,8 @@ struct PunchUpgradeTests {
         // The upgrade: b has no NAT, so a dials b's reflexive address; both adopt the direct link.
         #expect(await eventually { a.manager.currentLink(to: "b")?.path == .direct })
         #expect(await eventually { b.manager.currentLink(to: "a")?.path == .direct })
+        // The coordinator hears of the upgrade just after the link table has it: wait for its count.
+        #expect(await eventually { coordinators[0].stats(for: "b")?.upgrades == 1 })
         let stats = try #require(coordinators[0].stats(for: "b"))
         #expect(stats.upgrades == 1)
         #expect(stats.localMapping == "none" && stats.peerMapping == "none")
