@@ -70,6 +70,9 @@ public struct BackendSnapshot: Sendable, Hashable, Codable {
     /// Connections or requests sent to it so far.
     public var total: Int
     public var failures: Int
+    /// Bytes sent to it (client to backend) and received from it, by connections and requests that ended.
+    public var bytesSent: Int
+    public var bytesReceived: Int
 
     init(slot: LoadBalancer.Slot, now: NIODeadline) {
         self.ip = slot.backend.ip.description
@@ -87,6 +90,8 @@ public struct BackendSnapshot: Sendable, Hashable, Codable {
         self.active = slot.inFlight
         self.total = slot.picks
         self.failures = slot.failures
+        self.bytesSent = slot.bytes.sent
+        self.bytesReceived = slot.bytes.received
     }
 }
 
