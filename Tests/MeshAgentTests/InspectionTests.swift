@@ -98,7 +98,8 @@ struct InspectionTests {
                 ended = (try? await self.json(agent, "/route?name=echo.shop"))?.1
                 return endpointBytes(ended, "bytesIn") >= endpointBytes(before, "bytesIn") + 27
                     && endpointBytes(ended, "bytesOut") >= endpointBytes(before, "bytesOut") + 27
-            }
+            },
+            "\(ended.map { "\($0)" } ?? "no answer")"
         )
 
         // --key: the pick for a client address is the endpoint that address's connections actually get.

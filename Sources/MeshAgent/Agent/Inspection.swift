@@ -110,7 +110,7 @@ struct AgentInspection: Sendable {
             relay: relay,
             nat: nat,
             interface: .init(
-                mode: dataPlane.snapshot().mode,
+                mode: dataPlane.snapshot().mode.description,
                 dns: dnsAddress ?? "not listening",
                 linkListen: self.config.linkListen
             ),

@@ -313,6 +313,9 @@ final class SpliceConnection {
             let n = recv(source.fd, base, buffer.count, 0)
             if n > 0 {
                 moved &+= n
+                // Here, not in `count`: the pump's last read can end the connection (EOF both ways) before
+                // its deferred count, and the tally goes to the backend when it ends.
+                if source.isClient { self.tally.sent &+= n } else { self.tally.received &+= n }
                 if n < buffer.count && !source.closing { source.readable = false }
                 let sent = send(target.fd, base, n, Int32(MSG_NOSIGNAL))
                 if sent == n {
@@ -363,11 +366,9 @@ final class SpliceConnection {
         self.activity &+= 1
         let handle = self.listener.handle
         if fromClient {
-            self.tally.sent &+= bytes
             handle.countStats(fromClient: bytes, toClient: 0)
             self.metrics.countBytes(fromClient: bytes, toClient: 0)
         } else {
-            self.tally.received &+= bytes
             handle.countStats(fromClient: 0, toClient: bytes)
             self.metrics.countBytes(fromClient: 0, toClient: bytes)
         }
