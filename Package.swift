@@ -372,6 +372,7 @@ let package = Package(
             dependencies: nio + [
                 "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport", "MeshWire", "MeshClient", "MeshIdentity",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
