@@ -21,7 +21,7 @@ struct InspectionTests {
         let controlDir = TempDir()
         let cp = try await RunningControl(dir: controlDir) { $0.serviceCIDRs = [AgentEndToEndTests.privateCIDR()] }
         let svc = try await cp.client.apply(
-            MeshCore.Service(
+            MeshService(
                 metadata: ObjectMeta(name: "echo", namespace: "shop"),
                 spec: ServiceSpec(
                     ports: [ServicePort(name: "tcp", port: 7007, protocol: .tcp)],

@@ -49,7 +49,7 @@ private struct TwoNodes {
         var snapshot = ServiceSnapshot()
         for s in services {
             let key = service(s.name)
-            snapshot.services[key] = MeshCore.Service(
+            snapshot.services[key] = MeshService(
                 metadata: ObjectMeta(name: key.name, namespace: key.namespace),
                 spec: ServiceSpec(ports: [ServicePort(port: 8080, protocol: s.proto)])
             )
@@ -274,7 +274,7 @@ struct ReachMappingTests {
     @Test func theRouteTableCarriesReachAndKeepsSamePrivateAddressesOfTwoSitesApart() throws {
         var snapshot = ServiceSnapshot()
         let key = ServiceKey(namespace: "shop", name: "web")
-        snapshot.services[key] = MeshCore.Service(
+        snapshot.services[key] = MeshService(
             metadata: ObjectMeta(name: "web", namespace: "shop"),
             spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "10.96.0.10")
         )
@@ -325,7 +325,7 @@ struct ReachMappingTests {
     @Test func aStreamIsAcceptedOnlyForAnEndpointThisNodeServes() throws {
         var snapshot = ServiceSnapshot()
         let key = ServiceKey(namespace: "shop", name: "web")
-        snapshot.services[key] = MeshCore.Service(
+        snapshot.services[key] = MeshService(
             metadata: ObjectMeta(name: "web", namespace: "shop"),
             spec: ServiceSpec(ports: [ServicePort(port: 80)])
         )

@@ -101,7 +101,7 @@ actor SnapshotApplier {
 
 /// `mesh-agent` as one `Service`: the service table (cache + sync), the DNS responder, the data
 /// plane and the admin API, started together and stopped together.
-public final class AgentServer: Sendable {
+public final class AgentServer: Service, Sendable {
     public let config: AgentConfig
     let logger: Logger
     private let admin = AsyncOnce<HTTPServer>()
