@@ -164,7 +164,9 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                 }
                 // Full jitter, capped at the beat interval: after an outage a whole fleet comes
                 // back spread over one interval, never faster than its steady heartbeat rate.
-                try? await self.configuration.clock.sleep(for: .nanoseconds(Int64.random(in: 0...max(1, Self.nanos(delay)))))
+                try? await self.configuration.clock.sleep(
+                    for: .nanoseconds(Int64.random(in: 0...max(1, Self.nanos(delay))))
+                )
                 delay = min(delay * 2, interval)
             }
         }

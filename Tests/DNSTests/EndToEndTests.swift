@@ -56,13 +56,14 @@ func status(_ output: String) -> String? {
 @Suite(
     "End to end with real clients",
     .serialized,
-    .enabled(if: digPath != nil, "dig is not installed (apt-get install dnsutils)")
+    .enabled(if: digPath != nil, "dig is not installed (apt-get install dnsutils)"),
+    .awaitedTeardown
 )
 struct EndToEndTests {
     @Test("dig over UDP and TCP: A, AAAA, SRV, PTR, NXDOMAIN with SOA, NODATA, 0x20")
     func digRecords() async throws {
         let s = try await RunningServer.start(zone: meshInput())
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         for tcp in [false, true] {
             #expect(
                 try await digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == [
@@ -105,7 +106,7 @@ struct EndToEndTests {
     @Test("a truncated UDP answer is retried over TCP by dig and arrives whole")
     func truncatedRetry() async throws {
         let s = try await RunningServer.start(zone: meshInput())
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         let out = try await dig(s.port, ["many.shop.svc.cluster.local", "A"])
         #expect(out.contains("Truncated, retrying in TCP mode"))
         #expect(out.contains("ANSWER: 120"))
@@ -123,7 +124,7 @@ struct EndToEndTests {
             attempts: 1
         )
         let s = try await RunningServer.start(zone: meshInput(), forwarding: fwd)
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         #expect(
             try await digAnswers(s.port, ["api.prod.svc.remote.test", "A"]) == [
                 "api.prod.svc.remote.test. 60 IN A 192.0.2.80"
@@ -212,7 +213,7 @@ struct EndToEndTests {
     )
     func kdig() async throws {
         let s = try await RunningServer.start(zone: meshInput())
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         for extra in [[String](), ["+tcp"]] {
             let out = try await runCommand(
                 kdigPath!,
@@ -241,7 +242,7 @@ struct EndToEndTests {
     func garbage() async throws {
         let metrics = TestMetrics()
         let s = try await RunningServer.start(zone: meshInput(), metricsFactory: metrics)
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         let group = MultiThreadedEventLoopGroup.singleton
         let collector = Collector()
         let client = try await DatagramBootstrap(group: group)
@@ -298,7 +299,7 @@ struct EndToEndTests {
     @Test("TCP: pipelined queries on one connection are all answered; idle connections are closed")
     func tcpPipelining() async throws {
         let s = try await RunningServer.start(zone: meshInput(), tcpIdleTimeout: .milliseconds(300))
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         let collector = TCPCollector()
         let ch = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelInitializer { ch in
@@ -331,7 +332,7 @@ struct EndToEndTests {
     @Test("TCP connections beyond the limit are closed at once")
     func tcpLimit() async throws {
         let s = try await RunningServer.start(zone: meshInput(), maxTCPConnections: 2)
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         let group = MultiThreadedEventLoopGroup.singleton
         let a = try await ClientBootstrap(group: group).connect(to: s.tcp).get()
         let b = try await ClientBootstrap(group: group).connect(to: s.tcp).get()
