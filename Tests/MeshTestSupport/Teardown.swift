@@ -29,6 +29,8 @@ public final class Teardown: Sendable {
 
 /// Gives each test a `Teardown` and awaits it after the test, on every path.
 public struct AwaitedTeardown: SuiteTrait, TestTrait, TestScoping {
+    public init() {}
+
     public var isRecursive: Bool { true }
 
     public func provideScope(
