@@ -320,8 +320,7 @@ struct EndToEndTests {
             all.writeBytes(bytes)
         }
         try await ch.writeAndFlush(all)
-        let deadline = ContinuousClock.now + .seconds(5)
-        while collector.ids.count < 20, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(await eventually(timeout: .seconds(30)) { collector.ids.count >= 20 })
         #expect(Set(collector.ids) == Set(0..<20))
         // Idle timeout closes the connection.
         try await ch.closeFuture.get()
@@ -334,9 +333,12 @@ struct EndToEndTests {
         let s = try await RunningServer.start(zone: meshInput(), maxTCPConnections: 2)
         onTeardown { await s.stop() }
         let group = MultiThreadedEventLoopGroup.singleton
-        let a = try await ClientBootstrap(group: group).connect(to: s.tcp).get()
-        let b = try await ClientBootstrap(group: group).connect(to: s.tcp).get()
-        try await Task.sleep(for: .milliseconds(100))
+        let (a, seenA) = try await Self.tcpClient(s.tcp)
+        let (b, seenB) = try await Self.tcpClient(s.tcp)
+        // Both admitted before the third connects: each has had its answer.
+        try await a.writeAndFlush(try Self.tcpQuery(id: 1))
+        try await b.writeAndFlush(try Self.tcpQuery(id: 2))
+        #expect(await eventually(timeout: .seconds(30)) { seenA.ids == [1] && seenB.ids == [2] })
         let c = try await ClientBootstrap(group: group).connect(to: s.tcp).get()
         try await c.closeFuture.get()  // closed by the server
         #expect(a.isActive && b.isActive)
@@ -359,6 +361,34 @@ final class Collector: ChannelInboundHandler, Sendable {
     }
 
     func sawFormErr(id: UInt16) -> Bool { self.formErrIDs.contains(id) }
+}
+
+extension EndToEndTests {
+    /// A TCP client that collects the ids of one-answer responses.
+    static func tcpClient(_ address: SocketAddress) async throws -> (any Channel, TCPCollector) {
+        let collector = TCPCollector()
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(ByteToMessageHandler(DNSTCPFrameDecoder()))
+                    try ch.pipeline.syncOperations.addHandler(collector)
+                }
+            }
+            .connect(to: address).get()
+        return (channel, collector)
+    }
+
+    /// An A query for web.shop.svc.cluster.local, framed for TCP.
+    static func tcpQuery(id: UInt16) throws -> ByteBuffer {
+        let bytes = try DNSMessage(
+            header: DNSHeader(id: id),
+            questions: [DNSQuestion(name: name("web.shop.svc.cluster.local"), type: .a)]
+        ).encode()
+        var out = ByteBuffer()
+        out.writeInteger(UInt16(bytes.count))
+        out.writeBytes(bytes)
+        return out
+    }
 }
 
 final class TCPCollector: ChannelInboundHandler, Sendable {

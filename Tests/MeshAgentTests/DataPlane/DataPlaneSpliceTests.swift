@@ -247,6 +247,14 @@ struct DataPlaneSpliceTests {
             }
             defer { client.close() }
             #expect(await eventually { dp.openClientChannels == 1 })
+            // The echo is back before the route goes (a loaded machine may take longer than the drain
+            // time to relay it): what is tested is the close at the drain deadline, not the relay's speed.
+            #expect(
+                await eventually {
+                    var peek = [UInt8](repeating: 0, count: 10)
+                    return recv(client.fd, &peek, peek.count, Int32(MSG_PEEK | MSG_DONTWAIT)) == peek.count
+                }
+            )
             let removed = ContinuousClock.now
             try await dp.apply(RouteTable())
             // The relay closes it after the drain time: the client reads its echo, then EOF.

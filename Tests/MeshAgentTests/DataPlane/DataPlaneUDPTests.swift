@@ -41,8 +41,9 @@ private final class UDPTestClient: Sendable {
     }
 }
 
-/// Sends `text` to `target` from a fresh socket and returns the reply and its source, or nil after `wait`.
-private func udpAsk(_ target: SocketAddress, _ text: String, wait: Double = 1) async throws -> (String, SocketAddress)?
+/// Sends `text` to `target` from a fresh socket and returns the reply and its source, or nil after `wait`
+/// seconds (a generous default: a loaded machine may take a while to relay a datagram).
+private func udpAsk(_ target: SocketAddress, _ text: String, wait: Double = 10) async throws -> (String, SocketAddress)?
 {
     try await UDPTestClient.with(closeAfter: wait) { iterator, outbound in
         var iterator = iterator
