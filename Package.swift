@@ -323,6 +323,24 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "MeshIdentityTests",
+            dependencies: [
+                "MeshIdentity", "MeshCore", "MeshTestSupport",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "MeshNIOTests",
+            dependencies: [
+                "MeshNIO",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "MeshSQLiteTests",
             dependencies: ["MeshSQLite", "MeshTestSupport"],
             swiftSettings: swiftSettings

@@ -31,7 +31,8 @@ public final class ControlAPI: HTTPResponder {
     /// Join tokens (admin only).
     public static let tokensPath = "/apis/mesh.edge/v1/bootstraptokens"
 
-    /// `ca`: the CA that signs joining nodes' CSRs (nil: joins are refused with 503).
+    /// `ca`: the CA that signs joining nodes' CSRs (nil: joins are refused with 503). `clock`: what
+    /// join tokens' expiries are set and checked on.
     public init(
         store: any Store,
         vips: VIPAllocator,
@@ -41,7 +42,8 @@ public final class ControlAPI: HTTPResponder {
         lifecycle: NodeLifecycle? = nil,
         nodeCertificateValidity: TimeInterval = CertificateAuthority.leafValidity,
         limiter: WriteRateLimiter? = nil,
-        isReady: @escaping @Sendable () -> (Bool, String) = { (true, "ok") }
+        isReady: @escaping @Sendable () -> (Bool, String) = { (true, "ok") },
+        clock: any MeshClock = .system
     ) {
         self.lifecycle = lifecycle
         self.limiter = limiter
@@ -50,7 +52,7 @@ public final class ControlAPI: HTTPResponder {
         self.logger = logger
         self.ca = ca
         self.caPEM = caPEM
-        self.tokens = BootstrapTokenStore(store: store)
+        self.tokens = BootstrapTokenStore(store: store, clock: clock)
         self.credentials = NodeCredentials(store: store, revoked: RevokedSerials(), validity: nodeCertificateValidity)
         self.health = HealthEndpoints(isReady: isReady)
         self.writer = ObjectWriter(store: store, vips: vips, lifecycle: lifecycle, logger: logger)

@@ -18,10 +18,13 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
     let logger: Logger
     private let http: AsyncOnce<HTTPServer>
     private let pkiReady: AsyncOnce<ControlPKI>
+    /// What node grace periods and join-token expiries are counted on (tests advance one by hand).
+    let clock: any MeshClock
 
-    public init(config: ControlConfig, logger: Logger) {
+    public init(config: ControlConfig, logger: Logger, clock: any MeshClock = .system) {
         self.config = config
         self.logger = logger
+        self.clock = clock
         self.http = AsyncOnce()
         self.pkiReady = AsyncOnce()
     }
@@ -94,7 +97,12 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         var lifecycleConfig = NodeLifecycle.Configuration()
         lifecycleConfig.gracePeriod = .milliseconds(Int64(config.nodeGracePeriodSeconds * 1000))
         lifecycleConfig.startupGracePeriod = .milliseconds(Int64(config.nodeStartupGracePeriodSeconds * 1000))
-        let lifecycle = NodeLifecycle(store: store, configuration: lifecycleConfig, logger: self.logger)
+        let lifecycle = NodeLifecycle(
+            store: store,
+            configuration: lifecycleConfig,
+            logger: self.logger,
+            clock: self.clock
+        )
         do {
             try await lifecycle.load()
         } catch {
@@ -112,7 +120,8 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
             limiter: WriteRateLimiter(
                 node: .init(perSecond: config.writesPerSecond, burst: config.writeBurst),
                 admin: .init(perSecond: config.adminWritesPerSecond, burst: config.adminWriteBurst)
-            )
+            ),
+            clock: self.clock
         )
         do {
             try await api.loadRevocations()

@@ -74,17 +74,20 @@ public final class NodeLifecycle: Sendable {
     let state = Mutex(State())
     /// The store is shared by replicas (etcd): beats are shared, node phases followed (NodeLifecycleSharing).
     let shared: EtcdStore?
+    /// What grace periods are counted on and the loops sleep on (tests advance one by hand).
+    let clock: any MeshClock
 
-    public init(store: any Store, configuration: Configuration, logger: Logger) {
+    public init(store: any Store, configuration: Configuration, logger: Logger, clock: any MeshClock = .system) {
         self.store = store
         self.configuration = configuration
         self.logger = logger
-        self.startedAt = .now
-        self.startedAtMillis = Self.nowMillis()
+        self.clock = clock
+        self.startedAt = clock.now
+        self.startedAtMillis = clock.epochMillis
         self.shared = store as? EtcdStore
     }
 
-    static func nowMillis() -> Int64 { Int64((Date().timeIntervalSince1970 * 1000).rounded()) }
+    func nowMillis() -> Int64 { self.clock.epochMillis }
 
     static func format(_ millis: Int64) -> String { Timestamp.format(secondsSinceEpoch: Int(millis / 1000)) }
 
@@ -151,7 +154,7 @@ public final class NodeLifecycle: Sendable {
     /// A Node was created or replaced through the API with this phase (a node registering itself
     /// counts as a beat: `beat` is true).
     func observed(_ name: String, phase: NodeStatus.Phase?, beat: Bool) {
-        let now = ContinuousClock.now
+        let now = self.clock.now
         self.state.withLock { s in
             s.forgotten.remove(name)
             var e =
@@ -162,7 +165,7 @@ public final class NodeLifecycle: Sendable {
             if beat {
                 e.watchFrom = now
                 e.allowance = self.configuration.gracePeriod
-                e.lastBeatMillis = Self.nowMillis()
+                e.lastBeatMillis = self.nowMillis()
                 e.dirty = true
                 if self.shared != nil { s.toShare[name] = e.lastBeatMillis }
             }
@@ -184,7 +187,7 @@ public final class NodeLifecycle: Sendable {
         let key = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
         guard let stored = try await self.store.get(key) else { return false }
         let node = try? JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView))
-        let now = ContinuousClock.now
+        let now = self.clock.now
         self.state.withLock { s in
             if s.nodes[name] == nil {
                 s.nodes[name] = Entry(
@@ -201,8 +204,8 @@ public final class NodeLifecycle: Sendable {
     /// the status (its relay): then one status write. Throws a 404 `Status` for a node that is not
     /// registered.
     public func beat(_ name: String, report: NodeHeartbeatReport? = nil) async throws -> NodeHeartbeat {
-        let now = ContinuousClock.now
-        let millis = Self.nowMillis()
+        let now = self.clock.now
+        let millis = self.nowMillis()
         var (known, transition) = self.record(name, now: now, millis: millis)
         if !known {
             guard try await self.ensureKnown(name) else {
@@ -335,13 +338,13 @@ public final class NodeLifecycle: Sendable {
     public func run() async {
         let sharing = self.shared.map { store in Task { await self.share(store) } }
         defer { sharing?.cancel() }
-        var lastFlush = ContinuousClock.now
+        var lastFlush = self.clock.now
         while !Task.isCancelled {
-            try? await Task.sleep(for: self.configuration.checkInterval)
+            try? await self.clock.sleep(for: self.configuration.checkInterval)
             if Task.isCancelled { break }
             await self.markSilentNodes()
-            if ContinuousClock.now - lastFlush >= self.configuration.flushInterval {
-                lastFlush = .now
+            if self.clock.now - lastFlush >= self.configuration.flushInterval {
+                lastFlush = self.clock.now
                 await self.flush()
             }
         }
@@ -351,7 +354,7 @@ public final class NodeLifecycle: Sendable {
 
     /// One pass: every node past its grace that is not NotReady yet is written NotReady.
     func markSilentNodes() async {
-        let now = ContinuousClock.now
+        let now = self.clock.now
         let expired = self.state.withLock { s -> [(String, Int64?)] in
             var out: [(String, Int64?)] = []
             for (name, var e) in s.nodes where e.phase != .notReady && !e.writing && now - e.watchFrom > e.allowance {

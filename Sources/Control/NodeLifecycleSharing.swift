@@ -23,7 +23,7 @@ extension NodeLifecycle {
         let follow = Task { await self.followPhases(store) }
         defer { follow.cancel() }
         while !Task.isCancelled {
-            try? await Task.sleep(for: self.configuration.shareInterval)
+            try? await self.clock.sleep(for: self.configuration.shareInterval)
             await self.shareOnce(store)
         }
         await Task { await self.shareOnce(store) }.value
@@ -45,8 +45,8 @@ extension NodeLifecycle {
 
     /// Beats another replica took: each counts from when it was taken.
     func sharedBeats(_ beats: [String: Int64]) {
-        let now = ContinuousClock.now
-        let nowMillis = Self.nowMillis()
+        let now = self.clock.now
+        let nowMillis = self.nowMillis()
         self.state.withLock { s in
             for (name, millis) in beats {
                 guard var e = s.nodes[name], millis > (e.lastBeatMillis ?? .min) else { continue }
@@ -95,7 +95,7 @@ extension NodeLifecycle {
     }
 
     func followed(_ name: String, type: String, phase: NodeStatus.Phase?) {
-        let now = ContinuousClock.now
+        let now = self.clock.now
         self.state.withLock { s in
             switch type {
             case "DELETED":

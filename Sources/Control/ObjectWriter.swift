@@ -314,10 +314,10 @@ struct ObjectWriter: Sendable {
         } else {
             selfWrite = false
         }
-        guard self.lifecycle != nil else { return (node.status, false) }
+        guard let lifecycle = self.lifecycle else { return (node.status, false) }
         if selfWrite {
             if let s = existing?.status, s.phase == .ready { return (s, true) }
-            let now = Timestamp.now()
+            let now = Timestamp.format(secondsSinceEpoch: lifecycle.clock.epochSeconds)
             return (
                 NodeStatus(
                     phase: .ready,

@@ -124,6 +124,8 @@ public enum Authorization {
 /// only as a SHA-256 hash, an expiry, and the usages left. Used by the API's token and join paths.
 struct BootstrapTokenStore: Sendable {
     let store: any Store
+    /// What expiries are set and checked on (tests advance one by hand).
+    var clock: any MeshClock = .system
     static let resource = "bootstraptokens"
     static let defaultTTL = 86400
 
@@ -179,7 +181,7 @@ struct BootstrapTokenStore: Sendable {
         }
         for _ in 0..<8 {
             let (id, secret) = JoinTokens.generate()
-            let now = Int(Date().timeIntervalSince1970)
+            let now = self.clock.epochSeconds
             let record = Record(
                 id: id,
                 secretSHA256: Self.hash(secret),
@@ -276,7 +278,7 @@ struct BootstrapTokenStore: Sendable {
             var diff: UInt8 = given.count == kept.count ? 0 : 1
             for (a, b) in zip(given, kept) { diff |= a ^ b }
             guard diff == 0 else { throw Self.unauthorized("join token \(id): the secret is wrong") }
-            if let expiry = Timestamp.parse(record.expires), expiry <= Int(Date().timeIntervalSince1970) {
+            if let expiry = Timestamp.parse(record.expires), expiry <= self.clock.epochSeconds {
                 throw Self.unauthorized("join token \(id) expired at \(record.expires)")
             }
             if let left = record.usagesLeft {

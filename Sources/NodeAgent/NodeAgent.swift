@@ -36,6 +36,8 @@ public struct NodeAgentConfiguration: Sendable {
     /// When set (with `relay`), each beat reports the node's peer links too (peer, path, rounded RTT); the
     /// control plane writes them to the Node's `status.links` when they change (`meshctl dashboard`).
     public var links: (@Sendable () async -> [NodeLink])?
+    /// What beats and retries wait on (tests advance a clock of their own by hand).
+    public var clock: any MeshClock = .system
 
     public init(nodeName: String, site: String? = nil) {
         self.nodeName = nodeName
@@ -128,7 +130,7 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                 }
                 if let since = outageStart {
                     self.logger.notice(
-                        "node agent: control plane at \(self.client.endpoint) reachable again after \(Self.seconds(ContinuousClock.now - since)) (\(failures) attempts failed)"
+                        "node agent: control plane at \(self.client.endpoint) reachable again after \(Self.seconds(self.configuration.clock.now - since)) (\(failures) attempts failed)"
                     )
                     outageStart = nil
                 }
@@ -153,7 +155,7 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                     if $0.offlineSince == nil { $0.offlineSince = Date() }
                 }
                 if outageStart == nil {
-                    outageStart = .now
+                    outageStart = self.configuration.clock.now
                     self.logger.warning(
                         "node agent: cannot reach the control plane at \(self.client.endpoint): \(error); the mesh keeps serving from its cache, heartbeats are retried quietly until it is back"
                     )
@@ -162,7 +164,9 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
                 }
                 // Full jitter, capped at the beat interval: after an outage a whole fleet comes
                 // back spread over one interval, never faster than its steady heartbeat rate.
-                try? await Task.sleep(for: .nanoseconds(Int64.random(in: 0...max(1, Self.nanos(delay)))))
+                try? await self.configuration.clock.sleep(
+                    for: .nanoseconds(Int64.random(in: 0...max(1, Self.nanos(delay))))
+                )
                 delay = min(delay * 2, interval)
             }
         }
@@ -176,10 +180,11 @@ public final class NodeAgent: ServiceLifecycle.Service, Sendable {
         unlessRelayChangesFrom reported: String?,
         _ reportedCandidates: NodeCandidates?
     ) async throws {
-        guard let relay = self.configuration.relay else { return try await Task.sleep(for: duration) }
-        let deadline = ContinuousClock.now + duration
-        while ContinuousClock.now < deadline {
-            try await Task.sleep(for: min(.seconds(1), deadline - ContinuousClock.now))
+        let clock = self.configuration.clock
+        guard let relay = self.configuration.relay else { return try await clock.sleep(for: duration) }
+        let deadline = clock.now + duration
+        while clock.now < deadline {
+            try await clock.sleep(for: min(.seconds(1), deadline - clock.now))
             if relay() != reported { return }
             if let c = self.configuration.candidates, Self.candidatesMoved(c(), from: reportedCandidates) { return }
         }

@@ -21,18 +21,21 @@ import Testing
     }
 
     @Test func beatsKeepANodeReadyWithoutWritesAndSilenceMakesItNotReady() async throws {
-        let cp = try await RunningControl { $0.nodeGracePeriodSeconds = 1 }
+        let clock = ManualClock()
+        let cp = try await RunningControl(clock: clock) { $0.nodeGracePeriodSeconds = 1 }
+        #expect(await clock.waitForSleepers(1), "the lifecycle loop never started")
         let edge = try cp.client(try cp.issue(.node("edge-a")))
         // A node registering itself counts as a beat: it is created Ready.
         let created = try await edge.apply(self.node("edge-a")).object
         #expect(created.status?.phase == .ready)
         let rv = Int64(created.metadata.resourceVersion!)!
         let watch = NodeWatch(cp.client, after: rv)
-        // Beats for longer than the grace: Ready throughout, no new version, no watch event.
+        // Beats for longer than the grace (1.8 s of the clock, a beat every 150 ms, the loop looking
+        // every 250 ms): Ready throughout, no new version, no watch event.
         for _ in 0..<12 {
             let beat = try await edge.heartbeat(node: "edge-a")
             #expect(beat.phase == .ready && beat.gracePeriodSeconds == 1)
-            try await Task.sleep(for: .milliseconds(150))
+            await clock.advance(by: .milliseconds(150))
         }
         let during = try await cp.client.get(Node.self, name: "edge-a")
         #expect(during.status?.phase == .ready)
@@ -40,15 +43,16 @@ import Testing
         #expect(try await cp.rv() == rv)
         // Reads show the live heartbeat time (not written to the object).
         let live = try #require(during.status?.lastHeartbeatTime.flatMap(Timestamp.parse))
-        #expect(live >= Int(Date().timeIntervalSince1970) - 1)
+        #expect(live >= clock.epochSeconds - 1)
         #expect(watch.changes.isEmpty)
 
-        // Silence: NotReady after the grace, saying since when, with one MODIFIED event.
-        let silentSince = Int(Date().timeIntervalSince1970)
-        #expect(
-            try await eventually(timeout: .seconds(10)) { try await self.phase(cp, "edge-a")?.phase == .notReady }
-        )
+        // Silence: still Ready within the grace; NotReady past it, saying since when, with one MODIFIED event.
+        let silentSince = clock.epochSeconds
+        await clock.advance(by: .milliseconds(750), in: .milliseconds(250))
+        #expect(try await self.phase(cp, "edge-a")?.phase == .ready, "NotReady within the grace")
+        await clock.advance(by: .milliseconds(500), in: .milliseconds(250))
         let down = try #require(try await self.phase(cp, "edge-a"))
+        #expect(down.phase == .notReady, "\(down)")
         #expect(down.message?.contains("no heartbeat since") == true, "\(down)")
         #expect(down.message?.contains("grace period 1s") == true)
         #expect(abs((down.lastHeartbeatTime.flatMap(Timestamp.parse) ?? 0) - silentSince) <= 2)
@@ -233,54 +237,53 @@ import Testing
 
     @Test func aRestartGivesEveryNodeAGraceBeforeItCanBeMarkedNotReady() async throws {
         let dir = TempDir()
-        let configure: @Sendable (inout ControlConfig) -> Void = {
-            $0.nodeGracePeriodSeconds = 1
-            $0.nodeStartupGracePeriodSeconds = 4
-        }
-        let cp = try await RunningControl(dir: dir) { $0.nodeGracePeriodSeconds = 30 }
+        let clock = ManualClock()
+        let cp = try await RunningControl(dir: dir, clock: clock) { $0.nodeGracePeriodSeconds = 30 }
+        #expect(await clock.waitForSleepers(1), "the lifecycle loop never started")
         let port = cp.port
         let a = try cp.client(try cp.issue(.node("edge-a")))
         let b = try cp.client(try cp.issue(.node("edge-b")))
         try await a.apply(self.node("edge-a"))
         try await b.apply(self.node("edge-b"))
-        // A second later than its registration, so the time saved at shutdown is told apart.
-        try await Task.sleep(for: .milliseconds(1100))
+        // Two seconds later than its registration, so the time saved at shutdown is told apart.
+        await clock.advance(by: .seconds(2))
         try await b.heartbeat(node: "edge-b")
         let lastBeatOfB = try #require(try await self.phase(cp, "edge-b")?.lastHeartbeatTime)
+        #expect(Timestamp.parse(lastBeatOfB) == clock.epochSeconds)
         try await cp.stop()
 
         // The control plane is back on the same files: both nodes are still Ready, and stay so
-        // past the normal grace while agents find it again.
-        let started = ContinuousClock.now
-        let cp2 = try await RunningControl(dir: dir) {
-            configure(&$0)
+        // past the normal grace (1 s) while agents find it again (4 s).
+        let cp2 = try await RunningControl(dir: dir, clock: clock) {
+            $0.nodeGracePeriodSeconds = 1
+            $0.nodeStartupGracePeriodSeconds = 4
             $0.listen = "127.0.0.1:\(port)"
         }
+        #expect(await clock.waitForSleepers(1), "the lifecycle loop never started")
         let rv = try await cp2.rv()
         let watch = NodeWatch(cp2.client, after: rv)
         #expect(try await self.phase(cp2, "edge-a")?.phase == .ready)
         #expect(try await self.phase(cp2, "edge-b")?.phase == .ready)
-        // edge-a beats again; edge-b stays silent.
-        let beating = Task {
-            while !Task.isCancelled {
-                _ = try? await a.heartbeat(node: "edge-a")
-                try? await Task.sleep(for: .milliseconds(200))
+        // edge-a beats again every 250 ms of the clock; edge-b stays silent.
+        func beatAndAdvance(_ total: Duration) async throws {
+            var left = total
+            while left > .zero {
+                try await a.heartbeat(node: "edge-a")
+                await clock.advance(by: .milliseconds(250))
+                left -= .milliseconds(250)
             }
         }
-        try await Task.sleep(for: .milliseconds(1800))
-        if ContinuousClock.now - started < .seconds(4) {
-            #expect(try await self.phase(cp2, "edge-b")?.phase == .ready, "flipped within the start-up grace")
-        }
+        try await beatAndAdvance(.milliseconds(3750))
+        #expect(try await self.phase(cp2, "edge-b")?.phase == .ready, "flipped within the start-up grace")
         // Past the start-up grace, edge-b is NotReady since its last beat before the restart
         // (saved at shutdown); edge-a never flipped.
-        #expect(
-            try await eventually(timeout: .seconds(15)) { try await self.phase(cp2, "edge-b")?.phase == .notReady }
-        )
+        try await beatAndAdvance(.milliseconds(500))
         let b2 = try #require(try await self.phase(cp2, "edge-b"))
+        #expect(b2.phase == .notReady, "\(b2)")
         #expect(b2.message == "no heartbeat since \(lastBeatOfB) (grace period 1s)", "\(b2)")
         #expect(try await self.phase(cp2, "edge-a")?.phase == .ready)
+        #expect(await eventually { watch.changes.count >= 1 })
         #expect(watch.changes.map(\.name) == ["edge-b"])
-        beating.cancel()
         watch.stop()
         try await cp2.stop()
     }

@@ -188,7 +188,8 @@ import Testing
     }
 
     @Test func badJoinsAreRefusedWithAStatus() async throws {
-        let cp = try await RunningControl()
+        let clock = ManualClock()
+        let cp = try await RunningControl(clock: clock)
         let anonymous = try cp.client(nil)
         let token = try await cp.token(usages: 1)
         let csr = try NodeKey().csrPEM(nodeName: "edge-1")
@@ -222,10 +223,14 @@ import Testing
         #expect(code == 200)
         (code, status) = try await join(token.token, csr)
         #expect(code == 401 && status?.message.contains("used up") == true)
-        // Expired.
-        let brief = try await cp.token(ttlSeconds: 1)
-        try await Task.sleep(for: .milliseconds(2100))
-        (code, status) = try await join(brief.token, csr)
+        // Expired: good within its time (expiries have whole seconds), refused once it is up.
+        let brief = try await cp.token(ttlSeconds: 2)
+        await clock.advance(by: .milliseconds(900))
+        (code, status) = try await join(brief.token, try NodeKey().csrPEM(nodeName: "edge-2"))
+        #expect(code == 200, "\(String(describing: status))")
+        let expiring = try await cp.token(ttlSeconds: 2)
+        await clock.advance(by: .seconds(2))
+        (code, status) = try await join(expiring.token, csr)
         #expect(code == 401 && status?.message.contains("expired") == true)
         try await cp.stop()
     }

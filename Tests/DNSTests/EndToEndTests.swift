@@ -56,13 +56,14 @@ func status(_ output: String) -> String? {
 @Suite(
     "End to end with real clients",
     .serialized,
-    .enabled(if: digPath != nil, "dig is not installed (apt-get install dnsutils)")
+    .enabled(if: digPath != nil, "dig is not installed (apt-get install dnsutils)"),
+    .awaitedTeardown
 )
 struct EndToEndTests {
     @Test("dig over UDP and TCP: A, AAAA, SRV, PTR, NXDOMAIN with SOA, NODATA, 0x20")
     func digRecords() async throws {
         let s = try await RunningServer.start(zone: meshInput())
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         for tcp in [false, true] {
             #expect(
                 try await digAnswers(s.port, ["web.shop.svc.cluster.local", "A"], tcp: tcp) == [
@@ -105,7 +106,7 @@ struct EndToEndTests {
     @Test("a truncated UDP answer is retried over TCP by dig and arrives whole")
     func truncatedRetry() async throws {
         let s = try await RunningServer.start(zone: meshInput())
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         let out = try await dig(s.port, ["many.shop.svc.cluster.local", "A"])
         #expect(out.contains("Truncated, retrying in TCP mode"))
         #expect(out.contains("ANSWER: 120"))
@@ -123,7 +124,7 @@ struct EndToEndTests {
             attempts: 1
         )
         let s = try await RunningServer.start(zone: meshInput(), forwarding: fwd)
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         #expect(
             try await digAnswers(s.port, ["api.prod.svc.remote.test", "A"]) == [
                 "api.prod.svc.remote.test. 60 IN A 192.0.2.80"
@@ -212,7 +213,7 @@ struct EndToEndTests {
     )
     func kdig() async throws {
         let s = try await RunningServer.start(zone: meshInput())
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         for extra in [[String](), ["+tcp"]] {
             let out = try await runCommand(
                 kdigPath!,
@@ -241,7 +242,7 @@ struct EndToEndTests {
     func garbage() async throws {
         let metrics = TestMetrics()
         let s = try await RunningServer.start(zone: meshInput(), metricsFactory: metrics)
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         let group = MultiThreadedEventLoopGroup.singleton
         let collector = Collector()
         let client = try await DatagramBootstrap(group: group)
@@ -298,7 +299,7 @@ struct EndToEndTests {
     @Test("TCP: pipelined queries on one connection are all answered; idle connections are closed")
     func tcpPipelining() async throws {
         let s = try await RunningServer.start(zone: meshInput(), tcpIdleTimeout: .milliseconds(300))
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         let collector = TCPCollector()
         let ch = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelInitializer { ch in
@@ -319,8 +320,7 @@ struct EndToEndTests {
             all.writeBytes(bytes)
         }
         try await ch.writeAndFlush(all)
-        let deadline = ContinuousClock.now + .seconds(5)
-        while collector.ids.count < 20, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(await eventually(timeout: .seconds(30)) { collector.ids.count >= 20 })
         #expect(Set(collector.ids) == Set(0..<20))
         // Idle timeout closes the connection.
         try await ch.closeFuture.get()
@@ -331,11 +331,14 @@ struct EndToEndTests {
     @Test("TCP connections beyond the limit are closed at once")
     func tcpLimit() async throws {
         let s = try await RunningServer.start(zone: meshInput(), maxTCPConnections: 2)
-        defer { Task { await s.stop() } }
+        onTeardown { await s.stop() }
         let group = MultiThreadedEventLoopGroup.singleton
-        let a = try await ClientBootstrap(group: group).connect(to: s.tcp).get()
-        let b = try await ClientBootstrap(group: group).connect(to: s.tcp).get()
-        try await Task.sleep(for: .milliseconds(100))
+        let (a, seenA) = try await Self.tcpClient(s.tcp)
+        let (b, seenB) = try await Self.tcpClient(s.tcp)
+        // Both admitted before the third connects: each has had its answer.
+        try await a.writeAndFlush(try Self.tcpQuery(id: 1))
+        try await b.writeAndFlush(try Self.tcpQuery(id: 2))
+        #expect(await eventually(timeout: .seconds(30)) { seenA.ids == [1] && seenB.ids == [2] })
         let c = try await ClientBootstrap(group: group).connect(to: s.tcp).get()
         try await c.closeFuture.get()  // closed by the server
         #expect(a.isActive && b.isActive)
@@ -358,6 +361,34 @@ final class Collector: ChannelInboundHandler, Sendable {
     }
 
     func sawFormErr(id: UInt16) -> Bool { self.formErrIDs.contains(id) }
+}
+
+extension EndToEndTests {
+    /// A TCP client that collects the ids of one-answer responses.
+    static func tcpClient(_ address: SocketAddress) async throws -> (any Channel, TCPCollector) {
+        let collector = TCPCollector()
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(ByteToMessageHandler(DNSTCPFrameDecoder()))
+                    try ch.pipeline.syncOperations.addHandler(collector)
+                }
+            }
+            .connect(to: address).get()
+        return (channel, collector)
+    }
+
+    /// An A query for web.shop.svc.cluster.local, framed for TCP.
+    static func tcpQuery(id: UInt16) throws -> ByteBuffer {
+        let bytes = try DNSMessage(
+            header: DNSHeader(id: id),
+            questions: [DNSQuestion(name: name("web.shop.svc.cluster.local"), type: .a)]
+        ).encode()
+        var out = ByteBuffer()
+        out.writeInteger(UInt16(bytes.count))
+        out.writeBytes(bytes)
+        return out
+    }
 }
 
 final class TCPCollector: ChannelInboundHandler, Sendable {

@@ -1,5 +1,6 @@
 import Logging
 import MeshHTTP
+import MeshTestSupport
 import NIOCore
 import Testing
 
@@ -9,7 +10,7 @@ import class ServiceLifecycle.ServiceGroup
 /// transparently, after the server closed the idle one.
 @Suite struct KeepAliveClientTests {
     /// A server answering each request with the client's port (which tells connections apart).
-    func start(idle: TimeAmount) async throws -> (ServiceGroup, Task<Void, any Error>, Int) {
+    func start(idle: TimeAmount) async throws -> (ServiceGroup, Task<Void, any Error>, Int, HTTPServer) {
         var config = HTTPServerConfiguration()
         config.idleTimeout = idle
         var logger = Logger(label: "test")
@@ -21,13 +22,13 @@ import class ServiceLifecycle.ServiceGroup
         )
         let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: logger))
         let task = Task { try await group.run() }
-        return (group, task, try await server.localAddress().port!)
+        return (group, task, try await server.localAddress().port!, server)
     }
 
     @Test func requestsShareOneConnectionAndSurviveTheServerClosingIt() async throws {
         // An idle timeout well above the stalls a loaded 2-core CI machine shows between two requests; the
         // server closes an idle connection between one and two timeouts after its last request.
-        let (group, task, port) = try await self.start(idle: .seconds(1))
+        let (group, task, port, server) = try await self.start(idle: .seconds(1))
         let client = HTTPKeepAliveClient(HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port)))
         var ports: Set<String> = []
         // A machine too busy to send the next request within the idle timeout lets the server close the
@@ -44,7 +45,7 @@ import class ServiceLifecycle.ServiceGroup
         }
         #expect(ports.count <= 1 + slowGaps, "\(ports.count) connections with \(slowGaps) gaps over the idle timeout")
         // The server closes the idle connection; the next request opens another, without an error.
-        try await Task.sleep(for: .milliseconds(2_500))
+        #expect(await eventually(timeout: .seconds(30)) { server.connectionCount == 0 })
         let after = try await client.send(.GET, "/beat")
         #expect(after.status == .ok && !ports.contains(String(buffer: after.body)))
         client.close()

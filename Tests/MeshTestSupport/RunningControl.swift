@@ -33,13 +33,19 @@ public final class RunningControl: Sendable {
     public let port: Int
     public let pki: ControlPKI
 
-    public init(dir: TempDir = TempDir(), configure: (inout ControlConfig) -> Void = { _ in }) async throws {
+    /// `clock`: what node grace periods and join-token expiries are counted on (a `ManualClock` to
+    /// move them by hand).
+    public init(
+        dir: TempDir = TempDir(),
+        clock: any MeshClock = .system,
+        configure: (inout ControlConfig) -> Void = { _ in }
+    ) async throws {
         var config = ControlConfig()
         config.listen = "127.0.0.1:0"
         config.dataDir = dir.path
         config.durability = .normal
         configure(&config)
-        let server = ControlServer(config: config, logger: quietLogger)
+        let server = ControlServer(config: config, logger: quietLogger, clock: clock)
         let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: quietLogger))
         self.dir = dir
         self.server = server

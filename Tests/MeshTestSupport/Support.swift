@@ -130,9 +130,11 @@ public func run(
     return r
 }
 
-/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held. The default bound is
+/// generous: it only limits how long a failing test waits, and a loaded machine must not make a passing
+/// one fail.
 public func eventually(
-    timeout: Duration = .seconds(10),
+    timeout: Duration = .seconds(30),
     every: Duration = .milliseconds(20),
     _ condition: () async throws -> Bool
 ) async rethrows -> Bool {

@@ -33,8 +33,13 @@ final class RunningNodeAgent: Sendable {
 }
 
 @Suite struct NodeAgentTests {
-    static func configuration(_ name: String, addresses: [String]? = nil) -> NodeAgentConfiguration {
+    static func configuration(
+        _ name: String,
+        addresses: [String]? = nil,
+        clock: any MeshClock = .system
+    ) -> NodeAgentConfiguration {
         var c = NodeAgentConfiguration(nodeName: name, site: "a")
+        c.clock = clock
         c.labels = ["zone": "z1"]
         c.addresses = addresses
         c.heartbeatInterval = .milliseconds(200)
@@ -43,9 +48,16 @@ final class RunningNodeAgent: Sendable {
     }
 
     @Test func registersWithTheHostsAddressesAndBeatsKeepItReady() async throws {
-        let cp = try await RunningControl { $0.nodeGracePeriodSeconds = 1 }
-        let agent = try RunningNodeAgent(cp, Self.configuration("edge-1"))
-        #expect(await eventually { agent.agent.snapshot.heartbeats >= 2 })
+        // The control plane's grace and the agent's beats on one clock the test moves: a beat every
+        // 200 ms (±10%), a grace of 1 s, the lifecycle looking every 250 ms.
+        let clock = ManualClock()
+        let cp = try await RunningControl(clock: clock) { $0.nodeGracePeriodSeconds = 1 }
+        let agent = try RunningNodeAgent(cp, Self.configuration("edge-1", clock: clock))
+        // Both loops wait on the clock: the lifecycle's, and the agent's after its first beat.
+        #expect(await clock.waitForSleepers(2))
+        #expect(agent.agent.snapshot.heartbeats == 1)
+        await clock.advance(by: .milliseconds(250))
+        #expect(agent.agent.snapshot.heartbeats == 2)
         let node = try await cp.client.get(Node.self, name: "edge-1")
         #expect(node.status?.phase == .ready)
         #expect(node.metadata.labels == ["zone": "z1"] && node.spec.site == "a")
@@ -59,22 +71,23 @@ final class RunningNodeAgent: Sendable {
         // Beats for three times the grace: Ready all along, nothing written, no watch event.
         let rv = try await cp.rv()
         let watch = NodeWatch(cp.client, after: rv)
-        try await Task.sleep(for: .seconds(3))
+        await clock.advance(by: .seconds(3), in: .milliseconds(250))
+        #expect(agent.agent.snapshot.heartbeats == 14)
         #expect(try await cp.client.get(Node.self, name: "edge-1").status?.phase == .ready)
         #expect(try await cp.rv() == rv)
         #expect(watch.changes.isEmpty)
         #expect(agent.agent.snapshot.failures == 0)
 
-        // The node agent stops: NotReady after the grace.
+        // The node agent stops: still Ready within the grace, NotReady past it.
         await agent.stop()
-        #expect(
-            try await eventually(timeout: .seconds(10)) {
-                try await cp.client.get(Node.self, name: "edge-1").status?.phase == .notReady
-            }
-        )
+        await clock.advance(by: .milliseconds(750), in: .milliseconds(250))
+        #expect(try await cp.client.get(Node.self, name: "edge-1").status?.phase == .ready)
+        await clock.advance(by: .milliseconds(500), in: .milliseconds(250))
+        #expect(try await cp.client.get(Node.self, name: "edge-1").status?.phase == .notReady)
+        #expect(await eventually { watch.changes.count == 1 })
         #expect(watch.changes.map(\.type) == ["MODIFIED"])
         // It starts again: Ready, announced by one MODIFIED event.
-        let again = try RunningNodeAgent(cp, Self.configuration("edge-1"))
+        let again = try RunningNodeAgent(cp, Self.configuration("edge-1", clock: clock))
         #expect(
             try await eventually {
                 try await cp.client.get(Node.self, name: "edge-1").status?.phase == .ready

@@ -7,6 +7,8 @@ import Testing
 
 #if canImport(Glibc)
 import Glibc
+import func MeshTestSupport.onTeardown
+import struct MeshTestSupport.AwaitedTeardown
 #endif
 
 /// VmRSS of this process, in bytes.
@@ -60,7 +62,7 @@ private final class SlowReader: ChannelInboundHandler {
     }
 }
 
-@Suite("Data plane: back-pressure")
+@Suite("Data plane: back-pressure", .awaitedTeardown)
 struct DataPlaneBackPressureTests {
     /// Bytes to push through; `MESH_BACKPRESSURE_BYTES` overrides (e.g. 268435456 for a quick run).
     static let size: Int = {
@@ -75,7 +77,7 @@ struct DataPlaneBackPressureTests {
     func bulkToSlowReader() async throws {
         let size = Self.size
         let backend = try await TestServers.tcp(name: "bulk") { BulkSendHandler(size: size) }
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(

@@ -5,12 +5,15 @@ import NIOPosix
 import Synchronization
 import Testing
 
+import struct MeshTestSupport.AwaitedTeardown
+import func MeshTestSupport.onTeardown
+
 @testable import MeshAgent
 
 /// Message framing through the proxy, checked on the bytes both sides see: a scripted backend answers with
 /// canned bytes and records what reached it; a raw client sends pipelined requests and reads until the proxy
 /// closes.
-@Suite("Data plane: HTTP/1.1 framing through the proxy, byte for byte", .timeLimit(.minutes(1)))
+@Suite("Data plane: HTTP/1.1 framing through the proxy, byte for byte", .timeLimit(.minutes(1)), .awaitedTeardown)
 struct DataPlaneHTTPFramingTests {
     static let plain = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     static let responses: [String: String] = [
@@ -31,7 +34,7 @@ struct DataPlaneHTTPFramingTests {
     ) async throws {
         let backend = ScriptedHTTPBackend(responses: Self.responses)
         let server = try await TestServers.tcp(name: "scripted") { ScriptedHTTPHandler(backend) }
-        defer { Task { await server.close() } }
+        onTeardown { await server.close() }
         var http = HTTPConfiguration()
         http.addRequestID = false
         try await withDataPlane(testConfiguration(http: http)) { dp in

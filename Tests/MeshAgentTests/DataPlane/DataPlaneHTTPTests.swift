@@ -5,6 +5,9 @@ import NIOPosix
 import Synchronization
 import Testing
 
+import struct MeshTestSupport.AwaitedTeardown
+import func MeshTestSupport.onTeardown
+
 @testable import MeshAgent
 
 /// A table with one HTTP route of service `name` on `vip:port` to `backends`.
@@ -20,12 +23,12 @@ func httpRoute(
     ])
 }
 
-@Suite("Data plane: HTTP/1.1 proxy over real sockets", .timeLimit(.minutes(1)))
+@Suite("Data plane: HTTP/1.1 proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown)
 struct DataPlaneHTTPTests {
     @Test("GET through a VIP: body, X-Forwarded-For added, X-Request-Id added or kept")
     func basic() async throws {
         let backend = try await TestServers.http("web-1")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(httpRoute("web", vip, [backend.backend()]))
@@ -53,7 +56,7 @@ struct DataPlaneHTTPTests {
     @Test("trusted hops: the last N addresses of X-Forwarded-For are kept, the client's appended")
     func trustedHops() async throws {
         let backend = try await TestServers.http("web-1")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane(testConfiguration(http: HTTPConfiguration(trustedForwardingHops: 1))) { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(httpRoute("web", vip, [backend.backend()]))
@@ -75,7 +78,7 @@ struct DataPlaneHTTPTests {
             TestServers.http("a", stats: stats[0]), TestServers.http("b", stats: stats[1]),
             TestServers.http("c", stats: stats[2]),
         ]
-        defer { Task { for s in servers { await s.close() } } }
+        onTeardown { for s in servers { await s.close() } }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(httpRoute("rr", vip, servers.map { $0.backend() }))
@@ -101,7 +104,7 @@ struct DataPlaneHTTPTests {
         let servers = try await [
             TestServers.http("h0"), TestServers.http("h1"), TestServers.http("h2"), TestServers.http("h3"),
         ]
-        defer { Task { for s in servers { await s.close() } } }
+        onTeardown { for s in servers { await s.close() } }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             let policy = BalancerPolicy.consistentHash(.header("x-user"))
@@ -154,12 +157,10 @@ struct DataPlaneHTTPTests {
         let fast2 = try await TestServers.http("fast-2")
         // Much slower than the others even when the whole suite loads the machine.
         let slow = try await TestServers.http("slow", delay: .milliseconds(400), stats: slowStats)
-        defer {
-            Task {
-                await fast1.close()
-                await fast2.close()
-                await slow.close()
-            }
+        onTeardown {
+            await fast1.close()
+            await fast2.close()
+            await slow.close()
         }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
@@ -193,7 +194,7 @@ struct DataPlaneHTTPTests {
         let refusedA = try await TestServers.refusedBackend()
         let refusedB = try await TestServers.refusedBackend()
         let slow = try await TestServers.http("slow")
-        defer { Task { await slow.close() } }
+        onTeardown { await slow.close() }
         var http = HTTPConfiguration()
         http.upstreamResponseTimeout = .milliseconds(200)
         // A long connect timeout: "fast" means refusals are not waited out like timeouts would be,
@@ -245,11 +246,9 @@ struct DataPlaneHTTPTests {
         let resetStats = HTTPBackendStats()
         let resetter = try await TestServers.http("reset", resetEverything: true, stats: resetStats)
         let good = try await TestServers.http("good")
-        defer {
-            Task {
-                await resetter.close()
-                await good.close()
-            }
+        onTeardown {
+            await resetter.close()
+            await good.close()
         }
         var outlier = OutlierConfiguration()
         outlier.enabled = false
@@ -279,7 +278,7 @@ struct DataPlaneHTTPTests {
     @Test("garbage gets 400 and a close; oversized headers get 431; no crash, no leak")
     func badInput() async throws {
         let backend = try await TestServers.http("web")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         var http = HTTPConfiguration()
         http.maxHeaderListSize = 4096
         try await withDataPlane(testConfiguration(http: http)) { dp in
@@ -303,7 +302,7 @@ struct DataPlaneHTTPTests {
     @Test("pipelined requests are answered in order, one at a time; garbage behind them gets 400 after them")
     func pipelining() async throws {
         let backend = try await TestServers.http("web")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(httpRoute("pipe", vip, [backend.backend()]))
@@ -327,7 +326,7 @@ struct DataPlaneHTTPTests {
         // The route must be removed while the backend still holds the response: 2 s leaves room for a loaded
         // CI machine between the request arriving and the removal (400 ms was not always enough).
         let backend = try await TestServers.http("slow", delay: .seconds(2))
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane(testConfiguration(drainTimeout: .seconds(5))) { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(httpRoute("drain", vip, [backend.backend()]))
@@ -344,7 +343,7 @@ struct DataPlaneHTTPTests {
     @Test("a client that connects and never sends is closed by the request head timeout")
     func silentClient() async throws {
         let backend = try await TestServers.http("web")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         var http = HTTPConfiguration()
         http.requestHeadTimeout = .milliseconds(200)
         try await withDataPlane(testConfiguration(http: http)) { dp in
@@ -361,7 +360,7 @@ struct DataPlaneHTTPTests {
     @Test("a request body that stalls is cut off; an early answer to an unfinished upload ends both sides")
     func stalledAndEarly() async throws {
         let backend = try await TestServers.http("web")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         var http = HTTPConfiguration()
         http.clientIdleTimeout = .milliseconds(300)
         try await withDataPlane(testConfiguration(http: http)) { dp in
@@ -391,7 +390,7 @@ struct DataPlaneHTTPTests {
     @Test("bodies stream both ways: 4 MiB up and echoed back, 32 MiB down")
     func streaming() async throws {
         let backend = try await TestServers.http("stream")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(httpRoute("stream", vip, [backend.backend()]))
@@ -413,7 +412,7 @@ struct DataPlaneHTTPTests {
     @Test("Upgrade (WebSocket) is passed through: 101, then bytes both ways")
     func upgrade() async throws {
         let backend = try await TestServers.http("ws")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(httpRoute("ws", vip, [backend.backend()]))
@@ -448,7 +447,7 @@ struct DataPlaneHTTPTests {
     @Test("IPv6: an HTTP route on ::1 to an IPv6 backend")
     func ipv6() async throws {
         let backend = try await TestServers.http("v6", host: "::1")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let port = try TestAddresses.freeIPv6Port()
             try await dp.apply(httpRoute("v6", IPAddress("::1")!, port: port, [backend.backend()]))
@@ -463,7 +462,7 @@ struct DataPlaneHTTPTests {
     func slowBodiesBuffered() async throws {
         let stats = HTTPBackendStats()
         let backend = try await TestServers.http("web-1", stats: stats)
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(httpRoute("web", vip, [backend.backend()]))

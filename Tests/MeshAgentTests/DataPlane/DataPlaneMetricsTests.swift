@@ -5,20 +5,21 @@ import NIOCore
 import ServiceLifecycle
 import Testing
 
+import struct MeshTestSupport.AwaitedTeardown
+import func MeshTestSupport.onTeardown
+
 @testable import MeshAgent
 
-@Suite("Data plane: metrics, snapshot, service lifecycle", .timeLimit(.minutes(1)))
+@Suite("Data plane: metrics, snapshot, service lifecycle", .timeLimit(.minutes(1)), .awaitedTeardown)
 struct DataPlaneMetricsTests {
     @Test("swift-metrics counters, meter and timer are labelled by service")
     func metrics() async throws {
         let metrics = TestMetrics()
         let tcpBackend = try await TestServers.echo()
         let httpBackend = try await TestServers.http("m")
-        defer {
-            Task {
-                await tcpBackend.close()
-                await httpBackend.close()
-            }
+        onTeardown {
+            await tcpBackend.close()
+            await httpBackend.close()
         }
         let dp = DataPlane(
             configuration: testConfiguration(),
@@ -72,7 +73,7 @@ struct DataPlaneMetricsTests {
     @Test("snapshot: per-route counters and per-backend health")
     func snapshot() async throws {
         let good = try await TestServers.greeter("good")
-        defer { Task { await good.close() } }
+        onTeardown { await good.close() }
         let refused = try await TestServers.refusedBackend()
         // An ejection that outlasts the nine connections even on a machine loaded by other work.
         let config = testConfiguration(
@@ -119,7 +120,7 @@ struct DataPlaneMetricsTests {
     @Test("as a ServiceLifecycle service: serves until graceful shutdown, then closes everything")
     func serviceLifecycle() async throws {
         let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         let dp = DataPlane(configuration: testConfiguration(), eventLoopGroup: testGroup, logger: testLogger)
         let group = ServiceGroup(services: [dp], logger: testLogger)
         let running = Task { try await group.run() }

@@ -8,6 +8,8 @@ import Testing
 
 #if canImport(Glibc)
 import Glibc
+import func MeshTestSupport.onTeardown
+import struct MeshTestSupport.AwaitedTeardown
 #endif
 
 /// A blocking TCP client on plain sockets, for byte-exact checks of the relay without NIO on the client side.
@@ -116,7 +118,7 @@ private func withEchoRoute<T: Sendable>(
     _ body: (DataPlane, SocketAddress) async throws -> T
 ) async throws -> T {
     let backend = try await TestServers.echo()
-    defer { Task { await backend.close() } }
+    onTeardown { await backend.close() }
     return try await withDataPlane(configuration) { dp in
         let vip = TestAddresses.vip()
         try await dp.apply(
@@ -126,12 +128,12 @@ private func withEchoRoute<T: Sendable>(
     }
 }
 
-@Suite("Data plane: TCP splice loops", .timeLimit(.minutes(1)))
+@Suite("Data plane: TCP splice loops", .timeLimit(.minutes(1)), .awaitedTeardown)
 struct DataPlaneSpliceTests {
     @Test("splice threads: one per event loop, named mesh-splice-N, from the first TCP route to shutdown")
     func threadsStartLazilyAndAreNamed() async throws {
         let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let dataPlane = DataPlane(configuration: testConfiguration(), eventLoopGroup: group, logger: testLogger)
         let vip = TestAddresses.vip()
@@ -245,6 +247,14 @@ struct DataPlaneSpliceTests {
             }
             defer { client.close() }
             #expect(await eventually { dp.openClientChannels == 1 })
+            // The echo is back before the route goes (a loaded machine may take longer than the drain
+            // time to relay it): what is tested is the close at the drain deadline, not the relay's speed.
+            #expect(
+                await eventually {
+                    var peek = [UInt8](repeating: 0, count: 10)
+                    return recv(client.fd, &peek, peek.count, Int32(MSG_PEEK | MSG_DONTWAIT)) == peek.count
+                }
+            )
             let removed = ContinuousClock.now
             try await dp.apply(RouteTable())
             // The relay closes it after the drain time: the client reads its echo, then EOF.

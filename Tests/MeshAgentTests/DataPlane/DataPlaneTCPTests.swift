@@ -3,6 +3,9 @@ import NIOCore
 import NIOPosix
 import Testing
 
+import struct MeshTestSupport.AwaitedTeardown
+import func MeshTestSupport.onTeardown
+
 @testable import MeshAgent
 
 /// Ejection long enough that a machine loaded by the rest of the suite still sees the endpoint
@@ -16,12 +19,12 @@ private let slowEjection = testConfiguration(
     )
 )
 
-@Suite("Data plane: TCP proxy over real sockets", .timeLimit(.minutes(1)))
+@Suite("Data plane: TCP proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown)
 struct DataPlaneTCPTests {
     @Test("TCP echo through an IPv4 VIP in 127.0.0.0/8")
     func echoIPv4() async throws {
         let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
@@ -52,7 +55,7 @@ struct DataPlaneTCPTests {
     @Test("IPv6: a ::1 VIP to an IPv6 backend, and an IPv4 VIP to the same IPv6 backend")
     func ipv6() async throws {
         let backend = try await TestServers.echo(host: "::1")
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let port = try TestAddresses.freeIPv6Port()
             let v4 = TestAddresses.vip()
@@ -78,7 +81,7 @@ struct DataPlaneTCPTests {
     @Test("round robin is exact over N connections")
     func roundRobinExact() async throws {
         let servers = try await [TestServers.greeter("a"), TestServers.greeter("b"), TestServers.greeter("c")]
-        defer { Task { for s in servers { await s.close() } } }
+        onTeardown { for s in servers { await s.close() } }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
@@ -98,7 +101,7 @@ struct DataPlaneTCPTests {
     @Test("weights are honoured (round robin 3:1 exact, random within 10%)")
     func weights() async throws {
         let servers = try await [TestServers.greeter("heavy"), TestServers.greeter("light")]
-        defer { Task { for s in servers { await s.close() } } }
+        onTeardown { for s in servers { await s.close() } }
         try await withDataPlane { dp in
             let vipRR = TestAddresses.vip()
             let vipRandom = TestAddresses.vip()
@@ -129,7 +132,7 @@ struct DataPlaneTCPTests {
     @Test("an endpoint that refuses connections is retried around, ejected, and comes back")
     func ejectionAndRecovery() async throws {
         let good = try await TestServers.greeter("good")
-        defer { Task { await good.close() } }
+        onTeardown { await good.close() }
         let refused = try await TestServers.refusedBackend()
         try await withDataPlane(slowEjection) { dp in
             let vip = TestAddresses.vip()
@@ -151,7 +154,7 @@ struct DataPlaneTCPTests {
             let revived = try await TestServers.tcp(name: "revived") { GreeterHandler(name: "revived") }
             await revived.close()
             let back = try await TestServers.tcp(host: "127.0.0.1", name: "back") { GreeterHandler(name: "back") }
-            defer { Task { await back.close() } }
+            onTeardown { await back.close() }
             try await dp.apply(
                 RouteTable(routes: [
                     Route(
@@ -175,7 +178,7 @@ struct DataPlaneTCPTests {
     @Test("a refusing endpoint that starts listening again is used again after its ejection")
     func recoveredEndpointGetsTraffic() async throws {
         let good = try await TestServers.greeter("good")
-        defer { Task { await good.close() } }
+        onTeardown { await good.close() }
         // Reserve a port, then free it: refused until the test binds it again.
         let flaky = try await TestServers.greeter("flaky")
         let flakyPort = flaky.port
@@ -199,7 +202,7 @@ struct DataPlaneTCPTests {
                 }
                 .bind(host: "127.0.0.1", port: flakyPort)
                 .get()
-            defer { Task { try? await reborn.close() } }
+            onTeardown { try? await reborn.close() }
             #expect(
                 await eventually(12) {
                     dp.snapshot().routes[0].backends.first { $0.port == flakyPort }?.healthy == true
@@ -217,11 +220,9 @@ struct DataPlaneTCPTests {
     func locality() async throws {
         let local = try await TestServers.greeter("local")
         let remote = try await TestServers.greeter("remote")
-        defer {
-            Task {
-                await local.close()
-                await remote.close()
-            }
+        onTeardown {
+            await local.close()
+            await remote.close()
         }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
@@ -257,7 +258,7 @@ struct DataPlaneTCPTests {
     func halfClose() async throws {
         let size = 3 * 1024 * 1024
         let backend = try await TestServers.tcp(name: "eof") { ReplyOnEOFHandler(size: size) }
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
@@ -305,7 +306,7 @@ struct DataPlaneTCPTests {
     @Test("a client that connects and never sends is closed by the idle timeout")
     func idleTimeout() async throws {
         let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane(testConfiguration(tcpIdleTimeout: .seconds(1))) { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
@@ -327,11 +328,9 @@ struct DataPlaneTCPTests {
     func applySwapsAndDrains() async throws {
         let first = try await TestServers.echo(name: "first")
         let second = try await TestServers.greeter("second")
-        defer {
-            Task {
-                await first.close()
-                await second.close()
-            }
+        onTeardown {
+            await first.close()
+            await second.close()
         }
         try await withDataPlane(testConfiguration(drainTimeout: .seconds(5))) { dp in
             let vip = TestAddresses.vip()
@@ -374,7 +373,7 @@ struct DataPlaneTCPTests {
     @Test("a listener that cannot bind is reported and does not hold back the others")
     func bindFailure() async throws {
         let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         try await withDataPlane { dp in
             let good = TestAddresses.vip()
             let table = RouteTable(routes: [

@@ -2,16 +2,19 @@ import MeshCore
 import NIOCore
 import Testing
 
+import struct MeshTestSupport.AwaitedTeardown
+import func MeshTestSupport.onTeardown
+
 @testable import MeshAgent
 
 /// `x-mesh-trace` (what `meshctl trace` sends): the proxy records the policy's choice, every backend tried
 /// and the response, for the request that asked, and for no other.
-@Suite("Data plane: traced HTTP requests", .timeLimit(.minutes(1)))
+@Suite("Data plane: traced HTTP requests", .timeLimit(.minutes(1)), .awaitedTeardown)
 struct DataPlaneTraceTests {
     @Test("a traced request: the choice and why, the endpoint actually used, first byte and status")
     func tracedRequest() async throws {
         let servers = try await [TestServers.http("h0"), TestServers.http("h1"), TestServers.http("h2")]
-        defer { Task { for s in servers { await s.close() } } }
+        onTeardown { for s in servers { await s.close() } }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
             let policy = BalancerPolicy.consistentHash(.header("x-user"))
@@ -82,7 +85,7 @@ struct DataPlaneTraceTests {
     @Test("a refused endpoint then a good one: both attempts, the failure's reason, the final status")
     func retriedRequest() async throws {
         let good = try await TestServers.http("good")
-        defer { Task { await good.close() } }
+        onTeardown { await good.close() }
         let refused = try await TestServers.refusedBackend()
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()

@@ -3,6 +3,9 @@ import NIOCore
 import NIOPosix
 import Testing
 
+import struct MeshTestSupport.AwaitedTeardown
+import func MeshTestSupport.onTeardown
+
 @testable import MeshAgent
 
 /// A UDP client socket bound to `host`, for tests: send, then wait a bounded time for one reply.
@@ -38,8 +41,9 @@ private final class UDPTestClient: Sendable {
     }
 }
 
-/// Sends `text` to `target` from a fresh socket and returns the reply and its source, or nil after `wait`.
-private func udpAsk(_ target: SocketAddress, _ text: String, wait: Double = 1) async throws -> (String, SocketAddress)?
+/// Sends `text` to `target` from a fresh socket and returns the reply and its source, or nil after `wait`
+/// seconds (a generous default: a loaded machine may take a while to relay a datagram).
+private func udpAsk(_ target: SocketAddress, _ text: String, wait: Double = 10) async throws -> (String, SocketAddress)?
 {
     try await UDPTestClient.with(closeAfter: wait) { iterator, outbound in
         var iterator = iterator
@@ -49,17 +53,15 @@ private func udpAsk(_ target: SocketAddress, _ text: String, wait: Double = 1) a
     }
 }
 
-@Suite("Data plane: UDP proxy over real sockets", .timeLimit(.minutes(1)))
+@Suite("Data plane: UDP proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown)
 struct DataPlaneUDPTests {
     @Test("UDP echo through a VIP: the reply comes from VIP:port; flows per client, round robin")
     func echo() async throws {
         let a = try await TestServers.udpEcho(name: "a")
         let b = try await TestServers.udpEcho(name: "b")
-        defer {
-            Task {
-                await a.close()
-                await b.close()
-            }
+        onTeardown {
+            await a.close()
+            await b.close()
         }
         try await withDataPlane { dp in
             let vip = TestAddresses.vip()
@@ -104,7 +106,7 @@ struct DataPlaneUDPTests {
     @Test("idle flows expire")
     func flowExpiry() async throws {
         let echo = try await TestServers.udpEcho()
-        defer { Task { await echo.close() } }
+        onTeardown { await echo.close() }
         try await withDataPlane(
             // Timers long enough that a loaded machine (the whole suite runs in parallel) never expires a
             // flow before the test has made all three.
@@ -125,7 +127,7 @@ struct DataPlaneUDPTests {
     @Test("the number of flows is bounded: a new client beyond the bound is dropped until a flow expires")
     func flowBound() async throws {
         let echo = try await TestServers.udpEcho()
-        defer { Task { await echo.close() } }
+        onTeardown { await echo.close() }
         try await withDataPlane(
             testConfiguration(udp: .init(flowIdleTimeout: .seconds(6), maxFlowsPerListener: 2))
         ) { dp in
@@ -148,7 +150,7 @@ struct DataPlaneUDPTests {
     @Test("UDP over IPv6 (::1)")
     func ipv6() async throws {
         let echo = try await TestServers.udpEcho(host: "::1", name: "six")
-        defer { Task { await echo.close() } }
+        onTeardown { await echo.close() }
         try await withDataPlane { dp in
             let port = try TestAddresses.freeIPv6Port()
             try await dp.apply(

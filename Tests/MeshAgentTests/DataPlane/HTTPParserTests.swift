@@ -706,11 +706,36 @@ struct HTTPParserTests {
         }
     }
 
-    @Test("the fuzz target's checks hold for the sample sequences")
+    @Test("the fuzz target's checks hold for the sample sequences, and its feedings parse every message in them")
     func fuzzTargetOnSamples() {
-        for (_, _, text) in Self.sequences {
-            Array(text.utf8).withUnsafeBytes { HTTPFuzzing.fuzzOne($0) }
+        // Messages in each sample: heads and ends (an interim response, a 101 too, has an end of its own).
+        let expected: [String: (heads: Int, ends: Int)] = [
+            "pipelined requests": (3, 3),
+            "chunked request with trailers": (2, 2),
+            "upgrade request": (1, 1),
+            "interim and final responses": (7, 7),
+            "switching protocols": (2, 2),
+        ]
+        for (name, kind, text) in Self.sequences {
+            let bytes = Array(text.utf8)
+            bytes.withUnsafeBytes { HTTPFuzzing.fuzzOne($0) }
+            let whole = HTTPFuzzing.run(bytes, kind: kind, method: .GET, step: bytes.count)
+            let single = HTTPFuzzing.run(bytes, kind: kind, method: .GET, step: 1)
+            #expect(whole.error == nil && single.error == nil, "\(name): \(String(describing: whole.error))")
+            #expect(whole.parts == single.parts, "\(name)")
+            #expect(whole.paused == single.paused && whole.left == single.left, "\(name)")
+            let heads = whole.parts.filter { if case .head = $0 { true } else { false } }.count
+            let ends = whole.parts.filter { if case .end = $0 { true } else { false } }.count
+            #expect(
+                heads == expected[name]?.heads && ends == expected[name]?.ends,
+                "\(name): \(heads) heads, \(ends) ends"
+            )
         }
+        // And the checks reject what breaks them: garbage is a typed error, the same however it arrives.
+        let garbage = Array("GET / HTTP/1.1\r\nBad Field\r\n\r\n".utf8)
+        let whole = HTTPFuzzing.run(garbage, kind: .request, method: .GET, step: garbage.count)
+        let single = HTTPFuzzing.run(garbage, kind: .request, method: .GET, step: 1)
+        #expect(whole.error != nil && whole.error == single.error && whole.parts.isEmpty)
     }
 
     // MARK: bodies are slices

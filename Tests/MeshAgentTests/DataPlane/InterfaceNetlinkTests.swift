@@ -6,6 +6,9 @@ import NIOPosix
 import Synchronization
 import Testing
 
+import struct MeshTestSupport.AwaitedTeardown
+import func MeshTestSupport.onTeardown
+
 @testable import MeshAgent
 
 /// Runs a command, returning its exit status and standard output.
@@ -73,7 +76,8 @@ private func namespacedGroup(_ namespace: String) async throws -> MultiThreadedE
 @Suite(
     "Mesh interface over netlink (in a private network namespace)",
     .enabled(if: canUseNamespaces, "needs root and `ip netns` (iproute2); skipped otherwise"),
-    .timeLimit(.minutes(1))
+    .timeLimit(.minutes(1)),
+    .awaitedTeardown
 )
 struct InterfaceNetlinkTests {
     @Test("create, reconcile, reuse with stale addresses, destroy")
@@ -209,7 +213,7 @@ struct InterfaceNetlinkTests {
         let configuration = DataPlaneConfiguration(bindMode: .automatic(name: "mesh-name-too-long-for-linux"))
         let dp = DataPlane(configuration: configuration, eventLoopGroup: testGroup, logger: testLogger)
         let backend = try await TestServers.echo()
-        defer { Task { await backend.close() } }
+        onTeardown { await backend.close() }
         let vip = TestAddresses.vip()
         try await dp.apply(
             RouteTable(routes: [Route(service: service("fb"), vip: vip, port: 8080, backends: [backend.backend()])])
