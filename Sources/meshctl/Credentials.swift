@@ -121,13 +121,9 @@ struct Revoke: AsyncParsableCommand {
     )
 }
 
-struct RevokeNode: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "node", abstract: "Revoke nodes' certificates.")
-
+/// What `revoke node` and `revoke relay` take besides the names.
+struct RevokeOptions: ParsableArguments {
     @OptionGroup var server: ServerOptions
-
-    @Argument(help: "Node names.")
-    var names: [String]
 
     @Option(name: .long, help: "Revoke only the certificate with this serial (hex, as `meshctl revoke list` shows).")
     var serial: String?
@@ -135,35 +131,42 @@ struct RevokeNode: AsyncParsableCommand {
     @Option(name: .shortAndLong, help: "text or json.")
     var output: String = "text"
 
-    func run() async throws {
-        guard !self.names.isEmpty else { throw ValidationError("give at least one node name") }
-        let ops = try self.server.operations()
-        if !(await ops.revokeNodes(self.names, serial: self.serial, json: self.output == "json")) {
+    /// Runs `revoke` (one of `Operations`' revocations) for `names`; a failure exits non-zero.
+    func run(
+        _ names: [String],
+        kind: String,
+        _ revoke: (Operations, [String], String?, Bool) async -> Bool
+    ) async throws {
+        guard !names.isEmpty else { throw ValidationError("give at least one \(kind) name") }
+        if !(await revoke(try self.server.operations(), names, self.serial, self.output == "json")) {
             throw ExitCode.failure
         }
+    }
+}
+
+struct RevokeNode: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "node", abstract: "Revoke nodes' certificates.")
+
+    @OptionGroup var options: RevokeOptions
+
+    @Argument(help: "Node names.")
+    var names: [String]
+
+    func run() async throws {
+        try await self.options.run(self.names, kind: "node") { await $0.revokeNodes($1, serial: $2, json: $3) }
     }
 }
 
 struct RevokeRelay: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "relay", abstract: "Revoke relays' certificates.")
 
-    @OptionGroup var server: ServerOptions
+    @OptionGroup var options: RevokeOptions
 
     @Argument(help: "Relay names.")
     var names: [String]
 
-    @Option(name: .long, help: "Revoke only the certificate with this serial (hex, as `meshctl revoke list` shows).")
-    var serial: String?
-
-    @Option(name: .shortAndLong, help: "text or json.")
-    var output: String = "text"
-
     func run() async throws {
-        guard !self.names.isEmpty else { throw ValidationError("give at least one relay name") }
-        let ops = try self.server.operations()
-        if !(await ops.revokeRelays(self.names, serial: self.serial, json: self.output == "json")) {
-            throw ExitCode.failure
-        }
+        try await self.options.run(self.names, kind: "relay") { await $0.revokeRelays($1, serial: $2, json: $3) }
     }
 }
 
