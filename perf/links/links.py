@@ -128,6 +128,34 @@ def load1():
 # ---------------------------------------------------------------- the lab
 
 
+def nebula_configs(d):
+    """A CA, certificates and configs for Nebula in the lab: the lighthouse and relay at 198.18.0.10:4242 on
+    the cloud host, hosts a and b (overlay 198.19.100.0/24), punching on, relaying through the lighthouse when
+    a punch cannot work; `d`/NAME.yaml for each of OVERLAY's names. Also used by perf/links/nat-matrix."""
+    os.makedirs(d, exist_ok=True)
+    sh(["nebula-cert", "ca", "-name", "links-lab", "-out-crt", f"{d}/ca.crt", "-out-key", f"{d}/ca.key"])
+    for name, ip in OVERLAY.items():
+        sh(["nebula-cert", "sign", "-ca-crt", f"{d}/ca.crt", "-ca-key", f"{d}/ca.key", "-name", name,
+            "-ip", f"{ip}/24", "-out-crt", f"{d}/{name}.crt", "-out-key", f"{d}/{name}.key"])
+        lighthouse = name == "lighthouse"
+        conf = {
+            "pki": {"ca": f"{d}/ca.crt", "cert": f"{d}/{name}.crt", "key": f"{d}/{name}.key"},
+            "static_host_map": {} if lighthouse else {OVERLAY["lighthouse"]: ["198.18.0.10:4242"]},
+            "lighthouse": {"am_lighthouse": True} if lighthouse else
+            {"am_lighthouse": False, "interval": 60, "hosts": [OVERLAY["lighthouse"]]},
+            "listen": {"host": "198.18.0.10" if lighthouse else "0.0.0.0", "port": 4242},
+            "punchy": {"punch": True},
+            "relay": {"am_relay": True, "use_relays": False} if lighthouse else
+            {"relays": [OVERLAY["lighthouse"]], "am_relay": False, "use_relays": True},
+            "tun": {"dev": "neb0"},
+            "logging": {"level": "info"},
+            "firewall": {"outbound": [{"port": "any", "proto": "any", "host": "any"}],
+                         "inbound": [{"port": "any", "proto": "any", "host": "any"}]},
+        }
+        with open(f"{d}/{name}.yaml", "w") as f:
+            json.dump(conf, f)  # JSON is YAML
+
+
 class Lab:
     def __init__(self, args, path, tmp):
         self.a = args
@@ -233,28 +261,7 @@ spec: {{addresses: [{{ip: {b_ip}, node: b, ports: [{{name: http, port: {HTTP_POR
         if "nebula" not in self.a.systems:
             return
         d = os.path.join(self.tmp, f"nebula-{self.path}")
-        os.makedirs(d, exist_ok=True)
-        sh(["nebula-cert", "ca", "-name", "links-lab", "-out-crt", f"{d}/ca.crt", "-out-key", f"{d}/ca.key"])
-        for name, ip in OVERLAY.items():
-            sh(["nebula-cert", "sign", "-ca-crt", f"{d}/ca.crt", "-ca-key", f"{d}/ca.key", "-name", name,
-                "-ip", f"{ip}/24", "-out-crt", f"{d}/{name}.crt", "-out-key", f"{d}/{name}.key"])
-            lighthouse = name == "lighthouse"
-            conf = {
-                "pki": {"ca": f"{d}/ca.crt", "cert": f"{d}/{name}.crt", "key": f"{d}/{name}.key"},
-                "static_host_map": {} if lighthouse else {OVERLAY["lighthouse"]: ["198.18.0.10:4242"]},
-                "lighthouse": {"am_lighthouse": True} if lighthouse else
-                {"am_lighthouse": False, "interval": 60, "hosts": [OVERLAY["lighthouse"]]},
-                "listen": {"host": "198.18.0.10" if lighthouse else "0.0.0.0", "port": 4242},
-                "punchy": {"punch": True},
-                "relay": {"am_relay": True, "use_relays": False} if lighthouse else
-                {"relays": [OVERLAY["lighthouse"]], "am_relay": False, "use_relays": True},
-                "tun": {"dev": "neb0"},
-                "logging": {"level": "info"},
-                "firewall": {"outbound": [{"port": "any", "proto": "any", "host": "any"}],
-                             "inbound": [{"port": "any", "proto": "any", "host": "any"}]},
-            }
-            with open(f"{d}/{name}.yaml", "w") as f:
-                json.dump(conf, f)  # JSON is YAML
+        nebula_configs(d)
         for name in OVERLAY:
             self.spawn(f"nebula-{name}", "cloud" if name == "lighthouse" else name,
                        ["nebula", "-config", f"{d}/{name}.yaml"])
