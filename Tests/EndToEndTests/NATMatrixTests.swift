@@ -34,7 +34,7 @@ struct NATMatrixTests {
         "the NAT matrix: every request succeeds, the first byte never waits for a punch, the final path is theory's",
         arguments: [
             ("public", "masq", "direct", nil), ("masq", "masq", "punched", nil),
-            ("masq", "masq-rst", "punched", nil), ("masq-rst", "masq-rst", "relayed", "punch"),
+            ("masq", "masq-rst", "punched", nil), ("masq-rst", "masq-rst", "punched", nil),
             ("masq", "random", "relayed", "peer mapping random"), ("random", "random", "relayed", "mapping random"),
             ("firewall", "masq", "relayed", "punch"), ("firewall", "firewall", "relayed", "punch"),
         ] as [(String, String, String, String?)]

@@ -260,7 +260,14 @@ public final class AgentServer: Sendable {
         links.setCircuitDialer { node in try await relayClient.circuit(to: node) }
         // Relay first, then upgrade: NAT discovery from the link port and hole punching (Relay/Punch).
         let direct = linkPort.map {
-            DirectPaths(links: links, linkPort: $0, nodeName: nodeName, current: current, logger: self.relayLogger())
+            DirectPaths(
+                links: links,
+                linkPort: $0,
+                nodeName: nodeName,
+                current: current,
+                configuration: self.config.punchConfiguration(linkPort: $0),
+                logger: self.relayLogger()
+            )
         }
         let dataPlane = DataPlane(configuration: dpConfig, logger: self.logger, peers: LinkPeerStreams(links: links))
         let zones = DNSZoneStore()

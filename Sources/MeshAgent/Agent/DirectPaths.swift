@@ -15,16 +15,14 @@ final class DirectPaths: ServiceLifecycle.Service, Sendable {
     let current: CurrentTable
     let nodeName: String
 
-    init(links: LinkManager, linkPort: Int, nodeName: String, current: CurrentTable, logger: Logger) {
-        var configuration = PunchConfiguration()
-        configuration.linkPort = linkPort
-        if let s = Self.env("MESH_PUNCH_KEEPALIVE_SECONDS") {
-            configuration.keepaliveInterval = .milliseconds(Int64(s * 1000))
-        }
-        if let s = Self.env("MESH_PUNCH_RETRY_SECONDS") {
-            configuration.retryBackoff = [.milliseconds(Int64(s * 1000))]
-        }
-        configuration.enabled = Self.env("MESH_PUNCH_OFF") == nil
+    init(
+        links: LinkManager,
+        linkPort: Int,
+        nodeName: String,
+        current: CurrentTable,
+        configuration: PunchConfiguration,
+        logger: Logger
+    ) {
         self.current = current
         self.nodeName = nodeName
         self.discovery = NATDiscoveryService(
@@ -41,12 +39,6 @@ final class DirectPaths: ServiceLifecycle.Service, Sendable {
             logger: logger
         )
         self.coordinator.install()
-    }
-
-    /// Tuning for the lab and tests (seconds), read once at start.
-    private static func env(_ name: String) -> Double? {
-        guard let v = getenv(name) else { return nil }
-        return Double(String(cString: v)) ?? 1
     }
 
     /// The Node's `status.candidates` (nil before the first discovery).

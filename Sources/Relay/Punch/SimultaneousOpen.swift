@@ -16,10 +16,8 @@ public struct SimultaneousOpenConfiguration: Sendable {
     public var connectTimeout: TimeAmount = .seconds(3)
     /// The TTL of the first attempt's SYN on the side that goes first: enough to leave this host's own
     /// NAT and (on a path of a few hops) not reach the peer's, which might answer it with a RST; then
-    /// `normalTTL`. Never on the side that goes second: its SYN must reach the peer. The low-TTL SYN
-    /// dies on the way and comes back as an ICMP time-exceeded, which aborts that connect; what it leaves
-    /// is the mapping in this side's NAT. So the side that goes first also listens on its port while it
-    /// punches, and takes the peer's SYN when it comes through that mapping. 0: off.
+    /// `normalTTL`. Never on the side that goes second: its SYN must reach the peer (a low-TTL SYN that
+    /// dies at the peer's gateway comes back as an ICMP time-exceeded, which aborts the connect). 0: off.
     public var lowTTL: Int = 2
     public var normalTTL: Int = 64
 
@@ -83,21 +81,6 @@ public enum SimultaneousOpen {
                 result.succeed(nil)
             }
         }
-        // The side that sends a low-TTL SYN listens on its port too: the peer's SYN, let in by the
-        // mapping that SYN left in this side's NAT, must find a socket (or this host answers it with a RST).
-        let listener: (any Channel)? =
-            goesFirst && configuration.lowTTL > 0
-            ? try? await Self.listen(group: loop, localPort: localPort, from: targets) { child in
-                if tally.withLock({ t -> Bool in
-                    guard !t.done else { return false }
-                    t.done = true
-                    return true
-                }) {
-                    result.succeed(child)
-                } else {
-                    child.close(promise: nil)
-                }
-            } : nil
         for (index, offset) in configuration.attempts.enumerated() {
             var adjusted = configuration
             if !goesFirst || index > 0 { adjusted.lowTTL = 0 }
@@ -129,36 +112,8 @@ public enum SimultaneousOpen {
             }
         }
         let channel = try? await result.futureResult.get()
-        try? await listener?.close()
         let t = tally.withLock { $0 }
         return Outcome(channel: channel ?? nil, refused: t.refused, timedOut: t.timedOut, errors: t.errors)
-    }
-
-    /// A listener on `localPort` (beside the attempts' sockets) that hands over the first connection from
-    /// one of `targets`' addresses, not reading yet; connections from elsewhere are closed.
-    static func listen(
-        group: any EventLoop,
-        localPort: Int,
-        from targets: [SocketAddress],
-        accepted: @escaping @Sendable (any Channel) -> Void
-    ) async throws -> any Channel {
-        let allowed = Set(targets.compactMap { $0.ipAddress })
-        return try await ServerBootstrap(group: group)
-            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(Self.reusePort, value: 1)
-            .serverChannelOption(ChannelOptions.backlog, value: 8)
-            .childChannelOption(ChannelOptions.autoRead, value: false)
-            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { child in
-                if let ip = child.remoteAddress?.ipAddress, allowed.contains(ip) {
-                    // Handed over once registered (the bootstrap registers it after this initialiser).
-                    child.eventLoop.execute { accepted(child) }
-                } else {
-                    child.close(promise: nil)
-                }
-                return child.eventLoop.makeSucceededVoidFuture()
-            }
-            .bind(host: "0.0.0.0", port: localPort).get()
     }
 
     /// One connection attempt from the link port; the first SYN with `lowTTL`.
