@@ -71,7 +71,10 @@ struct PunchSettingsTests {
         #expect(error?.message.hasPrefix(field) == true, "\(error?.message ?? "-")")
     }
 
-    @Test("a value of the wrong type is refused when the file is read", arguments: ["punch: maybe\n", "punchKeepaliveSeconds: often\n", "punchRetrySeconds: 5\n"])
+    @Test(
+        "a value of the wrong type is refused when the file is read",
+        arguments: ["punch: maybe\n", "punchKeepaliveSeconds: often\n", "punchRetrySeconds: 5\n"]
+    )
     func wrongType(yaml: String) {
         #expect(throws: (any Error).self) { try ConfigFile.decode(AgentConfig.self, yaml: yaml) }
     }

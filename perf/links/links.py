@@ -128,10 +128,11 @@ def load1():
 # ---------------------------------------------------------------- the lab
 
 
-def nebula_configs(d):
+def nebula_configs(d, respond=False):
     """A CA, certificates and configs for Nebula in the lab: the lighthouse and relay at 198.18.0.10:4242 on
     the cloud host, hosts a and b (overlay 198.19.100.0/24), punching on, relaying through the lighthouse when
-    a punch cannot work; `d`/NAME.yaml for each of OVERLAY's names. Also used by perf/links/nat-matrix."""
+    a punch cannot work; `d`/NAME.yaml for each of OVERLAY's names. `respond`: punchy.respond (a host that
+    receives a punch answers it with a handshake; off by default in Nebula). Also used by perf/links/nat-matrix."""
     os.makedirs(d, exist_ok=True)
     sh(["nebula-cert", "ca", "-name", "links-lab", "-out-crt", f"{d}/ca.crt", "-out-key", f"{d}/ca.key"])
     for name, ip in OVERLAY.items():
@@ -144,7 +145,7 @@ def nebula_configs(d):
             "lighthouse": {"am_lighthouse": True} if lighthouse else
             {"am_lighthouse": False, "interval": 60, "hosts": [OVERLAY["lighthouse"]]},
             "listen": {"host": "198.18.0.10" if lighthouse else "0.0.0.0", "port": 4242},
-            "punchy": {"punch": True},
+            "punchy": {"punch": True, "respond": respond},
             "relay": {"am_relay": True, "use_relays": False} if lighthouse else
             {"relays": [OVERLAY["lighthouse"]], "am_relay": False, "use_relays": True},
             "tun": {"dev": "neb0"},

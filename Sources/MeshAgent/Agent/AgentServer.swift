@@ -266,6 +266,7 @@ public final class AgentServer: Sendable {
                 nodeName: nodeName,
                 current: current,
                 configuration: self.config.punchConfiguration(linkPort: $0),
+                hostAddresses: self.config.punchHostAddresses(),
                 logger: self.relayLogger()
             )
         }

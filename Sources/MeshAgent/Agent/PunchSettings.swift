@@ -1,5 +1,6 @@
 import MeshCore
 import NIOCore
+import NodeAgent
 import Relay
 
 #if canImport(Glibc)
@@ -28,7 +29,9 @@ extension AgentConfig {
             )
         }
         guard !self.punchRetrySeconds.isEmpty, self.punchRetrySeconds.count <= 32 else {
-            throw ManifestError("punchRetrySeconds: 1 to 32 waits (seconds; the last repeats), default [1, 10, 30, 60, 120]")
+            throw ManifestError(
+                "punchRetrySeconds: 1 to 32 waits (seconds; the last repeats), default [1, 10, 30, 60, 120]"
+            )
         }
         for (i, s) in self.punchRetrySeconds.enumerated() where !Self.punchRetryRange.contains(s) {
             throw ManifestError("punchRetrySeconds[\(i)]: must be between 0.1 and 86400 seconds, not \(s)")
@@ -59,5 +62,16 @@ extension AgentConfig {
 
     static func amount(_ seconds: Double) -> TimeAmount {
         .milliseconds(Int64((seconds * 1000).rounded()))
+    }
+
+    /// The host addresses a punch offers as this node's own: `nodeAddresses` when set, else the host's as its
+    /// Node advertises them (not loopback, link-local or the mesh interface's), read each time.
+    public func punchHostAddresses() -> @Sendable () -> [IPAddress] {
+        let fixed = self.nodeAddresses
+        let excluded: Set<String> = [self.interfaceName]
+        return {
+            let list = fixed.flatMap(HostAddresses.fixed) ?? HostAddresses.current(excludingInterfaces: excluded)
+            return list.filter { $0.type != .hostname }.compactMap { IPAddress($0.address) }
+        }
     }
 }
