@@ -2,7 +2,7 @@
 """perf/links: peer links in the netns lab (scripts/netlab), against plain TCP and Nebula 1.6.
 
 For each path (direct: public x public sites; relayed: firewall x firewall, so the link rides a relay
-circuit) and each shaping (tbf 1gbit on both sites' WAN links, both ways; or none), in one invocation:
+circuit; punched, with --paths punched: masq x masq, the link hole-punched) and each shaping (tbf 1gbit on both sites' WAN links, both ways; or none), in one invocation:
 
   bulk     a download of --size bytes (1 GiB) from site B to site A: plain TCP (no mesh), through the mesh
            (by name -> agent A's L4 VIP -> link -> agent B -> backend) and over Nebula (B's overlay address);
