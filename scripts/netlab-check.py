@@ -6,7 +6,10 @@ For each site, from the cloud host and from the other site:
 - a SYN from the cloud to the site's public address: public -> accepted by the host itself;
   masq, random, firewall -> dropped silently (the connect times out); masq-rst -> refused (RST);
 - masq and masq-rst keep the source port in their mapping; random changes it;
-- a firewall site reaches nothing but the cloud (its SYN to the other site's public address is dropped).
+- a firewall site reaches nothing but the cloud (its SYN to the other site's public address is dropped);
+- the sites are a routed hop apart: a SYN from site A with a TTL just large enough to leave its own NAT
+  (2 behind a gateway, 1 when public) dies at the router: silently (the connect times out), or with
+  --router-icmp, answered by an ICMP time exceeded ("no route to host").
 Prints one line per check and `N passed, N failed`; exits 1 when any failed. Every wait is bounded.
 """
 import os, subprocess, sys
@@ -24,7 +27,8 @@ while True:
 CLIENT = r'''
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-if len(sys.argv) > 3: s.bind(("0.0.0.0", int(sys.argv[3])))
+if len(sys.argv) > 3 and int(sys.argv[3]): s.bind(("0.0.0.0", int(sys.argv[3])))
+if len(sys.argv) > 5: s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, int(sys.argv[5]))
 s.settimeout(float(sys.argv[4]) if len(sys.argv) > 4 else 3)
 try:
     s.connect((sys.argv[1], int(sys.argv[2]))); print("ok " + s.recv(100).decode().strip())
@@ -54,9 +58,9 @@ class Server:
         self.p.kill(); self.p.wait()
 
 
-def connect(ns, ip, port, src_port=None, timeout=3):
+def connect(ns, ip, port, src_port=None, timeout=3, ttl=None):
     args = ["ip", "netns", "exec", ns, "python3", "-c", CLIENT, ip, str(port)]
-    args += [str(src_port or 0), str(timeout)]
+    args += [str(src_port or 0), str(timeout)] + ([str(ttl)] if ttl else [])
     out = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 30).stdout.strip()
     return out
 
@@ -91,6 +95,13 @@ def main():
         if kind == "firewall":
             got = connect(ns, env[f"NETLAB_{other}_PUBLIC_IP"], 9300, timeout=2)
             check(f"firewall site {site} cannot reach site {other}'s public address", got == "timeout", got)
+    if env["NETLAB_A_KIND"] != "firewall":
+        ttl = 1 if env["NETLAB_A_KIND"] == "public" else 2
+        got = connect(env["NETLAB_A_NS"], env["NETLAB_B_PUBLIC_IP"], 9300, timeout=2, ttl=ttl)
+        icmp = env.get("NETLAB_ROUTER_ICMP") == "1"
+        want = "No route" if icmp else "timeout"
+        check(f"a SYN with TTL {ttl} from site A dies at the router before site B's address "
+              f"({'ICMP time exceeded' if icmp else 'silently'})", want in got, got)
     for s in servers: s.stop()
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

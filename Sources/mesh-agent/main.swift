@@ -77,6 +77,18 @@ struct MeshAgentCommand: AsyncParsableCommand {
     )
     var relay: [String] = []
 
+    @Flag(name: .long, help: "No hole punching: links to other sites stay as dialed (direct or relayed).")
+    var noPunch = false
+
+    @Option(name: .long, help: "Seconds between keepalives on punched links (0.1-600, default 25).")
+    var punchKeepaliveSeconds: Double?
+
+    @Option(
+        name: .long,
+        help: "Seconds to wait before punching again after a failure (repeat for a backoff; the last repeats)."
+    )
+    var punchRetrySeconds: [Double] = []
+
     @Option(name: .long, help: "loopback, meshInterface or auto.")
     var interfaceMode: String?
 
@@ -98,6 +110,9 @@ struct MeshAgentCommand: AsyncParsableCommand {
         if let v = self.adminListen { settings.adminListen = v }
         if let v = self.linkListen { settings.linkListen = v }
         if !self.relay.isEmpty { settings.relays = self.relay }
+        if self.noPunch { settings.punch = false }
+        if let v = self.punchKeepaliveSeconds { settings.punchKeepaliveSeconds = v }
+        if !self.punchRetrySeconds.isEmpty { settings.punchRetrySeconds = self.punchRetrySeconds }
         if let v = self.interfaceMode {
             guard let mode = AgentConfig.InterfaceMode(rawValue: v) else {
                 throw ManifestError("--interface-mode: \"\(v)\" is not one of loopback, meshInterface, auto")

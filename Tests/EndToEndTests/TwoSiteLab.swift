@@ -36,16 +36,21 @@ struct TwoSiteLab {
     func row(_ doc: [String: Any]?) -> [String: Any] { (doc?["items"] as? [[String: Any]])?.first ?? [:] }
 
     /// A lab of `siteA` x `siteB` (prefix `letter` + a number of this process) with the mesh started with
-    /// `meshOptions`; `body` gets the prefix and the mesh's state directory. Torn down after `body`.
+    /// `meshOptions` (and `netlabOptions` for `scripts/netlab up`); `body` gets the prefix and the mesh's state
+    /// directory. Torn down after `body`.
     func with(
         _ siteA: String,
         _ siteB: String,
         letter: String,
         meshOptions: [String] = [],
+        netlabOptions: [String] = [],
         _ body: (String, String) async throws -> Void
     ) async throws {
         let prefix = "\(letter)\(getpid() % 10_000)\(Int.random(in: 0..<10))"
-        let up = try await self.script("netlab", ["up", "--site-a", siteA, "--site-b", siteB, "--prefix", prefix])
+        let up = try await self.script(
+            "netlab",
+            ["up", "--site-a", siteA, "--site-b", siteB, "--prefix", prefix] + netlabOptions
+        )
         try #require(up.status == 0, "netlab up: \(up.stderr)")
         do {
             let mesh = try await self.script(

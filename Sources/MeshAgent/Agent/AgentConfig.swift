@@ -59,6 +59,14 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// unread, and how far a bulk transfer runs ahead of its window updates. 256 (yamux's default) to 16384;
     /// see LinkWindow.swift.
     public var linkStreamWindowKiB: Int = AgentConfig.defaultLinkStreamWindowKiB
+    /// Hole punching (Relay/Punch): a relayed link to another site is upgraded to a direct TCP connection where
+    /// the two NATs allow it. false: links stay as dialed (direct or relayed). See PunchSettings.swift.
+    public var punch: Bool = true
+    /// How often a punched link is pinged (seconds, 0.1-600), below common NAT TCP timeouts so its mapping
+    /// stays; an answer missing for 5 s closes it and new streams go back to the relay.
+    public var punchKeepaliveSeconds: Double = 25
+    /// The waits before punching again after a failed punch or a fallback (seconds; the last one repeats).
+    public var punchRetrySeconds: [Double] = [1, 10, 30, 60, 120]
     /// `loopback` (VIPs bound in 127.0.0.0/8, touches no interface), `meshInterface` (a dummy link
     /// holding the VIPs, needs CAP_NET_ADMIN), or `auto` (the interface when allowed, else loopback).
     public var interfaceMode: InterfaceMode = .loopback
@@ -135,6 +143,7 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
         }
         if self.linkListen != "off" { _ = try ListenAddress(self.linkListen, field: "linkListen") }
         try self.validateLinkStreamWindow()
+        try self.validatePunch()
         for (i, r) in (self.relays ?? []).enumerated() {
             if let e = Names.dns1123SubdomainError(r) { throw ManifestError("relays[\(i)]: \(e)") }
         }

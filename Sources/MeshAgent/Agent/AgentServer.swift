@@ -260,7 +260,15 @@ public final class AgentServer: Service, Sendable {
         links.setCircuitDialer { node in try await relayClient.circuit(to: node) }
         // Relay first, then upgrade: NAT discovery from the link port and hole punching (Relay/Punch).
         let direct = linkPort.map {
-            DirectPaths(links: links, linkPort: $0, nodeName: nodeName, current: current, logger: self.relayLogger())
+            DirectPaths(
+                links: links,
+                linkPort: $0,
+                nodeName: nodeName,
+                current: current,
+                configuration: self.config.punchConfiguration(linkPort: $0),
+                hostAddresses: self.config.punchHostAddresses(),
+                logger: self.relayLogger()
+            )
         }
         let dataPlane = DataPlane(configuration: dpConfig, logger: self.logger, peers: LinkPeerStreams(links: links))
         let zones = DNSZoneStore()

@@ -7,32 +7,39 @@ import ServiceLifecycle
 
 /// The agent's direct paths through NATs: its NAT discovery (from the link port, against the relays'
 /// STUN servers in the table), published as its Node's `status.candidates`, and the punch coordinator
-/// that upgrades relayed links (`Relay/Punch`). A `Service`: discovery runs until shutdown, again when
-/// the node's own addresses change.
+/// that upgrades relayed links (`Relay/Punch`). A `Service`: discovery runs until shutdown, again at once
+/// when the host's addresses change (netlink, `HostAddressWatcher`) or the relays' STUN endpoints do.
 final class DirectPaths: ServiceLifecycle.Service, Sendable {
+    typealias HostAddressList = @Sendable () -> [IPAddress]
+
     let discovery: NATDiscoveryService
     let coordinator: PunchCoordinator
     let current: CurrentTable
     let nodeName: String
+    /// The addresses the candidates list as this host's own: the configured `nodeAddresses`, or the
+    /// host's (as the Node advertises them), read when a discovery runs.
+    let hostAddresses: HostAddressList
+    let logger: Logger
 
-    init(links: LinkManager, linkPort: Int, nodeName: String, current: CurrentTable, logger: Logger) {
-        var configuration = PunchConfiguration()
-        configuration.linkPort = linkPort
-        if let s = Self.env("MESH_PUNCH_KEEPALIVE_SECONDS") {
-            configuration.keepaliveInterval = .milliseconds(Int64(s * 1000))
-        }
-        if let s = Self.env("MESH_PUNCH_RETRY_SECONDS") {
-            configuration.retryBackoff = [.milliseconds(Int64(s * 1000))]
-        }
-        configuration.enabled = Self.env("MESH_PUNCH_OFF") == nil
+    init(
+        links: LinkManager,
+        linkPort: Int,
+        nodeName: String,
+        current: CurrentTable,
+        configuration: PunchConfiguration,
+        hostAddresses: @escaping HostAddressList,
+        logger: Logger
+    ) {
         self.current = current
         self.nodeName = nodeName
+        self.hostAddresses = hostAddresses
+        self.logger = logger
         self.discovery = NATDiscoveryService(
             client: STUNClient(group: links.group),
             localPort: linkPort,
             logger: logger,
             servers: { PeerDirectory.stunServers(in: current.value) },
-            localAddresses: { PeerDirectory.ownAddresses(of: nodeName, in: current.value) }
+            localAddresses: hostAddresses
         )
         self.coordinator = PunchCoordinator(
             links: links,
@@ -43,31 +50,20 @@ final class DirectPaths: ServiceLifecycle.Service, Sendable {
         self.coordinator.install()
     }
 
-    /// Tuning for the lab and tests (seconds), read once at start.
-    private static func env(_ name: String) -> Double? {
-        guard let v = getenv(name) else { return nil }
-        return Double(String(cString: v)) ?? 1
-    }
-
     /// The Node's `status.candidates` (nil before the first discovery).
     var candidates: NodeCandidates? { self.discovery.candidates }
 
     func run() async throws {
         await withTaskGroup(of: Void.self) { group in
             group.addTask { await self.discovery.run() }
+            group.addTask { await self.watchHostAddresses() }
             group.addTask {
-                // The node's addresses (as registered) or the relays changed: discover again.
-                var seen = (
-                    PeerDirectory.ownAddresses(of: self.nodeName, in: self.current.value),
-                    PeerDirectory.stunServers(in: self.current.value).map { "\($0)" }
-                )
+                // The relays' STUN endpoints changed: discover again.
+                var seen = PeerDirectory.stunServers(in: self.current.value).map { "\($0)" }
                 while !Task.isCancelled {
                     do { try await Task.sleep(for: .seconds(1)) } catch { return }
-                    let now = (
-                        PeerDirectory.ownAddresses(of: self.nodeName, in: self.current.value),
-                        PeerDirectory.stunServers(in: self.current.value).map { "\($0)" }
-                    )
-                    if now.0 != seen.0 || now.1 != seen.1 {
+                    let now = PeerDirectory.stunServers(in: self.current.value).map { "\($0)" }
+                    if now != seen {
                         seen = now
                         self.discovery.refresh()
                     }
@@ -77,13 +73,43 @@ final class DirectPaths: ServiceLifecycle.Service, Sendable {
             group.cancelAll()
         }
     }
-}
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
+    /// The host's addresses changed (an address added to or removed from an interface, over netlink):
+    /// discover again, so the candidates (and the Node's `status.candidates`, which the node agent
+    /// reports as soon as they move) follow within about a second. Events that leave the advertised list
+    /// as it was (the mesh interface's VIPs, link-local addresses) do not. Without netlink (not Linux, or
+    /// no permission), the list is compared every 5 s instead.
+    func watchHostAddresses() async {
+        var seen = Set(self.hostAddresses())
+        let check = { @Sendable (seen: inout Set<IPAddress>) in
+            let now = Set(self.hostAddresses())
+            if now != seen {
+                self.logger.info(
+                    "host addresses changed: NAT discovery again",
+                    metadata: [
+                        "added": "\(now.subtracting(seen).map { "\($0)" }.sorted())",
+                        "removed": "\(seen.subtracting(now).map { "\($0)" }.sorted())",
+                    ]
+                )
+                seen = now
+                self.discovery.refresh()
+            }
+        }
+        do {
+            let events = try HostAddressWatcher.events(logger: self.logger)
+            for await _ in events {
+                if Task.isCancelled { return }
+                check(&seen)
+            }
+        } catch {
+            self.logger.notice("host address watch unavailable (\(error)): the addresses are compared every 5 s")
+            while !Task.isCancelled {
+                do { try await Task.sleep(for: .seconds(5)) } catch { return }
+                check(&seen)
+            }
+        }
+    }
+}
 
 extension PeerDirectory {
     /// The STUN endpoints of the Ready relays in the table (each relay's `stunAddresses`), at most four,
@@ -103,13 +129,6 @@ extension PeerDirectory {
             i += 1
         }
         return out
-    }
-
-    /// This node's own IP addresses as registered (its NAT discovery tells them from reflexive ones).
-    static func ownAddresses(of node: String, in snapshot: ServiceSnapshot) -> [IPAddress] {
-        (snapshot.nodes[node]?.spec.addresses ?? []).filter { $0.type != .hostname }.compactMap {
-            IPAddress($0.address)
-        }
     }
 
     /// `IP:PORT` or `[IPv6]:PORT`.

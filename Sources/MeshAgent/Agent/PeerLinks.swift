@@ -156,12 +156,15 @@ struct NATStatus: Codable, Sendable, Equatable {
     var mapping: String
     var udpMapping: String
     var reflexive: String?
+    /// The host's own addresses with the link port, as the last discovery saw them.
+    var local: [String]?
     var errors: [String]?
 
     init(_ report: NATReport) {
         self.mapping = report.mapping.description
         self.udpMapping = report.udpMapping.description
         self.reflexive = report.reflexive.map { "\($0)" }
+        self.local = report.local.isEmpty ? nil : report.local.map { "\($0)" }
         self.errors = report.errors.isEmpty ? nil : report.errors
     }
 }

@@ -72,6 +72,32 @@ public final class PunchCoordinator: Sendable {
 
     private struct State {
         var peers: [String: Peer] = [:]
+        /// A low-TTL SYN of this node drew an ICMP time exceeded (the first router past its NAT answers
+        /// expired packets, and the NAT relays the ICMP): a Linux connect aborts on it, so every later
+        /// round of every peer goes without the low TTL. The routers near a node are the same for all its
+        /// peers, so this is learned once per node.
+        var lowTTLDrawsICMP = false
+    }
+
+    /// The attempts' settings for a round: without the low TTL once it drew an ICMP error here.
+    private func roundAttempts(dials: Bool) -> SimultaneousOpenConfiguration {
+        var attempts = self.configuration.attempts
+        if dials || self.state.withLock({ $0.lowTTLDrawsICMP }) { attempts.lowTTL = 0 }
+        return attempts
+    }
+
+    /// Remembers that the low TTL drew an ICMP error (once per node).
+    private func learn(_ outcome: SimultaneousOpen.Outcome) {
+        guard outcome.lowTTLUnreachable else { return }
+        let first = self.state.withLock { s -> Bool in
+            defer { s.lowTTLDrawsICMP = true }
+            return !s.lowTTLDrawsICMP
+        }
+        if first {
+            self.logger.notice(
+                "hole punching: the low-TTL first SYN drew an ICMP time exceeded, which aborts the connect; punching goes on without it"
+            )
+        }
     }
 
     private struct Peer {
@@ -306,8 +332,7 @@ public final class PunchCoordinator: Sendable {
         let targets = Self.targets(theirs.candidates, mine: report)
         switch mode {
         case .simultaneousOpen, .offererDials:
-            var attempts = self.configuration.attempts
-            if mode == .offererDials { attempts.lowTTL = 0 }
+            let attempts = self.roundAttempts(dials: mode == .offererDials)
             let outcome = await SimultaneousOpen.connect(
                 group: self.links.group,
                 localPort: mode == .offererDials ? 0 : port,
@@ -316,6 +341,7 @@ public final class PunchCoordinator: Sendable {
                 goesFirst: stagger > .zero && !answererFirst,
                 configuration: attempts
             )
+            self.learn(outcome)
             guard let channel = outcome.channel else {
                 _ = await inbox.next(within: .milliseconds(500))  // the answerer's own result, if any
                 return Self.reason(outcome, peerMapping: theirs.mapping)
@@ -365,6 +391,9 @@ public final class PunchCoordinator: Sendable {
     }
 
     static func reason(_ outcome: SimultaneousOpen.Outcome, peerMapping: NATMapping) -> String {
+        if outcome.lowTTLUnreachable {
+            return "punch failed (an ICMP time exceeded aborted the low-TTL SYN; the next rounds go without it)"
+        }
         if outcome.refused > 0 && outcome.timedOut == 0 { return "punch refused (the NATs answered with RST)" }
         if outcome.refused > 0 {
             return "punch failed (\(outcome.refused) attempts reset, \(outcome.timedOut) unanswered)"
@@ -426,8 +455,7 @@ public final class PunchCoordinator: Sendable {
             case .offererDials:
                 _ = await inbox.next(within: self.configuration.messageTimeout)  // our listener takes it
             case .simultaneousOpen, .answererDials:
-                var attempts = self.configuration.attempts
-                if start.mode == .answererDials { attempts.lowTTL = 0 }
+                let attempts = self.roundAttempts(dials: start.mode == .answererDials)
                 let outcome = await SimultaneousOpen.connect(
                     group: self.links.group,
                     localPort: start.mode == .answererDials ? 0 : port,
@@ -436,6 +464,7 @@ public final class PunchCoordinator: Sendable {
                     goesFirst: start.staggerMillis > 0 && start.answererFirst,
                     configuration: attempts
                 )
+                self.learn(outcome)
                 guard let channel = outcome.channel else {
                     let why = Self.reason(outcome, peerMapping: theirs.mapping)
                     self.withPeer(peer) { $0.stats.reason = why }

@@ -40,6 +40,9 @@ public enum SimultaneousOpen {
         /// Attempts that timed out (SYNs dropped).
         public var timedOut: Int
         public var errors: [String]
+        /// The low-TTL SYN drew an ICMP error (time exceeded: EHOSTUNREACH), which aborts a Linux
+        /// connect: on this host's path the low TTL cannot work, and the punch must go without it.
+        public var lowTTLUnreachable: Bool = false
     }
 
     /// Connects from `localPort` to each of `targets` at each of the configured attempt times, starting
@@ -55,8 +58,8 @@ public enum SimultaneousOpen {
     ) async -> Outcome {
         let loop = group.next()
         let result = loop.makePromise(of: (any Channel)?.self)
-        let tally = Mutex<(refused: Int, timedOut: Int, errors: [String], pending: Int, done: Bool)>(
-            (0, 0, [], 0, false)
+        let tally = Mutex<(refused: Int, timedOut: Int, errors: [String], pending: Int, done: Bool, icmp: Bool)>(
+            (0, 0, [], 0, false, false)
         )
         let total = configuration.attempts.count * targets.count
         guard total > 0 else { return Outcome(channel: nil, refused: 0, timedOut: 0, errors: ["no target"]) }
@@ -102,8 +105,10 @@ public enum SimultaneousOpen {
                             finishOne(channel, nil)
                         case .failure(let error):
                             let refused = Self.isRefused(error)
+                            let icmp = settings.lowTTL > 0 && Self.isUnreachable(error)
                             tally.withLock {
                                 if refused { $0.refused += 1 } else { $0.timedOut += 1 }
+                                if icmp { $0.icmp = true }
                             }
                             finishOne(nil, "\(target): \(error)")
                         }
@@ -113,7 +118,13 @@ public enum SimultaneousOpen {
         }
         let channel = try? await result.futureResult.get()
         let t = tally.withLock { $0 }
-        return Outcome(channel: channel ?? nil, refused: t.refused, timedOut: t.timedOut, errors: t.errors)
+        return Outcome(
+            channel: channel ?? nil,
+            refused: t.refused,
+            timedOut: t.timedOut,
+            errors: t.errors,
+            lowTTLUnreachable: t.icmp
+        )
     }
 
     /// One connection attempt from the link port; the first SYN with `lowTTL`.
@@ -154,6 +165,14 @@ public enum SimultaneousOpen {
             guard low else { return channel.eventLoop.makeSucceededFuture(channel) }
             return channel.setOption(Self.ttl, value: SocketOptionValue(configuration.normalTTL)).map { channel }
         }
+    }
+
+    static func isUnreachable(_ error: any Error) -> Bool {
+        if let e = error as? NIOConnectionError {
+            return e.connectionErrors.contains { Self.isUnreachable($0.error) }
+        }
+        if let e = error as? IOError { return e.errnoCode == EHOSTUNREACH || e.errnoCode == ENETUNREACH }
+        return "\(error)".contains("No route to host")
     }
 
     static func isRefused(_ error: any Error) -> Bool {
