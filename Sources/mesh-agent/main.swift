@@ -15,6 +15,9 @@ import MeshHTTP
 @main
 enum MeshAgentMain {
     static func main() {
+        // glibc's malloc arena limit counts only for threads that have not allocated yet: set it before the
+        // first task runs (AgentConfig.mallocArenas, Footprint.swift). A bad file is reported by `run`.
+        AgentProcessMemory.limitMallocArenas(Self.mallocArenas(CommandLine.arguments))
         let done = DispatchSemaphore(value: 0)
         // Detached: `main` is on the main actor, whose queue nothing drains here.
         Task.detached {
@@ -22,6 +25,21 @@ enum MeshAgentMain {
             done.signal()
         }
         done.wait()
+    }
+}
+
+extension MeshAgentMain {
+    /// `mallocArenas` of the file named by `--config` (`--config FILE` or `--config=FILE`), else the default.
+    static func mallocArenas(_ arguments: [String]) -> Int {
+        var path: String?
+        for (i, a) in arguments.enumerated() {
+            if a == "--config", i + 1 < arguments.count { path = arguments[i + 1] }
+            if a.hasPrefix("--config=") { path = String(a.dropFirst("--config=".count)) }
+        }
+        guard let path, let settings = try? ConfigFile.load(AgentConfig.self, path: path) else {
+            return AgentConfig.defaultMallocArenas
+        }
+        return settings.mallocArenas
     }
 }
 

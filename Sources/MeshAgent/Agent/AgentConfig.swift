@@ -70,6 +70,10 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     public var mqttBroker: String?
     /// Start mosquitto on `mqttBroker` (a loopback address) as the agent's child.
     public var mqttStartBroker: Bool = false
+    /// The agent's memory footprint (Footprint.swift): SQLite's page cache of agent.db and edge.db, KiB
+    /// (16-1048576), and glibc's malloc arenas (0: glibc's default, 8 per core; 1-64).
+    public var storeCacheKiB: Int = AgentConfig.defaultStoreCacheKiB
+    public var mallocArenas: Int = AgentConfig.defaultMallocArenas
 
     public enum InterfaceMode: String, StrictEnum {
         case loopback
@@ -152,6 +156,7 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
         if self.mqttStartBroker && self.mqttBroker == nil {
             throw ManifestError("mqttStartBroker: needs mqttBroker (the loopback address to start it on)")
         }
+        try self.validateFootprint()
     }
 }
 
