@@ -74,6 +74,9 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// (16-1048576), and glibc's malloc arenas (0: glibc's default, 8 per core; 1-64).
     public var storeCacheKiB: Int = AgentConfig.defaultStoreCacheKiB
     public var mallocArenas: Int = AgentConfig.defaultMallocArenas
+    /// Seconds between checks whether the agent is idle, when it drops its mappings of code and read-only
+    /// data it has not touched since (Footprint.swift); 0: never. 1-3600, default 5.
+    public var idleTrimSeconds: Int = AgentConfig.defaultIdleTrimSeconds
 
     public enum InterfaceMode: String, StrictEnum {
         case loopback
