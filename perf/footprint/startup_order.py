@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Regenerates Sources/mesh-agent/link/startup.order: the functions mesh-agent runs from exec until it is
 ready and idle (first), then those it runs serving a few services (DNS, HTTP through a VIP, the admin API,
-a watch update, twin reports), so that the release link (lld --symbol-ordering-file) puts them next to each other and the
-idle agent maps ~5 MB of its text instead of ~12 MB (see Sources/mesh-agent/link/README.md).
+a watch update, twin reports), so that the release link (lld --symbol-ordering-file) puts them next to
+each other and the idle agent maps ~5 MB of its text instead of ~12 MB (Sources/mesh-agent/link/README.md).
 
   perf/footprint/startup_order.py [--bin perf/.build/release] [--out Sources/mesh-agent/link/startup.order]
   perf/footprint/startup_order.py --native-faults     # after relinking: add what valgrind could not run
