@@ -15,6 +15,14 @@ import MeshHTTP
 @main
 enum MeshAgentMain {
     static func main() {
+        // glibc's malloc arena limit counts only for threads that have not allocated yet: set before the
+        // first task runs (AgentConfig.mallocArenas and idleTrimSeconds, Footprint.swift). A bad file is
+        // reported by `run`.
+        let memory = Self.memorySettings(CommandLine.arguments)
+        AgentProcessMemory.limitMallocArenas(memory.mallocArenas)
+        if memory.idleTrimSeconds > 0 {
+            Task.detached { await AgentProcessMemory.trimWhenIdle(every: .seconds(memory.idleTrimSeconds)) }
+        }
         let done = DispatchSemaphore(value: 0)
         // Detached: `main` is on the main actor, whose queue nothing drains here.
         Task.detached {
@@ -22,6 +30,21 @@ enum MeshAgentMain {
             done.signal()
         }
         done.wait()
+    }
+}
+
+extension MeshAgentMain {
+    /// The settings of the file named by `--config` (`--config FILE` or `--config=FILE`), else the defaults.
+    static func memorySettings(_ arguments: [String]) -> AgentConfig {
+        var path: String?
+        for (i, a) in arguments.enumerated() {
+            if a == "--config", i + 1 < arguments.count { path = arguments[i + 1] }
+            if a.hasPrefix("--config=") { path = String(a.dropFirst("--config=".count)) }
+        }
+        guard let path, let settings = try? ConfigFile.load(AgentConfig.self, path: path) else {
+            return AgentConfig()
+        }
+        return settings
     }
 }
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Regenerates Sources/mesh-agent/link/startup.order: the functions mesh-agent runs from exec until it is
 ready and idle (first), then those it runs serving a few services (DNS, HTTP through a VIP, the admin API,
-a watch update), so that the release link (lld --symbol-ordering-file) puts them next to each other and the
-idle agent maps ~5 MB of its text instead of ~12 MB (see Sources/mesh-agent/link/README.md).
+a watch update, twin reports), so that the release link (lld --symbol-ordering-file) puts them next to
+each other and the idle agent maps ~5 MB of its text instead of ~12 MB (Sources/mesh-agent/link/README.md).
 
   perf/footprint/startup_order.py [--bin perf/.build/release] [--out Sources/mesh-agent/link/startup.order]
   perf/footprint/startup_order.py --native-faults     # after relinking: add what valgrind could not run
@@ -10,11 +10,13 @@ idle agent maps ~5 MB of its text instead of ~12 MB (see Sources/mesh-agent/link
 
 Runs a release mesh-agent (debug info stripped: valgrind 3.19 cannot read DWARF 5) under valgrind's
 callgrind against a real mesh-control on loopback (the agent joins with a token, HTTPS with client
-certificates), dumps the profile once the agent is ready and idle (one heartbeat) and again after the
-traffic, then restarts it with its certificate and an empty table and profiles that start-up and idle too;
+certificates) and a mosquitto, with one Device (a thermostat twin) and one Workload (a `sleep`) on its node
+(the edge part perf/edge-twins measures); dumps the profile once the agent is ready, has synced both and is
+idle (one heartbeat), and again after the traffic and 100 updates of the thermostat mapper (built beside
+it); then restarts it with its certificate and an empty table and profiles that start-up and idle too;
 maps every executed instruction to the symbol of its function (callgrind's own function names miss some).
-Needs valgrind (apt-get install valgrind); --native-faults needs perf. Bounded: every wait has a deadline,
-all traffic stays on 127.0.0.1.
+Needs valgrind (apt-get install valgrind) and mosquitto; --native-faults needs perf. Bounded: every wait has
+a deadline, all traffic stays on 127.0.0.1.
 """
 import argparse, bisect, glob, http.client, http.server, json, os, re, shutil, signal, socket, struct
 import subprocess, sys, tempfile, threading, time
@@ -106,6 +108,47 @@ def executed_functions(path, obj_suffix, syms, starts, names):
     return found
 
 
+EDGE = "/apis/mesh.edge/v1/namespaces/default"
+
+
+def put_edge(cport, node):
+    """The node agent's edge part, as perf/edge-twins runs it: a thermostat DeviceModel, one Device on this
+    node (its twin synced and published over MQTT) and one Workload (a supervised `sleep`)."""
+    model = {"apiVersion": "mesh.edge/v1", "kind": "DeviceModel", "metadata": {"name": "thermostat"},
+             "spec": {"properties": [
+                 {"name": "temperature", "type": "float", "minimum": -40, "maximum": 125, "accessMode": "ReadOnly"},
+                 {"name": "target", "type": "float", "minimum": 5, "maximum": 35},
+                 {"name": "mode", "type": "string", "enum": ["heat", "cool", "off"]}]}}
+    device = {"apiVersion": "mesh.edge/v1", "kind": "Device", "metadata": {"name": "thermostat-1"},
+              "spec": {"model": "thermostat", "node": node, "protocol": {"name": "mqtt"},
+                       "properties": [{"name": "target", "desired": "21.0"}, {"name": "mode", "desired": "heat"}]}}
+    workload = {"apiVersion": "mesh.edge/v1", "kind": "Workload", "metadata": {"name": "sleeper-1"},
+                "spec": {"command": "sleep", "args": ["3600"], "nodeSelector": {"nodeNames": [node]}}}
+    request(cport, "PUT", f"{EDGE}/devicemodels/thermostat", json.dumps(model))
+    request(cport, "PUT", f"{EDGE}/devices/thermostat-1", json.dumps(device))
+    request(cport, "PUT", f"{EDGE}/workloads/sleeper-1", json.dumps(workload))
+
+
+def edge_synced(aport):
+    twins = json.loads(request(aport, "GET", "/twins")[1])["items"]
+    running = [w for w in json.loads(request(aport, "GET", "/workloads")[1])["items"]
+               if w["instance"]["phase"] == "Running"]
+    return len(twins) == 1 and len(running) == 1
+
+
+def mapper_reports(binary, mqtt, cport, n):
+    """The thermostat mapper publishes n updates; waits until the control plane has the last of them."""
+    subprocess.run([binary, "--device", "thermostat-1", "--broker", f"127.0.0.1:{mqtt}", "--interval", "0",
+                    "--count", str(n)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=300)
+
+    def done():
+        d = json.loads(request(cport, "GET", f"{EDGE}/devices/thermostat-1")[1])
+        return any(t["name"] == "temperature" and t.get("reportedVersion", 0) >= n
+                   for t in d.get("status", {}).get("twins", []))
+    wait_until(done, 300, f"{n} mapper reports in the control plane")
+
+
 def put_service(cport, name, bport):
     """Service `name` in namespace ns: HTTP on port 80 and TCP on 81, one endpoint (the backend at bport)."""
     svc = {"apiVersion": "mesh.edge/v1", "kind": "Service", "metadata": {"name": name, "namespace": "ns"},
@@ -124,7 +167,7 @@ def routes_listening(aport, n):
     return sum(1 for x in r["dataPlane"]["routes"] if x["listening"]) >= n
 
 
-def native_faults(agent_args, join, work, aport, syms, starts, procs, control, cport, bport):
+def native_faults(agent_args, join, work, aport, syms, starts, procs, control, cport, bport, reports):
     """Functions of the linked agent whose instruction fetches page-faulted when run natively: a join start,
     a restart with its certificate, each until ready and idle; then, with one HTTP service in its table
     (added after the second idle, not profiled), a restart from its cache with the control plane down, until
@@ -147,6 +190,10 @@ def native_faults(agent_args, join, work, aport, syms, starts, procs, control, c
                                 + agent_args + extra, stderr=subprocess.DEVNULL)
         procs.append(perf)
         wait_until(lambda: request(aport, "GET", "/readyz")[0] == 200, 60, "mesh-agent ready (under perf)")
+        if n < 2:  # (the control plane is down for the third start: nothing to sync)
+            wait_until(lambda: edge_synced(aport), 60, "the device and the workload (under perf)")
+        if n == 0:
+            reports()  # what perf/edge-twins measures after: the mapper's reports went through
         if n == 2:
             wait_until(lambda: routes_listening(aport, 1), 60, "the route from the cache (under perf)")
         time.sleep(25)
@@ -237,14 +284,29 @@ def main():
                       "--dns-listen", f"127.0.0.1:{dport}", "--admin-listen", f"127.0.0.1:{aport}",
                       "--node-name", "order", "--site", "a", "--log-level", "error"]
         join = ["--join-token", token["token"], "--ca-cert-hash", token["caCertHash"]]
+        # The edge part (perf/edge-twins): a broker, a device with its mapper, a workload.
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not os.path.exists(mosquitto):
+            raise SystemExit("startup_order: mosquitto is not installed (scripts/bootstrap installs it)")
+        mqtt = free_port()
+        with open(f"{work}/mosquitto.conf", "w") as f:
+            f.write(f"listener {mqtt} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        procs.append(subprocess.Popen([mosquitto, "-c", f"{work}/mosquitto.conf"], stderr=subprocess.DEVNULL))
+        with open(f"{work}/agent.yaml", "w") as f:
+            f.write(f"mqttBroker: 127.0.0.1:{mqtt}\n")
+        agent_args[1:1] = ["--config", f"{work}/agent.yaml"]
+        put_edge(cport, "order")
         if a.native_faults:
             merge_order(a.out, native_faults(agent_args, join, work, aport, syms, starts, procs, control, cport,
-                                             backend.server_address[1]))
+                                             backend.server_address[1],
+                                             lambda: mapper_reports(os.path.join(a.bin, "thermostat-mapper"), mqtt,
+                                                                    cport, 100)))
             return
         agent = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--demangle=no",
                                   "--dump-instr=yes"] + agent_args + join, stderr=subprocess.DEVNULL)
         procs.append(agent)
         wait_until(lambda: request(aport, "GET", "/readyz")[0] == 200, 300, "mesh-agent ready (under valgrind)")
+        wait_until(lambda: edge_synced(aport), 300, "the device and the workload (under valgrind)")
         # Idle includes the node agent's first heartbeat (every 20 s +- 10% over its kept-alive TLS connection).
         time.sleep(a.idle_seconds)
         subprocess.run(["callgrind_control", "--dump=idle", str(agent.pid)], check=True, capture_output=True)
@@ -265,8 +327,9 @@ def main():
             dns_query(dport, "_http._tcp.s1.ns.svc.cluster.local", 33)
             dns_query(dport, "s1.ns.svc.cluster.local", 1, tcp=True)
             dns_query(dport, "nothing.ns.svc.cluster.local", 28)
-        for path in ("/routes", "/metrics", "/healthz", "/readyz"):
+        for path in ("/routes", "/metrics", "/healthz", "/readyz", "/twins", "/workloads"):
             request(aport, "GET", path)
+        mapper_reports(os.path.join(a.bin, "thermostat-mapper"), mqtt, cport, 100)
         request(cport, "DELETE", "/apis/mesh.edge/v1/namespaces/ns/services/s19")
         time.sleep(2)
         subprocess.run(["callgrind_control", "--dump=serving", str(agent.pid)], check=True, capture_output=True)
@@ -291,6 +354,7 @@ def main():
                                   "--dump-instr=yes"] + agent_args, stderr=subprocess.DEVNULL)
         procs.append(agent)
         wait_until(lambda: request(aport, "GET", "/readyz")[0] == 200, 300, "mesh-agent restart (under valgrind)")
+        wait_until(lambda: edge_synced(aport), 300, "the device and the workload after the restart (under valgrind)")
         time.sleep(a.idle_seconds)
         subprocess.run(["callgrind_control", "--dump=restart", str(agent.pid)], check=True, capture_output=True)
         agent.send_signal(signal.SIGTERM)

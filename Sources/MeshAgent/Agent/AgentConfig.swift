@@ -78,6 +78,13 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     public var mqttBroker: String?
     /// Start mosquitto on `mqttBroker` (a loopback address) as the agent's child.
     public var mqttStartBroker: Bool = false
+    /// The agent's memory footprint (Footprint.swift): SQLite's page cache of agent.db and edge.db, KiB
+    /// (16-1048576), and glibc's malloc arenas (0: glibc's default, 8 per core; 1-64).
+    public var storeCacheKiB: Int = AgentConfig.defaultStoreCacheKiB
+    public var mallocArenas: Int = AgentConfig.defaultMallocArenas
+    /// Seconds between checks whether the agent is idle, when it drops its mappings of code and read-only
+    /// data it has not touched since (Footprint.swift); 0: never. 1-3600, default 5.
+    public var idleTrimSeconds: Int = AgentConfig.defaultIdleTrimSeconds
 
     public enum InterfaceMode: String, StrictEnum {
         case loopback
@@ -161,6 +168,7 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
         if self.mqttStartBroker && self.mqttBroker == nil {
             throw ManifestError("mqttStartBroker: needs mqttBroker (the loopback address to start it on)")
         }
+        try self.validateFootprint()
     }
 }
 

@@ -282,7 +282,7 @@ public final class AgentServer: Service, Sendable {
             current: current,
             peerLeft: { links.peerLeft($0) }
         )
-        let cache = try AgentCache(path: config.dataDir + "/agent.db")
+        let cache = try AgentCache(path: config.dataDir + "/agent.db", cacheKiB: config.storeCacheKiB)
         let sync = ServiceTableSync(
             client: ControlClient(endpoints: controlEndpoints, tls: controlTLS),
             cache: cache,
@@ -350,6 +350,7 @@ public final class AgentServer: Service, Sendable {
         var edgeConfig = EdgeConfiguration(nodeName: config.nodeName, dataDir: config.dataDir)
         edgeConfig.mqttBroker = config.mqttBroker
         edgeConfig.mqttStartBroker = config.mqttStartBroker
+        edgeConfig.storeCacheKiB = config.storeCacheKiB
         let edge = try EdgeServices(
             configuration: edgeConfig,
             client: ControlClient(endpoint: endpoint, tls: controlTLS),

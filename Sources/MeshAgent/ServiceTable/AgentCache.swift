@@ -21,8 +21,10 @@ public final class AgentCache: Sendable {
 
     let db: SQLiteDatabase
 
-    public init(path: String) throws {
+    /// `cacheKiB`: SQLite's page cache for the file (nil: SQLite's default, 2000 KiB; AgentConfig.storeCacheKiB).
+    public init(path: String, cacheKiB: Int? = nil) throws {
         self.db = try SQLiteDatabase(path: path, durability: .normal)
+        if let kib = cacheKiB { try self.db.execute("PRAGMA cache_size = -\(max(kib, 1))") }
         try self.db.migrate(Self.migrations)
     }
 

@@ -30,6 +30,8 @@ public struct EdgeConfiguration: Sendable {
     /// How hard each commit of `edge.db` tries to reach the disk (full: a report acknowledged to the
     /// mapper survives power loss; normal: it survives a crash of the process).
     public var durability: Durability = .full
+    /// SQLite's page cache for `edge.db`, KiB (nil: SQLite's default, 2000).
+    public var storeCacheKiB: Int?
     /// Messages per outbox request.
     public var outboxBatch = 500
     public var initialBackoff: Duration = .milliseconds(200)
@@ -72,7 +74,11 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
         self.configuration = configuration
         try StatePaths.ensureDirectory(configuration.dataDir)
         try StatePaths.ensureDirectory(configuration.supervisor.logDirectory)
-        let store = try EdgeStore(path: configuration.dataDir + "/edge.db", durability: configuration.durability)
+        let store = try EdgeStore(
+            path: configuration.dataDir + "/edge.db",
+            durability: configuration.durability,
+            cacheKiB: configuration.storeCacheKiB
+        )
         self.store = store
         self.client = client.keepingAlive()
         self.logger = logger

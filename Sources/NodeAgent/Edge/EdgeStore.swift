@@ -45,8 +45,12 @@ public final class EdgeStore: Sendable {
         """
     ]
 
-    public init(path: String, durability: Durability = .full) throws {
+    /// `cacheKiB`: the most SQLite keeps of the file in its own page cache (nil: SQLite's default, 2000
+    /// KiB). The file's pages stay in the kernel's page cache either way; a small cache mostly saves the
+    /// process's own memory (AgentConfig.storeCacheKiB).
+    public init(path: String, durability: Durability = .full, cacheKiB: Int? = nil) throws {
         self.db = try SQLiteDatabase(path: path, durability: durability)
+        if let kib = cacheKiB { try self.db.execute("PRAGMA cache_size = -\(max(kib, 1))") }
         try self.db.migrate(Self.migrations)
         if let e = try self.db.query("SELECT value FROM meta WHERE key = 'epoch'").first?[0].text {
             self.epoch = e
@@ -55,6 +59,13 @@ public final class EdgeStore: Sendable {
             try self.db.query("INSERT INTO meta(key, value) VALUES('epoch', ?)", [.text(e)])
             self.epoch = e
         }
+    }
+
+    /// The page cache's size limit, KiB.
+    public var cacheKiB: Int {
+        let pages = (try? self.db.query("PRAGMA cache_size").first?[0].int) ?? 0
+        let pageSize = (try? self.db.query("PRAGMA page_size").first?[0].int) ?? 4096
+        return Int(pages < 0 ? -pages : pages * pageSize / 1024)
     }
 
     static func json(_ value: some Encodable) throws -> String {

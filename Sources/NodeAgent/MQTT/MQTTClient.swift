@@ -81,6 +81,8 @@ public final class MQTTClient: Sendable {
     private let writer = Mutex<NIOAsyncChannelOutboundWriter<MQTTPacket>?>(nil)
     private let packetIDs = Atomic<UInt16>(0)
     private let connects = Atomic<Int>(0)
+    private let qos1Sent = Atomic<Int>(0)
+    private let qos1Acknowledged = Atomic<Int>(0)
 
     public init(configuration: MQTTClientConfiguration, logger: Logger) {
         self.configuration = configuration
@@ -91,6 +93,12 @@ public final class MQTTClient: Sendable {
     public var isConnected: Bool { self.writer.withLock { $0 != nil } }
     /// Connections made so far.
     public var connections: Int { self.connects.load(ordering: .relaxed) }
+    /// QoS 1 messages published whose PUBACK has not arrived (on any connection: one lost with its
+    /// connection stays counted). A client that publishes and leaves waits for 0 first: closing a socket
+    /// with unread PUBACKs resets the connection, and the broker drops what it had not read yet.
+    public var unacknowledged: Int {
+        self.qos1Sent.load(ordering: .relaxed) - self.qos1Acknowledged.load(ordering: .relaxed)
+    }
 
     /// Publishes on the current connection. Throws when not connected. With QoS 1 the broker keeps the
     /// message for subscribers that are away (their sessions); its PUBACK is not awaited.
@@ -99,6 +107,7 @@ public final class MQTTClient: Sendable {
             throw MQTTCodecError("not connected to the broker at \(self.configuration.host):\(self.configuration.port)")
         }
         let id: UInt16? = qos > 0 ? self.nextPacketID() : nil
+        if id != nil { self.qos1Sent.add(1, ordering: .relaxed) }
         try await w.write(
             .publish(MQTTPublish(topic: topic, payload: payload, qos: min(qos, 1), retain: retain, packetID: id))
         )
@@ -197,6 +206,8 @@ public final class MQTTClient: Sendable {
                     case .publish(let p):
                         await onPublish(p)
                         if p.qos >= 1, let id = p.packetID { try await outbound.write(.puback(packetID: id)) }
+                    case .puback:
+                        self.qos1Acknowledged.add(1, ordering: .relaxed)
                     case .suback(_, let codes):
                         if codes.contains(0x80) {
                             throw MQTTCodecError("the broker refused a subscription (SUBACK \(codes))")

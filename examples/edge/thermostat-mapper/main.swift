@@ -129,6 +129,12 @@ struct ThermostatMapper: AsyncParsableCommand {
             sent += 1
             if self.interval > 0 { try await Task.sleep(for: .microseconds(Int64(self.interval * 1_000_000))) }
         }
+        // Leaves once the broker has acknowledged every report (at most 30 s): closing with PUBACKs unread
+        // resets the connection, and the broker drops the reports it had not read yet.
+        let deadline = ContinuousClock.now + .seconds(30)
+        while client.unacknowledged > 0, client.isConnected, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+        }
         runner.cancel()
         await runner.value
     }
