@@ -30,6 +30,9 @@ public struct HTTPServerConfiguration: Sendable {
     /// Connections' large buffers (NIOSSL's 32 + 16 KiB per TLS connection) on pages of their own,
     /// so an idle connection keeps only what it touched resident (`LeanAllocator`).
     public var leanBuffers = true
+    /// With `leanBuffers`: how long a TLS connection must be quiet (no read, no write, nothing queued
+    /// to write) before the pages of its TLS buffers are given back (`ConnectionBuffers`); nil: never.
+    public var releaseIdleBuffersAfter: TimeAmount? = .seconds(1)
     /// How long in-flight requests may finish after shutdown begins.
     public var drainTimeout: TimeAmount = .seconds(5)
     /// How the server's own errors (400, 408, 413, 431, 503) are written.
@@ -121,7 +124,23 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                         // connection without one is answered 503 after its first request.
                         _ = slots.admit(channel)
                         if let tls = config.tls {
-                            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
+                            if config.leanBuffers, let after = config.releaseIdleBuffersAfter {
+                                // NIOSSL's buffers (mapped by LeanAllocator) are tracked, and their
+                                // pages given back while the connection is idle.
+                                let buffers = ConnectionBuffers()
+                                try buffers.tracking {
+                                    try channel.pipeline.syncOperations.addHandler(
+                                        NIOSSLServerHandler(context: tls.context)
+                                    )
+                                }
+                                try channel.pipeline.syncOperations.addHandler(
+                                    IdleBuffers(buffers: buffers, after: after)
+                                )
+                            } else {
+                                try channel.pipeline.syncOperations.addHandler(
+                                    NIOSSLServerHandler(context: tls.context)
+                                )
+                            }
                         }
                         try channel.pipeline.syncOperations.addHandler(
                             HandshakeWatch(
