@@ -57,6 +57,20 @@ public final class ConnectionBuffers: Sendable {
         }
     }
 
+    /// Bytes of the tracked blocks that are resident now (`mincore`).
+    public var residentBytes: Int {
+        self.blocks.withLock { blocks in
+            let page = LeanAllocator.pageSize
+            var resident = 0
+            for b in blocks {
+                var vector = [UInt8](repeating: 0, count: (b.length + page - 1) / page)
+                guard mincore(UnsafeMutableRawPointer(bitPattern: b.address), b.length, &vector) == 0 else { continue }
+                resident += vector.reduce(0) { $0 + Int($1 & 1) } * page
+            }
+            return resident
+        }
+    }
+
     func adopt(_ p: UnsafeMutableRawPointer, _ length: Int) {
         self.blocks.withLock { $0.append((UInt(bitPattern: p), length)) }
     }
@@ -83,6 +97,7 @@ final class IdleBuffers: ChannelDuplexHandler, RemovableChannelHandler {
 
     private let buffers: ConnectionBuffers
     private let after: TimeAmount
+    private let counter: ReleaseCounter?
     private let heap = ByteBufferAllocator()
     private var timer: Scheduled<Void>?
     private var busy = false
@@ -90,9 +105,10 @@ final class IdleBuffers: ChannelDuplexHandler, RemovableChannelHandler {
     /// Releases done on this connection (for tests).
     private(set) var releases = 0
 
-    init(buffers: ConnectionBuffers, after: TimeAmount) {
+    init(buffers: ConnectionBuffers, after: TimeAmount, counter: ReleaseCounter? = nil) {
         self.buffers = buffers
         self.after = after
+        self.counter = counter
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -145,6 +161,14 @@ final class IdleBuffers: ChannelDuplexHandler, RemovableChannelHandler {
             }
             self.buffers.release()
             self.releases += 1
+            self.counter?.add()
         }
     }
+}
+
+/// Releases of idle connections' TLS buffers, counted over a server.
+final class ReleaseCounter: Sendable {
+    private let count = Atomic<Int>(0)
+    func add() { self.count.add(1, ordering: .relaxed) }
+    var value: Int { self.count.load(ordering: .relaxed) }
 }

@@ -66,6 +66,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     let logger: Logger
     let group: any EventLoopGroup
     private let slots: ConnectionSlots
+    private let releases = ReleaseCounter()
     private let listening = AsyncOnce<SocketAddress>()
 
     public init(
@@ -93,6 +94,9 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     /// Open connections right now.
     public var connectionCount: Int { self.slots.count }
 
+    /// Times an idle TLS connection gave the pages of its buffers back (`releaseIdleBuffersAfter`).
+    public var idleBufferReleases: Int { self.releases.value }
+
     /// Connections closed to make room for new ones (see `maxConnections`).
     public var evictedConnections: Int { self.slots.evictions }
 
@@ -102,6 +106,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         let slots = self.slots
         let logger = self.logger
         let accepted = AcceptedConnections()
+        let releases = self.releases
         do {
             server = try await ServerBootstrap(group: self.group)
                 .serverChannelInitializer { channel in
@@ -134,7 +139,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                                     )
                                 }
                                 try channel.pipeline.syncOperations.addHandler(
-                                    IdleBuffers(buffers: buffers, after: after)
+                                    IdleBuffers(buffers: buffers, after: after, counter: releases)
                                 )
                             } else {
                                 try channel.pipeline.syncOperations.addHandler(
