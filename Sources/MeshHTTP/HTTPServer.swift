@@ -294,7 +294,16 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         request.peerIdentity = peer?.identity
         request.peerCertificate = peer?.certificate
         let size = request.body.readableBytes
-        let response = await self.responder.respond(to: request)
+        // In a child task: the responder's frames (routing, decoding, the store) get stack slabs of
+        // their own, freed when it returns. Run in the connection's task they would stay allocated
+        // for the connection's life (a task keeps the slabs of its deepest call), which for an idle
+        // agent's connection was most of its memory.
+        let responder = self.responder
+        let complete = request
+        let response = await withTaskGroup(of: HTTPResponse.self) { group in
+            group.addTask { await responder.respond(to: complete) }
+            return await group.next()!
+        }
         let keepAlive = head.isKeepAlive && !self.slots.isDraining
         try await self.write(
             response,

@@ -7,6 +7,7 @@ import MeshIdentity
 import NIOCore
 import NIOPosix
 import NIOSSL
+import NIOTLS
 import PerfSupport
 import Synchronization
 
@@ -138,8 +139,7 @@ struct Idle: AsyncParsableCommand {
 
         let credentials = try CredentialFiles(directory: pki, name: "admin").load()
         let context = try MeshTLS.clientContext(credentials)
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        defer { try? group.syncShutdownGracefully() }
+        let group = MultiThreadedEventLoopGroup.singleton
         var peers: [(Channel, Peer)] = []
         peers.reserveCapacity(n)
         // 1. Connections, handshakes only (64 at a time).
