@@ -167,7 +167,9 @@ import class ServiceLifecycle.ServiceGroup
                 let before = server.idleBufferReleases
                 s.send("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: \(size)\r\n\r\n" + body)
                 let reply = s.readFirstResponse()
-                replies.append(reply.hasSuffix("\r\n\r\n" + body) ? "ok \(size)" : "wrong \(size): \(reply.prefix(200))")
+                replies.append(
+                    reply.hasSuffix("\r\n\r\n" + body) ? "ok \(size)" : "wrong \(size): \(reply.prefix(200))"
+                )
                 // Wait (bounded) for this connection's release before the next request.
                 let deadline = ContinuousClock.now + .seconds(10)
                 while server.idleBufferReleases == before, ContinuousClock.now < deadline {

@@ -39,6 +39,8 @@ struct Idle: AsyncParsableCommand {
     var wrapper: String?
     @Option(help: "Seconds to wait after each stage before reading memory.") var settle = 3.0
     @Option(help: "Write the figures as JSON to this file.") var json: String?
+    @Option(help: "Seconds to hold the connections open at the end (to probe the replica from outside).")
+    var hold = 0.0
 
     /// One raw connection: counts what it received, keeps the text of the last answer's start.
     final class Peer: ChannelInboundHandler, Sendable {
@@ -200,6 +202,11 @@ struct Idle: AsyncParsableCommand {
                 options: [.prettyPrinted, .sortedKeys]
             ).write(to: URL(fileURLWithPath: path))
         }
+        if self.hold > 0 {
+            print("holding \(n) connections for \(self.hold) s: replica pid \(pid)")
+            fflush(nil)
+            try await Task.sleep(for: .seconds(self.hold))
+        }
         for (channel, _) in peers { channel.close(promise: nil) }
     }
 
@@ -224,24 +231,24 @@ struct Idle: AsyncParsableCommand {
         return (ProcessStats.rss(pid), ProcessStats.rssAnon(pid))
     }
 
-    /// The mesh-control process: `launched` itself, or its descendant when a wrapper started it.
+    /// The mesh-control process: `launched` itself, or the one a wrapper started (which may have
+    /// left it to init): the process whose command line holds this run's data directory.
     func controlPID(_ launched: Int32) async throws -> Int32 {
         let name = URL(fileURLWithPath: self.control).lastPathComponent
+        let marker = self.work + "/r0"
         for _ in 0..<100 {
-            var queue = [launched]
-            while let p = queue.first {
-                queue.removeFirst()
-                if let comm = try? String(contentsOfFile: "/proc/\(p)/comm", encoding: .utf8),
-                    name.hasPrefix(comm.trimmingCharacters(in: .whitespacesAndNewlines))
-                {
-                    return p
-                }
-                let children = (try? String(contentsOfFile: "/proc/\(p)/task/\(p)/children", encoding: .utf8)) ?? ""
-                queue += children.split(separator: " ").compactMap { Int32($0) }
+            let all = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+            for p in [launched] + all.compactMap({ Int32($0) }) {
+                guard let comm = try? String(contentsOfFile: "/proc/\(p)/comm", encoding: .utf8),
+                    name.hasPrefix(comm.trimmingCharacters(in: .whitespacesAndNewlines)),
+                    let cmd = try? String(contentsOfFile: "/proc/\(p)/cmdline", encoding: .utf8),
+                    cmd.contains(marker)
+                else { continue }
+                return p
             }
             try await Task.sleep(for: .milliseconds(100))
         }
-        throw ValidationError("no \(name) process under \(launched)")
+        throw ValidationError("no \(name) process with \(marker)")
     }
 
     func waitReady(_ pki: String, _ url: String) async throws -> (ControlClient, HTTPClientTLS) {
