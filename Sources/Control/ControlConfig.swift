@@ -70,7 +70,7 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     public var leanConnectionBuffers: Bool = true
     /// With `leanConnectionBuffers`: a TLS connection quiet this long gives the pages of its NIOSSL
     /// buffers back (MeshHTTP `ConnectionBuffers`); 0: never (for comparison in perf/scale).
-    public var idleBufferReleaseMilliseconds: Int = 1000
+    public var idleBufferReleaseMilliseconds: Int = 10000
 
     public init() {}
 

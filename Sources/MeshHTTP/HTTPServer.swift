@@ -32,7 +32,7 @@ public struct HTTPServerConfiguration: Sendable {
     public var leanBuffers = true
     /// With `leanBuffers`: how long a TLS connection must be quiet (no read, no write, nothing queued
     /// to write) before the pages of its TLS buffers are given back (`ConnectionBuffers`); nil: never.
-    public var releaseIdleBuffersAfter: TimeAmount? = .seconds(1)
+    public var releaseIdleBuffersAfter: TimeAmount? = .seconds(10)
     /// How long in-flight requests may finish after shutdown begins.
     public var drainTimeout: TimeAmount = .seconds(5)
     /// How the server's own errors (400, 408, 413, 431, 503) are written.
