@@ -350,6 +350,9 @@ let package = Package(
             dependencies: nio + [
                 "MeshHTTP", "MeshTestSupport", .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                // ConnectionBuffersTests: a TLS server with certificates of a throwaway CA.
+                "MeshIdentity", .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -428,12 +428,13 @@ public final class ControlAPI: HTTPResponder {
             }
             subscription = try await self.store.watch(after: rv, filter: filter)
         }
-        var timeout: Duration?
+        var timeout: TimeAmount?
         if let t = request.query["timeoutSeconds"] {
-            guard let seconds = Int(t), seconds > 0 else {
+            guard let seconds = Int64(t), seconds > 0 else {
                 throw Status.badRequest("timeoutSeconds must be a positive number")
             }
-            timeout = .seconds(seconds)
+            // Capped at 136 years, so that the nanoseconds fit.
+            timeout = .seconds(min(seconds, 1 << 32))
         }
         let kind = entry.type.kind
         let logger = self.logger
@@ -444,9 +445,10 @@ public final class ControlAPI: HTTPResponder {
             .stream { writer in
                 defer { subscription.cancel() }
                 writer.clientClosed.whenComplete { _ in subscription.cancel() }
+                // On the connection's event loop: a scheduled task costs a few bytes where a Task
+                // sleeping beside every idle watch cost its own stack.
                 let timer = limit.map { t in
-                    Task {
-                        try await Task.sleep(for: t)
+                    writer.clientClosed.eventLoop.scheduleTask(in: t) {
                         subscription.cancel()
                     }
                 }

@@ -68,6 +68,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     /// agents' connections keep only what they touch resident (MeshHTTP `LeanAllocator`). false: the
     /// malloc heap, as before (for comparison in perf/scale).
     public var leanConnectionBuffers: Bool = true
+    /// With `leanConnectionBuffers`: a TLS connection quiet this long gives the pages of its NIOSSL
+    /// buffers back (MeshHTTP `ConnectionBuffers`); 0: never (for comparison in perf/scale).
+    public var idleBufferReleaseMilliseconds: Int = 10000
 
     public init() {}
 
@@ -94,6 +97,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
         _ = try ListenAddress(self.listen, field: "listen")
         _ = try self.parsedCIDRs()
         if self.historyLimit < 1 { throw ManifestError("historyLimit: must be at least 1") }
+        if self.idleBufferReleaseMilliseconds < 0 {
+            throw ManifestError("idleBufferReleaseMilliseconds: must be 0 (never) or more")
+        }
         if self.bookmarkIntervalSeconds < 1 { throw ManifestError("bookmarkIntervalSeconds: must be at least 1") }
         if self.requestTimeoutSeconds < 1 { throw ManifestError("requestTimeoutSeconds: must be at least 1") }
         if self.idleTimeoutSeconds < 1 { throw ManifestError("idleTimeoutSeconds: must be at least 1") }

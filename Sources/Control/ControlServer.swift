@@ -135,6 +135,8 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         httpConfig.maxBodyBytes = config.maxBodyBytes
         httpConfig.maxConnections = config.maxConnections
         httpConfig.leanBuffers = config.leanConnectionBuffers
+        httpConfig.releaseIdleBuffersAfter =
+            config.idleBufferReleaseMilliseconds > 0 ? .milliseconds(Int64(config.idleBufferReleaseMilliseconds)) : nil
         httpConfig.renderError = ControlAPI.renderError
         httpConfig.drainTimeout = .seconds(2)
         httpConfig.requestTimeout = .seconds(Int64(config.requestTimeoutSeconds))

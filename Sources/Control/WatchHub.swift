@@ -301,7 +301,12 @@ public final class WatchSubscription: Sendable {
                     self.onEnd(self.id)
                     return nil
                 }
+                // One line: the hub's own buffer, shared by every watcher, not a copy each.
+                if items.count == 1, case .line(let b) = items[0] { return b }
                 var out = ByteBuffer()
+                out.reserveCapacity(
+                    items.reduce(0) { n, item in if case .line(let b) = item { n + b.readableBytes } else { n + 128 } }
+                )
                 for item in items {
                     switch item {
                     case .line(var b): out.writeBuffer(&b)

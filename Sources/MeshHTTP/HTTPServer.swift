@@ -30,6 +30,9 @@ public struct HTTPServerConfiguration: Sendable {
     /// Connections' large buffers (NIOSSL's 32 + 16 KiB per TLS connection) on pages of their own,
     /// so an idle connection keeps only what it touched resident (`LeanAllocator`).
     public var leanBuffers = true
+    /// With `leanBuffers`: how long a TLS connection must be quiet (no read, no write, nothing queued
+    /// to write) before the pages of its TLS buffers are given back (`ConnectionBuffers`); nil: never.
+    public var releaseIdleBuffersAfter: TimeAmount? = .seconds(10)
     /// How long in-flight requests may finish after shutdown begins.
     public var drainTimeout: TimeAmount = .seconds(5)
     /// How the server's own errors (400, 408, 413, 431, 503) are written.
@@ -63,6 +66,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     let logger: Logger
     let group: any EventLoopGroup
     private let slots: ConnectionSlots
+    private let releases = ReleaseCounter()
     private let listening = AsyncOnce<SocketAddress>()
 
     public init(
@@ -90,6 +94,9 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     /// Open connections right now.
     public var connectionCount: Int { self.slots.count }
 
+    /// Times an idle TLS connection gave the pages of its buffers back (`releaseIdleBuffersAfter`).
+    public var idleBufferReleases: Int { self.releases.value }
+
     /// Connections closed to make room for new ones (see `maxConnections`).
     public var evictedConnections: Int { self.slots.evictions }
 
@@ -99,6 +106,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         let slots = self.slots
         let logger = self.logger
         let accepted = AcceptedConnections()
+        let releases = self.releases
         do {
             server = try await ServerBootstrap(group: self.group)
                 .serverChannelInitializer { channel in
@@ -121,7 +129,23 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                         // connection without one is answered 503 after its first request.
                         _ = slots.admit(channel)
                         if let tls = config.tls {
-                            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
+                            if config.leanBuffers, let after = config.releaseIdleBuffersAfter {
+                                // NIOSSL's buffers (mapped by LeanAllocator) are tracked, and their
+                                // pages given back while the connection is idle.
+                                let buffers = ConnectionBuffers()
+                                try buffers.tracking {
+                                    try channel.pipeline.syncOperations.addHandler(
+                                        NIOSSLServerHandler(context: tls.context)
+                                    )
+                                }
+                                try channel.pipeline.syncOperations.addHandler(
+                                    IdleBuffers(buffers: buffers, after: after, counter: releases)
+                                )
+                            } else {
+                                try channel.pipeline.syncOperations.addHandler(
+                                    NIOSSLServerHandler(context: tls.context)
+                                )
+                            }
                         }
                         try channel.pipeline.syncOperations.addHandler(
                             HandshakeWatch(
@@ -270,7 +294,16 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         request.peerIdentity = peer?.identity
         request.peerCertificate = peer?.certificate
         let size = request.body.readableBytes
-        let response = await self.responder.respond(to: request)
+        // In a child task: the responder's frames (routing, decoding, the store) get stack slabs of
+        // their own, freed when it returns. Run in the connection's task they would stay allocated
+        // for the connection's life (a task keeps the slabs of its deepest call), which for an idle
+        // agent's connection was most of its memory.
+        let responder = self.responder
+        let complete = request
+        let response = await withTaskGroup(of: HTTPResponse.self) { group in
+            group.addTask { await responder.respond(to: complete) }
+            return await group.next()!
+        }
         let keepAlive = head.isKeepAlive && !self.slots.isDraining
         try await self.write(
             response,

@@ -1,4 +1,6 @@
 @_spi(CustomByteBufferAllocator) import NIOCore
+import NIOPosix
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -12,17 +14,28 @@ import Glibc
 /// Why: NIOSSL keeps two buffers per TLS connection for its whole life, a plaintext read buffer of
 /// 32 KiB and a BIO output buffer of 16 KiB, of which an idle watch uses a few hundred bytes. From the
 /// heap they cost close to their full size each once the heap has churned (41.7 KB per idle
-/// connection was measured); with pages of their own, one or two touched pages each.
+/// connection was measured); with pages of their own, the one page each that was written. That page
+/// goes too once the connection is idle: `ConnectionBuffers` gives the pages of a connection's TLS
+/// buffers back (`madvise(MADV_DONTNEED)`) when their bytes are dead.
 ///
-/// Every block carries a 16-byte header saying how it was obtained (malloc or mmap, and the mapped
-/// length), so that reallocation and release take the matching path. Smaller buffers stay on malloc:
-/// mapping costs two system calls, worth it only for blocks that live long.
+/// A mapped block starts on a page boundary and has no header (so that none of its pages must stay
+/// resident): a registry of mapped addresses and lengths tells mapped blocks from heap ones, which
+/// are plain `malloc` blocks. Only page-aligned addresses are looked up. Smaller buffers stay on
+/// malloc: mapping costs two system calls, worth it only for blocks that live long.
 public enum LeanAllocator {
     /// Blocks of at least this size are mapped.
     public static let threshold = 16 * 1024
-    static let header = 16
-    static let mappedTag: UInt64 = 0x6d65_7368_6d61_7001  // "meshmap" + 1
-    static let heapTag: UInt64 = 0x6d65_7368_6865_6101  // "meshhea" + 1
+    static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+    struct Block {
+        var length: Int
+        /// The connection whose idle release covers this block (see `ConnectionBuffers`).
+        var owner: ConnectionBuffers?
+    }
+
+    /// The mapped blocks by address.
+    private static let mapped = Mutex<[UInt: Block]>([:])
+    /// The connection adopting the blocks this thread maps now (`ConnectionBuffers.tracking`).
+    static let adopting = ThreadSpecificVariable<ConnectionBuffers>()
 
     public static let allocator = ByteBufferAllocator(
         allocate: { size in LeanAllocator.allocate(size) },
@@ -32,47 +45,61 @@ public enum LeanAllocator {
     )
 
     static func pageRounded(_ n: Int) -> Int {
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        return (n + page - 1) / page * page
+        (n + Self.pageSize - 1) / Self.pageSize * Self.pageSize
+    }
+
+    /// Mapped blocks alive now (for tests and figures).
+    public static var mappedBlocks: Int { Self.mapped.withLock { $0.count } }
+
+    /// The length of the mapping `ptr` starts, nil for a heap block.
+    static func mappedLength(_ ptr: UnsafeMutableRawPointer) -> Int? {
+        let address = UInt(bitPattern: ptr)
+        guard address % UInt(Self.pageSize) == 0 else { return nil }
+        return Self.mapped.withLock { $0[address]?.length }
     }
 
     static func allocate(_ size: Int) -> UnsafeMutableRawPointer? {
-        if size >= Self.threshold {
-            let length = Self.pageRounded(size + Self.header)
-            guard let base = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
-                base != MAP_FAILED
-            else { return Self.heap(size) }
-            base.storeBytes(of: Self.mappedTag, as: UInt64.self)
-            base.storeBytes(of: UInt64(length), toByteOffset: 8, as: UInt64.self)
-            return base + Self.header
-        }
-        return Self.heap(size)
+        Self.allocate(size, owner: size >= Self.threshold ? Self.adopting.currentValue : nil)
     }
 
-    static func heap(_ size: Int) -> UnsafeMutableRawPointer? {
-        guard let base = malloc(size + Self.header) else { return nil }
-        base.storeBytes(of: Self.heapTag, as: UInt64.self)
-        base.storeBytes(of: 0, toByteOffset: 8, as: UInt64.self)
-        return base + Self.header
+    static func allocate(_ size: Int, owner: ConnectionBuffers?) -> UnsafeMutableRawPointer? {
+        if size >= Self.threshold {
+            let length = Self.pageRounded(size)
+            if let base = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+                base != MAP_FAILED
+            {
+                Self.mapped.withLock { $0[UInt(bitPattern: base)] = Block(length: length, owner: owner) }
+                owner?.adopt(base, length)
+                return base
+            }
+        }
+        return malloc(size)
     }
 
     static func deallocate(_ ptr: UnsafeMutableRawPointer) {
-        let base = ptr - Self.header
-        if base.load(as: UInt64.self) == Self.mappedTag {
-            munmap(base, Int(base.load(fromByteOffset: 8, as: UInt64.self)))
+        let address = UInt(bitPattern: ptr)
+        if address % UInt(Self.pageSize) == 0, let block = Self.mapped.withLock({ $0.removeValue(forKey: address) }) {
+            // The owner forgets it before it is unmapped, so its release never advises a dead mapping.
+            block.owner?.forget(ptr)
+            munmap(ptr, block.length)
         } else {
-            free(base)
+            free(ptr)
         }
     }
 
     static func reallocate(_ ptr: UnsafeMutableRawPointer?, _ old: Int, _ new: Int) -> UnsafeMutableRawPointer? {
         guard let ptr else { return Self.allocate(new) }
-        let base = ptr - Self.header
-        if base.load(as: UInt64.self) == Self.heapTag && new < Self.threshold {
-            guard let grown = realloc(base, new + Self.header) else { return nil }
-            return grown + Self.header
-        }
-        guard let fresh = Self.allocate(new) else { return nil }
+        let address = UInt(bitPattern: ptr)
+        let block = address % UInt(Self.pageSize) == 0 ? Self.mapped.withLock { $0[address] } : nil
+        if block == nil && new < Self.threshold { return realloc(ptr, new) }
+        if let block, new <= block.length, new >= Self.threshold { return ptr }
+        // A block of a connection's TLS buffers stays one when it moves.
+        guard
+            let fresh = Self.allocate(
+                new,
+                owner: block?.owner ?? (new >= Self.threshold ? Self.adopting.currentValue : nil)
+            )
+        else { return nil }
         fresh.copyMemory(from: ptr, byteCount: min(old, new))
         Self.deallocate(ptr)
         return fresh

@@ -3,9 +3,16 @@ import Foundation
 /// What the benchmarks read about a process from /proc.
 public enum ProcessStats {
     /// VmRSS of process `pid` in bytes (0 when it cannot be read).
-    public static func rss(_ pid: Int32) -> Int {
+    public static func rss(_ pid: Int32) -> Int { self.status(pid, "VmRSS:") }
+
+    /// RssAnon of process `pid` in bytes: its resident heap and anonymous mappings, without the pages
+    /// of its binary and libraries (0 when it cannot be read).
+    public static func rssAnon(_ pid: Int32) -> Int { self.status(pid, "RssAnon:") }
+
+    /// A kB field of /proc/PID/status, in bytes.
+    static func status(_ pid: Int32, _ field: String) -> Int {
         guard pid > 0, let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return 0 }
-        for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+        for line in text.split(separator: "\n") where line.hasPrefix(field) {
             return (line.split(separator: " ").compactMap { Int($0) }.first ?? 0) * 1024
         }
         return 0
