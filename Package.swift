@@ -368,6 +368,7 @@ let package = Package(
             dependencies: nio + [
                 "DNS", "MeshCore", "MeshTestSupport",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
@@ -389,6 +390,7 @@ let package = Package(
             dependencies: nio + [
                 "Relay", "MeshCore", "MeshHTTP", "MeshTestSupport", "MeshWire", "MeshClient", "MeshIdentity",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),

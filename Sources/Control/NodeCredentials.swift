@@ -51,7 +51,7 @@ struct NodeCredentials: Sendable {
         ObjectKey(resource: role == .relay ? Self.relayIssuedResource : Self.issuedResource, namespace: "", name: node)
     }
 
-    static func identity(_ name: String, role: JoinRole) -> MeshIdentity {
+    static func identity(_ name: String, role: JoinRole) -> MeshPrincipal {
         role == .relay ? .relay(name) : .node(name)
     }
 
@@ -162,7 +162,7 @@ struct NodeCredentials: Sendable {
 
     private func revoke(
         _ entries: [Entry],
-        identity: MeshIdentity,
+        identity: MeshPrincipal,
         reason: String
     ) async throws -> [RevokedCertificate] {
         var done: [RevokedCertificate] = []
@@ -191,7 +191,7 @@ struct NodeCredentials: Sendable {
         guard self.revoked.contains(serial) else { return nil }
         let who = request.peerIdentity ?? "this client"
         var fix = ""
-        if case .node(let name) = request.peerIdentity.flatMap({ MeshIdentity(uri: $0) }) {
+        if case .node(let name) = request.peerIdentity.flatMap({ MeshPrincipal(uri: $0) }) {
             fix =
                 ": the node must join again (meshctl delete node \(name), or a token bound to it: meshctl token create --node \(name))"
         }
@@ -294,7 +294,7 @@ extension ControlAPI {
                     namespace: nil,
                     urlName: name,
                     createOnly: true,
-                    writer: MeshIdentity.control("mesh-control").uri
+                    writer: MeshPrincipal.control("mesh-control").uri
                 )
             } catch StoreError.alreadyExists {
                 throw BootstrapTokenStore.nameTaken(name)
@@ -336,7 +336,7 @@ extension ControlAPI {
     func renew(_ request: HTTPRequest, node: String, role: JoinRole = .node) async throws -> HTTPResponse {
         guard let ca = self.ca else { throw Self.noCA }
         let identity = NodeCredentials.identity(node, role: role)
-        guard request.peerIdentity.flatMap({ MeshIdentity(uri: $0) }) == identity else {
+        guard request.peerIdentity.flatMap({ MeshPrincipal(uri: $0) }) == identity else {
             throw Status(
                 code: 403,
                 reason: .forbidden,

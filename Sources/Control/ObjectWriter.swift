@@ -50,10 +50,10 @@ extension ControlManaged {
 extension Endpoints: ControlManaged {}
 extension Relay: ControlManaged {}
 
-extension Service: ControlManaged {
+extension MeshService: ControlManaged {
     static func prepare(
-        _ object: inout Service,
-        existing: Service?,
+        _ object: inout MeshService,
+        existing: MeshService?,
         writer: String?,
         in w: ObjectWriter
     ) throws
@@ -65,16 +65,16 @@ extension Service: ControlManaged {
         return plan
     }
 
-    static func written(_ object: Service, plan: WritePlan, in w: ObjectWriter) {
+    static func written(_ object: MeshService, plan: WritePlan, in w: ObjectWriter) {
         if let ip = plan.vip { w.vips.markUsed(ip) }
     }
 
-    static func reservationTaken(_ input: Service, plan: WritePlan, owner: String, in w: ObjectWriter) throws {
+    static func reservationTaken(_ input: MeshService, plan: WritePlan, owner: String, in w: ObjectWriter) throws {
         guard let vip = plan.vip else { return }
         if input.spec.clusterIP != nil {
             throw Status.invalid(
                 ValidationError(
-                    kind: Service.resource.kind,
+                    kind: MeshService.resource.kind,
                     name: input.metadata.name,
                     fields: [FieldError("spec.clusterIP", "\(vip) is already allocated to \(owner)")]
                 )
@@ -84,7 +84,7 @@ extension Service: ControlManaged {
         w.vips.markUsed(vip)
     }
 
-    static func deleted(_ object: Service, in w: ObjectWriter) {
+    static func deleted(_ object: MeshService, in w: ObjectWriter) {
         if let ip = object.spec.vip { w.vips.markFree(ip) }
     }
 }
@@ -124,7 +124,7 @@ struct ObjectWriter: Sendable {
 
     /// The kinds the API serves, by plural: each with its policy.
     static let served: [String: any ControlManaged.Type] = [
-        Service.resource.plural: Service.self,
+        MeshService.resource.plural: MeshService.self,
         Endpoints.resource.plural: Endpoints.self,
         Node.resource.plural: Node.self,
         Relay.resource.plural: Relay.self,
@@ -255,7 +255,7 @@ struct ObjectWriter: Sendable {
     }
 
     /// Keeps, checks or allocates the service's VIP. Returns the VIP to reserve, if any.
-    func assignVIP(_ service: inout Service, existing: Service?) throws -> IPAddress? {
+    func assignVIP(_ service: inout MeshService, existing: MeshService?) throws -> IPAddress? {
         let name = service.metadata.name
         let invalid = { (message: String) -> Status in
             Status.invalid(
@@ -309,7 +309,7 @@ struct ObjectWriter: Sendable {
     /// body's status is ignored; a node writing itself counts as a heartbeat (Ready).
     func nodeStatus(_ node: Node, existing: Node?, writer: String?) -> (NodeStatus?, beat: Bool) {
         let selfWrite: Bool
-        if case .node(let n) = writer.flatMap({ MeshIdentity(uri: $0) }), n == node.metadata.name {
+        if case .node(let n) = writer.flatMap({ MeshPrincipal(uri: $0) }), n == node.metadata.name {
             selfWrite = true
         } else {
             selfWrite = false

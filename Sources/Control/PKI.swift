@@ -92,7 +92,7 @@ public struct ControlPKI: Sendable {
     static func usable(
         _ files: CredentialFiles,
         ca: CertificateAuthority,
-        identity: MeshIdentity,
+        identity: MeshPrincipal,
         dnsNames: [String]?,
         ips: [IPAddress]?
     ) -> Bool {

@@ -51,7 +51,7 @@ public enum Authorization {
                 )
             )
         }
-        let identity = MeshIdentity(uri: text)
+        let identity = MeshPrincipal(uri: text)
         switch identity {
         case .admin:
             return .allow

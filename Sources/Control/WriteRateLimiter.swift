@@ -47,7 +47,7 @@ public final class WriteRateLimiter: Sendable {
 
     /// The limit that applies to `identity`.
     func limit(for identity: String) -> Limit {
-        if case .admin = MeshIdentity(uri: identity) { return self.adminLimit }
+        if case .admin = MeshPrincipal(uri: identity) { return self.adminLimit }
         return self.nodeLimit
     }
 

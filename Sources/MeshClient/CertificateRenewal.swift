@@ -69,7 +69,7 @@ public final class CertificateRenewer: Sendable {
         }
         try self.files.write(keyPEM: try key.keyPEM(), certificatePEM: answer.certificate, caPEM: old.caPEM)
         let loaded = try self.files.load()
-        let wanted: MeshIdentity = self.role == .relay ? .relay(self.nodeName) : .node(self.nodeName)
+        let wanted: MeshPrincipal = self.role == .relay ? .relay(self.nodeName) : .node(self.nodeName)
         guard loaded.identity == wanted else {
             throw IdentityError(
                 "the renewed certificate is for \(loaded.identity?.uri ?? "no identity"), not \(wanted.uri)"

@@ -32,7 +32,7 @@ public enum NodeEnrolment {
         logger: Logger
     ) async throws -> LoadedCredentials {
         let files = Self.files(stateDir: stateDir, role: role)
-        let wanted: MeshIdentity = role == .relay ? .relay(nodeName) : .node(nodeName)
+        let wanted: MeshPrincipal = role == .relay ? .relay(nodeName) : .node(nodeName)
         if files.allExist || PEMFiles.exists(files.key) {
             let loaded = try files.load()
             guard loaded.identity == wanted else {

@@ -60,7 +60,7 @@ public final class Dashboard: ServiceLifecycle.Service, Sendable {
             group.addTask { try await server.run() }
             group.addTask { await Self.follow(Node.self, client, logger) { picture.apply($0) } }
             group.addTask { await Self.follow(MeshCore.Relay.self, client, logger) { picture.apply($0) } }
-            group.addTask { await Self.follow(MeshCore.Service.self, client, logger) { picture.apply($0) } }
+            group.addTask { await Self.follow(MeshService.self, client, logger) { picture.apply($0) } }
             group.addTask { await Self.follow(Endpoints.self, client, logger) { picture.apply($0) } }
             try await group.next()
             group.cancelAll()

@@ -137,7 +137,8 @@ enum InspectTables {
     }
 
     /// A heading per service port (policy, listener, counters), then its endpoints: address, node, site,
-    /// weight, health, path (with the relay of a relayed link), link RTT, active, total and failed.
+    /// weight, health, path (with the relay of a relayed link), link RTT, active, total, failed, and the bytes
+    /// sent to it and received from it by the connections and requests that ended.
     /// `endpointIndependent (TCP), endpointIndependent (UDP), seen as 198.18.0.2:7900`.
     static func nat(_ v: JSONValue?) -> String {
         guard let v, v != .null else { return "<none> (not measured)" }
@@ -167,13 +168,14 @@ enum InspectTables {
                 return [
                     cell(e["address"]), cell(e["node"]), cell(e["site"]), cell(e["weight"]), health, path,
                     rtt(e["rttMicros"]), cell(e["active"]), cell(e["total"]), cell(e["failures"]),
+                    "\(PeersView.shortBytes(e["bytesIn"]))/\(PeersView.shortBytes(e["bytesOut"]))",
                 ]
             }
             out +=
                 rows.isEmpty
                 ? "no endpoints\n"
                 : Printer.table(
-                    ["ENDPOINT", "NODE", "SITE", "W", "HEALTH", "PATH", "RTT", "ACT", "TOTAL", "FAIL"],
+                    ["ENDPOINT", "NODE", "SITE", "W", "HEALTH", "PATH", "RTT", "ACT", "TOTAL", "FAIL", "IN/OUT"],
                     rows
                 )
         }

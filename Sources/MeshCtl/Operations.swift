@@ -400,6 +400,12 @@ enum PeersView {
         }
         return unit == 0 ? "\(n)B" : String(format: "%.1f%@", value, units[unit])
     }
+
+    /// `bytes` without the `iB` (`2.0K`, `1.0M`, `512B`): for a column of two sizes.
+    static func shortBytes(_ v: JSONValue?) -> String {
+        let text = Self.bytes(v)
+        return text.hasSuffix("iB") ? String(text.dropLast(2)) : text
+    }
 }
 
 /// `meshctl routes` as a table.

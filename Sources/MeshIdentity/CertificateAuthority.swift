@@ -22,7 +22,7 @@ public struct IssuedCredential: Sendable {
 
 /// The mesh's certificate authority: an ECDSA P-256 key and a self-signed CA certificate. It issues
 /// the control plane's serving certificate, admin client certificates and, from CSRs, node
-/// certificates; each carries exactly one identity (`MeshIdentity`) in a URI SAN.
+/// certificates; each carries exactly one identity (`MeshPrincipal`) in a URI SAN.
 public struct CertificateAuthority: Sendable {
     public let key: Certificate.PrivateKey
     public let certificate: Certificate
@@ -128,7 +128,7 @@ public struct CertificateAuthority: Sendable {
     /// Issues a certificate for `identity` on `publicKey`: the identity's URI SAN plus, for serving
     /// certificates, DNS names and IP addresses.
     public func issue(
-        identity: MeshIdentity,
+        identity: MeshPrincipal,
         publicKey: Certificate.PublicKey,
         dnsNames: [String] = [],
         ipAddresses: [IPAddress] = [],
@@ -170,7 +170,7 @@ public struct CertificateAuthority: Sendable {
 
     /// A fresh key and a certificate for it.
     public func issueCredential(
-        identity: MeshIdentity,
+        identity: MeshPrincipal,
         dnsNames: [String] = [],
         ipAddresses: [IPAddress] = [],
         serverAuth: Bool,
@@ -278,10 +278,10 @@ public struct NodeKey: Sendable {
 }
 
 /// The identity in a certificate: the first `mesh://` URI SAN that parses.
-public func meshIdentity(of certificate: Certificate) -> MeshIdentity? {
+public func meshIdentity(of certificate: Certificate) -> MeshPrincipal? {
     guard let sans = try? certificate.extensions.subjectAlternativeNames else { return nil }
     for name in sans {
-        if case .uniformResourceIdentifier(let uri) = name, let identity = MeshIdentity(uri: uri) {
+        if case .uniformResourceIdentifier(let uri) = name, let identity = MeshPrincipal(uri: uri) {
             return identity
         }
     }

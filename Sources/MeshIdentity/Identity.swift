@@ -5,7 +5,7 @@ import MeshCore
 /// Scheme: `mesh://<role>/<name>`, with role `admin` (operators, meshctl), `node` (an enrolled agent,
 /// name = the node's DNS-1123 name), `control` (the control plane's serving certificate) or `relay`
 /// (a relay's serving certificate).
-public enum MeshIdentity: Sendable, Hashable, CustomStringConvertible {
+public enum MeshPrincipal: Sendable, Hashable, CustomStringConvertible {
     case admin(String)
     case node(String)
     case control(String)

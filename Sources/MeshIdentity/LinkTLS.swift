@@ -19,14 +19,14 @@ public final class ClientVerifier: Sendable {
     public let revoked: RevokedSerials?
     /// What is required, for messages: "a node (mesh://node/...)".
     public let wanted: String
-    private let accepts: @Sendable (MeshIdentity) -> Bool
+    private let accepts: @Sendable (MeshPrincipal) -> Bool
     private let failure = Mutex<PeerVerifier.Refusal?>(nil)
 
     public init(
         trust: [Certificate],
         wanted: String,
         revoked: RevokedSerials? = nil,
-        accepts: @escaping @Sendable (MeshIdentity) -> Bool
+        accepts: @escaping @Sendable (MeshPrincipal) -> Bool
     ) {
         self.trust = trust
         self.wanted = wanted
@@ -41,7 +41,7 @@ public final class ClientVerifier: Sendable {
     public var callback: @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResult>) -> Void {
         { chain, promise in
             let parsed = chain.compactMap { c in (try? c.toDERBytes()).flatMap { try? Certificate(derEncoded: $0) } }
-            let result: Result<MeshIdentity, PeerVerifier.Refusal> =
+            let result: Result<MeshPrincipal, PeerVerifier.Refusal> =
                 parsed.count == chain.count
                 ? self.verify(parsed)
                 : .failure(PeerVerifier.Refusal(.untrusted, "the client's certificate chain does not parse"))
@@ -55,7 +55,7 @@ public final class ClientVerifier: Sendable {
     }
 
     /// Checks a presented chain (leaf first); the identity of the leaf when it passes.
-    public func verify(_ chain: [Certificate], now: Date = Date()) -> Result<MeshIdentity, PeerVerifier.Refusal> {
+    public func verify(_ chain: [Certificate], now: Date = Date()) -> Result<MeshPrincipal, PeerVerifier.Refusal> {
         guard let leaf = chain.first else {
             return .failure(PeerVerifier.Refusal(.untrusted, "the client sent no certificate"))
         }
@@ -96,7 +96,7 @@ public final class ClientVerifier: Sendable {
 /// a client context presenting this node's certificate, a server context that *requires* one, and the
 /// verifiers: the dialer requires exactly the node it meant, the acceptor any `mesh://node/...`.
 public final class MeshLinkTLS: Sendable {
-    public let identity: MeshIdentity
+    public let identity: MeshPrincipal
     public let trust: [Certificate]
     public let revoked: RevokedSerials?
     public let clientContext: NIOSSLContext
@@ -141,7 +141,7 @@ public final class MeshLinkTLS: Sendable {
     }
 
     /// The dialer's check: the server is exactly `peer`.
-    public func dialerVerifier(expect peer: MeshIdentity) -> PeerVerifier {
+    public func dialerVerifier(expect peer: MeshPrincipal) -> PeerVerifier {
         PeerVerifier(expected: .exactly(peer), trust: .certificates(self.trust), revoked: self.revoked)
     }
 

@@ -17,9 +17,9 @@ public enum ExpectedPeer: Sendable, Hashable, CustomStringConvertible {
     /// The control plane: any `mesh://control/<name>`.
     case controlPlane
     /// Exactly this identity: a link to `mesh://node/B`, a relay `mesh://relay/R`.
-    case exactly(MeshIdentity)
+    case exactly(MeshPrincipal)
 
-    public func accepts(_ identity: MeshIdentity?) -> Bool {
+    public func accepts(_ identity: MeshPrincipal?) -> Bool {
         switch (self, identity) {
         case (.controlPlane, .control?): return true
         case (.exactly(let wanted), let got?): return wanted == got
@@ -109,7 +109,7 @@ public final class PeerVerifier: Sendable {
     }
 
     /// Checks a presented chain (leaf first); the identity of the leaf when it passes.
-    public func verify(_ chain: [NIOSSLCertificate], now: Date = Date()) -> Result<MeshIdentity, Refusal> {
+    public func verify(_ chain: [NIOSSLCertificate], now: Date = Date()) -> Result<MeshPrincipal, Refusal> {
         let parsed = chain.compactMap { c in (try? c.toDERBytes()).flatMap { try? Certificate(derEncoded: $0) } }
         guard parsed.count == chain.count, !parsed.isEmpty else {
             return .failure(Refusal(.untrusted, "the server's certificate chain does not parse"))
@@ -117,7 +117,7 @@ public final class PeerVerifier: Sendable {
         return self.verify(parsed, now: now)
     }
 
-    public func verify(_ chain: [Certificate], now: Date = Date()) -> Result<MeshIdentity, Refusal> {
+    public func verify(_ chain: [Certificate], now: Date = Date()) -> Result<MeshPrincipal, Refusal> {
         guard let leaf = chain.first else { return .failure(Refusal(.untrusted, "the server sent no certificate")) }
         let cas: [Certificate]
         switch self.trust {

@@ -70,7 +70,7 @@ public struct LoadedCredentials: Sendable {
     public var certificate: Certificate
     public var caCertificate: Certificate
 
-    public var identity: MeshIdentity? { meshIdentity(of: self.certificate) }
+    public var identity: MeshPrincipal? { meshIdentity(of: self.certificate) }
 }
 
 /// TLS settings of the mesh: TLS 1.3 only, ECDSA P-256 certificates from the mesh CA.
@@ -163,7 +163,7 @@ public enum MeshTLS {
     }
 
     /// The identity in a peer's (already verified) certificate.
-    public static func identity(of certificate: NIOSSLCertificate) -> MeshIdentity? {
+    public static func identity(of certificate: NIOSSLCertificate) -> MeshPrincipal? {
         guard let der = try? certificate.toDERBytes(), let parsed = try? Certificate(derEncoded: der) else {
             return nil
         }

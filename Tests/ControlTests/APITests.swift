@@ -16,8 +16,8 @@ func service(
     ns: String = "shop",
     ports: [ServicePort] = [ServicePort(name: "http", port: 80, protocol: .http)],
     clusterIP: String? = nil
-) -> Service {
-    Service(
+) -> MeshService {
+    MeshService(
         metadata: ObjectMeta(name: name, namespace: ns, labels: ["app": name]),
         spec: ServiceSpec(ports: ports, clusterIP: clusterIP)
     )
@@ -32,7 +32,7 @@ func service(
         #expect(CIDR("127.77.0.0/16")!.contains(vip))
         #expect(created.spec.ipFamily == .ipv4)
         #expect(created.metadata.uid != nil && created.metadata.creationTimestamp != nil)
-        #expect(try await cp.client.get(Service.self, namespace: "shop", name: "web") == created)
+        #expect(try await cp.client.get(MeshService.self, namespace: "shop", name: "web") == created)
 
         // Applying the same object again changes nothing: same version, no event.
         let (same, sameIsNew) = try await cp.client.apply(service("web"))
@@ -46,14 +46,14 @@ func service(
         #expect(updated.spec.clusterIP == created.spec.clusterIP)
         #expect(updated.metadata.uid == created.metadata.uid)
 
-        let list = try await cp.client.list(Service.self, namespace: "shop")
+        let list = try await cp.client.list(MeshService.self, namespace: "shop")
         #expect(list.kind == "ServiceList" && list.items.map(\.metadata.name) == ["web"])
         #expect(list.metadata.resourceVersion == updated.metadata.resourceVersion)
 
-        let gone = try await cp.client.delete(Service.self, namespace: "shop", name: "web")
+        let gone = try await cp.client.delete(MeshService.self, namespace: "shop", name: "web")
         #expect(gone.metadata.version! > updated.metadata.version!)
         await #expect {
-            try await cp.client.get(Service.self, namespace: "shop", name: "web")
+            try await cp.client.get(MeshService.self, namespace: "shop", name: "web")
         } throws: { ($0 as? Status)?.code == 404 && ($0 as? Status)?.reason == .notFound }
         try await cp.stop()
     }
@@ -81,7 +81,7 @@ func service(
 
     @Test func vipsAreUniqueUnderConcurrencyAndReleasedOnDelete() async throws {
         let cp = try await RunningControl { $0.serviceCIDRs = ["198.18.0.0/27"] }  // 30 usable
-        let created = try await withThrowingTaskGroup(of: Service.self) { group in
+        let created = try await withThrowingTaskGroup(of: MeshService.self) { group in
             for i in 0..<30 { group.addTask { try await cp.client.apply(service("s\(i)")).object } }
             return try await group.reduce(into: []) { $0.append($1) }
         }
@@ -90,7 +90,7 @@ func service(
         await #expect {
             try await cp.client.apply(service("overflow"))
         } throws: { ($0 as? Status)?.message.contains("no free VIP left in 198.18.0.0/27") == true }
-        let freed = try await cp.client.delete(Service.self, namespace: "shop", name: "s7").spec.clusterIP
+        let freed = try await cp.client.delete(MeshService.self, namespace: "shop", name: "s7").spec.clusterIP
         let again = try await cp.client.apply(service("overflow")).object
         #expect(again.spec.clusterIP == freed)
         try await cp.stop()
@@ -125,7 +125,7 @@ func service(
         let writes = 60
         let seen = Task {
             var got: [Int64] = []
-            try await cp.client.watch(Service.self, namespace: "shop", after: start) { event in
+            try await cp.client.watch(MeshService.self, namespace: "shop", after: start) { event in
                 switch event {
                 case .added(let o), .modified(let o), .deleted(let o): got.append(o.metadata.version!)
                 case .bookmark, .error: break
@@ -141,7 +141,7 @@ func service(
                         var s = service("w\(w)-\(i % 4)")
                         s.metadata.labels = ["i": "\(i)"]
                         if i % 5 == 4 {
-                            try await cp.client.delete(Service.self, namespace: "shop", name: s.metadata.name)
+                            try await cp.client.delete(MeshService.self, namespace: "shop", name: s.metadata.name)
                         } else {
                             try await cp.client.apply(s)
                         }
@@ -160,7 +160,7 @@ func service(
         for n in ["a", "b"] { try await cp.client.apply(service(n)) }
         try await cp.client.apply(service("c", ns: "other"))
         var names: [String] = []
-        try await cp.client.watch(Service.self, namespace: "shop", after: nil) { event in
+        try await cp.client.watch(MeshService.self, namespace: "shop", after: nil) { event in
             if case .added(let s) = event { names.append(s.metadata.name) }
             if names.count == 2 { try await cp.client.apply(service("d")) }
             return names.count < 3
@@ -173,7 +173,7 @@ func service(
         let cp = try await RunningControl { $0.historyLimit = 5 }
         for i in 0..<12 { try await cp.client.apply(service("s\(i)")) }
         await #expect {
-            try await cp.client.watch(Service.self, after: 2) { _ in false }
+            try await cp.client.watch(MeshService.self, after: 2) { _ in false }
         } throws: { e in
             let s = e as? Status
             return s?.code == 410 && s?.reason == .gone && s?.message.contains("too old") == true
@@ -187,7 +187,7 @@ func service(
         try await cp.client.apply(service("other", ns: "elsewhere"))
         let rv = try await cp.rv()
         var bookmark: Int64?
-        try await cp.client.watch(Service.self, namespace: "shop", after: rv - 1, timeoutSeconds: 10) { event in
+        try await cp.client.watch(MeshService.self, namespace: "shop", after: rv - 1, timeoutSeconds: 10) { event in
             if case .bookmark(let v) = event { bookmark = v }
             return bookmark == nil
         }
@@ -203,7 +203,7 @@ func service(
         let rv = try await cp.rv()
         try await cp.stop()
         cp = try await RunningControl(dir: dir)
-        #expect(try await cp.client.get(Service.self, namespace: "shop", name: "web") == before)
+        #expect(try await cp.client.get(MeshService.self, namespace: "shop", name: "web") == before)
         #expect(try await cp.rv() == rv)
         let after = try await cp.client.apply(service("db")).object
         #expect(after.metadata.version! == rv + 1)

@@ -42,7 +42,7 @@ import Testing
 
     func expectUnchangedAndServing(_ cp: RunningControl, rv: Int64) async throws {
         #expect(try await cp.rv() == rv)
-        #expect(try await cp.client.list(Service.self).items.map(\.metadata.name) == ["keep"])
+        #expect(try await cp.client.list(MeshService.self).items.map(\.metadata.name) == ["keep"])
     }
 
     static let valid =

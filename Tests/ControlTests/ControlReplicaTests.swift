@@ -53,7 +53,7 @@ import Testing
             try await group.waitForAll()
         }
         for cp in cps {
-            let items = try await cp.client.list(Service.self).items
+            let items = try await cp.client.list(MeshService.self).items
             #expect(items.count == 60)
             let vips = items.compactMap(\.spec.clusterIP)
             #expect(vips.count == 60)
@@ -115,7 +115,7 @@ import Testing
         let client = ControlClient(endpoints: [a.endpoint, b.endpoint], tls: tls)
         var tasks: [Task<Void, Never>] = []
         for w in 0..<watchers {
-            var reflector = Reflector<Service>(client: client, logger: logger)
+            var reflector = Reflector<MeshService>(client: client, logger: logger)
             reflector.backoff.initial = .milliseconds(50)
             tasks.append(
                 Task {
@@ -161,7 +161,7 @@ final class WatcherLog: Sendable {
 
     init(_ n: Int) { self.state = Mutex(Array(repeating: Entry(), count: n)) }
 
-    func record(_ w: Int, _ update: ReflectorUpdate<Service>) {
+    func record(_ w: Int, _ update: ReflectorUpdate<MeshService>) {
         self.state.withLock { s in
             switch update {
             case .replaced: s[w].lists += 1

@@ -5,21 +5,21 @@ import Testing
 /// The identity scheme and what the CA is willing to sign.
 @Suite struct IdentityTests {
     @Test func identityURIsParseOnlyWhenWellFormed() {
-        #expect(MeshIdentity(uri: "mesh://node/edge-a1") == .node("edge-a1"))
-        #expect(MeshIdentity(uri: "mesh://admin/admin") == .admin("admin"))
-        #expect(MeshIdentity.node("edge-a1").uri == "mesh://node/edge-a1")
-        #expect(MeshIdentity(uri: "mesh://relay/r1") == .relay("r1"))
-        #expect(MeshIdentity.relay("r1").uri == "mesh://relay/r1")
+        #expect(MeshPrincipal(uri: "mesh://node/edge-a1") == .node("edge-a1"))
+        #expect(MeshPrincipal(uri: "mesh://admin/admin") == .admin("admin"))
+        #expect(MeshPrincipal.node("edge-a1").uri == "mesh://node/edge-a1")
+        #expect(MeshPrincipal(uri: "mesh://relay/r1") == .relay("r1"))
+        #expect(MeshPrincipal.relay("r1").uri == "mesh://relay/r1")
         for bad in [
             "mesh://node/", "mesh://node/Edge_A", "mesh://root/x", "spiffe://node/x", "mesh://node/a/b", "mesh://node",
         ] {
-            #expect(MeshIdentity(uri: bad) == nil, "\(bad)")
+            #expect(MeshPrincipal(uri: bad) == nil, "\(bad)")
         }
     }
 
     @Test func whatEachExpectedPeerAccepts() {
         #expect(ExpectedPeer.controlPlane.accepts(.control("mesh-control")))
-        for other: MeshIdentity? in [.node("control"), .admin("admin"), .relay("r"), nil] {
+        for other: MeshPrincipal? in [.node("control"), .admin("admin"), .relay("r"), nil] {
             #expect(!ExpectedPeer.controlPlane.accepts(other), "\(String(describing: other))")
         }
         #expect(ExpectedPeer.exactly(.node("b")).accepts(.node("b")))

@@ -111,7 +111,7 @@ import X509
         let (second, _) = try await self.join(cp, "n1", token)
         #expect(try await cp.client.get(Node.self, name: "n1").status?.phase == .unknown)
         try await second.apply(self.node("n1", site: "b"))
-        let old = await #expect(throws: Status.self) { _ = try await first.list(Service.self) }
+        let old = await #expect(throws: Status.self) { _ = try await first.list(MeshService.self) }
         #expect(old?.code == 401)
         #expect(try await cp.client.get(Node.self, name: "n1").spec.site == "b")
         try await cp.stop()
@@ -149,7 +149,7 @@ import X509
         // An admin client (meshctl) and a node client (agent) refuse it: it is not the control plane.
         for credentials in [admin] {
             let client = try ControlClient(endpoint: fake.endpoint, credentials: credentials)
-            let error = await #expect(throws: HTTPClientError.self) { _ = try await client.list(Service.self) }
+            let error = await #expect(throws: HTTPClientError.self) { _ = try await client.list(MeshService.self) }
             #expect(error?.message.contains("presented mesh://node/a, not the control plane") == true, "\(error!)")
         }
         let agent = try cp.client(try cp.issue(.node("b")))
@@ -167,7 +167,7 @@ import X509
         }
         #expect(wrong?.message.contains("presented mesh://node/a, not mesh://node/b") == true, "\(wrong!)")
         // The real control plane passes the same check.
-        #expect(try await cp.client.list(Service.self).items.isEmpty)
+        #expect(try await cp.client.list(MeshService.self).items.isEmpty)
         try await fake.stop()
         try await cp.stop()
     }
@@ -182,7 +182,7 @@ import X509
         // A watch n1 opened before its revocation.
         let watchEnded = Ended()
         let watching = Task {
-            try? await n1.watch(Service.self, after: nil) { _ in true }
+            try? await n1.watch(MeshService.self, after: nil) { _ in true }
             watchEnded.value.store(true, ordering: .releasing)
         }
         #expect(!watchEnded.isSet)
@@ -196,7 +196,7 @@ import X509
         let revoked = try JSONDecoder().decode(RevokedCertificateList.self, from: Data(body.readableBytesView))
         #expect(revoked.items.map(\.serial) == [try self.serial(n1Credential)])
         #expect(revoked.items.first?.identity == "mesh://node/n1")
-        let refused = await #expect(throws: Status.self) { _ = try await n1.list(Service.self) }
+        let refused = await #expect(throws: Status.self) { _ = try await n1.list(MeshService.self) }
         // Its open watch ends at the next bookmark.
         #expect(await eventually(timeout: .seconds(10)) { watchEnded.isSet })
         watching.cancel()
@@ -209,7 +209,7 @@ import X509
             let list = try JSONDecoder().decode(RevokedCertificateList.self, from: Data(listed.readableBytesView))
             #expect(list.items.map(\.serial) == [try self.serial(n1Credential)])
         }
-        let relayList = await #expect(throws: Status.self) { _ = try await relay.list(Service.self) }
+        let relayList = await #expect(throws: Status.self) { _ = try await relay.list(MeshService.self) }
         #expect(relayList?.code == 403)
         let n1Server = try await FakeControlPlane(credential: n1Credential, caPEM: cp.pki.caPEM)
         let set = RevokedSerials([try self.serial(n1Credential)])
@@ -232,10 +232,10 @@ import X509
         try await cp.stop()
         cp = try await RunningControl(dir: dir)
         let afterRestart = await #expect(throws: Status.self) {
-            _ = try await cp.client(n1Credential).list(Service.self)
+            _ = try await cp.client(n1Credential).list(MeshService.self)
         }
         #expect(afterRestart?.code == 401)
-        #expect(try await cp.client(n2Credential).list(Service.self).items.isEmpty)
+        #expect(try await cp.client(n2Credential).list(MeshService.self).items.isEmpty)
         try await cp.stop()
     }
 

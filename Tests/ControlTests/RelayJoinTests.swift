@@ -139,7 +139,7 @@ import X509
         // A relay reads nodes and relays (to forward circuits later), not services.
         _ = try await r1.list(Node.self)
         #expect(try await r1.get(Relay.self, name: "r1").spec.site == "cloud")
-        let services = await #expect(throws: Status.self) { _ = try await r1.list(Service.self) }
+        let services = await #expect(throws: Status.self) { _ = try await r1.list(MeshService.self) }
         #expect(services?.code == 403)
 
         // A node lists and watches relays, and may not write one.

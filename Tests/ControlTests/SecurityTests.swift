@@ -34,7 +34,7 @@ import Testing
     @Test func adminCertificateWorksAndEveryFileIsInPlace() async throws {
         let cp = try await RunningControl()
         try await cp.client.apply(service("web"))
-        #expect(try await cp.client.list(Service.self).items.map(\.metadata.name) == ["web"])
+        #expect(try await cp.client.list(MeshService.self).items.map(\.metadata.name) == ["web"])
         let pki = cp.dir.path + "/pki"
         for key in ["ca.key", "server.key", "admin.key"] { #expect(PEMFiles.mode("\(pki)/\(key)") == 0o600) }
         // The CA hash is SHA-256 over the CA's SubjectPublicKeyInfo, as openssl computes it.
@@ -70,7 +70,7 @@ import Testing
         #expect(try await self.attempt(anonymous, .GET, "/readyz").code == 200)
         // The join path answers (here: a bad request), without a certificate.
         #expect(try await self.attempt(anonymous, .POST, ControlAPI.joinPath, "{}").code == 400)
-        #expect(try await cp.client.list(Service.self).items.isEmpty)
+        #expect(try await cp.client.list(MeshService.self).items.isEmpty)
         try await cp.stop()
     }
 
@@ -85,11 +85,11 @@ import Testing
             certificate: stranger.certificatePEM
         )
         let client = ControlClient(endpoint: cp.endpoint, tls: HTTPClientTLS(context: context))
-        await #expect(throws: HTTPClientError.self) { _ = try await client.list(Service.self) }
+        await #expect(throws: HTTPClientError.self) { _ = try await client.list(MeshService.self) }
         // A client that trusts another CA refuses the server.
         let trustsOther = try MeshTLS.clientContext(caPEM: try other.certificatePEM())
         let wary = ControlClient(endpoint: cp.endpoint, tls: HTTPClientTLS(context: trustsOther))
-        let error = await #expect(throws: HTTPClientError.self) { _ = try await wary.list(Service.self) }
+        let error = await #expect(throws: HTTPClientError.self) { _ = try await wary.list(MeshService.self) }
         #expect(error?.message.contains("TLS handshake failed") == true, "\(String(describing: error))")
         try await cp.stop()
     }
@@ -116,9 +116,9 @@ import Testing
         try await cp.client.apply(self.node("edge-b"))
         let edgeA = try cp.client(try cp.issue(.node("edge-a")))
         // Reads of services, endpoints and nodes.
-        #expect(try await edgeA.list(Service.self).items.map(\.metadata.name) == ["web"])
+        #expect(try await edgeA.list(MeshService.self).items.map(\.metadata.name) == ["web"])
         #expect(try await edgeA.list(Endpoints.self).items.isEmpty)
-        #expect(try await edgeA.get(Service.self, namespace: "shop", name: "web").metadata.name == "web")
+        #expect(try await edgeA.get(MeshService.self, namespace: "shop", name: "web").metadata.name == "web")
         // Its own Node: yes; another's, a Service, a deletion, tokens: 403 with a Status.
         #expect(try await edgeA.apply(self.node("edge-a")).created)
         let denied: [() async throws -> Void] = [
@@ -135,7 +135,7 @@ import Testing
         }
         // A certificate of the mesh CA without a known identity may do nothing.
         let control = try cp.client(try cp.issue(.control("x")))
-        let status = await #expect(throws: Status.self) { _ = try await control.list(Service.self) }
+        let status = await #expect(throws: Status.self) { _ = try await control.list(MeshService.self) }
         #expect(status?.code == 403)
         #expect(try await cp.client.get(Node.self, name: "edge-b").spec.site == "a")
         try await cp.stop()
@@ -270,13 +270,13 @@ import Testing
         #expect(cp.pki.ca.hash == hash)
         #expect(try String(contentsOfFile: dir.path + "/pki/ca.crt", encoding: .utf8) == caFile)
         #expect(try String(contentsOfFile: dir.path + "/pki/server.crt", encoding: .utf8) == servingFile)
-        #expect(try await cp.client(nodeCredential).list(Service.self).items.isEmpty)
+        #expect(try await cp.client(nodeCredential).list(MeshService.self).items.isEmpty)
         try await cp.stop()
         // New SANs: a new serving certificate from the same CA.
         cp = try await RunningControl(dir: dir) { $0.certSANs = ["control.example", "198.18.0.7"] }
         #expect(cp.pki.ca.hash == hash)
         #expect(try String(contentsOfFile: dir.path + "/pki/server.crt", encoding: .utf8) != servingFile)
-        #expect(try await cp.client(nodeCredential).list(Service.self).items.isEmpty)
+        #expect(try await cp.client(nodeCredential).list(MeshService.self).items.isEmpty)
         try await cp.stop()
     }
 

@@ -69,7 +69,7 @@ import Testing
 
         let got = try await self.meshctl(["get", "services", "-A", "-o", "json"], server: port, dir: dir)
         #expect(got.status == 0)
-        let list = try JSONDecoder().decode(ObjectList<Service>.self, from: Data(got.stdout.utf8))
+        let list = try JSONDecoder().decode(ObjectList<MeshService>.self, from: Data(got.stdout.utf8))
         #expect(
             Set(list.items.map { "\($0.metadata.namespace!)/\($0.metadata.name)" }) == [
                 "infra/cache", "shop/cart", "shop/db", "shop/web",
@@ -295,7 +295,8 @@ import Testing
                 self.bin + "/mesh-agent",
                 [
                     "--server", "https://127.0.0.1:\(port)", "--data-dir", dir.path + "/" + name, "--node-name", name,
-                    "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())", "--link-listen", "127.0.0.1:0",
+                    "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())",
+                    "--link-listen", "127.0.0.1:0",
                     "--join-token", token, "--ca-cert-hash", hash,
                 ],
                 environment: Self.isolated(dir)
@@ -327,7 +328,8 @@ import Testing
             self.bin + "/mesh-agent",
             [
                 "--server", "https://127.0.0.1:\(port)", "--data-dir", dir.path + "/edge-y", "--node-name", "edge-y",
-                "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())", "--link-listen", "127.0.0.1:0",
+                "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())", "--link-listen",
+                "127.0.0.1:0",
             ],
             environment: Self.isolated(dir)
         )

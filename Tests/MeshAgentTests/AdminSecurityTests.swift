@@ -48,7 +48,7 @@ import Testing
             $0.adminAllowRemote = true
         }
         let port = try await agent.agent.adminAddress().port!
-        func get(_ identity: MeshIdentity?, host: String = "evil.example") async throws -> String {
+        func get(_ identity: MeshPrincipal?, host: String = "evil.example") async throws -> String {
             let tls = try meshClientContext(ca, identity: identity)
             return try await blocking {
                 let s = try TLSRawSocket(port: port, timeout: 5, tls: tls)

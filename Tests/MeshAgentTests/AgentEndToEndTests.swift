@@ -78,8 +78,8 @@ struct AgentEndToEndTests {
     /// A /24 of 127/8 of its own, so agents of parallel tests never bind the same VIP.
     static func privateCIDR() -> String { "127.\(Int.random(in: 100...250)).\(Int.random(in: 0...255)).0/24" }
 
-    func shopService(port: Int) -> MeshCore.Service {
-        MeshCore.Service(
+    func shopService(port: Int) -> MeshService {
+        MeshService(
             metadata: ObjectMeta(name: "echo", namespace: "shop"),
             spec: ServiceSpec(ports: [ServicePort(name: "tcp", port: port, protocol: .tcp)])
         )
@@ -151,7 +151,7 @@ struct AgentEndToEndTests {
             $0.listen = "127.0.0.1:\(cp.port)"
             $0.serviceCIDRs = [cidr]
         }
-        try await cp2.client.delete(MeshCore.Service.self, namespace: "shop", name: "echo")
+        try await cp2.client.delete(MeshService.self, namespace: "shop", name: "echo")
         #expect(
             await MeshTestSupport.eventually(timeout: .seconds(15)) {
                 (try? await agent.dig("echo.shop.svc.cluster.local")) == []

@@ -21,7 +21,7 @@ struct InspectionTests {
         let controlDir = TempDir()
         let cp = try await RunningControl(dir: controlDir) { $0.serviceCIDRs = [AgentEndToEndTests.privateCIDR()] }
         let svc = try await cp.client.apply(
-            MeshCore.Service(
+            MeshService(
                 metadata: ObjectMeta(name: "echo", namespace: "shop"),
                 spec: ServiceSpec(
                     ports: [ServicePort(name: "tcp", port: 7007, protocol: .tcp)],
@@ -88,6 +88,19 @@ struct InspectionTests {
         let (_, after, _) = try await self.json(agent, "/route?name=echo.shop.svc.cluster.local.")
         #expect(total(after) >= total(before) + 3)
         #expect(bytesIn(after) > bytesIn(before))
+        // Per endpoint, the bytes of the connections that ended: 3 requests of 9 bytes each way, at least.
+        let endpointBytes = { (v: JSONValue?, field: String) in
+            items(v?["endpoints"]).map { $0[field]?.intValue ?? 0 }.reduce(0, +)
+        }
+        var ended: JSONValue?
+        #expect(
+            await MeshTestSupport.eventually {
+                ended = (try? await self.json(agent, "/route?name=echo.shop"))?.1
+                return endpointBytes(ended, "bytesIn") >= endpointBytes(before, "bytesIn") + 27
+                    && endpointBytes(ended, "bytesOut") >= endpointBytes(before, "bytesOut") + 27
+            },
+            "\(ended.map { "\($0)" } ?? "no answer")"
+        )
 
         // --key: the pick for a client address is the endpoint that address's connections actually get.
         let (_, keyed, _) = try await self.json(agent, "/route?name=echo.shop&key=127.0.0.1")

@@ -49,7 +49,7 @@ private struct TwoNodes {
         var snapshot = ServiceSnapshot()
         for s in services {
             let key = service(s.name)
-            snapshot.services[key] = MeshCore.Service(
+            snapshot.services[key] = MeshService(
                 metadata: ObjectMeta(name: key.name, namespace: key.namespace),
                 spec: ServiceSpec(ports: [ServicePort(port: 8080, protocol: s.proto)])
             )
@@ -100,6 +100,18 @@ struct PeerLinkDataPlaneTests {
         #expect(rows.first?.node == "b" && rows.first?.path == "direct")
         #expect((rows.first?.bytesSent ?? 0) >= UInt64(payload.utf8.count))
         #expect((rows.first?.bytesReceived ?? 0) >= UInt64(payload.utf8.count))
+        // The route and the endpoint count the spliced connection's bytes when it ends, and it is no longer
+        // active then.
+        let route = { dataPlane.snapshot().routes.first }
+        #expect(
+            await eventually {
+                route()?.backends.first?.bytesSent == payload.utf8.count
+                    && route()?.backends.first?.bytesReceived == payload.utf8.count
+            }
+        )
+        #expect(route()?.bytesIn == payload.utf8.count && route()?.bytesOut == payload.utf8.count)
+        #expect(await eventually { route()?.activeConnections == 0 && route()?.backends.first?.active == 0 })
+        #expect(route()?.backends.first?.total == 1 && route()?.backends.first?.failures == 0)
         await dataPlane.shutdown(drain: false)
         await echo.close()
         await nodes.stop()
@@ -262,7 +274,7 @@ struct ReachMappingTests {
     @Test func theRouteTableCarriesReachAndKeepsSamePrivateAddressesOfTwoSitesApart() throws {
         var snapshot = ServiceSnapshot()
         let key = ServiceKey(namespace: "shop", name: "web")
-        snapshot.services[key] = MeshCore.Service(
+        snapshot.services[key] = MeshService(
             metadata: ObjectMeta(name: "web", namespace: "shop"),
             spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "10.96.0.10")
         )
@@ -313,7 +325,7 @@ struct ReachMappingTests {
     @Test func aStreamIsAcceptedOnlyForAnEndpointThisNodeServes() throws {
         var snapshot = ServiceSnapshot()
         let key = ServiceKey(namespace: "shop", name: "web")
-        snapshot.services[key] = MeshCore.Service(
+        snapshot.services[key] = MeshService(
             metadata: ObjectMeta(name: "web", namespace: "shop"),
             spec: ServiceSpec(ports: [ServicePort(port: 80)])
         )

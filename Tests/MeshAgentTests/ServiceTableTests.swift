@@ -16,8 +16,8 @@ final class SnapshotLog: Sendable {
     func add(_ s: ServiceSnapshot) { self.all.withLock { $0.append(s) } }
 }
 
-func mkService(_ name: String, ns: String = "shop") -> MeshCore.Service {
-    MeshCore.Service(
+func mkService(_ name: String, ns: String = "shop") -> MeshService {
+    MeshService(
         metadata: ObjectMeta(name: name, namespace: ns),
         spec: ServiceSpec(ports: [ServicePort(name: "http", port: 80, protocol: .http)])
     )
@@ -82,13 +82,13 @@ final class RunningSync: Sendable {
                     && running.log.last?.services.count == 2
             }
         )
-        try await cp.client.delete(MeshCore.Service.self, namespace: "shop", name: "api")
+        try await cp.client.delete(MeshService.self, namespace: "shop", name: "api")
         #expect(await eventually { running.log.last?.services.count == 1 })
         try await running.stop()
 
         // The cache holds the same table and the versions to resume from.
         let cache = try AgentCache(path: cacheDir.path + "/agent.db")
-        let (services, svcRV) = try cache.load(MeshCore.Service.self)
+        let (services, svcRV) = try cache.load(MeshService.self)
         let (endpoints, epRV) = try cache.load(Endpoints.self)
         #expect(services.map(\.metadata.name) == ["web"])
         #expect(endpoints.first?.spec.addresses.count == 2)
@@ -144,7 +144,7 @@ final class RunningSync: Sendable {
         try await running.stop()
         // While the agent is away, more changes than the history keeps.
         for i in 0..<10 { try await cp.client.apply(mkService("s\(i)")) }
-        try await cp.client.delete(MeshCore.Service.self, namespace: "shop", name: "web")
+        try await cp.client.delete(MeshService.self, namespace: "shop", name: "web")
         running = try await RunningSync(client: cp.client, dir: cacheDir)
         #expect(
             await eventually {
@@ -168,9 +168,9 @@ final class RunningSync: Sendable {
         let key = ServiceKey(namespace: "shop", name: "web")
         var spec = ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "127.77.0.9")
         spec.upgradeProtocols = ["WebSocket", "h2c"]
-        snapshot.services[key] = Service(metadata: ObjectMeta(name: "web", namespace: "shop"), spec: spec)
+        snapshot.services[key] = MeshService(metadata: ObjectMeta(name: "web", namespace: "shop"), spec: spec)
         let other = ServiceKey(namespace: "shop", name: "api")
-        snapshot.services[other] = Service(
+        snapshot.services[other] = MeshService(
             metadata: ObjectMeta(name: "api", namespace: "shop"),
             spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "127.77.0.10")
         )

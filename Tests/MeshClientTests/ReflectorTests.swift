@@ -19,7 +19,7 @@ final class Delivered: Sendable {
     /// Deliveries without bookmarks (they come whenever the stream is idle).
     var changes: [String] { self.all.filter { $0 != "bookmark" } }
 
-    func handle(_ update: ReflectorUpdate<Service>) throws {
+    func handle(_ update: ReflectorUpdate<MeshService>) throws {
         let text: String
         switch update {
         case .replaced(let items, let rv):
@@ -40,8 +40,8 @@ final class Delivered: Sendable {
     }
 }
 
-func service(_ name: String) -> Service {
-    Service(
+func service(_ name: String) -> MeshService {
+    MeshService(
         metadata: ObjectMeta(name: name, namespace: "shop"),
         spec: ServiceSpec(ports: [ServicePort(name: "http", port: 80, protocol: .http)])
     )
@@ -54,7 +54,7 @@ func service(_ name: String) -> Service {
     let logger = Logger(label: "reflector-test")
 
     func start(_ cp: RunningControl, from rv: Int64?, into delivered: Delivered) -> Task<Void, Never> {
-        var reflector = Reflector<Service>(client: cp.client, namespace: "shop", logger: self.logger)
+        var reflector = Reflector<MeshService>(client: cp.client, namespace: "shop", logger: self.logger)
         reflector.backoff.initial = .milliseconds(20)
         reflector.backoff.maximum = .milliseconds(200)
         return Task { await reflector.run(from: rv) { try delivered.handle($0) } }
@@ -68,7 +68,7 @@ func service(_ name: String) -> Service {
         let task = self.start(cp, from: nil, into: delivered)
         #expect(await eventually { delivered.changes == ["list[a]@\(rv)"] }, "\(delivered.all)")
         _ = try await cp.client.apply(service("b"))
-        _ = try await cp.client.delete(Service.self, namespace: "shop", name: "a")
+        _ = try await cp.client.delete(MeshService.self, namespace: "shop", name: "a")
         #expect(
             await eventually { delivered.changes == ["list[a]@\(rv)", "added:b", "deleted:a"] },
             "\(delivered.all)"

@@ -28,7 +28,7 @@ import Testing
               ports: [{port: 80}]
             """
         )
-        let s = try #require(o as? Service)
+        let s = try #require(o as? MeshService)
         #expect(s.spec.ports == [ServicePort(port: 80, protocol: .tcp)])
         #expect(s.effectiveNamespace == "shop")
     }
@@ -175,11 +175,11 @@ import Testing
     @Test func watchEventsDecode() throws {
         let line =
             #"{"type":"BOOKMARK","object":{"apiVersion":"mesh.edge/v1","kind":"Service","metadata":{"resourceVersion":"42"}}}"#
-        let e = try JSONDecoder().decode(WatchEvent<Service>.self, from: Data(line.utf8))
+        let e = try JSONDecoder().decode(WatchEvent<MeshService>.self, from: Data(line.utf8))
         #expect(e.resourceVersion == 42)
         let err =
             #"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","message":"gone","reason":"Gone","code":410}}"#
-        guard case .error(let s) = try JSONDecoder().decode(WatchEvent<Service>.self, from: Data(err.utf8)) else {
+        guard case .error(let s) = try JSONDecoder().decode(WatchEvent<MeshService>.self, from: Data(err.utf8)) else {
             Issue.record("not an error event")
             return
         }

@@ -37,7 +37,7 @@ let chromium = ["/usr/bin/chromium-headless-shell", "/usr/lib/chromium/headless_
             MeshCore.Relay(metadata: ObjectMeta(name: "r1"), spec: RelaySpec(addresses: ["198.18.0.10:7800"]))
         )
         try await cp.client.apply(
-            MeshCore.Service(
+            MeshService(
                 metadata: ObjectMeta(name: "web", namespace: "shop"),
                 spec: ServiceSpec(ports: [ServicePort(name: "http", port: 80, protocol: .http)])
             )

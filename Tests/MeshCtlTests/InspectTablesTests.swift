@@ -80,10 +80,12 @@ import Testing
                "activeConnections": 1, "requests": 120, "failures": 2, "retries": 1, "bytesIn": 2048, "bytesOut": 1048576}],
              "endpoints": [
                {"port": 80, "address": "10.0.0.5:8080", "node": "a1", "site": "a", "weight": 1, "ready": true,
-                "healthy": true, "ejected": false, "path": "local", "active": 1, "total": 100, "failures": 0},
+                "healthy": true, "ejected": false, "path": "local", "active": 1, "total": 100, "failures": 0,
+                "bytesIn": 2048, "bytesOut": 1048576},
                {"port": 80, "address": "10.1.0.7:8080", "node": "b1", "site": "b", "weight": 2, "ready": true,
                 "healthy": false, "ejected": true, "ejectedForSeconds": 4.5, "path": "relayed", "via": "b1",
-                "relay": "r1", "rttMicros": 41000, "active": 0, "total": 20, "failures": 2}],
+                "relay": "r1", "rttMicros": 41000, "active": 0, "total": 20, "failures": 2, "bytesIn": 0,
+                "bytesOut": 300}],
              "key": "alice", "picks": [{"port": 80, "proto": "http", "policy": "consistentHash(header:x-user)",
                "backend": "10.0.0.5:8080"}]}
             """
@@ -95,9 +97,9 @@ import Testing
 
                 port 80/http: consistentHash(header:x-user), listening
                 traffic: 1 active, 120 requests, 2 failed, 1 retried, in 2.0KiB, out 1.0MiB
-                ENDPOINT        NODE   SITE   W   HEALTH    PATH           RTT      ACT   TOTAL   FAIL
-                10.0.0.5:8080   a1     a      1   healthy   local          <none>   1     100     0
-                10.1.0.7:8080   b1     b      2   ejected   relayed (r1)   41ms     0     20      2
+                ENDPOINT        NODE   SITE   W   HEALTH    PATH           RTT      ACT   TOTAL   FAIL   IN/OUT
+                10.0.0.5:8080   a1     a      1   healthy   local          <none>   1     100     0      2.0K/1.0M
+                10.1.0.7:8080   b1     b      2   ejected   relayed (r1)   41ms     0     20      2      0B/300B
 
                 key alice on port 80 (consistentHash(header:x-user)): 10.0.0.5:8080
 

@@ -28,7 +28,7 @@ import Testing
                        "loadBalancer": {"policy": "consistentHash", "hashOn": {"header": "x-user"}}}}]
             """
         )
-        let (header, rows) = Printer.rows(Service.resource, items, allNamespaces: true, wide: false, now: Self.now)
+        let (header, rows) = Printer.rows(MeshService.resource, items, allNamespaces: true, wide: false, now: Self.now)
         let table = Printer.table(header, rows)
         #expect(
             table == """

@@ -11,14 +11,14 @@ import X509
 struct MeshIdentityTests {
     @Test("mesh://<role>/<name>: every role round-trips through its URI")
     func identityURIRoundTrip() {
-        let all: [MeshIdentity] = [.admin("ops"), .node("edge-1"), .control("cp-0"), .relay("r1.site-a")]
+        let all: [MeshPrincipal] = [.admin("ops"), .node("edge-1"), .control("cp-0"), .relay("r1.site-a")]
         for identity in all {
-            #expect(MeshIdentity(uri: identity.uri) == identity)
+            #expect(MeshPrincipal(uri: identity.uri) == identity)
             #expect(identity.description == identity.uri)
             #expect(identity.uri.hasPrefix("mesh://"))
         }
-        #expect(MeshIdentity.node("edge-1").uri == "mesh://node/edge-1")
-        #expect(MeshIdentity.relay("r1").name == "r1")
+        #expect(MeshPrincipal.node("edge-1").uri == "mesh://node/edge-1")
+        #expect(MeshPrincipal.relay("r1").name == "r1")
     }
 
     @Test(
@@ -30,7 +30,7 @@ struct MeshIdentityTests {
         ]
     )
     func badURIs(_ uri: String) {
-        #expect(MeshIdentity(uri: uri) == nil)
+        #expect(MeshPrincipal(uri: uri) == nil)
     }
 
     @Test("an issued certificate carries the identity, the names asked for, its usages, and the CA's limits")

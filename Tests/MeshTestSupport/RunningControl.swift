@@ -81,7 +81,7 @@ public final class RunningControl: Sendable {
     }
 
     /// A fresh credential for `identity`, issued by this control plane's CA.
-    public func issue(_ identity: MeshIdentity) throws -> IssuedCredential {
+    public func issue(_ identity: MeshPrincipal) throws -> IssuedCredential {
         try self.pki.ca.issueCredential(identity: identity, serverAuth: false, clientAuth: true)
     }
 
@@ -109,7 +109,7 @@ public final class RunningControl: Sendable {
     }
 
     public func rv() async throws -> Int64 {
-        Int64(try await self.client.list(Service.self).metadata.resourceVersion)!
+        Int64(try await self.client.list(MeshService.self).metadata.resourceVersion)!
     }
 }
 
@@ -131,7 +131,7 @@ public func seedNodeCredentials(stateDir: String, nodeName: String) throws -> Ce
 /// A TLS 1.3 client context that trusts `ca` and presents a fresh certificate of `identity` from it
 /// (none when nil), without checking the server's name or address: a node's certificate names
 /// neither, only `mesh://node/NAME`.
-public func meshClientContext(_ ca: CertificateAuthority, identity: MeshIdentity?) throws -> NIOSSLContext {
+public func meshClientContext(_ ca: CertificateAuthority, identity: MeshPrincipal?) throws -> NIOSSLContext {
     var config = TLSConfiguration.makeClientConfiguration()
     config.minimumTLSVersion = .tlsv13
     config.certificateVerification = .noHostnameVerification

@@ -26,7 +26,7 @@ struct WorkloadMeshTests {
         #expect(await eventually { worker.agent.snapshot.heartbeats >= 1 })
         let port = freePort()
         let svc = try await cp.client.apply(
-            Service(
+            MeshService(
                 metadata: ObjectMeta(name: "hello"),
                 spec: ServiceSpec(ports: [ServicePort(name: "http", port: 8080)])
             )

@@ -35,7 +35,10 @@ import Testing
         #expect(await eventually { other.agent.snapshot.heartbeats >= 1 })
         let port = freePort()
         try await cp.client.apply(
-            Service(metadata: ObjectMeta(name: "web"), spec: ServiceSpec(ports: [ServicePort(name: "http", port: 80)]))
+            MeshService(
+                metadata: ObjectMeta(name: "web"),
+                spec: ServiceSpec(ports: [ServicePort(name: "http", port: 80)])
+            )
         )
         try await cp.client.apply(Self.httpWorkload("web", port: port, node: "edge-w1"))
         #expect(

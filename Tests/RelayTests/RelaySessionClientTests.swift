@@ -37,7 +37,7 @@ struct TestRelay {
     static func start(
         _ name: String,
         _ pki: RelaySessionServerTests.PKI,
-        identity: MeshIdentity? = nil,
+        identity: MeshPrincipal? = nil,
         locate: (@Sendable (String) async -> RelayLocation?)? = nil
     ) async throws -> TestRelay {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)

@@ -28,7 +28,7 @@ struct RelaySessionServerTests {
         let ca: CertificateAuthority
         init() throws { self.ca = try CertificateAuthority.create() }
 
-        func credentials(_ identity: MeshIdentity) throws -> LoadedCredentials {
+        func credentials(_ identity: MeshPrincipal) throws -> LoadedCredentials {
             let issued = try self.ca.issueCredential(identity: identity, serverAuth: true, clientAuth: true)
             let files = CredentialFiles(
                 directory: self.dir.path,

@@ -49,7 +49,7 @@ enum AdminHostCheck {
         guard let peerIdentity else {
             return "the agent's admin API needs a client certificate of the mesh CA (an admin's, mesh://admin/NAME)"
         }
-        guard case .admin = MeshIdentity(uri: peerIdentity) else {
+        guard case .admin = MeshPrincipal(uri: peerIdentity) else {
             return "\(peerIdentity) may not use the agent's admin API: admin certificates (mesh://admin/NAME) only"
         }
         return nil

@@ -101,7 +101,7 @@ actor SnapshotApplier {
 
 /// `mesh-agent` as one `Service`: the service table (cache + sync), the DNS responder, the data
 /// plane and the admin API, started together and stopped together.
-public final class AgentServer: Sendable {
+public final class AgentServer: Service, Sendable {
     public let config: AgentConfig
     let logger: Logger
     private let admin = AsyncOnce<HTTPServer>()
@@ -285,7 +285,8 @@ public final class AgentServer: Sendable {
         // Serve what the cache holds before anything listens: the agent answers at once, offline too.
         // This also brings up the mesh interface, where the DNS address lives in that mode.
         _ = try await sync.loadCache()
-        let onInterface = dataPlane.snapshot().mode.hasPrefix("meshInterface")
+        let onInterface: Bool
+        if case .meshInterface = dataPlane.snapshot().mode { onInterface = true } else { onInterface = false }
         let dnsListen = fixedDNS ?? (onInterface ? AgentConfig.meshDNSAddress : AgentConfig.loopbackDNSAddress)
 
         let dns = DNSServer(

@@ -110,7 +110,7 @@ struct AgentInspection: Sendable {
             relay: relay,
             nat: nat,
             interface: .init(
-                mode: dataPlane.snapshot().mode,
+                mode: dataPlane.snapshot().mode.description,
                 dns: dnsAddress ?? "not listening",
                 linkListen: self.config.linkListen
             ),
@@ -176,6 +176,10 @@ struct AgentInspection: Sendable {
             var active: Int
             var total: Int
             var failures: Int
+            /// Bytes sent to it (client to endpoint) and received from it, by connections and requests that
+            /// ended (the port's `bytesIn`/`bytesOut` move with every read).
+            var bytesIn: Int
+            var bytesOut: Int
         }
     }
 
@@ -251,7 +255,9 @@ struct AgentInspection: Sendable {
                         rttMicros: link?.rttMicros,
                         active: b.active,
                         total: b.total,
-                        failures: b.failures
+                        failures: b.failures,
+                        bytesIn: b.bytesSent,
+                        bytesOut: b.bytesReceived
                     )
                 )
             }

@@ -24,8 +24,13 @@ final class CurrentTable: Sendable {
 struct LinkPeerStreams: PeerStreams {
     let links: LinkManager
 
-    func splice(socket: NIOBSDSocket.Handle, to node: String, open target: StreamTarget) async throws {
-        try await self.links.splice(socket: socket, to: node, open: target)
+    func splice(
+        socket: NIOBSDSocket.Handle,
+        to node: String,
+        open target: StreamTarget,
+        ended: (@Sendable (_ fromSocket: Int, _ toSocket: Int) -> Void)?
+    ) async throws {
+        try await self.links.splice(socket: socket, to: node, open: target, ended: ended)
     }
 
     func stream(

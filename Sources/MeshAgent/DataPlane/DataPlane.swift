@@ -49,7 +49,7 @@ public actor DataPlane: ServiceLifecycle.Service {
     }
 
     private struct Published {
-        var mode = "pending"
+        var mode = DataPlaneMode.pending
         var routes: [ListenerKey: (handle: RouteHandle?, route: Route, error: String?)] = [:]
     }
 
@@ -395,15 +395,15 @@ public actor DataPlane: ServiceLifecycle.Service {
         var routes: [ListenerKey: (handle: RouteHandle?, route: Route, error: String?)] = [:]
         for (key, listener) in self.listeners { routes[key] = (listener.handle, listener.handle.route, nil) }
         for (key, failure) in self.failed { routes[key] = (nil, failure.route, failure.error) }
-        let mode: String
+        let mode: DataPlaneMode
         switch self.mode {
-        case .none: mode = "pending"
-        case .loopback: mode = "loopback"
-        case .interface(let interface): mode = "meshInterface(\(interface.name))"
+        case .none: mode = .pending
+        case .loopback: mode = .loopback
+        case .interface(let interface): mode = .meshInterface(interface.name)
         }
         self.published.withLock {
             $0.routes = routes
-            $0.mode = self.stopped ? "stopped" : mode
+            $0.mode = self.stopped ? .stopped : mode
         }
     }
 }

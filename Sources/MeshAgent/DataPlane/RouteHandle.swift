@@ -67,6 +67,19 @@ final class RouteMetrics: Sendable {
     }
 }
 
+/// Bytes a connection or request exchanged with its backend.
+struct ByteTally: Sendable, Hashable {
+    /// Client to backend.
+    var sent = 0
+    /// Backend to client.
+    var received = 0
+
+    mutating func add(_ other: ByteTally) {
+        self.sent &+= other.sent
+        self.received &+= other.received
+    }
+}
+
 /// A backend chosen for one connection or request.
 struct Pick: Sendable {
     var id: BackendID
@@ -235,11 +248,12 @@ final class RouteHandle: Sendable {
     }
 
     /// `finish(pick.id, ...)`, by the pick's slot index when the balancer that chose it is still the route's.
-    func finish(_ pick: Pick, outcome: LoadBalancer.Outcome) {
+    /// `bytes`: what the connection or request exchanged with the backend, added to its per-endpoint counters.
+    func finish(_ pick: Pick, outcome: LoadBalancer.Outcome, bytes: ByteTally = ByteTally()) {
         self.settle(pick, outcome) {
-            $0.finish(slot: $1, outcome: outcome, now: $2)
+            $0.finish(slot: $1, outcome: outcome, bytes: bytes, now: $2)
         } byID: {
-            $0.finish($1, outcome: outcome, now: $2)
+            $0.finish($1, outcome: outcome, bytes: bytes, now: $2)
         }
     }
 
@@ -291,6 +305,13 @@ final class RouteHandle: Sendable {
         self.stats.activeConnections.add(1, ordering: .relaxed)
         self.stats.totalConnections.add(1, ordering: .relaxed)
         self.metrics.connections.increment()
+        self.metrics.activeConnections.increment()
+    }
+
+    /// A connection that left the data plane's own loops (handed to a peer link) and is still open: active
+    /// again, not counted again in the total.
+    func connectionResumed() {
+        self.stats.activeConnections.add(1, ordering: .relaxed)
         self.metrics.activeConnections.increment()
     }
 

@@ -1,10 +1,51 @@
 import MeshCore
 import NIOCore
 
+/// Where the data plane's VIPs live. In JSON (`/routes`, `/status`) it is its description:
+/// `pending`, `loopback`, `meshInterface(<name>)` or `stopped`.
+public enum DataPlaneMode: Sendable, Hashable, Codable, CustomStringConvertible {
+    /// Before the first `apply` or `run`.
+    case pending
+    /// VIPs are loopback addresses, one listener per service port.
+    case loopback
+    /// VIPs are addresses of the mesh interface with this name.
+    case meshInterface(String)
+    case stopped
+
+    public var description: String {
+        switch self {
+        case .pending: "pending"
+        case .loopback: "loopback"
+        case .meshInterface(let name): "meshInterface(\(name))"
+        case .stopped: "stopped"
+        }
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        switch text {
+        case "pending": self = .pending
+        case "loopback": self = .loopback
+        case "stopped": self = .stopped
+        default:
+            guard text.hasPrefix("meshInterface("), text.hasSuffix(")") else {
+                throw DecodingError.dataCorrupted(
+                    .init(codingPath: decoder.codingPath, debugDescription: "not a data-plane mode: \(text)")
+                )
+            }
+            self = .meshInterface(String(text.dropFirst("meshInterface(".count).dropLast()))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(self.description)
+    }
+}
+
 /// What `DataPlane.snapshot()` returns: every route's listener, counters and backends (for `/routes`).
 public struct DataPlaneSnapshot: Sendable, Hashable, Codable {
-    /// `loopback` or `meshInterface(<name>)`; `pending` before the first `apply` or `run`.
-    public var mode: String
+    public var mode: DataPlaneMode
     /// Channels (client and upstream side) the data plane has open right now.
     public var openChannels: Int
     public var routes: [RouteSnapshot]
@@ -70,6 +111,9 @@ public struct BackendSnapshot: Sendable, Hashable, Codable {
     /// Connections or requests sent to it so far.
     public var total: Int
     public var failures: Int
+    /// Bytes sent to it (client to backend) and received from it, by connections and requests that ended.
+    public var bytesSent: Int
+    public var bytesReceived: Int
 
     init(slot: LoadBalancer.Slot, now: NIODeadline) {
         self.ip = slot.backend.ip.description
@@ -87,6 +131,8 @@ public struct BackendSnapshot: Sendable, Hashable, Codable {
         self.active = slot.inFlight
         self.total = slot.picks
         self.failures = slot.failures
+        self.bytesSent = slot.bytes.sent
+        self.bytesReceived = slot.bytes.received
     }
 }
 

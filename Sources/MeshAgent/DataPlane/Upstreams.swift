@@ -14,7 +14,15 @@ public protocol PeerStreams: Sendable {
     /// Splices a connected socket to a new TCP stream to `target` at `node`. Returns once the peer accepted
     /// the stream and the splice is in place (the socket then belongs to the link). On a refusal or any
     /// failure it throws, and the socket stays the caller's.
-    func splice(socket: NIOBSDSocket.Handle, to node: String, open target: StreamTarget) async throws
+    ///
+    /// `ended`, when given, is called once when a splice that was put in place ends, with the bytes it carried
+    /// (read from the socket, written to it); never when this throws.
+    func splice(
+        socket: NIOBSDSocket.Handle,
+        to node: String,
+        open target: StreamTarget,
+        ended: (@Sendable (_ fromSocket: Int, _ toSocket: Int) -> Void)?
+    ) async throws
 
     /// Opens a stream to `target` at `node` (a UDP flow: `target.transport == .udp`). Returns once the peer
     /// accepted; the stream's pipeline then holds what `initializer` added.
@@ -91,7 +99,13 @@ struct Upstreams: Sendable {
 
     /// The TCP path: the client's socket, accepted by the splice loop and not yet read, goes to a stream to
     /// the pick's node. Throws (the socket stays the caller's) when the node refused or cannot be reached.
-    func splice(client fd: Int32, service: ServiceKey, servicePort: Int, pick: Pick) async throws {
+    func splice(
+        client fd: Int32,
+        service: ServiceKey,
+        servicePort: Int,
+        pick: Pick,
+        ended: @escaping @Sendable (_ fromSocket: Int, _ toSocket: Int) -> Void
+    ) async throws {
         guard let node = pick.id.via else { throw PeerUnavailable(description: "not a peer backend") }
         let (peers, target) = try self.peerRoute(
             node,
@@ -100,7 +114,7 @@ struct Upstreams: Sendable {
             pick: pick,
             transport: .tcp
         )
-        try await peers.splice(socket: fd, to: node, open: target)
+        try await peers.splice(socket: fd, to: node, open: target, ended: ended)
     }
 
     /// A stream channel on `loop` to `pick` (the HTTP pool): connected directly, or one end of a socket pair
@@ -137,7 +151,7 @@ struct Upstreams: Sendable {
         let (peers, target) = route
         Task {
             do {
-                try await peers.splice(socket: pair.1, to: node, open: target)
+                try await peers.splice(socket: pair.1, to: node, open: target, ended: nil)
             } catch {
                 Glibc.close(pair.0)
                 Glibc.close(pair.1)

@@ -1,9 +1,8 @@
 import Logging
 import MeshClient
 import MeshCore
+import ServiceLifecycle
 import Synchronization
-
-import func ServiceLifecycle.cancelWhenGracefulShutdown
 
 extension ServiceKey {
     /// The key of a namespaced object of the control plane.
@@ -22,7 +21,7 @@ public struct ServiceSnapshot: Sendable, Equatable {
         case control
     }
 
-    public var services: [ServiceKey: Service] = [:]
+    public var services: [ServiceKey: MeshService] = [:]
     public var endpoints: [ServiceKey: Endpoints] = [:]
     /// The registered nodes by name: an endpoint's node and its site say how it is reached (`Reach`),
     /// its addresses and link port where its peer link is dialed.
@@ -46,9 +45,9 @@ public protocol SnapshotMember: MeshObject {
     func fold(into snapshot: inout ServiceSnapshot, present: Bool)
 }
 
-extension Service: SnapshotMember {
+extension MeshService: SnapshotMember {
     public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.servicesVersion }
-    public static func replace(_ items: [Service], in snapshot: inout ServiceSnapshot) {
+    public static func replace(_ items: [MeshService], in snapshot: inout ServiceSnapshot) {
         snapshot.services = Dictionary(items.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
     }
     public func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
@@ -111,10 +110,10 @@ extension ServiceSnapshot {
 /// resume their watches from the cached versions, list again on 410, and retry while the control
 /// plane is away. Every change is persisted before it is published; bursts are coalesced so a
 /// flood of endpoint updates rebuilds the zone and routes once per `coalesce` interval.
-public final class ServiceTableSync: Sendable {
+public final class ServiceTableSync: Service, Sendable {
     public struct Configuration: Sendable {
         public var coalesce: Duration = .milliseconds(20)
-        public var backoff = Reflector<Service>.Backoff()
+        public var backoff = Reflector<MeshService>.Backoff()
 
         public init() {}
     }
@@ -150,7 +149,7 @@ public final class ServiceTableSync: Sendable {
     /// earlier so the agent answers from the cache before it binds anything else.
     public func loadCache() async throws -> ServiceSnapshot {
         var snap = ServiceSnapshot()
-        let (services, svcRV) = try self.loadCached(Service.self, into: &snap)
+        let (services, svcRV) = try self.loadCached(MeshService.self, into: &snap)
         let (endpoints, epRV) = try self.loadCached(Endpoints.self, into: &snap)
         _ = try self.loadCached(Node.self, into: &snap)
         _ = try self.loadCached(Relay.self, into: &snap)
@@ -185,7 +184,7 @@ public final class ServiceTableSync: Sendable {
         await cancelWhenGracefulShutdown {
             await withTaskCancellationHandler {
                 await withTaskGroup(of: Void.self) { group in
-                    group.addTask { await self.reflect(MeshCore.Service.self, from: cached.servicesVersion) }
+                    group.addTask { await self.reflect(MeshService.self, from: cached.servicesVersion) }
                     group.addTask { await self.reflect(Endpoints.self, from: cached.endpointsVersion) }
                     group.addTask { await self.reflect(Node.self, from: cached.nodesVersion) }
                     group.addTask { await self.reflect(Relay.self, from: cached.relaysVersion) }

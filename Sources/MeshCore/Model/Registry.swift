@@ -13,7 +13,7 @@ public enum Registry {
     }
 
     public static let entries: [Entry] = [
-        entry(Service.self),
+        entry(MeshService.self),
         entry(Endpoints.self),
         entry(Node.self),
         entry(Relay.self),

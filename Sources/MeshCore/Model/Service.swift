@@ -1,5 +1,6 @@
-/// A named service, reached by name through DNS and by its VIP through the agent's proxy.
-public struct Service: MeshObject {
+/// A named service, reached by name through DNS and by its VIP through the agent's proxy: the kind `Service`.
+/// `MeshService` in Swift, so that it does not collide with swift-service-lifecycle's `Service` protocol.
+public struct MeshService: MeshObject {
     public static let resource = ResourceType(
         kind: "Service",
         plural: "services",

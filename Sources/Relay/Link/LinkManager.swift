@@ -171,7 +171,16 @@ public final class LinkManager: Sendable {
     /// new stream to `target` at `node`: the socket joins the link's event loop, bytes and half-close flow
     /// both ways until either side ends. On a refusal (or any failure) the socket is *not* taken: the
     /// caller still owns it and closes it.
-    public func splice(socket: NIOBSDSocket.Handle, to node: String, open target: StreamTarget) async throws {
+    ///
+    /// `ended`, when given, is called once when a splice that was put in place ends, with the bytes it carried
+    /// each way; never when this throws.
+    public func splice(
+        socket: NIOBSDSocket.Handle,
+        to node: String,
+        open target: StreamTarget,
+        ended: (@Sendable (_ fromSocket: Int, _ toSocket: Int) -> Void)? = nil
+    ) async throws {
+        let ending = ended.map(SpliceEnding.init)
         let stream = try await self.stream(to: node, open: target) { stream in
             stream.eventLoop.makeCompletedFuture {
                 try stream.syncOptions!.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
@@ -197,6 +206,7 @@ public final class LinkManager: Sendable {
                 .channelInitializer { client in
                     client.eventLoop.makeCompletedFuture {
                         let (a, b) = StreamSpliceHandler.pair()
+                        if let ending { try client.pipeline.syncOperations.addHandler(SpliceTallyHandler(ending)) }
                         try client.pipeline.syncOperations.addHandler(b)
                         try stream.pipeline.syncOperations.addHandler(a)
                         // What came between the reply and now goes on to the splice.
@@ -208,7 +218,8 @@ public final class LinkManager: Sendable {
                 .withConnectedSocket(copy).get()
         } catch {
             stream.close(promise: nil)
-            throw error
+            // A splice that already ran and ended told its end: the socket was carried, so this is no failure.
+            if ending?.claim() ?? true { throw error }
         }
         close(socket)
     }

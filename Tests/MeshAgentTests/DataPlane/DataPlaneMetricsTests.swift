@@ -133,7 +133,7 @@ struct DataPlaneMetricsTests {
         await group.triggerGracefulShutdown()
         try await withTimeout(5) { try await running.value }
         #expect(dp.openChannels == 0)
-        #expect(dp.snapshot().mode == "stopped" && dp.snapshot().routes.isEmpty)
+        #expect(dp.snapshot().mode == .stopped && dp.snapshot().routes.isEmpty)
         await #expect(throws: (any Error).self) {
             _ = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), timeout: 2)
         }

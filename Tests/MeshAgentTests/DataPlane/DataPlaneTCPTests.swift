@@ -39,7 +39,7 @@ struct DataPlaneTCPTests {
             )
             #expect(String(buffer: reply) == "hello mesh")
             let snapshot = dp.snapshot()
-            #expect(snapshot.mode == "loopback")
+            #expect(snapshot.mode == .loopback)
             let route = try #require(snapshot.routes.first)
             #expect(route.listening && route.vip == vip.description && route.port == 8080 && route.proto == "tcp")
             #expect(route.totalConnections == 1)

@@ -50,6 +50,19 @@ struct DataPlaneTraceTests {
             let first = try #require(t.firstByteMicros)
             let total = try #require(t.totalMicros)
             #expect(first > 0 && first <= total)
+            // HTTP routes count bytes too: the route's, and the endpoint that answered (its head and body each
+            // way); the others carried nothing.
+            let route = { dp.snapshot().routes.first { $0.service == "traced" } }
+            let used = { route()?.backends.first { $0.port == answered.port } }
+            #expect(
+                await eventually {
+                    (used()?.bytesSent ?? 0) > "GET /?q=1 HTTP/1.1\r\n".utf8.count
+                        && (used()?.bytesReceived ?? 0) > "HTTP/1.1 200 OK\r\n".utf8.count + answered.name.utf8.count
+                }
+            )
+            #expect((route()?.bytesIn ?? 0) >= (used()?.bytesSent ?? .max))
+            #expect((route()?.bytesOut ?? 0) >= (used()?.bytesReceived ?? .max))
+            #expect(route()?.backends.filter { $0.port != answered.port }.allSatisfy { $0.bytesSent == 0 } == true)
 
             // The same key twice on one client connection (one event loop, one pool): the same endpoint, and
             // the second time on the pooled upstream connection the first one left.

@@ -142,7 +142,7 @@ struct InterfaceNetlinkTests {
                     Route(service: service("c"), vip: other, port: 53, proto: .udp, backends: [echo]),
                 ])
             )
-            #expect(dp.snapshot().mode == "meshInterface(mesh0)")
+            #expect(dp.snapshot().mode == .meshInterface("mesh0"))
             #expect(try addresses(ns) == ["169.254.96.16", "198.18.42.1", "2001:2::42", "198.18.42.2"])
             let allListening = dp.snapshot().routes.allSatisfy { $0.listening }
             #expect(allListening)
@@ -218,7 +218,7 @@ struct InterfaceNetlinkTests {
         try await dp.apply(
             RouteTable(routes: [Route(service: service("fb"), vip: vip, port: 8080, backends: [backend.backend()])])
         )
-        #expect(dp.snapshot().mode == "loopback")
+        #expect(dp.snapshot().mode == .loopback)
         let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), send: "lo", halfClose: true)
         #expect(String(buffer: reply) == "lo")
         await dp.shutdown()

@@ -29,7 +29,7 @@ struct LinkNode {
     static func make(
         _ name: String,
         ca: CertificateAuthority,
-        identity: MeshIdentity? = nil,
+        identity: MeshPrincipal? = nil,
         book: AddressBook,
         configuration: LinkConfiguration = LinkConfiguration(),
         issued: IssuedCredential? = nil,

@@ -104,7 +104,7 @@ struct Sim: AsyncParsableCommand {
         var tasks: [Task<Void, Never>] = []
         for (i, agent) in agents.enumerated() {
             let r = (firstIndex + i) % endpoints.count
-            var reflector = Reflector<Service>(
+            var reflector = Reflector<MeshService>(
                 client: ControlClient(endpoints: Array(endpoints[r...] + endpoints[..<r]), tls: tls),
                 logger: logger
             )
@@ -314,7 +314,7 @@ struct Drive: AsyncParsableCommand {
         let (admin, _) = try adminClient(pki, urls)
         let rssBase = replicas.map { ProcessStats.rss($0.process.processIdentifier) }
         _ = try? await admin.create(
-            Service(
+            MeshService(
                 metadata: ObjectMeta(name: "probe", namespace: "default"),
                 spec: ServiceSpec(ports: [ServicePort(port: 80)])
             )
@@ -358,7 +358,7 @@ struct Drive: AsyncParsableCommand {
         var changeRVs: [Int64] = []
         var changeStart: [Int64: Int64] = [:]
         for k in 0..<self.changes {
-            var svc = try await admin.get(Service.self, namespace: "default", name: "probe")
+            var svc = try await admin.get(MeshService.self, namespace: "default", name: "probe")
             svc.metadata.labels = ["change": "\(k)"]
             let t0 = wallNanos()
             let written = try await admin.apply(svc).object

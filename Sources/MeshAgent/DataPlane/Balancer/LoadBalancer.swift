@@ -19,6 +19,9 @@ struct LoadBalancer: Sendable {
         var failures = 0
         /// Successes seen.
         var successes = 0
+        /// Bytes sent to it and received from it by connections and requests that finished (a connection's
+        /// bytes are counted when it ends; the route's own counters move with every read).
+        var bytes = ByteTally()
 
         /// Ready, not ejected, and with an address the socket layer accepts.
         var usable: Bool { self.backend.ready && !self.outlier.isEjected && self.address != nil }
@@ -76,6 +79,7 @@ struct LoadBalancer: Sendable {
                 slot.picks = old.picks
                 slot.failures = old.failures
                 slot.successes = old.successes
+                slot.bytes = old.bytes
             }
             index[id] = slots.count
             slots.append(slot)
@@ -140,15 +144,16 @@ struct LoadBalancer: Sendable {
     }
 
     /// The connection or request on `id` is over: no longer in flight; `outcome` feeds outlier detection.
-    mutating func finish(_ id: BackendID, outcome: Outcome, now: NIODeadline) {
+    mutating func finish(_ id: BackendID, outcome: Outcome, bytes: ByteTally = ByteTally(), now: NIODeadline) {
         guard let i = self.index[id] else { return }  // removed from the route meanwhile
-        self.finish(slot: i, outcome: outcome, now: now)
+        self.finish(slot: i, outcome: outcome, bytes: bytes, now: now)
     }
 
     /// `finish` by the slot index `pick` returned (no hashing of the `BackendID`). The index is valid only
     /// for this balancer: one that replaced it (`init(previous:)`) may order its slots differently.
-    mutating func finish(slot i: Int, outcome: Outcome, now: NIODeadline) {
+    mutating func finish(slot i: Int, outcome: Outcome, bytes: ByteTally = ByteTally(), now: NIODeadline) {
         self.slots[i].inFlight = max(0, self.slots[i].inFlight - 1)
+        self.slots[i].bytes.add(bytes)
         self.report(slot: i, outcome: outcome, now: now)
     }
 

@@ -57,6 +57,9 @@ final class HTTPExchange {
     var pickInFlight = false
     /// The response head reported success; told to the balancer with the end of the pick.
     var successPending = false
+    /// Head and body bytes sent to the current attempt's backend and forwarded from it (chunk framing
+    /// aside), for its per-endpoint counters and the route's when the pick ends.
+    var tally = ByteTally()
     private(set) var retries = 0
     var inRetryBudget = false
     /// When the response head must have arrived (set once the request is sent).

@@ -17,7 +17,10 @@ extension HTTPProxyHandler {
             }
             switch exchange.responseHead(response, allocator: self.allocator) {
             case .interim(let bytes):
-                if let bytes { context.writeAndFlush(NIOAny(bytes), promise: nil) }
+                if let bytes {
+                    exchange.tally.received &+= bytes.readableBytes
+                    context.writeAndFlush(NIOAny(bytes), promise: nil)
+                }
             case .awaitUpgrade:
                 break
             case .refuse(let reason):
@@ -26,12 +29,17 @@ extension HTTPProxyHandler {
                 self.closeUpstream()
                 self.fail(.badGateway, reason)
             case .forward(let head):
+                exchange.tally.received &+= head.readableBytes
                 self.clientOut.queue(head, context: context)
             }
         case .body(let buffer):
             switch exchange.responseBodyFraming() {
-            case .raw?: self.clientOut.queue(buffer, context: context)
-            case .chunked?: self.clientOut.queueChunk(buffer, context: context)
+            case .raw?:
+                exchange.tally.received &+= buffer.readableBytes
+                self.clientOut.queue(buffer, context: context)
+            case .chunked?:
+                exchange.tally.received &+= buffer.readableBytes
+                self.clientOut.queueChunk(buffer, context: context)
             case .none?, nil: break
             }
         case .end(let trailers):
@@ -118,16 +126,20 @@ extension HTTPProxyHandler {
         let exchange = self.exchange!
         guard exchange.pickInFlight, let pick = exchange.pick else { return }
         exchange.pickInFlight = false
+        let tally = exchange.tally
+        exchange.tally = ByteTally()
+        self.handle.countStats(fromClient: tally.sent, toClient: tally.received)
+        self.metrics.countBytes(fromClient: tally.sent, toClient: tally.received)
         if exchange.successPending {
             exchange.successPending = false
             if outcome == .neutral {
                 // The usual end of an exchange: the head's success and the end in one call.
-                self.handle.finish(pick, outcome: .success)
+                self.handle.finish(pick, outcome: .success, bytes: tally)
                 return
             }
             self.handle.report(pick, outcome: .success)
         }
-        self.handle.finish(pick, outcome: outcome)
+        self.handle.finish(pick, outcome: outcome, bytes: tally)
     }
 
     func endAccounting() {

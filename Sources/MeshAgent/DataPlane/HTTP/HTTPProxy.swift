@@ -306,6 +306,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
                 switch exchange.requestBody(buffer, bufferLimit: self.settings.requestBufferSize) {
                 case .send:
                     let upstream = exchange.upstream!.handler
+                    exchange.tally.sent &+= buffer.readableBytes
                     upstream.sendBody(buffer, chunked: exchange.chunkedRequest)
                     self.flushUpstreamSoon(upstream)
                 case .hold:
@@ -549,13 +550,17 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
         let handler = connection.handler
         let exchange = self.exchange!
         handler.sendHead(exchange.upstreamHead, method: exchange.method)
+        exchange.tally = ByteTally(sent: exchange.upstreamHead.readableBytes)
         let sending = exchange.attach(
             connection,
             now: now ?? .now(),
             responseTimeout: self.configuration.upstreamResponseTimeout
         )
         let chunked = exchange.chunkedRequest
-        for buffer in sending.body { handler.sendBody(buffer, chunked: chunked) }
+        for buffer in sending.body {
+            exchange.tally.sent &+= buffer.readableBytes
+            handler.sendBody(buffer, chunked: chunked)
+        }
         if sending.end { handler.sendEnd(trailers: sending.trailers, chunked: chunked) }
         self.flushUpstreamSoon(handler)
         self.updateReading()

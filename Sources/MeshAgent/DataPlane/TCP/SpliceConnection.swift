@@ -73,6 +73,8 @@ final class SpliceConnection {
     private var errorReported = false
     /// Read bursts so far, and the count and time at the last idle sweep that saw a change.
     private var activity: UInt64 = 0
+    /// Bytes this connection carried each way, for its backend's counters when it ends.
+    private var tally = ByteTally()
     private var sweptActivity: UInt64 = 0
     private var quietSince: UInt64
 
@@ -151,7 +153,8 @@ final class SpliceConnection {
 
     /// A backend at another site: the client's socket (not read yet) leaves this loop for the peer link,
     /// which registers it with NIO on the link's event loop and splices it to a stream (`Upstreams.splice`).
-    /// This connection object ends here; the link counts the stream's bytes (`/peers`). When the link refuses
+    /// This connection object ends here; the link counts the stream's bytes (`/peers`) and tells them at its
+    /// end for the route's and the endpoint's counters (which also count it active until then). When the link refuses
     /// or cannot be reached before it took the socket, the socket comes back to this loop for the next
     /// backend (up to `connectAttempts`), as a failed connect does.
     private func handOver(_ pick: Pick) {
@@ -167,6 +170,8 @@ final class SpliceConnection {
         self.client.fd = -1
         self.close()
         let started = SpliceLoop.monotonic()
+        // Active again while the link carries it: it ends (bytes, the pick's end) when the splice does.
+        handle.connectionResumed()
         Task {
             do {
                 try await upstreams.splice(
@@ -174,10 +179,15 @@ final class SpliceConnection {
                     service: handle.service,
                     servicePort: handle.key.port,
                     pick: pick
-                )
+                ) { fromClient, toClient in
+                    handle.countBytes(fromClient: fromClient, toClient: toClient)
+                    handle.finish(pick, outcome: .neutral, bytes: ByteTally(sent: fromClient, received: toClient))
+                    handle.connectionClosed()
+                }
                 handle.metrics.upstreamLatency.recordNanoseconds(Int64(clamping: SpliceLoop.monotonic() &- started))
-                handle.finish(pick, outcome: .success)
+                handle.report(pick, outcome: .success)
             } catch {
+                handle.connectionClosed()
                 handle.finish(pick, outcome: .failure)
                 handle.metrics.error(.connectFailure)
                 loop.logger.debug(
@@ -303,6 +313,9 @@ final class SpliceConnection {
             let n = recv(source.fd, base, buffer.count, 0)
             if n > 0 {
                 moved &+= n
+                // Here, not in `count`: the pump's last read can end the connection (EOF both ways) before
+                // its deferred count, and the tally goes to the backend when it ends.
+                if source.isClient { self.tally.sent &+= n } else { self.tally.received &+= n }
                 if n < buffer.count && !source.closing { source.readable = false }
                 let sent = send(target.fd, base, n, Int32(MSG_NOSIGNAL))
                 if sent == n {
@@ -437,7 +450,7 @@ final class SpliceConnection {
         self.closeUpstreamSocket()
         self.client.dropPending()
         self.upstream.dropPending()
-        if wasOpen, let pick = self.pick { handle.finish(pick, outcome: .neutral) }
+        if wasOpen, let pick = self.pick { handle.finish(pick, outcome: .neutral, bytes: self.tally) }
         self.pick = nil
         handle.connectionClosed()
         self.listener.closed()

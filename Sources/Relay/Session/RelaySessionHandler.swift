@@ -1,0 +1,475 @@
+import Logging
+import MeshCore
+import MeshIdentity
+import Metrics
+import NIOCore
+import NIOPosix
+import NIOSSL
+import NIOTLS
+import ServiceLifecycle
+import Synchronization
+import X509
+
+/// One connection to the relay until it is spliced: reads its first message and plays its part.
+final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum Role {
+        case handshaking
+        case first
+        case control(String)
+        case waiting(circuit: UInt64, from: String, to: String)
+        case forwarding(from: String, to: String)
+        case closing
+    }
+
+    /// Bytes a connection may send before its circuit is spliced.
+    static let maxBuffered = 64 << 10
+
+    let server: RelaySessionServer
+    var role = Role.handshaking
+    var node = ""
+    /// Set when the client is another relay (it may only `forward`).
+    var peerRelay: String?
+    var buffer: [UInt8] = []
+    var timer: Scheduled<Void>?
+    var lastMessage = NIODeadline.now()
+
+    init(server: RelaySessionServer) {
+        self.server = server
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(context, eventLoop: loop)
+        self.timer = loop.scheduleTask(in: self.server.configuration.firstMessageTimeout) {
+            let context = bound.value
+            let handler = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self)
+            guard let handler else { return }
+            switch handler.role {
+            case .handshaking, .first:
+                RelaySessionMetrics.count("relay_connections_refused_total", [("reason", "timeout")])
+                handler.refuse(context, .timeout, "no first message within the time allowed")
+            default: break
+            }
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls, case .handshaking = self.role {
+            let certificate = (try? context.pipeline.syncOperations.nioSSL_peerCertificate()) ?? nil
+            let parsed = certificate.flatMap { c in (try? c.toDERBytes()).flatMap { try? Certificate(derEncoded: $0) } }
+            let identity = parsed.flatMap(meshIdentity(of:))
+            let name: String
+            switch identity {
+            case .node(let n)? where parsed != nil:
+                name = n
+            case .relay(let r)? where parsed != nil && r != self.server.configuration.relayName:
+                // Another relay: it may only forward circuits to nodes homed here.
+                name = r
+                self.peerRelay = r
+            default:
+                RelaySessionMetrics.count("relay_connections_refused_total", [("reason", "identity")])
+                self.refuse(
+                    context,
+                    .forbidden,
+                    "this relay serves nodes and other relays: presented \(identity?.uri ?? "no mesh identity")"
+                )
+                return
+            }
+            if let parsed, self.server.revoked.contains(MeshTLS.serialHex(parsed.serialNumber)) {
+                RelaySessionMetrics.count("relay_connections_refused_total", [("reason", "revoked")])
+                self.refuse(context, .forbidden, "the certificate of \(identity!.uri) is revoked")
+                return
+            }
+            self.node = name
+            self.role = .first
+            self.drain(context)
+            return
+        }
+        if let splice = event as? SpliceEvent {
+            self.splice(context, splice)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = self.unwrapInboundIn(data)
+        self.buffer += bytes.readBytes(length: bytes.readableBytes) ?? []
+        // A half that waits for its circuit may send ahead (its link's first bytes), within bounds.
+        if self.buffer.count > Self.maxBuffered {
+            RelaySessionMetrics.count("relay_messages_malformed_total")
+            self.refuse(context, .badMessage, "over \(Self.maxBuffered) bytes sent before the circuit was ready")
+            return
+        }
+        if case .handshaking = self.role { return }
+        self.drain(context)
+    }
+
+    /// Decodes what is buffered, one message at a time, while this connection is not waiting.
+    func drain(_ context: ChannelHandlerContext) {
+        while !self.buffer.isEmpty {
+            switch self.role {
+            case .waiting, .forwarding, .closing, .handshaking: return
+            case .first, .control: break
+            }
+            let decoded: (message: RelaySessionMessage, length: Int)?
+            do {
+                decoded = try RelaySessionMessage.decode(self.buffer)
+            } catch {
+                RelaySessionMetrics.count("relay_messages_malformed_total")
+                self.refuse(context, .badMessage, "\(error)")
+                return
+            }
+            guard let (message, length) = decoded else { return }
+            self.buffer.removeFirst(length)
+            self.lastMessage = .now()
+            self.handle(context, message)
+        }
+    }
+
+    func handle(_ context: ChannelHandlerContext, _ message: RelaySessionMessage) {
+        let config = self.server.configuration
+        if let relay = self.peerRelay {
+            guard case (.first, .forward(let from, let to)) = (self.role, message) else {
+                RelaySessionMetrics.count("relay_messages_malformed_total")
+                self.refuse(
+                    context,
+                    .forbidden,
+                    "mesh://relay/\(relay) may only forward circuits (it sent \(message.kind))"
+                )
+                return
+            }
+            self.request(context, from: from, to: to, via: relay)
+            return
+        }
+        switch (self.role, message) {
+        case (.first, .hello(let version, let name)):
+            guard version == RelaySessionMessage.version else {
+                self.refuse(context, .badMessage, "protocol version \(version) is not spoken here (1 is)")
+                return
+            }
+            guard name == self.node else {
+                self.refuse(context, .forbidden, "hello as \(name) over the certificate of mesh://node/\(self.node)")
+                return
+            }
+            self.timer?.cancel()
+            self.role = .control(name)
+            if let old = self.server.hub.register(name, context.channel) {
+                old.close(promise: nil)
+            }
+            RelaySessionMetrics.count("relay_sessions_total")
+            self.send(context, .welcome(relay: config.relayName, keepaliveSeconds: config.keepaliveSeconds))
+            self.scheduleIdleCheck(context)
+        case (.control, .ping(let value)):
+            self.send(context, .pong(value))
+        case (.control, .pong):
+            break
+        case (.first, .connect(let target)):
+            self.request(context, from: self.node, to: target, via: nil)
+        case (.first, .accept(let circuit)):
+            self.timer?.cancel()
+            guard let pending = self.server.hub.take(circuit, by: self.node) else {
+                RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "unknown_circuit")])
+                self.refuse(context, .badMessage, "no circuit \(circuit) waits for mesh://node/\(self.node)")
+                return
+            }
+            guard pending.requester.isActive else {
+                _ = self.server.hub.cancel(circuit)
+                self.refuse(context, .nodeOffline, "node \(pending.from) went away before the circuit was spliced")
+                return
+            }
+            RelaySessionMetrics.count("relay_circuits_total")
+            let me = context.channel
+            pending.requester.pipeline.fireUserInboundEventTriggered(
+                SpliceEvent(partner: me, circuit: circuit, from: pending.from, to: pending.to, owner: false)
+            )
+            self.splice(
+                context,
+                SpliceEvent(
+                    partner: pending.requester,
+                    circuit: circuit,
+                    from: pending.from,
+                    to: pending.to,
+                    owner: true
+                )
+            )
+        default:
+            RelaySessionMetrics.count("relay_messages_malformed_total")
+            self.refuse(context, .badMessage, "\(message.kind) is not allowed here")
+        }
+    }
+
+    /// A circuit from `from` to `to` (asked by `from` itself, or forwarded by the relay `via`): `open`
+    /// to `to`'s session and wait for its `accept`; when `to` has no session here, forward it to the
+    /// relay it is homed on (not a forwarded one: one hop at most).
+    func request(_ context: ChannelHandlerContext, from: String, to target: String, via: String?) {
+        let config = self.server.configuration
+        self.timer?.cancel()
+        switch self.server.hub.request(from: from, to: target, requester: context.channel) {
+        case .refused(.nodeOffline, let text) where via == nil && config.locate != nil:
+            self.forward(context, from: from, to: target, offline: text)
+        case .refused(let reason, let text):
+            RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "\(reason)")])
+            self.refuse(context, reason, text)
+        case .open(let circuit, let session):
+            self.role = .waiting(circuit: circuit, from: from, to: target)
+            if let frame = try? RelaySessionMessage.open(circuit: circuit, from: from).encode() {
+                session.writeAndFlush(ByteBuffer(bytes: frame), promise: nil)
+            }
+            let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            let hub = self.server.hub
+            self.timer = context.eventLoop.scheduleTask(in: config.acceptTimeout) {
+                guard hub.cancel(circuit) else { return }
+                RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "timeout")])
+                let context = bound.value
+                (try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self))?
+                    .refuse(context, .timeout, "node \(target) did not accept the circuit in time")
+            }
+        }
+    }
+
+    /// `to` is homed on another relay: ask that one (`dialForward`), then splice this connection with
+    /// the relay's. The bytes this node sends meanwhile are held (within `maxBuffered`).
+    func forward(_ context: ChannelHandlerContext, from: String, to: String, offline: String) {
+        let hub = self.server.hub
+        if let limit = hub.reserve(from: from, to: to) {
+            RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "limit")])
+            self.refuse(context, .limit, limit)
+            return
+        }
+        self.role = .forwarding(from: from, to: to)
+        let server = self.server
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(context, eventLoop: loop)
+        let dialed = loop.makePromise(of: (any Channel, UInt64).self)
+        dialed.completeWithTask { try await server.dialForward(from: from, to: to, offline: offline) }
+        dialed.futureResult.hop(to: loop).whenComplete { result in
+            let context = bound.value
+            guard let handler = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self),
+                case .forwarding = handler.role, context.channel.isActive
+            else {
+                // The node went away meanwhile (its circuit count was released then).
+                if case .success(let (other, _)) = result { other.close(promise: nil) }
+                return
+            }
+            switch result {
+            case .success(let (other, circuit)):
+                RelaySessionMetrics.count("relay_circuits_forwarded_total")
+                let me = context.channel
+                let idle = server.configuration.circuitIdleTimeout
+                // The other relay's half: splice it back to this node, then let go of the bytes it
+                // held since its `ready`.
+                other.eventLoop.execute {
+                    do {
+                        let ops = other.pipeline.syncOperations
+                        try ops.addHandler(SpliceHandler(partner: me, idleTimeout: idle, onEnd: nil))
+                        let held = try ops.context(handlerType: RelayCircuitHandler.self)
+                        try ops.handler(type: RelayCircuitHandler.self).leave(held)
+                    } catch {
+                        other.close(promise: nil)
+                    }
+                }
+                handler.spliceNow(
+                    context,
+                    SpliceEvent(partner: other, circuit: circuit, from: from, to: to, owner: true)
+                )
+            case .failure(let error):
+                let refusal =
+                    error as? RelaySessionServer.ForwardRefusal
+                    ?? .init(reason: .nodeOffline, text: "forwarding failed: \(error)")
+                RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "\(refusal.reason)")])
+                handler.refuse(context, refusal.reason, refusal.text)
+            }
+        }
+    }
+
+    func scheduleIdleCheck(_ context: ChannelHandlerContext) {
+        let idle = self.server.configuration.sessionIdleTimeout
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        self.timer = context.eventLoop.scheduleTask(in: idle) {
+            let context = bound.value
+            guard let h = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self),
+                case .control = h.role
+            else { return }
+            if NIODeadline.now() - h.lastMessage >= idle {
+                RelaySessionMetrics.count("relay_sessions_idle_closed_total")
+                h.refuse(context, .timeout, "no ping for \(idle.nanoseconds / 1_000_000_000) s")
+            } else {
+                h.scheduleIdleCheck(context)
+            }
+        }
+    }
+
+    /// Sends `ready`, hands what is buffered to the partner, and leaves the connection to a splice.
+    func splice(_ context: ChannelHandlerContext, _ event: SpliceEvent) {
+        if !event.owner {
+            // The requester's half: only while it still waits (else the partner goes too).
+            guard case .waiting = self.role else {
+                event.partner.close(promise: nil)
+                return
+            }
+            self.timer?.cancel()
+        }
+        self.spliceNow(context, event)
+    }
+
+    func spliceNow(_ context: ChannelHandlerContext, _ event: SpliceEvent) {
+        self.role = .closing
+        self.send(context, .ready(circuit: event.circuit))
+        let leftover = self.buffer
+        self.buffer = []
+        let hub = self.server.hub
+        let (from, to) = (event.from, event.to)
+        var onEnd: (@Sendable () -> Void)? = nil
+        if event.owner { onEnd = { @Sendable in hub.ended(from: from, to: to) } }
+        let splice = SpliceHandler(
+            partner: event.partner,
+            idleTimeout: self.server.configuration.circuitIdleTimeout,
+            onEnd: onEnd
+        )
+        try? context.pipeline.syncOperations.addHandler(splice, position: .after(self))
+        if !leftover.isEmpty { event.partner.writeAndFlush(ByteBuffer(bytes: leftover), promise: nil) }
+        context.pipeline.syncOperations.removeHandler(self, promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.timer?.cancel()
+        switch self.role {
+        case .control(let name): self.server.hub.unregister(name, context.channel)
+        case .waiting(let circuit, _, _): _ = self.server.hub.cancel(circuit)
+        case .forwarding(let from, let to): self.server.hub.ended(from: from, to: to)
+        default: break
+        }
+        self.role = .closing
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if case .handshaking = self.role {
+            RelaySessionMetrics.count("relay_connections_refused_total", [("reason", "tls")])
+        }
+        self.server.logger.debug("relay session from \(context.remoteAddress?.description ?? "?"): \(error)")
+        context.close(promise: nil)
+    }
+
+    func send(_ context: ChannelHandlerContext, _ message: RelaySessionMessage) {
+        guard let frame = try? message.encode() else { return }
+        context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(bytes: frame)), promise: nil)
+    }
+
+    /// Says why, then closes.
+    func refuse(_ context: ChannelHandlerContext, _ reason: RelayRefusal, _ text: String) {
+        if case .control(let name) = self.role { self.server.hub.unregister(name, context.channel) }
+        if case .waiting(let circuit, _, _) = self.role { _ = self.server.hub.cancel(circuit) }
+        if case .forwarding(let from, let to) = self.role { self.server.hub.ended(from: from, to: to) }
+        self.role = .closing
+        self.timer?.cancel()
+        self.server.logger.info(
+            "relay session from \(self.peerRelay.map { "mesh://relay/\($0)" } ?? (self.node.isEmpty ? "?" : "mesh://node/\(self.node)")) refused (\(reason)): \(text)"
+        )
+        let frame =
+            (try? RelaySessionMessage.refused(reason, message: String(text.prefix(512))).encode())
+            ?? (try? RelaySessionMessage.refused(reason, message: "").encode()) ?? []
+        let channel = context.channel
+        context.writeAndFlush(self.wrapOutboundOut(ByteBuffer(bytes: frame))).whenComplete { _ in
+            channel.close(promise: nil)
+        }
+    }
+}
+
+/// Told to a connection waiting for its circuit (and to the second half itself): splice with `partner`.
+struct SpliceEvent: Sendable {
+    let partner: any Channel
+    let circuit: UInt64
+    let from: String
+    let to: String
+    /// The second half's own event: it releases the circuit's count when the splice ends.
+    let owner: Bool
+}
+
+/// Forwards every byte to the partner connection, with backpressure both ways; the end of either
+/// side closes the other.
+final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    let partner: any Channel
+    let idleTimeout: TimeAmount
+    let onEnd: (@Sendable () -> Void)?
+    var pending = 0
+    var bytes = 0
+    var lastActivity = NIODeadline.now()
+    var idleTimer: Scheduled<Void>?
+
+    init(partner: any Channel, idleTimeout: TimeAmount, onEnd: (@Sendable () -> Void)?) {
+        self.partner = partner
+        self.idleTimeout = idleTimeout
+        self.onEnd = onEnd
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.scheduleIdle(context)
+        let me = context.channel
+        self.partner.closeFuture.whenComplete { _ in me.close(promise: nil) }
+    }
+
+    func scheduleIdle(_ context: ChannelHandlerContext) {
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let idle = self.idleTimeout
+        self.idleTimer = context.eventLoop.scheduleTask(in: idle) {
+            let context = bound.value
+            guard let h = try? context.pipeline.syncOperations.handler(type: SpliceHandler.self) else { return }
+            if NIODeadline.now() - h.lastActivity >= idle {
+                RelaySessionMetrics.count("relay_circuits_idle_closed_total")
+                context.close(promise: nil)
+            } else {
+                h.scheduleIdle(context)
+            }
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = self.unwrapInboundIn(data)
+        self.bytes += buffer.readableBytes
+        self.lastActivity = .now()
+        self.partner.write(buffer, promise: nil)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.partner.flush()
+        if self.bytes > 0 {
+            RelaySessionMetrics.count("relay_circuit_bytes_total", by: self.bytes)
+            self.bytes = 0
+        }
+        // The partner's socket is behind: stop reading until it drains (it tells us, below).
+        if !self.partner.isWritable {
+            context.channel.setOption(.autoRead, value: false).whenFailure { _ in }
+            let me = context.channel
+            let partner = self.partner
+            partner.eventLoop.execute {
+                // Re-checked on the partner's loop: writability may have returned meanwhile.
+                if partner.isWritable { me.setOption(.autoRead, value: true).whenFailure { _ in } }
+            }
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            self.partner.setOption(.autoRead, value: true).whenFailure { _ in }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.idleTimer?.cancel()
+        self.partner.close(promise: nil)
+        self.onEnd?()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
