@@ -87,13 +87,14 @@ final class DNSForwarder: Sendable {
     func resolveExplained(_ question: DNSQuestion) -> EventLoopFuture<(DNSMessage?, ForwardedSource)> {
         self.eventLoop.flatSubmit {
             let key = DNSCacheKey(question)
-            if let cached = self.state.value.cache.provenance(key, now: .now()) {
+            if let cached = self.state.value.cache.provenance(key, now: self.state.value.configuration.now()) {
                 return self.resolveOnLoop(question).map {
                     ($0, .cache(secondsLeft: cached.secondsLeft, upstream: cached.upstream))
                 }
             }
             return self.resolveOnLoop(question).map { message in
-                let answered = self.state.value.cache.provenance(key, now: .now())?.upstream
+                let answered = self.state.value.cache.provenance(key, now: self.state.value.configuration.now())?
+                    .upstream
                 return (message, message == nil ? .failed : .upstream(answered))
             }
         }
@@ -107,7 +108,7 @@ final class DNSForwarder: Sendable {
     private func resolveOnLoop(_ question: DNSQuestion) -> EventLoopFuture<DNSMessage?> {
         let s = self.state.value
         let key = DNSCacheKey(question)
-        if let hit = s.cache.lookup(key, now: .now()) {
+        if let hit = s.cache.lookup(key, now: s.configuration.now()) {
             self.metrics.cacheHits.increment()
             return self.eventLoop.makeSucceededFuture(hit)
         }
@@ -256,7 +257,7 @@ final class DNSForwarder: Sendable {
             // Back to the case the question was asked in (0x20 randomised it on the way out), and
             // no TTL above the maximum.
             let m = DNSCache.capping(restoringCase(message, of: p.question.name), at: s.configuration.maxCacheTTL)
-            s.cache.insert(p.key, m, now: .now(), from: p.upstream)
+            s.cache.insert(p.key, m, now: s.configuration.now(), from: p.upstream)
             s.complete(p.key, m)
         }
     }

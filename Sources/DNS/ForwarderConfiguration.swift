@@ -110,6 +110,8 @@ public struct DNSForwardingConfiguration: Sendable {
     public var caseRandomization: Bool
     /// Upstream queries (each one a socket) in flight at most; further questions get SERVFAIL.
     public var maxUpstreamQueries: Int
+    /// What cached answers age on (`NIODeadline.now` by default; tests pass a clock they move by hand).
+    public var now: @Sendable () -> NIODeadline = { .now() }
 
     public init(
         upstreams: [String] = [],

@@ -1,4 +1,5 @@
 import MeshCore
+import NIOCore
 import Synchronization
 
 /// A `MeshClock` whose time moves only when the test says so (`advance(by:)`).
@@ -25,11 +26,13 @@ public final class ManualClock: MeshClock {
 
     private let base: ContinuousClock.Instant
     private let baseMillis: Int64
+    private let baseDeadline: NIODeadline
     private let state = Mutex(State())
 
     public init() {
         self.base = .now
         self.baseMillis = SystemClock().epochMillis
+        self.baseDeadline = .now()
     }
 
     /// How far the test has moved this clock.
@@ -40,6 +43,12 @@ public final class ManualClock: MeshClock {
     public var epochMillis: Int64 {
         let (s, atto) = self.elapsed.components
         return self.baseMillis + s * 1000 + atto / 1_000_000_000_000_000
+    }
+
+    /// Now as a NIO deadline (for parts that take `() -> NIODeadline`, as the DNS forwarder's cache does).
+    public var deadline: NIODeadline {
+        let (s, atto) = self.elapsed.components
+        return self.baseDeadline + .nanoseconds(s * 1_000_000_000 + atto / 1_000_000_000)
     }
 
     /// How many tasks sleep on this clock now.

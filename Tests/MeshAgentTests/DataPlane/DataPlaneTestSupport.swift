@@ -77,7 +77,7 @@ let testLogger: Logger = {
 
 /// Test configuration: short timers so ejection, idle and expiry run in well under a second.
 func testConfiguration(
-    connectTimeout: TimeAmount = .milliseconds(500),
+    connectTimeout: TimeAmount = .seconds(5),  // a loaded machine must not turn a loopback connect into a 504
     tcpIdleTimeout: TimeAmount = .seconds(30),
     outlier: OutlierConfiguration = .init(
         consecutiveFailures: 3,
