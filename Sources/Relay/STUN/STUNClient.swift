@@ -96,19 +96,22 @@ public struct STUNClient: Sendable {
         let timeout = channel.eventLoop.scheduleTask(in: self.timeout) {
             answer.fail(STUNClientError.timedOut(server: name, .tcp))
         }
-        defer {
-            timeout.cancel()
-            // No TIME_WAIT: the next discovery reuses this 4-tuple.
-            if let provider = channel as? any SocketOptionProvider {
-                provider.setSoLinger(linger(l_onoff: 1, l_linger: 0)).whenComplete { _ in channel.close(promise: nil) }
-            } else {
-                channel.close(promise: nil)
-            }
-        }
         let localAddress = channel.localAddress
-        try await channel.writeAndFlush(ByteBuffer(bytes: bytes)).get()
-        let message = try await answer.futureResult.get()
-        return try Self.binding(message, server: server, transport: .tcp, local: localAddress, start: start)
+        let result: Result<STUNMessage, any Error>
+        do {
+            try await channel.writeAndFlush(ByteBuffer(bytes: bytes)).get()
+            result = .success(try await answer.futureResult.get())
+        } catch {
+            result = .failure(error)
+        }
+        timeout.cancel()
+        // No TIME_WAIT, and closed before this returns: the next discovery (or punch) may reuse this 4-tuple
+        // at once, and a socket still closing would make its connect fail with EADDRNOTAVAIL.
+        if let provider = channel as? any SocketOptionProvider {
+            try? await provider.setSoLinger(linger(l_onoff: 1, l_linger: 0)).get()
+        }
+        try? await channel.close()
+        return try Self.binding(result.get(), server: server, transport: .tcp, local: localAddress, start: start)
     }
 
     /// A Binding request over UDP from `local` (port 0: any) to `server`, retransmitted until answered or
