@@ -178,7 +178,8 @@ struct Idle: AsyncParsableCommand {
         try await stage("request")
 
         // 3. A watch each, from the current version: the replica answers with a bookmark.
-        let rv = try await admin.get(MeshService.self, namespace: "default", name: "probe").metadata.resourceVersion ?? "0"
+        let rv =
+            try await admin.get(MeshService.self, namespace: "default", name: "probe").metadata.resourceVersion ?? "0"
         let watch =
             "GET /apis/mesh.edge/v1/services?watch=true&resourceVersion=\(rv) HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\n\r\n"
         for (channel, _) in peers { channel.writeAndFlush(ByteBuffer(string: watch), promise: nil) }
