@@ -137,7 +137,6 @@ public struct STUNClient: Sendable {
                 }
             }
             .bind(to: bindTo).get()
-        defer { channel.close(promise: nil) }
         let localAddress = channel.localAddress
         let loop = channel.eventLoop
         let deadline = NIODeadline.now() + self.timeout
@@ -164,9 +163,18 @@ public struct STUNClient: Sendable {
             return tasks
         }
         send()
-        let scheduled = try await timer.get()
-        defer { for t in scheduled { t.cancel() } }
-        let message = try await answer.futureResult.get()
+        let result: Result<STUNMessage, any Error>
+        do {
+            let scheduled = try await timer.get()
+            defer { for t in scheduled { t.cancel() } }
+            result = .success(try await answer.futureResult.get())
+        } catch {
+            result = .failure(error)
+        }
+        // Closed before this returns, as over TCP: a socket still open on the same port (SO_REUSEPORT) could
+        // take the answer to the next binding from it.
+        try? await channel.close()
+        let message = try result.get()
         return try Self.binding(message, server: server, transport: .udp, local: localAddress, start: start)
     }
 
