@@ -112,33 +112,45 @@ extension JSONValue: Decodable {
     }
 
     public init(from decoder: any Decoder) throws {
+        // Scalars are probed first, strings before numbers: most values of a document are strings, and
+        // each failed probe is a thrown DecodingError (built with its coding path; under swift-testing
+        // also a captured backtrace). A string costs no throw this way, a number two; an array or object
+        // four or five, and there are far fewer of those.
+        if let single = try? decoder.singleValueContainer() {
+            if single.decodeNil() {
+                self = .null
+                return
+            }
+            if let s = try? single.decode(String.self) {
+                self = .string(s)
+                return
+            }
+            if let b = try? single.decode(Bool.self) {
+                self = .bool(b)
+                return
+            }
+            if let i = try? single.decode(Int64.self) {
+                self = .int(i)
+                return
+            }
+            if let d = try? single.decode(Double.self) {
+                self = .double(d)
+                return
+            }
+        }
         if var list = try? decoder.unkeyedContainer() {
             var items: [JSONValue] = []
             while !list.isAtEnd { items.append(try list.decode(JSONValue.self)) }
             self = .array(items)
             return
         }
-        if let object = try? decoder.container(keyedBy: AnyKey.self) {
-            // Keyed containers do not keep the document's order; sort for a stable output.
-            self = .object(
-                try object.allKeys.sorted { $0.stringValue < $1.stringValue }.map {
-                    ($0.stringValue, try object.decode(JSONValue.self, forKey: $0))
-                }
-            )
-            return
-        }
-        let single = try decoder.singleValueContainer()
-        if single.decodeNil() {
-            self = .null
-        } else if let b = try? single.decode(Bool.self) {
-            self = .bool(b)
-        } else if let i = try? single.decode(Int64.self) {
-            self = .int(i)
-        } else if let d = try? single.decode(Double.self) {
-            self = .double(d)
-        } else {
-            self = .string(try single.decode(String.self))
-        }
+        let object = try decoder.container(keyedBy: AnyKey.self)
+        // Keyed containers do not keep the document's order; sort for a stable output.
+        self = .object(
+            try object.allKeys.sorted { $0.stringValue < $1.stringValue }.map {
+                ($0.stringValue, try object.decode(JSONValue.self, forKey: $0))
+            }
+        )
     }
 }
 

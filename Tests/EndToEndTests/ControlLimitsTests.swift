@@ -120,7 +120,9 @@ import Testing
         let nodes = try await admin.list(Node.self)
         let took = ContinuousClock.now - started
         #expect(nodes.items.isEmpty)
-        #expect(took < .seconds(2), "the admin's get took \(took)")
+        // Served because an idle slot was given up for it, not because a 120 s handshake deadline freed one:
+        // far below that deadline, however loaded the machine (how fast is a benchmark's question).
+        #expect(took < .seconds(60), "the admin's get took \(took)")
         #expect(
             await eventually { cp.process.stderr.contains("at the connection limit (200): closed") },
             "\(cp.process.stderr)"
