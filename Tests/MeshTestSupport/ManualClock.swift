@@ -102,6 +102,7 @@ public final class ManualClock: MeshClock {
                 (s.started - startedBefore) + (s.cancelled - cancelledBefore) >= woken.count
             }
             if settled { return true }
+            if Task.isCancelled { return false }
             try? await Task.sleep(for: .milliseconds(2))
         }
         return false

@@ -94,7 +94,7 @@ public final class Subprocess: @unchecked Sendable {
     public func wait(timeout: Duration = .seconds(30)) async -> ProcessResult? {
         let deadline = ContinuousClock.now + timeout
         while self.process.isRunning && ContinuousClock.now < deadline {
-            try? await Task.sleep(for: .milliseconds(20))
+            await pause(.milliseconds(20))
         }
         if self.process.isRunning {
             self.process.terminate()
@@ -102,7 +102,7 @@ public final class Subprocess: @unchecked Sendable {
         }
         self.process.waitUntilExit()
         // Let the readability handlers drain.
-        try? await Task.sleep(for: .milliseconds(30))
+        await pause(.milliseconds(30))
         return ProcessResult(status: self.process.terminationStatus, stdout: self.stdout, stderr: self.stderr)
     }
 
@@ -141,9 +141,19 @@ public func eventually(
     let deadline = ContinuousClock.now + timeout
     while ContinuousClock.now < deadline {
         if try await condition() { return true }
+        // A cancelled test (its time limit ran out) stops polling: `Task.sleep` would throw at once and
+        // the loop would spin on a cooperative thread until the deadline, starving the other tests.
+        if Task.isCancelled { break }
         try? await Task.sleep(for: every)
     }
     return try await condition()
+}
+
+/// Sleeps for `duration` even when the calling task is cancelled: for teardown paths, which must finish
+/// (wait for a child process, a lab's `down`) after a time limit cancelled the test. `Task.sleep` throws
+/// at once in a cancelled task, so a polling loop on it would spin on a cooperative thread instead.
+public func pause(_ duration: Duration) async {
+    await Task.detached { try? await Task.sleep(for: duration) }.value
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for a test).

@@ -45,6 +45,7 @@ func eventually(_ seconds: Double = 10, _ condition: () async -> Bool) async -> 
     let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
     while ContinuousClock.now < deadline {
         if await condition() { return true }
+        if Task.isCancelled { break }  // no spinning on a cooperative thread once the test is cancelled
         try? await Task.sleep(for: .milliseconds(5))
     }
     return await condition()
