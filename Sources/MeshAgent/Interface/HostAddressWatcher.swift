@@ -44,14 +44,34 @@ public enum HostAddressWatcher {
         guard pipe(&pipeFDs) == 0 else { throw NetlinkError("pipe", code: MESH_NLE_FAILURE) }
         let (stream, continuation) = AsyncStream.makeStream(of: HostAddressEvent.self)
         for event in initial { continuation.yield(event) }
-        let stop = pipeFDs[1]
-        continuation.onTermination = { _ in
-            var one: UInt8 = 1
-            _ = write(stop, &one, 1)
-        }
-        let reader = WatchLoop(socket: sock, wake: pipeFDs[0], stopWriter: stop, continuation: continuation)
+        let stopWriter = StopPipe(pipeFDs[1])
+        continuation.onTermination = { _ in stopWriter.signal() }
+        let reader = WatchLoop(socket: sock, wake: pipeFDs[0], stopWriter: stopWriter, continuation: continuation)
         DedicatedThread.start(name: "mesh-netlink-watch") { reader.run(logger: logger) }
         return stream
+    }
+
+    /// The write end of the stop pipe, -1 once closed. The consumer's termination writes to it and the loop
+    /// closes it, both under the lock: no write can land in a descriptor that took the number after the close.
+    private final class StopPipe: Sendable {
+        private let fd: Mutex<Int32>
+        init(_ fd: Int32) { self.fd = Mutex(fd) }
+
+        func signal() {
+            self.fd.withLock { fd in
+                guard fd >= 0 else { return }
+                var one: UInt8 = 1
+                _ = write(fd, &one, 1)
+            }
+        }
+
+        func close() {
+            self.fd.withLock { fd in
+                guard fd >= 0 else { return }
+                _ = Glibc.close(fd)
+                fd = -1
+            }
+        }
     }
 
     /// Owns the watch socket on its thread.
@@ -59,13 +79,13 @@ public enum HostAddressWatcher {
         /// Held by the dedicated thread for as long as it runs (its only user).
         let socket: Mutex<NetlinkSocket>
         let wake: Int32
-        let stopWriter: Int32
+        let stopWriter: StopPipe
         let continuation: AsyncStream<HostAddressEvent>.Continuation
 
         init(
             socket: consuming sending NetlinkSocket,
             wake: Int32,
-            stopWriter: Int32,
+            stopWriter: StopPipe,
             continuation: AsyncStream<HostAddressEvent>.Continuation
         ) {
             self.socket = Mutex(socket)
@@ -76,8 +96,11 @@ public enum HostAddressWatcher {
 
         func run(logger: Logger) {
             self.socket.withLock { sock in self.loop(sock, logger: logger) }
+            // The write end is closed under its lock: a termination that comes later (the loop ended on a
+            // netlink error, or `finish` below) finds -1 instead of writing into whatever descriptor took the
+            // number meanwhile (another connection's socket).
+            self.stopWriter.close()
             close(self.wake)
-            close(self.stopWriter)
             self.continuation.finish()
         }
 
