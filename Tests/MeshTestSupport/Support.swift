@@ -190,7 +190,10 @@ public final class RawSocket {
             }
         }
         if rc != 0 {
-            close(self.fd)
+            // No close here: every stored property is set, so a throw from here runs `deinit`, which closes
+            // the socket. Closing it here as well was a double close, which closed whatever descriptor took
+            // the number meanwhile: NIO's sockets, seen as EBADF crashes in NIO when a test polled a port
+            // that refused (a workload not started yet) with a RawSocket on a loaded machine.
             throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .ECONNREFUSED)
         }
     }
