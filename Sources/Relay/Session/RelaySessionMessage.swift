@@ -252,7 +252,7 @@ public enum RelayRefusal: Sendable, Hashable {
 
 /// Why bytes are not a relay session message (or a message cannot be encoded): a code and the byte
 /// offset, never a trap. Equal when code and offset are; `detail` is for people.
-public struct RelaySessionWireError: OffsetWireError {
+public struct RelaySessionWireError: Error, Hashable, Sendable, CustomStringConvertible, OffsetWireError {
     public enum Code: String, Hashable, Sendable, CaseIterable {
         /// A type byte that names no message.
         case unknownType
