@@ -53,7 +53,12 @@ public final class ControlAPI: HTTPResponder {
         self.ca = ca
         self.caPEM = caPEM
         self.tokens = BootstrapTokenStore(store: store, clock: clock)
-        self.credentials = NodeCredentials(store: store, revoked: RevokedSerials(), validity: nodeCertificateValidity)
+        self.credentials = NodeCredentials(
+            store: store,
+            revoked: RevokedSerials(),
+            validity: nodeCertificateValidity,
+            clock: clock
+        )
         self.health = HealthEndpoints(isReady: isReady)
         self.writer = ObjectWriter(store: store, vips: vips, lifecycle: lifecycle, logger: logger)
     }

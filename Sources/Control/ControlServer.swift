@@ -58,6 +58,20 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         let lock = try DirectoryLock(directory: config.dataDir, name: "mesh-control")
         defer { withExtendedLifetime(lock) {} }
         let (store, hub) = try await Self.openStore(config, logger: self.logger)
+        do {
+            try await self.serve(store: store, hub: hub, listen: listen)
+        } catch {
+            // Whatever failed (the PKI, the first loads, the server), the store is closed before the error goes up.
+            try? await store.close()
+            throw error
+        }
+        try await store.close()
+        self.logger.info("stopped; store closed at resourceVersion \(hub.currentResourceVersion)")
+    }
+
+    /// Everything on an open store: PKI, VIPs, node lifecycle, the API, until graceful shutdown.
+    private func serve(store: any Store, hub: WatchHub, listen: ListenAddress) async throws {
+        let config = self.config
         let pki: ControlPKI
         do {
             if let etcd = store as? EtcdStore {
@@ -72,11 +86,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
                 logger: self.logger
             )
         } catch let e as IdentityError {
-            try? await store.close()
             throw ManifestError(e.message)
-        } catch {
-            try? await store.close()
-            throw error
         }
         self.pkiReady.set(pki)
         self.logger.info(
@@ -103,12 +113,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
             logger: self.logger,
             clock: self.clock
         )
-        do {
-            try await lifecycle.load()
-        } catch {
-            try? await store.close()
-            throw error
-        }
+        try await lifecycle.load()
         let api = ControlAPI(
             store: store,
             vips: vips,
@@ -123,12 +128,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
             ),
             clock: self.clock
         )
-        do {
-            try await api.loadRevocations()
-        } catch {
-            try? await store.close()
-            throw error
-        }
+        try await api.loadRevocations()
         var httpConfig = HTTPServerConfiguration()
         httpConfig.host = listen.host
         httpConfig.port = listen.port
@@ -149,40 +149,33 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         self.http.set(server)
 
         let interval = Duration.seconds(config.bookmarkIntervalSeconds)
-        do {
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                group.addTask { try await server.run() }
-                group.addTask {
-                    while !Task.isCancelled {
-                        try? await Task.sleep(for: interval)
-                        hub.sendBookmarks()
-                        Gauge(label: "mesh_control_watchers").record(hub.subscriberCount)
-                        Gauge(label: "mesh_control_resource_version").record(hub.currentResourceVersion)
-                    }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await server.run() }
+            group.addTask {
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: interval)
+                    hub.sendBookmarks()
+                    Gauge(label: "mesh_control_watchers").record(hub.subscriberCount)
+                    Gauge(label: "mesh_control_resource_version").record(hub.currentResourceVersion)
                 }
-                let lifecycleTask = Task { await lifecycle.run() }
-                // Workloads: assignment to nodes and their services' endpoints (WorkloadController).
-                let workloads = WorkloadController(writer: api.writer, logger: self.logger)
-                group.addTask { await workloads.run() }
-                // The server returns after graceful shutdown (or fails); then stop the ticker, and
-                // the lifecycle loop, which saves the heartbeat times a last time.
-                do {
-                    try await group.next()
-                } catch {
-                    lifecycleTask.cancel()
-                    await lifecycleTask.value
-                    throw error
-                }
-                group.cancelAll()
+            }
+            let lifecycleTask = Task { await lifecycle.run() }
+            // Workloads: assignment to nodes and their services' endpoints (WorkloadController).
+            let workloads = WorkloadController(writer: api.writer, logger: self.logger)
+            group.addTask { await workloads.run() }
+            // The server returns after graceful shutdown (or fails); then stop the ticker, and
+            // the lifecycle loop, which saves the heartbeat times a last time.
+            do {
+                try await group.next()
+            } catch {
                 lifecycleTask.cancel()
                 await lifecycleTask.value
+                throw error
             }
-        } catch {
-            try? await store.close()
-            throw error
+            group.cancelAll()
+            lifecycleTask.cancel()
+            await lifecycleTask.value
         }
-        try await store.close()
-        self.logger.info("stopped; store closed at resourceVersion \(hub.currentResourceVersion)")
     }
 
     /// The store the configuration names, and the hub its watchers use.

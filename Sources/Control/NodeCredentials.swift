@@ -36,6 +36,11 @@ struct NodeCredentials: Sendable {
     let revoked: RevokedSerials
     /// The lifetime of the node certificates the join and the renewal issue.
     let validity: TimeInterval
+    /// What certificates are signed at and expired records are dropped by (tests advance one by hand).
+    var clock: any MeshClock = .system
+
+    /// Now on `clock`, as certificates count time.
+    var now: Date { Date(timeIntervalSince1970: TimeInterval(self.clock.epochMillis) / 1000) }
 
     struct Issued: Codable, Sendable {
         var node: String
@@ -92,7 +97,7 @@ struct NodeCredentials: Sendable {
             var record =
                 try stored.map { try JSONDecoder().decode(Issued.self, from: Data($0.json.readableBytesView)) }
                 ?? Issued(node: node, certificates: [])
-            let now = Int(Date().timeIntervalSince1970)
+            let now = self.clock.epochSeconds
             record.certificates.removeAll { (Timestamp.parse($0.notAfter) ?? 0) <= now }
             if supersede {
                 done = try await self.revoke(
@@ -139,7 +144,7 @@ struct NodeCredentials: Sendable {
             )
         }
         let record = try JSONDecoder().decode(Issued.self, from: Data(stored.json.readableBytesView))
-        let now = Int(Date().timeIntervalSince1970)
+        let now = self.clock.epochSeconds
         var valid = record.certificates.filter { (Timestamp.parse($0.notAfter) ?? 0) > now }
         if let serial {
             let wanted = serial.lowercased()
@@ -300,7 +305,11 @@ extension ControlAPI {
                 throw BootstrapTokenStore.nameTaken(name)
             }
         }
-        let (_, certificate) = try ca.signNodeCSR(pem: join.csr, validity: self.credentials.validity)
+        let (_, certificate) = try ca.signNodeCSR(
+            pem: join.csr,
+            validity: self.credentials.validity,
+            now: self.credentials.now
+        )
         let superseded = try await self.credentials.record(certificate, node: name, supersede: true)
         self.logger.notice(
             "node \(name) joined with token \(join.token.prefix(6))\(taken ? " (re-join with a token bound to it)" : "")\(superseded.isEmpty ? "" : "; revoked its \(superseded.count) earlier certificate(s)")"
@@ -318,7 +327,12 @@ extension ControlAPI {
     /// No object is created: the relay writes its Relay itself once it serves.
     func joinRelay(_ join: JoinRequest, name: String, ca: CertificateAuthority) async throws -> HTTPResponse {
         try await self.tokens.consume(join.token, nodeName: name, nameTaken: false, role: .relay)
-        let (_, certificate) = try ca.signCSR(pem: join.csr, role: .relay, validity: self.credentials.validity)
+        let (_, certificate) = try ca.signCSR(
+            pem: join.csr,
+            role: .relay,
+            validity: self.credentials.validity,
+            now: self.credentials.now
+        )
         let superseded = try await self.credentials.record(certificate, node: name, role: .relay, supersede: true)
         self.logger.notice(
             "relay \(name) joined with token \(join.token.prefix(6))\(superseded.isEmpty ? "" : "; revoked its \(superseded.count) earlier certificate(s)")"
@@ -347,7 +361,12 @@ extension ControlAPI {
         let renewal = try Self.decodeStrict(CertificateRenewalRequest.self, request)
         let signed: (nodeName: String, certificate: Certificate)
         do {
-            signed = try ca.signCSR(pem: renewal.csr, role: role, validity: self.credentials.validity)
+            signed = try ca.signCSR(
+                pem: renewal.csr,
+                role: role,
+                validity: self.credentials.validity,
+                now: self.credentials.now
+            )
         } catch let e as IdentityError {
             throw Status.badRequest(e.message)
         }

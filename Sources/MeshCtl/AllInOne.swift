@@ -136,6 +136,26 @@ extension AllInOne {
         logger.info("admin credentials for meshctl written to \(path)")
     }
 
+    /// The control plane's PKI once it listens, or nil when it failed to start (ServiceGroup then
+    /// stops everything anyway): what the all-in-one's agent, relay and config writer wait for.
+    static func started(_ control: ControlServer) async -> ControlPKI? {
+        guard (try? await control.localAddress()) != nil else { return nil }
+        return try? await control.pki()
+    }
+
+    /// A join token for the agent (or, with `relayName`, the relay) whose state is under `stateDir`,
+    /// or nil when it has its credentials from an earlier start.
+    func tokenUnlessEnrolled(
+        _ pki: ControlPKI,
+        stateDir: String,
+        nodeName: String? = nil,
+        relayName: String? = nil
+    ) async throws -> BootstrapTokenSecret? {
+        let role: JoinRole = relayName == nil ? .node : .relay
+        guard !NodeEnrolment.files(stateDir: stateDir, role: role).allExist else { return nil }
+        return try await self.makeJoinToken(pki, nodeName: nodeName, relayName: relayName)
+    }
+
     /// A one-use join token for the all-in-one's own agent, made through the API as admin, bound to
     /// the agent's node name (so a wiped agent directory re-joins as the same node).
     /// With `relayName`, a one-use relay token for the all-in-one's relay instead.
@@ -172,12 +192,11 @@ struct EnrolledAgent: ServiceLifecycle.Service {
     let logger: Logger
 
     func run() async throws {
-        // When the control plane fails to start, ServiceGroup stops everything anyway.
-        guard (try? await self.control.localAddress()) != nil, let pki = try? await self.control.pki() else { return }
+        guard let pki = await AllInOne.started(self.control) else { return }
         try self.mesh.writeClientConfig(pki, logger: self.logger)
         var config = self.mesh.agentConfig
-        if !NodeEnrolment.files(stateDir: config.dataDir).allExist {
-            let token = try await self.mesh.makeJoinToken(pki, nodeName: config.nodeName)
+        let token = try await self.mesh.tokenUnlessEnrolled(pki, stateDir: config.dataDir, nodeName: config.nodeName)
+        if let token {
             config.joinToken = token.token
             config.caCertHash = token.caCertHash
         }
@@ -193,10 +212,9 @@ struct EnrolledRelay: ServiceLifecycle.Service {
     let logger: Logger
 
     func run() async throws {
-        guard (try? await self.control.localAddress()) != nil, let pki = try? await self.control.pki() else { return }
+        guard let pki = await AllInOne.started(self.control) else { return }
         var config = self.mesh.relayConfig
-        if !NodeEnrolment.files(stateDir: config.dataDir, role: .relay).allExist {
-            let token = try await self.mesh.makeJoinToken(pki, nodeName: nil, relayName: config.name)
+        if let token = try await self.mesh.tokenUnlessEnrolled(pki, stateDir: config.dataDir, relayName: config.name) {
             config.joinToken = token.token
             config.caCertHash = token.caCertHash
         }
@@ -211,7 +229,7 @@ struct AdminConfigWriter: ServiceLifecycle.Service {
     let logger: Logger
 
     func run() async throws {
-        guard (try? await self.control.localAddress()) != nil, let pki = try? await self.control.pki() else { return }
+        guard let pki = await AllInOne.started(self.control) else { return }
         try self.mesh.writeClientConfig(pki, logger: self.logger)
         try? await gracefulShutdown()
     }

@@ -51,20 +51,9 @@ extension Operations {
 
     /// `meshctl revoke list`: the revocation list.
     public func listRevoked(json: Bool) async -> Bool {
-        do {
-            let body = try await self.client.raw(.GET, Self.revokedPath).body
-            let list = try JSONDecoder().decode(RevokedCertificateList.self, from: Data(body.readableBytesView))
-            if json {
-                self.out(String(decoding: try MeshJSON.encode(list), as: UTF8.self) + "\n")
-                return true
-            }
-            var rows = [["SERIAL", "IDENTITY", "REVOKED", "EXPIRES", "REASON"]]
-            for r in list.items { rows.append([r.serial, r.identity, r.revokedAt, r.notAfter, r.reason ?? ""]) }
-            self.out(Self.align(rows))
-            return true
-        } catch {
-            self.err("error: \(self.explain(error))\n")
-            return false
+        await self.showList(Self.revokedPath, RevokedCertificateList.self, json: json) { list in
+            [["SERIAL", "IDENTITY", "REVOKED", "EXPIRES", "REASON"]]
+                + list.items.map { r in [r.serial, r.identity, r.revokedAt, r.notAfter, r.reason ?? ""] }
         }
     }
 }

@@ -79,13 +79,7 @@ extension Operations {
 
     /// `meshctl token list`.
     public func listTokens(json: Bool) async -> Bool {
-        do {
-            let body = try await self.client.raw(.GET, Self.tokensPath).body
-            let list = try JSONDecoder().decode(BootstrapTokenList.self, from: Data(body.readableBytesView))
-            if json {
-                self.out(String(decoding: try MeshJSON.encode(list), as: UTF8.self) + "\n")
-                return true
-            }
+        await self.showList(Self.tokensPath, BootstrapTokenList.self, json: json) { list in
             var rows = [["ID", "EXPIRES", "USAGES LEFT", "NODE", "DESCRIPTION"]]
             for t in list.items {
                 let bound = t.relayName.map { "relay/\($0)" } ?? t.nodeName ?? "<any>"
@@ -93,7 +87,26 @@ extension Operations {
                     t.id, t.expires, t.usagesLeft.map { "\($0)" } ?? "unlimited", bound, t.description ?? "",
                 ])
             }
-            self.out(Self.align(rows))
+            return rows
+        }
+    }
+
+    /// A list document at `path`, written as JSON or as the table `rows` makes of it (`token list`,
+    /// `revoke list`).
+    func showList<List: Codable>(
+        _ path: String,
+        _ type: List.Type,
+        json: Bool,
+        rows: (List) -> [[String]]
+    ) async -> Bool {
+        do {
+            let body = try await self.client.raw(.GET, path).body
+            let list = try JSONDecoder().decode(List.self, from: Data(body.readableBytesView))
+            if json {
+                self.out(String(decoding: try MeshJSON.encode(list), as: UTF8.self) + "\n")
+            } else {
+                self.out(Self.align(rows(list)))
+            }
             return true
         } catch {
             self.err("error: \(self.explain(error))\n")

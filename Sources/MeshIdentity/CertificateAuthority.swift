@@ -196,18 +196,20 @@ public struct CertificateAuthority: Sendable {
     /// can never yield an admin or control-plane identity.
     public func signNodeCSR(
         pem: String,
-        validity: TimeInterval = CertificateAuthority.leafValidity
+        validity: TimeInterval = CertificateAuthority.leafValidity,
+        now: Date = Date()
     ) throws -> (nodeName: String, certificate: Certificate) {
-        try self.signCSR(pem: pem, role: .node, validity: validity)
+        try self.signCSR(pem: pem, role: .node, validity: validity, now: now)
     }
 
     /// Signs a CSR for a node or a relay: the name is the CSR's common name (a DNS-1123 subdomain),
     /// the certificate carries only `mesh://node/<name>` or `mesh://relay/<name>` (whatever else the
-    /// CSR asks for), for serving and as a client.
+    /// CSR asks for), for serving and as a client. `now`: when it is signed (its validity counts from then).
     public func signCSR(
         pem: String,
         role: JoinRole,
-        validity: TimeInterval = CertificateAuthority.leafValidity
+        validity: TimeInterval = CertificateAuthority.leafValidity,
+        now: Date = Date()
     ) throws -> (nodeName: String, certificate: Certificate) {
         let csr: CertificateSigningRequest
         do {
@@ -232,6 +234,7 @@ public struct CertificateAuthority: Sendable {
             publicKey: csr.publicKey,
             serverAuth: true,
             clientAuth: true,
+            now: now,
             validity: validity
         )
         return (name, certificate)

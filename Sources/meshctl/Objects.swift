@@ -54,14 +54,7 @@ struct Get: AsyncParsableCommand {
     @Argument(help: "One object's name; all when omitted.")
     var name: String?
 
-    @Option(name: .shortAndLong, help: "Namespace (default: default).")
-    var namespace: String?
-
-    @Flag(name: [.customShort("A"), .customLong("all-namespaces")], help: "Every namespace.")
-    var allNamespaces = false
-
-    @Option(name: [.customShort("l"), .customLong("selector")], help: "Label selector, e.g. app=web,tier!=db.")
-    var selector: String?
+    @OptionGroup var scope: ObjectScope
 
     @Option(name: .shortAndLong, help: "table, wide, json, yaml or name.")
     var output: OutputFormat = .table
@@ -72,9 +65,9 @@ struct Get: AsyncParsableCommand {
         let ok = await ops.get(
             type,
             name: self.name,
-            namespace: self.namespace,
-            allNamespaces: self.allNamespaces,
-            selector: self.selector,
+            namespace: self.scope.namespace,
+            allNamespaces: self.scope.allNamespaces,
+            selector: self.scope.selector,
             format: self.output
         )
         if !ok { throw ExitCode.failure }
@@ -87,6 +80,18 @@ struct Get: AsyncParsableCommand {
             throw ValidationError(e.message)
         }
     }
+}
+
+/// Which objects `get` and `watch` show: one namespace, every namespace, and a label selector.
+struct ObjectScope: ParsableArguments {
+    @Option(name: .shortAndLong, help: "Namespace (default: default).")
+    var namespace: String?
+
+    @Flag(name: [.customShort("A"), .customLong("all-namespaces")], help: "Every namespace.")
+    var allNamespaces = false
+
+    @Option(name: [.customShort("l"), .customLong("selector")], help: "Label selector, e.g. app=web,tier!=db.")
+    var selector: String?
 }
 
 struct Delete: AsyncParsableCommand {
@@ -147,14 +152,7 @@ struct Watch: AsyncParsableCommand {
     )
     var kind: String
 
-    @Option(name: .shortAndLong, help: "Namespace (default: default).")
-    var namespace: String?
-
-    @Flag(name: [.customShort("A"), .customLong("all-namespaces")], help: "Every namespace.")
-    var allNamespaces = false
-
-    @Option(name: [.customShort("l"), .customLong("selector")], help: "Label selector.")
-    var selector: String?
+    @OptionGroup var scope: ObjectScope
 
     @Option(name: .shortAndLong, help: "table (a line per change), json (one event per line) or yaml.")
     var output: OutputFormat = .table
@@ -167,9 +165,9 @@ struct Watch: AsyncParsableCommand {
         let ops = try self.server.operations()
         let ok = await ops.watch(
             type,
-            namespace: self.namespace,
-            allNamespaces: self.allNamespaces,
-            selector: self.selector,
+            namespace: self.scope.namespace,
+            allNamespaces: self.scope.allNamespaces,
+            selector: self.scope.selector,
             format: self.output,
             maxEvents: self.maxEvents
         )

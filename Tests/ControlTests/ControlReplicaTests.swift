@@ -15,6 +15,7 @@ import Testing
     static func replicas(
         _ n: Int,
         etcd: EtcdCluster,
+        clock: any MeshClock = .system,
         configure: (inout ControlConfig) -> Void = { _ in }
     )
         async throws -> [RunningControl]
@@ -22,7 +23,7 @@ import Testing
         var out: [RunningControl] = []
         for i in 0..<n {
             out.append(
-                try await RunningControl { c in
+                try await RunningControl(clock: clock) { c in
                     c.store = "etcd"
                     c.etcdEndpoints = etcd.endpoints
                     c.etcdPrefix = "/replicas/"
@@ -62,13 +63,18 @@ import Testing
         for cp in cps { try await cp.stop() }
     }
 
+    /// On one `ManualClock` shared by the replicas: the grace periods, check and share intervals pass
+    /// when the test advances it, and the test waits on what the replicas show, never on time.
     @Test func anyReplicaTakesABeatAndAllAgreeOnReadyAndNotReady() async throws {
         let etcd = try await EtcdCluster.start()
         defer { etcd.stop() }
-        let cps = try await Self.replicas(3, etcd: etcd) { c in
-            c.nodeGracePeriodSeconds = 1.5
+        let clock = ManualClock()
+        let cps = try await Self.replicas(3, etcd: etcd, clock: clock) { c in
+            c.nodeGracePeriodSeconds = 3
             c.nodeStartupGracePeriodSeconds = 0
         }
+        // Each replica's lifecycle loop and beat-sharing loop sleep on the clock.
+        #expect(await clock.waitForSleepers(6), "the replicas' lifecycle loops never started")
         let created = try await cps[0].client.create(self.node("edge-a"))
         #expect(created.status?.phase == .unknown)
         let watch = NodeWatch(cps[2].client, after: Int64(created.metadata.resourceVersion!)!)
@@ -79,24 +85,41 @@ import Testing
                 try await eventually { try await cp.client.get(Node.self, name: "edge-a").status?.phase == .ready }
             )
         }
-        // Beats only on replica 2, for three graces: replicas 0 and 1 hear of them through etcd and
-        // none marks the node NotReady.
-        let until = ContinuousClock.now + .seconds(4.5)
-        while ContinuousClock.now < until {
+        // Beats only on replica 2, one a second for three graces (9 s of the clock, the replicas
+        // looking every 750 ms and sharing every second): replicas 0 and 1 hear of each beat through
+        // etcd (waited for before the clock moves on) and none marks the node NotReady.
+        for _ in 0..<9 {
+            let beatAt = clock.epochSeconds
             try await cps[2].client.heartbeat(node: "edge-a")
-            try await Task.sleep(for: .milliseconds(300))
+            await clock.advance(by: .seconds(1), in: .milliseconds(250))
+            for cp in cps[0...1] {
+                #expect(
+                    try await eventually {
+                        let seen = try await cp.client.get(Node.self, name: "edge-a").status?.lastHeartbeatTime
+                        return (seen.flatMap(Timestamp.parse) ?? 0) >= beatAt
+                    },
+                    "replica 2's beat did not reach \(cp.url)"
+                )
+            }
         }
         for cp in cps { #expect(try await cp.client.get(Node.self, name: "edge-a").status?.phase == .ready) }
-        // Silence: NotReady everywhere, written once (one MODIFIED event), though all three saw it.
+        // Silence past the grace: NotReady everywhere, written once (one MODIFIED event), though all
+        // three saw it.
+        await clock.advance(by: .seconds(4), in: .milliseconds(250))
         for cp in cps {
             #expect(
-                try await eventually(timeout: .seconds(15)) {
+                try await eventually {
                     try await cp.client.get(Node.self, name: "edge-a").status?.phase == .notReady
                 }
             )
         }
-        try await Task.sleep(for: .seconds(1))  // room for a duplicate write to show up, if any
-        #expect(watch.changes.map(\.phase) == [.ready, .notReady])
+        // More passes of every replica's loop (each advance returns once they have run), then a
+        // marker object: the watch delivers in etcd's order, so a second NotReady write from any
+        // replica would be seen before the marker.
+        await clock.advance(by: .seconds(2), in: .milliseconds(250))
+        try await cps[0].client.create(self.node("marker"))
+        #expect(await eventually { watch.changes.contains { $0.name == "marker" } })
+        #expect(watch.changes.filter { $0.name == "edge-a" }.map(\.phase) == [.ready, .notReady])
         watch.stop()
         for cp in cps { try await cp.stop() }
     }

@@ -240,7 +240,8 @@ import X509
     }
 
     @Test func renewalGivesALaterCertificateForTheSameIdentityOnly() async throws {
-        let cp = try await RunningControl { $0.nodeCertificateValiditySeconds = 3600 }
+        let clock = ManualClock()
+        let cp = try await RunningControl(clock: clock) { $0.nodeCertificateValiditySeconds = 3600 }
         let token = try await cp.token(usages: 1)
         let state = TempDir()
         let loaded = try await NodeEnrolment.credentials(
@@ -264,8 +265,9 @@ import X509
         )
         // Not due for 40 minutes.
         #expect(MeshTLS.renewalTime(of: before).timeIntervalSinceNow > 2000)
-        // Certificate times have whole seconds: let one pass so the new expiry is later.
-        try await Task.sleep(for: .milliseconds(1100))
+        // Certificate times have whole seconds: one passes on the control plane's clock, so the new
+        // expiry is later.
+        await clock.advance(by: .milliseconds(1100))
         let client = ControlClient(endpoint: cp.endpoint, mesh: tls).keepingAlive()
         try await client.heartbeat(node: "n1")
         let renewed = try await renewer.renew()

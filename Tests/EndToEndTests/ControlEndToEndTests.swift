@@ -324,16 +324,30 @@ import Testing
         // The agent restarts without token flags: it reuses its certificate.
         good.signal(SIGTERM)
         #expect(await good.wait(timeout: .seconds(15))?.status == 0)
+        let againAdmin = freePort()
         let again = try Subprocess(
             self.bin + "/mesh-agent",
             [
                 "--server", "https://127.0.0.1:\(port)", "--data-dir", dir.path + "/edge-y", "--node-name", "edge-y",
-                "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())", "--link-listen",
+                "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(againAdmin)", "--link-listen",
                 "127.0.0.1:0",
             ],
             environment: Self.isolated(dir)
         )
-        try await Task.sleep(for: .seconds(1))
+        // Its admin status says the control plane answers it (its certificate works), not a fixed wait.
+        struct AgentStatus: Decodable {
+            struct Control: Decodable { var state: String }
+            var control: Control
+        }
+        let admin = HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: againAdmin))
+        #expect(
+            await eventually {
+                guard let r = try? await admin.send(.GET, "/status") else { return false }
+                let status = try? JSONDecoder().decode(AgentStatus.self, from: Data(r.body.readableBytesView))
+                return status?.control.state == "connected"
+            },
+            "\(again.stderr)"
+        )
         #expect(again.isRunning, "\(again.stderr)")
         again.signal(SIGTERM)
         #expect(await again.wait(timeout: .seconds(15))?.status == 0)

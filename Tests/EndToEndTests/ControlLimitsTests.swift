@@ -115,14 +115,11 @@ import Testing
             await eventually(timeout: .seconds(60)) { socketCount(cp.process.pid) >= 201 },
             "\(socketCount(cp.process.pid)) sockets"
         )
+        // The idle sockets hold their slots for 120 s, beyond the client's 30 s request timeout: the
+        // admin's get answering at all shows it was let in (no bound on the elapsed time).
         let admin = try cp.admin
-        let started = ContinuousClock.now
         let nodes = try await admin.list(Node.self)
-        let took = ContinuousClock.now - started
         #expect(nodes.items.isEmpty)
-        // Served because an idle slot was given up for it, not because a 120 s handshake deadline freed one:
-        // far below that deadline, however loaded the machine (how fast is a benchmark's question).
-        #expect(took < .seconds(60), "the admin's get took \(took)")
         #expect(
             await eventually { cp.process.stderr.contains("at the connection limit (200): closed") },
             "\(cp.process.stderr)"
@@ -138,8 +135,10 @@ import Testing
             return socket.isClosedByPeer()
         }
         let took = ContinuousClock.now - started
+        // Closed within the socket's 20 s, when every other server timeout is 30 s or more: the 1 s
+        // handshake deadline (and not before it); no upper bound on the elapsed time, which load could break.
         #expect(closed)
-        #expect(took >= .milliseconds(900) && took < .seconds(10), "closed after \(took)")
+        #expect(took >= .milliseconds(900), "closed after \(took)")
         await cp.stop()
     }
 

@@ -71,9 +71,8 @@ final class MQTTRecorder: Sendable {
         self.client = client
         let received = self.received
         self.task = Task { await client.run { p in received.list.withLock { $0.append(p) } } }
-        #expect(await eventually { client.isConnected })
-        // The SUBACK is not awaited by the client: give the broker a moment to take the subscription.
-        try await Task.sleep(for: .milliseconds(200))
+        // Subscribed once the broker's SUBACK came: it delivers from then on.
+        #expect(await eventually { client.isSubscribed })
     }
 
     var messages: [MQTTPublish] { self.received.list.withLock { $0 } }

@@ -142,15 +142,27 @@ import Testing
         let edge = try RunningEdge(cp, node: "edge-t2", dataDir: dir.path, broker: broker.address)
         #expect(
             await eventually {
-                (try? edge.edge.store.device("thermo-9")) ?? nil != nil && edge.edge.mqtt?.isConnected == true
+                (try? edge.edge.store.device("thermo-9")) ?? nil != nil && edge.edge.mqtt?.isSubscribed == true
             }
         )
         let topic = TwinTopics.prefix + "thermo-9"
+        // mosquitto_sub subscribes to the result topic, then to a probe topic holding a retained
+        // message: the broker takes subscriptions in order, so once the probe is printed the result
+        // subscription is in place (a retained-message round trip instead of a sleep).
+        let probeTopic = "test/probe-\(UUID().uuidString)"
+        let probe = try await run(
+            "/usr/bin/mosquitto_pub",
+            ["-h", "127.0.0.1", "-p", String(broker.port), "-q", "1", "-r", "-t", probeTopic, "-m", "probe"]
+        )
+        #expect(probe.status == 0, "\(probe.stderr)")
         let sub = try Subprocess(
             "/usr/bin/mosquitto_sub",
-            ["-h", "127.0.0.1", "-p", String(broker.port), "-t", topic + "/twin/update/result", "-C", "1", "-W", "20"]
+            [
+                "-h", "127.0.0.1", "-p", String(broker.port), "-t", topic + "/twin/update/result", "-t", probeTopic,
+                "-C", "2", "-W", "20",
+            ]
         )
-        try await Task.sleep(for: .milliseconds(300))
+        #expect(await eventually { sub.stdout.contains("probe\n") }, "\(sub.stderr)")
         let pub = try await run(
             "/usr/bin/mosquitto_pub",
             [
@@ -161,7 +173,8 @@ import Testing
         #expect(pub.status == 0, "\(pub.stderr)")
         let out = try #require(await sub.wait(timeout: .seconds(25)))
         #expect(out.status == 0, "\(out.stderr)")
-        let result = try JSONValue.parse(json: Data(out.stdout.utf8))
+        let lines = out.stdout.split(separator: "\n").filter { $0 != "probe" }
+        let result = try JSONValue.parse(json: Data(try #require(lines.first).utf8))
         #expect(result["event_id"]?.stringValue == "cli-1")
         #expect(result["twin"]?["temperature"]?["actual"]?["value"]?.stringValue == "19.25")
         #expect(result["twin"]?["mode"]?["actual_version"]?["edge"] == .int(1))

@@ -268,18 +268,18 @@ struct RelaySessionClientTests {
         defer { hole.close() }
         let backend = try await startEchoBackend()
         let port = backend.localAddress!.port!
+        // The direct dial to the blackhole would wait its whole connect timeout (10 minutes, beyond the
+        // suite's time limit): the echo coming back at all shows the relayed dial did not wait for it
+        // (no bound on the elapsed time, which load could break).
         var configuration = LinkConfiguration()
-        configuration.connectTimeout = .seconds(20)
+        configuration.connectTimeout = .seconds(600)
         let a = try await RelayedNode.make("a", ca: pki.ca, book: book, relays: relays, configuration: configuration)
         let b = try await RelayedNode.make("b", ca: pki.ca, book: book, relays: relays)
         book.set("b", [hole.address])
         #expect(await eventually { a.client.home == "r1" && b.client.home == "r1" })
 
-        let start = ContinuousClock.now
         let x = ByteBuffer(string: "firewalled site")
         #expect(try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: x) == x)
-        let took = ContinuousClock.now - start
-        #expect(took < .seconds(5), "the relayed link took \(took)")
         #expect(a.manager.currentLink(to: "b")?.path == .relayed("r1"))
 
         // A dead address (connection refused): the relayed dial starts at once.
@@ -369,7 +369,7 @@ struct RelaySessionClientTests {
         try await backend.close()
     }
 
-    @Test("the home relay dies: streams on its circuit end, both agents re-home within 5 s, a new stream works")
+    @Test("the home relay dies: streams on its circuit end, both agents re-home on the closed connection")
     func rehomeWhenTheRelayDies() async throws {
         let pki = try RelaySessionServerTests.PKI()
         let r1 = try await TestRelay.start("r1", pki)
@@ -379,8 +379,13 @@ struct RelaySessionClientTests {
         let book = AddressBook()
         let backend = try await startEchoBackend()
         let port = backend.localAddress!.port!
-        let a = try await RelayedNode.make("a", ca: pki.ca, book: book, relays: relays)
-        let b = try await RelayedNode.make("b", ca: pki.ca, book: book, relays: relays)
+        // Pings every 10 minutes at most: a re-home within the minute below can only come from the
+        // closed connection, not from a ping timeout (no bound on the elapsed time).
+        var settings = RelaySessionClientConfiguration()
+        settings.maxPingInterval = .seconds(600)
+        settings.pongTimeout = .seconds(600)
+        let a = try await RelayedNode.make("a", ca: pki.ca, book: book, relays: relays, client: settings)
+        let b = try await RelayedNode.make("b", ca: pki.ca, book: book, relays: relays, client: settings)
         book.set("a", [])
         book.set("b", [])
         #expect(await eventually { a.client.home == "r1" && b.client.home == "r1" })
@@ -392,12 +397,9 @@ struct RelaySessionClientTests {
         let open = try await a.manager.stream(to: "b", open: webTarget(port: port))
         #expect(a.manager.currentLink(to: "b")?.path == .relayed("r1"))
 
-        let killed = ContinuousClock.now
         try await r1.kill()
-        #expect(await eventually(timeout: .seconds(5)) { !open.isActive }, "the stream on the dead circuit hangs")
-        #expect(await eventually(timeout: .seconds(5)) { a.client.home == "r2" && b.client.home == "r2" })
-        let rehomed = ContinuousClock.now - killed
-        #expect(rehomed < .seconds(5), "re-homed after \(rehomed)")
+        #expect(await eventually(timeout: .seconds(60)) { !open.isActive }, "the stream on the dead circuit hangs")
+        #expect(await eventually(timeout: .seconds(60)) { a.client.home == "r2" && b.client.home == "r2" })
         #expect(a.client.status.sessions == 2)
         #expect(homes.withLock { $0 } == [nil, "r2"])
 
@@ -461,11 +463,10 @@ struct RelaySessionClientTests {
         let a = try await RelayedNode.make("a", ca: pki.ca, book: AddressBook(), relays: relays, client: settings)
         #expect(await eventually { a.client.home == "r1" })
         relays.set([mute.object, r2.object])
-        let silent = ContinuousClock.now
         mute.silence()
-        #expect(await eventually(timeout: .seconds(10)) { a.client.home == "r2" })
-        let took = ContinuousClock.now - silent
-        #expect(took < .seconds(5), "left the silent relay after \(took)")
+        // Only the ping timeout can end a silent session within the minute (TCP would take many): the
+        // error says it was that, so no bound on the elapsed time is needed.
+        #expect(await eventually(timeout: .seconds(60)) { a.client.home == "r2" })
         #expect(a.client.status.lastError?.contains("did not answer a ping") == true, "\(a.client.status)")
         await a.stop()
         try await mute.channel.close()

@@ -216,22 +216,7 @@ public final class EdgeStore: Sendable {
     }
 
     public func twins(_ twinID: String) throws -> [Twin] {
-        try self.db.query(
-            """
-            SELECT property, desired, desired_version, reported, reported_version, reported_time
-            FROM twins WHERE twin_id = ? ORDER BY property
-            """,
-            [.text(twinID)]
-        ).map {
-            Twin(
-                property: $0[0].text ?? "",
-                desired: $0[1].text,
-                desiredVersion: $0[2].int ?? 0,
-                reported: $0[3].text,
-                reportedVersion: $0[4].int ?? 0,
-                reportedTime: $0[5].int
-            )
-        }
+        try self.db.query(Twin.select, [.text(twinID)]).map(Twin.init(row:))
     }
 
     // MARK: reports from mappers
@@ -316,25 +301,7 @@ public final class EdgeStore: Sendable {
                     [.text(try Self.json(NodeReport(id: 0, twin: report)))]
                 )
             }
-            let rows = try tx.query(
-                """
-                SELECT property, desired, desired_version, reported, reported_version, reported_time
-                FROM twins WHERE twin_id = ? ORDER BY property
-                """,
-                [.text(twinID)]
-            )
-            return .accepted(
-                rows.map {
-                    Twin(
-                        property: $0[0].text ?? "",
-                        desired: $0[1].text,
-                        desiredVersion: $0[2].int ?? 0,
-                        reported: $0[3].text,
-                        reportedVersion: $0[4].int ?? 0,
-                        reportedTime: $0[5].int
-                    )
-                }
-            )
+            return .accepted(try tx.query(Twin.select, [.text(twinID)]).map(Twin.init(row:)))
         }
     }
 
@@ -383,5 +350,25 @@ public final class EdgeStore: Sendable {
             r.id = $0[0].int ?? 0
             return (r, $0[2].text ?? "")
         }
+    }
+}
+
+extension EdgeStore.Twin {
+    /// A device's twins, by property: what `init(row:)` reads.
+    static let select = """
+        SELECT property, desired, desired_version, reported, reported_version, reported_time
+        FROM twins WHERE twin_id = ? ORDER BY property
+        """
+
+    /// A row of `select`.
+    init(row: [SQLValue]) {
+        self.init(
+            property: row[0].text ?? "",
+            desired: row[1].text,
+            desiredVersion: row[2].int ?? 0,
+            reported: row[3].text,
+            reportedVersion: row[4].int ?? 0,
+            reportedTime: row[5].int
+        )
     }
 }

@@ -83,6 +83,7 @@ public final class MQTTClient: Sendable {
     private let connects = Atomic<Int>(0)
     private let qos1Sent = Atomic<Int>(0)
     private let qos1Acknowledged = Atomic<Int>(0)
+    private let subscribed = Atomic<Bool>(false)
 
     public init(configuration: MQTTClientConfiguration, logger: Logger) {
         self.configuration = configuration
@@ -91,6 +92,9 @@ public final class MQTTClient: Sendable {
 
     /// Whether a connection is up.
     public var isConnected: Bool { self.writer.withLock { $0 != nil } }
+    /// Whether the broker acknowledged the current connection's subscriptions (its SUBACK came; true
+    /// at once without subscriptions): from then on it delivers what is published on them.
+    public var isSubscribed: Bool { self.isConnected && self.subscribed.load(ordering: .acquiring) }
     /// Connections made so far.
     public var connections: Int { self.connects.load(ordering: .relaxed) }
     /// QoS 1 messages published whose PUBACK has not arrived (on any connection: one lost with its
@@ -182,6 +186,7 @@ public final class MQTTClient: Sendable {
             guard let first = try await packets.next() else { throw MQTTCodecError("the broker closed the connection") }
             guard case .connack(_, let code) = first else { throw MQTTCodecError("expected CONNACK, got \(first)") }
             guard code == 0 else { throw MQTTCodecError("the broker refused the connection (CONNACK code \(code))") }
+            self.subscribed.store(c.subscriptions.isEmpty, ordering: .releasing)
             if !c.subscriptions.isEmpty {
                 try await outbound.write(.subscribe(packetID: self.nextPacketID(), filters: c.subscriptions))
             }
@@ -212,6 +217,7 @@ public final class MQTTClient: Sendable {
                         if codes.contains(0x80) {
                             throw MQTTCodecError("the broker refused a subscription (SUBACK \(codes))")
                         }
+                        self.subscribed.store(true, ordering: .releasing)
                     default:
                         continue
                     }

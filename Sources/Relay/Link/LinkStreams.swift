@@ -134,12 +134,7 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
         self.target = target
         if target == .linkControl, let control = self.control {
             // The link's own control stream (hole punching): accepted here, handed over as it is.
-            var reply = ByteBuffer()
-            StreamOpenReply.accepted.encode(into: &reply)
-            context.writeAndFlush(self.wrapOutboundOut(reply), promise: nil)
-            let rest = self.buffer
-            self.buffer = ByteBuffer()
-            self.finished = true
+            let rest = self.answerAccepted(context)
             let stream = context.channel
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
             control(stream, self.peer, rest)
@@ -220,6 +215,11 @@ final class StreamOpenReceiver: ChannelInboundHandler, RemovableChannelHandler {
             local.close(promise: nil)
             return nil
         }
+        return self.answerAccepted(context)
+    }
+
+    /// Answers the stream `accepted`, marks it finished, and returns the bytes read ahead of the answer.
+    private func answerAccepted(_ context: ChannelHandlerContext) -> ByteBuffer {
         var reply = ByteBuffer()
         StreamOpenReply.accepted.encode(into: &reply)
         context.writeAndFlush(self.wrapOutboundOut(reply), promise: nil)

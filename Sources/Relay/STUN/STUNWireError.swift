@@ -3,7 +3,7 @@
 /// The codec throws these and never traps: every malformed input maps to one ``Code`` and the byte
 /// offset where the problem was found, so a server can drop the datagram (or answer 400) and count it.
 /// Two errors are equal when their code and offset are; ``detail`` is for people.
-public struct STUNWireError: Error, Hashable, Sendable, CustomStringConvertible {
+public struct STUNWireError: Error, Hashable, Sendable, CustomStringConvertible, OffsetWireError {
     /// What went wrong.
     public enum Code: String, Hashable, Sendable, CaseIterable {
         /// Fewer than the 20 bytes of a header.
@@ -55,13 +55,6 @@ public struct STUNWireError: Error, Hashable, Sendable, CustomStringConvertible 
         self.code = code
         self.offset = offset
         self.detail = detail
-    }
-
-    public static func == (a: STUNWireError, b: STUNWireError) -> Bool { a.code == b.code && a.offset == b.offset }
-
-    public func hash(into hasher: inout Hasher) {
-        hasher.combine(self.code)
-        hasher.combine(self.offset)
     }
 
     public var description: String { "STUNWireError.\(self.code.rawValue) at byte \(self.offset): \(self.detail)" }

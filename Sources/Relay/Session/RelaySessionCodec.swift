@@ -26,16 +26,7 @@ extension RelaySessionMessage {
             try Self.put(name: to, into: &payload)
         case .refused(let reason, let message):
             payload.append(reason.code)
-            let text = Array(message.utf8)
-            guard text.count <= Self.maxPayload - 3 else {
-                throw RelaySessionWireError(
-                    .unencodable,
-                    at: 0,
-                    "a refusal's text is over \(Self.maxPayload - 3) bytes"
-                )
-            }
-            Self.put(UInt16(text.count), into: &payload)
-            payload += text
+            try Self.put(text: message, what: "a refusal's text", into: &payload)
         case .punchOffer(let c), .punchAnswer(let c):
             try Self.put(c, into: &payload)
         case .punchStart(let s):
@@ -49,16 +40,7 @@ extension RelaySessionMessage {
         case .punchResult(let id, let ok, let message):
             Self.put(id, into: &payload)
             payload.append(ok ? 1 : 0)
-            let text = Array(message.utf8)
-            guard text.count <= Self.maxPayload - 11 else {
-                throw RelaySessionWireError(
-                    .unencodable,
-                    at: 0,
-                    "a punch result's text is over \(Self.maxPayload - 11) bytes"
-                )
-            }
-            Self.put(UInt16(text.count), into: &payload)
-            payload += text
+            try Self.put(text: message, what: "a punch result's text", into: &payload)
         }
         guard payload.count <= Self.maxPayload else {
             throw RelaySessionWireError(
@@ -153,6 +135,17 @@ extension RelaySessionMessage {
         }
         payload.append(UInt8(name.utf8.count))
         payload += Array(name.utf8)
+    }
+
+    /// Text that ends the payload: its UTF-8 length (2) and bytes, within what is left of `maxPayload`.
+    static func put(text: String, what: String, into payload: inout [UInt8]) throws(RelaySessionWireError) {
+        let bytes = Array(text.utf8)
+        let limit = Self.maxPayload - payload.count - 2
+        guard bytes.count <= limit else {
+            throw RelaySessionWireError(.unencodable, at: 0, "\(what) is over \(limit) bytes")
+        }
+        Self.put(UInt16(bytes.count), into: &payload)
+        payload += bytes
     }
 
     /// id (8), mapping (1), count (1), then each: kind (1), family (1: 4 or 6), address (4 or 16), port (2).

@@ -252,7 +252,7 @@ public enum RelayRefusal: Sendable, Hashable {
 
 /// Why bytes are not a relay session message (or a message cannot be encoded): a code and the byte
 /// offset, never a trap. Equal when code and offset are; `detail` is for people.
-public struct RelaySessionWireError: Error, Hashable, Sendable, CustomStringConvertible {
+public struct RelaySessionWireError: Error, Hashable, Sendable, CustomStringConvertible, OffsetWireError {
     public enum Code: String, Hashable, Sendable, CaseIterable {
         /// A type byte that names no message.
         case unknownType
@@ -280,13 +280,6 @@ public struct RelaySessionWireError: Error, Hashable, Sendable, CustomStringConv
         self.code = code
         self.offset = offset
         self.detail = detail
-    }
-
-    public static func == (a: Self, b: Self) -> Bool { a.code == b.code && a.offset == b.offset }
-
-    public func hash(into hasher: inout Hasher) {
-        hasher.combine(self.code)
-        hasher.combine(self.offset)
     }
 
     public var description: String {

@@ -272,13 +272,20 @@ struct LinkTests {
         let stream = try await a.manager.stream(to: "b", open: webTarget(port: port))
         let link = try #require(a.manager.currentLink(to: "b"))
         #expect(link.openStreams == 1)
-        try await Task.sleep(for: .milliseconds(900))  // three idle timeouts: an open stream keeps it
+        // A link to c, made after b's and left without streams, closes for idle: b's link has been up
+        // longer than the idle timeout by then, and its open stream kept it (a condition, not a sleep).
+        let c = try await LinkNode.make("c", ca: ca, book: book)
+        let other = try await a.manager.stream(to: "c", open: webTarget(port: port))
+        let otherLink = try #require(a.manager.currentLink(to: "c"))
+        try await other.close()
+        #expect(await eventually { otherLink.closedForIdle })
         #expect(link.isUsable)
         try await stream.close()
         #expect(await eventually { a.manager.allLinks.isEmpty && b.manager.allLinks.isEmpty })
         #expect(!link.channel.isActive)
         await a.stop()
         await b.stop()
+        await c.stop()
         try await backend.close()
     }
 
