@@ -376,11 +376,18 @@ struct DataPlaneHTTPTests {
             )
             #expect(stalled.isEmpty)
             #expect(ContinuousClock.now - start >= .milliseconds(290))
-            // The backend answers 413 before reading the body; the client still uploading gets it, then a close.
+            #expect(await eventually { dp.openClientChannels == 0 })
+        }
+        // The backend answers 413 before reading the body; the client still uploading gets it, then a close.
+        // On a data plane with the default idle timeout: with 300 ms, a loaded machine could take longer than
+        // that to connect and relay the 413, and the idle timeout would close the client first.
+        try await withDataPlane { dp in
+            let vip = TestAddresses.vip()
+            try await dp.apply(httpRoute("early", vip, [backend.backend()]))
             let early = try await RawClient.send(
-                address,
+                TestClient.vipAddress(vip, 8080),
                 Array("POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789".utf8),
-                timeout: 5
+                timeout: 30
             )
             #expect(early.hasPrefix("HTTP/1.1 413"))
             #expect(await eventually { dp.openClientChannels == 0 })
