@@ -46,9 +46,7 @@ struct Get: AsyncParsableCommand {
 
     @OptionGroup var server: ServerOptions
 
-    @Argument(
-        help: "services (svc), endpoints (ep), nodes (no), relays, workloads (wl), devices (dev) or devicemodels (dm)."
-    )
+    @Argument(help: ObjectScope.kindHelp)
     var kind: String
 
     @Argument(help: "One object's name; all when omitted.")
@@ -84,6 +82,11 @@ struct Get: AsyncParsableCommand {
 
 /// Which objects `get` and `watch` show: one namespace, every namespace, and a label selector.
 struct ObjectScope: ParsableArguments {
+    /// The kinds `get` and `watch` take, with their short names.
+    static let kindHelp = ArgumentHelp(
+        "services (svc), endpoints (ep), nodes (no), relays, workloads (wl), devices (dev) or devicemodels (dm)."
+    )
+
     @Option(name: .shortAndLong, help: "Namespace (default: default).")
     var namespace: String?
 
@@ -147,9 +150,7 @@ struct Watch: AsyncParsableCommand {
 
     @OptionGroup var server: ServerOptions
 
-    @Argument(
-        help: "services (svc), endpoints (ep), nodes (no), relays, workloads (wl), devices (dev) or devicemodels (dm)."
-    )
+    @Argument(help: ObjectScope.kindHelp)
     var kind: String
 
     @OptionGroup var scope: ObjectScope

@@ -168,14 +168,14 @@ final class RunningNodeAgent: Sendable {
         // The control plane goes away for a while: many failed attempts, one warning, and the
         // agent keeps answering.
         try await cp.stop()
-        #expect(await eventually(timeout: .seconds(10)) { nodeAgent.snapshot.failures >= 5 })
+        #expect(await eventually { nodeAgent.snapshot.failures >= 5 })
         #expect((try await admin.send(.GET, "/healthz")).status == .ok)
         #expect((try await admin.send(.GET, "/routes")).status == .ok)
         #expect(logs.messages(.warning, containing: "node agent").count == 1, "\(logs.all.map(\.message))")
 
         // Back on the same port and files: the node agent recovers by itself and says so once.
         let cp2 = try await RunningControl(dir: controlDir) { $0.listen = "127.0.0.1:\(port)" }
-        #expect(await eventually(timeout: .seconds(10)) { nodeAgent.snapshot.failures == 0 })
+        #expect(await eventually { nodeAgent.snapshot.failures == 0 })
         #expect(try await cp2.client.get(Node.self, name: "edge-3").status?.phase == .ready)
         #expect(logs.messages(.notice, containing: "reachable again").count == 1)
         #expect(logs.messages(.warning, containing: "node agent").count == 1)
