@@ -32,6 +32,53 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])
 
 
+PY_BACKEND = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"x" * 100
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def python_load(host, port, seconds, pid, connections=16):
+    """`--bench python` (no mesh-proxy-bench built): closed-loop keep-alive GETs from `connections` threads
+    for `seconds`; the agent's CPU per request from /proc, latencies as the client saw them."""
+    lat = []
+    stop = time.time() + seconds
+    lock = threading.Lock()
+
+    def run():
+        c = http.client.HTTPConnection(host, port, timeout=10)
+        mine = []
+        while time.time() < stop:
+            t = time.perf_counter()
+            c.request("GET", "/")
+            c.getresponse().read()
+            mine.append((time.perf_counter() - t) * 1e6)
+        c.close()
+        with lock:
+            lat.extend(mine)
+    before = cpu_ticks(pid)
+    threads = [threading.Thread(target=run) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    used = (cpu_ticks(pid) - before) / os.sysconf("SC_CLK_TCK") * 1e6
+    lat.sort()
+    n = len(lat)
+    return {"n": n, "p50": round(lat[n // 2], 1) if n else None, "p99": round(lat[int(n * 0.99)], 1) if n else None,
+            "sut_cpu_us_per_req": round(used / n, 1) if n else None}
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -195,8 +242,11 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
 
         # The backend of the load phase (the first service's only endpoint).
         backend_port = free_port()
-        backend = subprocess.Popen(cpu1 + [bench, "backend", "--listen", f"127.0.0.1:{backend_port}", "--kind", "http",
-                                           "--size", "100"], stdout=subprocess.DEVNULL)
+        if bench == "python":
+            backend = subprocess.Popen(cpu1 + [sys.executable, "-c", PY_BACKEND, str(backend_port)])
+        else:
+            backend = subprocess.Popen(cpu1 + [bench, "backend", "--listen", f"127.0.0.1:{backend_port}", "--kind",
+                                               "http", "--size", "100"], stdout=subprocess.DEVNULL)
         procs.append(backend)
 
         objects = []
@@ -231,11 +281,15 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
             sampler.start()
             jpath = os.path.join(work, "load.json")
             try:
-                subprocess.run(cpu0 + [bench, "latency", "--mode", "http", "--target", f"{vip}:80", "--rate",
-                                       str(load_rate), "--duration", str(load_seconds), "--warmup", "0.5",
-                                       "--connections", "16", "--label", "agent", "--sut-pid", str(agent.pid),
-                                       "--json", jpath],
-                               check=True, stdout=log, timeout=load_seconds + 60)
+                if bench == "python":
+                    with open(jpath, "w") as f:
+                        json.dump(python_load(vip, 80, load_seconds, agent.pid), f)
+                else:
+                    subprocess.run(cpu0 + [bench, "latency", "--mode", "http", "--target", f"{vip}:80", "--rate",
+                                           str(load_rate), "--duration", str(load_seconds), "--warmup", "0.5",
+                                           "--connections", "16", "--label", "agent", "--sut-pid", str(agent.pid),
+                                           "--json", jpath],
+                                   check=True, stdout=log, timeout=load_seconds + 60)
             finally:
                 stop.set()
                 sampler.join()
@@ -329,7 +383,9 @@ def report(results, out=sys.stdout):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="folder with release mesh-control and mesh-agent")
-    ap.add_argument("--bench", required=True, help="the mesh-proxy-bench binary (backend and load generator)")
+    ap.add_argument("--bench", required=True, help="the mesh-proxy-bench binary (backend and load generator); "
+                    "`python`: a Python backend and closed-loop load instead (no perf build needed; the CPU per "
+                    "request is the agent's either way, the latencies are not comparable)")
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--endpoints-per-service", type=int, default=10)
     ap.add_argument("--load-seconds", type=float, default=5)

@@ -94,6 +94,11 @@ private func exchange(_ namespace: String, _ host: String, _ port: Int, _ send: 
     }
 }
 
+/// `exchange`, with a thrown error as `.failed(-1)` (for `#expect`).
+private func connectTo(_ namespace: String, _ host: String, _ port: Int, _ send: String) async -> Exchange {
+    (try? await exchange(namespace, host, port, send)) ?? .failed(-1)
+}
+
 /// A TCP backend inside the group's namespace that writes `name` on connect and closes.
 private func greeter(_ name: String, group: any EventLoopGroup) async throws -> any Channel {
     try await group.next().flatSubmit {
@@ -213,15 +218,15 @@ struct VIPListenerNamespaceTests {
                 Route(service: service("v6"), vip: IPAddress("2001:2::9")!, port: 80, backends: [backend(a)]),
             ]
             try await dp.apply(RouteTable(routes: routes))
-            #expect(dp.snapshot().routes.allSatisfy(\.listening))
+            #expect(dp.snapshot().routes.allSatisfy { $0.listening })
             let ports = dp.vipListenerPorts
             #expect(ports.count == 2, "one listener per address family")
             let sockets = try listeningSockets(ns)
 
-            #expect(try await exchange(ns, "198.19.1.1", 80, "") == .reply("alpha"))
-            #expect(try await exchange(ns, "198.19.1.2", 5432, "") == .reply("bravo"))
-            #expect(try await exchange(ns, "198.19.1.1", 81, "") == .reply("bravo"))
-            #expect(try await exchange(ns, "2001:2::9", 80, "") == .reply("alpha"))
+            #expect(await connectTo(ns, "198.19.1.1", 80, "") == .reply("alpha"))
+            #expect(await connectTo(ns, "198.19.1.2", 5432, "") == .reply("bravo"))
+            #expect(await connectTo(ns, "198.19.1.1", 81, "") == .reply("bravo"))
+            #expect(await connectTo(ns, "2001:2::9", 80, "") == .reply("alpha"))
             guard case .reply(let hotel) = try await httpGet(ns, "198.19.1.3", 80) else {
                 Issue.record("no HTTP response from 198.19.1.3:80")
                 return
@@ -235,7 +240,7 @@ struct VIPListenerNamespaceTests {
 
             // A VIP:port without a route: reset at once, counted.
             #expect(dp.unroutedConnections == 0)
-            #expect(try await exchange(ns, "198.19.1.2", 81, "") == .failed(ECONNRESET))
+            #expect(await connectTo(ns, "198.19.1.2", 81, "") == .failed(ECONNRESET))
             #expect(dp.unroutedConnections == 1)
 
             // A route added, one removed: same sockets, the change in effect at once.
@@ -244,11 +249,12 @@ struct VIPListenerNamespaceTests {
                 Route(service: service("c"), vip: IPAddress("198.19.1.5")!, port: 7000, backends: [backend(a)])
             )
             try await dp.apply(RouteTable(routes: routes))
-            #expect(try await exchange(ns, "198.19.1.5", 7000, "") == .reply("alpha"))
-            #expect(try await exchange(ns, "198.19.1.1", 80, "") == .failed(ECONNRESET))
-            #expect(try await exchange(ns, "198.19.1.1", 81, "") == .reply("bravo"))
+            #expect(await connectTo(ns, "198.19.1.5", 7000, "") == .reply("alpha"))
+            #expect(await connectTo(ns, "198.19.1.1", 80, "") == .failed(ECONNRESET))
+            #expect(await connectTo(ns, "198.19.1.1", 81, "") == .reply("bravo"))
             #expect(dp.unroutedConnections == 2)
-            #expect(try listeningSockets(ns) == sockets)
+            let socketsNow = try listeningSockets(ns)
+            #expect(socketsNow == sockets)
             #expect(dp.vipListenerPorts == ports)
 
             // The chain holds the cover of the VIPs, and only that.
@@ -314,10 +320,11 @@ struct VIPListenerNamespaceTests {
                 #expect(rules.filter { $0 == "-A PREROUTING -j MESH-VIP" }.count == 1)
                 #expect(!rules.contains { $0.contains("198.19.9.9") || $0.contains("2001:2::99") })
             }
-            #expect(try await exchange(ns, "198.19.2.1", 80, "") == .reply("alpha"))
+            #expect(await connectTo(ns, "198.19.2.1", 80, "") == .reply("alpha"))
             await dp.shutdown()
             for v6 in [false, true] {
-                #expect(!(try natRules(ns, v6: v6)).contains { $0.contains("MESH-VIP") })
+                let after = try natRules(ns, v6: v6)
+                #expect(!after.contains { $0.contains("MESH-VIP") })
             }
             try await a.close()
         }
@@ -347,12 +354,13 @@ struct VIPListenerNamespaceTests {
                 )
             )
             #expect(dp.snapshot().routes.count == 1000)
-            #expect(dp.snapshot().routes.allSatisfy(\.listening))
-            #expect(try listeningSockets(ns) == one)
+            #expect(dp.snapshot().routes.allSatisfy { $0.listening })
+            let socketsNow = try listeningSockets(ns)
+            #expect(socketsNow == one)
             let prefixes = dp.redirectedPrefixes.first ?? []
             #expect(prefixes.count <= 12, "\(prefixes)")
             for n in [0, 1, 511, 999] {
-                #expect(try await exchange(ns, "\(vip(n))", 80, "") == .reply("alpha"))
+                #expect(await connectTo(ns, "\(vip(n))", 80, "") == .reply("alpha"))
             }
             await dp.shutdown()
             try await a.close()
