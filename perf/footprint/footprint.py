@@ -5,8 +5,15 @@ through a VIP (open-loop load from mesh-proxy-bench at a fixed rate).
 
 Used by perf/run (which builds the binaries); standalone:
   perf/footprint/footprint.py --bin DIR --bench PATH [--services 10000] [--endpoints-per-service 10]
+                              [--mode loopback|meshInterface|both]
 Prints a table and writes JSON. Bounded: at most 20,000 services and 200,000 endpoints; every wait has a
 deadline.
+
+Modes (the agent's --interface-mode): `loopback` (the default: VIPs in 127.64.0.0/10, a listening socket per
+VIP:port) and `meshInterface` (root only: every process runs in a network namespace made for the run,
+VIPs in 198.19.0.0/16 on mesh0, one listener for every VIP through the nat REDIRECT chain). `both` runs
+loopback, then meshInterface when root. The load through one VIP runs twice: with the first service only
+(the "empty table" figures, `*_1_service`) and with the whole table.
 """
 import argparse, http.client, json, os, signal, socket, ssl, subprocess, sys, tempfile, threading, time
 
@@ -23,6 +30,53 @@ def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
+
+
+PY_BACKEND = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"x" * 100
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def python_load(host, port, seconds, pid, connections=16):
+    """`--bench python` (no mesh-proxy-bench built): closed-loop keep-alive GETs from `connections` threads
+    for `seconds`; the agent's CPU per request from /proc, latencies as the client saw them."""
+    lat = []
+    stop = time.time() + seconds
+    lock = threading.Lock()
+
+    def run():
+        c = http.client.HTTPConnection(host, port, timeout=10)
+        mine = []
+        while time.time() < stop:
+            t = time.perf_counter()
+            c.request("GET", "/")
+            c.getresponse().read()
+            mine.append((time.perf_counter() - t) * 1e6)
+        c.close()
+        with lock:
+            lat.extend(mine)
+    before = cpu_ticks(pid)
+    threads = [threading.Thread(target=run) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    used = (cpu_ticks(pid) - before) / os.sysconf("SC_CLK_TCK") * 1e6
+    lat.sort()
+    n = len(lat)
+    return {"n": n, "p50": round(lat[n // 2], 1) if n else None, "p99": round(lat[int(n * 0.99)], 1) if n else None,
+            "sut_cpu_us_per_req": round(used / n, 1) if n else None}
 
 
 def free_port():
@@ -103,31 +157,60 @@ def put_many(port, objects, workers=4):
 
 
 def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_seconds=5.0, load_rate=1000,
-            pin=True, log=sys.stderr):
+            pin=True, log=sys.stderr, mode="loopback"):
     """Returns a dict of figures (see the module doc). `bench` is mesh-proxy-bench (backend + load)."""
     n = max(1, min(services, 20000))
     m = max(1, min(endpoints_per_service, 10))
+    if mode != "meshInterface":
+        return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "127.64.0.0/10")
+    if os.geteuid() != 0:
+        raise RuntimeError("footprint: meshInterface mode needs root (a network namespace, mesh0, iptables)")
+    # This thread enters a namespace made for the run (setns(2) via libc: Python 3.11 has no os.setns), so
+    # every process it starts, and every connection it opens, is inside; it goes back at the end.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    name = f"mesh-fp-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+        if libc.setns(target, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        os.close(target)
+        try:
+            return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "198.19.0.0/16")
+        finally:
+            libc.setns(home, 0x40000000)
+    finally:
+        os.close(home)
+        subprocess.run(["ip", "netns", "del", name])
+
+
+def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr):
     cpu0 = ["taskset", "-c", "0"] if pin else []
     cpu1 = ["taskset", "-c", "1"] if pin else []
     work = tempfile.mkdtemp(prefix="mesh-footprint-")
     cport, aport, dport = free_port(), free_port(), free_port()
     with open(f"{work}/control.yaml", "w") as f:
         # durability normal: the bench measures the agent, not fsync; 127.64.0.0/10 holds every VIP.
-        f.write(f"listen: 127.0.0.1:{cport}\ndataDir: {work}/control\nserviceCIDRs: [127.64.0.0/10]\n"
+        f.write(f"listen: 127.0.0.1:{cport}\ndataDir: {work}/control\nserviceCIDRs: [{cidr}]\n"
                 f"durability: normal\nlogLevel: warning\n")
     procs = []
     CONTROL_PKI[cport] = f"{work}/control/pki"
     join = []
 
     def start_agent():
-        p = subprocess.Popen(cpu1 + [f"{bin_dir}/mesh-agent", "--server", f"https://127.0.0.1:{cport}",
+        # FOOTPRINT_AGENT_WRAPPER="heaptrack -o FILE": where the agent's memory goes (figures then differ).
+        wrapper = os.environ.get("FOOTPRINT_AGENT_WRAPPER", "").split()
+        p = subprocess.Popen(cpu1 + wrapper + [f"{bin_dir}/mesh-agent", "--server", f"https://127.0.0.1:{cport}",
                                      "--data-dir", f"{work}/agent", "--dns-listen", f"127.0.0.1:{dport}",
                                      "--admin-listen", f"127.0.0.1:{aport}", "--node-name", "bench", "--site", "a",
-                                     "--log-level", "error"] + join)
+                                     "--log-level", "error", "--interface-mode", mode] + join)
         procs.append(p)
         return p
 
-    results = {"services": n, "endpoints": n * m}
+    results = {"services": n, "endpoints": n * m, "mode": mode}
     try:
         control = subprocess.Popen([f"{bin_dir}/mesh-control", "--config", f"{work}/control.yaml"])
         procs.append(control)
@@ -159,8 +242,11 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
 
         # The backend of the load phase (the first service's only endpoint).
         backend_port = free_port()
-        backend = subprocess.Popen(cpu1 + [bench, "backend", "--listen", f"127.0.0.1:{backend_port}", "--kind", "http",
-                                           "--size", "100"], stdout=subprocess.DEVNULL)
+        if bench == "python":
+            backend = subprocess.Popen(cpu1 + [sys.executable, "-c", PY_BACKEND, str(backend_port)])
+        else:
+            backend = subprocess.Popen(cpu1 + [bench, "backend", "--listen", f"127.0.0.1:{backend_port}", "--kind",
+                                               "http", "--size", "100"], stdout=subprocess.DEVNULL)
         procs.append(backend)
 
         objects = []
@@ -175,52 +261,68 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
                                            "site": "a"} for j in range(m)]}}
             objects.append((f"/apis/mesh.edge/v1/namespaces/{ns}/services/s{i}", json.dumps(svc)))
             objects.append((f"/apis/mesh.edge/v1/namespaces/{ns}/endpoints/s{i}", json.dumps(eps)))
-        t0 = time.time()
-        put_many(cport, objects)
-        results["objects_written"] = len(objects)
-        results["write_s"] = round(time.time() - t0, 1)
-
-        def routes_listening():
+        def routes_listening(count):
             status, body = get(aport, "/routes")
             r = json.loads(body)
-            return sum(1 for x in r["dataPlane"]["routes"] if x["listening"]) >= n
+            return sum(1 for x in r["dataPlane"]["routes"] if x["listening"]) >= count
+
+        def load_phase(suffix):
+            """Open-loop HTTP GETs through the first service's VIP; figures named with `suffix`."""
+            status, body = get(cport, "/apis/mesh.edge/v1/namespaces/ns0/services/s0")
+            vip = json.loads(body)["spec"]["clusterIP"]
+            peak = [0]
+            stop = threading.Event()
+
+            def sample():
+                while not stop.is_set():
+                    peak[0] = max(peak[0], rss_kb(agent.pid))
+                    time.sleep(0.05)
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            jpath = os.path.join(work, "load.json")
+            try:
+                if bench == "python":
+                    with open(jpath, "w") as f:
+                        json.dump(python_load(vip, 80, load_seconds, agent.pid), f)
+                else:
+                    subprocess.run(cpu0 + [bench, "latency", "--mode", "http", "--target", f"{vip}:80", "--rate",
+                                           str(load_rate), "--duration", str(load_seconds), "--warmup", "0.5",
+                                           "--connections", "16", "--label", "agent", "--sut-pid", str(agent.pid),
+                                           "--json", jpath],
+                                   check=True, stdout=log, timeout=load_seconds + 60)
+            finally:
+                stop.set()
+                sampler.join()
+            with open(jpath) as f:
+                load = json.load(f)
+            results["load_rate"] = load_rate
+            results["load_requests" + suffix] = load["n"]
+            results["load_p50_us" + suffix] = load["p50"]
+            results["load_p99_us" + suffix] = load["p99"]
+            results["rss_under_load_peak_mb" + suffix] = round(peak[0] / 1024, 1)
+            results["cpu_us_per_request_under_load" + suffix] = load.get("sut_cpu_us_per_req")
+
+        # The "empty table": the first service alone, and the load through its VIP.
+        put_many(cport, objects[:2], workers=1)
+        wait_until(lambda: routes_listening(1), 60, "the first route listening")
+        time.sleep(2)
+        results["rss_1_service_mb"] = round(rss_kb(agent.pid) / 1024, 1)
+        load_phase("_1_service")
+
         t0 = time.time()
-        wait_until(routes_listening, 300, f"{n} routes listening")
+        put_many(cport, objects[2:])
+        results["objects_written"] = len(objects)
+        results["write_s"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        wait_until(lambda: routes_listening(n), 300, f"{n} routes listening")
         results["catch_up_after_last_write_s"] = round(time.time() - t0, 2)
         time.sleep(2)
         results["rss_loaded_mb"] = round(rss_kb(agent.pid) / 1024, 1)
         results["control_rss_loaded_mb"] = round(rss_kb(control.pid) / 1024, 1)
+        results["agent_fds_loaded"] = len(os.listdir(f"/proc/{agent.pid}/fd"))
 
-        # Under load: open-loop HTTP GETs through the first service's VIP.
-        status, body = get(cport, "/apis/mesh.edge/v1/namespaces/ns0/services/s0")
-        vip = json.loads(body)["spec"]["clusterIP"]
-        peak = [0]
-        stop = threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], rss_kb(agent.pid))
-                time.sleep(0.05)
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        jpath = os.path.join(work, "load.json")
-        try:
-            subprocess.run(cpu0 + [bench, "latency", "--mode", "http", "--target", f"{vip}:80", "--rate",
-                                   str(load_rate), "--duration", str(load_seconds), "--warmup", "0.5",
-                                   "--connections", "16", "--label", "agent", "--sut-pid", str(agent.pid),
-                                   "--json", jpath],
-                           check=True, stdout=log, timeout=load_seconds + 60)
-        finally:
-            stop.set()
-            sampler.join()
-        with open(jpath) as f:
-            load = json.load(f)
-        results["load_rate"] = load_rate
-        results["load_requests"] = load["n"]
-        results["load_p50_us"] = load["p50"]
-        results["load_p99_us"] = load["p99"]
-        results["rss_under_load_peak_mb"] = round(peak[0] / 1024, 1)
-        results["cpu_us_per_request_under_load"] = load.get("sut_cpu_us_per_req")
+        # Under load with the whole table.
+        load_phase("")
 
         # Restart from the cache with the control plane stopped: time until every route listens again.
         agent.send_signal(signal.SIGTERM)
@@ -229,7 +331,7 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
         control.wait(30)
         t0 = time.time()
         agent = start_agent()
-        wait_until(routes_listening, 300, "routes from the cache")
+        wait_until(lambda: routes_listening(n), 300, "routes from the cache")
         results["startup_from_cache_s"] = round(time.time() - t0, 2)
         results["rss_after_restart_from_cache_mb"] = round(rss_kb(agent.pid) / 1024, 1)
     finally:
@@ -245,6 +347,14 @@ LABELS = {
     "binary_mb_mesh_control_stripped": "binary size mesh-control stripped (MB)",
     "startup_empty_s": "agent start-up to ready, empty table (s)",
     "rss_idle_mb": "agent RSS idle, empty table (MB)",
+    "mode": "agent interface mode",
+    "rss_1_service_mb": "agent RSS idle with 1 service (MB)",
+    "load_requests_1_service": "requests through the VIP under load, 1 service",
+    "load_p50_us_1_service": "latency p50 through the agent under load, 1 service (us)",
+    "load_p99_us_1_service": "latency p99 through the agent under load, 1 service (us)",
+    "rss_under_load_peak_mb_1_service": "agent RSS peak under load, 1 service (MB)",
+    "cpu_us_per_request_under_load_1_service": "agent CPU-us per request under load, 1 service",
+    "agent_fds_loaded": "agent open file descriptors with the table",
     "objects_written": "objects written (services + endpoints)",
     "write_s": "write time (s)",
     "catch_up_after_last_write_s": "agent catch-up after the last write (s)",
@@ -262,7 +372,8 @@ LABELS = {
 
 def report(results, out=sys.stdout):
     rows = [(LABELS.get(k, k), v) for k, v in results.items() if k not in ("services", "endpoints", "load_rate")]
-    print(f"footprint: {results.get('services')} services / {results.get('endpoints')} endpoints, "
+    print(f"footprint ({results.get('mode', 'loopback')} mode): {results.get('services')} services / "
+          f"{results.get('endpoints')} endpoints, "
           f"load {results.get('load_rate')} req/s", file=out)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -272,19 +383,27 @@ def report(results, out=sys.stdout):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="folder with release mesh-control and mesh-agent")
-    ap.add_argument("--bench", required=True, help="the mesh-proxy-bench binary (backend and load generator)")
+    ap.add_argument("--bench", required=True, help="the mesh-proxy-bench binary (backend and load generator); "
+                    "`python`: a Python backend and closed-loop load instead (no perf build needed; the CPU per "
+                    "request is the agent's either way, the latencies are not comparable)")
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--endpoints-per-service", type=int, default=10)
     ap.add_argument("--load-seconds", type=float, default=5)
     ap.add_argument("--load-rate", type=int, default=1000)
     ap.add_argument("--json", default="perf/out/footprint.json")
+    ap.add_argument("--mode", default="loopback", choices=["loopback", "meshInterface", "both"],
+                    help="the agent's interface mode (meshInterface: root; both: meshInterface only when root)")
     a = ap.parse_args()
-    results = measure(a.bin, a.bench, a.services, a.endpoints_per_service, a.load_seconds, a.load_rate,
-                      pin=os.cpu_count() >= 2)
-    report(results)
+    modes = [a.mode] if a.mode != "both" else ["loopback"] + (["meshInterface"] if os.geteuid() == 0 else [])
+    out = {}
+    for mode in modes:
+        results = measure(a.bin, a.bench, a.services, a.endpoints_per_service, a.load_seconds, a.load_rate,
+                          pin=os.cpu_count() >= 2, mode=mode)
+        report(results)
+        out[mode] = results
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(out if len(out) > 1 else out[modes[0]], f, indent=2)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,23 @@ actor SnapshotApplier {
     }
 
     func apply(_ snapshot: ServiceSnapshot) async {
+        // Nothing the zone or the routes are made of changed (a node's heartbeat, a relay): keep both, rather
+        // than rebuild a 10,000-service table (and trim the heap) every few seconds.
+        if let previous = self.applied, previous.services == snapshot.services,
+            previous.endpoints == snapshot.endpoints,
+            previous.nodes.mapValues(\.spec.site) == snapshot.nodes.mapValues(\.spec.site)
+        {
+            for gone in previous.nodes.keys where snapshot.nodes[gone] == nil { self.peerLeft(gone) }
+            self.applied = snapshot
+            self.current.set(snapshot)
+            let versions =
+                "services@\(snapshot.servicesVersion.map(String.init) ?? "-") endpoints@\(snapshot.endpointsVersion.map(String.init) ?? "-")"
+            self.state.withLock {
+                $0?.source = snapshot.source.rawValue
+                $0?.versions = versions
+            }
+            return
+        }
         var error: String?
         let clock = ContinuousClock()
         let start = clock.now

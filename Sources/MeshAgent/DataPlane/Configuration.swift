@@ -40,6 +40,12 @@ public struct DataPlaneConfiguration: Sendable {
     /// On shutdown (or when a route goes away), open connections get this long to finish before they are closed.
     public var drainTimeout: TimeAmount
 
+    /// Mesh-interface mode: one listener for every TCP/HTTP VIP:port (nat `REDIRECT` + `SO_ORIGINAL_DST`,
+    /// DataPlane/README.md) rather than a socket each. Off: a socket per VIP:port, as in loopback mode.
+    public var vipRedirect = true
+    /// The nat chain of the redirect rules (one per network namespace; replaced at start, removed at shutdown).
+    public var vipRedirectChain = "MESH-VIP"
+
     public init(
         bindMode: BindMode = .loopback,
         extraInterfaceAddresses: [String] = ["169.254.96.16"],

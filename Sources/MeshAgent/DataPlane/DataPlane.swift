@@ -59,6 +59,8 @@ public actor DataPlane: ServiceLifecycle.Service {
     /// Removed listeners whose connections still drain: their VIPs stay on the mesh interface until then.
     private var draining: [(vip: IPAddress, listener: Listener, until: NIODeadline)] = []
     private var stopped = false
+    /// Mesh-interface mode: the one listener of every TCP/HTTP VIP:port (VIP/VIPListener.swift).
+    private nonisolated let redirect = Mutex<VIPListener?>(nil)
 
     /// - Parameters:
     ///   - eventLoopGroup: where every proxied connection runs (both of its sides on one loop).
@@ -168,7 +170,17 @@ public actor DataPlane: ServiceLifecycle.Service {
             }
         }
 
-        // New VIP:ports: bind.
+        // The redirect rules cover exactly the VIPs of TCP/HTTP routes served through the VIP listener.
+        var redirectError: String?
+        if let vipListener = self.vipListener {
+            do {
+                try await vipListener.updateRules(vips: Set(wanted.values.filter(Self.isRedirected).map(\.vip)))
+            } catch {
+                redirectError = "VIP redirect rules: \(error)"
+            }
+        }
+
+        // New VIP:ports: bind (or, through the VIP listener, a table entry).
         self.failed = invalid
         for (key, route) in wanted.sorted(by: { $0.key < $1.key }) where self.listeners[key] == nil {
             if let error = addressErrors[route.vip] {
@@ -181,6 +193,18 @@ public actor DataPlane: ServiceLifecycle.Service {
                 outlier: self.configuration.outlier,
                 metricsFactory: self.metricsFactory
             )
+            if let vipListener = self.vipListener, Self.isRedirected(route) {
+                if let redirectError {
+                    self.failed[key] = (route, redirectError)
+                    continue
+                }
+                self.listeners[key] = Listener.redirected(handle: handle, vipListener: vipListener)
+                self.logger.info(
+                    "route listening",
+                    metadata: ["listener": "\(key)", "service": "\(route.service)", "proto": "\(route.proto)"]
+                )
+                continue
+            }
             do {
                 self.listeners[key] = try await Listener.bind(
                     handle: handle,
@@ -290,6 +314,7 @@ public actor DataPlane: ServiceLifecycle.Service {
         self.stopped = true
         let listeners = Array(self.listeners.values)
         for listener in listeners { await listener.stopAccepting() }
+        await self.vipListener?.stop()
         if drain {
             let deadline = NIODeadline.now() + self.configuration.drainTimeout
             while listeners.contains(where: { $0.openConnections > 0 }), NIODeadline.now() < deadline {
@@ -330,10 +355,12 @@ public actor DataPlane: ServiceLifecycle.Service {
             } catch {
                 throw DataPlaneError.interface("\(error)")
             }
+            await self.startVIPListener()
         case .automatic(let name):
             do {
                 let interface = try await self.openInterface(name)
                 self.mode = .interface(interface)
+                await self.startVIPListener()
             } catch {
                 self.logger.notice(
                     "loopback mode: cannot create the mesh interface (needs CAP_NET_ADMIN); VIPs must be inside 127.0.0.0/8",
@@ -344,6 +371,45 @@ public actor DataPlane: ServiceLifecycle.Service {
         }
         self.publish()
     }
+
+    /// The VIP listener, when mesh-interface mode serves TCP/HTTP routes through it.
+    private var vipListener: VIPListener? { self.redirect.withLock { $0 } }
+
+    /// Whether `route` is served through the VIP listener (when there is one): TCP and HTTP routes whose VIP
+    /// is not a loopback address (a rule for 127.0.0.1 would take every local connection). UDP routes keep a
+    /// socket each.
+    private static func isRedirected(_ route: Route) -> Bool {
+        route.proto != .udp && !route.vip.isLoopback
+    }
+
+    /// Starts the one VIP listener (mesh-interface mode, `vipRedirect`); without it (no iptables, no nat
+    /// table), routes get a listener each, as in loopback mode, and it is logged.
+    private func startVIPListener() async {
+        guard self.configuration.vipRedirect, self.vipListener == nil else { return }
+        do {
+            let listener = try await VIPListener.start(
+                environment: self.environment,
+                group: self.group,
+                chain: self.configuration.vipRedirectChain,
+                metricsFactory: self.metricsFactory
+            )
+            self.redirect.withLock { $0 = listener }
+        } catch {
+            self.logger.warning(
+                "VIP listener unavailable, one listener per VIP:port instead",
+                metadata: ["error": "\(error)"]
+            )
+        }
+    }
+
+    /// The VIP listener's ports (IPv4 first), empty when routes have a listener each.
+    public nonisolated var vipListenerPorts: [Int] { self.redirect.withLock { $0?.ports ?? [] } }
+
+    /// Connections to a VIP:port without a route, reset by the VIP listener.
+    public nonisolated var unroutedConnections: Int { self.redirect.withLock { $0?.unrouted ?? 0 } }
+
+    /// The prefixes the VIP listener's rules redirect now, per family (IPv4 first).
+    nonisolated var redirectedPrefixes: [[String]] { self.redirect.withLock { $0?.redirectedPrefixes ?? [] } }
 
     /// Opens the link from an event-loop thread, so that it is made in the event loops' network namespace
     /// (where the listeners are bound), and puts the extra addresses on it, dropping stale ones.

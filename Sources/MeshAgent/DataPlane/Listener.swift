@@ -12,11 +12,18 @@ final class Listener: Sendable {
     private enum Kind: Sendable {
         case channel(any Channel, ChannelSet)
         case splice(SpliceListener)
+        /// Served by the data plane's one VIP listener (mesh-interface mode): no socket of its own.
+        case redirected(RedirectedRoute)
     }
 
     private init(handle: RouteHandle, kind: Kind) {
         self.handle = handle
         self.kind = kind
+    }
+
+    /// A TCP or HTTP route served through `vipListener` (in its table from now on).
+    static func redirected(handle: RouteHandle, vipListener: VIPListener) -> Listener {
+        Listener(handle: handle, kind: .redirected(vipListener.add(handle)))
     }
 
     static func bind(
@@ -96,6 +103,7 @@ final class Listener: Sendable {
         switch self.kind {
         case .channel(_, let connections): return connections.count
         case .splice(let splice): return splice.openConnections
+        case .redirected(let route): return route.openConnections
         }
     }
 
@@ -111,6 +119,8 @@ final class Listener: Sendable {
             }
         case .splice(let splice):
             await splice.stopAccepting()
+        case .redirected(let route):
+            await route.stopAccepting()
         }
     }
 
@@ -119,6 +129,7 @@ final class Listener: Sendable {
         switch self.kind {
         case .channel(_, let connections): connections.closeAll()
         case .splice(let splice): await splice.closeAll()
+        case .redirected(let route): await route.closeAll()
         }
     }
 

@@ -415,7 +415,7 @@ final class HTTPProxyHandler: ChannelInboundHandler, RemovableChannelHandler, HT
             requestHead,
             settings: self.settings,
             clientAddress: self.clientIPText,
-            fallbackHost: Self.hostText(context.channel.localAddress),
+            fallbackHost: self.handle.key.hostText,
             upgradeProtocols: { self.handle.upgradeProtocols },
             into: &plan
         )

@@ -106,12 +106,18 @@ final class SpliceListener: Sendable {
         return listener
     }
 
+    /// A listener without a socket of its own: the VIP listener (`VIP/VIPListener.swift`) hands it the
+    /// connections of its route. `stopAccepting` only marks it; `closeAll` closes its connections.
+    static func unbound(handle: RouteHandle, loops: [SpliceLoop], upstreams: Upstreams) -> SpliceListener {
+        SpliceListener(handle: handle, fd: -1, loops: loops, upstreams: upstreams)
+    }
+
     private init(handle: RouteHandle, fd: Int32, loops: [SpliceLoop], upstreams: Upstreams) {
         self.handle = handle
         self.fd = fd
         self.upstreams = upstreams
         self.loops = loops
-        self.acceptors = loops.map { _ in SpliceAcceptor.Box() }
+        self.acceptors = fd < 0 ? [] : loops.map { _ in SpliceAcceptor.Box() }
     }
 
     private func start() async throws {
@@ -144,7 +150,7 @@ final class SpliceListener: Sendable {
                 loop.deregister(self.fd)
             }
         }
-        Glibc.close(self.fd)
+        if self.fd >= 0 { Glibc.close(self.fd) }
     }
 
     /// Closes every open connection accepted here.
@@ -164,7 +170,7 @@ final class SpliceListener: Sendable {
 }
 
 /// A listening socket as seen by one splice loop.
-final class SpliceAcceptor: SplicePollable {
+final class SpliceAcceptor: SplicePollable, SpliceListeningSocket {
     /// Holds a loop's acceptor for the listener (set and taken on that loop's thread only).
     final class Box: @unchecked Sendable {
         private var acceptor: SpliceAcceptor?

@@ -16,6 +16,12 @@ class SplicePollable {
     func ready(_ events: UInt32) {}
 }
 
+/// A listening socket watched by a splice loop, which the loop can pause (out of descriptors) and resume.
+protocol SpliceListeningSocket: SplicePollable {
+    var fd: Int32 { get }
+    var detached: Bool { get }
+}
+
 /// One thread running an epoll loop for the L4 TCP splice: it accepts on the listeners registered with it,
 /// connects upstream, and moves bytes between the two sockets of each connection with one `recv` and one
 /// `send` per burst into a shared 64 KiB buffer. There is no per-message object, no pipeline and no
@@ -68,7 +74,7 @@ final class SpliceLoop: @unchecked Sendable {
     private let sweepInterval: UInt64
     private var nextSweep: UInt64
     /// Acceptors paused after EMFILE/ENFILE, with the time to resume them.
-    private var paused: [(acceptor: SpliceAcceptor, until: UInt64)] = []
+    private var paused: [(acceptor: any SpliceListeningSocket, until: UInt64)] = []
     private(set) var now: UInt64
 
     private init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters, logger: Logger) throws {
@@ -272,7 +278,7 @@ final class SpliceLoop: @unchecked Sendable {
         self.nextConnectDeadline = min(self.nextConnectDeadline, connection.connectDeadline)
     }
 
-    func pause(_ acceptor: SpliceAcceptor, for nanoseconds: UInt64) {
+    func pause(_ acceptor: any SpliceListeningSocket, for nanoseconds: UInt64) {
         self.deregister(acceptor.fd)
         self.paused.append((acceptor, self.now &+ nanoseconds))
     }
@@ -314,7 +320,7 @@ final class SpliceLoop: @unchecked Sendable {
 
     private func resumeAcceptors() {
         let now = self.now
-        var resumed: [SpliceAcceptor] = []
+        var resumed: [any SpliceListeningSocket] = []
         self.paused.removeAll { entry in
             guard entry.until <= now else { return false }
             resumed.append(entry.acceptor)
