@@ -136,14 +136,20 @@ final class HTTPLoopClient: SplicePollable {
 
     /// Parses what is held and reads while reading is allowed, then writes what that produced.
     private func service() {
+        guard !self.inRead else { return }
+        repeat {
+            self.serviceOnce()
+            // A body whose upstream took what this burst brought: read on (edge-triggered, nothing else will).
+        } while self.phase == .active && self.readable && self.mayRead
+    }
+
+    private func serviceOnce() {
         self.inRead = true
-        var reads = 0
         while self.phase != .closed, self.phase != .upgraded {
             if !self.parseHeld() { break }
-            guard self.readable, self.mayRead, reads < 16 else { break }
+            guard self.readable, self.mayRead else { break }
             let n = httpLoopRead(self.fd, scratch: self.loop.scratch, into: &self.inbound)
             if n > 0 {
-                reads &+= 1
                 self.clientReadTime = self.now
                 if n < self.loop.scratch.count && !self.closing { self.readable = false }
             } else if n == 0 {
@@ -852,6 +858,7 @@ final class HTTPLoopClient: SplicePollable {
     /// Closes once what is queued went out (at once when nothing is).
     private func closeAfterFlush() {
         if self.phase == .active { self.abandon() }
+        self.idleSince = self.now
         self.phase = .closed
         self.exchange = nil
         self.closeWhenFlushed = true
@@ -865,6 +872,12 @@ final class HTTPLoopClient: SplicePollable {
             return
         }
         if self.phase == .active { self.abandon() }
+        if let connecting = self.pendingConnect {
+            // Its object goes with this one: its socket must not stay in the epoll set.
+            self.pendingConnect = nil
+            connecting.owner = nil
+            connecting.close()
+        }
         self.phase = .closed
         self.exchange = nil
         self.closeWhenFlushed = false

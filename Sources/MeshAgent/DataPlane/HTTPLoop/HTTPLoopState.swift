@@ -1,4 +1,5 @@
 import CLinux
+import MeshCore
 import NIOCore
 
 #if canImport(Glibc)
@@ -8,7 +9,7 @@ import Musl
 #endif
 
 /// What carries the data plane's HTTP routes.
-public enum HTTPEngine: String, Sendable, Hashable, Codable, CaseIterable {
+public enum HTTPEngine: String, StrictEnum, Hashable {
     /// NIO channels (`HTTP/HTTPProxy.swift`).
     case nio
     /// The epoll splice loops that carry TCP (`HTTPLoop/`): the same parser, request policy and exchange state

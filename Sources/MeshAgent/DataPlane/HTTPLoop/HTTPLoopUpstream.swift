@@ -114,32 +114,34 @@ final class HTTPLoopUpstream: SplicePollable {
             return
         }
         let scratch = self.state.loop.scratch
-        var reads = 0
-        while self.readable, !self.closed, self.owner === owner, owner.clientIsWritable {
-            let n = httpLoopRead(self.fd, scratch: scratch, into: &self.inbound)
-            if n > 0 {
-                reads &+= 1
-                if n < scratch.count && !self.closing { self.readable = false }
-                owner.upstreamReadTime = self.state.loop.now
-                self.parse(owner)
-            } else if n == 0 {
-                self.readable = false
-                self.endOfInput(owner)
-                break
-            } else {
-                let code = errno
-                if code == EAGAIN || code == EWOULDBLOCK {
+        // Until drained, or the client pushes back (its output edge resumes this, `resumeReading`); what a
+        // round brought goes to the client before the next.
+        while true {
+            var reads = 0
+            while self.readable, !self.closed, self.owner === owner, owner.clientIsWritable {
+                let n = httpLoopRead(self.fd, scratch: scratch, into: &self.inbound)
+                if n > 0 {
+                    reads &+= 1
+                    if n < scratch.count && !self.closing { self.readable = false }
+                    owner.upstreamReadTime = self.state.loop.now
+                    self.parse(owner)
+                } else if n == 0 {
+                    reads &+= 1
                     self.readable = false
-                    break
+                    self.endOfInput(owner)
+                } else {
+                    let code = errno
+                    if code == EAGAIN || code == EWOULDBLOCK {
+                        self.readable = false
+                    } else if code != EINTR {
+                        self.lastError = SpliceLoop.Failure.system("recv", code)
+                        self.close()
+                    }
                 }
-                if code == EINTR { continue }
-                self.lastError = SpliceLoop.Failure.system("recv", code)
-                self.close()
-                break
             }
-            if reads == 16 { break }
+            if reads > 0 { owner.upstreamReadComplete() }
+            guard reads > 0, self.readable, !self.closed, self.owner === owner, owner.clientIsWritable else { return }
         }
-        if reads > 0 { owner.upstreamReadComplete() }
     }
 
     /// Hands the parts of the bytes read to the owner, one at a time, while it stays the owner.
