@@ -79,7 +79,9 @@ struct DataPlaneHTTPDesyncFuzzTests {
                         received.append((ids, text))
                     } else {
                         for i in ids {
-                            received.append(([i], try await RawClient.send(address, Array(request(i, last: true).utf8))))
+                            received.append(
+                                ([i], try await RawClient.send(address, Array(request(i, last: true).utf8)))
+                            )
                         }
                     }
                     for (own, text) in received {
@@ -103,7 +105,10 @@ struct DataPlaneHTTPDesyncFuzzTests {
                             let mayBeCut = earlier.contains { !kinds[$0].isClean || kinds[$0] == .untilClose }
                             guard kinds[i].isClean, !mayBeCut else { continue }
                             let found = text[searchFrom...].range(of: "M\(i)M")
-                            #expect(found != nil, "round \(round): \(i) (\(kinds[i])) missing: \(text.debugDescription)")
+                            #expect(
+                                found != nil,
+                                "round \(round): \(i) (\(kinds[i])) missing: \(text.debugDescription)"
+                            )
                             if let found { searchFrom = found.upperBound }
                         }
                     }

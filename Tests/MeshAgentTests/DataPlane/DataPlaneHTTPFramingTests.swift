@@ -45,7 +45,10 @@ struct DataPlaneHTTPFramingTests {
         }
     }
 
-    @Test("responses without a body (HEAD, 204, 304) on one kept-alive upstream connection; requests as sent", arguments: HTTPEngine.allCases)
+    @Test(
+        "responses without a body (HEAD, 204, 304) on one kept-alive upstream connection; requests as sent",
+        arguments: HTTPEngine.allCases
+    )
     func noBody(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             try await self.withProxy { address, backend in
@@ -75,7 +78,10 @@ struct DataPlaneHTTPFramingTests {
         }
     }
 
-    @Test("chunked and until-close bodies reach an HTTP/1.1 client chunked, trailers included, connection kept", arguments: HTTPEngine.allCases)
+    @Test(
+        "chunked and until-close bodies reach an HTTP/1.1 client chunked, trailers included, connection kept",
+        arguments: HTTPEngine.allCases
+    )
     func chunkedToHTTP11(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             try await self.withProxy { address, backend in
@@ -99,7 +105,10 @@ struct DataPlaneHTTPFramingTests {
         }
     }
 
-    @Test("an HTTP/1.0 client gets bodies unchunked, no 1xx, and the connection closed after an unsized one", arguments: HTTPEngine.allCases)
+    @Test(
+        "an HTTP/1.0 client gets bodies unchunked, no 1xx, and the connection closed after an unsized one",
+        arguments: HTTPEngine.allCases
+    )
     func http10Client(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             try await self.withProxy { address, _ in
@@ -140,7 +149,10 @@ struct DataPlaneHTTPFramingTests {
         }
     }
 
-    @Test("request bodies go up as they came: chunked (with trailers) re-chunked, Content-Length as is", arguments: HTTPEngine.allCases)
+    @Test(
+        "request bodies go up as they came: chunked (with trailers) re-chunked, Content-Length as is",
+        arguments: HTTPEngine.allCases
+    )
     func requestBodies(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             try await self.withProxy { address, backend in
@@ -149,7 +161,8 @@ struct DataPlaneHTTPFramingTests {
                     Array(
                         ("POST /plain HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                             + "5\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n"
-                            + "PUT /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc").utf8
+                            + "PUT /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+                            .utf8
                     )
                 )
                 #expect(text == Self.plain + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok")
@@ -161,7 +174,8 @@ struct DataPlaneHTTPFramingTests {
                 )
                 #expect(chunked.body == "hello world" && chunked.trailers == "x-t: 1\r\n")
                 #expect(
-                    rest == "PUT /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nx-forwarded-for: 127.0.0.1\r\n\r\nabc"
+                    rest
+                        == "PUT /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nx-forwarded-for: 127.0.0.1\r\n\r\nabc"
                 )
             }
         }

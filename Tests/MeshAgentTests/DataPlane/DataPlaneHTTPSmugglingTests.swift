@@ -196,7 +196,10 @@ struct DataPlaneHTTPSmugglingTests {
         ),
     ]
 
-    @Test("every case: the backend gets what it should, the client its answer, the next client its own response", arguments: HTTPEngine.allCases)
+    @Test(
+        "every case: the backend gets what it should, the client its answer, the next client its own response",
+        arguments: HTTPEngine.allCases
+    )
     func smuggling(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             var transcript = ""
@@ -223,7 +226,10 @@ struct DataPlaneHTTPSmugglingTests {
         }
     }
 
-    @Test("a response body that stalls is cut off after responseBodyTimeout; the next client is not affected", arguments: HTTPEngine.allCases)
+    @Test(
+        "a response body that stalls is cut off after responseBodyTimeout; the next client is not affected",
+        arguments: HTTPEngine.allCases
+    )
     func stalledResponseBody(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             var responses = Self.responses
@@ -242,7 +248,10 @@ struct DataPlaneHTTPSmugglingTests {
         }
     }
 
-    @Test("a clean response keeps its upstream connection; a response with bytes behind it loses it", arguments: HTTPEngine.allCases)
+    @Test(
+        "a clean response keeps its upstream connection; a response with bytes behind it loses it",
+        arguments: HTTPEngine.allCases
+    )
     func poolingOnlyAtBoundary(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             try await withSingleLoopProxy(Self.responses) { address, backend in

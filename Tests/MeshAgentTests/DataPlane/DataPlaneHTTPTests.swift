@@ -55,7 +55,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("trusted hops: the last N addresses of X-Forwarded-For are kept, the client's appended", arguments: HTTPEngine.allCases)
+    @Test(
+        "trusted hops: the last N addresses of X-Forwarded-For are kept, the client's appended",
+        arguments: HTTPEngine.allCases
+    )
     func trustedHops(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let backend = try await TestServers.http("web-1")
@@ -75,7 +78,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("keep-alive both sides: requests on one client connection are balanced one by one over pooled upstreams", arguments: HTTPEngine.allCases)
+    @Test(
+        "keep-alive both sides: requests on one client connection are balanced one by one over pooled upstreams",
+        arguments: HTTPEngine.allCases
+    )
     func keepAliveAndPerRequestBalancing(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let stats = [HTTPBackendStats(), HTTPBackendStats(), HTTPBackendStats()]
@@ -105,7 +111,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("consistent hash on a header sticks per key and moves only the removed backend's keys", arguments: HTTPEngine.allCases)
+    @Test(
+        "consistent hash on a header sticks per key and moves only the removed backend's keys",
+        arguments: HTTPEngine.allCases
+    )
     func consistentHashHeader(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let servers = try await [
@@ -199,7 +208,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("503 with no backend, 502 when every backend refuses, 504 on upstream timeout — fast and plain", arguments: HTTPEngine.allCases)
+    @Test(
+        "503 with no backend, 502 when every backend refuses, 504 on upstream timeout — fast and plain",
+        arguments: HTTPEngine.allCases
+    )
     func errorStatuses(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let refusedA = try await TestServers.refusedBackend()
@@ -253,7 +265,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("idempotent requests are retried on another backend after a reset; a POST with a body is not", arguments: HTTPEngine.allCases)
+    @Test(
+        "idempotent requests are retried on another backend after a reset; a POST with a body is not",
+        arguments: HTTPEngine.allCases
+    )
     func retries(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let resetStats = HTTPBackendStats()
@@ -315,7 +330,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("pipelined requests are answered in order, one at a time; garbage behind them gets 400 after them", arguments: HTTPEngine.allCases)
+    @Test(
+        "pipelined requests are answered in order, one at a time; garbage behind them gets 400 after them",
+        arguments: HTTPEngine.allCases
+    )
     func pipelining(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let backend = try await TestServers.http("web")
@@ -339,7 +357,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("a removed route finishes the request in flight with connection: close, then closes", arguments: HTTPEngine.allCases)
+    @Test(
+        "a removed route finishes the request in flight with connection: close, then closes",
+        arguments: HTTPEngine.allCases
+    )
     func drainAnswersInFlightRequest(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             // The route must be removed while the backend still holds the response: 2 s leaves room for a loaded
@@ -360,7 +381,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("a client that connects and never sends is closed by the request head timeout", arguments: HTTPEngine.allCases)
+    @Test(
+        "a client that connects and never sends is closed by the request head timeout",
+        arguments: HTTPEngine.allCases
+    )
     func silentClient(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let backend = try await TestServers.http("web")
@@ -379,7 +403,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("a request body that stalls is cut off; an early answer to an unfinished upload ends both sides", arguments: HTTPEngine.allCases)
+    @Test(
+        "a request body that stalls is cut off; an early answer to an unfinished upload ends both sides",
+        arguments: HTTPEngine.allCases
+    )
     func stalledAndEarly(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let backend = try await TestServers.http("web")
@@ -451,7 +478,8 @@ struct DataPlaneHTTPTests {
                         }
                     }
                     return try await channel.executeThenClose { inbound, outbound in
-                        let request = "GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                        let request =
+                            "GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
                         try await outbound.write(ByteBuffer(string: request))
                         var text = ""
                         var iterator = inbound.makeAsyncIterator()
@@ -462,7 +490,9 @@ struct DataPlaneHTTPTests {
                         try await outbound.write(ByteBuffer(string: "frame-1|"))
                         try await outbound.write(ByteBuffer(string: "frame-2|"))
                         var echoed = ""
-                        while echoed.count < 16, let chunk = try await iterator.next() { echoed += String(buffer: chunk) }
+                        while echoed.count < 16, let chunk = try await iterator.next() {
+                            echoed += String(buffer: chunk)
+                        }
                         return echoed
                     }
                 }
@@ -488,7 +518,10 @@ struct DataPlaneHTTPTests {
         }
     }
 
-    @Test("slow request bodies hold no upstream connection: small ones are read whole before a backend is picked", arguments: HTTPEngine.allCases)
+    @Test(
+        "slow request bodies hold no upstream connection: small ones are read whole before a backend is picked",
+        arguments: HTTPEngine.allCases
+    )
     func slowBodiesBuffered(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let stats = HTTPBackendStats()

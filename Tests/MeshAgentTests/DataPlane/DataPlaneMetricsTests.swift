@@ -111,7 +111,8 @@ struct DataPlaneMetricsTests {
                 #expect(route.totalConnections == 9 && route.failures == 3)
                 let byPort = Dictionary(uniqueKeysWithValues: route.backends.map { ($0.port, $0) })
                 #expect(
-                    byPort[good.port]?.healthy == true && byPort[good.port]?.weight == 2 && byPort[good.port]?.site == "s1"
+                    byPort[good.port]?.healthy == true && byPort[good.port]?.weight == 2
+                        && byPort[good.port]?.site == "s1"
                 )
                 #expect(byPort[good.port]?.total == 9)
                 #expect(byPort[refused.port]?.ejected == true && byPort[refused.port]?.ejectedForSeconds != nil)
@@ -121,7 +122,10 @@ struct DataPlaneMetricsTests {
         }
     }
 
-    @Test("as a ServiceLifecycle service: serves until graceful shutdown, then closes everything", arguments: HTTPEngine.allCases)
+    @Test(
+        "as a ServiceLifecycle service: serves until graceful shutdown, then closes everything",
+        arguments: HTTPEngine.allCases
+    )
     func serviceLifecycle(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let backend = try await TestServers.echo()
@@ -131,7 +135,8 @@ struct DataPlaneMetricsTests {
             let running = Task { try await group.run() }
             let vip = TestAddresses.vip()
             try await dp.apply(
-                RouteTable(routes: [Route(service: service("svc"), vip: vip, port: 8080, backends: [backend.backend()])])
+                RouteTable(routes: [Route(service: service("svc"), vip: vip, port: 8080, backends: [backend.backend()])]
+                )
             )
             let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), send: "up", halfClose: true)
             #expect(String(buffer: reply) == "up")

@@ -11,7 +11,10 @@ import func MeshTestSupport.onTeardown
 /// and the response, for the request that asked, and for no other.
 @Suite("Data plane: traced HTTP requests", .timeLimit(.minutes(1)), .awaitedTeardown)
 struct DataPlaneTraceTests {
-    @Test("a traced request: the choice and why, the endpoint actually used, first byte and status", arguments: HTTPEngine.allCases)
+    @Test(
+        "a traced request: the choice and why, the endpoint actually used, first byte and status",
+        arguments: HTTPEngine.allCases
+    )
     func tracedRequest(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let servers = try await [TestServers.http("h0"), TestServers.http("h1"), TestServers.http("h2")]
@@ -58,7 +61,8 @@ struct DataPlaneTraceTests {
                 #expect(
                     await eventually {
                         (used()?.bytesSent ?? 0) > "GET /?q=1 HTTP/1.1\r\n".utf8.count
-                            && (used()?.bytesReceived ?? 0) > "HTTP/1.1 200 OK\r\n".utf8.count + answered.name.utf8.count
+                            && (used()?.bytesReceived ?? 0) > "HTTP/1.1 200 OK\r\n".utf8.count
+                                + answered.name.utf8.count
                     }
                 )
                 #expect((route()?.bytesIn ?? 0) >= (used()?.bytesSent ?? .max))
@@ -78,13 +82,20 @@ struct DataPlaneTraceTests {
                 #expect(dp.trace("t-3")?.attempts.first?.connectMicros == nil)
 
                 // A request without the field leaves nothing behind.
-                _ = try await TestHTTPConnection.get(TestClient.vipAddress(vip, 8080), "/", headers: [("x-user", "bob")])
+                _ = try await TestHTTPConnection.get(
+                    TestClient.vipAddress(vip, 8080),
+                    "/",
+                    headers: [("x-user", "bob")]
+                )
                 #expect(dp.trace("bob") == nil)
             }
         }
     }
 
-    @Test("a refused endpoint then a good one: both attempts, the failure's reason, the final status", arguments: HTTPEngine.allCases)
+    @Test(
+        "a refused endpoint then a good one: both attempts, the failure's reason, the final status",
+        arguments: HTTPEngine.allCases
+    )
     func retriedRequest(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
             let good = try await TestServers.http("good")

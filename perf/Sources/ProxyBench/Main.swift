@@ -64,7 +64,9 @@ struct ProxyCommand: AsyncParsableCommand {
         logger.logLevel = .warning
         let group = MultiThreadedEventLoopGroup(numberOfThreads: self.threads)
         var configuration = DataPlaneConfiguration(bindMode: .loopback)
-        if let engine = self.httpEngine ?? getenv("MESH_HTTP_ENGINE").flatMap({ HTTPEngine(rawValue: String(cString: $0)) }) {
+        if let engine = self.httpEngine
+            ?? getenv("MESH_HTTP_ENGINE").flatMap({ HTTPEngine(rawValue: String(cString: $0)) })
+        {
             configuration.http.engine = engine
         }
         let dataPlane = DataPlane(

@@ -434,7 +434,14 @@ final class HTTPLoopClient: SplicePollable {
     private func open(_ pick: Pick) throws -> HTTPLoopUpstream {
         if pick.id.via != nil {
             var pair: [Int32] = [-1, -1]
-            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            guard
+                socketpair(
+                    AF_UNIX,
+                    Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue),
+                    0,
+                    &pair
+                ) == 0
+            else {
                 throw SpliceLoop.Failure.system("socketpair", errno)
             }
             let connection = HTTPLoopUpstream(state: self.state, backend: pick.id, fd: pair[0], connected: true)

@@ -155,7 +155,9 @@ struct HTTPLoopOutput {
             let count = min(self.buffers.count, 16)
             let written: Int
             if count == 1 {
-                written = self.buffers[0].withUnsafeReadableBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                written = self.buffers[0].withUnsafeReadableBytes {
+                    send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL))
+                }
             } else {
                 written = Self.writev(fd, self.buffers, count: count)
             }
