@@ -131,7 +131,8 @@ final class HTTPLoopClient: SplicePollable {
             // Waiting for a last response to go out: what the client sends now is not read.
             return
         }
-        self.service()
+        // (An output edge alone has nothing to read.)
+        if self.readable || (self.eof && !self.eofHandled) { self.service() }
     }
 
     /// Parses what is held and reads while reading is allowed, then writes what that produced.
@@ -194,7 +195,7 @@ final class HTTPLoopClient: SplicePollable {
     /// it was taken. False when the connection is done.
     private func parseHeld() -> Bool {
         while self.mayParse {
-            var buffer = self.inbound.take() ?? ByteBuffer()
+            var buffer = self.inbound.take() ?? httpLoopEmptyBuffer
             let part: HTTPPart?
             do {
                 part = try self.parser.next(&buffer)
@@ -217,7 +218,7 @@ final class HTTPLoopClient: SplicePollable {
     /// flight the connection closes; otherwise the exchange finishes first.
     private func endOfInput() {
         self.eofHandled = true
-        var buffer = self.inbound.take() ?? ByteBuffer()
+        var buffer = self.inbound.take() ?? httpLoopEmptyBuffer
         do {
             if self.mayParse {
                 while self.mayParse, let part = try self.parser.next(&buffer) { self.handle(part) }

@@ -206,6 +206,9 @@ struct HTTPLoopOutput {
     }
 }
 
+/// An empty buffer to parse when nothing is held (the parser may have parts ready): shared, no allocation.
+let httpLoopEmptyBuffer = ByteBuffer()
+
 /// Reads from a non-blocking socket into the loop's buffer and appends to `inbound`: how much was read
 /// (0: end of input), or -1 with `errno` (EAGAIN: drained).
 @inline(__always)

@@ -170,7 +170,7 @@ final class HTTPLoopUpstream: SplicePollable {
     var endedAtBoundary: Bool { self.parser.endedAtBoundary && !self.readable && self.inbound == nil }
 
     private func endOfInput(_ owner: HTTPLoopClient) {
-        var buffer = self.inbound.take() ?? ByteBuffer()
+        var buffer = self.inbound.take() ?? httpLoopEmptyBuffer
         do {
             while self.owner === owner, !self.closed,
                 let part = try self.parser.nextResponsePart(&buffer, held: 0)
