@@ -47,8 +47,9 @@ final class HTTPLoopState {
             http.upstreamIdleTimeout,
             loop.configuration.connectTimeout
         )
-        self.tick = UInt64(max(shortest.nanoseconds / 4, 1_000_000))
-        self.nextTick = loop.now &+ self.tick
+        let tick = UInt64(max(shortest.nanoseconds / 4, 1_000_000))
+        self.tick = tick
+        self.nextTick = loop.now &+ tick
         self.pool = HTTPLoopPool(configuration: loop.configuration)
     }
 
