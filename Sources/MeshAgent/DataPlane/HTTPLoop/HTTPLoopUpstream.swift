@@ -1,6 +1,7 @@
 import CLinux
 import Logging
 import NIOCore
+import NIOHTTP1
 
 #if canImport(Glibc)
 import Glibc
