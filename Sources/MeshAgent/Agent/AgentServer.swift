@@ -216,6 +216,7 @@ public final class AgentServer: Service, Sendable {
         let adminListen = try ListenAddress(config.adminListen, field: "adminListen")
 
         var dpConfig = DataPlaneConfiguration()
+        dpConfig.http.engine = config.httpEngine
         switch config.interfaceMode {
         case .loopback: dpConfig.bindMode = .loopback
         case .meshInterface: dpConfig.bindMode = .meshInterface(name: config.interfaceName)

@@ -141,6 +141,9 @@ public struct HTTPConfiguration: Sendable {
     public var requestBufferSize: Int
     /// A response body with no bytes from the upstream for this long is cut off (both connections closed).
     public var responseBodyTimeout: TimeAmount
+    /// What carries HTTP routes: NIO channels (`.nio`), or the epoll loops that carry TCP (`.epoll`,
+    /// HTTPLoop/README.md).
+    public var engine: HTTPEngine
 
     public init(
         maxHeaderListSize: Int = 64 * 1024,
@@ -159,7 +162,8 @@ public struct HTTPConfiguration: Sendable {
         trustedForwardingHops: Int = 0,
         upgradeProtocols: Set<String> = ["websocket"],
         requestBufferSize: Int = 64 * 1024,
-        responseBodyTimeout: TimeAmount = .seconds(60)
+        responseBodyTimeout: TimeAmount = .seconds(60),
+        engine: HTTPEngine = .nio
     ) {
         self.maxHeaderListSize = maxHeaderListSize
         self.maxHeaderFieldSize = maxHeaderFieldSize
@@ -178,6 +182,7 @@ public struct HTTPConfiguration: Sendable {
         self.upgradeProtocols = Set(upgradeProtocols.map { $0.lowercased() })
         self.requestBufferSize = max(0, requestBufferSize)
         self.responseBodyTimeout = responseBodyTimeout
+        self.engine = engine
     }
 }
 

@@ -34,14 +34,17 @@ final class Listener: Sendable {
         let key = handle.key
         let address = try SocketAddress(ipAddress: key.vip.description, port: key.port)
         let configuration = environment.configuration
-        if handle.proto == .tcp {
+        let epollHTTP = handle.proto == .http && configuration.http.engine == .epoll
+        if handle.proto == .tcp || epollHTTP {
             let splice = try await SpliceListener.bind(
                 handle: handle,
                 address: address,
                 backlog: configuration.backlog,
                 loops: try await environment.splice.loops(on: group),
                 group: group,
-                upstreams: environment.upstreams
+                upstreams: environment.upstreams,
+                http: epollHTTP,
+                traces: environment.traces
             )
             return Listener(handle: handle, kind: .splice(splice))
         }
@@ -119,6 +122,7 @@ final class Listener: Sendable {
             }
         case .splice(let splice):
             await splice.stopAccepting()
+            await splice.quiesce()
         case .redirected(let route):
             await route.stopAccepting()
         }

@@ -45,69 +45,76 @@ struct DataPlaneHTTPDesyncFuzzTests {
         }
     }
 
-    @Test("200 random pairs: each client gets exactly its own response or an error")
-    func randomPairs() async throws {
-        var rng = SplitMix64(seed: 0xdec0de)
-        let rounds = 100
-        var kinds: [Kind] = []
-        var responses: [String: String] = [:]
-        for i in 0..<(2 * rounds) {
-            let kind = Kind.allCases.randomElement(using: &rng)!
-            kinds.append(kind)
-            responses["/f/\(i)"] = Self.response(kind, i)
-        }
-        var pipelinedRounds = 0
-        try await withSingleLoopProxy(responses) { address, _ in
-            for round in 0..<rounds {
-                let ids = [2 * round, 2 * round + 1]
-                func request(_ i: Int, last: Bool) -> String {
-                    let path = kinds[i] == .untilClose ? "/close/f/\(i)" : "/f/\(i)"
-                    let close = last ? "Connection: close\r\n" : ""
-                    return Bool.random(using: &rng)
-                        ? "GET \(path) HTTP/1.1\r\nHost: x\r\n\(close)\r\n"
-                        : "POST \(path) HTTP/1.1\r\nHost: x\r\n\(close)Content-Length: 3\r\n\r\nabc"
-                }
-                var received: [(ids: [Int], text: String)] = []
-                if Bool.random(using: &rng) {
-                    // Both on one client connection, pipelined.
-                    pipelinedRounds += 1
-                    let text = try await RawClient.send(
-                        address,
-                        Array((request(ids[0], last: false) + request(ids[1], last: true)).utf8)
-                    )
-                    received.append((ids, text))
-                } else {
-                    for i in ids {
-                        received.append(([i], try await RawClient.send(address, Array(request(i, last: true).utf8))))
+    @Test("200 random pairs: each client gets exactly its own response or an error", arguments: HTTPEngine.allCases)
+    func randomPairs(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) {
+            var rng = SplitMix64(seed: 0xdec0de)
+            let rounds = 100
+            var kinds: [Kind] = []
+            var responses: [String: String] = [:]
+            for i in 0..<(2 * rounds) {
+                let kind = Kind.allCases.randomElement(using: &rng)!
+                kinds.append(kind)
+                responses["/f/\(i)"] = Self.response(kind, i)
+            }
+            var pipelinedRounds = 0
+            try await withSingleLoopProxy(responses) { address, _ in
+                for round in 0..<rounds {
+                    let ids = [2 * round, 2 * round + 1]
+                    func request(_ i: Int, last: Bool) -> String {
+                        let path = kinds[i] == .untilClose ? "/close/f/\(i)" : "/f/\(i)"
+                        let close = last ? "Connection: close\r\n" : ""
+                        return Bool.random(using: &rng)
+                            ? "GET \(path) HTTP/1.1\r\nHost: x\r\n\(close)\r\n"
+                            : "POST \(path) HTTP/1.1\r\nHost: x\r\n\(close)Content-Length: 3\r\n\r\nabc"
                     }
-                }
-                for (own, text) in received {
-                    var searchFrom = text.startIndex
-                    for i in 0..<(2 * rounds) {
-                        #expect(
-                            !text.contains("X\(i)X"),
-                            "round \(round): \(own) got hostile X\(i)X: \(text.debugDescription)"
+                    var received: [(ids: [Int], text: String)] = []
+                    if Bool.random(using: &rng) {
+                        // Both on one client connection, pipelined.
+                        pipelinedRounds += 1
+                        let text = try await RawClient.send(
+                            address,
+                            Array((request(ids[0], last: false) + request(ids[1], last: true)).utf8)
                         )
-                        if !own.contains(i) {
-                            #expect(
-                                !text.contains("M\(i)M"),
-                                "round \(round): \(own) got M\(i)M: \(text.debugDescription)"
+                        received.append((ids, text))
+                    } else {
+                        for i in ids {
+                            received.append(
+                                ([i], try await RawClient.send(address, Array(request(i, last: true).utf8)))
                             )
                         }
                     }
-                    for i in own {
-                        // A clean response reaches its client, in order, unless one before it on the same connection
-                        // ended that connection (an error, or a body until close).
-                        let earlier = own.prefix { $0 != i }
-                        let mayBeCut = earlier.contains { !kinds[$0].isClean || kinds[$0] == .untilClose }
-                        guard kinds[i].isClean, !mayBeCut else { continue }
-                        let found = text[searchFrom...].range(of: "M\(i)M")
-                        #expect(found != nil, "round \(round): \(i) (\(kinds[i])) missing: \(text.debugDescription)")
-                        if let found { searchFrom = found.upperBound }
+                    for (own, text) in received {
+                        var searchFrom = text.startIndex
+                        for i in 0..<(2 * rounds) {
+                            #expect(
+                                !text.contains("X\(i)X"),
+                                "round \(round): \(own) got hostile X\(i)X: \(text.debugDescription)"
+                            )
+                            if !own.contains(i) {
+                                #expect(
+                                    !text.contains("M\(i)M"),
+                                    "round \(round): \(own) got M\(i)M: \(text.debugDescription)"
+                                )
+                            }
+                        }
+                        for i in own {
+                            // A clean response reaches its client, in order, unless one before it on the same connection
+                            // ended that connection (an error, or a body until close).
+                            let earlier = own.prefix { $0 != i }
+                            let mayBeCut = earlier.contains { !kinds[$0].isClean || kinds[$0] == .untilClose }
+                            guard kinds[i].isClean, !mayBeCut else { continue }
+                            let found = text[searchFrom...].range(of: "M\(i)M")
+                            #expect(
+                                found != nil,
+                                "round \(round): \(i) (\(kinds[i])) missing: \(text.debugDescription)"
+                            )
+                            if let found { searchFrom = found.upperBound }
+                        }
                     }
                 }
             }
+            #expect(pipelinedRounds > 10 && pipelinedRounds < 90)
         }
-        #expect(pipelinedRounds > 10 && pipelinedRounds < 90)
     }
 }

@@ -45,115 +45,139 @@ struct DataPlaneHTTPFramingTests {
         }
     }
 
-    @Test("responses without a body (HEAD, 204, 304) on one kept-alive upstream connection; requests as sent")
-    func noBody() async throws {
-        try await self.withProxy { address, backend in
-            let text = try await RawClient.send(
-                address,
-                Array(
-                    ("HEAD /head HTTP/1.1\r\nHost: x\r\n\r\nGET /204 HTTP/1.1\r\nHost: x\r\n\r\n"
-                        + "GET /304 HTTP/1.1\r\nHost: x\r\nKeep-Alive: 5\r\n\r\n"
-                        + "GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").utf8
+    @Test(
+        "responses without a body (HEAD, 204, 304) on one kept-alive upstream connection; requests as sent",
+        arguments: HTTPEngine.allCases
+    )
+    func noBody(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) {
+            try await self.withProxy { address, backend in
+                let text = try await RawClient.send(
+                    address,
+                    Array(
+                        ("HEAD /head HTTP/1.1\r\nHost: x\r\n\r\nGET /204 HTTP/1.1\r\nHost: x\r\n\r\n"
+                            + "GET /304 HTTP/1.1\r\nHost: x\r\nKeep-Alive: 5\r\n\r\n"
+                            + "GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").utf8
+                    )
                 )
-            )
-            #expect(
-                text
-                    == "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n"
-                    + "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n"
-                    + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok"
-            )
-            // The upstream saw each request once, in HTTP/1.1, hop-by-hop headers gone, the client's address added.
-            let xff = "x-forwarded-for: 127.0.0.1\r\n"
-            #expect(
-                backend.received
-                    == "HEAD /head HTTP/1.1\r\nHost: x\r\n\(xff)\r\nGET /204 HTTP/1.1\r\nHost: x\r\n\(xff)\r\n"
-                    + "GET /304 HTTP/1.1\r\nHost: x\r\n\(xff)\r\nGET /plain HTTP/1.1\r\nHost: x\r\n\(xff)\r\n"
-            )
-            #expect(backend.connections == 1)
+                #expect(
+                    text
+                        == "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n"
+                        + "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n"
+                        + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok"
+                )
+                // The upstream saw each request once, in HTTP/1.1, hop-by-hop headers gone, the client's address added.
+                let xff = "x-forwarded-for: 127.0.0.1\r\n"
+                #expect(
+                    backend.received
+                        == "HEAD /head HTTP/1.1\r\nHost: x\r\n\(xff)\r\nGET /204 HTTP/1.1\r\nHost: x\r\n\(xff)\r\n"
+                        + "GET /304 HTTP/1.1\r\nHost: x\r\n\(xff)\r\nGET /plain HTTP/1.1\r\nHost: x\r\n\(xff)\r\n"
+                )
+                #expect(backend.connections == 1)
+            }
         }
     }
 
-    @Test("chunked and until-close bodies reach an HTTP/1.1 client chunked, trailers included, connection kept")
-    func chunkedToHTTP11() async throws {
-        try await self.withProxy { address, backend in
-            let text = try await RawClient.send(
-                address,
-                Array(
-                    ("GET /chunked HTTP/1.1\r\nHost: x\r\n\r\nGET /close/eof HTTP/1.1\r\nHost: x\r\n\r\n"
-                        + "GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").utf8
+    @Test(
+        "chunked and until-close bodies reach an HTTP/1.1 client chunked, trailers included, connection kept",
+        arguments: HTTPEngine.allCases
+    )
+    func chunkedToHTTP11(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) {
+            try await self.withProxy { address, backend in
+                let text = try await RawClient.send(
+                    address,
+                    Array(
+                        ("GET /chunked HTTP/1.1\r\nHost: x\r\n\r\nGET /close/eof HTTP/1.1\r\nHost: x\r\n\r\n"
+                            + "GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").utf8
+                    )
                 )
-            )
-            var rest = Substring(text)
-            let first = try #require(ChunkedMessage(&rest))
-            #expect(first.head == "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            #expect(first.body == "hello world" && first.trailers == "x-checksum: 1\r\n")
-            let second = try #require(ChunkedMessage(&rest))
-            #expect(second.head == "HTTP/1.1 200 OK\r\nx-b: 2\r\ntransfer-encoding: chunked\r\n\r\n")
-            #expect(second.body == "until close" && second.trailers.isEmpty)
-            #expect(rest == "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok")
-            #expect(backend.connections == 2)  // the until-close one was not reused
+                var rest = Substring(text)
+                let first = try #require(ChunkedMessage(&rest))
+                #expect(first.head == "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                #expect(first.body == "hello world" && first.trailers == "x-checksum: 1\r\n")
+                let second = try #require(ChunkedMessage(&rest))
+                #expect(second.head == "HTTP/1.1 200 OK\r\nx-b: 2\r\ntransfer-encoding: chunked\r\n\r\n")
+                #expect(second.body == "until close" && second.trailers.isEmpty)
+                #expect(rest == "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok")
+                #expect(backend.connections == 2)  // the until-close one was not reused
+            }
         }
     }
 
-    @Test("an HTTP/1.0 client gets bodies unchunked, no 1xx, and the connection closed after an unsized one")
-    func http10Client() async throws {
-        try await self.withProxy { address, _ in
-            let chunked = try await RawClient.send(address, Array("GET /chunked HTTP/1.0\r\nHost: x\r\n\r\n".utf8))
-            #expect(chunked == "HTTP/1.0 200 OK\r\nconnection: close\r\n\r\nhello world")
-            let keptAlive = try await RawClient.send(
-                address,
-                Array(
-                    ("GET /plain HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
-                        + "GET /continue HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /close/eof HTTP/1.0\r\n\r\n")
-                        .utf8
+    @Test(
+        "an HTTP/1.0 client gets bodies unchunked, no 1xx, and the connection closed after an unsized one",
+        arguments: HTTPEngine.allCases
+    )
+    func http10Client(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) {
+            try await self.withProxy { address, _ in
+                let chunked = try await RawClient.send(address, Array("GET /chunked HTTP/1.0\r\nHost: x\r\n\r\n".utf8))
+                #expect(chunked == "HTTP/1.0 200 OK\r\nconnection: close\r\n\r\nhello world")
+                let keptAlive = try await RawClient.send(
+                    address,
+                    Array(
+                        ("GET /plain HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                            + "GET /continue HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /close/eof HTTP/1.0\r\n\r\n")
+                            .utf8
+                    )
                 )
-            )
-            #expect(
-                keptAlive
-                    == "HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\nok"
-                    + "HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\nok"
-                    + "HTTP/1.0 200 OK\r\nx-b: 2\r\nconnection: close\r\n\r\nuntil close"
-            )
+                #expect(
+                    keptAlive
+                        == "HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\nok"
+                        + "HTTP/1.0 200 OK\r\nContent-Length: 2\r\nconnection: keep-alive\r\n\r\nok"
+                        + "HTTP/1.0 200 OK\r\nx-b: 2\r\nconnection: close\r\n\r\nuntil close"
+                )
+            }
         }
     }
 
-    @Test("1xx responses are passed on before the final one, as the backend sent them")
-    func informational() async throws {
-        try await self.withProxy { address, _ in
-            let text = try await RawClient.send(
-                address,
-                Array("GET /continue HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8)
-            )
-            #expect(
-                text
-                    == "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
-                    + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok"
-            )
+    @Test("1xx responses are passed on before the final one, as the backend sent them", arguments: HTTPEngine.allCases)
+    func informational(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) {
+            try await self.withProxy { address, _ in
+                let text = try await RawClient.send(
+                    address,
+                    Array("GET /continue HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8)
+                )
+                #expect(
+                    text
+                        == "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+                        + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok"
+                )
+            }
         }
     }
 
-    @Test("request bodies go up as they came: chunked (with trailers) re-chunked, Content-Length as is")
-    func requestBodies() async throws {
-        try await self.withProxy { address, backend in
-            let text = try await RawClient.send(
-                address,
-                Array(
-                    ("POST /plain HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                        + "5\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n"
-                        + "PUT /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc").utf8
+    @Test(
+        "request bodies go up as they came: chunked (with trailers) re-chunked, Content-Length as is",
+        arguments: HTTPEngine.allCases
+    )
+    func requestBodies(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) {
+            try await self.withProxy { address, backend in
+                let text = try await RawClient.send(
+                    address,
+                    Array(
+                        ("POST /plain HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            + "5\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n"
+                            + "PUT /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+                            .utf8
+                    )
                 )
-            )
-            #expect(text == Self.plain + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok")
-            var rest = Substring(backend.received)
-            let chunked = try #require(ChunkedMessage(&rest))
-            #expect(
-                chunked.head
-                    == "POST /plain HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nx-forwarded-for: 127.0.0.1\r\n\r\n"
-            )
-            #expect(chunked.body == "hello world" && chunked.trailers == "x-t: 1\r\n")
-            #expect(
-                rest == "PUT /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nx-forwarded-for: 127.0.0.1\r\n\r\nabc"
-            )
+                #expect(text == Self.plain + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok")
+                var rest = Substring(backend.received)
+                let chunked = try #require(ChunkedMessage(&rest))
+                #expect(
+                    chunked.head
+                        == "POST /plain HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nx-forwarded-for: 127.0.0.1\r\n\r\n"
+                )
+                #expect(chunked.body == "hello world" && chunked.trailers == "x-t: 1\r\n")
+                #expect(
+                    rest
+                        == "PUT /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nx-forwarded-for: 127.0.0.1\r\n\r\nabc"
+                )
+            }
         }
     }
 }

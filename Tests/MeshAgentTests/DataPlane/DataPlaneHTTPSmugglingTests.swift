@@ -196,66 +196,81 @@ struct DataPlaneHTTPSmugglingTests {
         ),
     ]
 
-    @Test("every case: the backend gets what it should, the client its answer, the next client its own response")
-    func smuggling() async throws {
-        var transcript = ""
-        try await withSingleLoopProxy(Self.responses) { address, backend in
-            for c in Self.cases {
-                let before = backend.received.utf8.count
-                let got = try await RawClient.send(address, Array(c.request.utf8))
-                let sent = String(backend.received.utf8.dropFirst(before))!
-                let next = try await RawClient.send(address, Array(Self.victimRequest.utf8))
-                let afterVictim = String(backend.received.utf8.dropFirst(before))!
-                #expect(
-                    c.exact ? got == c.client : got.hasPrefix(c.client),
-                    "\(c.name): client got \(got.debugDescription)"
+    @Test(
+        "every case: the backend gets what it should, the client its answer, the next client its own response",
+        arguments: HTTPEngine.allCases
+    )
+    func smuggling(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) {
+            var transcript = ""
+            try await withSingleLoopProxy(Self.responses) { address, backend in
+                for c in Self.cases {
+                    let before = backend.received.utf8.count
+                    let got = try await RawClient.send(address, Array(c.request.utf8))
+                    let sent = String(backend.received.utf8.dropFirst(before))!
+                    let next = try await RawClient.send(address, Array(Self.victimRequest.utf8))
+                    let afterVictim = String(backend.received.utf8.dropFirst(before))!
+                    #expect(
+                        c.exact ? got == c.client : got.hasPrefix(c.client),
+                        "\(c.name): client got \(got.debugDescription)"
+                    )
+                    #expect(sent == (c.backend ?? ""), "\(c.name): backend got \(sent.debugDescription)")
+                    #expect(next == Self.victimReceived, "\(c.name): next client got \(next.debugDescription)")
+                    #expect(afterVictim.hasSuffix("GET /victim HTTP/1.1\r\nHost: x\r\n\(Self.xff)\r\n"), "\(c.name)")
+                    transcript += "## \(c.name)\nclient sent: \(c.request.debugDescription)\n"
+                    transcript += "backend got: \(sent.debugDescription)\nclient got:  \(got.debugDescription)\n"
+                    transcript += "next client: \(next.debugDescription)\n\n"
+                }
+            }
+            if getenv("SMUGGLING_TRANSCRIPT") != nil { print(transcript) }
+        }
+    }
+
+    @Test(
+        "a response body that stalls is cut off after responseBodyTimeout; the next client is not affected",
+        arguments: HTTPEngine.allCases
+    )
+    func stalledResponseBody(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) {
+            var responses = Self.responses
+            responses["/stall"] = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345"
+            var http = HTTPConfiguration(addRequestID: false)
+            http.responseBodyTimeout = .milliseconds(300)
+            try await withSingleLoopProxy(responses, http: http) { address, _ in
+                let got = try await RawClient.send(
+                    address,
+                    Array("GET /stall HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
+                    timeout: 20
                 )
-                #expect(sent == (c.backend ?? ""), "\(c.name): backend got \(sent.debugDescription)")
-                #expect(next == Self.victimReceived, "\(c.name): next client got \(next.debugDescription)")
-                #expect(afterVictim.hasSuffix("GET /victim HTTP/1.1\r\nHost: x\r\n\(Self.xff)\r\n"), "\(c.name)")
-                transcript += "## \(c.name)\nclient sent: \(c.request.debugDescription)\n"
-                transcript += "backend got: \(sent.debugDescription)\nclient got:  \(got.debugDescription)\n"
-                transcript += "next client: \(next.debugDescription)\n\n"
+                #expect(got == "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nconnection: close\r\n\r\n12345")
+                #expect(try await RawClient.send(address, Array(Self.victimRequest.utf8)) == Self.victimReceived)
             }
         }
-        if getenv("SMUGGLING_TRANSCRIPT") != nil { print(transcript) }
     }
 
-    @Test("a response body that stalls is cut off after responseBodyTimeout; the next client is not affected")
-    func stalledResponseBody() async throws {
-        var responses = Self.responses
-        responses["/stall"] = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345"
-        var http = HTTPConfiguration(addRequestID: false)
-        http.responseBodyTimeout = .milliseconds(300)
-        try await withSingleLoopProxy(responses, http: http) { address, _ in
-            let got = try await RawClient.send(
-                address,
-                Array("GET /stall HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
-                timeout: 20
-            )
-            #expect(got == "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nconnection: close\r\n\r\n12345")
-            #expect(try await RawClient.send(address, Array(Self.victimRequest.utf8)) == Self.victimReceived)
-        }
-    }
-
-    @Test("a clean response keeps its upstream connection; a response with bytes behind it loses it")
-    func poolingOnlyAtBoundary() async throws {
-        try await withSingleLoopProxy(Self.responses) { address, backend in
-            for _ in 0..<3 { _ = try await RawClient.send(address, Array(Self.victimRequest.utf8)) }
-            #expect(backend.connections == 1)
-            _ = try await RawClient.send(
-                address,
-                Array("GET /long-body HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8)
-            )
-            #expect(try await RawClient.send(address, Array(Self.victimRequest.utf8)) == Self.victimReceived)
-            #expect(backend.connections == 2)
-            // Pipelined behind a response with bytes left over: the second request waits for a clean connection.
-            let pipelined = try await RawClient.send(
-                address,
-                Array(("GET /204-trailing HTTP/1.1\r\nHost: x\r\n\r\n" + Self.victimRequest).utf8)
-            )
-            #expect(pipelined == "HTTP/1.1 204 No Content\r\n\r\n" + Self.victimReceived)
-            #expect(backend.connections == 3)
+    @Test(
+        "a clean response keeps its upstream connection; a response with bytes behind it loses it",
+        arguments: HTTPEngine.allCases
+    )
+    func poolingOnlyAtBoundary(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) {
+            try await withSingleLoopProxy(Self.responses) { address, backend in
+                for _ in 0..<3 { _ = try await RawClient.send(address, Array(Self.victimRequest.utf8)) }
+                #expect(backend.connections == 1)
+                _ = try await RawClient.send(
+                    address,
+                    Array("GET /long-body HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8)
+                )
+                #expect(try await RawClient.send(address, Array(Self.victimRequest.utf8)) == Self.victimReceived)
+                #expect(backend.connections == 2)
+                // Pipelined behind a response with bytes left over: the second request waits for a clean connection.
+                let pipelined = try await RawClient.send(
+                    address,
+                    Array(("GET /204-trailing HTTP/1.1\r\nHost: x\r\n\r\n" + Self.victimRequest).utf8)
+                )
+                #expect(pipelined == "HTTP/1.1 204 No Content\r\n\r\n" + Self.victimReceived)
+                #expect(backend.connections == 3)
+            }
         }
     }
 }

@@ -90,7 +90,9 @@ func testConfiguration(
     http: HTTPConfiguration = .init(),
     drainTimeout: TimeAmount = .milliseconds(200)
 ) -> DataPlaneConfiguration {
-    DataPlaneConfiguration(
+    var http = http
+    http.engine = TestEngine.current
+    return DataPlaneConfiguration(
         bindMode: .loopback,
         connectTimeout: connectTimeout,
         connectAttempts: 3,
@@ -100,6 +102,12 @@ func testConfiguration(
         outlier: outlier,
         drainTimeout: drainTimeout
     )
+}
+
+/// The HTTP engine the tests of an HTTP suite run on (they run once per engine: `arguments: HTTPEngine.allCases`,
+/// body in `TestEngine.$current.withValue(engine)`); `testConfiguration()` sets it.
+enum TestEngine {
+    @TaskLocal static var current: HTTPEngine = HTTPConfiguration().engine
 }
 
 /// Runs `body` against a fresh data plane, then shuts it down and checks that no channel is left open.

@@ -48,6 +48,8 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(help: "Backend host:port (repeatable).") var backend: [HostPort]
     @Flag(help: "L7 HTTP/1.1 instead of L4 TCP.") var http = false
     @Option(help: "Event-loop threads.") var threads = 1
+    @Option(help: "HTTP engine: nio | epoll (default: the data plane's, or $MESH_HTTP_ENGINE).")
+    var httpEngine: HTTPEngine?
     @Option(help: "prometheus (as mesh-agent: every route's counters and timer in a Prometheus registry) | none.")
     var metrics: MetricsBackend = .prometheus
 
@@ -61,8 +63,14 @@ struct ProxyCommand: AsyncParsableCommand {
         var logger = Logger(label: "bench.proxy")
         logger.logLevel = .warning
         let group = MultiThreadedEventLoopGroup(numberOfThreads: self.threads)
+        var configuration = DataPlaneConfiguration(bindMode: .loopback)
+        if let engine = self.httpEngine
+            ?? getenv("MESH_HTTP_ENGINE").flatMap({ HTTPEngine(rawValue: String(cString: $0)) })
+        {
+            configuration.http.engine = engine
+        }
         let dataPlane = DataPlane(
-            configuration: DataPlaneConfiguration(bindMode: .loopback),
+            configuration: configuration,
             eventLoopGroup: group,
             logger: logger
         )
@@ -90,3 +98,5 @@ struct ProxyCommand: AsyncParsableCommand {
         try await group.shutdownGracefully()
     }
 }
+
+extension HTTPEngine: ExpressibleByArgument {}

@@ -1,6 +1,9 @@
 import NIOCore
 import NIOHTTP1
 
+/// The exchange of the NIO engine.
+typealias HTTPExchange = HTTPExchangeOf<UpstreamConnection>
+
 /// One request/response exchange of a client connection, as a state machine: the proxy handler
 /// (`HTTPProxyHandler`) feeds it what happens (a part of the request, an upstream attached, a part of the
 /// response, the upstream closed, the timer) and does what it answers (send, hold, forward, retry, fail,
@@ -17,7 +20,10 @@ import NIOHTTP1
 ///   keep-alive; anything else closes it;
 /// - a 101 to a request that asked for no upgrade is refused (502), and its connection closed;
 /// - a malformed response is a 502 of its own, never retried (the backend may have acted on the request).
-final class HTTPExchange {
+///
+/// Generic over the upstream connection it is attached to, so that both engines drive the same machine: NIO's
+/// (`HTTPExchange`, with `UpstreamConnection`) and the epoll loops' (`HTTPLoopExchange`, with `HTTPLoopUpstream`).
+final class HTTPExchangeOf<Upstream: AnyObject> {
     /// Tells this exchange from a later one of the same connection (a connect that completes late).
     let id: UInt64
     let head: HTTPHead
@@ -41,7 +47,7 @@ final class HTTPExchange {
     private(set) var requestSent = false
     private(set) var bodyBytesSent = false
     private(set) var headSent = false
-    var upstream: UpstreamConnection?
+    var upstream: Upstream?
     /// How the response body goes to the client.
     private(set) var responseFraming = HTTPWire.Framing.raw
     private(set) var responseHeadSent = false
@@ -167,7 +173,7 @@ final class HTTPExchange {
 
     /// An upstream connection was attached (pooled or new); `now`, when the caller just took the time.
     func attach(
-        _ connection: UpstreamConnection,
+        _ connection: Upstream,
         now: @autoclosure () -> NIODeadline,
         responseTimeout: TimeAmount
     ) -> Sending {

@@ -134,9 +134,16 @@ final class TraceLog: Sendable {
 extension HTTPProxyHandler {
     /// A recording for a request that asks to be traced, or nil (the usual case).
     func traceRecording(_ head: HTTPHead) -> TraceRecording? {
+        TraceRecording.start(head, handle: self.handle, clientIPText: self.clientIPText)
+    }
+}
+
+extension TraceRecording {
+    /// A recording for a request that asks to be traced, or nil (the usual case); both engines use it.
+    static func start(_ head: HTTPHead, handle: RouteHandle, clientIPText: String?) -> TraceRecording? {
         guard let field = head.traceField else { return nil }
         let id = String(head.value(field).prefix(128))
-        let route = self.handle.route
+        let route = handle.route
         let choice: String
         switch route.policy {
         case .roundRobin: choice = "roundRobin: the next endpoint in weighted turn"
@@ -148,13 +155,13 @@ extension HTTPProxyHandler {
                 let value = head.values(name: name).first
                 choice =
                     value.map { "consistentHash: header \(name) = \"\($0)\"" }
-                    ?? "consistentHash: no \(name) header, so the client's address \(self.clientIPText ?? "?")"
+                    ?? "consistentHash: no \(name) header, so the client's address \(clientIPText ?? "?")"
             case .cookie(let name):
                 choice =
                     head.hashKey(key) != nil
                     ? "consistentHash: cookie \(name)" : "consistentHash: no \(name) cookie, so the client's address"
             case .sourceIP:
-                choice = "consistentHash: the client's address \(self.clientIPText ?? "?")"
+                choice = "consistentHash: the client's address \(clientIPText ?? "?")"
             }
         }
         let now = Date()

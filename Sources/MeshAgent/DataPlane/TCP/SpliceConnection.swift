@@ -92,6 +92,54 @@ final class SpliceConnection {
         self.client.fd = clientFD
     }
 
+    /// A connection the HTTP engine upgraded (`HTTPLoopClient.upgrade`): both sockets connected, the client
+    /// one already counted open (by the HTTP connection), `pick` (if still in flight) finished when it ends.
+    init(loop: SpliceLoop, listener: SpliceListener, clientFD: Int32, upgradedFrom upstreamFD: Int32, pick: Pick?) {
+        self.loop = loop
+        self.listener = listener
+        self.metrics = listener.handle.metrics
+        self.hash = 0
+        self.quietSince = loop.now
+        self.client = SpliceSide(connection: self, isClient: true)
+        self.upstream = SpliceSide(connection: self, isClient: false)
+        self.client.fd = clientFD
+        self.upstream.fd = upstreamFD
+        self.pick = pick
+        self.state = .open
+    }
+
+    /// Starts splicing an upgraded connection: `toClient` (the 101 and what came behind it) and `toUpstream`
+    /// (what the client sent behind its request) go first, held like any bytes a side did not take yet.
+    func startUpgraded(toClient: [ByteBuffer], toUpstream: [ByteBuffer]) {
+        self.loop.adopt(self)
+        for (side, buffers) in [(self.client!, toClient), (self.upstream!, toUpstream)] {
+            let count = buffers.reduce(0) { $0 + $1.readableBytes }
+            guard count > 0 else { continue }
+            let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 1)
+            var at = 0
+            for buffer in buffers {
+                buffer.withUnsafeReadableBytes { bytes in
+                    UnsafeMutableRawBufferPointer(rebasing: copy[at..<(at + bytes.count)]).copyMemory(from: bytes)
+                    at += bytes.count
+                }
+            }
+            side.pending = copy
+            side.pendingStart = 0
+        }
+        do {
+            try self.loop.register(self.client.fd, self.client, events: SpliceEvents.stream)
+            try self.loop.register(self.upstream.fd, self.upstream, events: SpliceEvents.stream)
+        } catch {
+            self.loop.logger.warning("splice: cannot watch an upgraded connection", metadata: ["error": "\(error)"])
+            self.close()
+            return
+        }
+        // Registering reports what is ready now: each side's output edge writes what is held for it.
+        for side in [self.client!, self.upstream!] where self.state == .open && side.pending != nil {
+            if self.flushPending(side) { self.pump(from: side.peer(self), to: side) }
+        }
+    }
+
     /// Registers the client socket and starts connecting upstream.
     func start() {
         let handle = self.listener.handle

@@ -79,6 +79,10 @@ final class SpliceListener: Sendable {
     let fd: Int32
     /// Where a backend at another site is reached (the peer links).
     let upstreams: Upstreams
+    /// An `http` route on the epoll engine: accepted sockets become `HTTPLoopClient`s.
+    let http: Bool
+    /// Where traced HTTP requests are recorded.
+    let traces: TraceLog?
     private let loops: [SpliceLoop]
     private let acceptors: [SpliceAcceptor.Box]
     private let open = Atomic<Int>(0)
@@ -92,10 +96,19 @@ final class SpliceListener: Sendable {
         backlog: Int,
         loops: [SpliceLoop],
         group: any EventLoopGroup,
-        upstreams: Upstreams
+        upstreams: Upstreams,
+        http: Bool = false,
+        traces: TraceLog? = nil
     ) async throws -> SpliceListener {
         let fd = try await group.next().submit { try SpliceSocket.listen(on: address, backlog: backlog) }.get()
-        let listener = SpliceListener(handle: handle, fd: fd, loops: loops, upstreams: upstreams)
+        let listener = SpliceListener(
+            handle: handle,
+            fd: fd,
+            loops: loops,
+            upstreams: upstreams,
+            http: http,
+            traces: traces
+        )
         do {
             try await listener.start()
         } catch {
@@ -109,13 +122,22 @@ final class SpliceListener: Sendable {
     /// A listener without a socket of its own: the VIP listener (`VIP/VIPListener.swift`) hands it the
     /// connections of its route. `stopAccepting` only marks it; `closeAll` closes its connections.
     static func unbound(handle: RouteHandle, loops: [SpliceLoop], upstreams: Upstreams) -> SpliceListener {
-        SpliceListener(handle: handle, fd: -1, loops: loops, upstreams: upstreams)
+        SpliceListener(handle: handle, fd: -1, loops: loops, upstreams: upstreams, http: false, traces: nil)
     }
 
-    private init(handle: RouteHandle, fd: Int32, loops: [SpliceLoop], upstreams: Upstreams) {
+    private init(
+        handle: RouteHandle,
+        fd: Int32,
+        loops: [SpliceLoop],
+        upstreams: Upstreams,
+        http: Bool,
+        traces: TraceLog?
+    ) {
         self.handle = handle
         self.fd = fd
         self.upstreams = upstreams
+        self.http = http
+        self.traces = traces
         self.loops = loops
         self.acceptors = fd < 0 ? [] : loops.map { _ in SpliceAcceptor.Box() }
     }
@@ -156,7 +178,19 @@ final class SpliceListener: Sendable {
     /// Closes every open connection accepted here.
     func closeAll() async {
         for loop in self.loops {
-            try? await Self.onLoop(loop) { loop.closeAll(of: self) }
+            try? await Self.onLoop(loop) {
+                loop.closeAll(of: self)
+                loop.httpState?.closeAll(of: self)
+            }
+        }
+    }
+
+    /// HTTP (epoll engine): the request in flight of each connection is answered with `connection: close`,
+    /// idle connections close.
+    func quiesce() async {
+        guard self.http else { return }
+        for loop in self.loops {
+            try? await Self.onLoop(loop) { loop.httpState?.quiesce(of: self) }
         }
     }
 
@@ -233,6 +267,15 @@ final class SpliceAcceptor: SplicePollable, SpliceListeningSocket {
             }
             var one: Int32 = 1
             _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            if self.listener.http {
+                HTTPLoopClient(
+                    state: self.loop.http,
+                    listener: self.listener,
+                    fd: fd,
+                    clientIP: SpliceSocket.ip(of: storage)
+                ).start()
+                continue
+            }
             var hash: UInt64 = 0
             if handle.hashesRequests, let ip = SpliceSocket.ip(of: storage) {
                 hash = StableHash.hash(ip)

@@ -76,6 +76,16 @@ final class SpliceLoop: @unchecked Sendable {
     /// Acceptors paused after EMFILE/ENFILE, with the time to resume them.
     private var paused: [(acceptor: any SpliceListeningSocket, until: UInt64)] = []
     private(set) var now: UInt64
+    /// The HTTP connections and upstream pool of this loop (the epoll HTTP engine, `HTTPLoop/`), made on first use.
+    private(set) var httpState: HTTPLoopState?
+
+    /// This loop's HTTP state, made on first use (loop thread).
+    var http: HTTPLoopState {
+        if let state = self.httpState { return state }
+        let state = HTTPLoopState(loop: self)
+        self.httpState = state
+        return state
+    }
 
     private init(configuration: DataPlaneConfiguration, counters: DataPlaneCounters, logger: Logger) throws {
         self.configuration = configuration
@@ -201,7 +211,9 @@ final class SpliceLoop: @unchecked Sendable {
             if self.now >= self.nextSweep { self.sweep() }
             if !self.paused.isEmpty { self.resumeAcceptors() }
             self.retired.removeAll(keepingCapacity: true)
+            self.httpState?.afterBatch()
         }
+        self.httpState?.closeAll()
         for connection in Array(self.live.values) { connection.close() }
         self.retired.removeAll()
         close(self.epoll)
@@ -226,6 +238,7 @@ final class SpliceLoop: @unchecked Sendable {
     private func timeoutMilliseconds() -> Int32 {
         var deadline = min(self.nextSweep, self.nextConnectDeadline)
         for entry in self.paused { deadline = min(deadline, entry.until) }
+        if let http = self.httpState { deadline = min(deadline, http.deadline) }
         // The time of this wake-up: at most one batch of work old, against deadlines kept in milliseconds.
         let now = self.now
         guard deadline > now else { return 0 }
