@@ -21,7 +21,7 @@ import Testing
         let port = cp.port
         let tls = try cp.adminTLS()
         let reply = try await blocking {
-            let socket = try TLSRawSocket(port: port, timeout: 5, tls: tls)
+            let socket = try TLSRawSocket(port: port, timeout: 30, tls: tls)
             socket.send(request)
             if halfClose { socket.shutdownWrite() }
             return socket.readFirstResponse()
@@ -199,7 +199,7 @@ import Testing
                 UInt8.random(in: 0...255, using: &generator)
             }
             _ = try await blocking {
-                let socket = try TLSRawSocket(port: port, timeout: 5, tls: tls)
+                let socket = try TLSRawSocket(port: port, timeout: 30, tls: tls)
                 socket.send(junk)
                 socket.shutdownWrite()
                 return socket.readAll()

@@ -55,7 +55,9 @@ final class EtcdCluster: Sendable {
                 "--listen-peer-urls", m.peerURL, "--initial-advertise-peer-urls", m.peerURL,
                 "--initial-cluster", initial, "--initial-cluster-state", "new",
                 "--initial-cluster-token", "test-\(self.members[0].peerPort)",
-                "--heartbeat-interval", "50", "--election-timeout", "500",
+                // Elections slow enough that a loaded machine does not make the leader flap ("etcdserver:
+                // request timed out" under two `yes` with 50/500 ms), fast enough for the failover tests.
+                "--heartbeat-interval", "100", "--election-timeout", "1500",
                 "--log-level", "error", "--logger", "zap",
             ]
         )
