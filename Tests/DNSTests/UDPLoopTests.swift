@@ -69,7 +69,7 @@ struct UDPLoopTests {
         let after = try self.query("web.shop.svc.cluster.local", .a, id: 9)
         try await self.send(after, from: clients[4], to: s.udp)
         #expect(await eventually { inboxes.allSatisfy { $0.all.count == 1 } })
-        let zone = fixtureZone()
+        let zone = s.server.zones.zone  // the server's own zone (its SOA serial is the store's)
         for (i, bytes) in [web, outside, formErr, nx, after].enumerated() {
             #expect(inboxes[i].all == [try askRaw(zone, bytes, policy: self.policy).raw])
         }
@@ -87,7 +87,7 @@ struct UDPLoopTests {
         await s.stop()
     }
 
-    @Test("a burst of 300 queries, many read batches, gets every answer once, in the sender's order")
+    @Test("300 queries in bursts of 60, many read batches, gets every answer once, in the sender's order")
     func burstAcrossBatches() async throws {
         let s = try await RunningServer.start(zone: fixtureInput())
         onTeardown { await s.stop() }
@@ -95,14 +95,17 @@ struct UDPLoopTests {
         let client = try await self.client(inbox)
         let names = ["web.shop.svc.cluster.local", "db-0.db.shop.svc.cluster.local", "x.shop.svc.cluster.local"]
         // Written back to back, flushed once (NIO sends them with sendmmsg): the server reads them 16 at a time.
-        for id in 0..<300 {
-            let bytes = try self.query(names[id % names.count], .a, id: UInt16(id))
-            client.write(AddressedEnvelope(remoteAddress: s.udp, data: ByteBuffer(bytes: bytes)), promise: nil)
+        // In chunks of 60 (a socket's default receive buffer holds ~200 small datagrams; UDP drops the rest).
+        for chunk in 0..<5 {
+            for id in (chunk * 60)..<((chunk + 1) * 60) {
+                let bytes = try self.query(names[id % names.count], .a, id: UInt16(id))
+                client.write(AddressedEnvelope(remoteAddress: s.udp, data: ByteBuffer(bytes: bytes)), promise: nil)
+            }
+            client.flush()
+            #expect(await eventually { inbox.all.count >= (chunk + 1) * 60 })
         }
-        client.flush()
-        #expect(await eventually { inbox.all.count >= 300 })
         #expect(inbox.ids == (0..<300).map { UInt16($0) })
-        let zone = fixtureZone()
+        let zone = s.server.zones.zone
         for (id, reply) in inbox.all.enumerated() {
             let expected = try askRaw(zone, try self.query(names[id % names.count], .a, id: UInt16(id)), policy: self.policy)
             #expect(reply == expected.raw)
