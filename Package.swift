@@ -172,7 +172,7 @@ let package = Package(
         .target(
             name: "DNS",
             dependencies: nio + [
-                "MeshCore", "MeshNIO",
+                "MeshCore", "MeshNIO", "CLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

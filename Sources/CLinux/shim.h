@@ -29,3 +29,25 @@ static inline int mesh_malloc_trim(void) { return malloc_trim(0); }
 /* Allocations of `bytes` and more get their own mapping, given back to the system when freed
    (glibc otherwise raises the threshold as large blocks are freed, and keeps them in its heap). */
 static inline int mesh_set_mmap_threshold(int bytes) { return mallopt(M_MMAP_THRESHOLD, bytes); }
+
+/* recvmmsg / sendmmsg (GNU extensions) for the DNS responder's UDP loop. `struct mesh_mmsghdr` has
+   the layout of glibc's `struct mmsghdr`, which Glibc's module does not define. */
+struct mmsghdr;
+extern int recvmmsg(int fd, struct mmsghdr *vmessages, unsigned int vlen, int flags, struct timespec *tmo);
+extern int sendmmsg(int fd, struct mmsghdr *vmessages, unsigned int vlen, int flags);
+
+struct mesh_mmsghdr {
+    struct msghdr msg_hdr;
+    unsigned int msg_len;
+};
+
+/* MSG_WAITFORONE: block for the first datagram only, then take what is queued. */
+static const int mesh_msg_waitforone = 0x10000;
+
+static inline int mesh_recvmmsg(int fd, struct mesh_mmsghdr *messages, unsigned int count, int flags) {
+    return recvmmsg(fd, (struct mmsghdr *)messages, count, flags, 0);
+}
+
+static inline int mesh_sendmmsg(int fd, struct mesh_mmsghdr *messages, unsigned int count, int flags) {
+    return sendmmsg(fd, (struct mmsghdr *)messages, count, flags);
+}

@@ -28,10 +28,11 @@ enum QueryDisposition {
     case drop
 }
 
-/// Per-connection scratch space so answering from the zone allocates next to nothing.
-/// Used from one event loop only.
-final class AnswerScratch {
-    var qname: [UInt8] = []
+/// The answer path's buffers, reused query after query so answering from the zone allocates nothing.
+/// One struct: a caller that keeps it in a class pays one exclusivity check per query (or per batch),
+/// not one per field and per byte.
+struct AnswerState {
+    /// The question name in lowercase wire form: the key the zone is indexed by.
     var key: [UInt8] = []
     var response: [UInt8] = []
     var offsets: [UInt16] = []
@@ -40,11 +41,20 @@ final class AnswerScratch {
     var malformed = false
     /// The response code of the last reply.
     var rcode: DNSRCode = .noError
+}
+
+/// Per-connection scratch space (an ``AnswerState`` in a class). Used from one thread at a time.
+final class AnswerScratch {
+    var state = AnswerState()
+
+    /// The last reply's bytes.
+    var response: [UInt8] { self.state.response }
+    var malformed: Bool { self.state.malformed }
+    var rcode: DNSRCode { self.state.rcode }
 
     init() {
-        self.qname.reserveCapacity(256)
-        self.key.reserveCapacity(256)
-        self.response.reserveCapacity(1232)
+        self.state.key.reserveCapacity(256)
+        self.state.response.reserveCapacity(1232)
     }
 }
 
@@ -68,41 +78,48 @@ enum Answerer {
         policy: AnswerPolicy,
         scratch: AnswerScratch
     ) -> QueryDisposition {
-        scratch.malformed = false
-        scratch.rcode = .noError
+        Self.answer(query, zone: zone, overTCP: overTCP, policy: policy, state: &scratch.state)
+    }
+
+    static func answer(
+        _ query: UnsafeRawBufferPointer,
+        zone: DNSZone,
+        overTCP: Bool,
+        policy: AnswerPolicy,
+        state: inout AnswerState
+    ) -> QueryDisposition {
+        state.malformed = false
+        state.rcode = .noError
         let head: DNSQueryHead
-        switch DNSQueryHead.parse(query, name: &scratch.qname) {
+        // The question name goes into `state.key` in lowercase: the key the zone is indexed by.
+        switch DNSQueryHead.parse(query, key: &state.key) {
         case .notAQuery:
-            scratch.malformed = true
+            state.malformed = true
             return .drop
         case .notImplemented(let id, let flags):
-            headerOnly(id: id, flags: flags, rcode: .notImp, scratch: scratch)
+            headerOnly(id: id, flags: flags, rcode: .notImp, state: &state)
             return .reply
         case .malformed(let id, let flags):
-            scratch.malformed = true
-            headerOnly(id: id, flags: flags, rcode: .formErr, scratch: scratch)
+            state.malformed = true
+            headerOnly(id: id, flags: flags, rcode: .formErr, state: &state)
             return .reply
         case .query(let parsed):
             head = parsed
         }
-
-        // The lowercase key the zone is indexed by.
-        let qn = scratch.qname
-        scratch.key.removeAll(keepingCapacity: true)
-        for b in qn { scratch.key.append(asciiLower(b)) }
-        let key = scratch.key
+        let key = state.key
+        // The question's name as asked (case kept): a question name is never compressed.
+        let qname = UnsafeRawBufferPointer(rebasing: query[12..<head.nameEnd])
 
         let limit = Self.responseLimit(head.edns, overTCP: overTCP, policy: policy)
-        var w = WireWriter(reusing: scratch.response, entryOffsets: scratch.offsets, entryLabelCounts: scratch.counts)
+        var w = WireWriter(taking: &state.response, offsets: &state.offsets, counts: &state.counts)
         defer {
-            (scratch.response, scratch.offsets, scratch.counts) = w.takeStorage()
+            (state.response, state.offsets, state.counts) = w.takeStorage()
         }
         var out = ResponseBuilder(
             id: head.id,
             flags: head.flags,
             query: query,
             questionEnd: head.questionEnd,
-            qname: qn,
             edns: head.edns,
             maxUDPSize: policy.maxUDPSize
         )
@@ -112,7 +129,7 @@ enum Answerer {
         /// Finishes a reply without records.
         func reply(_ rcode: DNSRCode, authoritative: Bool = false) -> QueryDisposition {
             out.finish(&w, rcode: rcode, authoritative: authoritative, limit: limit)
-            scratch.rcode = rcode
+            state.rcode = rcode
             return .reply
         }
 
@@ -122,13 +139,14 @@ enum Answerer {
             return Self.answerInZone(
                 head,
                 key: key,
+                qname: qname,
                 apex: apex,
                 zone: zone,
                 policy: policy,
                 limit: limit,
                 &out,
                 &w,
-                scratch
+                &state.rcode
             )
         }
         // A search-list expansion such as `web.shop.svc.cluster.local.example.com`: cannot exist.
@@ -136,13 +154,13 @@ enum Answerer {
         // Reverse names of our VIPs and endpoints; other reverse names fall through to upstream.
         if head.qtype == .ptr || head.qtype == .any,
             isSuffix(inAddrArpa, of: key) || isSuffix(ip6Arpa, of: key),
-            let node = zone.nodes[key], !node.ptr.isEmpty
+            let node = zone.node(key), !node.ptr.isEmpty
         {
             _ = out.writeNode(&w, node: node, zone: zone, qtype: .ptr)
             return reply(.noError, authoritative: true)
         }
         guard policy.forwarding else { return reply(.refused) }
-        return .forward(Self.forwardRequest(head, name: qn))
+        return .forward(Self.forwardRequest(head, name: Array(qname)))
     }
 
     /// The largest response this client may get, less room for our OPT record: 64 KiB over TCP; over UDP
@@ -173,32 +191,33 @@ enum Answerer {
     static func answerInZone(
         _ head: DNSQueryHead,
         key: [UInt8],
+        qname: UnsafeRawBufferPointer,
         apex: Int,
         zone: DNSZone,
         policy: AnswerPolicy,
         limit: Int,
         _ out: inout ResponseBuilder,
         _ w: inout WireWriter,
-        _ scratch: AnswerScratch
+        _ rcode: inout DNSRCode
     ) -> QueryDisposition {
         let qtype = head.qtype
-        guard var node = zone.nodes[key] else {
+        guard var node = zone.node(key) else {
             out.writeSOA(&w, zone: zone, apex: apex)
             out.finish(&w, rcode: .nxDomain, authoritative: true, limit: limit)
-            scratch.rcode = .nxDomain
+            rcode = .nxDomain
             return .reply
         }
         var chain = 0
         while let target = node.cname, qtype != .cname, qtype != .any {
             out.writeCNAME(&w, target: target, ttl: zone.ttl)
             chain += 1
-            if let next = zone.nodes[target], chain < 8 {
+            if let next = zone.node(target), chain < 8 {
                 node = next
                 out.currentOwner = target
                 continue
             }
             if !zone.apexes.contains(where: { isSuffix($0.name, of: target) }) && policy.forwarding {
-                let qn = scratch.qname
+                let qn = Array(qname)
                 var request = Self.forwardRequest(head, name: qn)
                 request.cname = DNSRecord(
                     name: DNSName(uncheckedWire: qn),
@@ -231,12 +250,12 @@ enum Answerer {
     }
 
     /// A reply with no sections: for FORMERR and NOTIMP.
-    static func headerOnly(id: UInt16, flags: UInt16, rcode: DNSRCode, scratch: AnswerScratch) {
-        scratch.rcode = rcode
-        scratch.response.removeAll(keepingCapacity: true)
+    static func headerOnly(id: UInt16, flags: UInt16, rcode: DNSRCode, state: inout AnswerState) {
+        state.rcode = rcode
+        state.response.removeAll(keepingCapacity: true)
         let f = 0x8000 | (flags & 0x7900) | UInt16(rcode.rawValue & 0x0F)
-        scratch.response.append(contentsOf: [UInt8(id >> 8), UInt8(id & 0xFF), UInt8(f >> 8), UInt8(f & 0xFF)])
-        scratch.response.append(contentsOf: [0, 0, 0, 0, 0, 0, 0, 0])
+        state.response.append(contentsOf: [UInt8(id >> 8), UInt8(id & 0xFF), UInt8(f >> 8), UInt8(f & 0xFF)])
+        state.response.append(contentsOf: [0, 0, 0, 0, 0, 0, 0, 0])
     }
 
     /// True when `needle` minus its root byte starts at a label boundary of `key` and more labels follow.
@@ -261,7 +280,6 @@ struct ResponseBuilder {
     let flags: UInt16
     let query: UnsafeRawBufferPointer
     let questionEnd: Int
-    let qname: [UInt8]
     let edns: DNSEDNS?
     let maxUDPSize: Int
     var recursionAvailable = true
@@ -276,7 +294,6 @@ struct ResponseBuilder {
         flags: UInt16,
         query: UnsafeRawBufferPointer,
         questionEnd: Int,
-        qname: [UInt8],
         edns: DNSEDNS?,
         maxUDPSize: Int
     ) {
@@ -284,16 +301,16 @@ struct ResponseBuilder {
         self.flags = flags
         self.query = query
         self.questionEnd = questionEnd
-        self.qname = qname
         self.edns = edns
         self.maxUDPSize = maxUDPSize
     }
 
     func begin(_ w: inout WireWriter) {
         w.writeHeader(DNSHeader(id: self.id), qd: 1, an: 0, ns: 0, ar: 0)
-        // The question exactly as asked (0x20 case kept); it was read uncompressed.
+        // The question exactly as asked (0x20 case kept); it was read uncompressed. Its labels become
+        // compression targets when a name is first written compressed (an A answer writes none).
         w.bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: self.query[12..<self.questionEnd]))
-        w.registerName(self.qname, at: 12)
+        w.registerNameLater(at: 12)
     }
 
     @inline(__always)
@@ -433,7 +450,7 @@ struct ResponseBuilder {
         let markCount = self.additionalCount
         var seen = 0
         for s in node.srv {
-            guard let t = zone.nodes[s.target] else { continue }
+            guard let t = zone.node(s.target) else { continue }
             seen += 1
             if seen > 64 { break }
             for v in t.v4 {

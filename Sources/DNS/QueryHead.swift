@@ -10,6 +10,8 @@ struct DNSQueryHead {
     var flags: UInt16
     var qtype: DNSType
     var qclass: UInt16
+    /// Where the question's name ends (it starts at 12).
+    var nameEnd: Int
     /// Where the question ends: the response echoes the query's bytes up to here.
     var questionEnd: Int
     var edns: DNSEDNS?
@@ -26,15 +28,18 @@ struct DNSQueryHead {
         case query(DNSQueryHead)
     }
 
-    /// Parses `query`; the question's name (uncompressed wire form, case kept) goes into `name`.
-    static func parse(_ query: UnsafeRawBufferPointer, name: inout [UInt8]) -> Parsed {
+    /// Parses `query`; the question's name goes into `key` in lowercase wire form. (It is `query[12..<nameEnd]`
+    /// as asked: a question name is never compressed, as a pointer in the first name of a message can
+    /// only point into the header.)
+    static func parse(_ query: UnsafeRawBufferPointer, key: inout [UInt8]) -> Parsed {
         var r = WireReader(query)
         guard let (id, flags, counts) = try? DNSWireCounts.read(&r) else { return .notAQuery }
         guard flags & 0x8000 == 0 else { return .notAQuery }
         guard (flags >> 11) & 0x0F == 0 else { return .notImplemented(id: id, flags: flags) }
         guard counts.questions == 1 else { return .malformed(id: id, flags: flags) }
         do throws(DNSWireError) {
-            try r.readName(into: &name)
+            try r.readQuestionName(lowercasedInto: &key)
+            let nameEnd = r.position
             let qtype = DNSType(try r.readU16())
             let qclass = try r.readU16()
             let questionEnd = r.position
@@ -64,7 +69,15 @@ struct DNSQueryHead {
             }
             guard qtype != .opt else { throw .badOPT }
             return .query(
-                DNSQueryHead(id: id, flags: flags, qtype: qtype, qclass: qclass, questionEnd: questionEnd, edns: edns)
+                DNSQueryHead(
+                    id: id,
+                    flags: flags,
+                    qtype: qtype,
+                    qclass: qclass,
+                    nameEnd: nameEnd,
+                    questionEnd: questionEnd,
+                    edns: edns
+                )
             )
         } catch {
             return .malformed(id: id, flags: flags)
@@ -122,5 +135,38 @@ extension DNSEDNS {
             }
         }
         return e
+    }
+}
+
+extension WireReader {
+    /// Reads the first name of a message, which has nothing before it to point to: labels only, 255 bytes
+    /// at most; a pointer is malformed. `out` gets it in lowercase (uncompressed wire form).
+    mutating func readQuestionName(lowercasedInto out: inout [UInt8]) throws(DNSWireError) {
+        let start = self.position
+        let count = self.bytes.count
+        var p = start
+        while true {
+            guard p < count else { throw .truncated }
+            let len = Int(self.bytes[p])
+            if len == 0 { break }
+            switch len & 0xC0 {
+            case 0x00:
+                guard p + 1 + len <= count else { throw .truncated }
+                p += 1 + len
+                guard p - start + 1 <= 255 else { throw .nameTooLong }
+            case 0xC0:
+                throw .pointerIntoHeader
+            default:
+                throw .labelTooLong
+            }
+        }
+        p += 1
+        out.removeAll(keepingCapacity: true)
+        out.append(contentsOf: UnsafeRawBufferPointer(rebasing: self.bytes[start..<p]))
+        // Length bytes (at most 63) are below "A", so lowering every byte leaves them alone.
+        out.withUnsafeMutableBufferPointer { b in
+            for i in b.indices { b[i] = asciiLower(b[i]) }
+        }
+        self.position = p
     }
 }

@@ -12,7 +12,7 @@ public struct DNSServerConfiguration: Sendable {
     public var host: String
     /// Listen port; 0 picks a free port (the same one for UDP and TCP).
     public var port: Int
-    /// Datagrams read per system call (recvmmsg).
+    /// Datagrams read per system call (recvmmsg) and answers sent per system call (sendmmsg).
     public var udpReadBatch: Int
     /// Largest UDP response sent, whatever size a client's EDNS offers.
     public var maxUDPResponseSize: Int
@@ -99,7 +99,7 @@ public final class DNSServer: Service {
             forwarding: self.configuration.forwarding != nil
         )
         var forwarder: DNSForwarder? = nil
-        let udp: any Channel
+        let udp: DNSUDPLoop
         let tcp: any Channel
         let connections = ConnectionRegistry(limit: self.configuration.maxTCPConnections)
         do {
@@ -120,14 +120,21 @@ public final class DNSServer: Service {
             }
             (udp, tcp) = try await self.bind(loop: loop, policy: policy, forwarder: forwarder, connections: connections)
             if let forwarder {
-                try await forwarder.exclude([udp.localAddress, tcp.localAddress].compactMap { $0 })
+                do {
+                    try await forwarder.exclude([udp.localAddress, tcp.localAddress].compactMap { $0 })
+                } catch {
+                    udp.stop()
+                    tcp.close(promise: nil)
+                    throw error
+                }
             }
         } catch {
             self.bound.fail(error)
             await forwarder?.shutdown()
             throw error
         }
-        let addresses = [udp.localAddress!, tcp.localAddress!]
+        udp.start()
+        let addresses = [udp.localAddress, tcp.localAddress!]
         self.logger.info(
             "dns: listening",
             metadata: ["udp": "\(addresses[0])", "tcp": "\(addresses[1])"]
@@ -135,62 +142,59 @@ public final class DNSServer: Service {
         self.serving.withLock { $0 = (policy, forwarder) }
         self.bound.succeed(addresses)
 
+        // Either side stopping (shutdown, or an error) ends the service.
+        udp.finished.futureResult.whenComplete { _ in tcp.close(promise: nil) }
+        tcp.closeFuture.whenComplete { _ in udp.stop() }
         await withGracefulShutdownHandler {
             await withTaskCancellationHandler {
-                // Either channel closing (shutdown, or an error) ends the service.
-                try? await udp.closeFuture.get()
+                try? await udp.finished.futureResult.get()
                 try? await tcp.closeFuture.get()
             } onCancel: {
-                udp.close(promise: nil)
+                udp.stop()
                 tcp.close(promise: nil)
             }
         } onGracefulShutdown: {
-            udp.close(promise: nil)
+            udp.stop()
             tcp.close(promise: nil)
         }
-        udp.close(promise: nil)
+        udp.stop()
         tcp.close(promise: nil)
+        try? await udp.finished.futureResult.get()
         self.serving.withLock { $0 = nil }
         await connections.closeAll()
         await forwarder?.shutdown()
         self.logger.info("dns: stopped")
     }
 
+    /// Binds the UDP loop and the TCP listener on one port (port 0: the UDP socket picks it, retried
+    /// when TCP finds that port taken). The UDP thread starts later (``DNSUDPLoop/start()``).
     private func bind(
         loop: any EventLoop,
         policy: AnswerPolicy,
         forwarder: DNSForwarder?,
         connections: ConnectionRegistry
-    ) async throws -> (any Channel, any Channel) {
-        let batch = max(1, self.configuration.udpReadBatch)
+    ) async throws -> (DNSUDPLoop, any Channel) {
         let zones = self.zones
         let metrics = self.metrics
-        let logger = self.logger
         let idle = self.configuration.tcpIdleTimeout
-        let bound = try await bindUDPAndTCP(
-            port: self.configuration.port,
-            udp: { port in
-                try await DatagramBootstrap(group: loop)
-                    .channelOption(.datagramVectorReadMessageCount, value: batch)
-                    .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: batch * 4096))
-                    .channelInitializer { ch in
-                        ch.eventLoop.makeCompletedFuture {
-                            try ch.pipeline.syncOperations.addHandler(
-                                DNSUDPHandler(
-                                    zones: zones,
-                                    policy: policy,
-                                    forwarder: forwarder,
-                                    metrics: metrics,
-                                    logger: logger
-                                )
-                            )
-                        }
-                    }
-                    .bind(host: self.configuration.host, port: port)
-                    .get()
-            },
-            tcp: { port in
-                try await ServerBootstrap(group: self.group)
+        var lastError: (any Error)? = nil
+        for _ in 0..<20 {
+            let address = try SocketAddress.makeAddressResolvingHost(
+                self.configuration.host,
+                port: self.configuration.port
+            )
+            let udp = try DNSUDPLoop(
+                address: address,
+                batch: self.configuration.udpReadBatch,
+                zones: zones,
+                policy: policy,
+                forwarder: forwarder,
+                metrics: metrics,
+                logger: self.logger,
+                eventLoop: loop
+            )
+            do {
+                let tcp = try await ServerBootstrap(group: self.group)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelOption(.backlog, value: 256)
                     .childChannelInitializer { ch in
@@ -212,11 +216,16 @@ public final class DNSServer: Service {
                             )
                         }
                     }
-                    .bind(host: self.configuration.host, port: port)
+                    .bind(host: self.configuration.host, port: udp.localAddress.port ?? 0)
                     .get()
+                return (udp, tcp)
+            } catch {
+                lastError = error
+                udp.stop()
+                if self.configuration.port != 0 { throw error }
             }
-        )
-        return (bound.udp, bound.tcp)
+        }
+        throw lastError ?? ChannelError.inappropriateOperationForState
     }
 }
 
@@ -266,82 +275,6 @@ extension Answerer {
         m.additionals = []
         m.header.rcodeLow = UInt8(DNSRCode.servFail.rawValue)
         return (try? m.encode(maxSize: limit)) ?? []
-    }
-}
-
-/// Answers UDP queries on the event loop; forwarded ones are written when the forwarder answers.
-final class DNSUDPHandler: ChannelInboundHandler {
-    typealias InboundIn = AddressedEnvelope<ByteBuffer>
-    typealias OutboundOut = AddressedEnvelope<ByteBuffer>
-
-    private let zones: DNSZoneStore
-    private let policy: AnswerPolicy
-    private let forwarder: DNSForwarder?
-    private let metrics: DNSMetrics
-    private let logger: Logger
-    private let scratch = AnswerScratch()
-    private var needsFlush = false
-
-    init(zones: DNSZoneStore, policy: AnswerPolicy, forwarder: DNSForwarder?, metrics: DNSMetrics, logger: Logger) {
-        self.zones = zones
-        self.policy = policy
-        self.forwarder = forwarder
-        self.metrics = metrics
-        self.logger = logger
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let envelope = Self.unwrapInboundIn(data)
-        self.metrics.queriesUDP.increment()
-        let zone = self.zones.zone
-        let scratch = self.scratch
-        let policy = self.policy
-        let disposition = envelope.data.withUnsafeReadableBytes {
-            Answerer.answer($0, zone: zone, overTCP: false, policy: policy, scratch: scratch)
-        }
-        if scratch.malformed { self.metrics.malformed.increment() }
-        switch disposition {
-        case .reply:
-            self.countReply()
-            let out = context.channel.allocator.buffer(bytes: scratch.response)
-            context.write(
-                Self.wrapOutboundOut(AddressedEnvelope(remoteAddress: envelope.remoteAddress, data: out)),
-                promise: nil
-            )
-            self.needsFlush = true
-        case .forward(let request):
-            guard let forwarder = self.forwarder else { return }
-            let channel = context.channel
-            let remote = envelope.remoteAddress
-            forwarder.resolve(request.upstreamQuestion).whenSuccess { result in
-                let bytes = Answerer.composeForwarded(request, result: result, overTCP: false, policy: policy)
-                guard !bytes.isEmpty else { return }
-                let out = channel.allocator.buffer(bytes: bytes)
-                channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: out), promise: nil)
-            }
-        case .drop:
-            break
-        }
-    }
-
-    private func countReply() {
-        let r = self.scratch.response
-        guard r.count >= 12 else { return }
-        if r[2] & 0x04 != 0 { self.metrics.answeredFromZone.increment() }
-        if r[2] & 0x02 != 0 { self.metrics.truncated.increment() }
-        if r[3] & 0x0F == 3 { self.metrics.nxDomain.increment() }
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        if self.needsFlush {
-            self.needsFlush = false
-            context.flush()
-        }
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // UDP errors (e.g. ICMP unreachable from a client that went away) do not end the listener.
-        self.logger.debug("dns: udp error", metadata: ["error": "\(error)"])
     }
 }
 

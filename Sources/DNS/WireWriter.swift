@@ -10,6 +10,9 @@ struct WireWriter {
     /// follow each to the root: a suffix is only compared with entries of the same label count.
     private var entryOffsets: [UInt16]
     private var entryLabelCounts: [UInt8]
+    /// Offset of a name already written whose labels become compression targets before the first name
+    /// is written compressed (-1: none).
+    private var pendingName = -1
 
     /// Entries kept for compression: enough for every realistic answer; a huge TCP answer keeps
     /// compressing against the first ones (the question), so its cost stays linear.
@@ -25,8 +28,24 @@ struct WireWriter {
         if self.bytes.capacity < 512 { self.bytes.reserveCapacity(512) }
     }
 
+    /// A writer over buffers taken out of their owner (left empty), so they are uniquely referenced and
+    /// reused in place: passing an owner's arrays by value would copy them on the first write.
+    init(taking bytes: inout [UInt8], offsets: inout [UInt16], counts: inout [UInt8]) {
+        self.bytes = []
+        self.entryOffsets = []
+        self.entryLabelCounts = []
+        swap(&self.bytes, &bytes)
+        swap(&self.entryOffsets, &offsets)
+        swap(&self.entryLabelCounts, &counts)
+        self.bytes.removeAll(keepingCapacity: true)
+        self.entryOffsets.removeAll(keepingCapacity: true)
+        self.entryLabelCounts.removeAll(keepingCapacity: true)
+        if self.bytes.capacity < 512 { self.bytes.reserveCapacity(512) }
+    }
+
     /// Gives back the storage so a caller can reuse it for the next message.
     mutating func takeStorage() -> (bytes: [UInt8], offsets: [UInt16], counts: [UInt8]) {
+        self.pendingName = -1
         let r = (self.bytes, self.entryOffsets, self.entryLabelCounts)
         self.bytes = []
         self.entryOffsets = []
@@ -68,6 +87,24 @@ struct WireWriter {
         }
     }
 
+    /// Makes the uncompressed name already written at `offset` a compression target, once a name is first
+    /// written compressed (the question: most answers write no other name, and need no targets).
+    mutating func registerNameLater(at offset: Int) {
+        self.registerPending()
+        self.pendingName = offset
+    }
+
+    @inline(__always)
+    private mutating func registerPending() {
+        guard self.pendingName >= 0 else { return }
+        let offset = self.pendingName
+        self.pendingName = -1
+        var end = offset
+        while end < self.bytes.count, self.bytes[end] != 0 { end += 1 + Int(self.bytes[end]) }
+        let name = Array(self.bytes[offset..<min(end + 1, self.bytes.count)])
+        self.registerName(name, at: offset)
+    }
+
     /// Makes a name that is already in the message (uncompressed, at `offset`) a compression target.
     mutating func registerName(_ wire: [UInt8], at offset: Int) {
         var total = 0
@@ -95,6 +132,7 @@ struct WireWriter {
     /// Writes a name given in uncompressed wire form, as a pointer to an earlier copy of its longest
     /// possible suffix when `compress` is true.
     mutating func writeName(_ wire: [UInt8], compress: Bool = true) {
+        if compress { self.registerPending() }
         // Count the labels (at most 127 in 255 bytes) without allocating.
         var n = 0
         var i = 0

@@ -1,6 +1,12 @@
 import MeshCore
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// A named port of a service; its SRV record is `_<name>._<protocol>.<service>.<namespace>.svc.<domain>`.
 public struct DNSServicePort: Hashable, Sendable {
     public enum TransportProtocol: String, Hashable, Sendable {
@@ -130,7 +136,9 @@ struct ZoneApex {
 /// An immutable, fully built service zone. Build one off to the side and hand it to a
 /// ``DNSZoneStore``: queries never see a half-built zone.
 public final class DNSZone: Sendable {
-    let nodes: [[UInt8]: ZoneNode]
+    /// Owner names → node numbers in ``nodeList``.
+    let index: ZoneNameIndex
+    let nodeList: [ZoneNode]
     let apexes: [ZoneApex]
     /// Lowercase wire form of `svc.<domain>`: a name that has it followed by more labels is a
     /// search-list expansion that cannot exist.
@@ -142,7 +150,14 @@ public final class DNSZone: Sendable {
     public let problems: [String]
 
     /// Number of owner names (including empty non-terminals).
-    public var nameCount: Int { self.nodes.count }
+    public var nameCount: Int { self.nodeList.count }
+
+    /// The node of an owner name (lowercase wire form).
+    @inline(__always)
+    func node(_ key: [UInt8]) -> ZoneNode? {
+        guard let i = self.index.find(key) else { return nil }
+        return self.nodeList[i]
+    }
 
     /// Builds the zone. Names are compared case-insensitively; invalid names are skipped and listed
     /// in ``problems``.
@@ -189,7 +204,16 @@ public final class DNSZone: Sendable {
                 b.nodes[k] = ZoneNode()
             }
         }
-        self.nodes = b.nodes
+        var names: [[UInt8]] = []
+        var list: [ZoneNode] = []
+        names.reserveCapacity(b.nodes.count)
+        list.reserveCapacity(b.nodes.count)
+        for (name, node) in b.nodes {
+            names.append(name)
+            list.append(node)
+        }
+        self.index = ZoneNameIndex(names)
+        self.nodeList = list
         self.apexes = apexes
         self.svcSuffix = [3] + Array("svc".utf8) + domain.wire
         self.ttl = ttl
@@ -201,7 +225,7 @@ public final class DNSZone: Sendable {
     /// The records the zone holds for a name and type, in presentation-independent form (for tests
     /// and tools; the responder answers from the zone directly). `nil` when the name does not exist.
     public func records(for name: DNSName, type: DNSType) -> [DNSRecord]? {
-        guard let node = self.nodes[name.lowercased.wire] else { return nil }
+        guard let node = self.node(name.lowercased.wire) else { return nil }
         var out: [DNSRecord] = []
         let owner = name
         if type == .a || type == .any {
@@ -361,12 +385,17 @@ private struct ZoneBuilder {
 /// True when wire name `suffix` is `name` or an ancestor of it (both lowercase wire form).
 func isSuffix(_ suffix: [UInt8], of name: [UInt8]) -> Bool {
     guard suffix.count <= name.count else { return false }
-    var i = 0
-    while name.count - i > suffix.count {
-        if name[i] == 0 { return false }
-        i += 1 + Int(name[i])
+    return name.withUnsafeBufferPointer { n in
+        suffix.withUnsafeBufferPointer { s in
+            var i = 0
+            while n.count - i > s.count {
+                if n[i] == 0 { return false }
+                i += 1 + Int(n[i])
+            }
+            guard n.count - i == s.count else { return false }
+            return s.isEmpty || memcmp(n.baseAddress! + i, s.baseAddress!, s.count) == 0
+        }
     }
-    return name.count - i == suffix.count && name[i...].elementsEqual(suffix)
 }
 
 /// One lowercase label in wire form (length byte + bytes).
