@@ -226,7 +226,7 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            exclude: ["README.md", "DataPlane/README.md", "Interface/README.md"],
+            exclude: ["README.md", "DataPlane/README.md", "DataPlane/HTTPLoop/README.md", "Interface/README.md"],
             swiftSettings: swiftSettings
         ),
         // meshctl's logic: resource names, manifests, printers (table/json/yaml), the all-in-one.
