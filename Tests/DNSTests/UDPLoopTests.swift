@@ -107,7 +107,11 @@ struct UDPLoopTests {
         #expect(inbox.ids == (0..<300).map { UInt16($0) })
         let zone = s.server.zones.zone
         for (id, reply) in inbox.all.enumerated() {
-            let expected = try askRaw(zone, try self.query(names[id % names.count], .a, id: UInt16(id)), policy: self.policy)
+            let expected = try askRaw(
+                zone,
+                try self.query(names[id % names.count], .a, id: UInt16(id)),
+                policy: self.policy
+            )
             #expect(reply == expected.raw)
         }
         try await client.close()

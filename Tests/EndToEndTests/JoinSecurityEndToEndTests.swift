@@ -62,7 +62,8 @@ import X509
     ) throws -> Subprocess {
         var args = [
             "--server", "https://127.0.0.1:\(port)", "--data-dir", state, "--node-name", name, "--site", site,
-            "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())", "--link-listen", "127.0.0.1:0",
+            "--dns-listen", "127.0.0.1:\(freePort())", "--admin-listen", "127.0.0.1:\(freePort())", "--link-listen",
+            "127.0.0.1:0",
         ]
         if let token { args += ["--join-token", token.token, "--ca-cert-hash", token.caCertHash] }
         return try Subprocess(self.bin + "/mesh-agent", args + extra, environment: Self.isolated(dir))
