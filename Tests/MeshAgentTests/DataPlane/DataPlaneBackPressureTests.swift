@@ -71,7 +71,7 @@ struct DataPlaneBackPressureTests {
     }()
 
     @Test(
-        "1 GiB from a fast backend to a slow reader: RSS grows < 64 MiB, the relay holds at most one 64 KiB read",
+        "1 GiB from a fast backend to a slow reader: the relay holds at most one 64 KiB read",
         .timeLimit(.minutes(2))
     )
     func bulkToSlowReader() async throws {
@@ -117,7 +117,9 @@ struct DataPlaneBackPressureTests {
             let peak = max(await sampler.value, residentSetSize())
             let growth = peak - baseline
             #expect(received == size)
-            #expect(growth < 64 * 1024 * 1024, "RSS grew by \(growth / 1024) KiB")
+            // RSS is the whole test process's, which the suites running beside this one move by tens of MiB:
+            // printed, not asserted (perf/proxy/bulk measures the proxy's memory alone). What bounds the
+            // relay's memory is the backlog below.
             let backlog = dp.bufferedBytesHighWater
             // The relay holds what the slow side did not take of one read (at most its 64 KiB buffer) and reads
             // no more from the fast side until that is gone. Independent of the size sent.
