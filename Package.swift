@@ -165,7 +165,7 @@ let package = Package(
         // DNS: RFC 1035 codec (pure), service zone, UDP+TCP responder, upstream forwarder.
         .target(
             name: "MeshNIO",
-            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["CLinux", .product(name: "NIOCore", package: "swift-nio")],
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
@@ -219,7 +219,7 @@ let package = Package(
             name: "MeshAgent",
             dependencies: nio + [
                 "MeshCore", "MeshSQLite", "MeshHTTP", "MeshClient", "MeshIdentity", "DNS", "CNetlink", "CLinux",
-                "MeshWire", "Relay",
+                "MeshWire", "MeshNIO", "Relay",
                 "NodeAgent",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -407,7 +407,7 @@ let package = Package(
             name: "MeshAgentTests",
             dependencies: nio + [
                 "MeshAgent", "MeshClient", "Control", "MeshCore", "MeshIdentity", "MeshTestSupport", "MeshWire",
-                "Relay",
+                "Relay", "MeshNIO",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

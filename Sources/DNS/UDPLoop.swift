@@ -1,5 +1,6 @@
 import CLinux
 import Logging
+import MeshNIO
 import NIOCore
 import Synchronization
 
@@ -155,7 +156,7 @@ final class DNSUDPLoop: @unchecked Sendable {
             self.closeSocket()
             return
         }
-        DNSUDPThread.start(name: "mesh-dns-udp") { self.run() }
+        DedicatedThread.start(name: "mesh-dns-udp") { self.run() }
     }
 
     /// Stops the thread and closes the socket; ``finished`` completes when both are done. Any thread.
@@ -302,36 +303,5 @@ struct UDPPeer: @unchecked Sendable {
     init(_ storage: sockaddr_storage, length: socklen_t) {
         self.storage = storage
         self.length = length
-    }
-}
-
-/// A detached OS thread for the UDP loop: off the Swift concurrency pool and the NIO event loops, since
-/// it blocks in `recvmmsg`.
-enum DNSUDPThread {
-    private final class Body {
-        let run: @Sendable () -> Void
-        init(_ run: @escaping @Sendable () -> Void) { self.run = run }
-    }
-
-    static func start(name: String, _ body: @escaping @Sendable () -> Void) {
-        let box = Unmanaged.passRetained(
-            Body({
-                mesh_set_thread_name(name)
-                body()
-            })
-        ).toOpaque()
-        var thread = pthread_t()
-        let rc = pthread_create(
-            &thread,
-            nil,
-            { arg in
-                let body = Unmanaged<Body>.fromOpaque(arg!).takeRetainedValue()
-                body.run()
-                return nil
-            },
-            box
-        )
-        precondition(rc == 0, "pthread_create failed: \(rc)")
-        pthread_detach(thread)
     }
 }

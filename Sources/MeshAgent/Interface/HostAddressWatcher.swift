@@ -1,6 +1,7 @@
 import CNetlink
 import Logging
 import MeshCore
+import MeshNIO
 import Synchronization
 
 #if canImport(Glibc)

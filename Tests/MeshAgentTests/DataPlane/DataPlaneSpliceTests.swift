@@ -1,4 +1,5 @@
 import MeshCore
+import MeshNIO
 import NIOCore
 import NIOPosix
 import Synchronization

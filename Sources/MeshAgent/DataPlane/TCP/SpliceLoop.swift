@@ -1,5 +1,6 @@
 import CLinux
 import Logging
+import MeshNIO
 import NIOCore
 import Synchronization
 
