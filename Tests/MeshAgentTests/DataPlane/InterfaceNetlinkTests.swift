@@ -170,6 +170,9 @@ struct InterfaceNetlinkTests {
             let held = try await loop.flatSubmit {
                 ClientBootstrap(group: loop).connect(to: try! SocketAddress(ipAddress: v4.description, port: 80))
             }.get()
+            // The client's connect returns once the kernel has queued the connection; the data plane owns it
+            // (and will drain it) only once a loop has accepted it. Under load that comes later.
+            #expect(await eventually { dp.openClientChannels == 1 })
 
             // Routes go: their VIPs leave mesh0, except the one whose connection drains, until it has drained.
             try await dp.apply(RouteTable(routes: [Route(service: service("b"), vip: v6, port: 80, backends: [echo])]))
