@@ -11,9 +11,9 @@ import func MeshTestSupport.onTeardown
 
 @testable import MeshAgent
 
-/// Runs a command, returning its exit status and standard output.
+/// Runs a command, returning its exit status and standard output (also used by VIPListenerTests).
 @discardableResult
-private func sh(_ arguments: String...) throws -> (status: Int32, output: String) {
+func sh(_ arguments: String...) throws -> (status: Int32, output: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     process.arguments = arguments

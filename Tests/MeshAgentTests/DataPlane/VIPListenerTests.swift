@@ -8,21 +8,6 @@ import Testing
 
 @testable import MeshAgent
 
-/// Runs a command, returning its exit status and standard output.
-@discardableResult
-private func sh(_ arguments: String...) throws -> (status: Int32, output: String) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = Pipe()
-    try process.run()
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
-}
-
 /// Root, `ip netns`, and iptables' nat table work here.
 private let canRedirect: Bool = {
     guard getuid() == 0 else { return false }
