@@ -230,43 +230,23 @@ final class SpliceAcceptor: SplicePollable, SpliceListeningSocket {
     override func ready(_ events: UInt32) {
         guard !self.detached else { return }
         let handle = self.listener.handle
-        let configuration = self.loop.configuration
         for _ in 0..<16 {
-            var storage = sockaddr_storage()
-            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            let fd = withUnsafeMutablePointer(to: &storage) { pointer in
-                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    mesh_accept4(self.fd, $0, &length, Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue))
-                }
+            let fd: Int32
+            let storage: sockaddr_storage
+            switch SpliceSocket.accept(self.fd) {
+            case .socket(let accepted, let address): (fd, storage) = (accepted, address)
+            case .drained: return
+            case .failed(let code):
+                self.loop.acceptFailed(
+                    self,
+                    errno: code,
+                    lastWarning: &self.lastWarning,
+                    "splice: accept failed, pausing the listener for 100 ms",
+                    metadata: ["listener": "\(handle.key)"]
+                )
+                return
             }
-            if fd < 0 {
-                let code = errno
-                switch code {
-                case EAGAIN, EWOULDBLOCK:
-                    return
-                case EINTR, ECONNABORTED, EPROTO:
-                    continue
-                default:
-                    // Out of descriptors or memory: level-triggered, so stop watching for 100 ms rather than spin.
-                    if self.loop.now &- self.lastWarning > 10_000_000_000 || self.lastWarning == 0 {
-                        self.lastWarning = self.loop.now
-                        self.loop.logger.warning(
-                            "splice: accept failed, pausing the listener for 100 ms",
-                            metadata: ["listener": "\(handle.key)", "errno": "\(code)"]
-                        )
-                    }
-                    self.loop.pause(self, for: 100_000_000)
-                    return
-                }
-            }
-            guard handle.stats.activeConnections.load(ordering: .relaxed) < configuration.maxConnectionsPerListener
-            else {
-                handle.metrics.error(.overflow)
-                Glibc.close(fd)
-                continue
-            }
-            var one: Int32 = 1
-            _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            guard SpliceSocket.admit(fd, to: handle, self.loop.configuration) else { continue }
             if self.listener.http {
                 HTTPLoopClient(
                     state: self.loop.http,
@@ -287,6 +267,49 @@ final class SpliceAcceptor: SplicePollable, SpliceListeningSocket {
 
 /// The socket calls the splice makes, with errors that say what failed.
 enum SpliceSocket {
+    /// What `accept` found on a listening socket.
+    enum Accepted {
+        case socket(Int32, sockaddr_storage)
+        /// Nothing left to accept (EAGAIN).
+        case drained
+        /// The listener cannot accept now (out of descriptors or memory): the errno.
+        case failed(Int32)
+    }
+
+    /// `accept4` (non-blocking, close-on-exec) past the errors that concern one connection only (EINTR,
+    /// ECONNABORTED, EPROTO).
+    static func accept(_ listener: Int32) -> Accepted {
+        while true {
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let fd = withUnsafeMutablePointer(to: &storage) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    mesh_accept4(listener, $0, &length, Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue))
+                }
+            }
+            if fd >= 0 { return .socket(fd, storage) }
+            let code = errno
+            switch code {
+            case EAGAIN, EWOULDBLOCK: return .drained
+            case EINTR, ECONNABORTED, EPROTO: continue
+            default: return .failed(code)
+            }
+        }
+    }
+
+    /// Takes an accepted socket for `handle`'s route: closes it (an overflow) when the route already has
+    /// `maxConnectionsPerListener` connections, else sets TCP_NODELAY. True when taken.
+    static func admit(_ fd: Int32, to handle: RouteHandle, _ configuration: DataPlaneConfiguration) -> Bool {
+        guard handle.stats.activeConnections.load(ordering: .relaxed) < configuration.maxConnectionsPerListener else {
+            handle.metrics.error(.overflow)
+            Glibc.close(fd)
+            return false
+        }
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        return true
+    }
+
     /// A non-blocking TCP socket of `address`'s family with `option` (level, name) set to 1.
     private static func stream(for address: SocketAddress, _ what: String, option: (Int32, Int32)) throws -> Int32 {
         let family: Int32

@@ -294,33 +294,20 @@ final class VIPAcceptor: SplicePollable, SpliceListeningSocket {
     /// route by its original destination.
     override func ready(_ events: UInt32) {
         guard !self.detached else { return }
-        let configuration = self.loop.configuration
         for _ in 0..<16 {
-            var storage = sockaddr_storage()
-            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            let fd = withUnsafeMutablePointer(to: &storage) { pointer in
-                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    mesh_accept4(self.fd, $0, &length, Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue))
-                }
-            }
-            if fd < 0 {
-                let code = errno
-                switch code {
-                case EAGAIN, EWOULDBLOCK:
-                    return
-                case EINTR, ECONNABORTED, EPROTO:
-                    continue
-                default:
-                    if self.loop.now &- self.lastWarning > 10_000_000_000 || self.lastWarning == 0 {
-                        self.lastWarning = self.loop.now
-                        self.loop.logger.warning(
-                            "VIP listener: accept failed, pausing for 100 ms",
-                            metadata: ["errno": "\(code)"]
-                        )
-                    }
-                    self.loop.pause(self, for: 100_000_000)
-                    return
-                }
+            let fd: Int32
+            let storage: sockaddr_storage
+            switch SpliceSocket.accept(self.fd) {
+            case .socket(let accepted, let address): (fd, storage) = (accepted, address)
+            case .drained: return
+            case .failed(let code):
+                self.loop.acceptFailed(
+                    self,
+                    errno: code,
+                    lastWarning: &self.lastWarning,
+                    "VIP listener: accept failed, pausing for 100 ms"
+                )
+                return
             }
             guard let destination = VIPSocket.originalDestination(fd, v6: self.v6),
                 let route = self.listener.route(destination)
@@ -330,14 +317,7 @@ final class VIPAcceptor: SplicePollable, SpliceListeningSocket {
                 continue
             }
             let handle = route.handle
-            guard handle.stats.activeConnections.load(ordering: .relaxed) < configuration.maxConnectionsPerListener
-            else {
-                handle.metrics.error(.overflow)
-                close(fd)
-                continue
-            }
-            var one: Int32 = 1
-            _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            guard SpliceSocket.admit(fd, to: handle, self.loop.configuration) else { continue }
             if handle.proto == .http {
                 VIPHandOver.serveHTTP(
                     socket: fd,
