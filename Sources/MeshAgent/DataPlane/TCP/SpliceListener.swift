@@ -256,12 +256,20 @@ final class SpliceAcceptor: SplicePollable, SpliceListeningSocket {
                 ).start()
                 continue
             }
-            var hash: UInt64 = 0
-            if handle.hashesRequests, let ip = SpliceSocket.ip(of: storage) {
-                hash = StableHash.hash(ip)
-            }
-            SpliceConnection(loop: self.loop, listener: self.listener, clientFD: fd, hash: hash).start()
+            SpliceConnection.splice(client: fd, address: storage, listener: self.listener, loop: self.loop)
         }
+    }
+}
+
+extension SpliceConnection {
+    /// Splices an accepted client socket to a backend of `listener`'s route, picked by the client's address when
+    /// the route hashes it.
+    static func splice(client fd: Int32, address: sockaddr_storage, listener: SpliceListener, loop: SpliceLoop) {
+        var hash: UInt64 = 0
+        if listener.handle.hashesRequests, let ip = SpliceSocket.ip(of: address) {
+            hash = StableHash.hash(ip)
+        }
+        SpliceConnection(loop: loop, listener: listener, clientFD: fd, hash: hash).start()
     }
 }
 

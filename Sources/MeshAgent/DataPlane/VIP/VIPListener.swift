@@ -327,11 +327,7 @@ final class VIPAcceptor: SplicePollable, SpliceListeningSocket {
                 )
                 continue
             }
-            var hash: UInt64 = 0
-            if handle.hashesRequests, let ip = SpliceSocket.ip(of: storage) {
-                hash = StableHash.hash(ip)
-            }
-            SpliceConnection(loop: self.loop, listener: route.splice, clientFD: fd, hash: hash).start()
+            SpliceConnection.splice(client: fd, address: storage, listener: route.splice, loop: self.loop)
         }
     }
 }
