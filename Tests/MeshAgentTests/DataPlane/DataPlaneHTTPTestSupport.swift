@@ -214,7 +214,7 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
 enum RawClient {
     /// Sends raw bytes and reads until the server closes (or `timeout`); returns the text received.
-    static func send(_ address: SocketAddress, _ bytes: [UInt8], timeout: Double = 5) async throws -> String {
+    static func send(_ address: SocketAddress, _ bytes: [UInt8], timeout: Double = 30) async throws -> String {
         try await withTimeout(timeout, "raw exchange") {
             let channel = try await ClientBootstrap(group: testGroup).connect(to: address) { channel in
                 channel.eventLoop.makeCompletedFuture {

@@ -304,7 +304,7 @@ struct DataPlaneHTTPTests {
                 // Round robin sends the next request to the resetter: a POST with a body gets 502.
                 var statuses: [Int] = []
                 for _ in 0..<2 {
-                    let r = try await withTimeout(5) {
+                    let r = try await withTimeout(30) {
                         try await TestHTTPConnection.with(address) {
                             try await $0.request(.POST, "/", body: "payload")?.status
                         }
@@ -407,7 +407,7 @@ struct DataPlaneHTTPTests {
                 let vip = TestAddresses.vip()
                 try await dp.apply(httpRoute("silent", vip, [backend.backend()]))
                 let start = ContinuousClock.now
-                let text = try await RawClient.send(TestClient.vipAddress(vip, 8080), [], timeout: 3)
+                let text = try await RawClient.send(TestClient.vipAddress(vip, 8080), [])
                 #expect(text.isEmpty)
                 #expect(ContinuousClock.now - start >= .milliseconds(190))
                 #expect(await eventually { dp.openClientChannels == 0 })
@@ -490,7 +490,7 @@ struct DataPlaneHTTPTests {
                 let vip = TestAddresses.vip()
                 try await dp.apply(httpRoute("ws", vip, [backend.backend()]))
                 let address = TestClient.vipAddress(vip, 8080)
-                let echoed = try await withTimeout(5) {
+                let echoed = try await withTimeout(30) {
                     let channel = try await ClientBootstrap(group: testGroup).connect(to: address) { channel in
                         channel.eventLoop.makeCompletedFuture {
                             try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)

@@ -141,7 +141,7 @@ struct DataPlaneMetricsTests {
             let reply = try await TestClient.exchange(TestClient.vipAddress(vip, 8080), send: "up", halfClose: true)
             #expect(String(buffer: reply) == "up")
             await group.triggerGracefulShutdown()
-            try await withTimeout(5) { try await running.value }
+            try await withTimeout(30) { try await running.value }
             #expect(dp.openChannels == 0)
             #expect(dp.snapshot().mode == .stopped && dp.snapshot().routes.isEmpty)
             await #expect(throws: (any Error).self) {

@@ -368,7 +368,7 @@ enum TestClient {
         send: String? = nil,
         halfClose: Bool = false,
         maxBytes: Int = .max,
-        timeout: Double = 5
+        timeout: Double = 30
     ) async throws -> ByteBuffer {
         try await withTimeout(timeout, "exchange with \(address)") {
             let channel = try await ClientBootstrap(group: testGroup)
@@ -476,7 +476,7 @@ final class TestHTTPConnection {
         _ address: SocketAddress,
         _ uri: String,
         headers: [(String, String)] = [],
-        timeout: Double = 5
+        timeout: Double = 30
     ) async throws -> Response? {
         try await withTimeout(timeout, "GET \(uri)") {
             try await Self.with(address) { try await $0.request(.GET, uri, headers: headers) }

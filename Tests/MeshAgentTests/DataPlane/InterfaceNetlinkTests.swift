@@ -195,7 +195,7 @@ struct InterfaceNetlinkTests {
             try sh("ip", "-n", ns, "link", "set", "w0", "up")
             try sh("ip", "-n", ns, "addr", "add", "198.18.77.1/24", "dev", "w0")
             try sh("ip", "-n", ns, "addr", "del", "198.18.77.1/24", "dev", "w0")
-            let events = try await withTimeout(5) {
+            let events = try await withTimeout(30) {
                 var seen: [HostAddressEvent] = []
                 for await event in stream {
                     seen.append(event)
