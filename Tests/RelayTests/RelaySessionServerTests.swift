@@ -135,6 +135,9 @@ struct RelaySessionServerTests {
         -> (RelaySessionServer, Int)
     {
         var config = RelaySessionConfiguration(listen: ListenAddress(host: "127.0.0.1", port: 0), relayName: "r1")
+        // The relay closes a connection whose first message has not come within 10 s of its accept, TLS
+        // handshake included; a loaded run (debug BoringSSL, many handshakes at once) took longer than that.
+        config.firstMessageTimeout = .seconds(60)
         configure(&config)
         let server = try RelaySessionServer(
             configuration: config,
