@@ -201,7 +201,7 @@ struct EndToEndTests {
         let (port, task) = try #require(started)
         defer { task.cancel() }
         let out = try await dig(port, ["example.invalid", "A"])
-        #expect(status(out) == "SERVFAIL")
+        #expect(status(out) == "SERVFAIL", "\(out)")
         // Still serving the zone.
         #expect(try await digAnswers(port, ["web.shop.svc.cluster.local", "A"]).count == 1)
         task.cancel()

@@ -45,23 +45,15 @@ public struct ProcessResult: Sendable {
     }
 }
 
-/// A process the test started; killed on release if still running.
+/// A process the test started; killed on release if still running. Its output goes to two files (read
+/// whenever asked, complete once it has exited): unlike a pipe read by a handler, nothing it wrote can be
+/// lost or late when the machine is loaded, and whatever it leaves running cannot hold the read back.
 public final class Subprocess: @unchecked Sendable {
-    // `process` and the pipes are only mutated in init; Foundation's Process is thread-safe for
-    // the calls made here (terminate, isRunning, waitUntilExit).
+    // `process` is only mutated in init; Foundation's Process is thread-safe for the calls made here
+    // (terminate, isRunning, waitUntilExit).
     public let process = Process()
-    let outPipe = Pipe()
-    let errPipe = Pipe()
-    private let outBuffer = Buffer()
-    private let errBuffer = Buffer()
-
-    final class Buffer: @unchecked Sendable {
-        // Guarded by `lock`.
-        private var data = Data()
-        private let lock = NSLock()
-        func append(_ d: Data) { self.lock.withLock { self.data.append(d) } }
-        var text: String { self.lock.withLock { String(decoding: self.data, as: UTF8.self) } }
-    }
+    private let outPath: String
+    private let errPath: String
 
     public init(_ path: String, _ arguments: [String], environment: [String: String] = [:], stdin: String? = nil) throws
     {
@@ -70,21 +62,37 @@ public final class Subprocess: @unchecked Sendable {
         var env = ProcessInfo.processInfo.environment
         for (k, v) in environment { env[k] = v }
         self.process.environment = env
-        self.process.standardOutput = self.outPipe
-        self.process.standardError = self.errPipe
+        let base = FileManager.default.temporaryDirectory.path + "/mesh-test-output-\(getpid())-\(UUID().uuidString)"
+        self.outPath = base + ".out"
+        self.errPath = base + ".err"
+        let out = try Self.create(self.outPath)
+        let err = try Self.create(self.errPath)
+        defer {
+            try? out.close()
+            try? err.close()
+        }
+        self.process.standardOutput = out
+        self.process.standardError = err
         let inPipe = Pipe()
         self.process.standardInput = inPipe
-        let ob = self.outBuffer
-        let eb = self.errBuffer
-        self.outPipe.fileHandleForReading.readabilityHandler = { h in ob.append(h.availableData) }
-        self.errPipe.fileHandleForReading.readabilityHandler = { h in eb.append(h.availableData) }
         try self.process.run()
         if let s = stdin { inPipe.fileHandleForWriting.write(Data(s.utf8)) }
         try? inPipe.fileHandleForWriting.close()
     }
 
-    public var stdout: String { self.outBuffer.text }
-    public var stderr: String { self.errBuffer.text }
+    private static func create(_ path: String) throws -> FileHandle {
+        guard FileManager.default.createFile(atPath: path, contents: nil) else {
+            throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path])
+        }
+        return try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+    }
+
+    private static func text(_ path: String) -> String {
+        String(decoding: FileManager.default.contents(atPath: path) ?? Data(), as: UTF8.self)
+    }
+
+    public var stdout: String { Self.text(self.outPath) }
+    public var stderr: String { Self.text(self.errPath) }
     public var pid: Int32 { self.process.processIdentifier }
     public var isRunning: Bool { self.process.isRunning }
 
@@ -101,8 +109,6 @@ public final class Subprocess: @unchecked Sendable {
             return nil
         }
         self.process.waitUntilExit()
-        // Let the readability handlers drain.
-        await pause(.milliseconds(30))
         return ProcessResult(status: self.process.terminationStatus, stdout: self.stdout, stderr: self.stderr)
     }
 
@@ -110,8 +116,8 @@ public final class Subprocess: @unchecked Sendable {
         if self.process.isRunning {
             kill(self.process.processIdentifier, SIGKILL)
         }
-        self.outPipe.fileHandleForReading.readabilityHandler = nil
-        self.errPipe.fileHandleForReading.readabilityHandler = nil
+        try? FileManager.default.removeItem(atPath: self.outPath)
+        try? FileManager.default.removeItem(atPath: self.errPath)
     }
 }
 
