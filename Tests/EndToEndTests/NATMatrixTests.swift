@@ -104,9 +104,10 @@ struct NATMatrixTests {
         #expect(probes.last?["rttMicros"] is Int, "meshctl ping: \(ping.stdout)")
         let upgrade = row["upgradeMillis"] as? Int
         // The first byte never waits for a punch: the first stream takes the relayed link as soon as it is
-        // up, punching runs beside it (a successful punch takes a start delay, a STUN round trip and a TLS
-        // handshake more; a failed one, seconds).
-        #expect(firstByte < 0.5, "first byte \(firstByte) s")
+        // up, punching runs beside it (a failed punch takes its timeout and a retry after 1 s or more). On a
+        // quiet machine the first byte comes in 50-100 ms; 2 s leaves room for a loaded one (0.57 s was seen
+        // at load 8 beside a build).
+        #expect(firstByte < 2, "first byte \(firstByte) s")
         if path != "relayed" {
             #expect(upgrade != nil, "no upgrade time: \(row)")
             #expect((row["upgrades"] as? Int ?? 0) >= 1, "\(row)")
