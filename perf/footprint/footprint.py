@@ -32,6 +32,20 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])
 
 
+def wait_quiet(pid, timeout=180, window=1.0, share=0.02):
+    """Waits until the process used under `share` of a core over `window` seconds (it has applied the last
+    table: with every route listening, the last Endpoints events may still be rebuilding a 10,000-service
+    table); returns the seconds waited, or None at `timeout`."""
+    tick = os.sysconf("SC_CLK_TCK")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        a = cpu_ticks(pid)
+        time.sleep(window)
+        if (cpu_ticks(pid) - a) / tick < share * window:
+            return round(time.time() - t0, 1)
+    return None
+
+
 PY_BACKEND = """
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
@@ -323,6 +337,7 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
         t0 = time.time()
         wait_until(lambda: routes_listening(n), 300, f"{n} routes listening")
         results["catch_up_after_last_write_s"] = round(time.time() - t0, 2)
+        results["busy_after_routes_listening_s"] = wait_quiet(agent.pid)
         time.sleep(2)
         results["rss_loaded_mb"] = round(rss_kb(agent.pid) / 1024, 1)
         results["control_rss_loaded_mb"] = round(rss_kb(control.pid) / 1024, 1)
@@ -372,6 +387,7 @@ LABELS = {
     "routes_json_mb": "GET /routes with the table: JSON size (MB)",
     "routes_json_s": "GET /routes with the table: time (s)",
     "rss_after_routes_mb": "agent RSS 1 s after that GET /routes (MB)",
+    "busy_after_routes_listening_s": "agent busy after every route listened, until under 2% of a core (s)",
     "objects_written": "objects written (services + endpoints)",
     "write_s": "write time (s)",
     "catch_up_after_last_write_s": "agent catch-up after the last write (s)",
