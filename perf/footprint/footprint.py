@@ -32,6 +32,20 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])
 
 
+def wait_quiet(pid, timeout=180, window=1.0, share=0.02):
+    """Waits until the process used under `share` of a core over `window` seconds (it has applied the last
+    table: with every route listening, the last Endpoints events may still be rebuilding a 10,000-service
+    table); returns the seconds waited, or None at `timeout`."""
+    tick = os.sysconf("SC_CLK_TCK")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        a = cpu_ticks(pid)
+        time.sleep(window)
+        if (cpu_ticks(pid) - a) / tick < share * window:
+            return round(time.time() - t0, 1)
+    return None
+
+
 PY_BACKEND = """
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
@@ -262,6 +276,13 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
             objects.append((f"/apis/mesh.edge/v1/namespaces/{ns}/services/s{i}", json.dumps(svc)))
             objects.append((f"/apis/mesh.edge/v1/namespaces/{ns}/endpoints/s{i}", json.dumps(eps)))
         def routes_listening(count):
+            # /status counts the routes served; /routes would encode every route and backend (tens of MB of
+            # JSON at 10,000 services) at every poll, and the resident set measured next would show that.
+            # Agents without `routesServed` (before issue 18) are asked /routes.
+            status, body = get(aport, "/status")
+            served = json.loads(body).get("control", {}).get("routesServed") if status == 200 else None
+            if served is not None:
+                return served >= count
             status, body = get(aport, "/routes")
             r = json.loads(body)
             return sum(1 for x in r["dataPlane"]["routes"] if x["listening"]) >= count
@@ -316,13 +337,22 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
         t0 = time.time()
         wait_until(lambda: routes_listening(n), 300, f"{n} routes listening")
         results["catch_up_after_last_write_s"] = round(time.time() - t0, 2)
+        results["busy_after_routes_listening_s"] = wait_quiet(agent.pid)
         time.sleep(2)
         results["rss_loaded_mb"] = round(rss_kb(agent.pid) / 1024, 1)
         results["control_rss_loaded_mb"] = round(rss_kb(control.pid) / 1024, 1)
         results["agent_fds_loaded"] = len(os.listdir(f"/proc/{agent.pid}/fd"))
-
         # Under load with the whole table.
         load_phase("")
+
+        # What one look at every route costs (`meshctl routes`, the whole table as JSON); after the load
+        # phase, which it would otherwise share the agent with.
+        t0 = time.time()
+        status, body = get(aport, "/routes")
+        results["routes_json_mb"] = round(len(body) / 1e6, 1)
+        results["routes_json_s"] = round(time.time() - t0, 2)
+        time.sleep(2)
+        results["rss_after_routes_mb"] = round(rss_kb(agent.pid) / 1024, 1)
 
         # Restart from the cache with the control plane stopped: time until every route listens again.
         agent.send_signal(signal.SIGTERM)
@@ -355,6 +385,10 @@ LABELS = {
     "rss_under_load_peak_mb_1_service": "agent RSS peak under load, 1 service (MB)",
     "cpu_us_per_request_under_load_1_service": "agent CPU-us per request under load, 1 service",
     "agent_fds_loaded": "agent open file descriptors with the table",
+    "routes_json_mb": "GET /routes with the table: JSON size (MB)",
+    "routes_json_s": "GET /routes with the table: time (s)",
+    "rss_after_routes_mb": "agent RSS 2 s after that GET /routes (MB)",
+    "busy_after_routes_listening_s": "agent busy after every route listened, until under 2% of a core (s)",
     "objects_written": "objects written (services + endpoints)",
     "write_s": "write time (s)",
     "catch_up_after_last_write_s": "agent catch-up after the last write (s)",

@@ -83,6 +83,24 @@ struct AdminAPI: HTTPResponder {
         }
     }
 
+    /// `/routes`: the table's source and every route; the snapshot is gone when this returns.
+    private func routesResponse() -> HTTPResponse {
+        let s = self.applier.state.withLock { $0 }
+        let routes = Routes(
+            node: self.config.nodeName,
+            site: self.config.site,
+            table: .init(
+                source: s?.source ?? "none",
+                services: s?.services ?? 0,
+                routes: s?.routes ?? 0,
+                versions: s?.versions ?? "-",
+                error: s?.error
+            ),
+            dataPlane: self.dataPlane.snapshot()
+        )
+        return Self.json(routes, what: "the routes")
+    }
+
     func respond(to request: HTTPRequest) async -> HTTPResponse {
         if self.config.adminAllowRemote {
             // Over mutual TLS (a DNS-rebinding page cannot present an admin's certificate).
@@ -96,20 +114,14 @@ struct AdminAPI: HTTPResponder {
         guard request.method == .GET else { return .text(.methodNotAllowed, "only GET here") }
         switch request.path {
         case "/routes":
-            let s = self.applier.state.withLock { $0 }
-            let routes = Routes(
-                node: self.config.nodeName,
-                site: self.config.site,
-                table: .init(
-                    source: s?.source ?? "none",
-                    services: s?.services ?? 0,
-                    routes: s?.routes ?? 0,
-                    versions: s?.versions ?? "-",
-                    error: s?.error
-                ),
-                dataPlane: self.dataPlane.snapshot()
-            )
-            return Self.json(routes, what: "the routes")
+            let response = self.routesResponse()
+            // Encoding every route (100,000 backends at 10,000 services) builds tens of MB of short-lived
+            // objects, freed by now (the snapshot with them): hand them back to the system rather than keep the
+            // agent's resident set at that peak.
+            #if canImport(Glibc)
+            _ = glibcMallocTrim(0)
+            #endif
+            return response
         case "/peers":
             let nodes = self.applier.current.value.nodes
             let punch = self.direct?.coordinator

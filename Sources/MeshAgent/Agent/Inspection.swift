@@ -51,6 +51,9 @@ struct AgentInspection: Sendable {
             var resourceVersions: String
             var services: Int
             var routes: Int
+            /// Routes the data plane serves now (listening, or an entry of the VIP listener); the others
+            /// failed (see `/routes`). Optional: agents before it did not report it.
+            var routesServed: Int?
         }
 
         struct Interface: Codable, Sendable {
@@ -105,12 +108,13 @@ struct AgentInspection: Sendable {
                 table: table?.source ?? "none",
                 resourceVersions: table?.versions ?? "-",
                 services: table?.services ?? 0,
-                routes: table?.routes ?? 0
+                routes: table?.routes ?? 0,
+                routesServed: dataPlane.servedRoutes
             ),
             relay: relay,
             nat: nat,
             interface: .init(
-                mode: dataPlane.snapshot().mode.description,
+                mode: dataPlane.currentMode.description,
                 dns: dnsAddress ?? "not listening",
                 linkListen: self.config.linkListen
             ),

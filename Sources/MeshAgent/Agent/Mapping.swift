@@ -56,25 +56,30 @@ public enum AgentMapping {
         localNode: String? = nil
     ) -> RouteTable {
         var routes: [Route] = []
+        routes.reserveCapacity(snapshot.services.values.reduce(0) { $0 + $1.spec.ports.count })
         for (name, service) in snapshot.services.sorted(by: { $0.key < $1.key }) {
             guard let vip = service.spec.vip else { continue }  // headless: DNS only
             let addresses = snapshot.endpoints[name]?.spec.addresses ?? []
             for port in service.spec.ports {
-                let backends = addresses.compactMap { a -> Backend? in
+                // Straight into the route's compact list (BackendList), sized by the endpoints.
+                var backends = BackendList.Builder(capacity: addresses.count)
+                for a in addresses {
                     guard let ip = a.address,
                         let target = Self.targetPort(port, of: a, servicePorts: service.spec.ports.count)
                     else {
-                        return nil
+                        continue
                     }
                     let node = a.node.flatMap { snapshot.nodes[$0] }
-                    return Backend(
-                        ip: ip,
-                        port: target,
-                        node: a.node,
-                        site: a.site ?? node?.spec.site,
-                        weight: a.effectiveWeight,
-                        ready: a.isReady,
-                        reach: Self.reach(of: a, nodes: snapshot.nodes, localNode: localNode, localSite: localSite)
+                    backends.append(
+                        Backend(
+                            ip: ip,
+                            port: target,
+                            node: a.node,
+                            site: a.site ?? node?.spec.site,
+                            weight: a.effectiveWeight,
+                            ready: a.isReady,
+                            reach: Self.reach(of: a, nodes: snapshot.nodes, localNode: localNode, localSite: localSite)
+                        )
                     )
                 }
                 routes.append(
@@ -84,7 +89,7 @@ public enum AgentMapping {
                         port: port.port,
                         proto: Self.proto(port.protocol),
                         policy: Self.policy(service.spec.loadBalancer, port: port),
-                        backends: backends,
+                        backendList: backends.list,
                         upgradeProtocols: service.spec.upgradeProtocols.map(Set.init)
                     )
                 )

@@ -48,9 +48,31 @@ public actor DataPlane: ServiceLifecycle.Service {
         case interface(MeshInterface)
     }
 
+    /// A route as `snapshot()` shows it: served by its handle, or failed (kept by reference, so that an entry
+    /// of this table of every route is a reference, not a `Route` value inline).
+    private enum PublishedRoute: Sendable {
+        case served(RouteHandle)
+        case failed(FailedRoute)
+
+        var handle: RouteHandle? {
+            if case .served(let handle) = self { return handle }
+            return nil
+        }
+    }
+
+    private final class FailedRoute: Sendable {
+        let route: Route
+        let error: String
+
+        init(route: Route, error: String) {
+            self.route = route
+            self.error = error
+        }
+    }
+
     private struct Published {
         var mode = DataPlaneMode.pending
-        var routes: [ListenerKey: (handle: RouteHandle?, route: Route, error: String?)] = [:]
+        var routes: [ListenerKey: PublishedRoute] = [:]
     }
 
     private var mode: Mode?
@@ -240,12 +262,29 @@ public actor DataPlane: ServiceLifecycle.Service {
     public nonisolated func snapshot() -> DataPlaneSnapshot {
         let published = self.published.withLock { ($0.mode, $0.routes) }
         let routes = published.1.sorted { $0.key < $1.key }.map { _, entry in
-            if let handle = entry.handle {
+            switch entry {
+            case .served(let handle):
                 return handle.snapshot(listening: true, error: nil)
+            case .failed(let failed):
+                return RouteSnapshot(
+                    route: failed.route,
+                    listening: false,
+                    error: failed.error,
+                    stats: nil,
+                    backends: []
+                )
             }
-            return RouteSnapshot(route: entry.route, listening: false, error: entry.error, stats: nil, backends: [])
         }
         return DataPlaneSnapshot(mode: published.0, openChannels: self.openChannels, routes: routes)
+    }
+
+    /// The bind mode, without a snapshot of every route.
+    public nonisolated var currentMode: DataPlaneMode { self.published.withLock { $0.mode } }
+
+    /// How many routes are served now (the ones `snapshot()` shows `listening`), without a snapshot of every
+    /// route (which at 10,000 services is 100,000 backends and tens of MB of JSON for `/routes`).
+    public nonisolated var servedRoutes: Int {
+        self.published.withLock { $0.routes.values.reduce(0) { $0 + ($1.handle != nil ? 1 : 0) } }
     }
 
     /// The backend (`ip:port`, and the peer node it is reached through) that a connection or request with
@@ -458,9 +497,12 @@ public actor DataPlane: ServiceLifecycle.Service {
     }
 
     private func publish() {
-        var routes: [ListenerKey: (handle: RouteHandle?, route: Route, error: String?)] = [:]
-        for (key, listener) in self.listeners { routes[key] = (listener.handle, listener.handle.route, nil) }
-        for (key, failure) in self.failed { routes[key] = (nil, failure.route, failure.error) }
+        var routes: [ListenerKey: PublishedRoute] = [:]
+        routes.reserveCapacity(self.listeners.count + self.failed.count)
+        for (key, listener) in self.listeners { routes[key] = .served(listener.handle) }
+        for (key, failure) in self.failed {
+            routes[key] = .failed(FailedRoute(route: failure.route, error: failure.error))
+        }
         let mode: DataPlaneMode
         switch self.mode {
         case .none: mode = .pending

@@ -100,15 +100,24 @@ final class RouteHandle: Sendable {
     private let lazyMetrics: Mutex<RouteMetrics?>
     private let metricsFactory: any MetricsFactory
 
+    /// The balancer of a route that has carried traffic, by reference: an idle route's state then holds one
+    /// nil reference rather than an empty `LoadBalancer` value (~200 bytes) inline. Unchecked: it is only
+    /// reached through `state`, under its lock.
+    private final class BalancerBox: @unchecked Sendable {
+        var balancer: LoadBalancer
+
+        init(_ balancer: LoadBalancer) { self.balancer = balancer }
+    }
+
     private struct State {
         var route: Route
         var localSite: String?
         var outlier: OutlierConfiguration
         /// Built on the first pick: most routes of a large mesh never carry traffic through a given
         /// agent, and a balancer costs ~0.5 KB per backend (slots, socket addresses, index).
-        var built: LoadBalancer?
-        /// `built != nil`, without copying the balancer for the comparison (a retain and release per field).
-        var isBuilt: Bool
+        var box: BalancerBox?
+        var built: LoadBalancer? { self.box?.balancer }
+        var isBuilt: Bool { self.box != nil }
         /// Counts balancers replaced by `update`: a pick's slot index is valid while this is unchanged.
         var generation: UInt64 = 0
 
@@ -122,29 +131,28 @@ final class RouteHandle: Sendable {
             self.route = route
             self.localSite = localSite
             self.outlier = outlier
-            self.built = built
-            self.isBuilt = built != nil
+            self.box = built.map(BalancerBox.init)
             self.generation = generation
         }
 
-        /// The balancer, built now if it was not.
-        mutating func balancer() -> LoadBalancer {
-            if let b = self.built { return b }
-            let b = LoadBalancer(
-                backends: self.route.backends,
-                policy: self.route.policy,
-                localSite: self.localSite,
-                outlier: self.outlier
+        /// The balancer's box, built now if it was not.
+        mutating func balancerBox() -> BalancerBox {
+            if let b = self.box { return b }
+            let b = BalancerBox(
+                LoadBalancer(
+                    backends: self.route.backends,
+                    policy: self.route.policy,
+                    localSite: self.localSite,
+                    outlier: self.outlier
+                )
             )
-            self.built = b
-            self.isBuilt = true
+            self.box = b
             return b
         }
 
         /// Runs `body` on the balancer in place (built first if it was not).
         mutating func withBalancer<T>(_ body: (inout LoadBalancer) -> T) -> T {
-            if !self.isBuilt { _ = self.balancer() }
-            return body(&self.built!)
+            body(&self.balancerBox().balancer)
         }
     }
 
@@ -275,8 +283,8 @@ final class RouteHandle: Sendable {
     ) {
         let now = Self.now(for: outcome)
         self.state.withLock { state in
-            if state.generation == pick.generation, state.isBuilt {
-                bySlot(&state.built!, pick.slot, now)
+            if state.generation == pick.generation, let box = state.box {
+                bySlot(&box.balancer, pick.slot, now)
             } else {
                 state.withBalancer { byID(&$0, pick.id, now) }
             }
@@ -333,18 +341,10 @@ final class RouteHandle: Sendable {
 
     func snapshot(listening: Bool, error: String?) -> RouteSnapshot {
         let now = NIODeadline.now()
-        let (route, slots) = self.state.withLock { state -> (Route, [LoadBalancer.Slot]) in
+        let (route, slots) = self.state.withLock { state -> (Route, [LoadBalancer.Slot]?) in
             let route = state.route
-            guard state.isBuilt else {
-                // Never used: its fresh state, without keeping a balancer for it.
-                let fresh = LoadBalancer(
-                    backends: route.backends,
-                    policy: route.policy,
-                    localSite: state.localSite,
-                    outlier: state.outlier
-                )
-                return (route, fresh.slots)
-            }
+            // Never used: its backends as a fresh balancer would show them, without building one.
+            guard state.isBuilt else { return (route, nil) }
             return state.withBalancer { balancer in
                 _ = balancer.eligible(now: now)  // lets due recoveries happen before reading
                 return (route, balancer.slots)
@@ -355,8 +355,21 @@ final class RouteHandle: Sendable {
             listening: listening,
             error: error,
             stats: self.stats,
-            backends: slots.map { BackendSnapshot(slot: $0, now: now) }
+            backends: slots.map { all in all.map { BackendSnapshot(slot: $0, now: now) } }
+                ?? Self.fresh(route.backendList)
         )
+    }
+
+    /// The backends of a route that never carried traffic, as `LoadBalancer.slots` would show them (duplicates
+    /// collapsed to the first, weights at least 1, nothing ejected or counted).
+    static func fresh(_ backends: BackendList) -> [BackendSnapshot] {
+        var seen = Set<BackendID>()
+        var out: [BackendSnapshot] = []
+        out.reserveCapacity(backends.count)
+        for b in backends where seen.insert(b.id).inserted {
+            out.append(BackendSnapshot(fresh: b))
+        }
+        return out
     }
 }
 

@@ -158,7 +158,14 @@ public struct Route: Sendable, Hashable {
     public var port: Int
     public var proto: RouteProtocol
     public var policy: BalancerPolicy
-    public var backends: [Backend]
+    /// The endpoints, kept as `backendList` (about 40 bytes each, see `BackendList`); read and written as
+    /// values.
+    public var backends: [Backend] {
+        get { Array(self.backendList) }
+        set { self.backendList = BackendList(newValue) }
+    }
+    /// The endpoints as stored: compact entries in one array, node and site names once per route.
+    public var backendList: BackendList
     /// HTTP only: the protocols a client may upgrade to (`Upgrade:` tokens, case-insensitive, e.g.
     /// `websocket`, `h2c`); nil: the data plane's `HTTPConfiguration.upgradeProtocols`. Other upgrade requests
     /// go up as plain requests, without their Upgrade field.
@@ -178,7 +185,26 @@ public struct Route: Sendable, Hashable {
         self.port = port
         self.proto = proto
         self.policy = policy
-        self.backends = backends
+        self.backendList = BackendList(backends)
+        self.upgradeProtocols = upgradeProtocols.map { Set($0.map { $0.lowercased() }) }
+    }
+
+    /// A route whose backends are already a `BackendList` (built without an array of `Backend` in between).
+    public init(
+        service: ServiceKey,
+        vip: IPAddress,
+        port: Int,
+        proto: RouteProtocol = .tcp,
+        policy: BalancerPolicy = .roundRobin,
+        backendList: BackendList,
+        upgradeProtocols: Set<String>? = nil
+    ) {
+        self.service = service
+        self.vip = vip
+        self.port = port
+        self.proto = proto
+        self.policy = policy
+        self.backendList = backendList
         self.upgradeProtocols = upgradeProtocols.map { Set($0.map { $0.lowercased() }) }
     }
 

@@ -115,6 +115,28 @@ public struct BackendSnapshot: Sendable, Hashable, Codable {
     public var bytesSent: Int
     public var bytesReceived: Int
 
+    /// A backend no connection has used yet: what a fresh balancer slot shows (healthy when ready and its port
+    /// is one a socket can use, the only way a slot lacks an address).
+    init(fresh backend: Backend) {
+        self.ip = backend.ip.description
+        self.port = backend.port
+        self.node = backend.node
+        self.site = backend.site
+        self.via = backend.reach.peer
+        self.weight = max(1, backend.weight)
+        self.ready = backend.ready
+        self.healthy = backend.ready && (1...65_535).contains(backend.port)
+        self.ejected = false
+        self.ejectedForSeconds = nil
+        self.ejections = 0
+        self.consecutiveFailures = 0
+        self.active = 0
+        self.total = 0
+        self.failures = 0
+        self.bytesSent = 0
+        self.bytesReceived = 0
+    }
+
     init(slot: LoadBalancer.Slot, now: NIODeadline) {
         self.ip = slot.backend.ip.description
         self.port = slot.backend.port

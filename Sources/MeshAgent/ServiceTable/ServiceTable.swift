@@ -48,20 +48,81 @@ public protocol SnapshotMember: MeshObject {
 extension MeshService: SnapshotMember {
     public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.servicesVersion }
     public static func replace(_ items: [MeshService], in snapshot: inout ServiceSnapshot) {
-        snapshot.services = Dictionary(items.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
+        snapshot.services = Dictionary(
+            items.map { (ServiceKey($0), $0.forTable) },
+            uniquingKeysWith: { _, b in b }
+        )
     }
     public func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
-        snapshot.services[ServiceKey(self)] = present ? self : nil
+        snapshot.services[ServiceKey(self)] = present ? self.forTable : nil
+    }
+
+    /// What the table keeps of a service (see `ObjectMeta.forTable`).
+    var forTable: MeshService {
+        var copy = self
+        copy.metadata = copy.metadata.forTable
+        return copy
     }
 }
 
 extension Endpoints: SnapshotMember {
     public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.endpointsVersion }
     public static func replace(_ items: [Endpoints], in snapshot: inout ServiceSnapshot) {
-        snapshot.endpoints = Dictionary(items.map { (ServiceKey($0), $0) }, uniquingKeysWith: { _, b in b })
+        snapshot.endpoints = Dictionary(
+            items.map { (ServiceKey($0), $0.forTable) },
+            uniquingKeysWith: { _, b in b }
+        )
     }
     public func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
-        snapshot.endpoints[ServiceKey(self)] = present ? self : nil
+        snapshot.endpoints[ServiceKey(self)] = present ? self.forTable : nil
+    }
+
+    /// What the table keeps of an Endpoints object: its metadata as `ObjectMeta.forTable`, and its addresses
+    /// with equal port lists (in the common case every address has the same one) and equal long names sharing
+    /// one copy, instead of an array and a string per address as decoded.
+    var forTable: Endpoints {
+        var copy = self
+        copy.metadata = copy.metadata.forTable
+        var lists: [[EndpointPort]] = []
+        var names = StringInterner()
+        for i in copy.spec.addresses.indices {
+            let ports = copy.spec.addresses[i].ports
+            if let same = lists.first(where: { $0 == ports }) {
+                copy.spec.addresses[i].ports = same
+            } else if lists.count < 8 {
+                lists.append(ports)
+            }
+            names.intern(&copy.spec.addresses[i].node)
+            names.intern(&copy.spec.addresses[i].site)
+            names.intern(&copy.spec.addresses[i].hostname)
+        }
+        return copy
+    }
+}
+
+extension ObjectMeta {
+    /// What the agent's table keeps of an object's metadata: name, namespace and resourceVersion. The uid,
+    /// creation time, labels and annotations (a heap string or dictionary each, per object) are nothing the
+    /// zone or the routes are made of; the cache keeps the whole object.
+    var forTable: ObjectMeta {
+        var meta = ObjectMeta(name: self.name, namespace: self.namespace)
+        meta.resourceVersion = self.resourceVersion
+        return meta
+    }
+}
+
+/// Makes equal strings share one copy. Strings of up to 15 UTF-8 bytes are stored inline (no heap), so only
+/// longer ones are looked up.
+struct StringInterner {
+    private var seen: [String: String] = [:]
+
+    mutating func intern(_ value: inout String?) {
+        guard let s = value, s.utf8.count > 15 else { return }
+        if let same = self.seen[s] {
+            value = same
+        } else {
+            self.seen[s] = s
+        }
     }
 }
 
@@ -214,11 +275,12 @@ public final class ServiceTableSync: Service, Sendable {
         }
         let kind = T.resource.plural
         self.state.withLock { s in
-            var snap = s.snapshot
-            snap.apply(update)
+            // In place: the dictionaries are copied only when the last published table still shares them
+            // (once per publish), not once per event (20,000 copies of a growing table while a large mesh
+            // is written).
+            s.snapshot.apply(update)
             s.synced.insert(kind)
-            if s.synced.count == Self.kinds { snap.source = .control }
-            s.snapshot = snap
+            if s.synced.count == Self.kinds { s.snapshot.source = .control }
             s.dirty = true
         }
         self.wake.signal()
