@@ -67,6 +67,10 @@ final class HTTPLoopClient: SplicePollable {
     var upstreamReadTime: UInt64
     /// Parts are being handed out of a client read (upstream bytes they cause go out at its end).
     var inRead = false
+    /// Reads of this turn (`HTTPLoopState.readsPerTurn`), and whether the loop has this connection in its
+    /// list of sockets to read again after the others.
+    private var turnReads = 0
+    private var yielded = false
 
     init(state: HTTPLoopState, listener: SpliceListener, fd: Int32, clientIP: IPAddress?) {
         self.state = state
@@ -138,10 +142,19 @@ final class HTTPLoopClient: SplicePollable {
     /// Parses what is held and reads while reading is allowed, then writes what that produced.
     func service() {
         guard !self.inRead else { return }
+        self.turnReads = 0
         repeat {
             self.serviceOnce()
-            // A body whose upstream took what this burst brought: read on (edge-triggered, nothing else will).
-        } while self.phase == .active && self.readable && self.mayRead
+            // A body whose upstream took what this burst brought: read on (edge-triggered, nothing else will),
+            // unless this turn's reads are used up (the loop comes back after the other ready sockets).
+        } while self.phase == .active && self.readable && self.mayRead && !self.yielded
+    }
+
+    /// The loop's next turn after this connection yielded: read on where it stopped.
+    func resumeAfterYield() {
+        self.yielded = false
+        guard self.fd >= 0, self.phase != .closed, self.phase != .upgraded else { return }
+        if self.readable || self.inbound != nil || (self.eof && !self.eofHandled) { self.service() }
     }
 
     private func serviceOnce() {
@@ -149,8 +162,17 @@ final class HTTPLoopClient: SplicePollable {
         while self.phase != .closed, self.phase != .upgraded {
             if !self.parseHeld() { break }
             guard self.readable, self.mayRead else { break }
+            if self.turnReads >= HTTPLoopState.readsPerTurn {
+                // One connection's transfer does not hold the loop: the others' ready sockets go first.
+                if !self.yielded {
+                    self.yielded = true
+                    self.state.yield(self)
+                }
+                break
+            }
             let n = httpLoopRead(self.fd, scratch: self.loop.scratch, into: &self.inbound)
             if n > 0 {
+                self.turnReads &+= 1
                 self.clientReadTime = self.now
                 if n < self.loop.scratch.count && !self.closing { self.readable = false }
             } else if n == 0 {
