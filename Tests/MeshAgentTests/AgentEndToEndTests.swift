@@ -200,7 +200,7 @@ struct AgentEndToEndTests {
         let address = TestClient.vipAddress(vip, 8088)
         #expect(
             await MeshTestSupport.eventually {
-                (try? await TestHTTPConnection.get(address, "/"))??.body == "web-1"
+                (try? await TestHTTPConnection.get(address, "/"))?.body == "web-1"
             }
         )
         let response = try #require(try await TestHTTPConnection.get(address, "/"))
