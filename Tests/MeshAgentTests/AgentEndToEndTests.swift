@@ -163,6 +163,55 @@ struct AgentEndToEndTests {
         await backend.close()
     }
 
+    @Test(
+        "an HTTP service through the agent's data plane on either engine (agent config httpEngine)",
+        arguments: HTTPEngine.allCases
+    )
+    func httpServiceOnEitherEngine(engine: HTTPEngine) async throws {
+        let backend = try await TestServers.http("web-1")
+        let controlDir = TempDir()
+        let cp = try await RunningControl(dir: controlDir) { $0.serviceCIDRs = [Self.privateCIDR()] }
+        let svc = try await cp.client.apply(
+            MeshService(
+                metadata: ObjectMeta(name: "web", namespace: "shop"),
+                spec: ServiceSpec(ports: [ServicePort(name: "http", port: 8088, protocol: .http)])
+            )
+        ).object
+        try await cp.client.apply(
+            Endpoints(
+                metadata: ObjectMeta(name: "web", namespace: "shop"),
+                spec: EndpointsSpec(addresses: [
+                    EndpointAddress(
+                        ip: "127.0.0.1",
+                        ports: [EndpointPort(name: "http", port: backend.port)],
+                        node: "edge-test",
+                        site: "a"
+                    )
+                ])
+            )
+        )
+        let vip = try #require(svc.spec.clusterIP.flatMap { IPAddress($0) })
+        let agentDir = TempDir()
+        let agent = try await RunningAgent(
+            control: cp.url,
+            dataDir: agentDir.path,
+            join: try await cp.token(usages: 1)
+        ) { $0.httpEngine = engine }
+        let address = TestClient.vipAddress(vip, 8088)
+        #expect(
+            await MeshTestSupport.eventually {
+                (try? await TestHTTPConnection.get(address, "/"))?.body == "web-1"
+            }
+        )
+        let response = try #require(try await TestHTTPConnection.get(address, "/"))
+        #expect(response.status == 200 && response.header("x-seen-xff") == "127.0.0.1")
+        let routes = String(buffer: try await agent.admin.send(.GET, "/routes").body)
+        #expect(routes.contains("\"vip\":\"\(vip)\""))
+        try await agent.stop()
+        try await cp.stop()
+        await backend.close()
+    }
+
     @Test func aSecondAgentOnTheSameDataDirectoryIsRefused() async throws {
         let dir = TempDir()
         try seedNodeCredentials(stateDir: dir.path, nodeName: "edge-test")

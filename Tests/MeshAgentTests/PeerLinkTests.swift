@@ -144,8 +144,15 @@ struct PeerLinkDataPlaneTests {
         await nodes.stop()
     }
 
-    @Test("HTTP: requests to a remote backend go over the link, kept alive across requests")
-    func httpOverALink() async throws {
+    @Test(
+        "HTTP: requests to a remote backend go over the link, kept alive across requests",
+        arguments: HTTPEngine.allCases
+    )
+    func httpOverALink(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) { try await self.httpOverALink() }
+    }
+
+    private func httpOverALink() async throws {
         let nodes = try await TwoNodes.make()
         let web = try await TestServers.http("web-b")
         nodes.serve([("web", web, .http)])
@@ -171,8 +178,12 @@ struct PeerLinkDataPlaneTests {
         await nodes.stop()
     }
 
-    @Test("HTTP: a refused stream is a 502 from the proxy, not a hang")
-    func httpRefused() async throws {
+    @Test("HTTP: a refused stream is a 502 from the proxy, not a hang", arguments: HTTPEngine.allCases)
+    func httpRefused(engine: HTTPEngine) async throws {
+        try await TestEngine.$current.withValue(engine) { try await self.httpRefused() }
+    }
+
+    private func httpRefused() async throws {
         let nodes = try await TwoNodes.make()
         let web = try await TestServers.http("web-b")
         nodes.serve([])

@@ -333,6 +333,9 @@ public actor DataPlane: ServiceLifecycle.Service {
             + self.counters.upstreamChannels.load(ordering: .relaxed)
     }
 
+    /// Times an epoll-engine HTTP connection yielded its splice loop at the per-turn read bound.
+    nonisolated var httpLoopYields: Int { self.counters.httpLoopYields.load(ordering: .relaxed) }
+
     /// TCP splice threads running (they start with the first TCP route).
     nonisolated var spliceThreads: Int { self.environment.splice.runningLoops }
 

@@ -10,6 +10,9 @@ final class DataPlaneCounters: Sendable {
     /// Largest backlog seen: bytes the TCP splice held back for a side that could not take them, or NIO's
     /// `bufferedWritableBytes` right after a flush that left a glued channel over the high water mark.
     let bufferedHighWater = Atomic<Int>(0)
+    /// Times an HTTP connection of the epoll engine gave its splice loop up at the per-turn read bound
+    /// (`HTTPLoopState.readsPerTurn`) for the loop's other ready sockets.
+    let httpLoopYields = Atomic<Int>(0)
 
     /// Counts `channel` until it closes.
     func track(_ channel: any Channel, upstream: Bool) {

@@ -255,6 +255,61 @@ struct VIPListenerNamespaceTests {
         }
     }
 
+    @Test(
+        "HTTP routes through the one listener on either engine: pipelined keep-alive requests answered and counted",
+        arguments: HTTPEngine.allCases
+    )
+    func httpThroughOneListener(engine: HTTPEngine) async throws {
+        try await withNamespace { ns in
+            let group = try await namespacedGroup(ns)
+            defer { group.shutdownGracefully { _ in } }
+            let h = try await httpBackend("hotel", group: group)
+            let i = try await httpBackend("india", group: group)
+            var configuration = DataPlaneConfiguration(
+                bindMode: .meshInterface(name: "mesh0"),
+                drainTimeout: .seconds(1)
+            )
+            // epoll: `VIPHandOver` hands the socket to an `HTTPLoopClient` on the accepting splice loop.
+            configuration.http.engine = engine
+            let dp = DataPlane(configuration: configuration, eventLoopGroup: group, logger: testLogger)
+            try await dp.apply(
+                RouteTable(routes: [
+                    Route(
+                        service: service("h"),
+                        vip: IPAddress("198.19.2.1")!,
+                        port: 80,
+                        proto: .http,
+                        backends: [backend(h)]
+                    ),
+                    Route(
+                        service: service("i"),
+                        vip: IPAddress("198.19.2.2")!,
+                        port: 8080,
+                        proto: .http,
+                        backends: [backend(i)]
+                    ),
+                ])
+            )
+            let two = "GET /a HTTP/1.1\r\nHost: svc\r\n\r\nGET /b HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
+            guard case .reply(let hotel) = try await exchange(ns, "198.19.2.1", 80, two) else {
+                Issue.record("no HTTP response from 198.19.2.1:80")
+                return
+            }
+            #expect(hotel.components(separatedBy: "HTTP/1.1 200 OK").count == 3, "two responses: \(hotel)")
+            #expect(hotel.hasSuffix("hotel"))
+            guard case .reply(let india) = try await httpGet(ns, "198.19.2.2", 8080) else {
+                Issue.record("no HTTP response from 198.19.2.2:8080")
+                return
+            }
+            #expect(india.hasPrefix("HTTP/1.1 200") && india.hasSuffix("india"))
+            let requests = Dictionary(uniqueKeysWithValues: dp.snapshot().routes.map { ($0.port, $0.requests) })
+            #expect(requests == [80: 2, 8080: 1])
+            await dp.shutdown()
+            #expect(dp.openChannels == 0)
+            for channel in [h, i] { try await channel.close() }
+        }
+    }
+
     @Test("a stale chain from a crashed run is replaced at start; the chain is gone after shutdown")
     func staleChainReplacedAndRemoved() async throws {
         try await withNamespace { ns in

@@ -34,6 +34,12 @@ final class HTTPLoopState {
     private var retired: [SplicePollable] = []
     let tick: UInt64
     private(set) var nextTick: UInt64
+    /// Sockets whose reads stopped at the per-turn bound (`readsPerTurn`) with input left: read again after
+    /// the other ready sockets of the batch (`resumeYielded`), as the TCP splice's `runAgain`.
+    private var yieldedClients: [HTTPLoopClient] = []
+    private var yieldedUpstreams: [HTTPLoopUpstream] = []
+    /// Full reads one socket may take per turn before the loop serves the others (the TCP splice's 16).
+    static let readsPerTurn = 16
 
     init(loop: SpliceLoop) {
         self.loop = loop
@@ -69,6 +75,29 @@ final class HTTPLoopState {
         self.retired.append(upstream)
     }
 
+    /// Whether a socket waits to be read again: the loop polls without blocking.
+    var hasYielded: Bool { !self.yieldedClients.isEmpty || !self.yieldedUpstreams.isEmpty }
+
+    func yield(_ client: HTTPLoopClient) {
+        self.loop.counters.httpLoopYields.add(1, ordering: .relaxed)
+        self.yieldedClients.append(client)
+    }
+
+    func yield(_ upstream: HTTPLoopUpstream) {
+        self.loop.counters.httpLoopYields.add(1, ordering: .relaxed)
+        self.yieldedUpstreams.append(upstream)
+    }
+
+    /// Reads on the sockets that yielded during the last batch (each one turn more; they may yield again).
+    func resumeYielded() {
+        let clients = self.yieldedClients
+        let upstreams = self.yieldedUpstreams
+        self.yieldedClients = []
+        self.yieldedUpstreams = []
+        for client in clients { client.resumeAfterYield() }
+        for upstream in upstreams { upstream.resumeAfterYield() }
+    }
+
     /// After each batch of events: drop what closed in it, and run the timers when due.
     func afterBatch() {
         if !self.retired.isEmpty { self.retired.removeAll(keepingCapacity: true) }
@@ -94,6 +123,8 @@ final class HTTPLoopState {
     func closeAll() {
         for client in Array(self.live.values) { client.close() }
         self.pool.closeAll()
+        self.yieldedClients = []
+        self.yieldedUpstreams = []
         self.retired.removeAll()
     }
 }

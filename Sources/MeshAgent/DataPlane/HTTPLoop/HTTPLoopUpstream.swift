@@ -35,6 +35,8 @@ final class HTTPLoopUpstream: SplicePollable {
     /// Counted in the pool's total for `backend` (until closed or upgraded).
     var counted = true
     private(set) var lastError: (any Error)?
+    /// In the loop's list of sockets to read again after the others (`HTTPLoopState.readsPerTurn`).
+    private var yielded = false
 
     init(state: HTTPLoopState, backend: BackendID, fd: Int32, connected: Bool) {
         self.state = state
@@ -115,13 +117,17 @@ final class HTTPLoopUpstream: SplicePollable {
             return
         }
         let scratch = self.state.loop.scratch
-        // Until drained, or the client pushes back (its output edge resumes this, `resumeReading`); what a
-        // round brought goes to the client before the next.
+        // Until drained, the client pushes back (its output edge resumes this, `resumeReading`), or this
+        // turn's reads are used up (the loop comes back after the other ready sockets); what a round brought
+        // goes to the client before the next.
+        var turnReads = 0
         while true {
             var reads = 0
             while self.readable, !self.closed, self.owner === owner, owner.clientIsWritable {
+                if turnReads >= HTTPLoopState.readsPerTurn { break }
                 let n = httpLoopRead(self.fd, scratch: scratch, into: &self.inbound)
                 if n > 0 {
+                    turnReads &+= 1
                     reads &+= 1
                     if n < scratch.count && !self.closing { self.readable = false }
                     owner.upstreamReadTime = self.state.loop.now
@@ -142,7 +148,20 @@ final class HTTPLoopUpstream: SplicePollable {
             }
             if reads > 0 { owner.upstreamReadComplete() }
             guard reads > 0, self.readable, !self.closed, self.owner === owner, owner.clientIsWritable else { return }
+            if turnReads >= HTTPLoopState.readsPerTurn {
+                if !self.yielded {
+                    self.yielded = true
+                    self.state.yield(self)
+                }
+                return
+            }
         }
+    }
+
+    /// The loop's next turn after this connection yielded: read on where it stopped.
+    func resumeAfterYield() {
+        self.yielded = false
+        if !self.closed, self.readable { self.read() }
     }
 
     /// Hands the parts of the bytes read to the owner, one at a time, while it stays the owner.

@@ -120,9 +120,15 @@ final class SpliceListener: Sendable {
     }
 
     /// A listener without a socket of its own: the VIP listener (`VIP/VIPListener.swift`) hands it the
-    /// connections of its route. `stopAccepting` only marks it; `closeAll` closes its connections.
-    static func unbound(handle: RouteHandle, loops: [SpliceLoop], upstreams: Upstreams) -> SpliceListener {
-        SpliceListener(handle: handle, fd: -1, loops: loops, upstreams: upstreams, http: false, traces: nil)
+    /// connections of its route, TCP ones and (epoll engine) HTTP ones alike. `stopAccepting` only marks it;
+    /// `closeAll` closes its connections; `quiesce` asks its HTTP connections to finish.
+    static func unbound(
+        handle: RouteHandle,
+        loops: [SpliceLoop],
+        upstreams: Upstreams,
+        traces: TraceLog? = nil
+    ) -> SpliceListener {
+        SpliceListener(handle: handle, fd: -1, loops: loops, upstreams: upstreams, http: false, traces: traces)
     }
 
     private init(
@@ -186,9 +192,10 @@ final class SpliceListener: Sendable {
     }
 
     /// HTTP (epoll engine): the request in flight of each connection is answered with `connection: close`,
-    /// idle connections close.
+    /// idle connections close. (An unbound listener may carry HTTP connections whatever its route's protocol
+    /// was when it was made: the VIP listener reads the protocol per connection.)
     func quiesce() async {
-        guard self.http else { return }
+        guard self.http || self.fd < 0 else { return }
         for loop in self.loops {
             try? await Self.onLoop(loop) { loop.httpState?.quiesce(of: self) }
         }

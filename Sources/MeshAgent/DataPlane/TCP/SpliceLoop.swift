@@ -181,7 +181,8 @@ final class SpliceLoop: @unchecked Sendable {
         let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: Int(capacity))
         defer { events.deallocate() }
         while true {
-            let timeout = self.again.isEmpty ? self.timeoutMilliseconds() : 0
+            let yielded = !self.again.isEmpty || self.httpState?.hasYielded == true
+            let timeout = yielded ? 0 : self.timeoutMilliseconds()
             let count = epoll_wait(self.epoll, events, capacity, timeout)
             if count < 0 {
                 guard errno == EINTR else {
@@ -207,6 +208,7 @@ final class SpliceLoop: @unchecked Sendable {
                 self.again = []
                 for connection in pending { connection.resume() }
             }
+            if let http = self.httpState, http.hasYielded { http.resumeYielded() }
             if wake, self.runTasks() { break }
             if self.now >= self.nextConnectDeadline { self.expireConnects() }
             if self.now >= self.nextSweep { self.sweep() }

@@ -21,7 +21,7 @@ struct VIPPort: Hashable, Sendable {
 /// receives every connection to any VIP (the `REDIRECT` rules of `VIPRules`), reads where the connection was
 /// going (`SO_ORIGINAL_DST`) and looks the route up in a table. TCP routes are spliced on the accepting splice
 /// loop like a per-service listener's connections; HTTP routes are handed to the HTTP proxy
-/// (`VIPHandOver.serveHTTP`); a VIP:port without a route is reset at once and counted.
+/// (`VIPHandOver.serveHTTP`: on the accepting splice loop for the epoll engine); a VIP:port without a route is reset at once and counted.
 ///
 /// A route costs one `RedirectedRoute` (a few hundred bytes) in the table, not a socket: the table of 10,000
 /// services is a dictionary of 10,000 entries.
@@ -154,7 +154,12 @@ final class VIPListener: Sendable {
     func add(_ handle: RouteHandle) -> RedirectedRoute {
         let route = RedirectedRoute(
             handle: handle,
-            splice: SpliceListener.unbound(handle: handle, loops: self.loops, upstreams: self.environment.upstreams),
+            splice: SpliceListener.unbound(
+                handle: handle,
+                loops: self.loops,
+                upstreams: self.environment.upstreams,
+                traces: self.environment.traces
+            ),
             listener: self
         )
         let key = VIPPort(vip: handle.key.vip, port: UInt16(handle.key.port))
@@ -251,6 +256,7 @@ final class RedirectedRoute: Sendable {
     func stopAccepting() async {
         self.listener.remove(self)
         await self.splice.stopAccepting()
+        await self.splice.quiesce()
         for channel in self.connections.all {
             channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
         }
@@ -322,6 +328,8 @@ final class VIPAcceptor: SplicePollable, SpliceListeningSocket {
                 VIPHandOver.serveHTTP(
                     socket: fd,
                     route: route,
+                    clientIP: SpliceSocket.ip(of: storage),
+                    loop: self.loop,
                     on: self.eventLoop,
                     environment: self.listener.environment
                 )
