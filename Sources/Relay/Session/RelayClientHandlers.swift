@@ -1,4 +1,5 @@
 import NIOCore
+import NIOSSL
 
 /// What an agent's control session with its relay reports, after the `welcome`.
 enum RelayControlEvent: Sendable {
@@ -129,7 +130,9 @@ final class RelayControlHandler: ChannelInboundHandler, RemovableChannelHandler 
 }
 
 /// One half of a circuit on the agent's side (behind the outer TLS): the caller writes `connect` or
-/// `accept`; this waits for `ready` (or `refused`). From `ready` on, the bytes are the link's: they
+/// `accept`; this waits for `ready` (or `refused`). At `ready` it ends the session's TLS (close_notify
+/// both ways, `NIOSSLHandler.stopTLS`): the connection goes on as plain TCP, and the link's own TLS
+/// rides it end to end, encrypted once. From then on, the bytes are the link's: they
 /// are held here until the link's handlers are in place, then handed on in order. The handler leaves
 /// the pipeline right after `onReady` (which installs the link synchronously) or, without one, on the
 /// first outbound write (the link's TLS ClientHello: its handlers are in place by then).
@@ -141,6 +144,8 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     enum State {
         case waiting
+        /// `ready` came: leaving the session's TLS.
+        case unwrapping
         case ready
         /// Leaving on the next tick (the link's first write).
         case leaving
@@ -181,18 +186,50 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard let (message, length) = decoded else { return }
         switch message {
         case .ready(let circuit):
-            self.state = .ready
-            if self.buffer.count > length { self.held.append(ByteBuffer(bytes: self.buffer[length...])) }
-            self.buffer = []
-            self.ready.succeed(circuit)
-            if let onReady = self.onReady {
-                onReady(context.channel)
-                self.leave(context)
+            guard self.buffer.count == length else {
+                self.fail(context, RelayClientError.protocolError("the relay sent bytes after ready inside its TLS"))
+                return
             }
+            self.buffer = []
+            self.state = .unwrapping
+            self.unwrap(context, circuit)
         case .refused(let code, let text):
             self.fail(context, RelayClientError.refused(code, text))
         default:
             self.fail(context, RelayClientError.protocolError("the relay sent \(message.kind) instead of ready"))
+        }
+    }
+
+    /// Ends the session's TLS (our close_notify, then the relay's), then the circuit is ready: what
+    /// follows the relay's close_notify is the link's, in the clear (held until the link is in place).
+    private func unwrap(_ context: ChannelHandlerContext, _ circuit: UInt64) {
+        let loop = context.eventLoop
+        let done = loop.makePromise(of: Void.self)
+        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        if let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLHandler.self) {
+            // Not inside NIOSSL's read, which delivered `ready`.
+            loop.execute { tls.stopTLS(promise: done) }
+        } else {
+            // No session TLS below this handler (its tests): nothing to leave.
+            loop.execute { done.succeed(()) }
+        }
+        done.futureResult.whenComplete { result in
+            let (handler, context) = bound.value
+            guard case .unwrapping = handler.state else { return }
+            switch result {
+            case .failure(let error):
+                handler.fail(
+                    context,
+                    RelayClientError.protocolError("could not leave the relay session's TLS after ready: \(error)")
+                )
+            case .success:
+                handler.state = .ready
+                handler.ready.succeed(circuit)
+                if let onReady = handler.onReady {
+                    onReady(context.channel)
+                    handler.leave(context)
+                }
+            }
         }
     }
 
@@ -216,7 +253,7 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .ready, .leaving:
             self.state = .removing
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-        case .waiting, .removing:
+        case .waiting, .unwrapping, .removing:
             break
         }
     }
@@ -236,17 +273,21 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if case .waiting = self.state {
+        switch self.state {
+        case .waiting, .unwrapping:
             self.fail(context, RelayClientError.closed(self.tlsRefusal() ?? "\(error)"))
-        } else {
+        default:
             context.fireErrorCaught(error)
         }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if case .waiting = self.state {
+        switch self.state {
+        case .waiting, .unwrapping:
             self.state = .removing
             self.ready.fail(RelayClientError.closed(self.tlsRefusal() ?? "the relay closed the connection"))
+        default:
+            break
         }
         context.fireChannelInactive()
     }
