@@ -208,7 +208,8 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let bound = NIOLoopBound((self, context), eventLoop: loop)
         if let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLHandler.self) {
             // Not inside NIOSSL's read, which delivered `ready`.
-            loop.execute { tls.stopTLS(promise: done) }
+            let boundTLS = NIOLoopBound(tls, eventLoop: loop)
+            loop.execute { boundTLS.value.stopTLS(promise: done) }
         } else {
             // No session TLS below this handler (its tests): nothing to leave.
             loop.execute { done.succeed(()) }

@@ -96,7 +96,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
             self.splice(context, splice)
             return
         }
-        if case ChannelEvent.inputClosed = event {
+        if let channelEvent = event as? ChannelEvent, case .inputClosed = channelEvent {
             // Only a circuit half allows half-closure (from `ready` on): its close_notify ends the
             // session's TLS, and the connection goes on as plain TCP carrying the link's own TLS.
             guard case .unwrapping(let splice) = self.role else {
@@ -405,7 +405,8 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         let bound = NIOLoopBound(context, eventLoop: loop)
         let done = loop.makePromise(of: Void.self)
         // Not inside NIOSSL's read loop, which fired this event.
-        loop.execute { tls.stopTLS(promise: done) }
+        let boundTLS = NIOLoopBound(tls, eventLoop: loop)
+        loop.execute { boundTLS.value.stopTLS(promise: done) }
         done.futureResult.whenComplete { result in
             let context = bound.value
             guard case .success = result,
@@ -611,7 +612,7 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         // A circuit half allows half-closure (for its unwrap): its end closes the circuit, as before.
-        if case ChannelEvent.inputClosed = event {
+        if let channelEvent = event as? ChannelEvent, case .inputClosed = channelEvent {
             context.close(promise: nil)
             return
         }
