@@ -132,7 +132,9 @@ final class RelayControlHandler: ChannelInboundHandler, RemovableChannelHandler 
 /// One half of a circuit on the agent's side (behind the outer TLS): the caller writes `connect` or
 /// `accept`; this waits for `ready` (or `refused`). At `ready` it ends the session's TLS (close_notify
 /// both ways, `NIOSSLHandler.stopTLS`): the connection goes on as plain TCP, and the link's own TLS
-/// rides it end to end, encrypted once. From then on, the bytes are the link's: they
+/// rides it end to end, encrypted once. The relay sends its close_notify right behind `ready`, so
+/// while the half waits the channel allows remote half-closure: that close_notify, read with `ready`,
+/// must not close the connection (it is set back once the TLS is gone). From then on, the bytes are the link's: they
 /// are held here until the link's handlers are in place, then handed on in order. The handler leaves
 /// the pipeline right after `onReady` (which installs the link synchronously) or, without one, on the
 /// first outbound write (the link's TLS ClientHello: its handlers are in place by then).
@@ -167,6 +169,28 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.ready = ready
         self.onReady = onReady
         self.tlsRefusal = tlsRefusal
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        // NIOSSL reads it when the relay's close_notify arrives, before it hands on `ready` read with it.
+        try? context.channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let channelEvent = event as? ChannelEvent, case .inputClosed = channelEvent {
+            switch self.state {
+            case .unwrapping:
+                // The relay's close_notify came before our stopTLS ran: it completes at once.
+                return
+            case .waiting:
+                self.fail(context, RelayClientError.closed(self.tlsRefusal() ?? "the relay closed the connection"))
+                return
+            default:
+                context.close(promise: nil)
+                return
+            }
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -225,6 +249,8 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 )
             case .success:
                 handler.state = .ready
+                // Plain TCP now: the link's TLS handles the end of the connection as on any other.
+                try? context.channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: false)
                 handler.ready.succeed(circuit)
                 if let onReady = handler.onReady {
                     onReady(context.channel)

@@ -21,7 +21,8 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         case control(String)
         case waiting(circuit: UInt64, from: String, to: String)
         case forwarding(from: String, to: String)
-        /// `ready` sent: waiting for the node's close_notify, which ends this connection's TLS.
+        /// `ready` sent, and our close_notify behind it: waiting for the node's, which ends this
+        /// connection's TLS.
         case unwrapping(SpliceEvent)
         /// The session's TLS is gone: waiting for the other half to be unwrapped too.
         case unwrapped(SpliceEvent)
@@ -96,16 +97,6 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
             self.splice(context, splice)
             return
         }
-        if let channelEvent = event as? ChannelEvent, case .inputClosed = channelEvent {
-            // Only a circuit half allows half-closure (from `ready` on): its close_notify ends the
-            // session's TLS, and the connection goes on as plain TCP carrying the link's own TLS.
-            guard case .unwrapping(let splice) = self.role else {
-                context.close(promise: nil)
-                return
-            }
-            self.unwrap(context, splice)
-            return
-        }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -115,8 +106,10 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         switch self.role {
         case .handshaking:
             return
-        case .unwrapped:
-            // The link's first bytes, in the clear (they are its TLS), while the partner unwraps.
+        case .unwrapping, .unwrapped:
+            // The link's first bytes, in the clear (they are its TLS), behind the node's close_notify
+            // or while the partner unwraps. (Bytes inside the session's TLS after `ready` fail its
+            // shutdown: errorCaught.)
             if self.buffer.count > Self.maxBuffered {
                 RelaySessionMetrics.count("relay_messages_malformed_total")
                 context.close(promise: nil)
@@ -369,8 +362,11 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         self.spliceNow(context, event)
     }
 
-    /// Sends `ready`, then waits for the node to end the session's TLS (its close_notify, answered
-    /// with ours: `unwrap`). The splice starts once both halves are plain TCP (`CircuitJoin`).
+    /// Sends `ready`, then ends the session's TLS (`stopTLS`: our close_notify right behind `ready`,
+    /// then the node's). The splice starts once both halves are plain TCP (`CircuitJoin`). The relay
+    /// starts the close_notify so that the node never waits for it: the node reads it with `ready`
+    /// (its clients give up an unwrap after 200 ms, `MeshTLS.clientShutdownTimeout`); the relay waits
+    /// for the node's within the server's shutdown timeout (5 s), else the circuit closes.
     func spliceNow(_ context: ChannelHandlerContext, _ event: SpliceEvent) {
         self.timer?.cancel()
         self.role = .unwrapping(event)
@@ -380,23 +376,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
             self.refuseEarlyBytes(context)
             return
         }
-        // The node's close_notify must reach this handler as an event, not close the connection.
-        try? context.channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
         self.send(context, .ready(circuit: event.circuit))
-        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-        self.timer = context.eventLoop.scheduleTask(in: self.server.configuration.acceptTimeout) {
-            let context = bound.value
-            guard let h = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self),
-                case .unwrapping = h.role
-            else { return }
-            RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "unwrap_timeout")])
-            h.refuse(context, .timeout, "no close_notify after ready on circuit \(event.circuit)")
-        }
-    }
-
-    /// The node's close_notify arrived: answer it and leave TLS (`stopTLS`), then join the partner.
-    func unwrap(_ context: ChannelHandlerContext, _ event: SpliceEvent) {
-        self.timer?.cancel()
         guard let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLHandler.self) else {
             context.close(promise: nil)
             return
@@ -404,11 +384,18 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         let loop = context.eventLoop
         let bound = NIOLoopBound(context, eventLoop: loop)
         let done = loop.makePromise(of: Void.self)
-        // Not inside NIOSSL's read loop, which fired this event.
+        // Not inside NIOSSL's read, which may have delivered the message that led here.
         let boundTLS = NIOLoopBound(tls, eventLoop: loop)
         loop.execute { boundTLS.value.stopTLS(promise: done) }
+        let logger = self.server.logger
         done.futureResult.whenComplete { result in
             let context = bound.value
+            if case .failure(let error) = result {
+                RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "unwrap")])
+                logger.info(
+                    "circuit \(event.circuit) (\(event.from) to \(event.to)) closed: its half did not end the relay session's TLS after ready: \(error)"
+                )
+            }
             guard case .success = result,
                 let h = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self),
                 case .unwrapping = h.role
@@ -464,6 +451,13 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if case .handshaking = self.role {
             RelaySessionMetrics.count("relay_connections_refused_total", [("reason", "tls")])
+        }
+        if case .unwrapping(let event) = self.role {
+            // E.g. bytes inside the session's TLS after `ready` (APPLICATION_DATA_ON_SHUTDOWN).
+            RelaySessionMetrics.count("relay_messages_malformed_total")
+            self.server.logger.info(
+                "circuit \(event.circuit) (\(event.from) to \(event.to)) closed: a half sent something other than its close_notify after ready: \(error)"
+            )
         }
         self.server.logger.debug("relay session from \(context.remoteAddress?.description ?? "?"): \(error)")
         context.close(promise: nil)
