@@ -369,6 +369,33 @@ struct RelaySessionClientTests {
         try await backend.close()
     }
 
+    @Test(
+        "the link's TLS rides the unwrapped circuit end to end: a circuit to another node than the one meant is refused by the dialer"
+    )
+    func impostorOnACircuitIsRefusedByTheLink() async throws {
+        let pki = try RelaySessionServerTests.PKI()
+        let relay = try await TestRelay.start("r1", pki)
+        let relays = RelayBook()
+        relays.set([relay.object])
+        let book = AddressBook()
+        let a = try await RelayedNode.make("a", ca: pki.ca, book: book, relays: relays)
+        let c = try await RelayedNode.make("c", ca: pki.ca, book: book, relays: relays)
+        book.set("a", [])
+        book.set("c", [])
+        #expect(await eventually { a.client.home == "r1" && c.client.home == "r1" })
+        // As if the relay (or whoever took the circuit: the relay session's TLS is gone after ready)
+        // had paired a's circuit for b with c: a's link expects exactly mesh://node/b.
+        let (channel, _) = try await a.client.circuit(to: "c")
+        await #expect(throws: LinkError.handshakeFailed("the server presented mesh://node/c, not mesh://node/b")) {
+            _ = try await a.manager.establish(over: channel, role: .dialer(expect: "b"), path: .relayed("r1")).get()
+        }
+        #expect(a.manager.currentLink(to: "b") == nil)
+        #expect(await c.manager.stats().isEmpty)
+        await a.stop()
+        await c.stop()
+        try await relay.kill()
+    }
+
     @Test("the home relay dies: streams on its circuit end, both agents re-home on the closed connection")
     func rehomeWhenTheRelayDies() async throws {
         let pki = try RelaySessionServerTests.PKI()
@@ -527,8 +554,10 @@ struct RelayCircuitHandlerTests {
         }
     }
 
-    @Test("acceptor: bytes read with ready are handed to the link installed at ready, then the rest")
-    func acceptorKeepsBytesReadWithReady() throws {
+    @Test(
+        "acceptor: bytes read while leaving the session's TLS are handed to the link installed at ready, then the rest"
+    )
+    func acceptorKeepsBytesReadWhileUnwrapping() throws {
         let channel = EmbeddedChannel()
         let ready = channel.eventLoop.makePromise(of: UInt64.self)
         let collect = Collect()
@@ -539,11 +568,15 @@ struct RelayCircuitHandlerTests {
             tlsRefusal: { nil }
         )
         try channel.pipeline.syncOperations.addHandler(handler)
-        // The frame arrives in two pieces, the second with the link's first bytes behind it.
+        // The frame arrives in two pieces; the link's first bytes come in the clear behind the
+        // relay's close_notify, before the unwrap has completed (as NIOSSL hands them on).
         let frame = try RelaySessionMessage.ready(circuit: 9).encode()
         try channel.writeInbound(ByteBuffer(bytes: frame.prefix(4)))
         #expect(collect.bytes.isEmpty)
-        try channel.writeInbound(ByteBuffer(bytes: Array(frame.dropFirst(4)) + [1, 2, 3]))
+        try channel.writeInbound(ByteBuffer(bytes: Array(frame.dropFirst(4))))
+        try channel.writeInbound(ByteBuffer(bytes: [1, 2, 3]))
+        #expect(collect.bytes.isEmpty)
+        channel.embeddedEventLoop.run()
         #expect(try ready.futureResult.wait() == 9)
         try channel.writeInbound(ByteBuffer(bytes: [4, 5]))
         #expect(collect.bytes == [1, 2, 3, 4, 5])
@@ -558,7 +591,9 @@ struct RelayCircuitHandlerTests {
         try channel.pipeline.syncOperations.addHandler(
             RelayCircuitHandler(ready: ready, onReady: nil, tlsRefusal: { nil })
         )
-        try channel.writeInbound(ByteBuffer(bytes: try RelaySessionMessage.ready(circuit: 3).encode() + [7]))
+        try channel.writeInbound(ByteBuffer(bytes: try RelaySessionMessage.ready(circuit: 3).encode()))
+        try channel.writeInbound(ByteBuffer(bytes: [7]))
+        channel.embeddedEventLoop.run()
         #expect(try ready.futureResult.wait() == 3)
         try channel.writeInbound(ByteBuffer(bytes: [8]))
         #expect(try channel.readInbound(as: ByteBuffer.self) == nil)  // held, not lost at the tail
@@ -569,6 +604,20 @@ struct RelayCircuitHandlerTests {
         #expect(collect.bytes == [7, 8])
         #expect(try channel.readOutbound(as: ByteBuffer.self) == ByteBuffer(bytes: [0x16]))
         _ = try channel.finish()
+    }
+
+    @Test("bytes behind ready inside the session's TLS: a protocol error, the circuit is closed")
+    func bytesBehindReadyAreRefused() throws {
+        let channel = EmbeddedChannel()
+        let ready = channel.eventLoop.makePromise(of: UInt64.self)
+        try channel.pipeline.syncOperations.addHandler(
+            RelayCircuitHandler(ready: ready, onReady: nil, tlsRefusal: { nil })
+        )
+        try channel.writeInbound(ByteBuffer(bytes: try RelaySessionMessage.ready(circuit: 3).encode() + [7]))
+        #expect(throws: RelayClientError.protocolError("the relay sent bytes after ready inside its TLS")) {
+            try ready.futureResult.wait()
+        }
+        #expect(!channel.isActive)
     }
 
     @Test("refused: the promise fails with the relay's code and text")

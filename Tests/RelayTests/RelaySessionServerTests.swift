@@ -79,6 +79,15 @@ struct RelaySessionServerTests {
             self.received.state.withLock { $0.closed = true }
         }
         func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+        /// A circuit half allows half-closure: the relay's close_notify is no end, but once the TLS is
+        /// gone a FIN is.
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if let e = event as? ChannelEvent, case .inputClosed = e,
+                (try? context.pipeline.syncOperations.handler(type: NIOSSLHandler.self)) == nil
+            {
+                context.close(promise: nil)
+            }
+        }
     }
 
     struct Conn {
@@ -99,19 +108,54 @@ struct RelaySessionServerTests {
 
         /// Waits for the relay to close the connection.
         func closedByRelay() async -> Bool { await eventually(timeout: .seconds(10)) { self.received.closed } }
+
+        /// After `ready`: ends the session's TLS (close_notify both ways), as a circuit half does.
+        func unwrap() async throws {
+            let channel = self.channel
+            try await channel.eventLoop.flatSubmit {
+                let done = channel.eventLoop.makePromise(of: Void.self)
+                do {
+                    try channel.pipeline.syncOperations.handler(type: NIOSSLHandler.self).stopTLS(promise: done)
+                } catch {
+                    done.fail(error)
+                }
+                return done.futureResult
+            }.get()
+        }
+    }
+
+    /// Records the raw bytes a connection's socket reads (in front of its TLS).
+    final class Tap: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let bytes = Mutex<[UInt8]>([])
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let b = self.unwrapInboundIn(data)
+            self.bytes.withLock { $0 += Array(buffer: b) }
+            context.fireChannelRead(data)
+        }
     }
 
     /// Connects over TLS as `credentials` (expecting the relay `r1` of the mesh CA); with `tls`
     /// false, plain TCP.
-    func connect(_ port: Int, as credentials: LoadedCredentials?, tls: Bool = true) async throws -> Conn {
+    func connect(
+        _ port: Int,
+        as credentials: LoadedCredentials?,
+        tls: Bool = true,
+        tap: Tap? = nil,
+        circuitHalf: Bool = false
+    ) async throws -> Conn {
         let received = Received()
         let context: (NIOSSLContext, PeerVerifier)? = try credentials.map {
             let t = try MeshTLS.client($0, expect: .exactly(.relay("r1")))
             return (t.current.context, t.verifier)
         }
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            // A circuit half (as `RelayCircuitHandler`): the relay's close_notify right behind `ready`
+            // must not close the connection.
+            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: circuitHalf)
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
+                    if let tap { try ch.pipeline.syncOperations.addHandler(tap) }
                     if tls, let (ctx, verifier) = context {
                         try ch.pipeline.syncOperations.addHandler(
                             try NIOSSLClientHandler(
@@ -167,17 +211,21 @@ struct RelaySessionServerTests {
 
         let aCredentials = try pki.credentials(.node("a"))
         let bCredentials = try pki.credentials(.node("b"))
-        let a2 = try await self.connect(port, as: aCredentials)
+        let a2 = try await self.connect(port, as: aCredentials, circuitHalf: true)
         try await a2.send(.connect(node: "b"))
         guard case .open(let circuit, let from)? = await b.next() else {
             Issue.record("b was not told to open the circuit")
             return
         }
         #expect(from == "a")
-        let b2 = try await self.connect(port, as: bCredentials)
+        let b2 = try await self.connect(port, as: bCredentials, circuitHalf: true)
         try await b2.send(.accept(circuit: circuit))
         #expect(await a2.next() == .ready(circuit: circuit))
         #expect(await b2.next() == .ready(circuit: circuit))
+        async let aPlain: Void = a2.unwrap()
+        async let bPlain: Void = b2.unwrap()
+        try await aPlain
+        try await bPlain
 
         let size = 10 << 20
         var rng = SystemRandomNumberGenerator()
@@ -325,18 +373,160 @@ struct RelaySessionServerTests {
             return
         }
         #expect(t.contains("truncated"), "\(t)")
-        // A requester that floods before its circuit is ready is cut off.
+        // A requester that sends anything behind its connect (inside the session's TLS) is cut off.
         _ = try await self.session(port, pki, "b")
         let flood = try await self.connect(port, as: credentials)
         try await flood.send(.connect(node: "b"))
         try? await flood.send([UInt8](repeating: 0x17, count: 70_000))
-        #expect(
-            await flood.next()
-                == .refused(.badMessage, message: "over 65536 bytes sent before the circuit was ready")
-        )
+        guard case .refused(.badMessage, let early)? = await flood.next() else {
+            Issue.record("no refusal for bytes behind connect")
+            return
+        }
+        #expect(early.contains("inside the relay session's TLS"), "\(early)")
+        #expect(await flood.closedByRelay())
         // Still serving.
         _ = try await self.session(port, pki, "a")
         #expect(await eventually { server.sessions == 2 })
+        await server.stop()
+    }
+
+    /// Opens a circuit a -> b (sessions `b` given) and returns both halves at `ready`.
+    func circuit(
+        _ port: Int,
+        _ pki: PKI,
+        b: Conn,
+        tapA: Tap? = nil,
+        tapB: Tap? = nil
+    ) async throws -> (
+        a: Conn, b: Conn, id: UInt64
+    ) {
+        let a2 = try await self.connect(port, as: try pki.credentials(.node("a")), tap: tapA, circuitHalf: true)
+        try await a2.send(.connect(node: "b"))
+        guard case .open(let id, "a")? = await b.next() else { throw CircuitTestError.notOpened }
+        let b2 = try await self.connect(port, as: try pki.credentials(.node("b")), tap: tapB, circuitHalf: true)
+        try await b2.send(.accept(circuit: id))
+        guard await a2.next() == .ready(circuit: id), await b2.next() == .ready(circuit: id) else {
+            throw CircuitTestError.notReady
+        }
+        return (a2, b2, id)
+    }
+
+    enum CircuitTestError: Error { case notOpened, notReady }
+
+    @Test func afterReadyACircuitIsPlainTCPCarryingOnlyTheLinksOwnBytes() async throws {
+        let pki = try PKI()
+        let (server, port) = try await self.start(pki)
+        _ = try await self.session(port, pki, "a")
+        let b = try await self.session(port, pki, "b")
+        let (tapA, tapB) = (Tap(), Tap())
+        let (a2, b2, _) = try await self.circuit(port, pki, b: b, tapA: tapA, tapB: tapB)
+        async let aPlain: Void = a2.unwrap()
+        async let bPlain: Void = b2.unwrap()
+        try await aPlain
+        try await bPlain
+        // What the link's TLS would send first (a ClientHello record), then its answer: each socket
+        // reads exactly the bytes the other socket wrote, nothing around them (no session TLS
+        // record, no framing): the relay passes the link's TLS on as it is and encrypts nothing.
+        var rng = SystemRandomNumberGenerator()
+        let hello: [UInt8] =
+            [0x16, 0x03, 0x01, 0x02, 0x00] + (0..<512).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let answer: [UInt8] =
+            [0x16, 0x03, 0x03, 0x00, 0x7a] + (0..<122).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let beforeB = tapB.bytes.withLock { $0.count }
+        let beforeA = tapA.bytes.withLock { $0.count }
+        try await a2.send(hello)
+        #expect(await eventually { tapB.bytes.withLock { $0.count } >= beforeB + hello.count })
+        try await b2.send(answer)
+        #expect(await eventually { tapA.bytes.withLock { $0.count } >= beforeA + answer.count })
+        #expect(tapB.bytes.withLock { Array($0[beforeB...]) } == hello)
+        #expect(tapA.bytes.withLock { Array($0[beforeA...]) } == answer)
+        #expect(b2.received.take(hello.count) == hello)
+        #expect(a2.received.take(answer.count) == answer)
+        // Before them, the session's TLS ended: each side's last record was the relay's close_notify
+        // (an encrypted alert, type 0x17 in TLS 1.3), and nothing of the session follows it.
+        #expect(b2.received.message() == nil)
+        await server.stop()
+    }
+
+    @Test func aStrangerCannotTakeACircuit() async throws {
+        let pki = try PKI()
+        let other = try PKI()
+        let (server, port) = try await self.start(pki)
+        _ = try await self.session(port, pki, "a")
+        let b = try await self.session(port, pki, "b")
+        let a2 = try await self.connect(port, as: try pki.credentials(.node("a")), circuitHalf: true)
+        try await a2.send(.connect(node: "b"))
+        guard case .open(let id, "a")? = await b.next() else {
+            Issue.record("b was not told to open")
+            return
+        }
+        // Another node of the mesh, knowing the circuit's id, cannot accept it: it is b's.
+        let c = try await self.connect(port, as: try pki.credentials(.node("c")))
+        try await c.send(.accept(circuit: id))
+        #expect(await c.next() == .refused(.badMessage, message: "no circuit \(id) waits for mesh://node/c"))
+        #expect(await c.closedByRelay())
+        // Nor can a client without a certificate of the mesh CA, nor one speaking no TLS.
+        var foreign = try other.credentials(.node("b"))
+        foreign.caPEM = try pki.ca.certificatePEM()
+        let stranger = try await self.connect(port, as: foreign)
+        try? await stranger.send(.accept(circuit: id))
+        #expect(await stranger.closedByRelay())
+        #expect(stranger.received.message() == nil)
+        let plain = try await self.connect(port, as: nil, tls: false)
+        try? await plain.send(try RelaySessionMessage.accept(circuit: id).encode())
+        #expect(await plain.closedByRelay())
+        #expect(plain.received.message() == nil)
+        // The circuit still waits for b, and b gets it.
+        let b2 = try await self.connect(port, as: try pki.credentials(.node("b")), circuitHalf: true)
+        try await b2.send(.accept(circuit: id))
+        #expect(await a2.next() == .ready(circuit: id))
+        #expect(await b2.next() == .ready(circuit: id))
+        await server.stop()
+    }
+
+    /// The relay's reason for bytes a circuit half sent inside the session's TLS.
+    static func early(_ count: Int, _ circuit: UInt64) -> String {
+        "\(count) bytes on circuit \(circuit) inside the relay session's TLS: after connect or accept a half "
+            + "sends nothing until ready and its close_notify, then only the link's TLS in the clear"
+    }
+
+    @Test func garbageOnACircuitIsRefusedWithAReason() async throws {
+        let pki = try PKI()
+        let (server, port) = try await self.start(pki)
+        _ = try await self.session(port, pki, "a")
+        let b = try await self.session(port, pki, "b")
+        // Bytes behind accept, in the same write.
+        let a2 = try await self.connect(port, as: try pki.credentials(.node("a")))
+        try await a2.send(.connect(node: "b"))
+        guard case .open(let id, "a")? = await b.next() else {
+            Issue.record("b was not told to open")
+            return
+        }
+        let b2 = try await self.connect(port, as: try pki.credentials(.node("b")))
+        try await b2.send(try RelaySessionMessage.accept(circuit: id).encode() + Array("GET /".utf8))
+        var refusal: RelaySessionMessage?
+        _ = await eventually {
+            // b2 may see ready first (the pairing happens with accept), then the refusal.
+            if let m = b2.received.message(), m != .ready(circuit: id) { refusal = m }
+            return refusal != nil
+        }
+        guard case .refused(.badMessage, let text)? = refusal else {
+            Issue.record("no refusal for bytes behind accept: \(String(describing: refusal))")
+            return
+        }
+        #expect(text == Self.early(5, id))
+        #expect(await b2.closedByRelay())
+        #expect(await a2.closedByRelay())  // its partner went: the circuit is gone
+        // Bytes after ready, still inside the session's TLS, instead of the close_notify (a half that
+        // does not unwrap): the relay's shutdown of that TLS fails, and the circuit closes.
+        let (a3, b3, _) = try await self.circuit(port, pki, b: b)
+        try await a3.send(Array("hello b".utf8))
+        // The relay closed both halves (the circuit's count is released); a's next write meets a reset.
+        #expect(await eventually { server.hub.state.withLock { $0.circuits.isEmpty } })
+        try? await a3.send(Array("again".utf8))
+        #expect(await a3.closedByRelay())
+        #expect(b3.received.unread == 0)  // nothing of it reached b
+        #expect(await eventually { server.hub.state.withLock { $0.circuits.isEmpty } })
         await server.stop()
     }
 }

@@ -464,14 +464,22 @@ def latency(args, lab, system):
         cmd += ["--sut-pid"] + [str(p) for p in sut.values()]
     cmd += ["--ignore"] + [str(p) for p in sorted(ignore)]
     l1 = load1()
+    before = thread_ns(sut.values())
     sh(lab.client(cmd, cpu="0"), timeout=args.duration + args.warmup + 60)
+    # Each process's share (agent A, agent B, relay / Nebula hosts, lighthouse), over warm-up and measured
+    # requests alike: the generator sends rate x (warmup + duration) of them.
+    used = used_seconds(before, sut.values())
     if system.startswith("mesh"):
         lab.seen_path = lab.seen_path or lab.link_path()
     with open(out) as f:
         row = json.load(f)
     row["load1"] = l1
+    sent = args.rate * (args.duration + args.warmup)
+    if sut and sent > 0:
+        row["cpu_us_per_req"] = {name: round(used[pid] * 1e6 / sent, 1) for name, pid in sut.items()}
     log(f"   latency {lab.path} {system}: p50 {row['p50']} p90 {row['p90']} p99 {row['p99']} us, "
-        f"SUT CPU {row.get('sut_cpu_us_per_req')} us/req, noise {row['noise_cores']} cores, load {l1}")
+        f"SUT CPU {row.get('sut_cpu_us_per_req')} us/req {row.get('cpu_us_per_req', {})}, "
+        f"noise {row['noise_cores']} cores, load {l1}")
     return row
 
 
@@ -620,7 +628,14 @@ def report_lines(results, heading="#"):
         for path, shapes in results["runs"].items() for shape, r in shapes.items() for s in r["bulk"]), ""]
     L += [f"{heading}# Request latency at {st['rate']} req/s", "",
           "| path | shaping | system | p50 µs | p90 µs | p99 µs | added p50 | added p90 | CPU µs/req (SUT) | "
-          "load | noise |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "CPU µs/req by process | load | noise |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def split(row):
+        per = row.get("cpu_us_per_req")
+        if not per:
+            return "-"
+        return ", ".join(f"{k} {fmt(v, 1)}" for k, v in per.items() if k != "relay-r2" or v)
+
     for path, shapes in results["runs"].items():
         for shape, r in shapes.items():
             for s in LATENCY_SYSTEMS:
@@ -629,7 +644,7 @@ def report_lines(results, heading="#"):
                     continue
                 L.append(f"| {path} | {shape} | {s} | {fmt(row['p50'], 1)} | {fmt(row['p90'], 1)} | "
                          f"{fmt(row['p99'], 1)} | {fmt(row.get('added_p50'), 1)} | {fmt(row.get('added_p90'), 1)} | "
-                         f"{fmt(row.get('sut_cpu_us_per_req'), 1)} | {fmt(row['load1'])} | "
+                         f"{fmt(row.get('sut_cpu_us_per_req'), 1)} | {split(row)} | {fmt(row['load1'])} | "
                          f"{fmt(row['noise_cores'], 3)} |")
     L += ["", "mesh-l4: by name through agent A's L4 TCP listener; mesh-l7: its L7 HTTP proxy (headers added, "
           "upstream keep-alive); both over the same link. p50 runs (sorted): " + "; ".join(

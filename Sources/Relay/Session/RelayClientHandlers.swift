@@ -1,4 +1,5 @@
 import NIOCore
+import NIOSSL
 
 /// What an agent's control session with its relay reports, after the `welcome`.
 enum RelayControlEvent: Sendable {
@@ -129,7 +130,11 @@ final class RelayControlHandler: ChannelInboundHandler, RemovableChannelHandler 
 }
 
 /// One half of a circuit on the agent's side (behind the outer TLS): the caller writes `connect` or
-/// `accept`; this waits for `ready` (or `refused`). From `ready` on, the bytes are the link's: they
+/// `accept`; this waits for `ready` (or `refused`). At `ready` it ends the session's TLS (close_notify
+/// both ways, `NIOSSLHandler.stopTLS`): the connection goes on as plain TCP, and the link's own TLS
+/// rides it end to end, encrypted once. The relay sends its close_notify right behind `ready`, so
+/// while the half waits the channel allows remote half-closure: that close_notify, read with `ready`,
+/// must not close the connection (it is set back once the TLS is gone). From then on, the bytes are the link's: they
 /// are held here until the link's handlers are in place, then handed on in order. The handler leaves
 /// the pipeline right after `onReady` (which installs the link synchronously) or, without one, on the
 /// first outbound write (the link's TLS ClientHello: its handlers are in place by then).
@@ -141,6 +146,8 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     enum State {
         case waiting
+        /// `ready` came: leaving the session's TLS.
+        case unwrapping
         case ready
         /// Leaving on the next tick (the link's first write).
         case leaving
@@ -164,6 +171,28 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.tlsRefusal = tlsRefusal
     }
 
+    func handlerAdded(context: ChannelHandlerContext) {
+        // NIOSSL reads it when the relay's close_notify arrives, before it hands on `ready` read with it.
+        try? context.channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let channelEvent = event as? ChannelEvent, case .inputClosed = channelEvent {
+            switch self.state {
+            case .unwrapping:
+                // The relay's close_notify came before our stopTLS ran: it completes at once.
+                return
+            case .waiting:
+                self.fail(context, RelayClientError.closed(self.tlsRefusal() ?? "the relay closed the connection"))
+                return
+            default:
+                context.close(promise: nil)
+                return
+            }
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = self.unwrapInboundIn(data)
         guard case .waiting = self.state else {
@@ -181,18 +210,53 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard let (message, length) = decoded else { return }
         switch message {
         case .ready(let circuit):
-            self.state = .ready
-            if self.buffer.count > length { self.held.append(ByteBuffer(bytes: self.buffer[length...])) }
-            self.buffer = []
-            self.ready.succeed(circuit)
-            if let onReady = self.onReady {
-                onReady(context.channel)
-                self.leave(context)
+            guard self.buffer.count == length else {
+                self.fail(context, RelayClientError.protocolError("the relay sent bytes after ready inside its TLS"))
+                return
             }
+            self.buffer = []
+            self.state = .unwrapping
+            self.unwrap(context, circuit)
         case .refused(let code, let text):
             self.fail(context, RelayClientError.refused(code, text))
         default:
             self.fail(context, RelayClientError.protocolError("the relay sent \(message.kind) instead of ready"))
+        }
+    }
+
+    /// Ends the session's TLS (our close_notify, then the relay's), then the circuit is ready: what
+    /// follows the relay's close_notify is the link's, in the clear (held until the link is in place).
+    private func unwrap(_ context: ChannelHandlerContext, _ circuit: UInt64) {
+        let loop = context.eventLoop
+        let done = loop.makePromise(of: Void.self)
+        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        if let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLHandler.self) {
+            // Not inside NIOSSL's read, which delivered `ready`.
+            let boundTLS = NIOLoopBound(tls, eventLoop: loop)
+            loop.execute { boundTLS.value.stopTLS(promise: done) }
+        } else {
+            // No session TLS below this handler (its tests): nothing to leave.
+            loop.execute { done.succeed(()) }
+        }
+        done.futureResult.whenComplete { result in
+            let (handler, context) = bound.value
+            guard case .unwrapping = handler.state else { return }
+            switch result {
+            case .failure(let error):
+                handler.fail(
+                    context,
+                    RelayClientError.protocolError("could not leave the relay session's TLS after ready: \(error)")
+                )
+            case .success:
+                handler.state = .ready
+                // Plain TCP now: the link's TLS handles the end of the connection as on any other.
+                try? context.channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: false)
+                handler.ready.succeed(circuit)
+                if let onReady = handler.onReady {
+                    onReady(context.channel)
+                    handler.leave(context)
+                }
+            }
         }
     }
 
@@ -216,7 +280,7 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .ready, .leaving:
             self.state = .removing
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-        case .waiting, .removing:
+        case .waiting, .unwrapping, .removing:
             break
         }
     }
@@ -236,17 +300,21 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if case .waiting = self.state {
+        switch self.state {
+        case .waiting, .unwrapping:
             self.fail(context, RelayClientError.closed(self.tlsRefusal() ?? "\(error)"))
-        } else {
+        default:
             context.fireErrorCaught(error)
         }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if case .waiting = self.state {
+        switch self.state {
+        case .waiting, .unwrapping:
             self.state = .removing
             self.ready.fail(RelayClientError.closed(self.tlsRefusal() ?? "the relay closed the connection"))
+        default:
+            break
         }
         context.fireChannelInactive()
     }

@@ -21,10 +21,15 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         case control(String)
         case waiting(circuit: UInt64, from: String, to: String)
         case forwarding(from: String, to: String)
+        /// `ready` sent, and our close_notify behind it: waiting for the node's, which ends this
+        /// connection's TLS.
+        case unwrapping(SpliceEvent)
+        /// The session's TLS is gone: waiting for the other half to be unwrapped too.
+        case unwrapped(SpliceEvent)
         case closing
     }
 
-    /// Bytes a connection may send before its circuit is spliced.
+    /// Raw bytes (the link's) an unwrapped half may send while its partner is still unwrapping.
     static let maxBuffered = 64 << 10
 
     let server: RelaySessionServer
@@ -98,21 +103,50 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = self.unwrapInboundIn(data)
         self.buffer += bytes.readBytes(length: bytes.readableBytes) ?? []
-        // A half that waits for its circuit may send ahead (its link's first bytes), within bounds.
-        if self.buffer.count > Self.maxBuffered {
-            RelaySessionMetrics.count("relay_messages_malformed_total")
-            self.refuse(context, .badMessage, "over \(Self.maxBuffered) bytes sent before the circuit was ready")
+        switch self.role {
+        case .handshaking:
             return
+        case .unwrapping, .unwrapped:
+            // The link's first bytes, in the clear (they are its TLS), behind the node's close_notify
+            // or while the partner unwraps. (Bytes inside the session's TLS after `ready` fail its
+            // shutdown: errorCaught.)
+            if self.buffer.count > Self.maxBuffered {
+                RelaySessionMetrics.count("relay_messages_malformed_total")
+                context.close(promise: nil)
+            }
+            return
+        default:
+            break
         }
-        if case .handshaking = self.role { return }
         self.drain(context)
+        self.refuseEarlyBytes(context)
+    }
+
+    /// A circuit half sends nothing after its `connect`/`accept` until the session's TLS has ended
+    /// (after `ready`): the link's TLS goes in the clear then, never inside the session's.
+    func refuseEarlyBytes(_ context: ChannelHandlerContext) {
+        guard !self.buffer.isEmpty else { return }
+        let circuit: String
+        switch self.role {
+        case .waiting(let id, _, _): circuit = "circuit \(id)"
+        case .unwrapping(let event): circuit = "circuit \(event.circuit)"
+        case .forwarding(let from, let to): circuit = "the circuit from \(from) to \(to)"
+        default: return
+        }
+        RelaySessionMetrics.count("relay_messages_malformed_total")
+        self.refuse(
+            context,
+            .badMessage,
+            "\(self.buffer.count) bytes on \(circuit) inside the relay session's TLS: after connect or accept a half "
+                + "sends nothing until ready and its close_notify, then only the link's TLS in the clear"
+        )
     }
 
     /// Decodes what is buffered, one message at a time, while this connection is not waiting.
     func drain(_ context: ChannelHandlerContext) {
         while !self.buffer.isEmpty {
             switch self.role {
-            case .waiting, .forwarding, .closing, .handshaking: return
+            case .waiting, .forwarding, .unwrapping, .unwrapped, .closing, .handshaking: return
             case .first, .control: break
             }
             let decoded: (message: RelaySessionMessage, length: Int)?
@@ -183,8 +217,16 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
             }
             RelaySessionMetrics.count("relay_circuits_total")
             let me = context.channel
+            let join = CircuitJoin()
             pending.requester.pipeline.fireUserInboundEventTriggered(
-                SpliceEvent(partner: me, circuit: circuit, from: pending.from, to: pending.to, owner: false)
+                SpliceEvent(
+                    partner: me,
+                    circuit: circuit,
+                    from: pending.from,
+                    to: pending.to,
+                    owner: false,
+                    join: join
+                )
             )
             self.splice(
                 context,
@@ -193,7 +235,8 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
                     circuit: circuit,
                     from: pending.from,
                     to: pending.to,
-                    owner: true
+                    owner: true,
+                    join: join
                 )
             )
         default:
@@ -260,21 +303,24 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
                 RelaySessionMetrics.count("relay_circuits_forwarded_total")
                 let me = context.channel
                 let idle = server.configuration.circuitIdleTimeout
-                // The other relay's half: splice it back to this node, then let go of the bytes it
-                // held since its `ready`.
-                other.eventLoop.execute {
-                    do {
-                        let ops = other.pipeline.syncOperations
-                        try ops.addHandler(SpliceHandler(partner: me, idleTimeout: idle, onEnd: nil))
-                        let held = try ops.context(handlerType: RelayCircuitHandler.self)
-                        try ops.handler(type: RelayCircuitHandler.self).leave(held)
-                    } catch {
-                        other.close(promise: nil)
+                // The other relay's half left its TLS before its `ready` resolved. Once this node's
+                // half has too, splice it back to this node, then let go of the bytes it held.
+                let join = CircuitJoin()
+                join.arrive {
+                    other.eventLoop.execute {
+                        do {
+                            let ops = other.pipeline.syncOperations
+                            try ops.addHandler(SpliceHandler(partner: me, idleTimeout: idle, onEnd: nil))
+                            let held = try ops.context(handlerType: RelayCircuitHandler.self)
+                            try ops.handler(type: RelayCircuitHandler.self).leave(held)
+                        } catch {
+                            other.close(promise: nil)
+                        }
                     }
                 }
                 handler.spliceNow(
                     context,
-                    SpliceEvent(partner: other, circuit: circuit, from: from, to: to, owner: true)
+                    SpliceEvent(partner: other, circuit: circuit, from: from, to: to, owner: true, join: join)
                 )
             case .failure(let error):
                 let refusal =
@@ -316,9 +362,62 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         self.spliceNow(context, event)
     }
 
+    /// Sends `ready`, then ends the session's TLS (`stopTLS`: our close_notify right behind `ready`,
+    /// then the node's). The splice starts once both halves are plain TCP (`CircuitJoin`). The relay
+    /// starts the close_notify so that the node never waits for it: the node reads it with `ready`
+    /// (its clients give up an unwrap after 200 ms, `MeshTLS.clientShutdownTimeout`); the relay waits
+    /// for the node's within the server's shutdown timeout (5 s), else the circuit closes.
     func spliceNow(_ context: ChannelHandlerContext, _ event: SpliceEvent) {
-        self.role = .closing
+        self.timer?.cancel()
+        self.role = .unwrapping(event)
+        let me = context.channel
+        event.partner.closeFuture.whenComplete { _ in me.close(promise: nil) }
+        if !self.buffer.isEmpty {
+            self.refuseEarlyBytes(context)
+            return
+        }
         self.send(context, .ready(circuit: event.circuit))
+        guard let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLHandler.self) else {
+            context.close(promise: nil)
+            return
+        }
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(context, eventLoop: loop)
+        let done = loop.makePromise(of: Void.self)
+        // Not inside NIOSSL's read, which may have delivered the message that led here.
+        let boundTLS = NIOLoopBound(tls, eventLoop: loop)
+        loop.execute { boundTLS.value.stopTLS(promise: done) }
+        let logger = self.server.logger
+        done.futureResult.whenComplete { result in
+            let context = bound.value
+            if case .failure(let error) = result {
+                RelaySessionMetrics.count("relay_circuits_refused_total", [("reason", "unwrap")])
+                logger.info(
+                    "circuit \(event.circuit) (\(event.from) to \(event.to)) closed: its half did not end the relay session's TLS after ready: \(error)"
+                )
+            }
+            guard case .success = result,
+                let h = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self),
+                case .unwrapping = h.role
+            else {
+                context.close(promise: nil)
+                return
+            }
+            h.role = .unwrapped(event)
+            event.join.arrive {
+                loop.execute {
+                    let context = bound.value
+                    (try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self))?
+                        .startSplice(context)
+                }
+            }
+        }
+    }
+
+    /// Both halves are plain TCP: splice them, passing on what this half sent meanwhile.
+    func startSplice(_ context: ChannelHandlerContext) {
+        guard case .unwrapped(let event) = self.role, context.channel.isActive else { return }
+        self.role = .closing
         let leftover = self.buffer
         self.buffer = []
         let hub = self.server.hub
@@ -341,6 +440,8 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         case .control(let name): self.server.hub.unregister(name, context.channel)
         case .waiting(let circuit, _, _): _ = self.server.hub.cancel(circuit)
         case .forwarding(let from, let to): self.server.hub.ended(from: from, to: to)
+        case .unwrapping(let event) where event.owner, .unwrapped(let event) where event.owner:
+            self.server.hub.ended(from: event.from, to: event.to)
         default: break
         }
         self.role = .closing
@@ -350,6 +451,13 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if case .handshaking = self.role {
             RelaySessionMetrics.count("relay_connections_refused_total", [("reason", "tls")])
+        }
+        if case .unwrapping(let event) = self.role {
+            // E.g. bytes inside the session's TLS after `ready` (APPLICATION_DATA_ON_SHUTDOWN).
+            RelaySessionMetrics.count("relay_messages_malformed_total")
+            self.server.logger.info(
+                "circuit \(event.circuit) (\(event.from) to \(event.to)) closed: a half sent something other than its close_notify after ready: \(error)"
+            )
         }
         self.server.logger.debug("relay session from \(context.remoteAddress?.description ?? "?"): \(error)")
         context.close(promise: nil)
@@ -365,6 +473,9 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         if case .control(let name) = self.role { self.server.hub.unregister(name, context.channel) }
         if case .waiting(let circuit, _, _) = self.role { _ = self.server.hub.cancel(circuit) }
         if case .forwarding(let from, let to) = self.role { self.server.hub.ended(from: from, to: to) }
+        if case .unwrapping(let event) = self.role, event.owner {
+            self.server.hub.ended(from: event.from, to: event.to)
+        }
         self.role = .closing
         self.timer?.cancel()
         self.server.logger.info(
@@ -388,10 +499,27 @@ struct SpliceEvent: Sendable {
     let to: String
     /// The second half's own event: it releases the circuit's count when the splice ends.
     let owner: Bool
+    /// Shared by both halves: the splice starts when both have left the session's TLS.
+    let join: CircuitJoin
+}
+
+/// Starts a circuit's splice once both halves are plain TCP: each half arrives with what starts its
+/// side, and the second arrival runs both.
+final class CircuitJoin: Sendable {
+    private let arrived = Mutex<[@Sendable () -> Void]>([])
+
+    func arrive(_ start: @escaping @Sendable () -> Void) {
+        let both: [@Sendable () -> Void]? = self.arrived.withLock { list in
+            list.append(start)
+            return list.count == 2 ? list : nil
+        }
+        for start in both ?? [] { start() }
+    }
 }
 
 /// Forwards every byte to the partner connection, with backpressure both ways; the end of either
-/// side closes the other.
+/// side closes the other. What one read burst brought goes to the partner in one task on its event
+/// loop (write and flush together), not one hop per buffer and another for the flush.
 final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
 
@@ -400,6 +528,9 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
     let onEnd: (@Sendable () -> Void)?
     var pending = 0
     var bytes = 0
+    var batch: [ByteBuffer] = []
+    /// Looked up once per circuit, not once per read.
+    let bytesCounter = Counter(label: "relay_circuit_bytes_total")
     var lastActivity = NIODeadline.now()
     var idleTimer: Scheduled<Void>?
 
@@ -434,13 +565,24 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
         let buffer = self.unwrapInboundIn(data)
         self.bytes += buffer.readableBytes
         self.lastActivity = .now()
-        self.partner.write(buffer, promise: nil)
+        self.batch.append(buffer)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        self.partner.flush()
+        let batch = self.batch
+        self.batch = []
+        let partner = self.partner
+        if partner.eventLoop.inEventLoop {
+            for buffer in batch { partner.write(buffer, promise: nil) }
+            partner.flush()
+        } else if !batch.isEmpty {
+            partner.eventLoop.execute {
+                for buffer in batch { partner.write(buffer, promise: nil) }
+                partner.flush()
+            }
+        }
         if self.bytes > 0 {
-            RelaySessionMetrics.count("relay_circuit_bytes_total", by: self.bytes)
+            self.bytesCounter.increment(by: self.bytes)
             self.bytes = 0
         }
         // The partner's socket is behind: stop reading until it drains (it tells us, below).
@@ -460,6 +602,15 @@ final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
             self.partner.setOption(.autoRead, value: true).whenFailure { _ in }
         }
         context.fireChannelWritabilityChanged()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // A circuit half allows half-closure (for its unwrap): its end closes the circuit, as before.
+        if let channelEvent = event as? ChannelEvent, case .inputClosed = channelEvent {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
