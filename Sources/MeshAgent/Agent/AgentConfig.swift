@@ -85,9 +85,9 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// Seconds between checks whether the agent is idle, when it drops its mappings of code and read-only
     /// data it has not touched since (Footprint.swift); 0: never. 1-3600, default 5.
     public var idleTrimSeconds: Int = AgentConfig.defaultIdleTrimSeconds
-    /// What carries HTTP routes: `nio` (NIO channels) or `epoll` (the epoll loops that carry TCP routes;
-    /// DataPlane/HTTPLoop/README.md).
-    public var httpEngine: HTTPEngine = .nio
+    /// What carries HTTP routes: `epoll` (the default: the epoll loops that carry TCP routes;
+    /// DataPlane/HTTPLoop/README.md) or `nio` (NIO channels).
+    public var httpEngine: HTTPEngine = .epoll
 
     public enum InterfaceMode: String, StrictEnum {
         case loopback

@@ -163,7 +163,7 @@ public struct HTTPConfiguration: Sendable {
         upgradeProtocols: Set<String> = ["websocket"],
         requestBufferSize: Int = 64 * 1024,
         responseBodyTimeout: TimeAmount = .seconds(60),
-        engine: HTTPEngine = .nio
+        engine: HTTPEngine = .epoll
     ) {
         self.maxHeaderListSize = maxHeaderListSize
         self.maxHeaderFieldSize = maxHeaderFieldSize
