@@ -64,21 +64,23 @@ final class SpliceLoop: @unchecked Sendable {
     private var live: [ObjectIdentifier: SpliceConnection] = [:]
     /// Connections closed during the current batch of events: kept alive until the batch is done, since a
     /// later event in the same batch may name them.
-    private var retired: [SpliceConnection] = []
+    @exclusivity(unchecked) private var retired: [SpliceConnection] = []
     /// Connections whose pump stopped at its per-event bound with bytes still to read.
-    private var again: [SpliceConnection] = []
+    @exclusivity(unchecked) private var again: [SpliceConnection] = []
     /// Connections waiting for their upstream connect, checked against their deadline.
     private var connecting: [SpliceConnection] = []
-    private var nextConnectDeadline = UInt64.max
+    @exclusivity(unchecked) private var nextConnectDeadline = UInt64.max
     /// Idle sweep: every eighth of the idle timeout, every connection's activity count is compared with the
     /// previous sweep's; reads cost no clock read.
     private let sweepInterval: UInt64
-    private var nextSweep: UInt64
+    @exclusivity(unchecked) private var nextSweep: UInt64
     /// Acceptors paused after EMFILE/ENFILE, with the time to resume them.
     private var paused: [(acceptor: any SpliceListeningSocket, until: UInt64)] = []
-    private(set) var now: UInt64
+    /// The earliest `until` in `paused` (max when none), so that a wake-up does not walk the array.
+    @exclusivity(unchecked) private var nextResume = UInt64.max
+    @exclusivity(unchecked) private(set) var now: UInt64
     /// The HTTP connections and upstream pool of this loop (the epoll HTTP engine, `HTTPLoop/`), made on first use.
-    private(set) var httpState: HTTPLoopState?
+    @exclusivity(unchecked) private(set) var httpState: HTTPLoopState?
 
     /// This loop's HTTP state, made on first use (loop thread).
     var http: HTTPLoopState {
@@ -212,7 +214,7 @@ final class SpliceLoop: @unchecked Sendable {
             if wake, self.runTasks() { break }
             if self.now >= self.nextConnectDeadline { self.expireConnects() }
             if self.now >= self.nextSweep { self.sweep() }
-            if !self.paused.isEmpty { self.resumeAcceptors() }
+            if self.now >= self.nextResume { self.resumeAcceptors() }
             self.retired.removeAll(keepingCapacity: true)
             self.httpState?.afterBatch()
         }
@@ -238,9 +240,9 @@ final class SpliceLoop: @unchecked Sendable {
         return stopping
     }
 
+    @inline(__always)
     private func timeoutMilliseconds() -> Int32 {
-        var deadline = min(self.nextSweep, self.nextConnectDeadline)
-        for entry in self.paused { deadline = min(deadline, entry.until) }
+        var deadline = min(self.nextSweep, self.nextConnectDeadline, self.nextResume)
         if let http = self.httpState { deadline = min(deadline, http.deadline) }
         // The time of this wake-up: at most one batch of work old, against deadlines kept in milliseconds.
         let now = self.now
@@ -313,6 +315,7 @@ final class SpliceLoop: @unchecked Sendable {
     func pause(_ acceptor: any SpliceListeningSocket, for nanoseconds: UInt64) {
         self.deregister(acceptor.fd)
         self.paused.append((acceptor, self.now &+ nanoseconds))
+        self.nextResume = min(self.nextResume, self.now &+ nanoseconds)
     }
 
     /// Closes every connection accepted for `listener` on this loop.
@@ -358,6 +361,7 @@ final class SpliceLoop: @unchecked Sendable {
             resumed.append(entry.acceptor)
             return true
         }
+        self.nextResume = self.paused.lazy.map(\.until).min() ?? .max
         for acceptor in resumed where !acceptor.detached {
             try? self.register(acceptor.fd, acceptor, events: SpliceEvents.input | SpliceEvents.exclusive)
         }
