@@ -238,21 +238,14 @@ final class SpliceAcceptor: SplicePollable, SpliceListeningSocket {
         guard !self.detached else { return }
         let handle = self.listener.handle
         for _ in 0..<16 {
-            let fd: Int32
-            let storage: sockaddr_storage
-            switch SpliceSocket.accept(self.fd) {
-            case .socket(let accepted, let address): (fd, storage) = (accepted, address)
-            case .drained: return
-            case .failed(let code):
-                self.loop.acceptFailed(
-                    self,
-                    errno: code,
+            guard
+                let (fd, storage) = self.loop.accept(
+                    on: self,
                     lastWarning: &self.lastWarning,
                     "splice: accept failed, pausing the listener for 100 ms",
                     metadata: ["listener": "\(handle.key)"]
                 )
-                return
-            }
+            else { return }
             guard SpliceSocket.admit(fd, to: handle, self.loop.configuration) else { continue }
             if self.listener.http {
                 HTTPLoopClient(

@@ -296,20 +296,28 @@ final class SpliceLoop: @unchecked Sendable {
         self.nextConnectDeadline = min(self.nextConnectDeadline, connection.connectDeadline)
     }
 
-    /// A listening socket could not accept (out of descriptors or memory). It is level-triggered, so it is not
-    /// watched for 100 ms rather than spin; `message` is logged at most every 10 s per socket.
-    func acceptFailed(
-        _ acceptor: any SpliceListeningSocket,
-        errno code: Int32,
+    /// The next connection on `acceptor`'s listening socket; nil when it has none left (EAGAIN) or cannot accept
+    /// now (out of descriptors or memory). In that case it is level-triggered, so it is not watched for 100 ms
+    /// rather than spin; `message` is logged at most every 10 s per socket.
+    func accept(
+        on acceptor: any SpliceListeningSocket,
         lastWarning: inout UInt64,
-        _ message: Logger.Message,
-        metadata: Logger.Metadata = [:]
-    ) {
-        if self.now &- lastWarning > 10_000_000_000 || lastWarning == 0 {
-            lastWarning = self.now
-            self.logger.warning(message, metadata: metadata.merging(["errno": "\(code)"]) { a, _ in a })
+        _ message: @autoclosure () -> Logger.Message,
+        metadata: @autoclosure () -> Logger.Metadata = [:]
+    ) -> (fd: Int32, address: sockaddr_storage)? {
+        switch SpliceSocket.accept(acceptor.fd) {
+        case .socket(let fd, let address):
+            return (fd, address)
+        case .drained:
+            return nil
+        case .failed(let code):
+            if self.now &- lastWarning > 10_000_000_000 || lastWarning == 0 {
+                lastWarning = self.now
+                self.logger.warning(message(), metadata: metadata().merging(["errno": "\(code)"]) { a, _ in a })
+            }
+            self.pause(acceptor, for: 100_000_000)
+            return nil
         }
-        self.pause(acceptor, for: 100_000_000)
     }
 
     func pause(_ acceptor: any SpliceListeningSocket, for nanoseconds: UInt64) {

@@ -301,20 +301,13 @@ final class VIPAcceptor: SplicePollable, SpliceListeningSocket {
     override func ready(_ events: UInt32) {
         guard !self.detached else { return }
         for _ in 0..<16 {
-            let fd: Int32
-            let storage: sockaddr_storage
-            switch SpliceSocket.accept(self.fd) {
-            case .socket(let accepted, let address): (fd, storage) = (accepted, address)
-            case .drained: return
-            case .failed(let code):
-                self.loop.acceptFailed(
-                    self,
-                    errno: code,
+            guard
+                let (fd, storage) = self.loop.accept(
+                    on: self,
                     lastWarning: &self.lastWarning,
                     "VIP listener: accept failed, pausing for 100 ms"
                 )
-                return
-            }
+            else { return }
             guard let destination = VIPSocket.originalDestination(fd, v6: self.v6),
                 let route = self.listener.route(destination)
             else {
