@@ -99,4 +99,4 @@ struct ProxyCommand: AsyncParsableCommand {
     }
 }
 
-extension HTTPEngine: ExpressibleByArgument {}
+extension HTTPEngine: @retroactive ExpressibleByArgument {}
