@@ -226,7 +226,7 @@ struct MeshView: Codable, Sendable, Equatable {
         self.links = links.keys.sorted().map { links[$0]! }
         self.services = s.table.services.map { key, svc in
             var perSite: [String: Int] = [:]
-            for a in s.table.endpoints[key]?.spec.addresses ?? [] { perSite[a.site ?? "-", default: 0] += 1 }
+            for a in s.table.endpoints[key] ?? TableEndpoints() { perSite[a.site ?? "-", default: 0] += 1 }
             return ServiceView(
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace ?? "default",

@@ -53,12 +53,13 @@ private struct TwoNodes {
                 metadata: ObjectMeta(name: key.name, namespace: key.namespace),
                 spec: ServiceSpec(ports: [ServicePort(port: 8080, protocol: s.proto)])
             )
-            snapshot.endpoints[key] = Endpoints(
+            snapshot.endpoints[key] = TableEndpoints(
+ Endpoints(
                 metadata: ObjectMeta(name: key.name, namespace: key.namespace),
                 spec: EndpointsSpec(addresses: [
                     EndpointAddress(ip: s.server.ip.description, ports: [EndpointPort(port: s.server.port)], node: "b")
                 ])
-            )
+            ))
         }
         self.table.set(snapshot)
     }
@@ -289,14 +290,15 @@ struct ReachMappingTests {
             metadata: ObjectMeta(name: "web", namespace: "shop"),
             spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "10.96.0.10")
         )
-        snapshot.endpoints[key] = Endpoints(
+        snapshot.endpoints[key] = TableEndpoints(
+ Endpoints(
             metadata: ObjectMeta(name: "web", namespace: "shop"),
             spec: EndpointsSpec(addresses: [
                 EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "b"),
                 EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "c"),
                 EndpointAddress(ip: "10.0.0.7", ports: [EndpointPort(port: 80)], node: "a1"),
             ])
-        )
+        ))
         snapshot.nodes = ["b": node("b", site: "b"), "c": node("c", site: "c"), "a1": node("a1", site: "a")]
         let table = AgentMapping.routeTable(snapshot, localSite: "a", localNode: "a1")
         let backends = try #require(table.routes.first?.backends)
@@ -340,13 +342,14 @@ struct ReachMappingTests {
             metadata: ObjectMeta(name: "web", namespace: "shop"),
             spec: ServiceSpec(ports: [ServicePort(port: 80)])
         )
-        snapshot.endpoints[key] = Endpoints(
+        snapshot.endpoints[key] = TableEndpoints(
+ Endpoints(
             metadata: ObjectMeta(name: "web", namespace: "shop"),
             spec: EndpointsSpec(addresses: [
                 EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 8080)], node: "b"),
                 EndpointAddress(ip: "10.0.0.6", ports: [EndpointPort(port: 8080)], node: "c"),
             ])
-        )
+        ))
         func target(_ ip: String, _ port: UInt16, service: String = "web") -> StreamTarget {
             StreamTarget(
                 namespace: "shop",

@@ -79,7 +79,7 @@ final class RunningSync: Sendable {
         try await cp.client.apply(mkService("api"))
         #expect(
             await eventually {
-                running.log.last?.endpoints[ServiceKey(namespace: "shop", name: "web")]?.spec.addresses.count == 2
+                running.log.last?.endpoints[ServiceKey(namespace: "shop", name: "web")]?.count == 2
                     && running.log.last?.services.count == 2
             }
         )
@@ -115,7 +115,7 @@ final class RunningSync: Sendable {
         let first = try #require(running.log.all.withLock { $0.first })
         #expect(first.source == .cache)
         #expect(first.services.keys.map(\.name) == ["web"])
-        #expect(first.endpoints.values.first?.spec.addresses.map(\.ip) == ["198.18.1.1"])
+        #expect(first.endpoints.values.first?.addresses.map(\.ip) == ["198.18.1.1"])
         // The reflector of each kind (services, endpoints, nodes, relays) tried the control plane and
         // failed (a first failure is a warning): the table still serves the cache.
         #expect(await eventually { running.logs.messages(.warning, containing: "retrying in").count >= 4 })
@@ -127,7 +127,7 @@ final class RunningSync: Sendable {
         #expect(
             await eventually(timeout: .seconds(15)) {
                 running.log.last?.source == .control
-                    && running.log.last?.endpoints.values.first?.spec.addresses.map(\.ip) == ["198.18.1.9"]
+                    && running.log.last?.endpoints.values.first?.addresses.map(\.ip) == ["198.18.1.9"]
             }
         )
         try await running.stop()

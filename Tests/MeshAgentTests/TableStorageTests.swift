@@ -4,9 +4,9 @@ import Testing
 
 @testable import MeshAgent
 
-/// What the agent's table keeps of each object (ServiceTable.swift `forTable`).
+/// What the agent's table keeps of each object (`TableEndpoints`, ServiceTable.swift `forTable`).
 @Suite struct TableStorageTests {
-    @Test func endpointsShareEqualPortListsAndLongNames() {
+    @Test func endpointsAreKeptAsCompactEntriesWithEachNameOnce() {
         let long = "edge-node-with-a-long-name-01"
         var endpoints = Endpoints(
             metadata: ObjectMeta(name: "web", namespace: "shop", labels: ["app": "web"]),
@@ -21,21 +21,40 @@ import Testing
                 }
             )
         )
+        endpoints.spec.addresses[3].ports = [EndpointPort(name: "http", port: 9090), EndpointPort(port: 9091)]
+        endpoints.spec.addresses[4].weight = 7
+        endpoints.spec.addresses[5].ready = false
+        endpoints.spec.addresses[6].hostname = "db-0"
+        endpoints.spec.addresses[7].ip = "2001:db8::7"
         endpoints.metadata.uid = "0f8fad5b-d9cb-469f-a165-70867728950e"
         endpoints.metadata.resourceVersion = "42"
-        endpoints.metadata.creationTimestamp = "2026-12-04T20:00:00Z"
-        let kept = endpoints.forTable
-        // The same addresses, ports and names.
-        #expect(kept.spec == endpoints.spec)
-        #expect(kept.metadata.name == "web" && kept.metadata.namespace == "shop")
-        #expect(kept.metadata.resourceVersion == "42")
-        #expect(kept.metadata.uid == nil && kept.metadata.labels == nil && kept.metadata.creationTimestamp == nil)
-        // One port list and one node name for all ten addresses.
-        #expect(Set(kept.spec.addresses.map { storage(of: $0.ports) }).count == 1)
-        #expect(Set(kept.spec.addresses.map { storage(of: $0.node!) }).count == 1)
-        // As decoded (or built), each address had its own.
-        #expect(Set(endpoints.spec.addresses.map { storage(of: $0.ports) }).count == 10)
-        #expect(Set(endpoints.spec.addresses.map { storage(of: $0.node!) }).count == 10)
+        let kept = TableEndpoints(endpoints)
+        // The same addresses, ports, names, weights and flags, in order; the version; nothing else.
+        #expect(kept.addresses == endpoints.spec.addresses)
+        #expect(kept.resourceVersion == "42")
+        #expect(kept[7].address == IPAddress("2001:db8::7") && kept[0].address == IPAddress("198.18.0.1"))
+        #expect(kept[4].effectiveWeight == 7 && kept[0].weight == nil)
+        #expect(!kept[5].isReady && kept[5].ready == false && kept[0].ready == nil && kept[0].isReady)
+        // Each distinct name once (node, site, hostname) and each distinct port list once.
+        #expect(kept.names == [long, "a", "db-0"])
+        #expect(kept.portLists.count == 2)
+        // 40 bytes per address, against 88 for the API's form.
+        #expect(MemoryLayout<TableEndpoints.Entry>.stride == 40)
+        #expect(MemoryLayout<EndpointAddress>.stride > 40)
+    }
+
+    @Test func anAddressThatDoesNotParseIsKeptAsText() {
+        let endpoints = Endpoints(
+            metadata: ObjectMeta(name: "web", namespace: "shop"),
+            spec: EndpointsSpec(addresses: [
+                EndpointAddress(ip: "not-an-address", ports: [EndpointPort(port: 80)]),
+                EndpointAddress(ip: "10.0.0.1", ports: [EndpointPort(port: 80)]),
+            ])
+        )
+        let kept = TableEndpoints(endpoints)
+        #expect(kept[0].address == nil && kept[1].address == IPAddress("10.0.0.1"))
+        #expect(kept.addresses == endpoints.spec.addresses)
+        #expect(TableEndpoints(endpoints) == kept)
     }
 
     @Test func theTableFoldsObjectsAsKept() {
@@ -53,14 +72,4 @@ import Testing
         snapshot.apply(ReflectorUpdate<MeshService>.changed(.deleted(service)))
         #expect(snapshot.services[key] == nil)
     }
-}
-
-/// Where an array's elements are stored.
-private func storage(of array: [EndpointPort]) -> UInt {
-    array.withUnsafeBufferPointer { UInt(bitPattern: $0.baseAddress) }
-}
-
-/// Where a (native, heap-stored) string's bytes are stored.
-private func storage(of string: String) -> UInt {
-    string.utf8.withContiguousStorageIfAvailable { UInt(bitPattern: $0.baseAddress) } ?? 0
 }

@@ -9,7 +9,8 @@ public enum AgentMapping {
         var services: [DNSService] = []
         services.reserveCapacity(snapshot.services.count)
         for (name, service) in snapshot.services.sorted(by: { $0.key < $1.key }) {
-            let endpoints = snapshot.endpoints[name]?.spec.addresses ?? []
+            // Only a headless service's name answers its endpoints: a service with a VIP needs none here.
+            let endpoints = service.spec.vip == nil ? snapshot.endpoints[name] ?? TableEndpoints() : TableEndpoints()
             services.append(
                 DNSService(
                     name: name.name,
@@ -43,7 +44,12 @@ public enum AgentMapping {
         localNode: String?,
         localSite: String?
     ) -> Reach {
-        guard let localSite, let name = address.node, name != localNode, let node = nodes[name],
+        Self.reach(node: address.node, nodes: nodes, localNode: localNode, localSite: localSite)
+    }
+
+    /// `reach(of:)` for an endpoint of node `name`.
+    static func reach(node name: String?, nodes: [String: Node], localNode: String?, localSite: String?) -> Reach {
+        guard let localSite, let name, name != localNode, let node = nodes[name],
             let site = node.spec.site, site != localSite
         else { return .direct }
         return .peer(name)
@@ -59,13 +65,13 @@ public enum AgentMapping {
         routes.reserveCapacity(snapshot.services.values.reduce(0) { $0 + $1.spec.ports.count })
         for (name, service) in snapshot.services.sorted(by: { $0.key < $1.key }) {
             guard let vip = service.spec.vip else { continue }  // headless: DNS only
-            let addresses = snapshot.endpoints[name]?.spec.addresses ?? []
+            let addresses = snapshot.endpoints[name] ?? TableEndpoints()
             for port in service.spec.ports {
                 // Straight into the route's compact list (BackendList), sized by the endpoints.
                 var backends = BackendList.Builder(capacity: addresses.count)
                 for a in addresses {
                     guard let ip = a.address,
-                        let target = Self.targetPort(port, of: a, servicePorts: service.spec.ports.count)
+                        let target = Self.targetPort(port, of: a.ports, servicePorts: service.spec.ports.count)
                     else {
                         continue
                     }
@@ -78,7 +84,12 @@ public enum AgentMapping {
                             site: a.site ?? node?.spec.site,
                             weight: a.effectiveWeight,
                             ready: a.isReady,
-                            reach: Self.reach(of: a, nodes: snapshot.nodes, localNode: localNode, localSite: localSite)
+                            reach: Self.reach(
+                                node: a.node,
+                                nodes: snapshot.nodes,
+                                localNode: localNode,
+                                localSite: localSite
+                            )
                         )
                     )
                 }
@@ -100,11 +111,11 @@ public enum AgentMapping {
 
     /// The endpoint's port for a service port: the one of the same name; for an unnamed port of a
     /// single-port service, the endpoint's only (or unnamed) port; else `targetPort` or the port itself.
-    static func targetPort(_ port: ServicePort, of address: EndpointAddress, servicePorts: Int) -> Int? {
-        if let name = port.name, let match = address.ports.first(where: { $0.name == name }) { return match.port }
+    static func targetPort(_ port: ServicePort, of ports: [EndpointPort], servicePorts: Int) -> Int? {
+        if let name = port.name, let match = ports.first(where: { $0.name == name }) { return match.port }
         if port.name == nil || servicePorts == 1 {
-            if let unnamed = address.ports.first(where: { $0.name == nil }) { return unnamed.port }
-            if address.ports.count == 1 { return address.ports[0].port }
+            if let unnamed = ports.first(where: { $0.name == nil }) { return unnamed.port }
+            if ports.count == 1 { return ports[0].port }
         }
         if let t = port.targetPort { return t }
         return nil

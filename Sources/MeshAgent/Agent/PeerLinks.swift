@@ -76,7 +76,7 @@ enum PeerDirectory {
         }
         let ip = target.endpoint.ipAddress
         let port = Int(target.endpointPort)
-        let served = endpoints.spec.addresses.contains { a in
+        let served = endpoints.contains { a in
             a.node == localNode && a.address == ip && a.ports.contains { $0.port == port }
         }
         guard served else {

@@ -22,7 +22,8 @@ public struct ServiceSnapshot: Sendable, Equatable {
     }
 
     public var services: [ServiceKey: MeshService] = [:]
-    public var endpoints: [ServiceKey: Endpoints] = [:]
+    /// Each service's endpoints, compact (`TableEndpoints`).
+    public var endpoints: [ServiceKey: TableEndpoints] = [:]
     /// The registered nodes by name: an endpoint's node and its site say how it is reached (`Reach`),
     /// its addresses and link port where its peer link is dialed.
     public var nodes: [String: Node] = [:]
@@ -69,34 +70,12 @@ extension Endpoints: SnapshotMember {
     public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.endpointsVersion }
     public static func replace(_ items: [Endpoints], in snapshot: inout ServiceSnapshot) {
         snapshot.endpoints = Dictionary(
-            items.map { (ServiceKey($0), $0.forTable) },
+            items.map { (ServiceKey($0), TableEndpoints($0)) },
             uniquingKeysWith: { _, b in b }
         )
     }
     public func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
-        snapshot.endpoints[ServiceKey(self)] = present ? self.forTable : nil
-    }
-
-    /// What the table keeps of an Endpoints object: its metadata as `ObjectMeta.forTable`, and its addresses
-    /// with equal port lists (in the common case every address has the same one) and equal long names sharing
-    /// one copy, instead of an array and a string per address as decoded.
-    var forTable: Endpoints {
-        var copy = self
-        copy.metadata = copy.metadata.forTable
-        var lists: [[EndpointPort]] = []
-        var names = StringInterner()
-        for i in copy.spec.addresses.indices {
-            let ports = copy.spec.addresses[i].ports
-            if let same = lists.first(where: { $0 == ports }) {
-                copy.spec.addresses[i].ports = same
-            } else if lists.count < 8 {
-                lists.append(ports)
-            }
-            names.intern(&copy.spec.addresses[i].node)
-            names.intern(&copy.spec.addresses[i].site)
-            names.intern(&copy.spec.addresses[i].hostname)
-        }
-        return copy
+        snapshot.endpoints[ServiceKey(self)] = present ? TableEndpoints(self) : nil
     }
 }
 
@@ -108,21 +87,6 @@ extension ObjectMeta {
         var meta = ObjectMeta(name: self.name, namespace: self.namespace)
         meta.resourceVersion = self.resourceVersion
         return meta
-    }
-}
-
-/// Makes equal strings share one copy. Strings of up to 15 UTF-8 bytes are stored inline (no heap), so only
-/// longer ones are looked up.
-struct StringInterner {
-    private var seen: [String: String] = [:]
-
-    mutating func intern(_ value: inout String?) {
-        guard let s = value, s.utf8.count > 15 else { return }
-        if let same = self.seen[s] {
-            value = same
-        } else {
-            self.seen[s] = s
-        }
     }
 }
 
