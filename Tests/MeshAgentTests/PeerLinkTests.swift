@@ -54,12 +54,17 @@ private struct TwoNodes {
                 spec: ServiceSpec(ports: [ServicePort(port: 8080, protocol: s.proto)])
             )
             snapshot.endpoints[key] = TableEndpoints(
- Endpoints(
-                metadata: ObjectMeta(name: key.name, namespace: key.namespace),
-                spec: EndpointsSpec(addresses: [
-                    EndpointAddress(ip: s.server.ip.description, ports: [EndpointPort(port: s.server.port)], node: "b")
-                ])
-            ))
+                Endpoints(
+                    metadata: ObjectMeta(name: key.name, namespace: key.namespace),
+                    spec: EndpointsSpec(addresses: [
+                        EndpointAddress(
+                            ip: s.server.ip.description,
+                            ports: [EndpointPort(port: s.server.port)],
+                            node: "b"
+                        )
+                    ])
+                )
+            )
         }
         self.table.set(snapshot)
     }
@@ -291,14 +296,15 @@ struct ReachMappingTests {
             spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "10.96.0.10")
         )
         snapshot.endpoints[key] = TableEndpoints(
- Endpoints(
-            metadata: ObjectMeta(name: "web", namespace: "shop"),
-            spec: EndpointsSpec(addresses: [
-                EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "b"),
-                EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "c"),
-                EndpointAddress(ip: "10.0.0.7", ports: [EndpointPort(port: 80)], node: "a1"),
-            ])
-        ))
+            Endpoints(
+                metadata: ObjectMeta(name: "web", namespace: "shop"),
+                spec: EndpointsSpec(addresses: [
+                    EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "b"),
+                    EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "c"),
+                    EndpointAddress(ip: "10.0.0.7", ports: [EndpointPort(port: 80)], node: "a1"),
+                ])
+            )
+        )
         snapshot.nodes = ["b": node("b", site: "b"), "c": node("c", site: "c"), "a1": node("a1", site: "a")]
         let table = AgentMapping.routeTable(snapshot, localSite: "a", localNode: "a1")
         let backends = try #require(table.routes.first?.backends)
@@ -343,13 +349,14 @@ struct ReachMappingTests {
             spec: ServiceSpec(ports: [ServicePort(port: 80)])
         )
         snapshot.endpoints[key] = TableEndpoints(
- Endpoints(
-            metadata: ObjectMeta(name: "web", namespace: "shop"),
-            spec: EndpointsSpec(addresses: [
-                EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 8080)], node: "b"),
-                EndpointAddress(ip: "10.0.0.6", ports: [EndpointPort(port: 8080)], node: "c"),
-            ])
-        ))
+            Endpoints(
+                metadata: ObjectMeta(name: "web", namespace: "shop"),
+                spec: EndpointsSpec(addresses: [
+                    EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 8080)], node: "b"),
+                    EndpointAddress(ip: "10.0.0.6", ports: [EndpointPort(port: 8080)], node: "c"),
+                ])
+            )
+        )
         func target(_ ip: String, _ port: UInt16, service: String = "web") -> StreamTarget {
             StreamTarget(
                 namespace: "shop",

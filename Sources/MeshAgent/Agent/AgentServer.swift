@@ -285,6 +285,7 @@ public final class AgentServer: Service, Sendable {
                 current: current,
                 configuration: self.config.punchConfiguration(linkPort: $0),
                 hostAddresses: self.config.punchHostAddresses(),
+                ignoredInterface: self.config.interfaceName,
                 logger: self.relayLogger()
             )
         }

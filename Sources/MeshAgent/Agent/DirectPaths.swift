@@ -4,6 +4,13 @@ import NIOCore
 import NIOPosix
 import Relay
 import ServiceLifecycle
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// The agent's direct paths through NATs: its NAT discovery (from the link port, against the relays'
 /// STUN servers in the table), published as its Node's `status.candidates`, and the punch coordinator
@@ -19,6 +26,8 @@ final class DirectPaths: ServiceLifecycle.Service, Sendable {
     /// The addresses the candidates list as this host's own: the configured `nodeAddresses`, or the
     /// host's (as the Node advertises them), read when a discovery runs.
     let hostAddresses: HostAddressList
+    /// The mesh interface: its addresses (the VIPs) are none of the host's own, so its events are skipped.
+    let ignoredInterface: String?
     let logger: Logger
 
     init(
@@ -28,11 +37,13 @@ final class DirectPaths: ServiceLifecycle.Service, Sendable {
         current: CurrentTable,
         configuration: PunchConfiguration,
         hostAddresses: @escaping HostAddressList,
+        ignoredInterface: String? = nil,
         logger: Logger
     ) {
         self.current = current
         self.nodeName = nodeName
         self.hostAddresses = hostAddresses
+        self.ignoredInterface = ignoredInterface
         self.logger = logger
         self.discovery = NATDiscoveryService(
             client: STUNClient(group: links.group),
@@ -77,9 +88,14 @@ final class DirectPaths: ServiceLifecycle.Service, Sendable {
     /// The host's addresses changed (an address added to or removed from an interface, over netlink):
     /// discover again, so the candidates (and the Node's `status.candidates`, which the node agent
     /// reports as soon as they move) follow within about a second. Events that leave the advertised list
-    /// as it was (the mesh interface's VIPs, link-local addresses) do not. Without netlink (not Linux, or
-    /// no permission), the list is compared every 5 s instead.
-    func watchHostAddresses() async {
+    /// as it was (link-local addresses) do not. Without netlink (not Linux, or no permission), the list is
+    /// compared every 5 s instead.
+    ///
+    /// The mesh interface's own events (its VIPs) are skipped before anything is read, and a burst of events
+    /// (an interface coming up with its addresses) is one comparison after it settles (`settle`): each
+    /// comparison lists every address of the host, and an agent that puts 10,000 VIPs on the mesh interface
+    /// at start-up once compared 10,000 times a list of 10,000 (77 s of CPU before every route listened).
+    func watchHostAddresses(settle: Duration = .milliseconds(250)) async {
         var seen = Set(self.hostAddresses())
         let check = { @Sendable (seen: inout Set<IPAddress>) in
             let now = Set(self.hostAddresses())
@@ -95,20 +111,64 @@ final class DirectPaths: ServiceLifecycle.Service, Sendable {
                 self.discovery.refresh()
             }
         }
+        let events: AsyncStream<HostAddressEvent>
         do {
-            let events = try HostAddressWatcher.events(logger: self.logger)
-            for await _ in events {
-                if Task.isCancelled { return }
-                check(&seen)
-            }
+            events = try HostAddressWatcher.events(logger: self.logger)
         } catch {
             self.logger.notice("host address watch unavailable (\(error)): the addresses are compared every 5 s")
             while !Task.isCancelled {
                 do { try await Task.sleep(for: .seconds(5)) } catch { return }
                 check(&seen)
             }
+            return
+        }
+        let ignored = self.ignoredInterface
+        let box = Mutex(seen)
+        await Self.followBursts(
+            of: events,
+            ignoring: { event in
+                guard let ignored else { return false }
+                return event.interfaceIndex == Int32(bitPattern: if_nametoindex(ignored))
+            },
+            settle: { try? await Task.sleep(for: settle) },
+            changed: { box.withLock { check(&$0) } }
+        )
+    }
+
+    /// Calls `changed` once per burst of `events` that `ignoring` does not skip: after the first of a burst,
+    /// `settle` runs (a short sleep) while the rest are read, then one call covers them all; when the events
+    /// end, one more call covers any that came after the last. `ignoring` sees every event, in order.
+    static func followBursts(
+        of events: AsyncStream<HostAddressEvent>,
+        ignoring: @escaping @Sendable (HostAddressEvent) -> Bool,
+        settle: @escaping @Sendable () async -> Void,
+        changed: @escaping @Sendable () async -> Void
+    ) async {
+        let wake = AsyncWakeup()
+        // Events not yet covered by a call.
+        let pending = PendingEvents()
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                for await event in events where !ignoring(event) {
+                    pending.count.add(1, ordering: .sequentiallyConsistent)
+                    wake.signal()
+                }
+                wake.cancel()
+            }
+            group.addTask {
+                while await wake.wait() {
+                    await settle()
+                    if pending.count.exchange(0, ordering: .sequentiallyConsistent) > 0 { await changed() }
+                }
+                if pending.count.exchange(0, ordering: .sequentiallyConsistent) > 0 { await changed() }
+            }
         }
     }
+}
+
+/// `followBursts`' count of events not yet covered, shared by its reader and its comparer.
+private final class PendingEvents: Sendable {
+    let count = Atomic<Int>(0)
 }
 
 extension PeerDirectory {
