@@ -228,8 +228,8 @@ struct MeshView: Codable, Sendable, Equatable {
             var perSite: [String: Int] = [:]
             for a in s.table.endpoints[key] ?? TableEndpoints() { perSite[a.site ?? "-", default: 0] += 1 }
             return ServiceView(
-                name: svc.metadata.name,
-                namespace: svc.metadata.namespace ?? "default",
+                name: key.name,
+                namespace: key.namespace,
                 vip: svc.spec.clusterIP,
                 ports: svc.spec.ports.map { "\($0.port)/\($0.protocol.rawValue)" },
                 endpoints: perSite

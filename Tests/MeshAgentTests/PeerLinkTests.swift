@@ -49,9 +49,11 @@ private struct TwoNodes {
         var snapshot = ServiceSnapshot()
         for s in services {
             let key = service(s.name)
-            snapshot.services[key] = MeshService(
-                metadata: ObjectMeta(name: key.name, namespace: key.namespace),
-                spec: ServiceSpec(ports: [ServicePort(port: 8080, protocol: s.proto)])
+            snapshot.services[key] = TableService(
+                MeshService(
+                    metadata: ObjectMeta(name: key.name, namespace: key.namespace),
+                    spec: ServiceSpec(ports: [ServicePort(port: 8080, protocol: s.proto)])
+                )
             )
             snapshot.endpoints[key] = TableEndpoints(
                 Endpoints(
@@ -291,9 +293,11 @@ struct ReachMappingTests {
     @Test func theRouteTableCarriesReachAndKeepsSamePrivateAddressesOfTwoSitesApart() throws {
         var snapshot = ServiceSnapshot()
         let key = ServiceKey(namespace: "shop", name: "web")
-        snapshot.services[key] = MeshService(
-            metadata: ObjectMeta(name: "web", namespace: "shop"),
-            spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "10.96.0.10")
+        snapshot.services[key] = TableService(
+            MeshService(
+                metadata: ObjectMeta(name: "web", namespace: "shop"),
+                spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "10.96.0.10")
+            )
         )
         snapshot.endpoints[key] = TableEndpoints(
             Endpoints(
@@ -344,9 +348,11 @@ struct ReachMappingTests {
     @Test func aStreamIsAcceptedOnlyForAnEndpointThisNodeServes() throws {
         var snapshot = ServiceSnapshot()
         let key = ServiceKey(namespace: "shop", name: "web")
-        snapshot.services[key] = MeshService(
-            metadata: ObjectMeta(name: "web", namespace: "shop"),
-            spec: ServiceSpec(ports: [ServicePort(port: 80)])
+        snapshot.services[key] = TableService(
+            MeshService(
+                metadata: ObjectMeta(name: "web", namespace: "shop"),
+                spec: ServiceSpec(ports: [ServicePort(port: 80)])
+            )
         )
         snapshot.endpoints[key] = TableEndpoints(
             Endpoints(

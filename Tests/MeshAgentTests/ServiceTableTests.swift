@@ -171,11 +171,15 @@ final class RunningSync: Sendable {
         let key = ServiceKey(namespace: "shop", name: "web")
         var spec = ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "127.77.0.9")
         spec.upgradeProtocols = ["WebSocket", "h2c"]
-        snapshot.services[key] = MeshService(metadata: ObjectMeta(name: "web", namespace: "shop"), spec: spec)
+        snapshot.services[key] = TableService(
+            MeshService(metadata: ObjectMeta(name: "web", namespace: "shop"), spec: spec)
+        )
         let other = ServiceKey(namespace: "shop", name: "api")
-        snapshot.services[other] = MeshService(
-            metadata: ObjectMeta(name: "api", namespace: "shop"),
-            spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "127.77.0.10")
+        snapshot.services[other] = TableService(
+            MeshService(
+                metadata: ObjectMeta(name: "api", namespace: "shop"),
+                spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "127.77.0.10")
+            )
         )
         let routes = AgentMapping.routeTable(snapshot, localSite: nil).routes
         #expect(routes.first { $0.service == key }?.upgradeProtocols == ["websocket", "h2c"])

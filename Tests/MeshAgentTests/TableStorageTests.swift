@@ -4,7 +4,7 @@ import Testing
 
 @testable import MeshAgent
 
-/// What the agent's table keeps of each object (`TableEndpoints`, ServiceTable.swift `forTable`).
+/// What the agent's table keeps of each object (`TableEndpoints`, `TableService`).
 @Suite struct TableStorageTests {
     @Test func endpointsAreKeptAsCompactEntriesWithEachNameOnce() {
         let long = "edge-node-with-a-long-name-01"
@@ -64,10 +64,14 @@ import Testing
             spec: ServiceSpec(ports: [ServicePort(port: 80, protocol: .http)], clusterIP: "127.77.0.9")
         )
         service.metadata.uid = "0f8fad5b-d9cb-469f-a165-70867728950e"
+        service.metadata.resourceVersion = "7"
         snapshot.apply(ReflectorUpdate<MeshService>.replaced([service], resourceVersion: 7))
         let key = ServiceKey(namespace: "shop", name: "web")
+        #expect(snapshot.services[key] == TableService(service))
         #expect(snapshot.services[key]?.spec == service.spec)
-        #expect(snapshot.services[key]?.metadata.annotations == nil && snapshot.services[key]?.metadata.uid == nil)
+        #expect(snapshot.services[key]?.resourceVersion == service.metadata.resourceVersion)
+        // The spec and the version, nothing else (no uid, labels, annotations, apiVersion or kind).
+        #expect(MemoryLayout<TableService>.stride < MemoryLayout<MeshService>.stride / 2)
         #expect(snapshot.servicesVersion == 7)
         snapshot.apply(ReflectorUpdate<MeshService>.changed(.deleted(service)))
         #expect(snapshot.services[key] == nil)
