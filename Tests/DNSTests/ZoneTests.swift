@@ -344,3 +344,26 @@ final class SwapCounters: Sendable {
     let inconsistentCount = Atomic<Int>(0)
     let queriedCount = Atomic<Int>(0)
 }
+
+/// `ZoneNode`: the rare record kinds in a box most nodes do not have, copied on write.
+@Suite struct ZoneNodeStorageTests {
+    @Test func aNodeIsThirtyTwoBytes() {
+        #expect(MemoryLayout<ZoneNode>.stride == 32)
+    }
+
+    @Test func theRareRecordsAreCopiedOnWrite() {
+        var a = ZoneNode()
+        #expect(a.apex == -1 && a.cname == nil && a.v6.isEmpty && a.txt.isEmpty)
+        a.txt.append([1, 0x61])
+        a.apex = 0
+        var b = a
+        b.txt.append([1, 0x62])
+        b.cname = [0]
+        b.v6.append(.v6(1, 2))
+        // The copy changed, the original did not.
+        #expect(a.txt == [[1, 0x61]] && a.cname == nil && a.v6.isEmpty && a.apex == 0)
+        #expect(b.txt == [[1, 0x61], [1, 0x62]] && b.cname == [0] && b.v6 == [.v6(1, 2)] && b.apex == 0)
+        b.apex = 1
+        #expect(a.apex == 0 && b.apex == 1)
+    }
+}

@@ -42,6 +42,8 @@ public actor DataPlane: ServiceLifecycle.Service {
     private nonisolated let environment: ProxyEnvironment
     private nonisolated let published = Mutex(Published())
     private nonisolated let metricsFactory: any MetricsFactory
+    /// What every route shares (`RouteSettings`), made again when the table's site changes.
+    private var routeSettings: RouteSettings?
 
     private enum Mode {
         case loopback
@@ -166,13 +168,24 @@ public actor DataPlane: ServiceLifecycle.Service {
         }
 
         // Changed backends or policy: swap the balancer in place.
+        let settings: RouteSettings
+        if let current = self.routeSettings, current.localSite == table.localSite {
+            settings = current
+        } else {
+            settings = RouteSettings(
+                localSite: table.localSite,
+                outlier: self.configuration.outlier,
+                metricsFactory: self.metricsFactory
+            )
+            self.routeSettings = settings
+        }
         for (key, route) in wanted {
             guard let listener = self.listeners[key] else { continue }
             if listener.handle.route != route {
-                listener.handle.update(route: route, localSite: table.localSite, outlier: self.configuration.outlier)
+                listener.handle.update(route: route, settings: settings)
                 self.logger.debug("route updated", metadata: ["listener": "\(key)", "service": "\(route.service)"])
             } else {
-                listener.handle.update(route: route, localSite: table.localSite, outlier: self.configuration.outlier)
+                listener.handle.update(route: route, settings: settings)
             }
         }
 
@@ -209,12 +222,7 @@ public actor DataPlane: ServiceLifecycle.Service {
                 self.failed[key] = (route, error)
                 continue
             }
-            let handle = RouteHandle(
-                route: route,
-                localSite: table.localSite,
-                outlier: self.configuration.outlier,
-                metricsFactory: self.metricsFactory
-            )
+            let handle = RouteHandle(route: route, settings: settings)
             if let vipListener = self.vipListener, Self.isRedirected(route) {
                 if let redirectError {
                     self.failed[key] = (route, redirectError)
