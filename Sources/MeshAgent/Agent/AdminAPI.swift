@@ -86,19 +86,52 @@ struct AdminAPI: HTTPResponder {
     /// `/routes`: the table's source and every route; the snapshot is gone when this returns.
     private func routesResponse() -> HTTPResponse {
         let s = self.applier.state.withLock { $0 }
-        let routes = Routes(
-            node: self.config.nodeName,
-            site: self.config.site,
-            table: .init(
-                source: s?.source ?? "none",
-                services: s?.services ?? 0,
-                routes: s?.routes ?? 0,
-                versions: s?.versions ?? "-",
-                error: s?.error
-            ),
-            dataPlane: self.dataPlane.snapshot()
+        let table = Routes.Table(
+            source: s?.source ?? "none",
+            services: s?.services ?? 0,
+            routes: s?.routes ?? 0,
+            versions: s?.versions ?? "-",
+            error: s?.error
         )
-        return Self.json(routes, what: "the routes")
+        do {
+            let body = try Self.streamedRoutes(node: self.config.nodeName, site: self.config.site, table: table) {
+                try self.dataPlane.snapshot(eachRoute: $0)
+            }
+            return .json(.ok, body)
+        } catch {
+            return .text(.internalServerError, "cannot encode the routes: \(error)")
+        }
+    }
+
+    /// The `/routes` document, its routes encoded one at a time into the body: the same JSON as encoding
+    /// `Routes` whole (keys sorted), without a tree of every route and backend in memory at once. Whole, a
+    /// 10,000-service table took the agent's heap to 250 MB for 23 MB of JSON (heaptrack), more than an edge
+    /// box with 256 MB has.
+    static func streamedRoutes(
+        node: String,
+        site: String?,
+        table: Routes.Table,
+        snapshot: ((RouteSnapshot) throws -> Void) throws -> DataPlaneSnapshot
+    ) throws -> ByteBuffer {
+        var routes = ByteBuffer()
+        var first = true
+        let head = try snapshot { route in
+            if !first { routes.writeInteger(UInt8(ascii: ",")) }
+            first = false
+            routes.writeBytes(try MeshJSON.encode(route))
+        }
+        // The document without routes has `"routes":[]` once: the data plane's (the table's `routes` is a number).
+        let outer = try MeshJSON.encode(Routes(node: node, site: site, table: table, dataPlane: head))
+        let marker = Array(#""routes":[]"#.utf8)
+        guard let at = outer.firstRange(of: marker) else {
+            throw EncodingError.invalidValue(marker, .init(codingPath: [], debugDescription: "no routes array"))
+        }
+        var body = ByteBuffer()
+        body.reserveCapacity(outer.count + routes.readableBytes)
+        body.writeBytes(outer[..<(at.lowerBound + marker.count - 1)])
+        body.writeBuffer(&routes)
+        body.writeBytes(outer[(at.upperBound - 1)...])
+        return body
     }
 
     func respond(to request: HTTPRequest) async -> HTTPResponse {

@@ -268,22 +268,27 @@ public actor DataPlane: ServiceLifecycle.Service {
 
     /// Every route with its listener state, counters and backends' health. Callable from any thread.
     public nonisolated func snapshot() -> DataPlaneSnapshot {
+        var routes: [RouteSnapshot] = []
+        let head = self.snapshot { routes.append($0) }
+        return DataPlaneSnapshot(mode: head.mode, openChannels: head.openChannels, routes: routes)
+    }
+
+    /// `snapshot()` one route at a time, in the same order: `body` gets each route's snapshot, made when it is
+    /// its turn (at 10,000 services, `/routes` encodes them one by one instead of holding every route's and
+    /// backend's snapshot, and their JSON tree, at once). Returns the snapshot without its routes.
+    public nonisolated func snapshot(eachRoute body: (RouteSnapshot) throws -> Void) rethrows -> DataPlaneSnapshot {
         let published = self.published.withLock { ($0.mode, $0.routes) }
-        let routes = published.1.sorted { $0.key < $1.key }.map { _, entry in
+        for (_, entry) in published.1.sorted(by: { $0.key < $1.key }) {
             switch entry {
             case .served(let handle):
-                return handle.snapshot(listening: true, error: nil)
+                try body(handle.snapshot(listening: true, error: nil))
             case .failed(let failed):
-                return RouteSnapshot(
-                    route: failed.route,
-                    listening: false,
-                    error: failed.error,
-                    stats: nil,
-                    backends: []
+                try body(
+                    RouteSnapshot(route: failed.route, listening: false, error: failed.error, stats: nil, backends: [])
                 )
             }
         }
-        return DataPlaneSnapshot(mode: published.0, openChannels: self.openChannels, routes: routes)
+        return DataPlaneSnapshot(mode: published.0, openChannels: self.openChannels, routes: [])
     }
 
     /// The bind mode, without a snapshot of every route.
