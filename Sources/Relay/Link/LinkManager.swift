@@ -350,7 +350,7 @@ public final class LinkManager: Sendable {
         }
         relayGo.succeed()
         if let link {
-            if case .relayed = link.path { direct.cancel() }
+            if case .relayed = link.path { direct.relayedWon() }
             return link
         }
         throw LinkError.unreachable(node: node, errors.withLockedValue { $0.joined(separator: "; ") })
@@ -569,28 +569,34 @@ public final class LinkManager: Sendable {
     }
 }
 
-/// The direct side of a dial race: the race, and the TCP connection under way (closed when the
-/// relayed dial wins, so a connect to a silent address ends at once).
+/// The direct side of a dial race: the race, and the TCP connection under way. When the relayed dial wins
+/// first (a busy host, a slow handshake), the direct attempt under way goes on (bounded by its connect timeout
+/// and handshake) and, if it comes up, upgrades the link (`adopt`: a direct link beats a relayed one): between
+/// two public hosts the link ends direct however the race went. No other address is tried after the race.
 final class DirectDial: Sendable {
     let race: Race<Link>
-    private let channel = Mutex<(any Channel)?>(nil)
+    private let upgradeLate = Atomic<Bool>(false)
 
     init(race: Race<Link>) {
         self.race = race
     }
 
-    /// Offers a link up to the race: true when it won.
+    /// Offers a link up to the race: true when it won, or when it came up after a relayed link won (then it
+    /// joins the table as that link's upgrade).
     var claim: @Sendable (Link) -> Bool {
         let race = self.race
-        return { link in race.offer(link) }
+        return { [self] link in
+            if race.isDone, self.upgradeLate.load(ordering: .sequentiallyConsistent) { return true }
+            return race.offer(link)
+        }
     }
 
     func connecting(_ channel: any Channel) {
-        self.channel.withLock { $0 = channel }
-        if self.race.isDone { channel.close(promise: nil) }
+        if self.race.isDone, !self.upgradeLate.load(ordering: .sequentiallyConsistent) { channel.close(promise: nil) }
     }
 
-    func cancel() {
-        self.channel.withLock { $0 }?.close(promise: nil)
+    /// The relayed dial won: the direct attempt under way may still upgrade the link.
+    func relayedWon() {
+        self.upgradeLate.store(true, ordering: .sequentiallyConsistent)
     }
 }
