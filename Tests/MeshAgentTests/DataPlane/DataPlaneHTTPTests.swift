@@ -527,8 +527,9 @@ struct DataPlaneHTTPTests {
             let backend = try await TestServers.http("v6", host: "::1")
             onTeardown { await backend.close() }
             try await withDataPlane { dp in
-                let port = try TestAddresses.freeIPv6Port()
-                try await dp.apply(httpRoute("v6", IPAddress("::1")!, port: port, [backend.backend()]))
+                let port = try await TestAddresses.applyOnFreeIPv6Port(dp) {
+                    httpRoute("v6", IPAddress("::1")!, port: $0, [backend.backend()])
+                }
                 let response = try #require(
                     try await TestHTTPConnection.get(try SocketAddress(ipAddress: "::1", port: port), "/")
                 )

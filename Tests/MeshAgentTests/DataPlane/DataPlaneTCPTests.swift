@@ -57,14 +57,13 @@ struct DataPlaneTCPTests {
         let backend = try await TestServers.echo(host: "::1")
         onTeardown { await backend.close() }
         try await withDataPlane { dp in
-            let port = try TestAddresses.freeIPv6Port()
             let v4 = TestAddresses.vip()
-            try await dp.apply(
+            let port = try await TestAddresses.applyOnFreeIPv6Port(dp) {
                 RouteTable(routes: [
-                    Route(service: service("v6"), vip: IPAddress("::1")!, port: port, backends: [backend.backend()]),
+                    Route(service: service("v6"), vip: IPAddress("::1")!, port: $0, backends: [backend.backend()]),
                     Route(service: service("v4to6"), vip: v4, port: 8080, backends: [backend.backend()]),
                 ])
-            )
+            }
             let a = try await TestClient.exchange(
                 try SocketAddress(ipAddress: "::1", port: port),
                 send: "six",

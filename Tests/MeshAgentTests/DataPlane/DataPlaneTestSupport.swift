@@ -68,6 +68,23 @@ enum TestAddresses {
         try probe.close().wait()
         return port
     }
+
+    /// Applies `table(port)` on a free port of ::1, and again on another one when that port was taken in
+    /// between: ::1 is shared by every test running at once, and a probed port is free only when probed (a CI
+    /// run once lost one to another test's connection). Returns the port served.
+    static func applyOnFreeIPv6Port(_ dp: DataPlane, _ table: (Int) -> RouteTable) async throws -> Int {
+        var attempt = 0
+        while true {
+            attempt += 1
+            let port = try freeIPv6Port()
+            do {
+                try await dp.apply(table(port))
+                return port
+            } catch let error as DataPlaneError where attempt < 8 && "\(error)".contains("Address already in use") {
+                continue
+            }
+        }
+    }
 }
 
 let testLogger: Logger = {

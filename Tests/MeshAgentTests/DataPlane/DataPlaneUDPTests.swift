@@ -152,18 +152,17 @@ struct DataPlaneUDPTests {
         let echo = try await TestServers.udpEcho(host: "::1", name: "six")
         onTeardown { await echo.close() }
         try await withDataPlane { dp in
-            let port = try TestAddresses.freeIPv6Port()
-            try await dp.apply(
+            let port = try await TestAddresses.applyOnFreeIPv6Port(dp) {
                 RouteTable(routes: [
                     Route(
                         service: service("u6"),
                         vip: IPAddress("::1")!,
-                        port: port,
+                        port: $0,
                         proto: .udp,
                         backends: [echo.backend()]
                     )
                 ])
-            )
+            }
             let reply = try await UDPTestClient.with(host: "::1") { iterator, outbound in
                 var iterator = iterator
                 try await outbound.write(
