@@ -181,11 +181,10 @@ public actor DataPlane: ServiceLifecycle.Service {
         }
         for (key, route) in wanted {
             guard let listener = self.listeners[key] else { continue }
-            if listener.handle.route != route {
-                listener.handle.update(route: route, settings: settings)
+            let changed = listener.handle.route != route
+            listener.handle.update(route: route, settings: settings)
+            if changed {
                 self.logger.debug("route updated", metadata: ["listener": "\(key)", "service": "\(route.service)"])
-            } else {
-                listener.handle.update(route: route, settings: settings)
             }
         }
 

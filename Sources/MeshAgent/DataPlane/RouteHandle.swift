@@ -90,9 +90,6 @@ struct Pick: Sendable {
     var generation: UInt64
 }
 
-/// The live state of one listener's route: its balancer behind a mutex (event loops of every thread pick
-/// from it), counters and metrics. `apply` swaps the route and balancer in place, so connections that hold
-/// the handle keep working and report to the new balancer.
 /// What every route of a data plane shares: the agent's site (locality), the outlier settings and the metrics
 /// backend. One object per data plane (a new one when the table's site changes), held by reference: inline in
 /// each route's handle they were ~100 bytes (the factory an existential of 40) of each of 10,000 routes.
@@ -108,6 +105,9 @@ final class RouteSettings: Sendable {
     }
 }
 
+/// The live state of one listener's route: its balancer behind a mutex (event loops of every thread pick
+/// from it), counters and metrics. `apply` swaps the route and balancer in place, so connections that hold
+/// the handle keep working and report to the new balancer.
 final class RouteHandle: Sendable {
     let key: ListenerKey
     let service: ServiceKey
