@@ -143,7 +143,9 @@ extension NATMatrixTests {
             var row: [String: Any] = [:]
             // Rounds 1 and 2 (each side going first once) draw the ICMP; round 3 comes 10 s later, round 4
             // 30 s after that, round 5 60 s after that: a loaded machine can make round 3 or 4 miss its
-            // window (seen under two `yes`), so the wait covers round 5.
+            // window (seen under two `yes`), so the wait covers round 5. No stream is open after the first
+            // request: the coordinator holds the relayed link between these rounds (past its 60 s idle
+            // timeout), or round 5 would never come.
             let punched = await eventually(timeout: .seconds(150), every: .milliseconds(250)) {
                 row = self.lab.row(await self.lab.peers(prefix, "a"))
                 return row["path"] as? String == "punched"

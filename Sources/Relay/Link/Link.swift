@@ -101,6 +101,12 @@ public enum LinkError: Error, Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+/// True the first time only.
+private final class ReleaseOnce: Sendable {
+    private let done = Atomic<Bool>(false)
+    func first() -> Bool { !self.done.exchange(true, ordering: .relaxed) }
+}
+
 /// One link between this node and a peer node: a TLS 1.3 connection with mutual mesh certificates over a
 /// transport (a TCP connection, a relay circuit: any connected channel), carrying one ``MuxSession``.
 ///
@@ -273,6 +279,20 @@ public final class Link: Sendable, CustomStringConvertible {
             $0.idle = nil
         }
         stream.closeFuture.whenComplete { _ in self.streamClosed() }
+    }
+
+    /// Keeps the link from idling out, as an open stream would, until the returned closure is called
+    /// (once; later calls do nothing). The punch coordinator holds a relayed link between its rounds.
+    func hold() -> @Sendable () -> Void {
+        self.state.withLock {
+            $0.streams += 1
+            $0.idle?.cancel()
+            $0.idle = nil
+        }
+        let released = ReleaseOnce()
+        return { [self] in
+            if released.first() { self.streamClosed() }
+        }
     }
 
     private func streamClosed() {

@@ -267,6 +267,11 @@ public final class PunchCoordinator: Sendable {
                 "no direct path yet",
                 metadata: ["peer": "\(peer)", "reason": "\(outcome ?? "-")", "retryIn": "\(wait)"]
             )
+            // Through the growing backoffs the relayed link is held up between rounds, so that a peer used
+            // once still gets its rounds (the last backoff, repeated, holds nothing: an idle link may go,
+            // and its next use punches again).
+            let release = round < self.configuration.retryBackoff.count ? link.hold() : nil
+            defer { release?() }
             do { try await Task.sleep(for: .nanoseconds(wait.nanoseconds)) } catch { return }
         }
     }

@@ -289,6 +289,39 @@ struct LinkTests {
         try await backend.close()
     }
 
+    @Test("a held link (as the punch coordinator holds one between rounds) outlives the idle timeout")
+    func heldLinkStays() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        var configuration = LinkConfiguration()
+        configuration.idleTimeout = .milliseconds(300)
+        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        let c = try await LinkNode.make("c", ca: ca, book: book)
+        let stream = try await a.manager.stream(to: "b", open: webTarget(port: port))
+        let link = try #require(a.manager.currentLink(to: "b"))
+        let release = link.hold()
+        try await stream.close()
+        #expect(await eventually { link.openStreams == 1 })  // the hold alone
+        // A link to c, made after b's stream closed and left without streams, closes for idle; b's, held,
+        // does not (a condition, not a sleep).
+        let other = try await a.manager.stream(to: "c", open: webTarget(port: port))
+        let otherLink = try #require(a.manager.currentLink(to: "c"))
+        try await other.close()
+        #expect(await eventually { otherLink.closedForIdle })
+        #expect(link.isUsable)
+        release()
+        release()  // a second call does nothing
+        #expect(await eventually { link.closedForIdle })
+        #expect(link.openStreams == 0)
+        await a.stop()
+        await b.stop()
+        await c.stop()
+        try await backend.close()
+    }
+
     @Test("a revoked node certificate is refused by the acceptor")
     func revokedRefused() async throws {
         let ca = try CertificateAuthority.create()
