@@ -407,7 +407,7 @@ let package = Package(
             name: "MeshAgentTests",
             dependencies: nio + [
                 "MeshAgent", "MeshClient", "Control", "MeshCore", "MeshIdentity", "MeshTestSupport", "MeshWire",
-                "Relay", "MeshNIO",
+                "Relay", "MeshNIO", "NodeAgent",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -8,7 +8,7 @@ import Musl
 import Darwin
 #endif
 
-/// The addresses a node advertises in its Node's `spec.addresses`: the host's, from getifaddrs(3).
+/// The addresses a node advertises in its Node's `spec.addresses`: the host's.
 public enum HostAddresses {
     /// At most this many are advertised (a host with dozens of container bridges stays readable).
     public static let limit = 16
@@ -16,10 +16,23 @@ public enum HostAddresses {
     /// Every address of an interface that is up, except loopback and link-local ones and those of
     /// `excludedInterfaces` (the mesh interface, which holds VIPs). Private ranges (RFC 1918,
     /// 100.64/10, fc00::/7) are `InternalIP`, others `ExternalIP`. IPv4 first, sorted, deduplicated.
+    ///
+    /// On Linux the addresses are read over rtnetlink one interface at a time (``LinkAddressDump``), so the
+    /// excluded interfaces' addresses are never read; elsewhere, or when that fails, from getifaddrs(3).
     public static func current(excludingInterfaces excludedInterfaces: Set<String> = []) -> [NodeAddress] {
+        #if canImport(Glibc)
+        if let list = LinkAddressDump.addresses(excluding: excludedInterfaces) {
+            return Self.classify(Set(list.filter(Self.isAdvertisable)))
+        }
+        #endif
+        return Self.classify(Self.fromGetifaddrs(excludingInterfaces: excludedInterfaces))
+    }
+
+    /// The same list from getifaddrs(3), which reads every address of every interface.
+    static func fromGetifaddrs(excludingInterfaces excludedInterfaces: Set<String>) -> Set<IPAddress> {
         var found = Set<IPAddress>()
         var list: UnsafeMutablePointer<ifaddrs>?
-        guard getifaddrs(&list) == 0, let first = list else { return [] }
+        guard getifaddrs(&list) == 0, let first = list else { return found }
         defer { freeifaddrs(list) }
         var cursor: UnsafeMutablePointer<ifaddrs>? = first
         while let entry = cursor {
@@ -45,7 +58,7 @@ public enum HostAddresses {
             }
             if let a = address, Self.isAdvertisable(a) { found.insert(a) }
         }
-        return Self.classify(found)
+        return found
     }
 
     /// Addresses given as text (config), classified the same way; nil when one is not an address.

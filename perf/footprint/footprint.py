@@ -15,7 +15,7 @@ VIPs in 198.19.0.0/16 on mesh0, one listener for every VIP through the nat REDIR
 loopback, then meshInterface when root. The load through one VIP runs twice: with the first service only
 (the "empty table" figures, `*_1_service`) and with the whole table.
 """
-import argparse, http.client, json, os, signal, socket, ssl, subprocess, sys, tempfile, threading, time
+import argparse, http.client, json, os, signal, socket, ssl, statistics, subprocess, sys, tempfile, threading, time
 
 
 def rss_kb(pid):
@@ -30,6 +30,29 @@ def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
+
+
+def thread_ticks(pid):
+    """CPU ticks of each thread of `pid`, summed by thread name with trailing digits dropped
+    (`mesh-splice-3` -> `mesh-splice-`), so that a phase's share per kind of thread can be read."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")].rstrip("0123456789")
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
+    return out
+
+
+def idle_cpu_ms_per_s(pid, seconds=5.0):
+    """The process's CPU while nothing is asked of it (its own timers, watches, sweeps), in ms per second."""
+    a = cpu_ticks(pid)
+    time.sleep(seconds)
+    return round((cpu_ticks(pid) - a) / os.sysconf("SC_CLK_TCK") * 1000 / seconds, 2)
 
 
 def wait_quiet(pid, timeout=180, window=1.0, share=0.02):
@@ -171,12 +194,12 @@ def put_many(port, objects, workers=4):
 
 
 def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_seconds=5.0, load_rate=1000,
-            pin=True, log=sys.stderr, mode="loopback"):
+            pin=True, log=sys.stderr, mode="loopback", load_reps=3):
     """Returns a dict of figures (see the module doc). `bench` is mesh-proxy-bench (backend + load)."""
     n = max(1, min(services, 20000))
     m = max(1, min(endpoints_per_service, 10))
     if mode != "meshInterface":
-        return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "127.64.0.0/10")
+        return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "127.64.0.0/10", load_reps)
     if os.geteuid() != 0:
         raise RuntimeError("footprint: meshInterface mode needs root (a network namespace, mesh0, iptables)")
     # This thread enters a namespace made for the run (setns(2) via libc: Python 3.11 has no os.setns), so
@@ -193,7 +216,7 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
             raise OSError(ctypes.get_errno(), "setns")
         os.close(target)
         try:
-            return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "198.19.0.0/16")
+            return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "198.19.0.0/16", load_reps)
         finally:
             libc.setns(home, 0x40000000)
     finally:
@@ -201,7 +224,7 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
         subprocess.run(["ip", "netns", "del", name])
 
 
-def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr):
+def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr, load_reps=3):
     cpu0 = ["taskset", "-c", "0"] if pin else []
     cpu1 = ["taskset", "-c", "1"] if pin else []
     work = tempfile.mkdtemp(prefix="mesh-footprint-")
@@ -287,8 +310,8 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
             r = json.loads(body)
             return sum(1 for x in r["dataPlane"]["routes"] if x["listening"]) >= count
 
-        def load_phase(suffix):
-            """Open-loop HTTP GETs through the first service's VIP; figures named with `suffix`."""
+        def load_once():
+            """One open-loop HTTP load through the first service's VIP: (figures, peak RSS KiB, thread ticks)."""
             status, body = get(cport, "/apis/mesh.edge/v1/namespaces/ns0/services/s0")
             vip = json.loads(body)["spec"]["clusterIP"]
             peak = [0]
@@ -301,6 +324,7 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
             sampler = threading.Thread(target=sample)
             sampler.start()
             jpath = os.path.join(work, "load.json")
+            threads_before = thread_ticks(agent.pid)
             try:
                 if bench == "python":
                     with open(jpath, "w") as f:
@@ -314,14 +338,34 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
             finally:
                 stop.set()
                 sampler.join()
+            after = thread_ticks(agent.pid)
+            threads = {k: v - threads_before.get(k, 0) for k, v in after.items() if v - threads_before.get(k, 0) > 0}
             with open(jpath) as f:
-                load = json.load(f)
+                return json.load(f), peak[0], threads
+
+        def load_phase(suffix):
+            """`load_reps` loads, each figure the median over them (a periodic task of the agent lands in one
+            repetition, not in the figure); plus the agent's CPU while idle before them."""
+            results["idle_cpu_ms_per_s" + suffix] = idle_cpu_ms_per_s(agent.pid)
+            runs = [load_once() for _ in range(max(1, load_reps))]
+            med = lambda key: statistics.median(r[0][key] for r in runs if r[0].get(key) is not None)
             results["load_rate"] = load_rate
-            results["load_requests" + suffix] = load["n"]
-            results["load_p50_us" + suffix] = load["p50"]
-            results["load_p99_us" + suffix] = load["p99"]
-            results["rss_under_load_peak_mb" + suffix] = round(peak[0] / 1024, 1)
-            results["cpu_us_per_request_under_load" + suffix] = load.get("sut_cpu_us_per_req")
+            results["load_reps"] = len(runs)
+            results["load_requests" + suffix] = sum(r[0]["n"] for r in runs)
+            results["load_p50_us" + suffix] = med("p50")
+            results["load_p99_us" + suffix] = med("p99")
+            results["rss_under_load_peak_mb" + suffix] = round(max(r[1] for r in runs) / 1024, 1)
+            results["cpu_us_per_request_under_load" + suffix] = med("sut_cpu_us_per_req")
+            results["cpu_us_per_request_each" + suffix] = [r[0].get("sut_cpu_us_per_req") for r in runs]
+            # CPU-us per request by kind of thread, summed over the repetitions.
+            total = {}
+            for r in runs:
+                for k, v in r[2].items():
+                    total[k] = total.get(k, 0) + v
+            requests = max(1, results["load_requests" + suffix])
+            results["cpu_us_per_request_by_thread" + suffix] = {
+                k: round(v / os.sysconf("SC_CLK_TCK") * 1e6 / requests, 1)
+                for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
 
         # The "empty table": the first service alone, and the load through its VIP.
         put_many(cport, objects[:2], workers=1)
@@ -407,6 +451,13 @@ LABELS = {
     "load_p99_us": "latency p99 through the agent under load (us)",
     "rss_under_load_peak_mb": "agent RSS peak under load (MB)",
     "cpu_us_per_request_under_load": "agent CPU-us per request under load",
+    "load_reps": "load repetitions per phase (latency and CPU figures: their median)",
+    "idle_cpu_ms_per_s_1_service": "agent CPU while idle, 1 service (ms per s)",
+    "idle_cpu_ms_per_s": "agent CPU while idle with the table (ms per s)",
+    "cpu_us_per_request_each_1_service": "agent CPU-us per request, each repetition, 1 service",
+    "cpu_us_per_request_each": "agent CPU-us per request, each repetition",
+    "cpu_us_per_request_by_thread_1_service": "agent CPU-us per request by thread, 1 service",
+    "cpu_us_per_request_by_thread": "agent CPU-us per request by thread",
     "control_stop_s": "mesh-control stop after SIGTERM, graceful (s; 30 = did not stop, killed)",
     "startup_from_cache_s": "agent start-up from its cache, control plane down, every route listening (s)",
     "rss_after_restart_from_cache_mb": "agent RSS after that restart (MB)",
@@ -433,6 +484,7 @@ def main():
     ap.add_argument("--endpoints-per-service", type=int, default=10)
     ap.add_argument("--load-seconds", type=float, default=5)
     ap.add_argument("--load-rate", type=int, default=1000)
+    ap.add_argument("--load-reps", type=int, default=3, help="loads per phase; figures are their median")
     ap.add_argument("--json", default="perf/out/footprint.json")
     ap.add_argument("--mode", default="loopback", choices=["loopback", "meshInterface", "both"],
                     help="the agent's interface mode (meshInterface: root; both: meshInterface only when root)")
@@ -441,7 +493,7 @@ def main():
     out = {}
     for mode in modes:
         results = measure(a.bin, a.bench, a.services, a.endpoints_per_service, a.load_seconds, a.load_rate,
-                          pin=os.cpu_count() >= 2, mode=mode)
+                          pin=os.cpu_count() >= 2, mode=mode, load_reps=a.load_reps)
         report(results)
         out[mode] = results
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)

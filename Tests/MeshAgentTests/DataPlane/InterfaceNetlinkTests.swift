@@ -10,6 +10,7 @@ import struct MeshTestSupport.AwaitedTeardown
 import func MeshTestSupport.onTeardown
 
 @testable import MeshAgent
+@testable import NodeAgent
 
 /// Runs a command, returning its exit status and standard output (also used by VIPListenerTests).
 @discardableResult
@@ -207,6 +208,39 @@ struct InterfaceNetlinkTests {
             #expect(events.contains { $0.kind == .added && $0.address == IPAddress("127.0.0.1")! })
             let added = try #require(events.first { $0.kind == .added && $0.address == IPAddress("198.18.77.1")! })
             #expect(added.prefixLength == 24)
+        }
+    }
+
+    @Test("the host's addresses are read one interface at a time: the mesh interface's and a down one's left out")
+    func hostAddressesPerInterface() async throws {
+        try await withNamespace { ns in
+            for (link, up) in [("eth9", true), ("eth8", false), ("meshx", true)] {
+                try sh("ip", "-n", ns, "link", "add", link, "type", "bridge")
+                if up { try sh("ip", "-n", ns, "link", "set", link, "up") }
+            }
+            try sh("ip", "-n", ns, "addr", "add", "198.18.5.1/24", "dev", "eth9")
+            try sh("ip", "-n", ns, "addr", "add", "198.18.5.9/32", "dev", "eth9")
+            try sh("ip", "-n", ns, "addr", "add", "198.18.7.1/24", "dev", "eth8")
+            // A few hundred VIPs on the mesh interface, as a table puts there.
+            let batch = (1...200).map { "addr add 198.18.6.\($0)/32 dev meshx" }.joined(separator: "\n")
+            let file = FileManager.default.temporaryDirectory.appendingPathComponent("vips-\(ns).batch")
+            try batch.write(to: file, atomically: true, encoding: .utf8)
+            defer { try? FileManager.default.removeItem(at: file) }
+            #expect(try sh("ip", "-n", ns, "-batch", file.path).status == 0)
+
+            let (dumped, listed, withMesh) = try await NetworkNamespace.run(ns) {
+                (
+                    LinkAddressDump.addresses(excluding: ["meshx"]),
+                    HostAddresses.fromGetifaddrs(excludingInterfaces: ["meshx"]),
+                    LinkAddressDump.addresses(excluding: [])
+                )
+            }
+            let expected: Set<IPAddress> = [IPAddress("198.18.5.1")!, IPAddress("198.18.5.9")!]
+            let perInterface = try #require(dumped, "the per-interface dump failed (no NETLINK_GET_STRICT_CHK?)")
+            #expect(Set(perInterface.filter(HostAddresses.isAdvertisable)) == expected)
+            #expect(listed == expected)  // getifaddrs agrees
+            // And nothing is lost when meshx is not left out.
+            #expect(Set(try #require(withMesh).filter(HostAddresses.isAdvertisable)).count == 202)
         }
     }
 
