@@ -46,9 +46,15 @@ enum LinkAddressDump {
         // struct ifinfomsg: 16 bytes, all zero (strict checking refuses anything else in a link dump).
         let linkRequest = [UInt8](repeating: 0, count: 16)
         guard
-            Self.dump(fd, type: Self.rtmGetLink, body: linkRequest, sequence: sequence, each: { type, payload in
-                if type == Self.rtmNewLink, let i = Self.parseLink(payload) { interfaces.append(i) }
-            })
+            Self.dump(
+                fd,
+                type: Self.rtmGetLink,
+                body: linkRequest,
+                sequence: sequence,
+                each: { type, payload in
+                    if type == Self.rtmNewLink, let i = Self.parseLink(payload) { interfaces.append(i) }
+                }
+            )
         else { return nil }
         var found: [IPAddress] = []
         for interface in interfaces {
