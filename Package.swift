@@ -252,7 +252,7 @@ let package = Package(
         .executableTarget(
             name: "mesh-agent",
             dependencies: [
-                "MeshAgent", "MeshCore", "MeshHTTP",
+                "MeshAgent", "MeshCore", "MeshHTTP", "MeshNIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             exclude: ["link"],
@@ -262,7 +262,7 @@ let package = Package(
         .executableTarget(
             name: "mesh-relay",
             dependencies: [
-                "Relay", "MeshCore", "MeshHTTP",
+                "Relay", "MeshCore", "MeshHTTP", "MeshNIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings

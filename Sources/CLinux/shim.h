@@ -51,3 +51,17 @@ static inline int mesh_recvmmsg(int fd, struct mesh_mmsghdr *messages, unsigned 
 static inline int mesh_sendmmsg(int fd, struct mesh_mmsghdr *messages, unsigned int count, int flags) {
     return sendmmsg(fd, (struct mmsghdr *)messages, count, flags);
 }
+
+/* The CPUs the calling process may run on (sched_getaffinity(2): taskset, a cpuset), or -1. The raw
+   system call with a 1,024-CPU mask: the glibc wrapper and CPU_COUNT need _GNU_SOURCE. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static inline int mesh_affinity_cpu_count(void) {
+    unsigned long mask[1024 / (8 * sizeof(unsigned long))] = {0};
+    long bytes = syscall(SYS_sched_getaffinity, 0, sizeof(mask), mask);
+    if (bytes <= 0) return -1;
+    int count = 0;
+    for (unsigned i = 0; i < (unsigned long)bytes / sizeof(unsigned long); i++) count += __builtin_popcountl(mask[i]);
+    return count;
+}

@@ -4,6 +4,7 @@ import Logging
 import MeshAgent
 import MeshCore
 import MeshHTTP
+import MeshNIO
 
 /// The entry point: runs `MeshAgentCommand` on the concurrency pool and parks the main thread until it
 /// returns (errors exit from inside, with ArgumentParser's message and code).
@@ -15,6 +16,8 @@ import MeshHTTP
 @main
 enum MeshAgentMain {
     static func main() {
+        // One event loop (and splice loop) per CPU the agent may run on, set before any NIO singleton is used.
+        EventLoopThreads.fitToAffinity()
         // glibc's malloc arena limit counts only for threads that have not allocated yet: set before the
         // first task runs (AgentConfig.mallocArenas and idleTrimSeconds, Footprint.swift). A bad file is
         // reported by `run`.

@@ -2,6 +2,7 @@ import ArgumentParser
 import Logging
 import MeshCore
 import MeshHTTP
+import MeshNIO
 import Relay
 
 @main
@@ -61,6 +62,8 @@ struct MeshRelay: AsyncParsableCommand {
     var dataDir: String?
 
     func run() async throws {
+        // One event loop per CPU the relay may run on, set before any NIO singleton is used.
+        EventLoopThreads.fitToAffinity()
         var settings: RelayConfig
         do {
             settings = try ConfigFile.load(RelayConfig.self, path: self.config)

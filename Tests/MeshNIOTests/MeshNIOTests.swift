@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOEmbedded
 import Testing
@@ -15,6 +16,19 @@ struct MeshNIOTests {
         let unix = try SocketAddress(unixDomainSocketPath: "/tmp/mesh.sock")
         #expect(hostPort(unix) == "\(unix)")
         #expect(!hostPort(unix).hasSuffix(":0"))
+    }
+
+    @Test("the affinity count is the number of CPUs the kernel lists as allowed for this thread")
+    func affinityCount() throws {
+        let status = try String(contentsOfFile: "/proc/thread-self/status", encoding: .utf8)
+        let line = try #require(status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") })
+        // "0-1,4,6-7": ranges and single CPUs.
+        let allowed = line.split(separator: ":")[1].split(separator: ",").map { part -> Int in
+            let bounds = part.trimmingCharacters(in: .whitespaces).split(separator: "-").compactMap { Int($0) }
+            return bounds.count == 2 ? bounds[1] - bounds[0] + 1 : 1
+        }.reduce(0, +)
+        #expect(EventLoopThreads.affinityCount() == allowed)
+        #expect(allowed >= 1)
     }
 
     @Test("the registry admits up to its limit, forgets closed connections, and closeAll closes and refuses")

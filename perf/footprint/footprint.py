@@ -194,7 +194,7 @@ def put_many(port, objects, workers=4):
 
 
 def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_seconds=5.0, load_rate=1000,
-            pin=True, log=sys.stderr, mode="loopback", load_reps=3):
+            pin=True, log=sys.stderr, mode="loopback", load_reps=5):
     """Returns a dict of figures (see the module doc). `bench` is mesh-proxy-bench (backend + load)."""
     n = max(1, min(services, 20000))
     m = max(1, min(endpoints_per_service, 10))
@@ -224,7 +224,7 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
         subprocess.run(["ip", "netns", "del", name])
 
 
-def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr, load_reps=3):
+def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr, load_reps=5):
     cpu0 = ["taskset", "-c", "0"] if pin else []
     cpu1 = ["taskset", "-c", "1"] if pin else []
     work = tempfile.mkdtemp(prefix="mesh-footprint-")
@@ -386,6 +386,7 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
         results["rss_loaded_mb"] = round(rss_kb(agent.pid) / 1024, 1)
         results["control_rss_loaded_mb"] = round(rss_kb(control.pid) / 1024, 1)
         results["agent_fds_loaded"] = len(os.listdir(f"/proc/{agent.pid}/fd"))
+        results["agent_threads_loaded"] = len(os.listdir(f"/proc/{agent.pid}/task"))
         # Under load with the whole table.
         load_phase("")
 
@@ -437,6 +438,7 @@ LABELS = {
     "rss_under_load_peak_mb_1_service": "agent RSS peak under load, 1 service (MB)",
     "cpu_us_per_request_under_load_1_service": "agent CPU-us per request under load, 1 service",
     "agent_fds_loaded": "agent open file descriptors with the table",
+    "agent_threads_loaded": "agent threads with the table",
     "routes_json_mb": "GET /routes with the table: JSON size (MB)",
     "routes_json_s": "GET /routes with the table: time (s)",
     "rss_after_routes_mb": "agent RSS 2 s after that GET /routes (MB)",
@@ -484,7 +486,7 @@ def main():
     ap.add_argument("--endpoints-per-service", type=int, default=10)
     ap.add_argument("--load-seconds", type=float, default=5)
     ap.add_argument("--load-rate", type=int, default=1000)
-    ap.add_argument("--load-reps", type=int, default=3, help="loads per phase; figures are their median")
+    ap.add_argument("--load-reps", type=int, default=5, help="loads per phase; figures are their median")
     ap.add_argument("--json", default="perf/out/footprint.json")
     ap.add_argument("--mode", default="loopback", choices=["loopback", "meshInterface", "both"],
                     help="the agent's interface mode (meshInterface: root; both: meshInterface only when root)")
