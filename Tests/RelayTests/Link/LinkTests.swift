@@ -63,6 +63,34 @@ struct LinkNode {
     }
 }
 
+/// Nodes a (idle timeout 300 ms), b and c (60 s) and an echo backend, for the idle-timeout tests; all
+/// stopped after `body`, which gets a, b, the backend's port, then a function that makes a link from a to c,
+/// opens a stream on it, closes the stream and returns the link (left without streams, it idles out).
+func withIdleTimeoutNodes(
+    _ body: (LinkNode, LinkNode, Int, () async throws -> Link) async throws -> Void
+) async throws {
+    let ca = try CertificateAuthority.create()
+    let book = AddressBook()
+    let backend = try await startEchoBackend()
+    let port = backend.localAddress!.port!
+    var configuration = LinkConfiguration()
+    configuration.idleTimeout = .milliseconds(300)
+    let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
+    let b = try await LinkNode.make("b", ca: ca, book: book)  // b's own timeout: 60 s
+    let c = try await LinkNode.make("c", ca: ca, book: book)
+    let idleLinkToC = {
+        let other = try await a.manager.stream(to: "c", open: webTarget(port: port))
+        let otherLink = try #require(a.manager.currentLink(to: "c"))
+        try await other.close()
+        return otherLink
+    }
+    try await body(a, b, port, idleLinkToC)
+    await a.stop()
+    await b.stop()
+    await c.stop()
+    try await backend.close()
+}
+
 /// A TCP echo server on 127.0.0.1 (the endpoint a stream reaches).
 func startEchoBackend() async throws -> any Channel {
     try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -261,65 +289,39 @@ struct LinkTests {
 
     @Test("a link stays while a stream is open and closes after the idle timeout")
     func idleLinkCloses() async throws {
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()
-        let backend = try await startEchoBackend()
-        let port = backend.localAddress!.port!
-        var configuration = LinkConfiguration()
-        configuration.idleTimeout = .milliseconds(300)
-        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
-        let b = try await LinkNode.make("b", ca: ca, book: book)  // b's own timeout: 60 s
-        let stream = try await a.manager.stream(to: "b", open: webTarget(port: port))
-        let link = try #require(a.manager.currentLink(to: "b"))
-        #expect(link.openStreams == 1)
-        // A link to c, made after b's and left without streams, closes for idle: b's link has been up
-        // longer than the idle timeout by then, and its open stream kept it (a condition, not a sleep).
-        let c = try await LinkNode.make("c", ca: ca, book: book)
-        let other = try await a.manager.stream(to: "c", open: webTarget(port: port))
-        let otherLink = try #require(a.manager.currentLink(to: "c"))
-        try await other.close()
-        #expect(await eventually { otherLink.closedForIdle })
-        #expect(link.isUsable)
-        try await stream.close()
-        #expect(await eventually { a.manager.allLinks.isEmpty && b.manager.allLinks.isEmpty })
-        #expect(!link.channel.isActive)
-        await a.stop()
-        await b.stop()
-        await c.stop()
-        try await backend.close()
+        try await withIdleTimeoutNodes { a, b, port, idleLinkToC in
+            let stream = try await a.manager.stream(to: "b", open: webTarget(port: port))
+            let link = try #require(a.manager.currentLink(to: "b"))
+            #expect(link.openStreams == 1)
+            // A link to c, made after b's and left without streams, closes for idle: b's link has been up
+            // longer than the idle timeout by then, and its open stream kept it (a condition, not a sleep).
+            let otherLink = try await idleLinkToC()
+            #expect(await eventually { otherLink.closedForIdle })
+            #expect(link.isUsable)
+            try await stream.close()
+            #expect(await eventually { a.manager.allLinks.isEmpty && b.manager.allLinks.isEmpty })
+            #expect(!link.channel.isActive)
+        }
     }
 
     @Test("a held link (as the punch coordinator holds one between rounds) outlives the idle timeout")
     func heldLinkStays() async throws {
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()
-        let backend = try await startEchoBackend()
-        let port = backend.localAddress!.port!
-        var configuration = LinkConfiguration()
-        configuration.idleTimeout = .milliseconds(300)
-        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
-        let b = try await LinkNode.make("b", ca: ca, book: book)
-        let c = try await LinkNode.make("c", ca: ca, book: book)
-        let stream = try await a.manager.stream(to: "b", open: webTarget(port: port))
-        let link = try #require(a.manager.currentLink(to: "b"))
-        let release = link.hold()
-        try await stream.close()
-        #expect(await eventually { link.openStreams == 1 })  // the hold alone
-        // A link to c, made after b's stream closed and left without streams, closes for idle; b's, held,
-        // does not (a condition, not a sleep).
-        let other = try await a.manager.stream(to: "c", open: webTarget(port: port))
-        let otherLink = try #require(a.manager.currentLink(to: "c"))
-        try await other.close()
-        #expect(await eventually { otherLink.closedForIdle })
-        #expect(link.isUsable)
-        release()
-        release()  // a second call does nothing
-        #expect(await eventually { link.closedForIdle })
-        #expect(link.openStreams == 0)
-        await a.stop()
-        await b.stop()
-        await c.stop()
-        try await backend.close()
+        try await withIdleTimeoutNodes { a, _, port, idleLinkToC in
+            let stream = try await a.manager.stream(to: "b", open: webTarget(port: port))
+            let link = try #require(a.manager.currentLink(to: "b"))
+            let release = link.hold()
+            try await stream.close()
+            #expect(await eventually { link.openStreams == 1 })  // the hold alone
+            // A link to c, made after b's stream closed and left without streams, closes for idle; b's,
+            // held, does not (a condition, not a sleep).
+            let otherLink = try await idleLinkToC()
+            #expect(await eventually { otherLink.closedForIdle })
+            #expect(link.isUsable)
+            release()
+            release()  // a second call does nothing
+            #expect(await eventually { link.closedForIdle })
+            #expect(link.openStreams == 0)
+        }
     }
 
     @Test("a revoked node certificate is refused by the acceptor")
