@@ -26,6 +26,13 @@ static inline void mesh_set_thread_name(const char *name) {
 
 static inline int mesh_malloc_trim(void) { return malloc_trim(0); }
 
+/* The heap's bytes in use and free (inside the heap, not given back), over every arena (mallinfo2). */
+static inline void mesh_malloc_usage(unsigned long *used, unsigned long *free_bytes) {
+    struct mallinfo2 m = mallinfo2();
+    *used = (unsigned long)m.uordblks;
+    *free_bytes = (unsigned long)m.fordblks;
+}
+
 /* Allocations of `bytes` and more get their own mapping, given back to the system when freed
    (glibc otherwise raises the threshold as large blocks are freed, and keeps them in its heap). */
 static inline int mesh_set_mmap_threshold(int bytes) { return mallopt(M_MMAP_THRESHOLD, bytes); }

@@ -71,6 +71,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     /// With `leanConnectionBuffers`: a TLS connection quiet this long gives the pages of its NIOSSL
     /// buffers back (MeshHTTP `ConnectionBuffers`); 0: never (for comparison in perf/scale).
     public var idleBufferReleaseMilliseconds: Int = 10000
+    /// Every this many seconds, the malloc heap's free pages go back to the system when 8 MiB and an
+    /// eighth of what is in use lie free (after a storm of connections and registrations); 0: never.
+    public var heapTrimIntervalSeconds: Int = 10
 
     public init() {}
 
@@ -99,6 +102,9 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
         if self.historyLimit < 1 { throw ManifestError("historyLimit: must be at least 1") }
         if self.idleBufferReleaseMilliseconds < 0 {
             throw ManifestError("idleBufferReleaseMilliseconds: must be 0 (never) or more")
+        }
+        if self.heapTrimIntervalSeconds < 0 {
+            throw ManifestError("heapTrimIntervalSeconds: must be 0 (never) or more")
         }
         if self.bookmarkIntervalSeconds < 1 { throw ManifestError("bookmarkIntervalSeconds: must be at least 1") }
         if self.requestTimeoutSeconds < 1 { throw ManifestError("requestTimeoutSeconds: must be at least 1") }

@@ -159,6 +159,17 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
                     Gauge(label: "mesh_control_resource_version").record(hub.currentResourceVersion)
                 }
             }
+            if config.heapTrimIntervalSeconds > 0 {
+                let logger = self.logger
+                group.addTask {
+                    await ProcessResources.trimWhenFragmented(
+                        every: .seconds(config.heapTrimIntervalSeconds),
+                        report: { free, used in
+                            logger.debug("heap trimmed: \(free >> 20) MiB free given back, \(used >> 20) MiB in use")
+                        }
+                    )
+                }
+            }
             let lifecycleTask = Task { await lifecycle.run() }
             // Workloads: assignment to nodes and their services' endpoints (WorkloadController).
             let workloads = WorkloadController(writer: api.writer, logger: self.logger)
