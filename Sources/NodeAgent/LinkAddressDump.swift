@@ -98,7 +98,8 @@ enum LinkAddressDump {
         request += body
         let sent = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
         guard sent == request.count else { return false }
-        var buffer = [UInt8](repeating: 0, count: 32 * 1024)
+        // A dump message is at most 32 KiB (the kernel sizes it by the reader's buffer, up to that); twice that.
+        var buffer = [UInt8](repeating: 0, count: 64 * 1024)
         while true {
             let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if n < 0 && errno == EINTR { continue }
