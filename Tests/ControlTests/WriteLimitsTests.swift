@@ -97,6 +97,13 @@ import Testing
         c = ControlConfig()
         c.tlsHandshakeTimeoutSeconds = 0
         #expect(throws: ManifestError("tlsHandshakeTimeoutSeconds: must be at least 0.1")) { try c.validate() }
+        c = ControlConfig()
+        c.heapTrimIntervalSeconds = -1
+        #expect(throws: ManifestError("heapTrimIntervalSeconds: must be 0 (never) or more")) { try c.validate() }
+        c.heapTrimIntervalSeconds = 0
+        #expect(throws: Never.self) { try c.validate() }
+        c.idleBufferReleaseMilliseconds = -1
+        #expect(throws: ManifestError("idleBufferReleaseMilliseconds: must be 0 (never) or more")) { try c.validate() }
     }
 
     @Test func writesAreLimitedPerIdentityAndTheAdminIsNot() throws {
