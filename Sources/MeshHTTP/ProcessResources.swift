@@ -50,7 +50,8 @@ public enum ProcessResources {
         init(_ d: String) { self.description = d }
     }
 
-    /// The malloc heap's bytes in use and free (free: inside the heap, resident where touched), nil off glibc.
+    /// The malloc heap's bytes in use and free (free: inside the heap, resident where touched), from glibc's
+    /// mallinfo2 (every arena).
     public static func heapUsage() -> (used: Int, free: Int)? {
         var used: UInt = 0
         var free: UInt = 0
