@@ -25,9 +25,7 @@ import Testing
         let routes = try (0..<count).map {
             RouteHandle(
                 route: try Self.route("s\($0)", port: 80 + $0, backends: 3),
-                localSite: "a",
-                outlier: .init(),
-                metricsFactory: NOOPMetricsHandler.instance
+                settings: RouteSettings(localSite: "a", outlier: .init(), metricsFactory: NOOPMetricsHandler.instance)
             )
             .snapshot(listening: true, error: nil)
         }

@@ -179,18 +179,6 @@ final class RouteHandle: Sendable {
         self.consistentHash = Atomic(Self.isConsistentHash(route.policy))
     }
 
-    convenience init(
-        route: Route,
-        localSite: String?,
-        outlier: OutlierConfiguration,
-        metricsFactory: any MetricsFactory
-    ) {
-        self.init(
-            route: route,
-            settings: RouteSettings(localSite: localSite, outlier: outlier, metricsFactory: metricsFactory)
-        )
-    }
-
     private static func isConsistentHash(_ policy: BalancerPolicy) -> Bool {
         if case .consistentHash = policy { return true }
         return false
@@ -216,17 +204,8 @@ final class RouteHandle: Sendable {
         }
     }
 
-    /// Replaces backends and policy; per-backend health and in-flight counts carry over by `ip:port`.
-    /// An unchanged route keeps its balancer as it is.
-    func update(route: Route, localSite: String?, outlier: OutlierConfiguration) {
-        let factory = self.state.withLock { $0.settings.metricsFactory }
-        self.update(
-            route: route,
-            settings: RouteSettings(localSite: localSite, outlier: outlier, metricsFactory: factory)
-        )
-    }
-
-    /// `update(route:localSite:outlier:)` with the data plane's shared settings.
+    /// Replaces backends and policy (with the data plane's shared settings); per-backend health and in-flight
+    /// counts carry over by `ip:port`. An unchanged route keeps its balancer as it is.
     func update(route: Route, settings: RouteSettings) {
         self.state.withLock { state in
             if state.route == route && state.settings.localSite == settings.localSite {

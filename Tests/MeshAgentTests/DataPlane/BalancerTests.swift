@@ -266,9 +266,11 @@ struct RouteHandleFinishTests {
     private func handle(_ list: [Backend]) -> RouteHandle {
         RouteHandle(
             route: self.route(list),
-            localSite: nil,
-            outlier: .init(consecutiveFailures: 1, maxEjectionPercent: 100),
-            metricsFactory: NOOPMetricsHandler.instance
+            settings: RouteSettings(
+                localSite: nil,
+                outlier: .init(consecutiveFailures: 1, maxEjectionPercent: 100),
+                metricsFactory: NOOPMetricsHandler.instance
+            )
         )
     }
 
@@ -303,7 +305,8 @@ struct RouteHandleFinishTests {
         let other = try #require(handle.pick())
         // Reordered, with a backend in front: every slot index now names another backend.
         let reordered = [backends(4)[3]] + list.reversed()
-        handle.update(route: self.route(reordered), localSite: nil, outlier: .init())
+        let defaults = RouteSettings(localSite: nil, outlier: .init(), metricsFactory: NOOPMetricsHandler.instance)
+        handle.update(route: self.route(reordered), settings: defaults)
         handle.finish(pick, outcome: .failure)
         var after = self.counts(handle)
         #expect(after[pick.id.description]?.active == 0)
@@ -311,7 +314,7 @@ struct RouteHandleFinishTests {
         #expect(after[other.id.description]?.active == 1)
         #expect(after.values.map { $0.failures }.reduce(0, +) == 1)
         // A backend removed meanwhile: finishing its pick changes nothing (and does not trap).
-        handle.update(route: self.route(list.filter { $0.id != other.id }), localSite: nil, outlier: .init())
+        handle.update(route: self.route(list.filter { $0.id != other.id }), settings: defaults)
         handle.finish(other, outcome: .failure)
         after = self.counts(handle)
         #expect(after[other.id.description] == nil)

@@ -43,9 +43,7 @@ struct HTTPProxyHandlerTests {
         )
         let handle = RouteHandle(
             route: route,
-            localSite: nil,
-            outlier: configuration.outlier,
-            metricsFactory: self.metrics
+            settings: RouteSettings(localSite: nil, outlier: configuration.outlier, metricsFactory: self.metrics)
         )
         try HTTPProxy.initialize(channel: channel, handle: handle, environment: environment)
         channel.connect(to: try SocketAddress(ipAddress: "127.0.0.1", port: 40000), promise: nil)
