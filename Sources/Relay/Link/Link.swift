@@ -273,25 +273,25 @@ public final class Link: Sendable, CustomStringConvertible {
 
     /// Counts a stream (ours or the peer's) until it closes.
     func track(_ stream: any Channel) {
-        self.state.withLock {
-            $0.streams += 1
-            $0.idle?.cancel()
-            $0.idle = nil
-        }
+        self.streamOpened()
         stream.closeFuture.whenComplete { _ in self.streamClosed() }
     }
 
     /// Keeps the link from idling out, as an open stream would, until the returned closure is called
     /// (once; later calls do nothing). The punch coordinator holds a relayed link between its rounds.
     func hold() -> @Sendable () -> Void {
+        self.streamOpened()
+        let released = ReleaseOnce()
+        return { [self] in
+            if released.first() { self.streamClosed() }
+        }
+    }
+
+    private func streamOpened() {
         self.state.withLock {
             $0.streams += 1
             $0.idle?.cancel()
             $0.idle = nil
-        }
-        let released = ReleaseOnce()
-        return { [self] in
-            if released.first() { self.streamClosed() }
         }
     }
 
