@@ -145,7 +145,8 @@ extension NATMatrixTests {
             // 30 s after that, round 5 60 s after that: a loaded machine can make round 3 or 4 miss its
             // window (seen under two `yes`), so the wait covers round 5. No stream is open after the first
             // request: the coordinator holds the relayed link between these rounds (past its 60 s idle
-            // timeout), or round 5 would never come.
+            // timeout), or round 5 would never come; B's end, the acceptor's, waits 120 s (the round 4 to 5
+            // wait is 60 s: with the same timeout at both ends, B closed the link as round 5 began).
             let punched = await eventually(timeout: .seconds(150), every: .milliseconds(250)) {
                 row = self.lab.row(await self.lab.peers(prefix, "a"))
                 return row["path"] as? String == "punched"

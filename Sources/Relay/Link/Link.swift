@@ -49,11 +49,23 @@ public enum LinkPath: Sendable, Hashable, CustomStringConvertible {
 
 /// Settings of links (``Link``, ``LinkManager``).
 public struct LinkConfiguration: Sendable {
+    /// The idle timeout of a link in `role`. The dialer decides when an idle link goes; the acceptor's own
+    /// timer runs twice as long, so that a stream the dialer opens near the end of its idle time never
+    /// meets a link the acceptor is closing, and a link the dialer holds (``Link/hold()``: the punch
+    /// coordinator, between rounds up to `idleTimeout` apart) stays up at both ends.
+    public func idleTimeout(for role: LinkRole) -> TimeAmount {
+        switch role {
+        case .dialer: self.idleTimeout
+        case .acceptor: self.idleTimeout * 2
+        }
+    }
+
     /// The multiplexer's settings (its role is set per link: the dialer is the yamux client).
     public var mux = MuxConfiguration(role: .client)
     /// A link whose TLS handshake has not completed by then is closed.
     public var handshakeTimeout: TimeAmount = .seconds(10)
-    /// How long a link with no open stream stays up.
+    /// How long a link with no open stream stays up. The node that dialed it closes it; the other waits
+    /// twice as long, as a backstop for a dialer that vanished (``idleTimeout(for:)``).
     public var idleTimeout: TimeAmount = .seconds(60)
     /// TCP connect timeout per address when dialing.
     public var connectTimeout: TimeAmount = .seconds(5)
@@ -110,8 +122,9 @@ private final class ReleaseOnce: Sendable {
 /// One link between this node and a peer node: a TLS 1.3 connection with mutual mesh certificates over a
 /// transport (a TCP connection, a relay circuit: any connected channel), carrying one ``MuxSession``.
 ///
-/// A link counts its streams: when none is open for `idleTimeout` it closes itself. ``retire()`` makes it
-/// refuse new streams (Go Away) and close once its streams are done.
+/// A link counts its streams: when none is open for its idle timeout (``LinkConfiguration/idleTimeout(for:)``: the
+/// dialer's, or twice that at the acceptor) it closes itself. ``retire()`` makes it refuse new streams (Go Away)
+/// and close once its streams are done.
 public final class Link: Sendable, CustomStringConvertible {
     /// The peer's node name.
     public let peer: String
@@ -264,7 +277,7 @@ public final class Link: Sendable, CustomStringConvertible {
             role: role,
             path: path,
             session: session,
-            idleTimeout: configuration.idleTimeout
+            idleTimeout: configuration.idleTimeout(for: role)
         )
         link.startTimers(pingInterval: configuration.pingInterval)
         channel.closeFuture.whenComplete { _ in link.stopTimers() }

@@ -269,7 +269,8 @@ public final class PunchCoordinator: Sendable {
             )
             // Through the growing backoffs the relayed link is held up between rounds, so that a peer used
             // once still gets its rounds (the last backoff, repeated, holds nothing: an idle link may go,
-            // and its next use punches again).
+            // and its next use punches again). The peer sees no stream while we wait; its end of the link,
+            // the acceptor's, idles out only after twice the idle timeout (60 s: the longest wait held).
             let release = round < self.configuration.retryBackoff.count ? link.hold() : nil
             defer { release?() }
             do { try await Task.sleep(for: .nanoseconds(wait.nanoseconds)) } catch { return }

@@ -324,6 +324,33 @@ struct LinkTests {
         }
     }
 
+    @Test("an idle link is closed by its dialer; the acceptor's own timer runs twice as long")
+    func dialerClosesIdleLink() async throws {
+        var configuration = LinkConfiguration()
+        configuration.idleTimeout = .seconds(1)
+        #expect(configuration.idleTimeout(for: .dialer(expect: "b")) == .seconds(1))
+        #expect(configuration.idleTimeout(for: .acceptor) == .seconds(2))
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
+        let b = try await LinkNode.make("b", ca: ca, book: book, configuration: configuration)
+        let stream = try await a.manager.stream(to: "b", open: webTarget(port: backend.localAddress!.port!))
+        let dialed = try #require(a.manager.currentLink(to: "b"))
+        #expect(await eventually { b.manager.currentLink(to: "a") != nil })
+        let accepted = try #require(b.manager.currentLink(to: "a"))
+        #expect(accepted.role == .acceptor)
+        try await stream.close()
+        // Both ends saw the stream close at about the same time with the same setting: the dialer's timer
+        // (1 s) closes the link, the acceptor's (2 s) never fires.
+        #expect(await eventually { !dialed.channel.isActive && !accepted.channel.isActive })
+        #expect(dialed.closedForIdle)
+        #expect(!accepted.closedForIdle)
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+
     @Test("a revoked node certificate is refused by the acceptor")
     func revokedRefused() async throws {
         let ca = try CertificateAuthority.create()
