@@ -89,6 +89,10 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
     private var blocked: [UInt32] = []
     private var needsFlush = false
     private var inRead = false
+    /// Frames sent since the last flush, coalesced (``send(_:promise:)``), and the promise of the first
+    /// of them that had one (the others cascade from it).
+    private var outgoing: ByteBuffer?
+    private var outgoingPromise: EventLoopPromise<Void>?
     private(set) var stats = MuxStats()
 
     init(configuration: MuxConfiguration, logger: Logger, inbound: MuxStreamInitializer?) {
@@ -109,6 +113,9 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
 
     public func handlerRemoved(context: ChannelHandlerContext) {
         self.shutDown(.sessionClosed)
+        self.outgoing = nil
+        self.outgoingPromise?.fail(MuxError.sessionClosed)
+        self.outgoingPromise = nil
         self.context = nil
     }
 
@@ -409,6 +416,7 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
         let written = context.eventLoop.makePromise(of: Void.self)
         self.send(.goAway(.protocolError), promise: written)
         self.needsFlush = false
+        self.writeHeld(context)
         context.flush()
         let channel = context.channel
         let timer = context.eventLoop.scheduleTask(in: Self.cutOffGrace) { channel.close(promise: nil) }
@@ -443,30 +451,64 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
             promise?.fail(MuxError.sessionClosed)
             return
         }
-        var header = context.channel.allocator.buffer(capacity: YamuxFrame.headerSize)
+        var out = self.outgoing ?? context.channel.allocator.buffer(capacity: Self.coalescedCapacity)
+        self.outgoing = nil
         switch frame {
         case .data(let id, let flags, let payload):
-            // Header and payload as two writes: the payload is not copied.
             do {
-                try YamuxFrame.data(stream: id, flags: flags, payload: ByteBuffer()).encode(into: &header)
+                try YamuxFrame.data(stream: id, flags: flags, payload: ByteBuffer()).encode(into: &out)
             } catch {
                 preconditionFailure("the session built an invalid frame: \(error)")
             }
-            header.setInteger(UInt32(payload.readableBytes), at: header.writerIndex - 4)
-            context.write(self.wrapOutboundOut(header), promise: nil)
-            context.write(self.wrapOutboundOut(payload), promise: promise)
+            out.setInteger(UInt32(payload.readableBytes), at: out.writerIndex - 4)
+            if payload.readableBytes <= Self.coalesceLimit {
+                out.writeImmutableBuffer(payload)
+                self.hold(out, promise)
+            } else {
+                // A large payload goes as its own write, not copied; what was held goes first, with its header.
+                self.hold(out, nil)
+                self.writeHeld(context)
+                context.write(self.wrapOutboundOut(payload), promise: promise)
+            }
         default:
-            do { try frame.encode(into: &header) } catch {
+            do { try frame.encode(into: &out) } catch {
                 preconditionFailure("the session built an invalid frame: \(error)")
             }
-            context.write(self.wrapOutboundOut(header), promise: promise)
+            self.hold(out, promise)
         }
+        if let held = self.outgoing, held.readableBytes >= Self.coalesceLimit { self.writeHeld(context) }
         self.needsFlush = true
+    }
+
+    /// Frames (and payloads up to `coalesceLimit`) are copied into one buffer until the next flush, so
+    /// that the TLS layer below seals one record for them, not one per header and one per payload (which
+    /// is what two writes of a frame gave: NIOSSL seals each write on its own).
+    static let coalesceLimit = 8192
+    static let coalescedCapacity = 1024
+
+    private func hold(_ out: ByteBuffer, _ promise: EventLoopPromise<Void>?) {
+        self.outgoing = out
+        guard let promise else { return }
+        if let first = self.outgoingPromise {
+            first.futureResult.cascade(to: promise)
+        } else {
+            self.outgoingPromise = promise
+        }
+    }
+
+    /// Writes what `send` held (not flushed).
+    private func writeHeld(_ context: ChannelHandlerContext) {
+        guard let out = self.outgoing else { return }
+        let promise = self.outgoingPromise
+        self.outgoing = nil
+        self.outgoingPromise = nil
+        context.write(self.wrapOutboundOut(out), promise: promise)
     }
 
     private func flushIfNeeded() {
         guard self.needsFlush, !self.inRead, let context = self.context else { return }
         self.needsFlush = false
+        self.writeHeld(context)
         context.flush()
     }
 }

@@ -30,6 +30,34 @@ import Testing
         #expect(try session.stats().wait().streamsOpened == 2)
     }
 
+    @Test("the frames of one flush leave as one write (one TLS record below); a payload over 8 KiB as its own")
+    func coalescedWrites() throws {
+        let (channel, session) = try EmbeddedChannel.muxSession(.client, inbound: nil)
+        let s1 = try session.openStream(bare).wait()
+        _ = try channel.outboundFrames()
+        func writes() throws -> [ByteBuffer] {
+            var all: [ByteBuffer] = []
+            while let b = try channel.readOutbound(as: ByteBuffer.self) { all.append(b) }
+            return all
+        }
+        // A small write: its header and payload in one buffer.
+        try s1.writeAndFlush(ByteBuffer(string: "hello")).wait()
+        #expect(try writes() == [YamuxFrame.data(stream: 1, flags: [], payload: ByteBuffer(string: "hello")).bytes])
+        // Two pings read at once: both answers in one write, at the read's end.
+        var two = YamuxFrame.ping(ack: false, opaque: 7).bytes
+        two.writeImmutableBuffer(YamuxFrame.ping(ack: false, opaque: 8).bytes)
+        try channel.writeInbound(two)
+        var acks = YamuxFrame.ping(ack: true, opaque: 7).bytes
+        acks.writeImmutableBuffer(YamuxFrame.ping(ack: true, opaque: 8).bytes)
+        #expect(try writes() == [acks])
+        // 8 KiB is copied in with its header; one byte more goes as its own write after the header.
+        try s1.writeAndFlush(payload(8192)).wait()
+        #expect(try writes() == [YamuxFrame.data(stream: 1, flags: [], payload: payload(8192)).bytes])
+        try s1.writeAndFlush(payload(8193)).wait()
+        let header = try YamuxFrame.data(stream: 1, flags: [], payload: payload(8193)).bytes.getSlice(at: 0, length: 12)
+        #expect(try writes() == [header, payload(8193)])
+    }
+
     @Test("a server acknowledges the peer's SYN with ACK and delivers its bytes; the peer's FIN is inputClosed")
     func acceptAndRead() throws {
         let accepted = AcceptedStreams()
