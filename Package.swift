@@ -59,6 +59,7 @@ let package = Package(
         .library(name: "Control", targets: ["Control"]),
         .library(name: "DNS", targets: ["DNS"]),
         .library(name: "Relay", targets: ["Relay"]),
+        .library(name: "MeshWire", targets: ["MeshWire"]),
         .library(name: "MeshAgent", targets: ["MeshAgent"]),
         .library(name: "NodeAgent", targets: ["NodeAgent"]),
     ],

@@ -20,7 +20,7 @@ need_haproxy() {
 }
 
 build_bench() {
-  (swift build -c release --static-swift-stdlib -Xswiftc -Xfrontend -Xswiftc -function-sections -Xcc -ffunction-sections --package-path "$ROOT/perf" --product mesh-proxy-bench 2>&1 \
+  ("$ROOT/perf/build" mesh-proxy-bench 2>&1 \
     | grep -E "error|warning: .*swift" || true)
   BIN="$ROOT/perf/.build/release/mesh-proxy-bench"
   [[ -x "$BIN" ]] || { echo "build failed" >&2; exit 1; }

@@ -17,7 +17,10 @@ struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mesh-proxy-bench",
         abstract: "Proxy benchmarks: run our proxy, backends, a bulk-transfer client and an open-loop latency client.",
-        subcommands: [ProxyCommand.self, BackendCommand.self, BulkCommand.self, LatencyCommand.self, QuietCommand.self]
+        subcommands: [
+            ProxyCommand.self, LinkPairCommand.self, BackendCommand.self, BulkCommand.self, LatencyCommand.self,
+            QuietCommand.self,
+        ]
     )
 }
 

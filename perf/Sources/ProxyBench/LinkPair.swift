@@ -1,0 +1,150 @@
+import ArgumentParser
+import Foundation
+import Logging
+import MeshIdentity
+import MeshWire
+import NIOCore
+import NIOPosix
+import Relay
+import ServiceLifecycle
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The peer-link path without a lab: two link nodes in one process on loopback. Clients connect to
+/// `--listen` (node a, as an agent's L4 listener takes them); each connection is spliced to a stream over
+/// one direct link (TLS 1.3 with mutual certificates of a CA made in memory, the yamux mux) to node b,
+/// which dials `--backend` and splices the stream to it, as an agent does for an endpoint it serves. Both
+/// nodes share one event loop. For callgrind (`perf/proxy/profile --system link`): instructions per request
+/// through both ends of a link, repeatable where timings on this VM are not.
+struct LinkPairCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "link-pair",
+        abstract: "Run two link nodes on loopback: clients at --listen reach --backend through a stream of one link."
+    )
+
+    @Option(help: "127.0.0.1:port where node a takes clients.") var listen: HostPort
+    @Option(help: "The backend's 127.0.0.1:port, dialed by node b.") var backend: HostPort
+
+    func run() async throws {
+        guard let endpoint = IPv4Address(self.backend.host) else {
+            throw ValidationError("--backend: an IPv4 address and port, e.g. 127.0.0.1:8080")
+        }
+        var logger = Logger(label: "bench.link-pair")
+        logger.logLevel = .warning
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ca = try CertificateAuthority.create()
+        func tls(_ node: String) throws -> MeshLinkTLS {
+            let issued = try ca.issueCredential(identity: .node(node), serverAuth: true, clientAuth: true)
+            return try MeshLinkTLS(
+                keyPEM: issued.keyPEM,
+                certificatePEM: issued.certificatePEM,
+                caPEM: try ca.certificatePEM()
+            )
+        }
+        let b = LinkManager(
+            tls: try tls("b"),
+            group: group,
+            logger: logger,
+            resolve: { _ in [] },
+            check: { _, _ in nil }
+        )
+        let listener = LinkListener(manager: b, address: try SocketAddress(ipAddress: "127.0.0.1", port: 0))
+        let bAddress = try await listener.bind()
+        let a = LinkManager(
+            tls: try tls("a"),
+            group: group,
+            logger: logger,
+            resolve: { $0 == "b" ? [bAddress] : [] },
+            check: { _, _ in StreamRefusal(.notLocalEndpoint, "node a serves nothing") }
+        )
+        let target = StreamTarget(
+            namespace: "bench",
+            service: "bench",
+            servicePort: UInt16(self.listen.port),
+            endpoint: .v4(endpoint.bits),
+            endpointPort: UInt16(self.backend.port),
+            transport: .tcp
+        )
+        let server = try ClientSockets.listen(on: self.listen)
+        let log = logger
+        // Accepts on a thread of its own (blocking accept, never on the cooperative pool); each client's
+        // socket goes to node a's link, as the data plane hands one over.
+        Thread {
+            while true {
+                let client = accept(server, nil, nil)
+                guard client >= 0 else {
+                    if errno == EINTR || errno == ECONNABORTED { continue }
+                    return
+                }
+                _ = fcntl(client, F_SETFL, fcntl(client, F_GETFL) | O_NONBLOCK)
+                _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+                var one: Int32 = 1
+                _ = setsockopt(client, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                Task {
+                    do {
+                        try await a.splice(socket: client, to: "b", open: target)
+                    } catch {
+                        log.warning("splice failed: \(error)")
+                        close(client)
+                    }
+                }
+            }
+        }.start()
+        print("ready \(self.listen) pid \(getpid())")
+        let services = ServiceGroup(
+            configuration: .init(services: [Idle()], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        )
+        try await services.run()
+        close(server)
+        await a.shutdown()
+        await b.shutdown()
+        try? await listener.close()
+        try await group.shutdownGracefully()
+    }
+
+    /// Runs until the group's graceful shutdown (SIGTERM, SIGINT).
+    struct Idle: Service {
+        func run() async throws { try? await gracefulShutdown() }
+    }
+}
+
+/// A dotted IPv4 address as its 32 bits (network order read as a number: 127.0.0.1 is 0x7F000001).
+struct IPv4Address {
+    let bits: UInt32
+
+    init?(_ text: String) {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false).compactMap { UInt8($0) }
+        guard parts.count == 4, text.split(separator: ".", omittingEmptySubsequences: false).count == 4 else {
+            return nil
+        }
+        self.bits = parts.reduce(0) { $0 << 8 | UInt32($1) }
+    }
+}
+
+enum ClientSockets {
+    /// A blocking listening TCP socket on an IPv4 host:port.
+    static func listen(on address: HostPort) throws -> Int32 {
+        guard let ip = IPv4Address(address.host) else { throw ValidationError("--listen: IPv4 host:port") }
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw ValidationError("socket: errno \(errno)") }
+        var one: Int32 = 1
+        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var sin = sockaddr_in()
+        sin.sin_family = sa_family_t(AF_INET)
+        sin.sin_port = in_port_t(UInt16(address.port)).bigEndian
+        sin.sin_addr = in_addr(s_addr: ip.bits.bigEndian)
+        let bound = withUnsafePointer(to: &sin) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        guard bound == 0, Glibc.listen(fd, 1024) == 0 else {
+            let code = errno
+            close(fd)
+            throw ValidationError("bind/listen on \(address): errno \(code)")
+        }
+        return fd
+    }
+}
