@@ -111,6 +111,12 @@ public final class MeshLinkTLS: Sendable {
         )
     }
 
+    /// Node `name`'s link TLS with a credential just issued by `ca` (a CA made in memory: tests, benchmarks).
+    public convenience init(node name: String, issuedBy ca: CertificateAuthority) throws {
+        let issued = try ca.issueCredential(identity: .node(name), serverAuth: true, clientAuth: true)
+        try self.init(keyPEM: issued.keyPEM, certificatePEM: issued.certificatePEM, caPEM: try ca.certificatePEM())
+    }
+
     public init(keyPEM: String, certificatePEM: String, caPEM: String, revoked: RevokedSerials? = nil) throws {
         let leaf: Certificate
         do {

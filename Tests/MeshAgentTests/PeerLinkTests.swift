@@ -18,14 +18,7 @@ private struct TwoNodes {
 
     static func make() async throws -> TwoNodes {
         let ca = try CertificateAuthority.create()
-        func tls(_ node: String) throws -> MeshLinkTLS {
-            let issued = try ca.issueCredential(identity: .node(node), serverAuth: true, clientAuth: true)
-            return try MeshLinkTLS(
-                keyPEM: issued.keyPEM,
-                certificatePEM: issued.certificatePEM,
-                caPEM: try ca.certificatePEM()
-            )
-        }
+        func tls(_ node: String) throws -> MeshLinkTLS { try MeshLinkTLS(node: node, issuedBy: ca) }
         let table = CurrentTable()
         let b = LinkManager(
             tls: try tls("b"),

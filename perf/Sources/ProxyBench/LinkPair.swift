@@ -35,14 +35,7 @@ struct LinkPairCommand: AsyncParsableCommand {
         logger.logLevel = .warning
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let ca = try CertificateAuthority.create()
-        func tls(_ node: String) throws -> MeshLinkTLS {
-            let issued = try ca.issueCredential(identity: .node(node), serverAuth: true, clientAuth: true)
-            return try MeshLinkTLS(
-                keyPEM: issued.keyPEM,
-                certificatePEM: issued.certificatePEM,
-                caPEM: try ca.certificatePEM()
-            )
-        }
+        func tls(_ node: String) throws -> MeshLinkTLS { try MeshLinkTLS(node: node, issuedBy: ca) }
         let b = LinkManager(
             tls: try tls("b"),
             group: group,
