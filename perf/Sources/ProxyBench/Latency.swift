@@ -43,6 +43,11 @@ struct LatencyCommand: ParsableCommand {
     @Option(help: "http: request path.") var path = "/"
     @Option(parsing: .upToNextOption, help: "PIDs whose CPU time per request to report (the system under test).")
     var sutPid: [Int32] = []
+    @Option(
+        parsing: .upToNextOption,
+        help: "PIDs sharing the SUT's CPU (the backend) whose CPU time per request to report beside it."
+    )
+    var neighborPid: [Int32] = []
     @Option(help: "Label printed with the results.") var label = "target"
     @Option(
         parsing: .upToNextOption,
@@ -93,13 +98,17 @@ struct LatencyCommand: ParsableCommand {
         let giveUp = measureUntil + 10_000_000_000
         var measuring = false
         var cpuBefore: [UInt64: UInt64] = [:]
+        var neighborBefore: [UInt64: UInt64] = [:]
+        var ticksBefore: (user: UInt64, system: UInt64) = (0, 0)
         var selfBefore = 0.0
         var othersBefore: [Int32: UInt64] = [:]
         var measuredFrom = start
         func beginMeasuring() {
             measuring = true
             cpuBefore = threadCPUNanoseconds(self.sutPid)
-            othersBefore = QuietCommand.othersTicks(ignoring: self.ignore + self.sutPid)
+            neighborBefore = threadCPUNanoseconds(self.neighborPid)
+            ticksBefore = userSystemTicks(self.sutPid)
+            othersBefore = QuietCommand.othersTicks(ignoring: self.ignore + self.sutPid + self.neighborPid)
             selfBefore = ownCPUSeconds()
             measuredFrom = monotonicNanoseconds()
         }
@@ -171,8 +180,10 @@ struct LatencyCommand: ParsableCommand {
         }
         let end = monotonicNanoseconds()
         let cpuUsed = cpuNanosecondsSince(cpuBefore, self.sutPid)
+        let neighborUsed = cpuNanosecondsSince(neighborBefore, self.neighborPid)
+        let ticksAfter = userSystemTicks(self.sutPid)
         let selfAfter = ownCPUSeconds()
-        let othersAfter = QuietCommand.othersTicks(ignoring: self.ignore + self.sutPid)
+        let othersAfter = QuietCommand.othersTicks(ignoring: self.ignore + self.sutPid + self.neighborPid)
         var othersUsed: UInt64 = 0
         for (pid, ticks) in othersAfter { othersUsed += ticks - min(ticks, othersBefore[pid] ?? ticks) }
         // The closed loop's window ends when the time is up (responses after it are not counted).
@@ -185,6 +196,13 @@ struct LatencyCommand: ParsableCommand {
         let achieved = Double(measured) / max(window, 0.001)
         let sutCPU =
             measured > 0 && !self.sutPid.isEmpty ? Double(cpuUsed) / 1000 / Double(measured) : nil
+        let neighborCPU =
+            measured > 0 && !self.neighborPid.isEmpty ? Double(neighborUsed) / 1000 / Double(measured) : nil
+        // The kernel's share of the SUT's CPU (stime of utime + stime: 10 ms ticks, so read it at high load).
+        let userTicks = ticksAfter.user - min(ticksAfter.user, ticksBefore.user)
+        let systemTicks = ticksAfter.system - min(ticksAfter.system, ticksBefore.system)
+        let kernelShare =
+            userTicks + systemTicks >= 50 ? Double(systemTicks) / Double(userTicks + systemTicks) : nil
         let generatorCPU = measured > 0 ? (selfAfter - selfBefore) * 1e6 / Double(measured) : 0
         func us(_ p: Double) -> Double { Double(histogram.valueAtPercentile(p)) / 1000 }
         let rateText = closedLoop ? "max" : "\(self.rate)"
@@ -194,6 +212,8 @@ struct LatencyCommand: ParsableCommand {
             + " p99 \(format(us(99), 1)) us, p99.9 \(format(us(99.9), 1)) us,"
             + " max \(format(Double(histogram.max) / 1000, 1)) us"
         if let sutCPU { line += ", cpu \(format(sutCPU, 1)) us/req (SUT)" }
+        if let kernelShare { line += " (\(format(kernelShare * 100, 0))% in the kernel)" }
+        if let neighborCPU { line += ", neighbours \(format(neighborCPU, 1)) us/req" }
         line += ", generator \(format(generatorCPU, 1)) us/req, noise \(format(noise, 3)) cores"
         print(line)
 
@@ -216,6 +236,8 @@ struct LatencyCommand: ParsableCommand {
                 "\"curve\": [\(curve.joined(separator: ", "))]",
             ]
             if let sutCPU { fields.append("\"sut_cpu_us_per_req\": \(format(sutCPU, 2))") }
+            if let kernelShare { fields.append("\"sut_kernel_share\": \(format(kernelShare, 3))") }
+            if let neighborCPU { fields.append("\"neighbor_cpu_us_per_req\": \(format(neighborCPU, 2))") }
             let text = "{" + fields.joined(separator: ", ") + "}\n"
             guard let file = fopen(path, "w") else { throw ValidationError("cannot write \(path)") }
             fputs(text, file)
@@ -347,7 +369,13 @@ private struct Connection {
 
 /// utime + stime of the PIDs, in clock ticks.
 func cpuTicks(_ pids: [Int32]) -> UInt64 {
-    var total: UInt64 = 0
+    let ticks = userSystemTicks(pids)
+    return ticks.user + ticks.system
+}
+
+/// utime and stime of the PIDs, in clock ticks.
+func userSystemTicks(_ pids: [Int32]) -> (user: UInt64, system: UInt64) {
+    var total: (user: UInt64, system: UInt64) = (0, 0)
     for pid in pids {
         guard let file = fopen("/proc/\(pid)/stat", "r") else { continue }
         defer { fclose(file) }
@@ -357,7 +385,10 @@ func cpuTicks(_ pids: [Int32]) -> UInt64 {
         // Fields after the parenthesised command start with the state (field 3); utime, stime are 14, 15.
         guard let close = text.lastIndex(of: ")") else { continue }
         let fields = text[text.index(after: close)...].split(separator: " ")
-        if fields.count > 12, let u = UInt64(fields[11]), let s = UInt64(fields[12]) { total += u + s }
+        if fields.count > 12, let u = UInt64(fields[11]), let s = UInt64(fields[12]) {
+            total.user += u
+            total.system += s
+        }
     }
     return total
 }
