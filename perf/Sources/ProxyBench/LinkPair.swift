@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import MeshCore
 import MeshIdentity
 import MeshWire
 import NIOCore
@@ -28,7 +29,7 @@ struct LinkPairCommand: AsyncParsableCommand {
     @Option(help: "The backend's 127.0.0.1:port, dialed by node b.") var backend: HostPort
 
     func run() async throws {
-        guard let endpoint = IPv4Address(self.backend.host) else {
+        guard case .v4(let endpoint)? = IPAddress(self.backend.host) else {
             throw ValidationError("--backend: an IPv4 address and port, e.g. 127.0.0.1:8080")
         }
         var logger = Logger(label: "bench.link-pair")
@@ -56,7 +57,7 @@ struct LinkPairCommand: AsyncParsableCommand {
             namespace: "bench",
             service: "bench",
             servicePort: UInt16(self.listen.port),
-            endpoint: .v4(endpoint.bits),
+            endpoint: .v4(endpoint),
             endpointPort: UInt16(self.backend.port),
             transport: .tcp
         )
@@ -103,23 +104,10 @@ struct LinkPairCommand: AsyncParsableCommand {
     }
 }
 
-/// A dotted IPv4 address as its 32 bits (network order read as a number: 127.0.0.1 is 0x7F000001).
-struct IPv4Address {
-    let bits: UInt32
-
-    init?(_ text: String) {
-        let parts = text.split(separator: ".", omittingEmptySubsequences: false).compactMap { UInt8($0) }
-        guard parts.count == 4, text.split(separator: ".", omittingEmptySubsequences: false).count == 4 else {
-            return nil
-        }
-        self.bits = parts.reduce(0) { $0 << 8 | UInt32($1) }
-    }
-}
-
 enum ClientSockets {
     /// A blocking listening TCP socket on an IPv4 host:port.
     static func listen(on address: HostPort) throws -> Int32 {
-        guard let ip = IPv4Address(address.host) else { throw ValidationError("--listen: IPv4 host:port") }
+        guard case .v4(let ip)? = IPAddress(address.host) else { throw ValidationError("--listen: IPv4 host:port") }
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw ValidationError("socket: errno \(errno)") }
         var one: Int32 = 1
@@ -127,7 +115,7 @@ enum ClientSockets {
         var sin = sockaddr_in()
         sin.sin_family = sa_family_t(AF_INET)
         sin.sin_port = in_port_t(UInt16(address.port)).bigEndian
-        sin.sin_addr = in_addr(s_addr: ip.bits.bigEndian)
+        sin.sin_addr = in_addr(s_addr: ip.bigEndian)
         let bound = withUnsafePointer(to: &sin) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                 bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
