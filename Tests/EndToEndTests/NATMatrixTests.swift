@@ -132,12 +132,9 @@ extension NATMatrixTests {
     func routerAnsweringWithICMP() async throws {
         try await self.lab.with("masq", "masq", letter: "i", netlabOptions: ["--router-icmp"]) { prefix, dir in
             let url = "http://web.shop.svc.cluster.local/"
-            #expect(
-                await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
-                    ((await self.lab.peers(prefix, "a"))?["nat"] as? [String: Any])?["mapping"] as? String
-                        == "portPreserving"
-                }
-            )
+            // Both agents up (B too: with only A's discovery awaited, a first request once met B not yet homed
+            // on its relay and got 502, and nothing punched after it).
+            #expect(await self.lab.bothDiscovered(prefix))
             let first = try await self.lab.inHost(prefix, "a", ["curl", "-s", "-m", "10", url])
             #expect(first.stdout == "hello from site b\n", "\(first.stderr)")
             var row: [String: Any] = [:]
@@ -181,13 +178,7 @@ struct PunchedLinkTests {
 
     func withLab(_ extra: [String], _ body: (String, String) async throws -> Void) async throws {
         try await self.lab.with("masq", "masq", letter: "u", meshOptions: extra) { prefix, dir in
-            #expect(
-                await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
-                    let a = (await self.lab.peers(prefix, "a"))?["nat"] as? [String: Any]
-                    let b = (await self.lab.peers(prefix, "b"))?["nat"] as? [String: Any]
-                    return a?["mapping"] as? String == "portPreserving" && b?["mapping"] as? String == "portPreserving"
-                }
-            )
+            #expect(await self.lab.bothDiscovered(prefix))
             try await body(prefix, dir)
         }
     }

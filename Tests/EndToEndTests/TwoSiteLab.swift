@@ -32,6 +32,16 @@ struct TwoSiteLab {
         return try? JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
     }
 
+    /// Whether both agents' NAT discovery found `mapping` (port-preserving: both sites behind `masq`), waited
+    /// for before a first request so that each agent is up and homed on its relay.
+    func bothDiscovered(_ prefix: String, mapping: String = "portPreserving") async -> Bool {
+        await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
+            let a = (await self.peers(prefix, "a"))?["nat"] as? [String: Any]
+            let b = (await self.peers(prefix, "b"))?["nat"] as? [String: Any]
+            return a?["mapping"] as? String == mapping && b?["mapping"] as? String == mapping
+        }
+    }
+
     /// The first row of a `/peers` document (the link to the other site).
     func row(_ doc: [String: Any]?) -> [String: Any] { (doc?["items"] as? [[String: Any]])?.first ?? [:] }
 
