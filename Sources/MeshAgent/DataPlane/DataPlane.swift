@@ -208,7 +208,7 @@ public actor DataPlane: ServiceLifecycle.Service {
         var redirectError: String?
         if let vipListener = self.vipListener {
             do {
-                try await vipListener.updateRules(vips: Set(wanted.values.filter(Self.isRedirected).map(\.vip)))
+                try await vipListener.updateRules(vips: self.redirectedVIPs(wanted.values.filter(Self.isRedirected)))
             } catch {
                 redirectError = "VIP redirect rules: \(error)"
             }
@@ -480,29 +480,51 @@ public actor DataPlane: ServiceLifecycle.Service {
     private func interfaceAddresses(for vips: [IPAddress]) -> Set<IPAddress> {
         var set = Set(self.configuration.extraInterfaceAddresses.compactMap { IPAddress($0) })
         for vip in vips where !vip.isLoopback { set.insert(vip) }
-        let now = NIODeadline.now()
-        for entry in self.draining
-        where entry.listener.openConnections > 0 && now < entry.until && !entry.vip.isLoopback {
-            set.insert(entry.vip)
-        }
+        for entry in self.stillDraining where !entry.vip.isLoopback { set.insert(entry.vip) }
         return set
     }
 
+    /// The VIPs the redirect rules cover: those of `routes`, and those of removed redirected routes whose
+    /// connections still drain. Removing a VIP's rule strands its established connections: the kernel stops
+    /// translating their packets (seen with iptables-nft), so the client's next segment meets a reset.
+    private func redirectedVIPs(_ routes: [Route]) -> Set<IPAddress> {
+        var set = Set(routes.map(\.vip))
+        for entry in self.stillDraining where entry.listener.isRedirected { set.insert(entry.vip) }
+        return set
+    }
+
+    private var stillDraining: [(vip: IPAddress, listener: Listener, until: NIODeadline)] {
+        let now = NIODeadline.now()
+        return self.draining.filter { $0.listener.openConnections > 0 && now < $0.until }
+    }
+
     /// Keeps `vip` on the interface while `connections` drain (at most `drainTimeout`), then drops it unless
-    /// a route uses it again.
+    /// a route uses it again. The last connection closing ends the drain early: it is looked at every 100 ms.
     private func keepDraining(vip: IPAddress, listener: Listener) {
-        let drain = self.configuration.drainTimeout
-        self.draining.append((vip, listener, NIODeadline.now() + drain))
+        let until = NIODeadline.now() + self.configuration.drainTimeout
+        self.draining.append((vip, listener, until))
         Task {
-            try? await Task.sleep(for: .nanoseconds(drain.nanoseconds + 50_000_000))
-            self.pruneDraining()
+            while listener.openConnections > 0 {
+                let left = until - NIODeadline.now()
+                guard left > .zero else { break }
+                try? await Task.sleep(for: .nanoseconds(min(left.nanoseconds, 100_000_000)))
+            }
+            await self.pruneDraining()
         }
     }
 
-    private func pruneDraining() {
+    private func pruneDraining() async {
         let now = NIODeadline.now()
         self.draining.removeAll { $0.listener.openConnections == 0 || now >= $0.until }
         guard !self.stopped, case .interface(let interface) = self.mode else { return }
+        if let vipListener = self.vipListener {
+            let served = self.listeners.values.filter(\.isRedirected).map(\.handle.route)
+            do {
+                try await vipListener.updateRules(vips: self.redirectedVIPs(served))
+            } catch {
+                self.logger.warning("VIP redirect rules", metadata: ["error": "\(error)"])
+            }
+        }
         let vips = self.listeners.keys.map(\.vip) + self.failed.values.map(\.route.vip)
         do {
             try interface.reconcile(self.interfaceAddresses(for: vips))

@@ -101,6 +101,12 @@ final class Listener: Sendable {
         return Listener(handle: handle, kind: .channel(channel, connections))
     }
 
+    /// Served through the data plane's one VIP listener (its VIP is in the redirect rules).
+    var isRedirected: Bool {
+        if case .redirected = self.kind { return true }
+        return false
+    }
+
     /// Connections open right now (client side).
     var openConnections: Int {
         switch self.kind {

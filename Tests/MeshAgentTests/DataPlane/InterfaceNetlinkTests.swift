@@ -129,7 +129,9 @@ struct InterfaceNetlinkTests {
             let port = backend.localAddress!.port!
             let configuration = DataPlaneConfiguration(
                 bindMode: .meshInterface(name: "mesh0"),
-                drainTimeout: .seconds(1)
+                // Longer than any pause load can put between the route's removal and the held connection's
+                // close: the VIP must leave when that connection closes, not when the drain times out.
+                drainTimeout: .seconds(300)
             )
             let dp = DataPlane(configuration: configuration, eventLoopGroup: group, logger: testLogger)
             let echo = Backend(ip: IPAddress("127.0.0.1")!, port: port)
@@ -168,8 +170,15 @@ struct InterfaceNetlinkTests {
 
             // A connection that stays open on the first VIP.
             let loop = group.next()
+            let late = loop.makePromise(of: String.self)
             let held = try await loop.flatSubmit {
-                ClientBootstrap(group: loop).connect(to: try! SocketAddress(ipAddress: v4.description, port: 80))
+                ClientBootstrap(group: loop)
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(FirstReply(reply: late))
+                        }
+                    }
+                    .connect(to: try! SocketAddress(ipAddress: v4.description, port: 80))
             }.get()
             // The client's connect returns once the kernel has queued the connection; the data plane owns it
             // (and will drain it) only once a loop has accepted it. Under load that comes later.
@@ -178,8 +187,11 @@ struct InterfaceNetlinkTests {
             // Routes go: their VIPs leave mesh0, except the one whose connection drains, until it has drained.
             try await dp.apply(RouteTable(routes: [Route(service: service("b"), vip: v6, port: 80, backends: [echo])]))
             #expect(try addresses(ns) == ["169.254.96.16", "2001:2::42", "198.18.42.1"])
+            // The draining connection still carries bytes both ways (its VIP keeps its redirect rule).
+            try await held.writeAndFlush(ByteBuffer(string: "draining"))
+            #expect(try await late.futureResult.get() == "draining")
             try await held.close()
-            #expect(await eventually(4) { (try? addresses(ns)) == ["169.254.96.16", "2001:2::42"] })
+            #expect(await eventually(60) { (try? addresses(ns)) == ["169.254.96.16", "2001:2::42"] })
 
             await dp.shutdown()
             #expect(try !linkExists(ns))
@@ -264,6 +276,22 @@ struct InterfaceNetlinkTests {
 }
 
 /// Sends "ping", reports the first reply, closes.
+/// Passes on the first bytes read, and leaves the connection open.
+private final class FirstReply: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let reply: EventLoopPromise<String>
+
+    init(reply: EventLoopPromise<String>) { self.reply = reply }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.reply.succeed(String(buffer: self.unwrapInboundIn(data)))
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.reply.fail(ChannelError.ioOnClosedChannel)
+    }
+}
+
 private final class EchoProbe: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
