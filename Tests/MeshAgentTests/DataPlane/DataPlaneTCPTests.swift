@@ -178,11 +178,14 @@ struct DataPlaneTCPTests {
     func recoveredEndpointGetsTraffic() async throws {
         let good = try await TestServers.greeter("good")
         onTeardown { await good.close() }
-        // Reserve a port, then free it: refused until the test binds it again.
-        let flaky = try await TestServers.greeter("flaky")
+        // Reserve a port, then free it: refused until the test binds it again. On an address of its own: a port
+        // freed on 127.0.0.1 can be taken by another test's server meanwhile (seen under load: the exchange then
+        // met a server that never answers).
+        let flakyIP = TestAddresses.vip()
+        let flaky = try await TestServers.greeter("flaky", host: flakyIP.description)
         let flakyPort = flaky.port
         await flaky.close()
-        let flakyBackend = Backend(ip: IPAddress("127.0.0.1")!, port: flakyPort, node: "flaky")
+        let flakyBackend = Backend(ip: flakyIP, port: flakyPort, node: "flaky")
         try await withDataPlane(slowEjection) { dp in
             let vip = TestAddresses.vip()
             try await dp.apply(
@@ -199,7 +202,7 @@ struct DataPlaneTCPTests {
                         try channel.pipeline.syncOperations.addHandler(GreeterHandler(name: "flaky"))
                     }
                 }
-                .bind(host: "127.0.0.1", port: flakyPort)
+                .bind(host: flakyIP.description, port: flakyPort)
                 .get()
             onTeardown { try? await reborn.close() }
             #expect(
