@@ -193,7 +193,7 @@ let package = Package(
         .target(
             name: "Relay",
             dependencies: nio + [
-                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire", "MeshClient", "MeshIdentity",
+                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire", "MeshClient", "MeshIdentity", "CLinux",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "X509", package: "swift-certificates"),
@@ -338,6 +338,7 @@ let package = Package(
                 "MeshNIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

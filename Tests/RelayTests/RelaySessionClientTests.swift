@@ -73,7 +73,11 @@ struct TestRelay {
         )
     }
 
-    func kill() async throws { try await self.group.shutdownGracefully() }
+    /// Its sockets close at once, the spliced circuits' too (they left NIO for the splice threads).
+    func kill() async throws {
+        self.server.splicer.stop()
+        try await self.group.shutdownGracefully()
+    }
 }
 
 /// A stand-in relay that welcomes, answers pings until `silence()`, then says nothing more (as a

@@ -46,6 +46,10 @@ struct RelaySessionServerTests {
     /// What a test connection has received, filled on its event loop.
     final class Received: Sendable {
         let state = Mutex<(bytes: [UInt8], consumed: Int, closed: Bool)>(([], 0, false))
+        private let end = Atomic<Bool>(false)
+        /// The end of input (a FIN) arrived after the session's TLS had gone.
+        var ended: Bool { self.end.load(ordering: .relaxed) }
+        func markEnded() { self.end.store(true, ordering: .relaxed) }
         var closed: Bool { self.state.withLock { $0.closed } }
         var unread: Int { self.state.withLock { $0.bytes.count - $0.consumed } }
 
@@ -69,7 +73,12 @@ struct RelaySessionServerTests {
     final class Collect: ChannelInboundHandler, Sendable {
         typealias InboundIn = ByteBuffer
         let received: Received
-        init(_ r: Received) { self.received = r }
+        /// Closes the connection at the end of input (else only its input is closed: it may still send).
+        let closeAtEnd: Bool
+        init(_ r: Received, closeAtEnd: Bool = true) {
+            self.received = r
+            self.closeAtEnd = closeAtEnd
+        }
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             var b = self.unwrapInboundIn(data)
             let bytes = b.readBytes(length: b.readableBytes) ?? []
@@ -85,7 +94,8 @@ struct RelaySessionServerTests {
             if let e = event as? ChannelEvent, case .inputClosed = e,
                 (try? context.pipeline.syncOperations.handler(type: NIOSSLHandler.self)) == nil
             {
-                context.close(promise: nil)
+                self.received.markEnded()
+                if self.closeAtEnd { context.close(promise: nil) }
             }
         }
     }
@@ -142,7 +152,8 @@ struct RelaySessionServerTests {
         as credentials: LoadedCredentials?,
         tls: Bool = true,
         tap: Tap? = nil,
-        circuitHalf: Bool = false
+        circuitHalf: Bool = false,
+        closeAtEnd: Bool = true
     ) async throws -> Conn {
         let received = Received()
         let context: (NIOSSLContext, PeerVerifier)? = try credentials.map {
@@ -165,7 +176,7 @@ struct RelaySessionServerTests {
                             )
                         )
                     }
-                    try ch.pipeline.syncOperations.addHandler(Collect(received))
+                    try ch.pipeline.syncOperations.addHandler(Collect(received, closeAtEnd: closeAtEnd))
                 }
             }
             .connect(host: "127.0.0.1", port: port).get()
@@ -396,14 +407,27 @@ struct RelaySessionServerTests {
         _ pki: PKI,
         b: Conn,
         tapA: Tap? = nil,
-        tapB: Tap? = nil
+        tapB: Tap? = nil,
+        closeAtEnd: Bool = true
     ) async throws -> (
         a: Conn, b: Conn, id: UInt64
     ) {
-        let a2 = try await self.connect(port, as: try pki.credentials(.node("a")), tap: tapA, circuitHalf: true)
+        let a2 = try await self.connect(
+            port,
+            as: try pki.credentials(.node("a")),
+            tap: tapA,
+            circuitHalf: true,
+            closeAtEnd: closeAtEnd
+        )
         try await a2.send(.connect(node: "b"))
         guard case .open(let id, "a")? = await b.next() else { throw CircuitTestError.notOpened }
-        let b2 = try await self.connect(port, as: try pki.credentials(.node("b")), tap: tapB, circuitHalf: true)
+        let b2 = try await self.connect(
+            port,
+            as: try pki.credentials(.node("b")),
+            tap: tapB,
+            circuitHalf: true,
+            closeAtEnd: closeAtEnd
+        )
         try await b2.send(.accept(circuit: id))
         guard await a2.next() == .ready(circuit: id), await b2.next() == .ready(circuit: id) else {
             throw CircuitTestError.notReady
@@ -412,6 +436,74 @@ struct RelaySessionServerTests {
     }
 
     enum CircuitTestError: Error { case notOpened, notReady }
+
+    @Test("a spliced circuit has left NIO: an end of input passes on after the bytes before it, the other way goes on, the last end closes it")
+    func halfCloseThroughTheSplice() async throws {
+        let pki = try PKI()
+        let (server, port) = try await self.start(pki)
+        _ = try await self.session(port, pki, "a")
+        let b = try await self.session(port, pki, "b")
+        let (a2, b2, _) = try await self.circuit(port, pki, b: b, closeAtEnd: false)
+        async let aPlain: Void = a2.unwrap()
+        async let bPlain: Void = b2.unwrap()
+        try await aPlain
+        try await bPlain
+        // Both halves are on the splice thread, not on NIO: the relay's NIO channels for them are gone.
+        #expect(await eventually { server.splicer.openCircuits == 1 })
+        #expect(server.hub.state.withLock { $0.circuits } == ["a": 1, "b": 1])
+
+        // a says its last words and shuts its write side (a link's close_notify, then its FIN).
+        try await a2.send(Array("last words".utf8))
+        try await a2.channel.close(mode: .output)
+        #expect(await eventually { b2.received.ended })
+        #expect(b2.received.take(b2.received.unread) == Array("last words".utf8))
+        // b still answers; a still reads.
+        try await b2.send(Array("the reply".utf8))
+        #expect(await eventually { a2.received.unread == 9 })
+        #expect(a2.received.take(9) == Array("the reply".utf8))
+        #expect(!a2.received.ended)
+        // b's end too: the circuit is over, both sockets closed (a's connection, its output shut already, ends
+        // with its input), its count released.
+        try await b2.channel.close(mode: .output)
+        #expect(await eventually { a2.received.closed })
+        #expect(await eventually { server.splicer.openCircuits == 0 })
+        #expect(await eventually { server.hub.state.withLock { $0.circuits.isEmpty } })
+        await server.stop()
+    }
+
+    @Test("a spliced circuit with no byte either way for circuitIdleTimeout is closed, and its count released")
+    func idleCircuitCloses() async throws {
+        let pki = try PKI()
+        let (server, port) = try await self.start(pki) { $0.circuitIdleTimeout = .seconds(1) }
+        _ = try await self.session(port, pki, "a")
+        let b = try await self.session(port, pki, "b")
+        let (a2, b2, _) = try await self.circuit(port, pki, b: b)
+        async let aPlain: Void = a2.unwrap()
+        async let bPlain: Void = b2.unwrap()
+        try await aPlain
+        try await bPlain
+        #expect(await a2.closedByRelay())
+        #expect(await b2.closedByRelay())
+        #expect(await eventually { server.splicer.openCircuits == 0 })
+        #expect(await eventually { server.hub.state.withLock { $0.circuits.isEmpty } })
+        await server.stop()
+    }
+
+    @Test("a half that goes before its partner left the session's TLS: the circuit ends at both halves, its count released")
+    func aHalfGoesBeforeTheSplice() async throws {
+        let pki = try PKI()
+        let (server, port) = try await self.start(pki)
+        _ = try await self.session(port, pki, "a")
+        let b = try await self.session(port, pki, "b")
+        let (a2, b2, _) = try await self.circuit(port, pki, b: b)
+        try await a2.unwrap()
+        // b never sends its close_notify: it goes.
+        try await b2.channel.close()
+        #expect(await a2.closedByRelay())
+        #expect(await eventually { server.hub.state.withLock { $0.circuits.isEmpty } })
+        #expect(server.splicer.openCircuits == 0)
+        await server.stop()
+    }
 
     @Test func afterReadyACircuitIsPlainTCPCarryingOnlyTheLinksOwnBytes() async throws {
         let pki = try PKI()

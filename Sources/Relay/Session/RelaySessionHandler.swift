@@ -1,6 +1,7 @@
 import Logging
 import MeshCore
 import MeshIdentity
+import MeshNIO
 import Metrics
 import NIOCore
 import NIOPosix
@@ -9,6 +10,12 @@ import NIOTLS
 import ServiceLifecycle
 import Synchronization
 import X509
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// One connection to the relay until it is spliced: reads its first message and plays its part.
 final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler {
@@ -26,6 +33,8 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         case unwrapping(SpliceEvent)
         /// The session's TLS is gone: waiting for the other half to be unwrapped too.
         case unwrapped(SpliceEvent)
+        /// A local circuit's half whose socket went to the epoll splice (`CircuitSplicer`): NIO let go of it.
+        case released
         case closing
     }
 
@@ -146,7 +155,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
     func drain(_ context: ChannelHandlerContext) {
         while !self.buffer.isEmpty {
             switch self.role {
-            case .waiting, .forwarding, .unwrapping, .unwrapped, .closing, .handshaking: return
+            case .waiting, .forwarding, .unwrapping, .unwrapped, .released, .closing, .handshaking: return
             case .first, .control: break
             }
             let decoded: (message: RelaySessionMessage, length: Int)?
@@ -217,7 +226,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
             }
             RelaySessionMetrics.count("relay_circuits_total")
             let me = context.channel
-            let join = CircuitJoin()
+            let join = CircuitJoin(local: true)
             pending.requester.pipeline.fireUserInboundEventTriggered(
                 SpliceEvent(
                     partner: me,
@@ -305,7 +314,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
                 let idle = server.configuration.circuitIdleTimeout
                 // The other relay's half left its TLS before its `ready` resolved. Once this node's
                 // half has too, splice it back to this node, then let go of the bytes it held.
-                let join = CircuitJoin()
+                let join = CircuitJoin(local: false)
                 join.arrive {
                     other.eventLoop.execute {
                         do {
@@ -371,7 +380,12 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         self.timer?.cancel()
         self.role = .unwrapping(event)
         let me = context.channel
-        event.partner.closeFuture.whenComplete { _ in me.close(promise: nil) }
+        let join = event.join
+        let partner = ObjectIdentifier(event.partner)
+        // The partner's end ends this half too, unless it only left NIO for the splice.
+        event.partner.closeFuture.whenComplete { _ in
+            if !join.isReleased(partner) { me.close(promise: nil) }
+        }
         if !self.buffer.isEmpty {
             self.refuseEarlyBytes(context)
             return
@@ -404,6 +418,17 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
                 return
             }
             h.role = .unwrapped(event)
+            if event.join.local {
+                // Next turn of the loop: the bytes NIOSSL hands on as it leaves have arrived by then.
+                loop.execute {
+                    let context = bound.value
+                    guard let h = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self),
+                        case .unwrapped = h.role
+                    else { return }
+                    h.release(context, event)
+                }
+                return
+            }
             event.join.arrive {
                 loop.execute {
                     let context = bound.value
@@ -412,6 +437,36 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
                 }
             }
         }
+    }
+
+    /// A local circuit's half, out of the session's TLS: its socket leaves NIO for the epoll splice, with what
+    /// it sent meanwhile (a duplicate descriptor goes to the splice, then NIO closes its own, which does not end
+    /// the connection). The second half to get here starts the splice.
+    func release(_ context: ChannelHandlerContext, _ event: SpliceEvent) {
+        let channel = context.channel
+        guard let fd = SocketDescriptor.duplicate(of: channel) else {
+            self.server.logger.warning(
+                "circuit \(event.circuit) (\(event.from) to \(event.to)) closed: its socket could not be taken from NIO"
+            )
+            context.close(promise: nil)
+            return
+        }
+        let half = CircuitHalf(fd: fd, held: self.buffer)
+        self.buffer = []
+        self.role = .released
+        event.join.markReleased(channel)
+        context.close(promise: nil)
+        let hub = self.server.hub
+        let (from, to) = (event.from, event.to)
+        let ended: (@Sendable () -> Void)? = event.owner ? { @Sendable in hub.ended(from: from, to: to) } : nil
+        event.join.arrive(half, ended: ended, splicer: self.server.splicer)
+    }
+
+    /// This half ends before its circuit was spliced: the circuit's count goes (by its owner), and a half already
+    /// released to the join is closed.
+    func leaveCircuit(_ event: SpliceEvent) {
+        if event.owner { self.server.hub.ended(from: event.from, to: event.to) }
+        event.join.abandon()
     }
 
     /// Both halves are plain TCP: splice them, passing on what this half sent meanwhile.
@@ -440,8 +495,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         case .control(let name): self.server.hub.unregister(name, context.channel)
         case .waiting(let circuit, _, _): _ = self.server.hub.cancel(circuit)
         case .forwarding(let from, let to): self.server.hub.ended(from: from, to: to)
-        case .unwrapping(let event) where event.owner, .unwrapped(let event) where event.owner:
-            self.server.hub.ended(from: event.from, to: event.to)
+        case .unwrapping(let event), .unwrapped(let event): self.leaveCircuit(event)
         default: break
         }
         self.role = .closing
@@ -473,9 +527,8 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
         if case .control(let name) = self.role { self.server.hub.unregister(name, context.channel) }
         if case .waiting(let circuit, _, _) = self.role { _ = self.server.hub.cancel(circuit) }
         if case .forwarding(let from, let to) = self.role { self.server.hub.ended(from: from, to: to) }
-        if case .unwrapping(let event) = self.role, event.owner {
-            self.server.hub.ended(from: event.from, to: event.to)
-        }
+        if case .unwrapping(let event) = self.role { self.leaveCircuit(event) }
+        if case .unwrapped(let event) = self.role { self.leaveCircuit(event) }
         self.role = .closing
         self.timer?.cancel()
         self.server.logger.info(
@@ -503,17 +556,74 @@ struct SpliceEvent: Sendable {
     let join: CircuitJoin
 }
 
-/// Starts a circuit's splice once both halves are plain TCP: each half arrives with what starts its
-/// side, and the second arrival runs both.
+/// Starts a circuit's splice once both halves are plain TCP. A forwarded circuit (this relay's half to
+/// another relay is NIO's own connection): each half arrives with what starts its side, and the second arrival
+/// runs both (`SpliceHandler`). A local one (both halves are connections to this relay): each half arrives
+/// with its socket, out of NIO, and the second arrival hands both to the epoll splice.
 final class CircuitJoin: Sendable {
-    private let arrived = Mutex<[@Sendable () -> Void]>([])
+    let local: Bool
+    private let state = Mutex<State>(State())
+
+    private struct State {
+        var starts: [@Sendable () -> Void] = []
+        var halves: [(half: CircuitHalf, ended: (@Sendable () -> Void)?)] = []
+        var released: Set<ObjectIdentifier> = []
+        var abandoned = false
+    }
+
+    init(local: Bool) {
+        self.local = local
+    }
 
     func arrive(_ start: @escaping @Sendable () -> Void) {
-        let both: [@Sendable () -> Void]? = self.arrived.withLock { list in
-            list.append(start)
-            return list.count == 2 ? list : nil
+        let both: [@Sendable () -> Void]? = self.state.withLock { state in
+            state.starts.append(start)
+            return state.starts.count == 2 ? state.starts : nil
         }
         for start in both ?? [] { start() }
+    }
+
+    /// `channel` leaves NIO for the splice: its close is not the circuit's end.
+    func markReleased(_ channel: any Channel) {
+        _ = self.state.withLock { $0.released.insert(ObjectIdentifier(channel)) }
+    }
+
+    func isReleased(_ channel: ObjectIdentifier) -> Bool {
+        self.state.withLock { $0.released.contains(channel) }
+    }
+
+    /// A local half out of NIO; `ended` (the owner half's) runs when the circuit ends. The second arrival splices
+    /// both; one after `abandon` is closed at once.
+    func arrive(_ half: CircuitHalf, ended: (@Sendable () -> Void)?, splicer: CircuitSplicer) {
+        let pair = self.state.withLock { state -> (CircuitHalf, CircuitHalf, (@Sendable () -> Void)?)?? in
+            guard !state.abandoned else { return .some(nil) }
+            state.halves.append((half, ended))
+            guard state.halves.count == 2 else { return nil }
+            return (state.halves[0].half, state.halves[1].half, state.halves[0].ended ?? state.halves[1].ended)
+        }
+        switch pair {
+        case .none:
+            return
+        case .some(.none):
+            close(half.fd)
+            ended?()
+        case .some(.some(let (a, b, ended))):
+            splicer.splice(a, b) { ended?() }
+        }
+    }
+
+    /// A half ended before the splice: a half already waiting here is closed (and its end told).
+    func abandon() {
+        let waiting = self.state.withLock { state -> [(half: CircuitHalf, ended: (@Sendable () -> Void)?)] in
+            guard !state.abandoned, state.halves.count < 2 else { return [] }
+            state.abandoned = true
+            defer { state.halves = [] }
+            return state.halves
+        }
+        for (half, ended) in waiting {
+            close(half.fd)
+            ended?()
+        }
     }
 }
 

@@ -73,6 +73,8 @@ public final class RelaySessionServer: Sendable {
     private let relayClientTLS: Mutex<MeshLinkTLS?>
     var relayTLS: MeshLinkTLS? { self.relayClientTLS.withLock { $0 } }
     private let channel = Mutex<(any Channel)?>(nil)
+    /// Where local circuits are spliced once both halves have left the session's TLS.
+    let splicer: CircuitSplicer
 
     public init(
         configuration: RelaySessionConfiguration,
@@ -88,6 +90,11 @@ public final class RelaySessionServer: Sendable {
         self.revoked = revoked
         self.group = group
         self.logger = logger
+        self.splicer = CircuitSplicer(
+            threads: Array(group.makeIterator()).count,
+            idleTimeout: configuration.circuitIdleTimeout,
+            logger: logger
+        )
     }
 
     /// Node sessions open now.
@@ -124,8 +131,8 @@ public final class RelaySessionServer: Sendable {
         return channel.localAddress!
     }
 
-    /// Stops listening and closes the control sessions (agents re-home); spliced circuits end
-    /// with the process.
+    /// Stops listening, closes the control sessions (agents re-home) and the spliced circuits (their links
+    /// fail and come back through another relay).
     public func stop() async {
         let channel = self.channel.withLock { c in
             defer { c = nil }
@@ -133,6 +140,7 @@ public final class RelaySessionServer: Sendable {
         }
         try? await channel?.close()
         for session in self.hub.state.withLock({ Array($0.sessions.values) }) { session.close(promise: nil) }
+        self.splicer.stop()
     }
 
     /// Why a forward failed: the refusal for the requesting node.

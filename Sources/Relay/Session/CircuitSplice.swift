@@ -1,0 +1,496 @@
+import CLinux
+import Logging
+import MeshNIO
+import Metrics
+import NIOCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// One half of a circuit leaving NIO for the splice: its socket (a duplicate that the splice owns from now on)
+/// and the bytes it sent that its partner has not been given yet.
+struct CircuitHalf: Sendable {
+    let fd: Int32
+    let held: [UInt8]
+}
+
+/// Splices relay circuits off NIO, on epoll threads (`mesh-circuit-N`, one per NIO event loop, started with the
+/// first circuit): both sockets of a circuit on one thread, one `recv` and one `send` per burst into the
+/// thread's 64 KiB buffer, at most one read's worth held while a side cannot take it. No pipeline, no
+/// promise, no task hop between event loops per message (the NIO splice it replaces read on one half's
+/// loop and wrote on the other's). An end of input becomes `shutdown(SHUT_WR)` on the other side once what
+/// was held for it is written (a link's close_notify and FIN pass through in order); the circuit closes
+/// when both directions have ended, on any error, or after `idleTimeout` without a byte.
+final class CircuitSplicer: Sendable {
+    private let threads: Int
+    private let idleTimeout: TimeAmount
+    private let logger: Logger
+    private let state = Mutex<State>(State())
+
+    private struct State {
+        var loops: [CircuitLoop] = []
+        var next = 0
+        var stopped = false
+    }
+
+    init(threads: Int, idleTimeout: TimeAmount, logger: Logger) {
+        self.threads = max(threads, 1)
+        self.idleTimeout = idleTimeout
+        self.logger = logger
+    }
+
+    /// Splices `a` and `b`; `ended` runs once, on the splice thread, when the circuit has closed. When the
+    /// splicer has stopped (or cannot start a thread), both sockets are closed and `ended` runs at once.
+    func splice(_ a: CircuitHalf, _ b: CircuitHalf, ended: @escaping @Sendable () -> Void) {
+        let loop = self.state.withLock { state -> CircuitLoop? in
+            guard !state.stopped else { return nil }
+            if state.loops.isEmpty {
+                for index in 0..<self.threads {
+                    guard let loop = try? CircuitLoop.start(index: index, idleTimeout: self.idleTimeout, logger: self.logger)
+                    else { break }
+                    state.loops.append(loop)
+                }
+            }
+            guard !state.loops.isEmpty else { return nil }
+            state.next = (state.next + 1) % state.loops.count
+            return state.loops[state.next]
+        }
+        let queued = loop?.execute { Circuit(loop: loop!, a: a, b: b, ended: ended).start() } ?? false
+        if !queued {
+            if loop == nil { self.logger.warning("relay: no circuit splice thread; circuit closed") }
+            close(a.fd)
+            close(b.fd)
+            ended()
+        }
+    }
+
+    /// Circuits open now (read from every thread; for tests and status).
+    var openCircuits: Int { self.state.withLock { $0.loops }.reduce(0) { $0 + $1.open.load(ordering: .relaxed) } }
+
+    /// Closes every circuit and ends the threads; later circuits are closed at once.
+    func stop() {
+        let loops = self.state.withLock { state -> [CircuitLoop] in
+            state.stopped = true
+            defer { state.loops = [] }
+            return state.loops
+        }
+        for loop in loops { loop.stop() }
+    }
+}
+
+/// Something registered with a circuit loop's epoll set; its token is the object's address.
+private final class CircuitSide {
+    unowned(unsafe) let circuit: Circuit
+    let fd: Int32
+    let isA: Bool
+    /// An edge said there is input (or an EOF or error) not read yet.
+    var readable = false
+    /// End of input or an error was signalled: read until EAGAIN, EOF or the error; a short read proves nothing.
+    var closing = false
+    /// Input ended (EOF read).
+    var eof = false
+    /// Its write side is shut down (after the other side's EOF and what was held for it).
+    var shut = false
+    /// Bytes from the other side that this socket has not taken yet.
+    var pending: UnsafeMutableRawBufferPointer?
+    var pendingStart = 0
+
+    init(circuit: Circuit, fd: Int32, isA: Bool) {
+        self.circuit = circuit
+        self.fd = fd
+        self.isA = isA
+    }
+
+    func hold(_ bytes: UnsafeRawBufferPointer) {
+        guard bytes.count > 0 else { return }
+        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
+        copy.copyMemory(from: bytes)
+        self.pending = copy
+        self.pendingStart = 0
+    }
+
+    func dropPending() {
+        self.pending?.deallocate()
+        self.pending = nil
+        self.pendingStart = 0
+    }
+}
+
+/// One spliced circuit: two connected sockets on one loop.
+private final class Circuit {
+    unowned(unsafe) let loop: CircuitLoop
+    private(set) var a: CircuitSide!
+    private(set) var b: CircuitSide!
+    private let held: (forA: [UInt8], forB: [UInt8])
+    private let ended: @Sendable () -> Void
+    private var closed = false
+    /// Read bursts so far, and the count and time at the last idle sweep that saw a change.
+    private var activity: UInt64 = 0
+    private var sweptActivity: UInt64 = 0
+    private var quietSince: UInt64
+
+    init(loop: CircuitLoop, a: CircuitHalf, b: CircuitHalf, ended: @escaping @Sendable () -> Void) {
+        self.loop = loop
+        self.ended = ended
+        self.held = (forA: b.held, forB: a.held)
+        self.quietSince = loop.now
+        self.a = CircuitSide(circuit: self, fd: a.fd, isA: true)
+        self.b = CircuitSide(circuit: self, fd: b.fd, isA: false)
+    }
+
+    private func peer(of side: CircuitSide) -> CircuitSide { side.isA ? self.b : self.a }
+
+    /// Registers both sockets (loop thread). What each half sent before the splice goes to the other first;
+    /// registering reports what is ready now, so bytes already waiting in a socket are read next.
+    func start() {
+        self.loop.adopt(self)
+        self.held.forA.withUnsafeBytes { self.a.hold($0) }
+        self.held.forB.withUnsafeBytes { self.b.hold($0) }
+        do {
+            try self.loop.register(self.a)
+            try self.loop.register(self.b)
+        } catch {
+            self.loop.logger.warning("relay: cannot watch a circuit's sockets", metadata: ["error": "\(error)"])
+            self.close()
+        }
+    }
+
+    func ready(_ side: CircuitSide, _ events: UInt32) {
+        guard !self.closed else { return }
+        if events & (CircuitEvents.input | CircuitEvents.closing) != 0 { side.readable = true }
+        if events & CircuitEvents.closing != 0 { side.closing = true }
+        if events & CircuitEvents.output != 0, side.pending != nil {
+            if self.flushPending(side) { self.pump(from: self.peer(of: side), to: side) }
+            guard !self.closed else { return }
+        }
+        if side.readable { self.pump(from: side, to: self.peer(of: side)) }
+    }
+
+    /// Continues a pump that stopped at its per-event bound.
+    func resume() {
+        guard !self.closed else { return }
+        if self.a.readable { self.pump(from: self.a, to: self.b) }
+        if !self.closed, self.b.readable { self.pump(from: self.b, to: self.a) }
+    }
+
+    /// Reads from `source` and sends to `target` until `source` is drained, `target` pushes back, or 16 full
+    /// reads have moved (then the loop comes back after the other ready sockets).
+    private func pump(from source: CircuitSide, to target: CircuitSide) {
+        guard target.pending == nil, !source.eof else { return }
+        let buffer = self.loop.scratch
+        let base = buffer.baseAddress!
+        var moved = 0
+        defer {
+            if moved > 0 {
+                self.activity &+= 1
+                self.loop.bytes.increment(by: moved)
+            }
+        }
+        var bursts = 0
+        while source.readable {
+            let n = recv(source.fd, base, buffer.count, 0)
+            if n > 0 {
+                moved &+= n
+                if n < buffer.count && !source.closing { source.readable = false }
+                let sent = send(target.fd, base, n, Int32(MSG_NOSIGNAL))
+                if sent == n {
+                    bursts &+= 1
+                    if bursts == 16 && source.readable {
+                        self.loop.runAgain(self)
+                        break
+                    }
+                    continue
+                }
+                if sent < 0 {
+                    let code = errno
+                    guard code == EAGAIN || code == EWOULDBLOCK || code == EINTR else {
+                        self.close()
+                        return
+                    }
+                    target.hold(UnsafeRawBufferPointer(start: base, count: n))
+                } else {
+                    target.hold(UnsafeRawBufferPointer(start: base + sent, count: n - sent))
+                }
+                break
+            } else if n == 0 {
+                source.readable = false
+                source.eof = true
+                if target.pending == nil { self.shutWrite(target) }
+                break
+            } else {
+                let code = errno
+                if code == EAGAIN || code == EWOULDBLOCK {
+                    source.readable = false
+                    break
+                }
+                if code == EINTR { continue }
+                self.close()
+                return
+            }
+        }
+        if self.bothDirectionsEnded { self.close() }
+    }
+
+    private var bothDirectionsEnded: Bool { self.a.eof && self.b.eof && self.a.shut && self.b.shut }
+
+    /// Writes what is held for `side`; true when nothing is left.
+    private func flushPending(_ side: CircuitSide) -> Bool {
+        guard let pending = side.pending else { return true }
+        while side.pendingStart < pending.count {
+            let sent = send(
+                side.fd,
+                pending.baseAddress! + side.pendingStart,
+                pending.count - side.pendingStart,
+                Int32(MSG_NOSIGNAL)
+            )
+            if sent < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                if code == EAGAIN || code == EWOULDBLOCK { return false }
+                self.close()
+                return false
+            }
+            side.pendingStart += sent
+        }
+        side.dropPending()
+        if self.peer(of: side).eof { self.shutWrite(side) }
+        if self.bothDirectionsEnded {
+            self.close()
+            return false
+        }
+        return true
+    }
+
+    private func shutWrite(_ side: CircuitSide) {
+        guard !side.shut else { return }
+        side.shut = true
+        _ = shutdown(side.fd, Int32(SHUT_WR))
+    }
+
+    /// True when the circuit has been quiet for `timeout` (compared at sweeps).
+    func checkIdle(now: UInt64, timeout: UInt64) -> Bool {
+        if self.activity != self.sweptActivity {
+            self.sweptActivity = self.activity
+            self.quietSince = now
+            return false
+        }
+        return now &- self.quietSince >= timeout
+    }
+
+    /// Closes both sockets and tells `ended`. Idempotent.
+    func close() {
+        guard !self.closed else { return }
+        self.closed = true
+        for side in [self.a!, self.b!] {
+            self.loop.closeSocket(side.fd)
+            side.dropPending()
+        }
+        self.loop.retire(self)
+        self.ended()
+    }
+
+    fileprivate static func side(_ token: UInt64) -> CircuitSide {
+        Unmanaged<CircuitSide>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!).takeUnretainedValue()
+    }
+}
+
+/// epoll event bits as `UInt32`.
+private enum CircuitEvents {
+    static let input = UInt32(EPOLLIN.rawValue)
+    static let output = UInt32(EPOLLOUT.rawValue)
+    static let closing = UInt32(EPOLLRDHUP.rawValue) | UInt32(EPOLLHUP.rawValue) | UInt32(EPOLLERR.rawValue)
+    /// Readable, writable, peer shut down, edge-triggered: registered once, never modified.
+    static let stream = input | output | UInt32(EPOLLRDHUP.rawValue) | UInt32(EPOLLET.rawValue)
+}
+
+/// One splice thread: an epoll set, a wake-up eventfd for work handed over from other threads, the circuits it
+/// owns and an idle sweep every eighth of the idle timeout.
+private final class CircuitLoop: @unchecked Sendable {
+    struct Failure: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    let logger: Logger
+    let open = Atomic<Int>(0)
+    let bytes = Counter(label: "relay_circuit_bytes_total")
+    private let epoll: Int32
+    private let wakeFD: Int32
+    private let inbox = Mutex<(tasks: [@Sendable () -> Void], stopping: Bool, signalled: Bool)>(([], false, false))
+    private let idleTimeout: UInt64
+    private let sweepInterval: UInt64
+
+    // Loop-thread state.
+    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 16)
+    private(set) var now: UInt64
+    private var nextSweep: UInt64
+    private var live: [ObjectIdentifier: Circuit] = [:]
+    /// Closed during the current batch of events: kept until it is done (a later event may name them).
+    private var retired: [Circuit] = []
+    private var again: [Circuit] = []
+
+    private init(idleTimeout: TimeAmount, logger: Logger) throws {
+        self.logger = logger
+        let epoll = epoll_create1(Int32(EPOLL_CLOEXEC))
+        guard epoll >= 0 else { throw Failure(description: "epoll_create1: errno \(errno)") }
+        let wake = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        guard wake >= 0 else {
+            close(epoll)
+            throw Failure(description: "eventfd: errno \(errno)")
+        }
+        var event = epoll_event()
+        event.events = CircuitEvents.input
+        event.data.u64 = 0
+        _ = epoll_ctl(epoll, EPOLL_CTL_ADD, wake, &event)
+        self.epoll = epoll
+        self.wakeFD = wake
+        self.idleTimeout = UInt64(max(idleTimeout.nanoseconds, 1_000_000))
+        self.sweepInterval = max(self.idleTimeout / 8, 1_000_000)
+        self.now = Self.monotonic()
+        self.nextSweep = self.now &+ self.sweepInterval
+    }
+
+    deinit { self.scratch.deallocate() }
+
+    static func start(index: Int, idleTimeout: TimeAmount, logger: Logger) throws -> CircuitLoop {
+        let loop = try CircuitLoop(idleTimeout: idleTimeout, logger: logger)
+        DedicatedThread.start(name: "mesh-circuit-\(index)") { loop.run() }
+        return loop
+    }
+
+    static func monotonic() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+    }
+
+    /// Runs `task` on the loop's thread; false (task dropped) once the loop is stopping.
+    func execute(_ task: @escaping @Sendable () -> Void) -> Bool {
+        let signal = self.inbox.withLock { inbox -> Bool? in
+            guard !inbox.stopping else { return nil }
+            inbox.tasks.append(task)
+            defer { inbox.signalled = true }
+            return !inbox.signalled
+        }
+        guard let signal else { return false }
+        if signal { self.wake() }
+        return true
+    }
+
+    func stop() {
+        self.inbox.withLock { $0.stopping = true }
+        self.wake()
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = write(self.wakeFD, &one, 8)
+    }
+
+    // MARK: loop thread
+
+    func register(_ side: CircuitSide) throws {
+        var event = epoll_event()
+        event.events = CircuitEvents.stream
+        event.data.u64 = UInt64(UInt(bitPattern: Unmanaged.passUnretained(side).toOpaque()))
+        guard epoll_ctl(self.epoll, EPOLL_CTL_ADD, side.fd, &event) == 0 else {
+            throw Failure(description: "epoll_ctl(ADD): errno \(errno)")
+        }
+    }
+
+    /// Out of the epoll set, then closed (a descriptor a forked child still holds would keep it in the set).
+    func closeSocket(_ fd: Int32) {
+        var event = epoll_event()
+        _ = epoll_ctl(self.epoll, EPOLL_CTL_DEL, fd, &event)
+        close(fd)
+    }
+
+    func adopt(_ circuit: Circuit) {
+        self.live[ObjectIdentifier(circuit)] = circuit
+        self.open.add(1, ordering: .relaxed)
+    }
+
+    func retire(_ circuit: Circuit) {
+        guard let removed = self.live.removeValue(forKey: ObjectIdentifier(circuit)) else { return }
+        self.retired.append(removed)
+        self.open.subtract(1, ordering: .relaxed)
+    }
+
+    func runAgain(_ circuit: Circuit) { self.again.append(circuit) }
+
+    private func run() {
+        let capacity: Int32 = 64
+        let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: Int(capacity))
+        defer { events.deallocate() }
+        while true {
+            let timeout: Int32 = self.again.isEmpty ? self.untilSweep() : 0
+            let count = epoll_wait(self.epoll, events, capacity, timeout)
+            if count < 0 {
+                guard errno == EINTR else {
+                    self.logger.critical("relay: circuit loop: epoll_wait failed", metadata: ["errno": "\(errno)"])
+                    break
+                }
+                continue
+            }
+            self.now = Self.monotonic()
+            var woken = false
+            for i in 0..<Int(count) {
+                let token = events[i].data.u64
+                if token == 0 {
+                    woken = true
+                    continue
+                }
+                let side = Circuit.side(token)
+                side.circuit.ready(side, events[i].events)
+            }
+            if !self.again.isEmpty {
+                let pending = self.again
+                self.again = []
+                for circuit in pending { circuit.resume() }
+            }
+            if woken, self.runTasks() { break }
+            if self.now >= self.nextSweep { self.sweep() }
+            self.retired.removeAll(keepingCapacity: true)
+        }
+        for circuit in Array(self.live.values) { circuit.close() }
+        self.retired.removeAll()
+        close(self.epoll)
+        close(self.wakeFD)
+    }
+
+    /// Milliseconds to the next sweep (rounded up), from the time of this wake-up.
+    private func untilSweep() -> Int32 {
+        guard self.nextSweep > self.now else { return 0 }
+        return Int32(min((self.nextSweep - self.now + 999_999) / 1_000_000, 60_000))
+    }
+
+    /// Runs the tasks handed over; true when the loop must stop.
+    private func runTasks() -> Bool {
+        var value: UInt64 = 0
+        _ = read(self.wakeFD, &value, 8)
+        let (tasks, stopping) = self.inbox.withLock { inbox -> ([@Sendable () -> Void], Bool) in
+            defer {
+                inbox.tasks = []
+                inbox.signalled = false
+            }
+            return (inbox.tasks, inbox.stopping)
+        }
+        for task in tasks { task() }
+        return stopping
+    }
+
+    private func sweep() {
+        var quiet: [Circuit] = []
+        for circuit in self.live.values where circuit.checkIdle(now: self.now, timeout: self.idleTimeout) {
+            quiet.append(circuit)
+        }
+        for circuit in quiet {
+            RelaySessionMetrics.count("relay_circuits_idle_closed_total")
+            circuit.close()
+        }
+        self.nextSweep = self.now &+ self.sweepInterval
+    }
+}
