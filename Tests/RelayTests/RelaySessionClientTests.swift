@@ -354,6 +354,8 @@ struct RelaySessionClientTests {
         #expect(SHA256.hash(data: Array(buffer: back)) == SHA256.hash(data: Array(buffer: payload)))
         #expect(a.manager.currentLink(to: "b")?.path == .relayed("r1"))
         #expect(await eventually { b.manager.currentLink(to: "a")?.path == .relayed("r2") })
+        // Both relays splice it off NIO: r2 its two accepted halves, r1 the node's half and its own to r2.
+        #expect(await eventually { r1.server.splicer.openCircuits == 1 && r2.server.splicer.openCircuits == 1 })
 
         // A node r2 does not know: r1 passes on r2's refusal.
         homes.withLock { $0["c"] = RelayLocation(relay: "r2", addresses: [r2Address]) }

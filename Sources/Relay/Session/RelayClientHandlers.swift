@@ -285,6 +285,14 @@ final class RelayCircuitHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
+    /// The bytes held since `ready`, taken out (once; on the event loop) when the connection leaves NIO (a relay
+    /// forwarding a circuit moves it to its splice) instead of this handler leaving the pipeline.
+    func takeHeld() -> [UInt8] {
+        self.state = .removing
+        defer { self.held = [] }
+        return self.held.flatMap { Array(buffer: $0) }
+    }
+
     func removeHandler(context: ChannelHandlerContext, removalToken: ChannelHandlerContext.RemovalToken) {
         let held = self.held
         self.held = []

@@ -226,7 +226,7 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
             }
             RelaySessionMetrics.count("relay_circuits_total")
             let me = context.channel
-            let join = CircuitJoin(local: true)
+            let join = CircuitJoin()
             pending.requester.pipeline.fireUserInboundEventTriggered(
                 SpliceEvent(
                     partner: me,
@@ -310,22 +310,19 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
             switch result {
             case .success(let (other, circuit)):
                 RelaySessionMetrics.count("relay_circuits_forwarded_total")
-                let me = context.channel
-                let idle = server.configuration.circuitIdleTimeout
-                // The other relay's half left its TLS before its `ready` resolved. Once this node's
-                // half has too, splice it back to this node, then let go of the bytes it held.
-                let join = CircuitJoin(local: false)
-                join.arrive {
-                    other.eventLoop.execute {
-                        do {
-                            let ops = other.pipeline.syncOperations
-                            try ops.addHandler(SpliceHandler(partner: me, idleTimeout: idle, onEnd: nil))
-                            let held = try ops.context(handlerType: RelayCircuitHandler.self)
-                            try ops.handler(type: RelayCircuitHandler.self).leave(held)
-                        } catch {
-                            other.close(promise: nil)
-                        }
+                // The other relay's half left its TLS before its `ready` resolved: it leaves NIO now, with
+                // the link bytes it held; this node's half follows once it has left this relay's TLS.
+                let join = CircuitJoin()
+                let splicer = server.splicer
+                other.eventLoop.execute {
+                    let held = try? other.pipeline.syncOperations.handler(type: RelayCircuitHandler.self).takeHeld()
+                    guard let held, let fd = SocketDescriptor.duplicate(of: other) else {
+                        other.close(promise: nil)
+                        return
                     }
+                    join.markReleased(other)
+                    other.close(promise: nil)
+                    join.arrive(CircuitHalf(fd: fd, held: held), ended: nil, splicer: splicer)
                 }
                 handler.spliceNow(
                     context,
@@ -418,28 +415,18 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
                 return
             }
             h.role = .unwrapped(event)
-            if event.join.local {
-                // Next turn of the loop: the bytes NIOSSL hands on as it leaves have arrived by then.
-                loop.execute {
-                    let context = bound.value
-                    guard let h = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self),
-                        case .unwrapped = h.role
-                    else { return }
-                    h.release(context, event)
-                }
-                return
-            }
-            event.join.arrive {
-                loop.execute {
-                    let context = bound.value
-                    (try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self))?
-                        .startSplice(context)
-                }
+            // Next turn of the loop: the bytes NIOSSL hands on as it leaves have arrived by then.
+            loop.execute {
+                let context = bound.value
+                guard let h = try? context.pipeline.syncOperations.handler(type: RelaySessionHandler.self),
+                    case .unwrapped = h.role
+                else { return }
+                h.release(context, event)
             }
         }
     }
 
-    /// A local circuit's half, out of the session's TLS: its socket leaves NIO for the epoll splice, with what
+    /// A circuit's half, out of the session's TLS: its socket leaves NIO for the epoll splice, with what
     /// it sent meanwhile (a duplicate descriptor goes to the splice, then NIO closes its own, which does not end
     /// the connection). The second half to get here starts the splice.
     func release(_ context: ChannelHandlerContext, _ event: SpliceEvent) {
@@ -467,26 +454,6 @@ final class RelaySessionHandler: ChannelInboundHandler, RemovableChannelHandler 
     func leaveCircuit(_ event: SpliceEvent) {
         if event.owner { self.server.hub.ended(from: event.from, to: event.to) }
         event.join.abandon()
-    }
-
-    /// Both halves are plain TCP: splice them, passing on what this half sent meanwhile.
-    func startSplice(_ context: ChannelHandlerContext) {
-        guard case .unwrapped(let event) = self.role, context.channel.isActive else { return }
-        self.role = .closing
-        let leftover = self.buffer
-        self.buffer = []
-        let hub = self.server.hub
-        let (from, to) = (event.from, event.to)
-        var onEnd: (@Sendable () -> Void)? = nil
-        if event.owner { onEnd = { @Sendable in hub.ended(from: from, to: to) } }
-        let splice = SpliceHandler(
-            partner: event.partner,
-            idleTimeout: self.server.configuration.circuitIdleTimeout,
-            onEnd: onEnd
-        )
-        try? context.pipeline.syncOperations.addHandler(splice, position: .after(self))
-        if !leftover.isEmpty { event.partner.writeAndFlush(ByteBuffer(bytes: leftover), promise: nil) }
-        context.pipeline.syncOperations.removeHandler(self, promise: nil)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -556,31 +523,15 @@ struct SpliceEvent: Sendable {
     let join: CircuitJoin
 }
 
-/// Starts a circuit's splice once both halves are plain TCP. A forwarded circuit (this relay's half to
-/// another relay is NIO's own connection): each half arrives with what starts its side, and the second arrival
-/// runs both (`SpliceHandler`). A local one (both halves are connections to this relay): each half arrives
-/// with its socket, out of NIO, and the second arrival hands both to the epoll splice.
+/// Starts a circuit's splice once both halves are plain TCP: each half arrives with its socket, out of NIO,
+/// and the second arrival hands both to the epoll splice (`CircuitSplicer`).
 final class CircuitJoin: Sendable {
-    let local: Bool
     private let state = Mutex<State>(State())
 
     private struct State {
-        var starts: [@Sendable () -> Void] = []
         var halves: [(half: CircuitHalf, ended: (@Sendable () -> Void)?)] = []
         var released: Set<ObjectIdentifier> = []
         var abandoned = false
-    }
-
-    init(local: Bool) {
-        self.local = local
-    }
-
-    func arrive(_ start: @escaping @Sendable () -> Void) {
-        let both: [@Sendable () -> Void]? = self.state.withLock { state in
-            state.starts.append(start)
-            return state.starts.count == 2 ? state.starts : nil
-        }
-        for start in both ?? [] { start() }
     }
 
     /// `channel` leaves NIO for the splice: its close is not the circuit's end.
@@ -592,7 +543,7 @@ final class CircuitJoin: Sendable {
         self.state.withLock { $0.released.contains(channel) }
     }
 
-    /// A local half out of NIO; `ended` (the owner half's) runs when the circuit ends. The second arrival splices
+    /// A half out of NIO; `ended` (the owner half's) runs when the circuit ends. The second arrival splices
     /// both; one after `abandon` is closed at once.
     func arrive(_ half: CircuitHalf, ended: (@Sendable () -> Void)?, splicer: CircuitSplicer) {
         let pair = self.state.withLock { state -> (CircuitHalf, CircuitHalf, (@Sendable () -> Void)?)?? in
@@ -624,113 +575,5 @@ final class CircuitJoin: Sendable {
             close(half.fd)
             ended?()
         }
-    }
-}
-
-/// Forwards every byte to the partner connection, with backpressure both ways; the end of either
-/// side closes the other. What one read burst brought goes to the partner in one task on its event
-/// loop (write and flush together), not one hop per buffer and another for the flush.
-final class SpliceHandler: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = ByteBuffer
-
-    let partner: any Channel
-    let idleTimeout: TimeAmount
-    let onEnd: (@Sendable () -> Void)?
-    var pending = 0
-    var bytes = 0
-    var batch: [ByteBuffer] = []
-    /// Looked up once per circuit, not once per read.
-    let bytesCounter = Counter(label: "relay_circuit_bytes_total")
-    var lastActivity = NIODeadline.now()
-    var idleTimer: Scheduled<Void>?
-
-    init(partner: any Channel, idleTimeout: TimeAmount, onEnd: (@Sendable () -> Void)?) {
-        self.partner = partner
-        self.idleTimeout = idleTimeout
-        self.onEnd = onEnd
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.scheduleIdle(context)
-        let me = context.channel
-        self.partner.closeFuture.whenComplete { _ in me.close(promise: nil) }
-    }
-
-    func scheduleIdle(_ context: ChannelHandlerContext) {
-        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-        let idle = self.idleTimeout
-        self.idleTimer = context.eventLoop.scheduleTask(in: idle) {
-            let context = bound.value
-            guard let h = try? context.pipeline.syncOperations.handler(type: SpliceHandler.self) else { return }
-            if NIODeadline.now() - h.lastActivity >= idle {
-                RelaySessionMetrics.count("relay_circuits_idle_closed_total")
-                context.close(promise: nil)
-            } else {
-                h.scheduleIdle(context)
-            }
-        }
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let buffer = self.unwrapInboundIn(data)
-        self.bytes += buffer.readableBytes
-        self.lastActivity = .now()
-        self.batch.append(buffer)
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        let batch = self.batch
-        self.batch = []
-        let partner = self.partner
-        if partner.eventLoop.inEventLoop {
-            for buffer in batch { partner.write(buffer, promise: nil) }
-            partner.flush()
-        } else if !batch.isEmpty {
-            partner.eventLoop.execute {
-                for buffer in batch { partner.write(buffer, promise: nil) }
-                partner.flush()
-            }
-        }
-        if self.bytes > 0 {
-            self.bytesCounter.increment(by: self.bytes)
-            self.bytes = 0
-        }
-        // The partner's socket is behind: stop reading until it drains (it tells us, below).
-        if !self.partner.isWritable {
-            context.channel.setOption(.autoRead, value: false).whenFailure { _ in }
-            let me = context.channel
-            let partner = self.partner
-            partner.eventLoop.execute {
-                // Re-checked on the partner's loop: writability may have returned meanwhile.
-                if partner.isWritable { me.setOption(.autoRead, value: true).whenFailure { _ in } }
-            }
-        }
-    }
-
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
-            self.partner.setOption(.autoRead, value: true).whenFailure { _ in }
-        }
-        context.fireChannelWritabilityChanged()
-    }
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // A circuit half allows half-closure (for its unwrap): its end closes the circuit, as before.
-        if let channelEvent = event as? ChannelEvent, case .inputClosed = channelEvent {
-            context.close(promise: nil)
-            return
-        }
-        context.fireUserInboundEventTriggered(event)
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        self.idleTimer?.cancel()
-        self.partner.close(promise: nil)
-        self.onEnd?()
-        context.fireChannelInactive()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
     }
 }
