@@ -437,7 +437,7 @@ struct RelaySessionServerTests {
 
     enum CircuitTestError: Error { case notOpened, notReady }
 
-    @Test("a spliced circuit has left NIO: an end of input passes on after the bytes before it, the other way goes on, the last end closes it")
+    @Test("a spliced circuit: an end of input passes on behind its bytes, the other way goes on, the last end closes")
     func halfCloseThroughTheSplice() async throws {
         let pki = try PKI()
         let (server, port) = try await self.start(pki)
@@ -489,7 +489,7 @@ struct RelaySessionServerTests {
         await server.stop()
     }
 
-    @Test("a half that goes before its partner left the session's TLS: the circuit ends at both halves, its count released")
+    @Test("a half that goes before its partner left the session's TLS: the circuit ends, its count released")
     func aHalfGoesBeforeTheSplice() async throws {
         let pki = try PKI()
         let (server, port) = try await self.start(pki)

@@ -50,8 +50,8 @@ final class CircuitSplicer: Sendable {
             guard !state.stopped else { return nil }
             if state.loops.isEmpty {
                 for index in 0..<self.threads {
-                    guard let loop = try? CircuitLoop.start(index: index, idleTimeout: self.idleTimeout, logger: self.logger)
-                    else { break }
+                    let loop = try? CircuitLoop.start(index: index, idleTimeout: self.idleTimeout, logger: self.logger)
+                    guard let loop else { break }
                     state.loops.append(loop)
                 }
             }
@@ -177,60 +177,33 @@ private final class Circuit {
         if !self.closed, self.b.readable { self.pump(from: self.b, to: self.a) }
     }
 
-    /// Reads from `source` and sends to `target` until `source` is drained, `target` pushes back, or 16 full
-    /// reads have moved (then the loop comes back after the other ready sockets).
+    /// Moves bytes from `source` to `target` (`SocketPump.pump`).
     private func pump(from source: CircuitSide, to target: CircuitSide) {
         guard target.pending == nil, !source.eof else { return }
-        let buffer = self.loop.scratch
-        let base = buffer.baseAddress!
-        var moved = 0
-        defer {
-            if moved > 0 {
-                self.activity &+= 1
-                self.loop.bytes.increment(by: moved)
-            }
+        let (moved, outcome) = SocketPump.pump(
+            from: source.fd,
+            to: target.fd,
+            through: self.loop.scratch,
+            readable: &source.readable,
+            closing: source.closing
+        )
+        if moved > 0 {
+            self.activity &+= 1
+            self.loop.bytes.increment(by: moved)
         }
-        var bursts = 0
-        while source.readable {
-            let n = recv(source.fd, base, buffer.count, 0)
-            if n > 0 {
-                moved &+= n
-                if n < buffer.count && !source.closing { source.readable = false }
-                let sent = send(target.fd, base, n, Int32(MSG_NOSIGNAL))
-                if sent == n {
-                    bursts &+= 1
-                    if bursts == 16 && source.readable {
-                        self.loop.runAgain(self)
-                        break
-                    }
-                    continue
-                }
-                if sent < 0 {
-                    let code = errno
-                    guard code == EAGAIN || code == EWOULDBLOCK || code == EINTR else {
-                        self.close()
-                        return
-                    }
-                    target.hold(UnsafeRawBufferPointer(start: base, count: n))
-                } else {
-                    target.hold(UnsafeRawBufferPointer(start: base + sent, count: n - sent))
-                }
-                break
-            } else if n == 0 {
-                source.readable = false
-                source.eof = true
-                if target.pending == nil { self.shutWrite(target) }
-                break
-            } else {
-                let code = errno
-                if code == EAGAIN || code == EWOULDBLOCK {
-                    source.readable = false
-                    break
-                }
-                if code == EINTR { continue }
-                self.close()
-                return
-            }
+        switch outcome {
+        case .drained:
+            break
+        case .again:
+            self.loop.runAgain(self)
+        case .held(let rest):
+            target.hold(rest)
+        case .end:
+            source.eof = true
+            if target.pending == nil { self.shutWrite(target) }
+        case .failed:
+            self.close()
+            return
         }
         if self.bothDirectionsEnded { self.close() }
     }
@@ -240,22 +213,9 @@ private final class Circuit {
     /// Writes what is held for `side`; true when nothing is left.
     private func flushPending(_ side: CircuitSide) -> Bool {
         guard let pending = side.pending else { return true }
-        while side.pendingStart < pending.count {
-            let sent = send(
-                side.fd,
-                pending.baseAddress! + side.pendingStart,
-                pending.count - side.pendingStart,
-                Int32(MSG_NOSIGNAL)
-            )
-            if sent < 0 {
-                let code = errno
-                if code == EINTR { continue }
-                if code == EAGAIN || code == EWOULDBLOCK { return false }
-                self.close()
-                return false
-            }
-            side.pendingStart += sent
-        }
+        let (done, error) = SocketPump.flush(side.fd, pending, from: &side.pendingStart)
+        if error != nil { self.close() }
+        guard done else { return false }
         side.dropPending()
         if self.peer(of: side).eof { self.shutWrite(side) }
         if self.bothDirectionsEnded {
@@ -298,28 +258,16 @@ private final class Circuit {
     }
 }
 
-/// epoll event bits as `UInt32`.
-private enum CircuitEvents {
-    static let input = UInt32(EPOLLIN.rawValue)
-    static let output = UInt32(EPOLLOUT.rawValue)
-    static let closing = UInt32(EPOLLRDHUP.rawValue) | UInt32(EPOLLHUP.rawValue) | UInt32(EPOLLERR.rawValue)
-    /// Readable, writable, peer shut down, edge-triggered: registered once, never modified.
-    static let stream = input | output | UInt32(EPOLLRDHUP.rawValue) | UInt32(EPOLLET.rawValue)
-}
+private typealias CircuitEvents = EpollCore.Events
 
 /// One splice thread: an epoll set, a wake-up eventfd for work handed over from other threads, the circuits it
 /// owns and an idle sweep every eighth of the idle timeout.
 private final class CircuitLoop: @unchecked Sendable {
-    struct Failure: Error, CustomStringConvertible {
-        let description: String
-    }
-
     let logger: Logger
     let open = Atomic<Int>(0)
     let bytes = Counter(label: "relay_circuit_bytes_total")
-    private let epoll: Int32
-    private let wakeFD: Int32
-    private let inbox = Mutex<(tasks: [@Sendable () -> Void], stopping: Bool, signalled: Bool)>(([], false, false))
+    /// The epoll set, its wake-up and the tasks handed over (shared with the agent's splice loops).
+    private let core: EpollCore
     private let idleTimeout: UInt64
     private let sweepInterval: UInt64
 
@@ -334,22 +282,10 @@ private final class CircuitLoop: @unchecked Sendable {
 
     private init(idleTimeout: TimeAmount, logger: Logger) throws {
         self.logger = logger
-        let epoll = epoll_create1(Int32(EPOLL_CLOEXEC))
-        guard epoll >= 0 else { throw Failure(description: "epoll_create1: errno \(errno)") }
-        let wake = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
-        guard wake >= 0 else {
-            close(epoll)
-            throw Failure(description: "eventfd: errno \(errno)")
-        }
-        var event = epoll_event()
-        event.events = CircuitEvents.input
-        event.data.u64 = 0
-        _ = epoll_ctl(epoll, EPOLL_CTL_ADD, wake, &event)
-        self.epoll = epoll
-        self.wakeFD = wake
+        self.core = try EpollCore()
         self.idleTimeout = UInt64(max(idleTimeout.nanoseconds, 1_000_000))
         self.sweepInterval = max(self.idleTimeout / 8, 1_000_000)
-        self.now = Self.monotonic()
+        self.now = EpollCore.monotonic()
         self.nextSweep = self.now &+ self.sweepInterval
     }
 
@@ -361,52 +297,20 @@ private final class CircuitLoop: @unchecked Sendable {
         return loop
     }
 
-    static func monotonic() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-    }
-
     /// Runs `task` on the loop's thread; false (task dropped) once the loop is stopping.
-    func execute(_ task: @escaping @Sendable () -> Void) -> Bool {
-        let signal = self.inbox.withLock { inbox -> Bool? in
-            guard !inbox.stopping else { return nil }
-            inbox.tasks.append(task)
-            defer { inbox.signalled = true }
-            return !inbox.signalled
-        }
-        guard let signal else { return false }
-        if signal { self.wake() }
-        return true
-    }
+    func execute(_ task: @escaping @Sendable () -> Void) -> Bool { self.core.execute(task) }
 
-    func stop() {
-        self.inbox.withLock { $0.stopping = true }
-        self.wake()
-    }
-
-    private func wake() {
-        var one: UInt64 = 1
-        _ = write(self.wakeFD, &one, 8)
-    }
+    func stop() { self.core.stop() }
 
     // MARK: loop thread
 
     func register(_ side: CircuitSide) throws {
-        var event = epoll_event()
-        event.events = CircuitEvents.stream
-        event.data.u64 = UInt64(UInt(bitPattern: Unmanaged.passUnretained(side).toOpaque()))
-        guard epoll_ctl(self.epoll, EPOLL_CTL_ADD, side.fd, &event) == 0 else {
-            throw Failure(description: "epoll_ctl(ADD): errno \(errno)")
-        }
+        let token = UInt64(UInt(bitPattern: Unmanaged.passUnretained(side).toOpaque()))
+        try self.core.register(side.fd, token: token, events: CircuitEvents.stream)
     }
 
-    /// Out of the epoll set, then closed (a descriptor a forked child still holds would keep it in the set).
-    func closeSocket(_ fd: Int32) {
-        var event = epoll_event()
-        _ = epoll_ctl(self.epoll, EPOLL_CTL_DEL, fd, &event)
-        close(fd)
-    }
+    /// Out of the epoll set, then closed (`EpollCore.closeSocket`).
+    func closeSocket(_ fd: Int32) { self.core.closeSocket(fd) }
 
     func adopt(_ circuit: Circuit) {
         self.live[ObjectIdentifier(circuit)] = circuit
@@ -427,59 +331,33 @@ private final class CircuitLoop: @unchecked Sendable {
         defer { events.deallocate() }
         while true {
             let timeout: Int32 = self.again.isEmpty ? self.untilSweep() : 0
-            let count = epoll_wait(self.epoll, events, capacity, timeout)
-            if count < 0 {
-                guard errno == EINTR else {
-                    self.logger.critical("relay: circuit loop: epoll_wait failed", metadata: ["errno": "\(errno)"])
-                    break
-                }
-                continue
+            guard let count = self.core.wait(events, capacity: capacity, timeout: timeout) else {
+                self.logger.critical("relay: circuit loop: epoll_wait failed", metadata: ["errno": "\(errno)"])
+                break
             }
-            self.now = Self.monotonic()
-            var woken = false
-            for i in 0..<Int(count) {
-                let token = events[i].data.u64
-                if token == 0 {
-                    woken = true
-                    continue
-                }
+            self.now = EpollCore.monotonic()
+            let woken = self.core.dispatch(events, count: count) { token, bits in
                 let side = Circuit.side(token)
-                side.circuit.ready(side, events[i].events)
+                side.circuit.ready(side, bits)
             }
             if !self.again.isEmpty {
                 let pending = self.again
                 self.again = []
                 for circuit in pending { circuit.resume() }
             }
-            if woken, self.runTasks() { break }
+            if woken, self.core.runTasks() { break }
             if self.now >= self.nextSweep { self.sweep() }
             self.retired.removeAll(keepingCapacity: true)
         }
         for circuit in Array(self.live.values) { circuit.close() }
         self.retired.removeAll()
-        close(self.epoll)
-        close(self.wakeFD)
+        self.core.finish()
     }
 
     /// Milliseconds to the next sweep (rounded up), from the time of this wake-up.
     private func untilSweep() -> Int32 {
         guard self.nextSweep > self.now else { return 0 }
         return Int32(min((self.nextSweep - self.now + 999_999) / 1_000_000, 60_000))
-    }
-
-    /// Runs the tasks handed over; true when the loop must stop.
-    private func runTasks() -> Bool {
-        var value: UInt64 = 0
-        _ = read(self.wakeFD, &value, 8)
-        let (tasks, stopping) = self.inbox.withLock { inbox -> ([@Sendable () -> Void], Bool) in
-            defer {
-                inbox.tasks = []
-                inbox.signalled = false
-            }
-            return (inbox.tasks, inbox.stopping)
-        }
-        for task in tasks { task() }
-        return stopping
     }
 
     private func sweep() {

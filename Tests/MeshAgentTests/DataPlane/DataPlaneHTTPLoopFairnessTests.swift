@@ -49,8 +49,10 @@ struct DataPlaneHTTPLoopFairnessTests {
             let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             let dp = DataPlane(configuration: testConfiguration(), eventLoopGroup: group, logger: testLogger)
             let stream = Stream()
-            // Bounded: the stream stops once the other connection was served, or at this many bytes.
-            let limit = 512 * 1024 * 1024
+            // Bounded: the stream stops once the other connection was served, or at this many bytes. Large: the
+            // stream runs on threads of its own at full speed while the other request waits for the test's NIO
+            // backend; on a busy machine 512 MiB went by before that answer came.
+            let limit = 8 * 1024 * 1024 * 1024
             do {
                 let backend =
                     direction == .upload ? sink.backend() : try Self.blockingSource(limit: limit, stream)

@@ -440,7 +440,9 @@ struct LinkPortSharingTests {
         await #expect(throws: (any Error).self) { try await second.bind() }
         // A STUN request can still leave from it.
         let stun = try await RunningSTUN.start(hosts: ["127.0.0.1"])
-        let binding = try await STUNClient(group: MultiThreadedEventLoopGroup.singleton).bindingTCP(
+        var client = STUNClient(group: MultiThreadedEventLoopGroup.singleton)
+        client.timeout = .seconds(30)  // its 2 s went by on a busy machine, every suite running at once
+        let binding = try await client.bindingTCP(
             server: try #require(stun.listeners.first?.tcp),
             local: try SocketAddress(ipAddress: "127.0.0.1", port: port)
         )

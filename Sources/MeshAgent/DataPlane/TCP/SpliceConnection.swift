@@ -1,6 +1,7 @@
 import CLinux
 import Logging
 import MeshCore
+import MeshNIO
 import NIOCore
 
 #if canImport(Glibc)
@@ -348,58 +349,33 @@ final class SpliceConnection {
 
     // MARK: moving bytes
 
-    /// Reads from `source` and sends to `target` until `source` is drained, `target` pushes back, or 16 full
-    /// reads have been moved (then the loop comes back to it after the other ready sockets).
+    /// Moves bytes from `source` to `target` (`SocketPump.pump`: until `source` is drained, `target` pushes
+    /// back, or 16 full reads have moved).
     private func pump(from source: SpliceSide, to target: SpliceSide) {
         guard target.pending == nil, !source.eof else { return }
-        let buffer = self.loop.scratch
-        let base = buffer.baseAddress!
-        var moved = 0
-        defer { self.count(moved, fromClient: source.isClient) }
-        var bursts = 0
-        while source.readable {
-            let n = recv(source.fd, base, buffer.count, 0)
-            if n > 0 {
-                moved &+= n
-                // Here, not in `count`: the pump's last read can end the connection (EOF both ways) before
-                // its deferred count, and the tally goes to the backend when it ends.
-                if source.isClient { self.tally.sent &+= n } else { self.tally.received &+= n }
-                if n < buffer.count && !source.closing { source.readable = false }
-                let sent = send(target.fd, base, n, Int32(MSG_NOSIGNAL))
-                if sent == n {
-                    bursts &+= 1
-                    if bursts == 16 && source.readable {
-                        self.loop.runAgain(self)
-                        break
-                    }
-                    continue
-                }
-                if sent < 0 {
-                    let code = errno
-                    guard code == EAGAIN || code == EWOULDBLOCK || code == EINTR else {
-                        self.fail(code)
-                        return
-                    }
-                    self.hold(base, n, for: target)
-                } else {
-                    self.hold(base + sent, n - sent, for: target)
-                }
-                break
-            } else if n == 0 {
-                source.readable = false
-                source.eof = true
-                if target.pending == nil { self.shutWrite(target) }
-                break
-            } else {
-                let code = errno
-                if code == EAGAIN || code == EWOULDBLOCK {
-                    source.readable = false
-                    break
-                }
-                if code == EINTR { continue }
-                self.fail(code)
-                return
-            }
+        let (moved, outcome) = SocketPump.pump(
+            from: source.fd,
+            to: target.fd,
+            through: self.loop.scratch,
+            readable: &source.readable,
+            closing: source.closing
+        )
+        // Before anything below can end the connection: the tally goes to the backend when it ends.
+        if source.isClient { self.tally.sent &+= moved } else { self.tally.received &+= moved }
+        self.count(moved, fromClient: source.isClient)
+        switch outcome {
+        case .drained:
+            break
+        case .again:
+            self.loop.runAgain(self)
+        case .held(let rest):
+            self.hold(rest, for: target)
+        case .end:
+            source.eof = true
+            if target.pending == nil { self.shutWrite(target) }
+        case .failed(let code):
+            self.fail(code)
+            return
         }
         if self.bothDirectionsEnded { self.close() }
     }
@@ -422,34 +398,21 @@ final class SpliceConnection {
         }
     }
 
-    /// Keeps `count` bytes for `side` until it is writable again.
-    private func hold(_ bytes: UnsafeMutableRawPointer, _ count: Int, for side: SpliceSide) {
-        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 1)
-        copy.copyMemory(from: UnsafeRawBufferPointer(start: bytes, count: count))
+    /// Keeps `bytes` for `side` until it is writable again.
+    private func hold(_ bytes: UnsafeRawBufferPointer, for side: SpliceSide) {
+        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
+        copy.copyMemory(from: bytes)
         side.pending = copy
         side.pendingStart = 0
-        self.loop.counters.noteBuffered(count)
+        self.loop.counters.noteBuffered(bytes.count)
     }
 
     /// Writes what is pending for `side`; true when nothing is left.
     private func flushPending(_ side: SpliceSide) -> Bool {
         guard let pending = side.pending else { return true }
-        while side.pendingStart < pending.count {
-            let sent = send(
-                side.fd,
-                pending.baseAddress! + side.pendingStart,
-                pending.count - side.pendingStart,
-                Int32(MSG_NOSIGNAL)
-            )
-            if sent < 0 {
-                let code = errno
-                if code == EINTR { continue }
-                if code == EAGAIN || code == EWOULDBLOCK { return false }
-                self.fail(code)
-                return false
-            }
-            side.pendingStart += sent
-        }
+        let (done, error) = SocketPump.flush(side.fd, pending, from: &side.pendingStart)
+        if let error { self.fail(error) }
+        guard done else { return false }
         side.dropPending()
         if side.peer(self).eof { self.shutWrite(side) }
         if self.bothDirectionsEnded {

@@ -45,16 +45,8 @@ final class SpliceLoop: @unchecked Sendable {
     let configuration: DataPlaneConfiguration
     let counters: DataPlaneCounters
     let logger: Logger
-    private let epoll: Int32
-    private let wakeFD: Int32
-    private let inbox = Mutex<Inbox>(Inbox())
-
-    private struct Inbox {
-        var tasks: [@Sendable () -> Void] = []
-        var stopping = false
-        var stopped = false
-        var signalled = false
-    }
+    /// The epoll set, its wake-up and the tasks handed over (shared with the relay's circuit loops).
+    private let core: EpollCore
 
     // MARK: loop-thread state
 
@@ -94,25 +86,11 @@ final class SpliceLoop: @unchecked Sendable {
         self.configuration = configuration
         self.counters = counters
         self.logger = logger
-        let epoll = epoll_create1(Int32(EPOLL_CLOEXEC))
-        guard epoll >= 0 else { throw Failure.system("epoll_create1", errno) }
-        let wake = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
-        guard wake >= 0 else {
-            let code = errno
-            close(epoll)
-            throw Failure.system("eventfd", code)
+        do {
+            self.core = try EpollCore()
+        } catch {
+            throw Failure.system(error.call, error.code)
         }
-        var event = epoll_event()
-        event.events = SpliceEvents.input
-        event.data.u64 = 0
-        guard epoll_ctl(epoll, EPOLL_CTL_ADD, wake, &event) == 0 else {
-            let code = errno
-            close(epoll)
-            close(wake)
-            throw Failure.system("epoll_ctl", code)
-        }
-        self.epoll = epoll
-        self.wakeFD = wake
         self.scratch = .allocate(byteCount: 64 * 1024, alignment: 16)
         let timeout = UInt64(max(configuration.tcpIdleTimeout.nanoseconds, 1_000_000))
         self.sweepInterval = max(timeout / 8, 1_000_000)
@@ -137,44 +115,19 @@ final class SpliceLoop: @unchecked Sendable {
         return loop
     }
 
-    static func monotonic() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-    }
+    static func monotonic() -> UInt64 { EpollCore.monotonic() }
 
     // MARK: any thread
 
     /// Runs `task` on the loop's thread. Returns false (and drops the task) once the loop has stopped.
     @discardableResult
-    func execute(_ task: @escaping @Sendable () -> Void) -> Bool {
-        let signal = self.inbox.withLock { inbox -> Bool? in
-            guard !inbox.stopping else { return nil }
-            inbox.tasks.append(task)
-            defer { inbox.signalled = true }
-            return !inbox.signalled
-        }
-        guard let signal else { return false }
-        if signal {
-            var one: UInt64 = 1
-            _ = write(self.wakeFD, &one, 8)
-        }
-        return true
-    }
+    func execute(_ task: @escaping @Sendable () -> Void) -> Bool { self.core.execute(task) }
 
     /// Asks the loop to close every connection and exit; returns at once.
-    func stop() {
-        let wasRunning = self.inbox.withLock { inbox -> Bool in
-            defer { inbox.stopping = true }
-            return !inbox.stopping
-        }
-        guard wasRunning else { return }
-        var one: UInt64 = 1
-        _ = write(self.wakeFD, &one, 8)
-    }
+    func stop() { self.core.stop() }
 
     /// Whether the loop thread has finished (after `stop()`).
-    var hasStopped: Bool { self.inbox.withLock { $0.stopped } }
+    var hasStopped: Bool { self.core.hasStopped }
 
     // MARK: loop thread
 
@@ -185,25 +138,14 @@ final class SpliceLoop: @unchecked Sendable {
         while true {
             let yielded = !self.again.isEmpty || self.httpState?.hasYielded == true
             let timeout = yielded ? 0 : self.timeoutMilliseconds()
-            let count = epoll_wait(self.epoll, events, capacity, timeout)
-            if count < 0 {
-                guard errno == EINTR else {
-                    self.logger.critical("splice loop: epoll_wait failed", metadata: ["errno": "\(errno)"])
-                    break
-                }
-                continue
+            guard let count = self.core.wait(events, capacity: capacity, timeout: timeout) else {
+                self.logger.critical("splice loop: epoll_wait failed", metadata: ["errno": "\(errno)"])
+                break
             }
             self.now = SpliceLoop.monotonic()
-            var wake = false
-            for i in 0..<Int(count) {
-                let token = events[i].data.u64
-                if token == 0 {
-                    wake = true
-                    continue
-                }
-                let object = Unmanaged<SplicePollable>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!)
-                    .takeUnretainedValue()
-                object.ready(events[i].events)
+            let wake = self.core.dispatch(events, count: count) { token, bits in
+                Unmanaged<SplicePollable>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!)
+                    .takeUnretainedValue().ready(bits)
             }
             if !self.again.isEmpty {
                 let pending = self.again
@@ -211,7 +153,7 @@ final class SpliceLoop: @unchecked Sendable {
                 for connection in pending { connection.resume() }
             }
             if let http = self.httpState, http.hasYielded { http.resumeYielded() }
-            if wake, self.runTasks() { break }
+            if wake, self.core.runTasks() { break }
             if self.now >= self.nextConnectDeadline { self.expireConnects() }
             if self.now >= self.nextSweep { self.sweep() }
             if self.now >= self.nextResume { self.resumeAcceptors() }
@@ -221,23 +163,7 @@ final class SpliceLoop: @unchecked Sendable {
         self.httpState?.closeAll()
         for connection in Array(self.live.values) { connection.close() }
         self.retired.removeAll()
-        close(self.epoll)
-        close(self.wakeFD)
-        self.inbox.withLock { $0.stopped = true }
-    }
-
-    /// Runs queued tasks; true when the loop must stop.
-    private func runTasks() -> Bool {
-        var value: UInt64 = 0
-        _ = read(self.wakeFD, &value, 8)
-        let (tasks, stopping) = self.inbox.withLock { inbox -> ([@Sendable () -> Void], Bool) in
-            let tasks = inbox.tasks
-            inbox.tasks = []
-            inbox.signalled = false
-            return (tasks, inbox.stopping)
-        }
-        for task in tasks { task() }
-        return stopping
+        self.core.finish()
     }
 
     @inline(__always)
@@ -255,27 +181,18 @@ final class SpliceLoop: @unchecked Sendable {
 
     /// Adds `fd` to the epoll set with `events`; the token is `object`'s address (never 0: that is the wake-up).
     func register(_ fd: Int32, _ object: SplicePollable, events: UInt32) throws {
-        var event = epoll_event()
-        event.events = events
-        event.data.u64 = UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque()))
-        guard epoll_ctl(self.epoll, EPOLL_CTL_ADD, fd, &event) == 0 else {
-            throw Failure.system("epoll_ctl(ADD)", errno)
+        let token = UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque()))
+        do {
+            try self.core.register(fd, token: token, events: events)
+        } catch {
+            throw Failure.system(error.call, error.code)
         }
     }
 
-    func deregister(_ fd: Int32) {
-        var event = epoll_event()
-        _ = epoll_ctl(self.epoll, EPOLL_CTL_DEL, fd, &event)
-    }
+    func deregister(_ fd: Int32) { self.core.deregister(fd) }
 
-    /// Takes a registered socket out of the epoll set, then closes it. Closing alone is not enough: epoll
-    /// forgets a socket only when every descriptor of it is closed, and a process forked at that moment
-    /// (posix_spawn, before its exec closes the CLOEXEC ones) still holds one, so a later event would name a
-    /// connection that is gone.
-    func closeSocket(_ fd: Int32) {
-        self.deregister(fd)
-        close(fd)
-    }
+    /// Out of the epoll set, then closed (`EpollCore.closeSocket`).
+    func closeSocket(_ fd: Int32) { self.core.closeSocket(fd) }
 
     func adopt(_ connection: SpliceConnection) {
         self.live[ObjectIdentifier(connection)] = connection
@@ -377,17 +294,4 @@ final class SpliceLoop: @unchecked Sendable {
 }
 
 /// epoll event bits as `UInt32`.
-enum SpliceEvents {
-    static let input = UInt32(EPOLLIN.rawValue)
-    static let output = UInt32(EPOLLOUT.rawValue)
-    static let readHangUp = UInt32(EPOLLRDHUP.rawValue)
-    static let hangUp = UInt32(EPOLLHUP.rawValue)
-    static let error = UInt32(EPOLLERR.rawValue)
-    static let edge = UInt32(EPOLLET.rawValue)
-    static let exclusive = UInt32(EPOLLEXCLUSIVE.rawValue)
-    /// A connection socket: readable, writable, peer shut down, edge-triggered (registered once, never
-    /// modified: no `epoll_ctl` per request).
-    static let stream = input | output | readHangUp | edge
-    /// End of input or an error: the read that follows must not stop at a short read.
-    static let closing = readHangUp | hangUp | error
-}
+typealias SpliceEvents = EpollCore.Events
