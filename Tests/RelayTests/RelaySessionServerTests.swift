@@ -119,6 +119,14 @@ struct RelaySessionServerTests {
         /// Waits for the relay to close the connection.
         func closedByRelay() async -> Bool { await eventually(timeout: .seconds(10)) { self.received.closed } }
 
+        /// Both halves of a circuit leave the session's TLS at once.
+        static func unwrapBoth(_ a: Conn, _ b: Conn) async throws {
+            async let aPlain: Void = a.unwrap()
+            async let bPlain: Void = b.unwrap()
+            try await aPlain
+            try await bPlain
+        }
+
         /// After `ready`: ends the session's TLS (close_notify both ways), as a circuit half does.
         func unwrap() async throws {
             let channel = self.channel
@@ -233,10 +241,7 @@ struct RelaySessionServerTests {
         try await b2.send(.accept(circuit: circuit))
         #expect(await a2.next() == .ready(circuit: circuit))
         #expect(await b2.next() == .ready(circuit: circuit))
-        async let aPlain: Void = a2.unwrap()
-        async let bPlain: Void = b2.unwrap()
-        try await aPlain
-        try await bPlain
+        try await Conn.unwrapBoth(a2, b2)
 
         let size = 10 << 20
         var rng = SystemRandomNumberGenerator()
@@ -444,10 +449,7 @@ struct RelaySessionServerTests {
         _ = try await self.session(port, pki, "a")
         let b = try await self.session(port, pki, "b")
         let (a2, b2, _) = try await self.circuit(port, pki, b: b, closeAtEnd: false)
-        async let aPlain: Void = a2.unwrap()
-        async let bPlain: Void = b2.unwrap()
-        try await aPlain
-        try await bPlain
+        try await Conn.unwrapBoth(a2, b2)
         // Both halves are on the splice thread, not on NIO: the relay's NIO channels for them are gone.
         #expect(await eventually { server.splicer.openCircuits == 1 })
         #expect(server.hub.state.withLock { $0.circuits } == ["a": 1, "b": 1])
@@ -478,10 +480,7 @@ struct RelaySessionServerTests {
         _ = try await self.session(port, pki, "a")
         let b = try await self.session(port, pki, "b")
         let (a2, b2, _) = try await self.circuit(port, pki, b: b)
-        async let aPlain: Void = a2.unwrap()
-        async let bPlain: Void = b2.unwrap()
-        try await aPlain
-        try await bPlain
+        try await Conn.unwrapBoth(a2, b2)
         #expect(await a2.closedByRelay())
         #expect(await b2.closedByRelay())
         #expect(await eventually { server.splicer.openCircuits == 0 })
@@ -512,10 +511,7 @@ struct RelaySessionServerTests {
         let b = try await self.session(port, pki, "b")
         let (tapA, tapB) = (Tap(), Tap())
         let (a2, b2, _) = try await self.circuit(port, pki, b: b, tapA: tapA, tapB: tapB)
-        async let aPlain: Void = a2.unwrap()
-        async let bPlain: Void = b2.unwrap()
-        try await aPlain
-        try await bPlain
+        try await Conn.unwrapBoth(a2, b2)
         // What the link's TLS would send first (a ClientHello record), then its answer: each socket
         // reads exactly the bytes the other socket wrote, nothing around them (no session TLS
         // record, no framing): the relay passes the link's TLS on as it is and encrypts nothing.
