@@ -59,7 +59,10 @@ final class CircuitSplicer: Sendable {
             state.next = (state.next + 1) % state.loops.count
             return state.loops[state.next]
         }
-        let queued = loop?.execute { Circuit(loop: loop!, a: a, b: b, ended: ended).start() } ?? false
+        let queued =
+            loop?.execute {
+                Circuit(loop: loop!, a: a.fd, b: b.fd, ended: ended).start(heldForA: b.held, heldForB: a.held)
+            } ?? false
         if !queued {
             if loop == nil { self.logger.warning("relay: no circuit splice thread; circuit closed") }
             close(a.fd)
@@ -125,7 +128,6 @@ private final class Circuit {
     unowned(unsafe) let loop: CircuitLoop
     private(set) var a: CircuitSide!
     private(set) var b: CircuitSide!
-    private let held: (forA: [UInt8], forB: [UInt8])
     private let ended: @Sendable () -> Void
     private var closed = false
     /// Read bursts so far, and the count and time at the last idle sweep that saw a change.
@@ -133,23 +135,22 @@ private final class Circuit {
     private var sweptActivity: UInt64 = 0
     private var quietSince: UInt64
 
-    init(loop: CircuitLoop, a: CircuitHalf, b: CircuitHalf, ended: @escaping @Sendable () -> Void) {
+    init(loop: CircuitLoop, a: Int32, b: Int32, ended: @escaping @Sendable () -> Void) {
         self.loop = loop
         self.ended = ended
-        self.held = (forA: b.held, forB: a.held)
         self.quietSince = loop.now
-        self.a = CircuitSide(circuit: self, fd: a.fd, isA: true)
-        self.b = CircuitSide(circuit: self, fd: b.fd, isA: false)
+        self.a = CircuitSide(circuit: self, fd: a, isA: true)
+        self.b = CircuitSide(circuit: self, fd: b, isA: false)
     }
 
     private func peer(of side: CircuitSide) -> CircuitSide { side.isA ? self.b : self.a }
 
     /// Registers both sockets (loop thread). What each half sent before the splice goes to the other first;
     /// registering reports what is ready now, so bytes already waiting in a socket are read next.
-    func start() {
+    func start(heldForA: [UInt8], heldForB: [UInt8]) {
         self.loop.adopt(self)
-        self.held.forA.withUnsafeBytes { self.a.hold($0) }
-        self.held.forB.withUnsafeBytes { self.b.hold($0) }
+        heldForA.withUnsafeBytes { self.a.hold($0) }
+        heldForB.withUnsafeBytes { self.b.hold($0) }
         do {
             try self.loop.register(self.a)
             try self.loop.register(self.b)
