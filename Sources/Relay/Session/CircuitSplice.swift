@@ -85,41 +85,15 @@ final class CircuitSplicer: Sendable {
     }
 }
 
-/// Something registered with a circuit loop's epoll set; its token is the object's address.
-private final class CircuitSide {
+/// One socket of a circuit (`MeshNIO.SpliceEnd`), registered with its loop's epoll set by its address.
+private final class CircuitSide: SpliceEnd {
     unowned(unsafe) let circuit: Circuit
-    let fd: Int32
     let isA: Bool
-    /// An edge said there is input (or an EOF or error) not read yet.
-    var readable = false
-    /// End of input or an error was signalled: read until EAGAIN, EOF or the error; a short read proves nothing.
-    var closing = false
-    /// Input ended (EOF read).
-    var eof = false
-    /// Its write side is shut down (after the other side's EOF and what was held for it).
-    var shut = false
-    /// Bytes from the other side that this socket has not taken yet.
-    var pending: UnsafeMutableRawBufferPointer?
-    var pendingStart = 0
 
     init(circuit: Circuit, fd: Int32, isA: Bool) {
         self.circuit = circuit
-        self.fd = fd
         self.isA = isA
-    }
-
-    func hold(_ bytes: UnsafeRawBufferPointer) {
-        guard bytes.count > 0 else { return }
-        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
-        copy.copyMemory(from: bytes)
-        self.pending = copy
-        self.pendingStart = 0
-    }
-
-    func dropPending() {
-        self.pending?.deallocate()
-        self.pending = nil
-        self.pendingStart = 0
+        super.init(fd: fd)
     }
 }
 
@@ -130,15 +104,13 @@ private final class Circuit {
     private(set) var b: CircuitSide!
     private let ended: @Sendable () -> Void
     private var closed = false
-    /// Read bursts so far, and the count and time at the last idle sweep that saw a change.
-    private var activity: UInt64 = 0
-    private var sweptActivity: UInt64 = 0
-    private var quietSince: UInt64
+    /// Read bursts, for the idle sweep.
+    private var idle: IdleTracker
 
     init(loop: CircuitLoop, a: Int32, b: Int32, ended: @escaping @Sendable () -> Void) {
         self.loop = loop
         self.ended = ended
-        self.quietSince = loop.now
+        self.idle = IdleTracker(now: loop.now)
         self.a = CircuitSide(circuit: self, fd: a, isA: true)
         self.b = CircuitSide(circuit: self, fd: b, isA: false)
     }
@@ -162,8 +134,7 @@ private final class Circuit {
 
     func ready(_ side: CircuitSide, _ events: UInt32) {
         guard !self.closed else { return }
-        if events & (CircuitEvents.input | CircuitEvents.closing) != 0 { side.readable = true }
-        if events & CircuitEvents.closing != 0 { side.closing = true }
+        side.note(events)
         if events & CircuitEvents.output != 0, side.pending != nil {
             if self.flushPending(side) { self.pump(from: self.peer(of: side), to: side) }
             guard !self.closed else { return }
@@ -178,69 +149,44 @@ private final class Circuit {
         if !self.closed, self.b.readable { self.pump(from: self.b, to: self.a) }
     }
 
-    /// Moves bytes from `source` to `target` (`SocketPump.pump`).
+    /// Moves bytes from `source` to `target` (`SocketPump.move`).
     private func pump(from source: CircuitSide, to target: CircuitSide) {
-        guard target.pending == nil, !source.eof else { return }
-        let (moved, outcome) = SocketPump.pump(
-            from: source.fd,
-            to: target.fd,
-            through: self.loop.scratch,
-            readable: &source.readable,
-            closing: source.closing
-        )
+        let (moved, step) = SocketPump.move(from: source, to: target, through: self.loop.scratch)
         if moved > 0 {
-            self.activity &+= 1
+            self.idle.touch()
             self.loop.bytes.increment(by: moved)
         }
-        switch outcome {
-        case .drained:
+        switch step {
+        case .done, .held:
             break
         case .again:
             self.loop.runAgain(self)
-        case .held(let rest):
-            target.hold(rest)
-        case .end:
-            source.eof = true
-            if target.pending == nil { self.shutWrite(target) }
         case .failed:
             self.close()
             return
         }
-        if self.bothDirectionsEnded { self.close() }
+        if SpliceEnd.bothEnded(self.a, self.b) { self.close() }
     }
-
-    private var bothDirectionsEnded: Bool { self.a.eof && self.b.eof && self.a.shut && self.b.shut }
 
     /// Writes what is held for `side`; true when nothing is left.
     private func flushPending(_ side: CircuitSide) -> Bool {
-        guard let pending = side.pending else { return true }
-        let (done, error) = SocketPump.flush(side.fd, pending, from: &side.pendingStart)
-        if error != nil { self.close() }
-        guard done else { return false }
-        side.dropPending()
-        if self.peer(of: side).eof { self.shutWrite(side) }
-        if self.bothDirectionsEnded {
+        switch side.flushHeld(peerEnded: self.peer(of: side).eof) {
+        case .blocked:
+            return false
+        case .failed:
             self.close()
             return false
+        case .done:
+            if SpliceEnd.bothEnded(self.a, self.b) {
+                self.close()
+                return false
+            }
+            return true
         }
-        return true
-    }
-
-    private func shutWrite(_ side: CircuitSide) {
-        guard !side.shut else { return }
-        side.shut = true
-        _ = shutdown(side.fd, Int32(SHUT_WR))
     }
 
     /// True when the circuit has been quiet for `timeout` (compared at sweeps).
-    func checkIdle(now: UInt64, timeout: UInt64) -> Bool {
-        if self.activity != self.sweptActivity {
-            self.sweptActivity = self.activity
-            self.quietSince = now
-            return false
-        }
-        return now &- self.quietSince >= timeout
-    }
+    func checkIdle(now: UInt64, timeout: UInt64) -> Bool { self.idle.isIdle(now: now, timeout: timeout) }
 
     /// Closes both sockets and tells `ended`. Idempotent.
     func close() {

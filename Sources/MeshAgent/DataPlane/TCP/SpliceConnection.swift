@@ -10,36 +10,20 @@ import Glibc
 import Musl
 #endif
 
-/// One socket of a spliced connection. Its epoll token is this object; what it reads goes to `peer`.
-final class SpliceSide: SplicePollable {
+/// One socket of a spliced connection (`MeshNIO.SpliceEnd`). Its epoll token is this object; what it reads
+/// goes to `peer`.
+final class SpliceSide: SpliceEnd {
     unowned(unsafe) let connection: SpliceConnection
     let isClient: Bool
-    var fd: Int32 = -1
-    /// An edge said there is input (or an EOF or error) not read yet.
-    var readable = false
-    /// The peer shut down or the socket failed: read until EAGAIN or EOF, a short read proves nothing.
-    var closing = false
-    /// Input ended (EOF read).
-    var eof = false
-    /// Its write side is shut down (after the peer's EOF and what was pending for it).
-    var shut = false
-    /// Bytes read from the peer that this socket has not taken yet (at most one read's worth).
-    var pending: UnsafeMutableRawBufferPointer?
-    var pendingStart = 0
 
     init(connection: SpliceConnection, isClient: Bool) {
         self.connection = connection
         self.isClient = isClient
+        super.init()
     }
 
     override func ready(_ events: UInt32) {
         self.connection.ready(self, events)
-    }
-
-    func dropPending() {
-        self.pending?.deallocate()
-        self.pending = nil
-        self.pendingStart = 0
     }
 }
 
@@ -72,12 +56,10 @@ final class SpliceConnection {
     private var connectStarted: UInt64 = 0
     private(set) var connectDeadline: UInt64 = .max
     private var errorReported = false
-    /// Read bursts so far, and the count and time at the last idle sweep that saw a change.
-    private var activity: UInt64 = 0
+    /// Read bursts, for the idle sweep.
+    private var idle: IdleTracker
     /// Bytes this connection carried each way, for its backend's counters when it ends.
     private var tally = ByteTally()
-    private var sweptActivity: UInt64 = 0
-    private var quietSince: UInt64
 
     var isConnecting: Bool { self.state == .connecting }
 
@@ -87,7 +69,7 @@ final class SpliceConnection {
         self.metrics = listener.handle.metrics
         self.hash = hash
         self.tried = tried
-        self.quietSince = loop.now
+        self.idle = IdleTracker(now: loop.now)
         self.client = SpliceSide(connection: self, isClient: true)
         self.upstream = SpliceSide(connection: self, isClient: false)
         self.client.fd = clientFD
@@ -100,7 +82,7 @@ final class SpliceConnection {
         self.listener = listener
         self.metrics = listener.handle.metrics
         self.hash = 0
-        self.quietSince = loop.now
+        self.idle = IdleTracker(now: loop.now)
         self.client = SpliceSide(connection: self, isClient: true)
         self.upstream = SpliceSide(connection: self, isClient: false)
         self.client.fd = clientFD
@@ -124,8 +106,7 @@ final class SpliceConnection {
                     at += bytes.count
                 }
             }
-            side.pending = copy
-            side.pendingStart = 0
+            side.hold(taking: copy)
         }
         do {
             try self.loop.register(self.client.fd, self.client, events: SpliceEvents.stream)
@@ -311,8 +292,7 @@ final class SpliceConnection {
             return
         case .connecting:
             if side.isClient {
-                if events & (SpliceEvents.input | SpliceEvents.closing) != 0 { side.readable = true }
-                if events & SpliceEvents.closing != 0 { side.closing = true }
+                side.note(events)
                 return
             }
             guard events & (SpliceEvents.output | SpliceEvents.error | SpliceEvents.hangUp) != 0 else { return }
@@ -324,12 +304,10 @@ final class SpliceConnection {
                 self.connectFailed(SpliceLoop.Failure.system("connect", code))
                 return
             }
-            if events & (SpliceEvents.input | SpliceEvents.closing) != 0 { side.readable = true }
-            if events & SpliceEvents.closing != 0 { side.closing = true }
+            side.note(events)
             self.connected()
         case .open:
-            if events & (SpliceEvents.input | SpliceEvents.closing) != 0 { side.readable = true }
-            if events & SpliceEvents.closing != 0 { side.closing = true }
+            side.note(events)
             if events & SpliceEvents.output != 0, side.pending != nil {
                 // Drained: what the peer held back can flow again. Not drained: this side's own input still
                 // flows the other way below (a client that writes before it reads must not stall).
@@ -349,45 +327,30 @@ final class SpliceConnection {
 
     // MARK: moving bytes
 
-    /// Moves bytes from `source` to `target` (`SocketPump.pump`: until `source` is drained, `target` pushes
+    /// Moves bytes from `source` to `target` (`SocketPump.move`: until `source` is drained, `target` pushes
     /// back, or 16 full reads have moved).
     private func pump(from source: SpliceSide, to target: SpliceSide) {
-        guard target.pending == nil, !source.eof else { return }
-        let (moved, outcome) = SocketPump.pump(
-            from: source.fd,
-            to: target.fd,
-            through: self.loop.scratch,
-            readable: &source.readable,
-            closing: source.closing
-        )
+        let (moved, step) = SocketPump.move(from: source, to: target, through: self.loop.scratch)
         // Before anything below can end the connection: the tally goes to the backend when it ends.
         if source.isClient { self.tally.sent &+= moved } else { self.tally.received &+= moved }
         self.count(moved, fromClient: source.isClient)
-        switch outcome {
-        case .drained:
+        switch step {
+        case .done:
             break
         case .again:
             self.loop.runAgain(self)
-        case .held(let rest):
-            self.hold(rest, for: target)
-        case .end:
-            source.eof = true
-            if target.pending == nil { self.shutWrite(target) }
+        case .held(let count):
+            self.loop.counters.noteBuffered(count)
         case .failed(let code):
             self.fail(code)
             return
         }
-        if self.bothDirectionsEnded { self.close() }
-    }
-
-    /// Both sides sent their EOF and both were passed on: nothing more can flow.
-    private var bothDirectionsEnded: Bool {
-        self.client.eof && self.upstream.eof && self.client.shut && self.upstream.shut
+        if SpliceEnd.bothEnded(self.client, self.upstream) { self.close() }
     }
 
     private func count(_ bytes: Int, fromClient: Bool) {
         guard bytes > 0 else { return }
-        self.activity &+= 1
+        self.idle.touch()
         let handle = self.listener.handle
         if fromClient {
             handle.countStats(fromClient: bytes, toClient: 0)
@@ -398,34 +361,21 @@ final class SpliceConnection {
         }
     }
 
-    /// Keeps `bytes` for `side` until it is writable again.
-    private func hold(_ bytes: UnsafeRawBufferPointer, for side: SpliceSide) {
-        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
-        copy.copyMemory(from: bytes)
-        side.pending = copy
-        side.pendingStart = 0
-        self.loop.counters.noteBuffered(bytes.count)
-    }
-
     /// Writes what is pending for `side`; true when nothing is left.
     private func flushPending(_ side: SpliceSide) -> Bool {
-        guard let pending = side.pending else { return true }
-        let (done, error) = SocketPump.flush(side.fd, pending, from: &side.pendingStart)
-        if let error { self.fail(error) }
-        guard done else { return false }
-        side.dropPending()
-        if side.peer(self).eof { self.shutWrite(side) }
-        if self.bothDirectionsEnded {
-            self.close()
+        switch side.flushHeld(peerEnded: side.peer(self).eof) {
+        case .blocked:
             return false
+        case .failed(let code):
+            self.fail(code)
+            return false
+        case .done:
+            if SpliceEnd.bothEnded(self.client, self.upstream) {
+                self.close()
+                return false
+            }
+            return true
         }
-        return true
-    }
-
-    private func shutWrite(_ side: SpliceSide) {
-        guard !side.shut else { return }
-        side.shut = true
-        _ = shutdown(side.fd, Int32(SHUT_WR))
     }
 
     private func fail(_ code: Int32) {
@@ -439,14 +389,7 @@ final class SpliceConnection {
     // MARK: closing
 
     /// True when the connection has been quiet for `timeout` (compared at sweeps, see `SpliceLoop`).
-    func checkIdle(now: UInt64, timeout: UInt64) -> Bool {
-        if self.activity != self.sweptActivity {
-            self.sweptActivity = self.activity
-            self.quietSince = now
-            return false
-        }
-        return now &- self.quietSince >= timeout
-    }
+    func checkIdle(now: UInt64, timeout: UInt64) -> Bool { self.idle.isIdle(now: now, timeout: timeout) }
 
     /// Closes both sockets and settles the counters. Idempotent.
     func close() {

@@ -10,12 +10,9 @@ import Glibc
 import Musl
 #endif
 
-/// Something registered with a splice loop's epoll set. Its epoll token is the object's address, so an event
-/// costs no look-up.
-class SplicePollable {
-    /// Called on the loop's thread with the epoll events.
-    func ready(_ events: UInt32) {}
-}
+/// Something registered with a splice loop's epoll set (`MeshNIO.EpollPollable`: its epoll token is the
+/// object's address, so an event costs no look-up).
+typealias SplicePollable = EpollPollable
 
 /// A listening socket watched by a splice loop, which the loop can pause (out of descriptors) and resume.
 protocol SpliceListeningSocket: SplicePollable {
