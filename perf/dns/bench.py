@@ -2,19 +2,24 @@
 """DNS responder benchmark: ours (dns-bench-server, release) vs unbound vs dnsmasq.
 
 Every server serves the same 1,000 A records (svc<i>.bench.svc.cluster.local -> 10.96.<i/256>.<i%256>),
-is pinned to CPU 1, and dnsperf runs on CPU 0 (PERF-NOTES: fair-run method). For each server:
-  - max: dnsperf closed loop (-c 4 -T 1 -q 100) for --duration seconds: queries/s, avg latency,
-    server CPU-microseconds per query (from /proc/PID/stat);
+is pinned to CPU 1, and the load generators run on CPU 0 (PERF-NOTES: fair-run method). For each server:
+  - max: closed loop for --duration seconds with `mesh-proxy-bench dns-load` (4 sockets, 256 queries in
+    flight, answers taken and next queries sent 64 at a time with recvmmsg/sendmmsg): queries/s, avg latency,
+    server CPU-microseconds per query (from /proc/PID/stat), the server's cores (1.0: it was the limit);
+  - max (dnsperf): the same with dnsperf (-c 4 -T 1 -q 100). One dnsperf thread saturates CPU 0 near 300k
+    queries/s while our responder still has CPU left, so this figure is the generator's limit as much as the
+    server's; it is kept beside the other for comparison (perf/dns/RESULTS.md);
   - rate: dnsperf capped at --rate qps (-Q): average latency and CPU-us/query below saturation.
 Other processes' CPU during each run is measured (per-process /proc/PID/stat); a run where they used
 more than --noise cores is repeated (up to --retries times) and the last one is reported with a flag.
 With --reps N the three servers run side by side (idle ones cost nothing) and are measured in turn N times;
 each figure is the median over the N rounds (a single round swings ~10% between runs on this VM).
+Without the generator (--generator missing), 'max' is dnsperf's.
 
   perf/dns/bench.py [--duration 10] [--rate 20000] [--names 1000] [--reps 3] [--skip-build]
 Needs: scripts/bootstrap --perf (unbound, dnsperf), dnsmasq, taskset.
 """
-import argparse, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -103,6 +108,21 @@ def dnsperf(port, qfile, duration, rate=None, pin=True):
     }
 
 
+def dnsload(generator, port, qfile, duration, pin=True):
+    """Closed loop with the batched generator (mesh-proxy-bench dns-load); dnsperf's keys."""
+    cmd = (["taskset", "-c", "0"] if pin else []) + [generator, "dns-load", "--target", f"127.0.0.1:{port}",
+                                                    "--queries", qfile, "--duration", str(duration),
+                                                    "--warmup", "0.5", "--sockets", "4", "--outstanding", "256"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    try:
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SystemExit(f"dns-load failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return {"completed": float(r["completed"]), "lost": float(r["lost"]), "qps": float(r["qps"]),
+            "avg_ms": float(r["avg_ms"]), "stddev_ms": float("nan"),
+            "noerror": r["completed"] > 0 and r["noerror"] == r["completed"], "raw": proc.stdout}
+
+
 QUIET_TRIES = [10]
 
 
@@ -117,16 +137,20 @@ def quiet_wait(limit_core, seconds=3, tries=None):
     return used
 
 
-def measure(server, port, qfile, duration, rate, noise, retries, quiet_seconds=3, pin=True):
+def measure(server, port, qfile, duration, rate, noise, retries, quiet_seconds=3, pin=True, generator=None):
     results = {}
-    for phase, r in (("max", None), ("rate", rate)):
+    phases = [("max", None, "dns-load"), ("max_dnsperf", None, "dnsperf")] if generator else [("max", None, "dnsperf")]
+    for phase, r, tool in phases + [("rate", rate, "dnsperf")]:
         for attempt in range(retries + 1):
             if quiet_seconds > 0:
                 quiet_wait(noise, quiet_seconds)
             before_all = all_cpu()
             s0 = cpu_seconds(server.pid)
             t0 = time.time()
-            res = dnsperf(port, qfile, duration, r, pin)
+            if tool == "dns-load":
+                res = dnsload(generator, port, qfile, duration, pin)
+            else:
+                res = dnsperf(port, qfile, duration, r, pin)
             wall = time.time() - t0
             s1 = cpu_seconds(server.pid)
             after_all = all_cpu()
@@ -163,7 +187,7 @@ def combine(runs):
 
 
 def benchmark(ours_bin, duration=10, rate=20000, names_count=1000, noise=0.05, retries=2, quiet_seconds=3,
-              pin=True, log=sys.stderr, quiet_timeout=30, reps=1):
+              pin=True, log=sys.stderr, quiet_timeout=30, reps=1, generator=None):
     """Runs the three servers side by side and measures them in turn, `reps` rounds (medians); returns
     {"servers": {name: {"max": .., "rate": .., "rss_mb": ..}}, ...}."""
     QUIET_TRIES[0] = max(1, int(quiet_timeout / quiet_seconds)) if quiet_seconds > 0 else 1
@@ -232,14 +256,16 @@ def benchmark(ours_bin, duration=10, rate=20000, names_count=1000, noise=0.05, r
         rounds = {name: [] for name, _, _ in running}
         for round_ in range(max(1, reps)):
             for name, port, proc in running:
-                r = measure(proc, port, qfile, duration, rate, noise, retries, quiet_seconds, pin)
-                print(f"dns: {name} round {round_ + 1}/{max(1, reps)}: {r['max']['qps']:.0f} qps max, "
-                      f"{r['max']['cpu_us_per_query']:.2f} CPU-us/query", file=log)
+                r = measure(proc, port, qfile, duration, rate, noise, retries, quiet_seconds, pin, generator)
+                print(f"dns: {name} round {round_ + 1}/{max(1, reps)}: {r['max']['qps']:.0f} qps max "
+                      f"({r['max']['server_cores']:.2f} cores), {r['max']['cpu_us_per_query']:.2f} CPU-us/query"
+                      + (f"; dnsperf {r['max_dnsperf']['qps']:.0f} qps ({r['max_dnsperf']['server_cores']:.2f} cores)"
+                         if "max_dnsperf" in r else ""), file=log)
                 rounds[name].append(r)
         for name, port, proc in running:
             runs = rounds[name]
-            results[name] = {"max": combine([r["max"] for r in runs]), "rate": combine([r["rate"] for r in runs]),
-                             "rss_mb": rss_mb(proc.pid)}
+            results[name] = {phase: combine([r[phase] for r in runs]) for phase in runs[0]}
+            results[name]["rss_mb"] = rss_mb(proc.pid)
     finally:
         for _, _, proc in running:
             proc.send_signal(signal.SIGTERM)
@@ -262,7 +288,7 @@ def benchmark(ours_bin, duration=10, rate=20000, names_count=1000, noise=0.05, r
             if isinstance(phase, dict):
                 phase.pop("raw", None)
     return {"names": names_count, "duration": duration, "rate": rate, "reps": max(1, reps), "versions": versions,
-            "servers": results}
+            "generator": "mesh-proxy-bench dns-load" if generator else "dnsperf", "servers": results}
 
 
 def rss_mb(pid):
@@ -280,8 +306,9 @@ def report(res, out=sys.stdout):
     """Prints the table and the ratios of a benchmark() result."""
     results, rate = res["servers"], res["rate"]
     v = res["versions"]
-    print(f"DNS perf: {res['names']} A names, server on CPU 1, dnsperf -c 4 -T 1 -q 100 on CPU 0, "
-          f"{res['duration']} s per phase; unbound {v.get('unbound')}, dnsmasq {v.get('dnsmasq')}", file=out)
+    print(f"DNS perf: {res['names']} A names, server on CPU 1, max by {res.get('generator', 'dnsperf')} on CPU 0, "
+          f"dnsperf -c 4 -T 1 -q 100 for the capped rate, {res['duration']} s per phase; "
+          f"unbound {v.get('unbound')}, dnsmasq {v.get('dnsmasq')}", file=out)
     hdr = f"{'server':8} {'max qps':>10} {'avg ms':>8} {'CPU-us/q':>9} {'srv cores':>9} {'lost':>6} | " \
           f"{'@' + str(rate) + ' qps avg ms':>18} {'sd ms':>7} {'CPU-us/q':>9} | {'RSS MB':>6} {'others':>6}"
     print(hdr, file=out)
@@ -313,7 +340,10 @@ def ratio_lines(res):
                     f"ours/{peer}: max qps x{ratio(o['max']['qps'], p['max']['qps'])}, "
                     f"CPU-us/query at max x{ratio(o['max']['cpu_us_per_query'], p['max']['cpu_us_per_query'])}, "
                     f"avg latency at {rate} qps x{ratio(o['rate']['avg_ms'], p['rate']['avg_ms'])}, "
-                    f"CPU-us/query at {rate} qps x{ratio(o['rate']['cpu_us_per_query'], p['rate']['cpu_us_per_query'])}")
+                    f"CPU-us/query at {rate} qps x{ratio(o['rate']['cpu_us_per_query'], p['rate']['cpu_us_per_query'])}"
+                    + (f"; dnsperf's max qps x{ratio(o['max_dnsperf']['qps'], p['max_dnsperf']['qps'])} "
+                       f"(server cores {o['max_dnsperf']['server_cores']:.2f} vs {p['max_dnsperf']['server_cores']:.2f})"
+                       if "max_dnsperf" in o and "max_dnsperf" in p else ""))
     return lines
 
 
@@ -340,10 +370,13 @@ def main():
             subprocess.run([os.path.join(ROOT, "scripts", "bootstrap"), "--perf"], check=True)
             break
     if not args.skip_build:
-        subprocess.run(["swift", "build", "-c", "release", "--product", "dns-bench-server"], cwd=ROOT, check=True,
+        subprocess.run([os.path.join(ROOT, "perf", "build"), "dns-bench-server", "mesh-proxy-bench"], check=True,
                        stdout=sys.stderr)
-    ours_bin = os.path.join(ROOT, ".build", "release", "dns-bench-server")
-    res = benchmark(ours_bin, args.duration, args.rate, args.names, args.noise, args.retries, reps=args.reps)
+    bins = os.path.join(ROOT, "perf", ".build", "release")
+    ours_bin = os.path.join(bins, "dns-bench-server")
+    generator = os.path.join(bins, "mesh-proxy-bench")
+    res = benchmark(ours_bin, args.duration, args.rate, args.names, args.noise, args.retries, reps=args.reps,
+                    generator=generator if os.access(generator, os.X_OK) else None)
     report(res)
 
 

@@ -19,7 +19,7 @@ struct Bench: AsyncParsableCommand {
         abstract: "Proxy benchmarks: run our proxy, backends, a bulk-transfer client and an open-loop latency client.",
         subcommands: [
             ProxyCommand.self, LinkPairCommand.self, BackendCommand.self, BulkCommand.self, LatencyCommand.self,
-            QuietCommand.self,
+            QuietCommand.self, DNSLoadCommand.self,
         ]
     )
 }
