@@ -17,8 +17,8 @@ public struct MuxSession: Sendable {
     /// The channel the session rides on.
     public let channel: any Channel
 
-    /// Adds the frame decoder and the session to `channel`'s pipeline. Call on the channel's event loop
-    /// (in its initializer). Without `inbound`, every stream the peer opens is refused with RST.
+    /// Adds the session to `channel`'s pipeline (it decodes the frames itself). Call on the channel's event
+    /// loop (in its initializer). Without `inbound`, every stream the peer opens is refused with RST.
     public static func install(
         on channel: any Channel,
         configuration: MuxConfiguration,
@@ -26,9 +26,7 @@ public struct MuxSession: Sendable {
         inbound: MuxStreamInitializer?
     ) throws -> MuxSession {
         let handler = MuxSessionHandler(configuration: configuration, logger: logger, inbound: inbound)
-        let ops = channel.pipeline.syncOperations
-        try ops.addHandler(ByteToMessageHandler(YamuxFrameDecoder(maxPayload: Int(configuration.receiveWindow))))
-        try ops.addHandler(handler)
+        try channel.pipeline.syncOperations.addHandler(handler)
         return MuxSession(handler: NIOLoopBound(handler, eventLoop: channel.eventLoop), channel: channel)
     }
 
@@ -66,10 +64,14 @@ public struct MuxSession: Sendable {
     }
 }
 
-/// The session's state machine on its channel's event loop: decodes nothing itself (a `YamuxFrameDecoder`
-/// sits in front), routes frames to streams, enforces the windows and limits, sends frames.
+/// The session's state machine on its channel's event loop: decodes the frames (`YamuxFrame.decode`, the
+/// pure codec), routes them to streams, enforces the windows and limits, sends frames.
+///
+/// It decodes the channel's bytes itself rather than behind a `ByteToMessageHandler(YamuxFrameDecoder)`:
+/// that handler passed every frame on as an `NIOAny` (a heap box for the enum and a dynamic cast out of it)
+/// through one more pipeline step, per frame, on the link's hot path (perf/links/README.md).
 public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHandler {
-    public typealias InboundIn = YamuxFrame
+    public typealias InboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
 
     let configuration: MuxConfiguration
@@ -93,6 +95,10 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
     /// of them that had one (the others cascade from it).
     private var outgoing: ByteBuffer?
     private var outgoingPromise: EventLoopPromise<Void>?
+    /// The start of a frame whose rest has not arrived yet.
+    private var partial: ByteBuffer?
+    /// The longest Data payload accepted: the receive window (a longer frame would overrun it anyway).
+    private let maxPayload: Int
     private(set) var stats = MuxStats()
 
     init(configuration: MuxConfiguration, logger: Logger, inbound: MuxStreamInitializer?) {
@@ -102,6 +108,7 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
         self.logger = logger
         self.inbound = inbound
         self.nextStreamID = configuration.role == .client ? 1 : 2
+        self.maxPayload = Int(configuration.receiveWindow)
     }
 
     // MARK: Channel events
@@ -112,6 +119,7 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     public func handlerRemoved(context: ChannelHandlerContext) {
+        self.partial = nil
         self.shutDown(.sessionClosed)
         self.outgoing = nil
         self.outgoingPromise?.fail(MuxError.sessionClosed)
@@ -120,19 +128,28 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
+        if let partial = self.partial, partial.readableBytes > 0, !self.closed {
+            // The frame will never complete.
+            self.partial = nil
+            self.malformed(MeshWireError.truncated("a yamux frame (\(partial.readableBytes) bytes left)"))
+        }
         self.shutDown(.sessionClosed)
         context.fireChannelInactive()
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if error is MeshWireError {
-            self.logger.warning("mux: malformed frame from \(self.peerName): \(error)")
-            self.cutOff(.malformedFrame)
+        if let error = error as? MeshWireError {
+            self.malformed(error)
         } else {
             self.logger.debug("mux: session error from \(self.peerName): \(error)")
             self.shutDown(.sessionClosed)
             context.close(promise: nil)
         }
+    }
+
+    private func malformed(_ error: MeshWireError) {
+        self.logger.warning("mux: malformed frame from \(self.peerName): \(error)")
+        self.cutOff(.malformedFrame)
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -148,9 +165,24 @@ public final class MuxSessionHandler: ChannelInboundHandler, RemovableChannelHan
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !self.closed else { return }
+        var bytes = self.unwrapInboundIn(data)
+        if var partial = self.partial {
+            self.partial = nil
+            partial.writeBuffer(&bytes)
+            bytes = partial
+        }
         self.inRead = true
-        self.handle(self.unwrapInboundIn(data))
-        self.inRead = false
+        defer { self.inRead = false }
+        do throws(MeshWireError) {
+            while !self.closed, let frame = try YamuxFrame.decode(from: &bytes, maxPayload: self.maxPayload) {
+                self.handle(frame)
+            }
+        } catch {
+            // Nothing after a malformed header is read: the peer is cut off.
+            self.malformed(error)
+            return
+        }
+        if bytes.readableBytes > 0, !self.closed { self.partial = bytes }
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {

@@ -82,6 +82,39 @@ import Testing
         #expect(channel.isActive)
     }
 
+    @Test("frames cut anywhere (here one byte per read) are put together: the same streams, bytes and events")
+    func framesSplitByteByByte() throws {
+        let accepted = AcceptedStreams()
+        let (channel, _) = try EmbeddedChannel.muxSession(.server, inbound: accepted.initializer)
+        var all = YamuxFrame.windowUpdate(stream: 1, flags: .syn, delta: 0).bytes
+        all.writeImmutableBuffer(YamuxFrame.data(stream: 1, flags: [], payload: ByteBuffer(string: "hello")).bytes)
+        all.writeImmutableBuffer(YamuxFrame.ping(ack: false, opaque: 9).bytes)
+        all.writeImmutableBuffer(YamuxFrame.data(stream: 1, flags: .fin, payload: ByteBuffer(string: "!")).bytes)
+        while let byte = all.readSlice(length: 1) { try channel.writeInbound(byte) }
+        #expect(
+            try channel.outboundFrames() == [
+                .windowUpdate(stream: 1, flags: .ack, delta: 0), .ping(ack: true, opaque: 9),
+            ]
+        )
+        #expect(accepted.logs.count == 1)
+        #expect(accepted.logs[0].bytes == ByteBuffer(string: "hello!"))
+        #expect(accepted.logs[0].events == ["active", "inputClosed"])
+        #expect(channel.isActive)
+    }
+
+    @Test("a frame that the connection's end cuts short is a malformed frame: counted, streams failed")
+    func truncatedAtTheEnd() throws {
+        let accepted = AcceptedStreams()
+        let (channel, session) = try EmbeddedChannel.muxSession(.server, inbound: accepted.initializer)
+        try channel.send(.windowUpdate(stream: 1, flags: .syn, delta: 0))
+        let frame = YamuxFrame.data(stream: 1, flags: [], payload: ByteBuffer(string: "cut short")).bytes
+        try channel.writeInbound(frame.getSlice(at: 0, length: 15)!)
+        #expect(accepted.logs[0].bytes.readableBytes == 0)
+        channel.pipeline.fireChannelInactive()
+        #expect(try session.stats().wait().protocolErrors == [.malformedFrame: 1])
+        #expect(accepted.logs[0].errors.first as? MuxError == .protocolViolation(.malformedFrame))
+    }
+
     @Test("SYN with Data at once (no window update first) opens the stream too")
     func synWithData() throws {
         let accepted = AcceptedStreams()
