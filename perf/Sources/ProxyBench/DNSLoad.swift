@@ -18,7 +18,6 @@ struct DNSLoadCommand: ParsableCommand {
         abstract: "Closed-loop DNS queries over UDP (batched), as fast as the server answers; prints one JSON line."
     )
 
-    static let maxDuration = 600.0
     static let batch = 64
 
     @Option(help: "Server host:port (IPv4).") var target: HostPort
@@ -30,9 +29,7 @@ struct DNSLoadCommand: ParsableCommand {
     @Option(help: "Seconds after which an unanswered query is lost.") var timeout = 1.0
 
     func validate() throws {
-        guard self.duration > 0, self.warmup >= 0, self.warmup + self.duration <= Self.maxDuration else {
-            throw ValidationError("duration must be > 0 and warmup + duration at most \(Self.maxDuration) s")
-        }
+        try validateLoadWindow(duration: self.duration, warmup: self.warmup)
         guard (1...64).contains(self.sockets) else { throw ValidationError("--sockets: 1 to 64") }
         guard self.outstanding >= self.sockets, self.outstanding / self.sockets <= 1024 else {
             throw ValidationError("--outstanding: at least one and at most 1,024 per socket")
@@ -80,7 +77,9 @@ struct DNSLoadCommand: ParsableCommand {
             }
             if at &- lastSweep >= 10_000_000 {
                 lastSweep = at
-                for flow in flows { flow.sweep(olderThan: timeoutNanos, templates: templates, next: &next, now: at, tally: &tally) }
+                for flow in flows {
+                    flow.sweep(olderThan: timeoutNanos, templates: templates, next: &next, now: at, tally: &tally)
+                }
             }
         }
         let seconds = Double(Self.now() &- measureFrom) / 1e9
@@ -195,7 +194,8 @@ struct DNSLoadCommand: ParsableCommand {
                     let length = Int(self.inMsgs[i].msg_len)
                     guard length >= 12 else { continue }
                     let bytes = self.inBuffers + i * 512
-                    let id = Int(bytes.load(fromByteOffset: 0, as: UInt8.self)) << 8
+                    let id =
+                        Int(bytes.load(fromByteOffset: 0, as: UInt8.self)) << 8
                         | Int(bytes.load(fromByteOffset: 1, as: UInt8.self))
                     let slot = id & 0x3ff
                     guard slot < self.window, UInt16(id >> 10) == self.generation[slot], self.sentAt[slot] != 0

@@ -16,7 +16,7 @@ import Glibc
 ///
 /// The generator is one thread busy-polling non-blocking sockets (poll(2) with a zero timeout): kernel timer
 /// wake-ups in this VM land ~0.6 ms late, which would swamp the tens of microseconds being measured. Pin it
-/// to its own CPU. Bounded: at most `maxDuration` seconds of load, `maxRate` requests per second and
+/// to its own CPU. Bounded: at most `maxLoadSeconds` seconds of load, `maxRate` requests per second and
 /// `maxConnections` connections, and it gives up 10 s after the last request was due.
 struct LatencyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -24,7 +24,6 @@ struct LatencyCommand: ParsableCommand {
         abstract: "Load at a fixed rate (open loop) or as fast as the target goes (--rate 0, closed loop)."
     )
 
-    static let maxDuration = 600.0
     static let maxRate = 1_000_000
     static let maxConnections = 1024
 
@@ -57,9 +56,7 @@ struct LatencyCommand: ParsableCommand {
     @Option(help: "Also write the results (with the percentile curve) as JSON to this file.") var json: String?
 
     func validate() throws {
-        guard self.duration > 0, self.warmup >= 0, self.warmup + self.duration <= Self.maxDuration else {
-            throw ValidationError("duration must be > 0 and warmup + duration at most \(Self.maxDuration) s")
-        }
+        try validateLoadWindow(duration: self.duration, warmup: self.warmup)
         guard (0...Self.maxRate).contains(self.rate) else { throw ValidationError("rate must be 0-\(Self.maxRate)") }
         guard (1...Self.maxConnections).contains(self.connections) else {
             throw ValidationError("connections must be 1-\(Self.maxConnections)")

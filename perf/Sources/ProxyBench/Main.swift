@@ -24,6 +24,16 @@ struct Bench: AsyncParsableCommand {
     )
 }
 
+/// The longest load (warm-up and measurement) a generator runs: every load loop is bounded.
+let maxLoadSeconds = 600.0
+
+/// Checks a generator's `--duration` and `--warmup` against `maxLoadSeconds`.
+func validateLoadWindow(duration: Double, warmup: Double) throws {
+    guard duration > 0, warmup >= 0, warmup + duration <= maxLoadSeconds else {
+        throw ValidationError("duration must be > 0 and warmup + duration at most \(maxLoadSeconds) s")
+    }
+}
+
 /// `host:port` with IPv6 in brackets.
 struct HostPort: ExpressibleByArgument, CustomStringConvertible {
     var host: String
