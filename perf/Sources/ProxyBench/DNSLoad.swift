@@ -136,13 +136,32 @@ struct DNSLoadCommand: ParsableCommand {
         let window: Int
         private var sentAt: [UInt64]
         private var generation: [UInt16]
-        private let out = UnsafeMutableRawPointer.allocate(byteCount: DNSLoadCommand.batch * 512, alignment: 16)
-        private let inBuffers = UnsafeMutableRawPointer.allocate(byteCount: DNSLoadCommand.batch * 512, alignment: 16)
-        private var outMsgs = [mesh_mmsghdr](repeating: mesh_mmsghdr(), count: DNSLoadCommand.batch)
-        private var outVecs = [iovec](repeating: iovec(), count: DNSLoadCommand.batch)
-        private var inMsgs = [mesh_mmsghdr](repeating: mesh_mmsghdr(), count: DNSLoadCommand.batch)
-        private var inVecs = [iovec](repeating: iovec(), count: DNSLoadCommand.batch)
+        /// `batch` messages of up to 512 bytes each way, and their headers: set up once, so a `sendmmsg` or
+        /// `recvmmsg` of a batch only sets the lengths of what it sends.
+        private let out = Batch()
+        private let received = Batch()
         private var queued: [Int] = []
+
+        final class Batch {
+            let bytes = UnsafeMutableRawPointer.allocate(byteCount: DNSLoadCommand.batch * 512, alignment: 16)
+            let vecs = UnsafeMutablePointer<iovec>.allocate(capacity: DNSLoadCommand.batch)
+            let msgs = UnsafeMutablePointer<mesh_mmsghdr>.allocate(capacity: DNSLoadCommand.batch)
+
+            init() {
+                for i in 0..<DNSLoadCommand.batch {
+                    self.vecs[i] = iovec(iov_base: self.bytes + i * 512, iov_len: 512)
+                    self.msgs[i] = mesh_mmsghdr()
+                    self.msgs[i].msg_hdr.msg_iov = self.vecs + i
+                    self.msgs[i].msg_hdr.msg_iovlen = 1
+                }
+            }
+
+            deinit {
+                self.bytes.deallocate()
+                self.vecs.deallocate()
+                self.msgs.deallocate()
+            }
+        }
 
         init(to address: sockaddr_in, window: Int) throws {
             let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
@@ -164,14 +183,6 @@ struct DNSLoadCommand: ParsableCommand {
             self.window = window
             self.sentAt = [UInt64](repeating: 0, count: window)
             self.generation = [UInt16](repeating: 0, count: window)
-            for i in 0..<DNSLoadCommand.batch {
-                self.inVecs[i] = iovec(iov_base: self.inBuffers + i * 512, iov_len: 512)
-            }
-        }
-
-        deinit {
-            self.out.deallocate()
-            self.inBuffers.deallocate()
         }
 
         func fill(templates: [[UInt8]], next: inout Int, now: UInt64) {
@@ -181,19 +192,17 @@ struct DNSLoadCommand: ParsableCommand {
 
         func receive(templates: [[UInt8]], next: inout Int, now: UInt64, tally: inout Tally) {
             while true {
-                let count = self.inVecs.withUnsafeMutableBufferPointer { vecs -> Int32 in
-                    for i in 0..<DNSLoadCommand.batch {
-                        self.inMsgs[i] = mesh_mmsghdr()
-                        self.inMsgs[i].msg_hdr.msg_iov = vecs.baseAddress! + i
-                        self.inMsgs[i].msg_hdr.msg_iovlen = 1
-                    }
-                    return mesh_recvmmsg(self.fd, &self.inMsgs, UInt32(DNSLoadCommand.batch), Int32(MSG_DONTWAIT))
-                }
+                let count = mesh_recvmmsg(
+                    self.fd,
+                    self.received.msgs,
+                    UInt32(DNSLoadCommand.batch),
+                    Int32(MSG_DONTWAIT)
+                )
                 guard count > 0 else { break }
                 for i in 0..<Int(count) {
-                    let length = Int(self.inMsgs[i].msg_len)
+                    let length = Int(self.received.msgs[i].msg_len)
                     guard length >= 12 else { continue }
-                    let bytes = self.inBuffers + i * 512
+                    let bytes = self.received.bytes + i * 512
                     let id =
                         Int(bytes.load(fromByteOffset: 0, as: UInt8.self)) << 8
                         | Int(bytes.load(fromByteOffset: 1, as: UInt8.self))
@@ -232,24 +241,19 @@ struct DNSLoadCommand: ParsableCommand {
                     let id = UInt16(slot) | (self.generation[slot] << 10)
                     let template = templates[next]
                     next = next + 1 == templates.count ? 0 : next + 1
-                    let at = self.out + i * 512
+                    let at = self.out.bytes + i * 512
                     template.withUnsafeBytes { at.copyMemory(from: $0.baseAddress!, byteCount: min($0.count, 512)) }
                     at.storeBytes(of: UInt8(id >> 8), toByteOffset: 0, as: UInt8.self)
                     at.storeBytes(of: UInt8(id & 0xff), toByteOffset: 1, as: UInt8.self)
-                    self.outVecs[i] = iovec(iov_base: at, iov_len: min(template.count, 512))
+                    self.out.vecs[i].iov_len = min(template.count, 512)
                     self.sentAt[slot] = now
                 }
-                let sent = self.outVecs.withUnsafeMutableBufferPointer { vecs -> Int32 in
-                    for i in 0..<take {
-                        self.outMsgs[i] = mesh_mmsghdr()
-                        self.outMsgs[i].msg_hdr.msg_iov = vecs.baseAddress! + i
-                        self.outMsgs[i].msg_hdr.msg_iovlen = 1
-                    }
-                    return mesh_sendmmsg(self.fd, &self.outMsgs, UInt32(take), 0)
-                }
-                // Not sent (the socket's buffer is full): those slots wait for the sweep to count them lost.
-                self.queued.removeFirst(take)
-                if sent < Int32(take) { break }
+                let sent = Int(max(mesh_sendmmsg(self.fd, self.out.msgs, UInt32(take), 0), 0))
+                // Not sent (the socket's buffer is full): those slots stay queued, not in flight, for the next
+                // flush (the next answers or the next sweep), so they are neither waited for nor counted lost.
+                for i in sent..<take { self.sentAt[self.queued[i]] = 0 }
+                self.queued.removeFirst(sent)
+                if sent < take { break }
             }
         }
     }
