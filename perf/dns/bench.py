@@ -14,7 +14,7 @@ Other processes' CPU during each run is measured (per-process /proc/PID/stat); a
 more than --noise cores is repeated (up to --retries times) and the last one is reported with a flag.
 With --reps N the three servers run side by side (idle ones cost nothing) and are measured in turn N times;
 each figure is the median over the N rounds (a single round swings ~10% between runs on this VM).
-Without the generator (--generator missing), 'max' is dnsperf's.
+Without the generator (mesh-proxy-bench not built: benchmark(generator=None)), 'max' is dnsperf's.
 
   perf/dns/bench.py [--duration 10] [--rate 20000] [--names 1000] [--reps 3] [--skip-build]
 Needs: scripts/bootstrap --perf (unbound, dnsperf), dnsmasq, taskset.
