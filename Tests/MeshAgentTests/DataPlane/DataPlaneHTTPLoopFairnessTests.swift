@@ -114,7 +114,7 @@ struct DataPlaneHTTPLoopFairnessTests {
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         guard SpliceSocket.withSockAddr(address, { connect(fd, $0, $1) }) == 0 else {
-            throw SpliceLoop.Failure.system("connect", errno)
+            throw SpliceLoop.Failure("connect", errno)
         }
         let head =
             direction == .upload
@@ -130,7 +130,7 @@ struct DataPlaneHTTPLoopFairnessTests {
                 try Self.sendAll(fd, buffer[0..<n])
             } else {
                 n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
-                if n < 0 { throw SpliceLoop.Failure.system("recv", errno) }
+                if n < 0 { throw SpliceLoop.Failure("recv", errno) }
                 if n == 0 { break }
             }
             moved += n
@@ -147,7 +147,7 @@ struct DataPlaneHTTPLoopFairnessTests {
         let bound = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
         guard SpliceSocket.withSockAddr(bound, { bind(listener, $0, $1) }) == 0, listen(listener, 4) == 0 else {
             close(listener)
-            throw SpliceLoop.Failure.system("bind", errno)
+            throw SpliceLoop.Failure("bind", errno)
         }
         var address = sockaddr_in()
         var length = socklen_t(MemoryLayout<sockaddr_in>.size)
@@ -192,7 +192,7 @@ struct DataPlaneHTTPLoopFairnessTests {
             let sent = array.withUnsafeBytes {
                 send(fd, $0.baseAddress! + done, array.count - done, Int32(MSG_NOSIGNAL))
             }
-            if sent < 0 { throw SpliceLoop.Failure.system("send", errno) }
+            if sent < 0 { throw SpliceLoop.Failure("send", errno) }
             done += sent
         }
     }

@@ -29,7 +29,7 @@ private struct BlockingClient {
         if rc != 0 {
             let code = errno
             Glibc.close(fd)
-            throw SpliceLoop.Failure.system("connect", code)
+            throw SpliceLoop.Failure("connect", code)
         }
         return BlockingClient(fd: fd)
     }
@@ -46,7 +46,7 @@ private struct BlockingClient {
             var done = 0
             while done < n {
                 let sent = buffer.withUnsafeBytes { Glibc.send(self.fd, $0.baseAddress! + done, n - done, 0) }
-                if sent < 0 { throw SpliceLoop.Failure.system("send", errno) }
+                if sent < 0 { throw SpliceLoop.Failure("send", errno) }
                 done += sent
             }
             offset += n
@@ -60,7 +60,7 @@ private struct BlockingClient {
         var intact = true
         while true {
             let n = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress!, $0.count, 0) }
-            if n < 0 { throw SpliceLoop.Failure.system("recv", errno) }
+            if n < 0 { throw SpliceLoop.Failure("recv", errno) }
             if n == 0 { return (total, intact) }
             for i in 0..<n where buffer[i] != Self.pattern(total + i, seed: seed) { intact = false }
             total += n

@@ -71,7 +71,7 @@ extension HTTPLoopClient {
                     &pair
                 ) == 0
             else {
-                throw SpliceLoop.Failure.system("socketpair", errno)
+                throw SpliceLoop.Failure("socketpair", errno)
             }
             let connection = HTTPLoopUpstream(state: self.state, backend: pick.id, fd: pair[0], connected: true)
             self.loop.counters.upstreamChannels.add(1, ordering: .relaxed)

@@ -72,7 +72,7 @@ final class HTTPLoopUpstream: SplicePollable {
     func flush() {
         guard self.connected, !self.closed, !self.out.isEmpty else { return }
         if case .failed(let code) = self.out.flush(self.fd) {
-            self.lastError = SpliceLoop.Failure.system("send", code)
+            self.lastError = SpliceLoop.Failure("send", code)
             self.close()
         }
     }
@@ -141,7 +141,7 @@ final class HTTPLoopUpstream: SplicePollable {
                     if code == EAGAIN || code == EWOULDBLOCK {
                         self.readable = false
                     } else if code != EINTR {
-                        self.lastError = SpliceLoop.Failure.system("recv", code)
+                        self.lastError = SpliceLoop.Failure("recv", code)
                         self.close()
                     }
                 }

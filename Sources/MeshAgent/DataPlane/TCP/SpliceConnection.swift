@@ -262,7 +262,7 @@ final class SpliceConnection {
 
     func connectTimedOut() {
         guard self.state == .connecting, self.upstream.fd >= 0 else { return }
-        self.connectFailed(SpliceLoop.Failure.system("connect", ETIMEDOUT))
+        self.connectFailed(SpliceLoop.Failure("connect", ETIMEDOUT))
     }
 
     private func connected() {
@@ -301,7 +301,7 @@ final class SpliceConnection {
             let rc = getsockopt(side.fd, SOL_SOCKET, SO_ERROR, &code, &length)
             if rc != 0 { code = errno }
             if code != 0 {
-                self.connectFailed(SpliceLoop.Failure.system("connect", code))
+                self.connectFailed(SpliceLoop.Failure("connect", code))
                 return
             }
             side.note(events)

@@ -205,7 +205,7 @@ final class SpliceListener: Sendable {
     private static func onLoop(_ loop: SpliceLoop, _ body: @escaping @Sendable () throws -> Void) async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let queued = loop.execute { continuation.resume(with: Result { try body() }) }
-            if !queued { continuation.resume(throwing: SpliceLoop.Failure.system("splice loop stopped", ESHUTDOWN)) }
+            if !queued { continuation.resume(throwing: SpliceLoop.Failure("splice loop stopped", ESHUTDOWN)) }
         }
     }
 }
@@ -324,10 +324,10 @@ enum SpliceSocket {
         switch address {
         case .v4: family = AF_INET
         case .v6: family = AF_INET6
-        case .unixDomainSocket: throw SpliceLoop.Failure.system("\(what) a unix socket", EAFNOSUPPORT)
+        case .unixDomainSocket: throw SpliceLoop.Failure("\(what) a unix socket", EAFNOSUPPORT)
         }
         let fd = socket(family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SpliceLoop.Failure.system("socket", errno) }
+        guard fd >= 0 else { throw SpliceLoop.Failure("socket", errno) }
         var one: Int32 = 1
         _ = setsockopt(fd, option.0, option.1, &one, socklen_t(MemoryLayout<Int32>.size))
         return fd
@@ -339,12 +339,12 @@ enum SpliceSocket {
         guard rc == 0 else {
             let code = errno
             Glibc.close(fd)
-            throw SpliceLoop.Failure.system("bind \(address)", code)
+            throw SpliceLoop.Failure("bind \(address)", code)
         }
         guard Glibc.listen(fd, Int32(clamping: backlog)) == 0 else {
             let code = errno
             Glibc.close(fd)
-            throw SpliceLoop.Failure.system("listen \(address)", code)
+            throw SpliceLoop.Failure("listen \(address)", code)
         }
         return fd
     }
@@ -357,7 +357,7 @@ enum SpliceSocket {
             let code = errno
             guard code == EINPROGRESS || code == EINTR else {
                 Glibc.close(fd)
-                throw SpliceLoop.Failure.system("connect \(address)", code)
+                throw SpliceLoop.Failure("connect \(address)", code)
             }
         }
         return fd

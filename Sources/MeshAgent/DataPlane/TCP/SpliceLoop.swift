@@ -29,15 +29,8 @@ protocol SpliceListeningSocket: SplicePollable {
 /// Thread model: everything but `execute(_:)` and `stop()` runs on the loop's own thread. Other threads hand
 /// work over with `execute(_:)` (a mutex-protected queue plus an eventfd wake-up).
 final class SpliceLoop: @unchecked Sendable {
-    enum Failure: Error, CustomStringConvertible {
-        case system(String, Int32)
-
-        var description: String {
-            switch self {
-            case .system(let call, let code): return "\(call): \(String(cString: strerror(code))) (errno \(code))"
-            }
-        }
-    }
+    /// A system call that failed: its name and errno (the epoll core's error, one type for both).
+    typealias Failure = EpollCore.Failure
 
     let configuration: DataPlaneConfiguration
     let counters: DataPlaneCounters
@@ -83,11 +76,7 @@ final class SpliceLoop: @unchecked Sendable {
         self.configuration = configuration
         self.counters = counters
         self.logger = logger
-        do {
-            self.core = try EpollCore()
-        } catch {
-            throw Failure.system(error.call, error.code)
-        }
+        self.core = try EpollCore()
         self.scratch = .allocate(byteCount: 64 * 1024, alignment: 16)
         let timeout = UInt64(max(configuration.tcpIdleTimeout.nanoseconds, 1_000_000))
         self.sweepInterval = max(timeout / 8, 1_000_000)
@@ -179,11 +168,7 @@ final class SpliceLoop: @unchecked Sendable {
     /// Adds `fd` to the epoll set with `events`; the token is `object`'s address (never 0: that is the wake-up).
     func register(_ fd: Int32, _ object: SplicePollable, events: UInt32) throws {
         let token = UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque()))
-        do {
-            try self.core.register(fd, token: token, events: events)
-        } catch {
-            throw Failure.system(error.call, error.code)
-        }
+        try self.core.register(fd, token: token, events: events)
     }
 
     func deregister(_ fd: Int32) { self.core.deregister(fd) }

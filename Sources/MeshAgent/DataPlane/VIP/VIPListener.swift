@@ -372,7 +372,7 @@ enum VIPSocket {
     static func listen(v6: Bool, backlog: Int) throws -> (fd: Int32, port: Int) {
         let family = v6 ? AF_INET6 : AF_INET
         let fd = socket(family, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SpliceLoop.Failure.system("socket", errno) }
+        guard fd >= 0 else { throw SpliceLoop.Failure("socket", errno) }
         var one: Int32 = 1
         _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         var storage = sockaddr_storage()
@@ -399,7 +399,7 @@ enum VIPSocket {
         guard bound == 0, Glibc.listen(fd, Int32(clamping: backlog)) == 0 else {
             let code = errno
             close(fd)
-            throw SpliceLoop.Failure.system("VIP listener bind/listen", code)
+            throw SpliceLoop.Failure("VIP listener bind/listen", code)
         }
         var actual = sockaddr_storage()
         var actualLength = socklen_t(MemoryLayout<sockaddr_storage>.size)
@@ -445,7 +445,7 @@ extension SpliceLoop {
     static func perform(on loop: SpliceLoop, _ body: @escaping @Sendable () throws -> Void) async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
             let queued = loop.execute { continuation.resume(with: Result { try body() }) }
-            if !queued { continuation.resume(throwing: SpliceLoop.Failure.system("splice loop stopped", ESHUTDOWN)) }
+            if !queued { continuation.resume(throwing: SpliceLoop.Failure("splice loop stopped", ESHUTDOWN)) }
         }
     }
 }
