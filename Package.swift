@@ -208,7 +208,7 @@ let package = Package(
         .target(
             name: "NodeAgent",
             dependencies: nio + [
-                "MeshCore", "MeshClient", "MeshHTTP", "MeshSQLite",
+                "MeshCore", "MeshClient", "MeshHTTP", "MeshNIO", "MeshSQLite",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
@@ -310,7 +310,7 @@ let package = Package(
         .target(
             name: "MeshTestSupport",
             dependencies: [
-                "Control", "MeshClient", "MeshCore", "MeshHTTP", "MeshIdentity",
+                "Control", "MeshClient", "MeshCore", "MeshHTTP", "MeshIdentity", "MeshNIO",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -335,7 +335,7 @@ let package = Package(
         .testTarget(
             name: "MeshNIOTests",
             dependencies: [
-                "MeshNIO",
+                "MeshNIO", "MeshTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -72,3 +72,13 @@ static inline int mesh_affinity_cpu_count(void) {
     for (unsigned i = 0; i < (unsigned long)bytes / sizeof(unsigned long); i++) count += __builtin_popcountl(mask[i]);
     return count;
 }
+
+/* posix_spawn: close every descriptor from `lowfd` up in the child (glibc 2.34+), so a child started by a
+   threaded process inherits only its stdin, stdout and stderr, never a listener or a connection some other
+   thread opened without O_CLOEXEC meanwhile. */
+#include <spawn.h>
+extern int posix_spawn_file_actions_addclosefrom_np(posix_spawn_file_actions_t *actions, int lowfd);
+
+static inline int mesh_spawn_closefrom(posix_spawn_file_actions_t *actions, int lowfd) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, lowfd);
+}

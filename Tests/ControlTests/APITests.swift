@@ -23,7 +23,7 @@ func service(
     )
 }
 
-@Suite struct APITests {
+@Suite(.rationed) struct APITests {
     @Test func crudThroughTheClient() async throws {
         let cp = try await RunningControl()
         let (created, isNew) = try await cp.client.apply(service("web"))

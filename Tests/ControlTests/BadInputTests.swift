@@ -9,7 +9,7 @@ import Testing
 
 /// Every bad request gets a 4xx Status saying what is wrong; the store is unchanged and the server
 /// keeps serving.
-@Suite struct BadInputTests {
+@Suite(.rationed) struct BadInputTests {
     static let servicePath = "/apis/mesh.edge/v1/namespaces/shop/services/web"
 
     /// Sends raw bytes and returns the HTTP status code and the Status message of the answer.

@@ -11,7 +11,7 @@ import Testing
 
 /// Several `mesh-control` replicas over one real etcd: shared liveness, unique VIPs under racing
 /// writers, and watchers that fail over to another replica without relisting.
-@Suite(.serialized) struct ControlReplicaTests {
+@Suite(.serialized, .rationed) struct ControlReplicaTests {
     static func replicas(
         _ n: Int,
         etcd: EtcdCluster,

@@ -68,7 +68,7 @@ final class EtcdCluster: Sendable {
     func kill(member i: Int) {
         if let p = self.processes.withLock({ $0.removeValue(forKey: i) }) {
             p.signal(SIGKILL)
-            _ = p.process.isRunning
+            _ = p.isRunning
         }
     }
 

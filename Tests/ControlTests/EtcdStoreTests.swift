@@ -8,7 +8,7 @@ import Testing
 
 /// What the etcd store adds to the conformance suite: several stores (replicas) over one prefix,
 /// etcd's own compaction, and a cluster losing a member.
-@Suite struct EtcdStoreTests {
+@Suite(.rationed) struct EtcdStoreTests {
     @Test func replicasSeeEachOthersWritesInListsAndWatches() async throws {
         let etcd = try await EtcdCluster.start()
         defer { etcd.stop() }

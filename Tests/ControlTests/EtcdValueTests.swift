@@ -1,8 +1,9 @@
 import Control
+import MeshTestSupport
 import NIOCore
 import Testing
 
-@Suite struct EtcdValueTests {
+@Suite(.rationed) struct EtcdValueTests {
     @Test func encodesLabelsSlotsAndJSONByteForByte() throws {
         let bytes = try EtcdValue.encode(labels: ["app": "web", "a": "b"]) { rv in
             ByteBuffer(string: #"{"metadata":{"resourceVersion":"\#(rv)"},"x":1}"#)

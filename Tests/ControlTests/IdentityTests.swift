@@ -1,9 +1,10 @@
 import MeshCore
 import MeshIdentity
+import MeshTestSupport
 import Testing
 
 /// The identity scheme and what the CA is willing to sign.
-@Suite struct IdentityTests {
+@Suite(.rationed) struct IdentityTests {
     @Test func identityURIsParseOnlyWhenWellFormed() {
         #expect(MeshPrincipal(uri: "mesh://node/edge-a1") == .node("edge-a1"))
         #expect(MeshPrincipal(uri: "mesh://admin/admin") == .admin("admin"))

@@ -13,7 +13,7 @@ import X509
 
 /// Who may join as which node, certificate revocation and renewal, and the server identity every
 /// client requires (issue 11): a real control plane over TLS on loopback, real files.
-@Suite struct JoinSecurityTests {
+@Suite(.rationed) struct JoinSecurityTests {
     static let quiet: Logger = {
         var l = Logger(label: "test")
         l.logLevel = .warning

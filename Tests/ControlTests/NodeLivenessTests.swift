@@ -11,7 +11,7 @@ import Testing
 /// Node heartbeats and liveness in the control plane, over real sockets with real SQLite files:
 /// beats stay in memory, the Node is written (one MODIFIED event) only when its phase changes,
 /// silent nodes turn NotReady after the grace, restarts give every node a grace of its own.
-@Suite struct NodeLivenessTests {
+@Suite(.rationed) struct NodeLivenessTests {
     func node(_ name: String, status: NodeStatus? = nil) -> Node {
         Node(metadata: ObjectMeta(name: name), spec: NodeSpec(site: "a"), status: status)
     }

@@ -12,7 +12,7 @@ import X509
 /// Relays enrol like nodes, but only with a relay token for their name (`meshctl token create
 /// --relay NAME`); the CA signs `mesh://relay/NAME`; the relay writes its own Relay, nodes read
 /// them (issue 13, item 1). A real control plane over TLS on loopback.
-@Suite struct RelayJoinTests {
+@Suite(.rationed) struct RelayJoinTests {
     func joinRelay(
         _ cp: RunningControl,
         _ name: String,

@@ -6,7 +6,7 @@ import MeshTestSupport
 import NIOCore
 import Testing
 
-@Suite struct SQLiteStoreTests {
+@Suite(.rationed) struct SQLiteStoreTests {
     @Test func createReadUpdateDelete() async throws {
         let dir = TempDir()
         let store = try await openStore(dir)

@@ -12,7 +12,7 @@ import Testing
 
 /// The control API over TLS 1.3 with client certificates: authentication, authorisation by the
 /// identity in the certificate, join tokens and the CA's life across restarts. Real sockets, real files.
-@Suite struct SecurityTests {
+@Suite(.rationed) struct SecurityTests {
     func node(_ name: String) -> Node {
         Node(metadata: ObjectMeta(name: name), spec: NodeSpec(site: "a"))
     }

@@ -1,8 +1,9 @@
 import Control
 import MeshCore
+import MeshTestSupport
 import Testing
 
-@Suite struct LabelSelectorTests {
+@Suite(.rationed) struct LabelSelectorTests {
     @Test func parsesAndMatches() throws {
         let s = try LabelSelector(parsing: "app=web, tier!=db,canary,!legacy")
         #expect(
@@ -23,7 +24,7 @@ import Testing
     }
 }
 
-@Suite struct VIPAllocatorTests {
+@Suite(.rationed) struct VIPAllocatorTests {
     @Test func proposesFreeAddressesSkippingNetworkAndBroadcast() throws {
         let v4 = try #require(CIDR("198.18.0.0/29"))
         let a = VIPAllocator(cidrs: [v4])

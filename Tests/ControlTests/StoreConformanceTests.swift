@@ -8,7 +8,7 @@ import Testing
 /// One suite, both stores: what `Store` promises holds for SQLite and for a real etcd started on
 /// loopback. Versions are compared relative to what the writes returned (etcd's revision also
 /// counts writes to side keys).
-@Suite struct StoreConformanceTests {
+@Suite(.rationed) struct StoreConformanceTests {
     enum Backend: String, CaseIterable, Sendable, CustomStringConvertible {
         case sqlite, etcd
         var description: String { self.rawValue }

@@ -3,7 +3,7 @@ import MeshTestSupport
 import NIOCore
 import Testing
 
-@Suite struct WatchHubTests {
+@Suite(.rationed) struct WatchHubTests {
     func event(_ rv: Int64, _ name: String = "x", ns: String = "shop") -> StoreEvent {
         StoreEvent(
             kind: .added,

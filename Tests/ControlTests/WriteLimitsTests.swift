@@ -7,7 +7,7 @@ import Testing
 
 /// The pieces that bound what writes can cost: the history by bytes, slow watchers by bytes, and
 /// the per-identity write rate.
-@Suite struct WriteLimitsTests {
+@Suite(.rationed) struct WriteLimitsTests {
     /// An event whose JSON is about `size` bytes.
     func event(_ rv: Int64, size: Int) -> StoreEvent {
         let pad = String(repeating: "x", count: size)

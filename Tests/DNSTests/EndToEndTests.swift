@@ -57,7 +57,8 @@ func status(_ output: String) -> String? {
     "End to end with real clients",
     .serialized,
     .enabled(if: digPath != nil, "dig is not installed (apt-get install dnsutils)"),
-    .awaitedTeardown
+    .awaitedTeardown,
+    .rationed,
 )
 struct EndToEndTests {
     @Test("dig over UDP and TCP: A, AAAA, SRV, PTR, NXDOMAIN with SOA, NODATA, 0x20")

@@ -10,7 +10,8 @@ import Testing
 @Suite(
     "Explained lookups",
     .serialized,
-    .enabled(if: digPath != nil, "dig is not installed (apt-get install dnsutils)")
+    .enabled(if: digPath != nil, "dig is not installed (apt-get install dnsutils)"),
+    .rationed,
 )
 struct ExplainTests {
     @Test("the mesh zone, the upstream, then the cache with its TTL left; the answers are dig's")

@@ -140,7 +140,7 @@ func makeForwarder(
     return (fw, metrics)
 }
 
-@Suite("Forwarder against forged answers: source ports, exact matching, 0x20, TTL cap")
+@Suite("Forwarder against forged answers: source ports, exact matching, 0x20, TTL cap", .rationed)
 struct ForwarderSecurityTests {
     @Test("20 upstream queries leave from at least 15 distinct source ports, bound to 127.0.0.1")
     func randomSourcePorts() async throws {

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import MetricsTestKit
 import NIOCore
 import NIOPosix
@@ -6,7 +7,7 @@ import Testing
 
 @testable import DNS
 
-@Suite("Forwarder pieces: cache, resolv.conf, upstream addresses")
+@Suite("Forwarder pieces: cache, resolv.conf, upstream addresses", .rationed)
 struct ForwarderTests {
     let key = DNSCacheKey(DNSQuestion(name: name("www.Example.com"), type: .a))
     let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000_000)

@@ -1,4 +1,5 @@
 import Logging
+import MeshTestSupport
 import MetricsTestKit
 import NIOCore
 import NIOEmbedded
@@ -10,7 +11,7 @@ import Testing
 /// The DNS server's TCP channel handlers on an `EmbeddedChannel` (the real-socket tests are EndToEndTests
 /// and UDPLoopTests): each writes exactly what the pure answer path (`Answerer.answer`) produced for the
 /// query, once per read burst.
-@Suite("DNS handlers on an EmbeddedChannel")
+@Suite("DNS handlers on an EmbeddedChannel", .rationed)
 struct DNSHandlerTests {
     let metrics = TestMetrics()
     let policy = AnswerPolicy(forwarding: false)

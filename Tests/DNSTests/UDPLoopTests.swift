@@ -25,7 +25,7 @@ final class DatagramInbox: ChannelInboundHandler, Sendable {
 }
 
 /// The responder's own UDP loop (recvmmsg / sendmmsg on a thread of its own) over real loopback sockets.
-@Suite("DNS UDP loop over real sockets", .serialized, .awaitedTeardown)
+@Suite("DNS UDP loop over real sockets", .serialized, .awaitedTeardown, .rationed)
 struct UDPLoopTests {
     let policy = AnswerPolicy(forwarding: false)
 

@@ -346,7 +346,7 @@ final class SwapCounters: Sendable {
 }
 
 /// `ZoneNode`: the rare record kinds in a box most nodes do not have, copied on write.
-@Suite struct ZoneNodeStorageTests {
+@Suite(.rationed) struct ZoneNodeStorageTests {
     @Test func aNodeIsThirtyTwoBytes() {
         #expect(MemoryLayout<ZoneNode>.stride == 32)
     }

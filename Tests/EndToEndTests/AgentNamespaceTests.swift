@@ -17,7 +17,8 @@ let canUseNetns: Bool = {
 /// The real binaries in a network namespace of their own, the agent holding its VIPs on `mesh0`.
 @Suite(
     .serialized,
-    .enabled(if: canUseNetns, "needs root and iproute2 to create a network namespace (CI runs as root)")
+    .enabled(if: canUseNetns, "needs root and iproute2 to create a network namespace (CI runs as root)"),
+    .rationed,
 )
 struct AgentNamespaceTests {
     let bin = binaryDirectory()
@@ -35,8 +36,7 @@ struct AgentNamespaceTests {
         _ = try await self.ip(["netns", "add", ns])
         defer {
             // Processes in the namespace are ours; the namespace goes with the test.
-            _ = try? Process.run(URL(fileURLWithPath: "/usr/sbin/ip"), arguments: ["netns", "delete", ns])
-                .waitUntilExit()
+            _ = try? runBlocking(["ip", "netns", "delete", ns])
         }
         _ = try await self.ip(["-n", ns, "link", "set", "lo", "up"])
         let dir = TempDir()

@@ -7,7 +7,7 @@ import MeshTestSupport
 import Testing
 
 /// The real binaries, as a user runs them: `mesh-control` as a process, `meshctl` against it.
-@Suite(.serialized) struct ControlEndToEndTests {
+@Suite(.serialized, .rationed) struct ControlEndToEndTests {
     let bin = binaryDirectory()
     static let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
         "../../examples"

@@ -11,7 +11,7 @@ import Testing
 /// A hostile node and a network attacker against a real `mesh-control` process (issue 11): idle
 /// sockets, large and many writes, oversized metadata, descriptor exhaustion. Each test starts its
 /// own process with a config file and measures it from outside (/proc, the data directory, stderr).
-@Suite(.serialized) struct ControlLimitsTests {
+@Suite(.serialized, .rationed) struct ControlLimitsTests {
     let bin = binaryDirectory()
 
     /// A running `mesh-control` with `config` (YAML lines), and clients for it.

@@ -8,7 +8,8 @@ import Testing
 /// site B, by name, over a peer link (direct where B can be dialed, through a relay otherwise).
 @Suite(
     .serialized,
-    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)")
+    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)"),
+    .rationed,
 )
 struct CrossSiteTests {
     let lab = TwoSiteLab()

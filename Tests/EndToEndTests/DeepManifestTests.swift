@@ -4,7 +4,7 @@ import MeshTestSupport
 import Testing
 
 /// `meshctl apply -f` of manifests nested 10,000 deep: it crashed (exit 139); now a clear error, exit 1.
-@Suite struct DeepManifestTests {
+@Suite(.rationed) struct DeepManifestTests {
     let bin = binaryDirectory()
 
     @Test func meshctlRefusesDeeplyNestedManifestsWithExit1() async throws {

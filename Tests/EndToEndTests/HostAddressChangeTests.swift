@@ -7,7 +7,8 @@ import Testing
 /// is 300 s here and the discovery timer 60 s, so only the netlink watch can bring the change in time.
 @Suite(
     .serialized,
-    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)")
+    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)"),
+    .rationed,
 )
 struct HostAddressChangeTests {
     let lab = TwoSiteLab()

@@ -10,7 +10,7 @@ import X509
 /// Issue 11 with the real binaries: an impersonating `mesh-agent` is refused, a bound token
 /// re-joins, an agent gives no token to a server with a node's certificate, agents renew their
 /// certificate and keep working on it, and malformed join flags exit 1.
-@Suite(.serialized) struct JoinSecurityEndToEndTests {
+@Suite(.serialized, .rationed) struct JoinSecurityEndToEndTests {
     let bin = binaryDirectory()
 
     static func isolated(_ dir: TempDir) -> [String: String] {

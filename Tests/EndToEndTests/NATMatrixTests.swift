@@ -9,7 +9,8 @@ import Testing
 /// relayed (with the reason) where a mapping is random or a firewall lets nothing through.
 @Suite(
     .serialized,
-    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)")
+    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)"),
+    .rationed,
 )
 struct NATMatrixTests {
     let lab = TwoSiteLab()
@@ -171,7 +172,8 @@ extension NATMatrixTests {
 /// dies falls back to the relay.
 @Suite(
     .serialized,
-    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)")
+    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)"),
+    .rationed,
 )
 struct PunchedLinkTests {
     let lab = TwoSiteLab()

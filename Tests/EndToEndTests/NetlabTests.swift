@@ -7,7 +7,8 @@ import Testing
 /// kept or randomised, a firewall site reaching nothing but the cloud) holds on a lab it builds.
 @Suite(
     .serialized,
-    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)")
+    .enabled(if: canUseNetns, "needs root and iproute2 to create network namespaces (CI runs as root)"),
+    .rationed,
 )
 struct NetlabTests {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()

@@ -1,12 +1,13 @@
 import CoreMetrics
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import Testing
 
 @testable import MeshAgent
 
 /// `/routes` encodes its routes one at a time (`AdminAPI.streamedRoutes`): the same document as encoding it whole.
-@Suite struct AdminRoutesTests {
+@Suite(.rationed) struct AdminRoutesTests {
     static func route(_ name: String, port: Int, backends: Int) throws -> Route {
         Route(
             service: ServiceKey(namespace: "shop", name: name),

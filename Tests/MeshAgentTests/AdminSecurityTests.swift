@@ -8,7 +8,7 @@ import Testing
 
 /// The agent's admin API has no authentication: it listens on loopback only, and answers only
 /// requests that name a loopback host (a web page using DNS rebinding sends its own name).
-@Suite struct AdminSecurityTests {
+@Suite(.rationed) struct AdminSecurityTests {
     /// One request with `host` (nil: no Host header, as HTTP/1.0) over a real socket; the response text.
     func request(port: Int, host: String?) async throws -> String {
         try await blocking {

@@ -73,7 +73,11 @@ func echo(_ host: String, _ port: Int, _ text: String) async throws -> String {
     }
 }
 
-@Suite(.serialized, .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/dig"), "needs dig (dnsutils)"))
+@Suite(
+    .serialized,
+    .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/dig"), "needs dig (dnsutils)"),
+    .rationed
+)
 struct AgentEndToEndTests {
     /// A /24 of 127/8 of its own, so agents of parallel tests never bind the same VIP.
     static func privateCIDR() -> String { "127.\(Int.random(in: 100...250)).\(Int.random(in: 0...255)).0/24" }

@@ -4,7 +4,7 @@ import Testing
 
 @testable import MeshAgent
 
-@Suite("The agent's memory settings (storeCacheKiB, mallocArenas)")
+@Suite("The agent's memory settings (storeCacheKiB, mallocArenas)", .rationed)
 struct FootprintConfigTests {
     @Test("by default: a 256 KiB SQLite cache per store, one malloc arena, an idle check every 5 s")
     func defaults() throws {

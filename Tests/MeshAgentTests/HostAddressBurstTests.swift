@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import Synchronization
 import Testing
 
@@ -9,7 +10,7 @@ private final class Count: Sendable {
 }
 
 /// `DirectPaths.followBursts`: how netlink address events become comparisons of the host's addresses.
-@Suite struct HostAddressBurstTests {
+@Suite(.rationed) struct HostAddressBurstTests {
     static func event(_ i: Int, interface: Int32) -> HostAddressEvent {
         HostAddressEvent(
             kind: .added,

@@ -7,7 +7,11 @@ import Testing
 
 /// The agent's `/status`, `/route` and `/dns` (what `meshctl status`, `route` and `dns` print), asked of a
 /// whole agent with a real control plane, DNS and proxy.
-@Suite(.serialized, .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/dig"), "needs dig (dnsutils)"))
+@Suite(
+    .serialized,
+    .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/dig"), "needs dig (dnsutils)"),
+    .rationed
+)
 struct InspectionTests {
     func json(_ agent: RunningAgent, _ path: String) async throws -> (HTTPResponseStatus, JSONValue?, String) {
         let r = try await agent.admin.send(.GET, path)

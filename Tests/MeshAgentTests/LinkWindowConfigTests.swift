@@ -1,10 +1,11 @@
 import MeshCore
+import MeshTestSupport
 import Relay
 import Testing
 
 @testable import MeshAgent
 
-@Suite("The agent's peer-link stream window (linkStreamWindowKiB)")
+@Suite("The agent's peer-link stream window (linkStreamWindowKiB)", .rationed)
 struct LinkWindowConfigTests {
     @Test("by default the links use yamux's 256 KiB window")
     func defaultWindow() throws {

@@ -1,5 +1,6 @@
 import MeshCore
 import MeshIdentity
+import MeshTestSupport
 import MeshWire
 import NIOCore
 import NIOPosix
@@ -76,7 +77,7 @@ private func remote(_ server: TestServer) -> Backend {
     Backend(ip: server.ip, port: server.port, node: "b", site: "b", reach: .peer("b"))
 }
 
-@Suite("Peer links in the data plane: TCP, HTTP and UDP to a node of another site", .timeLimit(.minutes(1)))
+@Suite("Peer links in the data plane: TCP, HTTP and UDP to a node of another site", .timeLimit(.minutes(1)), .rationed)
 struct PeerLinkDataPlaneTests {
     @Test("TCP: the client socket is spliced to a stream; bytes and half-close both ways; /peers counts them")
     func tcpOverALink() async throws {
@@ -250,7 +251,7 @@ struct PeerLinkDataPlaneTests {
     }
 }
 
-@Suite("How an endpoint is reached (Reach), from its node and site")
+@Suite("How an endpoint is reached (Reach), from its node and site", .rationed)
 struct ReachMappingTests {
     func node(_ name: String, site: String?, linkPort: Int? = 7900, addresses: [NodeAddress] = []) -> Node {
         Node(metadata: ObjectMeta(name: name), spec: NodeSpec(site: site, addresses: addresses, linkPort: linkPort))

@@ -1,11 +1,12 @@
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import Relay
 import Testing
 
 @testable import MeshAgent
 
-@Suite("The agent's hole-punching settings (punch, punchKeepaliveSeconds, punchRetrySeconds)")
+@Suite("The agent's hole-punching settings (punch, punchKeepaliveSeconds, punchRetrySeconds)", .rationed)
 struct PunchSettingsTests {
     static let noEnvironment: @Sendable (String) -> String? = { _ in nil }
 

@@ -8,7 +8,7 @@ import Testing
 
 @testable import MeshAgent
 
-@Suite("The agent's revocation list for its peer links", .timeLimit(.minutes(1)))
+@Suite("The agent's revocation list for its peer links", .timeLimit(.minutes(1)), .rationed)
 struct RevocationSyncTests {
     @Test func aRevokedNodeReachesTheLinkVerifierAndStaysRevokedOffline() async throws {
         let cp = try await RunningControl()

@@ -65,7 +65,7 @@ final class RunningSync: Sendable {
     }
 }
 
-@Suite struct ServiceTableTests {
+@Suite(.rationed) struct ServiceTableTests {
     @Test func followsTheControlPlaneAndPersists() async throws {
         let cp = try await RunningControl()
         try await cp.client.apply(mkService("web"))
@@ -165,7 +165,7 @@ final class RunningSync: Sendable {
 }
 
 /// How Services and Endpoints become proxy routes.
-@Suite struct MappingTests {
+@Suite(.rationed) struct MappingTests {
     @Test func aServiceUpgradePolicyReachesItsRoutes() throws {
         var snapshot = ServiceSnapshot()
         let key = ServiceKey(namespace: "shop", name: "web")

@@ -1,11 +1,12 @@
 import MeshClient
 import MeshCore
+import MeshTestSupport
 import Testing
 
 @testable import MeshAgent
 
 /// What the agent's table keeps of each object (`TableEndpoints`, `TableService`).
-@Suite struct TableStorageTests {
+@Suite(.rationed) struct TableStorageTests {
     @Test func endpointsAreKeptAsCompactEntriesWithEachNameOnce() {
         let long = "edge-node-with-a-long-name-01"
         var endpoints = Endpoints(

@@ -50,7 +50,7 @@ func service(_ name: String) -> MeshService {
 /// The list + watch reflector every component syncs with, against a real control plane: list then watch,
 /// resume from a persisted version without a list, 410 Gone lists again, a consumer's failure lists again,
 /// and a control-plane restart is bridged by resuming from the last version seen.
-@Suite struct ReflectorTests {
+@Suite(.rationed) struct ReflectorTests {
     let logger = Logger(label: "reflector-test")
 
     func start(_ cp: RunningControl, from rv: Int64?, into delivered: Delivered) -> Task<Void, Never> {

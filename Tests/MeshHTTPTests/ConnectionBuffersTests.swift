@@ -14,7 +14,7 @@ import class ServiceLifecycle.ServiceGroup
 
 /// A connection's TLS buffers (`ConnectionBuffers`, `IdleBuffers`): their pages leave the resident
 /// set while the connection is idle, and no byte is lost or changed across a release.
-@Suite struct ConnectionBuffersTests {
+@Suite(.rationed) struct ConnectionBuffersTests {
     /// A buffer written full of a pattern.
     static func filled(_ allocator: ByteBufferAllocator, _ size: Int) -> ByteBuffer {
         var b = allocator.buffer(capacity: size)

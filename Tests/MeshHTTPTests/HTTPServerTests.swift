@@ -58,7 +58,7 @@ extension HTTPResponse {
     }
 }
 
-@Suite struct HTTPServerTests {
+@Suite(.rationed) struct HTTPServerTests {
     @Test func keepAliveAndPipelinedRequestsOnOneConnection() async throws {
         let (server, group, task, port) = try await startServer()
         let replies = try await blocking {
@@ -174,7 +174,7 @@ extension HTTPResponse {
     }
 }
 
-@Suite struct RequestParsingTests {
+@Suite(.rationed) struct RequestParsingTests {
     @Test func pathsAndQueriesAreDecoded() {
         let r = HTTPRequest(method: .GET, uri: "/a%20b/c?watch=true&labelSelector=app%3Dweb%2Ctier&x=1+2&flag")
         #expect(r.path == "/a b/c")

@@ -1,9 +1,10 @@
+import MeshTestSupport
 import Synchronization
 import Testing
 
 @testable import MeshHTTP
 
-@Suite("Heap trim: the malloc heap's free pages go back after a storm, once per growth")
+@Suite("Heap trim: the malloc heap's free pages go back after a storm, once per growth", .rationed)
 struct HeapTrimTests {
     @Test(
         "the policy trims when free bytes grew by the minimum and an eighth of those in use, then waits for more growth"

@@ -8,7 +8,7 @@ import class ServiceLifecycle.ServiceGroup
 
 /// `HTTPKeepAliveClient` against a real server: one connection for many requests, and a new one,
 /// transparently, after the server closed the idle one.
-@Suite struct KeepAliveClientTests {
+@Suite(.rationed) struct KeepAliveClientTests {
     /// A server answering each request with the client's port (which tells connections apart).
     func start(idle: TimeAmount) async throws -> (ServiceGroup, Task<Void, any Error>, Int, HTTPServer) {
         var config = HTTPServerConfiguration()

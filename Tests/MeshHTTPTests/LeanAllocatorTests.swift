@@ -1,8 +1,9 @@
 import MeshHTTP
+import MeshTestSupport
 import NIOCore
 import Testing
 
-@Suite struct LeanAllocatorTests {
+@Suite(.rationed) struct LeanAllocatorTests {
     @Test func buffersOfEverySizeKeepTheirBytesThroughGrowthAndCopies() {
         let allocator = LeanAllocator.allocator
         for size in [1, 100, 16 * 1024 - 17, 16 * 1024, 32 * 1024, 100_000] {

@@ -7,7 +7,7 @@ import X509
 
 @testable import MeshIdentity
 
-@Suite("MeshIdentity: mesh:// identities, the CA, CSRs and credential files")
+@Suite("MeshIdentity: mesh:// identities, the CA, CSRs and credential files", .rationed)
 struct MeshIdentityTests {
     @Test("mesh://<role>/<name>: every role round-trips through its URI")
     func identityURIRoundTrip() {

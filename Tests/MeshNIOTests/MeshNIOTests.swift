@@ -1,11 +1,12 @@
 import Foundation
+import MeshTestSupport
 import NIOCore
 import NIOEmbedded
 import Testing
 
 @testable import MeshNIO
 
-@Suite("MeshNIO: host:port text, the connection registry, UDP and TCP on one port")
+@Suite("MeshNIO: host:port text, the connection registry, UDP and TCP on one port", .rationed)
 struct MeshNIOTests {
     @Test("hostPort: IPv4 as is, IPv6 in brackets, a Unix socket by its description")
     func hostPortText() throws {

@@ -1,3 +1,4 @@
+import MeshTestSupport
 import NIOCore
 import NIOPosix
 import Testing
@@ -8,7 +9,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("MeshNIO: a NIO channel's socket, found and duplicated")
+@Suite("MeshNIO: a NIO channel's socket, found and duplicated", .rationed)
 struct SocketDescriptorTests {
     @Test("the duplicate is the channel's own connection: it has its addresses and outlives NIO's close")
     func duplicateOutlivesTheChannel() async throws {

@@ -1,3 +1,4 @@
+import MeshTestSupport
 import Testing
 
 @testable import MeshNIO
@@ -6,7 +7,7 @@ import Testing
 import Glibc
 #endif
 
-@Suite("MeshNIO: a splice's ends, moved between nonblocking socket pairs, and its idle count")
+@Suite("MeshNIO: a splice's ends, moved between nonblocking socket pairs, and its idle count", .rationed)
 struct SpliceEndTests {
     /// Two stream socket pairs, nonblocking: `source` is read by the splice (its peer `sourcePeer` writes),
     /// `target` is written by it (its peer `targetPeer` reads).

@@ -2,7 +2,7 @@ import MeshSQLite
 import MeshTestSupport
 import Testing
 
-@Suite struct SQLiteTests {
+@Suite(.rationed) struct SQLiteTests {
     @Test func migratesOnceAndKeepsDataAcrossReopen() throws {
         let dir = TempDir()
         let path = dir.path + "/t.db"

@@ -1,4 +1,6 @@
 import Foundation
+import MeshNIO
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -48,43 +50,50 @@ public struct ProcessResult: Sendable {
 /// A process the test started; killed on release if still running. Its output goes to two files (read
 /// whenever asked, complete once it has exited): unlike a pipe read by a handler, nothing it wrote can be
 /// lost or late when the machine is loaded, and whatever it leaves running cannot hold the read back.
-public final class Subprocess: @unchecked Sendable {
-    // `process` is only mutated in init; Foundation's Process is thread-safe for the calls made here
-    // (terminate, isRunning, waitUntilExit).
-    public let process = Process()
+///
+/// Started with `MeshNIO.Spawn` (posix_spawn), not Foundation's `Process`: `Process.run()` called from
+/// many tests at once crashed the test process (SIGSEGV in its argument copying), and each `Process`
+/// keeps a run-loop thread.
+public final class Subprocess: Sendable {
+    public let pid: pid_t
     private let outPath: String
     private let errPath: String
+    /// The raw `waitpid` status once reaped; the pid is never signalled after that (it may be reused).
+    private let reaped = Mutex<Int32?>(nil)
 
     public init(_ path: String, _ arguments: [String], environment: [String: String] = [:], stdin: String? = nil) throws
     {
-        self.process.executableURL = URL(fileURLWithPath: path)
-        self.process.arguments = arguments
         var env = ProcessInfo.processInfo.environment
         for (k, v) in environment { env[k] = v }
-        self.process.environment = env
         let base = FileManager.default.temporaryDirectory.path + "/mesh-test-output-\(getpid())-\(UUID().uuidString)"
         self.outPath = base + ".out"
         self.errPath = base + ".err"
-        let out = try Self.create(self.outPath)
-        let err = try Self.create(self.errPath)
-        defer {
-            try? out.close()
-            try? err.close()
+        var input: [Int32] = [-1, -1]
+        // Children are spawned with every descriptor above stderr closed, so the pipe needs no O_CLOEXEC.
+        guard pipe(&input) == 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        defer { if input[1] >= 0 { close(input[1]) } }
+        do {
+            defer { close(input[0]) }
+            self.pid = try Spawn.start(
+                path,
+                arguments,
+                environment: env,
+                descriptors: [
+                    .copy(0, from: input[0]),
+                    .open(1, path: self.outPath, flags: O_WRONLY | O_CREAT | O_TRUNC),
+                    .open(2, path: self.errPath, flags: O_WRONLY | O_CREAT | O_TRUNC),
+                ]
+            )
         }
-        self.process.standardOutput = out
-        self.process.standardError = err
-        let inPipe = Pipe()
-        self.process.standardInput = inPipe
-        try self.process.run()
-        if let s = stdin { inPipe.fileHandleForWriting.write(Data(s.utf8)) }
-        try? inPipe.fileHandleForWriting.close()
-    }
-
-    private static func create(_ path: String) throws -> FileHandle {
-        guard FileManager.default.createFile(atPath: path, contents: nil) else {
-            throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path])
+        if let s = stdin {
+            // Small inputs (a token, a manifest): the pipe's buffer takes them whole.
+            var bytes = Array(s.utf8)[...]
+            while !bytes.isEmpty {
+                let n = bytes.withUnsafeBytes { write(input[1], $0.baseAddress, $0.count) }
+                if n <= 0 { break }
+                bytes = bytes.dropFirst(n)
+            }
         }
-        return try FileHandle(forWritingTo: URL(fileURLWithPath: path))
     }
 
     private static func text(_ path: String) -> String {
@@ -93,32 +102,79 @@ public final class Subprocess: @unchecked Sendable {
 
     public var stdout: String { Self.text(self.outPath) }
     public var stderr: String { Self.text(self.errPath) }
-    public var pid: Int32 { self.process.processIdentifier }
-    public var isRunning: Bool { self.process.isRunning }
 
-    public func signal(_ sig: Int32) { kill(self.process.processIdentifier, sig) }
+    /// The raw wait status when the process has exited (reaping it), nil while it runs. Never blocks.
+    private func poll() -> Int32? {
+        self.reaped.withLock { reaped in
+            if let reaped { return reaped }
+            var status: Int32 = 0
+            let r = waitpid(self.pid, &status, WNOHANG)
+            if r == self.pid {
+                reaped = status
+            } else if r < 0 && errno == ECHILD {
+                reaped = -1
+            }
+            return reaped
+        }
+    }
 
-    /// Waits up to `timeout` for the process to exit; kills it and returns nil when it does not.
+    public var isRunning: Bool { self.poll() == nil }
+
+    /// Sends `sig` while the process runs.
+    public func signal(_ sig: Int32) {
+        self.reaped.withLock { reaped in
+            if reaped == nil { _ = kill(self.pid, sig) }
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; kills it and returns nil when it does not. The
+    /// status is the exit code, or 128 + the signal that ended it.
     public func wait(timeout: Duration = .seconds(30)) async -> ProcessResult? {
         let deadline = ContinuousClock.now + timeout
-        while self.process.isRunning && ContinuousClock.now < deadline {
+        while self.poll() == nil && ContinuousClock.now < deadline {
             await pause(.milliseconds(20))
         }
-        if self.process.isRunning {
-            self.process.terminate()
+        guard let status = self.poll() else {
+            self.signal(SIGTERM)
             return nil
         }
-        self.process.waitUntilExit()
-        return ProcessResult(status: self.process.terminationStatus, stdout: self.stdout, stderr: self.stderr)
+        return ProcessResult(status: Spawn.exitCode(status), stdout: self.stdout, stderr: self.stderr)
+    }
+
+    /// Waits for the process to exit, blocking the calling thread (for synchronous helpers; never on the
+    /// cooperative pool for long).
+    public func waitBlocking() -> ProcessResult {
+        let status = self.reaped.withLock { reaped -> Int32 in
+            if let reaped { return reaped }
+            var status: Int32 = 0
+            while waitpid(self.pid, &status, 0) < 0 && errno == EINTR {}
+            reaped = status
+            return status
+        }
+        return ProcessResult(status: Spawn.exitCode(status), stdout: self.stdout, stderr: self.stderr)
     }
 
     deinit {
-        if self.process.isRunning {
-            kill(self.process.processIdentifier, SIGKILL)
+        if self.poll() == nil {
+            kill(self.pid, SIGKILL)
+            // Reaped off the caller's thread: SIGKILL ends it at once, but the wait is still a blocking call.
+            let pid = self.pid
+            DedicatedThread.start(name: "reap") {
+                var status: Int32 = 0
+                while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            }
         }
         try? FileManager.default.removeItem(atPath: self.outPath)
         try? FileManager.default.removeItem(atPath: self.errPath)
     }
+}
+
+/// Runs `arguments` (looked up in PATH by `/usr/bin/env`) to completion, blocking the calling thread;
+/// standard output, and the exit status (for synchronous set-up such as `ip netns add`).
+@discardableResult
+public func runBlocking(_ arguments: [String]) throws -> (status: Int32, output: String) {
+    let result = try Subprocess("/usr/bin/env", arguments).waitBlocking()
+    return (result.status, result.stdout)
 }
 
 /// Runs a command to completion (bounded by `timeout`).

@@ -6,7 +6,7 @@ import NodeAgent
 import Testing
 
 /// edge.db's SQLite page cache (EdgeConfiguration.storeCacheKiB, from the agent's storeCacheKiB).
-@Suite struct EdgeStoreCacheTests {
+@Suite(.rationed) struct EdgeStoreCacheTests {
     @Test func theStoreTakesTheCacheSizeAndKeepsSQLitesDefaultWithoutOne() throws {
         let dir = TempDir("edge-cache")
         #expect(try EdgeStore(path: dir.path + "/small.db", durability: .normal, cacheKiB: 300).cacheKiB == 300)

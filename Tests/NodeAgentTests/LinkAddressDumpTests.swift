@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import Testing
 
 @testable import NodeAgent
@@ -7,7 +8,7 @@ import Testing
 import Glibc
 
 /// The rtnetlink messages `LinkAddressDump` reads, built byte by byte (host byte order, as the kernel sends them).
-@Suite("rtnetlink dump parsing: links, addresses, the dump's end and its errors")
+@Suite("rtnetlink dump parsing: links, addresses, the dump's end and its errors", .rationed)
 struct LinkAddressDumpTests {
     static func u16(_ v: UInt16) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
     static func u32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }

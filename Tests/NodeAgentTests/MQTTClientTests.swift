@@ -3,7 +3,7 @@ import NodeAgent
 import Testing
 
 /// MQTTClient against a real mosquitto.
-@Suite struct MQTTClientTests {
+@Suite(.rationed) struct MQTTClientTests {
     /// QoS 1 publishes count as unacknowledged until the broker's PUBACKs arrive; QoS 0 ones never do.
     /// (The thermostat mapper waits for 0 before it leaves: closing with PUBACKs unread resets the
     /// connection, and the broker drops the reports it had not read yet.)

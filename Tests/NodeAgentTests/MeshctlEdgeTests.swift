@@ -11,7 +11,7 @@ import Testing
 import class ServiceLifecycle.ServiceGroup
 
 /// meshctl's edge commands, the real binary against a real control plane and node agent.
-@Suite(.serialized) struct MeshctlEdgeTests {
+@Suite(.serialized, .rationed) struct MeshctlEdgeTests {
     static func meshctl(_ cp: RunningControl, _ args: [String]) async throws -> ProcessResult {
         try await run(
             binaryDirectory() + "/meshctl",

@@ -32,7 +32,7 @@ final class RunningNodeAgent: Sendable {
     }
 }
 
-@Suite struct NodeAgentTests {
+@Suite(.rationed) struct NodeAgentTests {
     static func configuration(
         _ name: String,
         addresses: [String]? = nil,

@@ -8,7 +8,7 @@ import Testing
 
 /// The control plane's side of the outbox: each message applied at most once, bad ones refused with
 /// the reason, all through the real API and store.
-@Suite struct NodeReportsTests {
+@Suite(.rationed) struct NodeReportsTests {
     static func post(_ client: ControlClient, node: String, _ batch: NodeReportBatch) async throws -> [NodeReportResult]
     {
         let body = try await client.raw(

@@ -10,7 +10,7 @@ import Testing
 
 /// Twin sync under faults, with the real `mesh-agent` binary (SIGKILLed), a real mosquitto, the real
 /// control plane stopped and started on its SQLite file.
-@Suite(.serialized) struct TwinFaultTests {
+@Suite(.serialized, .rationed) struct TwinFaultTests {
     static let node = "edge-f1"
     static let reports = 1000
 

@@ -8,7 +8,7 @@ import Testing
 
 /// Device twins over a real control plane, a real mosquitto and SQLite files; the mapper is a test
 /// MQTT client speaking KubeEdge's payloads.
-@Suite(.serialized) struct TwinSyncTests {
+@Suite(.serialized, .rationed) struct TwinSyncTests {
     static let topic = TwinTopics.prefix + "thermo-1"
 
     @Test func reportsGoUpDesiredComesDownAndBadInputGetsAClearAnswer() async throws {

@@ -13,7 +13,11 @@ import class ServiceLifecycle.ServiceGroup
 
 /// A workload's port reached through the mesh by name: a real agent (DNS + proxy, loopback mode) on
 /// one node, the workload on another, a real control plane between them.
-@Suite(.serialized, .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/dig"), "needs dig (dnsutils)"))
+@Suite(
+    .serialized,
+    .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/dig"), "needs dig (dnsutils)"),
+    .rationed
+)
 struct WorkloadMeshTests {
     @Test func aWorkloadIsReachableByNameAndNotRoutedOnceItsNodeIsNotReady() async throws {
         let cidr = "127.\(Int.random(in: 100...250)).\(Int.random(in: 0...255)).0/24"

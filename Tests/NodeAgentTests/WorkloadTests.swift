@@ -7,7 +7,7 @@ import NodeAgent
 import Testing
 
 /// Workloads over a real control plane, real child processes and real SQLite files.
-@Suite(.serialized) struct WorkloadTests {
+@Suite(.serialized, .rationed) struct WorkloadTests {
     static func httpWorkload(_ name: String, port: Int, node: String) -> Workload {
         Workload(
             metadata: ObjectMeta(name: name),

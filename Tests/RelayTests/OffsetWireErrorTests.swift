@@ -1,8 +1,9 @@
+import MeshTestSupport
 import Relay
 import Testing
 
 /// STUN's and the relay session's codec errors are equal (and hash alike) by code and offset only.
-@Suite struct OffsetWireErrorTests {
+@Suite(.rationed) struct OffsetWireErrorTests {
     @Test func equalityIsCodeAndOffsetNotDetail() {
         #expect(STUNWireError(.notSTUN, at: 3, "one") == STUNWireError(.notSTUN, at: 3, "other"))
         #expect(STUNWireError(.notSTUN, at: 3, "same") != STUNWireError(.notSTUN, at: 4, "same"))

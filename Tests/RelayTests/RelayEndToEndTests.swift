@@ -17,7 +17,7 @@ let stunClient = which("stun")
 let coturnClient = which("turnutils_stunclient")
 
 /// `mesh-relay` as a user runs it, asked by real STUN clients.
-@Suite("mesh-relay with real STUN clients", .serialized, .timeLimit(.minutes(2)))
+@Suite("mesh-relay with real STUN clients", .serialized, .timeLimit(.minutes(2)), .rationed)
 struct RelayEndToEndTests {
     let bin = binaryDirectory()
 

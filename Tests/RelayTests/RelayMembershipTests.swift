@@ -13,7 +13,7 @@ import Testing
 
 /// A relay enrols with a relay token and publishes its Relay (issue 13, item 1): an in-process
 /// control plane and relay over TLS on loopback, real files.
-@Suite("relay membership", .timeLimit(.minutes(2)))
+@Suite("relay membership", .timeLimit(.minutes(2)), .rationed)
 struct RelayMembershipTests {
     static let quiet: Logger = {
         var l = Logger(label: "relay-test")
@@ -236,7 +236,7 @@ struct RelayMembershipTests {
 }
 
 /// `mesh-relay` as the issue's acceptance checks run it, against a real control plane.
-@Suite("mesh-relay joins as a process", .timeLimit(.minutes(2)))
+@Suite("mesh-relay joins as a process", .timeLimit(.minutes(2)), .rationed)
 struct RelayProcessTests {
     @Test func theIssuesCommandLineEnrolsPublishesAndServesSessions() async throws {
         let cp = try await RunningControl()

@@ -219,7 +219,7 @@ final class Blackhole: Sendable {
     func close() { for fd in self.fds { _ = Glibc.close(fd) } }
 }
 
-@Suite("RelaySessionClientTests", .serialized, .timeLimit(.minutes(3)))
+@Suite("RelaySessionClientTests", .serialized, .timeLimit(.minutes(3)), .rationed)
 struct RelaySessionClientTests {
     func random(_ count: Int, seed: UInt64) -> ByteBuffer {
         var rng = SeededGenerator(state: seed)
@@ -549,7 +549,7 @@ struct RelaySessionClientTests {
 
 /// The circuit half's handler on an EmbeddedChannel: bytes that arrive with or after `ready` reach
 /// the link's handlers whole and in order, whichever way the handler leaves the pipeline.
-@Suite("RelayCircuitHandler")
+@Suite("RelayCircuitHandler", .rationed)
 struct RelayCircuitHandlerTests {
     final class Collect: ChannelInboundHandler {
         typealias InboundIn = ByteBuffer

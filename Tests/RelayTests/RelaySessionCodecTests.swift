@@ -5,7 +5,7 @@ import Testing
 @_spi(Fuzzing) @testable import Relay
 
 /// The relay session messages byte for byte, and every malformed frame with its error.
-@Suite("Relay session codec")
+@Suite("Relay session codec", .rationed)
 struct RelaySessionCodecTests {
     static let golden: [(RelaySessionMessage, String)] = [
         (.hello(version: 1, node: "a"), "010003" + "01" + "0161"),

@@ -14,7 +14,7 @@ import Testing
 
 /// The relay session listener over real loopback sockets: TLS 1.3 with mesh certificates, node
 /// sessions, circuits spliced byte for byte, refusals with reasons, garbage survived.
-@Suite("Relay sessions over real sockets", .timeLimit(.minutes(2)))
+@Suite("Relay sessions over real sockets", .timeLimit(.minutes(2)), .rationed)
 struct RelaySessionServerTests {
     static let quiet: Logger = {
         var l = Logger(label: "relay-session-test")

@@ -1,4 +1,5 @@
 import Logging
+import MeshTestSupport
 import MetricsTestKit
 import NIOCore
 import NIOEmbedded
@@ -9,7 +10,7 @@ import Testing
 
 /// The STUN server's channel handlers on an `EmbeddedChannel` (STUNServerTests runs them over real sockets):
 /// each answer is byte for byte the pure responder's, for the message's own sender, flushed once per read burst.
-@Suite("STUN handlers on an EmbeddedChannel")
+@Suite("STUN handlers on an EmbeddedChannel", .rationed)
 struct STUNHandlerTests {
     let metrics = TestMetrics()
     let policy = STUNResponderPolicy(software: nil)

@@ -4,7 +4,7 @@ import Testing
 
 @testable import Relay
 
-@Suite("STUN Binding responder (pure)") struct STUNResponderTests {
+@Suite("STUN Binding responder (pure)", .rationed) struct STUNResponderTests {
     let client = addr("192.0.2.1", 32853)
     let local = addr("127.0.0.1", 3478)
 

@@ -102,7 +102,7 @@ func tcpExchange(
     }
 }
 
-@Suite("STUN server over real sockets", .timeLimit(.minutes(1))) struct STUNServerTests {
+@Suite("STUN server over real sockets", .timeLimit(.minutes(1)), .rationed) struct STUNServerTests {
     @Test("UDP over IPv4 and IPv6: the answer carries the client's own address and the server's")
     func udpBothFamilies() async throws {
         let s = try await RunningSTUN.start()

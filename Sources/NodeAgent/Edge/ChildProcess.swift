@@ -1,3 +1,5 @@
+import MeshNIO
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -11,64 +13,41 @@ struct ChildProcess: Sendable {
         var description: String
     }
 
-    /// Starts `command` (a path, or a name looked up in PATH) with `args` and `environment`.
+    /// Starts `command` (a path, or a name looked up in the child's PATH) with `args` and `environment`
+    /// (`MeshNIO.Spawn`: default signal dispositions, an empty mask, no descriptor of the agent's).
     static func spawn(
         command: String,
         args: [String],
         environment: [String: String],
         logPath: String
     ) throws -> ChildProcess {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o640)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        // Its own process group (pgid = its pid), default signal dispositions and an empty mask.
-        var defaults = sigset_t()
-        sigfillset(&defaults)
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigdefault(&attr, &defaults)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        posix_spawnattr_setpgroup(&attr, 0)
-        posix_spawnattr_setflags(
-            &attr,
-            Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK)
-        )
-        let argv = ([command] + args).map { strdup($0) } + [nil]
-        defer { for a in argv { free(a) } }
-        let envp = environment.sorted { $0.key < $1.key }.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { for e in envp { free(e) } }
-        var pid: pid_t = 0
         // posix_spawnp looks the command up in the PATH of the *agent's* environment; use the child's.
-        let rc: Int32
+        let path: String
         if command.contains("/") {
-            rc = posix_spawn(&pid, command, &actions, &attr, argv, envp)
+            path = command
         } else {
-            guard let path = Self.lookup(command, path: environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin") else {
+            guard let found = Spawn.lookup(command, path: environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin") else {
                 throw SpawnError(description: "command not found: \(command) (not in PATH)")
             }
-            rc = posix_spawn(&pid, path, &actions, &attr, argv, envp)
+            path = found
         }
-        guard rc == 0 else {
-            let why = String(cString: strerror(rc))
-            throw SpawnError(
-                description: rc == ENOENT ? "command not found: \(command)" : "cannot start \(command): \(why)"
+        do {
+            let pid = try Spawn.start(
+                path,
+                args,
+                environment: environment,
+                descriptors: [
+                    .open(0, path: "/dev/null", flags: O_RDONLY),
+                    .open(1, path: logPath, flags: O_WRONLY | O_CREAT | O_APPEND),
+                    .copy(2, from: 1),
+                ],
+                newProcessGroup: true,
+                argv0: command
             )
+            return ChildProcess(pid: pid)
+        } catch {
+            throw SpawnError(description: error.description)
         }
-        return ChildProcess(pid: pid)
-    }
-
-    static func lookup(_ name: String, path: String) -> String? {
-        for dir in path.split(separator: ":") where !dir.isEmpty {
-            let candidate = "\(dir)/\(name)"
-            if access(candidate, X_OK) == 0 { return candidate }
-        }
-        return nil
     }
 
     /// The exit status when the child has exited (reaping it), nil while it runs. Never blocks.
@@ -77,9 +56,7 @@ struct ChildProcess: Sendable {
         let r = waitpid(self.pid, &status, WNOHANG)
         if r == 0 { return nil }
         if r < 0 { return errno == ECHILD ? -1 : nil }
-        let low = status & 0x7F
-        if low == 0 { return Int((status >> 8) & 0xFF) }  // exited
-        return 128 + Int(low)  // killed by a signal
+        return Int(Spawn.exitCode(status))
     }
 
     /// Signals the whole process group.

@@ -1,11 +1,12 @@
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import Testing
 
 @testable import MeshAgent
 
 /// The compact storage of a route's backends (`BackendList`): every field comes back as it went in.
-@Suite struct BackendListTests {
+@Suite(.rationed) struct BackendListTests {
     static let mixed: [Backend] = [
         Backend(ip: .v4(0xC612_0001), port: 8080, node: "edge-node-with-a-long-name-01", site: "a"),
         Backend(ip: IPAddress("2001:db8::7")!, port: 443, node: nil, site: nil, weight: 5, ready: false),

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import NIOPosix
 import Testing
@@ -62,7 +63,7 @@ private final class SlowReader: ChannelInboundHandler {
     }
 }
 
-@Suite("Data plane: back-pressure", .awaitedTeardown)
+@Suite("Data plane: back-pressure", .awaitedTeardown, .rationed)
 struct DataPlaneBackPressureTests {
     /// Bytes to push through; `MESH_BACKPRESSURE_BYTES` overrides (e.g. 268435456 for a quick run).
     static let size: Int = {

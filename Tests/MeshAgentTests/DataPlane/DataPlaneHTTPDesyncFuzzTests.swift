@@ -1,3 +1,4 @@
+import MeshTestSupport
 import NIOCore
 import Testing
 
@@ -8,7 +9,7 @@ import Testing
 /// (one event loop, one backend), from a seeded generator with a bounded number of rounds. Each response carries
 /// its request's marker `M<i>M`; the hostile bytes behind it carry `X<i>X`. Every client must get its own
 /// response(s) or an error, never a marker of another request and never a hostile byte.
-@Suite("Data plane: HTTP desync fuzz over one pooled connection (seeded)", .timeLimit(.minutes(2)))
+@Suite("Data plane: HTTP desync fuzz over one pooled connection (seeded)", .timeLimit(.minutes(2)), .rationed)
 struct DataPlaneHTTPDesyncFuzzTests {
     enum Kind: CaseIterable {
         case length, chunked, interimThenLength, nonCanonicalLength, untilClose

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -13,7 +14,12 @@ import func MeshTestSupport.onTeardown
 /// Message framing through the proxy, checked on the bytes both sides see: a scripted backend answers with
 /// canned bytes and records what reached it; a raw client sends pipelined requests and reads until the proxy
 /// closes.
-@Suite("Data plane: HTTP/1.1 framing through the proxy, byte for byte", .timeLimit(.minutes(1)), .awaitedTeardown)
+@Suite(
+    "Data plane: HTTP/1.1 framing through the proxy, byte for byte",
+    .timeLimit(.minutes(1)),
+    .awaitedTeardown,
+    .rationed
+)
 struct DataPlaneHTTPFramingTests {
     static let plain = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     static let responses: [String: String] = [

@@ -1,5 +1,6 @@
 import MeshCore
 import MeshNIO
+import MeshTestSupport
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -17,7 +18,7 @@ import Glibc
 /// The epoll HTTP engine shares a splice loop between connections: one connection's transfer must not hold
 /// it. A client (or backend) that keeps its socket full is read at most `HTTPLoopState.readsPerTurn` times per
 /// turn, then the loop serves its other ready sockets and comes back.
-@Suite("Data plane: epoll HTTP engine, loop fairness", .timeLimit(.minutes(1)), .awaitedTeardown)
+@Suite("Data plane: epoll HTTP engine, loop fairness", .timeLimit(.minutes(1)), .awaitedTeardown, .rationed)
 struct DataPlaneHTTPLoopFairnessTests {
     enum Direction: String, CaseIterable, Sendable {
         /// The client streams a request body up.

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -15,7 +16,7 @@ import Glibc
 /// client shares one upstream pool), and for each case: what the backend received, what the attacking client
 /// received, and what a second client received right after: always its own response, never a byte meant for
 /// someone else. `SMUGGLING_TRANSCRIPT=1` prints the transcript (the source of the DataPlane README's table).
-@Suite("Data plane: HTTP request smuggling and response desync, over sockets", .timeLimit(.minutes(2)))
+@Suite("Data plane: HTTP request smuggling and response desync, over sockets", .timeLimit(.minutes(2)), .rationed)
 struct DataPlaneHTTPSmugglingTests {
     static let victimResponse = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nvictim"
     static let victimRequest = "GET /victim HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -23,7 +24,7 @@ func httpRoute(
     ])
 }
 
-@Suite("Data plane: HTTP/1.1 proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown)
+@Suite("Data plane: HTTP/1.1 proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown, .rationed)
 struct DataPlaneHTTPTests {
     @Test("GET through a VIP: body, X-Forwarded-For added, X-Request-Id added or kept", arguments: HTTPEngine.allCases)
     func basic(engine: HTTPEngine) async throws {

@@ -1,5 +1,6 @@
 import Logging
 import MeshCore
+import MeshTestSupport
 import MetricsTestKit
 import NIOCore
 import ServiceLifecycle
@@ -10,7 +11,7 @@ import func MeshTestSupport.onTeardown
 
 @testable import MeshAgent
 
-@Suite("Data plane: metrics, snapshot, service lifecycle", .timeLimit(.minutes(1)), .awaitedTeardown)
+@Suite("Data plane: metrics, snapshot, service lifecycle", .timeLimit(.minutes(1)), .awaitedTeardown, .rationed)
 struct DataPlaneMetricsTests {
     @Test("swift-metrics counters, meter and timer are labelled by service", arguments: HTTPEngine.allCases)
     func metrics(engine: HTTPEngine) async throws {

@@ -1,10 +1,11 @@
 import Foundation
+import MeshTestSupport
 import Testing
 
 @testable import MeshAgent
 
 /// `DataPlaneMode` in JSON is the text `/routes` and `/status` always showed, and reads back as the value.
-@Suite("Data plane mode: a type, its text in JSON")
+@Suite("Data plane mode: a type, its text in JSON", .rationed)
 struct DataPlaneModeTests {
     @Test(arguments: [
         (DataPlaneMode.pending, "pending"), (.loopback, "loopback"), (.meshInterface("mesh0"), "meshInterface(mesh0)"),

@@ -1,5 +1,6 @@
 import MeshCore
 import MeshNIO
+import MeshTestSupport
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -129,7 +130,7 @@ private func withEchoRoute<T: Sendable>(
     }
 }
 
-@Suite("Data plane: TCP splice loops", .timeLimit(.minutes(1)), .awaitedTeardown)
+@Suite("Data plane: TCP splice loops", .timeLimit(.minutes(1)), .awaitedTeardown, .rationed)
 struct DataPlaneSpliceTests {
     @Test("splice threads: one per event loop, named mesh-splice-N, from the first TCP route to shutdown")
     func threadsStartLazilyAndAreNamed() async throws {

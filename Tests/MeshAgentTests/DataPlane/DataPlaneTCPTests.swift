@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import NIOPosix
 import Testing
@@ -19,7 +20,7 @@ private let slowEjection = testConfiguration(
     )
 )
 
-@Suite("Data plane: TCP proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown)
+@Suite("Data plane: TCP proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown, .rationed)
 struct DataPlaneTCPTests {
     @Test("TCP echo through an IPv4 VIP in 127.0.0.0/8")
     func echoIPv4() async throws {

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import Testing
 
@@ -9,7 +10,7 @@ import func MeshTestSupport.onTeardown
 
 /// `x-mesh-trace` (what `meshctl trace` sends): the proxy records the policy's choice, every backend tried
 /// and the response, for the request that asked, and for no other.
-@Suite("Data plane: traced HTTP requests", .timeLimit(.minutes(1)), .awaitedTeardown)
+@Suite("Data plane: traced HTTP requests", .timeLimit(.minutes(1)), .awaitedTeardown, .rationed)
 struct DataPlaneTraceTests {
     @Test(
         "a traced request: the choice and why, the endpoint actually used, first byte and status",

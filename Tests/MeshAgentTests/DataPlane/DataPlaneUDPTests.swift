@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import NIOPosix
 import Testing
@@ -53,7 +54,7 @@ private func udpAsk(_ target: SocketAddress, _ text: String, wait: Double = 10) 
     }
 }
 
-@Suite("Data plane: UDP proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown)
+@Suite("Data plane: UDP proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown, .rationed)
 struct DataPlaneUDPTests {
     @Test("UDP echo through a VIP: the reply comes from VIP:port; flows per client, round robin")
     func echo() async throws {

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import MetricsTestKit
 import NIOCore
 import NIOEmbedded
@@ -9,7 +10,7 @@ import Testing
 /// The HTTP proxy's client-side handlers (decoder and `HTTPProxyHandler`) on an `EmbeddedChannel`, for what
 /// they answer themselves, without a backend: the real-socket suites (DataPlaneHTTPTests, HTTPSmugglingTests)
 /// cover exchanges with backends.
-@Suite("HTTP proxy handler on an EmbeddedChannel")
+@Suite("HTTP proxy handler on an EmbeddedChannel", .rationed)
 struct HTTPProxyHandlerTests {
     let metrics = TestMetrics()
 

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -15,16 +16,7 @@ import func MeshTestSupport.onTeardown
 /// Runs a command, returning its exit status and standard output (also used by VIPListenerTests).
 @discardableResult
 func sh(_ arguments: String...) throws -> (status: Int32, output: String) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = Pipe()
-    try process.run()
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    try runBlocking(arguments)
 }
 
 /// Root, and `ip netns` works here.
@@ -78,7 +70,8 @@ private func namespacedGroup(_ namespace: String) async throws -> MultiThreadedE
     "Mesh interface over netlink (in a private network namespace)",
     .enabled(if: canUseNamespaces, "needs root and `ip netns` (iproute2); skipped otherwise"),
     .timeLimit(.minutes(1)),
-    .awaitedTeardown
+    .awaitedTeardown,
+    .rationed,
 )
 struct InterfaceNetlinkTests {
     @Test("create, reconcile, reuse with stale addresses, destroy")

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -118,7 +119,7 @@ private func httpGet(_ namespace: String, _ vip: String, _ port: Int) async thro
     try await exchange(namespace, vip, port, "GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
 }
 
-@Suite("VIP listener: one socket for every VIP:port (nat REDIRECT, SO_ORIGINAL_DST)")
+@Suite("VIP listener: one socket for every VIP:port (nat REDIRECT, SO_ORIGINAL_DST)", .rationed)
 struct VIPRulesTests {
     @Test("the prefix cover is exact and small for VIPs handed out in a row")
     func cover() {
@@ -163,7 +164,8 @@ struct VIPRulesTests {
 @Suite(
     "VIP listener in a network namespace (real iptables, real sockets)",
     .enabled(if: canRedirect, "needs root, `ip netns` and iptables' nat table; skipped otherwise"),
-    .timeLimit(.minutes(3))
+    .timeLimit(.minutes(3)),
+    .rationed,
 )
 struct VIPListenerNamespaceTests {
     @Test(

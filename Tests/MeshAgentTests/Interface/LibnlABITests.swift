@@ -6,7 +6,7 @@ import Testing
 /// that building needs no libnl headers. This checks those prototypes and constants against the installed
 /// libnl headers (found with pkg-config, as scripts/bootstrap installs them): shim.c compiled with
 /// -DMESH_CHECK_LIBNL_ABI static-asserts every function's type and every constant.
-@Suite struct LibnlABITests {
+@Suite(.rationed) struct LibnlABITests {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().deletingLastPathComponent().path
 

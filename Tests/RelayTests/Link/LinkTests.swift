@@ -131,7 +131,7 @@ func echoThrough(
     return try await done.futureResult.get()
 }
 
-@Suite("LinkTests", .serialized)
+@Suite("LinkTests", .serialized, .rationed)
 struct LinkTests {
     @Test("a TCP echo through a stream over a link reaches the local backend; /peers counts it")
     func echoThroughLink() async throws {

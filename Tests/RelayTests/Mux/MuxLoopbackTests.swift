@@ -1,3 +1,4 @@
+import MeshTestSupport
 import MeshWire
 import NIOConcurrencyHelpers
 import NIOCore
@@ -145,7 +146,7 @@ struct SeededGenerator: RandomNumberGenerator {
     }
 }
 
-@Suite("mux over loopback sockets", .timeLimit(.minutes(3))) struct MuxLoopbackTests {
+@Suite("mux over loopback sockets", .timeLimit(.minutes(3)), .rationed) struct MuxLoopbackTests {
     @Test("1,000 concurrent streams of random sizes (seeded) echo back intact")
     func thousandStreams() async throws {
         let pair = try await MuxPair.make(serverInbound: echo)

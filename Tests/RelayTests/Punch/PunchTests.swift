@@ -15,7 +15,7 @@ import Testing
 /// coturn's STUN/TURN server (package coturn), started by the tests on loopback.
 let coturnServer = which("turnserver")
 
-@Suite("PunchCodecTests")
+@Suite("PunchCodecTests", .rationed)
 struct PunchCodecTests {
     let offer = RelaySessionMessage.punchOffer(
         PunchCandidates(
@@ -117,7 +117,7 @@ struct PunchCodecTests {
     }
 }
 
-@Suite("NATClassificationTests")
+@Suite("NATClassificationTests", .rationed)
 struct NATClassificationTests {
     let own = [IPAddress("198.19.1.2")!]
 
@@ -157,7 +157,7 @@ struct NATClassificationTests {
     }
 }
 
-@Suite("STUNClientTests", .serialized, .timeLimit(.minutes(2)))
+@Suite("STUNClientTests", .serialized, .timeLimit(.minutes(2)), .rationed)
 struct STUNClientTests {
     /// A timeout far above the default 2 s: on a loaded machine our in-process server (or coturn) may answer
     /// late, and these tests are about what the answer says, not how fast it comes (`noAnswer` sets its own).
@@ -267,7 +267,7 @@ final class StreamCollector: ChannelInboundHandler, Sendable {
     }
 }
 
-@Suite("PunchUpgradeTests", .serialized, .timeLimit(.minutes(2)))
+@Suite("PunchUpgradeTests", .serialized, .timeLimit(.minutes(2)), .rationed)
 struct PunchUpgradeTests {
     /// Two nodes with no advertised link address, on one relay, each with NAT discovery against two STUN
     /// servers on loopback (mapping `none`) and a punch coordinator.
@@ -350,7 +350,7 @@ struct PunchUpgradeTests {
     }
 }
 
-@Suite("PunchHandlerTests")
+@Suite("PunchHandlerTests", .rationed)
 struct PunchHandlerTests {
     @Test(
         "PunchStreamHandler on an EmbeddedChannel: frames in pieces arrive whole and in order; garbage ends the stream"
@@ -425,7 +425,7 @@ struct PunchHandlerTests {
     }
 }
 
-@Suite("LinkPortSharingTests")
+@Suite("LinkPortSharingTests", .rationed)
 struct LinkPortSharingTests {
     @Test("the link listener shares its port with punches and STUN (SO_REUSEPORT), but not with another listener")
     func aSecondListenerOnTheLinkPortFails() async throws {
