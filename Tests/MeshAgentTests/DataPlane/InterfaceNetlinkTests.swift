@@ -160,6 +160,9 @@ struct InterfaceNetlinkTests {
                 #expect(try await reply.futureResult.get() == "ping")
             }
             #expect(dp.snapshot().routes.first { $0.service == "a" }?.totalConnections == 1)
+            // The probes closed their ends; the data plane's ends close after. Counted open, they would let
+            // the wait below pass before the held connection is accepted (its route's removal then resets it).
+            #expect(await eventually { dp.openClientChannels == 0 })
 
             // A connection that stays open on the first VIP.
             let loop = group.next()
