@@ -25,6 +25,10 @@ public struct HTTPServerConfiguration: Sendable {
     /// that has not finished its TLS handshake (plain HTTP: sent nothing yet), else of the oldest
     /// TLS connection without a client certificate; when all hold certificates it gets 503.
     public var maxConnections: Int = 8192
+    /// Connections the kernel queues before they are accepted (listen's backlog; the kernel caps it at
+    /// net.core.somaxconn). A control plane's agents all reconnect at once when a replica restarts: with a
+    /// short queue the kernel drops their SYNs, and each waits a retransmission (1 s, then 3 s) per drop.
+    public var backlog: Int = 4096
     /// How long a new connection has to finish its TLS handshake before it is closed (HTTPS only).
     public var handshakeTimeout: TimeAmount = .seconds(10)
     /// Connections' large buffers (NIOSSL's 32 + 16 KiB per TLS connection) on pages of their own,
@@ -115,7 +119,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                     }
                 }
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                .serverChannelOption(.backlog, value: 256)
+                .serverChannelOption(.backlog, value: Int32(clamping: config.backlog))
                 .serverChannelOption(.maxMessagesPerRead, value: 16)
                 .childChannelOption(.allowRemoteHalfClosure, value: true)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)

@@ -11,7 +11,7 @@ import Testing
 
 /// Several `mesh-control` replicas over one real etcd: shared liveness, unique VIPs under racing
 /// writers, and watchers that fail over to another replica without relisting.
-@Suite(.serialized, .rationed) struct ControlReplicaTests {
+@Suite(.serialized, .awaitedTeardown, .rationed) struct ControlReplicaTests {
     static func replicas(
         _ n: Int,
         etcd: EtcdCluster,
@@ -22,15 +22,17 @@ import Testing
     {
         var out: [RunningControl] = []
         for i in 0..<n {
-            out.append(
-                try await RunningControl(clock: clock) { c in
-                    c.store = "etcd"
-                    c.etcdEndpoints = etcd.endpoints
-                    c.etcdPrefix = "/replicas/"
-                    c.replicaName = "r\(i)"
-                    configure(&c)
-                }
-            )
+            let cp = try await RunningControl(clock: clock) { c in
+                c.store = "etcd"
+                c.etcdEndpoints = etcd.endpoints
+                c.etcdPrefix = "/replicas/"
+                c.replicaName = "r\(i)"
+                configure(&c)
+            }
+            // Stopped on every path: a replica left running by a failed test kept retrying its gone etcd
+            // and logging it for the rest of the run.
+            onTeardown { try? await cp.stop() }
+            out.append(cp)
         }
         return out
     }

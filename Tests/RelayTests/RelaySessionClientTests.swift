@@ -309,8 +309,12 @@ struct RelaySessionClientTests {
         let book = AddressBook()
         let backend = try await startEchoBackend()
         let port = backend.localAddress!.port!
-        let a = try await RelayedNode.make("a", ca: pki.ca, book: book, relays: relays)
-        let b = try await RelayedNode.make("b", ca: pki.ca, book: book, relays: relays)
+        // The relay waits `relayDelay` for the direct dial before it starts a circuit: a minute here, so that a
+        // loaded machine's slow handshake cannot start one (300 ms by default; the dial succeeds, so no wait).
+        var configuration = LinkConfiguration()
+        configuration.relayDelay = .seconds(60)
+        let a = try await RelayedNode.make("a", ca: pki.ca, book: book, relays: relays, configuration: configuration)
+        let b = try await RelayedNode.make("b", ca: pki.ca, book: book, relays: relays, configuration: configuration)
         #expect(await eventually { a.client.home == "r1" && b.client.home == "r1" })
         let x = ByteBuffer(string: "direct")
         #expect(try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: x) == x)
