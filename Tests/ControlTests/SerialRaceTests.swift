@@ -11,7 +11,7 @@ import X509
 /// takes each serial as a reservation in the same transaction that records the certificate, so a serial
 /// can have one owner only, whichever replica writes it; and concurrent joins through three replicas get
 /// serials that are all different and all recorded.
-@Suite(.serialized, .rationed) struct SerialRaceTests {
+@Suite(.serialized, .awaitedTeardown, .rationed) struct SerialRaceTests {
     @Test("30 writers on 3 replicas race for one serial: exactly one takes it, the others learn who holds it")
     func oneSerialOneOwner() async throws {
         let etcd = try await EtcdCluster.start()
