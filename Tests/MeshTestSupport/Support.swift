@@ -218,20 +218,55 @@ public func pause(_ duration: Duration) async {
     await Task.detached { try? await Task.sleep(for: duration) }.value
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for a test).
+/// A port free for TCP and UDP on 127.0.0.1 right now, for a server a test starts (`--listen 127.0.0.1:P`).
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`), never from it: a port the kernel
+/// hands out by `bind(0)` is also what it gives the next outgoing connection, and in a test process with
+/// hundreds of connections one of them took a port between this call and the server's bind ("Address
+/// already in use"). Below the range only explicit binds compete: the other servers of this run, which
+/// this process's counter keeps apart.
 public func freePort() -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var addr = sockaddr_in()
-    addr.sin_family = sa_family_t(AF_INET)
-    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-    addr.sin_port = 0
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
-    _ = withUnsafeMutablePointer(to: &addr) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+    let (low, high) = FreePorts.range
+    for _ in 0..<(high - low) {
+        let port = FreePorts.next()
+        if FreePorts.bindable(port, SOCK_STREAM) && FreePorts.bindable(port, SOCK_DGRAM) { return port }
     }
-    return Int(UInt16(bigEndian: addr.sin_port))
+    preconditionFailure("no free port in \(low)..<\(high) on 127.0.0.1")
+}
+
+private enum FreePorts {
+    /// 12,000 ports below the ephemeral range (32768-60999 by default: 20768-32767).
+    static let range: (Int, Int) = {
+        let text = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8)) ?? ""
+        let low =
+            text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).first.flatMap { Int($0) } ?? 32768
+        let top = max(low, 2048)
+        return (max(1024, top - 12_000), top)
+    }()
+    /// Where this process starts in the range (apart from another test process running at the same time).
+    private static let counter = Atomic<Int>(Int(getpid()) &* 7919)
+
+    static func next() -> Int {
+        let (low, high) = Self.range
+        let n = Self.counter.add(1, ordering: .relaxed).newValue
+        return low + ((n % (high - low)) + (high - low)) % (high - low)
+    }
+
+    static func bindable(_ port: Int, _ type: __socket_type) -> Bool {
+        let fd = socket(AF_INET, Int32(type.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        return rc == 0
+    }
 }
 
 /// A blocking TCP client for sending exact bytes (garbage, half requests) and reading the reply.
