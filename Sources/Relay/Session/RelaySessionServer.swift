@@ -111,7 +111,10 @@ public final class RelaySessionServer: Sendable {
     /// Binds and serves; returns the bound address.
     public func start() async throws -> SocketAddress {
         let channel = try await ServerBootstrap(group: self.group)
-            .serverChannelOption(.backlog, value: 256)
+            // When a relay dies, every agent homed on it re-homes, most of them here, within seconds: a short
+            // accept queue would drop their SYNs and cost each a retransmission (1 s, then 3 s). The kernel
+            // caps it at net.core.somaxconn.
+            .serverChannelOption(.backlog, value: 4096)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: false)
