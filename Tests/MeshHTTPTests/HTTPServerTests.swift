@@ -59,6 +59,22 @@ extension HTTPResponse {
 }
 
 @Suite(.rationed) struct HTTPServerTests {
+    @Test("the listen backlog is 4096 (the kernel caps it at somaxconn): a replica's agents reconnect at once")
+    func listenBacklog() async throws {
+        let somaxconn = (try? String(contentsOfFile: "/proc/sys/net/core/somaxconn", encoding: .utf8))
+            .flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        for (configured, expected) in [(nil, min(4096, somaxconn ?? 4096)), (100, 100)] {
+            let (_, group, task, port) = try await startServer { if let configured { $0.backlog = configured } }
+            // For a listening socket, ss's Send-Q column is its backlog.
+            let ss = try await run("/usr/bin/env", ["ss", "-Hltn", "sport = :\(port)"])
+            let fields = ss.stdout.split(whereSeparator: \.isWhitespace)
+            #expect(ss.status == 0, "\(ss.stderr)")
+            #expect(fields.count >= 3 && Int(fields[2]) == expected, "\(ss.stdout)")
+            await group.triggerGracefulShutdown()
+            try await task.value
+        }
+    }
+
     @Test func keepAliveAndPipelinedRequestsOnOneConnection() async throws {
         let (server, group, task, port) = try await startServer()
         let replies = try await blocking {
