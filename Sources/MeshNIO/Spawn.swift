@@ -23,6 +23,15 @@ public enum Spawn {
         case copy(Int32, from: Int32)
     }
 
+    /// stdin from /dev/null, stdout and stderr into the file at `path` (created; appended to or emptied).
+    public static func output(to path: String, append: Bool) -> [Descriptor] {
+        [
+            .open(0, path: "/dev/null", flags: O_RDONLY),
+            .open(1, path: path, flags: O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC)),
+            .copy(2, from: 1),
+        ]
+    }
+
     public struct Failure: Error, CustomStringConvertible, Equatable {
         public var command: String
         public var code: Int32

@@ -307,16 +307,7 @@ func idleSockets(port: Int, count: Int) throws -> [Int32] {
     var fds: [Int32] = []
     for _ in 0..<count {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
-        }
-        if rc != 0 {
+        if withIPv4Address(port: port, { connect(fd, $0, $1) }) != 0 {
             close(fd)
             for f in fds { close(f) }
             throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .ECONNREFUSED)

@@ -28,11 +28,7 @@ struct SpawnTests {
             path,
             arguments,
             environment: environment,
-            descriptors: [
-                .open(0, path: "/dev/null", flags: O_RDONLY),
-                .open(1, path: out, flags: O_WRONLY | O_CREAT | O_TRUNC),
-                .copy(2, from: 1),
-            ]
+            descriptors: Spawn.output(to: out, append: false)
         )
         var status: Int32 = 0
         #expect(await eventually { waitpid(pid, &status, WNOHANG) == pid })

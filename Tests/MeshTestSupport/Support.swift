@@ -256,16 +256,22 @@ private enum FreePorts {
         let fd = socket(AF_INET, Int32(type.rawValue), 0)
         guard fd >= 0 else { return false }
         defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
-        }
-        return rc == 0
+        return withIPv4Address(port: port) { bind(fd, $0, $1) } == 0
+    }
+}
+
+/// Calls `body` with an IPv4 socket address (`host`, `port`) for bind or connect.
+public func withIPv4Address<T>(
+    _ host: String = "127.0.0.1",
+    port: Int,
+    _ body: (UnsafePointer<sockaddr>, socklen_t) -> T
+) -> T {
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr(host)
+    addr.sin_port = in_port_t(UInt16(port).bigEndian)
+    return withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
     }
 }
 
@@ -277,16 +283,8 @@ public final class RawSocket {
         self.fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var tv = timeval(tv_sec: timeout, tv_usec: 0)
         setsockopt(self.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr(host)
-        addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(self.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
-        }
-        if rc != 0 {
+        let fd = self.fd
+        if withIPv4Address(host, port: port, { connect(fd, $0, $1) }) != 0 {
             // No close here: every stored property is set, so a throw from here runs `deinit`, which closes
             // the socket. Closing it here as well was a double close, which closed whatever descriptor took
             // the number meanwhile: NIO's sockets, seen as EBADF crashes in NIO when a test polled a port

@@ -36,11 +36,7 @@ struct ChildProcess: Sendable {
                 path,
                 args,
                 environment: environment,
-                descriptors: [
-                    .open(0, path: "/dev/null", flags: O_RDONLY),
-                    .open(1, path: logPath, flags: O_WRONLY | O_CREAT | O_APPEND),
-                    .copy(2, from: 1),
-                ],
+                descriptors: Spawn.output(to: logPath, append: true),
                 newProcessGroup: true,
                 argv0: command
             )
