@@ -118,21 +118,33 @@ public final class WatchHub: Sendable {
     /// resourceVersion order.
     public func publish(_ event: StoreEvent) {
         let entry = Entry(event)
-        self.state.withLock { s in
+        let woken = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
             precondition(event.resourceVersion > s.current, "events must be published in order")
             s.current = event.resourceVersion
             s.history.append(entry)
             s.keptBytes += entry.line.readableBytes
             s.trim(self.configuration)
+            var woken: [CheckedContinuation<Void, Never>] = []
             for sub in s.subscribers.values where sub.filter.matches(event.object) {
-                sub.enqueue(
+                let waiter = sub.enqueue(
                     .line(entry.line),
                     rv: event.resourceVersion,
                     maxPending: self.configuration.maxPending,
                     maxBytes: self.configuration.maxPendingBytes
                 )
+                if let waiter { woken.append(waiter) }
             }
+            return woken
         }
+        Self.wake(woken)
+    }
+
+    /// Resumes waiting watchers, after the hub's lock is released: never under it. Resuming a task takes
+    /// the task's status lock, which a cancelled watch holds while its cancellation handler waits for the
+    /// hub's lock to remove itself (a deadlock seen in a test run: `sendBookmarks` resuming a watcher under
+    /// the hub's lock while the `WorkloadController`'s watch was being cancelled).
+    private static func wake(_ waiters: [CheckedContinuation<Void, Never>]) {
+        for waiter in waiters { waiter.resume() }
     }
 
     /// Moves the latest version to `rv` without a change to publish (writes that watchers do not see,
@@ -176,12 +188,18 @@ public final class WatchHub: Sendable {
                 let mid = (lo + hi) / 2
                 if kept[mid].event.resourceVersion <= rv { lo = mid + 1 } else { hi = mid }
             }
+            // (A new subscription has no waiter to wake.)
             for entry in kept[lo...] where filter.matches(entry.event.object) {
-                sub.enqueue(.line(entry.line), rv: entry.event.resourceVersion, maxPending: Int.max, maxBytes: Int.max)
+                _ = sub.enqueue(
+                    .line(entry.line),
+                    rv: entry.event.resourceVersion,
+                    maxPending: Int.max,
+                    maxBytes: Int.max
+                )
             }
             // Then a bookmark: the watcher has everything up to now and knows it at once, even when
             // nothing it watches changes for a long time.
-            sub.enqueue(.bookmark(s.current), rv: s.current, maxPending: Int.max, maxBytes: Int.max)
+            _ = sub.enqueue(.bookmark(s.current), rv: s.current, maxPending: Int.max, maxBytes: Int.max)
             s.subscribers[id] = sub
             return sub
         }
@@ -189,11 +207,10 @@ public final class WatchHub: Sendable {
 
     /// Tells every idle watcher how far the store has got, so it can resume from there.
     public func sendBookmarks() {
-        self.state.withLock { s in
-            for sub in s.subscribers.values {
-                sub.bookmark(s.current)
-            }
+        let woken = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            s.subscribers.values.compactMap { $0.bookmark(s.current) }
         }
+        Self.wake(woken)
     }
 
     /// Ends every watch (shutdown).
@@ -241,10 +258,12 @@ public final class WatchSubscription: Sendable {
     /// True when the watch was ended because its client did not keep up.
     public var overflowed: Bool { self.state.withLock { $0.overflowed } }
 
-    func enqueue(_ item: Item, rv: Int64, maxPending: Int, maxBytes: Int) {
+    /// Queues `item`; returns the watcher's waiting `next()` to resume, which the caller resumes once it holds
+    /// no lock of its own (see `WatchHub.wake`).
+    func enqueue(_ item: Item, rv: Int64, maxPending: Int, maxBytes: Int) -> CheckedContinuation<Void, Never>? {
         let size: Int
         if case .line(let b) = item { size = b.readableBytes } else { size = 0 }
-        let waiter = self.state.withLock { s -> CheckedContinuation<Void, Never>? in
+        return self.state.withLock { s -> CheckedContinuation<Void, Never>? in
             guard !s.ended else { return nil }
             if s.pending.count >= maxPending || (s.pendingBytes > 0 && s.pendingBytes + size > maxBytes) {
                 s.ended = true
@@ -257,18 +276,17 @@ public final class WatchSubscription: Sendable {
             defer { s.waiter = nil }
             return s.waiter
         }
-        waiter?.resume()
     }
 
-    func bookmark(_ rv: Int64) {
-        let waiter = self.state.withLock { s -> CheckedContinuation<Void, Never>? in
+    /// Queues a bookmark when nothing else is queued; returns the waiter to resume, as `enqueue` does.
+    func bookmark(_ rv: Int64) -> CheckedContinuation<Void, Never>? {
+        self.state.withLock { s -> CheckedContinuation<Void, Never>? in
             guard !s.ended, s.pending.isEmpty else { return nil }
             s.pending.append(.bookmark(rv))
             s.lastQueued = rv
             defer { s.waiter = nil }
             return s.waiter
         }
-        waiter?.resume()
     }
 
     /// Ends the watch; `next()` returns what is still queued, then nil.
