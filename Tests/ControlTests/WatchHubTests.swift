@@ -1,6 +1,10 @@
 import Control
+import Dispatch
+import Glibc
+import MeshNIO
 import MeshTestSupport
 import NIOCore
+import Synchronization
 import Testing
 
 @Suite(.rationed) struct WatchHubTests {
@@ -62,4 +66,121 @@ import Testing
         let line = String(buffer: WatchHubLine.of(self.event(4)))
         #expect(line == #"{"type":"ADDED","object":{"metadata":{"name":"x","resourceVersion":"4"},"value":0}}"# + "\n")
     }
+
+    /// Regression for a deadlock (412608a): a watcher cancelled while the hub fans out a change or a
+    /// bookmark. The hub used to resume a waiting watcher under its own lock; resuming needs the watcher
+    /// task's status lock, which the canceller holds while the cancellation handler ends the watch, and
+    /// ending it needs the hub's lock. Here a thread of its own publishes and sends bookmarks without pause,
+    /// another cancels watcher tasks that wait in `next()`, round after round; a watchdog thread reports if
+    /// the rounds stop finishing. The fan-out and the cancels run on threads of their own, so a deadlock
+    /// parks those two threads only, never the pool, and the test fails rather than hangs.
+    @Test func cancellingWaitingWatchersDuringFanOutNeverDeadlocks() async throws {
+        let hub = WatchHub(current: 0)
+        let stress = WatchStress(hub: hub, event: { self.event($0) })
+        let finished = await stress.run(rounds: 400, watchers: 16)
+        #expect(finished, "no round finished for 60 s: the hub and a cancelled watcher deadlocked")
+        #expect(stress.roundsDone == 400)
+    }
+}
+
+/// The fan-out and cancel threads of `cancellingWaitingWatchersDuringFanOutNeverDeadlocks`.
+private final class WatchStress: Sendable {
+    let hub: WatchHub
+    let event: @Sendable (Int64) -> StoreEvent
+    private let stop = Atomic<Bool>(false)
+    private let rounds = Atomic<Int>(0)
+    private let outcome = Mutex<CheckedContinuation<Bool, Never>?>(nil)
+
+    var roundsDone: Int { self.rounds.load(ordering: .relaxed) }
+
+    init(hub: WatchHub, event: @escaping @Sendable (Int64) -> StoreEvent) {
+        self.hub = hub
+        self.event = event
+    }
+
+    /// True when every round finished; false when the watchdog saw no round finish for 60 s.
+    func run(rounds: Int, watchers: Int) async -> Bool {
+        await withCheckedContinuation { c in
+            self.outcome.withLock { $0 = c }
+            DedicatedThread.start(name: "watch-fan-out") { self.fanOut() }
+            DedicatedThread.start(name: "watch-cancel") { self.cancelRounds(rounds, watchers) }
+            DedicatedThread.start(name: "watch-watchdog") { self.watchdog() }
+        }
+    }
+
+    private func finish(_ ok: Bool) {
+        self.stop.store(true, ordering: .relaxed)
+        self.outcome.withLock { c in
+            c?.resume(returning: ok)
+            c = nil
+        }
+    }
+
+    private func fanOut() {
+        var rv: Int64 = 0
+        while !self.stop.load(ordering: .relaxed) {
+            rv += 1
+            self.hub.publish(self.event(rv))
+            self.hub.sendBookmarks()
+        }
+    }
+
+    private func cancelRounds(_ rounds: Int, _ watchers: Int) {
+        for _ in 0..<rounds {
+            let ended = DispatchSemaphore(value: 0)
+            let waiting = DispatchSemaphore(value: 0)
+            var tasks: [Task<Void, Never>] = []
+            for _ in 0..<watchers {
+                guard
+                    let sub = try? self.hub.subscribe(
+                        after: self.hub.currentResourceVersion,
+                        filter: WatchFilter(resource: "services")
+                    )
+                else { continue }
+                tasks.append(
+                    Task {
+                        var first = true
+                        while true {
+                            let chunk = await withTaskCancellationHandler {
+                                await sub.next(kind: "Service")
+                            } onCancel: {
+                                sub.cancel()
+                            }
+                            if first {
+                                first = false
+                                waiting.signal()
+                            }
+                            if chunk == nil { break }
+                        }
+                        ended.signal()
+                    }
+                )
+            }
+            for _ in tasks { waiting.wait() }
+            for task in tasks { task.cancel() }
+            for _ in tasks { ended.wait() }
+            self.rounds.add(1, ordering: .relaxed)
+        }
+        self.finish(true)
+    }
+
+    private func watchdog() {
+        var seen = -1
+        var still = 0
+        while !self.stop.load(ordering: .relaxed) {
+            usleep(100_000)
+            let now = self.rounds.load(ordering: .relaxed)
+            if now != seen {
+                seen = now
+                still = 0
+            } else {
+                still += 1
+                if still >= 600 {
+                    self.finish(false)
+                    return
+                }
+            }
+        }
+    }
+
 }
