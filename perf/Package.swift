@@ -19,10 +19,25 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
     ],
     targets: [
         // What the benchmarks share (process figures from /proc).
         .target(name: "PerfSupport", path: "Sources/PerfSupport", swiftSettings: swiftSettings),
+        // What a record of a user-space record layer costs to seal and open (perf/aead/profile): swift-crypto
+        // against BoringSSL's EVP_AEAD, whose declarations CBoringAEAD writes out (NIOSSL links the code in).
+        .target(name: "CBoringAEAD", path: "Sources/CBoringAEAD"),
+        .executableTarget(
+            name: "aead-bench",
+            dependencies: [
+                "CBoringAEAD",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Sources/AEADBench",
+            swiftSettings: swiftSettings
+        ),
         // Data-plane benchmarks: our proxy (the MeshAgent library's DataPlane with one route), test
         // backends, the open-loop load generator, a bulk-transfer client and the quiet check.
         .executableTarget(
