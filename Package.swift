@@ -85,6 +85,8 @@ let package = Package(
         .systemLibrary(name: "CYAML", pkgConfig: "yaml-0.1", providers: [.apt(["libyaml-dev"])]),
         // Headers only (no library): Linux calls Glibc does not export to Swift (epoll, eventfd, accept4, thread names).
         .systemLibrary(name: "CLinux"),
+        // Headers only: BoringSSL's AEAD calls, as NIOSSL links them in (the link record layer, Relay/Records).
+        .systemLibrary(name: "CBoringAEAD"),
         // libnl-3 / libnl-route-3 for the mesh interface, loaded with dlopen on first use (not linked: an
         // agent in loopback mode maps none of it). Building needs no libnl headers: the shim declares what it
         // calls, and LibnlABITests checks that against libnl's headers (found with pkg-config). At run time
@@ -193,15 +195,16 @@ let package = Package(
         .target(
             name: "Relay",
             dependencies: nio + [
-                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire", "MeshClient", "MeshIdentity", "CLinux",
+                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire", "MeshClient", "MeshIdentity", "CLinux", "CBoringAEAD",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            exclude: ["README.md", "Mux/README.md", "Link/README.md", "Punch/README.md"],
+            exclude: ["README.md", "Mux/README.md", "Link/README.md", "Punch/README.md", "Records/README.md"],
             swiftSettings: swiftSettings
         ),
         // Node agent: node registration and heartbeat (workloads, twins, mapper API, outbox later).

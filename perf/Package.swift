@@ -24,15 +24,14 @@ let package = Package(
     targets: [
         // What the benchmarks share (process figures from /proc).
         .target(name: "PerfSupport", path: "Sources/PerfSupport", swiftSettings: swiftSettings),
-        // What a record of a user-space record layer costs to seal and open (perf/aead/profile): swift-crypto
-        // against BoringSSL's EVP_AEAD, whose declarations CBoringAEAD writes out (NIOSSL links the code in).
-        .target(name: "CBoringAEAD", path: "Sources/CBoringAEAD"),
+        // What a record costs to seal and open (perf/aead/profile): swift-crypto against the link record layer
+        // (Relay.LinkRecordCipher, on BoringSSL's EVP_AEAD).
         .executableTarget(
             name: "aead-bench",
             dependencies: [
-                "CBoringAEAD",
+                .product(name: "Relay", package: "edge-mesh"),
                 .product(name: "Crypto", package: "swift-crypto"),
-                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Sources/AEADBench",

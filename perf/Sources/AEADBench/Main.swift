@@ -1,7 +1,7 @@
 import ArgumentParser
-import CBoringAEAD
 import Crypto
-import NIOSSL
+import NIOCore
+import Relay
 
 /// Seals and opens `count` records of `size` bytes (a TLS 1.3 style nonce, 5 bytes of additional data),
 /// checking each one, through one of the AEAD interfaces a user-space record layer for peer links could
@@ -10,7 +10,7 @@ import NIOSSL
 struct AEADBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "aead-bench",
-        abstract: "Seal and open small records through swift-crypto or BoringSSL's EVP_AEAD (perf/aead/profile)."
+        abstract: "Seal and open records through swift-crypto or the link record layer (perf/aead/profile)."
     )
 
     enum API: String, ExpressibleByArgument, CaseIterable {
@@ -18,18 +18,16 @@ struct AEADBench: ParsableCommand {
         case cryptoGCM = "crypto-gcm"
         /// swift-crypto's `ChaChaPoly`.
         case cryptoChaCha = "crypto-chacha"
-        /// BoringSSL's `EVP_AEAD_CTX` (AES-128-GCM), set up once and reused, writing into buffers of ours.
-        case boringGCM = "boringssl-gcm"
-        /// BoringSSL's `EVP_AEAD_CTX` (ChaCha20-Poly1305).
-        case boringChaCha = "boringssl-chacha"
+        /// The link record layer (`Relay.LinkRecordCipher`): TLS 1.3 records over BoringSSL's `EVP_AEAD_CTX`
+        /// (AES-128-GCM), set up once per key, sealing into and opening from `ByteBuffer`s.
+        case linkRecords = "link-records"
     }
 
-    @Option(help: "crypto-gcm | crypto-chacha | boringssl-gcm | boringssl-chacha") var api: API
+    @Option(help: "crypto-gcm | crypto-chacha | link-records") var api: API
     @Option(help: "Records to seal and open.") var count = 1000
     @Option(help: "Plaintext bytes per record.") var size = 100
 
     func run() throws {
-        _ = NIOSSLContext.self  // NIOSSL is what links CNIOBoringSSL's definitions in
         let message = [UInt8](repeating: 0x5a, count: self.size)
         let ad: [UInt8] = [0x17, 0x03, 0x03, 0x00, 0x74]
         var nonce = [UInt8](repeating: 0x01, count: 12)
@@ -59,51 +57,22 @@ struct AEADBench: ParsableCommand {
                 )
                 opened += try ChaChaPoly.open(box, using: key, authenticating: ad).count
             }
-        case .boringGCM, .boringChaCha:
-            let gcm = self.api == .boringGCM
-            let key = [UInt8](repeating: 0x33, count: gcm ? 16 : 32)
-            guard
-                let ctx = CNIOBoringSSL_EVP_AEAD_CTX_new(
-                    gcm ? CNIOBoringSSL_EVP_aead_aes_128_gcm() : CNIOBoringSSL_EVP_aead_chacha20_poly1305(),
-                    key,
-                    key.count,
-                    16
-                )
-            else { throw ValidationError("EVP_AEAD_CTX_new failed") }
-            defer { CNIOBoringSSL_EVP_AEAD_CTX_free(ctx) }
-            var sealed = [UInt8](repeating: 0, count: self.size + 16)
-            var plain = [UInt8](repeating: 0, count: self.size + 16)
+        case .linkRecords:
+            let secret = [UInt8](repeating: 0x33, count: 32)
+            let sealer = LinkRecordCipher(secret: secret, hash: .sha256)
+            let opener = LinkRecordCipher(secret: secret, hash: .sha256)
+            let content = ByteBuffer(bytes: message)
+            var wire = ByteBuffer()
+            var plain = ByteBuffer()
             for i in 0..<self.count {
-                Self.number(&nonce, i)
-                var sealedLength = 0
-                var plainLength = 0
-                guard
-                    CNIOBoringSSL_EVP_AEAD_CTX_seal(
-                        ctx,
-                        &sealed,
-                        &sealedLength,
-                        sealed.count,
-                        nonce,
-                        12,
-                        message,
-                        message.count,
-                        ad,
-                        ad.count
-                    ) == 1,
-                    CNIOBoringSSL_EVP_AEAD_CTX_open(
-                        ctx,
-                        &plain,
-                        &plainLength,
-                        plain.count,
-                        nonce,
-                        12,
-                        sealed,
-                        sealedLength,
-                        ad,
-                        ad.count
-                    ) == 1
-                else { throw ValidationError("record \(i) did not seal and open") }
-                opened += plainLength
+                wire.clear()
+                plain.clear()
+                sealer.seal(content, into: &wire)
+                let type = try wire.withUnsafeReadableBytes { record in
+                    try opener.open(record, into: &plain)
+                }
+                guard type == 23 else { throw ValidationError("record \(i) opened as type \(type)") }
+                opened += plain.readableBytes
             }
         }
         guard opened == self.count * self.size else { throw ValidationError("opened \(opened) bytes") }
