@@ -99,8 +99,22 @@ public final class MeshLinkTLS: Sendable {
     public let identity: MeshPrincipal
     public let trust: [Certificate]
     public let revoked: RevokedSerials?
+    /// The client context of relay sessions (no ALPN).
     public let clientContext: NIOSSLContext
+    /// The client context of links: ALPN offers ``recordsProtocol`` then ``tlsProtocol``, and the key-log
+    /// callback feeds ``secrets``.
+    public let linkClientContext: NIOSSLContext
+    /// The server context of links (ALPN and ``secrets`` as `linkClientContext`).
     public let serverContext: NIOSSLContext
+    /// The server context of a node that does not offer the record layer (no ALPN, no key log).
+    public let tlsServerContext: NIOSSLContext
+    /// The exporter secrets of this node's link handshakes, until the link takes its own.
+    public let secrets = TLSExporterSecrets()
+
+    /// ALPN of a link whose records, once the handshake is done, the mesh's own record layer seals
+    /// (Relay/Records); ``tlsProtocol``, or no ALPN at all (an agent before it), keeps TLS records throughout.
+    public static let recordsProtocol = "mesh-link-records/1"
+    public static let tlsProtocol = "mesh-link-tls/1"
 
     public convenience init(_ credentials: LoadedCredentials, revoked: RevokedSerials? = nil) throws {
         try self.init(
@@ -133,6 +147,11 @@ public final class MeshLinkTLS: Sendable {
         guard !cas.isEmpty else { throw IdentityError("the CA file holds no certificate") }
         self.trust = cas
         self.clientContext = try MeshTLS.makeClientContext(key: keyPEM, certificate: certificatePEM)
+        let secrets = self.secrets
+        self.linkClientContext = try MeshTLS.makeClientContext(key: keyPEM, certificate: certificatePEM) { config in
+            config.applicationProtocols = [Self.recordsProtocol, Self.tlsProtocol]
+            config.keyLogCallback = secrets.callback
+        }
         let chain = try MeshTLS.nioCertificates(certificatePEM)
         var config = TLSConfiguration.makeServerConfiguration(
             certificateChain: chain.map { .certificate($0) },
@@ -143,6 +162,9 @@ public final class MeshLinkTLS: Sendable {
         // Required (a client without a certificate fails the handshake); the callback does the checks.
         config.certificateVerification = .noHostnameVerification
         config.trustRoots = .certificates(try MeshTLS.nioCertificates(caPEM))
+        self.tlsServerContext = try NIOSSLContext(configuration: config)
+        config.applicationProtocols = [Self.recordsProtocol, Self.tlsProtocol]
+        config.keyLogCallback = secrets.callback
         self.serverContext = try NIOSSLContext(configuration: config)
     }
 
@@ -157,5 +179,79 @@ public final class MeshLinkTLS: Sendable {
             if case .node = $0 { return true }
             return false
         }
+    }
+}
+
+/// The exporter secrets (RFC 8446 7.1) of TLS 1.3 handshakes by client random, as BoringSSL logs them through
+/// NIOSSL's key-log callback (`EXPORTER_SECRET <client random> <secret>`; every other line is ignored): how a
+/// link learns the secret its record layer derives its keys from (Relay/Records). A link takes its entry when
+/// its handshake completes; the entries of handshakes that never complete (a refused certificate) go oldest
+/// first past `capacity`. Secrets are kept in memory only, never written anywhere.
+public final class TLSExporterSecrets: Sendable {
+    private struct State {
+        var byRandom: [[UInt8]: [UInt8]] = [:]
+        var order: [[UInt8]] = []
+    }
+
+    private let state = Mutex(State())
+    public let capacity: Int
+
+    public init(capacity: Int = 1024) {
+        self.capacity = capacity
+    }
+
+    /// The key-log callback to set on a `TLSConfiguration`.
+    public var callback: NIOSSLKeyLogCallback {
+        { [self] line in self.record(line) }
+    }
+
+    /// Entries waiting to be taken.
+    public var count: Int { self.state.withLock { $0.byRandom.count } }
+
+    func record(_ line: ByteBuffer) {
+        let text = String(buffer: line)
+        let fields = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
+        guard fields.count == 3, fields[0] == "EXPORTER_SECRET",
+            let random = Self.bytes(hex: fields[1]), random.count == 32,
+            let secret = Self.bytes(hex: fields[2]), secret.count == 32 || secret.count == 48
+        else { return }
+        self.state.withLock { s in
+            if s.byRandom.updateValue(secret, forKey: random) == nil { s.order.append(random) }
+            while s.byRandom.count > self.capacity, !s.order.isEmpty {
+                s.byRandom.removeValue(forKey: s.order.removeFirst())
+            }
+        }
+    }
+
+    /// The exporter secret of the handshake whose ClientHello carried `clientRandom`, removed as it is taken.
+    public func take(clientRandom: [UInt8]) -> [UInt8]? {
+        self.state.withLock { s in
+            guard let secret = s.byRandom.removeValue(forKey: clientRandom) else { return nil }
+            if let i = s.order.firstIndex(of: clientRandom) { s.order.remove(at: i) }
+            return secret
+        }
+    }
+
+    static func bytes(hex: Substring) -> [UInt8]? {
+        guard hex.count % 2 == 0 else { return nil }
+        var out: [UInt8] = []
+        out.reserveCapacity(hex.count / 2)
+        var high: UInt8?
+        for c in hex.utf8 {
+            let v: UInt8
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = c - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): v = c - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): v = c - UInt8(ascii: "A") + 10
+            default: return nil
+            }
+            if let h = high {
+                out.append(h << 4 | v)
+                high = nil
+            } else {
+                high = v
+            }
+        }
+        return out
     }
 }

@@ -249,7 +249,11 @@ extension MeshTLS {
         )
     }
 
-    static func makeClientContext(key: String?, certificate: String?) throws -> NIOSSLContext {
+    static func makeClientContext(
+        key: String?,
+        certificate: String?,
+        configure: (inout TLSConfiguration) -> Void = { _ in }
+    ) throws -> NIOSSLContext {
         var config = TLSConfiguration.makeClientConfiguration()
         config.minimumTLSVersion = .tlsv13
         config.maximumTLSVersion = .tlsv13
@@ -266,6 +270,7 @@ extension MeshTLS {
             config.certificateChain = try nioCertificates(certificate).map { .certificate($0) }
             config.privateKey = .privateKey(try nioKey(key))
         }
+        configure(&config)
         return try NIOSSLContext(configuration: config)
     }
 

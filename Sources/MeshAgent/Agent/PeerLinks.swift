@@ -103,6 +103,8 @@ struct PeerRow: Codable, Sendable, Equatable {
     var since: String
     /// The node that dialed the link.
     var dialer: String
+    /// What seals the link's records after its handshake: `mesh` (the mesh record layer) or `tls`.
+    var records: String?
     /// Why the link is not direct (`peer mapping random`, `punch failed ...`); nil when it is.
     var reason: String?
     /// This node's and the peer's NAT mappings (`portPreserving`, `random`, ...), as last exchanged.
@@ -126,6 +128,7 @@ struct PeerRow: Codable, Sendable, Equatable {
         self.bytesReceived = stats.bytesReceived
         self.since = Timestamp.format(secondsSinceEpoch: Int(stats.since.timeIntervalSince1970))
         self.dialer = stats.dialer
+        self.records = stats.records
         if let punch {
             self.reason = stats.path == "relayed" ? punch.reason : nil
             self.localNAT = punch.localMapping

@@ -76,6 +76,13 @@ public struct LinkConfiguration: Sendable {
     public var relayDelay: TimeAmount = .milliseconds(300)
     /// How long the receiving side waits for a local endpoint to accept a connection.
     public var localConnectTimeout: TimeAmount = .seconds(5)
+    /// Whether this node offers the mesh record layer after the handshake (Relay/Records): when both ends
+    /// do (ALPN `mesh-link-records/1`), NIOSSL leaves the link once the handshake is done and
+    /// ``SealedRecordHandler`` seals its records. Off, or with a peer that does not offer it, TLS records
+    /// carry the link throughout.
+    public var sealedRecords = true
+    /// Records per key of the record layer before both ends move to the next (tests set it low).
+    public var recordsPerKey: UInt64 = LinkRecordCipher.defaultRecordsPerKey
 
     /// The link port's default.
     public static let defaultPort = 7900
@@ -135,6 +142,9 @@ public final class Link: Sendable, CustomStringConvertible {
     public let path: LinkPath
     public let session: MuxSession
     public let since: Date
+    /// What seals the link's records after its handshake: `mesh` (Relay/Records) or `tls` (NIOSSL, with a
+    /// peer that does not offer the record layer, or with ``LinkConfiguration/sealedRecords`` off).
+    public let records: String
     let idleTimeout: TimeAmount
     private let state = Mutex(State())
 
@@ -155,7 +165,16 @@ public final class Link: Sendable, CustomStringConvertible {
         self.channel.isActive && !self.state.withLock { $0.retired }
     }
 
-    init(peer: String, dialer: String, role: LinkRole, path: LinkPath, session: MuxSession, idleTimeout: TimeAmount) {
+    init(
+        peer: String,
+        dialer: String,
+        role: LinkRole,
+        path: LinkPath,
+        session: MuxSession,
+        idleTimeout: TimeAmount,
+        records: String = "tls"
+    ) {
+        self.records = records
         self.peer = peer
         self.dialer = dialer
         self.role = role
@@ -206,9 +225,10 @@ public final class Link: Sendable, CustomStringConvertible {
         switch role {
         case .dialer(let expect):
             let verifier = tls.dialerVerifier(expect: .node(expect))
+            try ops.addHandler(ClientRandomReader(.writing))
             try ops.addHandler(
                 NIOSSLClientHandler(
-                    context: tls.clientContext,
+                    context: configuration.sealedRecords ? tls.linkClientContext : tls.clientContext,
                     serverHostname: nil,
                     customVerificationCallback: verifier.callback
                 )
@@ -216,13 +236,34 @@ public final class Link: Sendable, CustomStringConvertible {
             refusal = { verifier.lastRefusal?.message }
         case .acceptor:
             let verifier = tls.acceptorVerifier()
+            try ops.addHandler(ClientRandomReader(.reading))
             try ops.addHandler(
-                NIOSSLServerHandler(context: tls.serverContext, customVerificationCallback: verifier.callback)
+                NIOSSLServerHandler(
+                    context: configuration.sealedRecords ? tls.serverContext : tls.tlsServerContext,
+                    customVerificationCallback: verifier.callback
+                )
             )
             refusal = { verifier.lastRefusal?.message }
         }
-        let handshake = LinkHandshakeHandler(promise: promise, refusal: refusal) { context in
-            try Self.up(context, role, path, tls, configuration, logger, promise.futureResult, inbound)
+        let handshake = LinkHandshakeHandler(
+            promise: promise,
+            refusal: refusal,
+            dialer: role != .acceptor,
+            secrets: tls.secrets,
+            recordsPerKey: configuration.recordsPerKey
+        ) { context, peerCertificate, sealed in
+            try Self.up(
+                context,
+                role,
+                path,
+                tls,
+                configuration,
+                logger,
+                promise.futureResult,
+                peerCertificate,
+                sealed,
+                inbound
+            )
         }
         try ops.addHandler(handshake)
         let timeout = channel.eventLoop.scheduleTask(in: configuration.handshakeTimeout) {
@@ -242,6 +283,8 @@ public final class Link: Sendable, CustomStringConvertible {
         _ configuration: LinkConfiguration,
         _ logger: Logger,
         _ future: EventLoopFuture<Link>,
+        _ peerCertificate: NIOSSLCertificate?,
+        _ sealed: Bool,
         _ inbound: @escaping @Sendable (Link, any Channel) -> EventLoopFuture<Void>
     ) throws -> Link {
         let channel = context.channel
@@ -255,8 +298,7 @@ public final class Link: Sendable, CustomStringConvertible {
             dialer = local
             mux.role = .client
         case .acceptor:
-            let cert = try channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
-            guard let cert, case .node(let name)? = MeshTLS.identity(of: cert) else {
+            guard let cert = peerCertificate, case .node(let name)? = MeshTLS.identity(of: cert) else {
                 throw LinkError.handshakeFailed("the client's certificate names no node")
             }
             peer = name
@@ -277,7 +319,8 @@ public final class Link: Sendable, CustomStringConvertible {
             role: role,
             path: path,
             session: session,
-            idleTimeout: configuration.idleTimeout(for: role)
+            idleTimeout: configuration.idleTimeout(for: role),
+            records: sealed ? "mesh" : "tls"
         )
         link.startTimers(pingInterval: configuration.pingInterval)
         channel.closeFuture.whenComplete { _ in link.stopTimers() }
@@ -385,33 +428,105 @@ public final class Link: Sendable, CustomStringConvertible {
 
 /// Waits for the TLS handshake, then hands over to the multiplexer (`up`). A handshake failure fails the
 /// link's promise with the verifier's reason when there is one.
+///
+/// When both ends chose the mesh record layer (ALPN ``MeshLinkTLS/recordsProtocol``), it first takes the
+/// handshake's exporter secret (by the client random ``ClientRandomReader`` read), puts a
+/// ``SealedRecordHandler`` behind NIOSSL, and has NIOSSL leave (`stopTLS`: close_notify both ways; the bytes
+/// read past the peer's go on to the record handler). The multiplexer comes up once NIOSSL is gone. A peer
+/// that refused this node's certificate answers with an alert instead of its close_notify, which fails the
+/// link here as the handshake would.
 final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
 
     private let promise: EventLoopPromise<Link>
     private let refusal: @Sendable () -> String?
-    private let up: (ChannelHandlerContext) throws -> Link
+    private let dialer: Bool
+    private let secrets: TLSExporterSecrets
+    private let recordsPerKey: UInt64
+    private let up: (ChannelHandlerContext, NIOSSLCertificate?, _ sealed: Bool) throws -> Link
     private var done = false
+    private var unwrapping = false
 
     init(
         promise: EventLoopPromise<Link>,
         refusal: @escaping @Sendable () -> String?,
-        up: @escaping (ChannelHandlerContext) throws -> Link
+        dialer: Bool,
+        secrets: TLSExporterSecrets,
+        recordsPerKey: UInt64,
+        up: @escaping (ChannelHandlerContext, NIOSSLCertificate?, _ sealed: Bool) throws -> Link
     ) {
         self.promise = promise
         self.refusal = refusal
+        self.dialer = dialer
+        self.secrets = secrets
+        self.recordsPerKey = recordsPerKey
         self.up = up
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        guard !self.done, case TLSUserEvent.handshakeCompleted = event else {
+        guard !self.done, case TLSUserEvent.handshakeCompleted(let negotiated) = event else {
             context.fireUserInboundEventTriggered(event)
             return
         }
         self.done = true
+        let ops = context.pipeline.syncOperations
+        let reader = try? ops.handler(type: ClientRandomReader.self)
+        if let reader { ops.removeHandler(reader, promise: nil) }
+        let tlsHandler: NIOSSLHandler? =
+            self.dialer
+            ? try? ops.handler(type: NIOSSLClientHandler.self) : try? ops.handler(type: NIOSSLServerHandler.self)
+        guard let tlsHandler else {
+            return self.fail(context, LinkError.handshakeFailed("the link's TLS handler is gone"))
+        }
+        let peerCertificate = self.dialer ? nil : tlsHandler.peerCertificate
+        // Taken whichever way the link goes: the key log keeps no secret of a link that does not need it.
+        let exporter = reader?.random.flatMap { self.secrets.take(clientRandom: $0) }
+        guard negotiated == MeshLinkTLS.recordsProtocol else {
+            return self.goUp(context, peerCertificate, sealed: false)
+        }
+        guard let exporter, let secrets = LinkRecordSecrets(exporterSecret: exporter)
+        else {
+            return self.fail(
+                context,
+                LinkError.handshakeFailed("no exporter secret for this handshake in the key log: cannot seal records")
+            )
+        }
+        let sealed = SealedRecordHandler(secrets: secrets, dialer: self.dialer, recordsPerKey: self.recordsPerKey)
         do {
-            let link = try self.up(context)
+            try ops.addHandler(sealed, position: .after(tlsHandler))
+        } catch {
+            return self.fail(context, error)
+        }
+        self.unwrapping = true
+        let unwrapped = context.eventLoop.makePromise(of: Void.self)
+        tlsHandler.stopTLS(promise: unwrapped)
+        unwrapped.futureResult.assumeIsolated().whenComplete { result in
+            self.unwrapping = false
+            switch result {
+            case .success:
+                guard context.channel.isActive, let sealedContext = try? ops.context(handler: sealed) else {
+                    return self.fail(context, LinkError.closedDuringHandshake)
+                }
+                self.goUp(context, peerCertificate, sealed: true) {
+                    sealed.start(context: sealedContext)
+                }
+            case .failure(let error):
+                self.fail(context, self.unwrapFailure(error))
+            }
+        }
+    }
+
+    /// The multiplexer comes up (`started` runs once it is in place: the record layer delivers what waited).
+    private func goUp(
+        _ context: ChannelHandlerContext,
+        _ peerCertificate: NIOSSLCertificate?,
+        sealed: Bool,
+        started: () -> Void = {}
+    ) {
+        do {
+            let link = try self.up(context, peerCertificate, sealed)
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            started()
             guard case .dialer = link.role else {
                 self.promise.succeed(link)
                 return
@@ -434,13 +549,30 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
                 }
             }
         } catch {
-            self.promise.fail(error)
-            context.close(promise: nil)
+            self.fail(context, error)
         }
     }
 
+    /// Why leaving TLS failed. The dialer's TLS 1.3 handshake ends before the acceptor checks its certificate:
+    /// an acceptor that refuses it answers the close_notify with an alert, which ends up here.
+    private func unwrapFailure(_ error: any Error) -> LinkError {
+        let why =
+            self.dialer
+            ? "the peer refused this node's certificate, or closed the link after the handshake: \(error)"
+            : "the dialer closed the link after the handshake: \(error)"
+        return LinkError.handshakeFailed(self.refusal() ?? why)
+    }
+
+    private func fail(_ context: ChannelHandlerContext, _ error: any Error) {
+        self.promise.fail(error)
+        context.close(promise: nil)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if !self.done {
+        if self.unwrapping {
+            self.unwrapping = false
+            self.promise.fail(self.unwrapFailure(error))
+        } else if !self.done {
             self.done = true
             let reason = self.refusal() ?? "\(error)"
             self.promise.fail(LinkError.handshakeFailed(reason))
@@ -449,8 +581,9 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if !self.done {
+        if !self.done || self.unwrapping {
             self.done = true
+            self.unwrapping = false
             if let reason = self.refusal() {
                 self.promise.fail(LinkError.handshakeFailed(reason))
             } else {

@@ -27,6 +27,8 @@ public struct LinkStats: Sendable, Hashable, Codable {
     public var since: Date
     /// The node that dialed it.
     public var dialer: String
+    /// What seals its records after the handshake: `mesh` (the mesh record layer) or `tls` (NIOSSL).
+    public var records: String
 }
 
 /// The links of one node: at most one per peer node, dialed on first use, kept while streams are open
@@ -561,7 +563,8 @@ public final class LinkManager: Sendable {
                     bytesSent: mux.dataBytesSent,
                     bytesReceived: mux.dataBytesReceived,
                     since: link.since,
-                    dialer: link.dialer
+                    dialer: link.dialer,
+                    records: link.records
                 )
             )
         }
