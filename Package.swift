@@ -332,6 +332,7 @@ let package = Package(
                 "MeshIdentity", "MeshCore", "MeshTestSupport",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

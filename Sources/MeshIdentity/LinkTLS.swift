@@ -186,7 +186,8 @@ public final class MeshLinkTLS: Sendable {
 /// NIOSSL's key-log callback (`EXPORTER_SECRET <client random> <secret>`; every other line is ignored): how a
 /// link learns the secret its record layer derives its keys from (Relay/Records). A link takes its entry when
 /// its handshake completes; the entries of handshakes that never complete (a refused certificate) go oldest
-/// first past `capacity`. Secrets are kept in memory only, never written anywhere.
+/// first past `capacity`. A client random seen in two handshakes yields no secret to either. Secrets are kept
+/// in memory only, never written anywhere.
 public final class TLSExporterSecrets: Sendable {
     private struct State {
         var byRandom: [[UInt8]: [UInt8]] = [:]
@@ -216,7 +217,14 @@ public final class TLSExporterSecrets: Sendable {
             let secret = Self.bytes(hex: fields[2]), secret.count == 32 || secret.count == 48
         else { return }
         self.state.withLock { s in
-            if s.byRandom.updateValue(secret, forKey: random) == nil { s.order.append(random) }
+            // Two handshakes with one client random (a ClientHello replayed by someone on the path) must not
+            // hand either link the other's secret: the entry becomes empty, and both links fail to take one.
+            let earlier = s.byRandom.updateValue(secret, forKey: random)
+            if earlier == nil {
+                s.order.append(random)
+            } else if earlier != secret {
+                s.byRandom[random] = []
+            }
             while s.byRandom.count > self.capacity, !s.order.isEmpty {
                 s.byRandom.removeValue(forKey: s.order.removeFirst())
             }
@@ -228,7 +236,7 @@ public final class TLSExporterSecrets: Sendable {
         self.state.withLock { s in
             guard let secret = s.byRandom.removeValue(forKey: clientRandom) else { return nil }
             if let i = s.order.firstIndex(of: clientRandom) { s.order.remove(at: i) }
-            return secret
+            return secret.isEmpty ? nil : secret
         }
     }
 

@@ -21,7 +21,12 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
     private var started = false
     private var ended = false
     private var sentCloseNotify = false
+    /// Bytes read and not yet opened (before `start`, or while opening).
     private var received: ByteBuffer?
+    /// The start of a record cut by the end of the last read.
+    private var partial: ByteBuffer?
+    /// The plaintext buffer of the last read, kept for the next.
+    private var plain: ByteBuffer?
     private var staged: [(ByteBuffer, EventLoopPromise<Void>?)] = []
 
     /// Records sealed and opened so far (for tests and `/peers`).
@@ -55,8 +60,18 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
         } else {
             self.received!.writeBuffer(&bytes)
         }
-        if self.started { self.openReceived(context) }
+        if self.started {
+            self.openReceived(context)
+        } else if self.received!.readableBytes > Self.maxWaiting {
+            // The peer sends records only once it has left TLS itself, and then little before this end starts.
+            self.ended = true
+            context.fireErrorCaught(LinkRecordError.badLength(self.received!.readableBytes))
+            context.close(promise: nil)
+        }
     }
+
+    /// Bytes that may wait for ``start(context:)``.
+    static let maxWaiting = 1 << 20
 
     public func channelReadComplete(context: ChannelHandlerContext) {
         guard self.started else { return }
@@ -66,53 +81,100 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
     private func openReceived(_ context: ChannelHandlerContext) {
         guard var bytes = self.received, !self.ended else { return }
         self.received = nil
-        var out: ByteBuffer?
-        var closeNotify = false
-        let outcome: Result<Void, LinkRecordError> = bytes.readWithUnsafeReadableBytes { all in
-            var at = 0
-            do throws(LinkRecordError) {
-                while !closeNotify,
-                    let length = try LinkRecordCipher.recordLength(in: UnsafeRawBufferPointer(rebasing: all[at...]))
-                {
-                    let record = UnsafeRawBufferPointer(rebasing: all[at..<(at + length)])
-                    var plain = out ?? context.channel.allocator.buffer(capacity: all.count - at)
-                    let mark = plain.writerIndex
-                    let type = try self.receiver.open(record, into: &plain)
-                    at += length
-                    switch type {
-                    case LinkRecordCipher.ContentType.applicationData.rawValue:
-                        out = plain
-                    case LinkRecordCipher.ContentType.alert.rawValue:
-                        let alert = plain.getBytes(at: mark, length: plain.writerIndex - mark) ?? []
-                        plain.moveWriterIndex(to: mark)
-                        out = plain
-                        guard alert.count == 2 else { throw .alert(level: alert.first ?? 0, description: 0xFF) }
-                        guard alert[1] == 0 else { throw .alert(level: alert[0], description: alert[1]) }
-                        closeNotify = true
-                    default:
-                        throw .unexpectedContentType(type)
+        var out = self.plainBuffer(context, capacity: bytes.readableBytes)
+        var outcome: Result<Bool, LinkRecordError>
+        if var partial = self.partial {
+            // Complete the record that the last read left cut, with as few of the new bytes as it needs: the
+            // rest is opened where it lies, not copied.
+            self.partial = nil
+            outcome = Result { () throws(LinkRecordError) -> Bool in
+                while true {
+                    let want = try partial.withUnsafeReadableBytes { (head) throws(LinkRecordError) -> Int in
+                        guard head.count >= LinkRecordCipher.headerLength else {
+                            _ = try LinkRecordCipher.recordLength(in: head)
+                            return LinkRecordCipher.headerLength - head.count
+                        }
+                        let length = Int(head[3]) << 8 | Int(head[4])
+                        _ = try LinkRecordCipher.recordLength(in: UnsafeRawBufferPointer(rebasing: head[0..<5]))
+                        return LinkRecordCipher.headerLength + length - head.count
                     }
+                    guard want > 0 else { break }
+                    let n = min(want, bytes.readableBytes)
+                    var piece = bytes.readSlice(length: n)!
+                    partial.writeBuffer(&piece)
+                    if n < want { return false }
                 }
-                return (at, .success(()))
-            } catch {
-                return (at, .failure(error))
+                return try self.openRecords(&partial, into: &out)
             }
+            if case .success(false) = outcome, partial.readableBytes > 0 {
+                self.partial = partial  // still cut: the new bytes are all in it
+            }
+        } else {
+            outcome = .success(false)
         }
-        if let out, out.readableBytes > 0 { context.fireChannelRead(self.wrapInboundOut(out)) }
+        if case .success(false) = outcome, self.partial == nil {
+            outcome = Result { () throws(LinkRecordError) -> Bool in try self.openRecords(&bytes, into: &out) }
+            if case .success(false) = outcome, bytes.readableBytes > 0 { self.partial = bytes }
+        }
+        if out.readableBytes > 0 { context.fireChannelRead(self.wrapInboundOut(out)) }
+        if out.capacity <= Self.keptPlainCapacity { self.plain = out }
         switch outcome {
         case .failure(let error):
             self.ended = true
             context.fireErrorCaught(error)
             context.close(promise: nil)
-        case .success:
+        case .success(let closeNotify):
             if closeNotify {
                 self.ended = true
                 context.fireChannelReadComplete()
                 context.close(promise: nil)
-            } else if bytes.readableBytes > 0 {
-                self.received = bytes
             }
         }
+    }
+
+    /// The buffer the plaintext of one read goes into: the last one again when the multiplexer no longer holds
+    /// any of it (no allocation per read), else a new one.
+    private func plainBuffer(_ context: ChannelHandlerContext, capacity: Int) -> ByteBuffer {
+        guard var plain = self.plain else { return context.channel.allocator.buffer(capacity: max(capacity, 16_384)) }
+        self.plain = nil
+        plain.clear(minimumCapacity: capacity)
+        return plain
+    }
+
+    /// Largest plaintext buffer kept between reads.
+    static let keptPlainCapacity = 256 * 1024
+
+    /// Opens the whole records at the front of `bytes` into `out`, consuming them; true when one was the peer's
+    /// close_notify (nothing after it is read).
+    private func openRecords(_ bytes: inout ByteBuffer, into out: inout ByteBuffer) throws(LinkRecordError) -> Bool {
+        let result: (Bool, LinkRecordError?) = bytes.readWithUnsafeReadableBytes { all in
+            var at = 0
+            do throws(LinkRecordError) {
+                while let length = try LinkRecordCipher.recordLength(in: UnsafeRawBufferPointer(rebasing: all[at...])) {
+                    let record = UnsafeRawBufferPointer(rebasing: all[at..<(at + length)])
+                    let mark = out.writerIndex
+                    let type = try self.receiver.open(record, into: &out)
+                    at += length
+                    switch type {
+                    case LinkRecordCipher.ContentType.applicationData.rawValue:
+                        continue
+                    case LinkRecordCipher.ContentType.alert.rawValue:
+                        let alert = out.getBytes(at: mark, length: out.writerIndex - mark) ?? []
+                        out.moveWriterIndex(to: mark)
+                        guard alert.count == 2 else { throw .alert(level: alert.first ?? 0, description: 0xFF) }
+                        guard alert[1] == 0 else { throw .alert(level: alert[0], description: alert[1]) }
+                        return (at, (true, nil))
+                    default:
+                        throw .unexpectedContentType(type)
+                    }
+                }
+                return (at, (false, nil))
+            } catch {
+                return (at, (false, error))
+            }
+        }
+        if let error = result.1 { throw error }
+        return result.0
     }
 
     public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
