@@ -10,6 +10,8 @@
 //   (MeshAgent/DataPlane/HTTP/DesyncFuzzing.swift);
 // - `mux`: the yamux frame codec (whole and in pieces), the stream-open header and reply, datagram
 //   framing (MeshWire/Fuzzing.swift);
+// - `records`: the link record layer: headers and records off the wire, seal and open round trips, a flipped
+//   byte refused (Relay/Records/RecordFuzzing.swift);
 // - `mqtt`: the MQTT 3.1.1 codec (round trips) and KubeEdge's twin payload decoders (NodeAgent/MQTT/MQTTFuzz.swift).
 //
 // Built by `scripts/fuzz TARGET` with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer's driver runs.
@@ -40,6 +42,7 @@ func fuzzOne(_ bytes: UnsafeRawBufferPointer) {
     case "relay": RelaySessionFuzzing.fuzzOne(bytes)
     case "http": HTTPFuzzing.fuzzOne(bytes)
     case "mux": MuxFuzzing.fuzzOne(bytes)
+    case "records": LinkRecordFuzzing.fuzzOne(bytes)
     case "http-desync": HTTPDesyncFuzzing.fuzzOne(bytes)
     case "mqtt": MQTTFuzz.check(Array(bytes))
     default: DNSFuzzing.fuzzOne(bytes)

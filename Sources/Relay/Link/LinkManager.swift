@@ -278,6 +278,10 @@ public final class LinkManager: Sendable {
                 promise.succeed(current)
             } catch {
                 if let current = self.state.withLock({ $0.links[node] }), current.isUsable {
+                    self.logger.info(
+                        "a dial failed while the peer's own link came up: using that one",
+                        metadata: ["peer": "\(node)", "link": "\(current)", "error": "\(error)"]
+                    )
                     promise.succeed(current)
                 } else {
                     promise.fail(error)
