@@ -10,6 +10,23 @@ import Testing
 
 /// Links with the mesh record layer (Relay/Records) over real sockets on 127.0.0.1.
 @Suite(.rationed) struct LinkRecordLayerTests {
+    /// Nodes a and b (with `configuration`) of one CA, and an echo backend; all stopped after `body`.
+    func withNodes(
+        _ configuration: LinkConfiguration = LinkConfiguration(),
+        _ body: (_ a: LinkNode, _ b: LinkNode, _ port: Int, _ book: AddressBook, _ ca: CertificateAuthority)
+            async throws -> Void
+    ) async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
+        let b = try await LinkNode.make("b", ca: ca, book: book, configuration: configuration)
+        try await body(a, b, backend.localAddress!.port!, book, ca)
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+
     /// The handler that seals `link`'s records, if any, and whether NIOSSL is still in its pipeline.
     func layers(of link: Link) async throws -> (sealed: (sent: UInt64, received: UInt64)?, nioSSL: Bool) {
         try await link.channel.eventLoop.submit {
@@ -23,14 +40,20 @@ import Testing
     }
 
     @Test func linksSealTheirOwnRecordsAndAPeerWithoutTheLayerKeepsTLS() async throws {
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()
-        let backend = try await startEchoBackend()
-        let port = backend.localAddress!.port!
+        try await self.withNodes { a, b, port, book, ca in try await self.sealedAndNot(a, b, port, book, ca) }
+    }
+
+    func sealedAndNot(
+        _ a: LinkNode,
+        _ b: LinkNode,
+        _ port: Int,
+        _ book: AddressBook,
+        _ ca: CertificateAuthority
+    )
+        async throws
+    {
         var tlsOnly = LinkConfiguration()
         tlsOnly.sealedRecords = false
-        let a = try await LinkNode.make("a", ca: ca, book: book)
-        let b = try await LinkNode.make("b", ca: ca, book: book)
         let c = try await LinkNode.make("c", ca: ca, book: book, configuration: tlsOnly)
         let payload = ByteBuffer(bytes: (0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 13) })
 
@@ -55,21 +78,16 @@ import Testing
             #expect(sealed == nil && tls)
         }
         #expect(a.manager.tls.secrets.count == 0 && b.manager.tls.secrets.count == 0)
-        await a.stop()
-        await b.stop()
         await c.stop()
-        try await backend.close()
     }
 
     @Test func bothEndsMoveToTheNextKeyInStep() async throws {
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()
-        let backend = try await startEchoBackend()
-        let port = backend.localAddress!.port!
         var configuration = LinkConfiguration()
         configuration.recordsPerKey = 4
-        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
-        let b = try await LinkNode.make("b", ca: ca, book: book, configuration: configuration)
+        try await self.withNodes(configuration) { a, b, port, _, _ in try await self.keyUpdates(a, port) }
+    }
+
+    func keyUpdates(_ a: LinkNode, _ port: Int) async throws {
         var rng = SeededGenerator(state: 29)
         for size in [1, 70_000, 300_000] {
             let payload = ByteBuffer(bytes: (0..<size).map { _ in UInt8.random(in: 0...255, using: &rng) })
@@ -79,18 +97,13 @@ import Testing
         }
         let (sealed, _) = try await self.layers(of: try #require(a.manager.currentLink(to: "b")))
         #expect((sealed?.sent ?? 0) > 4 * 5)  // the key moved on five times and more
-        await a.stop()
-        await b.stop()
-        try await backend.close()
     }
 
     @Test func whatCrossesTheWireIsSealedRecordsNeverThePlaintext() async throws {
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()
-        let backend = try await startEchoBackend()
-        let port = backend.localAddress!.port!
-        let a = try await LinkNode.make("a", ca: ca, book: book)
-        let b = try await LinkNode.make("b", ca: ca, book: book)
+        try await self.withNodes { a, b, port, book, _ in try await self.wire(a, b, port, book) }
+    }
+
+    func wire(_ a: LinkNode, _ b: LinkNode, _ port: Int, _ book: AddressBook) async throws {
         // a reaches b through a recording TCP forwarder on 127.0.0.1.
         let tap = try await WireTap.start(to: b.address)
         book.set("b", [tap.address])
@@ -111,9 +124,6 @@ import Testing
             #expect(at == bytes.count)
         }
         try await tap.close()
-        await a.stop()
-        await b.stop()
-        try await backend.close()
     }
 }
 

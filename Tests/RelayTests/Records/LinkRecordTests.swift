@@ -188,19 +188,26 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
 @Suite struct SealedRecordHandlerTests {
     let secrets = LinkRecordSecrets(exporterSecret: Array(0...31))!
 
-    func pair() throws -> (dialer: EmbeddedChannel, acceptor: EmbeddedChannel) {
+    /// A dialer's and an acceptor's channel, each with its handler; started unless `started` is false.
+    func pair(
+        started: Bool = true
+    ) throws -> (
+        dialer: EmbeddedChannel, acceptor: EmbeddedChannel, acceptorHandler: SealedRecordHandler
+    ) {
         let d = EmbeddedChannel()
         let a = EmbeddedChannel()
         let dh = SealedRecordHandler(secrets: self.secrets, dialer: true)
         let ah = SealedRecordHandler(secrets: self.secrets, dialer: false)
         try d.pipeline.syncOperations.addHandler(dh)
         try a.pipeline.syncOperations.addHandler(ah)
-        dh.start(context: try d.pipeline.syncOperations.context(handler: dh))
-        ah.start(context: try a.pipeline.syncOperations.context(handler: ah))
+        if started {
+            dh.start(context: try d.pipeline.syncOperations.context(handler: dh))
+            ah.start(context: try a.pipeline.syncOperations.context(handler: ah))
+        }
         // Active, as a link's channel is: a closed channel is then told apart from one never opened.
         try d.connect(to: SocketAddress(ipAddress: "198.18.0.1", port: 7900)).wait()
         try a.connect(to: SocketAddress(ipAddress: "198.18.0.2", port: 7900)).wait()
-        return (d, a)
+        return (d, a, ah)
     }
 
     /// Moves what `from` wrote to `to`, `chunk` bytes per read.
@@ -223,7 +230,7 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
     }
 
     @Test func bothWaysFedByteByByte() throws {
-        let (d, a) = try self.pair()
+        let (d, a, _) = try self.pair()
         let request = Array("GET / HTTP/1.1\r\n\r\n".utf8)
         let written = d.writeAndFlush(ByteBuffer(bytes: request))
         let wire = try self.carry(d, a, chunk: 1)
@@ -239,7 +246,7 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
     }
 
     @Test func aTamperedRecordEndsTheLinkWithItsReason() throws {
-        let (d, a) = try self.pair()
+        let (d, a, _) = try self.pair()
         d.writeAndFlush(ByteBuffer(bytes: Array("one".utf8)), promise: nil)
         d.writeAndFlush(ByteBuffer(bytes: Array("two".utf8)), promise: nil)
         var first = try #require(try d.readOutbound(as: ByteBuffer.self))
@@ -254,7 +261,7 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
     }
 
     @Test func garbageIsRefusedAtTheHeader() throws {
-        let (_, a) = try self.pair()
+        let (_, a, _) = try self.pair()
         #expect(throws: LinkRecordError.notApplicationData(0x47)) {
             try a.writeInbound(ByteBuffer(bytes: Array("GET / HTTP/1.1\r\n".utf8)))
         }
@@ -262,7 +269,7 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
     }
 
     @Test func closeSendsCloseNotifyAndThePeerClosesAfterWhatCameBefore() throws {
-        let (d, a) = try self.pair()
+        let (d, a, _) = try self.pair()
         d.write(ByteBuffer(bytes: Array("last words".utf8)), promise: nil)
         let closed = d.close()
         try closed.wait()
@@ -272,12 +279,7 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
     }
 
     @Test func recordsBeforeStartWait() throws {
-        let d = EmbeddedChannel()
-        let a = EmbeddedChannel()
-        let dh = SealedRecordHandler(secrets: self.secrets, dialer: true)
-        let ah = SealedRecordHandler(secrets: self.secrets, dialer: false)
-        try d.pipeline.syncOperations.addHandler(dh)
-        try a.pipeline.syncOperations.addHandler(ah)
+        let (d, a, ah) = try self.pair(started: false)
         d.writeAndFlush(ByteBuffer(bytes: Array("early".utf8)), promise: nil)
         _ = try self.carry(d, a, chunk: 3)
         #expect(try self.drain(a) == [])
@@ -290,7 +292,7 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
             (LinkRecordCipher.ContentType.alert, [2, 40] as [UInt8], LinkRecordError.alert(level: 2, description: 40)),
             (.handshake, [24, 0, 0, 1, 0], .unexpectedContentType(22)),
         ] {
-            let (_, a) = try self.pair()
+            let (_, a, _) = try self.pair()
             let forger = LinkRecordCipher(secret: self.secrets.dialerToAcceptor, hash: .sha256)
             var out = ByteBuffer()
             content.withUnsafeBytes { forger.seal($0, type: type, into: &out) }
