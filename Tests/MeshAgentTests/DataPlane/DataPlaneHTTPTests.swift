@@ -24,7 +24,7 @@ func httpRoute(
     ])
 }
 
-@Suite("Data plane: HTTP/1.1 proxy over real sockets", .timeLimit(.minutes(1)), .awaitedTeardown, .rationed)
+@Suite("Data plane: HTTP/1.1 proxy over real sockets", .timeLimit(.minutes(2)), .awaitedTeardown, .rationed)
 struct DataPlaneHTTPTests {
     @Test("GET through a VIP: body, X-Forwarded-For added, X-Request-Id added or kept", arguments: HTTPEngine.allCases)
     func basic(engine: HTTPEngine) async throws {
@@ -186,8 +186,9 @@ struct DataPlaneHTTPTests {
             let slowStats = HTTPBackendStats()
             let fast1 = try await TestServers.http("fast-1")
             let fast2 = try await TestServers.http("fast-2")
-            // Much slower than the others even when the whole suite loads the machine.
-            let slow = try await TestServers.http("slow", delay: .milliseconds(400), stats: slowStats)
+            // Much slower than the others even when the whole suite loads the machine (at 400 ms, a run of
+            // every suite in one process under two busy loops gave it 18 of 90: the fast ones were slow too).
+            let slow = try await TestServers.http("slow", delay: .seconds(1), stats: slowStats)
             onTeardown {
                 await fast1.close()
                 await fast2.close()
@@ -468,11 +469,13 @@ struct DataPlaneHTTPTests {
                 try await dp.apply(httpRoute("stream", vip, [backend.backend()]))
                 let address = TestClient.vipAddress(vip, 8080)
                 let up = String(repeating: "u", count: 4 * 1024 * 1024)
-                let echoed = try await withTimeout(20) {
+                // Bounds that only turn a hang into a failure: a debug build under a loaded run of every suite
+                // in one process took over 20 s for the echo.
+                let echoed = try await withTimeout(50) {
                     try await TestHTTPConnection.with(address) { try await $0.request(.POST, "/echo", body: up) }
                 }
                 #expect(echoed?.status == 200 && echoed?.body.utf8.count == up.utf8.count)
-                let down = try await withTimeout(20) {
+                let down = try await withTimeout(50) {
                     try await TestHTTPConnection.with(address) {
                         try await $0.request(.GET, "/big/\(32 * 1024 * 1024)", countBodyOnly: true)
                     }
