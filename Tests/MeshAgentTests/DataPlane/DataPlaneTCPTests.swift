@@ -148,7 +148,11 @@ struct DataPlaneTCPTests {
                 #expect(String(buffer: reply) == "good", "backends: \(dp.snapshot().routes.first?.backends ?? [])")
             }
             let ejected = try #require(dp.snapshot().routes.first?.backends.first { $0.port == refused.port })
-            #expect(ejected.ejected && !ejected.healthy && ejected.failures >= 3)
+            // Ejected once by now. The ejection itself (3 s) may already have run out when the machine is so
+            // loaded that the 8 exchanges took longer (a run of every suite in one process under two busy
+            // loops): what it did is counted, and while it lasts the endpoint is not healthy.
+            #expect(ejected.ejections == 1 && ejected.failures >= 3, "\(ejected)")
+            if ejected.ejected { #expect(!ejected.healthy) }
 
             // Something listens there now; after the ejection time it gets traffic again.
             let revived = try await TestServers.tcp(name: "revived") { GreeterHandler(name: "revived") }
