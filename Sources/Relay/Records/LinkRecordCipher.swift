@@ -178,9 +178,9 @@ public final class LinkRecordCipher {
         }
     }
 
-    /// The length of the whole record (header and body) at the start of `bytes` when it is all there, nil when
-    /// more bytes are needed; throws as soon as the header is wrong.
-    public static func recordLength(in bytes: UnsafeRawBufferPointer) throws(LinkRecordError) -> Int? {
+    /// The length of the record (header and body) that starts `bytes` once its header is there, nil before;
+    /// throws as soon as the header is wrong (its first byte alone can be).
+    public static func expectedLength(in bytes: UnsafeRawBufferPointer) throws(LinkRecordError) -> Int? {
         guard bytes.count >= 1 else { return nil }
         guard bytes[0] == ContentType.applicationData.rawValue else { throw .notApplicationData(bytes[0]) }
         guard bytes.count >= Self.headerLength else { return nil }
@@ -188,7 +188,24 @@ public final class LinkRecordCipher {
         guard version == 0x0303 else { throw .badVersion(version) }
         let length = Int(bytes[3]) << 8 | Int(bytes[4])
         guard length >= 1 + Self.tagLength, length <= Self.maxCiphertext else { throw .badLength(length) }
-        return bytes.count >= Self.headerLength + length ? Self.headerLength + length : nil
+        return Self.headerLength + length
+    }
+
+    /// The length of the whole record (header and body) at the start of `bytes` when it is all there, nil when
+    /// more bytes are needed; throws as soon as the header is wrong.
+    public static func recordLength(in bytes: UnsafeRawBufferPointer) throws(LinkRecordError) -> Int? {
+        guard let length = try Self.expectedLength(in: bytes), bytes.count >= length else { return nil }
+        return length
+    }
+
+    /// Opens the record at the start of `bytes` when it is all there, appending its content to `out`: its
+    /// length (to consume) and inner content type; nil when more bytes are needed.
+    public func openFirst(
+        _ bytes: UnsafeRawBufferPointer,
+        into out: inout ByteBuffer
+    ) throws(LinkRecordError) -> (length: Int, type: UInt8)? {
+        guard let length = try Self.recordLength(in: bytes) else { return nil }
+        return (length, try self.open(UnsafeRawBufferPointer(rebasing: bytes[0..<length]), into: &out))
     }
 
     /// Opens one whole record (`record`: header and body, as `recordLength` measured it), appending its content

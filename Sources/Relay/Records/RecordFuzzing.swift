@@ -51,10 +51,12 @@ public enum LinkRecordFuzzing {
         var at = 0
         return bytes.withUnsafeBytes { all -> [UInt8]? in
             while at < all.count {
-                let rest = UnsafeRawBufferPointer(rebasing: all[at...])
-                guard let length = try? LinkRecordCipher.recordLength(in: rest),
-                    (try? opener.open(UnsafeRawBufferPointer(rebasing: rest[0..<length]), into: &out))
-                        == LinkRecordCipher.ContentType.applicationData.rawValue
+                guard
+                    let (length, type) = try? opener.openFirst(
+                        UnsafeRawBufferPointer(rebasing: all[at...]),
+                        into: &out
+                    ),
+                    type == LinkRecordCipher.ContentType.applicationData.rawValue
                 else { return nil }
                 at += length
             }

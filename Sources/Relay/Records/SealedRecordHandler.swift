@@ -89,14 +89,9 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
             self.partial = nil
             outcome = Result { () throws(LinkRecordError) -> Bool in
                 while true {
+                    // Up to the header, then up to the record's end.
                     let want = try partial.withUnsafeReadableBytes { (head) throws(LinkRecordError) -> Int in
-                        guard head.count >= LinkRecordCipher.headerLength else {
-                            _ = try LinkRecordCipher.recordLength(in: head)
-                            return LinkRecordCipher.headerLength - head.count
-                        }
-                        let length = Int(head[3]) << 8 | Int(head[4])
-                        _ = try LinkRecordCipher.recordLength(in: UnsafeRawBufferPointer(rebasing: head[0..<5]))
-                        return LinkRecordCipher.headerLength + length - head.count
+                        try (LinkRecordCipher.expectedLength(in: head) ?? LinkRecordCipher.headerLength) - head.count
                     }
                     guard want > 0 else { break }
                     let n = min(want, bytes.readableBytes)
@@ -150,14 +145,15 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
         let result: (Bool, LinkRecordError?) = bytes.readWithUnsafeReadableBytes { all in
             var at = 0
             do throws(LinkRecordError) {
-                while let length = try LinkRecordCipher.recordLength(in: UnsafeRawBufferPointer(rebasing: all[at...])) {
-                    let record = UnsafeRawBufferPointer(rebasing: all[at..<(at + length)])
-                    let mark = out.writerIndex
-                    let type = try self.receiver.open(record, into: &out)
+                var mark = out.writerIndex
+                while let (length, type) = try self.receiver.openFirst(
+                    UnsafeRawBufferPointer(rebasing: all[at...]),
+                    into: &out
+                ) {
                     at += length
                     switch type {
                     case LinkRecordCipher.ContentType.applicationData.rawValue:
-                        continue
+                        mark = out.writerIndex
                     case LinkRecordCipher.ContentType.alert.rawValue:
                         let alert = out.getBytes(at: mark, length: out.writerIndex - mark) ?? []
                         out.moveWriterIndex(to: mark)
@@ -165,6 +161,7 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
                         guard alert[1] == 0 else { throw .alert(level: alert[0], description: alert[1]) }
                         return (at, (true, nil))
                     default:
+                        out.moveWriterIndex(to: mark)  // nothing of it reaches the mux
                         throw .unexpectedContentType(type)
                     }
                 }
