@@ -1,15 +1,8 @@
+import MeshTestSupport
 import NIOCore
 import NIOEmbedded
 import Relay
 import Testing
-
-/// Hex to bytes (test vectors).
-private func hex(_ s: String) -> [UInt8] {
-    let digits = Array(s.filter { !$0.isWhitespace }.utf8)
-    return stride(from: 0, to: digits.count, by: 2).map { i in
-        UInt8(String(decoding: digits[i..<(i + 2)], as: UTF8.self), radix: 16)!
-    }
-}
 
 private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
 
@@ -174,8 +167,10 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
     ) throws(LinkRecordError) -> UInt8 {
         let result: Result<UInt8, LinkRecordError> = bytes.readWithUnsafeReadableBytes { all in
             do throws(LinkRecordError) {
-                guard let n = try LinkRecordCipher.recordLength(in: all) else { return (0, .failure(.badLength(-1))) }
-                return (n, .success(try cipher.open(UnsafeRawBufferPointer(rebasing: all[0..<n]), into: &plain)))
+                guard let (n, type) = try cipher.openFirst(all, into: &plain) else {
+                    return (0, .failure(.badLength(-1)))
+                }
+                return (n, .success(type))
             } catch {
                 return (0, .failure(error))
             }
