@@ -106,8 +106,11 @@ public final class MeshLinkTLS: Sendable {
     public let linkClientContext: NIOSSLContext
     /// The server context of links (ALPN and ``secrets`` as `linkClientContext`).
     public let serverContext: NIOSSLContext
-    /// The server context of a node that does not offer the record layer (no ALPN, no key log).
-    public let tlsServerContext: NIOSSLContext
+    /// The server configuration of a node that does not offer the record layer (no ALPN, no key log); its
+    /// context is made on first use (`tlsServerContext()`), as only `LinkConfiguration.sealedRecords = false`
+    /// needs it.
+    private let tlsServerConfiguration: TLSConfiguration
+    private let tlsServer = Mutex<NIOSSLContext?>(nil)
     /// The exporter secrets of this node's link handshakes, until the link takes its own.
     public let secrets = TLSExporterSecrets()
 
@@ -162,13 +165,23 @@ public final class MeshLinkTLS: Sendable {
         // Required (a client without a certificate fails the handshake); the callback does the checks.
         config.certificateVerification = .noHostnameVerification
         config.trustRoots = .certificates(try MeshTLS.nioCertificates(caPEM))
-        self.tlsServerContext = try NIOSSLContext(configuration: config)
+        self.tlsServerConfiguration = config
         config.applicationProtocols = [Self.recordsProtocol, Self.tlsProtocol]
         config.keyLogCallback = secrets.callback
         self.serverContext = try NIOSSLContext(configuration: config)
     }
 
     /// The dialer's check: the server is exactly `peer`.
+    /// The server context of a node that does not offer the record layer, made once.
+    public func tlsServerContext() throws -> NIOSSLContext {
+        try self.tlsServer.withLock { context in
+            if let context { return context }
+            let made = try NIOSSLContext(configuration: self.tlsServerConfiguration)
+            context = made
+            return made
+        }
+    }
+
     public func dialerVerifier(expect peer: MeshPrincipal) -> PeerVerifier {
         PeerVerifier(expected: .exactly(peer), trust: .certificates(self.trust), revoked: self.revoked)
     }

@@ -225,7 +225,8 @@ public final class Link: Sendable, CustomStringConvertible {
         switch role {
         case .dialer(let expect):
             let verifier = tls.dialerVerifier(expect: .node(expect))
-            try ops.addHandler(ClientRandomReader(.writing))
+            // (The client random names the handshake's exporter secret: only the record layer needs it.)
+            if configuration.sealedRecords { try ops.addHandler(ClientRandomReader(.writing)) }
             try ops.addHandler(
                 NIOSSLClientHandler(
                     context: configuration.sealedRecords ? tls.linkClientContext : tls.clientContext,
@@ -236,10 +237,10 @@ public final class Link: Sendable, CustomStringConvertible {
             refusal = { verifier.lastRefusal?.message }
         case .acceptor:
             let verifier = tls.acceptorVerifier()
-            try ops.addHandler(ClientRandomReader(.reading))
+            if configuration.sealedRecords { try ops.addHandler(ClientRandomReader(.reading)) }
             try ops.addHandler(
                 NIOSSLServerHandler(
-                    context: configuration.sealedRecords ? tls.serverContext : tls.tlsServerContext,
+                    context: configuration.sealedRecords ? tls.serverContext : try tls.tlsServerContext(),
                     customVerificationCallback: verifier.callback
                 )
             )
