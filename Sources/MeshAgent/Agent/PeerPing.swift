@@ -30,7 +30,7 @@ struct PeerPing {
             if seq > 1 { try? await Task.sleep(for: interval) }
             do {
                 let link = try await self.links.link(to: node)
-                let rtt = try await link.session.ping().get()
+                let rtt = try await link.ping().get()
                 probes.append(
                     Probe(
                         seq: seq,

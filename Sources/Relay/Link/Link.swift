@@ -1,10 +1,15 @@
 import Logging
 import MeshIdentity
+import MeshNIO
 import MeshWire
 import NIOCore
 import NIOSSL
 import NIOTLS
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -81,6 +86,11 @@ public struct LinkConfiguration: Sendable {
     /// ``SealedRecordHandler`` seals its records. Off, or with a peer that does not offer it, TLS records
     /// carry the link throughout.
     public var sealedRecords = true
+    /// The loop that carries links' data paths off NIO (LinkLoop/README.md): when set, a link whose two ends
+    /// chose the mesh record layer leaves NIO altogether after its handshake; its socket, records, mux and
+    /// streams run on this loop's thread. Streams it carries are TCP splices; a stream the peer opens for a UDP
+    /// flow or the link's control stream (hole punching) is refused on such a link. nil: NIO carries links.
+    public var loop: LinkLoop?
     /// Records per key of the record layer before both ends move to the next (tests set it low).
     public var recordsPerKey: UInt64 = LinkRecordCipher.defaultRecordsPerKey
 
@@ -140,7 +150,14 @@ public final class Link: Sendable, CustomStringConvertible {
     public let dialer: String
     public let role: LinkRole
     public let path: LinkPath
-    public let session: MuxSession
+    /// The multiplexer on NIO, or nil when the link's data path runs on a ``LinkLoop`` (``loop``).
+    public let session: MuxSession?
+    /// The link's data path on a ``LinkLoop``, or nil on NIO (``session``).
+    public let loop: LinkLoopSession?
+    /// The channel the link was set up on (closed once a loop has taken the socket).
+    let transport: any Channel
+    private let ended: EventLoopFuture<Void>
+    private let alive: LinkAlive
     public let since: Date
     /// What seals the link's records after its handshake: `mesh` (Relay/Records) or `tls` (NIOSSL, with a
     /// peer that does not offer the record layer, or with ``LinkConfiguration/sealedRecords`` off).
@@ -157,12 +174,35 @@ public final class Link: Sendable, CustomStringConvertible {
         var closedIdle = false
     }
 
-    public var channel: any Channel { self.session.channel }
     public var description: String { "link to \(self.peer) (\(self.path), dialed by \(self.dialer))" }
+
+    /// The event loop of the link's timers (and of its channel on NIO).
+    public var eventLoop: any EventLoop { self.transport.eventLoop }
+
+    /// Succeeds when the link is gone.
+    public var closeFuture: EventLoopFuture<Void> { self.ended }
+
+    /// The link's transport is up.
+    public var isActive: Bool { self.loop == nil ? self.transport.isActive : self.alive.isAlive }
 
     /// Up, and not retired: new streams may use it.
     public var isUsable: Bool {
-        self.channel.isActive && !self.state.withLock { $0.retired }
+        self.isActive && !self.state.withLock { $0.retired }
+    }
+
+    /// Sends a ping; the future gives the round trip.
+    public func ping() -> EventLoopFuture<TimeAmount> {
+        if let session = self.session { return session.ping() }
+        let promise = self.eventLoop.makePromise(of: TimeAmount.self)
+        self.loop?.ping { result in promise.completeWith(result.mapError { $0 as any Error }) }
+        return promise.futureResult
+    }
+
+    /// The multiplexer's counters (nil once its session is gone).
+    public func muxStats() async -> MuxStats? {
+        if let session = self.session { return try? await session.stats().get() }
+        guard let loop = self.loop, self.alive.isAlive else { return nil }
+        return await loop.stats().0
     }
 
     init(
@@ -170,7 +210,11 @@ public final class Link: Sendable, CustomStringConvertible {
         dialer: String,
         role: LinkRole,
         path: LinkPath,
-        session: MuxSession,
+        session: MuxSession?,
+        loop: LinkLoopSession? = nil,
+        transport: any Channel,
+        ended: EventLoopFuture<Void>? = nil,
+        alive: LinkAlive = LinkAlive(),
         idleTimeout: TimeAmount,
         records: String = "tls"
     ) {
@@ -180,6 +224,10 @@ public final class Link: Sendable, CustomStringConvertible {
         self.role = role
         self.path = path
         self.session = session
+        self.loop = loop
+        self.transport = transport
+        self.ended = ended ?? transport.closeFuture
+        self.alive = alive
         self.since = Date()
         self.idleTimeout = idleTimeout
     }
@@ -195,17 +243,18 @@ public final class Link: Sendable, CustomStringConvertible {
         tls: MeshLinkTLS,
         configuration: LinkConfiguration = LinkConfiguration(),
         logger: Logger = Logger(label: "mesh.link"),
+        loopInbound: LinkLoopInbound? = nil,
         inbound: @escaping @Sendable (Link, any Channel) -> EventLoopFuture<Void>
     ) -> EventLoopFuture<Link> {
         let loop = channel.eventLoop
         if loop.inEventLoop {
             return loop.makeCompletedFuture {
-                try Self.prepare(channel, role, path, tls, configuration, logger, inbound)
+                try Self.prepare(channel, role, path, tls, configuration, logger, loopInbound, inbound)
             }.flatMap { $0 }
         }
         return loop.flatSubmit {
             loop.makeCompletedFuture {
-                try Self.prepare(channel, role, path, tls, configuration, logger, inbound)
+                try Self.prepare(channel, role, path, tls, configuration, logger, loopInbound, inbound)
             }.flatMap { $0 }
         }
     }
@@ -217,6 +266,7 @@ public final class Link: Sendable, CustomStringConvertible {
         _ tls: MeshLinkTLS,
         _ configuration: LinkConfiguration,
         _ logger: Logger,
+        _ loopInbound: LinkLoopInbound?,
         _ inbound: @escaping @Sendable (Link, any Channel) -> EventLoopFuture<Void>
     ) throws -> EventLoopFuture<Link> {
         let promise = channel.eventLoop.makePromise(of: Link.self)
@@ -251,8 +301,9 @@ public final class Link: Sendable, CustomStringConvertible {
             refusal: refusal,
             dialer: role != .acceptor,
             secrets: tls.secrets,
-            recordsPerKey: configuration.recordsPerKey
-        ) { context, peerCertificate, sealed in
+            recordsPerKey: configuration.recordsPerKey,
+            loop: configuration.loop
+        ) { context, peerCertificate, sealed, handOff in
             try Self.up(
                 context,
                 role,
@@ -263,6 +314,8 @@ public final class Link: Sendable, CustomStringConvertible {
                 promise.futureResult,
                 peerCertificate,
                 sealed,
+                handOff,
+                loopInbound,
                 inbound
             )
         }
@@ -286,6 +339,8 @@ public final class Link: Sendable, CustomStringConvertible {
         _ future: EventLoopFuture<Link>,
         _ peerCertificate: NIOSSLCertificate?,
         _ sealed: Bool,
+        _ handOff: LinkHandOff?,
+        _ loopInbound: LinkLoopInbound?,
         _ inbound: @escaping @Sendable (Link, any Channel) -> EventLoopFuture<Void>
     ) throws -> Link {
         let channel = context.channel
@@ -308,6 +363,20 @@ public final class Link: Sendable, CustomStringConvertible {
         }
         var streamLogger = logger
         streamLogger[metadataKey: "peer"] = "\(peer)"
+        if let handOff, let loop = configuration.loop {
+            return Self.onLoop(
+                channel,
+                loop,
+                handOff,
+                peer: peer,
+                dialer: dialer,
+                role: role,
+                path: path,
+                configuration: configuration,
+                logger: streamLogger,
+                inbound: loopInbound
+            )
+        }
         let session = try MuxSession.install(on: channel, configuration: mux, logger: streamLogger) { stream in
             future.flatMap { link in
                 link.track(stream)
@@ -320,11 +389,76 @@ public final class Link: Sendable, CustomStringConvertible {
             role: role,
             path: path,
             session: session,
+            transport: channel,
             idleTimeout: configuration.idleTimeout(for: role),
             records: sealed ? "mesh" : "tls"
         )
         link.startTimers(pingInterval: configuration.pingInterval)
         channel.closeFuture.whenComplete { _ in link.stopTimers() }
+        return link
+    }
+
+    /// The link's socket goes to `loop` (a ``LinkLoopSession``); the NIO channel is closed after (its own
+    /// descriptor only: the loop holds a duplicate).
+    private static func onLoop(
+        _ channel: any Channel,
+        _ loop: LinkLoop,
+        _ handOff: LinkHandOff,
+        peer: String,
+        dialer: String,
+        role: LinkRole,
+        path: LinkPath,
+        configuration: LinkConfiguration,
+        logger: Logger,
+        inbound: LinkLoopInbound?
+    ) -> Link {
+        let ended = channel.eventLoop.makePromise(of: Void.self)
+        let alive = LinkAlive()
+        var settings = LinkLoopConfiguration()
+        settings.receiveWindow = configuration.mux.receiveWindow
+        settings.maxStreams = configuration.mux.maxStreams
+        settings.localConnectTimeout = configuration.localConnectTimeout
+        settings.recordsPerKey = configuration.recordsPerKey
+        let isDialer: Bool
+        if case .dialer = role { isDialer = true } else { isDialer = false }
+        var refused: @Sendable (StreamRefusal) -> Void = { _ in }
+        if let inbound { refused = inbound.refused }
+        let closed: @Sendable (MuxError?) -> Void = { _ in
+            alive.end()
+            ended.succeed(())
+        }
+        let session = LinkLoopSession.make(
+            socket: handOff.socket,
+            on: loop,
+            peer: peer,
+            dialer: isDialer,
+            secrets: handOff.secrets,
+            configuration: settings,
+            check: inbound?.check,
+            logger: logger,
+            refused: refused,
+            closed: closed
+        )
+        let link = Link(
+            peer: peer,
+            dialer: dialer,
+            role: role,
+            path: path,
+            session: nil,
+            loop: session,
+            transport: channel,
+            ended: ended.futureResult,
+            alive: alive,
+            idleTimeout: configuration.idleTimeout(for: role),
+            records: "mesh"
+        )
+        session.streamsChanged = { [weak link] (opened: Bool) in
+            guard let link else { return }
+            if opened { link.streamOpened() } else { link.streamClosed() }
+        }
+        session.start(received: handOff.received)
+        link.startTimers(pingInterval: configuration.pingInterval)
+        ended.futureResult.whenComplete { _ in link.stopTimers() }
         return link
     }
 
@@ -344,7 +478,7 @@ public final class Link: Sendable, CustomStringConvertible {
         }
     }
 
-    private func streamOpened() {
+    func streamOpened() {
         self.state.withLock {
             $0.streams += 1
             $0.idle?.cancel()
@@ -352,7 +486,7 @@ public final class Link: Sendable, CustomStringConvertible {
         }
     }
 
-    private func streamClosed() {
+    func streamClosed() {
         let closeNow = self.state.withLock { s -> Bool in
             s.streams -= 1
             guard s.streams == 0 else { return false }
@@ -366,7 +500,7 @@ public final class Link: Sendable, CustomStringConvertible {
     private func armIdle(_ s: inout State) {
         s.idle?.cancel()
         let timeout = self.idleTimeout
-        s.idle = self.channel.eventLoop.scheduleTask(in: timeout) { [self] in
+        s.idle = self.eventLoop.scheduleTask(in: timeout) { [self] in
             let idle = self.state.withLock { s -> Bool in
                 if s.streams == 0 { s.closedIdle = true }
                 return s.streams == 0
@@ -376,11 +510,11 @@ public final class Link: Sendable, CustomStringConvertible {
     }
 
     private func startTimers(pingInterval: TimeAmount) {
-        let session = self.session
         self.state.withLock { s in
             self.armIdle(&s)
-            s.pinger = self.channel.eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: pingInterval) { _ in
-                _ = session.ping()
+            s.pinger = self.eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: pingInterval) {
+                [weak self] _ in
+                _ = self?.ping()
             }
         }
     }
@@ -409,8 +543,8 @@ public final class Link: Sendable, CustomStringConvertible {
             return !s.retired
         }
         guard first else { return }
-        _ = self.session.goAway()
-        self.channel.eventLoop.scheduleTask(in: grace) { [self] in
+        if let session = self.session { _ = session.goAway() } else { self.loop?.goAway() }
+        self.eventLoop.scheduleTask(in: grace) { [self] in
             let closeNow = self.state.withLock { s -> Bool in
                 s.graceOver = true
                 return s.streams == 0
@@ -419,11 +553,52 @@ public final class Link: Sendable, CustomStringConvertible {
         }
     }
 
+    /// Closes the link's transport at once (a punched link whose keepalive went unanswered).
+    public func abort() {
+        self.state.withLock { $0.retired = true }
+        if let loop = self.loop {
+            loop.close()
+        } else {
+            self.transport.close(promise: nil)
+        }
+    }
+
     /// Closes the link (Go Away, then the transport).
     public func close() {
         self.state.withLock { $0.retired = true }
-        let channel = self.channel
-        self.session.goAway().whenComplete { _ in channel.close(promise: nil) }
+        if let loop = self.loop {
+            loop.close()
+            return
+        }
+        let channel = self.transport
+        self.session?.goAway().whenComplete { _ in channel.close(promise: nil) }
+    }
+}
+
+/// Whether a link on a loop is still up (its session clears it as it ends).
+final class LinkAlive: Sendable {
+    private let value = Atomic<Bool>(true)
+    var isAlive: Bool { self.value.load(ordering: .relaxed) }
+    func end() { self.value.store(false, ordering: .relaxed) }
+}
+
+/// A link's socket leaving NIO for a ``LinkLoop``: the duplicate descriptor, the bytes read past the
+/// handshake, the record secrets.
+struct LinkHandOff {
+    let socket: Int32
+    let received: [UInt8]
+    let secrets: LinkRecordSecrets
+}
+
+/// What a link on a ``LinkLoop`` does with the streams its peer opens: `check` says whether this node serves
+/// the target; `refused` counts each refusal.
+public struct LinkLoopInbound: Sendable {
+    public var check: LinkTargetCheck
+    public var refused: @Sendable (StreamRefusal) -> Void
+
+    public init(check: @escaping LinkTargetCheck, refused: @escaping @Sendable (StreamRefusal) -> Void) {
+        self.check = check
+        self.refused = refused
     }
 }
 
@@ -444,7 +619,8 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
     private let dialer: Bool
     private let secrets: TLSExporterSecrets
     private let recordsPerKey: UInt64
-    private let up: (ChannelHandlerContext, NIOSSLCertificate?, _ sealed: Bool) throws -> Link
+    private let loop: LinkLoop?
+    private let up: (ChannelHandlerContext, NIOSSLCertificate?, _ sealed: Bool, LinkHandOff?) throws -> Link
     private var done = false
     private var unwrapping = false
 
@@ -454,8 +630,10 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
         dialer: Bool,
         secrets: TLSExporterSecrets,
         recordsPerKey: UInt64,
-        up: @escaping (ChannelHandlerContext, NIOSSLCertificate?, _ sealed: Bool) throws -> Link
+        loop: LinkLoop?,
+        up: @escaping (ChannelHandlerContext, NIOSSLCertificate?, _ sealed: Bool, LinkHandOff?) throws -> Link
     ) {
+        self.loop = loop
         self.promise = promise
         self.refusal = refusal
         self.dialer = dialer
@@ -508,6 +686,15 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
                 guard context.channel.isActive, let sealedContext = try? ops.context(handler: sealed) else {
                     return self.fail(context, LinkError.closedDuringHandshake)
                 }
+                if self.loop != nil, let fd = MeshNIO.SocketDescriptor.duplicate(of: context.channel) {
+                    // The data path leaves NIO: the loop takes a duplicate of the socket and what waited.
+                    _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+                    let handOff = LinkHandOff(socket: fd, received: sealed.handOff(), secrets: secrets)
+                    context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+                    self.goUp(context, peerCertificate, sealed: true, handOff: handOff)
+                    context.channel.close(promise: nil)
+                    return
+                }
                 self.goUp(context, peerCertificate, sealed: true) {
                     sealed.start(context: sealedContext)
                 }
@@ -522,10 +709,11 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
         _ context: ChannelHandlerContext,
         _ peerCertificate: NIOSSLCertificate?,
         sealed: Bool,
+        handOff: LinkHandOff? = nil,
         started: () -> Void = {}
     ) {
         do {
-            let link = try self.up(context, peerCertificate, sealed)
+            let link = try self.up(context, peerCertificate, sealed, handOff)
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
             started()
             guard case .dialer = link.role else {
@@ -535,8 +723,7 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
             // In TLS 1.3 the client's handshake ends before the server has checked the client's
             // certificate: a first ping answered proves the peer accepted this node.
             let promise = self.promise
-            let channel = context.channel
-            link.session.ping().whenComplete { result in
+            link.ping().whenComplete { result in
                 switch result {
                 case .success:
                     promise.succeed(link)
@@ -546,7 +733,7 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
                             "the peer closed the link after the handshake (it refused this node's certificate?): \(error)"
                         )
                     )
-                    channel.close(promise: nil)
+                    link.close()
                 }
             }
         } catch {

@@ -147,21 +147,13 @@ public final class LinkManager: Sendable {
             do {
                 return try await self.open(on: link, target, initializer)
             } catch LinkError.refused(let refusal) {
-                self.state.withLock { $0.refusedReceived[refusal.code.rawValue, default: 0] += 1 }
-                Counter(
-                    label: "link_streams_refused_total",
-                    dimensions: [("side", "sender"), ("code", "\(refusal.code.rawValue)")]
-                ).increment()
-                self.logger.warning(
-                    "stream refused by the peer",
-                    metadata: ["peer": "\(node)", "target": "\(target)", "reason": "\(refusal.reason)"]
-                )
+                self.refusedByPeer(node, target, refusal)
                 throw LinkError.refused(refusal)
             } catch {
                 // The link lost a tie-break (the peer sent Go Away) or died under us: one more try on
                 // the current link (or a new one).
                 if attempt == 1 {
-                    if let mux = try? await link.session.stats().get(), mux.goAwayReceived != nil { link.retire() }
+                    if let mux = await link.muxStats(), mux.goAwayReceived != nil { link.retire() }
                     if !link.isUsable { continue }
                 }
                 throw error
@@ -182,6 +174,17 @@ public final class LinkManager: Sendable {
         open target: StreamTarget,
         ended: (@Sendable (_ fromSocket: Int, _ toSocket: Int) -> Void)? = nil
     ) async throws {
+        let link = try await self.link(to: node)
+        if let loop = link.loop {
+            // On a loop the socket itself is the stream's end: no duplicate, no NIO channel.
+            do {
+                try await loop.open(socket: socket, target: target, ended: ended)
+            } catch LinkError.refused(let refusal) {
+                self.refusedByPeer(node, target, refusal)
+                throw LinkError.refused(refusal)
+            }
+            return
+        }
         let ending = ended.map(SpliceEnding.init)
         let stream = try await self.stream(to: node, open: target) { stream in
             stream.eventLoop.makeCompletedFuture {
@@ -226,15 +229,39 @@ public final class LinkManager: Sendable {
         close(socket)
     }
 
+    /// Counts and logs a refusal from the peer.
+    private func refusedByPeer(_ node: String, _ target: StreamTarget, _ refusal: StreamRefusal) {
+        self.state.withLock { $0.refusedReceived[refusal.code.rawValue, default: 0] += 1 }
+        Counter(
+            label: "link_streams_refused_total",
+            dimensions: [("side", "sender"), ("code", "\(refusal.code.rawValue)")]
+        ).increment()
+        self.logger.warning(
+            "stream refused by the peer",
+            metadata: ["peer": "\(node)", "target": "\(target)", "reason": "\(refusal.reason)"]
+        )
+    }
+
+    /// Counts a refusal this node sent.
+    private func refusedToPeer(_ refusal: StreamRefusal) {
+        self.state.withLock { $0.refusedSent[refusal.code.rawValue, default: 0] += 1 }
+        Counter(
+            label: "link_streams_refused_total",
+            dimensions: [("side", "receiver"), ("code", "\(refusal.code.rawValue)")]
+        ).increment()
+    }
+
     private func open(
         on link: Link,
         _ target: StreamTarget,
         _ initializer: MuxStreamInitializer?
     ) async throws -> any Channel {
-        let reply = link.channel.eventLoop.makePromise(of: Void.self)
+        if let loop = link.loop { return try await Self.bridge(loop, link.eventLoop, target, initializer) }
+        guard let session = link.session else { throw LinkError.closedBeforeReply }
+        let reply = link.eventLoop.makePromise(of: Void.self)
         let stream: any Channel
         do {
-            stream = try await link.session.openStream { stream in
+            stream = try await session.openStream { stream in
                 stream.eventLoop.makeCompletedFuture {
                     try stream.pipeline.syncOperations.addHandler(StreamOpenSender(target: target, reply: reply))
                     link.track(stream)
@@ -248,6 +275,32 @@ public final class LinkManager: Sendable {
         }
         try await reply.futureResult.get()
         return stream
+    }
+
+    /// A stream of a link on a ``LinkLoop`` as a NIO channel (the HTTP pool's, a UDP flow's, a test's): one end
+    /// of a socket pair is spliced to the stream by the loop, the other becomes the channel (half-close on).
+    private static func bridge(
+        _ loop: LinkLoopSession,
+        _ eventLoop: any EventLoop,
+        _ target: StreamTarget,
+        _ initializer: MuxStreamInitializer?
+    ) async throws -> any Channel {
+        var fds: [Int32] = [-1, -1]
+        let type = Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)
+        guard socketpair(AF_UNIX, type, 0, &fds) == 0 else {
+            throw IOError(errnoCode: errno, reason: "socketpair for a stream")
+        }
+        do {
+            try await loop.open(socket: fds[0], target: target)
+        } catch {
+            close(fds[0])
+            close(fds[1])
+            throw error
+        }
+        return try await ClientBootstrap(group: eventLoop)
+            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in initializer?(channel) ?? channel.eventLoop.makeSucceededVoidFuture() }
+            .withConnectedSocket(fds[1]).get()
     }
 
     // MARK: links
@@ -427,7 +480,8 @@ public final class LinkManager: Sendable {
             path: path,
             tls: self.tls,
             configuration: self.configuration,
-            logger: self.logger
+            logger: self.logger,
+            loopInbound: LinkLoopInbound(check: self.check) { [self] refusal in self.refusedToPeer(refusal) }
         ) { [self] link, stream in
             stream.eventLoop.makeCompletedFuture {
                 try stream.pipeline.syncOperations.addHandler(
@@ -437,13 +491,7 @@ public final class LinkManager: Sendable {
                         connectTimeout: self.configuration.localConnectTimeout,
                         logger: self.logger,
                         control: self.hooks.withLock { $0.control }
-                    ) { refusal in
-                        self.state.withLock { $0.refusedSent[refusal.code.rawValue, default: 0] += 1 }
-                        Counter(
-                            label: "link_streams_refused_total",
-                            dimensions: [("side", "receiver"), ("code", "\(refusal.code.rawValue)")]
-                        ).increment()
-                    }
+                    ) { refusal in self.refusedToPeer(refusal) }
                 )
             }.flatMap {
                 stream.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
@@ -469,7 +517,7 @@ public final class LinkManager: Sendable {
     /// it, the relayed link's open streams finish on the circuit, then it closes); between two of a kind
     /// the one dialed by the smaller node name wins.
     func adopt(_ link: Link) {
-        let key = ObjectIdentifier(link.channel)
+        let key = ObjectIdentifier(link)
         let (retire, shutDown, upgraded) = self.state.withLock { s -> (Link?, Bool, Bool) in
             if s.shutDown { return (link, true, false) }
             s.all[key] = link
@@ -490,7 +538,7 @@ public final class LinkManager: Sendable {
             return (existing, false, false)
         }
         let observer = self.hooks.withLock { $0.observer }
-        link.channel.closeFuture.whenComplete { _ in
+        link.closeFuture.whenComplete { _ in
             self.state.withLock { s in
                 s.all.removeValue(forKey: key)
                 if s.links[link.peer] === link { s.links.removeValue(forKey: link.peer) }
@@ -530,7 +578,7 @@ public final class LinkManager: Sendable {
             return Array(s.all.values)
         }
         for l in links { l.close() }
-        for l in links { try? await l.channel.closeFuture.get() }
+        for l in links { try? await l.closeFuture.get() }
     }
 
     // MARK: inspection
@@ -556,7 +604,7 @@ public final class LinkManager: Sendable {
         var rows: [LinkStats] = []
         // A peer whose link is being replaced by an upgrade shows its current link.
         for link in links {
-            guard let mux = try? await link.session.stats().get() else { continue }
+            guard let mux = await link.muxStats() else { continue }
             rows.append(
                 LinkStats(
                     node: link.peer,

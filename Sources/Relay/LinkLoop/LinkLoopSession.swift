@@ -128,7 +128,37 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
         refused: @escaping @Sendable (StreamRefusal) -> Void = { _ in },
         closed: @escaping @Sendable (MuxError?) -> Void = { _ in }
     ) -> LinkLoopSession {
-        let session = LinkLoopSession(
+        let session = Self.make(
+            socket: fd,
+            on: loop,
+            peer: peer,
+            dialer: dialer,
+            secrets: secrets,
+            configuration: configuration,
+            check: check,
+            logger: logger,
+            refused: refused,
+            closed: closed
+        )
+        session.start(received: received)
+        return session
+    }
+
+    /// ``adopt(socket:on:peer:dialer:secrets:received:configuration:check:logger:refused:closed:)`` in two
+    /// steps: the session, not started (set ``streamsChanged`` now), then ``start(received:)``.
+    public static func make(
+        socket fd: Int32,
+        on loop: LinkLoop,
+        peer: String,
+        dialer: Bool,
+        secrets: LinkRecordSecrets,
+        configuration: LinkLoopConfiguration = LinkLoopConfiguration(),
+        check: LinkTargetCheck?,
+        logger: Logger = Logger(label: "mesh.link"),
+        refused: @escaping @Sendable (StreamRefusal) -> Void = { _ in },
+        closed: @escaping @Sendable (MuxError?) -> Void = { _ in }
+    ) -> LinkLoopSession {
+        LinkLoopSession(
             socket: fd,
             loop: loop,
             peer: peer,
@@ -140,14 +170,20 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
             onRefused: refused,
             onClosed: closed
         )
-        let queued = loop.execute {
-            session.start(received)
+    }
+
+    /// Called on the loop when a stream joins (true) or leaves (false) the session. Set before ``start(received:)``.
+    public nonisolated(unsafe) var streamsChanged: (@Sendable (_ opened: Bool) -> Void)?
+
+    /// Starts the session on its loop (once).
+    public func start(received: [UInt8]) {
+        let queued = self.loop.execute {
+            self.start(received)
         }
         if !queued {
-            Glibc.close(fd)
-            closed(.sessionClosed)
+            Glibc.close(self.fd)
+            self.onClosed(.sessionClosed)
         }
-        return session
     }
 
     // MARK: any thread
@@ -507,6 +543,7 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
     private func add(_ stream: LinkLoopStream) {
         self.streams[stream.id] = stream
         self.stats.openStreams = self.streams.count
+        self.streamsChanged?(true)
     }
 
     // MARK: streams
@@ -846,6 +883,7 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
         if self.streams[stream.id] === stream {
             self.streams.removeValue(forKey: stream.id)
             self.stats.openStreams = self.streams.count
+            self.streamsChanged?(false)
         }
         if reset && !self.closed {
             self.writeFrameHeader(.windowUpdate, flags: .rst, stream: stream.id, length: 0)
@@ -898,8 +936,6 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
         }
         self.closed = true
         let all = Array(self.streams.values)
-        self.streams.removeAll()
-        self.stats.openStreams = 0
         for stream in all { self.end(stream, reset: true, error: error ?? MuxError.sessionClosed) }
         let pings = self.pings.values
         self.pings.removeAll()

@@ -176,7 +176,7 @@ public final class PunchCoordinator: Sendable {
             guard !link.wasRetired else { return }
             Task {
                 // The peer ended it gracefully (Go Away: its idle timeout, its shutdown): not lost either.
-                if let mux = try? await link.session.stats().get(), mux.goAwayReceived != nil { return }
+                if let mux = await link.muxStats(), mux.goAwayReceived != nil { return }
                 self.fellBack(link)
             }
         }
@@ -202,22 +202,22 @@ public final class PunchCoordinator: Sendable {
     /// Pings a punched link every `keepaliveInterval`; an answer missing after `keepaliveTimeout` closes it.
     private func keepAlive(_ link: Link) {
         let timeout = self.configuration.keepaliveTimeout
-        let task = link.channel.eventLoop.scheduleRepeatedTask(
+        let task = link.eventLoop.scheduleRepeatedTask(
             initialDelay: self.configuration.keepaliveInterval,
             delay: self.configuration.keepaliveInterval
         ) { task in
-            guard link.channel.isActive else {
+            guard link.isActive else {
                 task.cancel()
                 return
             }
-            let deadline = link.channel.eventLoop.scheduleTask(in: timeout) {
-                link.channel.close(promise: nil)
+            let deadline = link.eventLoop.scheduleTask(in: timeout) {
+                link.abort()
             }
-            link.session.ping().whenComplete { result in
+            link.ping().whenComplete { result in
                 if case .success = result { deadline.cancel() }
             }
         }
-        link.channel.closeFuture.whenComplete { _ in task.cancel() }
+        link.closeFuture.whenComplete { _ in task.cancel() }
         self.withPeer(link.peer) { $0.keepalive = task }
     }
 

@@ -70,6 +70,18 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
         }
     }
 
+    /// The link's data path leaves NIO before ``start(context:)`` (a ``LinkLoop`` takes the socket): the bytes
+    /// that waited (the peer's first records), and from now on nothing is opened, sealed or sent here (no
+    /// close_notify when NIO closes its descriptor).
+    public func handOff() -> [UInt8] {
+        precondition(!self.started, "hand-off after start")
+        self.ended = true
+        self.sentCloseNotify = true
+        let bytes = self.received.map { Array($0.readableBytesView) } ?? []
+        self.received = nil
+        return bytes
+    }
+
     /// Bytes that may wait for ``start(context:)``.
     static let maxWaiting = 1 << 20
 

@@ -29,8 +29,8 @@ import Testing
 
     /// The handler that seals `link`'s records, if any, and whether NIOSSL is still in its pipeline.
     func layers(of link: Link) async throws -> (sealed: (sent: UInt64, received: UInt64)?, nioSSL: Bool) {
-        try await link.channel.eventLoop.submit {
-            let ops = link.channel.pipeline.syncOperations
+        try await link.transport.eventLoop.submit {
+            let ops = link.transport.pipeline.syncOperations
             let sealed = try? ops.handler(type: SealedRecordHandler.self)
             let tls =
                 (try? ops.handler(type: NIOSSLClientHandler.self)) != nil

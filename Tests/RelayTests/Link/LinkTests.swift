@@ -300,7 +300,7 @@ struct LinkTests {
             #expect(link.isUsable)
             try await stream.close()
             #expect(await eventually { a.manager.allLinks.isEmpty && b.manager.allLinks.isEmpty })
-            #expect(!link.channel.isActive)
+            #expect(!link.isActive)
         }
     }
 
@@ -343,7 +343,7 @@ struct LinkTests {
         try await stream.close()
         // Both ends saw the stream close at about the same time with the same setting: the dialer's timer
         // (1 s) closes the link, the acceptor's (2 s) never fires.
-        #expect(await eventually { !dialed.channel.isActive && !accepted.channel.isActive })
+        #expect(await eventually { !dialed.isActive && !accepted.isActive })
         #expect(dialed.closedForIdle)
         #expect(!accepted.closedForIdle)
         await a.stop()

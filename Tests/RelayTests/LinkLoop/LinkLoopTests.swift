@@ -1,4 +1,5 @@
 import Logging
+import MeshIdentity
 import MeshTestSupport
 import MeshWire
 import NIOCore
@@ -394,6 +395,55 @@ struct LinkLoopTests {
         #expect(try await nio.ping().get() > .zero)
         loop.stop()
         try? await nio.channel.close()
+        try await backend.close()
+    }
+}
+
+@Suite("Links on a LinkLoop (LinkConfiguration.loop)", .serialized, .rationed)
+struct LinksOnLoopTests {
+    @Test("a link whose ends both take the loop: handshake on NIO, then splices, NIO streams and stats on the loop")
+    func linkOnLoop() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        var configuration = LinkConfiguration()
+        configuration.loop = try LinkLoop.start(name: "test-links-a")
+        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
+        configuration.loop = try LinkLoop.start(name: "test-links-b")
+        let b = try await LinkNode.make("b", ca: ca, book: book, configuration: configuration)
+        // A handed-over socket, as the data plane's TCP path gives one.
+        let (app, mine) = try socketPair()
+        try await a.manager.splice(socket: mine, to: "b", open: webTarget(port: port))
+        let link = try #require(a.manager.currentLink(to: "b"))
+        #expect(link.loop != nil && link.session == nil && link.records == "mesh")
+        let payload = randomBytes(250_000, seed: 3)
+        #expect(try await exchange(app, payload) == payload)
+        close(app)
+        // A NIO stream over the same link (the HTTP pool's and UDP flows' way), through a socket pair.
+        let echoed = ByteBuffer(bytes: randomBytes(80_000, seed: 4))
+        let done = MultiThreadedEventLoopGroup.singleton.next().makePromise(of: ByteBuffer.self)
+        _ = try await a.manager.stream(to: "b", open: webTarget(port: port)) { stream in
+            stream.eventLoop.makeCompletedFuture {
+                try stream.pipeline.syncOperations.addHandler(EchoCollector(payload: echoed, done: done))
+            }
+        }
+        #expect(try await done.futureResult.get() == echoed)
+        #expect(try await link.ping().get() > .zero)
+        let row = try #require(await a.manager.stats().first)
+        #expect(row.node == "b" && row.records == "mesh")
+        #expect(row.bytesSent >= 330_000 && row.bytesReceived >= 330_000)
+        #expect(await eventually { link.openStreams == 0 })
+        // A refusal from the loop's side is counted at both ends.
+        await #expect(throws: LinkError.self) {
+            _ = try await a.manager.stream(to: "b", open: webTarget(port: 1))
+        }
+        #expect(await eventually { b.manager.refusedSent[StreamRefusal.Code.dialFailed.rawValue] == 1 })
+        #expect(a.manager.refusedReceived[StreamRefusal.Code.dialFailed.rawValue] == 1)
+        // The peer going away ends the link at both ends.
+        await b.stop()
+        #expect(await eventually { !link.isActive })
+        await a.stop()
         try await backend.close()
     }
 }

@@ -325,7 +325,7 @@ struct PunchUpgradeTests {
         #expect(stats.localMapping == "none" && stats.peerMapping == "none")
         #expect(stats.upgradeMillis != nil)
         // The stream on the circuit carries on, undisturbed.
-        #expect(relayed.channel.isActive)
+        #expect(relayed.isActive)
         try await first.writeAndFlush(ByteBuffer(string: " after")).get()
         #expect(await eventually { collector.bytes.withLock { $0 } == Array("before after".utf8) })
         // New streams go direct.
@@ -336,10 +336,10 @@ struct PunchUpgradeTests {
         let row = try #require(await a.manager.stats().first)
         #expect(row.path == "direct")
         #expect(row.bytesSent >= 100_000)
-        #expect(direct.channel.isActive)
+        #expect(direct.isActive)
         // The circuit closes once its last stream is done.
         try await first.close()
-        #expect(await eventually { !relayed.channel.isActive })
+        #expect(await eventually { !relayed.isActive })
 
         await a.stop()
         await b.stop()

@@ -27,6 +27,11 @@ struct LinkPairCommand: AsyncParsableCommand {
 
     @Option(help: "127.0.0.1:port where node a takes clients.") var listen: HostPort
     @Option(help: "The backend's 127.0.0.1:port, dialed by node b.") var backend: HostPort
+    @Option(
+        help:
+            "nio: the link as Link builds it (NIO channels, the record handler, the mux session); loop: both ends' data path on a LinkLoop (one epoll thread; the link is a loopback TCP connection with fixed record secrets: no handshake)."
+    )
+    var engine: String = "nio"
 
     func run() async throws {
         guard case .v4(let endpoint)? = IPAddress(self.backend.host) else {
@@ -34,6 +39,8 @@ struct LinkPairCommand: AsyncParsableCommand {
         }
         var logger = Logger(label: "bench.link-pair")
         logger.logLevel = .warning
+        if self.engine == "loop" { return try await self.runLoop(endpoint: endpoint, logger: logger) }
+        guard self.engine == "nio" else { throw ValidationError("--engine: nio or loop") }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let ca = try CertificateAuthority.create()
         func tls(_ node: String) throws -> MeshLinkTLS { try MeshLinkTLS(node: node, issuedBy: ca) }
@@ -72,10 +79,7 @@ struct LinkPairCommand: AsyncParsableCommand {
                     if errno == EINTR || errno == ECONNABORTED { continue }
                     return
                 }
-                _ = fcntl(client, F_SETFL, fcntl(client, F_GETFL) | O_NONBLOCK)
-                _ = fcntl(client, F_SETFD, FD_CLOEXEC)
-                var one: Int32 = 1
-                _ = setsockopt(client, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                ClientSockets.prepare(client)
                 Task {
                     do {
                         try await a.splice(socket: client, to: "b", open: target)
@@ -98,6 +102,65 @@ struct LinkPairCommand: AsyncParsableCommand {
         try await group.shutdownGracefully()
     }
 
+    /// Both ends of the link on one ``LinkLoop``: node a's session opens a stream per client socket, node b's
+    /// dials the backend.
+    private func runLoop(endpoint: UInt32, logger: Logger) async throws {
+        let loop = try LinkLoop.start(name: "bench-link-loop", logger: logger)
+        let (x, y) = try ClientSockets.loopbackPair()
+        let secrets = LinkRecordSecrets(exporterSecret: [UInt8](repeating: 0x42, count: 32))!
+        let a = LinkLoopSession.adopt(
+            socket: x,
+            on: loop,
+            peer: "b",
+            dialer: true,
+            secrets: secrets,
+            check: nil,
+            logger: logger
+        )
+        _ = LinkLoopSession.adopt(
+            socket: y,
+            on: loop,
+            peer: "a",
+            dialer: false,
+            secrets: secrets,
+            check: { _, _ in nil },
+            logger: logger
+        )
+        let target = StreamTarget(
+            namespace: "bench",
+            service: "bench",
+            servicePort: UInt16(self.listen.port),
+            endpoint: .v4(endpoint),
+            endpointPort: UInt16(self.backend.port),
+            transport: .tcp
+        )
+        let server = try ClientSockets.listen(on: self.listen)
+        let log = logger
+        Thread {
+            while true {
+                let client = accept(server, nil, nil)
+                guard client >= 0 else {
+                    if errno == EINTR || errno == ECONNABORTED { continue }
+                    return
+                }
+                ClientSockets.prepare(client)
+                a.open(socket: client, target: target) { result in
+                    if case .failure(let error) = result {
+                        log.warning("stream failed: \(error)")
+                        close(client)
+                    }
+                }
+            }
+        }.start()
+        print("ready \(self.listen) pid \(getpid())")
+        let services = ServiceGroup(
+            configuration: .init(services: [Idle()], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        )
+        try await services.run()
+        close(server)
+        loop.stop()
+    }
+
     /// Runs until the group's graceful shutdown (SIGTERM, SIGINT).
     struct Idle: Service {
         func run() async throws { try? await gracefulShutdown() }
@@ -105,6 +168,35 @@ struct LinkPairCommand: AsyncParsableCommand {
 }
 
 enum ClientSockets {
+    /// Non-blocking, close-on-exec, TCP_NODELAY.
+    static func prepare(_ fd: Int32) {
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Two ends of one TCP connection on 127.0.0.1, prepared.
+    static func loopbackPair() throws -> (Int32, Int32) {
+        let server = try Self.listen(on: HostPort(argument: "127.0.0.1:0")!)
+        defer { close(server) }
+        var sin = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &sin) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(server, $0, &length) }
+        }
+        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        let connected = withUnsafePointer(to: &sin) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(client, $0, length) }
+        }
+        guard client >= 0, connected == 0 else { throw ValidationError("loopback connect: errno \(errno)") }
+        let accepted = accept(server, nil, nil)
+        guard accepted >= 0 else { throw ValidationError("loopback accept: errno \(errno)") }
+        Self.prepare(client)
+        Self.prepare(accepted)
+        return (client, accepted)
+    }
+
     /// A blocking listening TCP socket on an IPv4 host:port.
     static func listen(on address: HostPort) throws -> Int32 {
         guard case .v4(let ip)? = IPAddress(address.host) else { throw ValidationError("--listen: IPv4 host:port") }
