@@ -118,6 +118,9 @@ struct MeshAgentCommand: AsyncParsableCommand {
     @Option(name: .long, help: "loopback, meshInterface or auto.")
     var interfaceMode: String?
 
+    @Option(name: .long, help: "What carries peer links after their handshake: loop (default: an epoll thread) or nio.")
+    var linkDataPath: String?
+
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String?
 
@@ -139,6 +142,7 @@ struct MeshAgentCommand: AsyncParsableCommand {
         if self.noPunch { settings.punch = false }
         if let v = self.punchKeepaliveSeconds { settings.punchKeepaliveSeconds = v }
         if !self.punchRetrySeconds.isEmpty { settings.punchRetrySeconds = self.punchRetrySeconds }
+        if let v = self.linkDataPath { settings.linkDataPath = v }
         if let v = self.interfaceMode {
             guard let mode = AgentConfig.InterfaceMode(rawValue: v) else {
                 throw ManifestError("--interface-mode: \"\(v)\" is not one of loopback, meshInterface, auto")

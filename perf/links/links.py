@@ -196,6 +196,8 @@ class Lab:
             f.write("relays: [r1]\n")
             if self.a.window_kib:
                 f.write(f"linkStreamWindowKiB: {self.a.window_kib}\n")
+            if self.a.data_path:
+                f.write(f"linkDataPath: {self.a.data_path}\n")
         sh([NETLAB_MESH, "start", "--prefix", self.prefix, "--bin", self.a.bin_dir, "--lab-addresses-only",
             "--agent-config", extra], timeout=240)
         self.start_backends()
@@ -806,6 +808,7 @@ def main():
     ap.add_argument("--reps", type=int, help="repetitions (default 3; quick 1)")
     ap.add_argument("--systems", default="plain,mesh,nebula", help="plain, mesh, nebula")
     ap.add_argument("--window-kib", type=int, default=1024, help="agents' linkStreamWindowKiB (0: the default)")
+    ap.add_argument("--data-path", default="", help="agents' linkDataPath: nio or loop (default: the agents' own)")
     ap.add_argument("--quiet-window", type=float, help="seconds of quiet to wait for before each measurement")
     ap.add_argument("--quiet-timeout", type=float, help="longest wait for quiet")
     ap.add_argument("--noise", type=float, default=0.1, help="others' CPU (cores) counted as quiet")
@@ -866,7 +869,7 @@ def main():
                "machine": machine(),
                "settings": {"command": "perf/links/run " + " ".join(sys.argv[1:]), "size": a.size, "rate": a.rate,
                             "duration": a.duration, "warmup": a.warmup, "connections": a.connections,
-                            "body": a.body, "reps": a.reps, "window_kib": a.window_kib, "pin": a.pin,
+                            "body": a.body, "reps": a.reps, "window_kib": a.window_kib, "data_path": a.data_path, "pin": a.pin,
                             "nice": a.nice,
                             "nebula_version": nebula_version},
                "runs": {}}

@@ -59,6 +59,11 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
     /// unread, and how far a bulk transfer runs ahead of its window updates. 256 (yamux's default) to 16384;
     /// see LinkWindow.swift.
     public var linkStreamWindowKiB: Int = AgentConfig.defaultLinkStreamWindowKiB
+    /// What carries peer links once their TLS 1.3 handshake is done: `loop` (an epoll thread of the agent's
+    /// own, `mesh-link-0`: records, mux and TCP streams without NIO; UDP flows and the control stream through a
+    /// socket pair to NIO; Relay/LinkLoop) or `nio` (the NIO channel and the mux session on it). A peer that does
+    /// not offer the mesh record layer keeps its link on NIO either way.
+    public var linkDataPath: String = "loop"
     /// Hole punching (Relay/Punch): a relayed link to another site is upgraded to a direct TCP connection where
     /// the two NATs allow it. false: links stay as dialed (direct or relayed). See PunchSettings.swift.
     public var punch: Bool = true
@@ -153,6 +158,7 @@ public struct AgentConfig: Codable, Sendable, DefaultConstructible {
         }
         if self.linkListen != "off" { _ = try ListenAddress(self.linkListen, field: "linkListen") }
         try self.validateLinkStreamWindow()
+        try self.validateLinkDataPath()
         try self.validatePunch()
         for (i, r) in (self.relays ?? []).enumerated() {
             if let e = Names.dns1123SubdomainError(r) { throw ManifestError("relays[\(i)]: \(e)") }

@@ -239,10 +239,14 @@ public final class AgentServer: Service, Sendable {
             logger: self.logger
         )
         revocations.loadKept()
+        var linkConfiguration = config.linkConfiguration()
+        if config.linkDataPath == "loop" {
+            linkConfiguration.loop = try LinkLoop.start(name: "mesh-link-0", logger: self.linkLogger())
+        }
         let links = LinkManager(
             tls: try MeshLinkTLS(credentials, revoked: revocations.revoked),
             group: MultiThreadedEventLoopGroup.singleton,
-            configuration: config.linkConfiguration(),
+            configuration: linkConfiguration,
             logger: self.linkLogger(),
             resolve: { node in PeerDirectory.linkAddresses(of: node, in: current.value) },
             check: { target, peer in PeerDirectory.check(target, from: peer, localNode: nodeName, in: current.value) }

@@ -24,7 +24,14 @@ extension AgentConfig {
         }
     }
 
-    /// The settings of this agent's peer links.
+    /// Checks ``linkDataPath``.
+    public func validateLinkDataPath() throws {
+        guard ["nio", "loop"].contains(self.linkDataPath) else {
+            throw ManifestError("linkDataPath: must be loop or nio (default loop), not \"\(self.linkDataPath)\"")
+        }
+    }
+
+    /// The settings of this agent's peer links (with ``linkDataPath`` `loop`, the caller sets the loop).
     public func linkConfiguration() -> LinkConfiguration {
         var configuration = LinkConfiguration()
         let kib = min(

@@ -452,6 +452,7 @@ public final class Link: Sendable, CustomStringConvertible {
             idleTimeout: configuration.idleTimeout(for: role),
             records: "mesh"
         )
+        session.bridgeStream = inbound?.bridge
         session.streamsChanged = { [weak link] (opened: Bool) in
             guard let link else { return }
             if opened { link.streamOpened() } else { link.streamClosed() }
@@ -553,9 +554,9 @@ public final class Link: Sendable, CustomStringConvertible {
         }
     }
 
-    /// Closes the link's transport at once (a punched link whose keepalive went unanswered).
+    /// Closes the link's transport at once (a punched link whose keepalive went unanswered): a loss, not a
+    /// retirement (``wasRetired`` stays false).
     public func abort() {
-        self.state.withLock { $0.retired = true }
         if let loop = self.loop {
             loop.close()
         } else {
@@ -595,9 +596,16 @@ struct LinkHandOff {
 public struct LinkLoopInbound: Sendable {
     public var check: LinkTargetCheck
     public var refused: @Sendable (StreamRefusal) -> Void
+    /// Takes a UDP flow's or the control stream's socket pair end (``LinkLoopSession/bridgeStream``).
+    public var bridge: (@Sendable (_ target: StreamTarget, _ socket: Int32, _ peer: String) -> Bool)?
 
-    public init(check: @escaping LinkTargetCheck, refused: @escaping @Sendable (StreamRefusal) -> Void) {
+    public init(
+        check: @escaping LinkTargetCheck,
+        bridge: (@Sendable (_ target: StreamTarget, _ socket: Int32, _ peer: String) -> Bool)? = nil,
+        refused: @escaping @Sendable (StreamRefusal) -> Void
+    ) {
         self.check = check
+        self.bridge = bridge
         self.refused = refused
     }
 }

@@ -229,6 +229,50 @@ public final class LinkManager: Sendable {
         close(socket)
     }
 
+    /// A stream the peer opened on a link on a loop that is not a TCP splice: the control stream goes to the
+    /// control handler, a UDP flow to a connected UDP socket, each on a NIO channel over `socket` (one end of
+    /// the socket pair the loop splices to the stream). False when there is nothing to take it.
+    private var bridgeInbound: @Sendable (StreamTarget, Int32, String) -> Bool {
+        { [self] target, socket, peer in
+            let bootstrap = ClientBootstrap(group: self.group.next())
+                .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                .channelOption(ChannelOptions.autoRead, value: false)
+            if target == .linkControl {
+                guard let control = self.hooks.withLock({ $0.control }) else { return false }
+                bootstrap.withConnectedSocket(socket).whenSuccess { stream in
+                    control(stream, peer, ByteBuffer())
+                    stream.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+                }
+                return true
+            }
+            guard
+                let address = try? SocketAddress(ipAddress: target.endpoint.description, port: Int(target.endpointPort))
+            else { return false }
+            bootstrap.withConnectedSocket(socket).whenSuccess { stream in
+                DatagramBootstrap(group: stream.eventLoop).connect(to: address).whenComplete { result in
+                    switch result {
+                    case .success(let udp):
+                        do {
+                            try udp.pipeline.syncOperations.addHandler(DatagramSocketHandler(stream: stream))
+                            try stream.pipeline.syncOperations.addHandler(DatagramStreamHandler(socket: udp))
+                            stream.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+                        } catch {
+                            udp.close(promise: nil)
+                            stream.close(promise: nil)
+                        }
+                    case .failure(let error):
+                        self.logger.info(
+                            "a UDP flow's endpoint could not be reached",
+                            metadata: ["peer": "\(peer)", "target": "\(target)", "error": "\(error)"]
+                        )
+                        stream.close(promise: nil)
+                    }
+                }
+            }
+            return true
+        }
+    }
+
     /// Counts and logs a refusal from the peer.
     private func refusedByPeer(_ node: String, _ target: StreamTarget, _ refusal: StreamRefusal) {
         self.state.withLock { $0.refusedReceived[refusal.code.rawValue, default: 0] += 1 }
@@ -481,7 +525,9 @@ public final class LinkManager: Sendable {
             tls: self.tls,
             configuration: self.configuration,
             logger: self.logger,
-            loopInbound: LinkLoopInbound(check: self.check) { [self] refusal in self.refusedToPeer(refusal) }
+            loopInbound: LinkLoopInbound(check: self.check, bridge: self.bridgeInbound) { [self] refusal in
+                self.refusedToPeer(refusal)
+            }
         ) { [self] link, stream in
             stream.eventLoop.makeCompletedFuture {
                 try stream.pipeline.syncOperations.addHandler(

@@ -172,8 +172,13 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
         )
     }
 
+    /// Takes a stream that is not a TCP splice (a UDP flow's, the link's control stream): its target and one
+    /// end of a socket pair (owned by the callee) that the loop splices to the stream; false: not taken (the
+    /// stream is refused). Called on the loop. Set before ``start(received:)``; nil: such streams are refused.
+    public var bridgeStream: (@Sendable (_ target: StreamTarget, _ socket: Int32, _ peer: String) -> Bool)?
+
     /// Called on the loop when a stream joins (true) or leaves (false) the session. Set before ``start(received:)``.
-    public nonisolated(unsafe) var streamsChanged: (@Sendable (_ opened: Bool) -> Void)?
+    public var streamsChanged: (@Sendable (_ opened: Bool) -> Void)?
 
     /// Starts the session on its loop (once).
     public func start(received: [UInt8]) {
@@ -677,10 +682,7 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
         stream.target = target
         self.consumed(stream, before - buffer.readableBytes)
         if target == .linkControl || target.transport != .tcp {
-            return self.refuse(
-                stream,
-                StreamRefusal(.overLimit, "this link's data path carries TCP streams only (\(target.transport))")
-            )
+            return self.bridge(stream, target, rest: buffer)
         }
         if let check = self.check, let refusal = check(target, self.peer) {
             return self.refuse(stream, refusal)
@@ -704,6 +706,48 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
             self.loop.dialing(stream)
             stream.hold(buffer)
         }
+    }
+
+    /// A stream that is not a TCP splice (a UDP flow, the link's control stream): accepted here (a UDP flow once
+    /// `check` allows it), spliced to one end of a socket pair whose other end `bridge` hands to NIO.
+    private func bridge(_ stream: LinkLoopStream, _ target: StreamTarget, rest: ByteBuffer) {
+        if target != .linkControl, let check = self.check, let refusal = check(target, self.peer) {
+            return self.refuse(stream, refusal)
+        }
+        guard let bridge = self.bridgeStream else {
+            return self.refuse(stream, StreamRefusal(.overLimit, "no handler for \(target.transport) streams here"))
+        }
+        var fds: [Int32] = [-1, -1]
+        let type = Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)
+        guard socketpair(AF_UNIX, type, 0, &fds) == 0 else {
+            return self.refuse(stream, StreamRefusal(.overLimit, "socketpair: errno \(errno)"))
+        }
+        guard bridge(target, fds[1], self.peer) else {
+            Glibc.close(fds[0])
+            Glibc.close(fds[1])
+            let why = target == .linkControl ? "no control stream handler here" : "cannot carry \(target)"
+            return self.refuse(stream, StreamRefusal(.unknownService, why))
+        }
+        stream.fd = fds[0]
+        do {
+            try self.loop.register(fds[0], stream)
+        } catch {
+            return self.refuse(stream, StreamRefusal(.overLimit, "\(error)"))
+        }
+        stream.registered = true
+        stream.state = .open
+        var reply = ByteBuffer()
+        StreamOpenReply.accepted.encode(into: &reply)
+        self.writeFrameHeader(.data, flags: [], stream: stream.id, length: UInt32(reply.readableBytes))
+        self.outPlain.writeBuffer(&reply)
+        stream.sendWindow -= 1
+        self.loop.markDirty(self)
+        if rest.readableBytes > 0 {
+            let (written, error) = stream.write(rest)
+            if let error { return self.socketFailed(stream, error) }
+            self.consumed(stream, written)
+        }
+        if stream.pending == nil && stream.peerFinished { stream.shutWrite() }
     }
 
     private func refuse(_ stream: LinkLoopStream, _ refusal: StreamRefusal) {

@@ -491,8 +491,11 @@ struct LinkTests {
         try await backend.close()
     }
 
-    @Test("a UDP flow: datagrams framed in a stream reach a local UDP endpoint and its answers come back")
-    func udpFlow() async throws {
+    @Test(
+        "a UDP flow: datagrams framed in a stream reach a local UDP endpoint and its answers come back",
+        arguments: [false, true]
+    )
+    func udpFlow(onLoop: Bool) async throws {
         let ca = try CertificateAuthority.create()
         let book = AddressBook()
         let backend = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -501,8 +504,12 @@ struct LinkTests {
             }
             .bind(host: "127.0.0.1", port: 0).get()
         let port = backend.localAddress!.port!
-        let a = try await LinkNode.make("a", ca: ca, book: book)
-        let b = try await LinkNode.make("b", ca: ca, book: book)
+        var configuration = LinkConfiguration()
+        if onLoop { configuration.loop = try LinkLoop.start(name: "test-udp-a") }
+        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
+        if onLoop { configuration.loop = try LinkLoop.start(name: "test-udp-b") }
+        let b = try await LinkNode.make("b", ca: ca, book: book, configuration: configuration)
+        #expect((try await a.manager.link(to: "b").loop != nil) == onLoop)
         var target = webTarget(port: port)
         target.transport = .udp
         let log = StreamLog()
