@@ -415,24 +415,11 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
     }
 
     private func writeSealed() {
-        var failure: Int32 = 0
-        var written = 0
-        self.outSealed.withUnsafeReadableBytes { raw in
-            while written < raw.count {
-                let n = send(self.fd, raw.baseAddress! + written, raw.count - written, Int32(MSG_NOSIGNAL))
-                if n >= 0 {
-                    written += n
-                    continue
-                }
-                let code = errno
-                if code == EINTR { continue }
-                if code != EAGAIN && code != EWOULDBLOCK { failure = code }
-                break
-            }
-        }
+        let fd = self.fd
+        let (written, failure) = self.outSealed.withUnsafeReadableBytes { LinkLoopIO.send(fd, $0) }
         self.outSealed.moveReaderIndex(forwardBy: written)
         if self.outSealed.readableBytes == 0 { self.outSealed.clear() }
-        if failure != 0 {
+        if let failure {
             self.logger.debug("link loop: write to \(self.peer) failed (errno \(failure))")
             return self.shutDown(.sessionClosed, notifyPeer: false)
         }
@@ -736,18 +723,25 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
         }
         stream.registered = true
         stream.state = .open
-        var reply = ByteBuffer()
-        StreamOpenReply.accepted.encode(into: &reply)
-        self.writeFrameHeader(.data, flags: [], stream: stream.id, length: UInt32(reply.readableBytes))
-        self.outPlain.writeBuffer(&reply)
-        stream.sendWindow -= 1
-        self.loop.markDirty(self)
+        self.answer(stream, .accepted)
         if rest.readableBytes > 0 {
             let (written, error) = stream.write(rest)
             if let error { return self.socketFailed(stream, error) }
             self.consumed(stream, written)
         }
         if stream.pending == nil && stream.peerFinished { stream.shutWrite() }
+    }
+
+    /// Sends `reply` on `stream`: a refusal with FIN (the stream ends here).
+    private func answer(_ stream: LinkLoopStream, _ reply: StreamOpenReply) {
+        var bytes = ByteBuffer()
+        reply.encode(into: &bytes)
+        let length = UInt32(bytes.readableBytes)
+        let refused = reply != .accepted
+        self.writeFrameHeader(.data, flags: refused ? .fin : [], stream: stream.id, length: length)
+        self.outPlain.writeBuffer(&bytes)
+        if refused { stream.finSent = true } else { stream.sendWindow -= length }
+        self.loop.markDirty(self)
     }
 
     private func refuse(_ stream: LinkLoopStream, _ refusal: StreamRefusal) {
@@ -759,12 +753,7 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
                 "reason": "\(refusal.reason)",
             ]
         )
-        var reply = ByteBuffer()
-        StreamOpenReply.refused(refusal).encode(into: &reply)
-        self.writeFrameHeader(.data, flags: .fin, stream: stream.id, length: UInt32(reply.readableBytes))
-        self.outPlain.writeBuffer(&reply)
-        stream.finSent = true
-        self.loop.markDirty(self)
+        self.answer(stream, .refused(refusal))
         self.end(stream, reset: false, error: nil)
     }
 
@@ -775,12 +764,7 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
             return self.refuse(stream, StreamRefusal(.dialFailed, "\(target): \(error)"))
         }
         stream.state = .open
-        var reply = ByteBuffer()
-        StreamOpenReply.accepted.encode(into: &reply)
-        self.writeFrameHeader(.data, flags: [], stream: stream.id, length: UInt32(reply.readableBytes))
-        self.outPlain.writeBuffer(&reply)
-        stream.sendWindow -= 1
-        self.loop.markDirty(self)
+        self.answer(stream, .accepted)
         if stream.pending != nil { self.flushSocket(stream) }
         if stream.pending == nil && stream.peerFinished { stream.shutWrite() }
         self.pumpSocket(stream)

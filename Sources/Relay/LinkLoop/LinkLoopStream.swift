@@ -94,21 +94,7 @@ final class LinkLoopStream: EpollPollable {
             self.hold(bytes)
             return (0, nil)
         }
-        var written = 0
-        var failure: Int32?
-        bytes.withUnsafeReadableBytes { raw in
-            while written < raw.count {
-                let n = send(self.fd, raw.baseAddress! + written, raw.count - written, Int32(MSG_NOSIGNAL))
-                if n >= 0 {
-                    written += n
-                    continue
-                }
-                let code = errno
-                if code == EINTR { continue }
-                if code != EAGAIN && code != EWOULDBLOCK { failure = code }
-                break
-            }
-        }
+        let (written, failure) = bytes.withUnsafeReadableBytes { LinkLoopIO.send(self.fd, $0) }
         if failure == nil, written < bytes.readableBytes {
             self.hold(bytes.getSlice(at: bytes.readerIndex + written, length: bytes.readableBytes - written)!)
         }
@@ -119,21 +105,7 @@ final class LinkLoopStream: EpollPollable {
     /// Writes what is held: the bytes written, whether all went, or the error code.
     func flushPending() -> (written: Int, done: Bool, error: Int32?) {
         guard var pending = self.pending else { return (0, true, nil) }
-        var written = 0
-        var failure: Int32?
-        pending.withUnsafeReadableBytes { raw in
-            while written < raw.count {
-                let n = send(self.fd, raw.baseAddress! + written, raw.count - written, Int32(MSG_NOSIGNAL))
-                if n >= 0 {
-                    written += n
-                    continue
-                }
-                let code = errno
-                if code == EINTR { continue }
-                if code != EAGAIN && code != EWOULDBLOCK { failure = code }
-                break
-            }
-        }
+        let (written, failure) = pending.withUnsafeReadableBytes { LinkLoopIO.send(self.fd, $0) }
         pending.moveReaderIndex(forwardBy: written)
         self.toSocket += written
         if pending.readableBytes == 0 {
@@ -149,6 +121,25 @@ final class LinkLoopStream: EpollPollable {
         guard !self.shut, self.fd >= 0 else { return }
         self.shut = true
         _ = shutdown(self.fd, Int32(SHUT_WR))
+    }
+}
+
+/// Socket writes of a link loop.
+enum LinkLoopIO {
+    /// Sends as much of `bytes` as the socket takes: how much, and the error code of a failure (not EAGAIN).
+    static func send(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> (written: Int, error: Int32?) {
+        var written = 0
+        while written < bytes.count {
+            let n = Glibc.send(fd, bytes.baseAddress! + written, bytes.count - written, Int32(MSG_NOSIGNAL))
+            if n >= 0 {
+                written += n
+                continue
+            }
+            let code = errno
+            if code == EINTR { continue }
+            return (written, code == EAGAIN || code == EWOULDBLOCK ? nil : code)
+        }
+        return (written, nil)
     }
 }
 

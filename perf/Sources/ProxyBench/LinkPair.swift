@@ -60,36 +60,20 @@ struct LinkPairCommand: AsyncParsableCommand {
             resolve: { $0 == "b" ? [bAddress] : [] },
             check: { _, _ in StreamRefusal(.notLocalEndpoint, "node a serves nothing") }
         )
-        let target = StreamTarget(
-            namespace: "bench",
-            service: "bench",
-            servicePort: UInt16(self.listen.port),
-            endpoint: .v4(endpoint),
-            endpointPort: UInt16(self.backend.port),
-            transport: .tcp
-        )
+        let target = self.target(endpoint)
         let server = try ClientSockets.listen(on: self.listen)
         let log = logger
-        // Accepts on a thread of its own (blocking accept, never on the cooperative pool); each client's
-        // socket goes to node a's link, as the data plane hands one over.
-        Thread {
-            while true {
-                let client = accept(server, nil, nil)
-                guard client >= 0 else {
-                    if errno == EINTR || errno == ECONNABORTED { continue }
-                    return
-                }
-                ClientSockets.prepare(client)
-                Task {
-                    do {
-                        try await a.splice(socket: client, to: "b", open: target)
-                    } catch {
-                        log.warning("splice failed: \(error)")
-                        close(client)
-                    }
+        // Each client's socket goes to node a's link, as the data plane hands one over.
+        ClientSockets.acceptEach(server) { client in
+            Task {
+                do {
+                    try await a.splice(socket: client, to: "b", open: target)
+                } catch {
+                    log.warning("splice failed: \(error)")
+                    close(client)
                 }
             }
-        }.start()
+        }
         print("ready \(self.listen) pid \(getpid())")
         let services = ServiceGroup(
             configuration: .init(services: [Idle()], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
@@ -100,6 +84,17 @@ struct LinkPairCommand: AsyncParsableCommand {
         await b.shutdown()
         try? await listener.close()
         try await group.shutdownGracefully()
+    }
+
+    private func target(_ endpoint: UInt32) -> StreamTarget {
+        StreamTarget(
+            namespace: "bench",
+            service: "bench",
+            servicePort: UInt16(self.listen.port),
+            endpoint: .v4(endpoint),
+            endpointPort: UInt16(self.backend.port),
+            transport: .tcp
+        )
     }
 
     /// Both ends of the link on one ``LinkLoop``: node a's session opens a stream per client socket, node b's
@@ -126,32 +121,17 @@ struct LinkPairCommand: AsyncParsableCommand {
             check: { _, _ in nil },
             logger: logger
         )
-        let target = StreamTarget(
-            namespace: "bench",
-            service: "bench",
-            servicePort: UInt16(self.listen.port),
-            endpoint: .v4(endpoint),
-            endpointPort: UInt16(self.backend.port),
-            transport: .tcp
-        )
+        let target = self.target(endpoint)
         let server = try ClientSockets.listen(on: self.listen)
         let log = logger
-        Thread {
-            while true {
-                let client = accept(server, nil, nil)
-                guard client >= 0 else {
-                    if errno == EINTR || errno == ECONNABORTED { continue }
-                    return
-                }
-                ClientSockets.prepare(client)
-                a.open(socket: client, target: target) { result in
-                    if case .failure(let error) = result {
-                        log.warning("stream failed: \(error)")
-                        close(client)
-                    }
+        ClientSockets.acceptEach(server) { client in
+            a.open(socket: client, target: target) { result in
+                if case .failure(let error) = result {
+                    log.warning("stream failed: \(error)")
+                    close(client)
                 }
             }
-        }.start()
+        }
         print("ready \(self.listen) pid \(getpid())")
         let services = ServiceGroup(
             configuration: .init(services: [Idle()], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
@@ -168,6 +148,22 @@ struct LinkPairCommand: AsyncParsableCommand {
 }
 
 enum ClientSockets {
+    /// Accepts on a thread of its own (blocking accept, never on the cooperative pool) until `server` fails;
+    /// each client's socket, prepared, goes to `body`.
+    static func acceptEach(_ server: Int32, _ body: @escaping @Sendable (Int32) -> Void) {
+        Thread {
+            while true {
+                let client = accept(server, nil, nil)
+                guard client >= 0 else {
+                    if errno == EINTR || errno == ECONNABORTED { continue }
+                    return
+                }
+                Self.prepare(client)
+                body(client)
+            }
+        }.start()
+    }
+
     /// Non-blocking, close-on-exec, TCP_NODELAY.
     static func prepare(_ fd: Int32) {
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
