@@ -599,14 +599,11 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
     }
 
     private func replyBytes(_ stream: LinkLoopStream, _ payload: ByteBuffer, fin: Bool) {
-        var buffer = stream.header ?? ByteBuffer()
-        buffer.writeImmutableBuffer(payload)
-        let before = buffer.readableBytes
         let reply: StreamOpenReply?
+        let buffer: ByteBuffer
         do {
-            reply = try StreamOpenReply.decode(from: &buffer)
+            (reply, buffer) = try self.header(stream, payload) { try StreamOpenReply.decode(from: &$0) }
         } catch {
-            stream.header = nil
             return self.failOpen(
                 stream,
                 LinkError.refused(StreamRefusal(.malformedHeader, "a malformed reply: \(error)")),
@@ -614,12 +611,9 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
             )
         }
         guard let reply else {
-            stream.header = buffer
             if fin { self.failOpen(stream, LinkError.closedBeforeReply, reset: false) }
             return
         }
-        stream.header = nil
-        self.consumed(stream, before - buffer.readableBytes)
         switch reply {
         case .refused(let refusal):
             self.failOpen(stream, LinkError.refused(refusal), reset: !fin)
@@ -639,6 +633,26 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
         }
     }
 
+    /// Reads a stream's header (the peer's reply, or its target) from what came so far and `payload`: the header
+    /// and the bytes after it, or nil while it is not whole (the bytes are kept on the stream for the next
+    /// frame). The header's bytes count as consumed. Throws what `decode` throws.
+    private func header<T>(
+        _ stream: LinkLoopStream,
+        _ payload: ByteBuffer,
+        _ decode: (inout ByteBuffer) throws -> T?
+    ) throws -> (T?, ByteBuffer) {
+        var buffer = stream.header ?? ByteBuffer()
+        buffer.writeImmutableBuffer(payload)
+        let before = buffer.readableBytes
+        stream.header = nil
+        guard let value = try decode(&buffer) else {
+            stream.header = buffer
+            return (nil, buffer)
+        }
+        self.consumed(stream, before - buffer.readableBytes)
+        return (value, buffer)
+    }
+
     /// An opening stream failed before the socket was taken: the caller keeps it.
     private func failOpen(_ stream: LinkLoopStream, _ error: any Error, reset: Bool) {
         let replied = stream.replied
@@ -650,24 +664,18 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
     }
 
     private func targetBytes(_ stream: LinkLoopStream, _ payload: ByteBuffer, fin: Bool) {
-        var buffer = stream.header ?? ByteBuffer()
-        buffer.writeImmutableBuffer(payload)
-        let before = buffer.readableBytes
         let target: StreamTarget?
+        let buffer: ByteBuffer
         do {
-            target = try StreamTarget.decode(from: &buffer)
+            (target, buffer) = try self.header(stream, payload) { try StreamTarget.decode(from: &$0) }
         } catch {
-            stream.header = nil
             return self.refuse(stream, StreamRefusal(.malformedHeader, "malformed stream-open header: \(error)"))
         }
         guard let target else {
-            stream.header = buffer
             if fin { self.end(stream, reset: true, error: nil) }  // FIN before a whole header
             return
         }
-        stream.header = nil
         stream.target = target
-        self.consumed(stream, before - buffer.readableBytes)
         if target == .linkControl || target.transport != .tcp {
             return self.bridge(stream, target, rest: buffer)
         }

@@ -74,12 +74,7 @@ struct LinkPairCommand: AsyncParsableCommand {
                 }
             }
         }
-        print("ready \(self.listen) pid \(getpid())")
-        let services = ServiceGroup(
-            configuration: .init(services: [Idle()], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
-        )
-        try await services.run()
-        close(server)
+        try await self.serve(until: server, logger: logger)
         await a.shutdown()
         await b.shutdown()
         try? await listener.close()
@@ -132,13 +127,18 @@ struct LinkPairCommand: AsyncParsableCommand {
                 }
             }
         }
+        try await self.serve(until: server, logger: logger)
+        loop.stop()
+    }
+
+    /// Says it is ready, runs until SIGTERM or SIGINT, then closes the listening socket.
+    private func serve(until server: Int32, logger: Logger) async throws {
         print("ready \(self.listen) pid \(getpid())")
         let services = ServiceGroup(
             configuration: .init(services: [Idle()], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         )
         try await services.run()
         close(server)
-        loop.stop()
     }
 
     /// Runs until the group's graceful shutdown (SIGTERM, SIGINT).
