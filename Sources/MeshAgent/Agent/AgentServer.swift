@@ -431,6 +431,7 @@ public final class AgentServer: Service, Sendable {
             Task { await group.triggerGracefulShutdown() }
         }
         if linkListener == nil { await links.shutdown() }
+        linkConfiguration.loop?.stop()  // its links are closed by now: the thread ends
         self.logger.info("agent stopped")
     }
 }
