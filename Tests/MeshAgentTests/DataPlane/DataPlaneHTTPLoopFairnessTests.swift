@@ -80,6 +80,12 @@ struct DataPlaneHTTPLoopFairnessTests {
                 defer { stream.stop.store(true, ordering: .relaxed) }
                 // The stream is under way (several times the bytes one turn may move).
                 #expect(await eventually(30) { stream.bytes.load(ordering: .relaxed) >= 8 * 1024 * 1024 })
+                // And it has met the read bound at least once: on a busy machine the source may write slower than
+                // the loop reads for a while (each read drains the socket), so this is waited for, not assumed.
+                #expect(
+                    await eventually(60) { dp.httpLoopYields > 0 },
+                    "the streaming connection never yielded its loop at the read bound"
+                )
                 let answer = try await TestHTTPConnection.get(TestClient.vipAddress(otherVIP, 8080), "/", timeout: 30)
                 let bytesWhenServed = stream.bytes.load(ordering: .relaxed)
                 stream.stop.store(true, ordering: .relaxed)
