@@ -127,12 +127,17 @@ struct AgentEndToEndTests {
         #expect(try await agent.dig("nope.shop.svc.cluster.local").isEmpty)
         #expect(await MeshTestSupport.eventually { (try? await echo(vip, 7007, "hello")) == "hello" })
 
-        // The admin API shows the route, its backend and where the table came from.
-        let routes = try await agent.admin.send(.GET, "/routes")
-        let text = String(buffer: routes.body)
+        // The admin API shows the route, its backend and where the table came from (`control` once every kind
+        // the agent watches has synced, which on a busy machine can come after the route itself).
+        var text = ""
         #expect(
-            text.contains("\"vip\":\"\(vip)\"") && text.contains("\"port\":\(backend.port)")
-                && text.contains("\"source\":\"control\"")
+            await MeshTestSupport.eventually(timeout: .seconds(30)) {
+                guard let routes = try? await agent.admin.send(.GET, "/routes") else { return false }
+                text = String(buffer: routes.body)
+                return text.contains("\"vip\":\"\(vip)\"") && text.contains("\"port\":\(backend.port)")
+                    && text.contains("\"source\":\"control\"")
+            },
+            "\(text)"
         )
         #expect(try await agent.admin.send(.GET, "/readyz").status == .ok)
 
