@@ -204,7 +204,10 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            exclude: ["README.md", "Mux/README.md", "Link/README.md", "Punch/README.md", "Records/README.md", "LinkLoop/README.md"],
+            exclude: [
+                "README.md", "Mux/README.md", "Link/README.md", "Punch/README.md", "Records/README.md",
+                "LinkLoop/README.md",
+            ],
             swiftSettings: swiftSettings
         ),
         // Node agent: node registration and heartbeat (workloads, twins, mapper API, outbox later).

@@ -427,17 +427,17 @@ public final class Link: Sendable, CustomStringConvertible {
             alive.end()
             ended.succeed(())
         }
-        let session = LinkLoopSession.make(
+        let session = LinkLoopSession(
             socket: handOff.socket,
-            on: loop,
+            loop: loop,
             peer: peer,
             dialer: isDialer,
             secrets: handOff.secrets,
             configuration: settings,
             check: inbound?.check,
             logger: logger,
-            refused: refused,
-            closed: closed
+            onRefused: refused,
+            onClosed: closed
         )
         let link = Link(
             peer: peer,

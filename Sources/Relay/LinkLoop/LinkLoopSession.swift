@@ -73,7 +73,9 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
     static let maxPayload = LinkRecordCipher.maxContent - YamuxFrame.headerSize
     private static let maxBursts = 16
 
-    private init(
+    /// A session not started yet (``Link`` sets ``streamsChanged`` and ``bridgeStream``, then ``start(received:)``);
+    /// ``adopt(socket:on:peer:dialer:secrets:received:configuration:check:logger:refused:closed:)`` does both.
+    init(
         socket fd: Int32,
         loop: LinkLoop,
         peer: String,
@@ -128,37 +130,7 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
         refused: @escaping @Sendable (StreamRefusal) -> Void = { _ in },
         closed: @escaping @Sendable (MuxError?) -> Void = { _ in }
     ) -> LinkLoopSession {
-        let session = Self.make(
-            socket: fd,
-            on: loop,
-            peer: peer,
-            dialer: dialer,
-            secrets: secrets,
-            configuration: configuration,
-            check: check,
-            logger: logger,
-            refused: refused,
-            closed: closed
-        )
-        session.start(received: received)
-        return session
-    }
-
-    /// ``adopt(socket:on:peer:dialer:secrets:received:configuration:check:logger:refused:closed:)`` in two
-    /// steps: the session, not started (set ``streamsChanged`` now), then ``start(received:)``.
-    public static func make(
-        socket fd: Int32,
-        on loop: LinkLoop,
-        peer: String,
-        dialer: Bool,
-        secrets: LinkRecordSecrets,
-        configuration: LinkLoopConfiguration = LinkLoopConfiguration(),
-        check: LinkTargetCheck?,
-        logger: Logger = Logger(label: "mesh.link"),
-        refused: @escaping @Sendable (StreamRefusal) -> Void = { _ in },
-        closed: @escaping @Sendable (MuxError?) -> Void = { _ in }
-    ) -> LinkLoopSession {
-        LinkLoopSession(
+        let session = LinkLoopSession(
             socket: fd,
             loop: loop,
             peer: peer,
@@ -170,6 +142,8 @@ public final class LinkLoopSession: EpollPollable, @unchecked Sendable {
             onRefused: refused,
             onClosed: closed
         )
+        session.start(received: received)
+        return session
     }
 
     /// Takes a stream that is not a TCP splice (a UDP flow's, the link's control stream): its target and one
