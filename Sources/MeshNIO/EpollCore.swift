@@ -175,6 +175,22 @@ public final class EpollCore: @unchecked Sendable {
         guard epoll_ctl(self.epoll, EPOLL_CTL_ADD, fd, &event) == 0 else { throw Failure("epoll_ctl(ADD)", errno) }
     }
 
+    /// Adds `fd` with `events`, its token the address of `object` (which the caller keeps alive while `fd` is
+    /// registered); ``object(_:as:)`` turns an event's token back into it.
+    public func register(_ fd: Int32, object: AnyObject, events: UInt32) throws(Failure) {
+        try self.register(
+            fd,
+            token: UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque())),
+            events: events
+        )
+    }
+
+    /// The object whose address an event's token is (``register(_:object:events:)``).
+    @inlinable @inline(__always)
+    public static func object<T: AnyObject>(_ token: UInt64, as type: T.Type) -> T {
+        Unmanaged<T>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!).takeUnretainedValue()
+    }
+
     public func deregister(_ fd: Int32) {
         var event = epoll_event()
         _ = epoll_ctl(self.epoll, EPOLL_CTL_DEL, fd, &event)

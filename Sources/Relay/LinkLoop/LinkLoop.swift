@@ -60,8 +60,7 @@ public final class LinkLoop: @unchecked Sendable {
     // MARK: loop thread
 
     func register(_ fd: Int32, _ object: EpollPollable) throws(EpollCore.Failure) {
-        let token = UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque()))
-        try self.core.register(fd, token: token, events: EpollCore.Events.stream)
+        try self.core.register(fd, object: object, events: EpollCore.Events.stream)
     }
 
     func closeSocket(_ fd: Int32) { self.core.closeSocket(fd) }
@@ -101,9 +100,7 @@ public final class LinkLoop: @unchecked Sendable {
             }
             self.now = EpollCore.monotonic()
             let woken = self.core.dispatch(events, count: count) { token, bits in
-                let object = Unmanaged<EpollPollable>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!)
-                    .takeUnretainedValue()
-                object.ready(bits)
+                EpollCore.object(token, as: EpollPollable.self).ready(bits)
             }
             if !self.again.isEmpty {
                 let pending = self.again

@@ -201,7 +201,7 @@ private final class Circuit {
     }
 
     fileprivate static func side(_ token: UInt64) -> CircuitSide {
-        Unmanaged<CircuitSide>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!).takeUnretainedValue()
+        EpollCore.object(token, as: CircuitSide.self)
     }
 }
 
@@ -252,8 +252,7 @@ private final class CircuitLoop: @unchecked Sendable {
     // MARK: loop thread
 
     func register(_ side: CircuitSide) throws {
-        let token = UInt64(UInt(bitPattern: Unmanaged.passUnretained(side).toOpaque()))
-        try self.core.register(side.fd, token: token, events: CircuitEvents.stream)
+        try self.core.register(side.fd, object: side, events: CircuitEvents.stream)
     }
 
     /// Out of the epoll set, then closed (`EpollCore.closeSocket`).

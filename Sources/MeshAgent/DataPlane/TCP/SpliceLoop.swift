@@ -130,8 +130,7 @@ final class SpliceLoop: @unchecked Sendable {
             }
             self.now = SpliceLoop.monotonic()
             let wake = self.core.dispatch(events, count: count) { token, bits in
-                Unmanaged<SplicePollable>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!)
-                    .takeUnretainedValue().ready(bits)
+                EpollCore.object(token, as: SplicePollable.self).ready(bits)
             }
             if !self.again.isEmpty {
                 let pending = self.again
@@ -167,8 +166,7 @@ final class SpliceLoop: @unchecked Sendable {
 
     /// Adds `fd` to the epoll set with `events`; the token is `object`'s address (never 0: that is the wake-up).
     func register(_ fd: Int32, _ object: SplicePollable, events: UInt32) throws {
-        let token = UInt64(UInt(bitPattern: Unmanaged.passUnretained(object).toOpaque()))
-        try self.core.register(fd, token: token, events: events)
+        try self.core.register(fd, object: object, events: events)
     }
 
     func deregister(_ fd: Int32) { self.core.deregister(fd) }
