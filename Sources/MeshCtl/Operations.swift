@@ -369,14 +369,14 @@ enum PeersView {
                 if case .int(let ms) = p["upgradeMillis"] ?? .null { upgrade = "\(ms)ms" }
                 row += [
                     cell(p["dialer"]), "\(cell(p["localNAT"]))/\(cell(p["peerNAT"]))", cell(p["upgrades"]),
-                    cell(p["fallbacks"]), upgrade, cell(p["records"]),
+                    cell(p["fallbacks"]), upgrade, cell(p["records"]), cell(p["dataPath"]),
                 ]
             }
             rows.append(row)
             if case .string(let why) = p["reason"] ?? .null { reasons.append("\(cell(p["node"])): not direct: \(why)") }
         }
         var header = ["NODE", "SITE", "PATH", "RELAY", "RTT", "STREAMS", "SENT", "RECEIVED", "SINCE"]
-        if wide { header += ["DIALER", "NAT (OWN/PEER)", "UPGRADES", "FALLBACKS", "TIME TO UPGRADE", "RECORDS"] }
+        if wide { header += ["DIALER", "NAT (OWN/PEER)", "UPGRADES", "FALLBACKS", "TIME TO UPGRADE", "RECORDS", "DATA PATH"] }
         let site = Printer.text(value["site"])
         var heading =
             "node \(cell(value["node"])), site \(site.isEmpty ? "<none>" : site), links on \(cell(value["linkListen"]))\n"

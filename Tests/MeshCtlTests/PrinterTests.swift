@@ -142,7 +142,8 @@ import Testing
                  "items": [
                   {"node": "b", "site": "b", "path": "punched", "rttMicros": 840, "streams": 1, "bytesSent": 10,
                    "bytesReceived": 20, "since": "2026-12-03T10:00:00Z", "dialer": "a", "localNAT": "portPreserving",
-                   "peerNAT": "portPreserving", "upgrades": 1, "fallbacks": 0, "upgradeMillis": 223, "records": "mesh"},
+                   "peerNAT": "portPreserving", "upgrades": 1, "fallbacks": 0, "upgradeMillis": 223, "records": "mesh",
+                   "dataPath": "loop"},
                   {"node": "c", "site": "c", "path": "relayed", "relay": "r1", "rttMicros": 2000, "streams": 0,
                    "bytesSent": 0, "bytesReceived": 0, "since": "2026-12-03T10:01:00Z", "dialer": "a",
                    "reason": "peer mapping random", "localNAT": "portPreserving", "peerNAT": "random",
@@ -164,8 +165,13 @@ import Testing
         let wide = PeersView.table(value, wide: true)
         #expect(wide.contains("NAT (OWN/PEER)") && wide.contains("TIME TO UPGRADE"), "\(wide)")
         #expect(wide.contains("portPreserving/random") && wide.contains("223ms"), "\(wide)")
-        #expect(wide.contains("RECORDS"), "\(wide)")
-        #expect(wide.split(separator: "\n").first { $0.hasPrefix("b ") }?.hasSuffix(" mesh") == true, "\(wide)")
+        #expect(wide.contains("RECORDS") && wide.contains("DATA PATH"), "\(wide)")
+        // The last two columns, RECORDS and DATA PATH.
+        func last2(_ node: String) -> [Substring]? {
+            wide.split(separator: "\n").first { $0.hasPrefix(node + " ") }.map { Array($0.split(separator: " ").suffix(2)) }
+        }
+        #expect(last2("b") == ["mesh", "loop"], "\(wide)")
+        #expect(last2("c") == ["<none>", "<none>"], "\(wide)")
     }
 
     @Test func agesAreKubectlShort() {

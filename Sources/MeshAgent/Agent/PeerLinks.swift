@@ -105,6 +105,8 @@ struct PeerRow: Codable, Sendable, Equatable {
     var dialer: String
     /// What seals the link's records after its handshake: `mesh` (the mesh record layer) or `tls`.
     var records: String?
+    /// What carries its bytes after the handshake: `loop` (the agent's link loop) or `nio`.
+    var dataPath: String?
     /// Why the link is not direct (`peer mapping random`, `punch failed ...`); nil when it is.
     var reason: String?
     /// This node's and the peer's NAT mappings (`portPreserving`, `random`, ...), as last exchanged.
@@ -129,6 +131,7 @@ struct PeerRow: Codable, Sendable, Equatable {
         self.since = Timestamp.format(secondsSinceEpoch: Int(stats.since.timeIntervalSince1970))
         self.dialer = stats.dialer
         self.records = stats.records
+        self.dataPath = stats.dataPath
         if let punch {
             self.reason = stats.path == "relayed" ? punch.reason : nil
             self.localNAT = punch.localMapping

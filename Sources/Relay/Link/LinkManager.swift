@@ -29,6 +29,9 @@ public struct LinkStats: Sendable, Hashable, Codable {
     public var dialer: String
     /// What seals its records after the handshake: `mesh` (the mesh record layer) or `tls` (NIOSSL).
     public var records: String
+    /// What carries its bytes after the handshake: `loop` (this node's link loop, ``LinkLoop``) or `nio` (a
+    /// NIO channel and the mux handler).
+    public var dataPath: String
 }
 
 /// The links of one node: at most one per peer node, dialed on first use, kept while streams are open
@@ -443,7 +446,12 @@ public final class LinkManager: Sendable {
                         over: channel,
                         role: .dialer(expect: node),
                         path: .relayed(relay),
-                        claim: { race.offer($0) }
+                        claim: { link in
+                            // Before the offer: a direct link that comes up the moment after the relayed one
+                            // won must find the upgrade allowed, not be closed as the race's loser.
+                            direct.relayedWon()
+                            return race.offer(link)
+                        }
                     ).get()
                 } catch {
                     errors.withLockedValue { $0.append("relayed: \(error)") }
@@ -452,10 +460,7 @@ public final class LinkManager: Sendable {
             }
         }
         relayGo.succeed()
-        if let link {
-            if case .relayed = link.path { direct.relayedWon() }
-            return link
-        }
+        if let link { return link }
         throw LinkError.unreachable(node: node, errors.withLockedValue { $0.joined(separator: "; ") })
     }
 
@@ -662,7 +667,8 @@ public final class LinkManager: Sendable {
                     bytesReceived: mux.dataBytesReceived,
                     since: link.since,
                     dialer: link.dialer,
-                    records: link.records
+                    records: link.records,
+                    dataPath: link.loop == nil ? "nio" : "loop"
                 )
             )
         }
@@ -696,7 +702,10 @@ final class DirectDial: Sendable {
         if self.race.isDone, !self.upgradeLate.load(ordering: .sequentiallyConsistent) { channel.close(promise: nil) }
     }
 
-    /// The relayed dial won: the direct attempt under way may still upgrade the link.
+    /// The relayed dial is offering its link (it may win): the direct attempt under way may still upgrade the
+    /// link. Set before the relayed offer, never after: a direct link claimed between the two would otherwise
+    /// see the race done with no upgrade allowed and be closed (under load, public x public stayed relayed).
+    /// Harmless when the direct link had already won: there is no second direct claim.
     func relayedWon() {
         self.upgradeLate.store(true, ordering: .sequentiallyConsistent)
     }

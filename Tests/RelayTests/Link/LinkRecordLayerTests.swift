@@ -62,7 +62,7 @@ import Testing
         let ab = try #require(a.manager.currentLink(to: "b"))
         let ba = try #require(b.manager.currentLink(to: "a"))
         #expect(ab.records == "mesh" && ba.records == "mesh")
-        #expect(await a.manager.stats().first?.records == "mesh")
+        #expect(await a.manager.stats().first.map { [$0.records, $0.dataPath] } == ["mesh", "nio"])
         let (sealed, tls) = try await self.layers(of: ab)
         #expect(!tls)
         let counts = try #require(sealed)

@@ -431,7 +431,7 @@ struct LinksOnLoopTests {
         #expect(try await done.futureResult.get() == echoed)
         #expect(try await link.ping().get() > .zero)
         let row = try #require(await a.manager.stats().first)
-        #expect(row.node == "b" && row.records == "mesh")
+        #expect(row.node == "b" && row.records == "mesh" && row.dataPath == "loop")
         #expect(row.bytesSent >= 330_000 && row.bytesReceived >= 330_000)
         #expect(await eventually { link.openStreams == 0 })
         // A refusal from the loop's side is counted at both ends.
