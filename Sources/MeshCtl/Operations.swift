@@ -376,7 +376,9 @@ enum PeersView {
             if case .string(let why) = p["reason"] ?? .null { reasons.append("\(cell(p["node"])): not direct: \(why)") }
         }
         var header = ["NODE", "SITE", "PATH", "RELAY", "RTT", "STREAMS", "SENT", "RECEIVED", "SINCE"]
-        if wide { header += ["DIALER", "NAT (OWN/PEER)", "UPGRADES", "FALLBACKS", "TIME TO UPGRADE", "RECORDS", "DATA PATH"] }
+        if wide {
+            header += ["DIALER", "NAT (OWN/PEER)", "UPGRADES", "FALLBACKS", "TIME TO UPGRADE", "RECORDS", "DATA PATH"]
+        }
         let site = Printer.text(value["site"])
         var heading =
             "node \(cell(value["node"])), site \(site.isEmpty ? "<none>" : site), links on \(cell(value["linkListen"]))\n"

@@ -168,7 +168,9 @@ import Testing
         #expect(wide.contains("RECORDS") && wide.contains("DATA PATH"), "\(wide)")
         // The last two columns, RECORDS and DATA PATH.
         func last2(_ node: String) -> [Substring]? {
-            wide.split(separator: "\n").first { $0.hasPrefix(node + " ") }.map { Array($0.split(separator: " ").suffix(2)) }
+            wide.split(separator: "\n").first { $0.hasPrefix(node + " ") }.map {
+                Array($0.split(separator: " ").suffix(2))
+            }
         }
         #expect(last2("b") == ["mesh", "loop"], "\(wide)")
         #expect(last2("c") == ["<none>", "<none>"], "\(wide)")
