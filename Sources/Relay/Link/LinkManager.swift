@@ -85,6 +85,8 @@ public final class LinkManager: Sendable {
         var refusedReceived: [UInt8: Int] = [:]
         var handshakesRefused = 0
         var shutDown = false
+        /// When a failed dial to each node was last logged (a warning at most every 10 s per node).
+        var dialFailureLogged: [String: ContinuousClock.Instant] = [:]
     }
 
     public init(
@@ -276,6 +278,19 @@ public final class LinkManager: Sendable {
         }
     }
 
+    /// Logs a dial that found no way to `node` (every address and the relay failed), at most every 10 s per
+    /// node: the streams that needed the link fail with the same error, each to its own caller.
+    private func dialFailed(_ node: String, _ error: any Error) {
+        let now = ContinuousClock.now
+        let log = self.state.withLock { s -> Bool in
+            if let last = s.dialFailureLogged[node], now - last < .seconds(10) { return false }
+            s.dialFailureLogged[node] = now
+            return true
+        }
+        guard log else { return }
+        self.logger.warning("cannot reach the node over a link", metadata: ["peer": "\(node)", "error": "\(error)"])
+    }
+
     /// Counts and logs a refusal from the peer.
     private func refusedByPeer(_ node: String, _ target: StreamTarget, _ refusal: StreamRefusal) {
         self.state.withLock { $0.refusedReceived[refusal.code.rawValue, default: 0] += 1 }
@@ -374,7 +389,11 @@ public final class LinkManager: Sendable {
             do {
                 let dialed = try await self.dial(node)  // in the table already (establish)
                 // The peer's own dial may have won the tie-break: use the current link.
-                let current = self.state.withLock { $0.links[node] } ?? dialed
+                let current =
+                    self.state.withLock { s in
+                        s.dialFailureLogged[node] = nil
+                        return s.links[node]
+                    } ?? dialed
                 promise.succeed(current)
             } catch {
                 if let current = self.state.withLock({ $0.links[node] }), current.isUsable {
@@ -384,6 +403,7 @@ public final class LinkManager: Sendable {
                     )
                     promise.succeed(current)
                 } else {
+                    self.dialFailed(node, error)
                     promise.fail(error)
                 }
             }

@@ -163,6 +163,35 @@ struct LinkTests {
         try await backend.close()
     }
 
+    @Test("a node that cannot be reached: each caller gets the error, the log says so once per 10 s")
+    func unreachableNodeIsLoggedOnce() async throws {
+        let ca = try CertificateAuthority.create()
+        // A port nothing listens on: bound, then closed.
+        let probe = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .bind(host: "127.0.0.1", port: 0).get()
+        let closed = probe.localAddress!
+        try await probe.close()
+        let issued = try ca.issueCredential(identity: .node("a"), serverAuth: true, clientAuth: true)
+        let logs = LogRecorder()
+        let manager = LinkManager(
+            tls: try MeshLinkTLS(
+                keyPEM: issued.keyPEM,
+                certificatePEM: issued.certificatePEM,
+                caPEM: try ca.certificatePEM()
+            ),
+            group: MultiThreadedEventLoopGroup.singleton,
+            logger: logs.logger("link", level: .info),
+            resolve: { _ in [closed] },
+            check: { _, _ in nil }
+        )
+        for _ in 0..<3 {
+            await #expect(throws: LinkError.self) { try await manager.stream(to: "gone", open: webTarget(port: 1)) }
+        }
+        let warnings = logs.messages(.warning, containing: "cannot reach the node over a link")
+        #expect(warnings.count == 1, "\(logs.all.map(\.message))")
+        await manager.shutdown()
+    }
+
     @Test("a dialer expecting node b that reaches a server holding a's certificate is refused")
     func wrongIdentityRefused() async throws {
         let ca = try CertificateAuthority.create()
