@@ -417,7 +417,11 @@ public final class LinkManager: Sendable {
     /// address. The first link up wins; the other attempt is closed (a TCP connect under way included).
     private func dial(_ node: String) async throws -> Link {
         guard let circuits = self.circuits.withLock({ $0 }) else {
-            return try await self.dialDirect(node, addresses: try await self.resolve(node), race: DirectDial?.none)
+            return try await self.dialDirect(
+                node,
+                addresses: try await self.resolve(node),
+                race: DirectDial<Link>?.none
+            )
         }
         let errors = NIOLockedValueBox<[String]>([])
         let addresses: [SocketAddress]
@@ -466,12 +470,7 @@ public final class LinkManager: Sendable {
                         over: channel,
                         role: .dialer(expect: node),
                         path: .relayed(relay),
-                        claim: { link in
-                            // Before the offer: a direct link that comes up the moment after the relayed one
-                            // won must find the upgrade allowed, not be closed as the race's loser.
-                            direct.relayedWon()
-                            return race.offer(link)
-                        }
+                        claim: direct.relayedClaim
                     ).get()
                 } catch {
                     errors.withLockedValue { $0.append("relayed: \(error)") }
@@ -489,7 +488,7 @@ public final class LinkManager: Sendable {
     private func dialDirect(
         _ node: String,
         addresses: [SocketAddress],
-        race: DirectDial?
+        race: DirectDial<Link>?
     ) async throws -> Link {
         guard !addresses.isEmpty else { throw LinkError.unreachable(node: node, "it advertises no address") }
         let claim: (@Sendable (Link) -> Bool)? = race.map { $0.claim }
@@ -700,17 +699,17 @@ public final class LinkManager: Sendable {
 /// first (a busy host, a slow handshake), the direct attempt under way goes on (bounded by its connect timeout
 /// and handshake) and, if it comes up, upgrades the link (`adopt`: a direct link beats a relayed one): between
 /// two public hosts the link ends direct however the race went. No other address is tried after the race.
-final class DirectDial: Sendable {
-    let race: Race<Link>
+final class DirectDial<Value: Sendable>: Sendable {
+    let race: Race<Value>
     private let upgradeLate = Atomic<Bool>(false)
 
-    init(race: Race<Link>) {
+    init(race: Race<Value>) {
         self.race = race
     }
 
-    /// Offers a link up to the race: true when it won, or when it came up after a relayed link won (then it
-    /// joins the table as that link's upgrade).
-    var claim: @Sendable (Link) -> Bool {
+    /// Offers the direct link up to the race: true when it won, or when it came up after a relayed link won
+    /// (then it joins the table as that link's upgrade).
+    var claim: @Sendable (Value) -> Bool {
         let race = self.race
         return { [self] link in
             if race.isDone, self.upgradeLate.load(ordering: .sequentiallyConsistent) { return true }
@@ -718,15 +717,19 @@ final class DirectDial: Sendable {
         }
     }
 
-    func connecting(_ channel: any Channel) {
-        if self.race.isDone, !self.upgradeLate.load(ordering: .sequentiallyConsistent) { channel.close(promise: nil) }
+    /// Offers the relayed link up to the race: true when it won. The direct attempt may upgrade it from before
+    /// the offer on, never after: a direct link claimed between the two would otherwise find the race done
+    /// with no upgrade allowed and be closed as the loser (under load, public x public stayed relayed).
+    /// Allowing it when the direct link had already won is harmless: there is no second direct claim.
+    var relayedClaim: @Sendable (Value) -> Bool {
+        let race = self.race
+        return { [self] link in
+            self.upgradeLate.store(true, ordering: .sequentiallyConsistent)
+            return race.offer(link)
+        }
     }
 
-    /// The relayed dial is offering its link (it may win): the direct attempt under way may still upgrade the
-    /// link. Set before the relayed offer, never after: a direct link claimed between the two would otherwise
-    /// see the race done with no upgrade allowed and be closed (under load, public x public stayed relayed).
-    /// Harmless when the direct link had already won: there is no second direct claim.
-    func relayedWon() {
-        self.upgradeLate.store(true, ordering: .sequentiallyConsistent)
+    func connecting(_ channel: any Channel) {
+        if self.race.isDone, !self.upgradeLate.load(ordering: .sequentiallyConsistent) { channel.close(promise: nil) }
     }
 }
