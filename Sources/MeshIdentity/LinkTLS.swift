@@ -119,6 +119,13 @@ public final class MeshLinkTLS: Sendable {
     public static let recordsProtocol = "mesh-link-records/1"
     public static let tlsProtocol = "mesh-link-tls/1"
 
+    /// How long a link's or a relay session's client waits for the peer's close_notify. Links with the record
+    /// layer and relay circuits leave TLS with `stopTLS` right after the handshake (close_notify both ways),
+    /// so this bounds a step of setting them up, not only a close: the 200 ms of other clients
+    /// (`MeshTLS.clientShutdownTimeout`) failed links on a busy machine, where the peer's close_notify came
+    /// later (`NIOSSLCloseTimedOutError`). NIOSSL's default, as the acceptor's side has.
+    public static let handOffTimeout: TimeAmount = .seconds(5)
+
     public convenience init(_ credentials: LoadedCredentials, revoked: RevokedSerials? = nil) throws {
         try self.init(
             keyPEM: credentials.keyPEM,
@@ -149,11 +156,14 @@ public final class MeshLinkTLS: Sendable {
         let cas = try MeshTLS.nioCertificates(caPEM).map { try Certificate(derEncoded: try $0.toDERBytes()) }
         guard !cas.isEmpty else { throw IdentityError("the CA file holds no certificate") }
         self.trust = cas
-        self.clientContext = try MeshTLS.makeClientContext(key: keyPEM, certificate: certificatePEM)
+        self.clientContext = try MeshTLS.makeClientContext(key: keyPEM, certificate: certificatePEM) { config in
+            config.shutdownTimeout = Self.handOffTimeout
+        }
         let secrets = self.secrets
         self.linkClientContext = try MeshTLS.makeClientContext(key: keyPEM, certificate: certificatePEM) { config in
             config.applicationProtocols = [Self.recordsProtocol, Self.tlsProtocol]
             config.keyLogCallback = secrets.callback
+            config.shutdownTimeout = Self.handOffTimeout
         }
         let chain = try MeshTLS.nioCertificates(certificatePEM)
         var config = TLSConfiguration.makeServerConfiguration(

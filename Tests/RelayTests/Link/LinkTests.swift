@@ -122,11 +122,16 @@ func echoThrough(
     -> ByteBuffer
 {
     let done = MultiThreadedEventLoopGroup.singleton.next().makePromise(of: ByteBuffer.self)
-    _ = try await manager.stream(to: node, open: target) { stream in
-        stream.eventLoop.makeCompletedFuture {
-            try stream.syncOptions!.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-            try stream.pipeline.syncOperations.addHandler(SendAndCollect(payload: payload, done: done))
+    do {
+        _ = try await manager.stream(to: node, open: target) { stream in
+            stream.eventLoop.makeCompletedFuture {
+                try stream.syncOptions!.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                try stream.pipeline.syncOperations.addHandler(SendAndCollect(payload: payload, done: done))
+            }
         }
+    } catch {
+        done.fail(error)  // a test that fails here fails, rather than crash the run on a leaked promise
+        throw error
     }
     return try await done.futureResult.get()
 }
@@ -190,6 +195,28 @@ struct LinkTests {
         let warnings = logs.messages(.warning, containing: "cannot reach the node over a link")
         #expect(warnings.count == 1, "\(logs.all.map(\.message))")
         await manager.shutdown()
+    }
+
+    @Test("a peer whose bytes come 300 ms late (a busy machine) still links: the TLS hand-off waits for it")
+    func slowPeerStillLinks() async throws {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let port = backend.localAddress!.port!
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        // a reaches b through a forwarder that holds every chunk from a for 300 ms: b's close_notify after
+        // the handshake (the record layer's hand-off) comes 300 ms after a's own, beyond the 200 ms a client
+        // of the control plane waits for one.
+        let slow = try await DelayingForwarder.start(to: b.address, delay: .milliseconds(300))
+        book.set("b", [slow.address])
+        let payload = ByteBuffer(string: "late but whole")
+        #expect(try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: payload) == payload)
+        #expect(a.manager.currentLink(to: "b")?.records == "mesh")
+        await a.stop()
+        await b.stop()
+        try await slow.close()
+        try await backend.close()
     }
 
     @Test("a dialer expecting node b that reaches a server holding a's certificate is refused")
@@ -623,5 +650,63 @@ extension LinkTests {
         await a.stop()
         await b.stop()
         try await backend.close()
+    }
+}
+
+/// A TCP forwarder on 127.0.0.1 to `target` that holds each chunk from the connecting side for `delay` before
+/// passing it on (the other way goes at once): a slow network or a busy peer, in order.
+final class DelayingForwarder: Sendable {
+    let server: any Channel
+    var address: SocketAddress { self.server.localAddress! }
+
+    private init(server: any Channel) { self.server = server }
+
+    static func start(to target: SocketAddress, delay: TimeAmount) async throws -> DelayingForwarder {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let server = try await ServerBootstrap(group: group)
+            .childChannelOption(ChannelOptions.autoRead, value: false)
+            .childChannelInitializer { inbound in
+                ClientBootstrap(group: inbound.eventLoop)
+                    .channelInitializer { outbound in
+                        outbound.pipeline.addHandler(Forward(to: inbound, delay: .zero))
+                    }
+                    .connect(to: target)
+                    .flatMap { outbound in
+                        inbound.pipeline.addHandler(Forward(to: outbound, delay: delay)).flatMap {
+                            inbound.setOption(ChannelOptions.autoRead, value: true)
+                        }
+                    }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        return DelayingForwarder(server: server)
+    }
+
+    func close() async throws { try await self.server.close() }
+
+    /// Writes what its channel reads to `peer` after `delay`; closes `peer` when its channel closes.
+    private final class Forward: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let peer: any Channel
+        let delay: TimeAmount
+
+        init(to peer: any Channel, delay: TimeAmount) {
+            self.peer = peer
+            self.delay = delay
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let bytes = self.unwrapInboundIn(data)
+            let peer = self.peer
+            if self.delay == .zero {
+                peer.writeAndFlush(bytes, promise: nil)
+            } else {
+                context.eventLoop.scheduleTask(in: self.delay) { peer.writeAndFlush(bytes, promise: nil) }
+            }
+        }
+
+        func channelInactive(context: ChannelHandlerContext) {
+            let peer = self.peer
+            context.eventLoop.scheduleTask(in: self.delay) { peer.close(promise: nil) }
+        }
     }
 }
