@@ -155,12 +155,14 @@ struct CrossSiteTests {
             }
             #expect(served, "curl: \(curl.stdout) \(curl.stderr)")
             // Relay first, then upgrade (where the NATs allow it): the transfers below run on the final path.
+            var last: [String: Any]?
+            let onPath = await eventually(timeout: .seconds(30), every: .milliseconds(250)) {
+                last = await self.lab.peers(prefix, "a")
+                return (last?["items"] as? [[String: Any]])?.first?["path"] as? String == path
+            }
             #expect(
-                await eventually(timeout: .seconds(30), every: .milliseconds(250)) {
-                    let items = (await self.lab.peers(prefix, "a"))?["items"] as? [[String: Any]]
-                    return items?.first?["path"] as? String == path
-                },
-                "the link to b never went \(path)"
+                onPath,
+                "the link to b never went \(path): /peers at a \(String(describing: last))\n\(TwoSiteLab.logs(prefix))"
             )
 
             // 100 MiB over the L4 route (port 81) and the L7 route (port 80), checked by SHA-256.
