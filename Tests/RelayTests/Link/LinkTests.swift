@@ -63,6 +63,25 @@ struct LinkNode {
     }
 }
 
+/// Nodes a and b of one test CA, in one address book, and an echo backend: what most link tests start from.
+struct TwoLinkNodes {
+    let ca: CertificateAuthority
+    let book: AddressBook
+    let backend: any Channel
+    let a: LinkNode
+    let b: LinkNode
+    var port: Int { self.backend.localAddress!.port! }
+
+    static func make() async throws -> TwoLinkNodes {
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let b = try await LinkNode.make("b", ca: ca, book: book)
+        return TwoLinkNodes(ca: ca, book: book, backend: backend, a: a, b: b)
+    }
+}
+
 /// Nodes a (idle timeout 300 ms), b and c (60 s) and an echo backend, for the idle-timeout tests; all
 /// stopped after `body`, which gets a, b, the backend's port, then a function that makes a link from a to c,
 /// opens a stream on it, closes the stream and returns the link (left without streams, it idles out).
@@ -199,12 +218,8 @@ struct LinkTests {
 
     @Test("a peer whose bytes come 300 ms late (a busy machine) still links: the TLS hand-off waits for it")
     func slowPeerStillLinks() async throws {
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()
-        let backend = try await startEchoBackend()
-        let port = backend.localAddress!.port!
-        let a = try await LinkNode.make("a", ca: ca, book: book)
-        let b = try await LinkNode.make("b", ca: ca, book: book)
+        let nodes = try await TwoLinkNodes.make()
+        let (book, backend, port, a, b) = (nodes.book, nodes.backend, nodes.port, nodes.a, nodes.b)
         // a reaches b through a forwarder that holds every chunk from a for 300 ms: b's close_notify after
         // the handshake (the record layer's hand-off) comes 300 ms after a's own, beyond the 200 ms a client
         // of the control plane waits for one.
@@ -315,12 +330,8 @@ struct LinkTests {
 
     @Test("both nodes dialing at once end with exactly one link, the one a (the smaller name) dialed")
     func simultaneousDial() async throws {
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()
-        let backend = try await startEchoBackend()
-        let port = backend.localAddress!.port!
-        let a = try await LinkNode.make("a", ca: ca, book: book)
-        let b = try await LinkNode.make("b", ca: ca, book: book)
+        let nodes = try await TwoLinkNodes.make()
+        let (backend, port, a, b) = (nodes.backend, nodes.port, nodes.a, nodes.b)
         for round in 0..<5 {
             async let fromA = a.manager.link(to: "b")
             async let fromB = b.manager.link(to: "a")
@@ -457,12 +468,8 @@ struct LinkTests {
 
     @Test("a link over a handed-over transport (as a relay circuit is) carries streams and shows as relayed")
     func linkOverHandedOverChannel() async throws {
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()  // no addresses: nothing may be dialed
-        let backend = try await startEchoBackend()
-        let port = backend.localAddress!.port!
-        let a = try await LinkNode.make("a", ca: ca, book: book)
-        let b = try await LinkNode.make("b", ca: ca, book: book)
+        let nodes = try await TwoLinkNodes.make()
+        let (book, backend, port, a, b) = (nodes.book, nodes.backend, nodes.port, nodes.a, nodes.b)
         book.set("a", [])
         book.set("b", [])
         // Stand-in for a circuit: a connected socket pair whose ends are handed to the two managers.
@@ -504,12 +511,8 @@ struct LinkTests {
 
     @Test("a connected client socket handed over is spliced to a stream: bytes and FIN both ways")
     func spliceHandedOverSocket() async throws {
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()
-        let backend = try await startEchoBackend()
-        let port = backend.localAddress!.port!
-        let a = try await LinkNode.make("a", ca: ca, book: book)
-        let b = try await LinkNode.make("b", ca: ca, book: book)
+        let nodes = try await TwoLinkNodes.make()
+        let (backend, port, a, b) = (nodes.backend, nodes.port, nodes.a, nodes.b)
         var fds: [Int32] = [-1, -1]
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
         let app = fds[1]
