@@ -190,19 +190,10 @@ struct LinkTests {
     @Test("a node that cannot be reached: each caller gets the error, the log says so once per 10 s")
     func unreachableNodeIsLoggedOnce() async throws {
         let ca = try CertificateAuthority.create()
-        // A port nothing listens on: bound, then closed.
-        let probe = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .bind(host: "127.0.0.1", port: 0).get()
-        let closed = probe.localAddress!
-        try await probe.close()
-        let issued = try ca.issueCredential(identity: .node("a"), serverAuth: true, clientAuth: true)
+        let closed = try SocketAddress(ipAddress: "127.0.0.1", port: freePort())  // nothing listens there
         let logs = LogRecorder()
         let manager = LinkManager(
-            tls: try MeshLinkTLS(
-                keyPEM: issued.keyPEM,
-                certificatePEM: issued.certificatePEM,
-                caPEM: try ca.certificatePEM()
-            ),
+            tls: try MeshLinkTLS(node: "a", issuedBy: ca),
             group: MultiThreadedEventLoopGroup.singleton,
             logger: logs.logger("link", level: .info),
             resolve: { _ in [closed] },
