@@ -635,6 +635,7 @@ public final class LinkManager: Sendable {
     public func peerLeft(_ node: String) {
         let links = self.state.withLock { s in
             s.links.removeValue(forKey: node)
+            s.dialFailureLogged.removeValue(forKey: node)
             return s.all.values.filter { $0.peer == node }
         }
         for l in links { l.close() }
