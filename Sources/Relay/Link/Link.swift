@@ -729,9 +729,12 @@ final class LinkHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler
                 return
             }
             // In TLS 1.3 the client's handshake ends before the server has checked the client's
-            // certificate: a first ping answered proves the peer accepted this node.
+            // certificate: a first ping answered proves the peer accepted this node. The link is held
+            // meanwhile (its idle timer runs from now), until whoever waits on it has taken it.
             let promise = self.promise
+            let proving = link.hold()
             link.ping().whenComplete { result in
+                defer { proving() }
                 switch result {
                 case .success:
                     promise.succeed(link)

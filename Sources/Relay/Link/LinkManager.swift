@@ -148,7 +148,8 @@ public final class LinkManager: Sendable {
         var attempt = 0
         while true {
             attempt += 1
-            let link = try await self.link(to: node)
+            let (link, release) = try await self.heldLink(to: node)
+            defer { release() }
             do {
                 return try await self.open(on: link, target, initializer)
             } catch LinkError.refused(let refusal) {
@@ -179,7 +180,8 @@ public final class LinkManager: Sendable {
         open target: StreamTarget,
         ended: (@Sendable (_ fromSocket: Int, _ toSocket: Int) -> Void)? = nil
     ) async throws {
-        let link = try await self.link(to: node)
+        let (link, release) = try await self.heldLink(to: node)
+        defer { release() }
         if let loop = link.loop {
             // On a loop the socket itself is the stream's end: no duplicate, no NIO channel.
             do {
@@ -369,58 +371,76 @@ public final class LinkManager: Sendable {
 
     /// The link to `node`: the current one, the one being dialed, or a new dial.
     public func link(to node: String) async throws -> Link {
+        let (link, release) = try await self.heldLink(to: node)
+        release()
+        return link
+    }
+
+    /// The link to `node` as ``link(to:)`` finds it, held (``Link/hold()``) until `release` is called: a
+    /// new link would otherwise count its idle timeout from the moment it is up, and on a busy machine the
+    /// caller's stream may come later than that. A dialed link is held from the moment it is up, on its
+    /// event loop, before its idle timer can fire.
+    private func heldLink(to node: String) async throws -> (Link, release: @Sendable () -> Void) {
         enum Step {
-            case have(Link)
-            case wait(EventLoopFuture<Link>)
+            case have(Link, @Sendable () -> Void)
+            case wait(EventLoopFuture<(Link, @Sendable () -> Void)>)
             case dial(EventLoopPromise<Link>)
         }
         let step = try self.state.withLock { s throws(LinkError) -> Step in
             guard !s.shutDown else { throw LinkError.shutDown }
-            if let l = s.links[node], l.isUsable { return .have(l) }
-            if let f = s.dialing[node] { return .wait(f) }
+            if let l = s.links[node], l.isUsable { return .have(l, l.hold()) }
+            if let f = s.dialing[node] { return .wait(f.map { ($0, $0.hold()) }) }
             let p = self.group.next().makePromise(of: Link.self)
             s.dialing[node] = p.futureResult
             return .dial(p)
         }
         switch step {
-        case .have(let l): return l
+        case .have(let l, let release): return (l, release)
         case .wait(let f): return try await f.get()
         case .dial(let promise):
+            let opening = OpeningHolds()
+            defer { opening.release() }
             do {
-                let dialed = try await self.dial(node)  // in the table already (establish)
+                let dialed = try await self.dial(node, opening: opening)  // in the table already (establish)
                 // The peer's own dial may have won the tie-break: use the current link.
                 let current =
                     self.state.withLock { s in
                         s.dialFailureLogged[node] = nil
                         return s.links[node]
                     } ?? dialed
+                let release = current.hold()
                 promise.succeed(current)
+                self.state.withLock { _ = $0.dialing.removeValue(forKey: node) }
+                return (current, release)
             } catch {
                 if let current = self.state.withLock({ $0.links[node] }), current.isUsable {
                     self.logger.info(
                         "a dial failed while the peer's own link came up: using that one",
                         metadata: ["peer": "\(node)", "link": "\(current)", "error": "\(error)"]
                     )
+                    let release = current.hold()
                     promise.succeed(current)
-                } else {
-                    self.dialFailed(node, error)
-                    promise.fail(error)
+                    self.state.withLock { _ = $0.dialing.removeValue(forKey: node) }
+                    return (current, release)
                 }
+                self.dialFailed(node, error)
+                promise.fail(error)
+                self.state.withLock { _ = $0.dialing.removeValue(forKey: node) }
+                throw error
             }
-            self.state.withLock { _ = $0.dialing.removeValue(forKey: node) }
-            return try await promise.futureResult.get()
         }
     }
 
     /// Dials `node`: directly, and (with a circuit dialer) through the relay as well, the relayed dial
     /// starting after `relayDelay`, or at once when the direct one fails or the node advertises no
     /// address. The first link up wins; the other attempt is closed (a TCP connect under way included).
-    private func dial(_ node: String) async throws -> Link {
+    private func dial(_ node: String, opening: OpeningHolds) async throws -> Link {
         guard let circuits = self.circuits.withLock({ $0 }) else {
             return try await self.dialDirect(
                 node,
                 addresses: try await self.resolve(node),
-                race: DirectDial<Link>?.none
+                race: DirectDial<Link>?.none,
+                opening: opening
             )
         }
         let errors = NIOLockedValueBox<[String]>([])
@@ -445,7 +465,7 @@ public final class LinkManager: Sendable {
                 loop.scheduleTask(in: self.configuration.relayDelay) { relayGo.succeed() }
                 Task {
                     do {
-                        _ = try await self.dialDirect(node, addresses: addresses, race: direct)
+                        _ = try await self.dialDirect(node, addresses: addresses, race: direct, opening: opening)
                     } catch {
                         errors.withLockedValue { $0.append("direct: \(error)") }
                         relayGo.succeed()
@@ -470,7 +490,8 @@ public final class LinkManager: Sendable {
                         over: channel,
                         role: .dialer(expect: node),
                         path: .relayed(relay),
-                        claim: direct.relayedClaim
+                        claim: direct.relayedClaim,
+                        opening: opening
                     ).get()
                 } catch {
                     errors.withLockedValue { $0.append("relayed: \(error)") }
@@ -488,7 +509,8 @@ public final class LinkManager: Sendable {
     private func dialDirect(
         _ node: String,
         addresses: [SocketAddress],
-        race: DirectDial<Link>?
+        race: DirectDial<Link>?,
+        opening: OpeningHolds
     ) async throws -> Link {
         guard !addresses.isEmpty else { throw LinkError.unreachable(node: node, "it advertises no address") }
         let claim: (@Sendable (Link) -> Bool)? = race.map { $0.claim }
@@ -507,7 +529,8 @@ public final class LinkManager: Sendable {
                                 over: channel,
                                 role: .dialer(expect: node),
                                 path: .direct,
-                                claim: claim
+                                claim: claim,
+                                opening: opening
                             )
                         }
                         return channel.eventLoop.makeSucceededVoidFuture()
@@ -532,15 +555,17 @@ public final class LinkManager: Sendable {
     /// circuit handed over by the relay client: `path: .relayed(relay)`). Call before the channel reads
     /// anything; the link joins the table once it is up (with the tie-break against one already there).
     public func establish(over channel: any Channel, role: LinkRole, path: LinkPath) -> EventLoopFuture<Link> {
-        self.establish(over: channel, role: role, path: path, claim: nil)
+        self.establish(over: channel, role: role, path: path, claim: nil, opening: nil)
     }
 
-    /// `claim`: a dial in a race; a link up that lost it is closed, not adopted.
+    /// `claim`: a dial in a race; a link up that lost it is closed, not adopted. `opening`: the dial of a
+    /// caller about to open a stream, which holds the link from the moment it is up.
     func establish(
         over channel: any Channel,
         role: LinkRole,
         path: LinkPath,
-        claim: (@Sendable (Link) -> Bool)?
+        claim: (@Sendable (Link) -> Bool)?,
+        opening: OpeningHolds?
     ) -> EventLoopFuture<Link> {
         let future = Link.establish(
             over: channel,
@@ -570,6 +595,8 @@ public final class LinkManager: Sendable {
         future.whenComplete { result in
             switch result {
             case .success(let link):
+                // On the link's event loop as it comes up: before its idle timer can fire.
+                opening?.take(link)
                 if let claim, !claim(link) { return }  // lost the race: closed by it
                 self.adopt(link)
             case .failure(let error):
@@ -732,5 +759,29 @@ final class DirectDial<Value: Sendable>: Sendable {
 
     func connecting(_ channel: any Channel) {
         if self.race.isDone, !self.upgradeLate.load(ordering: .sequentiallyConsistent) { channel.close(promise: nil) }
+    }
+}
+
+/// The holds a dial takes on the links it brings up (``Link/hold()``), all released at once when its caller
+/// has opened its stream; a link up after that (a late upgrade) is not held.
+final class OpeningHolds: Sendable {
+    private let state = NIOLockedValueBox<(released: Bool, releases: [@Sendable () -> Void])>((false, []))
+
+    func take(_ link: Link) {
+        let release = link.hold()
+        let late = self.state.withLockedValue { s -> Bool in
+            if !s.released { s.releases.append(release) }
+            return s.released
+        }
+        if late { release() }
+    }
+
+    func release() {
+        let releases = self.state.withLockedValue { s -> [@Sendable () -> Void] in
+            s.released = true
+            defer { s.releases = [] }
+            return s.releases
+        }
+        for release in releases { release() }
     }
 }

@@ -362,6 +362,35 @@ struct LinkTests {
         }
     }
 
+    @Test("a new link is held for the stream it was dialed for: with no idle time at all, the stream still opens")
+    func newLinkWaitsForItsStream() async throws {
+        // The link's idle timer starts when it is up, and the caller's stream opens after the dial returns
+        // (on a busy machine, after the idle timeout). An idle timeout of zero fires on the link's event
+        // loop's next turn: without the dial's hold the link closes before the stream opens.
+        var configuration = LinkConfiguration()
+        configuration.idleTimeout = .zero
+        let ca = try CertificateAuthority.create()
+        let book = AddressBook()
+        let backend = try await startEchoBackend()
+        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
+        let b = try await LinkNode.make("b", ca: ca, book: book)  // the acceptor's own timeout: 60 s
+        for round in 0..<3 {
+            let payload = ByteBuffer(string: "round \(round)")
+            let echoed = try await echoThrough(
+                a.manager,
+                to: "b",
+                target: webTarget(port: backend.localAddress!.port!),
+                payload: payload
+            )
+            #expect(echoed == payload)
+            // Once its stream is done, nothing holds the link: it closes for idle at once.
+            #expect(await eventually { a.manager.allLinks.isEmpty })
+        }
+        await a.stop()
+        await b.stop()
+        try await backend.close()
+    }
+
     @Test("a held link (as the punch coordinator holds one between rounds) outlives the idle timeout")
     func heldLinkStays() async throws {
         try await withIdleTimeoutNodes { a, _, port, idleLinkToC in
