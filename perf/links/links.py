@@ -568,11 +568,18 @@ def targets(results):
                            f"{'met' if mc <= nc else 'NOT met'}")
             lat = r["latency"]
             nl = lat.get("nebula", {}).get("added_p50")
-            for s in ("mesh-l4", "mesh-l7"):
-                ml = lat.get(s, {}).get("added_p50")
-                if ml is not None and nl is not None:
-                    out.append(f"{path} @{shape}: added p50 {s} {ml:+.1f} µs vs Nebula {nl:+.1f} µs: "
-                               f"{'met' if ml <= nl else 'NOT met'}")
+            ml = lat.get("mesh-l4", {}).get("added_p50")
+            if ml is not None and nl is not None:
+                out.append(f"{path} @{shape}: added p50 mesh-l4 {ml:+.1f} µs vs Nebula {nl:+.1f} µs: "
+                           f"{'met' if ml <= nl else 'NOT met'}")
+            # L7 is reported beside the target, not held to it: Nebula carries the application's bytes as the
+            # mesh's L4 path does; the L7 path adds the HTTP proxy's own work (parse, route, rewrite), whose
+            # target is perf/run's, against nginx and HAProxy.
+            ml = lat.get("mesh-l7", {}).get("added_p50")
+            if ml is not None and nl is not None:
+                out.append(f"{path} @{shape}: added p50 mesh-l7 {ml:+.1f} µs vs Nebula {nl:+.1f} µs "
+                           f"({'below' if ml <= nl else 'above'}; reported, not a target: the L7 proxy's own "
+                           f"work is held to perf/run's targets against nginx and HAProxy)")
     return out
 
 
