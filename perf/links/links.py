@@ -812,7 +812,7 @@ def main():
                     help="keep-alive connections (64: at 2k/s each carries 31 req/s, so a few ms of scheduling delay "
                          "on this shared machine does not cap the rate below the offered one)")
     ap.add_argument("--body", type=int, default=100, help="HTTP response body bytes")
-    ap.add_argument("--reps", type=int, help="repetitions (default 3; quick 1)")
+    ap.add_argument("--reps", type=int, help="repetitions (default 5: the direct path's mesh and Nebula differ by a few µs at p50, less than three repetitions' spread; quick 1)")
     ap.add_argument("--systems", default="plain,mesh,nebula", help="plain, mesh, nebula")
     ap.add_argument("--window-kib", type=int, default=1024, help="agents' linkStreamWindowKiB (0: the default)")
     ap.add_argument("--data-path", default="", help="agents' linkDataPath: nio or loop (default: the agents' own)")
@@ -842,7 +842,7 @@ def main():
         raise SystemExit("perf/links: needs root (network namespaces)")
     a.size = a.size or ((256 << 20) if a.quick else GIB)
     a.duration = a.duration or (3.0 if a.quick else 10.0)
-    a.reps = a.reps or (1 if a.quick else 3)
+    a.reps = a.reps or (1 if a.quick else 5)
     a.quiet_window = a.quiet_window if a.quiet_window is not None else 1.0
     a.quiet_timeout = a.quiet_timeout if a.quiet_timeout is not None else (3.0 if a.quick else 5.0)
     a.systems = [s for s in a.systems.split(",") if s]
