@@ -148,7 +148,7 @@ public final class LinkManager: Sendable {
         var attempt = 0
         while true {
             attempt += 1
-            let (link, release) = try await self.heldLink(to: node)
+            let (link, release) = try await self.link(to: node, holding: true)
             defer { release() }
             do {
                 return try await self.open(on: link, target, initializer)
@@ -180,7 +180,7 @@ public final class LinkManager: Sendable {
         open target: StreamTarget,
         ended: (@Sendable (_ fromSocket: Int, _ toSocket: Int) -> Void)? = nil
     ) async throws {
-        let (link, release) = try await self.heldLink(to: node)
+        let (link, release) = try await self.link(to: node, holding: true)
         defer { release() }
         if let loop = link.loop {
             // On a loop the socket itself is the stream's end: no duplicate, no NIO channel.
@@ -369,66 +369,71 @@ public final class LinkManager: Sendable {
 
     // MARK: links
 
-    /// The link to `node`: the current one, the one being dialed, or a new dial.
+    /// The link to `node`: the current one, the one being dialed, or a new dial. Finding a link does not
+    /// restart its idle time; only a stream does.
     public func link(to node: String) async throws -> Link {
-        let (link, release) = try await self.heldLink(to: node)
-        release()
-        return link
+        try await self.link(to: node, holding: false).link
     }
 
-    /// The link to `node` as ``link(to:)`` finds it, held (``Link/hold()``) until `release` is called: a
-    /// new link would otherwise count its idle timeout from the moment it is up, and on a busy machine the
-    /// caller's stream may come later than that. A dialed link is held from the moment it is up, on its
-    /// event loop, before its idle timer can fire.
-    private func heldLink(to node: String) async throws -> (Link, release: @Sendable () -> Void) {
+    /// The link to `node` as ``link(to:)`` finds it, and with `holding`, held (``Link/hold()``) until
+    /// `release` is called: a caller about to open a stream. A dialed link is held from the moment it is up,
+    /// on its event loop, before its idle timer can fire, until the dial returns (and with `holding`, on):
+    /// otherwise it would count its idle time from then, and on a busy machine the caller's stream may come
+    /// later than that.
+    private func link(
+        to node: String,
+        holding: Bool
+    ) async throws -> (link: Link, release: @Sendable () -> Void) {
+        let hold: @Sendable (Link) -> @Sendable () -> Void = { link in
+            guard holding else { return {} }
+            return link.hold()
+        }
         enum Step {
             case have(Link, @Sendable () -> Void)
-            case wait(EventLoopFuture<(Link, @Sendable () -> Void)>)
+            case wait(EventLoopFuture<(link: Link, release: @Sendable () -> Void)>)
             case dial(EventLoopPromise<Link>)
         }
         let step = try self.state.withLock { s throws(LinkError) -> Step in
             guard !s.shutDown else { throw LinkError.shutDown }
-            if let l = s.links[node], l.isUsable { return .have(l, l.hold()) }
-            if let f = s.dialing[node] { return .wait(f.map { ($0, $0.hold()) }) }
+            if let l = s.links[node], l.isUsable { return .have(l, hold(l)) }
+            if let f = s.dialing[node] { return .wait(f.map { ($0, hold($0)) }) }
             let p = self.group.next().makePromise(of: Link.self)
             s.dialing[node] = p.futureResult
             return .dial(p)
         }
+        let promise: EventLoopPromise<Link>
         switch step {
         case .have(let l, let release): return (l, release)
         case .wait(let f): return try await f.get()
-        case .dial(let promise):
-            let opening = OpeningHolds()
-            defer { opening.release() }
-            do {
-                let dialed = try await self.dial(node, opening: opening)  // in the table already (establish)
-                // The peer's own dial may have won the tie-break: use the current link.
-                let current =
-                    self.state.withLock { s in
-                        s.dialFailureLogged[node] = nil
-                        return s.links[node]
-                    } ?? dialed
-                let release = current.hold()
-                promise.succeed(current)
-                self.state.withLock { _ = $0.dialing.removeValue(forKey: node) }
-                return (current, release)
-            } catch {
-                if let current = self.state.withLock({ $0.links[node] }), current.isUsable {
-                    self.logger.info(
-                        "a dial failed while the peer's own link came up: using that one",
-                        metadata: ["peer": "\(node)", "link": "\(current)", "error": "\(error)"]
-                    )
-                    let release = current.hold()
-                    promise.succeed(current)
-                    self.state.withLock { _ = $0.dialing.removeValue(forKey: node) }
-                    return (current, release)
-                }
+        case .dial(let p): promise = p
+        }
+        let opening = OpeningHolds()
+        defer { opening.release() }
+        defer { self.state.withLock { _ = $0.dialing.removeValue(forKey: node) } }
+        let current: Link
+        do {
+            let dialed = try await self.dial(node, opening: opening)  // in the table already (establish)
+            // The peer's own dial may have won the tie-break: use the current link.
+            current =
+                self.state.withLock { s in
+                    s.dialFailureLogged[node] = nil
+                    return s.links[node]
+                } ?? dialed
+        } catch {
+            guard let theirs = self.state.withLock({ $0.links[node] }), theirs.isUsable else {
                 self.dialFailed(node, error)
                 promise.fail(error)
-                self.state.withLock { _ = $0.dialing.removeValue(forKey: node) }
                 throw error
             }
+            self.logger.info(
+                "a dial failed while the peer's own link came up: using that one",
+                metadata: ["peer": "\(node)", "link": "\(theirs)", "error": "\(error)"]
+            )
+            current = theirs
         }
+        let release = hold(current)
+        promise.succeed(current)
+        return (current, release)
     }
 
     /// Dials `node`: directly, and (with a circuit dialer) through the relay as well, the relayed dial

@@ -72,11 +72,12 @@ struct TwoLinkNodes {
     let b: LinkNode
     var port: Int { self.backend.localAddress!.port! }
 
-    static func make() async throws -> TwoLinkNodes {
+    /// `configuration`: a's (b has the defaults).
+    static func make(a configuration: LinkConfiguration = LinkConfiguration()) async throws -> TwoLinkNodes {
         let ca = try CertificateAuthority.create()
         let book = AddressBook()
         let backend = try await startEchoBackend()
-        let a = try await LinkNode.make("a", ca: ca, book: book)
+        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
         let b = try await LinkNode.make("b", ca: ca, book: book)
         return TwoLinkNodes(ca: ca, book: book, backend: backend, a: a, b: b)
     }
@@ -369,19 +370,11 @@ struct LinkTests {
         // loop's next turn: without the dial's hold the link closes before the stream opens.
         var configuration = LinkConfiguration()
         configuration.idleTimeout = .zero
-        let ca = try CertificateAuthority.create()
-        let book = AddressBook()
-        let backend = try await startEchoBackend()
-        let a = try await LinkNode.make("a", ca: ca, book: book, configuration: configuration)
-        let b = try await LinkNode.make("b", ca: ca, book: book)  // the acceptor's own timeout: 60 s
+        let nodes = try await TwoLinkNodes.make(a: configuration)  // b, the acceptor, keeps its 60 s
+        let (backend, port, a, b) = (nodes.backend, nodes.port, nodes.a, nodes.b)
         for round in 0..<3 {
             let payload = ByteBuffer(string: "round \(round)")
-            let echoed = try await echoThrough(
-                a.manager,
-                to: "b",
-                target: webTarget(port: backend.localAddress!.port!),
-                payload: payload
-            )
+            let echoed = try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: payload)
             #expect(echoed == payload)
             // Once its stream is done, nothing holds the link: it closes for idle at once.
             #expect(await eventually { a.manager.allLinks.isEmpty })
