@@ -140,9 +140,15 @@ import Testing
         try await cp.client.apply(Thermostat.device("thermo-9", node: "edge-t2"))
         let dir = TempDir("edge")
         let edge = try RunningEdge(cp, node: "edge-t2", dataDir: dir.path, broker: broker.address)
+        // The device and its model arrive over two watches, in either order: an update taken before the
+        // model is here is refused ("its model thermostat is not known here yet"), so wait for both.
         #expect(
             await eventually {
-                (try? edge.edge.store.device("thermo-9")) ?? nil != nil && edge.edge.mqtt?.isSubscribed == true
+                let store = edge.edge.store
+                let device = (try? store.device("thermo-9")) ?? nil
+                let namespace = Thermostat.model.effectiveNamespace
+                let model = (try? store.model(namespace: namespace, name: "thermostat")) ?? nil
+                return device != nil && model != nil && edge.edge.mqtt?.isSubscribed == true
             }
         )
         let topic = TwinTopics.prefix + "thermo-9"
