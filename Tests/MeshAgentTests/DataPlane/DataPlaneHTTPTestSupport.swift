@@ -11,12 +11,15 @@ import Testing
 final class HTTPBackendStats: Sendable {
     let requests = Atomic<Int>(0)
     let connections = Atomic<Int>(0)
+    /// `/hold` answers once this is true.
+    let released = Atomic<Bool>(false)
 }
 
 extension TestServers {
     /// A tiny HTTP/1.1 backend. Paths: `/` (200, body = name, echoes X-Forwarded-For / X-Request-Id in
     /// x-seen-* headers), `/slow/<ms>`, `/status/<code>`, `/big/<bytes>` (streamed), `/echo` (streams the
-    /// request body back), `/reset` (closes without answering), `/early` (413 before reading the body); `Upgrade: websocket` switches to a byte echo.
+    /// request body back), `/reset` (closes without answering), `/early` (413 before reading the body), `/hold`
+    /// (answers once `stats.released` is set); `Upgrade: websocket` switches to a byte echo.
     /// `delay` slows every answer down.
     static func http(
         _ name: String,
@@ -149,6 +152,8 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(ms)) {
                 self.send(.ok, headers, body: self.name, context: context)
             }
+        case "hold":
+            self.answerWhenReleased(headers, context: context)
         case "status":
             let code = Int(parts.dropFirst().first ?? "200") ?? 200
             self.send(HTTPResponseStatus(statusCode: code), headers, body: "status \(code)", context: context)
@@ -163,6 +168,16 @@ final class TestHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         default:
             self.send(.ok, headers, body: self.name, context: context)
         }
+    }
+
+    private func answerWhenReleased(_ headers: HTTPHeaders, context: ChannelHandlerContext) {
+        guard self.stats.released.load(ordering: .relaxed) else {
+            context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(5)) {
+                self.answerWhenReleased(headers, context: context)
+            }
+            return
+        }
+        self.send(.ok, headers, body: self.name, context: context)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {

@@ -38,7 +38,7 @@ extension HTTPLoopClient {
             self.attach(connection)
             return
         }
-        guard pool.reserve(pick.id) else {
+        guard let entry = pool.reserve(pick.id) else {
             self.finishPick(.neutral)
             self.metrics.error(.overflow)
             self.fail(.serviceUnavailable, "upstream connection limit")
@@ -46,9 +46,9 @@ extension HTTPLoopClient {
         }
         let connection: HTTPLoopUpstream
         do {
-            connection = try self.open(pick)
+            connection = try self.open(pick, entry)
         } catch {
-            pool.forget(pick.id)
+            pool.forget(entry)
             self.connectFailed(pick, reason: "\(error)", timedOut: false)
             return
         }
@@ -60,7 +60,7 @@ extension HTTPLoopClient {
 
     /// A new connection to `pick`: a non-blocking connect (its deadline is checked at the tick), or for a
     /// backend at another site one end of a socket pair whose other end the peer link splices to a stream.
-    private func open(_ pick: Pick) throws -> HTTPLoopUpstream {
+    private func open(_ pick: Pick, _ entry: HTTPLoopBackendPool) throws -> HTTPLoopUpstream {
         if pick.id.via != nil {
             var pair: [Int32] = [-1, -1]
             guard
@@ -73,7 +73,7 @@ extension HTTPLoopClient {
             else {
                 throw SpliceLoop.Failure("socketpair", errno)
             }
-            let connection = HTTPLoopUpstream(state: self.state, backend: pick.id, fd: pair[0], connected: true)
+            let connection = HTTPLoopUpstream(state: self.state, pool: entry, fd: pair[0], connected: true)
             self.loop.counters.upstreamChannels.add(1, ordering: .relaxed)
             do {
                 try self.loop.register(pair[0], connection, events: SpliceEvents.stream)
@@ -102,7 +102,7 @@ extension HTTPLoopClient {
             return connection
         }
         let fd = try SpliceSocket.connect(to: pick.address)
-        let connection = HTTPLoopUpstream(state: self.state, backend: pick.id, fd: fd, connected: false)
+        let connection = HTTPLoopUpstream(state: self.state, pool: entry, fd: fd, connected: false)
         self.loop.counters.upstreamChannels.add(1, ordering: .relaxed)
         do {
             try self.loop.register(fd, connection, events: SpliceEvents.stream)

@@ -16,7 +16,9 @@ import Musl
 /// backend sends too many never reach the next client).
 final class HTTPLoopUpstream: SplicePollable {
     unowned(unsafe) let state: HTTPLoopState
-    let backend: BackendID
+    /// Its backend's entry in the loop's pool.
+    let pool: HTTPLoopBackendPool
+    var backend: BackendID { self.pool.id }
     private(set) var fd: Int32
     private var parser = HTTPParser(kind: .response)
     /// Bytes read and not parsed yet (bytes behind a 101 are the tunnel's).
@@ -38,9 +40,9 @@ final class HTTPLoopUpstream: SplicePollable {
     /// In the loop's list of sockets to read again after the others (`HTTPLoopState.readsPerTurn`).
     private var yielded = false
 
-    init(state: HTTPLoopState, backend: BackendID, fd: Int32, connected: Bool) {
+    init(state: HTTPLoopState, pool: HTTPLoopBackendPool, fd: Int32, connected: Bool) {
         self.state = state
-        self.backend = backend
+        self.pool = pool
         self.fd = fd
         self.connected = connected
     }
@@ -246,13 +248,28 @@ final class HTTPLoopUpstream: SplicePollable {
     }
 }
 
-/// The keep-alive upstream connections of one loop: idle ones per backend (most recently used last) and a
-/// count of all per backend, bounded by `maxConnectionsPerBackend`; idle ones close after
-/// `upstreamIdleTimeout` (checked at the loop's HTTP tick).
+/// One backend's upstream connections in one loop's pool: the idle ones (most recently used last) and the
+/// count of all of them. A connection keeps its entry, so handing it back costs no lookup.
+final class HTTPLoopBackendPool {
+    let id: BackendID
+    var idle: [HTTPLoopUpstream] = []
+    var total = 0
+
+    init(id: BackendID) {
+        self.id = id
+    }
+}
+
+/// The keep-alive upstream connections of one loop, per backend (`HTTPLoopBackendPool`): the count of all is
+/// bounded by `maxConnectionsPerBackend`, the idle ones by `maxIdleConnectionsPerBackend`; idle ones close
+/// after `upstreamIdleTimeout` (checked at the loop's HTTP tick). A backend's entry lives while it has
+/// connections. One lookup by `BackendID` per request at most (hashing one costs ~300 instructions), none
+/// when the request goes to the backend of the last lookup, as a keep-alive client's usually does.
 final class HTTPLoopPool {
     private let configuration: DataPlaneConfiguration
-    private var idle: [BackendID: [HTTPLoopUpstream]] = [:]
-    private var total: [BackendID: Int] = [:]
+    private var backends: [BackendID: HTTPLoopBackendPool] = [:]
+    /// The entry of the last lookup.
+    private var last: HTTPLoopBackendPool?
     private var idleCount = 0
     private var closedForGood = false
 
@@ -262,10 +279,17 @@ final class HTTPLoopPool {
 
     var isEmpty: Bool { self.idleCount == 0 }
 
+    private func entry(_ backend: BackendID) -> HTTPLoopBackendPool? {
+        if let last = self.last, last.id == backend { return last }
+        guard let found = self.backends[backend] else { return nil }
+        self.last = found
+        return found
+    }
+
     /// An idle, open connection to `backend`, if any.
     func takeIdle(_ backend: BackendID) -> HTTPLoopUpstream? {
-        guard self.idleCount > 0 else { return nil }
-        while let connection = self.idle[backend]?.popLast() {
+        guard self.idleCount > 0, let entry = self.entry(backend) else { return nil }
+        while let connection = entry.idle.popLast() {
             self.idleCount -= 1
             connection.isIdle = false
             if !connection.closed { return connection }
@@ -273,33 +297,46 @@ final class HTTPLoopPool {
         return nil
     }
 
-    /// Whether one more connection to `backend` may be opened; if so, counts it.
-    func reserve(_ backend: BackendID) -> Bool {
-        guard !self.closedForGood else { return false }
-        let n = self.total[backend, default: 0]
-        guard n < self.configuration.http.maxConnectionsPerBackend else { return false }
-        self.total[backend] = n + 1
-        return true
+    /// Whether one more connection to `backend` may be opened; if so, counts it in the entry returned,
+    /// which the new connection keeps.
+    func reserve(_ backend: BackendID) -> HTTPLoopBackendPool? {
+        let limit = self.configuration.http.maxConnectionsPerBackend
+        guard !self.closedForGood, limit > 0 else { return nil }
+        let entry: HTTPLoopBackendPool
+        if let found = self.entry(backend) {
+            guard found.total < limit else { return nil }
+            entry = found
+        } else {
+            entry = HTTPLoopBackendPool(id: backend)
+            self.backends[backend] = entry
+            self.last = entry
+        }
+        entry.total += 1
+        return entry
     }
 
-    /// A reserved connection that did not come about.
-    func forget(_ backend: BackendID) {
-        let n = self.total[backend, default: 0] - 1
-        self.total[backend] = n > 0 ? n : nil
+    /// A reserved connection that did not come about, or one closed or taken out of HTTP.
+    func forget(_ entry: HTTPLoopBackendPool) {
+        entry.total -= 1
+        guard entry.total <= 0 else { return }
+        entry.total = 0
+        if self.backends[entry.id] === entry { self.backends[entry.id] = nil }
+        if self.last === entry { self.last = nil }
     }
 
     /// Back into the pool after a clean exchange, or closed when the pool is full or shutting down.
     func release(_ connection: HTTPLoopUpstream, now: UInt64) {
         connection.owner = nil
-        guard !self.closedForGood, !connection.closed, connection.inbound == nil,
-            self.idle[connection.backend, default: []].count < self.configuration.http.maxIdleConnectionsPerBackend
+        let entry = connection.pool
+        guard !self.closedForGood, !connection.closed, connection.inbound == nil, connection.counted,
+            entry.idle.count < self.configuration.http.maxIdleConnectionsPerBackend
         else {
             connection.close()
             return
         }
         connection.isIdle = true
         connection.idleSince = now
-        self.idle[connection.backend, default: []].append(connection)
+        entry.idle.append(connection)
         self.idleCount += 1
         // Input that came meanwhile (a backend closing, or bytes too many) ends it now.
         if connection.readable { connection.read() }
@@ -309,23 +346,20 @@ final class HTTPLoopPool {
     func closed(_ connection: HTTPLoopUpstream) {
         if connection.isIdle {
             connection.isIdle = false
-            if var list = self.idle[connection.backend] {
-                list.removeAll { $0 === connection }
+            let entry = connection.pool
+            if let i = entry.idle.firstIndex(where: { $0 === connection }) {
+                entry.idle.remove(at: i)
                 self.idleCount -= 1
-                self.idle[connection.backend] = list.isEmpty ? nil : list
             }
         }
-        if connection.counted {
-            connection.counted = false
-            self.forget(connection.backend)
-        }
+        self.detach(connection)
     }
 
     /// A connection taken out of HTTP for good (upgraded to a tunnel).
     func detach(_ connection: HTTPLoopUpstream) {
         if connection.counted {
             connection.counted = false
-            self.forget(connection.backend)
+            self.forget(connection.pool)
         }
     }
 
@@ -334,15 +368,15 @@ final class HTTPLoopPool {
         guard self.idleCount > 0 else { return }
         let timeout = UInt64(max(self.configuration.http.upstreamIdleTimeout.nanoseconds, 0))
         var expired: [HTTPLoopUpstream] = []
-        for list in self.idle.values {
-            for connection in list where now &- connection.idleSince >= timeout { expired.append(connection) }
+        for entry in self.backends.values {
+            for connection in entry.idle where now &- connection.idleSince >= timeout { expired.append(connection) }
         }
         for connection in expired { connection.close() }
     }
 
     func closeAll() {
         self.closedForGood = true
-        let all = self.idle.values.flatMap { $0 }
+        let all = self.backends.values.flatMap(\.idle)
         for connection in all { connection.close() }
     }
 }
