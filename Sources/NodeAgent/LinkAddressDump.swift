@@ -12,10 +12,11 @@ import Glibc
 /// and not left out, with `NETLINK_GET_STRICT_CHK` so that the kernel walks that interface alone (Linux
 /// 4.20 and later). Nil when any step fails (no strict checking, no netlink): the caller falls back to
 /// getifaddrs.
-enum LinkAddressDump {
+package enum LinkAddressDump {
     private static let rtmNewLink: UInt16 = 16
     private static let rtmGetLink: UInt16 = 18
     private static let rtmNewAddr: UInt16 = 20
+    private static let rtmDelAddr: UInt16 = 21
     private static let rtmGetAddr: UInt16 = 22
     private static let nlmsgError: UInt16 = 2
     private static let nlmsgDone: UInt16 = 3
@@ -78,6 +79,94 @@ enum LinkAddressDump {
             }
         }
         return found
+    }
+
+    /// One address of an interface, from an address dump or a change notification (RTM_NEWADDR: `added`,
+    /// RTM_DELADDR: not).
+    package struct AddressMessage: Equatable, Sendable {
+        package var added: Bool
+        package var interfaceIndex: Int32
+        package var address: IPAddress
+        package var prefixLength: Int
+
+        package init(added: Bool, interfaceIndex: Int32, address: IPAddress, prefixLength: Int) {
+            self.added = added
+            self.interfaceIndex = interfaceIndex
+            self.address = address
+            self.prefixLength = prefixLength
+        }
+    }
+
+    /// A `NETLINK_ROUTE` socket subscribed to address changes (RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR) with
+    /// room for `receiveBuffer` bytes of notifications; on failure, the step and its errno.
+    package static func addressChangeSocket(receiveBuffer: Int32) -> Result<Int32, AddressSocketFailure> {
+        let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)  // NETLINK_ROUTE
+        guard fd >= 0 else { return .failure(AddressSocketFailure(operation: "open a netlink socket", code: errno)) }
+        // struct sockaddr_nl: family, padding, port id (0: the kernel picks), multicast groups.
+        var address = [UInt8](repeating: 0, count: 12)
+        withUnsafeBytes(of: UInt16(AF_NETLINK)) { address.replaceSubrange(0..<2, with: $0) }
+        withUnsafeBytes(of: UInt32(0x10 | 0x100)) { address.replaceSubrange(8..<12, with: $0) }
+        let bound = address.withUnsafeBytes {
+            bind(fd, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t($0.count))
+        }
+        guard bound == 0 else {
+            let code = errno
+            close(fd)
+            return .failure(AddressSocketFailure(operation: "subscribe to address changes", code: code))
+        }
+        var size = receiveBuffer
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        return .success(fd)
+    }
+
+    package struct AddressSocketFailure: Error, Sendable {
+        package var operation: String
+        package var code: Int32
+    }
+
+    /// Every address of every interface (one dump, no strict checking needed), as `added` messages; nil when
+    /// the dump fails.
+    package static func allAddresses() -> [AddressMessage]? {
+        let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)  // NETLINK_ROUTE
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var found: [AddressMessage] = []
+        // struct ifaddrmsg, all zero: every family, every interface.
+        let ok = Self.dump(fd, type: Self.rtmGetAddr, body: [UInt8](repeating: 0, count: 8), sequence: 1) {
+            type,
+            payload in
+            if let message = Self.addressMessage(type, payload) { found.append(message) }
+        }
+        return ok ? found : nil
+    }
+
+    /// The address messages in one datagram read from a socket subscribed to address changes
+    /// (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR): notifications carry no sequence number, one or more per
+    /// datagram. Other messages are skipped; a message whose length runs past the datagram ends the walk.
+    package static func addressMessages(_ data: UnsafeRawBufferPointer) -> [AddressMessage] {
+        var found: [AddressMessage] = []
+        var offset = 0
+        while offset + 16 <= data.count {
+            let length = Int(data.loadUnaligned(fromByteOffset: offset, as: UInt32.self))
+            let type = data.loadUnaligned(fromByteOffset: offset + 4, as: UInt16.self)
+            guard length >= 16, offset + length <= data.count else { break }
+            let payload = UnsafeRawBufferPointer(rebasing: data[(offset + 16)..<(offset + length)])
+            if let message = Self.addressMessage(type, payload) { found.append(message) }
+            offset += (length + 3) & ~3
+        }
+        return found
+    }
+
+    /// An RTM_NEWADDR or RTM_DELADDR message's address; nil for other types and malformed payloads.
+    static func addressMessage(_ type: UInt16, _ payload: UnsafeRawBufferPointer) -> AddressMessage? {
+        guard type == Self.rtmNewAddr || type == Self.rtmDelAddr, let (index, address) = Self.parseAddress(payload)
+        else { return nil }
+        return AddressMessage(
+            added: type == Self.rtmNewAddr,
+            interfaceIndex: index,
+            address: address,
+            prefixLength: Int(payload[1])
+        )
     }
 
     /// Sends one dump request and hands each answer's type and payload to `each` until the dump ends.

@@ -53,6 +53,35 @@ struct LinkAddressDumpTests {
         #expect([UInt8(AF_INET), 24, 0].withUnsafeBytes { LinkAddressDump.parseAddress($0) } == nil)
     }
 
+    @Test(
+        "change notifications: added and removed, IPv4 and IPv6, other messages skipped, a truncated one ends the walk"
+    )
+    func notifications() {
+        let v4 = [UInt8(AF_INET), 24, 0, 0] + Self.u32(3) + Self.attribute(2, [198, 18, 77, 1])
+        let v6Address: [UInt8] = [0x20, 0x01, 0x0d, 0xb8] + [UInt8](repeating: 0, count: 11) + [1]
+        let v6 = [UInt8(AF_INET6), 64, 0, 0] + Self.u32(4) + Self.attribute(1, v6Address)
+        let link = [0, 0] + Self.u16(1) + Self.u32(4) + Self.u32(1) + Self.u32(0)
+        // Notifications carry sequence 0; a datagram may hold several.
+        let datagram =
+            Self.message(20, sequence: 0, v4) + Self.message(16, sequence: 0, link) + Self.message(21, sequence: 0, v6)
+        let messages = datagram.withUnsafeBytes { LinkAddressDump.addressMessages($0) }
+        #expect(
+            messages == [
+                .init(added: true, interfaceIndex: 3, address: IPAddress("198.18.77.1")!, prefixLength: 24),
+                .init(added: false, interfaceIndex: 4, address: IPAddress("2001:db8::1")!, prefixLength: 64),
+            ]
+        )
+        // A message whose length runs past the datagram: the ones before it, then nothing.
+        var truncated = Self.message(20, sequence: 0, v4) + Self.message(21, sequence: 0, v6)
+        truncated.removeLast(4)
+        let some = truncated.withUnsafeBytes { LinkAddressDump.addressMessages($0) }
+        #expect(some.count == 1 && some.first?.added == true)
+        // An address message without an address, and a header shorter than its own length field says: none.
+        let empty = Self.message(20, sequence: 0, [UInt8(AF_INET), 24, 0, 0] + Self.u32(3))
+        #expect(empty.withUnsafeBytes { LinkAddressDump.addressMessages($0) }.isEmpty)
+        #expect([UInt8](repeating: 0, count: 12).withUnsafeBytes { LinkAddressDump.addressMessages($0) }.isEmpty)
+    }
+
     @Test("a link message: index, flags and name")
     func link() throws {
         let flags = UInt32(IFF_UP) | UInt32(IFF_LOOPBACK)

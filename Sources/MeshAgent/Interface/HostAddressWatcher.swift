@@ -1,7 +1,7 @@
-import CNetlink
 import Logging
 import MeshCore
 import MeshNIO
+import NodeAgent
 import Synchronization
 
 #if canImport(Glibc)
@@ -27,27 +27,46 @@ public struct HostAddressEvent: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
-/// Watches the host's addresses over netlink (RTNLGRP_IPV4_IFADDR / RTNLGRP_IPV6_IFADDR) on a dedicated
-/// thread. The stream starts with an `added` event per address present, then follows changes; it finishes
-/// when the consumer stops iterating (or on a netlink error).
+/// Why the host address watch could not start.
+public struct HostAddressWatchError: Error, CustomStringConvertible, Sendable {
+    public var operation: String
+    public var code: Int32
+
+    public var description: String { "\(self.operation): \(String(cString: strerror(self.code))) (errno \(self.code))" }
+}
+
+/// Watches the host's addresses over rtnetlink (a `NETLINK_ROUTE` socket bound to RTMGRP_IPV4_IFADDR and
+/// RTMGRP_IPV6_IFADDR; messages decoded by NodeAgent's `LinkAddressDump`, no libnl: an agent in loopback mode
+/// maps none of it) on a dedicated thread. The stream starts with an `added` event per address present, then
+/// follows changes; when the kernel dropped notifications (ENOBUFS: a burst larger than the socket's buffer,
+/// such as thousands of VIPs added at once) every present address comes again as `added`, so a consumer that
+/// compares lists misses nothing. It finishes when the consumer stops iterating (or on a socket error).
 public enum HostAddressWatcher {
-    public static func events(logger: Logger) throws(NetlinkError) -> AsyncStream<HostAddressEvent> {
-        let sock = try NetlinkSocket()
-        mesh_nl_socket_disable_seq_check(sock.raw)
-        for group in [RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR] {
-            let rc = mesh_nl_socket_add_membership(sock.raw, Int32(group.rawValue))
-            guard rc == 0 else { throw NetlinkError("subscribe to address changes", code: rc) }
+    public static func events(logger: Logger) throws(HostAddressWatchError) -> AsyncStream<HostAddressEvent> {
+        // Room for a burst (the kernel takes the memory only while messages wait); past it, ENOBUFS and a resync.
+        let fd: Int32
+        switch LinkAddressDump.addressChangeSocket(receiveBuffer: 256 * 1024) {
+        case .success(let socket): fd = socket
+        case .failure(let failure): throw HostAddressWatchError(operation: failure.operation, code: failure.code)
         }
-        _ = mesh_nl_socket_set_nonblocking(sock.raw)
         // The snapshot comes after subscribing so that nothing falls in between (duplicates may).
-        let initial = try MeshInterface.addresses(sock: try NetlinkSocket())
+        guard let initial = LinkAddressDump.allAddresses() else {
+            let code = errno
+            close(fd)
+            throw HostAddressWatchError(operation: "list the host's addresses", code: code == 0 ? EIO : code)
+        }
         var pipeFDs: [Int32] = [-1, -1]
-        guard pipe(&pipeFDs) == 0 else { throw NetlinkError("pipe", code: MESH_NLE_FAILURE) }
+        guard pipe(&pipeFDs) == 0 else {
+            let code = errno
+            close(fd)
+            throw HostAddressWatchError(operation: "pipe", code: code)
+        }
+        for end in pipeFDs { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
         let (stream, continuation) = AsyncStream.makeStream(of: HostAddressEvent.self)
-        for event in initial { continuation.yield(event) }
+        for message in initial { continuation.yield(HostAddressEvent(message)) }
         let stopWriter = StopPipe(pipeFDs[1])
         continuation.onTermination = { _ in stopWriter.signal() }
-        let reader = WatchLoop(socket: sock, wake: pipeFDs[0], stopWriter: stopWriter, continuation: continuation)
+        let reader = WatchLoop(socket: fd, wake: pipeFDs[0], stopWriter: stopWriter, continuation: continuation)
         DedicatedThread.start(name: "mesh-netlink-watch") { reader.run(logger: logger) }
         return stream
     }
@@ -77,50 +96,40 @@ public enum HostAddressWatcher {
 
     /// Owns the watch socket on its thread.
     private final class WatchLoop: Sendable {
-        /// Held by the dedicated thread for as long as it runs (its only user).
-        let socket: Mutex<NetlinkSocket>
+        let socket: Int32
         let wake: Int32
         let stopWriter: StopPipe
         let continuation: AsyncStream<HostAddressEvent>.Continuation
 
         init(
-            socket: consuming sending NetlinkSocket,
+            socket: Int32,
             wake: Int32,
             stopWriter: StopPipe,
             continuation: AsyncStream<HostAddressEvent>.Continuation
         ) {
-            self.socket = Mutex(socket)
+            self.socket = socket
             self.wake = wake
             self.stopWriter = stopWriter
             self.continuation = continuation
         }
 
         func run(logger: Logger) {
-            self.socket.withLock { sock in self.loop(sock, logger: logger) }
+            self.loop(logger: logger)
+            close(self.socket)
             // The write end is closed under its lock: a termination that comes later (the loop ended on a
-            // netlink error, or `finish` below) finds -1 instead of writing into whatever descriptor took the
+            // socket error, or `finish` below) finds -1 instead of writing into whatever descriptor took the
             // number meanwhile (another connection's socket).
             self.stopWriter.close()
             close(self.wake)
             self.continuation.finish()
         }
 
-        private func loop(_ sock: NetlinkSocket, logger: Logger) {
-            let context = Unmanaged.passUnretained(self).toOpaque()
-            mesh_nl_socket_modify_cb(
-                sock.raw,
-                MESH_NL_CB_VALID,
-                MESH_NL_CB_CUSTOM,
-                { msg, arg in
-                    guard let msg, let arg else { return MESH_NL_OK }
-                    let loop = Unmanaged<WatchLoop>.fromOpaque(arg).takeUnretainedValue()
-                    if let event = HostAddressWatcher.parse(msg) { loop.continuation.yield(event) }
-                    return MESH_NL_OK
-                },
-                context
-            )
+        private func loop(logger: Logger) {
+            // Notifications are a few hundred bytes; a datagram holds one or a few.
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * 1024, alignment: 8)
+            defer { buffer.deallocate() }
             var fds = [
-                pollfd(fd: sock.fileDescriptor, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: self.socket, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: self.wake, events: Int16(POLLIN), revents: 0),
             ]
             while true {
@@ -130,70 +139,45 @@ public enum HostAddressWatcher {
                     break
                 }
                 if fds[1].revents != 0 { break }
-                if fds[0].revents != 0 {
-                    let rc = mesh_nl_recvmsgs_default(sock.raw)
-                    if rc < 0 && abs(rc) != MESH_NLE_AGAIN {
-                        logger.warning(
-                            "host address watch stopped",
-                            metadata: ["error": "\(NetlinkError("recv", code: rc))"]
-                        )
-                        break
+                guard fds[0].revents != 0 else { continue }
+                while true {
+                    let got = recv(self.socket, buffer.baseAddress, buffer.count, Int32(MSG_DONTWAIT))
+                    if got > 0 {
+                        let datagram = UnsafeRawBufferPointer(rebasing: buffer[0..<got])
+                        for message in LinkAddressDump.addressMessages(datagram) {
+                            self.continuation.yield(HostAddressEvent(message))
+                        }
+                        continue
                     }
+                    let code = errno
+                    if got < 0 && code == EINTR { continue }
+                    if got < 0 && (code == EAGAIN || code == EWOULDBLOCK) { break }
+                    if got < 0 && code == ENOBUFS {
+                        // Notifications were dropped: what is there now, in full.
+                        logger.debug("host address watch: notifications dropped (ENOBUFS); listing the addresses")
+                        for message in LinkAddressDump.allAddresses() ?? [] {
+                            self.continuation.yield(HostAddressEvent(message))
+                        }
+                        continue
+                    }
+                    logger.warning(
+                        "host address watch stopped",
+                        metadata: ["error": "\(HostAddressWatchError(operation: "recv", code: got == 0 ? EIO : code))"]
+                    )
+                    return
                 }
             }
         }
     }
-
-    fileprivate static func parse(_ msg: OpaquePointer) -> HostAddressEvent? {
-        guard let header = mesh_nlmsg_hdr(msg) else { return nil }
-        let type = Int32(header.pointee.nlmsg_type)
-        let kind: HostAddressEvent.Kind
-        switch type {
-        case Int32(RTM_NEWADDR): kind = .added
-        case Int32(RTM_DELADDR): kind = .removed
-        default: return nil
-        }
-        guard let data = mesh_nlmsg_data(header) else { return nil }
-        let ifa = data.assumingMemoryBound(to: ifaddrmsg.self).pointee
-        let headerLength = Int32(MemoryLayout<ifaddrmsg>.size)
-        let attribute =
-            mesh_nlmsg_find_attr(header, headerLength, Int32(IFA_LOCAL))
-            ?? mesh_nlmsg_find_attr(header, headerLength, Int32(IFA_ADDRESS))
-        guard let attribute, let payload = mesh_nla_data(attribute) else { return nil }
-        let bytes = UnsafeRawBufferPointer(start: payload, count: Int(mesh_nla_len(attribute)))
-        guard let address = IPAddress(bytes: bytes) else { return nil }
-        return HostAddressEvent(
-            kind: kind,
-            address: address,
-            prefixLength: Int(ifa.ifa_prefixlen),
-            interfaceIndex: Int32(bitPattern: ifa.ifa_index)
-        )
-    }
 }
 
-extension MeshInterface {
-    /// Every address of the namespace, as `added` events.
-    static func addresses(sock: NetlinkSocket) throws(NetlinkError) -> [HostAddressEvent] {
-        var cache: OpaquePointer?
-        let rc = mesh_rtnl_addr_alloc_cache(sock.raw, &cache)
-        guard rc == 0, let cache else { throw NetlinkError("list addresses", code: rc) }
-        defer { mesh_nl_cache_free(cache) }
-        var result: [HostAddressEvent] = []
-        var object = mesh_nl_cache_get_first(cache)
-        while let obj = object {
-            let addr = obj
-            if let local = mesh_rtnl_addr_get_local(addr), let ip = IPAddress(netlink: local) {
-                result.append(
-                    HostAddressEvent(
-                        kind: .added,
-                        address: ip,
-                        prefixLength: Int(mesh_rtnl_addr_get_prefixlen(addr)),
-                        interfaceIndex: mesh_rtnl_addr_get_ifindex(addr)
-                    )
-                )
-            }
-            object = mesh_nl_cache_get_next(obj)
-        }
-        return result
+extension HostAddressEvent {
+    init(_ message: LinkAddressDump.AddressMessage) {
+        self.init(
+            kind: message.added ? .added : .removed,
+            address: message.address,
+            prefixLength: message.prefixLength,
+            interfaceIndex: message.interfaceIndex
+        )
     }
 }
