@@ -276,6 +276,10 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
         results["startup_empty_s"] = round(time.time() - t0, 3)
         time.sleep(2)
         results["rss_idle_mb"] = round(rss_kb(agent.pid) / 1024, 1)
+        # libnl is loaded on demand, by the mesh interface only (Sources/MeshAgent/Interface/README.md):
+        # ~1 MB of an idle agent's RSS when something else loads it.
+        with open(f"/proc/{agent.pid}/maps") as maps:
+            results["libnl_mapped_idle"] = any("libnl-" in line for line in maps)
 
         # The backend of the load phase (the first service's only endpoint).
         backend_port = free_port()
@@ -430,6 +434,7 @@ LABELS = {
     "binary_mb_mesh_control_stripped": "binary size mesh-control stripped (MB)",
     "startup_empty_s": "agent start-up to ready, empty table (s)",
     "rss_idle_mb": "agent RSS idle, empty table (MB)",
+    "libnl_mapped_idle": "libnl mapped by the idle agent (loopback mode: should be False)",
     "mode": "agent interface mode",
     "rss_1_service_mb": "agent RSS idle with 1 service (MB)",
     "load_requests_1_service": "requests through the VIP under load, 1 service",
