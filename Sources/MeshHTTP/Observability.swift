@@ -9,6 +9,15 @@ public enum MeshMetrics {
 
     /// The registry `/metrics` renders.
     public static let registry = PrometheusCollectorRegistry()
+    /// swift-metrics timers (`MeshMetricsFactory`), rendered after the registry.
+    public static let histograms = MeshDurationHistograms()
+
+    /// The buckets of every duration histogram (timers).
+    public static let durationBuckets: [Duration] = [
+        .microseconds(50), .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1),
+        .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+        .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(5),
+    ]
 
     /// Installs the Prometheus backend for swift-metrics (idempotent; later calls do nothing).
     public static func bootstrap() {
@@ -17,13 +26,11 @@ public enum MeshMetrics {
             return !done
         }
         guard first else { return }
-        var factory = PrometheusMetricsFactory(registry: registry)
-        factory.defaultDurationHistogramBuckets = [
-            .microseconds(50), .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1),
-            .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
-            .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(5),
-        ]
-        MetricsSystem.bootstrap(factory)
+        var prometheus = PrometheusMetricsFactory(registry: registry)
+        prometheus.defaultDurationHistogramBuckets = Self.durationBuckets
+        MetricsSystem.bootstrap(
+            MeshMetricsFactory(prometheus: prometheus, histograms: histograms, buckets: Self.durationBuckets)
+        )
     }
 
     /// The Prometheus text exposition of every metric.
@@ -31,6 +38,7 @@ public enum MeshMetrics {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(16 * 1024)
         registry.emit(into: &bytes)
+        histograms.emit(into: &bytes)
         return ByteBuffer(bytes: bytes)
     }
 }
