@@ -434,7 +434,7 @@ LABELS = {
     "binary_mb_mesh_control_stripped": "binary size mesh-control stripped (MB)",
     "startup_empty_s": "agent start-up to ready, empty table (s)",
     "rss_idle_mb": "agent RSS idle, empty table (MB)",
-    "libnl_mapped_idle": "libnl mapped by the idle agent (loopback mode: should be False)",
+    "libnl_mapped_idle": "libnl mapped by the idle agent (the mesh interface loads it: False in loopback mode)",
     "mode": "agent interface mode",
     "rss_1_service_mb": "agent RSS idle with 1 service (MB)",
     "load_requests_1_service": "requests through the VIP under load, 1 service",
