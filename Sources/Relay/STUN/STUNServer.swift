@@ -111,8 +111,9 @@ public final class STUNServer: ServiceLifecycle.Service, Sendable {
                 metadata: ["udp": "\(l.udp)", "tcp": "\(l.tcp.map { "\($0)" } ?? "off")"]
             )
         }
-        self.bound.set(listeners)
+        // Listening before the listeners are announced: whoever waited for them sees `isListening` true.
         self.listening.withLock { $0 = true }
+        self.bound.set(listeners)
         let open = channels
 
         await withGracefulShutdownHandler {
