@@ -185,8 +185,10 @@ struct ForwarderTests {
             }
             .bind(host: "127.0.0.1", port: 0).get()
         let metrics = TestMetricsFactoryBox()
+        // The right answer ends the wait at once; the timeout only bounds a failure (2 s was too short
+        // under 2x `yes` once: the answer came later and the result was nil).
         let fw = DNSForwarder(
-            configuration: DNSForwardingConfiguration(timeout: .seconds(2), attempts: 1),
+            configuration: DNSForwardingConfiguration(timeout: .seconds(30), attempts: 1),
             upstreams: [upstream.localAddress!],
             eventLoop: group.next(),
             logger: .init(label: "test"),
