@@ -17,25 +17,22 @@ public final class MeshDurationHistogram: TimerHandler, Sendable {
     }
 
     let name: String
-    /// `key="value",...` as swift-prometheus renders them; nil without labels.
-    let labels: [UInt8]?
-    /// Upper bounds in nanoseconds, ascending.
-    private let bounds: [Int64]
-    private let boundTexts: [String]
+    /// `key="value",...` as swift-prometheus renders them; empty without labels.
+    let labels: [UInt8]
+    private let buckets: DurationBuckets
     private let state: Mutex<State>
 
-    init(name: String, labels: [(String, String)], buckets: [Duration]) {
+    init(name: String, labels: [UInt8], buckets: DurationBuckets) {
         self.name = name
-        self.labels = labels.isEmpty ? nil : Self.render(labels)
-        let sorted = buckets.sorted()
-        self.bounds = sorted.map { Self.nanoseconds($0) }
-        self.boundTexts = sorted.map(\.bucketRepresentation)
-        self.state = Mutex(State(counts: [UInt64](repeating: 0, count: sorted.count)))
+        self.labels = labels
+        self.buckets = buckets
+        self.state = Mutex(State(counts: [UInt64](repeating: 0, count: buckets.bounds.count)))
     }
 
     public func recordNanoseconds(_ duration: Int64) {
+        let bounds = self.buckets.bounds
         var index = 0
-        while index < self.bounds.count, self.bounds[index] < duration { index &+= 1 }
+        while index < bounds.count, bounds[index] < duration { index &+= 1 }
         self.state.withLock { s in
             if index < s.counts.count { s.counts[index] &+= 1 }
             s.count &+= 1
@@ -47,7 +44,7 @@ public final class MeshDurationHistogram: TimerHandler, Sendable {
     func emit(into buffer: inout [UInt8]) {
         let s = self.state.withLock { $0 }
         var cumulated: UInt64 = 0
-        for (i, text) in self.boundTexts.enumerated() {
+        for (i, text) in self.buckets.texts.enumerated() {
             cumulated &+= s.counts[i]
             self.line("_bucket", le: text, value: String(cumulated), into: &buffer)
         }
@@ -59,10 +56,10 @@ public final class MeshDurationHistogram: TimerHandler, Sendable {
     private func line(_ suffix: String, le: String?, value: String, into buffer: inout [UInt8]) {
         buffer.append(contentsOf: self.name.utf8)
         buffer.append(contentsOf: suffix.utf8)
-        if self.labels != nil || le != nil {
+        if !self.labels.isEmpty || le != nil {
             buffer.append(UInt8(ascii: "{"))
-            if let labels = self.labels {
-                buffer.append(contentsOf: labels)
+            if !self.labels.isEmpty {
+                buffer.append(contentsOf: self.labels)
                 if le != nil { buffer.append(UInt8(ascii: ",")) }
             }
             if let le {
@@ -114,28 +111,43 @@ public final class MeshDurationHistogram: TimerHandler, Sendable {
     }
 }
 
+/// Bucket bounds as a histogram compares them (nanoseconds, ascending) and renders them, worked out once for
+/// every histogram that has them.
+struct DurationBuckets: Sendable {
+    let bounds: [Int64]
+    let texts: [String]
+
+    init(_ buckets: [Duration]) {
+        let sorted = buckets.sorted()
+        self.bounds = sorted.map { MeshDurationHistogram.nanoseconds($0) }
+        self.texts = sorted.map(\.bucketRepresentation)
+    }
+}
+
 /// Every `MeshDurationHistogram` of the process, by name and label set, rendered after the Prometheus
 /// registry's metrics (`MeshMetrics.render`).
 public final class MeshDurationHistograms: Sendable {
-    private let families = Mutex<[String: [MeshDurationHistogram]]>([:])
+    /// By name, then by rendered labels (a route table of 10,000 services has as many label sets per name).
+    private let families = Mutex<[String: [[UInt8]: MeshDurationHistogram]]>([:])
 
     public init() {}
 
     /// The histogram of `name` with `labels`: the one made before for the same pair, or a new one.
-    func make(name: String, labels: [(String, String)], buckets: [Duration]) -> MeshDurationHistogram {
+    func make(name: String, labels: [(String, String)], buckets: DurationBuckets) -> MeshDurationHistogram {
         let name = MeshDurationHistogram.validName(name, allowColon: true)
-        let rendered = labels.isEmpty ? nil : MeshDurationHistogram.render(labels)
+        let rendered = MeshDurationHistogram.render(labels)
         return self.families.withLock { families in
-            if let existing = families[name]?.first(where: { $0.labels == rendered }) { return existing }
-            let histogram = MeshDurationHistogram(name: name, labels: labels, buckets: buckets)
-            families[name, default: []].append(histogram)
+            if let existing = families[name]?[rendered] { return existing }
+            let histogram = MeshDurationHistogram(name: name, labels: rendered, buckets: buckets)
+            families[name, default: [:]][rendered] = histogram
             return histogram
         }
     }
 
     func remove(_ histogram: MeshDurationHistogram) {
         self.families.withLock { families in
-            families[histogram.name]?.removeAll { $0 === histogram }
+            guard families[histogram.name]?[histogram.labels] === histogram else { return }
+            families[histogram.name]?[histogram.labels] = nil
             if families[histogram.name]?.isEmpty == true { families[histogram.name] = nil }
         }
     }
@@ -144,7 +156,7 @@ public final class MeshDurationHistograms: Sendable {
         let families = self.families.withLock { $0 }
         for name in families.keys.sorted() {
             buffer.append(contentsOf: "# TYPE \(name) histogram\n".utf8)
-            for histogram in families[name]! { histogram.emit(into: &buffer) }
+            for histogram in families[name]!.values { histogram.emit(into: &buffer) }
         }
     }
 }
@@ -154,12 +166,12 @@ public final class MeshDurationHistograms: Sendable {
 public struct MeshMetricsFactory: MetricsFactory {
     public let prometheus: PrometheusMetricsFactory
     public let histograms: MeshDurationHistograms
-    public let buckets: [Duration]
+    let buckets: DurationBuckets
 
     public init(prometheus: PrometheusMetricsFactory, histograms: MeshDurationHistograms, buckets: [Duration]) {
         self.prometheus = prometheus
         self.histograms = histograms
-        self.buckets = buckets
+        self.buckets = DurationBuckets(buckets)
     }
 
     public func makeCounter(label: String, dimensions: [(String, String)]) -> any CounterHandler {

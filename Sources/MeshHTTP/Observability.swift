@@ -26,8 +26,8 @@ public enum MeshMetrics {
             return !done
         }
         guard first else { return }
-        var prometheus = PrometheusMetricsFactory(registry: registry)
-        prometheus.defaultDurationHistogramBuckets = Self.durationBuckets
+        // Timers are `histograms`'; swift-prometheus makes the rest.
+        let prometheus = PrometheusMetricsFactory(registry: registry)
         MetricsSystem.bootstrap(
             MeshMetricsFactory(prometheus: prometheus, histograms: histograms, buckets: Self.durationBuckets)
         )

@@ -36,7 +36,7 @@ package enum LinkAddressDump {
 
     /// Every address of the interfaces that are up, not loopback and not named in `excluded`.
     static func addresses(excluding excluded: Set<String>) -> [IPAddress]? {
-        let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)  // NETLINK_ROUTE
+        let fd = Self.routeSocket()
         guard fd >= 0 else { return nil }
         defer { close(fd) }
         var on: Int32 = 1
@@ -100,7 +100,7 @@ package enum LinkAddressDump {
     /// A `NETLINK_ROUTE` socket subscribed to address changes (RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR) with
     /// room for `receiveBuffer` bytes of notifications; on failure, the step and its errno.
     package static func addressChangeSocket(receiveBuffer: Int32) -> Result<Int32, AddressSocketFailure> {
-        let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)  // NETLINK_ROUTE
+        let fd = Self.routeSocket()
         guard fd >= 0 else { return .failure(AddressSocketFailure(operation: "open a netlink socket", code: errno)) }
         // struct sockaddr_nl: family, padding, port id (0: the kernel picks), multicast groups.
         var address = [UInt8](repeating: 0, count: 12)
@@ -127,7 +127,7 @@ package enum LinkAddressDump {
     /// Every address of every interface (one dump, no strict checking needed), as `added` messages; nil when
     /// the dump fails.
     package static func allAddresses() -> [AddressMessage]? {
-        let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)  // NETLINK_ROUTE
+        let fd = Self.routeSocket()
         guard fd >= 0 else { return nil }
         defer { close(fd) }
         var found: [AddressMessage] = []
@@ -141,18 +141,12 @@ package enum LinkAddressDump {
     }
 
     /// The address messages in one datagram read from a socket subscribed to address changes
-    /// (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR): notifications carry no sequence number, one or more per
-    /// datagram. Other messages are skipped; a message whose length runs past the datagram ends the walk.
+    /// (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR), one or more per datagram, whatever their sequence number.
+    /// Other messages are skipped; a message whose length runs past the datagram ends the walk.
     package static func addressMessages(_ data: UnsafeRawBufferPointer) -> [AddressMessage] {
         var found: [AddressMessage] = []
-        var offset = 0
-        while offset + 16 <= data.count {
-            let length = Int(data.loadUnaligned(fromByteOffset: offset, as: UInt32.self))
-            let type = data.loadUnaligned(fromByteOffset: offset + 4, as: UInt16.self)
-            guard length >= 16, offset + length <= data.count else { break }
-            let payload = UnsafeRawBufferPointer(rebasing: data[(offset + 16)..<(offset + length)])
+        _ = Self.walk(data, sequence: nil) { type, payload in
             if let message = Self.addressMessage(type, payload) { found.append(message) }
-            offset += (length + 3) & ~3
         }
         return found
     }
@@ -167,6 +161,11 @@ package enum LinkAddressDump {
             address: address,
             prefixLength: Int(payload[1])
         )
+    }
+
+    /// A `NETLINK_ROUTE` socket, or -1 (errno says why).
+    private static func routeSocket() -> Int32 {
+        socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     }
 
     /// Sends one dump request and hands each answer's type and payload to `each` until the dump ends.
@@ -201,9 +200,11 @@ package enum LinkAddressDump {
     }
 
     /// The messages in one datagram: true at the end of the dump, false at an error, nil for more to come.
+    /// `sequence` nil: every message (change notifications carry the sequence number of whatever request
+    /// caused them, another process's).
     static func walk(
         _ data: UnsafeRawBufferPointer,
-        sequence: UInt32,
+        sequence: UInt32?,
         each: (UInt16, UnsafeRawBufferPointer) -> Void
     ) -> Bool? {
         var offset = 0
@@ -214,7 +215,7 @@ package enum LinkAddressDump {
             guard length >= 16, offset + length <= data.count else { return false }
             let payload = UnsafeRawBufferPointer(rebasing: data[(offset + 16)..<(offset + length)])
             offset += (length + 3) & ~3
-            guard seq == sequence else { continue }
+            if let sequence, seq != sequence { continue }
             switch type {
             case Self.nlmsgDone: return true
             case Self.nlmsgError:

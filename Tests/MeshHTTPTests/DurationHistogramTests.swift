@@ -22,7 +22,7 @@ struct DurationHistogramTests {
             prometheus.defaultDurationHistogramBuckets = Self.buckets
             let theirs = prometheus.makeTimer(label: "t_seconds", dimensions: labels)
             let ours = MeshDurationHistograms()
-            let mine = ours.make(name: "t_seconds", labels: labels, buckets: Self.buckets)
+            let mine = ours.make(name: "t_seconds", labels: labels, buckets: DurationBuckets(Self.buckets))
             for v in Self.values {
                 theirs.recordNanoseconds(v)
                 mine.recordNanoseconds(v)

@@ -61,9 +61,10 @@ struct LinkAddressDumpTests {
         let v6Address: [UInt8] = [0x20, 0x01, 0x0d, 0xb8] + [UInt8](repeating: 0, count: 11) + [1]
         let v6 = [UInt8(AF_INET6), 64, 0, 0] + Self.u32(4) + Self.attribute(1, v6Address)
         let link = [0, 0] + Self.u16(1) + Self.u32(4) + Self.u32(1) + Self.u32(0)
-        // Notifications carry sequence 0; a datagram may hold several.
+        // A notification carries the sequence number of the request that caused it (0 for the kernel's own,
+        // another process's otherwise); a datagram may hold several.
         let datagram =
-            Self.message(20, sequence: 0, v4) + Self.message(16, sequence: 0, link) + Self.message(21, sequence: 0, v6)
+            Self.message(20, sequence: 0, v4) + Self.message(16, sequence: 0, link) + Self.message(21, sequence: 7, v6)
         let messages = datagram.withUnsafeBytes { LinkAddressDump.addressMessages($0) }
         #expect(
             messages == [
