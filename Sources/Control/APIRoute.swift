@@ -17,6 +17,9 @@ enum APIRoute: Equatable, Sendable {
     case collection(resource: String, namespace: String?)
     /// One object. `namespace` is "" for a cluster-scoped kind.
     case object(resource: String, namespace: String, name: String)
+    /// `/apis/mesh.edge/v1/watch?resources=a,b&resourceVersion=N`: one stream of changes to several kinds
+    /// (docs/API.md "One watch for several kinds").
+    case watch
 
     /// Why a path has no route: the answer, and the resource it was about (for metrics).
     struct Miss: Error, Equatable {
@@ -25,11 +28,14 @@ enum APIRoute: Equatable, Sendable {
     }
 
     static let prefix = ["apis", "mesh.edge", "v1"]
+    /// The last segment of the watch over several kinds (no kind has this plural).
+    static let watchSegment = "watch"
 
     /// The resource a route is about, as the `resource` dimension of the request metrics.
     var resourceLabel: String {
         switch self {
         case .version, .discovery: return ""
+        case .watch: return "*"
         case .join: return "join"
         case .tokens: return BootstrapTokenStore.resource
         case .heartbeat, .reports: return Node.resource.plural
@@ -65,6 +71,13 @@ enum APIRoute: Equatable, Sendable {
         if rest[0] == "namespaces", rest.count >= 3 {
             namespace = rest[1]
             rest.removeFirst(2)
+        }
+        if rest == [Self.watchSegment] {
+            guard namespace == nil else {
+                let message = "a watch over several kinds is cluster-wide: use /apis/mesh.edge/v1/watch?resources=..."
+                return Self.miss(400, .badRequest, message, "*")
+            }
+            return .success(.watch)
         }
         guard let type = Registry.byPlural(rest[0])?.type else {
             let known = Registry.types.map(\.plural).joined(separator: ", ")

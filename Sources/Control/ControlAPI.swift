@@ -202,6 +202,8 @@ public final class ControlAPI: HTTPResponder {
                 return (try await self.watch(entry, namespace: namespace, request), "watch")
             }
             return (try await self.list(entry, namespace: namespace, request), "list")
+        case (.watch, .GET):
+            return (try await self.watchKinds(request), "watch")
         case (.object(let resource, let namespace, let name), .GET):
             return (try await self.get(Registry.byPlural(resource)!, namespace: namespace, name: name), "get")
         case (.collection(let resource, let namespace), .POST):
@@ -226,6 +228,7 @@ public final class ControlAPI: HTTPResponder {
         case .join, .heartbeat, .reports: return "POST"
         case .tokens(let id): return (id ?? "").isEmpty ? "GET, POST" : "DELETE"
         case .collection: return "GET, POST"
+        case .watch: return "GET"
         case .object: return "GET, PUT, DELETE"
         }
     }
@@ -282,6 +285,8 @@ public final class ControlAPI: HTTPResponder {
     }
 
     static func status(for error: StoreError, _ known: ResourceType?) -> Status {
+        if case .gone = error { return .gone(error.description) }
+        if case .tooNew = error { return .gone(error.description) }
         guard let type = known else {
             return Status(code: 503, reason: .serviceUnavailable, message: error.description)
         }
@@ -417,34 +422,83 @@ public final class ControlAPI: HTTPResponder {
             selector: try self.selector(request)
         )
         let param = request.query["resourceVersion"] ?? ""
-        var initial = ByteBuffer()
-        let subscription: WatchSubscription
         if param.isEmpty || param == "0" {
             // No version: the current objects as ADDED events, then every change after that list.
+            var initial = ByteBuffer()
             let (items, rv) = try await self.store.list(resource: entry.type.plural, namespace: namespace)
             for item in items where filter.matches(item) {
                 var line = WatchHub.line(for: StoreEvent(kind: .added, object: item))
                 initial.writeBuffer(&line)
             }
-            subscription = try await self.store.watch(after: rv, filter: filter)
-        } else {
-            guard let rv = Int64(param), rv >= 0 else {
-                throw Status.badRequest("resourceVersion \"\(param)\" is not a decimal number")
-            }
-            subscription = try await self.store.watch(after: rv, filter: filter)
+            let subscription = try await self.store.watch(after: rv, filter: filter)
+            return try self.stream(subscription, request, first: initial, bookmarkKind: entry.type.kind)
         }
+        let subscription = try await self.store.watch(after: try Self.version(param), filter: filter)
+        return try self.stream(subscription, request, first: ByteBuffer(), bookmarkKind: entry.type.kind)
+    }
+
+    /// The kind a BOOKMARK line of a watch over several kinds names: it counts for every kind watched.
+    public static let multiWatchBookmarkKind = "Bookmark"
+
+    /// `GET /apis/mesh.edge/v1/watch?resources=a,b&resourceVersion=N`: the changes to every kind listed, in
+    /// resourceVersion order, in one stream (an agent follows seven kinds over one connection instead of
+    /// seven). The version is required: the kinds' lists are separate reads, so the client lists each and
+    /// watches from the smallest list version (`MultiReflector`). Each kind is authorized as its own watch is.
+    private func watchKinds(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let named = Self.watchedResources(request)
+        guard !named.isEmpty else {
+            throw Status.badRequest("name the kinds to watch: /apis/mesh.edge/v1/watch?resources=services,endpoints")
+        }
+        for r in named where Registry.byPlural(r) == nil {
+            let known = Registry.types.map(\.plural).joined(separator: ", ")
+            throw Status.badRequest("the server has no resource \"\(r)\" (it has \(known))")
+        }
+        guard let param = request.query["resourceVersion"], !param.isEmpty else {
+            throw Status.badRequest(
+                "a watch over several kinds starts after a resourceVersion: list each kind, then watch from the smallest list version"
+            )
+        }
+        let filter = WatchFilter(resources: named, selector: try self.selector(request))
+        let subscription = try await self.store.watch(after: try Self.version(param), filter: filter)
+        return try self.stream(subscription, request, first: ByteBuffer(), bookmarkKind: Self.multiWatchBookmarkKind)
+    }
+
+    /// The plurals in a request's `resources` parameter (comma-separated; empty parts skipped).
+    static func watchedResources(_ request: HTTPRequest) -> [String] {
+        (request.query["resources"] ?? "").split(separator: ",").map {
+            String($0.trimmingCharacters(in: .whitespaces))
+        }.filter { !$0.isEmpty }
+    }
+
+    /// A `resourceVersion` parameter as a number (400 when it is not one).
+    static func version(_ param: String) throws -> Int64 {
+        guard let rv = Int64(param), rv >= 0 else {
+            throw Status.badRequest("resourceVersion \"\(param)\" is not a decimal number")
+        }
+        return rv
+    }
+
+    /// The streaming answer of a watch: `first`, then the subscription's lines until it ends, the client
+    /// goes, `timeoutSeconds` pass, or the client's certificate is revoked.
+    private func stream(
+        _ subscription: WatchSubscription,
+        _ request: HTTPRequest,
+        first: ByteBuffer,
+        bookmarkKind kind: String
+    ) throws -> HTTPResponse {
         var timeout: TimeAmount?
         if let t = request.query["timeoutSeconds"] {
             guard let seconds = Int64(t), seconds > 0 else {
+                subscription.cancel()
                 throw Status.badRequest("timeoutSeconds must be a positive number")
             }
             // Capped at 136 years, so that the nanoseconds fit.
             timeout = .seconds(min(seconds, 1 << 32))
         }
-        let kind = entry.type.kind
         let logger = self.logger
         let credentials = self.credentials
-        let (firstLines, limit) = (initial, timeout)
+        let filter = subscription.filter
+        let (firstLines, limit) = (first, timeout)
         Gauge(label: "mesh_control_watchers").record(self.watcherCount)
         return HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"]) {
             .stream { writer in

@@ -81,6 +81,8 @@ public enum Authorization {
             Workload.resource.plural, Device.resource.plural, DeviceModel.resource.plural,
         ]
         switch request.method {
+        case .GET where segments.count == 4 && segments[3] == APIRoute.watchSegment:
+            return Self.mayWatchAll(request, readable)
         case .GET:
             return readable.contains(rest[0]) && rest.count <= 2
         case .PUT:
@@ -101,7 +103,11 @@ public enum Authorization {
             guard segments.count == 4 || segments.count == 5, segments[0...2] == ["apis", "mesh.edge", "v1"] else {
                 return false
             }
-            return [Relay.resource.plural, Node.resource.plural, NodeCredentials.revokedResource].contains(segments[3])
+            let readable: Set<String> = [Relay.resource.plural, Node.resource.plural, NodeCredentials.revokedResource]
+            if segments.count == 4 && segments[3] == APIRoute.watchSegment {
+                return Self.mayWatchAll(request, readable)
+            }
+            return readable.contains(segments[3])
         case .PUT:
             return segments == ["apis", "mesh.edge", "v1", Relay.resource.plural, relay]
         case .POST:
@@ -111,11 +117,19 @@ public enum Authorization {
         }
     }
 
+    /// A watch over several kinds is allowed when a watch of each kind named would be (none named: the API
+    /// answers 400).
+    static func mayWatchAll(_ request: HTTPRequest, _ readable: Set<String>) -> Bool {
+        ControlAPI.watchedResources(request).allSatisfy(readable.contains)
+    }
+
     static func forbidden(_ identity: String, _ request: HTTPRequest) -> Status {
         Status(
             code: 403,
             reason: .forbidden,
             message: "\(identity) may not \(request.method) \(request.path)"
+                + (request.path.hasSuffix("/" + APIRoute.watchSegment)
+                    ? " (resources \(ControlAPI.watchedResources(request).joined(separator: ",")))" : "")
         )
     }
 }

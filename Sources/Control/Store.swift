@@ -130,20 +130,32 @@ public enum StoreError: Error, Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// What a watch wants: one resource, optionally one namespace and a label selector.
+/// What a watch wants: one resource (a collection's watch) or several (`GET /apis/mesh.edge/v1/watch?resources=`,
+/// one stream for every kind an agent follows), optionally one namespace and a label selector.
 public struct WatchFilter: Sendable {
-    public var resource: String
+    /// The resources' plurals, without repeats. An array: a few short strings compared in turn cost less than
+    /// hashing one, and the hub runs every watcher's filter on every change.
+    public private(set) var resources: [String]
     public var namespace: String?
     public var selector: LabelSelector?
 
     public init(resource: String, namespace: String? = nil, selector: LabelSelector? = nil) {
-        self.resource = resource
+        self.init(resources: [resource], namespace: namespace, selector: selector)
+    }
+
+    public init(resources: [String], namespace: String? = nil, selector: LabelSelector? = nil) {
+        var seen: [String] = []
+        for r in resources where !seen.contains(r) { seen.append(r) }
+        self.resources = seen
         self.namespace = namespace
         self.selector = selector
     }
 
+    /// The resources as one name, for messages: `services` or `services,endpoints`.
+    public var resource: String { self.resources.joined(separator: ",") }
+
     func matches(_ o: StoredObject) -> Bool {
-        o.key.resource == self.resource && (self.namespace.map { $0 == o.key.namespace } ?? true)
+        self.resources.contains(o.key.resource) && (self.namespace.map { $0 == o.key.namespace } ?? true)
             && (self.selector?.matches(o.labels) ?? true)
     }
 }

@@ -49,7 +49,10 @@ public struct ControlClient: Sendable {
     /// This client with its requests (not its watches) on one kept-alive connection: for a caller
     /// that talks to the control plane every few seconds forever (a node's heartbeat), where a TLS
     /// handshake per request would cost both sides more than the request itself.
+    /// A client that keeps alive already is returned as it is, so that components handed one client share
+    /// its connection.
     public func keepingAlive() -> ControlClient {
+        if self.session != nil { return self }
         var c = self
         c.session = HTTPKeepAliveClient(self.http)
         return c
@@ -230,6 +233,34 @@ public struct ControlClient: Sendable {
                 ("labelSelector", labelSelector),
                 ("timeoutSeconds", timeoutSeconds.map(String.init)),
             ])
+        try await self.streamLines(path, onLine: onLine)
+    }
+
+    /// The path of one watch over several kinds (`GET /apis/mesh.edge/v1/watch?resources=a,b`).
+    public static func watchPath(_ types: [ResourceType], after resourceVersion: Int64, timeoutSeconds: Int?) -> String {
+        "/apis/\(meshAPIVersion)/watch"
+            + Self.query([
+                ("resources", types.map(\.plural).joined(separator: ",")),
+                ("resourceVersion", String(resourceVersion)),
+                ("timeoutSeconds", timeoutSeconds.map(String.init)),
+            ])
+    }
+
+    /// Watches several kinds in one stream after `resourceVersion` and hands each raw line to `onLine`
+    /// until it returns false. A bookmark counts for every kind. `MultiReflector` is the usual caller.
+    public func watchLines(
+        _ types: [ResourceType],
+        after resourceVersion: Int64,
+        timeoutSeconds: Int? = nil,
+        onLine: (ByteBuffer) async throws -> Bool
+    ) async throws {
+        try await self.streamLines(
+            Self.watchPath(types, after: resourceVersion, timeoutSeconds: timeoutSeconds),
+            onLine: onLine
+        )
+    }
+
+    private func streamLines(_ path: String, onLine: (ByteBuffer) async throws -> Bool) async throws {
         try await self.http.stream(.GET, path, headers: ["Accept": "application/json"]) { head, body in
             guard head.status == .ok else {
                 let bytes = try await body.collect(upTo: 1 << 20)

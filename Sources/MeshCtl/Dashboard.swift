@@ -58,23 +58,20 @@ public final class Dashboard: ServiceLifecycle.Service, Sendable {
         let logger = self.logger
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await server.run() }
-            group.addTask { await Self.follow(Node.self, client, logger) { picture.apply($0) } }
-            group.addTask { await Self.follow(MeshCore.Relay.self, client, logger) { picture.apply($0) } }
-            group.addTask { await Self.follow(MeshService.self, client, logger) { picture.apply($0) } }
-            group.addTask { await Self.follow(Endpoints.self, client, logger) { picture.apply($0) } }
+            // The four kinds over one watch.
+            let reflector = MultiReflector(
+                client: client,
+                kinds: [
+                    .of(Node.self, from: nil) { picture.apply($0) },
+                    .of(MeshCore.Relay.self, from: nil) { picture.apply($0) },
+                    .of(MeshService.self, from: nil) { picture.apply($0) },
+                    .of(Endpoints.self, from: nil) { picture.apply($0) },
+                ],
+                logger: logger
+            )
+            group.addTask { await cancelWhenGracefulShutdown { await reflector.run() } }
             try await group.next()
             group.cancelAll()
-        }
-    }
-
-    private static func follow<T: SnapshotMember>(
-        _ type: T.Type,
-        _ client: ControlClient,
-        _ logger: Logger,
-        apply: @escaping @Sendable (ReflectorUpdate<T>) -> Void
-    ) async {
-        await cancelWhenGracefulShutdown {
-            await Reflector<T>(client: client, logger: logger).run(from: nil) { apply($0) }
         }
     }
 }

@@ -306,9 +306,17 @@ public final class AgentServer: Service, Sendable {
             peerLeft: { links.peerLeft($0) }
         )
         let cache = try AgentCache(path: config.dataDir + "/agent.db", cacheKiB: config.storeCacheKiB)
+        // One watch carries every kind the agent follows (the table's four and the edge's three), and one
+        // kept-alive connection every request (heartbeats, reports): two connections per node for the control
+        // plane to hold, not nine (perf/RESULTS.md, "connections per agent").
+        let control = ControlClient(endpoints: controlEndpoints, tls: controlTLS)
+        let requests = control.keepingAlive()
+        var syncConfig = ServiceTableSync.Configuration()
+        syncConfig.followsControlPlane = false
         let sync = ServiceTableSync(
-            client: ControlClient(endpoints: controlEndpoints, tls: controlTLS),
+            client: control,
             cache: cache,
+            configuration: syncConfig,
             logger: self.logger
         ) {
             await applier.apply($0)
@@ -363,23 +371,23 @@ public final class AgentServer: Service, Sendable {
             }.sorted { $0.peer < $1.peer }
         }
         nodeConfig.heartbeatInterval = .milliseconds(Int64(config.heartbeatIntervalSeconds * 1000))
-        let nodeAgent = NodeAgent(
-            configuration: nodeConfig,
-            client: ControlClient(endpoints: controlEndpoints, tls: controlTLS),
-            logger: self.logger
-        )
+        let nodeAgent = NodeAgent(configuration: nodeConfig, client: requests, logger: self.logger)
         self.nodeAgent.set(nodeAgent)
         // EdgeServices: workloads, device twins and the mapper API (NodeAgent README).
         var edgeConfig = EdgeConfiguration(nodeName: config.nodeName, dataDir: config.dataDir)
         edgeConfig.mqttBroker = config.mqttBroker
         edgeConfig.mqttStartBroker = config.mqttStartBroker
         edgeConfig.storeCacheKiB = config.storeCacheKiB
-        let edge = try EdgeServices(
-            configuration: edgeConfig,
-            client: ControlClient(endpoint: endpoint, tls: controlTLS),
+        edgeConfig.followsControlPlane = false
+        let edge = try EdgeServices(configuration: edgeConfig, client: requests, logger: self.logger)
+        self.edge.set(edge)
+        var reflector = MultiReflector(
+            client: control,
+            kinds: sync.reflectedKinds() + edge.reflectedKinds(),
             logger: self.logger
         )
-        self.edge.set(edge)
+        reflector.backoff.maximum = edgeConfig.maxBackoff
+        let watch = RunUntilShutdown { [reflector] in await reflector.run() }
         let inspection = AgentInspection(
             config: config,
             started: Date(),
@@ -415,7 +423,7 @@ public final class AgentServer: Service, Sendable {
         if let linkListener { services.append(linkListener) }
         if let direct { services.append(direct) }
         services += [
-            dataPlane, dns, sync, relayClient, nodeAgent, edge, revocations, RunUntilShutdown { await renewer.run() },
+            dataPlane, dns, sync, watch, relayClient, nodeAgent, edge, revocations, RunUntilShutdown { await renewer.run() },
             admin,
         ]
         let group = ServiceGroup(

@@ -128,14 +128,17 @@ extension ServiceSnapshot {
 
 /// Keeps the agent's service table in sync with the control plane and on disk.
 ///
-/// At start it serves what the cache holds at once; then two reflectors (services, endpoints)
-/// resume their watches from the cached versions, list again on 410, and retry while the control
+/// At start it serves what the cache holds at once; then one reflector (services, endpoints, nodes,
+/// relays, over one watch) resumes from the cached versions, list again on 410, and retry while the control
 /// plane is away. Every change is persisted before it is published; bursts are coalesced so a
 /// flood of endpoint updates rebuilds the zone and routes once per `coalesce` interval.
 public final class ServiceTableSync: Service, Sendable {
     public struct Configuration: Sendable {
         public var coalesce: Duration = .milliseconds(20)
-        public var backoff = Reflector<MeshService>.Backoff()
+        public var backoff = ReflectorBackoff()
+        /// Follow the four kinds here, over one watch. False: the caller follows `reflectedKinds()` in its
+        /// own `MultiReflector` (the mesh agent's one watch for the table and the node's edge part).
+        public var followsControlPlane = true
 
         public init() {}
     }
@@ -206,10 +209,15 @@ public final class ServiceTableSync: Service, Sendable {
         await cancelWhenGracefulShutdown {
             await withTaskCancellationHandler {
                 await withTaskGroup(of: Void.self) { group in
-                    group.addTask { await self.reflect(MeshService.self, from: cached.servicesVersion) }
-                    group.addTask { await self.reflect(Endpoints.self, from: cached.endpointsVersion) }
-                    group.addTask { await self.reflect(Node.self, from: cached.nodesVersion) }
-                    group.addTask { await self.reflect(Relay.self, from: cached.relaysVersion) }
+                    if self.configuration.followsControlPlane {
+                        var reflector = MultiReflector(
+                            client: self.client,
+                            kinds: self.reflectedKinds(from: cached),
+                            logger: self.logger
+                        )
+                        reflector.backoff = self.configuration.backoff
+                        group.addTask { await reflector.run() }
+                    }
                     group.addTask { await self.publishLoop() }
                     await group.waitForAll()
                 }
@@ -219,13 +227,16 @@ public final class ServiceTableSync: Service, Sendable {
         }
     }
 
-    private func reflect<T: SnapshotMember>(_ type: T.Type, from rv: Int64?) async {
-        var reflector = Reflector<T>(client: self.client, logger: self.logger)
-        reflector.backoff.initial = self.configuration.backoff.initial
-        reflector.backoff.maximum = self.configuration.backoff.maximum
-        await reflector.run(from: rv) { update in
-            try self.apply(update)
-        }
+    /// The four kinds the table follows, each from the version the cache holds (nil: listed first).
+    /// `Configuration.followsControlPlane` false: the caller runs them in its own `MultiReflector`.
+    public func reflectedKinds(from cached: ServiceSnapshot? = nil) -> [ReflectedKind] {
+        let snap = cached ?? self.snapshot
+        return [
+            .of(MeshService.self, from: snap.servicesVersion) { try self.apply($0) },
+            .of(Endpoints.self, from: snap.endpointsVersion) { try self.apply($0) },
+            .of(Node.self, from: snap.nodesVersion) { try self.apply($0) },
+            .of(Relay.self, from: snap.relaysVersion) { try self.apply($0) },
+        ]
     }
 
     /// Persists an update, then folds it into the table and schedules a publish.

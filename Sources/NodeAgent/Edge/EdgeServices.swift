@@ -37,6 +37,9 @@ public struct EdgeConfiguration: Sendable {
     public var initialBackoff: Duration = .milliseconds(200)
     public var maxBackoff: Duration = .seconds(10)
     public var supervisor: WorkloadSupervisorConfiguration
+    /// Follow the edge's kinds here, over one watch. False: the caller follows `reflectedKinds()` in its own
+    /// `MultiReflector` (the mesh agent's one watch for the service table and the edge).
+    public var followsControlPlane = true
 
     public init(nodeName: String, dataDir: String) {
         self.nodeName = nodeName
@@ -126,9 +129,11 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
         let broker = try self.startBroker()
         await withTaskGroup(of: Void.self) { group in
             group.addTask { await self.supervisor.run() }
-            group.addTask { await self.syncWorkloads() }
-            group.addTask { await self.syncModels() }
-            group.addTask { await self.syncDevices() }
+            if self.configuration.followsControlPlane {
+                var reflector = MultiReflector(client: self.client, kinds: self.reflectedKinds(), logger: self.logger)
+                reflector.backoff.maximum = self.configuration.maxBackoff
+                group.addTask { await reflector.run() }
+            }
             group.addTask { await self.sendOutbox() }
             group.addTask {
                 while !Task.isCancelled {
@@ -191,50 +196,54 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
 
     // MARK: sync from the control plane
 
-    func reflect<T: MeshObject>(_ type: T.Type, _ apply: @escaping @Sendable ([T]) async throws -> Void) async {
-        var items: [String: T] = [:]
-        var reflector = Reflector<T>(client: self.client, logger: self.logger)
-        reflector.backoff.maximum = self.configuration.maxBackoff
-        await reflector.run(from: nil) { update in
-            switch update {
-            case .replaced(let all, _):
-                items = Dictionary(
-                    all.map { ("\($0.effectiveNamespace)/\($0.metadata.name)", $0) },
-                    uniquingKeysWith: { a, _ in a }
-                )
-            case .changed(.added(let o)), .changed(.modified(let o)):
-                items["\(o.effectiveNamespace)/\(o.metadata.name)"] = o
-            case .changed(.deleted(let o)):
-                items["\(o.effectiveNamespace)/\(o.metadata.name)"] = nil
-            case .changed:
-                return
+    /// One kind followed for `apply`, which gets every object of the kind (sorted by namespace/name) after
+    /// each change.
+    func reflected<T: MeshObject>(
+        _ type: T.Type,
+        _ apply: @escaping @Sendable ([T]) async throws -> Void
+    ) -> ReflectedKind {
+        let items = Mutex<[String: T]>([:])
+        return .of(T.self, from: nil) { update in
+            let all = items.withLock { items -> [T]? in
+                switch update {
+                case .replaced(let all, _):
+                    items = Dictionary(
+                        all.map { ("\($0.effectiveNamespace)/\($0.metadata.name)", $0) },
+                        uniquingKeysWith: { a, _ in a }
+                    )
+                case .changed(.added(let o)), .changed(.modified(let o)):
+                    items["\(o.effectiveNamespace)/\(o.metadata.name)"] = o
+                case .changed(.deleted(let o)):
+                    items["\(o.effectiveNamespace)/\(o.metadata.name)"] = nil
+                case .changed:
+                    return nil
+                }
+                return items.keys.sorted().map { items[$0]! }
             }
-            try await apply(items.keys.sorted().map { items[$0]! })
+            if let all { try await apply(all) }
         }
     }
 
-    func syncWorkloads() async {
+    /// The kinds the edge follows: workloads, device models, devices (models before devices, so that a
+    /// first sync holds a device's model when the device arrives). `EdgeConfiguration.followsControlPlane`
+    /// false: the caller runs them in its own `MultiReflector`, beside other kinds, over one connection.
+    public func reflectedKinds() -> [ReflectedKind] {
         let me = self.configuration.nodeName
-        await self.reflect(Workload.self) { all in
-            let mine = all.filter { ($0.status?.nodes ?? []).contains(me) }
-            let before = try self.store.workloads()
-            let changed =
-                before.map(\.spec) != mine.map(\.spec) || before.map(\.metadata.name) != mine.map(\.metadata.name)
-            try self.store.setWorkloads(mine)
-            if changed { await self.supervisor.update(mine) }
-        }
-    }
-
-    func syncModels() async {
-        await self.reflect(DeviceModel.self) { all in try self.store.setModels(all) }
-    }
-
-    func syncDevices() async {
-        let me = self.configuration.nodeName
-        await self.reflect(Device.self) { all in
-            let changed = try self.store.setDevices(all.filter { $0.spec.node == me })
-            for id in changed { await self.publishDelta(id) }
-        }
+        return [
+            self.reflected(Workload.self) { all in
+                let mine = all.filter { ($0.status?.nodes ?? []).contains(me) }
+                let before = try self.store.workloads()
+                let changed =
+                    before.map(\.spec) != mine.map(\.spec) || before.map(\.metadata.name) != mine.map(\.metadata.name)
+                try self.store.setWorkloads(mine)
+                if changed { await self.supervisor.update(mine) }
+            },
+            self.reflected(DeviceModel.self) { all in try self.store.setModels(all) },
+            self.reflected(Device.self) { all in
+                let changed = try self.store.setDevices(all.filter { $0.spec.node == me })
+                for id in changed { await self.publishDelta(id) }
+            },
+        ]
     }
 
     // MARK: the outbox
