@@ -6,6 +6,7 @@ import Metrics
 import NIOCore
 import NIOSSL
 import ServiceLifecycle
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -18,6 +19,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
     let logger: Logger
     private let http: AsyncOnce<HTTPServer>
     private let pkiReady: AsyncOnce<ControlPKI>
+    private let openHub = Mutex<WatchHub?>(nil)
     /// What node grace periods and join-token expiries are counted on (tests advance one by hand).
     let clock: any MeshClock
 
@@ -33,6 +35,9 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
     public func pki() async throws -> ControlPKI {
         try await self.pkiReady.value()
     }
+
+    /// Watches open on this replica now (a watch over several kinds counts once).
+    public var watcherCount: Int { self.openHub.withLock { $0?.subscriberCount ?? 0 } }
 
     /// The API's address once it listens (useful with port 0).
     public func localAddress() async throws -> SocketAddress {
@@ -58,6 +63,7 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         let lock = try DirectoryLock(directory: config.dataDir, name: "mesh-control")
         defer { withExtendedLifetime(lock) {} }
         let (store, hub) = try await Self.openStore(config, logger: self.logger)
+        self.openHub.withLock { $0 = hub }
         do {
             try await self.serve(store: store, hub: hub, listen: listen)
         } catch {

@@ -221,6 +221,35 @@ struct AgentEndToEndTests {
         await backend.close()
     }
 
+    /// Every kind the agent follows (the table's four, the edge's three) over one watch, and its heartbeats and
+    /// reports over one kept-alive connection: two connections for the control plane to hold per node.
+    @Test func anAgentHoldsTwoConnectionsToTheControlPlane() async throws {
+        let cp = try await RunningControl()
+        let ownWatchers = cp.server.watcherCount
+        let agent = try await RunningAgent(
+            control: cp.url,
+            dataDir: TempDir().path,
+            join: try await cp.token(usages: 1)
+        ) { $0.heartbeatIntervalSeconds = 1 }
+        // Synced (every kind listed) and beating.
+        #expect(
+            await MeshTestSupport.eventually {
+                let routes = try? await agent.admin.send(.GET, "/routes")
+                let node = try? await cp.client.get(Node.self, name: "edge-test")
+                return routes.map { String(buffer: $0.body).contains("\"source\":\"control\"") } == true
+                    && node?.status?.lastHeartbeatTime != nil
+            }
+        )
+        #expect(await MeshTestSupport.eventually { cp.server.watcherCount == ownWatchers + 1 })
+        // (The test's own requests use a connection each, closed when answered.)
+        #expect(
+            await MeshTestSupport.eventually { establishedTCPConnections(toPort: cp.port) == 2 },
+            "\(establishedTCPConnections(toPort: cp.port)) connections to the control plane"
+        )
+        try await agent.stop()
+        try await cp.stop()
+    }
+
     @Test func aSecondAgentOnTheSameDataDirectoryIsRefused() async throws {
         let dir = TempDir()
         try seedNodeCredentials(stateDir: dir.path, nodeName: "edge-test")

@@ -384,3 +384,21 @@ public func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) as
         thread.start()
     }
 }
+
+/// TCP connections of this machine in state ESTABLISHED whose remote port is `port` (IPv4 and IPv6): from a
+/// test process that runs a server and its clients, the clients' ends of their connections to that server.
+public func establishedTCPConnections(toPort port: Int) -> Int {
+    var count = 0
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        guard let text = try? String(contentsOfFile: table, encoding: .utf8) else { continue }
+        for line in text.split(separator: "\n").dropFirst() {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            // sl local_address rem_address st ...; addresses are HEXADDR:HEXPORT, state 01 is ESTABLISHED.
+            guard fields.count > 3, fields[3] == "01", let colon = fields[2].lastIndex(of: ":"),
+                Int(fields[2][fields[2].index(after: colon)...], radix: 16) == port
+            else { continue }
+            count += 1
+        }
+    }
+    return count
+}

@@ -1,0 +1,108 @@
+import Control
+import Foundation
+import MeshClient
+import MeshCore
+import MeshHTTP
+import MeshTestSupport
+import NIOCore
+import NIOHTTP1
+import Synchronization
+import Testing
+
+/// `GET /apis/mesh.edge/v1/watch?resources=a,b&resourceVersion=N`: one stream for several kinds, over real
+/// TLS sockets. Changes of every kind named arrive in version order, of no other kind; bad requests get a
+/// clear 400; each kind is authorized as its own watch is.
+@Suite(.rationed) struct MultiKindWatchTests {
+    func endpoints(_ name: String) -> Endpoints {
+        Endpoints(
+            metadata: ObjectMeta(name: name, namespace: "shop"),
+            spec: EndpointsSpec(addresses: [
+                EndpointAddress(ip: "198.18.0.7", ports: [EndpointPort(name: "http", port: 8080)], node: "n1")
+            ])
+        )
+    }
+
+    /// `TYPE Kind name` per line (a bookmark: `BOOKMARK Kind`), until `count` are in or the stream ends.
+    func lines(_ client: ControlClient, _ types: [ResourceType], after rv: Int64, count: Int) async throws -> [String] {
+        let seen = Mutex<[String]>([])
+        try await client.watchLines(types, after: rv, timeoutSeconds: 30) { line in
+            let value = try JSONValue.parse(json: Data(line.readableBytesView))
+            let type = value["type"]?.stringValue ?? "?"
+            let kind = value["object"]?["kind"]?.stringValue ?? "?"
+            let name = value["object"]?["metadata"]?["name"]?.stringValue
+            let n = seen.withLock { s in
+                s.append([type, kind, name].compactMap { $0 }.joined(separator: " "))
+                return s.count
+            }
+            return n < count
+        }
+        return seen.withLock { $0 }
+    }
+
+    @Test func everyKindNamedArrivesInOrderAndNoOther() async throws {
+        let cp = try await RunningControl()
+        let start = try await cp.rv()
+        try await cp.client.apply(service("a"))
+        try await cp.client.apply(self.endpoints("a"))
+        try await cp.client.apply(Node(metadata: ObjectMeta(name: "n1"), spec: NodeSpec(site: "x")))
+        try await cp.client.apply(self.endpoints("b"))
+        _ = try await cp.client.delete(MeshService.self, namespace: "shop", name: "a")
+        let got = try await self.lines(cp.client, [MeshService.resource, Endpoints.resource], after: start, count: 5)
+        #expect(
+            got == [
+                "ADDED Service a", "ADDED Endpoints a", "ADDED Endpoints b", "DELETED Service a",
+                "BOOKMARK \(ControlAPI.multiWatchBookmarkKind)",
+            ]
+        )
+        try await cp.stop()
+    }
+
+    @Test func badRequestsAreRefusedWithTheReason() async throws {
+        let cp = try await RunningControl()
+        let rv = try await cp.rv()
+        func refusal(_ path: String, _ method: HTTPMethod = .GET) async throws -> (Int, String) {
+            let r = try await cp.client.http.send(method, path, headers: ["Accept": "application/json"])
+            let status = try? JSONDecoder().decode(Status.self, from: Data(r.body.readableBytesView))
+            return (Int(r.status.code), status?.message ?? "")
+        }
+        let base = "/apis/mesh.edge/v1/watch"
+        var (code, message) = try await refusal("\(base)?resources=services,endpoints")
+        #expect(code == 400 && message.contains("list each kind"), "\(message)")
+        (code, message) = try await refusal("\(base)?resourceVersion=\(rv)")
+        #expect(code == 400 && message.contains("name the kinds"), "\(message)")
+        (code, message) = try await refusal("\(base)?resources=services,gadgets&resourceVersion=\(rv)")
+        #expect(code == 400 && message.contains("\"gadgets\""), "\(message)")
+        (code, message) = try await refusal("\(base)?resources=services&resourceVersion=ten")
+        #expect(code == 400 && message.contains("not a decimal number"), "\(message)")
+        (code, message) = try await refusal("/apis/mesh.edge/v1/namespaces/shop/watch?resources=services")
+        #expect(code == 400 && message.contains("cluster-wide"), "\(message)")
+        (code, _) = try await refusal("\(base)?resources=services&resourceVersion=\(rv)", .POST)
+        #expect(code == 405)
+        (code, message) = try await refusal("\(base)?resources=services&resourceVersion=\(rv + 1000)")
+        #expect(code == 410 && message.contains("list again"), "\(message)")
+        try await cp.stop()
+    }
+
+    @Test func eachKindIsAuthorizedAsItsOwnWatchIs() async throws {
+        let cp = try await RunningControl()
+        let rv = try await cp.rv()
+        let node = try cp.client(try cp.issue(.node("n1")))
+        let relay = try cp.client(try cp.issue(.relay("r1")))
+        func code(_ client: ControlClient, _ resources: String) async throws -> (Int, String) {
+            // timeoutSeconds=1: an allowed watch ends by itself after a second.
+            let r = try await client.http.send(
+                .GET,
+                "/apis/mesh.edge/v1/watch?resources=\(resources)&resourceVersion=\(rv)&timeoutSeconds=1",
+                headers: ["Accept": "application/json"]
+            )
+            return (Int(r.status.code), String(buffer: r.body))
+        }
+        let agentKinds = "services,endpoints,nodes,relays,workloads,devicemodels,devices"
+        #expect(try await code(node, agentKinds).0 == 200)
+        let (denied, why) = try await code(node, "services,bootstraptokens")
+        #expect(denied == 403 && why.contains("bootstraptokens"), "\(why)")
+        #expect(try await code(relay, "relays,nodes").0 == 200)
+        #expect(try await code(relay, "relays,services").0 == 403)
+        try await cp.stop()
+    }
+}

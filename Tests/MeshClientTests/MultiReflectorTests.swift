@@ -1,0 +1,167 @@
+import Logging
+import MeshClient
+import MeshCore
+import MeshTestSupport
+import Synchronization
+import Testing
+
+/// What a multi-kind reflector delivered, in order, across kinds: `Service list[a]@7`, `Endpoints added:a`,
+/// `Service bookmark@9`.
+final class KindLog: Sendable {
+    private let items = Mutex<[String]>([])
+    private let failOn = Mutex<String?>(nil)
+
+    struct Refused: Error {}
+
+    func failOnce(at text: String) { self.failOn.withLock { $0 = text } }
+
+    var all: [String] { self.items.withLock { $0 } }
+    var changes: [String] { self.all.filter { !$0.contains("bookmark@") } }
+
+    func record<T: MeshObject>(_ update: ReflectorUpdate<T>) throws {
+        var text = T.resource.kind + " "
+        switch update {
+        case .replaced(let items, let rv):
+            text += "list[\(items.map(\.metadata.name).sorted().joined(separator: ","))]@\(rv)"
+        case .changed(.added(let o)): text += "added:\(o.metadata.name)"
+        case .changed(.modified(let o)): text += "modified:\(o.metadata.name)"
+        case .changed(.deleted(let o)): text += "deleted:\(o.metadata.name)"
+        case .changed(.bookmark(let rv)): text += "bookmark@\(rv)"
+        case .changed(.error(let status)): text += "error:\(status.code)"
+        }
+        let fail = self.failOn.withLock { f -> Bool in
+            guard f == text else { return false }
+            f = nil
+            return true
+        }
+        self.items.withLock { $0.append(fail ? "refused:\(text)" : text) }
+        if fail { throw Refused() }
+    }
+
+    /// The last bookmark each kind got.
+    func lastBookmark(_ kind: String) -> Int64? {
+        self.all.last { $0.hasPrefix(kind + " bookmark@") }.flatMap { Int64($0.split(separator: "@").last!) }
+    }
+}
+
+func endpoints(_ name: String) -> Endpoints {
+    Endpoints(
+        metadata: ObjectMeta(name: name, namespace: "shop"),
+        spec: EndpointsSpec(addresses: [EndpointAddress(ip: "198.18.0.7", ports: [EndpointPort(port: 8080)])])
+    )
+}
+
+/// The reflector over several kinds that an agent follows its seven kinds with, against a real control plane:
+/// one watch for all (the control plane counts one watcher), a kind's own version honoured when the kinds
+/// resume from different versions, bookmarks to every kind, 410 and a consumer's failure list every kind again.
+@Suite(.rationed) struct MultiReflectorTests {
+    let logger = Logger(label: "multi-reflector-test")
+
+    func start(_ cp: RunningControl, services: Int64?, endpoints: Int64?, into log: KindLog) -> Task<Void, Never> {
+        var reflector = MultiReflector(
+            client: cp.client,
+            kinds: [
+                .of(MeshService.self, from: services) { try log.record($0) },
+                .of(Endpoints.self, from: endpoints) { try log.record($0) },
+            ],
+            logger: self.logger
+        )
+        reflector.backoff.initial = .milliseconds(20)
+        reflector.backoff.maximum = .milliseconds(200)
+        return Task { await reflector.run() }
+    }
+
+    @Test func listsEachKindThenFollowsBothOverOneWatch() async throws {
+        let cp = try await RunningControl()
+        try await cp.client.apply(service("a"))
+        try await cp.client.apply(endpoints("a"))
+        let rv = try await cp.rv()
+        // The control plane's own watchers (its controllers), before ours.
+        let before = cp.server.watcherCount
+        let log = KindLog()
+        let task = self.start(cp, services: nil, endpoints: nil, into: log)
+        #expect(
+            await eventually { log.changes == ["Service list[a]@\(rv)", "Endpoints list[a]@\(rv)"] },
+            "\(log.all)"
+        )
+        try await cp.client.apply(endpoints("b"))
+        try await cp.client.apply(service("b"))
+        _ = try await cp.client.delete(Endpoints.self, namespace: "shop", name: "a")
+        #expect(
+            await eventually {
+                log.changes.dropFirst(2) == ["Endpoints added:b", "Service added:b", "Endpoints deleted:a"]
+            },
+            "in the order written, across kinds: \(log.all)"
+        )
+        // One watcher on the control plane for both kinds.
+        #expect(cp.server.watcherCount == before + 1)
+        task.cancel()
+        await task.value
+        try await cp.stop()
+    }
+
+    @Test func eachKindResumesFromItsOwnVersionWithoutAList() async throws {
+        let cp = try await RunningControl()
+        try await cp.client.apply(service("a"))
+        let servicesAt = try await cp.rv()
+        try await cp.client.apply(endpoints("a"))
+        try await cp.client.apply(service("b"))
+        let endpointsAt = try await cp.rv()
+        try await cp.client.apply(endpoints("b"))
+        // Services resume after a, endpoints after b's service: the stream starts at the older version, and
+        // the endpoints' change below their own version (a) is not delivered again.
+        let log = KindLog()
+        let task = self.start(cp, services: servicesAt, endpoints: endpointsAt, into: log)
+        #expect(
+            await eventually { log.changes == ["Service added:b", "Endpoints added:b"] },
+            "\(log.all)"
+        )
+        // The bookmark after the replay moves the services on to the stream's version too (the endpoints are
+        // there already: their last change is the latest).
+        let now = try await cp.rv()
+        #expect(await eventually { log.lastBookmark("Service") == now }, "\(log.all)")
+        #expect(log.lastBookmark("Endpoints") == nil, "\(log.all)")
+        task.cancel()
+        await task.value
+        try await cp.stop()
+    }
+
+    @Test func aCompactedVersionListsEveryKindAgain() async throws {
+        let cp = try await RunningControl { $0.historyLimit = 3 }
+        try await cp.client.apply(service("first"))
+        let first = try await cp.rv()
+        for i in 0..<8 { try await cp.client.apply(endpoints("e\(i)")) }
+        let rv = try await cp.rv()
+        let log = KindLog()
+        let task = self.start(cp, services: first, endpoints: first, into: log)
+        let names = (0..<8).map { "e\($0)" }.joined(separator: ",")
+        #expect(
+            await eventually { log.changes == ["Service list[first]@\(rv)", "Endpoints list[\(names)]@\(rv)"] },
+            "\(log.all)"
+        )
+        task.cancel()
+        await task.value
+        try await cp.stop()
+    }
+
+    @Test func aConsumerFailureListsEveryKindAgainAndLosesNothing() async throws {
+        let cp = try await RunningControl()
+        try await cp.client.apply(service("a"))
+        let log = KindLog()
+        log.failOnce(at: "Endpoints added:x")
+        let task = self.start(cp, services: nil, endpoints: nil, into: log)
+        #expect(await eventually { log.changes.count == 2 }, "\(log.all)")
+        try await cp.client.apply(endpoints("x"))
+        let rv = try await cp.rv()
+        #expect(
+            await eventually {
+                log.changes.suffix(2) == ["Service list[a]@\(rv)", "Endpoints list[x]@\(rv)"]
+            },
+            "after the consumer refused x, every kind is listed again: \(log.all)"
+        )
+        #expect(log.changes.contains("refused:Endpoints added:x"))
+        task.cancel()
+        await task.value
+        try await cp.stop()
+    }
+}
