@@ -237,7 +237,8 @@ public struct ControlClient: Sendable {
     }
 
     /// The path of one watch over several kinds (`GET /apis/mesh.edge/v1/watch?resources=a,b`).
-    public static func watchPath(_ types: [ResourceType], after resourceVersion: Int64, timeoutSeconds: Int?) -> String {
+    public static func watchPath(_ types: [ResourceType], after resourceVersion: Int64, timeoutSeconds: Int?) -> String
+    {
         "/apis/\(meshAPIVersion)/watch"
             + Self.query([
                 ("resources", types.map(\.plural).joined(separator: ",")),

@@ -152,7 +152,9 @@ public struct MultiReflector: Sendable {
                         failures = 0
                         delay = self.backoff.initial
                     }
-                    if let rv = try await self.dispatch(line, versions: &versions) { position = max(position ?? rv, rv) }
+                    if let rv = try await self.dispatch(line, versions: &versions) {
+                        position = max(position ?? rv, rv)
+                    }
                     return true
                 }
                 if self.kinds.count == 1 {
@@ -181,7 +183,9 @@ public struct MultiReflector: Sendable {
                 position = nil
             } catch let status as Status where status.code == 404 && self.kinds.count > 1 {
                 // A control plane from before the watch over several kinds: one watch per kind.
-                self.logger.notice("\(label): the control plane at \(client.endpoint) has no watch over several kinds (\(status.message)); watching each kind on its own")
+                self.logger.notice(
+                    "\(label): the control plane at \(client.endpoint) has no watch over several kinds (\(status.message)); watching each kind on its own"
+                )
                 await self.runEachAlone(client, from: versions)
                 return
             } catch is CancellationError {

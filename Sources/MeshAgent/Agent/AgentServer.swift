@@ -423,7 +423,8 @@ public final class AgentServer: Service, Sendable {
         if let linkListener { services.append(linkListener) }
         if let direct { services.append(direct) }
         services += [
-            dataPlane, dns, sync, watch, relayClient, nodeAgent, edge, revocations, RunUntilShutdown { await renewer.run() },
+            dataPlane, dns, sync, watch, relayClient, nodeAgent, edge, revocations,
+            RunUntilShutdown { await renewer.run() },
             admin,
         ]
         let group = ServiceGroup(
