@@ -95,6 +95,9 @@ public struct MultiReflector: Sendable {
     public var backoff = ReflectorBackoff()
     /// How long a watch request lasts before it is renewed (server-side timeout).
     public var watchTimeoutSeconds = 300
+    /// Called with the stream's version when a watch stream delivers its first line (after a list, a
+    /// renewal, a dropped connection or a fail-over): the consumer is caught up to there.
+    public var onStream: (@Sendable (Int64) -> Void)?
     let logger: Logger
 
     public init(client: ControlClient, kinds: [ReflectedKind], logger: Logger) {
@@ -145,6 +148,7 @@ public struct MultiReflector: Sendable {
                 }
                 let from = position ?? versions.compactMap { $0 }.min()!
                 position = from
+                var first = true
                 let onLine: (ByteBuffer) async throws -> Bool = { line in
                     // The stream works: the next failure starts a fresh backoff.
                     if failures > 0 {
@@ -154,6 +158,10 @@ public struct MultiReflector: Sendable {
                     }
                     if let rv = try await self.dispatch(line, versions: &versions) {
                         position = max(position ?? rv, rv)
+                        if first {
+                            first = false
+                            self.onStream?(rv)
+                        }
                     }
                     return true
                 }

@@ -12,9 +12,12 @@ import Synchronization
 /// perf/scale: N simulated agents against 1 or more mesh-control replicas over one etcd.
 ///
 /// `drive` starts the replicas, then `sim` processes that each simulate a slice of the agents:
-/// every agent holds its own TLS connection with a watch on Services (a `Reflector`, as the agent's
-/// sync does, failing over between the replicas), and beats every `interval` seconds (the beats of
-/// one process share a few kept-alive connections: this machine allows 20,000 descriptors per process).
+/// every agent holds its own TLS connection with one watch over the kinds a real agent follows but Nodes
+/// (a `MultiReflector`, as the agent does, failing over between the replicas), and beats every `interval`
+/// seconds. A real agent beats over a second, kept-alive connection of its own; here the beats of one
+/// process share a few (this machine allows 20,000 descriptors per process, so 10,000 agents with two
+/// each would not fit on one replica): a node's memory is its watch's figure here plus one idle
+/// connection's (`idle`).
 /// The driver measures the replicas' RSS before and after the agents connect, their CPU while the
 /// agents only beat, the delay of one Service change reaching every agent, and the time for all
 /// agents of a killed replica to resume after it restarts.
@@ -99,33 +102,46 @@ struct Sim: AsyncParsableCommand {
             while try await group.next() != nil { if next < names.count { add() } }
         }
         _ = admin
-        // Agents: a watch each, on their own connection, spread over the replicas.
+        // Agents: one watch each, on their own connection, spread over the replicas, over the kinds a real
+        // agent follows (its service table's and its edge part's), listed first as it does, but Nodes: a
+        // real agent lists every Node and hears every Node's phase change, which at N simulated agents is
+        // N lists of N Nodes at set-up and N deliveries per change (10^8 at 10,000; perf/RESULTS.md, "every
+        // agent follows every Node", the wall after connections).
         let agents = names.map { _ in Agent() }
         var tasks: [Task<Void, Never>] = []
         for (i, agent) in agents.enumerated() {
             let r = (firstIndex + i) % endpoints.count
-            var reflector = Reflector<MeshService>(
+            var reflector = MultiReflector(
                 client: ControlClient(endpoints: Array(endpoints[r...] + endpoints[..<r]), tls: tls),
+                kinds: [
+                    .of(MeshService.self, from: nil) { update in
+                        let now = wallNanos()
+                        agent.state.withLock { s in
+                            switch update {
+                            case .replaced: s.lists += 1
+                            case .changed(.bookmark): break
+                            case .changed(let e):
+                                if let rv = e.resourceVersion { s.events.append((rv, now)) }
+                            }
+                        }
+                    },
+                    .of(Endpoints.self, from: nil) { _ in },
+                    .of(MeshCore.Relay.self, from: nil) { _ in },
+                    .of(Workload.self, from: nil) { _ in },
+                    .of(DeviceModel.self, from: nil) { _ in },
+                    .of(Device.self, from: nil) { _ in },
+                ],
                 logger: logger
             )
             reflector.backoff.initial = .milliseconds(100)
             reflector.backoff.maximum = .seconds(2)
             reflector.watchTimeoutSeconds = 3600
-            tasks.append(
-                Task {
-                    await reflector.run(from: nil) { update in
-                        let now = wallNanos()
-                        agent.state.withLock { s in
-                            switch update {
-                            case .replaced: s.lists += 1
-                            case .changed(.bookmark): s.bookmarks.append(now)
-                            case .changed(let e):
-                                if let rv = e.resourceVersion { s.events.append((rv, now)) }
-                            }
-                        }
-                    }
-                }
-            )
+            // Every stream's start (the first after a replica is killed is the agent's resumption).
+            reflector.onStream = { _ in
+                let now = wallNanos()
+                agent.state.withLock { $0.bookmarks.append(now) }
+            }
+            tasks.append(Task { await reflector.run() })
         }
         // Beats: each agent every `interval`, from its own offset, over the pool.
         let beatsOK = Counter()
