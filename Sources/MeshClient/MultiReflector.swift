@@ -137,11 +137,14 @@ public struct MultiReflector: Sendable {
         let label = self.label
         while !Task.isCancelled {
             do {
+                var listed = false
                 for i in self.kinds.indices where versions[i] == nil {
                     versions[i] = try await self.kinds[i].list(client)
                     position = nil
+                    listed = true
                 }
-                if failures > 0 {
+                // A list answered: the control plane is back (otherwise the stream's first line says so).
+                if listed && failures > 0 {
                     self.logger.info("\(label): connected to the control plane at \(client.endpoint) again")
                     failures = 0
                     delay = self.backoff.initial

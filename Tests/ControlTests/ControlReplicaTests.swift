@@ -140,13 +140,17 @@ import Testing
         let client = ControlClient(endpoints: [a.endpoint, b.endpoint], tls: tls)
         var tasks: [Task<Void, Never>] = []
         for w in 0..<watchers {
-            var reflector = Reflector<MeshService>(client: client, logger: logger)
-            reflector.backoff.initial = .milliseconds(50)
-            tasks.append(
-                Task {
-                    await reflector.run(from: nil) { update in log.record(w, update) }
-                }
+            // As an agent watches: several kinds over one stream (MultiReflector).
+            var reflector = MultiReflector(
+                client: client,
+                kinds: [
+                    .of(MeshService.self, from: nil) { update in log.record(w, update) },
+                    .of(Endpoints.self, from: nil) { _ in },
+                ],
+                logger: logger
             )
+            reflector.backoff.initial = .milliseconds(50)
+            tasks.append(Task { await reflector.run() })
         }
         defer { for t in tasks { t.cancel() } }
         // Every watcher listed once (on replica a) and is watching.

@@ -164,4 +164,27 @@ func endpoints(_ name: String) -> Endpoints {
         await task.value
         try await cp.stop()
     }
+
+    /// A stream that cannot be resumed (nothing listens) backs off: the attempts count up rather than each
+    /// retry starting over at the first delay (a bug once: the count was reset before the watch was tried).
+    @Test func resumingAgainstNothingBacksOff() async throws {
+        let cp = try await RunningControl()
+        let client = cp.client
+        try await cp.stop()
+        let recorder = LogRecorder()
+        var reflector = MultiReflector(
+            client: client,
+            kinds: [.of(MeshService.self, from: 5) { _ in }, .of(Endpoints.self, from: 5) { _ in }],
+            logger: recorder.logger(level: .debug)
+        )
+        reflector.backoff.initial = .milliseconds(1)
+        reflector.backoff.maximum = .milliseconds(4)
+        let task = Task { await reflector.run() }
+        #expect(
+            await eventually { !recorder.messages(.debug, containing: "(attempt 4)").isEmpty },
+            "\(recorder.all.prefix(6).map(\.message))"
+        )
+        task.cancel()
+        await task.value
+    }
 }
