@@ -72,7 +72,8 @@ struct Sim: AsyncParsableCommand {
         let endpoints = urls.compactMap { HTTPEndpoint(url: $0, defaultTLS: true) }
         var logger = Logger(label: "sim")
         // SCALE_SIM_LOG=info (or debug) shows the agents' reflector logs on stderr, run by hand.
-        logger.logLevel = ProcessInfo.processInfo.environment["SCALE_SIM_LOG"].flatMap { Logger.Level(rawValue: $0) } ?? .critical
+        let level = ProcessInfo.processInfo.environment["SCALE_SIM_LOG"]
+        logger.logLevel = level.flatMap { Logger.Level(rawValue: $0) } ?? .critical
         let names = (self.first..<self.first + self.count).map { String(format: "sim-%05d", $0) }
         // Register every node (as the admin: Unknown until its first beat).
         let pool = (0..<endpoints.count).map { r in
