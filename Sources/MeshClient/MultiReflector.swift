@@ -138,10 +138,16 @@ public struct MultiReflector: Sendable {
         while !Task.isCancelled {
             do {
                 var listed = false
-                for i in self.kinds.indices where versions[i] == nil {
-                    versions[i] = try await self.kinds[i].list(client)
-                    position = nil
-                    listed = true
+                if versions.contains(where: { $0 == nil }) {
+                    // Every list over one kept-alive connection (one handshake for seven kinds, not seven),
+                    // closed once they are in; the watch has its own.
+                    let lister = client.session == nil ? client.keepingAlive() : client
+                    defer { if client.session == nil { lister.session?.close() } }
+                    for i in self.kinds.indices where versions[i] == nil {
+                        versions[i] = try await self.kinds[i].list(lister)
+                        position = nil
+                        listed = true
+                    }
                 }
                 // A list answered: the control plane is back (otherwise the stream's first line says so).
                 if listed && failures > 0 {

@@ -390,7 +390,11 @@ public func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) as
 public func establishedTCPConnections(toPort port: Int) -> Int {
     var count = 0
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        guard let text = try? String(contentsOfFile: table, encoding: .utf8) else { continue }
+        // Read to the end: the kernel renders these tables a page at a time, and a read sized by the file's
+        // (zero) length would see only part of a long one.
+        guard let handle = FileHandle(forReadingAtPath: table) else { continue }
+        let text = String(decoding: handle.readDataToEndOfFile(), as: UTF8.self)
+        try? handle.close()
         for line in text.split(separator: "\n").dropFirst() {
             let fields = line.split(separator: " ", omittingEmptySubsequences: true)
             // sl local_address rem_address st ...; addresses are HEXADDR:HEXPORT, state 01 is ESTABLISHED.

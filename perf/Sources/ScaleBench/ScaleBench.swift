@@ -160,6 +160,9 @@ struct Sim: AsyncParsableCommand {
                             for i in stride(from: lane, to: count, by: min(64, count)) {
                                 let due =
                                     start + .nanoseconds(k * intervalNanos + intervalNanos * Int64(i) / Int64(count))
+                                // A beat a whole interval late is skipped, as an agent's timer would: the next
+                                // one is due soon (no burst of missed beats after a slow set-up).
+                                if ContinuousClock.now - due > .nanoseconds(intervalNanos) { continue }
                                 try? await Task.sleep(until: due, clock: .continuous)
                                 if Task.isCancelled { return }
                                 let c = pool[(firstIndex + i) % endpoints.count][lane % pool[0].count]
@@ -176,8 +179,8 @@ struct Sim: AsyncParsableCommand {
                 }
             }
         }
-        // Ready once every agent has listed.
-        while agents.contains(where: { $0.state.withLock { $0.lists == 0 } }) {
+        // Ready once every agent has listed every kind and watches (its stream has started).
+        while agents.contains(where: { $0.state.withLock { $0.bookmarks.isEmpty } }) {
             try await Task.sleep(for: .milliseconds(100))
         }
         print("ready", terminator: "\n")
