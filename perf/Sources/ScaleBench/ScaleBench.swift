@@ -46,6 +46,13 @@ func adminClient(_ pki: String, _ urls: [String]) throws -> (ControlClient, HTTP
 
 // MARK: sim
 
+/// The first error of many, kept for the report.
+final class FirstError: Sendable {
+    private let first = Mutex<String?>(nil)
+    func note(_ error: any Error) { self.first.withLock { $0 = $0 ?? "\(error)" } }
+    var text: String? { self.first.withLock { $0 } }
+}
+
 struct Sim: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Simulate agents first..<first+count.")
 
@@ -148,6 +155,7 @@ struct Sim: AsyncParsableCommand {
         // Beats: each agent every `interval`, from its own offset, over the pool.
         let beatsOK = Counter()
         let beatsFailed = Counter()
+        let firstBeatError = FirstError()
         let intervalNanos = Int64(self.interval * 1e9)
         let start = ContinuousClock.now
         let count = names.count
@@ -160,9 +168,9 @@ struct Sim: AsyncParsableCommand {
                             for i in stride(from: lane, to: count, by: min(64, count)) {
                                 let due =
                                     start + .nanoseconds(k * intervalNanos + intervalNanos * Int64(i) / Int64(count))
-                                // A beat a whole interval late is skipped, as an agent's timer would: the next
+                                // A beat a quarter interval late is skipped, as an agent's timer would: the next
                                 // one is due soon (no burst of missed beats after a slow set-up).
-                                if ContinuousClock.now - due > .nanoseconds(intervalNanos) { continue }
+                                if ContinuousClock.now - due > .nanoseconds(intervalNanos / 4) { continue }
                                 try? await Task.sleep(until: due, clock: .continuous)
                                 if Task.isCancelled { return }
                                 let c = pool[(firstIndex + i) % endpoints.count][lane % pool[0].count]
@@ -171,6 +179,7 @@ struct Sim: AsyncParsableCommand {
                                     beatsOK.add()
                                 } catch {
                                     beatsFailed.add()
+                                    firstBeatError.note(error)
                                 }
                             }
                             k += 1
@@ -208,6 +217,7 @@ struct Sim: AsyncParsableCommand {
                 let obj: [String: Any] = [
                     "events": events, "lists": lists, "reconnects": reconnects,
                     "beatsOK": beatsOK.value, "beatsFailed": beatsFailed.value,
+                    "beatError": firstBeatError.text ?? "",
                 ]
                 let data = try JSONSerialization.data(withJSONObject: obj)
                 print("report " + String(decoding: data, as: UTF8.self))
@@ -415,6 +425,7 @@ struct Drive: AsyncParsableCommand {
             relisted += (obj["lists"] as! [Int]).filter { $0 > 1 }.count
             reconnects += obj["reconnects"] as! [Int64]
             beatsFailed += obj["beatsFailed"] as! Int
+            if let e = obj["beatError"] as? String, !e.isEmpty { print("a simulator's first failed beat: \(e)") }
         }
         for rv in changeRVs {
             let times = perChange[rv] ?? []
