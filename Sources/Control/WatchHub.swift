@@ -44,6 +44,31 @@ public final class WatchHub: Sendable {
         var current: Int64
         var nextID = 0
         var subscribers: [Int: WatchSubscription] = [:]
+        /// The same watchers by resource: a change is offered only to those watching its kind (an agent's Node
+        /// change was run through every watcher's filter: 35% of a replica's CPU with 10,000 watchers).
+        var byResource: [String: [Int: WatchSubscription]] = [:]
+
+        mutating func add(_ sub: WatchSubscription) {
+            self.subscribers[sub.id] = sub
+            for r in sub.filter.resources { self.byResource[r, default: [:]][sub.id] = sub }
+        }
+
+        mutating func remove(_ id: Int) {
+            guard let sub = self.subscribers.removeValue(forKey: id) else { return }
+            for r in sub.filter.resources {
+                self.byResource[r]?[id] = nil
+                if self.byResource[r]?.isEmpty == true { self.byResource[r] = nil }
+            }
+        }
+
+        /// Forgets every watcher and returns them.
+        mutating func removeAll() -> [WatchSubscription] {
+            defer {
+                self.subscribers.removeAll()
+                self.byResource.removeAll()
+            }
+            return Array(self.subscribers.values)
+        }
 
         var kept: ArraySlice<Entry> { self.history[self.head...] }
 
@@ -125,7 +150,8 @@ public final class WatchHub: Sendable {
             s.keptBytes += entry.line.readableBytes
             s.trim(self.configuration)
             var woken: [CheckedContinuation<Void, Never>] = []
-            for sub in s.subscribers.values where sub.filter.matches(event.object) {
+            for sub in s.byResource[event.object.key.resource]?.values ?? [:].values
+            where sub.filter.matches(event.object) {
                 let waiter = sub.enqueue(
                     .line(entry.line),
                     rv: event.resourceVersion,
@@ -159,7 +185,7 @@ public final class WatchHub: Sendable {
     /// that fell behind the compaction and listed again). Watchers resume, or relist on 410.
     public func reset(current: Int64) {
         let subs = self.state.withLock { s -> [WatchSubscription] in
-            defer { s.subscribers.removeAll() }
+            defer { _ = s.removeAll() }
             s.history.removeAll()
             s.head = 0
             s.keptBytes = 0
@@ -200,7 +226,7 @@ public final class WatchHub: Sendable {
             // Then a bookmark: the watcher has everything up to now and knows it at once, even when
             // nothing it watches changes for a long time.
             _ = sub.enqueue(.bookmark(s.current), rv: s.current, maxPending: Int.max, maxBytes: Int.max)
-            s.subscribers[id] = sub
+            s.add(sub)
             return sub
         }
     }
@@ -215,15 +241,12 @@ public final class WatchHub: Sendable {
 
     /// Ends every watch (shutdown).
     public func closeAll() {
-        let subs = self.state.withLock { s -> [WatchSubscription] in
-            defer { s.subscribers.removeAll() }
-            return Array(s.subscribers.values)
-        }
+        let subs = self.state.withLock { s in s.removeAll() }
         for sub in subs { sub.cancel() }
     }
 
     private func remove(_ id: Int) {
-        _ = self.state.withLock { $0.subscribers.removeValue(forKey: id) }
+        self.state.withLock { $0.remove(id) }
     }
 }
 

@@ -15,6 +15,46 @@ import Testing
         )
     }
 
+    func change(_ rv: Int64, _ resource: String) -> StoreEvent {
+        StoreEvent(
+            kind: .added,
+            object: StoredObject(
+                key: key("x\(rv)", resource: resource),
+                resourceVersion: rv,
+                labels: [:],
+                json: body("x\(rv)", rv)
+            )
+        )
+    }
+
+    /// Each change reaches the watchers of its kind only, a watcher of several kinds gets each of them, and a
+    /// watcher that ends leaves no trace behind in the index by kind.
+    @Test func changesReachTheWatchersOfTheirKindOnly() async {
+        let hub = WatchHub(current: 0)
+        let services = try! hub.subscribe(after: 0, filter: WatchFilter(resource: "services"))
+        let both = try! hub.subscribe(after: 0, filter: WatchFilter(resources: ["services", "endpoints", "services"]))
+        let nodes = try! hub.subscribe(after: 0, filter: WatchFilter(resource: "nodes"))
+        #expect(both.filter.resources == ["services", "endpoints"])
+        for sub in [services, both, nodes] { _ = await sub.next(kind: "Bookmark") }  // the opening bookmarks
+        hub.publish(self.change(1, "services"))
+        hub.publish(self.change(2, "endpoints"))
+        hub.publish(self.change(3, "nodes"))
+        hub.publish(self.change(4, "relays"))
+        hub.sendBookmarks()
+        #expect(versions(in: (await services.next(kind: "Service"))!) == [1])
+        #expect(versions(in: (await both.next(kind: "Bookmark"))!) == [1, 2])
+        #expect(versions(in: (await nodes.next(kind: "Node"))!) == [3])
+        both.cancel()
+        #expect(hub.subscriberCount == 2)
+        hub.publish(self.change(5, "endpoints"))
+        hub.publish(self.change(6, "services"))
+        #expect(versions(in: (await services.next(kind: "Service"))!) == [6])
+        services.cancel()
+        nodes.cancel()
+        #expect(hub.subscriberCount == 0)
+        hub.publish(self.change(7, "services"))
+    }
+
     @Test func slowWatcherIsEndedAfterItsQueueFillsAndKeepsWhatWasQueued() async {
         var config = WatchHub.Configuration()
         config.maxPending = 5
