@@ -1,7 +1,10 @@
 import Logging
 import MeshClient
 import MeshCore
+import MeshHTTP
 import MeshTestSupport
+import NIOCore
+import ServiceLifecycle
 import Synchronization
 import Testing
 
@@ -186,5 +189,83 @@ func endpoints(_ name: String) -> Endpoints {
         )
         task.cancel()
         await task.value
+    }
+
+    /// Against a control plane from before the watch over several kinds (its answer to the path is 404: no
+    /// resource "watch"), the reflector watches each kind on its own and loses nothing. The older control
+    /// plane is the real one behind a plain-HTTP front that answers that path as the old one did and hands
+    /// every other request through.
+    @Test func anOlderControlPlaneIsWatchedKindByKind() async throws {
+        let cp = try await RunningControl()
+        try await cp.client.apply(service("a"))
+        let upstream = cp.client
+        let seen = Mutex<[String]>([])
+        let front = ClosureResponder { request in
+            seen.withLock { $0.append(request.uri) }
+            if request.path == "/apis/mesh.edge/v1/watch" {
+                return .json(
+                    .notFound,
+                    ByteBuffer(
+                        string:
+                            #"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server has no resource \"watch\"","reason":"NotFound","code":404}"#
+                    )
+                )
+            }
+            guard request.query["watch"] == "true" else {
+                do {
+                    return .json(.ok, try await upstream.raw(.GET, request.uri).body)
+                } catch {
+                    return .text(.badGateway, "\(error)")
+                }
+            }
+            return HTTPResponse(
+                status: .ok,
+                headers: ["Content-Type": "application/json"],
+                body: .stream { writer in
+                    try await upstream.http.stream(.GET, request.uri) { _, body in
+                        while var line = try await body.nextLine() {
+                            line.writeString("\n")
+                            try await writer.write(line)
+                        }
+                    }
+                }
+            )
+        }
+        var config = HTTPServerConfiguration()
+        config.host = "127.0.0.1"
+        config.port = 0
+        config.drainTimeout = .milliseconds(200)
+        let server = HTTPServer(configuration: config, responder: front, logger: self.logger)
+        let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: self.logger))
+        let serving = Task { try await group.run() }
+        let port = try await server.localAddress().port!
+        let old = ControlClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port, tls: false))
+        let recorder = LogRecorder()
+        let log = KindLog()
+        let reflector = MultiReflector(
+            client: old,
+            kinds: [
+                .of(MeshService.self, from: nil) { try log.record($0) },
+                .of(Endpoints.self, from: nil) { try log.record($0) },
+            ],
+            logger: recorder.logger(level: .info)
+        )
+        let task = Task { await reflector.run() }
+        #expect(
+            await eventually { !recorder.messages(.notice, containing: "watching each kind on its own").isEmpty },
+            "\(recorder.all.map(\.message))"
+        )
+        try await cp.client.apply(endpoints("e"))
+        try await cp.client.apply(service("b"))
+        #expect(
+            await eventually { log.changes.contains("Endpoints added:e") && log.changes.contains("Service added:b") },
+            "\(log.all)"
+        )
+        #expect(seen.withLock { $0.contains { $0.hasPrefix("/apis/mesh.edge/v1/endpoints?watch=true") } })
+        task.cancel()
+        await task.value
+        await group.triggerGracefulShutdown()
+        try await serving.value
+        try await cp.stop()
     }
 }
