@@ -8,11 +8,14 @@ import ServiceLifecycle
 import Synchronization
 import Testing
 
-/// What a multi-kind reflector delivered, in order, across kinds: `Service list[a]@7`, `Endpoints added:a`,
-/// `Service bookmark@9`.
+/// What a reflector delivered, in order, across kinds: `Service list[a]@7`, `Endpoints added:a`,
+/// `Service bookmark@9` (without the kind when `namingKinds` is false: `list[a]@7`).
 final class KindLog: Sendable {
     private let items = Mutex<[String]>([])
     private let failOn = Mutex<String?>(nil)
+    let namingKinds: Bool
+
+    init(namingKinds: Bool = true) { self.namingKinds = namingKinds }
 
     struct Refused: Error {}
 
@@ -22,7 +25,7 @@ final class KindLog: Sendable {
     var changes: [String] { self.all.filter { !$0.contains("bookmark@") } }
 
     func record<T: MeshObject>(_ update: ReflectorUpdate<T>) throws {
-        var text = T.resource.kind + " "
+        var text = self.namingKinds ? T.resource.kind + " " : ""
         switch update {
         case .replaced(let items, let rv):
             text += "list[\(items.map(\.metadata.name).sorted().joined(separator: ","))]@\(rv)"

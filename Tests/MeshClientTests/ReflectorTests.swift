@@ -5,41 +5,6 @@ import MeshTestSupport
 import Synchronization
 import Testing
 
-/// What a reflector delivered, in order, as short strings: `list[a,b]@7`, `added:c`, `bookmark`.
-final class Delivered: Sendable {
-    private let items = Mutex<[String]>([])
-    /// When set, the handler throws once on the first event whose text equals it.
-    private let failOn = Mutex<String?>(nil)
-
-    struct Refused: Error {}
-
-    func failOnce(at text: String) { self.failOn.withLock { $0 = text } }
-
-    var all: [String] { self.items.withLock { $0 } }
-    /// Deliveries without bookmarks (they come whenever the stream is idle).
-    var changes: [String] { self.all.filter { $0 != "bookmark" } }
-
-    func handle(_ update: ReflectorUpdate<MeshService>) throws {
-        let text: String
-        switch update {
-        case .replaced(let items, let rv):
-            text = "list[\(items.map(\.metadata.name).sorted().joined(separator: ","))]@\(rv)"
-        case .changed(.added(let s)): text = "added:\(s.metadata.name)"
-        case .changed(.modified(let s)): text = "modified:\(s.metadata.name)"
-        case .changed(.deleted(let s)): text = "deleted:\(s.metadata.name)"
-        case .changed(.bookmark): text = "bookmark"
-        case .changed(.error(let status)): text = "error:\(status.code)"
-        }
-        let fail = self.failOn.withLock { f -> Bool in
-            guard f == text else { return false }
-            f = nil
-            return true
-        }
-        self.items.withLock { $0.append(fail ? "refused:\(text)" : text) }
-        if fail { throw Refused() }
-    }
-}
-
 func service(_ name: String) -> MeshService {
     MeshService(
         metadata: ObjectMeta(name: name, namespace: "shop"),
@@ -53,18 +18,18 @@ func service(_ name: String) -> MeshService {
 @Suite(.rationed) struct ReflectorTests {
     let logger = Logger(label: "reflector-test")
 
-    func start(_ cp: RunningControl, from rv: Int64?, into delivered: Delivered) -> Task<Void, Never> {
+    func start(_ cp: RunningControl, from rv: Int64?, into delivered: KindLog) -> Task<Void, Never> {
         var reflector = Reflector<MeshService>(client: cp.client, namespace: "shop", logger: self.logger)
         reflector.backoff.initial = .milliseconds(20)
         reflector.backoff.maximum = .milliseconds(200)
-        return Task { await reflector.run(from: rv) { try delivered.handle($0) } }
+        return Task { await reflector.run(from: rv) { try delivered.record($0) } }
     }
 
     @Test func listsThenWatchesEveryChangeInOrder() async throws {
         let cp = try await RunningControl()
         _ = try await cp.client.apply(service("a"))
         let rv = try await cp.rv()
-        let delivered = Delivered()
+        let delivered = KindLog(namingKinds: false)
         let task = self.start(cp, from: nil, into: delivered)
         #expect(await eventually { delivered.changes == ["list[a]@\(rv)"] }, "\(delivered.all)")
         _ = try await cp.client.apply(service("b"))
@@ -83,7 +48,7 @@ func service(_ name: String) -> MeshService {
         _ = try await cp.client.apply(service("a"))
         let rv = try await cp.rv()
         _ = try await cp.client.apply(service("b"))
-        let delivered = Delivered()
+        let delivered = KindLog(namingKinds: false)
         let task = self.start(cp, from: rv, into: delivered)
         #expect(await eventually { delivered.changes == ["added:b"] }, "\(delivered.all)")
         task.cancel()
@@ -99,7 +64,7 @@ func service(_ name: String) -> MeshService {
         let names = ["first"] + (0..<12).map { "s\($0)" }
         for name in names { _ = try await cp.client.apply(service(name)) }
         let rv = try await cp.rv()
-        let delivered = Delivered()
+        let delivered = KindLog(namingKinds: false)
         let task = self.start(cp, from: first, into: delivered)
         #expect(
             await eventually { delivered.changes == ["list[\(names.sorted().joined(separator: ","))]@\(rv)"] },
@@ -112,7 +77,7 @@ func service(_ name: String) -> MeshService {
 
     @Test func aConsumerFailureListsAgainAndLosesNothing() async throws {
         let cp = try await RunningControl()
-        let delivered = Delivered()
+        let delivered = KindLog(namingKinds: false)
         delivered.failOnce(at: "added:b")
         let task = self.start(cp, from: nil, into: delivered)
         #expect(await eventually { delivered.changes.count == 1 }, "\(delivered.all)")
@@ -134,7 +99,7 @@ func service(_ name: String) -> MeshService {
         let port = cp.port
         _ = try await cp.client.apply(service("a"))
         let rv = try await cp.rv()
-        let delivered = Delivered()
+        let delivered = KindLog(namingKinds: false)
         // The reflector's client keeps pointing at the first instance's port, which the second takes over.
         let task = self.start(cp, from: nil, into: delivered)
         #expect(await eventually { delivered.changes == ["list[a]@\(rv)"] }, "\(delivered.all)")
