@@ -47,6 +47,21 @@ import Testing
         for s in [a, b, other] { try await s.close() }
     }
 
+    /// A replica started after writes replays them into its watch history, also when etcd holds fewer revisions
+    /// than the history's limit (a small mesh's only replica, restarted): its watchers resume rather than list.
+    @Test func aReplicaStartedLaterResumesWatchesFromBeforeItsStart() async throws {
+        let etcd = try await EtcdCluster.start()
+        defer { etcd.stop() }
+        let a = try await etcd.store(prefix: "/h/", replica: "a")
+        var rvs: [Int64] = []
+        for i in 0..<10 { rvs.append(try await put(a, "s\(i)").resourceVersion) }
+        try await a.close()
+        let b = try await etcd.store(prefix: "/h/", replica: "b")
+        let sub = try await b.watch(after: rvs[2], filter: WatchFilter(resource: "services"))
+        #expect(await collect(sub, count: 7) == Array(rvs[3...]))
+        try await b.close()
+    }
+
     @Test func etcdCompactionMakesOldVersionsGoneForANewReplica() async throws {
         let etcd = try await EtcdCluster.start()
         defer { etcd.stop() }

@@ -256,9 +256,12 @@ public final class EtcdStore: Store {
             // Start `history` revisions back (when etcd still has them), so that the watch replays them
             // into the hub: clients resume from versions before this replica started (a restart of
             // the only replica included) instead of getting 410 and listing again.
+            // A young etcd (fewer revisions than `history`) is replayed from its first revision: a small
+            // fleet's only replica, restarted, would otherwise send every agent back to list again.
             let current = try await client.revision()
-            let from = current - Int64(history)
-            if from > 0, let past = try? await client.range(objects, end: EtcdClient.prefixEnd(objects), revision: from)
+            let from = max(1, current - Int64(history))
+            if from < current,
+                let past = try? await client.range(objects, end: EtcdClient.prefixEnd(objects), revision: from)
             {
                 r = past
                 revision = from
