@@ -80,8 +80,7 @@ enum APIRoute: Equatable, Sendable {
             return .success(.watch)
         }
         guard let type = Registry.byPlural(rest[0])?.type else {
-            let known = Registry.types.map(\.plural).joined(separator: ", ")
-            return Self.miss(404, .notFound, "the server has no resource \"\(rest[0])\" (it has \(known))", rest[0])
+            return Self.miss(404, .notFound, Self.noSuchResource(rest[0]), rest[0])
         }
         if let ns = namespace, let e = Names.dns1123LabelError(ns) {
             return Self.miss(400, .badRequest, "namespace \"\(ns)\" is invalid: \(e)", type.plural)
@@ -108,6 +107,11 @@ enum APIRoute: Equatable, Sendable {
             return Self.miss(400, .badRequest, message, type.plural)
         }
         return .success(.object(resource: type.plural, namespace: ns, name: name))
+    }
+
+    /// Why `name` is no resource: the kinds there are.
+    static func noSuchResource(_ name: String) -> String {
+        "the server has no resource \"\(name)\" (it has \(Registry.types.map(\.plural).joined(separator: ", ")))"
     }
 
     private static func miss(

@@ -284,30 +284,29 @@ public final class ControlAPI: HTTPResponder {
         }
     }
 
+    /// The answer to a store error. Missing, existing and conflicting objects are named by their kind; with
+    /// no kind the API knows (the watch over several kinds), such an error is the store failing: 503.
     static func status(for error: StoreError, _ known: ResourceType?) -> Status {
-        if case .gone = error { return .gone(error.description) }
-        if case .tooNew = error { return .gone(error.description) }
-        guard let type = known else {
-            return Status(code: 503, reason: .serviceUnavailable, message: error.description)
-        }
-        switch error {
-        case .notFound(let k): return .notFound(type, k.name, namespace: k.namespace)
-        case .alreadyExists(let k):
+        switch (error, known) {
+        case (.gone, _), (.tooNew, _): return .gone(error.description)
+        case (.reserved(let token, let owner), _):
+            return Status(code: 409, reason: .conflict, message: "\(token) is already taken by \(owner)")
+        case (.unavailable(let why), _): return Status(code: 503, reason: .serviceUnavailable, message: why)
+        case (.notFound(let k), let type?): return .notFound(type, k.name, namespace: k.namespace)
+        case (.alreadyExists(let k), let type?):
             return Status(
                 code: 409,
                 reason: .alreadyExists,
                 message: "\(type.singular) \"\(k.name)\" already exists",
                 details: .init(name: k.name, kind: type.plural)
             )
-        case .conflict(let k, let current):
+        case (.conflict(let k, let current), let type?):
             let why = current.map { "it is now at resourceVersion \($0)" } ?? "it no longer exists"
             return .conflict(
                 "Operation cannot be fulfilled on \(type.plural) \"\(k.name)\": the object has been modified (\(why)); read it again and retry"
             )
-        case .reserved(let token, let owner):
-            return Status(code: 409, reason: .conflict, message: "\(token) is already taken by \(owner)")
-        case .gone, .tooNew: return .gone(error.description)
-        case .unavailable(let why): return Status(code: 503, reason: .serviceUnavailable, message: why)
+        case (_, nil):
+            return Status(code: 503, reason: .serviceUnavailable, message: error.description)
         }
     }
 
@@ -449,9 +448,8 @@ public final class ControlAPI: HTTPResponder {
         guard !named.isEmpty else {
             throw Status.badRequest("name the kinds to watch: /apis/mesh.edge/v1/watch?resources=services,endpoints")
         }
-        for r in named where Registry.byPlural(r) == nil {
-            let known = Registry.types.map(\.plural).joined(separator: ", ")
-            throw Status.badRequest("the server has no resource \"\(r)\" (it has \(known))")
+        if let unknown = named.first(where: { Registry.byPlural($0) == nil }) {
+            throw Status.badRequest(APIRoute.noSuchResource(unknown))
         }
         guard let param = request.query["resourceVersion"], !param.isEmpty else {
             throw Status.badRequest(

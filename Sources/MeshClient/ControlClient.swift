@@ -207,13 +207,16 @@ public struct ControlClient: Sendable {
             labelSelector: labelSelector,
             timeoutSeconds: timeoutSeconds
         ) { line in
-            let event: WatchEvent<T>
-            do {
-                event = try JSONDecoder().decode(WatchEvent<T>.self, from: Data(line.readableBytesView))
-            } catch let e as DecodingError {
-                throw HTTPClientError("malformed watch event from the control plane: \(DecodingError.describe(e))")
-            }
-            return try await onEvent(event)
+            try await onEvent(try Self.event(T.self, line))
+        }
+    }
+
+    /// One watch line decoded as an event of `T`.
+    static func event<T: MeshObject>(_ type: T.Type, _ line: ByteBuffer) throws -> WatchEvent<T> {
+        do {
+            return try JSONDecoder().decode(WatchEvent<T>.self, from: Data(line.readableBytesView))
+        } catch let e as DecodingError {
+            throw HTTPClientError("malformed watch event from the control plane: \(DecodingError.describe(e))")
         }
     }
 

@@ -46,12 +46,7 @@ public struct ReflectedKind: Sendable {
                 return listRV
             },
             change: { line in
-                let event: WatchEvent<T>
-                do {
-                    event = try JSONDecoder().decode(WatchEvent<T>.self, from: Data(line.readableBytesView))
-                } catch let e as DecodingError {
-                    throw HTTPClientError("malformed watch event from the control plane: \(DecodingError.describe(e))")
-                }
+                let event = try ControlClient.event(T.self, line)
                 if case .error(let status) = event { throw status }
                 try await ConsumerFailure.wrap { try await handle(.changed(event)) }
                 return event.resourceVersion
@@ -149,22 +144,20 @@ public struct MultiReflector: Sendable {
                         listed = true
                     }
                 }
-                // A list answered: the control plane is back (otherwise the stream's first line says so).
-                if listed && failures > 0 {
+                // After failures: the control plane is back once a list or the stream's first line answers, and
+                // the next failure starts a fresh backoff.
+                func answered() {
+                    guard failures > 0 else { return }
                     self.logger.info("\(label): connected to the control plane at \(client.endpoint) again")
                     failures = 0
                     delay = self.backoff.initial
                 }
+                if listed { answered() }
                 let from = position ?? versions.compactMap { $0 }.min()!
                 position = from
                 var first = true
                 let onLine: (ByteBuffer) async throws -> Bool = { line in
-                    // The stream works: the next failure starts a fresh backoff.
-                    if failures > 0 {
-                        self.logger.info("\(label): connected to the control plane at \(client.endpoint) again")
-                        failures = 0
-                        delay = self.backoff.initial
-                    }
+                    answered()
                     if let rv = try await self.dispatch(line, versions: &versions) {
                         position = max(position ?? rv, rv)
                         if first {

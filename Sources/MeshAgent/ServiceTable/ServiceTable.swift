@@ -203,7 +203,6 @@ public final class ServiceTableSync: Service, Sendable {
     static let kinds = 4
 
     public func run() async throws {
-        let cached = self.state.withLock { $0.snapshot }
         // On graceful shutdown the whole group is cancelled: reflectors stop watching, the
         // publisher stops waiting.
         await cancelWhenGracefulShutdown {
@@ -212,7 +211,7 @@ public final class ServiceTableSync: Service, Sendable {
                     if self.configuration.followsControlPlane {
                         var reflector = MultiReflector(
                             client: self.client,
-                            kinds: self.reflectedKinds(from: cached),
+                            kinds: self.reflectedKinds(),
                             logger: self.logger
                         )
                         reflector.backoff = self.configuration.backoff
@@ -227,10 +226,11 @@ public final class ServiceTableSync: Service, Sendable {
         }
     }
 
-    /// The four kinds the table follows, each from the version the cache holds (nil: listed first).
-    /// `Configuration.followsControlPlane` false: the caller runs them in its own `MultiReflector`.
-    public func reflectedKinds(from cached: ServiceSnapshot? = nil) -> [ReflectedKind] {
-        let snap = cached ?? self.snapshot
+    /// The four kinds the table follows, each from the version the table holds now (the cache's, once
+    /// `loadCache` ran; nil: listed first). `Configuration.followsControlPlane` false: the caller runs them in
+    /// its own `MultiReflector`.
+    public func reflectedKinds() -> [ReflectedKind] {
+        let snap = self.snapshot
         return [
             .of(MeshService.self, from: snap.servicesVersion) { try self.apply($0) },
             .of(Endpoints.self, from: snap.endpointsVersion) { try self.apply($0) },
