@@ -68,7 +68,8 @@ struct Sim: AsyncParsableCommand {
         struct State {
             var lists = 0
             var events: [(Int64, Int64)] = []
-            var bookmarks: [Int64] = []
+            /// When each watch stream started (wall nanoseconds).
+            var streams: [Int64] = []
         }
         let state = Mutex(State())
     }
@@ -148,7 +149,7 @@ struct Sim: AsyncParsableCommand {
             // Every stream's start (the first after a replica is killed is the agent's resumption).
             reflector.onStream = { _ in
                 let now = wallNanos()
-                agent.state.withLock { $0.bookmarks.append(now) }
+                agent.state.withLock { $0.streams.append(now) }
             }
             tasks.append(Task { await reflector.run() })
         }
@@ -189,7 +190,7 @@ struct Sim: AsyncParsableCommand {
             }
         }
         // Ready once every agent has listed every kind and watches (its stream has started).
-        while agents.contains(where: { $0.state.withLock { $0.bookmarks.isEmpty } }) {
+        while agents.contains(where: { $0.state.withLock { $0.streams.isEmpty } }) {
             try await Task.sleep(for: .milliseconds(100))
         }
         print("ready", terminator: "\n")
@@ -201,7 +202,7 @@ struct Sim: AsyncParsableCommand {
             case "stats":
                 print("stats \(beatsOK.value) \(beatsFailed.value)")
             case "report":
-                // report <killNanos> <rv>...: per rv the receive times, lists, bookmarks after the kill.
+                // report <killNanos> <rv>...: per rv the receive times, lists, the first stream after the kill.
                 let kill = Int64(words[1]) ?? 0
                 let rvs = Set(words.dropFirst(2).compactMap { Int64($0) })
                 var events: [String: [Int64]] = [:]
@@ -211,7 +212,7 @@ struct Sim: AsyncParsableCommand {
                     a.state.withLock { s in
                         lists.append(s.lists)
                         for (rv, t) in s.events where rvs.contains(rv) { events[String(rv), default: []].append(t) }
-                        if let b = s.bookmarks.first(where: { $0 > kill }) { reconnects.append(b - kill) }
+                        if let b = s.streams.first(where: { $0 > kill }) { reconnects.append(b - kill) }
                     }
                 }
                 let obj: [String: Any] = [
