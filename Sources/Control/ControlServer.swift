@@ -180,6 +180,9 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
             // Workloads: assignment to nodes and their services' endpoints (WorkloadController).
             let workloads = WorkloadController(writer: api.writer, logger: self.logger)
             group.addTask { await workloads.run() }
+            // Endpoints carry their nodes' sites, so agents need not follow every Node (EndpointSites).
+            let sites = EndpointSites(writer: api.writer, logger: self.logger)
+            group.addTask { await sites.run() }
             // The server returns after graceful shutdown (or fails); then stop the ticker, and
             // the lifecycle loop, which saves the heartbeat times a last time.
             do {

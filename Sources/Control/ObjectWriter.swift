@@ -14,7 +14,8 @@ import Foundation
 /// status. Each kind the API serves conforms (`ObjectWriter.served`); the defaults own nothing.
 protocol ControlManaged: MeshObject {
     /// Sets the fields the control plane owns in `object`, which is about to replace `existing`.
-    static func prepare(_ object: inout Self, existing: Self?, writer: String?, in w: ObjectWriter) throws -> WritePlan
+    static func prepare(_ object: inout Self, existing: Self?, writer: String?, in w: ObjectWriter) async throws
+        -> WritePlan
     /// After the write was committed, or found to change nothing.
     static func written(_ object: Self, plan: WritePlan, in w: ObjectWriter)
     /// The write's reservation `token` is held by `owner`: throw to refuse the write, return to retry it.
@@ -47,7 +48,26 @@ extension ControlManaged {
     static func deleted(_ object: Self, in w: ObjectWriter) {}
 }
 
-extension Endpoints: ControlManaged {}
+extension Endpoints: ControlManaged {
+    /// An address naming a registered node that has a site gets that site (`EndpointSites`): agents route by
+    /// the endpoints alone and need not follow every Node.
+    static func prepare(
+        _ object: inout Endpoints,
+        existing: Endpoints?,
+        writer: String?,
+        in w: ObjectWriter
+    ) async throws -> WritePlan {
+        var sites: [String: String?] = [:]
+        for name in Set(object.spec.addresses.compactMap(\.node)) {
+            let key = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
+            guard let stored = try await w.store.get(key) else { continue }
+            sites[name] = try JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView)).spec.site
+        }
+        EndpointSites.stamp(&object) { sites[$0] }
+        return WritePlan()
+    }
+}
+
 extension Relay: ControlManaged {}
 
 extension MeshService: ControlManaged {
@@ -185,7 +205,7 @@ struct ObjectWriter: Sendable {
             var prepared = object
             prepared.metadata.uid = existing?.metadata.uid ?? UUID().uuidString.lowercased()
             prepared.metadata.creationTimestamp = existing?.metadata.creationTimestamp ?? Timestamp.now()
-            let plan = try T.prepare(&prepared, existing: existing, writer: writer, in: self)
+            let plan = try await T.prepare(&prepared, existing: existing, writer: writer, in: self)
             if let e = existing, let stored = existingStored {
                 // Writing what is already there changes nothing: no new version, no watch event.
                 var same = prepared

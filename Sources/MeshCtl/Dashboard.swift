@@ -80,8 +80,10 @@ public final class Dashboard: ServiceLifecycle.Service, Sendable {
 final class MeshPicture: Sendable {
     struct State {
         var version = 0
-        /// The agent's own table type: the same four kinds, folded the same way.
+        /// The agent's own table type: services, endpoints and relays, folded the same way.
         var table = ServiceSnapshot()
+        /// Every node (the agent follows none; the operator's picture has them all).
+        var nodes: [String: Node] = [:]
         var synced: Set<String> = []
         var waiters: [(after: Int, continuation: CheckedContinuation<Void, Never>)] = []
     }
@@ -89,6 +91,23 @@ final class MeshPicture: Sendable {
     private let state = Mutex(State())
 
     func apply<T: SnapshotMember>(_ update: ReflectorUpdate<T>) {
+        self.record(update) { $0.table.apply(update) }
+    }
+
+    func apply(_ update: ReflectorUpdate<Node>) {
+        self.record(update) { s in
+            switch update {
+            case .replaced(let items, _):
+                s.nodes = Dictionary(items.map { ($0.metadata.name, $0) }, uniquingKeysWith: { _, b in b })
+            case .changed(.added(let n)), .changed(.modified(let n)): s.nodes[n.metadata.name] = n
+            case .changed(.deleted(let n)): s.nodes[n.metadata.name] = nil
+            case .changed: break
+            }
+        }
+    }
+
+    /// Folds a change in with `fold` and wakes the long polls it answers.
+    private func record<T: MeshObject>(_ update: ReflectorUpdate<T>, fold: (inout State) -> Void) {
         if case .changed(let event) = update {
             switch event {
             case .bookmark, .error: return
@@ -96,7 +115,7 @@ final class MeshPicture: Sendable {
             }
         }
         let ready = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
-            s.table.apply(update)
+            fold(&s)
             if case .replaced = update { s.synced.insert(T.resource.plural) }
             s.version += 1
             let version = s.version
@@ -190,7 +209,7 @@ struct MeshView: Codable, Sendable, Equatable {
         self.version = s.version
         self.synced = s.synced.count == 4
         var bySite: [String: [NodeView]] = [:]
-        for node in s.table.nodes.values {
+        for node in s.nodes.values {
             let site = node.spec.site ?? "-"
             bySite[site, default: []].append(
                 NodeView(
@@ -211,7 +230,7 @@ struct MeshView: Codable, Sendable, Equatable {
         }.sorted { $0.name < $1.name }
         // A link is reported by both ends: one entry per pair, the lexically smaller node first.
         var links: [String: LinkView] = [:]
-        for node in s.table.nodes.values {
+        for node in s.nodes.values {
             for l in node.status?.links ?? [] {
                 let (a, b) = node.metadata.name < l.peer ? (node.metadata.name, l.peer) : (l.peer, node.metadata.name)
                 let key = a + "|" + b

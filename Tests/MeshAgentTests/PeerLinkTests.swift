@@ -251,37 +251,28 @@ struct PeerLinkDataPlaneTests {
     }
 }
 
-@Suite("How an endpoint is reached (Reach), from its node and site", .rationed)
+@Suite("How an endpoint is reached (Reach), from its node and site; where a peer's link is dialed", .rationed)
 struct ReachMappingTests {
     func node(_ name: String, site: String?, linkPort: Int? = 7900, addresses: [NodeAddress] = []) -> Node {
         Node(metadata: ObjectMeta(name: name), spec: NodeSpec(site: site, addresses: addresses, linkPort: linkPort))
     }
 
-    @Test func onlyARegisteredNodeOfAnotherSiteGoesOverALink() {
-        let nodes = ["b": node("b", site: "b"), "a2": node("a2", site: "a"), "nosite": node("nosite", site: nil)]
-        func reach(_ n: String?) -> Reach {
+    @Test func onlyANodeOfAnotherSiteGoesOverALink() {
+        // The control plane gives each address its node's site (EndpointSites): the address says it all.
+        func reach(_ n: String?, _ site: String?, localSite: String? = "a") -> Reach {
             AgentMapping.reach(
-                of: EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: n),
-                nodes: nodes,
+                of: EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: n, site: site),
                 localNode: "a1",
-                localSite: "a"
+                localSite: localSite
             )
         }
-        #expect(reach("b") == .peer("b"))
-        #expect(reach("a2") == .direct)  // same site: one LAN
-        #expect(reach("a1") == .direct)  // this node
-        #expect(reach(nil) == .direct)  // no node: as today
-        #expect(reach("ghost") == .direct)  // a node the control plane does not know
-        #expect(reach("nosite") == .direct)
+        #expect(reach("b", "b") == .peer("b"))
+        #expect(reach("a2", "a") == .direct)  // same site: one LAN
+        #expect(reach("a1", "b") == .direct)  // this node
+        #expect(reach(nil, "b") == .direct)  // no node: nothing to link to
+        #expect(reach("ghost", nil) == .direct)  // no site: a node the control plane does not know, or siteless
         // An agent without a site of its own (the all-in-one) dials everything directly.
-        #expect(
-            AgentMapping.reach(
-                of: EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "b"),
-                nodes: nodes,
-                localNode: "vm",
-                localSite: nil
-            ) == .direct
-        )
+        #expect(reach("b", "b", localSite: nil) == .direct)
     }
 
     @Test func theRouteTableCarriesReachAndKeepsSamePrivateAddressesOfTwoSitesApart() throws {
@@ -297,24 +288,22 @@ struct ReachMappingTests {
             Endpoints(
                 metadata: ObjectMeta(name: "web", namespace: "shop"),
                 spec: EndpointsSpec(addresses: [
-                    EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "b"),
-                    EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "c"),
-                    EndpointAddress(ip: "10.0.0.7", ports: [EndpointPort(port: 80)], node: "a1"),
+                    EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "b", site: "b"),
+                    EndpointAddress(ip: "10.0.0.5", ports: [EndpointPort(port: 80)], node: "c", site: "c"),
+                    EndpointAddress(ip: "10.0.0.7", ports: [EndpointPort(port: 80)], node: "a1", site: "a"),
                 ])
             )
         )
-        snapshot.nodes = ["b": node("b", site: "b"), "c": node("c", site: "c"), "a1": node("a1", site: "a")]
         let table = AgentMapping.routeTable(snapshot, localSite: "a", localNode: "a1")
         let backends = try #require(table.routes.first?.backends)
         #expect(backends.map(\.reach) == [.peer("b"), .peer("c"), .direct])
-        #expect(backends.map(\.site) == ["b", "c", "a"])  // the node's site when the endpoint names none
+        #expect(backends.map(\.site) == ["b", "c", "a"])
         #expect(Set(backends.map(\.id)).count == 3)
         #expect(backends[0].id.description == "10.0.0.5:80 via b")
     }
 
     @Test func linkAddressesComeFromTheNodeInternalFirstAndNeedALinkPort() {
-        var snapshot = ServiceSnapshot()
-        snapshot.nodes["b"] = node(
+        let b = node(
             "b",
             site: "b",
             linkPort: 7901,
@@ -324,19 +313,18 @@ struct ReachMappingTests {
                 NodeAddress(type: .hostname, address: "b.example"),
             ]
         )
-        snapshot.nodes["r"] = node(
+        let r = node(
             "r",
             site: "r",
             linkPort: nil,
             addresses: [.init(type: .externalIP, address: "198.18.0.30")]
         )
         #expect(
-            PeerDirectory.linkAddresses(of: "b", in: snapshot).map { "\($0.ipAddress!):\($0.port!)" } == [
+            PeerDirectory.linkAddresses(of: b).map { "\($0.ipAddress!):\($0.port!)" } == [
                 "10.1.0.2:7901", "198.18.0.20:7901",
             ]
         )
-        #expect(PeerDirectory.linkAddresses(of: "r", in: snapshot).isEmpty)
-        #expect(PeerDirectory.linkAddresses(of: "ghost", in: snapshot).isEmpty)
+        #expect(PeerDirectory.linkAddresses(of: r).isEmpty)
     }
 
     @Test func aStreamIsAcceptedOnlyForAnEndpointThisNodeServes() throws {

@@ -29,6 +29,8 @@ struct AdminAPI: HTTPResponder {
     let health: HealthEndpoints
     /// Direct paths through NATs (nil without a link port).
     let direct: DirectPaths?
+    /// The peer nodes looked up for links (their sites, in `/peers`).
+    let peers: NodeDirectory?
 
     init(
         config: AgentConfig,
@@ -39,8 +41,10 @@ struct AdminAPI: HTTPResponder {
         relay: RelaySessionClient,
         inspection: AgentInspection,
         direct: DirectPaths? = nil,
-        edge: EdgeServices? = nil
+        edge: EdgeServices? = nil,
+        peers: NodeDirectory? = nil
     ) {
+        self.peers = peers
         self.inspection = inspection
         self.direct = direct
         self.edge = edge
@@ -156,10 +160,9 @@ struct AdminAPI: HTTPResponder {
             #endif
             return response
         case "/peers":
-            let nodes = self.applier.current.value.nodes
             let punch = self.direct?.coordinator
             let rows = await self.links.stats().map {
-                PeerRow($0, site: nodes[$0.node]?.spec.site, punch: punch?.stats(for: $0.node))
+                PeerRow($0, site: self.peers?.known($0.node)?.spec.site, punch: punch?.stats(for: $0.node))
             }
             let list = PeerList(
                 node: self.config.nodeName,

@@ -27,8 +27,6 @@ actor SnapshotApplier {
     let logger: Logger
     /// The table last applied, for the peer links.
     nonisolated let current: CurrentTable
-    /// Called with each node that left the table (its peer link closes).
-    nonisolated let peerLeft: @Sendable (String) -> Void
     private(set) var applied: ServiceSnapshot?
     private(set) var lastError: String?
     nonisolated let state = Mutex<(source: String, services: Int, routes: Int, versions: String, error: String?)?>(nil)
@@ -40,11 +38,9 @@ actor SnapshotApplier {
         site: String?,
         node: String,
         logger: Logger,
-        current: CurrentTable = CurrentTable(),
-        peerLeft: @escaping @Sendable (String) -> Void = { _ in }
+        current: CurrentTable = CurrentTable()
     ) {
         self.current = current
-        self.peerLeft = peerLeft
         self.zones = zones
         self.dataPlane = dataPlane
         self.domain = domain
@@ -54,13 +50,11 @@ actor SnapshotApplier {
     }
 
     func apply(_ snapshot: ServiceSnapshot) async {
-        // Nothing the zone or the routes are made of changed (a node's heartbeat, a relay): keep both, rather
-        // than rebuild a 10,000-service table (and trim the heap) every few seconds.
+        // Nothing the zone or the routes are made of changed (a relay): keep both, rather than rebuild a
+        // 10,000-service table (and trim the heap) for nothing.
         if let previous = self.applied, previous.services == snapshot.services,
-            previous.endpoints == snapshot.endpoints,
-            previous.nodes.mapValues(\.spec.site) == snapshot.nodes.mapValues(\.spec.site)
+            previous.endpoints == snapshot.endpoints
         {
-            for gone in previous.nodes.keys where snapshot.nodes[gone] == nil { self.peerLeft(gone) }
             self.applied = snapshot
             self.current.set(snapshot)
             let versions =
@@ -99,10 +93,6 @@ actor SnapshotApplier {
         #if canImport(Glibc)
         _ = glibcMallocTrim(0)
         #endif
-        // Nodes that left the table: their links close now rather than at their idle timeout.
-        if let previous = self.applied {
-            for gone in previous.nodes.keys where snapshot.nodes[gone] == nil { self.peerLeft(gone) }
-        }
         self.applied = snapshot
         self.current.set(snapshot)
         let versions =
@@ -243,12 +233,20 @@ public final class AgentServer: Service, Sendable {
         if config.linkDataPath == "loop" {
             linkConfiguration.loop = try LinkLoop.start(name: "mesh-link-0", logger: self.linkLogger())
         }
+        let cache = try AgentCache(path: config.dataDir + "/agent.db", cacheKiB: config.storeCacheKiB)
+        // One watch carries every kind the agent follows (the table's three and the edge's three), and one
+        // kept-alive connection every request (heartbeats, reports, peer nodes' lookups): two connections per
+        // node for the control plane to hold, not nine (perf/RESULTS.md, "connections per agent").
+        let control = ControlClient(endpoints: controlEndpoints, tls: controlTLS)
+        let requests = control.keepingAlive()
+        // A peer's link addresses are looked up when its link is dialed, not followed for every node.
+        let peers = NodeDirectory(client: requests, cache: cache, logger: self.logger)
         let links = LinkManager(
             tls: try MeshLinkTLS(credentials, revoked: revocations.revoked),
             group: MultiThreadedEventLoopGroup.singleton,
             configuration: linkConfiguration,
             logger: self.linkLogger(),
-            resolve: { node in PeerDirectory.linkAddresses(of: node, in: current.value) },
+            resolve: { node in try await peers.linkAddresses(of: node) },
             check: { target, peer in PeerDirectory.check(target, from: peer, localNode: nodeName, in: current.value) }
         )
         linksForRenewal.set(links)
@@ -302,15 +300,8 @@ public final class AgentServer: Service, Sendable {
             site: config.site,
             node: config.nodeName,
             logger: self.logger,
-            current: current,
-            peerLeft: { links.peerLeft($0) }
+            current: current
         )
-        let cache = try AgentCache(path: config.dataDir + "/agent.db", cacheKiB: config.storeCacheKiB)
-        // One watch carries every kind the agent follows (the table's four and the edge's three), and one
-        // kept-alive connection every request (heartbeats, reports): two connections per node for the control
-        // plane to hold, not nine (perf/RESULTS.md, "connections per agent").
-        let control = ControlClient(endpoints: controlEndpoints, tls: controlTLS)
-        let requests = control.keepingAlive()
         var syncConfig = ServiceTableSync.Configuration()
         syncConfig.followsControlPlane = false
         let sync = ServiceTableSync(
@@ -408,7 +399,8 @@ public final class AgentServer: Service, Sendable {
             relay: relayClient,
             inspection: inspection,
             direct: direct,
-            edge: edge
+            edge: edge,
+            peers: peers
         )
         let admin = HTTPServer(configuration: adminConfig, responder: adminAPI, logger: self.logger)
         self.admin.set(admin)

@@ -33,25 +33,18 @@ public enum AgentMapping {
         return ZoneInput(domain: domain, services: services)
     }
 
-    /// How an endpoint is reached from this agent: over a peer link only when its node is a registered node
-    /// of another site; an endpoint with no node, a node the control plane does not know, a node without a
-    /// site, this agent's own node or a node of its own site is dialed directly, as on one LAN. An agent that
-    /// is given no site of its own (`site:` unset, as `meshctl up` runs it) is a one-site mesh: it dials
-    /// every endpoint directly.
-    public static func reach(
-        of address: EndpointAddress,
-        nodes: [String: Node],
-        localNode: String?,
-        localSite: String?
-    ) -> Reach {
-        Self.reach(node: address.node, nodes: nodes, localNode: localNode, localSite: localSite)
+    /// How an endpoint is reached from this agent: over a peer link only when it names a node, and a site
+    /// other than this agent's (the control plane gives each address its registered node's site,
+    /// `EndpointSites`); an endpoint with no node, no site, this agent's own node or a node of its own site is
+    /// dialed directly, as on one LAN. An agent that is given no site of its own (`site:` unset, as `meshctl
+    /// up` runs it) is a one-site mesh: it dials every endpoint directly.
+    public static func reach(of address: EndpointAddress, localNode: String?, localSite: String?) -> Reach {
+        Self.reach(node: address.node, site: address.site, localNode: localNode, localSite: localSite)
     }
 
-    /// `reach(of:)` for an endpoint of node `name`.
-    static func reach(node name: String?, nodes: [String: Node], localNode: String?, localSite: String?) -> Reach {
-        guard let localSite, let name, name != localNode, let node = nodes[name],
-            let site = node.spec.site, site != localSite
-        else { return .direct }
+    /// `reach(of:)` for an endpoint of node `name` at `site`.
+    static func reach(node name: String?, site: String?, localNode: String?, localSite: String?) -> Reach {
+        guard let localSite, let name, name != localNode, let site, site != localSite else { return .direct }
         return .peer(name)
     }
 
@@ -75,18 +68,17 @@ public enum AgentMapping {
                     else {
                         continue
                     }
-                    let node = a.node.flatMap { snapshot.nodes[$0] }
                     backends.append(
                         Backend(
                             ip: ip,
                             port: target,
                             node: a.node,
-                            site: a.site ?? node?.spec.site,
+                            site: a.site,
                             weight: a.effectiveWeight,
                             ready: a.isReady,
                             reach: Self.reach(
                                 node: a.node,
-                                nodes: snapshot.nodes,
+                                site: a.site,
                                 localNode: localNode,
                                 localSite: localSite
                             )

@@ -44,10 +44,10 @@ struct LinkPeerStreams: PeerStreams {
 
 /// What the agent's links need from its service table. Pure functions of the snapshot.
 enum PeerDirectory {
-    /// Where `node`'s agent accepts links: each of its registered IP addresses on its link port, internal
+    /// Where `n`'s agent accepts links: each of its registered IP addresses on its link port, internal
     /// addresses first. None when it registered no link port (it is reached through a relay only).
-    static func linkAddresses(of node: String, in snapshot: ServiceSnapshot) -> [SocketAddress] {
-        guard let n = snapshot.nodes[node], let port = n.spec.linkPort else { return [] }
+    static func linkAddresses(of n: Node) -> [SocketAddress] {
+        guard let port = n.spec.linkPort else { return [] }
         let addresses = (n.spec.addresses ?? []).filter { $0.type != .hostname }
         let ordered = addresses.filter { $0.type == .internalIP } + addresses.filter { $0.type != .internalIP }
         return ordered.compactMap { try? SocketAddress(ipAddress: $0.address, port: port) }

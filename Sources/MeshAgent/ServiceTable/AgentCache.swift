@@ -82,6 +82,25 @@ public final class AgentCache: Sendable {
         }
     }
 
+    /// Keeps `object` without a version (an object looked up on its own, not followed: `NodeDirectory`).
+    public func put<T: MeshObject>(_ object: T) throws {
+        try self.db.query(
+            "INSERT OR REPLACE INTO objects (kind, namespace, name, body) VALUES (?, ?, ?, ?)",
+            [
+                .text(T.resource.plural), .text(object.effectiveNamespace), .text(object.metadata.name),
+                .blob(Array(try MeshJSON.encode(object))),
+            ]
+        )
+    }
+
+    /// Forgets one object kept with `put`.
+    public func remove<T: MeshObject>(_ type: T.Type, namespace: String = "", name: String) throws {
+        try self.db.query(
+            "DELETE FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
+            [.text(T.resource.plural), .text(namespace), .text(name)]
+        )
+    }
+
     private static func setVersion(_ tx: borrowing Transaction, _ kind: String, _ rv: Int64) throws {
         try tx.query("INSERT OR REPLACE INTO versions (kind, rv) VALUES (?, ?)", [.text(kind), .int(rv)])
     }

@@ -25,14 +25,10 @@ public struct ServiceSnapshot: Sendable, Equatable {
     public var services: [ServiceKey: TableService] = [:]
     /// Each service's endpoints, compact (`TableEndpoints`).
     public var endpoints: [ServiceKey: TableEndpoints] = [:]
-    /// The registered nodes by name: an endpoint's node and its site say how it is reached (`Reach`),
-    /// its addresses and link port where its peer link is dialed.
-    public var nodes: [String: Node] = [:]
     /// The relays by name: where this agent opens its relay session.
     public var relays: [String: Relay] = [:]
     public var servicesVersion: Int64?
     public var endpointsVersion: Int64?
-    public var nodesVersion: Int64?
     public var relaysVersion: Int64?
     public var source: Source = .cache
 
@@ -87,16 +83,6 @@ extension Endpoints: SnapshotMember {
     }
 }
 
-extension Node: SnapshotMember {
-    public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.nodesVersion }
-    public static func replace(_ items: [Node], in snapshot: inout ServiceSnapshot) {
-        snapshot.nodes = Dictionary(items.map { ($0.metadata.name, $0) }, uniquingKeysWith: { _, b in b })
-    }
-    public func fold(into snapshot: inout ServiceSnapshot, present: Bool) {
-        snapshot.nodes[self.metadata.name] = present ? self : nil
-    }
-}
-
 extension Relay: SnapshotMember {
     public static var version: WritableKeyPath<ServiceSnapshot, Int64?> { \.relaysVersion }
     public static func replace(_ items: [Relay], in snapshot: inout ServiceSnapshot) {
@@ -128,15 +114,16 @@ extension ServiceSnapshot {
 
 /// Keeps the agent's service table in sync with the control plane and on disk.
 ///
-/// At start it serves what the cache holds at once; then one reflector (services, endpoints, nodes,
-/// relays, over one watch) resumes from the cached versions, list again on 410, and retry while the control
+/// At start it serves what the cache holds at once; then one reflector (services, endpoints and relays,
+/// over one watch; no Nodes: an endpoint carries its node's site, and a peer's link addresses are looked up
+/// when a link to it is dialed, `NodeDirectory`) resumes from the cached versions, list again on 410, and retry while the control
 /// plane is away. Every change is persisted before it is published; bursts are coalesced so a
 /// flood of endpoint updates rebuilds the zone and routes once per `coalesce` interval.
 public final class ServiceTableSync: Service, Sendable {
     public struct Configuration: Sendable {
         public var coalesce: Duration = .milliseconds(20)
         public var backoff = ReflectorBackoff()
-        /// Follow the four kinds here, over one watch. False: the caller follows `reflectedKinds()` in its
+        /// Follow the three kinds here, over one watch. False: the caller follows `reflectedKinds()` in its
         /// own `MultiReflector` (the mesh agent's one watch for the table and the node's edge part).
         public var followsControlPlane = true
 
@@ -176,7 +163,6 @@ public final class ServiceTableSync: Service, Sendable {
         var snap = ServiceSnapshot()
         let (services, svcRV) = try self.loadCached(MeshService.self, into: &snap)
         let (endpoints, epRV) = try self.loadCached(Endpoints.self, into: &snap)
-        _ = try self.loadCached(Node.self, into: &snap)
         _ = try self.loadCached(Relay.self, into: &snap)
         snap.source = .cache
         self.state.withLock { $0.snapshot = snap }
@@ -200,7 +186,7 @@ public final class ServiceTableSync: Service, Sendable {
     }
 
     /// The kinds the table follows; the snapshot is `.control` once each has been listed.
-    static let kinds = 4
+    static let kinds = 3
 
     public func run() async throws {
         // On graceful shutdown the whole group is cancelled: reflectors stop watching, the
@@ -226,7 +212,7 @@ public final class ServiceTableSync: Service, Sendable {
         }
     }
 
-    /// The four kinds the table follows, each from the version the table holds now (the cache's, once
+    /// The three kinds the table follows, each from the version the table holds now (the cache's, once
     /// `loadCache` ran; nil: listed first). `Configuration.followsControlPlane` false: the caller runs them in
     /// its own `MultiReflector`.
     public func reflectedKinds() -> [ReflectedKind] {
@@ -234,7 +220,6 @@ public final class ServiceTableSync: Service, Sendable {
         return [
             .of(MeshService.self, from: snap.servicesVersion) { try self.apply($0) },
             .of(Endpoints.self, from: snap.endpointsVersion) { try self.apply($0) },
-            .of(Node.self, from: snap.nodesVersion) { try self.apply($0) },
             .of(Relay.self, from: snap.relaysVersion) { try self.apply($0) },
         ]
     }

@@ -1,0 +1,95 @@
+import Logging
+import MeshCore
+import MeshTestSupport
+import Synchronization
+import Testing
+
+@testable import MeshAgent
+
+/// The peer nodes an agent looks up when it dials their links (`NodeDirectory`), against a fetch that counts
+/// its calls and can be told to fail, and a real cache file.
+@Suite(.rationed) struct NodeDirectoryTests {
+    final class Control: Sendable {
+        let nodes = Mutex<[String: Node]>([:])
+        let down = Mutex(false)
+        let calls = Mutex(0)
+
+        func fetch(_ name: String) async throws -> Node? {
+            self.calls.withLock { $0 += 1 }
+            if self.down.withLock({ $0 }) { throw StringError("connection refused") }
+            return self.nodes.withLock { $0[name] }
+        }
+    }
+
+    struct StringError: Error, CustomStringConvertible {
+        var description: String
+        init(_ d: String) { self.description = d }
+    }
+
+    static func node(_ name: String, ip: String, port: Int? = 7900) -> Node {
+        Node(
+            metadata: ObjectMeta(name: name),
+            spec: NodeSpec(site: name, addresses: [NodeAddress(type: .internalIP, address: ip)], linkPort: port)
+        )
+    }
+
+    func directory(_ control: Control, cache: AgentCache?, maxAge: Duration) -> NodeDirectory {
+        NodeDirectory(
+            fetch: { try await control.fetch($0) },
+            cache: cache,
+            maxAge: maxAge,
+            logger: Logger(label: "test")
+        )
+    }
+
+    @Test("a node is asked for once while fresh, again once stale, and a change of address is seen then")
+    func askedOnceWhileFresh() async throws {
+        let control = Control()
+        control.nodes.withLock { $0["b"] = Self.node("b", ip: "198.18.1.2") }
+        let fresh = self.directory(control, cache: nil, maxAge: .seconds(3600))
+        #expect(try await fresh.linkAddresses(of: "b").map(\.description) == ["[IPv4]198.18.1.2:7900"])
+        #expect(try await fresh.linkAddresses(of: "b").count == 1)
+        #expect(control.calls.withLock { $0 } == 1)
+
+        let stale = self.directory(control, cache: nil, maxAge: .zero)
+        _ = try await stale.node("b")
+        control.nodes.withLock { $0["b"] = Self.node("b", ip: "198.18.1.3") }
+        #expect(try await stale.linkAddresses(of: "b").map(\.description) == ["[IPv4]198.18.1.3:7900"])
+        #expect(control.calls.withLock { $0 } == 3)
+    }
+
+    @Test("a node the control plane does not have: no address, nothing kept; a relay-only node: no address")
+    func unknownAndRelayOnly() async throws {
+        let control = Control()
+        control.nodes.withLock { $0["r"] = Self.node("r", ip: "198.18.1.9", port: nil) }
+        let dir = self.directory(control, cache: nil, maxAge: .seconds(3600))
+        #expect(try await dir.linkAddresses(of: "ghost").isEmpty)
+        #expect(dir.known("ghost") == nil)
+        #expect(try await dir.linkAddresses(of: "r").isEmpty)
+        #expect(dir.known("r")?.spec.site == "r")
+    }
+
+    @Test("offline: the last node fetched answers, also in the next run (the cache file); never seen: the error")
+    func offlineUsesWhatWasFetched() async throws {
+        let tmp = TempDir("node-directory")
+        let control = Control()
+        control.nodes.withLock { $0["b"] = Self.node("b", ip: "198.18.1.2") }
+        do {
+            let dir = self.directory(control, cache: try AgentCache(path: tmp.path + "/agent.db"), maxAge: .zero)
+            _ = try await dir.node("b")
+            control.down.withLock { $0 = true }
+            #expect(try await dir.linkAddresses(of: "b").map(\.description) == ["[IPv4]198.18.1.2:7900"])
+            await #expect(throws: StringError.self) { try await dir.node("c") }
+        }
+        // The agent restarts with the control plane still away.
+        let again = self.directory(control, cache: try AgentCache(path: tmp.path + "/agent.db"), maxAge: .zero)
+        #expect(again.known("b")?.spec.addresses?.first?.address == "198.18.1.2")
+        #expect(try await again.linkAddresses(of: "b").map(\.description) == ["[IPv4]198.18.1.2:7900"])
+        // Back, and the node was deleted meanwhile: forgotten, in the file too.
+        control.down.withLock { $0 = false }
+        control.nodes.withLock { $0["b"] = nil }
+        #expect(try await again.node("b") == nil)
+        let third = self.directory(control, cache: try AgentCache(path: tmp.path + "/agent.db"), maxAge: .zero)
+        #expect(third.known("b") == nil)
+    }
+}
