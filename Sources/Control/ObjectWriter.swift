@@ -14,7 +14,12 @@ import Foundation
 /// status. Each kind the API serves conforms (`ObjectWriter.served`); the defaults own nothing.
 protocol ControlManaged: MeshObject {
     /// Sets the fields the control plane owns in `object`, which is about to replace `existing`.
-    static func prepare(_ object: inout Self, existing: Self?, writer: String?, in w: ObjectWriter) async throws
+    static func prepare(
+        _ object: inout Self,
+        existing: Self?,
+        writer: String?,
+        in w: ObjectWriter
+    ) async throws
         -> WritePlan
     /// After the write was committed, or found to change nothing.
     static func written(_ object: Self, plan: WritePlan, in w: ObjectWriter)

@@ -14,7 +14,12 @@ import Testing
             metadata: ObjectMeta(name: name, namespace: "shop"),
             spec: EndpointsSpec(
                 addresses: addresses.enumerated().map { i, a in
-                    EndpointAddress(ip: "198.18.0.\(i + 1)", ports: [EndpointPort(port: 8080)], node: a.node, site: a.site)
+                    EndpointAddress(
+                        ip: "198.18.0.\(i + 1)",
+                        ports: [EndpointPort(port: 8080)],
+                        node: a.node,
+                        site: a.site
+                    )
                 }
             )
         )
@@ -26,7 +31,9 @@ import Testing
 
     @Test("stamp: a registered node's site wins; an unknown or siteless node keeps what was written")
     func stampRules() {
-        let written: [(node: String?, site: String?)] = [("b", nil), ("b", "wrong"), ("ghost", "g"), ("plain", "p"), (nil, "x")]
+        let written: [(node: String?, site: String?)] = [
+            ("b", nil), ("b", "wrong"), ("ghost", "g"), ("plain", "p"), (nil, "x"),
+        ]
         var e = self.endpoints("web", written)
         var known: [String: String?] = ["b": "b"]
         known["plain"] = .some(nil)  // registered, without a site
@@ -71,7 +78,9 @@ import Testing
         _ = try await cp.client.heartbeat(node: "c")
         try await cp.client.apply(self.endpoints("other", [("c", nil)]))  // a later write, to wait on
         #expect(try await eventually { try await self.sites(cp.client, "other") == ["site-d"] })
-        #expect(try await cp.client.get(Endpoints.self, namespace: "shop", name: "web").metadata.resourceVersion == before)
+        #expect(
+            try await cp.client.get(Endpoints.self, namespace: "shop", name: "web").metadata.resourceVersion == before
+        )
         try await cp.stop()
     }
 }
