@@ -38,6 +38,10 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
 
     /// Watches open on this replica now (a watch over several kinds counts once).
     public var watcherCount: Int { self.openHub.withLock { $0?.subscriberCount ?? 0 } }
+    /// The open watches that see `resource`'s changes (its own and multi-kind watches naming it).
+    public func watcherCount(of resource: String) -> Int {
+        self.openHub.withLock { $0?.subscriberCount(of: resource) ?? 0 }
+    }
 
     /// The API's address once it listens (useful with port 0).
     public func localAddress() async throws -> SocketAddress {

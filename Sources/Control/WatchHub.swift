@@ -130,6 +130,10 @@ public final class WatchHub: Sendable {
     }
 
     public var subscriberCount: Int { self.state.withLock { $0.subscribers.count } }
+    /// The watches that `resource`'s changes go to.
+    public func subscriberCount(of resource: String) -> Int {
+        self.state.withLock { $0.byResource[resource]?.count ?? 0 }
+    }
 
     /// Changes and bytes of watch lines the history holds now.
     public var historySize: (changes: Int, bytes: Int) {

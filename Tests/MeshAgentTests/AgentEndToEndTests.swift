@@ -223,8 +223,10 @@ struct AgentEndToEndTests {
 
     /// Every kind the agent follows (the table's four, the edge's three) over one watch, and its heartbeats and
     /// reports over one kept-alive connection: two connections for the control plane to hold per node.
-    @Test func anAgentHoldsTwoConnectionsToTheControlPlane() async throws {
+    @Test func anAgentHoldsTwoConnectionsToTheControlPlaneAndFollowsNoNode() async throws {
         let cp = try await RunningControl()
+        // The control plane's own controllers watch too (workloads, endpoint sites).
+        #expect(await MeshTestSupport.eventually { cp.server.watcherCount(of: "nodes") == 2 })
         let ownWatchers = cp.server.watcherCount
         let agent = try await RunningAgent(
             control: cp.url,
@@ -241,6 +243,9 @@ struct AgentEndToEndTests {
             }
         )
         #expect(await MeshTestSupport.eventually { cp.server.watcherCount == ownWatchers + 1 })
+        // Its one watch is not told of Node changes (N agents x N nodes' changes): endpoints carry sites.
+        #expect(cp.server.watcherCount(of: "nodes") == 2)
+        #expect(cp.server.watcherCount(of: "endpoints") == 2)
         // (The test's own requests use a connection each, closed when answered.)
         #expect(
             await MeshTestSupport.eventually { establishedTCPConnections(toPort: cp.port) == 2 },

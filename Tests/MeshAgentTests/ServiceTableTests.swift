@@ -116,11 +116,11 @@ final class RunningSync: Sendable {
         #expect(first.source == .cache)
         #expect(first.services.keys.map(\.name) == ["web"])
         #expect(first.endpoints.values.first?.addresses.map(\.ip) == ["198.18.1.1"])
-        // The one reflector of the four kinds (one watch) tried the control plane and failed (a first failure
+        // The one reflector of the three kinds (one watch) tried the control plane and failed (a first failure
         // is a warning, later ones debug while it backs off): the table still serves the cache.
         #expect(
             await eventually {
-                running.logs.messages(.warning, containing: "services,endpoints,nodes,relays: ").contains {
+                running.logs.messages(.warning, containing: "services,endpoints,relays: ").contains {
                     $0.contains("retrying in")
                 }
             }

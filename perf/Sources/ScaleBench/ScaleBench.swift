@@ -113,10 +113,10 @@ struct Sim: AsyncParsableCommand {
         }
         _ = admin
         // Agents: one watch each, on their own connection, spread over the replicas, over the kinds a real
-        // agent follows (its service table's and its edge part's), listed first as it does, but Nodes: a
-        // real agent lists every Node and hears every Node's phase change, which at N simulated agents is
-        // N lists of N Nodes at set-up and N deliveries per change (10^8 at 10,000; perf/RESULTS.md, "every
-        // agent follows every Node", the wall after connections).
+        // agent follows (its service table's and its edge part's), listed first as it does. No Nodes, as the
+        // agent: endpoints carry their node's site and peers are looked up when a link is dialed (a real
+        // agent that followed every Node cost N lists of N Nodes at set-up and N deliveries per Node change,
+        // 10^8 at 10,000; perf/RESULTS.md).
         let agents = names.map { _ in Agent() }
         var tasks: [Task<Void, Never>] = []
         for (i, agent) in agents.enumerated() {
