@@ -63,6 +63,8 @@ struct Sim: AsyncParsableCommand {
     @Option(help: "Seconds between one agent's beats.") var interval = 20.0
     @Option(help: "Kept-alive connections for this process's beats, per replica.") var beatConnections = 8
     @Option(help: "Concurrent registrations.") var concurrency = 32
+    @Option(help: "Follow Nodes too, as agents did before endpoints carried their node's site (the baseline).")
+    var followNodes = false
 
     final class Agent: Sendable {
         struct State {
@@ -116,7 +118,8 @@ struct Sim: AsyncParsableCommand {
         // agent follows (its service table's and its edge part's), listed first as it does. No Nodes, as the
         // agent: endpoints carry their node's site and peers are looked up when a link is dialed (a real
         // agent that followed every Node cost N lists of N Nodes at set-up and N deliveries per Node change,
-        // 10^8 at 10,000; perf/RESULTS.md).
+        // 10^8 at 10,000; perf/RESULTS.md). `--follow-nodes true` adds Nodes back, to measure that baseline.
+        let nodeEvents = Counter()
         let agents = names.map { _ in Agent() }
         var tasks: [Task<Void, Never>] = []
         for (i, agent) in agents.enumerated() {
@@ -140,7 +143,13 @@ struct Sim: AsyncParsableCommand {
                     .of(Workload.self, from: nil) { _ in },
                     .of(DeviceModel.self, from: nil) { _ in },
                     .of(Device.self, from: nil) { _ in },
-                ],
+                ]
+                    + (self.followNodes
+                        ? [
+                            .of(Node.self, from: nil) { update in
+                                if case .changed(let e) = update, e.resourceVersion != nil { nodeEvents.add() }
+                            }
+                        ] : []),
                 logger: logger
             )
             reflector.backoff.initial = .milliseconds(100)
@@ -218,7 +227,7 @@ struct Sim: AsyncParsableCommand {
                 let obj: [String: Any] = [
                     "events": events, "lists": lists, "reconnects": reconnects,
                     "beatsOK": beatsOK.value, "beatsFailed": beatsFailed.value,
-                    "beatError": firstBeatError.text ?? "",
+                    "beatError": firstBeatError.text ?? "", "nodeEvents": nodeEvents.value,
                 ]
                 let data = try JSONSerialization.data(withJSONObject: obj)
                 print("report " + String(decoding: data, as: UTF8.self))
@@ -253,6 +262,8 @@ struct Drive: AsyncParsableCommand {
     @Option(help: "Service changes whose delay to every agent is measured.") var changes = 5
     @Option(help: "Write the figures as JSON to this file.") var json: String?
     @Option(help: "mesh-control's leanConnectionBuffers (false: the malloc heap, the baseline).") var lean = true
+    @Option(help: "Simulated agents follow Nodes too (the behaviour before endpoints carried sites).")
+    var followNodes = false
 
     final class Child: @unchecked Sendable {
         // Set once in init; Process and the pipe handles are used from one task at a time.
@@ -365,7 +376,8 @@ struct Drive: AsyncParsableCommand {
                     self.sim,
                     [
                         "sim", "--servers", urls.joined(separator: ","), "--pki", pki, "--first", "\(first)",
-                        "--count", "\(count)", "--interval", "\(self.interval)",
+                        "--count", "\(count)", "--interval", "\(self.interval)", "--follow-nodes",
+                        "\(self.followNodes)",
                     ],
                     log: nil
                 )
@@ -415,6 +427,7 @@ struct Drive: AsyncParsableCommand {
         var relisted = 0
         var missing = 0
         var beatsFailed = 0
+        var nodeEvents = 0
         var perChange: [Int64: [Int64]] = [:]
         for s in sims {
             s.send("report \(killAt) " + changeRVs.map(String.init).joined(separator: " "))
@@ -426,6 +439,7 @@ struct Drive: AsyncParsableCommand {
             relisted += (obj["lists"] as! [Int]).filter { $0 > 1 }.count
             reconnects += obj["reconnects"] as! [Int64]
             beatsFailed += obj["beatsFailed"] as! Int
+            nodeEvents += obj["nodeEvents"] as? Int ?? 0
             if let e = obj["beatError"] as? String, !e.isEmpty { print("a simulator's first failed beat: \(e)") }
         }
         for rv in changeRVs {
@@ -448,6 +462,8 @@ struct Drive: AsyncParsableCommand {
         let cpu = zip(cpu1, cpu0).map { $0 - $1 }.reduce(0, +)
         let figures: [(String, String)] = [
             ("replicas", "\(self.replicas)"), ("agents", "\(self.nodes)"), ("lean connection buffers", "\(self.lean)"),
+            ("agents follow Nodes", "\(self.followNodes)"),
+            ("Node changes delivered to agents", "\(nodeEvents)"),
             ("simulator processes", "\(sims.count)"),
             ("set-up (s)", String(format: "%.1f", Double(setup.components.seconds))),
             (
