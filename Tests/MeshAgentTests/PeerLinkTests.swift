@@ -298,6 +298,9 @@ struct ReachMappingTests {
         let backends = try #require(table.routes.first?.backends)
         #expect(backends.map(\.reach) == [.peer("b"), .peer("c"), .direct])
         #expect(backends.map(\.site) == ["b", "c", "a"])
+        // A peer that dialed in, never looked up: its site as its endpoints give it, for /peers.
+        #expect(PeerDirectory.site(of: "c", in: snapshot) == "c")
+        #expect(PeerDirectory.site(of: "ghost", in: snapshot) == nil)
         #expect(Set(backends.map(\.id)).count == 3)
         #expect(backends[0].id.description == "10.0.0.5:80 via b")
     }

@@ -160,9 +160,14 @@ struct AdminAPI: HTTPResponder {
             #endif
             return response
         case "/peers":
+            let table = self.applier.current.value
             let punch = self.direct?.coordinator
             let rows = await self.links.stats().map {
-                PeerRow($0, site: self.peers?.known($0.node)?.spec.site, punch: punch?.stats(for: $0.node))
+                PeerRow(
+                    $0,
+                    site: self.peers?.known($0.node)?.spec.site ?? PeerDirectory.site(of: $0.node, in: table),
+                    punch: punch?.stats(for: $0.node)
+                )
             }
             let list = PeerList(
                 node: self.config.nodeName,

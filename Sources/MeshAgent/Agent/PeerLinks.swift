@@ -42,7 +42,7 @@ struct LinkPeerStreams: PeerStreams {
     }
 }
 
-/// What the agent's links need from its service table. Pure functions of the snapshot.
+/// What the agent's links need from its service table and the peer nodes it looked up. Pure functions.
 enum PeerDirectory {
     /// Where `n`'s agent accepts links: each of its registered IP addresses on its link port, internal
     /// addresses first. None when it registered no link port (it is reached through a relay only).
@@ -51,6 +51,17 @@ enum PeerDirectory {
         let addresses = (n.spec.addresses ?? []).filter { $0.type != .hostname }
         let ordered = addresses.filter { $0.type == .internalIP } + addresses.filter { $0.type != .internalIP }
         return ordered.compactMap { try? SocketAddress(ipAddress: $0.address, port: port) }
+    }
+
+    /// `node`'s site as the table's endpoints give it (the control plane stamps each address with its node's
+    /// site), for a peer this agent has not looked up (one that dialed in). Nil: no endpoint names it with one.
+    static func site(of node: String, in snapshot: ServiceSnapshot) -> String? {
+        for endpoints in snapshot.endpoints.values {
+            for a in endpoints where a.node == node {
+                if let s = a.site { return s }
+            }
+        }
+        return nil
     }
 
     /// The relays this agent may home on: the Ready ones of the table, or only those named in `preferred`
