@@ -194,12 +194,19 @@ def put_many(port, objects, workers=4):
 
 
 def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_seconds=5.0, load_rate=1000,
-            pin=True, log=sys.stderr, mode="loopback", load_reps=5):
-    """Returns a dict of figures (see the module doc). `bench` is mesh-proxy-bench (backend + load)."""
+            pin=True, log=sys.stderr, mode="loopback", load_reps=5, idle_after=10.0, idle_window=30.0):
+    """Returns a dict of figures (see the module doc). `bench` is mesh-proxy-bench (backend + load).
+    The idle RSS is the most the agent holds from `idle_after` to `idle_after + idle_window` seconds after it is
+    ready with an empty table (sampled every 0.5 s): an idle agent drops the file pages start-up touched once it
+    has been idle for a few seconds (`idleTrimSeconds`, MeshAgent's Footprint.swift), and what its heartbeats
+    fault back in between trims is in the window's maximum. The reading 2 s after ready (start-up, before any
+    trim) is reported beside it."""
+    idle = (idle_after, idle_window)
     n = max(1, min(services, 20000))
     m = max(1, min(endpoints_per_service, 10))
     if mode != "meshInterface":
-        return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "127.64.0.0/10", load_reps)
+        return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "127.64.0.0/10", load_reps,
+                        idle)
     if os.geteuid() != 0:
         raise RuntimeError("footprint: meshInterface mode needs root (a network namespace, mesh0, iptables)")
     # This thread enters a namespace made for the run (setns(2) via libc: Python 3.11 has no os.setns), so
@@ -216,7 +223,8 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
             raise OSError(ctypes.get_errno(), "setns")
         os.close(target)
         try:
-            return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "198.19.0.0/16", load_reps)
+            return _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, "198.19.0.0/16", load_reps,
+                            idle)
         finally:
             libc.setns(home, 0x40000000)
     finally:
@@ -224,7 +232,7 @@ def measure(bin_dir, bench, services=10000, endpoints_per_service=10, load_secon
         subprocess.run(["ip", "netns", "del", name])
 
 
-def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr, load_reps=5):
+def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr, load_reps=5, idle=(10.0, 30.0)):
     cpu0 = ["taskset", "-c", "0"] if pin else []
     cpu1 = ["taskset", "-c", "1"] if pin else []
     work = tempfile.mkdtemp(prefix="mesh-footprint-")
@@ -275,7 +283,19 @@ def _measure(bin_dir, bench, n, m, load_seconds, load_rate, pin, log, mode, cidr
         wait_until(lambda: get(aport, "/readyz")[0] == 200, 30, "mesh-agent ready")
         results["startup_empty_s"] = round(time.time() - t0, 3)
         time.sleep(2)
-        results["rss_idle_mb"] = round(rss_kb(agent.pid) / 1024, 1)
+        results["rss_after_ready_mb"] = round(rss_kb(agent.pid) / 1024, 1)
+        idle_after, idle_window = idle
+        time.sleep(max(0.0, idle_after - 2))
+        samples = []
+        end = time.time() + idle_window
+        while True:
+            samples.append(rss_kb(agent.pid) / 1024)
+            if time.time() >= end:
+                break
+            time.sleep(0.5)
+        results["rss_idle_mb"] = round(max(samples), 1)
+        results["rss_idle_median_mb"] = round(statistics.median(samples), 1)
+        results["rss_idle_window_s"] = [idle_after, idle_after + idle_window]
         # libnl is loaded on demand, by the mesh interface only (Sources/MeshAgent/Interface/README.md):
         # ~1 MB of an idle agent's RSS when something else loads it.
         with open(f"/proc/{agent.pid}/maps") as maps:
@@ -433,7 +453,10 @@ LABELS = {
     "binary_mb_mesh_agent_stripped": "binary size mesh-agent stripped (MB)",
     "binary_mb_mesh_control_stripped": "binary size mesh-control stripped (MB)",
     "startup_empty_s": "agent start-up to ready, empty table (s)",
-    "rss_idle_mb": "agent RSS idle, empty table (MB)",
+    "rss_after_ready_mb": "agent RSS 2 s after ready, empty table (MB; start-up, before the idle trim)",
+    "rss_idle_mb": "agent RSS idle, empty table (MB; the most it held over the idle window)",
+    "rss_idle_median_mb": "agent RSS idle, empty table, median over the idle window (MB)",
+    "rss_idle_window_s": "idle window (s after ready; RSS sampled every 0.5 s)",
     "libnl_mapped_idle": "libnl mapped by the idle agent (the mesh interface loads it: False in loopback mode)",
     "mode": "agent interface mode",
     "rss_1_service_mb": "agent RSS idle with 1 service (MB)",
@@ -492,6 +515,8 @@ def main():
     ap.add_argument("--load-seconds", type=float, default=5)
     ap.add_argument("--load-rate", type=int, default=1000)
     ap.add_argument("--load-reps", type=int, default=5, help="loads per phase; figures are their median")
+    ap.add_argument("--idle-after", type=float, default=10.0, help="idle window start, s after ready")
+    ap.add_argument("--idle-window", type=float, default=30.0, help="idle window length (s)")
     ap.add_argument("--json", default="perf/out/footprint.json")
     ap.add_argument("--mode", default="loopback", choices=["loopback", "meshInterface", "both"],
                     help="the agent's interface mode (meshInterface: root; both: meshInterface only when root)")
@@ -500,7 +525,8 @@ def main():
     out = {}
     for mode in modes:
         results = measure(a.bin, a.bench, a.services, a.endpoints_per_service, a.load_seconds, a.load_rate,
-                          pin=os.cpu_count() >= 2, mode=mode, load_reps=a.load_reps)
+                          pin=os.cpu_count() >= 2, mode=mode, load_reps=a.load_reps, idle_after=a.idle_after,
+                          idle_window=a.idle_window)
         report(results)
         out[mode] = results
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
