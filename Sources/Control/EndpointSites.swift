@@ -74,6 +74,7 @@ final class EndpointSites: Sendable {
             struct Metadata: Decodable {
                 var name: String
                 var namespace: String?
+                var resourceVersion: String?
             }
             struct Address: Decodable {
                 var node: String?
@@ -125,14 +126,18 @@ final class EndpointSites: Sendable {
             after: min(nodesRV, endpointsRV),
             filter: WatchFilter(resources: [Node.resource.plural, Endpoints.resource.plural])
         )
+        // The two lists are two reads: a change at or below its own kind's list is in the index already.
+        let listed = [Node.resource.kind: nodesRV, Endpoints.resource.kind: endpointsRV]
         try await withTaskCancellationHandler {
             while let chunk = await sub.next(kind: Node.resource.kind) {
                 var toFix = Set<ObjectKey>()
                 for line in chunk.readableBytesView.split(separator: UInt8(ascii: "\n")) {
                     guard let event = try? JSONDecoder().decode(Line.self, from: Data(line)) else { continue }
                     if event.type == "ERROR" { throw Status.gone("the watch of nodes and endpoints ended") }
-                    guard let object = event.object, let meta = object.metadata else { continue }
-                    switch object.kind {
+                    guard let object = event.object, let meta = object.metadata, let kind = object.kind,
+                        let rv = meta.resourceVersion.flatMap({ Int64($0) }), rv > listed[kind] ?? 0
+                    else { continue }
+                    switch kind {
                     case Node.resource.kind:
                         if event.type == "DELETED" {
                             index.sites[meta.name] = nil
