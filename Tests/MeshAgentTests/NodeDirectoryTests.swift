@@ -92,4 +92,22 @@ import Testing
         let third = self.directory(control, cache: try AgentCache(path: tmp.path + "/agent.db"), maxAge: .zero)
         #expect(third.known("b") == nil)
     }
+
+    @Test("the copy of every Node an earlier agent followed (listed with a version) is dropped, not loaded")
+    func anEarlierAgentsFollowedNodesAreForgotten() async throws {
+        let tmp = TempDir("node-directory")
+        let cache = try AgentCache(path: tmp.path + "/agent.db")
+        let fleet = (0..<50).map { Self.node("n\($0)", ip: "198.18.2.\($0 + 1)") }
+        try cache.replace(fleet, resourceVersion: 77)
+        let control = Control()
+        let dir = self.directory(control, cache: cache, maxAge: .seconds(3600))
+        #expect(dir.known("n1") == nil)
+        #expect(try cache.load(Node.self).items.isEmpty)
+        #expect(try cache.load(Node.self).resourceVersion == nil)
+        // What this agent looks up is kept, and loaded in the next run.
+        control.nodes.withLock { $0["n1"] = fleet[1] }
+        _ = try await dir.node("n1")
+        let next = self.directory(control, cache: try AgentCache(path: tmp.path + "/agent.db"), maxAge: .zero)
+        #expect(next.known("n1") == fleet[1])
+    }
 }

@@ -34,6 +34,9 @@ final class NodeDirectory: Sendable {
         var loaded: [String: Entry] = [:]
         if let cache {
             do {
+                // An agent before this one followed every Node: that copy is not the peers this one looked up.
+                let dropped = try cache.forgetFollowed(Node.self)
+                if dropped > 0 { logger.info("peer nodes: forgot the \(dropped) Nodes an earlier agent followed") }
                 for n in try cache.load(Node.self).items { loaded[n.metadata.name] = Entry(node: n, fetched: nil) }
             } catch {
                 logger.warning("peer nodes: the cache could not be read, looking each up again: \(error)")

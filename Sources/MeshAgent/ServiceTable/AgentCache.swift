@@ -93,6 +93,20 @@ public final class AgentCache: Sendable {
         )
     }
 
+    /// Forgets every cached `T` if the cache followed the kind (it has a version to resume from: an earlier
+    /// agent listed and watched it); objects kept with `put` alone have none. Returns how many went.
+    @discardableResult
+    public func forgetFollowed<T: MeshObject>(_ type: T.Type) throws -> Int {
+        let kind = T.resource.plural
+        return try self.db.transaction { tx in
+            guard !(try tx.query("SELECT rv FROM versions WHERE kind = ?", [.text(kind)])).isEmpty else { return 0 }
+            let count = try tx.query("SELECT count(*) FROM objects WHERE kind = ?", [.text(kind)]).first?[0].int ?? 0
+            try tx.query("DELETE FROM objects WHERE kind = ?", [.text(kind)])
+            try tx.query("DELETE FROM versions WHERE kind = ?", [.text(kind)])
+            return Int(count)
+        }
+    }
+
     /// Forgets one object kept with `put`.
     public func remove<T: MeshObject>(_ type: T.Type, namespace: String = "", name: String) throws {
         try self.db.query(
