@@ -6,9 +6,12 @@ import Synchronization
 
 /// The peer nodes this agent has dialed: where their links are. The agent follows no Node (an endpoint
 /// carries its node's site, so routes need none); when a link to a node is dialed, the node is looked up
-/// here: from memory when it was fetched less than `maxAge` ago, else from the control plane (one GET on the
-/// agent's kept-alive connection), else, while the control plane cannot be reached, from what was fetched
-/// before, also in an earlier run (kept in the agent's cache file). So each agent asks for the few nodes it
+/// here. A node never looked up is fetched from the control plane (one GET on the agent's kept-alive
+/// connection) and the dial waits for it. A node looked up before is answered at once from what was fetched
+/// (in memory, or in the agent's cache file from an earlier run), and fetched again in the background when
+/// that is older than `maxAge`: a dial never waits on a slow or unreachable control plane for a node it has
+/// seen (a moved node's old addresses fail to dial, the relay path takes over, and the next dial has the new
+/// ones). So each agent asks for the few nodes it
 /// talks to, instead of the whole fleet listing and watching every Node (N² deliveries; perf/RESULTS.md).
 final class NodeDirectory: Sendable {
     struct Entry: Sendable {
@@ -25,6 +28,8 @@ final class NodeDirectory: Sendable {
     let maxAge: Duration
     let logger: Logger
     private let entries: Mutex<[String: Entry]>
+    /// Nodes being fetched again in the background.
+    private let refreshing = Mutex<Set<String>>([])
 
     init(fetch: @escaping Fetch, cache: AgentCache?, maxAge: Duration = .seconds(30), logger: Logger) {
         self.fetch = fetch
@@ -63,12 +68,25 @@ final class NodeDirectory: Sendable {
     /// The node `name` as known now (nil: never looked up, or not registered). No request.
     func known(_ name: String) -> Node? { self.entries.withLock { $0[name]?.node } }
 
-    /// The node `name`: fresh from the control plane, or the last one known when it cannot answer; nil when
-    /// the control plane has no such node.
+    /// The node `name`: the one known (fetched again in the background when older than `maxAge`), else fetched
+    /// now; nil when the control plane has no such node.
     func node(_ name: String) async throws -> Node? {
-        let now = ContinuousClock.now
         let kept = self.entries.withLock { $0[name] }
-        if let kept, let fetched = kept.fetched, now - fetched < self.maxAge { return kept.node }
+        guard let kept else { return try await self.fetched(name, kept: nil) }
+        if kept.fetched.map({ ContinuousClock.now - $0 >= self.maxAge }) ?? true,
+            self.refreshing.withLock({ $0.insert(name).inserted })
+        {
+            Task {
+                _ = try? await self.fetched(name, kept: kept)
+                self.refreshing.withLock { _ = $0.remove(name) }
+            }
+        }
+        return kept.node
+    }
+
+    /// Fetches `name` and keeps the answer; when the control plane does not answer, `kept` (or the error).
+    private func fetched(_ name: String, kept: Entry?) async throws -> Node? {
+        let now = ContinuousClock.now
         let node: Node?
         do {
             node = try await self.fetch(name)
@@ -79,7 +97,7 @@ final class NodeDirectory: Sendable {
             )
             return kept.node
         }
-        self.entries.withLock { $0[name] = node.map { Entry(node: $0, fetched: now) } }
+        // The file first, then memory: whoever sees the new answer in memory finds it in the file too.
         do {
             if let node {
                 if node != kept?.node { try self.cache?.put(node) }
@@ -89,6 +107,7 @@ final class NodeDirectory: Sendable {
         } catch {
             self.logger.warning("peer node \(name): not kept in the cache: \(error)")
         }
+        self.entries.withLock { $0[name] = node.map { Entry(node: $0, fetched: now) } }
         return node
     }
 
