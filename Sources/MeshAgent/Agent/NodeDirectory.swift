@@ -8,7 +8,8 @@ import Synchronization
 /// carries its node's site, so routes need none); when a link to a node is dialed, the node is looked up
 /// here. A node never looked up is fetched from the control plane (one GET on the agent's kept-alive
 /// connection) and the dial waits for it. A node looked up before is answered at once from what was fetched
-/// (in memory, or in the agent's cache file from an earlier run), and fetched again in the background when
+/// (in memory, or in the agent's cache file: an earlier run's lookups, or the Nodes an earlier agent version
+/// followed; read one by one, on first use, never loaded whole), and fetched again in the background when
 /// that is older than `maxAge`: a dial never waits on a slow or unreachable control plane for a node it has
 /// seen (a moved node's old addresses fail to dial, the relay path takes over, and the next dial has the new
 /// ones). So each agent asks for the few nodes it
@@ -16,7 +17,7 @@ import Synchronization
 final class NodeDirectory: Sendable {
     struct Entry: Sendable {
         var node: Node
-        /// When it came from the control plane in this run; nil: loaded from the cache file.
+        /// When it came from the control plane in this run; nil: read from the cache file.
         var fetched: ContinuousClock.Instant?
     }
 
@@ -36,18 +37,7 @@ final class NodeDirectory: Sendable {
         self.cache = cache
         self.maxAge = maxAge
         self.logger = logger
-        var loaded: [String: Entry] = [:]
-        if let cache {
-            do {
-                // An agent before this one followed every Node: that copy is not the peers this one looked up.
-                let dropped = try cache.forgetFollowed(Node.self)
-                if dropped > 0 { logger.info("peer nodes: forgot the \(dropped) Nodes an earlier agent followed") }
-                for n in try cache.load(Node.self).items { loaded[n.metadata.name] = Entry(node: n, fetched: nil) }
-            } catch {
-                logger.warning("peer nodes: the cache could not be read, looking each up again: \(error)")
-            }
-        }
-        self.entries = Mutex(loaded)
+        self.entries = Mutex([:])
     }
 
     /// Looks `client` up for nodes (`GET /apis/mesh.edge/v1/nodes/NAME`; 404: no such node).
@@ -65,14 +55,29 @@ final class NodeDirectory: Sendable {
         )
     }
 
-    /// The node `name` as known now (nil: never looked up, or not registered). No request.
+    /// The node `name` as looked up in this run (nil: not yet, or not registered). No request.
     func known(_ name: String) -> Node? { self.entries.withLock { $0[name]?.node } }
+
+    /// The node in memory, else in the cache file (then kept in memory, to be fetched again).
+    private func kept(_ name: String) -> Entry? {
+        if let e = self.entries.withLock({ $0[name] }) { return e }
+        let stored: Node?
+        do {
+            stored = try self.cache?.get(Node.self, name: name)
+        } catch {
+            self.logger.warning("peer node \(name): the cache could not be read: \(error)")
+            return nil
+        }
+        guard let stored else { return nil }
+        let entry = Entry(node: stored, fetched: nil)
+        self.entries.withLock { $0[name] = $0[name] ?? entry }
+        return entry
+    }
 
     /// The node `name`: the one known (fetched again in the background when older than `maxAge`), else fetched
     /// now; nil when the control plane has no such node.
     func node(_ name: String) async throws -> Node? {
-        let kept = self.entries.withLock { $0[name] }
-        guard let kept else { return try await self.fetched(name, kept: nil) }
+        guard let kept = self.kept(name) else { return try await self.fetched(name, kept: nil) }
         if kept.fetched.map({ ContinuousClock.now - $0 >= self.maxAge }) ?? true,
             self.refreshing.withLock({ $0.insert(name).inserted })
         {

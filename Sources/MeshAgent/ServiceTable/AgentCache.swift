@@ -93,18 +93,14 @@ public final class AgentCache: Sendable {
         )
     }
 
-    /// Forgets every cached `T` if the cache followed the kind (it has a version to resume from: an earlier
-    /// agent listed and watched it); objects kept with `put` alone have none. Returns how many went.
-    @discardableResult
-    public func forgetFollowed<T: MeshObject>(_ type: T.Type) throws -> Int {
-        let kind = T.resource.plural
-        return try self.db.transaction { tx in
-            guard !(try tx.query("SELECT rv FROM versions WHERE kind = ?", [.text(kind)])).isEmpty else { return 0 }
-            let count = try tx.query("SELECT count(*) FROM objects WHERE kind = ?", [.text(kind)]).first?[0].int ?? 0
-            try tx.query("DELETE FROM objects WHERE kind = ?", [.text(kind)])
-            try tx.query("DELETE FROM versions WHERE kind = ?", [.text(kind)])
-            return Int(count)
-        }
+    /// One cached object, or nil.
+    public func get<T: MeshObject>(_ type: T.Type, namespace: String = "", name: String) throws -> T? {
+        let rows = try self.db.query(
+            "SELECT body FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
+            [.text(T.resource.plural), .text(namespace), .text(name)]
+        )
+        guard let body = rows.first?[0].blob else { return nil }
+        return try JSONDecoder().decode(T.self, from: Data(body))
     }
 
     /// Forgets one object kept with `put`.
