@@ -58,21 +58,16 @@ import Testing
         try await cp.client.apply(self.endpoints("web", [("c", nil), ("other", "x")]))
         try await cp.client.apply(self.endpoints("api", [("c", "stale")]))
         try await cp.client.apply(Node(metadata: ObjectMeta(name: "c"), spec: NodeSpec(site: "site-c")))
-        #expect(
+        /// Whether web's and api's addresses come to have these sites.
+        func become(_ web: [String?], _ api: [String?]) async throws -> Bool {
             try await eventually {
-                let web = try await self.sites(cp.client, "web")
-                let api = try await self.sites(cp.client, "api")
-                return web == ["site-c", "x"] && api == ["site-c"]
+                let now = (try await self.sites(cp.client, "web"), try await self.sites(cp.client, "api"))
+                return now.0 == web && now.1 == api
             }
-        )
+        }
+        #expect(try await become(["site-c", "x"], ["site-c"]))
         try await cp.client.apply(Node(metadata: ObjectMeta(name: "c"), spec: NodeSpec(site: "site-d")))
-        #expect(
-            try await eventually {
-                let web = try await self.sites(cp.client, "web")
-                let api = try await self.sites(cp.client, "api")
-                return web == ["site-d", "x"] && api == ["site-d"]
-            }
-        )
+        #expect(try await become(["site-d", "x"], ["site-d"]))
         // A node's status changes (its heartbeats) rewrite nothing.
         let before = try await cp.client.get(Endpoints.self, namespace: "shop", name: "web").metadata.resourceVersion
         _ = try await cp.client.heartbeat(node: "c")
