@@ -43,8 +43,11 @@ public struct RelayConfig: Codable, Sendable, DefaultConstructible {
     public var advertise: [String]?
     /// Where its key and certificate live (`pki/relay.key`, `relay.crt`, `ca.crt`).
     public var dataDir: String = StatePaths.defaultDataDir() + "/relay"
-    /// Seconds between rewrites of its Relay's status.
+    /// Seconds between checks of its Relay's status (and fetches of the revocation list).
     public var statusIntervalSeconds: Double = 30
+    /// The most seconds its Relay's status goes unwritten while nothing changes (a change of phase, or of
+    /// the session count by a tenth, is written at the next check).
+    public var statusRefreshSeconds: Double = 300
 
     public init() {}
 
@@ -93,6 +96,7 @@ public struct RelayConfig: Codable, Sendable, DefaultConstructible {
             spec: spec
         )
         m.statusInterval = .milliseconds(Int64(self.statusIntervalSeconds * 1000))
+        m.statusRefresh = .milliseconds(Int64(self.statusRefreshSeconds * 1000))
         return m
     }
 
@@ -129,6 +133,11 @@ public struct RelayConfig: Codable, Sendable, DefaultConstructible {
             throw ManifestError("joinToken: a join needs controlServer (--server https://IP:7700)")
         }
         if !(self.statusIntervalSeconds >= 1) { throw ManifestError("statusIntervalSeconds: must be at least 1") }
+        if !(self.statusRefreshSeconds >= self.statusIntervalSeconds) {
+            throw ManifestError(
+                "statusRefreshSeconds: must be at least statusIntervalSeconds (\(self.statusIntervalSeconds)), not \(self.statusRefreshSeconds)"
+            )
+        }
         _ = try self.membership()
     }
 

@@ -138,5 +138,13 @@ struct RelayEndToEndTests {
         )
         #expect(b.status != 0)
         #expect(b.stderr.contains("stunListen[0]"), "\(b.stderr)")
+        try "controlServer: https://127.0.0.1:9\nstatusIntervalSeconds: 60\nstatusRefreshSeconds: 30\n".write(
+            toFile: dir.path + "/c.yaml",
+            atomically: true,
+            encoding: .utf8
+        )
+        let c = try await run(self.bin + "/mesh-relay", ["--config", dir.path + "/c.yaml"])
+        #expect(c.status != 0)
+        #expect(c.stderr.contains("statusRefreshSeconds: must be at least statusIntervalSeconds"), "\(c.stderr)")
     }
 }

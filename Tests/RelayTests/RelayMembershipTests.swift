@@ -38,6 +38,7 @@ struct RelayMembershipTests {
         c.listen = "127.0.0.1:\(port)"
         c.dataDir = dir.path
         c.statusIntervalSeconds = 1
+        c.statusRefreshSeconds = 3
         return c
     }
 
@@ -306,5 +307,29 @@ struct RelayProcessTests {
         #expect(refused.status == 1)
         #expect(refused.stderr.contains("enrols nodes, not relays"), "\(refused.stderr)")
         try await cp.stop()
+    }
+}
+
+/// When a relay rewrites its status (`RelayStatusPolicy`): each write goes to every agent's watch.
+@Suite(.rationed) struct RelayStatusPolicyTests {
+    @Test("written first, on a tenth's move of the session count (at least one), and after the refresh")
+    func due() {
+        let t0 = ContinuousClock.now
+        let refresh = Duration.seconds(300)
+        func due(_ sessions: Int, last: Int?, after seconds: Int64 = 30) -> Bool {
+            RelayStatusPolicy.due(
+                sessions: sessions,
+                last: last.map { ($0, t0) },
+                now: t0 + .seconds(seconds),
+                refresh: refresh
+            )
+        }
+        #expect(due(0, last: nil))
+        #expect(!due(0, last: 0))
+        #expect(due(1, last: 0) && due(4, last: 5))
+        #expect(!due(105, last: 100) && !due(91, last: 100))
+        #expect(due(110, last: 100) && due(90, last: 100))
+        #expect(!due(1_000, last: 1_000, after: 299))
+        #expect(due(1_000, last: 1_000, after: 300))
     }
 }

@@ -23,8 +23,13 @@ public struct RelayMembershipConfiguration: Sendable {
     public var caCertHash: String?
     public var dataDir: String
     public var spec: RelaySpec
-    /// How often the relay rewrites its status (`lastUpdateTime`, `sessions`).
+    /// How often the relay checks its status and fetches the revocation list.
     public var statusInterval: Duration = .seconds(30)
+    /// The longest the relay leaves its status unwritten (`lastUpdateTime`) while nothing changes. A write
+    /// goes to every agent's watch (every agent follows the relays): one every `statusInterval` per relay was
+    /// N deliveries each time, for a time stamp. In between, only a change of phase or a change of its
+    /// session count by a tenth (`RelayStatusPolicy`) is written.
+    public var statusRefresh: Duration = .seconds(300)
     /// First retry delay while the control plane is unreachable; doubles up to `statusInterval`.
     public var initialBackoff: Duration = .milliseconds(200)
 
@@ -47,8 +52,8 @@ public struct RelayMembershipConfiguration: Sendable {
 
 /// The relay's membership, a `Service`: enrols once (a CSR with a relay token to a control plane
 /// whose CA is pinned, as a node joins; the CA signs `mesh://relay/NAME`), then publishes its
-/// `Relay` (`PUT /apis/mesh.edge/v1/relays/NAME`, Ready) and rewrites its status every
-/// `statusInterval`, retrying with jittered backoff while the control plane is away. On graceful
+/// `Relay` (`PUT /apis/mesh.edge/v1/relays/NAME`, Ready) and rewrites its status when it changes
+/// (`RelayStatusPolicy`) or `statusRefresh` has passed, checking every `statusInterval`, retrying with jittered backoff while the control plane is away. On graceful
 /// shutdown it writes phase Draining (best effort, bounded). A failed enrolment (bad token, wrong
 /// CA hash) throws: the relay cannot serve sessions without its certificate.
 public final class RelayMembership: ServiceLifecycle.Service, Sendable {
@@ -196,9 +201,21 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
         let c = self.configuration
         var delay = c.initialBackoff
         var failing = false
+        var written: (sessions: Int, at: ContinuousClock.Instant)?
         while !Task.isCancelled {
             do {
-                try await client.apply(self.relay(phase: .ready))
+                let relay = self.relay(phase: .ready)
+                let sessions = relay.status?.sessions ?? 0
+                if RelayStatusPolicy.due(
+                    sessions: sessions,
+                    last: written,
+                    now: .now,
+                    refresh: c.statusRefresh
+                ) {
+                    written = nil
+                    try await client.apply(relay)
+                    written = (sessions, .now)
+                }
                 let listed = try await client.raw(.GET, "/apis/\(meshAPIVersion)/revokedcertificates").body
                 let list = try JSONDecoder().decode(RevokedCertificateList.self, from: Data(listed.readableBytesView))
                 self.revoked.replace(with: Set(list.items.map(\.serial)))
@@ -226,5 +243,22 @@ public final class RelayMembership: ServiceLifecycle.Service, Sendable {
                 delay = min(delay * 2, c.statusInterval)
             }
         }
+    }
+}
+
+/// When a relay writes its Relay's status again: every agent follows the relays, so each write is one
+/// delivery per agent. Written: the first time (and after a failure), when the session count moved by a
+/// tenth (at least one), and when `refresh` has passed since the last write (the time stamp operators read
+/// in `meshctl get relays`). Phase changes (Draining on stop) are written by their own path.
+public enum RelayStatusPolicy {
+    public static func due(
+        sessions: Int,
+        last: (sessions: Int, at: ContinuousClock.Instant)?,
+        now: ContinuousClock.Instant,
+        refresh: Duration
+    ) -> Bool {
+        guard let last else { return true }
+        if now - last.at >= refresh { return true }
+        return abs(sessions - last.sessions) >= max(1, last.sessions / 10)
     }
 }
