@@ -99,6 +99,9 @@ final class EtcdCluster: Sendable {
         c.prefix = prefix
         if let h = historyLimit { c.hub.historyLimit = h }
         c.catchUpTimeout = .seconds(2)
+        // Members here are on loopback (a dead one refuses at once): a long connect bound only tolerates a
+        // loaded machine (2 s was exceeded once under 2x `yes` and the whole suite).
+        c.client.connectTimeout = .seconds(30)
         var logger = Logger(label: "etcd-store")
         logger.logLevel = .error
         return try await EtcdStore(configuration: c, logger: logger)

@@ -29,6 +29,9 @@ public final class EtcdClient: Sendable {
         /// Kept-alive connections per endpoint for unary calls.
         public var connectionsPerEndpoint = 4
         public var requestTimeout: TimeAmount = .seconds(10)
+        /// A member that does not accept a connection in this long is skipped for the next (a member on a
+        /// dead host answers nothing; a refused connection fails at once either way).
+        public var connectTimeout: TimeAmount = .seconds(2)
 
         public init(endpoints: [String], tls: HTTPClientTLS? = nil) {
             self.endpoints = endpoints
@@ -61,7 +64,7 @@ public final class EtcdClient: Sendable {
         for e in endpoints {
             var base = HTTPClient(endpoint: e, tls: e.tls ? configuration.tls : nil)
             base.requestTimeout = configuration.requestTimeout
-            base.connectTimeout = .seconds(2)
+            base.connectTimeout = configuration.connectTimeout
             bases.append(base)
             pools.append((0..<max(1, configuration.connectionsPerEndpoint)).map { _ in HTTPKeepAliveClient(base) })
         }
