@@ -384,6 +384,13 @@ public final class ControlAPI: HTTPResponder {
         }
     }
 
+    /// A request's `node` parameter: only the devices and workloads placed on that node (`NodePlacement`).
+    private func node(_ request: HTTPRequest) throws -> String? {
+        guard let name = request.query["node"], !name.isEmpty else { return nil }
+        if let e = Names.dns1123SubdomainError(name) { throw Status.badRequest("node \"\(name)\" \(e)") }
+        return name
+    }
+
     private func get(_ entry: Registry.Entry, namespace: String, name: String) async throws -> HTTPResponse {
         let key = ObjectKey(resource: entry.type.plural, namespace: namespace, name: name)
         guard let object = try await self.store.get(key) else {
@@ -395,6 +402,7 @@ public final class ControlAPI: HTTPResponder {
     private func list(_ entry: Registry.Entry, namespace: String?, _ request: HTTPRequest) async throws -> HTTPResponse
     {
         let selector = try self.selector(request)
+        let node = try self.node(request)
         let (items, rv) = try await self.store.list(resource: entry.type.plural, namespace: namespace)
         var body = ByteBuffer()
         body.reserveCapacity(items.reduce(128) { $0 + $1.json.readableBytes + 1 })
@@ -403,7 +411,8 @@ public final class ControlAPI: HTTPResponder {
         )
         var first = true
         let live = entry.type.plural == Node.resource.plural && self.lifecycle != nil
-        for var item in items where selector?.matches(item.labels) ?? true {
+        for var item in items
+        where (selector?.matches(item.labels) ?? true) && (node.map { NodePlacement.admits(item, node: $0) } ?? true) {
             if !first { body.writeString(",") }
             first = false
             if live { item.json = self.withLiveHeartbeat(item) }
@@ -418,7 +427,8 @@ public final class ControlAPI: HTTPResponder {
         let filter = WatchFilter(
             resource: entry.type.plural,
             namespace: namespace,
-            selector: try self.selector(request)
+            selector: try self.selector(request),
+            node: try self.node(request)
         )
         let param = request.query["resourceVersion"] ?? ""
         if param.isEmpty || param == "0" {
@@ -456,7 +466,7 @@ public final class ControlAPI: HTTPResponder {
                 "a watch over several kinds starts after a resourceVersion: list each kind, then watch from the smallest list version"
             )
         }
-        let filter = WatchFilter(resources: named, selector: try self.selector(request))
+        let filter = WatchFilter(resources: named, selector: try self.selector(request), node: try self.node(request))
         let subscription = try await self.store.watch(after: try Self.version(param), filter: filter)
         return try self.stream(subscription, request, first: ByteBuffer(), bookmarkKind: Self.multiWatchBookmarkKind)
     }

@@ -43,6 +43,11 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         self.openHub.withLock { $0?.subscriberCount(of: resource) ?? 0 }
     }
 
+    /// The watches of a placed kind (devices, workloads) scoped to `node` (`?node=`).
+    public func watcherCount(of resource: String, node: String) -> Int {
+        self.openHub.withLock { $0?.subscriberCount(of: resource, node: node) ?? 0 }
+    }
+
     /// The API's address once it listens (useful with port 0).
     public func localAddress() async throws -> SocketAddress {
         try await self.http.value().localAddress()

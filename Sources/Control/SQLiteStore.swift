@@ -66,7 +66,7 @@ public final class SQLiteStore: Store {
         pool.start()
         self.pool = pool
         let config = configuration
-        let (db, current, history) = try await pool.runIfActive {
+        let (db, current, history, placed) = try await pool.runIfActive {
             let db = try SQLiteDatabase(path: config.path, durability: config.durability)
             try db.migrate(SQLiteStore.migrations)
             let current = try db.query("SELECT value FROM meta WHERE key = 'resourceVersion'").first?[0].int ?? 0
@@ -74,10 +74,18 @@ public final class SQLiteStore: Store {
                 "SELECT rv, type, resource, namespace, name, labels, body FROM events WHERE rv > ? ORDER BY rv",
                 [.int(current - Int64(config.hub.historyLimit))]
             )
-            return (db, current, try rows.map(SQLiteStore.event(from:)))
+            // Where the placed kinds' objects are now: their next changes move from there (`NodePlacement`).
+            var placed: [StoredObject] = []
+            for resource in NodePlacement.resources.sorted() {
+                placed += try db.query(
+                    "SELECT namespace, name, rv, labels, body FROM objects WHERE resource = ?",
+                    [.text(resource)]
+                ).map { try SQLiteStore.object(from: $0, resource: resource) }
+            }
+            return (db, current, try rows.map(SQLiteStore.event(from:)), placed)
         }
         self.db = db
-        self.hub = WatchHub(current: current, history: history, configuration: config.hub)
+        self.hub = WatchHub(current: current, history: history, placed: placed, configuration: config.hub)
         logger.info(
             "store \(config.path): resourceVersion \(current), \(history.count) changes of history",
             metadata: ["durability": "\(config.durability.rawValue)"]

@@ -131,33 +131,46 @@ public enum StoreError: Error, Sendable, Equatable, CustomStringConvertible {
 }
 
 /// What a watch wants: one resource (a collection's watch) or several (`GET /apis/mesh.edge/v1/watch?resources=`,
-/// one stream for every kind an agent follows), optionally one namespace and a label selector.
+/// one stream for every kind an agent follows), optionally one namespace, a label selector, and a node
+/// (`NodePlacement`: the devices and workloads placed on it, every object of the other kinds).
 public struct WatchFilter: Sendable {
     /// The resources' plurals, without repeats. An array: a few short strings compared in turn cost less than
     /// hashing one, and the hub runs every watcher's filter on every change.
     public private(set) var resources: [String]
     public var namespace: String?
     public var selector: LabelSelector?
+    /// Only the placed kinds' objects placed on this node (`NodePlacement`).
+    public var node: String?
 
-    public init(resource: String, namespace: String? = nil, selector: LabelSelector? = nil) {
-        self.init(resources: [resource], namespace: namespace, selector: selector)
+    public init(resource: String, namespace: String? = nil, selector: LabelSelector? = nil, node: String? = nil) {
+        self.init(resources: [resource], namespace: namespace, selector: selector, node: node)
     }
 
-    public init(resources: [String], namespace: String? = nil, selector: LabelSelector? = nil) {
+    public init(resources: [String], namespace: String? = nil, selector: LabelSelector? = nil, node: String? = nil) {
         var seen: [String] = []
         for r in resources where !seen.contains(r) { seen.append(r) }
         self.resources = seen
         self.namespace = namespace
         self.selector = selector
+        self.node = node
     }
 
     /// The resources as one name, for messages: `services` or `services,endpoints`.
     public var resource: String { self.resources.joined(separator: ",") }
 
-    func matches(_ o: StoredObject) -> Bool {
+    /// Whether the filter admits `o` (decodes a placed kind's object to read its placement).
+    public func matches(_ o: StoredObject) -> Bool {
+        self.matchesIgnoringNode(o) && (self.node.map { NodePlacement.admits(o, node: $0) } ?? true)
+    }
+
+    /// Resource, namespace and labels only: what the hub checks itself (it places each change once).
+    func matchesIgnoringNode(_ o: StoredObject) -> Bool {
         self.resources.contains(o.key.resource) && (self.namespace.map { $0 == o.key.namespace } ?? true)
             && (self.selector?.matches(o.labels) ?? true)
     }
+
+    /// Whether `resource`'s changes reach this watcher by node (`WatchHub`'s index).
+    func scopedByNode(_ resource: String) -> Bool { self.node != nil && NodePlacement.isPlaced(resource) }
 }
 
 /// The control plane's storage: versioned objects, atomic conditional writes, list and watch.

@@ -136,13 +136,17 @@ public struct ControlClient: Sendable {
         return try Self.decode(T.self, try await self.raw(.GET, path).body)
     }
 
-    /// Lists `T` in `namespace` (nil: all namespaces), optionally filtered by a label selector.
+    /// Lists `T` in `namespace` (nil: all namespaces), optionally filtered by a label selector, and for devices
+    /// and workloads by the node they are placed on (`node`; other kinds ignore it).
     public func list<T: MeshObject>(
         _ type: T.Type,
         namespace: String? = nil,
-        labelSelector: String? = nil
+        labelSelector: String? = nil,
+        node: String? = nil
     ) async throws -> ObjectList<T> {
-        let path = Self.path(T.resource, namespace: namespace) + Self.query([("labelSelector", labelSelector)])
+        let path =
+            Self.path(T.resource, namespace: namespace)
+            + Self.query([("labelSelector", labelSelector), ("node", node)])
         return try Self.decode(ObjectList<T>.self, try await self.raw(.GET, path).body)
     }
 
@@ -226,6 +230,7 @@ public struct ControlClient: Sendable {
         namespace: String?,
         after resourceVersion: Int64?,
         labelSelector: String? = nil,
+        node: String? = nil,
         timeoutSeconds: Int? = nil,
         onLine: (ByteBuffer) async throws -> Bool
     ) async throws {
@@ -233,19 +238,24 @@ public struct ControlClient: Sendable {
             Self.path(type, namespace: namespace)
             + Self.query([
                 ("watch", "true"), ("resourceVersion", resourceVersion.map(String.init)),
-                ("labelSelector", labelSelector),
+                ("labelSelector", labelSelector), ("node", node),
                 ("timeoutSeconds", timeoutSeconds.map(String.init)),
             ])
         try await self.streamLines(path, onLine: onLine)
     }
 
-    /// The path of one watch over several kinds (`GET /apis/mesh.edge/v1/watch?resources=a,b`).
-    public static func watchPath(_ types: [ResourceType], after resourceVersion: Int64, timeoutSeconds: Int?) -> String
-    {
+    /// The path of one watch over several kinds (`GET /apis/mesh.edge/v1/watch?resources=a,b`); with `node`,
+    /// only the devices and workloads placed on that node.
+    public static func watchPath(
+        _ types: [ResourceType],
+        after resourceVersion: Int64,
+        node: String? = nil,
+        timeoutSeconds: Int?
+    ) -> String {
         "/apis/\(meshAPIVersion)/watch"
             + Self.query([
                 ("resources", types.map(\.plural).joined(separator: ",")),
-                ("resourceVersion", String(resourceVersion)),
+                ("resourceVersion", String(resourceVersion)), ("node", node),
                 ("timeoutSeconds", timeoutSeconds.map(String.init)),
             ])
     }
@@ -255,11 +265,12 @@ public struct ControlClient: Sendable {
     public func watchLines(
         _ types: [ResourceType],
         after resourceVersion: Int64,
+        node: String? = nil,
         timeoutSeconds: Int? = nil,
         onLine: (ByteBuffer) async throws -> Bool
     ) async throws {
         try await self.streamLines(
-            Self.watchPath(types, after: resourceVersion, timeoutSeconds: timeoutSeconds),
+            Self.watchPath(types, after: resourceVersion, node: node, timeoutSeconds: timeoutSeconds),
             onLine: onLine
         )
     }

@@ -17,6 +17,8 @@ public struct ReflectedKind: Sendable {
     public var from: Int64?
     let namespace: String?
     let labelSelector: String?
+    /// For devices and workloads: only those placed on this node (other kinds ignore it).
+    let node: String?
     /// Lists the kind, hands the list on, returns its version.
     let list: @Sendable (ControlClient) async throws -> Int64
     /// Decodes one watch line of this kind and hands it on; returns its version.
@@ -30,6 +32,7 @@ public struct ReflectedKind: Sendable {
         from rv: Int64?,
         namespace: String? = nil,
         labelSelector: String? = nil,
+        node: String? = nil,
         handle: @escaping @Sendable (ReflectorUpdate<T>) async throws -> Void
     ) -> ReflectedKind {
         ReflectedKind(
@@ -37,8 +40,14 @@ public struct ReflectedKind: Sendable {
             from: rv,
             namespace: namespace,
             labelSelector: labelSelector,
+            node: node,
             list: { client in
-                let list = try await client.list(T.self, namespace: namespace, labelSelector: labelSelector)
+                let list = try await client.list(
+                    T.self,
+                    namespace: namespace,
+                    labelSelector: labelSelector,
+                    node: node
+                )
                 guard let listRV = Int64(list.metadata.resourceVersion) else {
                     throw HTTPClientError("list of \(T.resource.plural) has no resourceVersion")
                 }
@@ -100,6 +109,10 @@ public struct MultiReflector: Sendable {
         precondition(
             kinds.count == 1 || kinds.allSatisfy { $0.namespace == nil && $0.labelSelector == nil },
             "a watch over several kinds is cluster-wide, without a label selector"
+        )
+        precondition(
+            kinds.count == 1 || Set(kinds.filter(\.type.placedOnNodes).map { $0.node ?? "" }).count <= 1,
+            "a watch over several kinds scopes all its placed kinds (devices, workloads) to one node, or none"
         )
         self.client = client
         self.kinds = kinds
@@ -174,6 +187,7 @@ public struct MultiReflector: Sendable {
                         namespace: kind.namespace,
                         after: from,
                         labelSelector: kind.labelSelector,
+                        node: kind.node,
                         timeoutSeconds: self.watchTimeoutSeconds,
                         onLine: onLine
                     )
@@ -181,6 +195,7 @@ public struct MultiReflector: Sendable {
                     try await client.watchLines(
                         self.kinds.map(\.type),
                         after: from,
+                        node: self.kinds.first(where: \.type.placedOnNodes)?.node,
                         timeoutSeconds: self.watchTimeoutSeconds,
                         onLine: onLine
                     )

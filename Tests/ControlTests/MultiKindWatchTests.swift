@@ -23,9 +23,15 @@ import Testing
     }
 
     /// `TYPE Kind name` per line (a bookmark: `BOOKMARK Kind`), until `count` are in or the stream ends.
-    func lines(_ client: ControlClient, _ types: [ResourceType], after rv: Int64, count: Int) async throws -> [String] {
+    func lines(
+        _ client: ControlClient,
+        _ types: [ResourceType],
+        after rv: Int64,
+        node: String? = nil,
+        count: Int
+    ) async throws -> [String] {
         let seen = Mutex<[String]>([])
-        try await client.watchLines(types, after: rv, timeoutSeconds: 30) { line in
+        try await client.watchLines(types, after: rv, node: node, timeoutSeconds: 30) { line in
             let value = try JSONValue.parse(json: Data(line.readableBytesView))
             let type = value["type"]?.stringValue ?? "?"
             let kind = value["object"]?["kind"]?.stringValue ?? "?"
@@ -55,6 +61,42 @@ import Testing
                 "BOOKMARK \(ControlAPI.multiWatchBookmarkKind)",
             ]
         )
+        try await cp.stop()
+    }
+
+    /// `?node=`: a node's own devices (and workloads) in lists and in the watch over several kinds; the other
+    /// kinds whole. Over real sockets, through the API's parameter parsing and the store's hub.
+    @Test func aNodeScopedListAndWatchGetThatNodesDevicesOnly() async throws {
+        let cp = try await RunningControl()
+        let model = DeviceModel(
+            metadata: ObjectMeta(name: "thermostat", namespace: "shop"),
+            spec: DeviceModelSpec(properties: [DeviceProperty(name: "mode", type: .string)])
+        )
+        try await cp.client.apply(model)
+        let start = try await cp.rv()
+        for (name, node) in [("d1", "n1"), ("d2", "n2"), ("d3", "n1")] {
+            try await cp.client.apply(
+                Device(
+                    metadata: ObjectMeta(name: name, namespace: "shop"),
+                    spec: DeviceSpec(model: "thermostat", node: node)
+                )
+            )
+        }
+        try await cp.client.apply(service("a"))
+        let listed = try await cp.client.list(Device.self, node: "n1").items.map(\.metadata.name)
+        #expect(listed == ["d1", "d3"])
+        #expect(try await cp.client.list(Device.self).items.count == 3)
+        #expect(try await cp.client.list(DeviceModel.self, node: "n1").items.count == 1)
+        let got = try await self.lines(
+            cp.client,
+            [Device.resource, MeshService.resource],
+            after: start,
+            node: "n1",
+            count: 4
+        )
+        #expect(got == ["ADDED Device d1", "ADDED Device d3", "ADDED Service a", "BOOKMARK Bookmark"])
+        let bad = try await cp.client.http.send(.GET, "/apis/mesh.edge/v1/devices?node=-n1-")
+        #expect(bad.status.code == 400 && String(buffer: bad.body).contains("node \\\"-n1-\\\""), "\(String(buffer: bad.body))")
         try await cp.stop()
     }
 

@@ -246,6 +246,10 @@ struct AgentEndToEndTests {
         // Its one watch is not told of Node changes (N agents x N nodes' changes): endpoints carry sites.
         #expect(cp.server.watcherCount(of: "nodes") == 2)
         #expect(cp.server.watcherCount(of: "endpoints") == 2)
+        // Its devices and workloads are its own (`?node=`): other nodes' twin and instance reports never reach it.
+        #expect(cp.server.watcherCount(of: "devices", node: "edge-test") == 1)
+        #expect(cp.server.watcherCount(of: "workloads", node: "edge-test") == 1)
+        #expect(cp.server.watcherCount(of: "devices") == 1)
         // (The test's own requests use a connection each, closed when answered.)
         #expect(
             await MeshTestSupport.eventually { establishedTCPConnections(toPort: cp.port) == 2 },

@@ -72,7 +72,7 @@ public final class EtcdStore: Store {
             root: self.root,
             history: configuration.hub.historyLimit
         )
-        self.hub = WatchHub(current: revision, configuration: configuration.hub)
+        self.hub = WatchHub(current: revision, placed: Self.placed(cache), configuration: configuration.hub)
         self.state = Mutex(State(objects: cache, revision: revision))
         logger.info(
             "etcd store \(configuration.client.endpoints.joined(separator: ",")) prefix \(configuration.prefix): revision \(revision), \(count) objects; replica \(configuration.replica)"
@@ -236,11 +236,16 @@ public final class EtcdStore: Store {
         let ready = self.state.withLock { s -> [CheckedContinuation<Bool, Never>] in
             s.objects = cache
             s.revision = revision
-            self.hub.reset(current: revision)
+            self.hub.reset(current: revision, placed: Self.placed(cache))
             return Self.takeReady(&s)
         }
         for c in ready { c.resume(returning: true) }
         return revision
+    }
+
+    /// The placed kinds' objects in a loaded cache (`NodePlacement`).
+    static func placed(_ cache: [String: [ObjectKey: StoredObject]]) -> [StoredObject] {
+        NodePlacement.resources.flatMap { Array(cache[$0]?.values ?? [:].values) }
     }
 
     /// Every object under the prefix, at one revision.

@@ -190,3 +190,9 @@ public struct WorkloadInstance: Codable, Sendable, Equatable, Hashable {
         case stopped = "Stopped"
     }
 }
+
+extension ResourceType {
+    /// Devices and workloads: each is placed on nodes (a device on `spec.node`, a workload on `status.nodes`),
+    /// and a list or watch of them can be scoped to one node (`?node=NAME`).
+    public var placedOnNodes: Bool { self.plural == Device.resource.plural || self.plural == Workload.resource.plural }
+}

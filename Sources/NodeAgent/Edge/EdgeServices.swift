@@ -200,10 +200,11 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
     /// each change.
     func reflected<T: MeshObject>(
         _ type: T.Type,
+        node: String? = nil,
         _ apply: @escaping @Sendable ([T]) async throws -> Void
     ) -> ReflectedKind {
         let items = Mutex<[String: T]>([:])
-        return .of(T.self, from: nil) { update in
+        return .of(T.self, from: nil, node: node) { update in
             let all = items.withLock { items -> [T]? in
                 switch update {
                 case .replaced(let all, _):
@@ -225,12 +226,15 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
     }
 
     /// The kinds the edge follows: workloads, device models, devices (models before devices, so that a
-    /// first sync holds a device's model when the device arrives). `EdgeConfiguration.followsControlPlane`
-    /// false: the caller runs them in its own `MultiReflector`, beside other kinds, over one connection.
+    /// first sync holds a device's model when the device arrives). Workloads and devices are this node's only
+    /// (`?node=`): another node's twin reports and instance reports never reach this agent. (The filters
+    /// below stay: a control plane from before node-scoped watches sends every one.)
+    /// `EdgeConfiguration.followsControlPlane` false: the caller runs them in its own `MultiReflector`, beside
+    /// other kinds, over one connection.
     public func reflectedKinds() -> [ReflectedKind] {
         let me = self.configuration.nodeName
         return [
-            self.reflected(Workload.self) { all in
+            self.reflected(Workload.self, node: me) { all in
                 let mine = all.filter { ($0.status?.nodes ?? []).contains(me) }
                 let before = try self.store.workloads()
                 let changed =
@@ -239,7 +243,7 @@ public final class EdgeServices: ServiceLifecycle.Service, Sendable {
                 if changed { await self.supervisor.update(mine) }
             },
             self.reflected(DeviceModel.self) { all in try self.store.setModels(all) },
-            self.reflected(Device.self) { all in
+            self.reflected(Device.self, node: me) { all in
                 let changed = try self.store.setDevices(all.filter { $0.spec.node == me })
                 for id in changed { await self.publishDelta(id) }
             },

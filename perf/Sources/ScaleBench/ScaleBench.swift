@@ -65,6 +65,8 @@ struct Sim: AsyncParsableCommand {
     @Option(help: "Concurrent registrations.") var concurrency = 32
     @Option(help: "Follow Nodes too, as agents did before endpoints carried their node's site (the baseline).")
     var followNodes = false
+    @Option(help: "Watch only this agent's own devices and workloads (?node=); false: every one, the baseline.")
+    var ownDevices = true
 
     final class Agent: Sendable {
         struct State {
@@ -120,6 +122,7 @@ struct Sim: AsyncParsableCommand {
         // agent that followed every Node cost N lists of N Nodes at set-up and N deliveries per Node change,
         // 10^8 at 10,000; perf/RESULTS.md). `--follow-nodes true` adds Nodes back, to measure that baseline.
         let nodeEvents = Counter()
+        let deviceEvents = Counter()
         let agents = names.map { _ in Agent() }
         var tasks: [Task<Void, Never>] = []
         for (i, agent) in agents.enumerated() {
@@ -140,9 +143,11 @@ struct Sim: AsyncParsableCommand {
                     },
                     .of(Endpoints.self, from: nil) { _ in },
                     .of(MeshCore.Relay.self, from: nil) { _ in },
-                    .of(Workload.self, from: nil) { _ in },
+                    .of(Workload.self, from: nil, node: self.ownDevices ? names[i] : nil) { _ in },
                     .of(DeviceModel.self, from: nil) { _ in },
-                    .of(Device.self, from: nil) { _ in },
+                    .of(Device.self, from: nil, node: self.ownDevices ? names[i] : nil) { update in
+                        if case .changed(let e) = update, e.resourceVersion != nil { deviceEvents.add() }
+                    },
                 ]
                     + (self.followNodes
                         ? [
@@ -228,6 +233,7 @@ struct Sim: AsyncParsableCommand {
                     "events": events, "lists": lists, "reconnects": reconnects,
                     "beatsOK": beatsOK.value, "beatsFailed": beatsFailed.value,
                     "beatError": firstBeatError.text ?? "", "nodeEvents": nodeEvents.value,
+                    "deviceEvents": deviceEvents.value,
                 ]
                 let data = try JSONSerialization.data(withJSONObject: obj)
                 print("report " + String(decoding: data, as: UTF8.self))
@@ -264,6 +270,11 @@ struct Drive: AsyncParsableCommand {
     @Option(help: "mesh-control's leanConnectionBuffers (false: the malloc heap, the baseline).") var lean = true
     @Option(help: "Simulated agents follow Nodes too (the behaviour before endpoints carried sites).")
     var followNodes = false
+    @Option(help: "Twin reports posted (one device per agent), their CPU and deliveries measured; 0: none.")
+    var reports = 0
+    @Option(help: "Twin reports per second.") var reportRate = 50.0
+    @Option(help: "Agents watch their own devices only (?node=); false: every device (the baseline).")
+    var ownDevices = true
 
     final class Child: @unchecked Sendable {
         // Set once in init; Process and the pipe handles are used from one task at a time.
@@ -363,6 +374,9 @@ struct Drive: AsyncParsableCommand {
             )
         )
 
+        // One device per agent when reports are measured, written before the agents list.
+        if self.reports > 0 { try await self.createDevices(pki, urls) }
+
         // The simulators.
         let setupStart = ContinuousClock.now
         var sims: [Child] = []
@@ -377,7 +391,7 @@ struct Drive: AsyncParsableCommand {
                     [
                         "sim", "--servers", urls.joined(separator: ","), "--pki", pki, "--first", "\(first)",
                         "--count", "\(count)", "--interval", "\(self.interval)", "--follow-nodes",
-                        "\(self.followNodes)",
+                        "\(self.followNodes)", "--own-devices", "\(self.ownDevices)",
                     ],
                     log: nil
                 )
@@ -412,6 +426,20 @@ struct Drive: AsyncParsableCommand {
             try await Task.sleep(for: .seconds(3))
         }
 
+        // Twin reports: each a Device write, posted as the node's report (the admin may post for a node).
+        var reportCPU = 0.0
+        var reportSeconds = 0.0
+        var reportsApplied = 0
+        if self.reports > 0 {
+            let cpuR0 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
+            let r0 = ContinuousClock.now
+            reportsApplied = try await self.postReports(pki, urls)
+            try await Task.sleep(for: .seconds(2))  // delivery drains
+            reportSeconds = Double((ContinuousClock.now - r0).components.seconds)
+            let cpuR1 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
+            reportCPU = zip(cpuR1, cpuR0).map { $0 - $1 }.reduce(0, +)
+        }
+
         // Restart replica 0: SIGKILL, then start again at once.
         let killAt = wallNanos()
         replicas[0].process.terminate()
@@ -428,6 +456,7 @@ struct Drive: AsyncParsableCommand {
         var missing = 0
         var beatsFailed = 0
         var nodeEvents = 0
+        var deviceEvents = 0
         var perChange: [Int64: [Int64]] = [:]
         for s in sims {
             s.send("report \(killAt) " + changeRVs.map(String.init).joined(separator: " "))
@@ -440,6 +469,7 @@ struct Drive: AsyncParsableCommand {
             reconnects += obj["reconnects"] as! [Int64]
             beatsFailed += obj["beatsFailed"] as! Int
             nodeEvents += obj["nodeEvents"] as? Int ?? 0
+            deviceEvents += obj["deviceEvents"] as? Int ?? 0
             if let e = obj["beatError"] as? String, !e.isEmpty { print("a simulator's first failed beat: \(e)") }
         }
         for rv in changeRVs {
@@ -465,6 +495,17 @@ struct Drive: AsyncParsableCommand {
             ("agents follow Nodes", "\(self.followNodes)"),
             ("Node changes delivered to agents", "\(nodeEvents)"),
             ("simulator processes", "\(sims.count)"),
+            ("agents watch their own devices only", "\(self.ownDevices)"),
+            ("twin reports applied", "\(reportsApplied)"),
+            ("Device changes delivered to agents", "\(deviceEvents)"),
+            (
+                "control CPU per twin report (ms, all replicas)",
+                String(format: "%.3f", reportsApplied > 0 ? reportCPU / Double(reportsApplied) * 1000 : .nan)
+            ),
+            (
+                "control CPU while reporting (cores, all replicas)",
+                String(format: "%.3f", reportSeconds > 0 ? reportCPU / reportSeconds : .nan)
+            ),
             ("set-up (s)", String(format: "%.1f", Double(setup.components.seconds))),
             (
                 "control RSS before agents (MiB, all replicas)",
@@ -503,6 +544,88 @@ struct Drive: AsyncParsableCommand {
                 to: URL(fileURLWithPath: path)
             )
         }
+    }
+
+    static let deviceNamespace = "default"
+
+    func deviceName(_ i: Int) -> String { String(format: "dev-%05d", i) }
+    func nodeName(_ i: Int) -> String { String(format: "sim-%05d", i) }
+
+    /// A model and one device per agent (32 writes at a time).
+    func createDevices(_ pki: String, _ urls: [String]) async throws {
+        let (admin, _) = try adminClient(pki, urls)
+        _ = try? await admin.create(
+            DeviceModel(
+                metadata: ObjectMeta(name: "thermometer", namespace: Self.deviceNamespace),
+                spec: DeviceModelSpec(properties: [
+                    DeviceProperty(name: "temperature", type: .float, accessMode: .readOnly)
+                ])
+            )
+        )
+        let clients = (0..<32).map { _ in admin.keepingAlive() }
+        defer { for c in clients { c.session?.close() } }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for lane in 0..<clients.count {
+                group.addTask {
+                    for i in stride(from: lane, to: self.nodes, by: clients.count) {
+                        try await clients[lane].apply(
+                            Device(
+                                metadata: ObjectMeta(name: self.deviceName(i), namespace: Self.deviceNamespace),
+                                spec: DeviceSpec(model: "thermometer", node: self.nodeName(i))
+                            )
+                        )
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+    }
+
+    /// Posts `reports` twin reports at `reportRate` a second, each to the next agent's device; returns how many
+    /// were applied.
+    func postReports(_ pki: String, _ urls: [String]) async throws -> Int {
+        let (admin, _) = try adminClient(pki, urls)
+        let clients = (0..<8).map { _ in admin.keepingAlive() }
+        defer { for c in clients { c.session?.close() } }
+        let applied = Counter()
+        let start = ContinuousClock.now
+        let gap = 1.0 / self.reportRate
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for lane in 0..<clients.count {
+                group.addTask {
+                    for k in stride(from: lane, to: self.reports, by: clients.count) {
+                        try await Task.sleep(until: start + .seconds(Double(k) * gap), clock: .continuous)
+                        let i = k % self.nodes
+                        let batch = NodeReportBatch(
+                            epoch: "scale-bench",
+                            reports: [
+                                NodeReport(
+                                    id: Int64(k / self.nodes + 1),
+                                    twin: TwinReport(
+                                        namespace: Self.deviceNamespace,
+                                        device: self.deviceName(i),
+                                        property: "temperature",
+                                        value: String(format: "%.1f", 20 + Double(k % 100) / 10),
+                                        version: Int64(k / self.nodes + 1),
+                                        time: nil
+                                    )
+                                )
+                            ]
+                        )
+                        let path =
+                            ControlClient.path(Node.resource, namespace: nil, name: self.nodeName(i)) + "/reports"
+                        let answer = try await clients[lane].raw(
+                            .POST,
+                            path,
+                            body: ByteBuffer(bytes: try MeshJSON.encode(batch))
+                        ).body
+                        if String(buffer: answer).contains("\"applied\"") { applied.add() }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        return applied.value
     }
 
     func beats(_ sims: [Child]) async throws -> Int {
