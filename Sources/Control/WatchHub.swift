@@ -40,7 +40,8 @@ public final class WatchHub: Sendable {
 
         /// Bytes of the lines it holds.
         var bytes: Int {
-            self.line.readableBytes + (self.placed?.entered?.readableBytes ?? 0) + (self.placed?.left?.readableBytes ?? 0)
+            self.line.readableBytes + (self.placed?.entered?.readableBytes ?? 0)
+                + (self.placed?.left?.readableBytes ?? 0)
         }
 
         /// The line a watcher with `filter` gets, if any.

@@ -96,7 +96,10 @@ import Testing
         )
         #expect(got == ["ADDED Device d1", "ADDED Device d3", "ADDED Service a", "BOOKMARK Bookmark"])
         let bad = try await cp.client.http.send(.GET, "/apis/mesh.edge/v1/devices?node=-n1-")
-        #expect(bad.status.code == 400 && String(buffer: bad.body).contains("node \\\"-n1-\\\""), "\(String(buffer: bad.body))")
+        #expect(
+            bad.status.code == 400 && String(buffer: bad.body).contains("node \\\"-n1-\\\""),
+            "\(String(buffer: bad.body))"
+        )
         try await cp.stop()
     }
 

@@ -47,7 +47,13 @@ import Testing
     }
 
     static func service(_ name: String, rv: Int64) -> StoredObject {
-        Self.stored(MeshService(metadata: ObjectMeta(name: name, namespace: "shop"), spec: ServiceSpec(ports: [ServicePort(port: 80)])), rv: rv)
+        Self.stored(
+            MeshService(
+                metadata: ObjectMeta(name: name, namespace: "shop"),
+                spec: ServiceSpec(ports: [ServicePort(port: 80)])
+            ),
+            rv: rv
+        )
     }
 
     /// `TYPE name` for each line of a chunk; `BOOKMARK` for a bookmark.
