@@ -205,7 +205,9 @@ public final class ControlAPI: HTTPResponder {
         case (.watch, .GET):
             return (try await self.watchKinds(request), "watch")
         case (.object(let resource, let namespace, let name), .GET):
-            return (try await self.get(Registry.byPlural(resource)!, namespace: namespace, name: name), "get")
+            return (
+                try await self.get(Registry.byPlural(resource)!, namespace: namespace, name: name, request), "get"
+            )
         case (.collection(let resource, let namespace), .POST):
             let kind = try Self.served(resource)
             return (try await self.save(kind, request, namespace: namespace, urlName: nil, createOnly: true), "create")
@@ -336,7 +338,7 @@ public final class ControlAPI: HTTPResponder {
     private func withLiveHeartbeat(_ stored: StoredObject) -> ByteBuffer {
         guard stored.key.resource == Node.resource.plural, let lifecycle = self.lifecycle,
             let millis = lifecycle.lastBeat(stored.key.name),
-            var node = try? JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView))
+            var node = try? stored.decode(Node.self)
         else { return stored.json }
         let live = NodeLifecycle.format(millis)
         let kept = node.status?.lastHeartbeatTime.flatMap(Timestamp.parse) ?? 0
@@ -391,10 +393,25 @@ public final class ControlAPI: HTTPResponder {
         return name
     }
 
-    private func get(_ entry: Registry.Entry, namespace: String, name: String) async throws -> HTTPResponse {
+    private func get(
+        _ entry: Registry.Entry,
+        namespace: String,
+        name: String,
+        _ request: HTTPRequest
+    ) async throws -> HTTPResponse {
         let key = ObjectKey(resource: entry.type.plural, namespace: namespace, name: name)
         guard let object = try await self.store.get(key) else {
             throw Status.notFound(entry.type, name, namespace: namespace)
+        }
+        // A node reads only the devices and workloads placed on it (lists and watches: `Security.nodeMay`).
+        if case .node(let node) = request.peerIdentity.flatMap({ MeshPrincipal(uri: $0) }),
+            !NodePlacement.admits(object, node: node)
+        {
+            throw Status(
+                code: 403,
+                reason: .forbidden,
+                message: "node \(node) may not read \(entry.type.singular) \(name): it is not placed on that node"
+            )
         }
         return .json(.ok, self.withLiveHeartbeat(object))
     }

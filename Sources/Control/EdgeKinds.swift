@@ -70,7 +70,7 @@ extension ObjectWriter {
         let key = ObjectKey(resource: T.resource.plural, namespace: namespace, name: name)
         for _ in 0..<32 {
             guard let stored = try await self.store.get(key) else { return nil }
-            var object = try JSONDecoder().decode(T.self, from: Data(stored.json.readableBytesView))
+            var object = try stored.decode(T.self)
             object.metadata.resourceVersion = String(stored.resourceVersion)
             guard try mutate(&object) else { return object }
             do {
@@ -107,7 +107,7 @@ extension ObjectWriter {
                 )
             )
         }
-        let model = try JSONDecoder().decode(DeviceModel.self, from: Data(stored.json.readableBytesView))
+        let model = try stored.decode(DeviceModel.self)
         let errors = device.errors(against: model)
         if !errors.isEmpty {
             throw Status.invalid(

@@ -111,13 +111,13 @@ final class EndpointSites: Sendable {
         var index = Index()
         let (nodes, nodesRV) = try await store.list(resource: Node.resource.plural, namespace: nil)
         for stored in nodes {
-            let node = try JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView))
+            let node = try stored.decode(Node.self)
             index.sites[node.metadata.name] = node.spec.site
         }
         let (endpoints, endpointsRV) = try await store.list(resource: Endpoints.resource.plural, namespace: nil)
         var stale: [ObjectKey] = []
         for stored in endpoints {
-            let e = try JSONDecoder().decode(Endpoints.self, from: Data(stored.json.readableBytesView))
+            let e = try stored.decode(Endpoints.self)
             index.endpoints(stored.key, nodes: Set(e.spec.addresses.compactMap(\.node)))
             if index.stale(e.spec.addresses.map { ($0.node, $0.site) }) { stale.append(stored.key) }
         }

@@ -75,7 +75,7 @@ struct NodeCredentials: Sendable {
     func list() async throws -> [RevokedCertificate] {
         let (items, _) = try await self.store.list(resource: Self.revokedResource, namespace: "")
         return try items.map {
-            try JSONDecoder().decode(RevokedCertificate.self, from: Data($0.json.readableBytesView))
+            try $0.decode(RevokedCertificate.self)
         }.sorted { ($0.revokedAt, $0.serial) < ($1.revokedAt, $1.serial) }
     }
 
@@ -95,7 +95,7 @@ struct NodeCredentials: Sendable {
         for _ in 0..<16 {
             let stored = try await self.store.get(Self.issuedKey(node, role: role))
             var record =
-                try stored.map { try JSONDecoder().decode(Issued.self, from: Data($0.json.readableBytesView)) }
+                try stored.map { try $0.decode(Issued.self) }
                 ?? Issued(node: node, certificates: [])
             let now = self.clock.epochSeconds
             record.certificates.removeAll { (Timestamp.parse($0.notAfter) ?? 0) <= now }
@@ -143,7 +143,7 @@ struct NodeCredentials: Sendable {
                 details: .init(name: node, kind: kind)
             )
         }
-        let record = try JSONDecoder().decode(Issued.self, from: Data(stored.json.readableBytesView))
+        let record = try stored.decode(Issued.self)
         let now = self.clock.epochSeconds
         var valid = record.certificates.filter { (Timestamp.parse($0.notAfter) ?? 0) > now }
         if let serial {

@@ -107,7 +107,7 @@ public final class NodeLifecycle: Sendable {
         let saved = try await self.store.loadHeartbeats()
         var nodes: [String: Entry] = [:]
         for item in items {
-            let node = try? JSONDecoder().decode(Node.self, from: Data(item.json.readableBytesView))
+            let node = try? item.decode(Node.self)
             nodes[item.key.name] = Entry(
                 phase: node?.status?.phase,
                 watchFrom: self.startedAt,
@@ -186,7 +186,7 @@ public final class NodeLifecycle: Sendable {
         if self.state.withLock({ $0.nodes[name] != nil }) { return true }
         let key = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
         guard let stored = try await self.store.get(key) else { return false }
-        let node = try? JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView))
+        let node = try? stored.decode(Node.self)
         let now = self.clock.now
         self.state.withLock { s in
             if s.nodes[name] == nil {
@@ -304,7 +304,7 @@ public final class NodeLifecycle: Sendable {
         let key = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
         for _ in 0..<16 {
             guard let stored = try await self.store.get(key) else { return nil }
-            let node = try JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView))
+            let node = try stored.decode(Node.self)
             let status = change(node.status)
             if status == node.status { return node }
             var updated = node

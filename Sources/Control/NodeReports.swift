@@ -53,7 +53,7 @@ struct NodeReports: Sendable {
         if let m = cache["\(namespace)/\(name)"] { return m }
         let key = ObjectKey(resource: DeviceModel.resource.plural, namespace: namespace, name: name)
         guard let stored = try await self.writer.store.get(key) else { return nil }
-        let m = try JSONDecoder().decode(DeviceModel.self, from: Data(stored.json.readableBytesView))
+        let m = try stored.decode(DeviceModel.self)
         cache["\(namespace)/\(name)"] = m
         return m
     }
@@ -75,7 +75,7 @@ struct NodeReports: Sendable {
                     message: "unknown device \(twin.namespace)/\(twin.device)"
                 )
             }
-            var device = try JSONDecoder().decode(Device.self, from: Data(stored.json.readableBytesView))
+            var device = try stored.decode(Device.self)
             if let last = device.status?.lastReport, last.node == node, last.epoch == epoch, last.id >= id {
                 return NodeReportResult(id: id, result: .duplicate)
             }

@@ -66,7 +66,7 @@ extension Endpoints: ControlManaged {
         for name in Set(object.spec.addresses.compactMap(\.node)) {
             let key = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
             guard let stored = try await w.store.get(key) else { continue }
-            sites[name] = try JSONDecoder().decode(Node.self, from: Data(stored.json.readableBytesView)).spec.site
+            sites[name] = try stored.decode(Node.self).spec.site
         }
         EndpointSites.stamp(&object) { sites[$0] }
         return WritePlan()
@@ -205,7 +205,7 @@ struct ObjectWriter: Sendable {
                 expect = existingStored.map { .version($0.resourceVersion) } ?? .absent
             }
             let existing = try existingStored.map {
-                try JSONDecoder().decode(T.self, from: Data($0.json.readableBytesView))
+                try $0.decode(T.self)
             }
             var prepared = object
             prepared.metadata.uid = existing?.metadata.uid ?? UUID().uuidString.lowercased()
@@ -258,7 +258,7 @@ struct ObjectWriter: Sendable {
             guard let existing = try await self.store.get(key) else {
                 throw Status.notFound(T.resource, name, namespace: namespace)
             }
-            let object = try JSONDecoder().decode(T.self, from: Data(existing.json.readableBytesView))
+            let object = try existing.decode(T.self)
             let write = Write(
                 key: key,
                 expect: .version(existing.resourceVersion),

@@ -57,7 +57,12 @@ public enum Authorization {
             return .allow
         case .node(let name):
             if Self.nodeMay(request, node: name) { return .allow }
-            return .deny(Self.forbidden(text, request))
+            var status = Self.forbidden(text, request)
+            if Self.nodeMayUnscoped(request, node: name) {
+                status.message +=
+                    ": a node lists and watches only the devices and workloads placed on it (add ?node=\(name))"
+            }
+            return .deny(status)
         case .relay(let name):
             if Self.relayMay(request, relay: name) { return .allow }
             return .deny(Self.forbidden(text, request))
@@ -66,7 +71,33 @@ public enum Authorization {
         }
     }
 
+    /// What a node may do. Devices and workloads: lists and watches scoped to itself (`?node=`, `NodePlacement`),
+    /// as Kubernetes' Node authorizer lets a kubelet read only the pods bound to it; a get by name is checked
+    /// against the object's placement by the API (`ControlAPI.get`).
     static func nodeMay(_ request: HTTPRequest, node: String) -> Bool {
+        Self.nodeMayUnscoped(request, node: node) && Self.scopedToItself(request, node: node)
+    }
+
+    /// A node's devices and workloads: a request naming a placed kind's collection (a list or watch, over one
+    /// kind or several) carries `node=` its own name.
+    static func scopedToItself(_ request: HTTPRequest, node: String) -> Bool {
+        let segments = request.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
+        guard request.method == .GET, segments.count >= 4 else { return true }
+        var rest = Array(segments.dropFirst(3))
+        if rest[0] == "namespaces", rest.count >= 3 { rest.removeFirst(2) }
+        let named: [String]
+        if segments.count == 4 && segments[3] == APIRoute.watchSegment {
+            named = ControlAPI.watchedResources(request)
+        } else if rest.count == 1 {
+            named = [rest[0]]
+        } else {
+            return true
+        }
+        return !named.contains(where: NodePlacement.isPlaced) || request.query["node"] == node
+    }
+
+    /// What a node may do, its devices' and workloads' scope aside.
+    static func nodeMayUnscoped(_ request: HTTPRequest, node: String) -> Bool {
         let segments = request.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
         if request.method == .GET && (segments == ["version"] || segments == ["apis", "mesh.edge", "v1"]) {
             return true
@@ -255,7 +286,7 @@ struct BootstrapTokenStore: Sendable {
     }
 
     static func decode(_ stored: StoredObject) throws -> Record {
-        try JSONDecoder().decode(Record.self, from: Data(stored.json.readableBytesView))
+        try stored.decode(Record.self)
     }
 
     /// The answer to a join for a name a Node already has, with the two ways to re-join it.

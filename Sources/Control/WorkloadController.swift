@@ -97,7 +97,7 @@ final class WorkloadController: Sendable {
     func list<T: MeshObject>(_ type: T.Type) async throws -> [T] {
         let (items, _) = try await self.writer.store.list(resource: T.resource.plural, namespace: nil)
         return try items.map { stored in
-            var o = try JSONDecoder().decode(T.self, from: Data(stored.json.readableBytesView))
+            var o = try stored.decode(T.self)
             o.metadata.resourceVersion = String(stored.resourceVersion)
             return o
         }
@@ -211,7 +211,7 @@ final class WorkloadController: Sendable {
                 } catch StoreError.alreadyExists {}
                 continue
             }
-            let existing = try JSONDecoder().decode(Endpoints.self, from: Data(stored.json.readableBytesView))
+            let existing = try stored.decode(Endpoints.self)
             guard existing.metadata.annotations?[Self.managedKey] == Self.managedValue else {
                 self.logger.debug(
                     "workloads: endpoints \(key.namespace)/\(key.name) are not managed by workloads; left alone"

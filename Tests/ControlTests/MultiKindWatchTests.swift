@@ -103,6 +103,40 @@ import Testing
         try await cp.stop()
     }
 
+    /// A node lists, watches and gets only the devices placed on it (Kubernetes' Node authorizer does the same
+    /// for a kubelet's pods): another node's twins are not its to read.
+    @Test func aNodeReadsOnlyItsOwnDevices() async throws {
+        let cp = try await RunningControl()
+        try await cp.client.apply(
+            DeviceModel(
+                metadata: ObjectMeta(name: "thermostat", namespace: "shop"),
+                spec: DeviceModelSpec(properties: [DeviceProperty(name: "mode", type: .string)])
+            )
+        )
+        for (name, node) in [("d1", "n1"), ("d2", "n2")] {
+            try await cp.client.apply(
+                Device(
+                    metadata: ObjectMeta(name: name, namespace: "shop"),
+                    spec: DeviceSpec(model: "thermostat", node: node)
+                )
+            )
+        }
+        let n1 = try cp.client(try cp.issue(.node("n1")))
+        #expect(try await n1.list(Device.self, node: "n1").items.map(\.metadata.name) == ["d1"])
+        #expect(try await n1.get(Device.self, namespace: "shop", name: "d1").spec.node == "n1")
+        for path in [
+            "/apis/mesh.edge/v1/devices", "/apis/mesh.edge/v1/namespaces/shop/workloads",
+            "/apis/mesh.edge/v1/devices?node=n2", "/apis/mesh.edge/v1/namespaces/shop/devices/d2",
+        ] {
+            let r = try await n1.http.send(.GET, path, headers: ["Accept": "application/json"])
+            #expect(r.status.code == 403, "\(path): \(String(buffer: r.body))")
+        }
+        let other = try await n1.http.send(.GET, "/apis/mesh.edge/v1/namespaces/shop/devices/d2")
+        #expect(String(buffer: other.body).contains("not placed on that node"), "\(String(buffer: other.body))")
+        #expect(try await n1.list(DeviceModel.self).items.count == 1)
+        try await cp.stop()
+    }
+
     @Test func badRequestsAreRefusedWithTheReason() async throws {
         let cp = try await RunningControl()
         let rv = try await cp.rv()
@@ -144,9 +178,14 @@ import Testing
             return (Int(r.status.code), String(buffer: r.body))
         }
         let agentKinds = "services,endpoints,nodes,relays,workloads,devicemodels,devices"
-        #expect(try await code(node, agentKinds).0 == 200)
-        let (denied, why) = try await code(node, "services,bootstraptokens")
-        #expect(denied == 403 && why.contains("bootstraptokens"), "\(why)")
+        #expect(try await code(node, agentKinds + "&node=n1").0 == 200)
+        // Devices and workloads: its own only.
+        var (status, message) = try await code(node, agentKinds)
+        #expect(status == 403 && message.contains("add ?node=n1"), "\(message)")
+        #expect(try await code(node, "devices&node=n2").0 == 403)
+        #expect(try await code(node, "services,endpoints").0 == 200)
+        (status, message) = try await code(node, "services,bootstraptokens")
+        #expect(status == 403 && message.contains("bootstraptokens"), "\(message)")
         #expect(try await code(relay, "relays,nodes").0 == 200)
         #expect(try await code(relay, "relays,services").0 == 403)
         try await cp.stop()

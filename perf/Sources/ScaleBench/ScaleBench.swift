@@ -78,6 +78,14 @@ struct Sim: AsyncParsableCommand {
         let state = Mutex(State())
     }
 
+    /// An object's change (not a bookmark): what a delivery counter counts.
+    static func isChange<T>(_ e: WatchEvent<T>) -> Bool {
+        switch e {
+        case .added, .modified, .deleted: return true
+        case .bookmark, .error: return false
+        }
+    }
+
     func run() async throws {
         let urls = self.servers.split(separator: ",").map(String.init)
         let (admin, tls) = try adminClient(self.pki, urls)
@@ -146,13 +154,13 @@ struct Sim: AsyncParsableCommand {
                     .of(Workload.self, from: nil, node: self.ownDevices ? names[i] : nil) { _ in },
                     .of(DeviceModel.self, from: nil) { _ in },
                     .of(Device.self, from: nil, node: self.ownDevices ? names[i] : nil) { update in
-                        if case .changed(let e) = update, e.resourceVersion != nil { deviceEvents.add() }
+                        if case .changed(let e) = update, Self.isChange(e) { deviceEvents.add() }
                     },
                 ]
                     + (self.followNodes
                         ? [
                             .of(Node.self, from: nil) { update in
-                                if case .changed(let e) = update, e.resourceVersion != nil { nodeEvents.add() }
+                                if case .changed(let e) = update, Self.isChange(e) { nodeEvents.add() }
                             }
                         ] : []),
                 logger: logger
