@@ -223,14 +223,14 @@ public final class NodeLifecycle: Sendable {
             let time = Self.format(millis)
             do {
                 let written = try await self.writeStatus(name) { old in
-                    NodeStatus(
-                        phase: .ready,
-                        lastHeartbeatTime: time,
-                        message: "heartbeating since \(time)",
-                        relay: report.map { $0.relay } ?? old?.relay,
-                        candidates: report?.candidates ?? old?.candidates,
-                        links: report?.links ?? old?.links
-                    )
+                    var s = old ?? NodeStatus()
+                    s.phase = .ready
+                    s.lastHeartbeatTime = time
+                    s.message = "heartbeating since \(time)"
+                    s.relay = report.map { $0.relay } ?? old?.relay
+                    s.candidates = report?.candidates ?? old?.candidates
+                    s.links = report?.links ?? old?.links
+                    return s
                 }
                 self.finishWrite(name, phase: written == nil ? nil : .ready, gone: written == nil)
                 if let written {
@@ -301,9 +301,18 @@ public final class NodeLifecycle: Sendable {
     /// Rewrites the stored Node's status (conditional on its version, retried on conflict). Returns
     /// the node as written (unchanged when `change` changes nothing), nil when it no longer exists.
     func writeStatus(_ name: String, _ change: @Sendable (NodeStatus?) -> NodeStatus?) async throws -> Node? {
+        try await Self.writeStatus(name, in: self.store, change)
+    }
+
+    /// `writeStatus` on any store (`NodeReports` writes a node's workload instances with it).
+    static func writeStatus(
+        _ name: String,
+        in store: any Store,
+        _ change: @Sendable (NodeStatus?) -> NodeStatus?
+    ) async throws -> Node? {
         let key = ObjectKey(resource: Node.resource.plural, namespace: "", name: name)
         for _ in 0..<16 {
-            guard let stored = try await self.store.get(key) else { return nil }
+            guard let stored = try await store.get(key) else { return nil }
             let node = try stored.decode(Node.self)
             let status = change(node.status)
             if status == node.status { return node }
@@ -311,7 +320,7 @@ public final class NodeLifecycle: Sendable {
             updated.status = status
             let final = updated
             do {
-                let written = try await self.store.commit(
+                let written = try await store.commit(
                     Write(
                         key: key,
                         expect: .version(stored.resourceVersion),
@@ -379,12 +388,14 @@ public final class NodeLifecycle: Sendable {
                 let written = try await self.writeStatus(name) { old in
                     // A beat that came in meanwhile wins: nothing to write.
                     if self.state.withLock({ s in s.nodes[name].map { $0.watchFrom > now } ?? false }) { return old }
-                    return NodeStatus(
-                        phase: .notReady,
-                        lastHeartbeatTime: lastTime ?? old?.lastHeartbeatTime,
-                        message: message,
-                        relay: old?.relay
-                    )
+                    // Its candidates and links are stale once it is silent; its workloads' last reports stay.
+                    var s = old ?? NodeStatus()
+                    s.phase = .notReady
+                    s.lastHeartbeatTime = lastTime ?? old?.lastHeartbeatTime
+                    s.message = message
+                    s.candidates = nil
+                    s.links = nil
+                    return s
                 }
                 let marked = written?.status?.phase == .notReady
                 self.finishWrite(name, phase: marked ? .notReady : nil, gone: written == nil)

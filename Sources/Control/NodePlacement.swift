@@ -12,15 +12,15 @@ import Foundation
 /// gets all of its objects.
 ///
 /// An agent watches its own devices and workloads this way, not every one in the fleet: a twin report is a
-/// Device write and a workload instance's report a Workload write, so with every agent following every one
-/// each report reached every agent (N agents × N reports). Kubernetes' kubelet watches its pods with
+/// Device write (and a workload's instance counts change with its nodes' reports), so with every agent
+/// following every one each report reached every agent (N agents × N reports). Kubernetes' kubelet watches its pods with
 /// `fieldSelector=spec.nodeName=`, indexed in the API server's watch cache, for the same reason.
 public struct NodePlacement: Sendable, Equatable {
     /// The nodes, sorted, without repeats.
     public var nodes: [String]
     /// What a node's agent uses of the object: a change that leaves it and the nodes alone is not sent to
-    /// node-scoped watchers. A workload's instance reports (`status.instances`) are left out of it; a
-    /// device's agent uses all of it (its twins' desired versions are in its status).
+    /// node-scoped watchers. A workload's instance counts (`status.running`, `status.restarts`) are left out
+    /// of it; a device's agent uses all of it (its twins' desired versions are in its status).
     var digest: Int
 
     /// The placed kinds.

@@ -145,22 +145,26 @@ struct NodeReports: Sendable {
         guard report.instance.node == node else {
             return NodeReportResult(id: id, result: .rejected, message: "an instance of another node")
         }
-        let updated = try await self.writer.update(Workload.self, namespace: report.namespace, name: report.name) {
-            w in
-            var status = w.status ?? WorkloadStatus()
-            var instances = status.instances ?? []
-            instances.removeAll { $0.node == node }
-            instances.append(report.instance)
-            status.instances = instances.sorted { $0.node < $1.node }
-            w.status = status
-            return true
-        }
-        if updated == nil {
+        let key = ObjectKey(resource: Workload.resource.plural, namespace: report.namespace, name: report.name)
+        guard try await self.writer.store.get(key) != nil else {
             return NodeReportResult(
                 id: id,
                 result: .rejected,
                 message: "unknown workload \(report.namespace)/\(report.name)"
             )
+        }
+        // The node's own Node holds its instances (`NodeStatus.workloads`): no two nodes write one object.
+        let entry = NodeWorkload(namespace: report.namespace, name: report.name, instance: report.instance)
+        let written = try await NodeLifecycle.writeStatus(node, in: self.writer.store) { old in
+            var s = old ?? NodeStatus()
+            var all = s.workloads ?? []
+            all.removeAll { $0.namespace == entry.namespace && $0.name == entry.name }
+            all.append(entry)
+            s.workloads = all.sorted { ($0.namespace, $0.name) < ($1.namespace, $1.name) }
+            return s
+        }
+        if written == nil {
+            return NodeReportResult(id: id, result: .rejected, message: "node \(node) is not registered")
         }
         return NodeReportResult(id: id, result: .applied)
     }

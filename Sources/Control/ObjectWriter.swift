@@ -349,7 +349,8 @@ struct ObjectWriter: Sendable {
                     lastHeartbeatTime: now,
                     message: "heartbeating since \(now)",
                     relay: existing?.status?.relay,
-                    candidates: existing?.status?.candidates
+                    candidates: existing?.status?.candidates,
+                    workloads: existing?.status?.workloads
                 ), true
             )
         }

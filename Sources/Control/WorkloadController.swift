@@ -125,23 +125,24 @@ final class WorkloadController: Sendable {
             let assigned = nodes.filter { n in
                 w.selects(n) && (n.status?.phase == .ready || before.contains(n.metadata.name))
             }.map(\.metadata.name).sorted()
-            guard assigned != (w.status?.nodes ?? []) else { continue }
+            let wanted = Self.status(of: w, assigned: assigned, nodes: byName)
+            guard wanted != (w.status ?? WorkloadStatus()) else { continue }
             let updated = try await self.writer.update(
                 Workload.self,
                 namespace: w.effectiveNamespace,
                 name: w.metadata.name
             ) { o in
-                var s = o.status ?? WorkloadStatus()
-                guard s.nodes ?? [] != assigned else { return false }
-                s.nodes = assigned.isEmpty ? nil : assigned
-                o.status = s
+                guard o.status ?? WorkloadStatus() != wanted else { return false }
+                o.status = wanted
                 return true
             }
             if let u = updated {
                 workloads[i] = u
-                self.logger.info(
-                    "workload \(w.effectiveNamespace)/\(w.metadata.name) assigned to \(assigned.isEmpty ? "no node" : assigned.joined(separator: ", "))"
-                )
+                if assigned != (w.status?.nodes ?? []) {
+                    self.logger.info(
+                        "workload \(w.effectiveNamespace)/\(w.metadata.name) assigned to \(assigned.isEmpty ? "no node" : assigned.joined(separator: ", "))"
+                    )
+                }
             }
         }
         try await self.reconcileEndpoints(workloads, nodes: byName)
@@ -157,6 +158,28 @@ final class WorkloadController: Sendable {
         return (addresses.first { $0.type == .internalIP } ?? addresses.first { $0.type != .hostname })?.address
     }
 
+    /// A workload's status: its nodes, and how many of them report it Running and the restarts they reported
+    /// (from each node's `status.workloads`, written by its reports). One write per controller pass at most,
+    /// however many nodes report.
+    static func status(of w: Workload, assigned: [String], nodes: [String: Node]) -> WorkloadStatus {
+        var running = 0
+        var restarts = 0
+        var reported = 0
+        for name in assigned {
+            guard let instance = nodes[name]?.status?.instance(of: w.effectiveNamespace, w.metadata.name) else {
+                continue
+            }
+            reported += 1
+            if instance.phase == .running { running += 1 }
+            restarts += instance.restarts ?? 0
+        }
+        return WorkloadStatus(
+            nodes: assigned.isEmpty ? nil : assigned,
+            running: reported == 0 ? nil : running,
+            restarts: reported == 0 ? nil : restarts
+        )
+    }
+
     /// The addresses each workload service should have.
     static func desiredEndpoints(_ workloads: [Workload], nodes: [String: Node]) -> [ServiceKey: [EndpointAddress]] {
         var wanted: [ServiceKey: [EndpointAddress]] = [:]
@@ -165,14 +188,15 @@ final class WorkloadController: Sendable {
             guard !ports.isEmpty else { continue }
             let key = ServiceKey(namespace: w.effectiveNamespace, name: w.serviceName)
             var list = wanted[key] ?? []
-            let assigned = Set(w.status?.nodes ?? [])
-            for instance in w.status?.instances ?? [] where assigned.contains(instance.node) {
-                guard let node = nodes[instance.node], let ip = Self.address(of: node) else { continue }
+            for name in w.status?.nodes ?? [] {
+                guard let node = nodes[name], let ip = Self.address(of: node),
+                    let instance = node.status?.instance(of: w.effectiveNamespace, w.metadata.name)
+                else { continue }
                 list.append(
                     EndpointAddress(
                         ip: ip,
                         ports: ports.map { EndpointPort(name: $0.name, port: $0.port) },
-                        node: instance.node,
+                        node: name,
                         site: node.spec.site,
                         ready: instance.phase == .running && node.status?.phase == .ready
                     )

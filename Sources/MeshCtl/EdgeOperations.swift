@@ -15,9 +15,9 @@ enum EdgeTables {
             let rows = items.map { o -> [String] in
                 let spec = o["spec"]
                 let nodes = Printer.list(o["status"]?["nodes"] ?? .null).map { Printer.text($0) }
-                let instances = Printer.list(o["status"]?["instances"] ?? .null)
-                let running = instances.filter { Printer.text($0["phase"]) == "Running" }.count
-                let restarts = instances.reduce(0) { $0 + (Int(Printer.text($1["restarts"])) ?? 0) }
+                // The instances are in each node's status; the workload's holds their sums.
+                let running = Int(Printer.text(o["status"]?["running"])) ?? 0
+                let restarts = Int(Printer.text(o["status"]?["restarts"])) ?? 0
                 let ports = Printer.list(spec?["ports"] ?? .null)
                 let service = ports.isEmpty ? "<none>" : (spec?["service"]?.stringValue ?? name(o))
                 return [

@@ -6,7 +6,7 @@ import Testing
 
 /// Watches scoped to a node (`?node=`, `NodePlacement`): a node's agent gets its own devices and workloads and
 /// every object of the other kinds; an object moving on or off the node arrives as ADDED or DELETED there; a
-/// workload's instance reports reach no node-scoped watcher; with every agent following every device, a twin
+/// workload's instance counts reach no node-scoped watcher; with every agent following every device, a twin
 /// report reached all of them.
 @Suite(.rationed) struct NodeScopedWatchTests {
     static func stored<T: MeshObject>(_ object: T, rv: Int64) -> StoredObject {
@@ -35,12 +35,11 @@ import Testing
     }
 
     static func workload(_ name: String, on nodes: [String], rv: Int64, running: Int = 0) -> StoredObject {
-        let instances = nodes.prefix(running).map { WorkloadInstance(node: $0, phase: .running) }
-        return Self.stored(
+        Self.stored(
             Workload(
                 metadata: ObjectMeta(name: name, namespace: "shop"),
                 spec: WorkloadSpec(command: "/bin/true"),
-                status: WorkloadStatus(nodes: nodes, instances: instances)
+                status: WorkloadStatus(nodes: nodes, running: running)
             ),
             rv: rv
         )
@@ -100,7 +99,7 @@ import Testing
         #expect(got == [["MODIFIED d1"], ["BOOKMARK"], ["MODIFIED d1"]])
         seenByA += got[0]
 
-        // A workload's instance reports reach no node: what a node uses of it did not change.
+        // A workload's instance counts reach no node: what a node uses of it did not change.
         hub.publish(StoreEvent(kind: .modified, object: Self.workload("w", on: ["a", "b"], rv: 5, running: 1)))
         hub.publish(StoreEvent(kind: .modified, object: Self.workload("w", on: ["a", "b"], rv: 6, running: 2)))
         got = await Self.taken(hub, [a, b, all])

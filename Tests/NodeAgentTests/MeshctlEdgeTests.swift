@@ -45,7 +45,7 @@ import class ServiceLifecycle.ServiceGroup
         #expect(await eventually { edge.edge.supervisor.snapshot["default/hello"]?.phase == .running })
         #expect(
             try await eventually {
-                try await cp.client.get(Workload.self, name: "hello").status?.instances?.first?.phase == .running
+                try await cp.client.get(Workload.self, name: "hello").status?.running == 1
             }
         )
 

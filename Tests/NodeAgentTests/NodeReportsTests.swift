@@ -23,6 +23,79 @@ import Testing
         TwinReport(namespace: "default", device: device, property: property, value: value, version: version, time: nil)
     }
 
+    /// A workload on every node: each node's report writes its own Node (`status.workloads`), never the
+    /// workload (which would be one object rewritten by every node, past etcd's value limit at ~10,000 nodes);
+    /// the workload gets the counts, once per controller pass.
+    @Test func workloadInstancesAreKeptInEachNodesOwnStatus() async throws {
+        let cp = try await RunningControl()
+        try await cp.client.apply(
+            Workload(metadata: ObjectMeta(name: "everywhere"), spec: WorkloadSpec(command: "/bin/sleep"))
+        )
+        let names = (1...12).map { "edge-many-\($0)" }
+        for n in names {
+            try await cp.client.apply(Node(metadata: ObjectMeta(name: n), spec: NodeSpec()))
+            _ = try await cp.client.heartbeat(node: n)
+        }
+        #expect(
+            try await eventually {
+                try await cp.client.get(Workload.self, name: "everywhere").status?.nodes == names.sorted()
+            }
+        )
+        let results = try await withThrowingTaskGroup(of: [NodeReportResult].self) { group in
+            for n in names {
+                group.addTask {
+                    let report = WorkloadReport(
+                        namespace: "default",
+                        name: "everywhere",
+                        instance: WorkloadInstance(node: n, phase: .running, pid: 7, restarts: 1)
+                    )
+                    return try await Self.post(
+                        cp.client,
+                        node: n,
+                        NodeReportBatch(epoch: "e-\(n)", reports: [NodeReport(id: 1, workload: report)])
+                    )
+                }
+            }
+            return try await group.reduce(into: []) { $0 += $1 }
+        }
+        #expect(results.map(\.result) == Array(repeating: .applied, count: names.count))
+        for n in names {
+            let node = try await cp.client.get(Node.self, name: n)
+            #expect(node.status?.instance(of: "default", "everywhere")?.pid == 7)
+            #expect(node.status?.phase == .ready)
+        }
+        #expect(
+            try await eventually {
+                let s = try await cp.client.get(Workload.self, name: "everywhere").status
+                return s?.running == names.count && s?.restarts == names.count
+            }
+        )
+        // Unknown workload, unregistered node: refused with the reason, nothing written.
+        let ghost = WorkloadReport(
+            namespace: "default",
+            name: "ghost",
+            instance: WorkloadInstance(node: names[0], phase: .running)
+        )
+        let refused = try await Self.post(
+            cp.client,
+            node: names[0],
+            NodeReportBatch(epoch: "e", reports: [NodeReport(id: 2, workload: ghost)])
+        )
+        #expect(refused.first?.message == "unknown workload default/ghost")
+        let stray = WorkloadReport(
+            namespace: "default",
+            name: "everywhere",
+            instance: WorkloadInstance(node: "edge-nowhere", phase: .running)
+        )
+        let unregistered = try await Self.post(
+            cp.client,
+            node: "edge-nowhere",
+            NodeReportBatch(epoch: "e", reports: [NodeReport(id: 1, workload: stray)])
+        )
+        #expect(unregistered.first?.message == "node edge-nowhere is not registered")
+        try await cp.stop()
+    }
+
     @Test func aBatchSentTwiceIsAppliedOnceAndBadReportsAreRefusedWithTheReason() async throws {
         let cp = try await RunningControl()
         try await cp.client.apply(Thermostat.model)

@@ -57,8 +57,10 @@ import Testing
         #expect(await eventually(timeout: .seconds(15)) { await Self.get(port).contains("200 OK") })
         #expect(
             try await eventually {
+                // The instance is in the node's status; the workload counts it.
+                let n = try await cp.client.get(Node.self, name: "edge-w1")
                 let w = try await cp.client.get(Workload.self, name: "web")
-                return w.status?.instances?.first { $0.node == "edge-w1" }?.phase == .running
+                return n.status?.instance(of: "default", "web")?.phase == .running && w.status?.running == 1
             }
         )
         // Its port is an endpoint of the service web, with this node's name, ready.
@@ -88,9 +90,10 @@ import Testing
         #expect(await eventually(timeout: .seconds(15)) { await Self.get(port).contains("200 OK") })
         #expect(
             try await eventually {
+                let i = try await cp.client.get(Node.self, name: "edge-w1").status?.instance(of: "default", "web")
                 let w = try await cp.client.get(Workload.self, name: "web")
-                let i = w.status?.instances?.first { $0.node == "edge-w1" }
                 return i?.restarts == 1 && i?.phase == .running && i?.exitCode == 128 + Int(SIGKILL)
+                    && w.status?.restarts == 1
             }
         )
         // Its output went to its log file.
@@ -156,8 +159,7 @@ import Testing
         let edge = try RunningEdge(cp, node: "edge-w4", dataDir: dir.path)
         #expect(
             try await eventually {
-                let w = try await cp.client.get(Workload.self, name: "ghost")
-                let i = w.status?.instances?.first
+                let i = try await cp.client.get(Node.self, name: "edge-w4").status?.instance(of: "default", "ghost")
                 return i?.phase == .failed
                     && (i?.message ?? "").contains("command not found: /nonexistent/ghost-daemon")
             }

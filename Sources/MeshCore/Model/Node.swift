@@ -85,6 +85,11 @@ public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
     /// The node's peer links as its heartbeat last reported them (the control plane's picture of the mesh:
     /// `meshctl dashboard`). Nil: not reported.
     public var links: [NodeLink]?
+    /// The node's instance of each workload it runs, as its agent last reported it (`POST .../reports`), sorted
+    /// by namespace and name. Here and not in each Workload: a workload on every node would otherwise be one
+    /// object rewritten by every node's report (a hot key, and past etcd's 1.5 MiB value limit at ~10,000
+    /// nodes); a node writes only its own Node.
+    public var workloads: [NodeWorkload]?
 
     public init(
         phase: Phase? = nil,
@@ -92,7 +97,8 @@ public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
         message: String? = nil,
         relay: String? = nil,
         candidates: NodeCandidates? = nil,
-        links: [NodeLink]? = nil
+        links: [NodeLink]? = nil,
+        workloads: [NodeWorkload]? = nil
     ) {
         self.phase = phase
         self.lastHeartbeatTime = lastHeartbeatTime
@@ -100,6 +106,12 @@ public struct NodeStatus: Codable, Sendable, Equatable, Hashable {
         self.relay = relay
         self.candidates = candidates
         self.links = links
+        self.workloads = workloads
+    }
+
+    /// This node's instance of the workload `namespace/name`.
+    public func instance(of namespace: String, _ name: String) -> WorkloadInstance? {
+        self.workloads?.first { $0.namespace == namespace && $0.name == name }?.instance
     }
 
     public enum Phase: String, StrictEnum {
@@ -243,5 +255,18 @@ public struct NodeLink: Codable, Sendable, Equatable, Hashable {
         if let r = self.relay, let e = Names.dns1123SubdomainError(r) { return "relay \"\(r)\" \(e)" }
         if let rtt = self.rttMillis, rtt < 0 { return "rttMillis must not be negative" }
         return nil
+    }
+}
+
+/// One workload's instance on a node (`NodeStatus.workloads`).
+public struct NodeWorkload: Codable, Sendable, Equatable, Hashable {
+    public var namespace: String
+    public var name: String
+    public var instance: WorkloadInstance
+
+    public init(namespace: String, name: String, instance: WorkloadInstance) {
+        self.namespace = namespace
+        self.name = name
+        self.instance = instance
     }
 }

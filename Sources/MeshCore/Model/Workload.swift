@@ -140,12 +140,15 @@ public struct WorkloadNodeSelector: Codable, Sendable, Equatable, Hashable {
 public struct WorkloadStatus: Codable, Sendable, Equatable, Hashable {
     /// The Ready nodes that match the selector, sorted (the control plane's WorkloadController).
     public var nodes: [String]?
-    /// Each node's instance, as its agent last reported it.
-    public var instances: [WorkloadInstance]?
+    /// How many of those nodes report their instance Running, and the restarts their instances reported, in
+    /// sum (the WorkloadController, from each node's `status.workloads`, where the instances are).
+    public var running: Int?
+    public var restarts: Int?
 
-    public init(nodes: [String]? = nil, instances: [WorkloadInstance]? = nil) {
+    public init(nodes: [String]? = nil, running: Int? = nil, restarts: Int? = nil) {
         self.nodes = nodes
-        self.instances = instances
+        self.running = running
+        self.restarts = restarts
     }
 }
 
