@@ -25,6 +25,8 @@ public final class ControlAPI: HTTPResponder {
     let limiter: WriteRateLimiter?
     /// Writes objects with the control plane's policies (VIPs, Node status).
     let writer: ObjectWriter
+    /// The store's hub, whose index places devices and workloads for node-scoped lists (nil: decode each).
+    let hub: WatchHub?
     public static let version = "0.1.0"
     /// Where nodes enrol (no client certificate needed).
     public static let joinPath = "/apis/mesh.edge/v1/join"
@@ -43,8 +45,10 @@ public final class ControlAPI: HTTPResponder {
         nodeCertificateValidity: TimeInterval = CertificateAuthority.leafValidity,
         limiter: WriteRateLimiter? = nil,
         isReady: @escaping @Sendable () -> (Bool, String) = { (true, "ok") },
-        clock: any MeshClock = .system
+        clock: any MeshClock = .system,
+        hub: WatchHub? = nil
     ) {
+        self.hub = hub
         self.lifecycle = lifecycle
         self.limiter = limiter
         self.store = store
@@ -393,6 +397,17 @@ public final class ControlAPI: HTTPResponder {
         return name
     }
 
+    /// The items placed on `node` (every item of a kind that is not placed), as the hub's index has them now;
+    /// an object it has not indexed yet (committed a moment ago) is decoded. Where they are now, not at the
+    /// list's version: a watch from that version then brings each move (ADDED, DELETED) in order.
+    func placed(_ items: [StoredObject], on node: String) -> [StoredObject] {
+        guard let first = items.first, NodePlacement.isPlaced(first.key.resource) else { return items }
+        let indexed = self.hub?.placements(of: items.map(\.key)) ?? Array(repeating: nil, count: items.count)
+        return zip(items, indexed).compactMap { item, nodes in
+            (nodes ?? NodePlacement.of(item)?.nodes ?? []).contains(node) ? item : nil
+        }
+    }
+
     private func get(
         _ entry: Registry.Entry,
         namespace: String,
@@ -420,7 +435,8 @@ public final class ControlAPI: HTTPResponder {
     {
         let selector = try self.selector(request)
         let node = try self.node(request)
-        let (items, rv) = try await self.store.list(resource: entry.type.plural, namespace: namespace)
+        var (items, rv) = try await self.store.list(resource: entry.type.plural, namespace: namespace)
+        if let node { items = self.placed(items, on: node) }
         var body = ByteBuffer()
         body.reserveCapacity(items.reduce(128) { $0 + $1.json.readableBytes + 1 })
         body.writeString(
@@ -428,8 +444,7 @@ public final class ControlAPI: HTTPResponder {
         )
         var first = true
         let live = entry.type.plural == Node.resource.plural && self.lifecycle != nil
-        for var item in items
-        where (selector?.matches(item.labels) ?? true) && (node.map { NodePlacement.admits(item, node: $0) } ?? true) {
+        for var item in items where selector?.matches(item.labels) ?? true {
             if !first { body.writeString(",") }
             first = false
             if live { item.json = self.withLiveHeartbeat(item) }
@@ -451,8 +466,9 @@ public final class ControlAPI: HTTPResponder {
         if param.isEmpty || param == "0" {
             // No version: the current objects as ADDED events, then every change after that list.
             var initial = ByteBuffer()
-            let (items, rv) = try await self.store.list(resource: entry.type.plural, namespace: namespace)
-            for item in items where filter.matches(item) {
+            var (items, rv) = try await self.store.list(resource: entry.type.plural, namespace: namespace)
+            if let node = filter.node { items = self.placed(items, on: node) }
+            for item in items where filter.matchesIgnoringNode(item) {
                 var line = WatchHub.line(for: StoreEvent(kind: .added, object: item))
                 initial.writeBuffer(&line)
             }

@@ -141,7 +141,8 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
                 node: .init(perSecond: config.writesPerSecond, burst: config.writeBurst),
                 admin: .init(perSecond: config.adminWritesPerSecond, burst: config.adminWriteBurst)
             ),
-            clock: self.clock
+            clock: self.clock,
+            hub: hub
         )
         try await api.loadRevocations()
         var httpConfig = HTTPServerConfiguration()

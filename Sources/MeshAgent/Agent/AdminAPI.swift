@@ -162,12 +162,16 @@ struct AdminAPI: HTTPResponder {
         case "/peers":
             let table = self.applier.current.value
             let punch = self.direct?.coordinator
-            let rows = await self.links.stats().map {
-                PeerRow(
-                    $0,
-                    site: self.peers?.known($0.node)?.spec.site ?? PeerDirectory.site(of: $0.node, in: table),
-                    punch: punch?.stats(for: $0.node)
-                )
+            // Sites from the endpoints (a peer that dialed in): one pass over the table, only when needed.
+            var fromEndpoints: [String: String]?
+            var rows: [PeerRow] = []
+            for s in await self.links.stats() {
+                var site = self.peers?.known(s.node)?.spec.site
+                if site == nil {
+                    if fromEndpoints == nil { fromEndpoints = PeerDirectory.sites(in: table) }
+                    site = fromEndpoints?[s.node]
+                }
+                rows.append(PeerRow(s, site: site, punch: punch?.stats(for: s.node)))
             }
             let list = PeerList(
                 node: self.config.nodeName,

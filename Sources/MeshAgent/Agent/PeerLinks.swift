@@ -56,12 +56,19 @@ enum PeerDirectory {
     /// `node`'s site as the table's endpoints give it (the control plane stamps each address with its node's
     /// site), for a peer this agent has not looked up (one that dialed in). Nil: no endpoint names it with one.
     static func site(of node: String, in snapshot: ServiceSnapshot) -> String? {
+        Self.sites(in: snapshot)[node]
+    }
+
+    /// Every node's site as the endpoints naming it carry it, in one pass over the table (`/peers` asks for
+    /// many nodes: one scan, not one per row).
+    static func sites(in snapshot: ServiceSnapshot) -> [String: String] {
+        var out: [String: String] = [:]
         for endpoints in snapshot.endpoints.values {
-            for a in endpoints where a.node == node {
-                if let s = a.site { return s }
+            for a in endpoints {
+                if let node = a.node, let s = a.site, out[node] == nil { out[node] = s }
             }
         }
-        return nil
+        return out
     }
 
     /// The relays this agent may home on: the Ready ones of the table, or only those named in `preferred`
