@@ -397,15 +397,29 @@ public final class ControlAPI: HTTPResponder {
         return name
     }
 
-    /// The items placed on `node` (every item of a kind that is not placed), as the hub's index has them now;
-    /// an object it has not indexed yet (committed a moment ago) is decoded. Where they are now, not at the
-    /// list's version: a watch from that version then brings each move (ADDED, DELETED) in order.
-    func placed(_ items: [StoredObject], on node: String) -> [StoredObject] {
-        guard let first = items.first, NodePlacement.isPlaced(first.key.resource) else { return items }
-        let indexed = self.hub?.placements(of: items.map(\.key)) ?? Array(repeating: nil, count: items.count)
-        return zip(items, indexed).compactMap { item, nodes in
-            (nodes ?? NodePlacement.of(item)?.nodes ?? []).contains(node) ? item : nil
+    /// A list's objects and version. Scoped to a node, a placed kind's are the ones the hub's index places there
+    /// (read by key: an agent's list of its own devices reads its own, not the fleet's 10,000, which cost 10^8
+    /// at a fleet's set-up), at the version the hub has published: the objects read are at least that new,
+    /// and a watch from it brings every change after it, moves included, in order. Without a hub (an API over
+    /// a bare store): the whole kind, each object decoded to place it.
+    func listed(
+        _ entry: Registry.Entry,
+        namespace: String?,
+        node: String?
+    ) async throws -> (items: [StoredObject], resourceVersion: Int64) {
+        guard let node, NodePlacement.isPlaced(entry.type.plural) else {
+            return try await self.store.list(resource: entry.type.plural, namespace: namespace)
         }
+        guard let hub = self.hub else {
+            let (all, rv) = try await self.store.list(resource: entry.type.plural, namespace: namespace)
+            return (all.filter { NodePlacement.admits($0, node: node) }, rv)
+        }
+        let (keys, version) = hub.placed(on: node, resource: entry.type.plural)
+        let wanted = keys.filter { k in namespace.map { $0 == k.namespace } ?? true }
+        let items = try await self.store.get(wanted).sorted {
+            ($0.key.namespace, $0.key.name) < ($1.key.namespace, $1.key.name)
+        }
+        return (items, version)
     }
 
     private func get(
@@ -435,8 +449,7 @@ public final class ControlAPI: HTTPResponder {
     {
         let selector = try self.selector(request)
         let node = try self.node(request)
-        var (items, rv) = try await self.store.list(resource: entry.type.plural, namespace: namespace)
-        if let node { items = self.placed(items, on: node) }
+        let (items, rv) = try await self.listed(entry, namespace: namespace, node: node)
         var body = ByteBuffer()
         body.reserveCapacity(items.reduce(128) { $0 + $1.json.readableBytes + 1 })
         body.writeString(
@@ -466,8 +479,7 @@ public final class ControlAPI: HTTPResponder {
         if param.isEmpty || param == "0" {
             // No version: the current objects as ADDED events, then every change after that list.
             var initial = ByteBuffer()
-            var (items, rv) = try await self.store.list(resource: entry.type.plural, namespace: namespace)
-            if let node = filter.node { items = self.placed(items, on: node) }
+            let (items, rv) = try await self.listed(entry, namespace: namespace, node: filter.node)
             for item in items where filter.matchesIgnoringNode(item) {
                 var line = WatchHub.line(for: StoreEvent(kind: .added, object: item))
                 initial.writeBuffer(&line)

@@ -134,6 +134,20 @@ public final class SQLiteStore: Store {
         }
     }
 
+    public func get(_ keys: [ObjectKey]) async throws -> [StoredObject] {
+        let db = self.db
+        return try await self.pool.runIfActive {
+            try db.transaction { tx in
+                try keys.compactMap { key in
+                    try tx.query(
+                        "SELECT namespace, name, rv, labels, body FROM objects WHERE resource = ? AND namespace = ? AND name = ?",
+                        [.text(key.resource), .text(key.namespace), .text(key.name)]
+                    ).first.map { try SQLiteStore.object(from: $0, resource: key.resource) }
+                }
+            }
+        }
+    }
+
     public func list(
         resource: String,
         namespace: String?

@@ -173,12 +173,22 @@ public struct WatchFilter: Sendable {
     func scopedByNode(_ resource: String) -> Bool { self.node != nil && NodePlacement.isPlaced(resource) }
 }
 
+extension Store {
+    public func get(_ keys: [ObjectKey]) async throws -> [StoredObject] {
+        var out: [StoredObject] = []
+        for key in keys { if let o = try await self.get(key) { out.append(o) } }
+        return out
+    }
+}
+
 /// The control plane's storage: versioned objects, atomic conditional writes, list and watch.
 /// Implementations: `SQLiteStore` (one machine); `EtcdStore` (replicas over one etcd).
 public protocol Store: Sendable {
     /// The version of the latest write.
     func currentResourceVersion() async throws -> Int64
     func get(_ key: ObjectKey) async throws -> StoredObject?
+    /// The objects at `keys` that exist, in one read where the store can (a node-scoped list's own objects).
+    func get(_ keys: [ObjectKey]) async throws -> [StoredObject]
     /// Every object of `resource` (in `namespace` when given), consistent at the returned version.
     func list(resource: String, namespace: String?) async throws -> (items: [StoredObject], resourceVersion: Int64)
     /// Commits `write` atomically and returns the object as written (for a delete, its final state).

@@ -101,7 +101,25 @@ public final class WatchHub: Sendable {
         var scoped: [String: [Int: WatchSubscription]] = [:]
         var byNode: [NodeKey: [Int: WatchSubscription]] = [:]
         /// Each placed object's placement now: where its next change was before.
-        var placements: [ObjectKey: NodePlacement] = [:]
+        private(set) var placements: [ObjectKey: NodePlacement] = [:]
+        /// The same by kind and node: a node-scoped list reads its own objects, not the whole kind.
+        private(set) var placedOn: [NodeKey: Set<ObjectKey>] = [:]
+
+        mutating func setPlacement(_ key: ObjectKey, _ placement: NodePlacement?) {
+            for n in self.placements[key]?.nodes ?? [] {
+                let k = NodeKey(resource: key.resource, node: n)
+                self.placedOn[k]?.remove(key)
+                if self.placedOn[k]?.isEmpty == true { self.placedOn[k] = nil }
+            }
+            self.placements[key] = placement
+            for n in placement?.nodes ?? [] { self.placedOn[NodeKey(resource: key.resource, node: n), default: []].insert(key) }
+        }
+
+        mutating func setPlacements(_ objects: [StoredObject]) {
+            self.placements = [:]
+            self.placedOn = [:]
+            for o in objects { if let p = NodePlacement.of(o) { self.setPlacement(o.key, p) } }
+        }
 
         mutating func add(_ sub: WatchSubscription) {
             self.subscribers[sub.id] = sub
@@ -181,11 +199,7 @@ public final class WatchHub: Sendable {
             guard let placement else { return nil }
             let key = event.object.key
             let old = self.placements[key]
-            if event.kind == .deleted {
-                self.placements[key] = nil
-            } else {
-                self.placements[key] = placement
-            }
+            self.setPlacement(key, event.kind == .deleted ? nil : placement)
             let before: [String]?
             switch event.kind {
             case .added: before = old?.nodes ?? []
@@ -232,16 +246,11 @@ public final class WatchHub: Sendable {
         }
         var state = State(history: Array(entries), current: current)
         state.keptBytes = entries.reduce(0) { $0 + $1.bytes }
-        state.placements = Self.placements(placed)
+        state.setPlacements(placed)
         state.trim(configuration)
         self.state = Mutex(state)
     }
 
-    static func placements(_ objects: [StoredObject]) -> [ObjectKey: NodePlacement] {
-        var out: [ObjectKey: NodePlacement] = [:]
-        for o in objects { if let p = NodePlacement.of(o) { out[o.key] = p } }
-        return out
-    }
 
     /// The watch line of an event.
     static func line(for event: StoreEvent) -> ByteBuffer {
@@ -275,11 +284,12 @@ public final class WatchHub: Sendable {
         self.state.withLock { ($0.byResource[resource]?.count ?? 0) + ($0.scoped[resource]?.count ?? 0) }
     }
 
-    /// Where the hub's index places each of `keys` now (nil: not a placed object it has seen), under one lock:
-    /// a node-scoped list filters by it instead of decoding every object (10,000 agents listing 10,000 devices
-    /// each decoded 10^8 objects at set-up).
-    public func placements(of keys: [ObjectKey]) -> [[String]?] {
-        self.state.withLock { s in keys.map { s.placements[$0]?.nodes } }
+    /// The objects of `resource` placed on `node`, and the version the hub has published up to (a node-scoped
+    /// list reads these from the store and watches from that version: what changed since comes by the watch).
+    public func placed(on node: String, resource: String) -> (keys: [ObjectKey], version: Int64) {
+        self.state.withLock { s in
+            (Array(s.placedOn[NodeKey(resource: resource, node: node)] ?? []), s.current)
+        }
     }
 
     /// The node-scoped watches of `resource` for `node`.
@@ -348,10 +358,9 @@ public final class WatchHub: Sendable {
     /// that fell behind the compaction and listed again). Watchers resume, or relist on 410.
     /// `placed`: the placed kinds' objects at `current`, as in `init`.
     public func reset(current: Int64, placed: [StoredObject] = []) {
-        let placements = Self.placements(placed)
         let subs = self.state.withLock { s -> [WatchSubscription] in
             defer { _ = s.removeAll() }
-            s.placements = placements
+            s.setPlacements(placed)
             s.history.removeAll()
             s.head = 0
             s.keptBytes = 0

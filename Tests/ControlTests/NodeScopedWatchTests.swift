@@ -117,6 +117,12 @@ import Testing
         got = await Self.taken(hub, [a, b, all])
         #expect(got == [["BOOKMARK"], ["DELETED d1"], ["DELETED d1"]])
 
+        // The index a node-scoped list reads: where each object is now.
+        #expect(hub.placed(on: "b", resource: "workloads").keys.map(\.name) == ["w"])
+        #expect(hub.placed(on: "a", resource: "workloads").keys.isEmpty)
+        #expect(hub.placed(on: "b", resource: "devices").keys.isEmpty)  // deleted
+        #expect(hub.placed(on: "b", resource: "devices").version == 9)
+
         // A watch resumed from the start gets what the live one got, from the history.
         let late = try hub.subscribe(after: 0, filter: WatchFilter(resources: kinds, node: "a"))
         #expect(Self.lines(await late.next(kind: "Bookmark")) == seenByA + ["BOOKMARK"])

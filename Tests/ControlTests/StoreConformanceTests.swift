@@ -63,6 +63,21 @@ import Testing
         }
     }
 
+    /// Several keys in one read (a node-scoped list's own objects): those that exist, as `get` has them.
+    @Test(arguments: Backend.allCases) func getOfSeveralKeysReturnsThoseThatExist(_ backend: Backend) async throws {
+        try await self.withStore(backend) { store in
+            let a = try await put(store, "a")
+            try await put(store, "b", ns: "other")
+            let c = try await put(store, "c", value: 3)
+            try await remove(store, "b", ns: "other")
+            let got = try await store.get([key("c"), key("b", ns: "other"), key("a"), key("ghost")])
+            #expect(got.map(\.key.name) == ["c", "a"])
+            #expect(got.map(\.resourceVersion) == [c.resourceVersion, a.resourceVersion])
+            #expect(String(buffer: got[0].json) == String(buffer: body("c", c.resourceVersion, value: 3)))
+            #expect(try await store.get([ObjectKey]()).isEmpty)
+        }
+    }
+
     @Test(arguments: Backend.allCases) func preconditionsRefuseStaleWrites(_ backend: Backend) async throws {
         try await self.withStore(backend) { store in
             let first = try await put(store, "web", expect: .absent)

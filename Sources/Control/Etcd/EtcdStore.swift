@@ -318,6 +318,17 @@ public final class EtcdStore: Store {
         return try Self.object(key, kv.value?.bytes ?? [], at: kv.mod)
     }
 
+    /// From the cache once it has caught up with etcd (one revision call, not one read per key).
+    public func get(_ keys: [ObjectKey]) async throws -> [StoredObject] {
+        let revision = try await self.client.revision()
+        if await self.waitFor(revision) {
+            return self.state.withLock { s in keys.compactMap { s.objects[$0.resource]?[$0] } }
+        }
+        var out: [StoredObject] = []
+        for key in keys { if let o = try await self.get(key) { out.append(o) } }
+        return out
+    }
+
     public func list(
         resource: String,
         namespace: String?
