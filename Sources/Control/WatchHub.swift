@@ -112,7 +112,9 @@ public final class WatchHub: Sendable {
                 if self.placedOn[k]?.isEmpty == true { self.placedOn[k] = nil }
             }
             self.placements[key] = placement
-            for n in placement?.nodes ?? [] { self.placedOn[NodeKey(resource: key.resource, node: n), default: []].insert(key) }
+            for n in placement?.nodes ?? [] {
+                self.placedOn[NodeKey(resource: key.resource, node: n), default: []].insert(key)
+            }
         }
 
         mutating func setPlacements(_ objects: [StoredObject]) {
@@ -250,7 +252,6 @@ public final class WatchHub: Sendable {
         state.trim(configuration)
         self.state = Mutex(state)
     }
-
 
     /// The watch line of an event.
     static func line(for event: StoreEvent) -> ByteBuffer {
