@@ -443,7 +443,8 @@ struct Drive: AsyncParsableCommand {
             let cpuR0 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
             let r0 = ContinuousClock.now
             reportsApplied = try await self.postReports(pki, urls)
-            reportPosting = Double((ContinuousClock.now - r0).components.attoseconds) / 1e18
+            reportPosting =
+                Double((ContinuousClock.now - r0).components.attoseconds) / 1e18
                 + Double((ContinuousClock.now - r0).components.seconds)
             try await Task.sleep(for: .seconds(2))  // delivery drains
             reportSeconds = Double((ContinuousClock.now - r0).components.seconds)
