@@ -154,6 +154,20 @@ import Testing
                     "services/other/x", "services/shop/a", "services/shop/b", "services/shop/c",
                 ]
             )
+            // Each list sees the writes before it (etcd keeps each kind's sorted list until the kind changes).
+            let updated = try await put(store, "b", value: 9)
+            try await remove(store, "a")
+            try await put(store, "0", ns: "other")
+            try await put(store, "f", resource: "endpoints")
+            let (after, _) = try await store.list(resource: "services", namespace: nil)
+            #expect(
+                after.map(\.key.description) == [
+                    "services/other/0", "services/other/x", "services/shop/b", "services/shop/c",
+                ]
+            )
+            #expect(after[2].resourceVersion == updated.resourceVersion)
+            let (endpoints, _) = try await store.list(resource: "endpoints", namespace: nil)
+            #expect(endpoints.map(\.key.name) == ["e", "f"])
         }
     }
 

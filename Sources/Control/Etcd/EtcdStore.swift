@@ -44,6 +44,9 @@ public final class EtcdStore: Store {
     struct State {
         /// resource → key → object, at `revision`.
         var objects: [String: [ObjectKey: StoredObject]] = [:]
+        /// Each kind's objects in list order, kept until the kind changes: a fleet of agents listing a kind
+        /// at once (a restart) sorts it once, not once per agent under this lock.
+        var sorted: [String: [StoredObject]] = [:]
         var revision: Int64
         var waiters: [Int: Waiter] = [:]
         var nextWaiter = 0
@@ -200,6 +203,7 @@ public final class EtcdStore: Store {
                     } else {
                         s.objects[o.key.resource, default: [:]][o.key] = o
                     }
+                    s.sorted[o.key.resource] = nil
                     if rev > self.hub.currentResourceVersion { self.hub.publish(change) }
                 } else {
                     self.hub.advance(to: rev)
@@ -235,6 +239,7 @@ public final class EtcdStore: Store {
         let (revision, cache, _) = try await Self.load(self.client, root: self.root)
         let ready = self.state.withLock { s -> [CheckedContinuation<Bool, Never>] in
             s.objects = cache
+            s.sorted = [:]
             s.revision = revision
             self.hub.reset(current: revision, placed: Self.placed(cache))
             return Self.takeReady(&s)
@@ -336,10 +341,16 @@ public final class EtcdStore: Store {
         let revision = try await self.client.revision()
         if await self.waitFor(revision) {
             return self.state.withLock { s in
-                let items = (s.objects[resource] ?? [:]).values
-                    .filter { namespace == nil || $0.key.namespace == namespace }
-                    .sorted { ($0.key.namespace, $0.key.name) < ($1.key.namespace, $1.key.name) }
-                return (items, s.revision)
+                let all: [StoredObject]
+                if let cached = s.sorted[resource] {
+                    all = cached
+                } else {
+                    all = (s.objects[resource] ?? [:]).values.sorted {
+                        ($0.key.namespace, $0.key.name) < ($1.key.namespace, $1.key.name)
+                    }
+                    s.sorted[resource] = all
+                }
+                return (namespace.map { ns in all.filter { $0.key.namespace == ns } } ?? all, s.revision)
             }
         }
         // The cache is behind (etcd unreachable for the watch, or writes outside the prefix that no
