@@ -154,7 +154,7 @@ struct NodeReports: Sendable {
             )
         }
         // The node's own Node holds its instances (`NodeStatus.workloads`): no two nodes write one object.
-        let entry = NodeWorkload(namespace: report.namespace, name: report.name, instance: report.instance)
+        let entry = report
         let written = try await NodeLifecycle.writeStatus(node, in: self.writer.store) { old in
             var s = old ?? NodeStatus()
             var all = s.workloads ?? []

@@ -47,17 +47,8 @@ public struct TwinReport: Codable, Sendable, Equatable {
     }
 }
 
-public struct WorkloadReport: Codable, Sendable, Equatable {
-    public var namespace: String
-    public var name: String
-    public var instance: WorkloadInstance
-
-    public init(namespace: String, name: String, instance: WorkloadInstance) {
-        self.namespace = namespace
-        self.name = name
-        self.instance = instance
-    }
-}
+/// A node's report of its instance of a workload: what it reports is what its Node's `status.workloads` keeps.
+public typealias WorkloadReport = NodeWorkload
 
 /// The answer: one result per message id of the batch.
 public struct NodeReportResults: Codable, Sendable, Equatable {
