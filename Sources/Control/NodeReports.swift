@@ -145,8 +145,11 @@ struct NodeReports: Sendable {
         guard report.instance.node == node else {
             return NodeReportResult(id: id, result: .rejected, message: "an instance of another node")
         }
+        // Stopped: the node no longer runs it (unassigned or deleted); its entry goes.
+        let stopped = report.instance.phase == .stopped
         let key = ObjectKey(resource: Workload.resource.plural, namespace: report.namespace, name: report.name)
-        guard try await self.writer.store.get(key) != nil else {
+        let exists = try await self.writer.store.get(key) != nil
+        guard stopped || exists else {
             return NodeReportResult(
                 id: id,
                 result: .rejected,
@@ -159,8 +162,8 @@ struct NodeReports: Sendable {
             var s = old ?? NodeStatus()
             var all = s.workloads ?? []
             all.removeAll { $0.namespace == entry.namespace && $0.name == entry.name }
-            all.append(entry)
-            s.workloads = all.sorted { ($0.namespace, $0.name) < ($1.namespace, $1.name) }
+            if !stopped { all.append(entry) }
+            s.workloads = all.isEmpty ? nil : all.sorted { ($0.namespace, $0.name) < ($1.namespace, $1.name) }
             return s
         }
         if written == nil {

@@ -70,6 +70,24 @@ import Testing
                 return s?.running == names.count && s?.restarts == names.count
             }
         )
+        // Stopped (its node no longer runs it): the entry goes, and the workload counts one fewer.
+        let stopped = WorkloadReport(
+            namespace: "default",
+            name: "everywhere",
+            instance: WorkloadInstance(node: names[0], phase: .stopped)
+        )
+        let gone = try await Self.post(
+            cp.client,
+            node: names[0],
+            NodeReportBatch(epoch: "e-\(names[0])", reports: [NodeReport(id: 2, workload: stopped)])
+        )
+        #expect(gone.map(\.result) == [.applied])
+        #expect(try await cp.client.get(Node.self, name: names[0]).status?.workloads == nil)
+        #expect(
+            try await eventually {
+                try await cp.client.get(Workload.self, name: "everywhere").status?.running == names.count - 1
+            }
+        )
         // Unknown workload, unregistered node: refused with the reason, nothing written.
         let ghost = WorkloadReport(
             namespace: "default",
@@ -79,7 +97,7 @@ import Testing
         let refused = try await Self.post(
             cp.client,
             node: names[0],
-            NodeReportBatch(epoch: "e", reports: [NodeReport(id: 2, workload: ghost)])
+            NodeReportBatch(epoch: "e", reports: [NodeReport(id: 3, workload: ghost)])
         )
         #expect(refused.first?.message == "unknown workload default/ghost")
         let stray = WorkloadReport(

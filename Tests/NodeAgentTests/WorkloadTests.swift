@@ -164,6 +164,13 @@ import Testing
                     && (i?.message ?? "").contains("command not found: /nonexistent/ghost-daemon")
             }
         )
+        // Deleted: its agent drops it and reports it Stopped, which takes it out of the node's status.
+        _ = try await cp.client.delete(Workload.self, namespace: "default", name: "ghost")
+        #expect(
+            try await eventually {
+                try await cp.client.get(Node.self, name: "edge-w4").status?.instance(of: "default", "ghost") == nil
+            }
+        )
         // A workload that is not valid is refused with the field.
         do {
             try await cp.client.apply(Workload(metadata: ObjectMeta(name: "empty"), spec: WorkloadSpec(command: "")))

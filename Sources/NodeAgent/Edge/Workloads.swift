@@ -113,6 +113,7 @@ public final class WorkloadSupervisor: Sendable {
     /// stop, changed ones restart.
     public func update(_ workloads: [Workload]) async {
         var stopping: [(String, ChildProcess)] = []
+        var removed: [WorkloadReport] = []
         self.instances.withLock { instances in
             let wanted = Dictionary(
                 workloads.map { ("\($0.effectiveNamespace)/\($0.metadata.name)", $0) },
@@ -120,6 +121,12 @@ public final class WorkloadSupervisor: Sendable {
             )
             for (key, i) in instances where wanted[key] == nil || wanted[key]!.spec != i.workload.spec {
                 if let p = i.process { stopping.append((key, p)) }
+                if wanted[key] == nil {
+                    var gone = i
+                    gone.process = nil
+                    gone.phase = .stopped
+                    removed.append(self.report(gone))
+                }
                 instances[key] = nil
             }
             for (key, w) in wanted where instances[key] == nil {
@@ -132,6 +139,8 @@ public final class WorkloadSupervisor: Sendable {
             try? self.store.setPID(namespace: parts[0], name: parts[1], pid: nil)
             self.logger.info("workload \(key): stopped")
         }
+        // No longer this node's: Stopped, which takes its instance out of the node's status.
+        for report in removed { self.onStatus(report) }
     }
 
     /// SIGTERM to the group, SIGKILL after the grace; reaps it.
