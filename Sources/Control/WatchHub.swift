@@ -319,13 +319,8 @@ public final class WatchHub: Sendable {
             s.keptBytes += entry.bytes
             s.trim(self.configuration)
             var woken: [CheckedContinuation<Void, Never>] = []
-            let resource = event.object.key.resource
-            let offered =
-                entry.placed == nil
-                ? Array(s.byResource[resource]?.values ?? [:].values)
-                : s.offered(resource, audience: entry.placed?.audience)
-            for sub in offered {
-                guard let line = entry.line(for: sub.filter) else { continue }
+            func offer(_ sub: WatchSubscription) {
+                guard let line = entry.line(for: sub.filter) else { return }
                 let waiter = sub.enqueue(
                     .line(line),
                     rv: event.resourceVersion,
@@ -333,6 +328,13 @@ public final class WatchHub: Sendable {
                     maxBytes: self.configuration.maxPendingBytes
                 )
                 if let waiter { woken.append(waiter) }
+            }
+            let resource = event.object.key.resource
+            if let placed = entry.placed {
+                for sub in s.offered(resource, audience: placed.audience) { offer(sub) }
+            } else {
+                // Every other kind: its watchers in place, not copied (10,000 of them for a Service change).
+                for sub in s.byResource[resource]?.values ?? [:].values { offer(sub) }
             }
             return woken
         }
