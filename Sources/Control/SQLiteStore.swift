@@ -34,6 +34,9 @@ public final class SQLiteStore: Store {
         """,
         // Node heartbeats, persisted coarsely beside the objects: no versions, no events.
         "CREATE TABLE heartbeats (name TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID",
+        // Where a device's or workload's change moved it from (`StoreEvent.placedBefore`; nodes separated by
+        // newlines), so that history loaded at start goes only to the node-scoped watchers it concerns.
+        "ALTER TABLE events ADD COLUMN placed_before TEXT",
     ]
 
     let db: SQLiteDatabase
@@ -71,7 +74,7 @@ public final class SQLiteStore: Store {
             try db.migrate(SQLiteStore.migrations)
             let current = try db.query("SELECT value FROM meta WHERE key = 'resourceVersion'").first?[0].int ?? 0
             let rows = try db.query(
-                "SELECT rv, type, resource, namespace, name, labels, body FROM events WHERE rv > ? ORDER BY rv",
+                "SELECT rv, type, resource, namespace, name, labels, body, placed_before FROM events WHERE rv > ? ORDER BY rv",
                 [.int(current - Int64(config.hub.historyLimit))]
             )
             // Where the placed kinds' objects are now: their next changes move from there (`NodePlacement`).
@@ -97,7 +100,7 @@ public final class SQLiteStore: Store {
             let resource = row[2].text, let ns = row[3].text, let name = row[4].text, let body = row[6].blob
         else { throw StoreError.unavailable("corrupt event row") }
         let key = ObjectKey(resource: resource, namespace: ns, name: name)
-        return StoreEvent(
+        var event = StoreEvent(
             kind: type,
             object: StoredObject(
                 key: key,
@@ -106,6 +109,10 @@ public final class SQLiteStore: Store {
                 json: ByteBuffer(bytes: body)
             )
         )
+        if row.count > 7, let before = row[7].text {
+            event.placedBefore = before.split(separator: "\n").map(String.init)
+        }
+        return event
     }
 
     static func object(from row: [SQLValue], resource: String) throws -> StoredObject {
@@ -197,7 +204,7 @@ public final class SQLiteStore: Store {
         return try await self.pool.runIfActive {
             try self.writer.withLock { compaction in
                 let event = try db.transaction { tx in
-                    let event = try SQLiteStore.apply(write, tx)
+                    let event = try SQLiteStore.apply(write, tx, placedBefore: hub.nodes(of: write.key))
                     if compaction.due(afterWriting: event.object.json.readableBytes, maxBytes: maxBytes) {
                         // What the hub no longer keeps (by count or by bytes) cannot be resumed from.
                         let cutoff = max(event.resourceVersion - limit + 1, hub.oldestKeptVersion ?? 0)
@@ -211,7 +218,13 @@ public final class SQLiteStore: Store {
         }
     }
 
-    private static func apply(_ write: Write, _ tx: borrowing Transaction) throws -> StoreEvent {
+    /// `placedBefore`: where the hub places the object now (nil: not a placed kind, or not indexed), kept
+    /// with the event for the history loaded at the next start.
+    private static func apply(
+        _ write: Write,
+        _ tx: borrowing Transaction,
+        placedBefore: [String]?
+    ) throws -> StoreEvent {
         let key = write.key
         let keyParams: [SQLValue] = [.text(key.resource), .text(key.namespace), .text(key.name)]
         let rv = (try tx.query("SELECT value FROM meta WHERE key = 'resourceVersion'").first?[0].int ?? 0) + 1
@@ -265,10 +278,14 @@ public final class SQLiteStore: Store {
                 object: StoredObject(key: key, resourceVersion: rv, labels: Labels.decode(labels), json: json)
             )
         }
+        let before: SQLValue =
+            existing == nil
+            ? (NodePlacement.isPlaced(key.resource) ? .text("") : .null)
+            : placedBefore.map { .text($0.joined(separator: "\n")) } ?? .null
         try tx.query(
-            "INSERT INTO events (rv, type, resource, namespace, name, labels, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (rv, type, resource, namespace, name, labels, body, placed_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [.int(rv), .int(event.kind.rawValue)] + keyParams + [
-                .text(Labels.encode(event.object.labels)), .blob(Array(event.object.json.readableBytesView)),
+                .text(Labels.encode(event.object.labels)), .blob(Array(event.object.json.readableBytesView)), before,
             ]
         )
         try tx.query("UPDATE meta SET value = ? WHERE key = 'resourceVersion'", [.int(rv)])

@@ -56,6 +56,9 @@ public struct StoreEvent: Sendable {
 
     /// The object after the change; for a deletion, its last state stamped with the deletion's version.
     public var object: StoredObject
+    /// For a device or workload (`NodePlacement`): the nodes it was placed on before the change, as a store
+    /// kept it with the event (SQLite), for the history a hub loads at start; nil: not known.
+    public var placedBefore: [String]?
     public var resourceVersion: Int64 { self.object.resourceVersion }
 }
 

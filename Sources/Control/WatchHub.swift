@@ -74,6 +74,27 @@ public final class WatchHub: Sendable {
             }
         }
 
+        /// A change of `kind` to `object` (with its JSON) from `before` to `after`: a move's ADDED and DELETED
+        /// lines encoded here, once.
+        static func of(
+            _ kind: StoreEvent.Kind,
+            _ object: StoredObject,
+            before: [String]?,
+            after: [String],
+            relevant: Bool
+        ) -> Placed {
+            var placed = Placed(before: before, after: after, relevant: relevant)
+            if kind == .modified, let before {
+                if after.contains(where: { !before.contains($0) }) {
+                    placed.entered = WatchHub.line(for: StoreEvent(kind: .added, object: object))
+                }
+                if before.contains(where: { !after.contains($0) }) {
+                    placed.left = WatchHub.line(for: StoreEvent(kind: .deleted, object: object))
+                }
+            }
+            return placed
+        }
+
         /// The nodes whose watchers are offered the change; nil: every node-scoped watcher of the kind.
         var audience: Set<String>? { self.before.map { Set($0).union(self.after) } }
     }
@@ -207,23 +228,15 @@ public final class WatchHub: Sendable {
             case .added: before = old?.nodes ?? []
             case .modified, .deleted: before = old?.nodes
             }
-            let after = event.kind == .deleted ? [] : placement.nodes
-            var placed = Placed(
+            var object = event.object
+            object.json = json
+            return Placed.of(
+                event.kind,
+                object,
                 before: before,
-                after: after,
+                after: event.kind == .deleted ? [] : placement.nodes,
                 relevant: event.kind != .modified || old == nil || old?.digest != placement.digest
             )
-            if event.kind == .modified, let before {
-                var object = event.object
-                object.json = json
-                if after.contains(where: { !before.contains($0) }) {
-                    placed.entered = WatchHub.line(for: StoreEvent(kind: .added, object: object))
-                }
-                if before.contains(where: { !after.contains($0) }) {
-                    placed.left = WatchHub.line(for: StoreEvent(kind: .deleted, object: object))
-                }
-            }
-            return placed
         }
     }
 
@@ -243,7 +256,15 @@ public final class WatchHub: Sendable {
         let entries = history.suffix(configuration.historyLimit).map { event in
             Entry(
                 event,
-                placed: NodePlacement.of(event.object).map { Placed(before: nil, after: $0.nodes, relevant: true) }
+                placed: NodePlacement.of(event.object).map {
+                    Placed.of(
+                        event.kind,
+                        event.object,
+                        before: event.kind == .added ? [] : event.placedBefore,
+                        after: event.kind == .deleted ? [] : $0.nodes,
+                        relevant: true
+                    )
+                }
             )
         }
         var state = State(history: Array(entries), current: current)
@@ -291,6 +312,11 @@ public final class WatchHub: Sendable {
         self.state.withLock { s in
             (Array(s.placedOn[NodeKey(resource: resource, node: node)] ?? []), s.current)
         }
+    }
+
+    /// The nodes the index places `key` on now (nil: not a placed object it holds).
+    func nodes(of key: ObjectKey) -> [String]? {
+        self.state.withLock { $0.placements[key]?.nodes }
     }
 
     /// The node-scoped watches of `resource` for `node`.

@@ -1,6 +1,7 @@
 import Control
 import Foundation
 import MeshCore
+import MeshTestSupport
 import NIOCore
 import Testing
 
@@ -131,16 +132,20 @@ import Testing
     }
 
     /// A store hands the hub where its devices and workloads are when it opens: the next change moves from
-    /// there. The history it loads has no "before": those changes go to every node-scoped watcher.
+    /// there. A change in the history it loads whose "before" is not known goes to every node-scoped watcher;
+    /// an ADDED was nowhere before.
     @Test func placementsGivenAtStartAreWhereTheNextChangeMovesFrom() async throws {
         let d2 = Self.device("d2", on: "a", rv: 10)
         let hub = WatchHub(
             current: 10,
-            history: [StoreEvent(kind: .added, object: d2)],
+            history: [
+                StoreEvent(kind: .added, object: Self.device("d2", on: "a", rv: 9)),
+                StoreEvent(kind: .modified, object: d2),
+            ],
             placed: [d2, Self.service("s", rv: 9)]
         )
-        let replayed = try hub.subscribe(after: 9, filter: WatchFilter(resource: "devices", node: "b"))
-        #expect(Self.lines(await replayed.next(kind: "Bookmark")) == ["ADDED d2", "BOOKMARK"])
+        let replayed = try hub.subscribe(after: 8, filter: WatchFilter(resource: "devices", node: "b"))
+        #expect(Self.lines(await replayed.next(kind: "Bookmark")) == ["MODIFIED d2", "BOOKMARK"])
         replayed.cancel()
         let a = try hub.subscribe(after: 10, filter: WatchFilter(resource: "devices", node: "a"))
         let b = try hub.subscribe(after: 10, filter: WatchFilter(resource: "devices", node: "b"))
@@ -149,6 +154,39 @@ import Testing
         #expect(await Self.taken(hub, [a, b]) == [["DELETED d2"], ["ADDED d2"]])
         a.cancel()
         b.cancel()
+    }
+
+    /// SQLite keeps where each change moved an object from (`placed_before`): after a restart, the history
+    /// goes only to the node-scoped watchers it concerns (not to every agent resuming, 10,000 × the history),
+    /// and a move is still DELETED where it left.
+    @Test func aRestartedStoreSendsItsHistoryOnlyWhereItConcerns() async throws {
+        let dir = TempDir()
+        var store = try await openStore(dir)
+        func write(_ node: String) async throws -> Int64 {
+            try await store.commit(
+                Write(
+                    key: ObjectKey(resource: "devices", namespace: "shop", name: "d1"),
+                    expect: .any,
+                    operation: .put { rv in (Self.device("d1", on: node, rv: rv).json, [:]) }
+                )
+            ).resourceVersion
+        }
+        let start = try await store.currentResourceVersion()
+        _ = try await write("a")
+        _ = try await write("a")  // a report
+        _ = try await write("b")  // moved
+        try await store.close()
+        store = try await openStore(dir)
+        var got: [String: [String]] = [:]
+        for node in ["a", "b", "c"] {
+            let sub = try store.watch(after: start, filter: WatchFilter(resource: "devices", node: node))
+            got[node] = Self.lines(await sub.next(kind: "Bookmark"))
+            sub.cancel()
+        }
+        #expect(got["a"] == ["ADDED d1", "MODIFIED d1", "DELETED d1", "BOOKMARK"])
+        #expect(got["b"] == ["ADDED d1", "BOOKMARK"])
+        #expect(got["c"] == ["BOOKMARK"])
+        try await store.close()
     }
 
     /// An object of a placed kind that does not decode is placed nowhere, and every other kind is everyone's.
