@@ -70,18 +70,25 @@ import Testing
                 return s?.running == names.count && s?.restarts == names.count
             }
         )
+        /// One workload report posted for `node` (as the admin may), its result.
+        func report(
+            _ name: String,
+            on node: String,
+            _ phase: WorkloadInstance.Phase,
+            id: Int64
+        ) async throws
+            -> NodeReportResult?
+        {
+            let r = WorkloadReport(
+                namespace: "default",
+                name: name,
+                instance: WorkloadInstance(node: node, phase: phase)
+            )
+            let batch = NodeReportBatch(epoch: "e-\(node)", reports: [NodeReport(id: id, workload: r)])
+            return try await Self.post(cp.client, node: node, batch).first
+        }
         // Stopped (its node no longer runs it): the entry goes, and the workload counts one fewer.
-        let stopped = WorkloadReport(
-            namespace: "default",
-            name: "everywhere",
-            instance: WorkloadInstance(node: names[0], phase: .stopped)
-        )
-        let gone = try await Self.post(
-            cp.client,
-            node: names[0],
-            NodeReportBatch(epoch: "e-\(names[0])", reports: [NodeReport(id: 2, workload: stopped)])
-        )
-        #expect(gone.map(\.result) == [.applied])
+        #expect(try await report("everywhere", on: names[0], .stopped, id: 2)?.result == .applied)
         #expect(try await cp.client.get(Node.self, name: names[0]).status?.workloads == nil)
         #expect(
             try await eventually {
@@ -89,28 +96,10 @@ import Testing
             }
         )
         // Unknown workload, unregistered node: refused with the reason, nothing written.
-        let ghost = WorkloadReport(
-            namespace: "default",
-            name: "ghost",
-            instance: WorkloadInstance(node: names[0], phase: .running)
-        )
-        let refused = try await Self.post(
-            cp.client,
-            node: names[0],
-            NodeReportBatch(epoch: "e", reports: [NodeReport(id: 3, workload: ghost)])
-        )
-        #expect(refused.first?.message == "unknown workload default/ghost")
-        let stray = WorkloadReport(
-            namespace: "default",
-            name: "everywhere",
-            instance: WorkloadInstance(node: "edge-nowhere", phase: .running)
-        )
-        let unregistered = try await Self.post(
-            cp.client,
-            node: "edge-nowhere",
-            NodeReportBatch(epoch: "e", reports: [NodeReport(id: 1, workload: stray)])
-        )
-        #expect(unregistered.first?.message == "node edge-nowhere is not registered")
+        let refused = try await report("ghost", on: names[0], .running, id: 3)
+        #expect(refused?.message == "unknown workload default/ghost")
+        let unregistered = try await report("everywhere", on: "edge-nowhere", .running, id: 1)
+        #expect(unregistered?.message == "node edge-nowhere is not registered")
         try await cp.stop()
     }
 
