@@ -56,9 +56,10 @@ public enum Authorization {
         case .admin:
             return .allow
         case .node(let name):
-            if Self.nodeMay(request, node: name) { return .allow }
+            let access = Self.nodeMay(request, node: name)
+            if access == .allowed { return .allow }
             var status = Self.forbidden(text, request)
-            if Self.nodeMayUnscoped(request, node: name) {
+            if access == .notScopedToItself {
                 status.message +=
                     ": a node lists and watches only the devices and workloads placed on it (add ?node=\(name))"
             }
@@ -71,58 +72,49 @@ public enum Authorization {
         }
     }
 
+    enum NodeAccess {
+        case allowed, denied
+        /// Allowed, but for naming devices or workloads without `node=` its own name.
+        case notScopedToItself
+    }
+
     /// What a node may do. Devices and workloads: lists and watches scoped to itself (`?node=`, `NodePlacement`),
     /// as Kubernetes' Node authorizer lets a kubelet read only the pods bound to it; a get by name is checked
     /// against the object's placement by the API (`ControlAPI.get`).
-    static func nodeMay(_ request: HTTPRequest, node: String) -> Bool {
-        Self.nodeMayUnscoped(request, node: node) && Self.scopedToItself(request, node: node)
-    }
-
-    /// A node's devices and workloads: a request naming a placed kind's collection (a list or watch, over one
-    /// kind or several) carries `node=` its own name.
-    static func scopedToItself(_ request: HTTPRequest, node: String) -> Bool {
-        let segments = request.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
-        guard request.method == .GET, segments.count >= 4 else { return true }
-        var rest = Array(segments.dropFirst(3))
-        if rest[0] == "namespaces", rest.count >= 3 { rest.removeFirst(2) }
-        let named: [String]
-        if segments.count == 4 && segments[3] == APIRoute.watchSegment {
-            named = ControlAPI.watchedResources(request)
-        } else if rest.count == 1 {
-            named = [rest[0]]
-        } else {
-            return true
-        }
-        return !named.contains(where: NodePlacement.isPlaced) || request.query["node"] == node
-    }
-
-    /// What a node may do, its devices' and workloads' scope aside.
-    static func nodeMayUnscoped(_ request: HTTPRequest, node: String) -> Bool {
+    static func nodeMay(_ request: HTTPRequest, node: String) -> NodeAccess {
         let segments = request.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
         if request.method == .GET && (segments == ["version"] || segments == ["apis", "mesh.edge", "v1"]) {
-            return true
+            return .allowed
         }
         guard segments.count >= 4, segments[0] == "apis", segments[1] == "mesh.edge", segments[2] == "v1" else {
-            return false
+            return .denied
         }
         var rest = Array(segments.dropFirst(3))
         if rest[0] == "namespaces", rest.count >= 3 { rest.removeFirst(2) }
+        /// A list or watch naming `kinds`: a placed kind only with `node=` its own name.
+        func scoped(_ kinds: [String]) -> NodeAccess {
+            !kinds.contains(where: NodePlacement.isPlaced) || request.query["node"] == node
+                ? .allowed : .notScopedToItself
+        }
         let readable: Set<String> = [
             "services", "endpoints", "nodes", Relay.resource.plural, NodeCredentials.revokedResource,
             Workload.resource.plural, Device.resource.plural, DeviceModel.resource.plural,
         ]
         switch request.method {
         case .GET where segments.count == 4 && segments[3] == APIRoute.watchSegment:
-            return Self.mayWatchAll(request, readable)
+            return Self.mayWatchAll(request, readable) ? scoped(ControlAPI.watchedResources(request)) : .denied
         case .GET:
-            return readable.contains(rest[0]) && rest.count <= 2
+            guard readable.contains(rest[0]) && rest.count <= 2 else { return .denied }
+            return rest.count == 1 ? scoped([rest[0]]) : .allowed
         case .PUT:
-            return segments.count == 5 && segments[3] == "nodes" && segments[4] == node
+            return segments.count == 5 && segments[3] == "nodes" && segments[4] == node ? .allowed : .denied
         case .POST:
-            return segments.count == 6 && segments[3] == "nodes" && segments[4] == node
+            let own =
+                segments.count == 6 && segments[3] == "nodes" && segments[4] == node
                 && (segments[5] == "heartbeat" || segments[5] == "certificate" || segments[5] == "reports")
+            return own ? .allowed : .denied
         default:
-            return false
+            return .denied
         }
     }
 
