@@ -59,15 +59,8 @@ public struct NodePlacement: Sendable, Equatable {
     }
 
     /// Whether a list's or watch's `node` scope admits `object` (always, for a kind that is not placed).
-    static func admits(_ object: StoredObject, node: String) -> Bool {
+    public static func admits(_ object: StoredObject, node: String) -> Bool {
         guard let p = Self.of(object) else { return true }
         return p.nodes.contains(node)
-    }
-}
-
-extension StoredObject {
-    /// The object's JSON decoded as `T`.
-    public func decode<T: Decodable>(_ type: T.Type) throws -> T {
-        try JSONDecoder().decode(T.self, from: Data(self.json.readableBytesView))
     }
 }

@@ -157,12 +157,11 @@ struct NodeReports: Sendable {
             )
         }
         // The node's own Node holds its instances (`NodeStatus.workloads`): no two nodes write one object.
-        let entry = report
         let written = try await NodeLifecycle.writeStatus(node, in: self.writer.store) { old in
             var s = old ?? NodeStatus()
             var all = s.workloads ?? []
-            all.removeAll { $0.namespace == entry.namespace && $0.name == entry.name }
-            if !stopped { all.append(entry) }
+            all.removeAll { $0.namespace == report.namespace && $0.name == report.name }
+            if !stopped { all.append(report) }
             s.workloads = all.isEmpty ? nil : all.sorted { ($0.namespace, $0.name) < ($1.namespace, $1.name) }
             return s
         }

@@ -132,13 +132,7 @@ public final class SQLiteStore: Store {
     }
 
     public func get(_ key: ObjectKey) async throws -> StoredObject? {
-        let db = self.db
-        return try await self.pool.runIfActive {
-            try db.query(
-                "SELECT namespace, name, rv, labels, body FROM objects WHERE resource = ? AND namespace = ? AND name = ?",
-                [.text(key.resource), .text(key.namespace), .text(key.name)]
-            ).first.map { try SQLiteStore.object(from: $0, resource: key.resource) }
-        }
+        try await self.get([key]).first
     }
 
     public func get(_ keys: [ObjectKey]) async throws -> [StoredObject] {

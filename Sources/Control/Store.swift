@@ -1,5 +1,11 @@
 import NIOCore
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
 /// Where an object lives: resource (plural), namespace ("" for cluster-scoped) and name.
 public struct ObjectKey: Hashable, Sendable, CustomStringConvertible {
     public var resource: String
@@ -29,6 +35,13 @@ public struct StoredObject: Sendable {
         self.resourceVersion = resourceVersion
         self.labels = labels
         self.json = json
+    }
+}
+
+extension StoredObject {
+    /// The object's JSON decoded as `T`.
+    public func decode<T: Decodable>(_ type: T.Type) throws -> T {
+        try JSONDecoder().decode(T.self, from: Data(self.json.readableBytesView))
     }
 }
 
@@ -161,12 +174,8 @@ public struct WatchFilter: Sendable {
     /// The resources as one name, for messages: `services` or `services,endpoints`.
     public var resource: String { self.resources.joined(separator: ",") }
 
-    /// Whether the filter admits `o` (decodes a placed kind's object to read its placement).
-    public func matches(_ o: StoredObject) -> Bool {
-        self.matchesIgnoringNode(o) && (self.node.map { NodePlacement.admits(o, node: $0) } ?? true)
-    }
-
-    /// Resource, namespace and labels only: what the hub checks itself (it places each change once).
+    /// Resource, namespace and labels only: the node scope is the hub's (it places each change once) and the
+    /// node-scoped list's (`ControlAPI.listed`).
     func matchesIgnoringNode(_ o: StoredObject) -> Bool {
         self.resources.contains(o.key.resource) && (self.namespace.map { $0 == o.key.namespace } ?? true)
             && (self.selector?.matches(o.labels) ?? true)

@@ -190,15 +190,24 @@ import Testing
     }
 
     /// An object of a placed kind that does not decode is placed nowhere, and every other kind is everyone's.
-    @Test func placementOfEachKind() throws {
+    @Test func placementOfEachKind() async throws {
         let w = Self.workload("w", on: ["b", "a", "b"], rv: 1)
         #expect(NodePlacement.resources == ["devices", "workloads"])
-        #expect(WatchFilter(resource: "workloads", node: "a").matches(w))
-        #expect(!WatchFilter(resource: "workloads", node: "c").matches(w))
-        #expect(WatchFilter(resource: "services", node: "c").matches(Self.service("s", rv: 1)))
+        #expect(NodePlacement.admits(w, node: "a"))
+        #expect(!NodePlacement.admits(w, node: "c"))
+        #expect(NodePlacement.admits(Self.service("s", rv: 1), node: "c"))
         var broken = Self.device("d", on: "a", rv: 1)
         broken.json = ByteBuffer(string: "{\"spec\":{}}")
-        #expect(!WatchFilter(resource: "devices", node: "a").matches(broken))
-        #expect(WatchFilter(resource: "devices").matches(broken))
+        #expect(!NodePlacement.admits(broken, node: "a"))
+        // An unscoped watch still gets it; a node-scoped one does not.
+        let hub = WatchHub(current: 0)
+        let all = try hub.subscribe(after: 0, filter: WatchFilter(resource: "devices"))
+        let a = try hub.subscribe(after: 0, filter: WatchFilter(resource: "devices", node: "a"))
+        _ = await Self.taken(hub, [all, a])
+        broken.resourceVersion = 1
+        hub.publish(StoreEvent(kind: .added, object: broken))
+        #expect(await Self.taken(hub, [all, a]) == [["ADDED ?"], ["BOOKMARK"]])
+        all.cancel()
+        a.cancel()
     }
 }
