@@ -21,233 +21,214 @@ import Foundation
 ///   Those Endpoints carry the annotation `mesh.edge/managed-by: workloads`; Endpoints someone else
 ///   wrote under the same name are left alone (logged).
 ///
-/// It reconciles everything after each change of nodes or workloads (coalesced) and every
-/// `resyncInterval`; each write is conditional, so a concurrent API write is never lost.
+/// Informer-style: it lists Nodes, Workloads and Endpoints once, keeps what it needs of them in a
+/// `WorkloadIndex`, follows all three over one watch, and reconciles only the workloads and services a
+/// change touched (a node's report: the workloads on that node; not every workload and node, which a full
+/// pass per change would read and decode: O(N + W) each time, a wall at a fleet's size). Changes that arrive
+/// close together are taken in one pass (`coalesce`). Each write is conditional, so a concurrent API write
+/// is never lost; a failed pass, or a watch that ends, starts again from a fresh list. Every replica runs
+/// one; they agree.
 final class WorkloadController: Sendable {
     static let managedKey = "mesh.edge/managed-by"
     static let managedValue = "workloads"
 
     let writer: ObjectWriter
     let logger: Logger
-    let resyncInterval: Duration
+    /// The least time between two passes: the changes of a burst (a fleet coming online) wait for one.
+    let coalesce: Duration
+    private let passes = Atomic<Int>(0)
 
-    init(writer: ObjectWriter, logger: Logger, resyncInterval: Duration = .seconds(5)) {
+    init(writer: ObjectWriter, logger: Logger, coalesce: Duration = .milliseconds(100)) {
         self.writer = writer
         self.logger = logger
-        self.resyncInterval = resyncInterval
+        self.coalesce = coalesce
     }
 
-    /// Runs until cancelled.
+    /// Passes made so far (tests and the scale benchmark's logs).
+    var passCount: Int { self.passes.load(ordering: .relaxed) }
+
+    /// Runs until cancelled: a list and a pass over everything, then the watch; again from a fresh list
+    /// whenever the watch ends (fell behind, history compacted) or a pass fails.
     func run() async {
+        while !Task.isCancelled {
+            do {
+                try await self.follow()
+            } catch {
+                if Task.isCancelled { return }
+                self.logger.warning("workloads: \(error); listing again")
+            }
+            try? await Task.sleep(for: .milliseconds(200))
+        }
+    }
+
+    /// One watch line, decoded as the kind it names (one parse).
+    struct Line: Decodable {
+        enum Object: Decodable {
+            case node(Node)
+            case workload(Workload)
+            case endpoints(Endpoints)
+            case other
+
+            private enum Keys: String, CodingKey { case kind }
+
+            init(from decoder: any Decoder) throws {
+                switch try decoder.container(keyedBy: Keys.self).decodeIfPresent(String.self, forKey: .kind) {
+                case Node.resource.kind: self = .node(try Node(from: decoder))
+                case Workload.resource.kind: self = .workload(try Workload(from: decoder))
+                case Endpoints.resource.kind: self = .endpoints(try Endpoints(from: decoder))
+                default: self = .other
+                }
+            }
+        }
+        var type: String
+        var object: Object?
+    }
+
+    private func follow() async throws {
         let store = self.writer.store
-        let (changes, signal) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        await withTaskGroup(of: Void.self) { group in
-            for resource in [Node.resource.plural, Workload.resource.plural] {
-                group.addTask {
-                    while !Task.isCancelled {
-                        do {
-                            let rv = try await store.currentResourceVersion()
-                            let sub = try await store.watch(after: rv, filter: WatchFilter(resource: resource))
-                            await withTaskCancellationHandler {
-                                // Bookmarks (idle watchers get one every few seconds) change nothing.
-                                while let chunk = await sub.next(kind: resource) {
-                                    if Self.hasChange(chunk) { signal.yield() }
-                                }
-                            } onCancel: {
-                                sub.cancel()
-                            }
-                            // Ended (fell behind, or the store closes): watch again from the current version.
-                            signal.yield()
-                            try? await Task.sleep(for: .milliseconds(50))
-                        } catch {
-                            try? await Task.sleep(for: .milliseconds(200))
-                        }
-                    }
-                }
-            }
-            group.addTask {
-                while !Task.isCancelled {
-                    try? await Task.sleep(for: self.resyncInterval)
-                    signal.yield()
-                }
-            }
-            group.addTask {
-                signal.yield()
-                for await _ in changes {
-                    if Task.isCancelled { return }
-                    do {
-                        try await self.reconcile()
-                        // Coalesce a burst of changes (a fleet coming online) into a few passes.
-                        try? await Task.sleep(for: .milliseconds(100))
-                    } catch {
-                        if Task.isCancelled { return }
-                        self.logger.warning("workloads: reconcile failed: \(error); retrying")
-                        try? await Task.sleep(for: .milliseconds(200))
-                        signal.yield()
-                    }
-                }
-            }
-            // Stops with the caller's cancellation.
-            while !Task.isCancelled { try? await Task.sleep(for: .seconds(3600)) }
-            signal.finish()
-            group.cancelAll()
-        }
-    }
-
-    func list<T: MeshObject>(_ type: T.Type) async throws -> [T] {
-        let (items, _) = try await self.writer.store.list(resource: T.resource.plural, namespace: nil)
-        return try items.map { stored in
-            var o = try stored.decode(T.self)
-            o.metadata.resourceVersion = String(stored.resourceVersion)
-            return o
-        }
-    }
-
-    /// Whether a watch chunk holds a change (not only bookmarks).
-    static func hasChange(_ chunk: ByteBuffer) -> Bool {
-        let text = String(buffer: chunk)
-        return text.contains("\"ADDED\"") || text.contains("\"MODIFIED\"") || text.contains("\"DELETED\"")
-            || text.contains("\"ERROR\"")
-    }
-
-    /// Whether Endpoints this controller wrote may exist (true until a pass found none): with no
-    /// workloads and none of those, a pass reads nothing more than the workloads.
-    private let mayHaveManaged = Mutex(true)
-
-    /// One pass: assignments, then endpoints.
-    func reconcile() async throws {
-        var workloads = try await self.list(Workload.self)
-        if workloads.isEmpty && !self.mayHaveManaged.withLock({ $0 }) { return }
-        let nodes = try await self.list(Node.self)
-        let byName = Dictionary(nodes.map { ($0.metadata.name, $0) }, uniquingKeysWith: { a, _ in a })
-        for (i, w) in workloads.enumerated() {
-            let before = Set(w.status?.nodes ?? [])
-            let assigned = nodes.filter { n in
-                w.selects(n) && (n.status?.phase == .ready || before.contains(n.metadata.name))
-            }.map(\.metadata.name).sorted()
-            let wanted = Self.status(of: w, assigned: assigned, nodes: byName)
-            guard wanted != (w.status ?? WorkloadStatus()) else { continue }
-            let updated = try await self.writer.update(
-                Workload.self,
-                namespace: w.effectiveNamespace,
-                name: w.metadata.name
-            ) { o in
-                guard o.status ?? WorkloadStatus() != wanted else { return false }
-                o.status = wanted
-                return true
-            }
-            if let u = updated {
-                workloads[i] = u
-                if assigned != (w.status?.nodes ?? []) {
-                    self.logger.info(
-                        "workload \(w.effectiveNamespace)/\(w.metadata.name) assigned to \(assigned.isEmpty ? "no node" : assigned.joined(separator: ", "))"
-                    )
-                }
-            }
-        }
-        try await self.reconcileEndpoints(workloads, nodes: byName)
-    }
-
-    struct ServiceKey: Hashable {
-        var namespace: String
-        var name: String
-    }
-
-    static func address(of node: Node) -> String? {
-        let addresses = node.spec.addresses ?? []
-        return (addresses.first { $0.type == .internalIP } ?? addresses.first { $0.type != .hostname })?.address
-    }
-
-    /// A workload's status: its nodes, and how many of them report it Running and the restarts they reported
-    /// (from each node's `status.workloads`, written by its reports). One write per controller pass at most,
-    /// however many nodes report.
-    static func status(of w: Workload, assigned: [String], nodes: [String: Node]) -> WorkloadStatus {
-        var running = 0
-        var restarts = 0
-        var reported = 0
-        for name in assigned {
-            guard let instance = nodes[name]?.status?.instance(of: w.effectiveNamespace, w.metadata.name) else {
-                continue
-            }
-            reported += 1
-            if instance.phase == .running { running += 1 }
-            restarts += instance.restarts ?? 0
-        }
-        return WorkloadStatus(
-            nodes: assigned.isEmpty ? nil : assigned,
-            running: reported == 0 ? nil : running,
-            restarts: reported == 0 ? nil : restarts
+        var index = WorkloadIndex()
+        let (nodes, nodesRV) = try await store.list(resource: Node.resource.plural, namespace: nil)
+        for stored in nodes { index.put(try Self.decode(stored, Node.self)) }
+        let (workloads, workloadsRV) = try await store.list(resource: Workload.resource.plural, namespace: nil)
+        for stored in workloads { index.put(try Self.decode(stored, Workload.self)) }
+        let (endpoints, endpointsRV) = try await store.list(resource: Endpoints.resource.plural, namespace: nil)
+        for stored in endpoints { index.put(try Self.decode(stored, Endpoints.self)) }
+        index.dirtyEverything()
+        try await self.reconcile(&index)
+        var lastPass = ContinuousClock.now
+        let sub = try await store.watch(
+            after: min(nodesRV, workloadsRV, endpointsRV),
+            filter: WatchFilter(resources: [Node.resource.plural, Workload.resource.plural, Endpoints.resource.plural])
         )
+        // Three lists are three reads: a change at or below its own kind's list is in the index already.
+        let listed = [
+            Node.resource.kind: nodesRV, Workload.resource.kind: workloadsRV, Endpoints.resource.kind: endpointsRV,
+        ]
+        let decoder = JSONDecoder()
+        try await withTaskCancellationHandler {
+            while let chunk = await sub.next(kind: Node.resource.kind) {
+                for line in chunk.readableBytesView.split(separator: UInt8(ascii: "\n")) {
+                    guard let event = try? decoder.decode(Line.self, from: Data(line)) else { continue }
+                    if event.type == "ERROR" { throw Status.gone("the watch of nodes, workloads and endpoints ended") }
+                    guard event.type != "BOOKMARK", let object = event.object else { continue }
+                    Self.apply(object, deleted: event.type == "DELETED", listed: listed, to: &index)
+                }
+                guard index.hasDirty else { continue }
+                // Coalesce: what arrives meanwhile is read in one chunk after this pass.
+                try await Task.sleep(until: lastPass + self.coalesce, clock: .continuous)
+                try await self.reconcile(&index)
+                lastPass = ContinuousClock.now
+            }
+        } onCancel: {
+            sub.cancel()
+        }
     }
 
-    /// The addresses each workload service should have.
-    static func desiredEndpoints(_ workloads: [Workload], nodes: [String: Node]) -> [ServiceKey: [EndpointAddress]] {
-        var wanted: [ServiceKey: [EndpointAddress]] = [:]
-        for w in workloads {
-            let ports = w.spec.ports ?? []
-            guard !ports.isEmpty else { continue }
-            let key = ServiceKey(namespace: w.effectiveNamespace, name: w.serviceName)
-            var list = wanted[key] ?? []
-            for name in w.status?.nodes ?? [] {
-                guard let node = nodes[name], let ip = Self.address(of: node),
-                    let instance = node.status?.instance(of: w.effectiveNamespace, w.metadata.name)
-                else { continue }
-                list.append(
-                    EndpointAddress(
-                        ip: ip,
-                        ports: ports.map { EndpointPort(name: $0.name, port: $0.port) },
-                        node: name,
-                        site: node.spec.site,
-                        ready: instance.phase == .running && node.status?.phase == .ready
-                    )
-                )
-            }
-            wanted[key] = list
-        }
-        return wanted.mapValues { $0.sorted { ($0.node ?? "", $0.ip) < ($1.node ?? "", $1.ip) } }
+    static func decode<T: MeshObject>(_ stored: StoredObject, _ type: T.Type) throws -> T {
+        var o = try stored.decode(T.self)
+        o.metadata.resourceVersion = String(stored.resourceVersion)
+        return o
     }
 
-    private func reconcileEndpoints(_ workloads: [Workload], nodes: [String: Node]) async throws {
-        var wanted = Self.desiredEndpoints(workloads, nodes: nodes)
-        // Endpoints this controller wrote before whose workloads are gone: emptied.
-        var managed = 0
-        for e in try await self.list(Endpoints.self)
-        where e.metadata.annotations?[Self.managedKey] == Self.managedValue {
-            managed += 1
-            let key = ServiceKey(namespace: e.effectiveNamespace, name: e.metadata.name)
-            if wanted[key] == nil { wanted[key] = [] }
+    /// One watch line into the index (lines at or below their kind's list are in it already).
+    static func apply(
+        _ object: Line.Object,
+        deleted: Bool,
+        listed: [String: Int64],
+        to index: inout WorkloadIndex
+    ) {
+        func fresh(_ meta: ObjectMeta, _ kind: String) -> Int64? {
+            let rv = WorkloadIndex.version(meta)
+            return rv > listed[kind] ?? 0 ? rv : nil
         }
-        self.mayHaveManaged.withLock { $0 = managed > 0 || !wanted.isEmpty }
-        for (key, addresses) in wanted {
-            let storeKey = ObjectKey(resource: Endpoints.resource.plural, namespace: key.namespace, name: key.name)
-            guard let stored = try await self.writer.store.get(storeKey) else {
-                if addresses.isEmpty { continue }
-                var meta = ObjectMeta(name: key.name, namespace: key.namespace)
-                meta.annotations = [Self.managedKey: Self.managedValue]
-                do {
-                    _ = try await self.writer.save(
-                        Endpoints(metadata: meta, spec: EndpointsSpec(addresses: addresses)),
-                        namespace: key.namespace,
-                        urlName: key.name,
-                        createOnly: true,
-                        writer: ObjectWriter.internalWriter
-                    )
-                } catch StoreError.alreadyExists {}
-                continue
+        switch object {
+        case .node(let n):
+            guard let rv = fresh(n.metadata, Node.resource.kind) else { return }
+            if deleted { index.removeNode(n.metadata.name, version: rv) } else { index.put(n) }
+        case .workload(let w):
+            guard let rv = fresh(w.metadata, Workload.resource.kind) else { return }
+            if deleted { index.removeWorkload(WorkloadIndex.ref(of: w), version: rv) } else { index.put(w) }
+        case .endpoints(let e):
+            guard let rv = fresh(e.metadata, Endpoints.resource.kind) else { return }
+            let ref = WorkloadIndex.Ref(namespace: e.effectiveNamespace, name: e.metadata.name)
+            if deleted { index.removeEndpoints(ref, version: rv) } else { index.put(e) }
+        case .other:
+            return
+        }
+    }
+
+    /// One pass over what is dirty: the workloads' statuses, then their services' endpoints.
+    func reconcile(_ index: inout WorkloadIndex) async throws {
+        self.passes.add(1, ordering: .relaxed)
+        for ref in index.takeDirtyWorkloads() {
+            guard let wanted = index.wantedStatus(of: ref), let current = index.workloads[ref] else { continue }
+            guard wanted != current.status else { continue }
+            let updated: Workload?
+            do {
+                updated = try await self.writer.update(Workload.self, namespace: ref.namespace, name: ref.name) { o in
+                    guard o.status ?? WorkloadStatus() != wanted else { return false }
+                    o.status = wanted
+                    return true
+                }
+            } catch {
+                index.retry(workload: ref)
+                throw error
             }
-            let existing = try stored.decode(Endpoints.self)
-            guard existing.metadata.annotations?[Self.managedKey] == Self.managedValue else {
-                self.logger.debug(
-                    "workloads: endpoints \(key.namespace)/\(key.name) are not managed by workloads; left alone"
+            guard let u = updated else { continue }
+            index.put(u, dirty: false)
+            if wanted.nodes != current.status.nodes {
+                let names = wanted.nodes ?? []
+                self.logger.info(
+                    "workload \(ref) assigned to \(names.isEmpty ? "no node" : names.joined(separator: ", "))"
                 )
-                continue
-            }
-            guard existing.spec.addresses != addresses else { continue }
-            try await self.writer.update(Endpoints.self, namespace: key.namespace, name: key.name) { e in
-                guard e.spec.addresses != addresses else { return false }
-                e.spec.addresses = addresses
-                return true
             }
         }
+        for service in index.takeDirtyServices() {
+            do {
+                try await self.write(service, index.wantedAddresses(of: service), &index)
+            } catch {
+                index.retry(service: service)
+                throw error
+            }
+        }
+    }
+
+    /// Writes a service's Endpoints when they are the controller's (or missing) and differ.
+    private func write(
+        _ service: WorkloadIndex.Ref,
+        _ addresses: [EndpointAddress],
+        _ index: inout WorkloadIndex
+    ) async throws {
+        guard let existing = index.endpoints[service] else {
+            if addresses.isEmpty { return }
+            var meta = ObjectMeta(name: service.name, namespace: service.namespace)
+            meta.annotations = [Self.managedKey: Self.managedValue]
+            let created = Endpoints(metadata: meta, spec: EndpointsSpec(addresses: addresses))
+            do {
+                _ = try await self.writer.save(
+                    created,
+                    namespace: service.namespace,
+                    urlName: service.name,
+                    createOnly: true,
+                    writer: ObjectWriter.internalWriter
+                )
+                index.put(created, dirty: false)
+            } catch StoreError.alreadyExists {}  // its line is on the way
+            return
+        }
+        guard existing.managed else {
+            self.logger.debug("workloads: endpoints \(service) are not managed by workloads; left alone")
+            return
+        }
+        guard existing.addresses != addresses else { return }
+        let updated = try await self.writer.update(Endpoints.self, namespace: service.namespace, name: service.name) {
+            e in
+            guard e.metadata.annotations?[Self.managedKey] == Self.managedValue, e.spec.addresses != addresses else {
+                return false
+            }
+            e.spec.addresses = addresses
+            return true
+        }
+        if let u = updated { index.put(u, dirty: false) }
     }
 }

@@ -70,11 +70,7 @@ public struct Workload: MeshObject {
 
     /// Whether `node` matches the selector (no selector: every node).
     public func selects(_ node: Node) -> Bool {
-        guard let sel = self.spec.nodeSelector else { return true }
-        if let names = sel.nodeNames, !names.isEmpty, !names.contains(node.metadata.name) { return false }
-        let labels = node.metadata.labels ?? [:]
-        for (k, v) in sel.matchLabels ?? [:] where labels[k] != v { return false }
-        return true
+        self.spec.nodeSelector?.matches(name: node.metadata.name, labels: node.metadata.labels ?? [:]) ?? true
     }
 }
 
@@ -134,6 +130,13 @@ public struct WorkloadNodeSelector: Codable, Sendable, Equatable, Hashable {
     public init(nodeNames: [String]? = nil, matchLabels: [String: String]? = nil) {
         self.nodeNames = nodeNames
         self.matchLabels = matchLabels
+    }
+
+    /// Whether the node of this name and labels matches: one of `nodeNames` (when given) and every label.
+    public func matches(name: String, labels: [String: String]) -> Bool {
+        if let names = self.nodeNames, !names.isEmpty, !names.contains(name) { return false }
+        for (k, v) in self.matchLabels ?? [:] where labels[k] != v { return false }
+        return true
     }
 }
 

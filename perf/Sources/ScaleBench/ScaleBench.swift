@@ -26,7 +26,7 @@ struct ScaleBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "scale-bench",
         abstract: "Simulate N agents against mesh-control replicas (see perf/scale).",
-        subcommands: [Drive.self, Sim.self, Idle.self]
+        subcommands: [Drive.self, Sim.self, Idle.self, Workloads.self]
     )
 }
 

@@ -1,0 +1,293 @@
+import MeshCore
+
+/// What the `WorkloadController` knows of the store, kept from one list and the watch after it (an informer's
+/// cache), and which workloads and services a change made stale. Pure: no store, no clock; the controller
+/// feeds it objects and writes what it wants.
+///
+/// It keeps only what assignment and endpoints read: a node's labels, readiness, address, site and the
+/// instances it reported; a workload's selector, ports, service and status; whether each Endpoints is the
+/// controller's and its addresses. A change marks dirty only what it can change:
+/// - a node's instances, address or site: the workloads assigned to it (their sums and endpoints read it);
+/// - a node that is new, or whose labels or readiness changed: also every workload whose selector matches
+///   it (a scan of the workloads in memory, no store read);
+/// - a deleted node: the workloads assigned to it;
+/// - a workload whose selector, ports, service or status changed (not the echo of the controller's own
+///   write, which the index already holds): itself, and its old service;
+/// - Endpoints changed by someone else under a workload service's name, or the controller's own changed:
+///   that service.
+/// Each cached object keeps the version it was read at; a watch line at or below it is older than what
+/// the index holds and is skipped (the lines of the controller's own writes arrive after it recorded them).
+struct WorkloadIndex {
+    /// A namespaced name: a workload's, or a service's (its Endpoints').
+    struct Ref: Hashable, Comparable, CustomStringConvertible {
+        var namespace: String
+        var name: String
+
+        static func < (a: Ref, b: Ref) -> Bool { (a.namespace, a.name) < (b.namespace, b.name) }
+        var description: String { "\(self.namespace)/\(self.name)" }
+    }
+
+    struct NodeFacts: Equatable {
+        var version: Int64
+        var labels: [String: String]
+        var ready: Bool
+        /// The node's first InternalIP, else its first address that is not a hostname.
+        var address: String?
+        var site: String?
+        /// The instances the node reported, by workload.
+        var instances: [Ref: Instance]
+
+        /// Everything but the version.
+        func sameFacts(as o: NodeFacts) -> Bool {
+            self.labels == o.labels && self.ready == o.ready && self.address == o.address && self.site == o.site
+                && self.instances == o.instances
+        }
+    }
+
+    struct Instance: Equatable {
+        var running: Bool
+        var restarts: Int
+    }
+
+    struct WorkloadFacts: Equatable {
+        var version: Int64
+        var selector: WorkloadNodeSelector?
+        var ports: [WorkloadPort]
+        var service: Ref
+        var status: WorkloadStatus
+
+        func matches(_ name: String, _ node: NodeFacts) -> Bool {
+            self.selector?.matches(name: name, labels: node.labels) ?? true
+        }
+    }
+
+    struct EndpointsFacts: Equatable {
+        var version: Int64
+        /// Written by this controller (`mesh.edge/managed-by: workloads`).
+        var managed: Bool
+        var addresses: [EndpointAddress]
+    }
+
+    private(set) var nodes: [String: NodeFacts] = [:]
+    private(set) var workloads: [Ref: WorkloadFacts] = [:]
+    private(set) var endpoints: [Ref: EndpointsFacts] = [:]
+    /// Node name → the workloads whose `status.nodes` name it.
+    private var assigned: [String: Set<Ref>] = [:]
+    /// Service → the workloads with ports that serve it.
+    private var serving: [Ref: Set<Ref>] = [:]
+    private(set) var dirtyWorkloads: Set<Ref> = []
+    private(set) var dirtyServices: Set<Ref> = []
+
+    var hasDirty: Bool { !self.dirtyWorkloads.isEmpty || !self.dirtyServices.isEmpty }
+
+    static func version(_ meta: ObjectMeta) -> Int64 { meta.resourceVersion.flatMap { Int64($0) } ?? 0 }
+
+    static func facts(of node: Node) -> NodeFacts {
+        var instances: [Ref: Instance] = [:]
+        for w in node.status?.workloads ?? [] {
+            instances[Ref(namespace: w.namespace, name: w.name)] = Instance(
+                running: w.instance.phase == .running,
+                restarts: w.instance.restarts ?? 0
+            )
+        }
+        let addresses = node.spec.addresses ?? []
+        return NodeFacts(
+            version: Self.version(node.metadata),
+            labels: node.metadata.labels ?? [:],
+            ready: node.status?.phase == .ready,
+            address: (addresses.first { $0.type == .internalIP } ?? addresses.first { $0.type != .hostname })?
+                .address,
+            site: node.spec.site,
+            instances: instances
+        )
+    }
+
+    static func ref(of w: Workload) -> Ref { Ref(namespace: w.effectiveNamespace, name: w.metadata.name) }
+
+    static func facts(of w: Workload) -> WorkloadFacts {
+        WorkloadFacts(
+            version: Self.version(w.metadata),
+            selector: w.spec.nodeSelector,
+            ports: w.spec.ports ?? [],
+            service: Ref(namespace: w.effectiveNamespace, name: w.serviceName),
+            status: w.status ?? WorkloadStatus()
+        )
+    }
+
+    // MARK: changes
+
+    /// A node listed or changed.
+    mutating func put(_ node: Node) {
+        let name = node.metadata.name
+        let new = Self.facts(of: node)
+        let old = self.nodes[name]
+        if let old, new.version <= old.version { return }
+        self.nodes[name] = new
+        guard let old else {
+            self.dirtySelecting(name, new)
+            return
+        }
+        if old.sameFacts(as: new) { return }
+        self.dirtyWorkloads.formUnion(self.assigned[name] ?? [])
+        if old.labels != new.labels || old.ready != new.ready { self.dirtySelecting(name, new) }
+    }
+
+    mutating func removeNode(_ name: String, version: Int64) {
+        guard let old = self.nodes[name], version >= old.version else { return }
+        self.nodes[name] = nil
+        self.dirtyWorkloads.formUnion(self.assigned[name] ?? [])
+    }
+
+    /// A workload listed or changed; `dirty: false` records the controller's own write (nothing to redo).
+    mutating func put(_ w: Workload, dirty: Bool = true) {
+        let ref = Self.ref(of: w)
+        let new = Self.facts(of: w)
+        let old = self.workloads[ref]
+        if let old, new.version <= old.version, dirty { return }
+        self.workloads[ref] = new
+        self.index(ref, old: old, new: new)
+        guard dirty else { return }
+        if let old, old.selector == new.selector, old.ports == new.ports, old.service == new.service,
+            old.status == new.status
+        {
+            return
+        }
+        self.dirtyWorkloads.insert(ref)
+        if let old, !old.ports.isEmpty { self.dirtyServices.insert(old.service) }
+    }
+
+    mutating func removeWorkload(_ ref: Ref, version: Int64) {
+        guard let old = self.workloads[ref], version >= old.version else { return }
+        self.workloads[ref] = nil
+        self.index(ref, old: old, new: nil)
+        self.dirtyWorkloads.remove(ref)
+        if !old.ports.isEmpty { self.dirtyServices.insert(old.service) }
+    }
+
+    /// Endpoints listed or changed; `dirty: false` records the controller's own write.
+    mutating func put(_ e: Endpoints, dirty: Bool = true) {
+        let ref = Ref(namespace: e.effectiveNamespace, name: e.metadata.name)
+        let new = EndpointsFacts(
+            version: Self.version(e.metadata),
+            managed: e.metadata.annotations?[WorkloadController.managedKey] == WorkloadController.managedValue,
+            addresses: e.spec.addresses
+        )
+        let old = self.endpoints[ref]
+        if let old, new.version <= old.version, dirty { return }
+        self.endpoints[ref] = new
+        guard dirty, old?.managed != new.managed || old?.addresses != new.addresses else { return }
+        if new.managed || !(self.serving[ref] ?? []).isEmpty { self.dirtyServices.insert(ref) }
+    }
+
+    mutating func removeEndpoints(_ ref: Ref, version: Int64) {
+        guard let old = self.endpoints[ref], version >= old.version else { return }
+        self.endpoints[ref] = nil
+        if !(self.serving[ref] ?? []).isEmpty { self.dirtyServices.insert(ref) }
+    }
+
+    /// After a list: every workload, and every service with workloads or the controller's Endpoints.
+    mutating func dirtyEverything() {
+        self.dirtyWorkloads = Set(self.workloads.keys)
+        self.dirtyServices = Set(self.serving.keys)
+        for (ref, e) in self.endpoints where e.managed { self.dirtyServices.insert(ref) }
+    }
+
+    private mutating func dirtySelecting(_ name: String, _ node: NodeFacts) {
+        for (ref, w) in self.workloads where w.matches(name, node) { self.dirtyWorkloads.insert(ref) }
+    }
+
+    private mutating func index(_ ref: Ref, old: WorkloadFacts?, new: WorkloadFacts?) {
+        let before = Set(old?.status.nodes ?? [])
+        let after = Set(new?.status.nodes ?? [])
+        for n in before.subtracting(after) {
+            self.assigned[n]?.remove(ref)
+            if self.assigned[n]?.isEmpty == true { self.assigned[n] = nil }
+        }
+        for n in after.subtracting(before) { self.assigned[n, default: []].insert(ref) }
+        if let old, !old.ports.isEmpty, old.service != new?.service || (new?.ports.isEmpty ?? true) {
+            self.serving[old.service]?.remove(ref)
+            if self.serving[old.service]?.isEmpty == true { self.serving[old.service] = nil }
+        }
+        if let new, !new.ports.isEmpty { self.serving[new.service, default: []].insert(ref) }
+    }
+
+    // MARK: what is wanted
+
+    /// Takes the dirty workloads (sorted), and marks the services of those with ports dirty: their
+    /// endpoints follow the assignments about to be written.
+    mutating func takeDirtyWorkloads() -> [Ref] {
+        let refs = self.dirtyWorkloads.sorted()
+        self.dirtyWorkloads = []
+        for ref in refs {
+            if let w = self.workloads[ref], !w.ports.isEmpty { self.dirtyServices.insert(w.service) }
+        }
+        return refs
+    }
+
+    mutating func takeDirtyServices() -> [Ref] {
+        defer { self.dirtyServices = [] }
+        return self.dirtyServices.sorted()
+    }
+
+    /// A workload's status: the Ready nodes its selector matches (a node it was assigned keeps it while
+    /// NotReady), and how many of them report it Running and their restarts, in sum. Nil: no such workload.
+    func wantedStatus(of ref: Ref) -> WorkloadStatus? {
+        guard let w = self.workloads[ref] else { return nil }
+        let before = Set(w.status.nodes ?? [])
+        var assigned: [String] = []
+        if let names = w.selector?.nodeNames, !names.isEmpty {
+            for name in Set(names) {
+                guard let n = self.nodes[name], w.matches(name, n), n.ready || before.contains(name) else { continue }
+                assigned.append(name)
+            }
+        } else {
+            for (name, n) in self.nodes where w.matches(name, n) && (n.ready || before.contains(name)) {
+                assigned.append(name)
+            }
+        }
+        assigned.sort()
+        var running = 0
+        var restarts = 0
+        var reported = 0
+        for name in assigned {
+            guard let instance = self.nodes[name]?.instances[ref] else { continue }
+            reported += 1
+            if instance.running { running += 1 }
+            restarts += instance.restarts
+        }
+        return WorkloadStatus(
+            nodes: assigned.isEmpty ? nil : assigned,
+            running: reported == 0 ? nil : running,
+            restarts: reported == 0 ? nil : restarts
+        )
+    }
+
+    /// The addresses a workload service's Endpoints should have: one per assigned node of each of its
+    /// workloads that reported an instance (the node's address, name and site, the workload's ports), ready
+    /// while the instance runs and the node is Ready; sorted by node, then address.
+    func wantedAddresses(of service: Ref) -> [EndpointAddress] {
+        var list: [EndpointAddress] = []
+        for ref in (self.serving[service] ?? []).sorted() {
+            guard let w = self.workloads[ref] else { continue }
+            for name in w.status.nodes ?? [] {
+                guard let node = self.nodes[name], let ip = node.address, let instance = node.instances[ref] else {
+                    continue
+                }
+                list.append(
+                    EndpointAddress(
+                        ip: ip,
+                        ports: w.ports.map { EndpointPort(name: $0.name, port: $0.port) },
+                        node: name,
+                        site: node.site,
+                        ready: instance.running && node.ready
+                    )
+                )
+            }
+        }
+        return list.sorted { ($0.node ?? "", $0.ip) < ($1.node ?? "", $1.ip) }
+    }
+
+    /// Puts a service back to be tried on the next pass (a write that failed).
+    mutating func retry(service: Ref) { self.dirtyServices.insert(service) }
+    mutating func retry(workload: Ref) { self.dirtyWorkloads.insert(workload) }
+}

@@ -1,0 +1,254 @@
+import ArgumentParser
+import Foundation
+import MeshClient
+import MeshCore
+import NIOCore
+import PerfSupport
+
+/// `scale-bench workloads`: what the control plane's WorkloadController costs with many nodes and workloads.
+///
+/// One mesh-control (SQLite store) with N registered Ready nodes and W workloads, workload k on node k % N
+/// (by name) with a port, so each has a service and Endpoints. Then:
+/// 1. `idle`: the replica's CPU over `idle` seconds in which nothing changes;
+/// 2. `reports`: R workload reports posted at a rate (each a node's instance going Running or restarting: the
+///    node's status write, then the controller's write of the workload's sums and of its Endpoints), the
+///    replica's CPU per report, and how long after the last post every reported workload shows it.
+/// With `--baseline-control` the same runs against that binary first (another build, e.g. before a change),
+/// in the same invocation, and the ratios are printed.
+struct Workloads: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "CPU of the control plane's workload controller with N nodes and W workloads (see perf/scale)."
+    )
+
+    @Option(help: "mesh-control binary.") var control: String
+    @Option(help: "Another mesh-control binary to run the same first, as the baseline.") var baselineControl: String?
+    @Option(help: "Working folder (the replicas' data directories and logs).") var work: String
+    @Option(help: "Registered Ready nodes.") var nodes = 2000
+    @Option(help: "Workloads, workload k on node k % nodes.") var workloads = 2000
+    @Option(help: "Seconds with no change, for the idle CPU.") var idle = 10.0
+    @Option(help: "Workload reports posted.") var reports = 400
+    @Option(help: "Workload reports per second.") var reportRate = 40.0
+    @Option(help: "Write the figures as JSON to this file.") var json: String?
+
+    struct Figures {
+        var setUp = 0.0
+        var idleCores = 0.0
+        var cpuPerReportMs = 0.0
+        var reportsPerSecond = 0.0
+        var converged = 0.0
+        var rssMiB = 0.0
+    }
+
+    func run() async throws {
+        guard (1...20_000).contains(self.nodes), (1...100_000).contains(self.workloads),
+            (0...100_000).contains(self.reports)
+        else { throw ValidationError("nodes 1-20000, workloads 1-100000, reports 0-100000") }
+        var runs: [(String, Figures)] = []
+        if let base = self.baselineControl {
+            runs.append(("baseline", try await self.measure(base, label: "baseline")))
+        }
+        runs.append(("this", try await self.measure(self.control, label: "this")))
+        var out: [String: String] = [
+            "nodes": "\(self.nodes)", "workloads": "\(self.workloads)", "reports": "\(self.reports)",
+            "report rate": "\(self.reportRate)",
+        ]
+        print("")
+        print("| \(self.nodes) nodes, \(self.workloads) workloads | " + runs.map(\.0).joined(separator: " | ") + " |")
+        print("|---|" + runs.map { _ in "---|" }.joined())
+        func row(_ name: String, _ format: String, _ value: (Figures) -> Double) {
+            print("| \(name) | " + runs.map { String(format: format, value($0.1)) }.joined(separator: " | ") + " |")
+            for (label, f) in runs { out["\(label): \(name)"] = String(format: format, value(f)) }
+        }
+        row("set-up: nodes, workloads, all assigned (s)", "%.1f", \.setUp)
+        row("replica CPU while nothing changes (cores)", "%.4f", \.idleCores)
+        row("replica CPU per workload report (ms)", "%.2f", \.cpuPerReportMs)
+        row("reports/s achieved", "%.1f", \.reportsPerSecond)
+        row("every report shown, after the last post (s)", "%.2f", \.converged)
+        row("replica RSS at the end (MiB)", "%.1f", \.rssMiB)
+        if runs.count == 2 {
+            let (b, t) = (runs[0].1, runs[1].1)
+            let cpu = t.cpuPerReportMs / b.cpuPerReportMs
+            let idle = b.idleCores > 0 ? t.idleCores / b.idleCores : .nan
+            print(String(format: "ratio this / baseline: CPU per report x%.3f, idle CPU x%.3f", cpu, idle))
+            out["ratio: CPU per report"] = String(format: "%.3f", cpu)
+            out["ratio: idle CPU"] = String(format: "%.3f", idle)
+        }
+        if let path = self.json {
+            try JSONSerialization.data(withJSONObject: out, options: [.prettyPrinted, .sortedKeys])
+                .write(to: URL(fileURLWithPath: path))
+        }
+    }
+
+    static func nodeName(_ i: Int) -> String { String(format: "wl-node-%05d", i) }
+    static func workloadName(_ k: Int) -> String { String(format: "wl-%05d", k) }
+
+    func measure(_ binary: String, label: String) async throws -> Figures {
+        let dir = self.work + "/" + label
+        try? FileManager.default.removeItem(atPath: dir)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let port = 21000 + Int.random(in: 0..<8000) * 5
+        let url = "https://127.0.0.1:\(port)"
+        let configPath = dir + "/control.yaml"
+        try [
+            "nodeGracePeriodSeconds: 3600", "bookmarkIntervalSeconds: 3600", "logLevel: warning",
+            "idleTimeoutSeconds: 3600",
+        ].joined(separator: "\n").appending("\n").write(toFile: configPath, atomically: true, encoding: .utf8)
+        let replica = try Drive.Child(
+            binary,
+            ["--config", configPath, "--listen", "127.0.0.1:\(port)", "--data-dir", dir + "/r0"],
+            log: dir + "/r0.log"
+        )
+        defer {
+            replica.process.terminate()
+            replica.process.waitUntilExit()
+        }
+        let pid = replica.process.processIdentifier
+        let pki = dir + "/r0/pki"
+        let deadline = ContinuousClock.now + .seconds(120)
+        var ready: ControlClient?
+        while ready == nil, ContinuousClock.now < deadline {
+            if FileManager.default.fileExists(atPath: pki + "/admin.key"), let (c, _) = try? adminClient(pki, [url]),
+                (try? await c.raw(.GET, "/readyz")) != nil
+            {
+                ready = c
+            } else {
+                try await Task.sleep(for: .milliseconds(100))
+            }
+        }
+        guard let admin = ready else {
+            throw ValidationError("\(label): the replica did not become ready (\(dir)/r0.log)")
+        }
+        var f = Figures()
+        let start = ContinuousClock.now
+        let lanes = (0..<8).map { _ in admin.keepingAlive() }
+        defer { for c in lanes { c.session?.close() } }
+        print("\(label): registering \(self.nodes) nodes, \(self.workloads) workloads")
+        fflush(nil)
+        try await self.lanes(lanes, self.nodes) { c, i in
+            let address = NodeAddress(type: .internalIP, address: "198.18.\(i / 250).\(i % 250 + 1)")
+            try await c.apply(
+                Node(
+                    metadata: ObjectMeta(name: Self.nodeName(i)),
+                    spec: NodeSpec(site: "s\(i % 100)", addresses: [address])
+                )
+            )
+            try await c.heartbeat(node: Self.nodeName(i))
+        }
+        try await self.lanes(lanes, self.workloads) { c, k in
+            try await c.apply(
+                Workload(
+                    metadata: ObjectMeta(name: Self.workloadName(k), namespace: "default"),
+                    spec: WorkloadSpec(
+                        command: "/bin/true",
+                        ports: [WorkloadPort(name: "http", port: 8080)],
+                        nodeSelector: WorkloadNodeSelector(nodeNames: [Self.nodeName(k % self.nodes)])
+                    )
+                )
+            )
+        }
+        try await self.until("every workload assigned", timeout: .seconds(600)) {
+            let items = try await admin.list(Workload.self, namespace: "default").items
+            return items.count == self.workloads && items.allSatisfy { $0.status?.nodes?.count == 1 }
+        }
+        f.setUp = (ContinuousClock.now - start).seconds
+        print(String(format: "%@: set up in %.1f s; idle for %.0f s", label, f.setUp, self.idle))
+        fflush(nil)
+
+        // 1. Nothing changes.
+        try await Task.sleep(for: .seconds(2))
+        let idle0 = ProcessStats.cpuSeconds(pid)
+        try await Task.sleep(for: .seconds(self.idle))
+        f.idleCores = (ProcessStats.cpuSeconds(pid) - idle0) / self.idle
+
+        // 2. Reports: the instance of workload k % W on its node, Running, restarts = k / W.
+        let cpu0 = ProcessStats.cpuSeconds(pid)
+        let posting = ContinuousClock.now
+        let gap = 1.0 / self.reportRate
+        let count = self.reports
+        try await self.lanes(lanes, count) { c, k in
+            try await Task.sleep(until: posting + .seconds(Double(k) * gap), clock: .continuous)
+            let w = k % self.workloads
+            let node = Self.nodeName(w % self.nodes)
+            let batch = NodeReportBatch(
+                epoch: "scale-bench",
+                reports: [
+                    NodeReport(
+                        id: Int64(k + 1),
+                        workload: WorkloadReport(
+                            namespace: "default",
+                            name: Self.workloadName(w),
+                            instance: WorkloadInstance(node: node, phase: .running, restarts: k / self.workloads)
+                        )
+                    )
+                ]
+            )
+            let path = ControlClient.path(Node.resource, namespace: nil, name: node) + "/reports"
+            let answer = try await c.raw(.POST, path, body: ByteBuffer(bytes: try MeshJSON.encode(batch))).body
+            guard String(buffer: answer).contains("\"applied\"") else {
+                throw ValidationError("report \(k) not applied: \(String(buffer: answer))")
+            }
+        }
+        let posted = ContinuousClock.now
+        f.reportsPerSecond = Double(count) / (posted - posting).seconds
+        // Every reported workload shows its last report: Running, its restarts, its endpoint ready.
+        var last: [Int: Int] = [:]
+        for k in 0..<count { last[k % self.workloads] = k / self.workloads }
+        try await self.until("every report shown", timeout: .seconds(600)) {
+            let items = try await admin.list(Workload.self, namespace: "default").items
+            let endpoints = try await admin.list(Endpoints.self, namespace: "default").items
+            let readyServices = Set(endpoints.filter { $0.spec.addresses.first?.ready == true }.map(\.metadata.name))
+            let byName = Dictionary(items.map { ($0.metadata.name, $0) }, uniquingKeysWith: { a, _ in a })
+            return last.allSatisfy { w, restarts in
+                let name = Self.workloadName(w)
+                return byName[name]?.status?.running == 1 && byName[name]?.status?.restarts == restarts
+                    && readyServices.contains(name)
+            }
+        }
+        f.converged = (ContinuousClock.now - posted).seconds
+        f.cpuPerReportMs = count > 0 ? (ProcessStats.cpuSeconds(pid) - cpu0) / Double(count) * 1000 : 0
+        f.rssMiB = Double(ProcessStats.rss(pid)) / 1_048_576
+        print(
+            String(
+                format: "%@: %d reports at %.1f/s, %.2f ms CPU each, all shown %.2f s after the last",
+                label,
+                count,
+                f.reportsPerSecond,
+                f.cpuPerReportMs,
+                f.converged
+            )
+        )
+        fflush(nil)
+        return f
+    }
+
+    /// Runs `body(client, i)` for i in 0..<count over the lanes (lane l takes i = l, l + lanes, ...).
+    func lanes(
+        _ clients: [ControlClient],
+        _ count: Int,
+        _ body: @escaping @Sendable (ControlClient, Int) async throws -> Void
+    ) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (l, c) in clients.enumerated() {
+                group.addTask {
+                    for i in stride(from: l, to: count, by: clients.count) { try await body(c, i) }
+                }
+            }
+            try await group.waitForAll()
+        }
+    }
+
+    /// Waits (bounded) for `condition`, polling every half second.
+    func until(_ what: String, timeout: Duration, _ condition: () async throws -> Bool) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while try await !condition() {
+            guard ContinuousClock.now < deadline else { throw ValidationError("no \(what) within \(timeout)") }
+            try await Task.sleep(for: .milliseconds(500))
+        }
+    }
+}
+
+extension Duration {
+    fileprivate var seconds: Double {
+        Double(self.components.seconds) + Double(self.components.attoseconds) / 1e18
+    }
+}
