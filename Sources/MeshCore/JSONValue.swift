@@ -70,98 +70,16 @@ public enum JSONValue: Sendable, Hashable {
     }
 }
 
-extension JSONValue: Decodable {
-    /// Parses JSON text. Throws `ManifestError` with a readable message when it is not JSON.
+extension JSONValue {
+    /// Parses JSON text (`JSONParser`). Throws `ManifestError` with a readable message when it is not JSON.
     public static func parse(json data: Data) throws -> JSONValue {
-        guard JSONValue.depth(of: data) <= Strict.maxDepth else { throw Strict.tooDeep("malformed JSON") }
         do {
-            return try JSONDecoder().decode(JSONValue.self, from: data)
-        } catch let error as DecodingError {
-            throw ManifestError("malformed JSON: \(DecodingError.describe(error))")
+            return try JSONParser.parse(data)
+        } catch  where error.tooDeep {
+            throw Strict.tooDeep("malformed JSON")
+        } catch {
+            throw ManifestError("malformed JSON: \(error)")
         }
-    }
-
-    /// The deepest nesting of `[` and `{` in JSON text (brackets inside strings do not count); one
-    /// pass, no recursion, so it is safe on any input.
-    static func depth(of data: Data) -> Int {
-        var depth = 0
-        var deepest = 0
-        var inString = false
-        var escaped = false
-        for b in data {
-            if inString {
-                if escaped {
-                    escaped = false
-                } else if b == UInt8(ascii: "\\") {
-                    escaped = true
-                } else if b == UInt8(ascii: "\"") {
-                    inString = false
-                }
-                continue
-            }
-            switch b {
-            case UInt8(ascii: "\""): inString = true
-            case UInt8(ascii: "["), UInt8(ascii: "{"):
-                depth += 1
-                deepest = max(deepest, depth)
-            case UInt8(ascii: "]"), UInt8(ascii: "}"): depth -= 1
-            default: break
-            }
-        }
-        return deepest
-    }
-
-    public init(from decoder: any Decoder) throws {
-        // Scalars are probed first, strings before numbers: most values of a document are strings, and
-        // each failed probe is a thrown DecodingError (built with its coding path; under swift-testing
-        // also a captured backtrace). A string costs no throw this way, a number two; an array or object
-        // four or five, and there are far fewer of those.
-        if let single = try? decoder.singleValueContainer() {
-            if single.decodeNil() {
-                self = .null
-                return
-            }
-            if let s = try? single.decode(String.self) {
-                self = .string(s)
-                return
-            }
-            if let b = try? single.decode(Bool.self) {
-                self = .bool(b)
-                return
-            }
-            if let i = try? single.decode(Int64.self) {
-                self = .int(i)
-                return
-            }
-            if let d = try? single.decode(Double.self) {
-                self = .double(d)
-                return
-            }
-        }
-        if var list = try? decoder.unkeyedContainer() {
-            var items: [JSONValue] = []
-            while !list.isAtEnd { items.append(try list.decode(JSONValue.self)) }
-            self = .array(items)
-            return
-        }
-        let object = try decoder.container(keyedBy: AnyKey.self)
-        // Keyed containers do not keep the document's order; sort for a stable output.
-        self = .object(
-            try object.allKeys.sorted { $0.stringValue < $1.stringValue }.map {
-                ($0.stringValue, try object.decode(JSONValue.self, forKey: $0))
-            }
-        )
-    }
-}
-
-/// A coding key for any member name.
-struct AnyKey: CodingKey {
-    var stringValue: String
-    var intValue: Int?
-    init(stringValue: String) { self.stringValue = stringValue }
-    init(intValue: Int) {
-        self.stringValue = String(intValue)
-        self.intValue = intValue
     }
 }
 

@@ -1,0 +1,205 @@
+import Foundation
+import Testing
+
+@testable import MeshCore
+
+/// `JSONParser`: JSON text to a value tree, byte for byte, every malformed case refused with where it broke.
+@Suite struct JSONParserTests {
+    func parse(_ text: String) throws -> JSONValue { try JSONParser.parse(Data(text.utf8)) }
+
+    @Test("RFC 8259 section 13's two examples")
+    func rfcExamples() throws {
+        let image = """
+            {
+              "Image": {
+                  "Width":  800,
+                  "Height": 600,
+                  "Title":  "View from 15th Floor",
+                  "Thumbnail": {
+                      "Url":    "http://www.example.com/image/481989943",
+                      "Height": 125,
+                      "Width":  100
+                  },
+                  "Animated" : false,
+                  "IDs": [116, 943, 234, 38793]
+                }
+            }
+            """
+        #expect(
+            try self.parse(image)
+                == .object([
+                    (
+                        "Image",
+                        .object([
+                            ("Animated", .bool(false)), ("Height", .int(600)),
+                            ("IDs", .array([.int(116), .int(943), .int(234), .int(38793)])),
+                            (
+                                "Thumbnail",
+                                .object([
+                                    ("Height", .int(125)), ("Url", .string("http://www.example.com/image/481989943")),
+                                    ("Width", .int(100)),
+                                ])
+                            ),
+                            ("Title", .string("View from 15th Floor")), ("Width", .int(800)),
+                        ])
+                    )
+                ])
+        )
+        let places = """
+            [
+              {
+                 "precision": "zip",
+                 "Latitude":  37.7668,
+                 "Longitude": -122.3959,
+                 "Address":   "",
+                 "City":      "SAN FRANCISCO",
+                 "State":     "CA",
+                 "Zip":       "94107",
+                 "Country":   "US"
+              },
+              {
+                 "precision": "zip",
+                 "Latitude":  37.371991,
+                 "Longitude": -122.026020,
+                 "Address":   "",
+                 "City":      "SUNNYVALE",
+                 "State":     "CA",
+                 "Zip":       "94085",
+                 "Country":   "US"
+              }
+            ]
+            """
+        guard case .array(let items) = try self.parse(places) else {
+            Issue.record("not an array")
+            return
+        }
+        #expect(items.count == 2)
+        #expect(items[1]["Longitude"] == .double(-122.026020))
+        #expect(items[0]["Address"] == .string(""))
+        // Members sorted by name, as the mesh writes them.
+        if case .object(let members) = items[0] {
+            #expect(
+                members.map(\.0) == [
+                    "Address", "City", "Country", "Latitude", "Longitude", "State", "Zip", "precision",
+                ]
+            )
+        }
+        // The same tree as Foundation's JSONSerialization reads.
+        let reference = try JSONSerialization.jsonObject(with: Data(places.utf8)) as? [[String: Any]]
+        #expect(reference?[1]["Latitude"] as? Double == 37.371991)
+    }
+
+    @Test("scalars: at the top too; whole numbers are integers, others doubles")
+    func scalars() throws {
+        #expect(try self.parse(" true ") == .bool(true))
+        #expect(try self.parse("false") == .bool(false))
+        #expect(try self.parse("null") == .null)
+        #expect(try self.parse("\t\r\n12\n") == .int(12))
+        #expect(try self.parse("-0") == .int(0))
+        #expect(try self.parse("-9223372036854775808") == .int(Int64.min))
+        #expect(try self.parse("9223372036854775808") == .double(9_223_372_036_854_775_808))
+        #expect(try self.parse("1.5") == .double(1.5))
+        #expect(try self.parse("-2.5E-3") == .double(-0.0025))
+        #expect(try self.parse("1.0") == .int(1))
+        #expect(try self.parse("1e3") == .int(1000))
+        #expect(try self.parse("\"\"") == .string(""))
+    }
+
+    @Test("strings: every escape, \\u with surrogate pairs, raw UTF-8")
+    func strings() throws {
+        #expect(try self.parse(#""a\"b\\c\/d\be\ff\ng\rh\ti""#) == .string("a\"b\\c/d\u{08}e\u{0C}f\ng\rh\ti"))
+        #expect(try self.parse(#""caf\u00e9 \u00E9""#) == .string("café é"))
+        #expect(try self.parse(#""\ud83d\ude00!""#) == .string("😀!"))
+        #expect(try self.parse("\"héllo wörld 😀\"") == .string("héllo wörld 😀"))
+        #expect(try self.parse(#""\u0000""#) == .string("\u{0}"))
+    }
+
+    @Test("a repeated member name: the last wins")
+    func repeatedNames() throws {
+        #expect(try self.parse(#"{"b": 1, "a": 2, "b": 3}"#) == .object([("a", .int(2)), ("b", .int(3))]))
+        #expect(try self.parse("{}") == .object([]))
+        #expect(try self.parse("[ ]") == .array([]))
+    }
+
+    @Test("every malformed case is refused, naming what broke and where")
+    func malformed() {
+        let cases: [(String, String, Int)] = [
+            ("", "unexpected end of input", 0),
+            ("   ", "unexpected end of input", 3),
+            ("{", "expected a member name", 1),
+            (#"{"a""#, "expected ':'", 4),
+            (#"{"a":"#, "unexpected end of input", 5),
+            (#"{"a":1"#, "unexpected end of input", 6),
+            (#"{"a":1,}"#, "expected a member name", 7),
+            (#"{"a" 1}"#, "expected ':'", 5),
+            (#"{'a':1}"#, "expected a member name", 1),
+            (#"{"a":1 "b":2}"#, "expected ',' or '}'", 7),
+            ("[1,]", "unexpected character", 3),
+            ("[1 2]", "expected ',' or ']'", 3),
+            ("[", "unexpected end of input", 1),
+            ("01", "leading zero in a number", 1),
+            ("1.", "expected a digit after '.'", 2),
+            ("1e", "expected a digit in the exponent", 2),
+            ("-", "expected a digit", 1),
+            ("+1", "unexpected character", 0),
+            ("1e400", "number out of range", 0),
+            ("NaN", "unexpected character", 0),
+            ("tru", "unexpected end of input", 0),
+            ("trUe", "unexpected character", 0),
+            ("1 2", "unexpected text after the value", 2),
+            (#""abc"#, "unterminated string", 4),
+            (#""a\"#, "unterminated string", 3),
+            (#""\x""#, "invalid escape", 2),
+            (#""\u12G4""#, "invalid \\u escape", 5),
+            (#""\u12""#, "invalid \\u escape", 5),
+            (#""\ud800""#, "unpaired surrogate in \\u escape", 7),
+            (#""\ud800\u0041""#, "unpaired surrogate in \\u escape", 13),
+            (#""\udc00""#, "unpaired surrogate in \\u escape", 7),
+            ("\"a\u{01}b\"", "control character in a string", 2),
+            ("\"a\nb\"", "control character in a string", 2),
+            ("/* c */ 1", "unexpected character", 0),
+        ]
+        for (text, message, offset) in cases {
+            #expect(throws: JSONParser.Failure(message: message, offset: offset), "\(text)") {
+                try self.parse(text)
+            }
+        }
+        // Invalid UTF-8 inside a string, with and without an escape before it.
+        for bytes in [[0x22, 0xFF, 0x22], [0x22, 0x5C, 0x6E, 0xC3, 0x28, 0x22]] as [[UInt8]] {
+            #expect(throws: JSONParser.Failure.self) { try JSONParser.parse(Data(bytes)) }
+        }
+    }
+
+    @Test("nesting: 100 levels parse, 101 are refused before going deeper")
+    func depth() throws {
+        let ok = String(repeating: "[", count: Strict.maxDepth) + String(repeating: "]", count: Strict.maxDepth)
+        #expect(throws: Never.self) { try self.parse(ok) }
+        let deep = String(repeating: "[", count: 100_000)
+        #expect(throws: JSONParser.Failure(message: "nested too deeply", offset: Strict.maxDepth, tooDeep: true)) {
+            try self.parse(deep)
+        }
+        #expect(throws: ManifestError("malformed JSON: lists and objects nest deeper than 100 levels")) {
+            try JSONValue.parse(
+                json: Data((String(repeating: "{\"a\":", count: 101) + "1" + String(repeating: "}", count: 101)).utf8)
+            )
+        }
+    }
+
+    @Test("what the mesh writes parses back to the same tree")
+    func roundTrip() throws {
+        let values: [JSONValue] = [
+            .object([
+                ("a", .array([.int(1), .double(2.5), .string("x\"y\n\u{01}"), .null, .bool(true)])),
+                ("b", .object([("c", .string("é😀/"))])),
+            ]),
+            .array([]), .string(""), .int(-42),
+        ]
+        for v in values { #expect(try JSONParser.parse(v.jsonData()) == v) }
+    }
+}
+
+extension JSONParser.Failure: Equatable {
+    public static func == (a: Self, b: Self) -> Bool {
+        a.message == b.message && a.offset == b.offset && a.tooDeep == b.tooDeep
+    }
+}
