@@ -10,12 +10,13 @@ import Foundation
 /// one thrown `DecodingError` per wrong guess: two parses of every control-API body (the strict check parses
 /// the input and the typed round trip) were a tenth of the control plane's CPU for a small workload report.
 ///
-/// What it accepts is what that decoder accepted: any value at the top (surrounded by whitespace), strict
-/// grammar otherwise (no comments, no trailing commas, no leading zeros, no `NaN`), strings of valid UTF-8
-/// without raw control characters, `\u` escapes with surrogates in pairs. A number without fraction or
+/// What it accepts is what that decoder accepted: any value at the top (surrounded by whitespace), one
+/// trailing comma in an object or a list, strict grammar otherwise (no comments, no leading zeros, no `NaN`,
+/// no empty elements), strings of valid UTF-8 without raw control characters, `\u` escapes with surrogates in
+/// pairs. A number without fraction or
 /// exponent that fits is `.int`; any other number is `.int` too when its value is a whole number that fits
 /// (as that decoder read `1.0` or `1e3` into an integer), else `.double`. An object's members are sorted by
-/// name, the last of a repeated name winning. Nesting deeper than `Strict.maxDepth` is refused when reached,
+/// name; of a repeated name the first is kept. Nesting deeper than `Strict.maxDepth` is refused when reached,
 /// so the recursion is bounded.
 enum JSONParser {
     struct Failure: Error, CustomStringConvertible {
@@ -95,6 +96,11 @@ enum JSONParser {
             }
             while true {
                 self.skipSpace()
+                if self.peek == UInt8(ascii: "}"), !members.isEmpty {
+                    // One trailing comma, as Foundation's decoder takes it.
+                    self.at += 1
+                    return .object(Self.sorted(members))
+                }
                 guard self.peek == UInt8(ascii: "\"") else { throw self.fail("expected a member name") }
                 let key = try self.string()
                 self.skipSpace()
@@ -114,7 +120,7 @@ enum JSONParser {
             }
         }
 
-        /// Members by name; of a repeated name, the last.
+        /// Members by name; of a repeated name, the first (as Foundation's decoder reads it).
         static func sorted(_ members: [(String, JSONValue)]) -> [(String, JSONValue)] {
             if members.count < 2 { return members }
             let ordered = members.enumerated().sorted { a, b in
@@ -122,13 +128,7 @@ enum JSONParser {
             }
             var out: [(String, JSONValue)] = []
             out.reserveCapacity(members.count)
-            for (_, m) in ordered {
-                if let last = out.last, last.0 == m.0 {
-                    out[out.count - 1] = m
-                } else {
-                    out.append(m)
-                }
-            }
+            for (_, m) in ordered where out.last?.0 != m.0 { out.append(m) }
             return out
         }
 
@@ -145,6 +145,10 @@ enum JSONParser {
             }
             while true {
                 self.skipSpace()
+                if self.peek == UInt8(ascii: "]"), !items.isEmpty {
+                    self.at += 1
+                    return .array(items)
+                }
                 items.append(try self.value(depth: depth))
                 self.skipSpace()
                 switch self.peek {

@@ -1,4 +1,5 @@
 import Foundation
+import MeshTestSupport
 import Testing
 
 @testable import MeshCore
@@ -114,9 +115,10 @@ import Testing
         #expect(try self.parse(#""\u0000""#) == .string("\u{0}"))
     }
 
-    @Test("a repeated member name: the last wins")
-    func repeatedNames() throws {
-        #expect(try self.parse(#"{"b": 1, "a": 2, "b": 3}"#) == .object([("a", .int(2)), ("b", .int(3))]))
+    @Test("a repeated member name: the first is kept; one trailing comma is taken (as Foundation's decoder does)")
+    func repeatedNamesAndTrailingCommas() throws {
+        #expect(try self.parse(#"{"b": 1, "a": 2, "b": 3}"#) == .object([("a", .int(2)), ("b", .int(1))]))
+        #expect(try self.parse(#"{"a": [1, 2, ], }"#) == .object([("a", .array([.int(1), .int(2)]))]))
         #expect(try self.parse("{}") == .object([]))
         #expect(try self.parse("[ ]") == .array([]))
     }
@@ -130,11 +132,13 @@ import Testing
             (#"{"a""#, "expected ':'", 4),
             (#"{"a":"#, "unexpected end of input", 5),
             (#"{"a":1"#, "unexpected end of input", 6),
-            (#"{"a":1,}"#, "expected a member name", 7),
+            (#"{"a":1,,}"#, "expected a member name", 7),
             (#"{"a" 1}"#, "expected ':'", 5),
             (#"{'a':1}"#, "expected a member name", 1),
             (#"{"a":1 "b":2}"#, "expected ',' or '}'", 7),
-            ("[1,]", "unexpected character", 3),
+            ("[1,,2]", "unexpected character", 3),
+            ("[,]", "unexpected character", 1),
+            ("{,}", "expected a member name", 1),
             ("[1 2]", "expected ',' or ']'", 3),
             ("[", "unexpected end of input", 1),
             ("01", "leading zero in a number", 1),
@@ -183,6 +187,32 @@ import Testing
                 json: Data((String(repeating: "{\"a\":", count: 101) + "1" + String(repeating: "}", count: 101)).utf8)
             )
         }
+    }
+
+    @Test("2,000 mutations of a document: never a crash, and accepted exactly when JSONSerialization accepts")
+    func mutationsAgreeWithFoundation() throws {
+        let seed = Array(
+            #"{"a": [1, -2.5e3, true, null, "x\"\u00e9"], "b": {"c": "", "d": [{}, []]}, "e": 0.5}"#.utf8
+        )
+        let alphabet = Array(#"{}[]:,"\ -+.0123456789eEtrufalsn/\#u{01}"#.utf8) + [0xC3, 0xFF]
+        var rng = SplitMix(seed: 0x5EED)
+        var accepted = 0
+        for _ in 0..<2000 {
+            var bytes = seed
+            for _ in 0...(rng.next() % 3) {
+                let at = Int(rng.next() % UInt64(bytes.count))
+                switch rng.next() % 3 {
+                case 0: bytes[at] = alphabet[Int(rng.next() % UInt64(alphabet.count))]
+                case 1: bytes.remove(at: at)
+                default: bytes.insert(alphabet[Int(rng.next() % UInt64(alphabet.count))], at: at)
+                }
+            }
+            let ours = try? JSONParser.parse(Data(bytes))
+            let theirs = try? JSONSerialization.jsonObject(with: Data(bytes), options: [.fragmentsAllowed])
+            #expect((ours != nil) == (theirs != nil), "\(String(decoding: bytes, as: UTF8.self))")
+            if ours != nil { accepted += 1 }
+        }
+        #expect(accepted > 100)  // the mutations reach valid documents too, not only errors
     }
 
     @Test("what the mesh writes parses back to the same tree")

@@ -222,7 +222,7 @@ final class Blackhole: Sendable {
 @Suite("RelaySessionClientTests", .serialized, .timeLimit(.minutes(3)), .rationed)
 struct RelaySessionClientTests {
     func random(_ count: Int, seed: UInt64) -> ByteBuffer {
-        var rng = SeededGenerator(state: seed)
+        var rng = SplitMix(seed: seed)
         return ByteBuffer(bytes: (0..<count).map { _ in UInt8.random(in: 0...255, using: &rng) })
     }
 

@@ -114,7 +114,7 @@ struct RelaySessionCodecTests {
     /// The fuzz target's invariants (`scripts/fuzz relay`) on seeded mutations of every golden frame,
     /// the forward included: a bounded smoke run inside the test suite (the entry traps on a break).
     @Test func fuzzInvariantsHoldOnMutatedFrames() {
-        var rng = SeededGenerator(state: 0x5EED)
+        var rng = SplitMix(seed: 0x5EED)
         for (_, wire) in Self.golden {
             let frame = hex(wire)
             for _ in 0..<500 {

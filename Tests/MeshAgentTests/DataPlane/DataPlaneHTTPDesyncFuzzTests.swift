@@ -49,7 +49,7 @@ struct DataPlaneHTTPDesyncFuzzTests {
     @Test("200 random pairs: each client gets exactly its own response or an error", arguments: HTTPEngine.allCases)
     func randomPairs(engine: HTTPEngine) async throws {
         try await TestEngine.$current.withValue(engine) {
-            var rng = SplitMix64(seed: 0xdec0de)
+            var rng = SplitMix(seed: 0xdec0de)
             let rounds = 100
             var kinds: [Kind] = []
             var responses: [String: String] = [:]

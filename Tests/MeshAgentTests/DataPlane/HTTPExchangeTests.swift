@@ -1,6 +1,7 @@
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
+import MeshTestSupport
 import Testing
 
 @_spi(Fuzzing) @testable import MeshAgent
@@ -397,7 +398,7 @@ struct HTTPExchangeTests {
             "okok",
             "HTTP/1.1 200 OK\r\n\r\nuntil close",
         ].map { Array($0.utf8) }
-        var rng = SplitMix64(seed: 0xfeed)
+        var rng = SplitMix(seed: 0xfeed)
         var carriedThree = 0
         for _ in 0..<3000 {
             var input: [UInt8] = [UInt8.random(in: 0...255, using: &rng), UInt8.random(in: 0...255, using: &rng)]

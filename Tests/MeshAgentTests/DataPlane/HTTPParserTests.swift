@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import MeshTestSupport
 import Testing
 
 @_spi(Fuzzing) @testable import MeshAgent
@@ -676,7 +677,7 @@ struct HTTPParserTests {
         let whole = try Feed.all(bytes, kind: kind)
         try whole.finishUnlessPaused()
         #expect(whole.heads.count >= 2 || whole.parser.isPaused)
-        var random = SplitMix64(seed: 0x5eed + UInt64(index))
+        var random = SplitMix(seed: 0x5eed + UInt64(index))
         var splits: [[Int]] = [Array(repeating: 1, count: bytes.count)]
         for _ in 0..<200 {
             var sizes: [Int] = []
@@ -878,17 +879,3 @@ final class Feed {
     }
 }
 
-/// A seeded generator (SplitMix64), so the random splits are the same on every run.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-
-    init(seed: UInt64) { self.state = seed }
-
-    mutating func next() -> UInt64 {
-        self.state &+= 0x9e37_79b9_7f4a_7c15
-        var z = self.state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}

@@ -88,7 +88,7 @@ import Testing
     }
 
     func keyUpdates(_ a: LinkNode, _ port: Int) async throws {
-        var rng = SeededGenerator(state: 29)
+        var rng = SplitMix(seed: 29)
         for size in [1, 70_000, 300_000] {
             let payload = ByteBuffer(bytes: (0..<size).map { _ in UInt8.random(in: 0...255, using: &rng) })
             #expect(

@@ -168,7 +168,7 @@ struct LinkTests {
         let b = try await LinkNode.make("b", ca: ca, book: book) { target, from in
             target.endpointPort == UInt16(port) && from == "a" ? nil : StreamRefusal(.notLocalEndpoint, "not here")
         }
-        var rng = SeededGenerator(state: 13)
+        var rng = SplitMix(seed: 13)
         let payload = ByteBuffer(bytes: (0..<300_000).map { _ in UInt8.random(in: 0...255, using: &rng) })
         let back = try await echoThrough(a.manager, to: "b", target: webTarget(port: port), payload: payload)
         #expect(back == payload)
@@ -532,7 +532,7 @@ struct LinkTests {
         #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
         let app = fds[1]
         try await a.manager.splice(socket: fds[0], to: "b", open: webTarget(port: port))
-        var rng = SeededGenerator(state: 7)
+        var rng = SplitMix(seed: 7)
         let payload = (0..<200_000).map { _ in UInt8.random(in: 0...255, using: &rng) }
         // Write on one thread while another reads (the echo's windows are smaller than the payload).
         async let wrote: Void = blocking {

@@ -106,7 +106,7 @@ private func exchange(_ fd: Int32, _ payload: [UInt8]) async throws -> [UInt8] {
 }
 
 private func randomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
-    var rng = SeededGenerator(state: seed)
+    var rng = SplitMix(seed: seed)
     return (0..<count).map { _ in UInt8.random(in: 0...255, using: &rng) }
 }
 
@@ -217,7 +217,7 @@ struct LinkLoopTests {
         let backend = try await startEchoBackend()
         let pair = try LoopPair()
         let port = backend.localAddress!.port!
-        var rng = SeededGenerator(state: 42)
+        var rng = SplitMix(seed: 42)
         let group = MultiThreadedEventLoopGroup.singleton
         var results: [(ByteBuffer, EventLoopFuture<ByteBuffer>)] = []
         for i in 0..<300 {

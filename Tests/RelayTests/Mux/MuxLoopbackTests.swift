@@ -134,23 +134,12 @@ final class CountingHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) { self.done.fail(error) }
 }
 
-/// A seeded generator (SplitMix64), so that a failing run can be repeated.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        self.state &+= 0x9E37_79B9_7F4A_7C15
-        var z = self.state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 @Suite("mux over loopback sockets", .timeLimit(.minutes(3)), .rationed) struct MuxLoopbackTests {
     @Test("1,000 concurrent streams of random sizes (seeded) echo back intact")
     func thousandStreams() async throws {
         let pair = try await MuxPair.make(serverInbound: echo)
-        var rng = SeededGenerator(state: 0x6D75_7800)
+        var rng = SplitMix(seed: 0x6D75_7800)
         // 2 MiB of random bytes; stream i sends a slice of it at its own offset, so a byte that crossed
         // streams or moved within one shows.
         let pool = ByteBuffer(bytes: (0..<(2 << 20) / 8).flatMap { _ in withUnsafeBytes(of: rng.next()) { Array($0) } })
