@@ -1,7 +1,7 @@
 import Foundation
 import MeshCore
-import NodeAgent
 import MeshTestSupport
+import NodeAgent
 import Testing
 
 /// The MQTT 3.1.1 codec, byte for byte, and the KubeEdge twin payloads.
@@ -202,4 +202,3 @@ import Testing
         }
     }
 }
-

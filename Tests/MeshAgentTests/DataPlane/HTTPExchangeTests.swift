@@ -1,7 +1,7 @@
+import MeshTestSupport
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
-import MeshTestSupport
 import Testing
 
 @_spi(Fuzzing) @testable import MeshAgent

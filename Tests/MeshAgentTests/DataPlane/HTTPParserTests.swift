@@ -1,6 +1,6 @@
+import MeshTestSupport
 import NIOCore
 import NIOHTTP1
-import MeshTestSupport
 import Testing
 
 @_spi(Fuzzing) @testable import MeshAgent
@@ -878,4 +878,3 @@ final class Feed {
         return pieces
     }
 }
-

@@ -134,7 +134,6 @@ final class CountingHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) { self.done.fail(error) }
 }
 
-
 @Suite("mux over loopback sockets", .timeLimit(.minutes(3)), .rationed) struct MuxLoopbackTests {
     @Test("1,000 concurrent streams of random sizes (seeded) echo back intact")
     func thousandStreams() async throws {
