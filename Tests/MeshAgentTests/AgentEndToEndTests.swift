@@ -245,7 +245,8 @@ struct AgentEndToEndTests {
         #expect(await MeshTestSupport.eventually { cp.server.watcherCount == ownWatchers + 1 })
         // Its one watch is not told of Node changes (N agents x N nodes' changes): endpoints carry sites.
         #expect(cp.server.watcherCount(of: "nodes") == 2)
-        #expect(cp.server.watcherCount(of: "endpoints") == 2)
+        // Endpoints: the agent's, and the two controllers' (which follow Nodes and Endpoints).
+        #expect(cp.server.watcherCount(of: "endpoints") == 3)
         // Its devices and workloads are its own (`?node=`): other nodes' twin and instance reports never reach it.
         #expect(cp.server.watcherCount(of: "devices", node: "edge-test") == 1)
         #expect(cp.server.watcherCount(of: "workloads", node: "edge-test") == 1)
