@@ -95,12 +95,18 @@ final class EndpointSites: Sendable {
     /// Runs until cancelled: a pass over everything, then the watch; again from a fresh list whenever the
     /// watch ends (fell behind, the store's history was compacted).
     func run() async {
+        await Self.relisting("endpoint sites", self.logger) { try await self.follow() }
+    }
+
+    /// A controller's loop (this one's and the `WorkloadController`'s): `follow` (a list, then a watch) again
+    /// after it ends or fails, 200 ms later, until cancelled.
+    static func relisting(_ name: String, _ logger: Logger, _ follow: () async throws -> Void) async {
         while !Task.isCancelled {
             do {
-                try await self.follow()
+                try await follow()
             } catch {
                 if Task.isCancelled { return }
-                self.logger.warning("endpoint sites: \(error); listing again")
+                logger.warning("\(name): \(error); listing again")
             }
             try? await Task.sleep(for: .milliseconds(200))
         }

@@ -50,15 +50,7 @@ final class WorkloadController: Sendable {
     /// Runs until cancelled: a list and a pass over everything, then the watch; again from a fresh list
     /// whenever the watch ends (fell behind, history compacted) or a pass fails.
     func run() async {
-        while !Task.isCancelled {
-            do {
-                try await self.follow()
-            } catch {
-                if Task.isCancelled { return }
-                self.logger.warning("workloads: \(error); listing again")
-            }
-            try? await Task.sleep(for: .milliseconds(200))
-        }
+        await EndpointSites.relisting("workloads", self.logger) { try await self.follow() }
     }
 
     /// One watch line, decoded as the kind it names (one parse).
