@@ -1,7 +1,6 @@
 import Logging
 import MeshCore
 import NIOCore
-import Synchronization
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -36,16 +35,12 @@ final class WorkloadController: Sendable {
     let logger: Logger
     /// The least time between two passes: the changes of a burst (a fleet coming online) wait for one.
     let coalesce: Duration
-    private let passes = Atomic<Int>(0)
 
     init(writer: ObjectWriter, logger: Logger, coalesce: Duration = .milliseconds(100)) {
         self.writer = writer
         self.logger = logger
         self.coalesce = coalesce
     }
-
-    /// Passes made so far (tests and the scale benchmark's logs).
-    var passCount: Int { self.passes.load(ordering: .relaxed) }
 
     /// Runs until cancelled: a list and a pass over everything, then the watch; again from a fresh list
     /// whenever the watch ends (fell behind, history compacted) or a pass fails.
@@ -151,7 +146,6 @@ final class WorkloadController: Sendable {
 
     /// One pass over what is dirty: the workloads' statuses, then their services' endpoints.
     func reconcile(_ index: inout WorkloadIndex) async throws {
-        self.passes.add(1, ordering: .relaxed)
         for ref in index.takeDirtyWorkloads() {
             guard let wanted = index.wantedStatus(of: ref), let current = index.workloads[ref] else { continue }
             guard wanted != current.status else { continue }
