@@ -48,6 +48,9 @@ struct TestRelay {
             relayName: name
         )
         configuration.locate = locate
+        // No test here is about the first message's bound: a loaded machine (the whole suite under two busy
+        // loops) took over the 10 s default to send one.
+        configuration.firstMessageTimeout = .seconds(60)
         let credentials = try pki.credentials(identity ?? .relay(name))
         let server = try RelaySessionServer(
             configuration: configuration,
