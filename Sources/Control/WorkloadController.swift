@@ -75,11 +75,11 @@ final class WorkloadController: Sendable {
         let store = self.writer.store
         var index = WorkloadIndex()
         let (nodes, nodesRV) = try await store.list(resource: Node.resource.plural, namespace: nil)
-        for stored in nodes { index.put(try Self.decode(stored, Node.self)) }
+        for stored in nodes { index.put(try stored.decode(Node.self)) }
         let (workloads, workloadsRV) = try await store.list(resource: Workload.resource.plural, namespace: nil)
-        for stored in workloads { index.put(try Self.decode(stored, Workload.self)) }
+        for stored in workloads { index.put(try stored.decode(Workload.self)) }
         let (endpoints, endpointsRV) = try await store.list(resource: Endpoints.resource.plural, namespace: nil)
-        for stored in endpoints { index.put(try Self.decode(stored, Endpoints.self)) }
+        for stored in endpoints { index.put(try stored.decode(Endpoints.self)) }
         index.dirtyEverything()
         try await self.reconcile(&index)
         var lastPass = ContinuousClock.now
@@ -111,12 +111,6 @@ final class WorkloadController: Sendable {
         }
     }
 
-    static func decode<T: MeshObject>(_ stored: StoredObject, _ type: T.Type) throws -> T {
-        var o = try stored.decode(T.self)
-        o.metadata.resourceVersion = String(stored.resourceVersion)
-        return o
-    }
-
     /// One watch line into the index (lines at or below their kind's list are in it already).
     static func apply(
         _ object: Line.Object,
@@ -137,8 +131,7 @@ final class WorkloadController: Sendable {
             if deleted { index.removeWorkload(WorkloadIndex.ref(of: w), version: rv) } else { index.put(w) }
         case .endpoints(let e):
             guard let rv = fresh(e.metadata, Endpoints.resource.kind) else { return }
-            let ref = WorkloadIndex.Ref(namespace: e.effectiveNamespace, name: e.metadata.name)
-            if deleted { index.removeEndpoints(ref, version: rv) } else { index.put(e) }
+            if deleted { index.removeEndpoints(WorkloadIndex.ref(of: e), version: rv) } else { index.put(e) }
         case .other:
             return
         }
@@ -149,16 +142,11 @@ final class WorkloadController: Sendable {
         for ref in index.takeDirtyWorkloads() {
             guard let wanted = index.wantedStatus(of: ref), let current = index.workloads[ref] else { continue }
             guard wanted != current.status else { continue }
-            let updated: Workload?
-            do {
-                updated = try await self.writer.update(Workload.self, namespace: ref.namespace, name: ref.name) { o in
-                    guard o.status ?? WorkloadStatus() != wanted else { return false }
-                    o.status = wanted
-                    return true
-                }
-            } catch {
-                index.retry(workload: ref)
-                throw error
+            // A failed write ends the pass and the follow: the next starts from a fresh list.
+            let updated = try await self.writer.update(Workload.self, namespace: ref.namespace, name: ref.name) { o in
+                guard o.status ?? WorkloadStatus() != wanted else { return false }
+                o.status = wanted
+                return true
             }
             guard let u = updated else { continue }
             index.put(u, dirty: false)
@@ -170,12 +158,7 @@ final class WorkloadController: Sendable {
             }
         }
         for service in index.takeDirtyServices() {
-            do {
-                try await self.write(service, index.wantedAddresses(of: service), &index)
-            } catch {
-                index.retry(service: service)
-                throw error
-            }
+            try await self.write(service, index.wantedAddresses(of: service), &index)
         }
     }
 

@@ -27,7 +27,12 @@ struct WorkloadIndex {
         var description: String { "\(self.namespace)/\(self.name)" }
     }
 
-    struct NodeFacts: Equatable {
+    /// Facts read from a stored object at `version`.
+    protocol Facts: Equatable {
+        var version: Int64 { get set }
+    }
+
+    struct NodeFacts: Facts {
         var version: Int64
         var labels: [String: String]
         var ready: Bool
@@ -36,12 +41,6 @@ struct WorkloadIndex {
         var site: String?
         /// The instances the node reported, by workload.
         var instances: [Ref: Instance]
-
-        /// Everything but the version.
-        func sameFacts(as o: NodeFacts) -> Bool {
-            self.labels == o.labels && self.ready == o.ready && self.address == o.address && self.site == o.site
-                && self.instances == o.instances
-        }
     }
 
     struct Instance: Equatable {
@@ -49,7 +48,7 @@ struct WorkloadIndex {
         var restarts: Int
     }
 
-    struct WorkloadFacts: Equatable {
+    struct WorkloadFacts: Facts {
         var version: Int64
         var selector: WorkloadNodeSelector?
         var ports: [WorkloadPort]
@@ -61,7 +60,7 @@ struct WorkloadIndex {
         }
     }
 
-    struct EndpointsFacts: Equatable {
+    struct EndpointsFacts: Facts {
         var version: Int64
         /// Written by this controller (`mesh.edge/managed-by: workloads`).
         var managed: Bool
@@ -102,7 +101,8 @@ struct WorkloadIndex {
         )
     }
 
-    static func ref(of w: Workload) -> Ref { Ref(namespace: w.effectiveNamespace, name: w.metadata.name) }
+    /// A workload's or an Endpoints' namespaced name.
+    static func ref(of o: some MeshObject) -> Ref { Ref(namespace: o.effectiveNamespace, name: o.metadata.name) }
 
     static func facts(of w: Workload) -> WorkloadFacts {
         WorkloadFacts(
@@ -147,11 +147,7 @@ struct WorkloadIndex {
         self.workloads[ref] = new
         self.index(ref, old: old, new: new)
         guard dirty else { return }
-        if let old, old.selector == new.selector, old.ports == new.ports, old.service == new.service,
-            old.status == new.status
-        {
-            return
-        }
+        if let old, old.sameFacts(as: new) { return }
         self.dirtyWorkloads.insert(ref)
         if let old, !old.ports.isEmpty { self.dirtyServices.insert(old.service) }
     }
@@ -166,7 +162,7 @@ struct WorkloadIndex {
 
     /// Endpoints listed or changed; `dirty: false` records the controller's own write.
     mutating func put(_ e: Endpoints, dirty: Bool = true) {
-        let ref = Ref(namespace: e.effectiveNamespace, name: e.metadata.name)
+        let ref = Self.ref(of: e)
         let new = EndpointsFacts(
             version: Self.version(e.metadata),
             managed: e.metadata.annotations?[WorkloadController.managedKey] == WorkloadController.managedValue,
@@ -175,7 +171,7 @@ struct WorkloadIndex {
         let old = self.endpoints[ref]
         if let old, new.version <= old.version, dirty { return }
         self.endpoints[ref] = new
-        guard dirty, old?.managed != new.managed || old?.addresses != new.addresses else { return }
+        guard dirty, old?.sameFacts(as: new) != true else { return }
         if new.managed || !(self.serving[ref] ?? []).isEmpty { self.dirtyServices.insert(ref) }
     }
 
@@ -287,7 +283,13 @@ struct WorkloadIndex {
         return list.sorted { ($0.node ?? "", $0.ip) < ($1.node ?? "", $1.ip) }
     }
 
-    /// Puts a service back to be tried on the next pass (a write that failed).
-    mutating func retry(service: Ref) { self.dirtyServices.insert(service) }
-    mutating func retry(workload: Ref) { self.dirtyWorkloads.insert(workload) }
+}
+
+extension WorkloadIndex.Facts {
+    /// The same facts, whatever versions they were read at.
+    func sameFacts(as o: Self) -> Bool {
+        var o = o
+        o.version = self.version
+        return self == o
+    }
 }
