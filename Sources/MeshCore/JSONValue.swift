@@ -81,9 +81,7 @@ extension JSONValue {
             throw ManifestError("malformed JSON: \(error)")
         }
     }
-}
 
-extension JSONValue {
     /// Serialises to compact JSON, members in order.
     public func jsonData() -> Data {
         var out = ""
