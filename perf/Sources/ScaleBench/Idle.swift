@@ -108,7 +108,7 @@ struct Idle: AsyncParsableCommand {
             replica.process.waitUntilExit()
         }
         let pki = self.work + "/r0/pki"
-        let (admin, _) = try await self.waitReady(pki, url)
+        let (admin, _) = try await replicaReady(pki: pki, url: url, timeout: .seconds(120), log: self.work + "/r0.log")
         // The process whose memory is read: the replica itself, not a wrapper's shell.
         let pid = try await self.controlPID(replica.process.processIdentifier)
         _ = try? await admin.create(
@@ -164,7 +164,7 @@ struct Idle: AsyncParsableCommand {
             }
             for f in batch { peers.append(try await f.get()) }
         }
-        try await self.until("handshakes", timeout: .seconds(300)) {
+        try await waitUntil("handshakes", timeout: .seconds(300)) {
             peers.allSatisfy { $0.1.state.withLock { $0.handshaken } }
         }
         try await stage("tls")
@@ -173,7 +173,7 @@ struct Idle: AsyncParsableCommand {
         let get =
             "GET /apis/mesh.edge/v1/namespaces/default/services/probe HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\n\r\n"
         for (channel, _) in peers { channel.writeAndFlush(ByteBuffer(string: get), promise: nil) }
-        try await self.until("answers", timeout: .seconds(300)) { peers.allSatisfy { $0.1.has("\"probe\"") } }
+        try await waitUntil("answers", timeout: .seconds(300)) { peers.allSatisfy { $0.1.has("\"probe\"") } }
         for (_, p) in peers { _ = p.take() }
         try await stage("request")
 
@@ -183,7 +183,7 @@ struct Idle: AsyncParsableCommand {
         let watch =
             "GET /apis/mesh.edge/v1/services?watch=true&resourceVersion=\(rv) HTTP/1.1\r\nHost: c\r\nAccept: application/json\r\n\r\n"
         for (channel, _) in peers { channel.writeAndFlush(ByteBuffer(string: watch), promise: nil) }
-        try await self.until("bookmarks", timeout: .seconds(300)) { peers.allSatisfy { $0.1.has("BOOKMARK") } }
+        try await waitUntil("bookmarks", timeout: .seconds(300)) { peers.allSatisfy { $0.1.has("BOOKMARK") } }
         for (_, p) in peers { _ = p.take() }
         try await stage("watch")
 
@@ -191,7 +191,7 @@ struct Idle: AsyncParsableCommand {
         var svc = try await admin.get(MeshService.self, namespace: "default", name: "probe")
         svc.metadata.labels = ["change": "1"]
         _ = try await admin.apply(svc)
-        try await self.until("events", timeout: .seconds(300)) { peers.allSatisfy { $0.1.has("\"change\"") } }
+        try await waitUntil("events", timeout: .seconds(300)) { peers.allSatisfy { $0.1.has("\"change\"") } }
         try await stage("event")
         let closed = peers.filter { $0.1.state.withLock { $0.closed } }.count
         figures.append(("connections closed by the replica", "\(closed)"))
@@ -209,15 +209,6 @@ struct Idle: AsyncParsableCommand {
             try await Task.sleep(for: .seconds(self.hold))
         }
         for (channel, _) in peers { channel.close(promise: nil) }
-    }
-
-    /// Waits (bounded) for `condition`, polling.
-    func until(_ what: String, timeout: Duration, _ condition: () -> Bool) async throws {
-        let deadline = ContinuousClock.now + timeout
-        while !condition() {
-            guard ContinuousClock.now < deadline else { throw ValidationError("no \(what) within \(timeout)") }
-            try await Task.sleep(for: .milliseconds(50))
-        }
     }
 
     /// The replica's memory once it is quiet: `settle` seconds after the stage, then until its CPU
@@ -250,18 +241,5 @@ struct Idle: AsyncParsableCommand {
             try await Task.sleep(for: .milliseconds(100))
         }
         throw ValidationError("no \(name) process with \(marker)")
-    }
-
-    func waitReady(_ pki: String, _ url: String) async throws -> (ControlClient, HTTPClientTLS) {
-        let deadline = ContinuousClock.now + .seconds(120)
-        while ContinuousClock.now < deadline {
-            if FileManager.default.fileExists(atPath: pki + "/admin.key"), let (c, tls) = try? adminClient(pki, [url]),
-                (try? await c.raw(.GET, "/readyz")) != nil
-            {
-                return (c, tls)
-            }
-            try await Task.sleep(for: .milliseconds(100))
-        }
-        throw ValidationError("the replica did not become ready (log: \(self.work)/r0.log)")
     }
 }

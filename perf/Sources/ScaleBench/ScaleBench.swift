@@ -44,6 +44,56 @@ func adminClient(_ pki: String, _ urls: [String]) throws -> (ControlClient, HTTP
     return (ControlClient(endpoints: endpoints, tls: tls), tls)
 }
 
+/// The admin's client of a replica once it answers `/readyz` (its pki folder written, its listener up),
+/// polled every 100 ms for at most `timeout`; `log` names where to look when it does not come up.
+func replicaReady(
+    pki: String,
+    url: String,
+    timeout: Duration,
+    log: String
+) async throws -> (ControlClient, HTTPClientTLS) {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if FileManager.default.fileExists(atPath: pki + "/admin.key"), let (c, tls) = try? adminClient(pki, [url]),
+            (try? await c.raw(.GET, "/readyz")) != nil
+        {
+            return (c, tls)
+        }
+        try await Task.sleep(for: .milliseconds(100))
+    }
+    throw ValidationError("the replica did not become ready (log: \(log))")
+}
+
+/// Waits for `condition`, polled every `poll`, for at most `timeout`.
+func waitUntil(
+    _ what: String,
+    timeout: Duration,
+    poll: Duration = .milliseconds(50),
+    _ condition: () async throws -> Bool
+) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while try await !condition() {
+        guard ContinuousClock.now < deadline else { throw ValidationError("no \(what) within \(timeout)") }
+        try await Task.sleep(for: poll)
+    }
+}
+
+/// Runs `body(client, i)` for i in 0..<count over the clients, one lane each (lane l takes l, l + lanes, ...).
+func inLanes(
+    _ clients: [ControlClient],
+    _ count: Int,
+    _ body: @escaping @Sendable (ControlClient, Int) async throws -> Void
+) async throws {
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for (l, c) in clients.enumerated() {
+            group.addTask {
+                for i in stride(from: l, to: count, by: clients.count) { try await body(c, i) }
+            }
+        }
+        try await group.waitForAll()
+    }
+}
+
 // MARK: sim
 
 /// The first error of many, kept for the report.
@@ -580,20 +630,13 @@ struct Drive: AsyncParsableCommand {
         )
         let clients = (0..<32).map { _ in admin.keepingAlive() }
         defer { for c in clients { c.session?.close() } }
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for lane in 0..<clients.count {
-                group.addTask {
-                    for i in stride(from: lane, to: self.nodes, by: clients.count) {
-                        try await clients[lane].apply(
-                            Device(
-                                metadata: ObjectMeta(name: self.deviceName(i), namespace: Self.deviceNamespace),
-                                spec: DeviceSpec(model: "thermometer", node: self.nodeName(i))
-                            )
-                        )
-                    }
-                }
-            }
-            try await group.waitForAll()
+        try await inLanes(clients, self.nodes) { c, i in
+            try await c.apply(
+                Device(
+                    metadata: ObjectMeta(name: self.deviceName(i), namespace: Self.deviceNamespace),
+                    spec: DeviceSpec(model: "thermometer", node: self.nodeName(i))
+                )
+            )
         }
     }
 
@@ -606,40 +649,33 @@ struct Drive: AsyncParsableCommand {
         let applied = Counter()
         let start = ContinuousClock.now
         let gap = 1.0 / self.reportRate
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for lane in 0..<clients.count {
-                group.addTask {
-                    for k in stride(from: lane, to: self.reports, by: clients.count) {
-                        try await Task.sleep(until: start + .seconds(Double(k) * gap), clock: .continuous)
-                        let i = k % self.nodes
-                        let batch = NodeReportBatch(
-                            epoch: "scale-bench",
-                            reports: [
-                                NodeReport(
-                                    id: Int64(k / self.nodes + 1),
-                                    twin: TwinReport(
-                                        namespace: Self.deviceNamespace,
-                                        device: self.deviceName(i),
-                                        property: "temperature",
-                                        value: String(format: "%.1f", 20 + Double(k % 100) / 10),
-                                        version: Int64(k / self.nodes + 1),
-                                        time: nil
-                                    )
-                                )
-                            ]
+        try await inLanes(clients, self.reports) { c, k in
+            try await Task.sleep(until: start + .seconds(Double(k) * gap), clock: .continuous)
+            let i = k % self.nodes
+            let batch = NodeReportBatch(
+                epoch: "scale-bench",
+                reports: [
+                    NodeReport(
+                        id: Int64(k / self.nodes + 1),
+                        twin: TwinReport(
+                            namespace: Self.deviceNamespace,
+                            device: self.deviceName(i),
+                            property: "temperature",
+                            value: String(format: "%.1f", 20 + Double(k % 100) / 10),
+                            version: Int64(k / self.nodes + 1),
+                            time: nil
                         )
-                        let path =
-                            ControlClient.path(Node.resource, namespace: nil, name: self.nodeName(i)) + "/reports"
-                        let answer = try await clients[lane].raw(
-                            .POST,
-                            path,
-                            body: ByteBuffer(bytes: try MeshJSON.encode(batch))
-                        ).body
-                        if String(buffer: answer).contains("\"applied\"") { applied.add() }
-                    }
-                }
-            }
-            try await group.waitForAll()
+                    )
+                ]
+            )
+            let path =
+                ControlClient.path(Node.resource, namespace: nil, name: self.nodeName(i)) + "/reports"
+            let answer = try await c.raw(
+                .POST,
+                path,
+                body: ByteBuffer(bytes: try MeshJSON.encode(batch))
+            ).body
+            if String(buffer: answer).contains("\"applied\"") { applied.add() }
         }
         return applied.value
     }
@@ -655,18 +691,12 @@ struct Drive: AsyncParsableCommand {
     }
 
     func waitReady(_ r: Int, _ url: String) async throws {
-        let pki = self.work + "/r\(r)/pki"
-        let deadline = ContinuousClock.now + .seconds(60)
-        while ContinuousClock.now < deadline {
-            if FileManager.default.fileExists(atPath: pki + "/admin.key"),
-                let (c, _) = try? adminClient(pki, [url]),
-                (try? await c.raw(.GET, "/readyz")) != nil
-            {
-                return
-            }
-            try await Task.sleep(for: .milliseconds(100))
-        }
-        throw ValidationError("replica \(r) did not become ready (log: \(self.work)/r\(r).log)")
+        _ = try await replicaReady(
+            pki: self.work + "/r\(r)/pki",
+            url: url,
+            timeout: .seconds(60),
+            log: "\(self.work)/r\(r).log"
+        )
     }
 }
 

@@ -104,27 +104,14 @@ struct Workloads: AsyncParsableCommand {
         }
         let pid = replica.process.processIdentifier
         let pki = dir + "/r0/pki"
-        let deadline = ContinuousClock.now + .seconds(120)
-        var ready: ControlClient?
-        while ready == nil, ContinuousClock.now < deadline {
-            if FileManager.default.fileExists(atPath: pki + "/admin.key"), let (c, _) = try? adminClient(pki, [url]),
-                (try? await c.raw(.GET, "/readyz")) != nil
-            {
-                ready = c
-            } else {
-                try await Task.sleep(for: .milliseconds(100))
-            }
-        }
-        guard let admin = ready else {
-            throw ValidationError("\(label): the replica did not become ready (\(dir)/r0.log)")
-        }
+        let (admin, _) = try await replicaReady(pki: pki, url: url, timeout: .seconds(120), log: dir + "/r0.log")
         var f = Figures()
         let start = ContinuousClock.now
         let lanes = (0..<8).map { _ in admin.keepingAlive() }
         defer { for c in lanes { c.session?.close() } }
         print("\(label): registering \(self.nodes) nodes, \(self.workloads) workloads")
         fflush(nil)
-        try await self.lanes(lanes, self.nodes) { c, i in
+        try await inLanes(lanes, self.nodes) { c, i in
             let address = NodeAddress(type: .internalIP, address: "198.18.\(i / 250).\(i % 250 + 1)")
             try await c.apply(
                 Node(
@@ -134,7 +121,7 @@ struct Workloads: AsyncParsableCommand {
             )
             try await c.heartbeat(node: Self.nodeName(i))
         }
-        try await self.lanes(lanes, self.workloads) { c, k in
+        try await inLanes(lanes, self.workloads) { c, k in
             try await c.apply(
                 Workload(
                     metadata: ObjectMeta(name: Self.workloadName(k), namespace: "default"),
@@ -146,7 +133,7 @@ struct Workloads: AsyncParsableCommand {
                 )
             )
         }
-        try await self.until("every workload assigned", timeout: .seconds(600)) {
+        try await waitUntil("every workload assigned", timeout: .seconds(600), poll: .milliseconds(500)) {
             let items = try await admin.list(Workload.self, namespace: "default").items
             return items.count == self.workloads && items.allSatisfy { $0.status?.nodes?.count == 1 }
         }
@@ -165,7 +152,7 @@ struct Workloads: AsyncParsableCommand {
         let posting = ContinuousClock.now
         let gap = 1.0 / self.reportRate
         let count = self.reports
-        try await self.lanes(lanes, count) { c, k in
+        try await inLanes(lanes, count) { c, k in
             try await Task.sleep(until: posting + .seconds(Double(k) * gap), clock: .continuous)
             let w = k % self.workloads
             let node = Self.nodeName(w % self.nodes)
@@ -193,7 +180,7 @@ struct Workloads: AsyncParsableCommand {
         // Every reported workload shows its last report: Running, its restarts, its endpoint ready.
         var last: [Int: Int] = [:]
         for k in 0..<count { last[k % self.workloads] = k / self.workloads }
-        try await self.until("every report shown", timeout: .seconds(600)) {
+        try await waitUntil("every report shown", timeout: .seconds(600), poll: .milliseconds(500)) {
             let items = try await admin.list(Workload.self, namespace: "default").items
             let endpoints = try await admin.list(Endpoints.self, namespace: "default").items
             let readyServices = Set(endpoints.filter { $0.spec.addresses.first?.ready == true }.map(\.metadata.name))
@@ -219,31 +206,6 @@ struct Workloads: AsyncParsableCommand {
         )
         fflush(nil)
         return f
-    }
-
-    /// Runs `body(client, i)` for i in 0..<count over the lanes (lane l takes i = l, l + lanes, ...).
-    func lanes(
-        _ clients: [ControlClient],
-        _ count: Int,
-        _ body: @escaping @Sendable (ControlClient, Int) async throws -> Void
-    ) async throws {
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for (l, c) in clients.enumerated() {
-                group.addTask {
-                    for i in stride(from: l, to: count, by: clients.count) { try await body(c, i) }
-                }
-            }
-            try await group.waitForAll()
-        }
-    }
-
-    /// Waits (bounded) for `condition`, polling every half second.
-    func until(_ what: String, timeout: Duration, _ condition: () async throws -> Bool) async throws {
-        let deadline = ContinuousClock.now + timeout
-        while try await !condition() {
-            guard ContinuousClock.now < deadline else { throw ValidationError("no \(what) within \(timeout)") }
-            try await Task.sleep(for: .milliseconds(500))
-        }
     }
 }
 
