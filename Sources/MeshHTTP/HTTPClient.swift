@@ -201,6 +201,13 @@ public struct HTTPClient: Sendable {
             return "timed out"
         case NIOSSLError.handshakeFailed(let e):
             return "TLS handshake failed (\(Self.describe(boringSSL: e)))"
+        case NIOSSLError.uncleanShutdown:
+            // In TLS 1.3 a client's handshake is done once it has sent its Finished, before the server has
+            // read it: a server that gives up on the handshake then (its handshake timeout, a refused
+            // client certificate) closes without a close_notify, and this is all the client sees.
+            return
+                "the server closed the connection without closing TLS (close_notify) and without an answer:"
+                + " it may have run out of time for the TLS handshake, refused this client's certificate, or stopped"
         case let e as BoringSSLError:
             return "TLS failed (\(Self.describe(boringSSL: e)))"
         case let e as NIOSSLExtraError:

@@ -44,6 +44,11 @@ public final class RunningControl: Sendable {
         config.listen = "127.0.0.1:0"
         config.dataDir = dir.path
         config.durability = .normal
+        // Every in-process server and client of the test process shares NIO's two event loop threads; under
+        // load (CI's, a parallel suite) a handshake can wait past the default 5 s, and a server that gives up
+        // on a TLS 1.3 handshake fails the client's request it already sent. The timeout's own behaviour is
+        // tested on a mesh-control process (ControlLimitsTests).
+        config.tlsHandshakeTimeoutSeconds = 60
         configure(&config)
         let server = ControlServer(config: config, logger: quietLogger, clock: clock)
         let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: quietLogger))
