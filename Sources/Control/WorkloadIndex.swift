@@ -9,12 +9,15 @@ import MeshCore
 /// controller's and its addresses. A change marks dirty only what it can change:
 /// - a node's instances, address or site: the workloads assigned to it (their sums and endpoints read it);
 /// - a node that is new, or whose labels or readiness changed: also every workload whose selector matches
-///   it (a scan of the workloads in memory, no store read);
+///   it, found through the selectors' index (by a name in `nodeNames`, else by the selector's first label,
+///   else among the workloads that select every node), not by a scan of every workload;
 /// - a deleted node: the workloads assigned to it;
 /// - a workload whose selector, ports, service or status changed (not the echo of the controller's own
 ///   write, which the index already holds): itself, and its old service;
 /// - Endpoints changed by someone else under a workload service's name, or the controller's own changed:
 ///   that service.
+/// A workload selecting by labels finds its nodes through the nodes' label index (the smallest set among its
+/// labels), not by a scan of every node.
 /// Each cached object keeps the version it was read at; a watch line at or below it is older than what
 /// the index holds and is skipped (the lines of the controller's own writes arrive after it recorded them).
 struct WorkloadIndex {
@@ -25,6 +28,12 @@ struct WorkloadIndex {
 
         static func < (a: Ref, b: Ref) -> Bool { (a.namespace, a.name) < (b.namespace, b.name) }
         var description: String { "\(self.namespace)/\(self.name)" }
+    }
+
+    /// A label, `key=value`: what both label indexes are keyed by.
+    struct Label: Hashable {
+        var key: String
+        var value: String
     }
 
     /// Facts read from a stored object at `version`.
@@ -74,6 +83,12 @@ struct WorkloadIndex {
     private var assigned: [String: Set<Ref>] = [:]
     /// Service → the workloads with ports that serve it.
     private var serving: [Ref: Set<Ref>] = [:]
+    /// Label → the nodes that carry it.
+    private var nodesByLabel: [Label: Set<String>] = [:]
+    /// The workloads a node may concern, each filed once under its selector's anchor (`Anchor`).
+    private var selectorsByName: [String: Set<Ref>] = [:]
+    private var selectorsByLabel: [Label: Set<Ref>] = [:]
+    private var selectingEveryNode: Set<Ref> = []
     private(set) var dirtyWorkloads: Set<Ref> = []
     private(set) var dirtyServices: Set<Ref> = []
 
@@ -123,6 +138,7 @@ struct WorkloadIndex {
         let old = self.nodes[name]
         if let old, new.version <= old.version { return }
         self.nodes[name] = new
+        self.indexLabels(of: name, old: old?.labels ?? [:], new: new.labels)
         guard let old else {
             self.dirtySelecting(name, new)
             return
@@ -135,6 +151,7 @@ struct WorkloadIndex {
     mutating func removeNode(_ name: String, version: Int64) {
         guard let old = self.nodes[name], version >= old.version else { return }
         self.nodes[name] = nil
+        self.indexLabels(of: name, old: old.labels, new: [:])
         self.dirtyWorkloads.formUnion(self.assigned[name] ?? [])
     }
 
@@ -188,11 +205,71 @@ struct WorkloadIndex {
         for (ref, e) in self.endpoints where e.managed { self.dirtyServices.insert(ref) }
     }
 
+    /// Marks every workload whose selector matches the node: those filed under its name, under one of its
+    /// labels, or selecting every node, each checked whole.
     private mutating func dirtySelecting(_ name: String, _ node: NodeFacts) {
-        for (ref, w) in self.workloads where w.matches(name, node) { self.dirtyWorkloads.insert(ref) }
+        func mark(_ refs: Set<Ref>?) {
+            for ref in refs ?? [] where self.workloads[ref]?.matches(name, node) == true {
+                self.dirtyWorkloads.insert(ref)
+            }
+        }
+        mark(self.selectorsByName[name])
+        mark(self.selectingEveryNode)
+        for (key, value) in node.labels { mark(self.selectorsByLabel[Label(key: key, value: value)]) }
+    }
+
+    /// Where a selector is filed: under each of its `nodeNames` (a node must be one of them), else under its
+    /// first label by key (a node must carry it), else among those selecting every node.
+    enum Anchor: Equatable {
+        case names(Set<String>)
+        case label(Label)
+        case everyNode
+
+        init(_ selector: WorkloadNodeSelector?) {
+            if let names = selector?.nodeNames, !names.isEmpty {
+                self = .names(Set(names))
+            } else if let (key, value) = selector?.matchLabels?.min(by: { $0.key < $1.key }) {
+                self = .label(Label(key: key, value: value))
+            } else {
+                self = .everyNode
+            }
+        }
+    }
+
+    private mutating func file(_ ref: Ref, under anchor: Anchor, _ add: Bool) {
+        func update<K: Hashable>(_ index: inout [K: Set<Ref>], _ key: K) {
+            if add {
+                index[key, default: []].insert(ref)
+            } else {
+                index[key]?.remove(ref)
+                if index[key]?.isEmpty == true { index[key] = nil }
+            }
+        }
+        switch anchor {
+        case .names(let names): for n in names { update(&self.selectorsByName, n) }
+        case .label(let label): update(&self.selectorsByLabel, label)
+        case .everyNode:
+            if add { self.selectingEveryNode.insert(ref) } else { self.selectingEveryNode.remove(ref) }
+        }
+    }
+
+    private mutating func indexLabels(of node: String, old: [String: String], new: [String: String]) {
+        guard old != new else { return }
+        for (key, value) in old where new[key] != value {
+            let label = Label(key: key, value: value)
+            self.nodesByLabel[label]?.remove(node)
+            if self.nodesByLabel[label]?.isEmpty == true { self.nodesByLabel[label] = nil }
+        }
+        for (key, value) in new where old[key] != value {
+            self.nodesByLabel[Label(key: key, value: value), default: []].insert(node)
+        }
     }
 
     private mutating func index(_ ref: Ref, old: WorkloadFacts?, new: WorkloadFacts?) {
+        if old == nil || new == nil || old?.selector != new?.selector {
+            if let old { self.file(ref, under: Anchor(old.selector), false) }
+            if let new { self.file(ref, under: Anchor(new.selector), true) }
+        }
         let before = Set(old?.status.nodes ?? [])
         let after = Set(new?.status.nodes ?? [])
         for n in before.subtracting(after) {
@@ -233,6 +310,17 @@ struct WorkloadIndex {
         var assigned: [String] = []
         if let names = w.selector?.nodeNames, !names.isEmpty {
             for name in Set(names) {
+                guard let n = self.nodes[name], w.matches(name, n), n.ready || before.contains(name) else { continue }
+                assigned.append(name)
+            }
+        } else if let labels = w.selector?.matchLabels, !labels.isEmpty {
+            // The nodes carrying the rarest of its labels, each checked whole.
+            var fewest: Set<String> = []
+            for (i, (key, value)) in labels.enumerated() {
+                let carrying = self.nodesByLabel[Label(key: key, value: value)] ?? []
+                if i == 0 || carrying.count < fewest.count { fewest = carrying }
+            }
+            for name in fewest {
                 guard let n = self.nodes[name], w.matches(name, n), n.ready || before.contains(name) else { continue }
                 assigned.append(name)
             }

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshTestSupport
 import Testing
 
 @testable import Control
@@ -194,5 +195,90 @@ import Testing
         index.dirtyEverything()
         #expect(index.takeDirtyWorkloads() == [Self.ref("api")])
         #expect(index.takeDirtyServices() == [Self.ref("api"), Self.ref("web")])
+    }
+
+    @Test(
+        "the selector and label indexes find what a scan of every workload and every node finds (2,000 seeded changes)"
+    )
+    func indexesAgreeWithAScan() {
+        var random = SplitMix(seed: 17)
+        let names = (0..<16).map { "n\($0)" }
+        let zones = ["a", "b", "c"]
+        func pick<T>(_ list: [T]) -> T { list[Int(random.next() % UInt64(list.count))] }
+        func chance(_ percent: UInt64) -> Bool { random.next() % 100 < percent }
+        func labels() -> [String: String] {
+            var l: [String: String] = [:]
+            if chance(80) { l["zone"] = pick(zones) }
+            if chance(50) { l["tier"] = pick(["x", "y"]) }
+            return l
+        }
+        func selector() -> WorkloadNodeSelector? {
+            switch random.next() % 5 {
+            case 0: return nil
+            case 1: return WorkloadNodeSelector(matchLabels: labels())  // may be empty: every node
+            case 2: return WorkloadNodeSelector(nodeNames: (0..<3).map { _ in pick(names) })
+            case 3: return WorkloadNodeSelector(nodeNames: [pick(names)], matchLabels: labels())
+            default: return WorkloadNodeSelector(nodeNames: [], matchLabels: ["zone": pick(zones)])
+            }
+        }
+        // The model: what was put, as a scan would read it.
+        var nodes: [String: (labels: [String: String], ready: Bool)] = [:]
+        var workloads: [String: (selector: WorkloadNodeSelector?, assigned: [String])] = [:]
+        var index = WorkloadIndex()
+        var rv = 0
+        func selecting(_ name: String, _ node: (labels: [String: String], ready: Bool)) -> Set<Ref> {
+            Set(
+                workloads.filter { $0.value.selector?.matches(name: name, labels: node.labels) ?? true }.keys.map {
+                    Self.ref($0)
+                }
+            )
+        }
+        func assigned(to name: String) -> Set<Ref> {
+            Set(workloads.filter { $0.value.assigned.contains(name) }.keys.map { Self.ref($0) })
+        }
+        for step in 0..<2_000 {
+            rv += 1
+            _ = index.takeDirtyWorkloads()
+            switch random.next() % 10 {
+            case 0...4:
+                let name = pick(names)
+                let node = (labels: chance(70) ? labels() : nodes[name]?.labels ?? [:], ready: chance(80))
+                let old = nodes[name]
+                nodes[name] = node
+                index.put(Self.node(name, rv: rv, ready: node.ready, labels: node.labels))
+                let expected: Set<Ref> =
+                    if let old {
+                        old.labels == node.labels && old.ready == node.ready
+                            ? [] : assigned(to: name).union(selecting(name, node))
+                    } else {
+                        selecting(name, node)
+                    }
+                #expect(Set(index.takeDirtyWorkloads()) == expected, "step \(step): put node \(name)")
+            case 5:
+                let name = pick(names)
+                guard nodes.removeValue(forKey: name) != nil else { continue }
+                index.removeNode(name, version: Int64(rv))
+                #expect(Set(index.takeDirtyWorkloads()) == assigned(to: name), "step \(step): node \(name) gone")
+            case 6...8:
+                let name = "w\(random.next() % 12)"
+                let w = (selector: selector(), assigned: names.filter { nodes[$0] != nil && chance(30) })
+                workloads[name] = w
+                index.put(Self.workload(name, rv: rv, selector: w.selector, nodes: w.assigned))
+            default:
+                let name = "w\(random.next() % 12)"
+                guard workloads.removeValue(forKey: name) != nil else { continue }
+                index.removeWorkload(Self.ref(name), version: Int64(rv))
+            }
+            for (name, w) in workloads {
+                let wanted = nodes.filter { n, node in
+                    (w.selector?.matches(name: n, labels: node.labels) ?? true)
+                        && (node.ready || w.assigned.contains(n))
+                }.keys.sorted()
+                #expect(
+                    index.wantedStatus(of: Self.ref(name))?.nodes ?? [] == wanted,
+                    "step \(step): nodes of \(name) (\(String(describing: w.selector)))"
+                )
+            }
+        }
     }
 }

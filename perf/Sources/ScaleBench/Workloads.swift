@@ -12,7 +12,10 @@ import PerfSupport
 /// 1. `idle`: the replica's CPU over `idle` seconds in which nothing changes;
 /// 2. `reports`: R workload reports posted at a rate (each a node's instance going Running or restarting: the
 ///    node's status write, then the controller's write of the workload's sums and of its Endpoints), the
-///    replica's CPU per report, and how long after the last post every reported workload shows it.
+///    replica's CPU per report, and how long after the last post every reported workload shows it;
+/// 3. `flaps`: F label changes of nodes (a label no workload selects, read then written back), the replica's
+///    CPU per change: what a node's label change costs the controller when it concerns no workload (before
+///    the selector index: a check of every workload's selector).
 /// With `--baseline-control` the same runs against that binary first (another build, e.g. before a change),
 /// in the same invocation, and the ratios are printed.
 struct Workloads: AsyncParsableCommand {
@@ -28,6 +31,8 @@ struct Workloads: AsyncParsableCommand {
     @Option(help: "Seconds with no change, for the idle CPU.") var idle = 10.0
     @Option(help: "Workload reports posted.") var reports = 400
     @Option(help: "Workload reports per second.") var reportRate = 40.0
+    @Option(help: "Node label changes made.") var flaps = 200
+    @Option(help: "Node label changes per second.") var flapRate = 20.0
     @Option(help: "Write the figures as JSON to this file.") var json: String?
 
     struct Figures {
@@ -37,12 +42,13 @@ struct Workloads: AsyncParsableCommand {
         var reportsPerSecond = 0.0
         var converged = 0.0
         var rssMiB = 0.0
+        var cpuPerFlapMs = 0.0
     }
 
     func run() async throws {
         guard (1...20_000).contains(self.nodes), (1...100_000).contains(self.workloads),
-            (0...100_000).contains(self.reports)
-        else { throw ValidationError("nodes 1-20000, workloads 1-100000, reports 0-100000") }
+            (0...100_000).contains(self.reports), (0...100_000).contains(self.flaps)
+        else { throw ValidationError("nodes 1-20000, workloads 1-100000, reports 0-100000, flaps 0-100000") }
         var runs: [(String, Figures)] = []
         if let base = self.baselineControl {
             runs.append(("baseline", try await self.measure(base, label: "baseline")))
@@ -64,14 +70,24 @@ struct Workloads: AsyncParsableCommand {
         row("replica CPU per workload report (ms)", "%.2f", \.cpuPerReportMs)
         row("reports/s achieved", "%.1f", \.reportsPerSecond)
         row("every report shown, after the last post (s)", "%.2f", \.converged)
+        row("replica CPU per node label change (ms)", "%.2f", \.cpuPerFlapMs)
         row("replica RSS at the end (MiB)", "%.1f", \.rssMiB)
         if runs.count == 2 {
             let (b, t) = (runs[0].1, runs[1].1)
             let cpu = t.cpuPerReportMs / b.cpuPerReportMs
             let idle = b.idleCores > 0 ? t.idleCores / b.idleCores : .nan
-            print(String(format: "ratio this / baseline: CPU per report x%.3f, idle CPU x%.3f", cpu, idle))
+            let flap = t.cpuPerFlapMs / b.cpuPerFlapMs
+            print(
+                String(
+                    format: "ratio this / baseline: CPU per report x%.3f, idle CPU x%.3f, CPU per label change x%.3f",
+                    cpu,
+                    idle,
+                    flap
+                )
+            )
             out["ratio: CPU per report"] = String(format: "%.3f", cpu)
             out["ratio: idle CPU"] = String(format: "%.3f", idle)
+            out["ratio: CPU per label change"] = String(format: "%.3f", flap)
         }
         if let path = self.json {
             try JSONSerialization.data(withJSONObject: out, options: [.prettyPrinted, .sortedKeys])
@@ -193,15 +209,32 @@ struct Workloads: AsyncParsableCommand {
         }
         f.converged = (ContinuousClock.now - posted).seconds
         f.cpuPerReportMs = count > 0 ? (ProcessStats.cpuSeconds(pid) - cpu0) / Double(count) * 1000 : 0
+
+        // 3. Label changes: node k % N gets `bench-flap: k`, which no workload selects.
+        try await Task.sleep(for: .seconds(2))
+        let flap0 = ProcessStats.cpuSeconds(pid)
+        let flapping = ContinuousClock.now
+        let flapGap = 1.0 / self.flapRate
+        try await inLanes(lanes, self.flaps) { c, k in
+            try await Task.sleep(until: flapping + .seconds(Double(k) * flapGap), clock: .continuous)
+            var node = try await c.get(Node.self, name: Self.nodeName(k % self.nodes))
+            node.metadata.labels = ["bench-flap": "\(k)"]
+            try await c.apply(node)
+        }
+        // The controller's passes after the last change (coalesced within 100 ms) are counted too.
+        try await Task.sleep(for: .seconds(2))
+        f.cpuPerFlapMs = self.flaps > 0 ? (ProcessStats.cpuSeconds(pid) - flap0) / Double(self.flaps) * 1000 : 0
         f.rssMiB = Double(ProcessStats.rss(pid)) / 1_048_576
         print(
             String(
-                format: "%@: %d reports at %.1f/s, %.2f ms CPU each, all shown %.2f s after the last",
+                format: "%@: %d reports at %.1f/s, %.2f ms CPU each, all shown %.2f s after the last; "
+                    + "%.2f ms per label change",
                 label,
                 count,
                 f.reportsPerSecond,
                 f.cpuPerReportMs,
-                f.converged
+                f.converged,
+                f.cpuPerFlapMs
             )
         )
         fflush(nil)
