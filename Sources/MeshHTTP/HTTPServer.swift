@@ -123,6 +123,12 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                 .serverChannelOption(.maxMessagesPerRead, value: 16)
                 .childChannelOption(.allowRemoteHalfClosure, value: true)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                // A connection keeps its receive buffer at the size it last had (2 KiB with NIO's default
+                // start): an idle agent's sends fit in 512 bytes; an upload grows it (doubling per full read).
+                .childChannelOption(
+                    .recvAllocator,
+                    value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 65536)
+                )
                 .childChannelOption(
                     .allocator,
                     value: config.leanBuffers ? LeanAllocator.allocator : ByteBufferAllocator()
