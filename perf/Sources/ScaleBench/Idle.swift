@@ -85,7 +85,7 @@ struct Idle: AsyncParsableCommand {
     func run() async throws {
         guard (1...15_000).contains(self.connections) else { throw ValidationError("connections 1-15000") }
         try FileManager.default.createDirectory(atPath: self.work, withIntermediateDirectories: true)
-        let port = 21000 + Int.random(in: 0..<8000) * 5
+        let port = try freeLoopbackPorts(1)[0]
         let url = "https://127.0.0.1:\(port)"
         let configPath = self.work + "/control.yaml"
         let extra = self.config.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces) }
@@ -108,7 +108,13 @@ struct Idle: AsyncParsableCommand {
             replica.process.waitUntilExit()
         }
         let pki = self.work + "/r0/pki"
-        let (admin, _) = try await replicaReady(pki: pki, url: url, timeout: .seconds(120), log: self.work + "/r0.log")
+        let (admin, _) = try await replicaReady(
+            pki: pki,
+            url: url,
+            timeout: .seconds(120),
+            log: self.work + "/r0.log",
+            process: replica.process
+        )
         // The process whose memory is read: the replica itself, not a wrapper's shell.
         let pid = try await self.controlPID(replica.process.processIdentifier)
         _ = try? await admin.create(

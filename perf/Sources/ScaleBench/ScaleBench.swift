@@ -44,16 +44,45 @@ func adminClient(_ pki: String, _ urls: [String]) throws -> (ControlClient, HTTP
     return (ControlClient(endpoints: endpoints, tls: tls), tls)
 }
 
+/// `n` distinct loopback TCP ports that were free just now: bound together to port 0, then closed. (A port
+/// picked at random from 21000-61000 could be one a client connection of this host holds: Linux hands out
+/// ephemeral ports from 32768 up, and a replica then failed to start with "Address already in use".)
+func freeLoopbackPorts(_ n: Int) throws -> [Int] {
+    var sockets: [Int32] = []
+    defer { for s in sockets { close(s) } }
+    var ports: [Int] = []
+    for _ in 0..<n {
+        let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard s >= 0 else { throw ValidationError("socket: \(String(cString: strerror(errno)))") }
+        sockets.append(s)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(s, $0, length) == 0 && getsockname(s, $0, &length) == 0
+            }
+        }
+        guard bound else { throw ValidationError("bind 127.0.0.1:0: \(String(cString: strerror(errno)))") }
+        ports.append(Int(UInt16(bigEndian: address.sin_port)))
+    }
+    return ports
+}
+
 /// The admin's client of a replica once it answers `/readyz` (its pki folder written, its listener up),
-/// polled every 100 ms for at most `timeout`; `log` names where to look when it does not come up.
+/// polled every 100 ms for at most `timeout`; `log` names where to look when it does not come up. With
+/// `process`, a replica that exits fails the wait at once.
 func replicaReady(
     pki: String,
     url: String,
     timeout: Duration,
-    log: String
+    log: String,
+    process: Process? = nil
 ) async throws -> (ControlClient, HTTPClientTLS) {
     let deadline = ContinuousClock.now + timeout
     while ContinuousClock.now < deadline {
+        if let process, !process.isRunning { throw ValidationError("the replica exited (log: \(log))") }
         if FileManager.default.fileExists(atPath: pki + "/admin.key"), let (c, tls) = try? adminClient(pki, [url]),
             (try? await c.raw(.GET, "/readyz")) != nil
         {
@@ -392,7 +421,7 @@ struct Drive: AsyncParsableCommand {
         else {
             throw ValidationError("nodes 1-15000, replicas 1-5, processes 1-8")
         }
-        let ports = (0..<self.replicas).map { 21000 + Int.random(in: 0..<4000) * 5 + $0 }
+        let ports = try freeLoopbackPorts(self.replicas)
         let urls = ports.map { "https://127.0.0.1:\($0)" }
         let config = self.work + "/control.yaml"
         try """

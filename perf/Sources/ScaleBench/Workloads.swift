@@ -102,7 +102,7 @@ struct Workloads: AsyncParsableCommand {
         let dir = self.work + "/" + label
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let port = 21000 + Int.random(in: 0..<8000) * 5
+        let port = try freeLoopbackPorts(1)[0]
         let url = "https://127.0.0.1:\(port)"
         let configPath = dir + "/control.yaml"
         try [
@@ -120,7 +120,13 @@ struct Workloads: AsyncParsableCommand {
         }
         let pid = replica.process.processIdentifier
         let pki = dir + "/r0/pki"
-        let (admin, _) = try await replicaReady(pki: pki, url: url, timeout: .seconds(120), log: dir + "/r0.log")
+        let (admin, _) = try await replicaReady(
+            pki: pki,
+            url: url,
+            timeout: .seconds(120),
+            log: dir + "/r0.log",
+            process: replica.process
+        )
         var f = Figures()
         let start = ContinuousClock.now
         let lanes = (0..<8).map { _ in admin.keepingAlive() }
