@@ -149,11 +149,7 @@ import class ServiceLifecycle.ServiceGroup
     /// arrive byte for byte.
     @Test func everyByteSurvivesReleasesOverRealTLS() async throws {
         let ca = try CertificateAuthority.create()
-        let issued = try ca.issueCredential(identity: .node("server"), serverAuth: true, clientAuth: false)
-        let dir = TempDir()
-        let files = CredentialFiles(directory: dir.path, name: "server")
-        try files.write(keyPEM: issued.keyPEM, certificatePEM: issued.certificatePEM, caPEM: try ca.certificatePEM())
-        let context = try MeshTLS.serverContext(try files.load())
+        let context = try meshServerContext(ca, identity: .node("server"))
         let (server, group, task, port) = try await startServer(configure: { config in
             config.tls = HTTPServerTLS(context: context) { _ in nil }
             config.releaseIdleBuffersAfter = .milliseconds(50)

@@ -29,11 +29,7 @@ import Testing
 
     @Test func aServerThatClosesWithoutCloseNotifyGetsAnErrorInWords() async throws {
         let ca = try CertificateAuthority.create()
-        let issued = try ca.issueCredential(identity: .node("server"), serverAuth: true, clientAuth: false)
-        let dir = TempDir()
-        let files = CredentialFiles(directory: dir.path, name: "server")
-        try files.write(keyPEM: issued.keyPEM, certificatePEM: issued.certificatePEM, caPEM: try ca.certificatePEM())
-        let serverContext = try MeshTLS.serverContext(try files.load())
+        let serverContext = try meshServerContext(ca, identity: .node("server"))
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

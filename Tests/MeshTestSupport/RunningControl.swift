@@ -133,6 +133,16 @@ public func seedNodeCredentials(stateDir: String, nodeName: String) throws -> Ce
     return ca
 }
 
+/// The server side of `meshClientContext`: `MeshTLS.serverContext` with a fresh certificate of `identity`
+/// from `ca` (written to credential files, as a component keeps them, and loaded back).
+public func meshServerContext(_ ca: CertificateAuthority, identity: MeshPrincipal) throws -> NIOSSLContext {
+    let issued = try ca.issueCredential(identity: identity, serverAuth: true, clientAuth: false)
+    let dir = TempDir()
+    let files = CredentialFiles(directory: dir.path, name: "server")
+    try files.write(keyPEM: issued.keyPEM, certificatePEM: issued.certificatePEM, caPEM: try ca.certificatePEM())
+    return try MeshTLS.serverContext(try files.load())
+}
+
 /// A TLS 1.3 client context that trusts `ca` and presents a fresh certificate of `identity` from it
 /// (none when nil), without checking the server's name or address: a node's certificate names
 /// neither, only `mesh://node/NAME`.
