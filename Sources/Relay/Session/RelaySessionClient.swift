@@ -240,9 +240,13 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
                         )
                     )
                 }
+                // The timer fails the welcome only if it has not come: a welcome that came first stands (failing
+                // a completed promise does nothing), and only a failed welcome closes the channel. (The timer
+                // used to close the channel itself, and when this task was slow to resume after a welcome, a
+                // welcomed session was closed under it and still adopted as home.)
+                welcome.futureResult.whenFailure { _ in channel.close(promise: nil) }
                 let timeout = channel.eventLoop.scheduleTask(in: config.welcomeTimeout) {
                     welcome.fail(RelayClientError(relay: name, .timedOut("the welcome")))
-                    channel.close(promise: nil)
                 }
                 channel.writeAndFlush(
                     ByteBuffer(
@@ -261,6 +265,10 @@ public final class RelaySessionClient: ServiceLifecycle.Service, Sendable {
                     guard welcomed == name else {
                         channel.close(promise: nil)
                         throw RelayClientError(relay: name, .protocolError("it welcomed as \(welcomed)"))
+                    }
+                    // Closed since its welcome (by the relay, or the network): not a home to adopt.
+                    guard channel.isActive else {
+                        throw RelayClientError(relay: name, .unreachable("the session closed right after its welcome"))
                     }
                 } catch {
                     timeout.cancel()
