@@ -266,9 +266,10 @@ struct WorkloadIndex {
     }
 
     private mutating func index(_ ref: Ref, old: WorkloadFacts?, new: WorkloadFacts?) {
-        if old == nil || new == nil || old?.selector != new?.selector {
-            if let old { self.file(ref, under: Anchor(old.selector), false) }
-            if let new { self.file(ref, under: Anchor(new.selector), true) }
+        let (was, now) = (old.map { Anchor($0.selector) }, new.map { Anchor($0.selector) })
+        if was != now {
+            if let was { self.file(ref, under: was, false) }
+            if let now { self.file(ref, under: now, true) }
         }
         let before = Set(old?.status.nodes ?? [])
         let after = Set(new?.status.nodes ?? [])
@@ -307,27 +308,24 @@ struct WorkloadIndex {
     func wantedStatus(of ref: Ref) -> WorkloadStatus? {
         guard let w = self.workloads[ref] else { return nil }
         let before = Set(w.status.nodes ?? [])
+        // A node it may run on: one its selector matches, Ready, or assigned before (NotReady keeps it).
+        func admits(_ name: String, _ n: NodeFacts) -> Bool { w.matches(name, n) && (n.ready || before.contains(name)) }
+        // Where to look: the nodes it names, else those carrying the rarest of its labels, else every node.
+        let within: Set<String>?
+        switch Anchor(w.selector) {
+        case .names(let names): within = names
+        case .label:
+            within =
+                (w.selector?.matchLabels ?? [:]).lazy
+                .map { self.nodesByLabel[Label(key: $0.key, value: $0.value)] ?? [] }
+                .min { $0.count < $1.count } ?? []
+        case .everyNode: within = nil
+        }
         var assigned: [String] = []
-        if let names = w.selector?.nodeNames, !names.isEmpty {
-            for name in Set(names) {
-                guard let n = self.nodes[name], w.matches(name, n), n.ready || before.contains(name) else { continue }
-                assigned.append(name)
-            }
-        } else if let labels = w.selector?.matchLabels, !labels.isEmpty {
-            // The nodes carrying the rarest of its labels, each checked whole.
-            var fewest: Set<String> = []
-            for (i, (key, value)) in labels.enumerated() {
-                let carrying = self.nodesByLabel[Label(key: key, value: value)] ?? []
-                if i == 0 || carrying.count < fewest.count { fewest = carrying }
-            }
-            for name in fewest {
-                guard let n = self.nodes[name], w.matches(name, n), n.ready || before.contains(name) else { continue }
-                assigned.append(name)
-            }
+        if let within {
+            for name in within { if let n = self.nodes[name], admits(name, n) { assigned.append(name) } }
         } else {
-            for (name, n) in self.nodes where w.matches(name, n) && (n.ready || before.contains(name)) {
-                assigned.append(name)
-            }
+            for (name, n) in self.nodes where admits(name, n) { assigned.append(name) }
         }
         assigned.sort()
         var running = 0
