@@ -449,7 +449,7 @@ struct Drive: AsyncParsableCommand {
         var replicas: [Child] = []
         for r in 0..<self.replicas {
             replicas.append(try startReplica(r))
-            try await self.waitReady(r, urls[r])
+            try await self.waitReady(r, urls[r], replicas[r])
         }
         let pki = self.work + "/r0/pki"
         let (admin, _) = try adminClient(pki, urls)
@@ -537,7 +537,7 @@ struct Drive: AsyncParsableCommand {
         kill(replicas[0].process.processIdentifier, SIGKILL)
         replicas[0].process.waitUntilExit()
         replicas[0] = try startReplica(0)
-        try await self.waitReady(0, urls[0])
+        try await self.waitReady(0, urls[0], replicas[0])
         try await Task.sleep(for: .seconds(self.replicas == 1 ? 15 : 8))
 
         var delays: [Int64] = []
@@ -719,12 +719,13 @@ struct Drive: AsyncParsableCommand {
         return total
     }
 
-    func waitReady(_ r: Int, _ url: String) async throws {
+    func waitReady(_ r: Int, _ url: String, _ replica: Child) async throws {
         _ = try await replicaReady(
             pki: self.work + "/r\(r)/pki",
             url: url,
             timeout: .seconds(60),
-            log: "\(self.work)/r\(r).log"
+            log: "\(self.work)/r\(r).log",
+            process: replica.process
         )
     }
 }
