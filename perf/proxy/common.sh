@@ -1,4 +1,4 @@
-# Shared by perf/proxy/bulk (sourced). Builds the bench tool, starts processes that
+# Shared by perf/proxy/bulk and perf/proxy/syscalls (sourced). Builds the bench tool, starts processes that
 # are stopped on exit (by their PIDs), and cleans up the namespaces a run created.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -68,6 +68,26 @@ frontend f
 backend b
   server s1 $4
 CFG
+}
+
+# nginx_stream_config FILE DIR LISTEN BACKEND: nginx in the foreground, one process, a TCP stream proxy (as
+# perf/run's); its pid file and error log in DIR.
+nginx_stream_config() {
+  cat >"$1" <<NGINX
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off;
+master_process off;
+worker_processes 1;
+pid $2/nginx.pid;
+error_log $2/nginx-error.log warn;
+events { worker_connections 1024; }
+stream { server { listen $3; proxy_pass $4; } }
+NGINX
+}
+
+# free_port: a loopback TCP port free just now.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
 # The PID of the process a `ip netns exec ... CMD` wrapper became (exec replaces it, so the same PID).
