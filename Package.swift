@@ -55,6 +55,7 @@ let package = Package(
         .library(name: "MeshCore", targets: ["MeshCore"]),
         .library(name: "MeshHTTP", targets: ["MeshHTTP"]),
         .library(name: "MeshIdentity", targets: ["MeshIdentity"]),
+        .library(name: "MeshRecords", targets: ["MeshRecords"]),
         .library(name: "MeshClient", targets: ["MeshClient"]),
         .library(name: "Control", targets: ["Control"]),
         .library(name: "DNS", targets: ["DNS"]),
@@ -85,7 +86,7 @@ let package = Package(
         .systemLibrary(name: "CYAML", pkgConfig: "yaml-0.1", providers: [.apt(["libyaml-dev"])]),
         // Headers only (no library): Linux calls Glibc does not export to Swift (epoll, eventfd, accept4, thread names).
         .systemLibrary(name: "CLinux"),
-        // Headers only: BoringSSL's AEAD calls, as NIOSSL links them in (the link record layer, Relay/Records).
+        // Headers only: BoringSSL's AEAD calls, as NIOSSL links them in (the mesh record layer, MeshRecords).
         .systemLibrary(name: "CBoringAEAD"),
         // libnl-3 / libnl-route-3 for the mesh interface, loaded with dlopen on first use (not linked: an
         // agent in loopback mode maps none of it). Building needs no libnl headers: the shim declares what it
@@ -103,11 +104,24 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: swiftSettings
         ),
+        // The mesh record layer after a TLS 1.3 handshake (links, and control-plane HTTP connections): keys
+        // from the handshake's exporter secret, TLS 1.3 records sealed with BoringSSL's AEAD, the NIO handler.
+        .target(
+            name: "MeshRecords",
+            dependencies: [
+                "CBoringAEAD",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: swiftSettings
+        ),
         // Identity: keys, certificates, the CA's signing, URI-SAN identities, TLS configurations from files.
         .target(
             name: "MeshIdentity",
             dependencies: [
-                "MeshCore",
+                "MeshCore", "MeshRecords",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
@@ -127,7 +141,7 @@ let package = Package(
         .target(
             name: "MeshHTTP",
             dependencies: nio + [
-                "MeshCore", "MeshNIO", "CLinux",
+                "MeshCore", "MeshNIO", "MeshRecords", "CLinux",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -195,7 +209,7 @@ let package = Package(
         .target(
             name: "Relay",
             dependencies: nio + [
-                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire", "MeshClient", "MeshIdentity", "CLinux", "CBoringAEAD",
+                "MeshCore", "MeshHTTP", "MeshNIO", "MeshWire", "MeshClient", "MeshIdentity", "MeshRecords", "CLinux",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -205,7 +219,7 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             exclude: [
-                "README.md", "Mux/README.md", "Link/README.md", "Punch/README.md", "Records/README.md",
+                "README.md", "Mux/README.md", "Link/README.md", "Punch/README.md",
                 "LinkLoop/README.md",
             ],
             swiftSettings: swiftSettings
@@ -308,7 +322,7 @@ let package = Package(
         // STUN codec and responder (scripts/fuzz dns|api|stun); a replayer in a plain build.
         .executableTarget(
             name: "mesh-fuzz",
-            dependencies: ["DNS", "Control", "Relay", "MeshAgent", "MeshWire", "NodeAgent"],
+            dependencies: ["DNS", "Control", "Relay", "MeshAgent", "MeshWire", "MeshRecords", "NodeAgent"],
             swiftSettings: swiftSettings
         ),
 
@@ -352,6 +366,13 @@ let package = Package(
         .testTarget(
             name: "MeshSQLiteTests",
             dependencies: ["MeshSQLite", "MeshTestSupport"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "MeshRecordsTests",
+            dependencies: nio + [
+                "MeshRecords", "MeshTestSupport", .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -25,11 +25,11 @@ let package = Package(
         // What the benchmarks share (process figures from /proc).
         .target(name: "PerfSupport", path: "Sources/PerfSupport", swiftSettings: swiftSettings),
         // What a record costs to seal and open (perf/aead/profile): swift-crypto against the link record layer
-        // (Relay.LinkRecordCipher, on BoringSSL's EVP_AEAD).
+        // (MeshRecords.LinkRecordCipher, on BoringSSL's EVP_AEAD).
         .executableTarget(
             name: "aead-bench",
             dependencies: [
-                .product(name: "Relay", package: "edge-mesh"),
+                .product(name: "MeshRecords", package: "edge-mesh"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -46,6 +46,7 @@ let package = Package(
                 .product(name: "MeshCore", package: "edge-mesh"),
                 .product(name: "MeshHTTP", package: "edge-mesh"),
                 .product(name: "MeshIdentity", package: "edge-mesh"),
+                .product(name: "MeshRecords", package: "edge-mesh"),
                 .product(name: "MeshWire", package: "edge-mesh"),
                 .product(name: "Relay", package: "edge-mesh"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -11,7 +11,7 @@
 // - `mux`: the yamux frame codec (whole and in pieces), the stream-open header and reply, datagram
 //   framing (MeshWire/Fuzzing.swift);
 // - `records`: the link record layer: headers and records off the wire, seal and open round trips, a flipped
-//   byte refused (Relay/Records/RecordFuzzing.swift);
+//   byte refused (MeshRecords/RecordFuzzing.swift);
 // - `mqtt`: the MQTT 3.1.1 codec (round trips) and KubeEdge's twin payload decoders (NodeAgent/MQTT/MQTTFuzz.swift).
 //
 // Built by `scripts/fuzz TARGET` with `-sanitize=fuzzer,address -DFUZZING`: libFuzzer's driver runs.
@@ -20,6 +20,7 @@
 @_spi(Fuzzing) import Control
 @_spi(Fuzzing) import DNS
 @_spi(Fuzzing) import MeshAgent
+@_spi(Fuzzing) import MeshRecords
 @_spi(Fuzzing) import MeshWire
 import NodeAgent
 @_spi(Fuzzing) import Relay

@@ -1,6 +1,7 @@
 import Logging
 import MeshIdentity
 import MeshNIO
+import MeshRecords
 import MeshWire
 import NIOCore
 import NIOSSL
@@ -81,7 +82,7 @@ public struct LinkConfiguration: Sendable {
     public var relayDelay: TimeAmount = .milliseconds(300)
     /// How long the receiving side waits for a local endpoint to accept a connection.
     public var localConnectTimeout: TimeAmount = .seconds(5)
-    /// Whether this node offers the mesh record layer after the handshake (Relay/Records): when both ends
+    /// Whether this node offers the mesh record layer after the handshake (MeshRecords): when both ends
     /// do (ALPN `mesh-link-records/1`), NIOSSL leaves the link once the handshake is done and
     /// ``SealedRecordHandler`` seals its records. Off, or with a peer that does not offer it, TLS records
     /// carry the link throughout.
@@ -159,7 +160,7 @@ public final class Link: Sendable, CustomStringConvertible {
     private let ended: EventLoopFuture<Void>
     private let alive: LinkAlive
     public let since: Date
-    /// What seals the link's records after its handshake: `mesh` (Relay/Records) or `tls` (NIOSSL, with a
+    /// What seals the link's records after its handshake: `mesh` (MeshRecords) or `tls` (NIOSSL, with a
     /// peer that does not offer the record layer, or with ``LinkConfiguration/sealedRecords`` off).
     public let records: String
     let idleTimeout: TimeAmount

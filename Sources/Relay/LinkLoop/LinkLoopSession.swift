@@ -1,5 +1,6 @@
 import Logging
 import MeshNIO
+import MeshRecords
 import MeshWire
 import Metrics
 import NIOCore

@@ -1,4 +1,5 @@
 import MeshIdentity
+import MeshRecords
 import MeshTestSupport
 import NIOCore
 import NIOPosix
@@ -8,7 +9,7 @@ import Testing
 
 @testable import Relay
 
-/// Links with the mesh record layer (Relay/Records) over real sockets on 127.0.0.1.
+/// Links with the mesh record layer (MeshRecords) over real sockets on 127.0.0.1.
 @Suite(.rationed) struct LinkRecordLayerTests {
     /// Nodes a and b (with `configuration`) of one CA, and an echo backend; all stopped after `body`.
     func withNodes(

@@ -1,5 +1,6 @@
 import Logging
 import MeshIdentity
+import MeshRecords
 import MeshTestSupport
 import MeshWire
 import NIOCore

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Crypto
+import MeshRecords
 import NIOCore
-import Relay
 
 /// Seals and opens `count` records of `size` bytes (a TLS 1.3 style nonce, 5 bytes of additional data),
 /// checking each one, through one of the AEAD interfaces a user-space record layer for peer links could
@@ -18,7 +18,7 @@ struct AEADBench: ParsableCommand {
         case cryptoGCM = "crypto-gcm"
         /// swift-crypto's `ChaChaPoly`.
         case cryptoChaCha = "crypto-chacha"
-        /// The link record layer (`Relay.LinkRecordCipher`): TLS 1.3 records over BoringSSL's `EVP_AEAD_CTX`
+        /// The link record layer (`MeshRecords.LinkRecordCipher`): TLS 1.3 records over BoringSSL's `EVP_AEAD_CTX`
         /// (AES-128-GCM), set up once per key, sealing into and opening from `ByteBuffer`s.
         case linkRecords = "link-records"
     }

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import MeshCore
 import MeshIdentity
+import MeshRecords
 import MeshWire
 import NIOCore
 import NIOPosix

@@ -4,13 +4,13 @@ import NIOCore
 /// reads (the acceptor: the peer's ClientHello) or writes (the dialer: its own). It names the handshake's
 /// line in the key-log (`TLSExporterSecrets`), which NIOSSL keys by client random and does not tell its
 /// handler. Bytes pass through unchanged; it holds at most the first 43.
-final class ClientRandomReader: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = ByteBuffer
-    typealias InboundOut = ByteBuffer
-    typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
+public final class ClientRandomReader: ChannelDuplexHandler, RemovableChannelHandler {
+    public typealias InboundIn = ByteBuffer
+    public typealias InboundOut = ByteBuffer
+    public typealias OutboundIn = ByteBuffer
+    public typealias OutboundOut = ByteBuffer
 
-    enum Side {
+    public enum Side: Sendable {
         /// The ClientHello is read (this end accepted).
         case reading
         /// The ClientHello is written (this end dialed).
@@ -24,15 +24,15 @@ final class ClientRandomReader: ChannelDuplexHandler, RemovableChannelHandler {
     private var first: [UInt8] = []
     /// The random, once 43 bytes have passed and they began as a ClientHello record; nil before, or when
     /// they did not.
-    private(set) var random: [UInt8]?
-    private(set) var done = false
+    public private(set) var random: [UInt8]?
+    public private(set) var done = false
 
-    init(_ side: Side) {
+    public init(_ side: Side) {
         self.side = side
     }
 
     /// The client random of a ClientHello that begins `bytes`: nil when it is not one (or is too short).
-    static func random(ofClientHello bytes: [UInt8]) -> [UInt8]? {
+    public static func random(ofClientHello bytes: [UInt8]) -> [UInt8]? {
         guard bytes.count >= Self.randomRange.upperBound,
             bytes[0] == 22,  // handshake record
             bytes[5] == 1  // ClientHello
@@ -51,12 +51,12 @@ final class ClientRandomReader: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if self.side == .reading { self.see(self.unwrapInboundIn(data)) }
         context.fireChannelRead(data)
     }
 
-    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+    public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         if self.side == .writing { self.see(self.unwrapOutboundIn(data)) }
         context.write(data, promise: promise)
     }

@@ -1,14 +1,14 @@
 import MeshTestSupport
 import NIOCore
 import NIOEmbedded
-import Relay
+@testable import MeshRecords
 import Testing
 
 private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
 
 /// The key schedule and the record codec, byte for byte. Vectors: RFC 8448 section 3 for HKDF-Expand-Label;
 /// the rest computed independently with Python's `cryptography` (OpenSSL's HKDF and AES-GCM), as in
-/// Sources/Relay/Records/README.md "Test vectors".
+/// Sources/MeshRecords/README.md "Test vectors".
 @Suite struct LinkRecordTests {
     /// A direction's traffic secret of the record vectors: bytes 100...131.
     static let secret = Array(UInt8(100)...UInt8(131))
