@@ -330,7 +330,7 @@ let package = Package(
         .target(
             name: "MeshTestSupport",
             dependencies: [
-                "Control", "MeshClient", "MeshCore", "MeshHTTP", "MeshIdentity", "MeshNIO",
+                "Control", "MeshClient", "MeshCore", "MeshHTTP", "MeshIdentity", "MeshNIO", "MeshRecords",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

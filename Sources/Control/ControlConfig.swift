@@ -71,6 +71,11 @@ public struct ControlConfig: Codable, Sendable, DefaultConstructible {
     /// With `leanConnectionBuffers`: a TLS connection quiet this long gives the pages of its NIOSSL
     /// buffers back (MeshHTTP `ConnectionBuffers`); 0: never (for comparison in perf/scale).
     public var idleBufferReleaseMilliseconds: Int = 10000
+    /// Offer agents and other clients the mesh record layer on their connections (MeshRecords `HTTPRecords`):
+    /// after the TLS 1.3 handshake both ends leave NIOSSL and seal TLS 1.3 records of their own, which frees
+    /// BoringSSL's and NIOSSL's state of every idle connection. false: TLS records throughout (for comparison in
+    /// perf/scale, or a client that cannot).
+    public var httpRecords: Bool = true
     /// Every this many seconds, the malloc heap's free pages go back to the system when 8 MiB and an
     /// eighth of what is in use lie free (after a storm of connections and registrations); 0: never.
     public var heapTrimIntervalSeconds: Int = 10

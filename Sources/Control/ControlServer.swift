@@ -158,7 +158,8 @@ public final class ControlServer: ServiceLifecycle.Service, Sendable {
         httpConfig.requestTimeout = .seconds(Int64(config.requestTimeoutSeconds))
         httpConfig.idleTimeout = .seconds(Int64(config.idleTimeoutSeconds))
         httpConfig.handshakeTimeout = .milliseconds(Int64(config.tlsHandshakeTimeoutSeconds * 1000))
-        httpConfig.tls = HTTPServerTLS(context: try MeshTLS.serverContext(pki.serving)) { certificate in
+        let tlsContext = try MeshTLS.serverContext(pki.serving, httpRecords: config.httpRecords)
+        httpConfig.tls = HTTPServerTLS(context: tlsContext) { certificate in
             MeshTLS.identity(of: certificate)?.uri
         }
         let server = HTTPServer(configuration: httpConfig, responder: api, logger: self.logger)

@@ -191,8 +191,8 @@ struct NodeCredentials: Sendable {
 
     /// The refusal of a request whose client certificate is revoked (nil: not revoked, or none).
     func denial(_ request: HTTPRequest) -> Status? {
-        guard let certificate = request.peerCertificate else { return nil }
-        let serial = MeshTLS.serialHex(bytes: certificate.serialNumber)
+        guard let bytes = request.peerCertificateSerial else { return nil }
+        let serial = MeshTLS.serialHex(bytes: bytes)
         guard self.revoked.contains(serial) else { return nil }
         let who = request.peerIdentity ?? "this client"
         var fix = ""

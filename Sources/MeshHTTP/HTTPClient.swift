@@ -170,8 +170,11 @@ public struct HTTPClient: Sendable {
                             } else {
                                 handler = try NIOSSLClientHandler(context: context, serverHostname: hostname)
                             }
-                            try channel.pipeline.syncOperations.addHandler(handler)
-                            try channel.pipeline.syncOperations.addHandler(recorder)
+                            // Offered the mesh record layer (the context's ALPN), the connection
+                            // switches to it after the handshake; requests wait for that.
+                            let ops = channel.pipeline.syncOperations
+                            try HTTPRecordSwitch.addHandlers(handler, role: .client, to: ops)
+                            try ops.addHandler(recorder)
                         }
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
                         return try Connection(
@@ -201,6 +204,12 @@ public struct HTTPClient: Sendable {
             return "timed out"
         case NIOSSLError.handshakeFailed(let e):
             return "TLS handshake failed (\(Self.describe(boringSSL: e)))"
+        case NIOSSLError.shutdownFailed(let e):
+            // Leaving TLS for the mesh record layer (`HTTPRecordSwitch`) waits for the server's close_notify: a
+            // server that refused this client's certificate answers with an alert instead.
+            return
+                "TLS failed after the handshake (\(Self.describe(boringSSL: e))): the server refused this client's"
+                + " certificate, or closed"
         case NIOSSLError.uncleanShutdown:
             // In TLS 1.3 a client's handshake is done once it has sent its Finished, before the server has
             // read it: a server that gives up on the handshake then (its handshake timeout, a refused
@@ -212,6 +221,8 @@ public struct HTTPClient: Sendable {
             return "TLS failed (\(Self.describe(boringSSL: e)))"
         case let e as NIOSSLExtraError:
             return "TLS failed (\(e))"
+        case let e as HTTPRecordError:
+            return e.description
         default:
             return "\(error)"
         }
@@ -353,7 +364,7 @@ final class TLSErrorRecorder: ChannelInboundHandler, Sendable {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if error is NIOSSLError || error is BoringSSLError {
+        if error is NIOSSLError || error is BoringSSLError || error is HTTPRecordError {
             self.first.withLock { if $0 == nil { $0 = error } }
         }
         context.fireErrorCaught(error)

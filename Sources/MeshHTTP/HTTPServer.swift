@@ -71,6 +71,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     let group: any EventLoopGroup
     private let slots: ConnectionSlots
     private let releases = ReleaseCounter()
+    private let sealed = ReleaseCounter()
     private let listening = AsyncOnce<SocketAddress>()
 
     public init(
@@ -101,6 +102,9 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     /// Times an idle TLS connection gave the pages of its buffers back (`releaseIdleBuffersAfter`).
     public var idleBufferReleases: Int { self.releases.value }
 
+    /// TLS connections whose records the mesh record layer seals since their handshake (`HTTPRecords`).
+    public var sealedConnections: Int { self.sealed.value }
+
     /// Connections closed to make room for new ones (see `maxConnections`).
     public var evictedConnections: Int { self.slots.evictions }
 
@@ -111,6 +115,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         let logger = self.logger
         let accepted = AcceptedConnections()
         let releases = self.releases
+        let sealedCount = self.sealed
         do {
             server = try await ServerBootstrap(group: self.group)
                 .serverChannelInitializer { channel in
@@ -139,21 +144,27 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                         // connection without one is answered 503 after its first request.
                         _ = slots.admit(channel)
                         if let tls = config.tls {
+                            let ops = channel.pipeline.syncOperations
                             if config.leanBuffers, let after = config.releaseIdleBuffersAfter {
                                 // NIOSSL's buffers (mapped by LeanAllocator) are tracked, and their
-                                // pages given back while the connection is idle.
+                                // pages given back while the connection is idle (until the record layer
+                                // takes over from NIOSSL, if it does).
                                 let buffers = ConnectionBuffers()
-                                try buffers.tracking {
-                                    try channel.pipeline.syncOperations.addHandler(
-                                        NIOSSLServerHandler(context: tls.context)
-                                    )
+                                let handler = buffers.tracking { NIOSSLServerHandler(context: tls.context) }
+                                try HTTPRecordSwitch.addHandlers(
+                                    handler,
+                                    role: .server(identify: tls.identify),
+                                    to: ops,
+                                    onSealed: sealedCount.add
+                                ) {
+                                    try ops.addHandler(IdleBuffers(buffers: buffers, after: after, counter: releases))
                                 }
-                                try channel.pipeline.syncOperations.addHandler(
-                                    IdleBuffers(buffers: buffers, after: after, counter: releases)
-                                )
                             } else {
-                                try channel.pipeline.syncOperations.addHandler(
-                                    NIOSSLServerHandler(context: tls.context)
+                                try HTTPRecordSwitch.addHandlers(
+                                    NIOSSLServerHandler(context: tls.context),
+                                    role: .server(identify: tls.identify),
+                                    to: ops,
+                                    onSealed: sealedCount.add
                                 )
                             }
                         }
@@ -263,7 +274,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                     }
                     return
                 }
-                var peer: (identity: String?, certificate: NIOSSLCertificate?)?
+                var peer: TLSPeer?
                 while let part = try await parts.next() {
                     guard case .head(let head) = part else { continue }
                     // A request arrives after the handshake: the client's certificate is known by now.
@@ -294,7 +305,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         _ head: HTTPRequestHead,
         _ parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
         _ outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
-        peer: (identity: String?, certificate: NIOSSLCertificate?)?,
+        peer: TLSPeer?,
         inputClosed: EventLoopFuture<Void>,
         channel: any Channel
     ) async throws -> (Int, Bool)? {
@@ -302,7 +313,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
             return nil
         }
         request.peerIdentity = peer?.identity
-        request.peerCertificate = peer?.certificate
+        request.peerCertificateSerial = peer?.serial
         let size = request.body.readableBytes
         // In a child task: the responder's frames (routing, decoding, the store) get stack slabs of
         // their own, freed when it returns. Run in the connection's task they would stay allocated
@@ -326,11 +337,14 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         return (size, keepAlive)
     }
 
-    /// The identity of the client's verified certificate, and the certificate (nil: plain HTTP or none).
-    private func peerIdentity(_ channel: any Channel) async throws -> (String?, NIOSSLCertificate?) {
-        guard let tls = self.configuration.tls else { return (nil, nil) }
-        guard let certificate = try await channel.nioSSL_peerCertificate().get() else { return (nil, nil) }
-        return (tls.identify(certificate), certificate)
+    /// The identity of the client's verified certificate, and its serial (nil: plain HTTP or none), as the
+    /// handshake left them (NIOSSL may have left the connection since: the mesh record layer).
+    private func peerIdentity(_ channel: any Channel) async throws -> TLSPeer {
+        guard self.configuration.tls != nil else { return TLSPeer(identity: nil, serial: nil) }
+        return try await channel.eventLoop.submit {
+            try channel.pipeline.syncOperations.handler(type: HTTPRecordSwitch.self).peer
+                ?? TLSPeer(identity: nil, serial: nil)
+        }.get()
     }
 
     /// Reads the body of the request that `head` starts, up to the limit. Nil: the connection is done.

@@ -17,8 +17,9 @@ public struct HTTPRequest: Sendable {
     /// Who the client is, from its verified TLS certificate (see `HTTPServerTLS.identify`); nil when
     /// it sent none or the server speaks plain HTTP.
     public var peerIdentity: String?
-    /// The client's verified TLS certificate (nil: none), for checks beyond the identity (revocation).
-    public var peerCertificate: NIOSSLCertificate?
+    /// The serial number of the client's verified TLS certificate (its DER integer's bytes; nil: none), for
+    /// checks beyond the identity (revocation).
+    public var peerCertificateSerial: [UInt8]?
 
     public init(
         method: HTTPMethod,

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshRecords
 import NIOCore
 import NIOSSL
 import Synchronization
@@ -194,7 +195,7 @@ public final class MeshClientTLS: Sendable {
 
     /// Uses a new client key and certificate (same CA, same verifier) for later connections.
     public func use(key: String, certificate: String) throws {
-        let context = try MeshTLS.makeClientContext(key: key, certificate: certificate)
+        let context = try MeshTLS.makeClientContext(key: key, certificate: certificate, httpRecords: true)
         self.state.withLock { $0 = (context: context, generation: $0.generation + 1) }
     }
 }
@@ -219,7 +220,7 @@ extension MeshTLS {
         guard !cas.isEmpty else { throw IdentityError("the CA file holds no certificate") }
         let verifier = PeerVerifier(expected: expect, trust: .certificates(cas), revoked: revoked)
         return MeshClientTLS(
-            context: try Self.makeClientContext(key: key, certificate: certificate),
+            context: try Self.makeClientContext(key: key, certificate: certificate, httpRecords: true),
             verifier: verifier
         )
     }
@@ -244,14 +245,17 @@ extension MeshTLS {
     /// is sent.
     public static func join(caHash: String, expect: ExpectedPeer = .controlPlane) throws -> MeshClientTLS {
         MeshClientTLS(
-            context: try Self.makeClientContext(key: nil, certificate: nil),
+            context: try Self.makeClientContext(key: nil, certificate: nil, httpRecords: true),
             verifier: PeerVerifier(expected: expect, trust: .pinnedHash(caHash))
         )
     }
 
+    /// `httpRecords`: offer the mesh record layer to HTTP servers (`HTTPRecords`): the contexts of
+    /// `MeshTLS.client` and `MeshTLS.join`, which `HTTPClient` uses.
     static func makeClientContext(
         key: String?,
         certificate: String?,
+        httpRecords: Bool = false,
         configure: (inout TLSConfiguration) -> Void = { _ in }
     ) throws -> NIOSSLContext {
         var config = TLSConfiguration.makeClientConfiguration()
@@ -270,6 +274,7 @@ extension MeshTLS {
             config.certificateChain = try nioCertificates(certificate).map { .certificate($0) }
             config.privateKey = .privateKey(try nioKey(key))
         }
+        if httpRecords { Self.offerHTTPRecords(&config, secrets: HTTPRecords.clientSecrets) }
         configure(&config)
         return try NIOSSLContext(configuration: config)
     }

@@ -1,4 +1,5 @@
 import MeshCore
+import MeshRecords
 import NIOCore
 import NIOSSL
 import X509
@@ -91,15 +92,21 @@ public enum MeshTLS {
     /// The server side: presents its certificate and the CA (so pinning clients see it), asks every
     /// client for a certificate and verifies one when given. Clients without one still connect (the
     /// join endpoint and probes need that); the application decides what they may do.
-    public static func serverContext(_ credentials: LoadedCredentials) throws -> NIOSSLContext {
-        try Self.serverContext(credentials, requireClientCertificate: false)
+    ///
+    /// It offers the mesh record layer to HTTP clients (`HTTPRecords`, ALPN `mesh-http-records/1` then
+    /// `http/1.1`; its exporter secrets go to `HTTPRecords.serverSecrets`), which `HTTPServer` switches to
+    /// after the handshake when the client offers it too; pass `httpRecords: false` for TLS records only.
+    public static func serverContext(_ credentials: LoadedCredentials, httpRecords: Bool = true) throws -> NIOSSLContext
+    {
+        try Self.serverContext(credentials, requireClientCertificate: false, httpRecords: httpRecords)
     }
 
     /// `serverContext`, and with `requireClientCertificate` a handshake without a client certificate
     /// of the mesh CA fails (relay sessions, links): the application then checks the identity in it.
     public static func serverContext(
         _ credentials: LoadedCredentials,
-        requireClientCertificate: Bool
+        requireClientCertificate: Bool,
+        httpRecords: Bool = false
     ) throws -> NIOSSLContext {
         let chain = try nioCertificates(credentials.certificatePEM) + nioCertificates(credentials.caPEM)
         var config = TLSConfiguration.makeServerConfiguration(
@@ -110,16 +117,32 @@ public enum MeshTLS {
         config.maximumTLSVersion = .tlsv13
         config.certificateVerification = requireClientCertificate ? .noHostnameVerification : .optionalVerification
         config.trustRoots = .certificates(try nioCertificates(credentials.caPEM))
+        if httpRecords { Self.offerHTTPRecords(&config, secrets: HTTPRecords.serverSecrets) }
         return try NIOSSLContext(configuration: config)
+    }
+
+    /// ALPN offers the mesh record layer, then plain HTTP/1.1 over TLS; the key log feeds `secrets`. Leaving
+    /// TLS for the record layer waits for the peer's close_notify (`stopTLS`), a step of every connection's set-up
+    /// now, not only of its close: the 200 ms of `clientShutdownTimeout` failed connections on a busy machine
+    /// (`NIOSSLCloseTimedOutError`), so it is `MeshLinkTLS.handOffTimeout` (5 s) as for links. A connection on the
+    /// record layer closes without waiting for anything (`SealedRecordHandler`).
+    static func offerHTTPRecords(_ config: inout TLSConfiguration, secrets: TLSExporterSecrets) {
+        config.applicationProtocols = HTTPRecords.protocols
+        config.keyLogCallback = secrets.callback
+        config.shutdownTimeout = MeshLinkTLS.handOffTimeout
     }
 
     /// A bare client context: trusts only the mesh CA, checks the server's name or IP, and presents
     /// a client certificate when given one. It does *not* check the server's mesh identity: mesh
     /// clients use `MeshTLS.client(...)` (PeerVerification.swift); this is for raw TLS tests.
+    ///
+    /// With `httpRecords`, it offers the mesh record layer (`HTTPRecords`) for `HTTPClient`, which switches to
+    /// it after the handshake; off (the default), a raw TLS client over it speaks TLS records only.
     public static func clientContext(
         caPEM: String,
         key: String? = nil,
-        certificate: String? = nil
+        certificate: String? = nil,
+        httpRecords: Bool = false
     ) throws
         -> NIOSSLContext
     {
@@ -133,11 +156,20 @@ public enum MeshTLS {
             config.certificateChain = try nioCertificates(certificate).map { .certificate($0) }
             config.privateKey = .privateKey(try nioKey(key))
         }
+        if httpRecords { Self.offerHTTPRecords(&config, secrets: HTTPRecords.clientSecrets) }
         return try NIOSSLContext(configuration: config)
     }
 
-    public static func clientContext(_ credentials: LoadedCredentials) throws -> NIOSSLContext {
-        try clientContext(caPEM: credentials.caPEM, key: credentials.keyPEM, certificate: credentials.certificatePEM)
+    public static func clientContext(
+        _ credentials: LoadedCredentials,
+        httpRecords: Bool = false
+    ) throws -> NIOSSLContext {
+        try clientContext(
+            caPEM: credentials.caPEM,
+            key: credentials.keyPEM,
+            certificate: credentials.certificatePEM,
+            httpRecords: httpRecords
+        )
     }
 
     static func isCA(_ certificate: Certificate) -> Bool {

@@ -83,24 +83,25 @@ public struct LinkRecordSecrets: Sendable, Equatable {
     /// What the acceptor sends.
     public var acceptorToDialer: [UInt8]
 
-    /// Exporter labels (RFC 8446 7.5; "EXPERIMENTAL" as RFC 5705 asks of labels not registered).
-    public static let dialerLabel = "EXPERIMENTAL mesh link dialer records"
-    public static let acceptorLabel = "EXPERIMENTAL mesh link acceptor records"
+    /// Exporter labels of links (RFC 8446 7.5; "EXPERIMENTAL" as RFC 5705 asks of labels not registered).
+    public static let dialerLabel = RecordLabels.link.dialer
+    public static let acceptorLabel = RecordLabels.link.acceptor
 
-    /// Both directions' secrets from the connection's exporter secret (32 or 48 bytes), or nil for another length.
-    public init?(exporterSecret: [UInt8]) {
+    /// Both directions' secrets from the connection's exporter secret (32 or 48 bytes), or nil for another length;
+    /// `labels` say what the connection is (a link, an HTTP connection), so that no two uses share keys.
+    public init?(exporterSecret: [UInt8], labels: RecordLabels = .link) {
         guard let hash = TLS13KeySchedule.Hash(secretLength: exporterSecret.count) else { return nil }
         self.hash = hash
         self.dialerToAcceptor = TLS13KeySchedule.exporter(
             hash,
             exporterSecret: exporterSecret,
-            label: Self.dialerLabel,
+            label: labels.dialer,
             length: hash.length
         )
         self.acceptorToDialer = TLS13KeySchedule.exporter(
             hash,
             exporterSecret: exporterSecret,
-            label: Self.acceptorLabel,
+            label: labels.acceptor,
             length: hash.length
         )
     }
@@ -109,4 +110,28 @@ public struct LinkRecordSecrets: Sendable, Equatable {
     public func directions(dialer: Bool) -> (send: [UInt8], receive: [UInt8]) {
         dialer ? (self.dialerToAcceptor, self.acceptorToDialer) : (self.acceptorToDialer, self.dialerToAcceptor)
     }
+}
+
+/// The exporter labels (RFC 8446 7.5) of each direction's traffic secret, per kind of connection.
+public struct RecordLabels: Sendable, Hashable {
+    /// What the end that dialed (the TLS client) sends with.
+    public var dialer: String
+    /// What the end that accepted (the TLS server) sends with.
+    public var acceptor: String
+
+    public init(dialer: String, acceptor: String) {
+        self.dialer = dialer
+        self.acceptor = acceptor
+    }
+
+    /// Peer links (Relay/Link).
+    public static let link = RecordLabels(
+        dialer: "EXPERIMENTAL mesh link dialer records",
+        acceptor: "EXPERIMENTAL mesh link acceptor records"
+    )
+    /// HTTP connections to the control plane (and agents' admin APIs): ``HTTPRecords``.
+    public static let http = RecordLabels(
+        dialer: "EXPERIMENTAL mesh http client records",
+        acceptor: "EXPERIMENTAL mesh http server records"
+    )
 }

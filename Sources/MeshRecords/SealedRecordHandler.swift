@@ -33,12 +33,18 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
     public var recordsSent: UInt64 { self.sender.records }
     public var recordsReceived: UInt64 { self.receiver.records }
 
+    /// Whether the plaintext buffer of a read is kept for the next (a link: no allocation per read), or each
+    /// read's is as large as its bytes and let go (an HTTP connection that is idle most of its life keeps none).
+    private let keepsReadBuffer: Bool
+
     /// The handler of one end of a link: `dialer` says which direction's secret it sends with.
     public init(
         secrets: LinkRecordSecrets,
         dialer: Bool,
-        recordsPerKey: UInt64 = LinkRecordCipher.defaultRecordsPerKey
+        recordsPerKey: UInt64 = LinkRecordCipher.defaultRecordsPerKey,
+        keepsReadBuffer: Bool = true
     ) {
+        self.keepsReadBuffer = keepsReadBuffer
         let (send, receive) = secrets.directions(dialer: dialer)
         self.sender = LinkRecordCipher(secret: send, hash: secrets.hash, recordsPerKey: recordsPerKey)
         self.receiver = LinkRecordCipher(secret: receive, hash: secrets.hash, recordsPerKey: recordsPerKey)
@@ -124,7 +130,7 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
             if case .success(false) = outcome, bytes.readableBytes > 0 { self.partial = bytes }
         }
         if out.readableBytes > 0 { context.fireChannelRead(self.wrapInboundOut(out)) }
-        if out.capacity <= Self.keptPlainCapacity { self.plain = out }
+        if self.keepsReadBuffer, out.capacity <= Self.keptPlainCapacity { self.plain = out }
         switch outcome {
         case .failure(let error):
             self.ended = true
@@ -142,7 +148,9 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
     /// The buffer the plaintext of one read goes into: the last one again when the multiplexer no longer holds
     /// any of it (no allocation per read), else a new one.
     private func plainBuffer(_ context: ChannelHandlerContext, capacity: Int) -> ByteBuffer {
-        guard var plain = self.plain else { return context.channel.allocator.buffer(capacity: max(capacity, 16_384)) }
+        guard var plain = self.plain else {
+            return context.channel.allocator.buffer(capacity: self.keepsReadBuffer ? max(capacity, 16_384) : capacity)
+        }
         self.plain = nil
         plain.clear(minimumCapacity: capacity)
         return plain
@@ -212,7 +220,7 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
                 if let all = promise { all.futureResult.cascade(to: p) } else { promise = p }
             }
         }
-        self.staged.removeAll(keepingCapacity: true)
+        self.staged.removeAll(keepingCapacity: self.keepsReadBuffer)
         context.writeAndFlush(self.wrapOutboundOut(out), promise: promise)
     }
 

@@ -27,6 +27,9 @@ func startServer(
         switch request.path {
         case "/echo":
             return HTTPResponse(status: .ok, body: .bytes(request.body))
+        case "/whoami":
+            let serial = request.peerCertificateSerial.map { $0.map { String($0, radix: 16) }.joined() } ?? "-"
+            return .text(.ok, "\(request.peerIdentity ?? "-") \(serial)")
         case "/stream":
             return HTTPResponse(status: .ok) {
                 .stream { writer in

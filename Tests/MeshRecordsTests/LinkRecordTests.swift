@@ -1,8 +1,9 @@
 import MeshTestSupport
 import NIOCore
 import NIOEmbedded
-@testable import MeshRecords
 import Testing
+
+@testable import MeshRecords
 
 private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
 

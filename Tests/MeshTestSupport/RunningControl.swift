@@ -4,6 +4,7 @@ import MeshClient
 import MeshCore
 import MeshHTTP
 import MeshIdentity
+import MeshRecords
 import NIOCore
 import NIOSSL
 import Synchronization
@@ -135,19 +136,34 @@ public func seedNodeCredentials(stateDir: String, nodeName: String) throws -> Ce
 
 /// The server side of `meshClientContext`: `MeshTLS.serverContext` with a fresh certificate of `identity`
 /// from `ca` (written to credential files, as a component keeps them, and loaded back).
-public func meshServerContext(_ ca: CertificateAuthority, identity: MeshPrincipal) throws -> NIOSSLContext {
+public func meshServerContext(
+    _ ca: CertificateAuthority,
+    identity: MeshPrincipal,
+    httpRecords: Bool = true
+) throws -> NIOSSLContext {
     let issued = try ca.issueCredential(identity: identity, serverAuth: true, clientAuth: false)
     let dir = TempDir()
     let files = CredentialFiles(directory: dir.path, name: "server")
     try files.write(keyPEM: issued.keyPEM, certificatePEM: issued.certificatePEM, caPEM: try ca.certificatePEM())
-    return try MeshTLS.serverContext(try files.load())
+    return try MeshTLS.serverContext(try files.load(), httpRecords: httpRecords)
 }
 
 /// A TLS 1.3 client context that trusts `ca` and presents a fresh certificate of `identity` from it
 /// (none when nil), without checking the server's name or address: a node's certificate names
 /// neither, only `mesh://node/NAME`.
-public func meshClientContext(_ ca: CertificateAuthority, identity: MeshPrincipal?) throws -> NIOSSLContext {
+///
+/// `httpRecords`: offer the mesh record layer (as `MeshTLS.client` contexts do) for `HTTPClient`.
+public func meshClientContext(
+    _ ca: CertificateAuthority,
+    identity: MeshPrincipal?,
+    httpRecords: Bool = false
+) throws -> NIOSSLContext {
     var config = TLSConfiguration.makeClientConfiguration()
+    if httpRecords {
+        config.applicationProtocols = HTTPRecords.protocols
+        config.keyLogCallback = HTTPRecords.clientSecrets.callback
+        config.shutdownTimeout = .seconds(5)
+    }
     config.minimumTLSVersion = .tlsv13
     config.certificateVerification = .noHostnameVerification
     config.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(try ca.certificatePEM().utf8)))

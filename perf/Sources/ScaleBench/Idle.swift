@@ -33,6 +33,11 @@ struct Idle: AsyncParsableCommand {
     @Option(help: "Working folder (the replica's data directory and log).") var work: String
     @Option(help: "Connections to open (at most 15000).") var connections = 1000
     @Option(help: "mesh-control's leanConnectionBuffers.") var lean = true
+    @Option(
+        help:
+            "Offer the mesh record layer (mesh-control's httpRecords, and these clients): connections leave NIOSSL after the handshake."
+    )
+    var records = true
     @Option(help: "Extra lines for the replica's YAML configuration (key: value; separated by ';').")
     var config: String = ""
     @Option(help: "Run the replica under this command (space-separated, e.g. \"heaptrack -o /tmp/h\").")
@@ -93,6 +98,7 @@ struct Idle: AsyncParsableCommand {
             ([
                 "maxConnections: 16000", "nodeGracePeriodSeconds: 600", "bookmarkIntervalSeconds: 3600",
                 "idleTimeoutSeconds: 3600", "logLevel: warning", "leanConnectionBuffers: \(self.lean)",
+                "httpRecords: \(self.records)",
             ] + extra).joined(separator: "\n").appending("\n").write(
                 toFile: configPath,
                 atomically: true,
@@ -125,6 +131,7 @@ struct Idle: AsyncParsableCommand {
         )
         var figures: [(String, String)] = [
             ("connections", "\(self.connections)"), ("lean connection buffers", "\(self.lean)"),
+            ("mesh record layer", "\(self.records)"),
             ("extra configuration", self.config),
         ]
         var last = try await self.memory(pid)
@@ -146,7 +153,7 @@ struct Idle: AsyncParsableCommand {
         }
 
         let credentials = try CredentialFiles(directory: pki, name: "admin").load()
-        let context = try MeshTLS.clientContext(credentials)
+        let context = try MeshTLS.clientContext(credentials, httpRecords: self.records)
         let group = MultiThreadedEventLoopGroup.singleton
         var peers: [(Channel, Peer)] = []
         peers.reserveCapacity(n)
@@ -158,8 +165,12 @@ struct Idle: AsyncParsableCommand {
                 let f = ClientBootstrap(group: group)
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
-                            try channel.pipeline.syncOperations.addHandler(
-                                try NIOSSLClientHandler(context: context, serverHostname: nil)
+                            // As HTTPClient: the switch holds what is written until the connection has
+                            // settled on the record layer (or on TLS records).
+                            try HTTPRecordSwitch.addHandlers(
+                                try NIOSSLClientHandler(context: context, serverHostname: nil),
+                                role: .client,
+                                to: channel.pipeline.syncOperations
                             )
                             try channel.pipeline.syncOperations.addHandler(peer)
                         }

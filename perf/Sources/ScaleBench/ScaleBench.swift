@@ -39,7 +39,8 @@ func wallNanos() -> Int64 {
 
 func adminClient(_ pki: String, _ urls: [String]) throws -> (ControlClient, HTTPClientTLS) {
     let admin = try CredentialFiles(directory: pki, name: "admin").load()
-    let tls = HTTPClientTLS(context: try MeshTLS.clientContext(admin))
+    // Offering the mesh record layer, as real agents do (it is the replica's `httpRecords` that decides).
+    let tls = HTTPClientTLS(context: try MeshTLS.clientContext(admin, httpRecords: true))
     let endpoints = urls.compactMap { HTTPEndpoint(url: $0, defaultTLS: true) }
     return (ControlClient(endpoints: endpoints, tls: tls), tls)
 }
@@ -355,6 +356,7 @@ struct Drive: AsyncParsableCommand {
     @Option(help: "Service changes whose delay to every agent is measured.") var changes = 5
     @Option(help: "Write the figures as JSON to this file.") var json: String?
     @Option(help: "mesh-control's leanConnectionBuffers (false: the malloc heap, the baseline).") var lean = true
+    @Option(help: "mesh-control's httpRecords (false: TLS records throughout, the baseline).") var records = true
     @Option(help: "Simulated agents follow Nodes too (the behaviour before endpoints carried sites).")
     var followNodes = false
     @Option(help: "Twin reports posted (one device per agent), their CPU and deliveries measured; 0: none.")
@@ -434,6 +436,7 @@ struct Drive: AsyncParsableCommand {
         etcdEndpoints: [\(self.etcd)]
         logLevel: warning
         leanConnectionBuffers: \(self.lean)
+        httpRecords: \(self.records)
 
         """.write(toFile: config, atomically: true, encoding: .utf8)
         func startReplica(_ r: Int) throws -> Child {
@@ -583,6 +586,7 @@ struct Drive: AsyncParsableCommand {
         let cpu = zip(cpu1, cpu0).map { $0 - $1 }.reduce(0, +)
         let figures: [(String, String)] = [
             ("replicas", "\(self.replicas)"), ("agents", "\(self.nodes)"), ("lean connection buffers", "\(self.lean)"),
+            ("mesh record layer", "\(self.records)"),
             ("agents follow Nodes", "\(self.followNodes)"),
             ("Node changes delivered to agents", "\(nodeEvents)"),
             ("simulator processes", "\(sims.count)"),
