@@ -1,6 +1,7 @@
 import Logging
 import MeshCore
 import MeshNIO
+import Metrics
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -116,6 +117,12 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         let accepted = AcceptedConnections()
         let releases = self.releases
         let sealedCount = self.sealed
+        // On /metrics: how many connections the record layer took over (against all accepted: TLS records).
+        let sealedMetric = Counter(label: "mesh_http_record_layer_connections_total")
+        let onSealed: @Sendable () -> Void = {
+            sealedCount.add()
+            sealedMetric.increment()
+        }
         do {
             server = try await ServerBootstrap(group: self.group)
                 .serverChannelInitializer { channel in
@@ -155,7 +162,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                                     handler,
                                     role: .server(identify: tls.identify),
                                     to: ops,
-                                    onSealed: sealedCount.add
+                                    onSealed: onSealed
                                 ) {
                                     try ops.addHandler(IdleBuffers(buffers: buffers, after: after, counter: releases))
                                 }
@@ -164,7 +171,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                                     NIOSSLServerHandler(context: tls.context),
                                     role: .server(identify: tls.identify),
                                     to: ops,
-                                    onSealed: sealedCount.add
+                                    onSealed: onSealed
                                 )
                             }
                         }

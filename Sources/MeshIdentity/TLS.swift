@@ -121,12 +121,16 @@ public enum MeshTLS {
         return try NIOSSLContext(configuration: config)
     }
 
-    /// ALPN offers the mesh record layer, then plain HTTP/1.1 over TLS; the key log feeds `secrets`. Leaving
+    /// ALPN offers the mesh record layer, then plain HTTP/1.1 over TLS; the key log feeds `secrets` (a client's
+    /// by default; a server passes `HTTPRecords.serverSecrets`). Leaving
     /// TLS for the record layer waits for the peer's close_notify (`stopTLS`), a step of every connection's set-up
     /// now, not only of its close: the 200 ms of `clientShutdownTimeout` failed connections on a busy machine
     /// (`NIOSSLCloseTimedOutError`), so it is `MeshLinkTLS.handOffTimeout` (5 s) as for links. A connection on the
     /// record layer closes without waiting for anything (`SealedRecordHandler`).
-    static func offerHTTPRecords(_ config: inout TLSConfiguration, secrets: TLSExporterSecrets) {
+    public static func offerHTTPRecords(
+        _ config: inout TLSConfiguration,
+        secrets: TLSExporterSecrets = HTTPRecords.clientSecrets
+    ) {
         config.applicationProtocols = HTTPRecords.protocols
         config.keyLogCallback = secrets.callback
         config.shutdownTimeout = MeshLinkTLS.handOffTimeout

@@ -220,6 +220,8 @@ func service(
         let metrics = String(buffer: try await http.send(.GET, "/metrics").body)
         // Metrics are process-wide and tests run in parallel: check presence, not counts.
         #expect(metrics.contains(#"mesh_control_requests_total{verb="update",resource="services",code="201"} "#))
+        // The test client (MeshTLS.client, as agents) and the control plane both offer the mesh record layer.
+        #expect(metrics.contains("mesh_http_record_layer_connections_total "))
         #expect(String(buffer: try await http.send(.GET, "/version").body).contains(#""apiVersion":"mesh.edge/v1""#))
         let discovery = String(buffer: try await http.send(.GET, "/apis/mesh.edge/v1").body)
         #expect(discovery.contains(#""name":"services""#) && discovery.contains(#""shortNames":["svc"]"#))

@@ -155,9 +155,7 @@ import Testing
             .certificate($0)
         }
         config.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(issued.keyPEM.utf8), format: .pem))
-        config.applicationProtocols = HTTPRecords.protocols
-        config.keyLogCallback = HTTPRecords.clientSecrets.callback
-        config.shutdownTimeout = .seconds(5)
+        MeshTLS.offerHTTPRecords(&config)
         let client = HTTPClient(
             endpoint: HTTPEndpoint(host: "127.0.0.1", port: port, tls: true),
             tls: HTTPClientTLS(context: try NIOSSLContext(configuration: config))

@@ -159,11 +159,7 @@ public func meshClientContext(
     httpRecords: Bool = false
 ) throws -> NIOSSLContext {
     var config = TLSConfiguration.makeClientConfiguration()
-    if httpRecords {
-        config.applicationProtocols = HTTPRecords.protocols
-        config.keyLogCallback = HTTPRecords.clientSecrets.callback
-        config.shutdownTimeout = .seconds(5)
-    }
+    if httpRecords { MeshTLS.offerHTTPRecords(&config) }
     config.minimumTLSVersion = .tlsv13
     config.certificateVerification = .noHostnameVerification
     config.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(try ca.certificatePEM().utf8)))
