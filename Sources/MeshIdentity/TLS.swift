@@ -125,15 +125,18 @@ public enum MeshTLS {
     /// by default; a server passes `HTTPRecords.serverSecrets`). Leaving
     /// TLS for the record layer waits for the peer's close_notify (`stopTLS`), a step of every connection's set-up
     /// now, not only of its close: the 200 ms of `clientShutdownTimeout` failed connections on a busy machine
-    /// (`NIOSSLCloseTimedOutError`), so it is `MeshLinkTLS.handOffTimeout` (5 s) as for links. A connection on the
-    /// record layer closes without waiting for anything (`SealedRecordHandler`).
+    /// (`NIOSSLCloseTimedOutError`), and so did 5 s (a whole test suite beside two busy loops, where the server's
+    /// close_notify waits behind every other connection's work, as it would behind a fleet's reconnect storm),
+    /// so it is `HTTPRecords.setUpTimeout` (30 s, a request's own limit). A connection on the record layer
+    /// closes without waiting for anything (`SealedRecordHandler`); one that stayed on TLS records (a peer that
+    /// does not offer the layer) may wait that long for the peer's close_notify when it closes.
     public static func offerHTTPRecords(
         _ config: inout TLSConfiguration,
         secrets: TLSExporterSecrets = HTTPRecords.clientSecrets
     ) {
         config.applicationProtocols = HTTPRecords.protocols
         config.keyLogCallback = secrets.callback
-        config.shutdownTimeout = MeshLinkTLS.handOffTimeout
+        config.shutdownTimeout = HTTPRecords.setUpTimeout
     }
 
     /// A bare client context: trusts only the mesh CA, checks the server's name or IP, and presents

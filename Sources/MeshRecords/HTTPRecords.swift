@@ -1,3 +1,5 @@
+import NIOCore
+
 /// The mesh record layer on HTTP connections (the control plane's API, agents' admin APIs): what both ends
 /// offer and where their exporter secrets wait. A client and a server that both offer ``recordsProtocol`` in
 /// ALPN leave NIOSSL once the handshake is done (`stopTLS`: close_notify both ways) and seal their records
@@ -13,6 +15,9 @@ public enum HTTPRecords {
     public static let httpProtocol = "http/1.1"
     /// What a client or server offers, in its order of preference.
     public static let protocols = [recordsProtocol, httpProtocol]
+    /// How long an end waits for its peer's close_notify when leaving TLS after the handshake (NIOSSL's
+    /// `shutdownTimeout` of the contexts that offer the layer; MeshIdentity's `MeshTLS.offerHTTPRecords`).
+    public static let setUpTimeout: TimeAmount = .seconds(30)
 
     /// The exporter secrets of this process's HTTPS client handshakes (the key-log callback of client contexts
     /// that offer ``recordsProtocol``). Clients and servers keep theirs apart: one process that is both (tests,
