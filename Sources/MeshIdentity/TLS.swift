@@ -117,7 +117,13 @@ public enum MeshTLS {
         config.maximumTLSVersion = .tlsv13
         config.certificateVerification = requireClientCertificate ? .noHostnameVerification : .optionalVerification
         config.trustRoots = .certificates(try nioCertificates(credentials.caPEM))
-        if httpRecords { Self.offerHTTPRecords(&config, secrets: HTTPRecords.serverSecrets) }
+        if httpRecords {
+            Self.offerHTTPRecords(&config, secrets: HTTPRecords.serverSecrets)
+            // A server's wait is for the client's close_notify, which the client sends right behind its Finished;
+            // and it is also how long a closing TLS-records connection may hold a draining server (30 s kept
+            // `mesh-control` and `meshctl up` from stopping within 10 s of SIGTERM): NIOSSL's 5 s.
+            config.shutdownTimeout = .seconds(5)
+        }
         return try NIOSSLContext(configuration: config)
     }
 
