@@ -44,6 +44,11 @@ public final class HTTPRecordSwitch: ChannelDuplexHandler, RemovableChannelHandl
         case client
         /// `identify`: the identity of a verified client certificate (nil: anonymous).
         case server(identify: @Sendable (NIOSSLCertificate) -> String?)
+
+        var isClient: Bool {
+            if case .client = self { return true }
+            return false
+        }
     }
 
     private enum State {
@@ -83,11 +88,7 @@ public final class HTTPRecordSwitch: ChannelDuplexHandler, RemovableChannelHandl
         onSealed: (@Sendable () -> Void)? = nil,
         between: () throws -> Void = {}
     ) throws {
-        let isClient: Bool
-        switch role {
-        case .client: isClient = true
-        case .server: isClient = false
-        }
+        let isClient = role.isClient
         try pipeline.addHandler(ClientRandomReader(isClient ? .writing : .reading))
         try pipeline.addHandler(tls)
         try between()
@@ -132,9 +133,7 @@ public final class HTTPRecordSwitch: ChannelDuplexHandler, RemovableChannelHandl
                 )
             )
         }
-        let isClient: Bool
-        if case .client = self.role { isClient = true } else { isClient = false }
-        let sealed = SealedRecordHandler(secrets: secrets, dialer: isClient, keepsReadBuffer: false)
+        let sealed = SealedRecordHandler(secrets: secrets, dialer: self.role.isClient, keepsReadBuffer: false)
         do {
             try ops.addHandler(sealed, position: .after(tlsHandler))
             // NIOSSL's buffers, which IdleBuffers gave back when idle, go with NIOSSL.
@@ -192,7 +191,7 @@ public final class HTTPRecordSwitch: ChannelDuplexHandler, RemovableChannelHandl
             context.flush()
         }
         // The client's end has nothing more to do; the server's keeps `peer` for the requests.
-        if case .client = self.role { context.pipeline.syncOperations.removeHandler(context: context, promise: nil) }
+        if self.role.isClient { context.pipeline.syncOperations.removeHandler(context: context, promise: nil) }
     }
 
     private func fail(_ context: ChannelHandlerContext, _ error: any Error) {
