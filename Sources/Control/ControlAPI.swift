@@ -6,6 +6,7 @@ import MeshIdentity
 import Metrics
 import NIOCore
 import NIOHTTP1
+import Synchronization
 
 /// The control plane's REST + watch API (docs/API.md): Kubernetes paths, objects, watch events and
 /// Status errors, over any `Store`.
@@ -548,42 +549,23 @@ public final class ControlAPI: HTTPResponder {
             // Capped at 136 years, so that the nanoseconds fit.
             timeout = .seconds(min(seconds, 1 << 32))
         }
-        let logger = self.logger
-        let credentials = self.credentials
-        let filter = subscription.filter
-        let (firstLines, limit) = (first, timeout)
         Gauge(label: "mesh_control_watchers").record(self.watcherCount)
-        return HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"]) {
-            .stream { writer in
-                defer { subscription.cancel() }
-                writer.clientClosed.whenComplete { _ in subscription.cancel() }
-                // On the connection's event loop: a scheduled task costs a few bytes where a Task
-                // sleeping beside every idle watch cost its own stack.
-                let timer = limit.map { t in
-                    writer.clientClosed.eventLoop.scheduleTask(in: t) {
-                        subscription.cancel()
-                    }
-                }
-                defer { timer?.cancel() }
-                if firstLines.readableBytes > 0 { try await writer.write(firstLines) }
-                while let chunk = await subscription.next(kind: kind) {
-                    // A certificate revoked while it watches: the stream ends at the next event or
-                    // bookmark, and the client's next request is refused.
-                    if credentials.denial(request) != nil {
-                        logger.notice(
-                            "ended a watch on \(filter.resource) by \(request.peerIdentity ?? "?"): its certificate is revoked"
-                        )
-                        return
-                    }
-                    try await writer.write(chunk)
-                }
-                if subscription.overflowed {
-                    logger.warning(
-                        "ended a watch on \(filter.resource) that fell too far behind; the client resumes from its last version"
-                    )
-                }
-            }
-        }
+        let credentials = self.credentials
+        return HTTPResponse(
+            status: .ok,
+            headers: ["Content-Type": "application/json"],
+            body: .push(
+                WatchPush(
+                    subscription,
+                    first: first,
+                    kind: kind,
+                    timeout: timeout,
+                    revoked: { credentials.denial(request) != nil },
+                    watcher: request.peerIdentity ?? "?",
+                    logger: self.logger
+                )
+            )
+        )
     }
 
     var watcherCount: Int {
@@ -635,5 +617,101 @@ public final class ControlAPI: HTTPResponder {
 extension HTTPResponse {
     init(status: HTTPResponseStatus, headers: HTTPHeaders, body: () -> Body) {
         self.init(status: status, headers: headers, body: body())
+    }
+}
+
+/// A watch's body, written by its connection's event loop as changes come (no task waits beside an idle
+/// watch): `first`, then the subscription's lines until it ends, the client goes, `timeoutSeconds` pass, or
+/// the client's certificate is revoked.
+final class WatchPush: HTTPEventSource {
+    private struct State {
+        var first: ByteBuffer?
+        var timer: Scheduled<Void>?
+        var ended = false
+    }
+
+    private let subscription: WatchSubscription
+    private let kind: String
+    private let timeout: TimeAmount?
+    private let revoked: @Sendable () -> Bool
+    private let watcher: String
+    private let logger: Logger
+    private let state: Mutex<State>
+
+    init(
+        _ subscription: WatchSubscription,
+        first: ByteBuffer,
+        kind: String,
+        timeout: TimeAmount?,
+        revoked: @escaping @Sendable () -> Bool,
+        watcher: String,
+        logger: Logger
+    ) {
+        self.subscription = subscription
+        self.kind = kind
+        self.timeout = timeout
+        self.revoked = revoked
+        self.watcher = watcher
+        self.logger = logger
+        self.state = Mutex(State(first: first.readableBytes > 0 ? first : nil))
+    }
+
+    func start(eventLoop: any EventLoop, wake: @escaping @Sendable () -> Void) {
+        if let timeout {
+            // On the connection's event loop: a scheduled task costs a few bytes.
+            let subscription = self.subscription
+            let timer = eventLoop.scheduleTask(in: timeout) { subscription.cancel() }
+            self.state.withLock { $0.timer = timer }
+        }
+        self.subscription.onReady(wake)
+    }
+
+    func take() -> HTTPPushed {
+        if let first = self.state.withLock({ s -> ByteBuffer? in
+            defer { s.first = nil }
+            return s.first
+        }) {
+            return .data(first)
+        }
+        switch self.subscription.take(kind: self.kind) {
+        case .lines(let chunk):
+            // A certificate revoked while it watches: the stream ends at the next event or bookmark, and the
+            // client's next request is refused.
+            if self.revoked() {
+                self.logger.notice(
+                    "ended a watch on \(self.subscription.filter.resource) by \(self.watcher): its certificate is revoked"
+                )
+                self.subscription.cancel()
+                self.end()
+                return .end
+            }
+            return .data(chunk)
+        case .nothing:
+            return .nothing
+        case .ended:
+            self.end()
+            return .end
+        }
+    }
+
+    func stop() {
+        self.subscription.cancel()
+    }
+
+    private func end() {
+        let timer = self.state.withLock { s -> Scheduled<Void>?? in
+            if s.ended { return nil }
+            s.ended = true
+            defer { s.timer = nil }
+            return .some(s.timer)
+        }
+        guard let timer else { return }
+        timer?.cancel()
+        self.subscription.cancel()
+        if self.subscription.overflowed {
+            self.logger.warning(
+                "ended a watch on \(self.subscription.filter.resource) that fell too far behind; the client resumes from its last version"
+            )
+        }
     }
 }

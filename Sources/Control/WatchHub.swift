@@ -337,14 +337,14 @@ public final class WatchHub: Sendable {
     public func publish(_ event: StoreEvent) {
         let placement = NodePlacement.of(event.object)
         var entry = Entry(event)
-        let woken = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+        let woken = self.state.withLock { s -> [WatchWaker] in
             precondition(event.resourceVersion > s.current, "events must be published in order")
             entry.placed = s.place(event, placement, json: event.object.json)
             s.current = event.resourceVersion
             s.history.append(entry)
             s.keptBytes += entry.bytes
             s.trim(self.configuration)
-            var woken: [CheckedContinuation<Void, Never>] = []
+            var woken: [WatchWaker] = []
             func offer(_ sub: WatchSubscription) {
                 guard let line = entry.line(for: sub.filter) else { return }
                 let waiter = sub.enqueue(
@@ -371,7 +371,7 @@ public final class WatchHub: Sendable {
     /// the task's status lock, which a cancelled watch holds while its cancellation handler waits for the
     /// hub's lock to remove itself (a deadlock seen in a test run: `sendBookmarks` resuming a watcher under
     /// the hub's lock while the `WorkloadController`'s watch was being cancelled).
-    private static func wake(_ waiters: [CheckedContinuation<Void, Never>]) {
+    private static func wake(_ waiters: [WatchWaker]) {
         for waiter in waiters { waiter.resume() }
     }
 
@@ -438,7 +438,7 @@ public final class WatchHub: Sendable {
 
     /// Tells every idle watcher how far the store has got, so it can resume from there.
     public func sendBookmarks() {
-        let woken = self.state.withLock { s -> [CheckedContinuation<Void, Never>] in
+        let woken = self.state.withLock { s -> [WatchWaker] in
             s.subscribers.values.compactMap { $0.bookmark(s.current) }
         }
         Self.wake(woken)
@@ -455,6 +455,26 @@ public final class WatchHub: Sendable {
     }
 }
 
+/// Who waits for a watcher's lines: a task in `next()`, or a pushed HTTP body's connection (`onReady`).
+enum WatchWaker: Sendable {
+    case task(CheckedContinuation<Void, Never>)
+    case push(@Sendable () -> Void)
+
+    func resume() {
+        switch self {
+        case .task(let c): c.resume()
+        case .push(let wake): wake()
+        }
+    }
+}
+
+/// What a watcher has queued (`WatchSubscription.take`).
+public enum WatchTaken: Sendable {
+    case lines(ByteBuffer)
+    case nothing
+    case ended
+}
+
 /// One watcher's queue of lines. `next()` returns everything queued since the last call.
 public final class WatchSubscription: Sendable {
     enum Item: Sendable {
@@ -468,7 +488,20 @@ public final class WatchSubscription: Sendable {
         var lastQueued: Int64
         var ended = false
         var waiter: CheckedContinuation<Void, Never>?
+        /// Woken at every change, until the watch ends (`onReady`).
+        var push: (@Sendable () -> Void)?
         var overflowed = false
+
+        /// Who to wake now: a waiting task once, a push waker each time until the watch has ended.
+        mutating func waker() -> WatchWaker? {
+            if let w = self.waiter {
+                self.waiter = nil
+                return .task(w)
+            }
+            guard let push = self.push else { return nil }
+            if self.ended { self.push = nil }
+            return .push(push)
+        }
     }
 
     let id: Int
@@ -488,10 +521,10 @@ public final class WatchSubscription: Sendable {
 
     /// Queues `item`; returns the watcher's waiting `next()` to resume, which the caller resumes once it holds
     /// no lock of its own (see `WatchHub.wake`).
-    func enqueue(_ item: Item, rv: Int64, maxPending: Int, maxBytes: Int) -> CheckedContinuation<Void, Never>? {
+    func enqueue(_ item: Item, rv: Int64, maxPending: Int, maxBytes: Int) -> WatchWaker? {
         let size: Int
         if case .line(let b) = item { size = b.readableBytes } else { size = 0 }
-        return self.state.withLock { s -> CheckedContinuation<Void, Never>? in
+        return self.state.withLock { s -> WatchWaker? in
             guard !s.ended else { return nil }
             if s.pending.count >= maxPending || (s.pendingBytes > 0 && s.pendingBytes + size > maxBytes) {
                 s.ended = true
@@ -501,67 +534,85 @@ public final class WatchSubscription: Sendable {
                 s.pendingBytes += size
                 s.lastQueued = rv
             }
-            defer { s.waiter = nil }
-            return s.waiter
+            return s.waker()
         }
     }
 
     /// Queues a bookmark when nothing else is queued; returns the waiter to resume, as `enqueue` does.
-    func bookmark(_ rv: Int64) -> CheckedContinuation<Void, Never>? {
-        self.state.withLock { s -> CheckedContinuation<Void, Never>? in
+    func bookmark(_ rv: Int64) -> WatchWaker? {
+        self.state.withLock { s -> WatchWaker? in
             guard !s.ended, s.pending.isEmpty else { return nil }
             s.pending.append(.bookmark(rv))
             s.lastQueued = rv
-            defer { s.waiter = nil }
-            return s.waiter
+            return s.waker()
         }
     }
 
     /// Ends the watch; `next()` returns what is still queued, then nil.
     public func cancel() {
-        let waiter = self.state.withLock { s -> CheckedContinuation<Void, Never>? in
+        let waiter = self.state.withLock { s -> WatchWaker? in
             s.ended = true
-            defer { s.waiter = nil }
-            return s.waiter
+            return s.waker()
         }
         waiter?.resume()
         self.onEnd(self.id)
+    }
+
+    /// Calls `wake` (from any thread, never under the hub's lock) whenever `take(kind:)` may have something
+    /// new, until the watch has ended: for a watch written by its connection's event loop, with no task
+    /// waiting. Wakes at once when something is queued already.
+    public func onReady(_ wake: @escaping @Sendable () -> Void) {
+        let now = self.state.withLock { s -> Bool in
+            s.push = s.ended ? nil : wake
+            return !s.pending.isEmpty || s.ended
+        }
+        if now { wake() }
+    }
+
+    /// Everything queued, each bookmark rendered as an object of `kind`: `.nothing` when nothing is, `.ended`
+    /// once the watch has ended and its queue is drained.
+    public func take(kind: String) -> WatchTaken {
+        let taken = self.state.withLock { s -> [Item]? in
+            if !s.pending.isEmpty {
+                defer {
+                    s.pending.removeAll(keepingCapacity: true)
+                    s.pendingBytes = 0
+                }
+                return s.pending
+            }
+            if s.ended { s.push = nil }
+            return s.ended ? [] : nil
+        }
+        guard let items = taken else { return .nothing }
+        if items.isEmpty {
+            self.onEnd(self.id)
+            return .ended
+        }
+        // One line: the hub's own buffer, shared by every watcher, not a copy each.
+        if items.count == 1, case .line(let b) = items[0] { return .lines(b) }
+        var out = ByteBuffer()
+        out.reserveCapacity(
+            items.reduce(0) { n, item in if case .line(let b) = item { n + b.readableBytes } else { n + 128 } }
+        )
+        for item in items {
+            switch item {
+            case .line(var b): out.writeBuffer(&b)
+            case .bookmark(let rv):
+                var b = WatchHub.bookmarkLine(rv, kind: kind)
+                out.writeBuffer(&b)
+            }
+        }
+        return .lines(out)
     }
 
     /// Waits for lines and returns them all, each bookmark rendered as an object of `kind`; nil once ended
     /// and drained.
     public func next(kind: String) async -> ByteBuffer? {
         while true {
-            let taken = self.state.withLock { s -> [Item]? in
-                if !s.pending.isEmpty {
-                    defer {
-                        s.pending.removeAll(keepingCapacity: true)
-                        s.pendingBytes = 0
-                    }
-                    return s.pending
-                }
-                return s.ended ? [] : nil
-            }
-            if let items = taken {
-                if items.isEmpty {
-                    self.onEnd(self.id)
-                    return nil
-                }
-                // One line: the hub's own buffer, shared by every watcher, not a copy each.
-                if items.count == 1, case .line(let b) = items[0] { return b }
-                var out = ByteBuffer()
-                out.reserveCapacity(
-                    items.reduce(0) { n, item in if case .line(let b) = item { n + b.readableBytes } else { n + 128 } }
-                )
-                for item in items {
-                    switch item {
-                    case .line(var b): out.writeBuffer(&b)
-                    case .bookmark(let rv):
-                        var b = WatchHub.bookmarkLine(rv, kind: kind)
-                        out.writeBuffer(&b)
-                    }
-                }
-                return out
+            switch self.take(kind: kind) {
+            case .lines(let b): return b
+            case .ended: return nil
+            case .nothing: break
             }
             await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
                 let resumeNow = self.state.withLock { s -> Bool in

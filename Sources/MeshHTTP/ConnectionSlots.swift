@@ -64,6 +64,7 @@ final class ConnectionSlots: Sendable {
 
     private struct State {
         var slots: [ObjectIdentifier: Slot] = [:]
+        var refused: [ObjectIdentifier: any Channel] = [:]
         var handshaking = Queue()
         var anonymous = Queue()
         var draining = false
@@ -148,6 +149,10 @@ final class ConnectionSlots: Sendable {
         }
         if admission == .admitted {
             channel.closeFuture.whenComplete { _ in self.remove(id) }
+        } else {
+            // Answered 503 at its first request; held here only so that a shutdown can close it.
+            self.state.withLock { $0.refused[id] = channel }
+            channel.closeFuture.whenComplete { _ in _ = self.state.withLock { $0.refused.removeValue(forKey: id) } }
         }
         if let victim {
             victim.close(promise: nil)
@@ -187,15 +192,13 @@ final class ConnectionSlots: Sendable {
         _ = self.state.withLock { $0.slots.removeValue(forKey: id) }
     }
 
-    /// Refuses new connections from now on; returns the open ones.
+    /// Refuses new connections from now on; returns the open ones (refused ones too).
     func drain() -> [any Channel] {
         self.state.withLock { s in
             s.draining = true
-            return s.slots.values.map(\.channel)
+            return s.slots.values.map(\.channel) + s.refused.values
         }
     }
-
-    var open: [any Channel] { self.state.withLock { $0.slots.values.map(\.channel) } }
 }
 
 /// Per connection, first in its pipeline (after the TLS handler): closes a connection that has not

@@ -74,6 +74,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     private let releases = ReleaseCounter()
     private let sealed = ReleaseCounter()
     private let listening = AsyncOnce<SocketAddress>()
+    private let jobs = ServerJobs()
 
     public init(
         configuration: HTTPServerConfiguration,
@@ -109,14 +110,27 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
     /// Connections closed to make room for new ones (see `maxConnections`).
     public var evictedConnections: Int { self.slots.evictions }
 
+    /// Requests being answered: each has a task while its responder works or its `.stream` body is written.
+    /// Idle connections and `.push` bodies hold none.
+    public var requestsInFlight: Int { self.jobs.count }
+
     public func run() async throws {
         let config = self.configuration
-        let server: NIOAsyncChannel<NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>, Never>
+        let server: any Channel
         let slots = self.slots
         let logger = self.logger
-        let accepted = AcceptedConnections()
         let releases = self.releases
         let sealedCount = self.sealed
+        let jobs = self.jobs
+        let shared = HTTPConnectionHandler.Shared(
+            responder: self.responder,
+            maxBodyBytes: config.maxBodyBytes,
+            tls: config.tls != nil,
+            renderError: config.renderError,
+            slots: slots,
+            jobs: jobs,
+            logger: logger
+        )
         // On /metrics: how many connections the record layer took over (against all accepted: TLS records).
         let sealedMetric = Counter(label: "mesh_http_record_layer_connections_total")
         let onSealed: @Sendable () -> Void = {
@@ -145,7 +159,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                     .allocator,
                     value: config.leanBuffers ? LeanAllocator.allocator : ByteBufferAllocator()
                 )
-                .bind(host: config.host, port: config.port) { channel in
+                .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         // A slot first (closing the oldest unfinished handshake at the limit); a
                         // connection without one is answered 503 after its first request.
@@ -198,23 +212,20 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                             render: config.renderError
                         )
                         try channel.pipeline.syncOperations.addHandler(guardHandler)
-                        let connection = try NIOAsyncChannel(
-                            wrappingChannelSynchronously: channel,
-                            configuration: .init(
-                                inboundType: HTTPServerRequestPart.self,
-                                outboundType: HTTPServerResponsePart.self
-                            )
+                        // No task per connection: the handler answers each request in a task of the
+                        // server's group, and an idle connection (or a pushed stream) holds none.
+                        try channel.pipeline.syncOperations.addHandler(
+                            HTTPConnectionHandler(shared: shared, inputClosed: guardHandler.inputClosed.futureResult)
                         )
-                        accepted.hold(connection)
-                        return connection
                     }
                 }
+                .bind(host: config.host, port: config.port).get()
         } catch {
             self.listening.fail(error)
             self.logger.error("cannot listen on \(config.host):\(config.port): \(error)")
             throw error
         }
-        let address = server.channel.localAddress
+        let address = server.localAddress
         if let address {
             self.listening.set(address)
         } else {
@@ -222,31 +233,19 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         }
         self.logger.info("listening on \(config.tls == nil ? "http" : "https")://\(address.map(hostPort) ?? "?")")
 
-        try await withGracefulShutdownHandler {
-            try await withThrowingDiscardingTaskGroup { group in
-                try await server.executeThenClose { inbound in
-                    for try await connection in inbound {
-                        accepted.delivered(connection)
-                        group.addTask { await self.serve(connection) }
-                    }
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                group.addTask { await self.drain(after: server, jobs: jobs) }
+                for await job in jobs.jobs {
+                    group.addTask(operation: job)
                 }
-                // Connections accepted while the listener closed never reached the loop: close them
-                // properly (a dropped one would trap on its unfinished writer).
-                for connection in accepted.close() {
-                    group.addTask { try? await connection.executeThenClose { _, _ in } }
-                }
-                // The listener is closed: give in-flight requests the drain time, then close the rest.
-                let open = self.slots.drain()
-                if !open.isEmpty {
-                    try? await Task.sleep(for: .nanoseconds(config.drainTimeout.nanoseconds))
-                    for channel in self.slots.open {
-                        channel.close(promise: nil)
-                    }
-                }
+                // The jobs ended: every connection is closed, or the server's task was cancelled.
+                server.close(promise: nil)
+                for channel in self.slots.drain() { channel.close(promise: nil) }
             }
         } onGracefulShutdown: {
             self.logger.info("shutting down: no new connections")
-            server.channel.close(promise: nil)
+            server.close(promise: nil)
             // Idle connections and streams close now; requests being answered finish first.
             for channel in self.slots.drain() {
                 channel.eventLoop.execute { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
@@ -254,226 +253,29 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         }
     }
 
-    private func serve(_ connection: NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>) async {
-        let channel = connection.channel
-        let admitted = self.slots.contains(channel)
-        let draining = self.slots.isDraining
-        let inputClosed: EventLoopFuture<Void>
-        do {
-            inputClosed = try await channel.pipeline.handler(type: ProtocolGuard.self).map {
-                $0.inputClosed.futureResult
-            }
-            .get()
-        } catch {
-            return
-        }
-        do {
-            try await connection.executeThenClose { inbound, outbound in
-                var parts = inbound.makeAsyncIterator()
-                if !admitted || draining {
-                    // Answer the first request (HTTP has no way to answer before one), then close.
-                    if case .head = try await parts.next() {
-                        try await self.writeError(
-                            outbound,
-                            .serviceUnavailable,
-                            "the server is at its connection limit or shutting down"
-                        )
-                    }
-                    return
-                }
-                var peer: TLSPeer?
-                while let part = try await parts.next() {
-                    guard case .head(let head) = part else { continue }
-                    // A request arrives after the handshake: the client's certificate is known by now.
-                    if peer == nil { peer = try await self.peerIdentity(channel) }
-                    guard
-                        let (bodyBytes, keepAlive) = try await self.handle(
-                            head,
-                            &parts,
-                            outbound,
-                            peer: peer,
-                            inputClosed: inputClosed,
-                            channel: channel
-                        )
-                    else { return }
-                    // The body and the response are released by now: give large ones back to the system.
-                    if bodyBytes >= ProcessResources.largeBody { ProcessResources.releaseFreeMemory() }
-                    if !keepAlive { return }
-                }
-            }
-        } catch {
-            self.logger.debug("connection \(channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)")
-        }
-    }
-
-    /// Reads one request and answers it: the size of its body and whether the connection stays open
-    /// (nil: the connection is done).
-    private func handle(
-        _ head: HTTPRequestHead,
-        _ parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
-        _ outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
-        peer: TLSPeer?,
-        inputClosed: EventLoopFuture<Void>,
-        channel: any Channel
-    ) async throws -> (Int, Bool)? {
-        guard var request = try await self.collect(head, &parts, outbound, remote: channel.remoteAddress) else {
-            return nil
-        }
-        request.peerIdentity = peer?.identity
-        request.peerCertificateSerial = peer?.serial
-        let size = request.body.readableBytes
-        // In a child task: the responder's frames (routing, decoding, the store) get stack slabs of
-        // their own, freed when it returns. Run in the connection's task they would stay allocated
-        // for the connection's life (a task keeps the slabs of its deepest call), which for an idle
-        // agent's connection was most of its memory.
-        let responder = self.responder
-        let complete = request
-        let response = await withTaskGroup(of: HTTPResponse.self) { group in
-            group.addTask { await responder.respond(to: complete) }
-            return await group.next()!
-        }
-        let keepAlive = head.isKeepAlive && !self.slots.isDraining
-        try await self.write(
-            response,
-            to: outbound,
-            version: head.version,
-            keepAlive: keepAlive,
-            inputClosed: inputClosed,
-            channel: channel
-        )
-        return (size, keepAlive)
-    }
-
-    /// The identity of the client's verified certificate, and its serial (nil: plain HTTP or none), as the
-    /// handshake left them (NIOSSL may have left the connection since: the mesh record layer).
-    private func peerIdentity(_ channel: any Channel) async throws -> TLSPeer {
-        guard self.configuration.tls != nil else { return TLSPeer(identity: nil, serial: nil) }
-        return try await channel.eventLoop.submit {
-            try channel.pipeline.syncOperations.handler(type: HTTPRecordSwitch.self).peer
-                ?? TLSPeer(identity: nil, serial: nil)
-        }.get()
-    }
-
-    /// Reads the body of the request that `head` starts, up to the limit. Nil: the connection is done.
-    private func collect(
-        _ head: HTTPRequestHead,
-        _ parts: inout NIOAsyncChannelInboundStream<HTTPServerRequestPart>.AsyncIterator,
-        _ outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
-        remote: SocketAddress?
-    ) async throws -> HTTPRequest? {
-        let limit = self.configuration.maxBodyBytes
-        if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }), length > limit {
-            try await self.writeError(
-                outbound,
-                .payloadTooLarge,
-                "request body of \(length) bytes is over the limit of \(limit)"
-            )
-            return nil
-        }
-        var body = ByteBuffer()
-        // One allocation of the announced size, not a doubling series up to the limit.
-        if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }), length > 0 {
-            body.reserveCapacity(length)
-        }
-        while let part = try await parts.next() {
-            switch part {
-            case .body(var chunk):
-                guard body.readableBytes + chunk.readableBytes <= limit else {
-                    try await self.writeError(
-                        outbound,
-                        .payloadTooLarge,
-                        "request body is over the limit of \(limit) bytes"
-                    )
-                    return nil
-                }
-                body.writeBuffer(&chunk)
-            case .end:
-                return HTTPRequest(
-                    method: head.method,
-                    uri: head.uri,
-                    headers: head.headers,
-                    body: body,
-                    remoteAddress: remote
-                )
-            case .head:
-                return nil
+    /// Once the listener has closed: gives in-flight requests the drain time, closes the connections left,
+    /// and ends the server's jobs once every connection has closed.
+    private func drain(after server: any Channel, jobs: ServerJobs) async {
+        try? await server.closeFuture.get()
+        let open = self.slots.drain()
+        if !open.isEmpty {
+            let closed = EventLoopFuture.andAllComplete(open.map(\.closeFuture), on: server.eventLoop)
+            let drainTime = self.configuration.drainTimeout
+            await withTaskGroup(of: Void.self) { race in
+                race.addTask { try? await closed.get() }
+                race.addTask { try? await Task.sleep(for: .nanoseconds(drainTime.nanoseconds)) }
+                await race.next()
+                race.cancelAll()
+                for channel in self.slots.drain() { channel.close(promise: nil) }
             }
         }
-        return nil
-    }
-
-    private func write(
-        _ response: HTTPResponse,
-        to outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
-        version: HTTPVersion,
-        keepAlive: Bool,
-        inputClosed: EventLoopFuture<Void>,
-        channel: any Channel
-    ) async throws {
-        var head = HTTPResponseHead(version: version, status: response.status, headers: response.headers)
-        if !keepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
-        switch response.body {
-        case .bytes(let bytes):
-            head.headers.replaceOrAdd(name: "Content-Length", value: "\(bytes.readableBytes)")
-            try await outbound.write(contentsOf: [.head(head), .body(.byteBuffer(bytes)), .end(nil)])
-        case .stream(let produce):
-            head.headers.remove(name: "Content-Length")
-            try await outbound.write(.head(head))
-            let writer = HTTPBodyWriter(clientClosed: inputClosed) { chunk in
-                try await outbound.write(.body(.byteBuffer(chunk)))
-            }
-            try await produce(writer)
-            try await outbound.write(.end(nil))
-        }
-    }
-
-    private func writeError(
-        _ outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
-        _ status: HTTPResponseStatus,
-        _ message: String
-    ) async throws {
-        let (contentType, body) = self.configuration.renderError(status, message)
-        let head = HTTPResponseHead(
-            version: .http1_1,
-            status: status,
-            headers: [
-                "Content-Type": contentType, "Content-Length": "\(body.readableBytes)", "Connection": "close",
-            ]
-        )
-        try await outbound.write(contentsOf: [.head(head), .body(.byteBuffer(body)), .end(nil)])
+        // Connections accepted while the listener closed: they were refused; close them too.
+        let late = self.slots.drain()
+        for channel in late { channel.close(promise: nil) }
+        try? await EventLoopFuture.andAllComplete(late.map(\.closeFuture), on: server.eventLoop).get()
+        jobs.finish()
     }
 }
 
 /// Sent down a connection's pipeline when the server begins to shut down.
 public struct ShutdownEvent: Sendable {}
-
-/// The connections the listener accepted that its accept loop has not taken yet. A connection accepted
-/// while the listener closes is never delivered to the loop, and NIO traps when such a connection's
-/// writer is dropped unfinished: this holds each until the loop takes it, and hands the rest to be
-/// closed once the loop has ended (later ones are closed at once).
-final class AcceptedConnections: Sendable {
-    typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
-    private let state = Mutex<(held: [ObjectIdentifier: Connection], closed: Bool)>(([:], false))
-
-    func hold(_ connection: Connection) {
-        let late = self.state.withLock { s -> Bool in
-            if s.closed { return true }
-            s.held[ObjectIdentifier(connection.channel)] = connection
-            return false
-        }
-        if late { Task { try? await connection.executeThenClose { _, _ in } } }
-    }
-
-    func delivered(_ connection: Connection) {
-        _ = self.state.withLock { $0.held.removeValue(forKey: ObjectIdentifier(connection.channel)) }
-    }
-
-    /// Stops holding: returns the connections never delivered.
-    func close() -> [Connection] {
-        self.state.withLock { s in
-            s.closed = true
-            defer { s.held = [:] }
-            return Array(s.held.values)
-        }
-    }
-}

@@ -103,7 +103,7 @@ public struct HTTPRequest: Sendable {
     }
 }
 
-/// A response: a whole body, or a stream written by the responder until it returns.
+/// A response: a whole body, a stream written by the responder until it returns, or a pushed stream.
 public struct HTTPResponse: Sendable {
     public var status: HTTPResponseStatus
     public var headers: HTTPHeaders
@@ -113,6 +113,8 @@ public struct HTTPResponse: Sendable {
         case bytes(ByteBuffer)
         /// Written with chunked encoding; the closure returns when the stream ends.
         case stream(@Sendable (HTTPBodyWriter) async throws -> Void)
+        /// Written with chunked encoding as its source pushes data, with no task waiting for it (a watch).
+        case push(any HTTPEventSource)
     }
 
     public init(status: HTTPResponseStatus, headers: HTTPHeaders = [:], body: Body = .bytes(ByteBuffer())) {

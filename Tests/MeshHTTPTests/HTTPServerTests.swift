@@ -15,9 +15,63 @@ final class StreamCounter: Sendable {
     let started = Atomic<Int>(0)
 }
 
+/// A pushed body the test feeds by hand: lines to send, its end, and how often the server stopped it.
+final class PushFeed: HTTPEventSource {
+    struct State {
+        var lines: [String] = []
+        var ended = false
+        var started = false
+        var stops = 0
+        var wake: (@Sendable () -> Void)?
+    }
+    let state = Mutex(State())
+
+    func start(eventLoop: any EventLoop, wake: @escaping @Sendable () -> Void) {
+        self.state.withLock {
+            $0.started = true
+            $0.wake = wake
+        }
+        wake()
+    }
+
+    func take() -> HTTPPushed {
+        self.state.withLock { s in
+            if !s.lines.isEmpty { return .data(ByteBuffer(string: s.lines.removeFirst())) }
+            return s.ended ? .end : .nothing
+        }
+    }
+
+    func stop() {
+        let wake = self.state.withLock { s in
+            s.stops += 1
+            s.ended = true
+            return s.wake
+        }
+        wake?()
+    }
+
+    func send(_ line: String) {
+        self.state.withLock { $0.lines.append(line) }
+        self.state.withLock { $0.wake }?()
+    }
+
+    func end() {
+        self.state.withLock { $0.ended = true }
+        self.state.withLock { $0.wake }?()
+    }
+}
+
+/// The pushed bodies of `/push` requests, in order.
+final class PushFeeds: Sendable {
+    let feeds = Mutex<[PushFeed]>([])
+    var last: PushFeed? { self.feeds.withLock { $0.last } }
+    var count: Int { self.feeds.withLock { $0.count } }
+}
+
 func startServer(
     configure: (inout HTTPServerConfiguration) -> Void = { _ in },
-    counter: StreamCounter = StreamCounter()
+    counter: StreamCounter = StreamCounter(),
+    pushes: PushFeeds = PushFeeds()
 ) async throws -> (HTTPServer, ServiceGroup, Task<Void, any Error>, Int) {
     var config = HTTPServerConfiguration()
     configure(&config)
@@ -44,6 +98,10 @@ func startServer(
                     }
                 }
             }
+        case "/push":
+            let feed = PushFeed()
+            pushes.feeds.withLock { $0.append(feed) }
+            return HTTPResponse(status: .ok) { .push(feed) }
         default:
             return .text(.notFound, "no \(request.path)")
         }
@@ -111,6 +169,63 @@ extension HTTPResponse {
         #expect(await eventually { server.connectionCount == 0 })
         await group.triggerGracefulShutdown()
         try await task.value
+    }
+
+    @Test func pushedBodiesAreWrittenAsTheyComeAndHoldNoTaskWhileTheyWait() async throws {
+        let pushes = PushFeeds()
+        let (server, group, task, port) = try await startServer(pushes: pushes)
+        let socket = SendableSocket(try RawSocket(port: port, timeout: 10))
+        let head = try await blocking {
+            socket.socket.send("GET /push HTTP/1.1\r\nHost: t\r\n\r\n")
+            return socket.socket.readUntil("\r\n\r\n")
+        }
+        #expect(head.hasPrefix("HTTP/1.1 200") && head.lowercased().contains("transfer-encoding: chunked"), "\(head)")
+        // Waiting for data, the pushed body holds no task (an idle watch costs its connection only).
+        #expect(await eventually { server.requestsInFlight == 0 })
+        #expect(pushes.last?.state.withLock { $0.started } == true)
+        for i in 0..<3 {
+            pushes.last?.send("line \(i)\n")
+            let got = try await blocking { socket.socket.readUntil("line \(i)\n") }
+            #expect(got.contains("line \(i)\n"), "\(got)")
+        }
+        // Its end ends the answer; the connection stays open for the next request.
+        pushes.last?.end()
+        let last = try await blocking { socket.socket.readUntil("0\r\n\r\n") }
+        #expect(last.hasSuffix("0\r\n\r\n"), "\(last)")
+        let next = try await blocking {
+            socket.socket.send("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nagain")
+            return socket.socket.readFirstResponse()
+        }
+        #expect(next.hasPrefix("HTTP/1.1 200") && next.hasSuffix("again"), "\(next)")
+        #expect(server.connectionCount == 1)
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
+    @Test func pushedBodiesStopWhenTheirClientLeavesAndWhenTheServerShutsDown() async throws {
+        let pushes = PushFeeds()
+        let (server, group, task, port) = try await startServer(pushes: pushes)
+        // The client leaves: its source is stopped, and the connection goes.
+        _ = try await blocking {
+            let s = try RawSocket(port: port, timeout: 10)
+            s.send("GET /push HTTP/1.1\r\nHost: t\r\n\r\n")
+            return s.readUntil("\r\n\r\n")
+        }  // the socket closes here
+        #expect(await eventually { pushes.last?.state.withLock { $0.stops } ?? 0 >= 1 })
+        #expect(await eventually { server.connectionCount == 0 })
+        // A shutdown stops the one under way: its answer ends with the last chunk, and the server stops.
+        let socket = SendableSocket(try RawSocket(port: port, timeout: 10))
+        _ = try await blocking {
+            socket.socket.send("GET /push HTTP/1.1\r\nHost: t\r\n\r\n")
+            return socket.socket.readUntil("\r\n\r\n")
+        }
+        #expect(await eventually { pushes.count == 2 && pushes.last?.state.withLock { $0.started } == true })
+        await group.triggerGracefulShutdown()
+        try await task.value
+        let rest = try await blocking { socket.socket.readAll() }
+        #expect(rest.hasSuffix("0\r\n\r\n"), "\(rest)")
+        #expect(pushes.last?.state.withLock { $0.stops } ?? 0 >= 1)
+        #expect(server.connectionCount == 0)
     }
 
     @Test func shutdownEndsStreamsAndClosesIdleConnections() async throws {

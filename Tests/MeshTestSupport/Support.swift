@@ -328,6 +328,18 @@ public final class RawSocket {
         return String(decoding: buf[0..<max(0, n)], as: UTF8.self)
     }
 
+    /// Reads until what came contains `marker`, the server closes or the timeout passes; returns all of it.
+    public func readUntil(_ marker: String) -> String {
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while !String(decoding: out, as: UTF8.self).contains(marker) {
+            let n = recv(self.fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            out += buf[0..<n]
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
     /// Reads one HTTP/1.1 response: its head, then a Content-Length body (or until close).
     public func readFirstResponse() -> String {
         var out: [UInt8] = []

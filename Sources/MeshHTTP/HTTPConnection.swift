@@ -1,0 +1,331 @@
+import Logging
+import MeshNIO
+import NIOCore
+import NIOHTTP1
+import Synchronization
+
+/// What a pushed body has ready now (see ``HTTPEventSource``).
+public enum HTTPPushed: Sendable {
+    /// A chunk to write.
+    case data(ByteBuffer)
+    /// Nothing yet: the source calls its `wake` when there is.
+    case nothing
+    /// The body is complete.
+    case end
+}
+
+/// A response body that its source pushes as data comes (a watch). The server writes it from the
+/// connection's event loop, so no task waits beside an idle stream: it costs its connection and its queue.
+public protocol HTTPEventSource: Sendable {
+    /// Called once, on the connection's event loop, after the head is written. `wake` may then be called from
+    /// any thread whenever ``take()`` may have something new.
+    func start(eventLoop: any EventLoop, wake: @escaping @Sendable () -> Void)
+    /// What is ready now. Called on the connection's event loop, after `start`, one call at a time; after a
+    /// chunk, not again until the client's connection has taken it (back-pressure).
+    func take() -> HTTPPushed
+    /// The client went away or the server is shutting down: ``take()`` returns `.end` soon. May be called more
+    /// than once, and after the end.
+    func stop()
+}
+
+/// Requests being answered: tasks of the server's task group, started from connections' event loops.
+final class ServerJobs: Sendable {
+    typealias Job = @Sendable () async -> Void
+    let jobs: AsyncStream<Job>
+    private let continuation: AsyncStream<Job>.Continuation
+    private let running = Atomic<Int>(0)
+
+    init() {
+        (self.jobs, self.continuation) = AsyncStream.makeStream()
+    }
+
+    /// Jobs spawned and not finished.
+    var count: Int { self.running.load(ordering: .relaxed) }
+
+    func spawn(_ job: @escaping Job) {
+        self.running.add(1, ordering: .relaxed)
+        let job: Job = {
+            await job()
+            self.running.subtract(1, ordering: .relaxed)
+        }
+        if case .terminated = self.continuation.yield(job) {
+            // The server's group has ended (its connections were closed): the job only finds its connection
+            // closed, but it must still end.
+            Task { await job() }
+        }
+    }
+
+    func finish() { self.continuation.finish() }
+}
+
+/// The end of an HTTP server connection's pipeline: collects each request, has the responder answer it
+/// in a task of the server's group, and writes the answer. Between requests, and while a pushed body
+/// (``HTTPEventSource``) waits for data, the connection holds no task.
+final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// What every connection of one server shares.
+    struct Shared: Sendable {
+        let responder: any HTTPResponder
+        let maxBodyBytes: Int
+        let tls: Bool
+        let renderError: ErrorRenderer
+        let slots: ConnectionSlots
+        let jobs: ServerJobs
+        let logger: Logger
+    }
+
+    private enum State {
+        case idle
+        case collecting
+        case responding
+        /// An answer that ends the connection is on its way; what the client sends is ignored.
+        case closing
+    }
+
+    private let shared: Shared
+    private let inputClosed: EventLoopFuture<Void>
+    private var state = State.idle
+    private var head: HTTPRequestHead?
+    private var body: ByteBuffer?
+    /// Answered 503 at its first request: over the connection limit, or the server was draining.
+    private var refused = false
+    private var peer: TLSPeer?
+    private var context: ChannelHandlerContext?
+    private var push: (any HTTPEventSource)?
+    private var pushWriting = false
+    private var pushKeepAlive = false
+
+    init(shared: Shared, inputClosed: EventLoopFuture<Void>) {
+        self.shared = shared
+        self.inputClosed = inputClosed
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        self.refused = !self.shared.slots.contains(context.channel) || self.shared.slots.isDraining
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        self.push?.stop()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.push?.stop()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // ProtocolGuard answers a malformed request (400, 431) and closes after it; anything else ends the
+        // connection.
+        if error is HTTPParserError { return }
+        self.shared.logger.debug(
+            "connection \(context.channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)"
+        )
+        context.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let limit = self.shared.maxBodyBytes
+        switch self.unwrapInboundIn(data) {
+        case .head(let head):
+            guard case .idle = self.state else { return }
+            if self.refused {
+                // HTTP has no way to answer before a request: answer the first one, then close.
+                self.fail(context, .serviceUnavailable, "the server is at its connection limit or shutting down")
+                return
+            }
+            let length = head.headers.first(name: "content-length").flatMap { Int($0) }
+            if let length, length > limit {
+                self.fail(context, .payloadTooLarge, "request body of \(length) bytes is over the limit of \(limit)")
+                return
+            }
+            self.head = head
+            // One allocation of the announced size, not a doubling series up to the limit.
+            var body = context.channel.allocator.buffer(capacity: 0)
+            if let length, length > 0 { body.reserveCapacity(length) }
+            self.body = body
+            self.state = .collecting
+        case .body(var chunk):
+            guard case .collecting = self.state else { return }
+            guard (self.body?.readableBytes ?? 0) + chunk.readableBytes <= limit else {
+                self.fail(context, .payloadTooLarge, "request body is over the limit of \(limit) bytes")
+                return
+            }
+            self.body?.writeBuffer(&chunk)
+        case .end:
+            guard case .collecting = self.state, let head = self.head else { return }
+            self.state = .responding
+            let body = self.body ?? ByteBuffer()
+            self.head = nil
+            self.body = nil
+            self.dispatch(context, head, body)
+        }
+    }
+
+    /// Writes one of the server's own errors and closes after it.
+    private func fail(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ message: String) {
+        self.state = .closing
+        self.head = nil
+        self.body = nil
+        let (contentType, body) = self.shared.renderError(status, message)
+        let head = HTTPResponseHead(
+            version: .http1_1,
+            status: status,
+            headers: [
+                "Content-Type": contentType, "Content-Length": "\(body.readableBytes)", "Connection": "close",
+            ]
+        )
+        context.write(self.wrapOutboundOut(.head(head)), promise: nil)
+        context.write(self.wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        let channel = context.channel
+        context.writeAndFlush(self.wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    private func dispatch(_ context: ChannelHandlerContext, _ head: HTTPRequestHead, _ body: ByteBuffer) {
+        var request = HTTPRequest(
+            method: head.method,
+            uri: head.uri,
+            headers: head.headers,
+            body: body,
+            remoteAddress: context.channel.remoteAddress
+        )
+        // A request arrives after the handshake: what it said of the client is known by now.
+        if self.peer == nil {
+            self.peer =
+                self.shared.tls
+                ? ((try? context.pipeline.syncOperations.handler(type: HTTPRecordSwitch.self))?.peer
+                    ?? TLSPeer(identity: nil, serial: nil))
+                : TLSPeer(identity: nil, serial: nil)
+        }
+        request.peerIdentity = self.peer?.identity
+        request.peerCertificateSerial = self.peer?.serial
+        let size = body.readableBytes
+        let complete = request
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let channel = context.channel
+        let responder = self.shared.responder
+        let inputClosed = self.inputClosed
+        let logger = self.shared.logger
+        self.shared.jobs.spawn {
+            // A task of its own: its frames (routing, decoding, the store) are freed when it answers.
+            let response = await responder.respond(to: complete)
+            do {
+                if case .stream(let produce) = response.body {
+                    try await Self.stream(response, produce, head, bound, channel, inputClosed)
+                } else {
+                    try await bound.eventLoop.flatSubmit { bound.value.send(response, to: head) }.get()
+                }
+            } catch {
+                logger.debug("connection \(channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)")
+                channel.close(promise: nil)
+            }
+            // The body and the response are released by now: give large ones back to the system.
+            if size >= ProcessResources.largeBody { ProcessResources.releaseFreeMemory() }
+        }
+    }
+
+    private func responseHead(_ response: HTTPResponse, to request: HTTPRequestHead) -> (HTTPResponseHead, Bool) {
+        var head = HTTPResponseHead(version: request.version, status: response.status, headers: response.headers)
+        let keepAlive = request.isKeepAlive && !self.shared.slots.isDraining
+        if !keepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
+        return (head, keepAlive)
+    }
+
+    /// On the event loop: writes a whole answer, or starts a pushed one.
+    private func send(_ response: HTTPResponse, to request: HTTPRequestHead) -> EventLoopFuture<Void> {
+        guard let context = self.context else {
+            // The connection closed while its answer was made: a pushed body never starts; end its source.
+            if case .push(let source) = response.body { source.stop() }
+            return self.inputClosed.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+        }
+        var (head, keepAlive) = self.responseHead(response, to: request)
+        switch response.body {
+        case .bytes(let bytes):
+            head.headers.replaceOrAdd(name: "Content-Length", value: "\(bytes.readableBytes)")
+            context.write(self.wrapOutboundOut(.head(head)), promise: nil)
+            context.write(self.wrapOutboundOut(.body(.byteBuffer(bytes))), promise: nil)
+            return self.finish(context, keepAlive: keepAlive)
+        case .push(let source):
+            head.headers.remove(name: "Content-Length")
+            context.writeAndFlush(self.wrapOutboundOut(.head(head)), promise: nil)
+            self.push = source
+            self.pushKeepAlive = keepAlive
+            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            source.start(eventLoop: context.eventLoop) {
+                bound.eventLoop.execute { bound.value.pump() }
+            }
+            self.inputClosed.whenComplete { _ in source.stop() }
+            if !context.channel.isActive { source.stop() }
+            self.pump()
+            return context.eventLoop.makeSucceededVoidFuture()
+        case .stream:
+            preconditionFailure("streams are written by their task")
+        }
+    }
+
+    /// On the event loop: writes what the pushed body has ready, one chunk at a time.
+    private func pump() {
+        guard let context = self.context, let source = self.push, !self.pushWriting else { return }
+        switch source.take() {
+        case .data(let chunk):
+            self.pushWriting = true
+            context.writeAndFlush(self.wrapOutboundOut(.body(.byteBuffer(chunk)))).assumeIsolated().whenComplete {
+                result in
+                self.pushWriting = false
+                if case .failure = result { source.stop() }
+                self.pump()
+            }
+        case .nothing:
+            break
+        case .end:
+            self.push = nil
+            _ = self.finish(context, keepAlive: self.pushKeepAlive)
+        }
+    }
+
+    /// On the event loop: ends the answer; the next request may come (keep-alive) or the connection closes.
+    private func finish(_ context: ChannelHandlerContext, keepAlive: Bool) -> EventLoopFuture<Void> {
+        // A server that began to drain meanwhile closes the connection after this answer.
+        let keepAlive = keepAlive && !self.shared.slots.isDraining
+        // Before the end is written: the pipelining handler hands over the next request as it passes.
+        self.state = keepAlive ? .idle : .closing
+        let written = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            let channel = context.channel
+            written.whenComplete { _ in channel.close(promise: nil) }
+        }
+        return written
+    }
+
+    /// In the request's task: a stream its producer writes, chunk by chunk, waiting while the client is not
+    /// reading.
+    private static func stream(
+        _ response: HTTPResponse,
+        _ produce: @Sendable (HTTPBodyWriter) async throws -> Void,
+        _ request: HTTPRequestHead,
+        _ bound: NIOLoopBound<HTTPConnectionHandler>,
+        _ channel: any Channel,
+        _ inputClosed: EventLoopFuture<Void>
+    ) async throws {
+        let keepAlive = try await bound.eventLoop.submit { () -> Bool in
+            let handler = bound.value
+            var (head, keepAlive) = handler.responseHead(response, to: request)
+            head.headers.remove(name: "Content-Length")
+            handler.context?.writeAndFlush(handler.wrapOutboundOut(.head(head)), promise: nil)
+            return keepAlive
+        }.get()
+        let writer = HTTPBodyWriter(clientClosed: inputClosed) { chunk in
+            try await channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(chunk))).get()
+        }
+        try await produce(writer)
+        try await bound.eventLoop.flatSubmit { () -> EventLoopFuture<Void> in
+            guard let context = bound.value.context else {
+                return bound.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+            }
+            return bound.value.finish(context, keepAlive: keepAlive)
+        }.get()
+    }
+}
