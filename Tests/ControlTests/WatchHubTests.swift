@@ -69,6 +69,44 @@ import Testing
         #expect(hub.subscriberCount == 0)
     }
 
+    /// A pushed watcher (an HTTP watch its connection's event loop writes): woken at each change, it takes what
+    /// is queued without waiting; after it ends it is woken once more, finds the end, and is never woken again.
+    @Test func aPushedWatcherIsWokenTakesWithoutWaitingAndLetsGoAtItsEnd() {
+        let hub = WatchHub(current: 0)
+        let sub = try! hub.subscribe(after: 0, filter: WatchFilter(resource: "services"))
+        let wakes = Atomic<Int>(0)
+        sub.onReady { wakes.add(1, ordering: .relaxed) }
+        // The opening bookmark was queued already: woken at once.
+        #expect(wakes.load(ordering: .relaxed) == 1)
+        guard case .lines(let opening) = sub.take(kind: "Service") else {
+            Issue.record("no opening bookmark")
+            return
+        }
+        #expect(String(buffer: opening).contains(#""type":"BOOKMARK""#))
+        guard case .nothing = sub.take(kind: "Service") else {
+            Issue.record("something queued after the bookmark")
+            return
+        }
+        hub.publish(self.event(1))
+        hub.publish(self.event(2))
+        #expect(wakes.load(ordering: .relaxed) == 3)
+        guard case .lines(let chunk) = sub.take(kind: "Service") else {
+            Issue.record("the changes were not queued")
+            return
+        }
+        #expect(versions(in: chunk) == [1, 2])
+        sub.cancel()
+        #expect(wakes.load(ordering: .relaxed) == 4)
+        guard case .ended = sub.take(kind: "Service") else {
+            Issue.record("no end after cancel")
+            return
+        }
+        #expect(hub.subscriberCount == 0)
+        hub.publish(self.event(3))
+        sub.cancel()
+        #expect(wakes.load(ordering: .relaxed) == 4, "the waker is let go at the end")
+    }
+
     @Test func bookmarksOnlyWhenIdleAndCarryTheLatestVersion() async {
         let hub = WatchHub(current: 0)
         let sub = try! hub.subscribe(after: 0, filter: WatchFilter(resource: "services", namespace: "shop"))
