@@ -96,6 +96,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     private var push: (any HTTPEventSource)?
     private var pushWriting = false
     private var pushKeepAlive = false
+    /// The client half-closed: no request follows the one being answered.
+    private var inputEnded = false
 
     init(shared: Shared, inputClosed: EventLoopFuture<Void>) {
         self.shared = shared
@@ -115,6 +117,16 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     func channelInactive(context: ChannelHandlerContext) {
         self.push?.stop()
         context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // The client sent all it will (half-close): the answer under way is the last; an idle connection
+        // closes now (ProtocolGuard closes it too).
+        if case .some(.inputClosed) = event as? ChannelEvent {
+            self.inputEnded = true
+            if case .idle = self.state { context.close(promise: nil) }
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -289,7 +301,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     /// On the event loop: ends the answer; the next request may come (keep-alive) or the connection closes.
     private func finish(_ context: ChannelHandlerContext, keepAlive: Bool) -> EventLoopFuture<Void> {
         // A server that began to drain meanwhile closes the connection after this answer.
-        let keepAlive = keepAlive && !self.shared.slots.isDraining
+        let keepAlive = keepAlive && !self.shared.slots.isDraining && !self.inputEnded
         // Before the end is written: the pipelining handler hands over the next request as it passes.
         self.state = keepAlive ? .idle : .closing
         let written = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))

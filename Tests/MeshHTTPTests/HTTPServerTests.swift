@@ -202,6 +202,19 @@ extension HTTPResponse {
         try await task.value
     }
 
+    @Test func aClientThatHalfClosesAfterItsRequestGetsTheAnswerThenTheConnectionCloses() async throws {
+        let (server, group, task, port) = try await startServer()
+        let socket = SendableSocket(try RawSocket(port: port, timeout: 30))
+        socket.socket.send("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nlast")
+        socket.socket.shutdownWrite()
+        let answer = try await blocking { socket.socket.readAll() }
+        #expect(answer.hasPrefix("HTTP/1.1 200") && answer.hasSuffix("last"), "\(answer)")
+        // Closed after the answer, not left to the idle timeout (120 s).
+        #expect(await eventually { server.connectionCount == 0 })
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
     @Test func pushedBodiesStopWhenTheirClientLeavesAndWhenTheServerShutsDown() async throws {
         let pushes = PushFeeds()
         let (server, group, task, port) = try await startServer(pushes: pushes)
