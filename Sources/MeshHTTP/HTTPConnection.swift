@@ -98,6 +98,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     private var pushKeepAlive = false
     /// The client half-closed: no request follows the one being answered.
     private var inputEnded = false
+    /// ProtocolGuard's `inputClosed` completed: the client left, closed its side, or the server is draining.
+    private var inputDone = false
 
     init(shared: Shared, inputClosed: EventLoopFuture<Void>) {
         self.shared = shared
@@ -107,6 +109,13 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         self.refused = !self.shared.slots.contains(context.channel) || self.shared.slots.isDraining
+        // Once per connection (not per pushed body, which would pile up on a connection that carries many):
+        // the client went away or the server is draining, so a pushed body under way stops.
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        self.inputClosed.whenComplete { _ in
+            bound.value.inputDone = true
+            bound.value.push?.stop()
+        }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -269,8 +278,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             source.start(eventLoop: context.eventLoop) {
                 bound.eventLoop.execute { bound.value.pump() }
             }
-            self.inputClosed.whenComplete { _ in source.stop() }
-            if !context.channel.isActive { source.stop() }
+            if self.inputDone || !context.channel.isActive { source.stop() }
             self.pump()
             return context.eventLoop.makeSucceededVoidFuture()
         case .stream:
