@@ -681,7 +681,6 @@ final class WatchPush: HTTPEventSource {
                 self.logger.notice(
                     "ended a watch on \(self.subscription.filter.resource) by \(self.watcher): its certificate is revoked"
                 )
-                self.subscription.cancel()
                 self.end()
                 return .end
             }
@@ -698,14 +697,16 @@ final class WatchPush: HTTPEventSource {
         self.subscription.cancel()
     }
 
+    /// Once: cancels the timer and the subscription, and says why the watch ended if it fell behind.
     private func end() {
-        let timer = self.state.withLock { s -> Scheduled<Void>?? in
-            if s.ended { return nil }
-            s.ended = true
-            defer { s.timer = nil }
-            return .some(s.timer)
+        let (first, timer) = self.state.withLock { s in
+            defer {
+                s.ended = true
+                s.timer = nil
+            }
+            return (!s.ended, s.timer)
         }
-        guard let timer else { return }
+        guard first else { return }
         timer?.cancel()
         self.subscription.cancel()
         if self.subscription.overflowed {

@@ -248,10 +248,16 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         }
     }
 
+    /// The answer's head (a whole body's length, or none: chunked) and whether the connection stays open.
     private func responseHead(_ response: HTTPResponse, to request: HTTPRequestHead) -> (HTTPResponseHead, Bool) {
         var head = HTTPResponseHead(version: request.version, status: response.status, headers: response.headers)
         let keepAlive = request.isKeepAlive && !self.shared.slots.isDraining
         if !keepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
+        if case .bytes(let bytes) = response.body {
+            head.headers.replaceOrAdd(name: "Content-Length", value: "\(bytes.readableBytes)")
+        } else {
+            head.headers.remove(name: "Content-Length")
+        }
         return (head, keepAlive)
     }
 
@@ -262,15 +268,13 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             if case .push(let source) = response.body { source.stop() }
             return self.inputClosed.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
         }
-        var (head, keepAlive) = self.responseHead(response, to: request)
+        let (head, keepAlive) = self.responseHead(response, to: request)
         switch response.body {
         case .bytes(let bytes):
-            head.headers.replaceOrAdd(name: "Content-Length", value: "\(bytes.readableBytes)")
             context.write(self.wrapOutboundOut(.head(head)), promise: nil)
             context.write(self.wrapOutboundOut(.body(.byteBuffer(bytes))), promise: nil)
             return self.finish(context, keepAlive: keepAlive)
         case .push(let source):
-            head.headers.remove(name: "Content-Length")
             context.writeAndFlush(self.wrapOutboundOut(.head(head)), promise: nil)
             self.push = source
             self.pushKeepAlive = keepAlive
@@ -332,8 +336,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     ) async throws {
         let keepAlive = try await bound.eventLoop.submit { () -> Bool in
             let handler = bound.value
-            var (head, keepAlive) = handler.responseHead(response, to: request)
-            head.headers.remove(name: "Content-Length")
+            let (head, keepAlive) = handler.responseHead(response, to: request)
             handler.context?.writeAndFlush(handler.wrapOutboundOut(.head(head)), promise: nil)
             return keepAlive
         }.get()
