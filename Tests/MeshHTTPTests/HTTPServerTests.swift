@@ -164,7 +164,8 @@ extension HTTPResponse {
             return s.readSome()
         }  // the socket closes here
         #expect(head.contains("transfer-encoding: chunked"))
-        #expect(counter.started.load(ordering: .relaxed) == 1)
+        // The head goes out before the producer runs: wait for it to have started, then for it to stop.
+        #expect(await eventually { counter.started.load(ordering: .relaxed) == 1 })
         #expect(await eventually { counter.running.load(ordering: .relaxed) == 0 })
         #expect(await eventually { server.connectionCount == 0 })
         await group.triggerGracefulShutdown()
