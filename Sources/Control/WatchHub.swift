@@ -492,15 +492,19 @@ public final class WatchSubscription: Sendable {
         var push: (@Sendable () -> Void)?
         var overflowed = false
 
-        /// Who to wake now: a waiting task once, a push waker each time until the watch has ended.
-        mutating func waker() -> WatchWaker? {
+        /// Who to wake now: a waiting task once; a push waker when the queue was empty before (`fresh`: a
+        /// queue that was not has a wake under way, or a write whose end takes again) and when the watch ends.
+        mutating func waker(fresh: Bool = true) -> WatchWaker? {
             if let w = self.waiter {
                 self.waiter = nil
                 return .task(w)
             }
             guard let push = self.push else { return nil }
-            if self.ended { self.push = nil }
-            return .push(push)
+            if self.ended {
+                self.push = nil
+                return .push(push)
+            }
+            return fresh ? .push(push) : nil
         }
     }
 
@@ -526,6 +530,7 @@ public final class WatchSubscription: Sendable {
         if case .line(let b) = item { size = b.readableBytes } else { size = 0 }
         return self.state.withLock { s -> WatchWaker? in
             guard !s.ended else { return nil }
+            let fresh = s.pending.isEmpty
             if s.pending.count >= maxPending || (s.pendingBytes > 0 && s.pendingBytes + size > maxBytes) {
                 s.ended = true
                 s.overflowed = true
@@ -534,7 +539,7 @@ public final class WatchSubscription: Sendable {
                 s.pendingBytes += size
                 s.lastQueued = rv
             }
-            return s.waker()
+            return s.waker(fresh: fresh)
         }
     }
 
@@ -558,9 +563,10 @@ public final class WatchSubscription: Sendable {
         self.onEnd(self.id)
     }
 
-    /// Calls `wake` (from any thread, never under the hub's lock) whenever `take(kind:)` may have something
-    /// new, until the watch has ended: for a watch written by its connection's event loop, with no task
-    /// waiting. Wakes at once when something is queued already.
+    /// Calls `wake` (from any thread, never under the hub's lock) when something is queued while the queue was
+    /// empty, and when the watch ends: for a watch written by its connection's event loop, with no task
+    /// waiting. Its writer takes until `take(kind:)` returns `.nothing` before it waits for the next wake.
+    /// Wakes at once when something is queued already.
     public func onReady(_ wake: @escaping @Sendable () -> Void) {
         let now = self.state.withLock { s -> Bool in
             s.push = s.ended ? nil : wake

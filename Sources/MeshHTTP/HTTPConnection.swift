@@ -58,6 +58,50 @@ final class ServerJobs: Sendable {
     func finish() { self.continuation.finish() }
 }
 
+/// Pushed bodies woken from other threads, per event loop. A change that reaches 10,000 watches wakes each
+/// loop once, and the loop pumps every woken body in one go, instead of one `execute` (a task, a lock of
+/// the loop's queue) per watch.
+final class PushWakeups: Sendable {
+    private let loops = Mutex<[ObjectIdentifier: LoopWakeups]>([:])
+
+    /// The wakeups of `eventLoop` (one per loop the server's connections run on).
+    func of(_ eventLoop: any EventLoop) -> LoopWakeups {
+        self.loops.withLock { loops in
+            if let w = loops[ObjectIdentifier(eventLoop)] { return w }
+            let w = LoopWakeups(eventLoop)
+            loops[ObjectIdentifier(eventLoop)] = w
+            return w
+        }
+    }
+}
+
+/// One event loop's woken pushed bodies (``PushWakeups``).
+final class LoopWakeups: Sendable {
+    let eventLoop: any EventLoop
+    private let woken = Mutex<[NIOLoopBound<HTTPConnectionHandler>]>([])
+
+    init(_ eventLoop: any EventLoop) { self.eventLoop = eventLoop }
+
+    /// From any thread: `handler` pumps soon, on its loop. Only the first wake since the loop last pumped
+    /// schedules a task.
+    func wake(_ handler: NIOLoopBound<HTTPConnectionHandler>) {
+        let first = self.woken.withLock { woken in
+            woken.append(handler)
+            return woken.count == 1
+        }
+        if first { self.eventLoop.execute { self.pumpAll() } }
+    }
+
+    /// On the loop: every body woken since the last time.
+    private func pumpAll() {
+        let woken = self.woken.withLock { woken in
+            defer { woken = [] }
+            return woken
+        }
+        for handler in woken { handler.value.pump() }
+    }
+}
+
 /// The end of an HTTP server connection's pipeline: collects each request, has the responder answer it
 /// in a task of the server's group, and writes the answer. Between requests, and while a pushed body
 /// (``HTTPEventSource``) waits for data, the connection holds no task.
@@ -73,6 +117,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         let renderError: ErrorRenderer
         let slots: ConnectionSlots
         let jobs: ServerJobs
+        let wakeups: PushWakeups
         let logger: Logger
     }
 
@@ -279,9 +324,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             self.push = source
             self.pushKeepAlive = keepAlive
             let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-            source.start(eventLoop: context.eventLoop) {
-                bound.eventLoop.execute { bound.value.pump() }
-            }
+            let wakeups = self.shared.wakeups.of(context.eventLoop)
+            source.start(eventLoop: context.eventLoop) { wakeups.wake(bound) }
             if self.inputDone || !context.channel.isActive { source.stop() }
             self.pump()
             return context.eventLoop.makeSucceededVoidFuture()
@@ -291,7 +335,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     }
 
     /// On the event loop: writes what the pushed body has ready, one chunk at a time.
-    private func pump() {
+    fileprivate func pump() {
         guard let context = self.context, let source = self.push, !self.pushWriting else { return }
         switch source.take() {
         case .data(let chunk):

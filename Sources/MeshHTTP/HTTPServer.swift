@@ -129,6 +129,7 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
             renderError: config.renderError,
             slots: slots,
             jobs: jobs,
+            wakeups: PushWakeups(),
             logger: logger
         )
         // On /metrics: how many connections the record layer took over (against all accepted: TLS records).

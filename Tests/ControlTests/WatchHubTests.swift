@@ -71,7 +71,7 @@ import Testing
 
     /// A pushed watcher (an HTTP watch its connection's event loop writes): woken at each change, it takes what
     /// is queued without waiting; after it ends it is woken once more, finds the end, and is never woken again.
-    @Test func aPushedWatcherIsWokenTakesWithoutWaitingAndLetsGoAtItsEnd() {
+    @Test func aPushedWatcherIsWokenWhenItsQueueFillsTakesWithoutWaitingAndLetsGoAtItsEnd() {
         let hub = WatchHub(current: 0)
         let sub = try! hub.subscribe(after: 0, filter: WatchFilter(resource: "services"))
         let wakes = Atomic<Int>(0)
@@ -88,13 +88,21 @@ import Testing
             return
         }
         hub.publish(self.event(1))
+        #expect(wakes.load(ordering: .relaxed) == 2)
         hub.publish(self.event(2))
-        #expect(wakes.load(ordering: .relaxed) == 3)
+        #expect(wakes.load(ordering: .relaxed) == 2, "a queue that was not empty has its wake under way already")
         guard case .lines(let chunk) = sub.take(kind: "Service") else {
             Issue.record("the changes were not queued")
             return
         }
         #expect(versions(in: chunk) == [1, 2])
+        hub.publish(self.event(3))
+        #expect(wakes.load(ordering: .relaxed) == 3, "taken empty: the next change wakes again")
+        guard case .lines(let last) = sub.take(kind: "Service") else {
+            Issue.record("the last change was not queued")
+            return
+        }
+        #expect(versions(in: last) == [3])
         sub.cancel()
         #expect(wakes.load(ordering: .relaxed) == 4)
         guard case .ended = sub.take(kind: "Service") else {
@@ -102,7 +110,7 @@ import Testing
             return
         }
         #expect(hub.subscriberCount == 0)
-        hub.publish(self.event(3))
+        hub.publish(self.event(4))
         sub.cancel()
         #expect(wakes.load(ordering: .relaxed) == 4, "the waker is let go at the end")
     }

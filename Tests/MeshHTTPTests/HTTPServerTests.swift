@@ -203,6 +203,37 @@ extension HTTPResponse {
         try await task.value
     }
 
+    @Test("pushed bodies woken together from another thread (a change reaching every watch) are all written")
+    func pushedBodiesWokenTogetherAreAllWritten() async throws {
+        let pushes = PushFeeds()
+        let (server, group, task, port) = try await startServer(pushes: pushes)
+        let sockets = try (0..<40).map { _ in SendableSocket(try RawSocket(port: port, timeout: 10)) }
+        for socket in sockets {
+            _ = try await blocking {
+                socket.socket.send("GET /push HTTP/1.1\r\nHost: t\r\n\r\n")
+                return socket.socket.readUntil("\r\n\r\n")
+            }
+        }
+        #expect(await eventually { pushes.count == 40 && server.requestsInFlight == 0 })
+        let feeds = pushes.feeds.withLock { $0 }
+        for round in 0..<3 {
+            // Every feed woken in one burst, twice each, from a thread that is not the loops'.
+            try await blocking {
+                for (i, feed) in feeds.enumerated() {
+                    feed.send("round \(round) feed \(i) a\n")
+                    feed.send("round \(round) feed \(i) b\n")
+                }
+            }
+            for (i, socket) in sockets.enumerated() {
+                let got = try await blocking { socket.socket.readUntil("round \(round) feed \(i) b\n") }
+                #expect(got.contains("round \(round) feed \(i) a\n"), "\(got)")
+                #expect(got.contains("round \(round) feed \(i) b\n"), "\(got)")
+            }
+        }
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
     @Test func aClientThatHalfClosesAfterItsRequestGetsTheAnswerThenTheConnectionCloses() async throws {
         let (server, group, task, port) = try await startServer()
         let socket = SendableSocket(try RawSocket(port: port, timeout: 30))
