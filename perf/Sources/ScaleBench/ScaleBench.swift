@@ -495,12 +495,19 @@ struct Drive: AsyncParsableCommand {
         try await Task.sleep(for: .seconds(self.interval + 3))
         let rssConnected = replicas.map { ProcessStats.rss($0.process.processIdentifier) }
         let cpu0 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
+        let simCPU0 = sims.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +)
         let beats0 = try await self.beats(sims)
         let w0 = ContinuousClock.now
         try await Task.sleep(for: .seconds(self.window))
         let elapsed = Double((ContinuousClock.now - w0).components.seconds)
         let cpu1 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
+        let simCPU1 = sims.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +)
         let beats1 = try await self.beats(sims)
+        // What a change costs the replicas and the simulators: their CPU over the changes, less what beats
+        // took over as long (the beat window's rate).
+        let changeCPU0 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +)
+        let changeSimCPU0 = sims.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +)
+        let changes0 = ContinuousClock.now
 
         // Changes: one Service update at a time, its delay to every agent.
         var changeRVs: [Int64] = []
@@ -515,6 +522,12 @@ struct Drive: AsyncParsableCommand {
             changeStart[rv] = t0
             try await Task.sleep(for: .seconds(3))
         }
+        let changeSpan = ContinuousClock.now - changes0
+        let changeSeconds = Double(changeSpan.components.seconds) + Double(changeSpan.components.attoseconds) / 1e18
+        let changeCPU =
+            replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +) - changeCPU0
+        let changeSimCPU =
+            sims.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +) - changeSimCPU0
 
         // Twin reports: each a Device write, posted as the node's report (the admin may post for a node).
         var reportCPU = 0.0
@@ -620,6 +633,21 @@ struct Drive: AsyncParsableCommand {
             ("heartbeats failed", "\(beatsFailed)"),
             ("control CPU while beating (cores, all replicas)", String(format: "%.3f", cpu / elapsed)),
             ("control CPU per 1,000 agents (cores)", String(format: "%.4f", cpu / elapsed / n * 1000)),
+            (
+                "control CPU per change (ms, beats taken out)",
+                String(
+                    format: "%.0f",
+                    (changeCPU - cpu / elapsed * changeSeconds) / Double(max(1, self.changes)) * 1000
+                )
+            ),
+            (
+                "simulators' CPU per change (ms, beats out)",
+                String(
+                    format: "%.0f",
+                    (changeSimCPU - (simCPU1 - simCPU0) / elapsed * changeSeconds) / Double(max(1, self.changes))
+                        * 1000
+                )
+            ),
             ("change delay to all p50 (ms)", String(format: "%.1f", pct(delays, 0.50))),
             ("change delay to all p99 (ms)", String(format: "%.1f", pct(delays, 0.99))),
             (
