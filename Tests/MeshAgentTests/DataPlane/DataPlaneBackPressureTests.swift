@@ -73,7 +73,9 @@ struct DataPlaneBackPressureTests {
 
     @Test(
         "1 GiB from a fast backend to a slow reader: the relay holds at most one 64 KiB read",
-        .timeLimit(.minutes(2))
+        // A guard against a hang, not a speed check: 13 s in CI, 228 s in a whole-suite run beside two busy
+        // loops (16,384 reads, each paused and rescheduled on a starved event loop).
+        .timeLimit(.minutes(5))
     )
     func bulkToSlowReader() async throws {
         let size = Self.size
