@@ -494,19 +494,19 @@ struct Drive: AsyncParsableCommand {
         // Idle but beating: memory and CPU, once every node's first beat (its Ready write) is past.
         try await Task.sleep(for: .seconds(self.interval + 3))
         let rssConnected = replicas.map { ProcessStats.rss($0.process.processIdentifier) }
-        let cpu0 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
-        let simCPU0 = sims.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +)
+        let cpu0 = Self.cpuSeconds(replicas)
+        let simCPU0 = Self.cpuSeconds(sims)
         let beats0 = try await self.beats(sims)
         let w0 = ContinuousClock.now
         try await Task.sleep(for: .seconds(self.window))
         let elapsed = Double((ContinuousClock.now - w0).components.seconds)
-        let cpu1 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
-        let simCPU1 = sims.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +)
+        let cpu1 = Self.cpuSeconds(replicas)
+        let simCPU1 = Self.cpuSeconds(sims)
         let beats1 = try await self.beats(sims)
         // What a change costs the replicas and the simulators: their CPU over the changes, less what beats
         // took over as long (the beat window's rate).
-        let changeCPU0 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +)
-        let changeSimCPU0 = sims.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +)
+        let changeCPU0 = Self.cpuSeconds(replicas)
+        let changeSimCPU0 = Self.cpuSeconds(sims)
         let changes0 = ContinuousClock.now
 
         // Changes: one Service update at a time, its delay to every agent.
@@ -522,12 +522,9 @@ struct Drive: AsyncParsableCommand {
             changeStart[rv] = t0
             try await Task.sleep(for: .seconds(3))
         }
-        let changeSpan = ContinuousClock.now - changes0
-        let changeSeconds = Double(changeSpan.components.seconds) + Double(changeSpan.components.attoseconds) / 1e18
-        let changeCPU =
-            replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +) - changeCPU0
-        let changeSimCPU =
-            sims.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +) - changeSimCPU0
+        let changeSeconds = (ContinuousClock.now - changes0).seconds
+        let changeCPU = Self.cpuSeconds(replicas) - changeCPU0
+        let changeSimCPU = Self.cpuSeconds(sims) - changeSimCPU0
 
         // Twin reports: each a Device write, posted as the node's report (the admin may post for a node).
         var reportCPU = 0.0
@@ -535,16 +532,13 @@ struct Drive: AsyncParsableCommand {
         var reportsApplied = 0
         var reportPosting = 0.0
         if self.reports > 0 {
-            let cpuR0 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
+            let cpuR0 = Self.cpuSeconds(replicas)
             let r0 = ContinuousClock.now
             reportsApplied = try await self.postReports(pki, urls)
-            reportPosting =
-                Double((ContinuousClock.now - r0).components.attoseconds) / 1e18
-                + Double((ContinuousClock.now - r0).components.seconds)
+            reportPosting = (ContinuousClock.now - r0).seconds
             try await Task.sleep(for: .seconds(2))  // delivery drains
             reportSeconds = Double((ContinuousClock.now - r0).components.seconds)
-            let cpuR1 = replicas.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }
-            reportCPU = zip(cpuR1, cpuR0).map { $0 - $1 }.reduce(0, +)
+            reportCPU = Self.cpuSeconds(replicas) - cpuR0
         }
 
         // Restart replica 0: SIGKILL, then start again at once.
@@ -596,7 +590,7 @@ struct Drive: AsyncParsableCommand {
 
         let n = Double(self.nodes)
         let rssDelta = zip(rssConnected, rssBase).map { $0 - $1 }.reduce(0, +)
-        let cpu = zip(cpu1, cpu0).map { $0 - $1 }.reduce(0, +)
+        let cpu = cpu1 - cpu0
         let figures: [(String, String)] = [
             ("replicas", "\(self.replicas)"), ("agents", "\(self.nodes)"), ("lean connection buffers", "\(self.lean)"),
             ("mesh record layer", "\(self.records)"),
@@ -739,6 +733,11 @@ struct Drive: AsyncParsableCommand {
             if String(buffer: answer).contains("\"applied\"") { applied.add() }
         }
         return applied.value
+    }
+
+    /// The CPU seconds of these processes, together.
+    static func cpuSeconds(_ children: [Child]) -> Double {
+        children.map { ProcessStats.cpuSeconds($0.process.processIdentifier) }.reduce(0, +)
     }
 
     func beats(_ sims: [Child]) async throws -> Int {

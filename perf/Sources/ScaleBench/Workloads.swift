@@ -249,7 +249,8 @@ struct Workloads: AsyncParsableCommand {
 }
 
 extension Duration {
-    fileprivate var seconds: Double {
+    /// In seconds, with the fraction.
+    var seconds: Double {
         Double(self.components.seconds) + Double(self.components.attoseconds) / 1e18
     }
 }
