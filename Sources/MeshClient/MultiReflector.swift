@@ -122,15 +122,35 @@ public struct MultiReflector: Sendable {
     /// The kinds' plurals, for messages.
     var label: String { self.kinds.map(\.type.plural).joined(separator: ",") }
 
-    /// A line's type, kind and version, read before the kind's own decoder takes it.
-    struct Peek: Decodable {
-        struct Object: Decodable {
-            struct Meta: Decodable { var resourceVersion: String? }
-            var kind: String?
-            var metadata: Meta?
-        }
+    /// A line's type, kind and version, read before the kind's own decoder takes it: a step over the line's
+    /// bytes (`JSONValue.strings(at:in:)`), not a decode. With `JSONDecoder` this pass was a third of a
+    /// simulated agent's decoding CPU in perf/scale (perf/RESULTS.md, "one watch line, one decode").
+    struct Peek: Equatable {
         var type: WatchEventType
-        var object: Object?
+        var kind: String?
+        var resourceVersion: String?
+
+        static let paths = [["type"], ["object", "kind"], ["object", "metadata", "resourceVersion"]]
+
+        init(type: WatchEventType, kind: String?, resourceVersion: String?) {
+            self.type = type
+            self.kind = kind
+            self.resourceVersion = resourceVersion
+        }
+
+        init(_ line: ByteBuffer) throws {
+            let found: [String?]
+            do {
+                found = try line.withUnsafeReadableBytes { try JSONValue.strings(at: Self.paths, in: $0) }
+            } catch {
+                throw HTTPClientError("malformed watch event from the control plane: \(error)")
+            }
+            guard let text = found[0], let type = WatchEventType(rawValue: text) else {
+                let what = found[0].map { "an unknown type \"\($0)\"" } ?? "no type"
+                throw HTTPClientError("malformed watch event from the control plane: \(what)")
+            }
+            self.init(type: type, kind: found[1], resourceVersion: found[2])
+        }
     }
 
     struct ErrorLine: Decodable { var object: Status }
@@ -250,17 +270,12 @@ public struct MultiReflector: Sendable {
             if let rv { versions[0] = rv }
             return rv
         }
-        let peek: Peek
-        do {
-            peek = try JSONDecoder().decode(Peek.self, from: Data(line.readableBytesView))
-        } catch let e as DecodingError {
-            throw HTTPClientError("malformed watch event from the control plane: \(DecodingError.describe(e))")
-        }
+        let peek = try Peek(line)
         if peek.type == .error {
             throw (try? JSONDecoder().decode(ErrorLine.self, from: Data(line.readableBytesView)).object)
                 ?? HTTPClientError("malformed error event from the control plane")
         }
-        guard let text = peek.object?.metadata?.resourceVersion, let rv = Int64(text) else {
+        guard let text = peek.resourceVersion, let rv = Int64(text) else {
             throw HTTPClientError("a watch event from the control plane has no resourceVersion")
         }
         if peek.type == .bookmark {
@@ -270,9 +285,9 @@ public struct MultiReflector: Sendable {
             }
             return rv
         }
-        guard let i = self.kinds.firstIndex(where: { $0.type.kind == peek.object?.kind }) else {
+        guard let i = self.kinds.firstIndex(where: { $0.type.kind == peek.kind }) else {
             throw HTTPClientError(
-                "the control plane sent a \(peek.object?.kind ?? "kindless") object on a watch of \(self.label)"
+                "the control plane sent a \(peek.kind ?? "kindless") object on a watch of \(self.label)"
             )
         }
         // Changes the kind's own list (or cache) already holds.

@@ -303,3 +303,185 @@ enum JSONParser {
         }
     }
 }
+
+// MARK: - Reading a few strings without building the rest
+
+extension JSONParser {
+    /// The strings at a few member paths of a JSON document (`[["type"], ["object", "kind"]]`), in one pass that
+    /// builds nothing else: every other value is checked and stepped over. It accepts and refuses exactly what
+    /// `parse` does (with the same failure), and reads what a lookup in `parse`'s tree would: the first of a
+    /// repeated name, and nil where the path is missing or ends on anything but a string.
+    static func strings(at paths: [[String]], in bytes: UnsafeRawBufferPointer) throws(Failure) -> [String?] {
+        var p = Parser(bytes: bytes)
+        var found = [String?](repeating: nil, count: paths.count)
+        let wanted = paths.enumerated().map { Wanted(slot: $0.offset, path: $0.element[...]) }
+        p.skipSpace()
+        if p.peek == UInt8(ascii: "{") {
+            try p.skimObject(depth: 1, wanted: wanted, into: &found)
+        } else {
+            try p.skip(depth: 0)
+        }
+        p.skipSpace()
+        guard p.at == bytes.count else { throw p.fail("unexpected text after the value") }
+        return found
+    }
+
+    /// A path still to follow, and where its string goes.
+    struct Wanted {
+        var slot: Int
+        var path: ArraySlice<String>
+    }
+}
+
+extension JSONParser.Parser {
+    /// Checks one value and steps over it.
+    mutating func skip(depth: Int) throws(JSONParser.Failure) {
+        switch self.peek {
+        case UInt8(ascii: "\""): _ = try self.skipString()
+        case UInt8(ascii: "{"):
+            var none: [String?] = []
+            try self.skimObject(depth: depth + 1, wanted: [], into: &none)
+        case UInt8(ascii: "["): try self.skipArray(depth: depth + 1)
+        default: _ = try self.value(depth: depth)  // a literal or a number: nothing to allocate
+        }
+    }
+
+    /// Checks a string and steps over it; returns where its bytes are when it has no escape.
+    mutating func skipString() throws(JSONParser.Failure) -> Range<Int>? {
+        let open = self.at
+        self.at += 1
+        let start = self.at
+        var ascii = true
+        while let b = self.peek {
+            if b == UInt8(ascii: "\"") {
+                if !ascii { _ = try self.text(start, self.at) }  // only to check the UTF-8
+                self.at += 1
+                return start..<(self.at - 1)
+            }
+            if b == UInt8(ascii: "\\") { break }
+            guard b >= 0x20 else { throw self.fail("control character in a string") }
+            if b >= 0x80 { ascii = false }
+            self.at += 1
+        }
+        guard self.peek != nil else { throw self.fail("unterminated string") }
+        // An escape: the full reader checks it (rare in what the mesh writes).
+        self.at = open
+        _ = try self.string()
+        return nil
+    }
+
+    mutating func skipArray(depth: Int) throws(JSONParser.Failure) {
+        guard depth <= Strict.maxDepth else {
+            throw JSONParser.Failure(message: "nested too deeply", offset: self.at, tooDeep: true)
+        }
+        self.at += 1
+        self.skipSpace()
+        if self.peek == UInt8(ascii: "]") {
+            self.at += 1
+            return
+        }
+        var any = false
+        while true {
+            self.skipSpace()
+            if self.peek == UInt8(ascii: "]"), any {
+                self.at += 1
+                return
+            }
+            try self.skip(depth: depth)
+            any = true
+            self.skipSpace()
+            switch self.peek {
+            case UInt8(ascii: ","): self.at += 1
+            case UInt8(ascii: "]"):
+                self.at += 1
+                return
+            case nil: throw self.fail("unexpected end of input")
+            default: throw self.fail("expected ',' or ']'")
+            }
+        }
+    }
+
+    /// An object, following the wanted paths into it (none: only checked and stepped over); the strings they
+    /// end on go into `found` at their slots.
+    mutating func skimObject(
+        depth: Int,
+        wanted: [JSONParser.Wanted],
+        into found: inout [String?]
+    ) throws(JSONParser.Failure) {
+        guard depth <= Strict.maxDepth else {
+            throw JSONParser.Failure(message: "nested too deeply", offset: self.at, tooDeep: true)
+        }
+        self.at += 1
+        self.skipSpace()
+        if self.peek == UInt8(ascii: "}") {
+            self.at += 1
+            return
+        }
+        // The wanted paths' first names; each is read at its first appearance only, as `parse` keeps the first.
+        var names: [String] = []
+        for w in wanted where !names.contains(w.path.first!) { names.append(w.path.first!) }
+        precondition(names.count <= Int.bitWidth, "at most \(Int.bitWidth) names per object")
+        var taken = 0  // bit i: names[i] was met
+        var any = false
+        while true {
+            self.skipSpace()
+            if self.peek == UInt8(ascii: "}"), any {
+                self.at += 1
+                return
+            }
+            guard self.peek == UInt8(ascii: "\"") else { throw self.fail("expected a member name") }
+            let match = try self.name(among: names)
+            self.skipSpace()
+            guard self.peek == UInt8(ascii: ":") else { throw self.fail("expected ':'") }
+            self.at += 1
+            self.skipSpace()
+            if let i = match, taken & (1 << i) == 0 {
+                taken |= 1 << i
+                let here = wanted.filter { $0.path.first == names[i] }
+                let deeper = here.filter { $0.path.count > 1 }.map {
+                    JSONParser.Wanted(slot: $0.slot, path: $0.path.dropFirst())
+                }
+                switch self.peek {
+                case UInt8(ascii: "\"") where here.contains(where: { $0.path.count == 1 }):
+                    let s = try self.string()
+                    for w in here where w.path.count == 1 { found[w.slot] = s }
+                case UInt8(ascii: "{") where !deeper.isEmpty:
+                    try self.skimObject(depth: depth + 1, wanted: deeper, into: &found)
+                default:
+                    try self.skip(depth: depth)
+                }
+            } else {
+                try self.skip(depth: depth)
+            }
+            any = true
+            self.skipSpace()
+            switch self.peek {
+            case UInt8(ascii: ","): self.at += 1
+            case UInt8(ascii: "}"):
+                self.at += 1
+                return
+            case nil: throw self.fail("unexpected end of input")
+            default: throw self.fail("expected ',' or '}'")
+            }
+        }
+    }
+
+    /// Reads a member name; returns the index of the name it equals, if any, without building a string
+    /// unless it has an escape.
+    mutating func name(among names: [String]) throws(JSONParser.Failure) -> Int? {
+        let open = self.at
+        let raw = try self.skipString()
+        if names.isEmpty { return nil }
+        guard let raw else {
+            self.at = open
+            let s = try self.string()
+            return names.firstIndex(of: s)
+        }
+        let bytes = UnsafeRawBufferPointer(rebasing: self.bytes[raw])
+        if bytes.contains(where: { $0 >= 0x80 }) {
+            // Names compare as Swift strings do, canonically ("\u{212A}" is "K"), as in `parse`'s tree.
+            return names.firstIndex(of: String(decoding: bytes, as: UTF8.self))
+        }
+        return names.firstIndex { $0.utf8.count == bytes.count && $0.utf8.elementsEqual(bytes) }
+    }
+}

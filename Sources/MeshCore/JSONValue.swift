@@ -82,6 +82,20 @@ extension JSONValue {
         }
     }
 
+    /// The strings at a few member paths of a JSON document (`[["type"], ["object", "kind"]]`), without
+    /// building the rest (`JSONParser.strings`): nil where a path is missing or ends on anything but a string.
+    /// Refuses what `parse(json:)` refuses, with the same error. A watch line's type and version, read before
+    /// the kind's own decoder takes the line, cost a step over its bytes instead of a second full decode.
+    public static func strings(at paths: [[String]], in bytes: UnsafeRawBufferPointer) throws -> [String?] {
+        do {
+            return try JSONParser.strings(at: paths, in: bytes)
+        } catch  where error.tooDeep {
+            throw Strict.tooDeep("malformed JSON")
+        } catch {
+            throw ManifestError("malformed JSON: \(error)")
+        }
+    }
+
     /// Serialises to compact JSON, members in order.
     public func jsonData() -> Data {
         var out = ""

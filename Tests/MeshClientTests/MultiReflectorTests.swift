@@ -1,5 +1,5 @@
+import Foundation
 import Logging
-import MeshClient
 import MeshCore
 import MeshHTTP
 import MeshTestSupport
@@ -7,6 +7,8 @@ import NIOCore
 import ServiceLifecycle
 import Synchronization
 import Testing
+
+@testable import MeshClient
 
 /// What a reflector delivered, in order, across kinds: `Service list[a]@7`, `Endpoints added:a`,
 /// `Service bookmark@9` (without the kind when `namingKinds` is false: `list[a]@7`).
@@ -103,6 +105,63 @@ func endpoints(_ name: String) -> Endpoints {
         #expect(cp.server.watcherCount == before + 1)
         task.cancel()
         await task.value
+        try await cp.stop()
+    }
+
+    /// What `MultiReflector.Peek` read with `JSONDecoder` before it stepped over the bytes instead.
+    struct DecodedPeek: Decodable {
+        struct Object: Decodable {
+            struct Meta: Decodable { var resourceVersion: String? }
+            var kind: String?
+            var metadata: Meta?
+        }
+        var type: WatchEventType
+        var object: Object?
+    }
+
+    @Test func aLinesTypeKindAndVersionAreReadAsItsDecodeReadsThem() async throws {
+        let cp = try await RunningControl()
+        let from = try await cp.rv()
+        try await cp.client.apply(service("a"))
+        try await cp.client.apply(endpoints("a"))
+        var changed = endpoints("a")
+        changed.metadata.annotations = ["note": "web \"quoted\" é"]
+        try await cp.client.apply(changed)
+        _ = try await cp.client.delete(Endpoints.self, namespace: "shop", name: "a")
+        // The control plane's own lines: the replay after `from`, then the bookmark that ends it.
+        var lines: [ByteBuffer] = []
+        try await cp.client.watchLines([MeshService.resource, Endpoints.resource], after: from) { line in
+            lines.append(line)
+            return !String(buffer: line).contains("\"BOOKMARK\"")
+        }
+        var types: [WatchEventType] = []
+        for line in lines {
+            let peek = try MultiReflector.Peek(line)
+            let decoded = try JSONDecoder().decode(DecodedPeek.self, from: Data(line.readableBytesView))
+            #expect(
+                peek
+                    == MultiReflector.Peek(
+                        type: decoded.type,
+                        kind: decoded.object?.kind,
+                        resourceVersion: decoded.object?.metadata?.resourceVersion
+                    ),
+                "\(String(buffer: line))"
+            )
+            types.append(peek.type)
+        }
+        #expect(types == [.added, .added, .modified, .deleted, .bookmark])
+        // Lines that are not watch events say what is wrong with them.
+        for (text, why) in [
+            (#"{"type":"ADDED","object":{"#, "malformed watch event from the control plane: malformed JSON: "),
+            (
+                #"{"type":"RENAMED","object":{}}"#,
+                #"malformed watch event from the control plane: an unknown type "RENAMED""#
+            ),
+            (#"[{"type":"ADDED"}]"#, "malformed watch event from the control plane: no type"),
+        ] {
+            let error = #expect(throws: HTTPClientError.self) { try MultiReflector.Peek(ByteBuffer(string: text)) }
+            #expect(error?.message.hasPrefix(why) == true, "\(String(describing: error))")
+        }
         try await cp.stop()
     }
 

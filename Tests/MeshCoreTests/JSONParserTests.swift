@@ -189,6 +189,20 @@ import Testing
         }
     }
 
+    /// One to three bytes of `seed` replaced, removed or inserted from `alphabet`.
+    static func mutate(_ seed: [UInt8], alphabet: [UInt8], _ rng: inout SplitMix) -> [UInt8] {
+        var bytes = seed
+        for _ in 0...(rng.next() % 3) {
+            let at = Int(rng.next() % UInt64(bytes.count))
+            switch rng.next() % 3 {
+            case 0: bytes[at] = alphabet[Int(rng.next() % UInt64(alphabet.count))]
+            case 1: bytes.remove(at: at)
+            default: bytes.insert(alphabet[Int(rng.next() % UInt64(alphabet.count))], at: at)
+            }
+        }
+        return bytes
+    }
+
     @Test("2,000 mutations of a document: never a crash, and accepted exactly when JSONSerialization accepts")
     func mutationsAgreeWithFoundation() throws {
         let seed = Array(
@@ -198,21 +212,93 @@ import Testing
         var rng = SplitMix(seed: 0x5EED)
         var accepted = 0
         for _ in 0..<2000 {
-            var bytes = seed
-            for _ in 0...(rng.next() % 3) {
-                let at = Int(rng.next() % UInt64(bytes.count))
-                switch rng.next() % 3 {
-                case 0: bytes[at] = alphabet[Int(rng.next() % UInt64(alphabet.count))]
-                case 1: bytes.remove(at: at)
-                default: bytes.insert(alphabet[Int(rng.next() % UInt64(alphabet.count))], at: at)
-                }
-            }
+            let bytes = Self.mutate(seed, alphabet: alphabet, &rng)
             let ours = try? JSONParser.parse(Data(bytes))
             let theirs = try? JSONSerialization.jsonObject(with: Data(bytes), options: [.fragmentsAllowed])
             #expect((ours != nil) == (theirs != nil), "\(String(decoding: bytes, as: UTF8.self))")
             if ours != nil { accepted += 1 }
         }
         #expect(accepted > 100)  // the mutations reach valid documents too, not only errors
+    }
+
+    /// `JSONParser.strings` against a lookup in `parse`'s tree: the same strings, or the same failure.
+    func expectSkimAgrees(_ bytes: [UInt8], _ paths: [[String]], sourceLocation: SourceLocation = #_sourceLocation) {
+        let skimmed: Result<[String?], JSONParser.Failure>
+        do {
+            skimmed = .success(try bytes.withUnsafeBytes { try JSONParser.strings(at: paths, in: $0) })
+        } catch {
+            skimmed = .failure(error as! JSONParser.Failure)
+        }
+        let looked = Result { () throws(JSONParser.Failure) -> [String?] in
+            let tree = try JSONParser.parse(Data(bytes))
+            return paths.map { path in path.reduce(tree as JSONValue?) { $0?[$1] }?.stringValue }
+        }
+        switch (skimmed, looked) {
+        case (.success(let a), .success(let b)):
+            #expect(a == b, "\(String(decoding: bytes, as: UTF8.self))", sourceLocation: sourceLocation)
+        case (.failure(let a), .failure(let b)):
+            #expect(a == b, "\(String(decoding: bytes, as: UTF8.self))", sourceLocation: sourceLocation)
+        default:
+            Issue.record(
+                "skim \(skimmed), parse \(looked): \(String(decoding: bytes, as: UTF8.self))",
+                sourceLocation: sourceLocation
+            )
+        }
+    }
+
+    static let watchPaths = [["type"], ["object", "kind"], ["object", "metadata", "resourceVersion"]]
+
+    @Test("a few strings read without building the rest: a watch line's type, kind and version")
+    func skimAWatchLine() throws {
+        let line = #"""
+            {"type":"MODIFIED","object":{"apiVersion":"mesh.edge/v1","kind":"Service","metadata":{"name":"web","namespace":"default","resourceVersion":"4217","labels":{"app":"web"},"creationTimestamp":"2026-12-07T10:00:00Z"},"spec":{"ports":[{"port":80,"protocol":"TCP"}],"selector":{"app":"web"},"vip":"10.96.0.12"}}}
+            """#
+        let got = try Array(line.utf8).withUnsafeBytes { try JSONValue.strings(at: Self.watchPaths, in: $0) }
+        #expect(got == ["MODIFIED", "Service", "4217"])
+        // Missing paths, and paths that end on something else than a string, are nil.
+        let bookmark = Array(#"{"type":"BOOKMARK","object":{"metadata":{"resourceVersion":"9"}}}"#.utf8)
+        #expect(
+            try bookmark.withUnsafeBytes { try JSONValue.strings(at: Self.watchPaths, in: $0) } == [
+                "BOOKMARK", nil, "9",
+            ]
+        )
+        let odd = Array(#"{"type":1,"object":{"kind":{"a":"b"},"metadata":[]}}"#.utf8)
+        #expect(try odd.withUnsafeBytes { try JSONValue.strings(at: Self.watchPaths, in: $0) } == [nil, nil, nil])
+        #expect(throws: ManifestError("malformed JSON: expected ',' or '}' at byte 16")) {
+            try Array(#"{"type":"ADDED" "object":{}}"#.utf8).withUnsafeBytes {
+                try JSONValue.strings(at: Self.watchPaths, in: $0)
+            }
+        }
+        // The first of a repeated name, escaped names, a name and a path through it, and other documents.
+        for text in [
+            #"{"type":"A","type":"B","object":{"kind":"K","kind":"L"}}"#,
+            #"{"object":{"kind":"K"},"object":{"kind":"L","metadata":{"resourceVersion":"2"}}}"#,
+            #"{"t\u0079pe":"A","object":{"\u006bind":"K\n","metadata":{"resourceVersion":"\u0032"}}}"#,
+            #"{"type":"é\u00e9","object":{"\u212Aind":"kelvin","metadata":{"resourceVersion":"1"}}}"#,
+            #"{"type":null,"object":"x"}"#, #"[{"type":"A"}]"#, #""type""#, "{}", "[]", "12",
+            #"{"a":[1,2,{"type":"X"}],"type":"Y", }"#,
+        ] {
+            self.expectSkimAgrees(Array(text.utf8), Self.watchPaths)
+        }
+        self.expectSkimAgrees(Array(#"{"a":"x","a":{"b":"y"}}"#.utf8), [["a"], ["a", "b"]])
+        self.expectSkimAgrees(Array(#"{"a":{"b":"y"}}"#.utf8), [["a"], ["a", "b"]])
+        let deep = String(repeating: #"{"object":"#, count: 101) + "1" + String(repeating: "}", count: 101)
+        self.expectSkimAgrees(Array(deep.utf8), [["object", "object", "kind"]])
+        self.expectSkimAgrees(Array(String(repeating: "[", count: 200).utf8), Self.watchPaths)
+    }
+
+    @Test("3,000 mutations of a watch line: the skim reads what parse's tree holds, or fails as parse does")
+    func skimAgreesWithParse() {
+        let seed = Array(
+            #"{"type": "ADDED", "object": {"kind": "Service", "metadata": {"name": "a\"b\u00e9", "resourceVersion": "17", "labels": {"x": "y"}}, "spec": {"ports": [80, -2.5e3, true, null], "selector": {}}}}"#
+                .utf8
+        )
+        let alphabet = Array(#"{}[]:,"\ -+.0123456789eEtrufalsnkdyp/\#u{01}"#.utf8) + [0xC3, 0xFF]
+        var rng = SplitMix(seed: 0x5C1A)
+        for _ in 0..<3000 {
+            let bytes = Self.mutate(seed, alphabet: alphabet, &rng)
+            self.expectSkimAgrees(bytes, Self.watchPaths)
+        }
     }
 
     @Test("what the mesh writes parses back to the same tree")
