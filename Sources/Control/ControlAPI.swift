@@ -138,6 +138,18 @@ public final class ControlAPI: HTTPResponder {
             }
         }
         let (response, verb, resource) = routed
+        self.answered(request, response, verb: verb, resource: resource, since: start)
+        return response
+    }
+
+    /// A request's answer counted, timed and logged.
+    private func answered(
+        _ request: HTTPRequest,
+        _ response: HTTPResponse,
+        verb: String,
+        resource: String,
+        since start: ContinuousClock.Instant
+    ) {
         let code = Int(response.status.code)
         Counter(
             label: "mesh_control_requests_total",
@@ -153,6 +165,22 @@ public final class ControlAPI: HTTPResponder {
         } else {
             self.logger.debug("\(request.method) \(request.uri) -> \(code)")
         }
+    }
+
+    /// A known node's heartbeat without a report, answered on the connection's event loop: the beat is a
+    /// lock and a time in memory (`NodeLifecycle.beatAtOnce`). Anything else (a refused or unknown caller, a
+    /// report, a node to write Ready, another route) goes to `respond(to:)`, which checks and answers it.
+    public func respondAtOnce(to request: HTTPRequest) -> HTTPResponse? {
+        guard request.method == .POST, request.body.readableBytes == 0, let lifecycle = self.lifecycle,
+            request.path.hasSuffix("/heartbeat"), case .success(let route) = APIRoute.parse(request.path),
+            case .heartbeat(let node) = route
+        else { return nil }
+        // The checks `respond(to:)` makes first; heartbeats are not writes for the rate limit.
+        guard self.credentials.denial(request) == nil, Authorization.decide(request) == .allow else { return nil }
+        let start = ContinuousClock.now
+        guard let beat = lifecycle.beatAtOnce(node) else { return nil }
+        let response = HTTPResponse.json(.ok, Self.encode(beat))
+        self.answered(request, response, verb: "heartbeat", resource: route.resourceLabel, since: start)
         return response
     }
 

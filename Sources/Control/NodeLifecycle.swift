@@ -135,10 +135,38 @@ public final class NodeLifecycle: Sendable {
         self.state.withLock { $0.nodes[name]?.lastBeatMillis }
     }
 
-    /// Records a beat in memory. Returns the phase the node is in and whether it must be written Ready.
-    func record(_ name: String, now: ContinuousClock.Instant, millis: Int64) -> (known: Bool, transition: Bool) {
+    /// A beat that needs no write: a known node, Ready or being written Ready. Recorded and answered at once
+    /// (`ControlAPI.respondAtOnce`, on a connection's event loop). Nil: nothing is recorded, and `beat` takes it.
+    func beatAtOnce(_ name: String) -> NodeHeartbeat? {
+        let millis = self.nowMillis()
+        let (known, transition) = self.record(name, now: self.clock.now, millis: millis, steadyOnly: true)
+        guard known, !transition else { return nil }
+        Counter(label: "mesh_control_node_heartbeats_total").increment()
+        return self.answer(name, millis)
+    }
+
+    /// The answer to a beat taken at `millis`.
+    private func answer(_ name: String, _ millis: Int64) -> NodeHeartbeat {
+        NodeHeartbeat(
+            nodeName: name,
+            time: Self.format(millis),
+            phase: .ready,
+            gracePeriodSeconds: Self.seconds(self.configuration.gracePeriod)
+        )
+    }
+
+    /// Records a beat in memory: whether the node is known, and whether it must be written Ready (it is then
+    /// marked as being written).
+    /// `steadyOnly`: a beat that would be a transition is left unrecorded (reported as known and transition).
+    func record(
+        _ name: String,
+        now: ContinuousClock.Instant,
+        millis: Int64,
+        steadyOnly: Bool = false
+    ) -> (known: Bool, transition: Bool) {
         self.state.withLock { s in
             guard var e = s.nodes[name] else { return (false, false) }
+            if steadyOnly, e.phase != .ready, !e.writing { return (true, true) }
             e.watchFrom = now
             e.allowance = self.configuration.gracePeriod
             e.lastBeatMillis = millis
@@ -254,12 +282,7 @@ public final class NodeLifecycle: Sendable {
                 if relayMoved { self.logger.info("node \(name) is homed on relay \(report.relay ?? "(none)")") }
             }
         }
-        return NodeHeartbeat(
-            nodeName: name,
-            time: Self.format(millis),
-            phase: .ready,
-            gracePeriodSeconds: Self.seconds(self.configuration.gracePeriod)
-        )
+        return self.answer(name, millis)
     }
 
     /// Whether `report` changes what this process last wrote for `name` (or it does not know): its relay,

@@ -268,6 +268,15 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         }
         request.peerIdentity = self.peer?.identity
         request.peerCertificateSerial = self.peer?.serial
+        if let response = self.shared.responder.respondAtOnce(to: request) {
+            if case .stream = response.body { preconditionFailure("respondAtOnce answers with bytes or a pushed body") }
+            self.send(response, to: head).whenFailure {
+                [logger = self.shared.logger, channel = context.channel] error in
+                logger.debug("connection \(channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)")
+                channel.close(promise: nil)
+            }
+            return
+        }
         let size = body.readableBytes
         let complete = request
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)

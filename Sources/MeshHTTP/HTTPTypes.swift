@@ -166,6 +166,16 @@ public struct HTTPBodyWriter: Sendable {
 /// Answers requests. Must not throw: every failure is a response.
 public protocol HTTPResponder: Sendable {
     func respond(to request: HTTPRequest) async -> HTTPResponse
+
+    /// An answer that needs no wait (no store, no I/O, a lock at most), made on the connection's event loop
+    /// without starting a task: the bytes, or a pushed body, never a stream. Nil: `respond(to:)` takes the
+    /// request in a task of its own. The control plane answers a known node's heartbeat here: at 500 beats a
+    /// second, a task per beat was a hop to the cooperative pool and back, and a thread woken, for each.
+    func respondAtOnce(to request: HTTPRequest) -> HTTPResponse?
+}
+
+extension HTTPResponder {
+    public func respondAtOnce(to request: HTTPRequest) -> HTTPResponse? { nil }
 }
 
 /// A responder from a closure.

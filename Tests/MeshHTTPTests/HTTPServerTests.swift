@@ -4,6 +4,7 @@ import MeshTestSupport
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
+import NIOPosix
 import Synchronization
 import Testing
 
@@ -106,11 +107,29 @@ func startServer(
             return .text(.notFound, "no \(request.path)")
         }
     }
-    let server = HTTPServer(configuration: config, responder: responder, logger: logger)
+    let server = HTTPServer(configuration: config, responder: AtOnceResponder(inner: responder), logger: logger)
     let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: logger))
     let task = Task { try await group.run() }
     let port = try await server.localAddress().port!
     return (server, group, task, port)
+}
+
+/// Answers `/at-once?n=N` on the event loop (`respondAtOnce`) with `at once N`; in a task, with 500.
+struct AtOnceResponder: HTTPResponder {
+    let inner: ClosureResponder
+
+    func respond(to request: HTTPRequest) async -> HTTPResponse {
+        if request.path == "/at-once" { return .text(.internalServerError, "answered in a task") }
+        return await self.inner.respond(to: request)
+    }
+
+    func respondAtOnce(to request: HTTPRequest) -> HTTPResponse? {
+        guard request.path == "/at-once" else { return nil }
+        guard MultiThreadedEventLoopGroup.currentEventLoop != nil else {
+            return .text(.internalServerError, "off the loop")
+        }
+        return .text(.ok, "at once \(request.query["n"] ?? "-")")
+    }
 }
 
 extension HTTPResponse {
@@ -150,6 +169,41 @@ extension HTTPResponse {
         let statuses = replies.components(separatedBy: "HTTP/1.1 ").dropFirst().map { $0.prefix(3) }
         #expect(statuses == ["200", "200", "404"])
         #expect(replies.contains("\r\n\r\none") && replies.contains("\r\n\r\ntwo"))
+        #expect(await eventually { server.connectionCount == 0 })
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
+    @Test("answers made at once on the event loop, pipelined 2,000 deep among answers made in tasks, in order")
+    func answersMadeAtOnceKeepTheirOrder() async throws {
+        let (server, group, task, port) = try await startServer()
+        let replies = try await blocking {
+            let s = try RawSocket(port: port, timeout: 120)
+            var requests = ""
+            for n in 0..<2000 {
+                requests += "GET /at-once?n=\(n) HTTP/1.1\r\nHost: t\r\n\r\n"
+                if n % 100 == 0 {
+                    requests +=
+                        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\ne\(String(n).padding(toLength: 4, withPad: "_", startingAt: 0))"
+                }
+            }
+            s.send(requests + "GET /missing HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            return s.readAll()
+        }
+        // Each answer's body, in the order written.
+        let bodies = replies.components(separatedBy: "HTTP/1.1 ").dropFirst().map { reply in
+            String(reply.prefix(3)) + " "
+                + (reply.components(separatedBy: "\r\n\r\n").last ?? "").trimmingCharacters(in: .newlines)
+        }
+        var expected: [String] = []
+        for n in 0..<2000 {
+            expected.append("200 at once \(n)")
+            if n % 100 == 0 { expected.append("200 e" + String(n).padding(toLength: 4, withPad: "_", startingAt: 0)) }
+        }
+        expected.append("404 no /missing")
+        #expect(bodies.count == expected.count)
+        let difference = zip(bodies, expected).first { $0 != $1 }
+        #expect(difference == nil, "first answer out of place: \(difference.map { "\($0) where \($1) was due" } ?? "")")
         #expect(await eventually { server.connectionCount == 0 })
         await group.triggerGracefulShutdown()
         try await task.value
