@@ -1,4 +1,3 @@
-import Control
 import Foundation
 import MeshClient
 import MeshCore
@@ -6,7 +5,10 @@ import MeshHTTP
 import MeshIdentity
 import MeshTestSupport
 import NIOCore
+import NIOHTTP1
 import Testing
+
+@testable import Control
 
 /// Node heartbeats and liveness in the control plane, over real sockets with real SQLite files:
 /// beats stay in memory, the Node is written (one MODIFIED event) only when its phase changes,
@@ -185,6 +187,68 @@ import Testing
         }
         #expect(refused?.code == 400 && refused?.message.contains("fullCone") == true)
         try await cp.stop()
+    }
+
+    @Test("a registered node's beat is answered at once, on the event loop; every other request goes to a task")
+    func aKnownNodesBeatIsAnsweredAtOnce() async throws {
+        let dir = TempDir()
+        let store = try await openStore(dir)
+        let lifecycle = NodeLifecycle(store: store, configuration: .init(), logger: testLogger, clock: ManualClock())
+        try await lifecycle.load()
+        let api = ControlAPI(
+            store: store,
+            vips: VIPAllocator(cidrs: [CIDR("198.18.128.0/24")!]),
+            logger: testLogger,
+            lifecycle: lifecycle
+        )
+        func request(_ method: HTTPMethod, _ path: String, as who: String?, body: String = "") -> HTTPRequest {
+            var r = HTTPRequest(
+                method: method,
+                uri: path,
+                headers: body.isEmpty ? [:] : ["Content-Type": "application/json"],
+                body: ByteBuffer(string: body)
+            )
+            r.peerIdentity = who
+            return r
+        }
+        let beatA = "/apis/mesh.edge/v1/nodes/edge-a/heartbeat"
+        let edgeA = "mesh://node/edge-a"
+        // Not registered: left to the task, which says so.
+        #expect(api.respondAtOnce(to: request(.POST, beatA, as: edgeA)) == nil)
+        #expect(await api.respond(to: request(.POST, beatA, as: edgeA)).status == .notFound)
+        // Registered by itself (created Ready): its beats are answered at once, and counted as beats.
+        let created = await api.respond(
+            to: request(
+                .PUT,
+                "/apis/mesh.edge/v1/nodes/edge-a",
+                as: edgeA,
+                body: String(decoding: try JSONEncoder().encode(self.node("edge-a")), as: UTF8.self)
+            )
+        )
+        #expect(created.status == .created || created.status == .ok, "\(created.status)")
+        let before = lifecycle.lastBeat("edge-a")
+        let answer = try #require(api.respondAtOnce(to: request(.POST, beatA, as: edgeA)))
+        #expect(answer.status == .ok)
+        guard case .bytes(let bytes) = answer.body else {
+            Issue.record("a heartbeat's answer is its bytes")
+            return
+        }
+        let beat = try JSONDecoder().decode(NodeHeartbeat.self, from: Data(bytes.readableBytesView))
+        #expect(beat.nodeName == "edge-a" && beat.phase == .ready)
+        #expect((lifecycle.lastBeat("edge-a") ?? .min) >= (before ?? .min))
+        // Everything else goes to the task: another node's beat (refused there), a beat without a certificate or
+        // with a report, other methods and routes.
+        for other in [
+            request(.POST, beatA, as: "mesh://node/edge-b"),
+            request(.POST, beatA, as: nil),
+            request(.POST, beatA, as: edgeA, body: #"{"relay":null}"#),
+            request(.GET, beatA, as: edgeA),
+            request(.POST, "/apis/mesh.edge/v1/nodes/edge-a", as: edgeA),
+            request(.GET, "/apis/mesh.edge/v1/nodes/edge-a", as: edgeA),
+        ] {
+            #expect(api.respondAtOnce(to: other) == nil, "\(other.method) \(other.uri) as \(other.peerIdentity ?? "-")")
+        }
+        #expect(await api.respond(to: request(.POST, beatA, as: "mesh://node/edge-b")).status == .forbidden)
     }
 
     @Test func aNodeBeatsOnlyForItselfAndOnlyOnceRegistered() async throws {
