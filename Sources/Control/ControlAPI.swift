@@ -28,6 +28,9 @@ public final class ControlAPI: HTTPResponder {
     let writer: ObjectWriter
     /// The store's hub, whose index places devices and workloads for node-scoped lists (nil: decode each).
     let hub: WatchHub?
+    /// An answered heartbeat's metrics, made once: a metric made per request is a lookup in the registry under
+    /// its lock, twice per beat.
+    let beatMetrics = RequestMetrics(verb: "heartbeat", resource: Node.resource.plural, code: 200)
     public static let version = "0.1.0"
     /// Where nodes enrol (no client certificate needed).
     public static let joinPath = "/apis/mesh.edge/v1/join"
@@ -148,18 +151,13 @@ public final class ControlAPI: HTTPResponder {
         _ response: HTTPResponse,
         verb: String,
         resource: String,
-        since start: ContinuousClock.Instant
+        since start: ContinuousClock.Instant,
+        metrics: RequestMetrics? = nil
     ) {
         let code = Int(response.status.code)
-        Counter(
-            label: "mesh_control_requests_total",
-            dimensions: [("verb", verb), ("resource", resource), ("code", "\(code)")]
-        )
-        .increment()
-        if verb != "watch" {
-            Metrics.Timer(label: "mesh_control_request_duration_seconds", dimensions: [("verb", verb)])
-                .record(duration: ContinuousClock.now - start)
-        }
+        let metrics = metrics ?? RequestMetrics(verb: verb, resource: resource, code: code)
+        metrics.requests.increment()
+        metrics.duration?.record(duration: ContinuousClock.now - start)
         if code >= 500 {
             self.logger.error("\(request.method) \(request.uri) -> \(code)")
         } else {
@@ -180,8 +178,31 @@ public final class ControlAPI: HTTPResponder {
         let start = ContinuousClock.now
         guard let beat = lifecycle.beatAtOnce(node) else { return nil }
         let response = HTTPResponse.json(.ok, Self.encode(beat))
-        self.answered(request, response, verb: "heartbeat", resource: route.resourceLabel, since: start)
+        self.answered(
+            request,
+            response,
+            verb: "heartbeat",
+            resource: route.resourceLabel,
+            since: start,
+            metrics: self.beatMetrics
+        )
         return response
+    }
+
+    /// A request's metrics: its count by verb, resource and code, and its duration by verb (none for watches).
+    struct RequestMetrics: Sendable {
+        var requests: Counter
+        var duration: Metrics.Timer?
+
+        init(verb: String, resource: String, code: Int) {
+            self.requests = Counter(
+                label: "mesh_control_requests_total",
+                dimensions: [("verb", verb), ("resource", resource), ("code", "\(code)")]
+            )
+            self.duration =
+                verb == "watch"
+                ? nil : Metrics.Timer(label: "mesh_control_request_duration_seconds", dimensions: [("verb", verb)])
+        }
     }
 
     // MARK: routes

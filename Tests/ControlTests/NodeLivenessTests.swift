@@ -191,6 +191,7 @@ import Testing
 
     @Test("a registered node's beat is answered at once, on the event loop; every other request goes to a task")
     func aKnownNodesBeatIsAnsweredAtOnce() async throws {
+        MeshMetrics.bootstrap()
         let dir = TempDir()
         let store = try await openStore(dir)
         let lifecycle = NodeLifecycle(store: store, configuration: .init(), logger: testLogger, clock: ManualClock())
@@ -227,7 +228,17 @@ import Testing
         )
         #expect(created.status == .created || created.status == .ok, "\(created.status)")
         let before = lifecycle.lastBeat("edge-a")
+        // Counted as any answered request and any beat (the metrics are the process's: other tests count too).
+        func counted(_ series: String) -> Double {
+            let text = String(buffer: MeshMetrics.render())
+            let line = text.split(separator: "\n").first { $0.hasPrefix(series + " ") }
+            return line.flatMap { Double($0.split(separator: " ").last ?? "") } ?? 0
+        }
+        let requestsSeries = #"mesh_control_requests_total{verb="heartbeat",resource="nodes",code="200"}"#
+        let (requests, beats) = (counted(requestsSeries), counted("mesh_control_node_heartbeats_total"))
         let answer = try #require(api.respondAtOnce(to: request(.POST, beatA, as: edgeA)))
+        #expect(counted(requestsSeries) >= requests + 1)
+        #expect(counted("mesh_control_node_heartbeats_total") >= beats + 1)
         #expect(answer.status == .ok)
         guard case .bytes(let bytes) = answer.body else {
             Issue.record("a heartbeat's answer is its bytes")

