@@ -55,6 +55,39 @@ enum JSONParser {
             while let b = self.peek, b == 0x20 || b == 0x0A || b == 0x0D || b == 0x09 { self.at += 1 }
         }
 
+        /// Steps over an object's or a list's opening, refusing it past `Strict.maxDepth`; true when `closing`
+        /// follows at once (it is empty, and stepped over).
+        mutating func opens(depth: Int, closing: UInt8) throws(Failure) -> Bool {
+            guard depth <= Strict.maxDepth else {
+                throw Failure(message: "nested too deeply", offset: self.at, tooDeep: true)
+            }
+            self.at += 1
+            return self.closes(closing)
+        }
+
+        /// Whether `closing` comes next (after space); it is stepped over if so.
+        mutating func closes(_ closing: UInt8) -> Bool {
+            self.skipSpace()
+            guard self.peek == closing else { return false }
+            self.at += 1
+            return true
+        }
+
+        /// After a member of an object or a list: a comma (more follow) or `close` (the end, stepped over).
+        mutating func endsAfterMember(_ close: UInt8) throws(Failure) -> Bool {
+            self.skipSpace()
+            switch self.peek {
+            case UInt8(ascii: ","):
+                self.at += 1
+                return false
+            case close:
+                self.at += 1
+                return true
+            case nil: throw self.fail("unexpected end of input")
+            default: throw self.fail("expected ',' or '\(Character(Unicode.Scalar(close)))'")
+            }
+        }
+
         mutating func expect(_ word: StaticString) throws(Failure) {
             let n = word.utf8CodeUnitCount
             guard self.at + n <= self.bytes.count else { throw self.fail("unexpected end of input") }
@@ -84,23 +117,11 @@ enum JSONParser {
         }
 
         mutating func object(depth: Int) throws(Failure) -> JSONValue {
-            guard depth <= Strict.maxDepth else {
-                throw Failure(message: "nested too deeply", offset: self.at, tooDeep: true)
-            }
-            self.at += 1
+            if try self.opens(depth: depth, closing: UInt8(ascii: "}")) { return .object([]) }
             var members: [(String, JSONValue)] = []
-            self.skipSpace()
-            if self.peek == UInt8(ascii: "}") {
-                self.at += 1
-                return .object([])
-            }
             while true {
-                self.skipSpace()
-                if self.peek == UInt8(ascii: "}"), !members.isEmpty {
-                    // One trailing comma, as Foundation's decoder takes it.
-                    self.at += 1
-                    return .object(Self.sorted(members))
-                }
+                // One trailing comma, as Foundation's decoder takes it.
+                if !members.isEmpty, self.closes(UInt8(ascii: "}")) { return .object(Self.sorted(members)) }
                 guard self.peek == UInt8(ascii: "\"") else { throw self.fail("expected a member name") }
                 let key = try self.string()
                 self.skipSpace()
@@ -108,15 +129,7 @@ enum JSONParser {
                 self.at += 1
                 self.skipSpace()
                 members.append((key, try self.value(depth: depth)))
-                self.skipSpace()
-                switch self.peek {
-                case UInt8(ascii: ","): self.at += 1
-                case UInt8(ascii: "}"):
-                    self.at += 1
-                    return .object(Self.sorted(members))
-                case nil: throw self.fail("unexpected end of input")
-                default: throw self.fail("expected ',' or '}'")
-                }
+                if try self.endsAfterMember(UInt8(ascii: "}")) { return .object(Self.sorted(members)) }
             }
         }
 
@@ -133,32 +146,12 @@ enum JSONParser {
         }
 
         mutating func array(depth: Int) throws(Failure) -> JSONValue {
-            guard depth <= Strict.maxDepth else {
-                throw Failure(message: "nested too deeply", offset: self.at, tooDeep: true)
-            }
-            self.at += 1
+            if try self.opens(depth: depth, closing: UInt8(ascii: "]")) { return .array([]) }
             var items: [JSONValue] = []
-            self.skipSpace()
-            if self.peek == UInt8(ascii: "]") {
-                self.at += 1
-                return .array([])
-            }
             while true {
-                self.skipSpace()
-                if self.peek == UInt8(ascii: "]"), !items.isEmpty {
-                    self.at += 1
-                    return .array(items)
-                }
+                if !items.isEmpty, self.closes(UInt8(ascii: "]")) { return .array(items) }
                 items.append(try self.value(depth: depth))
-                self.skipSpace()
-                switch self.peek {
-                case UInt8(ascii: ","): self.at += 1
-                case UInt8(ascii: "]"):
-                    self.at += 1
-                    return .array(items)
-                case nil: throw self.fail("unexpected end of input")
-                default: throw self.fail("expected ',' or ']'")
-                }
+                if try self.endsAfterMember(UInt8(ascii: "]")) { return .array(items) }
             }
         }
 
@@ -371,33 +364,13 @@ extension JSONParser.Parser {
     }
 
     mutating func skipArray(depth: Int) throws(JSONParser.Failure) {
-        guard depth <= Strict.maxDepth else {
-            throw JSONParser.Failure(message: "nested too deeply", offset: self.at, tooDeep: true)
-        }
-        self.at += 1
-        self.skipSpace()
-        if self.peek == UInt8(ascii: "]") {
-            self.at += 1
-            return
-        }
+        if try self.opens(depth: depth, closing: UInt8(ascii: "]")) { return }
         var any = false
         while true {
-            self.skipSpace()
-            if self.peek == UInt8(ascii: "]"), any {
-                self.at += 1
-                return
-            }
+            if any, self.closes(UInt8(ascii: "]")) { return }
             try self.skip(depth: depth)
             any = true
-            self.skipSpace()
-            switch self.peek {
-            case UInt8(ascii: ","): self.at += 1
-            case UInt8(ascii: "]"):
-                self.at += 1
-                return
-            case nil: throw self.fail("unexpected end of input")
-            default: throw self.fail("expected ',' or ']'")
-            }
+            if try self.endsAfterMember(UInt8(ascii: "]")) { return }
         }
     }
 
@@ -408,15 +381,7 @@ extension JSONParser.Parser {
         wanted: [JSONParser.Wanted],
         into found: inout [String?]
     ) throws(JSONParser.Failure) {
-        guard depth <= Strict.maxDepth else {
-            throw JSONParser.Failure(message: "nested too deeply", offset: self.at, tooDeep: true)
-        }
-        self.at += 1
-        self.skipSpace()
-        if self.peek == UInt8(ascii: "}") {
-            self.at += 1
-            return
-        }
+        if try self.opens(depth: depth, closing: UInt8(ascii: "}")) { return }
         // The wanted paths' first names; each is read at its first appearance only, as `parse` keeps the first.
         var names: [String] = []
         for w in wanted where !names.contains(w.path.first!) { names.append(w.path.first!) }
@@ -424,11 +389,7 @@ extension JSONParser.Parser {
         var taken = 0  // bit i: names[i] was met
         var any = false
         while true {
-            self.skipSpace()
-            if self.peek == UInt8(ascii: "}"), any {
-                self.at += 1
-                return
-            }
+            if any, self.closes(UInt8(ascii: "}")) { return }
             guard self.peek == UInt8(ascii: "\"") else { throw self.fail("expected a member name") }
             let match = try self.name(among: names)
             self.skipSpace()
@@ -454,15 +415,7 @@ extension JSONParser.Parser {
                 try self.skip(depth: depth)
             }
             any = true
-            self.skipSpace()
-            switch self.peek {
-            case UInt8(ascii: ","): self.at += 1
-            case UInt8(ascii: "}"):
-                self.at += 1
-                return
-            case nil: throw self.fail("unexpected end of input")
-            default: throw self.fail("expected ',' or '}'")
-            }
+            if try self.endsAfterMember(UInt8(ascii: "}")) { return }
         }
     }
 
