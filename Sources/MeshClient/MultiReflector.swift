@@ -123,8 +123,8 @@ public struct MultiReflector: Sendable {
     var label: String { self.kinds.map(\.type.plural).joined(separator: ",") }
 
     /// A line's type, kind and version, read before the kind's own decoder takes it: a step over the line's
-    /// bytes (`JSONValue.strings(at:in:)`), not a decode. With `JSONDecoder` this pass was a third of a
-    /// simulated agent's decoding CPU in perf/scale (perf/RESULTS.md, "one watch line, one decode").
+    /// bytes (`JSONValue.strings(at:in:)`), not a second `JSONDecoder` pass over the whole line (perf/RESULTS.md,
+    /// "Beats answered on the event loop, one decode per watch line").
     struct Peek: Equatable {
         var type: WatchEventType
         var kind: String?
