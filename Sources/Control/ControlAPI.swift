@@ -98,14 +98,15 @@ public final class ControlAPI: HTTPResponder {
         try await self.credentials.load()
     }
 
+    /// Whether a request may go on: a revoked or expired client certificate is refused first (public routes
+    /// need none), then the route's authorization decides.
+    private func verdict(_ request: HTTPRequest) -> Authorization.Decision {
+        if !Authorization.isPublic(request), let revoked = self.credentials.denial(request) { return .deny(revoked) }
+        return Authorization.decide(request)
+    }
+
     public func respond(to request: HTTPRequest) async -> HTTPResponse {
-        let verdict: Authorization.Decision
-        if !Authorization.isPublic(request), let revoked = self.credentials.denial(request) {
-            verdict = .deny(revoked)
-        } else {
-            verdict = Authorization.decide(request)
-        }
-        if case .deny(let status) = verdict {
+        if case .deny(let status) = self.verdict(request) {
             Counter(
                 label: "mesh_control_requests_total",
                 dimensions: [("verb", "denied"), ("resource", ""), ("code", "\(status.code)")]
@@ -174,7 +175,7 @@ public final class ControlAPI: HTTPResponder {
             case .heartbeat(let node) = route
         else { return nil }
         // The checks `respond(to:)` makes first; heartbeats are not writes for the rate limit.
-        guard self.credentials.denial(request) == nil, Authorization.decide(request) == .allow else { return nil }
+        guard self.verdict(request) == .allow else { return nil }
         let start = ContinuousClock.now
         guard let beat = lifecycle.beatAtOnce(node) else { return nil }
         let response = HTTPResponse.json(.ok, Self.encode(beat))

@@ -135,10 +135,11 @@ final class EndpointSites: Sendable {
         // The two lists are two reads: a change at or below its own kind's list is in the index already.
         let listed = [Node.resource.kind: nodesRV, Endpoints.resource.kind: endpointsRV]
         try await withTaskCancellationHandler {
-            while let chunk = await sub.next(kind: Node.resource.kind) {
+            let decoder = JSONDecoder()
+            while let lines = await sub.nextLines(kind: Node.resource.kind) {
                 var toFix = Set<ObjectKey>()
-                for line in chunk.readableBytesView.split(separator: UInt8(ascii: "\n")) {
-                    guard let event = try? JSONDecoder().decode(Line.self, from: Data(line)) else { continue }
+                for line in lines {
+                    guard let event = try? decoder.decode(Line.self, from: line) else { continue }
                     if event.type == "ERROR" { throw Status.gone("the watch of nodes and endpoints ended") }
                     guard let object = event.object, let meta = object.metadata, let kind = object.kind,
                         let rv = meta.resourceVersion.flatMap({ Int64($0) }), rv > listed[kind] ?? 0

@@ -77,11 +77,10 @@ extension NodeLifecycle {
                 continue
             }
             await withTaskCancellationHandler {
-                while let chunk = await subscription.next(kind: Node.resource.kind) {
-                    for line in chunk.readableBytesView.split(separator: UInt8(ascii: "\n")) {
-                        guard let event = try? JSONDecoder().decode(NodeWatchLine.self, from: Data(line)) else {
-                            continue
-                        }
+                let decoder = JSONDecoder()
+                while let lines = await subscription.nextLines(kind: Node.resource.kind) {
+                    for line in lines {
+                        guard let event = try? decoder.decode(NodeWatchLine.self, from: line) else { continue }
                         if let rv = Int64(event.object.metadata.resourceVersion ?? "") { after = max(after, rv) }
                         guard let name = event.object.metadata.name else { continue }
                         self.followed(name, type: event.type, phase: event.object.status?.phase)

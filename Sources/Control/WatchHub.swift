@@ -1,5 +1,12 @@
+import Glibc
 import NIOCore
 import Synchronization
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// Fans committed changes out to watchers, in order, with a bounded in-memory history so a watcher
 /// can resume from a recent resourceVersion.
@@ -628,6 +635,28 @@ public final class WatchSubscription: Sendable {
                 }
                 if resumeNow { c.resume() }
             }
+        }
+    }
+
+    /// `next(kind:)`'s lines, each on its own for a decoder; nil once ended and drained.
+    public func nextLines(kind: String) async -> [Data]? {
+        await self.next(kind: kind).map(Self.lines)
+    }
+
+    /// A chunk's non-empty newline-separated lines. A scan with `memchr` over the bytes: splitting the
+    /// buffer's view reads it a byte at a time through `ByteBuffer`, which costs a debug build most of a core
+    /// under a busy watch.
+    public static func lines(_ chunk: ByteBuffer) -> [Data] {
+        chunk.withUnsafeReadableBytes { bytes in
+            var out: [Data] = []
+            guard var at = bytes.baseAddress else { return out }
+            let end = at + bytes.count
+            while at < end {
+                let stop = memchr(at, Int32(UInt8(ascii: "\n")), end - at).map(UnsafeRawPointer.init) ?? end
+                if stop > at { out.append(Data(bytes: at, count: stop - at)) }
+                at = stop == end ? end : stop + 1
+            }
+            return out
         }
     }
 }

@@ -93,9 +93,9 @@ final class WorkloadController: Sendable {
         ]
         let decoder = JSONDecoder()
         try await withTaskCancellationHandler {
-            while let chunk = await sub.next(kind: Node.resource.kind) {
-                for line in chunk.readableBytesView.split(separator: UInt8(ascii: "\n")) {
-                    guard let event = try? decoder.decode(Line.self, from: Data(line)) else { continue }
+            while let lines = await sub.nextLines(kind: Node.resource.kind) {
+                for line in lines {
+                    guard let event = try? decoder.decode(Line.self, from: line) else { continue }
                     if event.type == "ERROR" { throw Status.gone("the watch of nodes, workloads and endpoints ended") }
                     guard event.type != "BOOKMARK", let object = event.object else { continue }
                     Self.apply(object, deleted: event.type == "DELETED", listed: listed, to: &index)

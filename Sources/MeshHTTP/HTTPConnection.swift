@@ -187,10 +187,13 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         // ProtocolGuard answers a malformed request (400, 431) and closes after it; anything else ends the
         // connection.
         if error is HTTPParserError { return }
-        self.shared.logger.debug(
-            "connection \(context.channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)"
-        )
-        context.close(promise: nil)
+        Self.endConnection(context.channel, error, self.shared.logger)
+    }
+
+    /// A connection that failed to send or read: logged (at debug: a peer going away is ordinary) and closed.
+    private static func endConnection(_ channel: any Channel, _ error: any Error, _ logger: Logger) {
+        logger.debug("connection \(channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)")
+        channel.close(promise: nil)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -270,10 +273,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         request.peerCertificateSerial = self.peer?.serial
         if let response = self.shared.responder.respondAtOnce(to: request) {
             if case .stream = response.body { preconditionFailure("respondAtOnce answers with bytes or a pushed body") }
-            self.send(response, to: head).whenFailure {
-                [logger = self.shared.logger, channel = context.channel] error in
-                logger.debug("connection \(channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)")
-                channel.close(promise: nil)
+            self.send(response, to: head).whenFailure { [logger = self.shared.logger, channel = context.channel] in
+                Self.endConnection(channel, $0, logger)
             }
             return
         }
@@ -294,8 +295,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
                     try await bound.eventLoop.flatSubmit { bound.value.send(response, to: head) }.get()
                 }
             } catch {
-                logger.debug("connection \(channel.remoteAddress.map(hostPort) ?? "?") ended: \(error)")
-                channel.close(promise: nil)
+                Self.endConnection(channel, error, logger)
             }
             // The body and the response are released by now: give large ones back to the system.
             if size >= ProcessResources.largeBody { ProcessResources.releaseFreeMemory() }

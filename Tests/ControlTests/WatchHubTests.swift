@@ -148,6 +148,28 @@ import Testing
         #expect(throws: Never.self) { try hub.subscribe(after: 7, filter: WatchFilter(resource: "services")).cancel() }
     }
 
+    @Test func aChunkIsCutIntoItsNonEmptyLines() {
+        func cut(_ text: String, skipping skip: Int = 0) -> [String] {
+            var b = ByteBuffer(string: String(repeating: "#", count: skip) + text)
+            b.moveReaderIndex(forwardBy: skip)
+            return WatchSubscription.lines(b).map { String(decoding: $0, as: UTF8.self) }
+        }
+        #expect(cut("") == [])
+        #expect(cut("\n\n") == [])
+        #expect(cut("{\"a\":1}\n") == ["{\"a\":1}"])
+        #expect(cut("a\n\nbc\nd") == ["a", "bc", "d"])
+        #expect(cut("\nx\n", skipping: 5) == ["x"])
+        // Against the standard library's split, over random bytes with many newlines.
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<500 {
+            let bytes = (0..<Int.random(in: 0..<64, using: &rng)).map { _ in
+                Bool.random(using: &rng) ? UInt8(ascii: "\n") : UInt8.random(in: 0...255, using: &rng)
+            }
+            let lines = WatchSubscription.lines(ByteBuffer(bytes: bytes)).map { Array($0) }
+            #expect(lines == bytes.split(separator: UInt8(ascii: "\n")).map { Array($0) }, "\(bytes)")
+        }
+    }
+
     @Test func eventLinesAreEncodedOnce() {
         let line = String(buffer: WatchHubLine.of(self.event(4)))
         #expect(line == #"{"type":"ADDED","object":{"metadata":{"name":"x","resourceVersion":"4"},"value":0}}"# + "\n")
