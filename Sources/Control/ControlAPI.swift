@@ -166,10 +166,15 @@ public final class ControlAPI: HTTPResponder {
         }
     }
 
-    /// A known node's heartbeat without a report, answered on the connection's event loop: the beat is a
-    /// lock and a time in memory (`NodeLifecycle.beatAtOnce`). Anything else (a refused or unknown caller, a
-    /// report, a node to write Ready, another route) goes to `respond(to:)`, which checks and answers it.
+    /// What is answered on the connection's event loop, without a task:
+    /// - a known node's heartbeat without a report: a lock and a time in memory (`NodeLifecycle.beatAtOnce`);
+    /// - a watch from a version the store's hub holds (`watchAtOnce`): the pushed body is set up at once.
+    /// Anything else (a refused or unknown caller, a report, a node to write Ready, a watch that lists first or
+    /// waits for the store, a bad parameter, another route) goes to `respond(to:)`, which checks and answers it.
     public func respondAtOnce(to request: HTTPRequest) -> HTTPResponse? {
+        if request.method == .GET, request.query["resourceVersion"] != nil, case .success(let route) = APIRoute.parse(request.path) {
+            return self.watchAtOnce(request, route)
+        }
         guard request.method == .POST, request.body.readableBytes == 0, let lifecycle = self.lifecycle,
             request.path.hasSuffix("/heartbeat"), case .success(let route) = APIRoute.parse(request.path),
             case .heartbeat(let node) = route
@@ -520,26 +525,20 @@ public final class ControlAPI: HTTPResponder {
 
     private func watch(_ entry: Registry.Entry, namespace: String?, _ request: HTTPRequest) async throws -> HTTPResponse
     {
-        let filter = WatchFilter(
-            resource: entry.type.plural,
-            namespace: namespace,
-            selector: try self.selector(request),
-            node: try self.node(request)
-        )
-        let param = request.query["resourceVersion"] ?? ""
-        if param.isEmpty || param == "0" {
+        let start = try self.watchStart(.collection(resource: entry.type.plural, namespace: namespace), request)!
+        guard let after = start.after else {
             // No version: the current objects as ADDED events, then every change after that list.
             var initial = ByteBuffer()
-            let (items, rv) = try await self.listed(entry, namespace: namespace, node: filter.node)
-            for item in items where filter.matchesIgnoringNode(item) {
+            let (items, rv) = try await self.listed(entry, namespace: namespace, node: start.filter.node)
+            for item in items where start.filter.matchesIgnoringNode(item) {
                 var line = WatchHub.line(for: StoreEvent(kind: .added, object: item))
                 initial.writeBuffer(&line)
             }
-            let subscription = try await self.store.watch(after: rv, filter: filter)
-            return try self.stream(subscription, request, first: initial, bookmarkKind: entry.type.kind)
+            let subscription = try await self.store.watch(after: rv, filter: start.filter)
+            return try self.stream(subscription, request, first: initial, bookmarkKind: start.bookmarkKind)
         }
-        let subscription = try await self.store.watch(after: try Self.version(param), filter: filter)
-        return try self.stream(subscription, request, first: ByteBuffer(), bookmarkKind: entry.type.kind)
+        let subscription = try await self.store.watch(after: after, filter: start.filter)
+        return try self.stream(subscription, request, first: ByteBuffer(), bookmarkKind: start.bookmarkKind)
     }
 
     /// The kind a BOOKMARK line of a watch over several kinds names: it counts for every kind watched.
@@ -550,21 +549,65 @@ public final class ControlAPI: HTTPResponder {
     /// seven). The version is required: the kinds' lists are separate reads, so the client lists each and
     /// watches from the smallest list version (`MultiReflector`). Each kind is authorized as its own watch is.
     private func watchKinds(_ request: HTTPRequest) async throws -> HTTPResponse {
-        let named = Self.watchedResources(request)
-        guard !named.isEmpty else {
-            throw Status.badRequest("name the kinds to watch: /apis/mesh.edge/v1/watch?resources=services,endpoints")
-        }
-        if let unknown = named.first(where: { Registry.byPlural($0) == nil }) {
-            throw Status.badRequest(APIRoute.noSuchResource(unknown))
-        }
-        guard let param = request.query["resourceVersion"], !param.isEmpty else {
-            throw Status.badRequest(
-                "a watch over several kinds starts after a resourceVersion: list each kind, then watch from the smallest list version"
+        let start = try self.watchStart(.watch, request)!
+        let subscription = try await self.store.watch(after: start.after!, filter: start.filter)
+        return try self.stream(subscription, request, first: ByteBuffer(), bookmarkKind: start.bookmarkKind)
+    }
+
+    /// What a watch request asks for: its filter, the version it starts after (nil: list first, then watch),
+    /// and the kind its bookmarks name. Nil for a route that is not a watch; a bad parameter throws its 400.
+    private func watchStart(
+        _ route: APIRoute,
+        _ request: HTTPRequest
+    ) throws -> (filter: WatchFilter, after: Int64?, bookmarkKind: String)? {
+        switch route {
+        case .collection(let resource, let namespace):
+            guard ["true", "1"].contains(request.query["watch"] ?? ""), let entry = Registry.byPlural(resource) else {
+                return nil
+            }
+            let filter = WatchFilter(
+                resource: entry.type.plural,
+                namespace: namespace,
+                selector: try self.selector(request),
+                node: try self.node(request)
             )
+            let param = request.query["resourceVersion"] ?? ""
+            let after = param.isEmpty || param == "0" ? nil : try Self.version(param)
+            return (filter, after, entry.type.kind)
+        case .watch:
+            let named = Self.watchedResources(request)
+            guard !named.isEmpty else {
+                throw Status.badRequest(
+                    "name the kinds to watch: /apis/mesh.edge/v1/watch?resources=services,endpoints"
+                )
+            }
+            if let unknown = named.first(where: { Registry.byPlural($0) == nil }) {
+                throw Status.badRequest(APIRoute.noSuchResource(unknown))
+            }
+            guard let param = request.query["resourceVersion"], !param.isEmpty else {
+                throw Status.badRequest(
+                    "a watch over several kinds starts after a resourceVersion: list each kind, then watch from the smallest list version"
+                )
+            }
+            let filter = WatchFilter(resources: named, selector: try self.selector(request), node: try self.node(request))
+            return (filter, try Self.version(param), Self.multiWatchBookmarkKind)
+        default:
+            return nil
         }
-        let filter = WatchFilter(resources: named, selector: try self.selector(request), node: try self.node(request))
-        let subscription = try await self.store.watch(after: try Self.version(param), filter: filter)
-        return try self.stream(subscription, request, first: ByteBuffer(), bookmarkKind: Self.multiWatchBookmarkKind)
+    }
+
+    /// A watch from a version the store's hub holds, started on the connection's event loop: no task, so no
+    /// task's stack slabs freed around the watch's long-lived objects (a fleet's watches start in a storm).
+    /// Nil (the task path answers) when the request is not such a watch, is refused, or has a bad parameter.
+    private func watchAtOnce(_ request: HTTPRequest, _ route: APIRoute) -> HTTPResponse? {
+        guard request.method == .GET, self.verdict(request) == .allow,
+            let start = try? self.watchStart(route, request), let after = start.after,
+            let subscription = try? self.store.watchAtOnce(after: after, filter: start.filter)
+        else { return nil }
+        guard let response = try? self.stream(subscription, request, first: ByteBuffer(), bookmarkKind: start.bookmarkKind)
+        else { return nil }
+        self.answered(request, response, verb: "watch", resource: route.resourceLabel, since: .now)
+        return response
     }
 
     /// The plurals in a request's `resources` parameter (comma-separated; empty parts skipped).

@@ -324,6 +324,10 @@ public final class SQLiteStore: Store {
         try self.hub.subscribe(after: resourceVersion, filter: filter)
     }
 
+    public func watchAtOnce(after resourceVersion: Int64, filter: WatchFilter) throws -> WatchSubscription? {
+        try self.hub.subscribe(after: resourceVersion, filter: filter)
+    }
+
     public func close() async throws {
         self.hub.closeAll()
         let db = self.db

@@ -186,6 +186,8 @@ public struct WatchFilter: Sendable {
 }
 
 extension Store {
+    public func watchAtOnce(after resourceVersion: Int64, filter: WatchFilter) throws -> WatchSubscription? { nil }
+
     public func get(_ keys: [ObjectKey]) async throws -> [StoredObject] {
         var out: [StoredObject] = []
         for key in keys { if let o = try await self.get(key) { out.append(o) } }
@@ -207,6 +209,9 @@ public protocol Store: Sendable {
     func commit(_ write: Write) async throws -> StoredObject
     /// Every change after `resourceVersion` matching `filter`, then live changes, in order.
     func watch(after resourceVersion: Int64, filter: WatchFilter) async throws -> WatchSubscription
+    /// `watch(after:filter:)` when the store can start it without waiting (its hub holds that version), else
+    /// nil: a watch answered on the connection's event loop, without a task (`ControlAPI.respondAtOnce`).
+    func watchAtOnce(after resourceVersion: Int64, filter: WatchFilter) throws -> WatchSubscription?
     /// Every reservation token starting with `prefix`, with its owner (to rebuild allocators at start-up).
     func reservations(prefix: String) async throws -> [String: String]
     /// Releases files and connections.

@@ -1,10 +1,12 @@
 import Control
 import Foundation
+import MeshIdentity
 import MeshClient
 import MeshCore
 import MeshHTTP
 import MeshTestSupport
 import NIOCore
+import NIOEmbedded
 import NIOHTTP1
 import Synchronization
 import Testing
@@ -161,6 +163,78 @@ import Testing
         (code, message) = try await refusal("\(base)?resources=services&resourceVersion=\(rv + 1000)")
         #expect(code == 410 && message.contains("list again"), "\(message)")
         try await cp.stop()
+    }
+
+    /// A watch from a version the hub holds is set up on the connection's event loop (`respondAtOnce`): a pushed
+    /// body that brings the changes after that version. A watch that lists first, a refused caller and a bad
+    /// parameter are left to the task path, which answers them (the tests above, over real sockets).
+    @Test func aWatchFromAHeldVersionIsStartedAtOnce() async throws {
+        let dir = TempDir()
+        let store = try await openStore(dir)
+        let api = ControlAPI(store: store, vips: VIPAllocator(cidrs: [CIDR("198.18.128.0/24")!]), logger: testLogger)
+        func request(_ method: HTTPMethod, _ uri: String, as who: String?, body: String = "") -> HTTPRequest {
+            var r = HTTPRequest(
+                method: method,
+                uri: uri,
+                headers: body.isEmpty ? [:] : ["Content-Type": "application/json"],
+                body: ByteBuffer(string: body)
+            )
+            r.peerIdentity = who
+            return r
+        }
+        let admin = MeshPrincipal.admin("ops").uri
+        func create(_ name: String) async throws {
+            let body = String(decoding: try JSONEncoder().encode(service(name)), as: UTF8.self)
+            let created = await api.respond(
+                to: request(.POST, "/apis/mesh.edge/v1/namespaces/shop/services", as: admin, body: body)
+            )
+            #expect(created.status == .created, "\(created.status)")
+        }
+        try await create("before")
+        let rv = try await store.currentResourceVersion()
+        let kinds = "/apis/mesh.edge/v1/watch?resources=services,endpoints&resourceVersion=\(rv)"
+        let one = "/apis/mesh.edge/v1/namespaces/shop/services?watch=true&resourceVersion=\(rv)"
+        for (n, uri) in [kinds, one].enumerated() {
+            let answer = try #require(api.respondAtOnce(to: request(.GET, uri, as: admin)), "\(uri)")
+            #expect(answer.status == .ok)
+            guard case .push(let source) = answer.body else {
+                Issue.record("a watch answered at once is a pushed body: \(uri)")
+                continue
+            }
+            let loop = EmbeddedEventLoop()
+            let woken = Atomic<Int>(0)
+            source.start(eventLoop: loop, wake: { woken.add(1, ordering: .relaxed) })
+            try await create("at-once-\(n)")
+            #expect(woken.load(ordering: .relaxed) >= 1)
+            guard case .data(let chunk) = source.take() else {
+                Issue.record("the change is queued for the pushed watch: \(uri)")
+                continue
+            }
+            let added = try String(buffer: chunk).split(separator: "\n").compactMap { text -> String? in
+                let line = try JSONValue.parse(json: Data(text.utf8))
+                guard line["type"]?.stringValue == "ADDED" else { return nil }
+                return line["object"]?["metadata"]?["name"]?.stringValue
+            }
+            #expect(added.last == "at-once-\(n)", "\(String(buffer: chunk))")
+            source.stop()
+            try await loop.shutdownGracefully()
+        }
+        // Left to the task path: no version (a list first), a refused caller, bad parameters, another method.
+        for (method, uri, who) in [
+            (HTTPMethod.GET, "/apis/mesh.edge/v1/namespaces/shop/services?watch=true", admin),
+            (.GET, "/apis/mesh.edge/v1/namespaces/shop/services?watch=true&resourceVersion=0", admin),
+            (.GET, kinds, nil),
+            (.GET, "/apis/mesh.edge/v1/watch?resources=relays,services&resourceVersion=\(rv)", MeshPrincipal.relay("r1").uri),
+            (.GET, "/apis/mesh.edge/v1/watch?resources=devices&resourceVersion=\(rv)", MeshPrincipal.node("n1").uri),
+            (.GET, "/apis/mesh.edge/v1/watch?resources=services&resourceVersion=ten", admin),
+            (.GET, "/apis/mesh.edge/v1/watch?resources=gadgets&resourceVersion=\(rv)", admin),
+            (.GET, kinds + "&timeoutSeconds=0", admin),
+            (.GET, "/apis/mesh.edge/v1/namespaces/shop/services?resourceVersion=\(rv)", admin),
+            (.POST, kinds, admin),
+        ] {
+            #expect(api.respondAtOnce(to: request(method, uri, as: who)) == nil, "\(method) \(uri)")
+        }
+        try await store.close()
     }
 
     @Test func eachKindIsAuthorizedAsItsOwnWatchIs() async throws {

@@ -378,6 +378,12 @@ public final class EtcdStore: Store {
         return try self.hub.subscribe(after: resourceVersion, filter: filter)
     }
 
+    /// Only when this replica's cache has reached `resourceVersion` (else `watch` waits for it).
+    public func watchAtOnce(after resourceVersion: Int64, filter: WatchFilter) throws -> WatchSubscription? {
+        guard self.state.withLock({ $0.revision }) >= resourceVersion else { return nil }
+        return try self.hub.subscribe(after: resourceVersion, filter: filter)
+    }
+
     public func reservations(prefix: String) async throws -> [String: String] {
         let p = self.key("r/" + prefix)
         let r = try await self.client.range(p, end: EtcdClient.prefixEnd(p))
