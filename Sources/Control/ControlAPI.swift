@@ -172,7 +172,9 @@ public final class ControlAPI: HTTPResponder {
     /// Anything else (a refused or unknown caller, a report, a node to write Ready, a watch that lists first or
     /// waits for the store, a bad parameter, another route) goes to `respond(to:)`, which checks and answers it.
     public func respondAtOnce(to request: HTTPRequest) -> HTTPResponse? {
-        if request.method == .GET, request.query["resourceVersion"] != nil, case .success(let route) = APIRoute.parse(request.path) {
+        if request.method == .GET, request.query["resourceVersion"] != nil,
+            case .success(let route) = APIRoute.parse(request.path)
+        {
             return self.watchAtOnce(request, route)
         }
         guard request.method == .POST, request.body.readableBytes == 0, let lifecycle = self.lifecycle,
@@ -589,7 +591,11 @@ public final class ControlAPI: HTTPResponder {
                     "a watch over several kinds starts after a resourceVersion: list each kind, then watch from the smallest list version"
                 )
             }
-            let filter = WatchFilter(resources: named, selector: try self.selector(request), node: try self.node(request))
+            let filter = WatchFilter(
+                resources: named,
+                selector: try self.selector(request),
+                node: try self.node(request)
+            )
             return (filter, try Self.version(param), Self.multiWatchBookmarkKind)
         default:
             return nil
@@ -604,7 +610,13 @@ public final class ControlAPI: HTTPResponder {
             let start = try? self.watchStart(route, request), let after = start.after,
             let subscription = try? self.store.watchAtOnce(after: after, filter: start.filter)
         else { return nil }
-        guard let response = try? self.stream(subscription, request, first: ByteBuffer(), bookmarkKind: start.bookmarkKind)
+        guard
+            let response = try? self.stream(
+                subscription,
+                request,
+                first: ByteBuffer(),
+                bookmarkKind: start.bookmarkKind
+            )
         else { return nil }
         self.answered(request, response, verb: "watch", resource: route.resourceLabel, since: .now)
         return response

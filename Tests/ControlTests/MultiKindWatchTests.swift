@@ -1,9 +1,9 @@
 import Control
 import Foundation
-import MeshIdentity
 import MeshClient
 import MeshCore
 import MeshHTTP
+import MeshIdentity
 import MeshTestSupport
 import NIOCore
 import NIOEmbedded
@@ -224,7 +224,10 @@ import Testing
             (HTTPMethod.GET, "/apis/mesh.edge/v1/namespaces/shop/services?watch=true", admin),
             (.GET, "/apis/mesh.edge/v1/namespaces/shop/services?watch=true&resourceVersion=0", admin),
             (.GET, kinds, nil),
-            (.GET, "/apis/mesh.edge/v1/watch?resources=relays,services&resourceVersion=\(rv)", MeshPrincipal.relay("r1").uri),
+            (
+                .GET, "/apis/mesh.edge/v1/watch?resources=relays,services&resourceVersion=\(rv)",
+                MeshPrincipal.relay("r1").uri
+            ),
             (.GET, "/apis/mesh.edge/v1/watch?resources=devices&resourceVersion=\(rv)", MeshPrincipal.node("n1").uri),
             (.GET, "/apis/mesh.edge/v1/watch?resources=services&resourceVersion=ten", admin),
             (.GET, "/apis/mesh.edge/v1/watch?resources=gadgets&resourceVersion=\(rv)", admin),
