@@ -655,7 +655,10 @@ public final class ControlAPI: HTTPResponder {
             timeout = .seconds(min(seconds, 1 << 32))
         }
         Gauge(label: "mesh_control_watchers").record(self.watcherCount)
-        let credentials = self.credentials
+        // The revocation check keeps the serial and the shared set, not the request (its URI, query, headers and
+        // address would stay for the watch's life).
+        let revoked = self.credentials.revoked
+        let serial = request.peerCertificateSerial.map { MeshTLS.serialHex(bytes: $0) }
         return HTTPResponse(
             status: .ok,
             headers: ["Content-Type": "application/json"],
@@ -665,7 +668,7 @@ public final class ControlAPI: HTTPResponder {
                     first: first,
                     kind: kind,
                     timeout: timeout,
-                    revoked: { credentials.denial(request) != nil },
+                    revoked: { serial.map(revoked.contains) ?? false },
                     watcher: request.peerIdentity ?? "?",
                     logger: self.logger
                 )

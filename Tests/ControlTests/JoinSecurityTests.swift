@@ -179,13 +179,20 @@ import X509
         let (n1, n1Credential) = try await self.join(cp, "n1", token)
         let (n2, n2Credential) = try await self.join(cp, "n2", token)
         try await n1.apply(self.node("n1", site: "a"))
-        // A watch n1 opened before its revocation.
+        // Two watches n1 opened before its revocation: one that lists first (answered by a task), one from a
+        // version (started on the connection's event loop).
         let watchEnded = Ended()
+        let versionedEnded = Ended()
+        let rv = try await cp.rv()
         let watching = Task {
             try? await n1.watch(MeshService.self, after: nil) { _ in true }
             watchEnded.value.store(true, ordering: .releasing)
         }
-        #expect(!watchEnded.isSet)
+        let versioned = Task {
+            try? await n1.watch(MeshService.self, after: rv) { _ in true }
+            versionedEnded.value.store(true, ordering: .releasing)
+        }
+        #expect(!watchEnded.isSet && !versionedEnded.isSet)
         // A node may not revoke another.
         let denied = await #expect(throws: Status.self) {
             _ = try await n2.raw(.POST, "/apis/mesh.edge/v1/nodes/n1/revoke")
@@ -198,8 +205,9 @@ import X509
         #expect(revoked.items.first?.identity == "mesh://node/n1")
         let refused = await #expect(throws: Status.self) { _ = try await n1.list(MeshService.self) }
         // Its open watch ends at the next bookmark.
-        #expect(await eventually(timeout: .seconds(10)) { watchEnded.isSet })
+        #expect(await eventually(timeout: .seconds(10)) { watchEnded.isSet && versionedEnded.isSet })
         watching.cancel()
+        versioned.cancel()
         #expect(refused?.code == 401)
         #expect(refused?.message.contains("mesh://node/n1") == true && refused?.message.contains("is revoked") == true)
         // Peers and relays fetch the list; the verifier hook refuses the serial on a link to n1.
