@@ -1,9 +1,24 @@
 import Control
 import Foundation
 import Logging
+import MeshHTTP
 import MeshSQLite
 import MeshTestSupport
 import NIOCore
+import NIOHTTP1
+
+/// A request as the server hands it to `ControlAPI`, from a client with identity `who` (nil: no certificate), with
+/// a JSON body when one is given.
+func apiRequest(_ method: HTTPMethod, _ uri: String, as who: String?, body: String = "") -> HTTPRequest {
+    var r = HTTPRequest(
+        method: method,
+        uri: uri,
+        headers: body.isEmpty ? [:] : ["Content-Type": "application/json"],
+        body: ByteBuffer(string: body)
+    )
+    r.peerIdentity = who
+    return r
+}
 
 let testLogger: Logger = {
     var l = Logger(label: "test")

@@ -172,21 +172,11 @@ import Testing
         let dir = TempDir()
         let store = try await openStore(dir)
         let api = ControlAPI(store: store, vips: VIPAllocator(cidrs: [CIDR("198.18.128.0/24")!]), logger: testLogger)
-        func request(_ method: HTTPMethod, _ uri: String, as who: String?, body: String = "") -> HTTPRequest {
-            var r = HTTPRequest(
-                method: method,
-                uri: uri,
-                headers: body.isEmpty ? [:] : ["Content-Type": "application/json"],
-                body: ByteBuffer(string: body)
-            )
-            r.peerIdentity = who
-            return r
-        }
         let admin = MeshPrincipal.admin("ops").uri
         func create(_ name: String) async throws {
             let body = String(decoding: try JSONEncoder().encode(service(name)), as: UTF8.self)
             let created = await api.respond(
-                to: request(.POST, "/apis/mesh.edge/v1/namespaces/shop/services", as: admin, body: body)
+                to: apiRequest(.POST, "/apis/mesh.edge/v1/namespaces/shop/services", as: admin, body: body)
             )
             #expect(created.status == .created, "\(created.status)")
         }
@@ -195,7 +185,7 @@ import Testing
         let kinds = "/apis/mesh.edge/v1/watch?resources=services,endpoints&resourceVersion=\(rv)"
         let one = "/apis/mesh.edge/v1/namespaces/shop/services?watch=true&resourceVersion=\(rv)"
         for (n, uri) in [kinds, one].enumerated() {
-            let answer = try #require(api.respondAtOnce(to: request(.GET, uri, as: admin)), "\(uri)")
+            let answer = try #require(api.respondAtOnce(to: apiRequest(.GET, uri, as: admin)), "\(uri)")
             #expect(answer.status == .ok)
             guard case .push(let source) = answer.body else {
                 Issue.record("a watch answered at once is a pushed body: \(uri)")
@@ -235,7 +225,7 @@ import Testing
             (.GET, "/apis/mesh.edge/v1/namespaces/shop/services?resourceVersion=\(rv)", admin),
             (.POST, kinds, admin),
         ] {
-            #expect(api.respondAtOnce(to: request(method, uri, as: who)) == nil, "\(method) \(uri)")
+            #expect(api.respondAtOnce(to: apiRequest(method, uri, as: who)) == nil, "\(method) \(uri)")
         }
         try await store.close()
     }

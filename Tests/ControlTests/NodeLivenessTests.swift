@@ -202,24 +202,14 @@ import Testing
             logger: testLogger,
             lifecycle: lifecycle
         )
-        func request(_ method: HTTPMethod, _ path: String, as who: String?, body: String = "") -> HTTPRequest {
-            var r = HTTPRequest(
-                method: method,
-                uri: path,
-                headers: body.isEmpty ? [:] : ["Content-Type": "application/json"],
-                body: ByteBuffer(string: body)
-            )
-            r.peerIdentity = who
-            return r
-        }
         let beatA = "/apis/mesh.edge/v1/nodes/edge-a/heartbeat"
         let edgeA = "mesh://node/edge-a"
         // Not registered: left to the task, which says so.
-        #expect(api.respondAtOnce(to: request(.POST, beatA, as: edgeA)) == nil)
-        #expect(await api.respond(to: request(.POST, beatA, as: edgeA)).status == .notFound)
+        #expect(api.respondAtOnce(to: apiRequest(.POST, beatA, as: edgeA)) == nil)
+        #expect(await api.respond(to: apiRequest(.POST, beatA, as: edgeA)).status == .notFound)
         // Registered by itself (created Ready): its beats are answered at once, and counted as beats.
         let created = await api.respond(
-            to: request(
+            to: apiRequest(
                 .PUT,
                 "/apis/mesh.edge/v1/nodes/edge-a",
                 as: edgeA,
@@ -236,7 +226,7 @@ import Testing
         }
         let requestsSeries = #"mesh_control_requests_total{verb="heartbeat",resource="nodes",code="200"}"#
         let (requests, beats) = (counted(requestsSeries), counted("mesh_control_node_heartbeats_total"))
-        let answer = try #require(api.respondAtOnce(to: request(.POST, beatA, as: edgeA)))
+        let answer = try #require(api.respondAtOnce(to: apiRequest(.POST, beatA, as: edgeA)))
         #expect(counted(requestsSeries) >= requests + 1)
         #expect(counted("mesh_control_node_heartbeats_total") >= beats + 1)
         #expect(answer.status == .ok)
@@ -250,16 +240,16 @@ import Testing
         // Everything else goes to the task: another node's beat (refused there), a beat without a certificate or
         // with a report, other methods and routes.
         for other in [
-            request(.POST, beatA, as: "mesh://node/edge-b"),
-            request(.POST, beatA, as: nil),
-            request(.POST, beatA, as: edgeA, body: #"{"relay":null}"#),
-            request(.GET, beatA, as: edgeA),
-            request(.POST, "/apis/mesh.edge/v1/nodes/edge-a", as: edgeA),
-            request(.GET, "/apis/mesh.edge/v1/nodes/edge-a", as: edgeA),
+            apiRequest(.POST, beatA, as: "mesh://node/edge-b"),
+            apiRequest(.POST, beatA, as: nil),
+            apiRequest(.POST, beatA, as: edgeA, body: #"{"relay":null}"#),
+            apiRequest(.GET, beatA, as: edgeA),
+            apiRequest(.POST, "/apis/mesh.edge/v1/nodes/edge-a", as: edgeA),
+            apiRequest(.GET, "/apis/mesh.edge/v1/nodes/edge-a", as: edgeA),
         ] {
             #expect(api.respondAtOnce(to: other) == nil, "\(other.method) \(other.uri) as \(other.peerIdentity ?? "-")")
         }
-        #expect(await api.respond(to: request(.POST, beatA, as: "mesh://node/edge-b")).status == .forbidden)
+        #expect(await api.respond(to: apiRequest(.POST, beatA, as: "mesh://node/edge-b")).status == .forbidden)
     }
 
     @Test func aNodeBeatsOnlyForItselfAndOnlyOnceRegistered() async throws {
