@@ -189,9 +189,10 @@ import Testing
         let lines = WatchSubscription.lines(await sub.next(kind: "Service") ?? ByteBuffer())
         #expect(lines.count == 4, "three changes and the bookmark it started with")
         #expect(
-            lines.dropFirst().map { String(decoding: $0, as: UTF8.self) } == (1...3).map {
-                #"{"type":"ADDED","object":{"metadata":{"name":"n\#($0)","resourceVersion":"\#($0)"},"value":0}}"#
-            }
+            lines.dropFirst().map { String(decoding: $0, as: UTF8.self) }
+                == (1...3).map {
+                    #"{"type":"ADDED","object":{"metadata":{"name":"n\#($0)","resourceVersion":"\#($0)"},"value":0}}"#
+                }
         )
         sub.cancel()
     }
