@@ -38,13 +38,8 @@ public final class WatchHub: Sendable {
         /// For a placed kind (`NodePlacement`): which node-scoped watchers get which line.
         var placed: Placed?
 
-        /// The object's JSON as a slice of `line` (its storage shared, not copied).
-        let object: ByteBuffer
-
         init(_ event: StoreEvent, placed: Placed? = nil) {
-            let (line, object) = WatchHub.lineAndObject(for: event)
-            self.line = line
-            self.object = line.getSlice(at: object.lowerBound, length: object.count)!
+            self.line = WatchHub.line(for: event)
             self.event = event
             self.event.object.json = ByteBuffer()
             self.placed = placed
@@ -288,20 +283,13 @@ public final class WatchHub: Sendable {
 
     /// The watch line of an event.
     static func line(for event: StoreEvent) -> ByteBuffer {
-        Self.lineAndObject(for: event).line
-    }
-
-    /// The watch line of an event, and where the object's JSON lies in it.
-    static func lineAndObject(for event: StoreEvent) -> (line: ByteBuffer, object: Range<Int>) {
         var json = event.object.json
         var b = ByteBuffer()
         b.reserveCapacity(json.readableBytes + 32)
         b.writeString("{\"type\":\"\(event.kind.name)\",\"object\":")
-        let start = b.writerIndex
         b.writeBuffer(&json)
-        let end = b.writerIndex
         b.writeString("}\n")
-        return (b, start..<end)
+        return b
     }
 
     /// A bookmark line: everything up to `rv` has been sent.
@@ -353,11 +341,7 @@ public final class WatchHub: Sendable {
 
     /// Records a committed change and hands it to every matching watcher. Callers publish in
     /// resourceVersion order.
-    /// Publishes a change to its watchers and keeps it in the history. Returns the object's JSON as a slice of
-    /// the kept watch line: a store that caches the object keeps that slice, so the cache and the history hold
-    /// one copy of the object's bytes, not two.
-    @discardableResult
-    public func publish(_ event: StoreEvent) -> ByteBuffer {
+    public func publish(_ event: StoreEvent) {
         let placement = NodePlacement.of(event.object)
         var entry = Entry(event)
         let woken = self.state.withLock { s -> [WatchWaker] in
@@ -388,7 +372,6 @@ public final class WatchHub: Sendable {
             return woken
         }
         Self.wake(woken)
-        return entry.object
     }
 
     /// Resumes waiting watchers, after the hub's lock is released: never under it. Resuming a task takes

@@ -175,28 +175,6 @@ import Testing
         #expect(line == #"{"type":"ADDED","object":{"metadata":{"name":"x","resourceVersion":"4"},"value":0}}"# + "\n")
     }
 
-    /// `publish` hands back the object's JSON, byte for byte, as a slice of the watch line it keeps (a caching
-    /// store keeps that slice), and watchers still get the whole line.
-    @Test func publishHandsBackTheObjectsJSONFromItsLine() async {
-        let hub = WatchHub(current: 0)
-        let sub = try! hub.subscribe(after: 0, filter: WatchFilter(resource: "services"))
-        for rv in Int64(1)...3 {
-            let event = self.event(rv, "n\(rv)")
-            let json = hub.publish(event)
-            #expect(json == event.object.json)
-            #expect(String(buffer: json) == String(buffer: event.object.json))
-        }
-        let lines = WatchSubscription.lines(await sub.next(kind: "Service") ?? ByteBuffer())
-        #expect(lines.count == 4, "three changes and the bookmark it started with")
-        #expect(
-            lines.dropFirst().map { String(decoding: $0, as: UTF8.self) }
-                == (1...3).map {
-                    #"{"type":"ADDED","object":{"metadata":{"name":"n\#($0)","resourceVersion":"\#($0)"},"value":0}}"#
-                }
-        )
-        sub.cancel()
-    }
-
     /// Regression for a deadlock (412608a): a watcher cancelled while the hub fans out a change or a
     /// bookmark. The hub used to resume a waiting watcher under its own lock; resuming needs the watcher
     /// task's status lock, which the canceller holds while the cancellation handler ends the watch, and

@@ -197,15 +197,14 @@ public final class EtcdStore: Store {
             }
             let ready = self.state.withLock { s -> [CheckedContinuation<Bool, Never>] in
                 if let change {
-                    var o = change.object
-                    // The cache keeps the object's JSON as a slice of the hub's watch line: one copy of the bytes.
-                    if rev > self.hub.currentResourceVersion { o.json = self.hub.publish(change) }
+                    let o = change.object
                     if change.kind == .deleted {
                         s.objects[o.key.resource]?[o.key] = nil
                     } else {
                         s.objects[o.key.resource, default: [:]][o.key] = o
                     }
                     s.sorted[o.key.resource] = nil
+                    if rev > self.hub.currentResourceVersion { self.hub.publish(change) }
                 } else {
                     self.hub.advance(to: rev)
                 }
