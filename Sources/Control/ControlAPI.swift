@@ -604,10 +604,11 @@ public final class ControlAPI: HTTPResponder {
 
     /// A watch from a version the store's hub holds, started on the connection's event loop: no task, so no
     /// task's stack slabs freed around the watch's long-lived objects (a fleet's watches start in a storm).
-    /// Nil (the task path answers) when the request is not such a watch, is refused, or has a bad parameter.
+    /// Nil (the task path answers) when the GET (`respondAtOnce` checked the method) is not such a watch, is
+    /// refused, or has a bad parameter.
     private func watchAtOnce(_ request: HTTPRequest, _ route: APIRoute) -> HTTPResponse? {
-        guard request.method == .GET, self.verdict(request) == .allow,
-            let start = try? self.watchStart(route, request), let after = start.after,
+        guard let start = try? self.watchStart(route, request), let after = start.after,
+            self.verdict(request) == .allow,
             let subscription = try? self.store.watchAtOnce(after: after, filter: start.filter)
         else { return nil }
         guard
@@ -655,10 +656,6 @@ public final class ControlAPI: HTTPResponder {
             timeout = .seconds(min(seconds, 1 << 32))
         }
         Gauge(label: "mesh_control_watchers").record(self.watcherCount)
-        // The revocation check keeps the serial and the shared set, not the request (its URI, query, headers and
-        // address would stay for the watch's life).
-        let revoked = self.credentials.revoked
-        let serial = request.peerCertificateSerial.map { MeshTLS.serialHex(bytes: $0) }
         return HTTPResponse(
             status: .ok,
             headers: ["Content-Type": "application/json"],
@@ -668,7 +665,7 @@ public final class ControlAPI: HTTPResponder {
                     first: first,
                     kind: kind,
                     timeout: timeout,
-                    revoked: { serial.map(revoked.contains) ?? false },
+                    revoked: self.credentials.revocationCheck(request),
                     watcher: request.peerIdentity ?? "?",
                     logger: self.logger
                 )

@@ -189,6 +189,14 @@ struct NodeCredentials: Sendable {
         return done
     }
 
+    /// Whether the client certificate of `request` is revoked now, asked later and again (a watch, at each
+    /// chunk it sends): it keeps the serial and the shared revocation set, not the request.
+    func revocationCheck(_ request: HTTPRequest) -> @Sendable () -> Bool {
+        guard let bytes = request.peerCertificateSerial else { return { false } }
+        let (serial, revoked) = (MeshTLS.serialHex(bytes: bytes), self.revoked)
+        return { revoked.contains(serial) }
+    }
+
     /// The refusal of a request whose client certificate is revoked (nil: not revoked, or none).
     func denial(_ request: HTTPRequest) -> Status? {
         guard let bytes = request.peerCertificateSerial else { return nil }

@@ -324,8 +324,9 @@ public final class SQLiteStore: Store {
         try self.hub.subscribe(after: resourceVersion, filter: filter)
     }
 
+    /// Always at once: the hub holds every version the store has written.
     public func watchAtOnce(after resourceVersion: Int64, filter: WatchFilter) throws -> WatchSubscription? {
-        try self.hub.subscribe(after: resourceVersion, filter: filter)
+        try self.watch(after: resourceVersion, filter: filter)
     }
 
     public func close() async throws {

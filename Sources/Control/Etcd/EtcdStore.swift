@@ -366,14 +366,13 @@ public final class EtcdStore: Store {
     }
 
     public func watch(after resourceVersion: Int64, filter: WatchFilter) async throws -> WatchSubscription {
-        if self.state.withLock({ $0.revision }) < resourceVersion {
-            if !(await self.waitFor(resourceVersion)) {
-                let current = try await self.client.revision()
-                if resourceVersion > current { throw StoreError.tooNew(requested: resourceVersion, current: current) }
-                throw StoreError.unavailable(
-                    "this replica's cache is behind revision \(resourceVersion) (etcd at \(current)); retry"
-                )
-            }
+        if let subscription = try self.watchAtOnce(after: resourceVersion, filter: filter) { return subscription }
+        if !(await self.waitFor(resourceVersion)) {
+            let current = try await self.client.revision()
+            if resourceVersion > current { throw StoreError.tooNew(requested: resourceVersion, current: current) }
+            throw StoreError.unavailable(
+                "this replica's cache is behind revision \(resourceVersion) (etcd at \(current)); retry"
+            )
         }
         return try self.hub.subscribe(after: resourceVersion, filter: filter)
     }
