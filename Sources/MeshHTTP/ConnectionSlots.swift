@@ -238,17 +238,24 @@ final class HandshakeWatch: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if !self.tls && !self.done { self.finish(context, authenticated: false) }
+        let first = !self.tls && !self.done
+        if first { self.finish(context, authenticated: false) }
         context.fireChannelRead(data)
+        if first { self.leave(context) }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        let completed: Bool
         if case .handshakeCompleted = event as? TLSUserEvent, !self.done {
             let certificate = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)
                 .peerCertificate
             self.finish(context, authenticated: certificate != nil)
+            completed = true
+        } else {
+            completed = false
         }
         context.fireUserInboundEventTriggered(event)
+        if completed { self.leave(context) }
     }
 
     private func finish(_ context: ChannelHandlerContext, authenticated: Bool) {
@@ -256,6 +263,12 @@ final class HandshakeWatch: ChannelInboundHandler, RemovableChannelHandler {
         self.timer?.cancel()
         self.timer = nil
         self.slots.established(context.channel, authenticated: authenticated)
+    }
+
+    /// Its work is done once the handshake is: it leaves the pipeline rather than sit in it (and in the
+    /// memory of an idle connection) for the connection's life.
+    private func leave(_ context: ChannelHandlerContext) {
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 
     private func arm(_ context: ChannelHandlerContext) {

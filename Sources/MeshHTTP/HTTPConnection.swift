@@ -140,7 +140,6 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     private var context: ChannelHandlerContext?
     private var push: (any HTTPEventSource)?
     private var pushWriting = false
-    private var pushKeepAlive = false
     /// The client half-closed: no request follows the one being answered.
     private var inputEnded = false
     /// ProtocolGuard's `inputClosed` completed: the client left, closed its side, or the server is draining.
@@ -303,9 +302,13 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     }
 
     /// The answer's head (a whole body's length, or none: chunked) and whether the connection stays open.
+    /// A streamed answer (a watch) ends its connection: it is most often the connection's whole life, and
+    /// while it is written the request decoder can leave the pipeline (``StreamingInputDrain``).
     private func responseHead(_ response: HTTPResponse, to request: HTTPRequestHead) -> (HTTPResponseHead, Bool) {
         var head = HTTPResponseHead(version: request.version, status: response.status, headers: response.headers)
-        let keepAlive = request.isKeepAlive && !self.shared.slots.isDraining
+        let whole: Bool
+        if case .bytes = response.body { whole = true } else { whole = false }
+        let keepAlive = whole && request.isKeepAlive && !self.shared.slots.isDraining
         if !keepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
         if case .bytes(let bytes) = response.body {
             head.headers.replaceOrAdd(name: "Content-Length", value: "\(bytes.readableBytes)")
@@ -330,8 +333,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             return self.finish(context, keepAlive: keepAlive)
         case .push(let source):
             context.writeAndFlush(self.wrapOutboundOut(.head(head)), promise: nil)
+            StreamingInputDrain.replaceDecoder(in: context.pipeline.syncOperations)
             self.push = source
-            self.pushKeepAlive = keepAlive
             let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
             let wakeups = self.shared.wakeups.of(context.eventLoop)
             source.start(eventLoop: context.eventLoop) { wakeups.wake(bound) }
@@ -359,7 +362,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             break
         case .end:
             self.push = nil
-            _ = self.finish(context, keepAlive: self.pushKeepAlive)
+            _ = self.finish(context, keepAlive: false)
         }
     }
 
@@ -390,7 +393,10 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         let keepAlive = try await bound.eventLoop.submit { () -> Bool in
             let handler = bound.value
             let (head, keepAlive) = handler.responseHead(response, to: request)
-            handler.context?.writeAndFlush(handler.wrapOutboundOut(.head(head)), promise: nil)
+            if let context = handler.context {
+                context.writeAndFlush(handler.wrapOutboundOut(.head(head)), promise: nil)
+                StreamingInputDrain.replaceDecoder(in: context.pipeline.syncOperations)
+            }
             return keepAlive
         }.get()
         let writer = HTTPBodyWriter(clientClosed: inputClosed) { chunk in

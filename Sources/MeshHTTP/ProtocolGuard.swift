@@ -25,7 +25,7 @@ final class ProtocolGuard: ChannelDuplexHandler, RemovableChannelHandler {
 
     private var state = State.idle
     private var responseStarted = false
-    private var lastActivity = NIODeadline.now()
+    private var lastActivity: NIODeadline
     private var timer: Scheduled<Void>?
     private let requestTimeout: TimeAmount
     private let idleTimeout: TimeAmount
@@ -38,6 +38,7 @@ final class ProtocolGuard: ChannelDuplexHandler, RemovableChannelHandler {
         self.idleTimeout = idleTimeout
         self.render = render
         self.inputClosed = eventLoop.makePromise()
+        self.lastActivity = eventLoop.now
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -61,14 +62,20 @@ final class ProtocolGuard: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.lastActivity = .now()
+        self.lastActivity = context.eventLoop.now
         switch self.unwrapInboundIn(data) {
         case .head:
             if self.state == .idle { self.state = .receivingBody }
         case .body:
             break
         case .end:
-            if self.state == .receivingBody { self.state = .responding }
+            if self.state == .receivingBody {
+                // Nothing to time while the answer is made and written (for a watch, the connection's
+                // life): no timer per streaming connection.
+                self.state = .responding
+                self.timer?.cancel()
+                self.timer = nil
+            }
         }
         context.fireChannelRead(data)
     }
@@ -79,9 +86,10 @@ final class ProtocolGuard: ChannelDuplexHandler, RemovableChannelHandler {
             self.responseStarted = true
         case .end:
             self.responseStarted = false
-            self.lastActivity = .now()
+            self.lastActivity = context.eventLoop.now
             // A response sent before the request ended (413, early errors) leaves no request in progress.
             self.state = .idle
+            if self.timer == nil && context.channel.isActive { self.armTimer(context: context) }
         default:
             break
         }
@@ -158,7 +166,7 @@ final class ProtocolGuard: ChannelDuplexHandler, RemovableChannelHandler {
 
     private func checkTimeouts(context: ChannelHandlerContext) {
         guard context.channel.isActive else { return }
-        let quiet = NIODeadline.now() - self.lastActivity
+        let quiet = context.eventLoop.now - self.lastActivity
         switch self.state {
         case .idle where quiet >= self.idleTimeout:
             context.close(promise: nil)
