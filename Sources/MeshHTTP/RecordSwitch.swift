@@ -133,7 +133,13 @@ public final class HTTPRecordSwitch: ChannelDuplexHandler, RemovableChannelHandl
                 )
             )
         }
-        let sealed = SealedRecordHandler(secrets: secrets, dialer: self.role.isClient, keepsReadBuffer: false)
+        // Idle most of its life (a watch, a kept-alive beat connection): no read buffer, no key schedules kept.
+        let sealed = SealedRecordHandler(
+            secrets: secrets,
+            dialer: self.role.isClient,
+            keepsReadBuffer: false,
+            keepsKeys: false
+        )
         do {
             try ops.addHandler(sealed, position: .after(tlsHandler))
             // NIOSSL's buffers, which IdleBuffers gave back when idle, go with NIOSSL.

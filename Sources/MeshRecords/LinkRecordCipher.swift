@@ -59,7 +59,10 @@ public final class LinkRecordCipher {
         case applicationData = 23
     }
 
-    private var context: OpaquePointer
+    /// The AEAD's key schedule (~580 bytes); nil after ``releaseKey()`` until the next record needs it.
+    private var context: OpaquePointer?
+    /// The AES key the context is set up from.
+    private var key: [UInt8]
     private var iv: [UInt8]
     private var nonce: [UInt8]
     private var secret: [UInt8]
@@ -81,21 +84,40 @@ public final class LinkRecordCipher {
         self.secret = secret
         self.hash = hash
         self.recordsPerKey = recordsPerKey
-        (self.context, self.iv) = Self.keys(secret, hash)
+        (self.key, self.iv) = Self.keys(secret, hash)
         self.nonce = self.iv
     }
 
     deinit {
-        CNIOBoringSSL_EVP_AEAD_CTX_free(self.context)
+        self.releaseKey()
     }
 
-    private static func keys(_ secret: [UInt8], _ hash: TLS13KeySchedule.Hash) -> (OpaquePointer, [UInt8]) {
-        let key = TLS13KeySchedule.expandLabel(hash, secret: secret, label: "key", context: [], length: 16)
-        let iv = TLS13KeySchedule.expandLabel(hash, secret: secret, label: "iv", context: [], length: 12)
-        guard let context = CNIOBoringSSL_EVP_AEAD_CTX_new(CNIOBoringSSL_EVP_aead_aes_128_gcm(), key, 16, 16) else {
+    /// The AES key and the IV of a traffic secret (RFC 8446 7.3).
+    private static func keys(_ secret: [UInt8], _ hash: TLS13KeySchedule.Hash) -> (key: [UInt8], iv: [UInt8]) {
+        (
+            TLS13KeySchedule.expandLabel(hash, secret: secret, label: "key", context: [], length: 16),
+            TLS13KeySchedule.expandLabel(hash, secret: secret, label: "iv", context: [], length: 12)
+        )
+    }
+
+    /// The AEAD context of the current key, set up now if it was released.
+    private func keyContext() -> OpaquePointer {
+        if let context = self.context { return context }
+        guard let context = CNIOBoringSSL_EVP_AEAD_CTX_new(CNIOBoringSSL_EVP_aead_aes_128_gcm(), self.key, 16, 16)
+        else {
             preconditionFailure("BoringSSL could not set up an AES-128-GCM key")
         }
-        return (context, iv)
+        self.context = context
+        return context
+    }
+
+    /// Frees the AEAD's key schedule, which the next record sets up again from the key (a few hundred
+    /// nanoseconds): a connection idle most of its life (an HTTP watch) keeps 16 bytes of key per direction
+    /// instead of ~580 bytes of schedule. The records are the same either way.
+    public func releaseKey() {
+        guard let context = self.context else { return }
+        CNIOBoringSSL_EVP_AEAD_CTX_free(context)
+        self.context = nil
     }
 
     /// The nonce of the current record: the IV XOR the record number (big-endian, in the last 8 bytes).
@@ -117,11 +139,9 @@ public final class LinkRecordCipher {
             context: [],
             length: self.hash.length
         )
-        let (context, iv) = Self.keys(self.secret, self.hash)
-        CNIOBoringSSL_EVP_AEAD_CTX_free(self.context)
-        self.context = context
-        self.iv = iv
-        self.nonce = iv
+        self.releaseKey()  // the next record sets up the new key
+        (self.key, self.iv) = Self.keys(self.secret, self.hash)
+        self.nonce = self.iv
         self.sequence = 0
         self.keyUpdates += 1
     }
@@ -134,7 +154,7 @@ public final class LinkRecordCipher {
         var header: (UInt8, UInt8, UInt8, UInt8, UInt8) = (23, 3, 3, UInt8(length >> 8), UInt8(length & 0xFF))
         var inner = type.rawValue
         self.setNonce()
-        let context = self.context
+        let context = self.keyContext()
         withUnsafeBytes(of: &header) { ad in
             out.writeBytes(ad)
             out.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { dest in
@@ -213,7 +233,7 @@ public final class LinkRecordCipher {
     public func open(_ record: UnsafeRawBufferPointer, into out: inout ByteBuffer) throws(LinkRecordError) -> UInt8 {
         let body = record.count - Self.headerLength
         self.setNonce()
-        let context = self.context
+        let context = self.keyContext()
         let start = out.writerIndex
         let opened = out.writeWithUnsafeMutableBytes(minimumWritableBytes: body) { dest in
             var length = 0

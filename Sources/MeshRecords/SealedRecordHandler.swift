@@ -37,14 +37,21 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
     /// read's is as large as its bytes and let go (an HTTP connection that is idle most of its life keeps none).
     private let keepsReadBuffer: Bool
 
+    /// Whether the ciphers keep their AEAD key schedules between reads and between flushes (a link), or set
+    /// them up for each and let them go (``LinkRecordCipher/releaseKey()``: an idle HTTP connection keeps
+    /// ~1.1 KiB less).
+    private let keepsKeys: Bool
+
     /// The handler of one end of a link: `dialer` says which direction's secret it sends with.
     public init(
         secrets: LinkRecordSecrets,
         dialer: Bool,
         recordsPerKey: UInt64 = LinkRecordCipher.defaultRecordsPerKey,
-        keepsReadBuffer: Bool = true
+        keepsReadBuffer: Bool = true,
+        keepsKeys: Bool = true
     ) {
         self.keepsReadBuffer = keepsReadBuffer
+        self.keepsKeys = keepsKeys
         let (send, receive) = secrets.directions(dialer: dialer)
         self.sender = LinkRecordCipher(secret: send, hash: secrets.hash, recordsPerKey: recordsPerKey)
         self.receiver = LinkRecordCipher(secret: receive, hash: secrets.hash, recordsPerKey: recordsPerKey)
@@ -129,6 +136,7 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
             outcome = Result { () throws(LinkRecordError) -> Bool in try self.openRecords(&bytes, into: &out) }
             if case .success(false) = outcome, bytes.readableBytes > 0 { self.partial = bytes }
         }
+        if !self.keepsKeys { self.receiver.releaseKey() }
         if out.readableBytes > 0 { context.fireChannelRead(self.wrapInboundOut(out)) }
         if self.keepsReadBuffer, out.capacity <= Self.keptPlainCapacity { self.plain = out }
         switch outcome {
@@ -221,6 +229,7 @@ public final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHa
             }
         }
         self.staged.removeAll(keepingCapacity: self.keepsReadBuffer)
+        if !self.keepsKeys { self.sender.releaseKey() }
         context.writeAndFlush(self.wrapOutboundOut(out), promise: promise)
     }
 

@@ -76,6 +76,30 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
         #expect(String(buffer: plain) == "hello link" + "hello link" + "hello link")
     }
 
+    @Test func aKeyReleasedBetweenRecordsChangesNoByte() {
+        // Across a key update (every 2 records): the same records whether the schedule is kept or set up again.
+        let kept = LinkRecordCipher(secret: Self.secret, hash: .sha256, recordsPerKey: 2)
+        let released = LinkRecordCipher(secret: Self.secret, hash: .sha256, recordsPerKey: 2)
+        var a = ByteBuffer()
+        var b = ByteBuffer()
+        for i in 0..<5 {
+            let content = buffer(Self.hello + [UInt8(i)])
+            kept.seal(content, into: &a)
+            released.seal(content, into: &b)
+            released.releaseKey()
+            if i == 2 { released.releaseKey() }  // twice is nothing
+        }
+        #expect(Array(a.readableBytesView) == Array(b.readableBytesView))
+        #expect(released.keyUpdates == 2)
+        let reader = LinkRecordCipher(secret: Self.secret, hash: .sha256, recordsPerKey: 2)
+        var plain = ByteBuffer()
+        for _ in 0..<5 {
+            #expect(throws: Never.self) { try Self.openOne(reader, &b, into: &plain) }
+            reader.releaseKey()
+        }
+        #expect(plain.readableBytes == 5 * (Self.hello.count + 1))
+    }
+
     @Test func sealsAnAlertAndSplitsLargeContent() {
         let cipher = LinkRecordCipher(secret: Self.secret, hash: .sha256)
         var out = ByteBuffer()
@@ -186,14 +210,15 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
 
     /// A dialer's and an acceptor's channel, each with its handler; started unless `started` is false.
     func pair(
-        started: Bool = true
+        started: Bool = true,
+        keepsKeys: Bool = true
     ) throws -> (
         dialer: EmbeddedChannel, acceptor: EmbeddedChannel, acceptorHandler: SealedRecordHandler
     ) {
         let d = EmbeddedChannel()
         let a = EmbeddedChannel()
-        let dh = SealedRecordHandler(secrets: self.secrets, dialer: true)
-        let ah = SealedRecordHandler(secrets: self.secrets, dialer: false)
+        let dh = SealedRecordHandler(secrets: self.secrets, dialer: true, keepsKeys: keepsKeys)
+        let ah = SealedRecordHandler(secrets: self.secrets, dialer: false, keepsKeys: keepsKeys)
         try d.pipeline.syncOperations.addHandler(dh)
         try a.pipeline.syncOperations.addHandler(ah)
         if started {
@@ -225,8 +250,9 @@ private func buffer(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
         return got
     }
 
-    @Test func bothWaysFedByteByByte() throws {
-        let (d, a, _) = try self.pair()
+    /// Both ways, with the key schedules kept (a link) and set up for each read and flush (HTTP).
+    @Test(arguments: [true, false]) func bothWaysFedByteByByte(keepsKeys: Bool) throws {
+        let (d, a, _) = try self.pair(keepsKeys: keepsKeys)
         let request = Array("GET / HTTP/1.1\r\n\r\n".utf8)
         let written = d.writeAndFlush(ByteBuffer(bytes: request))
         let wire = try self.carry(d, a, chunk: 1)
