@@ -61,10 +61,11 @@ public final class LinkRecordCipher {
 
     /// The AEAD's key schedule (~580 bytes); nil after ``releaseKey()`` until the next record needs it.
     private var context: OpaquePointer?
-    /// The AES key the context is set up from.
-    private var key: [UInt8]
-    private var iv: [UInt8]
-    private var nonce: [UInt8]
+    /// The AES key the context is set up from, and the IV and the current record's nonce (their first 12
+    /// bytes): inline, not three arrays on the heap.
+    private var key: SIMD16<UInt8>
+    private var iv: SIMD16<UInt8>
+    private var nonce: SIMD16<UInt8>
     private var secret: [UInt8]
     private let hash: TLS13KeySchedule.Hash
     private let recordsPerKey: UInt64
@@ -93,18 +94,31 @@ public final class LinkRecordCipher {
     }
 
     /// The AES key and the IV of a traffic secret (RFC 8446 7.3).
-    private static func keys(_ secret: [UInt8], _ hash: TLS13KeySchedule.Hash) -> (key: [UInt8], iv: [UInt8]) {
-        (
-            TLS13KeySchedule.expandLabel(hash, secret: secret, label: "key", context: [], length: 16),
-            TLS13KeySchedule.expandLabel(hash, secret: secret, label: "iv", context: [], length: 12)
-        )
+    private static func keys(
+        _ secret: [UInt8],
+        _ hash: TLS13KeySchedule.Hash
+    ) -> (key: SIMD16<UInt8>, iv: SIMD16<UInt8>) {
+        let key = TLS13KeySchedule.expandLabel(hash, secret: secret, label: "key", context: [], length: 16)
+        let iv = TLS13KeySchedule.expandLabel(hash, secret: secret, label: "iv", context: [], length: 12)
+        var k = SIMD16<UInt8>()
+        var v = SIMD16<UInt8>()
+        for i in 0..<16 { k[i] = key[i] }
+        for i in 0..<12 { v[i] = iv[i] }
+        return (k, v)
     }
 
     /// The AEAD context of the current key, set up now if it was released.
     private func keyContext() -> OpaquePointer {
         if let context = self.context { return context }
-        guard let context = CNIOBoringSSL_EVP_AEAD_CTX_new(CNIOBoringSSL_EVP_aead_aes_128_gcm(), self.key, 16, 16)
-        else {
+        let made = withUnsafeBytes(of: self.key) { key in
+            CNIOBoringSSL_EVP_AEAD_CTX_new(
+                CNIOBoringSSL_EVP_aead_aes_128_gcm(),
+                key.baseAddress!.assumingMemoryBound(to: UInt8.self),
+                16,
+                16
+            )
+        }
+        guard let context = made else {
             preconditionFailure("BoringSSL could not set up an AES-128-GCM key")
         }
         self.context = context
@@ -160,7 +174,7 @@ public final class LinkRecordCipher {
             out.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { dest in
                 let base = dest.baseAddress!.assumingMemoryBound(to: UInt8.self)
                 var tagLength = 0
-                let ok = self.nonce.withUnsafeBufferPointer { nonce in
+                let ok = withUnsafeBytes(of: self.nonce) { nonce in
                     withUnsafeBytes(of: &inner) { extra in
                         CNIOBoringSSL_EVP_AEAD_CTX_seal_scatter(
                             context,
@@ -168,7 +182,7 @@ public final class LinkRecordCipher {
                             base + content.count,
                             &tagLength,
                             1 + Self.tagLength,
-                            nonce.baseAddress,
+                            nonce.baseAddress!.assumingMemoryBound(to: UInt8.self),
                             12,
                             content.baseAddress?.assumingMemoryBound(to: UInt8.self) ?? UnsafePointer(base),
                             content.count,
@@ -237,13 +251,13 @@ public final class LinkRecordCipher {
         let start = out.writerIndex
         let opened = out.writeWithUnsafeMutableBytes(minimumWritableBytes: body) { dest in
             var length = 0
-            let ok = self.nonce.withUnsafeBufferPointer { nonce in
+            let ok = withUnsafeBytes(of: self.nonce) { nonce in
                 CNIOBoringSSL_EVP_AEAD_CTX_open(
                     context,
                     dest.baseAddress!.assumingMemoryBound(to: UInt8.self),
                     &length,
                     dest.count,
-                    nonce.baseAddress,
+                    nonce.baseAddress!.assumingMemoryBound(to: UInt8.self),
                     12,
                     record.baseAddress!.assumingMemoryBound(to: UInt8.self) + Self.headerLength,
                     body,
