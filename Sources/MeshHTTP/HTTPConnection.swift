@@ -306,16 +306,23 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     /// while it is written the request decoder can leave the pipeline (``StreamingInputDrain``).
     private func responseHead(_ response: HTTPResponse, to request: HTTPRequestHead) -> (HTTPResponseHead, Bool) {
         var head = HTTPResponseHead(version: request.version, status: response.status, headers: response.headers)
-        let whole: Bool
-        if case .bytes = response.body { whole = true } else { whole = false }
-        let keepAlive = whole && request.isKeepAlive && !self.shared.slots.isDraining
-        if !keepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
+        let keepAlive: Bool
         if case .bytes(let bytes) = response.body {
+            keepAlive = request.isKeepAlive && !self.shared.slots.isDraining
             head.headers.replaceOrAdd(name: "Content-Length", value: "\(bytes.readableBytes)")
         } else {
+            keepAlive = false
             head.headers.remove(name: "Content-Length")
         }
+        if !keepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
         return (head, keepAlive)
+    }
+
+    /// On the event loop: sends a streamed answer's head (which ends the connection) and takes the request
+    /// decoder out of the pipeline for the stream's life.
+    private func startStream(_ context: ChannelHandlerContext, _ head: HTTPResponseHead) {
+        context.writeAndFlush(self.wrapOutboundOut(.head(head)), promise: nil)
+        StreamingInputDrain.replaceDecoder(in: context.pipeline.syncOperations)
     }
 
     /// On the event loop: writes a whole answer, or starts a pushed one.
@@ -332,8 +339,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             context.write(self.wrapOutboundOut(.body(.byteBuffer(bytes))), promise: nil)
             return self.finish(context, keepAlive: keepAlive)
         case .push(let source):
-            context.writeAndFlush(self.wrapOutboundOut(.head(head)), promise: nil)
-            StreamingInputDrain.replaceDecoder(in: context.pipeline.syncOperations)
+            self.startStream(context, head)
             self.push = source
             let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
             let wakeups = self.shared.wakeups.of(context.eventLoop)
@@ -390,14 +396,11 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         _ channel: any Channel,
         _ inputClosed: EventLoopFuture<Void>
     ) async throws {
-        let keepAlive = try await bound.eventLoop.submit { () -> Bool in
+        try await bound.eventLoop.submit {
             let handler = bound.value
-            let (head, keepAlive) = handler.responseHead(response, to: request)
             if let context = handler.context {
-                context.writeAndFlush(handler.wrapOutboundOut(.head(head)), promise: nil)
-                StreamingInputDrain.replaceDecoder(in: context.pipeline.syncOperations)
+                handler.startStream(context, handler.responseHead(response, to: request).0)
             }
-            return keepAlive
         }.get()
         let writer = HTTPBodyWriter(clientClosed: inputClosed) { chunk in
             try await channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(chunk))).get()
@@ -407,7 +410,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             guard let context = bound.value.context else {
                 return bound.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
             }
-            return bound.value.finish(context, keepAlive: keepAlive)
+            return bound.value.finish(context, keepAlive: false)  // a streamed answer ends its connection
         }.get()
     }
 }

@@ -17,16 +17,11 @@ final class StreamingInputDrain: ChannelInboundHandler, RemovableChannelHandler 
     /// Bytes dropped at most before the connection is closed.
     static let limit = 64 * 1024
 
-    private let limit: Int
     private(set) var dropped = 0
-
-    init(limit: Int = StreamingInputDrain.limit) {
-        self.limit = limit
-    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         self.dropped += Self.unwrapInboundIn(data).readableBytes
-        if self.dropped > self.limit { context.close(promise: nil) }
+        if self.dropped > Self.limit { context.close(promise: nil) }
     }
 
     /// Puts a drain before the connection's request decoder and takes the decoder out; nothing if there is
