@@ -85,6 +85,36 @@ stream { server { listen $3; proxy_pass $4; } }
 NGINX
 }
 
+# nginx_http_config FILE DIR LISTEN BACKEND: nginx in the foreground, one process, an HTTP proxy as perf/run's:
+# upstream keep-alive, X-Forwarded-For and X-Request-Id added (as ours does by default); temp files in DIR.
+nginx_http_config() {
+  cat >"$1" <<NGINX
+daemon off;
+master_process off;
+worker_processes 1;
+pid $2/nginx.pid;
+error_log $2/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $2/body; proxy_temp_path $2/proxy;
+  fastcgi_temp_path $2/fcgi; uwsgi_temp_path $2/uwsgi; scgi_temp_path $2/scgi;
+  keepalive_requests 100000000; keepalive_timeout 300s;
+  upstream b { server $4; keepalive 32; keepalive_requests 100000000; }
+  server {
+    listen $3;
+    location / {
+      proxy_pass http://b;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Request-Id \$request_id;
+    }
+  }
+}
+NGINX
+}
+
 # free_port: a loopback TCP port free just now.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
