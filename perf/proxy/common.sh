@@ -70,31 +70,33 @@ backend b
 CFG
 }
 
-# nginx_stream_config FILE DIR LISTEN BACKEND: nginx in the foreground, one process, a TCP stream proxy (as
-# perf/run's); its pid file and error log in DIR.
-nginx_stream_config() {
-  cat >"$1" <<NGINX
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+# nginx_preamble DIR: nginx in the foreground, one process, its pid file and error log in DIR.
+nginx_preamble() {
+  cat <<NGINX
 daemon off;
 master_process off;
 worker_processes 1;
-pid $2/nginx.pid;
-error_log $2/nginx-error.log warn;
+pid $1/nginx.pid;
+error_log $1/nginx-error.log warn;
 events { worker_connections 1024; }
-stream { server { listen $3; proxy_pass $4; } }
 NGINX
 }
 
-# nginx_http_config FILE DIR LISTEN BACKEND: nginx in the foreground, one process, an HTTP proxy as perf/run's:
-# upstream keep-alive, X-Forwarded-For and X-Request-Id added (as ours does by default); temp files in DIR.
+# nginx_stream_config FILE DIR LISTEN BACKEND: a TCP stream proxy (as perf/run's), after nginx_preamble DIR.
+nginx_stream_config() {
+  {
+    echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
+    nginx_preamble "$2"
+    echo "stream { server { listen $3; proxy_pass $4; } }"
+  } >"$1"
+}
+
+# nginx_http_config FILE DIR LISTEN BACKEND: an HTTP proxy as perf/run's (upstream keep-alive, X-Forwarded-For
+# and X-Request-Id added, as ours does by default), after nginx_preamble DIR; temp files in DIR.
 nginx_http_config() {
-  cat >"$1" <<NGINX
-daemon off;
-master_process off;
-worker_processes 1;
-pid $2/nginx.pid;
-error_log $2/nginx-error.log warn;
-events { worker_connections 1024; }
+  {
+    nginx_preamble "$2"
+    cat <<NGINX
 http {
   access_log off;
   client_body_temp_path $2/body; proxy_temp_path $2/proxy;
@@ -113,6 +115,7 @@ http {
   }
 }
 NGINX
+  } >"$1"
 }
 
 # free_port: a loopback TCP port free just now.
