@@ -16,6 +16,8 @@ public struct ControlClient: Sendable {
     /// When set, `raw` (and so every typed call but `watch`) goes over this one kept-alive
     /// connection instead of a connection per request; see `keepingAlive()`.
     public var session: HTTPKeepAliveClient?
+    /// Watches go over `session` too (see `carryingWatches()`).
+    public var watchesOverSession = false
 
     /// `tls` is required for an `https` endpoint (the control API is HTTPS only).
     public init(endpoint: HTTPEndpoint, tls: HTTPClientTLS? = nil) {
@@ -55,6 +57,16 @@ public struct ControlClient: Sendable {
         if self.session != nil { return self }
         var c = self
         c.session = HTTPKeepAliveClient(self.http)
+        return c
+    }
+
+    /// This client with its requests and its watch on one kept-alive connection: a node's whole conversation
+    /// with the control plane on one connection. A request sent while the watch runs goes behind it; the
+    /// control plane ends the watch for it and answers it, and the watch resumes from its last version
+    /// (`HTTPKeepAliveClient`). For one watcher per connection: two watches on one would end each other.
+    public func carryingWatches() -> ControlClient {
+        var c = self.keepingAlive()
+        c.watchesOverSession = true
         return c
     }
 
@@ -276,7 +288,7 @@ public struct ControlClient: Sendable {
     }
 
     private func streamLines(_ path: String, onLine: (ByteBuffer) async throws -> Bool) async throws {
-        try await self.http.stream(.GET, path, headers: ["Accept": "application/json"]) { head, body in
+        let consume: (HTTPResponseHead, inout ResponseBodyStream) async throws -> Void = { head, body in
             guard head.status == .ok else {
                 let bytes = try await body.collect(upTo: 1 << 20)
                 throw ControlClient.status(from: bytes, httpStatus: head.status)
@@ -285,6 +297,11 @@ public struct ControlClient: Sendable {
                 if line.readableBytes == 0 { continue }
                 if try await !onLine(line) { return }
             }
+        }
+        if self.watchesOverSession, let session = self.session {
+            try await session.stream(.GET, path, headers: ["Accept": "application/json"], consume: consume)
+        } else {
+            try await self.http.stream(.GET, path, headers: ["Accept": "application/json"], consume: consume)
         }
     }
 }

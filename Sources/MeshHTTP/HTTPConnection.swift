@@ -23,8 +23,8 @@ public protocol HTTPEventSource: Sendable {
     /// What is ready now. Called on the connection's event loop, after `start`, one call at a time; after a
     /// chunk, not again until the client's connection has taken it (back-pressure).
     func take() -> HTTPPushed
-    /// The client went away or the server is shutting down: ``take()`` returns `.end` soon. May be called more
-    /// than once, and after the end.
+    /// The client went away, sent its next request on a kept-alive connection, or the server is shutting down:
+    /// ``take()`` returns `.end` soon. May be called more than once, and after the end.
     func stop()
 }
 
@@ -113,6 +113,9 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     struct Shared: Sendable {
         let responder: any HTTPResponder
         let maxBodyBytes: Int
+        /// The request decoder's limits, for the decoder that comes back after a pushed body
+        /// (``StreamingInputDrain``).
+        let decoderLimits: NIOHTTPDecoderLimitConfiguration
         let tls: Bool
         let renderError: ErrorRenderer
         let slots: ConnectionSlots
@@ -140,6 +143,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     private var context: ChannelHandlerContext?
     private var push: (any HTTPEventSource)?
     private var pushWriting = false
+    /// The pushed body under way keeps its connection: the client's next request ends it.
+    private var pushKeepsAlive = false
     /// The client half-closed: no request follows the one being answered.
     private var inputEnded = false
     /// ProtocolGuard's `inputClosed` completed: the client left, closed its side, or the server is draining.
@@ -302,15 +307,21 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     }
 
     /// The answer's head (a whole body's length, or none: chunked) and whether the connection stays open.
-    /// A streamed answer (a watch) ends its connection: it is most often the connection's whole life, and
-    /// while it is written the request decoder can leave the pipeline (``StreamingInputDrain``).
+    /// While a streamed or pushed answer (a watch) is written, the request decoder leaves the pipeline
+    /// (``StreamingInputDrain``). A stream written by its task ends its connection. A pushed body keeps a
+    /// kept-alive connection: the client's next request on it ends the body (a watch resumes from its last
+    /// version), and is answered after it; so a node's watch, beats and reports share one connection.
     private func responseHead(_ response: HTTPResponse, to request: HTTPRequestHead) -> (HTTPResponseHead, Bool) {
         var head = HTTPResponseHead(version: request.version, status: response.status, headers: response.headers)
         let keepAlive: Bool
-        if case .bytes(let bytes) = response.body {
+        switch response.body {
+        case .bytes(let bytes):
             keepAlive = request.isKeepAlive && !self.shared.slots.isDraining
             head.headers.replaceOrAdd(name: "Content-Length", value: "\(bytes.readableBytes)")
-        } else {
+        case .push:
+            keepAlive = request.isKeepAlive && !self.shared.slots.isDraining && !self.inputEnded
+            head.headers.remove(name: "Content-Length")
+        case .stream:
             keepAlive = false
             head.headers.remove(name: "Content-Length")
         }
@@ -318,11 +329,20 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         return (head, keepAlive)
     }
 
-    /// On the event loop: sends a streamed answer's head (which ends the connection) and takes the request
-    /// decoder out of the pipeline for the stream's life.
-    private func startStream(_ context: ChannelHandlerContext, _ head: HTTPResponseHead) {
+    /// On the event loop: sends a streamed answer's head and takes the request decoder out of the pipeline for
+    /// the stream's life. `yields`: a pushed body that keeps its connection ends when the client sends more.
+    private func startStream(_ context: ChannelHandlerContext, _ head: HTTPResponseHead, yields: Bool = false) {
         context.writeAndFlush(self.wrapOutboundOut(.head(head)), promise: nil)
-        StreamingInputDrain.replaceDecoder(in: context.pipeline.syncOperations)
+        let drain = StreamingInputDrain.replaceDecoder(in: context.pipeline.syncOperations)
+        if yields {
+            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            drain?.yields {
+                // The client's next request: the pushed body ends (what it had queued is not sent: the client
+                // resumes from the last version it read), then the request is answered.
+                bound.value.push?.stop()
+                bound.value.pump()
+            }
+        }
     }
 
     /// On the event loop: writes a whole answer, or starts a pushed one.
@@ -336,11 +356,16 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         switch response.body {
         case .bytes(let bytes):
             context.write(self.wrapOutboundOut(.head(head)), promise: nil)
-            context.write(self.wrapOutboundOut(.body(.byteBuffer(bytes))), promise: nil)
+            // HEAD: the length without the body. (Not left to NIO's encoder: the decoder that comes back after
+            // a pushed body cannot tell it of the method.)
+            if request.method != .HEAD {
+                context.write(self.wrapOutboundOut(.body(.byteBuffer(bytes))), promise: nil)
+            }
             return self.finish(context, keepAlive: keepAlive)
         case .push(let source):
-            self.startStream(context, head)
+            self.startStream(context, head, yields: keepAlive)
             self.push = source
+            self.pushKeepsAlive = keepAlive
             let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
             let wakeups = self.shared.wakeups.of(context.eventLoop)
             source.start(eventLoop: context.eventLoop) { wakeups.wake(bound) }
@@ -368,7 +393,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             break
         case .end:
             self.push = nil
-            _ = self.finish(context, keepAlive: false)
+            _ = self.finish(context, keepAlive: self.pushKeepsAlive)
         }
     }
 
@@ -382,6 +407,9 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         if !keepAlive {
             let channel = context.channel
             written.whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            // After a pushed body: the decoder comes back, with the next request if the client sent it.
+            StreamingInputDrain.restoreDecoder(in: context.pipeline.syncOperations, limits: self.shared.decoderLimits)
         }
         return written
     }

@@ -2,11 +2,17 @@ import NIOCore
 import NIOHTTP1
 import Synchronization
 
-/// One kept-alive connection for small requests repeated forever (a node's heartbeats): requests
-/// go one at a time over the same connection, so a TLS handshake is paid once per connection, not
-/// once per request. The connection opens on first use and again after it fails or the server
-/// closes it; a request that fails on a connection reused from an earlier one is retried once on
-/// a fresh connection (the server may have closed it while idle).
+/// One kept-alive connection for small requests repeated forever (a node's heartbeats), and for one
+/// long stream beside them (its watch): requests go one at a time over the same connection, so a TLS
+/// handshake is paid once per connection, not once per request. The connection opens on first use and
+/// again after it fails or the server closes it; a request that fails on a connection reused from an
+/// earlier one is retried once on a fresh connection (the server may have closed it while idle).
+///
+/// While a stream is read (``stream(_:_:headers:consume:)``), a request sent goes on the same connection
+/// behind it. A MeshHTTP server ends a pushed body (a watch) when its client sends the next request on a
+/// kept-alive connection, and answers the request after it; the watcher resumes from its last version. A
+/// server that ends the stream's connection instead (`Connection: close` in its head) gets the request on a
+/// new connection.
 public final class HTTPKeepAliveClient: Sendable {
     public let base: HTTPClient
     private let current = Mutex<Worker?>(nil)
@@ -43,6 +49,39 @@ public final class HTTPKeepAliveClient: Sendable {
         }
     }
 
+    /// Sends one request over the kept connection and hands the response head and its body chunks to
+    /// `consume` as they arrive. A request sent meanwhile goes behind it (see the type's description); the
+    /// connection stays for the next request when the body was read to its end and the server keeps it. One
+    /// stream at a time: a second one waits until the first ends.
+    public func stream<T: Sendable>(
+        _ method: HTTPMethod,
+        _ path: String,
+        headers: HTTPHeaders = [:],
+        consume: (HTTPResponseHead, inout ResponseBodyStream) async throws -> T
+    ) async throws -> T {
+        let head = self.base.head(method, path, headers, bodyLength: nil, keepAlive: true)
+        var attempt = 0
+        while true {
+            attempt += 1
+            let lease: StreamLease
+            do {
+                lease = try await self.worker().submitStream(head)
+            } catch let failure as Failure {
+                if failure.reused && attempt == 1 { continue }
+                throw failure.error
+            }
+            var body = ResponseBodyStream(iterator: lease.handoff.iterator)
+            do {
+                let result = try await consume(lease.head, &body)
+                lease.giveBack(body)
+                return result
+            } catch {
+                lease.giveBack(body)
+                throw error
+            }
+        }
+    }
+
     deinit {
         self.close()
     }
@@ -75,124 +114,304 @@ public final class HTTPKeepAliveClient: Sendable {
         var reused: Bool
     }
 
+    /// A connection's responses, handed from the worker to a stream's reader and back. One holder at a time: the
+    /// worker until it resumes the reader with it, the reader until it gives it back (`StreamLease.giveBack`).
+    final class Handoff: @unchecked Sendable {
+        var iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator
+        /// The stream's body was read to its end: the next response can be read.
+        var ended = false
+
+        init(_ iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator) {
+            self.iterator = iterator
+        }
+    }
+
+    /// A stream's response head and its body, lent to the stream's reader until it gives them back.
+    struct StreamLease: Sendable {
+        var head: HTTPResponseHead
+        let handoff: Handoff
+        let events: AsyncStream<Worker.Event>.Continuation
+
+        func giveBack(_ body: ResponseBodyStream) {
+            self.handoff.iterator = body.iterator
+            self.handoff.ended = body.ended
+            self.events.yield(.returned(self.handoff))
+        }
+    }
+
     struct Job: Sendable {
+        enum Answer: Sendable {
+            case whole(CheckedContinuation<HTTPClientResponse, any Error>)
+            case stream(CheckedContinuation<StreamLease, any Error>)
+        }
         var head: HTTPRequestHead
         var body: ByteBuffer?
-        var answer: CheckedContinuation<HTTPClientResponse, any Error>
+        var answer: Answer
+
+        func fail(_ error: any Error) {
+            switch self.answer {
+            case .whole(let c): c.resume(throwing: error)
+            case .stream(let c): c.resume(throwing: error)
+            }
+        }
+
+        var isStream: Bool {
+            if case .stream = self.answer { return true }
+            return false
+        }
+    }
+
+    /// A request written and not yet answered, with its time limit.
+    struct InFlight {
+        var job: Job
+        var timer: Scheduled<Void>
+        var timedOut: Flag
     }
 
     /// Owns one connection on its own task; takes jobs in order until the connection ends.
     final class Worker: Sendable {
-        let jobs: AsyncStream<Job>.Continuation
+        enum Event: Sendable {
+            case job(Job)
+            /// A stream's reader gave its body back.
+            case returned(Handoff)
+            /// No more jobs: the connection closes once a stream under way is given back.
+            case stop
+        }
+
+        let events: AsyncStream<Event>.Continuation
         /// The generation of the TLS context its connection was made with.
         let generation: UInt64
         private let open = Atomic<Bool>(true)
-        private let task: Mutex<Task<Void, Never>?>
 
         init(client: HTTPClient, generation: UInt64) {
             self.generation = generation
-            let (stream, continuation) = AsyncStream.makeStream(of: Job.self)
-            self.jobs = continuation
-            self.task = Mutex(nil)
-            let task = Task {
-                await self.run(client: client, jobs: stream)
+            let (stream, continuation) = AsyncStream.makeStream(of: Event.self)
+            self.events = continuation
+            Task {
+                await self.run(client: client, events: stream)
                 self.open.store(false, ordering: .releasing)
                 continuation.finish()
                 // Jobs queued behind a failed exchange never reached the server: retry them.
-                for await job in stream {
-                    job.answer.resume(
-                        throwing: Failure(error: HTTPClientError("the connection closed"), reused: true)
-                    )
+                for await event in stream {
+                    if case .job(let job) = event { job.fail(Self.closed) }
                 }
             }
-            self.task.withLock { $0 = task }
         }
+
+        static var closed: Failure { Failure(error: HTTPClientError("the connection closed"), reused: true) }
 
         var isOpen: Bool { self.open.load(ordering: .acquiring) }
 
         func submit(_ head: HTTPRequestHead, _ body: ByteBuffer?) async throws -> HTTPClientResponse {
             try await withCheckedThrowingContinuation { c in
-                if case .terminated = self.jobs.yield(Job(head: head, body: body, answer: c)) {
-                    c.resume(throwing: Failure(error: HTTPClientError("the connection closed"), reused: true))
+                if case .terminated = self.events.yield(.job(Job(head: head, body: body, answer: .whole(c)))) {
+                    c.resume(throwing: Self.closed)
+                }
+            }
+        }
+
+        func submitStream(_ head: HTTPRequestHead) async throws -> StreamLease {
+            try await withCheckedThrowingContinuation { c in
+                if case .terminated = self.events.yield(.job(Job(head: head, body: nil, answer: .stream(c)))) {
+                    c.resume(throwing: Self.closed)
                 }
             }
         }
 
         func stop() {
             self.open.store(false, ordering: .releasing)
-            self.jobs.finish()
+            self.events.yield(.stop)
         }
 
-        private func run(client: HTTPClient, jobs: AsyncStream<Job>) async {
-            var iterator = jobs.makeAsyncIterator()
+        private func run(client: HTTPClient, events: AsyncStream<Event>) async {
+            var incoming = events.makeAsyncIterator()
             // Connect when the first job arrives.
-            guard let first = await iterator.next() else { return }
+            var first: Job?
+            while first == nil {
+                switch await incoming.next() {
+                case .job(let job): first = job
+                case .returned: continue
+                case .stop, nil: return
+                }
+            }
             let connection: HTTPClient.Connection
             let recorder: TLSErrorRecorder
             do {
                 (connection, recorder) = try await client.connect()
             } catch {
                 self.open.store(false, ordering: .releasing)
-                first.answer.resume(throwing: Failure(error: error, reused: false))
+                first?.fail(Failure(error: error, reused: false))
                 return
             }
             let channel = connection.channel
             let endpoint = client.endpoint
             let limit = client.maxResponseBytes
             let timeout = client.requestTimeout
-            var job: Job? = first
+            var queue = [first!]
+            var pipelined: InFlight?
             var served = 0
+            var stopping = false
+
+            func send(
+                _ job: Job,
+                _ outbound: NIOAsyncChannelOutboundWriter<HTTPClientRequestPart>
+            ) async throws
+                -> InFlight
+            {
+                let timedOut = Flag()
+                let timer = channel.eventLoop.scheduleTask(in: timeout) {
+                    timedOut.set()
+                    channel.close(promise: nil)
+                }
+                var parts: [HTTPClientRequestPart] = [.head(job.head)]
+                if let b = job.body { parts.append(.body(.byteBuffer(b))) }
+                parts.append(.end(nil))
+                try await outbound.write(contentsOf: parts)
+                return InFlight(job: job, timer: timer, timedOut: timedOut)
+            }
+            /// Why a request failed, in words.
+            func reason(_ error: any Error, _ timedOut: Bool) -> any Error {
+                if let tls = recorder.reason { return HTTPClientError("request to \(endpoint) failed: \(tls)") }
+                if timedOut {
+                    return HTTPClientError("\(endpoint) did not answer within \(timeout.nanoseconds / 1_000_000_000)s")
+                }
+                if error is HTTPClientError { return error }
+                return HTTPClientError("request to \(endpoint) failed: \(HTTPClient.describe(error))")
+            }
+            /// The connection ends: what is queued never reached the server (retried); a request written behind a
+            /// stream may have (not retried, as a timeout is not: the server may be slow, not gone).
+            func failTheRest(_ error: any Error) {
+                self.open.store(false, ordering: .releasing)
+                if let p = pipelined {
+                    p.timer.cancel()
+                    p.job.fail(Failure(error: error, reused: false))
+                    pipelined = nil
+                }
+                for job in queue { job.fail(Self.closed) }
+                queue = []
+            }
+
             do {
                 try await connection.executeThenClose { inbound, outbound in
                     var responses = inbound.makeAsyncIterator()
-                    while let current = job {
-                        let timedOut = Flag()
-                        let timer = channel.eventLoop.scheduleTask(in: timeout) {
-                            timedOut.set()
-                            channel.close(promise: nil)
-                        }
-                        defer { timer.cancel() }
-                        let response: HTTPClientResponse
-                        do {
-                            var parts: [HTTPClientRequestPart] = [.head(current.head)]
-                            if let b = current.body { parts.append(.body(.byteBuffer(b))) }
-                            parts.append(.end(nil))
-                            try await outbound.write(contentsOf: parts)
-                            response = try await HTTPClient.readResponse(&responses, endpoint: endpoint, limit: limit)
-                        } catch {
-                            let reason: any Error
-                            if let tls = recorder.reason {
-                                reason = HTTPClientError("request to \(endpoint) failed: \(tls)")
-                            } else if timedOut.isSet {
-                                reason = HTTPClientError(
-                                    "\(endpoint) did not answer within \(timeout.nanoseconds / 1_000_000_000)s"
-                                )
-                            } else if error is HTTPClientError {
-                                reason = error
-                            } else {
-                                reason = HTTPClientError("request to \(endpoint) failed: \(HTTPClient.describe(error))")
+                    while true {
+                        if queue.isEmpty {
+                            if stopping { return }
+                            switch await incoming.next() {
+                            case .job(let job): queue.append(job)
+                            case .returned: continue
+                            case .stop, nil: return
                             }
-                            // A timeout is not retried: the server may be slow, not gone.
-                            self.open.store(false, ordering: .releasing)
-                            current.answer.resume(
-                                throwing: Failure(error: reason, reused: served > 0 && !timedOut.isSet)
-                            )
-                            job = nil
+                            continue
+                        }
+                        let job = queue.removeFirst()
+                        var current: InFlight
+                        do {
+                            // A request written behind a stream is the first in the queue.
+                            if let p = pipelined {
+                                current = p
+                                pipelined = nil
+                            } else {
+                                current = try await send(job, outbound)
+                            }
+                        } catch {
+                            job.fail(Failure(error: reason(error, false), reused: served > 0))
+                            failTheRest(Self.closed.error)
                             return
                         }
-                        served += 1
-                        let closing = response.headers[canonicalForm: "connection"].contains {
-                            $0.lowercased() == "close"
+                        defer { current.timer.cancel() }
+                        switch job.answer {
+                        case .whole(let answer):
+                            let response: HTTPClientResponse
+                            do {
+                                response = try await HTTPClient.readResponse(
+                                    &responses,
+                                    endpoint: endpoint,
+                                    limit: limit
+                                )
+                            } catch {
+                                let timedOut = current.timedOut.isSet
+                                answer.resume(
+                                    throwing: Failure(error: reason(error, timedOut), reused: served > 0 && !timedOut)
+                                )
+                                failTheRest(Self.closed.error)
+                                return
+                            }
+                            served += 1
+                            answer.resume(returning: response)
+                            if Self.closes(response.headers) {
+                                failTheRest(Self.closed.error)
+                                return
+                            }
+                        case .stream(let answer):
+                            let head: HTTPResponseHead
+                            do {
+                                head = try await Self.readHead(&responses, endpoint: endpoint)
+                            } catch {
+                                let timedOut = current.timedOut.isSet
+                                answer.resume(
+                                    throwing: Failure(error: reason(error, timedOut), reused: served > 0 && !timedOut)
+                                )
+                                failTheRest(Self.closed.error)
+                                return
+                            }
+                            current.timer.cancel()  // a stream has no time limit once its head is in
+                            served += 1
+                            let keeps = !Self.closes(head.headers)
+                            // A server that ends the stream's connection: the requests that come meanwhile go to a
+                            // new one.
+                            if !keeps { self.open.store(false, ordering: .releasing) }
+                            let handoff = Handoff(responses)
+                            answer.resume(returning: StreamLease(head: head, handoff: handoff, events: self.events))
+                            // Until the reader gives the body back, a request that comes is written behind it (the
+                            // server ends the body for it); further ones wait their turn.
+                            var back: Handoff?
+                            while back == nil {
+                                switch await incoming.next() {
+                                case .returned(let h): back = h
+                                case .stop, nil: stopping = true
+                                case .job(let next):
+                                    if keeps, pipelined == nil, queue.isEmpty, !next.isStream {
+                                        do {
+                                            pipelined = try await send(next, outbound)
+                                        } catch {
+                                            next.fail(Failure(error: reason(error, false), reused: true))
+                                            continue
+                                        }
+                                    } else if !keeps {
+                                        next.fail(Self.closed)
+                                        continue
+                                    }
+                                    queue.append(next)
+                                }
+                            }
+                            responses = back!.iterator
+                            guard back!.ended, keeps else {
+                                failTheRest(HTTPClientError("the connection closed: a watch on it was left unread"))
+                                return
+                            }
                         }
-                        if closing { self.open.store(false, ordering: .releasing) }
-                        current.answer.resume(returning: response)
-                        job = closing ? nil : await iterator.next()
                     }
                 }
             } catch {
-                self.open.store(false, ordering: .releasing)
-                job?.answer.resume(throwing: Failure(error: error, reused: served > 0))
+                failTheRest(Self.closed.error)
             }
+        }
+
+        /// The answer says the server closes the connection after it.
+        static func closes(_ headers: HTTPHeaders) -> Bool {
+            headers[canonicalForm: "connection"].contains { $0.lowercased() == "close" }
+        }
+
+        /// A response's head (skipping 1xx heads); its body is read by the stream's reader.
+        static func readHead(
+            _ responses: inout NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator,
+            endpoint: HTTPEndpoint
+        ) async throws -> HTTPResponseHead {
+            while let part = try await responses.next() {
+                if case .head(let h) = part, h.status.code >= 200 { return h }
+            }
+            throw HTTPClientError("\(endpoint) closed the connection before sending a response")
         }
     }
 }

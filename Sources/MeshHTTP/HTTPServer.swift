@@ -122,9 +122,16 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
         let releases = self.releases
         let sealedCount = self.sealed
         let jobs = self.jobs
+        let limits = {
+            var limits = NIOHTTPDecoderLimitConfiguration()
+            limits.maxHeaderListSize = config.maxHeaderBytes
+            limits.maxHeaderFieldSize = config.maxHeaderBytes
+            return limits
+        }()
         let shared = HTTPConnectionHandler.Shared(
             responder: self.responder,
             maxBodyBytes: config.maxBodyBytes,
+            decoderLimits: limits,
             tls: config.tls != nil,
             renderError: config.renderError,
             slots: slots,
@@ -197,9 +204,6 @@ public final class HTTPServer: ServiceLifecycle.Service, Sendable {
                                 tls: config.tls != nil
                             )
                         )
-                        var limits = NIOHTTPDecoderLimitConfiguration()
-                        limits.maxHeaderListSize = config.maxHeaderBytes
-                        limits.maxHeaderFieldSize = config.maxHeaderBytes
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline(
                             withPipeliningAssistance: true,
                             withErrorHandling: false,

@@ -222,8 +222,8 @@ struct AgentEndToEndTests {
     }
 
     /// Every kind the agent follows (the table's four, the edge's three) over one watch, and its heartbeats and
-    /// reports over one kept-alive connection: two connections for the control plane to hold per node.
-    @Test func anAgentHoldsTwoConnectionsToTheControlPlaneAndFollowsNoNode() async throws {
+    /// reports on the same kept-alive connection: one connection for the control plane to hold per node.
+    @Test func anAgentHoldsOneConnectionToTheControlPlaneAndFollowsNoNode() async throws {
         let cp = try await RunningControl()
         // The control plane's own controllers watch too (workloads, endpoint sites).
         #expect(await MeshTestSupport.eventually { cp.server.watcherCount(of: "nodes") == 2 })
@@ -251,11 +251,22 @@ struct AgentEndToEndTests {
         #expect(cp.server.watcherCount(of: "devices", node: "edge-test") == 1)
         #expect(cp.server.watcherCount(of: "workloads", node: "edge-test") == 1)
         #expect(cp.server.watcherCount(of: "devices") == 1)
-        // (The test's own requests use a connection each, closed when answered.)
+        // One connection carries its watch and its beats (every second here): each beat ends the watch for a
+        // moment and the watch resumes on the same connection. (The test's own requests use a connection each,
+        // closed when answered.)
         #expect(
-            await MeshTestSupport.eventually { establishedTCPConnections(toPort: cp.port) == 2 },
+            await MeshTestSupport.eventually { establishedTCPConnections(toPort: cp.port) == 1 },
             "\(establishedTCPConnections(toPort: cp.port)) connections to the control plane"
         )
+        let beat = try await cp.client.get(Node.self, name: "edge-test").status?.lastHeartbeatTime
+        #expect(
+            await MeshTestSupport.eventually {
+                let now = try? await cp.client.get(Node.self, name: "edge-test").status?.lastHeartbeatTime
+                return now != nil && now != beat
+            }
+        )
+        #expect(establishedTCPConnections(toPort: cp.port) == 1)
+        #expect(await MeshTestSupport.eventually { cp.server.watcherCount == ownWatchers + 1 })
         try await agent.stop()
         try await cp.stop()
     }

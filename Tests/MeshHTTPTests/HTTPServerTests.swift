@@ -82,6 +82,8 @@ func startServer(
         switch request.path {
         case "/echo":
             return HTTPResponse(status: .ok, body: .bytes(request.body))
+        case "/port":  // tells connections apart
+            return .text(.ok, "\(request.remoteAddress?.port ?? 0)")
         case "/whoami":
             let serial = request.peerCertificateSerial.map { $0.map { String($0, radix: 16) }.joined() } ?? "-"
             return .text(.ok, "\(request.peerIdentity ?? "-") \(serial)")
@@ -231,11 +233,11 @@ extension HTTPResponse {
         let (server, group, task, port) = try await startServer(pushes: pushes)
         let socket = SendableSocket(try RawSocket(port: port, timeout: 10))
         let head = try await blocking {
-            socket.socket.send("GET /push HTTP/1.1\r\nHost: t\r\n\r\n")
+            socket.socket.send("GET /push HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             return socket.socket.readUntil("\r\n\r\n")
         }
         #expect(head.hasPrefix("HTTP/1.1 200") && head.lowercased().contains("transfer-encoding: chunked"), "\(head)")
-        // A streamed answer ends its connection, which says so.
+        // Asked to close, the answer ends its connection, and says so.
         #expect(head.lowercased().contains("connection: close"), "\(head)")
         // Waiting for data, the pushed body holds no task (an idle watch costs its connection only).
         #expect(await eventually { server.requestsInFlight == 0 })
@@ -252,6 +254,61 @@ extension HTTPResponse {
         let last = try await blocking { socket.socket.readAll() }
         #expect(last.hasSuffix("0\r\n\r\n"), "\(last)")
         #expect(!last.contains("again"), "\(last)")
+        #expect(await eventually { server.connectionCount == 0 })
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
+    @Test func theNextRequestOnAKeptAliveConnectionEndsAPushedBodyAndIsAnsweredAfterIt() async throws {
+        let pushes = PushFeeds()
+        let (server, group, task, port) = try await startServer(pushes: pushes)
+        let socket = SendableSocket(try RawSocket(port: port, timeout: 10))
+        let head = try await blocking {
+            socket.socket.send("GET /push HTTP/1.1\r\nHost: t\r\n\r\n")
+            return socket.socket.readUntil("\r\n\r\n")
+        }
+        #expect(head.hasPrefix("HTTP/1.1 200") && head.lowercased().contains("transfer-encoding: chunked"), "\(head)")
+        #expect(!head.lowercased().contains("connection: close"), "\(head)")
+        #expect(await eventually { pushes.last?.state.withLock { $0.started } == true })
+        let first = pushes.last!
+        first.send("line 0\n")
+        let line = try await blocking { socket.socket.readUntil("line 0\n") }
+        #expect(line.contains("line 0\n"), "\(line)")
+        #expect(await eventually { server.requestsInFlight == 0 })
+        // The next request ends the pushed body (stopped once), then is answered on the same connection.
+        let answer = try await blocking {
+            socket.socket.send("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nagain")
+            return socket.socket.readUntil("again")
+        }
+        #expect(first.state.withLock { $0.stops } == 1)
+        let end = answer.range(of: "0\r\n\r\n")
+        let reply = answer.range(of: "HTTP/1.1 200")
+        #expect(end != nil && reply != nil && end!.upperBound <= reply!.lowerBound, "\(answer)")
+        #expect(answer.hasSuffix("again"), "\(answer)")
+        // The decoder is back: another pushed body on the same connection, then its own end keeps the connection.
+        let second = try await blocking {
+            socket.socket.send("GET /push HTTP/1.1\r\nHost: t\r\n\r\n")
+            return socket.socket.readUntil("\r\n\r\n")
+        }
+        #expect(second.hasPrefix("HTTP/1.1 200"), "\(second)")
+        #expect(await eventually { pushes.count == 2 && pushes.last?.state.withLock { $0.started } == true })
+        pushes.last?.send("line 1\n")
+        pushes.last?.end()
+        let rest = try await blocking { socket.socket.readUntil("0\r\n\r\n") }
+        #expect(rest.contains("line 1\n") && rest.hasSuffix("0\r\n\r\n"), "\(rest)")
+        #expect(pushes.last?.state.withLock { $0.stops } == 0)
+        #expect(server.connectionCount == 1)
+        // HEAD on the decoder that came back: the length without the body (the next answer starts clean).
+        let headOnly = try await blocking {
+            socket.socket.send("HEAD /port HTTP/1.1\r\nHost: t\r\n\r\n")
+            return socket.socket.readUntil("\r\n\r\n")
+        }
+        #expect(headOnly.hasPrefix("HTTP/1.1 200") && headOnly.lowercased().contains("content-length:"), "\(headOnly)")
+        let third = try await blocking {
+            socket.socket.send("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlast")
+            return socket.socket.readAll()
+        }
+        #expect(third.hasPrefix("HTTP/1.1 200") && third.hasSuffix("last"), "\(third)")
         #expect(await eventually { server.connectionCount == 0 })
         await group.triggerGracefulShutdown()
         try await task.value

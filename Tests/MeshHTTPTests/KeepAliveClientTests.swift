@@ -54,4 +54,65 @@ import class ServiceLifecycle.ServiceGroup
         // Nobody listens: a clear error, not a hang.
         await #expect(throws: HTTPClientError.self) { _ = try await client.send(.GET, "/beat") }
     }
+
+    /// What an agent does with its one connection: a watch (a pushed body) read while requests come; each request
+    /// ends the body for a moment and is answered on the same connection, and the next watch follows on it.
+    @Test func requestsGoBehindAStreamOnTheSameConnection() async throws {
+        let pushes = PushFeeds()
+        let (server, group, task, port) = try await startServer(pushes: pushes)
+        let client = HTTPKeepAliveClient(HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port)))
+        let firstPort = String(buffer: try await client.send(.GET, "/port").body)
+        for round in 0..<3 {
+            // The stream's reader, in a task of its own: it reads lines until the body ends.
+            let reader = Task {
+                try await client.stream(.GET, "/push") { head, body -> [String] in
+                    #expect(head.status == .ok)
+                    var lines: [String] = []
+                    while let line = try await body.nextLine() { lines.append(String(buffer: line)) }
+                    return lines
+                }
+            }
+            #expect(
+                await eventually { pushes.count == round + 1 && pushes.last?.state.withLock { $0.started } == true }
+            )
+            let feed = pushes.last!
+            feed.send("event \(round)\n")
+            // A request while the stream is read: the server ends the stream, then answers on the same connection.
+            let answer = try await client.send(.GET, "/port")
+            #expect(String(buffer: answer.body) == firstPort)
+            #expect(try await reader.value == ["event \(round)"])
+            #expect(feed.state.withLock { $0.stops } == 1)
+        }
+        #expect(server.connectionCount == 1)
+        client.close()
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
+    /// A server that closes a stream's connection (`Connection: close`): a request sent meanwhile goes over a
+    /// new connection at once, and the stream goes on to its end.
+    @Test func aStreamOnAConnectionTheServerClosesLeavesRequestsToAnother() async throws {
+        let pushes = PushFeeds()
+        let (server, group, task, port) = try await startServer(pushes: pushes)
+        let client = HTTPKeepAliveClient(HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port)))
+        let reader = Task {
+            try await client.stream(.GET, "/push", headers: ["Connection": "close"]) { _, body -> [String] in
+                var lines: [String] = []
+                while let line = try await body.nextLine() { lines.append(String(buffer: line)) }
+                return lines
+            }
+        }
+        #expect(await eventually { pushes.last?.state.withLock { $0.started } == true })
+        let answer = try await client.send(.GET, "/port")
+        #expect(answer.status == .ok)
+        #expect(server.connectionCount == 2)
+        let feed = pushes.last!
+        #expect(feed.state.withLock { $0.stops } == 0)
+        feed.send("still here\n")
+        feed.end()
+        #expect(try await reader.value == ["still here"])
+        client.close()
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
 }

@@ -75,6 +75,58 @@ import Testing
         #expect(!channel.isActive)
     }
 
+    /// A pushed body that keeps its connection: the client's next request is kept whole (however it is cut), said
+    /// once, and handed to a fresh decoder when the answer is complete; a flood still closes the connection.
+    @Test func aYieldingDrainKeepsTheNextRequestForTheDecoderThatComesBack() throws {
+        let (channel, tail) = try Self.serverChannel()
+        try channel.writeInbound(ByteBuffer(string: "GET /watch HTTP/1.1\r\nHost: t\r\n\r\n"))
+        #expect(tail.parts.count == 2)
+        let drain = try #require(StreamingInputDrain.replaceDecoder(in: channel.pipeline.syncOperations))
+        channel.embeddedEventLoop.run()
+        var said = 0
+        drain.yields { said += 1 }
+        let next = "POST /beat HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}"
+        // Byte by byte: kept, said once, nothing goes up yet.
+        for byte in next.utf8 { try channel.writeInbound(ByteBuffer(bytes: [byte])) }
+        #expect(said == 1)
+        #expect(drain.kept.map { String(buffer: $0) } == next)
+        #expect(drain.dropped == 0)
+        #expect(tail.parts.count == 2)
+        // The watch's answer ends; the decoder comes back with the kept request, which goes up whole.
+        try channel.writeOutbound(HTTPServerResponsePart.head(.init(version: .http1_1, status: .ok)))
+        try channel.writeOutbound(HTTPServerResponsePart.end(nil))
+        StreamingInputDrain.restoreDecoder(in: channel.pipeline.syncOperations, limits: .init())
+        channel.embeddedEventLoop.run()
+        #expect(Self.hasDecoder(channel))
+        #expect(throws: (any Error).self) {
+            try channel.pipeline.syncOperations.handler(type: StreamingInputDrain.self)
+        }
+        #expect(tail.parts.count == 5)
+        guard tail.parts.count == 5, case .head(let head) = tail.parts[2], case .body(let body) = tail.parts[3],
+            case .end = tail.parts[4]
+        else {
+            Issue.record("the kept request did not go up whole: \(tail.parts)")
+            return
+        }
+        #expect(head.method == .POST && head.uri == "/beat" && String(buffer: body) == "{}")
+        // Restoring twice is nothing.
+        StreamingInputDrain.restoreDecoder(in: channel.pipeline.syncOperations, limits: .init())
+        #expect(Self.hasDecoder(channel))
+        _ = try channel.finish(acceptAlreadyClosed: true)
+    }
+
+    @Test func aYieldingDrainClosesTheConnectionOnAFlood() throws {
+        let (channel, _) = try Self.serverChannel()
+        try channel.writeInbound(ByteBuffer(string: "GET /watch HTTP/1.1\r\nHost: t\r\n\r\n"))
+        let drain = try #require(StreamingInputDrain.replaceDecoder(in: channel.pipeline.syncOperations))
+        channel.embeddedEventLoop.run()
+        drain.yields {}
+        try channel.writeInbound(ByteBuffer(repeating: UInt8(ascii: "x"), count: StreamingInputDrain.limit))
+        #expect(channel.isActive)
+        try channel.writeInbound(ByteBuffer(string: "x"))
+        #expect(!channel.isActive)
+    }
+
     @Test func theGuardTimesNothingWhileAnsweringAndTheIdleTimeoutAppliesAfter() throws {
         let channel = EmbeddedChannel()
         let guardHandler = ProtocolGuard(

@@ -234,11 +234,12 @@ public final class AgentServer: Service, Sendable {
             linkConfiguration.loop = try LinkLoop.start(name: "mesh-link-0", logger: self.linkLogger())
         }
         let cache = try AgentCache(path: config.dataDir + "/agent.db", cacheKiB: config.storeCacheKiB)
-        // One watch carries every kind the agent follows (the table's three and the edge's three), and one
-        // kept-alive connection every request (heartbeats, reports, peer nodes' lookups): two connections per
+        // One watch carries every kind the agent follows (the table's three and the edge's three), on the one
+        // kept-alive connection that carries every request too (heartbeats, reports, peer nodes' lookups): a
+        // request ends the watch for a moment and the watch resumes from its last version. One connection per
         // node for the control plane to hold, not nine (perf/RESULTS.md, "connections per agent").
         let control = ControlClient(endpoints: controlEndpoints, tls: controlTLS)
-        let requests = control.keepingAlive()
+        let requests = control.carryingWatches()
         // A peer's link addresses are looked up when its link is dialed, not followed for every node.
         let peers = NodeDirectory(client: requests, cache: cache, logger: self.logger)
         let links = LinkManager(
@@ -373,7 +374,7 @@ public final class AgentServer: Service, Sendable {
         let edge = try EdgeServices(configuration: edgeConfig, client: requests, logger: self.logger)
         self.edge.set(edge)
         var reflector = MultiReflector(
-            client: control,
+            client: requests,
             kinds: sync.reflectedKinds() + edge.reflectedKinds(),
             logger: self.logger
         )
