@@ -38,13 +38,14 @@ public struct ControlClient: Sendable {
     }
 
     /// The same client on the next replica (the current one goes last), or nil with no alternates.
-    /// A kept-alive session moves too.
+    /// A kept-alive session moves too, for every client sharing it (`HTTPKeepAliveClient.move(to:)`): a node's
+    /// watch, beats and reports stay on one connection after a fail-over.
     public func failingOver() -> ControlClient? {
         guard let next = self.alternates.first else { return nil }
         var c = self
         c.alternates = Array(self.alternates.dropFirst()) + [self.http.endpoint]
         c.http.endpoint = next
-        if self.session != nil { c.session = HTTPKeepAliveClient(c.http) }
+        self.session?.move(to: next)
         return c
     }
 

@@ -14,14 +14,27 @@ import Synchronization
 /// server that ends the stream's connection instead (`Connection: close` in its head) gets the request on a
 /// new connection.
 public final class HTTPKeepAliveClient: Sendable {
-    public let base: HTTPClient
+    private let target: Mutex<HTTPClient>
     private let current = Mutex<Worker?>(nil)
 
     public init(_ base: HTTPClient) {
-        self.base = base
+        self.target = Mutex(base)
     }
 
+    /// The client its connections are made with (its endpoint moves with ``move(to:)``).
+    public var base: HTTPClient { self.target.withLock { $0 } }
+
     public var endpoint: HTTPEndpoint { self.base.endpoint }
+
+    /// Another replica of the same server: the kept connection closes (once a stream under way on it is given
+    /// back) and the next request opens one to `endpoint`. Everyone sharing this client moves with it.
+    public func move(to endpoint: HTTPEndpoint) {
+        let changed = self.target.withLock { base -> Bool in
+            defer { base.endpoint = endpoint }
+            return base.endpoint != endpoint
+        }
+        if changed { self.close() }
+    }
 
     /// Sends one request over the kept connection and reads the whole response.
     public func send(
@@ -96,11 +109,12 @@ public final class HTTPKeepAliveClient: Sendable {
     }
 
     private func worker() -> Worker {
-        let generation = self.base.tls?.provider().generation ?? 0
+        let base = self.base
+        let generation = base.tls?.provider().generation ?? 0
         let (worker, replaced) = self.current.withLock { w -> (Worker, Worker?) in
             if let existing = w, existing.isOpen, existing.generation == generation { return (existing, nil) }
             // A new TLS context (a renewed client certificate): the next request goes over a new connection.
-            let fresh = Worker(client: self.base, generation: generation)
+            let fresh = Worker(client: base, generation: generation)
             defer { w = fresh }
             return (fresh, w)
         }

@@ -28,6 +28,8 @@ final class StreamingInputDrain: ChannelInboundHandler, RemovableChannelHandler 
     /// What the client sent while `onInput` was set, for the next decoder.
     private(set) var kept: ByteBuffer?
     private var context: ChannelHandlerContext?
+    /// ``restoreDecoder(in:limits:)`` is under way.
+    private var leaving = false
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
@@ -90,9 +92,12 @@ final class StreamingInputDrain: ChannelInboundHandler, RemovableChannelHandler 
         in pipeline: ChannelPipeline.SynchronousOperations,
         limits: NIOHTTPDecoderLimitConfiguration
     ) {
+        // A drain already leaving: this is the answer to the request it is handing on (a nested call), and the
+        // decoder is back already.
         guard let context = try? pipeline.context(handlerType: StreamingInputDrain.self),
-            let drain = context.handler as? StreamingInputDrain
+            let drain = context.handler as? StreamingInputDrain, !drain.leaving
         else { return }
+        drain.leaving = true
         let decoder = ByteToMessageHandler(
             HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: limits)
         )

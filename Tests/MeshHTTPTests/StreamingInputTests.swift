@@ -115,6 +115,50 @@ import Testing
         _ = try channel.finish(acceptAlreadyClosed: true)
     }
 
+    /// What the connection handler does: the kept request is answered while the decoder comes back (a beat
+    /// answered at once), which must not bring back a second decoder.
+    @Test func aKeptRequestAnsweredAsItGoesUpLeavesOneDecoder() throws {
+        final class Answering: ChannelInboundHandler {
+            typealias InboundIn = HTTPServerRequestPart
+            typealias OutboundOut = HTTPServerResponsePart
+            var requests: [String] = []
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+                switch Self.unwrapInboundIn(data) {
+                case .head(let head): self.requests.append(head.uri)
+                case .body: break
+                case .end:
+                    guard self.requests.count > 1 else { return }  // the watch's answer is written by the test
+                    context.write(Self.wrapOutboundOut(.head(.init(version: .http1_1, status: .ok))), promise: nil)
+                    context.writeAndFlush(Self.wrapOutboundOut(.end(nil)), promise: nil)
+                    StreamingInputDrain.restoreDecoder(in: context.pipeline.syncOperations, limits: .init())
+                }
+            }
+        }
+        let channel = EmbeddedChannel()
+        let tail = Answering()
+        try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: false)
+        try channel.pipeline.syncOperations.addHandler(tail)
+        try channel.connect(to: .init(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.writeInbound(ByteBuffer(string: "GET /watch HTTP/1.1\r\nHost: t\r\n\r\n"))
+        let drain = try #require(StreamingInputDrain.replaceDecoder(in: channel.pipeline.syncOperations))
+        channel.embeddedEventLoop.run()
+        drain.yields {}
+        try channel.writeInbound(ByteBuffer(string: "POST /beat HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"))
+        try channel.writeOutbound(HTTPServerResponsePart.head(.init(version: .http1_1, status: .ok)))
+        try channel.writeOutbound(HTTPServerResponsePart.end(nil))
+        StreamingInputDrain.restoreDecoder(in: channel.pipeline.syncOperations, limits: .init())
+        channel.embeddedEventLoop.run()
+        #expect(tail.requests == ["/watch", "/beat"])
+        #expect(throws: (any Error).self) {
+            try channel.pipeline.syncOperations.handler(type: StreamingInputDrain.self)
+        }
+        // One decoder: the next request goes up once, as itself (two decoders in a row would take the first's
+        // parts for bytes).
+        try channel.writeInbound(ByteBuffer(string: "GET /next HTTP/1.1\r\nHost: t\r\n\r\n"))
+        #expect(tail.requests == ["/watch", "/beat", "/next"])
+        _ = try channel.finish(acceptAlreadyClosed: true)
+    }
+
     @Test func aYieldingDrainClosesTheConnectionOnAFlood() throws {
         let (channel, _) = try Self.serverChannel()
         try channel.writeInbound(ByteBuffer(string: "GET /watch HTTP/1.1\r\nHost: t\r\n\r\n"))
