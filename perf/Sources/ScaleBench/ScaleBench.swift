@@ -14,10 +14,10 @@ import Synchronization
 /// `drive` starts the replicas, then `sim` processes that each simulate a slice of the agents:
 /// every agent holds its own TLS connection with one watch over the kinds a real agent follows but Nodes
 /// (a `MultiReflector`, as the agent does, failing over between the replicas), and beats every `interval`
-/// seconds. A real agent beats over a second, kept-alive connection of its own; here the beats of one
-/// process share a few (this machine allows 20,000 descriptors per process, so 10,000 agents with two
-/// each would not fit on one replica): a node's memory is its watch's figure here plus one idle
-/// connection's (`idle`).
+/// seconds on that same connection, as the agent does (each beat ends the watch for a moment; the watch
+/// resumes from its last version). `--beats-on-watch false` is the agent before that: its beats went over a
+/// second, kept-alive connection, simulated here by a few shared per process (this machine allows 20,000
+/// descriptors per process, so 10,000 agents with two each would not fit on one replica).
 /// The driver measures the replicas' RSS before and after the agents connect, their CPU while the
 /// agents only beat, the delay of one Service change reaching every agent, and the time for all
 /// agents of a killed replica to resume after it restarts.
@@ -141,7 +141,13 @@ struct Sim: AsyncParsableCommand {
     @Option var first = 0
     @Option var count = 1000
     @Option(help: "Seconds between one agent's beats.") var interval = 20.0
-    @Option(help: "Kept-alive connections for this process's beats, per replica.") var beatConnections = 8
+    @Option(help: "Kept-alive connections for this process's registrations (and beats, without --beats-on-watch).")
+    var beatConnections = 8
+    @Option(
+        help:
+            "Beat over each agent's watch connection, as the agent does (false: over the shared connections, as the agent did with a second connection)."
+    )
+    var beatsOnWatch = true
     @Option(help: "Concurrent registrations.") var concurrency = 32
     @Option(help: "Follow Nodes too, as agents did before endpoints carried their node's site (the baseline).")
     var followNodes = false
@@ -212,11 +218,17 @@ struct Sim: AsyncParsableCommand {
         let nodeEvents = Counter()
         let deviceEvents = Counter()
         let agents = names.map { _ in Agent() }
+        // Each agent's client: its watch, and its beats with --beats-on-watch (one connection, as the agent).
+        let clients = names.indices.map { i in
+            let r = (firstIndex + i) % endpoints.count
+            let c = ControlClient(endpoints: Array(endpoints[r...] + endpoints[..<r]), tls: tls)
+            return self.beatsOnWatch ? c.carryingWatches() : c
+        }
+        if self.beatsOnWatch { for c in pool.joined() { c.session?.close() } }
         var tasks: [Task<Void, Never>] = []
         for (i, agent) in agents.enumerated() {
-            let r = (firstIndex + i) % endpoints.count
             var reflector = MultiReflector(
-                client: ControlClient(endpoints: Array(endpoints[r...] + endpoints[..<r]), tls: tls),
+                client: clients[i],
                 kinds: [
                     .of(MeshService.self, from: nil) { update in
                         let now = wallNanos()
@@ -262,6 +274,7 @@ struct Sim: AsyncParsableCommand {
         let intervalNanos = Int64(self.interval * 1e9)
         let start = ContinuousClock.now
         let count = names.count
+        let beatsOnWatch = self.beatsOnWatch
         let beater = Task {
             await withTaskGroup(of: Void.self) { group in
                 for lane in 0..<min(64, count) {
@@ -276,7 +289,9 @@ struct Sim: AsyncParsableCommand {
                                 if ContinuousClock.now - due > .nanoseconds(intervalNanos / 4) { continue }
                                 try? await Task.sleep(until: due, clock: .continuous)
                                 if Task.isCancelled { return }
-                                let c = pool[(firstIndex + i) % endpoints.count][lane % pool[0].count]
+                                let c =
+                                    beatsOnWatch
+                                    ? clients[i] : pool[(firstIndex + i) % endpoints.count][lane % pool[0].count]
                                 do {
                                     try await c.heartbeat(node: names[i])
                                     beatsOK.add()
@@ -310,11 +325,14 @@ struct Sim: AsyncParsableCommand {
                 var events: [String: [Int64]] = [:]
                 var lists: [Int] = []
                 var reconnects: [Int64] = []
-                for a in agents {
+                for (i, a) in agents.enumerated() {
+                    // Resumptions: of the agents on replica 0 (the one killed) only; the others' streams also start
+                    // again at each beat.
+                    let onKilled = (firstIndex + i) % endpoints.count == 0
                     a.state.withLock { s in
                         lists.append(s.lists)
                         for (rv, t) in s.events where rvs.contains(rv) { events[String(rv), default: []].append(t) }
-                        if let b = s.streams.first(where: { $0 > kill }) { reconnects.append(b - kill) }
+                        if onKilled, let b = s.streams.first(where: { $0 > kill }) { reconnects.append(b - kill) }
                     }
                 }
                 let obj: [String: Any] = [
@@ -359,6 +377,11 @@ struct Drive: AsyncParsableCommand {
     @Option(help: "mesh-control's httpRecords (false: TLS records throughout, the baseline).") var records = true
     @Option(help: "Simulated agents follow Nodes too (the behaviour before endpoints carried sites).")
     var followNodes = false
+    @Option(
+        help:
+            "Agents beat on their watch's connection, as the agent does (false: a second connection's beats, shared per simulator: the baseline)."
+    )
+    var beatsOnWatch = true
     @Option(help: "Twin reports posted (one device per agent), their CPU and deliveries measured; 0: none.")
     var reports = 0
     @Option(help: "Twin reports per second.") var reportRate = 50.0
@@ -481,7 +504,8 @@ struct Drive: AsyncParsableCommand {
                     [
                         "sim", "--servers", urls.joined(separator: ","), "--pki", pki, "--first", "\(first)",
                         "--count", "\(count)", "--interval", "\(self.interval)", "--follow-nodes",
-                        "\(self.followNodes)", "--own-devices", "\(self.ownDevices)",
+                        "\(self.followNodes)", "--own-devices", "\(self.ownDevices)", "--beats-on-watch",
+                        "\(self.beatsOnWatch)",
                     ],
                     log: nil
                 )
@@ -595,6 +619,7 @@ struct Drive: AsyncParsableCommand {
             ("replicas", "\(self.replicas)"), ("agents", "\(self.nodes)"), ("lean connection buffers", "\(self.lean)"),
             ("mesh record layer", "\(self.records)"),
             ("agents follow Nodes", "\(self.followNodes)"),
+            ("agents beat on their watch's connection", "\(self.beatsOnWatch)"),
             ("Node changes delivered to agents", "\(nodeEvents)"),
             ("simulator processes", "\(sims.count)"),
             ("agents watch their own devices only", "\(self.ownDevices)"),
