@@ -331,8 +331,17 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
 
     /// On the event loop: sends a streamed answer's head and takes the request decoder out of the pipeline for
     /// the stream's life. `yields`: a pushed body that keeps its connection ends when the client sends more.
-    private func startStream(_ context: ChannelHandlerContext, _ head: HTTPResponseHead, yields: Bool = false) {
-        context.writeAndFlush(self.wrapOutboundOut(.head(head)), promise: nil)
+    private func startStream(
+        _ context: ChannelHandlerContext,
+        _ head: HTTPResponseHead,
+        yields: Bool = false,
+        flush: Bool = true
+    ) {
+        if flush {
+            context.writeAndFlush(self.wrapOutboundOut(.head(head)), promise: nil)
+        } else {
+            context.write(self.wrapOutboundOut(.head(head)), promise: nil)
+        }
         let drain = StreamingInputDrain.replaceDecoder(in: context.pipeline.syncOperations)
         if yields {
             let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
@@ -363,7 +372,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             }
             return self.finish(context, keepAlive: keepAlive)
         case .push(let source):
-            self.startStream(context, head, yields: keepAlive)
+            // The head goes out with the body's first chunk (a watch's first bookmark): one record, one write.
+            self.startStream(context, head, yields: keepAlive, flush: false)
             self.push = source
             self.pushKeepsAlive = keepAlive
             let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
@@ -371,6 +381,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             source.start(eventLoop: context.eventLoop) { wakeups.wake(bound) }
             if self.inputDone || !context.channel.isActive { source.stop() }
             self.pump()
+            if !self.pushWriting { context.flush() }  // nothing ready yet: the head alone
             return context.eventLoop.makeSucceededVoidFuture()
         case .stream:
             preconditionFailure("streams are written by their task")
@@ -403,14 +414,17 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         let keepAlive = keepAlive && !self.shared.slots.isDraining && !self.inputEnded
         // Before the end is written: the pipelining handler hands over the next request as it passes.
         self.state = keepAlive ? .idle : .closing
-        let written = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
-        if !keepAlive {
+        guard keepAlive else {
+            let written = context.writeAndFlush(self.wrapOutboundOut(.end(nil)))
             let channel = context.channel
             written.whenComplete { _ in channel.close(promise: nil) }
-        } else {
-            // After a pushed body: the decoder comes back, with the next request if the client sent it.
-            StreamingInputDrain.restoreDecoder(in: context.pipeline.syncOperations, limits: self.shared.decoderLimits)
+            return written
         }
+        let written = context.write(self.wrapOutboundOut(.end(nil)))
+        // After a pushed body: the decoder comes back, with the next request if the client sent it. A request
+        // answered at once (a beat) is written behind the end, and both go out in one flush.
+        StreamingInputDrain.restoreDecoder(in: context.pipeline.syncOperations, limits: self.shared.decoderLimits)
+        context.flush()
         return written
     }
 

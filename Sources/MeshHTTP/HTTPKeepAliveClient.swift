@@ -296,12 +296,14 @@ public final class HTTPKeepAliveClient: Sendable {
             /// stream may have (not retried, as a timeout is not: the server may be slow, not gone).
             func failTheRest(_ error: any Error) {
                 self.open.store(false, ordering: .releasing)
-                if let p = pipelined {
+                var unsent = queue[...]
+                if let p = pipelined {  // the first in the queue
                     p.timer.cancel()
                     p.job.fail(Failure(error: error, reused: false))
                     pipelined = nil
+                    unsent = unsent.dropFirst()
                 }
-                for job in queue { job.fail(Self.closed) }
+                for job in unsent { job.fail(Self.closed) }
                 queue = []
             }
 

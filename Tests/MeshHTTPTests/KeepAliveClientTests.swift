@@ -89,6 +89,34 @@ import class ServiceLifecycle.ServiceGroup
         try await task.value
     }
 
+    /// A stream's reader that stops before the end (a consumer's failure, a cancelled watcher) while a request
+    /// waits behind it: the connection cannot be read on, so the request fails, once and in words, and the next
+    /// one goes over a new connection.
+    @Test func aStreamLeftUnreadFailsTheRequestBehindItOnceAndTheNextGoesOnANewConnection() async throws {
+        let pushes = PushFeeds()
+        let (server, group, task, port) = try await startServer(pushes: pushes)
+        let client = HTTPKeepAliveClient(HTTPClient(endpoint: HTTPEndpoint(host: "127.0.0.1", port: port)))
+        let firstPort = String(buffer: try await client.send(.GET, "/port").body)
+        let reader = Task {
+            try await client.stream(.GET, "/push") { _, body -> String? in
+                let line = try await body.nextLine().map { String(buffer: $0) }
+                // Leaves once the server has been asked for more (the request behind it is written), unread.
+                _ = await eventually { pushes.last?.state.withLock { $0.stops } == 1 }
+                return line
+            }
+        }
+        #expect(await eventually { pushes.last?.state.withLock { $0.started } == true })
+        pushes.last?.send("event\n")
+        await #expect(throws: HTTPClientError.self) { _ = try await client.send(.GET, "/port") }
+        #expect(try await reader.value == "event")
+        let after = try await client.send(.GET, "/port")
+        #expect(after.status == .ok && String(buffer: after.body) != firstPort)
+        client.close()
+        #expect(await eventually { server.connectionCount == 0 })
+        await group.triggerGracefulShutdown()
+        try await task.value
+    }
+
     /// A server that closes a stream's connection (`Connection: close`): a request sent meanwhile goes over a
     /// new connection at once, and the stream goes on to its end.
     @Test func aStreamOnAConnectionTheServerClosesLeavesRequestsToAnother() async throws {

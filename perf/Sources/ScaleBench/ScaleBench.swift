@@ -396,7 +396,9 @@ struct Drive: AsyncParsableCommand {
         private let lines = Mutex<[String]>([])
         private let partial = Mutex<String>("")
 
-        init(_ path: String, _ args: [String], log: String?) throws {
+        /// `log`: its output and errors go there; else its output is read as commands' answers, and its errors go
+        /// to `errors` (a simulator's crash is kept with the run's folder).
+        init(_ path: String, _ args: [String], log: String?, errors: String? = nil) throws {
             self.process.executableURL = URL(fileURLWithPath: path)
             self.process.arguments = args
             self.process.standardInput = self.input
@@ -406,7 +408,12 @@ struct Drive: AsyncParsableCommand {
                 self.process.standardError = FileHandle(forWritingAtPath: log)
             } else {
                 self.process.standardOutput = self.output
-                self.process.standardError = FileHandle.nullDevice
+                if let errors {
+                    _ = FileManager.default.createFile(atPath: errors, contents: nil)
+                    self.process.standardError = FileHandle(forWritingAtPath: errors)
+                } else {
+                    self.process.standardError = FileHandle.nullDevice
+                }
                 self.output.fileHandleForReading.readabilityHandler = { [weak self] h in
                     guard let self else { return }
                     let text = String(decoding: h.availableData, as: UTF8.self)
@@ -507,7 +514,8 @@ struct Drive: AsyncParsableCommand {
                         "\(self.followNodes)", "--own-devices", "\(self.ownDevices)", "--beats-on-watch",
                         "\(self.beatsOnWatch)",
                     ],
-                    log: nil
+                    log: nil,
+                    errors: "\(self.work)/sim-\(p).log"
                 )
             )
         }
