@@ -31,6 +31,8 @@ public final class ControlAPI: HTTPResponder {
     /// An answered heartbeat's metrics, made once: a metric made per request is a lookup in the registry under
     /// its lock, twice per beat.
     let beatMetrics = RequestMetrics(verb: "heartbeat", resource: Node.resource.plural, code: 200)
+    /// A beat's answer without a `JSONEncoder` pass (one per beat of every node).
+    let beatAnswers = BeatAnswers()
     public static let version = "0.1.0"
     /// Where nodes enrol (no client certificate needed).
     public static let joinPath = "/apis/mesh.edge/v1/join"
@@ -185,7 +187,7 @@ public final class ControlAPI: HTTPResponder {
         guard self.verdict(request) == .allow else { return nil }
         let start = ContinuousClock.now
         guard let beat = lifecycle.beatAtOnce(node) else { return nil }
-        let response = HTTPResponse.json(.ok, Self.encode(beat))
+        let response = HTTPResponse.json(.ok, self.beatAnswers.encode(beat))
         self.answered(
             request,
             response,
@@ -625,9 +627,11 @@ public final class ControlAPI: HTTPResponder {
 
     /// The plurals in a request's `resources` parameter (comma-separated; empty parts skipped).
     static func watchedResources(_ request: HTTPRequest) -> [String] {
-        (request.query["resources"] ?? "").split(separator: ",").map {
-            String($0.trimmingCharacters(in: .whitespaces))
-        }.filter { !$0.isEmpty }
+        (request.query["resources"] ?? "").split(separator: ",").compactMap { name in
+            // Spaces around a name are ignored (a watch restarts at every beat: no Foundation trimming).
+            let trimmed = name.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }
+            return trimmed.isEmpty ? nil : String(trimmed.reversed())
+        }
     }
 
     /// A `resourceVersion` parameter as a number (400 when it is not one).
@@ -819,5 +823,54 @@ final class WatchPush: HTTPEventSource {
                 "ended a watch on \(self.subscription.filter.resource) that fell too far behind; the client resumes from its last version"
             )
         }
+    }
+}
+
+/// A beat's answer, byte for byte as `MeshJSON.encode` writes it (sorted keys), made from a template encoded once
+/// per grace period: a node's name (a DNS subdomain) and an RFC 3339 time need no escaping. Anything else goes
+/// through the encoder.
+final class BeatAnswers: Sendable {
+    private struct Template {
+        var grace: Double
+        /// Before the name, between the name and the time, after the time.
+        var parts: [[UInt8]]
+    }
+    private let template = Mutex<Template?>(nil)
+    private static let name = "@NODE@"
+    private static let time = "@TIME@"
+
+    func encode(_ beat: NodeHeartbeat) -> ByteBuffer {
+        guard beat.phase == .ready, beat.apiVersion == meshAPIVersion, beat.kind == "NodeHeartbeat",
+            Self.plain(beat.nodeName), Self.plain(beat.time), let parts = self.parts(beat.gracePeriodSeconds)
+        else { return ControlAPI.encode(beat) }
+        var out = ByteBuffer()
+        out.reserveCapacity(parts[0].count + parts[1].count + parts[2].count + beat.nodeName.utf8.count + 32)
+        out.writeBytes(parts[0])
+        out.writeString(beat.nodeName)
+        out.writeBytes(parts[1])
+        out.writeString(beat.time)
+        out.writeBytes(parts[2])
+        return out
+    }
+
+    /// Letters, digits and `-.:+` only: nothing JSON escapes.
+    static func plain(_ text: String) -> Bool {
+        text.utf8.allSatisfy { c in
+            (c >= 0x61 && c <= 0x7A) || (c >= 0x41 && c <= 0x5A) || (c >= 0x30 && c <= 0x39) || c == 0x2D
+                || c == 0x2E || c == 0x3A || c == 0x2B
+        }
+    }
+
+    private func parts(_ grace: Double) -> [[UInt8]]? {
+        if let t = self.template.withLock({ $0 }), t.grace == grace { return t.parts }
+        let sample = NodeHeartbeat(nodeName: Self.name, time: Self.time, phase: .ready, gracePeriodSeconds: grace)
+        let text = String(buffer: ControlAPI.encode(sample))
+        let byName = text.components(separatedBy: Self.name)
+        guard byName.count == 2 else { return nil }
+        let byTime = byName[1].components(separatedBy: Self.time)
+        guard byTime.count == 2 else { return nil }
+        let parts = [Array(byName[0].utf8), Array(byTime[0].utf8), Array(byTime[1].utf8)]
+        self.template.withLock { $0 = Template(grace: grace, parts: parts) }
+        return parts
     }
 }

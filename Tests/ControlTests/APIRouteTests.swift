@@ -1,4 +1,6 @@
 import MeshCore
+import MeshHTTP
+import NIOCore
 import Testing
 
 @testable import Control
@@ -65,5 +67,47 @@ import Testing
         #expect(ControlAPI.allowed(.tokens(id: "x")) == "DELETE")
         #expect(ControlAPI.allowed(.heartbeat(node: "n")) == "POST")
         #expect(ControlAPI.allowed(.object(resource: "services", namespace: "a", name: "b")) == "GET, PUT, DELETE")
+    }
+}
+
+/// The beat's answer made from a template (one per beat of every node, now that a beat also restarts the node's
+/// watch): byte for byte what the encoder writes, and the encoder's own answer for anything that would need
+/// escaping.
+@Suite struct BeatAnswerTests {
+    @Test func theTemplateWritesWhatTheEncoderWrites() {
+        let answers = BeatAnswers()
+        for grace in [60.0, 2.5, 0.1, 300, 1e-3] {
+            for name in ["edge-a", "n1.example.com", "x", "sim-09999"] {
+                for time in ["2026-12-07T23:50:00Z", "2026-12-07T23:50:00.123Z", "2026-12-07T23:50:00+01:00"] {
+                    let beat = NodeHeartbeat(nodeName: name, time: time, phase: .ready, gracePeriodSeconds: grace)
+                    let fast = answers.encode(beat)
+                    #expect(fast == ControlAPI.encode(beat), "\(String(buffer: fast))")
+                }
+            }
+        }
+    }
+
+    @Test func whatNeedsEscapingGoesThroughTheEncoder() {
+        let answers = BeatAnswers()
+        for name in ["quote\"d", "back\\slash", "tab\there", "é", "@NODE@"] {
+            let beat = NodeHeartbeat(
+                nodeName: name,
+                time: "2026-12-07T23:50:00Z",
+                phase: .ready,
+                gracePeriodSeconds: 60
+            )
+            #expect(answers.encode(beat) == ControlAPI.encode(beat))
+        }
+        #expect(!BeatAnswers.plain("a\"b") && !BeatAnswers.plain("a b") && BeatAnswers.plain("a-b.c:d+e"))
+    }
+
+    @Test func theKindsOfAWatchAreReadWithoutTheSpacesAroundThem() {
+        func kinds(_ query: String) -> [String] {
+            ControlAPI.watchedResources(HTTPRequest(method: .GET, uri: "/apis/mesh.edge/v1/watch?resources=\(query)"))
+        }
+        #expect(kinds("services,endpoints") == ["services", "endpoints"])
+        #expect(kinds("%20services%20,%09endpoints,,") == ["services", "endpoints"])
+        #expect(kinds("") == [])
+        #expect(kinds("%20,%20") == [])
     }
 }
