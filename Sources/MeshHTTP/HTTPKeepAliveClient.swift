@@ -292,6 +292,11 @@ public final class HTTPKeepAliveClient: Sendable {
                 if error is HTTPClientError { return error }
                 return HTTPClientError("request to \(endpoint) failed: \(HTTPClient.describe(error))")
             }
+            /// An answer that could not be read: retried on a fresh connection when this one had served before and
+            /// did not time out.
+            func readFailure(_ error: any Error, _ timedOut: Flag) -> Failure {
+                Failure(error: reason(error, timedOut.isSet), reused: served > 0 && !timedOut.isSet)
+            }
             /// The connection ends: what is queued never reached the server (retried); a request written behind a
             /// stream may have (not retried, as a timeout is not: the server may be slow, not gone).
             func failTheRest(_ error: any Error) {
@@ -346,10 +351,7 @@ public final class HTTPKeepAliveClient: Sendable {
                                     limit: limit
                                 )
                             } catch {
-                                let timedOut = current.timedOut.isSet
-                                answer.resume(
-                                    throwing: Failure(error: reason(error, timedOut), reused: served > 0 && !timedOut)
-                                )
+                                job.fail(readFailure(error, current.timedOut))
                                 failTheRest(Self.closed.error)
                                 return
                             }
@@ -364,10 +366,7 @@ public final class HTTPKeepAliveClient: Sendable {
                             do {
                                 head = try await Self.readHead(&responses, endpoint: endpoint)
                             } catch {
-                                let timedOut = current.timedOut.isSet
-                                answer.resume(
-                                    throwing: Failure(error: reason(error, timedOut), reused: served > 0 && !timedOut)
-                                )
+                                job.fail(readFailure(error, current.timedOut))
                                 failTheRest(Self.closed.error)
                                 return
                             }
