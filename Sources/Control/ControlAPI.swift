@@ -33,6 +33,8 @@ public final class ControlAPI: HTTPResponder {
     let beatMetrics = RequestMetrics(verb: "heartbeat", resource: Node.resource.plural, code: 200)
     /// A beat's answer without a `JSONEncoder` pass (one per beat of every node).
     let beatAnswers = BeatAnswers()
+    /// Started watches' metrics by resource label (`startedWatchMetrics`).
+    private let watchMetrics = Mutex<[String: RequestMetrics]>([:])
     public static let version = "0.1.0"
     /// Where nodes enrol (no client certificate needed).
     public static let joinPath = "/apis/mesh.edge/v1/join"
@@ -621,8 +623,27 @@ public final class ControlAPI: HTTPResponder {
                 bookmarkKind: start.bookmarkKind
             )
         else { return nil }
-        self.answered(request, response, verb: "watch", resource: route.resourceLabel, since: .now)
+        let resource = route.resourceLabel
+        self.answered(
+            request,
+            response,
+            verb: "watch",
+            resource: resource,
+            since: .now,
+            metrics: self.startedWatchMetrics(resource)
+        )
         return response
+    }
+
+    /// A started watch's metrics for `resource`, made once (a node's watch starts again at each of its beats; a
+    /// metric made per request is a lookup in the registry under its lock).
+    private func startedWatchMetrics(_ resource: String) -> RequestMetrics {
+        self.watchMetrics.withLock { made in
+            if let m = made[resource] { return m }
+            let m = RequestMetrics(verb: "watch", resource: resource, code: 200)
+            made[resource] = m
+            return m
+        }
     }
 
     /// The plurals in a request's `resources` parameter (comma-separated; empty parts skipped).

@@ -384,7 +384,10 @@ public final class HTTPKeepAliveClient: Sendable {
                             while back == nil {
                                 switch await incoming.next() {
                                 case .returned(let h): back = h
-                                case .stop, nil: stopping = true
+                                case .stop: stopping = true
+                                case nil:  // cannot happen while this runs (the events end after it)
+                                    failTheRest(Self.closed.error)
+                                    return
                                 case .job(let next):
                                     if keeps, pipelined == nil, queue.isEmpty, !next.isStream {
                                         do {
