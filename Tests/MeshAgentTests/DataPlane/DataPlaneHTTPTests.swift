@@ -216,8 +216,11 @@ struct DataPlaneHTTPTests {
                 }
                 #expect(total == 90)
                 let slowShare = Double(slowStats.requests.load(ordering: .relaxed)) / Double(total)
-                // Round robin would give it 1/3; least request keeps it far lower.
-                #expect(slowShare < 0.2, "slow backend share \(slowShare)")
+                // Round robin gives it exactly 1/3 whatever the load; least request keeps it lower. How much lower
+                // depends on how slow the fast ones are: quiet, a few of 90; a whole-suite run beside two busy
+                // loops gave it 18 of 90 (0.2) twice, with the slow one at 400 ms and at 1 s. The bound tells the
+                // policies apart, not the machine's speed.
+                #expect(slowShare < 0.28, "slow backend share \(slowShare)")
             }
         }
     }
