@@ -331,13 +331,9 @@ public struct HTTPClient: Sendable {
                 contentsOf: [.head(sentHead)] + (body.map { [.body(.byteBuffer($0))] } ?? []) + [.end(nil)]
             )
             var iterator = inbound.makeAsyncIterator()
-            while let part = try await iterator.next() {
-                if case .head(let h) = part, h.status.code >= 200 {
-                    var body = ResponseBodyStream(iterator: iterator)
-                    return try await consume(h, &body)
-                }
-            }
-            throw HTTPClientError("\(endpoint) closed the connection before sending a response")
+            let head = try await Self.readHead(&iterator, endpoint: endpoint)
+            var body = ResponseBodyStream(iterator: iterator)
+            return try await consume(head, &body)
         }
     }
 }
@@ -441,6 +437,17 @@ final class Flag: Sendable {
 }
 
 extension HTTPClient {
+    /// A response's head (skipping 1xx heads); its body is left to the caller.
+    static func readHead(
+        _ responses: inout NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator,
+        endpoint: HTTPEndpoint
+    ) async throws -> HTTPResponseHead {
+        while let part = try await responses.next() {
+            if case .head(let h) = part, h.status.code >= 200 { return h }
+        }
+        throw HTTPClientError("\(endpoint) closed the connection before sending a response")
+    }
+
     /// Reads one whole response (skipping 1xx heads) with its body bounded by `limit`.
     static func readResponse(
         _ responses: inout NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator,

@@ -145,6 +145,8 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
     private var pushWriting = false
     /// The pushed body under way keeps its connection: the client's next request ends it.
     private var pushKeepsAlive = false
+    /// What stands in for the request decoder while that body is written; the decoder comes back after it.
+    private var drain: StreamingInputDrain?
     /// The client half-closed: no request follows the one being answered.
     private var inputEnded = false
     /// ProtocolGuard's `inputClosed` completed: the client left, closed its side, or the server is draining.
@@ -344,6 +346,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         }
         let drain = StreamingInputDrain.replaceDecoder(in: context.pipeline.syncOperations)
         if yields {
+            self.drain = drain
             let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
             drain?.yields {
                 // The client's next request: the pushed body ends (what it had queued is not sent: the client
@@ -404,12 +407,19 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
             break
         case .end:
             self.push = nil
-            _ = self.finish(context, keepAlive: self.pushKeepsAlive)
+            let drain = self.drain
+            self.drain = nil
+            _ = self.finish(context, keepAlive: self.pushKeepsAlive, restoring: drain)
         }
     }
 
     /// On the event loop: ends the answer; the next request may come (keep-alive) or the connection closes.
-    private func finish(_ context: ChannelHandlerContext, keepAlive: Bool) -> EventLoopFuture<Void> {
+    /// `restoring`: the drain that stood in for the request decoder while a pushed body was written.
+    private func finish(
+        _ context: ChannelHandlerContext,
+        keepAlive: Bool,
+        restoring drain: StreamingInputDrain? = nil
+    ) -> EventLoopFuture<Void> {
         // A server that began to drain meanwhile closes the connection after this answer.
         let keepAlive = keepAlive && !self.shared.slots.isDraining && !self.inputEnded
         // Before the end is written: the pipelining handler hands over the next request as it passes.
@@ -423,7 +433,7 @@ final class HTTPConnectionHandler: ChannelInboundHandler, RemovableChannelHandle
         let written = context.write(self.wrapOutboundOut(.end(nil)))
         // After a pushed body: the decoder comes back, with the next request if the client sent it. A request
         // answered at once (a beat) is written behind the end, and both go out in one flush.
-        StreamingInputDrain.restoreDecoder(in: context.pipeline.syncOperations, limits: self.shared.decoderLimits)
+        drain?.restoreDecoder(limits: self.shared.decoderLimits)
         context.flush()
         return written
     }

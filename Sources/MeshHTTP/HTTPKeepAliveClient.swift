@@ -364,7 +364,7 @@ public final class HTTPKeepAliveClient: Sendable {
                         case .stream(let answer):
                             let head: HTTPResponseHead
                             do {
-                                head = try await Self.readHead(&responses, endpoint: endpoint)
+                                head = try await HTTPClient.readHead(&responses, endpoint: endpoint)
                             } catch {
                                 job.fail(readFailure(error, current.timedOut))
                                 failTheRest(Self.closed.error)
@@ -405,7 +405,7 @@ public final class HTTPKeepAliveClient: Sendable {
                             }
                             responses = back!.iterator
                             guard back!.ended, keeps else {
-                                failTheRest(HTTPClientError("the connection closed: a watch on it was left unread"))
+                                failTheRest(HTTPClientError("the connection closed before the stream on it ended"))
                                 return
                             }
                         }
@@ -421,15 +421,5 @@ public final class HTTPKeepAliveClient: Sendable {
             headers[canonicalForm: "connection"].contains { $0.lowercased() == "close" }
         }
 
-        /// A response's head (skipping 1xx heads); its body is read by the stream's reader.
-        static func readHead(
-            _ responses: inout NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator,
-            endpoint: HTTPEndpoint
-        ) async throws -> HTTPResponseHead {
-            while let part = try await responses.next() {
-                if case .head(let h) = part, h.status.code >= 200 { return h }
-            }
-            throw HTTPClientError("\(endpoint) closed the connection before sending a response")
-        }
     }
 }

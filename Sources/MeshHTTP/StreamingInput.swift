@@ -11,7 +11,7 @@ import NIOHTTP1
 /// - for a stream that ends its connection (`Connection: close`), bytes the client sends anyway (a request
 ///   it had pipelined before it saw the head) are dropped;
 /// - for a pushed body that keeps its connection, they are kept, `onInput` is called once (the body ends
-///   early), and ``restoreDecoder(in:limits:)`` hands them to a fresh decoder once the answer is complete.
+///   early), and ``restoreDecoder(limits:)`` hands them to a fresh decoder once the answer is complete.
 /// Either way at most `limit` bytes, after which the connection closes; the end of the client's input, errors
 /// and the connection's end pass on, so the streamer still learns that its client left.
 final class StreamingInputDrain: ChannelInboundHandler, RemovableChannelHandler {
@@ -28,7 +28,7 @@ final class StreamingInputDrain: ChannelInboundHandler, RemovableChannelHandler 
     /// What the client sent while `onInput` was set, for the next decoder.
     private(set) var kept: ByteBuffer?
     private var context: ChannelHandlerContext?
-    /// ``restoreDecoder(in:limits:)`` is under way.
+    /// ``restoreDecoder(limits:)`` is under way.
     private var leaving = false
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
@@ -86,30 +86,25 @@ final class StreamingInputDrain: ChannelInboundHandler, RemovableChannelHandler 
         return drain
     }
 
-    /// After an answer that keeps its connection: a fresh request decoder in the drain's place, fed what the
-    /// client sent meanwhile (its next request). Nothing if there is no drain.
-    static func restoreDecoder(
-        in pipeline: ChannelPipeline.SynchronousOperations,
-        limits: NIOHTTPDecoderLimitConfiguration
-    ) {
-        // A drain already leaving: this is the answer to the request it is handing on (a nested call), and the
-        // decoder is back already.
-        guard let context = try? pipeline.context(handlerType: StreamingInputDrain.self),
-            let drain = context.handler as? StreamingInputDrain, !drain.leaving
-        else { return }
-        drain.leaving = true
+    /// After an answer that keeps its connection: a fresh request decoder in this drain's place, fed what the
+    /// client sent meanwhile (its next request). Nothing if the drain has left the pipeline already, or is leaving
+    /// (a nested call: this is the answer to the request it is handing on).
+    func restoreDecoder(limits: NIOHTTPDecoderLimitConfiguration) {
+        guard let context = self.context, !self.leaving else { return }
+        self.leaving = true
+        let pipeline = context.pipeline.syncOperations
         let decoder = ByteToMessageHandler(
             HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: limits)
         )
         do {
-            try pipeline.addHandler(decoder, position: .after(drain))
+            try pipeline.addHandler(decoder, position: .after(self))
         } catch {
             context.close(promise: nil)
             return
         }
-        let kept = drain.kept
-        drain.kept = nil
-        drain.onInput = nil
+        let kept = self.kept
+        self.kept = nil
+        self.onInput = nil
         // Through the drain's context while it is still there, so the bytes reach the new decoder; the next
         // request may be answered before this returns.
         if let kept {

@@ -402,18 +402,18 @@ struct Drive: AsyncParsableCommand {
             self.process.executableURL = URL(fileURLWithPath: path)
             self.process.arguments = args
             self.process.standardInput = self.input
+            /// A new empty file to write to.
+            func file(_ path: String) -> FileHandle? {
+                _ = FileManager.default.createFile(atPath: path, contents: nil)
+                return FileHandle(forWritingAtPath: path)
+            }
             if let log {
-                _ = FileManager.default.createFile(atPath: log, contents: nil)
-                self.process.standardOutput = FileHandle(forWritingAtPath: log)
-                self.process.standardError = FileHandle(forWritingAtPath: log)
+                let handle = file(log)
+                self.process.standardOutput = handle
+                self.process.standardError = handle
             } else {
                 self.process.standardOutput = self.output
-                if let errors {
-                    _ = FileManager.default.createFile(atPath: errors, contents: nil)
-                    self.process.standardError = FileHandle(forWritingAtPath: errors)
-                } else {
-                    self.process.standardError = FileHandle.nullDevice
-                }
+                self.process.standardError = errors.flatMap(file) ?? FileHandle.nullDevice
                 self.output.fileHandleForReading.readabilityHandler = { [weak self] h in
                     guard let self else { return }
                     let text = String(decoding: h.availableData, as: UTF8.self)
